@@ -1,0 +1,149 @@
+"""Generate the LoRATrainingJob CRD from the spec models (never edit crds/ by hand):
+
+    kubelora crd > crds/loratrainingjobs.kubelora.dev.yaml      (make crd)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from .spec import GROUP, KIND, PLURAL, SHORT_NAME, VERSION, LoRATrainingJobSpec
+
+_DROP = {"title"}
+
+
+def _resolve(node: Any, defs: dict) -> Any:
+    """Inline $refs and turn JSON-Schema idioms into a Kubernetes structural schema."""
+    if isinstance(node, list):
+        return [_resolve(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
+        extra = {k: v for k, v in node.items() if k != "$ref"}
+        return _resolve({**target, **extra}, defs)
+    node = dict(node)
+    if "anyOf" in node:  # Optional[X] -> X + nullable
+        all_options = node.pop("anyOf")
+        options = [o for o in all_options if o.get("type") != "null"]
+        nullable = len(options) < len(all_options)
+        base = _resolve(options[0], defs) if len(options) == 1 else {"x-kubernetes-preserve-unknown-fields": True}
+        node = {**base, **{k: v for k, v in node.items()}}
+        if nullable:
+            node["nullable"] = True
+        if node.get("default", "") is None:
+            node.pop("default")
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if node.get("type") == "array" and "prefixItems" in node:  # fixed-length tuples
+        items = node.pop("prefixItems")
+        node["items"] = _resolve(items[0], defs)
+        node["minItems"] = node["maxItems"] = len(items)
+    if node.get("type") == "object" and "additionalProperties" in node and not node.get("properties"):
+        ap = node["additionalProperties"]
+        node["additionalProperties"] = _resolve(ap, defs) if isinstance(ap, dict) and ap else {"x-kubernetes-preserve-unknown-fields": True}
+        if node["additionalProperties"] == {"x-kubernetes-preserve-unknown-fields": True}:
+            node.pop("additionalProperties")
+            node["x-kubernetes-preserve-unknown-fields"] = True
+    elif node.get("type") == "object" and "properties" in node:
+        node.pop("additionalProperties", None)
+    if "exclusiveMinimum" in node and not isinstance(node["exclusiveMinimum"], bool):
+        node["minimum"], node["exclusiveMinimum"] = node["exclusiveMinimum"], True
+    if "exclusiveMaximum" in node and not isinstance(node["exclusiveMaximum"], bool):
+        node["maximum"], node["exclusiveMaximum"] = node["exclusiveMaximum"], True
+    out = {}
+    for k, v in node.items():
+        if k in _DROP or k == "$defs":
+            continue
+        if k == "properties":
+            out[k] = {pk: _resolve(pv, defs) for pk, pv in v.items()}
+        elif isinstance(v, (dict, list)) and k not in ("enum", "default", "required"):
+            out[k] = _resolve(v, defs)
+        else:
+            out[k] = v
+    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    if "properties" in out:  # optional sections default to {} so the API server fills their defaults
+        required = set(out.get("required", []))
+        for name, prop in out["properties"].items():
+            if name not in required and prop.get("type") == "object" and "properties" in prop:
+                prop.setdefault("default", {})
+    return out
+
+
+def spec_schema() -> dict:
+    raw = LoRATrainingJobSpec.model_json_schema(mode="validation")
+    return _resolve(raw, raw.get("$defs", {}))
+
+
+STATUS_SCHEMA = {
+    "type": "object",
+    "description": "Observed state, written by the operator.",
+    "x-kubernetes-preserve-unknown-fields": True,
+    "properties": {
+        "phase": {"type": "string", "description": "Pending, Initializing, Training, Exporting, Succeeded, Failed or Suspended."},
+        "observedGeneration": {"type": "integer", "format": "int64"},
+        "startTime": {"type": "string", "format": "date-time"},
+        "completionTime": {"type": "string", "format": "date-time"},
+        "progress": {"type": "object", "description": "step, totalSteps, epoch, loss, samplesPerSecond, eta.",
+                     "x-kubernetes-preserve-unknown-fields": True},
+        "artifacts": {"type": "array", "description": "Uploaded files: uri, format, sha256.",
+                      "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+        "conditions": {
+            "type": "array", "description": "Standard conditions (Ready, Stalled, ...).",
+            "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"],
+            "items": {"type": "object", "required": ["type", "status"], "properties": {
+                "type": {"type": "string"}, "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                "reason": {"type": "string"}, "message": {"type": "string"},
+                "lastTransitionTime": {"type": "string", "format": "date-time"},
+                "observedGeneration": {"type": "integer", "format": "int64"}}},
+        },
+    },
+}
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Model", "type": "string", "jsonPath": ".spec.model.type"},
+    {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def build_crd() -> dict:
+    spec = spec_schema()
+    spec["description"] = "Desired state of a LoRA training run. Immutable after creation except runPolicy.suspend."
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": KIND.lower(),
+                      "shortNames": [SHORT_NAME], "categories": ["kubelora", "ml"]},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": PRINTER_COLUMNS,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "LoRATrainingJob trains a LoRA adapter for a diffusion model (SDXL, Flux, LTX-Video, HunyuanVideo, Cosmos).",
+                    "required": ["spec"],
+                    "properties": {
+                        "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "spec": spec, "status": STATUS_SCHEMA,
+                    },
+                }},
+            }],
+        },
+    }
+
+
+def render() -> str:
+    header = "# Generated by `kubelora crd` from kubelora_trainer/spec.py. Do not edit by hand.\n"
+    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)

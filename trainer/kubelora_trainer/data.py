@@ -1,0 +1,95 @@
+"""Dataset: images with same-stem caption files, one square resolution (bucketing comes later).
+
+Scanning is pure: it returns the usable items and counts what was skipped and why, so a bad
+file never stops a run and never goes unnoticed. An empty result is an error before training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DatasetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Item:
+    image: Path
+    caption: str
+
+
+@dataclass
+class ScanReport:
+    items: list[Item] = field(default_factory=list)
+    missing_caption: int = 0        # images without a caption file (skipped or given "" by policy)
+    empty_caption_used: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"usable": len(self.items), "missingCaption": self.missing_caption,
+                "emptyCaptionUsed": self.empty_caption_used, "unreadable": len(self.unreadable)}
+
+
+def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt") -> ScanReport:
+    """Find image files under root and pair them with captions. Does not decode images."""
+    report = ScanReport()
+    images = sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    for img in images:
+        cap = img.with_suffix(caption_ext)
+        if cap.is_file():
+            text = cap.read_text(encoding="utf-8", errors="replace").strip()
+        else:
+            report.missing_caption += 1
+            if missing_caption == "skip":
+                continue
+            report.empty_caption_used += 1
+            text = ""
+        report.items.append(Item(img, text))
+    return report
+
+
+def load_image(path: Path, resolution: int):
+    """Decode, resize the short side to resolution and centre-crop; returns a float tensor
+    [3, H, W] in [-1, 1], or raises OSError/ValueError for an unreadable file."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im).convert("RGB")
+    w, h = im.size
+    if min(w, h) < 1:
+        raise ValueError("image has no pixels")
+    s = resolution / min(w, h)
+    im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.BICUBIC)
+    w, h = im.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+def check_usable(report: ScanReport, uri: str) -> None:
+    if not report.items:
+        s = report.summary()
+        raise DatasetError(
+            f"dataset {uri}: no usable items (images missing a caption: {s['missingCaption']}, unreadable: "
+            f"{s['unreadable']}). Add images ({', '.join(IMAGE_EXTENSIONS)}) with same-stem caption files, "
+            f"or set dataset.missingCaption: empty to train images without captions.")
+
+
+def shard_indices(n_items: int, repeats: int, world: int, rank: int, epoch_seed: Optional[int] = None) -> list[int]:
+    """Indices of the items one rank sees in one epoch: the repeated list, shuffled with a
+    seed shared by all ranks, padded by wrapping so every rank gets the same count."""
+    import random
+    order = [i for i in range(n_items) for _ in range(repeats)]
+    if epoch_seed is not None:
+        random.Random(epoch_seed).shuffle(order)
+    per_rank = -(-len(order) // world)
+    padded = (order * (-(-per_rank * world // len(order))))[: per_rank * world]
+    return padded[rank::world]

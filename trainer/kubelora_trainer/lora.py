@@ -1,0 +1,69 @@
+"""LoRA with peft on any family's transformer: inject, gather under FSDP2, save a checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class AdapterError(ValueError):
+    pass
+
+
+def lora_config(adapter_spec, default_targets):
+    from peft import LoraConfig
+    return LoraConfig(r=adapter_spec.rank, lora_alpha=adapter_spec.alpha or adapter_spec.rank,
+                      lora_dropout=adapter_spec.dropout,
+                      target_modules=adapter_spec.targetModules or default_targets, init_lora_weights=True)
+
+
+def inject(model: nn.Module, cfg, seed: int) -> int:
+    """Freeze the base, add the LoRA layers (fp32, same init on every rank); returns trainable count."""
+    from peft import inject_adapter_in_model
+
+    model.requires_grad_(False)
+    torch.manual_seed(seed)
+    try:
+        inject_adapter_in_model(cfg, model, adapter_name="default")
+    except ValueError as e:
+        raise AdapterError(f"adapter.targetModules: {e}") from None
+    n = 0
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            n += p.numel()
+    if n == 0:
+        raise AdapterError("adapter.targetModules matched no linear layer of the model")
+    return n
+
+
+def gather(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Full LoRA tensors on CPU, keyed by module path: {module: (lora_A, lora_B)}. A collective
+    under FSDP2: every rank must call it."""
+    a, b = {}, {}
+    for name, p in model.named_parameters():
+        if ".lora_A." not in name and ".lora_B." not in name:
+            continue
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        module = name.split(".lora_")[0]
+        (a if ".lora_A." in name else b)[module] = full.detach().cpu().float()
+    return {m: (a[m], b[m]) for m in sorted(a)}
+
+
+def save_checkpoint(lora: dict, cfg, folder: Path, metadata: dict[str, str]) -> list[Path]:
+    """peft-style adapter (unscaled weights + adapter_config.json with the real alpha)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {}
+    for m, (wa, wb) in lora.items():
+        sd[f"{m}.lora_A.weight"] = wa.contiguous()
+        sd[f"{m}.lora_B.weight"] = wb.contiguous()
+    save_file(sd, str(folder / "adapter_model.safetensors"), metadata=metadata)
+    d = cfg.to_dict()
+    d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
+    (folder / "adapter_config.json").write_text(json.dumps(d, indent=1, default=str))
+    return [folder / "adapter_model.safetensors", folder / "adapter_config.json"]

@@ -1,0 +1,131 @@
+"""Flux.1 (dev/schnell and derivatives): diffusers folder, optional BFL single-file transformer.
+
+Training objective: rectified flow. x_t = (1 - t) x0 + t eps, the transformer predicts eps - x0;
+t from logit-normal or uniform sampling, optionally shifted by resolution (`fluxShift`).
+Export: Diffusers keys ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` with the
+alpha/rank scale folded into lora_B, so loaders that assume scale 1 (ComfyUI, diffusers without
+metadata) apply exactly the trained update.
+"""
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..objectives import flow_matching_pair, resolution_shift_mu, sample_timesteps, time_shift
+from .base import Components
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Attention and MLP linears of both block kinds (peft matches a string with re.fullmatch).
+DEFAULT_TARGETS = (
+    r".*(transformer_blocks|single_transformer_blocks)\.\d+\."
+    r"(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)"
+)
+
+
+def _single_file_config(diffusers_root: Path, ckpt: Path) -> tuple[str, str]:
+    """Config for the BFL file: the diffusers folder's own transformer config, else the shipped
+    Flux.1-dev/schnell config (chosen by whether the file has a guidance embedding)."""
+    if (diffusers_root / "transformer" / "config.json").is_file():
+        return str(diffusers_root), "transformer"
+    from safetensors import safe_open
+    with safe_open(str(ckpt), "pt") as f:
+        has_guidance = any(k.startswith("guidance_in.") for k in f.keys())
+    return str(CONFIG_DIR / ("flux-dev" if has_guidance else "flux-schnell")), "transformer"
+
+
+def _bypass_guidance(transformer) -> None:
+    """Make the time/text embedding ignore guidance (the forward is then called with guidance=None)."""
+    emb = transformer.time_text_embed
+
+    def forward(self, timestep, pooled_projection):
+        t = self.timestep_embedder(self.time_proj(timestep).to(dtype=pooled_projection.dtype))
+        return t + self.text_embedder(pooled_projection)
+
+    emb.forward = types.MethodType(forward, emb)
+
+
+class Flux:
+    name = "flux"
+    default_format = "diffusers"
+    formats = ("diffusers",)
+
+    def load(self, model_spec, paths, device):
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        dtype = getattr(torch, model_spec.dtype)
+        root = Path(paths["diffusersPath"])
+        if not (root / "model_index.json").is_file():
+            raise FileNotFoundError(f"model.diffusersPath: {root} has no model_index.json; expected a Flux folder in diffusers layout")
+        if paths.get("transformerPath"):
+            ckpt = Path(paths["transformerPath"])
+            cfg, sub = _single_file_config(root, ckpt)
+            transformer = FluxTransformer2DModel.from_single_file(str(ckpt), config=cfg, subfolder=sub, torch_dtype=dtype)
+        else:
+            transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+        if transformer.__class__.__name__ != "FluxTransformer2DModel":
+            raise TypeError(f"model.diffusersPath: expected a Flux transformer, found {transformer.__class__.__name__}")
+        pipe = FluxPipeline.from_pretrained(root, transformer=None, torch_dtype=dtype).to(device)
+        transformer.to(device)
+        if model_spec.bypassGuidanceEmbedding:
+            _bypass_guidance(transformer)
+        return Components(transformer=transformer, encoders={"pipe": pipe},
+                          info={"guidance_embeds": bool(transformer.config.guidance_embeds),
+                                "vae_shift": pipe.vae.config.shift_factor or 0.0,
+                                "vae_scale": pipe.vae.config.scaling_factor})
+
+    def default_target_modules(self):
+        return DEFAULT_TARGETS
+
+    def blocks(self, transformer):
+        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+    @torch.no_grad()
+    def encode(self, comps, images, captions):
+        pipe = comps.encoders["pipe"]
+        images = images.to(pipe.vae.device, pipe.vae.dtype)
+        lat = pipe.vae.encode(images).latent_dist.mode()
+        lat = (lat - comps.info["vae_shift"]) * comps.info["vae_scale"]
+        prompt_embeds, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device=images.device,
+                                                     max_sequence_length=512)
+        return [{"latents": lat[i].cpu(), "prompt_embeds": prompt_embeds[i].cpu(), "pooled": pooled[i].cpu()}
+                for i in range(len(captions))]
+
+    def loss(self, comps, batch, model_spec, training_spec, generator):
+        from diffusers import FluxPipeline
+
+        tr = comps.transformer
+        x0 = batch["latents"].float()
+        b, c, h, w = x0.shape
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device)
+        if model_spec.fluxShift:
+            t = time_shift(resolution_shift_mu((h // 2) * (w // 2)), t)
+        xt, target = flow_matching_pair(x0, noise, t)
+        dtype = batch["prompt_embeds"].dtype
+        packed = FluxPipeline._pack_latents(xt, b, c, h, w).to(dtype)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, dtype)
+        txt_ids = torch.zeros(batch["prompt_embeds"].shape[1], 3, device=x0.device, dtype=dtype)
+        guidance = None
+        if comps.info["guidance_embeds"] and not model_spec.bypassGuidanceEmbedding:
+            guidance = torch.full((b,), model_spec.guidance, device=x0.device, dtype=torch.float32)
+        pred = tr(hidden_states=packed, encoder_hidden_states=batch["prompt_embeds"],
+                  pooled_projections=batch["pooled"], timestep=t.to(dtype), img_ids=img_ids, txt_ids=txt_ids,
+                  guidance=guidance, return_dict=False)[0]
+        return F.mse_loss(pred.float(), FluxPipeline._pack_latents(target, b, c, h, w).float())
+
+    def export(self, lora, scale, fmt):
+        if fmt != "diffusers":
+            raise ValueError(f"output.format {fmt!r} is not available for flux (available: diffusers)")
+        out = {}
+        for module, (a, b) in lora.items():
+            out[f"transformer.{module}.lora_A.weight"] = a.contiguous()
+            out[f"transformer.{module}.lora_B.weight"] = (b.float() * scale).to(b.dtype).contiguous()
+        return out
+
+
+FAMILY = Flux()

@@ -1,0 +1,252 @@
+"""The LoRATrainingJob spec: one typed model that the CRD is generated from, the operator
+validates with and the trainer reads. Imports without torch.
+
+Field names are camelCase as on every Kubernetes resource; the diffusion-pipe option names map
+one to one (``transformer_path`` -> ``transformerPath``), and an unknown snake_case field is
+answered with its camelCase name.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubelora.dev"
+VERSION = "v1alpha1"
+KIND = "LoRATrainingJob"
+PLURAL = "loratrainingjobs"
+SHORT_NAME = "ltj"
+
+MODEL_TYPES = ("sdxl", "flux", "ltx-video", "hunyuan-video", "cosmos")
+URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|file://.*)$"
+URI_HELP = "an s3://bucket/key URI or an absolute local path"
+
+
+class SpecError(ValueError):
+    """A manifest that cannot be used; the message names the field path and the fix."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True)
+
+
+def _uri(description: str, **kw: Any) -> Any:
+    return Field(description=f"{description} ({URI_HELP}).", pattern=URI_PATTERN, **kw)
+
+
+class ModelSpec(_Model):
+    type: Literal["sdxl", "flux", "ltx-video", "hunyuan-video", "cosmos"] = Field(
+        description="Model family: sdxl, flux, ltx-video, hunyuan-video or cosmos.")
+    diffusersPath: Optional[str] = _uri(
+        "Folder in diffusers layout (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/)",
+        default=None)
+    transformerPath: Optional[str] = _uri(
+        "Single-file transformer checkpoint that overrides the diffusers one (Flux: the BFL .safetensors)",
+        default=None)
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="Storage dtype of the frozen base weights.")
+    fluxShift: bool = Field(
+        default=False, description="Flux: shift sampled timesteps by image resolution as the Flux schedule does.")
+    bypassGuidanceEmbedding: bool = Field(
+        default=False, description="Flux: ignore the guidance embedding (for de-distilled / Flex-style models).")
+    guidance: float = Field(
+        default=1.0, ge=0.0, le=30.0, description="Flux: guidance value fed to the guidance embedding while training.")
+
+
+class DatasetSpec(_Model):
+    uri: str = _uri("Folder of images with same-stem .txt captions")
+    resolution: int = Field(
+        default=512, ge=16, le=4096, multiple_of=16,
+        description="Training resolution in pixels (square; images are resized and centre-cropped). Multiple of 16.")
+    repeats: int = Field(default=1, ge=1, le=10000, description="How many times each item is seen per epoch.")
+    missingCaption: Literal["skip", "empty"] = Field(
+        default="skip", description="Image without a caption file: skip it, or train it with an empty caption. Counted either way.")
+    captionExtension: str = Field(default=".txt", pattern=r"^\.[A-Za-z0-9]+$", description="Caption file extension.")
+
+
+class AdapterSpec(_Model):
+    type: Literal["lora"] = Field(default="lora", description="Adapter kind. Only lora for now.")
+    rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r.")
+    alpha: Optional[float] = Field(
+        default=None, gt=0, description="LoRA alpha; the update is scaled by alpha/rank. Defaults to the rank (scale 1).")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    targetModules: Optional[list[str]] = Field(
+        default=None, min_length=1,
+        description="Module name suffixes to adapt; defaults to the family's attention and MLP linears.")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha or self.rank) / self.rank
+
+
+class TrainingSpec(_Model):
+    steps: int = Field(default=1000, ge=1, le=10_000_000, description="Optimizer steps to train.")
+    learningRate: float = Field(default=1e-4, gt=0, le=1.0, description="Peak AdamW learning rate.")
+    lrScheduler: Literal["constant", "cosine"] = Field(default="constant", description="Schedule after warmup.")
+    warmupSteps: int = Field(default=0, ge=0, description="Linear warmup steps from 0 to learningRate.")
+    weightDecay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field(default=(0.9, 0.99), description="AdamW betas.")
+    epsilon: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
+    maxGradNorm: Optional[float] = Field(default=1.0, gt=0, description="Clip the gradient norm to this; null disables clipping.")
+    microBatchSize: int = Field(default=1, ge=1, le=1024, description="Samples per rank per forward pass.")
+    gradientAccumulationSteps: int = Field(default=1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    seed: int = Field(default=42, ge=0, description="Seed for sampling, noise and LoRA init.")
+    timestepSampling: Literal["logit_normal", "uniform"] = Field(
+        default="logit_normal", description="How flow-matching timesteps are drawn.")
+    logEvery: int = Field(default=1, ge=1, description="Log progress every N steps.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("both betas must be in [0, 1), e.g. [0.9, 0.99]")
+        return v
+
+
+class OutputSpec(_Model):
+    uri: str = _uri("Where the LoRA file, manifest.json and checkpoints are written")
+    name: str = Field(default="lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$",
+                      description="File name stem of the exported LoRA (<name>.safetensors).")
+    format: Optional[Literal["diffusers"]] = Field(
+        default=None, description="LoRA file format; defaults to the family's community format (Flux: diffusers).")
+
+
+class StorageSpec(_Model):
+    endpoint: Optional[str] = Field(
+        default=None, pattern=r"^https?://[^\s/]+(/.*)?$",
+        description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph...). Default: AWS, or AWS_ENDPOINT_URL.")
+    region: Optional[str] = Field(default=None, description="S3 region. Default: AWS_REGION / AWS_DEFAULT_REGION or us-east-1.")
+    addressingStyle: Literal["auto", "path", "virtual"] = Field(
+        default="auto", description="S3 addressing; auto means path-style when an endpoint is set (MinIO), virtual otherwise.")
+    credentialsSecret: Optional[str] = Field(
+        default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of a Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (mounted into the pods). Never put keys in the spec.")
+
+
+class ResourcesSpec(_Model):
+    nodes: int = Field(default=1, ge=1, le=512, description="Number of nodes (pods), one torchrun agent each.")
+    gpusPerNode: int = Field(default=1, ge=0, le=16, description="GPUs per node = training processes per node; 0 trains on CPU.")
+    image: Optional[str] = Field(default=None, description="Trainer image; defaults to the operator's configured image.")
+    requests: dict[str, str] = Field(default_factory=dict, description="Extra container resource requests (cpu, memory, ...).")
+    limits: dict[str, str] = Field(default_factory=dict, description="Extra container resource limits.")
+    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
+    priorityClassName: Optional[str] = Field(default=None, description="Pod priorityClassName.")
+    schedulerName: Optional[str] = Field(default=None, description="Pod schedulerName (e.g. for gang scheduling).")
+    cacheVolumeClaim: Optional[str] = Field(
+        default=None, description="PVC for the model/data cache; an emptyDir when unset.")
+
+
+class RunPolicySpec(_Model):
+    backoffLimit: int = Field(default=3, ge=0, le=100, description="Pod failures allowed before the job fails (disruptions do not count).")
+    activeDeadlineSeconds: Optional[int] = Field(default=None, ge=1, description="Wall-clock limit for the whole job.")
+    ttlSecondsAfterFinished: Optional[int] = Field(default=None, ge=0, description="Delete the job's children this long after it finished (the resource and its status stay).")
+    suspend: bool = Field(default=False, description="Suspend (or keep suspended) the job; the only field that may change after creation.")
+
+
+class LoRATrainingJobSpec(_Model):
+    """Desired state of a LoRA training run."""
+    model: ModelSpec = Field(description="Base model to adapt.")
+    dataset: DatasetSpec = Field(description="Training data.")
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="Adapter to train.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
+    output: OutputSpec = Field(description="Where results go.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 connection settings (no secrets).")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods, GPUs and scheduling.")
+    runPolicy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, cleanup and suspension.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "LoRATrainingJobSpec":
+        m = self.model
+        if m.diffusersPath is None:
+            raise ValueError("model.diffusersPath is required: set it to the base model's folder in diffusers layout")
+        if m.type != "flux":
+            for f in ("fluxShift", "bypassGuidanceEmbedding"):
+                if getattr(m, f):
+                    raise ValueError(f"model.{f} applies to model.type flux only; remove it for {m.type}")
+        if self.training.warmupSteps > self.training.steps:
+            raise ValueError(f"training.warmupSteps ({self.training.warmupSteps}) exceeds training.steps ({self.training.steps})")
+        return self
+
+
+# ---------------------------------------------------------------- loading and errors
+
+def _camel_hint(loc: tuple, model: type[BaseModel]) -> str:
+    """For an unknown field, suggest the known field it most resembles."""
+    name = str(loc[-1])
+    cur: Any = model
+    for part in loc[:-1]:
+        f = getattr(cur, "model_fields", {}).get(str(part))
+        if f is None:
+            return ""
+        cur = f.annotation
+    known = list(getattr(cur, "model_fields", {}))
+    guess = difflib.get_close_matches(to_camel(name), known, n=1, cutoff=0.6)
+    return f"; did you mean {guess[0]!r}?" if guess else f"; known fields: {', '.join(known)}"
+
+
+def format_errors(err: ValidationError, prefix: str = "spec") -> str:
+    lines = []
+    for e in err.errors():
+        loc = e["loc"]
+        path = ".".join([prefix, *(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc)]).replace(".[", "[")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field" + _camel_hint(e["loc"], LoRATrainingJobSpec)
+        elif e["type"] == "literal_error":
+            msg = f"got {e['input']!r}; accepted values: {e['ctx']['expected']}"
+        elif e["type"] == "string_pattern_mismatch" and "s3://" in e["ctx"].get("pattern", ""):
+            msg = f"got {e['input']!r}; expected {URI_HELP}"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            if not loc:
+                path = ""
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"{path}: {msg}" if path else msg)
+    return "invalid LoRATrainingJob spec:\n  " + "\n  ".join(lines)
+
+
+def parse_spec(data: dict[str, Any]) -> LoRATrainingJobSpec:
+    """Validate a spec dict, or a whole CR manifest (apiVersion/kind/spec)."""
+    if not isinstance(data, dict):
+        raise SpecError("the manifest must be a mapping with a 'spec' section (or the spec itself)")
+    if "kind" in data or "apiVersion" in data:
+        if data.get("kind") != KIND:
+            raise SpecError(f"kind: expected {KIND}, got {data.get('kind')!r}")
+        if str(data.get("apiVersion", "")).split("/")[0] != GROUP:
+            raise SpecError(f"apiVersion: expected {GROUP}/{VERSION}, got {data.get('apiVersion')!r}")
+        data = data.get("spec") or {}
+    try:
+        return LoRATrainingJobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_errors(e)) from None
+
+
+def load_spec(path: str | Path) -> LoRATrainingJobSpec:
+    text = Path(path).read_text()
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if len(docs) != 1:
+        raise SpecError(f"{path}: expected exactly one YAML document, found {len(docs)}")
+    return parse_spec(docs[0])
+
+
+def manifest_name(path: str | Path) -> str:
+    """metadata.name of a CR manifest, or the file stem for a bare spec."""
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    name = (doc.get("metadata") or {}).get("name") if isinstance(doc, dict) else None
+    return name or re.sub(r"[^a-z0-9-]", "-", Path(path).stem.lower())
+
+
+def dump_spec(spec: LoRATrainingJobSpec) -> dict[str, Any]:
+    """The resolved spec (defaults filled) as plain data in manifest field names."""
+    return spec.model_dump(mode="json")

@@ -1,0 +1,323 @@
+"""Storage: s3:// URIs through boto3 (AWS or any S3-compatible store) and local paths.
+
+- Credentials come from the standard AWS environment/config chain, or from files mounted from a
+  Kubernetes Secret (``$KUBELORA_S3_CREDENTIALS_DIR``, default ``/var/run/secrets/kubelora/s3``,
+  holding ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` [/ ``AWS_SESSION_TOKEN``]); never from
+  the spec.
+- Downloads use s3transfer's parallel ranged GETs, skip files already present and complete
+  (size + ETag recorded beside the cache), retry transient errors with backoff, and write to a
+  temporary name that is renamed only when the file is complete.
+- Uploads use multipart above 64 MiB, record sha256 in the object metadata and verify the size.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+CREDENTIALS_DIR_ENV = "KUBELORA_S3_CREDENTIALS_DIR"
+DEFAULT_CREDENTIALS_DIR = "/var/run/secrets/kubelora/s3"
+INDEX_NAME = ".kubelora-stage.json"
+MB = 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """An object store or path problem, naming the bucket/key and the cause."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: Optional[str] = None
+    region: Optional[str] = None
+    addressing_style: str = "auto"
+    max_attempts: int = 5
+    connect_timeout: float = 10.0
+    concurrency: int = 8
+
+    @classmethod
+    def from_spec(cls, storage) -> "S3Settings":
+        return cls(endpoint=storage.endpoint, region=storage.region, addressing_style=storage.addressingStyle)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: s3 (bucket + key) or a local path."""
+    bucket: Optional[str]
+    key: str
+
+    @property
+    def is_s3(self) -> bool:
+        return self.bucket is not None
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}" if self.is_s3 else self.key
+
+    def child(self, name: str) -> "Location":
+        if self.is_s3:
+            return Location(self.bucket, f"{self.key.rstrip('/')}/{name}" if self.key else name)
+        return Location(None, str(Path(self.key) / name))
+
+
+def parse_uri(uri: str) -> Location:
+    if uri.startswith("s3://"):
+        rest = uri[5:]
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise StorageError(f"{uri!r}: missing bucket name (expected s3://bucket/key)")
+        return Location(bucket, key)
+    if uri.startswith("file://"):
+        return Location(None, uri[7:])
+    if uri.startswith("/"):
+        return Location(None, uri)
+    raise StorageError(f"{uri!r}: unsupported URI; use s3://bucket/key or an absolute local path")
+
+
+# ---------------------------------------------------------------- client and errors
+
+def _secret_file_credentials() -> dict[str, str]:
+    d = Path(os.environ.get(CREDENTIALS_DIR_ENV, DEFAULT_CREDENTIALS_DIR))
+    out = {}
+    for name, arg in (("AWS_ACCESS_KEY_ID", "aws_access_key_id"), ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+                      ("AWS_SESSION_TOKEN", "aws_session_token")):
+        f = d / name
+        if f.is_file():
+            out[arg] = f.read_text().strip()
+    return out
+
+
+def make_client(settings: S3Settings):
+    import boto3
+    from botocore.config import Config
+
+    style = settings.addressing_style
+    if style == "auto":
+        style = "path" if (settings.endpoint or os.environ.get("AWS_ENDPOINT_URL")) else "virtual"
+    cfg = Config(
+        retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+        connect_timeout=settings.connect_timeout, read_timeout=60,
+        s3={"addressing_style": style}, max_pool_connections=max(10, settings.concurrency * 2),
+    )
+    region = settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs = _secret_file_credentials()
+    return boto3.client("s3", endpoint_url=settings.endpoint, region_name=region, config=cfg, **kwargs)
+
+
+def describe_error(exc: BaseException, loc: Location, action: str) -> StorageError:
+    """Turn a boto/botocore exception into a message naming the object and the cause."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ConnectTimeoutError
+
+    where = str(loc)
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            cause = f"bucket {loc.bucket!r} does not exist"
+        elif code in ("NoSuchKey", "404", "NotFound"):
+            cause = f"no such key {loc.key!r} in bucket {loc.bucket!r}"
+        elif code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            cause = f"access denied ({code}); check the credentials Secret and the bucket policy"
+        else:
+            cause = f"{code or status}: {exc.response.get('Error', {}).get('Message', exc)}"
+    elif isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+        cause = f"endpoint unreachable ({exc}); check storage.endpoint / AWS_ENDPOINT_URL and the network"
+    elif isinstance(exc, NoCredentialsError):
+        cause = (f"no credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or mount a Secret at "
+                 f"${CREDENTIALS_DIR_ENV}")
+    else:
+        cause = f"{type(exc).__name__}: {exc}"
+    return StorageError(f"{action} {where}: {cause}")
+
+
+def _transient(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
+    from s3transfer.exceptions import RetriesExceededError
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429
+    if isinstance(exc, (BotoConnectionError, ReadTimeoutError, RetriesExceededError, OSError)):
+        from botocore.exceptions import EndpointConnectionError
+        return not isinstance(exc, EndpointConnectionError)
+    return False
+
+
+def with_retries(fn: Callable[[], object], what: str, attempts: int = 4, base_delay: float = 0.5):
+    """Run fn, retrying transient errors with exponential backoff; other errors propagate at once."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if i == attempts - 1 or not _transient(exc):
+                raise
+            delay = base_delay * (2 ** i)
+            print(f"[storage] {what}: {type(exc).__name__}: {exc}; retrying in {delay:.1f}s", flush=True)
+            time.sleep(delay)
+
+
+def _transfer_config(settings: S3Settings):
+    from boto3.s3.transfer import TransferConfig
+    return TransferConfig(multipart_threshold=64 * MB, multipart_chunksize=16 * MB,
+                          max_concurrency=settings.concurrency, use_threads=True)
+
+
+# ---------------------------------------------------------------- download
+
+def _list(client, loc: Location) -> list[dict]:
+    """Objects under loc.key: the key itself if it is an object, else everything below 'key/'."""
+    try:
+        head = client.head_object(Bucket=loc.bucket, Key=loc.key) if loc.key and not loc.key.endswith("/") else None
+    except Exception as exc:  # noqa: BLE001
+        from botocore.exceptions import ClientError
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
+        if code not in ("404", "NoSuchKey", "NotFound"):
+            raise describe_error(exc, loc, "reading") from None
+        head = None
+    if head is not None:
+        return [{"Key": loc.key, "Size": head["ContentLength"], "ETag": head["ETag"], "rel": Path(loc.key).name}]
+    prefix = loc.key.rstrip("/") + "/" if loc.key else ""
+    out = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith("/"):
+                    out.append({"Key": obj["Key"], "Size": obj["Size"], "ETag": obj["ETag"], "rel": obj["Key"][len(prefix):]})
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(exc, loc, "listing") from None
+    if not out:
+        raise StorageError(f"reading {loc}: no such key {loc.key!r} and no objects under {prefix!r} in bucket {loc.bucket!r}")
+    return out
+
+
+def _load_index(dest: Path) -> dict:
+    try:
+        return json.loads((dest / INDEX_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_index(dest: Path, index: dict) -> None:
+    tmp = dest / f"{INDEX_NAME}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+    os.replace(tmp, dest / INDEX_NAME)
+
+
+def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    loc = Location(bucket, obj["Key"])
+
+    def attempt():
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        os.close(fd)
+        try:
+            client.download_file(bucket, obj["Key"], tmp, Config=_transfer_config(settings))
+            if os.path.getsize(tmp) != obj["Size"]:
+                raise OSError(f"size mismatch: got {os.path.getsize(tmp)} bytes, expected {obj['Size']}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    try:
+        with_retries(attempt, f"downloading {loc}")
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(exc, loc, "downloading") from None
+
+
+def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), client=None,
+             log: Callable[[str], None] = print) -> Path:
+    """Fetch an object or a whole prefix into dest (a folder). Returns the local path of the
+    object (dest/<name>) or of the folder (dest). Complete files (size + ETag) are not fetched
+    again; a local URI is returned as it is."""
+    loc = parse_uri(uri)
+    if not loc.is_s3:
+        p = Path(loc.key)
+        if not p.exists():
+            raise StorageError(f"reading {p}: no such file or directory")
+        return p
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    client = client or make_client(settings)
+    objs = _list(client, loc)
+    index = _load_index(dest)
+    todo = []
+    for obj in objs:
+        target = dest / obj["rel"]
+        rec = index.get(obj["rel"])
+        if rec and rec.get("etag") == obj["ETag"] and target.is_file() and target.stat().st_size == obj["Size"]:
+            continue
+        todo.append(obj)
+    total = sum(o["Size"] for o in todo)
+    log(f"[stage-in] {loc}: {len(objs)} objects, {len(objs) - len(todo)} already cached, "
+        f"fetching {len(todo)} ({total / MB:.1f} MiB)")
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=min(settings.concurrency, max(1, len(todo)))) as pool:
+        futures = {pool.submit(_download_one, client, settings, loc.bucket, o, dest / o["rel"]): o for o in todo}
+        for fut in futures:
+            fut.result()  # re-raises the first StorageError
+            o = futures[fut]
+            index[o["rel"]] = {"etag": o["ETag"], "size": o["Size"]}
+    _save_index(dest, index)
+    if todo:
+        dt = max(time.time() - t0, 1e-6)
+        log(f"[stage-in] {loc}: done in {dt:.1f}s ({total / MB / dt:.1f} MiB/s)")
+    single = len(objs) == 1 and objs[0]["Key"] == loc.key
+    return dest / objs[0]["rel"] if single else dest
+
+
+# ---------------------------------------------------------------- upload
+
+def sha256_file(path: str | Path, chunk: int = 4 * MB) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def upload(path: str | Path, uri: str, settings: S3Settings = S3Settings(), client=None,
+           content_type: str = "application/octet-stream") -> dict:
+    """Upload one file; returns {uri, sha256, size}. Only returns once the stored size matches."""
+    path = Path(path)
+    digest, size = sha256_file(path), path.stat().st_size
+    loc = parse_uri(uri)
+    if not loc.is_s3:
+        target = Path(loc.key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.part")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+        return {"uri": str(target), "sha256": digest, "size": size}
+    client = client or make_client(settings)
+
+    def attempt():
+        client.upload_file(str(path), loc.bucket, loc.key, Config=_transfer_config(settings),
+                           ExtraArgs={"Metadata": {"sha256": digest}, "ContentType": content_type})
+        head = client.head_object(Bucket=loc.bucket, Key=loc.key)
+        if head["ContentLength"] != size or head.get("Metadata", {}).get("sha256") != digest:
+            raise OSError(f"stored object differs from {path} (size {head['ContentLength']} != {size})")
+
+    try:
+        with_retries(attempt, f"uploading {loc}")
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(exc, loc, "uploading") from None
+    return {"uri": str(loc), "sha256": digest, "size": size}
+
+
+def upload_tree(folder: str | Path, uri: str, settings: S3Settings = S3Settings(), client=None) -> list[dict]:
+    folder = Path(folder)
+    loc = parse_uri(uri)
+    client = client or (make_client(settings) if loc.is_s3 else None)
+    return [upload(f, str(loc.child(str(f.relative_to(folder)))), settings, client)
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != INDEX_NAME]
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    yield from sorted(p for p in root.rglob("*") if p.is_file() and p.name != INDEX_NAME and not p.name.endswith(".part"))

@@ -1,0 +1,309 @@
+"""The training run every pod executes: stage-in -> cache -> train -> export -> upload.
+
+    torchrun --nproc-per-node 2 -m kubelora_trainer run --spec examples/demo-flux.yaml
+    kubelora run examples/demo-flux.yaml --nproc 2         # the same, with the local launcher
+
+Every rank runs this file top to bottom. Collectives happen at fixed points, and any failure is
+agreed on by all ranks (dist.all_ok) so that one bad rank makes the whole run fail with its
+message rather than leaving the others waiting.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import __version__, dist, lora, storage
+from .data import DatasetError, check_usable, load_image, scan, shard_indices
+from .models import get_family
+from .progress import Meter, Progress, format_eta, line, publish
+from .spec import LoRATrainingJobSpec, dump_spec
+
+CACHE_ENV = "KUBELORA_CACHE_DIR"
+
+
+class RunError(RuntimeError):
+    pass
+
+
+def log(env: dist.DistEnv | None, msg: str) -> None:
+    if env is None or env.is_main:
+        print(msg, flush=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kubelora")
+
+
+def _stage_dir(uri: str) -> Path:
+    loc = storage.parse_uri(uri)
+    return cache_root() / "s3" / loc.bucket / loc.key.strip("/") if loc.is_s3 else Path(loc.key)
+
+
+def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3Settings) -> dict[str, str]:
+    """Node-local rank 0 downloads model parts and the dataset; the other ranks wait and read
+    the resolved paths it wrote. Returns {field: local path}."""
+    uris = {"diffusersPath": spec.model.diffusersPath, "transformerPath": spec.model.transformerPath,
+            "dataset": spec.dataset.uri}
+    uris = {k: v for k, v in uris.items() if v}
+    marker = cache_root() / f"staged-{hashlib.sha1(json.dumps(uris, sort_keys=True).encode()).hexdigest()[:12]}.json"
+    err = None
+    if env.local_rank == 0:
+        try:
+            client = storage.make_client(settings) if any(u.startswith("s3://") for u in uris.values()) else None
+            paths = {}
+            for field, uri in uris.items():
+                dest = _stage_dir(uri)
+                if storage.parse_uri(uri).is_s3 and field == "transformerPath":
+                    dest = dest.parent
+                paths[field] = str(storage.download(uri, dest, settings, client=client, log=print))
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps(paths))
+        except (storage.StorageError, OSError) as e:
+            err = str(e)
+    if not dist.all_ok(err is None):
+        raise RunError(err or "stage-in failed on another rank (see its log)")
+    return json.loads(marker.read_text())
+
+
+def _cache_key(model_id: str, resolution: int, image: Path, caption: str) -> str:
+    h = hashlib.sha256()
+    h.update(f"{model_id}|{resolution}|{caption}|".encode())
+    h.update(image.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def build_cache(spec, family, comps, items, indices, model_id, env) -> dict[int, dict]:
+    """Encode the unique items this rank trains on (reusing the on-disk cache across restarts)."""
+    folder = cache_root() / "latents"
+    folder.mkdir(parents=True, exist_ok=True)
+    out, hits = {}, 0
+    todo = sorted(set(indices))
+    for i in todo:
+        it = items[i]
+        f = folder / f"{_cache_key(model_id, spec.dataset.resolution, it.image, it.caption)}.pt"
+        if f.is_file():
+            out[i] = torch.load(f, weights_only=True)
+            hits += 1
+            continue
+        img = load_image(it.image, spec.dataset.resolution).unsqueeze(0)
+        out[i] = family.encode(comps, img, [it.caption])[0]
+        tmp = f.with_suffix(f".tmp{os.getpid()}")
+        torch.save(out[i], tmp)
+        os.replace(tmp, f)
+    print(f"[cache] rank {env.rank}: {len(todo)} items ({hits} from cache)", flush=True)
+    return out
+
+
+def validate_images(items, env, resolution) -> list[int]:
+    """Decode every image once, split over ranks; returns the globally usable indices."""
+    bad = []
+    for i in range(env.rank, len(items), env.world):
+        try:
+            load_image(items[i].image, resolution)
+        except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
+            bad.append((i, f"{items[i].image.name}: {type(e).__name__}: {e}"))
+    all_bad = [b for part in dist.all_gather(bad) for b in part]
+    for _, why in all_bad[:10]:
+        log(env, f"[data] skipped unreadable image {why}")
+    bad_idx = {i for i, _ in all_bad}
+    return [i for i in range(len(items)) if i not in bad_idx], len(bad_idx)
+
+
+def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def _stack(samples: list[dict], device) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
+
+
+def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
+    env = dist.init()
+    try:
+        return _run(spec, job_name, env)
+    finally:
+        dist.close()
+
+
+def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
+    t_start = time.time()
+    settings = storage.S3Settings.from_spec(spec.storage)
+    family = get_family(spec.model.type)
+    fmt = spec.output.format or family.default_format
+    log(env, f"[kubelora {__version__}] job {job_name}: {spec.model.type} LoRA r={spec.adapter.rank} "
+             f"on {env.world} process(es), device {env.device.type}")
+
+    # ---- stage-in
+    log(env, "[phase] stage-in")
+    paths = stage_in(spec, env, settings)
+
+    # ---- dataset (checked before any model is loaded)
+    report = scan(Path(paths["dataset"]), spec.dataset.missingCaption, spec.dataset.captionExtension)
+    usable, n_unreadable = validate_images(report.items, env, spec.dataset.resolution)
+    report.unreadable = [str(report.items[i].image) for i in range(len(report.items)) if i not in set(usable)]
+    report.items = [report.items[i] for i in usable]
+    stats = report.summary()
+    log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
+             f"without caption, {stats['unreadable']} unreadable; {stats['emptyCaptionUsed']} trained with an empty caption")
+    check_usable(report, spec.dataset.uri)
+
+    # ---- model and cache
+    log(env, "[phase] cache")
+    comps = family.load(spec.model, paths, env.device)
+    my_indices = shard_indices(len(report.items), spec.dataset.repeats, env.world, env.rank, epoch_seed=spec.training.seed)
+    model_id = f"{spec.model.type}:{spec.model.diffusersPath}:{spec.model.transformerPath}:{spec.model.dtype}"
+    cached = build_cache(spec, family, comps, report.items, my_indices, model_id, env)
+    comps.encoders.clear()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # ---- adapter + FSDP2
+    tr = comps.transformer
+    cfg = lora.lora_config(spec.adapter, family.default_target_modules())
+    n_train = lora.inject(tr, cfg, spec.training.seed)
+    tr.to(env.device)
+    dist.shard(tr, family.blocks(tr))
+    tr.train()
+    params = [p for p in tr.parameters() if p.requires_grad]
+    t = spec.training
+    opt = torch.optim.AdamW(params, lr=t.learningRate, betas=t.betas, eps=t.epsilon, weight_decay=t.weightDecay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, t.warmupSteps, t.steps, t.lrScheduler))
+    n_total = sum(p.numel() for p in tr.parameters())
+    log(env, f"[model] trainable LoRA parameters: {n_train:,} (per-rank shard of {n_total:,} total after sharding)")
+
+    # ---- train
+    log(env, "[phase] train")
+    gen = torch.Generator(device=env.device).manual_seed(t.seed * 1000 + env.rank)
+    order_rng = random.Random(t.seed + env.rank)
+    samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
+    meter = Meter(t.steps, samples_per_step)
+    queue: list[int] = []
+    epoch, losses = 0, []
+    prog = Progress(phase="Training", totalSteps=t.steps)
+    for step in range(1, t.steps + 1):
+        step_loss = torch.zeros((), device=env.device)
+        for _ in range(t.gradientAccumulationSteps):
+            batch_idx = []
+            while len(batch_idx) < t.microBatchSize:
+                if not queue:
+                    queue = list(my_indices)
+                    order_rng.shuffle(queue)
+                    epoch += 1
+                batch_idx.append(queue.pop())
+            batch = _stack([cached[i] for i in batch_idx], env.device)
+            loss = family.loss(comps, batch, spec.model, t, gen) / t.gradientAccumulationSteps
+            if not torch.isfinite(loss):
+                raise RunError(f"loss is {loss.item()} at step {step}; lower training.learningRate or check the data")
+            loss.backward()
+            step_loss += loss.detach()
+        if t.maxGradNorm:
+            torch.nn.utils.clip_grad_norm_(params, t.maxGradNorm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        torch.distributed.all_reduce(step_loss)  # SUM: gloo has no AVG
+        losses.append(float(step_loss) / env.world)
+        sps, eta = meter.update(step)
+        if step % t.logEvery == 0 or step == t.steps:
+            prog.step, prog.epoch, prog.loss = step, epoch, losses[-1]
+            prog.samplesPerSecond, prog.eta = sps, format_eta(eta)
+            log(env, line(prog, sched.get_last_lr()[0]))
+            if env.is_main:
+                publish(prog)
+    train_seconds = time.time() - t_start
+
+    # ---- export (gather is a collective; the writing and upload happen on rank 0)
+    log(env, "[phase] export")
+    gathered = lora.gather(tr)
+    err, result = None, None
+    if env.is_main:
+        try:
+            metrics = {"steps": t.steps, "firstLoss": losses[0], "finalLoss": losses[-1], "minLoss": min(losses),
+                       "samplesPerStep": samples_per_step, "worldSize": env.world,
+                       "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2)}
+            result = export_and_upload(spec, job_name, family, fmt, cfg, gathered, metrics, stats, settings)
+        except (storage.StorageError, OSError, ValueError) as e:
+            err = str(e)
+    if not dist.all_ok(err is None):
+        raise RunError(err or "export failed on rank 0 (see its log)")
+    if env.is_main:
+        publish(Progress(phase="Succeeded", step=t.steps, totalSteps=t.steps, epoch=epoch, loss=losses[-1]))
+        log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…  final loss {losses[-1]:.4f}")
+    return 0
+
+
+def export_and_upload(spec, job_name, family, fmt, cfg, gathered, metrics, stats, settings) -> dict:
+    """Write the LoRA file, the checkpoint and manifest.json, upload them (manifest last, so its
+    presence means everything it lists is complete). Rank 0 only."""
+    from safetensors.torch import save_file
+
+    out_dir = cache_root() / "outputs" / job_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    alpha = spec.adapter.alpha or spec.adapter.rank
+    meta = {
+        "format": "pt",
+        "kubelora.version": __version__,
+        "kubelora.model_type": spec.model.type,
+        "kubelora.base_model": spec.model.transformerPath or spec.model.diffusersPath,
+        "kubelora.lora_format": fmt,
+        "kubelora.rank": str(spec.adapter.rank),
+        "kubelora.alpha": str(alpha),
+        "kubelora.scale_folded_into_lora_B": "true",
+        "kubelora.steps": str(spec.training.steps),
+        "kubelora.job": job_name,
+    }
+    lora_file = out_dir / f"{spec.output.name}.safetensors"
+    save_file(family.export(gathered, spec.adapter.scale, fmt), str(lora_file), metadata=meta)
+    ckpt_dir = out_dir / "checkpoints" / f"step-{spec.training.steps}"
+    lora.save_checkpoint(gathered, cfg, ckpt_dir, meta)
+
+    out = storage.parse_uri(spec.output.uri)
+    client = storage.make_client(settings) if out.is_s3 else None
+    for f in sorted(ckpt_dir.iterdir()):
+        storage.upload(f, str(out.child(f"checkpoints/step-{spec.training.steps}/{f.name}")), settings, client)
+    art = storage.upload(lora_file, str(out.child(lora_file.name)), settings, client)
+    manifest = {
+        "apiVersion": "kubelora.dev/v1alpha1",
+        "kind": "LoRAArtifactManifest",
+        "job": job_name,
+        "createdAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "trainerVersion": __version__,
+        "model": {"type": spec.model.type, "diffusersPath": spec.model.diffusersPath,
+                  "transformerPath": spec.model.transformerPath},
+        "adapter": {"rank": spec.adapter.rank, "alpha": alpha, "scaleFoldedIntoLoraB": True,
+                    "targetModules": cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)},
+        "artifacts": [{**art, "format": fmt, "file": lora_file.name}],
+        "dataset": stats,
+        "metrics": metrics,
+        "spec": dump_spec(spec),
+    }
+    mf = out_dir / "manifest.json"
+    mf.write_text(json.dumps(manifest, indent=2))
+    storage.upload(mf, str(out.child("manifest.json")), settings, client, content_type="application/json")
+    print(f"[upload] {art['uri']} ({art['size']:,} bytes) and manifest.json")
+    return art
+
+
+def main_from_cli(spec_path: str) -> int:
+    from .spec import load_spec, manifest_name
+    spec = load_spec(spec_path)
+    name = os.environ.get("KUBELORA_JOB_NAME") or manifest_name(spec_path)
+    try:
+        return run(spec, name)
+    except (RunError, DatasetError, storage.StorageError, lora.AdapterError, FileNotFoundError) as e:
+        print(f"[error] {e}", file=sys.stderr, flush=True)
+        return 2
