@@ -109,10 +109,19 @@ def make_client(settings: S3Settings):
     return boto3.client("s3", endpoint_url=settings.endpoint, region_name=region, config=cfg, **kwargs)
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    """boto3's transfer manager wraps the real client error (S3UploadFailedError)."""
+    from boto3.exceptions import S3UploadFailedError
+    if isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
+        return exc.__context__
+    return exc
+
+
 def describe_error(exc: BaseException, loc: Location, action: str) -> StorageError:
     """Turn a boto/botocore exception into a message naming the object and the cause."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ConnectTimeoutError
 
+    exc = _unwrap(exc)
     where = str(loc)
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -138,6 +147,7 @@ def describe_error(exc: BaseException, loc: Location, action: str) -> StorageErr
 def _transient(exc: BaseException) -> bool:
     from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
     from s3transfer.exceptions import RetriesExceededError
+    exc = _unwrap(exc)
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return status >= 500 or status == 429

@@ -127,6 +127,12 @@ def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
     return 1.0
 
 
+def downsample(values: list[float], n: int) -> list[list[float]]:
+    """At most n [step, mean loss] points, each the mean over its window of steps."""
+    w = max(1, -(-len(values) // n))
+    return [[i + w, sum(values[i:i + w]) / len(values[i:i + w])] for i in range(0, len(values), w)]
+
+
 def _stack(samples: list[dict], device) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
 
@@ -234,7 +240,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
         try:
             metrics = {"steps": t.steps, "firstLoss": losses[0], "finalLoss": losses[-1], "minLoss": min(losses),
                        "samplesPerStep": samples_per_step, "worldSize": env.world,
-                       "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2)}
+                       "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
+                       "lossHistory": downsample(losses, 200)}
             result = export_and_upload(spec, job_name, family, fmt, cfg, gathered, metrics, stats, settings)
         except (storage.StorageError, OSError, ValueError) as e:
             err = str(e)
@@ -261,7 +268,7 @@ def export_and_upload(spec, job_name, family, fmt, cfg, gathered, metrics, stats
         "kubelora.base_model": spec.model.transformerPath or spec.model.diffusersPath,
         "kubelora.lora_format": fmt,
         "kubelora.rank": str(spec.adapter.rank),
-        "kubelora.alpha": str(alpha),
+        "kubelora.alpha": f"{alpha:g}",
         "kubelora.scale_folded_into_lora_B": "true",
         "kubelora.steps": str(spec.training.steps),
         "kubelora.job": job_name,

@@ -1,0 +1,53 @@
+"""Shared fixtures: a real S3 protocol server (moto, in-process), a tiny Flux built offline."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+    import logging
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3(s3_endpoint, monkeypatch, tmp_path):
+    """boto3 client on the moto server, with the environment a trainer process would see."""
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_REGION": "us-east-1", "KUBELORA_CACHE_DIR": str(tmp_path / "cache")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    from kubelora_trainer.storage import S3Settings, make_client
+    client = make_client(S3Settings())
+    client.env = env
+    return client
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    from kubelora_trainer.tiny import build_tiny_flux
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "model")
+
+
+def run_trainer(manifest: Path, env: dict, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real trainer program: under torchrun for nproc > 1, else one plain process."""
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "kubelora_trainer", "run", "--spec", str(manifest)]
+    else:
+        cmd = [sys.executable, "-m", "kubelora_trainer", "run", "--spec", str(manifest)]
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,168 @@
+"""End to end: tiny Flux from S3 (moto) to S3 on 2 torchrun processes with FSDP2 (gloo), and
+the uploaded LoRA reloaded through diffusers reproduces the trained adapter's output."""
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import REPO, run_trainer
+from kubelora_trainer.storage import download, upload_tree
+
+
+def manifest(path: Path, bucket: str, **over) -> Path:
+    spec = {
+        "model": {"type": "flux", "diffusersPath": f"s3://{bucket}/models/tiny-flux", "dtype": "float32",
+                  "fluxShift": True},
+        "dataset": {"uri": f"s3://{bucket}/data", "resolution": 32},
+        "adapter": {"rank": 8, "alpha": 16},
+        "training": {"steps": 60, "learningRate": 3e-3, "microBatchSize": 4, "logEvery": 10, "seed": 1},
+        "output": {"uri": f"s3://{bucket}/out/run1"},
+    }
+    for k, v in over.items():
+        spec[k] = {**spec.get(k, {}), **v}
+    path.write_text(yaml.safe_dump({"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
+                                    "metadata": {"name": "t"}, "spec": spec}))
+    return path
+
+
+def seed(s3, bucket, tiny_flux_dir, data: Path):
+    s3.create_bucket(Bucket=bucket)
+    upload_tree(tiny_flux_dir, f"s3://{bucket}/models/tiny-flux", client=s3)
+    upload_tree(data, f"s3://{bucket}/data", client=s3)
+
+
+def _probe_inputs():
+    g = torch.Generator().manual_seed(0)
+    from diffusers import FluxPipeline
+    return dict(hidden_states=torch.randn(1, 64, 16, generator=g), encoder_hidden_states=torch.randn(1, 12, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.6]),
+                img_ids=FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32),
+                txt_ids=torch.zeros(12, 3), guidance=torch.tensor([1.0]), return_dict=False)
+
+
+@pytest.fixture()
+def overfit_data(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    im = Image.new("RGB", (48, 48), (245, 245, 245))
+    im.paste((40, 60, 220), (8, 8, 40, 40))
+    im.save(d / "good.png")
+    (d / "good.txt").write_text("a blue square on a white background")
+    im.save(d / "uncaptioned.png")                       # no caption: skipped by policy, counted
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # unreadable: skipped, counted
+    (d / "broken.txt").write_text("never used")
+    return d
+
+
+def test_train_two_ranks_s3_to_s3_and_reload_in_diffusers(s3, tmp_path, tiny_flux_dir, overfit_data):
+    seed(s3, "e2e", tiny_flux_dir, overfit_data)
+    proc = run_trainer(manifest(tmp_path / "job.yaml", "e2e"), s3.env, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[train] step 60/60" in proc.stdout and "skipped unreadable image broken.png" in proc.stdout
+
+    out = download("s3://e2e/out/run1", tmp_path / "result", client=s3, log=lambda m: None)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dataset"] == {"usable": 1, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 1}
+    art = m["artifacts"][0]
+    assert art["uri"] == "s3://e2e/out/run1/lora.safetensors" and art["format"] == "diffusers"
+    import hashlib
+    assert art["sha256"] == hashlib.sha256((out / "lora.safetensors").read_bytes()).hexdigest()
+    assert m["metrics"]["worldSize"] == 2
+
+    # the loss on the one-image set falls clearly
+    hist = [loss for _, loss in m["metrics"]["lossHistory"]]
+    assert len(hist) == 60
+    first, last = sum(hist[:5]) / 5, sum(hist[-10:]) / 10
+    assert last < 0.85 * first, (first, last)
+
+    # file metadata
+    from safetensors import safe_open
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["kubelora.rank"] == "8" and meta["kubelora.alpha"] == "16" and meta["kubelora.steps"] == "60"
+    assert meta["kubelora.base_model"] == "s3://e2e/models/tiny-flux"
+    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in keys
+    assert "transformer.single_transformer_blocks.1.proj_out.lora_B.weight" in keys
+    assert not any(k == "transformer.proj_out.lora_A.weight" for k in keys)
+
+    # reference: the trained adapter (peft checkpoint, real alpha) on the base transformer
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig, inject_adapter_in_model
+    from safetensors.torch import load_file
+    ckpt = out / "checkpoints" / "step-60"
+    ref = FluxTransformer2DModel.from_pretrained(tiny_flux_dir, subfolder="transformer")
+    base_out = ref(**_probe_inputs())[0]
+    cfg = LoraConfig(**{k: v for k, v in json.loads((ckpt / "adapter_config.json").read_text()).items()
+                        if k in ("r", "lora_alpha", "target_modules", "lora_dropout")})
+    assert cfg.lora_alpha == 16 and cfg.r == 8
+    inject_adapter_in_model(cfg, ref)
+    sd = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+          for k, v in load_file(str(ckpt / "adapter_model.safetensors")).items()}
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    assert not unexpected and not [k for k in missing if "lora_" in k]
+    ref_out = ref(**_probe_inputs())[0]
+
+    # the exported file through diffusers' own loader
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    pipe.load_lora_weights(str(out / "lora.safetensors"))
+    n_lora_layers = sum(1 for _, mod in pipe.transformer.named_modules() if hasattr(mod, "lora_A") and mod.lora_A)
+    assert n_lora_layers == len(keys) // 2
+    with torch.no_grad():
+        got = pipe.transformer(**_probe_inputs())[0]
+    assert (ref_out - base_out).abs().max() > 1e-3, "the adapter should change the output"
+    torch.testing.assert_close(got, ref_out, atol=2e-5, rtol=1e-4)
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dataset_without_usable_items_fails_before_training(s3, tmp_path, tiny_flux_dir, overfit_data):
+    (overfit_data / "good.png").unlink()
+    seed(s3, "nodata", tiny_flux_dir, overfit_data)
+    proc = run_trainer(manifest(tmp_path / "job.yaml", "nodata"), s3.env)
+    assert proc.returncode != 0
+    assert "no usable items (images missing a caption: 1, unreadable: 1)" in proc.stderr
+    assert "[phase] train" not in proc.stdout and "[phase] cache" not in proc.stdout
+    assert "Contents" not in s3.list_objects_v2(Bucket="nodata", Prefix="out/")
+
+
+@pytest.mark.parametrize("case", ["missing-bucket", "missing-key", "unreachable"])
+def test_storage_failures_exit_nonzero_with_clear_error(case, s3, tmp_path, tiny_flux_dir, overfit_data):
+    seed(s3, "stor", tiny_flux_dir, overfit_data)
+    env = dict(s3.env)
+    over = {}
+    if case == "missing-bucket":
+        over = {"dataset": {"uri": "s3://no-such-bucket/data"}}
+        expect = "bucket 'no-such-bucket' does not exist"
+    elif case == "missing-key":
+        over = {"model": {"diffusersPath": "s3://stor/models/not-there"}}
+        expect = "no such key 'models/not-there'"
+    else:
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{_closed_port()}"
+        env["AWS_MAX_ATTEMPTS"] = "1"
+        expect = "endpoint unreachable"
+    proc = run_trainer(manifest(tmp_path / "job.yaml", "stor", **over), env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expect in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_launcher_refuses_bad_manifests(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob", "spec": {
+        "model": {"type": "flux", "diffusersPath": "s3://models/x"}, "dataset": {"uri": "s3://data/x"},
+        "adapter": {"rank": 0}, "output": {"uri": "s3://out/x"}}}))
+    p = subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "run", str(bad)], capture_output=True, text=True)
+    assert p.returncode == 2 and "spec.adapter.rank: Input should be greater than or equal to 1" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "run", str(REPO / "examples" / "sdxl.yaml")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "model.type 'sdxl' is not yet supported" in p.stderr

@@ -1,0 +1,119 @@
+"""The typed spec: valid manifests, errors that name the field, the generated CRD."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubelora_trainer.crd import build_crd, render
+from kubelora_trainer.spec import SpecError, load_spec, parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+CRD_FILE = REPO / "crds" / "loratrainingjobs.kubelora.dev.yaml"
+
+BASE = {
+    "model": {"type": "flux", "diffusersPath": "s3://models/flux-dev"},
+    "dataset": {"uri": "s3://data/shapes"},
+    "output": {"uri": "s3://out/run1"},
+}
+
+
+def with_(path: str, value):
+    d = yaml.safe_load(yaml.safe_dump(BASE))
+    cur = d
+    *parents, last = path.split(".")
+    for p in parents:
+        cur = cur.setdefault(p, {})
+    if value is ...:
+        cur.pop(last)
+    else:
+        cur[last] = value
+    return d
+
+
+def test_examples_validate():
+    for f in sorted((REPO / "examples").glob("*.yaml")):
+        spec = load_spec(f)
+        assert spec.model.type
+
+
+def test_defaults_are_filled():
+    s = parse_spec(BASE)
+    assert (s.adapter.rank, s.training.timestepSampling, s.resources.nodes, s.runPolicy.backoffLimit) == (16, "logit_normal", 1, 3)
+    assert s.adapter.scale == 1.0
+
+
+@pytest.mark.parametrize("path,value,expect", [
+    ("model.type", "sd3", "spec.model.type: got 'sd3'; accepted values: 'sdxl', 'flux', 'ltx-video', 'hunyuan-video' or 'cosmos'"),
+    ("adapter.rank", 0, "spec.adapter.rank: Input should be greater than or equal to 1"),
+    ("training.learningRate", -1e-4, "spec.training.learningRate: Input should be greater than 0"),
+    ("dataset.uri", "gs://bucket/data", "spec.dataset.uri: got 'gs://bucket/data'; expected an s3://bucket/key URI or an absolute local path"),
+    ("dataset", ..., "spec.dataset: required field is missing"),
+    ("resources.gpusPerNode", 64, "spec.resources.gpusPerNode: Input should be less than or equal to 16"),
+    ("resources.nodes", 0, "spec.resources.nodes: Input should be greater than or equal to 1"),
+    ("model.transformer_path", "s3://models/f.safetensors", "spec.model.transformer_path: unknown field; did you mean 'transformerPath'?"),
+    ("dataset.resolution", 500, "spec.dataset.resolution: Input should be a multiple of 16"),
+    ("training.lrScheduler", "linear", "spec.training.lrScheduler: got 'linear'; accepted values: 'constant' or 'cosine'"),
+    ("storage.accessKey", "AKIA...", "spec.storage.accessKey: unknown field"),
+])
+def test_invalid_fields_are_named(path, value, expect):
+    with pytest.raises(SpecError) as e:
+        parse_spec(with_(path, value))
+    assert expect in str(e.value)
+
+
+def test_cross_field_rules():
+    with pytest.raises(SpecError, match="training.warmupSteps \\(50\\) exceeds training.steps \\(10\\)"):
+        parse_spec(with_("training", {"steps": 10, "warmupSteps": 50}))
+    with pytest.raises(SpecError, match="model.fluxShift applies to model.type flux only"):
+        parse_spec(with_("model", {"type": "sdxl", "diffusersPath": "s3://models/sdxl", "fluxShift": True}))
+    with pytest.raises(SpecError, match="model.diffusersPath is required"):
+        parse_spec(with_("model.diffusersPath", ...))
+
+
+def test_whole_manifest_and_wrong_kind(tmp_path):
+    f = tmp_path / "job.yaml"
+    f.write_text(yaml.safe_dump({"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
+                                 "metadata": {"name": "x"}, "spec": BASE}))
+    assert load_spec(f).output.uri == "s3://out/run1"
+    f.write_text(yaml.safe_dump({"apiVersion": "batch/v1", "kind": "Job", "spec": {}}))
+    with pytest.raises(SpecError, match="kind: expected LoRATrainingJob, got 'Job'"):
+        load_spec(f)
+
+
+def test_committed_crd_matches_generated():
+    assert CRD_FILE.read_text() == render(), "crds/ is stale: run `make crd`"
+
+
+def test_crd_shape():
+    crd = build_crd()
+    v = crd["spec"]["versions"][0]
+    assert crd["spec"]["names"]["shortNames"] == ["ltj"]
+    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Phase", "Model", "Nodes", "Progress", "Loss", "Age"]
+    spec = v["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+    def walk(node, path):
+        if node.get("type") in ("object", "array", "string", "integer", "number", "boolean") and path.count(".") >= 1:
+            assert node.get("description"), f"{path} has no description (kubectl explain would be empty)"
+        for k, child in node.get("properties", {}).items():
+            walk(child, f"{path}.{k}")
+        assert "$ref" not in node and "anyOf" not in node and "title" not in node, path
+    walk(spec, "spec")
+    assert spec["properties"]["adapter"]["default"] == {}
+    assert spec["properties"]["model"]["properties"]["type"]["enum"][1] == "flux"
+
+
+def test_crd_schema_accepts_examples_and_rejects_bad(tmp_path):
+    import jsonschema  # OpenAPI v3.0 schemas use draft-4 style exclusiveMinimum
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for f in sorted((REPO / "examples").glob("*.yaml")):
+        jsonschema.Draft4Validator(schema).validate(yaml.safe_load(f.read_text())["spec"])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft4Validator(schema).validate(with_("adapter.rank", 0))
+
+
+def test_spec_imports_without_torch():
+    code = "import sys, kubelora_trainer.spec, kubelora_trainer.crd, kubelora_trainer.models; " \
+           "assert 'torch' not in sys.modules, 'spec pulled in torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
