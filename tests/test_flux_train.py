@@ -166,3 +166,33 @@ def test_launcher_refuses_bad_manifests(tmp_path):
     p = subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "run", str(REPO / "examples" / "sdxl.yaml")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "model.type 'sdxl' is not yet supported" in p.stderr
+
+
+def _local_job(tmp_path, tiny_flux_dir, data, name, **training):
+    return manifest(tmp_path / f"{name}.yaml", "unused", model={"diffusersPath": str(tiny_flux_dir)},
+                    dataset={"uri": str(data)}, output={"uri": str(tmp_path / name)},
+                    training={"steps": 3, "logEvery": 1, **training})
+
+
+def test_parallelism_options_do_not_change_the_math(tmp_path, tiny_flux_dir, overfit_data):
+    """Eager single process (autocast path), regional compile + activation checkpointing, and
+    FSDP2 forced on one process with checkpointing: same losses, same exported keys. Local
+    paths (no S3) for model, data and output."""
+    env = {"KUBELORA_CACHE_DIR": str(tmp_path / "cache")}
+    runs = {
+        "eager": ({}, {}),
+        "compile_ckpt": ({"compile": True, "gradientCheckpointing": True}, {}),
+        "fsdp_ckpt": ({"gradientCheckpointing": True}, {"KUBELORA_FSDP_SINGLE": "1"}),
+    }
+    hist, keys = {}, {}
+    for name, (training, extra_env) in runs.items():
+        proc = run_trainer(_local_job(tmp_path, tiny_flux_dir, overfit_data, name, **training), {**env, **extra_env})
+        assert proc.returncode == 0, name + proc.stderr[-3000:]
+        m = json.loads((tmp_path / name / "manifest.json").read_text())
+        hist[name] = [loss for _, loss in m["metrics"]["lossHistory"]]
+        from safetensors import safe_open
+        with safe_open(str(tmp_path / name / "lora.safetensors"), "pt") as f:
+            keys[name] = sorted(f.keys())
+    for name in ("compile_ckpt", "fsdp_ckpt"):
+        assert keys[name] == keys["eager"], name
+        assert hist[name] == pytest.approx(hist["eager"], rel=1e-3), name

@@ -37,6 +37,10 @@ def init() -> DistEnv:
     if torch.cuda.is_available() and os.environ.get("KUBELORA_FORCE_CPU") != "1":
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "cuda:nccl,cpu:gloo"
+        # torch 2.11 + H100: the cuDNN attention backward hit an illegal memory access on the
+        # eager Flux step; without it the compiled step is as fast (docs/benchmarks.md).
+        if os.environ.get("KUBELORA_CUDNN_SDPA") != "1":
+            torch.backends.cuda.enable_cudnn_sdp(False)
     else:
         device, backend = torch.device("cpu"), "gloo"
     # Stage-in of a large model happens between the first collectives: allow for it.
@@ -46,13 +50,38 @@ def init() -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def shard(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> None:
-    """FSDP2: one group per block, then the root (embeddings, norms, the rest)."""
-    from torch.distributed.fsdp import fully_shard
+def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], *, world: int,
+                compute_dtype: torch.dtype, checkpointing: bool = False, compile_blocks: bool = False):
+    """Shared parallelism for every family, in torchtitan's order: activation checkpointing
+    (wrapping each block, so recomputation sees the inputs FSDP already cast), regional compile,
+    then FSDP2 with one group per block plus the root. FSDP2 gathers parameters in compute_dtype
+    (a frozen bf16 base and fp32 LoRA master weights compute together in bf16) and reduces
+    gradients in fp32. A single process skips FSDP (it would only copy every weight twice per
+    step) and computes under autocast instead. Returns the context to run forward passes in."""
+    import contextlib
 
-    for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for blocks in block_lists:
+        for i, block in enumerate(blocks):
+            if checkpointing:
+                block = checkpoint_wrapper(block)
+            if compile_blocks:
+                block.compile()
+            blocks[i] = block
+    if world > 1 or os.environ.get("KUBELORA_FSDP_SINGLE") == "1":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for blocks in block_lists:
+            for block in blocks:
+                fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return contextlib.nullcontext
+    device_type = next(model.parameters()).device.type
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type, dtype=compute_dtype)
 
 
 def all_ok(ok: bool) -> bool:

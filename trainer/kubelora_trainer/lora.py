@@ -48,7 +48,7 @@ def gather(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if ".lora_A." not in name and ".lora_B." not in name:
             continue
         full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
-        module = name.split(".lora_")[0]
+        module = name.split(".lora_")[0].replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
         (a if ".lora_A." in name else b)[module] = full.detach().cpu().float()
     return {m: (a[m], b[m]) for m in sorted(a)}
 

@@ -100,6 +100,9 @@ class TrainingSpec(_Model):
     timestepSampling: Literal["logit_normal", "uniform"] = Field(
         default="logit_normal", description="How flow-matching timesteps are drawn.")
     logEvery: int = Field(default=1, ge=1, description="Log progress every N steps.")
+    gradientCheckpointing: bool = Field(
+        default=False, description="Recompute block activations in backward: much less memory, ~30% more compute.")
+    compile: bool = Field(default=False, description="torch.compile each transformer block (regional compile).")
 
     @field_validator("betas")
     @classmethod

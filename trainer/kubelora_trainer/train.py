@@ -182,7 +182,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     cfg = lora.lora_config(spec.adapter, family.default_target_modules())
     n_train = lora.inject(tr, cfg, spec.training.seed)
     tr.to(env.device)
-    dist.shard(tr, family.blocks(tr))
+    compute = dist.parallelize(tr, family.blocks(tr), world=env.world, compute_dtype=getattr(torch, spec.model.dtype),
+                               checkpointing=spec.training.gradientCheckpointing, compile_blocks=spec.training.compile)
     tr.train()
     params = [p for p in tr.parameters() if p.requires_grad]
     t = spec.training
@@ -211,7 +212,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
                     epoch += 1
                 batch_idx.append(queue.pop())
             batch = _stack([cached[i] for i in batch_idx], env.device)
-            loss = family.loss(comps, batch, spec.model, t, gen) / t.gradientAccumulationSteps
+            with compute():
+                loss = family.loss(comps, batch, spec.model, t, gen) / t.gradientAccumulationSteps
             if not torch.isfinite(loss):
                 raise RunError(f"loss is {loss.item()} at step {step}; lower training.learningRate or check the data")
             loss.backward()

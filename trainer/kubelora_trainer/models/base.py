@@ -27,8 +27,8 @@ class ModelFamily(Protocol):
     def default_target_modules(self) -> str | list[str]:
         """peft target_modules used when adapter.targetModules is not set."""
 
-    def blocks(self, transformer: nn.Module) -> list[nn.Module]:
-        """The repeated blocks: shared code shards (and later checkpoints/compiles) each one."""
+    def blocks(self, transformer: nn.Module) -> list[nn.ModuleList]:
+        """The lists of repeated blocks: shared code wraps, compiles and shards each block."""
 
     @torch.no_grad()
     def encode(self, comps: Components, images: torch.Tensor, captions: list[str]) -> list[dict[str, torch.Tensor]]:

@@ -82,7 +82,7 @@ class Flux:
         return DEFAULT_TARGETS
 
     def blocks(self, transformer):
-        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        return [transformer.transformer_blocks, transformer.single_transformer_blocks]
 
     @torch.no_grad()
     def encode(self, comps, images, captions):

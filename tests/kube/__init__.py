@@ -1,0 +1,1 @@
+"""Test harness for an emulated Kubernetes API server (kmock-based): see emulator.py and fixtures.py."""
