@@ -96,7 +96,7 @@ def test_train_two_ranks_s3_to_s3_and_reload_in_diffusers(s3, tmp_path, tiny_flu
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from peft import LoraConfig, inject_adapter_in_model
     from safetensors.torch import load_file
-    ckpt = out / "checkpoints" / "step-60"
+    ckpt = out / "checkpoints" / "step-60" / "transformer"
     ref = FluxTransformer2DModel.from_pretrained(tiny_flux_dir, subfolder="transformer")
     base_out = ref(**_probe_inputs())[0]
     cfg = LoraConfig(**{k: v for k, v in json.loads((ckpt / "adapter_config.json").read_text()).items()

@@ -66,10 +66,50 @@ def test_invalid_fields_are_named(path, value, expect):
 def test_cross_field_rules():
     with pytest.raises(SpecError, match="training.warmupSteps \\(50\\) exceeds training.steps \\(10\\)"):
         parse_spec(with_("training", {"steps": 10, "warmupSteps": 50}))
-    with pytest.raises(SpecError, match="model.fluxShift applies to model.type flux only"):
+    with pytest.raises(SpecError, match=r"model.fluxShift does not apply to model.type sdxl \(its options: model.vPred, model.minSnrGamma\)"):
         parse_spec(with_("model", {"type": "sdxl", "diffusersPath": "s3://models/sdxl", "fluxShift": True}))
-    with pytest.raises(SpecError, match="model.diffusersPath is required"):
+    with pytest.raises(SpecError, match="model.type flux needs model.diffusersPath"):
         parse_spec(with_("model.diffusersPath", ...))
+
+
+HY_FILES = {"transformerPath": "s3://models/hy/t.safetensors", "vaePath": "s3://models/hy/vae.safetensors",
+            "llmPath": "s3://models/hy/llm", "clipPath": "s3://models/hy/clip"}
+COSMOS_FILES = {"transformerPath": "s3://models/cosmos/t.pt", "vaePath": "s3://models/cosmos/vae.pt",
+                "textEncoderPath": "s3://models/cosmos/t5.safetensors"}
+
+
+@pytest.mark.parametrize("model,dataset,expect", [
+    ({"type": "cosmos", **COSMOS_FILES}, {"resolution": 512},
+     "dataset: cosmos supports only the sizes 960x960, 960x704, 704x960, 1280x704, 704x1280 (width x height); got 512x512"),
+    ({"type": "cosmos", **COSMOS_FILES}, {"width": 1280, "height": 704, "frames": 33},
+     "dataset.frames: cosmos supports only 1 or 121 frames (got 33)"),
+    ({"type": "ltx-video", "diffusersPath": "s3://models/ltx"}, {"frames": 24},
+     "dataset.frames: ltx-video needs 8k+1 frames (e.g. 17 or 25); got 24"),
+    ({"type": "hunyuan-video", "ckptPath": "s3://models/hy"}, {"frames": 32},
+     "dataset.frames: hunyuan-video needs 4k+1 frames (e.g. 29 or 33); got 32"),
+    ({"type": "hunyuan-video", **{k: v for k, v in HY_FILES.items() if k != "llmPath"}}, {},
+     "model.type hunyuan-video needs model.ckptPath or model.transformerPath+model.vaePath+model.llmPath+model.clipPath (missing: model.llmPath)"),
+    ({"type": "hunyuan-video", "ckptPath": "s3://models/hy", **HY_FILES}, {},
+     "set only one of model.ckptPath or model.transformerPath+model.vaePath+model.llmPath+model.clipPath"),
+    ({"type": "cosmos", "diffusersPath": "s3://models/cosmos"}, {},
+     "model.diffusersPath does not apply to model.type cosmos (it takes model.transformerPath+model.vaePath+model.textEncoderPath)"),
+    ({"type": "flux", "diffusersPath": "s3://models/flux"}, {"frames": 5},
+     "dataset.frames: flux is an image model; frames must be 1 or unset (got 5)"),
+    ({"type": "flux", "diffusersPath": "s3://models/flux"}, {"width": 512},
+     "dataset.width and dataset.height go together"),
+])
+def test_family_rules(model, dataset, expect):
+    with pytest.raises(SpecError) as e:
+        parse_spec({**BASE, "model": model, "dataset": {"uri": "s3://data/x", **dataset}})
+    assert expect in str(e.value)
+
+
+def test_family_rules_accept_valid_video_specs():
+    parse_spec({**BASE, "model": {"type": "cosmos", **COSMOS_FILES},
+                "dataset": {"uri": "s3://data/x", "width": 1280, "height": 704, "frames": 121}})
+    parse_spec({**BASE, "model": {"type": "hunyuan-video", **HY_FILES}, "dataset": {"uri": "s3://data/x", "frames": 33}})
+    parse_spec({**BASE, "model": {"type": "ltx-video", "diffusersPath": "s3://models/ltx"},
+                "dataset": {"uri": "s3://data/x", "frames": 25}})
 
 
 def test_whole_manifest_and_wrong_kind(tmp_path):

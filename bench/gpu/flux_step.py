@@ -24,7 +24,7 @@ if TINY:
 
 
 def main():
-    from kubelora_trainer import dist, lora
+    from kubelora_trainer import adapters, dist
     from kubelora_trainer.models.base import Components
     from kubelora_trainer.models.flux import FAMILY
     from kubelora_trainer.spec import parse_spec
@@ -56,11 +56,9 @@ def main():
     torch.set_default_dtype(torch.float32)
     init_s = time.perf_counter() - t0
     nparams = sum(p.numel() for p in tr.parameters())
-    n_lora = lora.inject(tr, lora.lora_config(spec.adapter, FAMILY.default_target_modules()), seed=0)
-    compute = dist.parallelize(tr, FAMILY.blocks(tr), world=env.world, compute_dtype=torch.bfloat16,
-                               checkpointing=spec.training.gradientCheckpointing, compile_blocks=spec.training.compile)
-    comps = Components(transformer=tr, info={"guidance_embeds": True})
-    params = [p for p in tr.parameters() if p.requires_grad]
+    comps = Components(trainable={"transformer": tr}, info={"guidance_embeds": True})
+    ad = adapters.attach(comps, FAMILY, spec, env)
+    compute, params, n_lora = ad.compute, ad.params, ad.n_trainable
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator(device=dev).manual_seed(1)
     batch = {"latents": torch.randn(1, 16, lat_hw, lat_hw, device=dev, generator=g).to(torch.bfloat16),

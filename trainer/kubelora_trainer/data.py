@@ -52,9 +52,9 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt") -
     return report
 
 
-def load_image(path: Path, resolution: int):
-    """Decode, resize the short side to resolution and centre-crop; returns a float tensor
-    [3, H, W] in [-1, 1], or raises OSError/ValueError for an unreadable file."""
+def load_image(path: Path, width: int, height: int | None = None):
+    """Decode, resize to cover width x height and centre-crop; returns a float tensor
+    [3, height, width] in [-1, 1], or raises OSError/ValueError for an unreadable file."""
     import numpy as np
     import torch
     from PIL import Image, ImageOps
@@ -62,14 +62,15 @@ def load_image(path: Path, resolution: int):
     with Image.open(path) as im:
         im.load()
         im = ImageOps.exif_transpose(im).convert("RGB")
+    height = height or width
     w, h = im.size
     if min(w, h) < 1:
         raise ValueError("image has no pixels")
-    s = resolution / min(w, h)
-    im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.BICUBIC)
+    s = max(width / w, height / h)
+    im = im.resize((max(width, round(w * s)), max(height, round(h * s))), Image.Resampling.BICUBIC)
     w, h = im.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    im = im.crop((left, top, left + resolution, top + resolution))
+    left, top = (w - width) // 2, (h - height) // 2
+    im = im.crop((left, top, left + width, top + height))
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
     return arr / 127.5 - 1.0
 

@@ -12,11 +12,10 @@ class AdapterError(ValueError):
     pass
 
 
-def lora_config(adapter_spec, default_targets):
+def lora_config(adapter_spec, targets):
     from peft import LoraConfig
     return LoraConfig(r=adapter_spec.rank, lora_alpha=adapter_spec.alpha or adapter_spec.rank,
-                      lora_dropout=adapter_spec.dropout,
-                      target_modules=adapter_spec.targetModules or default_targets, init_lora_weights=True)
+                      lora_dropout=adapter_spec.dropout, target_modules=targets, init_lora_weights=True)
 
 
 def inject(model: nn.Module, cfg, seed: int) -> int:
@@ -54,7 +53,7 @@ def gather(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def save_checkpoint(lora: dict, cfg, folder: Path, metadata: dict[str, str]) -> list[Path]:
-    """peft-style adapter (unscaled weights + adapter_config.json with the real alpha)."""
+    """One component's peft-style adapter (unscaled weights + adapter_config.json with the real alpha)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)

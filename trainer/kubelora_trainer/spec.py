@@ -44,26 +44,46 @@ class ModelSpec(_Model):
     type: Literal["sdxl", "flux", "ltx-video", "hunyuan-video", "cosmos"] = Field(
         description="Model family: sdxl, flux, ltx-video, hunyuan-video or cosmos.")
     diffusersPath: Optional[str] = _uri(
-        "Folder in diffusers layout (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/)",
+        "Folder in diffusers layout (model_index.json, transformer/ or unet/, vae/, text_encoder*/, tokenizer*/); "
+        "flux, sdxl, ltx-video", default=None)
+    checkpointPath: Optional[str] = _uri(
+        "SDXL single-file checkpoint (e.g. sd_xl_base_1.0.safetensors), instead of diffusersPath", default=None)
+    ckptPath: Optional[str] = _uri(
+        "HunyuanVideo: folder in the official checkpoint layout (hunyuan-video-t2v-720p/, text_encoder/, text_encoder_2/)",
         default=None)
     transformerPath: Optional[str] = _uri(
-        "Single-file transformer checkpoint that overrides the diffusers one (Flux: the BFL .safetensors)",
-        default=None)
+        "Single-file transformer: Flux BFL .safetensors (overrides the diffusers one), HunyuanVideo ComfyUI file "
+        "(bf16 or fp8 e4m3fn), Cosmos .pt", default=None)
+    vaePath: Optional[str] = _uri("VAE file: hunyuan-video (ComfyUI layout), cosmos", default=None)
+    llmPath: Optional[str] = _uri("HunyuanVideo: folder with the llava-llama-3 text encoder and tokenizer", default=None)
+    clipPath: Optional[str] = _uri("HunyuanVideo: CLIP-L text encoder folder", default=None)
+    textEncoderPath: Optional[str] = _uri("Cosmos: T5 text encoder .safetensors", default=None)
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16", description="Storage dtype of the frozen base weights.")
+        default="bfloat16", description="Storage and compute dtype of the frozen base weights.")
     fluxShift: bool = Field(
         default=False, description="Flux: shift sampled timesteps by image resolution as the Flux schedule does.")
     bypassGuidanceEmbedding: bool = Field(
         default=False, description="Flux: ignore the guidance embedding (for de-distilled / Flex-style models).")
-    guidance: float = Field(
-        default=1.0, ge=0.0, le=30.0, description="Flux: guidance value fed to the guidance embedding while training.")
+    guidance: Optional[float] = Field(
+        default=None, ge=0.0, le=30.0,
+        description="Flux: guidance value fed to the guidance embedding while training (default 1.0).")
+    vPred: bool = Field(default=False, description="SDXL: the model is a v-prediction model (else epsilon).")
+    minSnrGamma: Optional[float] = Field(
+        default=None, gt=0, description="SDXL: Min-SNR loss weighting gamma (e.g. 5); off when unset.")
 
 
 class DatasetSpec(_Model):
-    uri: str = _uri("Folder of images with same-stem .txt captions")
+    uri: str = _uri("Folder of images (and, for video families, videos) with same-stem .txt captions")
     resolution: int = Field(
         default=512, ge=16, le=4096, multiple_of=16,
-        description="Training resolution in pixels (square; images are resized and centre-cropped). Multiple of 16.")
+        description="Training resolution in pixels: square side, unless width and height are set. Multiple of 16.")
+    width: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16,
+                                 description="Training width in pixels (with height; overrides resolution).")
+    height: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16,
+                                  description="Training height in pixels (with width; overrides resolution).")
+    frames: Optional[int] = Field(
+        default=None, ge=1, le=1024,
+        description="Frames per training clip for video families (ltx-video 8k+1, hunyuan-video 4k+1, cosmos 1 or 121); images are 1-frame clips.")
     repeats: int = Field(default=1, ge=1, le=10000, description="How many times each item is seen per epoch.")
     missingCaption: Literal["skip", "empty"] = Field(
         default="skip", description="Image without a caption file: skip it, or train it with an empty caption. Counted either way.")
@@ -88,6 +108,9 @@ class AdapterSpec(_Model):
 class TrainingSpec(_Model):
     steps: int = Field(default=1000, ge=1, le=10_000_000, description="Optimizer steps to train.")
     learningRate: float = Field(default=1e-4, gt=0, le=1.0, description="Peak AdamW learning rate.")
+    textEncoderLearningRate: Optional[float] = Field(
+        default=None, gt=0, le=1.0,
+        description="Learning rate for text-encoder LoRA in families that train the text encoders (SDXL); defaults to learningRate.")
     lrScheduler: Literal["constant", "cosine"] = Field(default="constant", description="Schedule after warmup.")
     warmupSteps: int = Field(default=0, ge=0, description="Linear warmup steps from 0 to learningRate.")
     weightDecay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
@@ -166,13 +189,10 @@ class LoRATrainingJobSpec(_Model):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "LoRATrainingJobSpec":
-        m = self.model
-        if m.diffusersPath is None:
-            raise ValueError("model.diffusersPath is required: set it to the base model's folder in diffusers layout")
-        if m.type != "flux":
-            for f in ("fluxShift", "bypassGuidanceEmbedding"):
-                if getattr(m, f):
-                    raise ValueError(f"model.{f} applies to model.type flux only; remove it for {m.type}")
+        from .families import check_family
+        problem = check_family(self.model, self.dataset)
+        if problem:
+            raise ValueError(problem)
         if self.training.warmupSteps > self.training.steps:
             raise ValueError(f"training.warmupSteps ({self.training.warmupSteps}) exceeds training.steps ({self.training.steps})")
         return self

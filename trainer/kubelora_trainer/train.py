@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, dist, lora, storage
+from . import __version__, adapters, dist, lora, storage
+from .families import size_of
 from .data import DatasetError, check_usable, load_image, scan, shard_indices
 from .models import get_family
 from .progress import Meter, Progress, format_eta, line, publish
@@ -74,9 +75,9 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
     return json.loads(marker.read_text())
 
 
-def _cache_key(model_id: str, resolution: int, image: Path, caption: str) -> str:
+def _cache_key(model_id: str, size: tuple[int, int], image: Path, caption: str) -> str:
     h = hashlib.sha256()
-    h.update(f"{model_id}|{resolution}|{caption}|".encode())
+    h.update(f"{model_id}|{size}|{caption}|".encode())
     h.update(image.read_bytes())
     return h.hexdigest()[:32]
 
@@ -89,12 +90,12 @@ def build_cache(spec, family, comps, items, indices, model_id, env) -> dict[int,
     todo = sorted(set(indices))
     for i in todo:
         it = items[i]
-        f = folder / f"{_cache_key(model_id, spec.dataset.resolution, it.image, it.caption)}.pt"
+        f = folder / f"{_cache_key(model_id, size_of(spec.dataset), it.image, it.caption)}.pt"
         if f.is_file():
             out[i] = torch.load(f, weights_only=True)
             hits += 1
             continue
-        img = load_image(it.image, spec.dataset.resolution).unsqueeze(0)
+        img = load_image(it.image, *size_of(spec.dataset)).unsqueeze(0)
         out[i] = family.encode(comps, img, [it.caption])[0]
         tmp = f.with_suffix(f".tmp{os.getpid()}")
         torch.save(out[i], tmp)
@@ -103,19 +104,22 @@ def build_cache(spec, family, comps, items, indices, model_id, env) -> dict[int,
     return out
 
 
-def validate_images(items, env, resolution) -> list[int]:
-    """Decode every image once, split over ranks; returns the globally usable indices."""
+def drop_unreadable(report, env, size: tuple[int, int]) -> None:
+    """Decode every image once, split over ranks; unreadable ones leave report.items for
+    report.unreadable (the same on every rank)."""
+    items = report.items
     bad = []
     for i in range(env.rank, len(items), env.world):
         try:
-            load_image(items[i].image, resolution)
+            load_image(items[i].image, *size)
         except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
             bad.append((i, f"{items[i].image.name}: {type(e).__name__}: {e}"))
     all_bad = [b for part in dist.all_gather(bad) for b in part]
     for _, why in all_bad[:10]:
         log(env, f"[data] skipped unreadable image {why}")
     bad_idx = {i for i, _ in all_bad}
-    return [i for i in range(len(items)) if i not in bad_idx], len(bad_idx)
+    report.unreadable = [str(items[i].image) for i in sorted(bad_idx)]
+    report.items = [it for i, it in enumerate(items) if i not in bad_idx]
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -159,9 +163,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
 
     # ---- dataset (checked before any model is loaded)
     report = scan(Path(paths["dataset"]), spec.dataset.missingCaption, spec.dataset.captionExtension)
-    usable, n_unreadable = validate_images(report.items, env, spec.dataset.resolution)
-    report.unreadable = [str(report.items[i].image) for i in range(len(report.items)) if i not in set(usable)]
-    report.items = [report.items[i] for i in usable]
+    drop_unreadable(report, env, size_of(spec.dataset))
     stats = report.summary()
     log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
              f"without caption, {stats['unreadable']} unreadable; {stats['emptyCaptionUsed']} trained with an empty caption")
@@ -171,26 +173,18 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     log(env, "[phase] cache")
     comps = family.load(spec.model, paths, env.device)
     my_indices = shard_indices(len(report.items), spec.dataset.repeats, env.world, env.rank, epoch_seed=spec.training.seed)
-    model_id = f"{spec.model.type}:{spec.model.diffusersPath}:{spec.model.transformerPath}:{spec.model.dtype}"
+    model_id = json.dumps(spec.model.model_dump(mode="json"), sort_keys=True)
     cached = build_cache(spec, family, comps, report.items, my_indices, model_id, env)
     comps.encoders.clear()
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # ---- adapter + FSDP2
-    tr = comps.transformer
-    cfg = lora.lora_config(spec.adapter, family.default_target_modules())
-    n_train = lora.inject(tr, cfg, spec.training.seed)
-    tr.to(env.device)
-    compute = dist.parallelize(tr, family.blocks(tr), world=env.world, compute_dtype=getattr(torch, spec.model.dtype),
-                               checkpointing=spec.training.gradientCheckpointing, compile_blocks=spec.training.compile)
-    tr.train()
-    params = [p for p in tr.parameters() if p.requires_grad]
+    # ---- adapters + parallelism
+    ad = adapters.attach(comps, family, spec, env)
     t = spec.training
-    opt = torch.optim.AdamW(params, lr=t.learningRate, betas=t.betas, eps=t.epsilon, weight_decay=t.weightDecay)
+    opt = torch.optim.AdamW(ad.groups, lr=t.learningRate, betas=t.betas, eps=t.epsilon, weight_decay=t.weightDecay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, t.warmupSteps, t.steps, t.lrScheduler))
-    n_total = sum(p.numel() for p in tr.parameters())
-    log(env, f"[model] trainable LoRA parameters: {n_train:,} (per-rank shard of {n_total:,} total after sharding)")
+    log(env, f"[model] LoRA on {', '.join(ad.configs)}: {ad.n_trainable:,} trainable parameters")
 
     # ---- train
     log(env, "[phase] train")
@@ -212,14 +206,14 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
                     epoch += 1
                 batch_idx.append(queue.pop())
             batch = _stack([cached[i] for i in batch_idx], env.device)
-            with compute():
+            with ad.compute():
                 loss = family.loss(comps, batch, spec.model, t, gen) / t.gradientAccumulationSteps
             if not torch.isfinite(loss):
                 raise RunError(f"loss is {loss.item()} at step {step}; lower training.learningRate or check the data")
             loss.backward()
             step_loss += loss.detach()
         if t.maxGradNorm:
-            torch.nn.utils.clip_grad_norm_(params, t.maxGradNorm)
+            torch.nn.utils.clip_grad_norm_(ad.params, t.maxGradNorm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -236,7 +230,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
 
     # ---- export (gather is a collective; the writing and upload happen on rank 0)
     log(env, "[phase] export")
-    gathered = lora.gather(tr)
+    gathered = adapters.gather(comps)
     err, result = None, None
     if env.is_main:
         try:
@@ -244,7 +238,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
                        "samplesPerStep": samples_per_step, "worldSize": env.world,
                        "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
                        "lossHistory": downsample(losses, 200)}
-            result = export_and_upload(spec, job_name, family, fmt, cfg, gathered, metrics, stats, settings)
+            result = export_and_upload(spec, job_name, family, fmt, ad.configs, gathered, metrics, stats, settings)
         except (storage.StorageError, OSError, ValueError) as e:
             err = str(e)
     if not dist.all_ok(err is None):
@@ -255,7 +249,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     return 0
 
 
-def export_and_upload(spec, job_name, family, fmt, cfg, gathered, metrics, stats, settings) -> dict:
+def export_and_upload(spec, job_name, family, fmt, configs, gathered, metrics, stats, settings) -> dict:
     """Write the LoRA file, the checkpoint and manifest.json, upload them (manifest last, so its
     presence means everything it lists is complete). Rank 0 only."""
     from safetensors.torch import save_file
@@ -278,12 +272,13 @@ def export_and_upload(spec, job_name, family, fmt, cfg, gathered, metrics, stats
     lora_file = out_dir / f"{spec.output.name}.safetensors"
     save_file(family.export(gathered, spec.adapter.scale, fmt), str(lora_file), metadata=meta)
     ckpt_dir = out_dir / "checkpoints" / f"step-{spec.training.steps}"
-    lora.save_checkpoint(gathered, cfg, ckpt_dir, meta)
+    for component, cfg in configs.items():
+        lora.save_checkpoint(gathered[component], cfg, ckpt_dir / component, meta)
 
     out = storage.parse_uri(spec.output.uri)
     client = storage.make_client(settings) if out.is_s3 else None
-    for f in sorted(ckpt_dir.iterdir()):
-        storage.upload(f, str(out.child(f"checkpoints/step-{spec.training.steps}/{f.name}")), settings, client)
+    for f in sorted(p for p in ckpt_dir.rglob("*") if p.is_file()):
+        storage.upload(f, str(out.child(f"checkpoints/step-{spec.training.steps}/{f.relative_to(ckpt_dir)}")), settings, client)
     art = storage.upload(lora_file, str(out.child(lora_file.name)), settings, client)
     manifest = {
         "apiVersion": "kubelora.dev/v1alpha1",
@@ -294,7 +289,8 @@ def export_and_upload(spec, job_name, family, fmt, cfg, gathered, metrics, stats
         "model": {"type": spec.model.type, "diffusersPath": spec.model.diffusersPath,
                   "transformerPath": spec.model.transformerPath},
         "adapter": {"rank": spec.adapter.rank, "alpha": alpha, "scaleFoldedIntoLoraB": True,
-                    "targetModules": cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)},
+                    "targetModules": {c: cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
+                                      for c, cfg in configs.items()}},
         "artifacts": [{**art, "format": fmt, "file": lora_file.name}],
         "dataset": stats,
         "metrics": metrics,

@@ -1,5 +1,9 @@
 """The interface every model family implements. The family module holds what is specific to the
-model and nothing else: parallelism, precision, the loop and I/O live in shared code."""
+model and nothing else: parallelism, precision, the loop and I/O live in shared code.
+
+Component names are the diffusers pipeline attribute names ("transformer", "unet",
+"text_encoder", "text_encoder_2"); the first trainable component is the denoiser.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,35 +12,46 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+# {component: {module path: (lora_A weight, lora_B weight)}}, full tensors on CPU
+LoraTensors = dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
 
 @dataclass
 class Components:
-    """What a family loaded: the trainable network plus the frozen encoders (freed after caching)."""
-    transformer: nn.Module
+    """What a family loaded: the modules that get LoRA (the denoiser first; text encoders too
+    when a family trains them) and the frozen encoders used while caching, freed afterwards."""
+    trainable: dict[str, nn.Module]
     encoders: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return next(iter(self.trainable.values()))
 
 
 class ModelFamily(Protocol):
     name: str
     default_format: str
+    formats: tuple[str, ...]
 
     def load(self, model_spec, paths: dict[str, str], device: torch.device) -> Components:
         """Build the components from the staged local paths (keys: the spec's path fields)."""
 
-    def default_target_modules(self) -> str | list[str]:
-        """peft target_modules used when adapter.targetModules is not set."""
+    def lora_targets(self) -> dict[str, str | list[str]]:
+        """Default peft target_modules per trainable component (adapter.targetModules overrides
+        the denoiser's)."""
 
-    def blocks(self, transformer: nn.Module) -> list[nn.ModuleList]:
-        """The lists of repeated blocks: shared code wraps, compiles and shards each block."""
+    def blocks(self, component: str, module: nn.Module) -> list[nn.ModuleList]:
+        """The lists of repeated blocks of one component: shared code wraps, compiles and
+        shards each block."""
 
     @torch.no_grad()
     def encode(self, comps: Components, images: torch.Tensor, captions: list[str]) -> list[dict[str, torch.Tensor]]:
-        """Per-sample cached tensors (latents, text embeddings) for images in [-1, 1]."""
+        """Per-sample cached tensors (latents, text embeddings or token ids) for images in [-1, 1]."""
 
     def loss(self, comps: Components, batch: dict[str, torch.Tensor], model_spec, training_spec,
              generator: torch.Generator) -> torch.Tensor:
         """Training loss for one micro-batch of cached samples (stacked on the device)."""
 
-    def export(self, lora: dict[str, torch.Tensor], scale: float, fmt: str) -> dict[str, torch.Tensor]:
-        """Turn gathered peft LoRA tensors (module path -> lora_A/lora_B) into the file's keys."""
+    def export(self, lora: LoraTensors, scale: float, fmt: str) -> dict[str, torch.Tensor]:
+        """The LoRA file's tensors in the given format."""

@@ -73,15 +73,15 @@ class Flux:
         transformer.to(device)
         if model_spec.bypassGuidanceEmbedding:
             _bypass_guidance(transformer)
-        return Components(transformer=transformer, encoders={"pipe": pipe},
+        return Components(trainable={"transformer": transformer}, encoders={"pipe": pipe},
                           info={"guidance_embeds": bool(transformer.config.guidance_embeds),
                                 "vae_shift": pipe.vae.config.shift_factor or 0.0,
                                 "vae_scale": pipe.vae.config.scaling_factor})
 
-    def default_target_modules(self):
-        return DEFAULT_TARGETS
+    def lora_targets(self):
+        return {"transformer": DEFAULT_TARGETS}
 
-    def blocks(self, transformer):
+    def blocks(self, component, transformer):
         return [transformer.transformer_blocks, transformer.single_transformer_blocks]
 
     @torch.no_grad()
@@ -98,7 +98,7 @@ class Flux:
     def loss(self, comps, batch, model_spec, training_spec, generator):
         from diffusers import FluxPipeline
 
-        tr = comps.transformer
+        tr = comps.trainable["transformer"]
         x0 = batch["latents"].float()
         b, c, h, w = x0.shape
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
@@ -112,7 +112,8 @@ class Flux:
         txt_ids = torch.zeros(batch["prompt_embeds"].shape[1], 3, device=x0.device, dtype=dtype)
         guidance = None
         if comps.info["guidance_embeds"] and not model_spec.bypassGuidanceEmbedding:
-            guidance = torch.full((b,), model_spec.guidance, device=x0.device, dtype=torch.float32)
+            g = 1.0 if model_spec.guidance is None else model_spec.guidance
+            guidance = torch.full((b,), g, device=x0.device, dtype=torch.float32)
         pred = tr(hidden_states=packed, encoder_hidden_states=batch["prompt_embeds"],
                   pooled_projections=batch["pooled"], timestep=t.to(dtype), img_ids=img_ids, txt_ids=txt_ids,
                   guidance=guidance, return_dict=False)[0]
@@ -122,7 +123,7 @@ class Flux:
         if fmt != "diffusers":
             raise ValueError(f"output.format {fmt!r} is not available for flux (available: diffusers)")
         out = {}
-        for module, (a, b) in lora.items():
+        for module, (a, b) in lora["transformer"].items():
             out[f"transformer.{module}.lora_A.weight"] = a.contiguous()
             out[f"transformer.{module}.lora_B.weight"] = (b.float() * scale).to(b.dtype).contiguous()
         return out

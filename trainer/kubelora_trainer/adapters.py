@@ -1,0 +1,54 @@
+"""Attach LoRA to every trainable component of a family and apply the shared parallelism:
+the one place where peft, checkpointing, compile, FSDP2 and optimizer groups meet."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import dist, lora
+from .models.base import Components, LoraTensors
+
+
+@dataclass
+class Adapters:
+    configs: dict = field(default_factory=dict)        # component -> peft LoraConfig
+    groups: list[dict] = field(default_factory=list)   # optimizer param groups (one per component)
+    compute: Callable = None                           # context for forward passes
+    n_trainable: int = 0
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups for p in g["params"]]
+
+
+def learning_rate(component: str, training) -> float:
+    if component.startswith("text_encoder") and training.textEncoderLearningRate is not None:
+        return training.textEncoderLearningRate
+    return training.learningRate
+
+
+def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
+    targets = dict(family.lora_targets())
+    denoiser = next(iter(comps.trainable))
+    if spec.adapter.targetModules:
+        targets[denoiser] = spec.adapter.targetModules
+    out = Adapters()
+    for name, module in comps.trainable.items():
+        cfg = lora.lora_config(spec.adapter, targets[name])
+        out.n_trainable += lora.inject(module, cfg, spec.training.seed)
+        module.to(env.device)
+        out.compute = dist.parallelize(
+            module, family.blocks(name, module), world=env.world, compute_dtype=getattr(torch, spec.model.dtype),
+            checkpointing=spec.training.gradientCheckpointing, compile_blocks=spec.training.compile)
+        module.train()
+        out.configs[name] = cfg
+        out.groups.append({"params": [p for p in module.parameters() if p.requires_grad],
+                           "lr": learning_rate(name, spec.training), "name": name})
+    return out
+
+
+def gather(comps: Components) -> LoraTensors:
+    """Full LoRA tensors of every component (a collective: all ranks call it)."""
+    return {name: lora.gather(module) for name, module in comps.trainable.items()}

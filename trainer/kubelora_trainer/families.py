@@ -1,0 +1,95 @@
+"""What each model family accepts: its path fields, its options and its data shape rules.
+Pure and torch-free: the spec validates with it, the CRD's CEL rules are generated from it,
+and the trainer's model modules rely on it having been checked."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+PATH_FIELDS = ("diffusersPath", "checkpointPath", "ckptPath", "transformerPath", "vaePath", "llmPath", "clipPath",
+               "textEncoderPath")
+OPTION_FIELDS = ("fluxShift", "bypassGuidanceEmbedding", "guidance", "vPred", "minSnrGamma")
+
+COSMOS_SIZES = ((960, 960), (960, 704), (704, 960), (1280, 704), (704, 1280))
+COSMOS_FRAMES = (1, 121)
+
+
+@dataclass(frozen=True)
+class FamilyRules:
+    sources: tuple[tuple[str, ...], ...]        # accepted sets of path fields (one must be complete)
+    optional_paths: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+    video: bool = False
+    frame_rule: Optional[tuple[int, int]] = None  # frames = k*a + b
+    sizes: Optional[tuple[tuple[int, int], ...]] = None
+    frames: Optional[tuple[int, ...]] = None
+    default_frames: int = 1
+
+    @property
+    def paths(self) -> set[str]:
+        return {f for src in self.sources for f in src} | set(self.optional_paths)
+
+
+RULES: dict[str, FamilyRules] = {
+    "flux": FamilyRules(sources=(("diffusersPath",),), optional_paths=("transformerPath",),
+                        options=("fluxShift", "bypassGuidanceEmbedding", "guidance")),
+    "sdxl": FamilyRules(sources=(("diffusersPath",), ("checkpointPath",)), options=("vPred", "minSnrGamma")),
+    "ltx-video": FamilyRules(sources=(("diffusersPath",),), video=True, frame_rule=(8, 1), default_frames=1),
+    "hunyuan-video": FamilyRules(sources=(("ckptPath",), ("transformerPath", "vaePath", "llmPath", "clipPath")),
+                                 video=True, frame_rule=(4, 1), default_frames=1),
+    "cosmos": FamilyRules(sources=(("transformerPath", "vaePath", "textEncoderPath"),), video=True,
+                          sizes=COSMOS_SIZES, frames=COSMOS_FRAMES, default_frames=121),
+}
+
+
+def _fmt_sources(sources) -> str:
+    return " or ".join("+".join(f"model.{f}" for f in src) for src in sources)
+
+
+def check_family(model, dataset) -> Optional[str]:
+    """The first problem with a model/dataset pair for its family, as a message that names the
+    field and the fix; None when it is fine."""
+    r = RULES[model.type]
+    for f in PATH_FIELDS:
+        if getattr(model, f) is not None and f not in r.paths:
+            return f"model.{f} does not apply to model.type {model.type} (it takes {_fmt_sources(r.sources)})"
+    for f in OPTION_FIELDS:
+        v = getattr(model, f)
+        if v not in (None, False) and f not in r.options:
+            allowed = ", ".join(f"model.{o}" for o in r.options) or "none"
+            return f"model.{f} does not apply to model.type {model.type} (its options: {allowed})"
+    given = [src for src in r.sources if all(getattr(model, f) is not None for f in src)]
+    if not given:
+        partial = [f for src in r.sources for f in src if getattr(model, f) is not None]
+        missing = [f for src in r.sources for f in src if getattr(model, f) is None and any(getattr(model, g) for g in src)]
+        hint = f" (missing: {', '.join('model.' + m for m in missing)})" if partial and missing else ""
+        return f"model.type {model.type} needs {_fmt_sources(r.sources)}{hint}"
+    if len(given) > 1:
+        return f"model.type {model.type}: set only one of {_fmt_sources(given)}"
+    w, h = size_of(dataset)
+    if (dataset.width is None) != (dataset.height is None):
+        return "dataset.width and dataset.height go together: set both, or neither and use dataset.resolution"
+    if r.sizes and (w, h) not in r.sizes:
+        sizes = ", ".join(f"{a}x{b}" for a, b in r.sizes)
+        return f"dataset: {model.type} supports only the sizes {sizes} (width x height); got {w}x{h}"
+    frames = dataset.frames
+    if frames is not None:
+        if not r.video and frames != 1:
+            return f"dataset.frames: {model.type} is an image model; frames must be 1 or unset (got {frames})"
+        if r.frames and frames not in r.frames:
+            return f"dataset.frames: {model.type} supports only {' or '.join(map(str, r.frames))} frames (got {frames})"
+        if r.frame_rule:
+            a, b = r.frame_rule
+            if (frames - b) % a:
+                lo = frames - (frames - b) % a
+                return (f"dataset.frames: {model.type} needs {a}k+{b} frames (e.g. {lo} or {lo + a}); got {frames}")
+    return None
+
+
+def size_of(dataset) -> tuple[int, int]:
+    """(width, height) of a dataset spec."""
+    return (dataset.width or dataset.resolution, dataset.height or dataset.resolution)
+
+
+def frames_of(model_type: str, dataset) -> int:
+    return dataset.frames or RULES[model_type].default_frames
