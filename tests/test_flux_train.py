@@ -64,7 +64,8 @@ def test_train_two_ranks_s3_to_s3_and_reload_in_diffusers(s3, tmp_path, tiny_flu
     seed(s3, "e2e", tiny_flux_dir, overfit_data)
     proc = run_trainer(manifest(tmp_path / "job.yaml", "e2e"), s3.env, nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[train] step 60/60" in proc.stdout and "skipped unreadable image broken.png" in proc.stdout
+    assert "[train] step 60/60" in proc.stdout, proc.stdout
+    assert "skipped unreadable item broken.png" in proc.stdout, proc.stdout
 
     out = download("s3://e2e/out/run1", tmp_path / "result", client=s3, log=lambda m: None)
     m = json.loads((out / "manifest.json").read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".gif", ".mkv")
 
 
 class DatasetError(ValueError):
@@ -34,10 +35,12 @@ class ScanReport:
                 "emptyCaptionUsed": self.empty_caption_used, "unreadable": len(self.unreadable)}
 
 
-def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt") -> ScanReport:
-    """Find image files under root and pair them with captions. Does not decode images."""
+def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", video: bool = False) -> ScanReport:
+    """Find media files under root (images; videos too for video families) and pair them with
+    captions. Does not decode anything."""
     report = ScanReport()
-    images = sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    exts = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if video else ())
+    images = sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in exts)
     for img in images:
         cap = img.with_suffix(caption_ext)
         if cap.is_file():
@@ -55,14 +58,17 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt") -
 def load_image(path: Path, width: int, height: int | None = None):
     """Decode, resize to cover width x height and centre-crop; returns a float tensor
     [3, height, width] in [-1, 1], or raises OSError/ValueError for an unreadable file."""
-    import numpy as np
-    import torch
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
         im.load()
         im = ImageOps.exif_transpose(im).convert("RGB")
-    height = height or width
+    return _to_tensor(_fit(im, width, height or width))
+
+
+def _fit(im, width: int, height: int):
+    """Resize a PIL image to cover width x height, then centre-crop."""
+    from PIL import Image
     w, h = im.size
     if min(w, h) < 1:
         raise ValueError("image has no pixels")
@@ -70,9 +76,35 @@ def load_image(path: Path, width: int, height: int | None = None):
     im = im.resize((max(width, round(w * s)), max(height, round(h * s))), Image.Resampling.BICUBIC)
     w, h = im.size
     left, top = (w - width) // 2, (h - height) // 2
-    im = im.crop((left, top, left + width, top + height))
-    arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
-    return arr / 127.5 - 1.0
+    return im.crop((left, top, left + width, top + height))
+
+
+def _to_tensor(im):
+    import numpy as np
+    import torch
+    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def load_clip(path: Path, width: int, height: int, frames: int):
+    """A clip [3, frames, height, width] in [-1, 1]: the first `frames` frames of a video
+    (decoded with PyAV), or an image as a one-frame clip (frames must then be 1). Raises
+    ValueError for a clip that is too short and OSError/av errors for unreadable files."""
+    import torch
+
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        if frames != 1:
+            raise ValueError(f"an image is a 1-frame clip but dataset.frames is {frames}")
+        return load_image(path, width, height).unsqueeze(1)
+    import av
+    out = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            out.append(_to_tensor(_fit(frame.to_image(), width, height)))
+            if len(out) == frames:
+                break
+    if len(out) < frames:
+        raise ValueError(f"video has {len(out)} frames, fewer than dataset.frames={frames}")
+    return torch.stack(out, dim=1)
 
 
 def check_usable(report: ScanReport, uri: str) -> None:

@@ -24,6 +24,7 @@ class FamilyRules:
     sizes: Optional[tuple[tuple[int, int], ...]] = None
     frames: Optional[tuple[int, ...]] = None
     default_frames: int = 1
+    formats: tuple[str, ...] = ()                  # LoRA file formats; the first is the default
 
     @property
     def paths(self) -> set[str]:
@@ -32,13 +33,15 @@ class FamilyRules:
 
 RULES: dict[str, FamilyRules] = {
     "flux": FamilyRules(sources=(("diffusersPath",),), optional_paths=("transformerPath",),
-                        options=("fluxShift", "bypassGuidanceEmbedding", "guidance")),
-    "sdxl": FamilyRules(sources=(("diffusersPath",), ("checkpointPath",)), options=("vPred", "minSnrGamma")),
-    "ltx-video": FamilyRules(sources=(("diffusersPath",),), video=True, frame_rule=(8, 1), default_frames=1),
+                        options=("fluxShift", "bypassGuidanceEmbedding", "guidance"), formats=("diffusers",)),
+    "sdxl": FamilyRules(sources=(("diffusersPath",), ("checkpointPath",)), options=("vPred", "minSnrGamma"),
+                        formats=("kohya", "diffusers")),
+    "ltx-video": FamilyRules(sources=(("diffusersPath",),), video=True, frame_rule=(8, 1), default_frames=1,
+                             formats=("comfyui", "diffusers")),
     "hunyuan-video": FamilyRules(sources=(("ckptPath",), ("transformerPath", "vaePath", "llmPath", "clipPath")),
-                                 video=True, frame_rule=(4, 1), default_frames=1),
+                                 video=True, frame_rule=(4, 1), default_frames=1, formats=("original", "diffusers")),
     "cosmos": FamilyRules(sources=(("transformerPath", "vaePath", "textEncoderPath"),), video=True,
-                          sizes=COSMOS_SIZES, frames=COSMOS_FRAMES, default_frames=121),
+                          sizes=COSMOS_SIZES, frames=COSMOS_FRAMES, default_frames=121, formats=("comfyui", "diffusers")),
 }
 
 
@@ -46,7 +49,7 @@ def _fmt_sources(sources) -> str:
     return " or ".join("+".join(f"model.{f}" for f in src) for src in sources)
 
 
-def check_family(model, dataset) -> Optional[str]:
+def check_family(model, dataset, output=None) -> Optional[str]:
     """The first problem with a model/dataset pair for its family, as a message that names the
     field and the fix; None when it is fine."""
     r = RULES[model.type]
@@ -72,6 +75,12 @@ def check_family(model, dataset) -> Optional[str]:
     if r.sizes and (w, h) not in r.sizes:
         sizes = ", ".join(f"{a}x{b}" for a, b in r.sizes)
         return f"dataset: {model.type} supports only the sizes {sizes} (width x height); got {w}x{h}"
+    if output is not None and output.formats:
+        bad = [f for f in output.formats if f not in r.formats]
+        if bad:
+            return f"output.formats: {bad[0]!r} is not available for {model.type} (available: {', '.join(r.formats)})"
+        if len(set(output.formats)) != len(output.formats):
+            return "output.formats: each format may appear once"
     frames = dataset.frames
     if frames is not None:
         if not r.video and frames != 1:

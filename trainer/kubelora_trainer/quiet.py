@@ -15,3 +15,12 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     import logging
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the demo's in-process S3 server
+
+
+def quiet_progress_bars() -> None:
+    """diffusers' pipeline loading bars (call once diffusers is importable)."""
+    try:
+        from diffusers.utils import logging as dlog
+        dlog.disable_progress_bar()
+    except ImportError:
+        pass

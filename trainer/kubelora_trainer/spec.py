@@ -139,8 +139,11 @@ class OutputSpec(_Model):
     uri: str = _uri("Where the LoRA file, manifest.json and checkpoints are written")
     name: str = Field(default="lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$",
                       description="File name stem of the exported LoRA (<name>.safetensors).")
-    format: Optional[Literal["diffusers"]] = Field(
-        default=None, description="LoRA file format; defaults to the family's community format (Flux: diffusers).")
+    formats: Optional[list[Literal["diffusers", "kohya", "comfyui", "original"]]] = Field(
+        default=None, min_length=1, max_length=4,
+        description="LoRA files to write: the first is <name>.safetensors, others <name>.<format>.safetensors. "
+                    "Default: the family's community format (sdxl kohya, flux diffusers, ltx-video comfyui, "
+                    "hunyuan-video original, cosmos comfyui).")
 
 
 class StorageSpec(_Model):
@@ -190,7 +193,7 @@ class LoRATrainingJobSpec(_Model):
     @model_validator(mode="after")
     def _cross_field(self) -> "LoRATrainingJobSpec":
         from .families import check_family
-        problem = check_family(self.model, self.dataset)
+        problem = check_family(self.model, self.dataset, self.output)
         if problem:
             raise ValueError(problem)
         if self.training.warmupSteps > self.training.steps:

@@ -16,17 +16,17 @@ import os
 import random
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from . import __version__, adapters, dist, lora, storage
-from .families import size_of
-from .data import DatasetError, check_usable, load_image, scan, shard_indices
+from . import __version__, adapters, dist, export, lora, storage
+from .data import DatasetError, check_usable, load_clip, load_image, scan, shard_indices
+from .families import RULES, frames_of, size_of
 from .models import get_family
+from .quiet import quiet_progress_bars
 from .progress import Meter, Progress, format_eta, line, publish
-from .spec import LoRATrainingJobSpec, dump_spec
+from .spec import LoRATrainingJobSpec
 
 CACHE_ENV = "KUBELORA_CACHE_DIR"
 
@@ -95,7 +95,7 @@ def build_cache(spec, family, comps, items, indices, model_id, env) -> dict[int,
             out[i] = torch.load(f, weights_only=True)
             hits += 1
             continue
-        img = load_image(it.image, *size_of(spec.dataset)).unsqueeze(0)
+        img = load_media(spec, it.image).unsqueeze(0)
         out[i] = family.encode(comps, img, [it.caption])[0]
         tmp = f.with_suffix(f".tmp{os.getpid()}")
         torch.save(out[i], tmp)
@@ -104,19 +104,27 @@ def build_cache(spec, family, comps, items, indices, model_id, env) -> dict[int,
     return out
 
 
-def drop_unreadable(report, env, size: tuple[int, int]) -> None:
+def load_media(spec, path: Path) -> torch.Tensor:
+    """[3, H, W] for image families; [3, F, H, W] for video families (images are 1-frame clips)."""
+    w, h = size_of(spec.dataset)
+    if RULES[spec.model.type].video:
+        return load_clip(path, w, h, frames_of(spec.model.type, spec.dataset))
+    return load_image(path, w, h)
+
+
+def drop_unreadable(report, env, spec) -> None:
     """Decode every image once, split over ranks; unreadable ones leave report.items for
     report.unreadable (the same on every rank)."""
     items = report.items
     bad = []
     for i in range(env.rank, len(items), env.world):
         try:
-            load_image(items[i].image, *size)
+            load_media(spec, items[i].image)
         except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
             bad.append((i, f"{items[i].image.name}: {type(e).__name__}: {e}"))
     all_bad = [b for part in dist.all_gather(bad) for b in part]
     for _, why in all_bad[:10]:
-        log(env, f"[data] skipped unreadable image {why}")
+        log(env, f"[data] skipped unreadable item {why}")
     bad_idx = {i for i, _ in all_bad}
     report.unreadable = [str(items[i].image) for i in sorted(bad_idx)]
     report.items = [it for i, it in enumerate(items) if i not in bad_idx]
@@ -153,7 +161,6 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     t_start = time.time()
     settings = storage.S3Settings.from_spec(spec.storage)
     family = get_family(spec.model.type)
-    fmt = spec.output.format or family.default_format
     log(env, f"[kubelora {__version__}] job {job_name}: {spec.model.type} LoRA r={spec.adapter.rank} "
              f"on {env.world} process(es), device {env.device.type}")
 
@@ -162,8 +169,9 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     paths = stage_in(spec, env, settings)
 
     # ---- dataset (checked before any model is loaded)
-    report = scan(Path(paths["dataset"]), spec.dataset.missingCaption, spec.dataset.captionExtension)
-    drop_unreadable(report, env, size_of(spec.dataset))
+    report = scan(Path(paths["dataset"]), spec.dataset.missingCaption, spec.dataset.captionExtension,
+                  video=RULES[spec.model.type].video)
+    drop_unreadable(report, env, spec)
     stats = report.summary()
     log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
              f"without caption, {stats['unreadable']} unreadable; {stats['emptyCaptionUsed']} trained with an empty caption")
@@ -171,6 +179,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
 
     # ---- model and cache
     log(env, "[phase] cache")
+    quiet_progress_bars()
     comps = family.load(spec.model, paths, env.device)
     my_indices = shard_indices(len(report.items), spec.dataset.repeats, env.world, env.rank, epoch_seed=spec.training.seed)
     model_id = json.dumps(spec.model.model_dump(mode="json"), sort_keys=True)
@@ -238,7 +247,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
                        "samplesPerStep": samples_per_step, "worldSize": env.world,
                        "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
                        "lossHistory": downsample(losses, 200)}
-            result = export_and_upload(spec, job_name, family, fmt, ad.configs, gathered, metrics, stats, settings)
+            result = export.export_and_upload(spec, job_name, family, ad.configs, gathered, metrics, stats, settings,
+                                              cache_root() / "outputs" / job_name)
         except (storage.StorageError, OSError, ValueError) as e:
             err = str(e)
     if not dist.all_ok(err is None):
@@ -247,60 +257,6 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
         publish(Progress(phase="Succeeded", step=t.steps, totalSteps=t.steps, epoch=epoch, loss=losses[-1]))
         log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…  final loss {losses[-1]:.4f}")
     return 0
-
-
-def export_and_upload(spec, job_name, family, fmt, configs, gathered, metrics, stats, settings) -> dict:
-    """Write the LoRA file, the checkpoint and manifest.json, upload them (manifest last, so its
-    presence means everything it lists is complete). Rank 0 only."""
-    from safetensors.torch import save_file
-
-    out_dir = cache_root() / "outputs" / job_name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    alpha = spec.adapter.alpha or spec.adapter.rank
-    meta = {
-        "format": "pt",
-        "kubelora.version": __version__,
-        "kubelora.model_type": spec.model.type,
-        "kubelora.base_model": spec.model.transformerPath or spec.model.diffusersPath,
-        "kubelora.lora_format": fmt,
-        "kubelora.rank": str(spec.adapter.rank),
-        "kubelora.alpha": f"{alpha:g}",
-        "kubelora.scale_folded_into_lora_B": "true",
-        "kubelora.steps": str(spec.training.steps),
-        "kubelora.job": job_name,
-    }
-    lora_file = out_dir / f"{spec.output.name}.safetensors"
-    save_file(family.export(gathered, spec.adapter.scale, fmt), str(lora_file), metadata=meta)
-    ckpt_dir = out_dir / "checkpoints" / f"step-{spec.training.steps}"
-    for component, cfg in configs.items():
-        lora.save_checkpoint(gathered[component], cfg, ckpt_dir / component, meta)
-
-    out = storage.parse_uri(spec.output.uri)
-    client = storage.make_client(settings) if out.is_s3 else None
-    for f in sorted(p for p in ckpt_dir.rglob("*") if p.is_file()):
-        storage.upload(f, str(out.child(f"checkpoints/step-{spec.training.steps}/{f.relative_to(ckpt_dir)}")), settings, client)
-    art = storage.upload(lora_file, str(out.child(lora_file.name)), settings, client)
-    manifest = {
-        "apiVersion": "kubelora.dev/v1alpha1",
-        "kind": "LoRAArtifactManifest",
-        "job": job_name,
-        "createdAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "trainerVersion": __version__,
-        "model": {"type": spec.model.type, "diffusersPath": spec.model.diffusersPath,
-                  "transformerPath": spec.model.transformerPath},
-        "adapter": {"rank": spec.adapter.rank, "alpha": alpha, "scaleFoldedIntoLoraB": True,
-                    "targetModules": {c: cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
-                                      for c, cfg in configs.items()}},
-        "artifacts": [{**art, "format": fmt, "file": lora_file.name}],
-        "dataset": stats,
-        "metrics": metrics,
-        "spec": dump_spec(spec),
-    }
-    mf = out_dir / "manifest.json"
-    mf.write_text(json.dumps(manifest, indent=2))
-    storage.upload(mf, str(out.child("manifest.json")), settings, client, content_type="application/json")
-    print(f"[upload] {art['uri']} ({art['size']:,} bytes) and manifest.json")
-    return art
 
 
 def main_from_cli(spec_path: str) -> int:

@@ -30,9 +30,7 @@ class Components:
 
 
 class ModelFamily(Protocol):
-    name: str
-    default_format: str
-    formats: tuple[str, ...]
+    name: str  # formats, path fields, options and data rules: families.RULES[name]
 
     def load(self, model_spec, paths: dict[str, str], device: torch.device) -> Components:
         """Build the components from the staged local paths (keys: the spec's path fields)."""
@@ -54,4 +52,8 @@ class ModelFamily(Protocol):
         """Training loss for one micro-batch of cached samples (stacked on the device)."""
 
     def export(self, lora: LoraTensors, scale: float, fmt: str) -> dict[str, torch.Tensor]:
-        """The LoRA file's tensors in the given format."""
+        """The LoRA file's tensors in the given format (one of families.RULES[name].formats)."""
+
+    def parse(self, tensors: dict[str, torch.Tensor], fmt: str) -> tuple[LoraTensors, float]:
+        """Inverse of export: a LoRA file's tensors in format fmt back to (LoraTensors, scale);
+        `kubelora convert` is parse + export."""

@@ -51,8 +51,6 @@ def _bypass_guidance(transformer) -> None:
 
 class Flux:
     name = "flux"
-    default_format = "diffusers"
-    formats = ("diffusers",)
 
     def load(self, model_spec, paths, device):
         from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -121,7 +119,7 @@ class Flux:
 
     def export(self, lora, scale, fmt):
         if fmt != "diffusers":
-            raise ValueError(f"output.format {fmt!r} is not available for flux (available: diffusers)")
+            raise ValueError(f"format {fmt!r} is not available for flux (available: diffusers)")
         out = {}
         for module, (a, b) in lora["transformer"].items():
             out[f"transformer.{module}.lora_A.weight"] = a.contiguous()
