@@ -164,9 +164,13 @@ def test_launcher_refuses_bad_manifests(tmp_path):
         "adapter": {"rank": 0}, "output": {"uri": "s3://out/x"}}}))
     p = subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "run", str(bad)], capture_output=True, text=True)
     assert p.returncode == 2 and "spec.adapter.rank: Input should be greater than or equal to 1" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "run", str(REPO / "examples" / "sdxl.yaml")],
-                       capture_output=True, text=True)
-    assert p.returncode == 2 and "model.type 'sdxl' is not yet supported" in p.stderr
+
+
+def test_unsupported_family_message(monkeypatch):
+    from kubelora_trainer import models
+    monkeypatch.setitem(models.REGISTRY, "cosmos", None)
+    with pytest.raises(models.UnsupportedModel, match="model.type 'cosmos' is not yet supported by this kubelora version"):
+        models.get_family("cosmos")
 
 
 def _local_job(tmp_path, tiny_flux_dir, data, name, **training):
