@@ -113,9 +113,51 @@ PRINTER_COLUMNS = [
 ]
 
 
+def _opt(path: str) -> str:
+    """CEL: an optional integer field, -1 when absent (null counts as absent)."""
+    obj, _, fld = path.rpartition(".")
+    return f"(has({obj}.{fld}) ? {path} : -1)"
+
+
+def cel_rules() -> dict[str, list[dict]]:
+    """x-kubernetes-validations per schema node (the API server enforces them at apply time):
+    immutability after creation, and the family data rules of families.py."""
+    from .families import RULES
+    sections = ("model", "dataset", "adapter", "training", "output", "storage", "resources")
+    spec_rules = [{
+        "rule": " && ".join(f"self.{s} == oldSelf.{s}" for s in sections),
+        "message": "the spec is immutable after creation except spec.runPolicy.suspend; create a new LoRATrainingJob",
+    }]
+    w = "(has(self.dataset.width) ? self.dataset.width : self.dataset.resolution)"
+    h = "(has(self.dataset.height) ? self.dataset.height : self.dataset.resolution)"
+    for t, r in RULES.items():
+        if r.sizes:
+            sizes = ", ".join(f"[{a}, {b}]" for a, b in r.sizes)
+            spec_rules.append({"rule": f"self.model.type != '{t}' || [{sizes}].exists(s, s[0] == {w} && s[1] == {h})",
+                               "message": f"{t} supports only the sizes "
+                                          f"{', '.join(f'{a}x{b}' for a, b in r.sizes)} (dataset.width x dataset.height)"})
+        if r.frames:
+            spec_rules.append({"rule": f"self.model.type != '{t}' || !has(self.dataset.frames) || self.dataset.frames in {list(r.frames)}",
+                               "message": f"{t} supports only {' or '.join(map(str, r.frames))} frames (dataset.frames)"})
+        if r.frame_rule:
+            a, b = r.frame_rule
+            spec_rules.append({"rule": f"self.model.type != '{t}' || !has(self.dataset.frames) || self.dataset.frames % {a} == {b}",
+                               "message": f"{t} needs dataset.frames = {a}k+{b}"})
+    run_policy_rules = [{
+        "rule": " && ".join([f"self.backoffLimit == oldSelf.backoffLimit",
+                             f"{_opt('self.activeDeadlineSeconds')} == {_opt('oldSelf.activeDeadlineSeconds')}",
+                             f"{_opt('self.ttlSecondsAfterFinished')} == {_opt('oldSelf.ttlSecondsAfterFinished')}"]),
+        "message": "only spec.runPolicy.suspend may change after creation",
+    }]
+    return {"spec": spec_rules, "runPolicy": run_policy_rules}
+
+
 def build_crd() -> dict:
     spec = spec_schema()
     spec["description"] = "Desired state of a LoRA training run. Immutable after creation except runPolicy.suspend."
+    rules = cel_rules()
+    spec["x-kubernetes-validations"] = rules["spec"]
+    spec["properties"]["runPolicy"]["x-kubernetes-validations"] = rules["runPolicy"]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

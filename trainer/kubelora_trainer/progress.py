@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 PROGRESS_FILE_ENV = "KUBELORA_PROGRESS_FILE"
+PROGRESS_INTERVAL_ENV = "KUBELORA_PROGRESS_INTERVAL"
+PROGRESS_KEY = "status/progress.json"   # under spec.output.uri; the operator reads it
 
 
 def format_eta(seconds: Optional[float]) -> str:
@@ -55,11 +57,39 @@ def line(p: Progress, lr: float) -> str:
     return "[train] " + " | ".join(parts)
 
 
-def publish(p: Progress) -> None:
-    """Write the latest progress atomically where the pod's status reporter can read it."""
-    path = os.environ.get(PROGRESS_FILE_ENV)
-    if not path:
-        return
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(asdict(p)))
-    os.replace(tmp, path)
+class Publisher:
+    """Rank 0's progress, best effort: to a local file ($KUBELORA_PROGRESS_FILE) on every call,
+    and to <output>/status/progress.json (where the operator reads it) when the phase changes or
+    every $KUBELORA_PROGRESS_INTERVAL seconds (default 30). A failed upload is logged, never fatal."""
+
+    def __init__(self, output_uri: Optional[str] = None, settings=None):
+        self.output_uri, self.settings = output_uri, settings
+        self.interval = float(os.environ.get(PROGRESS_INTERVAL_ENV, "30"))
+        self.last_phase, self.last_upload, self.warned = None, 0.0, False
+
+    def __call__(self, p: Progress, force: bool = False) -> None:
+        data = json.dumps(asdict(p))
+        path = os.environ.get(PROGRESS_FILE_ENV)
+        if path:
+            tmp = Path(f"{path}.tmp")
+            tmp.write_text(data)
+            os.replace(tmp, path)
+        due = force or p.phase != self.last_phase or time.monotonic() - self.last_upload >= self.interval
+        if self.output_uri and due:
+            self.last_phase, self.last_upload = p.phase, time.monotonic()
+            self._upload(data)
+
+    def _upload(self, data: str) -> None:
+        import tempfile
+        from . import storage
+        try:
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                f.write(data)
+            dest = storage.parse_uri(self.output_uri).child(PROGRESS_KEY)
+            storage.upload(f.name, str(dest), self.settings or storage.S3Settings(), content_type="application/json")
+        except Exception as e:  # noqa: BLE001 - progress is advisory
+            if not self.warned:
+                print(f"[progress] could not publish progress to {self.output_uri}: {e}", flush=True)
+                self.warned = True
+        finally:
+            os.unlink(f.name)

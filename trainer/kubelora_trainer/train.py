@@ -24,8 +24,9 @@ from . import __version__, adapters, dist, export, lora, storage
 from .data import DatasetError, check_usable, load_clip, load_image, scan, shard_indices
 from .families import RULES, frames_of, size_of
 from .models import get_family
+from .models.base import ModelError
 from .quiet import quiet_progress_bars
-from .progress import Meter, Progress, format_eta, line, publish
+from .progress import Meter, Progress, Publisher, format_eta, line
 from .spec import LoRATrainingJobSpec
 
 CACHE_ENV = "KUBELORA_CACHE_DIR"
@@ -164,6 +165,10 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     log(env, f"[kubelora {__version__}] job {job_name}: {spec.model.type} LoRA r={spec.adapter.rank} "
              f"on {env.world} process(es), device {env.device.type}")
 
+    publish = Publisher(spec.output.uri, settings) if env.is_main else (lambda p, force=False: None)
+    t = spec.training
+    publish(Progress(phase="Initializing", totalSteps=t.steps))
+
     # ---- stage-in
     log(env, "[phase] stage-in")
     paths = stage_in(spec, env, settings)
@@ -190,7 +195,6 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
 
     # ---- adapters + parallelism
     ad = adapters.attach(comps, family, spec, env)
-    t = spec.training
     opt = torch.optim.AdamW(ad.groups, lr=t.learningRate, betas=t.betas, eps=t.epsilon, weight_decay=t.weightDecay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, t.warmupSteps, t.steps, t.lrScheduler))
     log(env, f"[model] LoRA on {', '.join(ad.configs)}: {ad.n_trainable:,} trainable parameters")
@@ -233,12 +237,13 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
             prog.step, prog.epoch, prog.loss = step, epoch, losses[-1]
             prog.samplesPerSecond, prog.eta = sps, format_eta(eta)
             log(env, line(prog, sched.get_last_lr()[0]))
-            if env.is_main:
-                publish(prog)
+            publish(prog)
     train_seconds = time.time() - t_start
 
     # ---- export (gather is a collective; the writing and upload happen on rank 0)
     log(env, "[phase] export")
+    prog.phase = "Exporting"
+    publish(prog)
     gathered = adapters.gather(comps)
     err, result = None, None
     if env.is_main:
@@ -254,7 +259,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     if not dist.all_ok(err is None):
         raise RunError(err or "export failed on rank 0 (see its log)")
     if env.is_main:
-        publish(Progress(phase="Succeeded", step=t.steps, totalSteps=t.steps, epoch=epoch, loss=losses[-1]))
+        prog.phase = "Succeeded"
+        publish(prog, force=True)
         log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…  final loss {losses[-1]:.4f}")
     return 0
 
@@ -265,6 +271,6 @@ def main_from_cli(spec_path: str) -> int:
     name = os.environ.get("KUBELORA_JOB_NAME") or manifest_name(spec_path)
     try:
         return run(spec, name)
-    except (RunError, DatasetError, storage.StorageError, lora.AdapterError, FileNotFoundError) as e:
+    except (RunError, DatasetError, storage.StorageError, lora.AdapterError, ModelError, FileNotFoundError) as e:
         print(f"[error] {e}", file=sys.stderr, flush=True)
         return 2

@@ -1,0 +1,151 @@
+"""Kopf handlers: thin glue between events and the pure builders (manifests.py, status.py).
+
+    kopf run -m kubelora_operator.handlers --all-namespaces      (python -m kubelora_operator)
+
+Every handler is idempotent and restart-safe: children are created only when missing and never
+after the run finished; status is recomputed from what exists, not remembered.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+
+import kopf
+
+from kubelora_trainer.models import UnsupportedModel, check_supported
+from kubelora_trainer.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
+from kubelora_trainer.storage import S3Settings
+
+from . import artifacts, kube, manifests
+from . import status as st
+
+RESOURCE = (GROUP, VERSION, PLURAL)
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+SYNC_INTERVAL = _env_float("KUBELORA_SYNC_INTERVAL", 10.0)
+SECRET_WAIT_SECONDS = _env_float("KUBELORA_SECRET_WAIT_SECONDS", 120.0)
+SECRET_RETRY_DELAY = _env_float("KUBELORA_SECRET_RETRY_DELAY", 10.0)
+
+
+def operator_config() -> manifests.OperatorConfig:
+    return manifests.OperatorConfig(
+        image=os.environ.get("KUBELORA_TRAINER_IMAGE", manifests.OperatorConfig.image),
+        image_pull_policy=os.environ.get("KUBELORA_IMAGE_PULL_POLICY", manifests.OperatorConfig.image_pull_policy),
+    )
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_):
+    settings.posting.level = 20  # INFO and above become Kubernetes Events
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"{GROUP}")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=f"{GROUP}", key="last-handled-configuration")
+    settings.watching.server_timeout = 300
+
+
+def _fail(body, patch, reason: str, message: str) -> None:
+    patch.status.update(st.invalid(body.get("status") or {}, reason, message, body["metadata"].get("generation", 1),
+                                   st.now_iso()))
+    kopf.warn(body, reason=reason, message=message)
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+def create_children(body, spec, name, namespace, uid, patch, retry, runtime, logger, **_):
+    """Validate, then create the ConfigMap, Service and Indexed Job (each only if missing)."""
+    phase = (body.get("status") or {}).get("phase")
+    if phase in st.FINISHED:
+        return  # never recreate children of a finished run (e.g. after TTL cleanup)
+    try:
+        job_spec = parse_spec(dict(spec))
+        check_supported(job_spec.model.type)
+    except SpecError as e:
+        return _fail(body, patch, "InvalidSpec", str(e))
+    except UnsupportedModel as e:
+        return _fail(body, patch, "UnsupportedModel", str(e))
+    secret = job_spec.storage.credentialsSecret
+    if secret and not kube.secret_exists(namespace, secret):
+        msg = (f"Secret {secret!r} (spec.storage.credentialsSecret) not found in namespace {namespace}; "
+               "create it with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        if runtime.total_seconds() >= SECRET_WAIT_SECONDS:
+            return _fail(body, patch, "SecretNotFound", msg)
+        patch.status.update(st.status(body.get("status") or {}, st.Observed(st.PENDING, "WaitingForSecret", msg),
+                                      body["metadata"].get("generation", 1), None, st.now_iso()))
+        raise kopf.TemporaryError(msg, delay=SECRET_RETRY_DELAY)
+    created = []
+    for obj in manifests.children(name, uid, namespace, job_spec, operator_config()):
+        _, new = kube.ensure(obj)
+        if new:
+            created.append(f"{obj['kind']}/{obj['metadata']['name']}")
+    if created:
+        kopf.info(body, reason="Created", message=f"created {', '.join(created)} "
+                                                  f"({job_spec.resources.nodes} node(s) x {max(1, job_spec.resources.gpusPerNode)} process(es))")
+    if not phase:
+        patch.status.update(st.status({}, st.Observed(st.PENDING, "Created", "trainer Job created"),
+                                      body["metadata"].get("generation", 1), None, st.now_iso()))
+
+
+@kopf.on.field(*RESOURCE, field="spec.runPolicy.suspend")
+def suspend_changed(body, name, namespace, new, old, logger, **_):
+    if old is None and not new:
+        return
+    if kube.set_job_suspend(namespace, name, bool(new)):
+        kopf.info(body, reason="Suspended" if new else "Resumed",
+                  message="trainer Job suspended" if new else "trainer Job resumed")
+
+
+def _settings(spec) -> S3Settings:
+    return S3Settings.from_spec(spec.storage)
+
+
+@kopf.timer(*RESOURCE, interval=SYNC_INTERVAL, initial_delay=min(1.0, SYNC_INTERVAL))
+def sync_status(body, spec, name, namespace, patch, logger, **_):
+    """Recompute the status from the Job, its pods and what the trainer published; clean up
+    after ttlSecondsAfterFinished."""
+    previous = dict(body.get("status") or {})
+    phase = previous.get("phase")
+    try:
+        job_spec = parse_spec(dict(spec))
+    except SpecError:
+        return  # reported by create_children
+    if phase in st.FINISHED:
+        return _ttl_cleanup(body, job_spec, name, namespace, previous, patch)
+    if phase is None or previous.get("reason") in ("WaitingForSecret",):
+        return
+    job = kube.get_job(namespace, name)
+    pods = kube.job_pods(namespace, name) if job else []
+    complete = bool(job and any(c.get("type") == "Complete" and c.get("status") == "True"
+                                for c in (job.get("status") or {}).get("conditions") or []))
+    settings = _settings(job_spec)
+    progress = artifacts.read_json(job_spec.output.uri, artifacts.PROGRESS_KEY, settings)
+    manifest = artifacts.read_json(job_spec.output.uri, artifacts.MANIFEST_KEY, settings) if complete else None
+    obs = st.observe(job, pods, progress, manifest, job_spec.runPolicy.suspend)
+    new = st.status(previous, obs, body["metadata"].get("generation", 1), job, st.now_iso())
+    if _differs(previous, new):
+        patch.status.update(new)
+    if obs.phase != phase:
+        message = f"{phase or 'New'} -> {obs.phase}: {obs.message}"
+        (kopf.warn if obs.phase == st.FAILED or obs.stalled else kopf.info)(body, reason=obs.phase, message=message)
+
+
+def _differs(old: dict, new: dict) -> bool:
+    def strip(d):
+        return {k: v for k, v in d.items() if k != "conditions"}, [
+            {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in d.get("conditions", [])]
+    return strip(old) != strip(new)
+
+
+def _ttl_cleanup(body, job_spec, name, namespace, previous, patch) -> None:
+    ttl = job_spec.runPolicy.ttlSecondsAfterFinished
+    if ttl is None or previous.get("childrenDeleted") or not previous.get("completionTime"):
+        return
+    done = datetime.strptime(previous["completionTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    if (datetime.now(timezone.utc) - done).total_seconds() < ttl:
+        return
+    kube.delete_children(namespace, manifests.child_names(name))
+    patch.status["childrenDeleted"] = True
+    kopf.info(body, reason="CleanedUp", message=f"deleted the Job, Service and ConfigMap {ttl}s after finishing; "
+                                                "the resource and its status stay")

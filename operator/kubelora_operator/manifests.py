@@ -1,0 +1,155 @@
+"""Pure builders: a LoRATrainingJob (name, uid, validated spec) -> the objects the operator
+owns: a ConfigMap with the resolved trainer spec, a headless Service, an Indexed Job.
+
+Rendezvous: static torchrun rendezvous with its TCPStore on completion index 0, reachable at
+<job>-0.<service> through the Job's subdomain; node rank = completion index. The env names are
+Kubeflow's (PET_*), so the same image also runs under Kubeflow's TrainJob.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+
+from kubelora_trainer.spec import GROUP, KIND, VERSION, LoRATrainingJobSpec, dump_spec
+
+SPEC_MOUNT = "/etc/kubelora"
+CACHE_MOUNT = "/var/cache/kubelora"
+MASTER_PORT = 29500
+CONTAINER = "trainer"
+CONFIG_ERROR_EXIT_CODE = 2  # the trainer's exit code for bad input: retrying cannot help
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Operator-wide settings (Helm values / environment)."""
+    image: str = "ghcr.io/kubelora/trainer:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    shm_size: str = "16Gi"
+    run_as_user: int = 1000
+    progress_interval_seconds: int = 30
+
+
+def labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "kubelora", "app.kubernetes.io/instance": name,
+            "app.kubernetes.io/managed-by": "kubelora-operator", f"{GROUP}/job": name}
+
+
+def owner_reference(name: str, uid: str) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _meta(name: str, job: str, uid: str, namespace: str) -> dict:
+    return {"name": name, "namespace": namespace, "labels": labels(job), "ownerReferences": [owner_reference(job, uid)]}
+
+
+def child_names(job: str) -> dict[str, str]:
+    return {"configmap": f"{job}-spec", "service": f"{job}-workers", "job": job}
+
+
+def configmap(job: str, uid: str, namespace: str, spec: LoRATrainingJobSpec) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(child_names(job)["configmap"], job, uid, namespace),
+            "data": {"spec.yaml": yaml.safe_dump({"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+                                                  "metadata": {"name": job}, "spec": dump_spec(spec)},
+                                                 sort_keys=False)}}
+
+
+def service(job: str, uid: str, namespace: str) -> dict:
+    """Headless: gives each pod the DNS name <job>-<index>.<service>."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(child_names(job)["service"], job, uid, namespace),
+            "spec": {"clusterIP": "None", "selector": {f"{GROUP}/job": job}, "publishNotReadyAddresses": True,
+                     "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}]}}
+
+
+def _env(job: str, spec: LoRATrainingJobSpec, namespace: str) -> list[dict]:
+    r = spec.resources
+    master = f"{job}-0.{child_names(job)['service']}.{namespace}.svc"
+    env = [
+        {"name": "PET_NNODES", "value": str(r.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(max(1, r.gpusPerNode))},
+        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {"name": "PET_MASTER_ADDR", "value": master},
+        {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "KUBELORA_JOB_NAME", "value": job},
+        {"name": "KUBELORA_CACHE_DIR", "value": CACHE_MOUNT},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    if r.gpusPerNode == 0:
+        env.append({"name": "KUBELORA_FORCE_CPU", "value": "1"})
+    if spec.storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
+    if spec.storage.region:
+        env.append({"name": "AWS_REGION", "value": spec.storage.region})
+    return env
+
+
+def trainer_command() -> tuple[list[str], list[str]]:
+    """torchrun with the node rank from the completion index and the store on index 0."""
+    return ["torchrun"], [
+        "--nnodes=$(PET_NNODES)", "--nproc-per-node=$(PET_NPROC_PER_NODE)", "--node-rank=$(PET_NODE_RANK)",
+        "--master-addr=$(PET_MASTER_ADDR)", "--master-port=$(PET_MASTER_PORT)",
+        "-m", "kubelora_trainer", "run", "--spec", f"{SPEC_MOUNT}/spec.yaml",
+    ]
+
+
+def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: OperatorConfig) -> dict:
+    r, rp = spec.resources, spec.runPolicy
+    names = child_names(name)
+    requests, limits = dict(r.requests), dict(r.limits)
+    if r.gpusPerNode:
+        limits["nvidia.com/gpu"] = str(r.gpusPerNode)
+        requests["nvidia.com/gpu"] = str(r.gpusPerNode)
+    command, args = trainer_command()
+    container = {
+        "name": CONTAINER, "image": r.image or cfg.image, "imagePullPolicy": cfg.image_pull_policy,
+        "command": command, "args": args, "env": _env(name, spec, namespace),
+        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
+        "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
+        "volumeMounts": [{"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
+                         {"name": "cache", "mountPath": CACHE_MOUNT},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    if spec.storage.credentialsSecret:
+        container["envFrom"] = [{"secretRef": {"name": spec.storage.credentialsSecret}}]
+    cache = ({"persistentVolumeClaim": {"claimName": r.cacheVolumeClaim}} if r.cacheVolumeClaim else {"emptyDir": {}})
+    pod_spec = {
+        "subdomain": names["service"],
+        "restartPolicy": "Never",
+        "securityContext": {"runAsNonRoot": True, "runAsUser": cfg.run_as_user, "runAsGroup": cfg.run_as_user,
+                            "fsGroup": cfg.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [{"name": "spec", "configMap": {"name": names["configmap"]}},
+                    {"name": "cache", **cache},
+                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}}],
+    }
+    for key, value in (("nodeSelector", r.nodeSelector), ("tolerations", r.tolerations),
+                       ("priorityClassName", r.priorityClassName), ("schedulerName", r.schedulerName)):
+        if value:
+            pod_spec[key] = value
+    job_spec = {
+        "completionMode": "Indexed", "completions": r.nodes, "parallelism": r.nodes,
+        "backoffLimit": rp.backoffLimit, "suspend": rp.suspend,
+        "podFailurePolicy": {"rules": [
+            # preemption, node drain, eviction: retry without spending the backoff budget
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            # bad input (spec, data, storage): fail now, retrying cannot help
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                  "values": [CONFIG_ERROR_EXIT_CODE]}},
+        ]},
+        "template": {"metadata": {"labels": labels(name)}, "spec": pod_spec},
+    }
+    if rp.activeDeadlineSeconds:
+        job_spec["activeDeadlineSeconds"] = rp.activeDeadlineSeconds
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(names["job"], name, uid, namespace),
+            "spec": job_spec}
+
+
+def children(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: OperatorConfig) -> list[dict]:
+    """In creation order: the Job last, so its pods find their ConfigMap and Service."""
+    return [configmap(name, uid, namespace, spec), service(name, uid, namespace), job(name, uid, namespace, spec, cfg)]

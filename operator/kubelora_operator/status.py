@@ -1,0 +1,161 @@
+"""Pure status logic: (Job, pods, trainer progress, artifact manifest) -> the resource's status.
+
+Conditions follow metav1.Condition and the conventions kstatus, Argo CD and Flux read:
+Ready=True only when the LoRA is published; Reconciling=True while the run is in progress;
+Stalled=True when it failed or cannot proceed without a person (bad image, missing Secret).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Optional
+
+PENDING, INITIALIZING, TRAINING, EXPORTING = "Pending", "Initializing", "Training", "Exporting"
+SUCCEEDED, FAILED, SUSPENDED = "Succeeded", "Failed", "Suspended"
+ACTIVE = (PENDING, INITIALIZING, TRAINING, EXPORTING)
+FINISHED = (SUCCEEDED, FAILED)
+
+# container waiting reasons that will not fix themselves
+STUCK_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
+                 "CreateContainerError", "CrashLoopBackOff")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Observed:
+    """What the status is derived from."""
+    phase: str
+    reason: str
+    message: str
+    stalled: bool = False
+    progress: Optional[dict] = None
+    artifacts: list = field(default_factory=list)
+
+
+def _cond(job: dict, type_: str) -> Optional[dict]:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return c
+    return None
+
+
+def pod_problem(pods: list[dict]) -> Optional[tuple[str, str, bool]]:
+    """The most telling pod problem: (reason, message, stuck). OOMKilled and non-zero exits
+    name the pod and the exit code; image and config errors carry the kubelet's message."""
+    found = None
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        pname = pod["metadata"]["name"]
+        st = pod.get("status") or {}
+        if st.get("reason") in ("Evicted", "DeadlineExceeded", "Preempting"):
+            return st["reason"], f"pod {pname}: {st.get('message', st['reason'])}", False
+        for cs in st.get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            waiting, term = state.get("waiting"), state.get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            if waiting and waiting.get("reason") in STUCK_REASONS:
+                return waiting["reason"], f"pod {pname}: {waiting.get('message') or waiting['reason']}", True
+            if term and term.get("reason") == "OOMKilled":
+                return "OOMKilled", (f"pod {pname}: container {cs.get('name')} was killed for exceeding its memory "
+                                     f"limit (exit {term.get('exitCode', 137)}); lower training.microBatchSize or "
+                                     "enable training.gradientCheckpointing, or raise resources.limits.memory"), False
+            if term and term.get("exitCode", 0) != 0 and found is None:
+                found = ("Error", f"pod {pname}: container {cs.get('name')} exited with code {term['exitCode']}"
+                                  + (f": {term['message']}" if term.get("message") else ""), False)
+    return found
+
+
+def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], manifest: Optional[dict],
+            suspend_requested: bool) -> Observed:
+    if job is None:
+        return Observed(PENDING, "Creating", "creating the trainer Job")
+    failed = _cond(job, "Failed")
+    if failed:
+        reason = failed.get("reason") or "Failed"
+        problem = pod_problem(pods)
+        msg = failed.get("message") or "the trainer Job failed"
+        if problem:
+            reason = problem[0] if reason in ("BackoffLimitExceeded", "PodFailurePolicy") else reason
+            msg = f"{msg}; {problem[1]}"
+        return Observed(FAILED, reason, msg, stalled=True, progress=progress)
+    if _cond(job, "Complete"):
+        if manifest is None:
+            return Observed(EXPORTING, "ReadingManifest", "the trainer finished; reading manifest.json", progress=progress)
+        arts = [{"uri": a["uri"], "format": a["format"], "sha256": a["sha256"], "size": a.get("size")}
+                for a in manifest.get("artifacts", [])]
+        loss = (manifest.get("metrics") or {}).get("finalLoss")
+        return Observed(SUCCEEDED, "Published", f"LoRA published to {arts[0]['uri'] if arts else '?'}"
+                        + (f" (final loss {loss:.4f})" if isinstance(loss, (int, float)) else ""),
+                        progress=progress, artifacts=arts)
+    if suspend_requested or _cond(job, "Suspended"):
+        return Observed(SUSPENDED, "Suspended", "suspended (runPolicy.suspend or a queue such as Kueue)", progress=progress)
+    problem = pod_problem(pods)
+    if problem and problem[2]:
+        return Observed(PENDING, problem[0], problem[1], stalled=True, progress=progress)
+    st = job.get("status") or {}
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    if not st.get("active") and not running:
+        return Observed(PENDING, "WaitingForPods", "waiting for the trainer pods to be scheduled", progress=progress)
+    phase = (progress or {}).get("phase")
+    if phase == "Training":
+        return Observed(TRAINING, "Training", "training", progress=progress)
+    if phase in ("Exporting", "Succeeded"):
+        return Observed(EXPORTING, "Exporting", "exporting and uploading the LoRA", progress=progress)
+    msg = "pods running: staging in the model and data, caching latents"
+    if problem:
+        msg += f" (after a retry: {problem[1]})"
+    return Observed(INITIALIZING, "Initializing", msg, progress=progress)
+
+
+def conditions(previous: list[dict], obs: Observed, generation: int, now: str) -> list[dict]:
+    """Ready / Reconciling / Stalled / Suspended; lastTransitionTime changes only when the
+    status of a condition does."""
+    prev = {c["type"]: c for c in previous or []}
+    wanted = {
+        "Ready": (obs.phase == SUCCEEDED, obs.reason, obs.message),
+        "Reconciling": (obs.phase in ACTIVE and not obs.stalled, obs.reason, obs.message),
+        "Stalled": (obs.stalled, obs.reason, obs.message),
+        "Suspended": (obs.phase == SUSPENDED, obs.reason, obs.message),
+    }
+    out = []
+    for type_, (flag, reason, message) in wanted.items():
+        status = "True" if flag else "False"
+        old = prev.get(type_)
+        ltt = old["lastTransitionTime"] if old and old.get("status") == status and old.get("lastTransitionTime") else now
+        out.append({"type": type_, "status": status, "reason": reason, "message": message[:1024],
+                    "lastTransitionTime": ltt, "observedGeneration": generation})
+    return out
+
+
+def progress_summary(progress: Optional[dict]) -> Optional[dict]:
+    if not progress:
+        return None
+    out = {k: progress[k] for k in ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "eta") if progress.get(k) is not None}
+    if progress.get("totalSteps"):
+        out["summary"] = f"{progress.get('step', 0)}/{progress['totalSteps']}"
+    return out
+
+
+def status(previous: dict, obs: Observed, generation: int, job: Optional[dict], now: str) -> dict:
+    """The whole status object to write (a pure function of what was observed)."""
+    prev = previous or {}
+    st = {"phase": obs.phase, "reason": obs.reason, "message": obs.message, "observedGeneration": generation,
+          "conditions": conditions(prev.get("conditions", []), obs, generation, now)}
+    job_status = (job or {}).get("status") or {}
+    start = prev.get("startTime") or job_status.get("startTime")
+    if start:
+        st["startTime"] = start
+    if obs.phase in FINISHED:
+        st["completionTime"] = prev.get("completionTime") or job_status.get("completionTime") or now
+    prog = progress_summary(obs.progress) or prev.get("progress")
+    if prog:
+        st["progress"] = prog
+    if obs.artifacts:
+        st["artifacts"] = obs.artifacts
+    return st
+
+
+def invalid(previous: dict, reason: str, message: str, generation: int, now: str) -> dict:
+    """Status for a resource that cannot run (invalid spec, unsupported model, missing Secret)."""
+    return status(previous, Observed(FAILED, reason, message, stalled=True), generation, None, now)

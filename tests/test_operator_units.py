@@ -1,0 +1,130 @@
+"""Operator logic without a cluster: the manifest builders and the status derivation."""
+import yaml
+
+from kubelora_operator import manifests
+from kubelora_operator import status as st
+from kubelora_trainer.spec import parse_spec
+
+SPEC = {
+    "model": {"type": "flux", "diffusersPath": "s3://models/flux-dev"},
+    "dataset": {"uri": "s3://data/shapes"},
+    "output": {"uri": "s3://out/run1"},
+    "storage": {"endpoint": "http://minio.minio:9000", "credentialsSecret": "s3-creds"},
+    "resources": {"nodes": 3, "gpusPerNode": 8, "nodeSelector": {"gpu": "h100"},
+                  "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                  "priorityClassName": "training", "schedulerName": "volcano", "limits": {"memory": "900Gi"}},
+    "runPolicy": {"backoffLimit": 2, "activeDeadlineSeconds": 86400},
+}
+
+
+def build(**over):
+    spec = parse_spec({**SPEC, **over})
+    return manifests.children("ft", "uid-1", "ml", spec, manifests.OperatorConfig(image="reg/trainer:1"))
+
+
+def test_children_are_owned_labelled_and_ordered():
+    cm, svc, job = build()
+    assert [o["kind"] for o in (cm, svc, job)] == ["ConfigMap", "Service", "Job"]
+    for o in (cm, svc, job):
+        assert o["metadata"]["ownerReferences"] == [{"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
+                                                     "name": "ft", "uid": "uid-1", "controller": True,
+                                                     "blockOwnerDeletion": True}]
+        assert o["metadata"]["labels"]["kubelora.dev/job"] == "ft" and o["metadata"]["namespace"] == "ml"
+    resolved = yaml.safe_load(cm["data"]["spec.yaml"])
+    assert resolved["kind"] == "LoRATrainingJob" and resolved["spec"]["adapter"]["rank"] == 16  # defaults resolved
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+
+
+def test_indexed_job_shape():
+    job = build()[2]
+    s = job["spec"]
+    assert (s["completionMode"], s["completions"], s["parallelism"], s["backoffLimit"]) == ("Indexed", 3, 3, 2)
+    assert s["activeDeadlineSeconds"] == 86400 and s["suspend"] is False
+    rules = s["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
+    pod = s["template"]["spec"]
+    assert pod["subdomain"] == "ft-workers" and pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert (pod["nodeSelector"], pod["priorityClassName"], pod["schedulerName"]) == ({"gpu": "h100"}, "training", "volcano")
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    c = pod["containers"][0]
+    assert c["image"] == "reg/trainer:1" and c["command"] == ["torchrun"]
+    assert c["resources"]["limits"] == {"memory": "900Gi", "nvidia.com/gpu": "8"}
+    env = {e["name"]: e for e in c["env"]}
+    assert env["PET_NNODES"]["value"] == "3" and env["PET_NPROC_PER_NODE"]["value"] == "8"
+    assert env["PET_MASTER_ADDR"]["value"] == "ft-0.ft-workers.ml.svc"
+    assert "job-completion-index" in env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.minio:9000"
+    assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert "--node-rank=$(PET_NODE_RANK)" in c["args"] and c["args"][-2:] == ["--spec", "/etc/kubelora/spec.yaml"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["dshm"]["emptyDir"]["medium"] == "Memory" and vols["cache"] == {"name": "cache", "emptyDir": {}}
+    assert vols["spec"]["configMap"]["name"] == "ft-spec"
+
+
+def test_cache_pvc_and_cpu_only():
+    job = build(resources={"nodes": 1, "gpusPerNode": 0, "cacheVolumeClaim": "model-cache"})[2]
+    pod = job["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["cache"]["persistentVolumeClaim"] == {"claimName": "model-cache"}
+    c = pod["containers"][0]
+    assert "nvidia.com/gpu" not in str(c.get("resources")) and {"name": "KUBELORA_FORCE_CPU", "value": "1"} in c["env"]
+
+
+def _job(conds=(), active=0):
+    return {"status": {"active": active, "conditions": [{"type": t, "status": "True", **extra} for t, extra in conds]}}
+
+
+def _pod(name="ft-0-abc", phase="Running", waiting=None, terminated=None):
+    state = {"waiting": waiting} if waiting else {"terminated": terminated} if terminated else {"running": {}}
+    return {"metadata": {"name": name}, "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": state}]}}
+
+
+def test_observe_phases():
+    assert st.observe(None, [], None, None, False).phase == st.PENDING
+    assert st.observe(_job(), [], None, None, False).reason == "WaitingForPods"
+    assert st.observe(_job(active=2), [_pod()], None, None, False).phase == st.INITIALIZING
+    prog = {"phase": "Training", "step": 5, "totalSteps": 40, "loss": 0.3}
+    o = st.observe(_job(active=2), [_pod()], prog, None, False)
+    assert o.phase == st.TRAINING and st.progress_summary(o.progress)["summary"] == "5/40"
+    assert st.observe(_job([("Suspended", {})]), [], None, None, True).phase == st.SUSPENDED
+    assert st.observe(_job([("Complete", {})]), [], None, None, False).phase == st.EXPORTING
+    manifest = {"artifacts": [{"uri": "s3://o/lora.safetensors", "format": "diffusers", "sha256": "ab", "size": 3}],
+                "metrics": {"finalLoss": 0.25}}
+    o = st.observe(_job([("Complete", {})]), [], None, manifest, False)
+    assert o.phase == st.SUCCEEDED and o.artifacts[0]["sha256"] == "ab" and "final loss 0.2500" in o.message
+
+
+def test_failure_reasons_name_the_pod_and_cause():
+    oom = _pod(phase="Failed", terminated={"reason": "OOMKilled", "exitCode": 137})
+    o = st.observe(_job([("Failed", {"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})]),
+                   [oom], None, None, False)
+    assert o.phase == st.FAILED and o.reason == "OOMKilled" and "ft-0-abc" in o.message and o.stalled
+    pull = _pod(phase="Pending", waiting={"reason": "ImagePullBackOff", "message": 'Back-off pulling image "reg/nope:1"'})
+    o = st.observe(_job(active=1), [pull], None, None, False)
+    assert (o.phase, o.reason, o.stalled) == (st.PENDING, "ImagePullBackOff", True) and "reg/nope:1" in o.message
+    o = st.observe(_job([("Failed", {"reason": "PodFailurePolicy"})]),
+                   [_pod(phase="Failed", terminated={"reason": "Error", "exitCode": 2})], None, None, False)
+    assert o.reason == "Error" and "exited with code 2" in o.message
+
+
+def test_conditions_for_kstatus_and_transition_times():
+    obs = st.Observed(st.TRAINING, "Training", "training")
+    c1 = {c["type"]: c for c in st.conditions([], obs, 3, "2026-01-01T00:00:00Z")}
+    assert (c1["Ready"]["status"], c1["Reconciling"]["status"], c1["Stalled"]["status"]) == ("False", "True", "False")
+    assert all(c["observedGeneration"] == 3 for c in c1.values())
+    c2 = {c["type"]: c for c in st.conditions(list(c1.values()), st.Observed(st.SUCCEEDED, "Published", "ok"), 3,
+                                               "2026-01-01T01:00:00Z")}
+    assert c2["Ready"]["status"] == "True" and c2["Ready"]["lastTransitionTime"] == "2026-01-01T01:00:00Z"
+    assert c2["Stalled"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"  # unchanged status keeps its time
+    failed = st.invalid({}, "InvalidSpec", "spec.adapter.rank: ...", 1, "2026-01-01T00:00:00Z")
+    assert failed["phase"] == "Failed" and failed["completionTime"]
+    assert {c["type"]: c["status"] for c in failed["conditions"]} == {"Ready": "False", "Reconciling": "False",
+                                                                      "Stalled": "True", "Suspended": "False"}
+
+
+def test_operator_imports_without_torch():
+    import subprocess
+    import sys
+    code = "import sys, kubelora_operator.handlers, kubelora_operator.manifests; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
