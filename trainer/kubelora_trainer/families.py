@@ -24,6 +24,7 @@ class FamilyRules:
     sizes: Optional[tuple[tuple[int, int], ...]] = None
     frames: Optional[tuple[int, ...]] = None
     default_frames: int = 1
+    size_multiple: int = 16                        # width and height must be multiples of this
     formats: tuple[str, ...] = ()                  # LoRA file formats; the first is the default
 
     @property
@@ -37,7 +38,7 @@ RULES: dict[str, FamilyRules] = {
     "sdxl": FamilyRules(sources=(("diffusersPath",), ("checkpointPath",)), options=("vPred", "minSnrGamma"),
                         formats=("kohya", "diffusers")),
     "ltx-video": FamilyRules(sources=(("diffusersPath",),), video=True, frame_rule=(8, 1), default_frames=1,
-                             formats=("comfyui", "diffusers")),
+                             size_multiple=32, formats=("comfyui", "diffusers")),
     "hunyuan-video": FamilyRules(sources=(("ckptPath",), ("transformerPath", "vaePath", "llmPath", "clipPath")),
                                  video=True, frame_rule=(4, 1), default_frames=1, formats=("original", "diffusers")),
     "cosmos": FamilyRules(sources=(("transformerPath", "vaePath", "textEncoderPath"),), video=True,
@@ -75,6 +76,9 @@ def check_family(model, dataset, output=None) -> Optional[str]:
     if r.sizes and (w, h) not in r.sizes:
         sizes = ", ".join(f"{a}x{b}" for a, b in r.sizes)
         return f"dataset: {model.type} supports only the sizes {sizes} (width x height); got {w}x{h}"
+    if w % r.size_multiple or h % r.size_multiple:
+        return (f"dataset: {model.type} needs width and height divisible by {r.size_multiple} "
+                f"(e.g. {w - w % r.size_multiple or r.size_multiple}x{h - h % r.size_multiple or r.size_multiple}); got {w}x{h}")
     if output is not None and output.formats:
         bad = [f for f in output.formats if f not in r.formats]
         if bad:

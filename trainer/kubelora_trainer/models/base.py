@@ -16,6 +16,11 @@ from torch import nn
 LoraTensors = dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
 
 
+class ModelError(ValueError):
+    """Model files that are not what model.type expects (wrong family, missing component); the
+    message names the spec field and what was expected. The trainer reports it without a traceback."""
+
+
 @dataclass
 class Components:
     """What a family loaded: the modules that get LoRA (the denoiser first; text encoders too

@@ -8,6 +8,7 @@ metadata) apply exactly the trained update.
 """
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..objectives import flow_matching_pair, resolution_shift_mu, sample_timesteps, time_shift
-from .base import Components
+from .base import Components, ModelError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -58,15 +59,16 @@ class Flux:
         dtype = getattr(torch, model_spec.dtype)
         root = Path(paths["diffusersPath"])
         if not (root / "model_index.json").is_file():
-            raise FileNotFoundError(f"model.diffusersPath: {root} has no model_index.json; expected a Flux folder in diffusers layout")
+            raise ModelError(f"model.diffusersPath: {root} has no model_index.json; expected a Flux folder in diffusers layout")
+        cls = json.loads((root / "model_index.json").read_text()).get("_class_name", "?")
+        if not cls.startswith("Flux"):
+            raise ModelError(f"model.diffusersPath: {root} holds a {cls}; expected a Flux pipeline (FluxPipeline)")
         if paths.get("transformerPath"):
             ckpt = Path(paths["transformerPath"])
             cfg, sub = _single_file_config(root, ckpt)
             transformer = FluxTransformer2DModel.from_single_file(str(ckpt), config=cfg, subfolder=sub, torch_dtype=dtype)
         else:
             transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
-        if transformer.__class__.__name__ != "FluxTransformer2DModel":
-            raise TypeError(f"model.diffusersPath: expected a Flux transformer, found {transformer.__class__.__name__}")
         pipe = FluxPipeline.from_pretrained(root, transformer=None, torch_dtype=dtype).to(device)
         transformer.to(device)
         if model_spec.bypassGuidanceEmbedding:
