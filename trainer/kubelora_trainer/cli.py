@@ -3,6 +3,8 @@
     kubelora run examples/demo-flux.yaml [--nproc 2]   train on this machine with torchrun
     kubelora validate job.yaml                         check a manifest without running it
     kubelora crd                                       print the generated CRD
+    kubelora import-config train.toml --steps 2000     diffusion-pipe config -> manifest
+    kubelora convert in.safetensors out.safetensors --model-type sdxl --from kohya --to diffusers
     kubelora demo                                      tiny Flux + in-process S3 + run (make demo)
 """
 from __future__ import annotations
@@ -53,6 +55,60 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
     return subprocess.call(cmd, env=env)
 
 
+def import_config(args) -> int:
+    import tomllib
+    import yaml
+    from .import_config import convert as to_manifest
+    from .spec import SpecError, parse_spec
+    cfg_path = Path(args.config)
+    main_cfg = tomllib.loads(cfg_path.read_text())
+    ds_path = Path(args.dataset) if args.dataset else (cfg_path.parent / main_cfg["dataset"] if main_cfg.get("dataset") else None)
+    dataset = tomllib.loads(ds_path.read_text()) if ds_path and ds_path.is_file() else None
+    if ds_path and dataset is None:
+        print(f"note: dataset TOML {ds_path} not found; pass --dataset", file=sys.stderr)
+    try:
+        manifest, notes = to_manifest(main_cfg, dataset, name=args.name or cfg_path.stem, data_uri=args.data_uri,
+                                      output_uri=args.output_uri, steps=args.steps,
+                                      path_map=dict(m.split("=", 1) for m in args.map))
+        parse_spec(manifest)
+    except (ValueError, SpecError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    sys.stdout.write(yaml.safe_dump(manifest, sort_keys=False))
+    return 0
+
+
+def convert(args) -> int:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from .families import RULES
+    from .models import UnsupportedModel, get_family
+    try:
+        family = get_family(args.model_type)
+    except UnsupportedModel as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    formats = RULES[args.model_type].formats
+    for f in (args.src, args.dst):
+        if f not in formats:
+            print(f"error: format {f!r} is not available for {args.model_type} (available: {', '.join(formats)})", file=sys.stderr)
+            return 2
+    with safe_open(args.input, "pt") as fh:
+        meta = dict(fh.metadata() or {})
+    try:
+        lora, scale = family.parse(load_file(args.input), args.src)
+    except (ValueError, KeyError) as e:
+        print(f"error: {args.input} is not a {args.model_type} LoRA in {args.src} format: {e}", file=sys.stderr)
+        return 2
+    meta.update({"format": "pt", "kubelora.lora_format": args.dst})
+    save_file(family.export(lora, scale, args.dst), args.output, metadata=meta)
+    n = sum(len(v) for v in lora.values())
+    print(f"wrote {args.output}: {n} LoRA modules, {args.src} -> {args.dst}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="kubelora", description="Train diffusion-model LoRAs, locally or on Kubernetes.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -63,6 +119,21 @@ def main(argv=None) -> int:
     v.add_argument("manifest")
     c = sub.add_parser("crd", help="print the CRD generated from the spec models")
     c.add_argument("--out", help="write to this file instead of stdout")
+    ic = sub.add_parser("import-config", help="turn a diffusion-pipe TOML config into a LoRATrainingJob manifest")
+    ic.add_argument("config", help="diffusion-pipe main TOML ([model], [adapter], [optimizer] tables)")
+    ic.add_argument("--dataset", help="its dataset TOML (default: the 'dataset' path in the config)")
+    ic.add_argument("--name", help="metadata.name (default: the config file stem)")
+    ic.add_argument("--data-uri", help="dataset URI to use instead of the TOML's local directory path")
+    ic.add_argument("--output-uri", help="output URI to use instead of output_dir")
+    ic.add_argument("--steps", type=int, help="training steps (diffusion-pipe counts epochs)")
+    ic.add_argument("--map", action="append", default=[], metavar="LOCAL=URI",
+                    help="rewrite a local path prefix, e.g. /data/models=s3://models (repeatable)")
+    cv = sub.add_parser("convert", help="convert a LoRA file between formats")
+    cv.add_argument("input")
+    cv.add_argument("output")
+    cv.add_argument("--model-type", required=True, help="model family of the LoRA (flux, sdxl, ...)")
+    cv.add_argument("--from", dest="src", required=True, help="format of the input file")
+    cv.add_argument("--to", dest="dst", required=True, help="format to write")
     d = sub.add_parser("demo", help="train a tiny Flux LoRA from an in-process S3 server")
     d.add_argument("--workdir", default=".demo")
     d.add_argument("--nproc", type=int, default=2)
@@ -86,6 +157,10 @@ def main(argv=None) -> int:
         else:
             sys.stdout.write(text)
         return 0
+    if args.cmd == "import-config":
+        return import_config(args)
+    if args.cmd == "convert":
+        return convert(args)
     if args.cmd == "demo":
         from .demo import demo
         return demo(Path(args.workdir), args.nproc)

@@ -9,6 +9,7 @@ metadata) apply exactly the trained update.
 from __future__ import annotations
 
 import json
+import re
 import types
 from pathlib import Path
 
@@ -127,6 +128,20 @@ class Flux:
             out[f"transformer.{module}.lora_A.weight"] = a.contiguous()
             out[f"transformer.{module}.lora_B.weight"] = (b.float() * scale).to(b.dtype).contiguous()
         return out
+
+    def parse(self, tensors, fmt):
+        if fmt != "diffusers":
+            raise ValueError(f"format {fmt!r} is not available for flux (available: diffusers)")
+        pairs: dict[str, list] = {}
+        for key, t in tensors.items():
+            m = re.fullmatch(r"transformer\.(.+)\.lora_([AB])\.weight", key)
+            if not m:
+                raise ValueError(f"unexpected key {key!r} (expected transformer.<module>.lora_A/B.weight)")
+            pairs.setdefault(m.group(1), [None, None])["AB".index(m.group(2))] = t
+        missing = [k for k, (a, b) in pairs.items() if a is None or b is None]
+        if missing:
+            raise ValueError(f"lora_A/lora_B pair incomplete for {missing[0]}")
+        return {"transformer": {k: (a, b) for k, (a, b) in sorted(pairs.items())}}, 1.0
 
 
 FAMILY = Flux()
