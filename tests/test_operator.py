@@ -1,0 +1,159 @@
+"""The operator (real kopf, real kubernetes client, real kubectl) against the emulated API server,
+which admits LoRATrainingJobs like the real one (schema + CEL from the generated CRD)."""
+import os
+
+os.environ.setdefault("KUBELORA_SYNC_INTERVAL", "0.5")
+os.environ.setdefault("KUBELORA_SECRET_WAIT_SECONDS", "2")
+os.environ.setdefault("KUBELORA_SECRET_RETRY_DELAY", "0.5")
+
+import copy  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from kube.fixtures import kube, kube_server, kubectl  # noqa: E402,F401 - fixtures
+from kube.fixtures import wait_for  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CRD_FILE = REPO / "crds" / "loratrainingjobs.kubelora.dev.yaml"
+LTJ = "kubelora.dev/v1alpha1/loratrainingjobs"
+DEMO = yaml.safe_load((REPO / "examples" / "demo-flux.yaml").read_text())
+
+
+def manifest(name="job", **spec_over):
+    m = copy.deepcopy(DEMO)
+    m["metadata"] = {"name": name}
+    for path, value in spec_over.items():
+        cur = m["spec"]
+        *parents, last = path.split("__")
+        for p in parents:
+            cur = cur.setdefault(p, {})
+        if value is ...:
+            cur.pop(last, None)
+        else:
+            cur[last] = value
+    return m
+
+
+def apply(kubectl, obj):
+    return kubectl("apply", "-f", "-", input=yaml.safe_dump(obj))
+
+
+@contextmanager
+def operator():
+    from kopf.testing import KopfRunner
+    import kopf
+    from kubelora_operator import handlers, kube as k  # noqa: F401 - registers the handlers
+    k.reset()
+    settings = kopf.OperatorSettings()
+    settings.watching.server_timeout = 10
+    with KopfRunner(["run", "--standalone", "--all-namespaces"], settings=settings, timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.exception
+
+
+def ltj(kube, name):
+    return kube.get(LTJ, "default", name) or {}
+
+
+def phase(kube, name):
+    return (ltj(kube, name).get("status") or {}).get("phase")
+
+
+@pytest.fixture()
+def cluster(kube, kubectl, s3):
+    kubectl("apply", "-f", CRD_FILE, check=True)
+    return kube
+
+
+def test_children_created_once_owned_and_survive_operator_restart(cluster, kubectl):
+    kube = cluster
+    with operator():
+        assert apply(kubectl, manifest("ft")).returncode == 0
+        job = wait_for(lambda: kube.get("batch/v1/jobs", "default", "ft"))
+        wait_for(lambda: phase(kube, "ft") == "Pending")
+    uid = ltj(kube, "ft")["metadata"]["uid"]
+    cm, svc = kube.get("v1/configmaps", "default", "ft-spec"), kube.get("v1/services", "default", "ft-workers")
+    for obj in (job, cm, svc):
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["template"]["spec"]["subdomain"] == "ft-workers"
+    rv = job["metadata"]["resourceVersion"]
+    with operator():  # restart: the resume handler runs again and must not duplicate or recreate
+        wait_for(lambda: (ltj(kube, "ft").get("status") or {}).get("reason") == "WaitingForPods")
+    assert [j["metadata"]["name"] for j in kube.list("batch/v1/jobs", "default")] == ["ft"]
+    assert kube.get("batch/v1/jobs", "default", "ft")["metadata"]["resourceVersion"] == rv
+    st = ltj(kube, "ft")["status"]
+    conds = {c["type"]: c["status"] for c in st["conditions"]}
+    assert conds == {"Ready": "False", "Reconciling": "True", "Stalled": "False", "Suspended": "False"}
+    assert st["observedGeneration"] == ltj(kube, "ft")["metadata"]["generation"]
+    # kubectl shows it
+    out = kubectl("get", "ltj").stdout
+    assert "ft" in out and "Pending" in out and "flux" in out
+
+
+def test_spec_is_immutable_but_suspend_flows_to_the_job(cluster, kubectl):
+    kube = cluster
+    with operator():
+        apply(kubectl, manifest("imm"))
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "imm"))
+        p = apply(kubectl, manifest("imm", adapter__rank=32))
+        assert p.returncode != 0 and "immutable after creation except spec.runPolicy.suspend" in p.stderr
+        p = apply(kubectl, manifest("imm", runPolicy__backoffLimit=9))
+        assert p.returncode != 0 and "only spec.runPolicy.suspend may change" in p.stderr
+        assert apply(kubectl, manifest("imm", runPolicy__suspend=True)).returncode == 0
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "imm")["spec"]["suspend"] is True)
+        wait_for(lambda: phase(kube, "imm") == "Suspended")
+        assert apply(kubectl, manifest("imm", runPolicy__suspend=False)).returncode == 0
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "imm")["spec"]["suspend"] is False)
+
+
+# Each row: a bad manifest, and where it is stopped: "apply" (schema/CEL, kubectl fails with the
+# message) or "Failed" (the operator sets phase Failed with the reason and message).
+INVALID = [
+    ("unknown-model", {"model__type": "sd3"}, "apply", 'spec.model.type: Unsupported value: "sd3"'),
+    ("zero-nodes", {"resources__nodes": 0}, "apply", "spec.resources.nodes"),
+    ("no-dataset-uri", {"dataset__uri": ...}, "apply", "spec.dataset.uri: Required value"),
+    ("rank-zero", {"adapter__rank": 0}, "apply", "spec.adapter.rank"),
+    ("negative-lr", {"training__learningRate": -1e-4}, "apply", "spec.training.learningRate"),
+    ("bad-scheme", {"dataset__uri": "gs://bucket/data"}, "apply", "spec.dataset.uri"),
+    ("too-many-gpus", {"resources__gpusPerNode": 64}, "apply", "spec.resources.gpusPerNode"),
+    ("cosmos-size", {"model": {"type": "cosmos", "transformerPath": "s3://models/c/t.pt", "vaePath": "s3://models/c/v.pt",
+                               "textEncoderPath": "s3://models/c/t5.safetensors"}, "dataset__resolution": 512},
+     "apply", "cosmos supports only the sizes 960x960"),
+    ("ltx-frames", {"model": {"type": "ltx-video", "diffusersPath": "s3://models/ltx"}, "dataset__frames": 24},
+     "apply", "ltx-video needs dataset.frames = 8k+1"),
+    ("bad-resolution", {"dataset__resolution": 500}, "apply", "spec.dataset.resolution"),
+    ("missing-secret", {"storage__credentialsSecret": "no-such-secret"}, "Failed",
+     "Secret 'no-such-secret' (spec.storage.credentialsSecret) not found"),
+    ("warmup-gt-steps", {"training__warmupSteps": 1000}, "Failed", "training.warmupSteps (1000) exceeds training.steps (30)"),
+    ("missing-hy-parts", {"model": {"type": "hunyuan-video", "transformerPath": "s3://models/hy/t.safetensors"}},
+     "Failed", "needs model.ckptPath or model.transformerPath+model.vaePath+model.llmPath+model.clipPath"),
+    ("option-other-family", {"model__vPred": True}, "Failed", "model.vPred does not apply to model.type flux"),
+    ("bad-format", {"output__formats": ["kohya"]}, "Failed", "output.formats: 'kohya' is not available for flux"),
+]
+
+
+def test_invalid_manifests_are_refused_or_failed_and_the_operator_stays_healthy(cluster, kubectl):
+    kube = cluster
+    with operator():
+        for name, over, where, message in INVALID:
+            p = apply(kubectl, manifest(name, **over))
+            if where == "apply":
+                assert p.returncode != 0 and message in p.stderr, (name, p.stderr)
+                assert kube.get(LTJ, "default", name) is None
+            else:
+                assert p.returncode == 0, (name, p.stderr)
+        for name, over, where, message in INVALID:
+            if where != "Failed":
+                continue
+            st = wait_for(lambda: phase(kube, name) == "Failed" and ltj(kube, name)["status"], timeout=20)
+            assert message in st["message"], (name, st["message"])
+            assert {c["type"]: c["status"] for c in st["conditions"]}["Stalled"] == "True"
+            assert kube.get("batch/v1/jobs", "default", name) is None, f"{name}: no children for an invalid job"
+        # still healthy: a valid job gets its children
+        apply(kubectl, manifest("valid-after"))
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "valid-after"))
+    events = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "warmup-gt-steps"]
+    assert any(e["reason"] == "InvalidSpec" and e["type"] == "Warning" for e in events)
