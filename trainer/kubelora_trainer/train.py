@@ -22,7 +22,7 @@ import torch
 
 from . import __version__, adapters, dist, export, lora, storage
 from .data import DatasetError, check_usable, load_clip, load_image, scan, shard_indices
-from .families import RULES, frames_of, size_of
+from .families import PATH_FIELDS, RULES, frames_of, size_of
 from .models import get_family
 from .models.base import ModelError
 from .quiet import quiet_progress_bars
@@ -30,6 +30,7 @@ from .progress import Meter, Progress, Publisher, format_eta, line
 from .spec import LoRATrainingJobSpec
 
 CACHE_ENV = "KUBELORA_CACHE_DIR"
+SINGLE_FILE_FIELDS = ("transformerPath", "checkpointPath", "vaePath")  # staged beside their siblings
 
 
 class RunError(RuntimeError):
@@ -53,8 +54,7 @@ def _stage_dir(uri: str) -> Path:
 def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3Settings) -> dict[str, str]:
     """Node-local rank 0 downloads model parts and the dataset; the other ranks wait and read
     the resolved paths it wrote. Returns {field: local path}."""
-    uris = {"diffusersPath": spec.model.diffusersPath, "transformerPath": spec.model.transformerPath,
-            "dataset": spec.dataset.uri}
+    uris = {**{f: getattr(spec.model, f) for f in PATH_FIELDS}, "dataset": spec.dataset.uri}
     uris = {k: v for k, v in uris.items() if v}
     marker = cache_root() / f"staged-{hashlib.sha1(json.dumps(uris, sort_keys=True).encode()).hexdigest()[:12]}.json"
     err = None
@@ -64,7 +64,7 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
             paths = {}
             for field, uri in uris.items():
                 dest = _stage_dir(uri)
-                if storage.parse_uri(uri).is_s3 and field == "transformerPath":
+                if storage.parse_uri(uri).is_s3 and field in SINGLE_FILE_FIELDS:
                     dest = dest.parent
                 paths[field] = str(storage.download(uri, dest, settings, client=client, log=print))
             marker.parent.mkdir(parents=True, exist_ok=True)
