@@ -1,0 +1,339 @@
+"""Stable Diffusion XL (base 1.0 and its fine-tunes: Pony, Illustrious, NoobAI ...): a diffusers
+folder (model.diffusersPath) or one original-layout file like sd_xl_base_1.0.safetensors
+(model.checkpointPath, read with diffusers' from_single_file and the configs shipped in
+configs/sdxl/, so nothing is fetched).
+
+LoRA goes on the UNet's transformer linears and on both text encoders (CLIP-L `text_encoder`,
+OpenCLIP-bigG `text_encoder_2`), as Kohya sd-scripts does; so the text embeddings are computed in
+every step and only latents and token ids are cached.
+Objective: DDPM noise prediction (epsilon, or v with model.vPred), uniform integer timesteps over
+the scheduler's 1000, optional Min-SNR-gamma weighting (model.minSnrGamma). SDXL's
+micro-conditioning (original size, crop top-left, target size) goes in as add_time_ids.
+Export: "kohya" (lora_unet_/lora_te1_/lora_te2_ keys with lora_down/lora_up/alpha, the real alpha)
+and "diffusers" (unet./text_encoder./text_encoder_2. + lora_A/lora_B, scale folded into lora_B).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .base import Components, ModelError
+from .sdxl_keys import LAYERS_PER_BLOCK, from_kohya_name, kohya_name, te_canonical
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+UNET_TARGETS = (r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\."
+                r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))")
+TEXT_TARGETS = r".*encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+# keys of the original single file: UNet with the SDXL label embedding, CLIP-L and OpenCLIP-bigG
+SGM_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+SGM_MARKERS = (SGM_UNET_IN, "model.diffusion_model.label_emb.0.0.weight",
+               "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+               "conditioner.embedders.1.model.positional_embedding")
+# what a file is when it is not SDXL base (first marker key found)
+OTHER_FAMILIES = (
+    ("Flux (BFL transformer)", ("double_blocks.0.img_attn.qkv.weight",
+                                "model.diffusion_model.double_blocks.0.img_attn.qkv.weight")),
+    ("Flux (diffusers transformer)", ("transformer_blocks.0.attn.add_q_proj.weight",)),
+    ("SD3", ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",)),
+    ("SDXL refiner (no CLIP-L text encoder)", ("conditioner.embedders.0.model.text_projection",)),
+    ("Stable Diffusion 1.x", ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",)),
+    ("Stable Diffusion 2.x", ("cond_stage_model.model.token_embedding.weight",)),
+    ("a diffusers UNet (not a whole checkpoint)", ("down_blocks.0.resnets.0.conv1.weight",)),
+    ("a LoRA", ("lora_unet_", "lora_te1_", "diffusion_model.")),
+)
+# single-file flavors: UNet conv_in channels -> shipped config folder under configs/
+FLAVORS = {320: "sdxl", 32: "sdxl-tiny"}
+
+
+def identify(keys) -> str:
+    """A short name for what a checkpoint's keys look like (for error messages)."""
+    keys = list(keys)
+    for name, markers in OTHER_FAMILIES:
+        if any(k == m or (m.endswith("_") or m.endswith(".")) and k.startswith(m) for m in markers for k in keys):
+            return name
+    return "an unknown model (first keys: " + ", ".join(keys[:3]) + ")"
+
+
+def check_single_file_keys(keys, field: str = "model.checkpointPath") -> None:
+    missing = [m for m in SGM_MARKERS if m not in keys]
+    if missing:
+        raise ModelError(f"{field}: expected an SDXL checkpoint in the original single-file layout (like "
+                         f"sd_xl_base_1.0.safetensors, with model.diffusion_model.*, conditioner.embedders.0.* and "
+                         f"conditioner.embedders.1.*); this file looks like {identify(keys)} (no {missing[0]})")
+
+
+def check_diffusers_folder(root: Path) -> None:
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise ModelError(f"model.diffusersPath: {root} has no model_index.json; expected an SDXL folder in "
+                         f"diffusers layout (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+    cls = json.loads(index.read_text()).get("_class_name")
+    if cls not in SDXL_PIPELINES:
+        raise ModelError(f"model.diffusersPath: expected an SDXL folder (model_index.json _class_name "
+                         f"StableDiffusionXLPipeline, with unet/ and both text encoders); found {cls!r} — "
+                         f"is model.type right?")
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        if not (root / sub).is_dir():
+            raise ModelError(f"model.diffusersPath: {root} has no {sub}/; SDXL LoRA training needs the UNet, the VAE "
+                             f"and both text encoders with their tokenizers (the refiner has no text_encoder/)")
+
+
+def clip_byte_alphabet() -> list[str]:
+    """CLIP/GPT-2 byte-level alphabet in vocabulary order: printable bytes map to themselves, the
+    others to U+0100 onwards."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+@functools.lru_cache(maxsize=None)
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The real CLIP BPE tokenizer (SDXL's tokenizer and tokenizer_2 differ only in the pad token),
+    built from the merges shipped in configs/sdxl/ (OpenAI CLIP's bpe_simple_vocab, MIT)."""
+    from transformers import CLIPTokenizer
+
+    merges = (CONFIG_DIR / "sdxl" / "clip-merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    alphabet = clip_byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split(" ")) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=77,
+                         pad_token=pad_token,
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def flavor_tokenizers(flavor: str):
+    if flavor == "sdxl-tiny":
+        from ..tiny_sdxl import tiny_tokenizers
+        return tiny_tokenizers()
+    return clip_tokenizer(), clip_tokenizer("!")
+
+
+def load_single_file(ckpt: Path, dtype: torch.dtype):
+    """StableDiffusionXLPipeline from an original-layout .safetensors with the shipped configs."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    if ckpt.suffix != ".safetensors":
+        raise ModelError(f"model.checkpointPath: {ckpt.name}: only .safetensors checkpoints are read "
+                         f"(pickled .ckpt files can run code when loaded); convert it first")
+    with safe_open(str(ckpt), "pt") as f:
+        keys = set(f.keys())
+        check_single_file_keys(keys)
+        channels = f.get_slice(SGM_UNET_IN).get_shape()[0]
+    if channels not in FLAVORS:
+        raise ModelError(f"model.checkpointPath: a UNet with {channels} base channels is not SDXL base "
+                         f"(320); only the SDXL base architecture is supported")
+    flavor = FLAVORS[channels]
+    tok, tok2 = flavor_tokenizers(flavor)
+    pipe = StableDiffusionXLPipeline.from_single_file(
+        str(ckpt), config=str(CONFIG_DIR / flavor), tokenizer=tok, tokenizer_2=tok2, torch_dtype=dtype,
+        local_files_only=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        missing = [n for n, p in getattr(pipe, name).named_parameters() if p.is_meta]
+        if missing:
+            raise ModelError(f"model.checkpointPath: {ckpt.name} has no weights for {name}.{missing[0]} "
+                             f"({len(missing)} missing); expected a complete SDXL base checkpoint")
+    return pipe, "v_pred" in keys
+
+
+def _penultimate(te, ids):
+    """(output of the second-to-last encoder layer, model output). Read with a hook rather than
+    output_hidden_states: transformers finds its output recorders by the model's class, which
+    FSDP2 replaces."""
+    layers = getattr(te, "text_model", te).encoder.layers
+    box = {}
+    hook = layers[-2].register_forward_hook(lambda m, i, o: box.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    try:
+        out = te(ids)
+    finally:
+        hook.remove()
+    return box["h"], out
+
+
+def text_conditioning(te, te2, ids, ids2):
+    """SDXL's prompt embeddings (penultimate hidden states of both encoders, concatenated) and the
+    pooled, projected bigG embedding — what StableDiffusionXLPipeline.encode_prompt computes."""
+    h, _ = _penultimate(te, ids)
+    h2, out2 = _penultimate(te2, ids2)
+    return torch.cat([h, h2], dim=-1), out2.text_embeds
+
+
+def ddpm_pair(x0, noise, alpha_bar, v_pred: bool):
+    """Noisy latents sqrt(a) x0 + sqrt(1-a) eps and the target: eps, or v = sqrt(a) eps - sqrt(1-a) x0."""
+    a = alpha_bar.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return xt, (a.sqrt() * noise - (1 - a).sqrt() * x0) if v_pred else noise
+
+
+def min_snr_weights(alpha_bar, gamma: float | None, v_pred: bool):
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon,
+    min(SNR, gamma) / (SNR + 1) for v-prediction; ones when gamma is unset."""
+    if not gamma:
+        return torch.ones_like(alpha_bar)
+    snr = alpha_bar / (1 - alpha_bar)
+    return torch.clamp(snr, max=gamma) / (snr + 1 if v_pred else snr)
+
+
+class SDXL:
+    name = "sdxl"
+
+    def load(self, model_spec, paths, device):
+        from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+        dtype = getattr(torch, model_spec.dtype)
+        file_v_pred = False
+        if paths.get("checkpointPath"):
+            pipe, file_v_pred = load_single_file(Path(paths["checkpointPath"]), dtype)
+        else:
+            root = Path(paths["diffusersPath"])
+            check_diffusers_folder(root)
+            pipe = StableDiffusionXLPipeline.from_pretrained(root, torch_dtype=dtype)
+        unet = pipe.unet
+        if unet.config.addition_embed_type != "text_time" or unet.config.layers_per_block != LAYERS_PER_BLOCK:
+            raise ModelError("model: the UNet is not SDXL-shaped (needs addition_embed_type text_time and "
+                             f"layers_per_block {LAYERS_PER_BLOCK})")
+        sched_cfg = pipe.scheduler.config
+        alphas = DDPMScheduler.from_config(sched_cfg).alphas_cumprod.float()
+        v_pred = bool(model_spec.vPred or file_v_pred or sched_cfg.get("prediction_type") == "v_prediction")
+        vae = pipe.vae.to(device, torch.float32)  # encoded once and cached; fp16/bf16 SDXL VAEs overflow
+        trainable = {"unet": unet.to(device), "text_encoder": pipe.text_encoder.to(device),
+                     "text_encoder_2": pipe.text_encoder_2.to(device)}
+        return Components(trainable=trainable,
+                          encoders={"vae": vae, "tokenizer": pipe.tokenizer, "tokenizer_2": pipe.tokenizer_2},
+                          info={"alphas_cumprod": alphas, "v_pred": v_pred, "vae_scale": vae.config.scaling_factor})
+
+    def lora_targets(self):
+        return {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS, "text_encoder_2": TEXT_TARGETS}
+
+    def blocks(self, component, module):
+        if component == "unet":
+            return [module.down_blocks, module.mid_block.attentions, module.up_blocks]
+        text_model = getattr(module, "text_model", module)
+        return [text_model.encoder.layers]
+
+    @torch.no_grad()
+    def encode(self, comps, images, captions):
+        vae = comps.encoders["vae"]
+        lat = vae.encode(images.to(vae.device, torch.float32)).latent_dist.mode() * comps.info["vae_scale"]
+        h, w = images.shape[-2:]
+        ids = [comps.encoders[t](captions, padding="max_length", truncation=True, return_tensors="pt",
+                                 max_length=comps.encoders[t].model_max_length).input_ids
+               for t in ("tokenizer", "tokenizer_2")]
+        # micro-conditioning: original size, crop top-left, target size (images are fitted, not cropped away)
+        time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)
+        return [{"latents": lat[i].cpu(), "input_ids": ids[0][i], "input_ids_2": ids[1][i], "time_ids": time_ids}
+                for i in range(len(captions))]
+
+    def loss(self, comps, batch, model_spec, training_spec, generator):
+        unet, te, te2 = (comps.trainable[c] for c in ("unet", *TEXT_ENCODERS))
+        dtype = getattr(torch, model_spec.dtype)
+        x0 = batch["latents"].float()
+        b = x0.shape[0]
+        alphas = comps.info["alphas_cumprod"]
+        t = torch.randint(0, len(alphas), (b,), generator=generator, device=generator.device).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        alpha_bar = alphas.to(x0.device)[t]
+        v_pred = comps.info["v_pred"]
+        xt, target = ddpm_pair(x0, noise, alpha_bar, v_pred)
+        prompt_embeds, pooled = text_conditioning(te, te2, batch["input_ids"], batch["input_ids_2"])
+        pred = unet(xt.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype),
+                    added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": batch["time_ids"].to(dtype)},
+                    return_dict=False)[0]
+        per_sample = ((pred.float() - target) ** 2).mean(dim=tuple(range(1, x0.dim())))
+        return (per_sample * min_snr_weights(alpha_bar, model_spec.minSnrGamma, v_pred)).mean()
+
+    def export(self, lora, scale, fmt):
+        out = {}
+        if fmt == "kohya":
+            for component, modules in lora.items():
+                for module, (a, b) in modules.items():
+                    key = kohya_name(component, module)
+                    out[f"{key}.lora_down.weight"] = a.contiguous()
+                    out[f"{key}.lora_up.weight"] = b.contiguous()
+                    out[f"{key}.alpha"] = torch.tensor(float(scale * a.shape[0]))
+        elif fmt == "diffusers":
+            for component, modules in lora.items():
+                for module, (a, b) in modules.items():
+                    name = module if component == "unet" else te_canonical(module)
+                    out[f"{component}.{name}.lora_A.weight"] = a.contiguous()
+                    out[f"{component}.{name}.lora_B.weight"] = (b.float() * scale).to(b.dtype).contiguous()
+        else:
+            raise ValueError(f"format {fmt!r} is not available for sdxl (available: kohya, diffusers)")
+        return out
+
+    def parse(self, tensors, fmt):
+        if fmt == "kohya":
+            return _parse_kohya(tensors)
+        if fmt == "diffusers":
+            return _parse_diffusers(tensors), 1.0
+        raise ValueError(f"format {fmt!r} is not available for sdxl (available: kohya, diffusers)")
+
+
+def _parse_kohya(tensors):
+    """Kohya tensors -> (LoraTensors, scale); modules whose alpha/rank differs from the first one's
+    get the ratio folded into lora_up."""
+    stems = {}
+    for key in tensors:
+        m = re.fullmatch(r"(lora_(?:unet|te1|te2)_\w+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
+        if not m:
+            raise ValueError(f"unexpected key {key!r} (expected lora_unet_/lora_te1_/lora_te2_<module>"
+                             f".lora_down.weight / .lora_up.weight / .alpha)")
+        stems.setdefault(m[1], {})[m[2]] = tensors[key]
+    lora: dict = {}
+    scale = None
+    for stem, parts in sorted(stems.items()):
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise ValueError(f"lora_down/lora_up pair incomplete for {stem}")
+        try:
+            component, module = from_kohya_name(stem)
+        except KeyError as e:
+            raise ValueError(str(e.args[0])) from None
+        a, b = parts["lora_down.weight"], parts["lora_up.weight"]
+        s = float(parts["alpha"]) / a.shape[0] if "alpha" in parts else 1.0
+        scale = s if scale is None else scale
+        lora.setdefault(component, {})[_live_name(component, module)] = (a, b if s == scale else b * (s / scale))
+    return lora, (1.0 if scale is None else scale)
+
+
+def _parse_diffusers(tensors):
+    pairs: dict = {}
+    for key, t in tensors.items():
+        m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight", key)
+        if not m:
+            raise ValueError(f"unexpected key {key!r} (expected unet./text_encoder./text_encoder_2.<module>"
+                             f".lora_A/B.weight)")
+        pairs.setdefault((m[1], m[2]), [None, None])["AB".index(m[3])] = t
+    lora: dict = {}
+    for (component, module), (a, b) in sorted(pairs.items()):
+        if a is None or b is None:
+            raise ValueError(f"lora_A/lora_B pair incomplete for {component}.{module}")
+        lora.setdefault(component, {})[_live_name(component, module)] = (a, b)
+    return lora
+
+
+@functools.lru_cache(maxsize=None)
+def _clip_text_model_is_flat() -> bool:
+    """Recent transformers build CLIPTextModel without the text_model wrapper."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    cfg = CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         max_position_embeddings=4, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return not hasattr(CLIPTextModel(cfg), "text_model")
+
+
+def _live_name(component: str, module: str) -> str:
+    """Module path as the loaded component names it (CLIP-L may be flat, bigG keeps text_model.)."""
+    if component == "text_encoder" and _clip_text_model_is_flat():
+        return module.removeprefix("text_model.")
+    return module
+
+
+FAMILY = SDXL()
