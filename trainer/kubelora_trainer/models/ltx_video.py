@@ -1,0 +1,176 @@
+"""LTX-Video (0.9.x): a diffusers folder with LTXVideoTransformer3DModel, AutoencoderKLLTXVideo
+and a T5 text encoder.
+
+Training objective: rectified flow on normalized VAE latents [B, C, F', H', W']. x_t = (1 - t) x0
++ t eps, the transformer predicts eps - x0; t from logit-normal or uniform sampling
+(training.timestepSampling; diffusion-pipe's timestep_sample_method). The transformer gets
+t * 1000, the positions scaled as LTXPipeline scales them at inference, and the T5 mask.
+Clips are 8k+1 frames (spec rule); images train as 1-frame clips.
+
+Export ("comfyui", the default): ``diffusion_model.<module>.lora_A.weight`` / ``lora_B.weight``
+with the alpha/rank scale folded into lora_B. ComfyUI maps ``diffusion_model.<name>`` for every
+weight of its LTXV model, and diffusers' LTX loader converts the prefix; their module names agree
+on the transformer blocks (the default targets). "diffusers": ``transformer.<module>...``, which
+diffusers loads but ComfyUI ignores for LTX. See docs/formats/ltx-video.md.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..objectives import flow_matching_pair, sample_timesteps
+from .base import Components, ModelError
+
+# Attention (self and cross) and MLP linears of every block; peft matches with re.fullmatch.
+# Not proj_in / time_embed: ComfyUI names them patchify_proj / adaln_single, and diffusers'
+# LTX loader does not rename them back.
+DEFAULT_TARGETS = r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+
+TRANSFORMER_CLASS = "LTXVideoTransformer3DModel"
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+MAX_TOKENS = 128     # LTXPipeline's max_sequence_length
+FRAME_RATE = 25      # LTXPipeline's default; sets the temporal position scale
+FORMATS = ("comfyui", "diffusers")
+
+# diffusers module name -> the original LTX / ComfyUI name, where they differ (the inverse of
+# diffusers' single-file conversion). Everything else, the blocks included, is named alike.
+COMFY_RENAMES = {"proj_in": "patchify_proj", "time_embed": "adaln_single", "norm_q": "q_norm", "norm_k": "k_norm"}
+DIFFUSERS_RENAMES = {v: k for k, v in COMFY_RENAMES.items()}
+
+
+def check_layout(root: Path) -> None:
+    """Refuse a folder that is not an LTX-Video diffusers pipeline, naming what is missing or
+    what was found instead."""
+    field = "model.diffusersPath"
+    expected = (f"an LTX-Video folder in diffusers layout (model_index.json, {', '.join(c + '/' for c in COMPONENTS)}"
+                f" with an {TRANSFORMER_CLASS})")
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise ModelError(f"{field}: {root} has no model_index.json; expected {expected}")
+    try:
+        pipeline = json.loads(index.read_text()).get("_class_name", "?")
+    except ValueError as e:
+        raise ModelError(f"{field}: {index} is not valid JSON ({e}); expected {expected}") from None
+    cfg = root / "transformer" / "config.json"
+    found = json.loads(cfg.read_text()).get("_class_name", "?") if cfg.is_file() else None
+    if found != TRANSFORMER_CLASS:
+        what = f"a {pipeline} whose transformer is {found}" if found else f"a {pipeline} without transformer/config.json"
+        raise ModelError(f"{field}: {root} holds {what}; expected {expected}")
+    missing = [c + "/" for c in COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        raise ModelError(f"{field}: {root} lacks {', '.join(missing)}; expected {expected}")
+
+
+def comfy_name(module: str) -> str:
+    """diffusers module path -> ComfyUI's (path components renamed one by one)."""
+    return ".".join(COMFY_RENAMES.get(part, part) for part in module.split("."))
+
+
+def diffusers_name(module: str) -> str:
+    return ".".join(DIFFUSERS_RENAMES.get(part, part) for part in module.split("."))
+
+
+def _prefix(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} is not available for ltx-video (available: {', '.join(FORMATS)})")
+    return "diffusion_model." if fmt == "comfyui" else "transformer."
+
+
+class LTXVideo:
+    name = "ltx-video"
+
+    def load(self, model_spec, paths, device):
+        from diffusers import LTXPipeline, LTXVideoTransformer3DModel
+
+        root = Path(paths["diffusersPath"])
+        check_layout(root)
+        dtype = getattr(torch, model_spec.dtype)
+        transformer = LTXVideoTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+        pipe = LTXPipeline.from_pretrained(root, transformer=None, torch_dtype=dtype).to(device)
+        transformer.to(device)
+        vae = pipe.vae
+        return Components(trainable={"transformer": transformer}, encoders={"pipe": pipe},
+                          info={"spatial": vae.spatial_compression_ratio, "temporal": vae.temporal_compression_ratio,
+                                "patch": transformer.config.patch_size, "patch_t": transformer.config.patch_size_t})
+
+    def lora_targets(self):
+        return {"transformer": DEFAULT_TARGETS}
+
+    def blocks(self, component, transformer):
+        return [transformer.transformer_blocks]
+
+    @torch.no_grad()
+    def encode(self, comps, clips, captions):
+        """clips [B, 3, F, H, W] in [-1, 1] -> normalized latents [C, F', H', W'], T5 embeddings
+        [MAX_TOKENS, D] and their mask."""
+        from diffusers import LTXPipeline
+
+        pipe = comps.encoders["pipe"]
+        vae = pipe.vae
+        if clips.dim() == 4:  # [B, 3, H, W]: images as one-frame clips
+            clips = clips.unsqueeze(2)
+        lat = vae.encode(clips.to(vae.device, vae.dtype)).latent_dist.mode()
+        lat = LTXPipeline._normalize_latents(lat, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+        embeds, mask = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False,
+                                          max_sequence_length=MAX_TOKENS, device=vae.device)[:2]
+        return [{"latents": lat[i].cpu(), "prompt_embeds": embeds[i].cpu(), "prompt_mask": mask[i].cpu()}
+                for i in range(len(captions))]
+
+    def loss(self, comps, batch, model_spec, training_spec, generator):
+        from diffusers import LTXPipeline
+
+        tr = comps.trainable["transformer"]
+        info = comps.info
+        x0 = batch["latents"].float()
+        b, _, f, h, w = x0.shape
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device)
+        xt, target = flow_matching_pair(x0, noise, t)
+        dtype = batch["prompt_embeds"].dtype
+        p, pt = info["patch"], info["patch_t"]
+        pred = tr(hidden_states=LTXPipeline._pack_latents(xt, p, pt).to(dtype),
+                  encoder_hidden_states=batch["prompt_embeds"], timestep=t * 1000,
+                  encoder_attention_mask=batch["prompt_mask"], num_frames=f // pt, height=h // p, width=w // p,
+                  rope_interpolation_scale=(info["temporal"] / FRAME_RATE, info["spatial"], info["spatial"]),
+                  return_dict=False)[0]
+        return F.mse_loss(pred.float(), LTXPipeline._pack_latents(target, p, pt).float())
+
+    def export(self, lora, scale, fmt):
+        prefix = _prefix(fmt)
+        out = {}
+        for module, (a, b) in lora["transformer"].items():
+            name = prefix + (comfy_name(module) if fmt == "comfyui" else module)
+            out[f"{name}.lora_A.weight"] = a.contiguous()
+            out[f"{name}.lora_B.weight"] = (b.float() * scale).to(b.dtype).contiguous()
+        return out
+
+    def parse(self, tensors, fmt):
+        """A LoRA file in either format back to {transformer: {module: (A, B)}} with scale 1; a
+        per-module `.alpha` (other trainers' files) is folded into B as alpha / rank."""
+        prefix = _prefix(fmt)
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, v in tensors.items():
+            if not key.startswith(prefix):
+                raise ValueError(f"{fmt} LoRA key {key!r} does not start with {prefix!r}")
+            module, _, part = key[len(prefix):].rpartition(".lora_")
+            if part in ("A.weight", "B.weight"):
+                modules.setdefault(module, {})[part[0]] = v
+            elif key.endswith(".alpha"):
+                modules.setdefault(key[len(prefix):-len(".alpha")], {})["alpha"] = v
+            else:
+                raise ValueError(f"{fmt} LoRA key {key!r} is not a lora_A / lora_B weight or alpha")
+        out = {}
+        for module, parts in modules.items():
+            if "A" not in parts or "B" not in parts:
+                raise ValueError(f"{fmt} LoRA module {module!r} lacks its lora_A or lora_B weight")
+            a, b = parts["A"], parts["B"]
+            if "alpha" in parts:
+                b = (b.float() * (float(parts["alpha"]) / a.shape[0])).to(b.dtype)
+            out[diffusers_name(module) if fmt == "comfyui" else module] = (a, b)
+        return {"transformer": dict(sorted(out.items()))}, 1.0
+
+
+FAMILY = LTXVideo()
