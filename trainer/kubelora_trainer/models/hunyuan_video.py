@@ -1,0 +1,299 @@
+"""HunyuanVideo (text-to-video, 720p release and fine-tunes of it).
+
+Sources (families.RULES["hunyuan-video"]): either the official release folder (model.ckptPath:
+hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt, hunyuan-video-t2v-720p/vae/,
+text_encoder/ = llava-llama-3 as a Llama, text_encoder_2/ = CLIP-L), or the ComfyUI files
+(model.transformerPath: one .safetensors in the original key layout, bf16 or fp8 e4m3fn;
+model.vaePath; model.llmPath: Llama folder with its tokenizer; model.clipPath: CLIP-L folder).
+The transformer is diffusers' HunyuanVideoTransformer3DModel, its weights converted by
+diffusers' converter (hunyuan_video_keys.py) and its config the shipped full-size one
+(configs/hunyuan-video/) with sizes and depths read from the tensors: nothing is fetched.
+An fp8 transformer file is upcast to model.dtype when loaded (keeping frozen weights in fp8 is
+later work).
+
+Text: the prompt goes through HunyuanVideoPipeline.encode_prompt: the video-description
+template, the Llama hidden states two layers before the last with the template's tokens cropped
+off (256 tokens, masked), and CLIP's pooled output.
+
+Training objective: rectified flow on the scaled VAE latents [B, 16, F', H', W'] (F' = (F-1)/4+1):
+x_t = (1 - t) x0 + t eps, the transformer predicts eps - x0 at timestep 1000 t; guidance-
+distilled checkpoints get the embedded guidance 1.0 (x1000) as at inference with guidance 1.
+t from training.timestepSampling (logit_normal or uniform).
+
+Export: "original" (default): ``transformer.<original module>.lora_A.weight`` / ``lora_B.weight``
+(e.g. ``transformer.double_blocks.0.img_attn_qkv.lora_A.weight``); the LoRAs trained on separate
+q, k, v (and the single blocks' MLP input) are written as the exactly equivalent LoRA of the fused
+module (stacked A, block-diagonal B: rank 3r for qkv, 4r for linear1). ComfyUI maps these names
+for HunyuanVideo and diffusers' HunyuanVideo loader converts them. "diffusers":
+``transformer.<diffusers module>...``. The alpha/rank scale is folded into lora_B in both.
+See docs/formats/hunyuan-video.md.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..objectives import flow_matching_pair, sample_timesteps
+from . import hunyuan_video_keys as keys
+from .base import Components, ModelError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "hunyuan-video"
+FORMATS = ("original", "diffusers")
+MAX_TOKENS = 256                 # HunyuanVideoPipeline's max_sequence_length
+EMBEDDED_GUIDANCE = 1.0
+OFFICIAL = {
+    "transformer": "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt",
+    "vae": "hunyuan-video-t2v-720p/vae/pytorch_model.pt",
+    "llm": "text_encoder",
+    "clip": "text_encoder_2",
+}
+COMFY_FIELDS = {"transformer": "transformerPath", "vae": "vaePath", "llm": "llmPath", "clip": "clipPath"}
+
+# Attention and MLP linears of both block kinds (peft matches with re.fullmatch). In the
+# original layout: img/txt_attn_qkv, img/txt_attn_proj, img/txt_mlp.fc1/fc2, linear1, linear2.
+DEFAULT_TARGETS = (
+    r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
+    r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))"
+)
+
+
+# ------------------------------------------------------------------ files
+
+def resolve_sources(paths: dict[str, str]) -> dict[str, tuple[str, Path]]:
+    """{component: (spec field, local path)} from either source; refuses missing files naming
+    the field and the expected layout."""
+    if paths.get("ckptPath"):
+        root = Path(paths["ckptPath"])
+        found = {c: ("model.ckptPath", root / rel) for c, rel in OFFICIAL.items()}
+        missing = [rel for c, rel in OFFICIAL.items() if not found[c][1].exists()]
+        if missing:
+            raise ModelError(f"model.ckptPath: {root} lacks {', '.join(missing)}; expected the official HunyuanVideo "
+                             f"layout ({', '.join(OFFICIAL.values())})")
+        return found
+    out = {c: (f"model.{f}", Path(paths[f])) for c, f in COMFY_FIELDS.items()}
+    for c, (field, p) in out.items():
+        if not p.exists():
+            raise ModelError(f"{field}: {p} does not exist")
+        if c in ("transformer", "vae") and not p.is_file():
+            raise ModelError(f"{field}: {p} is a folder; expected a single .safetensors file")
+        if c in ("llm", "clip") and not (p / "config.json").is_file():
+            raise ModelError(f"{field}: {p} has no config.json; expected a transformers model folder with its tokenizer")
+    return out
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or a torch .pt/.pth checkpoint (tensors only; the official
+    {"module": ...} wrapper is unwrapped)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:                # a legacy (non-zip) torch file cannot be memory-mapped
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    for k in ("module", "state_dict", "model", "ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(k), dict):
+            obj = obj[k]
+            break
+    return obj
+
+
+def upcast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor in `dtype`; fp8 weights (e4m3fn/e5m2) are upcast, times their ComfyUI
+    ``scale_weight`` when the file is a scaled-fp8 one."""
+    out = {}
+    for k, v in sd.items():
+        if k == "scaled_fp8" or k.endswith((".scale_weight", ".scale_input")):
+            continue
+        scale = sd.get(k[: -len(".weight")] + ".scale_weight") if k.endswith(".weight") else None
+        if scale is not None:
+            out[k] = (v.to(torch.float32) * scale.to(torch.float32)).to(dtype)
+        else:
+            out[k] = v.to(dtype) if v.is_floating_point() else v     # no copy when already in dtype
+    return out
+
+
+def _build(cls, cfg: dict, sd: dict, field: str, path: Path, what: str):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = cls.from_config(cfg)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:3]
+        raise ModelError(f"{field}: {path} does not fit {what}: {' '.join(s.strip() for s in first)}") from None
+    return model
+
+
+def load_transformer(path: Path, dtype: torch.dtype, field: str = "model.transformerPath"):
+    """HunyuanVideoTransformer3DModel from an original-layout (or diffusers-layout) file."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    sd = keys.strip_prefix(read_state_dict(path))
+    kind = keys.identify(sd)
+    if kind == "diffusers":
+        sd = keys.to_original(sd)
+    elif kind != "original":
+        raise ModelError(f"{field}: {path} holds {kind}; expected a HunyuanVideo transformer in the original layout "
+                         f"(keys such as {', '.join(keys.ORIGINAL_MARKERS)}), e.g. hunyuan_video_t2v_720p_bf16.safetensors")
+    sd = upcast(sd, dtype)
+    try:
+        cfg = keys.infer_config(sd, dict(HunyuanVideoTransformer3DModel.load_config(CONFIG_DIR / "transformer")))
+    except (KeyError, ValueError) as e:
+        raise ModelError(f"{field}: {path}: {e}") from None
+    return _build(HunyuanVideoTransformer3DModel, cfg, keys.original_to_diffusers(sd), field, path,
+                  "HunyuanVideoTransformer3DModel")
+
+
+def vae_config(sd: dict, base: dict) -> dict:
+    """The VAE config: channel widths and depth from the tensors, the rest as released."""
+    n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks."))
+    cfg = dict(base)
+    cfg.update(
+        block_out_channels=[sd[f"encoder.down_blocks.{i}.resnets.0.conv2.conv.weight"].shape[0] for i in range(n)],
+        layers_per_block=1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down_blocks.0.resnets.")),
+        latent_channels=sd["encoder.conv_out.conv.weight"].shape[0] // 2,
+        in_channels=sd["encoder.conv_in.conv.weight"].shape[1], out_channels=sd["decoder.conv_out.conv.weight"].shape[0],
+        mid_block_add_attention=any(k.startswith("encoder.mid_block.attentions.") for k in sd),
+        down_block_types=[base["down_block_types"][0]] * n, up_block_types=[base["up_block_types"][0]] * n,
+    )
+    return cfg
+
+
+def load_vae(path: Path, dtype: torch.dtype, field: str):
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    sd = read_state_dict(path)
+    if sd and all(k.startswith("vae.") for k in sd):
+        sd = {k[4:]: v for k, v in sd.items()}
+    conv_in = sd.get("encoder.conv_in.conv.weight")
+    if conv_in is None or conv_in.dim() != 5:
+        raise ModelError(f"{field}: {path} is not the HunyuanVideo causal 3D VAE (no 3-D encoder.conv_in.conv.weight); "
+                         f"expected e.g. hunyuan_video_vae_bf16.safetensors")
+    cfg = vae_config(sd, dict(AutoencoderKLHunyuanVideo.load_config(CONFIG_DIR / "vae")))
+    return _build(AutoencoderKLHunyuanVideo, cfg, upcast(sd, dtype), field, path, "AutoencoderKLHunyuanVideo")
+
+
+def _model_type(folder: Path) -> str:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type", "?")
+    except (OSError, ValueError):
+        return "?"
+
+
+def load_text_encoders(llm_dir: Path, clip_dir: Path, dtype: torch.dtype, llm_field: str, clip_field: str):
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
+
+    if _model_type(llm_dir) != "llama":
+        raise ModelError(f"{llm_field}: {llm_dir} holds a {_model_type(llm_dir)!r} model; expected the llava-llama-3 "
+                         f"text encoder as a Llama model with its tokenizer (llava-llama-3-8b-text-encoder-tokenizer)")
+    if _model_type(clip_dir) not in ("clip", "clip_text_model"):
+        raise ModelError(f"{clip_field}: {clip_dir} holds a {_model_type(clip_dir)!r} model; expected CLIP-L "
+                         f"(clip-vit-large-patch14)")
+    llm = LlamaModel.from_pretrained(llm_dir, torch_dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(llm_dir, padding_side="right")
+    clip = CLIPTextModel.from_pretrained(clip_dir, torch_dtype=dtype)
+    clip_tok = CLIPTokenizer.from_pretrained(clip_dir)
+    return llm, tok, clip, clip_tok
+
+
+def prompt_template(tokenizer) -> dict:
+    """diffusers' template; crop_start (the template's own tokens, BOS included) as released
+    for Llama-3's vocabulary, else counted with this tokenizer by diffusers' rule."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    if len(tokenizer) >= 128000:
+        return dict(DEFAULT_PROMPT_TEMPLATE)
+    n = len(tokenizer(DEFAULT_PROMPT_TEMPLATE["template"])["input_ids"]) - 2   # less "{}" and <|eot_id|>
+    return {"template": DEFAULT_PROMPT_TEMPLATE["template"], "crop_start": n}
+
+
+# ------------------------------------------------------------------ the family
+
+class HunyuanVideo:
+    name = "hunyuan-video"
+
+    def load(self, model_spec, paths, device):
+        from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+
+        dtype = getattr(torch, model_spec.dtype)
+        src = resolve_sources(paths)
+        transformer = load_transformer(src["transformer"][1], dtype, src["transformer"][0])
+        vae = load_vae(src["vae"][1], dtype, src["vae"][0])
+        llm, tok, clip, clip_tok = load_text_encoders(src["llm"][1], src["clip"][1], dtype, src["llm"][0], src["clip"][0])
+        if llm.config.hidden_size != transformer.config.text_embed_dim:
+            raise ModelError(f"{src['llm'][0]}: the text encoder's width {llm.config.hidden_size} does not match the "
+                             f"transformer's text input {transformer.config.text_embed_dim}")
+        pipe = HunyuanVideoPipeline(text_encoder=llm, tokenizer=tok, transformer=None, vae=vae,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                    text_encoder_2=clip, tokenizer_2=clip_tok).to(device)
+        transformer.to(device)
+        return Components(trainable={"transformer": transformer}, encoders={"pipe": pipe},
+                          info={"guidance_embeds": bool(transformer.config.guidance_embeds),
+                                "vae_scale": vae.config.scaling_factor, "template": prompt_template(tok)})
+
+    def lora_targets(self):
+        return {"transformer": DEFAULT_TARGETS}
+
+    def blocks(self, component, transformer):
+        return [transformer.transformer_blocks, transformer.single_transformer_blocks]
+
+    @torch.no_grad()
+    def encode(self, comps, images, captions):
+        pipe = comps.encoders["pipe"]
+        clips = images.to(pipe.vae.device, pipe.vae.dtype)
+        if clips.dim() == 4:                       # [B, 3, H, W] -> one-frame clips
+            clips = clips.unsqueeze(2)
+        lat = pipe.vae.encode(clips).latent_dist.mode() * comps.info["vae_scale"]
+        embeds, pooled, mask = pipe.encode_prompt(prompt=captions, prompt_template=comps.info["template"],
+                                                  device=clips.device, max_sequence_length=MAX_TOKENS)
+        return [{"latents": lat[i].cpu(), "prompt_embeds": embeds[i].cpu(), "prompt_mask": mask[i].cpu(),
+                 "pooled": pooled[i].cpu()} for i in range(len(captions))]
+
+    def loss(self, comps, batch, model_spec, training_spec, generator):
+        tr = comps.trainable["transformer"]
+        x0 = batch["latents"].float()
+        b = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device)
+        xt, target = flow_matching_pair(x0, noise, t)
+        dtype = batch["prompt_embeds"].dtype
+        guidance = None
+        if comps.info["guidance_embeds"]:
+            guidance = torch.full((b,), EMBEDDED_GUIDANCE * 1000.0, device=x0.device, dtype=dtype)
+        # as HunyuanVideoPipeline: latents in the model dtype, the timestep (0..1000) in float32
+        pred = tr(hidden_states=xt.to(dtype), timestep=t * 1000.0,
+                  encoder_hidden_states=batch["prompt_embeds"], encoder_attention_mask=batch["prompt_mask"],
+                  pooled_projections=batch["pooled"], guidance=guidance, return_dict=False)[0]
+        return F.mse_loss(pred.float(), target.float())
+
+    def export(self, lora, scale, fmt):
+        if fmt not in FORMATS:
+            raise ValueError(f"format {fmt!r} is not available for hunyuan-video (available: {', '.join(FORMATS)})")
+        if fmt == "original":
+            return keys.lora_to_original(lora["transformer"], scale)
+        out = {}
+        for module, (a, b) in lora["transformer"].items():
+            out[f"transformer.{module}.lora_A.weight"] = a.contiguous()
+            out[f"transformer.{module}.lora_B.weight"] = (b.float() * scale).to(b.dtype).contiguous()
+        return out
+
+    def parse(self, tensors, fmt):
+        if fmt == "original":
+            return {"transformer": keys.lora_from_original(tensors)}, 1.0
+        if fmt != "diffusers":
+            raise ValueError(f"format {fmt!r} is not available for hunyuan-video (available: {', '.join(FORMATS)})")
+        mods: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if not (k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight"))):
+                raise ValueError(f"{k}: not a diffusers HunyuanVideo LoRA key (transformer.<module>.lora_A.weight)")
+            mods.setdefault(k[len("transformer."):-len(".lora_A.weight")], {})[k[-len("A.weight"):-len(".weight")]] = v
+        return {"transformer": {m: (ab["A"], ab["B"]) for m, ab in sorted(mods.items())}}, 1.0
+
+
+FAMILY = HunyuanVideo()
