@@ -7,10 +7,10 @@ import importlib
 # model.type -> module under kubelora_trainer.models (None: accepted by the spec, not trainable yet)
 REGISTRY: dict[str, str | None] = {
     "flux": "flux",
-    "sdxl": None,
-    "ltx-video": None,
-    "hunyuan-video": None,
-    "cosmos": None,
+    "sdxl": "sdxl",
+    "ltx-video": "ltx_video",
+    "hunyuan-video": "hunyuan_video",
+    "cosmos": "cosmos",
 }
 
 
