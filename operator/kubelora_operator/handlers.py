@@ -142,7 +142,7 @@ def _ttl_cleanup(body, job_spec, name, namespace, previous, patch) -> None:
     ttl = job_spec.runPolicy.ttlSecondsAfterFinished
     if ttl is None or previous.get("childrenDeleted") or not previous.get("completionTime"):
         return
-    done = datetime.strptime(previous["completionTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    done = datetime.fromisoformat(previous["completionTime"].replace("Z", "+00:00"))
     if (datetime.now(timezone.utc) - done).total_seconds() < ttl:
         return
     kube.delete_children(namespace, manifests.child_names(name))

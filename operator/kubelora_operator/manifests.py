@@ -134,7 +134,9 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
             pod_spec[key] = value
     job_spec = {
         "completionMode": "Indexed", "completions": r.nodes, "parallelism": r.nodes,
-        "backoffLimit": rp.backoffLimit, "suspend": rp.suspend,
+        # torchrun nodes fail together (the peers of a crashed node exit too), so one failed
+        # attempt of the run costs `nodes` pod failures: scale the budget to count runs.
+        "backoffLimit": rp.backoffLimit * r.nodes, "suspend": rp.suspend,
         "podFailurePolicy": {"rules": [
             # preemption, node drain, eviction: retry without spending the backoff budget
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},

@@ -173,7 +173,7 @@ class ResourcesSpec(_Model):
 
 
 class RunPolicySpec(_Model):
-    backoffLimit: int = Field(default=3, ge=0, le=100, description="Pod failures allowed before the job fails (disruptions do not count).")
+    backoffLimit: int = Field(default=3, ge=0, le=100, description="Retries of the whole run after a failure (all nodes restart together; disruptions such as preemption do not count).")
     activeDeadlineSeconds: Optional[int] = Field(default=None, ge=1, description="Wall-clock limit for the whole job.")
     ttlSecondsAfterFinished: Optional[int] = Field(default=None, ge=0, description="Delete the job's children this long after it finished (the resource and its status stay).")
     suspend: bool = Field(default=False, description="Suspend (or keep suspended) the job; the only field that may change after creation.")

@@ -1,0 +1,92 @@
+"""End to end on the emulated cluster: kubectl apply -> operator (real kopf) -> Indexed Job ->
+local runner (stands in for the kubelet and Job controller, which cannot run here) -> torchrun
+trainer on 2 "nodes" -> tiny Flux LoRA in the moto S3 -> status, kubectl get, cleanup."""
+import os
+
+os.environ.setdefault("KUBELORA_SYNC_INTERVAL", "0.5")
+os.environ.setdefault("KUBELORA_SECRET_WAIT_SECONDS", "2")
+os.environ.setdefault("KUBELORA_SECRET_RETRY_DELAY", "0.5")
+
+import hashlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from kube.fixtures import kube, kube_server, kubectl, wait_for  # noqa: E402,F401
+from kube.local_runner import job_runner  # noqa: E402,F401
+from test_operator import CRD_FILE, apply, ltj, manifest, operator, phase  # noqa: E402
+
+
+@pytest.fixture()
+def demo_bucket(s3, tmp_path, monkeypatch):
+    """The demo's tiny Flux and dataset in the moto S3 the pods (local processes) will read."""
+    from kubelora_trainer.demo import seed_bucket
+    monkeypatch.setenv("KUBELORA_PROGRESS_INTERVAL", "1")
+    seed_bucket(tmp_path / "seed")
+    return s3
+
+
+def _status(kube, name):
+    return ltj(kube, name).get("status") or {}
+
+
+def test_apply_two_nodes_suspend_resume_restart_succeed_and_ttl(kube, kubectl, demo_bucket, job_runner):
+    kubectl("apply", "-f", CRD_FILE, check=True)
+    m = manifest("demo", resources__nodes=2, runPolicy__suspend=True, runPolicy__ttlSecondsAfterFinished=2)
+    with operator():
+        assert apply(kubectl, m).returncode == 0
+        # suspended: the Job exists, suspended, and nothing runs
+        wait_for(lambda: phase(kube, "demo") == "Suspended", timeout=30)
+        assert kube.get("batch/v1/jobs", "default", "demo")["spec"]["suspend"] is True
+        assert job_runner.running("demo") == {}
+        # resume -> pods start -> the trainer reports progress
+        m["spec"]["runPolicy"]["suspend"] = False
+        assert apply(kubectl, m).returncode == 0
+        wait_for(lambda: phase(kube, "demo") == "Training", timeout=120)
+    # operator restart in the middle of training: the run goes on, nothing is recreated
+    with operator():
+        wait_for(lambda: phase(kube, "demo") == "Succeeded", timeout=180)
+        st = _status(kube, "demo")
+        assert len(job_runner.pods_started("demo")) == 2, job_runner.pods_started("demo")
+        assert [j["metadata"]["name"] for j in kube.list("batch/v1/jobs", "default")] == ["demo"]
+        art = st["artifacts"][0]
+        assert art["uri"] == "s3://kubelora-demo/outputs/demo-flux/lora.safetensors" and art["format"] == "diffusers"
+        body = demo_bucket.get_object(Bucket="kubelora-demo", Key="outputs/demo-flux/lora.safetensors")["Body"].read()
+        assert art["sha256"] == hashlib.sha256(body).hexdigest()
+        assert st["progress"]["summary"] == "30/30" and st["progress"]["loss"] > 0
+        conds = {c["type"]: c["status"] for c in st["conditions"]}
+        assert conds == {"Ready": "True", "Reconciling": "False", "Stalled": "False", "Suspended": "False"}
+        assert st["startTime"] and st["completionTime"]
+        out = kubectl("get", "ltj", "demo").stdout
+        assert "Succeeded" in out and "30/30" in out, out
+        reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "demo"]
+        assert {"Created", "Suspended", "Training", "Succeeded"} <= set(reasons), reasons
+        # ttlSecondsAfterFinished: children go, the resource and its status stay
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "demo") is None, timeout=30)
+        wait_for(lambda: kube.get("v1/configmaps", "default", "demo-spec") is None)
+        assert kube.get("v1/services", "default", "demo-workers") is None
+        assert phase(kube, "demo") == "Succeeded" and _status(kube, "demo")["childrenDeleted"] is True
+    # and a later operator start does not bring them back; deleting the resource works
+    with operator():
+        import time
+        time.sleep(2)
+        assert kube.get("batch/v1/jobs", "default", "demo") is None
+        assert kubectl("delete", "ltj", "demo").returncode == 0
+        wait_for(lambda: kube.get("kubelora.dev/v1alpha1/loratrainingjobs", "default", "demo") is None)
+
+
+def test_failing_pod_is_retried_then_failed_with_reason_and_delete_cleans_up(kube, kubectl, demo_bucket, job_runner):
+    kubectl("apply", "-f", CRD_FILE, check=True)
+    for _ in range(2):  # test shim: the pod's process exits 1 instead of running the trainer
+        job_runner.fail_next("flaky", index=0, exit_code=1)
+    with operator():
+        assert apply(kubectl, manifest("flaky", runPolicy__backoffLimit=1)).returncode == 0
+        st = wait_for(lambda: phase(kube, "flaky") == "Failed" and _status(kube, "flaky"), timeout=60)
+        assert len(job_runner.pods_started("flaky")) == 2  # the first failure was retried once
+        assert st["reason"] == "Error" and "exited with code 1" in st["message"], st
+        assert "backoff limit" in st["message"].lower()
+        assert {c["type"]: c["status"] for c in st["conditions"]}["Stalled"] == "True"
+        assert kube.get("batch/v1/jobs", "default", "flaky") is not None
+        assert kubectl("delete", "ltj", "flaky").returncode == 0
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "flaky") is None)
+        wait_for(lambda: kube.get("v1/configmaps", "default", "flaky-spec") is None)
+        assert kube.get("v1/services", "default", "flaky-workers") is None
