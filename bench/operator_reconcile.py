@@ -35,7 +35,7 @@ def main():
     import kopf
     import kubernetes
     from kopf.testing import KopfRunner
-    from kubelora_operator import handlers  # noqa: F401
+    from kubelora_operator import handlers
 
     api = kubernetes.config.new_client_from_config(config_file=str(tmp / "kubeconfig"))
     kubernetes.client.ApiextensionsV1Api(api).create_custom_resource_definition(
@@ -59,7 +59,8 @@ def main():
 
     settings = kopf.OperatorSettings()
     settings.watching.server_timeout = 30
-    with KopfRunner(["run", "--standalone", "--all-namespaces"], settings=settings, timeout=900):
+    with KopfRunner(["run", "--standalone", "--all-namespaces"], registry=handlers.registry, settings=settings,
+                    timeout=900):
         time.sleep(2)
         single = []
         for i in range(args.single):

@@ -134,7 +134,8 @@ def test_dataset_without_usable_items_fails_before_training(s3, tmp_path, tiny_f
     assert proc.returncode != 0
     assert "no usable items (images missing a caption: 1, unreadable: 1)" in proc.stderr
     assert "[phase] train" not in proc.stdout and "[phase] cache" not in proc.stdout
-    assert "Contents" not in s3.list_objects_v2(Bucket="nodata", Prefix="out/")
+    written = [o["Key"] for o in s3.list_objects_v2(Bucket="nodata", Prefix="out/").get("Contents", [])]
+    assert written == ["out/run1/status/progress.json"], written  # progress only: no LoRA, no manifest
 
 
 @pytest.mark.parametrize("case", ["missing-bucket", "missing-key", "unreachable"])

@@ -45,11 +45,12 @@ def apply(kubectl, obj):
 def operator():
     from kopf.testing import KopfRunner
     import kopf
-    from kubelora_operator import handlers, kube as k  # noqa: F401 - registers the handlers
+    from kubelora_operator import handlers, kube as k
     k.reset()
     settings = kopf.OperatorSettings()
     settings.watching.server_timeout = 10
-    with KopfRunner(["run", "--standalone", "--all-namespaces"], settings=settings, timeout=60) as runner:
+    with KopfRunner(["run", "--standalone", "--all-namespaces"], registry=handlers.registry, settings=settings,
+                    timeout=60) as runner:
         yield runner
     assert runner.exception is None, runner.exception
 

@@ -16,9 +16,10 @@ def main(argv=None) -> int:
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint ('' to disable)")
     args = p.parse_args(argv)
     import kopf
-    from . import handlers  # noqa: F401  (registers the handlers)
-    asyncio.run(kopf.operator(namespaces=args.namespace or None, clusterwide=not args.namespace,
-                              liveness_endpoint=args.liveness or None, standalone=True))
+    from . import handlers
+    asyncio.run(kopf.operator(registry=handlers.registry, namespaces=args.namespace or None,
+                              clusterwide=not args.namespace, liveness_endpoint=args.liveness or None,
+                              standalone=True))
     return 0
 
 

@@ -20,6 +20,9 @@ from . import artifacts, kube, manifests
 from . import status as st
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+# Our own registry (not kopf's process-global default), so embedding or testing the operator
+# next to other kopf code cannot mix handlers: kopf.operator(registry=handlers.registry).
+registry = kopf.OperatorRegistry()
 
 
 def _env_float(name: str, default: float) -> float:
@@ -38,7 +41,13 @@ def operator_config() -> manifests.OperatorConfig:
     )
 
 
-@kopf.on.startup()
+@kopf.on.login(registry=registry)
+def login(**kwargs):
+    """In-cluster service account, else KUBECONFIG (through the kubernetes client)."""
+    return kopf.login_via_client(**kwargs)
+
+
+@kopf.on.startup(registry=registry)
 def configure(settings: kopf.OperatorSettings, **_):
     settings.posting.level = 20  # INFO and above become Kubernetes Events
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"{GROUP}")
@@ -52,8 +61,8 @@ def _fail(body, patch, reason: str, message: str) -> None:
     kopf.warn(body, reason=reason, message=message)
 
 
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
+@kopf.on.resume(*RESOURCE, registry=registry)
+@kopf.on.create(*RESOURCE, registry=registry)
 def create_children(body, spec, name, namespace, uid, patch, retry, runtime, logger, **_):
     """Validate, then create the ConfigMap, Service and Indexed Job (each only if missing)."""
     phase = (body.get("status") or {}).get("phase")
@@ -88,7 +97,7 @@ def create_children(body, spec, name, namespace, uid, patch, retry, runtime, log
                                       body["metadata"].get("generation", 1), None, st.now_iso()))
 
 
-@kopf.on.field(*RESOURCE, field="spec.runPolicy.suspend")
+@kopf.on.field(*RESOURCE, field="spec.runPolicy.suspend", registry=registry)
 def suspend_changed(body, name, namespace, new, old, logger, **_):
     if old is None and not new:
         return
@@ -101,7 +110,7 @@ def _settings(spec) -> S3Settings:
     return S3Settings.from_spec(spec.storage)
 
 
-@kopf.timer(*RESOURCE, interval=SYNC_INTERVAL, initial_delay=min(1.0, SYNC_INTERVAL))
+@kopf.timer(*RESOURCE, interval=SYNC_INTERVAL, initial_delay=min(1.0, SYNC_INTERVAL), registry=registry)
 def sync_status(body, spec, name, namespace, patch, logger, **_):
     """Recompute the status from the Job, its pods and what the trainer published; clean up
     after ttlSecondsAfterFinished."""
