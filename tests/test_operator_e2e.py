@@ -64,7 +64,8 @@ def test_apply_two_nodes_suspend_resume_restart_succeed_and_ttl(kube, kubectl, d
         wait_for(lambda: kube.get("batch/v1/jobs", "default", "demo") is None, timeout=30)
         wait_for(lambda: kube.get("v1/configmaps", "default", "demo-spec") is None)
         assert kube.get("v1/services", "default", "demo-workers") is None
-        assert phase(kube, "demo") == "Succeeded" and _status(kube, "demo")["childrenDeleted"] is True
+        wait_for(lambda: _status(kube, "demo").get("childrenDeleted") is True)  # patched after the deletes
+        assert phase(kube, "demo") == "Succeeded" and _status(kube, "demo")["artifacts"]
     # and a later operator start does not bring them back; deleting the resource works
     with operator():
         import time
