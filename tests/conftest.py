@@ -51,3 +51,20 @@ def run_trainer(manifest: Path, env: dict, nproc: int = 1, timeout: int = 300) -
     else:
         cmd = [sys.executable, "-m", "kubelora_trainer", "run", "--spec", str(manifest)]
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def overfit_data(tmp_path) -> Path:
+    """One captioned image to overfit, one without caption (skipped, counted), one unreadable
+    (skipped, counted)."""
+    from PIL import Image
+    d = tmp_path / "data"
+    d.mkdir()
+    im = Image.new("RGB", (48, 48), (245, 245, 245))
+    im.paste((40, 60, 220), (8, 8, 40, 40))
+    im.save(d / "good.png")
+    (d / "good.txt").write_text("a blue square on a white background")
+    im.save(d / "uncaptioned.png")
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (d / "broken.txt").write_text("never used")
+    return d

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 
-from conftest import REPO, run_trainer
+from conftest import run_trainer
 from kubelora_trainer.storage import download, upload_tree
 
 
@@ -44,20 +43,6 @@ def _probe_inputs():
                 pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.6]),
                 img_ids=FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32),
                 txt_ids=torch.zeros(12, 3), guidance=torch.tensor([1.0]), return_dict=False)
-
-
-@pytest.fixture()
-def overfit_data(tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
-    im = Image.new("RGB", (48, 48), (245, 245, 245))
-    im.paste((40, 60, 220), (8, 8, 40, 40))
-    im.save(d / "good.png")
-    (d / "good.txt").write_text("a blue square on a white background")
-    im.save(d / "uncaptioned.png")                       # no caption: skipped by policy, counted
-    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # unreadable: skipped, counted
-    (d / "broken.txt").write_text("never used")
-    return d
 
 
 def test_train_two_ranks_s3_to_s3_and_reload_in_diffusers(s3, tmp_path, tiny_flux_dir, overfit_data):

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from conftest import run_trainer
 from kubelora_trainer.models import sdxl as sdxl_mod
@@ -33,18 +32,6 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_sdxl_file(tmp_path_factory) -> Path:
     return build_tiny_sdxl_single_file(tmp_path_factory.mktemp("tiny-sdxl-file") / "tiny_sdxl.safetensors")
-
-
-@pytest.fixture()
-def overfit_data(tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
-    im = Image.new("RGB", (48, 48), (245, 245, 245))
-    im.paste((40, 60, 220), (8, 8, 40, 40))
-    im.save(d / "good.png")
-    (d / "good.txt").write_text("a blue square on a white background")
-    im.save(d / "uncaptioned.png")  # skipped by policy, counted
-    return d
 
 
 def manifest(path: Path, bucket: str, **over) -> Path:

@@ -7,7 +7,7 @@ import json
 from typing import Optional
 
 from kubelora_trainer import storage
-from kubelora_trainer.progress import PROGRESS_KEY
+from kubelora_trainer.progress import PROGRESS_KEY  # noqa: F401 - re-exported for the handlers
 
 MANIFEST_KEY = "manifest.json"
 

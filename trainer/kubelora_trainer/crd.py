@@ -144,7 +144,7 @@ def cel_rules() -> dict[str, list[dict]]:
             spec_rules.append({"rule": f"self.model.type != '{t}' || !has(self.dataset.frames) || self.dataset.frames % {a} == {b}",
                                "message": f"{t} needs dataset.frames = {a}k+{b}"})
     run_policy_rules = [{
-        "rule": " && ".join([f"self.backoffLimit == oldSelf.backoffLimit",
+        "rule": " && ".join(["self.backoffLimit == oldSelf.backoffLimit",
                              f"{_opt('self.activeDeadlineSeconds')} == {_opt('oldSelf.activeDeadlineSeconds')}",
                              f"{_opt('self.ttlSecondsAfterFinished')} == {_opt('oldSelf.ttlSecondsAfterFinished')}"]),
         "message": "only spec.runPolicy.suspend may change after creation",

@@ -4,7 +4,7 @@ and the trainer's model modules rely on it having been checked."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 PATH_FIELDS = ("diffusersPath", "checkpointPath", "ckptPath", "transformerPath", "vaePath", "llmPath", "clipPath",
