@@ -78,6 +78,18 @@ def build_tiny_flux(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def write_bfl_transformer(diffusers_dir: Path, out_file: Path) -> Path:
+    """The tiny Flux transformer as a single file in the BFL layout (as flux1-dev.safetensors is)."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from .models.flux_keys import to_bfl
+    tr = FluxTransformer2DModel.from_pretrained(diffusers_dir, subfolder="transformer")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in to_bfl(tr.state_dict()).items()}, str(out_file))
+    return out_file
+
+
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 SHAPES = ("square", "circle")
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..objectives import flow_matching_pair, resolution_shift_mu, sample_timesteps, time_shift
 from .base import Components, ModelError
+from .flux_keys import from_bfl
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -38,6 +39,35 @@ def _single_file_config(diffusers_root: Path, ckpt: Path) -> tuple[str, str]:
     with safe_open(str(ckpt), "pt") as f:
         has_guidance = any(k.startswith("guidance_in.") for k in f.keys())
     return str(CONFIG_DIR / ("flux-dev" if has_guidance else "flux-schnell")), "transformer"
+
+
+def load_bfl_transformer(diffusers_root: Path, ckpt: Path, dtype):
+    """A BFL-layout single file (flux1-dev.safetensors, fine-tunes, fp8 files: upcast to dtype)
+    with our own key map (flux_keys.py): diffusers' single-file converter assumes the full 3072
+    width, which Flux-shaped derivatives and the tiny test model do not have."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    cfg_dir, sub = _single_file_config(diffusers_root, ckpt)
+    config = FluxTransformer2DModel.load_config(cfg_dir, subfolder=sub)
+    sd = load_file(str(ckpt))
+    sd = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()}
+    if "double_blocks.0.img_attn.qkv.weight" not in sd:
+        raise ModelError(f"model.transformerPath: {ckpt.name} is not a Flux transformer in the BFL layout "
+                         "(no double_blocks.0.img_attn.qkv.weight)")
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    try:
+        converted = from_bfl(sd, hidden)
+    except KeyError as e:
+        raise ModelError(f"model.transformerPath: {ckpt.name}: {e.args[0]}; expected a Flux transformer in the BFL layout") from None
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(config)
+    try:
+        transformer.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ModelError(f"model.transformerPath: {ckpt.name} does not match the transformer config "
+                         f"({cfg_dir}): {str(e).splitlines()[0]}") from None
+    return transformer.to(dtype)
 
 
 def _bypass_guidance(transformer) -> None:
@@ -65,9 +95,7 @@ class Flux:
         if not cls.startswith("Flux"):
             raise ModelError(f"model.diffusersPath: {root} holds a {cls}; expected a Flux pipeline (FluxPipeline)")
         if paths.get("transformerPath"):
-            ckpt = Path(paths["transformerPath"])
-            cfg, sub = _single_file_config(root, ckpt)
-            transformer = FluxTransformer2DModel.from_single_file(str(ckpt), config=cfg, subfolder=sub, torch_dtype=dtype)
+            transformer = load_bfl_transformer(root, Path(paths["transformerPath"]), dtype)
         else:
             transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
         pipe = FluxPipeline.from_pretrained(root, transformer=None, torch_dtype=dtype).to(device)
