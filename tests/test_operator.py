@@ -128,7 +128,7 @@ INVALID = [
     ("bad-resolution", {"dataset__resolution": 500}, "apply", "spec.dataset.resolution"),
     ("missing-secret", {"storage__credentialsSecret": "no-such-secret"}, "Failed",
      "Secret 'no-such-secret' (spec.storage.credentialsSecret) not found"),
-    ("warmup-gt-steps", {"training__warmupSteps": 1000}, "Failed", "training.warmupSteps (1000) exceeds training.steps (30)"),
+    ("warmup-gt-steps", {"training__warmupSteps": 1000}, "Failed", "training.warmupSteps (1000) exceeds training.steps (60)"),
     ("missing-hy-parts", {"model": {"type": "hunyuan-video", "transformerPath": "s3://models/hy/t.safetensors"}},
      "Failed", "needs model.ckptPath or model.transformerPath+model.vaePath+model.llmPath+model.clipPath"),
     ("option-other-family", {"model__vPred": True}, "Failed", "model.vPred does not apply to model.type flux"),

@@ -52,12 +52,12 @@ def test_apply_two_nodes_suspend_resume_restart_succeed_and_ttl(kube, kubectl, d
         assert art["uri"] == "s3://kubelora-demo/outputs/demo-flux/lora.safetensors" and art["format"] == "diffusers"
         body = demo_bucket.get_object(Bucket="kubelora-demo", Key="outputs/demo-flux/lora.safetensors")["Body"].read()
         assert art["sha256"] == hashlib.sha256(body).hexdigest()
-        assert st["progress"]["summary"] == "30/30" and st["progress"]["loss"] > 0
+        assert st["progress"]["summary"] == "60/60" and st["progress"]["loss"] > 0
         conds = {c["type"]: c["status"] for c in st["conditions"]}
         assert conds == {"Ready": "True", "Reconciling": "False", "Stalled": "False", "Suspended": "False"}
         assert st["startTime"] and st["completionTime"]
         out = kubectl("get", "ltj", "demo").stdout
-        assert "Succeeded" in out and "30/30" in out, out
+        assert "Succeeded" in out and "60/60" in out, out
         reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "demo"]
         assert {"Created", "Suspended", "Training", "Succeeded"} <= set(reasons), reasons
         # ttlSecondsAfterFinished: children go, the resource and its status stay

@@ -54,7 +54,7 @@ def demo(workdir: Path, nproc: int = 2) -> int:
         if rc != 0:
             print(f"[demo] training failed (exit {rc})")
             return rc
-        out = download(f"s3://{BUCKET}/outputs/demo-flux/", workdir / "output")
+        out = download(f"s3://{BUCKET}/outputs/demo-flux/", workdir / "output", log=lambda m: None)
         lora = out / "lora.safetensors"
         print(f"\n[demo] LoRA: {lora}\n[demo] manifest: {out / 'manifest.json'}\n"
               "[demo] load it with diffusers:\n"
