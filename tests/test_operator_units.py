@@ -96,6 +96,14 @@ def test_observe_phases():
     assert o.phase == st.SUCCEEDED and o.artifacts[0]["sha256"] == "ab" and "final loss 0.2500" in o.message
 
 
+def test_pods_are_read_only_when_they_can_explain_something():
+    assert not st.needs_pods({"status": {"active": 2, "ready": 2}})
+    assert st.needs_pods({"status": {"active": 2, "ready": 1}})          # one not ready: why?
+    assert st.needs_pods({"status": {"active": 2, "ready": 2, "failed": 1}})
+    assert st.needs_pods(_job([("Failed", {})]))
+    assert not st.needs_pods(_job([("Complete", {})]))
+
+
 def test_failure_reasons_name_the_pod_and_cause():
     oom = _pod(phase="Failed", terminated={"reason": "OOMKilled", "exitCode": 137})
     o = st.observe(_job([("Failed", {"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})]),

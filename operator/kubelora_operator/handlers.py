@@ -125,7 +125,7 @@ def sync_status(body, spec, name, namespace, patch, logger, **_):
     if phase is None or previous.get("reason") in ("WaitingForSecret",):
         return
     job = kube.get_job(namespace, name)
-    pods = kube.job_pods(namespace, name) if job else []
+    pods = kube.job_pods(namespace, name) if job and st.needs_pods(job) else []
     complete = bool(job and any(c.get("type") == "Complete" and c.get("status") == "True"
                                 for c in (job.get("status") or {}).get("conditions") or []))
     settings = _settings(job_spec)

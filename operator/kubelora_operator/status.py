@@ -66,6 +66,14 @@ def pod_problem(pods: list[dict]) -> Optional[tuple[str, str, bool]]:
     return found
 
 
+def needs_pods(job: dict) -> bool:
+    """Whether the pods must be read to explain the Job: some failed, some are not ready yet
+    (image pull, missing Secret...) or it failed. A Job whose active pods are all ready needs no
+    pod list, which saves one request per sync of every running job."""
+    s = job.get("status") or {}
+    return bool(s.get("failed") or s.get("active", 0) > s.get("ready", 0) or _cond(job, "Failed"))
+
+
 def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], manifest: Optional[dict],
             suspend_requested: bool) -> Observed:
     if job is None:
@@ -94,8 +102,7 @@ def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], man
     if problem and problem[2]:
         return Observed(PENDING, problem[0], problem[1], stalled=True, progress=progress)
     st = job.get("status") or {}
-    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
-    if not st.get("active") and not running:
+    if not st.get("active"):
         return Observed(PENDING, "WaitingForPods", "waiting for the trainer pods to be scheduled", progress=progress)
     phase = (progress or {}).get("phase")
     if phase == "Training":
