@@ -72,3 +72,21 @@ def test_every_default_export_key_is_applied_by_comfyui(tiny_flux_dir):
         assert f"{hit[0]}.weight" in bfl_keys, (m, hit)
     with pytest.raises(KeyError):
         to_bfl({"not_a_flux_module.weight": torch.zeros(1)})
+
+
+def test_bypass_guidance_embedding_ignores_the_guidance_embedder(tiny_flux_dir):
+    """model.bypassGuidanceEmbedding: the loss runs without guidance, and the guidance embedder's
+    weights no longer affect the output."""
+    spec = _spec(bypassGuidanceEmbedding=True)
+    comps = FAMILY.load(spec.model, {"diffusersPath": str(tiny_flux_dir)}, torch.device("cpu"))
+    batch = {"latents": torch.randn(1, 4, 16, 16), "prompt_embeds": torch.randn(1, 12, 32), "pooled": torch.randn(1, 32)}
+
+    def loss():
+        return FAMILY.loss(comps, batch, spec.model, spec.training, torch.Generator().manual_seed(0))
+    before = loss()
+    with torch.no_grad():
+        for p in comps.trainable["transformer"].time_text_embed.guidance_embedder.parameters():
+            p.add_(1.0)
+    assert torch.isfinite(before) and torch.equal(loss(), before)
+    plain = FAMILY.load(_spec().model, {"diffusersPath": str(tiny_flux_dir)}, torch.device("cpu"))
+    assert not torch.equal(FAMILY.loss(plain, batch, _spec().model, spec.training, torch.Generator().manual_seed(0)), before)

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 CREDENTIALS_DIR_ENV = "KUBELORA_S3_CREDENTIALS_DIR"
 DEFAULT_CREDENTIALS_DIR = "/var/run/secrets/kubelora/s3"
@@ -327,7 +327,3 @@ def upload_tree(folder: str | Path, uri: str, settings: S3Settings = S3Settings(
     client = client or (make_client(settings) if loc.is_s3 else None)
     return [upload(f, str(loc.child(str(f.relative_to(folder)))), settings, client)
             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != INDEX_NAME]
-
-
-def iter_files(root: Path) -> Iterator[Path]:
-    yield from sorted(p for p in root.rglob("*") if p.is_file() and p.name != INDEX_NAME and not p.name.endswith(".part"))

@@ -1,0 +1,46 @@
+"""Pure pieces of the training loop's bookkeeping: schedule, progress rates, loss history."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubelora_trainer.progress import Meter, Progress, Publisher, format_eta
+from kubelora_trainer.train import downsample, lr_lambda
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    assert [lr_lambda(s, 4, 20, "constant") for s in (0, 1, 3, 4, 19)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cos = [lr_lambda(s, 0, 10, "cosine") for s in range(11)]
+    assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5) and cos[10] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(cos, cos[1:]))
+
+
+def test_eta_and_rates():
+    assert (format_eta(None), format_eta(-1), format_eta(65), format_eta(3725)) == ("?", "?", "1:05", "1:02:05")
+    m = Meter(total_steps=10, samples_per_step=4)
+    assert m.update(1, now=0.0) == (None, None)
+    sps, eta = m.update(3, now=1.0)  # 2 steps in 1 s
+    assert sps == pytest.approx(8.0) and eta == pytest.approx(3.5)
+
+
+def test_loss_history_is_bounded_and_averaged():
+    assert downsample([1.0, 3.0, 5.0], 10) == [[1, 1.0], [2, 3.0], [3, 5.0]]
+    h = downsample([float(i) for i in range(1000)], 200)
+    assert len(h) == 200 and h[0] == [5, 2.0] and h[-1][0] == 1000
+
+
+def test_progress_file_for_a_local_reader(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBELORA_PROGRESS_FILE", str(tmp_path / "p.json"))
+    Publisher()(Progress(phase="Training", step=3, totalSteps=9, loss=0.5))
+    assert json.loads((tmp_path / "p.json").read_text())["step"] == 3
+
+
+def test_validate_prints_the_resolved_spec():
+    p = subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "validate", str(REPO / "examples" / "sdxl.yaml")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "textEncoderLearningRate" in p.stdout and "missingCaption: skip" in p.stdout  # defaults filled in
