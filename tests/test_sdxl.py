@@ -272,7 +272,7 @@ def test_single_file_sgm_names_are_the_ones_comfyui_and_diffusers_read(tiny_sdxl
 
 def _spec(**model):
     from types import SimpleNamespace
-    return SimpleNamespace(dtype="float32", vPred=False, minSnrGamma=None, **model)
+    return SimpleNamespace(**{"dtype": "float32", "vPred": False, "minSnrGamma": None, "zeroTerminalSnr": None, **model})
 
 
 def test_single_file_loads_like_the_diffusers_folder(tiny_sdxl_dir, tiny_sdxl_file):
@@ -452,3 +452,39 @@ def test_shipped_tiny_configs_match_the_builder(tmp_path):
         got = json.loads(f.read_text())
         drop = ("_diffusers_version", "transformers_version")
         assert {k: v for k, v in got.items() if k not in drop} == {k: v for k, v in want.items() if k not in drop}, f
+
+
+def _with_marker_keys(src: Path, dst: Path, *markers: str) -> Path:
+    """The tiny single file plus the empty marker tensors real checkpoints carry (NoobAI v-pred:
+    v_pred and ztsnr; CosXL: edm_vpred; Playground v2.5: edm_mean/edm_std)."""
+    from safetensors.torch import load_file, save_file
+    save_file({**load_file(str(src)), **{m: torch.zeros(0) for m in markers}}, str(dst))
+    return dst
+
+
+def test_ztsnr_key_gives_a_zero_terminal_snr_v_pred_schedule(tmp_path, tiny_sdxl_file):
+    noob = _with_marker_keys(tiny_sdxl_file, tmp_path / "noob.safetensors", "v_pred", "ztsnr")
+    comps = FAMILY.load(_spec(), {"checkpointPath": str(noob)}, torch.device("cpu"))
+    alphas = comps.info["alphas_cumprod"]
+    assert comps.info["v_pred"] is True and float(alphas[-1]) == 0.0 and float(alphas[0]) > 0.99
+    # the spec overrides what the file says, both ways
+    off = FAMILY.load(_spec(zeroTerminalSnr=False), {"checkpointPath": str(noob)}, torch.device("cpu"))
+    assert float(off.info["alphas_cumprod"][-1]) > 0.0
+    plain = FAMILY.load(_spec(zeroTerminalSnr=True), {"checkpointPath": str(tiny_sdxl_file)}, torch.device("cpu"))
+    assert float(plain.info["alphas_cumprod"][-1]) == 0.0 and plain.info["v_pred"] is False
+
+
+def test_min_snr_weights_are_finite_at_zero_terminal_snr():
+    a = torch.tensor([0.9, 0.1, 0.0])
+    for v_pred in (False, True):
+        w = sdxl_mod.min_snr_weights(a, 5.0, v_pred)
+        assert torch.isfinite(w).all(), (v_pred, w)
+    assert sdxl_mod.min_snr_weights(a, 5.0, False)[-1] == 1.0  # the limit of min(snr, g) / snr as snr -> 0
+    assert sdxl_mod.min_snr_weights(a, 5.0, True)[-1] == 0.0
+
+
+@pytest.mark.parametrize("marker,what", [("edm_vpred", "CosXL"), ("edm_mean", "Playground v2.5")])
+def test_edm_checkpoints_are_refused(tmp_path, tiny_sdxl_file, marker, what):
+    f = _with_marker_keys(tiny_sdxl_file, tmp_path / "edm.safetensors", marker)
+    with pytest.raises(ModelError, match=rf"model.checkpointPath: this is an EDM .*{what}.*epsilon or v-prediction"):
+        FAMILY.load(_spec(), {"checkpointPath": str(f)}, torch.device("cpu"))

@@ -66,7 +66,7 @@ def test_invalid_fields_are_named(path, value, expect):
 def test_cross_field_rules():
     with pytest.raises(SpecError, match="training.warmupSteps \\(50\\) exceeds training.steps \\(10\\)"):
         parse_spec(with_("training", {"steps": 10, "warmupSteps": 50}))
-    with pytest.raises(SpecError, match=r"model.fluxShift does not apply to model.type sdxl \(its options: model.vPred, model.minSnrGamma\)"):
+    with pytest.raises(SpecError, match=r"model.fluxShift does not apply to model.type sdxl \(its options: model.vPred, model.zeroTerminalSnr, model.minSnrGamma\)"):
         parse_spec(with_("model", {"type": "sdxl", "diffusersPath": "s3://models/sdxl", "fluxShift": True}))
     with pytest.raises(SpecError, match="model.type flux needs model.diffusersPath"):
         parse_spec(with_("model.diffusersPath", ...))
@@ -157,3 +157,10 @@ def test_spec_imports_without_torch():
     code = "import sys, kubelora_trainer.spec, kubelora_trainer.crd, kubelora_trainer.models; " \
            "assert 'torch' not in sys.modules, 'spec pulled in torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_float16_is_refused_with_the_reason():
+    from kubelora_trainer.spec import SpecError, parse_spec
+    with pytest.raises(SpecError, match=r"spec.model.dtype: got 'float16'.*loss scaling.*use bfloat16"):
+        parse_spec({"model": {"type": "flux", "diffusersPath": "/m", "dtype": "float16"},
+                    "dataset": {"uri": "/d"}, "output": {"uri": "/o"}})

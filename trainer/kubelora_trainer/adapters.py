@@ -46,6 +46,8 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
         out.configs[name] = cfg
         out.groups.append({"params": [p for p in module.parameters() if p.requires_grad],
                            "lr": learning_rate(name, spec.training), "name": name})
+    # lora.inject seeded every rank alike (same init); dropout masks must differ per rank
+    torch.manual_seed(lora.rank_seed(spec.training.seed, env.rank))
     return out
 
 

@@ -85,10 +85,15 @@ def _to_tensor(im):
     return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def load_clip(path: Path, width: int, height: int, frames: int):
-    """A clip [3, frames, height, width] in [-1, 1]: the first `frames` frames of a video
-    (decoded with PyAV), or an image as a one-frame clip (frames must then be 1). Raises
-    ValueError for a clip that is too short and OSError/av errors for unreadable files."""
+def load_clip(path: Path, width: int, height: int, frames: int, fps: float | None = None):
+    """A clip [3, frames, height, width] in [-1, 1] from the start of a video (decoded with PyAV),
+    or an image as a one-frame clip (frames must then be 1).
+
+    With fps (the model family's training rate), the video is resampled in time to that rate
+    first: output frame k shows what the source shows at k / fps seconds (the nearest source
+    frame; frames are dropped for faster sources and repeated for slower ones), so a 60 fps
+    source is not trained as slow motion. Decoding stops once the last needed frame is reached.
+    Raises ValueError for a clip that is too short and OSError/av errors for unreadable files."""
     import torch
 
     if path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -96,15 +101,51 @@ def load_clip(path: Path, width: int, height: int, frames: int):
             raise ValueError(f"an image is a 1-frame clip but dataset.frames is {frames}")
         return load_image(path, width, height).unsqueeze(1)
     import av
-    out = []
     with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            out.append(_to_tensor(_fit(frame.to_image(), width, height)))
-            if len(out) == frames:
-                break
-    if len(out) < frames:
-        raise ValueError(f"video has {len(out)} frames, fewer than dataset.frames={frames}")
+        stream = container.streams.video[0]
+        decoded = ((frame.time, frame) for frame in container.decode(stream))
+        picked = list(pick_frames(decoded, frames, fps))
+        src_fps = float(stream.average_rate or 0) or None
+    if len(picked) < frames:
+        need = [f"{frames / fps:.2f} s at the model's {fps:g} fps"] if fps else []
+        need += [f"the file is {src_fps:g} fps"] if src_fps else []
+        raise ValueError(f"video is too short: {len(picked)} of the {frames} frames that dataset.frames asks for"
+                         + (f" ({'; '.join(need)})" if need else ""))
+    cache: dict[int, object] = {}
+    out = []
+    for frame in picked:  # a repeated source frame is converted once
+        if id(frame) not in cache:
+            cache[id(frame)] = _to_tensor(_fit(frame.to_image(), width, height))
+        out.append(cache[id(frame)])
     return torch.stack(out, dim=1)
+
+
+def pick_frames(timed_frames, n: int, fps: float | None):
+    """From (time in seconds, frame) pairs in decoding order, the n frames a clip at `fps` shows
+    at times 0, 1/fps, 2/fps... (nearest source frame; ties go to the earlier one). Without fps,
+    the first n frames. Pure and lazy: stops consuming once the n-th frame is chosen."""
+    if fps is None:
+        for k, (_, frame) in zip(range(n), timed_frames):
+            yield frame
+        return
+    k, t0, prev, step = 0, None, None, None
+    for t, frame in timed_frames:
+        t = float(t or 0.0)
+        t0 = t if t0 is None else t0
+        t -= t0
+        if prev is not None:
+            step = t - prev[0]
+        while k < n and t >= k / fps:
+            target = k / fps
+            yield prev[1] if prev is not None and target - prev[0] <= t - target + 1e-9 else frame
+            k += 1
+        if k == n:
+            return
+        prev = (t, frame)
+    # past the last decoded frame: it is still on screen for one frame duration
+    while prev is not None and step and k < n and k / fps < prev[0] + step:
+        yield prev[1]
+        k += 1
 
 
 def check_usable(report: ScanReport, uri: str) -> None:

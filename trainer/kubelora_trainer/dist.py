@@ -54,10 +54,15 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
                 compute_dtype: torch.dtype, checkpointing: bool = False, compile_blocks: bool = False):
     """Shared parallelism for every family, in torchtitan's order: activation checkpointing
     (wrapping each block, so recomputation sees the inputs FSDP already cast), regional compile,
-    then FSDP2 with one group per block plus the root. FSDP2 gathers parameters in compute_dtype
-    (a frozen bf16 base and fp32 LoRA master weights compute together in bf16) and reduces
-    gradients in fp32. A single process skips FSDP (it would only copy every weight twice per
-    step) and computes under autocast instead. Returns the context to run forward passes in."""
+    then FSDP2 with one group per block plus the root. A single process skips FSDP (it would only
+    copy every weight twice per step).
+
+    Precision is the same with one process and with many: forward passes run under autocast to
+    compute_dtype, and FSDP2 gathers every parameter in the dtype it is stored in (the frozen base
+    in model.dtype, the LoRA in fp32) without touching the blocks' inputs. FSDP2's own
+    param_dtype/cast_forward_inputs would instead cast timesteps, RoPE tables and modulation
+    inputs to bf16 at every block boundary, so 2 ranks would train another numeric model than 1.
+    Gradients reduce in fp32. Returns the context to run forward passes in."""
     import contextlib
 
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -72,16 +77,37 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
     if world > 1 or os.environ.get("KUBELORA_FSDP_SINGLE") == "1":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
         for blocks in block_lists:
             for block in blocks:
                 fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
-        return contextlib.nullcontext
     device_type = next(model.parameters()).device.type
     if compute_dtype == torch.float32:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type, dtype=compute_dtype)
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed; its reason is in the message (and in its own log)."""
+
+
+def agree(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on every rank, then one collective: if fn raised on any rank, the
+    failing rank re-raises its own error and every other rank raises PeerFailed with that rank's
+    reason, so no rank waits for a peer that has stopped. fn must not itself run collectives."""
+    error = None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the peers have been told
+        error = e
+    reasons = all_gather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, why) for r, why in enumerate(reasons) if why]
+    if failed:
+        raise PeerFailed(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    return result
 
 
 def all_ok(ok: bool) -> bool:

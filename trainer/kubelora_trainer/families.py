@@ -9,7 +9,7 @@ from typing import Optional
 
 PATH_FIELDS = ("diffusersPath", "checkpointPath", "ckptPath", "transformerPath", "vaePath", "llmPath", "clipPath",
                "textEncoderPath")
-OPTION_FIELDS = ("fluxShift", "bypassGuidanceEmbedding", "guidance", "vPred", "minSnrGamma")
+OPTION_FIELDS = ("fluxShift", "bypassGuidanceEmbedding", "guidance", "vPred", "zeroTerminalSnr", "minSnrGamma")
 
 COSMOS_SIZES = ((960, 960), (960, 704), (704, 960), (1280, 704), (704, 1280))
 COSMOS_FRAMES = (1, 121)
@@ -28,6 +28,7 @@ class FamilyRules:
     sizes: Optional[tuple[tuple[int, int], ...]] = None
     frames: Optional[tuple[int, ...]] = None
     default_frames: int = 1
+    fps: Optional[float] = None                    # training frame rate: videos are resampled to it
     size_multiple: int = 16                        # width and height must be multiples of this
     formats: tuple[str, ...] = ()                  # LoRA file formats; the first is the default
 
@@ -39,14 +40,15 @@ class FamilyRules:
 RULES: dict[str, FamilyRules] = {
     "flux": FamilyRules(sources=(("diffusersPath",),), optional_paths=("transformerPath",),
                         options=("fluxShift", "bypassGuidanceEmbedding", "guidance"), formats=("diffusers",)),
-    "sdxl": FamilyRules(sources=(("diffusersPath",), ("checkpointPath",)), options=("vPred", "minSnrGamma"),
+    "sdxl": FamilyRules(sources=(("diffusersPath",), ("checkpointPath",)), options=("vPred", "zeroTerminalSnr", "minSnrGamma"),
                         formats=("kohya", "diffusers")),
-    "ltx-video": FamilyRules(sources=(("diffusersPath",),), video=True, frame_rule=(8, 1), default_frames=1,
+    "ltx-video": FamilyRules(sources=(("diffusersPath",),), video=True, frame_rule=(8, 1), default_frames=1, fps=25,
                              size_multiple=32, formats=("comfyui", "diffusers")),
     "hunyuan-video": FamilyRules(sources=(("ckptPath",), ("transformerPath", "vaePath", "llmPath", "clipPath")),
-                                 video=True, frame_rule=(4, 1), default_frames=1, formats=("original", "diffusers")),
+                                 video=True, frame_rule=(4, 1), default_frames=1, fps=24, formats=("original", "diffusers")),
     "cosmos": FamilyRules(sources=(("transformerPath", "vaePath", "textEncoderPath"),), video=True,
-                          sizes=COSMOS_SIZES, frames=COSMOS_FRAMES, default_frames=121, formats=("comfyui", "diffusers")),
+                          sizes=COSMOS_SIZES, frames=COSMOS_FRAMES, default_frames=121, fps=24,
+                          formats=("comfyui", "diffusers")),
 }
 
 

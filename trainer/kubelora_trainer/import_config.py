@@ -66,7 +66,7 @@ def convert(main: dict[str, Any], dataset: Optional[dict[str, Any]] = None, *, n
             model["guidance"] = v
         else:
             notes.append(f"[model] {k} is not mapped")
-    if model.get("dtype") not in (None, "bfloat16", "float16", "float32"):
+    if model.get("dtype") not in (None, "bfloat16", "float32"):
         notes.append(f"[model] dtype {model['dtype']!r} replaced by bfloat16")
         model["dtype"] = "bfloat16"
 

@@ -39,6 +39,11 @@ def inject(model: nn.Module, cfg, seed: int) -> int:
     return n
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The global RNG seed for a rank's LoRA dropout masks once the adapters exist."""
+    return (seed * 1_000_003 + 7919 * (rank + 1)) % 2**63
+
+
 def gather(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Full LoRA tensors on CPU, keyed by module path: {module: (lora_A, lora_B)}. A collective
     under FSDP2: every rank must call it."""

@@ -58,8 +58,9 @@ class ModelSpec(_Model):
     llmPath: Optional[str] = _uri("HunyuanVideo: folder with the llava-llama-3 text encoder and tokenizer", default=None)
     clipPath: Optional[str] = _uri("HunyuanVideo: CLIP-L text encoder folder", default=None)
     textEncoderPath: Optional[str] = _uri("Cosmos: T5 text encoder .safetensors", default=None)
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16", description="Storage and compute dtype of the frozen base weights.")
+    dtype: Literal["bfloat16", "float32"] = Field(
+        default="bfloat16", description="Storage and compute dtype of the frozen base weights. float16 is not "
+                                        "offered: it needs loss scaling, which kubelora does not do.")
     fluxShift: bool = Field(
         default=False, description="Flux: shift sampled timesteps by image resolution as the Flux schedule does.")
     bypassGuidanceEmbedding: bool = Field(
@@ -68,6 +69,10 @@ class ModelSpec(_Model):
         default=None, ge=0.0, le=30.0,
         description="Flux: guidance value fed to the guidance embedding while training (default 1.0).")
     vPred: bool = Field(default=False, description="SDXL: the model is a v-prediction model (else epsilon).")
+    zeroTerminalSnr: Optional[bool] = Field(
+        default=None, description="SDXL: rescale the noise schedule to zero terminal SNR (as NoobAI v-pred and other "
+                                  "v-prediction fine-tunes were trained). Default: what the checkpoint says (its "
+                                  "ztsnr key, or the diffusers scheduler's rescale_betas_zero_snr).")
     minSnrGamma: Optional[float] = Field(
         default=None, gt=0, description="SDXL: Min-SNR loss weighting gamma (e.g. 5); off when unset.")
 
@@ -217,6 +222,12 @@ def _camel_hint(loc: tuple, model: type[BaseModel]) -> str:
     return f"; did you mean {guess[0]!r}?" if guess else f"; known fields: {', '.join(known)}"
 
 
+LITERAL_HINTS = {
+    (("model", "dtype"), "float16"): " (float16 training underflows small gradients without loss scaling, which "
+                                     "kubelora does not do; use bfloat16, or float32 on GPUs without bfloat16)",
+}
+
+
 def format_errors(err: ValidationError, prefix: str = "spec") -> str:
     lines = []
     for e in err.errors():
@@ -226,7 +237,7 @@ def format_errors(err: ValidationError, prefix: str = "spec") -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown field" + _camel_hint(e["loc"], LoRATrainingJobSpec)
         elif e["type"] == "literal_error":
-            msg = f"got {e['input']!r}; accepted values: {e['ctx']['expected']}"
+            msg = f"got {e['input']!r}; accepted values: {e['ctx']['expected']}" + LITERAL_HINTS.get((loc, e["input"]), "")
         elif e["type"] == "string_pattern_mismatch" and "s3://" in e["ctx"].get("pattern", ""):
             msg = f"got {e['input']!r}; expected {URI_HELP}"
         elif e["type"] == "value_error":

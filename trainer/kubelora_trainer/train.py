@@ -76,14 +76,37 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
     return json.loads(marker.read_text())
 
 
-def _cache_key(model_id: str, size: tuple[int, int], image: Path, caption: str) -> str:
-    h = hashlib.sha256()
-    h.update(f"{model_id}|{size}|{caption}|".encode())
-    h.update(image.read_bytes())
+CACHE_FORMAT = 2  # bump whenever what encode() writes for the same inputs changes
+
+
+def cache_inputs(spec, model_fingerprint: str) -> dict:
+    """Everything besides the media bytes and the caption that a cached tensor depends on."""
+    w, h = size_of(spec.dataset)
+    r = RULES[spec.model.type]
+    return {"format": CACHE_FORMAT, "model": spec.model.model_dump(mode="json"), "files": model_fingerprint,
+            "size": [w, h], "fit": "cover+center-crop", "frames": frames_of(spec.model.type, spec.dataset) if r.video else 1,
+            "fps": r.fps if r.video else None}
+
+
+def cache_key(inputs: dict, caption: str, media: bytes) -> str:
+    h = hashlib.sha256(json.dumps({**inputs, "caption": caption}, sort_keys=True).encode())
+    h.update(media)
     return h.hexdigest()[:32]
 
 
-def build_cache(spec, family, comps, items, indices, model_id, env) -> dict[int, dict]:
+def model_fingerprint(paths: dict[str, str]) -> str:
+    """Names and sizes of the staged model files (not the dataset): a model replaced at the same
+    URI gives other cache keys."""
+    h = hashlib.sha256()
+    for field in sorted(f for f in paths if f in PATH_FIELDS):
+        root = Path(paths[field])
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for p in files:
+            h.update(f"{field}|{p.relative_to(root) if root.is_dir() else p.name}|{p.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def build_cache(spec, family, comps, items, indices, inputs, env) -> dict[int, dict]:
     """Encode the unique items this rank trains on (reusing the on-disk cache across restarts)."""
     folder = cache_root() / "latents"
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,7 +114,7 @@ def build_cache(spec, family, comps, items, indices, model_id, env) -> dict[int,
     todo = sorted(set(indices))
     for i in todo:
         it = items[i]
-        f = folder / f"{_cache_key(model_id, size_of(spec.dataset), it.image, it.caption)}.pt"
+        f = folder / f"{cache_key(inputs, it.caption, it.image.read_bytes())}.pt"
         if f.is_file():
             out[i] = torch.load(f, weights_only=True)
             hits += 1
@@ -106,10 +129,12 @@ def build_cache(spec, family, comps, items, indices, model_id, env) -> dict[int,
 
 
 def load_media(spec, path: Path) -> torch.Tensor:
-    """[3, H, W] for image families; [3, F, H, W] for video families (images are 1-frame clips)."""
+    """[3, H, W] for image families; [3, F, H, W] for video families (images are 1-frame clips,
+    videos resampled to the family's training frame rate)."""
     w, h = size_of(spec.dataset)
-    if RULES[spec.model.type].video:
-        return load_clip(path, w, h, frames_of(spec.model.type, spec.dataset))
+    r = RULES[spec.model.type]
+    if r.video:
+        return load_clip(path, w, h, frames_of(spec.model.type, spec.dataset), fps=r.fps)
     return load_image(path, w, h)
 
 
@@ -144,6 +169,27 @@ def downsample(values: list[float], n: int) -> list[list[float]]:
     """At most n [step, mean loss] points, each the mean over its window of steps."""
     w = max(1, -(-len(values) // n))
     return [[i + w, sum(values[i:i + w]) / len(values[i:i + w])] for i in range(0, len(values), w)]
+
+
+def epoch_of(samples_seen: int, epoch_size: int) -> int:
+    """The epoch (from 1) that the last of samples_seen samples, counted over all ranks, belongs
+    to; an epoch is every item of the dataset times its repeats."""
+    return max(1, -(-samples_seen // max(1, epoch_size)))
+
+
+def agree_on_loss(step_loss: torch.Tensor, step: int, env: dist.DistEnv) -> float:
+    """The step's mean loss over all ranks, in one collective that also tells every rank whether
+    any rank's loss was not finite; then all ranks stop together with the same reason."""
+    local = float(step_loss)
+    finite = math.isfinite(local)
+    both = torch.tensor([local if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64, device=env.device)
+    torch.distributed.all_reduce(both)  # SUM: gloo has no AVG
+    if both[1] > 0:
+        bad = [(r, v) for r, v in enumerate(dist.all_gather(local)) if not math.isfinite(v)]
+        where = ", ".join(f"rank {r}: {v}" for r, v in bad)
+        raise RunError(f"loss is not finite at step {step} ({where}); lower training.learningRate "
+                       f"(or set training.maxGradNorm) and check the data")
+    return float(both[0]) / env.world
 
 
 def _stack(samples: list[dict], device) -> dict[str, torch.Tensor]:
@@ -185,16 +231,17 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     # ---- model and cache
     log(env, "[phase] cache")
     quiet_progress_bars()
-    comps = family.load(spec.model, paths, env.device)
+    # a failure on one rank (a bad file, a missing weight) stops every rank with its reason
+    comps = dist.agree(family.load, spec.model, paths, env.device)
     my_indices = shard_indices(len(report.items), spec.dataset.repeats, env.world, env.rank, epoch_seed=spec.training.seed)
-    model_id = json.dumps(spec.model.model_dump(mode="json"), sort_keys=True)
-    cached = build_cache(spec, family, comps, report.items, my_indices, model_id, env)
+    inputs = cache_inputs(spec, model_fingerprint(paths))
+    cached = dist.agree(build_cache, spec, family, comps, report.items, my_indices, inputs, env)
     comps.encoders.clear()
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
 
     # ---- adapters + parallelism
-    ad = adapters.attach(comps, family, spec, env)
+    ad = dist.agree(adapters.attach, comps, family, spec, env)
     opt = torch.optim.AdamW(ad.groups, lr=t.learningRate, betas=t.betas, eps=t.epsilon, weight_decay=t.weightDecay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, t.warmupSteps, t.steps, t.lrScheduler))
     log(env, f"[model] LoRA on {', '.join(ad.configs)}: {ad.n_trainable:,} trainable parameters")
@@ -204,9 +251,10 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     gen = torch.Generator(device=env.device).manual_seed(t.seed * 1000 + env.rank)
     order_rng = random.Random(t.seed + env.rank)
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
+    epoch_size = len(report.items) * spec.dataset.repeats
     meter = Meter(t.steps, samples_per_step)
     queue: list[int] = []
-    epoch, losses = 0, []
+    losses: list[float] = []
     prog = Progress(phase="Training", totalSteps=t.steps)
     for step in range(1, t.steps + 1):
         step_loss = torch.zeros((), device=env.device)
@@ -216,27 +264,24 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
                 if not queue:
                     queue = list(my_indices)
                     order_rng.shuffle(queue)
-                    epoch += 1
                 batch_idx.append(queue.pop())
             batch = _stack([cached[i] for i in batch_idx], env.device)
             with ad.compute():
                 loss = family.loss(comps, batch, spec.model, t, gen) / t.gradientAccumulationSteps
-            if not torch.isfinite(loss):
-                raise RunError(f"loss is {loss.item()} at step {step}; lower training.learningRate or check the data")
-            loss.backward()
-            step_loss += loss.detach()
+            loss.backward()  # even when not finite: every rank must take part in the gradient collectives
+            step_loss += loss.detach().float()
+        losses.append(agree_on_loss(step_loss, step, env))
         if t.maxGradNorm:
             torch.nn.utils.clip_grad_norm_(ad.params, t.maxGradNorm)
+        lr_used = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        torch.distributed.all_reduce(step_loss)  # SUM: gloo has no AVG
-        losses.append(float(step_loss) / env.world)
         sps, eta = meter.update(step)
         if step % t.logEvery == 0 or step == t.steps:
-            prog.step, prog.epoch, prog.loss = step, epoch, losses[-1]
+            prog.step, prog.epoch, prog.loss = step, epoch_of(step * samples_per_step, epoch_size), losses[-1]
             prog.samplesPerSecond, prog.eta = sps, format_eta(eta)
-            log(env, line(prog, sched.get_last_lr()[0]))
+            log(env, line(prog, lr_used))
             publish(prog)
     train_seconds = time.time() - t_start
 
@@ -274,3 +319,6 @@ def main_from_cli(spec_path: str) -> int:
     except (RunError, DatasetError, storage.StorageError, lora.AdapterError, ModelError, FileNotFoundError) as e:
         print(f"[error] {e}", file=sys.stderr, flush=True)
         return 2
+    except dist.PeerFailed as e:  # the failing rank reports (and classifies) its own error
+        print(f"[error] {e}", file=sys.stderr, flush=True)
+        return 1

@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..families import RULES
 from . import cosmos_keys as K
 from .base import Components, ModelError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "cosmos"
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = 0.0, 1.0      # log-normal training sigmas of Cosmos 1.0 (EDM)
-TRAIN_FPS = 24                # the RoPE base frame rate of Cosmos 1.0: clips are taken at their own rate
+TRAIN_FPS = RULES["cosmos"].fps  # the RoPE base frame rate of Cosmos 1.0 (24); clips are resampled to it
 MAX_TEXT_TOKENS = 512
 
 DEFAULT_TARGETS = (r".*transformer_blocks\.\d+\.((attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))")

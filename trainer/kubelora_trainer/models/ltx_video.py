@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..families import RULES
 from ..objectives import flow_matching_pair, sample_timesteps
 from .base import Components, ModelError
 
@@ -32,7 +33,7 @@ DEFAULT_TARGETS = r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out
 TRANSFORMER_CLASS = "LTXVideoTransformer3DModel"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 MAX_TOKENS = 128     # LTXPipeline's max_sequence_length
-FRAME_RATE = 25      # LTXPipeline's default; sets the temporal position scale
+FRAME_RATE = RULES["ltx-video"].fps  # LTXPipeline's default 25; clips are resampled to it; sets the RoPE time scale
 FORMATS = ("comfyui", "diffusers")
 
 # diffusers module name -> the original LTX / ComfyUI name, where they differ (the inverse of

@@ -49,6 +49,12 @@ OTHER_FAMILIES = (
     ("a diffusers UNet (not a whole checkpoint)", ("down_blocks.0.resnets.0.conv1.weight",)),
     ("a LoRA", ("lora_unet_", "lora_te1_", "diffusion_model.")),
 )
+# objectives of SDXL-architecture checkpoints that kubelora does not train, by their marker key
+UNTRAINED_OBJECTIVES = {
+    "edm_vpred": "an EDM v-prediction checkpoint (e.g. CosXL)",
+    "edm_mean": "an EDM checkpoint with latent mean/std (e.g. Playground v2.5)",
+    "edm_std": "an EDM checkpoint with latent mean/std (e.g. Playground v2.5)",
+}
 # single-file flavors: UNet conv_in channels -> shipped config folder under configs/
 FLAVORS = {320: "sdxl", 32: "sdxl-tiny"}
 
@@ -63,6 +69,11 @@ def identify(keys) -> str:
 
 
 def check_single_file_keys(keys, field: str = "model.checkpointPath") -> None:
+    for marker, what in UNTRAINED_OBJECTIVES.items():
+        if marker in keys:
+            raise ModelError(f"{field}: this is {what} (it has a {marker!r} key); kubelora trains SDXL with the DDPM "
+                             f"epsilon or v-prediction objective only, and training it as one would produce a "
+                             f"broken LoRA. Use an SDXL base, epsilon or v-prediction checkpoint")
     missing = [m for m in SGM_MARKERS if m not in keys]
     if missing:
         raise ModelError(f"{field}: expected an SDXL checkpoint in the original single-file layout (like "
@@ -142,7 +153,7 @@ def load_single_file(ckpt: Path, dtype: torch.dtype):
         if missing:
             raise ModelError(f"model.checkpointPath: {ckpt.name} has no weights for {name}.{missing[0]} "
                              f"({len(missing)} missing); expected a complete SDXL base checkpoint")
-    return pipe, "v_pred" in keys
+    return pipe, {"v_pred": "v_pred" in keys, "ztsnr": "ztsnr" in keys}
 
 
 def _penultimate(te, ids):
@@ -176,23 +187,43 @@ def ddpm_pair(x0, noise, alpha_bar, v_pred: bool):
 
 def min_snr_weights(alpha_bar, gamma: float | None, v_pred: bool):
     """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon,
-    min(SNR, gamma) / (SNR + 1) for v-prediction; ones when gamma is unset."""
+    min(SNR, gamma) / (SNR + 1) for v-prediction; ones when gamma is unset. Finite at SNR 0 (the
+    last timestep of a zero-terminal-SNR schedule), where the epsilon weight is its limit, 1."""
     if not gamma:
         return torch.ones_like(alpha_bar)
     snr = alpha_bar / (1 - alpha_bar)
-    return torch.clamp(snr, max=gamma) / (snr + 1 if v_pred else snr)
+    if v_pred:
+        return torch.clamp(snr, max=gamma) / (snr + 1)
+    return torch.where(snr <= gamma, torch.ones_like(snr), gamma / snr)
+
+
+def schedule(sched_cfg, zero_terminal_snr: bool) -> torch.Tensor:
+    """alphas_cumprod of the checkpoint's DDPM schedule, rescaled to zero terminal SNR if asked
+    (Lin et al. 2023, as diffusers' rescale_betas_zero_snr: alphas_cumprod[-1] becomes 0)."""
+    from diffusers import DDPMScheduler
+    return DDPMScheduler.from_config(sched_cfg, rescale_betas_zero_snr=zero_terminal_snr).alphas_cumprod.float()
+
+
+def objective(model_spec, sched_cfg, file_marks: dict) -> tuple[bool, bool]:
+    """(v-prediction, zero terminal SNR): the spec where it says, else what the checkpoint says
+    (single-file v_pred/ztsnr keys, or the diffusers scheduler config)."""
+    v_pred = bool(model_spec.vPred or file_marks.get("v_pred") or sched_cfg.get("prediction_type") == "v_prediction")
+    ztsnr = model_spec.zeroTerminalSnr
+    if ztsnr is None:
+        ztsnr = bool(file_marks.get("ztsnr") or sched_cfg.get("rescale_betas_zero_snr"))
+    return v_pred, ztsnr
 
 
 class SDXL:
     name = "sdxl"
 
     def load(self, model_spec, paths, device):
-        from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+        from diffusers import StableDiffusionXLPipeline
 
         dtype = getattr(torch, model_spec.dtype)
-        file_v_pred = False
+        marks = {}
         if paths.get("checkpointPath"):
-            pipe, file_v_pred = load_single_file(Path(paths["checkpointPath"]), dtype)
+            pipe, marks = load_single_file(Path(paths["checkpointPath"]), dtype)
         else:
             root = Path(paths["diffusersPath"])
             check_diffusers_folder(root)
@@ -202,8 +233,12 @@ class SDXL:
             raise ModelError("model: the UNet is not SDXL-shaped (needs addition_embed_type text_time and "
                              f"layers_per_block {LAYERS_PER_BLOCK})")
         sched_cfg = pipe.scheduler.config
-        alphas = DDPMScheduler.from_config(sched_cfg).alphas_cumprod.float()
-        v_pred = bool(model_spec.vPred or file_v_pred or sched_cfg.get("prediction_type") == "v_prediction")
+        v_pred, ztsnr = objective(model_spec, sched_cfg, marks)
+        if ztsnr and not v_pred:
+            print("[model] warning: model.zeroTerminalSnr with epsilon prediction: at the last timestep the input is "
+                  "pure noise and the target equals it; zero terminal SNR is meant for v-prediction (model.vPred)",
+                  flush=True)
+        alphas = schedule(sched_cfg, ztsnr)
         vae = pipe.vae.to(device, torch.float32)  # encoded once and cached; fp16/bf16 SDXL VAEs overflow
         trainable = {"unet": unet.to(device), "text_encoder": pipe.text_encoder.to(device),
                      "text_encoder_2": pipe.text_encoder_2.to(device)}

@@ -1,0 +1,70 @@
+"""Run under torchrun by tests/test_dist_numerics.py: one tiny Flux transformer (bf16 base),
+LoRA attached by the trainer's own adapters.attach, one AdamW step on a fixed batch, then a
+forward pass without and one with LoRA dropout. Rank 0 writes {"out": [...], "dropout_outs": [[...] per rank]} as JSON to argv[1].
+
+    torchrun --nproc-per-node 2 tests/workers/dist_numerics.py out.json
+"""
+import json
+import os
+import sys
+
+import torch
+
+
+def tiny_transformer():
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4)).to(torch.bfloat16)
+
+
+def inputs():
+    from diffusers import FluxPipeline
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 64, 16, generator=g).bfloat16(),
+                encoder_hidden_states=torch.randn(2, 12, 32, generator=g).bfloat16(),
+                pooled_projections=torch.randn(2, 32, generator=g).bfloat16(), timestep=torch.tensor([0.3, 0.77]),
+                img_ids=FluxPipeline._prepare_latent_image_ids(2, 8, 8, "cpu", torch.float32),
+                txt_ids=torch.zeros(12, 3), return_dict=False)
+
+
+def attach(env, dropout: float):
+    from kubelora_trainer import adapters
+    from kubelora_trainer.models.base import Components
+    from kubelora_trainer.models.flux import FAMILY
+    from kubelora_trainer.spec import parse_spec
+    spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m", "dtype": "bfloat16"},
+                       "dataset": {"uri": "/d", "resolution": 32}, "adapter": {"rank": 4, "dropout": dropout},
+                       "training": {"steps": 1, "seed": 3}, "output": {"uri": "/o"}})
+    comps = Components(trainable={"transformer": tiny_transformer()})
+    return comps.denoiser, adapters.attach(comps, FAMILY, spec, env)
+
+
+def main(out_path: str) -> None:
+    from kubelora_trainer import dist
+    env = dist.init()
+    model, ad = attach(env, dropout=0.5)
+    model.eval()  # dropout off for the step and the parity output
+    opt = torch.optim.AdamW(ad.groups, lr=1e-2)
+    with ad.compute():
+        loss = model(**inputs())[0].float().square().mean()
+    loss.backward()
+    opt.step()
+    with torch.no_grad(), ad.compute():
+        out = model(**inputs())[0].float()
+    model.train()  # dropout on: each rank must draw its own masks
+    with torch.no_grad(), ad.compute():
+        drop_out = model(**inputs())[0].float()
+    gathered = dist.all_gather(drop_out.flatten()[:256].tolist())
+    if env.is_main:
+        with open(out_path, "w") as f:
+            json.dump({"out": out.flatten().tolist(), "dropout_outs": gathered}, f)
+    dist.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
+    sys.stdout.flush()
+    os._exit(0)  # as the trainer does: gloo teardown at interpreter exit can abort a finished rank
