@@ -44,3 +44,10 @@ def test_validate_prints_the_resolved_spec():
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "textEncoderLearningRate" in p.stdout and "missingCaption: skip" in p.stdout  # defaults filled in
+
+
+def test_epochs_count_samples_over_all_ranks():
+    from kubelora_trainer.train import epoch_of
+    # 10 items x 2 repeats = 20 samples an epoch; 8 samples a step (e.g. 4 ranks x 2)
+    assert [epoch_of(step * 8, 20) for step in (1, 2, 3, 5, 6)] == [1, 1, 2, 2, 3]
+    assert epoch_of(0, 20) == 1 and epoch_of(5, 0) == 5

@@ -15,7 +15,8 @@ def test_nan_loss_on_one_rank_stops_all_ranks_with_the_reason(tmp_path, tiny_flu
     job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": str(tiny_flux_dir), "dtype": "float32"},
                                    "dataset": {"uri": str(overfit_data), "resolution": 32},
                                    "adapter": {"rank": 4},
-                                   "training": {"steps": 40, "logEvery": 1, "seed": 1},
+                                   "training": {"steps": 40, "logEvery": 1, "seed": 1, "learningRate": 1e-3,
+                                                "warmupSteps": 2, "lrScheduler": "cosine"},
                                    "output": {"uri": str(tmp_path / "out")}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KUBELORA_CACHE_DIR": str(tmp_path / "cache")}
     # a hang would run into this timeout: the process-group timeout is an hour
@@ -24,8 +25,12 @@ def test_nan_loss_on_one_rank_stops_all_ranks_with_the_reason(tmp_path, tiny_flu
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "[train] step 2/40" in proc.stdout and "[train] step 3/40" not in proc.stdout, proc.stdout[-2000:]
+    # the progress line shows the learning rate the step used (warmup: 1/2, then 2/2 of 1e-3) and
+    # epochs over the whole dataset (1 usable item, 2 ranks: each step is 2 epochs)
+    assert "step 1/40 | epoch 2 | " in proc.stdout and "| lr 5.00e-04 |" in proc.stdout, proc.stdout[-2000:]
+    assert "step 2/40 | epoch 4 | " in proc.stdout and "| lr 1.00e-03 |" in proc.stdout, proc.stdout[-2000:]
     # both ranks stopped at step 3 with the same reason, naming the rank that diverged
-    reasons = [ln for ln in proc.stderr.splitlines() if ln.startswith("[error]")]
-    assert len(reasons) == 2, out[-3000:]
-    assert all("loss is not finite at step 3 (rank 1: nan)" in r and "training.learningRate" in r for r in reasons), reasons
+    reason = "loss is not finite at step 3 (rank 1: nan); lower training.learningRate"
+    assert proc.stderr.count(f"[error] {reason}") == 2, out[-3000:]  # one per rank (lines may interleave)
+    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-2000:]  # torchrun's summary of both workers
     assert not (tmp_path / "out" / "lora.safetensors").exists()
