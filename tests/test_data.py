@@ -50,3 +50,10 @@ def test_shards_cover_everything_with_equal_counts(n, repeats, world):
     flat = [i for s in shards for i in s]
     assert set(flat) == set(range(n))
     assert len(flat) == max(n * repeats, world) or len(flat) - n * repeats < world
+
+
+def test_caption_prefix_is_put_before_every_caption_verbatim(tmp_path):
+    _img(tmp_path / "a.png", caption="a red thing")
+    _img(tmp_path / "b.png")
+    r = scan(tmp_path, "empty", caption_prefix="ohwx, ")
+    assert [i.caption for i in r.items] == ["ohwx, a red thing", "ohwx, "]

@@ -475,3 +475,18 @@ def test_trainer_refuses_a_flux_file_without_a_traceback(tmp_path, tiny_hv, vide
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "holds a Flux transformer (BFL layout); expected a HunyuanVideo transformer in the original layout" in proc.stderr
     assert "Traceback" not in proc.stderr and "[phase] train" not in proc.stdout
+
+
+def test_transformer_path_beside_ckpt_path_replaces_the_official_transformer(tmp_path, tiny_hv):
+    """diffusion-pipe's ckpt_path + transformer_path: the official layout with another transformer."""
+    from kubelora_trainer.models.hunyuan_video import resolve_sources
+    official = build_tiny_hunyuan_video(tmp_path / "ckpts", layout="official")
+    src = resolve_sources({"ckptPath": str(official["ckptPath"]), "transformerPath": str(tiny_hv["transformerPath"])})
+    assert src["transformer"] == ("model.transformerPath", Path(tiny_hv["transformerPath"]))
+    assert src["vae"][0] == src["llm"][0] == src["clip"][0] == "model.ckptPath"
+    # the official transformer is not needed then, and the override is checked like any part
+    (official["ckptPath"] / "hunyuan-video-t2v-720p" / "transformers" / "mp_rank_00_model_states.pt").unlink()
+    assert resolve_sources({"ckptPath": str(official["ckptPath"]),
+                            "transformerPath": str(tiny_hv["transformerPath"])})["transformer"][0] == "model.transformerPath"
+    with pytest.raises(ModelError, match="model.transformerPath: .* does not exist"):
+        resolve_sources({"ckptPath": str(official["ckptPath"]), "transformerPath": str(tmp_path / "nope.safetensors")})

@@ -51,3 +51,8 @@ def test_epochs_count_samples_over_all_ranks():
     # 10 items x 2 repeats = 20 samples an epoch; 8 samples a step (e.g. 4 ranks x 2)
     assert [epoch_of(step * 8, 20) for step in (1, 2, 3, 5, 6)] == [1, 1, 2, 2, 3]
     assert epoch_of(0, 20) == 1 and epoch_of(5, 0) == 5
+
+
+def test_linear_schedule_reaches_zero_at_the_last_step():
+    lin = [lr_lambda(s, 2, 12, "linear") for s in (0, 1, 2, 7, 12)]
+    assert lin == [0.5, 1.0, 1.0, 0.5, 0.0]

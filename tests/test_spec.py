@@ -54,7 +54,7 @@ def test_defaults_are_filled():
     ("resources.nodes", 0, "spec.resources.nodes: Input should be greater than or equal to 1"),
     ("model.transformer_path", "s3://models/f.safetensors", "spec.model.transformer_path: unknown field; did you mean 'transformerPath'?"),
     ("dataset.resolution", 500, "spec.dataset.resolution: Input should be a multiple of 16"),
-    ("training.lrScheduler", "linear", "spec.training.lrScheduler: got 'linear'; accepted values: 'constant' or 'cosine'"),
+    ("training.lrScheduler", "step", "spec.training.lrScheduler: got 'step'; accepted values: 'constant', 'linear' or 'cosine'"),
     ("storage.accessKey", "AKIA...", "spec.storage.accessKey: unknown field"),
 ])
 def test_invalid_fields_are_named(path, value, expect):

@@ -35,9 +35,10 @@ class ScanReport:
                 "emptyCaptionUsed": self.empty_caption_used, "unreadable": len(self.unreadable)}
 
 
-def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", video: bool = False) -> ScanReport:
+def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", video: bool = False,
+         caption_prefix: str = "") -> ScanReport:
     """Find media files under root (images; videos too for video families) and pair them with
-    captions. Does not decode anything."""
+    captions (caption_prefix put before each, verbatim). Does not decode anything."""
     report = ScanReport()
     exts = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if video else ())
     images = sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in exts)
@@ -51,7 +52,7 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
                 continue
             report.empty_caption_used += 1
             text = ""
-        report.items.append(Item(img, text))
+        report.items.append(Item(img, caption_prefix + text))
     return report
 
 

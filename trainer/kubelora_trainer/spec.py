@@ -93,6 +93,10 @@ class DatasetSpec(_Model):
     missingCaption: Literal["skip", "empty"] = Field(
         default="skip", description="Image without a caption file: skip it, or train it with an empty caption. Counted either way.")
     captionExtension: str = Field(default=".txt", pattern=r"^\.[A-Za-z0-9]+$", description="Caption file extension.")
+    captionPrefix: str = Field(
+        default="", max_length=1000,
+        description="Text put before every caption exactly as written (include a trailing space or comma if wanted), "
+                    "e.g. a trigger word.")
 
 
 class AdapterSpec(_Model):
@@ -116,7 +120,8 @@ class TrainingSpec(_Model):
     textEncoderLearningRate: Optional[float] = Field(
         default=None, gt=0, le=1.0,
         description="Learning rate for text-encoder LoRA in families that train the text encoders (SDXL); defaults to learningRate.")
-    lrScheduler: Literal["constant", "cosine"] = Field(default="constant", description="Schedule after warmup.")
+    lrScheduler: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="Schedule after warmup: constant, linear to 0 at the last step, or cosine to 0.")
     warmupSteps: int = Field(default=0, ge=0, description="Linear warmup steps from 0 to learningRate.")
     weightDecay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field(default=(0.9, 0.99), description="AdamW betas.")

@@ -159,9 +159,11 @@ def drop_unreadable(report, env, spec) -> None:
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if kind == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - progress
     return 1.0
 
 
@@ -221,7 +223,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
 
     # ---- dataset (checked before any model is loaded)
     report = scan(Path(paths["dataset"]), spec.dataset.missingCaption, spec.dataset.captionExtension,
-                  video=RULES[spec.model.type].video)
+                  video=RULES[spec.model.type].video, caption_prefix=spec.dataset.captionPrefix)
     drop_unreadable(report, env, spec)
     stats = report.summary()
     log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "

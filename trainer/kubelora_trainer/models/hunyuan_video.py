@@ -65,24 +65,31 @@ DEFAULT_TARGETS = (
 
 def resolve_sources(paths: dict[str, str]) -> dict[str, tuple[str, Path]]:
     """{component: (spec field, local path)} from either source; refuses missing files naming
-    the field and the expected layout."""
+    the field and the expected layout. With model.ckptPath, a single part given beside it
+    (transformerPath, vaePath, llmPath, clipPath) replaces that part of the official layout, as
+    diffusion-pipe's transformer_path does with ckpt_path."""
+    given = {c: (f"model.{f}", Path(paths[f])) for c, f in COMFY_FIELDS.items() if paths.get(f)}
     if paths.get("ckptPath"):
         root = Path(paths["ckptPath"])
-        found = {c: ("model.ckptPath", root / rel) for c, rel in OFFICIAL.items()}
-        missing = [rel for c, rel in OFFICIAL.items() if not found[c][1].exists()]
+        official = {c: ("model.ckptPath", root / rel) for c, rel in OFFICIAL.items() if c not in given}
+        missing = [OFFICIAL[c] for c, (_, p) in official.items() if not p.exists()]
         if missing:
             raise ModelError(f"model.ckptPath: {root} lacks {', '.join(missing)}; expected the official HunyuanVideo "
                              f"layout ({', '.join(OFFICIAL.values())})")
-        return found
-    out = {c: (f"model.{f}", Path(paths[f])) for c, f in COMFY_FIELDS.items()}
-    for c, (field, p) in out.items():
-        if not p.exists():
-            raise ModelError(f"{field}: {p} does not exist")
-        if c in ("transformer", "vae") and not p.is_file():
-            raise ModelError(f"{field}: {p} is a folder; expected a single .safetensors file")
-        if c in ("llm", "clip") and not (p / "config.json").is_file():
-            raise ModelError(f"{field}: {p} has no config.json; expected a transformers model folder with its tokenizer")
-    return out
+        given = {**official, **given}
+    for c, (field, p) in given.items():
+        if field != "model.ckptPath":
+            _check_part(c, field, p)
+    return {c: given[c] for c in OFFICIAL}
+
+
+def _check_part(component: str, field: str, p: Path) -> None:
+    if not p.exists():
+        raise ModelError(f"{field}: {p} does not exist")
+    if component in ("transformer", "vae") and not p.is_file():
+        raise ModelError(f"{field}: {p} is a folder; expected a single .safetensors file")
+    if component in ("llm", "clip") and not (p / "config.json").is_file():
+        raise ModelError(f"{field}: {p} has no config.json; expected a transformers model folder with its tokenizer")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
