@@ -79,7 +79,7 @@ def test_convert_needs_steps_and_a_known_model():
     with pytest.raises(ValueError, match="pass --steps"):
         convert(tomllib.loads(MAIN), tomllib.loads(DATASET))
     bad = tomllib.loads(MAIN.replace("type = 'flux'", "type = 'wan'"))
-    with pytest.raises(ValueError, match="type 'wan' is not one kubelora trains"):
+    with pytest.raises(ValueError, match=r"type: 'wan' \(a diffusion-pipe model kubelora does not train yet\)"):
         convert(bad, tomllib.loads(DATASET), steps=10)
 
 
@@ -87,7 +87,8 @@ def test_import_config_cli(tmp_path):
     (tmp_path / "train.toml").write_text(MAIN)
     (tmp_path / "dataset.toml").write_text(DATASET)
     p = subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "import-config", str(tmp_path / "train.toml"),
-                        "--steps", "500", "--map", "/data=s3://bucket"], capture_output=True, text=True)
+                        "--steps", "500", "--map", "/data=s3://bucket", "--cwd", str(tmp_path)],
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     doc = yaml.safe_load(p.stdout)
     assert doc["spec"]["dataset"]["uri"] == "s3://bucket/datasets/style" and "note: [model] transformer_dtype" in p.stderr

@@ -56,23 +56,28 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
 
 
 def import_config(args) -> int:
-    import tomllib
     import yaml
-    from .import_config import convert as to_manifest
+    from .import_config import ConfigError, convert as to_manifest, load
     from .spec import SpecError, parse_spec
-    cfg_path = Path(args.config)
-    main_cfg = tomllib.loads(cfg_path.read_text())
-    ds_path = Path(args.dataset) if args.dataset else (cfg_path.parent / main_cfg["dataset"] if main_cfg.get("dataset") else None)
-    dataset = tomllib.loads(ds_path.read_text()) if ds_path and ds_path.is_file() else None
-    if ds_path and dataset is None:
-        print(f"note: dataset TOML {ds_path} not found; pass --dataset", file=sys.stderr)
+    cfg = Path(args.config)
     try:
-        manifest, notes = to_manifest(main_cfg, dataset, name=args.name or cfg_path.stem, data_uri=args.data_uri,
-                                      output_uri=args.output_uri, steps=args.steps,
-                                      path_map=dict(m.split("=", 1) for m in args.map))
+        cwd = Path(args.cwd).resolve() if args.cwd else Path.cwd()
+        main_cfg, dataset, sources = load(cfg, Path(args.dataset) if args.dataset else None, cwd)
+        path_map = {}
+        for m in args.map:
+            if "=" not in m:
+                raise ConfigError(f"--map {m!r}: expected LOCAL=URI, e.g. /data/models=s3://models")
+            local, remote = m.split("=", 1)
+            path_map[local] = remote
+        manifest, notes = to_manifest(main_cfg, dataset, name=args.name or cfg.stem, data_uri=args.data_uri,
+                                      output_uri=args.output_uri, steps=args.steps, path_map=path_map,
+                                      cwd=str(cwd), sources=sources)
         parse_spec(manifest)
-    except (ValueError, SpecError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SpecError as e:
+        print(f"error: {cfg}: the imported manifest is not valid: {e}", file=sys.stderr)
         return 2
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
@@ -128,6 +133,8 @@ def main(argv=None) -> int:
     ic.add_argument("--steps", type=int, help="training steps (diffusion-pipe counts epochs)")
     ic.add_argument("--map", action="append", default=[], metavar="LOCAL=URI",
                     help="rewrite a local path prefix, e.g. /data/models=s3://models (repeatable)")
+    ic.add_argument("--cwd", help="the directory diffusion-pipe runs in: relative paths in the configs resolve "
+                                  "against it, as diffusion-pipe resolves them (default: the current directory)")
     cv = sub.add_parser("convert", help="convert a LoRA file between formats")
     cv.add_argument("input")
     cv.add_argument("output")

@@ -1,154 +1,209 @@
 """diffusion-pipe config (main TOML with its [model], [adapter], [optimizer] tables, plus the
-dataset TOML it names) -> a LoRATrainingJob manifest. Pure: dicts in, (manifest, notes) out.
+dataset TOML it names) -> a LoRATrainingJob manifest.
 
     kubelora import-config train.toml [--dataset dataset.toml] [--name NAME] [--data-uri s3://...]
-        [--output-uri s3://...] [--steps N] > job.yaml
+        [--output-uri s3://...] [--steps N] [--map /data=s3://bucket] [--cwd DIR] > job.yaml
 
-Every key is either mapped (docs/import-config.md has the table) or named in a note, so nothing
-is dropped silently.
+Every key is mapped with diffusion-pipe's meaning, noted, or refused (import_rules.py has the
+tables; docs/import-config.md lists them). Relative paths resolve as diffusion-pipe resolves
+them: against the directory it was started from (--cwd, default the current one), not the
+TOML's folder. `convert` is pure (dicts in, manifest and notes out); `load` reads the files and
+turns TOML and key errors into `ConfigError`s that name the file, line and key.
 """
 from __future__ import annotations
 
+import posixpath
 import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
-MODEL_TYPES = {"flux": "flux", "sdxl": "sdxl", "ltx-video": "ltx-video", "ltx_video": "ltx-video",
-               "hunyuan-video": "hunyuan-video", "hunyuan_video": "hunyuan-video", "cosmos": "cosmos"}
-MODEL_KEYS = {"diffusers_path": "diffusersPath", "transformer_path": "transformerPath", "ckpt_path": "ckptPath",
-              "checkpoint_path": "checkpointPath", "vae_path": "vaePath", "llm_path": "llmPath", "clip_path": "clipPath",
-              "text_encoder_path": "textEncoderPath", "flux_shift": "fluxShift",
-              "bypass_guidance_embedding": "bypassGuidanceEmbedding", "v_pred": "vPred", "min_snr_gamma": "minSnrGamma",
-              "dtype": "dtype"}
-TOP_KEYS = {"micro_batch_size_per_gpu": "microBatchSize", "gradient_accumulation_steps": "gradientAccumulationSteps",
-            "gradient_clipping": "maxGradNorm", "warmup_steps": "warmupSteps",
-            "activation_checkpointing": "gradientCheckpointing"}
-OPTIMIZER_KEYS = {"lr": "learningRate", "betas": "betas", "weight_decay": "weightDecay", "eps": "epsilon"}
-IGNORED_TOP = {"output_dir", "dataset", "epochs", "pipeline_stages", "save_every_n_epochs", "save_every_n_steps",
-               "checkpoint_every_n_minutes", "eval_every_n_epochs", "eval_before_first_step", "eval_micro_batch_size_per_gpu",
-               "eval_gradient_accumulation_steps", "save_dtype", "caching_batch_size", "steps_per_print",
-               "video_clip_mode", "partition_method", "max_steps", "lr_scheduler", "blocks_to_swap",
-               "model", "adapter", "optimizer", "monitoring", "compile"}
+from .import_rules import MODEL_TYPES, OTHER_MODEL_TYPES, Ctx, Refused, apply, label
 
 
-def _uri(path: Optional[str], override: Optional[str]) -> Optional[str]:
-    return override or path
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Source:
+    """A TOML file's name and text, for error locations."""
+    name: str
+    text: str = ""
+
+    def where(self, section: str, key: str) -> str:
+        line = find_line(self.text, section, key)
+        return f"{self.name}:{line}" if line else self.name
+
+
+def find_line(text: str, section: str, key: str) -> Optional[int]:
+    """1-based line of `key = ...` inside table `section` ("" for the top level, "directory" for
+    any [[directory]]), or None."""
+    current = ""
+    for i, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        m = re.fullmatch(r"\[\[?\s*([^\]]+?)\s*\]\]?(\s*#.*)?", line)
+        if m:
+            current = m[1]
+            continue
+        if current == section and re.match(rf"{re.escape(key)}\s*=", line):
+            return i
+    return None
 
 
 def convert(main: dict[str, Any], dataset: Optional[dict[str, Any]] = None, *, name: str = "imported",
             data_uri: Optional[str] = None, output_uri: Optional[str] = None, steps: Optional[int] = None,
-            path_map: Optional[dict[str, str]] = None) -> tuple[dict, list[str]]:
-    """Returns (manifest, notes). path_map rewrites local path prefixes (e.g. {'/data/models':
-    's3://models'}) so a workstation config points at the bucket the cluster reads."""
-    notes: list[str] = []
-    path_map = path_map or {}
+            path_map: Optional[dict[str, str]] = None, cwd: str = "/",
+            sources: Optional[dict[str, Source]] = None) -> tuple[dict, list[str]]:
+    """Returns (manifest, notes); raises ConfigError naming the file, line and key. path_map
+    rewrites local path prefixes (e.g. {'/data/models': 's3://models'}) so a workstation config
+    points at the bucket the cluster reads."""
+    sources = sources or {"main": Source("the config"), "dataset": Source("the dataset config")}
+    try:
+        return _convert(main, dataset, name, data_uri, output_uri, steps, path_map or {}, cwd)
+    except Refused as e:
+        src = sources["dataset" if e.section in ("dataset", "directory") else "main"]
+        table = "" if e.section == "dataset" else e.section
+        raise ConfigError(f"{src.where(table, e.key)}: {label(e.section)}{e.key}: {e}") from None
 
-    def mapped(p: str) -> str:
-        for local, remote in sorted(path_map.items(), key=lambda kv: -len(kv[0])):
-            if p.startswith(local):
-                return remote.rstrip("/") + "/" + p[len(local):].lstrip("/")
+
+def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) -> tuple[dict, list[str]]:
+    def local(p: str) -> str:
+        """A path as diffusion-pipe opens it (relative to where it runs), then --map applied."""
+        if not re.match(r"^[a-z0-9]+://", p) and not p.startswith("/"):
+            p = posixpath.normpath(str(PurePosixPath(cwd) / p))
+        for prefix, remote in sorted(path_map.items(), key=lambda kv: -len(kv[0])):
+            if p == prefix or p.startswith(prefix.rstrip("/") + "/"):
+                return remote.rstrip("/") + "/" + p[len(prefix):].lstrip("/")
         return p
 
-    m = dict(main.get("model") or {})
-    mtype = MODEL_TYPES.get(str(m.pop("type", "")).lower())
-    if mtype is None:
-        raise ValueError(f"[model] type {main.get('model', {}).get('type')!r} is not one kubelora trains "
-                         f"(accepted: {', '.join(sorted(set(MODEL_TYPES.values())))})")
-    model: dict[str, Any] = {"type": mtype}
-    training: dict[str, Any] = {}
-    for k, v in m.items():
-        if k in MODEL_KEYS:
-            model[MODEL_KEYS[k]] = mapped(v) if k.endswith("_path") else v
-        elif k == "timestep_sample_method":
-            training["timestepSampling"] = v
-        elif k == "transformer_dtype" and v == "float8":
-            notes.append("[model] transformer_dtype = 'float8': fp8 base weights are not supported yet; trained in model.dtype")
-        elif k == "guidance":
-            model["guidance"] = v
-        else:
-            notes.append(f"[model] {k} is not mapped")
-    if model.get("dtype") not in (None, "bfloat16", "float32"):
-        notes.append(f"[model] dtype {model['dtype']!r} replaced by bfloat16")
-        model["dtype"] = "bfloat16"
+    for section in ("model", "adapter", "optimizer", "monitoring"):
+        if section in main and not isinstance(main[section], dict):
+            raise Refused("", section, f"expected a [{section}] table")
+    if "model" not in main:
+        raise Refused("", "model", "no [model] table; a diffusion-pipe config needs one (type = 'flux', ...)")
+    model = dict(main.get("model") or {})
+    raw_type = str(model.get("type", ""))
+    if raw_type not in MODEL_TYPES:
+        other = " (a diffusion-pipe model kubelora does not train yet)" if raw_type in OTHER_MODEL_TYPES else ""
+        raise Refused("model", "type", f"{raw_type!r}{other}: kubelora trains {', '.join(MODEL_TYPES)}")
+    ctx = Ctx(model_type=MODEL_TYPES[raw_type])
+    ctx.model["type"] = ctx.model_type
+    ctx.extra.update(map_path=local, dtype=model.get("dtype"))
+    apply(ctx, "main", main)
+    apply(ctx, "model", model)
+    if "adapter" not in main:
+        raise Refused("", "adapter", "the config has no [adapter] table, which in diffusion-pipe means a full "
+                                     "fine-tune; kubelora trains LoRA adapters: add [adapter] type = 'lora' and a rank")
+    apply(ctx, "adapter", main["adapter"])
+    apply(ctx, "optimizer", main.get("optimizer") or {})
+    apply(ctx, "monitoring", main.get("monitoring") or {})
+    _learning_rates(ctx)
+    ds_uri = _dataset(ctx, dataset, local)
 
-    adapter: dict[str, Any] = {}
-    for k, v in (main.get("adapter") or {}).items():
-        if k == "rank":
-            adapter["rank"] = v
-        elif k == "alpha":
-            adapter["alpha"] = v
-        elif k == "dropout":
-            adapter["dropout"] = v
-        elif k in ("type", "dtype"):
-            if k == "type" and v != "lora":
-                raise ValueError(f"[adapter] type {v!r}: kubelora trains lora adapters")
-            if k == "dtype" and v != "float32":
-                notes.append(f"[adapter] dtype {v!r}: kubelora keeps LoRA master weights in float32")
-        elif k == "init_from_existing":
-            notes.append("[adapter] init_from_existing is not supported yet")
-        else:
-            notes.append(f"[adapter] {k} is not mapped")
-
-    for k, v in (main.get("optimizer") or {}).items():
-        if k in OPTIMIZER_KEYS:
-            training[OPTIMIZER_KEYS[k]] = v
-        elif k == "type":
-            if not re.fullmatch(r"adamw.*", str(v).lower()):
-                notes.append(f"[optimizer] type {v!r}: kubelora uses AdamW")
-        else:
-            notes.append(f"[optimizer] {k} is not mapped")
-    for k, v in main.items():
-        if k in TOP_KEYS:
-            training[TOP_KEYS[k]] = v
-        elif k not in IGNORED_TOP:
-            notes.append(f"{k} is not mapped")
-
-    ds: dict[str, Any] = {}
-    dirs = list((dataset or {}).get("directory") or [])
-    if dataset is not None:
-        res = dataset.get("resolutions") or [512]
-        r0 = res[0]
-        if isinstance(r0, (list, tuple)):
-            ds["width"], ds["height"] = int(r0[0]), int(r0[1])
-        else:
-            ds["resolution"] = int(r0)
-        if len(res) > 1:
-            notes.append(f"dataset resolutions {res}: one resolution per job for now; using {r0}")
-        if dataset.get("enable_ar_bucket"):
-            notes.append("dataset enable_ar_bucket: aspect-ratio bucketing comes later; images are centre-cropped")
-        frames = dataset.get("frame_buckets")
-        if frames and mtype in ("ltx-video", "hunyuan-video", "cosmos"):
-            ds["frames"] = int(max(frames))
-            if len(frames) > 1:
-                notes.append(f"dataset frame_buckets {frames}: one clip length per job for now; using {max(frames)}")
-        if mtype == "cosmos" and dataset.get("size_buckets"):
-            w, h, f = dataset["size_buckets"][0]
-            ds.update(width=int(w), height=int(h), frames=int(f))
-            ds.pop("resolution", None)
-        if dirs:
-            ds["repeats"] = int(dirs[0].get("num_repeats", 1))
-            if len(dirs) > 1:
-                notes.append(f"dataset has {len(dirs)} [[directory]] entries: several sources come later; using the first")
-    ds["uri"] = _uri(mapped(dirs[0]["path"]) if dirs else None, data_uri)
-    if not ds["uri"]:
-        raise ValueError("no dataset path: pass the dataset TOML (with a [[directory]] path) or --data-uri")
-
-    out_uri = _uri(mapped(main["output_dir"]) if main.get("output_dir") else None, output_uri)
+    if "micro_batch_size_per_gpu" not in main:
+        ctx.training.setdefault("microBatchSize", 1)
+    if "gradient_clipping" not in main:
+        ctx.training["maxGradNorm"] = 1.0  # diffusion-pipe's default
+    out_uri = output_uri or (local(str(main["output_dir"])) if main.get("output_dir") else None)
     if not out_uri:
-        raise ValueError("no output: the config has no output_dir; pass --output-uri")
+        raise Refused("", "output_dir", "the config has no output_dir; add it or pass --output-uri")
     if steps is None:
-        if main.get("max_steps"):
-            steps = int(main["max_steps"])
-        else:
-            raise ValueError(f"kubelora trains for a number of steps; diffusion-pipe counts epochs "
-                             f"({main.get('epochs', '?')}): pass --steps (steps = epochs x items x repeats / "
-                             "(micro batch x accumulation x GPUs))")
-    training["steps"] = steps
-    if "warmupSteps" in training:
-        training["warmupSteps"] = min(training["warmupSteps"], steps)
-    if isinstance(training.get("betas"), list):
-        training["betas"] = [float(b) for b in training["betas"]]
+        if not main.get("max_steps"):
+            raise Refused("", "epochs", f"kubelora trains for a number of steps; diffusion-pipe counts epochs "
+                                        f"({main.get('epochs', '?')}): pass --steps (steps = epochs x items x repeats "
+                                        "/ (micro batch x accumulation x GPUs)) or set max_steps")
+        steps = int(main["max_steps"])
+    elif main.get("max_steps") and int(main["max_steps"]) != steps:
+        ctx.notes.append(f"max_steps: {main['max_steps']} replaced by --steps {steps}")
+    if "epochs" in main:
+        ctx.notes.append(f"epochs: kubelora trains training.steps = {steps} steps, however many epochs that is "
+                         f"(diffusion-pipe stops after {main['epochs']} epochs)")
+    ctx.training["steps"] = steps
+    if ctx.training.get("warmupSteps", 0) > steps:
+        ctx.notes.append(f"warmup_steps: {ctx.training['warmupSteps']} is more than the {steps} steps; capped")
+        ctx.training["warmupSteps"] = steps
 
-    spec = {"model": model, "dataset": ds, "adapter": adapter, "training": training, "output": {"uri": out_uri}}
+    spec = {"model": ctx.model, "dataset": {"uri": data_uri or ds_uri, **ctx.dataset}, "adapter": ctx.adapter,
+            "training": ctx.training, "output": {"uri": out_uri}}
     manifest = {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
-                "metadata": {"name": re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-") or "imported"}, "spec": spec}
-    return manifest, notes
+                "metadata": {"name": _slug(name)}, "spec": spec}
+    return manifest, ctx.notes
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")[:52] or "imported"
+
+
+def _learning_rates(ctx: Ctx) -> None:
+    """[optimizer] lr, SDXL's unet_lr / text_encoder_*_lr, force_constant_lr -> kubelora's two rates."""
+    lr = ctx.extra.get("lr")
+    if "force_constant_lr" in ctx.extra:
+        ctx.training.update(learningRate=ctx.extra["force_constant_lr"], lrScheduler="constant", warmupSteps=0)
+        return
+    unet = ctx.extra.get("unet_lr", lr)
+    te = {ctx.extra.get(k, lr) for k in ("text_encoder_1_lr", "text_encoder_2_lr")}
+    if unet is None:
+        raise Refused("optimizer", "lr", "no learning rate: set [optimizer] lr")
+    ctx.training["learningRate"] = float(unet)
+    if ctx.model_type == "sdxl":
+        if len(te) > 1:
+            raise Refused("model", "text_encoder_2_lr", "kubelora trains both SDXL text encoders at one rate "
+                                                        "(training.textEncoderLearningRate): give them the same value")
+        (te_lr,) = te
+        if te_lr is not None and float(te_lr) != float(unet):
+            ctx.training["textEncoderLearningRate"] = float(te_lr)
+
+
+def _dataset(ctx: Ctx, dataset: Optional[dict[str, Any]], local) -> Optional[str]:
+    """Dataset TOML -> dataset fields; one [[directory]] for now, its keys overriding the top level."""
+    if dataset is None:
+        return None
+    dirs = dataset.get("directory") or []
+    if not isinstance(dirs, list) or not all(isinstance(d, dict) for d in dirs):
+        raise Refused("dataset", "directory", "expected [[directory]] tables, each with a path")
+    if len(dirs) > 1:
+        raise Refused("directory", "path", f"{len(dirs)} [[directory]] entries: kubelora trains one source per job "
+                                           "for now; put the files in one folder (repeats apply to all of it)")
+    apply(ctx, "dataset", dataset)
+    if not dirs:
+        return None
+    d = dirs[0]
+    if "path" not in d:
+        raise Refused("directory", "path", "the [[directory]] has no path")
+    apply(ctx, "directory", d)
+    return local(str(d["path"]))
+
+
+def load(config: Path, dataset: Optional[Path] = None, cwd: Optional[Path] = None
+         ) -> tuple[dict, Optional[dict], dict[str, Source]]:
+    """Read the main TOML and its dataset TOML (the `dataset` key, resolved against cwd as
+    diffusion-pipe does, unless given). Raises ConfigError with the file and line."""
+    cwd = cwd or Path.cwd()
+    main, main_src = _read(config, "config")
+    sources = {"main": main_src}
+    if "model" not in main:
+        raise ConfigError(f"{config}: no [model] table; a diffusion-pipe config needs one (type = 'flux', ...)")
+    if dataset is None and main.get("dataset"):
+        dataset = Path(main["dataset"]) if Path(main["dataset"]).is_absolute() else cwd / main["dataset"]
+        if not dataset.is_file():
+            raise ConfigError(f"{main_src.where('', 'dataset')}: dataset: {dataset} not found (diffusion-pipe opens "
+                              "it relative to the directory it runs in): pass --cwd DIR or --dataset FILE")
+    ds = None
+    if dataset is not None:
+        ds, sources["dataset"] = _read(dataset, "dataset config")
+    else:
+        sources["dataset"] = Source("the dataset config")
+    return main, ds, sources
+
+
+def _read(path: Path, what: str) -> tuple[dict, Source]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    try:
+        return tomllib.loads(text), Source(str(path), text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None

@@ -1,0 +1,330 @@
+"""`kubelora import-config`: every key diffusion-pipe reads (the list below was taken from its code:
+train.py, utils/dataset.py, utils/saver.py, models/{base,flux,sdxl,ltx_video,hunyuan_video,cosmos}.py
+at tdrussell/diffusion-pipe 8f83dbf) is handled in exactly one of three ways, none silently:
+mapped (the manifest changes), noted (a note names the key), refused (an error names the file,
+line and key); "default" marks a value at which kubelora already behaves as diffusion-pipe does.
+Pure calls to the converter, plus the CLI for errors."""
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubelora_trainer.import_config import ConfigError, Source, convert, find_line
+from kubelora_trainer.import_rules import SECTIONS, area_side
+from kubelora_trainer.spec import parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_MAIN = {"output_dir": "/runs/out", "max_steps": 100,
+             "model": {"type": "flux", "diffusers_path": "/models/flux", "dtype": "bfloat16"},
+             "adapter": {"type": "lora", "rank": 16}, "optimizer": {"type": "adamw", "lr": 1e-4}}
+BASE_DATASET = {"resolutions": [512], "directory": [{"path": "/data/style"}]}
+SECTION_TABLES = {"main": "", "model": "model", "adapter": "adapter", "optimizer": "optimizer",
+                  "monitoring": "monitoring", "dataset": "", "directory": "directory"}
+
+# (section, key, value, handling); a key may appear with several values
+KEYS = [
+    ("main", "output_dir", "/elsewhere", "mapped"),
+    ("main", "dataset", "dataset.toml", "section"),
+    ("main", "eval_datasets", [{"name": "e", "config": "e.toml"}], "noted"),
+    ("main", "epochs", 5, "noted"),
+    ("main", "max_steps", 77, "mapped"),
+    ("main", "micro_batch_size_per_gpu", 3, "mapped"),
+    ("main", "micro_batch_size_per_gpu", [[512, 4], [1024, 1]], "refused"),
+    ("main", "image_micro_batch_size_per_gpu", 2, "noted"),
+    ("main", "eval_micro_batch_size_per_gpu", 2, "noted"),
+    ("main", "eval_image_micro_batch_size_per_gpu", 2, "noted"),
+    ("main", "eval_gradient_accumulation_steps", 2, "noted"),
+    ("main", "eval_every_n_steps", 10, "noted"),
+    ("main", "eval_every_n_epochs", 1, "noted"),
+    ("main", "eval_every_n_examples", 100, "noted"),
+    ("main", "eval_before_first_step", False, "noted"),
+    ("main", "gradient_accumulation_steps", 4, "mapped"),
+    ("main", "gradient_clipping", 0.5, "mapped"),
+    ("main", "steps_per_print", 5, "noted"),
+    ("main", "logging_steps", 5, "mapped"),
+    ("main", "warmup_steps", 10, "mapped"),
+    ("main", "lr_scheduler", "cosine", "mapped"),
+    ("main", "lr_scheduler", "linear", "mapped"),
+    ("main", "lr_scheduler", "constant", "default"),
+    ("main", "lr_scheduler", "polynomial", "refused"),
+    ("main", "force_constant_lr", 3e-5, "mapped"),
+    ("main", "pipeline_stages", 2, "noted"),
+    ("main", "partition_method", "manual", "noted"),
+    ("main", "partition_split", [4], "noted"),
+    ("main", "activation_checkpointing", True, "mapped"),
+    ("main", "activation_checkpointing", "unsloth", "mapped"),
+    ("main", "reentrant_activation_checkpointing", True, "noted"),
+    ("main", "blocks_to_swap", 10, "noted"),
+    ("main", "disable_block_swap_for_eval", True, "noted"),
+    ("main", "compile", True, "mapped"),
+    ("main", "save_every_n_epochs", 1, "noted"),
+    ("main", "save_every_n_steps", 100, "noted"),
+    ("main", "save_every_n_examples", 1000, "noted"),
+    ("main", "checkpoint_every_n_epochs", 1, "noted"),
+    ("main", "checkpoint_every_n_minutes", 30, "noted"),
+    ("main", "resume_from_checkpoint", True, "noted"),
+    ("main", "save_dtype", "bfloat16", "noted"),
+    ("main", "caching_batch_size", 8, "noted"),
+    ("main", "map_num_proc", 4, "noted"),
+    ("main", "regenerate_cache", True, "noted"),
+    ("main", "x_axis_examples", True, "noted"),
+    ("main", "video_clip_mode", "single_beginning", "default"),
+    ("main", "video_clip_mode", "single_middle", "refused"),
+    ("main", "uncond_fraction", 0.1, "refused"),
+    ("main", "uncond_fraction", 0.0, "default"),
+    ("main", "huber_delta", 0.5, "refused"),
+    ("main", "smooth_l1_beta", 0.1, "refused"),
+    ("main", "lora", {"dtype": "bfloat16"}, "noted"),
+    ("main", "model", None, "section"),
+    ("main", "adapter", None, "section"),
+    ("main", "optimizer", None, "section"),
+    ("main", "monitoring", None, "section"),
+    ("model", "type", None, "section"),
+    ("model", "dtype", "float32", "mapped"),
+    ("model", "dtype", "float16", "noted"),
+    ("model", "transformer_dtype", "float8", "noted"),
+    ("model", "transformer_dtype", "float16", "refused"),
+    ("model", "diffusion_model_dtype", "bfloat16", "noted"),
+    ("model", "guidance", 3.5, "mapped"),
+    ("model", "timestep_sample_method", "uniform", "mapped"),
+    ("model", "sigmoid_scale", 1.5, "refused"),
+    ("model", "sigmoid_scale", 1.0, "default"),
+    ("model", "shift", 3.0, "refused"),
+    ("model", "flux_shift", True, "mapped"),
+    ("model", "cache_text_embeddings", False, "noted"),
+    ("model", "diffusers_path", "/models/other", "mapped"),
+    ("model", "transformer_path", "/models/t.safetensors", "mapped"),
+    ("model", "checkpoint_path", "/models/sdxl.safetensors", "mapped"),
+    ("model", "ckpt_path", "/models/hv", "mapped"),
+    ("model", "vae_path", "/models/vae.safetensors", "mapped"),
+    ("model", "llm_path", "/models/llm", "mapped"),
+    ("model", "clip_path", "/models/clip", "mapped"),
+    ("model", "text_encoder_path", "/models/t5.safetensors", "mapped"),
+    ("model", "single_file_path", "/models/ltx.safetensors", "refused"),
+    ("model", "bypass_guidance_embedding", True, "mapped"),
+    ("model", "v_pred", True, "mapped"),
+    ("model", "min_snr_gamma", 5.0, "mapped"),
+    ("model", "debiased_estimation_loss", False, "refused"),
+    ("model", "unet_lr", 1e-3, "noted"),            # flux: diffusion-pipe reads it for sdxl only
+    ("model", "text_encoder_1_lr", 1e-5, "noted"),
+    ("model", "text_encoder_2_lr", 1e-5, "noted"),
+    ("model", "first_frame_conditioning_p", 0.5, "refused"),
+    ("model", "first_frame_conditioning_p", 0.0, "default"),
+    ("adapter", "type", "lokr", "refused"),
+    ("adapter", "type", "lora", "default"),
+    ("adapter", "rank", 8, "mapped"),
+    ("adapter", "alpha", 32, "mapped"),
+    ("adapter", "dtype", "bfloat16", "noted"),
+    ("adapter", "dropout", 0.1, "mapped"),
+    ("adapter", "decompose_factor", 4, "noted"),
+    ("adapter", "rank_dropout", 0.1, "noted"),
+    ("adapter", "exclude_modules", ["proj_out"], "refused"),
+    ("adapter", "init_from_existing", "/loras/old", "refused"),
+    ("adapter", "fuse_adapters", [{"path": "/l.safetensors"}], "refused"),
+    ("optimizer", "type", "adamw8bit", "noted"),
+    ("optimizer", "type", "adamw_optimi", "default"),
+    ("optimizer", "type", "Prodigy", "refused"),
+    ("optimizer", "lr", 2e-5, "mapped"),
+    ("optimizer", "betas", [0.8, 0.95], "mapped"),
+    ("optimizer", "weight_decay", 0.1, "mapped"),
+    ("optimizer", "eps", 1e-6, "mapped"),
+    ("optimizer", "beta2_half_life", 100, "refused"),
+    ("optimizer", "gradient_release", True, "noted"),
+    ("optimizer", "amsgrad", True, "refused"),       # any other key goes to the optimizer in diffusion-pipe
+    ("monitoring", "enable_wandb", True, "noted"),
+    ("monitoring", "wandb_api_key", "secret", "noted"),
+    ("monitoring", "wandb_tracker_name", "t", "noted"),
+    ("monitoring", "wandb_run_name", "r", "noted"),
+    ("dataset", "directory", None, "section"),
+    ("dataset", "resolutions", [768], "mapped"),
+    ("dataset", "resolutions", [[1024, 768]], "mapped"),
+    ("dataset", "enable_ar_bucket", True, "noted"),
+    ("dataset", "min_ar", 0.5, "noted"),
+    ("dataset", "max_ar", 2.0, "noted"),
+    ("dataset", "num_ar_buckets", 7, "noted"),
+    ("dataset", "ar_buckets", [1.0, 1.5], "noted"),
+    ("dataset", "frame_buckets", [1, 33], "noted"),  # flux is an image model
+    ("dataset", "size_buckets", [[512, 768, 1]], "mapped"),
+    ("dataset", "num_repeats", 3, "mapped"),
+    ("dataset", "shuffle_tags", True, "refused"),
+    ("dataset", "cache_shuffle_num", 2, "refused"),
+    ("dataset", "cache_shuffle_delimiter", ", ", "noted"),
+    ("dataset", "caption_prefix", "ohwx ", "mapped"),
+    ("dataset", "skip_empty_caption", False, "mapped"),
+    ("dataset", "shuffle_metadata", False, "noted"),
+    ("dataset", "online_captions", True, "noted"),
+    ("dataset", "subsample_ratio", 0.5, "refused"),
+    ("directory", "path", "/data/other", "mapped"),
+    ("directory", "num_repeats", 2, "mapped"),
+    ("directory", "num_repeats", 1.5, "refused"),
+    ("directory", "mask_path", "/data/masks", "refused"),
+    ("directory", "default_mask_file", "/data/mask.png", "refused"),
+    ("directory", "control_path", "/data/control", "refused"),
+    ("directory", "resolutions", [256], "mapped"),
+    ("directory", "enable_ar_bucket", True, "noted"),
+    ("directory", "min_ar", 0.5, "noted"),
+    ("directory", "max_ar", 2.0, "noted"),
+    ("directory", "num_ar_buckets", 7, "noted"),
+    ("directory", "ar_buckets", [1.0], "noted"),
+    ("directory", "frame_buckets", [1, 33], "noted"),
+    ("directory", "size_buckets", [[512, 768, 1]], "mapped"),
+    ("directory", "caption_prefix", "ohwx ", "mapped"),
+    ("directory", "shuffle_tags", True, "refused"),
+    ("directory", "cache_shuffle_num", 2, "refused"),
+    ("directory", "cache_shuffle_delimiter", ", ", "noted"),
+    ("directory", "skip_empty_caption", False, "mapped"),
+    ("directory", "shuffle_metadata", False, "noted"),
+    ("directory", "online_captions", True, "noted"),
+]
+
+
+def _with(section, key, value):
+    main, ds = copy.deepcopy(BASE_MAIN), copy.deepcopy(BASE_DATASET)
+    target = {"main": main, "dataset": ds, "directory": ds["directory"][0]}.get(section) or main.setdefault(section, {})
+    target[key] = value
+    return main, ds
+
+
+def test_every_key_diffusion_pipe_reads_is_in_the_importer_tables_and_no_other():
+    listed = {(s, k) for s, k, _, _ in KEYS} - {("optimizer", "amsgrad")}  # stands for "any other key"
+    tables = {(s, k) for s, t in SECTIONS.items() for k in t}
+    assert listed == tables, (sorted(listed - tables), sorted(tables - listed))
+
+
+def test_docs_list_every_key():
+    doc = (REPO / "docs" / "import-config.md").read_text()
+    missing = sorted({k for _, k, _, _ in KEYS if f"`{k}`" not in doc})
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("section,key,value,handling", [k for k in KEYS if k[3] != "section"],
+                         ids=[f"{s}.{k}={v!r}" for s, k, v, h in KEYS if h != "section"])
+def test_each_key_is_mapped_noted_or_refused(section, key, value, handling):
+    base, base_notes = convert(copy.deepcopy(BASE_MAIN), copy.deepcopy(BASE_DATASET))
+    main, ds = _with(section, key, value)
+    if handling == "refused":
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}: "):
+            convert(main, ds)
+        return
+    manifest, notes = convert(main, ds)
+    named = [n for n in notes if re.match(rf"(\[\w+\] |dataset |\[\[directory\]\] )?{re.escape(key)}: ", n)]
+    if handling == "mapped":
+        assert manifest != base, f"{key}={value!r} changed nothing"
+    elif handling == "noted":
+        assert named, (key, notes)
+    else:  # default: kubelora already does what diffusion-pipe does at this value
+        assert manifest == base and notes == base_notes, (manifest, notes)
+
+
+def test_examples_keep_diffusion_pipe_meaning():
+    main, ds = _with("main", "lr_scheduler", "cosine")
+    main["warmup_steps"] = 5
+    ds["caption_prefix"] = "ohwx, "
+    ds["num_repeats"] = 4           # top level: the default for each directory
+    ds["skip_empty_caption"] = False
+    ds["resolutions"] = [[1024, 768]]
+    main["model"]["v_pred"] = True
+    spec = convert(main, ds)[0]["spec"]
+    assert spec["training"]["lrScheduler"] == "cosine" and spec["training"]["warmupSteps"] == 5
+    assert spec["dataset"]["captionPrefix"] == "ohwx, " and spec["dataset"]["repeats"] == 4
+    assert spec["dataset"]["missingCaption"] == "empty"
+    assert spec["dataset"]["resolution"] == 880 == area_side([1024, 768], "flux")   # sqrt(1024*768) = 886.8 -> 880
+    assert area_side([1024, 768], "ltx-video") == 896                               # LTX rounds to 32
+    assert spec["model"]["vPred"] is True and spec["model"]["zeroTerminalSnr"] is True
+    assert spec["training"]["maxGradNorm"] == 1.0  # diffusion-pipe clips at 1.0 unless told
+    # a directory's own keys override the top level
+    ds["directory"][0]["num_repeats"] = 2
+    assert convert(main, ds)[0]["spec"]["dataset"]["repeats"] == 2
+
+
+def test_no_adapter_table_means_full_fine_tune_and_is_refused():
+    main = copy.deepcopy(BASE_MAIN)
+    del main["adapter"]
+    with pytest.raises(ConfigError, match="adapter: .*full fine-tune"):
+        convert(main, BASE_DATASET)
+
+
+def test_sdxl_learning_rates():
+    main = copy.deepcopy(BASE_MAIN)
+    main["model"] = {"type": "sdxl", "checkpoint_path": "/m/sdxl.safetensors", "dtype": "bfloat16",
+                     "unet_lr": 4e-5, "text_encoder_1_lr": 2e-5, "text_encoder_2_lr": 2e-5}
+    t = convert(main, BASE_DATASET)[0]["spec"]["training"]
+    assert (t["learningRate"], t["textEncoderLearningRate"]) == (4e-5, 2e-5)
+    main["model"]["text_encoder_2_lr"] = 1e-5
+    with pytest.raises(ConfigError, match="text_encoder_2_lr: kubelora trains both SDXL text encoders at one rate"):
+        convert(main, BASE_DATASET)
+
+
+def test_video_buckets_and_hunyuan_transformer_override():
+    main = copy.deepcopy(BASE_MAIN)
+    main["model"] = {"type": "hunyuan-video", "ckpt_path": "/m/hv", "transformer_path": "/m/hv-fp8.safetensors",
+                     "dtype": "bfloat16"}
+    ds = {**BASE_DATASET, "frame_buckets": [1, 33, 65]}
+    manifest, notes = convert(main, ds)
+    spec = parse_spec(manifest)
+    assert spec.model.ckptPath == "/m/hv" and spec.model.transformerPath == "/m/hv-fp8.safetensors"
+    assert spec.dataset.frames == 65 and any(n.startswith("dataset frame_buckets: one clip length") for n in notes)
+    main["model"] = {"type": "cosmos", "transformer_path": "/m/c.pt", "vae_path": "/m/v", "text_encoder_path": "/m/t",
+                     "dtype": "bfloat16"}
+    ds = {"size_buckets": [[960, 960, 121], [1280, 704, 121]], "directory": [{"path": "/d"}]}
+    manifest, notes = convert(main, ds)
+    assert (manifest["spec"]["dataset"]["width"], manifest["spec"]["dataset"]["frames"]) == (960, 121)
+    assert any("nearest of 2 buckets" in n for n in notes)
+
+
+def test_paths_resolve_against_where_diffusion_pipe_runs_then_the_map():
+    main, ds = _with("directory", "path", "data/style")
+    main["model"]["diffusers_path"] = "../models/flux"
+    m = convert(main, ds, cwd="/home/u/diffusion-pipe", path_map={"/home/u/models": "s3://models"})[0]["spec"]
+    assert m["dataset"]["uri"] == "/home/u/diffusion-pipe/data/style"
+    assert m["model"]["diffusersPath"] == "s3://models/flux"
+
+
+def test_several_directories_and_unknown_model_types_are_refused():
+    ds = copy.deepcopy(BASE_DATASET)
+    ds["directory"].append({"path": "/data/more"})
+    with pytest.raises(ConfigError, match=r"\[\[directory\]\] path: 2 \[\[directory\]\] entries"):
+        convert(BASE_MAIN, ds)
+    main = copy.deepcopy(BASE_MAIN)
+    main["model"]["type"] = "wan"
+    with pytest.raises(ConfigError, match=r"\[model\] type: 'wan' \(a diffusion-pipe model kubelora does not train"):
+        convert(main, BASE_DATASET)
+
+
+def test_errors_name_file_line_and_key():
+    text = "output_dir = '/o'\n\n[model]\ntype = 'flux'\nshift = 3.0\n"
+    assert find_line(text, "model", "shift") == 5 and find_line(text, "", "output_dir") == 1
+    main = {"output_dir": "/o", "max_steps": 1, "model": {"type": "flux", "diffusers_path": "/m", "shift": 3.0},
+            "adapter": {"rank": 4}, "optimizer": {"lr": 1e-4}}
+    with pytest.raises(ConfigError, match=r"^train.toml:5: \[model\] shift: a constant timestep shift"):
+        convert(main, None, sources={"main": Source("train.toml", text), "dataset": Source("ds.toml")})
+
+
+def _cli(tmp_path, main_text, ds_text=None, *args):
+    (tmp_path / "train.toml").write_text(main_text)
+    if ds_text is not None:
+        (tmp_path / "dataset.toml").write_text(ds_text)
+    return subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "import-config", str(tmp_path / "train.toml"),
+                           "--cwd", str(tmp_path), *args], capture_output=True, text=True)
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    ok = ("output_dir = '/o'\ndataset = 'dataset.toml'\nmax_steps = 10\n[model]\ntype = 'flux'\n"
+          "diffusers_path = '/m'\ndtype = 'bfloat16'\n[adapter]\ntype = 'lora'\nrank = 4\n[optimizer]\nlr = 1e-4\n")
+    ds = "resolutions = [512]\n[[directory]]\npath = 'data'\nmask_path = 'masks'\n"
+    p = _cli(tmp_path, ok, ds)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert p.stderr.startswith(f"error: {tmp_path / 'dataset.toml'}:4: [[directory]] mask_path: masked training"), p.stderr
+    p = _cli(tmp_path, ok.replace("max_steps = 10", "max_steps = = 10"), ds)
+    assert p.returncode == 2 and "not valid TOML" in p.stderr and "line 3" in p.stderr and "Traceback" not in p.stderr
+    p = _cli(tmp_path, "output_dir = '/o'\n", None)
+    assert p.returncode == 2 and "no [model] table" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "import-config", str(tmp_path / "nope.toml")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "cannot read the config" in p.stderr and "Traceback" not in p.stderr
+    p = _cli(tmp_path, ok, ds.replace("mask_path = 'masks'\n", ""))
+    assert p.returncode == 0, p.stderr
+    assert f"uri: {tmp_path / 'data'}" in p.stdout

@@ -1,0 +1,478 @@
+"""What `kubelora import-config` does with each key of a diffusion-pipe config: one table per
+TOML section, every key handled in exactly one of three ways, with diffusion-pipe's meaning
+(read from its code, not its key names):
+
+- mapped: the manifest gets a field with the same meaning (maybe with a note on a difference);
+- noted: nothing to set (it changes how a run is carried out, not what is trained), or what
+  changes is said in a note;
+- refused: kubelora cannot train what the key asks for; the import stops (rc 2) naming the key
+  and what to do.
+
+Handlers take (ctx, key, value) and write into ctx; `docs/import-config.md` lists every key.
+Pure: no I/O.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+MODEL_TYPES = {"flux": "flux", "sdxl": "sdxl", "ltx-video": "ltx-video", "hunyuan-video": "hunyuan-video",
+               "cosmos": "cosmos"}
+OTHER_MODEL_TYPES = ("lumina_2", "wan", "chroma", "hidream", "sd3", "cosmos_predict2", "anima", "omnigen2",
+                     "qwen_image", "hunyuan_image", "auraflow", "z_image", "hunyuan_video_15", "flux2", "ernie_image",
+                     "ltx2", "ideogram4", "krea2", "minimax_h3")
+VIDEO_TYPES = ("ltx-video", "hunyuan-video", "cosmos")
+ROUND_TO = {"ltx-video": 32}  # diffusion-pipe's pixels_round_to_multiple (16 otherwise)
+
+
+def label(section: str) -> str:
+    """How a section is written before a key in messages: '', '[model] ', 'dataset ', '[[directory]] '."""
+    return {"": "", "dataset": "dataset ", "directory": "[[directory]] "}.get(section, f"[{section}] ")
+
+
+class Refused(ValueError):
+    """A key kubelora cannot honour; `section`/`key` say where, the message what to do."""
+
+    def __init__(self, section: str, key: str, message: str):
+        super().__init__(message)
+        self.section, self.key = section, key
+
+
+@dataclass
+class Ctx:
+    model_type: str
+    model: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    adapter: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    section: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # values other handlers read (lr, epochs, ...)
+
+    def note(self, key: str, text: str) -> None:
+        self.notes.append(f"{label(self.section)}{key}: {text}")
+
+    def refuse(self, key: str, text: str):
+        raise Refused(self.section, key, text)
+
+
+Handler = Callable[[Ctx, str, Any], None]
+
+
+# ---------------------------------------------------------------- handler makers
+
+def to(section: str, name: str, convert: Callable[[Any], Any] = lambda v: v) -> Handler:
+    def h(ctx: Ctx, key: str, value: Any) -> None:
+        getattr(ctx, section)[name] = convert(value)
+    return h
+
+
+def noted(text: str) -> Handler:
+    return lambda ctx, key, value: ctx.note(key, text)
+
+
+def refused(text: str) -> Handler:
+    def h(ctx: Ctx, key: str, value: Any) -> None:
+        ctx.refuse(key, text)
+    return h
+
+
+def when(default: Any, then: Handler, text: str) -> Handler:
+    """No effect at diffusion-pipe's default value (mapped as such); refused otherwise."""
+    def h(ctx: Ctx, key: str, value: Any) -> None:
+        if value != default:
+            ctx.refuse(key, text)
+        then(ctx, key, value)
+    return h
+
+
+def keep(ctx: Ctx, key: str, value: Any) -> None:
+    """Read by another handler (ctx.extra), or a section handled separately."""
+    ctx.extra[key] = value
+
+
+def nothing(ctx: Ctx, key: str, value: Any) -> None:
+    """Mapped to kubelora's behaviour at this value: nothing to write."""
+
+
+def for_types(types: tuple[str, ...], then: Handler, otherwise: str) -> Handler:
+    def h(ctx: Ctx, key: str, value: Any) -> None:
+        if ctx.model_type in types:
+            then(ctx, key, value)
+        else:
+            ctx.note(key, otherwise)
+    return h
+
+
+# ---------------------------------------------------------------- main (top level)
+
+def lr_scheduler(ctx: Ctx, key: str, value: Any) -> None:
+    if value not in ("constant", "linear", "cosine"):
+        ctx.refuse(key, f"{value!r} is not a diffusion-pipe schedule; use constant, linear or cosine")
+    if value != "constant":
+        ctx.training["lrScheduler"] = value
+        ctx.note(key, f"{value}: kubelora decays to 0 at training.steps (diffusion-pipe: over epochs after the warmup"
+                      + (", to 1e-6)" if value == "cosine" else ")"))
+
+
+def force_constant_lr(ctx: Ctx, key: str, value: Any) -> None:
+    ctx.extra["force_constant_lr"] = float(value)
+    ctx.note(key, f"learning rate {value} for every parameter, constant, no warmup (overrides lr_scheduler, "
+                  "warmup_steps and per-part learning rates, as in diffusion-pipe)")
+
+
+def micro_batch(ctx: Ctx, key: str, value: Any) -> None:
+    if not isinstance(value, int):
+        ctx.refuse(key, "per-resolution batch sizes are not supported (one size per job); set one integer")
+    ctx.training["microBatchSize"] = value
+
+
+def image_micro_batch(ctx: Ctx, key: str, value: Any) -> None:
+    ctx.extra[key] = value
+    ctx.note(key, "one micro batch size for images and videos: training.microBatchSize")
+
+
+def activation_checkpointing(ctx: Ctx, key: str, value: Any) -> None:
+    if value not in (True, False, "unsloth"):
+        ctx.refuse(key, f"{value!r}: use true, false or 'unsloth'")
+    ctx.training["gradientCheckpointing"] = bool(value)
+    if value == "unsloth":
+        ctx.note(key, "'unsloth' (activations offloaded to CPU) becomes plain activation checkpointing")
+
+
+def video_clip_mode(ctx: Ctx, key: str, value: Any) -> None:
+    if value != "single_beginning":
+        ctx.refuse(key, f"{value!r}: kubelora takes each clip from the start of the video (single_beginning); "
+                        "trim the videos or remove the key")
+
+
+def loss_change(ctx: Ctx, key: str, value: Any) -> None:
+    if ctx.model_type in ("flux", "hunyuan-video"):
+        ctx.refuse(key, "kubelora trains with the mean squared error; a Huber / smooth-L1 loss is not supported: "
+                        "remove the key")
+    ctx.note(key, f"diffusion-pipe ignores it for {ctx.model_type} too (its own loss)")
+
+
+MAIN: dict[str, Handler] = {
+    "output_dir": keep, "dataset": keep, "epochs": keep, "max_steps": keep,
+    "model": keep, "adapter": keep, "optimizer": keep, "monitoring": keep,
+    "eval_datasets": noted("evaluation datasets are not run: kubelora reports the training loss"),
+    "micro_batch_size_per_gpu": micro_batch,
+    "image_micro_batch_size_per_gpu": image_micro_batch,
+    "eval_micro_batch_size_per_gpu": noted("no evaluation runs"),
+    "eval_image_micro_batch_size_per_gpu": noted("no evaluation runs"),
+    "eval_gradient_accumulation_steps": noted("no evaluation runs"),
+    "eval_every_n_steps": noted("no evaluation runs"),
+    "eval_every_n_epochs": noted("no evaluation runs"),
+    "eval_every_n_examples": noted("no evaluation runs"),
+    "eval_before_first_step": noted("no evaluation runs"),
+    "gradient_accumulation_steps": to("training", "gradientAccumulationSteps", int),
+    "gradient_clipping": to("training", "maxGradNorm", lambda v: float(v) if v else None),
+    "steps_per_print": noted("progress is printed every training.logEvery steps"),
+    "logging_steps": to("training", "logEvery", int),
+    "warmup_steps": to("training", "warmupSteps", int),
+    "lr_scheduler": lr_scheduler,
+    "force_constant_lr": force_constant_lr,
+    "pipeline_stages": noted("kubelora shards with FSDP2 over all GPUs instead of pipeline stages"),
+    "partition_method": noted("kubelora shards with FSDP2 over all GPUs instead of pipeline stages"),
+    "partition_split": noted("kubelora shards with FSDP2 over all GPUs instead of pipeline stages"),
+    "activation_checkpointing": activation_checkpointing,
+    "reentrant_activation_checkpointing": noted("kubelora's checkpointing is non-reentrant; the math is the same"),
+    "blocks_to_swap": noted("no block swapping: FSDP2 shards the model over GPUs; add nodes or GPUs if memory is short"),
+    "disable_block_swap_for_eval": noted("no block swapping and no evaluation runs"),
+    "compile": to("training", "compile", bool),
+    "save_every_n_epochs": noted("the LoRA is written at the end of the run"),
+    "save_every_n_steps": noted("the LoRA is written at the end of the run"),
+    "save_every_n_examples": noted("the LoRA is written at the end of the run"),
+    "checkpoint_every_n_epochs": noted("training-state checkpoints are not written yet"),
+    "checkpoint_every_n_minutes": noted("training-state checkpoints are not written yet"),
+    "resume_from_checkpoint": noted("resuming is not supported yet"),
+    "save_dtype": noted("kubelora writes LoRA tensors in float32"),
+    "caching_batch_size": noted("latents are cached one item at a time on every rank; no effect on the result"),
+    "map_num_proc": noted("no effect on the result"),
+    "regenerate_cache": noted("kubelora's cache keys cover every input, so a stale cache is never reused"),
+    "x_axis_examples": noted("no TensorBoard: progress and loss go to the log, status and manifest.json"),
+    "video_clip_mode": video_clip_mode,
+    "uncond_fraction": when(0, nothing, "caption dropout is not supported yet: remove the key"),
+    "huber_delta": loss_change,
+    "smooth_l1_beta": loss_change,
+    "lora": noted("legacy table; LoRA master weights are float32"),
+}
+
+
+# ---------------------------------------------------------------- [model]
+
+def model_dtype(ctx: Ctx, key: str, value: Any) -> None:
+    if value == "float16":
+        ctx.note(key, "float16 becomes bfloat16 (kubelora does not scale the loss, which float16 training needs)")
+        value = "bfloat16"
+    if value not in ("bfloat16", "float32"):
+        ctx.refuse(key, f"{value!r}: use bfloat16 or float32")
+    ctx.model["dtype"] = value
+
+
+def transformer_dtype(ctx: Ctx, key: str, value: Any) -> None:
+    if str(value).startswith("float8"):
+        ctx.note(key, f"{value!r}: fp8 base weights are not supported yet; the base stays in model.dtype "
+                      "(about twice the weight memory, the same training within rounding)")
+    elif value != ctx.extra.get("dtype"):
+        ctx.refuse(key, f"{value!r}: the base weights are kept in model.dtype; remove the key or set it to dtype")
+
+
+def timestep_method(ctx: Ctx, key: str, value: Any) -> None:
+    if ctx.model_type in ("sdxl", "cosmos"):
+        ctx.note(key, f"diffusion-pipe ignores it for {ctx.model_type} too")
+        return
+    if value not in ("logit_normal", "uniform"):
+        ctx.refuse(key, f"{value!r}: use logit_normal or uniform")
+    ctx.training["timestepSampling"] = value
+
+
+def guidance(ctx: Ctx, key: str, value: Any) -> None:
+    if ctx.model_type == "flux":
+        ctx.model["guidance"] = float(value)
+    elif ctx.model_type == "hunyuan-video" and float(value) != 1.0:
+        ctx.refuse(key, "kubelora trains HunyuanVideo with the embedded guidance 1.0; remove the key")
+
+
+def v_pred(ctx: Ctx, key: str, value: Any) -> None:
+    ctx.model["vPred"] = bool(value)
+    if value:  # diffusion-pipe rescales the schedule to zero terminal SNR whenever v_pred is set
+        ctx.model["zeroTerminalSnr"] = True
+
+
+def path(name: str) -> Handler:
+    def h(ctx: Ctx, key: str, value: Any) -> None:
+        ctx.model[name] = ctx.extra["map_path"](str(value))
+    return h
+
+
+MODEL: dict[str, Handler] = {
+    "type": nothing,  # read before the table
+    "dtype": model_dtype,
+    "transformer_dtype": transformer_dtype,
+    "diffusion_model_dtype": noted("only read by diffusion-pipe's ComfyUI-based models"),
+    "guidance": guidance,
+    "timestep_sample_method": timestep_method,
+    "sigmoid_scale": when(1.0, nothing, "scaled logit-normal timesteps are not supported; remove the key (scale 1)"),
+    "shift": for_types(("flux", "hunyuan-video"), refused(
+        "a constant timestep shift is not supported yet (flux: use flux_shift = true for the resolution-dependent "
+        "shift); remove the key"), "diffusion-pipe ignores it for this model too"),
+    "flux_shift": for_types(("flux",), to("model", "fluxShift", bool), "diffusion-pipe ignores it for this model too"),
+    "cache_text_embeddings": noted("text embeddings are cached where the family allows (not for SDXL, whose text "
+                                   "encoders are trained)"),
+    "diffusers_path": path("diffusersPath"),
+    "transformer_path": path("transformerPath"),
+    "checkpoint_path": path("checkpointPath"),
+    "ckpt_path": path("ckptPath"),
+    "vae_path": path("vaePath"),
+    "llm_path": path("llmPath"),
+    "clip_path": path("clipPath"),
+    "text_encoder_path": path("textEncoderPath"),
+    "single_file_path": refused("LTX-Video single-file checkpoints are not read yet: point diffusers_path at a "
+                                "complete diffusers folder of the same LTX-Video version and remove single_file_path"),
+    "bypass_guidance_embedding": to("model", "bypassGuidanceEmbedding", bool),
+    "v_pred": v_pred,
+    "min_snr_gamma": to("model", "minSnrGamma", float),
+    "debiased_estimation_loss": refused("debiased estimation loss weighting is not supported (diffusion-pipe turns it "
+                                        "on whenever the key is present, even = false): remove the key"),
+    "unet_lr": for_types(("sdxl",), keep, "diffusion-pipe ignores it for this model too"),
+    "text_encoder_1_lr": for_types(("sdxl",), keep, "diffusion-pipe ignores it for this model too"),
+    "text_encoder_2_lr": for_types(("sdxl",), keep, "diffusion-pipe ignores it for this model too"),
+    "first_frame_conditioning_p": when(0, nothing, "first-frame (image-to-video) conditioning is not supported yet: "
+                                                   "remove the key"),
+}
+
+
+# ---------------------------------------------------------------- [adapter]
+
+def adapter_type(ctx: Ctx, key: str, value: Any) -> None:
+    if value != "lora":
+        ctx.refuse(key, f"{value!r}: kubelora trains LoRA adapters (type = 'lora')")
+
+
+ADAPTER: dict[str, Handler] = {
+    "type": adapter_type,
+    "rank": to("adapter", "rank", int),
+    "alpha": to("adapter", "alpha", float),
+    "dtype": noted("LoRA master weights are float32 (computed in model.dtype)"),
+    "dropout": to("adapter", "dropout", float),
+    "decompose_factor": noted("a LoKr setting; no effect on LoRA"),
+    "rank_dropout": noted("a LoKr setting; no effect on LoRA"),
+    "exclude_modules": refused("excluding modules is not supported; list the modules to adapt in "
+                               "adapter.targetModules of the manifest instead, and remove the key"),
+    "init_from_existing": refused("starting from an existing LoRA is not supported yet: remove the key"),
+    "fuse_adapters": refused("fusing LoRAs into the base before training is not supported: merge them into the "
+                             "base checkpoint first, and remove the key"),
+}
+
+
+# ---------------------------------------------------------------- [optimizer]
+
+ADAMW_LIKE = {"adamw": None, "adamw_optimi": None, "adamw8bit": "8-bit optimizer states become float32 states "
+              "(more memory, the same updates within rounding)",
+              "adamw8bitkahan": "8-bit states with Kahan summation become float32 AdamW states",
+              "stableadamw": "becomes AdamW without StableAdamW's per-tensor update clipping",
+              "offload": "optimizer states stay on the GPU (sharded by FSDP2)"}
+
+
+def optimizer_type(ctx: Ctx, key: str, value: Any) -> None:
+    name = str(value)
+    if name.lower() not in ADAMW_LIKE:
+        ctx.refuse(key, f"{name!r}: kubelora trains with AdamW, and {name}'s lr means something else; use "
+                        "type = 'adamw' with an AdamW learning rate")
+    if ADAMW_LIKE[name.lower()]:
+        ctx.note(key, f"{name}: {ADAMW_LIKE[name.lower()]}")
+
+
+def betas(ctx: Ctx, key: str, value: Any) -> None:
+    ctx.training["betas"] = [float(b) for b in value]
+
+
+OPTIMIZER: dict[str, Handler] = {
+    "type": optimizer_type,
+    "lr": keep,
+    "betas": betas,
+    "weight_decay": to("training", "weightDecay", float),
+    "eps": to("training", "epsilon", float),
+    "beta2_half_life": refused("betas[1] from a half-life in samples is not computed: set betas = [b1, b2] with "
+                               "b2 = 0.5 ** (global batch size / half-life), and remove the key"),
+    "gradient_release": noted("gradients are reduced and applied after each step (gradient release is a memory "
+                              "optimisation; note that it disables gradient clipping in diffusion-pipe)"),
+}
+
+
+# ---------------------------------------------------------------- [monitoring]
+
+MONITORING: dict[str, Handler] = {
+    "enable_wandb": noted("no Weights & Biases: progress goes to the log, the job's status and manifest.json"),
+    "wandb_api_key": noted("not copied: secrets never go into a manifest"),
+    "wandb_tracker_name": noted("no Weights & Biases"),
+    "wandb_run_name": noted("no Weights & Biases"),
+}
+
+
+# ---------------------------------------------------------------- dataset (top level and [[directory]])
+
+def area_side(value: Any, model_type: str) -> int:
+    """diffusion-pipe's resolution entry as kubelora's square side: an entry is a side whose
+    square is the area; a [w, h] pair means the area w*h (not a rectangle); rounded to the
+    family's multiple as diffusion-pipe rounds bucket sides."""
+    side = math.sqrt(value[0] * value[1]) if isinstance(value, (list, tuple)) else float(value)
+    m = ROUND_TO.get(model_type, 16)
+    return max(m, int(round(side / m)) * m)
+
+
+def resolutions(ctx: Ctx, key: str, value: Any) -> None:
+    if ctx.model_type == "cosmos":
+        ctx.note(key, "cosmos trains at its size_buckets")
+        return
+    sides = [area_side(v, ctx.model_type) for v in value]
+    ctx.dataset["resolution"] = max(sides)
+    pairs = [v for v in value if isinstance(v, (list, tuple))]
+    if pairs:
+        ctx.note(key, f"{pairs[0]} is an area in diffusion-pipe, not a rectangle: trained as "
+                      f"{max(sides)}x{max(sides)} (the same area, square unless aspect-ratio buckets are on)")
+    if len(sides) > 1:
+        ctx.note(key, f"one size per job for now: trained at {max(sides)}x{max(sides)} only (diffusion-pipe also "
+                      f"trains a copy of the data at {', '.join(map(str, sorted(set(sides))[:-1]))})")
+
+
+def ar_bucket(ctx: Ctx, key: str, value: Any) -> None:
+    if value:
+        ctx.note(key, "aspect-ratio buckets come later: every image is resized to cover the square and centre-cropped")
+
+
+def frame_buckets(ctx: Ctx, key: str, value: Any) -> None:
+    if ctx.model_type not in VIDEO_TYPES:
+        ctx.note(key, "an image model: frames are 1")
+        return
+    if ctx.model_type == "cosmos":
+        ctx.note(key, "cosmos takes its frame count from size_buckets")
+        return
+    longest = max(int(f) for f in value)
+    ctx.dataset["frames"] = longest
+    if len(set(value) - {1}) > 1 or 1 in value:
+        ctx.note(key, f"one clip length per job for now: every clip is {longest} frames; shorter videos are "
+                      "skipped and counted (diffusion-pipe puts each in the longest bucket it fills)")
+
+
+def size_buckets(ctx: Ctx, key: str, value: Any) -> None:
+    w, h, f = (int(x) for x in value[0])
+    ctx.dataset.pop("resolution", None)
+    ctx.dataset.update(width=w, height=h)
+    if ctx.model_type in VIDEO_TYPES:
+        ctx.dataset["frames"] = f
+    if len(value) > 1:
+        ctx.note(key, f"one size per job for now: every item is resized to cover {w}x{h} and centre-cropped"
+                      + (f", {f} frames" if ctx.model_type in VIDEO_TYPES else "")
+                      + f" (diffusion-pipe puts each item in the nearest of {len(value)} buckets)")
+
+
+def repeats(ctx: Ctx, key: str, value: Any) -> None:
+    if float(value) != int(value) or value < 1:
+        ctx.refuse(key, f"{value}: repeats are whole numbers >= 1 in kubelora")
+    ctx.dataset["repeats"] = int(value)
+
+
+def shuffle_tags(ctx: Ctx, key: str, value: Any) -> None:
+    if value:
+        ctx.refuse(key, "tag shuffling is not supported yet: remove the key (or set it to false)")
+
+
+def skip_empty_caption(ctx: Ctx, key: str, value: Any) -> None:
+    ctx.dataset["missingCaption"] = "skip" if value else "empty"
+
+
+DATASET: dict[str, Handler] = {
+    "directory": keep,
+    "resolutions": resolutions,
+    "enable_ar_bucket": ar_bucket,
+    "min_ar": noted("aspect-ratio buckets come later"),
+    "max_ar": noted("aspect-ratio buckets come later"),
+    "num_ar_buckets": noted("aspect-ratio buckets come later"),
+    "ar_buckets": noted("aspect-ratio buckets come later"),
+    "frame_buckets": frame_buckets,
+    "size_buckets": size_buckets,
+    "num_repeats": repeats,
+    "shuffle_tags": shuffle_tags,
+    "cache_shuffle_num": when(0, nothing, "tag shuffling is not supported yet: remove the key"),
+    "cache_shuffle_delimiter": noted("tag shuffling is not supported yet (and not asked for)"),
+    "caption_prefix": to("dataset", "captionPrefix", str),
+    "skip_empty_caption": skip_empty_caption,
+    "shuffle_metadata": noted("only the order of caching; no effect on the result"),
+    "online_captions": noted("captions are read when caching; no effect on the result"),
+    "subsample_ratio": refused("training on a subset is not supported: remove the key or subset the folder"),
+}
+
+DIRECTORY: dict[str, Handler] = {
+    **{k: v for k, v in DATASET.items() if k not in ("directory", "subsample_ratio")},
+    "path": keep,
+    "mask_path": refused("masked training is not supported yet: remove mask_path (the loss would otherwise be "
+                         "unmasked)"),
+    "default_mask_file": refused("masked training is not supported yet: remove the key"),
+    "control_path": refused("edit (control image) datasets such as Flux Kontext's are not supported yet; training "
+                            "without them would make a text-to-image LoRA: remove control_path only if that is wanted"),
+}
+
+SECTIONS: dict[str, dict[str, Handler]] = {
+    "main": MAIN, "model": MODEL, "adapter": ADAPTER, "optimizer": OPTIMIZER, "monitoring": MONITORING,
+    "dataset": DATASET, "directory": DIRECTORY,
+}
+
+
+def apply(ctx: Ctx, section: str, table: dict[str, Any]) -> None:
+    """Run every key of one TOML table through its section's handlers; a key no handler knows
+    is refused (diffusion-pipe passes unknown [optimizer] keys to the optimizer) or noted."""
+    handlers = SECTIONS[section]
+    ctx.section = "" if section == "main" else section
+    for key, value in table.items():
+        h = handlers.get(key)
+        if h is None:
+            if section == "optimizer":
+                ctx.refuse(key, "diffusion-pipe passes this to the optimizer; kubelora's AdamW takes lr, betas, "
+                                "weight_decay and eps: remove the key")
+            ctx.note(key, "not a key diffusion-pipe reads here (a typo?); ignored")
+            continue
+        h(ctx, key, value)
