@@ -106,8 +106,47 @@ def test_convert_cli_roundtrip_and_errors(tmp_path):
     assert p.returncode == 0, p.stderr
     got = load_file(str(out))
     assert torch.equal(got["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"], b)
-    p = subprocess.run(cmd + ["--from", "kohya", "--to", "diffusers"], capture_output=True, text=True)
-    assert p.returncode == 2 and "format 'kohya' is not available for flux" in p.stderr
+    p = subprocess.run(cmd + ["--from", "original", "--to", "diffusers"], capture_output=True, text=True)
+    assert p.returncode == 2 and "format 'original' is not available for flux" in p.stderr
     save_file({"lora_unet_x.lora_down.weight": a}, str(src))
     p = subprocess.run(cmd + ["--from", "diffusers", "--to", "diffusers"], capture_output=True, text=True)
     assert p.returncode == 2 and "is not a flux LoRA in diffusers format: unexpected key" in p.stderr
+
+
+def test_convert_reads_the_peft_checkpoint_and_keeps_metadata_true(tmp_path):
+    """kubelora's own checkpoint (unscaled weights, real alpha) -> Kohya keeps the real alpha in the
+    .alpha tensors; a diffusers file (alpha folded into lora_B) -> Kohya says so: .alpha = rank,
+    kubelora.scale_folded true, ss_network_alpha = rank."""
+    from types import SimpleNamespace
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from kubelora_trainer import lora
+    g = torch.Generator().manual_seed(0)
+    mods = {f"transformer_blocks.0.attn.{m}": (torch.randn(4, 16, generator=g), torch.randn(16, 4, generator=g))
+            for m in ("to_q", "to_k", "to_v", "to_out.0")}
+    cfg = lora.lora_config(SimpleNamespace(rank=4, alpha=8.0, dropout=0.0), list(mods))
+    ckpt = tmp_path / "checkpoints" / "step-10"
+    lora.save_checkpoint(mods, cfg, ckpt / "transformer",
+                         {"kubelora.rank": "4", "kubelora.alpha": "8", "kubelora.model_type": "flux", "kubelora.steps": "10"})
+    base = [sys.executable, "-m", "kubelora_trainer.cli", "convert"]
+
+    def run(src, out, frm, to):
+        p = subprocess.run(base + [str(src), str(out), "--model-type", "flux", "--from", frm, "--to", to],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        with safe_open(str(out), "pt") as f:
+            return load_file(str(out)), f.metadata()
+
+    kohya, meta = run(ckpt, tmp_path / "k.safetensors", "peft", "kohya")
+    assert float(kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 2.0 * 12   # alpha/rank 2 x fused rank 12
+    assert meta["kubelora.scale_folded"] == "false" and meta["kubelora.alpha"] == "8" and meta["ss_network_alpha"] == "8"
+    assert (meta["ss_network_dim"], meta["ss_base_model_version"], meta["ss_steps"]) == ("4", "flux1", "10")
+    diff, meta = run(tmp_path / "k.safetensors", tmp_path / "d.safetensors", "kohya", "diffusers")
+    torch.testing.assert_close(diff["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"], mods[
+        "transformer_blocks.0.attn.to_k"][1] * 2.0)
+    assert meta["kubelora.scale_folded"] == "true" and "ss_network_alpha" not in meta
+    kohya2, meta = run(tmp_path / "d.safetensors", tmp_path / "k2.safetensors", "diffusers", "kohya")
+    assert float(kohya2["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 12.0     # scale 1: alpha = rank
+    assert meta["kubelora.scale_folded"] == "true" and meta["ss_network_alpha"] == "4"
+    back, _ = run(tmp_path / "k2.safetensors", tmp_path / "d2.safetensors", "kohya", "diffusers")
+    assert back.keys() == diff.keys() and all(torch.equal(back[k], diff[k]) for k in diff)   # A -> B -> A exact

@@ -86,9 +86,10 @@ def import_config(args) -> int:
 
 
 def convert(args) -> int:
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+    from .export import ALPHA_FORMATS, file_metadata
     from .families import RULES
+    from .lora_files import LoraFileError, read_lora
     from .models import UnsupportedModel, get_family
     try:
         family = get_family(args.model_type)
@@ -96,19 +97,21 @@ def convert(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     formats = RULES[args.model_type].formats
-    for f in (args.src, args.dst):
-        if f not in formats:
-            print(f"error: format {f!r} is not available for {args.model_type} (available: {', '.join(formats)})", file=sys.stderr)
+    for f, readable in ((args.src, (*formats, "peft")), (args.dst, formats)):
+        if f not in readable:
+            print(f"error: format {f!r} is not available for {args.model_type} (available: {', '.join(readable)})",
+                  file=sys.stderr)
             return 2
-    with safe_open(args.input, "pt") as fh:
-        meta = dict(fh.metadata() or {})
     try:
-        lora, scale = family.parse(load_file(args.input), args.src)
-    except (ValueError, KeyError) as e:
+        lora, scale, meta = read_lora(Path(args.input), family, args.src)
+        tensors = family.export(lora, scale, args.dst)
+    except (LoraFileError, ValueError, KeyError, OSError) as e:
         print(f"error: {args.input} is not a {args.model_type} LoRA in {args.src} format: {e}", file=sys.stderr)
         return 2
-    meta.update({"format": "pt", "kubelora.lora_format": args.dst})
-    save_file(family.export(lora, scale, args.dst), args.output, metadata=meta)
+    # the written lora_B carries alpha/rank unless both files keep the real alpha
+    folded = args.dst not in ALPHA_FORMATS or args.src not in ALPHA_FORMATS or meta.get("kubelora.scale_folded") == "true"
+    meta.setdefault("kubelora.model_type", args.model_type)
+    save_file(tensors, args.output, metadata=file_metadata(meta, args.dst, folded))
     n = sum(len(v) for v in lora.values())
     print(f"wrote {args.output}: {n} LoRA modules, {args.src} -> {args.dst}")
     return 0
@@ -139,7 +142,8 @@ def main(argv=None) -> int:
     cv.add_argument("input")
     cv.add_argument("output")
     cv.add_argument("--model-type", required=True, help="model family of the LoRA (flux, sdxl, ...)")
-    cv.add_argument("--from", dest="src", required=True, help="format of the input file")
+    cv.add_argument("--from", dest="src", required=True,
+                    help="format of the input file; 'peft' reads kubelora's checkpoint folder (checkpoints/step-N)")
     cv.add_argument("--to", dest="dst", required=True, help="format to write")
     d = sub.add_parser("demo", help="train a tiny Flux LoRA from an in-process S3 server")
     d.add_argument("--workdir", default=".demo")

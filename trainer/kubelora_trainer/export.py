@@ -20,19 +20,48 @@ def file_names(name: str, formats: list[str]) -> dict[str, str]:
     return {fmt: f"{name}.safetensors" if i == 0 else f"{name}.{fmt}.safetensors" for i, fmt in enumerate(formats)}
 
 
+# formats whose files carry the real alpha (.alpha tensors / adapter_config.json); the others
+# fold alpha/rank into lora_B, so loaders apply them at scale 1
+ALPHA_FORMATS = ("kohya", "peft")
+# kohya-ecosystem names of the base models (ss_base_model_version)
+SS_BASE_MODEL = {"sdxl": "sdxl_base_v1-0", "flux": "flux1", "ltx-video": "ltx_video", "hunyuan-video": "hunyuan_video",
+                 "cosmos": "cosmos"}
+
+
 def metadata(spec, job_name: str, fmt: str) -> dict[str, str]:
     alpha = spec.adapter.alpha or spec.adapter.rank
-    return {
-        "format": "pt",
+    w, h = spec.dataset.width or spec.dataset.resolution, spec.dataset.height or spec.dataset.resolution
+    return file_metadata({
         "kubelora.version": __version__,
         "kubelora.model_type": spec.model.type,
         "kubelora.base_model": base_model(spec.model),
-        "kubelora.lora_format": fmt,
         "kubelora.rank": str(spec.adapter.rank),
         "kubelora.alpha": f"{alpha:g}",
         "kubelora.steps": str(spec.training.steps),
+        "kubelora.resolution": f"{w}x{h}",
         "kubelora.job": job_name,
-    }
+    }, fmt, folded=fmt not in ALPHA_FORMATS)
+
+
+def file_metadata(meta: dict[str, str], fmt: str, folded: bool) -> dict[str, str]:
+    """A LoRA file's metadata, true to the file: its format; kubelora.alpha is the alpha it was
+    trained with and kubelora.scale_folded says whether lora_B already carries alpha/rank (then
+    a loader applies it at scale 1). Kohya files also get the ss_* keys kohya-ecosystem tools
+    show, with ss_network_alpha as the file's .alpha tensors give it."""
+    out = {k: v for k, v in meta.items() if not k.startswith("ss_")}
+    out.update({"format": "pt", "kubelora.lora_format": fmt, "kubelora.scale_folded": str(folded).lower()})
+    if fmt == "kohya" and "kubelora.rank" in out:
+        rank = out["kubelora.rank"]
+        alpha = rank if folded else out.get("kubelora.alpha", rank)
+        res = out.get("kubelora.resolution", "")
+        out.update({"ss_network_module": "networks.lora_flux" if out.get("kubelora.model_type") == "flux"
+                    else "networks.lora",
+                    "ss_network_dim": rank, "ss_network_alpha": alpha,
+                    "ss_base_model_version": SS_BASE_MODEL.get(out.get("kubelora.model_type", ""), ""),
+                    "ss_steps": out.get("kubelora.steps", ""),
+                    "ss_resolution": f"({res.replace('x', ', ')})" if res else "",
+                    "ss_training_comment": f"trained with kubelora {out.get('kubelora.version', '')}".strip()})
+    return out
 
 
 def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats, settings, out_dir: Path) -> dict:

@@ -39,7 +39,8 @@ class FamilyRules:
 
 RULES: dict[str, FamilyRules] = {
     "flux": FamilyRules(sources=(("diffusersPath",),), optional_paths=("transformerPath",),
-                        options=("fluxShift", "bypassGuidanceEmbedding", "guidance"), formats=("diffusers",)),
+                        options=("fluxShift", "bypassGuidanceEmbedding", "guidance"),
+                        formats=("diffusers", "kohya", "comfyui")),
     "sdxl": FamilyRules(sources=(("diffusersPath",), ("checkpointPath",)), options=("vPred", "zeroTerminalSnr", "minSnrGamma"),
                         formats=("kohya", "diffusers")),
     "ltx-video": FamilyRules(sources=(("diffusersPath",),), video=True, frame_rule=(8, 1), default_frames=1, fps=25,

@@ -9,7 +9,6 @@ metadata) apply exactly the trained update.
 from __future__ import annotations
 
 import json
-import re
 import types
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from ..objectives import flow_matching_pair, resolution_shift_mu, sample_timesteps, time_shift
 from .base import Components, ModelError
+from . import flux_lora
 from .flux_keys import from_bfl
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -149,27 +149,11 @@ class Flux:
         return F.mse_loss(pred.float(), FluxPipeline._pack_latents(target, b, c, h, w).float())
 
     def export(self, lora, scale, fmt):
-        if fmt != "diffusers":
-            raise ValueError(f"format {fmt!r} is not available for flux (available: diffusers)")
-        out = {}
-        for module, (a, b) in lora["transformer"].items():
-            out[f"transformer.{module}.lora_A.weight"] = a.contiguous()
-            out[f"transformer.{module}.lora_B.weight"] = (b.float() * scale).to(b.dtype).contiguous()
-        return out
+        return flux_lora.export(lora["transformer"], scale, fmt)
 
     def parse(self, tensors, fmt):
-        if fmt != "diffusers":
-            raise ValueError(f"format {fmt!r} is not available for flux (available: diffusers)")
-        pairs: dict[str, list] = {}
-        for key, t in tensors.items():
-            m = re.fullmatch(r"transformer\.(.+)\.lora_([AB])\.weight", key)
-            if not m:
-                raise ValueError(f"unexpected key {key!r} (expected transformer.<module>.lora_A/B.weight)")
-            pairs.setdefault(m.group(1), [None, None])["AB".index(m.group(2))] = t
-        missing = [k for k, (a, b) in pairs.items() if a is None or b is None]
-        if missing:
-            raise ValueError(f"lora_A/lora_B pair incomplete for {missing[0]}")
-        return {"transformer": {k: (a, b) for k, (a, b) in sorted(pairs.items())}}, 1.0
+        modules, scale = flux_lora.parse(tensors, fmt)
+        return {"transformer": modules}, scale
 
 
 FAMILY = Flux()
