@@ -349,10 +349,18 @@ def test_fused_export_is_exact_and_parses_back():
         torch.testing.assert_close(b @ a, deltas[n])
 
 
-def test_refiner_qkv_and_unknown_modules_are_refused_for_the_original_format():
-    lora = {"context_embedder.token_refiner.refiner_blocks.0.attn.to_q": (torch.zeros(2, 8), torch.zeros(8, 2))}
-    with pytest.raises(ValueError, match="no exact counterpart in the original HunyuanVideo layout.*output.formats: \\[diffusers\\]"):
-        FAMILY.export({"transformer": lora}, 1.0, "original")
+def test_what_the_original_format_cannot_carry_is_skipped_and_named_at_export():
+    """After the GPU hours are spent, export writes what each loader can apply and says what not."""
+    lora = {"context_embedder.token_refiner.refiner_blocks.0.attn.to_q": (torch.zeros(2, 8), torch.zeros(8, 2)),
+            "time_text_embed.timestep_embedder.linear_1": (torch.ones(2, 8), torch.ones(8, 2)),
+            "transformer_blocks.0.ff.net.2": (torch.ones(2, 8), torch.ones(8, 2))}
+    out = FAMILY.export({"transformer": lora}, 1.0, "original")
+    assert not any("token_refiner" in k for k in out)
+    assert "transformer.time_in.mlp.0.lora_A.weight" in out and "transformer.double_blocks.0.img_mlp.fc2.lora_A.weight" in out
+    gaps = FAMILY.export_gaps({"transformer": lora}, "original")
+    assert len(gaps) == 2 and "not written" in gaps[0] and "refiner_blocks.0.attn.to_q" in gaps[0]
+    assert "ComfyUI skips" in gaps[1] and "time_text_embed.timestep_embedder.linear_1" in gaps[1]
+    assert FAMILY.export_gaps({"transformer": lora}, "diffusers") == []
     with pytest.raises(ValueError, match="format 'comfyui' is not available for hunyuan-video"):
         FAMILY.export({"transformer": {}}, 1.0, "comfyui")
 

@@ -288,3 +288,12 @@ def test_wrong_family_checkpoint_fails_clearly(tmp_path, tiny_flux_dir):
             "diffusers layout") in proc.stderr
     assert "with an LTXVideoTransformer3DModel" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_modules_diffusers_skips_in_the_comfyui_file_are_named_at_export():
+    from kubelora_trainer.models.ltx_video import FAMILY
+    lora = {"transformer": {"proj_in": (torch.ones(2, 8), torch.ones(8, 2)),
+                            "transformer_blocks.0.attn1.to_q": (torch.ones(2, 8), torch.ones(8, 2))}}
+    gaps = FAMILY.export_gaps(lora, "comfyui")
+    assert len(gaps) == 1 and "diffusers skips" in gaps[0] and "proj_in" in gaps[0] and "to_q" not in gaps[0]
+    assert FAMILY.export_gaps(lora, "diffusers") == []

@@ -132,7 +132,7 @@ INVALID = [
     ("missing-hy-parts", {"model": {"type": "hunyuan-video", "transformerPath": "s3://models/hy/t.safetensors"}},
      "Failed", "needs model.ckptPath or model.transformerPath+model.vaePath+model.llmPath+model.clipPath"),
     ("option-other-family", {"model__vPred": True}, "Failed", "model.vPred does not apply to model.type flux"),
-    ("bad-format", {"output__formats": ["kohya"]}, "Failed", "output.formats: 'kohya' is not available for flux"),
+    ("bad-format", {"output__formats": ["original"]}, "Failed", "output.formats: 'original' is not available for flux"),
 ]
 
 

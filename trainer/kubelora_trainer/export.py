@@ -70,10 +70,13 @@ def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     formats = spec.output.formats or [RULES[spec.model.type].formats[0]]
-    files = {}
+    files, gaps = {}, {}
     for fmt, fname in file_names(spec.output.name, formats).items():
         files[fmt] = out_dir / fname
         save_file(family.export(gathered, spec.adapter.scale, fmt), str(files[fmt]), metadata=metadata(spec, job_name, fmt))
+        gaps[fmt] = family.export_gaps(gathered, fmt)
+        for gap in gaps[fmt]:
+            print(f"[export] warning: {fname}: {gap}", flush=True)
     ckpt_dir = out_dir / "checkpoints" / f"step-{spec.training.steps}"
     for component, cfg in configs.items():
         lora.save_checkpoint(gathered[component], cfg, ckpt_dir / component, metadata(spec, job_name, "peft"))
@@ -84,7 +87,8 @@ def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats,
         storage.upload(f, str(out.child(f"checkpoints/step-{spec.training.steps}/{f.relative_to(ckpt_dir)}")), settings, client)
     artifacts = []
     for fmt, f in files.items():
-        artifacts.append({**storage.upload(f, str(out.child(f.name)), settings, client), "format": fmt, "file": f.name})
+        artifacts.append({**storage.upload(f, str(out.child(f.name)), settings, client), "format": fmt, "file": f.name,
+                          **({"gaps": gaps[fmt]} if gaps[fmt] else {})})
     manifest = {
         "apiVersion": "kubelora.dev/v1alpha1",
         "kind": "LoRAArtifactManifest",

@@ -59,6 +59,10 @@ class ModelFamily(Protocol):
     def export(self, lora: LoraTensors, scale: float, fmt: str) -> dict[str, torch.Tensor]:
         """The LoRA file's tensors in the given format (one of families.RULES[name].formats)."""
 
+    def export_gaps(self, lora: LoraTensors, fmt: str) -> list[str]:
+        """Sentences naming the trained modules a format's file cannot carry, or a loader of it
+        skips (printed at export and kept in manifest.json); [] when the file carries everything."""
+
     def parse(self, tensors: dict[str, torch.Tensor], fmt: str) -> tuple[LoraTensors, float]:
         """Inverse of export: a LoRA file's tensors in format fmt back to (LoraTensors, scale);
         `kubelora convert` is parse + export."""

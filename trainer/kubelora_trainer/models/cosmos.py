@@ -305,6 +305,9 @@ class Cosmos:
             out[f"{key}.lora_B.weight"] = (b.float() * scale).to(b.dtype).contiguous()
         return out
 
+    def export_gaps(self, lora, fmt):
+        return []
+
     def parse(self, tensors, fmt):
         """Inverse of export. A per-module `.alpha` (other trainers' files) is folded into lora_B as
         alpha / rank; diffusion-pipe's Cosmos files (diffusion_model.<original module>, unscaled,

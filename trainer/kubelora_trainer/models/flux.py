@@ -151,6 +151,9 @@ class Flux:
     def export(self, lora, scale, fmt):
         return flux_lora.export(lora["transformer"], scale, fmt)
 
+    def export_gaps(self, lora, fmt):
+        return []
+
     def parse(self, tensors, fmt):
         modules, scale = flux_lora.parse(tensors, fmt)
         return {"transformer": modules}, scale

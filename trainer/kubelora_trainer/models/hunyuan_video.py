@@ -290,6 +290,9 @@ class HunyuanVideo:
             out[f"transformer.{module}.lora_B.weight"] = (b.float() * scale).to(b.dtype).contiguous()
         return out
 
+    def export_gaps(self, lora, fmt):
+        return keys.original_gaps(lora["transformer"]) if fmt == "original" else []
+
     def parse(self, tensors, fmt):
         if fmt == "original":
             return {"transformer": keys.lora_from_original(tensors)}, 1.0

@@ -250,6 +250,29 @@ def to_original(sd: dict) -> dict:
 LoraModules = dict[str, tuple[torch.Tensor, torch.Tensor]]   # {diffusers module: (A, B)}
 
 
+COMFY_SKIPS = re.compile(r"(time_in|guidance_in|txt_in\.t_embedder)\.mlp\.\d+|txt_in\.c_embedder\.linear_\d+")
+
+
+def original_gaps(modules) -> list[str]:
+    """What the original-layout file cannot carry for a loader, as sentences naming the modules:
+    modules not written at all, and modules ComfyUI skips ("lora key not loaded")."""
+    dropped, comfy = [], []
+    for module in sorted(modules):
+        tgt = original_target(module)
+        if tgt is None or NOT_EXPORTABLE.fullmatch(tgt.module):
+            dropped.append(module)
+        elif COMFY_SKIPS.fullmatch(tgt.module):
+            comfy.append(module)
+    out = []
+    if dropped:
+        out.append(f"not written to the original-layout file (no fused LoRA there loads in diffusers): "
+                   f"{', '.join(dropped)}; the diffusers format carries them")
+    if comfy:
+        out.append(f"ComfyUI skips these in the original-layout file (it names the embedder MLPs "
+                   f"in_layer/out_layer): {', '.join(comfy)}; diffusers applies them")
+    return out
+
+
 def lora_to_original(lora: LoraModules, scale: float) -> dict[str, torch.Tensor]:
     """{diffusers module: (A, B)} -> ``transformer.<original module>.lora_A/B.weight`` with the
     alpha/rank scale folded into B; fused modules as stacked A / block-diagonal B (exact)."""
@@ -258,9 +281,7 @@ def lora_to_original(lora: LoraModules, scale: float) -> dict[str, torch.Tensor]
     for module, (a, b) in lora.items():
         tgt = original_target(module)
         if tgt is None or NOT_EXPORTABLE.fullmatch(tgt.module):
-            raise ValueError(f"LoRA on {module} has no exact counterpart in the original HunyuanVideo layout "
-                             f"that ComfyUI and diffusers both load; drop it from adapter.targetModules or use "
-                             f"output.formats: [diffusers]")
+            continue  # not written; original_gaps() names it at export time
         b = b.float() * scale
         if tgt.parts:
             groups.setdefault(tgt.module, (tgt, {}))[1][tgt.part] = (a.float(), b)

@@ -148,6 +148,13 @@ class LTXVideo:
             out[f"{name}.lora_B.weight"] = (b.float() * scale).to(b.dtype).contiguous()
         return out
 
+    def export_gaps(self, lora, fmt):
+        renamed = sorted(m for m in lora["transformer"] if comfy_name(m) != m)
+        if fmt != "comfyui" or not renamed:
+            return []
+        return [f"diffusers skips these in the comfyui file (ComfyUI's names differ from diffusers' there): "
+                f"{', '.join(renamed)}; ComfyUI applies them, and the diffusers format carries them for diffusers"]
+
     def parse(self, tensors, fmt):
         """A LoRA file in either format back to {transformer: {module: (A, B)}} with scale 1; a
         per-module `.alpha` (other trainers' files) is folded into B as alpha / rank."""

@@ -305,6 +305,9 @@ class SDXL:
             raise ValueError(f"format {fmt!r} is not available for sdxl (available: kohya, diffusers)")
         return out
 
+    def export_gaps(self, lora, fmt):
+        return []
+
     def parse(self, tensors, fmt):
         if fmt == "kohya":
             return _parse_kohya(tensors)
