@@ -40,7 +40,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=40)
     args = p.parse_args()
-    from kubelora_trainer.tiny import build_synthetic_dataset, build_tiny_flux
+    from kubelora_trainer.models.flux.tiny import build_tiny_flux
+    from kubelora_trainer.synthetic import build_synthetic_dataset
     import torch
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -38,7 +38,7 @@ def s3(s3_endpoint, monkeypatch, tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory) -> Path:
-    from kubelora_trainer.tiny import build_tiny_flux
+    from kubelora_trainer.models.flux.tiny import build_tiny_flux
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "model")
 
 

@@ -18,14 +18,14 @@ from PIL import Image
 
 from conftest import run_trainer
 from kubelora_trainer.families import COSMOS_ANY_SIZE_ENV
-from kubelora_trainer.models import cosmos_keys as K
+from kubelora_trainer.models.cosmos import keys as K
 from kubelora_trainer.models.base import ModelError
-from kubelora_trainer.models.cosmos import FAMILY, ensure_torch_resize, load_text_encoder, load_tokenizer, load_transformer, load_vae
+from kubelora_trainer.models.cosmos.family import FAMILY, ensure_torch_resize, load_text_encoder, load_tokenizer, load_transformer, load_vae
 from kubelora_trainer.spec import SpecError, parse_spec
 from kubelora_trainer.storage import download, upload_tree
-from kubelora_trainer.tiny_cosmos import TEXT_ENCODER_FILE, TINY_TRANSFORMER, build_tiny_cosmos
+from kubelora_trainer.models.cosmos.tiny import TEXT_ENCODER_FILE, TINY_TRANSFORMER, build_tiny_cosmos
 
-CONFIGS = Path(K.__file__).resolve().parent.parent / "configs" / "cosmos"
+CONFIGS = Path(K.__file__).resolve().parent / "configs"
 
 
 @pytest.fixture(scope="session")
@@ -275,7 +275,7 @@ def test_video_clip_encodes_and_trains_in_process(tiny_cosmos):
 def test_edm_preconditioning_matches_diffusers_scheduler():
     from diffusers import EDMEulerScheduler
 
-    from kubelora_trainer.models.cosmos import edm_loss_weight, edm_scalings
+    from kubelora_trainer.models.cosmos.family import edm_loss_weight, edm_scalings
     sched = EDMEulerScheduler(sigma_min=0.002, sigma_max=80, sigma_data=0.5, prediction_type="epsilon")
     sigma = torch.tensor([0.01, 0.5, 3.0, 80.0])
     c_skip, c_out, c_in, c_noise = edm_scalings(sigma)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from kubelora_trainer import lora
-from kubelora_trainer.models.flux import FAMILY, _single_file_config
-from kubelora_trainer.models.flux_keys import bfl_module, to_bfl
+from kubelora_trainer.models.flux.family import FAMILY, _single_file_config
+from kubelora_trainer.models.flux.keys import bfl_module, to_bfl
 from kubelora_trainer.spec import parse_spec
-from kubelora_trainer.tiny import write_bfl_transformer
+from kubelora_trainer.models.flux.tiny import write_bfl_transformer
 
 
 def _spec(**model):

@@ -152,11 +152,10 @@ def test_launcher_refuses_bad_manifests(tmp_path):
     assert p.returncode == 2 and "spec.adapter.rank: Input should be greater than or equal to 1" in p.stderr
 
 
-def test_unsupported_family_message(monkeypatch):
+def test_unsupported_family_message():
     from kubelora_trainer import models
-    monkeypatch.setitem(models.REGISTRY, "cosmos", None)
-    with pytest.raises(models.UnsupportedModel, match="model.type 'cosmos' is not yet supported by this kubelora version"):
-        models.get_family("cosmos")
+    with pytest.raises(models.UnsupportedModel, match="model.type 'wan' is not yet supported by this kubelora version"):
+        models.get_family("wan")
 
 
 def _local_job(tmp_path, tiny_flux_dir, data, name, **training):

@@ -7,14 +7,14 @@ import pytest
 
 from kubelora_trainer.data import load_clip, pick_frames
 from kubelora_trainer.families import RULES
-from kubelora_trainer.tiny_hunyuan_video import write_clip
+from kubelora_trainer.synthetic import write_video
 
 LEVEL0, STEP = 10, 8  # frame i of a source clip is a flat grey of LEVEL0 + STEP * i
 
 
 def _graded_clip(path, n: int, fps: int):
     import numpy as np
-    return write_clip(path, [np.full((32, 32, 3), LEVEL0 + STEP * i, dtype=np.uint8) for i in range(n)], fps=fps)
+    return write_video(path, [np.full((32, 32, 3), LEVEL0 + STEP * i, dtype=np.uint8) for i in range(n)], fps=fps)
 
 
 def _source_index(clip, k: int) -> int:

@@ -16,12 +16,13 @@ import yaml
 from PIL import Image
 
 from conftest import run_trainer
-from kubelora_trainer.models import hunyuan_video_keys as K
+from kubelora_trainer.models.hunyuan_video import keys as K
 from kubelora_trainer.models.base import ModelError
-from kubelora_trainer.models.hunyuan_video import DEFAULT_TARGETS, FAMILY, load_transformer
+from kubelora_trainer.models.hunyuan_video.family import DEFAULT_TARGETS, FAMILY, load_transformer
 from kubelora_trainer.storage import download, upload_tree
-from kubelora_trainer.tiny_hunyuan_video import (build_tiny_hunyuan_video, sliding_square, tiny_weights,
-                                                 write_clip, write_flux_bfl_like)
+from kubelora_trainer.models.hunyuan_video.tiny import (build_tiny_hunyuan_video, sliding_square, tiny_weights,
+                                                        write_flux_bfl_like)
+from kubelora_trainer.synthetic import write_video
 
 STEPS = 40
 RANK, ALPHA = 4, 8
@@ -36,9 +37,9 @@ def tiny_hv(tmp_path_factory) -> dict:
 @pytest.fixture()
 def video_data(tmp_path):
     d = tmp_path / "data"
-    write_clip(d / "slide.mp4", sliding_square(7))                  # 7 frames: the first 5 train
+    write_video(d / "slide.mp4", sliding_square(7))                  # 7 frames: the first 5 train
     (d / "slide.txt").write_text("a red square sliding right")
-    write_clip(d / "uncaptioned.mp4", sliding_square(5))            # no caption: skipped, counted
+    write_video(d / "uncaptioned.mp4", sliding_square(5))            # no caption: skipped, counted
     Image.new("RGB", (32, 32), (40, 60, 220)).save(d / "still.png")  # an image is 1 frame, not 5: counted
     (d / "still.txt").write_text("a blue still")
     return d
@@ -279,7 +280,7 @@ def test_other_targets_in_the_original_file_load_in_diffusers():
     from peft import LoraConfig, inject_adapter_in_model
 
     from kubelora_trainer import lora
-    from kubelora_trainer.tiny_hunyuan_video import TRANSFORMER
+    from kubelora_trainer.models.hunyuan_video.tiny import TRANSFORMER
 
     targets = (r"(transformer_blocks\.\d+\.(norm1\.linear|norm1_context\.linear|attn\.(to_q|to_k|to_v))|norm_out\.linear"
                r"|proj_out|context_embedder\.(proj_in|token_refiner\.refiner_blocks\.\d+\.(attn\.to_out\.0|ff\.net\.2|norm_out\.linear))"
@@ -322,7 +323,7 @@ def test_fused_export_is_exact_and_parses_back():
     equals the separate updates placed where the original fuses them (torch.cat of the parts),
     and parse() recovers each (A, B) pair."""
     from diffusers import HunyuanVideoTransformer3DModel
-    from kubelora_trainer.tiny_hunyuan_video import TRANSFORMER
+    from kubelora_trainer.models.hunyuan_video.tiny import TRANSFORMER
 
     model = HunyuanVideoTransformer3DModel(**TRANSFORMER)
     linears = {n: tuple(mod.weight.shape) for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
@@ -367,7 +368,7 @@ def test_what_the_original_format_cannot_carry_is_skipped_and_named_at_export():
 
 def test_default_targets_are_the_attention_and_mlp_linears_of_both_block_kinds():
     from diffusers import HunyuanVideoTransformer3DModel
-    from kubelora_trainer.tiny_hunyuan_video import TRANSFORMER
+    from kubelora_trainer.models.hunyuan_video.tiny import TRANSFORMER
 
     names = [n for n, mod in HunyuanVideoTransformer3DModel(**TRANSFORMER).named_modules() if isinstance(mod, torch.nn.Linear)]
     hit = {K.original_target(n).module for n in names if re.fullmatch(DEFAULT_TARGETS, n)}
@@ -402,7 +403,7 @@ def test_official_layout_comfyui_files_and_fp8_load_the_same_network(tmp_path, t
 
 
 def test_scaled_fp8_weights_are_multiplied_by_their_scale():
-    from kubelora_trainer.models.hunyuan_video import upcast
+    from kubelora_trainer.models.hunyuan_video.family import upcast
     w = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
     sd = {"a.weight": w.to(torch.float8_e4m3fn), "a.scale_weight": torch.tensor(3.0), "a.bias": torch.ones(2),
           "b.weight": w.to(torch.float8_e4m3fn), "scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
@@ -487,7 +488,7 @@ def test_trainer_refuses_a_flux_file_without_a_traceback(tmp_path, tiny_hv, vide
 
 def test_transformer_path_beside_ckpt_path_replaces_the_official_transformer(tmp_path, tiny_hv):
     """diffusion-pipe's ckpt_path + transformer_path: the official layout with another transformer."""
-    from kubelora_trainer.models.hunyuan_video import resolve_sources
+    from kubelora_trainer.models.hunyuan_video.family import resolve_sources
     official = build_tiny_hunyuan_video(tmp_path / "ckpts", layout="official")
     src = resolve_sources({"ckptPath": str(official["ckptPath"]), "transformerPath": str(tiny_hv["transformerPath"])})
     assert src["transformer"] == ("model.transformerPath", Path(tiny_hv["transformerPath"]))

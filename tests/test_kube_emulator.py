@@ -104,7 +104,7 @@ def test_admission_error_messages_match_the_api_server():
     got = {str(e) for e in errors}
     assert "spec.adapter.rank: Invalid value: 0: spec.adapter.rank in body should be greater than or equal to 1" in got
     assert "spec.adapter.alpha: Invalid value: 0: spec.adapter.alpha in body should be greater than 0" in got
-    assert any(e.startswith('spec.model.type: Unsupported value: "dalle": supported values: "sdxl", "flux"') for e in got)
+    assert any(e.startswith('spec.model.type: Unsupported value: "dalle": supported values: "flux", "sdxl"') for e in got)
     assert "spec.dataset.resolution: Invalid value: 33: spec.dataset.resolution in body should be a multiple of 16" in got
     assert any(e.startswith('spec.output.uri: Invalid value: "ftp://x": spec.output.uri in body should match') for e in got)
     assert 'spec.training.steps: Invalid value: "string": spec.training.steps in body must be of type integer: "string"' in got

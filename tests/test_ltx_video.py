@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import run_trainer
 from kubelora_trainer.storage import download, upload_tree
-from kubelora_trainer.tiny_ltx_video import build_tiny_ltx_video, moving_square, write_video
+from kubelora_trainer.models.ltx_video.tiny import build_tiny_ltx_video, moving_square
+from kubelora_trainer.synthetic import write_video
 
 STEPS = 40
 
@@ -207,7 +208,7 @@ def test_images_train_as_one_frame_clips(tiny_ltx_dir, tmp_path):
 
 
 def test_export_parse_round_trip_and_comfy_names():
-    from kubelora_trainer.models.ltx_video import FAMILY
+    from kubelora_trainer.models.ltx_video.family import FAMILY
     g = torch.Generator().manual_seed(0)
     lora = {"transformer": {m: (torch.randn(4, 16, generator=g), torch.randn(16, 4, generator=g))
                             for m in ("transformer_blocks.0.attn1.to_q", "transformer_blocks.0.ff.net.2", "proj_in",
@@ -264,7 +265,7 @@ def test_spec_accepts_ltx_shapes():
 
 def test_layout_errors_name_what_was_expected(tmp_path, tiny_ltx_dir):
     from kubelora_trainer.models.base import ModelError
-    from kubelora_trainer.models.ltx_video import check_layout
+    from kubelora_trainer.models.ltx_video.family import check_layout
     with pytest.raises(ModelError, match=r"model.diffusersPath: .* has no model_index.json; expected an LTX-Video folder"):
         check_layout(tmp_path)
     partial = tmp_path / "partial"
@@ -291,7 +292,7 @@ def test_wrong_family_checkpoint_fails_clearly(tmp_path, tiny_flux_dir):
 
 
 def test_modules_diffusers_skips_in_the_comfyui_file_are_named_at_export():
-    from kubelora_trainer.models.ltx_video import FAMILY
+    from kubelora_trainer.models.ltx_video.family import FAMILY
     lora = {"transformer": {"proj_in": (torch.ones(2, 8), torch.ones(8, 2)),
                             "transformer_blocks.0.attn1.to_q": (torch.ones(2, 8), torch.ones(8, 2))}}
     gaps = FAMILY.export_gaps(lora, "comfyui")

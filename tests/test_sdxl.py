@@ -13,15 +13,15 @@ import torch
 import yaml
 
 from conftest import run_trainer
-from kubelora_trainer.models import sdxl as sdxl_mod
+from kubelora_trainer.models.sdxl import family as sdxl_mod
 from kubelora_trainer.models.base import ModelError
-from kubelora_trainer.models.sdxl_keys import diffusers_unet_name, from_kohya_name, sgm_unet_name
+from kubelora_trainer.models.sdxl.keys import diffusers_unet_name, from_kohya_name, sgm_unet_name
 from kubelora_trainer.storage import download, upload_tree
-from kubelora_trainer.tiny_sdxl import build_tiny_sdxl, build_tiny_sdxl_single_file, write_flavor_configs
+from kubelora_trainer.models.sdxl.tiny import build_tiny_sdxl, build_tiny_sdxl_single_file, write_flavor_configs
 
 FAMILY = sdxl_mod.FAMILY
 STEPS = 30
-CONFIGS = Path(sdxl_mod.__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(sdxl_mod.__file__).resolve().parent / "configs"
 
 
 @pytest.fixture(scope="module")

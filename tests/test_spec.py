@@ -45,7 +45,7 @@ def test_defaults_are_filled():
 
 
 @pytest.mark.parametrize("path,value,expect", [
-    ("model.type", "sd3", "spec.model.type: got 'sd3'; accepted values: 'sdxl', 'flux', 'ltx-video', 'hunyuan-video' or 'cosmos'"),
+    ("model.type", "sd3", "spec.model.type: got 'sd3'; accepted values: 'flux', 'sdxl', 'ltx-video', 'hunyuan-video' or 'cosmos'"),
     ("adapter.rank", 0, "spec.adapter.rank: Input should be greater than or equal to 1"),
     ("training.learningRate", -1e-4, "spec.training.learningRate: Input should be greater than 0"),
     ("dataset.uri", "gs://bucket/data", "spec.dataset.uri: got 'gs://bucket/data'; expected an s3://bucket/key URI or an absolute local path"),
@@ -141,7 +141,7 @@ def test_crd_shape():
         assert "$ref" not in node and "anyOf" not in node and "title" not in node, path
     walk(spec, "spec")
     assert spec["properties"]["adapter"]["default"] == {}
-    assert spec["properties"]["model"]["properties"]["type"]["enum"][1] == "flux"
+    assert spec["properties"]["model"]["properties"]["type"]["enum"] == ["flux", "sdxl", "ltx-video", "hunyuan-video", "cosmos"]
 
 
 def test_crd_schema_accepts_examples_and_rejects_bad(tmp_path):

@@ -26,7 +26,7 @@ if TINY:
 def main():
     from kubelora_trainer import adapters, dist
     from kubelora_trainer.models.base import Components
-    from kubelora_trainer.models.flux import FAMILY
+    from kubelora_trainer.models.flux.family import FAMILY
     from kubelora_trainer.spec import parse_spec
     from diffusers import FluxTransformer2DModel
 

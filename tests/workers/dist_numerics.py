@@ -33,7 +33,7 @@ def inputs():
 def attach(env, dropout: float):
     from kubelora_trainer import adapters
     from kubelora_trainer.models.base import Components
-    from kubelora_trainer.models.flux import FAMILY
+    from kubelora_trainer.models.flux.family import FAMILY
     from kubelora_trainer.spec import parse_spec
     spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m", "dtype": "bfloat16"},
                        "dataset": {"uri": "/d", "resolution": 32}, "adapter": {"rank": 4, "dropout": dropout},

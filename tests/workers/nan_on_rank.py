@@ -6,7 +6,7 @@ which cannot be produced on demand): from its 3rd micro-step on, rank 1's Flux l
 import os
 import sys
 
-from kubelora_trainer.models.flux import FAMILY
+from kubelora_trainer.models.flux.family import FAMILY
 
 _loss, _calls = FAMILY.loss, [0]
 

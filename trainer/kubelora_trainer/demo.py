@@ -25,7 +25,8 @@ def start_s3() -> tuple[object, str]:
 
 def seed_bucket(workdir: Path) -> None:
     """Build the tiny model and dataset and upload them where the demo manifest points."""
-    from .tiny import build_synthetic_dataset, build_tiny_flux
+    from .models.flux.tiny import build_tiny_flux
+    from .synthetic import build_synthetic_dataset
     model, data = workdir / "tiny-flux", workdir / "dataset"
     shutil.rmtree(model, ignore_errors=True)
     shutil.rmtree(data, ignore_errors=True)

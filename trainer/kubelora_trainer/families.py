@@ -1,56 +1,22 @@
 """What each model family accepts: its path fields, its options and its data shape rules.
 Pure and torch-free: the spec validates with it, the CRD's CEL rules are generated from it,
-and the trainer's model modules rely on it having been checked."""
+and the trainer's model modules rely on it having been checked. Each family's rules live in its
+package (models/<family>/__init__.py); this module gathers them and checks a spec against them."""
 from __future__ import annotations
 
+import importlib
 import os
-from dataclasses import dataclass
 from typing import Optional
+
+from .models import FAMILIES
+from .models.rules import FamilyRules
 
 PATH_FIELDS = ("diffusersPath", "checkpointPath", "ckptPath", "transformerPath", "vaePath", "llmPath", "clipPath",
                "textEncoderPath")
 OPTION_FIELDS = ("fluxShift", "bypassGuidanceEmbedding", "guidance", "vPred", "zeroTerminalSnr", "minSnrGamma")
 
-COSMOS_SIZES = ((960, 960), (960, 704), (704, 960), (1280, 704), (704, 1280))
-COSMOS_FRAMES = (1, 121)
-# Test-only: tiny Cosmos models cannot train at 960 px on a CPU, and the trainer under test runs in
-# torchrun subprocesses (nothing to monkeypatch), so tests set this to lift the fixed-size rule.
-COSMOS_ANY_SIZE_ENV = "KUBELORA_COSMOS_ALLOW_ANY_SIZE"
-
-
-@dataclass(frozen=True)
-class FamilyRules:
-    sources: tuple[tuple[str, ...], ...]        # accepted sets of path fields (one must be complete)
-    optional_paths: tuple[str, ...] = ()
-    options: tuple[str, ...] = ()
-    video: bool = False
-    frame_rule: Optional[tuple[int, int]] = None  # frames = k*a + b
-    sizes: Optional[tuple[tuple[int, int], ...]] = None
-    frames: Optional[tuple[int, ...]] = None
-    default_frames: int = 1
-    fps: Optional[float] = None                    # training frame rate: videos are resampled to it
-    size_multiple: int = 16                        # width and height must be multiples of this
-    formats: tuple[str, ...] = ()                  # LoRA file formats; the first is the default
-
-    @property
-    def paths(self) -> set[str]:
-        return {f for src in self.sources for f in src} | set(self.optional_paths)
-
-
-RULES: dict[str, FamilyRules] = {
-    "flux": FamilyRules(sources=(("diffusersPath",),), optional_paths=("transformerPath",),
-                        options=("fluxShift", "bypassGuidanceEmbedding", "guidance"),
-                        formats=("diffusers", "kohya", "comfyui")),
-    "sdxl": FamilyRules(sources=(("diffusersPath",), ("checkpointPath",)), options=("vPred", "zeroTerminalSnr", "minSnrGamma"),
-                        formats=("kohya", "diffusers")),
-    "ltx-video": FamilyRules(sources=(("diffusersPath",),), video=True, frame_rule=(8, 1), default_frames=1, fps=25,
-                             size_multiple=32, formats=("comfyui", "diffusers")),
-    "hunyuan-video": FamilyRules(sources=(("ckptPath",), ("transformerPath", "vaePath", "llmPath", "clipPath")),
-                                 video=True, frame_rule=(4, 1), default_frames=1, fps=24, formats=("original", "diffusers")),
-    "cosmos": FamilyRules(sources=(("transformerPath", "vaePath", "textEncoderPath"),), video=True,
-                          sizes=COSMOS_SIZES, frames=COSMOS_FRAMES, default_frames=121, fps=24,
-                          formats=("comfyui", "diffusers")),
-}
+RULES: dict[str, FamilyRules] = {t: importlib.import_module(f"{__package__}.models.{m}").RULES for t, m in FAMILIES.items()}
+COSMOS_ANY_SIZE_ENV = importlib.import_module(f"{__package__}.models.cosmos").ANY_SIZE_ENV
 
 
 def _fmt_sources(sources) -> str:

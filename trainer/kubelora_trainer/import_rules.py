@@ -17,8 +17,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-MODEL_TYPES = {"flux": "flux", "sdxl": "sdxl", "ltx-video": "ltx-video", "hunyuan-video": "hunyuan-video",
-               "cosmos": "cosmos"}
+from .models import FAMILIES
+
+MODEL_TYPES = {t: t for t in FAMILIES}  # diffusion-pipe's type names are kubelora's
 OTHER_MODEL_TYPES = ("lumina_2", "wan", "chroma", "hidream", "sd3", "cosmos_predict2", "anima", "omnigen2",
                      "qwen_image", "hunyuan_image", "auraflow", "z_image", "hunyuan_video_15", "flux2", "ernie_image",
                      "ltx2", "ideogram4", "krea2", "minimax_h3")

@@ -16,13 +16,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from .models import FAMILIES
+
 GROUP = "kubelora.dev"
 VERSION = "v1alpha1"
 KIND = "LoRATrainingJob"
 PLURAL = "loratrainingjobs"
 SHORT_NAME = "ltj"
 
-MODEL_TYPES = ("sdxl", "flux", "ltx-video", "hunyuan-video", "cosmos")
+MODEL_TYPES = tuple(FAMILIES)
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|file://.*)$"
 URI_HELP = "an s3://bucket/key URI or an absolute local path"
 
@@ -41,8 +43,7 @@ def _uri(description: str, **kw: Any) -> Any:
 
 
 class ModelSpec(_Model):
-    type: Literal["sdxl", "flux", "ltx-video", "hunyuan-video", "cosmos"] = Field(
-        description="Model family: sdxl, flux, ltx-video, hunyuan-video or cosmos.")
+    type: Literal[MODEL_TYPES] = Field(description=f"Model family: {', '.join(MODEL_TYPES)}.")
     diffusersPath: Optional[str] = _uri(
         "Folder in diffusers layout (model_index.json, transformer/ or unet/, vae/, text_encoder*/, tokenizer*/); "
         "flux, sdxl, ltx-video", default=None)

@@ -4,7 +4,7 @@ transformer as an original NVIDIA checkpoint (.pt, ``net.``-prefixed original mo
 original/ComfyUI layout (.safetensors with latent_mean/latent_std), and a T5 encoder
 (.safetensors in transformers' layout) with its tokenizer in one folder.
 
-    from kubelora_trainer.tiny_cosmos import build_tiny_cosmos
+    from kubelora_trainer.models.cosmos.tiny import build_tiny_cosmos
     paths = build_tiny_cosmos("/tmp/tiny-cosmos")   # {"transformerPath": ..., "vaePath": ..., "textEncoderPath": ...}
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .models.cosmos_keys import original_param, vae_to_diffusers
-from .tiny import _t5_tokenizer
+from .keys import original_param, vae_to_diffusers
+from ...synthetic import tiny_t5_tokenizer
 
 TRANSFORMER_FILE = "cosmos-1.0-diffusion-text2world.pt"
 VAE_FILE = "cosmos_cv8x8x8_1.0.safetensors"
@@ -84,7 +84,7 @@ def build_tiny_cosmos(out: Path, seed: int = 0) -> dict[str, str]:
         vsd[f"{part}._arange"] = torch.arange(2)
     save_file(vsd, str(out / VAE_FILE))
 
-    tok, vocab = _t5_tokenizer()
+    tok, vocab = tiny_t5_tokenizer()
     te = T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
                                  relative_attention_num_buckets=8, feed_forward_proj="relu", pad_token_id=0,
                                  eos_token_id=1, decoder_start_token_id=0))

@@ -13,7 +13,7 @@ Three layouts meet here:
     renames the .jit weights), so ``vae_to_diffusers`` implements that renaming;
   * the T5 encoder in transformers' layout (ComfyUI's ``oldt5_xxl_*.safetensors``).
 The ``*_config`` functions derive a diffusers/transformers config from the shapes of a checkpoint,
-so a file of any width loads (the shipped configs under configs/cosmos/ supply what shapes do not
+so a file of any width loads (the shipped configs under configs/ supply what shapes do not
 tell, and are themselves checked against this derivation in the tests).
 """
 from __future__ import annotations

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..families import RULES
-from ..objectives import flow_matching_pair, sample_timesteps
-from .base import Components, ModelError
+from ...families import RULES
+from ...objectives import flow_matching_pair, sample_timesteps
+from ..base import Components, ModelError
 
 # Attention (self and cross) and MLP linears of every block; peft matches with re.fullmatch.
 # Not proj_in / time_embed: ComfyUI names them patchify_proj / adaln_single, and diffusers'

@@ -3,7 +3,7 @@ original-layout (SGM) .safetensors like sd_xl_base_1.0.safetensors. Real classes
 with text_time micro-conditioning, CLIPTextModel + CLIPTextModelWithProjection, AutoencoderKL) at
 diffusers' fast-test sizes.
 
-    python -m kubelora_trainer.tiny_sdxl /tmp/tiny-sdxl            # both layouts
+    python -m kubelora_trainer.models.sdxl.tiny /tmp/tiny-sdxl            # both layouts
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_
 
 
 def tiny_tokenizers():
-    """(tokenizer, tokenizer_2): the byte-level CLIP tokenizer of tiny.py; SDXL pads tokenizer_2 with "!"."""
-    from .tiny import _clip_tokenizer
-    tok, _ = _clip_tokenizer()
-    tok2, _ = _clip_tokenizer()
+    """(tokenizer, tokenizer_2): the byte-level CLIP tokenizer of synthetic.py; SDXL pads tokenizer_2 with "!"."""
+    from ...synthetic import tiny_clip_tokenizer
+    tok, _ = tiny_clip_tokenizer()
+    tok2, _ = tiny_clip_tokenizer()
     tok2.pad_token = "!"
     return tok, tok2
 
@@ -126,7 +126,7 @@ def _open_clip(sd: dict, prefix: str) -> dict:
 
 def original_state_dict(pipe) -> dict:
     """An SDXL pipeline's weights under the original single-file names."""
-    from .models.sdxl_keys import sgm_unet_name, te_canonical
+    from .keys import sgm_unet_name, te_canonical
 
     sd = {f"model.diffusion_model.{sgm_unet_name(k)}": v for k, v in pipe.unet.state_dict().items()}
     n_levels = len(pipe.vae.config.block_out_channels)

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..objectives import flow_matching_pair, resolution_shift_mu, sample_timesteps, time_shift
-from .base import Components, ModelError
-from . import flux_lora
-from .flux_keys import from_bfl
+from ...objectives import flow_matching_pair, resolution_shift_mu, sample_timesteps, time_shift
+from ..base import Components, ModelError
+from . import formats as flux_lora
+from .keys import from_bfl
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Attention and MLP linears of both block kinds (peft matches a string with re.fullmatch).
 DEFAULT_TARGETS = (
@@ -43,7 +43,7 @@ def _single_file_config(diffusers_root: Path, ckpt: Path) -> tuple[str, str]:
 
 def load_bfl_transformer(diffusers_root: Path, ckpt: Path, dtype):
     """A BFL-layout single file (flux1-dev.safetensors, fine-tunes, fp8 files: upcast to dtype)
-    with our own key map (flux_keys.py): diffusers' single-file converter assumes the full 3072
+    with our own key map (keys.py): diffusers' single-file converter assumes the full 3072
     width, which Flux-shaped derivatives and the tiny test model do not have."""
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .tiny import COLORS, _t5_tokenizer
+from ...synthetic import COLORS, tiny_t5_tokenizer, write_video
 
 
 def build_tiny_ltx_video(out: Path, seed: int = 0) -> Path:
@@ -19,7 +19,7 @@ def build_tiny_ltx_video(out: Path, seed: int = 0) -> Path:
 
     out = Path(out)
     torch.manual_seed(seed)
-    tok, vocab = _t5_tokenizer()
+    tok, vocab = tiny_t5_tokenizer()
     text_encoder = T5EncoderModel(T5Config(
         vocab_size=vocab, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
@@ -42,23 +42,6 @@ def build_tiny_ltx_video(out: Path, seed: int = 0) -> Path:
     pipe = LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
     pipe.save_pretrained(out)
     return out
-
-
-def write_video(path: Path, frames, fps: int = 24, codec: str = "mpeg4") -> Path:
-    """Write RGB frames (PIL images of one size, even sides) as a video with PyAV."""
-    import av
-
-    path = Path(path)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=fps)
-        s.width, s.height = frames[0].size
-        s.pix_fmt = "yuv420p"
-        for im in frames:
-            for packet in s.encode(av.VideoFrame.from_image(im.convert("RGB"))):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
-    return path
 
 
 def moving_square(n_frames: int, size: int = 32, color=(40, 60, 220), step: int = 2):

@@ -1,7 +1,7 @@
 """Stable Diffusion XL (base 1.0 and its fine-tunes: Pony, Illustrious, NoobAI ...): a diffusers
 folder (model.diffusersPath) or one original-layout file like sd_xl_base_1.0.safetensors
 (model.checkpointPath, read with diffusers' from_single_file and the configs shipped in
-configs/sdxl/, so nothing is fetched).
+configs/sdxl/ (in this folder), so nothing is fetched).
 
 LoRA goes on the UNet's transformer linears and on both text encoders (CLIP-L `text_encoder`,
 OpenCLIP-bigG `text_encoder_2`), as Kohya sd-scripts does; so the text embeddings are computed in
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .base import Components, ModelError
-from .sdxl_keys import LAYERS_PER_BLOCK, from_kohya_name, kohya_name, te_canonical
+from ..base import Components, ModelError
+from .keys import LAYERS_PER_BLOCK, from_kohya_name, kohya_name, te_canonical
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 UNET_TARGETS = (r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\."
                 r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))")
@@ -108,7 +108,7 @@ def clip_byte_alphabet() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     """The real CLIP BPE tokenizer (SDXL's tokenizer and tokenizer_2 differ only in the pad token),
-    built from the merges shipped in configs/sdxl/ (OpenAI CLIP's bpe_simple_vocab, MIT)."""
+    built from the merges shipped in configs/sdxl/ (in this folder) (OpenAI CLIP's bpe_simple_vocab, MIT)."""
     from transformers import CLIPTokenizer
 
     merges = (CONFIG_DIR / "sdxl" / "clip-merges.txt").read_text(encoding="utf-8").splitlines()[1:]
@@ -123,7 +123,7 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
 
 def flavor_tokenizers(flavor: str):
     if flavor == "sdxl-tiny":
-        from ..tiny_sdxl import tiny_tokenizers
+        from .tiny import tiny_tokenizers
         return tiny_tokenizers()
     return clip_tokenizer(), clip_tokenizer("!")
 

@@ -6,8 +6,8 @@ text_encoder/ = llava-llama-3 as a Llama, text_encoder_2/ = CLIP-L), or the Comf
 (model.transformerPath: one .safetensors in the original key layout, bf16 or fp8 e4m3fn;
 model.vaePath; model.llmPath: Llama folder with its tokenizer; model.clipPath: CLIP-L folder).
 The transformer is diffusers' HunyuanVideoTransformer3DModel, its weights converted by
-diffusers' converter (hunyuan_video_keys.py) and its config the shipped full-size one
-(configs/hunyuan-video/) with sizes and depths read from the tensors: nothing is fetched.
+diffusers' converter (keys.py) and its config the shipped full-size one
+(configs/) with sizes and depths read from the tensors: nothing is fetched.
 An fp8 transformer file is upcast to model.dtype when loaded (keeping frozen weights in fp8 is
 later work).
 
@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..objectives import flow_matching_pair, sample_timesteps
-from . import hunyuan_video_keys as keys
-from .base import Components, ModelError
+from ...objectives import flow_matching_pair, sample_timesteps
+from . import keys
+from ..base import Components, ModelError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "hunyuan-video"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 FORMATS = ("original", "diffusers")
 MAX_TOKENS = 256                 # HunyuanVideoPipeline's max_sequence_length
 EMBEDDED_GUIDANCE = 1.0

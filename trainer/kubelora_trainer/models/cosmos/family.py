@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..families import RULES
-from . import cosmos_keys as K
-from .base import Components, ModelError
+from ...families import RULES
+from . import keys as K
+from ..base import Components, ModelError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "cosmos"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = 0.0, 1.0      # log-normal training sigmas of Cosmos 1.0 (EDM)
 TRAIN_FPS = RULES["cosmos"].fps  # the RoPE base frame rate of Cosmos 1.0 (24); clips are resampled to it

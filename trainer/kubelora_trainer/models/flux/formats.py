@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from ..lora_fused import fuse, split
-from .flux_keys import DOUBLE, SINGLE, TOP, bfl_module
+from ...lora_fused import fuse, split
+from .keys import DOUBLE, SINGLE, TOP, bfl_module
 
 FINAL_MOD = "final_layer.adaLN_modulation.1"   # BFL's [scale; shift] vs diffusers' [shift; scale]
 MLP_RATIO = 4                                   # Flux's single blocks: MLP-in is 4x the hidden width

@@ -51,7 +51,7 @@ def _text_encoders(seed: int):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM
 
-    from .tiny import _clip_tokenizer
+    from ...synthetic import tiny_clip_tokenizer
 
     torch.manual_seed(seed + 1)
     tok = llama_tokenizer()
@@ -59,7 +59,7 @@ def _text_encoders(seed: int):
         vocab_size=len(tok), hidden_size=TRANSFORMER["text_embed_dim"], intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    clip_tok, clip_vocab = _clip_tokenizer()
+    clip_tok, clip_vocab = tiny_clip_tokenizer()
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=clip_vocab, hidden_size=TRANSFORMER["pooled_projection_dim"], intermediate_size=37,
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
@@ -72,7 +72,7 @@ def tiny_weights(seed: int = 0):
     import torch
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 
-    from .models.hunyuan_video_keys import to_original
+    from .keys import to_original
 
     torch.manual_seed(seed)
     transformer = HunyuanVideoTransformer3DModel(**TRANSFORMER)
@@ -149,20 +149,3 @@ def sliding_square(n: int, size: int = 48, color=(220, 40, 40)):
         f[12:36, x:x + 20] = color
         frames.append(f)
     return frames
-
-
-def write_clip(path: Path, frames, fps: int = 24, codec: str = "mpeg4") -> Path:
-    """Encode frames (HxWx3 uint8) as a video file with PyAV."""
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path

@@ -1,0 +1,12 @@
+"""Cosmos 1.0 text-to-world. Torch-free: the rules the spec checks (family.py, keys.py, tiny.py,
+configs/ hold the rest). Cosmos 1.0 trains only at its released sizes and frame counts."""
+from ..rules import FamilyRules
+
+SIZES = ((960, 960), (960, 704), (704, 960), (1280, 704), (704, 1280))
+FRAMES = (1, 121)
+# Test-only: tiny Cosmos models cannot train at 960 px on a CPU, and the trainer under test runs in
+# torchrun subprocesses (nothing to monkeypatch), so tests set this to lift the fixed-size rule.
+ANY_SIZE_ENV = "KUBELORA_COSMOS_ALLOW_ANY_SIZE"
+
+RULES = FamilyRules(sources=(("transformerPath", "vaePath", "textEncoderPath"),), video=True,
+                    sizes=SIZES, frames=FRAMES, default_frames=121, fps=24, formats=("comfyui", "diffusers"))

@@ -1,0 +1,6 @@
+"""HunyuanVideo. Torch-free: the rules the spec checks (family.py, keys.py, tiny.py, configs/ hold
+the rest)."""
+from ..rules import FamilyRules
+
+RULES = FamilyRules(sources=(("ckptPath",), ("transformerPath", "vaePath", "llmPath", "clipPath")),
+                    video=True, frame_rule=(4, 1), default_frames=1, fps=24, formats=("original", "diffusers"))

@@ -1,0 +1,5 @@
+"""LTX-Video. Torch-free: the rules the spec checks (family.py, tiny.py hold the rest)."""
+from ..rules import FamilyRules
+
+RULES = FamilyRules(sources=(("diffusersPath",),), video=True, frame_rule=(8, 1), default_frames=1, fps=25,
+                    size_multiple=32, formats=("comfyui", "diffusers"))

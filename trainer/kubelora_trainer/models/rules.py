@@ -1,0 +1,25 @@
+"""FamilyRules: what one model family accepts (path fields, options, data shapes, LoRA formats).
+Torch-free data: each family's package (models/<family>/__init__.py) holds its RULES."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class FamilyRules:
+    sources: tuple[tuple[str, ...], ...]        # accepted sets of path fields (one must be complete)
+    optional_paths: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+    video: bool = False
+    frame_rule: Optional[tuple[int, int]] = None  # frames = k*a + b
+    sizes: Optional[tuple[tuple[int, int], ...]] = None
+    frames: Optional[tuple[int, ...]] = None
+    default_frames: int = 1
+    fps: Optional[float] = None                    # training frame rate: videos are resampled to it
+    size_multiple: int = 16                        # width and height must be multiples of this
+    formats: tuple[str, ...] = ()                  # LoRA file formats; the first is the default
+
+    @property
+    def paths(self) -> set[str]:
+        return {f for src in self.sources for f in src} | set(self.optional_paths)

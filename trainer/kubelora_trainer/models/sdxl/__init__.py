@@ -1,0 +1,6 @@
+"""Stable Diffusion XL and its fine-tunes. Torch-free: the rules the spec checks (family.py,
+keys.py, tiny.py, configs/ hold the rest)."""
+from ..rules import FamilyRules
+
+RULES = FamilyRules(sources=(("diffusersPath",), ("checkpointPath",)), options=("vPred", "zeroTerminalSnr", "minSnrGamma"),
+                    formats=("kohya", "diffusers"))
