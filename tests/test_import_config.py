@@ -89,7 +89,10 @@ KEYS = [
     ("model", "transformer_dtype", "float16", "refused"),
     ("model", "diffusion_model_dtype", "bfloat16", "noted"),
     ("model", "guidance", 3.5, "mapped"),
+    ("model", "guidance", 3.5, "refused", "hunyuan-video"),
+    ("model", "guidance", 1.0, "default", "hunyuan-video"),
     ("model", "timestep_sample_method", "uniform", "mapped"),
+    ("model", "timestep_sample_method", "uniform", "noted", "sdxl"),
     ("model", "sigmoid_scale", 1.5, "refused"),
     ("model", "sigmoid_scale", 1.0, "default"),
     ("model", "shift", 3.0, "refused"),
@@ -97,22 +100,34 @@ KEYS = [
     ("model", "cache_text_embeddings", False, "noted"),
     ("model", "diffusers_path", "/models/other", "mapped"),
     ("model", "transformer_path", "/models/t.safetensors", "mapped"),
-    ("model", "checkpoint_path", "/models/sdxl.safetensors", "mapped"),
-    ("model", "ckpt_path", "/models/hv", "mapped"),
-    ("model", "vae_path", "/models/vae.safetensors", "mapped"),
-    ("model", "llm_path", "/models/llm", "mapped"),
-    ("model", "clip_path", "/models/clip", "mapped"),
-    ("model", "text_encoder_path", "/models/t5.safetensors", "mapped"),
-    ("model", "single_file_path", "/models/ltx.safetensors", "refused"),
+    ("model", "checkpoint_path", "/models/sdxl.safetensors", "noted"),   # flux: diffusion-pipe reads it for sdxl only
+    ("model", "checkpoint_path", "/models/other.safetensors", "mapped", "sdxl"),
+    ("model", "ckpt_path", "/models/hv", "noted"),
+    ("model", "ckpt_path", "/models/hv2", "mapped", "hunyuan-video"),
+    ("model", "vae_path", "/models/vae.safetensors", "noted"),
+    ("model", "vae_path", "/models/vae.safetensors", "mapped", "hunyuan-video"),
+    ("model", "llm_path", "/models/llm", "noted"),
+    ("model", "llm_path", "/models/llm", "mapped", "hunyuan-video"),
+    ("model", "clip_path", "/models/clip", "noted"),
+    ("model", "clip_path", "/models/clip", "mapped", "hunyuan-video"),
+    ("model", "text_encoder_path", "/models/t5.safetensors", "noted"),
+    ("model", "text_encoder_path", "/models/t5b.safetensors", "mapped", "cosmos"),
+    ("model", "single_file_path", "/models/ltx.safetensors", "noted"),
+    ("model", "single_file_path", "/models/ltx.safetensors", "refused", "ltx-video"),
     ("model", "bypass_guidance_embedding", True, "mapped"),
-    ("model", "v_pred", True, "mapped"),
-    ("model", "min_snr_gamma", 5.0, "mapped"),
-    ("model", "debiased_estimation_loss", False, "refused"),
+    ("model", "v_pred", True, "noted"),
+    ("model", "v_pred", True, "mapped", "sdxl"),
+    ("model", "min_snr_gamma", 5.0, "noted"),
+    ("model", "min_snr_gamma", 5.0, "mapped", "sdxl"),
+    ("model", "debiased_estimation_loss", False, "noted"),
+    ("model", "debiased_estimation_loss", False, "refused", "sdxl"),
     ("model", "unet_lr", 1e-3, "noted"),            # flux: diffusion-pipe reads it for sdxl only
+    ("model", "unet_lr", 1e-3, "mapped", "sdxl"),
     ("model", "text_encoder_1_lr", 1e-5, "noted"),
     ("model", "text_encoder_2_lr", 1e-5, "noted"),
-    ("model", "first_frame_conditioning_p", 0.5, "refused"),
-    ("model", "first_frame_conditioning_p", 0.0, "default"),
+    ("model", "first_frame_conditioning_p", 0.5, "noted"),
+    ("model", "first_frame_conditioning_p", 0.5, "refused", "ltx-video"),
+    ("model", "first_frame_conditioning_p", 0.0, "default", "ltx-video"),
     ("adapter", "type", "lokr", "refused"),
     ("adapter", "type", "lora", "default"),
     ("adapter", "rank", 8, "mapped"),
@@ -181,30 +196,45 @@ KEYS = [
 ]
 
 
-def _with(section, key, value):
+MODELS = {"flux": BASE_MAIN["model"], "sdxl": {"type": "sdxl", "checkpoint_path": "/models/sdxl.safetensors"},
+          "ltx-video": {"type": "ltx-video", "diffusers_path": "/models/ltx"},
+          "hunyuan-video": {"type": "hunyuan-video", "ckpt_path": "/models/hv"},
+          "cosmos": {"type": "cosmos", "transformer_path": "/m/c.pt", "vae_path": "/m/v", "text_encoder_path": "/m/t5"}}
+
+
+def _base(model_type="flux"):
     main, ds = copy.deepcopy(BASE_MAIN), copy.deepcopy(BASE_DATASET)
+    main["model"] = copy.deepcopy(MODELS[model_type])
+    return main, ds
+
+
+def _with(section, key, value, model_type="flux"):
+    main, ds = _base(model_type)
     target = {"main": main, "dataset": ds, "directory": ds["directory"][0]}.get(section) or main.setdefault(section, {})
     target[key] = value
     return main, ds
 
 
 def test_every_key_diffusion_pipe_reads_is_in_the_importer_tables_and_no_other():
-    listed = {(s, k) for s, k, _, _ in KEYS} - {("optimizer", "amsgrad")}  # stands for "any other key"
+    listed = {(k[0], k[1]) for k in KEYS} - {("optimizer", "amsgrad")}  # stands for "any other key"
     tables = {(s, k) for s, t in SECTIONS.items() for k in t}
     assert listed == tables, (sorted(listed - tables), sorted(tables - listed))
 
 
 def test_docs_list_every_key():
     doc = (REPO / "docs" / "import-config.md").read_text()
-    missing = sorted({k for _, k, _, _ in KEYS if f"`{k}`" not in doc})
+    missing = sorted({k[1] for k in KEYS if f"`{k[1]}`" not in doc})
     assert not missing, missing
 
 
-@pytest.mark.parametrize("section,key,value,handling", [k for k in KEYS if k[3] != "section"],
-                         ids=[f"{s}.{k}={v!r}" for s, k, v, h in KEYS if h != "section"])
-def test_each_key_is_mapped_noted_or_refused(section, key, value, handling):
-    base, base_notes = convert(copy.deepcopy(BASE_MAIN), copy.deepcopy(BASE_DATASET))
-    main, ds = _with(section, key, value)
+ROWS = [(*k, "flux")[:5] for k in KEYS if k[3] != "section"]
+
+
+@pytest.mark.parametrize("section,key,value,handling,model_type", ROWS,
+                         ids=[f"{t}:{s}.{k}={v!r}" for s, k, v, h, t in ROWS])
+def test_each_key_is_mapped_noted_or_refused(section, key, value, handling, model_type):
+    base, base_notes = convert(*_base(model_type))
+    main, ds = _with(section, key, value, model_type)
     if handling == "refused":
         with pytest.raises(ConfigError, match=rf"{re.escape(key)}: "):
             convert(main, ds)
@@ -226,14 +256,12 @@ def test_examples_keep_diffusion_pipe_meaning():
     ds["num_repeats"] = 4           # top level: the default for each directory
     ds["skip_empty_caption"] = False
     ds["resolutions"] = [[1024, 768]]
-    main["model"]["v_pred"] = True
     spec = convert(main, ds)[0]["spec"]
     assert spec["training"]["lrScheduler"] == "cosine" and spec["training"]["warmupSteps"] == 5
     assert spec["dataset"]["captionPrefix"] == "ohwx, " and spec["dataset"]["repeats"] == 4
     assert spec["dataset"]["missingCaption"] == "empty"
     assert spec["dataset"]["resolution"] == 880 == area_side([1024, 768], "flux")   # sqrt(1024*768) = 886.8 -> 880
     assert area_side([1024, 768], "ltx-video") == 896                               # LTX rounds to 32
-    assert spec["model"]["vPred"] is True and spec["model"]["zeroTerminalSnr"] is True
     assert spec["training"]["maxGradNorm"] == 1.0  # diffusion-pipe clips at 1.0 unless told
     # a directory's own keys override the top level
     ds["directory"][0]["num_repeats"] = 2
@@ -250,8 +278,11 @@ def test_no_adapter_table_means_full_fine_tune_and_is_refused():
 def test_sdxl_learning_rates():
     main = copy.deepcopy(BASE_MAIN)
     main["model"] = {"type": "sdxl", "checkpoint_path": "/m/sdxl.safetensors", "dtype": "bfloat16",
-                     "unet_lr": 4e-5, "text_encoder_1_lr": 2e-5, "text_encoder_2_lr": 2e-5}
-    t = convert(main, BASE_DATASET)[0]["spec"]["training"]
+                     "unet_lr": 4e-5, "text_encoder_1_lr": 2e-5, "text_encoder_2_lr": 2e-5, "v_pred": True}
+    spec = convert(main, BASE_DATASET)[0]["spec"]
+    # diffusion-pipe forces zero-terminal SNR whenever v_pred is set
+    assert spec["model"]["vPred"] is True and spec["model"]["zeroTerminalSnr"] is True
+    t = spec["training"]
     assert (t["learningRate"], t["textEncoderLearningRate"]) == (4e-5, 2e-5)
     main["model"]["text_encoder_2_lr"] = 1e-5
     with pytest.raises(ConfigError, match="text_encoder_2_lr: kubelora trains both SDXL text encoders at one rate"):

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
-from .import_rules import MODEL_TYPES, OTHER_MODEL_TYPES, Ctx, Refused, apply, label
+from .import_handlers import Ctx, Refused, label
+from .import_rules import MODEL_TYPES, OTHER_MODEL_TYPES, apply
 
 
 class ConfigError(ValueError):

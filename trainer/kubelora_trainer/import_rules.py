@@ -13,97 +13,19 @@ Pure: no I/O.
 """
 from __future__ import annotations
 
+import importlib
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+from .import_handlers import Ctx, Handler, keep, noted, nothing, refused, to, when
+from .families import RULES
 from .models import FAMILIES
 
 MODEL_TYPES = {t: t for t in FAMILIES}  # diffusion-pipe's type names are kubelora's
 OTHER_MODEL_TYPES = ("lumina_2", "wan", "chroma", "hidream", "sd3", "cosmos_predict2", "anima", "omnigen2",
                      "qwen_image", "hunyuan_image", "auraflow", "z_image", "hunyuan_video_15", "flux2", "ernie_image",
                      "ltx2", "ideogram4", "krea2", "minimax_h3")
-VIDEO_TYPES = ("ltx-video", "hunyuan-video", "cosmos")
-ROUND_TO = {"ltx-video": 32}  # diffusion-pipe's pixels_round_to_multiple (16 otherwise)
-
-
-def label(section: str) -> str:
-    """How a section is written before a key in messages: '', '[model] ', 'dataset ', '[[directory]] '."""
-    return {"": "", "dataset": "dataset ", "directory": "[[directory]] "}.get(section, f"[{section}] ")
-
-
-class Refused(ValueError):
-    """A key kubelora cannot honour; `section`/`key` say where, the message what to do."""
-
-    def __init__(self, section: str, key: str, message: str):
-        super().__init__(message)
-        self.section, self.key = section, key
-
-
-@dataclass
-class Ctx:
-    model_type: str
-    model: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    adapter: dict[str, Any] = field(default_factory=dict)
-    dataset: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    section: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)  # values other handlers read (lr, epochs, ...)
-
-    def note(self, key: str, text: str) -> None:
-        self.notes.append(f"{label(self.section)}{key}: {text}")
-
-    def refuse(self, key: str, text: str):
-        raise Refused(self.section, key, text)
-
-
-Handler = Callable[[Ctx, str, Any], None]
-
-
-# ---------------------------------------------------------------- handler makers
-
-def to(section: str, name: str, convert: Callable[[Any], Any] = lambda v: v) -> Handler:
-    def h(ctx: Ctx, key: str, value: Any) -> None:
-        getattr(ctx, section)[name] = convert(value)
-    return h
-
-
-def noted(text: str) -> Handler:
-    return lambda ctx, key, value: ctx.note(key, text)
-
-
-def refused(text: str) -> Handler:
-    def h(ctx: Ctx, key: str, value: Any) -> None:
-        ctx.refuse(key, text)
-    return h
-
-
-def when(default: Any, then: Handler, text: str) -> Handler:
-    """No effect at diffusion-pipe's default value (mapped as such); refused otherwise."""
-    def h(ctx: Ctx, key: str, value: Any) -> None:
-        if value != default:
-            ctx.refuse(key, text)
-        then(ctx, key, value)
-    return h
-
-
-def keep(ctx: Ctx, key: str, value: Any) -> None:
-    """Read by another handler (ctx.extra), or a section handled separately."""
-    ctx.extra[key] = value
-
-
-def nothing(ctx: Ctx, key: str, value: Any) -> None:
-    """Mapped to kubelora's behaviour at this value: nothing to write."""
-
-
-def for_types(types: tuple[str, ...], then: Handler, otherwise: str) -> Handler:
-    def h(ctx: Ctx, key: str, value: Any) -> None:
-        if ctx.model_type in types:
-            then(ctx, key, value)
-        else:
-            ctx.note(key, otherwise)
-    return h
+VIDEO_TYPES = tuple(t for t, r in RULES.items() if r.video)
 
 
 # ---------------------------------------------------------------- main (top level)
@@ -221,69 +143,30 @@ def transformer_dtype(ctx: Ctx, key: str, value: Any) -> None:
         ctx.refuse(key, f"{value!r}: the base weights are kept in model.dtype; remove the key or set it to dtype")
 
 
-def timestep_method(ctx: Ctx, key: str, value: Any) -> None:
-    if ctx.model_type in ("sdxl", "cosmos"):
-        ctx.note(key, f"diffusion-pipe ignores it for {ctx.model_type} too")
-        return
-    if value not in ("logit_normal", "uniform"):
-        ctx.refuse(key, f"{value!r}: use logit_normal or uniform")
-    ctx.training["timestepSampling"] = value
-
-
-def guidance(ctx: Ctx, key: str, value: Any) -> None:
-    if ctx.model_type == "flux":
-        ctx.model["guidance"] = float(value)
-    elif ctx.model_type == "hunyuan-video" and float(value) != 1.0:
-        ctx.refuse(key, "kubelora trains HunyuanVideo with the embedded guidance 1.0; remove the key")
-
-
-def v_pred(ctx: Ctx, key: str, value: Any) -> None:
-    ctx.model["vPred"] = bool(value)
-    if value:  # diffusion-pipe rescales the schedule to zero terminal SNR whenever v_pred is set
-        ctx.model["zeroTerminalSnr"] = True
-
-
-def path(name: str) -> Handler:
-    def h(ctx: Ctx, key: str, value: Any) -> None:
-        ctx.model[name] = ctx.extra["map_path"](str(value))
-    return h
-
-
-MODEL: dict[str, Handler] = {
+# keys every family reads; each family's own keys are in models/<family>/importer.py
+MODEL_COMMON: dict[str, Handler] = {
     "type": nothing,  # read before the table
     "dtype": model_dtype,
     "transformer_dtype": transformer_dtype,
     "diffusion_model_dtype": noted("only read by diffusion-pipe's ComfyUI-based models"),
-    "guidance": guidance,
-    "timestep_sample_method": timestep_method,
-    "sigmoid_scale": when(1.0, nothing, "scaled logit-normal timesteps are not supported; remove the key (scale 1)"),
-    "shift": for_types(("flux", "hunyuan-video"), refused(
-        "a constant timestep shift is not supported yet (flux: use flux_shift = true for the resolution-dependent "
-        "shift); remove the key"), "diffusion-pipe ignores it for this model too"),
-    "flux_shift": for_types(("flux",), to("model", "fluxShift", bool), "diffusion-pipe ignores it for this model too"),
     "cache_text_embeddings": noted("text embeddings are cached where the family allows (not for SDXL, whose text "
                                    "encoders are trained)"),
-    "diffusers_path": path("diffusersPath"),
-    "transformer_path": path("transformerPath"),
-    "checkpoint_path": path("checkpointPath"),
-    "ckpt_path": path("ckptPath"),
-    "vae_path": path("vaePath"),
-    "llm_path": path("llmPath"),
-    "clip_path": path("clipPath"),
-    "text_encoder_path": path("textEncoderPath"),
-    "single_file_path": refused("LTX-Video single-file checkpoints are not read yet: point diffusers_path at a "
-                                "complete diffusers folder of the same LTX-Video version and remove single_file_path"),
-    "bypass_guidance_embedding": to("model", "bypassGuidanceEmbedding", bool),
-    "v_pred": v_pred,
-    "min_snr_gamma": to("model", "minSnrGamma", float),
-    "debiased_estimation_loss": refused("debiased estimation loss weighting is not supported (diffusion-pipe turns it "
-                                        "on whenever the key is present, even = false): remove the key"),
-    "unet_lr": for_types(("sdxl",), keep, "diffusion-pipe ignores it for this model too"),
-    "text_encoder_1_lr": for_types(("sdxl",), keep, "diffusion-pipe ignores it for this model too"),
-    "text_encoder_2_lr": for_types(("sdxl",), keep, "diffusion-pipe ignores it for this model too"),
-    "first_frame_conditioning_p": when(0, nothing, "first-frame (image-to-video) conditioning is not supported yet: "
-                                                   "remove the key"),
 }
+
+
+def family_keys(model_type: str) -> dict[str, Handler]:
+    return importlib.import_module(f"{__package__}.models.{FAMILIES[model_type]}.importer").MODEL_KEYS
+
+
+def model_table(model_type: str) -> dict[str, Handler]:
+    """The [model] handlers for one family: the common keys, the family's own, and a note for a key
+    diffusion-pipe reads only for other families (it ignores it for this one too)."""
+    table: dict[str, Handler] = {}
+    for other in FAMILIES:
+        for key in family_keys(other):
+            readers = ", ".join(t for t in FAMILIES if key in family_keys(t))
+            table[key] = noted(f"diffusion-pipe reads it for {readers} only; ignored for {model_type}, as there")
+    return {**table, **MODEL_COMMON, **family_keys(model_type)}
 
 
 # ---------------------------------------------------------------- [adapter]
@@ -361,7 +244,7 @@ def area_side(value: Any, model_type: str) -> int:
     square is the area; a [w, h] pair means the area w*h (not a rectangle); rounded to the
     family's multiple as diffusion-pipe rounds bucket sides."""
     side = math.sqrt(value[0] * value[1]) if isinstance(value, (list, tuple)) else float(value)
-    m = ROUND_TO.get(model_type, 16)
+    m = RULES[model_type].size_multiple  # diffusion-pipe's pixels_round_to_multiple: 32 for LTX, else 16
     return max(m, int(round(side / m)) * m)
 
 
@@ -458,7 +341,7 @@ DIRECTORY: dict[str, Handler] = {
 }
 
 SECTIONS: dict[str, dict[str, Handler]] = {
-    "main": MAIN, "model": MODEL, "adapter": ADAPTER, "optimizer": OPTIMIZER, "monitoring": MONITORING,
+    "main": MAIN, "model": {k: h for t in FAMILIES for k, h in model_table(t).items()}, "adapter": ADAPTER, "optimizer": OPTIMIZER, "monitoring": MONITORING,
     "dataset": DATASET, "directory": DIRECTORY,
 }
 
@@ -466,7 +349,7 @@ SECTIONS: dict[str, dict[str, Handler]] = {
 def apply(ctx: Ctx, section: str, table: dict[str, Any]) -> None:
     """Run every key of one TOML table through its section's handlers; a key no handler knows
     is refused (diffusion-pipe passes unknown [optimizer] keys to the optimizer) or noted."""
-    handlers = SECTIONS[section]
+    handlers = model_table(ctx.model_type) if section == "model" else SECTIONS[section]
     ctx.section = "" if section == "main" else section
     for key, value in table.items():
         h = handlers.get(key)
