@@ -12,12 +12,10 @@ swapped in BFL (as the weights are). Pure tensor code.
 from __future__ import annotations
 
 import re
-from typing import Optional
-
 import torch
 
 from ...lora_fused import fuse, split
-from .keys import DOUBLE, SINGLE, TOP, bfl_module
+from .keys import DOUBLE, SINGLE, TOP, bfl_module, diffusers_parts
 
 FINAL_MOD = "final_layer.adaLN_modulation.1"   # BFL's [scale; shift] vs diffusers' [shift; scale]
 MLP_RATIO = 4                                   # Flux's single blocks: MLP-in is 4x the hidden width
@@ -51,32 +49,18 @@ def to_bfl(modules: dict, scale: float, fold: bool) -> dict[str, tuple[torch.Ten
 
 def from_bfl(fused: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """Inverse of to_bfl (without any scale): {diffusers module: (A, B)}."""
-    inverse: dict[str, list[tuple[str, Optional[int]]]] = {}
-    for kind, table in (("double", DOUBLE), ("single", SINGLE)):
-        for d_suffix, (b_suffix, slot) in table.items():
-            inverse.setdefault(f"{kind}:{b_suffix}", []).append((d_suffix, slot))
-    top = {v: k for k, v in TOP.items()}
     out = {}
     for name, (a, b) in fused.items():
-        m = re.fullmatch(r"(double|single)_blocks\.(\d+)\.(.+)", name)
-        if m:
-            kind, idx, b_suffix = m.groups()
-            targets = inverse.get(f"{kind}:{b_suffix}")
-            if not targets:
-                raise ValueError(f"{name}: not a linear of the Flux BFL layout")
-            prefix = "transformer_blocks" if kind == "double" else "single_transformer_blocks"
-            if targets[0][1] is None:
-                out[f"{prefix}.{idx}.{targets[0][0]}"] = (a, b)
-                continue
-            hidden = a.shape[1]
-            sizes = [hidden] * 3 + ([b.shape[0] - 3 * hidden] if len(targets) == 4 else [])
-            slots = {slot: d_suffix for d_suffix, slot in targets}
-            for slot, pair in split(a, b, sizes).items():
-                out[f"{prefix}.{idx}.{slots[slot]}"] = pair
-        elif name in top:
-            out[top[name]] = (a, _swap_halves(b) if name == FINAL_MOD else b)
-        else:
+        parts = diffusers_parts(name)
+        if parts is None:
             raise ValueError(f"{name}: not a linear of the Flux BFL layout")
+        if parts[0][1] is None:
+            out[parts[0][0]] = (a, _swap_halves(b) if name == FINAL_MOD else b)
+            continue
+        hidden = a.shape[1]
+        sizes = [hidden] * 3 + ([b.shape[0] - 3 * hidden] if len(parts) == 4 else [])
+        for slot, pair in split(a, b, sizes).items():
+            out[parts[slot][0]] = pair
     return dict(sorted(out.items()))
 
 

@@ -75,41 +75,39 @@ def to_bfl(state_dict: dict) -> dict:
     return out
 
 
+def diffusers_parts(bfl: str) -> Optional[list[tuple[str, Optional[int]]]]:
+    """The diffusers module(s) a BFL module holds, with their fused slot (None when not fused);
+    None for a name that is not a BFL module."""
+    m = re.fullmatch(r"(double|single)_blocks\.(\d+)\.(.+)", bfl)
+    if m:
+        table, prefix = (DOUBLE, "transformer_blocks") if m[1] == "double" else (SINGLE, "single_transformer_blocks")
+        parts = [(f"{prefix}.{m[2]}.{d}", slot) for d, (b, slot) in table.items() if b == m[3]]
+        return sorted(parts, key=lambda p: p[1] or 0) or None
+    top = [d for d, b in TOP.items() if b == bfl]
+    return [(top[0], None)] if top else None
+
+
 def from_bfl(state_dict: dict, hidden: int) -> dict:
     """Inverse of to_bfl: a BFL-layout Flux checkpoint as diffusers parameter names. hidden is
     num_attention_heads x attention_head_dim (the q, k, v width); the single blocks' MLP-in is
     what remains of linear1. Unknown keys raise KeyError naming them."""
     import torch
 
-    inverse: dict[str, tuple[str, Optional[int]]] = {}
-    for kind, table, prefix in (("double", DOUBLE, "transformer_blocks"), ("single", SINGLE, "single_transformer_blocks")):
-        for d_suffix, (b_suffix, slot) in table.items():
-            inverse.setdefault(f"{kind}:{b_suffix}", []).append((d_suffix, slot))
-    top = {v: k for k, v in TOP.items()}
     out = {}
     for key, t in state_dict.items():
         module, _, leaf = key.rpartition(".")
         if leaf == "scale":
             leaf = "weight"
-        m = re.fullmatch(r"(double|single)_blocks\.(\d+)\.(.+)", module)
-        if m:
-            kind, idx, b_suffix = m.groups()
-            targets = inverse.get(f"{kind}:{b_suffix}")
-            if not targets:
-                raise KeyError(f"unexpected key {key}")
-            prefix = "transformer_blocks" if kind == "double" else "single_transformer_blocks"
-            if len(targets) == 1 and targets[0][1] is None:
-                out[f"{prefix}.{idx}.{targets[0][0]}.{leaf}"] = t
-                continue
-            sizes = [hidden, hidden, hidden] + ([t.shape[0] - 3 * hidden] if len(targets) == 4 else [])
-            parts = torch.split(t, sizes, dim=0)
-            for d_suffix, slot in targets:
-                out[f"{prefix}.{idx}.{d_suffix}.{leaf}"] = parts[slot]
-        elif module in top:
-            if top[module] == "norm_out.linear":
+        parts = diffusers_parts(module)
+        if parts is None:
+            raise KeyError(f"unexpected key {key}")
+        if parts[0][1] is None:
+            if parts[0][0] == "norm_out.linear":
                 scale, shift = t.chunk(2, dim=0)
                 t = torch.cat([shift, scale], dim=0)
-            out[f"{top[module]}.{leaf}"] = t
-        else:
-            raise KeyError(f"unexpected key {key}")
+            out[f"{parts[0][0]}.{leaf}"] = t
+            continue
+        sizes = [hidden, hidden, hidden] + ([t.shape[0] - 3 * hidden] if len(parts) == 4 else [])
+        for (name, _), piece in zip(parts, torch.split(t, sizes, dim=0)):
+            out[f"{name}.{leaf}"] = piece
     return out
