@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from ...lora_fused import fuse, split
+
 # ------------------------------------------------------------------ the name table
 # (diffusers module, original module, fused parts in order or None); {i} is a block index and
 # {part} one of the fused parts.
@@ -295,17 +297,9 @@ def lora_to_original(lora: LoraModules, scale: float) -> dict[str, torch.Tensor]
         out[f"transformer.{tgt.module}.lora_A.weight"] = a.float().contiguous()
         out[f"transformer.{tgt.module}.lora_B.weight"] = b.contiguous()
     for name, (tgt, parts) in groups.items():
-        outs = _part_sizes(name, tgt, parts)
-        ranks = {i: a.shape[0] for i, (a, _) in parts.items()}
-        b_full = torch.zeros(sum(outs), sum(ranks.values()))
-        row, col = 0, 0
-        for i, o in enumerate(outs):          # block-diagonal B; an untrained part keeps zero rows
-            if i in parts:
-                b_full[row:row + o, col:col + ranks[i]] = parts[i][1]
-                col += ranks[i]
-            row += o
-        out[f"transformer.{name}.lora_A.weight"] = torch.cat([parts[i][0] for i in sorted(parts)], 0).contiguous()
-        out[f"transformer.{name}.lora_B.weight"] = b_full.contiguous()
+        a, b = fuse(parts, _part_sizes(name, tgt, parts))
+        out[f"transformer.{name}.lora_A.weight"] = a
+        out[f"transformer.{name}.lora_B.weight"] = b
     return dict(sorted(out.items()))
 
 
@@ -356,15 +350,6 @@ def lora_from_original(tensors: dict[str, torch.Tensor]) -> LoraModules:
                     a, b = a[:r], b[:, :r] + b[:, r:]
             out[parts[0]] = (a, b)
             continue
-        sizes = _split_sizes(a, b, len(parts))
-        rows = torch.split(b, sizes, dim=0)
-        r = a.shape[0] // len(parts)
-        block = a.shape[0] % len(parts) == 0 and all(
-            torch.count_nonzero(rb[:, :i * r]) == 0 and torch.count_nonzero(rb[:, (i + 1) * r:]) == 0
-            for i, rb in enumerate(rows))
-        for i, (part, rb) in enumerate(zip(parts, rows)):
-            if block:
-                out[part] = (a[i * r:(i + 1) * r], rb[:, i * r:(i + 1) * r])
-            else:
-                out[part] = (a, rb)
+        for slot, pair in split(a, b, _split_sizes(a, b, len(parts))).items():
+            out[parts[slot]] = pair
     return dict(sorted(out.items()))
