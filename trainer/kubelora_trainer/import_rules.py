@@ -278,7 +278,7 @@ def frame_buckets(ctx: Ctx, key: str, value: Any) -> None:
     longest = max(int(f) for f in value)
     ctx.dataset["frames"] = longest
     if len(set(value) - {1}) > 1 or 1 in value:
-        ctx.note(key, f"one clip length per job for now: every clip is {longest} frames; shorter videos are "
+        ctx.note(key, f"one clip length per job for now: every clip is {longest} frames; images and shorter videos are "
                       "skipped and counted (diffusion-pipe puts each in the longest bucket it fills)")
 
 
