@@ -95,3 +95,15 @@ def test_failing_pod_is_retried_then_failed_with_reason_and_delete_cleans_up(kub
         wait_for(lambda: kube.get("batch/v1/jobs", "default", "flaky") is None)
         wait_for(lambda: kube.get("v1/configmaps", "default", "flaky-spec") is None)
         assert kube.get("v1/services", "default", "flaky-workers") is None
+
+
+def test_bad_input_fails_the_job_at_once_through_the_real_launcher(kube, kubectl, demo_bucket, job_runner):
+    """No shim: the pod runs the real launcher and torchrun; the trainer finds no usable item in
+    the dataset (exit 2 through the launcher), the podFailurePolicy fails the Job without a retry."""
+    kubectl("apply", "-f", CRD_FILE, check=True)
+    with operator():
+        m = manifest("badinput", dataset__uri="s3://kubelora-demo/no-such-prefix", runPolicy__backoffLimit=3)
+        assert apply(kubectl, m).returncode == 0
+        st = wait_for(lambda: phase(kube, "badinput") == "Failed" and _status(kube, "badinput"), timeout=120)
+        assert len(job_runner.pods_started("badinput")) == 1, job_runner.pods_started("badinput")  # not retried
+        assert "exited with code 2" in st["message"], st

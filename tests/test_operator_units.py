@@ -50,7 +50,7 @@ def test_indexed_job_shape():
     assert (pod["nodeSelector"], pod["priorityClassName"], pod["schedulerName"]) == ({"gpu": "h100"}, "training", "volcano")
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     c = pod["containers"][0]
-    assert c["image"] == "reg/trainer:1" and c["command"] == ["torchrun"]
+    assert c["image"] == "reg/trainer:1" and c["command"] == ["python", "-m", "kubelora_trainer", "launch"]
     assert c["resources"]["limits"] == {"memory": "900Gi", "nvidia.com/gpu": "8"}
     env = {e["name"]: e for e in c["env"]}
     assert env["PET_NNODES"]["value"] == "3" and env["PET_NPROC_PER_NODE"]["value"] == "8"

@@ -89,8 +89,10 @@ def _env(job: str, spec: LoRATrainingJobSpec, namespace: str) -> list[dict]:
 
 
 def trainer_command() -> tuple[list[str], list[str]]:
-    """torchrun with the node rank from the completion index and the store on index 0."""
-    return ["torchrun"], [
+    """torchrun (through kubelora's launcher, which exits 2 when a worker found bad input, so the
+    podFailurePolicy below can fail the Job at once) with the node rank from the completion index
+    and the store on index 0."""
+    return ["python", "-m", "kubelora_trainer", "launch"], [
         "--nnodes=$(PET_NNODES)", "--nproc-per-node=$(PET_NPROC_PER_NODE)", "--node-rank=$(PET_NODE_RANK)",
         "--master-addr=$(PET_MASTER_ADDR)", "--master-port=$(PET_MASTER_PORT)",
         "-m", "kubelora_trainer", "run", "--spec", f"{SPEC_MOUNT}/spec.yaml",

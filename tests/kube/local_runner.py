@@ -656,7 +656,8 @@ class LocalJobRunner:
         if self.group_restart == "never":
             return False
         command = job.container.get("command") or []
-        return bool(command) and os.path.basename(command[0]) == "torchrun"
+        return bool(command) and (os.path.basename(command[0]) == "torchrun"
+                                  or command[1:] == ["-m", "kubelora_trainer", "launch"])
 
     def _pod_finished(self, pod: _Pod) -> None:
         """Count a pod whose process (or attempt) ended, and decide what the Job does next."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -49,10 +48,10 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
     env = {**os.environ, **(extra_env or {})}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "kubelora_trainer", "run", "--spec", str(manifest)]
+    from .launch import run as run_torchrun
     print(f"[kubelora] {spec.model.type} LoRA from {manifest} on {n} local process(es)", flush=True)
-    return subprocess.call(cmd, env=env)
+    return run_torchrun(["--standalone", f"--nproc-per-node={n}", "-m", "kubelora_trainer", "run", "--spec",
+                         str(manifest)], env=env)
 
 
 def import_config(args) -> int:

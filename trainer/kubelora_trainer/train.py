@@ -14,13 +14,12 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import __version__, adapters, dist, export, lora, storage
+from . import __version__, adapters, dist, exits, export, lora, storage
 from .data import DatasetError, check_usable, load_clip, load_image, scan, shard_indices
 from .families import PATH_FIELDS, RULES, frames_of, size_of
 from .models import get_family
@@ -319,8 +318,6 @@ def main_from_cli(spec_path: str) -> int:
     try:
         return run(spec, name)
     except (RunError, DatasetError, storage.StorageError, lora.AdapterError, ModelError, FileNotFoundError) as e:
-        print(f"[error] {e}", file=sys.stderr, flush=True)
-        return 2
+        return exits.fail(exits.BAD_INPUT, str(e))
     except dist.PeerFailed as e:  # the failing rank reports (and classifies) its own error
-        print(f"[error] {e}", file=sys.stderr, flush=True)
-        return 1
+        return exits.fail(exits.FAILED, str(e), peer=True)

@@ -1,0 +1,52 @@
+"""The launcher the pods and `kubelora run` start: through real torchrun, a worker's "bad input"
+(exit 2) reaches the process's exit code, which torchrun alone turns into 1; the root cause is
+printed once, last."""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from kubelora_trainer.launch import exit_code, root_cause
+
+
+def test_exit_code_and_root_cause_from_the_workers_records():
+    bad = [{"rank": 1, "code": 1, "message": "rank 0 failed: DatasetError", "peer": True},
+           {"rank": 0, "code": 2, "message": "dataset /d: no usable items", "peer": False}]
+    assert exit_code(1, bad) == 2 and exit_code(0, bad) == 0
+    assert exit_code(1, [{"rank": 0, "code": 1, "message": "boom"}]) == 1 and exit_code(-9, []) == -9
+    assert root_cause(bad) == "rank 0: dataset /d: no usable items" and root_cause([]) is None
+
+
+@pytest.fixture()
+def bad_input_job(tmp_path, tiny_flux_dir):
+    (tmp_path / "empty").mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": str(tiny_flux_dir), "dtype": "float32"},
+                                   "dataset": {"uri": str(tmp_path / "empty"), "resolution": 32},
+                                   "training": {"steps": 2}, "output": {"uri": str(tmp_path / "out")}}))
+    return job
+
+
+def _env(tmp_path):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "KUBELORA_CACHE_DIR": str(tmp_path / "cache")}
+
+
+def test_bad_input_exits_2_through_real_torchrun(tmp_path, bad_input_job):
+    worker = ["-m", "kubelora_trainer", "run", "--spec", str(bad_input_job)]
+    plain = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            *worker], env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert plain.returncode == 1, plain.stderr[-2000:]  # what torchrun alone makes of a worker's exit 2
+    p = subprocess.run([sys.executable, "-m", "kubelora_trainer", "launch", "--standalone", "--nproc-per-node=2",
+                        *worker], env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 2, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("[error] rank ") and "no usable items" in last, p.stderr[-2000:]
+
+
+def test_kubelora_run_exits_2_on_bad_input(tmp_path, bad_input_job):
+    p = subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "run", str(bad_input_job), "--nproc", "1"],
+                       env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("[error] rank 0: dataset "), p.stderr[-2000:]

@@ -1,0 +1,34 @@
+"""How a trainer process ends. Each rank prints its root cause as one `[error]` line and records
+it (exit code and reason) in $KUBELORA_EXIT_DIR, which the launcher (launch.py) reads after
+torchrun has exited: torchrun turns a worker's exit code 2 (bad input) into 1, so without the
+record a pod could not tell "bad input, do not retry" from a crash."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+EXIT_DIR_ENV = "KUBELORA_EXIT_DIR"
+BAD_INPUT = 2   # the Job's podFailurePolicy fails the Job at once on this exit code
+FAILED = 1
+
+
+def fail(code: int, message: str, peer: bool = False) -> int:
+    """Print the root cause once and record it for the launcher; returns code."""
+    print(f"[error] {message}", file=sys.stderr, flush=True)
+    record(code, message, peer)
+    return code
+
+
+def record(code: int, message: str, peer: bool = False) -> None:
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if not folder:
+        return
+    rank = os.environ.get("RANK", "0")
+    path = os.path.join(folder, f"rank-{rank}.json")
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"rank": int(rank), "code": code, "message": message, "peer": peer}, f)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass  # the exit code still says it; the record only refines it

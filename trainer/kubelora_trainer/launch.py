@@ -1,0 +1,98 @@
+"""The launcher every pod (and `kubelora run`) starts: torchrun, with the workers' own exit reason.
+
+    python -m kubelora_trainer launch --nnodes=2 --nproc-per-node=8 --node-rank=0 \
+        --master-addr=job-0.job-workers --master-port=29500 -m kubelora_trainer run --spec spec.yaml
+
+torchrun exits 1 whatever its workers exited with, so a bad manifest or dataset would be retried
+on GPUs. The workers record why they stopped (exits.py); this launcher exits 2 when any of them
+found bad input, prints the root cause once, last (after torchrun's own summary), writes it to the
+container's termination message, and forwards SIGINT/SIGTERM to torchrun and its workers so none
+is orphaned.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .exits import BAD_INPUT, EXIT_DIR_ENV
+
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def read_records(folder: Path) -> list[dict]:
+    out = []
+    for f in sorted(folder.glob("rank-*.json")):
+        try:
+            out.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def exit_code(torchrun_rc: int, records: list[dict]) -> int:
+    """The pod's exit code: 0 on success; 2 when a worker found bad input (so the Job fails at
+    once instead of retrying); else torchrun's code."""
+    if torchrun_rc == 0:
+        return 0
+    if any(r.get("code") == BAD_INPUT for r in records):
+        return BAD_INPUT
+    return torchrun_rc or 1
+
+
+def root_cause(records: list[dict]) -> str | None:
+    """The reason to print last: a rank's own failure before a peer's report of it."""
+    own = [r for r in records if not r.get("peer")]
+    first = (own or records or [None])[0]
+    return f"rank {first['rank']}: {first['message']}" if first else None
+
+
+def run(torchrun_args: list[str], env: dict | None = None) -> int:
+    folder = Path(tempfile.mkdtemp(prefix="kubelora-exit-"))
+    child_env = {**(env if env is not None else os.environ), EXIT_DIR_ENV: str(folder)}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *torchrun_args], env=child_env,
+                            start_new_session=True)
+
+    def forward(signum, _frame):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _reap(proc.pid)
+    records = read_records(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    code = exit_code(rc, records)
+    if code != 0:
+        cause = root_cause(records) or f"torchrun exited with code {rc}"
+        print(f"[error] {cause}", file=sys.stderr, flush=True)
+        _termination_message(cause)
+    return code
+
+
+def _reap(pgid: int) -> None:
+    """No worker outlives the launcher: kill what is left of torchrun's process group."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _termination_message(text: str) -> None:
+    """What `kubectl describe pod` shows as the container's termination message (in a pod)."""
+    if os.path.exists(TERMINATION_LOG) and os.access(TERMINATION_LOG, os.W_OK):
+        try:
+            Path(TERMINATION_LOG).write_text(text[:4000])
+        except OSError:
+            pass
