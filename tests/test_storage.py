@@ -171,3 +171,43 @@ def test_upload_retries_transient_errors_and_never_reports_failure_as_success(s3
     with pytest.raises(StorageError, match="SlowDown"):
         upload(f, f"s3://{b}/out/other", client=_FlakyUpload(s3, failures=99))
     assert "Contents" not in s3.list_objects_v2(Bucket=b, Prefix="out/other")
+
+
+def test_missing_output_bucket_fails_before_any_model_load(s3, tmp_path, tiny_flux_dir, overfit_data):
+    """Pre-flight: the trainer writes (and deletes) a marker under output.uri before staging in or
+    loading anything, so a missing bucket costs seconds, not a training run."""
+    import yaml
+    from conftest import run_trainer
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": str(tiny_flux_dir)},
+                                   "dataset": {"uri": str(overfit_data), "resolution": 32},
+                                   "output": {"uri": "s3://no-such-output-bucket/runs/a"}}))
+    proc = run_trainer(job, s3.env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "[error] output.uri: writing to s3://no-such-output-bucket/runs/a: bucket 'no-such-output-bucket' " \
+           "does not exist" in proc.stderr, proc.stderr[-2000:]
+    assert "[phase] stage-in" not in proc.stdout and "[phase] cache" not in proc.stdout
+
+
+def test_validate_check_storage_reads_inputs_and_writes_the_output(s3, tmp_path):
+    import subprocess
+    import sys
+    import yaml
+    s3.create_bucket(Bucket="cs-in")
+    s3.put_object(Bucket="cs-in", Key="data/a.png", Body=b"x")
+    s3.put_object(Bucket="cs-in", Key="models/flux/model_index.json", Body=b"{}")
+    job = tmp_path / "job.yaml"
+
+    def check(output):
+        job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": "s3://cs-in/models/flux"},
+                                       "dataset": {"uri": "s3://cs-in/data"}, "output": {"uri": output}}))
+        return subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "validate", str(job), "--check-storage"],
+                              capture_output=True, text=True, env={**__import__("os").environ, **s3.env})
+
+    ok = check("s3://cs-in/out")
+    assert ok.returncode == 0, ok.stderr
+    assert "ok: model.diffusersPath s3://cs-in/models/flux: 1 object(s) readable" in ok.stderr
+    assert "ok: output.uri s3://cs-in/out: writable" in ok.stderr
+    assert not s3.list_objects_v2(Bucket="cs-in", Prefix="out/").get("Contents")  # the marker is gone
+    bad = check("s3://cs-missing/out")
+    assert bad.returncode == 2 and "error: output.uri: writing to s3://cs-missing/out: bucket 'cs-missing' does not exist" in bad.stderr

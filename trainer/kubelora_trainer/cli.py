@@ -27,6 +27,28 @@ def _validate(path: str):
     return spec
 
 
+def check_storage(spec) -> int:
+    """Read access to every input and write access to the output, one line each; 2 if any fails."""
+    from .families import PATH_FIELDS
+    from .storage import S3Settings, StorageError, check_readable, check_writable
+    settings = S3Settings.from_spec(spec.storage)
+    inputs = {f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}
+    failed = 0
+    for field, uri in {**inputs, "dataset.uri": spec.dataset.uri}.items():
+        try:
+            print(f"ok: {field} {uri}: {check_readable(uri, settings)} object(s) readable", file=sys.stderr)
+        except StorageError as e:
+            failed += 1
+            print(f"error: {field}: {e}", file=sys.stderr)
+    try:
+        check_writable(spec.output.uri, settings)
+        print(f"ok: output.uri {spec.output.uri}: writable", file=sys.stderr)
+    except StorageError as e:
+        failed += 1
+        print(f"error: output.uri: {e}", file=sys.stderr)
+    return 2 if failed else 0
+
+
 def default_nproc(spec) -> int:
     """One process per GPU; on a machine without GPUs, one (or --nproc)."""
     try:
@@ -124,6 +146,9 @@ def main(argv=None) -> int:
     r.add_argument("--nproc", type=int, default=None, help="processes (default: number of GPUs, or 1 on CPU)")
     v = sub.add_parser("validate", help="check a manifest and print the resolved spec")
     v.add_argument("manifest")
+    v.add_argument("--check-storage", action="store_true",
+                   help="also read every input (model paths, dataset) and write to output.uri, with this "
+                        "machine's credentials (AWS_* or the mounted Secret files)")
     c = sub.add_parser("crd", help="print the CRD generated from the spec models")
     c.add_argument("--out", help="write to this file instead of stdout")
     ic = sub.add_parser("import-config", help="turn a diffusion-pipe TOML config into a LoRATrainingJob manifest")
@@ -158,7 +183,7 @@ def main(argv=None) -> int:
         import yaml
         from .spec import dump_spec
         print(yaml.safe_dump(dump_spec(spec), sort_keys=False))
-        return 0
+        return check_storage(spec) if args.check_storage else 0
     if args.cmd == "crd":
         from .crd import render
         text = render()

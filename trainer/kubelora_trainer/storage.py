@@ -327,3 +327,38 @@ def upload_tree(folder: str | Path, uri: str, settings: S3Settings = S3Settings(
     client = client or (make_client(settings) if loc.is_s3 else None)
     return [upload(f, str(loc.child(str(f.relative_to(folder)))), settings, client)
             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != INDEX_NAME]
+
+
+# ---------------------------------------------------------------- pre-flight
+
+def check_writable(uri: str, settings: S3Settings = S3Settings(), client=None) -> None:
+    """Write and delete a small marker under uri, so a missing or read-only output is found before
+    any GPU time is spent rather than after the last step. Raises StorageError naming uri."""
+    loc = parse_uri(uri)
+    marker = f".kubelora-write-check-{os.getpid()}"
+    if not loc.is_s3:
+        try:
+            Path(loc.key).mkdir(parents=True, exist_ok=True)
+            (Path(loc.key) / marker).write_bytes(b"ok")
+            (Path(loc.key) / marker).unlink()
+        except OSError as e:
+            raise StorageError(f"writing to {loc}: {e.strerror or e}; output.uri must be writable") from None
+        return
+    client = client or make_client(settings)
+    key = loc.child(marker)
+    try:
+        with_retries(lambda: client.put_object(Bucket=loc.bucket, Key=key.key, Body=b"ok"), f"writing to {key}")
+        with_retries(lambda: client.delete_object(Bucket=loc.bucket, Key=key.key), f"deleting {key}")
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(exc, loc, "writing to") from None
+
+
+def check_readable(uri: str, settings: S3Settings = S3Settings(), client=None) -> int:
+    """The number of objects (files) under uri; raises StorageError when it cannot be read or is empty."""
+    loc = parse_uri(uri)
+    if not loc.is_s3:
+        path = Path(loc.key)
+        if not path.exists():
+            raise StorageError(f"reading {loc}: no such file or directory")
+        return 1 if path.is_file() else sum(1 for f in path.rglob("*") if f.is_file())
+    return len(_list(client or make_client(settings), loc))

@@ -216,6 +216,16 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     t = spec.training
     publish(Progress(phase="Initializing", totalSteps=t.steps))
 
+    # ---- pre-flight: an output that cannot be written is found now, not after the last step
+    err = None
+    if env.is_main:
+        try:
+            storage.check_writable(spec.output.uri, settings)
+        except storage.StorageError as e:
+            err = str(e)
+    if not dist.all_ok(err is None):
+        raise RunError(f"output.uri: {err}" if err else "output.uri is not writable (see rank 0's log)")
+
     # ---- stage-in
     log(env, "[phase] stage-in")
     paths = stage_in(spec, env, settings)
