@@ -133,6 +133,13 @@ INVALID = [
      "Failed", "needs model.ckptPath or model.transformerPath+model.vaePath+model.llmPath+model.clipPath"),
     ("option-other-family", {"model__vPred": True}, "Failed", "model.vPred does not apply to model.type flux"),
     ("bad-format", {"output__formats": ["original"]}, "Failed", "output.formats: 'original' is not available for flux"),
+    ("9lives", {}, "apply", "metadata.name must start with a letter"),
+    ("dotted.name", {}, "apply", "metadata.name must start with a letter and hold only lowercase letters"),
+    ("n" * 56, {}, "apply", "metadata.name must be at most 55 characters"),
+    # the API server refuses the Job (an unparsable quantity): Failed with its message, nothing left behind
+    ("bad-quantity", {"resources__limits": {"cpu": "64 cores"}}, "Failed",
+     "the API server refused Job 'bad-quantity' (422): Job.batch \"bad-quantity\" is invalid: "
+     "spec.template.spec.containers[0].resources.limits[cpu]: Invalid value: \"64 cores\": quantities must match"),
 ]
 
 
@@ -153,8 +160,38 @@ def test_invalid_manifests_are_refused_or_failed_and_the_operator_stays_healthy(
             assert message in st["message"], (name, st["message"])
             assert {c["type"]: c["status"] for c in st["conditions"]}["Stalled"] == "True"
             assert kube.get("batch/v1/jobs", "default", name) is None, f"{name}: no children for an invalid job"
+            assert kube.get("v1/configmaps", "default", f"{name}-spec") is None, f"{name}: ConfigMap left behind"
+            assert kube.get("v1/services", "default", f"{name}-workers") is None, f"{name}: Service left behind"
         # still healthy: a valid job gets its children
         apply(kubectl, manifest("valid-after"))
         wait_for(lambda: kube.get("batch/v1/jobs", "default", "valid-after"))
     events = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "warmup-gt-steps"]
     assert any(e["reason"] == "InvalidSpec" and e["type"] == "Warning" for e in events)
+
+
+def test_a_name_held_by_someone_else_is_never_adopted(cluster, kubectl):
+    """A user's own ConfigMap named <job>-spec: the job fails with NameConflict, the ConfigMap is
+    untouched and nothing else is created."""
+    kube = cluster
+    apply(kubectl, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "taken-spec"}, "data": {"mine": "yes"}})
+    with operator():
+        assert apply(kubectl, manifest("taken")).returncode == 0
+        st = wait_for(lambda: phase(kube, "taken") == "Failed" and ltj(kube, "taken")["status"], timeout=30)
+    assert st["reason"] == "NameConflict" and "ConfigMap 'taken-spec' already exists" in st["message"], st
+    assert kube.get("v1/configmaps", "default", "taken-spec")["data"] == {"mine": "yes"}
+    assert kube.get("batch/v1/jobs", "default", "taken") is None
+
+
+def test_a_job_deleted_by_hand_is_made_again_and_counted(cluster, kubectl):
+    kube = cluster
+    with operator():
+        assert apply(kubectl, manifest("gone")).returncode == 0
+        first = wait_for(lambda: kube.get("batch/v1/jobs", "default", "gone"))
+        wait_for(lambda: phase(kube, "gone") == "Pending")
+        kubectl("delete", "job", "gone", check=True)
+        again = wait_for(lambda: kube.get("batch/v1/jobs", "default", "gone"), timeout=30)
+        wait_for(lambda: (ltj(kube, "gone").get("status") or {}).get("restarts") == 1, timeout=30)
+    assert again["metadata"]["uid"] != first["metadata"]["uid"]
+    assert again["metadata"]["ownerReferences"][0]["uid"] == ltj(kube, "gone")["metadata"]["uid"]
+    reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "gone"]
+    assert "Recreated" in reasons, reasons

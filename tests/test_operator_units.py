@@ -137,3 +137,12 @@ def test_operator_imports_without_torch():
     import sys
     code = "import sys, kubelora_operator.handlers, kubelora_operator.manifests; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ownership_of_an_existing_child():
+    from kubelora_operator.kube import ownership
+    mine = {"metadata": {"ownerReferences": [{"kind": "LoRATrainingJob", "name": "a", "uid": "u1"}]}}
+    assert ownership(mine, "u1") == "ours"
+    assert ownership(mine, "u2") == "stale"          # a deleted LoRATrainingJob of the same name
+    assert ownership({"metadata": {}}, "u1") == "foreign"
+    assert ownership({"metadata": {"ownerReferences": [{"kind": "Deployment", "uid": "x"}]}}, "u1") == "foreign"

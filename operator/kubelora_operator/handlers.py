@@ -32,6 +32,7 @@ def _env_float(name: str, default: float) -> float:
 SYNC_INTERVAL = _env_float("KUBELORA_SYNC_INTERVAL", 10.0)
 SECRET_WAIT_SECONDS = _env_float("KUBELORA_SECRET_WAIT_SECONDS", 120.0)
 SECRET_RETRY_DELAY = _env_float("KUBELORA_SECRET_RETRY_DELAY", 10.0)
+NAME_WAIT_SECONDS = _env_float("KUBELORA_NAME_WAIT_SECONDS", 120.0)
 
 
 def operator_config() -> manifests.OperatorConfig:
@@ -84,17 +85,36 @@ def create_children(body, spec, name, namespace, uid, patch, retry, runtime, log
         patch.status.update(st.status(body.get("status") or {}, st.Observed(st.PENDING, "WaitingForSecret", msg),
                                       body["metadata"].get("generation", 1), None, st.now_iso()))
         raise kopf.TemporaryError(msg, delay=SECRET_RETRY_DELAY)
-    created = []
-    for obj in manifests.children(name, uid, namespace, job_spec, operator_config()):
-        _, new = kube.ensure(obj)
-        if new:
-            created.append(f"{obj['kind']}/{obj['metadata']['name']}")
+    created = _ensure_children(body, patch, name, uid, namespace, job_spec, runtime)
+    if created is None:
+        return
     if created:
         kopf.info(body, reason="Created", message=f"created {', '.join(created)} "
                                                   f"({job_spec.resources.nodes} node(s) x {max(1, job_spec.resources.gpusPerNode)} process(es))")
     if not phase:
         patch.status.update(st.status({}, st.Observed(st.PENDING, "Created", "trainer Job created"),
                                       body["metadata"].get("generation", 1), None, st.now_iso()))
+
+
+def _ensure_children(body, patch, name, uid, namespace, job_spec, runtime) -> list[str] | None:
+    """Create the missing children; None when the job failed for good (a refused child, a name
+    held by someone else). A name still held by a deleted predecessor is retried for a while."""
+    created = []
+    try:
+        for obj in manifests.children(name, uid, namespace, job_spec, operator_config()):
+            _, new = kube.ensure(obj)
+            if new:
+                created.append(f"{obj['kind']}/{obj['metadata']['name']}")
+    except kube.ChildRefused as e:
+        kube.delete_children(namespace, manifests.child_names(name), owner_uid=uid)
+        _fail(body, patch, "ChildRefused", str(e))
+        return None
+    except kube.NameTaken as e:
+        if e.stale and runtime.total_seconds() < NAME_WAIT_SECONDS:
+            raise kopf.TemporaryError(f"{e}; waiting for its garbage collection", delay=SECRET_RETRY_DELAY)
+        _fail(body, patch, "NameConflict", f"{e}; delete it or choose another metadata.name")
+        return None
+    return created
 
 
 @kopf.on.field(*RESOURCE, field="spec.runPolicy.suspend", registry=registry)
@@ -125,6 +145,8 @@ def sync_status(body, spec, name, namespace, patch, logger, **_):
     if phase is None or previous.get("reason") in ("WaitingForSecret",):
         return
     job = kube.get_job(namespace, name)
+    if job is None:
+        return _recreate(body, patch, name, namespace, job_spec, previous)
     pods = kube.job_pods(namespace, name) if job and st.needs_pods(job) else []
     complete = bool(job and any(c.get("type") == "Complete" and c.get("status") == "True"
                                 for c in (job.get("status") or {}).get("conditions") or []))
@@ -138,6 +160,24 @@ def sync_status(body, spec, name, namespace, patch, logger, **_):
     if obs.phase != phase:
         message = f"{phase or 'New'} -> {obs.phase}: {obs.message}"
         (kopf.warn if obs.phase == st.FAILED or obs.stalled else kopf.info)(body, reason=obs.phase, message=message)
+
+
+def _recreate(body, patch, name, namespace, job_spec, previous) -> None:
+    """The trainer Job is gone before the run finished (deleted by hand, or by something else):
+    make it again, as a controller does with its children, and count it as a restart."""
+    uid = body["metadata"]["uid"]
+    created = []
+    try:
+        for obj in manifests.children(name, uid, namespace, job_spec, operator_config()):
+            if kube.ensure(obj)[1]:
+                created.append(f"{obj['kind']}/{obj['metadata']['name']}")
+    except (kube.ChildRefused, kube.NameTaken) as e:
+        _fail(body, patch, "ChildRefused" if isinstance(e, kube.ChildRefused) else "NameConflict", str(e))
+        return
+    restarts = int(previous.get("restarts") or 0) + 1
+    patch.status["restarts"] = restarts
+    kopf.warn(body, reason="Recreated", message=f"the trainer Job was gone before the run finished; created "
+                                                f"{', '.join(created) or 'nothing'} again (restart {restarts})")
 
 
 def _differs(old: dict, new: dict) -> bool:

@@ -30,9 +30,35 @@ def _apis():
     return client.CoreV1Api(a), client.BatchV1Api(a)
 
 
+class ChildRefused(Exception):
+    """The API server refused to create a child (4xx other than 409): retrying cannot help."""
+
+
+class NameTaken(Exception):
+    """A child's name is held by an object this job does not own; `stale` when it belongs to a
+    deleted LoRATrainingJob of the same name whose garbage collection has not finished."""
+
+    def __init__(self, message: str, stale: bool):
+        super().__init__(message)
+        self.stale = stale
+
+
+def ownership(existing: dict, owner_uid: str) -> str:
+    """'ours' (owned by this LoRATrainingJob), 'stale' (owned by another LoRATrainingJob, i.e.
+    a deleted predecessor of the same name) or 'foreign'. Pure."""
+    refs = (existing.get("metadata") or {}).get("ownerReferences") or []
+    if any(r.get("uid") == owner_uid for r in refs):
+        return "ours"
+    if any(r.get("kind") == "LoRATrainingJob" for r in refs):
+        return "stale"
+    return "foreign"
+
+
 def ensure(obj: dict) -> tuple[dict, bool]:
-    """Create obj unless an object of that kind and name exists; returns (object, created).
-    Idempotent: a handler that runs twice, or after an operator restart, never duplicates."""
+    """Create obj unless this job's object of that kind and name exists; returns (object,
+    created). Idempotent: a handler that runs twice, or after an operator restart, never
+    duplicates. An object of that name that another owner holds is never adopted (NameTaken);
+    a refused create raises ChildRefused with the API server's message."""
     from kubernetes.client.exceptions import ApiException
 
     core, batch = _apis()
@@ -46,8 +72,25 @@ def ensure(obj: dict) -> tuple[dict, bool]:
         return api().sanitize_for_serialization(create(ns, obj)), True
     except ApiException as e:
         if e.status != 409:
+            if 400 <= (e.status or 0) < 500:
+                raise ChildRefused(f"the API server refused {kind} {name!r} ({e.status}): {_api_message(e)}") from None
             raise
-    return api().sanitize_for_serialization(read(name, ns)), False
+    existing = api().sanitize_for_serialization(read(name, ns))
+    owner_uid = obj["metadata"]["ownerReferences"][0]["uid"]
+    who = ownership(existing, owner_uid)
+    if who != "ours":
+        holder = ", ".join(f"{r.get('kind')}/{r.get('name')}" for r in existing["metadata"].get("ownerReferences") or [])
+        raise NameTaken(f"{kind} {name!r} already exists and belongs to "
+                        f"{holder or 'no LoRATrainingJob (created by someone else)'}", stale=who == "stale")
+    return existing, False
+
+
+def _api_message(e) -> str:
+    import json
+    try:
+        return json.loads(e.body).get("message") or str(e.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(e.reason)
 
 
 def get_job(namespace: str, name: str) -> Optional[dict]:
@@ -91,17 +134,25 @@ def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
         raise
 
 
-def delete_children(namespace: str, names: dict[str, str]) -> None:
-    """Delete the Job (and its pods), the Service and the ConfigMap; missing ones are fine."""
-    from kubernetes.client import V1DeleteOptions
+def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None = None) -> None:
+    """Delete the Job (and its pods), the Service and the ConfigMap; missing ones are fine. With
+    owner_uid, only objects that job owns (never someone else's object of the same name)."""
+    from kubernetes.client import V1DeleteOptions, V1Preconditions
     from kubernetes.client.exceptions import ApiException
 
     core, batch = _apis()
-    calls = [(batch.delete_namespaced_job, names["job"]), (core.delete_namespaced_service, names["service"]),
-             (core.delete_namespaced_config_map, names["configmap"])]
-    for fn, name in calls:
+    calls = [(batch.delete_namespaced_job, batch.read_namespaced_job, names["job"]),
+             (core.delete_namespaced_service, core.read_namespaced_service, names["service"]),
+             (core.delete_namespaced_config_map, core.read_namespaced_config_map, names["configmap"])]
+    for delete, read, name in calls:
         try:
-            fn(name, namespace, body=V1DeleteOptions(propagation_policy="Background"))
+            pre = None
+            if owner_uid is not None:
+                existing = api().sanitize_for_serialization(read(name, namespace))
+                if ownership(existing, owner_uid) != "ours":
+                    continue
+                pre = V1Preconditions(uid=existing["metadata"]["uid"])
+            delete(name, namespace, body=V1DeleteOptions(propagation_policy="Background", preconditions=pre))
         except ApiException as e:
             if e.status != 404:
                 raise

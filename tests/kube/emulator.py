@@ -939,7 +939,8 @@ class KubeEmulator(KubernetesEmulator):
         """ObjectMeta checks; schema pruning, defaulting, validation and CEL rules for custom
         resources; CRD checks."""
         name = obj["metadata"].get("name", "")
-        errors = admission.validate_object_meta(obj, res.group or "", res.plural or "")
+        errors = (admission.validate_object_meta(obj, res.group or "", res.plural or "")
+                  + admission.validate_pod_resources(obj, res.group or "", res.plural or ""))
         if errors:
             raise self._invalid(res, info, name, errors)
         if res == CRDS:

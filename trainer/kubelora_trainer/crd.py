@@ -85,6 +85,8 @@ STATUS_SCHEMA = {
     "properties": {
         "phase": {"type": "string", "description": "Pending, Initializing, Training, Exporting, Succeeded, Failed or Suspended."},
         "observedGeneration": {"type": "integer", "format": "int64"},
+        "restarts": {"type": "integer", "description": "Times the trainer Job was made again after it was gone "
+                                                        "before the run finished."},
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
         "progress": {"type": "object", "description": "step, totalSteps, epoch, loss, samplesPerSecond, eta.",
@@ -152,6 +154,19 @@ def cel_rules() -> dict[str, list[dict]]:
     return {"spec": spec_rules, "runPolicy": run_policy_rules}
 
 
+# The children's names derive from metadata.name: the headless Service `<name>-workers` must be a
+# DNS-1035 label (63 at most, a letter first, no dots), so the name is refused at apply time
+# rather than leaving a job whose Service the API server will not create.
+MAX_NAME = 63 - len("-workers")
+NAME_RULES = [
+    {"rule": f"self.metadata.name.size() <= {MAX_NAME}",
+     "message": f"metadata.name must be at most {MAX_NAME} characters (the trainer's Service is <name>-workers)"},
+    {"rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+     "message": "metadata.name must start with a letter and hold only lowercase letters, digits and '-' "
+                "(the trainer's Service name is a DNS-1035 label: no dots)"},
+]
+
+
 def build_crd() -> dict:
     spec = spec_schema()
     spec["description"] = "Desired state of a LoRA training run. Immutable after creation except runPolicy.suspend."
@@ -175,6 +190,7 @@ def build_crd() -> dict:
                     "type": "object",
                     "description": "LoRATrainingJob trains a LoRA adapter for a diffusion model (SDXL, Flux, LTX-Video, HunyuanVideo, Cosmos).",
                     "required": ["spec"],
+                    "x-kubernetes-validations": NAME_RULES,
                     "properties": {
                         "apiVersion": {"type": "string"}, "kind": {"type": "string"},
                         "metadata": {"type": "object"},
