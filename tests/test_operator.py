@@ -133,6 +133,8 @@ INVALID = [
      "Failed", "needs model.ckptPath or model.transformerPath+model.vaePath+model.llmPath+model.clipPath"),
     ("option-other-family", {"model__vPred": True}, "Failed", "model.vPred does not apply to model.type flux"),
     ("bad-format", {"output__formats": ["original"]}, "Failed", "output.formats: 'original' is not available for flux"),
+    ("local-output", {"output__uri": "/tmp/out"}, "Failed",
+     "output.uri: '/tmp/out' is a path inside the trainer pod, where the LoRA would be lost with the pod"),
     ("9lives", {}, "apply", "metadata.name must start with a letter"),
     ("dotted.name", {}, "apply", "metadata.name must start with a letter and hold only lowercase letters"),
     ("n" * 56, {}, "apply", "metadata.name must be at most 55 characters"),

@@ -146,3 +146,16 @@ def test_ownership_of_an_existing_child():
     assert ownership(mine, "u2") == "stale"          # a deleted LoRATrainingJob of the same name
     assert ownership({"metadata": {}}, "u1") == "foreign"
     assert ownership({"metadata": {"ownerReferences": [{"kind": "Deployment", "uid": "x"}]}}, "u1") == "foreign"
+
+
+def test_local_paths_only_on_the_cache_volume_in_a_cluster():
+    from kubelora_operator.manifests import CACHE_MOUNT, cluster_problem
+    from kubelora_trainer.spec import parse_spec
+    base = {"model": {"type": "flux", "diffusersPath": "s3://models/flux"}, "dataset": {"uri": "s3://data/set"},
+            "output": {"uri": "s3://out/run"}}
+    assert cluster_problem(parse_spec(base)) is None
+    assert "dataset.uri: '/data' is a path inside the trainer pod" in cluster_problem(
+        parse_spec({**base, "dataset": {"uri": "/data"}}))
+    on_pvc = {**base, "output": {"uri": f"{CACHE_MOUNT}/out"}}
+    assert "output.uri" in cluster_problem(parse_spec(on_pvc))
+    assert cluster_problem(parse_spec({**on_pvc, "resources": {"cacheVolumeClaim": "shared"}})) is None

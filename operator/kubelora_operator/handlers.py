@@ -76,6 +76,9 @@ def create_children(body, spec, name, namespace, uid, patch, retry, runtime, log
         return _fail(body, patch, "InvalidSpec", str(e))
     except UnsupportedModel as e:
         return _fail(body, patch, "UnsupportedModel", str(e))
+    problem = manifests.cluster_problem(job_spec)
+    if problem:
+        return _fail(body, patch, "InvalidSpec", problem)
     secret = job_spec.storage.credentialsSecret
     if secret and not kube.secret_exists(namespace, secret):
         msg = (f"Secret {secret!r} (spec.storage.credentialsSecret) not found in namespace {namespace}; "

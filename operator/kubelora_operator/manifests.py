@@ -88,6 +88,26 @@ def _env(job: str, spec: LoRATrainingJobSpec, namespace: str) -> list[dict]:
     return env
 
 
+def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
+    """A spec that validates but cannot work in pods: a local path is the pod's own disk, so an
+    output written there is lost with the pod and an input is simply not there. Local paths are
+    fine only on the cache volume claim (mounted at CACHE_MOUNT). Pure."""
+    from kubelora_trainer.families import PATH_FIELDS
+
+    def on_volume(uri: str) -> bool:
+        path = uri.removeprefix("file://")
+        return bool(spec.resources.cacheVolumeClaim) and (path == CACHE_MOUNT or path.startswith(CACHE_MOUNT + "/"))
+
+    fields = {"output.uri": spec.output.uri, "dataset.uri": spec.dataset.uri,
+              **{f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}}
+    for field, uri in fields.items():
+        if not uri.startswith("s3://") and not on_volume(uri):
+            return (f"{field}: {uri!r} is a path inside the trainer pod"
+                    + (", where the LoRA would be lost with the pod" if field == "output.uri" else ", which it does not have")
+                    + f"; use an s3:// URI, or a path under {CACHE_MOUNT} with resources.cacheVolumeClaim set")
+    return None
+
+
 def trainer_command() -> tuple[list[str], list[str]]:
     """torchrun (through kubelora's launcher, which exits 2 when a worker found bad input, so the
     podFailurePolicy below can fail the Job at once) with the node rank from the completion index
