@@ -42,7 +42,8 @@ def exit_code(torchrun_rc: int, records: list[dict]) -> int:
         return 0
     if any(r.get("code") == BAD_INPUT for r in records):
         return BAD_INPUT
-    return torchrun_rc or 1
+    stopped = [r["code"] for r in records if (r.get("code") or 0) > 128]  # stopped on a signal, checkpoint written
+    return max(stopped) if stopped else (torchrun_rc or 1)
 
 
 def root_cause(records: list[dict]) -> str | None:

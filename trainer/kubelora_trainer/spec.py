@@ -137,6 +137,14 @@ class TrainingSpec(_Model):
     gradientCheckpointing: bool = Field(
         default=False, description="Recompute block activations in backward: much less memory, ~30% more compute.")
     compile: bool = Field(default=False, description="torch.compile each transformer block (regional compile).")
+    checkpointEverySteps: Optional[int] = Field(
+        default=None, ge=1, description="Write a training-state checkpoint (adapters, optimizer, sampler, RNG) every N "
+                                        "steps to output.uri/checkpoints/; the next run of the manifest resumes from it.")
+    checkpointEveryMinutes: Optional[float] = Field(
+        default=30.0, gt=0, description="Also write one when this many minutes passed since the last (null: never by "
+                                        "time). A checkpoint is always written when the run is told to stop (SIGTERM, "
+                                        "SIGINT).")
+    checkpointKeep: int = Field(default=2, ge=1, le=100, description="Complete checkpoints kept; older ones are deleted.")
 
     @field_validator("betas")
     @classmethod
@@ -155,6 +163,10 @@ class OutputSpec(_Model):
         description="LoRA files to write: the first is <name>.safetensors, others <name>.<format>.safetensors. "
                     "Default: the family's community format (sdxl kohya, flux diffusers, ltx-video comfyui, "
                     "hunyuan-video original, cosmos comfyui).")
+    onExisting: Literal["resume", "fail", "overwrite"] = Field(
+        default="resume", description="When output.uri already holds this run's checkpoints or a finished run: "
+                                      "resume from the newest checkpoint (and do nothing if the run finished), fail, "
+                                      "or overwrite (train from step 1).")
 
 
 class StorageSpec(_Model):

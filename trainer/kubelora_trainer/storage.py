@@ -362,3 +362,35 @@ def check_readable(uri: str, settings: S3Settings = S3Settings(), client=None) -
             raise StorageError(f"reading {loc}: no such file or directory")
         return 1 if path.is_file() else sum(1 for f in path.rglob("*") if f.is_file())
     return len(_list(client or make_client(settings), loc))
+
+
+# ---------------------------------------------------------------- listing and deleting (checkpoints)
+
+def list_keys(uri: str, settings: S3Settings = S3Settings(), client=None) -> list[str]:
+    """Names of the objects (files) under uri, relative to it; [] when there are none."""
+    loc = parse_uri(uri)
+    if not loc.is_s3:
+        root = Path(loc.key)
+        return sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
+    client = client or make_client(settings)
+    prefix = loc.key.rstrip("/") + "/" if loc.key else ""
+    try:
+        return sorted(o["Key"][len(prefix):] for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=loc.bucket, Prefix=prefix) for o in page.get("Contents", []))
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(exc, loc, "listing") from None
+
+
+def delete_prefix(uri: str, settings: S3Settings = S3Settings(), client=None) -> None:
+    """Delete every object under uri (a local folder: the folder)."""
+    loc = parse_uri(uri)
+    if not loc.is_s3:
+        shutil.rmtree(loc.key, ignore_errors=True)
+        return
+    client = client or make_client(settings)
+    keys = [str(loc.child(k).key) for k in list_keys(uri, settings, client)]
+    try:
+        for i in range(0, len(keys), 1000):
+            client.delete_objects(Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(exc, loc, "deleting") from None

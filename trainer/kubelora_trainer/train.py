@@ -16,10 +16,11 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from . import __version__, adapters, dist, exits, export, lora, storage
+from . import __version__, adapters, checkpoint, dist, exits, export, lora, storage
 from .data import DatasetError, check_usable, load_clip, load_image, scan, shard_indices
 from .families import PATH_FIELDS, RULES, frames_of, size_of
 from .models import get_family
@@ -178,23 +179,97 @@ def epoch_of(samples_seen: int, epoch_size: int) -> int:
     return max(1, -(-samples_seen // max(1, epoch_size)))
 
 
-def agree_on_loss(step_loss: torch.Tensor, step: int, env: dist.DistEnv) -> float:
-    """The step's mean loss over all ranks, in one collective that also tells every rank whether
-    any rank's loss was not finite; then all ranks stop together with the same reason."""
+def agree_on_step(step_loss: torch.Tensor, step: int, env: dist.DistEnv, save: bool = False,
+                  stop: bool = False) -> tuple[float, bool, bool]:
+    """One collective per step: the step's mean loss over all ranks, whether any rank's loss was
+    not finite (then all ranks stop together with the same reason), whether a checkpoint is due
+    (rank 0's schedule) and whether any rank was told to stop."""
     local = float(step_loss)
     finite = math.isfinite(local)
-    both = torch.tensor([local if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64, device=env.device)
-    torch.distributed.all_reduce(both)  # SUM: gloo has no AVG
-    if both[1] > 0:
+    flags = torch.tensor([local if finite else 0.0, 0.0 if finite else 1.0, float(save), float(stop)],
+                         dtype=torch.float64, device=env.device)
+    torch.distributed.all_reduce(flags)  # SUM: gloo has no AVG
+    if flags[1] > 0:
         bad = [(r, v) for r, v in enumerate(dist.all_gather(local)) if not math.isfinite(v)]
         where = ", ".join(f"rank {r}: {v}" for r, v in bad)
         raise RunError(f"loss is not finite at step {step} ({where}); lower training.learningRate "
                        f"(or set training.maxGradNorm) and check the data")
-    return float(both[0]) / env.world
+    return float(flags[0]) / env.world, bool(flags[2] > 0), bool(flags[3] > 0)
+
+
+def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, Optional[int]]:
+    """(a finished run is there, the newest complete checkpoint step), read by rank 0, told to all."""
+    found = (False, None)
+    if env.is_main:
+        try:
+            found = ("manifest.json" in storage.list_keys(spec.output.uri, settings),
+                     checkpoint.latest(spec.output.uri, settings))
+        except storage.StorageError as e:
+            log(env, f"[resume] warning: cannot list {spec.output.uri}: {e}")
+    return tuple(dist.broadcast(found))
+
+
+def resume_plan(on_existing: str, finished: bool, latest: Optional[int]) -> str:
+    """'train', 'resume' or 'done'; raises RunError for onExisting: fail. Pure."""
+    if on_existing == "overwrite" or (not finished and latest is None):
+        return "train"
+    if on_existing == "fail":
+        what = "a finished run (manifest.json)" if finished else f"checkpoints up to step {latest}"
+        raise RunError(f"output.uri already holds {what}; use another output.uri, or set output.onExisting: "
+                       f"resume or overwrite")
+    return "done" if finished else "resume"
 
 
 def _stack(samples: list[dict], device) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
+
+
+def _train_steps(spec, family, comps, ad, opt, sched, cached, my_indices, env, start, gen, order_rng, queue, losses,
+                 modules, local_ckpt, settings, schedule, stop_request, meter, prog, publish, samples_per_step,
+                 epoch_size) -> None:
+    """Steps start..training.steps; checkpoints when due or when told to stop (then Stopped)."""
+    t = spec.training
+    for step in range(start, t.steps + 1):
+        step_loss = torch.zeros((), device=env.device)
+        for _ in range(t.gradientAccumulationSteps):
+            batch_idx = []
+            while len(batch_idx) < t.microBatchSize:
+                if not queue:
+                    queue = list(my_indices)
+                    order_rng.shuffle(queue)
+                batch_idx.append(queue.pop())
+            batch = _stack([cached[i] for i in batch_idx], env.device)
+            with ad.compute():
+                loss = family.loss(comps, batch, spec.model, t, gen) / t.gradientAccumulationSteps
+            loss.backward()  # even when not finite: every rank must take part in the gradient collectives
+            step_loss += loss.detach().float()
+        mean, save, stop = agree_on_step(step_loss, step, env, save=env.is_main and schedule.due(step),
+                                         stop=bool(stop_request.signum))
+        losses.append(mean)
+        if t.maxGradNorm:
+            torch.nn.utils.clip_grad_norm_(ad.params, t.maxGradNorm)
+        lr_used = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        sps, eta = meter.update(step)
+        if step % t.logEvery == 0 or step == t.steps:
+            prog.step, prog.epoch, prog.loss = step, epoch_of(step * samples_per_step, epoch_size), losses[-1]
+            prog.samplesPerSecond, prog.eta = sps, format_eta(eta)
+            log(env, line(prog, lr_used))
+            publish(prog)
+        if save or stop:
+            state = {"step": step, "world": env.world, "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                     "order_rng": order_rng.getstate(), "queue": list(queue), "losses": list(losses)}
+            checkpoint.save(step, modules, opt, state, local_ckpt, spec.output.uri, settings, t.checkpointKeep, env)
+            schedule.written()
+        if stop:
+            raise checkpoint.Stopped(stop_request.signum or 15, step)
+
+
+def _as_tuple(state):
+    """random.Random state back from torch.load (lists where tuples were)."""
+    return tuple(_as_tuple(x) if isinstance(x, list) else x for x in state) if isinstance(state, (list, tuple)) else state
 
 
 def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
@@ -225,6 +300,13 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
             err = str(e)
     if not dist.all_ok(err is None):
         raise RunError(f"output.uri: {err}" if err else "output.uri is not writable (see rank 0's log)")
+
+    # ---- an earlier run of this manifest: resume from its newest checkpoint, or stop if it finished
+    plan = resume_plan(spec.output.onExisting, *existing_output(spec, settings, env))
+    if plan == "done":
+        log(env, f"[done] {spec.output.uri} already holds a finished run (manifest.json); nothing to train "
+                 f"(output.onExisting: overwrite trains again)")
+        return 0
 
     # ---- stage-in
     log(env, "[phase] stage-in")
@@ -257,44 +339,43 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, t.warmupSteps, t.steps, t.lrScheduler))
     log(env, f"[model] LoRA on {', '.join(ad.configs)}: {ad.n_trainable:,} trainable parameters")
 
-    # ---- train
-    log(env, "[phase] train")
+    # ---- train (from step 1, or from the newest checkpoint)
     gen = torch.Generator(device=env.device).manual_seed(t.seed * 1000 + env.rank)
     order_rng = random.Random(t.seed + env.rank)
+    queue: list[int] = []
+    losses: list[float] = []
+    modules = torch.nn.ModuleDict(comps.trainable)
+    local_ckpt = cache_root() / "checkpoints" / job_name
+    start = 1
+    if plan == "resume":
+        latest = checkpoint.latest(spec.output.uri, settings) if env.is_main else None
+        resumed = dist.broadcast(latest)
+        loop = checkpoint.restore(resumed, modules, opt, local_ckpt, spec.output.uri, settings, env)
+        sched.last_epoch = resumed
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+        if loop is not None:
+            gen.set_state(loop["gen"])
+            torch.set_rng_state(loop["torch_rng"])
+            order_rng.setstate(_as_tuple(loop["order_rng"]))
+            queue, losses = list(loop["queue"]), list(loop["losses"])
+        start = resumed + 1
+        log(env, f"[resume] from the checkpoint of step {resumed}" + ("" if loop is not None else
+                 " (another number of ranks: the sampler starts a new epoch)"))
+    log(env, "[phase] train")
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
     epoch_size = len(report.items) * spec.dataset.repeats
     meter = Meter(t.steps, samples_per_step)
-    queue: list[int] = []
-    losses: list[float] = []
     prog = Progress(phase="Training", totalSteps=t.steps)
-    for step in range(1, t.steps + 1):
-        step_loss = torch.zeros((), device=env.device)
-        for _ in range(t.gradientAccumulationSteps):
-            batch_idx = []
-            while len(batch_idx) < t.microBatchSize:
-                if not queue:
-                    queue = list(my_indices)
-                    order_rng.shuffle(queue)
-                batch_idx.append(queue.pop())
-            batch = _stack([cached[i] for i in batch_idx], env.device)
-            with ad.compute():
-                loss = family.loss(comps, batch, spec.model, t, gen) / t.gradientAccumulationSteps
-            loss.backward()  # even when not finite: every rank must take part in the gradient collectives
-            step_loss += loss.detach().float()
-        losses.append(agree_on_loss(step_loss, step, env))
-        if t.maxGradNorm:
-            torch.nn.utils.clip_grad_norm_(ad.params, t.maxGradNorm)
-        lr_used = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        sps, eta = meter.update(step)
-        if step % t.logEvery == 0 or step == t.steps:
-            prog.step, prog.epoch, prog.loss = step, epoch_of(step * samples_per_step, epoch_size), losses[-1]
-            prog.samplesPerSecond, prog.eta = sps, format_eta(eta)
-            log(env, line(prog, lr_used))
-            publish(prog)
+    schedule = checkpoint.Schedule(t.checkpointEverySteps, t.checkpointEveryMinutes)
+    stop_request = checkpoint.StopRequest().install()
+    try:
+        _train_steps(spec, family, comps, ad, opt, sched, cached, my_indices, env, start, gen, order_rng, queue,
+                     losses, modules, local_ckpt, settings, schedule, stop_request, meter, prog, publish,
+                     samples_per_step, epoch_size)
+    finally:
+        stop_request.uninstall()
     train_seconds = time.time() - t_start
+
 
     # ---- export (gather is a collective; the writing and upload happen on rank 0)
     log(env, "[phase] export")
@@ -331,3 +412,5 @@ def main_from_cli(spec_path: str) -> int:
         return exits.fail(exits.BAD_INPUT, str(e))
     except dist.PeerFailed as e:  # the failing rank reports (and classifies) its own error
         return exits.fail(exits.FAILED, str(e), peer=True)
+    except checkpoint.Stopped as e:
+        return exits.fail(e.code, str(e))

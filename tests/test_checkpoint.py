@@ -1,0 +1,107 @@
+"""Checkpoints and resume, through the real launcher and torchrun on 2 ranks: Ctrl-C writes a
+checkpoint at the next step and leaves no worker behind; the same command again resumes from it
+and ends with the same adapter as an uninterrupted run (dropout on, so RNG states matter); a
+finished output is not trained again; old checkpoints are pruned."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kubelora_trainer.checkpoint import Schedule, complete_steps
+from kubelora_trainer.train import RunError, resume_plan
+
+
+def test_complete_steps_and_resume_plan():
+    names = ["step-2/state/COMPLETE", "step-2/state/.metadata", "step-4/state/__0_0.distcp", "step-6/state/COMPLETE",
+             "step-6/transformer/adapter_model.safetensors"]
+    assert complete_steps(names) == [2, 6]  # step 4 has no marker: incomplete
+    assert resume_plan("resume", False, None) == "train" and resume_plan("resume", False, 6) == "resume"
+    assert resume_plan("resume", True, 6) == "done" and resume_plan("overwrite", True, 6) == "train"
+    with pytest.raises(RunError, match="output.uri already holds checkpoints up to step 6; .*onExisting"):
+        resume_plan("fail", False, 6)
+    s = Schedule(steps=3, minutes=None)
+    assert [s.due(i) for i in range(1, 7)] == [False, False, True, False, False, True]
+
+
+def _job(path: Path, tiny_flux_dir, data, output, **training):
+    path.write_text(yaml.safe_dump({
+        "model": {"type": "flux", "diffusersPath": str(tiny_flux_dir), "dtype": "float32"},
+        "dataset": {"uri": str(data), "resolution": 32},
+        "adapter": {"rank": 4, "dropout": 0.1},
+        "training": {"steps": 8, "logEvery": 1, "checkpointEverySteps": 2, "learningRate": 3e-3, "seed": 3,
+                     "lrScheduler": "cosine", "warmupSteps": 2, **training},
+        "output": {"uri": output}}))
+    return path
+
+
+def _run(job, env, interrupt_after: str | None = None):
+    p = subprocess.Popen([sys.executable, "-m", "kubelora_trainer.cli", "run", str(job), "--nproc", "2"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if interrupt_after and interrupt_after in line:
+            p.send_signal(signal.SIGINT)   # Ctrl-C to the launcher
+            interrupt_after = None
+    return p.wait(timeout=300), "".join(out)
+
+
+def _workers_of(job: Path) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and str(job).encode() in (d / "cmdline").read_bytes():
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_ctrl_c_checkpoints_then_the_same_command_resumes_to_the_same_adapter(s3, tmp_path, tiny_flux_dir):
+    from kubelora_trainer.storage import download, list_keys
+    from kubelora_trainer.synthetic import build_synthetic_dataset
+    from safetensors.torch import load_file
+    data = build_synthetic_dataset(tmp_path / "data", n=4, size=32)
+    s3.create_bucket(Bucket="ckpt")
+    env = {**os.environ, **s3.env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    ref = _job(tmp_path / "ref.yaml", tiny_flux_dir, data, str(tmp_path / "ref-out"))
+    rc, out = _run(ref, env)
+    assert rc == 0, out[-3000:]
+
+    job = _job(tmp_path / "job.yaml", tiny_flux_dir, data, "s3://ckpt/run")
+    rc, out = _run(job, env, interrupt_after="[checkpoint] step 2 written")
+    assert rc == 130, out[-3000:]
+    stopped_at = int(out.split("stopped by SIGINT after step ")[1].split(";")[0])
+    assert stopped_at >= 2 and out.strip().splitlines()[-1].startswith("[error] rank ")
+    assert _workers_of(job) == [], "a worker outlived Ctrl-C"
+    rc, out = _run(job, env)
+    assert rc == 0, out[-3000:]
+    assert f"[resume] from the checkpoint of step {stopped_at}" in out and f"[train] step {stopped_at}/8" not in out
+
+    got = load_file(str(download("s3://ckpt/run/lora.safetensors", tmp_path / "got", client=s3, log=lambda m: None)))
+    want = load_file(str(tmp_path / "ref-out" / "lora.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    # checkpointKeep (2): only the newest complete checkpoints stay
+    assert complete_steps(list_keys("s3://ckpt/run/checkpoints", client=s3)) == [6, 8]
+
+    # a finished output is not trained again; onExisting: fail refuses it
+    rc, out = _run(job, env)
+    assert rc == 0 and "already holds a finished run" in out and "[phase] train" not in out, out[-2000:]
+    rc, out = _run(_job(tmp_path / "job.yaml", tiny_flux_dir, data, "s3://ckpt/run") and
+                   _fail_on_existing(tmp_path / "job.yaml"), env)
+    assert rc == 2 and "output.uri already holds a finished run (manifest.json)" in out, out[-2000:]
+
+
+def _fail_on_existing(path: Path) -> Path:
+    doc = yaml.safe_load(path.read_text())
+    doc["output"]["onExisting"] = "fail"
+    path.write_text(yaml.safe_dump(doc))
+    return path
