@@ -169,6 +169,9 @@ def test_invalid_manifests_are_refused_or_failed_and_the_operator_stays_healthy(
         wait_for(lambda: kube.get("batch/v1/jobs", "default", "valid-after"))
     events = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "warmup-gt-steps"]
     assert any(e["reason"] == "InvalidSpec" and e["type"] == "Warning" for e in events)
+    # a retried reconcile is visible in `kubectl describe`, not only in the operator's log
+    waits = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "missing-secret"]
+    assert any(e["reason"] == "WaitingForSecret" and e["type"] == "Warning" for e in waits), waits
 
 
 def test_a_name_held_by_someone_else_is_never_adopted(cluster, kubectl):

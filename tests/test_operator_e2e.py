@@ -102,7 +102,8 @@ def test_bad_input_fails_the_job_at_once_through_the_real_launcher(kube, kubectl
     the dataset (exit 2 through the launcher), the podFailurePolicy fails the Job without a retry."""
     kubectl("apply", "-f", CRD_FILE, check=True)
     with operator():
-        m = manifest("badinput", dataset__uri="s3://kubelora-demo/no-such-prefix", runPolicy__backoffLimit=3)
+        m = manifest("badinput", dataset__uri="s3://kubelora-demo/no-such-prefix", runPolicy__backoffLimit=3,
+                     output__uri="s3://kubelora-demo/outputs/badinput")
         assert apply(kubectl, m).returncode == 0
         st = wait_for(lambda: phase(kube, "badinput") == "Failed" and _status(kube, "badinput"), timeout=120)
         assert len(job_runner.pods_started("badinput")) == 1, job_runner.pods_started("badinput")  # not retried

@@ -159,3 +159,14 @@ def test_local_paths_only_on_the_cache_volume_in_a_cluster():
     on_pvc = {**base, "output": {"uri": f"{CACHE_MOUNT}/out"}}
     assert "output.uri" in cluster_problem(parse_spec(on_pvc))
     assert cluster_problem(parse_spec({**on_pvc, "resources": {"cacheVolumeClaim": "shared"}})) is None
+
+
+def test_pods_waiting_for_gpus_are_pending_with_the_schedulers_message():
+    """Job.status.active counts Pending pods: a pod the scheduler cannot place is not 'staging in'."""
+    pending = {"metadata": {"name": "ft-1-xyz"}, "status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]}}
+    o = st.observe(_job(active=2), [_pod(), pending], None, None, False)
+    assert (o.phase, o.reason) == (st.PENDING, "Unschedulable")
+    assert o.message == "pod ft-1-xyz is not scheduled: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    assert st.observe(_job(active=2), [_pod()], None, None, False).phase == st.INITIALIZING

@@ -1,4 +1,5 @@
 """The typed spec: valid manifests, errors that name the field, the generated CRD."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,19 @@ def test_float16_is_refused_with_the_reason():
     with pytest.raises(SpecError, match=r"spec.model.dtype: got 'float16'.*loss scaling.*use bfloat16"):
         parse_spec({"model": {"type": "flux", "diffusersPath": "/m", "dtype": "float16"},
                     "dataset": {"uri": "/d"}, "output": {"uri": "/o"}})
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"training": {"textEncoderLearningRate": 1e-5}},
+     "training.textEncoderLearningRate: model.type flux trains no text encoder (only sdxl does); remove it"),
+    ({"resources": {"gpusPerNode": 8, "limits": {"nvidia.com/gpu": "4"}}},
+     "resources.limits['nvidia.com/gpu'] is set from resources.gpusPerNode (8)"),
+    ({"output": {"uri": "s3://bkt/data/out"}}, "output.uri (s3://bkt/data/out) is inside dataset.uri (s3://bkt/data)"),
+])
+def test_settings_that_would_be_ignored_or_overwritten_are_refused(over, message):
+    from kubelora_trainer.spec import SpecError, parse_spec
+    base = {"model": {"type": "flux", "diffusersPath": "s3://bkt/flux"}, "dataset": {"uri": "s3://bkt/data"},
+            "output": {"uri": "s3://bkt/out"}}
+    parse_spec(base)
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec({**base, **over})

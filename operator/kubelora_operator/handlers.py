@@ -87,6 +87,7 @@ def create_children(body, spec, name, namespace, uid, patch, retry, runtime, log
             return _fail(body, patch, "SecretNotFound", msg)
         patch.status.update(st.status(body.get("status") or {}, st.Observed(st.PENDING, "WaitingForSecret", msg),
                                       body["metadata"].get("generation", 1), None, st.now_iso()))
+        kopf.warn(body, reason="WaitingForSecret", message=f"{msg}; retrying in {SECRET_RETRY_DELAY:g}s")
         raise kopf.TemporaryError(msg, delay=SECRET_RETRY_DELAY)
     created = _ensure_children(body, patch, name, uid, namespace, job_spec, runtime)
     if created is None:
@@ -114,7 +115,9 @@ def _ensure_children(body, patch, name, uid, namespace, job_spec, runtime) -> li
         return None
     except kube.NameTaken as e:
         if e.stale and runtime.total_seconds() < NAME_WAIT_SECONDS:
-            raise kopf.TemporaryError(f"{e}; waiting for its garbage collection", delay=SECRET_RETRY_DELAY)
+            msg = f"{e}; waiting for its garbage collection"
+            kopf.warn(body, reason="WaitingForName", message=msg)
+            raise kopf.TemporaryError(msg, delay=SECRET_RETRY_DELAY)
         _fail(body, patch, "NameConflict", f"{e}; delete it or choose another metadata.name")
         return None
     return created

@@ -66,6 +66,20 @@ def pod_problem(pods: list[dict]) -> Optional[tuple[str, str, bool]]:
     return found
 
 
+def unscheduled(pods: list[dict]) -> Optional[tuple[str, str]]:
+    """(reason, message) when some pods have no node yet: the scheduler's own message (e.g.
+    "0/4 nodes are available: 4 Insufficient nvidia.com/gpu") under reason Unschedulable."""
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        st = pod.get("status") or {}
+        if st.get("phase") != "Pending":
+            continue
+        sched = next((c for c in st.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
+        if sched and sched.get("status") == "False":
+            return (sched.get("reason") or "Unschedulable",
+                    f"pod {pod['metadata']['name']} is not scheduled: {sched.get('message') or sched.get('reason')}")
+    return None
+
+
 def needs_pods(job: dict) -> bool:
     """Whether the pods must be read to explain the Job: some failed, some are not ready yet
     (image pull, missing Secret...) or it failed. A Job whose active pods are all ready needs no
@@ -104,6 +118,9 @@ def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], man
     st = job.get("status") or {}
     if not st.get("active"):
         return Observed(PENDING, "WaitingForPods", "waiting for the trainer pods to be scheduled", progress=progress)
+    waiting = unscheduled(pods)
+    if waiting:  # Job.status.active counts Pending pods too: these have no node yet
+        return Observed(PENDING, *waiting, progress=progress)
     phase = (progress or {}).get("phase")
     if phase == "Training":
         return Observed(TRAINING, "Training", "training", progress=progress)

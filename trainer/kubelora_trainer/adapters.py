@@ -46,6 +46,11 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
         out.configs[name] = cfg
         out.groups.append({"params": [p for p in module.parameters() if p.requires_grad],
                            "lr": learning_rate(name, spec.training), "name": name})
+    narrow = lora.narrowest(comps.trainable.values())
+    if narrow and spec.adapter.rank > narrow[1] and env.is_main:
+        print(f"[model] warning: adapter.rank {spec.adapter.rank} exceeds the width of the narrowest adapted layer "
+              f"({narrow[0]}: {narrow[1]}); its update cannot use more than {narrow[1]} dimensions there, so a "
+              f"lower rank gives the same result with fewer parameters", flush=True)
     # lora.inject seeded every rank alike (same init); dropout masks must differ per rank
     torch.manual_seed(lora.rank_seed(spec.training.seed, env.rank))
     return out

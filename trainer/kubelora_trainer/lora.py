@@ -39,6 +39,19 @@ def inject(model: nn.Module, cfg, seed: int) -> int:
     return n
 
 
+def narrowest(modules) -> tuple[str, int] | None:
+    """(name, min(in, out)) of the adapted layer with the fewest dimensions, over all modules."""
+    best = None
+    for module in modules:
+        for name, sub in module.named_modules():
+            a = getattr(sub, "lora_A", None)
+            if isinstance(a, nn.ModuleDict) and "default" in a:
+                width = min(sub.in_features, sub.out_features) if hasattr(sub, "in_features") else None
+                if width is not None and (best is None or width < best[1]):
+                    best = (name, width)
+    return best
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The global RNG seed for a rank's LoRA dropout masks once the adapters exist."""
     return (seed * 1_000_003 + 7919 * (rank + 1)) % 2**63

@@ -221,7 +221,27 @@ class LoRATrainingJobSpec(_Model):
             raise ValueError(problem)
         if self.training.warmupSteps > self.training.steps:
             raise ValueError(f"training.warmupSteps ({self.training.warmupSteps}) exceeds training.steps ({self.training.steps})")
+        problem = ignored_settings(self)
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
+    """A setting that would be silently ignored or overwritten, as a message naming the field."""
+    from .families import RULES
+    if spec.training.textEncoderLearningRate is not None and not RULES[spec.model.type].trains_text_encoders:
+        return (f"training.textEncoderLearningRate: model.type {spec.model.type} trains no text encoder "
+                f"(only {', '.join(t for t, r in RULES.items() if r.trains_text_encoders)} does); remove it")
+    for kind in ("requests", "limits"):
+        if "nvidia.com/gpu" in getattr(spec.resources, kind):
+            return (f"resources.{kind}['nvidia.com/gpu'] is set from resources.gpusPerNode "
+                    f"({spec.resources.gpusPerNode}); remove it and set gpusPerNode")
+    out, data = spec.output.uri.rstrip("/"), spec.dataset.uri.rstrip("/")
+    if out == data or out.startswith(data + "/"):
+        return (f"output.uri ({spec.output.uri}) is inside dataset.uri ({spec.dataset.uri}): outputs would be "
+                f"mixed with the training data; write them elsewhere")
+    return None
 
 
 # ---------------------------------------------------------------- loading and errors

@@ -19,6 +19,7 @@ class FamilyRules:
     fps: Optional[float] = None                    # training frame rate: videos are resampled to it
     size_multiple: int = 16                        # width and height must be multiples of this
     formats: tuple[str, ...] = ()                  # LoRA file formats; the first is the default
+    trains_text_encoders: bool = False             # LoRA on the text encoders too (training.textEncoderLearningRate)
 
     @property
     def paths(self) -> set[str]:

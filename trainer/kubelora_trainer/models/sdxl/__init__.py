@@ -3,4 +3,4 @@ keys.py, tiny.py, configs/ hold the rest)."""
 from ..rules import FamilyRules
 
 RULES = FamilyRules(sources=(("diffusersPath",), ("checkpointPath",)), options=("vPred", "zeroTerminalSnr", "minSnrGamma"),
-                    formats=("kohya", "diffusers"))
+                    formats=("kohya", "diffusers"), trains_text_encoders=True)
