@@ -1,4 +1,4 @@
-"""Shared fixtures: a real S3 protocol server (moto, in-process), a tiny Flux built offline."""
+"""Shared fixtures: a real S3 server (SeaweedFS), a tiny Flux built offline."""
 from __future__ import annotations
 
 import os
@@ -12,21 +12,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-    import logging
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+def s3_server(tmp_path_factory):
+    """SeaweedFS (a real, SigV4-enforcing S3 server) for the whole session."""
+    from kubelora_trainer.local_s3 import SeaweedS3
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
     server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server):
+    return s3_server.endpoint
 
 
 @pytest.fixture()
 def s3(s3_endpoint, monkeypatch, tmp_path):
-    """boto3 client on the moto server, with the environment a trainer process would see."""
-    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+    """boto3 client on the S3 server, with the environment a trainer process would see."""
+    from kubelora_trainer.local_s3 import ACCESS_KEY, SECRET_KEY
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
            "AWS_REGION": "us-east-1", "KUBELORA_CACHE_DIR": str(tmp_path / "cache")}
     for k, v in env.items():
         monkeypatch.setenv(k, v)

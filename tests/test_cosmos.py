@@ -1,5 +1,5 @@
 """Cosmos 1.0 text2world: a tiny model in the original NVIDIA/ComfyUI file layout trains on 2
-torchrun processes (FSDP2, gloo) from S3 (moto) to S3; the ComfyUI file (default) carries only keys
+torchrun processes (FSDP2, gloo) from S3 (SeaweedFS) to S3; the ComfyUI file (default) carries only keys
 ComfyUI's LoRA loader applies and, applied the way ComfyUI applies it, reproduces the trained
 adapter; the diffusers file loads through CosmosTransformer3DModel.load_lora_adapter with the same
 effect; the key renaming agrees with diffusers' own Cosmos checkpoint conversion; bad inputs are

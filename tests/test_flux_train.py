@@ -1,4 +1,4 @@
-"""End to end: tiny Flux from S3 (moto) to S3 on 2 torchrun processes with FSDP2 (gloo), and
+"""End to end: tiny Flux from S3 (SeaweedFS) to S3 on 2 torchrun processes with FSDP2 (gloo), and
 the uploaded LoRA reloaded through diffusers reproduces the trained adapter's output."""
 import json
 import socket
@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import run_trainer
-from kubelora_trainer.storage import download, upload_tree
+from kubelora_trainer.storage import download, ensure_bucket, upload_tree
 
 
 def manifest(path: Path, bucket: str, **over) -> Path:
@@ -31,7 +31,7 @@ def manifest(path: Path, bucket: str, **over) -> Path:
 
 
 def seed(s3, bucket, tiny_flux_dir, data: Path):
-    s3.create_bucket(Bucket=bucket)
+    ensure_bucket(s3, bucket)
     upload_tree(tiny_flux_dir, f"s3://{bucket}/models/tiny-flux", client=s3)
     upload_tree(data, f"s3://{bucket}/data", client=s3)
 

@@ -1,5 +1,5 @@
 """HunyuanVideo: a tiny model in the ComfyUI file layout (original-layout transformer .safetensors,
-VAE file, Llama and CLIP folders) trains on a video from S3 (moto) to S3 on 2 torchrun processes
+VAE file, Llama and CLIP folders) trains on a video from S3 (SeaweedFS) to S3 on 2 torchrun processes
 with FSDP2 (gloo). The default file (original module names, fused qkv/linear1) has exactly the
 trained adapter's effect when applied by ComfyUI's rule and when loaded by diffusers'
 HunyuanVideoPipeline.load_lora_weights (checked at the released 3072 width, the only width

@@ -1,4 +1,4 @@
-"""LTX-Video: a tiny LTX pipeline trains on videos from S3 (moto) to S3 on 2 torchrun processes with
+"""LTX-Video: a tiny LTX pipeline trains on videos from S3 (SeaweedFS) to S3 on 2 torchrun processes with
 FSDP2 (gloo); the default file (ComfyUI layout, ``diffusion_model.`` keys) loads through diffusers'
 LTXPipeline.load_lora_weights with the trained adapter's effect; every key is one ComfyUI's LoRA
 loader maps for LTXV, and applying it by ComfyUI's rule gives the same model; bad inputs fail clearly."""

@@ -1,6 +1,6 @@
 """End to end on the emulated cluster: kubectl apply -> operator (real kopf) -> Indexed Job ->
 local runner (stands in for the kubelet and Job controller, which cannot run here) -> torchrun
-trainer on 2 "nodes" -> tiny Flux LoRA in the moto S3 -> status, kubectl get, cleanup."""
+trainer on 2 "nodes" -> tiny Flux LoRA in the S3 server (SeaweedFS) -> status, kubectl get, cleanup."""
 import os
 
 os.environ.setdefault("KUBELORA_SYNC_INTERVAL", "0.5")
@@ -18,7 +18,7 @@ from test_operator import CRD_FILE, apply, ltj, manifest, operator, phase  # noq
 
 @pytest.fixture()
 def demo_bucket(s3, tmp_path, monkeypatch):
-    """The demo's tiny Flux and dataset in the moto S3 the pods (local processes) will read."""
+    """The demo's tiny Flux and dataset in the S3 server (SeaweedFS) the pods (local processes) will read."""
     from kubelora_trainer.demo import seed_bucket
     monkeypatch.setenv("KUBELORA_PROGRESS_INTERVAL", "1")
     seed_bucket(tmp_path / "seed")

@@ -1,4 +1,4 @@
-"""SDXL: a tiny SDXL trains UNet + both text encoders from S3 (moto) to S3 on 2 torchrun processes
+"""SDXL: a tiny SDXL trains UNet + both text encoders from S3 (SeaweedFS) to S3 on 2 torchrun processes
 with FSDP2 (gloo); the default Kohya file (lora_unet_/lora_te1_/lora_te2_, real alpha) and the
 diffusers file load through StableDiffusionXLPipeline.load_lora_weights with the trained adapter's
 effect on the UNet and on both text encoders; every Kohya key is one ComfyUI's loader maps (tiny

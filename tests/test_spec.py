@@ -181,3 +181,10 @@ def test_settings_that_would_be_ignored_or_overwritten_are_refused(over, message
     parse_spec(base)
     with pytest.raises(SpecError, match=re.escape(message)):
         parse_spec({**base, **over})
+
+
+def test_a_top_level_typo_is_named_not_reported_as_missing_fields():
+    from kubelora_trainer.spec import SpecError, parse_spec
+    with pytest.raises(SpecError, match=r"^sepc: unknown top-level field; did you mean 'spec'\?$"):
+        parse_spec({"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob", "metadata": {"name": "x"},
+                    "sepc": {"model": {"type": "flux"}}})

@@ -1,4 +1,4 @@
-"""Storage against a real S3 protocol server (moto): prefixes, caching by size+ETag, atomic
+"""Storage against a real S3 server (SeaweedFS): prefixes, caching by size+ETag, atomic
 files, retries and errors that name the object."""
 import os
 import socket
@@ -73,7 +73,7 @@ def test_truncated_file_is_not_trusted(s3, tmp_path):
 
 class _Interrupting:
     """Real client whose transfer breaks after writing half the bytes (a dropped connection is
-    the one thing moto cannot do on request); every other call goes to the real server."""
+    the one thing a real server cannot be asked to do); every other call goes to the real server."""
 
     def __init__(self, client, failures):
         self._c, self.failures, self.calls = client, failures, 0
@@ -211,3 +211,12 @@ def test_validate_check_storage_reads_inputs_and_writes_the_output(s3, tmp_path)
     assert not s3.list_objects_v2(Bucket="cs-in", Prefix="out/").get("Contents")  # the marker is gone
     bad = check("s3://cs-missing/out")
     assert bad.returncode == 2 and "error: output.uri: writing to s3://cs-missing/out: bucket 'cs-missing' does not exist" in bad.stderr
+
+
+def test_a_wrong_secret_is_refused_by_the_server(s3_endpoint, tmp_path):
+    """SigV4 is checked (a stand-in that accepts any key would hide a broken credentials path)."""
+    import boto3
+    bad = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="kubelora-test",
+                       aws_secret_access_key="wrong", region_name="us-east-1")
+    with pytest.raises(StorageError, match="access denied"):
+        download("s3://secret-ok/x", tmp_path, client=bad, log=lambda m: None)

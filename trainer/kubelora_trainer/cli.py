@@ -22,7 +22,8 @@ def _validate(path: str):
         spec = load_spec(path)
         check_supported(spec.model.type)
     except (SpecError, UnsupportedModel, OSError) as e:
-        print(f"error: {path}: {e}", file=sys.stderr)
+        msg = str(e)
+        print(f"error: {msg if msg.startswith(str(path)) else f'{path}: {msg}'}", file=sys.stderr)
         return None
     return spec
 

@@ -1,6 +1,6 @@
-"""`make demo`: a tiny random-weight Flux and a synthetic captioned dataset in an in-process S3
-server (moto), then `kubelora run examples/demo-flux.yaml` on 2 CPU processes, then the LoRA is
-fetched back and loaded with diffusers."""
+"""`make demo`: a tiny random-weight Flux and a synthetic captioned dataset in a local S3 server
+(SeaweedFS; moto in-process if the `weed` binary is not installed), then `kubelora run
+examples/demo-flux.yaml` on 2 CPU processes, then the LoRA is fetched back and loaded with diffusers."""
 from __future__ import annotations
 
 import os
@@ -8,19 +8,25 @@ import shutil
 from pathlib import Path
 
 from .cli import launch
-from .storage import S3Settings, download, make_client, upload_tree
+from .storage import S3Settings, download, ensure_bucket, make_client, upload_tree
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "examples" / "demo-flux.yaml"
 BUCKET = "kubelora-demo"
 
 
-def start_s3() -> tuple[object, str]:
+def start_s3(workdir: Path):
+    """(stop, endpoint, access key, secret key) of a fresh local S3 server."""
+    from .local_s3 import ACCESS_KEY, SECRET_KEY, SeaweedS3, weed_binary
+    if weed_binary():
+        shutil.rmtree(workdir / "s3", ignore_errors=True)
+        server = SeaweedS3(workdir / "s3")
+        return server.stop, server.start(), ACCESS_KEY, SECRET_KEY
     from moto.server import ThreadedMotoServer
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}"
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    return moto.stop, f"http://{host}:{port}", "demo", "demo"
 
 
 def seed_bucket(workdir: Path) -> None:
@@ -33,7 +39,7 @@ def seed_bucket(workdir: Path) -> None:
     build_tiny_flux(model)
     build_synthetic_dataset(data, n=8)
     client = make_client(S3Settings())
-    client.create_bucket(Bucket=BUCKET)
+    ensure_bucket(client, BUCKET)
     upload_tree(model, f"s3://{BUCKET}/models/tiny-flux", client=client)
     upload_tree(data, f"s3://{BUCKET}/datasets/shapes", client=client)
 
@@ -43,12 +49,12 @@ def demo(workdir: Path, nproc: int = 2) -> int:
     quiet_libraries()
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    server, endpoint = start_s3()
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
+    stop, endpoint, access_key, secret_key = start_s3(workdir)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key,
            "AWS_REGION": "us-east-1", "KUBELORA_CACHE_DIR": str(workdir / "cache")}
     os.environ.update(env)
     try:
-        print(f"[demo] in-process S3 at {endpoint}; building a tiny Flux and 8 captioned images", flush=True)
+        print(f"[demo] local S3 at {endpoint}; building a tiny Flux and 8 captioned images", flush=True)
         seed_bucket(workdir)
         shutil.rmtree(workdir / "cache", ignore_errors=True)
         rc = launch(str(MANIFEST), nproc, env)
@@ -65,4 +71,4 @@ def demo(workdir: Path, nproc: int = 2) -> int:
               "[demo] or copy it to ComfyUI/models/loras/ and use the LoraLoader node.")
         return 0
     finally:
-        server.stop()
+        stop()

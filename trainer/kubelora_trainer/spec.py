@@ -293,6 +293,13 @@ def parse_spec(data: dict[str, Any]) -> LoRATrainingJobSpec:
     if not isinstance(data, dict):
         raise SpecError("the manifest must be a mapping with a 'spec' section (or the spec itself)")
     if "kind" in data or "apiVersion" in data:
+        unknown = sorted(set(data) - {"apiVersion", "kind", "metadata", "spec", "status"})
+        if unknown:
+            guess = difflib.get_close_matches(unknown[0], ["spec", "metadata", "kind", "apiVersion"], n=1, cutoff=0.5)
+            raise SpecError(f"{unknown[0]}: unknown top-level field" + (f"; did you mean {guess[0]!r}?" if guess else
+                                                                        "; a manifest has apiVersion, kind, metadata, spec"))
+        if "spec" not in data:
+            raise SpecError("spec: the manifest has no spec section")
         if data.get("kind") != KIND:
             raise SpecError(f"kind: expected {KIND}, got {data.get('kind')!r}")
         if str(data.get("apiVersion", "")).split("/")[0] != GROUP:

@@ -131,7 +131,8 @@ def describe_error(exc: BaseException, loc: Location, action: str) -> StorageErr
         elif code in ("NoSuchKey", "404", "NotFound"):
             cause = f"no such key {loc.key!r} in bucket {loc.bucket!r}"
         elif code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            cause = f"access denied ({code}); check the credentials Secret and the bucket policy"
+            cause = (f"access denied ({code}); check the credentials (the Secret named in spec.storage.credentialsSecret "
+                     f"in a cluster, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY on a workstation) and the bucket policy")
         else:
             cause = f"{code or status}: {exc.response.get('Error', {}).get('Message', exc)}"
     elif isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
@@ -394,3 +395,11 @@ def delete_prefix(uri: str, settings: S3Settings = S3Settings(), client=None) ->
             client.delete_objects(Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
     except Exception as exc:  # noqa: BLE001
         raise describe_error(exc, loc, "deleting") from None
+
+
+def ensure_bucket(client, name: str) -> None:
+    """Create a bucket unless this account already has it (S3 answers BucketAlreadyOwnedByYou)."""
+    try:
+        client.create_bucket(Bucket=name)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
