@@ -108,3 +108,21 @@ def test_bad_input_fails_the_job_at_once_through_the_real_launcher(kube, kubectl
         st = wait_for(lambda: phase(kube, "badinput") == "Failed" and _status(kube, "badinput"), timeout=120)
         assert len(job_runner.pods_started("badinput")) == 1, job_runner.pods_started("badinput")  # not retried
         assert "exited with code 2" in st["message"], st
+
+
+def test_a_failed_node_restarts_the_whole_gang(kube, kubectl, demo_bucket, job_runner):
+    """The runner behaves as the real Job controller here (only the failed index is replaced, after a
+    back-off): the operator must restart both nodes together instead. Index 1's first pod is a test
+    shim that exits 1 (a crashed node: a stand-in, nothing crashes on demand here)."""
+    job_runner.group_restart, job_runner.backoff_seconds = "never", 120.0
+    kubectl("apply", "-f", CRD_FILE, check=True)
+    job_runner.fail_next("gang", index=1, exit_code=1)
+    with operator():
+        m = manifest("gang", resources__nodes=2, runPolicy__backoffLimit=2, output__uri="s3://kubelora-demo/outputs/gang")
+        assert apply(kubectl, m).returncode == 0
+        st = wait_for(lambda: phase(kube, "gang") == "Succeeded" and _status(kube, "gang"), timeout=240)
+    assert st["restarts"] == 1 and not st.get("restartPending"), st
+    started = job_runner.pods_started("gang")
+    assert len(started) == 4, started  # 2 pods, then 2 again after the gang restart (no lone replacement)
+    reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "gang"]
+    assert "GangRestart" in reasons and "Succeeded" in reasons, reasons

@@ -170,3 +170,13 @@ def test_pods_waiting_for_gpus_are_pending_with_the_schedulers_message():
     assert (o.phase, o.reason) == (st.PENDING, "Unschedulable")
     assert o.message == "pod ft-1-xyz is not scheduled: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
     assert st.observe(_job(active=2), [_pod()], None, None, False).phase == st.INITIALIZING
+
+
+def test_a_failed_pod_of_a_multi_node_run_restarts_the_whole_gang():
+    failed = {"status": {"active": 1, "failed": 1}}
+    assert st.gang_action(failed, nodes=2, restarts=0, backoff_limit=2) == "restart"
+    assert st.gang_action(failed, nodes=2, restarts=2, backoff_limit=2) == "fail"
+    assert st.gang_action(failed, nodes=1, restarts=0, backoff_limit=2) is None      # the Job's own retry is right
+    assert st.gang_action({"status": {"active": 2}}, nodes=2, restarts=0, backoff_limit=2) is None
+    done = {"status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]}}
+    assert st.gang_action(done, nodes=2, restarts=0, backoff_limit=2) is None       # FailJob (bad input): no restart

@@ -153,6 +153,10 @@ def sync_status(body, spec, name, namespace, patch, logger, **_):
     job = kube.get_job(namespace, name)
     if job is None:
         return _recreate(body, patch, name, namespace, job_spec, previous)
+    action = st.gang_action(job, job_spec.resources.nodes, int(previous.get("restarts") or 0),
+                            job_spec.runPolicy.backoffLimit)
+    if action:
+        return _restart_gang(body, patch, name, namespace, job_spec, job, previous, action)
     pods = kube.job_pods(namespace, name) if job and st.needs_pods(job) else []
     complete = bool(job and any(c.get("type") == "Complete" and c.get("status") == "True"
                                 for c in (job.get("status") or {}).get("conditions") or []))
@@ -168,9 +172,30 @@ def sync_status(body, spec, name, namespace, patch, logger, **_):
         (kopf.warn if obs.phase == st.FAILED or obs.stalled else kopf.info)(body, reason=obs.phase, message=message)
 
 
+def _restart_gang(body, patch, name, namespace, job_spec, job, previous, action) -> None:
+    """A pod of a multi-node run failed: delete the whole Job (its pods go too) and make it again
+    at the next sync, so every node starts together on a fresh rendezvous and resumes from the
+    newest checkpoint; or fail the run once runPolicy.backoffLimit restarts are spent."""
+    pods = kube.job_pods(namespace, name)
+    problem = st.pod_problem(pods)
+    why = problem[1] if problem else f"{(job.get('status') or {}).get('failed')} pod(s) failed"
+    restarts = int(previous.get("restarts") or 0)
+    if action == "fail":
+        kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
+        _fail(body, patch, "BackoffLimitExceeded",
+              f"the run failed after {restarts} gang restart(s) (runPolicy.backoffLimit {job_spec.runPolicy.backoffLimit}): {why}")
+        return
+    kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
+    patch.status["restarts"] = restarts + 1
+    patch.status["restartPending"] = True
+    kopf.warn(body, reason="GangRestart", message=f"{why}; restarting all {job_spec.resources.nodes} nodes together "
+                                                  f"(restart {restarts + 1} of {job_spec.runPolicy.backoffLimit})")
+
+
 def _recreate(body, patch, name, namespace, job_spec, previous) -> None:
-    """The trainer Job is gone before the run finished (deleted by hand, or by something else):
-    make it again, as a controller does with its children, and count it as a restart."""
+    """The trainer Job is gone before the run finished (deleted by hand, deleted for a gang
+    restart, or by something else): make it again, as a controller does with its children, and
+    count it as a restart unless the gang restart already did."""
     uid = body["metadata"]["uid"]
     created = []
     try:
@@ -179,6 +204,10 @@ def _recreate(body, patch, name, namespace, job_spec, previous) -> None:
                 created.append(f"{obj['kind']}/{obj['metadata']['name']}")
     except (kube.ChildRefused, kube.NameTaken) as e:
         _fail(body, patch, "ChildRefused" if isinstance(e, kube.ChildRefused) else "NameConflict", str(e))
+        return
+    if previous.get("restartPending"):
+        patch.status["restartPending"] = None
+        kopf.info(body, reason="Recreated", message=f"created {', '.join(created) or 'nothing'} again for the gang restart")
         return
     restarts = int(previous.get("restarts") or 0) + 1
     patch.status["restarts"] = restarts

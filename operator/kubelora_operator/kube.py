@@ -145,6 +145,8 @@ def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None
              (core.delete_namespaced_service, core.read_namespaced_service, names["service"]),
              (core.delete_namespaced_config_map, core.read_namespaced_config_map, names["configmap"])]
     for delete, read, name in calls:
+        if not name:
+            continue
         try:
             pre = None
             if owner_uid is not None:
@@ -156,3 +158,8 @@ def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None
         except ApiException as e:
             if e.status != 404:
                 raise
+
+
+def delete_job(namespace: str, name: str, owner_uid: str) -> None:
+    """Delete this job's trainer Job and its pods (missing is fine; another owner's is left alone)."""
+    delete_children(namespace, {"job": name, "service": "", "configmap": ""}, owner_uid=owner_uid)  # "": keep

@@ -80,6 +80,18 @@ def unscheduled(pods: list[dict]) -> Optional[tuple[str, str]]:
     return None
 
 
+def gang_action(job: dict, nodes: int, restarts: int, backoff_limit: int) -> Optional[str]:
+    """What a pod failure of a multi-node run needs. The Job controller replaces only the failed
+    index: its peers stay in their collectives (until the process-group timeout) and the new pod
+    meets a stale rendezvous. So the whole gang is restarted ('restart': delete the Job, make it
+    again), or, past runPolicy.backoffLimit restarts, the run fails ('fail'). None: nothing to do
+    (one node, no failure, or the Job already failed by itself). Pure."""
+    s = job.get("status") or {}
+    if nodes < 2 or not s.get("failed") or _cond(job, "Failed") or _cond(job, "Complete"):
+        return None
+    return "fail" if restarts >= backoff_limit else "restart"
+
+
 def needs_pods(job: dict) -> bool:
     """Whether the pods must be read to explain the Job: some failed, some are not ready yet
     (image pull, missing Secret...) or it failed. A Job whose active pods are all ready needs no

@@ -85,8 +85,11 @@ STATUS_SCHEMA = {
     "properties": {
         "phase": {"type": "string", "description": "Pending, Initializing, Training, Exporting, Succeeded, Failed or Suspended."},
         "observedGeneration": {"type": "integer", "format": "int64"},
-        "restarts": {"type": "integer", "description": "Times the trainer Job was made again after it was gone "
-                                                        "before the run finished."},
+        "restarts": {"type": "integer", "description": "Times the trainer Job was made again: after a pod of a "
+                                                        "multi-node run failed (the whole gang restarts) or after it "
+                                                        "was gone before the run finished."},
+        "restartPending": {"type": "boolean", "description": "The Job was deleted for a gang restart and is made "
+                                                              "again at the next sync."},
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
         "progress": {"type": "object", "description": "step, totalSteps, epoch, loss, samplesPerSecond, eta.",
