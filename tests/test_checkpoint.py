@@ -83,6 +83,9 @@ def test_ctrl_c_checkpoints_then_the_same_command_resumes_to_the_same_adapter(s3
     rc, out = _run(job, env)
     assert rc == 0, out[-3000:]
     assert f"[resume] from the checkpoint of step {stopped_at}" in out and f"[train] step {stopped_at}/8" not in out
+    import json
+    progress = json.loads(s3.get_object(Bucket="ckpt", Key="run/status/progress.json")["Body"].read())
+    assert progress["resumedFrom"] == stopped_at and progress["phase"] == "Succeeded", progress  # the operator shows it
 
     got = load_file(str(download("s3://ckpt/run/lora.safetensors", tmp_path / "got", client=s3, log=lambda m: None)))
     want = load_file(str(tmp_path / "ref-out" / "lora.safetensors"))

@@ -180,3 +180,7 @@ def test_a_failed_pod_of_a_multi_node_run_restarts_the_whole_gang():
     assert st.gang_action({"status": {"active": 2}}, nodes=2, restarts=0, backoff_limit=2) is None
     done = {"status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]}}
     assert st.gang_action(done, nodes=2, restarts=0, backoff_limit=2) is None       # FailJob (bad input): no restart
+
+
+def test_status_progress_says_which_checkpoint_the_run_resumed_from():
+    assert st.progress_summary({"step": 7, "totalSteps": 8, "resumedFrom": 6})["resumedFrom"] == 6

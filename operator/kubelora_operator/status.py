@@ -167,7 +167,8 @@ def conditions(previous: list[dict], obs: Observed, generation: int, now: str) -
 def progress_summary(progress: Optional[dict]) -> Optional[dict]:
     if not progress:
         return None
-    out = {k: progress[k] for k in ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "eta") if progress.get(k) is not None}
+    out = {k: progress[k] for k in ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "eta", "resumedFrom")
+           if progress.get(k) is not None}
     if progress.get("totalSteps"):
         out["summary"] = f"{progress.get('step', 0)}/{progress['totalSteps']}"
     return out

@@ -31,6 +31,7 @@ class Progress:
     loss: Optional[float] = None
     samplesPerSecond: Optional[float] = None
     eta: Optional[str] = None
+    resumedFrom: Optional[int] = None   # the checkpoint step this run continued from
 
 
 class Meter:

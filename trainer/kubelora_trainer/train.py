@@ -365,7 +365,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
     epoch_size = len(report.items) * spec.dataset.repeats
     meter = Meter(t.steps, samples_per_step)
-    prog = Progress(phase="Training", totalSteps=t.steps)
+    prog = Progress(phase="Training", totalSteps=t.steps, resumedFrom=start - 1 if start > 1 else None)
     schedule = checkpoint.Schedule(t.checkpointEverySteps, t.checkpointEveryMinutes)
     stop_request = checkpoint.StopRequest().install()
     try:
