@@ -220,3 +220,34 @@ def test_a_wrong_secret_is_refused_by_the_server(s3_endpoint, tmp_path):
                        aws_secret_access_key="wrong", region_name="us-east-1")
     with pytest.raises(StorageError, match="access denied"):
         download("s3://secret-ok/x", tmp_path, client=bad, log=lambda m: None)
+
+
+class _CorruptingUpload:
+    """Real client whose upload stores other bytes of the same size (a stand-in for corruption in
+    transit, which a real server cannot be asked to do); every other call is real."""
+
+    def __init__(self, client):
+        self._c = client
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def upload_file(self, filename, bucket, key, Config=None, ExtraArgs=None):
+        bad = Path(filename).with_suffix(".bad")
+        data = bytearray(Path(filename).read_bytes())
+        data[0] ^= 0xFF
+        bad.write_bytes(bytes(data))
+        return self._c.upload_file(str(bad), bucket, key, Config=Config, ExtraArgs=ExtraArgs)
+
+
+def test_a_corrupted_upload_is_never_published(s3, tmp_path):
+    b = _bucket(s3, "publish")
+    f = tmp_path / "lora.safetensors"
+    f.write_bytes(os.urandom(4096))
+    with pytest.raises(StorageError, match="stored object differs"):
+        upload(f, f"s3://{b}/out/lora.safetensors", client=_CorruptingUpload(s3))
+    assert "Contents" not in s3.list_objects_v2(Bucket=b, Prefix="out/")  # neither the file nor a .part
+    art = upload(f, f"s3://{b}/out/lora.safetensors", client=s3)
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=b, Prefix="out/")["Contents"]] == ["out/lora.safetensors"]
+    body = s3.get_object(Bucket=b, Key="out/lora.safetensors")["Body"].read()
+    assert body == f.read_bytes() and art["sha256"] == __import__("hashlib").sha256(body).hexdigest()

@@ -293,9 +293,33 @@ def sha256_file(path: str | Path, chunk: int = 4 * MB) -> str:
     return h.hexdigest()
 
 
+def expected_etag(path: str | Path, size: int, threshold: int, chunk: int) -> str:
+    """The ETag S3 gives an object uploaded with these transfer settings: the MD5 of the file, or
+    for a multipart upload the MD5 of the parts' MD5s and "-<parts>". Pure but for reading path."""
+    with open(path, "rb") as f:
+        if size < threshold:
+            h = hashlib.md5()
+            for block in iter(lambda: f.read(4 * MB), b""):
+                h.update(block)
+            return h.hexdigest()
+        digests = [hashlib.md5(block).digest() for block in iter(lambda: f.read(chunk), b"")]
+    return hashlib.md5(b"".join(digests)).hexdigest() + f"-{len(digests)}"
+
+
+def etag_matches(stored: str, expected: str) -> bool:
+    """False only when the store gives an MD5-style ETag that differs (some stores give other
+    ETags, e.g. with SSE-KMS: those cannot be checked this way)."""
+    stored = stored.strip('"')
+    looks_md5 = len(stored.split("-")[0]) == 32 and stored.count("-") == expected.count("-")
+    return stored == expected or not looks_md5
+
+
 def upload(path: str | Path, uri: str, settings: S3Settings = S3Settings(), client=None,
            content_type: str = "application/octet-stream") -> dict:
-    """Upload one file; returns {uri, sha256, size}. Only returns once the stored size matches."""
+    """Publish one file; returns {uri, sha256, size}. The bytes go to a temporary key first and
+    reach the final key (a server-side copy) only after the stored size and content checksum
+    (ETag) match the file: a failed or corrupted upload never appears under its final name, and a
+    retried job publishes the same bytes again rather than a partial file."""
     path = Path(path)
     digest, size = sha256_file(path), path.stat().st_size
     loc = parse_uri(uri)
@@ -307,18 +331,33 @@ def upload(path: str | Path, uri: str, settings: S3Settings = S3Settings(), clie
         os.replace(tmp, target)
         return {"uri": str(target), "sha256": digest, "size": size}
     client = client or make_client(settings)
+    config = _transfer_config(settings)
+    etag = expected_etag(path, size, config.multipart_threshold, config.multipart_chunksize)
+    parent, _, name = loc.key.rpartition("/")
+    tmp_key = f"{parent + '/' if parent else ''}.{name}.{os.getpid()}-{int(time.time() * 1000)}.part"
+    extra = {"Metadata": {"sha256": digest}, "ContentType": content_type}
 
     def attempt():
-        client.upload_file(str(path), loc.bucket, loc.key, Config=_transfer_config(settings),
-                           ExtraArgs={"Metadata": {"sha256": digest}, "ContentType": content_type})
-        head = client.head_object(Bucket=loc.bucket, Key=loc.key)
-        if head["ContentLength"] != size or head.get("Metadata", {}).get("sha256") != digest:
-            raise OSError(f"stored object differs from {path} (size {head['ContentLength']} != {size})")
+        client.upload_file(str(path), loc.bucket, tmp_key, Config=config, ExtraArgs=extra)
+        head = client.head_object(Bucket=loc.bucket, Key=tmp_key)
+        if head["ContentLength"] != size or not etag_matches(head.get("ETag", ""), etag):
+            raise OSError(f"stored object differs from {path} (size {head['ContentLength']} vs {size}, "
+                          f"ETag {head.get('ETag')} vs {etag})")
+        client.copy({"Bucket": loc.bucket, "Key": tmp_key}, loc.bucket, loc.key, Config=config,
+                    ExtraArgs={**extra, "MetadataDirective": "REPLACE"})
+        final = client.head_object(Bucket=loc.bucket, Key=loc.key)
+        if final["ContentLength"] != size or final.get("Metadata", {}).get("sha256") != digest:
+            raise OSError(f"published object differs from {path}")
 
     try:
         with_retries(attempt, f"uploading {loc}")
     except Exception as exc:  # noqa: BLE001
         raise describe_error(exc, loc, "uploading") from None
+    finally:
+        try:
+            client.delete_object(Bucket=loc.bucket, Key=tmp_key)
+        except Exception:  # noqa: BLE001 - best effort: a leftover .part is never read as an artifact
+            pass
     return {"uri": str(loc), "sha256": digest, "size": size}
 
 
