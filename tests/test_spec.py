@@ -188,3 +188,20 @@ def test_a_top_level_typo_is_named_not_reported_as_missing_fields():
     with pytest.raises(SpecError, match=r"^sepc: unknown top-level field; did you mean 'spec'\?$"):
         parse_spec({"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob", "metadata": {"name": "x"},
                     "sepc": {"model": {"type": "flux"}}})
+
+
+def test_validate_is_as_strict_as_the_api_server(tmp_path):
+    """The API server refuses "1000" for an integer and "true" for a boolean; kubectl reads 1e-4
+    as a number. `kubelora validate` (the check for GitOps repos) does the same."""
+    from kubelora_trainer.spec import load_spec
+    job = tmp_path / "job.yaml"
+    base = "model: {type: flux, diffusersPath: s3://bkt/flux}\ndataset: {uri: s3://bkt/data}\noutput: {uri: s3://bkt/out}\n"
+    job.write_text(base + "training: {learningRate: 1e-4, steps: 1000, compile: true}\n")
+    t = load_spec(job).training
+    assert (t.learningRate, t.steps, t.compile) == (1e-4, 1000, True)
+    job.write_text(base + 'training: {steps: "1000"}\n')
+    with pytest.raises(SpecError, match=r"spec.training.steps: Input should be a valid integer"):
+        load_spec(job)
+    job.write_text(base + 'training: {compile: "true"}\n')
+    with pytest.raises(SpecError, match=r"spec.training.compile: Input should be a valid boolean"):
+        load_spec(job)

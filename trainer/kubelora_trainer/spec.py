@@ -125,7 +125,7 @@ class TrainingSpec(_Model):
         default="constant", description="Schedule after warmup: constant, linear to 0 at the last step, or cosine to 0.")
     warmupSteps: int = Field(default=0, ge=0, description="Linear warmup steps from 0 to learningRate.")
     weightDecay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field(default=(0.9, 0.99), description="AdamW betas.")
+    betas: list[float] = Field(default=[0.9, 0.99], min_length=2, max_length=2, description="AdamW betas.")
     epsilon: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
     maxGradNorm: Optional[float] = Field(default=1.0, gt=0, description="Clip the gradient norm to this; null disables clipping.")
     microBatchSize: int = Field(default=1, ge=1, le=1024, description="Samples per rank per forward pass.")
@@ -148,7 +148,7 @@ class TrainingSpec(_Model):
 
     @field_validator("betas")
     @classmethod
-    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+    def _betas(cls, v: list[float]) -> list[float]:
         if not all(0.0 <= b < 1.0 for b in v):
             raise ValueError("both betas must be in [0, 1), e.g. [0.9, 0.99]")
         return v
@@ -306,15 +306,24 @@ def parse_spec(data: dict[str, Any]) -> LoRATrainingJobSpec:
             raise SpecError(f"apiVersion: expected {GROUP}/{VERSION}, got {data.get('apiVersion')!r}")
         data = data.get("spec") or {}
     try:
-        return LoRATrainingJobSpec.model_validate(data)
+        # strict, as the API server is: "1000" is not an integer and "true" not a boolean
+        return LoRATrainingJobSpec.model_validate(data, strict=True)
     except ValidationError as e:
         raise SpecError(format_errors(e)) from None
+
+
+class KubeYamlLoader(yaml.SafeLoader):
+    """YAML as kubectl reads it: `1e-4` is a number (PyYAML's YAML 1.1 resolver wants a dot)."""
+
+
+KubeYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)$"), list("-+0123456789."))
 
 
 def load_spec(path: str | Path) -> LoRATrainingJobSpec:
     text = Path(path).read_text()
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=KubeYamlLoader) if d is not None]
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
     if len(docs) != 1:
