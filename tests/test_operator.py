@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("KUBELORA_SYNC_INTERVAL", "0.5")
 os.environ.setdefault("KUBELORA_SECRET_WAIT_SECONDS", "2")
 os.environ.setdefault("KUBELORA_SECRET_RETRY_DELAY", "0.5")
+os.environ.setdefault("KUBELORA_STORAGE_STALL_SECONDS", "1")
 
 import copy  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
@@ -200,3 +201,35 @@ def test_a_job_deleted_by_hand_is_made_again_and_counted(cluster, kubectl):
     assert again["metadata"]["ownerReferences"][0]["uid"] == ltj(kube, "gone")["metadata"]["uid"]
     reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "gone"]
     assert "Recreated" in reasons, reasons
+
+
+def test_the_job_is_read_with_its_own_credentials(cluster, kubectl, s3, monkeypatch):
+    """The operator's own keys are wrong here; the job's Secret holds keys the S3 server (SeaweedFS,
+    which checks signatures) accepts: the finished job's manifest is read with those. With a wrong
+    Secret the job is Stalled with the storage error instead of Exporting forever."""
+    import base64
+    import json
+    from kubelora_trainer.local_s3 import SECRET_FILE_KEYS
+    kube = cluster
+    s3.create_bucket(Bucket="creds-out")
+    manifest_json = {"artifacts": [{"uri": "s3://creds-out/run/lora.safetensors", "format": "diffusers",
+                                    "sha256": "ab", "size": 3}], "metrics": {"finalLoss": 0.5}}
+    s3.put_object(Bucket="creds-out", Key="run/manifest.json", Body=json.dumps(manifest_json).encode())
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "operator-key-nobody-knows")
+    b64 = lambda v: base64.b64encode(v.encode()).decode()  # noqa: E731
+    for name, (key, secret) in (("good-creds", SECRET_FILE_KEYS), ("bad-creds", ("from-secret", "wrong"))):
+        apply(kubectl, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+                        "data": {"AWS_ACCESS_KEY_ID": b64(key), "AWS_SECRET_ACCESS_KEY": b64(secret)}})
+    done = '{"status":{"succeeded":1,"conditions":[{"type":"Complete","status":"True"}]}}'
+    with operator():
+        for job, secret in (("creds", "good-creds"), ("nocreds", "bad-creds")):
+            m = manifest(job, storage__credentialsSecret=secret, output__uri="s3://creds-out/run")
+            assert apply(kubectl, m).returncode == 0
+            wait_for(lambda: kube.get("batch/v1/jobs", "default", job))
+            kubectl("patch", "job", job, "--subresource=status", "--type=merge", "-p", done, check=True)
+        st = wait_for(lambda: phase(kube, "creds") == "Succeeded" and ltj(kube, "creds")["status"], timeout=30)
+        assert st["artifacts"][0]["uri"] == "s3://creds-out/run/lora.safetensors"
+        bad = wait_for(lambda: (ltj(kube, "nocreds").get("status") or {}).get("reason") == "StorageUnreadable"
+                       and ltj(kube, "nocreds")["status"], timeout=30)
+    assert "access denied" in bad["message"] and "spec.storage.credentialsSecret" in bad["message"], bad
+    assert {c["type"]: c["status"] for c in bad["conditions"]}["Stalled"] == "True"

@@ -1,6 +1,7 @@
 """Reading what the trainer publishes under spec.output.uri: status/progress.json while it runs,
-manifest.json when it is done. Failures to read are not fatal: the status says so and the next
-sync tries again."""
+manifest.json when it is done, with the job's own credentials (its Secret) when it names one.
+An object that is not there yet is not an error; anything else (access denied, no bucket) is
+returned so the status can say it once it has lasted."""
 from __future__ import annotations
 
 import json
@@ -10,17 +11,32 @@ from kubelora_trainer import storage
 from kubelora_trainer.progress import PROGRESS_KEY  # noqa: F401 - re-exported for the handlers
 
 MANIFEST_KEY = "manifest.json"
+_clients: dict[tuple, object] = {}   # one boto3 client per (endpoint, region, style, key id): ~45 ms each to make
 
 
-def read_json(output_uri: str, key: str, settings: storage.S3Settings) -> Optional[dict]:
+def client_for(settings: storage.S3Settings):
+    key = (settings.endpoint, settings.region, settings.addressing_style, settings.access_key, settings.secret_key)
+    if key not in _clients:
+        _clients[key] = storage.make_client(settings)
+    return _clients[key]
+
+
+def read_json(output_uri: str, key: str, settings: storage.S3Settings) -> tuple[Optional[dict], Optional[str]]:
+    """(the object, None), (None, None) when it is not there yet, or (None, the error)."""
     loc = storage.parse_uri(output_uri).child(key)
     try:
         if loc.is_s3:
-            client = storage.make_client(settings)
-            body = client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+            body = client_for(settings).get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
         else:
             with open(loc.key, "rb") as f:
                 body = f.read()
-        return json.loads(body)
-    except Exception:  # noqa: BLE001 - absent or unreadable: not there yet
-        return None
+        return json.loads(body), None
+    except FileNotFoundError:
+        return None, None
+    except ValueError as e:
+        return None, f"reading {loc}: not JSON ({e})"
+    except Exception as e:  # noqa: BLE001 - classified: a missing key is "not yet", the rest is an error
+        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return None, None
+        return None, str(storage.describe_error(e, loc, "reading"))

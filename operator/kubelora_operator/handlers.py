@@ -7,6 +7,7 @@ after the run finished; status is recomputed from what exists, not remembered.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from datetime import datetime, timezone
 
@@ -33,6 +34,7 @@ SYNC_INTERVAL = _env_float("KUBELORA_SYNC_INTERVAL", 10.0)
 SECRET_WAIT_SECONDS = _env_float("KUBELORA_SECRET_WAIT_SECONDS", 120.0)
 SECRET_RETRY_DELAY = _env_float("KUBELORA_SECRET_RETRY_DELAY", 10.0)
 NAME_WAIT_SECONDS = _env_float("KUBELORA_NAME_WAIT_SECONDS", 120.0)
+STORAGE_STALL_SECONDS = _env_float("KUBELORA_STORAGE_STALL_SECONDS", 300.0)
 
 
 def operator_config() -> manifests.OperatorConfig:
@@ -132,8 +134,15 @@ def suspend_changed(body, name, namespace, new, old, logger, **_):
                   message="trainer Job suspended" if new else "trainer Job resumed")
 
 
-def _settings(spec) -> S3Settings:
-    return S3Settings.from_spec(spec.storage)
+def _settings(spec, namespace: str) -> S3Settings:
+    """The job's S3 settings, with the credentials of its Secret when it names one (the operator's
+    own credentials may not reach the job's bucket)."""
+    settings = S3Settings.from_spec(spec.storage)
+    if spec.storage.credentialsSecret:
+        data = kube.secret_data(namespace, spec.storage.credentialsSecret)
+        settings = dataclasses.replace(settings, access_key=data.get("AWS_ACCESS_KEY_ID"),
+                                       secret_key=data.get("AWS_SECRET_ACCESS_KEY"))
+    return settings
 
 
 @kopf.timer(*RESOURCE, interval=SYNC_INTERVAL, initial_delay=min(1.0, SYNC_INTERVAL), registry=registry)
@@ -160,16 +169,37 @@ def sync_status(body, spec, name, namespace, patch, logger, **_):
     pods = kube.job_pods(namespace, name) if job and st.needs_pods(job) else []
     complete = bool(job and any(c.get("type") == "Complete" and c.get("status") == "True"
                                 for c in (job.get("status") or {}).get("conditions") or []))
-    settings = _settings(job_spec)
-    progress = artifacts.read_json(job_spec.output.uri, artifacts.PROGRESS_KEY, settings)
-    manifest = artifacts.read_json(job_spec.output.uri, artifacts.MANIFEST_KEY, settings) if complete else None
+    settings = _settings(job_spec, namespace)
+    progress, error = artifacts.read_json(job_spec.output.uri, artifacts.PROGRESS_KEY, settings)
+    manifest = None
+    if complete:
+        manifest, error = artifacts.read_json(job_spec.output.uri, artifacts.MANIFEST_KEY, settings)
     obs = st.observe(job, pods, progress, manifest, job_spec.runPolicy.suspend)
+    obs = _storage_stall(obs, error, previous, patch)
     new = st.status(previous, obs, body["metadata"].get("generation", 1), job, st.now_iso())
     if _differs(previous, new):
         patch.status.update(new)
     if obs.phase != phase:
         message = f"{phase or 'New'} -> {obs.phase}: {obs.message}"
         (kopf.warn if obs.phase == st.FAILED or obs.stalled else kopf.info)(body, reason=obs.phase, message=message)
+
+
+def _storage_stall(obs: st.Observed, error: str | None, previous: dict, patch) -> st.Observed:
+    """A bucket the operator cannot read (with the job's credentials) is said in the status once it
+    has lasted KUBELORA_STORAGE_STALL_SECONDS: a finished job waiting for its manifest is Stalled
+    with the error instead of Exporting forever."""
+    if not error:
+        if previous.get("storageErrorSince"):
+            patch.status["storageErrorSince"] = None
+        return obs
+    since = previous.get("storageErrorSince") or st.now_iso()
+    patch.status["storageErrorSince"] = since
+    waited = (datetime.now(timezone.utc) - datetime.fromisoformat(since.replace("Z", "+00:00"))).total_seconds()
+    if waited < STORAGE_STALL_SECONDS:
+        return obs
+    return st.Observed(obs.phase, "StorageUnreadable", f"{error} (the operator reads output.uri with the job's "
+                       "credentials; check spec.storage.credentialsSecret and the bucket policy)", stalled=True,
+                       progress=obs.progress, artifacts=obs.artifacts)
 
 
 def _restart_gang(body, patch, name, namespace, job_spec, job, previous, action) -> None:

@@ -122,6 +122,20 @@ def secret_exists(namespace: str, name: str) -> bool:
         raise
 
 
+def secret_data(namespace: str, name: str) -> dict[str, str]:
+    """A Secret's data, decoded ({} when it is gone). Read only to use the job's S3 credentials."""
+    import base64
+    from kubernetes.client.exceptions import ApiException
+    core, _ = _apis()
+    try:
+        secret = core.read_namespaced_secret(name, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            return {}
+        raise
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
 def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
     from kubernetes.client.exceptions import ApiException
     _, batch = _apis()

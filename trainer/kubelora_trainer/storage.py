@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,6 +40,9 @@ class S3Settings:
     max_attempts: int = 5
     connect_timeout: float = 10.0
     concurrency: int = 8
+    # explicit credentials (the operator reading with a job's Secret); else the environment
+    access_key: Optional[str] = field(default=None, repr=False)
+    secret_key: Optional[str] = field(default=None, repr=False)
 
     @classmethod
     def from_spec(cls, storage) -> "S3Settings":
@@ -106,6 +109,8 @@ def make_client(settings: S3Settings):
     )
     region = settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     kwargs = _secret_file_credentials()
+    if settings.access_key and settings.secret_key:
+        kwargs = {"aws_access_key_id": settings.access_key, "aws_secret_access_key": settings.secret_key}
     return boto3.client("s3", endpoint_url=settings.endpoint, region_name=region, config=cfg, **kwargs)
 
 
