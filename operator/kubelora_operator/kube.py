@@ -176,4 +176,4 @@ def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None
 
 def delete_job(namespace: str, name: str, owner_uid: str) -> None:
     """Delete this job's trainer Job and its pods (missing is fine; another owner's is left alone)."""
-    delete_children(namespace, {"job": name, "service": "", "configmap": ""}, owner_uid=owner_uid)  # "": keep
+    delete_children(namespace, {"job": name, "service": "", "configmap": ""}, owner_uid=owner_uid)  # "": not these

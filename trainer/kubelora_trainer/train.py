@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -220,51 +221,96 @@ def resume_plan(on_existing: str, finished: bool, latest: Optional[int]) -> str:
     return "done" if finished else "resume"
 
 
+@dataclass
+class LoopState:
+    """Everything of the training loop that a checkpoint saves for one rank and a resume restores:
+    its noise generator and (global, for LoRA dropout) torch RNG, the sampler's RNG and the rest of
+    its current epoch, and the loss history."""
+    gen: torch.Generator
+    order_rng: random.Random
+    queue: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    def next_index(self, my_indices: list[int]) -> int:
+        if not self.queue:
+            self.queue = list(my_indices)
+            self.order_rng.shuffle(self.queue)
+        return self.queue.pop()
+
+    def to_dict(self, step: int, world: int) -> dict:
+        return {"step": step, "world": world, "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "order_rng": self.order_rng.getstate(), "queue": list(self.queue), "losses": list(self.losses)}
+
+    def load(self, d: dict) -> None:
+        self.gen.set_state(d["gen"])
+        torch.set_rng_state(d["torch_rng"])
+        self.order_rng.setstate(_as_tuple(d["order_rng"]))
+        self.queue, self.losses = list(d["queue"]), list(d["losses"])
+
+
 def _stack(samples: list[dict], device) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
 
 
-def _train_steps(spec, family, comps, ad, opt, sched, cached, my_indices, env, start, gen, order_rng, queue, losses,
-                 modules, local_ckpt, settings, schedule, stop_request, meter, prog, publish, samples_per_step,
-                 epoch_size) -> None:
+@dataclass
+class Trainer:
+    """What the step loop works with (built by _run)."""
+    spec: LoRATrainingJobSpec
+    family: object
+    comps: object
+    adapters: adapters.Adapters
+    opt: torch.optim.Optimizer
+    sched: object
+    cached: dict
+    my_indices: list[int]
+    env: dist.DistEnv
+    state: LoopState
+    modules: torch.nn.Module
+    local_ckpt: Path
+    settings: storage.S3Settings
+    publish: object
+    epoch_size: int
+
+
+def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     """Steps start..training.steps; checkpoints when due or when told to stop (then Stopped)."""
-    t = spec.training
-    for step in range(start, t.steps + 1):
-        step_loss = torch.zeros((), device=env.device)
-        for _ in range(t.gradientAccumulationSteps):
-            batch_idx = []
-            while len(batch_idx) < t.microBatchSize:
-                if not queue:
-                    queue = list(my_indices)
-                    order_rng.shuffle(queue)
-                batch_idx.append(queue.pop())
-            batch = _stack([cached[i] for i in batch_idx], env.device)
-            with ad.compute():
-                loss = family.loss(comps, batch, spec.model, t, gen) / t.gradientAccumulationSteps
-            loss.backward()  # even when not finite: every rank must take part in the gradient collectives
-            step_loss += loss.detach().float()
-        mean, save, stop = agree_on_step(step_loss, step, env, save=env.is_main and schedule.due(step),
-                                         stop=bool(stop_request.signum))
-        losses.append(mean)
-        if t.maxGradNorm:
-            torch.nn.utils.clip_grad_norm_(ad.params, t.maxGradNorm)
-        lr_used = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        sps, eta = meter.update(step)
-        if step % t.logEvery == 0 or step == t.steps:
-            prog.step, prog.epoch, prog.loss = step, epoch_of(step * samples_per_step, epoch_size), losses[-1]
-            prog.samplesPerSecond, prog.eta = sps, format_eta(eta)
-            log(env, line(prog, lr_used))
-            publish(prog)
-        if save or stop:
-            state = {"step": step, "world": env.world, "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                     "order_rng": order_rng.getstate(), "queue": list(queue), "losses": list(losses)}
-            checkpoint.save(step, modules, opt, state, local_ckpt, spec.output.uri, settings, t.checkpointKeep, env)
-            schedule.written()
-        if stop:
-            raise checkpoint.Stopped(stop_request.signum or 15, step)
+    t, env, state = tr.spec.training, tr.env, tr.state
+    samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
+    schedule = checkpoint.Schedule(t.checkpointEverySteps, t.checkpointEveryMinutes)
+    stop_request = checkpoint.StopRequest().install()
+    try:
+        for step in range(start, t.steps + 1):
+            step_loss = torch.zeros((), device=env.device)
+            for _ in range(t.gradientAccumulationSteps):
+                batch_idx = [state.next_index(tr.my_indices) for _ in range(t.microBatchSize)]
+                batch = _stack([tr.cached[i] for i in batch_idx], env.device)
+                with tr.adapters.compute():
+                    loss = tr.family.loss(tr.comps, batch, tr.spec.model, t, state.gen) / t.gradientAccumulationSteps
+                loss.backward()  # even when not finite: every rank must take part in the gradient collectives
+                step_loss += loss.detach().float()
+            mean, save, stop = agree_on_step(step_loss, step, env, save=env.is_main and schedule.due(step),
+                                             stop=bool(stop_request.signum))
+            state.losses.append(mean)
+            if t.maxGradNorm:
+                torch.nn.utils.clip_grad_norm_(tr.adapters.params, t.maxGradNorm)
+            lr_used = tr.sched.get_last_lr()[0]
+            tr.opt.step()
+            tr.sched.step()
+            tr.opt.zero_grad(set_to_none=True)
+            sps, eta = meter.update(step)
+            if step % t.logEvery == 0 or step == t.steps:
+                prog.step, prog.epoch, prog.loss = step, epoch_of(step * samples_per_step, tr.epoch_size), mean
+                prog.samplesPerSecond, prog.eta = sps, format_eta(eta)
+                log(env, line(prog, lr_used))
+                tr.publish(prog)
+            if save or stop:
+                checkpoint.save(step, tr.modules, tr.opt, state.to_dict(step, env.world), tr.local_ckpt,
+                                tr.spec.output.uri, tr.settings, t.checkpointKeep, env)
+                schedule.written()
+            if stop:
+                raise checkpoint.Stopped(stop_request.signum or 15, step)
+    finally:
+        stop_request.uninstall()
 
 
 def _as_tuple(state):
@@ -340,40 +386,28 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     log(env, f"[model] LoRA on {', '.join(ad.configs)}: {ad.n_trainable:,} trainable parameters")
 
     # ---- train (from step 1, or from the newest checkpoint)
-    gen = torch.Generator(device=env.device).manual_seed(t.seed * 1000 + env.rank)
-    order_rng = random.Random(t.seed + env.rank)
-    queue: list[int] = []
-    losses: list[float] = []
-    modules = torch.nn.ModuleDict(comps.trainable)
-    local_ckpt = cache_root() / "checkpoints" / job_name
+    state = LoopState(gen=torch.Generator(device=env.device).manual_seed(t.seed * 1000 + env.rank),
+                      order_rng=random.Random(t.seed + env.rank))
+    tr = Trainer(spec, family, comps, ad, opt, sched, cached, my_indices, env, state,
+                 modules=torch.nn.ModuleDict(comps.trainable), local_ckpt=cache_root() / "checkpoints" / job_name,
+                 settings=settings, publish=publish, epoch_size=len(report.items) * spec.dataset.repeats)
     start = 1
     if plan == "resume":
-        latest = checkpoint.latest(spec.output.uri, settings) if env.is_main else None
-        resumed = dist.broadcast(latest)
-        loop = checkpoint.restore(resumed, modules, opt, local_ckpt, spec.output.uri, settings, env)
+        resumed = dist.broadcast(checkpoint.latest(spec.output.uri, settings) if env.is_main else None)
+        loop = checkpoint.restore(resumed, tr.modules, opt, tr.local_ckpt, spec.output.uri, settings, env)
         sched.last_epoch = resumed
         sched._last_lr = [g["lr"] for g in opt.param_groups]
         if loop is not None:
-            gen.set_state(loop["gen"])
-            torch.set_rng_state(loop["torch_rng"])
-            order_rng.setstate(_as_tuple(loop["order_rng"]))
-            queue, losses = list(loop["queue"]), list(loop["losses"])
+            state.load(loop)
         start = resumed + 1
         log(env, f"[resume] from the checkpoint of step {resumed}" + ("" if loop is not None else
                  " (another number of ranks: the sampler starts a new epoch)"))
     log(env, "[phase] train")
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
-    epoch_size = len(report.items) * spec.dataset.repeats
     meter = Meter(t.steps, samples_per_step)
     prog = Progress(phase="Training", totalSteps=t.steps, resumedFrom=start - 1 if start > 1 else None)
-    schedule = checkpoint.Schedule(t.checkpointEverySteps, t.checkpointEveryMinutes)
-    stop_request = checkpoint.StopRequest().install()
-    try:
-        _train_steps(spec, family, comps, ad, opt, sched, cached, my_indices, env, start, gen, order_rng, queue,
-                     losses, modules, local_ckpt, settings, schedule, stop_request, meter, prog, publish,
-                     samples_per_step, epoch_size)
-    finally:
-        stop_request.uninstall()
+    _train_steps(tr, start, meter, prog)
+    losses = state.losses
     train_seconds = time.time() - t_start
 
 
