@@ -233,3 +233,8 @@ def test_the_job_is_read_with_its_own_credentials(cluster, kubectl, s3, monkeypa
                        and ltj(kube, "nocreds")["status"], timeout=30)
     assert "access denied" in bad["message"] and "spec.storage.credentialsSecret" in bad["message"], bad
     assert {c["type"]: c["status"] for c in bad["conditions"]}["Stalled"] == "True"
+    # the secret values are nowhere but in the Secrets: not in the spec, ConfigMaps, Jobs, events or status
+    exposed = [kube.list(res, "default") for res in ("v1/configmaps", "v1/events", "batch/v1/jobs",
+                                                      "kubelora.dev/v1alpha1/loratrainingjobs")]
+    text = json.dumps(exposed)
+    assert SECRET_FILE_KEYS[1] not in text and b64(SECRET_FILE_KEYS[1]) not in text

@@ -59,6 +59,8 @@ def test_indexed_job_shape():
     assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.minio:9000"
     assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
     assert "--node-rank=$(PET_NODE_RANK)" in c["args"] and c["args"][-2:] == ["--spec", "/etc/kubelora/spec.yaml"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["dshm"]["emptyDir"]["medium"] == "Memory" and vols["cache"] == {"name": "cache", "emptyDir": {}}
     assert vols["spec"]["configMap"]["name"] == "ft-spec"

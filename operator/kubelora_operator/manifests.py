@@ -134,8 +134,10 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
         "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
         "volumeMounts": [{"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
                          {"name": "cache", "mountPath": CACHE_MOUNT},
-                         {"name": "dshm", "mountPath": "/dev/shm"}],
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                         {"name": "dshm", "mountPath": "/dev/shm"},
+                         {"name": "tmp", "mountPath": "/tmp"}],  # HOME: caches of torch, triton, HF
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "readOnlyRootFilesystem": True},
     }
     if spec.storage.credentialsSecret:
         container["envFrom"] = [{"secretRef": {"name": spec.storage.credentialsSecret}}]
@@ -148,7 +150,8 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
         "containers": [container],
         "volumes": [{"name": "spec", "configMap": {"name": names["configmap"]}},
                     {"name": "cache", **cache},
-                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}}],
+                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}},
+                    {"name": "tmp", "emptyDir": {}}],
     }
     for key, value in (("nodeSelector", r.nodeSelector), ("tolerations", r.tolerations),
                        ("priorityClassName", r.priorityClassName), ("schedulerName", r.schedulerName)):
