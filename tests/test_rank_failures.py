@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-WORKER = Path(__file__).parent / "workers" / "nan_on_rank.py"
+WORKER = Path(__file__).parent / "workers" / "fault_on_rank.py"
 
 
 def test_nan_loss_on_one_rank_stops_all_ranks_with_the_reason(tmp_path, tiny_flux_dir, overfit_data):
@@ -18,7 +18,8 @@ def test_nan_loss_on_one_rank_stops_all_ranks_with_the_reason(tmp_path, tiny_flu
                                    "training": {"steps": 40, "logEvery": 1, "seed": 1, "learningRate": 1e-3,
                                                 "warmupSteps": 2, "lrScheduler": "cosine"},
                                    "output": {"uri": str(tmp_path / "out")}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KUBELORA_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KUBELORA_CACHE_DIR": str(tmp_path / "cache"),
+           "FAULT": "nan"}
     # a hang would run into this timeout: the process-group timeout is an hour
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(WORKER), str(job)], env=env, capture_output=True, text=True, timeout=240)
@@ -34,3 +35,22 @@ def test_nan_loss_on_one_rank_stops_all_ranks_with_the_reason(tmp_path, tiny_flu
     assert proc.stderr.count(f"[error] {reason}") == 2, out[-3000:]  # one per rank (lines may interleave)
     assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-2000:]  # torchrun's summary of both workers
     assert not (tmp_path / "out" / "lora.safetensors").exists()
+
+
+def test_a_hung_rank_is_noticed_within_the_collective_timeout(tmp_path, tiny_flux_dir, overfit_data):
+    """Rank 1 stops answering mid-training: rank 0's next collective times out after
+    KUBELORA_DIST_TIMEOUT_MINUTES (6 s here; 15 min by default) instead of an hour, and the run ends."""
+    import time
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": str(tiny_flux_dir), "dtype": "float32"},
+                                   "dataset": {"uri": str(overfit_data), "resolution": 32}, "adapter": {"rank": 4},
+                                   "training": {"steps": 40, "logEvery": 1}, "output": {"uri": str(tmp_path / "out")}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KUBELORA_CACHE_DIR": str(tmp_path / "cache"),
+           "FAULT": "hang", "KUBELORA_DIST_TIMEOUT_MINUTES": "0.1"}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "kubelora_trainer", "launch", "--standalone", "--nproc-per-node=2",
+                           str(WORKER), str(job)], env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0 and "[train] step 2/40" in proc.stdout, proc.stdout[-2000:]
+    assert elapsed < 200, elapsed  # the sleeping rank would hold the run for 600 s
+    assert "[error] rank 0:" in proc.stderr and "imed out" in proc.stderr, proc.stderr[-3000:]

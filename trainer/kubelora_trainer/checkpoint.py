@@ -121,7 +121,7 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
         storage.upload(marker, f"{remote}/{MARKER}", settings)
         print(f"[checkpoint] step {step} written to {remote}", flush=True)
         prune(output_uri, settings, keep)
-    dist.barrier()
+    dist.phase_barrier("writing the checkpoint")
 
 
 def prune(output_uri: str, settings: storage.S3Settings, keep: int) -> None:

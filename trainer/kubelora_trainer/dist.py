@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -43,8 +44,10 @@ def init() -> DistEnv:
             torch.backends.cuda.enable_cudnn_sdp(False)
     else:
         device, backend = torch.device("cpu"), "gloo"
-    # Stage-in of a large model happens between the first collectives: allow for it.
-    timeout = timedelta(minutes=float(os.environ.get("KUBELORA_DIST_TIMEOUT_MINUTES", "60")))
+    # Collectives time out after this, so a hung or vanished peer is noticed in minutes. The long
+    # phases between collectives (stage-in, model load, latent cache, uploads) end in phase_barrier
+    # instead, which waits on the rendezvous store with KUBELORA_PHASE_TIMEOUT_MINUTES.
+    timeout = timedelta(minutes=float(os.environ.get(TIMEOUT_ENV, "15")))
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timeout)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
@@ -101,6 +104,7 @@ def agree(fn, *args, **kwargs):
         result = fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised below, after the peers have been told
         error = e
+    phase_barrier(getattr(fn, "__name__", "a phase"))
     reasons = all_gather(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
@@ -110,8 +114,32 @@ def agree(fn, *args, **kwargs):
     return result
 
 
+TIMEOUT_ENV = "KUBELORA_DIST_TIMEOUT_MINUTES"
+PHASE_TIMEOUT_ENV = "KUBELORA_PHASE_TIMEOUT_MINUTES"
+_phases = [0]
+
+
+def phase_barrier(what: str) -> None:
+    """Every rank reaches the end of a long phase: counted on the rendezvous store (no collective,
+    so the collectives' short timeout does not apply), waiting up to $KUBELORA_PHASE_TIMEOUT_MINUTES
+    (120) for the slowest rank, e.g. one node still downloading the model."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    _phases[0] += 1
+    key = f"kubelora/phase/{_phases[0]}"
+    store = dist.distributed_c10d._get_default_store()
+    store.add(key, 1)
+    deadline = time.monotonic() + 60 * float(os.environ.get(PHASE_TIMEOUT_ENV, "120"))
+    while store.add(key, 0) < dist.get_world_size():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not every rank finished {what} within ${PHASE_TIMEOUT_ENV} minutes")
+        time.sleep(0.1)
+
+
 def all_ok(ok: bool) -> bool:
-    """True only if every rank says ok (so all ranks fail together instead of hanging)."""
+    """True only if every rank says ok (so all ranks fail together instead of hanging). Called at
+    the end of a phase: waits for every rank there first (phase_barrier)."""
+    phase_barrier("a phase")
     t = torch.tensor([0 if ok else 1], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return int(t.item()) == 0

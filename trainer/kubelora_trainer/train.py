@@ -149,6 +149,7 @@ def drop_unreadable(report, env, spec) -> None:
             load_media(spec, items[i].image)
         except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
             bad.append((i, f"{items[i].image.name}: {type(e).__name__}: {e}"))
+    dist.phase_barrier("decoding the dataset")
     all_bad = [b for part in dist.all_gather(bad) for b in part]
     for _, why in all_bad[:10]:
         log(env, f"[data] skipped unreadable item {why}")
