@@ -43,6 +43,7 @@ def test_bad_input_exits_2_through_real_torchrun(tmp_path, bad_input_job):
     assert p.returncode == 2, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("[error] rank ") and "no usable items" in last, p.stderr[-2000:]
+    assert p.stderr.count("no usable items") == 1, p.stderr[-3000:]  # once for both ranks, last
 
 
 def test_kubelora_run_exits_2_on_bad_input(tmp_path, bad_input_job):

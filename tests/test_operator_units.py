@@ -42,7 +42,7 @@ def test_indexed_job_shape():
     assert s["backoffLimit"] == 2 * 3  # two retries of the run; a failed run fails all 3 pods
     assert s["activeDeadlineSeconds"] == 86400 and s["suspend"] is False
     rules = s["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
     pod = s["template"]["spec"]
     assert pod["subdomain"] == "ft-workers" and pod["restartPolicy"] == "Never"

@@ -164,7 +164,7 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
         "backoffLimit": rp.backoffLimit * r.nodes, "suspend": rp.suspend,
         "podFailurePolicy": {"rules": [
             # preemption, node drain, eviction: retry without spending the backoff budget
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             # bad input (spec, data, storage): fail now, retrying cannot help
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                   "values": [CONFIG_ERROR_EXIT_CODE]}},

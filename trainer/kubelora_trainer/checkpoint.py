@@ -41,11 +41,6 @@ def complete_steps(names: list[str]) -> list[int]:
     return sorted({int(m[1]) for n in names if (m := STEP_DIR.fullmatch(n))})
 
 
-def latest(output_uri: str, settings: storage.S3Settings) -> Optional[int]:
-    steps = complete_steps(storage.list_keys(f"{output_uri.rstrip('/')}/checkpoints", settings))
-    return steps[-1] if steps else None
-
-
 @dataclass
 class StopRequest:
     """Set by SIGTERM/SIGINT during training: checkpoint at the next step boundary, then stop."""

@@ -14,21 +14,24 @@ FAILED = 1
 
 
 def fail(code: int, message: str, peer: bool = False) -> int:
-    """Print the root cause once and record it for the launcher; returns code."""
-    print(f"[error] {message}", file=sys.stderr, flush=True)
-    record(code, message, peer)
+    """Record the root cause for the launcher, which prints it once, last, for all ranks; without
+    a launcher (plain torchrun or one process) print it here. Returns code."""
+    if not record(code, message, peer):
+        print(f"[error] {message}", file=sys.stderr, flush=True)
     return code
 
 
-def record(code: int, message: str, peer: bool = False) -> None:
+def record(code: int, message: str, peer: bool = False) -> bool:
+    """True when the launcher will read it."""
     folder = os.environ.get(EXIT_DIR_ENV)
     if not folder:
-        return
+        return False
     rank = os.environ.get("RANK", "0")
     path = os.path.join(folder, f"rank-{rank}.json")
     try:
         with open(path + ".tmp", "w") as f:
             json.dump({"rank": int(rank), "code": code, "message": message, "peer": peer}, f)
         os.replace(path + ".tmp", path)
+        return True
     except OSError:
-        pass  # the exit code still says it; the record only refines it
+        return False  # the exit code still says it; print the reason here then

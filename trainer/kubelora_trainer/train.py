@@ -204,8 +204,9 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, Optional[i
     found = (False, None)
     if env.is_main:
         try:
-            found = ("manifest.json" in storage.list_keys(spec.output.uri, settings),
-                     checkpoint.latest(spec.output.uri, settings))
+            names = storage.list_keys(spec.output.uri, settings)  # one listing answers both
+            steps = checkpoint.complete_steps([n.removeprefix("checkpoints/") for n in names])
+            found = ("manifest.json" in names, steps[-1] if steps else None)
         except storage.StorageError as e:
             log(env, f"[resume] warning: cannot list {spec.output.uri}: {e}")
     return tuple(dist.broadcast(found))
@@ -240,11 +241,14 @@ class LoopState:
 
     def to_dict(self, step: int, world: int) -> dict:
         return {"step": step, "world": world, "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                 "order_rng": self.order_rng.getstate(), "queue": list(self.queue), "losses": list(self.losses)}
 
     def load(self, d: dict) -> None:
         self.gen.set_state(d["gen"])
         torch.set_rng_state(d["torch_rng"])
+        if d.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(d["cuda_rng"])  # dropout on a GPU draws from the device's RNG
         self.order_rng.setstate(_as_tuple(d["order_rng"]))
         self.queue, self.losses = list(d["queue"]), list(d["losses"])
 
@@ -349,7 +353,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
         raise RunError(f"output.uri: {err}" if err else "output.uri is not writable (see rank 0's log)")
 
     # ---- an earlier run of this manifest: resume from its newest checkpoint, or stop if it finished
-    plan = resume_plan(spec.output.onExisting, *existing_output(spec, settings, env))
+    finished, latest = existing_output(spec, settings, env)
+    plan = resume_plan(spec.output.onExisting, finished, latest)
     if plan == "done":
         log(env, f"[done] {spec.output.uri} already holds a finished run (manifest.json); nothing to train "
                  f"(output.onExisting: overwrite trains again)")
@@ -394,7 +399,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
                  settings=settings, publish=publish, epoch_size=len(report.items) * spec.dataset.repeats)
     start = 1
     if plan == "resume":
-        resumed = dist.broadcast(checkpoint.latest(spec.output.uri, settings) if env.is_main else None)
+        resumed = latest
         loop = checkpoint.restore(resumed, tr.modules, opt, tr.local_ckpt, spec.output.uri, settings, env)
         sched.last_epoch = resumed
         sched._last_lr = [g["lr"] for g in opt.param_groups]
