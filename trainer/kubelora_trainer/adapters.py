@@ -38,6 +38,8 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
     for name, module in comps.trainable.items():
         cfg = lora.lora_config(spec.adapter, targets[name])
         out.n_trainable += lora.inject(module, cfg, spec.training.seed)
+        if name == denoiser and spec.model.transformerDtype == "float8":
+            _store_float8(module, family, name, spec, env)
         module.to(env.device)
         out.compute = dist.parallelize(
             module, family.blocks(name, module), world=env.world, compute_dtype=getattr(torch, spec.model.dtype),
@@ -54,6 +56,29 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
     # lora.inject seeded every rank alike (same init); dropout masks must differ per rank
     torch.manual_seed(lora.rank_seed(spec.training.seed, env.rank))
     return out
+
+
+def float8_compute(requested: str | None, device: torch.device) -> tuple[str, str | None]:
+    """The float8 compute mode to use on this device, and a warning when the request cannot be met."""
+    want = requested or "fp8"
+    if want == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        return "dequant", (f"model.float8Compute fp8: {name} has no fp8 tensor cores (Ada/Hopper and newer do); "
+                           f"the float8 weights multiply in model.dtype instead (memory savings only)")
+    return want, None
+
+
+def _store_float8(module, family, name: str, spec, env: dist.DistEnv) -> None:
+    from . import fp8
+    from .families import RULES
+
+    compute, warning = float8_compute(spec.model.float8Compute, env.device)
+    _, summary = fp8.convert(module, family.blocks(name, module), compute_dtype=getattr(torch, spec.model.dtype),
+                             device=env.device, sensitive=RULES[family.name].fp8_sensitive, compute=compute)
+    if env.is_main:
+        if warning:
+            print(f"[model] warning: {warning}", flush=True)
+        print(f"[model] {name}: {summary}", flush=True)
 
 
 def gather(comps: Components) -> LoraTensors:

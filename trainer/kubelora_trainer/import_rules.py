@@ -136,9 +136,14 @@ def model_dtype(ctx: Ctx, key: str, value: Any) -> None:
 
 
 def transformer_dtype(ctx: Ctx, key: str, value: Any) -> None:
-    if str(value).startswith("float8"):
-        ctx.note(key, f"{value!r}: fp8 base weights are not supported yet; the base stays in model.dtype "
-                      "(about twice the weight memory, the same training within rounding)")
+    if value in ("float8", "float8_e4m3fn"):
+        # diffusion-pipe casts the weights to e4m3 and autocast upcasts them at each use: fp8
+        # storage, bf16 GEMMs; kubelora's float8Compute dequant is that (with a scale per row)
+        ctx.model.update(transformerDtype="float8", float8Compute="dequant")
+        ctx.note(key, "float8 weights that multiply in model.dtype, as diffusion-pipe does (kubelora keeps a scale "
+                      "per row); model.float8Compute: fp8 also runs the GEMMs in fp8, faster on Ada/Hopper GPUs")
+    elif str(value).startswith("float8"):
+        ctx.refuse(key, f"{value!r}: kubelora stores float8 weights as e4m3 (float8 / float8_e4m3fn)")
     elif value != ctx.extra.get("dtype"):
         ctx.refuse(key, f"{value!r}: the base weights are kept in model.dtype; remove the key or set it to dtype")
 

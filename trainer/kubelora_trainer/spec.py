@@ -62,6 +62,17 @@ class ModelSpec(_Model):
     dtype: Literal["bfloat16", "float32"] = Field(
         default="bfloat16", description="Storage and compute dtype of the frozen base weights. float16 is not "
                                         "offered: it needs loss scaling, which kubelora does not do.")
+    transformerDtype: Optional[Literal["float8"]] = Field(
+        default=None, description="float8: store the frozen linears of the denoiser's blocks once in float8 e4m3 "
+                                  "(one scale per row; half the weight memory of bfloat16) and run them as fp8 GEMMs "
+                                  "(model.float8Compute). Embedders, norms, modulation and final layers stay in "
+                                  "model.dtype. Unset: the denoiser is stored in model.dtype.")
+    float8Compute: Optional[Literal["fp8", "dequant"]] = Field(
+        default=None, description="With transformerDtype float8: fp8 (default) runs the forward and input-gradient "
+                                  "GEMMs in fp8 (inputs quantized per row; GPUs with fp8 tensor cores, Ada/Hopper "
+                                  "and newer; elsewhere dequant is used with a warning); dequant multiplies with the "
+                                  "weight dequantized to model.dtype (memory savings only, diffusion-pipe's "
+                                  "transformer_dtype float8).")
     fluxShift: bool = Field(
         default=False, description="Flux: shift sampled timesteps by image resolution as the Flux schedule does.")
     bypassGuidanceEmbedding: bool = Field(
@@ -233,6 +244,8 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
     if spec.training.textEncoderLearningRate is not None and not RULES[spec.model.type].trains_text_encoders:
         return (f"training.textEncoderLearningRate: model.type {spec.model.type} trains no text encoder "
                 f"(only {', '.join(t for t, r in RULES.items() if r.trains_text_encoders)} does); remove it")
+    if spec.model.float8Compute is not None and spec.model.transformerDtype != "float8":
+        return "model.float8Compute: applies only with model.transformerDtype: float8; set that too or remove it"
     for kind in ("requests", "limits"):
         if "nvidia.com/gpu" in getattr(spec.resources, kind):
             return (f"resources.{kind}['nvidia.com/gpu'] is set from resources.gpusPerNode "

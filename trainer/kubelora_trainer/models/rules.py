@@ -20,6 +20,10 @@ class FamilyRules:
     size_multiple: int = 16                        # width and height must be multiples of this
     formats: tuple[str, ...] = ()                  # LoRA file formats; the first is the default
     trains_text_encoders: bool = False             # LoRA on the text encoders too (training.textEncoderLearningRate)
+    # linears inside the blocks that, under transformerDtype float8, are stored in fp8 but multiply
+    # in model.dtype (substrings of their lower-cased module paths): modulation and norm
+    # projections, whose inputs fp8 rounding hurts most and whose GEMMs are tiny (one row per sample)
+    fp8_sensitive: tuple[str, ...] = ("norm", "adaln", "time_emb", "modulation")
 
     @property
     def paths(self) -> set[str]:

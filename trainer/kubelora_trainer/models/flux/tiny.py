@@ -9,6 +9,11 @@ from pathlib import Path
 from ...synthetic import tiny_clip_tokenizer, tiny_t5_tokenizer
 
 
+TINY_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                        axes_dims_rope=(2, 2, 4))
+
+
 def build_tiny_flux(out: Path, seed: int = 0) -> Path:
     """Write a tiny Flux pipeline in diffusers layout to out; returns out."""
     import torch
@@ -31,10 +36,7 @@ def build_tiny_flux(out: Path, seed: int = 0) -> Path:
         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
         latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
         shift_factor=0.0609, scaling_factor=1.5035)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4))
+    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096)

@@ -11,6 +11,10 @@ from pathlib import Path
 from ...synthetic import COLORS, tiny_t5_tokenizer, write_video
 
 
+TINY_TRANSFORMER = dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                        attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=32)
+
+
 def build_tiny_ltx_video(out: Path, seed: int = 0) -> Path:
     """Write a tiny LTX-Video pipeline (LTXPipeline layout) to out; returns out."""
     import torch
@@ -33,9 +37,7 @@ def build_tiny_ltx_video(out: Path, seed: int = 0) -> Path:
     with torch.no_grad():  # non-trivial latent statistics, so normalization is exercised
         vae.latents_mean.copy_(torch.linspace(-0.2, 0.2, 8))
         vae.latents_std.copy_(torch.linspace(0.5, 1.5, 8))
-    transformer = LTXVideoTransformer3DModel(
-        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
-        cross_attention_dim=16, num_layers=2, caption_channels=32)
+    transformer = LTXVideoTransformer3DModel(**TINY_TRANSFORMER)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=1.0, use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
         base_image_seq_len=1024, max_image_seq_len=4096)
