@@ -1,7 +1,7 @@
 """model.transformerDtype float8: frozen base linears stored once in e4m3 and run as fp8 GEMMs.
 
 The same code runs here (torch._scaled_mm has a CPU kernel) as on a GPU; what cannot be shown on
-CPU is the speed (bench/gpu/flux_step.py, docs/benchmarks.md)."""
+CPU is the speed (bench/gpu/lora_step.py, docs/benchmarks.md)."""
 import importlib
 
 import pytest

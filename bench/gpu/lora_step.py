@@ -1,0 +1,155 @@
+"""One LoRA training step through kubelora's own trainer code, on a Flux.1-dev-shaped (11.9B) or a
+HunyuanVideo-shaped (12.8B) transformer with random weights: lora.inject (peft, fp32 LoRA),
+optional float8 storage and fp8 GEMMs (fp8.py), dist.parallelize (bf16 autocast, optional
+activation checkpointing and regional compile) and the family's own loss.
+
+  flux:    1024x1024 (4096 image + 512 text tokens), batch 1
+  hunyuan: 33 frames at 512x512 (9216 video + 256 text tokens), batch 1
+  rank 32 on the attention and MLP linears of every block, AdamW, gradient clipping.
+
+    python bench/gpu/lora_step.py flux compile_nogc_fp8   # modes: {eager|compile}_{gc|nogc}[_fp8|_fp8dq]
+    TINY=1 python bench/gpu/lora_step.py hunyuan eager_gc_fp8   # CPU smoke test of this script
+
+Prints one line: RESULT {json} with case, s_per_step (median), peak_gib, mfu, gpu, torch.
+mfu = model FLOPs of the step (forward GEMMs and attention counted once by torch's FlopCounterMode
+on an eager forward; backward = input gradients of the frozen GEMMs (x1) and attention (x2))
+/ step time / the card's dense bf16 peak (989 TFLOP/s for H100 and H200), also for fp8 runs.
+Run beside ../shared/bench (stock stack) on the same card: see bench/gpu/run.sh.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+MODEL = sys.argv[1] if len(sys.argv) > 1 else "flux"
+MODE = sys.argv[2] if len(sys.argv) > 2 else "compile_nogc"
+TINY = os.environ.get("TINY") == "1"
+if TINY:
+    os.environ["KUBELORA_FORCE_CPU"] = "1"
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+
+
+def build(dev):
+    from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel
+    if MODEL == "flux":
+        cfg = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                   num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                   axes_dims_rope=(16, 56, 56))
+        shape, txt = (16, 128, 128), 512
+        if TINY:
+            cfg.update(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                       joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
+            shape, txt = (16, 16, 16), 8
+        cls, family, spec_model = FluxTransformer2DModel, "flux", {"diffusersPath": "/bench/none", "fluxShift": True}
+    else:
+        cfg = {}
+        shape, txt = (16, 9, 64, 64), 256
+        if TINY:
+            cfg = dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=2,
+                       num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6))
+            shape, txt = (16, 3, 8, 8), 8
+        cls, family, spec_model = HunyuanVideoTransformer3DModel, "hunyuan-video", {"ckptPath": "/bench/none"}
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(dev):
+        tr = cls(**cfg)
+    torch.set_default_dtype(torch.float32)
+    g = torch.Generator(device=dev).manual_seed(1)
+    bf = torch.bfloat16
+    if MODEL == "flux":
+        batch = {"latents": torch.randn(1, *shape, device=dev, generator=g).to(bf),
+                 "prompt_embeds": torch.randn(1, txt, tr.config.joint_attention_dim, device=dev, generator=g).to(bf),
+                 "pooled": torch.randn(1, tr.config.pooled_projection_dim, device=dev, generator=g).to(bf)}
+    else:
+        batch = {"latents": torch.randn(1, *shape, device=dev, generator=g).to(bf),
+                 "prompt_embeds": torch.randn(1, txt, tr.config.text_embed_dim, device=dev, generator=g).to(bf),
+                 "prompt_mask": torch.ones(1, txt, device=dev, dtype=torch.bool),
+                 "pooled": torch.randn(1, tr.config.pooled_projection_dim, device=dev, generator=g).to(bf)}
+    return tr, family, spec_model, batch, g
+
+
+def step_flops(fam, comps, batch, spec, g) -> float:
+    """FLOPs of one LoRA step: an eager forward counted by FlopCounterMode, attention x3 and the
+    rest x2 (the frozen GEMMs' backward computes input gradients only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), torch.autocast(batch["latents"].device.type, dtype=torch.bfloat16), counter:
+        fam.loss(comps, batch, spec.model, spec.training, g)
+    ops = counter.get_flop_counts().get("Global", {})
+    attn = sum(v for k, v in ops.items() if "attention" in str(k))
+    return 3 * attn + 2 * (sum(ops.values()) - attn)
+
+
+def main():
+    from kubelora_trainer import adapters, dist
+    from kubelora_trainer.models import get_family
+    from kubelora_trainer.models.base import Components
+    from kubelora_trainer.spec import parse_spec
+
+    env = dist.init()
+    dev = env.device
+    t0 = time.perf_counter()
+    tr, family, spec_model, batch, g = build(dev)
+    init_s = time.perf_counter() - t0
+    fam = get_family(family)
+    fp8 = "_fp8" in MODE
+    spec = parse_spec({
+        "model": {"type": family, "dtype": "bfloat16", **spec_model,
+                  **({"transformerDtype": "float8", "float8Compute": "dequant" if MODE.endswith("_fp8dq") else "fp8"}
+                     if fp8 else {})},
+        "dataset": {"uri": "/bench/none", "resolution": 1024 if family == "flux" else 512},
+        "adapter": {"rank": 32, "alpha": 32},
+        "training": {"gradientCheckpointing": "_gc" in MODE, "compile": MODE.startswith("compile"),
+                     "learningRate": 1e-4},
+        "output": {"uri": "/bench/out"},
+    })
+    nparams = sum(p.numel() for p in tr.parameters())
+    comps = Components(trainable={"transformer": tr}, info={"guidance_embeds": True})
+    flops = step_flops(fam, comps, batch, spec, g)
+    ad = adapters.attach(comps, fam, spec, env)
+    compute, params, n_lora = ad.compute, ad.params, ad.n_trainable
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        with compute():
+            loss = fam.loss(comps, batch, spec.model, spec.training, g)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter(); step(); sync(); first_s = time.perf_counter() - t0
+    step(); sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    ts = []
+    for _ in range(2 if TINY else 5):
+        t0 = time.perf_counter(); loss = step(); sync(); ts.append(time.perf_counter() - t0)
+    ts.sort()
+    s = ts[len(ts) // 2]
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    res = dict(s_per_step=round(s, 4), step_s_min=round(ts[0], 4),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+               mfu=round(flops / s / peak, 3) if peak else None, tflop_per_step=round(flops / 1e12, 2),
+               gpu=gpu, params_b=round(nparams / 1e9, 3), lora_m=round(n_lora / 1e6, 2), init_s=round(init_s, 1),
+               first_step_s=round(first_s, 1), loss=loss)
+    dist.close()
+    return res
+
+
+if __name__ == "__main__":
+    tag = "_fsdp" if os.environ.get("KUBELORA_FSDP_SINGLE") == "1" else ""
+    out = {"case": f"kubelora_{MODEL}_{MODE}{tag}", "torch": torch.__version__}
+    try:
+        out.update(main())
+    except Exception as e:  # report, do not hide
+        import traceback
+        traceback.print_exc()
+        out["error"] = f"{type(e).__name__}: {e}"[:500]
+    print("RESULT " + json.dumps(out), flush=True)
