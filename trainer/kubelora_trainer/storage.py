@@ -5,9 +5,16 @@
   holding ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` [/ ``AWS_SESSION_TOKEN``]); never from
   the spec.
 - Downloads use s3transfer's parallel ranged GETs, skip files already present and complete
-  (size + ETag recorded beside the cache), retry transient errors with backoff, and write to a
-  temporary name that is renamed only when the file is complete.
+  (size + ETag recorded beside the cache), and write to a temporary name that is renamed only when
+  the file is complete and of the listed size.
 - Uploads use multipart above 64 MiB, record sha256 in the object metadata and verify the size.
+- Retries, bounded: botocore retries each request (5xx, throttling, dropped connections, read
+  timeouts) up to ``max_attempts`` times in all (``$AWS_MAX_ATTEMPTS``, default 5) and each retry is
+  logged; s3transfer re-reads a GET body cut midway as often; this module retries a whole transfer
+  only when its own check fails (size, ETag), never an error the layers below already retried.
+  A server that stops answering costs ``read_timeout`` (``$KUBELORA_S3_READ_TIMEOUT``, 60 s) per
+  attempt: at most max_attempts for most requests, max_attempts² for a GET (botocore's attempts
+  at each of s3transfer's).
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +31,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 CREDENTIALS_DIR_ENV = "KUBELORA_S3_CREDENTIALS_DIR"
+READ_TIMEOUT_ENV = "KUBELORA_S3_READ_TIMEOUT"
+MAX_ATTEMPTS_ENV = "AWS_MAX_ATTEMPTS"  # the AWS SDKs' own name: attempts in all, the first included
 DEFAULT_CREDENTIALS_DIR = "/var/run/secrets/kubelora/s3"
 INDEX_NAME = ".kubelora-stage.json"
 MB = 1024 * 1024
@@ -32,14 +42,36 @@ class StorageError(RuntimeError):
     """An object store or path problem, naming the bucket/key and the cause."""
 
 
+class Mismatch(OSError):
+    """What was stored or fetched differs from what was sent or listed (size, ETag): worth
+    another whole transfer."""
+
+
+def _env_number(name: str, default: float, kind=float):
+    """A positive number from the environment, else default (a bad value is reported, not fatal:
+    this runs when S3Settings() defaults are made, at import)."""
+    raw = os.environ.get(name)
+    try:
+        value = kind(raw) if raw else default
+    except ValueError:
+        value = 0
+    if value <= 0:
+        print(f"[storage] ignoring ${name}={raw!r}: not a positive {kind.__name__}; using {default}", file=sys.stderr)
+        return default
+    return value
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint: Optional[str] = None
     region: Optional[str] = None
     addressing_style: str = "auto"
-    max_attempts: int = 5
+    max_attempts: int = field(default_factory=lambda: _env_number(MAX_ATTEMPTS_ENV, 5, int))  # per request, in all
     connect_timeout: float = 10.0
+    read_timeout: float = field(default_factory=lambda: _env_number(READ_TIMEOUT_ENV, 60.0))
     concurrency: int = 8
+    multipart_threshold: int = 64 * MB
+    multipart_chunksize: int = 16 * MB
     # explicit credentials (the operator reading with a job's Secret); else the environment
     access_key: Optional[str] = field(default=None, repr=False)
     secret_key: Optional[str] = field(default=None, repr=False)
@@ -103,28 +135,62 @@ def make_client(settings: S3Settings):
     if style == "auto":
         style = "path" if (settings.endpoint or os.environ.get("AWS_ENDPOINT_URL")) else "virtual"
     cfg = Config(
-        retries={"max_attempts": settings.max_attempts, "mode": "standard"},
-        connect_timeout=settings.connect_timeout, read_timeout=60,
+        retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
+        connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout,
         s3={"addressing_style": style}, max_pool_connections=max(10, settings.concurrency * 2),
     )
     region = settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     kwargs = _secret_file_credentials()
     if settings.access_key and settings.secret_key:
         kwargs = {"aws_access_key_id": settings.access_key, "aws_secret_access_key": settings.secret_key}
-    return boto3.client("s3", endpoint_url=settings.endpoint, region_name=region, config=cfg, **kwargs)
+    client = boto3.client("s3", endpoint_url=settings.endpoint, region_name=region, config=cfg, **kwargs)
+    client.meta.events.register("needs-retry.s3", _retry_logger(settings.max_attempts))
+    return client
+
+
+def retry_cause(attempts: int, max_attempts: int, response=None, caught_exception=None) -> Optional[str]:
+    """Why botocore is about to retry a request (a 5xx or 429 answer, or a connection error or
+    timeout), or None: no retry (success, a 4xx, or the last attempt). Pure."""
+    if attempts >= max_attempts:
+        return None
+    if caught_exception is not None:
+        return f"{type(caught_exception).__name__}: {caught_exception}"
+    if response is None:
+        return None
+    http, parsed = response
+    if http.status_code < 500 and http.status_code != 429:
+        return None
+    return f"{http.status_code} {(parsed or {}).get('Error', {}).get('Code', '')}".rstrip()
+
+
+def _retry_logger(max_attempts: int):
+    """A botocore needs-retry handler that prints each retry (botocore itself retries silently)."""
+    def log(attempts, response=None, caught_exception=None, operation=None, request_dict=None, **_):
+        cause = retry_cause(attempts, max_attempts, response, caught_exception)
+        if cause is not None:
+            params = (request_dict or {}).get("context", {}).get("input_params", {})
+            what = f"s3://{params.get('Bucket', '')}/{params.get('Key', '')}"
+            print(f"[storage] {getattr(operation, 'name', 'request')} {what}: {cause}; "
+                  f"retrying (attempt {attempts} of {max_attempts} failed)", flush=True)
+    return log
 
 
 def _unwrap(exc: BaseException) -> BaseException:
-    """boto3's transfer manager wraps the real client error (S3UploadFailedError)."""
-    from boto3.exceptions import S3UploadFailedError
+    """boto3's transfer manager wraps the real client error (S3UploadFailedError), and the last
+    error of a GET it gave up re-reading (RetriesExceededError)."""
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+    from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
     if isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
         return exc.__context__
+    if isinstance(exc, (RetriesExceededError, TransferRetriesExceededError)) and exc.last_exception is not None:
+        return exc.last_exception
     return exc
 
 
 def describe_error(exc: BaseException, loc: Location, action: str) -> StorageError:
     """Turn a boto/botocore exception into a message naming the object and the cause."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ConnectTimeoutError
+    from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
+                                     IncompleteReadError, NoCredentialsError, ReadTimeoutError, ResponseStreamingError)
 
     exc = _unwrap(exc)
     where = str(loc)
@@ -140,8 +206,14 @@ def describe_error(exc: BaseException, loc: Location, action: str) -> StorageErr
                      f"in a cluster, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY on a workstation) and the bucket policy")
         else:
             cause = f"{code or status}: {exc.response.get('Error', {}).get('Message', exc)}"
+            tries = exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
+            cause += f" ({tries + 1} attempts)" if tries else ""
     elif isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
         cause = f"endpoint unreachable ({exc}); check storage.endpoint / AWS_ENDPOINT_URL and the network"
+    elif isinstance(exc, ReadTimeoutError):
+        cause = f"the server did not answer in time ({exc}); the read timeout is ${READ_TIMEOUT_ENV}"
+    elif isinstance(exc, (IncompleteReadError, ResponseStreamingError, ConnectionClosedError)):
+        cause = f"the connection ended early ({type(exc).__name__}: {exc})"
     elif isinstance(exc, NoCredentialsError):
         cause = (f"no credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or mount a Secret at "
                  f"${CREDENTIALS_DIR_ENV}")
@@ -151,16 +223,20 @@ def describe_error(exc: BaseException, loc: Location, action: str) -> StorageErr
 
 
 def _transient(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
-    from s3transfer.exceptions import RetriesExceededError
+    """Worth retrying the whole transfer: our own check failed, a 5xx botocore has not retried to
+    its limit, or an OS error from outside botocore. Errors botocore or s3transfer have already
+    retried (connections, timeouts, cut bodies, a 5xx after max_attempts) are not retried again:
+    the attempts would multiply."""
+    from boto3.exceptions import RetriesExceededError
+    from botocore.exceptions import BotoCoreError, ClientError
     exc = _unwrap(exc)
     if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return status >= 500 or status == 429
-    if isinstance(exc, (BotoConnectionError, ReadTimeoutError, RetriesExceededError, OSError)):
-        from botocore.exceptions import EndpointConnectionError
-        return not isinstance(exc, EndpointConnectionError)
-    return False
+        meta = exc.response.get("ResponseMetadata", {})
+        status = meta.get("HTTPStatusCode") or 0
+        return (status >= 500 or status == 429) and not meta.get("MaxAttemptsReached")
+    if isinstance(exc, (BotoCoreError, RetriesExceededError)):
+        return False
+    return isinstance(exc, OSError)
 
 
 def with_retries(fn: Callable[[], object], what: str, attempts: int = 4, base_delay: float = 0.5):
@@ -178,8 +254,9 @@ def with_retries(fn: Callable[[], object], what: str, attempts: int = 4, base_de
 
 def _transfer_config(settings: S3Settings):
     from boto3.s3.transfer import TransferConfig
-    return TransferConfig(multipart_threshold=64 * MB, multipart_chunksize=16 * MB,
-                          max_concurrency=settings.concurrency, use_threads=True)
+    return TransferConfig(multipart_threshold=settings.multipart_threshold,
+                          multipart_chunksize=settings.multipart_chunksize, max_concurrency=settings.concurrency,
+                          use_threads=True, num_download_attempts=settings.max_attempts)
 
 
 # ---------------------------------------------------------------- download
@@ -233,7 +310,7 @@ def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: 
         try:
             client.download_file(bucket, obj["Key"], tmp, Config=_transfer_config(settings))
             if os.path.getsize(tmp) != obj["Size"]:
-                raise OSError(f"size mismatch: got {os.path.getsize(tmp)} bytes, expected {obj['Size']}")
+                raise Mismatch(f"size mismatch: got {os.path.getsize(tmp)} bytes, expected {obj['Size']}")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -346,13 +423,13 @@ def upload(path: str | Path, uri: str, settings: S3Settings = S3Settings(), clie
         client.upload_file(str(path), loc.bucket, tmp_key, Config=config, ExtraArgs=extra)
         head = client.head_object(Bucket=loc.bucket, Key=tmp_key)
         if head["ContentLength"] != size or not etag_matches(head.get("ETag", ""), etag):
-            raise OSError(f"stored object differs from {path} (size {head['ContentLength']} vs {size}, "
-                          f"ETag {head.get('ETag')} vs {etag})")
+            raise Mismatch(f"stored object differs from {path} (size {head['ContentLength']} vs {size}, "
+                           f"ETag {head.get('ETag')} vs {etag})")
         client.copy({"Bucket": loc.bucket, "Key": tmp_key}, loc.bucket, loc.key, Config=config,
                     ExtraArgs={**extra, "MetadataDirective": "REPLACE"})
         final = client.head_object(Bucket=loc.bucket, Key=loc.key)
         if final["ContentLength"] != size or final.get("Metadata", {}).get("sha256") != digest:
-            raise OSError(f"published object differs from {path}")
+            raise Mismatch(f"published object differs from {path}")
 
     try:
         with_retries(attempt, f"uploading {loc}")

@@ -1,0 +1,206 @@
+"""S3 faults injected by a proxy (tests/s3_fault_proxy.py) between the trainer's storage code and
+the real S3 server (SeaweedFS): 5xx bursts, slow answers, dropped connections, cut bodies. Every
+transfer goes through the functions training uses (storage.download for stage-in and checkpoint
+restore, storage.upload for artifacts and checkpoints); one test runs the real trainer."""
+import os
+import time
+
+import pytest
+import yaml
+
+from kubelora_trainer import storage
+from kubelora_trainer.local_s3 import ACCESS_KEY, SECRET_KEY
+from kubelora_trainer.storage import S3Settings, StorageError, download, upload
+from s3_fault_proxy import FaultProxy, s3_operation
+
+MB = 1024 * 1024
+# small parts, so that a multipart upload (UploadPart) costs 11 MiB rather than 70
+SMALL_PARTS = dict(multipart_threshold=8 * MB, multipart_chunksize=5 * MB)
+
+
+@pytest.fixture()
+def proxy(s3_server):
+    p = FaultProxy(s3_server.endpoint).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture()
+def direct(s3_server):
+    """A client on the server itself (no proxy): to set up and to inspect."""
+    return s3_server.client()
+
+
+def _settings(proxy, **kw) -> S3Settings:
+    return S3Settings(endpoint=proxy.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, **kw)
+
+
+def _bucket(direct, name):
+    storage.ensure_bucket(direct, name)
+    return name
+
+
+def _keys(direct, bucket, prefix=""):
+    return sorted(o["Key"] for o in direct.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_s3_operation_names_requests():
+    assert s3_operation("GET", "/b/m/w.safetensors", {}) == ("GetObject", "b", "m/w.safetensors")
+    assert s3_operation("PUT", "/b/k?partNumber=2&uploadId=x", {})[0] == "UploadPart"
+    assert s3_operation("PUT", "/b/k", {"X-Amz-Copy-Source": "b/j"})[0] == "CopyObject"
+    assert s3_operation("POST", "/b/k?uploadId=x", {})[0] == "CompleteMultipartUpload"
+    assert s3_operation("GET", "/b?list-type=2&prefix=m%2F", {}) == ("ListObjectsV2", "b", "")
+
+
+def test_a_5xx_burst_on_get_is_retried_and_the_file_is_complete(proxy, direct, tmp_path, capsys):
+    """Stage-in of a model folder: two 503 SlowDown and one lost answer on the weights' GET are
+    retried by botocore, each retry logged; the file is complete."""
+    b = _bucket(direct, "fault-get-5xx")
+    weights = os.urandom(300_000)
+    direct.put_object(Bucket=b, Key="model/transformer/w.safetensors", Body=weights)
+    direct.put_object(Bucket=b, Key="model/model_index.json", Body=b"{}")
+    slow_down = proxy.fail(times=2, ops=("GetObject",), key="*.safetensors")  # 503 SlowDown
+    lost = proxy.drop(at="response", times=1, ops=("GetObject",), key="*.safetensors")
+    dest = download(f"s3://{b}/model", tmp_path / "stage", _settings(proxy, max_attempts=5), log=print)
+    assert (dest / "transformer" / "w.safetensors").read_bytes() == weights
+    assert (dest / "model_index.json").read_bytes() == b"{}"
+    assert (slow_down.injected, lost.injected) == (2, 1)
+    assert proxy.seen("GetObject", "*.safetensors") == ["status", "status", "drop", 200]
+    out = capsys.readouterr().out
+    assert out.count(f"GetObject s3://{b}/model/transformer/w.safetensors: 503 SlowDown; retrying") == 2, out
+    assert out.count("ConnectionClosedError") == 1 and "(attempt 3 of 5 failed)" in out, out
+
+
+def test_a_5xx_burst_on_put_and_upload_part_is_retried(proxy, direct, tmp_path, capsys):
+    """Artifact uploads: 500s on the single PUT, 503s on two parts of a multipart upload."""
+    b = _bucket(direct, "fault-put-5xx")
+    small, big = tmp_path / "lora.safetensors", tmp_path / "big.safetensors"
+    small.write_bytes(os.urandom(100_000))
+    big.write_bytes(os.urandom(11 * MB))  # 3 parts
+    puts = proxy.fail(times=3, ops=("PutObject",), status=500, code="InternalError",
+                      message="We encountered an internal error.")
+    parts = proxy.fail(times=2, ops=("UploadPart",), status=503)
+    settings = _settings(proxy, max_attempts=5, **SMALL_PARTS)
+    art = upload(small, f"s3://{b}/out/lora.safetensors", settings)
+    upload(big, f"s3://{b}/out/big.safetensors", settings)
+    assert (puts.injected, parts.injected) == (3, 2)
+    assert _keys(direct, b) == ["out/big.safetensors", "out/lora.safetensors"]  # no .part left
+    for f in (small, big):
+        assert direct.get_object(Bucket=b, Key=f"out/{f.name}")["Body"].read() == f.read_bytes()
+    assert direct.head_object(Bucket=b, Key="out/lora.safetensors")["Metadata"]["sha256"] == art["sha256"]
+    out = capsys.readouterr().out
+    assert out.count("] PutObject s3://") == 3 and out.count("500 InternalError; retrying") == 3, out
+    assert out.count("] UploadPart s3://") == 2, out
+
+
+def test_a_cut_download_is_retried_or_fails_naming_the_key_and_leaves_no_file(proxy, direct, tmp_path):
+    """Bodies shorter than their Content-Length: re-read (s3transfer) and never used; cut every
+    time, the download fails once, naming the key and the cause, after max_attempts GETs, and
+    leaves no file (neither under the final name nor a temporary one)."""
+    b = _bucket(direct, "fault-truncated")
+    weights = os.urandom(500_000)
+    direct.put_object(Bucket=b, Key="m/w.safetensors", Body=weights)
+    settings = _settings(proxy, max_attempts=3)
+    cut = proxy.truncate(keep=0.5, times=2, ops=("GetObject",))
+    p = download(f"s3://{b}/m/w.safetensors", tmp_path / "a", settings, log=print)
+    assert p.read_bytes() == weights and cut.injected == 2
+
+    proxy.clear()
+    proxy.truncate(keep=0.9, ops=("GetObject",))  # every time
+    dest = tmp_path / "b"
+    with pytest.raises(StorageError) as e:
+        download(f"s3://{b}/m/w.safetensors", dest, settings, log=print)
+    assert str(e.value).startswith(f"downloading s3://{b}/m/w.safetensors: the connection ended early "
+                                   f"(IncompleteReadError: 450000 read, but total bytes expected is 500000"), e.value
+    assert _files(dest) == []
+    assert proxy.seen("GetObject") == ["truncate"] * 2 + [200] + ["truncate"] * 3  # not 3 x our retries
+
+
+def test_a_dropped_upload_never_publishes_a_partial_artifact(proxy, direct, tmp_path):
+    """Connections cut in the middle of a PUT or an UploadPart, answers lost after the server
+    stored a part or completed the upload: the final key holds exactly the file or does not exist,
+    and no .part object or unfinished multipart upload is left."""
+    b = _bucket(direct, "fault-dropped-put")
+    lora, big = tmp_path / "lora.safetensors", tmp_path / "big.safetensors"
+    lora.write_bytes(os.urandom(2 * MB))
+    big.write_bytes(os.urandom(11 * MB))
+    settings = _settings(proxy, max_attempts=3, **SMALL_PARTS)
+
+    proxy.drop(at="request", ops=("PutObject", "UploadPart"))  # every upload cut midway
+    for f in (lora, big):
+        with pytest.raises(StorageError, match=rf"uploading s3://{b}/out/{f.name}: the connection ended early"):
+            upload(f, f"s3://{b}/out/{f.name}", settings)
+    assert proxy.seen("PutObject") == ["drop"] * 3
+    assert _keys(direct, b) == [] and not direct.list_multipart_uploads(Bucket=b).get("Uploads")
+
+    proxy.clear()
+    proxy.drop(at="request", times=1, ops=("UploadPart",))
+    proxy.drop(at="response", times=1, ops=("UploadPart",))
+    proxy.drop(at="response", times=1, ops=("CompleteMultipartUpload",))
+    proxy.drop(at="request", times=2, ops=("PutObject",))
+    for f in (lora, big):
+        upload(f, f"s3://{b}/out/{f.name}", settings)
+        assert direct.get_object(Bucket=b, Key=f"out/{f.name}")["Body"].read() == f.read_bytes()
+    assert _keys(direct, b) == ["out/big.safetensors", "out/lora.safetensors"]
+    assert not direct.list_multipart_uploads(Bucket=b).get("Uploads")
+    assert [f.injected for f in proxy.faults] == [1, 1, 1, 2]
+
+
+def test_a_slow_answer_beyond_the_read_timeout_is_retried_then_fails_clearly(proxy, direct, tmp_path, capsys):
+    """A GET that gets no answer, then one whose body stalls, each for longer than the read
+    timeout: retried, the file complete. A server that stops answering: the download fails naming
+    the key and the timeout after max_attempts (botocore) x max_attempts (s3transfer) GETs, each
+    cut at the read timeout rather than waiting for the answer."""
+    b = _bucket(direct, "fault-slow")
+    weights = os.urandom(300_000)
+    direct.put_object(Bucket=b, Key="m/w.safetensors", Body=weights)
+    settings = _settings(proxy, read_timeout=1.0, max_attempts=2)
+    proxy.delay(60, times=1, ops=("GetObject",))                   # no answer at all
+    proxy.delay(60, times=1, after_bytes=1000, ops=("GetObject",))  # the body stalls
+    p = download(f"s3://{b}/m/w.safetensors", tmp_path / "a", settings, log=print)
+    assert p.read_bytes() == weights
+    seen = proxy.seen("GetObject")
+    assert seen[:2] == ["delay", "delay"] and seen[-1] == 200, seen  # (a busy machine may add a retry)
+    assert f"GetObject s3://{b}/m/w.safetensors: ReadTimeoutError" in capsys.readouterr().out
+
+    proxy.clear()
+    proxy.delay(60, ops=("GetObject",))  # a server that stopped answering
+    before, t0 = len(proxy.seen("GetObject")), time.monotonic()
+    with pytest.raises(StorageError, match=rf"downloading s3://{b}/m/w.safetensors: the server did not answer in "
+                                           rf"time \(Read timeout on endpoint URL: .*\); the read timeout is "
+                                           rf"\$KUBELORA_S3_READ_TIMEOUT$"):
+        download(f"s3://{b}/m/w.safetensors", tmp_path / "b", settings, log=print)
+    assert time.monotonic() - t0 < 30  # 4 attempts of 1 s, not one of 60 s
+    assert proxy.seen("GetObject")[before:] == ["delay"] * 4
+    assert _files(tmp_path / "b") == []
+
+
+def test_a_persistent_5xx_fails_the_run_once_naming_the_key(proxy, direct, s3, tmp_path):
+    """The real trainer: every GET of the model's weights answers 503. The run stops in stage-in
+    with exit 2 and one [error] line naming the object and the cause, after $AWS_MAX_ATTEMPTS GETs
+    (not that many times our own retries), each retry logged."""
+    from conftest import run_trainer
+    b = _bucket(direct, "fault-run")
+    direct.put_object(Bucket=b, Key="models/flux/model_index.json", Body=b"{}")
+    direct.put_object(Bucket=b, Key="models/flux/transformer/diffusion_pytorch_model.safetensors", Body=b"x" * 1000)
+    direct.put_object(Bucket=b, Key="data/a.png", Body=b"x")
+    direct.put_object(Bucket=b, Key="data/a.txt", Body=b"a square")
+    proxy.fail(ops=("GetObject",), key="*.safetensors")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": f"s3://{b}/models/flux"},
+                                   "dataset": {"uri": f"s3://{b}/data", "resolution": 32},
+                                   "output": {"uri": f"s3://{b}/out"}}))
+    proc = run_trainer(job, {**s3.env, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "3"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    key = f"s3://{b}/models/flux/transformer/diffusion_pytorch_model.safetensors"
+    errors = [line for line in proc.stderr.splitlines() if "[error]" in line]
+    assert errors == [f"[error] downloading {key}: SlowDown: Please reduce your request rate. (3 attempts)"], \
+        proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proxy.seen("GetObject", "*.safetensors") == ["status"] * 3
+    assert proc.stdout.count(f"[storage] GetObject {key}: 503 SlowDown; retrying") == 2, proc.stdout
+    assert "[phase] cache" not in proc.stdout
