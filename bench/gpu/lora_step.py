@@ -132,13 +132,28 @@ def main():
         t0 = time.perf_counter(); loss = step(); sync(); ts.append(time.perf_counter() - t0)
     ts.sort()
     s = ts[len(ts) // 2]
+    peak_bytes = torch.cuda.max_memory_allocated() if cuda else None
+    mem = {}
+    if cuda:  # where the peak comes from: weights, what the forward keeps for backward, the backward
+        gib = lambda b: round(b / 2**30, 2)  # noqa: E731
+        mem["weights_gib"] = gib(sum(p.numel() * p.element_size() for p in tr.parameters()))
+        torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+        with compute():
+            loss_t = fam.loss(comps, batch, spec.model, spec.training, g)
+        torch.cuda.synchronize()
+        mem["saved_for_backward_gib"] = gib(torch.cuda.memory_allocated() - base)
+        mem["forward_peak_gib"] = gib(torch.cuda.max_memory_allocated() - base)
+        loss_t.backward()
+        torch.cuda.synchronize()
+        mem["backward_peak_gib"] = gib(torch.cuda.max_memory_allocated() - base)
+        opt.zero_grad(set_to_none=True)
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     res = dict(s_per_step=round(s, 4), step_s_min=round(ts[0], 4),
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+               peak_gib=round(peak_bytes / 2**30, 2) if cuda else None,
                mfu=round(flops / s / peak, 3) if peak else None, tflop_per_step=round(flops / 1e12, 2),
                gpu=gpu, params_b=round(nparams / 1e9, 3), lora_m=round(n_lora / 1e6, 2), init_s=round(init_s, 1),
-               first_step_s=round(first_s, 1), loss=loss)
+               first_step_s=round(first_s, 1), loss=loss, **mem)
     dist.close()
     return res
 
