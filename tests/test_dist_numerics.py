@@ -1,6 +1,7 @@
-"""One process and two (FSDP2 over gloo, real torchrun) train the same numeric model: the same
-weights, batch and step give the same output within fp32 tolerance; and LoRA dropout draws
-different masks on each rank."""
+"""One process and two (real torchrun, gloo), replicated or sharded with FSDP2, train the same
+numeric model: the same weights, batch and step give the same output within fp32 tolerance; LoRA
+dropout draws different masks on each rank; and replicated ranks send only the adapters'
+gradients (the frozen base never travels), sharded ones the base as well."""
 import json
 import os
 import subprocess
@@ -13,10 +14,10 @@ import torch
 WORKER = Path(__file__).parent / "workers" / "dist_numerics.py"
 
 
-def _run(nproc: int, out: Path) -> dict:
+def _run(nproc: int, out: Path, sharding: str = "auto") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={nproc}", str(WORKER), str(out)],
+                           f"--nproc-per-node={nproc}", str(WORKER), str(out), sharding],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -25,17 +26,26 @@ def _run(nproc: int, out: Path) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     d = tmp_path_factory.mktemp("numerics")
-    return _run(1, d / "one.json"), _run(2, d / "two.json")
+    return {"one": _run(1, d / "one.json"), "shard": _run(2, d / "shard.json", "shard"),
+            "replicate": _run(2, d / "replicate.json", "replicate")}
 
 
-def test_one_and_two_ranks_compute_the_same_step(results):
-    one, two = results
-    a, b = torch.tensor(one["out"]), torch.tensor(two["out"])
+@pytest.mark.parametrize("sharding", ["shard", "replicate"])
+def test_one_and_two_ranks_compute_the_same_step(results, sharding):
+    a, b = torch.tensor(results["one"]["out"]), torch.tensor(results[sharding]["out"])
     assert a.abs().max() > 0
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def test_replicated_ranks_send_only_the_adapters_gradients(results):
+    rep, shard = results["replicate"], results["shard"]
+    assert rep["grad_bytes"] > 0
+    assert rep["step_bytes"] <= 1.1 * rep["grad_bytes"], rep["step_bytes"]
+    # FSDP2 gathers the frozen bf16 base in the forward and again in the backward
+    assert shard["step_bytes"] > 3 * rep["step_bytes"], (shard["step_bytes"], rep["step_bytes"])
+
+
 def test_lora_dropout_masks_differ_per_rank(results):
-    _, two = results
+    two = results["replicate"]
     r0, r1 = (torch.tensor(x) for x in two["dropout_outs"])
     assert not torch.equal(r0, r1), "both ranks drew the same dropout masks"

@@ -1,8 +1,10 @@
 """Run under torchrun by tests/test_dist_numerics.py: one tiny Flux transformer (bf16 base),
 LoRA attached by the trainer's own adapters.attach, one AdamW step on a fixed batch, then a
-forward pass without and one with LoRA dropout. Rank 0 writes {"out": [...], "dropout_outs": [[...] per rank]} as JSON to argv[1].
+forward pass without and one with LoRA dropout. Rank 0 writes {"out": [...], "dropout_outs": [[...] per rank],
+"step_bytes": bytes this rank sent in collectives during the step, "grad_bytes": the trainable
+gradients' bytes} as JSON to argv[1]. argv[2]: training.sharding (replicate or shard).
 
-    torchrun --nproc-per-node 2 tests/workers/dist_numerics.py out.json
+    torchrun --nproc-per-node 2 tests/workers/dist_numerics.py out.json shard
 """
 import json
 import os
@@ -30,28 +32,56 @@ def inputs():
                 txt_ids=torch.zeros(12, 3), return_dict=False)
 
 
-def attach(env, dropout: float):
+def attach(env, dropout: float, sharding: str):
     from kubelora_trainer import adapters
     from kubelora_trainer.models.base import Components
     from kubelora_trainer.models.flux.family import FAMILY
     from kubelora_trainer.spec import parse_spec
     spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m", "dtype": "bfloat16"},
                        "dataset": {"uri": "/d", "resolution": 32}, "adapter": {"rank": 4, "dropout": dropout},
-                       "training": {"steps": 1, "seed": 3}, "output": {"uri": "/o"}})
+                       "training": {"steps": 1, "seed": 3, "sharding": sharding}, "output": {"uri": "/o"}})
     comps = Components(trainable={"transformer": tiny_transformer()})
     return comps.denoiser, adapters.attach(comps, FAMILY, spec, env)
 
 
-def main(out_path: str) -> None:
+def count_collective_bytes():
+    """Wrap torch.distributed's tensor collectives (FSDP2 calls them through the module too) to
+    count the bytes this rank sends: the input tensor of each call."""
+    import torch.distributed as tdist
+    sent = [0]
+
+    def wrap(name, arg):
+        real = getattr(tdist, name)
+
+        def counted(*args, **kwargs):
+            t = args[arg] if len(args) > arg else None
+            if isinstance(t, torch.Tensor):
+                sent[0] += t.numel() * t.element_size()
+            return real(*args, **kwargs)
+        setattr(tdist, name, counted)
+    for name, arg in (("all_reduce", 0), ("all_gather_into_tensor", 1), ("reduce_scatter_tensor", 1),
+                      ("all_gather_single", 1), ("reduce_scatter_single", 1),  # FSDP2's, torch >= 2.12
+                      ("broadcast", 0), ("all_to_all_single", 1)):
+        if hasattr(tdist, name):
+            wrap(name, arg)
+    return sent
+
+
+def main(out_path: str, sharding: str) -> None:
     from kubelora_trainer import dist
     env = dist.init()
-    model, ad = attach(env, dropout=0.5)
+    model, ad = attach(env, dropout=0.5, sharding=sharding)
     model.eval()  # dropout off for the step and the parity output
     opt = torch.optim.AdamW(ad.groups, lr=1e-2)
+    sent = count_collective_bytes()
     with ad.compute():
         loss = model(**inputs())[0].float().square().mean()
+    ad.sync.before_backward(last=True)
     loss.backward()
+    ad.sync.after_backward()
     opt.step()
+    step_bytes = sent[0]
+    grad_bytes = sum(p.numel() * 4 for p in ad.params)  # fp32 LoRA, whole (unsharded) sizes
     with torch.no_grad(), ad.compute():
         out = model(**inputs())[0].float()
     model.train()  # dropout on: each rank must draw its own masks
@@ -60,11 +90,12 @@ def main(out_path: str) -> None:
     gathered = dist.all_gather(drop_out.flatten()[:256].tolist())
     if env.is_main:
         with open(out_path, "w") as f:
-            json.dump({"out": out.flatten().tolist(), "dropout_outs": gathered}, f)
+            json.dump({"out": out.flatten().tolist(), "dropout_outs": gathered, "step_bytes": step_bytes,
+                       "grad_bytes": grad_bytes}, f)
     dist.close()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "auto")
     sys.stdout.flush()
     os._exit(0)  # as the trainer does: gloo teardown at interpreter exit can abort a finished rank

@@ -17,6 +17,7 @@ class Adapters:
     groups: list[dict] = field(default_factory=list)   # optimizer param groups (one per component)
     compute: Callable = None                           # context for forward passes
     n_trainable: int = 0
+    sync: dist.GradSync = None                         # gradient exchange between ranks
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -41,13 +42,20 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
         if name == denoiser and spec.model.transformerDtype == "float8":
             _store_float8(module, family, name, spec, env)
         module.to(env.device)
+    sharding = dist.choose_sharding(spec.training.sharding, env.world, weight_bytes(comps.trainable.values()),
+                                    device_memory(env.device))
+    if env.is_main and env.world > 1:
+        print(f"[model] {sharding}: " + ("a full copy of the model on every rank; only the adapters' gradients "
+              "travel" if sharding == "replicate" else "weights sharded across ranks with FSDP2"), flush=True)
+    for name, module in comps.trainable.items():
         out.compute = dist.parallelize(
-            module, family.blocks(name, module), world=env.world, compute_dtype=getattr(torch, spec.model.dtype),
+            module, family.blocks(name, module), sharding=sharding, compute_dtype=getattr(torch, spec.model.dtype),
             checkpointing=spec.training.gradientCheckpointing, compile_blocks=spec.training.compile)
         module.train()
         out.configs[name] = cfg
         out.groups.append({"params": [p for p in module.parameters() if p.requires_grad],
                            "lr": learning_rate(name, spec.training), "name": name})
+    out.sync = dist.GradSync(sharding, list(comps.trainable.values()), out.params)
     narrow = lora.narrowest(comps.trainable.values())
     if narrow and spec.adapter.rank > narrow[1] and env.is_main:
         print(f"[model] warning: adapter.rank {spec.adapter.rank} exceeds the width of the narrowest adapted layer "
@@ -56,6 +64,14 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
     # lora.inject seeded every rank alike (same init); dropout masks must differ per rank
     torch.manual_seed(lora.rank_seed(spec.training.seed, env.rank))
     return out
+
+
+def weight_bytes(modules) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def device_memory(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def float8_compute(requested: str | None, device: torch.device) -> tuple[str, str | None]:

@@ -53,12 +53,54 @@ def init() -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], *, world: int,
+def choose_sharding(requested: str, world: int, weight_bytes: int, device_memory: int | None) -> str:
+    """How ranks hold the model: 'none' (one rank), 'replicate' (a full copy on every rank; only
+    the adapters' gradients travel, one all-reduce per optimizer step) or 'shard' (FSDP2: every
+    weight split across ranks and gathered block by block in each forward and backward). auto
+    replicates when the weights take at most half of one device's memory (always on CPU). Pure."""
+    if world == 1:
+        return "none"
+    if requested != "auto":
+        return requested
+    if device_memory is None:
+        return "replicate"
+    return "replicate" if weight_bytes <= device_memory // 2 else "shard"
+
+
+class GradSync:
+    """Gradient exchange for one optimizer step of several micro-batches. Sharded: FSDP2
+    reduce-scatters only on the last micro-batch's backward. Replicated: after the last backward,
+    one all-reduce of every trainable gradient (flattened, averaged). Counts the bytes it sends."""
+
+    def __init__(self, sharding: str, modules: list[torch.nn.Module], params: list[torch.nn.Parameter]):
+        self.sharding, self.modules, self.params = sharding, modules, params
+        self.bytes_reduced = 0
+
+    def before_backward(self, last: bool) -> None:
+        if self.sharding == "shard":
+            for m in self.modules:
+                m.set_requires_gradient_sync(last)
+
+    def after_backward(self) -> None:
+        if self.sharding != "replicate":
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        self.bytes_reduced += flat.numel() * flat.element_size()
+        for p, g in zip(self.params, _unflatten_dense_tensors(flat, grads)):
+            p.grad = g
+
+
+def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], *, sharding: str,
                 compute_dtype: torch.dtype, checkpointing: bool = False, compile_blocks: bool = False):
     """Shared parallelism for every family, in torchtitan's order: activation checkpointing
     (wrapping each block, so recomputation sees the inputs FSDP already cast), regional compile,
-    then FSDP2 with one group per block plus the root. A single process skips FSDP (it would only
-    copy every weight twice per step).
+    then, when sharding is 'shard', FSDP2 with one group per block plus the root. A replicated or
+    single process skips FSDP (it would only copy every weight twice per step); GradSync
+    exchanges the gradients instead.
 
     Precision is the same with one process and with many: forward passes run under autocast to
     compute_dtype, and FSDP2 gathers every parameter in the dtype it is stored in (the frozen base
@@ -77,7 +119,7 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
             if compile_blocks:
                 block.compile()
             blocks[i] = block
-    if world > 1 or os.environ.get("KUBELORA_FSDP_SINGLE") == "1":
+    if sharding == "shard" or os.environ.get("KUBELORA_FSDP_SINGLE") == "1":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)

@@ -148,6 +148,12 @@ class TrainingSpec(_Model):
     gradientCheckpointing: bool = Field(
         default=False, description="Recompute block activations in backward: much less memory, ~30% more compute.")
     compile: bool = Field(default=False, description="torch.compile each transformer block (regional compile).")
+    sharding: Literal["auto", "replicate", "shard"] = Field(
+        default="auto", description="How several ranks hold the model. replicate: a full copy on every GPU, and only "
+                                    "the adapters' gradients travel (one all-reduce per optimizer step); shard: FSDP2 "
+                                    "splits every weight across ranks and gathers each block's weights in every "
+                                    "forward and backward (for bases that do not fit one GPU). auto: replicate when "
+                                    "the weights take at most half of one GPU's memory, else shard.")
     checkpointEverySteps: Optional[int] = Field(
         default=None, ge=1, description="Write a training-state checkpoint (adapters, optimizer, sampler, RNG) every N "
                                         "steps to output.uri/checkpoints/; the next run of the manifest resumes from it.")

@@ -286,13 +286,15 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     try:
         for step in range(start, t.steps + 1):
             step_loss = torch.zeros((), device=env.device)
-            for _ in range(t.gradientAccumulationSteps):
+            for micro in range(t.gradientAccumulationSteps):
                 batch_idx = [state.next_index(tr.my_indices) for _ in range(t.microBatchSize)]
                 batch = _stack([tr.cached[i] for i in batch_idx], env.device)
                 with tr.adapters.compute():
                     loss = tr.family.loss(tr.comps, batch, tr.spec.model, t, state.gen) / t.gradientAccumulationSteps
+                tr.adapters.sync.before_backward(last=micro == t.gradientAccumulationSteps - 1)
                 loss.backward()  # even when not finite: every rank must take part in the gradient collectives
                 step_loss += loss.detach().float()
+            tr.adapters.sync.after_backward()
             mean, save, stop = agree_on_step(step_loss, step, env, save=env.is_main and schedule.due(step),
                                              stop=bool(stop_request.signum))
             state.losses.append(mean)
