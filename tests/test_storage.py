@@ -210,6 +210,7 @@ def _storage_error_table():
 def test_storage_errors_are_transient_or_bad_input():
     """The class of a storage failure decides the exit code: transient (the store or the network
     failed) is retried by the Job, bad input fails it at once."""
+    from kubelora_trainer import exits
     wrong = [(type(exc).__name__, str(exc)[:60], want) for exc, want in _storage_error_table()
              if storage.is_transient(exc) != want]
     assert not wrong, wrong
@@ -219,10 +220,32 @@ def test_storage_errors_are_transient_or_bad_input():
                                            "request rate. (3 attempts)", True)
     missing = storage.describe_error(_client_error("NoSuchBucket", 404), loc, "downloading")
     assert not missing.transient and "bucket 'b' does not exist" in str(missing)
+    assert (exits.code_of(slow), exits.code_of(missing)) == (exits.FAILED, exits.BAD_INPUT)
     assert not StorageError("reading /x: no such file or directory").transient  # made by the storage code itself
     assert not pytest.raises(StorageError, parse_uri, "gs://b/k").value.transient
     import pickle
     assert pickle.loads(pickle.dumps(slow)).transient and str(pickle.loads(pickle.dumps(slow))) == str(slow)
+
+
+def test_peers_stop_with_the_failing_ranks_exit_code(monkeypatch):
+    """dist.fail_together: the rank that failed re-raises its own error; the others raise
+    PeerFailed naming it, with its exit code, so every pod of a gang exits alike."""
+    from kubelora_trainer import dist, exits
+    monkeypatch.setattr(dist.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "phase_barrier", lambda what: None)
+    outage = StorageError("downloading s3://b/k: SlowDown: Please reduce your request rate. (5 attempts)", transient=True)
+    missing = StorageError("output.uri: writing to s3://nope/out: bucket 'nope' does not exist")
+    for error, code in ((outage, exits.FAILED), (missing, exits.BAD_INPUT)):
+        monkeypatch.setattr(dist, "all_gather", lambda obj, e=error: [(str(e), exits.code_of(e)), obj])
+        with pytest.raises(StorageError) as own:
+            dist.fail_together(error)  # rank 0
+        assert own.value is error
+        with pytest.raises(dist.PeerFailed) as peer:
+            dist.fail_together(None)   # rank 1
+        assert (str(peer.value), peer.value.code) == (f"rank 0 failed: {error}", code)
+    monkeypatch.setattr(dist, "all_gather", lambda obj: [obj, obj])
+    assert dist.fail_together(None) is None
 
 
 def test_credentials_from_mounted_secret_files(s3_endpoint, tmp_path, monkeypatch):
