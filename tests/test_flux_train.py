@@ -125,9 +125,11 @@ def test_dataset_without_usable_items_fails_before_training(s3, tmp_path, tiny_f
 
 @pytest.mark.parametrize("case", ["missing-bucket", "missing-key", "unreachable"])
 def test_storage_failures_exit_nonzero_with_clear_error(case, s3, tmp_path, tiny_flux_dir, overfit_data):
+    """Bad input (a missing bucket or key) exits 2: the Job fails at once. An endpoint that cannot
+    be reached may be an outage: exit 1, the Job retries the run."""
     seed(s3, "stor", tiny_flux_dir, overfit_data)
     env = dict(s3.env)
-    over = {}
+    over, code = {}, 2
     if case == "missing-bucket":
         over = {"dataset": {"uri": "s3://no-such-bucket/data"}}
         expect = "bucket 'no-such-bucket' does not exist"
@@ -137,9 +139,9 @@ def test_storage_failures_exit_nonzero_with_clear_error(case, s3, tmp_path, tiny
     else:
         env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{_closed_port()}"
         env["AWS_MAX_ATTEMPTS"] = "1"
-        expect = "endpoint unreachable"
+        expect, code = "endpoint unreachable", 1
     proc = run_trainer(manifest(tmp_path / "job.yaml", "stor", **over), env)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == code, proc.stderr[-2000:]
     assert expect in proc.stderr and "Traceback" not in proc.stderr
 
 

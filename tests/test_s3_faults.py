@@ -179,12 +179,9 @@ def test_a_slow_answer_beyond_the_read_timeout_is_retried_then_fails_clearly(pro
     assert _files(tmp_path / "b") == []
 
 
-def test_a_persistent_5xx_fails_the_run_once_naming_the_key(proxy, direct, s3, tmp_path):
-    """The real trainer: every GET of the model's weights answers 503. The run stops in stage-in
-    with exit 2 and one [error] line naming the object and the cause, after $AWS_MAX_ATTEMPTS GETs
-    (not that many times our own retries), each retry logged."""
-    from conftest import run_trainer
-    b = _bucket(direct, "fault-run")
+def _run_with_unreadable_weights(proxy, direct, tmp_path, bucket):
+    """A job whose model weights answer 503 SlowDown to every GET (a store that stays overloaded)."""
+    b = _bucket(direct, bucket)
     direct.put_object(Bucket=b, Key="models/flux/model_index.json", Body=b"{}")
     direct.put_object(Bucket=b, Key="models/flux/transformer/diffusion_pytorch_model.safetensors", Body=b"x" * 1000)
     direct.put_object(Bucket=b, Key="data/a.png", Body=b"x")
@@ -194,13 +191,46 @@ def test_a_persistent_5xx_fails_the_run_once_naming_the_key(proxy, direct, s3, t
     job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": f"s3://{b}/models/flux"},
                                    "dataset": {"uri": f"s3://{b}/data", "resolution": 32},
                                    "output": {"uri": f"s3://{b}/out"}}))
+    return job, f"s3://{b}/models/flux/transformer/diffusion_pytorch_model.safetensors"
+
+
+def test_a_persistent_5xx_fails_the_run_once_naming_the_key(proxy, direct, s3, tmp_path):
+    """The real trainer: every GET of the model's weights answers 503. The run stops in stage-in
+    with a retryable exit code (1: the Job retries the run, which resumes; not 2, which would fail
+    the Job as bad input) and one [error] line naming the object and the cause, after
+    $AWS_MAX_ATTEMPTS GETs (not that many times our own retries), each retry logged."""
+    from conftest import run_trainer
+    from kubelora_trainer import exits
+    job, key = _run_with_unreadable_weights(proxy, direct, tmp_path, "fault-run")
     proc = run_trainer(job, {**s3.env, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "3"})
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    key = f"s3://{b}/models/flux/transformer/diffusion_pytorch_model.safetensors"
+    assert proc.returncode == exits.FAILED != exits.BAD_INPUT, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "[error]" in line]
     assert errors == [f"[error] downloading {key}: SlowDown: Please reduce your request rate. (3 attempts)"], \
         proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proxy.seen("GetObject", "*.safetensors") == ["status"] * 3
     assert proc.stdout.count(f"[storage] GetObject {key}: 503 SlowDown; retrying") == 2, proc.stdout
+    assert "[phase] cache" not in proc.stdout
+
+
+def test_a_persistent_5xx_on_two_ranks_exits_retryable_through_the_launcher(proxy, direct, s3, tmp_path):
+    """The pods' launcher, 2 ranks: rank 0 stages in and fails; rank 1 stops as its peer with the
+    same (retryable) code instead of exit 2, so the Job retries the run; the root cause is printed
+    once, last, naming the object."""
+    import subprocess
+    import sys
+    from kubelora_trainer import exits
+    job, key = _run_with_unreadable_weights(proxy, direct, tmp_path, "fault-run-2")
+    env = {**os.environ, **s3.env, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "3",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "kubelora_trainer", "launch", "--standalone", "--nproc-per-node=2",
+                           "-m", "kubelora_trainer", "run", "--spec", str(job)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == exits.FAILED, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "[error]" in line]
+    assert errors == [f"[error] rank 0: downloading {key}: SlowDown: Please reduce your request rate. "
+                      f"(3 attempts)"], proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert proxy.seen("GetObject", "*.safetensors") == ["status"] * 3  # one stage-in per node
     assert "[phase] cache" not in proc.stdout

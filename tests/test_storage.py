@@ -128,6 +128,126 @@ def test_unreachable_endpoint(tmp_path, monkeypatch):
         download("s3://bkt/x", tmp_path, settings, log=lambda m: None)
 
 
+def _client_error(code, status, message="m"):
+    from botocore.exceptions import ClientError
+    return ClientError({"Error": {"Code": code, "Message": message},
+                        "ResponseMetadata": {"HTTPStatusCode": status, "RetryAttempts": 2}}, "GetObject")
+
+
+def _wrapped_upload_error(cause):
+    """What boto3's upload_file raises: S3UploadFailedError with the client error as its context."""
+    from boto3.exceptions import S3UploadFailedError
+    try:
+        try:
+            raise cause
+        except Exception:
+            raise S3UploadFailedError("Failed to upload")
+    except S3UploadFailedError as e:
+        return e
+
+
+def _storage_error_table():
+    import errno
+    import http.client
+
+    from boto3.exceptions import RetriesExceededError as Boto3RetriesExceededError
+    from botocore.exceptions import (ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
+                                     IncompleteReadError, NoCredentialsError, ParamValidationError,
+                                     PartialCredentialsError, ReadTimeoutError, ResponseStreamingError, SSLError)
+    from s3transfer.exceptions import RetriesExceededError
+    url = "http://s3.example:9000/b/k"
+    return [
+        # the store or the network: transient, the run is retried and resumes
+        (_client_error("SlowDown", 503), True),
+        (_client_error("ServiceUnavailable", 503), True),
+        (_client_error("InternalError", 500), True),
+        (_client_error("InternalError", 200), True),           # an error inside a 200 (CompleteMultipartUpload)
+        (_client_error("502", 502), True),                     # HEAD: no body, the code is the status
+        (_client_error("503", None), True),
+        (_client_error("GatewayTimeout", 504), True),
+        (_client_error("RequestTimeout", 400), True),
+        (_client_error("TooManyRequests", 429), True),
+        (_client_error("Throttling", 400), True),
+        (_client_error("OperationAborted", 409), True),
+        (EndpointConnectionError(endpoint_url=url), True),
+        (ConnectTimeoutError(endpoint_url=url), True),
+        (ReadTimeoutError(endpoint_url=url), True),
+        (ConnectionClosedError(endpoint_url=url), True),
+        (IncompleteReadError(actual_bytes=450, expected_bytes=500), True),
+        (ResponseStreamingError(error="Connection broken: IncompleteRead(450 bytes read, 50 more expected)"), True),
+        (SSLError(endpoint_url=url, error="EOF occurred in violation of protocol"), True),
+        (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), True),
+        (TimeoutError("timed out"), True),
+        (http.client.IncompleteRead(b"x" * 450, 50), True),
+        (storage.Mismatch("size mismatch: got 450 bytes, expected 500"), True),
+        (RetriesExceededError(ReadTimeoutError(endpoint_url=url)), True),            # s3transfer gave up re-reading
+        (Boto3RetriesExceededError(IncompleteReadError(actual_bytes=1, expected_bytes=2)), True),
+        (RetriesExceededError(None), True),
+        (_wrapped_upload_error(_client_error("SlowDown", 503)), True),
+        # the input: no retry can help, the Job fails at once
+        (_client_error("NoSuchBucket", 404), False),
+        (_client_error("NoSuchKey", 404), False),
+        (_client_error("404", 404), False),
+        (_client_error("AccessDenied", 403), False),
+        (_client_error("403", None), False),
+        (_client_error("InvalidAccessKeyId", 403), False),
+        (_client_error("SignatureDoesNotMatch", 403), False),
+        (_client_error("InvalidBucketName", 400), False),
+        (_client_error("NotImplemented", 501), False),         # the store lacks the feature: a 5xx that lasts
+        (_client_error("", None), False),
+        (NoCredentialsError(), False),
+        (PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"), False),
+        (ParamValidationError(report="Invalid bucket name"), False),
+        (_wrapped_upload_error(_client_error("AccessDenied", 403)), False),
+        (RetriesExceededError(_client_error("NoSuchKey", 404)), False),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory"), False),
+        (PermissionError(errno.EACCES, "Permission denied"), False),
+        (IsADirectoryError(errno.EISDIR, "Is a directory"), False),
+        (ValueError("not an s3 answer"), False),
+    ]
+
+
+def test_storage_errors_are_transient_or_bad_input():
+    """The class of a storage failure decides the exit code: transient (the store or the network
+    failed) is retried by the Job, bad input fails it at once."""
+    from kubelora_trainer import exits
+    wrong = [(type(exc).__name__, str(exc)[:60], want) for exc, want in _storage_error_table()
+             if storage.is_transient(exc) != want]
+    assert not wrong, wrong
+    loc = parse_uri("s3://b/models/flux/w.safetensors")
+    slow = storage.describe_error(_client_error("SlowDown", 503, "Please reduce your request rate."), loc, "downloading")
+    assert (str(slow), slow.transient) == ("downloading s3://b/models/flux/w.safetensors: SlowDown: Please reduce your "
+                                           "request rate. (3 attempts)", True)
+    missing = storage.describe_error(_client_error("NoSuchBucket", 404), loc, "downloading")
+    assert not missing.transient and "bucket 'b' does not exist" in str(missing)
+    assert (exits.code_of(slow), exits.code_of(missing)) == (exits.FAILED, exits.BAD_INPUT)
+    assert not StorageError("reading /x: no such file or directory").transient  # made by the storage code itself
+    assert not pytest.raises(StorageError, parse_uri, "gs://b/k").value.transient
+    import pickle
+    assert pickle.loads(pickle.dumps(slow)).transient and str(pickle.loads(pickle.dumps(slow))) == str(slow)
+
+
+def test_peers_stop_with_the_failing_ranks_exit_code(monkeypatch):
+    """dist.fail_together: the rank that failed re-raises its own error; the others raise
+    PeerFailed naming it, with its exit code, so every pod of a gang exits alike."""
+    from kubelora_trainer import dist, exits
+    monkeypatch.setattr(dist.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "phase_barrier", lambda what: None)
+    outage = StorageError("downloading s3://b/k: SlowDown: Please reduce your request rate. (5 attempts)", transient=True)
+    missing = StorageError("output.uri: writing to s3://nope/out: bucket 'nope' does not exist")
+    for error, code in ((outage, exits.FAILED), (missing, exits.BAD_INPUT)):
+        monkeypatch.setattr(dist, "all_gather", lambda obj, e=error: [(str(e), exits.code_of(e)), obj])
+        with pytest.raises(StorageError) as own:
+            dist.fail_together(error)  # rank 0
+        assert own.value is error
+        with pytest.raises(dist.PeerFailed) as peer:
+            dist.fail_together(None)   # rank 1
+        assert (str(peer.value), peer.value.code) == (f"rank 0 failed: {error}", code)
+    monkeypatch.setattr(dist, "all_gather", lambda obj: [obj, obj])
+    assert dist.fail_together(None) is None
+
+
 def test_credentials_from_mounted_secret_files(s3_endpoint, tmp_path, monkeypatch):
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         monkeypatch.delenv(k, raising=False)

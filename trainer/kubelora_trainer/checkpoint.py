@@ -106,17 +106,23 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
         try:
             for f in sorted(p for p in folder.iterdir() if p.is_file()):
                 storage.upload(f, f"{remote}/{f.name}", settings)
-        except (storage.StorageError, OSError) as e:
-            err = str(e)
-    if not dist.all_ok(err is None):
-        raise storage.StorageError(err or "a node could not upload its checkpoint files (see its log)")
+        except storage.StorageError as e:
+            err = e  # transient (the run is retried and resumes from the previous checkpoint) or bad input
+        except OSError as e:
+            err = storage.StorageError(str(e))
+    dist.fail_together(err, "uploading the checkpoint")
     if env.is_main:
-        marker = folder / MARKER
-        marker.write_text(f"{step}\n")
-        storage.upload(marker, f"{remote}/{MARKER}", settings)
-        print(f"[checkpoint] step {step} written to {remote}", flush=True)
-        prune(output_uri, settings, keep)
-    dist.phase_barrier("writing the checkpoint")
+        try:
+            marker = folder / MARKER
+            marker.write_text(f"{step}\n")
+            storage.upload(marker, f"{remote}/{MARKER}", settings)
+            print(f"[checkpoint] step {step} written to {remote}", flush=True)
+            prune(output_uri, settings, keep)
+        except storage.StorageError as e:
+            err = e
+        except OSError as e:
+            err = storage.StorageError(str(e))
+    dist.fail_together(err, "writing the checkpoint")
 
 
 def prune(output_uri: str, settings: storage.S3Settings, keep: int) -> None:
@@ -142,10 +148,11 @@ def restore(step: int, modules: torch.nn.Module, opt, local_root: Path, output_u
             else:
                 shutil.rmtree(folder, ignore_errors=True)
                 shutil.copytree(storage.parse_uri(remote).key, folder)
-        except (storage.StorageError, OSError) as e:
-            err = str(e)
-    if not dist.all_ok(err is None):
-        raise storage.StorageError(err or "a node could not fetch the checkpoint (see its log)")
+        except storage.StorageError as e:
+            err = e
+        except OSError as e:
+            err = storage.StorageError(str(e))
+    dist.fail_together(err, "fetching the checkpoint")
     model_sd, optim_sd = get_state_dict(modules, opt, options=_options(strict=True))
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(folder))

@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .exits import FAILED, code_of
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -134,7 +136,14 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
 
 
 class PeerFailed(RuntimeError):
-    """Another rank failed; its reason is in the message (and in its own log)."""
+    """Another rank failed; its reason is in the message (and in its own log). code: the exit code
+    this rank records (marked as a peer's), by default FAILED; fail_together passes the failing
+    rank's own, so every pod of a multi-node run exits alike (bad input fails the Job whichever pod
+    the Job controller sees first; a transient fault is retried)."""
+
+    def __init__(self, message: str, code: int = FAILED):
+        super().__init__(message)
+        self.code = code
 
 
 def agree(fn, *args, **kwargs):
@@ -178,13 +187,23 @@ def phase_barrier(what: str) -> None:
         time.sleep(0.1)
 
 
-def all_ok(ok: bool) -> bool:
-    """True only if every rank says ok (so all ranks fail together instead of hanging). Called at
-    the end of a phase: waits for every rank there first (phase_barrier)."""
-    phase_barrier("a phase")
-    t = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return int(t.item()) == 0
+def fail_together(error: BaseException | None, what: str = "a phase") -> None:
+    """The end of a phase that some ranks ran alone (stage-in, pre-flight, uploads): if any rank
+    failed, every rank stops. The failing rank re-raises its own error; every other rank raises
+    PeerFailed with the first failing rank's reason and exit code (exits.code_of: bad input, or a
+    transient storage fault). Waits for every rank first (phase_barrier)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    phase_barrier(what)
+    failures = all_gather(None if error is None else (str(error), code_of(error)))
+    if error is not None:
+        raise error
+    failed = [(r, f) for r, f in enumerate(failures) if f is not None]
+    if failed:
+        rank, (why, code) = failed[0]
+        raise PeerFailed(f"rank {rank} failed: {why}", code)
 
 
 def broadcast(obj, src: int = 0):

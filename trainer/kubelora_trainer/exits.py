@@ -10,7 +10,14 @@ import sys
 
 EXIT_DIR_ENV = "KUBELORA_EXIT_DIR"
 BAD_INPUT = 2   # the Job's podFailurePolicy fails the Job at once on this exit code
-FAILED = 1
+FAILED = 1      # anything else, a transient storage fault included: the Job retries, the run resumes
+
+
+def code_of(error: BaseException) -> int:
+    """The exit code of a failure the trainer recognises (bad input: a spec, data, model or storage
+    problem): BAD_INPUT, unless the error says it is transient (storage.StorageError.transient:
+    the object store or the network failed), then FAILED, so the Job is retried rather than failed."""
+    return FAILED if getattr(error, "transient", False) else BAD_INPUT
 
 
 def fail(code: int, message: str, peer: bool = False) -> int:

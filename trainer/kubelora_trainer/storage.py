@@ -15,6 +15,11 @@
   A server that stops answering costs ``read_timeout`` (``$KUBELORA_S3_READ_TIMEOUT``, 60 s) per
   attempt: at most max_attempts for most requests, max_attempts² for a GET (botocore's attempts
   at each of s3transfer's).
+- Every StorageError says whether it is ``transient`` (the store or the network failed: a 5xx or
+  throttling answer that outlasted the retries, a timeout, a dropped connection, a cut body) or
+  the input is wrong (no such bucket or key, access denied, no credentials, a bad URI): the trainer
+  exits with a retryable code for the first and fails the Job at once for the second
+  (``is_transient``, docs/decisions.md).
 """
 from __future__ import annotations
 
@@ -39,7 +44,15 @@ MB = 1024 * 1024
 
 
 class StorageError(RuntimeError):
-    """An object store or path problem, naming the bucket/key and the cause."""
+    """An object store or path problem, naming the bucket/key and the cause. transient: the store
+    or the network failed (a later run may succeed), rather than the input (no retry can help)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self):
+        return type(self), (str(self), self.transient)
 
 
 class Mismatch(OSError):
@@ -219,10 +232,59 @@ def describe_error(exc: BaseException, loc: Location, action: str) -> StorageErr
                  f"${CREDENTIALS_DIR_ENV}")
     else:
         cause = f"{type(exc).__name__}: {exc}"
-    return StorageError(f"{action} {where}: {cause}")
+    return StorageError(f"{action} {where}: {cause}", transient=is_transient(exc))
 
 
-def _transient(exc: BaseException) -> bool:
+# Error codes S3 (and S3-compatible stores) answer when they are overloaded or briefly failing,
+# whatever the HTTP status (RequestTimeout is a 400, an InternalError can come in a 200 answer).
+TRANSIENT_CODES = frozenset({
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeoutException",
+    "PriorRequestNotComplete", "OperationAborted", "Throttling", "ThrottlingException", "ThrottledException",
+    "RequestThrottled", "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded", "EC2ThrottledException", "ProvisionedThroughputExceededException",
+})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage failure is the store's or the network's (transient: a 5xx other than 501,
+    a 408/429 or a throttling/SlowDown/InternalError code, an endpoint that cannot be reached, a
+    timeout, a connection dropped or a body cut short, stored bytes that differed from those sent)
+    rather than the input's (no such bucket or key, access denied, wrong or no credentials, an
+    invalid request, a local path problem), which no retry can fix. Looks through the transfer
+    manager's wrappers (S3UploadFailedError, RetriesExceededError) to the error they carry.
+    Anything not recognised counts as input, as before. Pure."""
+    import http.client
+
+    from boto3.exceptions import RetriesExceededError
+    from botocore.exceptions import (ClientError, ConnectionError as EndpointError, HTTPClientError,
+                                     IncompleteReadError)
+    from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
+    exc = _unwrap(exc)
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {}) or {}
+        code = str(error.get("Code", ""))
+        status = (exc.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode")
+        if not status and code.isdigit():
+            status = int(code)  # HEAD answers have no body: the code is the status
+        if code in TRANSIENT_CODES:
+            return True
+        return status in (408, 429) or (isinstance(status, int) and status >= 500 and status != 501)
+    # EndpointConnectionError, ConnectTimeoutError, SSLError, ProxyConnectionError (EndpointError);
+    # ReadTimeoutError, ConnectionClosedError, ResponseStreamingError (HTTPClientError)
+    # RetriesExceededError without its last error: a GET re-read until s3transfer gave up
+    if isinstance(exc, (EndpointError, HTTPClientError, IncompleteReadError, Mismatch, RetriesExceededError,
+                        TransferRetriesExceededError)):
+        return True
+    if isinstance(exc, (ConnectionError, TimeoutError, http.client.IncompleteRead)):  # the builtins: resets, timeouts
+        return True
+    try:
+        from urllib3.exceptions import NewConnectionError, ProtocolError, TimeoutError as Urllib3Timeout
+    except ImportError:  # pragma: no cover - botocore depends on urllib3
+        return False
+    return isinstance(exc, (NewConnectionError, ProtocolError, Urllib3Timeout))
+
+
+def _worth_another_transfer(exc: BaseException) -> bool:
     """Worth retrying the whole transfer: our own check failed, a 5xx botocore has not retried to
     its limit, or an OS error from outside botocore. Errors botocore or s3transfer have already
     retried (connections, timeouts, cut bodies, a 5xx after max_attempts) are not retried again:
@@ -245,7 +307,7 @@ def with_retries(fn: Callable[[], object], what: str, attempts: int = 4, base_de
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
-            if i == attempts - 1 or not _transient(exc):
+            if i == attempts - 1 or not _worth_another_transfer(exc):
                 raise
             delay = base_delay * (2 ** i)
             print(f"[storage] {what}: {type(exc).__name__}: {exc}; retrying in {delay:.1f}s", flush=True)

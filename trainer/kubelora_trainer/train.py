@@ -4,8 +4,8 @@
     kubelora run examples/demo-flux.yaml --nproc 2         # the same, with the local launcher
 
 Every rank runs this file top to bottom. Collectives happen at fixed points, and any failure is
-agreed on by all ranks (dist.all_ok) so that one bad rank makes the whole run fail with its
-message rather than leaving the others waiting.
+agreed on by all ranks (dist.fail_together, dist.agree) so that one bad rank makes the whole run
+fail with its message and exit code rather than leaving the others waiting.
 """
 from __future__ import annotations
 
@@ -70,10 +70,11 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
                 paths[field] = str(storage.download(uri, dest, settings, client=client, log=print))
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps(paths))
-        except (storage.StorageError, OSError) as e:
-            err = str(e)
-    if not dist.all_ok(err is None):
-        raise RunError(err or "stage-in failed on another rank (see its log)")
+        except storage.StorageError as e:
+            err = e  # transient or bad input, as storage classified it
+        except OSError as e:
+            err = RunError(str(e))
+    dist.fail_together(err, "stage-in")
     return json.loads(marker.read_text())
 
 
@@ -201,14 +202,18 @@ def agree_on_step(step_loss: torch.Tensor, step: int, env: dist.DistEnv, save: b
 
 def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, Optional[int]]:
     """(a finished run is there, the newest complete checkpoint step), read by rank 0, told to all."""
-    found = (False, None)
+    found, err = (False, None), None
     if env.is_main:
         try:
             names = storage.list_keys(spec.output.uri, settings)  # one listing answers both
             steps = checkpoint.complete_steps([n.removeprefix("checkpoints/") for n in names])
             found = ("manifest.json" in names, steps[-1] if steps else None)
         except storage.StorageError as e:
-            log(env, f"[resume] warning: cannot list {spec.output.uri}: {e}")
+            if e.transient:  # training from step 1 would waste the checkpoints: stop, the retried run resumes
+                err = storage.StorageError(f"output.uri: looking for checkpoints: {e}", transient=True)
+            else:
+                log(env, f"[resume] warning: cannot list {spec.output.uri}: {e}")
+    dist.fail_together(err, "looking for checkpoints")
     return tuple(dist.broadcast(found))
 
 
@@ -350,9 +355,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
         try:
             storage.check_writable(spec.output.uri, settings)
         except storage.StorageError as e:
-            err = str(e)
-    if not dist.all_ok(err is None):
-        raise RunError(f"output.uri: {err}" if err else "output.uri is not writable (see rank 0's log)")
+            err = storage.StorageError(f"output.uri: {e}", transient=e.transient)
+    dist.fail_together(err, "the output check")
 
     # ---- an earlier run of this manifest: resume from its newest checkpoint, or stop if it finished
     finished, latest = existing_output(spec, settings, env)
@@ -433,10 +437,11 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
                        "lossHistory": downsample(losses, 200)}
             result = export.export_and_upload(spec, job_name, family, ad.configs, gathered, metrics, stats, settings,
                                               cache_root() / "outputs" / job_name)
-        except (storage.StorageError, OSError, ValueError) as e:
-            err = str(e)
-    if not dist.all_ok(err is None):
-        raise RunError(err or "export failed on rank 0 (see its log)")
+        except storage.StorageError as e:
+            err = e  # an artifact or manifest.json not uploaded: transient or bad input, as storage classified it
+        except (OSError, ValueError) as e:
+            err = RunError(str(e))
+    dist.fail_together(err, "export")
     if env.is_main:
         prog.phase = "Succeeded"
         publish(prog, force=True)
@@ -451,8 +456,8 @@ def main_from_cli(spec_path: str) -> int:
     try:
         return run(spec, name)
     except (RunError, DatasetError, storage.StorageError, lora.AdapterError, ModelError, FileNotFoundError) as e:
-        return exits.fail(exits.BAD_INPUT, str(e))
+        return exits.fail(exits.code_of(e), str(e))  # bad input; a transient storage fault is retried
     except dist.PeerFailed as e:  # the failing rank reports (and classifies) its own error
-        return exits.fail(exits.FAILED, str(e), peer=True)
+        return exits.fail(e.code, str(e), peer=True)
     except checkpoint.Stopped as e:
         return exits.fail(e.code, str(e))
