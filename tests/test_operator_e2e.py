@@ -4,8 +4,7 @@ trainer on 2 "nodes" -> tiny Flux LoRA in the S3 server (SeaweedFS) -> status, k
 import os
 
 os.environ.setdefault("KUBELORA_SYNC_INTERVAL", "0.5")
-os.environ.setdefault("KUBELORA_SECRET_WAIT_SECONDS", "2")
-os.environ.setdefault("KUBELORA_SECRET_RETRY_DELAY", "0.5")
+os.environ.setdefault("KUBELORA_RETRY_DELAY", "0.5")
 
 import hashlib  # noqa: E402
 
