@@ -70,8 +70,9 @@ def cluster(kube, kubectl, s3):
     return kube
 
 
-def test_children_created_once_owned_and_survive_operator_restart(cluster, kubectl):
+def test_children_created_once_owned_and_survive_operator_restart(cluster, kubectl, s3):
     kube = cluster
+    s3.create_bucket(Bucket=DEMO["spec"]["output"]["uri"].split("/")[2])  # readable: no storage stall
     with operator():
         assert apply(kubectl, manifest("ft")).returncode == 0
         job = wait_for(lambda: kube.get("batch/v1/jobs", "default", "ft"))
@@ -81,9 +82,13 @@ def test_children_created_once_owned_and_survive_operator_restart(cluster, kubec
     for obj in (job, cm, svc):
         assert obj["metadata"]["ownerReferences"][0]["uid"] == uid
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["template"]["spec"]["subdomain"] == "ft-workers"
-    rv = job["metadata"]["resourceVersion"]
+    # while the operator is stopped the Job's pods come up: the restarted operator must see it
+    # (so it has surely run its resume handler and a sync), without duplicating or recreating
+    kubectl("patch", "job", "ft", "--subresource=status", "--type=merge",
+            "-p", '{"status":{"active":1,"ready":1}}', check=True)
+    rv = kube.get("batch/v1/jobs", "default", "ft")["metadata"]["resourceVersion"]
     with operator():  # restart: the resume handler runs again and must not duplicate or recreate
-        wait_for(lambda: (ltj(kube, "ft").get("status") or {}).get("reason") == "WaitingForPods")
+        wait_for(lambda: phase(kube, "ft") == "Initializing", timeout=30)
     assert [j["metadata"]["name"] for j in kube.list("batch/v1/jobs", "default")] == ["ft"]
     assert kube.get("batch/v1/jobs", "default", "ft")["metadata"]["resourceVersion"] == rv
     st = ltj(kube, "ft")["status"]
@@ -92,7 +97,7 @@ def test_children_created_once_owned_and_survive_operator_restart(cluster, kubec
     assert st["observedGeneration"] == ltj(kube, "ft")["metadata"]["generation"]
     # kubectl shows it
     out = kubectl("get", "ltj").stdout
-    assert "ft" in out and "Pending" in out and "flux" in out
+    assert "ft" in out and "Initializing" in out and "flux" in out
 
 
 def test_spec_is_immutable_but_suspend_flows_to_the_job(cluster, kubectl):
