@@ -292,6 +292,26 @@ def test_deleting_a_job_namespace_or_crd_needs_no_operator(cluster, kubectl):
     assert kube.list("batch/v1/jobs", "default") == []
 
 
+def test_a_job_deleted_while_the_operator_runs_is_not_made_again(cluster, kubectl, s3):
+    """Deleting a job (background or foreground cascade) deletes its Job: the Job's DELETED event
+    must not make the sync create it again for the job that is going."""
+    kube = cluster
+    s3.create_bucket(Bucket=DEMO["spec"]["output"]["uri"].split("/")[2])
+    with operator():
+        for name in ("bg", "fg"):
+            assert apply(kubectl, manifest(name)).returncode == 0
+        for name in ("bg", "fg"):
+            wait_for(lambda: (ltj(kube, name).get("status") or {}).get("reason") == "WaitingForPods", timeout=30)
+        assert kubectl("delete", "ltj", "bg", "--timeout=60s", timeout=90).returncode == 0
+        assert kubectl("delete", "ltj", "fg", "--cascade=foreground", "--timeout=60s", timeout=90).returncode == 0
+        # a job applied afterwards and synced: the operator has handled the deletions' events too
+        assert apply(kubectl, manifest("after")).returncode == 0
+        wait_for(lambda: (ltj(kube, "after").get("status") or {}).get("reason") == "WaitingForPods", timeout=30)
+        assert [j["metadata"]["name"] for j in kube.list("batch/v1/jobs", "default")] == ["after"]
+    reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] in ("bg", "fg")]
+    assert "Recreated" not in reasons, reasons
+
+
 def test_the_finalizer_of_an_earlier_operator_is_removed_on_sight(cluster, kubectl):
     """Jobs made under an earlier operator carry kopf's finalizer: one deleted while no operator
     ran hangs in deletion until this operator starts and releases it; a live one loses the
