@@ -3,8 +3,7 @@ which admits LoRATrainingJobs like the real one (schema + CEL from the generated
 import os
 
 os.environ.setdefault("KUBELORA_SYNC_INTERVAL", "0.5")
-os.environ.setdefault("KUBELORA_SECRET_WAIT_SECONDS", "2")
-os.environ.setdefault("KUBELORA_SECRET_RETRY_DELAY", "0.5")
+os.environ.setdefault("KUBELORA_RETRY_DELAY", "0.5")
 os.environ.setdefault("KUBELORA_STORAGE_STALL_SECONDS", "1")
 
 import copy  # noqa: E402
@@ -16,6 +15,7 @@ import yaml  # noqa: E402
 
 from kube.fixtures import kube, kube_server, kubectl  # noqa: E402,F401 - fixtures
 from kube.fixtures import wait_for  # noqa: E402
+from kube.local_runner import job_runner  # noqa: E402,F401 - fixture
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "loratrainingjobs.kubelora.dev.yaml"
@@ -56,6 +56,16 @@ def operator():
     assert runner.exception is None, runner.exception
 
 
+def demo_output_bucket(s3):
+    """The demo manifest's output bucket, so the status sync reads it without a storage error (the
+    S3 server lives for the whole session: another test may have made it)."""
+    bucket = DEMO["spec"]["output"]["uri"].split("/")[2]
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+
+
 def ltj(kube, name):
     return kube.get(LTJ, "default", name) or {}
 
@@ -70,8 +80,9 @@ def cluster(kube, kubectl, s3):
     return kube
 
 
-def test_children_created_once_owned_and_survive_operator_restart(cluster, kubectl):
+def test_children_created_once_owned_and_survive_operator_restart(cluster, kubectl, s3):
     kube = cluster
+    demo_output_bucket(s3)  # readable: no storage stall
     with operator():
         assert apply(kubectl, manifest("ft")).returncode == 0
         job = wait_for(lambda: kube.get("batch/v1/jobs", "default", "ft"))
@@ -81,9 +92,13 @@ def test_children_created_once_owned_and_survive_operator_restart(cluster, kubec
     for obj in (job, cm, svc):
         assert obj["metadata"]["ownerReferences"][0]["uid"] == uid
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["template"]["spec"]["subdomain"] == "ft-workers"
-    rv = job["metadata"]["resourceVersion"]
+    # while the operator is stopped the Job's pods come up: the restarted operator must see it
+    # (so it has surely run its resume handler and a sync), without duplicating or recreating
+    kubectl("patch", "job", "ft", "--subresource=status", "--type=merge",
+            "-p", '{"status":{"active":1,"ready":1}}', check=True)
+    rv = kube.get("batch/v1/jobs", "default", "ft")["metadata"]["resourceVersion"]
     with operator():  # restart: the resume handler runs again and must not duplicate or recreate
-        wait_for(lambda: (ltj(kube, "ft").get("status") or {}).get("reason") == "WaitingForPods")
+        wait_for(lambda: phase(kube, "ft") == "Initializing", timeout=30)
     assert [j["metadata"]["name"] for j in kube.list("batch/v1/jobs", "default")] == ["ft"]
     assert kube.get("batch/v1/jobs", "default", "ft")["metadata"]["resourceVersion"] == rv
     st = ltj(kube, "ft")["status"]
@@ -92,7 +107,7 @@ def test_children_created_once_owned_and_survive_operator_restart(cluster, kubec
     assert st["observedGeneration"] == ltj(kube, "ft")["metadata"]["generation"]
     # kubectl shows it
     out = kubectl("get", "ltj").stdout
-    assert "ft" in out and "Pending" in out and "flux" in out
+    assert "ft" in out and "Initializing" in out and "flux" in out
 
 
 def test_spec_is_immutable_but_suspend_flows_to_the_job(cluster, kubectl):
@@ -127,8 +142,6 @@ INVALID = [
     ("ltx-frames", {"model": {"type": "ltx-video", "diffusersPath": "s3://models/ltx"}, "dataset__frames": 24},
      "apply", "ltx-video needs dataset.frames = 8k+1"),
     ("bad-resolution", {"dataset__resolution": 500}, "apply", "spec.dataset.resolution"),
-    ("missing-secret", {"storage__credentialsSecret": "no-such-secret"}, "Failed",
-     "Secret 'no-such-secret' (spec.storage.credentialsSecret) not found"),
     ("warmup-gt-steps", {"training__warmupSteps": 1000}, "Failed", "training.warmupSteps (1000) exceeds training.steps (60)"),
     ("missing-hy-parts", {"model": {"type": "hunyuan-video", "transformerPath": "s3://models/hy/t.safetensors"}},
      "Failed", "needs model.ckptPath or model.transformerPath+model.vaePath+model.llmPath+model.clipPath"),
@@ -170,9 +183,6 @@ def test_invalid_manifests_are_refused_or_failed_and_the_operator_stays_healthy(
         wait_for(lambda: kube.get("batch/v1/jobs", "default", "valid-after"))
     events = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "warmup-gt-steps"]
     assert any(e["reason"] == "InvalidSpec" and e["type"] == "Warning" for e in events)
-    # a retried reconcile is visible in `kubectl describe`, not only in the operator's log
-    waits = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "missing-secret"]
-    assert any(e["reason"] == "WaitingForSecret" and e["type"] == "Warning" for e in waits), waits
 
 
 def test_a_name_held_by_someone_else_is_never_adopted(cluster, kubectl):
@@ -231,6 +241,13 @@ def test_the_job_is_read_with_its_own_credentials(cluster, kubectl, s3, monkeypa
         assert st["artifacts"][0]["uri"] == "s3://creds-out/run/lora.safetensors"
         bad = wait_for(lambda: (ltj(kube, "nocreds").get("status") or {}).get("reason") == "StorageUnreadable"
                        and ltj(kube, "nocreds")["status"], timeout=30)
+        # every sync reads the Job (the stalled job is still synced at each tick), but the Secret
+        # only once per KUBELORA_SECRET_CACHE_SECONDS (60)
+        job_reads = lambda: kube.call(lambda em: sum(1 for r in em._requests  # noqa: E731
+                                                     if str(r.method).upper().endswith("GET")
+                                                     and r.url.path.endswith("/jobs/nocreds")))
+        wait_for(lambda: job_reads() >= 6, timeout=30)
+    assert _secret_reads(kube, "bad-creds") <= 2, (job_reads(), _secret_reads(kube, "bad-creds"))
     assert "access denied" in bad["message"] and "spec.storage.credentialsSecret" in bad["message"], bad
     assert {c["type"]: c["status"] for c in bad["conditions"]}["Stalled"] == "True"
     # the secret values are nowhere but in the Secrets: not in the spec, ConfigMaps, Jobs, events or status
@@ -238,3 +255,154 @@ def test_the_job_is_read_with_its_own_credentials(cluster, kubectl, s3, monkeypa
                                                       "kubelora.dev/v1alpha1/loratrainingjobs")]
     text = json.dumps(exposed)
     assert SECRET_FILE_KEYS[1] not in text and b64(SECRET_FILE_KEYS[1]) not in text
+
+
+KOPF_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"  # what earlier operators (a kopf timer) put on every job
+
+
+def _secret_reads(kube, name):
+    """GETs of the Secret `name` the emulated API server answered so far (its request log)."""
+    return kube.call(lambda em: sum(1 for r in em._requests
+                                    if str(r.method).upper().endswith("GET") and r.url.path.endswith(f"/secrets/{name}")))
+
+
+def test_deleting_a_job_namespace_or_crd_needs_no_operator(cluster, kubectl):
+    """Nothing the operator makes carries a finalizer: with the operator stopped, `kubectl delete`
+    of a job and of a namespace complete, and the children go with their owner (the emulator's
+    garbage collection is synchronous; a real cluster's is not, the result is the same)."""
+    kube = cluster
+    apply(kubectl, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}})
+    in_team = manifest("t1")
+    in_team["metadata"]["namespace"] = "team"
+    with operator():
+        for m in (manifest("doomed"), in_team, manifest("kept")):
+            assert apply(kubectl, m).returncode == 0
+        for ns, name in (("default", "doomed"), ("team", "t1"), ("default", "kept")):
+            wait_for(lambda: kube.get("batch/v1/jobs", ns, name), timeout=30)
+            wait_for(lambda: (kube.get(LTJ, ns, name).get("status") or {}).get("phase") == "Pending", timeout=30)
+    for obj in (ltj(kube, "doomed"), kube.get("batch/v1/jobs", "default", "doomed"),
+                kube.get("v1/configmaps", "default", "doomed-spec"), kube.get("v1/services", "default", "doomed-workers")):
+        assert not obj["metadata"].get("finalizers"), obj["metadata"]
+    # the operator is stopped: deletion still completes (kubectl waits for the object to be gone)
+    p = kubectl("delete", "ltj", "doomed", "--timeout=60s", timeout=90)
+    assert p.returncode == 0, p.stderr
+    assert kube.get(LTJ, "default", "doomed") is None
+    assert kube.get("batch/v1/jobs", "default", "doomed") is None
+    assert kube.get("v1/configmaps", "default", "doomed-spec") is None
+    assert kube.get("v1/services", "default", "doomed-workers") is None
+    p = kubectl("delete", "namespace", "team", "--timeout=60s", timeout=90)
+    assert p.returncode == 0, p.stderr
+    assert kube.get("v1/namespaces", None, "team") is None and kube.get(LTJ, "team", "t1") is None
+    assert kube.get("batch/v1/jobs", "team", "t1") is None
+    # uninstall order (README): jobs, operator, CRD. The emulator drops a CRD's objects without
+    # waiting for their finalizers, so only the job above shows that none is waited for.
+    assert kubectl("delete", "ltj", "--all", "--timeout=60s", timeout=90).returncode == 0
+    p = kubectl("delete", "-f", CRD_FILE, "--timeout=60s", timeout=90)
+    assert p.returncode == 0, p.stderr
+    assert kube.list("batch/v1/jobs", "default") == []
+
+
+def test_a_job_deleted_while_the_operator_runs_is_not_made_again(cluster, kubectl, s3):
+    """Deleting a job (background or foreground cascade) deletes its Job: the Job's DELETED event
+    must not make the sync create it again for the job that is going."""
+    kube = cluster
+    demo_output_bucket(s3)
+    with operator():
+        for name in ("bg", "fg"):
+            assert apply(kubectl, manifest(name)).returncode == 0
+        for name in ("bg", "fg"):
+            wait_for(lambda: (ltj(kube, name).get("status") or {}).get("reason") == "WaitingForPods", timeout=30)
+        assert kubectl("delete", "ltj", "bg", "--timeout=60s", timeout=90).returncode == 0
+        assert kubectl("delete", "ltj", "fg", "--cascade=foreground", "--timeout=60s", timeout=90).returncode == 0
+        # a job applied afterwards and synced: the operator has handled the deletions' events too
+        assert apply(kubectl, manifest("after")).returncode == 0
+        wait_for(lambda: (ltj(kube, "after").get("status") or {}).get("reason") == "WaitingForPods", timeout=30)
+        assert [j["metadata"]["name"] for j in kube.list("batch/v1/jobs", "default")] == ["after"]
+    reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] in ("bg", "fg")]
+    assert "Recreated" not in reasons, reasons
+
+
+def test_the_finalizer_of_an_earlier_operator_is_removed_on_sight(cluster, kubectl):
+    """Jobs made under an earlier operator carry kopf's finalizer: one deleted while no operator
+    ran hangs in deletion until this operator starts and releases it; a live one loses the
+    finalizer and is served as usual."""
+    kube = cluster
+    for name in ("legacy", "legacy-deleted", "legacy-by-hand"):
+        m = manifest(name)
+        m["metadata"]["finalizers"] = [KOPF_FINALIZER]
+        assert apply(kubectl, m).returncode == 0
+    for name in ("legacy-deleted", "legacy-by-hand"):
+        assert kubectl("delete", "ltj", name, "--wait=false").returncode == 0
+        assert ltj(kube, name)["metadata"]["deletionTimestamp"]  # held by the old finalizer
+    # the README's way out when no operator will run again
+    p = kubectl("patch", "ltj", "legacy-by-hand", "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
+    assert p.returncode == 0, p.stderr
+    assert kube.get(LTJ, "default", "legacy-by-hand") is None
+    with operator():
+        wait_for(lambda: kube.get(LTJ, "default", "legacy-deleted") is None, timeout=30)
+        wait_for(lambda: not ltj(kube, "legacy")["metadata"].get("finalizers"), timeout=30)
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "legacy"), timeout=30)
+        wait_for(lambda: phase(kube, "legacy") == "Pending", timeout=30)
+    assert not ltj(kube, "legacy")["metadata"].get("finalizers")
+    assert kube.get("batch/v1/jobs", "default", "legacy-deleted") is None  # nothing made for a deleted job
+    assert kubectl("delete", "ltj", "legacy", "--timeout=60s", timeout=90).returncode == 0
+
+
+def test_status_follows_the_jobs_watch_events_without_polling(cluster, kubectl, s3, monkeypatch):
+    """With the ticker effectively off (one hour), the status still follows the trainer Job: each
+    change of the Job arrives as a watch event and syncs its LoRATrainingJob."""
+    import json
+    from kubelora_operator import handlers
+    kube = cluster
+    monkeypatch.setattr(handlers, "SYNC_INTERVAL", 3600.0)
+    s3.create_bucket(Bucket="events-out")
+    with operator():
+        assert apply(kubectl, manifest("evt", output__uri="s3://events-out/run")).returncode == 0
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "evt"), timeout=30)
+        wait_for(lambda: (ltj(kube, "evt").get("status") or {}).get("reason") == "WaitingForPods", timeout=30)
+        kubectl("patch", "job", "evt", "--subresource=status", "--type=merge",
+                "-p", '{"status":{"active":1,"ready":1}}', check=True)
+        wait_for(lambda: phase(kube, "evt") == "Initializing", timeout=30)
+        s3.put_object(Bucket="events-out", Key="run/manifest.json", Body=json.dumps(
+            {"artifacts": [{"uri": "s3://events-out/run/lora.safetensors", "format": "diffusers", "sha256": "ab",
+                            "size": 3}]}).encode())
+        kubectl("patch", "job", "evt", "--subresource=status", "--type=merge", "-p",
+                '{"status":{"active":0,"ready":0,"succeeded":1,"conditions":[{"type":"Complete","status":"True"}]}}',
+                check=True)
+        st = wait_for(lambda: phase(kube, "evt") == "Succeeded" and ltj(kube, "evt")["status"], timeout=30)
+    assert st["artifacts"][0]["uri"] == "s3://events-out/run/lora.safetensors"
+    reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "evt"]
+    assert {"Created", "Initializing", "Succeeded"} <= set(reasons), reasons
+
+
+def test_a_missing_secret_is_reported_from_the_pod_and_the_job_starts_once_it_is_applied(cluster, kubectl, s3,
+                                                                                         job_runner):
+    """No wait-for-Secret in the operator (it needed `get secrets` cluster-wide): the Job is made,
+    its pod cannot start (the runner, as the kubelet, sets CreateContainerConfigError with
+    'secret "late-creds" not found') and the status says so. Applying the Secret later (as a
+    GitOps tool may) starts the pod; its container is a test shim that exits 0, standing in for a
+    finished run."""
+    import base64
+    import json
+    from kubelora_trainer.local_s3 import SECRET_FILE_KEYS
+    kube = cluster
+    s3.create_bucket(Bucket="late-out")
+    job_runner.fail_next("late", index=0, exit_code=0)
+    with operator():
+        m = manifest("late", storage__credentialsSecret="late-creds", output__uri="s3://late-out/run")
+        assert apply(kubectl, m).returncode == 0
+        st = wait_for(lambda: (ltj(kube, "late").get("status") or {}).get("reason") == "CreateContainerConfigError"
+                      and ltj(kube, "late")["status"], timeout=60)
+        assert st["phase"] == "Pending" and 'secret "late-creds" not found' in st["message"], st
+        assert "spec.storage.credentialsSecret" in st["message"], st
+        assert {c["type"]: c["status"] for c in st["conditions"]}["Stalled"] == "True"
+        s3.put_object(Bucket="late-out", Key="run/manifest.json", Body=json.dumps(
+            {"artifacts": [{"uri": "s3://late-out/run/lora.safetensors", "format": "diffusers", "sha256": "ab",
+                            "size": 3}]}).encode())
+        b64 = lambda v: base64.b64encode(v.encode()).decode()  # noqa: E731
+        apply(kubectl, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late-creds"},
+                        "data": {"AWS_ACCESS_KEY_ID": b64(SECRET_FILE_KEYS[0]),
+                                 "AWS_SECRET_ACCESS_KEY": b64(SECRET_FILE_KEYS[1])}})
+        st = wait_for(lambda: phase(kube, "late") == "Succeeded" and ltj(kube, "late")["status"], timeout=90)
+    assert st["artifacts"][0]["uri"] == "s3://late-out/run/lora.safetensors"
+    assert len(job_runner.pods_started("late")) == 1

@@ -25,3 +25,10 @@ def test_every_child_passes_strict_validation(spec):
     assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]
     for obj in objs:
         kv.validate(obj, "1.33.0", strict=True)  # raises ValidationError naming the field
+
+
+def test_events_pass_strict_validation():
+    body = {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
+            "metadata": {"name": "ft", "namespace": "ml", "uid": "0b7e6c2c-0000-4000-8000-000000000000"}}
+    kv.validate(manifests.event(body, "Normal", "Training", "Pending -> Training: training", "2026-01-01T00:00:00Z",
+                                "kubelora-operator-7d9f"), "1.33.0", strict=True)

@@ -186,3 +186,155 @@ def test_a_failed_pod_of_a_multi_node_run_restarts_the_whole_gang():
 
 def test_status_progress_says_which_checkpoint_the_run_resumed_from():
     assert st.progress_summary({"step": 7, "totalSteps": 8, "resumedFrom": 6})["resumedFrom"] == 6
+
+
+def _ltj(name="ft", ns="ml", uid="u1", rv="10", generation=1, status=None, spec=None, deleting=False):
+    meta = {"name": name, "namespace": ns, "uid": uid, "resourceVersion": rv, "generation": generation}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob", "metadata": meta,
+            "spec": spec or {}, "status": status or {}}
+
+
+def test_a_trainer_job_maps_to_its_owner_and_nothing_else_does():
+    from kubelora_operator.syncer import owner_key
+    ours = build()[2]
+    assert owner_key(ours) == ("ml", "ft")
+    assert owner_key({"metadata": {"namespace": "ml", "labels": {"kubelora.dev/job": "ft"}}}) is None  # label only
+    other = {"metadata": {"namespace": "ml", "ownerReferences": [{"apiVersion": "batch/v1", "kind": "CronJob",
+                                                                   "name": "ft", "controller": True}]}}
+    assert owner_key(other) is None
+
+
+def test_the_remembered_job_never_goes_back_to_an_older_state():
+    """Our status patch's response can be newer than a watch event that arrives after it: the
+    older state must not come back (the next sync would count a gang restart twice)."""
+    from kubelora_operator.syncer import Owners, newer
+    owners = Owners()
+    owners.remember(_ltj(rv="10"))
+    owners.remember(_ltj(rv="12", status={"restarts": 1, "restartPending": True}))   # our patch's response
+    owners.remember(_ltj(rv="11", status={}))                                         # a late watch event
+    assert owners.get(("ml", "ft"))["status"] == {"restarts": 1, "restartPending": True}
+    assert newer(_ltj(uid="u2", rv="1"), _ltj(uid="u1", rv="99"))  # a new job of the same name
+    assert newer(_ltj(rv="abc"), _ltj(rv="12"))                    # not integers: the newest event wins
+    owners.forget(_ltj(uid="other"))
+    assert owners.get(("ml", "ft")) is not None                    # another object's DELETED
+    owners.forget(_ltj())
+    assert owners.get(("ml", "ft")) is None
+
+
+def test_which_events_and_ticks_sync_a_job():
+    from kubelora_operator.syncer import needs_polling, wants_sync
+    pending = _ltj(status={"phase": "Pending"})
+    assert wants_sync(None, pending)                                   # first seen (operator start)
+    assert not wants_sync(pending, _ltj(rv="11", status={"phase": "Pending", "message": "x"}))  # our own patch
+    assert wants_sync(pending, _ltj(rv="11", status={"phase": "Training"}))
+    assert wants_sync(pending, _ltj(rv="11", generation=2, status={"phase": "Pending"}))        # suspend changed
+    assert not wants_sync(None, _ltj(deleting=True))
+    for phase in ("Pending", "Initializing", "Training", "Exporting"):
+        assert needs_polling(_ltj(status={"phase": phase}))
+    assert not needs_polling(_ltj(status={"phase": "Training"}, deleting=True))
+    assert not needs_polling(_ltj(status={}))                           # create_children not done
+    assert not needs_polling(_ltj(status={"phase": "Suspended"}))       # resumes through events
+    done = {"phase": "Succeeded", "completionTime": "2026-01-01T00:00:00Z"}
+    assert not needs_polling(_ltj(status=done))
+    ttl = {"runPolicy": {"ttlSecondsAfterFinished": 60}}
+    assert needs_polling(_ltj(status=done, spec=ttl))                   # the TTL is still to run
+    assert not needs_polling(_ltj(status={**done, "childrenDeleted": True}, spec=ttl))
+
+
+def test_the_work_queue_runs_a_key_once_at_a_time_and_again_when_it_changed_meanwhile():
+    import asyncio
+    import threading
+    from kubelora_operator.syncer import WorkQueue
+
+    async def scenario():
+        started, release = threading.Event(), threading.Event()
+        runs, active, overlap = [], [], []
+
+        def process(key):
+            if active:
+                overlap.append(key)
+            active.append(key)
+            runs.append(key)
+            if key == ("ns", "slow") and len(runs) == 1:
+                started.set()
+                release.wait(30)
+            if key == ("ns", "bad"):
+                active.remove(key)
+                raise RuntimeError("a failing sync")
+            active.remove(key)
+
+        q = WorkQueue(process, workers=1)
+        q.start()
+        q.add(("ns", "slow"))
+        await asyncio.to_thread(started.wait, 30)
+        q.add(("ns", "slow"))           # changed while it runs: once more afterwards
+        q.add(("ns", "slow"))           # ... but only once
+        q.add(("ns", "bad"))
+        q.add(("ns", "bad"))            # already queued: nothing
+        release.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not q.idle() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert q.idle()
+        q.add(("ns", "after-bad"))      # the worker survived the failing sync
+        while not q.idle() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await q.stop()
+        q.add(("ns", "late"))           # stopped: ignored
+        return runs, overlap
+
+    runs, overlap = asyncio.run(scenario())
+    assert runs == [("ns", "slow"), ("ns", "bad"), ("ns", "slow"), ("ns", "after-bad")], runs
+    assert overlap == []
+
+
+def test_the_credentials_secret_is_read_once_per_ttl_and_a_missing_one_every_time():
+    from kubelora_operator.kube import TTLCache
+    now = [0.0]
+    cache = TTLCache(60, clock=lambda: now[0])
+    reads = []
+
+    def load(value):
+        def read():
+            reads.append(value)
+            return value
+        return read
+
+    assert cache.get(("ml", "s3"), load({"k": "1"})) == {"k": "1"}
+    now[0] = 59
+    assert cache.get(("ml", "s3"), load({"k": "2"})) == {"k": "1"} and len(reads) == 1
+    now[0] = 61
+    assert cache.get(("ml", "s3"), load({"k": "2"})) == {"k": "2"} and len(reads) == 2   # rotated: within a TTL
+    assert cache.get(("ml", "gone"), load(None)) is None
+    assert cache.get(("ml", "gone"), load({"k": "3"})) == {"k": "3"}                      # applied later: next sync
+
+
+def test_a_missing_secret_is_named_from_the_pods_own_message():
+    waiting = _pod(phase="Pending", waiting={"reason": "CreateContainerConfigError",
+                                             "message": 'secret "s3-creds" not found'})
+    o = st.observe(_job(active=1), [waiting], None, None, False)
+    assert (o.phase, o.reason, o.stalled) == (st.PENDING, "CreateContainerConfigError", True)
+    named = st.name_missing_secret(o, "s3-creds")
+    assert named.message.startswith('pod ft-0-abc: secret "s3-creds" not found (spec.storage.credentialsSecret')
+    assert "AWS_ACCESS_KEY_ID" in named.message and named.stalled
+    assert st.name_missing_secret(o, "other") is o and st.name_missing_secret(o, None) is o
+
+
+def test_an_unreadable_bucket_keeps_the_last_reported_phase():
+    assert st.last_reported({"phase": "Training"}) == {"phase": "Training"}
+    assert st.last_reported({"phase": "Pending"}) is None
+    o = st.observe(_job(active=1), [_pod()], st.last_reported({"phase": "Training"}), None, False)
+    assert o.phase == st.TRAINING
+
+
+def test_events_name_the_job_and_fit_the_api_servers_limit():
+    body = {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
+            "metadata": {"name": "ft", "namespace": "ml", "uid": "u1"}}
+    e = manifests.event(body, "Warning", "GangRestart", "x" * 5000, "2026-01-01T00:00:00Z", "op-7d9f")
+    assert e["involvedObject"] == {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob", "name": "ft",
+                                   "namespace": "ml", "uid": "u1"}
+    assert e["metadata"] == {"generateName": "ft.", "namespace": "ml"} and len(e["message"]) == 1024
+    assert (e["type"], e["reason"], e["reportingInstance"]) == ("Warning", "GangRestart", "op-7d9f")

@@ -1,8 +1,10 @@
 """Run the operator:  python -m kubelora_operator [--namespace NS ...]  (all namespaces by default).
 
-Environment: KUBELORA_TRAINER_IMAGE (default trainer image), KUBELORA_SYNC_INTERVAL (status sync
-seconds, 10), KUBELORA_SECRET_WAIT_SECONDS (how long a missing credentials Secret is waited for,
-120), AWS_* (how the operator reads progress.json / manifest.json from the output bucket).
+Environment: KUBELORA_TRAINER_IMAGE (default trainer image), KUBELORA_SYNC_INTERVAL (seconds
+between status syncs of active jobs, 10; Job changes are synced at once), KUBELORA_SECRET_CACHE_SECONDS
+(how long a job's credentials Secret is reused, 60), KUBELORA_STORAGE_STALL_SECONDS (how long an
+unreadable output bucket lasts before the job is Stalled, 300), AWS_* (how the operator reads
+progress.json / manifest.json from the output bucket when a job names no credentialsSecret).
 """
 import argparse
 import asyncio

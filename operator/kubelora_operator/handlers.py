@@ -4,11 +4,17 @@
 
 Every handler is idempotent and restart-safe: children are created only when missing and never
 after the run finished; status is recomputed from what exists, not remembered.
+
+No handler puts a finalizer on anything: children are cleaned up by their ownerReferences, and the
+status sync runs from watch events and a ticker of our own (syncer.py), not from a kopf timer,
+which would make `kubectl delete` of a job wait for the operator (docs/decisions.md 28).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import socket
 from datetime import datetime, timezone
 
 import kopf
@@ -17,7 +23,7 @@ from kubelora_trainer.models import UnsupportedModel, check_supported
 from kubelora_trainer.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 from kubelora_trainer.storage import S3Settings
 
-from . import artifacts, kube, manifests
+from . import artifacts, kube, manifests, syncer
 from . import status as st
 
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -31,10 +37,11 @@ def _env_float(name: str, default: float) -> float:
 
 
 SYNC_INTERVAL = _env_float("KUBELORA_SYNC_INTERVAL", 10.0)
-SECRET_WAIT_SECONDS = _env_float("KUBELORA_SECRET_WAIT_SECONDS", 120.0)
-SECRET_RETRY_DELAY = _env_float("KUBELORA_SECRET_RETRY_DELAY", 10.0)
+SYNC_WORKERS = int(_env_float("KUBELORA_SYNC_WORKERS", 4))
+RETRY_DELAY = _env_float("KUBELORA_RETRY_DELAY", 10.0)
 NAME_WAIT_SECONDS = _env_float("KUBELORA_NAME_WAIT_SECONDS", 120.0)
 STORAGE_STALL_SECONDS = _env_float("KUBELORA_STORAGE_STALL_SECONDS", 300.0)
+INSTANCE = os.environ.get("HOSTNAME") or socket.gethostname()  # Events' reportingInstance
 
 
 def operator_config() -> manifests.OperatorConfig:
@@ -55,19 +62,90 @@ def configure(settings: kopf.OperatorSettings, **_):
     settings.posting.level = 20  # INFO and above become Kubernetes Events
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"{GROUP}")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=f"{GROUP}", key="last-handled-configuration")
+    # settings.persistence.finalizer stays kopf's default: the finalizer that earlier kubelora
+    # operators (a kopf timer) put on every LoRATrainingJob. No handler here requires one, so kopf
+    # removes that finalizer from every job it sees, and jobs stuck in deletion are released.
     settings.watching.server_timeout = 300
+    # the trainer Jobs' watch is filtered by the API server: other Jobs never reach the operator
+    settings.watching.label_selectors["batch", "v1", "jobs"] = manifests.JOB_LABEL
 
 
-def _fail(body, patch, reason: str, message: str) -> None:
-    patch.status.update(st.invalid(body.get("status") or {}, reason, message, body["metadata"].get("generation", 1),
-                                   st.now_iso()))
-    kopf.warn(body, reason=reason, message=message)
+@kopf.on.startup(registry=registry)
+async def start_sync(memo: kopf.Memo, **_):
+    memo.syncer = syncer.Syncer(sync, interval=SYNC_INTERVAL, workers=SYNC_WORKERS)
+    memo.syncer.start()
+
+
+@kopf.on.cleanup(registry=registry)
+async def stop_sync(memo: kopf.Memo, **_):
+    if getattr(memo, "syncer", None) is not None:
+        await memo.syncer.stop()
+
+
+@kopf.on.event(*RESOURCE, registry=registry)
+async def training_job_event(event, memo: kopf.Memo, **_):
+    """Every LoRATrainingJob the operator watches, remembered for the sync (no finalizer)."""
+    memo.syncer.saw_owner(event.get("type"), copy.deepcopy(dict(event["object"])))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={manifests.JOB_LABEL: kopf.PRESENT}, registry=registry)
+async def trainer_job_event(event, memo: kopf.Memo, **_):
+    """A trainer Job changed or went: sync its LoRATrainingJob now (no finalizer on Jobs either)."""
+    memo.syncer.saw_child(event["object"])
+
+
+class Changes:
+    """What a handler or a sync decided: status fields to merge (None deletes one) and Events to
+    post. Applied through kopf in kopf's handlers, through the API in the sync."""
+
+    def __init__(self):
+        self.status: dict = {}
+        self.events: list[tuple[str, str, str]] = []
+
+    def info(self, reason: str, message: str) -> None:
+        self.events.append(("Normal", reason, message))
+
+    def warn(self, reason: str, message: str) -> None:
+        self.events.append(("Warning", reason, message))
+
+
+def _apply_in_handler(changes: Changes, body, patch) -> None:
+    if changes.status:
+        patch.status.update(changes.status)
+    for type_, reason, message in changes.events:
+        (kopf.warn if type_ == "Warning" else kopf.info)(body, reason=reason, message=message)
+
+
+def _apply(changes: Changes, body: dict, remember) -> None:
+    meta = body["metadata"]
+    if changes.status:
+        patched = kube.patch_status(meta["namespace"], meta["name"], changes.status)
+        if patched is not None:
+            remember(patched)
+    for type_, reason, message in changes.events:
+        kube.post_event(manifests.event(body, type_, reason, message, st.now_iso(), INSTANCE))
+
+
+def _fail(body, changes: Changes, reason: str, message: str) -> None:
+    changes.status.update(st.invalid(body.get("status") or {}, reason, message,
+                                     body["metadata"].get("generation", 1), st.now_iso()))
+    changes.warn(reason, message)
 
 
 @kopf.on.resume(*RESOURCE, registry=registry)
 @kopf.on.create(*RESOURCE, registry=registry)
-def create_children(body, spec, name, namespace, uid, patch, retry, runtime, logger, **_):
-    """Validate, then create the ConfigMap, Service and Indexed Job (each only if missing)."""
+def create_children(body, spec, name, namespace, uid, patch, runtime, **_):
+    """Validate, then create the ConfigMap, Service and Indexed Job (each only if missing). A
+    missing credentials Secret is not waited for here: the pods say it (CreateContainerConfigError,
+    reported by the sync), and start by themselves once it is applied."""
+    changes = Changes()
+    try:
+        _create_children(body, spec, name, namespace, uid, runtime, changes)
+    finally:
+        _apply_in_handler(changes, body, patch)
+
+
+def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes) -> None:
     phase = (body.get("status") or {}).get("phase")
     if phase in st.FINISHED:
         return  # never recreate children of a finished run (e.g. after TTL cleanup)
@@ -75,34 +153,24 @@ def create_children(body, spec, name, namespace, uid, patch, retry, runtime, log
         job_spec = parse_spec(dict(spec))
         check_supported(job_spec.model.type)
     except SpecError as e:
-        return _fail(body, patch, "InvalidSpec", str(e))
+        return _fail(body, changes, "InvalidSpec", str(e))
     except UnsupportedModel as e:
-        return _fail(body, patch, "UnsupportedModel", str(e))
+        return _fail(body, changes, "UnsupportedModel", str(e))
     problem = manifests.cluster_problem(job_spec)
     if problem:
-        return _fail(body, patch, "InvalidSpec", problem)
-    secret = job_spec.storage.credentialsSecret
-    if secret and not kube.secret_exists(namespace, secret):
-        msg = (f"Secret {secret!r} (spec.storage.credentialsSecret) not found in namespace {namespace}; "
-               "create it with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-        if runtime.total_seconds() >= SECRET_WAIT_SECONDS:
-            return _fail(body, patch, "SecretNotFound", msg)
-        patch.status.update(st.status(body.get("status") or {}, st.Observed(st.PENDING, "WaitingForSecret", msg),
-                                      body["metadata"].get("generation", 1), None, st.now_iso()))
-        kopf.warn(body, reason="WaitingForSecret", message=f"{msg}; retrying in {SECRET_RETRY_DELAY:g}s")
-        raise kopf.TemporaryError(msg, delay=SECRET_RETRY_DELAY)
-    created = _ensure_children(body, patch, name, uid, namespace, job_spec, runtime)
+        return _fail(body, changes, "InvalidSpec", problem)
+    created = _ensure_children(body, changes, name, uid, namespace, job_spec, runtime)
     if created is None:
         return
     if created:
-        kopf.info(body, reason="Created", message=f"created {', '.join(created)} "
-                                                  f"({job_spec.resources.nodes} node(s) x {max(1, job_spec.resources.gpusPerNode)} process(es))")
+        changes.info("Created", f"created {', '.join(created)} "
+                                f"({job_spec.resources.nodes} node(s) x {max(1, job_spec.resources.gpusPerNode)} process(es))")
     if not phase:
-        patch.status.update(st.status({}, st.Observed(st.PENDING, "Created", "trainer Job created"),
-                                      body["metadata"].get("generation", 1), None, st.now_iso()))
+        changes.status.update(st.status({}, st.Observed(st.PENDING, "Created", "trainer Job created"),
+                                         body["metadata"].get("generation", 1), None, st.now_iso()))
 
 
-def _ensure_children(body, patch, name, uid, namespace, job_spec, runtime) -> list[str] | None:
+def _ensure_children(body, changes: Changes, name, uid, namespace, job_spec, runtime) -> list[str] | None:
     """Create the missing children; None when the job failed for good (a refused child, a name
     held by someone else). A name still held by a deleted predecessor is retried for a while."""
     created = []
@@ -113,14 +181,14 @@ def _ensure_children(body, patch, name, uid, namespace, job_spec, runtime) -> li
                 created.append(f"{obj['kind']}/{obj['metadata']['name']}")
     except kube.ChildRefused as e:
         kube.delete_children(namespace, manifests.child_names(name), owner_uid=uid)
-        _fail(body, patch, "ChildRefused", str(e))
+        _fail(body, changes, "ChildRefused", str(e))
         return None
     except kube.NameTaken as e:
         if e.stale and runtime.total_seconds() < NAME_WAIT_SECONDS:
             msg = f"{e}; waiting for its garbage collection"
-            kopf.warn(body, reason="WaitingForName", message=msg)
-            raise kopf.TemporaryError(msg, delay=SECRET_RETRY_DELAY)
-        _fail(body, patch, "NameConflict", f"{e}; delete it or choose another metadata.name")
+            changes.warn("WaitingForName", msg)
+            raise kopf.TemporaryError(msg, delay=RETRY_DELAY)
+        _fail(body, changes, "NameConflict", f"{e}; delete it or choose another metadata.name")
         return None
     return created
 
@@ -134,75 +202,96 @@ def suspend_changed(body, name, namespace, new, old, logger, **_):
                   message="trainer Job suspended" if new else "trainer Job resumed")
 
 
-def _settings(spec, namespace: str) -> S3Settings:
+def _settings(spec, namespace: str) -> tuple[S3Settings, str | None]:
     """The job's S3 settings, with the credentials of its Secret when it names one (the operator's
-    own credentials may not reach the job's bucket)."""
+    own credentials may not reach the job's bucket); or the error when that Secret is missing
+    (then the bucket is not read with the operator's own credentials instead)."""
     settings = S3Settings.from_spec(spec.storage)
-    if spec.storage.credentialsSecret:
-        data = kube.secret_data(namespace, spec.storage.credentialsSecret)
-        settings = dataclasses.replace(settings, access_key=data.get("AWS_ACCESS_KEY_ID"),
-                                       secret_key=data.get("AWS_SECRET_ACCESS_KEY"))
-    return settings
+    name = spec.storage.credentialsSecret
+    if not name:
+        return settings, None
+    data = kube.secret_data(namespace, name)  # cached: not one API read per sync
+    if data is None:
+        return settings, (f"Secret {name!r} (spec.storage.credentialsSecret) not found in namespace {namespace}; "
+                          "create it with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    return dataclasses.replace(settings, access_key=data.get("AWS_ACCESS_KEY_ID"),
+                               secret_key=data.get("AWS_SECRET_ACCESS_KEY")), None
 
 
-@kopf.timer(*RESOURCE, interval=SYNC_INTERVAL, initial_delay=min(1.0, SYNC_INTERVAL), registry=registry)
-def sync_status(body, spec, name, namespace, patch, logger, **_):
-    """Recompute the status from the Job, its pods and what the trainer published; clean up
-    after ttlSecondsAfterFinished."""
+def sync(body: dict, remember) -> None:
+    """Recompute one job's status from its Job, its pods and what the trainer published; restart
+    a failed gang, make a vanished Job again, clean up after ttlSecondsAfterFinished. Called by
+    the syncer's workers (a thread) with the newest body the watch or our last patch gave;
+    `remember` takes the body our status patch returns."""
+    changes = Changes()
+    try:
+        _sync(body, changes)
+    finally:
+        _apply(changes, body, remember)
+
+
+def _sync(body: dict, changes: Changes) -> None:
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
     previous = dict(body.get("status") or {})
     phase = previous.get("phase")
     try:
-        job_spec = parse_spec(dict(spec))
+        job_spec = parse_spec(dict(body.get("spec") or {}))
     except SpecError:
         return  # reported by create_children
     if phase in st.FINISHED:
-        return _ttl_cleanup(body, job_spec, name, namespace, previous, patch)
-    if phase is None or previous.get("reason") in ("WaitingForSecret",):
-        return
+        return _ttl_cleanup(body, job_spec, name, namespace, previous, changes)
+    if phase is None:
+        return  # create_children has not finished
     job = kube.get_job(namespace, name)
     if job is None:
-        return _recreate(body, patch, name, namespace, job_spec, previous)
+        return _recreate(body, changes, name, namespace, job_spec, previous)
     action = st.gang_action(job, job_spec.resources.nodes, int(previous.get("restarts") or 0),
                             job_spec.runPolicy.backoffLimit)
     if action:
-        return _restart_gang(body, patch, name, namespace, job_spec, job, previous, action)
-    pods = kube.job_pods(namespace, name) if job and st.needs_pods(job) else []
-    complete = bool(job and any(c.get("type") == "Complete" and c.get("status") == "True"
-                                for c in (job.get("status") or {}).get("conditions") or []))
-    settings = _settings(job_spec, namespace)
-    progress, error = artifacts.read_json(job_spec.output.uri, artifacts.PROGRESS_KEY, settings)
-    manifest = None
-    if complete:
+        return _restart_gang(body, changes, name, namespace, job_spec, job, previous, action)
+    pods = kube.job_pods(namespace, name) if st.needs_pods(job) else []
+    complete = any(c.get("type") == "Complete" and c.get("status") == "True"
+                   for c in (job.get("status") or {}).get("conditions") or [])
+    settings, error = _settings(job_spec, namespace)
+    progress = manifest = None
+    if error is None:
+        progress, error = artifacts.read_json(job_spec.output.uri, artifacts.PROGRESS_KEY, settings)
+    if complete and error is None:
         manifest, error = artifacts.read_json(job_spec.output.uri, artifacts.MANIFEST_KEY, settings)
+    if error and progress is None:
+        progress = st.last_reported(previous)
     obs = st.observe(job, pods, progress, manifest, job_spec.runPolicy.suspend)
-    obs = _storage_stall(obs, error, previous, patch)
-    new = st.status(previous, obs, body["metadata"].get("generation", 1), job, st.now_iso())
+    obs = st.name_missing_secret(obs, job_spec.storage.credentialsSecret)
+    obs = _storage_stall(obs, error, previous, changes)
+    new = st.status(previous, obs, meta.get("generation", 1), job, st.now_iso())
     if _differs(previous, new):
-        patch.status.update(new)
+        changes.status.update(new)
     if obs.phase != phase:
         message = f"{phase or 'New'} -> {obs.phase}: {obs.message}"
-        (kopf.warn if obs.phase == st.FAILED or obs.stalled else kopf.info)(body, reason=obs.phase, message=message)
+        (changes.warn if obs.phase == st.FAILED or obs.stalled else changes.info)(obs.phase, message)
 
 
-def _storage_stall(obs: st.Observed, error: str | None, previous: dict, patch) -> st.Observed:
+def _storage_stall(obs: st.Observed, error: str | None, previous: dict, changes: Changes) -> st.Observed:
     """A bucket the operator cannot read (with the job's credentials) is said in the status once it
     has lasted KUBELORA_STORAGE_STALL_SECONDS: a finished job waiting for its manifest is Stalled
-    with the error instead of Exporting forever."""
+    with the error instead of Exporting forever. A job already stalled for a reason of its pods
+    (e.g. the missing Secret itself) keeps that, more telling, reason."""
     if not error:
         if previous.get("storageErrorSince"):
-            patch.status["storageErrorSince"] = None
+            changes.status["storageErrorSince"] = None
         return obs
     since = previous.get("storageErrorSince") or st.now_iso()
-    patch.status["storageErrorSince"] = since
+    changes.status["storageErrorSince"] = since
     waited = (datetime.now(timezone.utc) - datetime.fromisoformat(since.replace("Z", "+00:00"))).total_seconds()
-    if waited < STORAGE_STALL_SECONDS:
+    if waited < STORAGE_STALL_SECONDS or obs.stalled:
         return obs
     return st.Observed(obs.phase, "StorageUnreadable", f"{error} (the operator reads output.uri with the job's "
                        "credentials; check spec.storage.credentialsSecret and the bucket policy)", stalled=True,
                        progress=obs.progress, artifacts=obs.artifacts)
 
 
-def _restart_gang(body, patch, name, namespace, job_spec, job, previous, action) -> None:
+def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, previous, action) -> None:
     """A pod of a multi-node run failed: delete the whole Job (its pods go too) and make it again
     at the next sync, so every node starts together on a fresh rendezvous and resumes from the
     newest checkpoint; or fail the run once runPolicy.backoffLimit restarts are spent."""
@@ -210,39 +299,42 @@ def _restart_gang(body, patch, name, namespace, job_spec, job, previous, action)
     problem = st.pod_problem(pods)
     why = problem[1] if problem else f"{(job.get('status') or {}).get('failed')} pod(s) failed"
     restarts = int(previous.get("restarts") or 0)
+    kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
     if action == "fail":
-        kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
-        _fail(body, patch, "BackoffLimitExceeded",
+        _fail(body, changes, "BackoffLimitExceeded",
               f"the run failed after {restarts} gang restart(s) (runPolicy.backoffLimit {job_spec.runPolicy.backoffLimit}): {why}")
         return
-    kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
-    patch.status["restarts"] = restarts + 1
-    patch.status["restartPending"] = True
-    kopf.warn(body, reason="GangRestart", message=f"{why}; restarting all {job_spec.resources.nodes} nodes together "
-                                                  f"(restart {restarts + 1} of {job_spec.runPolicy.backoffLimit})")
+    changes.status["restarts"] = restarts + 1
+    changes.status["restartPending"] = True
+    changes.warn("GangRestart", f"{why}; restarting all {job_spec.resources.nodes} nodes together "
+                                f"(restart {restarts + 1} of {job_spec.runPolicy.backoffLimit})")
 
 
-def _recreate(body, patch, name, namespace, job_spec, previous) -> None:
+def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> None:
     """The trainer Job is gone before the run finished (deleted by hand, deleted for a gang
     restart, or by something else): make it again, as a controller does with its children, and
-    count it as a restart unless the gang restart already did."""
+    count it as a restart unless the gang restart already did. Not when the job itself is gone or
+    going (the Job's DELETED event can come before the job's own): checked with a fresh read."""
     uid = body["metadata"]["uid"]
+    now = kube.get_owner(namespace, name)
+    if now is None or now["metadata"].get("uid") != uid or now["metadata"].get("deletionTimestamp"):
+        return
     created = []
     try:
         for obj in manifests.children(name, uid, namespace, job_spec, operator_config()):
             if kube.ensure(obj)[1]:
                 created.append(f"{obj['kind']}/{obj['metadata']['name']}")
     except (kube.ChildRefused, kube.NameTaken) as e:
-        _fail(body, patch, "ChildRefused" if isinstance(e, kube.ChildRefused) else "NameConflict", str(e))
+        _fail(body, changes, "ChildRefused" if isinstance(e, kube.ChildRefused) else "NameConflict", str(e))
         return
     if previous.get("restartPending"):
-        patch.status["restartPending"] = None
-        kopf.info(body, reason="Recreated", message=f"created {', '.join(created) or 'nothing'} again for the gang restart")
+        changes.status["restartPending"] = None
+        changes.info("Recreated", f"created {', '.join(created) or 'nothing'} again for the gang restart")
         return
     restarts = int(previous.get("restarts") or 0) + 1
-    patch.status["restarts"] = restarts
-    kopf.warn(body, reason="Recreated", message=f"the trainer Job was gone before the run finished; created "
-                                                f"{', '.join(created) or 'nothing'} again (restart {restarts})")
+    changes.status["restarts"] = restarts
+    changes.warn("Recreated", f"the trainer Job was gone before the run finished; created "
+                              f"{', '.join(created) or 'nothing'} again (restart {restarts})")
 
 
 def _differs(old: dict, new: dict) -> bool:
@@ -252,7 +344,7 @@ def _differs(old: dict, new: dict) -> bool:
     return strip(old) != strip(new)
 
 
-def _ttl_cleanup(body, job_spec, name, namespace, previous, patch) -> None:
+def _ttl_cleanup(body, job_spec, name, namespace, previous, changes: Changes) -> None:
     ttl = job_spec.runPolicy.ttlSecondsAfterFinished
     if ttl is None or previous.get("childrenDeleted") or not previous.get("completionTime"):
         return
@@ -260,6 +352,6 @@ def _ttl_cleanup(body, job_spec, name, namespace, previous, patch) -> None:
     if (datetime.now(timezone.utc) - done).total_seconds() < ttl:
         return
     kube.delete_children(namespace, manifests.child_names(name))
-    patch.status["childrenDeleted"] = True
-    kopf.info(body, reason="CleanedUp", message=f"deleted the Job, Service and ConfigMap {ttl}s after finishing; "
-                                                "the resource and its status stay")
+    changes.status["childrenDeleted"] = True
+    changes.info("CleanedUp", f"deleted the Job, Service and ConfigMap {ttl}s after finishing; "
+                              "the resource and its status stay")

@@ -1,8 +1,15 @@
 """Kubernetes I/O at the edge: create-if-missing, read a Job and its pods, delete children."""
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from typing import Optional
 
+from kubelora_trainer.spec import GROUP, PLURAL, VERSION
+
+log = logging.getLogger("kubelora_operator.kube")
 _api_client = None
 
 
@@ -22,6 +29,7 @@ def api():
 def reset() -> None:
     global _api_client
     _api_client = None
+    _secrets.clear()
 
 
 def _apis():
@@ -110,20 +118,45 @@ def job_pods(namespace: str, job_name: str) -> list[dict]:
     return [api().sanitize_for_serialization(p) for p in pods.items]
 
 
-def secret_exists(namespace: str, name: str) -> bool:
-    from kubernetes.client.exceptions import ApiException
-    core, _ = _apis()
-    try:
-        core.read_namespaced_secret(name, namespace)
-        return True
-    except ApiException as e:
-        if e.status == 404:
-            return False
-        raise
+class TTLCache:
+    """Values loaded on a miss and kept `ttl` seconds; None (not found) is not kept, so a Secret
+    applied after its job is used at the next sync. Thread-safe; the clock is injectable. Used for
+    the jobs' credential Secrets: a sync reads a job's Secret from the API server at most once per
+    TTL, and a rotated Secret is used within one TTL."""
+
+    def __init__(self, ttl: float, clock=time.monotonic):
+        self.ttl, self._clock = ttl, clock
+        self._entries: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, key, load):
+        now = self._clock()
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and now - hit[0] < self.ttl:
+                return hit[1]
+        value = load()  # outside the lock: one slow read does not hold up the other jobs' syncs
+        if value is not None:
+            with self._lock:
+                self._entries[key] = (now, value)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
-def secret_data(namespace: str, name: str) -> dict[str, str]:
-    """A Secret's data, decoded ({} when it is gone). Read only to use the job's S3 credentials."""
+SECRET_CACHE_SECONDS = float(os.environ.get("KUBELORA_SECRET_CACHE_SECONDS", 60.0))
+_secrets = TTLCache(SECRET_CACHE_SECONDS)
+
+
+def secret_data(namespace: str, name: str) -> Optional[dict[str, str]]:
+    """A Secret's data, decoded, or None when it does not exist; cached for
+    KUBELORA_SECRET_CACHE_SECONDS (60). Read only to use a job's S3 credentials."""
+    return _secrets.get((namespace, name), lambda: _read_secret(namespace, name))
+
+
+def _read_secret(namespace: str, name: str) -> Optional[dict[str, str]]:
     import base64
     from kubernetes.client.exceptions import ApiException
     core, _ = _apis()
@@ -131,9 +164,46 @@ def secret_data(namespace: str, name: str) -> dict[str, str]:
         secret = core.read_namespaced_secret(name, namespace)
     except ApiException as e:
         if e.status == 404:
-            return {}
+            return None
         raise
     return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+def get_owner(namespace: str, name: str) -> Optional[dict]:
+    """The LoRATrainingJob as the API server has it now (None when gone)."""
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.client.exceptions import ApiException
+    try:
+        return CustomObjectsApi(api()).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def patch_status(namespace: str, name: str, status: dict) -> Optional[dict]:
+    """Merge-patch the LoRATrainingJob's status subresource (None values delete fields); returns
+    the patched object, or None when the job is gone."""
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.client.exceptions import ApiException
+    try:
+        return CustomObjectsApi(api()).patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _content_type="application/merge-patch+json")
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def post_event(event: dict) -> None:
+    """Create a core/v1 Event (manifests.event); a failure is logged, never raised: events are
+    auxiliary and must not fail a sync."""
+    from kubernetes.client.exceptions import ApiException
+    core, _ = _apis()
+    try:
+        core.create_namespaced_event(event["metadata"]["namespace"], event)
+    except ApiException as e:
+        log.warning("could not post event %s %s: %s %s", event.get("reason"), event.get("message"), e.status, e.reason)
 
 
 def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:

@@ -30,9 +30,12 @@ class OperatorConfig:
     progress_interval_seconds: int = 30
 
 
+JOB_LABEL = f"{GROUP}/job"  # on every child and pod: the LoRATrainingJob's name
+
+
 def labels(name: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "kubelora", "app.kubernetes.io/instance": name,
-            "app.kubernetes.io/managed-by": "kubelora-operator", f"{GROUP}/job": name}
+            "app.kubernetes.io/managed-by": "kubelora-operator", JOB_LABEL: name}
 
 
 def owner_reference(name: str, uid: str) -> dict:
@@ -180,3 +183,28 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
 def children(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: OperatorConfig) -> list[dict]:
     """In creation order: the Job last, so its pods find their ConfigMap and Service."""
     return [configmap(name, uid, namespace, spec), service(name, uid, namespace), job(name, uid, namespace, spec, cfg)]
+
+
+EVENT_MESSAGE_MAX = 1024
+REPORTING_COMPONENT = "kubelora-operator"
+
+
+def event(involved: dict, type_: str, reason: str, message: str, now: str, instance: str) -> dict:
+    """A core/v1 Event about `involved` (a LoRATrainingJob body), as `kubectl describe` shows it:
+    the shape kopf posts for its own handlers, legacy timestamps (no eventTime), the message cut
+    in the middle to the API server's 1024 characters. Pure."""
+    meta = involved.get("metadata") or {}
+    if len(message) > EVENT_MESSAGE_MAX:
+        half = (EVENT_MESSAGE_MAX - 3) // 2
+        message = f"{message[:half]}...{message[-(EVENT_MESSAGE_MAX - 3 - half):]}"
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{meta.get('name', 'kubelora')}.", "namespace": meta.get("namespace") or "default"},
+        "type": type_, "reason": reason, "message": message,
+        "involvedObject": {"apiVersion": involved.get("apiVersion") or f"{GROUP}/{VERSION}",
+                           "kind": involved.get("kind") or KIND, "name": meta.get("name"),
+                           "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+        "source": {"component": REPORTING_COMPONENT},
+        "reportingComponent": REPORTING_COMPONENT, "reportingInstance": instance[:128],
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    }

@@ -144,6 +144,25 @@ def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], man
     return Observed(INITIALIZING, "Initializing", msg, progress=progress)
 
 
+def last_reported(previous_status: dict) -> Optional[dict]:
+    """The trainer's phase as last reported, for a sync that cannot read progress.json (storage
+    error, missing Secret): a running job stays Training instead of falling back to Initializing
+    until the error has lasted long enough to be reported. Pure."""
+    phase = (previous_status or {}).get("phase")
+    return {"phase": phase} if phase in (TRAINING, EXPORTING) else None
+
+
+def name_missing_secret(obs: Observed, secret: Optional[str]) -> Observed:
+    """A pod that cannot start because the job's credentials Secret is missing says so itself
+    (CreateContainerConfigError, 'secret "x" not found'); add which field names it and what it
+    must hold. Pure."""
+    if secret and obs.reason == "CreateContainerConfigError" and f'secret "{secret}" not found' in obs.message:
+        return Observed(obs.phase, obs.reason, f"{obs.message} (spec.storage.credentialsSecret: create it in the "
+                        "job's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; the pods start "
+                        "once it exists)", stalled=obs.stalled, progress=obs.progress, artifacts=obs.artifacts)
+    return obs
+
+
 def conditions(previous: list[dict], obs: Observed, generation: int, now: str) -> list[dict]:
     """Ready / Reconciling / Stalled / Suspended; lastTransitionTime changes only when the
     status of a condition does."""
@@ -194,5 +213,5 @@ def status(previous: dict, obs: Observed, generation: int, job: Optional[dict], 
 
 
 def invalid(previous: dict, reason: str, message: str, generation: int, now: str) -> dict:
-    """Status for a resource that cannot run (invalid spec, unsupported model, missing Secret)."""
+    """Status for a resource that cannot run (invalid spec, unsupported model, a refused child)."""
     return status(previous, Observed(FAILED, reason, message, stalled=True), generation, None, now)

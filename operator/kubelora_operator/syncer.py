@@ -1,0 +1,244 @@
+"""Status sync without a finalizer: a work queue of LoRATrainingJobs, fed by watch events and a
+ticker, drained by a few workers that run the (blocking) sync in threads.
+
+kopf timers and daemons always put kopf's finalizer on the objects they serve (kopf's guarantee
+that a timer stops before its object goes; nolar/kopf#896 declined making it optional). With the
+finalizer, `kubectl delete ltj`, namespace deletion and CRD removal hang whenever the operator is
+not running, while the trainer Job keeps its GPUs. So the periodic work lives here instead:
+
+- `saw_owner` (kopf.on.event on LoRATrainingJobs, which adds no finalizer): remembers the newest
+  body of every LoRATrainingJob the operator watches (the watch is the cache, as an informer's)
+  and queues it when it is new or its generation or phase changed;
+- `saw_child` (kopf.on.event on batch/v1 Jobs with our label): queues the owning
+  LoRATrainingJob, so Job status changes (pods active, ready, failed, Complete, deleted by hand)
+  are reflected at once;
+- a ticker queues, every `interval` seconds, the jobs whose inputs come from outside the API
+  server (the trainer's progress.json in the output bucket, a lasting storage error, pods that
+  cannot be scheduled or pulled) or that wait for a TTL (`needs_polling`).
+
+A key is synced by one worker at a time; queued again while it runs, it runs once more after.
+A job being deleted is never synced (its children are going, not to be made again).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Callable, Iterable, Optional
+
+from kubelora_trainer.spec import GROUP, KIND
+
+from . import status as st
+
+Key = tuple[str, str]  # (namespace, name)
+log = logging.getLogger("kubelora_operator.syncer")
+
+
+def key_of(body: dict) -> Key:
+    meta = body.get("metadata") or {}
+    return meta.get("namespace") or "", meta.get("name") or ""
+
+
+def owner_key(child: dict) -> Optional[Key]:
+    """The LoRATrainingJob a child (a Job) belongs to: its controller ownerReference of our kind,
+    in the child's namespace; None for anything else (someone's Job that only carries our label).
+    Pure."""
+    meta = child.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/") and ref.get("controller"):
+            return meta.get("namespace") or "", ref.get("name") or ""
+    return None
+
+
+def newer(candidate: dict, current: Optional[dict]) -> bool:
+    """Whether `candidate` is a newer state of the object than `current`: a watch event can arrive
+    after the response of our own status patch, and must not bring the older status back (the
+    next sync would count a gang restart twice). resourceVersions are compared as integers when
+    both are (etcd's revision, as every API server today); otherwise the candidate wins. Pure."""
+    if current is None:
+        return True
+    if (candidate.get("metadata") or {}).get("uid") != (current.get("metadata") or {}).get("uid"):
+        return True  # a new object of the same name
+    a = (candidate.get("metadata") or {}).get("resourceVersion")
+    b = (current.get("metadata") or {}).get("resourceVersion")
+    if isinstance(a, str) and isinstance(b, str) and a.isdigit() and b.isdigit():
+        return int(a) >= int(b)
+    return True
+
+
+def deleting(body: dict) -> bool:
+    return bool((body.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def wants_sync(old: Optional[dict], new: dict) -> bool:
+    """Whether a LoRATrainingJob event needs a sync now (the ticker covers the rest): first seen,
+    a new generation (runPolicy.suspend), or a new phase (e.g. create_children set Pending after
+    the Job's own ADDED event was handled). Our status patches change the phase only at
+    transitions, so this costs one extra sync per transition, not one per patch. Pure."""
+    if deleting(new):
+        return False
+    if old is None:
+        return True
+    gen = lambda b: (b.get("metadata") or {}).get("generation")  # noqa: E731
+    phase = lambda b: (b.get("status") or {}).get("phase")  # noqa: E731
+    return gen(old) != gen(new) or phase(old) != phase(new)
+
+
+def needs_polling(body: dict) -> bool:
+    """Whether the ticker must sync this job: an active run (progress comes from the bucket, not
+    from any watch event; pods are read only then), or a finished one whose
+    ttlSecondsAfterFinished has not yet deleted the children. Suspended, failed-for-good and
+    cleaned-up jobs change only through events. Pure."""
+    if deleting(body):
+        return False
+    status = body.get("status") or {}
+    phase = status.get("phase")
+    if phase in st.ACTIVE:
+        return True
+    if phase in st.FINISHED:
+        ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        return ttl is not None and not status.get("childrenDeleted") and bool(status.get("completionTime"))
+    return False
+
+
+class Owners:
+    """The newest body of each LoRATrainingJob, from the watch and from our own patch responses
+    (thread-safe: workers remember their patch responses from threads)."""
+
+    def __init__(self):
+        self._bodies: dict[Key, dict] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, body: dict) -> Optional[dict]:
+        """Store body unless an newer state is stored; returns the previous state."""
+        key = key_of(body)
+        with self._lock:
+            old = self._bodies.get(key)
+            if newer(body, old):
+                self._bodies[key] = body
+            return old
+
+    def forget(self, body: dict) -> None:
+        key = key_of(body)
+        uid = (body.get("metadata") or {}).get("uid")
+        with self._lock:
+            old = self._bodies.get(key)
+            if old is not None and (uid is None or (old.get("metadata") or {}).get("uid") == uid):
+                del self._bodies[key]
+
+    def get(self, key: Key) -> Optional[dict]:
+        with self._lock:
+            return self._bodies.get(key)
+
+    def items(self) -> list[tuple[Key, dict]]:
+        with self._lock:
+            return list(self._bodies.items())
+
+
+class WorkQueue:
+    """Keys to process, each by at most one worker at a time (client-go's workqueue semantics):
+    adding a queued key does nothing, adding a key being processed runs it once more after.
+    `process(key)` is blocking and runs in a thread; its exceptions are logged, never raised.
+    Everything but `process` runs on the event loop."""
+
+    def __init__(self, process: Callable[[Key], None], workers: int = 4):
+        self._process = process
+        self._workers = workers
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._queued: set[Key] = set()
+        self._running: set[Key] = set()
+        self._again: set[Key] = set()
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+
+    def add(self, key: Key) -> None:
+        if self._stopping:
+            return
+        if key in self._running:
+            self._again.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+
+    def add_all(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self.add(key)
+
+    def idle(self) -> bool:
+        return not (self._queued or self._running or self._again)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._worker(), name=f"kubelora-sync-{i}") for i in range(self._workers)]
+
+    async def stop(self, timeout: float = 60.0) -> None:
+        """Let the syncs in progress finish (a thread cannot be cancelled: one that went on after
+        the operator stopped would still write), drop what is queued."""
+        self._stopping = True
+        for _ in self._tasks:
+            self._queue.put_nowait(None)
+        if self._tasks:
+            done, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self._queue.get()
+            if key is None or self._stopping:
+                return
+            self._queued.discard(key)
+            self._running.add(key)
+            try:
+                await asyncio.to_thread(self._process, key)
+            except Exception:  # noqa: BLE001 - one job's failure must not stop the others' syncs
+                log.exception("syncing %s/%s failed; retried at the next tick", *key)
+            finally:
+                self._running.discard(key)
+                if key in self._again:
+                    self._again.discard(key)
+                    self.add(key)
+
+
+class Syncer:
+    """The queue, the ticker and the memory of LoRATrainingJobs; `sync(body, remember)` does the
+    work for one job (blocking; `remember` takes the body of our own status patch response)."""
+
+    def __init__(self, sync: Callable[[dict, Callable[[dict], None]], None], interval: float, workers: int = 4):
+        self.owners = Owners()
+        self.queue = WorkQueue(self._run, workers)
+        self._sync = sync
+        self._interval = interval
+        self._ticker: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        self.queue.start()
+        self._ticker = asyncio.create_task(self._tick(), name="kubelora-sync-ticker")
+
+    async def stop(self) -> None:
+        if self._ticker:
+            self._ticker.cancel()
+        await self.queue.stop()
+
+    def saw_owner(self, event_type: Optional[str], body: dict) -> None:
+        if event_type == "DELETED":
+            self.owners.forget(body)
+            return
+        old = self.owners.remember(body)
+        if wants_sync(old, body):
+            self.queue.add(key_of(body))
+
+    def saw_child(self, child: dict) -> None:
+        key = owner_key(child)
+        if key is not None:
+            self.queue.add(key)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.queue.add_all(key for key, body in self.owners.items() if needs_polling(body))
+
+    def _run(self, key: Key) -> None:
+        body = self.owners.get(key)
+        if body is None or deleting(body):
+            return
+        self._sync(body, self.owners.remember)
