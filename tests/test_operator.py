@@ -149,6 +149,9 @@ INVALID = [
     ("bad-format", {"output__formats": ["original"]}, "Failed", "output.formats: 'original' is not available for flux"),
     ("local-output", {"output__uri": "/tmp/out"}, "Failed",
      "output.uri: '/tmp/out' is a path inside the trainer pod, where the LoRA would be lost with the pod"),
+    # 2 nodes' pods cannot all mount a ReadWriteOnce claim (Multi-Attach): said at once, nothing made
+    ("rwo-cache", {"resources__nodes": 2, "resources__cacheVolumeClaim": "rwo-claim"}, "Failed",
+     "resources.cacheVolumeClaim: claim 'rwo-claim' is ReadWriteOnce, so the 2 nodes' pods cannot all mount it"),
     ("9lives", {}, "apply", "metadata.name must start with a letter"),
     ("dotted.name", {}, "apply", "metadata.name must start with a letter and hold only lowercase letters"),
     ("n" * 56, {}, "apply", "metadata.name must be at most 55 characters"),
@@ -161,6 +164,8 @@ INVALID = [
 
 def test_invalid_manifests_are_refused_or_failed_and_the_operator_stays_healthy(cluster, kubectl):
     kube = cluster
+    apply(kubectl, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "rwo-claim"},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
     with operator():
         for name, over, where, message in INVALID:
             p = apply(kubectl, manifest(name, **over))

@@ -338,3 +338,18 @@ def test_events_name_the_job_and_fit_the_api_servers_limit():
                                    "namespace": "ml", "uid": "u1"}
     assert e["metadata"] == {"generateName": "ft.", "namespace": "ml"} and len(e["message"]) == 1024
     assert (e["type"], e["reason"], e["reportingInstance"]) == ("Warning", "GangRestart", "op-7d9f")
+
+
+def test_several_nodes_need_a_cache_claim_they_can_all_mount():
+    from kubelora_operator.manifests import volume_problem
+    from kubelora_trainer.spec import parse_spec
+
+    def spec(nodes, claim="cache"):
+        return parse_spec({"model": {"type": "flux", "diffusersPath": "s3://m/f"}, "dataset": {"uri": "s3://d/s"},
+                           "output": {"uri": "s3://o/r"}, "resources": {"nodes": nodes, "cacheVolumeClaim": claim}})
+    assert "claim 'cache' is ReadWriteOnce, so the 2 nodes' pods" in volume_problem(spec(2), ["ReadWriteOnce"])
+    assert "ReadWriteMany claim" in volume_problem(spec(3), ["ReadOnlyMany"])  # the cache is written
+    assert volume_problem(spec(2), ["ReadWriteOnce", "ReadWriteMany"]) is None
+    assert volume_problem(spec(1), ["ReadWriteOncePod"]) is None  # one node, one pod
+    assert volume_problem(spec(2), None) is None  # no such claim: the pods say so
+    assert volume_problem(spec(2, None), ["ReadWriteOnce"]) is None

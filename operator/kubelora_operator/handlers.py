@@ -159,6 +159,11 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
     problem = manifests.cluster_problem(job_spec)
     if problem:
         return _fail(body, changes, "InvalidSpec", problem)
+    r = job_spec.resources
+    if r.cacheVolumeClaim and r.nodes > 1:
+        problem = manifests.volume_problem(job_spec, kube.claim_access_modes(namespace, r.cacheVolumeClaim))
+        if problem:
+            return _fail(body, changes, "VolumeNotShared", problem)
     created = _ensure_children(body, changes, name, uid, namespace, job_spec, runtime)
     if created is None:
         return

@@ -112,6 +112,19 @@ def get_job(namespace: str, name: str) -> Optional[dict]:
         raise
 
 
+def claim_access_modes(namespace: str, name: str) -> Optional[list[str]]:
+    """A PersistentVolumeClaim's spec.accessModes; None when there is no such claim (its pods
+    report that themselves)."""
+    from kubernetes.client.exceptions import ApiException
+    core, _ = _apis()
+    try:
+        return list(core.read_namespaced_persistent_volume_claim(name, namespace).spec.access_modes or [])
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
 def job_pods(namespace: str, job_name: str) -> list[dict]:
     core, _ = _apis()
     pods = core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")

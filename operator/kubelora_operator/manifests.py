@@ -111,6 +111,19 @@ def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
     return None
 
 
+def volume_problem(spec: LoRATrainingJobSpec, access_modes: list[str] | None) -> str | None:
+    """Several nodes' pods all mount resources.cacheVolumeClaim, and they write to it: a claim
+    that only one node can mount leaves every pod but the first in ContainerCreating with a
+    Multi-Attach error the pod status never shows. Pure (access_modes: the claim's, None when
+    unknown)."""
+    claim, nodes = spec.resources.cacheVolumeClaim, spec.resources.nodes
+    if not claim or nodes < 2 or access_modes is None or "ReadWriteMany" in access_modes:
+        return None
+    return (f"resources.cacheVolumeClaim: claim {claim!r} is {'/'.join(access_modes) or 'without access modes'}, "
+            f"so the {nodes} nodes' pods cannot all mount it for writing (the volume attach fails with Multi-Attach "
+            f"and the pods wait forever); use a ReadWriteMany claim, or leave it unset for a cache per pod")
+
+
 def trainer_command() -> tuple[list[str], list[str]]:
     """torchrun (through kubelora's launcher, which exits 2 when a worker found bad input, so the
     podFailurePolicy below can fail the Job at once) with the node rank from the completion index

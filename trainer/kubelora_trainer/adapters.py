@@ -39,6 +39,7 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
     for name, module in comps.trainable.items():
         cfg = lora.lora_config(spec.adapter, targets[name])
         out.n_trainable += lora.inject(module, cfg, spec.training.seed)
+        out.configs[name] = cfg
         if name == denoiser and spec.model.transformerDtype == "float8":
             _store_float8(module, family, name, spec, env)
         module.to(env.device)
@@ -52,7 +53,6 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
             module, family.blocks(name, module), sharding=sharding, compute_dtype=getattr(torch, spec.model.dtype),
             checkpointing=spec.training.gradientCheckpointing, compile_blocks=spec.training.compile)
         module.train()
-        out.configs[name] = cfg
         out.groups.append({"params": [p for p in module.parameters() if p.requires_grad],
                            "lr": learning_rate(name, spec.training), "name": name})
     out.sync = dist.GradSync(sharding, list(comps.trainable.values()), out.params)
