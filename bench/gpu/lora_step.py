@@ -9,6 +9,8 @@ activation checkpointing and regional compile) and the family's own loss.
 
     python bench/gpu/lora_step.py flux compile_nogc_fp8   # modes: {eager|compile}_{gc|nogc}[_fp8|_fp8dq]
     TINY=1 python bench/gpu/lora_step.py hunyuan eager_gc_fp8   # CPU smoke test of this script
+    HY_CAPTIONS=varied python bench/gpu/lora_step.py hunyuan compile_gc   # captions of varying length
+        (padded to 256, a different length each step, as in training); default: 256 caption tokens
 
 Prints one line: RESULT {json} with case, s_per_step (median), peak_gib, mfu, gpu, torch.
 mfu = model FLOPs of the step (forward GEMMs and attention counted once by torch's FlopCounterMode
@@ -16,6 +18,7 @@ on an eager forward; backward = input gradients of the frozen GEMMs (x1) and att
 / step time / the card's dense bf16 peak (989 TFLOP/s for H100 and H200), also for fp8 runs.
 Run beside ../shared/bench (stock stack) on the same card: see bench/gpu/run.sh.
 """
+import itertools
 import json
 import os
 import sys
@@ -26,6 +29,7 @@ import torch
 MODEL = sys.argv[1] if len(sys.argv) > 1 else "flux"
 MODE = sys.argv[2] if len(sys.argv) > 2 else "compile_nogc"
 TINY = os.environ.get("TINY") == "1"
+VARIED = os.environ.get("HY_CAPTIONS") == "varied"
 if TINY:
     os.environ["KUBELORA_FORCE_CPU"] = "1"
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
@@ -112,7 +116,12 @@ def main():
     compute, params, n_lora = ad.compute, ad.params, ad.n_trainable
     opt = torch.optim.AdamW(params, lr=1e-4)
 
+    lengths = itertools.cycle([max(1, int(f * batch["prompt_mask"].shape[1])) for f in (0.8, 0.55, 1.0, 0.35, 0.7)])
+
     def step():
+        if VARIED and "prompt_mask" in batch:
+            n = next(lengths)
+            batch["prompt_mask"] = (torch.arange(batch["prompt_mask"].shape[1], device=dev) < n)[None]
         with compute():
             loss = fam.loss(comps, batch, spec.model, spec.training, g)
         loss.backward()
@@ -159,7 +168,7 @@ def main():
 
 
 if __name__ == "__main__":
-    tag = "_fsdp" if os.environ.get("KUBELORA_FSDP_SINGLE") == "1" else ""
+    tag = ("_fsdp" if os.environ.get("KUBELORA_FSDP_SINGLE") == "1" else "") + ("_varied" if VARIED else "")
     out = {"case": f"kubelora_{MODEL}_{MODE}{tag}", "torch": torch.__version__}
     try:
         out.update(main())

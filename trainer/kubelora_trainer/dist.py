@@ -114,6 +114,14 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
 
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    if compile_blocks:
+        # dynamo's recompile_limit (8) counts the compiled variants of one function, and with
+        # checkpointing every block of every kind is one function (CheckpointWrapper.forward).
+        # HunyuanVideo alone needs 8: per block kind, the first block (inputs without grad, or a
+        # strided slice) and the others, each static and then dynamic once the caption length
+        # varies (the family trims text padding per batch). Past the limit blocks fall back to
+        # eager, slowly and only with a warning.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for blocks in block_lists:
         for i, block in enumerate(blocks):
             if checkpointing:

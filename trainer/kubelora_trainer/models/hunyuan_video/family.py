@@ -20,6 +20,16 @@ x_t = (1 - t) x0 + t eps, the transformer predicts eps - x0 at timestep 1000 t; 
 distilled checkpoints get the embedded guidance 1.0 (x1000) as at inference with guidance 1.
 t from training.timestepSampling (logit_normal or uniform).
 
+Attention without a mask where it changes nothing: diffusers always hands the blocks' attention a
+[B, 1, 1, video + text] mask built from the caption mask, even an all-true one, and SDPA's flash
+kernel takes no mask: with cuDNN attention off (dist.init) every block's attention ran on the
+slower memory-efficient kernel, ~1.9x the step time of the stock stack (whose torch picks cuDNN
+attention, which takes masks, on the H100). So the loss first drops the text positions that are
+padding in every caption of the batch (exact: padded keys are masked out, padded queries reach
+nothing the loss sees, text gets no RoPE), and the blocks' attention gets no mask whenever every
+remaining text position is a caption token (always at batch 1): flash attention, same result.
+A batch of captions of different lengths keeps the mask.
+
 Export: "original" (default): ``transformer.<original module>.lora_A.weight`` / ``lora_B.weight``
 (e.g. ``transformer.double_blocks.0.img_attn_qkv.lora_A.weight``); the LoRAs trained on separate
 q, k, v (and the single blocks' MLP input) are written as the exactly equivalent LoRA of the fused
@@ -220,6 +230,64 @@ def prompt_template(tokenizer) -> dict:
     return {"template": DEFAULT_PROMPT_TEMPLATE["template"], "crop_start": n}
 
 
+# ------------------------------------------------------------------ text mask and attention
+
+def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caption embeddings [B, L, D] and mask [B, L] without the trailing positions that are
+    padding in every caption of the batch (at least one position is kept). Exact: the transformer
+    masks padded text keys out (the token refiner and every block), padded text queries only
+    produce padded text outputs, and the text tokens get no positional embedding."""
+    used = mask.bool().any(dim=0).nonzero()
+    n = int(used[-1]) + 1 if len(used) else 1
+    return (embeds, mask) if n == mask.shape[1] else (embeds[:, :n], mask[:, :n])
+
+
+class _TextMask:
+    """Whether every text position of the transformer's latest forward is a caption token; set by
+    a forward pre-hook on the transformer from its encoder_attention_mask."""
+    full = False
+
+
+class UnmaskedWhenFull:
+    """The blocks' attention processor: the model's own, called without the attention mask when
+    every text position is a caption token (the mask is then all true and only keeps SDPA off
+    flash attention). The state is read again when checkpointed blocks recompute in backward,
+    which is right as long as each forward's backward runs before the next forward (the
+    training loop); compiled blocks keep the choice traced in forward."""
+
+    def __init__(self, inner, state: _TextMask):
+        self.inner, self.state = inner, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if self.state.full:
+            attention_mask = None
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+def unmask_full_captions(transformer) -> _TextMask:
+    """Install UnmaskedWhenFull on the attention of both block kinds (not the token refiner,
+    whose short text attention keeps its mask) and the pre-hook that sets the state; once per
+    transformer, before or after adapters.attach wrapped and compiled the blocks."""
+    state = getattr(transformer, "_kubelora_text_mask", None)
+    if state is not None:
+        return state
+    state = _TextMask()
+    for blocks in FAMILY.blocks("transformer", transformer):
+        for block in blocks:
+            for m in block.modules():
+                if hasattr(m, "set_processor") and getattr(m, "processor", None) is not None \
+                        and not isinstance(m.processor, UnmaskedWhenFull):
+                    m.set_processor(UnmaskedWhenFull(m.processor, state))
+
+    def note(module, args, kwargs):
+        mask = kwargs["encoder_attention_mask"] if "encoder_attention_mask" in kwargs else args[3]
+        state.full = bool(mask.bool().all())     # one host sync per forward
+
+    transformer.register_forward_pre_hook(note, with_kwargs=True)
+    transformer._kubelora_text_mask = state
+    return state
+
+
 # ------------------------------------------------------------------ the family
 
 class HunyuanVideo:
@@ -273,9 +341,11 @@ class HunyuanVideo:
         guidance = None
         if comps.info["guidance_embeds"]:
             guidance = torch.full((b,), EMBEDDED_GUIDANCE * 1000.0, device=x0.device, dtype=dtype)
+        unmask_full_captions(tr)
+        embeds, mask = trim_text_padding(batch["prompt_embeds"], batch["prompt_mask"])
         # as HunyuanVideoPipeline: latents in the model dtype, the timestep (0..1000) in float32
         pred = tr(hidden_states=xt.to(dtype), timestep=t * 1000.0,
-                  encoder_hidden_states=batch["prompt_embeds"], encoder_attention_mask=batch["prompt_mask"],
+                  encoder_hidden_states=embeds, encoder_attention_mask=mask,
                   pooled_projections=batch["pooled"], guidance=guidance, return_dict=False)[0]
         return F.mse_loss(pred.float(), target.float())
 
