@@ -345,8 +345,8 @@ def test_several_nodes_need_a_cache_claim_they_can_all_mount():
     from kubelora_trainer.spec import parse_spec
 
     def spec(nodes, claim="cache"):
-        return parse_spec({"model": {"type": "flux", "diffusersPath": "s3://m/f"}, "dataset": {"uri": "s3://d/s"},
-                           "output": {"uri": "s3://o/r"}, "resources": {"nodes": nodes, "cacheVolumeClaim": claim}})
+        return parse_spec({"model": {"type": "flux", "diffusersPath": "s3://models/f"}, "dataset": {"uri": "s3://data/s"},
+                           "output": {"uri": "s3://out/r"}, "resources": {"nodes": nodes, "cacheVolumeClaim": claim}})
     assert "claim 'cache' is ReadWriteOnce, so the 2 nodes' pods" in volume_problem(spec(2), ["ReadWriteOnce"])
     assert "ReadWriteMany claim" in volume_problem(spec(3), ["ReadOnlyMany"])  # the cache is written
     assert volume_problem(spec(2), ["ReadWriteOnce", "ReadWriteMany"]) is None
