@@ -207,6 +207,40 @@ def test_images_train_as_one_frame_clips(tiny_ltx_dir, tmp_path):
         assert torch.isfinite(loss) and loss > 0
 
 
+def test_text_padding_is_trimmed_and_a_full_mask_dropped_with_the_same_loss(tiny_ltx_dir):
+    """Padded text keys are masked out anyway: the loss with the trimmed, unmasked text equals the
+    transformer's loss with the whole padded text and its mask; with every caption filling the
+    kept positions the attention runs without a mask (flash attention on a GPU)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from kubelora_trainer.models import get_family
+    fam = get_family("ltx-video")
+    comps = fam.load(SimpleNamespace(dtype="float32"), {"diffusersPath": str(tiny_ltx_dir)}, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 8, 1, 4, 4, generator=g)
+    embeds = torch.randn(2, 128, 32, generator=g)
+    mask = torch.zeros(2, 128, dtype=torch.long)
+    mask[0, :7], mask[1, :7] = 1, 1
+    spec = SimpleNamespace(timestepSampling="uniform")
+    masks = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
+        return real_sdpa(*args, **kwargs)
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", spy):
+        ours = fam.loss(comps, {"latents": latents, "prompt_embeds": embeds, "prompt_mask": mask}, None, spec,
+                        torch.Generator().manual_seed(5))
+    assert masks and all(m is None for m in masks)
+    # the reference: the same noise and timesteps, the whole padded text with its mask
+    from kubelora_trainer.models.ltx_video import family as ltx
+    with mock.patch.object(ltx, "trim_text_padding", lambda e, m: (e, m)):
+        ref = fam.loss(comps, {"latents": latents, "prompt_embeds": embeds, "prompt_mask": mask}, None, spec,
+                       torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_export_parse_round_trip_and_comfy_names():
     from kubelora_trainer.models.ltx_video.family import FAMILY
     g = torch.Generator().manual_seed(0)

@@ -66,3 +66,14 @@ class ModelFamily(Protocol):
     def parse(self, tensors: dict[str, torch.Tensor], fmt: str) -> tuple[LoraTensors, float]:
         """Inverse of export: a LoRA file's tensors in format fmt back to (LoraTensors, scale);
         `kubelora convert` is parse + export."""
+
+
+def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caption embeddings [B, L, D] and mask [B, L] without the trailing positions that are
+    padding in every caption of the batch (at least one position is kept). Exact for a
+    transformer that masks padded text keys out and gives text tokens no positional embedding
+    (padded text queries, where text attends too, only produce padded text outputs). Shorter
+    sequences, and an all-true mask that can be dropped so SDPA may use flash attention."""
+    used = mask.bool().any(dim=0).nonzero()
+    n = int(used[-1]) + 1 if len(used) else 1
+    return (embeds, mask) if n == mask.shape[1] else (embeds[:, :n], mask[:, :n])

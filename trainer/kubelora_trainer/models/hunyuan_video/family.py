@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ...objectives import flow_matching_pair, sample_timesteps
 from . import keys
-from ..base import Components, ModelError
+from ..base import Components, ModelError, trim_text_padding
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 FORMATS = ("original", "diffusers")
@@ -231,16 +231,6 @@ def prompt_template(tokenizer) -> dict:
 
 
 # ------------------------------------------------------------------ text mask and attention
-
-def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The caption embeddings [B, L, D] and mask [B, L] without the trailing positions that are
-    padding in every caption of the batch (at least one position is kept). Exact: the transformer
-    masks padded text keys out (the token refiner and every block), padded text queries only
-    produce padded text outputs, and the text tokens get no positional embedding."""
-    used = mask.bool().any(dim=0).nonzero()
-    n = int(used[-1]) + 1 if len(used) else 1
-    return (embeds, mask) if n == mask.shape[1] else (embeds[:, :n], mask[:, :n])
-
 
 class _TextMask:
     """Whether every text position of the transformer's latest forward is a caption token; set by

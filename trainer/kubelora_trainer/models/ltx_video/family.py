@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ...families import RULES
 from ...objectives import flow_matching_pair, sample_timesteps
-from ..base import Components, ModelError
+from ..base import Components, ModelError, trim_text_padding
 
 # Attention (self and cross) and MLP linears of every block; peft matches with re.fullmatch.
 # Not proj_in / time_embed: ComfyUI names them patchify_proj / adaln_single, and diffusers'
@@ -132,9 +132,13 @@ class LTXVideo:
         xt, target = flow_matching_pair(x0, noise, t)
         dtype = batch["prompt_embeds"].dtype
         p, pt = info["patch"], info["patch_t"]
+        # text positions that are padding in every caption go; a mask left all true is dropped
+        # (it only adds zeros to the scores, and keeps SDPA off flash attention)
+        embeds, mask = trim_text_padding(batch["prompt_embeds"], batch["prompt_mask"])
+        mask = None if bool(mask.bool().all()) else mask
         pred = tr(hidden_states=LTXPipeline._pack_latents(xt, p, pt).to(dtype),
-                  encoder_hidden_states=batch["prompt_embeds"], timestep=t * 1000,
-                  encoder_attention_mask=batch["prompt_mask"], num_frames=f // pt, height=h // p, width=w // p,
+                  encoder_hidden_states=embeds, timestep=t * 1000,
+                  encoder_attention_mask=mask, num_frames=f // pt, height=h // p, width=w // p,
                   rope_interpolation_scale=(info["temporal"] / FRAME_RATE, info["spatial"], info["spatial"]),
                   return_dict=False)[0]
         return F.mse_loss(pred.float(), LTXPipeline._pack_latents(target, p, pt).float())
