@@ -33,7 +33,7 @@ def test_rows_quantize_to_e4m3_with_one_scale_each():
     assert t8.float().abs().amax() == fp8.E4M3_MAX
 
 
-@pytest.mark.parametrize("compute,tol", [("fp8", 0.06), ("dequant", 0.04)])
+@pytest.mark.parametrize("compute,tol", [("fp8", 0.06), ("fp8_transposed", 0.06), ("dequant", 0.04)])
 def test_a_float8_linear_matches_the_linear_and_gives_only_the_input_gradient(compute, tol):
     torch.manual_seed(0)
     lin = nn.Linear(96, 160).requires_grad_(False)
@@ -50,9 +50,13 @@ def test_a_float8_linear_matches_the_linear_and_gives_only_the_input_gradient(co
     assert rel(y, yr) < tol and rel(g, x.grad) < tol
     assert y.shape == yr.shape and y.dtype == torch.float32
     # nothing of the input is kept for backward: only the stored weight and its scales
-    assert {t.data_ptr() for t in saved} <= {f.weight8.data_ptr(), f.scale.data_ptr()}
+    stored = {f.weight8.data_ptr(), f.scale.data_ptr()} | ({f.weight8_t.data_ptr()} if f.weight8_t is not None else set())
+    assert {t.data_ptr() for t in saved if t is not None} <= stored
     assert not any(p.requires_grad for p in f.parameters())
     assert f.weight8.numel() * f.weight8.element_size() == lin.weight.numel()  # one byte per weight
+    if compute == "fp8_transposed":  # the backward's layout stored: a [K, N] row-major copy
+        assert f.weight8_t.shape == (96, 160) and f.weight8_t.is_contiguous()
+        assert torch.equal(f.weight8_t.t().float(), f.weight8.float())
 
 
 def test_under_autocast_the_output_is_in_the_autocast_dtype():
@@ -70,6 +74,8 @@ def test_under_autocast_the_output_is_in_the_autocast_dtype():
     ("transformer_blocks.0.ff.net.0.proj", (40, 64), "fp8", True, ("dequant", "unaligned")),
     ("transformer_blocks.0.ff.net.0.proj", (40, 64), "fp8", False, ("fp8", "fp8")),  # CPU needs no alignment
     ("transformer_blocks.0.attn.to_q", (64, 64), "dequant", True, ("dequant", "dequant")),
+    ("transformer_blocks.0.attn.to_q", (64, 64), "fp8_transposed", True, ("fp8_transposed", "fp8")),
+    ("transformer_blocks.0.norm1.linear", (64, 384), "fp8_transposed", True, ("dequant", "sensitive")),
 ])
 def test_which_linears_run_as_fp8_gemms(path, dims, want, cuda, expected):
     lin = nn.Linear(*dims, device="meta")
@@ -172,6 +178,9 @@ def test_fp8_training_follows_bf16_training(capsys):
     assert any(isinstance(m, fp8.Float8Linear) and m.compute == "fp8" for m in model.modules())
     assert base[-1] < 0.85 * base[0]  # it learns (the comparison below means something)
     assert abs(f8[-1] - base[-1]) <= 0.02 * base[-1], (base, f8)
+    # the stored transposed copy changes the layout the backward reads, not a single number
+    f8t, _ = flux_run(steps, transformerDtype="float8", float8Compute="fp8_transposed")
+    assert f8t == f8
 
 
 def test_float8_compute_without_float8_storage_is_refused():
@@ -187,3 +196,5 @@ def test_gpus_without_fp8_tensor_cores_fall_back_with_a_warning(monkeypatch):
     assert mode == "dequant" and "A100" in warning and "model.float8Compute" in warning
     assert adapters.float8_compute(None, CPU) == ("fp8", None)
     assert adapters.float8_compute("dequant", CPU) == ("dequant", None)
+    mode, warning = adapters.float8_compute("fp8_transposed", torch.device("cuda", 0))
+    assert mode == "dequant" and "float8Compute fp8_transposed" in warning

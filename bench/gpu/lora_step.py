@@ -7,7 +7,7 @@ activation checkpointing and regional compile) and the family's own loss.
   hunyuan: 33 frames at 512x512 (9216 video + 256 text tokens), batch 1
   rank 32 on the attention and MLP linears of every block, AdamW, gradient clipping.
 
-    python bench/gpu/lora_step.py flux compile_nogc_fp8   # modes: {eager|compile}_{gc|nogc}[_fp8|_fp8dq]
+    python bench/gpu/lora_step.py flux compile_nogc_fp8   # modes: {eager|compile}_{gc|nogc}[_fp8|_fp8t|_fp8dq]
     TINY=1 python bench/gpu/lora_step.py hunyuan eager_gc_fp8   # CPU smoke test of this script
     HY_CAPTIONS=varied python bench/gpu/lora_step.py hunyuan compile_gc   # captions of varying length
         (padded to 256, a different length each step, as in training); default: 256 caption tokens
@@ -101,7 +101,8 @@ def main():
     fp8 = "_fp8" in MODE
     spec = parse_spec({
         "model": {"type": family, "dtype": "bfloat16", **spec_model,
-                  **({"transformerDtype": "float8", "float8Compute": "dequant" if MODE.endswith("_fp8dq") else "fp8"}
+                  **({"transformerDtype": "float8",
+                      "float8Compute": {"_fp8dq": "dequant", "_fp8t": "fp8_transposed"}.get(MODE[MODE.index("_fp8"):], "fp8")}
                      if fp8 else {})},
         "dataset": {"uri": "/bench/none", "resolution": 1024 if family == "flux" else 512},
         "adapter": {"rank": 32, "alpha": 32},
@@ -116,7 +117,8 @@ def main():
     compute, params, n_lora = ad.compute, ad.params, ad.n_trainable
     opt = torch.optim.AdamW(params, lr=1e-4)
 
-    lengths = itertools.cycle([max(1, int(f * batch["prompt_mask"].shape[1])) for f in (0.8, 0.55, 1.0, 0.35, 0.7)])
+    text_len = batch["prompt_mask"].shape[1] if "prompt_mask" in batch else 0
+    lengths = itertools.cycle([max(1, int(f * text_len)) for f in (0.8, 0.55, 1.0, 0.35, 0.7)])
 
     def step():
         if VARIED and "prompt_mask" in batch:

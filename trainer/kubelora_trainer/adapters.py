@@ -77,9 +77,9 @@ def device_memory(device: torch.device) -> int | None:
 def float8_compute(requested: str | None, device: torch.device) -> tuple[str, str | None]:
     """The float8 compute mode to use on this device, and a warning when the request cannot be met."""
     want = requested or "fp8"
-    if want == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if want != "dequant" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device)
-        return "dequant", (f"model.float8Compute fp8: {name} has no fp8 tensor cores (Ada/Hopper and newer do); "
+        return "dequant", (f"model.float8Compute {want}: {name} has no fp8 tensor cores (Ada/Hopper and newer do); "
                            f"the float8 weights multiply in model.dtype instead (memory savings only)")
     return want, None
 

@@ -29,7 +29,7 @@ from torch import nn
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
-COMPUTES = ("fp8", "dequant")
+COMPUTES = ("fp8", "fp8_transposed", "dequant")
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,38 +54,41 @@ def _mm(a8, a_scale, b8_t, b_scale_row, out_dtype):
 
 class Float8Matmul(torch.autograd.Function):
     """y = x @ (scale * weight8).T + bias, for a frozen weight: only x gets a gradient.
-    compute "fp8": both GEMMs in fp8; "dequant": both in out_dtype on the dequantized weight."""
+    compute "fp8": both GEMMs in fp8 (the backward transposes weight8 for the kernel);
+    "fp8_transposed": likewise with weight8_t, a stored [K, N] copy, so nothing is transposed;
+    "dequant": both GEMMs in out_dtype on the dequantized weight."""
 
     @staticmethod
-    def forward(ctx, x, weight8, scale, bias, out_dtype, compute):
+    def forward(ctx, x, weight8, weight8_t, scale, bias, out_dtype, compute):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if compute == "fp8":
+        if compute != "dequant":
             x8, xs = quantize_rows(x2)
             y = _mm(x8, xs, weight8.t(), scale.reshape(1, -1), out_dtype)
         else:
             y = x2.to(out_dtype) @ dequantize(weight8, scale.reshape(-1, 1), out_dtype).t()
         if bias is not None:
             y = y + bias.to(out_dtype)
-        ctx.save_for_backward(weight8, scale)
+        ctx.save_for_backward(weight8, weight8_t, scale)
         ctx.meta = (shape, x.dtype, out_dtype, compute)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        weight8, scale = ctx.saved_tensors
+        weight8, weight8_t, scale = ctx.saved_tensors
         shape, x_dtype, out_dtype, compute = ctx.meta
         g = grad.reshape(-1, grad.shape[-1])
-        if compute == "fp8":
+        if compute != "dequant":
             # dx = g @ (diag(s) W8) = (g * s) @ W8: fold the row scales into g, quantize g per row
             g8, gs = quantize_rows(g.float() * scale.reshape(1, -1))
             ones = torch.ones(1, weight8.shape[1], device=g.device, dtype=torch.float32)
             # _scaled_mm wants its second operand column-major: W8 [N, K] as the transpose of a
-            # row-major [K, N] copy (one byte per weight, transient)
-            dx = _mm(g8, gs, weight8.t().contiguous().t(), ones, out_dtype)
+            # row-major [K, N] copy (stored, or made here: one byte per weight, transient)
+            w_t = weight8_t if weight8_t is not None else weight8.t().contiguous()
+            dx = _mm(g8, gs, w_t.t(), ones, out_dtype)
         else:
             dx = g.to(out_dtype) @ dequantize(weight8, scale.reshape(-1, 1), out_dtype)
-        return dx.reshape(*shape[:-1], dx.shape[-1]).to(x_dtype), None, None, None, None, None
+        return dx.reshape(*shape[:-1], dx.shape[-1]).to(x_dtype), None, None, None, None, None, None
 
 
 class Float8Linear(nn.Module):
@@ -99,6 +102,9 @@ class Float8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w8, s = quantize_rows(linear.weight.detach())
         self.weight8 = nn.Parameter(w8, requires_grad=False)
+        # the backward's layout, stored: as many bytes again, no transpose per step
+        self.weight8_t = (nn.Parameter(w8.t().contiguous(), requires_grad=False) if compute == "fp8_transposed"
+                          else None)
         self.scale = nn.Parameter(s.reshape(-1), requires_grad=False)
         self.bias = (None if linear.bias is None
                      else nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False))
@@ -113,7 +119,8 @@ class Float8Linear(nn.Module):
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
         with torch.autocast(dev, enabled=False):
-            return Float8Matmul.apply(x, self.weight8, self.scale, self.bias, out_dtype, self.compute)
+            return Float8Matmul.apply(x, self.weight8, self.weight8_t, self.scale, self.bias, out_dtype,
+                                      self.compute)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise, compute={self.compute}"
@@ -142,13 +149,13 @@ class Conversion:
 def compute_mode(path: str, linear: nn.Linear, sensitive: tuple[str, ...], want: str, need_alignment: bool) -> tuple[str, str]:
     """(compute, reason): 'fp8' where wanted and allowed, else 'dequant' with the reason
     ('sensitive' by name, 'unaligned', or 'dequant' when fp8 GEMMs are not wanted)."""
-    if want != "fp8":
+    if want == "dequant":
         return "dequant", "dequant"
     if sensitive and re.search("|".join(re.escape(k) for k in sensitive), path.lower()):
         return "dequant", "sensitive"
     if need_alignment and (linear.in_features % 16 or linear.out_features % 16):
         return "dequant", "unaligned"
-    return "fp8", "fp8"
+    return want, "fp8"
 
 
 def weight_bytes(modules) -> int:

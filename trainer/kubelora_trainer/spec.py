@@ -67,11 +67,13 @@ class ModelSpec(_Model):
                                   "(one scale per row; half the weight memory of bfloat16) and run them as fp8 GEMMs "
                                   "(model.float8Compute). Embedders, norms, modulation and final layers stay in "
                                   "model.dtype. Unset: the denoiser is stored in model.dtype.")
-    float8Compute: Optional[Literal["fp8", "dequant"]] = Field(
+    float8Compute: Optional[Literal["fp8", "fp8_transposed", "dequant"]] = Field(
         default=None, description="With transformerDtype float8: fp8 (default) runs the forward and input-gradient "
                                   "GEMMs in fp8 (inputs quantized per row; GPUs with fp8 tensor cores, Ada/Hopper "
-                                  "and newer; elsewhere dequant is used with a warning); dequant multiplies with the "
-                                  "weight dequantized to model.dtype (memory savings only, diffusion-pipe's "
+                                  "and newer; elsewhere dequant is used with a warning); fp8_transposed also stores "
+                                  "each weight transposed, so the backward transposes nothing (weight memory as "
+                                  "bfloat16; not yet measured faster, see docs/benchmarks.md); dequant multiplies "
+                                  "with the weight dequantized to model.dtype (memory savings only, diffusion-pipe's "
                                   "transformer_dtype float8).")
     fluxShift: bool = Field(
         default=False, description="Flux: shift sampled timesteps by image resolution as the Flux schedule does.")
