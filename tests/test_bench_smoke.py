@@ -1,0 +1,32 @@
+"""The GPU benchmark scripts run only where a GPU is lent, so they broke twice unnoticed between
+runs; here they run on the tiny models (TINY=1, CPU) so a change that breaks them fails CI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize("model,mode", [("flux", "eager_nogc_fp8t"), ("hunyuan", "eager_gc_fp8")])
+def test_the_gpu_step_benchmark_runs_on_the_tiny_models(model, mode):
+    env = {**os.environ, "TINY": "1", "PYTHONPATH": str(ROOT / "trainer"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "bench/gpu/lora_step.py"), model, mode], env=env,
+                       capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads(line[len("RESULT "):])
+    assert "error" not in res, res["error"] + p.stderr[-3000:]
+    assert res["case"] == f"kubelora_{model}_{mode}" and res["s_per_step"] > 0 and res["loss"] > 0
+    assert "[model] transformer:" in p.stdout and "run as fp8 GEMMs" in p.stdout
+
+
+def test_the_fp8_gemm_breakdown_runs():
+    env = {**os.environ, "TINY": "1", "PYTHONPATH": str(ROOT / "trainer"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "bench/gpu/fp8_linear.py")], env=env, capture_output=True,
+                       text=True, timeout=600)
+    rows = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
+    assert rows and all(k in rows[0] for k in ("bf16_fwdbwd_ms", "fp8_fwdbwd_ms", "scaled_mm_ms")), p.stderr[-3000:]
