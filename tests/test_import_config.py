@@ -269,11 +269,13 @@ def test_examples_keep_diffusion_pipe_meaning():
     assert convert(main, ds)[0]["spec"]["dataset"]["repeats"] == 2
 
 
-def test_no_adapter_table_means_full_fine_tune_and_is_refused():
+def test_no_adapter_table_means_a_full_fine_tune():
     main = copy.deepcopy(BASE_MAIN)
     del main["adapter"]
-    with pytest.raises(ConfigError, match="adapter: .*full fine-tune"):
-        convert(main, BASE_DATASET)
+    manifest, notes = convert(main, BASE_DATASET)
+    assert manifest["spec"]["adapter"] == {"type": "full"}
+    assert any("adapter: no [adapter] table: a full fine-tune of the transformer" in n for n in notes), notes
+    parse_spec(manifest)  # a valid manifest
 
 
 def test_sdxl_learning_rates():

@@ -36,15 +36,22 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
     if spec.adapter.targetModules:
         targets[denoiser] = spec.adapter.targetModules
     out = Adapters()
+    full = spec.adapter.type == "full"
     for name, module in comps.trainable.items():
-        cfg = lora.lora_config(spec.adapter, targets[name])
-        out.n_trainable += lora.inject(module, cfg, spec.training.seed)
-        out.configs[name] = cfg
+        if full:  # the denoiser only; a family's text encoders stay frozen
+            module.requires_grad_(False)
+            if name == denoiser:
+                out.n_trainable += train_all(module)
+        else:
+            cfg = lora.lora_config(spec.adapter, targets[name])
+            out.n_trainable += lora.inject(module, cfg, spec.training.seed)
+            out.configs[name] = cfg
         if name == denoiser and spec.model.transformerDtype == "float8":
             _store_float8(module, family, name, spec, env)
         module.to(env.device)
-    sharding = dist.choose_sharding(spec.training.sharding, env.world, weight_bytes(comps.trainable.values()),
-                                    device_memory(env.device))
+    # a full fine-tune holds fp32 weights, their gradients and two AdamW moments: 4x the weights
+    need = weight_bytes(comps.trainable.values()) * (4 if full else 1)
+    sharding = dist.choose_sharding(spec.training.sharding, env.world, need, device_memory(env.device))
     if env.is_main and env.world > 1:
         print(f"[model] {sharding}: " + ("a full copy of the model on every rank; only the adapters' gradients "
               "travel" if sharding == "replicate" else "weights sharded across ranks with FSDP2"), flush=True)
@@ -53,8 +60,9 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
             module, family.blocks(name, module), sharding=sharding, compute_dtype=getattr(torch, spec.model.dtype),
             checkpointing=spec.training.gradientCheckpointing, compile_blocks=spec.training.compile)
         module.train()
-        out.groups.append({"params": [p for p in module.parameters() if p.requires_grad],
-                           "lr": learning_rate(name, spec.training), "name": name})
+        params = [p for p in module.parameters() if p.requires_grad]
+        if params:
+            out.groups.append({"params": params, "lr": learning_rate(name, spec.training), "name": name})
     out.sync = dist.GradSync(sharding, list(comps.trainable.values()), out.params)
     narrow = lora.narrowest(comps.trainable.values())
     if narrow and spec.adapter.rank > narrow[1] and env.is_main:
@@ -64,6 +72,15 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
     # lora.inject seeded every rank alike (same init); dropout masks must differ per rank
     torch.manual_seed(lora.rank_seed(spec.training.seed, env.rank))
     return out
+
+
+def train_all(module) -> int:
+    """A full fine-tune: every weight trainable, held in fp32 (the master weights; forward passes
+    run under autocast in model.dtype). Returns the number of trainable parameters."""
+    module.requires_grad_(True)
+    for p in module.parameters():
+        p.data = p.data.float()
+    return sum(p.numel() for p in module.parameters())
 
 
 def weight_bytes(modules) -> int:
@@ -95,6 +112,17 @@ def _store_float8(module, family, name: str, spec, env: dist.DistEnv) -> None:
         if warning:
             print(f"[model] warning: {warning}", flush=True)
         print(f"[model] {name}: {summary}", flush=True)
+
+
+def gather_full(comps: Components, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The denoiser's whole state dict as full tensors on CPU in dtype, keyed as the unwrapped
+    diffusers model's (a collective under FSDP2: every rank calls it)."""
+    out = {}
+    for name, t in comps.denoiser.state_dict().items():
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        key = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        out[key] = full.detach().to("cpu", dtype if full.is_floating_point() else full.dtype).contiguous()
+    return out
 
 
 def gather(comps: Components) -> LoraTensors:

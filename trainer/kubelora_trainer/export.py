@@ -89,6 +89,17 @@ def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats,
     for fmt, f in files.items():
         artifacts.append({**storage.upload(f, str(out.child(f.name)), settings, client), "format": fmt, "file": f.name,
                           **({"gaps": gaps[fmt]} if gaps[fmt] else {})})
+    adapter = {"rank": spec.adapter.rank, "alpha": spec.adapter.alpha or spec.adapter.rank,
+               "targetModules": {c: cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
+                                 for c, cfg in configs.items()}}
+    publish_manifest(spec, job_name, adapter, artifacts, stats, metrics, settings, client, out_dir)
+    return artifacts[0]
+
+
+def publish_manifest(spec, job_name, adapter: dict, artifacts: list[dict], stats, metrics, settings, client,
+                     out_dir: Path) -> None:
+    """manifest.json, uploaded last: its presence means every artifact it lists is complete."""
+    out = storage.parse_uri(spec.output.uri)
     manifest = {
         "apiVersion": "kubelora.dev/v1alpha1",
         "kind": "LoRAArtifactManifest",
@@ -96,9 +107,7 @@ def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats,
         "createdAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trainerVersion": __version__,
         "model": {"type": spec.model.type, "base": base_model(spec.model)},
-        "adapter": {"rank": spec.adapter.rank, "alpha": spec.adapter.alpha or spec.adapter.rank,
-                    "targetModules": {c: cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
-                                      for c, cfg in configs.items()}},
+        "adapter": {"type": spec.adapter.type, **adapter},
         "artifacts": artifacts,
         "dataset": stats,
         "metrics": metrics,
@@ -108,4 +117,3 @@ def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats,
     mf.write_text(json.dumps(manifest, indent=2))
     storage.upload(mf, str(out.child("manifest.json")), settings, client, content_type="application/json")
     print(f"[upload] {', '.join(a['uri'] for a in artifacts)} and manifest.json", flush=True)
-    return artifacts[0]

@@ -94,13 +94,20 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) ->
     ctx.extra.update(map_path=local, dtype=model.get("dtype"))
     apply(ctx, "main", main)
     apply(ctx, "model", model)
-    if "adapter" not in main:
-        raise Refused("", "adapter", "the config has no [adapter] table, which in diffusion-pipe means a full "
-                                     "fine-tune; kubelora trains LoRA adapters: add [adapter] type = 'lora' and a rank")
-    apply(ctx, "adapter", main["adapter"])
+    full = "adapter" not in main  # diffusion-pipe's full fine-tune
+    if full:
+        ctx.adapter["type"] = "full"
+        ctx.section = ""
+        ctx.note("adapter", "no [adapter] table: a full fine-tune of the "
+                            f"{'UNet' if ctx.model_type == 'sdxl' else 'transformer'} (adapter.type full)")
+    else:
+        apply(ctx, "adapter", main["adapter"])
     apply(ctx, "optimizer", main.get("optimizer") or {})
     apply(ctx, "monitoring", main.get("monitoring") or {})
     _learning_rates(ctx)
+    if full and "textEncoderLearningRate" in ctx.training:
+        raise Refused("model", "text_encoder_1_lr", "kubelora's full fine-tune trains the UNet only, not the text "
+                                                    "encoders: remove the text encoder learning rates")
     ds_uri = _dataset(ctx, dataset, local)
 
     if "micro_batch_size_per_gpu" not in main:

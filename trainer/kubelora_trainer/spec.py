@@ -114,7 +114,11 @@ class DatasetSpec(_Model):
 
 
 class AdapterSpec(_Model):
-    type: Literal["lora"] = Field(default="lora", description="Adapter kind. Only lora for now.")
+    type: Literal["lora", "full"] = Field(
+        default="lora", description="lora: low-rank adapters on a frozen base. full: every weight of the denoiser "
+                                    "(transformer or UNet) is trained (fp32 master weights, sharded across ranks with "
+                                    "FSDP2 when several), exported as a diffusers folder and, for flux, the BFL "
+                                    "single file; rank, alpha, dropout and targetModules do not apply.")
     rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r.")
     alpha: Optional[float] = Field(
         default=None, gt=0, description="LoRA alpha; the update is scaled by alpha/rank. Defaults to the rank (scale 1).")
@@ -252,6 +256,17 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
     if spec.training.textEncoderLearningRate is not None and not RULES[spec.model.type].trains_text_encoders:
         return (f"training.textEncoderLearningRate: model.type {spec.model.type} trains no text encoder "
                 f"(only {', '.join(t for t, r in RULES.items() if r.trains_text_encoders)} does); remove it")
+    if spec.adapter.type == "full":
+        lora_only = sorted(spec.adapter.model_fields_set & {"rank", "alpha", "dropout", "targetModules"})
+        if lora_only:
+            return f"adapter.{lora_only[0]}: applies to adapter.type lora only; remove it for a full fine-tune"
+        if spec.model.transformerDtype == "float8":
+            return ("model.transformerDtype: float8 stores frozen weights; a full fine-tune (adapter.type full) "
+                    "trains them: remove it")
+        if spec.training.textEncoderLearningRate is not None:
+            return "training.textEncoderLearningRate: a full fine-tune trains the denoiser only; remove it"
+        if spec.output.formats:
+            return "output.formats: LoRA file formats; a full fine-tune is exported as a diffusers folder (and a single file)"
     if spec.model.float8Compute is not None and spec.model.transformerDtype != "float8":
         return "model.float8Compute: applies only with model.transformerDtype: float8; set that too or remove it"
     for kind in ("requests", "limits"):

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import __version__, adapters, checkpoint, dist, exits, export, lora, storage
+from . import __version__, adapters, checkpoint, dist, exits, export, export_full, lora, storage
 from .data import DatasetError, check_usable, load_clip, load_image, scan, shard_indices
 from .families import PATH_FIELDS, RULES, frames_of, size_of
 from .models import get_family
@@ -395,7 +395,9 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     ad = dist.agree(adapters.attach, comps, family, spec, env)
     opt = torch.optim.AdamW(ad.groups, lr=t.learningRate, betas=t.betas, eps=t.epsilon, weight_decay=t.weightDecay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, t.warmupSteps, t.steps, t.lrScheduler))
-    log(env, f"[model] LoRA on {', '.join(ad.configs)}: {ad.n_trainable:,} trainable parameters")
+    log(env, f"[model] full fine-tune of {next(iter(comps.trainable))}: {ad.n_trainable:,} trainable parameters"
+        if spec.adapter.type == "full" else
+        f"[model] LoRA on {', '.join(ad.configs)}: {ad.n_trainable:,} trainable parameters")
 
     # ---- train (from step 1, or from the newest checkpoint)
     state = LoopState(gen=torch.Generator(device=env.device).manual_seed(t.seed * 1000 + env.rank),
@@ -427,7 +429,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     log(env, "[phase] export")
     prog.phase = "Exporting"
     publish(prog)
-    gathered = adapters.gather(comps)
+    full = spec.adapter.type == "full"
+    gathered = adapters.gather_full(comps, getattr(torch, spec.model.dtype)) if full else adapters.gather(comps)
     err, result = None, None
     if env.is_main:
         try:
@@ -435,8 +438,11 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
                        "samplesPerStep": samples_per_step, "worldSize": env.world,
                        "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
                        "lossHistory": downsample(losses, 200)}
-            result = export.export_and_upload(spec, job_name, family, ad.configs, gathered, metrics, stats, settings,
-                                              cache_root() / "outputs" / job_name)
+            out_dir = cache_root() / "outputs" / job_name
+            result = (export_full.export_and_upload(spec, job_name, family, comps, gathered, metrics, stats, settings,
+                                                    out_dir) if full else
+                      export.export_and_upload(spec, job_name, family, ad.configs, gathered, metrics, stats, settings,
+                                               out_dir))
         except storage.StorageError as e:
             err = e  # an artifact or manifest.json not uploaded: transient or bad input, as storage classified it
         except (OSError, ValueError) as e:

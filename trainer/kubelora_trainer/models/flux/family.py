@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ...objectives import flow_matching_pair, resolution_shift_mu, sample_timesteps, time_shift
 from ..base import Components, ModelError
 from . import formats as flux_lora
-from .keys import from_bfl
+from .keys import from_bfl, to_bfl
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -150,6 +150,10 @@ class Flux:
 
     def export(self, lora, scale, fmt):
         return flux_lora.export(lora["transformer"], scale, fmt)
+
+    def export_full(self, state_dict):
+        """A full fine-tune's transformer as a BFL-layout single file (as flux1-dev.safetensors)."""
+        return to_bfl(state_dict)
 
     def export_gaps(self, lora, fmt):
         return []
