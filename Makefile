@@ -23,6 +23,7 @@ test: install
 
 crd: install
 	$(BIN)/kubelora crd --out crds/loratrainingjobs.kubelora.dev.yaml
+	$(BIN)/kubelora crd --out charts/kubelora/crds/loratrainingjobs.kubelora.dev.yaml
 
 bench: install
 	$(BIN)/python bench/cpu_throughput.py

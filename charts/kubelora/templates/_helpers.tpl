@@ -1,0 +1,87 @@
+{{/* Names and labels. */}}
+{{- define "kubelora.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "kubelora.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kubelora.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "kubelora.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "kubelora.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubelora.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "kubelora.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "kubelora.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kubelora.image" -}}
+{{- printf "%s:%s" .image.repository (default .chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{/*
+RBAC: exactly the API calls the operator makes (tests/test_chart_rbac.py derives them by running the
+operator against the emulated API server and compares). Namespaced resources go to the ClusterRole
+(all namespaces) or to a Role in each watched namespace; cluster-scoped ones always to a ClusterRole.
+*/}}
+{{- define "kubelora.namespacedRules" -}}
+- apiGroups: [kubelora.dev]
+  resources: [loratrainingjobs]
+  verbs: [get, list, watch, patch]
+- apiGroups: [kubelora.dev]
+  resources: [loratrainingjobs/status]
+  verbs: [patch]
+# the children's ownerReferences set blockOwnerDeletion: needs update on the owner's finalizers
+# where OwnerReferencesPermissionEnforcement is on (e.g. OpenShift)
+- apiGroups: [kubelora.dev]
+  resources: [loratrainingjobs/finalizers]
+  verbs: [update]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [create, get, list, watch, patch, delete]
+- apiGroups: [""]
+  resources: [configmaps, services]
+  verbs: [create, get, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims, secrets]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end -}}
+
+{{- define "kubelora.clusterRules" -}}
+# kopf: noticing the CRD being (re)installed
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- if .Values.watchNamespaces }}
+# kopf: which of the watched namespaces exist (namespaced mode only)
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- end }}
+{{- end -}}
