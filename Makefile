@@ -10,7 +10,7 @@ PIP := $(BIN)/pip install -q -c constraints.txt
 $(BIN)/kubelora: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(PIP) -e '.[trainer,operator,test]'
+	$(PIP) -e '.[trainer,operator,test,torchx]'
 	@touch $@
 
 install: $(BIN)/kubelora

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from kubelora_trainer.command import LAUNCHER, launcher_args
 from kubelora_trainer.spec import GROUP, KIND, VERSION, LoRATrainingJobSpec, dump_spec
 
 SPEC_MOUNT = "/etc/kubelora"
@@ -145,14 +146,11 @@ def volume_problem(spec: LoRATrainingJobSpec, access_modes: list[str] | None) ->
 
 
 def trainer_command() -> tuple[list[str], list[str]]:
-    """torchrun (through kubelora's launcher, which exits 2 when a worker found bad input, so the
-    podFailurePolicy below can fail the Job at once) with the node rank from the completion index
-    and the store on index 0."""
-    return ["python", "-m", "kubelora_trainer", "launch"], [
-        "--nnodes=$(PET_NNODES)", "--nproc-per-node=$(PET_NPROC_PER_NODE)", "--node-rank=$(PET_NODE_RANK)",
-        "--master-addr=$(PET_MASTER_ADDR)", "--master-port=$(PET_MASTER_PORT)",
-        "-m", "kubelora_trainer", "run", "--spec", f"{SPEC_MOUNT}/spec.yaml",
-    ]
+    """(command, args) of the trainer container: the node command every launch of kubelora uses
+    (kubelora_trainer.command, also the torchx component's), with the node rank from the
+    completion index and the store on index 0 through the Kubeflow-style PET_* env."""
+    return list(LAUNCHER), launcher_args("$(PET_NNODES)", "$(PET_NPROC_PER_NODE)", "$(PET_NODE_RANK)",
+                                         "$(PET_MASTER_ADDR)", "$(PET_MASTER_PORT)", f"{SPEC_MOUNT}/spec.yaml")
 
 
 def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: OperatorConfig,
