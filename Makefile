@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test install install-operator crd lint bench clean
+.PHONY: demo test install install-operator crd reference lint bench clean
 
 $(BIN)/kubelora: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -29,3 +29,6 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
+
+reference: install
+	$(BIN)/python -m kubelora_trainer.reference > docs/reference.md

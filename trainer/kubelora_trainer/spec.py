@@ -93,7 +93,9 @@ class DatasetSpec(_Model):
     uri: str = _uri("Folder of images (and, for video families, videos) with same-stem .txt captions")
     resolution: int = Field(
         default=512, ge=16, le=4096, multiple_of=16,
-        description="Training resolution in pixels: square side, unless width and height are set. Multiple of 16.")
+        description="Training resolution in pixels: square side, unless width and height are set. Multiple of 16. "
+                    "Every image (and video frame) is resized to cover the training size and centre-cropped to it: "
+                    "content outside the centred crop is not trained on (no bucketing by aspect ratio).")
     width: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16,
                                  description="Training width in pixels (with height; overrides resolution).")
     height: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16,
