@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test install install-operator crd lint bench clean
+.PHONY: demo test install install-operator crd reference lint bench clean
 
 $(BIN)/kubelora: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(PIP) -e '.[trainer,operator,test]'
+	$(PIP) -e '.[trainer,operator,test,torchx]'
 	@touch $@
 
 install: $(BIN)/kubelora
@@ -30,3 +30,6 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
+
+reference: install
+	$(BIN)/python -m kubelora_trainer.reference > docs/reference.md

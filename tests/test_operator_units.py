@@ -353,3 +353,45 @@ def test_several_nodes_need_a_cache_claim_they_can_all_mount():
     assert volume_problem(spec(1), ["ReadWriteOncePod"]) is None  # one node, one pod
     assert volume_problem(spec(2), None) is None  # no such claim: the pods say so
     assert volume_problem(spec(2, None), ["ReadWriteOnce"]) is None
+
+
+def test_kueue_labels_reach_the_job_which_is_created_suspended_for_kueue_to_admit():
+    spec = parse_spec(SPEC)
+    cfg = manifests.OperatorConfig(image="reg/trainer:1")
+    owner = {"kueue.x-k8s.io/queue-name": "gpu-queue", "kueue.x-k8s.io/priority-class": "high", "team": "ml"}
+    job = manifests.children("ft", "uid-1", "ml", spec, cfg, owner)[2]
+    labels = job["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue" and labels["kueue.x-k8s.io/priority-class"] == "high"
+    assert "team" not in labels and "kueue.x-k8s.io/queue-name" not in job["spec"]["template"]["metadata"]["labels"]
+    assert job["spec"]["suspend"] is True  # Kueue unsuspends it on admission
+    # Kueue's priority without the label: the pod template's priorityClassName
+    assert job["spec"]["template"]["spec"]["priorityClassName"] == "training"
+    # no queue: the operator owns suspend (runPolicy.suspend)
+    assert manifests.job("ft", "u", "ml", spec, cfg, {"team": "ml"})["spec"]["suspend"] is False
+    assert manifests.kueue_queue(owner) == "gpu-queue" and manifests.kueue_queue(None) is None
+
+
+def test_a_job_held_by_kueue_is_pending_with_its_queue_named():
+    held = {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "gpu-queue"}}, "spec": {"suspend": True},
+            "status": {"conditions": [{"type": "Suspended", "status": "True"}]}}
+    o = st.observe(held, [], None, None, False, "gpu-queue")
+    assert (o.phase, o.reason, o.stalled) == (st.PENDING, "QueuedInKueue", False)
+    assert "waiting for Kueue admission in queue 'gpu-queue'" in o.message
+    conds = {c["type"]: c["status"] for c in st.conditions([], o, 1, "t")}
+    assert conds == {"Ready": "False", "Reconciling": "True", "Stalled": "False", "Suspended": "False"}
+    # preempted after it had trained: said so, and that it resumes
+    o = st.observe(held, [], {"phase": "Training", "step": 3}, None, False, "gpu-queue")
+    assert o.reason == "QueuedInKueue" and "preempted" in o.message and "resumes" in o.message
+    # admitted (unsuspended by Kueue): an ordinary run
+    admitted = {"spec": {"suspend": False}, "status": {"active": 1, "ready": 1}}
+    assert st.observe(admitted, [], None, None, False, "gpu-queue").phase == st.INITIALIZING
+
+
+def test_a_finished_jobs_status_follows_a_new_generation():
+    done = st.status({}, st.Observed(st.SUCCEEDED, "Published", "ok"), 1, None, "2026-01-01T00:00:00Z")
+    assert st.follow_generation(done, 1) == {}
+    patch = st.follow_generation(done, 2)
+    assert patch["observedGeneration"] == 2 and all(c["observedGeneration"] == 2 for c in patch["conditions"])
+    before = {c["type"]: c for c in done["conditions"]}
+    for c in patch["conditions"]:  # nothing but the generation changes
+        assert {**c, "observedGeneration": 1} == before[c["type"]]

@@ -180,7 +180,7 @@ def _ensure_children(body, changes: Changes, name, uid, namespace, job_spec, run
     held by someone else). A name still held by a deleted predecessor is retried for a while."""
     created = []
     try:
-        for obj in manifests.children(name, uid, namespace, job_spec, operator_config()):
+        for obj in manifests.children(name, uid, namespace, job_spec, operator_config(), body["metadata"].get("labels")):
             _, new = kube.ensure(obj)
             if new:
                 created.append(f"{obj['kind']}/{obj['metadata']['name']}")
@@ -200,7 +200,16 @@ def _ensure_children(body, changes: Changes, name, uid, namespace, job_spec, run
 
 @kopf.on.field(*RESOURCE, field="spec.runPolicy.suspend", registry=registry)
 def suspend_changed(body, name, namespace, new, old, logger, **_):
+    """runPolicy.suspend -> the Job's spec.suspend; not for a Job queued in Kueue: Kueue owns its
+    spec.suspend (it unsuspends every admitted Job, so writing it would fight Kueue)."""
     if old is None and not new:
+        return
+    if (body.get("status") or {}).get("phase") in st.FINISHED:
+        kopf.info(body, reason="SuspendNotApplied", message="the run has finished; runPolicy.suspend changes nothing")
+        return
+    queue = manifests.kueue_queue(((kube.get_job(namespace, name) or {}).get("metadata") or {}).get("labels"))
+    if queue:
+        kopf.warn(body, reason="SuspendNotApplied", message=st.kueue_suspend_note(queue))
         return
     if kube.set_job_suspend(namespace, name, bool(new)):
         kopf.info(body, reason="Suspended" if new else "Resumed",
@@ -240,6 +249,8 @@ def _sync(body: dict, changes: Changes) -> None:
     name, namespace = meta["name"], meta["namespace"]
     previous = dict(body.get("status") or {})
     phase = previous.get("phase")
+    if phase in st.FINISHED:  # not run again, but an edit (runPolicy.suspend) is still observed (kstatus)
+        changes.status.update(st.follow_generation(previous, meta.get("generation", 1)))
     try:
         job_spec = parse_spec(dict(body.get("spec") or {}))
     except SpecError:
@@ -266,7 +277,8 @@ def _sync(body: dict, changes: Changes) -> None:
         manifest, error = artifacts.read_json(job_spec.output.uri, artifacts.MANIFEST_KEY, settings)
     if error and progress is None:
         progress = st.last_reported(previous)
-    obs = st.observe(job, pods, progress, manifest, job_spec.runPolicy.suspend)
+    queue = manifests.kueue_queue((job.get("metadata") or {}).get("labels"))
+    obs = st.observe(job, pods, progress, manifest, job_spec.runPolicy.suspend and not queue, queue)
     obs = st.name_missing_secret(obs, job_spec.storage.credentialsSecret)
     obs = _storage_stall(obs, error, previous, changes)
     new = st.status(previous, obs, meta.get("generation", 1), job, st.now_iso())
@@ -326,7 +338,7 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
         return
     created = []
     try:
-        for obj in manifests.children(name, uid, namespace, job_spec, operator_config()):
+        for obj in manifests.children(name, uid, namespace, job_spec, operator_config(), now["metadata"].get("labels")):
             if kube.ensure(obj)[1]:
                 created.append(f"{obj['kind']}/{obj['metadata']['name']}")
     except (kube.ChildRefused, kube.NameTaken) as e:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from kubelora_trainer.command import LAUNCHER, launcher_args
 from kubelora_trainer.spec import GROUP, KIND, VERSION, LoRATrainingJobSpec, dump_spec
 
 SPEC_MOUNT = "/etc/kubelora"
@@ -36,6 +37,26 @@ JOB_LABEL = f"{GROUP}/job"  # on every child and pod: the LoRATrainingJob's name
 def labels(name: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "kubelora", "app.kubernetes.io/instance": name,
             "app.kubernetes.io/managed-by": "kubelora-operator", JOB_LABEL: name}
+
+
+# Kueue (kueue.sigs.k8s.io) queues a batch/v1 Job that carries its queue-name label: it keeps the
+# Job suspended until the Workload it makes for it is admitted, then unsuspends it (and suspends it
+# again when it preempts it). The priority-class label names a WorkloadPriorityClass; without it
+# Kueue takes the priority of the pod template's priorityClassName (resources.priorityClassName).
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+KUEUE_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
+
+
+def queue_labels(owner_labels: dict | None) -> dict[str, str]:
+    """The Kueue labels of a LoRATrainingJob, to copy to its trainer Job. Pure."""
+    return {k: v for k, v in (owner_labels or {}).items() if k in KUEUE_LABELS and v}
+
+
+def kueue_queue(owner_labels: dict | None) -> str | None:
+    """The Kueue LocalQueue the job is submitted to, or None: then the operator owns
+    Job.spec.suspend (runPolicy.suspend); with a queue, Kueue does. Pure."""
+    return queue_labels(owner_labels).get(KUEUE_QUEUE_LABEL)
 
 
 def owner_reference(name: str, uid: str) -> dict:
@@ -125,18 +146,20 @@ def volume_problem(spec: LoRATrainingJobSpec, access_modes: list[str] | None) ->
 
 
 def trainer_command() -> tuple[list[str], list[str]]:
-    """torchrun (through kubelora's launcher, which exits 2 when a worker found bad input, so the
-    podFailurePolicy below can fail the Job at once) with the node rank from the completion index
-    and the store on index 0."""
-    return ["python", "-m", "kubelora_trainer", "launch"], [
-        "--nnodes=$(PET_NNODES)", "--nproc-per-node=$(PET_NPROC_PER_NODE)", "--node-rank=$(PET_NODE_RANK)",
-        "--master-addr=$(PET_MASTER_ADDR)", "--master-port=$(PET_MASTER_PORT)",
-        "-m", "kubelora_trainer", "run", "--spec", f"{SPEC_MOUNT}/spec.yaml",
-    ]
+    """(command, args) of the trainer container: the node command every launch of kubelora uses
+    (kubelora_trainer.command, also the torchx component's), with the node rank from the
+    completion index and the store on index 0 through the Kubeflow-style PET_* env."""
+    return list(LAUNCHER), launcher_args("$(PET_NNODES)", "$(PET_NPROC_PER_NODE)", "$(PET_NODE_RANK)",
+                                         "$(PET_MASTER_ADDR)", "$(PET_MASTER_PORT)", f"{SPEC_MOUNT}/spec.yaml")
 
 
-def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: OperatorConfig) -> dict:
+def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: OperatorConfig,
+        owner_labels: dict | None = None) -> dict:
+    """The Indexed Job. owner_labels: the LoRATrainingJob's labels; its Kueue labels go on the Job,
+    and a Job submitted to a Kueue queue is always created suspended (Kueue starts it on admission;
+    runPolicy.suspend does not apply then: see docs/kueue.md)."""
     r, rp = spec.resources, spec.runPolicy
+    queued = queue_labels(owner_labels)
     names = child_names(name)
     requests, limits = dict(r.requests), dict(r.limits)
     if r.gpusPerNode:
@@ -177,7 +200,8 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
         "completionMode": "Indexed", "completions": r.nodes, "parallelism": r.nodes,
         # torchrun nodes fail together (the peers of a crashed node exit too), so one failed
         # attempt of the run costs `nodes` pod failures: scale the budget to count runs.
-        "backoffLimit": rp.backoffLimit * r.nodes, "suspend": rp.suspend,
+        "backoffLimit": rp.backoffLimit * r.nodes,
+        "suspend": True if KUEUE_QUEUE_LABEL in queued else rp.suspend,
         "podFailurePolicy": {"rules": [
             # preemption, node drain, eviction: retry without spending the backoff budget
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
@@ -189,13 +213,16 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
     }
     if rp.activeDeadlineSeconds:
         job_spec["activeDeadlineSeconds"] = rp.activeDeadlineSeconds
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(names["job"], name, uid, namespace),
-            "spec": job_spec}
+    meta = _meta(names["job"], name, uid, namespace)
+    meta["labels"].update(queued)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
-def children(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: OperatorConfig) -> list[dict]:
+def children(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: OperatorConfig,
+             owner_labels: dict | None = None) -> list[dict]:
     """In creation order: the Job last, so its pods find their ConfigMap and Service."""
-    return [configmap(name, uid, namespace, spec), service(name, uid, namespace), job(name, uid, namespace, spec, cfg)]
+    return [configmap(name, uid, namespace, spec), service(name, uid, namespace),
+            job(name, uid, namespace, spec, cfg, owner_labels)]
 
 
 EVENT_MESSAGE_MAX = 1024

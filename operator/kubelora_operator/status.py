@@ -100,8 +100,30 @@ def needs_pods(job: dict) -> bool:
     return bool(s.get("failed") or s.get("active", 0) > s.get("ready", 0) or _cond(job, "Failed"))
 
 
+def kueue_suspend_note(queue: str) -> str:
+    return (f"runPolicy.suspend is not applied: the trainer Job is queued in Kueue (queue {queue!r}), which owns "
+            "its spec.suspend; to hold the run, deactivate its Workload (spec.active: false) or stop the queue "
+            "(spec.stopPolicy: Hold or HoldAndDrain)")
+
+
+def queued(job: dict, queue: Optional[str], progress: Optional[dict]) -> Optional[Observed]:
+    """A Job submitted to a Kueue queue and suspended: Kueue has not admitted it (yet, or again
+    after a preemption). Pending, with the queue named; None when Kueue is not holding it. Pure."""
+    held = (job.get("spec") or {}).get("suspend") or _cond(job, "Suspended")
+    if not queue or not held:
+        return None
+    if progress:
+        return Observed(PENDING, "QueuedInKueue", f"suspended by Kueue (preempted, or its Workload deactivated); "
+                        f"waiting for admission in queue {queue!r} again, then the run resumes from its newest "
+                        "checkpoint", progress=progress)
+    return Observed(PENDING, "QueuedInKueue", f"waiting for Kueue admission in queue {queue!r} (Kueue starts the "
+                    "trainer Job when it admits it)", progress=progress)
+
+
 def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], manifest: Optional[dict],
-            suspend_requested: bool) -> Observed:
+            suspend_requested: bool, queue: Optional[str] = None) -> Observed:
+    """queue: the Kueue queue the Job was submitted to (then suspend_requested is False: Kueue,
+    not runPolicy.suspend, decides when it runs)."""
     if job is None:
         return Observed(PENDING, "Creating", "creating the trainer Job")
     failed = _cond(job, "Failed")
@@ -122,6 +144,9 @@ def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], man
         return Observed(SUCCEEDED, "Published", f"LoRA published to {arts[0]['uri'] if arts else '?'}"
                         + (f" (final loss {loss:.4f})" if isinstance(loss, (int, float)) else ""),
                         progress=progress, artifacts=arts)
+    held = queued(job, queue, progress)
+    if held:
+        return held
     if suspend_requested or _cond(job, "Suspended"):
         return Observed(SUSPENDED, "Suspended", "suspended (runPolicy.suspend or a queue such as Kueue)", progress=progress)
     problem = pod_problem(pods)
@@ -210,6 +235,18 @@ def status(previous: dict, obs: Observed, generation: int, job: Optional[dict], 
     if obs.artifacts:
         st["artifacts"] = obs.artifacts
     return st
+
+
+def follow_generation(previous: dict, generation: int) -> dict:
+    """The status fields to patch so that a finished job, which is never run again, still shows
+    that its newest spec was seen: kstatus (and Flux's wait) reads a status whose
+    observedGeneration lags metadata.generation as InProgress forever. Conditions keep their
+    status, reason and lastTransitionTime. {} when nothing lags. Pure."""
+    prev = previous or {}
+    conds = prev.get("conditions") or []
+    if prev.get("observedGeneration") == generation and all(c.get("observedGeneration") == generation for c in conds):
+        return {}
+    return {"observedGeneration": generation, "conditions": [{**c, "observedGeneration": generation} for c in conds]}
 
 
 def invalid(previous: dict, reason: str, message: str, generation: int, now: str) -> dict:

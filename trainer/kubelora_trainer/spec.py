@@ -95,7 +95,9 @@ class DatasetSpec(_Model):
     uri: str = _uri("Folder of images (and, for video families, videos) with same-stem .txt captions")
     resolution: int = Field(
         default=512, ge=16, le=4096, multiple_of=16,
-        description="Training resolution in pixels: square side, unless width and height are set. Multiple of 16.")
+        description="Training resolution in pixels: square side, unless width and height are set. Multiple of 16. "
+                    "Every image (and video frame) is resized to cover the training size and centre-cropped to it: "
+                    "content outside the centred crop is not trained on (no bucketing by aspect ratio).")
     width: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16,
                                  description="Training width in pixels (with height; overrides resolution).")
     height: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16,
@@ -222,7 +224,13 @@ class RunPolicySpec(_Model):
     backoffLimit: int = Field(default=3, ge=0, le=100, description="Retries of the whole run after a failure (all nodes restart together; disruptions such as preemption do not count).")
     activeDeadlineSeconds: Optional[int] = Field(default=None, ge=1, description="Wall-clock limit for the whole job.")
     ttlSecondsAfterFinished: Optional[int] = Field(default=None, ge=0, description="Delete the job's children this long after it finished (the resource and its status stay).")
-    suspend: bool = Field(default=False, description="Suspend (or keep suspended) the job; the only field that may change after creation.")
+    suspend: bool = Field(
+        default=False, description="Suspend (or keep suspended) the job: its pods stop (the trainer checkpoints on "
+                                   "SIGTERM) and resume from the newest checkpoint when set back to false. The only "
+                                   "field that may change after creation. Not applied to a job submitted to Kueue "
+                                   "(label kueue.x-k8s.io/queue-name): Kueue owns the trainer Job's suspension "
+                                   "(it starts the Job when it admits it); hold such a job through Kueue "
+                                   "(docs/kueue.md).")
 
 
 class LoRATrainingJobSpec(_Model):
