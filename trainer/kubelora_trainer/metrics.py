@@ -235,6 +235,10 @@ class TrainerMetrics:
             self._eta.labels(*lab).set(max(0.0, eta_seconds))
         self._last_step_time.labels(*lab).set(time.time())
 
+    def loss_not_finite(self) -> None:
+        if self.main:
+            self._loss.labels(*self.labels).set(float("nan"))
+
     def checkpoint(self, step: int) -> None:
         if self.main:
             self._ckpt_step.labels(*self.labels).set(step)

@@ -318,8 +318,12 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                 loss.backward()  # even when not finite: every rank must take part in the gradient collectives
                 step_loss += loss.detach().float()
             tr.adapters.sync.after_backward()
-            mean, save, stop = agree_on_step(step_loss, step, env, save=env.is_main and schedule.due(step),
-                                             stop=bool(stop_request.signum))
+            try:
+                mean, save, stop = agree_on_step(step_loss, step, env, save=env.is_main and schedule.due(step),
+                                                 stop=bool(stop_request.signum))
+            except RunError:
+                tr.metrics.loss_not_finite()  # the KubeloraLossNaN alert
+                raise
             state.losses.append(mean)
             norm = grad_norm(tr.adapters.params, t.maxGradNorm) if t.maxGradNorm or tr.metrics.enabled else None
             lr_used = tr.sched.get_last_lr()[0]
