@@ -61,6 +61,7 @@ class Prometheus:
                              "scrape_timeout": self.scrape_interval},
                   "scrape_configs": [{"job_name": job, "static_configs": [{"targets": t}]}
                                      for job, t in self.targets.items()]}
+        self.folder.mkdir(parents=True, exist_ok=True)
         cfg = self.folder / "prometheus.yml"
         cfg.write_text(yaml.safe_dump(config))
         self.log = open(self.folder / "prometheus.log", "w")
