@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test install install-operator crd reference lint bench clean
+.PHONY: demo test install install-operator crd reference lint bench clean system-packages
 
 $(BIN)/kubelora: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,20 @@ install: $(BIN)/kubelora
 demo: install
 	$(BIN)/kubelora demo --nproc 2
 
-test: install
+# System tools the tests run for real: Prometheus and promtool (Debian's `prometheus`). Installed
+# with apt when we are root and they are missing; otherwise the tests that need them fail and say so.
+system-packages:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing prometheus (apt)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  else \
+	    echo "WARNING: prometheus/promtool missing and not root: run 'sudo apt-get install prometheus';" \
+	         "the monitoring tests will fail"; \
+	  fi; \
+	fi
+
+test: install system-packages
 	$(BIN)/python -m pytest -q tests
 
 crd: install

@@ -203,15 +203,44 @@ def test_a_name_held_by_someone_else_is_never_adopted(cluster, kubectl):
     assert kube.get("batch/v1/jobs", "default", "taken") is None
 
 
+def _scrape(port: int) -> dict:
+    """{(name, sorted labels): value} from a /metrics endpoint."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(r.read().decode()) for s in fam.samples}
+
+
 def test_a_job_deleted_by_hand_is_made_again_and_counted(cluster, kubectl):
+    """... and the operator's /metrics shows it (children created, a restart, the job's phase)."""
+    from kubelora_operator import metrics
+    from prometheus_server import free_port
     kube = cluster
-    with operator():
-        assert apply(kubectl, manifest("gone")).returncode == 0
-        first = wait_for(lambda: kube.get("batch/v1/jobs", "default", "gone"))
-        wait_for(lambda: phase(kube, "gone") == "Pending")
-        kubectl("delete", "job", "gone", check=True)
-        again = wait_for(lambda: kube.get("batch/v1/jobs", "default", "gone"), timeout=30)
-        wait_for(lambda: (ltj(kube, "gone").get("status") or {}).get("restarts") == 1, timeout=30)
+    server = metrics.serve(free_port(), "127.0.0.1")
+    try:
+        before = _scrape(server.port)
+        with operator():
+            assert apply(kubectl, manifest("gone")).returncode == 0
+            first = wait_for(lambda: kube.get("batch/v1/jobs", "default", "gone"))
+            wait_for(lambda: phase(kube, "gone") == "Pending")
+            kubectl("delete", "job", "gone", check=True)
+            again = wait_for(lambda: kube.get("batch/v1/jobs", "default", "gone"), timeout=30)
+            wait_for(lambda: (ltj(kube, "gone").get("status") or {}).get("restarts") == 1, timeout=30)
+            after = _scrape(server.port)
+    finally:
+        server.stop()
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+    assert delta("kubelora_operator_children_created_total", kind="Job") == 2
+    assert delta("kubelora_operator_children_created_total", kind="ConfigMap") == 1
+    assert delta("kubelora_operator_gang_restarts_total", reason="job_missing") == 1
+    assert delta("kubelora_operator_reconcile_duration_seconds_count", handler="create") >= 1
+    assert delta("kubelora_operator_reconcile_duration_seconds_count", handler="sync") >= 1
+    assert after[("kubelora_operator_job_phase", (("ltj", "gone"), ("namespace", "default"), ("phase", "Pending")))] == 1
+    assert after[("kubelora_operator_jobs", (("phase", "Pending"),))] >= 1
     assert again["metadata"]["uid"] != first["metadata"]["uid"]
     assert again["metadata"]["ownerReferences"][0]["uid"] == ltj(kube, "gone")["metadata"]["uid"]
     reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "gone"]

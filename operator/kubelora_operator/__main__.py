@@ -3,7 +3,8 @@
 Environment: KUBELORA_TRAINER_IMAGE (default trainer image), KUBELORA_SYNC_INTERVAL (seconds
 between status syncs of active jobs, 10; Job changes are synced at once), KUBELORA_SECRET_CACHE_SECONDS
 (how long a job's credentials Secret is reused, 60), KUBELORA_STORAGE_STALL_SECONDS (how long an
-unreadable output bucket lasts before the job is Stalled, 300), AWS_* (how the operator reads
+unreadable output bucket lasts before the job is Stalled, 300), KUBELORA_OPERATOR_METRICS_PORT (the
+Prometheus endpoint, /metrics on 9401; 0: off), AWS_* (how the operator reads
 progress.json / manifest.json from the output bucket when a job names no credentialsSecret).
 """
 import argparse
@@ -18,7 +19,8 @@ def main(argv=None) -> int:
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint ('' to disable)")
     args = p.parse_args(argv)
     import kopf
-    from . import handlers
+    from . import handlers, metrics
+    metrics.serve()
     asyncio.run(kopf.operator(registry=handlers.registry, namespaces=args.namespace or None,
                               clusterwide=not args.namespace, liveness_endpoint=args.liveness or None,
                               standalone=True))

@@ -23,7 +23,7 @@ from kubelora_trainer.models import UnsupportedModel, check_supported
 from kubelora_trainer.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 from kubelora_trainer.storage import S3Settings
 
-from . import artifacts, kube, manifests, syncer
+from . import artifacts, kube, manifests, metrics, syncer
 from . import status as st
 
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -74,6 +74,7 @@ def configure(settings: kopf.OperatorSettings, **_):
 async def start_sync(memo: kopf.Memo, **_):
     memo.syncer = syncer.Syncer(sync, interval=SYNC_INTERVAL, workers=SYNC_WORKERS)
     memo.syncer.start()
+    metrics.watch(lambda: [body for _, body in memo.syncer.owners.items()])
 
 
 @kopf.on.cleanup(registry=registry)
@@ -130,6 +131,7 @@ def _fail(body, changes: Changes, reason: str, message: str) -> None:
     changes.status.update(st.invalid(body.get("status") or {}, reason, message,
                                      body["metadata"].get("generation", 1), st.now_iso()))
     changes.warn(reason, message)
+    metrics.failed(reason)
 
 
 @kopf.on.resume(*RESOURCE, registry=registry)
@@ -140,7 +142,8 @@ def create_children(body, spec, name, namespace, uid, patch, runtime, **_):
     reported by the sync), and start by themselves once it is applied."""
     changes = Changes()
     try:
-        _create_children(body, spec, name, namespace, uid, runtime, changes)
+        with metrics.reconcile("create"):
+            _create_children(body, spec, name, namespace, uid, runtime, changes)
     finally:
         _apply_in_handler(changes, body, patch)
 
@@ -184,6 +187,7 @@ def _ensure_children(body, changes: Changes, name, uid, namespace, job_spec, run
             _, new = kube.ensure(obj)
             if new:
                 created.append(f"{obj['kind']}/{obj['metadata']['name']}")
+                metrics.created(obj["kind"])
     except kube.ChildRefused as e:
         kube.delete_children(namespace, manifests.child_names(name), owner_uid=uid)
         _fail(body, changes, "ChildRefused", str(e))
@@ -239,7 +243,8 @@ def sync(body: dict, remember) -> None:
     `remember` takes the body our status patch returns."""
     changes = Changes()
     try:
-        _sync(body, changes)
+        with metrics.reconcile("sync"):
+            _sync(body, changes)
     finally:
         _apply(changes, body, remember)
 
@@ -323,6 +328,7 @@ def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, previo
         return
     changes.status["restarts"] = restarts + 1
     changes.status["restartPending"] = True
+    metrics.restarted("gang")
     changes.warn("GangRestart", f"{why}; restarting all {job_spec.resources.nodes} nodes together "
                                 f"(restart {restarts + 1} of {job_spec.runPolicy.backoffLimit})")
 
@@ -341,6 +347,7 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
         for obj in manifests.children(name, uid, namespace, job_spec, operator_config(), now["metadata"].get("labels")):
             if kube.ensure(obj)[1]:
                 created.append(f"{obj['kind']}/{obj['metadata']['name']}")
+                metrics.created(obj["kind"])
     except (kube.ChildRefused, kube.NameTaken) as e:
         _fail(body, changes, "ChildRefused" if isinstance(e, kube.ChildRefused) else "NameConflict", str(e))
         return
@@ -350,6 +357,7 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
         return
     restarts = int(previous.get("restarts") or 0) + 1
     changes.status["restarts"] = restarts
+    metrics.restarted("job_missing")
     changes.warn("Recreated", f"the trainer Job was gone before the run finished; created "
                               f"{', '.join(created) or 'nothing'} again (restart {restarts})")
 

@@ -17,6 +17,7 @@ from kubelora_trainer.spec import GROUP, KIND, VERSION, LoRATrainingJobSpec, dum
 SPEC_MOUNT = "/etc/kubelora"
 CACHE_MOUNT = "/var/cache/kubelora"
 MASTER_PORT = 29500
+METRICS_PORT = 9400  # the trainer's Prometheus endpoint (kubelora_trainer.metrics), on each pod
 CONTAINER = "trainer"
 CONFIG_ERROR_EXIT_CODE = 2  # the trainer's exit code for bad input: retrying cannot help
 
@@ -99,6 +100,8 @@ def _env(job: str, spec: LoRATrainingJobSpec, namespace: str) -> list[dict]:
         {"name": "PET_MASTER_ADDR", "value": master},
         {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": "KUBELORA_JOB_NAME", "value": job},
+        {"name": "KUBELORA_NAMESPACE", "value": namespace},
+        {"name": "KUBELORA_METRICS_PORT", "value": str(METRICS_PORT)},
         {"name": "KUBELORA_CACHE_DIR", "value": CACHE_MOUNT},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
@@ -169,7 +172,8 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
     container = {
         "name": CONTAINER, "image": r.image or cfg.image, "imagePullPolicy": cfg.image_pull_policy,
         "command": command, "args": args, "env": _env(name, spec, namespace),
-        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
+        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT},
+                  {"name": "metrics", "containerPort": METRICS_PORT}],
         "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
         "volumeMounts": [{"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
                          {"name": "cache", "mountPath": CACHE_MOUNT},

@@ -60,6 +60,19 @@ class Mismatch(OSError):
     another whole transfer."""
 
 
+# Called with ("download" | "upload", bytes) after each object transferred in full (the trainer's
+# metrics listen here); a listener's failure never fails a transfer.
+transfer_listeners: list[Callable[[str, int], None]] = []
+
+
+def _transferred(direction: str, nbytes: int) -> None:
+    for listener in list(transfer_listeners):
+        try:
+            listener(direction, nbytes)
+        except Exception:  # noqa: BLE001 - metrics must never break a transfer
+            pass
+
+
 def _env_number(name: str, default: float, kind=float):
     """A positive number from the environment, else default (a bad value is reported, not fatal:
     this runs when S3Settings() defaults are made, at import)."""
@@ -374,6 +387,7 @@ def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: 
             if os.path.getsize(tmp) != obj["Size"]:
                 raise Mismatch(f"size mismatch: got {os.path.getsize(tmp)} bytes, expected {obj['Size']}")
             os.replace(tmp, target)
+            _transferred("download", obj["Size"])
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -502,6 +516,7 @@ def upload(path: str | Path, uri: str, settings: S3Settings = S3Settings(), clie
             client.delete_object(Bucket=loc.bucket, Key=tmp_key)
         except Exception:  # noqa: BLE001 - best effort: a leftover .part is never read as an artifact
             pass
+    _transferred("upload", size)
     return {"uri": str(loc), "sha256": digest, "size": size}
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import __version__, adapters, checkpoint, dist, exits, export, export_full, lora, storage
+from . import __version__, adapters, checkpoint, dist, exits, export, export_full, lora, metrics, storage
 from .data import DatasetError, check_usable, load_clip, load_image, scan, shard_indices
 from .families import PATH_FIELDS, RULES, frames_of, size_of
 from .models import get_family
@@ -280,6 +280,21 @@ class Trainer:
     settings: storage.S3Settings
     publish: object
     epoch_size: int
+    metrics: object = field(default_factory=metrics.Off)
+
+
+def grad_norm(params: list[torch.nn.Parameter], max_norm: Optional[float]) -> Optional[torch.Tensor]:
+    """Clip to max_norm when set; the total norm before clipping either way (a collective for
+    sharded gradients: every rank calls it)."""
+    if max_norm:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return None
+        norm = torch.nn.utils.get_total_norm(grads)
+    full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP2
+    return full() if full is not None else norm
 
 
 def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
@@ -291,27 +306,37 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     try:
         for step in range(start, t.steps + 1):
             step_loss = torch.zeros((), device=env.device)
+            data_wait = 0.0
             for micro in range(t.gradientAccumulationSteps):
+                t_data = time.perf_counter()
                 batch_idx = [state.next_index(tr.my_indices) for _ in range(t.microBatchSize)]
                 batch = _stack([tr.cached[i] for i in batch_idx], env.device)
+                data_wait += time.perf_counter() - t_data
                 with tr.adapters.compute():
                     loss = tr.family.loss(tr.comps, batch, tr.spec.model, t, state.gen) / t.gradientAccumulationSteps
                 tr.adapters.sync.before_backward(last=micro == t.gradientAccumulationSteps - 1)
                 loss.backward()  # even when not finite: every rank must take part in the gradient collectives
                 step_loss += loss.detach().float()
             tr.adapters.sync.after_backward()
-            mean, save, stop = agree_on_step(step_loss, step, env, save=env.is_main and schedule.due(step),
-                                             stop=bool(stop_request.signum))
+            try:
+                mean, save, stop = agree_on_step(step_loss, step, env, save=env.is_main and schedule.due(step),
+                                                 stop=bool(stop_request.signum))
+            except RunError:
+                tr.metrics.loss_not_finite()  # the KubeloraLossNaN alert
+                raise
             state.losses.append(mean)
-            if t.maxGradNorm:
-                torch.nn.utils.clip_grad_norm_(tr.adapters.params, t.maxGradNorm)
+            norm = grad_norm(tr.adapters.params, t.maxGradNorm) if t.maxGradNorm or tr.metrics.enabled else None
             lr_used = tr.sched.get_last_lr()[0]
             tr.opt.step()
             tr.sched.step()
             tr.opt.zero_grad(set_to_none=True)
             sps, eta = meter.update(step)
+            epoch = epoch_of(step * samples_per_step, tr.epoch_size)
+            tr.metrics.step(step, epoch, mean, lr_used, float(norm) if norm is not None and env.is_main else None,
+                            samples_per_step, sps, eta, data_wait)
+            tr.metrics.gpu_memory(env.device)
             if step % t.logEvery == 0 or step == t.steps:
-                prog.step, prog.epoch, prog.loss = step, epoch_of(step * samples_per_step, tr.epoch_size), mean
+                prog.step, prog.epoch, prog.loss = step, epoch, mean
                 prog.samplesPerSecond, prog.eta = sps, format_eta(eta)
                 log(env, line(prog, lr_used))
                 tr.publish(prog)
@@ -319,6 +344,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                 checkpoint.save(step, tr.modules, tr.opt, state.to_dict(step, env.world), tr.local_ckpt,
                                 tr.spec.output.uri, tr.settings, t.checkpointKeep, env)
                 schedule.written()
+                tr.metrics.checkpoint(step)
             if stop:
                 raise checkpoint.Stopped(stop_request.signum or 15, step)
     finally:
@@ -332,13 +358,22 @@ def _as_tuple(state):
 
 def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
     env = dist.init()
+    m = metrics.start(env.rank, env.local_rank, job_name, log=lambda msg: print(msg, flush=True))
     try:
-        return _run(spec, job_name, env)
+        return _run(spec, job_name, env, m)
+    except checkpoint.Stopped:
+        m.phase("Stopped")
+        raise
+    except BaseException:
+        m.phase("Failed")
+        raise
     finally:
         dist.close()
+        m.finish()  # serves the final state until it has been scraped ($KUBELORA_METRICS_LINGER_SECONDS)
 
 
-def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
+def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) -> int:
+    m = m or metrics.Off()
     t_start = time.time()
     settings = storage.S3Settings.from_spec(spec.storage)
     family = get_family(spec.model.type)
@@ -348,6 +383,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     publish = Publisher(spec.output.uri, settings) if env.is_main else (lambda p, force=False: None)
     t = spec.training
     publish(Progress(phase="Initializing", totalSteps=t.steps))
+    m.start(spec.model.type, env.world, t.steps)
 
     # ---- pre-flight: an output that cannot be written is found now, not after the last step
     err = None
@@ -364,10 +400,12 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     if plan == "done":
         log(env, f"[done] {spec.output.uri} already holds a finished run (manifest.json); nothing to train "
                  f"(output.onExisting: overwrite trains again)")
+        m.phase("Succeeded")
         return 0
 
     # ---- stage-in
     log(env, "[phase] stage-in")
+    m.phase("StagingIn")
     paths = stage_in(spec, env, settings)
 
     # ---- dataset (checked before any model is loaded)
@@ -377,10 +415,13 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     stats = report.summary()
     log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
              f"without caption, {stats['unreadable']} unreadable; {stats['emptyCaptionUsed']} trained with an empty caption")
+    m.dataset(stats["usable"], {"missing_caption": stats["missingCaption"] - stats["emptyCaptionUsed"],
+                                "unreadable": stats["unreadable"]})
     check_usable(report, spec.dataset.uri)
 
     # ---- model and cache
     log(env, "[phase] cache")
+    m.phase("Caching")
     quiet_progress_bars()
     # a failure on one rank (a bad file, a missing weight) stops every rank with its reason
     comps = dist.agree(family.load, spec.model, paths, env.device)
@@ -404,7 +445,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
                       order_rng=random.Random(t.seed + env.rank))
     tr = Trainer(spec, family, comps, ad, opt, sched, cached, my_indices, env, state,
                  modules=torch.nn.ModuleDict(comps.trainable), local_ckpt=cache_root() / "checkpoints" / job_name,
-                 settings=settings, publish=publish, epoch_size=len(report.items) * spec.dataset.repeats)
+                 settings=settings, publish=publish, epoch_size=len(report.items) * spec.dataset.repeats, metrics=m)
     start = 1
     if plan == "resume":
         resumed = latest
@@ -414,9 +455,11 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
         if loop is not None:
             state.load(loop)
         start = resumed + 1
+        m.resumed(resumed)
         log(env, f"[resume] from the checkpoint of step {resumed}" + ("" if loop is not None else
                  " (another number of ranks: the sampler starts a new epoch)"))
     log(env, "[phase] train")
+    m.phase("Training")
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
     meter = Meter(t.steps, samples_per_step)
     prog = Progress(phase="Training", totalSteps=t.steps, resumedFrom=start - 1 if start > 1 else None)
@@ -428,20 +471,21 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     # ---- export (gather is a collective; the writing and upload happen on rank 0)
     log(env, "[phase] export")
     prog.phase = "Exporting"
+    m.phase("Exporting")
     publish(prog)
     full = spec.adapter.type == "full"
     gathered = adapters.gather_full(comps, getattr(torch, spec.model.dtype)) if full else adapters.gather(comps)
     err, result = None, None
     if env.is_main:
         try:
-            metrics = {"steps": t.steps, "firstLoss": losses[0], "finalLoss": losses[-1], "minLoss": min(losses),
+            summary = {"steps": t.steps, "firstLoss": losses[0], "finalLoss": losses[-1], "minLoss": min(losses),
                        "samplesPerStep": samples_per_step, "worldSize": env.world,
                        "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
                        "lossHistory": downsample(losses, 200)}
             out_dir = cache_root() / "outputs" / job_name
-            result = (export_full.export_and_upload(spec, job_name, family, comps, gathered, metrics, stats, settings,
+            result = (export_full.export_and_upload(spec, job_name, family, comps, gathered, summary, stats, settings,
                                                     out_dir) if full else
-                      export.export_and_upload(spec, job_name, family, ad.configs, gathered, metrics, stats, settings,
+                      export.export_and_upload(spec, job_name, family, ad.configs, gathered, summary, stats, settings,
                                                out_dir))
         except storage.StorageError as e:
             err = e  # an artifact or manifest.json not uploaded: transient or bad input, as storage classified it
@@ -450,6 +494,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     dist.fail_together(err, "export")
     if env.is_main:
         prog.phase = "Succeeded"
+        m.phase("Succeeded")
         publish(prog, force=True)
         log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…  final loss {losses[-1]:.4f}")
     return 0

@@ -1,0 +1,303 @@
+"""Monitoring, checked by the real tools: a real Prometheus (Debian's package) scrapes a tiny
+2-process training run (tiny Flux from SeaweedFS) and the operator's registry; the alert rules go
+through `promtool check rules` and `promtool test rules`; every PromQL expression of the Grafana
+dashboard parses, names only exported metrics and returns data from that Prometheus."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import promql_parser
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from prometheus_server import Prometheus, binary, free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+ALERTS = REPO / "charts" / "kubelora" / "files" / "alerts.yaml"
+ALERT_TESTS = REPO / "tests" / "prometheus" / "alerts_test.yaml"
+DASHBOARD = REPO / "charts" / "kubelora" / "files" / "dashboard.json"
+LTJ, NAMESPACE, STEPS = "mon-job", "team-a", 30
+CPU_ONLY_EMPTY = {"kubelora_trainer_gpu_memory_bytes"}  # no CUDA here: these series stay empty
+
+
+def exported_names() -> set[str]:
+    from kubelora_operator import metrics as operator_metrics
+    from kubelora_trainer.metrics import TrainerMetrics
+    return TrainerMetrics("x").names() | operator_metrics.names()
+
+
+def metric_names(expr: str) -> set[str]:
+    names = set()
+
+    def visit(node):
+        if isinstance(node, promql_parser.VectorSelector):
+            names.add(node.name)
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return names
+
+
+def scrape(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return {s.name: s for fam in text_string_to_metric_families(r.read().decode()) for s in fam.samples}
+
+
+# ---------------------------------------------------------------- registries, no Prometheus
+
+def test_trainer_endpoint_serves_lingers_and_never_breaks_on_a_taken_port():
+    from kubelora_trainer import metrics, storage
+    m = metrics.TrainerMetrics(LTJ, NAMESPACE)
+    server = metrics.serve(m.registry, free_port(), "127.0.0.1")
+    try:
+        m.start("flux", 2, 10)
+        m.phase("Training")
+        m.step(3, 1, 0.25, 1e-4, 0.5, 8, 4.0, 12.0, 0.01)
+        got = scrape(server.port)
+        assert got["kubelora_trainer_step"].value == 3 and got["kubelora_trainer_samples_total"].value == 8
+        assert got["kubelora_trainer_step"].labels == {"ltj": LTJ, "namespace": NAMESPACE}
+        assert not any(n.endswith("_created") for n in got), "no *_created series"
+        # a taken port is a warning, not an error
+        said = []
+        assert metrics.serve(m.registry, server.port, "127.0.0.1", log=said.append) is None
+        assert "cannot serve metrics" in said[0] and "training goes on" in said[0]
+        # after the run, serving lasts until one scrape has fetched the final state
+        run = metrics.Run(m, server)
+        storage.transfer_listeners.append(m.transferred)
+        storage._transferred("download", 1234)
+        assert scrape(server.port)["kubelora_trainer_storage_downloaded_bytes_total"].value == 1234
+        t0 = time.monotonic()
+        import threading
+        threading.Thread(target=lambda: (time.sleep(0.3), scrape(server.port)), daemon=True).start()
+        run.finish(linger=60)
+        assert time.monotonic() - t0 < 30 and m.transferred not in storage.transfer_listeners
+        with pytest.raises(OSError):
+            scrape(server.port)
+    finally:
+        if m.transferred in storage.transfer_listeners:
+            storage.transfer_listeners.remove(m.transferred)
+    off = metrics.start(0, 1, LTJ)  # a local rank other than 0 serves nothing, updates are no-ops
+    off.step(1, 1, 0.1, 1e-4, None, 4, None, None, 0.0)
+    off.finish()
+
+
+def test_operator_registry_counts_reconciles_errors_and_jobs_by_phase():
+    from kubelora_operator import metrics
+    before = metrics.RECONCILE_ERRORS.labels("sync", "ValueError")._value.get()
+    with metrics.reconcile("sync"):
+        pass
+    with pytest.raises(ValueError), metrics.reconcile("sync"):
+        raise ValueError("boom")
+    assert metrics.RECONCILE_ERRORS.labels("sync", "ValueError")._value.get() == before + 1
+    jobs = [{"metadata": {"name": "a", "namespace": "n"}, "status": {"phase": "Training"}},
+            {"metadata": {"name": "b", "namespace": "n"}, "status": {"phase": "Failed"}},
+            {"metadata": {"name": "c", "namespace": "n", "deletionTimestamp": "x"}, "status": {"phase": "Failed"}},
+            {"metadata": {"name": "d", "namespace": "m"}}]
+    metrics.watch(lambda: jobs)
+    try:
+        fams = {f.name: f for f in metrics.registry.collect()}
+        by_phase = {s.labels["phase"]: s.value for s in fams["kubelora_operator_jobs"].samples}
+        assert by_phase["Training"] == 1 and by_phase["Failed"] == 1 and by_phase["New"] == 1 and by_phase["Pending"] == 0
+        each = {(s.labels["namespace"], s.labels["ltj"], s.labels["phase"]) for s in fams["kubelora_operator_job_phase"].samples}
+        assert each == {("n", "a", "Training"), ("n", "b", "Failed"), ("m", "d", "New")}
+    finally:
+        metrics.watch(None)
+
+
+def test_trainer_pods_get_the_metrics_port_and_labels():
+    from kubelora_operator import manifests
+    from kubelora_trainer.spec import parse_spec
+    demo = yaml.safe_load((REPO / "examples" / "demo-flux.yaml").read_text())
+    job = manifests.job("j", "uid", "ns1", parse_spec(demo["spec"]), manifests.OperatorConfig())
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KUBELORA_JOB_NAME"] == "j" and env["KUBELORA_NAMESPACE"] == "ns1"
+    assert env["KUBELORA_METRICS_PORT"] == "9400" and {"name": "metrics", "containerPort": 9400} in c["ports"]
+
+
+# ---------------------------------------------------------------- alerts
+
+def test_alert_rules_check_and_every_alert_is_unit_tested():
+    promtool = binary("promtool")
+    check = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    unit = subprocess.run([promtool, "test", "rules", str(ALERT_TESTS)], capture_output=True, text=True, cwd=REPO)
+    assert unit.returncode == 0 and "SUCCESS" in unit.stdout, unit.stdout + unit.stderr
+
+    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    alerts = {r["alert"] for r in rules}
+    tests = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+    firing = {t["alertname"] for case in tests for t in case.get("alert_rule_test", []) if t.get("exp_alerts")}
+    assert alerts == firing, f"alerts without a firing test: {alerts - firing}"
+    known = exported_names()
+    for r in rules:
+        assert metric_names(r["expr"]) <= known, (r["alert"], metric_names(r["expr"]) - known)
+
+
+# ---------------------------------------------------------------- dashboard (static)
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def concrete(expr: str) -> str:
+    """Grafana's variables replaced as Grafana would for 'All' and a short run."""
+    expr = expr.replace("$__rate_interval", "15s").replace("$namespace", ".*").replace("$ltj", ".*")
+    m = re.fullmatch(r"label_values\((.*), *(\w+)\)", expr)
+    return f"group by ({m[2]}) ({m[1]})" if m else expr
+
+
+def test_dashboard_exprs_parse_and_name_only_exported_metrics():
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    assert {"datasource", "ltj"} <= variables
+    known = exported_names()
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 15
+    for expr in exprs:
+        names = metric_names(concrete(expr))  # raises on a parse error
+        assert names and names <= known, (expr, names - known)
+        assert "job=" not in expr and "job," not in expr, "the LoRATrainingJob label is ltj"
+    panel_exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert all('ltj=~"$ltj"' in e for e in panel_exprs if "kubelora_trainer_" in e)
+
+
+# ---------------------------------------------------------------- a real Prometheus, a real run
+
+def _tiny_dataset(folder: Path) -> Path:
+    from PIL import Image
+    folder.mkdir()
+    im = Image.new("RGB", (48, 48), (245, 245, 245))
+    im.paste((40, 60, 220), (8, 8, 40, 40))
+    im.save(folder / "good.png")
+    (folder / "good.txt").write_text("a blue square on a white background")
+    im.save(folder / "uncaptioned.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "broken.txt").write_text("never used")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def monitored_run(tmp_path_factory, s3_endpoint, tiny_flux_dir):
+    """Prometheus scraping a 2-process run (lingering until its final state is scraped) and the
+    operator's registry; yields (prometheus, run facts). One run for every test below."""
+    from kubelora_operator import metrics as operator_metrics
+    from kubelora_trainer.local_s3 import ACCESS_KEY, SECRET_KEY
+    from kubelora_trainer.storage import S3Settings, ensure_bucket, make_client, upload_tree
+    tmp = tmp_path_factory.mktemp("monitoring")
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+           "AWS_REGION": "us-east-1", "KUBELORA_CACHE_DIR": str(tmp / "cache")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        s3 = make_client(S3Settings())
+        ensure_bucket(s3, "mon")
+        upload_tree(tiny_flux_dir, "s3://mon/models/tiny-flux", client=s3)
+        upload_tree(_tiny_dataset(tmp / "data"), "s3://mon/data", client=s3)
+    job = tmp / "job.yaml"
+    job.write_text(yaml.safe_dump({"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
+                                   "metadata": {"name": "ignored"}, "spec": {
+        "model": {"type": "flux", "diffusersPath": "s3://mon/models/tiny-flux", "dtype": "float32"},
+        "dataset": {"uri": "s3://mon/data", "resolution": 32},
+        "adapter": {"rank": 4},
+        "training": {"steps": STEPS, "learningRate": 3e-3, "microBatchSize": 2, "logEvery": 10, "seed": 1,
+                     "checkpointEverySteps": 15, "maxGradNorm": 1.0},
+        "output": {"uri": "s3://mon/out"}}}))
+
+    trainer_port, operator_port = free_port(), free_port()
+    operator_metrics.watch(lambda: [{"metadata": {"name": LTJ, "namespace": NAMESPACE}, "status": {"phase": "Training"}}])
+    op_server = operator_metrics.serve(operator_port, "127.0.0.1")
+    prom = Prometheus(tmp / "prometheus", {"kubelora-trainer": [f"127.0.0.1:{trainer_port}"],
+                                           "kubelora-operator": [f"127.0.0.1:{operator_port}"]})
+    try:
+        # the operator's handlers are exercised in test_operator.py; here its registry gets one of each
+        with operator_metrics.reconcile("sync"):
+            operator_metrics.created("Job")
+            operator_metrics.restarted("gang")
+        with pytest.raises(RuntimeError), operator_metrics.reconcile("sync"):
+            raise RuntimeError("a reconcile error")
+        prom.start()
+        run_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                   "KUBELORA_METRICS_PORT": str(trainer_port), "KUBELORA_METRICS_ADDR": "127.0.0.1",
+                   "KUBELORA_METRICS_LINGER_SECONDS": "120", "KUBELORA_JOB_NAME": LTJ, "KUBELORA_NAMESPACE": NAMESPACE}
+        t0 = time.time()
+        log = tmp / "trainer.log"
+        with open(log, "w") as out:
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                   "-m", "kubelora_trainer", "run", "--spec", str(job)],
+                                  env=run_env, stdout=out, stderr=subprocess.STDOUT, timeout=600)
+        t1 = time.time()
+        text = log.read_text()
+        assert proc.returncode == 0, text[-4000:]
+        # the final state was scraped before the trainer exited (it lingers for exactly that)
+        wait_for("the final phase in Prometheus",
+                 lambda: prom.query(f'last_over_time(kubelora_trainer_phase{{phase="Succeeded",ltj="{LTJ}"}}[10m]) == 1'),
+                 timeout=30)
+        yield prom, {"start": t0, "end": time.time(), "log": text, "trained_until": t1}
+    finally:
+        prom.stop()
+        if op_server:
+            op_server.stop()
+        operator_metrics.watch(None)
+
+
+def last(prom: Prometheus, metric: str, **labels) -> float:
+    sel = ",".join([f'ltj="{LTJ}"'] + [f'{k}="{v}"' for k, v in labels.items()])
+    return prom.value(f"last_over_time({metric}{{{sel}}}[10m])")
+
+
+def test_prometheus_scrapes_the_trainer_series_with_sane_values(monitored_run):
+    prom, run = monitored_run
+    assert "[metrics] serving on" in run["log"]
+    assert last(prom, "kubelora_trainer_step") == STEPS and last(prom, "kubelora_trainer_total_steps") == STEPS
+    assert last(prom, "kubelora_trainer_phase", phase="Succeeded") == 1
+    assert last(prom, "kubelora_trainer_phase", phase="Training") == 0
+    assert prom.value(f'max_over_time(kubelora_trainer_phase{{ltj="{LTJ}",phase="Training"}}[10m])') == 1
+    loss = last(prom, "kubelora_trainer_loss")
+    assert math.isfinite(loss) and loss > 0
+    assert prom.value(f'max_over_time(kubelora_trainer_samples_per_second{{ltj="{LTJ}"}}[10m])') > 0
+    assert last(prom, "kubelora_trainer_samples_total") == STEPS * 2 * 2  # microBatchSize 2 x 2 ranks
+    assert last(prom, "kubelora_trainer_learning_rate") > 0
+    grad = last(prom, "kubelora_trainer_grad_norm")
+    assert math.isfinite(grad) and grad > 0
+    assert last(prom, "kubelora_trainer_epoch") >= 1 and last(prom, "kubelora_trainer_eta_seconds") >= 0
+    assert last(prom, "kubelora_trainer_data_wait_seconds_total") > 0
+    assert last(prom, "kubelora_trainer_storage_downloaded_bytes_total") > 10_000  # the model and the data
+    assert last(prom, "kubelora_trainer_storage_uploaded_bytes_total") > 10_000    # checkpoints, the LoRA
+    assert last(prom, "kubelora_trainer_dataset_usable_items") == 1
+    assert last(prom, "kubelora_trainer_dataset_skipped_items", reason="unreadable") == 1
+    assert last(prom, "kubelora_trainer_dataset_skipped_items", reason="missing_caption") == 1
+    assert last(prom, "kubelora_trainer_last_checkpoint_step") == STEPS
+    assert run["start"] <= last(prom, "kubelora_trainer_last_checkpoint_timestamp_seconds") <= run["trained_until"]
+    assert last(prom, "kubelora_trainer_resumed_from_step") == 0
+    info = prom.query(f'last_over_time(kubelora_trainer_info{{ltj="{LTJ}"}}[10m])')
+    assert info[0]["metric"]["model_type"] == "flux" and info[0]["metric"]["world_size"] == "2"
+
+    # every trainer series: our labels, Prometheus' own `job`, no exported_job clash
+    series = prom.api("series", **{"match[]": '{__name__=~"kubelora_trainer_.+"}', "start": str(run["start"])})
+    assert len({s["__name__"] for s in series}) >= 20
+    for s in series:
+        assert s["ltj"] == LTJ and s["namespace"] == NAMESPACE and s["job"] == "kubelora-trainer", s
+        assert "exported_job" not in s and "exported_namespace" not in s, s
+    assert prom.value('last_over_time(kubelora_operator_job_phase{phase="Training"}[10m])') == 1
+
+
+def test_dashboard_queries_return_data_from_the_run(monitored_run):
+    prom, run = monitored_run
+    empty = []
+    for expr in dashboard_exprs():
+        q = concrete(expr)
+        data = prom.api("query_range", query=q, start=f"{run['start']:.3f}", end=f"{run['end']:.3f}", step="1")
+        if not data["result"] and not metric_names(q) <= CPU_ONLY_EMPTY:
+            empty.append(q)
+    assert not empty, f"dashboard queries without data: {empty}"
