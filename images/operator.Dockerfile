@@ -9,6 +9,6 @@ RUN pip install --no-cache-dir -c constraints.txt ".[operator]" \
     && useradd --uid 1000 --create-home kubelora
 USER 1000
 ENV PYTHONUNBUFFERED=1
-EXPOSE 8080
-# liveness: GET :8080/healthz
+EXPOSE 8080 9401
+# liveness: GET :8080/healthz; Prometheus metrics: :9401/metrics
 CMD ["python", "-m", "kubelora_operator"]

@@ -93,12 +93,12 @@ def test_defaults_one_locked_down_operator_cluster_wide():
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
     e = env(c)
     assert e["KUBELORA_TRAINER_IMAGE"] == "ghcr.io/kubelora/trainer:0.1.0"
-    assert e["KUBELORA_OPERATOR_METRICS_PORT"] == str(ports["metrics"]) == "8080"
+    assert e["KUBELORA_OPERATOR_METRICS_PORT"] == str(ports["metrics"]) == "9401"
     assert {"KUBELORA_SYNC_INTERVAL", "KUBELORA_STORAGE_STALL_SECONDS", "KUBELORA_SECRET_CACHE_SECONDS"} <= set(e)
     svc = one(objs, "Service")
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
-    assert svc["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}]
+    assert svc["spec"]["ports"] == [{"name": "metrics", "port": 9401, "targetPort": "metrics", "protocol": "TCP"}]
     assert pod["serviceAccountName"] == one(objs, "ServiceAccount")["metadata"]["name"]
 
 
@@ -135,10 +135,9 @@ def test_monitors_select_the_operator_and_the_trainer_pods():
     assert ns == {"matchNames": ["ml", "research"]}
 
 
-@pytest.mark.xfail(reason="the trainer container declares its metrics port on the metrics branch (issue #9)", strict=False)
 def test_the_pod_monitors_port_is_declared_by_the_trainer_pods():
-    spec = parse_spec({"model": {"type": "flux", "diffusersPath": "s3://b/f"}, "dataset": {"uri": "s3://b/d"},
-                       "output": {"uri": "s3://b/o"}})
+    spec = parse_spec({"model": {"type": "flux", "diffusersPath": "s3://models/flux"}, "dataset": {"uri": "s3://data/set"},
+                       "output": {"uri": "s3://out/run"}})
     job = manifests.children("ft", "0b7e6c2c-0000-4000-8000-000000000000", "ml", spec, manifests.OperatorConfig())[-1]
     ports = {p["name"]: p["containerPort"] for c in job["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
     assert ports.get("metrics") == 9400

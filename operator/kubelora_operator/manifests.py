@@ -102,6 +102,9 @@ def _env(job: str, spec: LoRATrainingJobSpec, namespace: str) -> list[dict]:
         {"name": "KUBELORA_JOB_NAME", "value": job},
         {"name": "KUBELORA_NAMESPACE", "value": namespace},
         {"name": "KUBELORA_METRICS_PORT", "value": str(METRICS_PORT)},
+        # a pod that ends right after its last step keeps serving until one scrape saw its final
+        # values (Succeeded, the last loss), up to two scrape intervals at the monitors' default
+        {"name": "KUBELORA_METRICS_LINGER_SECONDS", "value": "60"},
         {"name": "KUBELORA_CACHE_DIR", "value": CACHE_MOUNT},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
