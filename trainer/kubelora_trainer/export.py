@@ -100,7 +100,8 @@ def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats,
                     "targetModules": {c: cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
                                       for c, cfg in configs.items()}},
         "artifacts": artifacts,
-        "dataset": stats,
+        "dataset": {k: v for k, v in stats.items() if k != "buckets"},
+        "buckets": stats.get("buckets"),
         "metrics": metrics,
         "spec": dump_spec(spec),
     }
