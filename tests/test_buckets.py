@@ -195,7 +195,7 @@ BASE = {"model": {"type": "flux", "diffusersPath": "s3://bkt/flux"}, "output": {
     ({}, "set exactly one of dataset.uri"),
     ({"uri": "s3://bkt/a", "sources": [{"uri": "s3://bkt/b"}]}, "set exactly one of dataset.uri"),
     ({"sources": [{"uri": "s3://bkt/a"}], "repeats": 2}, "with dataset.sources, set repeats on each source"),
-    ({"uri": "s3://bkt/a", "resolution": 512, "resolutions": [512]}, "set one"),
+    ({"uri": "s3://bkt/a", "resolution": 256, "resolutions": [512]}, "set one"),
     ({"uri": "s3://bkt/a", "enableArBucket": True, "width": 64, "height": 32}, "aspect-ratio buckets would ignore"),
     ({"uri": "s3://bkt/a", "keepTags": 1}, "dataset.keepTags applies only with shuffleTags"),
     ({"uri": "s3://bkt/a", "resolutions": [500]}, "multiple of 16"),

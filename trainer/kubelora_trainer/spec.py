@@ -185,9 +185,10 @@ class DatasetSpec(_Model):
     def _one_form(self) -> "DatasetSpec":
         if (self.uri is None) == (self.sources is None):
             raise ValueError("dataset: set exactly one of dataset.uri (one folder) and dataset.sources (several)")
-        if self.sources is not None and "repeats" in self.model_fields_set:
+        # compared with the defaults, not model_fields_set: the API server fills defaults in before the operator reads
+        if self.sources is not None and self.repeats != 1:
             raise ValueError("dataset.repeats: with dataset.sources, set repeats on each source")
-        if self.resolutions is not None and "resolution" in self.model_fields_set:
+        if self.resolutions is not None and self.resolution != 512:
             raise ValueError("dataset.resolution and dataset.resolutions: set one (resolution: N is resolutions: [N])")
         if self.frameBuckets is not None and self.frames is not None:
             raise ValueError("dataset.frames and dataset.frameBuckets: set one (frames: N is frameBuckets: [N])")
@@ -197,7 +198,7 @@ class DatasetSpec(_Model):
         if self.enableArBucket and self.minAr > self.maxAr:
             raise ValueError("dataset.minAr exceeds dataset.maxAr")
         for f in ("shuffleVariants", "keepTags", "tagDelimiter"):
-            if f in self.model_fields_set and not self.shuffleTags and not any(s.shuffleTags for s in self.sources or ()):
+            if getattr(self, f) != type(self).model_fields[f].default and not self.shuffleTags and not any(s.shuffleTags for s in self.sources or ()):
                 raise ValueError(f"dataset.{f} applies only with shuffleTags: true; set that too or remove it")
         for i, s in enumerate(self.sources or ()):
             if s.resolutions is not None and self.width is not None:
