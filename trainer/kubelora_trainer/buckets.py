@@ -129,7 +129,7 @@ def assign(metas: list[tuple[int, int, int, bool]], configs: list[BucketConfig],
         fb = frame_bucket(frames, list(cfg.frame_buckets), is_video)
         if fb is None:
             longest = [b for b in cfg.frame_buckets if b > 1]
-            out.dropped.append((i, "tooShort" if is_video and longest else "video"))
+            out.dropped.append((i, "tooShort" if is_video and longest else "noVideoBucket"))
             continue
         starts = clip_starts(frames, fb, cfg.clip_mode) if is_video else [0]
         for side in (cfg.sides if not cfg.fixed else cfg.sides[:1]):
