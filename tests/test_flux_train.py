@@ -188,3 +188,55 @@ def test_parallelism_options_do_not_change_the_math(tmp_path, tiny_flux_dir, ove
     for name in ("compile_ckpt", "fsdp_ckpt"):
         assert keys[name] == keys["eager"], name
         assert hist[name] == pytest.approx(hist["eager"], rel=1e-3), name
+
+
+def test_two_sources_aspect_ratio_buckets_on_two_ranks(tmp_path, tiny_flux_dir):
+    """Two local sources (wide images x1, tall and square ones x2 with shuffled tags and caption
+    dropout) in aspect-ratio buckets on 2 processes: every micro-batch from one bucket, the bucket
+    summary in the log and manifest.json, and the same run again encodes nothing (disk cache)."""
+    from PIL import Image
+    wide, tall = tmp_path / "wide", tmp_path / "tall"
+    wide.mkdir(), tall.mkdir()
+    for i in range(3):
+        Image.new("RGB", (96, 48), (30 * i, 90, 200)).save(wide / f"w{i}.png")
+        (wide / f"w{i}.txt").write_text(f"a wide banner {i}")
+    for i in range(2):
+        Image.new("RGB", (40, 80), (200, 30 * i, 60)).save(tall / f"t{i}.png")
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(tall / "sq.png")
+    (tall / "captions.json").write_text(json.dumps({"t0.png": "tall, red, thin", "t1.png": "tall, pink, thin",
+                                                    "sq.png": "square, green"}))
+    Image.new("RGB", (64, 64)).save(tall / "nocap.png")          # not in captions.json: skipped, counted
+    job = manifest(tmp_path / "job.yaml", "unused", model={"diffusersPath": str(tiny_flux_dir)},
+                   dataset={"sources": [{"uri": str(wide)},
+                                        {"uri": str(tall), "repeats": 2, "shuffleTags": True, "shuffleVariants": 2,
+                                         "captionDropout": 0.25}],
+                            "resolutions": [32], "enableArBucket": True, "minAr": 0.5, "maxAr": 2.0, "numArBuckets": 3},
+                   training={"steps": 6, "microBatchSize": 2, "logEvery": 1, "checkpointEverySteps": 6},
+                   output={"uri": str(tmp_path / "out")})
+    doc = yaml.safe_load(job.read_text())
+    del doc["spec"]["dataset"]["uri"], doc["spec"]["dataset"]["resolution"]
+    job.write_text(yaml.safe_dump(doc))
+    env = {"KUBELORA_CACHE_DIR": str(tmp_path / "cache")}
+    proc = run_trainer(job, env, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[data] 6 usable items" in proc.stdout and "bucket 48x16x1: 3 samples" in proc.stdout, proc.stdout
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["dataset"] == {"usable": 6, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 0}
+    b = m["buckets"]
+    # wide 2:1 -> the 2.0 bucket (48x16 after rounding to 16: a third of each image cut); tall 1:2 -> 16x48;
+    # the square one -> 32x32, uncut
+    assert {k: v["samples"] for k, v in b["buckets"].items()} == {"16x48x1": 2, "32x32x1": 1, "48x16x1": 3}
+    assert b["buckets"]["32x32x1"]["cropped"] == 0 and b["buckets"]["48x16x1"]["meanCrop"] == pytest.approx(1 / 3, abs=0.01)
+    assert b["cropped"] == 5 and b["dropped"] == {}
+    assert "[cache] rank 0: " in proc.stdout
+    # 3 wide + 3 tall/square units x (2 shuffled variants + the empty caption), split over 2 ranks
+    encoded = sum(int(line.split(": ")[1].split()[0]) for line in proc.stdout.splitlines() if line.startswith("[cache] rank"))
+    assert encoded == 3 + 3 * 3, proc.stdout
+
+    # the same data again: every sample from the disk cache
+    import shutil
+    shutil.rmtree(tmp_path / "out")
+    proc = run_trainer(job, env, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hits = [line for line in proc.stdout.splitlines() if line.startswith("[cache] rank")]
+    assert all(line.split(": ")[1].split()[0] == line.split("(")[1].split()[0] for line in hits), hits

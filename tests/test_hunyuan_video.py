@@ -40,7 +40,7 @@ def video_data(tmp_path):
     write_video(d / "slide.mp4", sliding_square(7))                  # 7 frames: the first 5 train
     (d / "slide.txt").write_text("a red square sliding right")
     write_video(d / "uncaptioned.mp4", sliding_square(5))            # no caption: skipped, counted
-    Image.new("RGB", (32, 32), (40, 60, 220)).save(d / "still.png")  # an image is 1 frame, not 5: counted
+    Image.new("RGB", (32, 32), (40, 60, 220)).save(d / "still.png")  # an image trains as a 1-frame clip
     (d / "still.txt").write_text("a blue still")
     return d
 
@@ -160,7 +160,8 @@ def test_train_two_ranks_s3_to_s3_then_comfyui_and_diffusers_apply_it(s3, tmp_pa
 
     out = download("s3://hv-e2e/out/run1", tmp_path / "result", client=s3, log=lambda m: None)
     m = json.loads((out / "manifest.json").read_text())
-    assert m["dataset"] == {"usable": 1, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 1}
+    assert m["dataset"] == {"usable": 2, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 0}
+    assert sorted(m["buckets"]["buckets"]) == ["32x32x1", "32x32x5"]
     assert [(a["format"], a["file"]) for a in m["artifacts"]] == [("original", "lora.safetensors"),
                                                                  ("diffusers", "lora.diffusers.safetensors")]
     hist = [loss for _, loss in m["metrics"]["lossHistory"]]

@@ -72,8 +72,11 @@ KEYS = [
     ("main", "regenerate_cache", True, "noted"),
     ("main", "x_axis_examples", True, "noted"),
     ("main", "video_clip_mode", "single_beginning", "default"),
-    ("main", "video_clip_mode", "single_middle", "refused"),
-    ("main", "uncond_fraction", 0.1, "refused"),
+    ("main", "video_clip_mode", "single_middle", "noted"),     # flux: an image model
+    ("main", "video_clip_mode", "single_middle", "mapped", "ltx-video"),
+    ("main", "video_clip_mode", "multiple_overlapping", "mapped", "hunyuan-video"),
+    ("main", "video_clip_mode", "every_frame", "refused"),
+    ("main", "uncond_fraction", 0.1, "mapped"),
     ("main", "uncond_fraction", 0.0, "default"),
     ("main", "huber_delta", 0.5, "refused"),
     ("main", "smooth_l1_beta", 0.1, "refused"),
@@ -157,16 +160,18 @@ KEYS = [
     ("dataset", "directory", None, "section"),
     ("dataset", "resolutions", [768], "mapped"),
     ("dataset", "resolutions", [[1024, 768]], "mapped"),
-    ("dataset", "enable_ar_bucket", True, "noted"),
-    ("dataset", "min_ar", 0.5, "noted"),
-    ("dataset", "max_ar", 2.0, "noted"),
-    ("dataset", "num_ar_buckets", 7, "noted"),
-    ("dataset", "ar_buckets", [1.0, 1.5], "noted"),
+    ("dataset", "resolutions", [512, 768], "mapped"),
+    ("dataset", "enable_ar_bucket", True, "mapped"),
+    ("dataset", "min_ar", 0.25, "mapped"),
+    ("dataset", "max_ar", 4.0, "mapped"),
+    ("dataset", "num_ar_buckets", 9, "mapped"),
+    ("dataset", "ar_buckets", [1.0, 1.5], "mapped"),
     ("dataset", "frame_buckets", [1, 33], "noted"),  # flux is an image model
+    ("dataset", "frame_buckets", [1, 33], "mapped", "ltx-video"),
     ("dataset", "size_buckets", [[512, 768, 1]], "mapped"),
     ("dataset", "num_repeats", 3, "mapped"),
-    ("dataset", "shuffle_tags", True, "refused"),
-    ("dataset", "cache_shuffle_num", 2, "refused"),
+    ("dataset", "shuffle_tags", True, "mapped"),
+    ("dataset", "cache_shuffle_num", 2, "mapped"),
     ("dataset", "cache_shuffle_delimiter", ", ", "noted"),
     ("dataset", "caption_prefix", "ohwx ", "mapped"),
     ("dataset", "skip_empty_caption", False, "mapped"),
@@ -180,16 +185,16 @@ KEYS = [
     ("directory", "default_mask_file", "/data/mask.png", "refused"),
     ("directory", "control_path", "/data/control", "refused"),
     ("directory", "resolutions", [256], "mapped"),
-    ("directory", "enable_ar_bucket", True, "noted"),
-    ("directory", "min_ar", 0.5, "noted"),
-    ("directory", "max_ar", 2.0, "noted"),
-    ("directory", "num_ar_buckets", 7, "noted"),
-    ("directory", "ar_buckets", [1.0], "noted"),
+    ("directory", "enable_ar_bucket", True, "mapped"),
+    ("directory", "min_ar", 0.25, "mapped"),
+    ("directory", "max_ar", 4.0, "mapped"),
+    ("directory", "num_ar_buckets", 9, "mapped"),
+    ("directory", "ar_buckets", [1.0], "mapped"),
     ("directory", "frame_buckets", [1, 33], "noted"),
     ("directory", "size_buckets", [[512, 768, 1]], "mapped"),
     ("directory", "caption_prefix", "ohwx ", "mapped"),
-    ("directory", "shuffle_tags", True, "refused"),
-    ("directory", "cache_shuffle_num", 2, "refused"),
+    ("directory", "shuffle_tags", True, "mapped"),
+    ("directory", "cache_shuffle_num", 2, "mapped"),
     ("directory", "cache_shuffle_delimiter", ", ", "noted"),
     ("directory", "skip_empty_caption", False, "mapped"),
     ("directory", "shuffle_metadata", False, "noted"),
@@ -300,7 +305,7 @@ def test_video_buckets_and_hunyuan_transformer_override():
     manifest, notes = convert(main, ds)
     spec = parse_spec(manifest)
     assert spec.model.ckptPath == "/m/hv" and spec.model.transformerPath == "/m/hv-fp8.safetensors"
-    assert spec.dataset.frames == 65 and any(n.startswith("dataset frame_buckets: one clip length") for n in notes)
+    assert spec.dataset.frameBuckets == [1, 33, 65] and spec.dataset.frames is None
     main["model"] = {"type": "cosmos", "transformer_path": "/m/c.pt", "vae_path": "/m/v", "text_encoder_path": "/m/t",
                      "dtype": "bfloat16"}
     ds = {"size_buckets": [[960, 960, 121], [1280, 704, 121]], "directory": [{"path": "/d"}]}
@@ -317,11 +322,23 @@ def test_paths_resolve_against_where_diffusion_pipe_runs_then_the_map():
     assert m["model"]["diffusersPath"] == "s3://models/flux"
 
 
-def test_several_directories_and_unknown_model_types_are_refused():
+def test_several_directories_become_sources_with_their_own_repeats_and_overrides():
     ds = copy.deepcopy(BASE_DATASET)
-    ds["directory"].append({"path": "/data/more"})
-    with pytest.raises(ConfigError, match=r"\[\[directory\]\] path: 2 \[\[directory\]\] entries"):
+    ds.update(num_repeats=2, enable_ar_bucket=True, resolutions=[512])
+    ds["directory"].append({"path": "/data/more", "num_repeats": 5, "resolutions": [256, 512], "shuffle_tags": True,
+                            "cache_shuffle_delimiter": "|"})
+    spec = parse_spec(convert(BASE_MAIN, ds)[0])
+    d = spec.dataset
+    assert d.uri is None and d.enableArBucket and d.resolutions is None   # the areas differ: set per source
+    a, b = d.sources
+    assert (a.uri, a.repeats, a.resolutions, a.shuffleTags) == (BASE_DATASET["directory"][0]["path"], 2, [512], None)
+    assert (b.uri, b.repeats, b.resolutions, b.shuffleTags, b.tagDelimiter) == ("/data/more", 5, [256, 512], True, "|")
+    ds["directory"][1]["enable_ar_bucket"] = False   # not a per-source setting in kubelora
+    with pytest.raises(ConfigError, match=r"'/data/more' sets dataset.enableArBucket differently"):
         convert(BASE_MAIN, ds)
+
+
+def test_unknown_model_types_are_refused():
     main = copy.deepcopy(BASE_MAIN)
     main["model"]["type"] = "wan"
     with pytest.raises(ConfigError, match=r"\[model\] type: 'wan' \(a diffusion-pipe model kubelora does not train"):

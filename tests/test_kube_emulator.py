@@ -99,7 +99,7 @@ def test_admission_error_messages_match_the_api_server():
     bad["spec"]["dataset"]["resolution"] = 33                # multipleOf
     bad["spec"]["output"]["uri"] = "ftp://x"                 # pattern
     bad["spec"]["training"]["steps"] = "many"                # type
-    del bad["spec"]["dataset"]["uri"]                        # required
+    del bad["spec"]["dataset"]["uri"]                        # CEL: uri or sources
     _, _, errors = admission.admit(bad, crd_schema())
     got = {str(e) for e in errors}
     assert "spec.adapter.rank: Invalid value: 0: spec.adapter.rank in body should be greater than or equal to 1" in got
@@ -108,7 +108,7 @@ def test_admission_error_messages_match_the_api_server():
     assert "spec.dataset.resolution: Invalid value: 33: spec.dataset.resolution in body should be a multiple of 16" in got
     assert any(e.startswith('spec.output.uri: Invalid value: "ftp://x": spec.output.uri in body should match') for e in got)
     assert 'spec.training.steps: Invalid value: "string": spec.training.steps in body must be of type integer: "string"' in got
-    assert "spec.dataset.uri: Required value" in got
+    assert any(e.startswith('spec.dataset: Invalid value: "object": set exactly one of dataset.uri') for e in got), got
     status = admission.invalid_status("LoRATrainingJob", "kubelora.dev", "x", errors[:1])
     assert status["code"] == 422 and status["reason"] == "Invalid"
     assert status["message"] == f'LoRATrainingJob.kubelora.dev "x" is invalid: {errors[0]}'

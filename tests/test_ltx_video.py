@@ -128,11 +128,13 @@ def test_train_two_ranks_videos_s3_to_s3_then_load_in_diffusers_and_comfyui(s3, 
     proc = run_trainer(manifest(tmp_path / "job.yaml", "ltx"), s3.env, nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"[train] step {STEPS}/{STEPS}" in proc.stdout, proc.stdout
-    assert "skipped unreadable item short.mp4: ValueError: video is too short: 6 of the 9 frames that dataset.frames asks for" in proc.stdout
+    assert ("skipped short.mp4: video is too short: 6 frames at the model's 25 fps; the shortest video frame bucket "
+            "is 9") in proc.stdout
 
     out = download("s3://ltx/out/run1", tmp_path / "result", client=s3, log=lambda m: None)
     m = json.loads((out / "manifest.json").read_text())
-    assert m["dataset"] == {"usable": 1, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 1}
+    assert m["dataset"] == {"usable": 1, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 0}
+    assert m["buckets"]["dropped"] == {"tooShort": 1} and list(m["buckets"]["buckets"]) == ["32x32x9"]
     assert [(a["file"], a["format"]) for a in m["artifacts"]] == [("lora.safetensors", "comfyui"),
                                                                   ("lora.diffusers.safetensors", "diffusers")]
     assert m["artifacts"][0]["sha256"] == hashlib.sha256((out / "lora.safetensors").read_bytes()).hexdigest()

@@ -131,7 +131,7 @@ def test_spec_is_immutable_but_suspend_flows_to_the_job(cluster, kubectl):
 INVALID = [
     ("unknown-model", {"model__type": "sd3"}, "apply", 'spec.model.type: Unsupported value: "sd3"'),
     ("zero-nodes", {"resources__nodes": 0}, "apply", "spec.resources.nodes"),
-    ("no-dataset-uri", {"dataset__uri": ...}, "apply", "spec.dataset.uri: Required value"),
+    ("no-dataset-uri", {"dataset__uri": ...}, "apply", "set exactly one of dataset.uri (one folder) and dataset.sources"),
     ("rank-zero", {"adapter__rank": 0}, "apply", "spec.adapter.rank"),
     ("negative-lr", {"training__learningRate": -1e-4}, "apply", "spec.training.learningRate"),
     ("bad-scheme", {"dataset__uri": "gs://bucket/data"}, "apply", "spec.dataset.uri"),

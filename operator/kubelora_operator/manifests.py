@@ -128,7 +128,9 @@ def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
         path = uri.removeprefix("file://")
         return bool(spec.resources.cacheVolumeClaim) and (path == CACHE_MOUNT or path.startswith(CACHE_MOUNT + "/"))
 
-    fields = {"output.uri": spec.output.uri, "dataset.uri": spec.dataset.uri,
+    data = ({"dataset.uri": spec.dataset.uri} if spec.dataset.uri is not None else
+            {f"dataset.sources[{i}].uri": s.uri for i, s in enumerate(spec.dataset.sources)})
+    fields = {"output.uri": spec.output.uri, **data,
               **{f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}}
     for field, uri in fields.items():
         if not uri.startswith("s3://") and not on_volume(uri):

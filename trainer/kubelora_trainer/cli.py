@@ -35,7 +35,9 @@ def check_storage(spec) -> int:
     settings = S3Settings.from_spec(spec.storage)
     inputs = {f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}
     failed = 0
-    for field, uri in {**inputs, "dataset.uri": spec.dataset.uri}.items():
+    data = ({"dataset.uri": spec.dataset.uri} if spec.dataset.uri is not None else
+            {f"dataset.sources[{i}].uri": s.uri for i, s in enumerate(spec.dataset.sources)})
+    for field, uri in {**inputs, **data}.items():
         try:
             print(f"ok: {field} {uri}: {check_readable(uri, settings)} object(s) readable", file=sys.stderr)
         except StorageError as e:

@@ -154,7 +154,9 @@ def cel_rules() -> dict[str, list[dict]]:
                              f"{_opt('self.ttlSecondsAfterFinished')} == {_opt('oldSelf.ttlSecondsAfterFinished')}"]),
         "message": "only spec.runPolicy.suspend may change after creation",
     }]
-    return {"spec": spec_rules, "runPolicy": run_policy_rules}
+    dataset_rules = [{"rule": "has(self.uri) != has(self.sources)",
+                      "message": "set exactly one of dataset.uri (one folder) and dataset.sources (several)"}]
+    return {"spec": spec_rules, "runPolicy": run_policy_rules, "dataset": dataset_rules}
 
 
 # The children's names derive from metadata.name: the headless Service `<name>-workers` must be a
@@ -176,6 +178,7 @@ def build_crd() -> dict:
     rules = cel_rules()
     spec["x-kubernetes-validations"] = rules["spec"]
     spec["properties"]["runPolicy"]["x-kubernetes-validations"] = rules["runPolicy"]
+    spec["properties"]["dataset"]["x-kubernetes-validations"] = rules["dataset"]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

@@ -1,4 +1,5 @@
-"""Dataset: images with same-stem caption files, one square resolution (bucketing comes later).
+"""Dataset: images (and videos) with captions, from one or several sources; bucket math is in
+buckets.py, caption options in captions.py.
 
 Scanning is pure: it returns the usable items and counts what was skipped and why, so a bad
 file never stops a run and never goes unnoticed. An empty result is an error before training.
@@ -20,7 +21,14 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class Item:
     image: Path
-    caption: str
+    caption: str                     # the first caption variant
+    captions: tuple[str, ...] = ()   # every variant a sample may draw (default: caption alone)
+    source: int = 0
+    dropout: float = 0.0
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return self.captions or (self.caption,)
 
 
 @dataclass
@@ -29,6 +37,17 @@ class ScanReport:
     missing_caption: int = 0        # images without a caption file (skipped or given "" by policy)
     empty_caption_used: int = 0
     unreadable: list[str] = field(default_factory=list)
+    uncaptioned: list[str] = field(default_factory=list)    # the first few media files without a caption
+    beside: dict[str, int] = field(default_factory=dict)   # other file extensions next to them: how many
+
+    def merge(self, other: "ScanReport") -> None:
+        self.items += other.items
+        self.missing_caption += other.missing_caption
+        self.empty_caption_used += other.empty_caption_used
+        self.unreadable += other.unreadable
+        self.uncaptioned += other.uncaptioned[: max(0, 5 - len(self.uncaptioned))]
+        for k, v in other.beside.items():
+            self.beside[k] = self.beside.get(k, 0) + v
 
     def summary(self) -> dict:
         return {"usable": len(self.items), "missingCaption": self.missing_caption,
@@ -36,24 +55,70 @@ class ScanReport:
 
 
 def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", video: bool = False,
-         caption_prefix: str = "") -> ScanReport:
+         caption_prefix: str = "", opts=None, source: int = 0, seed: int = 0) -> ScanReport:
     """Find media files under root (images; videos too for video families) and pair them with
-    captions (caption_prefix put before each, verbatim). Does not decode anything."""
+    captions: a captions.json/.jsonl map in root, else same-stem files with caption_ext
+    (caption_prefix put before each, verbatim). With opts (captions.CaptionOptions) its settings
+    replace the loose arguments. Does not decode anything."""
+    from .captions import CaptionOptions, read_caption_map, variants
+    opts = opts or CaptionOptions(extension=caption_ext, prefix=caption_prefix, missing=missing_caption)
+    root = Path(root)
     report = ScanReport()
     exts = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if video else ())
-    images = sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in exts]
+    cmap = read_caption_map(root)
+    stems: dict[tuple[Path, str], list[str]] = {}
+    for p in files:
+        stems.setdefault((p.parent, p.stem), []).append(p.suffix)
     for img in images:
-        cap = img.with_suffix(caption_ext)
-        if cap.is_file():
-            text = cap.read_text(encoding="utf-8", errors="replace").strip()
+        texts = None
+        if cmap is not None:
+            texts = cmap.get(img.relative_to(root).as_posix()) or cmap.get(img.name)
         else:
+            cap = img.with_suffix(opts.extension)
+            if cap.is_file():
+                texts = [cap.read_text(encoding="utf-8", errors="replace").strip()]
+        if texts is None:
             report.missing_caption += 1
-            if missing_caption == "skip":
+            if len(report.uncaptioned) < 5:
+                report.uncaptioned.append(str(img.relative_to(root)))
+            for ext in stems.get((img.parent, img.stem), []):
+                if ext.lower() not in exts and ext != opts.extension:
+                    report.beside[ext] = report.beside.get(ext, 0) + 1
+            if opts.missing == "skip":
                 continue
             report.empty_caption_used += 1
-            text = ""
-        report.items.append(Item(img, caption_prefix + text))
+            texts = [""]
+        caps = tuple(variants(texts, opts, seed))
+        report.items.append(Item(img, caps[0], caps, source, opts.dropout))
     return report
+
+
+def probe(path: Path, fps: float | None = None) -> tuple[int, int, int, bool]:
+    """(width, height, frames, is_video) of a media file, decoding it fully (so a corrupt file
+    fails here): frames counted at the training rate fps (as load_clip would give them), 1 for
+    an image. Raises OSError/ValueError/av errors for unreadable files."""
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        from PIL import Image, ImageOps
+        with Image.open(path) as im:
+            im.load()
+            w, h = ImageOps.exif_transpose(im).size
+        if min(w, h) < 1:
+            raise ValueError("image has no pixels")
+        return w, h, 1, False
+    import av
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        w = h = 0
+        timed = []
+        for frame in container.decode(stream):
+            w, h = frame.width, frame.height
+            timed.append((frame.time, None))
+    if not timed:
+        raise ValueError("video has no frames")
+    n = sum(1 for _ in pick_frames(iter(timed), 10 ** 9, fps)) if fps else len(timed)
+    return w, h, n, True
 
 
 def load_image(path: Path, width: int, height: int | None = None):
@@ -121,6 +186,16 @@ def load_clip(path: Path, width: int, height: int, frames: int, fps: float | Non
     return torch.stack(out, dim=1)
 
 
+def load_unit(path: Path, width: int, height: int, frames: int, start: int = 0, fps: float | None = None,
+              clip: bool = False):
+    """One training sample: an image [3, H, W] ([3, 1, H, W] with clip), or frames start..start+frames
+    of a video at the training rate fps [3, F, H, W]; resized to cover width x height and centre-cropped."""
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        t = load_image(path, width, height)
+        return t.unsqueeze(1) if clip else t
+    return load_clip(path, width, height, start + frames, fps=fps)[:, start:]
+
+
 def pick_frames(timed_frames, n: int, fps: float | None):
     """From (time in seconds, frame) pairs in decoding order, the n frames a clip at `fps` shows
     at times 0, 1/fps, 2/fps... (nearest source frame; ties go to the earlier one). Without fps,
@@ -149,13 +224,26 @@ def pick_frames(timed_frames, n: int, fps: float | None):
         k += 1
 
 
-def check_usable(report: ScanReport, uri: str) -> None:
+def caption_hint(report: ScanReport) -> str:
+    """When media files lack captions: which ones (the first few), and, when files with another
+    extension sit beside them, the captionExtension that would pair them."""
+    if not report.missing_caption:
+        return ""
+    hint = f" Without a caption: {', '.join(report.uncaptioned)}" + (" ..." if report.missing_caption > len(report.uncaptioned) else "") + "."
+    if report.beside:
+        ext = max(report.beside, key=report.beside.get)
+        hint += (f" {report.beside[ext]} of them have a same-stem {ext} file beside them: set "
+                 f"dataset.captionExtension: \"{ext}\" if those are the captions.")
+    return hint
+
+
+def check_usable(report: ScanReport, uri: str, dropped: str = "") -> None:
     if not report.items:
         s = report.summary()
         raise DatasetError(
             f"dataset {uri}: no usable items (images missing a caption: {s['missingCaption']}, unreadable: "
-            f"{s['unreadable']}). Add images ({', '.join(IMAGE_EXTENSIONS)}) with same-stem caption files, "
-            f"or set dataset.missingCaption: empty to train images without captions.")
+            f"{s['unreadable']}{dropped}). Add images ({', '.join(IMAGE_EXTENSIONS)}) with same-stem caption files, "
+            f"or set dataset.missingCaption: empty to train images without captions." + caption_hint(report))
 
 
 def shard_indices(n_items: int, repeats: int, world: int, rank: int, epoch_seed: Optional[int] = None) -> list[int]:

@@ -109,7 +109,8 @@ def publish_manifest(spec, job_name, adapter: dict, artifacts: list[dict], stats
         "model": {"type": spec.model.type, "base": base_model(spec.model)},
         "adapter": {"type": spec.adapter.type, **adapter},
         "artifacts": artifacts,
-        "dataset": stats,
+        "dataset": {k: v for k, v in stats.items() if k != "buckets"},
+        "buckets": stats.get("buckets"),
         "metrics": metrics,
         "spec": dump_spec(spec),
     }

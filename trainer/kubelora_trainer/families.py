@@ -43,6 +43,10 @@ def check_family(model, dataset, output=None) -> Optional[str]:
         return f"model.type {model.type} needs {_fmt_sources(r.sources)}{hint}"
     if len(given) > 1:
         return f"model.type {model.type}: set only one of {_fmt_sources(given)}"
+    if r.sizes and (dataset.enableArBucket or dataset.resolutions or any(s.resolutions for s in dataset.sources or ())):
+        field = "enableArBucket" if dataset.enableArBucket else "resolutions"
+        return (f"dataset.{field}: {model.type} trains only at its fixed sizes (dataset.width and dataset.height: "
+                f"{', '.join(f'{a}x{b}' for a, b in r.sizes)}); remove it")
     w, h = size_of(dataset)
     if (dataset.width is None) != (dataset.height is None):
         return "dataset.width and dataset.height go together: set both, or neither and use dataset.resolution"
@@ -58,6 +62,17 @@ def check_family(model, dataset, output=None) -> Optional[str]:
             return f"output.formats: {bad[0]!r} is not available for {model.type} (available: {', '.join(r.formats)})"
         if len(set(output.formats)) != len(output.formats):
             return "output.formats: each format may appear once"
+    for where, res in [("dataset.resolutions", dataset.resolutions)] + [
+            (f"dataset.sources[{i}].resolutions", s.resolutions) for i, s in enumerate(dataset.sources or ())]:
+        bad = [x for x in res or () if x % r.size_multiple]
+        if bad:
+            return f"{where}: {model.type} needs sides divisible by {r.size_multiple}; got {bad[0]}"
+    for where, fb in [("dataset.frameBuckets", dataset.frameBuckets)] + [
+            (f"dataset.sources[{i}].frameBuckets", s.frameBuckets) for i, s in enumerate(dataset.sources or ())]:
+        for f in fb or ():
+            problem = _frame_problem(model.type, r, f, where)
+            if problem:
+                return problem
     frames = dataset.frames
     if frames is not None:
         if not r.video and frames != 1:
@@ -69,6 +84,18 @@ def check_family(model, dataset, output=None) -> Optional[str]:
             if (frames - b) % a:
                 lo = frames - (frames - b) % a
                 return (f"dataset.frames: {model.type} needs {a}k+{b} frames (e.g. {lo} or {lo + a}); got {frames}")
+    return None
+
+
+def _frame_problem(model_type: str, r: FamilyRules, frames: int, where: str) -> Optional[str]:
+    if not r.video and frames != 1:
+        return f"{where}: {model_type} is an image model; frames must be 1 (got {frames})"
+    if r.frames and frames not in r.frames:
+        return f"{where}: {model_type} supports only {' or '.join(map(str, r.frames))} frames (got {frames})"
+    if r.frame_rule and (frames - r.frame_rule[1]) % r.frame_rule[0]:
+        a, b = r.frame_rule
+        lo = frames - (frames - b) % a
+        return f"{where}: {model_type} needs {a}k+{b} frames (e.g. {lo} or {lo + a}); got {frames}"
     return None
 
 
@@ -84,3 +111,19 @@ def size_of(dataset) -> tuple[int, int]:
 
 def frames_of(model_type: str, dataset) -> int:
     return dataset.frames or RULES[model_type].default_frames
+
+
+def frame_buckets_of(model_type: str, dataset, source=None) -> list[int]:
+    """The clip lengths items may train at: the source's frameBuckets, else the dataset's, else
+    [frames]; 1 is always among them for video families (images are 1-frame clips), and the
+    only one for image families."""
+    if not RULES[model_type].video:
+        return [1]
+    fb = (source.frameBuckets if source is not None else None) or dataset.frameBuckets or [frames_of(model_type, dataset)]
+    return sorted(set(fb) | {1})
+
+
+def areas_of(dataset, source=None) -> list[int]:
+    """The training areas as square sides (resolutions of the source, else of the dataset, else
+    [resolution]); with width/height one area is unused (the size is fixed)."""
+    return sorted(set((source.resolutions if source is not None else None) or dataset.resolutions or [dataset.resolution]))

@@ -133,7 +133,11 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) ->
         ctx.notes.append(f"warmup_steps: {ctx.training['warmupSteps']} is more than the {steps} steps; capped")
         ctx.training["warmupSteps"] = steps
 
-    spec = {"model": ctx.model, "dataset": {"uri": data_uri or ds_uri, **ctx.dataset}, "adapter": ctx.adapter,
+    if data_uri and "sources" in ctx.dataset:
+        raise Refused("directory", "path", "--data-uri names one folder but the dataset has several [[directory]] "
+                                           "entries: use --map LOCAL=URI for their paths")
+    data = ctx.dataset if "sources" in ctx.dataset else {"uri": data_uri or ds_uri, **ctx.dataset}
+    spec = {"model": ctx.model, "dataset": data, "adapter": ctx.adapter,
             "training": ctx.training, "output": {"uri": out_uri}}
     manifest = {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
                 "metadata": {"name": _slug(name)}, "spec": spec}
@@ -164,24 +168,56 @@ def _learning_rates(ctx: Ctx) -> None:
             ctx.training["textEncoderLearningRate"] = float(te_lr)
 
 
+SOURCE_FIELDS = {"repeats", "resolutions", "frameBuckets", "missingCaption", "captionPrefix", "shuffleTags",
+                 "shuffleVariants", "tagDelimiter"}
+
+
 def _dataset(ctx: Ctx, dataset: Optional[dict[str, Any]], local) -> Optional[str]:
-    """Dataset TOML -> dataset fields; one [[directory]] for now, its keys overriding the top level."""
+    """Dataset TOML -> dataset fields. One [[directory]]: its keys override the top level and it
+    becomes dataset.uri; several: each becomes one of dataset.sources with its own repeats, areas,
+    frame buckets and caption options (what diffusion-pipe lets a directory override)."""
     if dataset is None:
         return None
     dirs = dataset.get("directory") or []
     if not isinstance(dirs, list) or not all(isinstance(d, dict) for d in dirs):
         raise Refused("dataset", "directory", "expected [[directory]] tables, each with a path")
-    if len(dirs) > 1:
-        raise Refused("directory", "path", f"{len(dirs)} [[directory]] entries: kubelora trains one source per job "
-                                           "for now; put the files in one folder (repeats apply to all of it)")
     apply(ctx, "dataset", dataset)
     if not dirs:
         return None
-    d = dirs[0]
-    if "path" not in d:
-        raise Refused("directory", "path", "the [[directory]] has no path")
-    apply(ctx, "directory", d)
-    return local(str(d["path"]))
+    top = dict(ctx.dataset)
+    per_dir = []
+    for d in dirs:
+        if "path" not in d:
+            raise Refused("directory", "path", "the [[directory]] has no path")
+        ctx.dataset = dict(top)
+        apply(ctx, "directory", d)
+        per_dir.append(ctx.dataset)
+    for ds in per_dir:
+        if not ds.get("shuffleTags") and ds.pop("tagDelimiter", None) is not None:
+            ctx.note("cache_shuffle_delimiter", "no effect: no tags are shuffled")
+    if len(dirs) == 1:
+        ctx.dataset = per_dir[0]
+        return local(str(dirs[0]["path"]))
+    for ds in per_dir:  # one area per directory is written resolution; as a source override it is resolutions
+        if "resolution" in ds:
+            ds["resolutions"] = [ds.pop("resolution")]
+    shared = {k: v for k, v in per_dir[0].items() if all(ds.get(k) == v for ds in per_dir)}
+    for ds, d in list(zip(per_dir, dirs))[1:] + [(per_dir[0], dirs[0])]:  # name one that differs from the first
+        differing = sorted(k for k in ds if k not in shared and k not in SOURCE_FIELDS)
+        if differing:
+            raise Refused("directory", "path", f"[[directory]] {d['path']!r} sets dataset.{differing[0]} differently from "
+                                               "the others; kubelora sets it once per job: give every directory the same")
+    sources = []
+    for ds, d in zip(per_dir, dirs):
+        src = {"uri": local(str(d["path"])), **{k: v for k, v in ds.items() if k in SOURCE_FIELDS and k not in shared}}
+        if "repeats" in shared:
+            src["repeats"] = shared["repeats"]
+        sources.append(src)
+    shared.pop("repeats", None)
+    if "resolutions" in shared and len(shared["resolutions"]) == 1:
+        shared["resolution"] = shared.pop("resolutions")[0]
+    ctx.dataset = {**shared, "sources": sources}
+    return None
 
 
 def load(config: Path, dataset: Optional[Path] = None, cwd: Optional[Path] = None

@@ -17,7 +17,7 @@ import importlib
 import math
 from typing import Any
 
-from .import_handlers import Ctx, Handler, keep, noted, nothing, refused, to, when
+from .import_handlers import Ctx, Handler, keep, noted, nothing, refused, to
 from .families import RULES
 from .models import FAMILIES
 
@@ -65,9 +65,19 @@ def activation_checkpointing(ctx: Ctx, key: str, value: Any) -> None:
 
 
 def video_clip_mode(ctx: Ctx, key: str, value: Any) -> None:
-    if value != "single_beginning":
-        ctx.refuse(key, f"{value!r}: kubelora takes each clip from the start of the video (single_beginning); "
-                        "trim the videos or remove the key")
+    if value not in ("single_beginning", "single_middle", "multiple_overlapping"):
+        ctx.refuse(key, f"{value!r}: use single_beginning, single_middle or multiple_overlapping")
+    if value == "single_beginning":
+        return
+    if ctx.model_type not in VIDEO_TYPES:
+        ctx.note(key, "an image model: no clips to take")
+        return
+    ctx.dataset["videoClipMode"] = value
+
+
+def uncond_fraction(ctx: Ctx, key: str, value: Any) -> None:
+    if value:
+        ctx.dataset["captionDropout"] = float(value)
 
 
 def loss_change(ctx: Ctx, key: str, value: Any) -> None:
@@ -117,7 +127,7 @@ MAIN: dict[str, Handler] = {
     "regenerate_cache": noted("kubelora's cache keys cover every input, so a stale cache is never reused"),
     "x_axis_examples": noted("no TensorBoard: progress and loss go to the log, status and manifest.json"),
     "video_clip_mode": video_clip_mode,
-    "uncond_fraction": when(0, nothing, "caption dropout is not supported yet: remove the key"),
+    "uncond_fraction": uncond_fraction,
     "huber_delta": loss_change,
     "smooth_l1_beta": loss_change,
     "lora": noted("legacy table; LoRA master weights are float32"),
@@ -257,20 +267,42 @@ def resolutions(ctx: Ctx, key: str, value: Any) -> None:
     if ctx.model_type == "cosmos":
         ctx.note(key, "cosmos trains at its size_buckets")
         return
-    sides = [area_side(v, ctx.model_type) for v in value]
-    ctx.dataset["resolution"] = max(sides)
+    sides = sorted(set(area_side(v, ctx.model_type) for v in value))
+    ctx.dataset.pop("resolution", None), ctx.dataset.pop("resolutions", None)
+    if len(sides) == 1:
+        ctx.dataset["resolution"] = sides[0]
+    else:
+        ctx.dataset["resolutions"] = sides
     pairs = [v for v in value if isinstance(v, (list, tuple))]
     if pairs:
-        ctx.note(key, f"{pairs[0]} is an area in diffusion-pipe, not a rectangle: trained as "
-                      f"{max(sides)}x{max(sides)} (the same area, square unless aspect-ratio buckets are on)")
-    if len(sides) > 1:
-        ctx.note(key, f"one size per job for now: trained at {max(sides)}x{max(sides)} only (diffusion-pipe also "
-                      f"trains a copy of the data at {', '.join(map(str, sorted(set(sides))[:-1]))})")
+        ctx.note(key, f"{pairs[0]} is an area in diffusion-pipe, not a rectangle: trained as the area "
+                      f"{sides[-1]}x{sides[-1]} (square unless aspect-ratio buckets are on)")
 
 
 def ar_bucket(ctx: Ctx, key: str, value: Any) -> None:
-    if value:
-        ctx.note(key, "aspect-ratio buckets come later: every image is resized to cover the square and centre-cropped")
+    if ctx.model_type == "cosmos":
+        ctx.note(key, "cosmos trains at its size_buckets")
+        return
+    ctx.dataset["enableArBucket"] = bool(value)
+
+
+def ar_setting(field: str, cast) -> Handler:
+    def handler(ctx: Ctx, key: str, value: Any) -> None:
+        if ctx.model_type == "cosmos":
+            ctx.note(key, "cosmos trains at its size_buckets")
+            return
+        ctx.dataset[field] = cast(value)
+    return handler
+
+
+def ar_buckets(ctx: Ctx, key: str, value: Any) -> None:
+    if ctx.model_type == "cosmos":
+        ctx.note(key, "cosmos trains at its size_buckets")
+        return
+    ars = sorted(v[0] / v[1] if isinstance(v, (list, tuple)) else float(v) for v in value)
+    ctx.dataset.update(enableArBucket=True, minAr=min(ars[0], 1.0), maxAr=max(ars[-1], 1.0), numArBuckets=len(ars))
+    ctx.note(key, f"kubelora spaces its ratios evenly in log space: {len(ars)} buckets from {ars[0]:.3g} to "
+                  f"{ars[-1]:.3g} (dataset.minAr/maxAr/numArBuckets) rather than exactly these")
 
 
 def frame_buckets(ctx: Ctx, key: str, value: Any) -> None:
@@ -280,11 +312,8 @@ def frame_buckets(ctx: Ctx, key: str, value: Any) -> None:
     if ctx.model_type == "cosmos":
         ctx.note(key, "cosmos takes its frame count from size_buckets")
         return
-    longest = max(int(f) for f in value)
-    ctx.dataset["frames"] = longest
-    if len(set(value) - {1}) > 1 or 1 in value:
-        ctx.note(key, f"one clip length per job for now: every clip is {longest} frames; images and shorter videos are "
-                      "skipped and counted (diffusion-pipe puts each in the longest bucket it fills)")
+    ctx.dataset.pop("frames", None)
+    ctx.dataset["frameBuckets"] = sorted({int(f) for f in value} | {1})
 
 
 def size_buckets(ctx: Ctx, key: str, value: Any) -> None:
@@ -306,8 +335,18 @@ def repeats(ctx: Ctx, key: str, value: Any) -> None:
 
 
 def shuffle_tags(ctx: Ctx, key: str, value: Any) -> None:
+    ctx.dataset["shuffleTags"] = bool(value)
+    if value and "shuffleVariants" not in ctx.dataset:
+        ctx.dataset["shuffleVariants"] = 1  # diffusion-pipe: shuffle_tags alone caches one shuffled caption
+
+
+def cache_shuffle_num(ctx: Ctx, key: str, value: Any) -> None:
     if value:
-        ctx.refuse(key, "tag shuffling is not supported yet: remove the key (or set it to false)")
+        ctx.dataset.update(shuffleTags=True, shuffleVariants=int(value))
+
+
+def shuffle_delimiter(ctx: Ctx, key: str, value: Any) -> None:
+    ctx.dataset["tagDelimiter"] = str(value)  # dropped with a note when nothing is shuffled (import_config)
 
 
 def skip_empty_caption(ctx: Ctx, key: str, value: Any) -> None:
@@ -318,16 +357,16 @@ DATASET: dict[str, Handler] = {
     "directory": keep,
     "resolutions": resolutions,
     "enable_ar_bucket": ar_bucket,
-    "min_ar": noted("aspect-ratio buckets come later"),
-    "max_ar": noted("aspect-ratio buckets come later"),
-    "num_ar_buckets": noted("aspect-ratio buckets come later"),
-    "ar_buckets": noted("aspect-ratio buckets come later"),
+    "min_ar": ar_setting("minAr", float),
+    "max_ar": ar_setting("maxAr", float),
+    "num_ar_buckets": ar_setting("numArBuckets", int),
+    "ar_buckets": ar_buckets,
     "frame_buckets": frame_buckets,
     "size_buckets": size_buckets,
     "num_repeats": repeats,
     "shuffle_tags": shuffle_tags,
-    "cache_shuffle_num": when(0, nothing, "tag shuffling is not supported yet: remove the key"),
-    "cache_shuffle_delimiter": noted("tag shuffling is not supported yet (and not asked for)"),
+    "cache_shuffle_num": cache_shuffle_num,
+    "cache_shuffle_delimiter": shuffle_delimiter,
     "caption_prefix": to("dataset", "captionPrefix", str),
     "skip_empty_caption": skip_empty_caption,
     "shuffle_metadata": noted("only the order of caching; no effect on the result"),

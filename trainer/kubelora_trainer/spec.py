@@ -91,28 +91,130 @@ class ModelSpec(_Model):
         default=None, gt=0, description="SDXL: Min-SNR loss weighting gamma (e.g. 5); off when unset.")
 
 
+CAPTION_FIELDS = ("captionExtension", "captionPrefix", "shuffleTags", "shuffleVariants", "keepTags", "tagDelimiter",
+                  "captionDropout", "missingCaption")
+
+
+class SourceSpec(_Model):
+    """One folder of training media; unset options take the dataset's."""
+    uri: str = _uri("Folder of images (and, for video families, videos) with captions")
+    repeats: int = Field(default=1, ge=1, le=10000, description="How many times each item of this source is seen per epoch.")
+    resolutions: Optional[list[int]] = Field(
+        default=None, min_length=1, max_length=16,
+        description="Override of dataset.resolutions for this source (areas given as square side lengths).")
+    frameBuckets: Optional[list[int]] = Field(
+        default=None, min_length=1, max_length=32, description="Override of dataset.frameBuckets for this source.")
+    missingCaption: Optional[Literal["skip", "empty"]] = Field(default=None, description="Override of dataset.missingCaption.")
+    captionExtension: Optional[str] = Field(default=None, pattern=r"^\.[A-Za-z0-9]+$",
+                                            description="Override of dataset.captionExtension.")
+    captionPrefix: Optional[str] = Field(default=None, max_length=1000, description="Override of dataset.captionPrefix.")
+    shuffleTags: Optional[bool] = Field(default=None, description="Override of dataset.shuffleTags.")
+    shuffleVariants: Optional[int] = Field(default=None, ge=1, le=64, description="Override of dataset.shuffleVariants.")
+    keepTags: Optional[int] = Field(default=None, ge=0, le=1000, description="Override of dataset.keepTags.")
+    tagDelimiter: Optional[str] = Field(default=None, min_length=1, max_length=8, description="Override of dataset.tagDelimiter.")
+    captionDropout: Optional[float] = Field(default=None, ge=0.0, le=1.0, description="Override of dataset.captionDropout.")
+
+
 class DatasetSpec(_Model):
-    uri: str = _uri("Folder of images (and, for video families, videos) with same-stem .txt captions")
+    uri: Optional[str] = _uri("Folder of images (and, for video families, videos) with same-stem .txt captions; "
+                              "shorthand for one entry of dataset.sources (set exactly one of the two)", default=None)
+    sources: Optional[list[SourceSpec]] = Field(
+        default=None, min_length=1, max_length=64,
+        description="Several folders, each with its own repeats and optional size, frame and caption overrides "
+                    "(diffusion-pipe's [[directory]] entries). Set exactly one of dataset.uri and dataset.sources.")
     resolution: int = Field(
         default=512, ge=16, le=4096, multiple_of=16,
         description="Training resolution in pixels: square side, unless width and height are set. Multiple of 16. "
-                    "Every image (and video frame) is resized to cover the training size and centre-cropped to it: "
-                    "content outside the centred crop is not trained on (no bucketing by aspect ratio).")
+                    "Shorthand for resolutions: [resolution].")
+    resolutions: Optional[list[int]] = Field(
+        default=None, min_length=1, max_length=16,
+        description="Training areas given as square side lengths (diffusion-pipe's resolutions): 512 means 512*512 "
+                    "pixels, in the shape of each item's aspect-ratio bucket when enableArBucket is on (square "
+                    "otherwise). Every item is trained at each of them. Replaces resolution.")
     width: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16,
                                  description="Training width in pixels (with height; overrides resolution).")
     height: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16,
                                   description="Training height in pixels (with width; overrides resolution).")
+    enableArBucket: bool = Field(
+        default=False, description="Aspect-ratio buckets: each item goes to the bucket nearest its aspect ratio (in "
+                                   "log space), is resized to cover it and centre-cropped; every micro-batch comes "
+                                   "from one bucket. Off: every item is resized to cover a square and centre-cropped.")
+    minAr: float = Field(default=0.5, gt=0.0, le=1.0, description="Narrowest bucket's width/height (with enableArBucket).")
+    maxAr: float = Field(default=2.0, ge=1.0, le=100.0, description="Widest bucket's width/height (with enableArBucket).")
+    numArBuckets: int = Field(default=7, ge=1, le=64,
+                              description="Aspect-ratio buckets, spaced evenly in log space from minAr to maxAr.")
     frames: Optional[int] = Field(
         default=None, ge=1, le=1024,
-        description="Frames per training clip for video families (ltx-video 8k+1, hunyuan-video 4k+1, cosmos 1 or 121); images are 1-frame clips.")
-    repeats: int = Field(default=1, ge=1, le=10000, description="How many times each item is seen per epoch.")
+        description="Frames per training clip for video families (ltx-video 8k+1, hunyuan-video 4k+1, cosmos 1 or 121); "
+                    "shorthand for frameBuckets: [frames]. Images are 1-frame clips.")
+    frameBuckets: Optional[list[int]] = Field(
+        default=None, min_length=1, max_length=32,
+        description="Video families: clip lengths in frames (at the family's training frame rate); each video goes "
+                    "to the longest bucket not longer than it, images to 1 (always added). Replaces frames.")
+    videoClipMode: Literal["single_beginning", "single_middle", "multiple_overlapping"] = Field(
+        default="single_beginning",
+        description="Which frames of a longer video make its clip: one from the start, one from the middle, or "
+                    "several overlapping clips spread evenly over the whole video (none of it cut off).")
+    repeats: int = Field(default=1, ge=1, le=10000, description="How many times each item is seen per epoch (with dataset.uri).")
     missingCaption: Literal["skip", "empty"] = Field(
         default="skip", description="Image without a caption file: skip it, or train it with an empty caption. Counted either way.")
-    captionExtension: str = Field(default=".txt", pattern=r"^\.[A-Za-z0-9]+$", description="Caption file extension.")
+    captionExtension: str = Field(default=".txt", pattern=r"^\.[A-Za-z0-9]+$",
+                                  description="Caption file extension (same stem as the media file). A captions.json "
+                                              "({file name: caption or [captions]}) or captions.jsonl ({\"file\": ..., "
+                                              "\"caption\": ...} per line) in the folder takes precedence.")
     captionPrefix: str = Field(
         default="", max_length=1000,
         description="Text put before every caption exactly as written (include a trailing space or comma if wanted), "
                     "e.g. a trigger word.")
+    shuffleTags: bool = Field(default=False, description="Shuffle the caption's tags (split on tagDelimiter); "
+                                                         "shuffleVariants shuffled orders are cached per item.")
+    shuffleVariants: int = Field(default=4, ge=1, le=64,
+                                 description="With shuffleTags: how many shuffled captions are encoded per item "
+                                             "(diffusion-pipe's cache_shuffle_num); one is drawn per sample.")
+    keepTags: int = Field(default=0, ge=0, le=1000, description="With shuffleTags: the first N tags keep their place.")
+    tagDelimiter: str = Field(default=", ", min_length=1, max_length=8, description="What separates tags in a caption.")
+    captionDropout: float = Field(default=0.0, ge=0.0, le=1.0,
+                                  description="Probability that a sample trains with an empty caption (seeded).")
+
+    @field_validator("resolutions")
+    @classmethod
+    def _resolutions(cls, v):
+        if v is not None and any(r < 16 or r > 4096 or r % 16 for r in v):
+            raise ValueError("each resolution is a square side in pixels, 16..4096 and a multiple of 16")
+        return v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "DatasetSpec":
+        if (self.uri is None) == (self.sources is None):
+            raise ValueError("dataset: set exactly one of dataset.uri (one folder) and dataset.sources (several)")
+        # compared with the defaults, not model_fields_set: the API server fills defaults in before the operator reads
+        if self.sources is not None and self.repeats != 1:
+            raise ValueError("dataset.repeats: with dataset.sources, set repeats on each source")
+        if self.resolutions is not None and self.resolution != 512:
+            raise ValueError("dataset.resolution and dataset.resolutions: set one (resolution: N is resolutions: [N])")
+        if self.frameBuckets is not None and self.frames is not None:
+            raise ValueError("dataset.frames and dataset.frameBuckets: set one (frames: N is frameBuckets: [N])")
+        if self.enableArBucket and self.width is not None:
+            raise ValueError("dataset.width/height fix one size, which aspect-ratio buckets would ignore: remove them "
+                             "or dataset.enableArBucket")
+        if self.enableArBucket and self.minAr > self.maxAr:
+            raise ValueError("dataset.minAr exceeds dataset.maxAr")
+        for f in ("shuffleVariants", "keepTags", "tagDelimiter"):
+            if getattr(self, f) != type(self).model_fields[f].default and not self.shuffleTags and not any(s.shuffleTags for s in self.sources or ()):
+                raise ValueError(f"dataset.{f} applies only with shuffleTags: true; set that too or remove it")
+        for i, s in enumerate(self.sources or ()):
+            if s.resolutions is not None and self.width is not None:
+                raise ValueError(f"dataset.sources[{i}].resolutions: dataset.width/height fix one size for every source; "
+                                 "remove one of them")
+            if s.resolutions is not None and any(r < 16 or r > 4096 or r % 16 for r in s.resolutions):
+                raise ValueError(f"dataset.sources[{i}].resolutions: each is a square side in pixels, 16..4096 and a "
+                                 "multiple of 16")
+        return self
+
+    @property
+    def uris(self) -> list[str]:
+        """Every source's URI (dataset.uri alone in the shorthand form)."""
+        return [self.uri] if self.uri is not None else [s.uri for s in self.sources]
 
 
 class AdapterSpec(_Model):
@@ -281,10 +383,13 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
         if "nvidia.com/gpu" in getattr(spec.resources, kind):
             return (f"resources.{kind}['nvidia.com/gpu'] is set from resources.gpusPerNode "
                     f"({spec.resources.gpusPerNode}); remove it and set gpusPerNode")
-    out, data = spec.output.uri.rstrip("/"), spec.dataset.uri.rstrip("/")
-    if out == data or out.startswith(data + "/"):
-        return (f"output.uri ({spec.output.uri}) is inside dataset.uri ({spec.dataset.uri}): outputs would be "
-                f"mixed with the training data; write them elsewhere")
+    out = spec.output.uri.rstrip("/")
+    for i, uri in enumerate(spec.dataset.uris):
+        data = uri.rstrip("/")
+        if out == data or out.startswith(data + "/"):
+            where = "dataset.uri" if spec.dataset.uri is not None else f"dataset.sources[{i}].uri"
+            return (f"output.uri ({spec.output.uri}) is inside {where} ({uri}): outputs would be "
+                    f"mixed with the training data; write them elsewhere")
     return None
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,10 @@ from typing import Optional
 import torch
 
 from . import __version__, adapters, checkpoint, dist, exits, export, export_full, lora, metrics, storage
-from .data import DatasetError, check_usable, load_clip, load_image, scan, shard_indices
-from .families import PATH_FIELDS, RULES, frames_of, size_of
+from . import buckets as bk
+from .captions import options_of
+from .data import DatasetError, ScanReport, check_usable, load_unit, probe, scan
+from .families import PATH_FIELDS, RULES, areas_of, frame_buckets_of, frames_of, size_of
 from .models import get_family
 from .models.base import ModelError
 from .quiet import quiet_progress_bars
@@ -55,7 +56,8 @@ def _stage_dir(uri: str) -> Path:
 def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3Settings) -> dict[str, str]:
     """Node-local rank 0 downloads model parts and the dataset; the other ranks wait and read
     the resolved paths it wrote. Returns {field: local path}."""
-    uris = {**{f: getattr(spec.model, f) for f in PATH_FIELDS}, "dataset": spec.dataset.uri}
+    uris = {**{f: getattr(spec.model, f) for f in PATH_FIELDS},
+            **{f"dataset.{i}": u for i, u in enumerate(spec.dataset.uris)}}
     uris = {k: v for k, v in uris.items() if v}
     marker = cache_root() / f"staged-{hashlib.sha1(json.dumps(uris, sort_keys=True).encode()).hexdigest()[:12]}.json"
     err = None
@@ -78,7 +80,7 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
     return json.loads(marker.read_text())
 
 
-CACHE_FORMAT = 2  # bump whenever what encode() writes for the same inputs changes
+CACHE_FORMAT = 3  # bump whenever what encode() writes for the same inputs changes
 
 
 def cache_inputs(spec, model_fingerprint: str) -> dict:
@@ -90,8 +92,11 @@ def cache_inputs(spec, model_fingerprint: str) -> dict:
             "fps": r.fps if r.video else None}
 
 
-def cache_key(inputs: dict, caption: str, media: bytes) -> str:
-    h = hashlib.sha256(json.dumps({**inputs, "caption": caption}, sort_keys=True).encode())
+def cache_key(inputs: dict, caption: str, media: bytes, unit: Optional[bk.Unit] = None) -> str:
+    """With a unit: its bucket size, frames, clip start and fit are part of the key."""
+    extra = {} if unit is None else {"unit": {"size": list(unit.bucket[:2]), "frames": unit.bucket[2],
+                                              "start": unit.start, "fit": "cover+center-crop"}}
+    h = hashlib.sha256(json.dumps({**inputs, **extra, "caption": caption}, sort_keys=True).encode())
     h.update(media)
     return h.hexdigest()[:32]
 
@@ -108,55 +113,90 @@ def model_fingerprint(paths: dict[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
-def build_cache(spec, family, comps, items, indices, inputs, env) -> dict[int, dict]:
-    """Encode the unique items this rank trains on (reusing the on-disk cache across restarts)."""
+def build_cache(spec, family, comps, items, units, entries, inputs, env) -> dict[tuple[int, int], dict]:
+    """Encode every (unit, caption variant) sample, split over ranks (reusing the on-disk cache
+    across restarts and runs), then share them so that every rank can train on any bucket."""
     folder = cache_root() / "latents"
     folder.mkdir(parents=True, exist_ok=True)
-    out, hits = {}, 0
-    todo = sorted(set(indices))
-    for i in todo:
-        it = items[i]
-        f = folder / f"{cache_key(inputs, it.caption, it.image.read_bytes())}.pt"
+    r = RULES[spec.model.type]
+    mine, hits = {}, 0
+    media: dict[int, bytes] = {}
+    for n, (u, v) in enumerate(entries):
+        if n % env.world != env.rank:
+            continue
+        unit, it = units[u], items[units[u].item]
+        caption = "" if v < 0 else it.variants[v]
+        data = media.setdefault(unit.item, it.image.read_bytes())
+        f = folder / f"{cache_key(inputs, caption, data, unit)}.pt"
         if f.is_file():
-            out[i] = torch.load(f, weights_only=True)
+            mine[(u, v)] = torch.load(f, weights_only=True)
             hits += 1
             continue
-        img = load_media(spec, it.image).unsqueeze(0)
-        out[i] = family.encode(comps, img, [it.caption])[0]
+        w, h, frames = unit.bucket
+        x = load_unit(it.image, w, h, frames, unit.start, fps=r.fps if r.video else None, clip=r.video).unsqueeze(0)
+        out = {k: t.detach().cpu() for k, t in family.encode(comps, x, [caption])[0].items()}
+        mine[(u, v)] = out
         tmp = f.with_suffix(f".tmp{os.getpid()}")
-        torch.save(out[i], tmp)
+        torch.save(out, tmp)
         os.replace(tmp, f)
-    print(f"[cache] rank {env.rank}: {len(todo)} items ({hits} from cache)", flush=True)
+    print(f"[cache] rank {env.rank}: {len(mine)} samples ({hits} from cache)", flush=True)
+    return mine
+
+
+def share_cache(mine: dict, env) -> dict:
+    """Every rank's encoded samples on every rank (a batch may hold any sample of its bucket)."""
+    if env.world == 1:
+        return mine
+    out = {}
+    for part in dist.all_gather(mine):
+        out.update(part)
     return out
 
 
-def load_media(spec, path: Path) -> torch.Tensor:
-    """[3, H, W] for image families; [3, F, H, W] for video families (images are 1-frame clips,
-    videos resampled to the family's training frame rate)."""
-    w, h = size_of(spec.dataset)
+def source_specs(spec) -> list:
+    """The dataset's sources: dataset.sources, or one made of dataset.uri and dataset.repeats."""
+    return list(spec.dataset.sources) if spec.dataset.sources is not None else [None]
+
+
+def bucket_configs(spec) -> list[bk.BucketConfig]:
+    d, r = spec.dataset, RULES[spec.model.type]
+    fixed = (d.width, d.height) if d.width is not None else None
+    ars = tuple(bk.aspect_ratios(d.enableArBucket, d.minAr, d.maxAr, d.numArBuckets))
+    return [bk.BucketConfig(ars=ars, sides=tuple(areas_of(d, s)), frame_buckets=tuple(frame_buckets_of(spec.model.type, d, s)),
+                            multiple=r.size_multiple, fixed=fixed, clip_mode=d.videoClipMode) for s in source_specs(spec)]
+
+
+def probe_items(report: ScanReport, env, spec) -> list[tuple[int, int, int, bool]]:
+    """Decode every item once, split over ranks: its size and frame count (at the training rate).
+    Unreadable ones leave report.items for report.unreadable (the same on every rank). Returns the
+    probes of the remaining items, in order."""
     r = RULES[spec.model.type]
-    if r.video:
-        return load_clip(path, w, h, frames_of(spec.model.type, spec.dataset), fps=r.fps)
-    return load_image(path, w, h)
-
-
-def drop_unreadable(report, env, spec) -> None:
-    """Decode every image once, split over ranks; unreadable ones leave report.items for
-    report.unreadable (the same on every rank)."""
     items = report.items
-    bad = []
+    found, bad = [], []
     for i in range(env.rank, len(items), env.world):
         try:
-            load_media(spec, items[i].image)
+            found.append((i, probe(items[i].image, r.fps if r.video else None)))
         except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
             bad.append((i, f"{items[i].image.name}: {type(e).__name__}: {e}"))
     dist.phase_barrier("decoding the dataset")
-    all_bad = [b for part in dist.all_gather(bad) for b in part]
+    gathered = dist.all_gather((found, bad))
+    all_bad = [b for _, part in gathered for b in part]
+    metas = dict(m for part, _ in gathered for m in part)
     for _, why in all_bad[:10]:
         log(env, f"[data] skipped unreadable item {why}")
     bad_idx = {i for i, _ in all_bad}
     report.unreadable = [str(items[i].image) for i in sorted(bad_idx)]
     report.items = [it for i, it in enumerate(items) if i not in bad_idx]
+    return [metas[i] for i in range(len(items)) if i not in bad_idx]
+
+
+def drop_reason(item, meta, why: str, cfg: bk.BucketConfig, fps) -> str:
+    longest = [b for b in cfg.frame_buckets if b > 1]
+    if why == "tooShort":
+        return (f"{item.image.name}: video is too short: {meta[2]} frames at the model's {fps:g} fps; the shortest "
+                f"video frame bucket is {min(longest)} (dataset.frameBuckets)")
+    return (f"{item.image.name}: a video, but the only frame bucket is 1 (images): set dataset.frames or "
+            f"dataset.frameBuckets to train videos")
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -231,31 +271,28 @@ def resume_plan(on_existing: str, finished: bool, latest: Optional[int]) -> str:
 @dataclass
 class LoopState:
     """Everything of the training loop that a checkpoint saves for one rank and a resume restores:
-    its noise generator and (global, for LoRA dropout) torch RNG, the sampler's RNG and the rest of
-    its current epoch, and the loss history."""
+    its noise generator and (global, for LoRA dropout) torch RNG, the bucket sampler's position
+    (epoch, batch, samples carried over) and the loss history."""
     gen: torch.Generator
-    order_rng: random.Random
-    queue: list[int] = field(default_factory=list)
+    sampler: bk.BucketSampler
     losses: list[float] = field(default_factory=list)
-
-    def next_index(self, my_indices: list[int]) -> int:
-        if not self.queue:
-            self.queue = list(my_indices)
-            self.order_rng.shuffle(self.queue)
-        return self.queue.pop()
 
     def to_dict(self, step: int, world: int) -> dict:
         return {"step": step, "world": world, "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                "order_rng": self.order_rng.getstate(), "queue": list(self.queue), "losses": list(self.losses)}
+                "sampler": self.sampler.state_dict(), "losses": list(self.losses)}
 
-    def load(self, d: dict) -> None:
+    def load(self, d: dict) -> bool:
+        """Restore; False when the checkpoint predates the bucket sampler (it then starts a new epoch)."""
         self.gen.set_state(d["gen"])
         torch.set_rng_state(d["torch_rng"])
         if d.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(d["cuda_rng"])  # dropout on a GPU draws from the device's RNG
-        self.order_rng.setstate(_as_tuple(d["order_rng"]))
-        self.queue, self.losses = list(d["queue"]), list(d["losses"])
+        self.losses = list(d["losses"])
+        if "sampler" not in d:
+            return False
+        self.sampler.load_state_dict(d["sampler"])
+        return True
 
 
 def _stack(samples: list[dict], device) -> dict[str, torch.Tensor]:
@@ -272,7 +309,6 @@ class Trainer:
     opt: torch.optim.Optimizer
     sched: object
     cached: dict
-    my_indices: list[int]
     env: dist.DistEnv
     state: LoopState
     modules: torch.nn.Module
@@ -309,8 +345,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             data_wait = 0.0
             for micro in range(t.gradientAccumulationSteps):
                 t_data = time.perf_counter()
-                batch_idx = [state.next_index(tr.my_indices) for _ in range(t.microBatchSize)]
-                batch = _stack([tr.cached[i] for i in batch_idx], env.device)
+                batch = _stack([tr.cached[s] for s in state.sampler.next_batch()], env.device)
                 data_wait += time.perf_counter() - t_data
                 with tr.adapters.compute():
                     loss = tr.family.loss(tr.comps, batch, tr.spec.model, t, state.gen) / t.gradientAccumulationSteps
@@ -349,11 +384,6 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                 raise checkpoint.Stopped(stop_request.signum or 15, step)
     finally:
         stop_request.uninstall()
-
-
-def _as_tuple(state):
-    """random.Random state back from torch.load (lists where tuples were)."""
-    return tuple(_as_tuple(x) if isinstance(x, list) else x for x in state) if isinstance(state, (list, tuple)) else state
 
 
 def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
@@ -409,15 +439,36 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     paths = stage_in(spec, env, settings)
 
     # ---- dataset (checked before any model is loaded)
-    report = scan(Path(paths["dataset"]), spec.dataset.missingCaption, spec.dataset.captionExtension,
-                  video=RULES[spec.model.type].video, caption_prefix=spec.dataset.captionPrefix)
-    drop_unreadable(report, env, spec)
-    stats = report.summary()
+    r = RULES[spec.model.type]
+    report = ScanReport()
+    for i, src in enumerate(source_specs(spec)):
+        report.merge(scan(Path(paths[f"dataset.{i}"]), video=r.video, opts=options_of(spec.dataset, src), source=i,
+                          seed=t.seed))
+    metas = probe_items(report, env, spec)
+    configs = bucket_configs(spec)
+    assignment = bk.assign(metas, configs, [it.source for it in report.items])
+    for i, why in assignment.dropped[:10]:
+        log(env, "[data] skipped " + drop_reason(report.items[i], metas[i], why, configs[report.items[i].source], r.fps or 0))
+    used = {u.item for u in assignment.units}
+    bucket_stats = bk.summary(assignment, len(report.items), [str(it.image.name) for it in report.items])
+    n_dropped = len(report.items) - len(used)
+    stats = {**report.summary(), "usable": len(used)}
     log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
-             f"without caption, {stats['unreadable']} unreadable; {stats['emptyCaptionUsed']} trained with an empty caption")
+             f"without caption, {stats['unreadable']} unreadable"
+             + (f", {n_dropped} without a bucket" if n_dropped else "")
+             + f"; {stats['emptyCaptionUsed']} trained with an empty caption")
+    if report.missing_caption and report.beside:
+        from .data import caption_hint
+        log(env, "[data] warning:" + caption_hint(report))
+    for msg in bk.format_summary(bucket_stats):
+        log(env, msg)
     m.dataset(stats["usable"], {"missing_caption": stats["missingCaption"] - stats["emptyCaptionUsed"],
-                                "unreadable": stats["unreadable"]})
-    check_usable(report, spec.dataset.uri)
+                                "unreadable": stats["unreadable"], **({"no_bucket": n_dropped} if n_dropped else {})})
+    if not used:
+        report.items = []
+    check_usable(report, ", ".join(spec.dataset.uris),
+                 dropped=f", without a frame bucket: {n_dropped}" if n_dropped else "")
+    stats["buckets"] = bucket_stats
 
     # ---- model and cache
     log(env, "[phase] cache")
@@ -425,9 +476,17 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     quiet_progress_bars()
     # a failure on one rank (a bad file, a missing weight) stops every rank with its reason
     comps = dist.agree(family.load, spec.model, paths, env.device)
-    my_indices = shard_indices(len(report.items), spec.dataset.repeats, env.world, env.rank, epoch_seed=spec.training.seed)
+    units = assignment.units
+    src_repeats = [s.repeats if s is not None else spec.dataset.repeats for s in source_specs(spec)]
+    space = bk.SampleSpace(buckets=tuple(u.bucket for u in units),
+                           repeats=tuple(src_repeats[u.source] for u in units),
+                           variants=tuple(len(report.items[u.item].variants) for u in units),
+                           dropout=tuple(report.items[u.item].dropout for u in units))
+    entries = [(n, v) for n, u in enumerate(units) for v in range(len(report.items[u.item].variants))]
+    entries += [(n, -1) for n, u in enumerate(units) if report.items[u.item].dropout > 0]
     inputs = cache_inputs(spec, model_fingerprint(paths))
-    cached = dist.agree(build_cache, spec, family, comps, report.items, my_indices, inputs, env)
+    mine = dist.agree(build_cache, spec, family, comps, report.items, units, entries, inputs, env)
+    cached = share_cache(mine, env)
     comps.encoders.clear()
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -442,22 +501,21 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
 
     # ---- train (from step 1, or from the newest checkpoint)
     state = LoopState(gen=torch.Generator(device=env.device).manual_seed(t.seed * 1000 + env.rank),
-                      order_rng=random.Random(t.seed + env.rank))
-    tr = Trainer(spec, family, comps, ad, opt, sched, cached, my_indices, env, state,
+                      sampler=bk.BucketSampler(space, t.seed, t.microBatchSize, env.world, env.rank))
+    tr = Trainer(spec, family, comps, ad, opt, sched, cached, env, state,
                  modules=torch.nn.ModuleDict(comps.trainable), local_ckpt=cache_root() / "checkpoints" / job_name,
-                 settings=settings, publish=publish, epoch_size=len(report.items) * spec.dataset.repeats, metrics=m)
+                 settings=settings, publish=publish, epoch_size=sum(space.repeats), metrics=m)
     start = 1
     if plan == "resume":
         resumed = latest
         loop = checkpoint.restore(resumed, tr.modules, opt, tr.local_ckpt, spec.output.uri, settings, env)
         sched.last_epoch = resumed
         sched._last_lr = [g["lr"] for g in opt.param_groups]
-        if loop is not None:
-            state.load(loop)
+        exact = loop is not None and state.load(loop)
         start = resumed + 1
         m.resumed(resumed)
-        log(env, f"[resume] from the checkpoint of step {resumed}" + ("" if loop is not None else
-                 " (another number of ranks: the sampler starts a new epoch)"))
+        log(env, f"[resume] from the checkpoint of step {resumed}" + ("" if exact else
+                 " (another number of ranks, or an older checkpoint: the sampler starts a new epoch)"))
     log(env, "[phase] train")
     m.phase("Training")
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
