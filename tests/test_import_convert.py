@@ -71,7 +71,9 @@ def test_convert_maps_every_key_or_names_it():
     assert spec.training.gradientCheckpointing and spec.training.steps == 3000
     assert (spec.dataset.uri, spec.dataset.resolution, spec.dataset.repeats) == ("s3://datasets/style", 1024, 10)
     assert spec.output.uri == "s3://loras/flux-style"
-    assert any("float8" in n for n in notes) and any("enable_ar_bucket" in n for n in notes)
+    assert any("float8" in n for n in notes)  # mapped with diffusion-pipe's meaning, and said so
+    assert (spec.model.transformerDtype, spec.model.float8Compute) == ("float8", "dequant")
+    assert spec.dataset.enableArBucket and (spec.dataset.minAr, spec.dataset.numArBuckets) == (0.5, 7)
 
 
 def test_convert_needs_steps_and_a_known_model():

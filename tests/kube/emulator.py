@@ -69,6 +69,12 @@ CRDS = resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 JOBS = resource("batch", "v1", "jobs")
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 ALL_VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
+
+
+def query_bool(value) -> bool:
+    """A boolean query parameter as the API server reads it (Go's strconv.ParseBool): the
+    kubernetes Python client up to 36 sends watch=True, later ones watch=true."""
+    return value in ("1", "t", "T", "TRUE", "true", "True")
 LOG_LIMIT = 20000  # watch events kept for ?resourceVersion= replays; older ones answer 410 Gone
 
 
@@ -536,7 +542,7 @@ class KubeEmulator(KubernetesEmulator):
             params["watch"] = "true"
         action = None
         if res is not None and p.plural is not None:
-            if method == enums.method.GET and params.get("watch") in ("true", "1"):
+            if method == enums.method.GET and query_bool(params.get("watch")):
                 action = enums.action.WATCH
             elif method == enums.method.GET:
                 action = enums.action.FETCH if p.name else enums.action.LIST
@@ -606,7 +612,7 @@ class KubeEmulator(KubernetesEmulator):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         table = "as=Table" in request.headers.get("Accept", "")
         if method == enums.method.GET:
-            if params.get("watch") in ("true", "1"):
+            if query_bool(params.get("watch")):
                 return self._respond(self._watch(res, info, ns, name, params, table))
             if name is None:
                 return self._respond(self._list(res, info, ns, params, table))
@@ -705,8 +711,8 @@ class KubeEmulator(KubernetesEmulator):
         if since is not None and not since.isdigit():
             raise ApiError(400, "BadRequest", f"invalid resource version: {since}")
         timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
-        initial = params.get("sendInitialEvents") == "true"
-        bookmarks = params.get("allowWatchBookmarks") == "true"
+        initial = query_bool(params.get("sendInitialEvents"))
+        bookmarks = query_bool(params.get("allowWatchBookmarks"))
         stream = self._watch_stream(_Watch(res=res, namespace=ns if info.namespaced else None, name=name,
                                            labels=labels, fields=fields),
                                     since, timeout, initial, bookmarks)
@@ -1041,7 +1047,7 @@ class KubeEmulator(KubernetesEmulator):
         if options.get("dryRun") or params.get("dryRun"):
             return obj
         policy = options.get("propagationPolicy") or params.get("propagationPolicy")
-        if policy is None and (options.get("orphanDependents") is True or params.get("orphanDependents") == "true"):
+        if policy is None and (options.get("orphanDependents") is True or query_bool(params.get("orphanDependents"))):
             policy = "Orphan"
         if policy is None:
             policy = "Orphan" if res == JOBS else "Background"  # batch/v1 Jobs orphan their pods by default

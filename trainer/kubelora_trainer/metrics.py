@@ -81,7 +81,10 @@ class Server:
 
         self.httpd = make_server(addr, port, counting, server_class=_ThreadingServer, handler_class=_QuietHandler)
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="kubelora-metrics", daemon=True)
+        # a short poll, so stop() returns at once: a failed rank must exit before torchrun, seeing
+        # a peer gone, sends it SIGTERM
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                       name="kubelora-metrics", daemon=True)
         self.thread.start()
 
     def _answered(self, seq: int) -> None:
