@@ -64,8 +64,11 @@ def file_metadata(meta: dict[str, str], fmt: str, folded: bool) -> dict[str, str
     return out
 
 
-def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats, settings, out_dir: Path) -> dict:
-    """Rank 0 only. Returns the primary artifact {uri, sha256, size, format, file}."""
+def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats, settings, out_dir: Path,
+                      extra=None) -> dict:
+    """Rank 0 only. Returns the primary artifact {uri, sha256, size, format, file}. extra(artifacts),
+    when given, runs after the LoRA files are uploaded and before manifest.json; its dict joins the
+    manifest (report.html and the samples)."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,7 @@ def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats,
         "dataset": stats,
         "metrics": metrics,
         "spec": dump_spec(spec),
+        **(extra(artifacts) if extra else {}),
     }
     mf = out_dir / "manifest.json"
     mf.write_text(json.dumps(manifest, indent=2))

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import __version__, adapters, checkpoint, dist, exits, export, lora, storage
+from . import __version__, adapters, checkpoint, dist, exits, export, lora, samples, storage
 from .data import DatasetError, check_usable, load_clip, load_image, scan, shard_indices
 from .families import PATH_FIELDS, RULES, frames_of, size_of
 from .models import get_family
@@ -280,6 +280,7 @@ class Trainer:
     settings: storage.S3Settings
     publish: object
     epoch_size: int
+    sampler: Optional[samples.Sampler] = None   # spec.samples (None: off)
 
 
 def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
@@ -289,6 +290,8 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     schedule = checkpoint.Schedule(t.checkpointEverySteps, t.checkpointEveryMinutes)
     stop_request = checkpoint.StopRequest().install()
     try:
+        if tr.sampler is not None and start == 1:
+            tr.sampler.maybe(0, tr, prog)  # the base model, for comparison
         for step in range(start, t.steps + 1):
             step_loss = torch.zeros((), device=env.device)
             for micro in range(t.gradientAccumulationSteps):
@@ -309,12 +312,14 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             tr.opt.step()
             tr.sched.step()
             tr.opt.zero_grad(set_to_none=True)
-            sps, eta = meter.update(step)
+            sps, eta = meter.update(step, now=time.perf_counter() - (tr.sampler.seconds if tr.sampler else 0.0))
             if step % t.logEvery == 0 or step == t.steps:
                 prog.step, prog.epoch, prog.loss = step, epoch_of(step * samples_per_step, tr.epoch_size), mean
                 prog.samplesPerSecond, prog.eta = sps, format_eta(eta)
                 log(env, line(prog, lr_used))
                 tr.publish(prog)
+            if tr.sampler is not None:
+                tr.sampler.maybe(step, tr, prog)
             if save or stop:
                 checkpoint.save(step, tr.modules, tr.opt, state.to_dict(step, env.world), tr.local_ckpt,
                                 tr.spec.output.uri, tr.settings, t.checkpointKeep, env)
@@ -387,6 +392,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
     my_indices = shard_indices(len(report.items), spec.dataset.repeats, env.world, env.rank, epoch_seed=spec.training.seed)
     inputs = cache_inputs(spec, model_fingerprint(paths))
     cached = dist.agree(build_cache, spec, family, comps, report.items, my_indices, inputs, env)
+    # spec.samples: prompt embeddings now, while the encoders are loaded (None when off)
+    sampler = dist.agree(samples.setup, spec, family, comps, job_name, settings, stats, cache_root() / "outputs" / job_name)
     comps.encoders.clear()
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -402,7 +409,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
                       order_rng=random.Random(t.seed + env.rank))
     tr = Trainer(spec, family, comps, ad, opt, sched, cached, my_indices, env, state,
                  modules=torch.nn.ModuleDict(comps.trainable), local_ckpt=cache_root() / "checkpoints" / job_name,
-                 settings=settings, publish=publish, epoch_size=len(report.items) * spec.dataset.repeats)
+                 settings=settings, publish=publish, epoch_size=len(report.items) * spec.dataset.repeats,
+                 sampler=sampler)
     start = 1
     if plan == "resume":
         resumed = latest
@@ -435,8 +443,12 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv) -> int:
                        "samplesPerStep": samples_per_step, "worldSize": env.world,
                        "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
                        "lossHistory": downsample(losses, 200)}
-            result = export.export_and_upload(spec, job_name, family, ad.configs, gathered, metrics, stats, settings,
-                                              cache_root() / "outputs" / job_name)
+            sampling = sampler.seconds if sampler else 0.0
+            metrics.update(samplingSeconds=round(sampling, 2), trainingSeconds=round(train_seconds - sampling, 2))
+            result = export.export_and_upload(
+                spec, job_name, family, ad.configs, gathered, metrics, stats, settings, cache_root() / "outputs" / job_name,
+                extra=lambda arts: samples.final_report(spec, job_name, settings, sampler, losses, stats, arts,
+                                                        cache_root() / "outputs" / job_name))
         except storage.StorageError as e:
             err = e  # an artifact or manifest.json not uploaded: transient or bad input, as storage classified it
         except (OSError, ValueError) as e:
