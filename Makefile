@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test install install-operator crd lint bench clean
+.PHONY: demo test install install-operator crd lint bench clean chromium
 
 $(BIN)/kubelora: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,17 @@ install: $(BIN)/kubelora
 demo: install
 	$(BIN)/kubelora demo --nproc 2
 
-test: install
+# The report tests render report.html in the system's chromium (headless, no browser download):
+# installed with apt when running as root, else named loudly (the tests then fail saying so).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "*** chromium is missing: the report tests need it; install it (sudo apt-get install -y chromium)" >&2; \
+	  fi; }
+
+test: install chromium
 	$(BIN)/python -m pytest -q tests
 
 crd: install

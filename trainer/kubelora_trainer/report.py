@@ -35,7 +35,7 @@ def curve_svg(points: list[tuple[float, float]], label: str, css_id: str, color:
     w, h = 640, 220
     pts, (x0, x1, y0, y1) = polyline(points, w, h)
     return (f'<svg id="{css_id}" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-            f'aria-label="{escape(label)}" xmlns="http://www.w3.org/2000/svg">'
+            f'aria-label="{escape(label)}">'
             f'<text x="8" y="16" font-size="12">{escape(label)}</text>'
             f'<text x="8" y="40" font-size="10">{y1:.4g}</text><text x="8" y="{h - 40}" font-size="10">{y0:.4g}</text>'
             f'<text x="36" y="{h - 8}" font-size="10">step {x0:g}</text>'
