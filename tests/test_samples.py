@@ -126,6 +126,21 @@ def test_sampling_off_builds_and_keeps_nothing(tiny_flux_dir):
         gc.collect()
 
 
+def test_operator_lists_the_report_and_tells_each_sample_step():
+    from kubelora_operator import status as st
+    job = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    manifest = {"artifacts": [{"uri": "s3://b/o/lora.safetensors", "format": "diffusers", "sha256": "a", "size": 1}],
+                "report": {"uri": "s3://b/o/report.html", "sha256": "r", "size": 2}}
+    obs = st.observe(job, [], None, manifest, False)
+    assert obs.artifacts[-1] == {"uri": "s3://b/o/report.html", "format": "report", "sha256": "r", "size": 2}
+    assert obs.message.startswith("LoRA published to s3://b/o/lora.safetensors")
+    prog = st.progress_summary({"step": 5, "totalSteps": 10, "samples": 4, "sampleStep": 5})
+    assert (prog["samples"], prog["sampleStep"]) == (4, 5)
+    assert st.sample_event({"sampleStep": 0}, prog, "s3://b/o/") == \
+        "samples of step 5 written (4 so far); report: s3://b/o/report.html"
+    assert st.sample_event(prog, prog, "s3://b/o") is None and st.sample_event(None, {"step": 3}, "s3://b/o") is None
+
+
 # ---------------------------------------------------------------- training runs
 
 def _job(path: Path, spec: dict) -> Path:
