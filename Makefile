@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test install install-operator crd reference lint bench clean system-packages
+.PHONY: demo test install install-operator crd reference lint bench clean system-packages chromium
 
 $(BIN)/kubelora: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,17 @@ system-packages:
 	  fi; \
 	fi
 
-test: install system-packages
+# The report tests render report.html in the system's chromium (headless, no browser download):
+# installed with apt when running as root, else named loudly (the tests then fail saying so).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "*** chromium is missing: the report tests need it; install it (sudo apt-get install -y chromium)" >&2; \
+	  fi; }
+
+test: install system-packages chromium
 	$(BIN)/python -m pytest -q tests
 
 crd: install

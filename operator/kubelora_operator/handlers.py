@@ -289,6 +289,9 @@ def _sync(body: dict, changes: Changes) -> None:
     new = st.status(previous, obs, meta.get("generation", 1), job, st.now_iso())
     if _differs(previous, new):
         changes.status.update(new)
+    sampled = st.sample_event(previous.get("progress"), new.get("progress"), job_spec.output.uri)
+    if sampled:
+        changes.info("Samples", sampled)
     if obs.phase != phase:
         message = f"{phase or 'New'} -> {obs.phase}: {obs.message}"
         (changes.warn if obs.phase == st.FAILED or obs.stalled else changes.info)(obs.phase, message)

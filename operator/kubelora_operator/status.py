@@ -140,6 +140,9 @@ def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], man
             return Observed(EXPORTING, "ReadingManifest", "the trainer finished; reading manifest.json", progress=progress)
         arts = [{"uri": a["uri"], "format": a["format"], "sha256": a["sha256"], "size": a.get("size")}
                 for a in manifest.get("artifacts", [])]
+        if manifest.get("report"):  # report.html: loss curve, samples, dataset, spec
+            r = manifest["report"]
+            arts.append({"uri": r["uri"], "format": "report", "sha256": r.get("sha256"), "size": r.get("size")})
         loss = (manifest.get("metrics") or {}).get("finalLoss")
         return Observed(SUCCEEDED, "Published", f"LoRA published to {arts[0]['uri'] if arts else '?'}"
                         + (f" (final loss {loss:.4f})" if isinstance(loss, (int, float)) else ""),
@@ -211,11 +214,21 @@ def conditions(previous: list[dict], obs: Observed, generation: int, now: str) -
 def progress_summary(progress: Optional[dict]) -> Optional[dict]:
     if not progress:
         return None
-    out = {k: progress[k] for k in ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "eta", "resumedFrom")
+    out = {k: progress[k] for k in ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "eta", "resumedFrom",
+                                                "samples", "sampleStep")
            if progress.get(k) is not None}
     if progress.get("totalSteps"):
         out["summary"] = f"{progress.get('step', 0)}/{progress['totalSteps']}"
     return out
+
+
+def sample_event(previous_progress: Optional[dict], progress: Optional[dict], output_uri: str) -> Optional[str]:
+    """The message of a Normal Event when the trainer wrote samples of a new step, else None. Pure."""
+    step = (progress or {}).get("sampleStep")
+    if step is None or step == (previous_progress or {}).get("sampleStep"):
+        return None
+    return (f"samples of step {step} written ({progress.get('samples')} so far); report: "
+            f"{output_uri.rstrip('/')}/report.html")
 
 
 def status(previous: dict, obs: Observed, generation: int, job: Optional[dict], now: str) -> dict:

@@ -5,6 +5,7 @@
     kubelora crd                                       print the generated CRD
     kubelora import-config train.toml --steps 2000     diffusion-pipe config -> manifest
     kubelora convert in.safetensors out.safetensors --model-type sdxl --from kohya --to diffusers
+    kubelora report s3://bucket/out/run1 [--out DIR]   a job's report.html and samples, to open locally
     kubelora demo                                      tiny Flux + in-process S3 + run (make demo)
 """
 from __future__ import annotations
@@ -141,6 +142,53 @@ def convert(args) -> int:
     return 0
 
 
+def fetch_report(uri: str, out: Path, settings=None) -> Path:
+    """report.html and samples/ of a job's output (finished or running) into out; returns the
+    local report.html. Credentials as for training (AWS_* environment or the mounted Secret)."""
+    import shutil
+    from .samples import REPORT_NAME
+    from .storage import S3Settings, StorageError, download, make_client, parse_uri
+    uri = uri.rstrip("/")
+    loc = parse_uri(uri)
+    out.mkdir(parents=True, exist_ok=True)
+    if not loc.is_s3:
+        src = Path(loc.key)
+        if not (src / REPORT_NAME).is_file():
+            raise StorageError(f"{src / REPORT_NAME}: no report (has the job uploaded one yet?)")
+        shutil.copyfile(src / REPORT_NAME, out / REPORT_NAME)
+        if (src / "samples").is_dir():
+            shutil.copytree(src / "samples", out / "samples", dirs_exist_ok=True)
+        return out / REPORT_NAME
+    settings = settings or S3Settings()
+    client = make_client(settings)
+    quiet = lambda m: None  # noqa: E731
+    try:
+        download(f"{uri}/{REPORT_NAME}", out, settings, client, log=quiet)
+    except StorageError as e:
+        raise StorageError(f"{uri}/{REPORT_NAME}: no report ({e}); has the job uploaded one yet?",
+                           transient=e.transient) from None
+    try:
+        download(f"{uri}/samples", out / "samples", settings, client, log=quiet)
+    except StorageError as e:
+        if e.transient:
+            raise
+        # a job without spec.samples has none
+    return out / REPORT_NAME
+
+
+def report_cmd(args) -> int:
+    from .storage import StorageError
+    name = args.uri.rstrip("/").rsplit("/", 1)[-1] or "job"
+    out = Path(args.out or f"kubelora-report-{name}")
+    try:
+        path = fetch_report(args.uri, out)
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if e.transient else 2
+    print(path.resolve())
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="kubelora", description="Train diffusion-model LoRAs, locally or on Kubernetes.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -172,6 +220,9 @@ def main(argv=None) -> int:
     cv.add_argument("--from", dest="src", required=True,
                     help="format of the input file; 'peft' reads kubelora's checkpoint folder (checkpoints/step-N)")
     cv.add_argument("--to", dest="dst", required=True, help="format to write")
+    rp = sub.add_parser("report", help="download a job's report.html and samples, and print the path to open")
+    rp.add_argument("uri", metavar="JOB_OUTPUT_URI", help="the job's output.uri (s3://bucket/key or a local path)")
+    rp.add_argument("--out", help="local folder (default: ./kubelora-report-<last part of the URI>)")
     d = sub.add_parser("demo", help="train a tiny Flux LoRA from an in-process S3 server")
     d.add_argument("--workdir", default=".demo")
     d.add_argument("--nproc", type=int, default=2)
@@ -199,6 +250,8 @@ def main(argv=None) -> int:
         return import_config(args)
     if args.cmd == "convert":
         return convert(args)
+    if args.cmd == "report":
+        return report_cmd(args)
     if args.cmd == "demo":
         from .demo import demo
         return demo(Path(args.workdir), args.nproc)

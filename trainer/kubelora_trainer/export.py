@@ -64,8 +64,11 @@ def file_metadata(meta: dict[str, str], fmt: str, folded: bool) -> dict[str, str
     return out
 
 
-def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats, settings, out_dir: Path) -> dict:
-    """Rank 0 only. Returns the primary artifact {uri, sha256, size, format, file}."""
+def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats, settings, out_dir: Path,
+                      extra=None) -> dict:
+    """Rank 0 only. Returns the primary artifact {uri, sha256, size, format, file}. extra(artifacts),
+    when given, runs after the LoRA files are uploaded and before manifest.json; its dict joins the
+    manifest (report.html and the samples)."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,13 +95,14 @@ def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats,
     adapter = {"rank": spec.adapter.rank, "alpha": spec.adapter.alpha or spec.adapter.rank,
                "targetModules": {c: cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
                                  for c, cfg in configs.items()}}
-    publish_manifest(spec, job_name, adapter, artifacts, stats, metrics, settings, client, out_dir)
+    publish_manifest(spec, job_name, adapter, artifacts, stats, metrics, settings, client, out_dir, extra)
     return artifacts[0]
 
 
 def publish_manifest(spec, job_name, adapter: dict, artifacts: list[dict], stats, metrics, settings, client,
-                     out_dir: Path) -> None:
-    """manifest.json, uploaded last: its presence means every artifact it lists is complete."""
+                     out_dir: Path, extra=None) -> None:
+    """manifest.json, uploaded last: its presence means every artifact it lists is complete.
+    extra(artifacts), when given, runs first; its dict joins the manifest (report.html, samples)."""
     out = storage.parse_uri(spec.output.uri)
     manifest = {
         "apiVersion": "kubelora.dev/v1alpha1",
@@ -113,6 +117,7 @@ def publish_manifest(spec, job_name, adapter: dict, artifacts: list[dict], stats
         "buckets": stats.get("buckets"),
         "metrics": metrics,
         "spec": dump_spec(spec),
+        **(extra(artifacts) if extra else {}),
     }
     mf = out_dir / "manifest.json"
     mf.write_text(json.dumps(manifest, indent=2))

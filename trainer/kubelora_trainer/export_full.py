@@ -30,9 +30,10 @@ def file_metadata(spec, job_name: str) -> dict[str, str]:
             "kubelora.job": job_name, "kubelora.adapter_type": "full"}
 
 
-def export_and_upload(spec, job_name, family, comps, state_dict: dict, metrics, stats, settings, out_dir: Path) -> dict:
+def export_and_upload(spec, job_name, family, comps, state_dict: dict, metrics, stats, settings, out_dir: Path,
+                      extra=None) -> dict:
     """Rank 0 only. Returns the primary artifact {uri, sha256, size, format, file}: the single file
-    where the family has one, else the folder's config.json."""
+    where the family has one, else the folder's config.json. extra: as export.export_and_upload's."""
     from safetensors.torch import save_file
 
     component = next(iter(comps.trainable))
@@ -57,5 +58,6 @@ def export_and_upload(spec, job_name, family, comps, state_dict: dict, metrics, 
         name = f"{component}/{f.name}"
         artifacts.append({**storage.upload(f, str(out.child(name)), settings, client), "format": "diffusers",
                           "file": name})
-    publish_manifest(spec, job_name, {"component": component}, artifacts, stats, metrics, settings, client, out_dir)
+    publish_manifest(spec, job_name, {"component": component}, artifacts, stats, metrics, settings, client, out_dir,
+                     extra)
     return artifacts[0]

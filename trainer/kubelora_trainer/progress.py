@@ -32,6 +32,8 @@ class Progress:
     samplesPerSecond: Optional[float] = None
     eta: Optional[str] = None
     resumedFrom: Optional[int] = None   # the checkpoint step this run continued from
+    samples: Optional[int] = None       # sample files written so far (spec.samples)
+    sampleStep: Optional[int] = None    # the last step that sampled
 
 
 class Meter:

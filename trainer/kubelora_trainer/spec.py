@@ -335,6 +335,39 @@ class RunPolicySpec(_Model):
                                    "(docs/kueue.md).")
 
 
+class SamplePromptSpec(_Model):
+    prompt: str = Field(min_length=1, max_length=2000, description="Text of the sample.")
+    negativePrompt: Optional[str] = Field(
+        default=None, max_length=2000, description="What to steer away from (families with classifier-free "
+                                                   "guidance: ltx-video). Default: samples.negativePrompt.")
+    seed: Optional[int] = Field(default=None, ge=0, description="Noise seed. Default: samples.seed.")
+    width: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16,
+                                 description="Width in pixels (with height). Default: samples.width, else the dataset's.")
+    height: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16,
+                                  description="Height in pixels (with width). Default: samples.height, else the dataset's.")
+    frames: Optional[int] = Field(default=None, ge=1, le=1024,
+                                  description="Video families: frames. Default: samples.frames, else the dataset's.")
+    guidance: Optional[float] = Field(default=None, ge=0.0, le=30.0,
+                                      description="Guidance scale. Default: samples.guidance, else the family's.")
+    steps: Optional[int] = Field(default=None, ge=1, le=500,
+                                 description="Denoising steps. Default: samples.steps, else the family's.")
+
+
+class SamplesSpec(_Model):
+    prompts: list[SamplePromptSpec] = Field(min_length=1, max_length=64, description="The samples to make at each "
+                                            "sample step (the per-prompt settings override the defaults below).")
+    everySteps: Optional[int] = Field(default=None, ge=1, description="Sample every N training steps.")
+    atStart: bool = Field(default=True, description="Sample before the first step (the base model, for comparison).")
+    atEnd: bool = Field(default=True, description="Sample after the last step.")
+    negativePrompt: Optional[str] = Field(default=None, max_length=2000, description="Default negative prompt.")
+    seed: int = Field(default=0, ge=0, description="Default noise seed.")
+    width: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16, description="Default width.")
+    height: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16, description="Default height.")
+    frames: Optional[int] = Field(default=None, ge=1, le=1024, description="Default frames (video families).")
+    guidance: Optional[float] = Field(default=None, ge=0.0, le=30.0, description="Default guidance scale.")
+    steps: Optional[int] = Field(default=None, ge=1, le=500, description="Default denoising steps.")
+
+
 class LoRATrainingJobSpec(_Model):
     """Desired state of a LoRA training run."""
     model: ModelSpec = Field(description="Base model to adapt.")
@@ -345,6 +378,9 @@ class LoRATrainingJobSpec(_Model):
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 connection settings (no secrets).")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods, GPUs and scheduling.")
     runPolicy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, cleanup and suspension.")
+    samples: Optional[SamplesSpec] = Field(
+        default=None, description="Sample images or videos during training (under output.uri/samples/step-N/, shown "
+                                  "in report.html). Unset: no sampling, at no cost.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "LoRATrainingJobSpec":
@@ -355,6 +391,10 @@ class LoRATrainingJobSpec(_Model):
         if self.training.warmupSteps > self.training.steps:
             raise ValueError(f"training.warmupSteps ({self.training.warmupSteps}) exceeds training.steps ({self.training.steps})")
         problem = ignored_settings(self)
+        if problem:
+            raise ValueError(problem)
+        from .sample_plan import check_samples
+        problem = check_samples(self)
         if problem:
             raise ValueError(problem)
         return self

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import __version__, adapters, checkpoint, dist, exits, export, export_full, lora, metrics, storage
+from . import __version__, adapters, checkpoint, dist, exits, export, export_full, lora, metrics, samples, storage
 from . import buckets as bk
 from .captions import options_of
 from .data import DatasetError, ScanReport, check_usable, load_unit, probe, scan
@@ -317,6 +317,7 @@ class Trainer:
     publish: object
     epoch_size: int
     metrics: object = field(default_factory=metrics.Off)
+    sampler: Optional[samples.Sampler] = None   # spec.samples (None: off)
 
 
 def grad_norm(params: list[torch.nn.Parameter], max_norm: Optional[float]) -> Optional[torch.Tensor]:
@@ -340,6 +341,8 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     schedule = checkpoint.Schedule(t.checkpointEverySteps, t.checkpointEveryMinutes)
     stop_request = checkpoint.StopRequest().install()
     try:
+        if tr.sampler is not None and start == 1:
+            tr.sampler.maybe(0, tr, prog)  # the base model, for comparison
         for step in range(start, t.steps + 1):
             step_loss = torch.zeros((), device=env.device)
             data_wait = 0.0
@@ -365,7 +368,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             tr.opt.step()
             tr.sched.step()
             tr.opt.zero_grad(set_to_none=True)
-            sps, eta = meter.update(step)
+            sps, eta = meter.update(step, now=time.perf_counter() - (tr.sampler.seconds if tr.sampler else 0.0))
             epoch = epoch_of(step * samples_per_step, tr.epoch_size)
             tr.metrics.step(step, epoch, mean, lr_used, float(norm) if norm is not None and env.is_main else None,
                             samples_per_step, sps, eta, data_wait)
@@ -375,6 +378,8 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                 prog.samplesPerSecond, prog.eta = sps, format_eta(eta)
                 log(env, line(prog, lr_used))
                 tr.publish(prog)
+            if tr.sampler is not None:
+                tr.sampler.maybe(step, tr, prog)
             if save or stop:
                 checkpoint.save(step, tr.modules, tr.opt, state.to_dict(step, env.world), tr.local_ckpt,
                                 tr.spec.output.uri, tr.settings, t.checkpointKeep, env)
@@ -496,6 +501,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     inputs = cache_inputs(spec, model_fingerprint(paths))
     mine = dist.agree(build_cache, spec, family, comps, report.items, units, entries, inputs, env)
     cached = share_cache(mine, env)
+    # spec.samples: prompt embeddings now, while the encoders are loaded (None when off)
+    sampler = dist.agree(samples.setup, spec, family, comps, job_name, settings, stats, cache_root() / "outputs" / job_name)
     comps.encoders.clear()
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -513,7 +520,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
                       sampler=bk.BucketSampler(space, t.seed, t.microBatchSize, env.world, env.rank))
     tr = Trainer(spec, family, comps, ad, opt, sched, cached, env, state,
                  modules=torch.nn.ModuleDict(comps.trainable), local_ckpt=cache_root() / "checkpoints" / job_name,
-                 settings=settings, publish=publish, epoch_size=sum(space.repeats), metrics=m)
+                 settings=settings, publish=publish, epoch_size=sum(space.repeats), metrics=m, sampler=sampler)
     start = 1
     if plan == "resume":
         resumed = latest
@@ -549,11 +556,15 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
                        "samplesPerStep": samples_per_step, "worldSize": env.world,
                        "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
                        "lossHistory": downsample(losses, 200)}
+            sampling = sampler.seconds if sampler else 0.0
+            summary.update(samplingSeconds=round(sampling, 2), trainingSeconds=round(train_seconds - sampling, 2))
             out_dir = cache_root() / "outputs" / job_name
+            report = lambda arts: samples.final_report(spec, job_name, settings, sampler, losses, stats, arts,  # noqa: E731
+                                                       out_dir)
             result = (export_full.export_and_upload(spec, job_name, family, comps, gathered, summary, stats, settings,
-                                                    out_dir) if full else
+                                                    out_dir, extra=report) if full else
                       export.export_and_upload(spec, job_name, family, ad.configs, gathered, summary, stats, settings,
-                                               out_dir))
+                                               out_dir, extra=report))
         except storage.StorageError as e:
             err = e  # an artifact or manifest.json not uploaded: transient or bad input, as storage classified it
         except (OSError, ValueError) as e:

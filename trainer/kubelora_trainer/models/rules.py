@@ -7,6 +7,14 @@ from typing import Optional
 
 
 @dataclass(frozen=True)
+class SamplingRules:
+    """How a family samples during training (spec.samples): its defaults and what it accepts."""
+    guidance: float                    # default guidance (Flux: the guidance embedding; else classifier-free)
+    steps: int = 20                    # default denoising steps
+    negative_prompt: bool = False      # whether samples.negativePrompt has an effect
+
+
+@dataclass(frozen=True)
 class FamilyRules:
     sources: tuple[tuple[str, ...], ...]        # accepted sets of path fields (one must be complete)
     optional_paths: tuple[str, ...] = ()
@@ -20,10 +28,13 @@ class FamilyRules:
     size_multiple: int = 16                        # width and height must be multiples of this
     formats: tuple[str, ...] = ()                  # LoRA file formats; the first is the default
     trains_text_encoders: bool = False             # LoRA on the text encoders too (training.textEncoderLearningRate)
+    sampling: Optional[SamplingRules] = None       # spec.samples; None: not yet available for the family
     # linears inside the blocks that, under transformerDtype float8, are stored in fp8 but multiply
     # in model.dtype (substrings of their lower-cased module paths): modulation and norm
     # projections, whose inputs fp8 rounding hurts most and whose GEMMs are tiny (one row per sample)
     fp8_sensitive: tuple[str, ...] = ("norm", "adaln", "time_emb", "modulation")
+    # latent (frames, height, width) per denoiser token, for tokens/s and MFU (throughput.py)
+    token_patch: tuple[int, int, int] = (1, 2, 2)
 
     @property
     def paths(self) -> set[str]:

@@ -148,6 +148,29 @@ class Flux:
                   guidance=guidance, return_dict=False)[0]
         return F.mse_loss(pred.float(), FluxPipeline._pack_latents(target, b, c, h, w).float())
 
+    @torch.no_grad()
+    def sampling_kit(self, comps, prompts):
+        """For spec.samples, while the text encoders are loaded: the prompts' embeddings, and the
+        VAE and scheduler kept for sampling (the encoders are freed after caching)."""
+        pipe = comps.encoders["pipe"]
+        embeds = []
+        for p in prompts:
+            pe, pooled, _ = pipe.encode_prompt(prompt=[p["prompt"]], prompt_2=None, device=pipe.vae.device,
+                                               max_sequence_length=512)
+            embeds.append({"prompt_embeds": pe, "pooled_prompt_embeds": pooled})
+        return {"vae": pipe.vae, "scheduler": pipe.scheduler, "embeds": embeds}
+
+    @torch.no_grad()
+    def sample(self, kit, comps, prompt, generator):
+        """One image [H, W, 3] in [0, 1] from FluxPipeline around the transformer being trained."""
+        from diffusers import FluxPipeline
+        pipe = FluxPipeline(scheduler=kit["scheduler"], vae=kit["vae"], text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None, transformer=comps.trainable["transformer"])
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**kit["embeds"][prompt["index"]], height=prompt["height"], width=prompt["width"],
+                    num_inference_steps=prompt["steps"], guidance_scale=prompt["guidance"], generator=generator,
+                    output_type="np").images[0]
+
     def export(self, lora, scale, fmt):
         return flux_lora.export(lora["transformer"], scale, fmt)
 

@@ -143,6 +143,33 @@ class LTXVideo:
                   return_dict=False)[0]
         return F.mse_loss(pred.float(), LTXPipeline._pack_latents(target, p, pt).float())
 
+    @torch.no_grad()
+    def sampling_kit(self, comps, prompts):
+        """For spec.samples, while the T5 encoder is loaded: the prompts' (and negative prompts')
+        embeddings, and the VAE and scheduler kept for sampling."""
+        pipe = comps.encoders["pipe"]
+        embeds = []
+        for p in prompts:
+            cfg = p["guidance"] > 1.0
+            e, m, ne, nm = pipe.encode_prompt(prompt=[p["prompt"]], negative_prompt=[p["negativePrompt"]],
+                                              do_classifier_free_guidance=cfg, max_sequence_length=MAX_TOKENS,
+                                              device=pipe.vae.device)
+            embeds.append({"prompt_embeds": e, "prompt_attention_mask": m,
+                           **({"negative_prompt_embeds": ne, "negative_prompt_attention_mask": nm} if cfg else {})})
+        return {"vae": pipe.vae, "scheduler": pipe.scheduler, "embeds": embeds}
+
+    @torch.no_grad()
+    def sample(self, kit, comps, prompt, generator):
+        """One clip [F, H, W, 3] in [0, 1] from LTXPipeline around the transformer being trained."""
+        from diffusers import LTXPipeline
+        pipe = LTXPipeline(scheduler=kit["scheduler"], vae=kit["vae"], text_encoder=None, tokenizer=None,
+                           transformer=comps.trainable["transformer"])
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**kit["embeds"][prompt["index"]], height=prompt["height"], width=prompt["width"],
+                    num_frames=prompt["frames"], frame_rate=FRAME_RATE, num_inference_steps=prompt["steps"],
+                    guidance_scale=prompt["guidance"], max_sequence_length=MAX_TOKENS, generator=generator,
+                    output_type="np").frames[0]
+
     def export(self, lora, scale, fmt):
         prefix = _prefix(fmt)
         out = {}

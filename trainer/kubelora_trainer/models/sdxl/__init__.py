@@ -3,4 +3,4 @@ keys.py, tiny.py, configs/ hold the rest)."""
 from ..rules import FamilyRules
 
 RULES = FamilyRules(sources=(("diffusersPath",), ("checkpointPath",)), options=("vPred", "zeroTerminalSnr", "minSnrGamma"),
-                    formats=("kohya", "diffusers"), trains_text_encoders=True)
+                    token_patch=(1, 1, 1), formats=("kohya", "diffusers"), trains_text_encoders=True)

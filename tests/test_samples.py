@@ -1,0 +1,307 @@
+"""spec.samples end to end: a tiny Flux (2 replicated ranks: prompts split over them) and a tiny
+LTX-Video (2 ranks sharded with FSDP2: every rank runs every prompt) train from S3 (SeaweedFS) to S3
+with 2 prompts sampled every 5 of 10 steps. The sample files are in the bucket under their names,
+the LoRA changed them, the exported LoRA loaded into the diffusers pipeline reproduces the last
+in-training sample, and report.html, fetched with `kubelora report`, renders in headless chromium
+with its loss curve and every sample image. Plus the pure parts (spec rules, plan, report) and a
+count showing sampling off builds and keeps nothing."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import weakref
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from browser import render_report
+from conftest import run_trainer
+from kubelora_trainer import report, sample_plan, samples
+from kubelora_trainer.spec import SpecError, parse_spec
+
+PROMPTS = [{"prompt": "a blue square on a white background"}, {"prompt": "a red square", "seed": 3}]
+STEPS = 10
+SAMPLE_STEPS = [0, 5, 10]
+
+
+# ---------------------------------------------------------------- pure parts
+
+def _spec(model, samples_spec, dataset=None):
+    return parse_spec({"model": model, "dataset": {"uri": "s3://data/x", **(dataset or {})},
+                       "output": {"uri": "s3://out/x"}, "training": {"steps": STEPS}, "samples": samples_spec})
+
+
+FLUX = {"type": "flux", "diffusersPath": "s3://models/flux"}
+LTX = {"type": "ltx-video", "diffusersPath": "s3://models/ltx"}
+
+
+@pytest.mark.parametrize("model,samples_spec,expect", [
+    ({"type": "sdxl", "diffusersPath": "s3://models/sdxl"}, {"prompts": [{"prompt": "x"}]},
+     "samples: sampling during training is not yet available for model.type sdxl (it is for flux, ltx-video)"),
+    (FLUX, {"prompts": [{"prompt": "x", "negativePrompt": "y"}]}, "samples.prompts[0].negativePrompt: flux samples"),
+    (FLUX, {"prompts": [{"prompt": "x"}], "frames": 9}, "samples.frames: flux is an image model"),
+    (LTX, {"prompts": [{"prompt": "x"}, {"prompt": "y", "frames": 8}]},
+     "samples.prompts[1].frames: ltx-video needs 8k+1 frames"),
+    (LTX, {"prompts": [{"prompt": "x", "width": 48, "height": 32}]},
+     "samples.prompts[0]: ltx-video samples need width and height divisible by 32; got 48x32"),
+    (FLUX, {"prompts": [{"prompt": "x", "width": 64}]}, "samples.prompts[0].width and samples.prompts[0].height go together"),
+    (FLUX, {"prompts": [{"prompt": "x"}], "atStart": False, "atEnd": False}, "samples: no step would sample"),
+])
+def test_spec_refuses_what_a_family_cannot_sample(model, samples_spec, expect):
+    with pytest.raises(SpecError) as e:
+        _spec(model, samples_spec)
+    assert expect in str(e.value)
+
+
+def test_resolved_prompts_schedule_and_rank_split():
+    spec = _spec(LTX, {"prompts": [{"prompt": "a", "frames": 17, "guidance": 1.0}, {"prompt": "b", "seed": 7}],
+                       "everySteps": 4, "steps": 8, "negativePrompt": "blur", "seed": 2},
+                 dataset={"resolution": 64, "frames": 9})
+    a, b = sample_plan.resolve(spec)
+    assert a == {"index": 0, "prompt": "a", "negativePrompt": "blur", "seed": 2, "width": 64, "height": 64,
+                 "frames": 17, "guidance": 1.0, "steps": 8}
+    assert (b["seed"], b["frames"], b["guidance"]) == (7, 9, 3.0)   # the dataset's frames, LTX's guidance
+    assert sample_plan.sample_steps(spec.samples, STEPS) == [0, 4, 8, 10]
+    flux = _spec(FLUX, {"prompts": [{"prompt": "a"}], "atStart": False, "atEnd": False, "everySteps": 5})
+    assert sample_plan.sample_steps(flux.samples, STEPS) == [5, 10]
+    assert sample_plan.resolve(flux)[0]["frames"] == 1 and sample_plan.resolve(flux)[0]["guidance"] == 3.5
+    assert sample_plan.assign(5, 2, 1, sharded=False) == ([1, 3], True)
+    assert sample_plan.assign(5, 2, 1, sharded=True) == ([0, 1, 2, 3, 4], False)
+    assert sample_plan.sample_path(5, 1, video=True) == "samples/step-5/prompt-1.mp4"
+    assert sample_plan.preview_path("samples/step-5/prompt-1.mp4") == "samples/step-5/prompt-1.webp"
+
+
+def test_report_is_self_contained_and_escapes():
+    prompts = [{"index": 0, "prompt": "<b>x</b>", "seed": 0, "width": 32, "height": 32, "frames": 1, "guidance": 3.5,
+                "steps": 4}]
+    html = report.render(job="j", model_type="flux", status="Training", step=2, total_steps=4, losses=[1.0, 0.5],
+                         learning_rates=[1e-4, 1e-4], prompts=prompts,
+                         samples=[{"step": 0, "prompt": 0, "file": "samples/step-0/prompt-0.png"}],
+                         dataset={"usable": 1}, spec={"a": "<s>"}, artifacts=[])
+    assert 'id="loss-curve"' in html and "<polyline" in html
+    assert '<img src="samples/step-0/prompt-0.png"' in html
+    assert "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html and "&lt;s&gt;" in html
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    pts, (x0, x1, y0, y1) = report.polyline([(1, 1.0), (2, 0.5)], 100, 100, 10)
+    assert pts == "10.0,10.0 90.0,90.0" and (x0, x1, y0, y1) == (1, 2, 0.5, 1.0)
+
+
+def test_sampling_off_builds_and_keeps_nothing(tiny_flux_dir):
+    """Counted: with spec.samples unset no embedding is computed, no pipeline is built and the
+    encoders (the VAE too) are freed with the cache's; with it set, the text encoders still go and
+    only the VAE stays."""
+    from diffusers import FluxPipeline
+    from kubelora_trainer.models import get_family
+    fam = get_family("flux")
+    spec_off = parse_spec({"model": {**FLUX, "dtype": "float32"}, "dataset": {"uri": "s3://data/x", "resolution": 32},
+                           "output": {"uri": "s3://out/x"}})
+    spec_on = spec_off.model_copy(update={"samples": _spec(FLUX, {"prompts": PROMPTS}).samples})
+    built = []
+    real_init = FluxPipeline.__init__
+
+    def counting_init(self, *a, **k):
+        built.append(1)
+        real_init(self, *a, **k)
+    for spec, kept in ((spec_off, False), (spec_on, True)):
+        comps = fam.load(spec.model, {"diffusersPath": str(tiny_flux_dir)}, torch.device("cpu"))
+        pipe = comps.encoders["pipe"]
+        refs = {n: weakref.ref(getattr(pipe, n)) for n in ("text_encoder", "text_encoder_2", "vae")}
+        built.clear()
+        with mock.patch.object(FluxPipeline, "__init__", counting_init), \
+                mock.patch.object(fam, "sampling_kit", wraps=fam.sampling_kit) as kit:
+            sampler = samples.setup(spec, fam, comps, "j", None, {}, Path("/nonexistent"))
+        assert (sampler is not None) == kept and kit.call_count == int(kept) and built == []
+        del pipe
+        comps.encoders.clear()
+        gc.collect()
+        assert refs["text_encoder"]() is None and refs["text_encoder_2"]() is None
+        assert (refs["vae"]() is not None) == kept
+        del sampler, comps
+        gc.collect()
+
+
+def test_operator_lists_the_report_and_tells_each_sample_step():
+    from kubelora_operator import status as st
+    job = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    manifest = {"artifacts": [{"uri": "s3://b/o/lora.safetensors", "format": "diffusers", "sha256": "a", "size": 1}],
+                "report": {"uri": "s3://b/o/report.html", "sha256": "r", "size": 2}}
+    obs = st.observe(job, [], None, manifest, False)
+    assert obs.artifacts[-1] == {"uri": "s3://b/o/report.html", "format": "report", "sha256": "r", "size": 2}
+    assert obs.message.startswith("LoRA published to s3://b/o/lora.safetensors")
+    prog = st.progress_summary({"step": 5, "totalSteps": 10, "samples": 4, "sampleStep": 5})
+    assert (prog["samples"], prog["sampleStep"]) == (4, 5)
+    assert st.sample_event({"sampleStep": 0}, prog, "s3://b/o/") == \
+        "samples of step 5 written (4 so far); report: s3://b/o/report.html"
+    assert st.sample_event(prog, prog, "s3://b/o") is None and st.sample_event(None, {"step": 3}, "s3://b/o") is None
+
+
+# ---------------------------------------------------------------- training runs
+
+def _job(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump({"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
+                                    "metadata": {"name": path.stem}, "spec": spec}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def s3env(s3_endpoint, tmp_path_factory):
+    from kubelora_trainer.local_s3 import ACCESS_KEY, SECRET_KEY
+    from kubelora_trainer.storage import S3Settings, make_client
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+           "AWS_REGION": "us-east-1"}
+    with mock.patch.dict(os.environ, env):
+        client = make_client(S3Settings())
+    return env, client
+
+
+def _train(s3env, tmp: Path, bucket: str, model_dir: Path, data: Path, spec: dict, nproc: int) -> dict:
+    from kubelora_trainer.storage import download, ensure_bucket, upload_tree
+    env, client = s3env
+    ensure_bucket(client, bucket)
+    upload_tree(model_dir, f"s3://{bucket}/model", client=client)
+    upload_tree(data, f"s3://{bucket}/data", client=client)
+    spec = {**spec, "output": {**spec.get("output", {}), "uri": f"s3://{bucket}/out"},
+            "samples": {"prompts": PROMPTS, "everySteps": 5, "steps": 4}}
+    spec["model"]["diffusersPath"] = f"s3://{bucket}/model"
+    spec["dataset"]["uri"] = f"s3://{bucket}/data"
+    proc = run_trainer(_job(tmp / f"{bucket}.yaml", spec), {**env, "KUBELORA_CACHE_DIR": str(tmp / "cache")}, nproc=nproc)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    keys = {o["Key"]: o["Size"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])}
+    out = download(f"s3://{bucket}/out", tmp / "result", client=client, log=lambda m: None)
+    return {"bucket": bucket, "keys": keys, "out": out, "log": proc.stdout,
+            "manifest": json.loads((out / "manifest.json").read_text()),
+            "progress": json.loads((out / "status" / "progress.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def flux_run(s3env, tmp_path_factory, tiny_flux_dir):
+    tmp = tmp_path_factory.mktemp("flux-samples")
+    data = tmp / "data"
+    data.mkdir()
+    im = Image.new("RGB", (32, 32), (245, 245, 245))
+    im.paste((40, 60, 220), (6, 6, 26, 26))
+    im.save(data / "a.png")
+    (data / "a.txt").write_text(PROMPTS[0]["prompt"])
+    spec = {"model": {"type": "flux", "dtype": "float32"}, "dataset": {"resolution": 32},
+            "adapter": {"rank": 8, "alpha": 16},
+            "training": {"steps": STEPS, "learningRate": 1e-2, "microBatchSize": 1, "logEvery": 5, "seed": 1}}
+    return {**_train(s3env, tmp, "samples-flux", tiny_flux_dir, data, spec, nproc=2), "model": tiny_flux_dir}
+
+
+@pytest.fixture(scope="module")
+def ltx_run(s3env, tmp_path_factory):
+    from kubelora_trainer.models.ltx_video.tiny import build_tiny_ltx_video, moving_square
+    from kubelora_trainer.synthetic import write_video
+    tmp = tmp_path_factory.mktemp("ltx-samples")
+    model = build_tiny_ltx_video(tmp / "model")
+    data = tmp / "data"
+    write_video(data / "slide.mp4", moving_square(9))
+    (data / "slide.txt").write_text(PROMPTS[0]["prompt"])
+    spec = {"model": {"type": "ltx-video", "dtype": "float32"}, "dataset": {"resolution": 32, "frames": 9},
+            "adapter": {"rank": 8, "alpha": 16},
+            "training": {"steps": STEPS, "learningRate": 1e-2, "microBatchSize": 1, "logEvery": 5, "seed": 1,
+                         "timestepSampling": "uniform", "sharding": "shard"},
+            "output": {"formats": ["comfyui", "diffusers"]}}
+    return {**_train(s3env, tmp, "samples-ltx", model, data, spec, nproc=2), "model": model}
+
+
+def _expected_keys(video: bool) -> set[str]:
+    names = {sample_plan.sample_path(s, i, video) for s in SAMPLE_STEPS for i in range(len(PROMPTS))}
+    return {f"out/{n}" for n in names} | ({f"out/{sample_plan.preview_path(n)}" for n in names} if video else set())
+
+
+def _read_video(path: Path) -> np.ndarray:
+    import av
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]).astype(np.int16)
+
+
+def _check_run(run, video: bool):
+    keys, m = run["keys"], run["manifest"]
+    assert {k for k in keys if k.startswith("out/samples/")} == _expected_keys(video)
+    files = m["samples"]["files"]
+    assert m["samples"]["count"] == len(files) == len(SAMPLE_STEPS) * len(PROMPTS)
+    for f in files:
+        assert keys[f"out/{f['file']}"] == f["size"] > 0 and f["uri"] == f"s3://{run['bucket']}/out/{f['file']}"
+    assert m["report"]["uri"] == f"s3://{run['bucket']}/out/report.html" and keys["out/report.html"] == m["report"]["size"]
+    assert 0 < m["metrics"]["samplingSeconds"] < m["metrics"]["wallSeconds"]
+    assert m["metrics"]["trainingSeconds"] == pytest.approx(m["metrics"]["wallSeconds"] - m["metrics"]["samplingSeconds"], abs=0.02)
+    assert run["progress"]["samples"] == 6 and run["progress"]["sampleStep"] == STEPS
+    assert run["log"].count("[samples] step") == len(SAMPLE_STEPS)
+
+
+def _differs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def test_flux_samples_in_the_bucket_change_and_match_diffusers(flux_run):
+    assert "[model] replicate" in flux_run["log"]  # the prompts were split over the 2 ranks
+    _check_run(flux_run, video=False)
+    out = flux_run["out"]
+    for i, p in enumerate(PROMPTS):
+        first = np.asarray(Image.open(out / f"samples/step-0/prompt-{i}.png"))
+        last = np.asarray(Image.open(out / f"samples/step-{STEPS}/prompt-{i}.png"))
+        assert first.shape == (32, 32, 3) and _differs(first, last) > 2.0, "the LoRA should change the samples"
+    from diffusers import FluxPipeline
+    pipe = FluxPipeline.from_pretrained(flux_run["model"])
+    pipe.set_progress_bar_config(disable=True)
+    base = pipe(PROMPTS[1]["prompt"], height=32, width=32, num_inference_steps=4, guidance_scale=3.5,
+                generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    assert _differs(samples.to_uint8(base), np.asarray(Image.open(out / "samples/step-0/prompt-1.png"))) < 0.5
+    pipe.load_lora_weights(str(out / "lora.safetensors"))
+    for i, p in enumerate(PROMPTS):
+        got = pipe(p["prompt"], height=32, width=32, num_inference_steps=4, guidance_scale=3.5,
+                   generator=torch.Generator().manual_seed(p.get("seed", 0)), output_type="np").images[0]
+        ours = np.asarray(Image.open(out / f"samples/step-{STEPS}/prompt-{i}.png"))
+        diff = np.abs(samples.to_uint8(got).astype(np.int16) - ours)
+        assert diff.max() <= 2 and diff.mean() < 0.1, (diff.max(), diff.mean())
+
+
+def test_ltx_samples_in_the_bucket_change_and_match_diffusers(ltx_run, tmp_path):
+    assert "weights sharded across ranks with FSDP2" in ltx_run["log"]  # every rank ran every prompt
+    _check_run(ltx_run, video=True)
+    out = ltx_run["out"]
+    for i in range(len(PROMPTS)):
+        first, last = _read_video(out / f"samples/step-0/prompt-{i}.mp4"), _read_video(out / f"samples/step-{STEPS}/prompt-{i}.mp4")
+        assert first.shape == (9, 32, 32, 3) and _differs(first, last) > 2.0, "the LoRA should change the samples"
+    from diffusers import LTXPipeline
+    pipe = LTXPipeline.from_pretrained(ltx_run["model"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(out / "lora.safetensors"))
+    for i, p in enumerate(PROMPTS):
+        got = pipe(p["prompt"], height=32, width=32, num_frames=9, frame_rate=25, num_inference_steps=4,
+                   guidance_scale=3.0, generator=torch.Generator().manual_seed(p.get("seed", 0)), output_type="np").frames[0]
+        # through the same encoder as the in-training sample, then both decoded
+        ref = samples.write_sample(samples.to_uint8(got), tmp_path / f"ref-{i}.mp4", 25)[0]
+        diff = np.abs(_read_video(ref) - _read_video(out / f"samples/step-{STEPS}/prompt-{i}.mp4"))
+        assert diff.mean() < 0.5 and diff.max() <= 24, (diff.max(), diff.mean())
+        preview = Image.open(out / f"samples/step-{STEPS}/prompt-{i}.webp")
+        assert preview.n_frames == 9 and preview.size == (32, 32)
+
+
+@pytest.mark.parametrize("which", ["flux_run", "ltx_run"])
+def test_report_fetched_with_the_cli_renders_in_chromium(which, request, s3, tmp_path, capsys):
+    run = request.getfixturevalue(which)
+    from kubelora_trainer.cli import main
+    assert main(["report", f"s3://{run['bucket']}/out", "--out", str(tmp_path / "rep")]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == (tmp_path / "rep" / "report.html").resolve()
+    facts = render_report(path, tmp_path / "shot.png")
+    assert facts["errors"] == []
+    assert facts["lossPoints"] == STEPS and facts["lossBox"] > 100
+    srcs = sorted(i["src"] for i in facts["images"])
+    video = which == "ltx_run"
+    want = sorted(sample_plan.preview_path(sample_plan.sample_path(s, i, video)) for s in SAMPLE_STEPS
+                  for i in range(len(PROMPTS)))
+    assert srcs == want
+    assert all(i["w"] == 32 and i["h"] == 32 for i in facts["images"]), facts["images"]
+    shot = Image.open(tmp_path / "shot.png")
+    assert shot.width > 300 and shot.height > 600
+    html = path.read_text()
+    assert "lora.safetensors" in html and run["manifest"]["artifacts"][0]["sha256"] in html

@@ -1,0 +1,110 @@
+"""report.html: one self-contained page a person opens in a browser (no script, no CDN): the
+loss and learning-rate curves as inline SVG, the samples as a grid of prompts by step (relative
+links to the sample files beside it), the dataset summary, the resolved spec and the artifacts
+with their sha256. Pure: data in, HTML string out."""
+from __future__ import annotations
+
+import json
+from html import escape
+from typing import Optional
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1200px}
+h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+.grid img{display:block;max-width:256px;image-rendering:pixelated;min-width:96px}
+.grid td{text-align:center}.muted{color:#777}pre{background:#f6f6f6;padding:1rem;overflow:auto}
+svg{background:#fafafa;border:1px solid #ddd}
+"""
+
+
+def polyline(points: list[tuple[float, float]], width: int = 640, height: int = 220, pad: int = 36) -> tuple[str, tuple]:
+    """SVG polyline points (x right, y up) scaled into the box; returns (points attribute, (xmin, xmax, ymin, ymax))."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (width - 2 * pad) / ((x1 - x0) or 1)
+    sy = (height - 2 * pad) / ((y1 - y0) or 1)
+    pts = " ".join(f"{pad + (x - x0) * sx:.1f},{height - pad - (y - y0) * sy:.1f}" for x, y in points)
+    return pts, (x0, x1, y0, y1)
+
+
+def curve_svg(points: list[tuple[float, float]], label: str, css_id: str, color: str = "#1f6feb") -> str:
+    """A line chart with its axes' ranges written at the corners; an empty note without points."""
+    if not points:
+        return f'<p class="muted" id="{css_id}">no {escape(label)} yet</p>'
+    w, h = 640, 220
+    pts, (x0, x1, y0, y1) = polyline(points, w, h)
+    return (f'<svg id="{css_id}" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+            f'aria-label="{escape(label)}">'
+            f'<text x="8" y="16" font-size="12">{escape(label)}</text>'
+            f'<text x="8" y="40" font-size="10">{y1:.4g}</text><text x="8" y="{h - 40}" font-size="10">{y0:.4g}</text>'
+            f'<text x="36" y="{h - 8}" font-size="10">step {x0:g}</text>'
+            f'<text x="{w - 90}" y="{h - 8}" font-size="10">step {x1:g}</text>'
+            f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{pts}"/></svg>')
+
+
+def sample_grid(prompts: list[dict], samples: list[dict]) -> str:
+    """Rows: prompts; columns: sample steps. Each cell an <img> (a video's preview links to its mp4)."""
+    if not samples:
+        return '<p class="muted">no samples (spec.samples unset, or none made yet)</p>'
+    steps = sorted({s["step"] for s in samples})
+    by = {(s["step"], s["prompt"]): s for s in samples}
+    head = "".join(f"<th>step {st}</th>" for st in steps)
+    rows = []
+    for p in prompts:
+        cells = []
+        for st in steps:
+            s = by.get((st, p["index"]))
+            if s is None:
+                cells.append('<td class="muted">-</td>')
+                continue
+            img = f'<img src="{escape(s.get("preview") or s["file"])}" alt="step {st}: {escape(p["prompt"])}">'
+            cells.append(f'<td><a href="{escape(s["file"])}">{img}</a></td>')
+        what = escape(p["prompt"]) + (f'<br><span class="muted">seed {p["seed"]}, {p["width"]}x{p["height"]}'
+                                      f'{", " + str(p["frames"]) + " frames" if p.get("frames", 1) > 1 else ""}, '
+                                      f'guidance {p["guidance"]:g}, {p["steps"]} steps</span>')
+        rows.append(f"<tr><th>{what}</th>{''.join(cells)}</tr>")
+    return f'<table class="grid"><tr><th>prompt</th>{head}</tr>{"".join(rows)}</table>'
+
+
+def table(rows: dict) -> str:
+    return "<table>" + "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(str(v))}</td></tr>" for k, v in rows.items()) + "</table>"
+
+
+def artifacts_table(artifacts: list[dict]) -> str:
+    if not artifacts:
+        return '<p class="muted">none yet (the run is still training)</p>'
+    rows = "".join(f'<tr><td><a href="{escape(a["file"])}">{escape(a["file"])}</a></td><td>{escape(a.get("format", ""))}</td>'
+                   f'<td>{a.get("size", "")}</td><td><code>{escape(a.get("sha256", ""))}</code></td></tr>' for a in artifacts)
+    return f"<table><tr><th>file</th><th>format</th><th>bytes</th><th>sha256</th></tr>{rows}</table>"
+
+
+def render(*, job: str, model_type: str, status: str, step: int, total_steps: int, losses: list[float],
+           learning_rates: list[float], prompts: list[dict], samples: list[dict], dataset: dict, spec: dict,
+           artifacts: list[dict], timings: Optional[dict] = None) -> str:
+    """The page. losses[i] and learning_rates[i] belong to step i + 1; samples: {step, prompt
+    (index), file, preview?} with paths relative to the report."""
+    loss_pts = [(i + 1, v) for i, v in enumerate(losses)]
+    lr_pts = [(i + 1, v) for i, v in enumerate(learning_rates)]
+    summary = {"job": job, "model": model_type, "status": status, "step": f"{step}/{total_steps}",
+               **({"last loss": f"{losses[-1]:.4f}"} if losses else {}), **(timings or {})}
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>kubelora report: {escape(job)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
+<body>
+<h1>kubelora report: {escape(job)}</h1>
+{table(summary)}
+<h2>Loss</h2>
+{curve_svg(loss_pts, "training loss", "loss-curve")}
+<h2>Learning rate</h2>
+{curve_svg(lr_pts, "learning rate", "lr-curve", color="#d29922")}
+<h2>Samples</h2>
+{sample_grid(prompts, samples)}
+<h2>Dataset</h2>
+{table(dataset)}
+<h2>Artifacts</h2>
+{artifacts_table(artifacts)}
+<h2>Resolved spec</h2>
+<pre>{escape(json.dumps(spec, indent=2))}</pre>
+</body></html>
+"""

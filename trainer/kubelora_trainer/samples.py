@@ -1,0 +1,185 @@
+"""Samples during training (spec.samples) and the run's report.html.
+
+The family's diffusers pipeline runs around the very transformer being trained (its LoRA layers
+active, no copy of any weight), with prompt embeddings computed once while the text encoders were
+loaded and the VAE kept for decoding (family.sampling_kit / family.sample). With spec.samples
+unset, setup() returns None: no embeddings, no VAE kept, no pipeline built.
+
+Files: output.uri/samples/step-N/prompt-I.png (images) or .mp4 plus an animated .webp preview
+(videos); report.html beside the LoRA, refreshed at every sample step and at the end.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import dist, report, storage
+from .families import RULES
+from .sample_plan import assign, due, is_video, preview_path, resolve, sample_path
+from .spec import dump_spec
+
+REPORT_NAME = "report.html"
+
+
+def to_uint8(x) -> np.ndarray:
+    """Pipeline output in [0, 1] -> uint8 (as diffusers' numpy_to_pil rounds)."""
+    return (np.asarray(x, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def write_sample(arr: np.ndarray, path: Path, fps: Optional[float]) -> list[Path]:
+    """A PNG for an image [H, W, 3]; an H.264 MP4 and an animated WebP preview for a clip [F, H, W, 3]."""
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if arr.ndim == 3:
+        Image.fromarray(arr).save(path)
+        return [path]
+    from .synthetic import write_video
+    write_video(path, list(arr), fps=int(round(fps or 24)), codec="libx264")
+    preview = path.with_suffix(".webp")
+    frames = [Image.fromarray(f) for f in arr]
+    frames[0].save(preview, save_all=True, append_images=frames[1:], duration=int(1000 / (fps or 24)), loop=0,
+                   lossless=True)
+    return [path, preview]
+
+
+@dataclass
+class Sampler:
+    spec: object
+    family: object
+    kit: dict
+    prompts: list[dict]
+    job: str
+    settings: storage.S3Settings
+    stats: dict
+    local: Path
+    seconds: float = 0.0
+    records: list[dict] = field(default_factory=list)
+    _client: object = None
+    _first: bool = True
+
+    def _upload(self, path: Path, key: str) -> dict:
+        out = storage.parse_uri(self.spec.output.uri)
+        if out.is_s3 and self._client is None:
+            self._client = storage.make_client(self.settings)
+        ctype = {".png": "image/png", ".mp4": "video/mp4", ".webp": "image/webp", ".html": "text/html"}.get(path.suffix)
+        return storage.upload(path, str(out.child(key)), self.settings, self._client,
+                              content_type=ctype or "application/octet-stream")
+
+    def _write(self, step: int, prompt: dict, out) -> dict:
+        video = is_video(self.spec.model.type)
+        key = sample_path(step, prompt["index"], video)
+        files = write_sample(to_uint8(out), self.local / key, RULES[self.spec.model.type].fps)
+        rec = {"step": step, "prompt": prompt["index"], "file": key, **self._upload(files[0], key)}
+        if video:
+            self._upload(files[1], preview_path(key))
+            rec["preview"] = preview_path(key)
+        return rec
+
+    def maybe(self, step: int, tr, prog=None) -> None:
+        """Sample if `step` is a sample step (0: before the first). Every rank calls it, at every
+        step from the first it trains (a resumed run lists the earlier steps' samples as written)."""
+        if self._first:
+            self._first = False
+            video = is_video(self.spec.model.type)
+            self.records += [{"step": s, "prompt": p["index"], "file": sample_path(s, p["index"], video),
+                              **({"preview": preview_path(sample_path(s, p["index"], video))} if video else {})}
+                             for s in range(step) if due(s, self.spec.samples, self.spec.training.steps)
+                             for p in self.prompts]
+        if not due(step, self.spec.samples, self.spec.training.steps):
+            return
+        t0 = time.perf_counter()
+        env = tr.env
+        sharded = tr.adapters.sync.sharding == "shard"
+        mine, writes = assign(len(self.prompts), env.world, env.rank, sharded)
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        modules = list(tr.comps.trainable.values())
+        for m in modules:
+            m.eval()  # no LoRA dropout
+        err, recs = None, []
+        try:
+            with tr.adapters.compute():
+                for i in mine:
+                    p = self.prompts[i]
+                    out = self.family.sample(self.kit, tr.comps, p, torch.Generator().manual_seed(p["seed"]))
+                    if writes:
+                        recs.append(self._write(step, p, out))
+        except storage.StorageError as e:
+            err = e
+        except Exception as e:  # noqa: BLE001 - agreed on below, so no rank waits for a failed one
+            err = RuntimeError(f"sampling at step {step}: {type(e).__name__}: {e}")
+        finally:
+            for m in modules:
+                m.train()
+            torch.set_rng_state(rng)  # sampling draws nothing the training would have drawn
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng)
+        dist.fail_together(err, f"sampling at step {step}")
+        if env.world > 1:
+            recs = [r for part in dist.all_gather(recs) for r in part]
+        self.records += sorted(recs, key=lambda r: r["prompt"])
+        self.seconds += time.perf_counter() - t0
+        if env.is_main:
+            print(f"[samples] step {step}: {len(recs)} sample(s) in {time.perf_counter() - t0:.1f} s "
+                  f"(sampling so far {self.seconds:.1f} s)", flush=True)
+            self.publish_report("Training", step, tr.state.losses, [])
+            if prog is not None and tr.publish is not None:
+                prog.samples, prog.sampleStep = len(self.records), step
+                tr.publish(prog, force=True)
+
+    def publish_report(self, status: str, step: int, losses: list[float], artifacts: list[dict]) -> dict:
+        """Rank 0: write and upload report.html; returns {uri, sha256, size}."""
+        return upload_report(self.spec, self.job, status, step, losses, self.prompts, self.records, self.stats,
+                             artifacts, {"sampling seconds": f"{self.seconds:.1f}"}, self.local, self._upload)
+
+    def summary(self) -> dict:
+        return {"count": len(self.records), "seconds": round(self.seconds, 2), "prompts": self.prompts,
+                "files": self.records}
+
+
+def setup(spec, family, comps, job: str, settings, stats: dict, local: Path) -> Optional[Sampler]:
+    """Before the encoders are freed: the sample prompts' embeddings and what decoding needs.
+    None when spec.samples is unset (nothing is computed or kept)."""
+    if spec.samples is None:
+        return None
+    prompts = resolve(spec)
+    return Sampler(spec, family, family.sampling_kit(comps, prompts), prompts, job, settings, stats, local)
+
+
+def learning_rates(spec, n: int) -> list[float]:
+    """The learning rate of steps 1..n (the denoiser's group), as the schedule gives it."""
+    from .train import lr_lambda
+    t = spec.training
+    return [t.learningRate * lr_lambda(s, t.warmupSteps, t.steps, t.lrScheduler) for s in range(n)]
+
+
+def upload_report(spec, job, status, step, losses, prompts, records, stats, artifacts, timings, local: Path,
+                  upload) -> dict:
+    html = report.render(job=job, model_type=spec.model.type, status=status, step=step,
+                         total_steps=spec.training.steps, losses=list(losses),
+                         learning_rates=learning_rates(spec, len(losses)), prompts=prompts, samples=records,
+                         dataset=stats, spec=dump_spec(spec), artifacts=artifacts, timings=timings)
+    path = local / REPORT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html)
+    return upload(path, REPORT_NAME)
+
+
+def final_report(spec, job, settings, sampler: Optional[Sampler], losses, stats, artifacts, local: Path) -> dict:
+    """Rank 0, after the LoRA files are uploaded and before manifest.json: the finished report,
+    and what manifest.json lists about samples and the report."""
+    if sampler is not None:
+        rep = sampler.publish_report("Succeeded", spec.training.steps, losses, artifacts)
+        return {"report": rep, "samples": sampler.summary()}
+    out = storage.parse_uri(spec.output.uri)
+    client = storage.make_client(settings) if out.is_s3 else None
+
+    def up(path, key):
+        return storage.upload(path, str(out.child(key)), settings, client, content_type="text/html")
+    rep = upload_report(spec, job, "Succeeded", spec.training.steps, losses, [], [], stats, artifacts, None, local, up)
+    return {"report": rep}
