@@ -266,6 +266,10 @@ def test_prometheus_scrapes_the_trainer_series_with_sane_values(monitored_run):
     loss = last(prom, "kubelora_trainer_loss")
     assert math.isfinite(loss) and loss > 0
     assert prom.value(f'max_over_time(kubelora_trainer_samples_per_second{{ltj="{LTJ}"}}[10m])') > 0
+    # the tiny Flux at 32x32: its VAE halves each side (16x16 latents), 2x2 patches: 64 tokens a sample
+    sps = prom.value(f'max_over_time(kubelora_trainer_samples_per_second{{ltj="{LTJ}"}}[10m])')
+    tps = prom.value(f'max_over_time(kubelora_trainer_tokens_per_second{{ltj="{LTJ}"}}[10m])')
+    assert tps == pytest.approx(64 * sps, rel=1e-6)
     assert last(prom, "kubelora_trainer_samples_total") == STEPS * 2 * 2  # microBatchSize 2 x 2 ranks
     assert last(prom, "kubelora_trainer_learning_rate") > 0
     grad = last(prom, "kubelora_trainer_grad_norm")

@@ -172,6 +172,10 @@ class TrainerMetrics:
         self._lr = gauge("kubelora_trainer_learning_rate", "Learning rate the last step used (first parameter group)")
         self._grad = gauge("kubelora_trainer_grad_norm", "Total L2 norm of the adapters' gradients in the last step, before clipping")
         self._sps = gauge("kubelora_trainer_samples_per_second", "Training samples per second, over the last 50 steps")
+        self._tps = gauge("kubelora_trainer_tokens_per_second",
+                          "Denoiser tokens per second over all ranks (samples/s x tokens per sample)")
+        self._mfu = gauge("kubelora_trainer_mfu_ratio", "Model FLOPs utilisation (dense 4N or 6N FLOPs per token, "
+                                                       "attention not counted) over all GPUs' bf16 peak")
         self._samples = counter("kubelora_trainer_samples", "Training samples processed, over all ranks")
         self._eta = gauge("kubelora_trainer_eta_seconds", "Estimated seconds until the last step")
         self._last_step_time = gauge("kubelora_trainer_last_step_timestamp_seconds", "Unix time the last step finished")
@@ -237,6 +241,14 @@ class TrainerMetrics:
         if eta_seconds is not None:
             self._eta.labels(*lab).set(max(0.0, eta_seconds))
         self._last_step_time.labels(*lab).set(time.time())
+
+    def throughput(self, tokens_per_second: Optional[float], mfu: Optional[float]) -> None:
+        if not self.main:
+            return
+        if tokens_per_second is not None:
+            self._tps.labels(*self.labels).set(tokens_per_second)
+        if mfu is not None:
+            self._mfu.labels(*self.labels).set(mfu)
 
     def loss_not_finite(self) -> None:
         if self.main:

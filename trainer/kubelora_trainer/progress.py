@@ -30,6 +30,8 @@ class Progress:
     epoch: int = 0
     loss: Optional[float] = None
     samplesPerSecond: Optional[float] = None
+    tokensPerSecond: Optional[float] = None  # denoiser tokens (throughput.py), over all ranks
+    mfu: Optional[float] = None              # model FLOPs utilisation on GPUs with a known peak
     eta: Optional[str] = None
     resumedFrom: Optional[int] = None   # the checkpoint step this run continued from
     samples: Optional[int] = None       # sample files written so far (spec.samples)
@@ -56,7 +58,12 @@ class Meter:
 def line(p: Progress, lr: float) -> str:
     parts = [f"step {p.step}/{p.totalSteps}", f"epoch {p.epoch}",
              f"loss {p.loss:.4f}" if p.loss is not None else "loss ?", f"lr {lr:.2e}",
-             f"{p.samplesPerSecond:.2f} samples/s" if p.samplesPerSecond else "- samples/s", f"eta {p.eta or '?'}"]
+             f"{p.samplesPerSecond:.2f} samples/s" if p.samplesPerSecond else "- samples/s"]
+    if p.tokensPerSecond:
+        parts.append(f"{p.tokensPerSecond:,.0f} tokens/s")
+    if p.mfu is not None:
+        parts.append(f"MFU {100 * p.mfu:.1f}%")
+    parts.append(f"eta {p.eta or '?'}")
     return "[train] " + " | ".join(parts)
 
 

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from . import __version__, adapters, checkpoint, dist, exits, export, export_full, lora, metrics, samples, storage
+from . import throughput
 from . import buckets as bk
 from .captions import options_of
 from .data import DatasetError, ScanReport, check_usable, load_unit, probe, scan
@@ -339,17 +340,21 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     t, env, state = tr.spec.training, tr.env, tr.state
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
     schedule = checkpoint.Schedule(t.checkpointEverySteps, t.checkpointEveryMinutes)
+    patch = RULES[tr.spec.model.type].token_patch
+    n_params = sum(p.numel() for p in tr.comps.denoiser.parameters())
+    device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
     stop_request = checkpoint.StopRequest().install()
     try:
         if tr.sampler is not None and start == 1:
             tr.sampler.maybe(0, tr, prog)  # the base model, for comparison
         for step in range(start, t.steps + 1):
             step_loss = torch.zeros((), device=env.device)
-            data_wait = 0.0
+            data_wait, tokens = 0.0, 0
             for micro in range(t.gradientAccumulationSteps):
                 t_data = time.perf_counter()
                 batch = _stack([tr.cached[s] for s in state.sampler.next_batch()], env.device)
                 data_wait += time.perf_counter() - t_data
+                tokens += len(batch["latents"]) * throughput.tokens_of(tuple(batch["latents"].shape[1:]), patch)
                 with tr.adapters.compute():
                     loss = tr.family.loss(tr.comps, batch, tr.spec.model, t, state.gen) / t.gradientAccumulationSteps
                 tr.adapters.sync.before_backward(last=micro == t.gradientAccumulationSteps - 1)
@@ -373,9 +378,14 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             tr.metrics.step(step, epoch, mean, lr_used, float(norm) if norm is not None and env.is_main else None,
                             samples_per_step, sps, eta, data_wait)
             tr.metrics.gpu_memory(env.device)
+            # this rank's tokens per sample stand for every rank's (ranks draw from the same buckets)
+            tps, mfu = throughput.rates(sps, tokens / (t.microBatchSize * t.gradientAccumulationSteps), n_params,
+                                        tr.spec.adapter.type == "full", device_name, env.world)
+            tr.metrics.throughput(tps, mfu)
             if step % t.logEvery == 0 or step == t.steps:
                 prog.step, prog.epoch, prog.loss = step, epoch, mean
                 prog.samplesPerSecond, prog.eta = sps, format_eta(eta)
+                prog.tokensPerSecond, prog.mfu = tps, mfu
                 log(env, line(prog, lr_used))
                 tr.publish(prog)
             if tr.sampler is not None:
