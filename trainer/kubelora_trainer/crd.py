@@ -68,7 +68,9 @@ def _resolve(node: Any, defs: dict) -> Any:
     if "properties" in out:  # optional sections default to {} so the API server fills their defaults
         required = set(out.get("required", []))
         for name, prop in out["properties"].items():
-            if name not in required and prop.get("type") == "object" and "properties" in prop:
+            # only where {} is valid: a section with required fields (spec.samples) stays absent
+            if (name not in required and prop.get("type") == "object" and "properties" in prop
+                    and not prop.get("required")):
                 prop.setdefault("default", {})
     return out
 
