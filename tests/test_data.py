@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kubelora_trainer.data import DatasetError, check_usable, load_image, scan, shard_indices
+from kubelora_trainer.data import DatasetError, check_usable, load_image, scan
 
 
 def _img(p: Path, size=(40, 24), caption=None):
@@ -41,15 +41,6 @@ def test_empty_dataset_error_names_the_fix(tmp_path):
     r = scan(tmp_path, "skip")
     with pytest.raises(DatasetError, match="no usable items .*missing a caption: 1.*dataset.missingCaption: empty"):
         check_usable(r, "s3://bkt/data")
-
-
-@pytest.mark.parametrize("n,repeats,world", [(1, 1, 2), (5, 2, 2), (7, 1, 3), (2, 3, 4)])
-def test_shards_cover_everything_with_equal_counts(n, repeats, world):
-    shards = [shard_indices(n, repeats, world, r, epoch_seed=3) for r in range(world)]
-    assert len({len(s) for s in shards}) == 1 and all(shards)
-    flat = [i for s in shards for i in s]
-    assert set(flat) == set(range(n))
-    assert len(flat) == max(n * repeats, world) or len(flat) - n * repeats < world
 
 
 def test_caption_prefix_is_put_before_every_caption_verbatim(tmp_path):

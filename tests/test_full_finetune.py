@@ -72,3 +72,26 @@ def test_lora_settings_are_refused_for_a_full_fine_tune(adapter, other, message)
     clean = {"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"}, "adapter": {"type": "full"},
              "output": {"uri": "/o"}}
     assert parse_spec(clean).adapter.type == "full"
+
+
+def test_a_full_fine_tune_survives_the_api_servers_defaults():
+    """The API server (and the operator's ConfigMap, dump_spec) fill every default in, rank and
+    dropout included: a full fine-tune must still parse."""
+    from kubelora_trainer.spec import dump_spec
+    spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},
+                       "adapter": {"type": "full"}, "output": {"uri": "/o"}})
+    again = parse_spec(dump_spec(spec))
+    assert again.adapter.type == "full" and again.adapter.rank == 16
+
+
+def test_only_recognised_bad_input_fails_a_job_for_good():
+    from kubelora_trainer import exits
+    from kubelora_trainer.data import DatasetError
+    from kubelora_trainer.storage import StorageError
+    assert exits.code_of(DatasetError("no images")) == exits.BAD_INPUT
+    assert exits.code_of(SpecError("x")) == exits.BAD_INPUT
+    transient = StorageError("503")
+    transient.transient = True
+    assert exits.code_of(transient) == exits.FAILED
+    assert exits.code_of(RuntimeError("CUDA out of memory while sampling")) == exits.FAILED  # retried
+

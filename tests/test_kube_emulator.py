@@ -336,6 +336,10 @@ def test_status_subresource_and_generation(kube, kubectl):
     assert err["message"].startswith('LoRATrainingJob.kubelora.dev "demo-flux" is invalid: ')
     assert ('spec.adapter.rank: Invalid value: 0: spec.adapter.rank in body should be greater than or equal to 1'
             in err["message"]) and "immutable after creation" in err["message"]
+    # spec.samples (absent unless written) is immutable too: adding it later is refused
+    status, err = http(kube, "PATCH", f"{base}/demo-flux", {"spec": {"samples": {"prompts": [{"prompt": "a cat"}]}}},
+                       merge)
+    assert status == 422 and "immutable after creation" in err["message"], err
     _, table = http(kube, "GET", base, accept="application/json;as=Table;v=v1;g=meta.k8s.io")
     assert table["kind"] == "Table" and table["rows"][0]["cells"][:3] == ["demo-flux", "Suspended", "flux"]
 

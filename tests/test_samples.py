@@ -305,3 +305,13 @@ def test_report_fetched_with_the_cli_renders_in_chromium(which, request, s3, tmp
     assert shot.width > 300 and shot.height > 600
     html = path.read_text()
     assert "lora.safetensors" in html and run["manifest"]["artifacts"][0]["sha256"] in html
+
+
+def test_samples_default_to_the_largest_training_area_and_clip():
+    from kubelora_trainer.sample_plan import default_frames, default_size
+    from kubelora_trainer.spec import parse_spec
+    base = {"model": {"type": "ltx-video", "diffusersPath": "/m"}, "output": {"uri": "/o"}}
+    areas = parse_spec({**base, "dataset": {"uri": "/d", "resolutions": [256, 512], "frameBuckets": [9, 33]}})
+    assert default_size(areas.dataset) == (512, 512) and default_frames("ltx-video", areas.dataset) == 33
+    fixed = parse_spec({**base, "dataset": {"uri": "/d", "width": 640, "height": 384, "frames": 17}})
+    assert default_size(fixed.dataset) == (640, 384) and default_frames("ltx-video", fixed.dataset) == 17

@@ -114,14 +114,19 @@ def _store_float8(module, family, name: str, spec, env: dist.DistEnv) -> None:
         print(f"[model] {name}: {summary}", flush=True)
 
 
-def gather_full(comps: Components, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def gather_full(comps: Components, dtype: torch.dtype, keep: bool) -> dict[str, torch.Tensor]:
     """The denoiser's whole state dict as full tensors on CPU in dtype, keyed as the unwrapped
-    diffusers model's (a collective under FSDP2: every rank calls it)."""
+    diffusers model's, on the rank that keeps it (keep; {} elsewhere). A collective under FSDP2:
+    every rank calls it, one tensor at a time, and only the keeping rank holds the copy."""
     out = {}
     for name, t in comps.denoiser.state_dict().items():
-        full = t.full_tensor() if hasattr(t, "full_tensor") else t
-        key = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-        out[key] = full.detach().to("cpu", dtype if full.is_floating_point() else full.dtype).contiguous()
+        sharded = hasattr(t, "full_tensor")
+        if not keep and not sharded:
+            continue  # a replicated weight: nothing to take part in
+        full = t.full_tensor() if sharded else t
+        if keep:
+            key = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+            out[key] = full.detach().to("cpu", dtype if full.is_floating_point() else full.dtype).contiguous()
     return out
 
 

@@ -10,7 +10,8 @@ run of the same manifest.
     <output.uri>/checkpoints/step-N/state/COMPLETE                  written last, by rank 0
 
 Only a step with COMPLETE counts; the newest `training.checkpointKeep` complete ones are kept.
-Frozen base weights are never written (they come from the model files).
+Frozen base weights are never written (they come from the model files); a full fine-tune
+(adapter.type full) has none frozen, so its checkpoints hold every weight and its optimizer state.
 """
 from __future__ import annotations
 

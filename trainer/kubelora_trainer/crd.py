@@ -132,7 +132,10 @@ def cel_rules() -> dict[str, list[dict]]:
     from .families import RULES
     sections = ("model", "dataset", "adapter", "training", "output", "storage", "resources")
     spec_rules = [{
-        "rule": " && ".join(f"self.{s} == oldSelf.{s}" for s in sections),
+        # samples has no default (it is absent unless written), so it is compared with has() too
+        "rule": " && ".join([f"self.{s} == oldSelf.{s}" for s in sections]
+                            + ["has(self.samples) == has(oldSelf.samples)",
+                               "(!has(self.samples) || self.samples == oldSelf.samples)"]),
         "message": "the spec is immutable after creation except spec.runPolicy.suspend; create a new LoRATrainingJob",
     }]
     w = "(has(self.dataset.width) ? self.dataset.width : self.dataset.resolution)"

@@ -244,15 +244,3 @@ def check_usable(report: ScanReport, uri: str, dropped: str = "") -> None:
             f"dataset {uri}: no usable items (images missing a caption: {s['missingCaption']}, unreadable: "
             f"{s['unreadable']}{dropped}). Add images ({', '.join(IMAGE_EXTENSIONS)}) with same-stem caption files, "
             f"or set dataset.missingCaption: empty to train images without captions." + caption_hint(report))
-
-
-def shard_indices(n_items: int, repeats: int, world: int, rank: int, epoch_seed: Optional[int] = None) -> list[int]:
-    """Indices of the items one rank sees in one epoch: the repeated list, shuffled with a
-    seed shared by all ranks, padded by wrapping so every rank gets the same count."""
-    import random
-    order = [i for i in range(n_items) for _ in range(repeats)]
-    if epoch_seed is not None:
-        random.Random(epoch_seed).shuffle(order)
-    per_rank = -(-len(order) // world)
-    padded = (order * (-(-per_rank * world // len(order))))[: per_rank * world]
-    return padded[rank::world]

@@ -13,11 +13,21 @@ BAD_INPUT = 2   # the Job's podFailurePolicy fails the Job at once on this exit 
 FAILED = 1      # anything else, a transient storage fault included: the Job retries, the run resumes
 
 
+# the errors that mean bad input (a spec, data, model or storage problem a retry cannot fix), by
+# class name so this module imports nothing of the trainer
+BAD_INPUT_ERRORS = {"RunError", "DatasetError", "StorageError", "AdapterError", "ModelError", "SpecError",
+                    "FileNotFoundError"}
+
+
 def code_of(error: BaseException) -> int:
-    """The exit code of a failure the trainer recognises (bad input: a spec, data, model or storage
-    problem): BAD_INPUT, unless the error says it is transient (storage.StorageError.transient:
-    the object store or the network failed), then FAILED, so the Job is retried rather than failed."""
-    return FAILED if getattr(error, "transient", False) else BAD_INPUT
+    """BAD_INPUT for a failure the trainer recognises as bad input, unless the error says it is
+    transient (storage.StorageError.transient: the object store or the network failed); FAILED for
+    that and for anything else (a crash, CUDA out of memory while sampling), so the Job retries it
+    and resumes rather than failing for good."""
+    if getattr(error, "transient", False):
+        return FAILED
+    names = {c.__name__ for c in type(error).__mro__}
+    return BAD_INPUT if names & BAD_INPUT_ERRORS else FAILED
 
 
 def fail(code: int, message: str, peer: bool = False) -> int:

@@ -16,7 +16,9 @@ def write_diffusers_folder(module, state_dict: dict, folder: Path) -> list[Path]
     """config.json + diffusion_pytorch_model(-0000i-of-0000n).safetensors (+ index when sharded)."""
     from huggingface_hub import save_torch_state_dict
 
-    folder.mkdir(parents=True, exist_ok=True)
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)  # no shard of an earlier run on a kept cache volume
+    folder.mkdir(parents=True)
     module.save_config(folder)
     save_torch_state_dict(state_dict, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
                           max_shard_size=SHARD, metadata={"format": "pt"})

@@ -15,9 +15,10 @@ GEMMs in the compute dtype on the dequantized weight (memory savings only, as di
 transformer_dtype float8 does; for GPUs without fp8 GEMMs).
 
 The same code runs on CPU (torch._scaled_mm has a CPU kernel), so the tests check its numerics
-against the bf16 path. Which linears: those inside the family's repeated blocks, except the
-family's sensitive ones (modulation, norms: FamilyRules.fp8_keep); embedders and final layers sit
-outside the blocks and stay in model.dtype.
+against the bf16 path. Which linears: every one inside the family's repeated blocks is stored in
+fp8; the family's sensitive ones (modulation, norm projections: FamilyRules.fp8_sensitive)
+multiply in model.dtype on the dequantized weight; embedders and final layers sit outside the
+blocks and stay in model.dtype.
 """
 from __future__ import annotations
 
@@ -124,9 +125,6 @@ class Float8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise, compute={self.compute}"
-
-
-
 
 
 @dataclass

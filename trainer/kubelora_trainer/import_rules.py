@@ -188,7 +188,8 @@ def model_table(model_type: str) -> dict[str, Handler]:
 
 def adapter_type(ctx: Ctx, key: str, value: Any) -> None:
     if value != "lora":
-        ctx.refuse(key, f"{value!r}: kubelora trains LoRA adapters (type = 'lora')")
+        ctx.refuse(key, f"{value!r}: kubelora trains LoRA adapters (type = 'lora'), or every weight when the "
+                        f"config has no [adapter] table (a full fine-tune)")
 
 
 ADAPTER: dict[str, Handler] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .families import RULES, frames_of, size_of
+from .families import RULES, areas_of, frame_buckets_of, size_of
 
 FIELDS = ("negativePrompt", "seed", "width", "height", "frames", "guidance", "steps")
 
@@ -44,11 +44,24 @@ def check_samples(spec) -> Optional[str]:
     return None
 
 
+def default_size(dataset) -> tuple[int, int]:
+    """The dataset's fixed width/height, else the largest training area (of any source) as a square."""
+    if dataset.width or dataset.height:
+        return size_of(dataset)
+    side = max(max(areas_of(dataset, src)) for src in (dataset.sources or [None]))
+    return side, side
+
+
+def default_frames(model_type: str, dataset) -> int:
+    """The longest clip the dataset trains at (of any source's frame buckets)."""
+    return max(max(frame_buckets_of(model_type, dataset, src)) for src in (dataset.sources or [None]))
+
+
 def resolve(spec) -> list[dict]:
     """Every sample prompt with all its settings (its own, else samples', else the dataset's or
     the family's). Pure."""
     s, r = spec.samples, RULES[spec.model.type]
-    w, h = size_of(spec.dataset)
+    w, h = default_size(spec.dataset)
     out = []
     for i, p in enumerate(s.prompts):
         def pick(name, default):
@@ -60,7 +73,7 @@ def resolve(spec) -> list[dict]:
         width, height = (p.width, p.height) if p.width is not None else (s.width or w, s.height or h)
         out.append({"index": i, "prompt": p.prompt, "negativePrompt": pick("negativePrompt", "") or "",
                     "seed": pick("seed", s.seed), "width": width, "height": height,
-                    "frames": pick("frames", frames_of(spec.model.type, spec.dataset)) if r.video else 1,
+                    "frames": pick("frames", default_frames(spec.model.type, spec.dataset)) if r.video else 1,
                     "guidance": float(pick("guidance", r.sampling.guidance)),
                     "steps": pick("steps", r.sampling.steps)})
     return out

@@ -127,7 +127,10 @@ class Sampler:
         if env.is_main:
             print(f"[samples] step {step}: {len(recs)} sample(s) in {time.perf_counter() - t0:.1f} s "
                   f"(sampling so far {self.seconds:.1f} s)", flush=True)
-            self.publish_report("Training", step, tr.state.losses, [])
+            try:  # best effort mid-run (the others are already training on): refreshed at the next sample step
+                self.publish_report("Training", step, tr.state.losses, [])
+            except storage.StorageError as e:
+                print(f"[samples] warning: report.html not updated at step {step}: {e}", flush=True)
             if prog is not None and tr.publish is not None:
                 prog.samples, prog.sampleStep = len(self.records), step
                 tr.publish(prog, force=True)

@@ -65,8 +65,9 @@ class ModelSpec(_Model):
     transformerDtype: Optional[Literal["float8"]] = Field(
         default=None, description="float8: store the frozen linears of the denoiser's blocks once in float8 e4m3 "
                                   "(one scale per row; half the weight memory of bfloat16) and run them as fp8 GEMMs "
-                                  "(model.float8Compute). Embedders, norms, modulation and final layers stay in "
-                                  "model.dtype. Unset: the denoiser is stored in model.dtype.")
+                                  "(model.float8Compute); the family's sensitive ones (modulation and norm projections) are "
+                                  "stored in float8 too but multiply in model.dtype. Embedders and final layers (outside "
+                                  "the blocks) stay in model.dtype. Unset: the denoiser is stored in model.dtype.")
     float8Compute: Optional[Literal["fp8", "fp8_transposed", "dequant"]] = Field(
         default=None, description="With transformerDtype float8: fp8 (default) runs the forward and input-gradient "
                                   "GEMMs in fp8 (inputs quantized per row; GPUs with fp8 tensor cores, Ada/Hopper "
@@ -220,8 +221,9 @@ class DatasetSpec(_Model):
 class AdapterSpec(_Model):
     type: Literal["lora", "full"] = Field(
         default="lora", description="lora: low-rank adapters on a frozen base. full: every weight of the denoiser "
-                                    "(transformer or UNet) is trained (fp32 master weights, sharded across ranks with "
-                                    "FSDP2 when several), exported as a diffusers folder and, for flux, the BFL "
+                                    "(transformer or UNet) is trained (fp32 master weights; training.sharding decides "
+                                    "whether ranks replicate or FSDP2-shard them; checkpoints then hold every weight and "
+                                    "two AdamW moments, about 12 bytes per parameter), exported as a diffusers folder and, for flux, the BFL "
                                     "single file; rank, alpha, dropout and targetModules do not apply.")
     rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r.")
     alpha: Optional[float] = Field(
@@ -407,7 +409,9 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
         return (f"training.textEncoderLearningRate: model.type {spec.model.type} trains no text encoder "
                 f"(only {', '.join(t for t, r in RULES.items() if r.trains_text_encoders)} does); remove it")
     if spec.adapter.type == "full":
-        lora_only = sorted(spec.adapter.model_fields_set & {"rank", "alpha", "dropout", "targetModules"})
+        # by value, not by what was written: the API server fills the defaults in
+        lora_only = sorted(f for f in ("rank", "alpha", "dropout", "targetModules")
+                           if getattr(spec.adapter, f) != AdapterSpec.model_fields[f].default)
         if lora_only:
             return f"adapter.{lora_only[0]}: applies to adapter.type lora only; remove it for a full fine-tune"
         if spec.model.transformerDtype == "float8":

@@ -341,7 +341,9 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
     schedule = checkpoint.Schedule(t.checkpointEverySteps, t.checkpointEveryMinutes)
     patch = RULES[tr.spec.model.type].token_patch
-    n_params = sum(p.numel() for p in tr.comps.denoiser.parameters())
+    # the model's own weights, once: not the LoRA's, nor fp8 scales or stored transposed copies
+    n_params = sum(p.numel() for n, p in tr.comps.denoiser.named_parameters()
+                   if ".lora_" not in n and not n.endswith((".weight8_t", ".scale")))
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
     stop_request = checkpoint.StopRequest().install()
     try:
@@ -558,11 +560,13 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     m.phase("Exporting")
     publish(prog)
     full = spec.adapter.type == "full"
-    gathered = adapters.gather_full(comps, getattr(torch, spec.model.dtype)) if full else adapters.gather(comps)
+    gathered = adapters.gather_full(comps, getattr(torch, spec.model.dtype), keep=env.is_main) if full else adapters.gather(comps)
     err, result = None, None
     if env.is_main:
         try:
-            summary = {"steps": t.steps, "firstLoss": losses[0], "finalLoss": losses[-1], "minLoss": min(losses),
+            # no losses: resumed at the last step with another number of ranks (no loop state)
+            summary = {"steps": t.steps, "firstLoss": losses[0] if losses else None,
+                       "finalLoss": losses[-1] if losses else None, "minLoss": min(losses) if losses else None,
                        "samplesPerStep": samples_per_step, "worldSize": env.world,
                        "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
                        "lossHistory": downsample(losses, 200)}
@@ -584,7 +588,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         prog.phase = "Succeeded"
         m.phase("Succeeded")
         publish(prog, force=True)
-        log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…  final loss {losses[-1]:.4f}")
+        final = f"  final loss {losses[-1]:.4f}" if losses else ""
+        log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…{final}")
     return 0
 
 
