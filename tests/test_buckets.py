@@ -227,3 +227,14 @@ def test_dataset_spec_video_and_cosmos_rules():
     assert s.dataset.uris == ["s3://bkt/a", "s3://bkt/b"]
     assert [frame_buckets_of("ltx-video", s.dataset, src) for src in s.dataset.sources] == [[1, 9], [1, 9, 17]]
     assert math.isclose(s.dataset.minAr, 0.5)
+
+
+@pytest.mark.parametrize("dataset,message", [
+    ({"uri": "/d", "minAr": 0.25}, "dataset.minAr applies only with enableArBucket"),
+    ({"uri": "/d", "numArBuckets": 9}, "dataset.numArBuckets applies only with enableArBucket"),
+    ({"uri": "/d", "videoClipMode": "single_middle"}, "dataset.videoClipMode applies to video families only"),
+])
+def test_settings_that_would_do_nothing_are_refused(dataset, message):
+    from kubelora_trainer.spec import SpecError, parse_spec
+    with pytest.raises(SpecError, match=message):
+        parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": dataset, "output": {"uri": "/o"}})

@@ -27,6 +27,8 @@ def check_family(model, dataset, output=None) -> Optional[str]:
     """The first problem with a model/dataset pair for its family, as a message that names the
     field and the fix; None when it is fine."""
     r = RULES[model.type]
+    if not r.video and dataset.videoClipMode != type(dataset).model_fields["videoClipMode"].default:
+        return f"dataset.videoClipMode applies to video families only; model.type {model.type} trains images: remove it"
     for f in PATH_FIELDS:
         if getattr(model, f) is not None and f not in r.paths:
             return f"model.{f} does not apply to model.type {model.type} (it takes {_fmt_sources(r.sources)})"

@@ -200,6 +200,9 @@ class DatasetSpec(_Model):
                              "or dataset.enableArBucket")
         if self.enableArBucket and self.minAr > self.maxAr:
             raise ValueError("dataset.minAr exceeds dataset.maxAr")
+        for f in ("minAr", "maxAr", "numArBuckets"):
+            if not self.enableArBucket and getattr(self, f) != type(self).model_fields[f].default:
+                raise ValueError(f"dataset.{f} applies only with enableArBucket: true; set that too or remove it")
         for f in ("shuffleVariants", "keepTags", "tagDelimiter"):
             if getattr(self, f) != type(self).model_fields[f].default and not self.shuffleTags and not any(s.shuffleTags for s in self.sources or ()):
                 raise ValueError(f"dataset.{f} applies only with shuffleTags: true; set that too or remove it")
