@@ -57,12 +57,10 @@ def run_trainer(manifest: Path, env: dict, nproc: int = 1, timeout: int = 300) -
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture()
-def overfit_data(tmp_path) -> Path:
+def write_overfit_data(d: Path) -> Path:
     """One captioned image to overfit, one without caption (skipped, counted), one unreadable
-    (skipped, counted)."""
+    (skipped, counted), in the new folder d."""
     from PIL import Image
-    d = tmp_path / "data"
     d.mkdir()
     im = Image.new("RGB", (48, 48), (245, 245, 245))
     im.paste((40, 60, 220), (8, 8, 40, 40))
@@ -72,3 +70,8 @@ def overfit_data(tmp_path) -> Path:
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (d / "broken.txt").write_text("never used")
     return d
+
+
+@pytest.fixture()
+def overfit_data(tmp_path) -> Path:
+    return write_overfit_data(tmp_path / "data")

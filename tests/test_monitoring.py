@@ -16,6 +16,8 @@ from pathlib import Path
 
 import promql_parser
 import pytest
+
+from conftest import write_overfit_data
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -174,19 +176,6 @@ def test_dashboard_exprs_parse_and_name_only_exported_metrics():
 
 # ---------------------------------------------------------------- a real Prometheus, a real run
 
-def _tiny_dataset(folder: Path) -> Path:
-    from PIL import Image
-    folder.mkdir()
-    im = Image.new("RGB", (48, 48), (245, 245, 245))
-    im.paste((40, 60, 220), (8, 8, 40, 40))
-    im.save(folder / "good.png")
-    (folder / "good.txt").write_text("a blue square on a white background")
-    im.save(folder / "uncaptioned.png")
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    (folder / "broken.txt").write_text("never used")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def monitored_run(tmp_path_factory, s3_endpoint, tiny_flux_dir):
     """Prometheus scraping a 2-process run (lingering until its final state is scraped) and the
@@ -203,7 +192,7 @@ def monitored_run(tmp_path_factory, s3_endpoint, tiny_flux_dir):
         s3 = make_client(S3Settings())
         ensure_bucket(s3, "mon")
         upload_tree(tiny_flux_dir, "s3://mon/models/tiny-flux", client=s3)
-        upload_tree(_tiny_dataset(tmp / "data"), "s3://mon/data", client=s3)
+        upload_tree(write_overfit_data(tmp / "data"), "s3://mon/data", client=s3)
     job = tmp / "job.yaml"
     job.write_text(yaml.safe_dump({"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
                                    "metadata": {"name": "ignored"}, "spec": {
