@@ -54,9 +54,10 @@ class Page:
                     raise RuntimeError(f"{method}: {reply['error']}")
                 return reply["result"]
 
-    def wait_for(self, method: str, deadline_s: float = 60) -> dict:
+    def wait_for(self, method: str, deadline_s: float = 60, since: int | None = None) -> dict:
+        """The first `method` event from events[since] on (default: from now), reading as needed."""
         end = time.monotonic() + deadline_s
-        seen = len(self.events)
+        seen = len(self.events) if since is None else since
         while time.monotonic() < end:
             for e in self.events[seen:]:
                 if e["method"] == method:
@@ -101,8 +102,9 @@ class Browser:
 
     def open(self, path: Path) -> Page:
         page = Page(self.ws_url)
+        mark = len(page.events)  # the load event may arrive before navigate's own reply
         page.call("Page.navigate", url=Path(path).resolve().as_uri())
-        page.wait_for("Page.loadEventFired")
+        page.wait_for("Page.loadEventFired", since=mark)
         return page
 
     def __exit__(self, *exc):

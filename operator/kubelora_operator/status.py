@@ -144,7 +144,8 @@ def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], man
             r = manifest["report"]
             arts.append({"uri": r["uri"], "format": "report", "sha256": r.get("sha256"), "size": r.get("size")})
         loss = (manifest.get("metrics") or {}).get("finalLoss")
-        return Observed(SUCCEEDED, "Published", f"LoRA published to {arts[0]['uri'] if arts else '?'}"
+        what = "fine-tuned model" if (manifest.get("adapter") or {}).get("type") == "full" else "LoRA"
+        return Observed(SUCCEEDED, "Published", f"{what} published to {arts[0]['uri'] if arts else '?'}"
                         + (f" (final loss {loss:.4f})" if isinstance(loss, (int, float)) else ""),
                         progress=progress, artifacts=arts)
     held = queued(job, queue, progress)

@@ -543,7 +543,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         start = resumed + 1
         m.resumed(resumed)
         log(env, f"[resume] from the checkpoint of step {resumed}" + ("" if exact else
-                 " (another number of ranks, or an older checkpoint: the sampler starts a new epoch)"))
+                 " (another number of ranks, or an older checkpoint: the data order starts again from the first "
+                 "epoch; the model, optimizer and schedule are restored)"))
     log(env, "[phase] train")
     m.phase("Training")
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
