@@ -27,6 +27,16 @@ def test_every_child_passes_strict_validation(spec):
         kv.validate(obj, "1.33.0", strict=True)  # raises ValidationError naming the field
 
 
+def test_a_job_queued_in_kueue_passes_strict_validation():
+    labels = {"kueue.x-k8s.io/queue-name": "team-a", "kueue.x-k8s.io/priority-class": "high", "app": "x"}
+    objs = manifests.children("ft", "0b7e6c2c-0000-4000-8000-000000000000", "ml", parse_spec(FULL),
+                              manifests.OperatorConfig(), owner_labels=labels)
+    job = objs[-1]
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    for obj in objs:
+        kv.validate(obj, "1.33.0", strict=True)
+
+
 def test_events_pass_strict_validation():
     body = {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
             "metadata": {"name": "ft", "namespace": "ml", "uid": "0b7e6c2c-0000-4000-8000-000000000000"}}

@@ -32,7 +32,6 @@ TINY = os.environ.get("TINY") == "1"
 VARIED = os.environ.get("HY_CAPTIONS") == "varied"
 if TINY:
     os.environ["KUBELORA_FORCE_CPU"] = "1"
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
 
 def build(dev):
@@ -159,7 +158,8 @@ def main():
         mem["backward_peak_gib"] = gib(torch.cuda.max_memory_allocated() - base)
         opt.zero_grad(set_to_none=True)
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    from kubelora_trainer.throughput import peak_flops
+    peak = peak_flops(gpu)
     res = dict(s_per_step=round(s, 4), step_s_min=round(ts[0], 4),
                peak_gib=round(peak_bytes / 2**30, 2) if cuda else None,
                mfu=round(flops / s / peak, 3) if peak else None, tflop_per_step=round(flops / 1e12, 2),

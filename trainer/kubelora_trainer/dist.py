@@ -72,11 +72,10 @@ def choose_sharding(requested: str, world: int, weight_bytes: int, device_memory
 class GradSync:
     """Gradient exchange for one optimizer step of several micro-batches. Sharded: FSDP2
     reduce-scatters only on the last micro-batch's backward. Replicated: after the last backward,
-    one all-reduce of every trainable gradient (flattened, averaged). Counts the bytes it sends."""
+    one all-reduce of every trainable gradient (flattened, averaged)."""
 
     def __init__(self, sharding: str, modules: list[torch.nn.Module], params: list[torch.nn.Parameter]):
         self.sharding, self.modules, self.params = sharding, modules, params
-        self.bytes_reduced = 0
 
     def before_backward(self, last: bool) -> None:
         if self.sharding == "shard":
@@ -91,7 +90,6 @@ class GradSync:
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
-        self.bytes_reduced += flat.numel() * flat.element_size()
         for p, g in zip(self.params, _unflatten_dense_tensors(flat, grads)):
             p.grad = g
 
