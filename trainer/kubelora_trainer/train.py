@@ -184,14 +184,22 @@ def probe_items(report: ScanReport, env, spec) -> list[tuple[int, int, int, bool
         (found if skip is None else bad).append((i, meta if skip is None else skip))
     dist.phase_barrier("decoding the dataset")
     gathered = dist.all_gather((found, bad))
-    skips = dict(b for _, part in gathered for b in part)
-    metas = dict(m for part, _ in gathered for m in part)
-    skips.update(screen_ratios(items, metas, bucket_configs(spec)))
-    report.skipped += [skips[i] for i in sorted(skips)]
+    metas = settle(report, dict(m for part, _ in gathered for m in part), dict(b for _, part in gathered for b in part),
+                   bucket_configs(spec))
     for k in report.skipped[:10]:
         log(env, f"[data] skipped {k}")
     if len(report.skipped) > 10:
         log(env, f"[data] ... and {len(report.skipped) - 10} more skipped ({skipped_text(report)})")
+    return metas
+
+
+def settle(report: ScanReport, metas: dict[int, tuple], skips: dict[int, Skip], configs: list[bk.BucketConfig]) -> list:
+    """With every item of report.items probed (metas) or skipped (skips), by index: the items of an
+    extreme aspect ratio skipped too (screen_ratios), the skipped ones moved from report.items to
+    report.skipped. Returns the remaining items' probes, in order. Pure."""
+    items = report.items
+    skips = {**skips, **screen_ratios(items, metas, configs)}
+    report.skipped += [skips[i] for i in sorted(skips)]
     report.items = [it for i, it in enumerate(items) if i not in skips]
     return [metas[i] for i in range(len(items)) if i not in skips]
 
