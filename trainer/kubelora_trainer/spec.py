@@ -96,11 +96,16 @@ CAPTION_FIELDS = ("captionExtension", "captionPrefix", "shuffleTags", "shuffleVa
                   "captionDropout", "missingCaption")
 
 
+MASK_HELP = ("Folder of loss masks (diffusion-pipe's mask_path): an item's mask is the image with its stem in the "
+             "same relative folder, the size of the item; its red channel weighs the loss (white trains, black is "
+             "ignored). Items without one train unmasked")
+
+
 class SourceSpec(_Model):
     """One folder of training media; unset options take the dataset's."""
     uri: str = _uri("Folder of images (and, for video families, videos) with captions")
     repeats: int = Field(default=1, ge=1, le=10000, description="How many times each item of this source is seen per epoch.")
-    maskUri: Optional[str] = _uri("Folder of loss masks (diffusion-pipe's mask_path): an item's mask is the image with its stem in the same relative folder, the size of the item; its red channel weighs the loss (white trains, black is ignored). Items without one train unmasked", default=None)
+    maskUri: Optional[str] = _uri(MASK_HELP, default=None)
     resolutions: Optional[list[int]] = Field(
         default=None, min_length=1, max_length=16,
         description="Override of dataset.resolutions for this source (areas given as square side lengths).")
@@ -158,7 +163,8 @@ class DatasetSpec(_Model):
         description="Which frames of a longer video make its clip: one from the start, one from the middle, or "
                     "several overlapping clips spread evenly over the whole video (none of it cut off).")
     repeats: int = Field(default=1, ge=1, le=10000, description="How many times each item is seen per epoch (with dataset.uri).")
-    maskUri: Optional[str] = _uri("With dataset.uri: Folder of loss masks (diffusion-pipe's mask_path): an item's mask is the image with its stem in the same relative folder, the size of the item; its red channel weighs the loss (white trains, black is ignored). Items without one train unmasked (with dataset.sources, set it per source)", default=None)
+    maskUri: Optional[str] = _uri(MASK_HELP + ". With dataset.uri; with dataset.sources, set it per source",
+                                  default=None)
     missingCaption: Literal["skip", "empty"] = Field(
         default="skip", description="Image without a caption file: skip it, or train it with an empty caption. Counted either way.")
     captionExtension: str = Field(default=".txt", pattern=r"^\.[A-Za-z0-9]+$",
