@@ -50,11 +50,12 @@ def test_train_two_ranks_s3_to_s3_and_reload_in_diffusers(s3, tmp_path, tiny_flu
     proc = run_trainer(manifest(tmp_path / "job.yaml", "e2e"), s3.env, nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[train] step 60/60" in proc.stdout, proc.stdout
-    assert "skipped unreadable item broken.png" in proc.stdout, proc.stdout
+    assert "[data] skipped s3://e2e/data/broken.png: corrupt (" in proc.stdout, proc.stdout   # its source URI
 
     out = download("s3://e2e/out/run1", tmp_path / "result", client=s3, log=lambda m: None)
     m = json.loads((out / "manifest.json").read_text())
-    assert m["dataset"] == {"usable": 1, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 1}
+    assert m["dataset"] == {"usable": 1, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 1,
+                            "skipped": {"corrupt": 1}}
     art = m["artifacts"][0]
     assert art["uri"] == "s3://e2e/out/run1/lora.safetensors" and art["format"] == "diffusers"
     import hashlib
@@ -117,7 +118,8 @@ def test_dataset_without_usable_items_fails_before_training(s3, tmp_path, tiny_f
     seed(s3, "nodata", tiny_flux_dir, overfit_data)
     proc = run_trainer(manifest(tmp_path / "job.yaml", "nodata"), s3.env)
     assert proc.returncode != 0
-    assert "no usable items (images missing a caption: 1, unreadable: 1)" in proc.stderr
+    assert "no usable items (images missing a caption: 1, unreadable: 1 (1 corrupt))" in proc.stderr
+    assert "Skipped: s3://nodata/data/broken.png: corrupt" in proc.stderr
     assert "[phase] train" not in proc.stdout and "[phase] cache" not in proc.stdout
     written = [o["Key"] for o in s3.list_objects_v2(Bucket="nodata", Prefix="out/").get("Contents", [])]
     assert written == ["out/run1/status/progress.json"], written  # progress only: no LoRA, no manifest

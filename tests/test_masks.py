@@ -60,7 +60,7 @@ def test_masks_are_found_by_stem_in_the_same_relative_folder(tmp_path):
 def test_a_mask_that_does_not_decode_or_fit_skips_its_item(tmp_path):
     """diffusion-pipe stops the run on a mask of another size; training the item unmasked would train
     what was masked out: the item is skipped and counted instead."""
-    from kubelora_trainer.data import inspect
+    from kubelora_trainer.data import check_item
     data, mk = tmp_path / "data", tmp_path / "masks"
     data.mkdir(), mk.mkdir()
     for n in ("ok", "broken", "small"):
@@ -70,7 +70,7 @@ def test_a_mask_that_does_not_decode_or_fit_skips_its_item(tmp_path):
     (mk / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
     _half_mask(mk / "small.png", size=(20, 12))
     r = scan(data, uri="s3://b/d", mask_root=mk)
-    got = {it.uri: inspect(it) for it in r.items}
+    got = {it.uri: check_item(it) for it in r.items}
     assert got["s3://b/d/ok.png"] == ((40, 24, 1, False), None)
     assert got["s3://b/d/broken.png"][1].reason == "maskUnreadable"
     assert str(got["s3://b/d/small.png"][1]) == "s3://b/d/small.png: maskSizeMismatch (small.png is 20x12, the item 40x24)"

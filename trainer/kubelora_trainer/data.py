@@ -4,7 +4,7 @@ buckets.py, caption options in captions.py.
 Scanning is pure: it returns the usable items and counts what was skipped and why, so a bad
 file never stops a run and never goes unnoticed. An empty result is an error before training.
 
-Media is untrusted: every file is checked before it is trained (inspect, split over ranks by
+Media is untrusted: every file is checked before it is trained (check_item, split over ranks by
 train.probe_items) and skipped with one of SKIP_REASONS, counted by reason and named by its
 source URI (s3://bucket/data/x.png, not the staged local path). Limits: MAX_PIXELS per image or
 video frame, MAX_VIDEO_PIXELS for a whole video (frames x pixels), MAX_AR_BEYOND in buckets.py for
@@ -209,7 +209,7 @@ def failure_reason(suffix: str, head: bytes, err: BaseException) -> str:
     return "corrupt" if sniff(head) == kind else "wrongExtension"
 
 
-def inspect(item: Item, fps: float | None = None):
+def check_item(item: Item, fps: float | None = None):
     """Check one item before training: its media file (not empty, decodes, within the pixel limits)
     and its mask (decodes, the item's size). Returns (probe, None) or (None, Skip)."""
     path = item.image

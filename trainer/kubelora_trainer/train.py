@@ -24,7 +24,7 @@ from . import __version__, adapters, checkpoint, dist, exits, export, export_ful
 from . import masks, throughput
 from . import buckets as bk
 from .captions import options_of
-from .data import DatasetError, ScanReport, Skip, check_usable, inspect, load_unit, scan, skipped_text
+from .data import DatasetError, ScanReport, Skip, check_item, check_usable, load_unit, scan, skipped_text
 from .families import PATH_FIELDS, RULES, areas_of, frame_buckets_of, frames_of, size_of
 from .models import get_family
 from .models.base import ModelError
@@ -172,7 +172,7 @@ def bucket_configs(spec) -> list[bk.BucketConfig]:
 
 def probe_items(report: ScanReport, env, spec) -> list[tuple[int, int, int, bool]]:
     """Decode every item once, split over ranks: its size and frame count (at the training rate),
-    its mask checked (data.inspect). Bad ones, and items of an extreme aspect ratio for their
+    its mask checked (data.check_item). Bad ones, and items of an extreme aspect ratio for their
     source's buckets (screen_ratios), leave report.items for report.skipped with their reason (the
     same on every rank); every skip so far is logged by source URI (the first ten). Returns the
     probes of the remaining items, in order."""
@@ -180,7 +180,7 @@ def probe_items(report: ScanReport, env, spec) -> list[tuple[int, int, int, bool
     items = report.items
     found, bad = [], []
     for i in range(env.rank, len(items), env.world):
-        meta, skip = inspect(items[i], r.fps if r.video else None)
+        meta, skip = check_item(items[i], r.fps if r.video else None)
         (found if skip is None else bad).append((i, meta if skip is None else skip))
     dist.phase_barrier("decoding the dataset")
     gathered = dist.all_gather((found, bad))
