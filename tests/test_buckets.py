@@ -201,6 +201,9 @@ BASE = {"model": {"type": "flux", "diffusersPath": "s3://bkt/flux"}, "output": {
     ({"uri": "s3://bkt/a", "resolutions": [500]}, "multiple of 16"),
     ({"sources": [{"uri": "s3://bkt/a"}, {"uri": "s3://bkt"}]}, r"inside dataset.sources\[1\].uri"),
     ({"uri": "s3://bkt/a", "frameBuckets": [9]}, "flux is an image model"),
+    ({"sources": [{"uri": "s3://bkt/a"}], "maskUri": "s3://bkt/m"}, "with dataset.sources, set maskUri on each source"),
+    ({"uri": "s3://bkt/a", "maskUri": "s3://bkt/a/"}, r"dataset.maskUri: the masks need a folder of their own"),
+    ({"sources": [{"uri": "s3://bkt/a", "maskUri": "s3://bkt"}]}, r"inside dataset.sources\[0\].maskUri"),
 ])
 def test_dataset_spec_refusals(dataset, message):
     with pytest.raises(SpecError, match=message):

@@ -21,7 +21,7 @@ def test_scan_pairs_captions_and_counts_missing(tmp_path):
     assert [i.image.name for i in r.items] == ["a.png"] and r.missing_caption == 1 and r.empty_caption_used == 0
     r = scan(tmp_path, "empty")
     assert [(i.image.name, i.caption) for i in r.items] == [("a.png", "a red thing"), ("b.jpg", "")]
-    assert r.summary() == {"usable": 2, "missingCaption": 1, "emptyCaptionUsed": 1, "unreadable": 0}
+    assert r.summary() == {"usable": 2, "missingCaption": 1, "emptyCaptionUsed": 1, "unreadable": 0}  # no "skipped": none
 
 
 def test_load_image_crops_to_square_in_range(tmp_path):
@@ -48,3 +48,97 @@ def test_caption_prefix_is_put_before_every_caption_verbatim(tmp_path):
     _img(tmp_path / "b.png")
     r = scan(tmp_path, "empty", caption_prefix="ohwx, ")
     assert [i.caption for i in r.items] == ["ohwx, a red thing", "ohwx, "]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR claiming width x height (8-bit RGB), no pixel data: a decompression
+    bomb's header."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _bad_dataset(d: Path) -> Path:
+    """One good image and one of each kind of bad file, every one captioned."""
+    import io
+    from kubelora_trainer.synthetic import write_video
+    import numpy as np
+    d.mkdir()
+    _img(d / "good.png", caption="fine")
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(buf, "PNG")
+    files = {"empty.png": b"", "text.jpg": b"just some text, renamed to .jpg\n",
+             "truncated.png": buf.getvalue()[: len(buf.getvalue()) // 2], "bomb.png": _png_header(100_000, 100_000)}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+        (d / name).with_suffix(".txt").write_text("a caption")
+    write_video(d / "clip.mp4", [np.zeros((16, 16, 3), dtype=np.uint8)] * 3, fps=25)
+    (d / "clip.mp4").rename(d / "video.png")                         # a video named .png
+    (d / "video.txt").write_text("a caption")
+    _img(d / "latin1.png")
+    (d / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))  # not UTF-8
+    _img(d / "strip.png", size=(400, 20), caption="a 20:1 strip")     # 5x beyond the square bucket
+    _img(d / "banner.png", size=(120, 36), caption="3.3:1, cropped but kept")
+    return d
+
+
+def test_untrusted_media_is_skipped_counted_by_reason_and_named_by_source_uri(tmp_path):
+    from kubelora_trainer import buckets as bk
+    from kubelora_trainer.data import check_item
+    from kubelora_trainer.train import settle
+    r = scan(_bad_dataset(tmp_path / "data"), uri="s3://bkt/data/")
+    assert [str(s) for s in r.skipped] == ["s3://bkt/data/latin1.png: captionNotUtf8 (latin1.txt: byte 0xe9 at 3)"]
+    checked = {i: check_item(it) for i, it in enumerate(r.items)}
+    metas = {i: m for i, (m, s) in checked.items() if s is None}
+    skips = {i: s for i, (m, s) in checked.items() if s is not None}
+    cfg = bk.BucketConfig(ars=(1.0,), sides=(32,), frame_buckets=(1,))
+    kept = settle(r, metas, skips, [cfg])
+    assert [i.name for i in r.items] == ["s3://bkt/data/banner.png", "s3://bkt/data/good.png"]
+    assert kept == [(120, 36, 1, False), (40, 24, 1, False)]
+    reasons = {s.uri.rsplit("/", 1)[1]: s.reason for s in r.skipped}
+    assert reasons == {"latin1.png": "captionNotUtf8", "empty.png": "emptyFile", "text.jpg": "wrongExtension",
+                       "truncated.png": "corrupt", "bomb.png": "tooLarge", "video.png": "wrongExtension",
+                       "strip.png": "extremeAspectRatio"}
+    assert all(s.uri.startswith("s3://bkt/data/") for s in r.skipped)
+    assert r.summary() == {"usable": 2, "missingCaption": 0, "emptyCaptionUsed": 0, "unreadable": 7,
+                           "skipped": {"captionNotUtf8": 1, "corrupt": 1, "emptyFile": 1, "extremeAspectRatio": 1,
+                                       "tooLarge": 1, "wrongExtension": 2}}
+    strip = next(s for s in r.skipped if s.reason == "extremeAspectRatio")
+    assert "400x20 is 20.0x beyond the bucket ratios 1..1" in strip.detail
+    # the same strip fits once wide buckets are on (20 is 2.5x beyond the widest, 8)
+    assert bk.ratio_beyond(400, 20, bk.BucketConfig(ars=(0.125, 8.0), sides=(32,), frame_buckets=(1,))) == pytest.approx(2.5)
+    # nothing usable left: one clear error, counts by reason and the first files by their URI
+    r.items = []
+    with pytest.raises(DatasetError, match=r"unreadable: 7 \(1 captionNotUtf8, 1 corrupt, .*2 wrongExtension\).*"
+                                           r"Skipped: s3://bkt/data/latin1.png: captionNotUtf8"):
+        check_usable(r, "s3://bkt/data")
+
+
+def test_pixel_limits_are_checked_before_decoding(tmp_path, monkeypatch):
+    from kubelora_trainer import data
+    from kubelora_trainer.metrics import snake
+    _img(tmp_path / "a.png", size=(40, 40))
+    assert data.probe(tmp_path / "a.png") == (40, 40, 1, False)
+    monkeypatch.setattr(data, "MAX_PIXELS", 1000)
+    with pytest.raises(data.MediaTooLarge, match="1,600 pixels; the limit is 1,000"):
+        data.probe(tmp_path / "a.png")
+    monkeypatch.setattr(data, "MAX_PIXELS", 10 ** 6)
+    monkeypatch.setattr(data, "MAX_VIDEO_PIXELS", 16 * 16 * 4)        # 4 frames of 16x16
+    from kubelora_trainer.synthetic import write_video
+    import numpy as np
+    write_video(tmp_path / "v.mp4", [np.zeros((16, 16, 3), dtype=np.uint8)] * 6, fps=25)
+    with pytest.raises(data.MediaTooLarge, match="more than 4 frames of 16x16"):
+        data.probe(tmp_path / "v.mp4", 25)
+    assert data.failure_reason(".mp4", b"\x00\x00\x00\x18ftypisom", ValueError("x")) == "corrupt"
+    assert data.failure_reason(".jpg", b"\x89PNG\r\n\x1a\n", OSError("x")) == "corrupt"   # a broken PNG named .jpg
+    assert data.failure_reason(".jpg", b"\x1aE\xdf\xa3\x01", OSError("x")) == "wrongExtension"  # a WebM named .jpg
+    assert snake("captionNotUtf8") == "caption_not_utf8" and snake("extremeAspectRatio") == "extreme_aspect_ratio"
+
+
+def test_a_caption_map_that_is_not_utf8_names_the_file(tmp_path):
+    _img(tmp_path / "a.png")
+    (tmp_path / "captions.json").write_bytes('{"a.png": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"dataset s3://b/d: .*captions.json: not UTF-8 \(byte 0xe9 at 14\)"):
+        scan(tmp_path, uri="s3://b/d")

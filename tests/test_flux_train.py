@@ -50,11 +50,12 @@ def test_train_two_ranks_s3_to_s3_and_reload_in_diffusers(s3, tmp_path, tiny_flu
     proc = run_trainer(manifest(tmp_path / "job.yaml", "e2e"), s3.env, nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[train] step 60/60" in proc.stdout, proc.stdout
-    assert "skipped unreadable item broken.png" in proc.stdout, proc.stdout
+    assert "[data] skipped s3://e2e/data/broken.png: corrupt (" in proc.stdout, proc.stdout   # its source URI
 
     out = download("s3://e2e/out/run1", tmp_path / "result", client=s3, log=lambda m: None)
     m = json.loads((out / "manifest.json").read_text())
-    assert m["dataset"] == {"usable": 1, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 1}
+    assert m["dataset"] == {"usable": 1, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 1,
+                            "skipped": {"corrupt": 1}}
     art = m["artifacts"][0]
     assert art["uri"] == "s3://e2e/out/run1/lora.safetensors" and art["format"] == "diffusers"
     import hashlib
@@ -117,7 +118,8 @@ def test_dataset_without_usable_items_fails_before_training(s3, tmp_path, tiny_f
     seed(s3, "nodata", tiny_flux_dir, overfit_data)
     proc = run_trainer(manifest(tmp_path / "job.yaml", "nodata"), s3.env)
     assert proc.returncode != 0
-    assert "no usable items (images missing a caption: 1, unreadable: 1)" in proc.stderr
+    assert "no usable items (images missing a caption: 1, unreadable: 1 (1 corrupt))" in proc.stderr
+    assert "Skipped: s3://nodata/data/broken.png: corrupt" in proc.stderr
     assert "[phase] train" not in proc.stdout and "[phase] cache" not in proc.stdout
     written = [o["Key"] for o in s3.list_objects_v2(Bucket="nodata", Prefix="out/").get("Contents", [])]
     assert written == ["out/run1/status/progress.json"], written  # progress only: no LoRA, no manifest
@@ -191,23 +193,32 @@ def test_parallelism_options_do_not_change_the_math(tmp_path, tiny_flux_dir, ove
 
 
 def test_two_sources_aspect_ratio_buckets_on_two_ranks(tmp_path, tiny_flux_dir):
-    """Two local sources (wide images x1, tall and square ones x2 with shuffled tags and caption
-    dropout) in aspect-ratio buckets on 2 processes: every micro-batch from one bucket, the bucket
-    summary in the log and manifest.json, and the same run again encodes nothing (disk cache)."""
+    """Two local sources (wide images x1 with loss masks for two of them, tall and square ones x2 with
+    shuffled tags and caption dropout) and three bad files in aspect-ratio buckets on 2 processes:
+    every micro-batch from one bucket, the bucket summary and the skips by reason in the log and
+    manifest.json, the masks in the cached samples, and the same run again encodes nothing (disk cache)."""
     from PIL import Image
-    wide, tall = tmp_path / "wide", tmp_path / "tall"
-    wide.mkdir(), tall.mkdir()
+    wide, tall, wide_masks = tmp_path / "wide", tmp_path / "tall", tmp_path / "wide-masks"
+    wide.mkdir(), tall.mkdir(), wide_masks.mkdir()
     for i in range(3):
         Image.new("RGB", (96, 48), (30 * i, 90, 200)).save(wide / f"w{i}.png")
         (wide / f"w{i}.txt").write_text(f"a wide banner {i}")
+    for i in range(2):   # w2 has no mask: it trains unmasked, in the same bucket as the masked ones
+        mask = Image.new("L", (96, 48), 255)
+        mask.paste(0, (0, 0, 48, 48))
+        mask.save(wide_masks / f"w{i}.png")
+    Image.new("RGB", (96, 48)).save(wide / "latin1.png")
+    (wide / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))      # bad: a caption that is not UTF-8
+    (tall / "empty.png").write_bytes(b"")                              # bad: zero bytes
+    (tall / "fake.jpg").write_text("text, not a JPEG")                 # bad: not what its extension says
     for i in range(2):
         Image.new("RGB", (40, 80), (200, 30 * i, 60)).save(tall / f"t{i}.png")
     Image.new("RGB", (64, 64), (10, 200, 10)).save(tall / "sq.png")
     (tall / "captions.json").write_text(json.dumps({"t0.png": "tall, red, thin", "t1.png": "tall, pink, thin",
-                                                    "sq.png": "square, green"}))
+                                                    "sq.png": "square, green", "empty.png": "x", "fake.jpg": "y"}))
     Image.new("RGB", (64, 64)).save(tall / "nocap.png")          # not in captions.json: skipped, counted
     job = manifest(tmp_path / "job.yaml", "unused", model={"diffusersPath": str(tiny_flux_dir)},
-                   dataset={"sources": [{"uri": str(wide)},
+                   dataset={"sources": [{"uri": str(wide), "maskUri": str(wide_masks)},
                                         {"uri": str(tall), "repeats": 2, "shuffleTags": True, "shuffleVariants": 2,
                                          "captionDropout": 0.25}],
                             "resolutions": [32], "enableArBucket": True, "minAr": 0.5, "maxAr": 2.0, "numArBuckets": 3},
@@ -221,7 +232,16 @@ def test_two_sources_aspect_ratio_buckets_on_two_ranks(tmp_path, tiny_flux_dir):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[data] 6 usable items" in proc.stdout and "bucket 48x16x1: 3 samples" in proc.stdout, proc.stdout
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert m["dataset"] == {"usable": 6, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 0}
+    assert m["dataset"] == {"usable": 6, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 3,
+                            "skipped": {"captionNotUtf8": 1, "emptyFile": 1, "wrongExtension": 1},
+                            "masked": 2, "unmasked": 4}
+    assert f"[data] skipped {tall / 'fake.jpg'}: wrongExtension" in proc.stdout, proc.stdout
+    assert "3 unreadable (1 captionNotUtf8, 1 emptyFile, 1 wrongExtension)" in proc.stdout, proc.stdout
+    assert f"[data] 2 items with a loss mask, 4 without (trained unmasked; warning: no mask for {wide / 'w2.png'})" \
+        in proc.stdout, proc.stdout
+    cached = [torch.load(f, weights_only=True) for f in (tmp_path / "cache" / "latents").glob("*.pt")]
+    masked = [c["mask"] for c in cached if "mask" in c]   # w0 and w1 (one caption each), on the 24x8 latent grid
+    assert len(masked) == 2 and all(mk.shape == (8, 24) and mk[:, :10].max() == 0 and mk[:, 14:].min() == 1 for mk in masked)
     b = m["buckets"]
     # wide 2:1 -> the 2.0 bucket (48x16 after rounding to 16: a third of each image cut); tall 1:2 -> 16x48;
     # the square one -> 32x32, uncut

@@ -181,7 +181,7 @@ KEYS = [
     ("directory", "path", "/data/other", "mapped"),
     ("directory", "num_repeats", 2, "mapped"),
     ("directory", "num_repeats", 1.5, "refused"),
-    ("directory", "mask_path", "/data/masks", "refused"),
+    ("directory", "mask_path", "/data/masks", "mapped"),
     ("directory", "default_mask_file", "/data/mask.png", "refused"),
     ("directory", "control_path", "/data/control", "refused"),
     ("directory", "resolutions", [256], "mapped"),
@@ -338,6 +338,20 @@ def test_several_directories_become_sources_with_their_own_repeats_and_overrides
         convert(BASE_MAIN, ds)
 
 
+def test_mask_path_becomes_mask_uri_of_its_directory():
+    """One [[directory]]: dataset.maskUri; several: each source's own (a directory without one has none),
+    and the same folder shared by all is written on each source (there is no dataset-wide form)."""
+    ds = copy.deepcopy(BASE_DATASET)
+    ds["directory"][0]["mask_path"] = "/data/masks"
+    assert parse_spec(convert(BASE_MAIN, ds)[0]).dataset.maskUri == "/data/masks"
+    ds["directory"].append({"path": "/data/more"})
+    d = parse_spec(convert(BASE_MAIN, ds)[0]).dataset
+    assert d.maskUri is None and [s.maskUri for s in d.sources] == ["/data/masks", None]
+    ds["directory"][1]["mask_path"] = "/data/masks"
+    d = parse_spec(convert(BASE_MAIN, ds)[0]).dataset
+    assert d.maskUri is None and [s.maskUri for s in d.sources] == ["/data/masks", "/data/masks"]
+
+
 def test_unknown_model_types_are_refused():
     main = copy.deepcopy(BASE_MAIN)
     main["model"]["type"] = "wan"
@@ -365,10 +379,10 @@ def _cli(tmp_path, main_text, ds_text=None, *args):
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
     ok = ("output_dir = '/o'\ndataset = 'dataset.toml'\nmax_steps = 10\n[model]\ntype = 'flux'\n"
           "diffusers_path = '/m'\ndtype = 'bfloat16'\n[adapter]\ntype = 'lora'\nrank = 4\n[optimizer]\nlr = 1e-4\n")
-    ds = "resolutions = [512]\n[[directory]]\npath = 'data'\nmask_path = 'masks'\n"
+    ds = "resolutions = [512]\n[[directory]]\npath = 'data'\ncontrol_path = 'control'\n"
     p = _cli(tmp_path, ok, ds)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
-    assert p.stderr.startswith(f"error: {tmp_path / 'dataset.toml'}:4: [[directory]] mask_path: masked training"), p.stderr
+    assert p.stderr.startswith(f"error: {tmp_path / 'dataset.toml'}:4: [[directory]] control_path: edit"), p.stderr
     p = _cli(tmp_path, ok.replace("max_steps = 10", "max_steps = = 10"), ds)
     assert p.returncode == 2 and "not valid TOML" in p.stderr and "line 3" in p.stderr and "Traceback" not in p.stderr
     p = _cli(tmp_path, "output_dir = '/o'\n", None)
@@ -376,6 +390,6 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "import-config", str(tmp_path / "nope.toml")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "cannot read the config" in p.stderr and "Traceback" not in p.stderr
-    p = _cli(tmp_path, ok, ds.replace("mask_path = 'masks'\n", ""))
+    p = _cli(tmp_path, ok, ds.replace("control_path = 'control'\n", "mask_path = 'masks'\n"))
     assert p.returncode == 0, p.stderr
-    assert f"uri: {tmp_path / 'data'}" in p.stdout
+    assert f"uri: {tmp_path / 'data'}" in p.stdout and f"maskUri: {tmp_path / 'masks'}" in p.stdout

@@ -268,7 +268,7 @@ def test_prometheus_scrapes_the_trainer_series_with_sane_values(monitored_run):
     assert last(prom, "kubelora_trainer_storage_downloaded_bytes_total") > 10_000  # the model and the data
     assert last(prom, "kubelora_trainer_storage_uploaded_bytes_total") > 10_000    # checkpoints, the LoRA
     assert last(prom, "kubelora_trainer_dataset_usable_items") == 1
-    assert last(prom, "kubelora_trainer_dataset_skipped_items", reason="unreadable") == 1
+    assert last(prom, "kubelora_trainer_dataset_skipped_items", reason="corrupt") == 1   # broken.png
     assert last(prom, "kubelora_trainer_dataset_skipped_items", reason="missing_caption") == 1
     assert last(prom, "kubelora_trainer_last_checkpoint_step") == STEPS
     assert run["start"] <= last(prom, "kubelora_trainer_last_checkpoint_timestamp_seconds") <= run["trained_until"]

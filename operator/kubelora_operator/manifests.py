@@ -128,8 +128,7 @@ def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
         path = uri.removeprefix("file://")
         return bool(spec.resources.cacheVolumeClaim) and (path == CACHE_MOUNT or path.startswith(CACHE_MOUNT + "/"))
 
-    data = ({"dataset.uri": spec.dataset.uri} if spec.dataset.uri is not None else
-            {f"dataset.sources[{i}].uri": s.uri for i, s in enumerate(spec.dataset.sources)})
+    data = spec.dataset.uri_fields()
     fields = {"output.uri": spec.output.uri, **data,
               **{f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}}
     for field, uri in fields.items():

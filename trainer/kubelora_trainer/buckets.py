@@ -102,6 +102,20 @@ class BucketConfig:
         return [bucket_size(ar, side, self.multiple) for ar in self.ars]
 
 
+# An item whose width/height is more than this factor beyond its nearest bucket's ratio (so that less
+# than a quarter of it would survive the centre crop: a 1:9 strip in a square, a 10:1 banner in the
+# default 0.5..2 buckets) is skipped as extremeAspectRatio rather than trained as a sliver.
+MAX_AR_BEYOND = 4.0
+
+
+def ratio_beyond(width: int, height: int, cfg: "BucketConfig") -> float:
+    """How many times the item's aspect ratio is beyond the nearest of cfg's (1 inside: it fits a
+    bucket's ratio exactly). Pure."""
+    ars = [cfg.fixed[0] / cfg.fixed[1]] if cfg.fixed else list(cfg.ars)
+    la = math.log(width / height)
+    return math.exp(min(abs(la - math.log(a)) for a in ars))
+
+
 @dataclass(frozen=True)
 class Unit:
     """One training sample before captions: an item at one bucket (width, height, frames), from

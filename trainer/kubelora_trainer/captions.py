@@ -66,7 +66,10 @@ def read_caption_map(root: Path) -> Optional[dict[str, list[str]]]:
         p = root / name
         if not p.is_file():
             continue
-        text = p.read_text(encoding="utf-8", errors="replace")
+        try:
+            text = p.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not UTF-8 (byte {e.object[e.start]:#04x} at {e.start}); save it as UTF-8") from None
         try:
             if name.endswith(".jsonl"):
                 rows = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]

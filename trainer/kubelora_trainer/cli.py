@@ -36,8 +36,7 @@ def check_storage(spec) -> int:
     settings = S3Settings.from_spec(spec.storage)
     inputs = {f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}
     failed = 0
-    data = ({"dataset.uri": spec.dataset.uri} if spec.dataset.uri is not None else
-            {f"dataset.sources[{i}].uri": s.uri for i, s in enumerate(spec.dataset.sources)})
+    data = spec.dataset.uri_fields()
     for field, uri in {**inputs, **data}.items():
         try:
             print(f"ok: {field} {uri}: {check_readable(uri, settings)} object(s) readable", file=sys.stderr)

@@ -3,6 +3,12 @@ buckets.py, caption options in captions.py.
 
 Scanning is pure: it returns the usable items and counts what was skipped and why, so a bad
 file never stops a run and never goes unnoticed. An empty result is an error before training.
+
+Media is untrusted: every file is checked before it is trained (check_item, split over ranks by
+train.probe_items) and skipped with one of SKIP_REASONS, counted by reason and named by its
+source URI (s3://bucket/data/x.png, not the staged local path). Limits: MAX_PIXELS per image or
+video frame, MAX_VIDEO_PIXELS for a whole video (frames x pixels), MAX_AR_BEYOND in buckets.py for
+aspect ratios. Masks (dataset.maskUri): masks.py.
 """
 from __future__ import annotations
 
@@ -13,9 +19,31 @@ from typing import Optional
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".gif", ".mkv")
 
+# PIL's own DecompressionBombError threshold (2 x Image.MAX_IMAGE_PIXELS's default): ~13400 x 13400,
+# 537 MB decoded as RGB. Checked from the header, before anything is decoded.
+MAX_PIXELS = 178_956_970
+# A whole video, decoded frames x pixels per frame (~8300 frames of 1080p, ~2070 of 4K): beyond it
+# probing alone would take minutes; a tiny file that decodes to that much is a decompression bomb.
+MAX_VIDEO_PIXELS = 2 ** 34
+
+SKIP_REASONS = {   # why an item was skipped (manifest.json dataset.skipped, the log, the metrics' reason)
+    "emptyFile": "the media file has zero bytes",
+    "wrongExtension": "the content is not what the extension says (e.g. text or a video named .jpg)",
+    "corrupt": "a known format that does not decode (truncated, damaged)",
+    "tooLarge": f"more than {MAX_PIXELS:,} pixels per image or frame, or {MAX_VIDEO_PIXELS:,} per video",
+    "captionNotUtf8": "the caption file is not UTF-8",
+    "extremeAspectRatio": "aspect ratio more than 4x beyond the nearest bucket's (less than a quarter would be kept)",
+    "maskUnreadable": "the item's mask does not decode",
+    "maskSizeMismatch": "the item's mask is not the size of the item",
+}
+
 
 class DatasetError(ValueError):
     pass
+
+
+class MediaTooLarge(ValueError):
+    """More pixels than MAX_PIXELS (an image or frame) or MAX_VIDEO_PIXELS (a video)."""
 
 
 @dataclass(frozen=True)
@@ -25,10 +53,26 @@ class Item:
     captions: tuple[str, ...] = ()   # every variant a sample may draw (default: caption alone)
     source: int = 0
     dropout: float = 0.0
+    uri: str = ""                    # where it came from (the source URI + its relative path), for messages
+    mask: Optional[Path] = None      # its mask (masks.py), when its source has a mask folder holding one
 
     @property
     def variants(self) -> tuple[str, ...]:
         return self.captions or (self.caption,)
+
+    @property
+    def name(self) -> str:
+        return self.uri or str(self.image)
+
+
+@dataclass(frozen=True)
+class Skip:
+    uri: str        # the item's source URI
+    reason: str     # one of SKIP_REASONS
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.uri}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
 
 
 @dataclass
@@ -36,49 +80,88 @@ class ScanReport:
     items: list[Item] = field(default_factory=list)
     missing_caption: int = 0        # images without a caption file (skipped or given "" by policy)
     empty_caption_used: int = 0
-    unreadable: list[str] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)      # bad files, each with its reason
     uncaptioned: list[str] = field(default_factory=list)    # the first few media files without a caption
     beside: dict[str, int] = field(default_factory=dict)   # other file extensions next to them: how many
+    unmasked: list[str] = field(default_factory=list)      # items of a masked source without a mask (trained unmasked)
+    masked_sources: int = 0
 
     def merge(self, other: "ScanReport") -> None:
         self.items += other.items
         self.missing_caption += other.missing_caption
         self.empty_caption_used += other.empty_caption_used
-        self.unreadable += other.unreadable
+        self.skipped += other.skipped
         self.uncaptioned += other.uncaptioned[: max(0, 5 - len(self.uncaptioned))]
         for k, v in other.beside.items():
             self.beside[k] = self.beside.get(k, 0) + v
+        self.unmasked += other.unmasked
+        self.masked_sources += other.masked_sources
+
+    def skip(self, uri: str, reason: str, detail: str = "") -> None:
+        assert reason in SKIP_REASONS, reason
+        self.skipped.append(Skip(uri, reason, detail))
+
+    def by_reason(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.skipped:
+            out[s.reason] = out.get(s.reason, 0) + 1
+        return dict(sorted(out.items()))
 
     def summary(self) -> dict:
-        return {"usable": len(self.items), "missingCaption": self.missing_caption,
-                "emptyCaptionUsed": self.empty_caption_used, "unreadable": len(self.unreadable)}
+        """For the log and manifest.json: `unreadable` counts every bad file, `skipped` (present
+        when any) by reason; `masked`/`unmasked` when a source has masks."""
+        out = {"usable": len(self.items), "missingCaption": self.missing_caption,
+               "emptyCaptionUsed": self.empty_caption_used, "unreadable": len(self.skipped)}
+        if self.skipped:
+            out["skipped"] = self.by_reason()
+        if self.masked_sources:
+            out["masked"] = sum(1 for it in self.items if it.mask is not None)
+            out["unmasked"] = sum(1 for it in self.items if it.mask is None)
+        return out
 
 
 def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", video: bool = False,
-         caption_prefix: str = "", opts=None, source: int = 0, seed: int = 0) -> ScanReport:
+         caption_prefix: str = "", opts=None, source: int = 0, seed: int = 0, uri: Optional[str] = None,
+         mask_root: Optional[Path] = None) -> ScanReport:
     """Find media files under root (images; videos too for video families) and pair them with
     captions: a captions.json/.jsonl map in root, else same-stem files with caption_ext
     (caption_prefix put before each, verbatim). With opts (captions.CaptionOptions) its settings
-    replace the loose arguments. Does not decode anything."""
+    replace the loose arguments. uri: root's source URI, to name items by. mask_root: the
+    source's staged mask folder (its files are not items, even inside root); each item's mask is
+    the same-stem file in the same relative folder there (masks.find_mask). A caption file that is
+    not UTF-8 skips its item (captionNotUtf8). Does not decode any media."""
     from .captions import CaptionOptions, read_caption_map, variants
+    from .masks import find_mask
     opts = opts or CaptionOptions(extension=caption_ext, prefix=caption_prefix, missing=missing_caption)
     root = Path(root)
-    report = ScanReport()
+    report = ScanReport(masked_sources=int(mask_root is not None))
     exts = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if video else ())
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    mask_root = Path(mask_root) if mask_root is not None else None
+    inside = mask_root is not None and mask_root.resolve().is_relative_to(root.resolve())
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not (inside and p.resolve().is_relative_to(mask_root.resolve())))
     images = [p for p in files if p.suffix.lower() in exts]
-    cmap = read_caption_map(root)
+    try:
+        cmap = read_caption_map(root)
+    except ValueError as e:  # a malformed or non-UTF-8 caption map: the whole source's captions
+        raise DatasetError(f"dataset {uri or root}: {e}") from None
     stems: dict[tuple[Path, str], list[str]] = {}
     for p in files:
         stems.setdefault((p.parent, p.stem), []).append(p.suffix)
     for img in images:
+        rel = img.relative_to(root).as_posix()
+        name = f"{uri.rstrip('/')}/{rel}" if uri else str(img)
         texts = None
         if cmap is not None:
-            texts = cmap.get(img.relative_to(root).as_posix()) or cmap.get(img.name)
+            texts = cmap.get(rel) or cmap.get(img.name)
         else:
             cap = img.with_suffix(opts.extension)
             if cap.is_file():
-                texts = [cap.read_text(encoding="utf-8", errors="replace").strip()]
+                try:
+                    texts = [read_caption(cap)]
+                except UnicodeDecodeError as e:
+                    report.skip(name, "captionNotUtf8", f"{cap.name}: byte {e.object[e.start]:#04x} at {e.start}")
+                    continue
         if texts is None:
             report.missing_caption += 1
             if len(report.uncaptioned) < 5:
@@ -91,17 +174,77 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
             report.empty_caption_used += 1
             texts = [""]
         caps = tuple(variants(texts, opts, seed))
-        report.items.append(Item(img, caps[0], caps, source, opts.dropout))
+        mask = find_mask(mask_root, img.relative_to(root)) if mask_root is not None else None
+        if mask_root is not None and mask is None:
+            report.unmasked.append(name)
+        report.items.append(Item(img, caps[0], caps, source, opts.dropout, uri=name, mask=mask))
     return report
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text, stripped (a UTF-8 byte order mark dropped); raises UnicodeDecodeError
+    for bytes that are not UTF-8 (rather than training on replacement characters)."""
+    return path.read_bytes().decode("utf-8-sig").strip()
+
+
+def sniff(head: bytes) -> Optional[str]:
+    """"image" or "video" from a file's first bytes (its magic number), or None when unknown."""
+    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM")) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"
+    if (head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip") or head.startswith((b"\x1aE\xdf\xa3", b"GIF8"))
+            or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")):
+        return "video"
+    return None
+
+
+def failure_reason(suffix: str, head: bytes, err: BaseException) -> str:
+    """Why a media file that failed to probe is skipped (one of SKIP_REASONS): tooLarge for a pixel
+    limit, wrongExtension when its content is not the kind (image, video) its extension says,
+    corrupt otherwise. Pure: the content is only sniffed to name the failure, so a PNG named .jpg
+    that decodes is still trained."""
+    from PIL import Image
+    if isinstance(err, (MediaTooLarge, Image.DecompressionBombError)):
+        return "tooLarge"
+    kind = "image" if suffix.lower() in IMAGE_EXTENSIONS else "video"
+    return "corrupt" if sniff(head) == kind else "wrongExtension"
+
+
+def check_item(item: Item, fps: float | None = None):
+    """Check one item before training: its media file (not empty, decodes, within the pixel limits)
+    and its mask (decodes, the item's size). Returns (probe, None) or (None, Skip)."""
+    path = item.image
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return None, Skip(item.name, "emptyFile")
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return None, Skip(item.name, "corrupt", f"{type(e).__name__}: {e}")
+    try:
+        meta = probe(path, fps)
+    except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
+        return None, Skip(item.name, failure_reason(path.suffix, head, e), f"{type(e).__name__}: {e}"[:300])
+    if item.mask is not None:
+        from .masks import probe_mask
+        try:
+            mw, mh = probe_mask(item.mask)
+        except Exception as e:  # noqa: BLE001
+            return None, Skip(item.name, "maskUnreadable", f"{item.mask.name}: {type(e).__name__}: {e}"[:300])
+        if (mw, mh) != meta[:2]:
+            return None, Skip(item.name, "maskSizeMismatch", f"{item.mask.name} is {mw}x{mh}, the item {meta[0]}x{meta[1]}")
+    return meta, None
 
 
 def probe(path: Path, fps: float | None = None) -> tuple[int, int, int, bool]:
     """(width, height, frames, is_video) of a media file, decoding it fully (so a corrupt file
     fails here): frames counted at the training rate fps (as load_clip would give them), 1 for
-    an image. Raises OSError/ValueError/av errors for unreadable files."""
+    an image. Raises MediaTooLarge beyond MAX_PIXELS (from the header, before decoding) or
+    MAX_VIDEO_PIXELS, OSError/ValueError/av errors for unreadable files."""
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         from PIL import Image, ImageOps
         with Image.open(path) as im:
+            check_pixels(*im.size)
             im.load()
             w, h = ImageOps.exif_transpose(im).size
         if min(w, h) < 1:
@@ -110,15 +253,26 @@ def probe(path: Path, fps: float | None = None) -> tuple[int, int, int, bool]:
     import av
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
+        check_pixels(stream.codec_context.width or 0, stream.codec_context.height or 0)
         w = h = 0
         timed = []
         for frame in container.decode(stream):
             w, h = frame.width, frame.height
+            check_pixels(w, h, len(timed) + 1)
             timed.append((frame.time, None))
     if not timed:
         raise ValueError("video has no frames")
     n = sum(1 for _ in pick_frames(iter(timed), 10 ** 9, fps)) if fps else len(timed)
     return w, h, n, True
+
+
+def check_pixels(width: int, height: int, frames: int = 1) -> None:
+    """Raise MediaTooLarge for an image or frame beyond MAX_PIXELS, or a video beyond MAX_VIDEO_PIXELS."""
+    if width * height > MAX_PIXELS:
+        raise MediaTooLarge(f"{width}x{height} is {width * height:,} pixels; the limit is {MAX_PIXELS:,} per image or frame")
+    if frames > 1 and frames * width * height > MAX_VIDEO_PIXELS:
+        raise MediaTooLarge(f"more than {frames - 1} frames of {width}x{height}: over the limit of "
+                            f"{MAX_VIDEO_PIXELS:,} pixels per video")
 
 
 def load_image(path: Path, width: int, height: int | None = None):
@@ -237,10 +391,18 @@ def caption_hint(report: ScanReport) -> str:
     return hint
 
 
+def skipped_text(report: ScanReport) -> str:
+    """'2 corrupt, 1 emptyFile' (by reason), or ''."""
+    return ", ".join(f"{n} {r}" for r, n in report.by_reason().items())
+
+
 def check_usable(report: ScanReport, uri: str, dropped: str = "") -> None:
     if not report.items:
         s = report.summary()
+        why = f" ({skipped_text(report)})" if report.skipped else ""
+        named = (f" Skipped: {'; '.join(str(k) for k in report.skipped[:5])}" + (" ..." if len(report.skipped) > 5 else "")
+                 + ".") if report.skipped else ""
         raise DatasetError(
             f"dataset {uri}: no usable items (images missing a caption: {s['missingCaption']}, unreadable: "
-            f"{s['unreadable']}{dropped}). Add images ({', '.join(IMAGE_EXTENSIONS)}) with same-stem caption files, "
-            f"or set dataset.missingCaption: empty to train images without captions." + caption_hint(report))
+            f"{s['unreadable']}{why}{dropped}). Add images ({', '.join(IMAGE_EXTENSIONS)}) with same-stem caption files, "
+            f"or set dataset.missingCaption: empty to train images without captions." + caption_hint(report) + named)

@@ -169,7 +169,8 @@ def _learning_rates(ctx: Ctx) -> None:
 
 
 SOURCE_FIELDS = {"repeats", "resolutions", "frameBuckets", "missingCaption", "captionPrefix", "shuffleTags",
-                 "shuffleVariants", "tagDelimiter"}
+                 "shuffleVariants", "tagDelimiter", "maskUri"}
+PER_SOURCE = ("repeats", "maskUri")  # written on each source even when all share it (no dataset-wide form)
 
 
 def _dataset(ctx: Ctx, dataset: Optional[dict[str, Any]], local) -> Optional[str]:
@@ -210,10 +211,10 @@ def _dataset(ctx: Ctx, dataset: Optional[dict[str, Any]], local) -> Optional[str
     sources = []
     for ds, d in zip(per_dir, dirs):
         src = {"uri": local(str(d["path"])), **{k: v for k, v in ds.items() if k in SOURCE_FIELDS and k not in shared}}
-        if "repeats" in shared:
-            src["repeats"] = shared["repeats"]
+        src.update({k: shared[k] for k in PER_SOURCE if k in shared})
         sources.append(src)
-    shared.pop("repeats", None)
+    for k in PER_SOURCE:
+        shared.pop(k, None)
     if "resolutions" in shared and len(shared["resolutions"]) == 1:
         shared["resolution"] = shared.pop("resolutions")[0]
     ctx.dataset = {**shared, "sources": sources}

@@ -354,6 +354,11 @@ def skip_empty_caption(ctx: Ctx, key: str, value: Any) -> None:
     ctx.dataset["missingCaption"] = "skip" if value else "empty"
 
 
+def mask_path(ctx: Ctx, key: str, value: Any) -> None:
+    """The directory's masks folder -> its maskUri (the same stem, the red channel weighing the loss)."""
+    ctx.dataset["maskUri"] = ctx.extra["map_path"](str(value))
+
+
 DATASET: dict[str, Handler] = {
     "directory": keep,
     "resolutions": resolutions,
@@ -378,9 +383,9 @@ DATASET: dict[str, Handler] = {
 DIRECTORY: dict[str, Handler] = {
     **{k: v for k, v in DATASET.items() if k not in ("directory", "subsample_ratio")},
     "path": keep,
-    "mask_path": refused("masked training is not supported yet: remove mask_path (the loss would otherwise be "
-                         "unmasked)"),
-    "default_mask_file": refused("masked training is not supported yet: remove the key"),
+    "mask_path": mask_path,
+    "default_mask_file": refused("a mask for items without their own (diffusion-pipe: for testing) is not supported; "
+                                 "items without a mask in mask_path train unmasked: remove the key"),
     "control_path": refused("edit (control image) datasets such as Flux Kontext's are not supported yet; training "
                             "without them would make a text-to-image LoRA: remove control_path only if that is wanted"),
 }

@@ -16,6 +16,7 @@ Torch-free at import (the operator imports `serve` from here); GPU memory reads 
 from __future__ import annotations
 
 import os
+import re
 import socketserver
 import threading
 import time
@@ -134,6 +135,11 @@ def sample_names(registry: CollectorRegistry) -> set[str]:
         else:
             out.add(metric.name)
     return out
+
+
+def snake(name: str) -> str:
+    """A camelCase reason as a label value: captionNotUtf8 -> caption_not_utf8."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
 
 def port_from_env() -> int:

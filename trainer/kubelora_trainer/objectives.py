@@ -1,9 +1,11 @@
-"""Flow-matching pieces shared by the rectified-flow families (Flux, LTX, HunyuanVideo)."""
+"""Flow-matching pieces shared by the rectified-flow families (Flux, LTX, HunyuanVideo), and the
+masked squared error every family's loss uses (masks.py)."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def sample_timesteps(n: int, method: str, generator: torch.Generator, device) -> torch.Tensor:
@@ -33,3 +35,22 @@ def flow_matching_pair(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -
     """Noisy input x_t = (1 - t) x0 + t noise and the velocity target noise - x0."""
     tb = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     return (1.0 - tb) * x0 + tb * noise, noise - x0
+
+
+def mask_weights(mask: torch.Tensor, shape) -> torch.Tensor:
+    """Per-element loss weights for latents of `shape` ([B, C, h, w], or [B, C, F, h, w] for video)
+    from a latent-grid mask [B, h, w]: the same weight for every channel and frame. Pure."""
+    b, h, w = mask.shape
+    return mask.view(b, *([1] * (len(shape) - 3)), h, w).expand(tuple(shape))
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                 per_sample: bool = False) -> torch.Tensor:
+    """Mean squared error in float32; with weight (pred's layout, e.g. mask_weights packed as the
+    family packs latents) each element's squared error is multiplied by it and the mean is still
+    over all elements, as diffusion-pipe's loss_fn: a weight of 0 gives that element no gradient,
+    and a mostly masked item weighs less. per_sample: one mean per batch element [B]."""
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if weight is not None:
+        err = err * weight.to(err.device, torch.float32)
+    return err.mean(dim=tuple(range(1, err.dim()))) if per_sample else err.mean()

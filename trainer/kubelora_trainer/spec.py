@@ -96,10 +96,16 @@ CAPTION_FIELDS = ("captionExtension", "captionPrefix", "shuffleTags", "shuffleVa
                   "captionDropout", "missingCaption")
 
 
+MASK_HELP = ("Folder of loss masks (diffusion-pipe's mask_path): an item's mask is the image with its stem in the "
+             "same relative folder, the size of the item; its red channel weighs the loss (white trains, black is "
+             "ignored). Items without one train unmasked")
+
+
 class SourceSpec(_Model):
     """One folder of training media; unset options take the dataset's."""
     uri: str = _uri("Folder of images (and, for video families, videos) with captions")
     repeats: int = Field(default=1, ge=1, le=10000, description="How many times each item of this source is seen per epoch.")
+    maskUri: Optional[str] = _uri(MASK_HELP, default=None)
     resolutions: Optional[list[int]] = Field(
         default=None, min_length=1, max_length=16,
         description="Override of dataset.resolutions for this source (areas given as square side lengths).")
@@ -157,6 +163,8 @@ class DatasetSpec(_Model):
         description="Which frames of a longer video make its clip: one from the start, one from the middle, or "
                     "several overlapping clips spread evenly over the whole video (none of it cut off).")
     repeats: int = Field(default=1, ge=1, le=10000, description="How many times each item is seen per epoch (with dataset.uri).")
+    maskUri: Optional[str] = _uri(MASK_HELP + ". With dataset.uri; with dataset.sources, set it per source",
+                                  default=None)
     missingCaption: Literal["skip", "empty"] = Field(
         default="skip", description="Image without a caption file: skip it, or train it with an empty caption. Counted either way.")
     captionExtension: str = Field(default=".txt", pattern=r"^\.[A-Za-z0-9]+$",
@@ -191,6 +199,12 @@ class DatasetSpec(_Model):
         # compared with the defaults, not model_fields_set: the API server fills defaults in before the operator reads
         if self.sources is not None and self.repeats != 1:
             raise ValueError("dataset.repeats: with dataset.sources, set repeats on each source")
+        if self.sources is not None and self.maskUri is not None:
+            raise ValueError("dataset.maskUri: with dataset.sources, set maskUri on each source that has masks")
+        for where, data, mask in self._mask_pairs():
+            if mask.rstrip("/") == data.rstrip("/"):
+                raise ValueError(f"{where}.maskUri: the masks need a folder of their own (each would be its own "
+                                 f"image's mask and be trained as an item): move them, e.g. to {data.rstrip('/')}/masks")
         if self.resolutions is not None and self.resolution != 512:
             raise ValueError("dataset.resolution and dataset.resolutions: set one (resolution: N is resolutions: [N])")
         if self.frameBuckets is not None and self.frames is not None:
@@ -219,6 +233,23 @@ class DatasetSpec(_Model):
     def uris(self) -> list[str]:
         """Every source's URI (dataset.uri alone in the shorthand form)."""
         return [self.uri] if self.uri is not None else [s.uri for s in self.sources]
+
+    @property
+    def mask_uris(self) -> list[Optional[str]]:
+        """Every source's mask folder URI, None where it has none (in the order of uris)."""
+        return [self.maskUri] if self.uri is not None else [s.maskUri for s in self.sources]
+
+    def uri_fields(self) -> dict[str, str]:
+        """{field path: URI} of every dataset folder, masks included (for messages that name the field)."""
+        if self.uri is not None:
+            return {"dataset.uri": self.uri, **({"dataset.maskUri": self.maskUri} if self.maskUri else {})}
+        return {f"dataset.sources[{i}].{f}": u for i, s in enumerate(self.sources)
+                for f, u in (("uri", s.uri), ("maskUri", s.maskUri)) if u}
+
+    def _mask_pairs(self) -> list[tuple[str, str, str]]:
+        if self.uri is not None:
+            return [("dataset", self.uri, self.maskUri)] if self.maskUri else []
+        return [(f"dataset.sources[{i}]", s.uri, s.maskUri) for i, s in enumerate(self.sources or ()) if s.maskUri]
 
 
 class AdapterSpec(_Model):
@@ -431,12 +462,13 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
             return (f"resources.{kind}['nvidia.com/gpu'] is set from resources.gpusPerNode "
                     f"({spec.resources.gpusPerNode}); remove it and set gpusPerNode")
     out = spec.output.uri.rstrip("/")
-    for i, uri in enumerate(spec.dataset.uris):
-        data = uri.rstrip("/")
-        if out == data or out.startswith(data + "/"):
-            where = "dataset.uri" if spec.dataset.uri is not None else f"dataset.sources[{i}].uri"
-            return (f"output.uri ({spec.output.uri}) is inside {where} ({uri}): outputs would be "
-                    f"mixed with the training data; write them elsewhere")
+    for i, (uri, mask) in enumerate(zip(spec.dataset.uris, spec.dataset.mask_uris)):
+        for field, u in (("uri", uri), ("maskUri", mask)):
+            data = (u or "").rstrip("/")
+            if data and (out == data or out.startswith(data + "/")):
+                where = f"dataset.{field}" if spec.dataset.uri is not None else f"dataset.sources[{i}].{field}"
+                return (f"output.uri ({spec.output.uri}) is inside {where} ({u}): outputs would be "
+                        f"mixed with the training data; write them elsewhere")
     return None
 
 

@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 
 from . import __version__, adapters, checkpoint, dist, exits, export, export_full, lora, metrics, samples, storage
-from . import throughput
+from . import masks, throughput
 from . import buckets as bk
 from .captions import options_of
-from .data import DatasetError, ScanReport, check_usable, load_unit, probe, scan
+from .data import DatasetError, ScanReport, Skip, check_item, check_usable, load_unit, scan, skipped_text
 from .families import PATH_FIELDS, RULES, areas_of, frame_buckets_of, frames_of, size_of
 from .models import get_family
 from .models.base import ModelError
@@ -58,7 +58,8 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
     """Node-local rank 0 downloads model parts and the dataset; the other ranks wait and read
     the resolved paths it wrote. Returns {field: local path}."""
     uris = {**{f: getattr(spec.model, f) for f in PATH_FIELDS},
-            **{f"dataset.{i}": u for i, u in enumerate(spec.dataset.uris)}}
+            **{f"dataset.{i}": u for i, u in enumerate(spec.dataset.uris)},
+            **{f"dataset.{i}.mask": u for i, u in enumerate(spec.dataset.mask_uris)}}
     uris = {k: v for k, v in uris.items() if v}
     marker = cache_root() / f"staged-{hashlib.sha1(json.dumps(uris, sort_keys=True).encode()).hexdigest()[:12]}.json"
     err = None
@@ -127,7 +128,7 @@ def build_cache(spec, family, comps, items, units, entries, inputs, env) -> dict
             continue
         unit, it = units[u], items[units[u].item]
         caption = "" if v < 0 else it.variants[v]
-        data = media.setdefault(unit.item, it.image.read_bytes())
+        data = media.setdefault(unit.item, masks.media_key(it.image.read_bytes(), it.mask and it.mask.read_bytes()))
         f = folder / f"{cache_key(inputs, caption, data, unit)}.pt"
         if f.is_file():
             mine[(u, v)] = torch.load(f, weights_only=True)
@@ -136,6 +137,8 @@ def build_cache(spec, family, comps, items, units, entries, inputs, env) -> dict
         w, h, frames = unit.bucket
         x = load_unit(it.image, w, h, frames, unit.start, fps=r.fps if r.video else None, clip=r.video).unsqueeze(0)
         out = {k: t.detach().cpu() for k, t in family.encode(comps, x, [caption])[0].items()}
+        if it.mask is not None:  # [h, w] on the latent grid (masks.py)
+            out["mask"] = masks.latent_mask(it.mask, w, h, tuple(out["latents"].shape[-2:]))
         mine[(u, v)] = out
         tmp = f.with_suffix(f".tmp{os.getpid()}")
         torch.save(out, tmp)
@@ -168,27 +171,52 @@ def bucket_configs(spec) -> list[bk.BucketConfig]:
 
 
 def probe_items(report: ScanReport, env, spec) -> list[tuple[int, int, int, bool]]:
-    """Decode every item once, split over ranks: its size and frame count (at the training rate).
-    Unreadable ones leave report.items for report.unreadable (the same on every rank). Returns the
+    """Decode every item once, split over ranks: its size and frame count (at the training rate),
+    its mask checked (data.check_item). Bad ones, and items of an extreme aspect ratio for their
+    source's buckets (screen_ratios), leave report.items for report.skipped with their reason (the
+    same on every rank); every skip so far is logged by source URI (the first ten). Returns the
     probes of the remaining items, in order."""
     r = RULES[spec.model.type]
     items = report.items
     found, bad = [], []
     for i in range(env.rank, len(items), env.world):
-        try:
-            found.append((i, probe(items[i].image, r.fps if r.video else None)))
-        except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
-            bad.append((i, f"{items[i].image.name}: {type(e).__name__}: {e}"))
+        meta, skip = check_item(items[i], r.fps if r.video else None)
+        (found if skip is None else bad).append((i, meta if skip is None else skip))
     dist.phase_barrier("decoding the dataset")
     gathered = dist.all_gather((found, bad))
-    all_bad = [b for _, part in gathered for b in part]
-    metas = dict(m for part, _ in gathered for m in part)
-    for _, why in all_bad[:10]:
-        log(env, f"[data] skipped unreadable item {why}")
-    bad_idx = {i for i, _ in all_bad}
-    report.unreadable = [str(items[i].image) for i in sorted(bad_idx)]
-    report.items = [it for i, it in enumerate(items) if i not in bad_idx]
-    return [metas[i] for i in range(len(items)) if i not in bad_idx]
+    metas = settle(report, dict(m for part, _ in gathered for m in part), dict(b for _, part in gathered for b in part),
+                   bucket_configs(spec))
+    for k in report.skipped[:10]:
+        log(env, f"[data] skipped {k}")
+    if len(report.skipped) > 10:
+        log(env, f"[data] ... and {len(report.skipped) - 10} more skipped ({skipped_text(report)})")
+    return metas
+
+
+def settle(report: ScanReport, metas: dict[int, tuple], skips: dict[int, Skip], configs: list[bk.BucketConfig]) -> list:
+    """With every item of report.items probed (metas) or skipped (skips), by index: the items of an
+    extreme aspect ratio skipped too (screen_ratios), the skipped ones moved from report.items to
+    report.skipped. Returns the remaining items' probes, in order. Pure."""
+    items = report.items
+    skips = {**skips, **screen_ratios(items, metas, configs)}
+    report.skipped += [skips[i] for i in sorted(skips)]
+    report.items = [it for i, it in enumerate(items) if i not in skips]
+    return [metas[i] for i in range(len(items)) if i not in skips]
+
+
+def screen_ratios(items, metas: dict[int, tuple], configs: list[bk.BucketConfig]) -> dict[int, Skip]:
+    """Items whose aspect ratio is more than bk.MAX_AR_BEYOND times beyond every bucket ratio of
+    their source, as skips. Pure."""
+    out = {}
+    for i, (w, h, _, _) in metas.items():
+        cfg = configs[items[i].source]
+        beyond = bk.ratio_beyond(w, h, cfg)
+        if beyond > bk.MAX_AR_BEYOND:
+            ars = [cfg.fixed[0] / cfg.fixed[1]] if cfg.fixed else list(cfg.ars)
+            out[i] = Skip(items[i].name, "extremeAspectRatio",
+                          f"{w}x{h} is {beyond:.1f}x beyond the bucket ratios {min(ars):.3g}..{max(ars):.3g} (width/height); "
+                          f"less than {100 / bk.MAX_AR_BEYOND:.0f}% of it would be kept")
+    return out
 
 
 def drop_reason(item, meta, why: str, cfg: bk.BucketConfig, fps) -> str:
@@ -297,6 +325,7 @@ class LoopState:
 
 
 def _stack(samples: list[dict], device) -> dict[str, torch.Tensor]:
+    samples = masks.fill_masks(samples)  # a batch mixing masked and unmasked items: all ones for the latter
     return {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
 
 
@@ -468,8 +497,9 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     r = RULES[spec.model.type]
     report = ScanReport()
     for i, src in enumerate(source_specs(spec)):
+        mask_root = paths.get(f"dataset.{i}.mask")
         report.merge(scan(Path(paths[f"dataset.{i}"]), video=r.video, opts=options_of(spec.dataset, src), source=i,
-                          seed=t.seed))
+                          seed=t.seed, uri=spec.dataset.uris[i], mask_root=Path(mask_root) if mask_root else None))
     metas = probe_items(report, env, spec)
     configs = bucket_configs(spec)
     assignment = bk.assign(metas, configs, [it.source for it in report.items])
@@ -481,15 +511,21 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     stats = {**report.summary(), "usable": len(used)}
     log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
              f"without caption, {stats['unreadable']} unreadable"
+             + (f" ({skipped_text(report)})" if report.skipped else "")
              + (f", {n_dropped} without a bucket" if n_dropped else "")
              + f"; {stats['emptyCaptionUsed']} trained with an empty caption")
+    if report.masked_sources:
+        log(env, f"[data] {stats['masked']} items with a loss mask, {stats['unmasked']} without"
+                 + (f" (trained unmasked; warning: no mask for {', '.join(report.unmasked[:5])}"
+                    + (" ..." if len(report.unmasked) > 5 else "") + ")" if report.unmasked else ""))
     if report.missing_caption and report.beside:
         from .data import caption_hint
         log(env, "[data] warning:" + caption_hint(report))
     for msg in bk.format_summary(bucket_stats):
         log(env, msg)
     m.dataset(stats["usable"], {"missing_caption": stats["missingCaption"] - stats["emptyCaptionUsed"],
-                                "unreadable": stats["unreadable"], **({"no_bucket": n_dropped} if n_dropped else {})})
+                                **{metrics.snake(k): n for k, n in report.by_reason().items()},
+                                **({"no_bucket": n_dropped} if n_dropped else {})})
     if not used:
         report.items = []
     check_usable(report, ", ".join(spec.dataset.uris),

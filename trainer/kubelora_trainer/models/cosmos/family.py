@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ...families import RULES
+from ...objectives import mask_weights, weighted_mse
 from . import keys as K
 from ..base import Components, ModelError
 
@@ -292,7 +293,8 @@ class Cosmos:
                  encoder_hidden_states=batch["prompt_embeds"], fps=TRAIN_FPS if frames > 1 else None,
                  padding_mask=torch.zeros(1, 1, h, w, device=x0.device, dtype=dtype), return_dict=False)[0]
         x0_hat = c_skip * xt + c_out * out.float()
-        per_sample = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3, 4))
+        mask = batch.get("mask")  # [B, h, w] on the latent grid, every frame
+        per_sample = weighted_mse(x0_hat, x0, None if mask is None else mask_weights(mask, x0.shape), per_sample=True)
         return (edm_loss_weight(sigma) * per_sample).mean()
 
     def export(self, lora, scale, fmt):

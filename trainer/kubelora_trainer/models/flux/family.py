@@ -13,9 +13,9 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ...objectives import flow_matching_pair, resolution_shift_mu, sample_timesteps, time_shift
+from ...objectives import (flow_matching_pair, mask_weights, resolution_shift_mu, sample_timesteps, time_shift,
+                           weighted_mse)
 from ..base import Components, ModelError
 from . import formats as flux_lora
 from .keys import from_bfl, to_bfl
@@ -146,7 +146,9 @@ class Flux:
         pred = tr(hidden_states=packed, encoder_hidden_states=batch["prompt_embeds"],
                   pooled_projections=batch["pooled"], timestep=t.to(dtype), img_ids=img_ids, txt_ids=txt_ids,
                   guidance=guidance, return_dict=False)[0]
-        return F.mse_loss(pred.float(), FluxPipeline._pack_latents(target, b, c, h, w).float())
+        mask = batch.get("mask")  # [B, h, w] on the latent grid, packed like the latents
+        weight = None if mask is None else FluxPipeline._pack_latents(mask_weights(mask, x0.shape), b, c, h, w)
+        return weighted_mse(pred, FluxPipeline._pack_latents(target, b, c, h, w), weight)
 
     @torch.no_grad()
     def sampling_kit(self, comps, prompts):

@@ -44,9 +44,8 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ...objectives import flow_matching_pair, sample_timesteps
+from ...objectives import flow_matching_pair, mask_weights, sample_timesteps, weighted_mse
 from . import keys
 from ..base import Components, ModelError, trim_text_padding
 
@@ -337,7 +336,8 @@ class HunyuanVideo:
         pred = tr(hidden_states=xt.to(dtype), timestep=t * 1000.0,
                   encoder_hidden_states=embeds, encoder_attention_mask=mask,
                   pooled_projections=batch["pooled"], guidance=guidance, return_dict=False)[0]
-        return F.mse_loss(pred.float(), target.float())
+        lmask = batch.get("mask")  # [B, h, w] on the latent grid, every frame
+        return weighted_mse(pred, target, None if lmask is None else mask_weights(lmask, x0.shape))
 
     def export(self, lora, scale, fmt):
         if fmt not in FORMATS:

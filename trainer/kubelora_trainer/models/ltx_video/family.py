@@ -19,10 +19,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ...families import RULES
-from ...objectives import flow_matching_pair, sample_timesteps
+from ...objectives import flow_matching_pair, mask_weights, sample_timesteps, weighted_mse
 from ..base import Components, ModelError, trim_text_padding
 
 # Attention (self and cross) and MLP linears of every block; peft matches with re.fullmatch.
@@ -141,7 +140,9 @@ class LTXVideo:
                   encoder_attention_mask=mask, num_frames=f // pt, height=h // p, width=w // p,
                   rope_interpolation_scale=(info["temporal"] / FRAME_RATE, info["spatial"], info["spatial"]),
                   return_dict=False)[0]
-        return F.mse_loss(pred.float(), LTXPipeline._pack_latents(target, p, pt).float())
+        lmask = batch.get("mask")  # [B, h, w] on the latent grid, every frame, packed like the latents
+        weight = None if lmask is None else LTXPipeline._pack_latents(mask_weights(lmask, x0.shape), p, pt)
+        return weighted_mse(pred, LTXPipeline._pack_latents(target, p, pt), weight)
 
     @torch.no_grad()
     def sampling_kit(self, comps, prompts):

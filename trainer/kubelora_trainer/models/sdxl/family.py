@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ...objectives import mask_weights, weighted_mse
 from ..base import Components, ModelError
 from .keys import LAYERS_PER_BLOCK, from_kohya_name, kohya_name, te_canonical
 
@@ -283,7 +284,8 @@ class SDXL:
         pred = unet(xt.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype),
                     added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": batch["time_ids"].to(dtype)},
                     return_dict=False)[0]
-        per_sample = ((pred.float() - target) ** 2).mean(dim=tuple(range(1, x0.dim())))
+        mask = batch.get("mask")  # [B, h, w] on the latent grid
+        per_sample = weighted_mse(pred, target, None if mask is None else mask_weights(mask, x0.shape), per_sample=True)
         return (per_sample * min_snr_weights(alpha_bar, model_spec.minSnrGamma, v_pred)).mean()
 
     def export(self, lora, scale, fmt):
