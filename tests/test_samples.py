@@ -1,6 +1,6 @@
 """spec.samples end to end: a tiny Flux (2 replicated ranks: prompts split over them) and a tiny
-LTX-Video (2 ranks sharded with FSDP2: every rank runs every prompt) train from S3 (SeaweedFS) to S3
-with 2 prompts sampled every 5 of 10 steps. The sample files are in the bucket under their names,
+LTX-Video (2 ranks sharded with FSDP2: prompts split over them too, every rank running the same
+forwards) train from S3 (SeaweedFS) to S3 with 2 prompts sampled every 5 of 10 steps. The sample files are in the bucket under their names,
 the LoRA changed them, the exported LoRA loaded into the diffusers pipeline reproduces the last
 in-training sample, and report.html, fetched with `kubelora report`, renders in headless chromium
 with its loss curve and every sample image. Plus the pure parts (spec rules, plan, report) and a
@@ -42,8 +42,6 @@ LTX = {"type": "ltx-video", "diffusersPath": "s3://models/ltx"}
 
 
 @pytest.mark.parametrize("model,samples_spec,expect", [
-    ({"type": "sdxl", "diffusersPath": "s3://models/sdxl"}, {"prompts": [{"prompt": "x"}]},
-     "samples: sampling during training is not yet available for model.type sdxl (it is for flux, ltx-video)"),
     (FLUX, {"prompts": [{"prompt": "x", "negativePrompt": "y"}]}, "samples.prompts[0].negativePrompt: flux samples"),
     (FLUX, {"prompts": [{"prompt": "x"}], "frames": 9}, "samples.frames: flux is an image model"),
     (LTX, {"prompts": [{"prompt": "x"}, {"prompt": "y", "frames": 8}]},
@@ -71,8 +69,24 @@ def test_resolved_prompts_schedule_and_rank_split():
     flux = _spec(FLUX, {"prompts": [{"prompt": "a"}], "atStart": False, "atEnd": False, "everySteps": 5})
     assert sample_plan.sample_steps(flux.samples, STEPS) == [5, 10]
     assert sample_plan.resolve(flux)[0]["frames"] == 1 and sample_plan.resolve(flux)[0]["guidance"] == 3.5
-    assert sample_plan.assign(5, 2, 1, sharded=False) == ([1, 3], True)
-    assert sample_plan.assign(5, 2, 1, sharded=True) == ([0, 1, 2, 3, 4], False)
+    assert sorted(sample_plan.sampling_families()) == sorted(sample_plan.RULES)   # every family samples
+
+
+def test_prompts_split_over_ranks_and_sharded_ranks_run_alike_forwards():
+    """Replicated: round-robin. Sharded (FSDP2): every rank runs the same sequence of forward
+    groups (steps, classifier-free guidance on/off), padding a group's last round with a discarded
+    repeat; together the ranks keep every prompt exactly once."""
+    ps = [{"index": i, "steps": s, "guidance": g} for i, (s, g) in enumerate([(4, 3.0), (4, 3.0), (4, 3.0), (8, 3.0),
+                                                                            (4, 1.0)])]
+    assert sample_plan.assign(ps, 2, 1, sharded=False) == [(1, True), (3, True)]
+    assert sample_plan.assign(ps, 1, 0, sharded=True) == [(i, True) for i in range(5)]
+    for world in (2, 3, 4, 7):
+        plans = [sample_plan.assign(ps, world, r, sharded=True) for r in range(world)]
+        groups = [[sample_plan.forward_group(ps[i]) for i, _ in plan] for plan in plans]
+        assert all(g == groups[0] for g in groups), (world, plans)
+        assert sorted(i for plan in plans for i, keep in plan if keep) == list(range(5))
+    assert sample_plan.assign(ps, 2, 0, sharded=True) == [(0, True), (2, True), (3, True), (4, True)]
+    assert sample_plan.assign(ps, 2, 1, sharded=True) == [(1, True), (0, False), (3, False), (4, False)]
     assert sample_plan.sample_path(5, 1, video=True) == "samples/step-5/prompt-1.mp4"
     assert sample_plan.preview_path("samples/step-5/prompt-1.mp4") == "samples/step-5/prompt-1.webp"
 
@@ -264,7 +278,7 @@ def test_flux_samples_in_the_bucket_change_and_match_diffusers(flux_run):
 
 
 def test_ltx_samples_in_the_bucket_change_and_match_diffusers(ltx_run, tmp_path):
-    assert "weights sharded across ranks with FSDP2" in ltx_run["log"]  # every rank ran every prompt
+    assert "weights sharded across ranks with FSDP2" in ltx_run["log"]  # each rank sampled and wrote one prompt
     _check_run(ltx_run, video=True)
     out = ltx_run["out"]
     for i in range(len(PROMPTS)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .families import RULES, areas_of, frame_buckets_of, size_of
+from .families import RULES, any_size_for_tests, areas_of, frame_buckets_of, size_of
 
 FIELDS = ("negativePrompt", "seed", "width", "height", "frames", "guidance", "steps")
 
@@ -32,9 +32,14 @@ def check_samples(spec) -> Optional[str]:
         if p.width is not None and (p.width % r.size_multiple or p.height % r.size_multiple):
             return (f"{where}: {kind} samples need width and height divisible by {r.size_multiple}; "
                     f"got {p.width}x{p.height}")
+        if p.width is not None and r.sizes and (p.width, p.height) not in r.sizes and not any_size_for_tests(kind):
+            return (f"{where}: {kind} samples only at its sizes ({', '.join(f'{a}x{b}' for a, b in r.sizes)}, "
+                    f"width x height); got {p.width}x{p.height}")
         if p.frames is not None:
             if not r.video and p.frames != 1:
                 return f"{where}.frames: {kind} is an image model; remove frames (got {p.frames})"
+            if r.frames and p.frames not in r.frames:
+                return f"{where}.frames: {kind} supports only {' or '.join(map(str, r.frames))} frames (got {p.frames})"
             if r.frame_rule and (p.frames - r.frame_rule[1]) % r.frame_rule[0]:
                 a, b = r.frame_rule
                 return f"{where}.frames: {kind} needs {a}k+{b} frames (e.g. {a + b} or {2 * a + b}); got {p.frames}"
@@ -103,10 +108,27 @@ def preview_path(path: str) -> str:
     return path.rsplit(".", 1)[0] + ".webp" if path.endswith(".mp4") else path
 
 
-def assign(n_prompts: int, world: int, rank: int, sharded: bool) -> tuple[list[int], bool]:
-    """(the prompts this rank computes, whether it writes them). Replicated or single ranks split
-    the prompts; under FSDP2 (sharded) every rank must run every forward together, so all compute
-    all prompts and rank 0 writes them."""
-    if sharded:
-        return list(range(n_prompts)), rank == 0
-    return list(range(rank, n_prompts, world)), True
+def forward_group(prompt: dict) -> tuple[int, bool]:
+    """What fixes the sequence of denoiser and text-encoder forwards one sample runs, in every
+    family's pipeline: the denoising steps, and classifier-free guidance on or off (guidance > 1;
+    Flux's embedded guidance runs one forward either way, so grouping by it only splits finer)."""
+    return prompt["steps"], prompt["guidance"] > 1.0
+
+
+def assign(prompts: list[dict], world: int, rank: int, sharded: bool) -> list[tuple[int, bool]]:
+    """The prompts (indices) this rank samples, each with whether it keeps (writes) the result;
+    together the ranks sample every prompt once. Replicated or single ranks: round-robin. Under
+    FSDP2 (sharded) every forward gathers the weights with the other ranks, so all ranks must run
+    the same sequence of forwards: the prompts are grouped by forward_group, each group is split
+    round-robin, and a rank left without a prompt in a group's last round runs the group's first
+    prompt again and discards it."""
+    if not sharded:
+        return [(p["index"], True) for p in prompts[rank::world]]
+    groups: dict[tuple, list[int]] = {}
+    for p in prompts:
+        groups.setdefault(forward_group(p), []).append(p["index"])
+    out = []
+    for idx in groups.values():
+        for k in range(rank, -(-len(idx) // world) * world, world):
+            out.append((idx[k], True) if k < len(idx) else (idx[0], False))
+    return out

@@ -1,9 +1,11 @@
 """Samples during training (spec.samples) and the run's report.html.
 
-The family's diffusers pipeline runs around the very transformer being trained (its LoRA layers
+The family's diffusers pipeline runs around the very denoiser being trained (its LoRA layers
 active, no copy of any weight), with prompt embeddings computed once while the text encoders were
-loaded and the VAE kept for decoding (family.sampling_kit / family.sample). With spec.samples
-unset, setup() returns None: no embeddings, no VAE kept, no pipeline built.
+loaded (SDXL, whose text encoders train too: token ids, embedded through the trained encoders at
+each sample step) and the VAE kept for decoding (family.sampling_kit / family.sample). The prompts
+are split over ranks (sample_plan.assign; under FSDP2 so that every rank runs the same forwards).
+With spec.samples unset, setup() returns None: no embeddings, no VAE kept, no pipeline built.
 
 Files: output.uri/samples/step-N/prompt-I.png (images) or .mp4 plus an animated .webp preview
 (videos); report.html beside the LoRA, refreshed at every sample step and at the end.
@@ -95,7 +97,7 @@ class Sampler:
         t0 = time.perf_counter()
         env = tr.env
         sharded = tr.adapters.sync.sharding == "shard"
-        mine, writes = assign(len(self.prompts), env.world, env.rank, sharded)
+        mine = assign(self.prompts, env.world, env.rank, sharded)
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
         modules = list(tr.comps.trainable.values())
@@ -104,10 +106,10 @@ class Sampler:
         err, recs = None, []
         try:
             with tr.adapters.compute():
-                for i in mine:
+                for i, keep in mine:
                     p = self.prompts[i]
                     out = self.family.sample(self.kit, tr.comps, p, torch.Generator().manual_seed(p["seed"]))
-                    if writes:
+                    if keep:
                         recs.append(self._write(step, p, out))
         except storage.StorageError as e:
             err = e

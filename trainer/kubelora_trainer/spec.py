@@ -375,7 +375,8 @@ class SamplePromptSpec(_Model):
     prompt: str = Field(min_length=1, max_length=2000, description="Text of the sample.")
     negativePrompt: Optional[str] = Field(
         default=None, max_length=2000, description="What to steer away from (families with classifier-free "
-                                                   "guidance: ltx-video). Default: samples.negativePrompt.")
+                                                   "guidance: sdxl, ltx-video, cosmos). Default: samples.negativePrompt "
+                                                   "(cosmos: its pipeline's default negative prompt).")
     seed: Optional[int] = Field(default=None, ge=0, description="Noise seed. Default: samples.seed.")
     width: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16,
                                  description="Width in pixels (with height). Default: samples.width, else the dataset's.")
@@ -384,9 +385,16 @@ class SamplePromptSpec(_Model):
     frames: Optional[int] = Field(default=None, ge=1, le=1024,
                                   description="Video families: frames. Default: samples.frames, else the dataset's.")
     guidance: Optional[float] = Field(default=None, ge=0.0, le=30.0,
-                                      description="Guidance scale. Default: samples.guidance, else the family's.")
+                                      description="Guidance scale (flux, hunyuan-video: the embedded guidance; the "
+                                                  "others: classifier-free, on above 1). Default: samples.guidance, "
+                                                  "else the family's.")
     steps: Optional[int] = Field(default=None, ge=1, le=500,
                                  description="Denoising steps. Default: samples.steps, else the family's.")
+
+
+def _family_defaults(what: str) -> str:
+    from .families import RULES
+    return ", ".join(f"{t} {getattr(r.sampling, what):g}" for t, r in RULES.items() if r.sampling is not None)
 
 
 class SamplesSpec(_Model):
@@ -395,13 +403,18 @@ class SamplesSpec(_Model):
     everySteps: Optional[int] = Field(default=None, ge=1, description="Sample every N training steps.")
     atStart: bool = Field(default=True, description="Sample before the first step (the base model, for comparison).")
     atEnd: bool = Field(default=True, description="Sample after the last step.")
-    negativePrompt: Optional[str] = Field(default=None, max_length=2000, description="Default negative prompt.")
+    negativePrompt: Optional[str] = Field(default=None, max_length=2000, description="Default negative prompt (families "
+                                          "with classifier-free guidance: sdxl, ltx-video, cosmos; unset: none, cosmos "
+                                          "its pipeline's default).")
     seed: int = Field(default=0, ge=0, description="Default noise seed.")
     width: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16, description="Default width.")
     height: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16, description="Default height.")
     frames: Optional[int] = Field(default=None, ge=1, le=1024, description="Default frames (video families).")
-    guidance: Optional[float] = Field(default=None, ge=0.0, le=30.0, description="Default guidance scale.")
-    steps: Optional[int] = Field(default=None, ge=1, le=500, description="Default denoising steps.")
+    guidance: Optional[float] = Field(default=None, ge=0.0, le=30.0, description="Default guidance scale (flux, "
+                                      "hunyuan-video: the embedded guidance; the others: classifier-free, on above 1). "
+                                      f"Unset: the family's ({_family_defaults('guidance')}).")
+    steps: Optional[int] = Field(default=None, ge=1, le=500, description="Default denoising steps. Unset: the "
+                                 f"family's ({_family_defaults('steps')}).")
 
 
 class LoRATrainingJobSpec(_Model):

@@ -1,6 +1,6 @@
 """Cosmos 1.0 text-to-world. Torch-free: the rules the spec checks (family.py, keys.py, tiny.py,
 configs/ hold the rest). Cosmos 1.0 trains only at its released sizes and frame counts."""
-from ..rules import FamilyRules
+from ..rules import FamilyRules, SamplingRules
 
 SIZES = ((960, 960), (960, 704), (704, 960), (1280, 704), (704, 1280))
 FRAMES = (1, 121)
@@ -9,4 +9,5 @@ FRAMES = (1, 121)
 ANY_SIZE_ENV = "KUBELORA_COSMOS_ALLOW_ANY_SIZE"
 
 RULES = FamilyRules(sources=(("transformerPath", "vaePath", "textEncoderPath"),), video=True,
-                    sizes=SIZES, frames=FRAMES, default_frames=121, fps=24, formats=("comfyui", "diffusers"))
+                    sizes=SIZES, frames=FRAMES, default_frames=121, fps=24, formats=("comfyui", "diffusers"),
+                    sampling=SamplingRules(guidance=7.0, steps=36, negative_prompt=True))

@@ -227,6 +227,41 @@ def load_text_encoder(te_path: Path, dtype: torch.dtype):
     return model.to(dtype).eval()
 
 
+# ----------------------------------------------------------------------------- sampling
+
+def edm_scheduler():
+    """Cosmos 1.0's inference scheduler (nvidia/Cosmos-1.0-Diffusion-7B-Text2World-diffusers
+    scheduler_config.json), built here: nothing is fetched."""
+    from diffusers import EDMEulerScheduler
+    return EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=SIGMA_DATA, sigma_schedule="karras",
+                             num_train_timesteps=1000, prediction_type="epsilon", rho=7.0, final_sigmas_type="sigma_min")
+
+
+class NoGuardrail:
+    """Stands in for CosmosTextToWorldPipeline's safety checker (the cosmos_guardrail package and
+    its models, fetched from the Hub, are not in the trainer image): passes prompts and videos
+    through unchanged. Only the trainer's own sample previews go through it (docs/decisions.md).
+    Not a torch module, so the pipeline's device and dtype come from its models."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, frames):
+        return frames
+
+
+def sampling_pipeline(transformer, vae):
+    """CosmosTextToWorldPipeline around `transformer` (no text encoder: embeddings are passed in)."""
+    from diffusers import CosmosTextToWorldPipeline
+    pipe = CosmosTextToWorldPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                     scheduler=edm_scheduler(), safety_checker=NoGuardrail())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # ----------------------------------------------------------------------------- the family
 
 class Cosmos:
@@ -296,6 +331,31 @@ class Cosmos:
         mask = batch.get("mask")  # [B, h, w] on the latent grid, every frame
         per_sample = weighted_mse(x0_hat, x0, None if mask is None else mask_weights(mask, x0.shape), per_sample=True)
         return (edm_loss_weight(sigma) * per_sample).mean()
+
+    @torch.no_grad()
+    def sampling_kit(self, comps, prompts):
+        """For spec.samples, while the T5 encoder is loaded: each prompt's embeddings (and, with
+        classifier-free guidance, its negative prompt's: the pipeline's default negative prompt when
+        none is given, as CosmosTextToWorldPipeline does), and the VAE kept for decoding."""
+        from diffusers.pipelines.cosmos.pipeline_cosmos_text2world import DEFAULT_NEGATIVE_PROMPT
+        device = comps.encoders["vae"].device
+        embeds = []
+        for p in prompts:
+            e = {"prompt_embeds": self.encode_prompts(comps, [p["prompt"]], device)}
+            if p["guidance"] > 1.0:
+                neg = p["negativePrompt"] or DEFAULT_NEGATIVE_PROMPT
+                e["negative_prompt_embeds"] = self.encode_prompts(comps, [neg], device)
+            embeds.append(e)
+        return {"vae": comps.encoders["vae"], "embeds": embeds}
+
+    @torch.no_grad()
+    def sample(self, kit, comps, prompt, generator):
+        """One clip [F, H, W, 3] in [0, 1] (F = 1 for an image) from CosmosTextToWorldPipeline around
+        the transformer being trained, at the training frame rate; see sampling_pipeline."""
+        pipe = sampling_pipeline(comps.trainable["transformer"], kit["vae"])
+        return pipe(**kit["embeds"][prompt["index"]], height=prompt["height"], width=prompt["width"],
+                    num_frames=prompt["frames"], num_inference_steps=prompt["steps"], guidance_scale=prompt["guidance"],
+                    fps=TRAIN_FPS, generator=generator, output_type="np").frames[0]
 
     def export(self, lora, scale, fmt):
         if fmt not in ("comfyui", "diffusers"):

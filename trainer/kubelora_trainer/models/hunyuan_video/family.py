@@ -339,6 +339,31 @@ class HunyuanVideo:
         lmask = batch.get("mask")  # [B, h, w] on the latent grid, every frame
         return weighted_mse(pred, target, None if lmask is None else mask_weights(lmask, x0.shape))
 
+    @torch.no_grad()
+    def sampling_kit(self, comps, prompts):
+        """For spec.samples, while the Llama and CLIP encoders are loaded: each prompt's embeddings,
+        their mask and CLIP's pooled output, and the VAE and scheduler kept for sampling."""
+        pipe = comps.encoders["pipe"]
+        embeds = []
+        for p in prompts:
+            e, pooled, mask = pipe.encode_prompt(prompt=[p["prompt"]], prompt_template=comps.info["template"],
+                                                 device=pipe.vae.device, max_sequence_length=MAX_TOKENS)
+            embeds.append({"prompt_embeds": e, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask})
+        return {"vae": pipe.vae, "scheduler": pipe.scheduler, "embeds": embeds, "template": comps.info["template"]}
+
+    @torch.no_grad()
+    def sample(self, kit, comps, prompt, generator):
+        """One clip [F, H, W, 3] in [0, 1] from HunyuanVideoPipeline around the transformer being
+        trained; the guidance is the embedded (distilled) guidance, as the pipeline's guidance_scale."""
+        from diffusers import HunyuanVideoPipeline
+        pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=comps.trainable["transformer"],
+                                    vae=kit["vae"], scheduler=kit["scheduler"], text_encoder_2=None, tokenizer_2=None)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**kit["embeds"][prompt["index"]], height=prompt["height"], width=prompt["width"],
+                    num_frames=prompt["frames"], num_inference_steps=prompt["steps"], guidance_scale=prompt["guidance"],
+                    prompt_template=kit["template"], max_sequence_length=MAX_TOKENS, generator=generator,
+                    output_type="np").frames[0]
+
     def export(self, lora, scale, fmt):
         if fmt not in FORMATS:
             raise ValueError(f"format {fmt!r} is not available for hunyuan-video (available: {', '.join(FORMATS)})")

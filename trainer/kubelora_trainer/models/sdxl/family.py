@@ -5,7 +5,8 @@ configs/sdxl/ (in this folder), so nothing is fetched).
 
 LoRA goes on the UNet's transformer linears and on both text encoders (CLIP-L `text_encoder`,
 OpenCLIP-bigG `text_encoder_2`), as Kohya sd-scripts does; so the text embeddings are computed in
-every step and only latents and token ids are cached.
+every step and only latents and token ids are cached (samples, spec.samples, likewise embed their
+prompts through the encoders being trained).
 Objective: DDPM noise prediction (epsilon, or v with model.vPred), uniform integer timesteps over
 the scheduler's 1000, optional Min-SNR-gamma weighting (model.minSnrGamma). SDXL's
 micro-conditioning (original size, crop top-left, target size) goes in as add_time_ids.
@@ -205,6 +206,19 @@ def schedule(sched_cfg, zero_terminal_snr: bool) -> torch.Tensor:
     return DDPMScheduler.from_config(sched_cfg, rescale_betas_zero_snr=zero_terminal_snr).alphas_cumprod.float()
 
 
+def sampling_scheduler(scheduler, v_pred: bool, ztsnr: bool):
+    """The checkpoint's inference scheduler, set to the objective being trained where its config
+    says otherwise (model.vPred, model.zeroTerminalSnr: v-prediction, the rescaled schedule with
+    trailing timesteps so the first step starts from pure noise)."""
+    cfg = scheduler.config
+    over = {}
+    if v_pred != (cfg.get("prediction_type") == "v_prediction"):
+        over["prediction_type"] = "v_prediction" if v_pred else "epsilon"
+    if ztsnr != bool(cfg.get("rescale_betas_zero_snr")):
+        over.update(rescale_betas_zero_snr=ztsnr, **({"timestep_spacing": "trailing"} if ztsnr else {}))
+    return type(scheduler).from_config(cfg, **over) if over else scheduler
+
+
 def objective(model_spec, sched_cfg, file_marks: dict) -> tuple[bool, bool]:
     """(v-prediction, zero terminal SNR): the spec where it says, else what the checkpoint says
     (single-file v_pred/ztsnr keys, or the diffusers scheduler config)."""
@@ -244,8 +258,11 @@ class SDXL:
         trainable = {"unet": unet.to(device), "text_encoder": pipe.text_encoder.to(device),
                      "text_encoder_2": pipe.text_encoder_2.to(device)}
         return Components(trainable=trainable,
-                          encoders={"vae": vae, "tokenizer": pipe.tokenizer, "tokenizer_2": pipe.tokenizer_2},
-                          info={"alphas_cumprod": alphas, "v_pred": v_pred, "vae_scale": vae.config.scaling_factor})
+                          encoders={"vae": vae, "tokenizer": pipe.tokenizer, "tokenizer_2": pipe.tokenizer_2,
+                                    "scheduler": pipe.scheduler},
+                          info={"alphas_cumprod": alphas, "v_pred": v_pred, "ztsnr": ztsnr,
+                                "vae_scale": vae.config.scaling_factor,
+                                "force_zeros": bool(pipe.config.get("force_zeros_for_empty_prompt", True))})
 
     def lora_targets(self):
         return {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS, "text_encoder_2": TEXT_TARGETS}
@@ -287,6 +304,46 @@ class SDXL:
         mask = batch.get("mask")  # [B, h, w] on the latent grid
         per_sample = weighted_mse(pred, target, None if mask is None else mask_weights(mask, x0.shape), per_sample=True)
         return (per_sample * min_snr_weights(alpha_bar, model_spec.minSnrGamma, v_pred)).mean()
+
+    def _ids(self, comps, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(comps.encoders[t](texts, padding="max_length", truncation=True, return_tensors="pt",
+                                       max_length=comps.encoders[t].model_max_length).input_ids
+                     for t in ("tokenizer", "tokenizer_2"))
+
+    def sampling_kit(self, comps, prompts):
+        """For spec.samples: the prompts' token ids (the text encoders are trained, so the
+        embeddings are computed at each sample step through them, LoRA active), and the VAE and
+        scheduler kept for sampling. An empty negative prompt is zeros (diffusers'
+        force_zeros_for_empty_prompt), no ids."""
+        ids = []
+        for p in prompts:
+            neg = p["guidance"] > 1.0 and not (p["negativePrompt"] == "" and comps.info["force_zeros"])
+            ids.append(self._ids(comps, [p["prompt"]] + ([p["negativePrompt"]] if neg else [])))
+        info = comps.info
+        return {"vae": comps.encoders["vae"], "ids": ids,
+                "scheduler": sampling_scheduler(comps.encoders["scheduler"], info["v_pred"], info["ztsnr"]),
+                "force_zeros": comps.info["force_zeros"]}
+
+    @torch.no_grad()
+    def sample(self, kit, comps, prompt, generator):
+        """One image [H, W, 3] in [0, 1] from StableDiffusionXLPipeline around the UNet being
+        trained, with the prompt embedded by the text encoders being trained (one forward of
+        each: the negative prompt, when it is encoded, rides in the same batch)."""
+        from diffusers import StableDiffusionXLPipeline
+        unet, te, te2 = (comps.trainable[c] for c in ("unet", *TEXT_ENCODERS))
+        ids, ids2 = kit["ids"][prompt["index"]]
+        device = kit["vae"].device
+        embeds, pooled = text_conditioning(te, te2, ids.to(device), ids2.to(device))
+        cond = {"prompt_embeds": embeds[:1], "pooled_prompt_embeds": pooled[:1]}
+        if prompt["guidance"] > 1.0:
+            cond["negative_prompt_embeds"] = embeds[1:] if len(embeds) > 1 else torch.zeros_like(embeds[:1])
+            cond["negative_pooled_prompt_embeds"] = pooled[1:] if len(pooled) > 1 else torch.zeros_like(pooled[:1])
+        pipe = StableDiffusionXLPipeline(vae=kit["vae"], text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=unet, scheduler=kit["scheduler"],
+                                         force_zeros_for_empty_prompt=kit["force_zeros"], add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**cond, height=prompt["height"], width=prompt["width"], num_inference_steps=prompt["steps"],
+                    guidance_scale=prompt["guidance"], generator=generator, output_type="np").images[0]
 
     def export(self, lora, scale, fmt):
         out = {}
