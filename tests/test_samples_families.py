@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import run_trainer
 from kubelora_trainer import samples
 from kubelora_trainer.families import COSMOS_ANY_SIZE_ENV
+from kubelora_trainer.models.cosmos import GUARDRAIL_ENV
 from kubelora_trainer.spec import SpecError, parse_spec
 
 STEPS = 6
@@ -171,12 +172,12 @@ def cosmos_run(tmp_path_factory):
     paths = build_tiny_cosmos(tmp / "model")
     _square(tmp / "data")
     run = _train(tmp, {"type": "cosmos", **paths}, {"width": 32, "height": 32, "frames": 1},
-                 {"negativePrompt": "blurry"}, env={COSMOS_ANY_SIZE_ENV: "1"}, output={"formats": ["comfyui", "diffusers"]})
+                 {"negativePrompt": "blurry"}, env={COSMOS_ANY_SIZE_ENV: "1", GUARDRAIL_ENV: "stand-in"}, output={"formats": ["comfyui", "diffusers"]})
     return {**run, "paths": paths}
 
 
 def test_cosmos_samples_change_and_match_diffusers(cosmos_run, tmp_path):
-    from kubelora_trainer.models.cosmos.family import FAMILY, TRAIN_FPS, sampling_pipeline
+    from kubelora_trainer.models.cosmos.family import FAMILY, TRAIN_FPS, NoGuardrail, sampling_pipeline
     out = cosmos_run["out"]
     first, last = (_read_video(out / f"samples/step-{s}/prompt-0.mp4") for s in (0, STEPS))
     assert first.shape == last.shape == (1, 32, 32, 3) and _mean_diff(first, last) > 2.0
@@ -184,7 +185,7 @@ def test_cosmos_samples_change_and_match_diffusers(cosmos_run, tmp_path):
                        "dataset": {"uri": "/d", "width": 1280, "height": 704}, "output": {"uri": "/o"}})
     comps = FAMILY.load(spec.model, cosmos_run["paths"], torch.device("cpu"))
     from diffusers import CosmosTextToWorldPipeline
-    base = sampling_pipeline(comps.trainable["transformer"], comps.encoders["vae"])
+    base = sampling_pipeline(comps.trainable["transformer"], comps.encoders["vae"], NoGuardrail())
     pipe = CosmosTextToWorldPipeline(**{**base.components, "text_encoder": comps.encoders["text_encoder"],
                                         "tokenizer": comps.encoders["tokenizer"]})
     pipe.set_progress_bar_config(disable=True)
@@ -225,3 +226,17 @@ def test_spec_rules_of_the_three_families(monkeypatch):
     s = sample_plan.resolve(spec({"type": "sdxl", "diffusersPath": "/m"}, {"prompts": [{"prompt": "x"}]},
                                  {"resolution": 1024}))[0]
     assert (s["width"], s["frames"], s["guidance"], s["steps"]) == (1024, 1, 5.0, 25)
+
+
+def test_cosmos_samples_refused_without_nvidias_guardrail(monkeypatch):
+    """The guardrail (cosmos_guardrail and its models) is not installed here, which is exactly the case
+    a job must refuse: no Cosmos sample is made through a pass-through checker outside tests."""
+    from kubelora_trainer.exits import BAD_INPUT, code_of
+    from kubelora_trainer.models.base import ModelError
+    from kubelora_trainer.models.cosmos.family import guardrail
+    monkeypatch.delenv(GUARDRAIL_ENV, raising=False)
+    with pytest.raises(ModelError, match="spec.samples: Cosmos samples go through NVIDIA's safety guardrail") as e:
+        guardrail()
+    assert code_of(e.value) == BAD_INPUT
+    monkeypatch.setenv(GUARDRAIL_ENV, "stand-in")
+    assert type(guardrail()).__name__ == "NoGuardrail"

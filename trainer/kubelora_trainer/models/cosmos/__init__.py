@@ -7,6 +7,10 @@ FRAMES = (1, 121)
 # Test-only: tiny Cosmos models cannot train at 960 px on a CPU, and the trainer under test runs in
 # torchrun subprocesses (nothing to monkeypatch), so tests set this to lift the fixed-size rule.
 ANY_SIZE_ENV = "KUBELORA_COSMOS_ALLOW_ANY_SIZE"
+# Test-only, likewise: NVIDIA's safety guardrail (cosmos_guardrail and its models) cannot run here, so
+# tests set this to "stand-in" to sample through a pass-through checker. Never set it in a job: the
+# NVIDIA Open Model License ends the rights of whoever bypasses the model's guardrail.
+GUARDRAIL_ENV = "KUBELORA_COSMOS_GUARDRAIL"
 
 RULES = FamilyRules(sources=(("transformerPath", "vaePath", "textEncoderPath"),), video=True,
                     sizes=SIZES, frames=FRAMES, default_frames=121, fps=24, formats=("comfyui", "diffusers"),

@@ -18,6 +18,7 @@ alpha/rank scale folded into lora_B.
 from __future__ import annotations
 
 import json
+import os
 import types
 from pathlib import Path
 
@@ -238,10 +239,9 @@ def edm_scheduler():
 
 
 class NoGuardrail:
-    """Stands in for CosmosTextToWorldPipeline's safety checker (the cosmos_guardrail package and
-    its models, fetched from the Hub, are not in the trainer image): passes prompts and videos
-    through unchanged. Only the trainer's own sample previews go through it (docs/decisions.md).
-    Not a torch module, so the pipeline's device and dtype come from its models."""
+    """A pass-through safety checker, for tests only (GUARDRAIL_ENV=stand-in): the real guardrail's
+    models cannot run on the test machines. Not a torch module, so the pipeline's device and dtype
+    come from its models."""
 
     def to(self, *args, **kwargs):
         return self
@@ -253,11 +253,31 @@ class NoGuardrail:
         return frames
 
 
-def sampling_pipeline(transformer, vae):
+def guardrail():
+    """CosmosTextToWorldPipeline's safety checker: NVIDIA's guardrail (diffusers' CosmosSafetyChecker,
+    which needs the cosmos_guardrail package and its models). Samples are never made without it: the
+    NVIDIA Open Model License ends the rights of whoever bypasses a model's guardrail. Raises
+    ModelError (bad input, the job fails at once) naming spec.samples when it cannot be loaded."""
+    from . import GUARDRAIL_ENV
+    if os.environ.get(GUARDRAIL_ENV) == "stand-in":
+        return NoGuardrail()
+    try:
+        from diffusers.pipelines.cosmos.pipeline_cosmos_text2world import CosmosSafetyChecker
+        return CosmosSafetyChecker()
+    except Exception as e:  # noqa: BLE001 - any failure to load it refuses sampling, with its reason
+        raise ModelError(
+            "spec.samples: Cosmos samples go through NVIDIA's safety guardrail, which the NVIDIA Open Model "
+            "License forbids bypassing, and it could not be loaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Install the cosmos_guardrail "
+            "package in the trainer image with its models in the Hugging Face cache (HF_HOME), or remove "
+            "spec.samples from this Cosmos job.") from None
+
+
+def sampling_pipeline(transformer, vae, safety_checker):
     """CosmosTextToWorldPipeline around `transformer` (no text encoder: embeddings are passed in)."""
     from diffusers import CosmosTextToWorldPipeline
     pipe = CosmosTextToWorldPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-                                     scheduler=edm_scheduler(), safety_checker=NoGuardrail())
+                                     scheduler=edm_scheduler(), safety_checker=safety_checker)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -336,7 +356,8 @@ class Cosmos:
     def sampling_kit(self, comps, prompts):
         """For spec.samples, while the T5 encoder is loaded: each prompt's embeddings (and, with
         classifier-free guidance, its negative prompt's: the pipeline's default negative prompt when
-        none is given, as CosmosTextToWorldPipeline does), and the VAE kept for decoding."""
+        none is given, as CosmosTextToWorldPipeline does), the VAE kept for decoding, and NVIDIA's
+        safety guardrail (loaded now, so a job that cannot have it fails before training)."""
         from diffusers.pipelines.cosmos.pipeline_cosmos_text2world import DEFAULT_NEGATIVE_PROMPT
         device = comps.encoders["vae"].device
         embeds = []
@@ -346,13 +367,13 @@ class Cosmos:
                 neg = p["negativePrompt"] or DEFAULT_NEGATIVE_PROMPT
                 e["negative_prompt_embeds"] = self.encode_prompts(comps, [neg], device)
             embeds.append(e)
-        return {"vae": comps.encoders["vae"], "embeds": embeds}
+        return {"vae": comps.encoders["vae"], "embeds": embeds, "guardrail": guardrail()}
 
     @torch.no_grad()
     def sample(self, kit, comps, prompt, generator):
         """One clip [F, H, W, 3] in [0, 1] (F = 1 for an image) from CosmosTextToWorldPipeline around
         the transformer being trained, at the training frame rate; see sampling_pipeline."""
-        pipe = sampling_pipeline(comps.trainable["transformer"], kit["vae"])
+        pipe = sampling_pipeline(comps.trainable["transformer"], kit["vae"], kit["guardrail"])
         return pipe(**kit["embeds"][prompt["index"]], height=prompt["height"], width=prompt["width"],
                     num_frames=prompt["frames"], num_inference_steps=prompt["steps"], guidance_scale=prompt["guidance"],
                     fps=TRAIN_FPS, generator=generator, output_type="np").frames[0]
