@@ -95,15 +95,20 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
     return report
 
 
-def probe(path: Path, fps: float | None = None) -> tuple[int, int, int, bool]:
+def probe(path: Path, fps: float | None = None, decode: bool = True) -> tuple[int, int, int, bool]:
     """(width, height, frames, is_video) of a media file, decoding it fully (so a corrupt file
     fails here): frames counted at the training rate fps (as load_clip would give them), 1 for
-    an image. Raises OSError/ValueError/av errors for unreadable files."""
+    an image. decode=False reads an image's header only (its size and EXIF orientation): a file
+    corrupt past its header then fails when it is decoded for the cache. Raises
+    OSError/ValueError/av errors for unreadable files."""
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         from PIL import Image, ImageOps
         with Image.open(path) as im:
-            im.load()
-            w, h = ImageOps.exif_transpose(im).size
+            if decode:
+                im.load()
+                w, h = ImageOps.exif_transpose(im).size
+            else:  # orientations 5-8 turn the image by 90 degrees
+                w, h = im.size[::-1] if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size
         if min(w, h) < 1:
             raise ValueError("image has no pixels")
         return w, h, 1, False

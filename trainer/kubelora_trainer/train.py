@@ -20,12 +20,13 @@ from typing import Optional
 
 import torch
 
-from . import __version__, adapters, checkpoint, dist, exits, export, export_full, lora, metrics, samples, storage
+from . import __version__, adapters, cache, checkpoint, dist, exits, export, export_full, lora, metrics, samples, storage
 from . import throughput
 from . import buckets as bk
 from .captions import options_of
 from .data import DatasetError, ScanReport, check_usable, load_unit, probe, scan
-from .families import PATH_FIELDS, RULES, areas_of, frame_buckets_of, frames_of, size_of
+from .cache import CACHE_FORMAT, cache_inputs, cache_key, model_fingerprint  # noqa: F401 - re-exported
+from .families import PATH_FIELDS, RULES, areas_of, frame_buckets_of
 from .models import get_family
 from .models.base import ModelError
 from .quiet import quiet_progress_bars
@@ -81,77 +82,88 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
     return json.loads(marker.read_text())
 
 
-CACHE_FORMAT = 3  # bump whenever what encode() writes for the same inputs changes
+def sample_entries(report: ScanReport, units: list[bk.Unit]) -> list[tuple[int, int]]:
+    """Every (unit, caption variant) a batch may draw; variant -1 is the empty caption (dropout)."""
+    entries = [(n, v) for n, u in enumerate(units) for v in range(len(report.items[u.item].variants))]
+    return entries + [(n, -1) for n, u in enumerate(units) if report.items[u.item].dropout > 0]
 
 
-def cache_inputs(spec, model_fingerprint: str) -> dict:
-    """Everything besides the media bytes and the caption that a cached tensor depends on."""
-    w, h = size_of(spec.dataset)
-    r = RULES[spec.model.type]
-    return {"format": CACHE_FORMAT, "model": spec.model.model_dump(mode="json"), "files": model_fingerprint,
-            "size": [w, h], "fit": "cover+center-crop", "frames": frames_of(spec.model.type, spec.dataset) if r.video else 1,
-            "fps": r.fps if r.video else None}
-
-
-def cache_key(inputs: dict, caption: str, media: bytes, unit: Optional[bk.Unit] = None) -> str:
-    """With a unit: its bucket size, frames, clip start and fit are part of the key."""
-    extra = {} if unit is None else {"unit": {"size": list(unit.bucket[:2]), "frames": unit.bucket[2],
-                                              "start": unit.start, "fit": "cover+center-crop"}}
-    h = hashlib.sha256(json.dumps({**inputs, **extra, "caption": caption}, sort_keys=True).encode())
-    h.update(media)
-    return h.hexdigest()[:32]
-
-
-def model_fingerprint(paths: dict[str, str]) -> str:
-    """Names and sizes of the staged model files (not the dataset): a model replaced at the same
-    URI gives other cache keys."""
-    h = hashlib.sha256()
-    for field in sorted(f for f in paths if f in PATH_FIELDS):
-        root = Path(paths[field])
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        for p in files:
-            h.update(f"{field}|{p.relative_to(root) if root.is_dir() else p.name}|{p.stat().st_size}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def build_cache(spec, family, comps, items, units, entries, inputs, env) -> dict[tuple[int, int], dict]:
-    """Encode every (unit, caption variant) sample, split over ranks (reusing the on-disk cache
-    across restarts and runs), then share them so that every rank can train on any bucket."""
-    folder = cache_root() / "latents"
-    folder.mkdir(parents=True, exist_ok=True)
-    r = RULES[spec.model.type]
-    mine, hits = {}, 0
-    media: dict[int, bytes] = {}
-    for n, (u, v) in enumerate(entries):
-        if n % env.world != env.rank:
-            continue
-        unit, it = units[u], items[units[u].item]
-        caption = "" if v < 0 else it.variants[v]
-        data = media.setdefault(unit.item, it.image.read_bytes())
-        f = folder / f"{cache_key(inputs, caption, data, unit)}.pt"
-        if f.is_file():
-            mine[(u, v)] = torch.load(f, weights_only=True)
-            hits += 1
-            continue
-        w, h, frames = unit.bucket
-        x = load_unit(it.image, w, h, frames, unit.start, fps=r.fps if r.video else None, clip=r.video).unsqueeze(0)
-        out = {k: t.detach().cpu() for k, t in family.encode(comps, x, [caption])[0].items()}
-        mine[(u, v)] = out
-        tmp = f.with_suffix(f".tmp{os.getpid()}")
-        torch.save(out, tmp)
-        os.replace(tmp, f)
-    print(f"[cache] rank {env.rank}: {len(mine)} samples ({hits} from cache)", flush=True)
-    return mine
-
-
-def share_cache(mine: dict, env) -> dict:
-    """Every rank's encoded samples on every rank (a batch may hold any sample of its bucket)."""
-    if env.world == 1:
-        return mine
-    out = {}
-    for part in dist.all_gather(mine):
-        out.update(part)
+def entry_keys(report: ScanReport, units: list[bk.Unit], entries, digests: list[str], inputs: dict) -> list[str]:
+    """The cache key of each entry (pure but for nothing: the digests are the media content)."""
+    out = []
+    for u, v in entries:
+        unit, it = units[u], report.items[units[u].item]
+        out.append(cache_key(inputs, "" if v < 0 else it.variants[v], bytes.fromhex(digests[unit.item]), unit))
     return out
+
+
+def gather_present(keys: list[str], env) -> list[list[bool]]:
+    """Which entries each rank finds in its node's cache folder (bit-packed on the wire)."""
+    import numpy as np
+    mine = np.packbits(np.array(cache.present(cache_root(), keys), dtype=bool))
+    parts = dist.all_gather(mine) if env.world > 1 else [mine]
+    return [np.unpackbits(p, count=len(keys)).astype(bool).tolist() for p in parts]
+
+
+def encode_missing(spec, family, comps, items, units, entries, keys, todo: list[int], env) -> list[tuple[int, str]]:
+    """Encode the entries no rank has, split over ranks by unit (each unit's media is decoded
+    once for all its caption variants) and write them to this node's cache. Returns the items
+    whose media could not be decoded, with the reason: skipped and counted, like unreadable
+    files found while probing."""
+    root = cache_root()
+    r = RULES[spec.model.type]
+    per_unit: dict[int, list[int]] = {}
+    for i in todo:
+        per_unit.setdefault(entries[i][0], []).append(i)
+    mine = cache.split_units(sorted(per_unit), env.world, env.rank)
+    progress = cache.EncodeProgress(len(todo), sum(len(per_unit[u]) for u in mine), env, lambda msg: log(env, msg))
+    bad = []
+    try:
+        for u in mine:
+            unit, it = units[u], items[units[u].item]
+            w, h, frames = unit.bucket
+            try:
+                x = load_unit(it.image, w, h, frames, unit.start, fps=r.fps if r.video else None, clip=r.video).unsqueeze(0)
+            except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
+                bad.append((unit.item, f"{it.image.name}: {type(e).__name__}: {e}"))
+                progress.add(len(per_unit[u]))
+                continue
+            for i in per_unit[u]:
+                v = entries[i][1]
+                out = family.encode(comps, x, ["" if v < 0 else it.variants[v]])[0]
+                cache.save_entry(root, keys[i], {k: t.detach().cpu() for k, t in out.items()})
+                progress.add()
+    finally:
+        progress.finish()
+    if env.rank == 0:
+        progress.wait()
+    return bad
+
+
+def exchange(keys: list[str], env) -> int:
+    """After encoding: every rank receives the entries its node's folder lacks from a rank that
+    has them (cache.exchange_rounds: bounded rounds of object all-gathers), written atomically.
+    Returns how many entries this rank wrote."""
+    if env.world == 1:
+        return 0
+    import numpy as np
+    root = cache_root()
+    mine = np.array([p.stat().st_size if p.is_file() else 0 for p in (cache.entry_path(root, k) for k in keys)],
+                    dtype=np.int64)  # 0: absent (a saved entry is never empty)
+    sizes = [part.tolist() for part in dist.all_gather(mine)]
+    haves = [[n > 0 for n in part] for part in sizes]
+    have = haves[env.rank]
+    chunk = int(float(os.environ.get(cache.EXCHANGE_MB_ENV, "256")) * 2 ** 20)
+    received = 0
+    for rnd in cache.exchange_rounds(haves, sizes, chunk):
+        payload = {i: cache.entry_path(root, keys[i]).read_bytes() for i, sender in rnd if sender == env.rank}
+        for part in dist.all_gather(payload):
+            for i, data in part.items():
+                if not have[i]:
+                    cache.write_bytes_atomic(cache.entry_path(root, keys[i]), data)
+                    have[i] = True
+                    received += 1
+    return received
 
 
 def source_specs(spec) -> list:
@@ -167,28 +179,77 @@ def bucket_configs(spec) -> list[bk.BucketConfig]:
                             multiple=r.size_multiple, fixed=fixed, clip_mode=d.videoClipMode) for s in source_specs(spec)]
 
 
-def probe_items(report: ScanReport, env, spec) -> list[tuple[int, int, int, bool]]:
-    """Decode every item once, split over ranks: its size and frame count (at the training rate).
-    Unreadable ones leave report.items for report.unreadable (the same on every rank). Returns the
-    probes of the remaining items, in order."""
+def probe_items(report: ScanReport, env, spec) -> tuple[list[tuple[int, int, int, bool]], list[str]]:
+    """Every item's content hash and its size and frame count (at the training rate), split over
+    ranks. The probe of a content hash is kept in the cache (cache.read_probe), so a later run
+    decodes nothing; images are probed from their header (a file corrupt past it is found when
+    it is encoded, and skipped then). Unreadable ones leave report.items for report.unreadable
+    (the same on every rank). Returns the probes and digests of the remaining items, in order."""
     r = RULES[spec.model.type]
+    fps = r.fps if r.video else None
+    root = cache_root()
     items = report.items
     found, bad = [], []
     for i in range(env.rank, len(items), env.world):
         try:
-            found.append((i, probe(items[i].image, r.fps if r.video else None)))
+            digest = cache.media_digest(items[i].image)
+            meta = cache.read_probe(root, digest, fps)
+            if meta is None:
+                meta = probe(items[i].image, fps, decode=False)
+                cache.write_probe(root, digest, fps, meta)
+            found.append((i, meta, digest))
         except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
             bad.append((i, f"{items[i].image.name}: {type(e).__name__}: {e}"))
     dist.phase_barrier("decoding the dataset")
     gathered = dist.all_gather((found, bad))
     all_bad = [b for _, part in gathered for b in part]
-    metas = dict(m for part, _ in gathered for m in part)
-    for _, why in all_bad[:10]:
+    metas = {i: (m, d) for part, _ in gathered for i, m, d in part}
+    drop_unreadable(report, all_bad, env)
+    keep = [i for i in range(len(items)) if i in metas]
+    return [metas[i][0] for i in keep], [metas[i][1] for i in keep]
+
+
+def drop_unreadable(report: ScanReport, bad: list[tuple[int, str]], env) -> set[int]:
+    """Move the items bad names (index into report.items, reason) to report.unreadable, logging
+    the first few; the same on every rank (bad is gathered). Returns the dropped indices."""
+    for _, why in sorted(bad)[:10]:
         log(env, f"[data] skipped unreadable item {why}")
-    bad_idx = {i for i, _ in all_bad}
-    report.unreadable = [str(items[i].image) for i in sorted(bad_idx)]
-    report.items = [it for i, it in enumerate(items) if i not in bad_idx]
-    return [metas[i] for i in range(len(items)) if i not in bad_idx]
+    bad_idx = {i for i, _ in bad}
+    report.unreadable += [str(report.items[i].image) for i in sorted(bad_idx)]
+    report.items = [it for i, it in enumerate(report.items) if i not in bad_idx]
+    return bad_idx
+
+
+def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment, dict]:
+    """Bucket the probed items, log and count what was kept and skipped, and fail when nothing
+    is usable. Returns the assignment and the dataset stats (with the bucket summary)."""
+    r = RULES[spec.model.type]
+    configs = bucket_configs(spec)
+    assignment = bk.assign(metas, configs, [it.source for it in report.items])
+    for i, why in assignment.dropped[:10]:
+        log(env, "[data] skipped " + drop_reason(report.items[i], metas[i], why, configs[report.items[i].source], r.fps or 0))
+    used = {u.item for u in assignment.units}
+    bucket_stats = bk.summary(assignment, len(report.items), [str(it.image.name) for it in report.items])
+    n_dropped = len(report.items) - len(used)
+    stats = {**report.summary(), "usable": len(used)}
+    log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
+             f"without caption, {stats['unreadable']} unreadable"
+             + (f", {n_dropped} without a bucket" if n_dropped else "")
+             + f"; {stats['emptyCaptionUsed']} trained with an empty caption")
+    if report.missing_caption and report.beside:
+        from .data import caption_hint
+        log(env, "[data] warning:" + caption_hint(report))
+    for msg in bk.format_summary(bucket_stats):
+        log(env, msg)
+    m.dataset(stats["usable"], {"missing_caption": stats["missingCaption"] - stats["emptyCaptionUsed"],
+                                "unreadable": stats["unreadable"], **({"no_bucket": n_dropped} if n_dropped else {})})
+    if not used:
+        report.items = []
+    check_usable(report, ", ".join(spec.dataset.uris),
+                 dropped=f", without a frame bucket: {n_dropped}" if n_dropped else "")
+    stats["buckets"] = bucket_stats
+
+    return assignment, stats
 
 
 def drop_reason(item, meta, why: str, cfg: bk.BucketConfig, fps) -> str:
@@ -248,7 +309,8 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, Optional[i
         try:
             names = storage.list_keys(spec.output.uri, settings)  # one listing answers both
             steps = checkpoint.complete_steps([n.removeprefix("checkpoints/") for n in names])
-            found = ("manifest.json" in names, steps[-1] if steps else None)
+            finished = "manifest.json" in names and not cache_only_manifest(spec, settings)
+            found = (finished, steps[-1] if steps else None)
         except storage.StorageError as e:
             if e.transient:  # training from step 1 would waste the checkpoints: stop, the retried run resumes
                 err = storage.StorageError(f"output.uri: looking for checkpoints: {e}", transient=True)
@@ -256,6 +318,40 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, Optional[i
                 log(env, f"[resume] warning: cannot list {spec.output.uri}: {e}")
     dist.fail_together(err, "looking for checkpoints")
     return tuple(dist.broadcast(found))
+
+
+def cache_only_manifest(spec, settings, client=None) -> bool:
+    """Whether output.uri's manifest.json was written by a dataset.cacheOnly run (then it is
+    not a finished training run)."""
+    import tempfile
+    loc = storage.parse_uri(spec.output.uri).child("manifest.json")
+    with tempfile.TemporaryDirectory() as d:
+        path = storage.download(str(loc), Path(d), settings, client=client, log=lambda msg: None)
+        try:
+            return bool(json.loads(Path(path).read_text()).get("cacheOnly"))
+        except (OSError, ValueError):
+            return False
+
+
+def finish_cache_only(spec, job_name: str, env, m, publish, settings, stats: dict, cache_stats: dict) -> int:
+    """dataset.cacheOnly: the cache is complete on every node; write manifest.json (cacheOnly:
+    true, what was encoded, the dataset and buckets; no artifacts) and stop successfully."""
+    err = None
+    if env.is_main:
+        try:
+            export.publish_manifest(spec, job_name, {}, [], stats, {}, settings, None, cache_root() / "outputs" / job_name,
+                                    extra=lambda arts: {"cacheOnly": True, "cache": cache_stats})
+        except storage.StorageError as e:
+            err = e
+        except OSError as e:
+            err = RunError(str(e))
+    dist.fail_together(err, "writing manifest.json")
+    m.phase("Succeeded")
+    if env.is_main:
+        publish(Progress(phase="Succeeded", totalSteps=spec.training.steps), force=True)
+        log(env, f"[done] dataset.cacheOnly: the cache of {cache_stats['samples']} samples is complete "
+                 f"({cache_stats['encoded']} encoded); no training (manifest.json says cacheOnly: true)")
+    return 0
 
 
 def resume_plan(on_existing: str, finished: bool, latest: Optional[int]) -> str:
@@ -296,10 +392,6 @@ class LoopState:
         return True
 
 
-def _stack(samples: list[dict], device) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
-
-
 @dataclass
 class Trainer:
     """What the step loop works with (built by _run)."""
@@ -309,7 +401,7 @@ class Trainer:
     adapters: adapters.Adapters
     opt: torch.optim.Optimizer
     sched: object
-    cached: dict
+    loader: cache.Loader
     env: dist.DistEnv
     state: LoopState
     modules: torch.nn.Module
@@ -354,7 +446,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             data_wait, tokens = 0.0, 0
             for micro in range(t.gradientAccumulationSteps):
                 t_data = time.perf_counter()
-                batch = _stack([tr.cached[s] for s in state.sampler.next_batch()], env.device)
+                batch = {k: v.to(env.device) for k, v in tr.loader.next()[1].items()}
                 data_wait += time.perf_counter() - t_data
                 tokens += len(batch["latents"]) * throughput.tokens_of(tuple(batch["latents"].shape[1:]), patch)
                 with tr.adapters.compute():
@@ -470,54 +562,55 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     for i, src in enumerate(source_specs(spec)):
         report.merge(scan(Path(paths[f"dataset.{i}"]), video=r.video, opts=options_of(spec.dataset, src), source=i,
                           seed=t.seed))
-    metas = probe_items(report, env, spec)
-    configs = bucket_configs(spec)
-    assignment = bk.assign(metas, configs, [it.source for it in report.items])
-    for i, why in assignment.dropped[:10]:
-        log(env, "[data] skipped " + drop_reason(report.items[i], metas[i], why, configs[report.items[i].source], r.fps or 0))
-    used = {u.item for u in assignment.units}
-    bucket_stats = bk.summary(assignment, len(report.items), [str(it.image.name) for it in report.items])
-    n_dropped = len(report.items) - len(used)
-    stats = {**report.summary(), "usable": len(used)}
-    log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
-             f"without caption, {stats['unreadable']} unreadable"
-             + (f", {n_dropped} without a bucket" if n_dropped else "")
-             + f"; {stats['emptyCaptionUsed']} trained with an empty caption")
-    if report.missing_caption and report.beside:
-        from .data import caption_hint
-        log(env, "[data] warning:" + caption_hint(report))
-    for msg in bk.format_summary(bucket_stats):
-        log(env, msg)
-    m.dataset(stats["usable"], {"missing_caption": stats["missingCaption"] - stats["emptyCaptionUsed"],
-                                "unreadable": stats["unreadable"], **({"no_bucket": n_dropped} if n_dropped else {})})
-    if not used:
-        report.items = []
-    check_usable(report, ", ".join(spec.dataset.uris),
-                 dropped=f", without a frame bucket: {n_dropped}" if n_dropped else "")
-    stats["buckets"] = bucket_stats
+    metas, digests = probe_items(report, env, spec)
+    assignment, stats = layout_data(spec, report, metas, env, m)
 
-    # ---- model and cache
+    # ---- cache: which samples are on disk is known before any model is loaded
     log(env, "[phase] cache")
     m.phase("Caching")
     quiet_progress_bars()
+    inputs = cache_inputs(spec, model_fingerprint(paths))
+    entries = sample_entries(report, assignment.units)
+    keys = entry_keys(report, assignment.units, entries, digests, inputs)
+    todo = cache.missing_everywhere(gather_present(keys, env))
+    # spec.samples needs the VAE (decoding) and the prompts' embeddings: encoders load with it on
+    encoders = bool(todo) or spec.samples is not None
+    log(env, f"[cache] {len(keys)} samples: {len(keys) - len(todo)} cached, {len(todo)} to encode; "
+             + ("loading the VAE and text encoders" if encoders else "the VAE and text encoders are not loaded"))
     # a failure on one rank (a bad file, a missing weight) stops every rank with its reason
-    comps = dist.agree(family.load, spec.model, paths, env.device)
+    comps = dist.agree(family.load, spec.model, paths, env.device, encoders=encoders)
+    todo_keys = {keys[i] for i in todo}
+    if todo:
+        bad = dict(b for part in dist.all_gather(dist.agree(encode_missing, spec, family, comps, report.items,
+                                                               assignment.units, entries, keys, todo, env)) for b in part)
+        if bad:  # corrupt past the header: the same items dropped on every rank, the layout made again
+            gone = drop_unreadable(report, sorted(bad.items()), env)
+            metas = [x for i, x in enumerate(metas) if i not in gone]
+            digests = [x for i, x in enumerate(digests) if i not in gone]
+            assignment, stats = layout_data(spec, report, metas, env, m)
+            entries = sample_entries(report, assignment.units)
+            keys = entry_keys(report, assignment.units, entries, digests, inputs)
+    received = exchange(keys, env)
+    got = sum(dist.all_gather(received)) if env.world > 1 else 0
+    encoded = len(todo_keys & set(keys))
+    cache_stats = {"samples": len(keys), "encoded": encoded, "cached": len(keys) - encoded, "copiedBetweenNodes": got}
+    log(env, f"[cache] {len(keys)} samples ready on every rank: {encoded} encoded, {len(keys) - encoded} were cached"
+             + (f"; {got} copied between nodes" if got else ""))
+    if spec.dataset.cacheOnly:
+        return finish_cache_only(spec, job_name, env, m, publish, settings, stats, cache_stats)
+    # spec.samples: prompt embeddings now, while the encoders are loaded (None when off)
+    sampler = dist.agree(samples.setup, spec, family, comps, job_name, settings, stats, cache_root() / "outputs" / job_name)
+    comps.encoders.clear()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
     units = assignment.units
     src_repeats = [s.repeats if s is not None else spec.dataset.repeats for s in source_specs(spec)]
     space = bk.SampleSpace(buckets=tuple(u.bucket for u in units),
                            repeats=tuple(src_repeats[u.source] for u in units),
                            variants=tuple(len(report.items[u.item].variants) for u in units),
                            dropout=tuple(report.items[u.item].dropout for u in units))
-    entries = [(n, v) for n, u in enumerate(units) for v in range(len(report.items[u.item].variants))]
-    entries += [(n, -1) for n, u in enumerate(units) if report.items[u.item].dropout > 0]
-    inputs = cache_inputs(spec, model_fingerprint(paths))
-    mine = dist.agree(build_cache, spec, family, comps, report.items, units, entries, inputs, env)
-    cached = share_cache(mine, env)
-    # spec.samples: prompt embeddings now, while the encoders are loaded (None when off)
-    sampler = dist.agree(samples.setup, spec, family, comps, job_name, settings, stats, cache_root() / "outputs" / job_name)
-    comps.encoders.clear()
-    if env.device.type == "cuda":
-        torch.cuda.empty_cache()
+    key_of = dict(zip(entries, keys))
+    root = cache_root()
 
     # ---- adapters + parallelism
     ad = dist.agree(adapters.attach, comps, family, spec, env)
@@ -530,7 +623,9 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     # ---- train (from step 1, or from the newest checkpoint)
     state = LoopState(gen=torch.Generator(device=env.device).manual_seed(t.seed * 1000 + env.rank),
                       sampler=bk.BucketSampler(space, t.seed, t.microBatchSize, env.world, env.rank))
-    tr = Trainer(spec, family, comps, ad, opt, sched, cached, env, state,
+    loader = cache.Loader(lambda s: cache.load_entry(root, key_of[s]), state.sampler,
+                          depth=int(os.environ.get(cache.PREFETCH_ENV, "2")))
+    tr = Trainer(spec, family, comps, ad, opt, sched, loader, env, state,
                  modules=torch.nn.ModuleDict(comps.trainable), local_ckpt=cache_root() / "checkpoints" / job_name,
                  settings=settings, publish=publish, epoch_size=sum(space.repeats), metrics=m, sampler=sampler)
     start = 1
@@ -550,7 +645,10 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
     meter = Meter(t.steps, samples_per_step)
     prog = Progress(phase="Training", totalSteps=t.steps, resumedFrom=start - 1 if start > 1 else None)
-    _train_steps(tr, start, meter, prog)
+    try:
+        _train_steps(tr, start, meter, prog)
+    finally:
+        loader.close()
     losses = state.losses
     train_seconds = time.time() - t_start
 
