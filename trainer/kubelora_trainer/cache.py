@@ -122,16 +122,23 @@ def load_entry(root: Path, key: str) -> dict[str, torch.Tensor]:
     return torch.load(entry_path(root, key), weights_only=True)
 
 
-def read_probe(root: Path, digest: str, fps: Optional[float]) -> Optional[tuple[int, int, int, bool]]:
+def read_probe(root: Path, digest: str, fps: Optional[float]):
+    """The cached probe of these bytes: (width, height, frames, is_video), a str (why they could
+    not be decoded for the cache, found by an earlier run), or None (not probed yet)."""
     try:
-        w, h, frames, video = json.loads(probe_path(root, digest, fps).read_text())
+        got = json.loads(probe_path(root, digest, fps).read_text())
+        if isinstance(got, dict):
+            return str(got["unreadable"])
+        w, h, frames, video = got
         return int(w), int(h), int(frames), bool(video)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 
-def write_probe(root: Path, digest: str, fps: Optional[float], meta: tuple[int, int, int, bool]) -> None:
-    write_bytes_atomic(probe_path(root, digest, fps), json.dumps(list(meta)).encode())
+def write_probe(root: Path, digest: str, fps: Optional[float], meta) -> None:
+    """meta: a probe tuple, or a str saying why the bytes could not be decoded."""
+    body = {"unreadable": meta} if isinstance(meta, str) else list(meta)
+    write_bytes_atomic(probe_path(root, digest, fps), json.dumps(body).encode())
 
 
 def present(root: Path, keys: list[str]) -> list[bool]:

@@ -107,8 +107,11 @@ def probe(path: Path, fps: float | None = None, decode: bool = True) -> tuple[in
             if decode:
                 im.load()
                 w, h = ImageOps.exif_transpose(im).size
-            else:  # orientations 5-8 turn the image by 90 degrees
-                w, h = im.size[::-1] if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size
+            else:  # EXIF from the header (getexif() would decode a PNG); orientations 5-8 turn by 90 degrees
+                exif = Image.Exif()
+                if im.info.get("exif"):
+                    exif.load(im.info["exif"])
+                w, h = im.size[::-1] if exif.get(0x0112) in (5, 6, 7, 8) else im.size
         if min(w, h) < 1:
             raise ValueError("image has no pixels")
         return w, h, 1, False

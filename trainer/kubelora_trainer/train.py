@@ -105,11 +105,13 @@ def gather_present(keys: list[str], env) -> list[list[bool]]:
     return [np.unpackbits(p, count=len(keys)).astype(bool).tolist() for p in parts]
 
 
-def encode_missing(spec, family, comps, items, units, entries, keys, todo: list[int], env) -> list[tuple[int, str]]:
+def encode_missing(spec, family, comps, items, digests, units, entries, keys, todo: list[int],
+                   env) -> list[tuple[int, str]]:
     """Encode the entries no rank has, split over ranks by unit (each unit's media is decoded
     once for all its caption variants) and write them to this node's cache. Returns the items
     whose media could not be decoded, with the reason: skipped and counted, like unreadable
-    files found while probing."""
+    files found while probing (and remembered with their probe, so a later run skips them
+    without decoding)."""
     root = cache_root()
     r = RULES[spec.model.type]
     per_unit: dict[int, list[int]] = {}
@@ -126,6 +128,7 @@ def encode_missing(spec, family, comps, items, units, entries, keys, todo: list[
                 x = load_unit(it.image, w, h, frames, unit.start, fps=r.fps if r.video else None, clip=r.video).unsqueeze(0)
             except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
                 bad.append((unit.item, f"{it.image.name}: {type(e).__name__}: {e}"))
+                cache.write_probe(root, digests[unit.item], r.fps if r.video else None, f"{type(e).__name__}: {e}")
                 progress.add(len(per_unit[u]))
                 continue
             for i in per_unit[u]:
@@ -197,6 +200,8 @@ def probe_items(report: ScanReport, env, spec) -> tuple[list[tuple[int, int, int
             if meta is None:
                 meta = probe(items[i].image, fps, decode=False)
                 cache.write_probe(root, digest, fps, meta)
+            if isinstance(meta, str):  # an earlier run could not decode these bytes for the cache
+                raise ValueError(meta)
             found.append((i, meta, digest))
         except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
             bad.append((i, f"{items[i].image.name}: {type(e).__name__}: {e}"))
@@ -581,8 +586,9 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     comps = dist.agree(family.load, spec.model, paths, env.device, encoders=encoders)
     todo_keys = {keys[i] for i in todo}
     if todo:
-        bad = dict(b for part in dist.all_gather(dist.agree(encode_missing, spec, family, comps, report.items,
-                                                               assignment.units, entries, keys, todo, env)) for b in part)
+        mine = dist.agree(encode_missing, spec, family, comps, report.items, digests, assignment.units, entries, keys,
+                          todo, env)
+        bad = dict(b for part in dist.all_gather(mine) for b in part)
         if bad:  # corrupt past the header: the same items dropped on every rank, the layout made again
             gone = drop_unreadable(report, sorted(bad.items()), env)
             metas = [x for i, x in enumerate(metas) if i not in gone]
