@@ -38,6 +38,7 @@ def test_exchange_rounds_send_each_missing_entry_once_in_bounded_rounds():
     assert cache.exchange_rounds(haves, sizes, chunk_bytes=1) == [[(0, 0)], [(2, 1)], [(3, 0)]]  # too big: alone
     assert cache.missing_everywhere(haves) == [4]
     assert cache.split_units([3, 5, 8, 9, 11], world=2, rank=1) == [5, 9]
+    assert cache.first_entries(["a", "b", "a", "c", "b"], {"a", "b"}) == [0, 1]
 
 
 def test_key_of_a_unit_ignores_the_dataset_wide_size():
@@ -211,13 +212,13 @@ def test_second_run_builds_no_encoder_and_a_new_resolution_encodes_only_its_samp
 
     again, log = _counted_run(one, monkeypatch, capsys)
     assert again == {}, again                # no VAE, no text encoder built or called, nothing decoded
-    assert "3 samples: 3 cached, 0 to encode; the VAE and text encoders are not loaded" in log
+    assert "3 entries: 3 cached, 0 to encode; the VAE and text encoders are not loaded" in log
     assert "skipped unreadable item cut.png" in log    # remembered with its probe
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["dataset"]["unreadable"] == 1
 
     both, log = _counted_run(_spec(tiny_flux_dir, data, tmp_path / "out", resolutions=[32, 48]), monkeypatch, capsys)
     assert both["encode"] == 3 and both["decode"] == 3 and "probe" not in both   # only the 48x48 samples
-    assert "6 samples: 3 cached, 3 to encode" in log
+    assert "6 entries: 3 cached, 3 to encode" in log
     assert len(list((tmp_path / "cache" / "latents").glob("*.pt"))) == 6
 
     # cacheOnly: nothing to train; manifest.json says so, and a later training run is not fooled by it
@@ -225,7 +226,7 @@ def test_second_run_builds_no_encoder_and_a_new_resolution_encodes_only_its_samp
     counts, log = _counted_run(only, monkeypatch, capsys)
     assert counts == {} and "[done] dataset.cacheOnly" in log and "[phase] train" not in log
     m = json.loads((tmp_path / "only" / "manifest.json").read_text())
-    assert m["cacheOnly"] is True and m["artifacts"] == [] and m["cache"]["samples"] == 3
+    assert m["cacheOnly"] is True and m["artifacts"] == [] and m["cache"]["entries"] == 3
     from kubelora_trainer import storage, train
     assert train.cache_only_manifest(only, storage.S3Settings()) is True
     assert train.cache_only_manifest(one, storage.S3Settings()) is False
@@ -263,11 +264,11 @@ def test_two_nodes_with_their_own_cache_folders_end_with_every_entry(tmp_path, t
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out[-3000:] + err[-3000:]
     log = outs[0][0]
-    assert "6 samples: 0 cached, 6 to encode" in log and "[train] step 2/2" in log, log
+    assert "6 entries: 0 cached, 6 to encode" in log and "[train] step 2/2" in log, log
     assert "skipped unreadable item cut.png" in log
     files = [sorted(f.name for f in (tmp_path / f"node{n}" / "latents").glob("*.pt")) for n in range(2)]
     assert len(files[0]) == 5 and files[0] == files[1]
-    assert "5 samples ready on every rank: 5 encoded, 0 were cached; 5 copied between nodes" in log, log
+    assert "5 entries ready on every rank: 5 encoded, 0 were cached; 5 copied between nodes" in log, log
     assert not list(tmp_path.rglob("*.tmp"))
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["dataset"]["usable"] == 5 and m["dataset"]["unreadable"] == 1

@@ -152,6 +152,17 @@ def missing_everywhere(haves: list[list[bool]]) -> list[int]:
     return [i for i in range(len(haves[0]) if haves else 0) if not any(h[i] for h in haves)]
 
 
+def first_entries(keys: list[str], wanted: set[str]) -> list[int]:
+    """The first entry with each wanted key (equal samples, e.g. two shuffled captions that came
+    out alike, are encoded once)."""
+    seen, out = set(), []
+    for i, k in enumerate(keys):
+        if k in wanted and k not in seen:
+            seen.add(k)
+            out.append(i)
+    return out
+
+
 def split_units(todo_units: list[int], world: int, rank: int) -> list[int]:
     """This rank's share of the units to encode (round robin in unit order: every rank gets a
     mix of buckets and sizes)."""

@@ -354,7 +354,7 @@ def finish_cache_only(spec, job_name: str, env, m, publish, settings, stats: dic
     m.phase("Succeeded")
     if env.is_main:
         publish(Progress(phase="Succeeded", totalSteps=spec.training.steps), force=True)
-        log(env, f"[done] dataset.cacheOnly: the cache of {cache_stats['samples']} samples is complete "
+        log(env, f"[done] dataset.cacheOnly: the cache of {cache_stats['entries']} entries is complete "
                  f"({cache_stats['encoded']} encoded); no training (manifest.json says cacheOnly: true)")
     return 0
 
@@ -577,10 +577,11 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     inputs = cache_inputs(spec, model_fingerprint(paths))
     entries = sample_entries(report, assignment.units)
     keys = entry_keys(report, assignment.units, entries, digests, inputs)
-    todo = cache.missing_everywhere(gather_present(keys, env))
+    distinct = list(dict.fromkeys(keys))  # shuffled captions may repeat: one entry for equal samples
+    todo = cache.first_entries(keys, {distinct[i] for i in cache.missing_everywhere(gather_present(distinct, env))})
     # spec.samples needs the VAE (decoding) and the prompts' embeddings: encoders load with it on
     encoders = bool(todo) or spec.samples is not None
-    log(env, f"[cache] {len(keys)} samples: {len(keys) - len(todo)} cached, {len(todo)} to encode; "
+    log(env, f"[cache] {len(distinct)} entries: {len(distinct) - len(todo)} cached, {len(todo)} to encode; "
              + ("loading the VAE and text encoders" if encoders else "the VAE and text encoders are not loaded"))
     # a failure on one rank (a bad file, a missing weight) stops every rank with its reason
     comps = dist.agree(family.load, spec.model, paths, env.device, encoders=encoders)
@@ -596,11 +597,13 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
             assignment, stats = layout_data(spec, report, metas, env, m)
             entries = sample_entries(report, assignment.units)
             keys = entry_keys(report, assignment.units, entries, digests, inputs)
-    received = exchange(keys, env)
+    distinct = list(dict.fromkeys(keys))
+    received = exchange(distinct, env)
     got = sum(dist.all_gather(received)) if env.world > 1 else 0
-    encoded = len(todo_keys & set(keys))
-    cache_stats = {"samples": len(keys), "encoded": encoded, "cached": len(keys) - encoded, "copiedBetweenNodes": got}
-    log(env, f"[cache] {len(keys)} samples ready on every rank: {encoded} encoded, {len(keys) - encoded} were cached"
+    encoded = len(todo_keys & set(distinct))
+    cache_stats = {"entries": len(distinct), "encoded": encoded, "cached": len(distinct) - encoded,
+                   "copiedBetweenNodes": got}
+    log(env, f"[cache] {len(distinct)} entries ready on every rank: {encoded} encoded, {len(distinct) - encoded} were cached"
              + (f"; {got} copied between nodes" if got else ""))
     if spec.dataset.cacheOnly:
         return finish_cache_only(spec, job_name, env, m, publish, settings, stats, cache_stats)
