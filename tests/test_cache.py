@@ -223,8 +223,10 @@ def test_second_run_builds_no_encoder_and_a_new_resolution_encodes_only_its_samp
 
     # cacheOnly: nothing to train; manifest.json says so, and a later training run is not fooled by it
     only = _spec(tiny_flux_dir, data, tmp_path / "only", resolutions=[32], cacheOnly=True)
+    monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "other-node"))  # a node with an empty cache
     counts, log = _counted_run(only, monkeypatch, capsys)
-    assert counts == {} and "[done] dataset.cacheOnly" in log and "[phase] train" not in log
+    assert counts["encode"] == 3 and "[done] dataset.cacheOnly" in log and "[phase] train" not in log
+    assert "[cache] encoding: 4/4 samples" in log    # the final progress line (cut.png failed on this node too)
     m = json.loads((tmp_path / "only" / "manifest.json").read_text())
     assert m["cacheOnly"] is True and m["artifacts"] == [] and m["cache"]["entries"] == 3
     from kubelora_trainer import storage, train

@@ -344,7 +344,9 @@ def finish_cache_only(spec, job_name: str, env, m, publish, settings, stats: dic
     err = None
     if env.is_main:
         try:
-            export.publish_manifest(spec, job_name, {}, [], stats, {}, settings, None, cache_root() / "outputs" / job_name,
+            out_dir = cache_root() / "outputs" / job_name
+            out_dir.mkdir(parents=True, exist_ok=True)
+            export.publish_manifest(spec, job_name, {}, [], stats, {}, settings, None, out_dir,
                                     extra=lambda arts: {"cacheOnly": True, "cache": cache_stats})
         except storage.StorageError as e:
             err = e
@@ -416,6 +418,7 @@ class Trainer:
     epoch_size: int
     metrics: object = field(default_factory=metrics.Off)
     sampler: Optional[samples.Sampler] = None   # spec.samples (None: off)
+    data_wait: float = 0.0                      # seconds this rank's steps waited for the cache loader
 
 
 def grad_norm(params: list[torch.nn.Parameter], max_norm: Optional[float]) -> Optional[torch.Tensor]:
@@ -476,6 +479,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             epoch = epoch_of(step * samples_per_step, tr.epoch_size)
             tr.metrics.step(step, epoch, mean, lr_used, float(norm) if norm is not None and env.is_main else None,
                             samples_per_step, sps, eta, data_wait)
+            tr.data_wait += data_wait
             tr.metrics.gpu_memory(env.device)
             # this rank's tokens per sample stand for every rank's (ranks draw from the same buckets)
             tps, mfu = throughput.rates(sps, tokens / (t.microBatchSize * t.gradientAccumulationSteps), n_params,
@@ -679,7 +683,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
                        "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
                        "lossHistory": downsample(losses, 200)}
             sampling = sampler.seconds if sampler else 0.0
-            summary.update(samplingSeconds=round(sampling, 2), trainingSeconds=round(train_seconds - sampling, 2))
+            summary.update(samplingSeconds=round(sampling, 2), trainingSeconds=round(train_seconds - sampling, 2),
+                           dataWaitSeconds=round(tr.data_wait, 3))
             out_dir = cache_root() / "outputs" / job_name
             report = lambda arts: samples.final_report(spec, job_name, settings, sampler, losses, stats, arts,  # noqa: E731
                                                        out_dir)
