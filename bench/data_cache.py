@@ -89,8 +89,9 @@ def main():
                                      KUBELORA_PREFETCH_BATCHES=depth)
                 assert "the VAE and text encoders are not loaded" in log, log[-2000:]
                 m = json.loads((tmp / f"out-train{n}-{depth}" / "manifest.json").read_text())["metrics"]
-                res[f"wait_frac_{depth}"] = m["dataWaitSeconds"] / m["trainingSeconds"]
-                res[f"s_per_step_{depth}"] = m["trainingSeconds"] / m["steps"]
+                step = m["samplesPerStep"] / m["samplesPerSecond"]   # the trainer's steady-state step time
+                res[f"s_per_step_{depth}"] = step
+                res[f"wait_frac_{depth}"] = m["dataWaitSeconds"] / (m["steps"] * step)
                 res[f"rss_mib_{depth}"] = rss
             rows.append(res)
             print(json.dumps(res), flush=True)
