@@ -274,3 +274,11 @@ def test_two_nodes_with_their_own_cache_folders_end_with_every_entry(tmp_path, t
     assert not list(tmp_path.rglob("*.tmp"))
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["dataset"]["usable"] == 5 and m["dataset"]["unreadable"] == 1
+
+
+def test_operator_reports_a_cache_only_run_as_cache_built():
+    from kubelora_operator import status as st
+    job = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    obs = st.observe(job, [], None, {"cacheOnly": True, "cache": {"entries": 12}, "artifacts": []}, False)
+    assert (obs.phase, obs.reason) == (st.SUCCEEDED, "CacheBuilt") and "12 entries" in obs.message
+    assert obs.artifacts == []
