@@ -143,12 +143,12 @@ def _unpack(name, out, latents_shape, comps):
 @pytest.mark.parametrize("name", ["flux", "sdxl", "ltx-video", "hunyuan-video", "cosmos"])
 def test_a_masked_out_region_gets_no_gradient_in_every_family(name, tmp_path):
     """A batch of a masked item (left half of the latent grid masked out) and an unmasked one (all
-    ones at stack time, as train._stack gives it): the gradient of the loss w.r.t. the denoiser's
+    ones at stack time, as cache.stack gives it): the gradient of the loss w.r.t. the denoiser's
     prediction is exactly zero in the masked-out region, non-zero in the rest and for the unmasked
     item; an all-ones mask gives the unmasked loss exactly."""
     from kubelora_trainer.models import get_family
     from kubelora_trainer.spec import TrainingSpec
-    from kubelora_trainer.train import _stack
+    from kubelora_trainer.cache import stack
     fam = get_family(name)
     model_spec, paths = _tiny(name, tmp_path / "model")
     comps = fam.load(model_spec, paths, torch.device("cpu"))
@@ -159,7 +159,7 @@ def test_a_masked_out_region_gets_no_gradient_in_every_family(name, tmp_path):
     h, w = enc["latents"].shape[-2:]
     mask = torch.ones(h, w)
     mask[:, : w // 2] = 0
-    batch = _stack([{**enc, "mask": mask}, enc], torch.device("cpu"))
+    batch = stack([{**enc, "mask": mask}, enc])
     assert torch.equal(batch["mask"][1], torch.ones(h, w))
     training = TrainingSpec(steps=1, timestepSampling="uniform")
     denoiser = comps.trainable["unet" if name == "sdxl" else "transformer"]

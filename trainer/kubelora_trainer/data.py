@@ -209,9 +209,10 @@ def failure_reason(suffix: str, head: bytes, err: BaseException) -> str:
     return "corrupt" if sniff(head) == kind else "wrongExtension"
 
 
-def check_item(item: Item, fps: float | None = None):
+def check_item(item: Item, fps: float | None = None, decode: bool = True):
     """Check one item before training: its media file (not empty, decodes, within the pixel limits)
-    and its mask (decodes, the item's size). Returns (probe, None) or (None, Skip)."""
+    and its mask (decodes, the item's size). Returns (probe, None) or (None, Skip). decode=False:
+    an image is read from its header only (see probe)."""
     path = item.image
     try:
         size = path.stat().st_size
@@ -222,7 +223,7 @@ def check_item(item: Item, fps: float | None = None):
     except OSError as e:
         return None, Skip(item.name, "corrupt", f"{type(e).__name__}: {e}")
     try:
-        meta = probe(path, fps)
+        meta = probe(path, fps, decode)
     except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
         return None, Skip(item.name, failure_reason(path.suffix, head, e), f"{type(e).__name__}: {e}"[:300])
     if item.mask is not None:
@@ -236,17 +237,25 @@ def check_item(item: Item, fps: float | None = None):
     return meta, None
 
 
-def probe(path: Path, fps: float | None = None) -> tuple[int, int, int, bool]:
+def probe(path: Path, fps: float | None = None, decode: bool = True) -> tuple[int, int, int, bool]:
     """(width, height, frames, is_video) of a media file, decoding it fully (so a corrupt file
     fails here): frames counted at the training rate fps (as load_clip would give them), 1 for
-    an image. Raises MediaTooLarge beyond MAX_PIXELS (from the header, before decoding) or
-    MAX_VIDEO_PIXELS, OSError/ValueError/av errors for unreadable files."""
+    an image. decode=False reads an image's header only (its size and EXIF orientation): a file
+    corrupt past its header then fails when it is decoded for the cache. Raises MediaTooLarge
+    beyond MAX_PIXELS (from the header, before decoding) or MAX_VIDEO_PIXELS, OSError/ValueError/av
+    errors for unreadable files."""
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         from PIL import Image, ImageOps
         with Image.open(path) as im:
             check_pixels(*im.size)
-            im.load()
-            w, h = ImageOps.exif_transpose(im).size
+            if decode:
+                im.load()
+                w, h = ImageOps.exif_transpose(im).size
+            else:  # EXIF from the header (getexif() would decode a PNG); orientations 5-8 turn by 90 degrees
+                exif = Image.Exif()
+                if im.info.get("exif"):
+                    exif.load(im.info["exif"])
+                w, h = im.size[::-1] if exif.get(0x0112) in (5, 6, 7, 8) else im.size
         if min(w, h) < 1:
             raise ValueError("image has no pixels")
         return w, h, 1, False

@@ -184,6 +184,11 @@ class DatasetSpec(_Model):
     tagDelimiter: str = Field(default=", ", min_length=1, max_length=8, description="What separates tags in a caption.")
     captionDropout: float = Field(default=0.0, ge=0.0, le=1.0,
                                   description="Probability that a sample trains with an empty caption (seeded).")
+    cacheOnly: bool = Field(
+        default=False,
+        description="Build the latent and text-embedding cache on the nodes' cache volume (resources.cacheVolumeClaim) "
+                    "and stop successfully without training; manifest.json then says cacheOnly: true. A later job on "
+                    "the same data and model skips encoding and loads neither the VAE nor the text encoders.")
 
     @field_validator("resolutions")
     @classmethod

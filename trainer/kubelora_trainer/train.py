@@ -9,6 +9,7 @@ fail with its message and exit code rather than leaving the others waiting.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -20,12 +21,13 @@ from typing import Optional
 
 import torch
 
-from . import __version__, adapters, checkpoint, dist, exits, export, export_full, lora, metrics, samples, storage
+from . import __version__, adapters, cache, checkpoint, dist, exits, export, export_full, lora, metrics, samples, storage
 from . import masks, throughput
 from . import buckets as bk
 from .captions import options_of
 from .data import DatasetError, ScanReport, Skip, check_item, check_usable, load_unit, scan, skipped_text
-from .families import PATH_FIELDS, RULES, areas_of, frame_buckets_of, frames_of, size_of
+from .cache import CACHE_FORMAT, cache_inputs, cache_key, model_fingerprint  # noqa: F401 - re-exported
+from .families import PATH_FIELDS, RULES, areas_of, frame_buckets_of
 from .models import get_family
 from .models.base import ModelError
 from .quiet import quiet_progress_bars
@@ -82,79 +84,105 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
     return json.loads(marker.read_text())
 
 
-CACHE_FORMAT = 3  # bump whenever what encode() writes for the same inputs changes
+def sample_entries(report: ScanReport, units: list[bk.Unit]) -> list[tuple[int, int]]:
+    """Every (unit, caption variant) a batch may draw; variant -1 is the empty caption (dropout)."""
+    entries = [(n, v) for n, u in enumerate(units) for v in range(len(report.items[u.item].variants))]
+    return entries + [(n, -1) for n, u in enumerate(units) if report.items[u.item].dropout > 0]
 
 
-def cache_inputs(spec, model_fingerprint: str) -> dict:
-    """Everything besides the media bytes and the caption that a cached tensor depends on."""
-    w, h = size_of(spec.dataset)
-    r = RULES[spec.model.type]
-    return {"format": CACHE_FORMAT, "model": spec.model.model_dump(mode="json"), "files": model_fingerprint,
-            "size": [w, h], "fit": "cover+center-crop", "frames": frames_of(spec.model.type, spec.dataset) if r.video else 1,
-            "fps": r.fps if r.video else None}
-
-
-def cache_key(inputs: dict, caption: str, media: bytes, unit: Optional[bk.Unit] = None) -> str:
-    """With a unit: its bucket size, frames, clip start and fit are part of the key."""
-    extra = {} if unit is None else {"unit": {"size": list(unit.bucket[:2]), "frames": unit.bucket[2],
-                                              "start": unit.start, "fit": "cover+center-crop"}}
-    h = hashlib.sha256(json.dumps({**inputs, **extra, "caption": caption}, sort_keys=True).encode())
-    h.update(media)
-    return h.hexdigest()[:32]
-
-
-def model_fingerprint(paths: dict[str, str]) -> str:
-    """Names and sizes of the staged model files (not the dataset): a model replaced at the same
-    URI gives other cache keys."""
-    h = hashlib.sha256()
-    for field in sorted(f for f in paths if f in PATH_FIELDS):
-        root = Path(paths[field])
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        for p in files:
-            h.update(f"{field}|{p.relative_to(root) if root.is_dir() else p.name}|{p.stat().st_size}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def build_cache(spec, family, comps, items, units, entries, inputs, env) -> dict[tuple[int, int], dict]:
-    """Encode every (unit, caption variant) sample, split over ranks (reusing the on-disk cache
-    across restarts and runs), then share them so that every rank can train on any bucket."""
-    folder = cache_root() / "latents"
-    folder.mkdir(parents=True, exist_ok=True)
-    r = RULES[spec.model.type]
-    mine, hits = {}, 0
-    media: dict[int, bytes] = {}
-    for n, (u, v) in enumerate(entries):
-        if n % env.world != env.rank:
-            continue
-        unit, it = units[u], items[units[u].item]
-        caption = "" if v < 0 else it.variants[v]
-        data = media.setdefault(unit.item, masks.media_key(it.image.read_bytes(), it.mask and it.mask.read_bytes()))
-        f = folder / f"{cache_key(inputs, caption, data, unit)}.pt"
-        if f.is_file():
-            mine[(u, v)] = torch.load(f, weights_only=True)
-            hits += 1
-            continue
-        w, h, frames = unit.bucket
-        x = load_unit(it.image, w, h, frames, unit.start, fps=r.fps if r.video else None, clip=r.video).unsqueeze(0)
-        out = {k: t.detach().cpu() for k, t in family.encode(comps, x, [caption])[0].items()}
-        if it.mask is not None:  # [h, w] on the latent grid (masks.py)
-            out["mask"] = masks.latent_mask(it.mask, w, h, tuple(out["latents"].shape[-2:]))
-        mine[(u, v)] = out
-        tmp = f.with_suffix(f".tmp{os.getpid()}")
-        torch.save(out, tmp)
-        os.replace(tmp, f)
-    print(f"[cache] rank {env.rank}: {len(mine)} samples ({hits} from cache)", flush=True)
-    return mine
-
-
-def share_cache(mine: dict, env) -> dict:
-    """Every rank's encoded samples on every rank (a batch may hold any sample of its bucket)."""
-    if env.world == 1:
-        return mine
-    out = {}
-    for part in dist.all_gather(mine):
-        out.update(part)
+def entry_keys(report: ScanReport, units: list[bk.Unit], entries, digests: list[str], inputs: dict) -> list[str]:
+    """The cache key of each entry (pure but for nothing: the digests are the media content)."""
+    out = []
+    for u, v in entries:
+        unit, it = units[u], report.items[units[u].item]
+        out.append(cache_key(inputs, "" if v < 0 else it.variants[v], bytes.fromhex(digests[unit.item]), unit))
     return out
+
+
+def gather_present(keys: list[str], env) -> list[list[bool]]:
+    """Which entries each rank finds in its node's cache folder (bit-packed on the wire)."""
+    import numpy as np
+    mine = np.packbits(np.array(cache.present(cache_root(), keys), dtype=bool))
+    parts = dist.all_gather(mine) if env.world > 1 else [mine]
+    return [np.unpackbits(p, count=len(keys)).astype(bool).tolist() for p in parts]
+
+
+def encode_missing(spec, family, comps, items, digests, units, entries, keys, todo: list[int],
+                   env) -> list[tuple[int, str]]:
+    """Encode the entries no rank has, split over ranks by unit (each unit's media is decoded
+    once for all its caption variants) and write them to this node's cache. Returns the items
+    whose media could not be decoded, with the reason: skipped and counted, like unreadable
+    files found while probing (and remembered with their probe, so a later run skips them
+    without decoding)."""
+    root = cache_root()
+    r = RULES[spec.model.type]
+    per_unit: dict[int, list[int]] = {}
+    for i in todo:
+        per_unit.setdefault(entries[i][0], []).append(i)
+    mine = cache.split_units(sorted(per_unit), env.world, env.rank)
+    progress = cache.EncodeProgress(len(todo), sum(len(per_unit[u]) for u in mine), env, lambda msg: log(env, msg))
+    bad = []
+    try:
+        for u in mine:
+            unit, it = units[u], items[units[u].item]
+            w, h, frames = unit.bucket
+            try:
+                x = load_unit(it.image, w, h, frames, unit.start, fps=r.fps if r.video else None, clip=r.video).unsqueeze(0)
+            except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
+                skip = decode_failure(it, e)
+                bad.append((unit.item, skip))
+                cache.write_probe(root, digests[unit.item], r.fps if r.video else None, skip)
+                progress.add(len(per_unit[u]))
+                continue
+            for i in per_unit[u]:
+                v = entries[i][1]
+                out = {k: t.detach().cpu() for k, t in family.encode(comps, x, ["" if v < 0 else it.variants[v]])[0].items()}
+                if it.mask is not None:  # [h, w] on the latent grid (masks.py)
+                    out["mask"] = masks.latent_mask(it.mask, w, h, tuple(out["latents"].shape[-2:]))
+                cache.save_entry(root, keys[i], out)
+                progress.add()
+    finally:
+        progress.finish()
+    if env.rank == 0:
+        progress.wait()
+    return bad
+
+
+def decode_failure(item, err: BaseException) -> Skip:
+    """Why an item that passed its header check could not be decoded for the cache, as a Skip."""
+    from .data import failure_reason
+    try:
+        with open(item.image, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        head = b""
+    return Skip(item.name, failure_reason(item.image.suffix, head, err), f"{type(err).__name__}: {err}"[:300])
+
+
+def exchange(keys: list[str], env) -> int:
+    """After encoding: every rank receives the entries its node's folder lacks from a rank that
+    has them (cache.exchange_rounds: bounded rounds of object all-gathers), written atomically.
+    Returns how many entries this rank wrote."""
+    if env.world == 1:
+        return 0
+    import numpy as np
+    root = cache_root()
+    mine = np.array([p.stat().st_size if p.is_file() else 0 for p in (cache.entry_path(root, k) for k in keys)],
+                    dtype=np.int64)  # 0: absent (a saved entry is never empty)
+    sizes = [part.tolist() for part in dist.all_gather(mine)]
+    haves = [[n > 0 for n in part] for part in sizes]
+    have = haves[env.rank]
+    chunk = int(float(os.environ.get(cache.EXCHANGE_MB_ENV, "256")) * 2 ** 20)
+    received = 0
+    for rnd in cache.exchange_rounds(haves, sizes, chunk):
+        payload = {i: cache.entry_path(root, keys[i]).read_bytes() for i, sender in rnd if sender == env.rank}
+        for part in dist.all_gather(payload):
+            for i, data in part.items():
+                if not have[i]:
+                    cache.write_bytes_atomic(cache.entry_path(root, keys[i]), data)
+                    have[i] = True
+                    received += 1
+    return received
 
 
 def source_specs(spec) -> list:
@@ -170,38 +198,73 @@ def bucket_configs(spec) -> list[bk.BucketConfig]:
                             multiple=r.size_multiple, fixed=fixed, clip_mode=d.videoClipMode) for s in source_specs(spec)]
 
 
-def probe_items(report: ScanReport, env, spec) -> list[tuple[int, int, int, bool]]:
-    """Decode every item once, split over ranks: its size and frame count (at the training rate),
-    its mask checked (data.check_item). Bad ones, and items of an extreme aspect ratio for their
-    source's buckets (screen_ratios), leave report.items for report.skipped with their reason (the
-    same on every rank); every skip so far is logged by source URI (the first ten). Returns the
-    probes of the remaining items, in order."""
+def probe_items(report: ScanReport, env, spec) -> tuple[list[tuple[int, int, int, bool]], list[str]]:
+    """Check every item once, split over ranks (data.check_item: not empty, decodes, within the
+    pixel limits, its mask decodes and has its size), and hash its content (media and mask). The
+    answer for a content hash is kept in the cache (cache.read_probe), so a later run decodes
+    nothing; images are checked from their header (a file corrupt past it is found when it is
+    encoded, and skipped then). Bad ones, and items of an extreme aspect ratio for their source's
+    buckets (screen_ratios), leave report.items for report.skipped with their reason (the same on
+    every rank); every skip so far is logged by source URI (the first ten). Returns the probes and
+    digests of the remaining items, in order."""
     r = RULES[spec.model.type]
+    fps = r.fps if r.video else None
+    root = cache_root()
     items = report.items
     found, bad = [], []
     for i in range(env.rank, len(items), env.world):
-        meta, skip = check_item(items[i], r.fps if r.video else None)
-        (found if skip is None else bad).append((i, meta if skip is None else skip))
+        it = items[i]
+        try:
+            digest = item_digest(it)
+        except OSError as e:
+            bad.append((i, Skip(it.name, "corrupt", f"{type(e).__name__}: {e}"[:300])))
+            continue
+        got = cache.read_probe(root, digest, fps)
+        if got is None:
+            meta, skip = check_item(it, fps, decode=False)
+            cache.write_probe(root, digest, fps, meta if skip is None else skip)
+        else:
+            meta, skip = (None, dataclasses.replace(got, uri=it.name)) if isinstance(got, Skip) else (got, None)
+        if skip is None:
+            found.append((i, (meta, digest)))
+        else:
+            bad.append((i, skip))
     dist.phase_barrier("decoding the dataset")
     gathered = dist.all_gather((found, bad))
-    metas = settle(report, dict(m for part, _ in gathered for m in part), dict(b for _, part in gathered for b in part),
-                   bucket_configs(spec))
+    found_all = dict(m for part, _ in gathered for m in part)
+    skips = dict(b for _, part in gathered for b in part)
+    kept = settle(report, {i: m for i, (m, _) in found_all.items()}, skips, bucket_configs(spec))
     for k in report.skipped[:10]:
         log(env, f"[data] skipped {k}")
     if len(report.skipped) > 10:
         log(env, f"[data] ... and {len(report.skipped) - 10} more skipped ({skipped_text(report)})")
-    return metas
+    return [found_all[i][0] for i in kept], [found_all[i][1] for i in kept]
+
+
+def item_digest(item) -> str:
+    """What an item's cache entries and probe are keyed by: its media's content hash, combined with
+    its mask's for a masked item (a changed mask is checked and encoded again)."""
+    digest = cache.media_digest(item.image)
+    if item.mask is None:
+        return digest
+    return hashlib.sha256(masks.media_key(bytes.fromhex(digest), item.mask.read_bytes())).hexdigest()
 
 
 def settle(report: ScanReport, metas: dict[int, tuple], skips: dict[int, Skip], configs: list[bk.BucketConfig]) -> list:
     """With every item of report.items probed (metas) or skipped (skips), by index: the items of an
     extreme aspect ratio skipped too (screen_ratios), the skipped ones moved from report.items to
-    report.skipped. Returns the remaining items' probes, in order. Pure."""
-    items = report.items
-    skips = {**skips, **screen_ratios(items, metas, configs)}
+    report.skipped. Returns the indices (into the items before) of the remaining ones, in order. Pure."""
+    skips = {**skips, **screen_ratios(report.items, metas, configs)}
+    gone = drop_items(report, skips)
+    return [i for i in sorted(metas) if i not in gone]
+
+
+def drop_items(report: ScanReport, skips: dict[int, Skip]) -> set[int]:
+    """Move the items skips names (by index into report.items) to report.skipped, in order; the
+    same on every rank (skips are gathered). Returns the dropped indices. Pure."""
     report.skipped += [skips[i] for i in sorted(skips)]
-    report.items = [it for i, it in enumerate(items) if i not in skips]
-    return [metas[i] for i in range(len(items)) if i not in skips]
+    report.items = [it for i, it in enumerate(report.items) if i not in skips]
+    return set(skips)
 
 
 def screen_ratios(items, metas: dict[int, tuple], configs: list[bk.BucketConfig]) -> dict[int, Skip]:
@@ -217,6 +280,43 @@ def screen_ratios(items, metas: dict[int, tuple], configs: list[bk.BucketConfig]
                           f"{w}x{h} is {beyond:.1f}x beyond the bucket ratios {min(ars):.3g}..{max(ars):.3g} (width/height); "
                           f"less than {100 / bk.MAX_AR_BEYOND:.0f}% of it would be kept")
     return out
+
+
+def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment, dict]:
+    """Bucket the probed items, log and count what was kept and skipped, and fail when nothing
+    is usable. Returns the assignment and the dataset stats (with the bucket summary)."""
+    r = RULES[spec.model.type]
+    configs = bucket_configs(spec)
+    assignment = bk.assign(metas, configs, [it.source for it in report.items])
+    for i, why in assignment.dropped[:10]:
+        log(env, "[data] skipped " + drop_reason(report.items[i], metas[i], why, configs[report.items[i].source], r.fps or 0))
+    used = {u.item for u in assignment.units}
+    bucket_stats = bk.summary(assignment, len(report.items), [str(it.image.name) for it in report.items])
+    n_dropped = len(report.items) - len(used)
+    stats = {**report.summary(), "usable": len(used)}
+    log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
+             f"without caption, {stats['unreadable']} unreadable"
+             + (f" ({skipped_text(report)})" if report.skipped else "")
+             + (f", {n_dropped} without a bucket" if n_dropped else "")
+             + f"; {stats['emptyCaptionUsed']} trained with an empty caption")
+    if report.masked_sources:
+        log(env, f"[data] {stats['masked']} items with a loss mask, {stats['unmasked']} without"
+                 + (f" (trained unmasked; warning: no mask for {', '.join(report.unmasked[:5])}"
+                    + (" ..." if len(report.unmasked) > 5 else "") + ")" if report.unmasked else ""))
+    if report.missing_caption and report.beside:
+        from .data import caption_hint
+        log(env, "[data] warning:" + caption_hint(report))
+    for msg in bk.format_summary(bucket_stats):
+        log(env, msg)
+    m.dataset(stats["usable"], {"missing_caption": stats["missingCaption"] - stats["emptyCaptionUsed"],
+                                **{metrics.snake(k): n for k, n in report.by_reason().items()},
+                                **({"no_bucket": n_dropped} if n_dropped else {})})
+    if not used:
+        report.items = []
+    check_usable(report, ", ".join(spec.dataset.uris),
+                 dropped=f", without a frame bucket: {n_dropped}" if n_dropped else "")
+    stats["buckets"] = bucket_stats
+    return assignment, stats
 
 
 def drop_reason(item, meta, why: str, cfg: bk.BucketConfig, fps) -> str:
@@ -276,7 +376,8 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, Optional[i
         try:
             names = storage.list_keys(spec.output.uri, settings)  # one listing answers both
             steps = checkpoint.complete_steps([n.removeprefix("checkpoints/") for n in names])
-            found = ("manifest.json" in names, steps[-1] if steps else None)
+            finished = "manifest.json" in names and not cache_only_manifest(spec, settings)
+            found = (finished, steps[-1] if steps else None)
         except storage.StorageError as e:
             if e.transient:  # training from step 1 would waste the checkpoints: stop, the retried run resumes
                 err = storage.StorageError(f"output.uri: looking for checkpoints: {e}", transient=True)
@@ -284,6 +385,42 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, Optional[i
                 log(env, f"[resume] warning: cannot list {spec.output.uri}: {e}")
     dist.fail_together(err, "looking for checkpoints")
     return tuple(dist.broadcast(found))
+
+
+def cache_only_manifest(spec, settings, client=None) -> bool:
+    """Whether output.uri's manifest.json was written by a dataset.cacheOnly run (then it is
+    not a finished training run)."""
+    import tempfile
+    loc = storage.parse_uri(spec.output.uri).child("manifest.json")
+    with tempfile.TemporaryDirectory() as d:
+        path = storage.download(str(loc), Path(d), settings, client=client, log=lambda msg: None)
+        try:
+            return bool(json.loads(Path(path).read_text()).get("cacheOnly"))
+        except (OSError, ValueError):
+            return False
+
+
+def finish_cache_only(spec, job_name: str, env, m, publish, settings, stats: dict, cache_stats: dict) -> int:
+    """dataset.cacheOnly: the cache is complete on every node; write manifest.json (cacheOnly:
+    true, what was encoded, the dataset and buckets; no artifacts) and stop successfully."""
+    err = None
+    if env.is_main:
+        try:
+            out_dir = cache_root() / "outputs" / job_name
+            out_dir.mkdir(parents=True, exist_ok=True)
+            export.publish_manifest(spec, job_name, {}, [], stats, {}, settings, None, out_dir,
+                                    extra=lambda arts: {"cacheOnly": True, "cache": cache_stats})
+        except storage.StorageError as e:
+            err = e
+        except OSError as e:
+            err = RunError(str(e))
+    dist.fail_together(err, "writing manifest.json")
+    m.phase("Succeeded")
+    if env.is_main:
+        publish(Progress(phase="Succeeded", totalSteps=spec.training.steps), force=True)
+        log(env, f"[done] dataset.cacheOnly: the cache of {cache_stats['entries']} entries is complete "
+                 f"({cache_stats['encoded']} encoded); no training (manifest.json says cacheOnly: true)")
+    return 0
 
 
 def resume_plan(on_existing: str, finished: bool, latest: Optional[int]) -> str:
@@ -324,11 +461,6 @@ class LoopState:
         return True
 
 
-def _stack(samples: list[dict], device) -> dict[str, torch.Tensor]:
-    samples = masks.fill_masks(samples)  # a batch mixing masked and unmasked items: all ones for the latter
-    return {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
-
-
 @dataclass
 class Trainer:
     """What the step loop works with (built by _run)."""
@@ -338,7 +470,7 @@ class Trainer:
     adapters: adapters.Adapters
     opt: torch.optim.Optimizer
     sched: object
-    cached: dict
+    loader: cache.Loader
     env: dist.DistEnv
     state: LoopState
     modules: torch.nn.Module
@@ -348,6 +480,7 @@ class Trainer:
     epoch_size: int
     metrics: object = field(default_factory=metrics.Off)
     sampler: Optional[samples.Sampler] = None   # spec.samples (None: off)
+    data_wait: float = 0.0                      # seconds this rank's steps waited for the cache loader
 
 
 def grad_norm(params: list[torch.nn.Parameter], max_norm: Optional[float]) -> Optional[torch.Tensor]:
@@ -383,7 +516,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             data_wait, tokens = 0.0, 0
             for micro in range(t.gradientAccumulationSteps):
                 t_data = time.perf_counter()
-                batch = _stack([tr.cached[s] for s in state.sampler.next_batch()], env.device)
+                batch = {k: v.to(env.device) for k, v in tr.loader.next()[1].items()}
                 data_wait += time.perf_counter() - t_data
                 tokens += len(batch["latents"]) * throughput.tokens_of(tuple(batch["latents"].shape[1:]), patch)
                 with tr.adapters.compute():
@@ -408,6 +541,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             epoch = epoch_of(step * samples_per_step, tr.epoch_size)
             tr.metrics.step(step, epoch, mean, lr_used, float(norm) if norm is not None and env.is_main else None,
                             samples_per_step, sps, eta, data_wait)
+            tr.data_wait += data_wait
             tr.metrics.gpu_memory(env.device)
             # this rank's tokens per sample stand for every rank's (ranks draw from the same buckets)
             tps, mfu = throughput.rates(sps, tokens / (t.microBatchSize * t.gradientAccumulationSteps), n_params,
@@ -500,60 +634,61 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         mask_root = paths.get(f"dataset.{i}.mask")
         report.merge(scan(Path(paths[f"dataset.{i}"]), video=r.video, opts=options_of(spec.dataset, src), source=i,
                           seed=t.seed, uri=spec.dataset.uris[i], mask_root=Path(mask_root) if mask_root else None))
-    metas = probe_items(report, env, spec)
-    configs = bucket_configs(spec)
-    assignment = bk.assign(metas, configs, [it.source for it in report.items])
-    for i, why in assignment.dropped[:10]:
-        log(env, "[data] skipped " + drop_reason(report.items[i], metas[i], why, configs[report.items[i].source], r.fps or 0))
-    used = {u.item for u in assignment.units}
-    bucket_stats = bk.summary(assignment, len(report.items), [str(it.image.name) for it in report.items])
-    n_dropped = len(report.items) - len(used)
-    stats = {**report.summary(), "usable": len(used)}
-    log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
-             f"without caption, {stats['unreadable']} unreadable"
-             + (f" ({skipped_text(report)})" if report.skipped else "")
-             + (f", {n_dropped} without a bucket" if n_dropped else "")
-             + f"; {stats['emptyCaptionUsed']} trained with an empty caption")
-    if report.masked_sources:
-        log(env, f"[data] {stats['masked']} items with a loss mask, {stats['unmasked']} without"
-                 + (f" (trained unmasked; warning: no mask for {', '.join(report.unmasked[:5])}"
-                    + (" ..." if len(report.unmasked) > 5 else "") + ")" if report.unmasked else ""))
-    if report.missing_caption and report.beside:
-        from .data import caption_hint
-        log(env, "[data] warning:" + caption_hint(report))
-    for msg in bk.format_summary(bucket_stats):
-        log(env, msg)
-    m.dataset(stats["usable"], {"missing_caption": stats["missingCaption"] - stats["emptyCaptionUsed"],
-                                **{metrics.snake(k): n for k, n in report.by_reason().items()},
-                                **({"no_bucket": n_dropped} if n_dropped else {})})
-    if not used:
-        report.items = []
-    check_usable(report, ", ".join(spec.dataset.uris),
-                 dropped=f", without a frame bucket: {n_dropped}" if n_dropped else "")
-    stats["buckets"] = bucket_stats
+    metas, digests = probe_items(report, env, spec)
+    assignment, stats = layout_data(spec, report, metas, env, m)
 
-    # ---- model and cache
+    # ---- cache: which samples are on disk is known before any model is loaded
     log(env, "[phase] cache")
     m.phase("Caching")
     quiet_progress_bars()
+    inputs = cache_inputs(spec, model_fingerprint(paths))
+    entries = sample_entries(report, assignment.units)
+    keys = entry_keys(report, assignment.units, entries, digests, inputs)
+    distinct = list(dict.fromkeys(keys))  # shuffled captions may repeat: one entry for equal samples
+    todo = cache.first_entries(keys, {distinct[i] for i in cache.missing_everywhere(gather_present(distinct, env))})
+    # spec.samples needs the VAE (decoding) and the prompts' embeddings: encoders load with it on
+    encoders = bool(todo) or spec.samples is not None
+    log(env, f"[cache] {len(distinct)} entries: {len(distinct) - len(todo)} cached, {len(todo)} to encode; "
+             + ("loading the VAE and text encoders" if encoders else "the VAE and text encoders are not loaded"))
     # a failure on one rank (a bad file, a missing weight) stops every rank with its reason
-    comps = dist.agree(family.load, spec.model, paths, env.device)
+    comps = dist.agree(family.load, spec.model, paths, env.device, encoders=encoders)
+    todo_keys = {keys[i] for i in todo}
+    if todo:
+        mine = dist.agree(encode_missing, spec, family, comps, report.items, digests, assignment.units, entries, keys,
+                          todo, env)
+        bad = dict(b for part in dist.all_gather(mine) for b in part)
+        if bad:  # corrupt past the header: the same items dropped on every rank, the layout made again
+            gone = drop_items(report, bad)
+            for i in sorted(bad)[:10]:
+                log(env, f"[data] skipped {bad[i]}")
+            metas = [x for i, x in enumerate(metas) if i not in gone]
+            digests = [x for i, x in enumerate(digests) if i not in gone]
+            assignment, stats = layout_data(spec, report, metas, env, m)
+            entries = sample_entries(report, assignment.units)
+            keys = entry_keys(report, assignment.units, entries, digests, inputs)
+    distinct = list(dict.fromkeys(keys))
+    received = exchange(distinct, env)
+    got = sum(dist.all_gather(received)) if env.world > 1 else 0
+    encoded = len(todo_keys & set(distinct))
+    cache_stats = {"entries": len(distinct), "encoded": encoded, "cached": len(distinct) - encoded,
+                   "copiedBetweenNodes": got}
+    log(env, f"[cache] {len(distinct)} entries ready on every rank: {encoded} encoded, {len(distinct) - encoded} were cached"
+             + (f"; {got} copied between nodes" if got else ""))
+    if spec.dataset.cacheOnly:
+        return finish_cache_only(spec, job_name, env, m, publish, settings, stats, cache_stats)
+    # spec.samples: prompt embeddings now, while the encoders are loaded (None when off)
+    sampler = dist.agree(samples.setup, spec, family, comps, job_name, settings, stats, cache_root() / "outputs" / job_name)
+    comps.encoders.clear()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
     units = assignment.units
     src_repeats = [s.repeats if s is not None else spec.dataset.repeats for s in source_specs(spec)]
     space = bk.SampleSpace(buckets=tuple(u.bucket for u in units),
                            repeats=tuple(src_repeats[u.source] for u in units),
                            variants=tuple(len(report.items[u.item].variants) for u in units),
                            dropout=tuple(report.items[u.item].dropout for u in units))
-    entries = [(n, v) for n, u in enumerate(units) for v in range(len(report.items[u.item].variants))]
-    entries += [(n, -1) for n, u in enumerate(units) if report.items[u.item].dropout > 0]
-    inputs = cache_inputs(spec, model_fingerprint(paths))
-    mine = dist.agree(build_cache, spec, family, comps, report.items, units, entries, inputs, env)
-    cached = share_cache(mine, env)
-    # spec.samples: prompt embeddings now, while the encoders are loaded (None when off)
-    sampler = dist.agree(samples.setup, spec, family, comps, job_name, settings, stats, cache_root() / "outputs" / job_name)
-    comps.encoders.clear()
-    if env.device.type == "cuda":
-        torch.cuda.empty_cache()
+    key_of = dict(zip(entries, keys))
+    root = cache_root()
 
     # ---- adapters + parallelism
     ad = dist.agree(adapters.attach, comps, family, spec, env)
@@ -566,7 +701,9 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     # ---- train (from step 1, or from the newest checkpoint)
     state = LoopState(gen=torch.Generator(device=env.device).manual_seed(t.seed * 1000 + env.rank),
                       sampler=bk.BucketSampler(space, t.seed, t.microBatchSize, env.world, env.rank))
-    tr = Trainer(spec, family, comps, ad, opt, sched, cached, env, state,
+    loader = cache.Loader(lambda s: cache.load_entry(root, key_of[s]), state.sampler,
+                          depth=int(os.environ.get(cache.PREFETCH_ENV, "2")))
+    tr = Trainer(spec, family, comps, ad, opt, sched, loader, env, state,
                  modules=torch.nn.ModuleDict(comps.trainable), local_ckpt=cache_root() / "checkpoints" / job_name,
                  settings=settings, publish=publish, epoch_size=sum(space.repeats), metrics=m, sampler=sampler)
     start = 1
@@ -586,7 +723,10 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
     meter = Meter(t.steps, samples_per_step)
     prog = Progress(phase="Training", totalSteps=t.steps, resumedFrom=start - 1 if start > 1 else None)
-    _train_steps(tr, start, meter, prog)
+    try:
+        _train_steps(tr, start, meter, prog)
+    finally:
+        loader.close()
     losses = state.losses
     train_seconds = time.time() - t_start
 
@@ -608,7 +748,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
                        "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
                        "lossHistory": downsample(losses, 200)}
             sampling = sampler.seconds if sampler else 0.0
-            summary.update(samplingSeconds=round(sampling, 2), trainingSeconds=round(train_seconds - sampling, 2))
+            summary.update(samplingSeconds=round(sampling, 2), trainingSeconds=round(train_seconds - sampling, 2),
+                           dataWaitSeconds=round(tr.data_wait, 3))
             out_dir = cache_root() / "outputs" / job_name
             report = lambda arts: samples.final_report(spec, job_name, settings, sampler, losses, stats, arts,  # noqa: E731
                                                        out_dir)

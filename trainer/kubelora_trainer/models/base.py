@@ -37,8 +37,11 @@ class Components:
 class ModelFamily(Protocol):
     name: str  # formats, path fields, options and data rules: families.RULES[name]
 
-    def load(self, model_spec, paths: dict[str, str], device: torch.device) -> Components:
-        """Build the components from the staged local paths (keys: the spec's path fields)."""
+    def load(self, model_spec, paths: dict[str, str], device: torch.device, encoders: bool = True) -> Components:
+        """Build the components from the staged local paths (keys: the spec's path fields).
+        encoders=False (every cached tensor is already on disk, no samples): the VAE and the
+        frozen text encoders are not constructed, comps.encoders is empty and comps.info holds
+        only what loss() reads; text encoders that are trained (SDXL) are still built."""
 
     def lora_targets(self) -> dict[str, str | list[str]]:
         """Default peft target_modules per trainable component (adapter.targetModules overrides

@@ -287,10 +287,12 @@ def sampling_pipeline(transformer, vae, safety_checker):
 class Cosmos:
     name = "cosmos"
 
-    def load(self, model_spec, paths, device):
+    def load(self, model_spec, paths, device, encoders=True):
         ensure_torch_resize()
         dtype = getattr(torch, model_spec.dtype)
         transformer = load_transformer(Path(paths["transformerPath"]), dtype).to(device)
+        if not encoders:  # loss() reads nothing of the tokenizer's; its normalization is in the cached latents
+            return Components(trainable={"transformer": transformer})
         vae, mean, std = load_vae(Path(paths["vaePath"]), dtype)
         te_path = Path(paths["textEncoderPath"])
         tokenizer = load_tokenizer(te_path)

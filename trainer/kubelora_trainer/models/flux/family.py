@@ -84,7 +84,7 @@ def _bypass_guidance(transformer) -> None:
 class Flux:
     name = "flux"
 
-    def load(self, model_spec, paths, device):
+    def load(self, model_spec, paths, device, encoders=True):
         from diffusers import FluxPipeline, FluxTransformer2DModel
 
         dtype = getattr(torch, model_spec.dtype)
@@ -98,10 +98,13 @@ class Flux:
             transformer = load_bfl_transformer(root, Path(paths["transformerPath"]), dtype)
         else:
             transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
-        pipe = FluxPipeline.from_pretrained(root, transformer=None, torch_dtype=dtype).to(device)
         transformer.to(device)
         if model_spec.bypassGuidanceEmbedding:
             _bypass_guidance(transformer)
+        if not encoders:
+            return Components(trainable={"transformer": transformer},
+                              info={"guidance_embeds": bool(transformer.config.guidance_embeds)})
+        pipe = FluxPipeline.from_pretrained(root, transformer=None, torch_dtype=dtype).to(device)
         return Components(trainable={"transformer": transformer}, encoders={"pipe": pipe},
                           info={"guidance_embeds": bool(transformer.config.guidance_embeds),
                                 "vae_shift": pipe.vae.config.shift_factor or 0.0,

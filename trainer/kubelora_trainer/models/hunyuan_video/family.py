@@ -282,12 +282,15 @@ def unmask_full_captions(transformer) -> _TextMask:
 class HunyuanVideo:
     name = "hunyuan-video"
 
-    def load(self, model_spec, paths, device):
+    def load(self, model_spec, paths, device, encoders=True):
         from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
 
         dtype = getattr(torch, model_spec.dtype)
         src = resolve_sources(paths)
         transformer = load_transformer(src["transformer"][1], dtype, src["transformer"][0])
+        if not encoders:
+            return Components(trainable={"transformer": transformer.to(device)},
+                              info={"guidance_embeds": bool(transformer.config.guidance_embeds)})
         vae = load_vae(src["vae"][1], dtype, src["vae"][0])
         llm, tok, clip, clip_tok = load_text_encoders(src["llm"][1], src["clip"][1], dtype, src["llm"][0], src["clip"][0])
         if llm.config.hidden_size != transformer.config.text_embed_dim:

@@ -82,19 +82,28 @@ def _prefix(fmt: str) -> str:
 class LTXVideo:
     name = "ltx-video"
 
-    def load(self, model_spec, paths, device):
-        from diffusers import LTXPipeline, LTXVideoTransformer3DModel
+    def load(self, model_spec, paths, device, encoders=True):
+        from diffusers import AutoencoderKLLTXVideo, LTXPipeline, LTXVideoTransformer3DModel
 
         root = Path(paths["diffusersPath"])
         check_layout(root)
         dtype = getattr(torch, model_spec.dtype)
         transformer = LTXVideoTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
-        pipe = LTXPipeline.from_pretrained(root, transformer=None, torch_dtype=dtype).to(device)
         transformer.to(device)
+        info = {"patch": transformer.config.patch_size, "patch_t": transformer.config.patch_size_t}
+        if not encoders:  # the VAE's compression ratios from its config, as its __init__ computes them
+            import inspect
+            defaults = {k: p.default for k, p in inspect.signature(AutoencoderKLLTXVideo.__init__).parameters.items()}
+            cfg = {**defaults, **AutoencoderKLLTXVideo.load_config(root, subfolder="vae")}
+            scaled = sum(cfg["spatio_temporal_scaling"])
+            info.update(spatial=cfg["spatial_compression_ratio"] or cfg["patch_size"] * 2 ** scaled,
+                        temporal=cfg["temporal_compression_ratio"] or cfg["patch_size_t"] * 2 ** scaled)
+            return Components(trainable={"transformer": transformer}, info=info)
+        pipe = LTXPipeline.from_pretrained(root, transformer=None, torch_dtype=dtype).to(device)
         vae = pipe.vae
         return Components(trainable={"transformer": transformer}, encoders={"pipe": pipe},
-                          info={"spatial": vae.spatial_compression_ratio, "temporal": vae.temporal_compression_ratio,
-                                "patch": transformer.config.patch_size, "patch_t": transformer.config.patch_size_t})
+                          info={**info, "spatial": vae.spatial_compression_ratio,
+                                "temporal": vae.temporal_compression_ratio})
 
     def lora_targets(self):
         return {"transformer": DEFAULT_TARGETS}

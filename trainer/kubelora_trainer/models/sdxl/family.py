@@ -130,8 +130,9 @@ def flavor_tokenizers(flavor: str):
     return clip_tokenizer(), clip_tokenizer("!")
 
 
-def load_single_file(ckpt: Path, dtype: torch.dtype):
-    """StableDiffusionXLPipeline from an original-layout .safetensors with the shipped configs."""
+def load_single_file(ckpt: Path, dtype: torch.dtype, vae: bool = True):
+    """StableDiffusionXLPipeline from an original-layout .safetensors with the shipped configs
+    (vae=False: without the VAE)."""
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open
 
@@ -149,8 +150,8 @@ def load_single_file(ckpt: Path, dtype: torch.dtype):
     tok, tok2 = flavor_tokenizers(flavor)
     pipe = StableDiffusionXLPipeline.from_single_file(
         str(ckpt), config=str(CONFIG_DIR / flavor), tokenizer=tok, tokenizer_2=tok2, torch_dtype=dtype,
-        local_files_only=True)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        local_files_only=True, **({} if vae else {"vae": None}))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2") if vae else ("unet", "text_encoder", "text_encoder_2"):
         missing = [n for n, p in getattr(pipe, name).named_parameters() if p.is_meta]
         if missing:
             raise ModelError(f"model.checkpointPath: {ckpt.name} has no weights for {name}.{missing[0]} "
@@ -232,17 +233,18 @@ def objective(model_spec, sched_cfg, file_marks: dict) -> tuple[bool, bool]:
 class SDXL:
     name = "sdxl"
 
-    def load(self, model_spec, paths, device):
+    def load(self, model_spec, paths, device, encoders=True):
+        """encoders=False: no VAE; the text encoders are trained here, so they are built either way."""
         from diffusers import StableDiffusionXLPipeline
 
         dtype = getattr(torch, model_spec.dtype)
         marks = {}
         if paths.get("checkpointPath"):
-            pipe, marks = load_single_file(Path(paths["checkpointPath"]), dtype)
+            pipe, marks = load_single_file(Path(paths["checkpointPath"]), dtype, vae=encoders)
         else:
             root = Path(paths["diffusersPath"])
             check_diffusers_folder(root)
-            pipe = StableDiffusionXLPipeline.from_pretrained(root, torch_dtype=dtype)
+            pipe = StableDiffusionXLPipeline.from_pretrained(root, torch_dtype=dtype, **({} if encoders else {"vae": None}))
         unet = pipe.unet
         if unet.config.addition_embed_type != "text_time" or unet.config.layers_per_block != LAYERS_PER_BLOCK:
             raise ModelError("model: the UNet is not SDXL-shaped (needs addition_embed_type text_time and "
@@ -254,9 +256,11 @@ class SDXL:
                   "pure noise and the target equals it; zero terminal SNR is meant for v-prediction (model.vPred)",
                   flush=True)
         alphas = schedule(sched_cfg, ztsnr)
-        vae = pipe.vae.to(device, torch.float32)  # encoded once and cached; fp16/bf16 SDXL VAEs overflow
         trainable = {"unet": unet.to(device), "text_encoder": pipe.text_encoder.to(device),
                      "text_encoder_2": pipe.text_encoder_2.to(device)}
+        if not encoders:
+            return Components(trainable=trainable, info={"alphas_cumprod": alphas, "v_pred": v_pred})
+        vae = pipe.vae.to(device, torch.float32)  # encoded once and cached; fp16/bf16 SDXL VAEs overflow
         return Components(trainable=trainable,
                           encoders={"vae": vae, "tokenizer": pipe.tokenizer, "tokenizer_2": pipe.tokenizer_2,
                                     "scheduler": pipe.scheduler},

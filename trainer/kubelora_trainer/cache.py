@@ -1,0 +1,331 @@
+"""The latent cache on the node's cache volume, and the loader that streams it during training.
+
+Layout under cache_root() (the node's emptyDir or PVC, $KUBELORA_CACHE_DIR):
+
+    latents/<key>.pt     one sample's tensors (family.encode's dict for one unit and one caption),
+                         key = cache_key(): everything the tensors depend on (model files, family
+                         settings, bucket size and frames, clip start, fit, caption, media bytes)
+    probes/<key>.json    a media file's (width, height, frames at the training rate, is_video),
+                         keyed by its content hash and the rate: a later run decodes nothing
+
+Every file is written to a temporary name and renamed into place (os.replace), so ranks sharing
+one folder (the ranks of a node) or a killed run never leave a partial entry under a final name.
+
+Which entries a run needs is known before any model is loaded (the keys need only the model
+files' names and sizes, the spec, the media bytes and the captions): a run whose entries all
+exist on some rank loads neither the VAE nor the text encoders (family.load(encoders=False)).
+Missing entries are encoded split over all ranks, then each rank receives the entries its node
+lacks (exchange(): bounded rounds of object all-gathers), so every rank can read every sample.
+
+Pure planning (what to encode, who sends what in which round) is separate from the I/O.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import buckets as bk
+from .families import PATH_FIELDS, RULES, frames_of, size_of
+
+CACHE_FORMAT = 4  # bump whenever what encode() writes for the same inputs changes (4: media by content hash)
+PROBE_FORMAT = 2  # bump whenever data.check_item's answer for the same bytes changes (2: skips with reasons)
+EXCHANGE_MB_ENV = "KUBELORA_CACHE_EXCHANGE_MB"   # bytes per exchange round (default 256 MiB)
+PROGRESS_SECONDS_ENV = "KUBELORA_CACHE_PROGRESS_SECONDS"  # the encoding progress line's period (default 10)
+PREFETCH_ENV = "KUBELORA_PREFETCH_BATCHES"   # micro-batches read ahead during training (default 2; 0: none)
+FIT = "cover+center-crop"
+
+
+# ---------------------------------------------------------------- keys (pure)
+
+def cache_inputs(spec, model_fingerprint: str) -> dict:
+    """Everything besides the media bytes and the caption that a cached tensor depends on."""
+    w, h = size_of(spec.dataset)
+    r = RULES[spec.model.type]
+    return {"format": CACHE_FORMAT, "model": spec.model.model_dump(mode="json"), "files": model_fingerprint,
+            "size": [w, h], "fit": FIT, "frames": frames_of(spec.model.type, spec.dataset) if r.video else 1,
+            "fps": r.fps if r.video else None}
+
+
+def cache_key(inputs: dict, caption: str, media: bytes, unit: Optional[bk.Unit] = None) -> str:
+    """media: the media file's bytes or its content digest. With a unit, its bucket size,
+    frames, clip start and fit are part of the key and the dataset-wide size and frames are not
+    (so adding a resolution re-encodes only the new bucket's samples)."""
+    if unit is not None:
+        inputs = {k: v for k, v in inputs.items() if k not in ("size", "frames")}
+        inputs = {**inputs, "unit": {"size": list(unit.bucket[:2]), "frames": unit.bucket[2], "start": unit.start,
+                                     "fit": FIT}}
+    h = hashlib.sha256(json.dumps({**inputs, "caption": caption}, sort_keys=True).encode())
+    h.update(media)
+    return h.hexdigest()[:32]
+
+
+def model_fingerprint(paths: dict[str, str]) -> str:
+    """Names and sizes of the staged model files (not the dataset): a model replaced at the same
+    URI gives other cache keys."""
+    h = hashlib.sha256()
+    for field in sorted(f for f in paths if f in PATH_FIELDS):
+        root = Path(paths[field])
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for p in files:
+            h.update(f"{field}|{p.relative_to(root) if root.is_dir() else p.name}|{p.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def media_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a media file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- files
+
+def entry_path(root: Path, key: str) -> Path:
+    return root / "latents" / f"{key}.pt"
+
+
+def probe_path(root: Path, digest: str, fps: Optional[float]) -> Path:
+    from .data import MAX_PIXELS, MAX_VIDEO_PIXELS  # other limits: probed again, not a stale answer
+    name = hashlib.sha256(f"{PROBE_FORMAT}|{digest}|{fps}|{MAX_PIXELS}|{MAX_VIDEO_PIXELS}".encode()).hexdigest()[:32]
+    return root / "probes" / f"{name}.json"
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_entry(root: Path, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    path = entry_path(root, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    torch.save(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def load_entry(root: Path, key: str) -> dict[str, torch.Tensor]:
+    return torch.load(entry_path(root, key), weights_only=True)
+
+
+def read_probe(root: Path, digest: str, fps: Optional[float]):
+    """The cached check of these bytes (data.check_item): (width, height, frames, is_video), a
+    data.Skip without its uri (why they are skipped, found by this or an earlier run), or None (not
+    checked yet)."""
+    from .data import Skip
+    try:
+        got = json.loads(probe_path(root, digest, fps).read_text())
+        if isinstance(got, dict):
+            return Skip("", str(got["skip"][0]), str(got["skip"][1]))
+        w, h, frames, video = got
+        return int(w), int(h), int(frames), bool(video)
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
+        return None
+
+
+def write_probe(root: Path, digest: str, fps: Optional[float], meta) -> None:
+    """meta: a probe tuple, or a data.Skip saying why the bytes are skipped."""
+    body = {"skip": [meta.reason, meta.detail]} if hasattr(meta, "reason") else list(meta)
+    write_bytes_atomic(probe_path(root, digest, fps), json.dumps(body).encode())
+
+
+def present(root: Path, keys: list[str]) -> list[bool]:
+    return [entry_path(root, k).is_file() for k in keys]
+
+
+# ---------------------------------------------------------------- planning (pure)
+
+def missing_everywhere(haves: list[list[bool]]) -> list[int]:
+    """Indices of the entries that no rank has (they must be encoded)."""
+    return [i for i in range(len(haves[0]) if haves else 0) if not any(h[i] for h in haves)]
+
+
+def first_entries(keys: list[str], wanted: set[str]) -> list[int]:
+    """The first entry with each wanted key (equal samples, e.g. two shuffled captions that came
+    out alike, are encoded once)."""
+    seen, out = set(), []
+    for i, k in enumerate(keys):
+        if k in wanted and k not in seen:
+            seen.add(k)
+            out.append(i)
+    return out
+
+
+def split_units(todo_units: list[int], world: int, rank: int) -> list[int]:
+    """This rank's share of the units to encode (round robin in unit order: every rank gets a
+    mix of buckets and sizes)."""
+    return todo_units[rank::world]
+
+
+def exchange_rounds(haves: list[list[bool]], sizes: list[list[int]], chunk_bytes: int) -> list[list[tuple[int, int]]]:
+    """Who sends which entry in which round, so that afterwards every rank has every entry some
+    rank has. haves[r][i]: rank r holds entry i (sizes[r][i] its bytes). An entry that some rank
+    lacks is sent once, by the lowest rank holding it; a round carries at most chunk_bytes in all
+    (an entry larger than that goes alone), so no rank holds more than about chunk_bytes of
+    received entries at a time. Returns rounds of (entry, sender). Pure: every rank computes the
+    same plan from the same gathered lists."""
+    rounds, cur, used = [], [], 0
+    for i in range(len(haves[0]) if haves else 0):
+        holders = [r for r, h in enumerate(haves) if h[i]]
+        if not holders or len(holders) == len(haves):
+            continue
+        size = sizes[holders[0]][i]
+        if cur and used + size > chunk_bytes:
+            rounds.append(cur)
+            cur, used = [], 0
+        cur.append((i, holders[0]))
+        used += size
+    if cur:
+        rounds.append(cur)
+    return rounds
+
+
+def format_rate(done: int, total: int, seconds: float) -> str:
+    """'120/500 samples, 3.2 samples/s, eta 1:58' (pure)."""
+    from .progress import format_eta
+    rate = done / seconds if seconds > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else None
+    return f"{done}/{total} samples, {rate:.2f} samples/s, eta {format_eta(eta)}"
+
+
+# ---------------------------------------------------------------- progress over ranks
+
+class EncodeProgress:
+    """Samples encoded by all ranks, counted on the rendezvous store (no collective): every
+    rank adds what it finished, and on a failure or at the end what it will not do, so the
+    count always reaches the total. Rank 0 logs a line every $KUBELORA_CACHE_PROGRESS_SECONDS
+    (10) and at the end; wait() lets rank 0 keep logging while the others finish."""
+
+    _runs = [0]
+
+    def __init__(self, total: int, mine: int, env, log: Callable[[str], None]):
+        import torch.distributed as tdist
+        self.total, self.mine, self.env, self.log = total, mine, env, log
+        self.interval = float(os.environ.get(PROGRESS_SECONDS_ENV, "10"))
+        self.t0 = self.last = time.monotonic()
+        self.own = 0
+        self.store = tdist.distributed_c10d._get_default_store() if env.world > 1 else None
+        EncodeProgress._runs[0] += 1
+        self.key = f"kubelora/cache/encoded/{EncodeProgress._runs[0]}"
+
+    def _count(self, n: int = 0) -> int:
+        if self.store is None:
+            return self.own
+        return int(self.store.add(self.key, n))
+
+    def add(self, n: int = 1) -> None:
+        self.own += n
+        done = self._count(n)
+        self._maybe_log(done)
+
+    def _maybe_log(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.env.rank == 0 and (force or now - self.last >= self.interval):
+            self.last = now
+            self.log(f"[cache] encoding: {format_rate(done, self.total, now - self.t0)}")
+
+    def finish(self) -> None:
+        """This rank is done (or failed): count what it will not encode."""
+        left = self.mine - self.own
+        if left > 0:
+            self.own = self.mine
+            self._count(left)
+
+    def wait(self, timeout: float = 7200.0) -> None:
+        """Rank 0: log until every rank has finished, then the final line."""
+        deadline = time.monotonic() + timeout
+        done = self._count()
+        while done < self.total and time.monotonic() < deadline:
+            time.sleep(0.2)
+            done = self._count()
+            self._maybe_log(done)
+        self._maybe_log(done, force=True)
+
+
+# ---------------------------------------------------------------- streaming
+
+Sample = bk.Sample
+
+
+def stack(samples: list[dict]) -> dict[str, torch.Tensor]:
+    from .masks import fill_masks
+    samples = fill_masks(samples)  # a batch mixing masked and unmasked items: all ones for the latter
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class Loader:
+    """Micro-batches read from the cache files as training asks for them; nothing is kept after
+    its step, so memory does not grow with the dataset. A background thread reads the next
+    `depth` batches ahead, drawn from its own copy of the bucket sampler (the sampler itself, whose
+    state checkpoints save, advances only as the loop takes batches). The thread starts on the
+    first batch, after a resume has restored the sampler."""
+
+    def __init__(self, read: Callable[[Sample], dict], sampler: bk.BucketSampler, depth: int = 2):
+        self.read, self.sampler, self.depth = read, sampler, depth
+        self._q: Optional[queue.Queue] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.loaded = 0   # samples read from disk
+
+    def _ahead(self) -> bk.BucketSampler:
+        s = self.sampler
+        ahead = bk.BucketSampler(s.space, s.seed, s.micro, s.world, s.rank)
+        ahead.load_state_dict(s.state_dict())
+        return ahead
+
+    def _work(self, ahead: bk.BucketSampler) -> None:
+        try:
+            while not self._stop.is_set():
+                ids = ahead.next_batch()
+                item = (ids, stack([self._read(s) for s in ids]))
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
+            self._q.put((None, e))
+
+    def _read(self, s: Sample) -> dict:
+        self.loaded += 1
+        return self.read(s)
+
+    def next(self) -> tuple[list[Sample], dict[str, torch.Tensor]]:
+        """The sampler's next micro-batch: (sample ids, stacked CPU tensors)."""
+        if self.depth <= 0:
+            ids = self.sampler.next_batch()
+            return ids, stack([self._read(s) for s in ids])
+        if self._thread is None:
+            self._q = queue.Queue(maxsize=self.depth)
+            self._thread = threading.Thread(target=self._work, args=(self._ahead(),), daemon=True,
+                                            name="kubelora-cache-loader")
+            self._thread.start()
+        ids = self.sampler.next_batch()
+        got, tensors = self._q.get()
+        if got is None:
+            raise tensors
+        if got != ids:  # the copy draws exactly what the sampler draws
+            raise RuntimeError(f"cache loader out of step with the sampler ({got} != {ids})")
+        return ids, tensors
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
