@@ -165,6 +165,9 @@ def main():
                mfu=round(flops / s / peak, 3) if peak else None, tflop_per_step=round(flops / 1e12, 2),
                gpu=gpu, params_b=round(nparams / 1e9, 3), lora_m=round(n_lora / 1e6, 2), init_s=round(init_s, 1),
                first_step_s=round(first_s, 1), loss=loss, **mem)
+    # 2x8 GPUs at 400 Gb/s each, LoRA gradients in fp32, replicated base (scaling.py; bench/projection.py)
+    from kubelora_trainer.scaling import project
+    res["proj_2x8_replicate_eff"] = round(project(s, n_lora * 4, 0, "replicate").efficiency_serial, 4)
     dist.close()
     return res
 
