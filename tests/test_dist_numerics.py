@@ -1,7 +1,7 @@
 """One process and two (real torchrun, gloo), replicated or sharded with FSDP2, train the same
 numeric model: the same weights, batch and step give the same output within fp32 tolerance; LoRA
 dropout draws different masks on each rank; and replicated ranks send only the adapters'
-gradients (the frozen base never travels), sharded ones the base as well."""
+gradients (the frozen base never travels), sharded ones the base as well; a float8 base shards too."""
 import json
 import os
 import subprocess
@@ -14,10 +14,10 @@ import torch
 WORKER = Path(__file__).parent / "workers" / "dist_numerics.py"
 
 
-def _run(nproc: int, out: Path, sharding: str = "auto") -> dict:
+def _run(nproc: int, out: Path, sharding: str = "auto", *extra: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={nproc}", str(WORKER), str(out), sharding],
+                           f"--nproc-per-node={nproc}", str(WORKER), str(out), sharding, *extra],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -27,7 +27,9 @@ def _run(nproc: int, out: Path, sharding: str = "auto") -> dict:
 def results(tmp_path_factory):
     d = tmp_path_factory.mktemp("numerics")
     return {"one": _run(1, d / "one.json"), "shard": _run(2, d / "shard.json", "shard"),
-            "replicate": _run(2, d / "replicate.json", "replicate")}
+            "replicate": _run(2, d / "replicate.json", "replicate"),
+            "one_fp8": _run(1, d / "one_fp8.json", "auto", "float8"),
+            "shard_fp8": _run(2, d / "shard_fp8.json", "shard", "float8")}
 
 
 @pytest.mark.parametrize("sharding", ["shard", "replicate"])
@@ -49,3 +51,15 @@ def test_lora_dropout_masks_differ_per_rank(results):
     two = results["replicate"]
     r0, r1 = (torch.tensor(x) for x in two["dropout_outs"])
     assert not torch.equal(r0, r1), "both ranks drew the same dropout masks"
+
+
+def test_a_float8_base_shards_with_fsdp2_and_computes_what_one_rank_computes(results):
+    """model.transformerDtype float8 under FSDP2 (the frozen e4m3 weights and their scales sharded
+    and gathered like any parameter): the same step as one rank, exactly (the same fp8 bytes meet the
+    same GEMMs), and the gathers carry one byte per base weight instead of bf16's two."""
+    one, shard = torch.tensor(results["one_fp8"]["out"]), torch.tensor(results["shard_fp8"]["out"])
+    assert one.abs().max() > 0
+    torch.testing.assert_close(shard, one, rtol=0, atol=0)
+    assert results["shard_fp8"]["step_bytes"] < results["shard"]["step_bytes"]
+    # the fp8 path is a different numeric model from bf16, but close to it
+    assert (one - torch.tensor(results["one"]["out"])).abs().max() < 0.1 * one.abs().max()

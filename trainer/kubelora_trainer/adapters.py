@@ -58,7 +58,8 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
     for name, module in comps.trainable.items():
         out.compute = dist.parallelize(
             module, family.blocks(name, module), sharding=sharding, compute_dtype=getattr(torch, spec.model.dtype),
-            checkpointing=spec.training.gradientCheckpointing, compile_blocks=spec.training.compile)
+            checkpointing=spec.training.gradientCheckpointing, checkpoint_every=spec.training.gradientCheckpointingEvery,
+            compile_blocks=spec.training.compile)
         module.train()
         params = [p for p in module.parameters() if p.requires_grad]
         if params:

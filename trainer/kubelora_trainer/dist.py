@@ -95,9 +95,11 @@ class GradSync:
 
 
 def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], *, sharding: str,
-                compute_dtype: torch.dtype, checkpointing: bool = False, compile_blocks: bool = False):
+                compute_dtype: torch.dtype, checkpointing: bool = False, checkpoint_every: int = 1,
+                compile_blocks: bool = False):
     """Shared parallelism for every family, in torchtitan's order: activation checkpointing
-    (wrapping each block, so recomputation sees the inputs FSDP already cast), regional compile,
+    (wrapping each block, or one block in checkpoint_every of each list, so recomputation sees the
+    inputs FSDP already cast), regional compile,
     then, when sharding is 'shard', FSDP2 with one group per block plus the root. A replicated or
     single process skips FSDP (it would only copy every weight twice per step); GradSync
     exchanges the gradients instead.
@@ -122,7 +124,7 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for blocks in block_lists:
         for i, block in enumerate(blocks):
-            if checkpointing:
+            if checkpointing and i % checkpoint_every == 0:
                 block = checkpoint_wrapper(block)
             if compile_blocks:
                 block.compile()

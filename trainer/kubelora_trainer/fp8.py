@@ -49,6 +49,9 @@ def _mm(a8, a_scale, b8_t, b_scale_row, out_dtype):
     """a [M, K] (row-major) @ b_t [K, N] (column-major), per-row scales of a [M, 1] and of b's N
     columns [1, N]; the result in out_dtype (CUDA's row-wise kernel writes bf16 only)."""
     kernel_dtype = torch.bfloat16 if a8.is_cuda else out_dtype
+    # the kernel needs a row-major; inductor may otherwise lay a fused quantization out transposed
+    # ("mat_a must be row_major": compiled tiny HunyuanVideo on CPU, tests/test_bench_smoke.py)
+    a8 = a8.contiguous()
     y = torch._scaled_mm(a8, b8_t, scale_a=a_scale, scale_b=b_scale_row, out_dtype=kernel_dtype)
     return y if kernel_dtype == out_dtype else y.to(out_dtype)
 

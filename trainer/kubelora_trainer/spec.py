@@ -298,6 +298,11 @@ class TrainingSpec(_Model):
     logEvery: int = Field(default=1, ge=1, description="Log progress every N steps.")
     gradientCheckpointing: bool = Field(
         default=False, description="Recompute block activations in backward: much less memory, ~30% more compute.")
+    gradientCheckpointingEvery: int = Field(
+        default=1, ge=1, le=64,
+        description="With gradientCheckpointing, checkpoint one repeated block in N (selective by block, as "
+                    "torchtitan's selective_ac_option): 1 checkpoints every block; 2 every other block, keeping "
+                    "about half the activations for about half the recompute.")
     compile: bool = Field(default=False, description="torch.compile each transformer block (regional compile).")
     sharding: Literal["auto", "replicate", "shard"] = Field(
         default="auto", description="How several ranks hold the model. replicate: a full copy on every GPU, and only "
@@ -313,6 +318,13 @@ class TrainingSpec(_Model):
                                         "time). A checkpoint is always written when the run is told to stop (SIGTERM, "
                                         "SIGINT).")
     checkpointKeep: int = Field(default=2, ge=1, le=100, description="Complete checkpoints kept; older ones are deleted.")
+
+    @model_validator(mode="after")
+    def _checkpointing(self) -> "TrainingSpec":
+        if self.gradientCheckpointingEvery != 1 and not self.gradientCheckpointing:
+            raise ValueError("training.gradientCheckpointingEvery picks which blocks gradientCheckpointing recomputes: "
+                             "set training.gradientCheckpointing: true, or remove gradientCheckpointingEvery")
+        return self
 
     @field_validator("betas")
     @classmethod
