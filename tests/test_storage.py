@@ -331,6 +331,15 @@ def test_validate_check_storage_reads_inputs_and_writes_the_output(s3, tmp_path)
     assert not s3.list_objects_v2(Bucket="cs-in", Prefix="out/").get("Contents")  # the marker is gone
     bad = check("s3://cs-missing/out")
     assert bad.returncode == 2 and "error: output.uri: writing to s3://cs-missing/out: bucket 'cs-missing' does not exist" in bad.stderr
+    # nothing listening at the endpoint: every check fails, transiently, so the exit code says "try again"
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    s3.env.update(AWS_ENDPOINT_URL=closed, AWS_MAX_ATTEMPTS="1")
+    down = check("s3://cs-in/out")
+    assert down.returncode == 1, down.stderr
+    assert "error: output.uri:" in down.stderr and "(transient: try again)" in down.stderr
 
 
 def test_a_wrong_secret_is_refused_by_the_server(s3_endpoint, tmp_path):

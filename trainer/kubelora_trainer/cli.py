@@ -30,26 +30,31 @@ def _validate(path: str):
 
 
 def check_storage(spec) -> int:
-    """Read access to every input and write access to the output, one line each; 2 if any fails."""
+    """Read access to every input and write access to the output, one line each. Exit code as the
+    trainer's (exits.py): 2 if any check failed for a reason that will not pass by itself (missing
+    bucket or key, access denied), 1 if only transient ones failed (5xx, timeouts: try again)."""
     from .families import PATH_FIELDS
     from .storage import S3Settings, StorageError, check_readable, check_writable
     settings = S3Settings.from_spec(spec.storage)
     inputs = {f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}
-    failed = 0
-    data = spec.dataset.uri_fields()
-    for field, uri in {**inputs, **data}.items():
+    failures: list[bool] = []   # transient or not, per failed check
+
+    def failed(field: str, e: StorageError) -> None:
+        failures.append(e.transient)
+        print(f"error: {field}: {e}" + (" (transient: try again)" if e.transient else ""), file=sys.stderr)
+    for field, uri in {**inputs, **spec.dataset.uri_fields()}.items():
         try:
             print(f"ok: {field} {uri}: {check_readable(uri, settings)} object(s) readable", file=sys.stderr)
         except StorageError as e:
-            failed += 1
-            print(f"error: {field}: {e}", file=sys.stderr)
+            failed(field, e)
     try:
         check_writable(spec.output.uri, settings)
         print(f"ok: output.uri {spec.output.uri}: writable", file=sys.stderr)
     except StorageError as e:
-        failed += 1
-        print(f"error: output.uri: {e}", file=sys.stderr)
-    return 2 if failed else 0
+        failed("output.uri", e)
+    if not failures:
+        return 0
+    return 1 if all(failures) else 2
 
 
 def default_nproc(spec) -> int:

@@ -500,7 +500,7 @@ def grad_norm(params: list[torch.nn.Parameter], max_norm: Optional[float]) -> Op
 def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     """Steps start..training.steps; checkpoints when due or when told to stop (then Stopped)."""
     t, env, state = tr.spec.training, tr.env, tr.state
-    samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
+    samples_per_step = meter.per_step
     schedule = checkpoint.Schedule(t.checkpointEverySteps, t.checkpointEveryMinutes)
     patch = RULES[tr.spec.model.type].token_patch
     # the model's own weights, once: not the LoRA's, nor fp8 scales or stored transposed copies
@@ -759,8 +759,10 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
                                                out_dir, extra=report))
         except storage.StorageError as e:
             err = e  # an artifact or manifest.json not uploaded: transient or bad input, as storage classified it
-        except (OSError, ValueError) as e:
+        except ValueError as e:
             err = RunError(str(e))
+        except OSError as e:  # a full or failing local disk: the Job retries (from the last checkpoint)
+            err = RuntimeError(f"export: {type(e).__name__}: {e}")
     dist.fail_together(err, "export")
     if env.is_main:
         prog.phase = "Succeeded"
