@@ -479,7 +479,7 @@ class Trainer:
     publish: object
     epoch_size: int
     metrics: object = field(default_factory=metrics.Off)
-    sampler: Optional[samples.Sampler] = None   # spec.samples (None: off)
+    sampling: Optional[samples.Sampler] = None   # spec.samples (None: off); the data order is state.sampler
     data_wait: float = 0.0                      # seconds this rank's steps waited for the cache loader
 
 
@@ -509,8 +509,8 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
     stop_request = checkpoint.StopRequest().install()
     try:
-        if tr.sampler is not None and start == 1:
-            tr.sampler.maybe(0, tr, prog)  # the base model, for comparison
+        if tr.sampling is not None and start == 1:
+            tr.sampling.maybe(0, tr, prog)  # the base model, for comparison
         for step in range(start, t.steps + 1):
             step_loss = torch.zeros((), device=env.device)
             data_wait, tokens = 0.0, 0
@@ -537,7 +537,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             tr.opt.step()
             tr.sched.step()
             tr.opt.zero_grad(set_to_none=True)
-            sps, eta = meter.update(step, now=time.perf_counter() - (tr.sampler.seconds if tr.sampler else 0.0))
+            sps, eta = meter.update(step, now=time.perf_counter() - (tr.sampling.seconds if tr.sampling else 0.0))
             epoch = epoch_of(step * samples_per_step, tr.epoch_size)
             tr.metrics.step(step, epoch, mean, lr_used, float(norm) if norm is not None and env.is_main else None,
                             samples_per_step, sps, eta, data_wait)
@@ -553,8 +553,8 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                 prog.tokensPerSecond, prog.mfu = tps, mfu
                 log(env, line(prog, lr_used))
                 tr.publish(prog)
-            if tr.sampler is not None:
-                tr.sampler.maybe(step, tr, prog)
+            if tr.sampling is not None:
+                tr.sampling.maybe(step, tr, prog)
             if save or stop:
                 checkpoint.save(step, tr.modules, tr.opt, state.to_dict(step, env.world), tr.local_ckpt,
                                 tr.spec.output.uri, tr.settings, t.checkpointKeep, env)
@@ -677,7 +677,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     if spec.dataset.cacheOnly:
         return finish_cache_only(spec, job_name, env, m, publish, settings, stats, cache_stats)
     # spec.samples: prompt embeddings now, while the encoders are loaded (None when off)
-    sampler = dist.agree(samples.setup, spec, family, comps, job_name, settings, stats, cache_root() / "outputs" / job_name)
+    sampling = dist.agree(samples.setup, spec, family, comps, job_name, settings, stats, cache_root() / "outputs" / job_name)
     comps.encoders.clear()
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -705,7 +705,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
                           depth=int(os.environ.get(cache.PREFETCH_ENV, "2")))
     tr = Trainer(spec, family, comps, ad, opt, sched, loader, env, state,
                  modules=torch.nn.ModuleDict(comps.trainable), local_ckpt=cache_root() / "checkpoints" / job_name,
-                 settings=settings, publish=publish, epoch_size=sum(space.repeats), metrics=m, sampler=sampler)
+                 settings=settings, publish=publish, epoch_size=sum(space.repeats), metrics=m, sampling=sampling)
     start = 1
     if plan == "resume":
         resumed = latest
@@ -747,11 +747,11 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
                        "samplesPerStep": samples_per_step, "worldSize": env.world,
                        "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
                        "lossHistory": downsample(losses, 200)}
-            sampling = sampler.seconds if sampler else 0.0
-            summary.update(samplingSeconds=round(sampling, 2), trainingSeconds=round(train_seconds - sampling, 2),
+            sampling_s = sampling.seconds if sampling else 0.0
+            summary.update(samplingSeconds=round(sampling_s, 2), trainingSeconds=round(train_seconds - sampling_s, 2),
                            dataWaitSeconds=round(tr.data_wait, 3))
             out_dir = cache_root() / "outputs" / job_name
-            report = lambda arts: samples.final_report(spec, job_name, settings, sampler, losses, stats, arts,  # noqa: E731
+            report = lambda arts: samples.final_report(spec, job_name, settings, sampling, losses, stats, arts,  # noqa: E731
                                                        out_dir)
             result = (export_full.export_and_upload(spec, job_name, family, comps, gathered, summary, stats, settings,
                                                     out_dir, extra=report) if full else
