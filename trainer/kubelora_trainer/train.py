@@ -308,6 +308,7 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
         log(env, "[data] warning:" + caption_hint(report))
     for msg in bk.format_summary(bucket_stats):
         log(env, msg)
+    m.buckets(bucket_stats)
     m.dataset(stats["usable"], {"missing_caption": stats["missingCaption"] - stats["emptyCaptionUsed"],
                                 **{metrics.snake(k): n for k, n in report.by_reason().items()},
                                 **({"no_bucket": n_dropped} if n_dropped else {})})
