@@ -31,9 +31,9 @@ def _validate(path: str):
 
 def check_storage(spec) -> int:
     """Read access to every input and write access to the output (and dataset.cacheUri), one line
-    each. Exit code as the
-    trainer's (exits.py): 2 if any check failed for a reason that will not pass by itself (missing
-    bucket or key, access denied), 1 if only transient ones failed (5xx, timeouts: try again)."""
+    each. Exit code as the trainer's (exits.py): 2 if any check failed for a reason that will not
+    pass by itself (missing bucket or key, access denied), 1 if only transient ones failed (5xx,
+    timeouts: try again)."""
     from .families import PATH_FIELDS
     from .storage import S3Settings, StorageError, check_readable, check_writable
     settings = S3Settings.from_spec(spec.storage)
