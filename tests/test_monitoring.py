@@ -90,6 +90,26 @@ def test_trainer_endpoint_serves_lingers_and_never_breaks_on_a_taken_port():
     off.finish()
 
 
+def test_the_bucket_summary_is_exported_and_a_new_layout_replaces_it():
+    from kubelora_trainer import buckets as bk
+    from kubelora_trainer.metrics import TrainerMetrics
+    m = TrainerMetrics(LTJ, NAMESPACE)
+    units = [bk.Unit(0, (32, 32, 1), 0, 0.0), bk.Unit(1, (48, 32, 1), 0, 0.25), bk.Unit(2, (48, 32, 1), 0, 0.0)]
+    m.buckets(bk.summary(bk.Assignment(units=units, dropped=[(3, "tooShort")]), 4))
+
+    def value(name, **labels):
+        return m.registry.get_sample_value(name, {"ltj": LTJ, "namespace": NAMESPACE, **labels})
+    assert value("kubelora_trainer_bucket_samples", bucket="48x32x1") == 2
+    assert value("kubelora_trainer_bucket_samples", bucket="32x32x1") == 1
+    assert value("kubelora_trainer_bucket_cropped_samples", bucket="48x32x1") == 1
+    assert value("kubelora_trainer_bucket_mean_crop_ratio", bucket="48x32x1") == 0.125
+    assert value("kubelora_trainer_bucket_dropped_items", reason="too_short") == 1
+    m.buckets(bk.summary(bk.Assignment(units=units[:1], dropped=[]), 1))   # the layout made again without two items
+    assert value("kubelora_trainer_bucket_samples", bucket="48x32x1") is None
+    assert value("kubelora_trainer_bucket_dropped_items", reason="too_short") is None
+    assert TrainerMetrics(LTJ, main=False).buckets({"buckets": {"1x1x1": {}}, "dropped": {}}) is None  # rank 0 only
+
+
 def test_operator_registry_counts_reconciles_errors_and_jobs_by_phase():
     from kubelora_operator import metrics
     before = metrics.RECONCILE_ERRORS.labels("sync", "ValueError")._value.get()
@@ -270,6 +290,7 @@ def test_prometheus_scrapes_the_trainer_series_with_sane_values(monitored_run):
     assert last(prom, "kubelora_trainer_dataset_usable_items") == 1
     assert last(prom, "kubelora_trainer_dataset_skipped_items", reason="corrupt") == 1   # broken.png
     assert last(prom, "kubelora_trainer_dataset_skipped_items", reason="missing_caption") == 1
+    assert last(prom, "kubelora_trainer_bucket_samples", bucket="32x32x1") == 1              # good.png
     assert last(prom, "kubelora_trainer_last_checkpoint_step") == STEPS
     assert run["start"] <= last(prom, "kubelora_trainer_last_checkpoint_timestamp_seconds") <= run["trained_until"]
     assert last(prom, "kubelora_trainer_resumed_from_step") == 0

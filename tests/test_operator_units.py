@@ -160,6 +160,8 @@ def test_local_paths_only_on_the_cache_volume_in_a_cluster():
         parse_spec({**base, "dataset": {"uri": "/data"}}))
     assert "dataset.sources[0].maskUri: '/masks' is a path inside the trainer pod" in cluster_problem(
         parse_spec({**base, "dataset": {"sources": [{"uri": "s3://data/set", "maskUri": "/masks"}]}}))
+    assert "dataset.cacheUri: '/shared' is a path inside the trainer pod, where the shared cache would be lost" in \
+        cluster_problem(parse_spec({**base, "dataset": {"uri": "s3://data/set", "cacheUri": "/shared"}}))
     on_pvc = {**base, "output": {"uri": f"{CACHE_MOUNT}/out"}}
     assert "output.uri" in cluster_problem(parse_spec(on_pvc))
     assert cluster_problem(parse_spec({**on_pvc, "resources": {"cacheVolumeClaim": "shared"}})) is None

@@ -173,12 +173,17 @@ def test_float16_is_refused_with_the_reason():
     ({"resources": {"gpusPerNode": 8, "limits": {"nvidia.com/gpu": "4"}}},
      "resources.limits['nvidia.com/gpu'] is set from resources.gpusPerNode (8)"),
     ({"output": {"uri": "s3://bkt/data/out"}}, "output.uri (s3://bkt/data/out) is inside dataset.uri (s3://bkt/data)"),
+    ({"dataset": {"uri": "s3://bkt/data", "cacheUri": "s3://bkt/data/cache"}},
+     "dataset.cacheUri (s3://bkt/data/cache) and dataset.uri (s3://bkt/data) overlap"),
+    ({"dataset": {"sources": [{"uri": "s3://bkt/c/imgs"}], "cacheUri": "s3://bkt/c"}},
+     "dataset.cacheUri (s3://bkt/c) and dataset.sources[0].uri (s3://bkt/c/imgs) overlap"),
 ])
 def test_settings_that_would_be_ignored_or_overwritten_are_refused(over, message):
     from kubelora_trainer.spec import SpecError, parse_spec
     base = {"model": {"type": "flux", "diffusersPath": "s3://bkt/flux"}, "dataset": {"uri": "s3://bkt/data"},
             "output": {"uri": "s3://bkt/out"}}
     parse_spec(base)
+    parse_spec({**base, "dataset": {"uri": "s3://bkt/data", "cacheUri": "s3://bkt/cache"}})
     with pytest.raises(SpecError, match=re.escape(message)):
         parse_spec({**base, **over})
 

@@ -130,11 +130,13 @@ def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
 
     data = spec.dataset.uri_fields()
     fields = {"output.uri": spec.output.uri, **data,
+              **({"dataset.cacheUri": spec.dataset.cacheUri} if spec.dataset.cacheUri else {}),
               **{f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}}
+    lost = {"output.uri": ", where the LoRA would be lost with the pod",
+            "dataset.cacheUri": ", where the shared cache would be lost with the pod"}
     for field, uri in fields.items():
         if not uri.startswith("s3://") and not on_volume(uri):
-            return (f"{field}: {uri!r} is a path inside the trainer pod"
-                    + (", where the LoRA would be lost with the pod" if field == "output.uri" else ", which it does not have")
+            return (f"{field}: {uri!r} is a path inside the trainer pod" + lost.get(field, ", which it does not have")
                     + f"; use an s3:// URI, or a path under {CACHE_MOUNT} with resources.cacheVolumeClaim set")
     return None
 

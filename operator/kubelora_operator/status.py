@@ -139,8 +139,11 @@ def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], man
         if manifest is None:
             return Observed(EXPORTING, "ReadingManifest", "the trainer finished; reading manifest.json", progress=progress)
         if manifest.get("cacheOnly"):  # dataset.cacheOnly: the cache was built, nothing trained
-            n = (manifest.get("cache") or {}).get("entries")
-            return Observed(SUCCEEDED, "CacheBuilt", f"latent cache built ({n} entries); dataset.cacheOnly: no training",
+            c = manifest.get("cache") or {}
+            shared = (f", {c.get('pulled')} pulled from and {c.get('pushed')} pushed to dataset.cacheUri"
+                      if "pushed" in c else "")
+            return Observed(SUCCEEDED, "CacheBuilt",
+                            f"latent cache built ({c.get('entries')} entries{shared}); dataset.cacheOnly: no training",
                             progress=progress, artifacts=[])
         arts = [{"uri": a["uri"], "format": a["format"], "sha256": a["sha256"], "size": a.get("size")}
                 for a in manifest.get("artifacts", [])]

@@ -30,9 +30,10 @@ def _validate(path: str):
 
 
 def check_storage(spec) -> int:
-    """Read access to every input and write access to the output, one line each. Exit code as the
-    trainer's (exits.py): 2 if any check failed for a reason that will not pass by itself (missing
-    bucket or key, access denied), 1 if only transient ones failed (5xx, timeouts: try again)."""
+    """Read access to every input and write access to the output (and dataset.cacheUri), one line
+    each. Exit code as the trainer's (exits.py): 2 if any check failed for a reason that will not
+    pass by itself (missing bucket or key, access denied), 1 if only transient ones failed (5xx,
+    timeouts: try again)."""
     from .families import PATH_FIELDS
     from .storage import S3Settings, StorageError, check_readable, check_writable
     settings = S3Settings.from_spec(spec.storage)
@@ -47,11 +48,13 @@ def check_storage(spec) -> int:
             print(f"ok: {field} {uri}: {check_readable(uri, settings)} object(s) readable", file=sys.stderr)
         except StorageError as e:
             failed(field, e)
-    try:
-        check_writable(spec.output.uri, settings)
-        print(f"ok: output.uri {spec.output.uri}: writable", file=sys.stderr)
-    except StorageError as e:
-        failed("output.uri", e)
+    outputs = {"output.uri": spec.output.uri, **({"dataset.cacheUri": spec.dataset.cacheUri} if spec.dataset.cacheUri else {})}
+    for field, uri in outputs.items():
+        try:
+            check_writable(uri, settings)
+            print(f"ok: {field} {uri}: writable", file=sys.stderr)
+        except StorageError as e:
+            failed(field, e)
     if not failures:
         return 0
     return 1 if all(failures) else 2

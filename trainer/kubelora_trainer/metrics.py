@@ -192,6 +192,14 @@ class TrainerMetrics:
                                 "Unix time of the newest checkpoint this run wrote (age: time() - this)")
         self._usable = gauge("kubelora_trainer_dataset_usable_items", "Dataset items trained on")
         self._skipped = gauge("kubelora_trainer_dataset_skipped_items", "Dataset items skipped, by reason", ("reason",))
+        # one series per bucket of the run (at most the spec's buckets: resolutions x aspect ratios x frame buckets)
+        self._bucket = gauge("kubelora_trainer_bucket_samples", "Samples (item, clip) per bucket, WxHxF", ("bucket",))
+        self._bucket_cropped = gauge("kubelora_trainer_bucket_cropped_samples",
+                                     "Samples of the bucket that lost part of their picture to the crop", ("bucket",))
+        self._bucket_crop = gauge("kubelora_trainer_bucket_mean_crop_ratio",
+                                  "Mean share of the picture cropped away in the bucket (0..1)", ("bucket",))
+        self._bucket_dropped = gauge("kubelora_trainer_bucket_dropped_items",
+                                     "Items without a bucket, by why (too_short, no_video_bucket)", ("reason",))
         # this node's own series
         self._wait = counter("kubelora_trainer_data_wait_seconds", "Seconds the training loop waited for its batches")
         self._down = counter("kubelora_trainer_storage_downloaded_bytes", "Bytes downloaded from storage by this node")
@@ -223,6 +231,19 @@ class TrainerMetrics:
             self._usable.labels(*self.labels).set(usable)
             for reason, n in skipped.items():
                 self._skipped.labels(*self.labels, reason).set(n)
+
+    def buckets(self, summary: dict) -> None:
+        """The bucket summary (buckets.summary); a layout made again replaces the previous one."""
+        if not self.main:
+            return
+        for g in (self._bucket, self._bucket_cropped, self._bucket_crop, self._bucket_dropped):
+            g.clear()
+        for name, b in summary["buckets"].items():
+            self._bucket.labels(*self.labels, name).set(b["samples"])
+            self._bucket_cropped.labels(*self.labels, name).set(b["cropped"])
+            self._bucket_crop.labels(*self.labels, name).set(b["meanCrop"])
+        for why, n in summary["dropped"].items():
+            self._bucket_dropped.labels(*self.labels, snake(why)).set(n)
 
     def resumed(self, step: int) -> None:
         if self.main:

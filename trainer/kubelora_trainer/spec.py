@@ -189,6 +189,13 @@ class DatasetSpec(_Model):
         description="Build the latent and text-embedding cache on the nodes' cache volume (resources.cacheVolumeClaim) "
                     "and stop successfully without training; manifest.json then says cacheOnly: true. A later job on "
                     "the same data and model skips encoding and loads neither the VAE nor the text encoders.")
+    cacheUri: Optional[str] = _uri(
+        "A prefix the latent cache is shared through, so that a job on another node pool or cluster skips encoding: "
+        "before encoding, the entries (and media probes) missing on every node that are found under it are "
+        "downloaded; after encoding, the new ones are uploaded. One LIST of the prefix per run; it must be "
+        "writable (checked before stage-in). A failed download or upload is a warning (those entries are encoded "
+        "here, or not shared), never a failed run. Entries are keyed by content, so jobs on other data or models "
+        "can share one prefix", default=None)
 
     @field_validator("resolutions")
     @classmethod
@@ -225,6 +232,13 @@ class DatasetSpec(_Model):
         for f in ("shuffleVariants", "keepTags", "tagDelimiter"):
             if getattr(self, f) != type(self).model_fields[f].default and not self.shuffleTags and not any(s.shuffleTags for s in self.sources or ()):
                 raise ValueError(f"dataset.{f} applies only with shuffleTags: true; set that too or remove it")
+        if self.cacheUri is not None:
+            cache = self.cacheUri.rstrip("/")
+            for field, u in self.uri_fields().items():
+                data = u.rstrip("/")
+                if cache == data or cache.startswith(data + "/") or data.startswith(cache + "/"):
+                    raise ValueError(f"dataset.cacheUri ({self.cacheUri}) and {field} ({u}) overlap: the cache would be "
+                                     f"staged as training data, or the data pushed as cache; use a prefix of its own")
         for i, s in enumerate(self.sources or ()):
             if s.resolutions is not None and self.width is not None:
                 raise ValueError(f"dataset.sources[{i}].resolutions: dataset.width/height fix one size for every source; "

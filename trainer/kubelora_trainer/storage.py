@@ -541,7 +541,7 @@ def check_writable(uri: str, settings: S3Settings = S3Settings(), client=None) -
             (Path(loc.key) / marker).write_bytes(b"ok")
             (Path(loc.key) / marker).unlink()
         except OSError as e:
-            raise StorageError(f"writing to {loc}: {e.strerror or e}; output.uri must be writable") from None
+            raise StorageError(f"writing to {loc}: {e.strerror or e}; it must be writable") from None
         return
     client = client or make_client(settings)
     key = loc.child(marker)
@@ -567,17 +567,43 @@ def check_readable(uri: str, settings: S3Settings = S3Settings(), client=None) -
 
 def list_keys(uri: str, settings: S3Settings = S3Settings(), client=None) -> list[str]:
     """Names of the objects (files) under uri, relative to it; [] when there are none."""
+    return sorted(list_sizes(uri, settings, client))
+
+
+def list_sizes(uri: str, settings: S3Settings = S3Settings(), client=None) -> dict[str, int]:
+    """{name relative to uri: size in bytes} of the objects (files) under uri, from one paginated
+    LIST (no HEAD per object); {} when there are none."""
     loc = parse_uri(uri)
     if not loc.is_s3:
         root = Path(loc.key)
-        return sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
+        return {str(f.relative_to(root)): f.stat().st_size for f in root.rglob("*") if f.is_file()} if root.is_dir() else {}
     client = client or make_client(settings)
     prefix = loc.key.rstrip("/") + "/" if loc.key else ""
     try:
-        return sorted(o["Key"][len(prefix):] for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=loc.bucket, Prefix=prefix) for o in page.get("Contents", []))
+        return {o["Key"][len(prefix):]: o["Size"] for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=loc.bucket, Prefix=prefix) for o in page.get("Contents", [])}
     except Exception as exc:  # noqa: BLE001
         raise describe_error(exc, loc, "listing") from None
+
+
+def download_file(uri: str, target: str | Path, size: int, settings: S3Settings = S3Settings(), client=None) -> None:
+    """Fetch one object of a known size (from a listing) to the file target, through a temporary
+    name renamed only when complete and of that size (a local uri: copied the same way)."""
+    loc, target = parse_uri(uri), Path(target)
+    if loc.is_s3:
+        _download_one(client or make_client(settings), settings, loc.bucket, {"Key": loc.key, "Size": size}, target)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        shutil.copyfile(loc.key, tmp)
+        if tmp.stat().st_size != size:
+            raise StorageError(f"reading {loc}: {tmp.stat().st_size} bytes, expected {size}")
+        os.replace(tmp, target)
+    except OSError as e:
+        raise StorageError(f"reading {loc}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def delete_prefix(uri: str, settings: S3Settings = S3Settings(), client=None) -> None:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import __version__, adapters, cache, checkpoint, dist, exits, export, export_full, lora, metrics, samples, storage
-from . import masks, throughput
+from . import cache_remote, masks, throughput
 from . import buckets as bk
 from .captions import options_of
 from .data import DatasetError, ScanReport, Skip, check_item, check_usable, load_unit, scan, skipped_text
@@ -108,7 +108,7 @@ def gather_present(keys: list[str], env) -> list[list[bool]]:
 
 
 def encode_missing(spec, family, comps, items, digests, units, entries, keys, todo: list[int],
-                   env) -> list[tuple[int, str]]:
+                   env) -> list[tuple[int, Skip]]:
     """Encode the entries no rank has, split over ranks by unit (each unit's media is decoded
     once for all its caption variants) and write them to this node's cache. Returns the items
     whose media could not be decoded, with the reason: skipped and counted, like unreadable
@@ -198,7 +198,8 @@ def bucket_configs(spec) -> list[bk.BucketConfig]:
                             multiple=r.size_multiple, fixed=fixed, clip_mode=d.videoClipMode) for s in source_specs(spec)]
 
 
-def probe_items(report: ScanReport, env, spec) -> tuple[list[tuple[int, int, int, bool]], list[str]]:
+def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Remote] = None
+                ) -> tuple[list[tuple[int, int, int, bool]], list[str]]:
     """Check every item once, split over ranks (data.check_item: not empty, decodes, within the
     pixel limits, its mask decodes and has its size), and hash its content (media and mask). The
     answer for a content hash is kept in the cache (cache.read_probe), so a later run decodes
@@ -206,19 +207,26 @@ def probe_items(report: ScanReport, env, spec) -> tuple[list[tuple[int, int, int
     encoded, and skipped then). Bad ones, and items of an extreme aspect ratio for their source's
     buckets (screen_ratios), leave report.items for report.skipped with their reason (the same on
     every rank); every skip so far is logged by source URI (the first ten). Returns the probes and
-    digests of the remaining items, in order."""
+    digests of the remaining items, in order. With dataset.cacheUri (remote), the probes of this
+    rank's items that its node lacks are downloaded first when listed there (remote.probes_pulled),
+    and their names are kept for the push after encoding (remote.probes)."""
     r = RULES[spec.model.type]
     fps = r.fps if r.video else None
     root = cache_root()
     items = report.items
-    found, bad = [], []
+    found, bad, hashed = [], [], []
     for i in range(env.rank, len(items), env.world):
         it = items[i]
         try:
-            digest = item_digest(it)
+            hashed.append((i, item_digest(it)))
         except OSError as e:
             bad.append((i, Skip(it.name, "corrupt", f"{type(e).__name__}: {e}"[:300])))
-            continue
+    if remote is not None:
+        remote.probes = [probe_name(root, d, fps) for _, d in hashed]
+        remote.probes_pulled = remote.pull([n for n in remote.probes if n in remote.listing and not (root / n).is_file()],
+                                           root)
+    for i, digest in hashed:
+        it = items[i]
         got = cache.read_probe(root, digest, fps)
         if got is None:
             meta, skip = check_item(it, fps, decode=False)
@@ -239,6 +247,11 @@ def probe_items(report: ScanReport, env, spec) -> tuple[list[tuple[int, int, int
     if len(report.skipped) > 10:
         log(env, f"[data] ... and {len(report.skipped) - 10} more skipped ({skipped_text(report)})")
     return [found_all[i][0] for i in kept], [found_all[i][1] for i in kept]
+
+
+def probe_name(root: Path, digest: str, fps) -> str:
+    """A probe's file name relative to the cache folder (and to dataset.cacheUri)."""
+    return cache.probe_path(root, digest, fps).relative_to(root).as_posix()
 
 
 def item_digest(item) -> str:
@@ -308,6 +321,7 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
         log(env, "[data] warning:" + caption_hint(report))
     for msg in bk.format_summary(bucket_stats):
         log(env, msg)
+    m.buckets(bucket_stats)
     m.dataset(stats["usable"], {"missing_caption": stats["missingCaption"] - stats["emptyCaptionUsed"],
                                 **{metrics.snake(k): n for k, n in report.by_reason().items()},
                                 **({"no_bucket": n_dropped} if n_dropped else {})})
@@ -622,6 +636,17 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         m.phase("Succeeded")
         return 0
 
+    # ---- pre-flight of dataset.cacheUri: writable, listed once (a transient failure: a warning, not shared)
+    remote, err = None, None
+    if env.is_main:
+        try:
+            remote = cache_remote.preflight(spec.dataset.cacheUri, settings, lambda msg: log(env, msg))
+        except storage.StorageError as e:
+            err = e
+    dist.fail_together(err, "the dataset.cacheUri check")
+    if spec.dataset.cacheUri and env.world > 1:
+        remote = dist.broadcast(remote)
+
     # ---- stage-in
     log(env, "[phase] stage-in")
     m.phase("StagingIn")
@@ -634,7 +659,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         mask_root = paths.get(f"dataset.{i}.mask")
         report.merge(scan(Path(paths[f"dataset.{i}"]), video=r.video, opts=options_of(spec.dataset, src), source=i,
                           seed=t.seed, uri=spec.dataset.uris[i], mask_root=Path(mask_root) if mask_root else None))
-    metas, digests = probe_items(report, env, spec)
+    metas, digests = probe_items(report, env, spec, remote)
     assignment, stats = layout_data(spec, report, metas, env, m)
 
     # ---- cache: which samples are on disk is known before any model is loaded
@@ -645,18 +670,33 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     entries = sample_entries(report, assignment.units)
     keys = entry_keys(report, assignment.units, entries, digests, inputs)
     distinct = list(dict.fromkeys(keys))  # shuffled captions may repeat: one entry for equal samples
-    todo = cache.first_entries(keys, {distinct[i] for i in cache.missing_everywhere(gather_present(distinct, env))})
+    missing = [distinct[i] for i in cache.missing_everywhere(gather_present(distinct, env))]
+    pulled, moved = set(), {}
+    if remote is not None:  # dataset.cacheUri: what no rank has but the prefix does is downloaded, not encoded
+        moved["probes pulled"] = cache_remote.gathered(remote.probes_pulled, env)
+        pulled, moved["pulled"] = cache_remote.pull_entries(remote, missing, cache_root(), env)
+        log(env, cache_remote.transfer_line("pulled", cache_remote.Moved.total([moved["probes pulled"], moved["pulled"]]),
+                                            remote.uri))
+    todo = cache.first_entries(keys, set(missing) - pulled)
     # spec.samples needs the VAE (decoding) and the prompts' embeddings: encoders load with it on
     encoders = bool(todo) or spec.samples is not None
-    log(env, f"[cache] {len(distinct)} entries: {len(distinct) - len(todo)} cached, {len(todo)} to encode; "
+    log(env, f"[cache] {len(distinct)} entries: {len(distinct) - len(missing)} cached, "
+             + (f"{len(pulled)} pulled from dataset.cacheUri, " if remote is not None else "")
+             + f"{len(todo)} to encode; "
              + ("loading the VAE and text encoders" if encoders else "the VAE and text encoders are not loaded"))
     # a failure on one rank (a bad file, a missing weight) stops every rank with its reason
     comps = dist.agree(family.load, spec.model, paths, env.device, encoders=encoders)
     todo_keys = {keys[i] for i in todo}
+    rewritten = []
     if todo:
         mine = dist.agree(encode_missing, spec, family, comps, report.items, digests, assignment.units, entries, keys,
                           todo, env)
         bad = dict(b for part in dist.all_gather(mine) for b in part)
+        if remote is not None:  # probes rewritten as skips are pushed by the rank that found them
+            fps = r.fps if r.video else None
+            gone_probes = {probe_name(cache_root(), digests[i], fps) for i in bad}
+            remote.probes = [n for n in remote.probes if n not in gone_probes]
+            rewritten = [probe_name(cache_root(), digests[i], fps) for i, _ in mine]
         if bad:  # corrupt past the header: the same items dropped on every rank, the layout made again
             gone = drop_items(report, bad)
             for i in sorted(bad)[:10]:
@@ -670,9 +710,19 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     received = exchange(distinct, env)
     got = sum(dist.all_gather(received)) if env.world > 1 else 0
     encoded = len(todo_keys & set(distinct))
-    cache_stats = {"entries": len(distinct), "encoded": encoded, "cached": len(distinct) - encoded,
+    n_pulled = len(pulled & set(distinct))
+    cache_stats = {"entries": len(distinct), "encoded": encoded, "cached": len(distinct) - encoded - n_pulled,
                    "copiedBetweenNodes": got}
-    log(env, f"[cache] {len(distinct)} entries ready on every rank: {encoded} encoded, {len(distinct) - encoded} were cached"
+    if remote is not None:  # what the prefix lacks, shared under dataset.cacheUri (every rank has every entry now)
+        moved["pushed"] = cache_remote.push(remote, cache_remote.push_share(distinct, remote.listing, env.world, env.rank),
+                                            cache_root(), env)
+        moved["probes pushed"] = cache_remote.push(remote, remote.probes, cache_root(), env, force=tuple(rewritten))
+        log(env, cache_remote.transfer_line("pushed", cache_remote.Moved.total([moved["pushed"], moved["probes pushed"]]),
+                                            remote.uri))
+        cache_stats.update(cache_remote.stats(moved))
+    log(env, f"[cache] {len(distinct)} entries ready on every rank: {encoded} encoded, "
+             f"{cache_stats['cached']} were cached"
+             + (f", {n_pulled} pulled from dataset.cacheUri" if remote is not None else "")
              + (f"; {got} copied between nodes" if got else ""))
     if spec.dataset.cacheOnly:
         return finish_cache_only(spec, job_name, env, m, publish, settings, stats, cache_stats)
@@ -751,8 +801,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
             summary.update(samplingSeconds=round(sampling_s, 2), trainingSeconds=round(train_seconds - sampling_s, 2),
                            dataWaitSeconds=round(tr.data_wait, 3))
             out_dir = cache_root() / "outputs" / job_name
-            report = lambda arts: samples.final_report(spec, job_name, settings, sampling, losses, stats, arts,  # noqa: E731
-                                                       out_dir)
+            report = lambda arts: {**samples.final_report(spec, job_name, settings, sampling, losses, stats,  # noqa: E731
+                                                          arts, out_dir), "cache": cache_stats}
             result = (export_full.export_and_upload(spec, job_name, family, comps, gathered, summary, stats, settings,
                                                     out_dir, extra=report) if full else
                       export.export_and_upload(spec, job_name, family, ad.configs, gathered, summary, stats, settings,
