@@ -129,3 +129,29 @@ def test_cosmos_transformer_in_the_original_layout_converts_back_exactly(tmp_pat
             return self[k]
     _assert_same(convert_cosmos_transformer_checkpoint_to_diffusers(KeepKeys(tensors)), tr.state_dict())
     _assert_same(load_transformer(path, torch.float32).state_dict(), tr.state_dict())
+
+
+def test_gathered_weights_own_their_storage(tmp_path):
+    """A weight split from a fused one at load (HunyuanVideo's qkv read from an original-layout
+    file) is a view of the fused tensor; on CPU in float32 the gathered state dict must still be
+    writable as a diffusers folder and a single file (a full HunyuanVideo fine-tune on CPU failed
+    at export with 'None is covering the entire storage')."""
+    from safetensors.torch import load_file, save_file
+    from kubelora_trainer.adapters import gather_full
+    from kubelora_trainer.export_full import write_diffusers_folder
+    from kubelora_trainer.models.base import Components
+    from diffusers import ModelMixin, ConfigMixin
+
+    class Split(ModelMixin, ConfigMixin):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False)
+
+    model = Split()
+    fused = torch.randn(8, 4)
+    model.q.weight.data, model.k.weight.data = fused.chunk(2)
+    sd = gather_full(Components(trainable={"transformer": model}), torch.float32, keep=True)
+    write_diffusers_folder(model, sd, tmp_path / "transformer")
+    save_file(sd, str(tmp_path / "single.safetensors"))
+    back = load_file(str(tmp_path / "single.safetensors"))
+    assert torch.equal(back["q.weight"], fused[:4]) and torch.equal(back["k.weight"], fused[4:])
