@@ -42,6 +42,8 @@ def test_a_full_fine_tune_on_two_ranks_exports_a_diffusers_folder_and_the_bfl_fi
     files = {a["file"]: a for a in m["artifacts"]}
     assert {"flux-ft.safetensors", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"} <= set(files)
     assert files["flux-ft.safetensors"]["format"] == "original"
+    assert files["flux-ft.safetensors"]["holds"].startswith("the transformer in the BFL layout")
+    assert "[export] flux-ft.safetensors: the transformer in the BFL layout" in proc.stdout
 
     base = FluxTransformer2DModel.from_pretrained(tiny_flux_dir, subfolder="transformer")
     tuned = FluxTransformer2DModel.from_pretrained(out / "transformer")

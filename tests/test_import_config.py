@@ -274,13 +274,17 @@ def test_examples_keep_diffusion_pipe_meaning():
     assert convert(main, ds)[0]["spec"]["dataset"]["repeats"] == 2
 
 
-def test_no_adapter_table_means_a_full_fine_tune():
+@pytest.mark.parametrize("model_type", list(MODELS))
+def test_no_adapter_table_means_a_full_fine_tune(model_type):
     main = copy.deepcopy(BASE_MAIN)
+    main["model"] = {**MODELS[model_type], "dtype": "bfloat16"}
     del main["adapter"]
-    manifest, notes = convert(main, BASE_DATASET)
+    ds = {"size_buckets": [[960, 960, 121]], "directory": [{"path": "/d"}]} if model_type == "cosmos" else BASE_DATASET
+    manifest, notes = convert(main, ds)
     assert manifest["spec"]["adapter"] == {"type": "full"}
-    assert any("adapter: no [adapter] table: a full fine-tune of the transformer" in n for n in notes), notes
-    parse_spec(manifest)  # a valid manifest
+    what = "UNet" if model_type == "sdxl" else "transformer"
+    assert any(f"adapter: no [adapter] table: a full fine-tune of the {what}" in n for n in notes), notes
+    assert parse_spec(manifest).adapter.type == "full"  # a valid manifest
 
 
 def test_sdxl_learning_rates():

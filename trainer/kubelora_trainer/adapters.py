@@ -127,7 +127,10 @@ def gather_full(comps: Components, dtype: torch.dtype, keep: bool) -> dict[str, 
         full = t.full_tensor() if sharded else t
         if keep:
             key = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-            out[key] = full.detach().to("cpu", dtype if full.is_floating_point() else full.dtype).contiguous()
+            # copy=True: an fp32 weight already on CPU would otherwise be returned as itself, and a
+            # weight split from a fused one at load (HunyuanVideo's qkv) is a view of the fused
+            # storage, which safetensors refuses to write
+            out[key] = full.detach().to("cpu", dtype if full.is_floating_point() else full.dtype, copy=True).contiguous()
     return out
 
 

@@ -1,7 +1,9 @@
 """Export of a full fine-tune (adapter.type full): the denoiser as a diffusers folder (config.json
 and sharded safetensors with their index, loadable with from_pretrained) and, where the family
-has one, its native single file (Flux: the BFL layout of flux1-dev.safetensors, which ComfyUI
-and diffusers' from_single_file load); uploaded with manifest.json last."""
+has one (family.export_full; family.full_file says what it holds and what loads it), its native
+single file: the denoiser alone under the original release's names (Flux: BFL layout, SDXL: the
+model.diffusion_model.* UNet, LTX-Video: model.diffusion_model.* transformer, HunyuanVideo:
+Tencent's fused layout, Cosmos: NVIDIA's net.* layout). Uploaded with manifest.json last."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,6 +48,7 @@ def export_and_upload(spec, job_name, family, comps, state_dict: dict, metrics, 
         single = out_dir / f"{spec.output.name}.safetensors"
         save_file({k: v.contiguous() for k, v in native(state_dict).items()}, str(single),
                   metadata=file_metadata(spec, job_name))
+        print(f"[export] {single.name}: {family.full_file}", flush=True)
     else:
         print(f"[export] note: {spec.model.type} has no native single-file export yet; the diffusers folder "
               f"{component}/ is the result", flush=True)
@@ -55,7 +58,7 @@ def export_and_upload(spec, job_name, family, comps, state_dict: dict, metrics, 
     artifacts = []
     if single is not None:
         artifacts.append({**storage.upload(single, str(out.child(single.name)), settings, client),
-                          "format": "original", "file": single.name})
+                          "format": "original", "file": single.name, "holds": family.full_file})
     for f in folder_files:
         name = f"{component}/{f.name}"
         artifacts.append({**storage.upload(f, str(out.child(name)), settings, client), "format": "diffusers",

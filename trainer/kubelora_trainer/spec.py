@@ -276,8 +276,11 @@ class AdapterSpec(_Model):
         default="lora", description="lora: low-rank adapters on a frozen base. full: every weight of the denoiser "
                                     "(transformer or UNet) is trained (fp32 master weights; training.sharding decides "
                                     "whether ranks replicate or FSDP2-shard them; checkpoints then hold every weight and "
-                                    "two AdamW moments, about 12 bytes per parameter), exported as a diffusers folder and, for flux, the BFL "
-                                    "single file; rank, alpha, dropout and targetModules do not apply.")
+                                    "two AdamW moments, about 12 bytes per parameter), exported as a diffusers folder and as the "
+                                    "family's native single file of the denoiser alone (flux: BFL layout; sdxl: the UNet "
+                                    "as model.diffusion_model.*, no VAE or text encoders; ltx-video, hunyuan-video, cosmos: "
+                                    "the original release's layout; docs/formats.md); rank, alpha, dropout and "
+                                    "targetModules do not apply.")
     rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r.")
     alpha: Optional[float] = Field(
         default=None, gt=0, description="LoRA alpha; the update is scaled by alpha/rank. Defaults to the rank (scale 1).")

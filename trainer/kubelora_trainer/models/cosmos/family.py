@@ -380,6 +380,15 @@ class Cosmos:
                     num_frames=prompt["frames"], num_inference_steps=prompt["steps"], guidance_scale=prompt["guidance"],
                     fps=TRAIN_FPS, generator=generator, output_type="np").frames[0]
 
+    full_file = ("the diffusion transformer in NVIDIA's original Cosmos 1.0 layout (net.*, the weights of "
+                 "model.pt without the training-only logvar): ComfyUI's Load Diffusion Model node and the trainer's "
+                 "model.transformerPath load it")
+
+    def export_full(self, state_dict):
+        """A full fine-tune's transformer under NVIDIA's original names with the net. prefix of
+        model.pt: the inverse of diffusers' Cosmos 1.0 conversion (keys.original_param)."""
+        return {"net." + K.original_param(k): v for k, v in state_dict.items()}
+
     def export(self, lora, scale, fmt):
         if fmt not in ("comfyui", "diffusers"):
             raise ValueError(f"format {fmt!r} is not available for cosmos (available: comfyui, diffusers)")

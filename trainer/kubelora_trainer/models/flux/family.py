@@ -179,6 +179,10 @@ class Flux:
     def export(self, lora, scale, fmt):
         return flux_lora.export(lora["transformer"], scale, fmt)
 
+    full_file = ("the transformer in the BFL layout (as flux1-dev.safetensors): ComfyUI's Load Diffusion Model "
+                 "node, the trainer's model.transformerPath and diffusers' FluxTransformer2DModel.from_single_file "
+                 "load it")
+
     def export_full(self, state_dict):
         """A full fine-tune's transformer as a BFL-layout single file (as flux1-dev.safetensors)."""
         return to_bfl(state_dict)

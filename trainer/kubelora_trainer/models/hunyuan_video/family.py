@@ -367,6 +367,16 @@ class HunyuanVideo:
                     prompt_template=kit["template"], max_sequence_length=MAX_TOKENS, generator=generator,
                     output_type="np").frames[0]
 
+    full_file = ("the transformer in the original HunyuanVideo layout (fused qkv and linear1, as "
+                 "hunyuan_video_t2v_720p_bf16.safetensors): ComfyUI's Load Diffusion Model node and the trainer's "
+                 "model.transformerPath load it, diffusers' HunyuanVideoTransformer3DModel.from_single_file at the "
+                 "released width (3072)")
+
+    def export_full(self, state_dict):
+        """A full fine-tune's transformer in the original layout (keys.to_original: the inverse of
+        diffusers' convert_hunyuan_video_transformer_to_diffusers)."""
+        return keys.to_original(state_dict)
+
     def export(self, lora, scale, fmt):
         if fmt not in FORMATS:
             raise ValueError(f"format {fmt!r} is not available for hunyuan-video (available: {', '.join(FORMATS)})")

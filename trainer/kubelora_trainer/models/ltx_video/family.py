@@ -180,6 +180,15 @@ class LTXVideo:
                     guidance_scale=prompt["guidance"], max_sequence_length=MAX_TOKENS, generator=generator,
                     output_type="np").frames[0]
 
+    full_file = ("the transformer in the original LTX-Video layout (model.diffusion_model.*, the transformer part "
+                 "of ltx-video-2b-v0.9.safetensors, without its vae.*): ComfyUI's Load Diffusion Model node and "
+                 "diffusers' LTXVideoTransformer3DModel.from_single_file load it")
+
+    def export_full(self, state_dict):
+        """A full fine-tune's transformer under the original/ComfyUI names (patchify_proj,
+        adaln_single, q_norm, k_norm): the inverse of diffusers' convert_ltx_transformer_checkpoint_to_diffusers."""
+        return {f"model.diffusion_model.{comfy_name(k)}": v for k, v in state_dict.items()}
+
     def export(self, lora, scale, fmt):
         prefix = _prefix(fmt)
         out = {}

@@ -349,6 +349,17 @@ class SDXL:
         return pipe(**cond, height=prompt["height"], width=prompt["width"], num_inference_steps=prompt["steps"],
                     guidance_scale=prompt["guidance"], generator=generator, output_type="np").images[0]
 
+    full_file = ("the UNet only, in the original SDXL layout (model.diffusion_model.*, as in "
+                 "sd_xl_base_1.0.safetensors): ComfyUI's Load Diffusion Model node and diffusers' "
+                 "UNet2DConditionModel.from_single_file load it; the VAE and text encoders are the base model's "
+                 "(a full fine-tune leaves them as they were)")
+
+    def export_full(self, state_dict):
+        """A full fine-tune's UNet under its original (SGM) names, model.diffusion_model.*: the UNet
+        part of an SDXL checkpoint (the inverse of diffusers' convert_ldm_unet_checkpoint)."""
+        from .keys import sgm_unet_name
+        return {f"model.diffusion_model.{sgm_unet_name(k)}": v for k, v in state_dict.items()}
+
     def export(self, lora, scale, fmt):
         out = {}
         if fmt == "kohya":
