@@ -233,6 +233,12 @@ def test_second_run_builds_no_encoder_and_a_new_resolution_encodes_only_its_samp
     from kubelora_trainer import storage, train
     assert train.cache_only_manifest(only, storage.S3Settings()) is True
     assert train.cache_only_manifest(one, storage.S3Settings()) is False
+    # ... and a cache-only job never replaces a finished run's manifest.json
+    before = (tmp_path / "out" / "manifest.json").read_text()
+    only_here = _spec(tiny_flux_dir, data, tmp_path / "out", resolutions=[32], cacheOnly=True)
+    refused = only_here.model_copy(update={"output": only_here.output.model_copy(update={"onExisting": "resume"})})
+    assert train.run(refused, "c") == 2
+    assert "dataset.cacheOnly: " in capsys.readouterr().err and (tmp_path / "out" / "manifest.json").read_text() == before
 
 
 # ---------------------------------------------------------------- two nodes, each with its own cache folder

@@ -25,7 +25,36 @@ def test_key_changes_with_every_input():
 def test_inputs_name_frame_rate_fit_and_format():
     inputs = cache_inputs(_spec(), "f1")
     assert inputs["frames"] == 9 and inputs["fps"] == 25 and inputs["format"] == CACHE_FORMAT
-    assert inputs["fit"] and inputs["model"]["diffusersPath"] == "s3://bkt/ltx"
+    assert inputs["fit"] and inputs["model"] == {"type": "ltx-video", "dtype": "bfloat16"}
+
+
+def test_what_the_encoders_never_see_leaves_the_key_alone():
+    """The model's URI (the files are fingerprinted instead) and the settings of the denoiser and the
+    loss: another cluster's copy of the model, or fp8, or min-SNR, reuse the cache."""
+    def flux(**model):
+        return parse_spec({"model": {"type": "flux", "diffusersPath": "s3://bkt-a/models/flux", **model},
+                           "dataset": {"uri": "s3://bkt/data"}, "output": {"uri": "s3://bkt/out"}})
+    base = cache_key(cache_inputs(flux(), "f1"), "a cat", b"bytes")
+    for other in (flux(diffusersPath="s3://bkt-b/models/flux"), flux(transformerDtype="float8"), flux(fluxShift=False),
+                  flux(guidance=3.5), flux(transformerPath="s3://bkt-a/models/flux1-dev.safetensors")):
+        assert cache_key(cache_inputs(other, "f1"), "a cat", b"bytes") == base
+    assert cache_key(cache_inputs(flux(dtype="float32"), "f1"), "a cat", b"bytes") != base
+
+
+def test_model_fingerprint_covers_the_encoders_bytes_not_the_denoiser_nor_the_path(tmp_path):
+    def model(root, vae=b"v" * 300_000, transformer=b"t" * 10):
+        (root / "vae").mkdir(parents=True, exist_ok=True)
+        (root / "transformer").mkdir(exist_ok=True)
+        (root / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(vae)
+        (root / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(transformer)
+        return {"diffusersPath": str(root)}
+    a = model_fingerprint(model(tmp_path / "a"))
+    assert model_fingerprint(model(tmp_path / "elsewhere")) == a
+    assert model_fingerprint(model(tmp_path / "b", transformer=b"u" * 12)) == a         # a fine-tuned denoiser
+    tuned = bytearray(b"v" * 300_000)
+    tuned[150_000] = ord("w")                                                              # same size, other bytes
+    assert model_fingerprint(model(tmp_path / "c", vae=bytes(tuned))) != a
+    assert model_fingerprint({**model(tmp_path / "d"), "transformerPath": str(tmp_path / "x.safetensors")}) == a
 
 
 def test_model_fingerprint_sees_a_replaced_file(tmp_path):

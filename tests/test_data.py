@@ -142,3 +142,29 @@ def test_a_caption_map_that_is_not_utf8_names_the_file(tmp_path):
     (tmp_path / "captions.json").write_bytes('{"a.png": "caf\xe9"}'.encode("latin-1"))
     with pytest.raises(DatasetError, match=r"dataset s3://b/d: .*captions.json: not UTF-8 \(byte 0xe9 at 14\)"):
         scan(tmp_path, uri="s3://b/d")
+
+
+def test_a_failure_of_the_machine_is_not_remembered_as_a_bad_file(tmp_path, monkeypatch):
+    """Out of file handles or memory, a vanished path: skipped in this run, but not cached as bad
+    (the cache's probes and dataset.cacheUri would otherwise skip good bytes in every later job)."""
+    import errno
+
+    import av
+
+    from kubelora_trainer import data
+    assert data.is_environmental(OSError(errno.EMFILE, "Too many open files"))
+    assert data.is_environmental(MemoryError())
+    assert not data.is_environmental(OSError("image file is truncated"))
+    assert not data.is_environmental(av.error.InvalidDataError(1094995529, "Invalid data found"))
+    img = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(img)
+    (tmp_path / "a.txt").write_text("x")
+    item = scan(tmp_path).items[0]
+
+    def exhausted(*a, **k):
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(data, "probe", exhausted)
+    _, skip = data.check_item(item)
+    assert skip.reason == "corrupt" and skip.lasting is False
+    monkeypatch.setattr(data, "probe", lambda *a, **k: (_ for _ in ()).throw(OSError("image file is truncated")))
+    assert data.check_item(item)[1].lasting is True

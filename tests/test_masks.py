@@ -77,7 +77,7 @@ def test_a_mask_that_does_not_decode_or_fit_skips_its_item(tmp_path):
 
 
 def test_cache_key_bytes_cover_the_mask_and_mixed_batches_get_ones():
-    assert masks.media_key(b"img", None) == b"img"                # unmasked: the key it always had
+    assert masks.media_key(b"img", None) == b"img"                # unmasked: the media's bytes alone
     assert len({masks.media_key(b"img", None), masks.media_key(b"img", b"m1"), masks.media_key(b"img", b"m2")}) == 3
     a = {"latents": torch.zeros(4, 2, 3), "mask": torch.zeros(2, 3)}
     b = {"latents": torch.zeros(4, 2, 3)}

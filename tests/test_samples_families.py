@@ -240,3 +240,18 @@ def test_cosmos_samples_refused_without_nvidias_guardrail(monkeypatch):
     assert code_of(e.value) == BAD_INPUT
     monkeypatch.setenv(GUARDRAIL_ENV, "stand-in")
     assert type(guardrail()).__name__ == "NoGuardrail"
+
+
+def test_cosmos_prompts_go_through_the_guardrails_text_check(monkeypatch):
+    """The pipeline is given embeddings, so it never sees the prompt's text: the kit checks it."""
+    from kubelora_trainer.models.base import ModelError
+    from kubelora_trainer.models.cosmos import family as cosmos
+
+    class Refusing(cosmos.NoGuardrail):
+        def check_text_safety(self, prompt):
+            return "forbidden" not in prompt
+    monkeypatch.setattr(cosmos, "guardrail", Refusing)
+    prompts = [{"index": 0, "prompt": "a red circle", "guidance": 7.0, "negativePrompt": None},
+               {"index": 1, "prompt": "something forbidden", "guidance": 7.0, "negativePrompt": None}]
+    with pytest.raises(ModelError, match=r"spec.samples.prompts\[1\]: NVIDIA's guardrail refuses this prompt"):
+        cosmos.FAMILY.sampling_kit(None, prompts)  # refused before any encoder is touched

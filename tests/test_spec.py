@@ -177,6 +177,8 @@ def test_float16_is_refused_with_the_reason():
      "dataset.cacheUri (s3://bkt/data/cache) and dataset.uri (s3://bkt/data) overlap"),
     ({"dataset": {"sources": [{"uri": "s3://bkt/c/imgs"}], "cacheUri": "s3://bkt/c"}},
      "dataset.cacheUri (s3://bkt/c) and dataset.sources[0].uri (s3://bkt/c/imgs) overlap"),
+    ({"dataset": {"uri": "s3://bkt/data", "cacheOnly": True}, "samples": {"prompts": [{"prompt": "a cat"}]}},
+     "dataset.cacheOnly builds the cache and trains nothing, so spec.samples would never be made"),
 ])
 def test_settings_that_would_be_ignored_or_overwritten_are_refused(over, message):
     from kubelora_trainer.spec import SpecError, parse_spec

@@ -11,11 +11,11 @@ Layout under cache_root() (the node's emptyDir or PVC, $KUBELORA_CACHE_DIR):
 Every file is written to a temporary name and renamed into place (os.replace), so ranks sharing
 one folder (the ranks of a node) or a killed run never leave a partial entry under a final name.
 
-Which entries a run needs is known before any model is loaded (the keys need only the model
-files' names and sizes, the spec, the media bytes and the captions): a run whose entries all
+Which entries a run needs is known before any model is loaded (the keys need only the encoder
+files' fingerprints, the spec, the media bytes and the captions): a run whose entries all
 exist on some rank loads neither the VAE nor the text encoders (family.load(encoders=False)).
 Missing entries are encoded split over all ranks, then each rank receives the entries its node
-lacks (exchange(): bounded rounds of object all-gathers), so every rank can read every sample.
+lacks (exchange(): bounded rounds, each sender's share broadcast from it), so every rank can read every sample.
 
 Pure planning (what to encode, who sends what in which round) is separate from the I/O.
 """
@@ -35,7 +35,15 @@ import torch
 from . import buckets as bk
 from .families import PATH_FIELDS, RULES, frames_of, size_of
 
-CACHE_FORMAT = 4  # bump whenever what encode() writes for the same inputs changes (4: media by content hash)
+CACHE_FORMAT = 5  # bump whenever what encode() writes for the same inputs changes (5: keyed by the encoders only)
+# model settings the encoders never see (the denoiser's storage, the loss, the guidance input): not in
+# the key, so changing one, or the model's URI, reuses the cache (dataset.cacheUri across clusters too)
+TRAINING_ONLY = {"transformerDtype", "float8Compute", "fluxShift", "bypassGuidanceEmbedding", "guidance", "vPred",
+                 "zeroTerminalSnr", "minSnrGamma"}
+# files of the denoiser, which encoding does not use: a separate transformer file, or these folders
+DENOISER_FIELDS = {"transformerPath"}
+DENOISER_DIRS = {"transformer", "transformers", "unet"}
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 16, 1 << 16
 PROBE_FORMAT = 2  # bump whenever data.check_item's answer for the same bytes changes (2: skips with reasons)
 EXCHANGE_MB_ENV = "KUBELORA_CACHE_EXCHANGE_MB"   # bytes per exchange round (default 256 MiB)
 PROGRESS_SECONDS_ENV = "KUBELORA_CACHE_PROGRESS_SECONDS"  # the encoding progress line's period (default 10)
@@ -49,7 +57,8 @@ def cache_inputs(spec, model_fingerprint: str) -> dict:
     """Everything besides the media bytes and the caption that a cached tensor depends on."""
     w, h = size_of(spec.dataset)
     r = RULES[spec.model.type]
-    return {"format": CACHE_FORMAT, "model": spec.model.model_dump(mode="json"), "files": model_fingerprint,
+    model = {k: v for k, v in spec.model.model_dump(mode="json").items() if k not in TRAINING_ONLY | set(PATH_FIELDS)}
+    return {"format": CACHE_FORMAT, "model": model, "files": model_fingerprint,
             "size": [w, h], "fit": FIT, "frames": frames_of(spec.model.type, spec.dataset) if r.video else 1,
             "fps": r.fps if r.video else None}
 
@@ -68,14 +77,34 @@ def cache_key(inputs: dict, caption: str, media: bytes, unit: Optional[bk.Unit] 
 
 
 def model_fingerprint(paths: dict[str, str]) -> str:
-    """Names and sizes of the staged model files (not the dataset): a model replaced at the same
-    URI gives other cache keys."""
+    """The staged encoder files (VAE, text encoders, tokenizers; not the denoiser's, not the
+    dataset), by relative name, size and a sample of their bytes (file_sample): the same files under
+    another URI give the same keys, a model replaced at the same URI (a fine-tuned VAE of the same
+    size included) other keys. Equal on every node: nothing local (paths, mtimes) goes in."""
     h = hashlib.sha256()
-    for field in sorted(f for f in paths if f in PATH_FIELDS):
+    for field in sorted(f for f in paths if f in PATH_FIELDS and f not in DENOISER_FIELDS):
         root = Path(paths[field])
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         for p in files:
-            h.update(f"{field}|{p.relative_to(root) if root.is_dir() else p.name}|{p.stat().st_size}\n".encode())
+            rel = p.relative_to(root) if root.is_dir() else Path(p.name)
+            if DENOISER_DIRS & set(rel.parts[:-1]):
+                continue
+            h.update(f"{field}|{rel.as_posix()}|{p.stat().st_size}|{file_sample(p)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def file_sample(path: Path) -> str:
+    """sha256 of SAMPLE_BLOCKS blocks spread evenly over a file (its whole bytes when smaller): a
+    changed weight file changes everywhere, so this sees it without reading gigabytes."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= SAMPLE_BLOCKS * SAMPLE_BLOCK:
+            h.update(f.read())
+        else:
+            for k in range(SAMPLE_BLOCKS):
+                f.seek((size - SAMPLE_BLOCK) * k // (SAMPLE_BLOCKS - 1))
+                h.update(f.read(SAMPLE_BLOCK))
     return h.hexdigest()[:16]
 
 
@@ -177,7 +206,7 @@ def exchange_rounds(haves: list[list[bool]], sizes: list[list[int]], chunk_bytes
     rank has. haves[r][i]: rank r holds entry i (sizes[r][i] its bytes). An entry that some rank
     lacks is sent once, by the lowest rank holding it; a round carries at most chunk_bytes in all
     (an entry larger than that goes alone), so no rank holds more than about chunk_bytes of
-    received entries at a time. Returns rounds of (entry, sender). Pure: every rank computes the
+    received entries at a time (train.exchange broadcasts each sender's share in turn). Returns rounds of (entry, sender). Pure: every rank computes the
     same plan from the same gathered lists."""
     rounds, cur, used = [], [], 0
     for i in range(len(haves[0]) if haves else 0):

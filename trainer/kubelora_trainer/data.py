@@ -12,6 +12,8 @@ aspect ratios. Masks (dataset.maskUri): masks.py.
 """
 from __future__ import annotations
 
+import errno
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -70,6 +72,9 @@ class Skip:
     uri: str        # the item's source URI
     reason: str     # one of SKIP_REASONS
     detail: str = ""
+    # False for a failure of this machine rather than of the file (is_environmental): skipped in this
+    # run only, never remembered in the cache's probes nor shared through dataset.cacheUri
+    lasting: bool = field(default=True, compare=False)
 
     def __str__(self) -> str:
         return f"{self.uri}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
@@ -197,6 +202,16 @@ def sniff(head: bytes) -> Optional[str]:
     return None
 
 
+ENVIRONMENTAL_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.ENOSPC, errno.EAGAIN, errno.ENOENT,
+                        errno.ESTALE, errno.ETIMEDOUT, errno.EACCES}
+
+
+def is_environmental(err: BaseException) -> bool:
+    """Whether a failure to read a file says something about this machine (memory, file handles,
+    disk, a vanished or unreadable path) rather than about the file's bytes. Pure."""
+    return isinstance(err, MemoryError) or (isinstance(err, OSError) and err.errno in ENVIRONMENTAL_ERRNOS)
+
+
 def failure_reason(suffix: str, head: bytes, err: BaseException) -> str:
     """Why a media file that failed to probe is skipped (one of SKIP_REASONS): tooLarge for a pixel
     limit, wrongExtension when its content is not the kind (image, video) its extension says,
@@ -221,17 +236,19 @@ def check_item(item: Item, fps: float | None = None, decode: bool = True):
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError as e:
-        return None, Skip(item.name, "corrupt", f"{type(e).__name__}: {e}")
+        return None, Skip(item.name, "corrupt", f"{type(e).__name__}: {e}", lasting=not is_environmental(e))
     try:
         meta = probe(path, fps, decode)
     except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
-        return None, Skip(item.name, failure_reason(path.suffix, head, e), f"{type(e).__name__}: {e}"[:300])
+        return None, Skip(item.name, failure_reason(path.suffix, head, e), f"{type(e).__name__}: {e}"[:300],
+                          lasting=not is_environmental(e))
     if item.mask is not None:
         from .masks import probe_mask
         try:
             mw, mh = probe_mask(item.mask)
         except Exception as e:  # noqa: BLE001
-            return None, Skip(item.name, "maskUnreadable", f"{item.mask.name}: {type(e).__name__}: {e}"[:300])
+            return None, Skip(item.name, "maskUnreadable", f"{item.mask.name}: {type(e).__name__}: {e}"[:300],
+                              lasting=not is_environmental(e))
         if (mw, mh) != meta[:2]:
             return None, Skip(item.name, "maskSizeMismatch", f"{item.mask.name} is {mw}x{mh}, the item {meta[0]}x{meta[1]}")
     return meta, None

@@ -79,7 +79,7 @@ def latent_mask(path: Path, width: int, height: int, grid: tuple[int, int]) -> t
 
 def media_key(media: bytes, mask: Optional[bytes]) -> bytes:
     """The bytes a cached sample's key covers: the media file's, and for a masked item a digest
-    of its mask's (an unmasked item keeps the key it had before masks existed)."""
+    of its mask's (an unmasked item's bytes are its media's alone)."""
     if mask is None:
         return media
     return media + b"\0kubelora-mask\0" + hashlib.sha256(mask).digest()

@@ -103,16 +103,14 @@ class Sampler:
         modules = list(tr.comps.trainable.values())
         for m in modules:
             m.eval()  # no LoRA dropout
-        err, recs = None, []
+        err, recs, outs = None, [], []
         try:
             with tr.adapters.compute():
                 for i, keep in mine:
                     p = self.prompts[i]
                     out = self.family.sample(self.kit, tr.comps, p, torch.Generator().manual_seed(p["seed"]))
                     if keep:
-                        recs.append(self._write(step, p, out))
-        except storage.StorageError as e:
-            err = e
+                        outs.append((p, out))
         except Exception as e:  # noqa: BLE001 - agreed on below, so no rank waits for a failed one
             err = RuntimeError(f"sampling at step {step}: {type(e).__name__}: {e}")
         finally:
@@ -121,6 +119,14 @@ class Sampler:
             torch.set_rng_state(rng)  # sampling draws nothing the training would have drawn
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng)
+        # written after every forward: under FSDP2 each forward is a collective, so a rank whose write
+        # failed mid-loop would leave its peers waiting in the next one
+        try:
+            recs = [self._write(step, p, out) for p, out in outs] if err is None else []
+        except storage.StorageError as e:
+            err = e
+        except Exception as e:  # noqa: BLE001 - agreed on below
+            err = RuntimeError(f"sampling at step {step}: writing the samples: {type(e).__name__}: {e}")
         dist.fail_together(err, f"sampling at step {step}")
         if env.world > 1:
             recs = [r for part in dist.all_gather(recs) for r in part]

@@ -473,6 +473,9 @@ class LoRATrainingJobSpec(_Model):
             raise ValueError(problem)
         if self.training.warmupSteps > self.training.steps:
             raise ValueError(f"training.warmupSteps ({self.training.warmupSteps}) exceeds training.steps ({self.training.steps})")
+        if self.dataset.cacheOnly and self.samples is not None:
+            raise ValueError("dataset.cacheOnly builds the cache and trains nothing, so spec.samples would never be made: "
+                             "remove one of them")
         problem = ignored_settings(self)
         if problem:
             raise ValueError(problem)

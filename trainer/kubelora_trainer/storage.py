@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -594,7 +595,8 @@ def download_file(uri: str, target: str | Path, size: int, settings: S3Settings 
         _download_one(client or make_client(settings), settings, loc.bucket, {"Key": loc.key, "Size": size}, target)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    # a name of its own per call: threads of one process may fetch the same object at once
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
     try:
         shutil.copyfile(loc.key, tmp)
         if tmp.stat().st_size != size:

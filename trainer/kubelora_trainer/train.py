@@ -131,7 +131,8 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
             except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
                 skip = decode_failure(it, e)
                 bad.append((unit.item, skip))
-                cache.write_probe(root, digests[unit.item], r.fps if r.video else None, skip)
+                if skip.lasting:  # remembered: later runs skip these bytes without decoding them
+                    cache.write_probe(root, digests[unit.item], r.fps if r.video else None, skip)
                 progress.add(len(per_unit[u]))
                 continue
             for i in per_unit[u]:
@@ -150,19 +151,22 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
 
 def decode_failure(item, err: BaseException) -> Skip:
     """Why an item that passed its header check could not be decoded for the cache, as a Skip."""
-    from .data import failure_reason
+    from .data import failure_reason, is_environmental
     try:
         with open(item.image, "rb") as f:
             head = f.read(16)
     except OSError:
         head = b""
-    return Skip(item.name, failure_reason(item.image.suffix, head, err), f"{type(err).__name__}: {err}"[:300])
+    return Skip(item.name, failure_reason(item.image.suffix, head, err), f"{type(err).__name__}: {err}"[:300],
+                lasting=not is_environmental(err))
 
 
 def exchange(keys: list[str], env) -> int:
-    """After encoding: every rank receives the entries its node's folder lacks from a rank that
-    has them (cache.exchange_rounds: bounded rounds of object all-gathers), written atomically.
-    Returns how many entries this rank wrote."""
+    """After encoding: every node's folder receives the entries it lacks from a rank that has them
+    (cache.exchange_rounds: rounds of at most $KUBELORA_CACHE_EXCHANGE_MB), each sender's share of
+    a round broadcast from it, so a rank holds one sender's payload at a time (an all-gather would
+    pad every rank's part to the largest and hold world x that). The ranks of a node share its
+    folder: local rank 0 writes (atomically) and counts. Returns how many entries this rank wrote."""
     if env.world == 1:
         return 0
     import numpy as np
@@ -172,16 +176,27 @@ def exchange(keys: list[str], env) -> int:
     sizes = [part.tolist() for part in dist.all_gather(mine)]
     haves = [[n > 0 for n in part] for part in sizes]
     have = haves[env.rank]
+    writer = env.local_rank == 0
     chunk = int(float(os.environ.get(cache.EXCHANGE_MB_ENV, "256")) * 2 ** 20)
-    received = 0
+    received, err = 0, None
     for rnd in cache.exchange_rounds(haves, sizes, chunk):
-        payload = {i: cache.entry_path(root, keys[i]).read_bytes() for i, sender in rnd if sender == env.rank}
-        for part in dist.all_gather(payload):
-            for i, data in part.items():
+        for sender in sorted({s for _, s in rnd}):
+            payload = None
+            if env.rank == sender:
+                try:
+                    payload = {i: cache.entry_path(root, keys[i]).read_bytes() for i, s in rnd if s == sender}
+                except OSError as e:  # still takes part in every collective; fails with the others below
+                    err, payload = err or RuntimeError(f"cache exchange: reading an entry: {e}"), {}
+            for i, data in dist.broadcast(payload, src=sender).items():
                 if not have[i]:
-                    cache.write_bytes_atomic(cache.entry_path(root, keys[i]), data)
+                    if writer and err is None:
+                        try:
+                            cache.write_bytes_atomic(cache.entry_path(root, keys[i]), data)
+                            received += 1
+                        except OSError as e:  # a full cache volume: every rank stops with this reason
+                            err = RuntimeError(f"cache exchange: writing an entry to {root}: {e}")
                     have[i] = True
-                    received += 1
+    dist.fail_together(err, "the cache exchange")  # also: every node's writer is done before any rank reads
     return received
 
 
@@ -214,30 +229,35 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
     fps = r.fps if r.video else None
     root = cache_root()
     items = report.items
-    found, bad, hashed = [], [], []
-    for i in range(env.rank, len(items), env.world):
-        it = items[i]
-        try:
-            hashed.append((i, item_digest(it)))
-        except OSError as e:
-            bad.append((i, Skip(it.name, "corrupt", f"{type(e).__name__}: {e}"[:300])))
-    if remote is not None:
-        remote.probes = [probe_name(root, d, fps) for _, d in hashed]
-        remote.probes_pulled = remote.pull([n for n in remote.probes if n in remote.listing and not (root / n).is_file()],
-                                           root)
-    for i, digest in hashed:
-        it = items[i]
-        got = cache.read_probe(root, digest, fps)
-        if got is None:
-            meta, skip = check_item(it, fps, decode=False)
-            cache.write_probe(root, digest, fps, meta if skip is None else skip)
-        else:
-            meta, skip = (None, dataclasses.replace(got, uri=it.name)) if isinstance(got, Skip) else (got, None)
-        if skip is None:
-            found.append((i, (meta, digest)))
-        else:
-            bad.append((i, skip))
-    dist.phase_barrier("decoding the dataset")
+    from .data import is_environmental
+
+    def checking_the_dataset():  # this rank's share; run through dist.agree, so no rank waits for a failed one
+        found, bad, hashed = [], [], []
+        for i in range(env.rank, len(items), env.world):
+            it = items[i]
+            try:
+                hashed.append((i, item_digest(it)))
+            except OSError as e:
+                bad.append((i, Skip(it.name, "corrupt", f"{type(e).__name__}: {e}"[:300], lasting=not is_environmental(e))))
+        if remote is not None:  # items of equal content share one probe
+            remote.probes = list(dict.fromkeys(probe_name(root, d, fps) for _, d in hashed))
+            remote.probes_pulled = remote.pull([n for n in remote.probes if n in remote.listing and not (root / n).is_file()],
+                                               root)
+        for i, digest in hashed:
+            it = items[i]
+            got = cache.read_probe(root, digest, fps)
+            if got is None:
+                meta, skip = check_item(it, fps, decode=False)
+                if skip is None or skip.lasting:
+                    cache.write_probe(root, digest, fps, meta if skip is None else skip)
+            else:
+                meta, skip = (None, dataclasses.replace(got, uri=it.name)) if isinstance(got, Skip) else (got, None)
+            if skip is None:
+                found.append((i, (meta, digest)))
+            else:
+                bad.append((i, skip))
+        return found, bad
+    found, bad = dist.agree(checking_the_dataset)
     gathered = dist.all_gather((found, bad))
     found_all = dict(m for part, _ in gathered for m in part)
     skips = dict(b for _, part in gathered for b in part)
@@ -630,6 +650,13 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     # ---- an earlier run of this manifest: resume from its newest checkpoint, or stop if it finished
     finished, latest = existing_output(spec, settings, env)
     plan = resume_plan(spec.output.onExisting, finished, latest)
+    if spec.dataset.cacheOnly:  # writes its own manifest.json: never over a finished run's
+        err = RunError(f"dataset.cacheOnly: {spec.output.uri} holds a finished training run (manifest.json), which "
+                       f"a cache-only job would replace with its own: give it another output.uri (or set "
+                       f"output.onExisting: overwrite)"
+                       ) if finished and spec.output.onExisting != "overwrite" and env.is_main else None
+        dist.fail_together(err, "the output check")
+        plan = "train"
     if plan == "done":
         log(env, f"[done] {spec.output.uri} already holds a finished run (manifest.json); nothing to train "
                  f"(output.onExisting: overwrite trains again)")
@@ -696,7 +723,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
             fps = r.fps if r.video else None
             gone_probes = {probe_name(cache_root(), digests[i], fps) for i in bad}
             remote.probes = [n for n in remote.probes if n not in gone_probes]
-            rewritten = [probe_name(cache_root(), digests[i], fps) for i, _ in mine]
+            rewritten = [probe_name(cache_root(), digests[i], fps) for i, skip in mine if skip.lasting]
         if bad:  # corrupt past the header: the same items dropped on every rank, the layout made again
             gone = drop_items(report, bad)
             for i in sorted(bad)[:10]:

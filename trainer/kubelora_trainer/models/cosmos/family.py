@@ -359,8 +359,15 @@ class Cosmos:
         """For spec.samples, while the T5 encoder is loaded: each prompt's embeddings (and, with
         classifier-free guidance, its negative prompt's: the pipeline's default negative prompt when
         none is given, as CosmosTextToWorldPipeline does), the VAE kept for decoding, and NVIDIA's
-        safety guardrail (loaded now, so a job that cannot have it fails before training)."""
+        safety guardrail (loaded now, so a job that cannot have it fails before training), which checks
+        every prompt's text here (the pipeline, given embeddings, checks only the videos)."""
         from diffusers.pipelines.cosmos.pipeline_cosmos_text2world import DEFAULT_NEGATIVE_PROMPT
+        # the pipeline checks a prompt's text only when given the text; it gets embeddings, so here
+        rail = guardrail()
+        for p in prompts:
+            if not rail.check_text_safety(p["prompt"]):
+                raise ModelError(f"spec.samples.prompts[{p['index']}]: NVIDIA's guardrail refuses this prompt, and "
+                                 "Cosmos samples are made only for prompts it accepts: change or remove it")
         device = comps.encoders["vae"].device
         embeds = []
         for p in prompts:
@@ -369,7 +376,7 @@ class Cosmos:
                 neg = p["negativePrompt"] or DEFAULT_NEGATIVE_PROMPT
                 e["negative_prompt_embeds"] = self.encode_prompts(comps, [neg], device)
             embeds.append(e)
-        return {"vae": comps.encoders["vae"], "embeds": embeds, "guardrail": guardrail()}
+        return {"vae": comps.encoders["vae"], "embeds": embeds, "guardrail": rail}
 
     @torch.no_grad()
     def sample(self, kit, comps, prompt, generator):
