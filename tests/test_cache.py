@@ -250,9 +250,10 @@ def _port() -> int:
 
 
 def test_two_nodes_with_their_own_cache_folders_end_with_every_entry(tmp_path, tiny_flux_dir):
-    """Two torchrun launchers (--nnodes 2), one process each, as two pods with an emptyDir each:
-    the encoding is split between them, each copies the other's entries, both train on any
-    sample; a file corrupt past its header is dropped on both."""
+    """Two torchrun launchers (--nnodes 2), two processes each, as two pods with an emptyDir each
+    shared by their ranks: the encoding is split over the four, each node receives the other's
+    entries once (its local rank 0 writes them, so each copy is counted once), every rank trains on
+    any sample; a file corrupt past its header is dropped on all."""
     data = _images(tmp_path / "data", 5, bad=True)
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob", "spec": {
@@ -266,7 +267,7 @@ def test_two_nodes_with_their_own_cache_folders_end_with_every_entry(tmp_path, t
         env = {**os.environ, "KUBELORA_CACHE_DIR": str(tmp_path / f"node{node}"), "KUBELORA_METRICS_PORT": "0",
                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KUBELORA_CACHE_EXCHANGE_MB": "0.001"}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=2",
              "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "kubelora_trainer", "run", "--spec", str(job)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
