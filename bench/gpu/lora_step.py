@@ -9,6 +9,7 @@ activation checkpointing and regional compile) and the family's own loss.
 
     python bench/gpu/lora_step.py flux compile_nogc_fp8   # modes: {eager|compile}_{gc|nogc}[_fp8|_fp8t|_fp8dq]
     TINY=1 python bench/gpu/lora_step.py hunyuan eager_gc_fp8   # CPU smoke test of this script
+    PROFILE=1 python bench/gpu/lora_step.py flux compile_nogc_fp8t   # also $OUT/profile_<model>_<mode>.txt
     HY_CAPTIONS=varied python bench/gpu/lora_step.py hunyuan compile_gc   # captions of varying length
         (padded to 256, a different length each step, as in training); default: 256 caption tokens
 
@@ -18,6 +19,7 @@ on an eager forward; backward = input gradients of the frozen GEMMs (x1) and att
 / step time / the card's dense bf16 peak (989 TFLOP/s for H100 and H200), also for fp8 runs.
 Run beside ../shared/bench (stock stack) on the same card: see bench/gpu/run.sh.
 """
+import contextlib
 import itertools
 import json
 import os
@@ -71,6 +73,26 @@ def build(dev):
                  "prompt_mask": torch.ones(1, txt, device=dev, dtype=torch.bool),
                  "pooled": torch.randn(1, tr.config.pooled_projection_dim, device=dev, generator=g).to(bf)}
     return tr, family, spec_model, batch, g
+
+
+@contextlib.contextmanager
+def saved_by_shape():
+    """What a forward keeps for its backward (parameters aside), tallied by dtype and shape:
+    {"bfloat16[1, 4608, 3072]": (count, bytes)}."""
+    saved = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            k = f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+            n, b = saved.get(k, (0, 0))
+            saved[k] = (n + 1, b + t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
+def top_saved(saved: dict, gib) -> list:
+    return [[k, n, gib(b)] for k, (n, b) in sorted(saved.items(), key=lambda kv: -kv[1][1])[:8]]
 
 
 def step_flops(fam, comps, batch, spec, g) -> float:
@@ -148,15 +170,28 @@ def main():
         gib = lambda b: round(b / 2**30, 2)  # noqa: E731
         mem["weights_gib"] = gib(sum(p.numel() * p.element_size() for p in tr.parameters()))
         torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
-        with compute():
+        with compute(), saved_by_shape() as saved:
             loss_t = fam.loss(comps, batch, spec.model, spec.training, g)
         torch.cuda.synchronize()
+        mem["saved_top"] = top_saved(saved, gib)
         mem["saved_for_backward_gib"] = gib(torch.cuda.memory_allocated() - base)
         mem["forward_peak_gib"] = gib(torch.cuda.max_memory_allocated() - base)
         loss_t.backward()
         torch.cuda.synchronize()
         mem["backward_peak_gib"] = gib(torch.cuda.max_memory_allocated() - base)
         opt.zero_grad(set_to_none=True)
+    else:  # the same tally on CPU, so the smoke test runs this code before a GPU run depends on it
+        with compute(), saved_by_shape() as saved:
+            fam.loss(comps, batch, spec.model, spec.training, g).backward()
+        opt.zero_grad(set_to_none=True)
+        mem["saved_top"] = top_saved(saved, lambda b: round(b / 2**30, 6))
+    if cuda and os.environ.get("PROFILE") == "1":  # where a step's GPU time goes, top kernels, to $OUT
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step(); sync()
+        out_dir = os.environ.get("OUT", "/tmp")
+        with open(os.path.join(out_dir, f"profile_{MODEL}_{MODE}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     from kubelora_trainer.throughput import peak_flops
     peak = peak_flops(gpu)
