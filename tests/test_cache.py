@@ -290,3 +290,24 @@ def test_operator_reports_a_cache_only_run_as_cache_built():
     obs = st.observe(job, [], None, {"cacheOnly": True, "cache": {"entries": 12}, "artifacts": []}, False)
     assert (obs.phase, obs.reason) == (st.SUCCEEDED, "CacheBuilt") and "12 entries" in obs.message
     assert obs.artifacts == []
+
+
+def test_a_units_caption_variants_share_one_vae_encode(tiny_flux_dir):
+    """family.encode with one image and several captions (a unit's caption variants, as
+    train.encode_missing calls it): the VAE runs once, every caption gets those latents and the text
+    embeddings it gets alone."""
+    from kubelora_trainer.models.flux.family import FAMILY
+    spec = _spec(tiny_flux_dir, Path("/data"), Path("/out"))
+    comps = FAMILY.load(spec.model, {"diffusersPath": str(tiny_flux_dir)}, torch.device("cpu"))
+    vae = comps.encoders["pipe"].vae
+    calls = []
+    real = vae.encode
+    vae.encode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    many = FAMILY.encode(comps, x, ["a red circle", "a blue square", ""])
+    assert len(calls) == 1 and len(many) == 3
+    for caption, got in zip(["a red circle", "a blue square", ""], many):
+        alone = FAMILY.encode(comps, x, [caption])[0]
+        torch.testing.assert_close(got["latents"], alone["latents"])
+        torch.testing.assert_close(got["prompt_embeds"], alone["prompt_embeds"], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(many[0]["prompt_embeds"], many[1]["prompt_embeds"])

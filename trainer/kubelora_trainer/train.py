@@ -135,13 +135,17 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
                     cache.write_probe(root, digests[unit.item], r.fps if r.video else None, skip)
                 progress.add(len(per_unit[u]))
                 continue
-            for i in per_unit[u]:
-                v = entries[i][1]
-                out = {k: t.detach().cpu() for k, t in family.encode(comps, x, ["" if v < 0 else it.variants[v]])[0].items()}
+            captions = ["" if entries[i][1] < 0 else it.variants[entries[i][1]] for i in per_unit[u]]
+            mask = None
+            # one call for all of the unit's caption variants: the VAE encodes its pixels once
+            for i, sample in zip(per_unit[u], family.encode(comps, x, captions)):
+                out = {k: t.detach().cpu() for k, t in sample.items()}
                 if it.mask is not None:  # [h, w] on the latent grid (masks.py)
-                    out["mask"] = masks.latent_mask(it.mask, w, h, tuple(out["latents"].shape[-2:]))
+                    if mask is None:
+                        mask = masks.latent_mask(it.mask, w, h, tuple(out["latents"].shape[-2:]))
+                    out["mask"] = mask
                 cache.save_entry(root, keys[i], out)
-                progress.add()
+            progress.add(len(captions))
     finally:
         progress.finish()
     if env.rank == 0:

@@ -334,7 +334,7 @@ class Cosmos:
         std = comps.info["latents_std"][:, :t].to(z.device).view(1, -1, t, 1, 1)
         lat = ((z - mean) / std * SIGMA_DATA).to(vae.dtype)
         emb = self.encode_prompts(comps, captions, images.device)
-        return [{"latents": lat[i].cpu(), "prompt_embeds": emb[i].cpu()} for i in range(len(captions))]
+        return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": emb[i].cpu()} for i in range(len(captions))]
 
     def loss(self, comps, batch, model_spec, training_spec, generator):
         tr = comps.trainable["transformer"]

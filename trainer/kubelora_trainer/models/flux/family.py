@@ -124,7 +124,7 @@ class Flux:
         lat = (lat - comps.info["vae_shift"]) * comps.info["vae_scale"]
         prompt_embeds, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device=images.device,
                                                      max_sequence_length=512)
-        return [{"latents": lat[i].cpu(), "prompt_embeds": prompt_embeds[i].cpu(), "pooled": pooled[i].cpu()}
+        return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": prompt_embeds[i].cpu(), "pooled": pooled[i].cpu()}
                 for i in range(len(captions))]
 
     def loss(self, comps, batch, model_spec, training_spec, generator):

@@ -319,7 +319,7 @@ class HunyuanVideo:
         lat = pipe.vae.encode(clips).latent_dist.mode() * comps.info["vae_scale"]
         embeds, pooled, mask = pipe.encode_prompt(prompt=captions, prompt_template=comps.info["template"],
                                                   device=clips.device, max_sequence_length=MAX_TOKENS)
-        return [{"latents": lat[i].cpu(), "prompt_embeds": embeds[i].cpu(), "prompt_mask": mask[i].cpu(),
+        return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": embeds[i].cpu(), "prompt_mask": mask[i].cpu(),
                  "pooled": pooled[i].cpu()} for i in range(len(captions))]
 
     def loss(self, comps, batch, model_spec, training_spec, generator):

@@ -125,7 +125,7 @@ class LTXVideo:
         lat = LTXPipeline._normalize_latents(lat, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
         embeds, mask = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False,
                                           max_sequence_length=MAX_TOKENS, device=vae.device)[:2]
-        return [{"latents": lat[i].cpu(), "prompt_embeds": embeds[i].cpu(), "prompt_mask": mask[i].cpu()}
+        return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": embeds[i].cpu(), "prompt_mask": mask[i].cpu()}
                 for i in range(len(captions))]
 
     def loss(self, comps, batch, model_spec, training_spec, generator):

@@ -287,7 +287,7 @@ class SDXL:
                for t in ("tokenizer", "tokenizer_2")]
         # micro-conditioning: original size, crop top-left, target size (images are fitted, not cropped away)
         time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)
-        return [{"latents": lat[i].cpu(), "input_ids": ids[0][i], "input_ids_2": ids[1][i], "time_ids": time_ids}
+        return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "input_ids": ids[0][i], "input_ids_2": ids[1][i], "time_ids": time_ids}
                 for i in range(len(captions))]
 
     def loss(self, comps, batch, model_spec, training_spec, generator):
