@@ -29,7 +29,8 @@ def results(tmp_path_factory):
     return {"one": _run(1, d / "one.json"), "shard": _run(2, d / "shard.json", "shard"),
             "replicate": _run(2, d / "replicate.json", "replicate"),
             "one_fp8": _run(1, d / "one_fp8.json", "auto", "float8"),
-            "shard_fp8": _run(2, d / "shard_fp8.json", "shard", "float8")}
+            "shard_fp8": _run(2, d / "shard_fp8.json", "shard", "float8"),
+            "one_offload": _run(1, d / "one_offload.json", "auto", "offload")}
 
 
 @pytest.mark.parametrize("sharding", ["shard", "replicate"])
@@ -63,3 +64,11 @@ def test_a_float8_base_shards_with_fsdp2_and_computes_what_one_rank_computes(res
     assert results["shard_fp8"]["step_bytes"] < results["shard"]["step_bytes"]
     # the fp8 path is a different numeric model from bf16, but close to it
     assert (one - torch.tensor(results["one"]["out"])).abs().max() < 0.1 * one.abs().max()
+
+
+def test_cpu_offload_on_one_rank_computes_what_the_plain_step_computes(results):
+    """training.cpuOffload: FSDP2 with CPUOffloadPolicy, one process (the single-GPU case it is for).
+    On this machine the device is the CPU too, so this checks the wiring and the math, not the copies
+    to a GPU (never run on one yet)."""
+    one, off = torch.tensor(results["one"]["out"]), torch.tensor(results["one_offload"]["out"])
+    torch.testing.assert_close(off, one, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,8 @@ activation checkpointing and regional compile) and the family's own loss.
   hunyuan: 33 frames at 512x512 (9216 video + 256 text tokens), batch 1
   rank 32 on the attention and MLP linears of every block, AdamW, gradient clipping.
 
-    python bench/gpu/lora_step.py flux compile_nogc_fp8   # modes: {eager|compile}_{gc|nogc}[_fp8|_fp8t|_fp8dq]
+    python bench/gpu/lora_step.py flux compile_nogc_fp8   # modes: {eager|compile}_{gc|nogc}[_fp8|_fp8t|_fp8dq][_off]
+        (_off: training.cpuOffload, the weights in CPU memory, each block copied to the GPU per use)
     TINY=1 python bench/gpu/lora_step.py hunyuan eager_gc_fp8   # CPU smoke test of this script
     PROFILE=1 python bench/gpu/lora_step.py flux compile_nogc_fp8t   # also $OUT/profile_<model>_<mode>.txt
     HY_CAPTIONS=varied python bench/gpu/lora_step.py hunyuan compile_gc   # captions of varying length
@@ -31,6 +32,7 @@ import torch
 MODEL = sys.argv[1] if len(sys.argv) > 1 else "flux"
 MODE = sys.argv[2] if len(sys.argv) > 2 else "compile_nogc"
 TINY = os.environ.get("TINY") == "1"
+OFFLOAD = "_off" in MODE   # training.cpuOffload
 VARIED = os.environ.get("HY_CAPTIONS") == "varied"
 if TINY:
     os.environ["KUBELORA_FORCE_CPU"] = "1"
@@ -58,7 +60,7 @@ def build(dev):
         cls, family, spec_model = HunyuanVideoTransformer3DModel, "hunyuan-video", {"ckptPath": "/bench/none"}
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device(dev):
+    with torch.device("cpu" if OFFLOAD else dev):  # offloaded: FSDP2 moves one block at a time
         tr = cls(**cfg)
     torch.set_default_dtype(torch.float32)
     g = torch.Generator(device=dev).manual_seed(1)
@@ -123,17 +125,17 @@ def main():
     spec = parse_spec({
         "model": {"type": family, "dtype": "bfloat16", **spec_model,
                   **({"transformerDtype": "float8",
-                      "float8Compute": {"_fp8dq": "dequant", "_fp8t": "fp8_transposed"}.get(MODE[MODE.index("_fp8"):], "fp8")}
+                      "float8Compute": {"_fp8dq": "dequant", "_fp8t": "fp8_transposed"}.get(MODE.replace("_off", "")[MODE.index("_fp8"):], "fp8")}
                      if fp8 else {})},
         "dataset": {"uri": "/bench/none", "resolution": 1024 if family == "flux" else 512},
         "adapter": {"rank": 32, "alpha": 32},
-        "training": {"gradientCheckpointing": "_gc" in MODE, "compile": MODE.startswith("compile"),
+        "training": {"gradientCheckpointing": "_gc" in MODE, "compile": MODE.startswith("compile"), "cpuOffload": OFFLOAD,
                      "learningRate": 1e-4},
         "output": {"uri": "/bench/out"},
     })
     nparams = sum(p.numel() for p in tr.parameters())
     comps = Components(trainable={"transformer": tr}, info={"guidance_embeds": True})
-    flops = step_flops(fam, comps, batch, spec, g)
+    flops = 0.0 if OFFLOAD else step_flops(fam, comps, batch, spec, g)  # offloaded: the model is not on the device
     ad = adapters.attach(comps, fam, spec, env)
     compute, params, n_lora = ad.compute, ad.params, ad.n_trainable
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -197,7 +199,7 @@ def main():
     peak = peak_flops(gpu)
     res = dict(s_per_step=round(s, 4), step_s_min=round(ts[0], 4),
                peak_gib=round(peak_bytes / 2**30, 2) if cuda else None,
-               mfu=round(flops / s / peak, 3) if peak else None, tflop_per_step=round(flops / 1e12, 2),
+               mfu=round(flops / s / peak, 3) if peak and flops else None, tflop_per_step=round(flops / 1e12, 2),
                gpu=gpu, params_b=round(nparams / 1e9, 3), lora_m=round(n_lora / 1e6, 2), init_s=round(init_s, 1),
                first_step_s=round(first_s, 1), loss=loss, **mem)
     # 2x8 GPUs at 400 Gb/s each, LoRA gradients in fp32, replicated base (scaling.py; bench/projection.py)

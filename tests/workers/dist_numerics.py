@@ -3,7 +3,8 @@ LoRA attached by the trainer's own adapters.attach, one AdamW step on a fixed ba
 forward pass without and one with LoRA dropout. Rank 0 writes {"out": [...], "dropout_outs": [[...] per rank],
 "step_bytes": bytes this rank sent in collectives during the step, "grad_bytes": the trainable
 gradients' bytes} as JSON to argv[1]. argv[2]: training.sharding (replicate or shard); argv[3]
-"float8": the base stored in float8 with fp8 GEMMs (model.transformerDtype float8).
+"float8": the base stored in float8 with fp8 GEMMs (model.transformerDtype float8); "offload":
+training.cpuOffload (FSDP2's CPUOffloadPolicy).
 
     torchrun --nproc-per-node 2 tests/workers/dist_numerics.py out.json shard
 """
@@ -33,7 +34,7 @@ def inputs():
                 txt_ids=torch.zeros(12, 3), return_dict=False)
 
 
-def attach(env, dropout: float, sharding: str, float8: bool = False):
+def attach(env, dropout: float, sharding: str, float8: bool = False, offload: bool = False):
     from kubelora_trainer import adapters
     from kubelora_trainer.models.base import Components
     from kubelora_trainer.models.flux.family import FAMILY
@@ -41,7 +42,8 @@ def attach(env, dropout: float, sharding: str, float8: bool = False):
     spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m", "dtype": "bfloat16",
                                  **({"transformerDtype": "float8"} if float8 else {})},
                        "dataset": {"uri": "/d", "resolution": 32}, "adapter": {"rank": 4, "dropout": dropout},
-                       "training": {"steps": 1, "seed": 3, "sharding": sharding}, "output": {"uri": "/o"}})
+                       "training": {"steps": 1, "seed": 3, "sharding": sharding, "cpuOffload": offload},
+                       "output": {"uri": "/o"}})
     comps = Components(trainable={"transformer": tiny_transformer()})
     return comps.denoiser, adapters.attach(comps, FAMILY, spec, env)
 
@@ -69,10 +71,10 @@ def count_collective_bytes():
     return sent
 
 
-def main(out_path: str, sharding: str, float8: bool = False) -> None:
+def main(out_path: str, sharding: str, float8: bool = False, offload: bool = False) -> None:
     from kubelora_trainer import dist
     env = dist.init()
-    model, ad = attach(env, dropout=0.5, sharding=sharding, float8=float8)
+    model, ad = attach(env, dropout=0.5, sharding=sharding, float8=float8, offload=offload)
     model.eval()  # dropout off for the step and the parity output
     opt = torch.optim.AdamW(ad.groups, lr=1e-2)
     sent = count_collective_bytes()
@@ -98,6 +100,7 @@ def main(out_path: str, sharding: str, float8: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "auto", float8=sys.argv[3:4] == ["float8"])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "auto", float8="float8" in sys.argv[3:],
+         offload="offload" in sys.argv[3:])
     sys.stdout.flush()
     os._exit(0)  # as the trainer does: gloo teardown at interpreter exit can abort a finished rank

@@ -46,20 +46,26 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
             cfg = lora.lora_config(spec.adapter, targets[name])
             out.n_trainable += lora.inject(module, cfg, spec.training.seed)
             out.configs[name] = cfg
+        offload = spec.training.cpuOffload
         if name == denoiser and spec.model.transformerDtype == "float8":
-            _store_float8(module, family, name, spec, env)
-        module.to(env.device)
+            _store_float8(module, family, name, spec, env, torch.device("cpu") if offload else env.device)
+        if not offload:  # offloaded: FSDP2 brings one block at a time to the device (dist.parallelize)
+            module.to(env.device)
     # a full fine-tune holds fp32 weights, their gradients and two AdamW moments: 4x the weights
     need = weight_bytes(comps.trainable.values()) * (4 if full else 1)
-    sharding = dist.choose_sharding(spec.training.sharding, env.world, need, device_memory(env.device))
-    if env.is_main and env.world > 1:
+    sharding = dist.choose_sharding(spec.training.sharding, env.world, need, device_memory(env.device),
+                                    offload=spec.training.cpuOffload)
+    if env.is_main and spec.training.cpuOffload:
+        print(f"[model] cpuOffload: {need / 2**30:.2f} GiB of weights kept in CPU memory (FSDP2 CPUOffloadPolicy), "
+              f"each block copied to {env.device.type} for its forward and backward", flush=True)
+    elif env.is_main and env.world > 1:
         print(f"[model] {sharding}: " + ("a full copy of the model on every rank; only the adapters' gradients "
               "travel" if sharding == "replicate" else "weights sharded across ranks with FSDP2"), flush=True)
     for name, module in comps.trainable.items():
         out.compute = dist.parallelize(
             module, family.blocks(name, module), sharding=sharding, compute_dtype=getattr(torch, spec.model.dtype),
             checkpointing=spec.training.gradientCheckpointing, checkpoint_every=spec.training.gradientCheckpointingEvery,
-            compile_blocks=spec.training.compile)
+            compile_blocks=spec.training.compile, offload=spec.training.cpuOffload, device_type=env.device.type)
         module.train()
         params = [p for p in module.parameters() if p.requires_grad]
         if params:
@@ -102,13 +108,14 @@ def float8_compute(requested: str | None, device: torch.device) -> tuple[str, st
     return want, None
 
 
-def _store_float8(module, family, name: str, spec, env: dist.DistEnv) -> None:
+def _store_float8(module, family, name: str, spec, env: dist.DistEnv, device: torch.device) -> None:
     from . import fp8
     from .families import RULES
 
     compute, warning = float8_compute(spec.model.float8Compute, env.device)
     _, summary = fp8.convert(module, family.blocks(name, module), compute_dtype=getattr(torch, spec.model.dtype),
-                             device=env.device, sensitive=RULES[family.name].fp8_sensitive, compute=compute)
+                             device=device, sensitive=RULES[family.name].fp8_sensitive, compute=compute,
+                             gemm_device=env.device)
     if env.is_main:
         if warning:
             print(f"[model] warning: {warning}", flush=True)

@@ -55,11 +55,16 @@ def init() -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def choose_sharding(requested: str, world: int, weight_bytes: int, device_memory: int | None) -> str:
+def choose_sharding(requested: str, world: int, weight_bytes: int, device_memory: int | None,
+                    offload: bool = False) -> str:
     """How ranks hold the model: 'none' (one rank), 'replicate' (a full copy on every rank; only
     the adapters' gradients travel, one all-reduce per optimizer step) or 'shard' (FSDP2: every
     weight split across ranks and gathered block by block in each forward and backward). auto
-    replicates when the weights take at most half of one device's memory (always on CPU). Pure."""
+    replicates when the weights take at most half of one device's memory (always on CPU). With
+    offload (training.cpuOffload) always 'shard': FSDP2 holds the weights in CPU memory, one
+    process included. Pure."""
+    if offload:
+        return "shard"
     if world == 1:
         return "none"
     if requested != "auto":
@@ -96,11 +101,14 @@ class GradSync:
 
 def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], *, sharding: str,
                 compute_dtype: torch.dtype, checkpointing: bool = False, checkpoint_every: int = 1,
-                compile_blocks: bool = False):
+                compile_blocks: bool = False, offload: bool = False, device_type: str | None = None):
     """Shared parallelism for every family, in torchtitan's order: activation checkpointing
     (wrapping each block, or one block in checkpoint_every of each list, so recomputation sees the
     inputs FSDP already cast), regional compile,
-    then, when sharding is 'shard', FSDP2 with one group per block plus the root. A replicated or
+    then, when sharding is 'shard', FSDP2 with one group per block plus the root (with offload, its
+    CPUOffloadPolicy: the sharded weights, gradients and optimizer state stay in CPU memory and each
+    block's weights are copied to the device for its forward and backward; fully_shard moves one
+    block at a time to the device and back, so the model is never whole on the device). A replicated or
     single process skips FSDP (it would only copy every weight twice per step); GradSync
     exchanges the gradients instead.
 
@@ -130,14 +138,15 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
                 block.compile()
             blocks[i] = block
     if sharding == "shard" or os.environ.get("KUBELORA_FSDP_SINGLE") == "1":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
+        off = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
         for blocks in block_lists:
             for block in blocks:
-                fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-    device_type = next(model.parameters()).device.type
+                fully_shard(block, mp_policy=mp, offload_policy=off)
+        fully_shard(model, mp_policy=mp, offload_policy=off)
+    device_type = device_type or next(model.parameters()).device.type  # offloaded weights sit on the CPU
     if compute_dtype == torch.float32:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type, dtype=compute_dtype)

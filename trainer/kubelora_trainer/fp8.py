@@ -166,12 +166,14 @@ def weight_bytes(modules) -> int:
 
 
 def convert(model: nn.Module, block_lists: list[nn.ModuleList], *, compute_dtype: torch.dtype,
-            device: torch.device, sensitive: tuple[str, ...], compute: str = "fp8") -> tuple[Conversion, str]:
+            device: torch.device, sensitive: tuple[str, ...], compute: str = "fp8",
+            gemm_device: torch.device | None = None) -> tuple[Conversion, str]:
     """Store every frozen nn.Linear inside the blocks (peft's base_layer included) as Float8Linear,
     quantized on `device` one layer at a time (so the full-precision model never has to fit there).
+    gemm_device: where the GEMMs will run, when not `device` (training.cpuOffload stores on the CPU).
     Sensitive layers (by name) keep their weights in fp8 but multiply in compute_dtype. Call after
     LoRA injection and before parallelize(). Returns what was done and a one-line summary."""
-    need_alignment = device.type == "cuda"
+    need_alignment = (gemm_device or device).type == "cuda"  # where the GEMMs run (offloaded: not where stored)
     out = Conversion()
     names = {id(m): n for n, m in model.named_modules()}
     before = after = 0

@@ -112,7 +112,8 @@ MAIN: dict[str, Handler] = {
     "partition_split": noted("kubelora shards with FSDP2 over all GPUs instead of pipeline stages"),
     "activation_checkpointing": activation_checkpointing,
     "reentrant_activation_checkpointing": noted("kubelora's checkpointing is non-reentrant; the math is the same"),
-    "blocks_to_swap": noted("no block swapping: FSDP2 shards the model over GPUs; add nodes or GPUs if memory is short"),
+    "blocks_to_swap": noted("no partial block swapping: FSDP2 shards the model over GPUs, and training.cpuOffload: true "
+                            "keeps every block in CPU memory (not N of them); set it if one GPU is short of memory"),
     "disable_block_swap_for_eval": noted("no block swapping and no evaluation runs"),
     "compile": to("training", "compile", bool),
     "save_every_n_epochs": noted("the LoRA is written at the end of the run"),

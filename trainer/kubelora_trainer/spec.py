@@ -327,6 +327,13 @@ class TrainingSpec(_Model):
                                     "splits every weight across ranks and gathers each block's weights in every "
                                     "forward and backward (for bases that do not fit one GPU). auto: replicate when "
                                     "the weights take at most half of one GPU's memory, else shard.")
+    cpuOffload: bool = Field(
+        default=False,
+        description="Keep the trained model's weights (and their gradients and optimizer state) in CPU memory and "
+                    "bring each block to the GPU only for its forward and backward (FSDP2's CPUOffloadPolicy; with "
+                    "one process too), for a model larger than the GPU's memory. Slower: every step copies the "
+                    "weights over PCIe. The model is loaded into CPU memory, never whole onto the GPU. Implies "
+                    "sharding: shard.")
     checkpointEverySteps: Optional[int] = Field(
         default=None, ge=1, description="Write a training-state checkpoint (adapters, optimizer, sampler, RNG) every N "
                                         "steps to output.uri/checkpoints/; the next run of the manifest resumes from it.")
@@ -338,6 +345,9 @@ class TrainingSpec(_Model):
 
     @model_validator(mode="after")
     def _checkpointing(self) -> "TrainingSpec":
+        if self.cpuOffload and self.sharding == "replicate":
+            raise ValueError("training.cpuOffload keeps the weights in CPU memory through FSDP2, which shards them: "
+                             "set training.sharding to auto or shard, or remove cpuOffload")
         if self.gradientCheckpointingEvery != 1 and not self.gradientCheckpointing:
             raise ValueError("training.gradientCheckpointingEvery picks which blocks gradientCheckpointing recomputes: "
                              "set training.gradientCheckpointing: true, or remove gradientCheckpointingEvery")
@@ -473,6 +483,10 @@ class LoRATrainingJobSpec(_Model):
             raise ValueError(problem)
         if self.training.warmupSteps > self.training.steps:
             raise ValueError(f"training.warmupSteps ({self.training.warmupSteps}) exceeds training.steps ({self.training.steps})")
+        if self.training.cpuOffload and self.samples is not None:
+            raise ValueError("spec.samples with training.cpuOffload: sampling through a model whose weights FSDP2 keeps "
+                             "in CPU memory is not supported yet; remove one of them (or sample the exported LoRA "
+                             "after training)")
         if self.dataset.cacheOnly and self.samples is not None:
             raise ValueError("dataset.cacheOnly builds the cache and trains nothing, so spec.samples would never be made: "
                              "remove one of them")

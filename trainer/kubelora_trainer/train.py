@@ -153,6 +153,19 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
     return bad
 
 
+def load_family(family, spec, paths: dict, device: torch.device, encoders: bool):
+    """family.load on the device; with training.cpuOffload into CPU memory, then the encoders (VAE,
+    text encoders) moved to the device: the trained model is never whole on the device (FSDP2 moves
+    it there one block at a time, dist.parallelize)."""
+    if not spec.training.cpuOffload:
+        return family.load(spec.model, paths, device, encoders=encoders)
+    comps = family.load(spec.model, paths, torch.device("cpu"), encoders=encoders)
+    for part in comps.encoders.values():
+        if isinstance(part, torch.nn.Module) or hasattr(part, "components"):  # a module or a diffusers pipeline
+            part.to(device)
+    return comps
+
+
 def decode_failure(item, err: BaseException) -> Skip:
     """Why an item that passed its header check could not be decoded for the cache, as a Skip."""
     from .data import failure_reason, is_environmental
@@ -716,7 +729,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
              + f"{len(todo)} to encode; "
              + ("loading the VAE and text encoders" if encoders else "the VAE and text encoders are not loaded"))
     # a failure on one rank (a bad file, a missing weight) stops every rank with its reason
-    comps = dist.agree(family.load, spec.model, paths, env.device, encoders=encoders)
+    comps = dist.agree(load_family, family, spec, paths, env.device, encoders)
     todo_keys = {keys[i] for i in todo}
     rewritten = []
     if todo:
