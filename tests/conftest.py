@@ -46,6 +46,19 @@ def tiny_flux_dir(tmp_path_factory) -> Path:
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "model")
 
 
+def one_rank_env(monkeypatch) -> None:
+    """For train.run in the test process: a group of one on a fresh port, set through monkeypatch so
+    nothing is left behind (dist.init would otherwise write RANK and MASTER_PORT into os.environ for
+    good, and every later trainer started by a test would inherit a port that is taken)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+
+
 def run_trainer(manifest: Path, env: dict, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     """The real trainer program: under torchrun for nproc > 1, else one plain process."""
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import one_rank_env
 from kubelora_trainer import buckets as bk
 from kubelora_trainer import cache, data
 from kubelora_trainer.data import Skip
@@ -173,9 +174,7 @@ def _counted_run(spec, monkeypatch, capsys) -> tuple[dict, str]:
     import transformers
     from kubelora_trainer import train
     from kubelora_trainer.models.flux.family import Flux
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(_port())}.items():
-        monkeypatch.setenv(k, v)  # restored after the test
+    one_rank_env(monkeypatch)
     counts: dict = {}
 
     def counter(name, fn):
@@ -237,6 +236,7 @@ def test_second_run_builds_no_encoder_and_a_new_resolution_encodes_only_its_samp
     before = (tmp_path / "out" / "manifest.json").read_text()
     only_here = _spec(tiny_flux_dir, data, tmp_path / "out", resolutions=[32], cacheOnly=True)
     refused = only_here.model_copy(update={"output": only_here.output.model_copy(update={"onExisting": "resume"})})
+    one_rank_env(monkeypatch)
     assert train.run(refused, "c") == 2
     assert "dataset.cacheOnly: " in capsys.readouterr().err and (tmp_path / "out" / "manifest.json").read_text() == before
 

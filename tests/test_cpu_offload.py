@@ -11,8 +11,9 @@ from kubelora_trainer.spec import SpecError, parse_spec
 
 
 def test_a_cpu_offloaded_run_trains_and_exports(tmp_path, tiny_flux_dir, monkeypatch, capsys):
-    from conftest import write_overfit_data
+    from conftest import one_rank_env, write_overfit_data
     from kubelora_trainer import train
+    one_rank_env(monkeypatch)
     monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("KUBELORA_METRICS_PORT", "0")
     data = write_overfit_data(tmp_path / "data")
