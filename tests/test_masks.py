@@ -182,3 +182,34 @@ def test_a_masked_out_region_gets_no_gradient_in_every_family(name, tmp_path):
     with torch.no_grad():
         assert torch.equal(fam.loss(comps, ones, model_spec, training, torch.Generator().manual_seed(1)),
                            fam.loss(comps, plain, model_spec, training, torch.Generator().manual_seed(1)))
+
+
+def test_a_mask_that_vanished_is_counted_as_an_unreadable_mask(tmp_path, monkeypatch):
+    """Reading the bytes that key the item fails on its mask (deleted after the scan found it): the
+    item is skipped as maskUnreadable, not as a corrupt media file, and not remembered (a vanished
+    path says nothing about the bytes)."""
+    from conftest import one_rank_env
+    from kubelora_trainer import dist
+    from kubelora_trainer.data import ScanReport
+    from kubelora_trainer.spec import parse_spec
+    from kubelora_trainer.train import probe_items
+    one_rank_env(monkeypatch)
+    monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
+    data, mask_root = tmp_path / "d", tmp_path / "m"
+    data.mkdir()
+    mask_root.mkdir()
+    Image.new("RGB", (32, 32)).save(data / "a.png")
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(mask_root / "a.png")
+    (data / "a.txt").write_text("x")
+    report = ScanReport()
+    report.merge(scan(data, mask_root=mask_root, uri="s3://b/d/"))
+    assert report.items[0].mask == mask_root / "a.png"
+    (mask_root / "a.png").unlink()
+    spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d", "resolution": 32},
+                       "output": {"uri": "/o"}})
+    env = dist.init()
+    try:
+        assert probe_items(report, env, spec) == ([], [])
+    finally:
+        dist.close()
+    assert [(s.reason, s.uri, s.lasting) for s in report.skipped] == [("maskUnreadable", "s3://b/d/a.png", False)]

@@ -254,8 +254,9 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
             it = items[i]
             try:
                 hashed.append((i, item_digest(it)))
-            except OSError as e:
-                bad.append((i, Skip(it.name, "corrupt", f"{type(e).__name__}: {e}"[:300], lasting=not is_environmental(e))))
+            except OSError as e:  # the media file, or its mask (named by the error's filename)
+                reason = "maskUnreadable" if it.mask is not None and e.filename == str(it.mask) else "corrupt"
+                bad.append((i, Skip(it.name, reason, f"{type(e).__name__}: {e}"[:300], lasting=not is_environmental(e))))
         if remote is not None:  # items of equal content share one probe
             remote.probes = list(dict.fromkeys(probe_name(root, d, fps) for _, d in hashed))
             remote.probes_pulled = remote.pull([n for n in remote.probes if n in remote.listing and not (root / n).is_file()],
