@@ -50,12 +50,9 @@ def one_rank_env(monkeypatch) -> None:
     """For train.run in the test process: a group of one on a fresh port, set through monkeypatch so
     nothing is left behind (dist.init would otherwise write RANK and MASTER_PORT into os.environ for
     good, and every later trainer started by a test would inherit a port that is taken)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from kubelora_trainer.dist import _free_port
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(port)}.items():
+                 "MASTER_PORT": str(_free_port())}.items():
         monkeypatch.setenv(k, v)
 
 

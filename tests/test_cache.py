@@ -8,7 +8,6 @@ import functools
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -243,12 +242,6 @@ def test_second_run_builds_no_encoder_and_a_new_resolution_encodes_only_its_samp
 
 # ---------------------------------------------------------------- two nodes, each with its own cache folder
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_with_their_own_cache_folders_end_with_every_entry(tmp_path, tiny_flux_dir):
     """Two torchrun launchers (--nnodes 2), two processes each, as two pods with an emptyDir each
     shared by their ranks: the encoding is split over the four, each node receives the other's
@@ -261,7 +254,8 @@ def test_two_nodes_with_their_own_cache_folders_end_with_every_entry(tmp_path, t
         "dataset": {"uri": str(data), "resolutions": [32], "enableArBucket": True, "numArBuckets": 3},
         "training": {"steps": 2, "microBatchSize": 1, "logEvery": 1},
         "output": {"uri": str(tmp_path / "out")}}}))
-    port = _port()
+    from kubelora_trainer.dist import _free_port
+    port = _free_port()
     procs = []
     for node in range(2):
         env = {**os.environ, "KUBELORA_CACHE_DIR": str(tmp_path / f"node{node}"), "KUBELORA_METRICS_PORT": "0",

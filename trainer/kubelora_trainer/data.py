@@ -240,8 +240,7 @@ def check_item(item: Item, fps: float | None = None, decode: bool = True):
     try:
         meta = probe(path, fps, decode)
     except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
-        return None, Skip(item.name, failure_reason(path.suffix, head, e), f"{type(e).__name__}: {e}"[:300],
-                          lasting=not is_environmental(e))
+        return None, decode_skip(item, e, head)
     if item.mask is not None:
         from .masks import probe_mask
         try:
@@ -252,6 +251,20 @@ def check_item(item: Item, fps: float | None = None, decode: bool = True):
         if (mw, mh) != meta[:2]:
             return None, Skip(item.name, "maskSizeMismatch", f"{item.mask.name} is {mw}x{mh}, the item {meta[0]}x{meta[1]}")
     return meta, None
+
+
+def decode_skip(item: Item, err: BaseException, head: bytes | None = None) -> Skip:
+    """Why an item whose media failed to decode (here, or later for the cache) is skipped, named by
+    failure_reason from the file's first bytes (read when not given); not lasting when the machine,
+    not the file, failed."""
+    if head is None:
+        try:
+            with open(item.image, "rb") as f:
+                head = f.read(16)
+        except OSError:
+            head = b""
+    return Skip(item.name, failure_reason(item.image.suffix, head, err), f"{type(err).__name__}: {err}"[:300],
+                lasting=not is_environmental(err))
 
 
 def probe(path: Path, fps: float | None = None, decode: bool = True) -> tuple[int, int, int, bool]:

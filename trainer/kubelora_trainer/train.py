@@ -25,7 +25,8 @@ from . import __version__, adapters, cache, checkpoint, dist, exits, export, exp
 from . import cache_remote, masks, throughput
 from . import buckets as bk
 from .captions import options_of
-from .data import DatasetError, ScanReport, Skip, check_item, check_usable, load_unit, scan, skipped_text
+from .data import (DatasetError, ScanReport, Skip, check_item, check_usable, decode_skip, is_environmental, load_unit,
+                   scan, skipped_text)
 from .cache import CACHE_FORMAT, cache_inputs, cache_key, model_fingerprint  # noqa: F401 - re-exported
 from .families import PATH_FIELDS, RULES, areas_of, frame_buckets_of
 from .models import get_family
@@ -129,7 +130,7 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
             try:
                 x = load_unit(it.image, w, h, frames, unit.start, fps=r.fps if r.video else None, clip=r.video).unsqueeze(0)
             except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
-                skip = decode_failure(it, e)
+                skip = decode_skip(it, e)
                 bad.append((unit.item, skip))
                 if skip.lasting:  # remembered: later runs skip these bytes without decoding them
                     cache.write_probe(root, digests[unit.item], r.fps if r.video else None, skip)
@@ -164,18 +165,6 @@ def load_family(family, spec, paths: dict, device: torch.device, encoders: bool)
         if isinstance(part, torch.nn.Module) or hasattr(part, "components"):  # a module or a diffusers pipeline
             part.to(device)
     return comps
-
-
-def decode_failure(item, err: BaseException) -> Skip:
-    """Why an item that passed its header check could not be decoded for the cache, as a Skip."""
-    from .data import failure_reason, is_environmental
-    try:
-        with open(item.image, "rb") as f:
-            head = f.read(16)
-    except OSError:
-        head = b""
-    return Skip(item.name, failure_reason(item.image.suffix, head, err), f"{type(err).__name__}: {err}"[:300],
-                lasting=not is_environmental(err))
 
 
 def exchange(keys: list[str], env) -> int:
@@ -246,7 +235,6 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
     fps = r.fps if r.video else None
     root = cache_root()
     items = report.items
-    from .data import is_environmental
 
     def checking_the_dataset():  # this rank's share; run through dist.agree, so no rank waits for a failed one
         found, bad, hashed = [], [], []
