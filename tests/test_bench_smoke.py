@@ -11,9 +11,11 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.mark.parametrize("model,mode", [("flux", "eager_nogc_fp8t_off"), ("hunyuan", "compile_gc_fp8")])
+@pytest.mark.parametrize("model,mode", [("flux", "eager_nogc_fp8t_off"), ("hunyuan", "compile_gc_fp8"),
+                                        ("flux", "eager_auto_fp8")])
 def test_the_gpu_step_benchmark_runs_on_the_tiny_models(model, mode):
-    env = {**os.environ, "TINY": "1", "PYTHONPATH": str(ROOT / "trainer"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TINY": "1", "PYTHONPATH": str(ROOT / "trainer"), "OMP_NUM_THREADS": "1",
+           "KUBELORA_MEMORY_BUDGET_GIB": "0.01"}  # a budget, so _auto's memory plan runs on the CPU too
     p = subprocess.run([sys.executable, str(ROOT / "bench/gpu/lora_step.py"), model, mode], env=env,
                        capture_output=True, text=True, timeout=600)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -22,6 +24,7 @@ def test_the_gpu_step_benchmark_runs_on_the_tiny_models(model, mode):
     assert "error" not in res, res["error"] + p.stderr[-3000:]
     assert res["case"] == f"kubelora_{model}_{mode}" and res["s_per_step"] > 0 and res["loss"] > 0
     assert "[model] transformer:" in p.stdout and "run as fp8 GEMMs" in p.stdout
+    assert ("memory_plan" in res) == ("_auto" in mode), res
 
 
 def test_the_fp8_gemm_breakdown_runs():

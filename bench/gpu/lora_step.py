@@ -129,14 +129,15 @@ def main():
                      if fp8 else {})},
         "dataset": {"uri": "/bench/none", "resolution": 1024 if family == "flux" else 512},
         "adapter": {"rank": 32, "alpha": 32},
-        "training": {"gradientCheckpointing": "_gc" in MODE, "compile": MODE.startswith("compile"), "cpuOffload": OFFLOAD,
+        # _auto: gradientCheckpointing unset, the trainer's memory plan decides (its prediction is reported)
+        "training": {"gradientCheckpointing": True if "_gc" in MODE else None if "_auto" in MODE else False, "compile": MODE.startswith("compile"), "cpuOffload": OFFLOAD,
                      "learningRate": 1e-4},
         "output": {"uri": "/bench/out"},
     })
     nparams = sum(p.numel() for p in tr.parameters())
     comps = Components(trainable={"transformer": tr}, info={"guidance_embeds": True})
     flops = 0.0 if OFFLOAD else step_flops(fam, comps, batch, spec, g)  # offloaded: the model is not on the device
-    ad = adapters.attach(comps, fam, spec, env)
+    ad = adapters.attach(comps, fam, spec, env, probe=lambda: batch)
     compute, params, n_lora = ad.compute, ad.params, ad.n_trainable
     opt = torch.optim.AdamW(params, lr=1e-4)
 
@@ -202,6 +203,8 @@ def main():
                mfu=round(flops / s / peak, 3) if peak and flops else None, tflop_per_step=round(flops / 1e12, 2),
                gpu=gpu, params_b=round(nparams / 1e9, 3), lora_m=round(n_lora / 1e6, 2), init_s=round(init_s, 1),
                first_step_s=round(first_s, 1), loss=loss, **mem)
+    if ad.memory:  # _auto: the plan's prediction beside the measured peak
+        res["memory_plan"] = {k: v for k, v in ad.memory.items() if k not in ("text", "predictedPeakBytes")}
     # 2x8 GPUs at 400 Gb/s each, LoRA gradients in fp32, replicated base (scaling.py; bench/projection.py)
     from kubelora_trainer.scaling import project
     res["proj_2x8_replicate_eff"] = round(project(s, n_lora * 4, 0, "replicate").efficiency_serial, 4)

@@ -3,11 +3,11 @@ the one place where peft, checkpointing, compile, FSDP2 and optimizer groups mee
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from . import dist, lora
+from . import dist, lora, memory_plan
 from .models.base import Components, LoraTensors
 
 
@@ -18,6 +18,7 @@ class Adapters:
     compute: Callable = None                           # context for forward passes
     n_trainable: int = 0
     sync: dist.GradSync = None                         # gradient exchange between ranks
+    memory: Optional[dict] = None                      # the memory plan, when training.gradientCheckpointing is unset
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -30,7 +31,17 @@ def learning_rate(component: str, training) -> float:
     return training.learningRate
 
 
-def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
+def attach(comps: Components, family, spec, env: dist.DistEnv, probe: Optional[Callable[[], dict]] = None) -> Adapters:
+    """prepare, layout and parallelize in one call, for one process (train.run agrees on the
+    layout between ranks first). probe: the largest micro-batch, for the memory plan."""
+    out = prepare(comps, family, spec, env)
+    parallelize(out, comps, family, spec, env, layout(out, comps, family, spec, env, probe))
+    return out
+
+
+def prepare(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
+    """LoRA injected (or every weight made trainable), the frozen base stored in float8 where asked,
+    and the trainable components moved to the device (not when offloaded)."""
     targets = dict(family.lora_targets())
     denoiser = next(iter(comps.trainable))
     if spec.adapter.targetModules:
@@ -51,32 +62,127 @@ def attach(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
             _store_float8(module, family, name, spec, env, torch.device("cpu") if offload else env.device)
         if not offload:  # offloaded: FSDP2 brings one block at a time to the device (dist.parallelize)
             module.to(env.device)
+    return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    sharding: str
+    recompute: dict = field(default_factory=dict)   # component -> {(list index, block index)}
+    memory: Optional[dict] = None                   # the memory plan, for the log and the run's summary
+
+
+def block_names(comps: Components, family) -> dict[str, tuple[str, int, int]]:
+    """'component.list.block' -> (component, list index, block index), for every repeated block."""
+    return {f"{name}.{j}.{i}": (name, j, i) for name, module in comps.trainable.items()
+            for j, blocks in enumerate(family.blocks(name, module)) for i in range(len(blocks))}
+
+
+def layout(ad: Adapters, comps: Components, family, spec, env: dist.DistEnv,
+           probe: Optional[Callable[[], dict]] = None) -> Layout:
+    """How this rank would hold the model: the sharding, and which blocks to recompute (explicit,
+    or planned from a measured forward of probe() when training.gradientCheckpointing is unset and
+    a memory budget is known). No collectives: train.run agrees between ranks (agreed)."""
+    t = spec.training
+    full = spec.adapter.type == "full"
     # a full fine-tune holds fp32 weights, their gradients and two AdamW moments: 4x the weights
     need = weight_bytes(comps.trainable.values()) * (4 if full else 1)
-    sharding = dist.choose_sharding(spec.training.sharding, env.world, need, device_memory(env.device),
-                                    offload=spec.training.cpuOffload)
-    if env.is_main and spec.training.cpuOffload:
+    total = device_memory(env.device)
+    sharding = dist.choose_sharding(t.sharding, env.world, need, total, offload=t.cpuOffload)
+    names = block_names(comps, family)
+    if t.gradientCheckpointing is not None or probe is None or t.cpuOffload:
+        # offloaded (unset): every block, as the model is never whole on the device to measure it
+        on = t.gradientCheckpointing or (t.gradientCheckpointing is None and t.cpuOffload)
+        every = t.gradientCheckpointingEvery
+        picked = {n for n, (_, _, i) in names.items() if on and i % every == 0}
+        return Layout(sharding, _by_component(picked, names))
+    budget = memory_plan.budget_bytes(total)
+    if budget is None:  # a CPU: no limit known, nothing recomputed
+        return Layout(sharding, {})
+    modules = {n: family.blocks(c, comps.trainable[c])[j][i] for n, (c, j, i) in names.items()}
+    params = [p for m in comps.trainable.values() for p in m.parameters()]
+    profile = memory_plan.measure(lambda: _probe_forward(comps, family, spec, env, probe()), modules, params)
+    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
+    largest = max((sum(p.numel() * p.element_size() for p in m.parameters()) for m in modules.values()), default=0)
+
+    def static(sh: str) -> int:
+        return memory_plan.static_bytes(frozen=frozen, trainable=trainable, sharding=sh, world=env.world,
+                                        largest_block=largest, offload=t.cpuOffload)
+
+    plan = memory_plan.plan(profile, static(sharding), budget)
+    if not plan.fits and sharding == "replicate" and t.sharding == "auto":
+        sharded = memory_plan.plan(profile, static("shard"), budget)
+        if sharded.peak < plan.peak:
+            sharding, plan = "shard", sharded
+    memory = {"recomputedBlocks": len(plan.recomputed), "blocks": len(names), "fits": plan.fits,
+              "predictedPeakGiB": round(plan.peak / memory_plan.GiB, 2), "predictedPeakBytes": plan.peak,
+              "budgetGiB": round(plan.budget / memory_plan.GiB, 2),
+              "text": memory_plan.describe(plan, profile, static(sharding))}
+    return Layout(sharding, _by_component(set(plan.recomputed), names), memory)
+
+
+def agreed(layouts: list[Layout]) -> Layout:
+    """One layout for every rank from each rank's own: sharded if any rank must shard, and every
+    block any rank recomputes recomputed on all (FSDP2's collectives must line up). Pure."""
+    sharding = "shard" if any(x.sharding == "shard" for x in layouts) else layouts[0].sharding
+    recompute: dict[str, set] = {}
+    for x in layouts:
+        for c, pairs in x.recompute.items():
+            recompute.setdefault(c, set()).update(pairs)
+    return Layout(sharding, recompute, layouts[0].memory)
+
+
+def _by_component(picked: set[str], names: dict[str, tuple[str, int, int]]) -> dict[str, set]:
+    out: dict[str, set] = {}
+    for n in picked:
+        c, j, i = names[n]
+        out.setdefault(c, set()).add((j, i))
+    return out
+
+
+def _probe_forward(comps: Components, family, spec, env: dist.DistEnv, batch: dict) -> None:
+    """One training forward of batch, as the loop runs it (autocast, the family's loss)."""
+    batch = {k: v.to(env.device) for k, v in batch.items()}
+    gen = torch.Generator(device=env.device).manual_seed(0)
+    with dist.compute_context(env.device.type, getattr(torch, spec.model.dtype))():
+        family.loss(comps, batch, spec.model, spec.training, gen)
+
+
+def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEnv, lay: Layout) -> Adapters:
+    """Checkpointing, compile and FSDP2 as the layout says; optimizer groups; gradient exchange."""
+    t = spec.training
+    need = weight_bytes(comps.trainable.values()) * (4 if spec.adapter.type == "full" else 1)
+    out.memory = lay.memory
+    if env.is_main and lay.memory:
+        print(f"[memory] training.gradientCheckpointing unset: {lay.memory['text']}", flush=True)
+        if not lay.memory["fits"]:
+            print("[memory] warning: even with every block recomputed the predicted peak exceeds the budget; "
+                  "set training.cpuOffload: true, or lower training.microBatchSize or the dataset's resolution "
+                  "or frames", flush=True)
+    if env.is_main and t.cpuOffload:
         print(f"[model] cpuOffload: {need / 2**30:.2f} GiB of weights kept in CPU memory (FSDP2 CPUOffloadPolicy), "
               f"each block copied to {env.device.type} for its forward and backward", flush=True)
     elif env.is_main and env.world > 1:
-        print(f"[model] {sharding}: " + ("a full copy of the model on every rank; only the adapters' gradients "
-              "travel" if sharding == "replicate" else "weights sharded across ranks with FSDP2"), flush=True)
+        print(f"[model] {lay.sharding}: " + ("a full copy of the model on every rank; only the adapters' gradients "
+              "travel" if lay.sharding == "replicate" else "weights sharded across ranks with FSDP2"), flush=True)
     for name, module in comps.trainable.items():
         out.compute = dist.parallelize(
-            module, family.blocks(name, module), sharding=sharding, compute_dtype=getattr(torch, spec.model.dtype),
-            checkpointing=spec.training.gradientCheckpointing, checkpoint_every=spec.training.gradientCheckpointingEvery,
-            compile_blocks=spec.training.compile, offload=spec.training.cpuOffload, device_type=env.device.type)
+            module, family.blocks(name, module), sharding=lay.sharding, compute_dtype=getattr(torch, spec.model.dtype),
+            recompute=lay.recompute.get(name, set()), compile_blocks=t.compile, offload=t.cpuOffload,
+            device_type=env.device.type)
         module.train()
         params = [p for p in module.parameters() if p.requires_grad]
         if params:
-            out.groups.append({"params": params, "lr": learning_rate(name, spec.training), "name": name})
-    out.sync = dist.GradSync(sharding, list(comps.trainable.values()), out.params)
+            out.groups.append({"params": params, "lr": learning_rate(name, t), "name": name})
+    out.sync = dist.GradSync(lay.sharding, list(comps.trainable.values()), out.params)
     narrow = lora.narrowest(comps.trainable.values())
     if narrow and spec.adapter.rank > narrow[1] and env.is_main:
         print(f"[model] warning: adapter.rank {spec.adapter.rank} exceeds the width of the narrowest adapted layer "
               f"({narrow[0]}: {narrow[1]}); its update cannot use more than {narrow[1]} dimensions there, so a "
               f"lower rank gives the same result with fewer parameters", flush=True)
-    # lora.inject seeded every rank alike (same init); dropout masks must differ per rank
+    # lora.inject seeded every rank alike (same init); dropout masks must differ per rank (and the
+    # memory probe's forward drew from the same generator)
     torch.manual_seed(lora.rank_seed(spec.training.seed, env.rank))
     return out
 

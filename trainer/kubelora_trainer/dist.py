@@ -101,10 +101,12 @@ class GradSync:
 
 def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], *, sharding: str,
                 compute_dtype: torch.dtype, checkpointing: bool = False, checkpoint_every: int = 1,
-                compile_blocks: bool = False, offload: bool = False, device_type: str | None = None):
+                recompute: set[tuple[int, int]] | None = None, compile_blocks: bool = False, offload: bool = False,
+                device_type: str | None = None):
     """Shared parallelism for every family, in torchtitan's order: activation checkpointing
-    (wrapping each block, or one block in checkpoint_every of each list, so recomputation sees the
-    inputs FSDP already cast), regional compile,
+    (wrapping each block, or one block in checkpoint_every of each list, or the blocks named in
+    recompute as (list index, block index), so recomputation sees the inputs FSDP already cast),
+    regional compile,
     then, when sharding is 'shard', FSDP2 with one group per block plus the root (with offload, its
     CPUOffloadPolicy: the sharded weights, gradients and optimizer state stay in CPU memory and each
     block's weights are copied to the device for its forward and backward; fully_shard moves one
@@ -118,8 +120,6 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
     param_dtype/cast_forward_inputs would instead cast timesteps, RoPE tables and modulation
     inputs to bf16 at every block boundary, so 2 ranks would train another numeric model than 1.
     Gradients reduce in fp32. Returns the context to run forward passes in."""
-    import contextlib
-
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     if compile_blocks:
@@ -130,9 +130,12 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
         # varies (the family trims text padding per batch). Past the limit blocks fall back to
         # eager, slowly and only with a warning.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    for blocks in block_lists:
+    if recompute is None:
+        recompute = {(j, i) for j, blocks in enumerate(block_lists) for i in range(len(blocks))
+                     if checkpointing and i % checkpoint_every == 0}
+    for j, blocks in enumerate(block_lists):
         for i, block in enumerate(blocks):
-            if checkpointing and i % checkpoint_every == 0:
+            if (j, i) in recompute:
                 block = checkpoint_wrapper(block)
             if compile_blocks:
                 block.compile()
@@ -147,6 +150,13 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
                 fully_shard(block, mp_policy=mp, offload_policy=off)
         fully_shard(model, mp_policy=mp, offload_policy=off)
     device_type = device_type or next(model.parameters()).device.type  # offloaded weights sit on the CPU
+    return compute_context(device_type, compute_dtype)
+
+
+def compute_context(device_type: str, compute_dtype: torch.dtype):
+    """The context forward passes run in: autocast to compute_dtype (none for fp32)."""
+    import contextlib
+
     if compute_dtype == torch.float32:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type, dtype=compute_dtype)

@@ -22,7 +22,7 @@ BAD_INPUT_ERRORS = {"RunError", "DatasetError", "StorageError", "AdapterError", 
 def code_of(error: BaseException) -> int:
     """BAD_INPUT for a failure the trainer recognises as bad input, unless the error says it is
     transient (storage.StorageError.transient: the object store or the network failed); FAILED for
-    that and for anything else (a crash, CUDA out of memory while sampling), so the Job retries it
+    that and for anything else (a crash), so the Job retries it
     and resumes rather than failing for good."""
     if getattr(error, "transient", False):
         return FAILED

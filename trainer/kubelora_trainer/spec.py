@@ -313,8 +313,15 @@ class TrainingSpec(_Model):
     timestepSampling: Literal["logit_normal", "uniform"] = Field(
         default="logit_normal", description="How flow-matching timesteps are drawn.")
     logEvery: int = Field(default=1, ge=1, description="Log progress every N steps.")
-    gradientCheckpointing: bool = Field(
-        default=False, description="Recompute block activations in backward: much less memory, ~30% more compute.")
+    gradientCheckpointing: Optional[bool] = Field(
+        default=None,
+        description="Recompute block activations in backward: much less memory, ~30% more compute for the blocks "
+                    "recomputed. true: every block (or one in gradientCheckpointingEvery); false: none. Unset: chosen "
+                    "per run on a GPU: one forward of the largest micro-batch measures what each block keeps for "
+                    "backward, and the fewest blocks are recomputed that keep the predicted peak within 92% of the "
+                    "GPU's memory less 1 GiB ($KUBELORA_MEMORY_BUDGET_GIB overrides); with sharding auto, weights "
+                    "are sharded when even recomputing every block would not fit. None on a CPU; every block with "
+                    "cpuOffload.")
     gradientCheckpointingEvery: int = Field(
         default=1, ge=1, le=64,
         description="With gradientCheckpointing, checkpoint one repeated block in N (selective by block, as "
@@ -348,7 +355,7 @@ class TrainingSpec(_Model):
         if self.cpuOffload and self.sharding == "replicate":
             raise ValueError("training.cpuOffload keeps the weights in CPU memory through FSDP2, which shards them: "
                              "set training.sharding to auto or shard, or remove cpuOffload")
-        if self.gradientCheckpointingEvery != 1 and not self.gradientCheckpointing:
+        if self.gradientCheckpointingEvery != 1 and self.gradientCheckpointing is not True:
             raise ValueError("training.gradientCheckpointingEvery picks which blocks gradientCheckpointing recomputes: "
                              "set training.gradientCheckpointing: true, or remove gradientCheckpointingEvery")
         return self

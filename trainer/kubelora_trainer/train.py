@@ -91,6 +91,14 @@ def sample_entries(report: ScanReport, units: list[bk.Unit]) -> list[tuple[int, 
     return entries + [(n, -1) for n, u in enumerate(units) if report.items[u.item].dropout > 0]
 
 
+def largest_batch(units: list[bk.Unit], entries: list[tuple[int, int]], key_of: dict, root: Path,
+                  micro: int) -> dict:
+    """A micro-batch of the largest bucket's first sample (the most tokens a step sees), for the
+    memory plan's measured forward."""
+    biggest = max(entries, key=lambda s: math.prod(units[s[0]].bucket))
+    return cache.stack([cache.load_entry(root, key_of[biggest])] * micro)
+
+
 def entry_keys(report: ScanReport, units: list[bk.Unit], entries, digests: list[str], inputs: dict) -> list[str]:
     """The cache key of each entry (pure but for nothing: the digests are the media content)."""
     out = []
@@ -620,6 +628,9 @@ def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
     except (RunError, DatasetError, storage.StorageError, lora.AdapterError, ModelError, FileNotFoundError) as e:
         m.phase("Failed")
         return exits.fail(exits.code_of(e), str(e))  # bad input; a transient storage fault is retried
+    except torch.OutOfMemoryError as e:  # the same step would run out again: not retried on GPUs
+        m.phase("Failed")
+        return exits.fail(exits.BAD_INPUT, out_of_memory(e, spec))
     except dist.PeerFailed as e:  # the failing rank reports (and classifies) its own error
         m.phase("Failed")
         return exits.fail(e.code, str(e), peer=True)
@@ -629,6 +640,28 @@ def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
     finally:
         dist.close()
         m.finish()  # serves the final state until it has been scraped ($KUBELORA_METRICS_LINGER_SECONDS)
+
+
+def out_of_memory(error: BaseException, spec: LoRATrainingJobSpec) -> str:
+    """The root cause of a GPU out-of-memory failure, with the settings that lower what a step
+    needs (those not already at their leanest). A retry would run out at the same step, so the
+    failure counts as bad input. Pure."""
+    t, fixes = spec.training, []
+    if t.gradientCheckpointing is not True or t.gradientCheckpointingEvery != 1:
+        fixes.append("training.gradientCheckpointing: true (every block recomputed"
+                     + (", overriding the memory plan's choice in the log's [memory] line)"
+                        if t.gradientCheckpointing is None else ")"))
+    if spec.model.transformerDtype != "float8" and spec.adapter.type != "full":
+        fixes.append("model.transformerDtype: float8 (half the weight memory)")
+    if not t.cpuOffload:
+        fixes.append("training.cpuOffload: true")
+    if t.microBatchSize > 1:
+        fixes.append(f"a training.microBatchSize below {t.microBatchSize} (gradientAccumulationSteps keeps the "
+                     "batch size)")
+    fixes.append("a smaller dataset.resolution" + (" or frame count" if RULES[spec.model.type].video else ""))
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"the GPU ran out of memory ({first}); a retry would run out at the same step. Lower what a step "
+            f"needs: " + "; ".join(fixes))
 
 
 def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) -> int:
@@ -774,7 +807,11 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     root = cache_root()
 
     # ---- adapters + parallelism
-    ad = dist.agree(adapters.attach, comps, family, spec, env)
+    ad = dist.agree(adapters.prepare, comps, family, spec, env)
+    probe = lambda: largest_batch(units, entries, key_of, root, t.microBatchSize)  # noqa: E731
+    lay = dist.agree(adapters.layout, ad, comps, family, spec, env, probe)
+    lay = adapters.agreed(dist.all_gather(lay)) if env.world > 1 else lay
+    dist.agree(adapters.parallelize, ad, comps, family, spec, env, lay)
     opt = torch.optim.AdamW(ad.groups, lr=t.learningRate, betas=t.betas, eps=t.epsilon, weight_decay=t.weightDecay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, t.warmupSteps, t.steps, t.lrScheduler))
     log(env, f"[model] full fine-tune of {next(iter(comps.trainable))}: {ad.n_trainable:,} trainable parameters"
@@ -830,6 +867,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
                        "samplesPerStep": samples_per_step, "worldSize": env.world,
                        "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
                        "lossHistory": downsample(losses, 200)}
+            if ad.memory:
+                summary["memoryPlan"] = {k: v for k, v in ad.memory.items() if k != "text"}
             sampling_s = sampling.seconds if sampling else 0.0
             summary.update(samplingSeconds=round(sampling_s, 2), trainingSeconds=round(train_seconds - sampling_s, 2),
                            dataWaitSeconds=round(tr.data_wait, 3))

@@ -1,0 +1,184 @@
+"""training.gradientCheckpointing unset: the memory plan. Pure planning on made-up profiles; the
+measured profile of the tiny Flux against the saved tensors of real steps counted independently;
+the trainer wrapping exactly the planned blocks with the same gradients; and one run through the
+real trainer. A CPU has no memory limit, so the budget is set by $KUBELORA_MEMORY_BUDGET_GIB (what
+a user sets to keep part of a GPU for something else); a GPU's own memory is not tested here."""
+import json
+
+import pytest
+import torch
+
+from kubelora_trainer import adapters, dist, memory_plan
+from kubelora_trainer.memory_plan import BlockCost, Profile
+from kubelora_trainer.models.base import Components
+from kubelora_trainer.spec import parse_spec
+
+CPU = torch.device("cpu")
+ENV = dist.DistEnv(0, 1, 0, CPU)
+
+
+def _profile(n=4, keep=10, saved=100):
+    return Profile(tuple(BlockCost(f"b{i}", keep, saved + i) for i in range(n)), fixed=5)
+
+
+def test_the_plan_recomputes_the_fewest_blocks_that_fit():
+    p = _profile()  # saves 100..103, keeps 10; margin 2 x 103
+    roomy = memory_plan.plan(p, static=1000, budget=10**6)
+    assert roomy.recomputed == frozenset() and roomy.fits
+    assert roomy.peak == 1000 + 206 + 5 + (100 + 101 + 102 + 103)
+    every = 1000 + 206 + 5 + 40
+    # room for two blocks' extra (90 + 91) but not a third (92): the cheapest two are kept
+    two = memory_plan.plan(p, static=1000, budget=every + 90 + 91 + 50)
+    assert two.recomputed == {"b2", "b3"} and two.fits and two.peak == every + 181
+    tight = memory_plan.plan(p, static=1000, budget=every)
+    assert tight.recomputed == {"b0", "b1", "b2", "b3"} and tight.fits
+    over = memory_plan.plan(p, static=1000, budget=every - 1)
+    assert over.recomputed == {"b0", "b1", "b2", "b3"} and not over.fits
+
+
+def test_static_memory_follows_the_sharding():
+    kw = dict(frozen=1000, trainable=10, world=4, largest_block=50)
+    assert memory_plan.static_bytes(sharding="none", **kw) == 1000 + 40
+    assert memory_plan.static_bytes(sharding="replicate", **kw) == 1000 + 40 + 10  # the flattened all-reduce
+    assert memory_plan.static_bytes(sharding="shard", **kw) == 1040 // 4 + 100
+    assert memory_plan.static_bytes(sharding="shard", offload=True, **kw) == 100
+
+
+def test_the_budget_is_the_gpu_less_headroom_or_the_variable(monkeypatch):
+    monkeypatch.delenv(memory_plan.BUDGET_ENV, raising=False)
+    assert memory_plan.budget_bytes(None) is None
+    assert memory_plan.budget_bytes(80 * 2**30) == int(80 * 2**30 * 0.92) - 2**30
+    monkeypatch.setenv(memory_plan.BUDGET_ENV, "0.5")
+    assert memory_plan.budget_bytes(None) == 2**29
+
+
+def test_ranks_agree_on_the_union_and_on_sharding():
+    a = adapters.Layout("replicate", {"transformer": {(0, 1)}}, {"fits": True})
+    b = adapters.Layout("shard", {"transformer": {(0, 2)}, "text_encoder": {(0, 0)}})
+    got = adapters.agreed([a, b])
+    assert got.sharding == "shard"
+    assert got.recompute == {"transformer": {(0, 1), (0, 2)}, "text_encoder": {(0, 0)}}
+    assert adapters.agreed([a, a]).sharding == "replicate"
+
+
+def _flux(**training):
+    from diffusers import FluxTransformer2DModel
+
+    from kubelora_trainer.models.flux.tiny import TINY_TRANSFORMER
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(**{**TINY_TRANSFORMER, "num_layers": 2, "num_single_layers": 4})
+    comps = Components(trainable={"transformer": tr}, info={"guidance_embeds": True})
+    spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m", "dtype": "float32"},
+                       "dataset": {"uri": "/d", "resolution": 64}, "adapter": {"rank": 4},
+                       "training": training, "output": {"uri": "/o"}})
+    return comps, spec
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return {"latents": torch.randn(1, 4, 16, 16, generator=g), "prompt_embeds": torch.randn(1, 8, 32, generator=g),
+            "pooled": torch.randn(1, 32, generator=g)}
+
+
+def _step(**training):
+    """One step of the tiny Flux as attach lays it out: the bytes its forward saves (each storage
+    once, parameters left out, counted here independently of memory_plan), the gradients, and
+    the blocks wrapped for recomputation."""
+    from kubelora_trainer.models.flux.family import FAMILY
+    comps, spec = _flux(**training)
+    ad = adapters.attach(comps, FAMILY, spec, ENV, probe=_batch)
+    params = {p.untyped_storage().data_ptr() for p in comps.denoiser.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = (s.nbytes(), t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ad.compute():
+        loss = FAMILY.loss(comps, _batch(), spec.model, spec.training, torch.Generator().manual_seed(2))
+    loss.backward()
+    wrapped = sorted(n for n, m in comps.denoiser.named_modules() if type(m).__name__ == "CheckpointWrapper")
+    return sum(n for n, _ in seen.values()), torch.cat([p.grad.flatten() for p in ad.params]), wrapped, ad
+
+
+@pytest.fixture(scope="module")
+def profile():
+    from kubelora_trainer.models.flux.family import FAMILY
+    comps, spec = _flux()
+    adapters.prepare(comps, FAMILY, spec, ENV)
+    names = adapters.block_names(comps, FAMILY)
+    blocks = {n: FAMILY.blocks(c, comps.trainable[c])[j][i] for n, (c, j, i) in names.items()}
+    params = [p for p in comps.denoiser.parameters()]
+    return memory_plan.measure(lambda: adapters._probe_forward(comps, FAMILY, spec, ENV, _batch()), blocks, params)
+
+
+def test_the_measured_profile_is_what_real_steps_save(profile):
+    assert [b.name for b in profile.blocks] == [f"transformer.0.{i}" for i in range(2)] + \
+        [f"transformer.1.{i}" for i in range(4)]
+    assert all(0 < b.keep < b.saved for b in profile.blocks)
+    none, _, _, _ = _step(gradientCheckpointing=False)
+    assert abs(profile.activations(set()) - none) <= 0.01 * none, (profile.activations(set()), none)
+    # every other block recomputed: the step saves less by exactly what those blocks save (their
+    # inputs are then held by the checkpoint, not saved, so the hooks here do not see them)
+    half, _, _, _ = _step(gradientCheckpointing=True, gradientCheckpointingEvery=2)
+    recomputed = {"transformer.0.0", "transformer.1.0", "transformer.1.2"}
+    predicted = sum(b.saved for b in profile.blocks if b.name in recomputed)
+    assert abs(predicted - (none - half)) <= 0.01 * predicted, (predicted, none - half)
+
+
+def test_unset_checkpointing_wraps_exactly_the_planned_blocks_and_changes_no_gradient(profile, monkeypatch):
+    names = {b.name for b in profile.blocks}
+    _, g0, wrapped0, _ = _step(gradientCheckpointing=False)
+    assert wrapped0 == []
+    monkeypatch.setenv(memory_plan.BUDGET_ENV, "1000")
+    _, g_roomy, wrapped_roomy, roomy = _step()  # training.gradientCheckpointing unset, memory to spare
+    assert wrapped_roomy == [] and roomy.memory["recomputedBlocks"] == 0
+    torch.testing.assert_close(g_roomy, g0)
+    # a budget with room for the two cheapest blocks' activations and not a third
+    extras = sorted(b.saved - b.keep for b in profile.blocks)
+    every = roomy.memory["predictedPeakBytes"] - sum(extras)
+    monkeypatch.setenv(memory_plan.BUDGET_ENV, str((every + extras[0] + extras[1] + 1) / 2**30))
+    _, g, wrapped, ad = _step()  # training.gradientCheckpointing unset
+    assert len(wrapped) == len(names) - 2, wrapped
+    assert ad.memory["recomputedBlocks"] == len(names) - 2 and ad.memory["fits"]
+    torch.testing.assert_close(g, g0)
+
+
+def test_a_run_with_too_little_memory_recomputes_every_block_and_says_so(tmp_path, tiny_flux_dir, monkeypatch,
+                                                                         capsys):
+    from conftest import one_rank_env, write_overfit_data
+    from kubelora_trainer import train
+    one_rank_env(monkeypatch)
+    monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KUBELORA_METRICS_PORT", "0")
+    monkeypatch.setenv(memory_plan.BUDGET_ENV, "0.000001")
+    data = write_overfit_data(tmp_path / "data")
+    spec = parse_spec({"model": {"type": "flux", "diffusersPath": str(tiny_flux_dir), "dtype": "float32"},
+                       "dataset": {"uri": str(data), "resolution": 32}, "training": {"steps": 2},
+                       "output": {"uri": str(tmp_path / "out")}})
+    assert train.run(spec, "tight") == 0, capsys.readouterr().err[-3000:]
+    log = capsys.readouterr().out
+    assert "[memory] training.gradientCheckpointing unset: the forward keeps" in log
+    assert "every block recomputed" in log and "[memory] warning: even with every block recomputed" in log
+    plan = json.loads((tmp_path / "out" / "manifest.json").read_text())["metrics"]["memoryPlan"]
+    assert plan["recomputedBlocks"] == plan["blocks"] > 0 and plan["fits"] is False
+
+
+def test_a_gpu_out_of_memory_names_the_settings_that_lower_a_step_and_is_not_retried():
+    from kubelora_trainer import exits, train
+    err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    spec = parse_spec({"model": {"type": "hunyuan-video", "ckptPath": "/m"}, "dataset": {"uri": "/d"},
+                       "training": {"microBatchSize": 2}, "output": {"uri": "/o"}})
+    msg = train.out_of_memory(err, spec)
+    assert msg.startswith("the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
+    for fix in ("training.gradientCheckpointing: true", "memory plan", "model.transformerDtype: float8",
+                "training.cpuOffload: true", "training.microBatchSize below 2", "frame count"):
+        assert fix in msg, fix
+    lean = parse_spec({"model": {"type": "flux", "diffusersPath": "/m", "transformerDtype": "float8"},
+                       "dataset": {"uri": "/d"}, "training": {"gradientCheckpointing": True, "cpuOffload": True},
+                       "output": {"uri": "/o"}})
+    msg = train.out_of_memory(err, lean)
+    assert "gradientCheckpointing" not in msg and "transformerDtype" not in msg and "cpuOffload" not in msg
+    assert msg.endswith("Lower what a step needs: a smaller dataset.resolution")
+    assert exits.BAD_INPUT == 2
