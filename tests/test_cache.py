@@ -72,6 +72,37 @@ def truncated_png(path: Path) -> Path:
     return path
 
 
+def test_a_media_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    f, memo = tmp_path / "a.png", tmp_path / "cache"
+    f.write_bytes(b"x" * 1000)
+    old = 1_600_000_000_000_000_000
+    os.utime(f, ns=(old, old))
+    hashed, real = [], cache.sha256_file
+    monkeypatch.setattr(cache, "sha256_file", lambda p: hashed.append(p) or real(p))  # counts full reads
+    first = cache.media_digest(f, memo)
+    assert first == _sha(f) and len(hashed) == 1
+    assert cache.media_digest(f, memo) == first and len(hashed) == 1       # read from the memo
+    f.write_bytes(b"y" * 1000)                                                # same size, new content
+    os.utime(f, ns=(old + 10**9, old + 10**9))
+    assert cache.media_digest(f, memo) == _sha(f) != first and len(hashed) == 2
+    # changed right after hashing, within the racy window: the mtime cannot be trusted, hash again
+    now = __import__("time").time_ns()
+    os.utime(f, ns=(now, now))
+    cache.media_digest(f, memo)
+    cache.media_digest(f, memo)
+    assert len(hashed) == 4
+    for m in (memo / "digests").iterdir():
+        m.write_text("{not json")                                             # a damaged memo is ignored
+    os.utime(f, ns=(old, old))
+    assert cache.media_digest(f, memo) == _sha(f) and len(hashed) == 5
+    assert cache.media_digest(f) == _sha(f) and len(hashed) == 6              # no memo root: always hashed
+
+
+def _sha(p):
+    import hashlib
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
 def test_probe_reads_the_header_only(tmp_path):
     from PIL import Image
     from kubelora_trainer.data import load_image, probe

@@ -7,6 +7,8 @@ Layout under cache_root() (the node's emptyDir or PVC, $KUBELORA_CACHE_DIR):
                          settings, bucket size and frames, clip start, fit, caption, media bytes)
     probes/<key>.json    a media file's (width, height, frames at the training rate, is_video),
                          keyed by its content hash and the rate: a later run decodes nothing
+    digests/<id>.json    a media file's content hash, by its path, size, mtime and inode: a later
+                         run hashes only what changed (media_digest)
 
 Every file is written to a temporary name and renamed into place (os.replace), so ranks sharing
 one folder (the ranks of a node) or a killed run never leave a partial entry under a final name.
@@ -108,13 +110,43 @@ def file_sample(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def media_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a media file's bytes (hex)."""
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+RACY_NS = 2_000_000_000  # a file changed this close to its hashing may not show it in its mtime
+
+
+def media_digest(path: Path, memo_root: Optional[Path] = None) -> str:
+    """sha256 of a media file's bytes (hex). With memo_root, remembered under
+    memo_root/digests/ by the file's path, size, mtime and inode, as git's index does: a later
+    start reads the memo instead of the whole file while all three match. A memo written less
+    than RACY_NS after the file's last change is not trusted (a change within the filesystem's
+    time granularity would keep the mtime), nor one that cannot be read."""
+    path = Path(path)
+    if memo_root is None:
+        return sha256_file(path)
+    st = path.stat()
+    sig = [st.st_size, st.st_mtime_ns, st.st_ino]
+    memo = memo_root / "digests" / f"{hashlib.sha1(str(path.resolve()).encode()).hexdigest()}.json"
+    try:
+        rec = json.loads(memo.read_text())
+        if rec["sig"] == sig and rec["at"] - st.st_mtime_ns > RACY_NS:
+            return rec["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    at = time.time_ns()  # before reading: a change while hashing leaves the memo untrusted
+    digest = sha256_file(path)
+    try:
+        write_bytes_atomic(memo, json.dumps({"sig": sig, "at": at, "sha256": digest}).encode())
+    except OSError:
+        pass  # a full or read-only cache volume: hashed again next time
+    return digest
 
 
 # ---------------------------------------------------------------- files

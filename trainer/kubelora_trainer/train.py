@@ -291,7 +291,7 @@ def probe_name(root: Path, digest: str, fps) -> str:
 def item_digest(item) -> str:
     """What an item's cache entries and probe are keyed by: its media's content hash, combined with
     its mask's for a masked item (a changed mask is checked and encoded again)."""
-    digest = cache.media_digest(item.image)
+    digest = cache.media_digest(item.image, memo_root=cache_root())
     if item.mask is None:
         return digest
     return hashlib.sha256(masks.media_key(bytes.fromhex(digest), item.mask.read_bytes())).hexdigest()
