@@ -19,7 +19,7 @@ import yaml
 
 from conftest import one_rank_env
 from kubelora_trainer import buckets as bk
-from kubelora_trainer import cache, data
+from kubelora_trainer import cache, data, dataset_phase
 from kubelora_trainer.data import Skip
 
 
@@ -218,7 +218,7 @@ def _counted_run(spec, monkeypatch, capsys) -> tuple[dict, str]:
             st.enter_context(_wrap_init(cls, counts))
         st.enter_context(mock.patch.object(Flux, "encode", counter("encode", Flux.encode)))
         st.enter_context(mock.patch.object(data, "probe", counter("probe", data.probe)))  # called by check_item
-        st.enter_context(mock.patch.object(train, "load_unit", counter("decode", train.load_unit)))
+        st.enter_context(mock.patch.object(dataset_phase, "load_unit", counter("decode", dataset_phase.load_unit)))
         rc = train.run(spec, "cache-test")
     out = capsys.readouterr()
     assert rc == 0, out.out[-3000:] + out.err[-3000:]
@@ -319,7 +319,7 @@ def test_operator_reports_a_cache_only_run_as_cache_built():
 
 def test_a_units_caption_variants_share_one_vae_encode(tiny_flux_dir):
     """family.encode with one image and several captions (a unit's caption variants, as
-    train.encode_missing calls it): the VAE runs once, every caption gets those latents and the text
+    dataset_phase.encode_missing calls it): the VAE runs once, every caption gets those latents and the text
     embeddings it gets alone."""
     from kubelora_trainer.models.flux.family import FAMILY
     spec = _spec(tiny_flux_dir, Path("/data"), Path("/out"))

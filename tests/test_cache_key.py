@@ -1,7 +1,7 @@
 """The latent cache key covers everything a cached tensor depends on, so a later job on a shared
 cache volume never trains on another job's latents (pure functions, no model)."""
 from kubelora_trainer.spec import parse_spec
-from kubelora_trainer.train import CACHE_FORMAT, cache_inputs, cache_key, model_fingerprint
+from kubelora_trainer.cache import CACHE_FORMAT, cache_inputs, cache_key, model_fingerprint
 
 
 def _spec(**dataset):

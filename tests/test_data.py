@@ -87,7 +87,7 @@ def _bad_dataset(d: Path) -> Path:
 def test_untrusted_media_is_skipped_counted_by_reason_and_named_by_source_uri(tmp_path):
     from kubelora_trainer import buckets as bk
     from kubelora_trainer.data import check_item
-    from kubelora_trainer.train import settle
+    from kubelora_trainer.dataset_phase import settle
     r = scan(_bad_dataset(tmp_path / "data"), uri="s3://bkt/data/")
     assert [str(s) for s in r.skipped] == ["s3://bkt/data/latin1.png: captionNotUtf8 (latin1.txt: byte 0xe9 at 3)"]
     checked = {i: check_item(it) for i, it in enumerate(r.items)}

@@ -192,7 +192,7 @@ def test_a_mask_that_vanished_is_counted_as_an_unreadable_mask(tmp_path, monkeyp
     from kubelora_trainer import dist
     from kubelora_trainer.data import ScanReport
     from kubelora_trainer.spec import parse_spec
-    from kubelora_trainer.train import probe_items
+    from kubelora_trainer.dataset_phase import probe_items
     one_rank_env(monkeypatch)
     monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
     data, mask_root = tmp_path / "d", tmp_path / "m"

@@ -151,6 +151,14 @@ def media_digest(path: Path, memo_root: Optional[Path] = None) -> str:
 
 # ---------------------------------------------------------------- files
 
+CACHE_ENV = "KUBELORA_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """The node's cache folder: $KUBELORA_CACHE_DIR (the pod's cache volume), else ~/.cache/kubelora."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kubelora")
+
+
 def entry_path(root: Path, key: str) -> Path:
     return root / "latents" / f"{key}.pt"
 
@@ -238,7 +246,7 @@ def exchange_rounds(haves: list[list[bool]], sizes: list[list[int]], chunk_bytes
     rank has. haves[r][i]: rank r holds entry i (sizes[r][i] its bytes). An entry that some rank
     lacks is sent once, by the lowest rank holding it; a round carries at most chunk_bytes in all
     (an entry larger than that goes alone), so no rank holds more than about chunk_bytes of
-    received entries at a time (train.exchange broadcasts each sender's share in turn). Returns rounds of (entry, sender). Pure: every rank computes the
+    received entries at a time (dataset_phase.exchange broadcasts each sender's share in turn). Returns rounds of (entry, sender). Pure: every rank computes the
     same plan from the same gathered lists."""
     rounds, cur, used = [], [], 0
     for i in range(len(haves[0]) if haves else 0):

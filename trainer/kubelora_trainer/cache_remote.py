@@ -7,7 +7,7 @@ Layout under the prefix: the cache folder's own, `latents/<key>.pt` and `probes/
   for output.uri) and is listed once (one paginated LIST, no HEAD per key). A bad-input failure
   (no bucket, access denied, no credentials) fails the run with a message naming
   dataset.cacheUri; a transient one is a warning and the run goes on without the shared cache.
-- Probes: each rank fetches the listed probes of its own share of the items (train.probe_items)
+- Probes: each rank fetches the listed probes of its own share of the items (dataset_phase.probe_items)
   that its node lacks, so a pulled cache decodes nothing.
 - Entries: the entries missing on every rank that are listed are split round robin over all
   ranks; each fetches its share into its node's folder, and the exchange after encoding copies
@@ -116,7 +116,7 @@ class Remote:
         self.uri, self.settings, self.listing = uri.rstrip("/"), settings, cache_names(listing)
         self._client = None
         self.probes: list[str] = []  # the probes of this rank's items (pushed after encoding unless listed)
-        self.probes_pulled = Moved()  # this rank's probe downloads (train.probe_items)
+        self.probes_pulled = Moved()  # this rank's probe downloads (dataset_phase.probe_items)
 
     def _loc(self, name: str) -> str:
         return str(storage.parse_uri(self.uri).child(name))

@@ -5,7 +5,7 @@ Scanning is pure: it returns the usable items and counts what was skipped and wh
 file never stops a run and never goes unnoticed. An empty result is an error before training.
 
 Media is untrusted: every file is checked before it is trained (check_item, split over ranks by
-train.probe_items) and skipped with one of SKIP_REASONS, counted by reason and named by its
+dataset_phase.probe_items) and skipped with one of SKIP_REASONS, counted by reason and named by its
 source URI (s3://bucket/data/x.png, not the staged local path). Limits: MAX_PIXELS per image or
 video frame, MAX_VIDEO_PIXELS for a whole video (frames x pixels), MAX_AR_BEYOND in buckets.py for
 aspect ratios. Masks (dataset.maskUri): masks.py.

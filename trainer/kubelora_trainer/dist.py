@@ -239,6 +239,12 @@ def broadcast(obj, src: int = 0):
     return box[0]
 
 
+def log(env: DistEnv | None, msg: str) -> None:
+    """Print on the main rank (on every one without an env)."""
+    if env is None or env.is_main:
+        print(msg, flush=True)
+
+
 def all_gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)

@@ -171,7 +171,7 @@ def describe(p: Plan, profile: Profile, static: int) -> str:
     n = len(profile.blocks)
     none = profile.activations(set())
     what = ("no block recomputed" if not p.recomputed else
-            f"every block recomputed" if len(p.recomputed) == n else f"{len(p.recomputed)} of {n} blocks recomputed")
+            "every block recomputed" if len(p.recomputed) == n else f"{len(p.recomputed)} of {n} blocks recomputed")
     return (f"the forward keeps {none / GiB:.2f} GiB for backward at the largest micro-batch, with "
             f"{static / GiB:.2f} GiB of weights and optimizer state; budget {p.budget / GiB:.2f} GiB: {what} "
             f"(predicted peak {p.peak / GiB:.2f} GiB)")

@@ -1,0 +1,297 @@
+"""The dataset phase of a run, between stage-in and training: every item checked and probed
+(split over ranks, skips agreed on), laid out in buckets, keyed for the latent cache, the missing
+entries encoded and exchanged between nodes. train._run calls these in order; the pure planning
+they rely on lives in buckets.py, cache.py and data.py."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from . import cache, cache_remote, dist, masks, metrics
+from . import buckets as bk
+from .cache import cache_key, cache_root
+from .data import ScanReport, Skip, check_item, check_usable, decode_skip, is_environmental, load_unit, skipped_text
+from .dist import log
+from .families import RULES, areas_of, frame_buckets_of
+
+
+def sample_entries(report: ScanReport, units: list[bk.Unit]) -> list[tuple[int, int]]:
+    """Every (unit, caption variant) a batch may draw; variant -1 is the empty caption (dropout)."""
+    entries = [(n, v) for n, u in enumerate(units) for v in range(len(report.items[u.item].variants))]
+    return entries + [(n, -1) for n, u in enumerate(units) if report.items[u.item].dropout > 0]
+
+
+def largest_batch(units: list[bk.Unit], entries: list[tuple[int, int]], key_of: dict, root: Path,
+                  micro: int) -> dict:
+    """A micro-batch of the largest bucket's first sample (the most tokens a step sees), for the
+    memory plan's measured forward."""
+    biggest = max(entries, key=lambda s: math.prod(units[s[0]].bucket))
+    return cache.stack([cache.load_entry(root, key_of[biggest])] * micro)
+
+
+def entry_keys(report: ScanReport, units: list[bk.Unit], entries, digests: list[str], inputs: dict) -> list[str]:
+    """The cache key of each entry (pure but for nothing: the digests are the media content)."""
+    out = []
+    for u, v in entries:
+        unit, it = units[u], report.items[units[u].item]
+        out.append(cache_key(inputs, "" if v < 0 else it.variants[v], bytes.fromhex(digests[unit.item]), unit))
+    return out
+
+
+def gather_present(keys: list[str], env) -> list[list[bool]]:
+    """Which entries each rank finds in its node's cache folder (bit-packed on the wire)."""
+    import numpy as np
+    mine = np.packbits(np.array(cache.present(cache_root(), keys), dtype=bool))
+    parts = dist.all_gather(mine) if env.world > 1 else [mine]
+    return [np.unpackbits(p, count=len(keys)).astype(bool).tolist() for p in parts]
+
+
+def encode_missing(spec, family, comps, items, digests, units, entries, keys, todo: list[int],
+                   env) -> list[tuple[int, Skip]]:
+    """Encode the entries no rank has, split over ranks by unit (each unit's media is decoded
+    once for all its caption variants) and write them to this node's cache. Returns the items
+    whose media could not be decoded, with the reason: skipped and counted, like unreadable
+    files found while probing (and remembered with their probe, so a later run skips them
+    without decoding)."""
+    root = cache_root()
+    r = RULES[spec.model.type]
+    per_unit: dict[int, list[int]] = {}
+    for i in todo:
+        per_unit.setdefault(entries[i][0], []).append(i)
+    mine = cache.split_units(sorted(per_unit), env.world, env.rank)
+    progress = cache.EncodeProgress(len(todo), sum(len(per_unit[u]) for u in mine), env, lambda msg: log(env, msg))
+    bad = []
+    try:
+        for u in mine:
+            unit, it = units[u], items[units[u].item]
+            w, h, frames = unit.bucket
+            try:
+                x = load_unit(it.image, w, h, frames, unit.start, fps=r.fps if r.video else None, clip=r.video).unsqueeze(0)
+            except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
+                skip = decode_skip(it, e)
+                bad.append((unit.item, skip))
+                if skip.lasting:  # remembered: later runs skip these bytes without decoding them
+                    cache.write_probe(root, digests[unit.item], r.fps if r.video else None, skip)
+                progress.add(len(per_unit[u]))
+                continue
+            captions = ["" if entries[i][1] < 0 else it.variants[entries[i][1]] for i in per_unit[u]]
+            mask = None
+            # one call for all of the unit's caption variants: the VAE encodes its pixels once
+            for i, sample in zip(per_unit[u], family.encode(comps, x, captions)):
+                out = {k: t.detach().cpu() for k, t in sample.items()}
+                if it.mask is not None:  # [h, w] on the latent grid (masks.py)
+                    if mask is None:
+                        mask = masks.latent_mask(it.mask, w, h, tuple(out["latents"].shape[-2:]))
+                    out["mask"] = mask
+                cache.save_entry(root, keys[i], out)
+            progress.add(len(captions))
+    finally:
+        progress.finish()
+    if env.rank == 0:
+        progress.wait()
+    return bad
+
+
+def exchange(keys: list[str], env) -> int:
+    """After encoding: every node's folder receives the entries it lacks from a rank that has them
+    (cache.exchange_rounds: rounds of at most $KUBELORA_CACHE_EXCHANGE_MB), each sender's share of
+    a round broadcast from it, so a rank holds one sender's payload at a time (an all-gather would
+    pad every rank's part to the largest and hold world x that). The ranks of a node share its
+    folder: local rank 0 writes (atomically) and counts. Returns how many entries this rank wrote."""
+    if env.world == 1:
+        return 0
+    import numpy as np
+    root = cache_root()
+    mine = np.array([p.stat().st_size if p.is_file() else 0 for p in (cache.entry_path(root, k) for k in keys)],
+                    dtype=np.int64)  # 0: absent (a saved entry is never empty)
+    sizes = [part.tolist() for part in dist.all_gather(mine)]
+    haves = [[n > 0 for n in part] for part in sizes]
+    have = haves[env.rank]
+    writer = env.local_rank == 0
+    chunk = int(float(os.environ.get(cache.EXCHANGE_MB_ENV, "256")) * 2 ** 20)
+    received, err = 0, None
+    for rnd in cache.exchange_rounds(haves, sizes, chunk):
+        for sender in sorted({s for _, s in rnd}):
+            payload = None
+            if env.rank == sender:
+                try:
+                    payload = {i: cache.entry_path(root, keys[i]).read_bytes() for i, s in rnd if s == sender}
+                except OSError as e:  # still takes part in every collective; fails with the others below
+                    err, payload = err or RuntimeError(f"cache exchange: reading an entry: {e}"), {}
+            for i, data in dist.broadcast(payload, src=sender).items():
+                if not have[i]:
+                    if writer and err is None:
+                        try:
+                            cache.write_bytes_atomic(cache.entry_path(root, keys[i]), data)
+                            received += 1
+                        except OSError as e:  # a full cache volume: every rank stops with this reason
+                            err = RuntimeError(f"cache exchange: writing an entry to {root}: {e}")
+                    have[i] = True
+    dist.fail_together(err, "the cache exchange")  # also: every node's writer is done before any rank reads
+    return received
+
+
+def source_specs(spec) -> list:
+    """The dataset's sources: dataset.sources, or one made of dataset.uri and dataset.repeats."""
+    return list(spec.dataset.sources) if spec.dataset.sources is not None else [None]
+
+
+def bucket_configs(spec) -> list[bk.BucketConfig]:
+    d, r = spec.dataset, RULES[spec.model.type]
+    fixed = (d.width, d.height) if d.width is not None else None
+    ars = tuple(bk.aspect_ratios(d.enableArBucket, d.minAr, d.maxAr, d.numArBuckets))
+    return [bk.BucketConfig(ars=ars, sides=tuple(areas_of(d, s)), frame_buckets=tuple(frame_buckets_of(spec.model.type, d, s)),
+                            multiple=r.size_multiple, fixed=fixed, clip_mode=d.videoClipMode) for s in source_specs(spec)]
+
+
+def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Remote] = None
+                ) -> tuple[list[tuple[int, int, int, bool]], list[str]]:
+    """Check every item once, split over ranks (data.check_item: not empty, decodes, within the
+    pixel limits, its mask decodes and has its size), and hash its content (media and mask). The
+    answer for a content hash is kept in the cache (cache.read_probe), so a later run decodes
+    nothing; images are checked from their header (a file corrupt past it is found when it is
+    encoded, and skipped then). Bad ones, and items of an extreme aspect ratio for their source's
+    buckets (screen_ratios), leave report.items for report.skipped with their reason (the same on
+    every rank); every skip so far is logged by source URI (the first ten). Returns the probes and
+    digests of the remaining items, in order. With dataset.cacheUri (remote), the probes of this
+    rank's items that its node lacks are downloaded first when listed there (remote.probes_pulled),
+    and their names are kept for the push after encoding (remote.probes)."""
+    r = RULES[spec.model.type]
+    fps = r.fps if r.video else None
+    root = cache_root()
+    items = report.items
+
+    def checking_the_dataset():  # this rank's share; run through dist.agree, so no rank waits for a failed one
+        found, bad, hashed = [], [], []
+        for i in range(env.rank, len(items), env.world):
+            it = items[i]
+            try:
+                hashed.append((i, item_digest(it)))
+            except OSError as e:  # the media file, or its mask (named by the error's filename)
+                reason = "maskUnreadable" if it.mask is not None and e.filename == str(it.mask) else "corrupt"
+                bad.append((i, Skip(it.name, reason, f"{type(e).__name__}: {e}"[:300], lasting=not is_environmental(e))))
+        if remote is not None:  # items of equal content share one probe
+            remote.probes = list(dict.fromkeys(probe_name(root, d, fps) for _, d in hashed))
+            remote.probes_pulled = remote.pull([n for n in remote.probes if n in remote.listing and not (root / n).is_file()],
+                                               root)
+        for i, digest in hashed:
+            it = items[i]
+            got = cache.read_probe(root, digest, fps)
+            if got is None:
+                meta, skip = check_item(it, fps, decode=False)
+                if skip is None or skip.lasting:
+                    cache.write_probe(root, digest, fps, meta if skip is None else skip)
+            else:
+                meta, skip = (None, dataclasses.replace(got, uri=it.name)) if isinstance(got, Skip) else (got, None)
+            if skip is None:
+                found.append((i, (meta, digest)))
+            else:
+                bad.append((i, skip))
+        return found, bad
+    found, bad = dist.agree(checking_the_dataset)
+    gathered = dist.all_gather((found, bad))
+    found_all = dict(m for part, _ in gathered for m in part)
+    skips = dict(b for _, part in gathered for b in part)
+    kept = settle(report, {i: m for i, (m, _) in found_all.items()}, skips, bucket_configs(spec))
+    for k in report.skipped[:10]:
+        log(env, f"[data] skipped {k}")
+    if len(report.skipped) > 10:
+        log(env, f"[data] ... and {len(report.skipped) - 10} more skipped ({skipped_text(report)})")
+    return [found_all[i][0] for i in kept], [found_all[i][1] for i in kept]
+
+
+def probe_name(root: Path, digest: str, fps) -> str:
+    """A probe's file name relative to the cache folder (and to dataset.cacheUri)."""
+    return cache.probe_path(root, digest, fps).relative_to(root).as_posix()
+
+
+def item_digest(item) -> str:
+    """What an item's cache entries and probe are keyed by: its media's content hash, combined with
+    its mask's for a masked item (a changed mask is checked and encoded again)."""
+    digest = cache.media_digest(item.image, memo_root=cache_root())
+    if item.mask is None:
+        return digest
+    return hashlib.sha256(masks.media_key(bytes.fromhex(digest), item.mask.read_bytes())).hexdigest()
+
+
+def settle(report: ScanReport, metas: dict[int, tuple], skips: dict[int, Skip], configs: list[bk.BucketConfig]) -> list:
+    """With every item of report.items probed (metas) or skipped (skips), by index: the items of an
+    extreme aspect ratio skipped too (screen_ratios), the skipped ones moved from report.items to
+    report.skipped. Returns the indices (into the items before) of the remaining ones, in order. Pure."""
+    skips = {**skips, **screen_ratios(report.items, metas, configs)}
+    gone = drop_items(report, skips)
+    return [i for i in sorted(metas) if i not in gone]
+
+
+def drop_items(report: ScanReport, skips: dict[int, Skip]) -> set[int]:
+    """Move the items skips names (by index into report.items) to report.skipped, in order; the
+    same on every rank (skips are gathered). Returns the dropped indices. Pure."""
+    report.skipped += [skips[i] for i in sorted(skips)]
+    report.items = [it for i, it in enumerate(report.items) if i not in skips]
+    return set(skips)
+
+
+def screen_ratios(items, metas: dict[int, tuple], configs: list[bk.BucketConfig]) -> dict[int, Skip]:
+    """Items whose aspect ratio is more than bk.MAX_AR_BEYOND times beyond every bucket ratio of
+    their source, as skips. Pure."""
+    out = {}
+    for i, (w, h, _, _) in metas.items():
+        cfg = configs[items[i].source]
+        beyond = bk.ratio_beyond(w, h, cfg)
+        if beyond > bk.MAX_AR_BEYOND:
+            ars = [cfg.fixed[0] / cfg.fixed[1]] if cfg.fixed else list(cfg.ars)
+            out[i] = Skip(items[i].name, "extremeAspectRatio",
+                          f"{w}x{h} is {beyond:.1f}x beyond the bucket ratios {min(ars):.3g}..{max(ars):.3g} (width/height); "
+                          f"less than {100 / bk.MAX_AR_BEYOND:.0f}% of it would be kept")
+    return out
+
+
+def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment, dict]:
+    """Bucket the probed items, log and count what was kept and skipped, and fail when nothing
+    is usable. Returns the assignment and the dataset stats (with the bucket summary)."""
+    r = RULES[spec.model.type]
+    configs = bucket_configs(spec)
+    assignment = bk.assign(metas, configs, [it.source for it in report.items])
+    for i, why in assignment.dropped[:10]:
+        log(env, "[data] skipped " + drop_reason(report.items[i], metas[i], why, configs[report.items[i].source], r.fps or 0))
+    used = {u.item for u in assignment.units}
+    bucket_stats = bk.summary(assignment, len(report.items), [str(it.image.name) for it in report.items])
+    n_dropped = len(report.items) - len(used)
+    stats = {**report.summary(), "usable": len(used)}
+    log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
+             f"without caption, {stats['unreadable']} unreadable"
+             + (f" ({skipped_text(report)})" if report.skipped else "")
+             + (f", {n_dropped} without a bucket" if n_dropped else "")
+             + f"; {stats['emptyCaptionUsed']} trained with an empty caption")
+    if report.masked_sources:
+        log(env, f"[data] {stats['masked']} items with a loss mask, {stats['unmasked']} without"
+                 + (f" (trained unmasked; warning: no mask for {', '.join(report.unmasked[:5])}"
+                    + (" ..." if len(report.unmasked) > 5 else "") + ")" if report.unmasked else ""))
+    if report.missing_caption and report.beside:
+        from .data import caption_hint
+        log(env, "[data] warning:" + caption_hint(report))
+    for msg in bk.format_summary(bucket_stats):
+        log(env, msg)
+    m.buckets(bucket_stats)
+    m.dataset(stats["usable"], {"missing_caption": stats["missingCaption"] - stats["emptyCaptionUsed"],
+                                **{metrics.snake(k): n for k, n in report.by_reason().items()},
+                                **({"no_bucket": n_dropped} if n_dropped else {})})
+    if not used:
+        report.items = []
+    check_usable(report, ", ".join(spec.dataset.uris),
+                 dropped=f", without a frame bucket: {n_dropped}" if n_dropped else "")
+    stats["buckets"] = bucket_stats
+    return assignment, stats
+
+
+def drop_reason(item, meta, why: str, cfg: bk.BucketConfig, fps) -> str:
+    longest = [b for b in cfg.frame_buckets if b > 1]
+    if why == "tooShort":
+        return (f"{item.image.name}: video is too short: {meta[2]} frames at the model's {fps:g} fps; the shortest "
+                f"video frame bucket is {min(longest)} (dataset.frameBuckets)")
+    return (f"{item.image.name}: a video, but the only frame bucket is 1 (images): set dataset.frames or "
+            f"dataset.frameBuckets to train videos")
