@@ -17,6 +17,16 @@ def test_exit_code_and_root_cause_from_the_workers_records():
     assert exit_code(1, bad) == 2 and exit_code(0, bad) == 0
     assert exit_code(1, [{"rank": 0, "code": 1, "message": "boom"}]) == 1 and exit_code(-9, []) == -9
     assert root_cause(bad) == "rank 0: dataset /d: no usable items" and root_cause([]) is None
+    peers = [{"rank": 0, "code": 3, "message": "stopped because ..."}, {"rank": 1, "code": 3, "message": "..."}]
+    assert exit_code(1, peers) == 3                                     # every rank stopped for a peer's signal
+    assert exit_code(1, peers + [{"rank": 2, "code": 143, "message": "stopped by SIGTERM"}]) == 143
+    assert exit_code(1, peers[:1] + [{"rank": 1, "code": 1, "message": "boom"}]) == 1   # a crash is a crash
+
+
+def test_the_trainer_and_the_operator_agree_on_the_exit_codes():
+    from kubelora_operator import manifests
+    from kubelora_trainer import exits
+    assert (manifests.CONFIG_ERROR_EXIT_CODE, manifests.PEER_STOPPED_EXIT_CODE) == (exits.BAD_INPUT, exits.PEER_STOPPED)
 
 
 @pytest.fixture()

@@ -78,6 +78,32 @@ def test_apply_two_nodes_suspend_resume_restart_succeed_and_ttl(kube, kubectl, d
         wait_for(lambda: kube.get("kubelora.dev/v1alpha1/loratrainingjobs", "default", "demo") is None)
 
 
+def test_a_preempted_node_resumes_without_a_gang_restart_or_the_backoff_budget(kube, kubectl, demo_bucket, job_runner):
+    """The runner behaves as the real Job controller (only a failed index is replaced). Node 1's pod
+    is preempted (test hook: the DisruptionTarget condition, then SIGTERM, as the kubelet does):
+    every rank checkpoints, node 1 exits 143 and node 0 exits 3 (stopped for its peer), and the
+    Job's podFailurePolicy ignores both, so each index gets a new pod, they resume from the
+    checkpoint and finish; no gang restart, no failed pod counted."""
+    job_runner.group_restart = "never"
+    job_runner.grace_seconds = 120  # the pods' terminationGracePeriodSeconds (the runner caps it at 3 s)
+    kubectl("apply", "-f", CRD_FILE, check=True)
+    with operator():
+        m = manifest("preempt", resources__nodes=2, runPolicy__backoffLimit=1,
+                     output__uri="s3://kubelora-demo/outputs/preempt")
+        assert apply(kubectl, m).returncode == 0
+        wait_for(lambda: ((_status(kube, "preempt").get("progress") or {}).get("step") or 0) >= 3, timeout=600)
+        job_runner.disrupt("preempt", index=1, reason="PreemptionByScheduler")
+        st = wait_for(lambda: phase(kube, "preempt") == "Succeeded" and _status(kube, "preempt"), timeout=600)
+    assert not st.get("restarts") and (st["progress"].get("resumedFrom") or 0) >= 3, st
+    assert len(job_runner.pods_started("preempt")) == 4, job_runner.pods_started("preempt")
+    exits = sorted(p["exit_code"] for p in job_runner.pod_info("preempt") if p["exit_code"])
+    assert exits == [3, 143], job_runner.pod_info("preempt")
+    job = kube.get("batch/v1/jobs", "default", "preempt")
+    assert job is None or not (job.get("status") or {}).get("failed"), job
+    reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "preempt"]
+    assert "GangRestart" not in reasons and "Succeeded" in reasons, reasons
+
+
 def test_failing_pod_is_retried_then_failed_with_reason_and_delete_cleans_up(kube, kubectl, demo_bucket, job_runner):
     kubectl("apply", "-f", CRD_FILE, check=True)
     for _ in range(2):  # test shim: the pod's process exits 1 instead of running the trainer

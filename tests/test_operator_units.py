@@ -44,8 +44,11 @@ def test_indexed_job_shape():
     rules = s["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
+    # a peer of a preempted pod stops with a checkpoint and exits 3: ignored like the disruption itself
+    assert rules[2]["action"] == "Ignore" and rules[2]["onExitCodes"]["values"] == [3]
     pod = s["template"]["spec"]
     assert pod["subdomain"] == "ft-workers" and pod["restartPolicy"] == "Never"
+    assert pod["terminationGracePeriodSeconds"] == 120  # time to finish the step and checkpoint on SIGTERM
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert (pod["nodeSelector"], pod["priorityClassName"], pod["schedulerName"]) == ({"gpu": "h100"}, "training", "volcano")
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"

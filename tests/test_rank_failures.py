@@ -54,3 +54,44 @@ def test_a_hung_rank_is_noticed_within_the_collective_timeout(tmp_path, tiny_flu
     assert proc.returncode != 0 and "[train] step 2/40" in proc.stdout, proc.stdout[-2000:]
     assert elapsed < 200, elapsed  # the sleeping rank would hold the run for 600 s
     assert "[error] rank 0:" in proc.stderr and "imed out" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_preempted_node_stops_its_peer_with_a_checkpoint_and_an_exit_code_the_job_ignores(
+        tmp_path, tiny_flux_dir, overfit_data):
+    """Two launchers (--nnodes 2), as two pods. Node 1's pod is preempted: the kubelet sends SIGTERM
+    to its launcher. Every rank finishes its step, the checkpoint is written, node 1 exits 143 (its
+    pod has the DisruptionTarget condition) and node 0, whose ranks were not signalled, exits 3, which
+    the Job's podFailurePolicy ignores too (manifests.PEER_STOPPED_EXIT_CODE): the replacements
+    resume without a gang restart or the backoff budget (the whole Job, tests/test_operator_e2e.py)."""
+    import signal
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": str(tiny_flux_dir), "dtype": "float32"},
+                                   "dataset": {"uri": str(overfit_data), "resolution": 32}, "adapter": {"rank": 4},
+                                   "training": {"steps": 2000, "logEvery": 1},
+                                   "output": {"uri": str(tmp_path / "out")}}))
+    from kubelora_trainer.dist import _free_port
+    port = _free_port()
+    procs = []
+    for node in range(2):
+        env = {**os.environ, "KUBELORA_CACHE_DIR": str(tmp_path / f"node{node}"), "KUBELORA_METRICS_PORT": "0",
+               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "kubelora_trainer", "launch", "--nnodes=2", f"--node-rank={node}",
+             "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+             "-m", "kubelora_trainer", "run", "--spec", str(job)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    log = []
+    for line in procs[0].stdout:  # rank 0 logs the steps
+        log.append(line)
+        if "[train] step 3/2000" in line:
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    rest0, err0 = procs[0].communicate(timeout=300)
+    out1, err1 = procs[1].communicate(timeout=300)
+    out0 = "".join(log) + rest0
+    assert procs[1].returncode == 128 + signal.SIGTERM, out1[-2000:] + err1[-3000:]
+    assert procs[0].returncode == 3, out0[-2000:] + err0[-3000:]
+    last = err0.strip().splitlines()[-1]
+    assert last.startswith("[error] rank 0: stopped because a rank of another pod was told to stop"), err0[-2000:]
+    assert "the checkpoint of step" in last and "[train] step 2000/2000" not in out0
+    assert any((tmp_path / "out" / "checkpoints").glob("step-*/state/COMPLETE")), list((tmp_path / "out").rglob("*"))[:20]

@@ -20,6 +20,9 @@ MASTER_PORT = 29500
 METRICS_PORT = 9400  # the trainer's Prometheus endpoint (kubelora_trainer.metrics), on each pod
 CONTAINER = "trainer"
 CONFIG_ERROR_EXIT_CODE = 2  # the trainer's exit code for bad input: retrying cannot help
+# the trainer's exit code when its ranks stopped with a checkpoint because another pod's were told to
+# stop (that pod preempted or evicted): retried like the disruption itself, without counting
+PEER_STOPPED_EXIT_CODE = 3
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,8 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
     pod_spec = {
         "subdomain": names["service"],
         "restartPolicy": "Never",
+        # SIGTERM -> the step finishes, the checkpoint is written: this long before SIGKILL
+        "terminationGracePeriodSeconds": spec.runPolicy.terminationGracePeriodSeconds,
         "securityContext": {"runAsNonRoot": True, "runAsUser": cfg.run_as_user, "runAsGroup": cfg.run_as_user,
                             "fsGroup": cfg.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
@@ -218,6 +223,9 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
             # bad input (spec, data, storage): fail now, retrying cannot help
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                   "values": [CONFIG_ERROR_EXIT_CODE]}},
+            # a peer of a disrupted pod, stopped at a step boundary with a checkpoint: not a failure
+            {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                 "values": [PEER_STOPPED_EXIT_CODE]}},
         ]},
         "template": {"metadata": {"labels": labels(name)}, "spec": pod_spec},
     }

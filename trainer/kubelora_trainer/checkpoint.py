@@ -62,12 +62,16 @@ class StopRequest:
 
 
 class Stopped(RuntimeError):
-    """The run stopped on a signal after writing a checkpoint; exit code 128 + signal."""
+    """The run stopped after writing a checkpoint: on a signal to this rank (exit code 128 +
+    signal), or, signum 0, because another rank got one (exits.PEER_STOPPED)."""
 
     def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; the checkpoint of step "
-                         f"{step} is complete and the next run of this manifest resumes from it")
-        self.code = 128 + signum
+        from .exits import PEER_STOPPED
+        why = (f"stopped by {signal.Signals(signum).name}" if signum else
+               "stopped because a rank of another pod was told to stop (its pod preempted, evicted or deleted)")
+        super().__init__(f"{why} after step {step}; the checkpoint of step {step} is complete and the next run of "
+                         f"this manifest resumes from it")
+        self.code = 128 + signum if signum else PEER_STOPPED
 
 
 class Schedule:

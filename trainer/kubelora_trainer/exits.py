@@ -11,6 +11,10 @@ import sys
 EXIT_DIR_ENV = "KUBELORA_EXIT_DIR"
 BAD_INPUT = 2   # the Job's podFailurePolicy fails the Job at once on this exit code
 FAILED = 1      # anything else, a transient storage fault included: the Job retries, the run resumes
+# stopped with a checkpoint because a rank of another pod was told to stop (its pod preempted,
+# evicted or drained): the Job's podFailurePolicy ignores it as it ignores the disruption itself,
+# so the replacement pods resume without spending runPolicy.backoffLimit or a gang restart
+PEER_STOPPED = 3
 
 
 # the errors that mean bad input (a spec, data, model or storage problem a retry cannot fix), by

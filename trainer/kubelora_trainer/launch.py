@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .exits import BAD_INPUT, EXIT_DIR_ENV
+from .exits import BAD_INPUT, EXIT_DIR_ENV, PEER_STOPPED
 
 TERMINATION_LOG = "/dev/termination-log"
 
@@ -37,13 +37,19 @@ def read_records(folder: Path) -> list[dict]:
 
 def exit_code(torchrun_rc: int, records: list[dict]) -> int:
     """The pod's exit code: 0 on success; 2 when a worker found bad input (so the Job fails at
-    once instead of retrying); else torchrun's code."""
+    once instead of retrying); 128 + signal when a worker stopped on one (checkpoint written);
+    PEER_STOPPED when the workers stopped only because a rank of another pod did (the Job's
+    podFailurePolicy ignores it); else torchrun's code."""
     if torchrun_rc == 0:
         return 0
     if any(r.get("code") == BAD_INPUT for r in records):
         return BAD_INPUT
     stopped = [r["code"] for r in records if (r.get("code") or 0) > 128]  # stopped on a signal, checkpoint written
-    return max(stopped) if stopped else (torchrun_rc or 1)
+    if stopped:
+        return max(stopped)
+    if records and all(r.get("code") == PEER_STOPPED for r in records):
+        return PEER_STOPPED
+    return torchrun_rc or 1
 
 
 def root_cause(records: list[dict]) -> str | None:

@@ -413,6 +413,12 @@ class RunPolicySpec(_Model):
     backoffLimit: int = Field(default=3, ge=0, le=100, description="Retries of the whole run after a failure (all nodes restart together; disruptions such as preemption do not count).")
     activeDeadlineSeconds: Optional[int] = Field(default=None, ge=1, description="Wall-clock limit for the whole job.")
     ttlSecondsAfterFinished: Optional[int] = Field(default=None, ge=0, description="Delete the job's children this long after it finished (the resource and its status stay).")
+    terminationGracePeriodSeconds: int = Field(
+        default=120, ge=1, le=3600,
+        description="Time each pod gets after SIGTERM (preemption, eviction, drain, suspend) to finish its step and "
+                    "write the checkpoint before it is killed; the pods' terminationGracePeriodSeconds. Kubernetes' "
+                    "default of 30 s can cut a long step or a large checkpoint short (a node's own shutdown, e.g. a "
+                    "spot reclaim, may allow less whatever this says).")
     suspend: bool = Field(
         default=False, description="Suspend (or keep suspended) the job: its pods stop (the trainer checkpoints on "
                                    "SIGTERM) and resume from the newest checkpoint when set back to false. The only "

@@ -322,7 +322,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                 schedule.written()
                 tr.metrics.checkpoint(step)
             if stop:
-                raise checkpoint.Stopped(stop_request.signum or 15, step)
+                raise checkpoint.Stopped(stop_request.signum, step)  # 0: a peer's signal
     finally:
         stop_request.uninstall()
 
