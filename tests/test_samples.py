@@ -291,12 +291,16 @@ def test_ltx_samples_in_the_bucket_change_and_match_diffusers(ltx_run, tmp_path)
     for i, p in enumerate(PROMPTS):
         got = pipe(p["prompt"], height=32, width=32, num_frames=9, frame_rate=25, num_inference_steps=4,
                    guidance_scale=3.0, generator=torch.Generator().manual_seed(p.get("seed", 0)), output_type="np").frames[0]
-        # through the same encoder as the in-training sample, then both decoded
-        ref = samples.write_sample(samples.to_uint8(got), tmp_path / f"ref-{i}.mp4", 25)[0]
-        diff = np.abs(_read_video(ref) - _read_video(out / f"samples/step-{STEPS}/prompt-{i}.mp4"))
-        assert diff.mean() < 0.5 and diff.max() <= 24, (diff.max(), diff.mean())
+        # against the lossless WebP preview's frames: H.264 turns a float difference of one LSB
+        # (CPU kernels may sum in another order in another process) into codec noise of dozens
         preview = Image.open(out / f"samples/step-{STEPS}/prompt-{i}.webp")
         assert preview.n_frames == 9 and preview.size == (32, 32)
+        frames = []
+        for k in range(preview.n_frames):
+            preview.seek(k)
+            frames.append(np.asarray(preview.convert("RGB"), dtype=np.int16))
+        diff = np.abs(np.stack(frames) - samples.to_uint8(got).astype(np.int16))
+        assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
 @pytest.mark.parametrize("which", ["flux_run", "ltx_run"])
