@@ -521,7 +521,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
 
     # ---- adapters + parallelism
     ad = dist.agree(adapters.prepare, comps, family, spec, env)
-    probe = lambda: largest_batch(units, entries, key_of, root, t.microBatchSize)  # noqa: E731
+    probe = lambda: largest_batch(report, units, entries, key_of, root, t.microBatchSize)  # noqa: E731
     lay = dist.agree(adapters.layout, ad, comps, family, spec, env, probe)
     lay = adapters.agreed(dist.all_gather(lay)) if env.world > 1 else lay
     dist.agree(adapters.parallelize, ad, comps, family, spec, env, lay)
