@@ -198,3 +198,17 @@ def test_the_measured_batch_is_the_largest_bucket_with_its_longest_caption(tmp_p
         cache.save_entry(tmp_path, key_of[e], {"latents": torch.full((1,), float(i))})
     batch = largest_batch(SimpleNamespace(items=items), units, entries, key_of, tmp_path, micro=3)
     assert batch["latents"].tolist() == [[2.0]] * 3   # (1, 1): 64x96, the longer caption, stacked 3 times
+
+
+def test_the_predicted_peak_is_exported_beside_the_measured_one_and_the_progress_line_shows_the_peak():
+    from prometheus_client import generate_latest
+
+    from kubelora_trainer.metrics import TrainerMetrics
+    from kubelora_trainer.progress import Progress, line
+    m = TrainerMetrics("job", "team")
+    m.memory_plan(5 * 2**30)
+    text = generate_latest(m.registry).decode()
+    assert 'kubelora_trainer_gpu_memory_bytes{kind="plan_predicted_peak",ltj="job",namespace="team"} 5.36870912e+09' \
+        in text, text
+    p = Progress(phase="Training", step=3, totalSteps=10, gpuPeakGiB=41.25)
+    assert line(p, 1e-4).endswith("| peak 41.2 GiB | eta ?"), line(p, 1e-4)
