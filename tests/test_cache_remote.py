@@ -118,3 +118,50 @@ def test_a_second_job_on_another_node_pulls_the_cache_and_loads_no_encoder(s3, t
     assert m["dataset"]["usable"] == 3 and m["dataset"]["unreadable"] == 1
     assert (m["cache"]["pulled"], m["cache"]["probesPulled"], m["cache"]["encoded"], m["cache"]["pushed"]) == (3, 4, 0, 0)
     assert m["cache"]["pulledBytes"] == stats["pushedBytes"] and m["cache"]["pullFailed"] == 0
+
+
+def test_two_nodes_pull_the_shared_cache_once_between_them_and_encode_nothing(s3, tmp_path, tiny_flux_dir,
+                                                                             monkeypatch, capsys):
+    """Job A (one process) pushes; job B runs on two fresh nodes (two torchrun launchers, each with
+    its own cache folder): the ranks split the pulls, the exchange gives each node the other's
+    share, nothing is encoded and no encoder is loaded on either node."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from kubelora_trainer.dist import _free_port
+    storage.ensure_bucket(s3, "shared-two")
+    monkeypatch.setenv("KUBELORA_METRICS_PORT", "0")
+    data = _images(tmp_path / "data", 4)
+    uri = "s3://shared-two/flux"
+    monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "pool-a"))
+    a, _ = _counted_run(_spec(tiny_flux_dir, data, tmp_path / "out-a", resolutions=[32], cacheUri=uri),
+                        monkeypatch, capsys)
+    assert a["encode"] == 4
+
+    job = tmp_path / "b.yaml"
+    job.write_text(yaml.safe_dump(_spec(tiny_flux_dir, data, tmp_path / "out-b", resolutions=[32], cacheUri=uri)
+                                  .model_dump(mode="json", exclude_none=True)))
+    port = _free_port()
+    procs = []
+    for node in range(2):
+        env = {**os.environ, **s3.env, "KUBELORA_CACHE_DIR": str(tmp_path / f"b-node{node}"),
+               "KUBELORA_METRICS_PORT": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "kubelora_trainer", "launch", "--nnodes=2", f"--node-rank={node}",
+             "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+             "-m", "kubelora_trainer", "run", "--spec", str(job)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+    log = outs[0][0]
+    assert "4 entries: 0 cached, 4 pulled from dataset.cacheUri, 0 to encode; the VAE and text encoders are not " \
+           "loaded" in log, log
+    m = json.loads((tmp_path / "out-b" / "manifest.json").read_text())["cache"]
+    assert (m["pulled"], m["encoded"], m["pushed"], m["pullFailed"]) == (4, 0, 0, 0), m
+    assert m["copiedBetweenNodes"] == 4, m     # each node pulled its half and received the other's
+    held = [sorted(f.name for f in (tmp_path / f"b-node{n}" / "latents").glob("*.pt")) for n in range(2)]
+    assert len(held[0]) == 4 and held[0] == held[1]

@@ -46,6 +46,9 @@ def test_replicated_ranks_send_only_the_adapters_gradients(results):
     assert rep["step_bytes"] <= 1.1 * rep["grad_bytes"], rep["step_bytes"]
     # FSDP2 gathers the frozen bf16 base in the forward and again in the backward
     assert shard["step_bytes"] > 3 * rep["step_bytes"], (shard["step_bytes"], rep["step_bytes"])
+    # the forward gathers the root and every block; the backward every block again but the last
+    # (kept gathered: it runs first) and the root (FSDP2 keeps the root gathered)
+    assert shard["step_gathers"] == 2 * shard["blocks"], shard
 
 
 def test_lora_dropout_masks_differ_per_rank(results):

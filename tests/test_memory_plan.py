@@ -182,3 +182,33 @@ def test_a_gpu_out_of_memory_names_the_settings_that_lower_a_step_and_is_not_ret
     assert "gradientCheckpointing" not in msg and "transformerDtype" not in msg and "cpuOffload" not in msg
     assert msg.endswith("Lower what a step needs: a smaller dataset.resolution")
     assert exits.BAD_INPUT == 2
+
+
+def test_the_measured_batch_is_the_largest_bucket_with_its_longest_caption(tmp_path):
+    from types import SimpleNamespace
+
+    from kubelora_trainer import buckets as bk
+    from kubelora_trainer import cache
+    from kubelora_trainer.dataset_phase import largest_batch
+    items = [SimpleNamespace(variants=("a cat",)), SimpleNamespace(variants=("a dog", "a dog on a long red sofa"))]
+    units = [bk.Unit(0, (64, 64, 1), 0, 0.0), bk.Unit(1, (64, 96, 1), 0, 0.0), bk.Unit(0, (32, 32, 1), 0, 0.0)]
+    entries = [(0, 0), (1, 0), (1, 1), (1, -1), (2, 0)]
+    key_of = {e: f"k{i}" for i, e in enumerate(entries)}
+    for i, e in enumerate(entries):
+        cache.save_entry(tmp_path, key_of[e], {"latents": torch.full((1,), float(i))})
+    batch = largest_batch(SimpleNamespace(items=items), units, entries, key_of, tmp_path, micro=3)
+    assert batch["latents"].tolist() == [[2.0]] * 3   # (1, 1): 64x96, the longer caption, stacked 3 times
+
+
+def test_the_predicted_peak_is_exported_beside_the_measured_one_and_the_progress_line_shows_the_peak():
+    from prometheus_client import generate_latest
+
+    from kubelora_trainer.metrics import TrainerMetrics
+    from kubelora_trainer.progress import Progress, line
+    m = TrainerMetrics("job", "team")
+    m.memory_plan(5 * 2**30)
+    text = generate_latest(m.registry).decode()
+    assert 'kubelora_trainer_gpu_memory_bytes{kind="plan_predicted_peak",ltj="job",namespace="team"} 5.36870912e+09' \
+        in text, text
+    p = Progress(phase="Training", step=3, totalSteps=10, gpuPeakGiB=41.25)
+    assert line(p, 1e-4).endswith("| peak 41.2 GiB | eta ?"), line(p, 1e-4)

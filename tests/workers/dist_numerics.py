@@ -52,7 +52,7 @@ def count_collective_bytes():
     """Wrap torch.distributed's tensor collectives (FSDP2 calls them through the module too) to
     count the bytes this rank sends: the input tensor of each call."""
     import torch.distributed as tdist
-    sent = [0]
+    sent = [0, 0]   # bytes, all-gather calls
 
     def wrap(name, arg):
         real = getattr(tdist, name)
@@ -61,6 +61,7 @@ def count_collective_bytes():
             t = args[arg] if len(args) > arg else None
             if isinstance(t, torch.Tensor):
                 sent[0] += t.numel() * t.element_size()
+            sent[1] += "all_gather" in name
             return real(*args, **kwargs)
         setattr(tdist, name, counted)
     for name, arg in (("all_reduce", 0), ("all_gather_into_tensor", 1), ("reduce_scatter_tensor", 1),
@@ -84,7 +85,9 @@ def main(out_path: str, sharding: str, float8: bool = False, offload: bool = Fal
     loss.backward()
     ad.sync.after_backward()
     opt.step()
-    step_bytes = sent[0]
+    step_bytes, step_gathers = sent
+    from kubelora_trainer.models.flux.family import FAMILY
+    blocks = sum(len(b) for b in FAMILY.blocks("transformer", model))
     grad_bytes = sum(p.numel() * 4 for p in ad.params)  # fp32 LoRA, whole (unsharded) sizes
     with torch.no_grad(), ad.compute():
         out = model(**inputs())[0].float()
@@ -95,7 +98,7 @@ def main(out_path: str, sharding: str, float8: bool = False, offload: bool = Fal
     if env.is_main:
         with open(out_path, "w") as f:
             json.dump({"out": out.flatten().tolist(), "dropout_outs": gathered, "step_bytes": step_bytes,
-                       "grad_bytes": grad_bytes}, f)
+                       "grad_bytes": grad_bytes, "step_gathers": step_gathers, "blocks": blocks}, f)
     dist.close()
 
 

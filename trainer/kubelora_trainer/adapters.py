@@ -101,6 +101,8 @@ def layout(ad: Adapters, comps: Components, family, spec, env: dist.DistEnv,
         return Layout(sharding, {})
     modules = {n: family.blocks(c, comps.trainable[c])[j][i] for n, (c, j, i) in names.items()}
     params = [p for m in comps.trainable.values() for p in m.parameters()]
+    for m in comps.trainable.values():
+        m.train()  # as in training: dropout saves its masks
     profile = memory_plan.measure(lambda: _probe_forward(comps, family, spec, env, probe()), modules, params)
     trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)

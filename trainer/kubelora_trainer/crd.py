@@ -94,7 +94,7 @@ STATUS_SCHEMA = {
                                                               "again at the next sync."},
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
-        "progress": {"type": "object", "description": "step, totalSteps, epoch, loss, samplesPerSecond, eta; samples (files written) and sampleStep with spec.samples.",
+        "progress": {"type": "object", "description": "step, totalSteps, epoch, loss, samplesPerSecond, eta; samples (files written) and sampleStep with spec.samples; gpuPeakGiB on GPUs.",
                      "x-kubernetes-preserve-unknown-fields": True},
         "artifacts": {"type": "array", "description": "Uploaded files: uri, format (report: report.html), sha256.",
                       "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},

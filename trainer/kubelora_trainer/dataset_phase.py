@@ -25,12 +25,16 @@ def sample_entries(report: ScanReport, units: list[bk.Unit]) -> list[tuple[int, 
     return entries + [(n, -1) for n, u in enumerate(units) if report.items[u.item].dropout > 0]
 
 
-def largest_batch(units: list[bk.Unit], entries: list[tuple[int, int]], key_of: dict, root: Path,
-                  micro: int) -> dict:
-    """A micro-batch of the largest bucket's first sample (the most tokens a step sees), for the
-    memory plan's measured forward."""
-    biggest = max(entries, key=lambda s: math.prod(units[s[0]].bucket))
-    return cache.stack([cache.load_entry(root, key_of[biggest])] * micro)
+def largest_batch(report: ScanReport, units: list[bk.Unit], entries: list[tuple[int, int]], key_of: dict,
+                  root: Path, micro: int) -> dict:
+    """A micro-batch of the largest sample a step sees, for the memory plan's measured forward:
+    the largest bucket, and in it the longest caption (families that trim text padding per batch
+    run longer sequences for it)."""
+    def size(s: tuple[int, int]) -> tuple[int, int]:
+        unit, variant = s
+        caption = report.items[units[unit].item].variants[variant] if variant >= 0 else ""
+        return math.prod(units[unit].bucket), len(caption)
+    return cache.stack([cache.load_entry(root, key_of[max(entries, key=size)])] * micro)
 
 
 def entry_keys(report: ScanReport, units: list[bk.Unit], entries, digests: list[str], inputs: dict) -> list[str]:

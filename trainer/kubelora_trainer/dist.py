@@ -107,7 +107,8 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
     (wrapping each block, or one block in checkpoint_every of each list, or the blocks named in
     recompute as (list index, block index), so recomputation sees the inputs FSDP already cast),
     regional compile,
-    then, when sharding is 'shard', FSDP2 with one group per block plus the root (with offload, its
+    then, when sharding is 'shard', FSDP2 with one group per block plus the root (the last block,
+    which the backward needs first, not resharded after the forward; with offload, its
     CPUOffloadPolicy: the sharded weights, gradients and optimizer state stay in CPU memory and each
     block's weights are copied to the device for its forward and backward; fully_shard moves one
     block at a time to the device and back, so the model is never whole on the device). A replicated or
@@ -145,9 +146,12 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
 
         mp = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
         off = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+        last = block_lists[-1][-1] if block_lists and len(block_lists[-1]) else None
         for blocks in block_lists:
             for block in blocks:
-                fully_shard(block, mp_policy=mp, offload_policy=off)
+                # the block that runs last in the forward is the first the backward needs: kept
+                # gathered instead of resharded and gathered again at once (as torchtitan does)
+                fully_shard(block, mp_policy=mp, offload_policy=off, reshard_after_forward=block is not last)
         fully_shard(model, mp_policy=mp, offload_policy=off)
     device_type = device_type or next(model.parameters()).device.type  # offloaded weights sit on the CPU
     return compute_context(device_type, compute_dtype)

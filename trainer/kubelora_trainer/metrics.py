@@ -299,6 +299,11 @@ class TrainerMetrics:
                             ("peak_allocated", torch.cuda.max_memory_allocated(device))):
             self._gpu.labels(*self.labels, kind).set(value)
 
+    def memory_plan(self, predicted_peak: int) -> None:
+        """The memory plan's predicted peak (training.gradientCheckpointing unset), beside the
+        allocator's measured one: kind="plan_predicted_peak"."""
+        self._gpu.labels(*self.labels, "plan_predicted_peak").set(predicted_peak)
+
     def names(self) -> set[str]:
         return sample_names(self.registry)
 

@@ -34,6 +34,7 @@ class Progress:
     mfu: Optional[float] = None              # model FLOPs utilisation on GPUs with a known peak
     eta: Optional[str] = None
     resumedFrom: Optional[int] = None   # the checkpoint step this run continued from
+    gpuPeakGiB: Optional[float] = None  # the GPU memory peak so far (torch's allocator, rank 0)
     samples: Optional[int] = None       # sample files written so far (spec.samples)
     sampleStep: Optional[int] = None    # the last step that sampled
 
@@ -63,6 +64,8 @@ def line(p: Progress, lr: float) -> str:
         parts.append(f"{p.tokensPerSecond:,.0f} tokens/s")
     if p.mfu is not None:
         parts.append(f"MFU {100 * p.mfu:.1f}%")
+    if p.gpuPeakGiB is not None:
+        parts.append(f"peak {p.gpuPeakGiB:.1f} GiB")
     parts.append(f"eta {p.eta or '?'}")
     return "[train] " + " | ".join(parts)
 

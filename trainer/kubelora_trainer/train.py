@@ -312,6 +312,8 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                 prog.step, prog.epoch, prog.loss = step, epoch, mean
                 prog.samplesPerSecond, prog.eta = sps, format_eta(eta)
                 prog.tokensPerSecond, prog.mfu = tps, mfu
+                if env.device.type == "cuda":
+                    prog.gpuPeakGiB = round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2)
                 log(env, line(prog, lr_used))
                 tr.publish(prog)
             if tr.sampling is not None:
@@ -521,10 +523,12 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
 
     # ---- adapters + parallelism
     ad = dist.agree(adapters.prepare, comps, family, spec, env)
-    probe = lambda: largest_batch(units, entries, key_of, root, t.microBatchSize)  # noqa: E731
+    probe = lambda: largest_batch(report, units, entries, key_of, root, t.microBatchSize)  # noqa: E731
     lay = dist.agree(adapters.layout, ad, comps, family, spec, env, probe)
     lay = adapters.agreed(dist.all_gather(lay)) if env.world > 1 else lay
     dist.agree(adapters.parallelize, ad, comps, family, spec, env, lay)
+    if ad.memory:
+        m.memory_plan(ad.memory["predictedPeakBytes"])
     opt = torch.optim.AdamW(ad.groups, lr=t.learningRate, betas=t.betas, eps=t.epsilon, weight_decay=t.weightDecay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, t.warmupSteps, t.steps, t.lrScheduler))
     log(env, f"[model] full fine-tune of {next(iter(comps.trainable))}: {ad.n_trainable:,} trainable parameters"
