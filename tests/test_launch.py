@@ -23,6 +23,31 @@ def test_exit_code_and_root_cause_from_the_workers_records():
     assert exit_code(1, peers[:1] + [{"rank": 1, "code": 1, "message": "boom"}]) == 1   # a crash is a crash
 
 
+def test_the_rendezvous_is_read_from_torchrun_s_arguments():
+    from kubelora_trainer.command import launcher_args
+    from kubelora_trainer.launch import rendezvous_of
+    assert rendezvous_of(launcher_args(2, 8, 1, "job-0.job-workers", 29500, "/s.yaml")) == (1, "job-0.job-workers", 29500)
+    assert rendezvous_of(["--node-rank", "3", "--master-addr", "h", "--master-port", "1", "-m", "x"]) == (3, "h", 1)
+    assert rendezvous_of(["--standalone", "--nproc-per-node=2", "-m", "kubelora_trainer", "--node-rank=1"]) is None
+
+
+def test_a_stopped_node_waits_until_node_0_s_store_has_closed():
+    """A replacement pod must not meet the old run's store, so a node > 0 that stopped with a
+    checkpoint ends only when node 0's port no longer answers (here a real listening socket)."""
+    import socket
+    import threading
+    import time
+
+    from kubelora_trainer.launch import wait_until_closed
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    t0 = time.monotonic()
+    assert wait_until_closed("127.0.0.1", port, 0.6) is False          # still open: gives up at the deadline
+    assert time.monotonic() - t0 >= 0.6
+    threading.Timer(0.5, server.close).start()
+    assert wait_until_closed("127.0.0.1", port, 30) is True            # closed: returns at once after
+
+
 def test_the_trainer_and_the_operator_agree_on_the_exit_codes():
     from kubelora_operator import manifests
     from kubelora_trainer import exits

@@ -88,7 +88,7 @@ def test_a_preempted_node_resumes_without_a_gang_restart_or_the_backoff_budget(k
     job_runner.grace_seconds = 120  # the pods' terminationGracePeriodSeconds (the runner caps it at 3 s)
     kubectl("apply", "-f", CRD_FILE, check=True)
     with operator():
-        m = manifest("preempt", resources__nodes=2, runPolicy__backoffLimit=1,
+        m = manifest("preempt", resources__nodes=2, runPolicy__backoffLimit=1, training__steps=16,
                      output__uri="s3://kubelora-demo/outputs/preempt")
         assert apply(kubectl, m).returncode == 0
         wait_for(lambda: ((_status(kube, "preempt").get("progress") or {}).get("step") or 0) >= 3, timeout=600)

@@ -11,7 +11,10 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, peft, diffusers; print(torch.__version__, peft.__version__, diffusers.__version__)" | tee -a "$OUT/gpu.txt"
-CASES=${CASES:-"kubelora:flux:compile_nogc_fp8t kubelora:flux:compile_nogc kubelora:flux:compile_gc_fp8 kubelora:hunyuan:compile_gc stock:hunyuan:hy_bf16_compile kubelora:hunyuan:compile_gc_fp8t"}
+# the next run's questions (docs/benchmarks.md): the memory plan on HunyuanVideo bf16 (partial
+# recompute against the stock stack's full one) and fp8 with checkpointing eager vs compiled
+# (the fp8 memory anomaly); about 2 minutes a case
+CASES=${CASES:-"kubelora:hunyuan:compile_auto kubelora:hunyuan:eager_gc_fp8 kubelora:hunyuan:compile_gc_fp8 kubelora:flux:compile_auto_fp8"}
 for c in $CASES; do
   IFS=: read -r runner model mode <<<"$c"
   log="/tmp/${runner}_${model}_${mode}.err"

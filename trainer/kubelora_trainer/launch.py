@@ -85,7 +85,55 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
         cause = root_cause(records) or f"torchrun exited with code {rc}"
         print(f"[error] {cause}", file=sys.stderr, flush=True)
         _termination_message(cause)
+    rdzv = rendezvous_of(torchrun_args)
+    if (code > 128 or code == PEER_STOPPED) and rdzv and rdzv[0] > 0:
+        # stopped with a checkpoint, and this pod will be replaced at once: its replacement must
+        # not meet node 0's old store (still open while node 0 writes the checkpoint's marker) and
+        # wait there for a run that is over, so this pod ends only once that store has closed
+        import time
+        t0, limit = time.monotonic(), float(os.environ.get(MASTER_WAIT_ENV, "60"))
+        closed = wait_until_closed(rdzv[1], rdzv[2], limit)
+        print(f"[launch] node 0's rendezvous {rdzv[1]}:{rdzv[2]} " + (f"closed after {time.monotonic() - t0:.1f} s"
+              if closed else f"still open after {limit:.0f} s") + "; this node's pod ends now", file=sys.stderr,
+              flush=True)
     return code
+
+
+MASTER_WAIT_ENV = "KUBELORA_MASTER_CLOSE_WAIT_SECONDS"
+
+
+def rendezvous_of(torchrun_args: list[str]) -> tuple[int, str, int] | None:
+    """(node rank, master address, master port) from torchrun's arguments (--k=v or --k v), when
+    all three are there. Pure."""
+    found, i = {}, 0
+    while i < len(torchrun_args):
+        a = torchrun_args[i]
+        if a in ("-m", "--module") or not a.startswith("--"):
+            break  # the worker's own arguments follow
+        key, eq, value = a.partition("=")
+        if not eq and i + 1 < len(torchrun_args):
+            value, i = torchrun_args[i + 1], i + 1
+        found[key.replace("_", "-")] = value
+        i += 1
+    try:
+        return int(found["--node-rank"]), found["--master-addr"], int(found["--master-port"])
+    except (KeyError, ValueError):
+        return None
+
+
+def wait_until_closed(addr: str, port: int, seconds: float) -> bool:
+    """Wait (at most seconds) until nothing accepts connections at addr:port; True once closed."""
+    import socket
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((addr, port), timeout=1.0):
+                pass
+        except OSError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _reap(pgid: int) -> None:
