@@ -212,3 +212,16 @@ def test_the_predicted_peak_is_exported_beside_the_measured_one_and_the_progress
         in text, text
     p = Progress(phase="Training", step=3, totalSteps=10, gpuPeakGiB=41.25)
     assert line(p, 1e-4).endswith("| peak 41.2 GiB | eta ?"), line(p, 1e-4)
+
+
+def test_auto_sharding_replicates_whenever_the_plan_fits_and_shards_when_only_that_comes_closer(monkeypatch):
+    """training.sharding auto with checkpointing unset, on 2 ranks (layout runs no collective):
+    replicated when the measured plan fits, sharded when nothing fits and sharding needs less."""
+    from kubelora_trainer.models.flux.family import FAMILY
+    two = dist.DistEnv(0, 2, 0, CPU)
+    for budget, want in (("1000", "replicate"), ("0.000001", "shard")):
+        monkeypatch.setenv(memory_plan.BUDGET_ENV, budget)
+        comps, spec = _flux()
+        ad = adapters.prepare(comps, FAMILY, spec, two)
+        lay = adapters.layout(ad, comps, FAMILY, spec, two, probe=_batch)
+        assert lay.sharding == want and lay.memory["fits"] == (want == "replicate"), (budget, lay)

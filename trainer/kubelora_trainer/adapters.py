@@ -113,10 +113,13 @@ def layout(ad: Adapters, comps: Components, family, spec, env: dist.DistEnv,
                                         largest_block=largest, offload=t.cpuOffload)
 
     plan = memory_plan.plan(profile, static(sharding), budget)
-    if not plan.fits and sharding == "replicate" and t.sharding == "auto":
+    if t.sharding == "auto" and env.world > 1:
+        # measured, not the half-a-GPU rule: replicate (no weight traffic) whenever it fits, else
+        # shard when that fits or comes closer
+        replicated = memory_plan.plan(profile, static("replicate"), budget)
         sharded = memory_plan.plan(profile, static("shard"), budget)
-        if sharded.peak < plan.peak:
-            sharding, plan = "shard", sharded
+        sharding, plan = (("replicate", replicated) if replicated.fits or replicated.peak <= sharded.peak
+                          else ("shard", sharded))
     memory = {"recomputedBlocks": len(plan.recomputed), "blocks": len(names), "fits": plan.fits,
               "predictedPeakGiB": round(plan.peak / memory_plan.GiB, 2), "predictedPeakBytes": plan.peak,
               "budgetGiB": round(plan.budget / memory_plan.GiB, 2),

@@ -333,7 +333,9 @@ class TrainingSpec(_Model):
                                     "the adapters' gradients travel (one all-reduce per optimizer step); shard: FSDP2 "
                                     "splits every weight across ranks and gathers each block's weights in every "
                                     "forward and backward (for bases that do not fit one GPU). auto: replicate when "
-                                    "the weights take at most half of one GPU's memory, else shard.")
+                                    "the weights take at most half of one GPU's memory, else shard; with "
+                                    "training.gradientCheckpointing unset, replicate whenever the memory plan fits "
+                                    "it, else shard.")
     cpuOffload: bool = Field(
         default=False,
         description="Keep the trained model's weights (and their gradients and optimizer state) in CPU memory and "
