@@ -29,6 +29,7 @@ def test_the_rendezvous_is_read_from_torchrun_s_arguments():
     assert rendezvous_of(launcher_args(2, 8, 1, "job-0.job-workers", 29500, "/s.yaml")) == (1, "job-0.job-workers", 29500)
     assert rendezvous_of(["--node-rank", "3", "--master-addr", "h", "--master-port", "1", "-m", "x"]) == (3, "h", 1)
     assert rendezvous_of(["--standalone", "--nproc-per-node=2", "-m", "kubelora_trainer", "--node-rank=1"]) is None
+    assert rendezvous_of(["--standalone", "--node-rank=2", "--master-addr=a", "--master-port=9"]) == (2, "a", 9)
 
 
 def test_a_stopped_node_waits_until_node_0_s_store_has_closed():

@@ -81,10 +81,6 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
     records = read_records(folder)
     shutil.rmtree(folder, ignore_errors=True)
     code = exit_code(rc, records)
-    if code != 0:
-        cause = root_cause(records) or f"torchrun exited with code {rc}"
-        print(f"[error] {cause}", file=sys.stderr, flush=True)
-        _termination_message(cause)
     rdzv = rendezvous_of(torchrun_args)
     if (code > 128 or code == PEER_STOPPED) and rdzv and rdzv[0] > 0:
         # stopped with a checkpoint, and this pod will be replaced at once: its replacement must
@@ -96,6 +92,10 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
         print(f"[launch] node 0's rendezvous {rdzv[1]}:{rdzv[2]} " + (f"closed after {time.monotonic() - t0:.1f} s"
               if closed else f"still open after {limit:.0f} s") + "; this node's pod ends now", file=sys.stderr,
               flush=True)
+    if code != 0:  # the root cause, once, last
+        cause = root_cause(records) or f"torchrun exited with code {rc}"
+        print(f"[error] {cause}", file=sys.stderr, flush=True)
+        _termination_message(cause)
     return code
 
 
@@ -111,8 +111,8 @@ def rendezvous_of(torchrun_args: list[str]) -> tuple[int, str, int] | None:
         if a in ("-m", "--module") or not a.startswith("--"):
             break  # the worker's own arguments follow
         key, eq, value = a.partition("=")
-        if not eq and i + 1 < len(torchrun_args):
-            value, i = torchrun_args[i + 1], i + 1
+        if not eq and i + 1 < len(torchrun_args) and not torchrun_args[i + 1].startswith("-"):
+            value, i = torchrun_args[i + 1], i + 1  # "--k v"; a flag alone ("--standalone") takes none
         found[key.replace("_", "-")] = value
         i += 1
     try:
