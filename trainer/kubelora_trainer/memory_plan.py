@@ -111,8 +111,9 @@ def measure(forward: Callable[[], object], blocks: dict[str, torch.nn.Module],
             params: list[torch.Tensor]) -> Profile:
     """Run forward() once (with gradients on) and count what it saves for backward, by block.
     blocks: name -> module, the units checkpointing may wrap. Tensors saved inside a block are held
-    only until the block returns (to tell their storages apart), so the forward needs no more
-    memory than one block's activations beyond inference."""
+    only until the block returns, and the blocks' inputs to the end (to tell storages apart by
+    address), so the forward needs no more than one block's activations beyond what a fully
+    checkpointed step keeps."""
     param_keys = {_storage_key(p)[:2] for p in params}
     names = {id(m): n for n, m in blocks.items()}
     outside: dict[tuple, torch.Tensor] = {}
@@ -121,6 +122,7 @@ def measure(forward: Callable[[], object], blocks: dict[str, torch.nn.Module],
     carried: dict[str, set] = {}
     saved_inputs: dict[str, set] = {}
     cur: dict = {"name": None, "saved": {}, "inputs": {}}
+    held: list = []
 
     def pack(t: torch.Tensor):
         k = _storage_key(t)
@@ -133,6 +135,9 @@ def measure(forward: Callable[[], object], blocks: dict[str, torch.nn.Module],
 
     def pre(module, args, kwargs):
         tensors = _tensors((args, kwargs))
+        # every block's inputs stay alive to the end (as a fully checkpointed step keeps them), so
+        # no later tensor takes their address and passes for an input shared between blocks
+        held.append(tensors)
         cur.update(name=names[id(module)], saved={}, inputs={_storage_key(t): _storage_key(t)[2] for t in tensors})
 
     def post(module, args, kwargs, out):
