@@ -418,8 +418,9 @@ def test_blocks_attend_without_a_mask_when_every_text_position_is_a_caption_toke
         tr.requires_grad_(False)
         lora_like = tr.transformer_blocks[0].attn.to_q.weight   # a weight to train, so blocks recompute
         lora_like.requires_grad_(True)
-        dist.parallelize(tr, FAMILY.blocks("transformer", tr), sharding="none", compute_dtype=torch.float32,
-                         checkpointing=True)
+        lists = FAMILY.blocks("transformer", tr)
+        dist.parallelize(tr, lists, sharding="none", compute_dtype=torch.float32,
+                         recompute={(j, i) for j, blocks in enumerate(lists) for i in range(len(blocks))})
         batch = {"latents": p["hidden_states"], "prompt_embeds": p["encoder_hidden_states"], "prompt_mask": mask,
                  "pooled": p["pooled_projections"]}
         comps = Components(trainable={"transformer": tr}, info={"guidance_embeds": True})

@@ -181,7 +181,24 @@ def test_a_gpu_out_of_memory_names_the_settings_that_lower_a_step_and_is_not_ret
     msg = train.out_of_memory(err, lean)
     assert "gradientCheckpointing" not in msg and "transformerDtype" not in msg and "cpuOffload" not in msg
     assert msg.endswith("Lower what a step needs: a smaller dataset.resolution")
-    assert exits.BAD_INPUT == 2
+
+
+def test_an_out_of_memory_run_exits_2_with_the_message_once(monkeypatch, capsys):
+    """train.run's handling, with the GPU's error raised where a step would raise it (no GPU here)."""
+    from conftest import one_rank_env
+    from kubelora_trainer import exits, train
+    one_rank_env(monkeypatch)
+    monkeypatch.setenv("KUBELORA_METRICS_PORT", "0")
+    monkeypatch.delenv(exits.EXIT_DIR_ENV, raising=False)
+
+    def oom(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "_run", oom)
+    spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},
+                       "output": {"uri": "/o"}})
+    assert train.run(spec, "oom") == exits.BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.count("the GPU ran out of memory") == 1 and err.strip().splitlines()[-1].startswith("[error] "), err
 
 
 def test_the_measured_batch_is_the_largest_bucket_with_its_longest_caption(tmp_path):

@@ -84,11 +84,8 @@ def layout(ad: Adapters, comps: Components, family, spec, env: dist.DistEnv,
     or planned from a measured forward of probe() when training.gradientCheckpointing is unset and
     a memory budget is known). No collectives: train.run agrees between ranks (agreed)."""
     t = spec.training
-    full = spec.adapter.type == "full"
-    # a full fine-tune holds fp32 weights, their gradients and two AdamW moments: 4x the weights
-    need = weight_bytes(comps.trainable.values()) * (4 if full else 1)
     total = device_memory(env.device)
-    sharding = dist.choose_sharding(t.sharding, env.world, need, total, offload=t.cpuOffload)
+    sharding = dist.choose_sharding(t.sharding, env.world, held_bytes(comps, spec), total, offload=t.cpuOffload)
     names = block_names(comps, family)
     if t.gradientCheckpointing is not None or probe is None or t.cpuOffload:
         # offloaded (unset): every block, as the model is never whole on the device to measure it
@@ -157,7 +154,6 @@ def _probe_forward(comps: Components, family, spec, env: dist.DistEnv, batch: di
 def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEnv, lay: Layout) -> Adapters:
     """Checkpointing, compile and FSDP2 as the layout says; optimizer groups; gradient exchange."""
     t = spec.training
-    need = weight_bytes(comps.trainable.values()) * (4 if spec.adapter.type == "full" else 1)
     out.memory = lay.memory
     if env.is_main and lay.memory:
         print(f"[memory] training.gradientCheckpointing unset: {lay.memory['text']}", flush=True)
@@ -166,7 +162,7 @@ def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEn
                   "set training.cpuOffload: true, or lower training.microBatchSize or the dataset's resolution "
                   "or frames", flush=True)
     if env.is_main and t.cpuOffload:
-        print(f"[model] cpuOffload: {need / 2**30:.2f} GiB of weights kept in CPU memory (FSDP2 CPUOffloadPolicy), "
+        print(f"[model] cpuOffload: {held_bytes(comps, spec) / 2**30:.2f} GiB of weights kept in CPU memory (FSDP2 CPUOffloadPolicy), "
               f"each block copied to {env.device.type} for its forward and backward", flush=True)
     elif env.is_main and env.world > 1:
         print(f"[model] {lay.sharding}: " + ("a full copy of the model on every rank; only the adapters' gradients "
@@ -199,6 +195,12 @@ def train_all(module) -> int:
     for p in module.parameters():
         p.data = p.data.float()
     return sum(p.numel() for p in module.parameters())
+
+
+def held_bytes(comps: Components, spec) -> int:
+    """What the trained components hold: their weights, and for a full fine-tune also the fp32
+    gradients and two AdamW moments (4x the weights)."""
+    return weight_bytes(comps.trainable.values()) * (4 if spec.adapter.type == "full" else 1)
 
 
 def weight_bytes(modules) -> int:

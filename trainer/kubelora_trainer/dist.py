@@ -100,13 +100,11 @@ class GradSync:
 
 
 def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], *, sharding: str,
-                compute_dtype: torch.dtype, checkpointing: bool = False, checkpoint_every: int = 1,
-                recompute: set[tuple[int, int]] | None = None, compile_blocks: bool = False, offload: bool = False,
-                device_type: str | None = None):
+                compute_dtype: torch.dtype, recompute: set[tuple[int, int]] = frozenset(),
+                compile_blocks: bool = False, offload: bool = False, device_type: str | None = None):
     """Shared parallelism for every family, in torchtitan's order: activation checkpointing
-    (wrapping each block, or one block in checkpoint_every of each list, or the blocks named in
-    recompute as (list index, block index), so recomputation sees the inputs FSDP already cast),
-    regional compile,
+    (wrapping the blocks named in recompute as (list index, block index): adapters.layout chooses
+    them, so recomputation sees the inputs FSDP already cast), regional compile,
     then, when sharding is 'shard', FSDP2 with one group per block plus the root (the last block,
     which the backward needs first, not resharded after the forward; with offload, its
     CPUOffloadPolicy: the sharded weights, gradients and optimizer state stay in CPU memory and each
@@ -131,9 +129,6 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
         # varies (the family trims text padding per batch). Past the limit blocks fall back to
         # eager, slowly and only with a warning.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    if recompute is None:
-        recompute = {(j, i) for j, blocks in enumerate(block_lists) for i in range(len(blocks))
-                     if checkpointing and i % checkpoint_every == 0}
     for j, blocks in enumerate(block_lists):
         for i, block in enumerate(blocks):
             if (j, i) in recompute:
