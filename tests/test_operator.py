@@ -7,6 +7,7 @@ os.environ.setdefault("KUBELORA_RETRY_DELAY", "0.5")
 os.environ.setdefault("KUBELORA_STORAGE_STALL_SECONDS", "1")
 
 import copy  # noqa: E402
+import json  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -245,6 +246,59 @@ def test_a_job_deleted_by_hand_is_made_again_and_counted(cluster, kubectl):
     assert again["metadata"]["ownerReferences"][0]["uid"] == ltj(kube, "gone")["metadata"]["uid"]
     reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "gone"]
     assert "Recreated" in reasons, reasons
+
+
+def _pod_of(kubectl, job: dict, index: int, status: dict) -> None:
+    """A pod of the trainer Job, made by hand with the status a kubelet and the cluster's
+    controllers would give it (the emulator runs no kubelet here)."""
+    name = f"{job['metadata']['name']}-{index}-{job['metadata']['uid'][:5]}"
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "labels": {"batch.kubernetes.io/job-name": job["metadata"]["name"],
+                                                 "batch.kubernetes.io/job-completion-index": str(index)},
+                        "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
+                                             "uid": job["metadata"]["uid"], "controller": True}]},
+           "spec": {"containers": [{"name": "trainer", "image": "kubelora/trainer"}]}}
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(pod), check=True)
+    kubectl("patch", "pod", name, "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}),
+            check=True)
+
+
+def test_a_gang_restart_after_a_lost_node_is_not_counted_against_the_backoff_limit(cluster, kubectl):
+    """A node is lost under a 2-node run: the cluster marks its pod DisruptionTarget (the taint
+    manager, after the node's unreachable taint), which the Job's podFailurePolicy ignores, but the
+    peer fails in its collective (exit 1), which the Job counts. With runPolicy.backoffLimit 0 the
+    gang still restarts, not counted; the same failure without a disruption fails the run."""
+    kube = cluster
+    crashed = {"phase": "Failed", "containerStatuses": [
+        {"name": "trainer", "image": "kubelora/trainer", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}
+    lost = {"phase": "Running", "conditions": [
+        {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager",
+         "message": "Taint manager: deleting due to NoExecute taint"}]}
+    with operator():
+        assert apply(kubectl, manifest("lost", resources__nodes=2, runPolicy__backoffLimit=0)).returncode == 0
+        first = wait_for(lambda: kube.get("batch/v1/jobs", "default", "lost"), timeout=30)
+        wait_for(lambda: phase(kube, "lost") == "Pending", timeout=30)
+        _pod_of(kubectl, first, 1, lost)
+        _pod_of(kubectl, first, 0, crashed)
+        kubectl("patch", "job", "lost", "--subresource=status", "--type=merge",
+                "-p", '{"status":{"active":1,"failed":1}}', check=True)
+        again = wait_for(lambda: (kube.get("batch/v1/jobs", "default", "lost") or {}).get("metadata", {}).get("uid")
+                         not in (None, first["metadata"]["uid"]) and kube.get("batch/v1/jobs", "default", "lost"),
+                         timeout=60)
+        st = wait_for(lambda: not ltj(kube, "lost")["status"].get("restartPending") and ltj(kube, "lost")["status"],
+                      timeout=30)
+        assert st["restarts"] == 1 and st["disruptionRestarts"] == 1 and st["phase"] == "Pending", st
+        _pod_of(kubectl, again, 0, crashed)
+        kubectl("patch", "job", "lost", "--subresource=status", "--type=merge",
+                "-p", '{"status":{"active":1,"failed":1}}', check=True)
+        st = wait_for(lambda: phase(kube, "lost") == "Failed" and ltj(kube, "lost")["status"], timeout=60)
+    assert st["reason"] == "BackoffLimitExceeded" and "after 0 gang restart(s)" in st["message"], st
+    assert "exited with code 1" in st["message"], st
+    events = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "lost"]
+    restart = next(e["message"] for e in events if e["reason"] == "GangRestart")
+    assert "not counted against runPolicy.backoffLimit" in restart and "DeletionByTaintManager" in restart, restart
+    assert "exited with code 1" in restart, restart
 
 
 def test_the_job_is_read_with_its_own_credentials(cluster, kubectl, s3, monkeypatch):

@@ -191,6 +191,25 @@ def test_a_failed_pod_of_a_multi_node_run_restarts_the_whole_gang():
     assert st.gang_action(done, nodes=2, restarts=0, backoff_limit=2) is None       # FailJob (bad input): no restart
 
 
+def test_a_failure_after_a_disruption_restarts_the_gang_without_counting():
+    failed = {"status": {"active": 1, "failed": 1}}
+    lost = {"metadata": {"name": "ft-1-abc"}, "status": {"phase": "Running", "conditions": [
+        {"type": "Ready", "status": "False"},
+        {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager",
+         "message": "Taint manager: deleting due to NoExecute taint"}]}}
+    crashed = {"metadata": {"name": "ft-0-abc"}, "status": {"phase": "Failed"}}
+    why = st.disrupted([crashed, lost])
+    assert why == "pod ft-1-abc: DeletionByTaintManager: Taint manager: deleting due to NoExecute taint"
+    assert st.disrupted([crashed]) is None
+    assert st.disrupted([{"metadata": {"name": "p"}, "status": {"conditions": [
+        {"type": "DisruptionTarget", "status": "False"}]}}]) is None
+    assert st.gang_action(failed, nodes=2, restarts=2, backoff_limit=2, disruption=why) == "restart_uncounted"
+    assert st.gang_action(failed, nodes=2, restarts=2, backoff_limit=2, disruption=None) == "fail"
+    assert st.gang_action({"status": {"active": 2}}, nodes=2, restarts=0, backoff_limit=2, disruption=why) is None
+    assert st.counted_restarts({"restarts": 3, "disruptionRestarts": 2}) == 1
+    assert st.counted_restarts({}) == 0
+
+
 def test_status_progress_says_which_checkpoint_the_run_resumed_from():
     assert st.progress_summary({"step": 7, "totalSteps": 8, "resumedFrom": 6})["resumedFrom"] == 6
 

@@ -267,11 +267,11 @@ def _sync(body: dict, changes: Changes) -> None:
     job = kube.get_job(namespace, name)
     if job is None:
         return _recreate(body, changes, name, namespace, job_spec, previous)
-    action = st.gang_action(job, job_spec.resources.nodes, int(previous.get("restarts") or 0),
-                            job_spec.runPolicy.backoffLimit)
-    if action:
-        return _restart_gang(body, changes, name, namespace, job_spec, job, previous, action)
     pods = kube.job_pods(namespace, name) if st.needs_pods(job) else []
+    action = st.gang_action(job, job_spec.resources.nodes, st.counted_restarts(previous),
+                            job_spec.runPolicy.backoffLimit, st.disrupted(pods))
+    if action:
+        return _restart_gang(body, changes, name, namespace, job_spec, job, pods, previous, action)
     complete = any(c.get("type") == "Complete" and c.get("status") == "True"
                    for c in (job.get("status") or {}).get("conditions") or [])
     settings, error = _settings(job_spec, namespace)
@@ -316,24 +316,30 @@ def _storage_stall(obs: st.Observed, error: str | None, previous: dict, changes:
                        progress=obs.progress, artifacts=obs.artifacts)
 
 
-def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, previous, action) -> None:
+def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, previous, action) -> None:
     """A pod of a multi-node run failed: delete the whole Job (its pods go too) and make it again
     at the next sync, so every node starts together on a fresh rendezvous and resumes from the
-    newest checkpoint; or fail the run once runPolicy.backoffLimit restarts are spent."""
-    pods = kube.job_pods(namespace, name)
+    newest checkpoint; or fail the run once runPolicy.backoffLimit restarts are spent. A restart
+    after a disruption (a node lost or drained under the run) is not counted against the limit."""
     problem = st.pod_problem(pods)
     why = problem[1] if problem else f"{(job.get('status') or {}).get('failed')} pod(s) failed"
-    restarts = int(previous.get("restarts") or 0)
+    restarts, counted, limit = int(previous.get("restarts") or 0), st.counted_restarts(previous), job_spec.runPolicy.backoffLimit
     kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
     if action == "fail":
         _fail(body, changes, "BackoffLimitExceeded",
-              f"the run failed after {restarts} gang restart(s) (runPolicy.backoffLimit {job_spec.runPolicy.backoffLimit}): {why}")
+              f"the run failed after {counted} gang restart(s) (runPolicy.backoffLimit {limit}): {why}")
         return
     changes.status["restarts"] = restarts + 1
     changes.status["restartPending"] = True
+    nodes = job_spec.resources.nodes
+    if action == "restart_uncounted":
+        changes.status["disruptionRestarts"] = int(previous.get("disruptionRestarts") or 0) + 1
+        metrics.restarted("disruption")
+        changes.warn("GangRestart", f"{why}, after a disruption ({st.disrupted(pods)}); restarting all {nodes} "
+                                    f"nodes together, not counted against runPolicy.backoffLimit ({counted} of {limit} spent)")
+        return
     metrics.restarted("gang")
-    changes.warn("GangRestart", f"{why}; restarting all {job_spec.resources.nodes} nodes together "
-                                f"(restart {restarts + 1} of {job_spec.runPolicy.backoffLimit})")
+    changes.warn("GangRestart", f"{why}; restarting all {nodes} nodes together (restart {counted + 1} of {limit})")
 
 
 def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> None:

@@ -8,7 +8,9 @@
     kubelora_operator_jobs_failed_total{reason}            jobs the operator failed (InvalidSpec, ...)
     kubelora_operator_children_created_total{kind}         ConfigMaps, Services, Jobs created
     kubelora_operator_gang_restarts_total{reason}          runs restarted: `gang` (a failed pod of a
-                                                           multi-node run) or `job_missing` (the Job vanished)
+                                                           multi-node run), `disruption` (the same after a
+                                                           disruption, not counted against the backoff
+                                                           limit) or `job_missing` (the Job vanished)
 
 The job series are read at scrape time from the syncer's memory of the watch, so deleted jobs
 leave no series behind.

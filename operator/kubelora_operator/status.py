@@ -80,16 +80,40 @@ def unscheduled(pods: list[dict]) -> Optional[tuple[str, str]]:
     return None
 
 
-def gang_action(job: dict, nodes: int, restarts: int, backoff_limit: int) -> Optional[str]:
+def gang_action(job: dict, nodes: int, restarts: int, backoff_limit: int,
+                disruption: Optional[str] = None) -> Optional[str]:
     """What a pod failure of a multi-node run needs. The Job controller replaces only the failed
     index: its peers stay in their collectives (until the process-group timeout) and the new pod
     meets a stale rendezvous. So the whole gang is restarted ('restart': delete the Job, make it
-    again), or, past runPolicy.backoffLimit restarts, the run fails ('fail'). None: nothing to do
-    (one node, no failure, or the Job already failed by itself). Pure."""
+    again), or, past runPolicy.backoffLimit counted restarts, the run fails ('fail'). A failure that
+    follows a disruption of one of the run's pods (`disruption`, see `disrupted`: its node lost,
+    drained or preempted, while a peer failed in a collective rather than stopping with a
+    checkpoint) restarts without counting ('restart_uncounted'), as the Job's podFailurePolicy
+    ignores the disrupted pod itself. None: nothing to do (one node, no failure, or the Job already
+    failed by itself). Pure."""
     s = job.get("status") or {}
     if nodes < 2 or not s.get("failed") or _cond(job, "Failed") or _cond(job, "Complete"):
         return None
+    if disruption:
+        return "restart_uncounted"
     return "fail" if restarts >= backoff_limit else "restart"
+
+
+def counted_restarts(status: dict) -> int:
+    """Restarts spent from runPolicy.backoffLimit: all of them but those after a disruption. Pure."""
+    return int(status.get("restarts") or 0) - int(status.get("disruptionRestarts") or 0)
+
+
+def disrupted(pods: list[dict]) -> Optional[str]:
+    """'pod NAME: REASON: MESSAGE' for the first pod the cluster disrupted (condition
+    DisruptionTarget=True: preempted, evicted or drained, or deleted by the taint manager or pod GC
+    after its node was lost), None when none was. Pure."""
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "DisruptionTarget" and c.get("status") == "True":
+                detail = ": ".join(x for x in (c.get("reason"), c.get("message")) if x)
+                return f"pod {pod['metadata']['name']}" + (f": {detail}" if detail else " was disrupted")
+    return None
 
 
 def needs_pods(job: dict) -> bool:

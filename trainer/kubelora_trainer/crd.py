@@ -90,6 +90,10 @@ STATUS_SCHEMA = {
         "restarts": {"type": "integer", "description": "Times the trainer Job was made again: after a pod of a "
                                                         "multi-node run failed (the whole gang restarts) or after it "
                                                         "was gone before the run finished."},
+        "disruptionRestarts": {"type": "integer", "description": "Of the restarts, those after a disruption of one "
+                                                                  "of the run's pods (its node lost, drained or "
+                                                                  "preempted): not counted against "
+                                                                  "runPolicy.backoffLimit."},
         "restartPending": {"type": "boolean", "description": "The Job was deleted for a gang restart and is made "
                                                               "again at the next sync."},
         "startTime": {"type": "string", "format": "date-time"},
