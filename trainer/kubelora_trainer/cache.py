@@ -24,6 +24,7 @@ Pure planning (what to encode, who sends what in which round) is separate from t
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import queue
@@ -35,6 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from . import buckets as bk
+from . import disk
 from .families import PATH_FIELDS, RULES, frames_of, size_of
 
 CACHE_FORMAT = 5  # bump whenever what encode() writes for the same inputs changes (5: keyed by the encoders only)
@@ -144,19 +146,13 @@ def media_digest(path: Path, memo_root: Optional[Path] = None) -> str:
     digest = sha256_file(path)
     try:
         write_bytes_atomic(memo, json.dumps({"sig": sig, "at": at, "sha256": digest}).encode())
-    except OSError:
+    except (OSError, disk.NoRoom):
         pass  # a full or read-only cache volume: hashed again next time
     return digest
 
 
 # ---------------------------------------------------------------- files
 
-CACHE_ENV = "KUBELORA_CACHE_DIR"
-
-
-def cache_root() -> Path:
-    """The node's cache folder: $KUBELORA_CACHE_DIR (the pod's cache volume), else ~/.cache/kubelora."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kubelora")
 
 
 def entry_path(root: Path, key: str) -> Path:
@@ -174,18 +170,25 @@ def _tmp(path: Path) -> Path:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write to a temporary name, then rename: a reader sees the whole file or none. A failed
+    write leaves no temporary file (on a full volume it would hold space for good); a full volume
+    raises disk.NoRoom naming it and the fix."""
     tmp = _tmp(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise disk.no_room(e, path=path) or e from None
 
 
 def save_entry(root: Path, key: str, tensors: dict[str, torch.Tensor]) -> None:
-    path = entry_path(root, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    torch.save(tensors, tmp)
-    os.replace(tmp, path)
+    # serialised in memory first (an entry is one sample's latents): torch.save's own file writer
+    # reports a full disk as a RuntimeError without the errno
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    write_bytes_atomic(entry_path(root, key), buf.getvalue())
 
 
 def load_entry(root: Path, key: str) -> dict[str, torch.Tensor]:

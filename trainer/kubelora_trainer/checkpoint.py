@@ -15,6 +15,7 @@ Frozen base weights are never written (they come from the model files); a full f
 """
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import signal
@@ -103,7 +104,9 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
     dist.barrier()
     model_sd, optim_sd = get_state_dict(modules, opt, options=_options(strict=True))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
-    torch.save(loop_state, folder / f"rank-{env.rank}.pt")
+    buf = io.BytesIO()  # torch.save's file writer reports a full disk without the errno ("unexpected pos")
+    torch.save(loop_state, buf)
+    (folder / f"rank-{env.rank}.pt").write_bytes(buf.getvalue())
     dist.barrier()
     remote = f"{output_uri.rstrip('/')}/checkpoints/step-{step}/{STATE}"
     err = None

@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from . import cache, cache_remote, dist, masks, metrics
+from . import cache, cache_remote, disk, dist, masks, metrics
 from . import buckets as bk
-from .cache import cache_key, cache_root
+from .cache import cache_key
+from .disk import cache_root
 from .data import ScanReport, Skip, check_item, check_usable, decode_skip, is_environmental, load_unit, skipped_text
 from .dist import log
 from .families import RULES, areas_of, frame_buckets_of
@@ -132,7 +133,9 @@ def exchange(keys: list[str], env) -> int:
                         try:
                             cache.write_bytes_atomic(cache.entry_path(root, keys[i]), data)
                             received += 1
-                        except OSError as e:  # a full cache volume: every rank stops with this reason
+                        except disk.NoRoom as e:  # a full cache volume: every rank stops with this reason
+                            err = disk.NoRoom(f"cache exchange: {e}")
+                        except OSError as e:
                             err = RuntimeError(f"cache exchange: writing an entry to {root}: {e}")
                     have[i] = True
     dist.fail_together(err, "the cache exchange")  # also: every node's writer is done before any rank reads

@@ -175,19 +175,20 @@ class PeerFailed(RuntimeError):
 def agree(fn, *args, **kwargs):
     """fn(*args, **kwargs) on every rank, then one collective: if fn raised on any rank, the
     failing rank re-raises its own error and every other rank raises PeerFailed with that rank's
-    reason, so no rank waits for a peer that has stopped. fn must not itself run collectives."""
+    reason and exit code (as fail_together), so no rank waits for a peer that has stopped. fn must not itself run collectives."""
     error = None
     try:
         result = fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised below, after the peers have been told
         error = e
     phase_barrier(getattr(fn, "__name__", "a phase"))
-    reasons = all_gather(None if error is None else f"{type(error).__name__}: {error}")
+    reasons = all_gather(None if error is None else (f"{type(error).__name__}: {error}", code_of(error)))
     if error is not None:
         raise error
-    failed = [(r, why) for r, why in enumerate(reasons) if why]
+    failed = [(r, f) for r, f in enumerate(reasons) if f]
     if failed:
-        raise PeerFailed(f"rank {failed[0][0]} failed: {failed[0][1]}")
+        rank, (why, code) = failed[0]
+        raise PeerFailed(f"rank {rank} failed: {why}", code)
     return result
 
 

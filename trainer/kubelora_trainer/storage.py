@@ -305,7 +305,10 @@ def _worth_another_transfer(exc: BaseException) -> bool:
     the attempts would multiply."""
     from boto3.exceptions import RetriesExceededError
     from botocore.exceptions import BotoCoreError, ClientError
+    from . import disk
     exc = _unwrap(exc)
+    if disk.find(exc):  # a full local disk stays full
+        return False
     if isinstance(exc, ClientError):
         meta = exc.response.get("ResponseMetadata", {})
         status = meta.get("HTTPStatusCode") or 0
@@ -398,7 +401,14 @@ def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: 
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise describe_error(exc, loc, "downloading") from None
+        raise _local_full(exc, loc, target) or describe_error(exc, loc, "downloading") from None
+
+
+def _local_full(exc: BaseException, loc: Location, target: Path) -> Optional[StorageError]:
+    """disk.NoRoom when fetching loc to target failed because the local disk is full (bad input:
+    the message names the volume and the fix), None otherwise."""
+    from . import disk
+    return disk.no_room(exc, f"downloading {loc}", path=target)
 
 
 def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), client=None,
@@ -603,7 +613,7 @@ def download_file(uri: str, target: str | Path, size: int, settings: S3Settings 
             raise StorageError(f"reading {loc}: {tmp.stat().st_size} bytes, expected {size}")
         os.replace(tmp, target)
     except OSError as e:
-        raise StorageError(f"reading {loc}: {e.strerror or e}") from None
+        raise _local_full(e, loc, target) or StorageError(f"reading {loc}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -20,12 +20,13 @@ from typing import Optional
 
 import torch
 
-from . import __version__, adapters, cache, checkpoint, dist, exits, export, export_full, lora, metrics, samples, storage
+from . import __version__, adapters, cache, checkpoint, disk, dist, exits, export, export_full, lora, metrics, samples, storage
 from . import cache_remote, throughput
 from . import buckets as bk
 from .captions import options_of
 from .data import DatasetError, ScanReport, scan
-from .cache import cache_inputs, cache_root, model_fingerprint
+from .cache import cache_inputs, model_fingerprint
+from .disk import cache_root
 from .dataset_phase import (drop_items, encode_missing, entry_keys, exchange, gather_present, largest_batch,
                             layout_data, probe_items, probe_name, sample_entries, source_specs)
 from .dist import log
@@ -69,9 +70,9 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps(paths))
         except storage.StorageError as e:
-            err = e  # transient or bad input, as storage classified it
+            err = e  # transient or bad input, as storage classified it (a full disk: disk.NoRoom)
         except OSError as e:
-            err = RunError(str(e))
+            err = disk.no_room(e, "stage-in") or RunError(str(e))
     dist.fail_together(err, "stage-in")
     return json.loads(marker.read_text())
 
@@ -349,9 +350,12 @@ def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
     except dist.PeerFailed as e:  # the failing rank reports (and classifies) its own error
         m.phase("Failed")
         return exits.fail(e.code, str(e), peer=True)
-    except BaseException:
+    except BaseException as e:
         m.phase("Failed")
-        raise
+        room = disk.no_room(e)  # a full disk where no phase looked for one (e.g. the checkpoint's local save)
+        if room is None:
+            raise
+        return exits.fail(exits.BAD_INPUT, str(room))
     finally:
         dist.close()
         m.finish()  # serves the final state until it has been scraped ($KUBELORA_METRICS_LINGER_SECONDS)
@@ -600,8 +604,12 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
             err = e  # an artifact or manifest.json not uploaded: transient or bad input, as storage classified it
         except ValueError as e:
             err = RunError(str(e))
-        except OSError as e:  # a full or failing local disk: the Job retries (from the last checkpoint)
-            err = RuntimeError(f"export: {type(e).__name__}: {e}")
+        except OSError as e:  # a full disk is bad input (disk.NoRoom); a failing one: the Job retries
+            err = disk.no_room(e, "export") or RuntimeError(f"export: {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error
+            err = disk.no_room(e, "export")
+            if err is None:
+                raise
     dist.fail_together(err, "export")
     if env.is_main:
         prog.phase = "Succeeded"

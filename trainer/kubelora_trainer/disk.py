@@ -1,0 +1,99 @@
+"""The node's cache folder, and a full disk: which errors say so, and the one message that names
+the full volume, its free space and the fix. Retrying cannot help (the same run fills the same
+volume at the same place), so a full disk is bad input (NoRoom is a StorageError that is not
+transient: exit 2), not a crash to retry on GPUs. No torch here: storage.py uses it."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from .storage import StorageError
+
+CACHE_ENV = "KUBELORA_CACHE_DIR"
+
+# no space left, a quota reached, a file larger than the process or filesystem allows
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class NoRoom(StorageError):
+    pass
+
+
+def cache_root() -> Path:
+    """The node's cache folder: $KUBELORA_CACHE_DIR (the pod's cache volume), else ~/.cache/kubelora.
+    The staged model and data, the latent cache, checkpoints and outputs live there."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kubelora")
+
+
+def find(exc: BaseException) -> Optional[OSError]:
+    """The OSError that says a disk is full, looked for in exc, what it was raised from or while
+    handling, and the per-rank failures a distributed checkpoint gathers; None when there is none.
+    Pure."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_ROOM_ERRNOS:
+            return e
+        # writers in Rust report the errno only in their text (safetensors' save_file: "I/O error:
+        # No space left on device (os error 28)")
+        code = re.search(r"\(os error (\d+)\)", str(e)) if not isinstance(e, OSError) else None
+        if code and int(code.group(1)) in NO_ROOM_ERRNOS:
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return None
+
+
+def usage(path: Path) -> str:
+    """'12.0 MiB free of 1.0 GiB' for the volume holding path (its nearest existing parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        u = shutil.disk_usage(p)
+    except OSError:
+        return "its free space unknown"
+    return f"{_size(u.free)} free of {_size(u.total)}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def no_room(exc: BaseException, what: str = "", path: Optional[Path] = None) -> Optional[NoRoom]:
+    """A NoRoom for an error that says a disk is full, None for any other. path: the file being
+    written, where the error does not name it (a failed write() names none). The fix named is
+    the cache volume's when that file is under cache_root()."""
+    e = find(exc)
+    if e is None:
+        return None
+    cache_dir = cache_root()
+    target = Path(path or e.filename or cache_dir)
+    where = target.parent if path or e.filename else target
+    try:
+        in_cache = where.resolve().is_relative_to(cache_dir.resolve())
+    except OSError:
+        in_cache = False
+    if in_cache:
+        fix = ("give the cache volume more room (a larger resources.cacheVolumeClaim, or more ephemeral storage on "
+               "the node for the default emptyDir; on a workstation, $KUBELORA_CACHE_DIR on a larger disk)"
+               + (", or cache less (fewer dataset.resolutions or frame buckets)" if "latents" in target.parts else "")
+               + "; what was written is kept, so a rerun goes on from it")
+    else:
+        fix = "free space there or choose a path on a larger disk"
+    lead = f"{what}: " if what else ""
+    return NoRoom(f"{lead}no room left to write {target} ({e.strerror or errno.errorcode.get(e.errno)}; "
+                  f"{usage(where)} on its volume): {fix}")
