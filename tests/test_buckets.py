@@ -221,6 +221,8 @@ def test_dataset_spec_video_and_cosmos_rules():
     with pytest.raises(SpecError, match="dataset.enableArBucket: cosmos trains only at its fixed sizes"):
         parse_spec({**BASE, "model": cosmos, "dataset": {"uri": "s3://bkt/a", "enableArBucket": True}})
     with pytest.raises(SpecError, match="dataset.resolutions: cosmos trains only at its fixed sizes"):
+        parse_spec({**BASE, "model": cosmos, "dataset": {"uri": "s3://bkt/a", "resolutions": [960]}})
+    with pytest.raises(SpecError, match="dataset.resolutions: dataset.width/height fix the one training size"):
         parse_spec({**BASE, "model": cosmos, "dataset": {"uri": "s3://bkt/a", "width": 960, "height": 960,
                                                          "resolutions": [960]}})
     s = parse_spec({**BASE, "model": ltx, "dataset": {"sources": [{"uri": "s3://bkt/a", "repeats": 3},

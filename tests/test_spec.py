@@ -179,6 +179,15 @@ def test_float16_is_refused_with_the_reason():
      "dataset.cacheUri (s3://bkt/c) and dataset.sources[0].uri (s3://bkt/c/imgs) overlap"),
     ({"dataset": {"uri": "s3://bkt/data", "cacheOnly": True}, "samples": {"prompts": [{"prompt": "a cat"}]}},
      "dataset.cacheOnly builds the cache and trains nothing, so spec.samples would never be made"),
+    ({"model": {"type": "sdxl", "diffusersPath": "s3://bkt/sdxl"}, "training": {"timestepSampling": "uniform"}},
+     "training.timestepSampling: applies to the flow-matching families (flux, ltx-video, hunyuan-video); "
+     "model.type sdxl draws its noise levels its own way"),
+    ({"dataset": {"uri": "s3://bkt/data", "width": 512, "height": 768, "resolutions": [512, 1024]}},
+     "dataset.resolutions: dataset.width/height fix the one training size, so resolutions would be ignored"),
+    ({"dataset": {"uri": "s3://bkt/data", "width": 512, "height": 768, "resolution": 1024}},
+     "dataset.resolution: dataset.width/height fix the one training size"),
+    ({"dataset": {"sources": [{"uri": "s3://bkt/a", "shuffleTags": True}, {"uri": "s3://bkt/b", "keepTags": 2}]}},
+     "dataset.sources[1].keepTags applies only with shuffleTags: true (on the source or the dataset)"),
 ])
 def test_settings_that_would_be_ignored_or_overwritten_are_refused(over, message):
     from kubelora_trainer.spec import SpecError, parse_spec
@@ -212,3 +221,29 @@ def test_validate_is_as_strict_as_the_api_server(tmp_path):
     job.write_text(base + 'training: {compile: "true"}\n')
     with pytest.raises(SpecError, match=r"spec.training.compile: Input should be a valid boolean"):
         load_spec(job)
+
+
+def test_validate_applies_the_crds_name_and_version_rules_and_reads_a_spec_alone(tmp_path):
+    """What `kubectl apply` would refuse, `kubelora validate` refuses first: metadata.name as the
+    CRD's rules have it (the Service <name>-workers is a DNS-1035 label) and the served version.
+    A document with only `spec:` (the README's workstation example) is a spec."""
+    from kubelora_trainer.spec import MAX_NAME, check_name
+
+    def manifest(**over):
+        return {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob", "metadata": {"name": "ok-2"},
+                "spec": BASE, **over}
+    parse_spec(manifest())
+    for bad in ("My_Job", "2024-flux-v2", "dotted.name", "trailing-", "x" * (MAX_NAME + 1)):
+        with pytest.raises(SpecError, match="metadata.name must"):
+            parse_spec(manifest(metadata={"name": bad}))
+    check_name("a" * MAX_NAME)
+    with pytest.raises(SpecError, match=re.escape("apiVersion: expected kubelora.dev/v1alpha1, got 'kubelora.dev/v1'")):
+        parse_spec(manifest(apiVersion="kubelora.dev/v1"))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    assert blocks, "the README shows a manifest"
+    for block in blocks:
+        parse_spec(yaml.safe_load(block))
+    assert parse_spec({"spec": BASE}).output.uri == BASE["output"]["uri"]
+    with pytest.raises(SpecError, match="spec.spec: unknown field"):
+        parse_spec({"spec": BASE, "model": BASE["model"]})  # a spec's own field beside `spec:` is not a wrapper

@@ -380,3 +380,14 @@ def test_a_corrupted_upload_is_never_published(s3, tmp_path):
     assert [o["Key"] for o in s3.list_objects_v2(Bucket=b, Prefix="out/")["Contents"]] == ["out/lora.safetensors"]
     body = s3.get_object(Bucket=b, Key="out/lora.safetensors")["Body"].read()
     assert body == f.read_bytes() and art["sha256"] == __import__("hashlib").sha256(body).hexdigest()
+
+
+def test_an_empty_local_folder_is_not_readable_input(tmp_path):
+    """As an empty S3 prefix: `validate --check-storage` must not pass a model or dataset folder
+    that holds nothing."""
+    from kubelora_trainer.storage import check_readable
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(StorageError, match="the folder holds no files"):
+        check_readable(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "sub" / "a.png").write_bytes(b"x")
+    assert check_readable(str(tmp_path / "empty")) == 1

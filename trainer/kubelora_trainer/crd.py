@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from .spec import GROUP, KIND, PLURAL, SHORT_NAME, VERSION, LoRATrainingJobSpec
+from .spec import (GROUP, KIND, MAX_NAME, NAME_BAD_CHARACTERS, NAME_PATTERN, NAME_TOO_LONG, PLURAL, SHORT_NAME, VERSION,
+                   LoRATrainingJobSpec)
 
 _DROP = {"title"}
 
@@ -168,16 +169,11 @@ def cel_rules() -> dict[str, list[dict]]:
     return {"spec": spec_rules, "runPolicy": run_policy_rules, "dataset": dataset_rules}
 
 
-# The children's names derive from metadata.name: the headless Service `<name>-workers` must be a
-# DNS-1035 label (63 at most, a letter first, no dots), so the name is refused at apply time
-# rather than leaving a job whose Service the API server will not create.
-MAX_NAME = 63 - len("-workers")
+# metadata.name's rules (spec.NAME_PATTERN, spec.MAX_NAME): enforced by the API server at apply
+# time, and by `kubelora validate` (spec.check_name) before it.
 NAME_RULES = [
-    {"rule": f"self.metadata.name.size() <= {MAX_NAME}",
-     "message": f"metadata.name must be at most {MAX_NAME} characters (the trainer's Service is <name>-workers)"},
-    {"rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
-     "message": "metadata.name must start with a letter and hold only lowercase letters, digits and '-' "
-                "(the trainer's Service name is a DNS-1035 label: no dots)"},
+    {"rule": f"self.metadata.name.size() <= {MAX_NAME}", "message": NAME_TOO_LONG},
+    {"rule": f"self.metadata.name.matches('{NAME_PATTERN}')", "message": NAME_BAD_CHARACTERS},
 ]
 
 

@@ -221,6 +221,10 @@ class DatasetSpec(_Model):
             raise ValueError("dataset.resolution and dataset.resolutions: set one (resolution: N is resolutions: [N])")
         if self.frameBuckets is not None and self.frames is not None:
             raise ValueError("dataset.frames and dataset.frameBuckets: set one (frames: N is frameBuckets: [N])")
+        if self.width is not None and (self.resolutions is not None or self.resolution != 512):
+            field = "resolutions" if self.resolutions is not None else "resolution"
+            raise ValueError(f"dataset.{field}: dataset.width/height fix the one training size, so {field} would be "
+                             "ignored; remove one of them")
         if self.enableArBucket and self.width is not None:
             raise ValueError("dataset.width/height fix one size, which aspect-ratio buckets would ignore: remove them "
                              "or dataset.enableArBucket")
@@ -240,6 +244,11 @@ class DatasetSpec(_Model):
                     raise ValueError(f"dataset.cacheUri ({self.cacheUri}) and {field} ({u}) overlap: the cache would be "
                                      f"staged as training data, or the data pushed as cache; use a prefix of its own")
         for i, s in enumerate(self.sources or ()):
+            shuffles = s.shuffleTags if s.shuffleTags is not None else self.shuffleTags
+            for f in ("shuffleVariants", "keepTags", "tagDelimiter"):
+                if getattr(s, f) is not None and not shuffles:
+                    raise ValueError(f"dataset.sources[{i}].{f} applies only with shuffleTags: true (on the source or "
+                                     "the dataset); set that too or remove it")
             if s.resolutions is not None and self.width is not None:
                 raise ValueError(f"dataset.sources[{i}].resolutions: dataset.width/height fix one size for every source; "
                                  "remove one of them")
@@ -311,7 +320,9 @@ class TrainingSpec(_Model):
     gradientAccumulationSteps: int = Field(default=1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     seed: int = Field(default=42, ge=0, description="Seed for sampling, noise and LoRA init.")
     timestepSampling: Literal["logit_normal", "uniform"] = Field(
-        default="logit_normal", description="How flow-matching timesteps are drawn.")
+        default="logit_normal", description="How flow-matching timesteps are drawn (flux, ltx-video, hunyuan-video; "
+                                            "sdxl and cosmos draw their noise levels their own way and refuse "
+                                            "another value).")
     logEvery: int = Field(default=1, ge=1, description="Log progress every N steps.")
     gradientCheckpointing: Optional[bool] = Field(
         default=None,
@@ -534,6 +545,11 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
             return "training.textEncoderLearningRate: a full fine-tune trains the denoiser only; remove it"
         if spec.output.formats:
             return "output.formats: LoRA file formats; a full fine-tune is exported as a diffusers folder (and a single file)"
+    default_sampling = TrainingSpec.model_fields["timestepSampling"].default
+    if spec.training.timestepSampling != default_sampling and not RULES[spec.model.type].flow_matching:
+        return (f"training.timestepSampling: applies to the flow-matching families "
+                f"({', '.join(t for t, r in RULES.items() if r.flow_matching)}); model.type {spec.model.type} draws "
+                "its noise levels its own way: remove it")
     if spec.model.float8Compute is not None and spec.model.transformerDtype != "float8":
         return "model.float8Compute: applies only with model.transformerDtype: float8; set that too or remove it"
     for kind in ("requests", "limits"):
@@ -595,10 +611,31 @@ def format_errors(err: ValidationError, prefix: str = "spec") -> str:
     return "invalid LoRATrainingJob spec:\n  " + "\n  ".join(lines)
 
 
+# The children's names derive from metadata.name: the headless Service `<name>-workers` must be a
+# DNS-1035 label (63 at most, a letter first, no dots), so the name is refused at apply time (the
+# CRD's rules, crd.NAME_RULES) rather than leaving a job whose Service the API server will not create.
+MAX_NAME = 63 - len("-workers")
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_TOO_LONG = f"metadata.name must be at most {MAX_NAME} characters (the trainer's Service is <name>-workers)"
+NAME_BAD_CHARACTERS = ("metadata.name must start with a letter and hold only lowercase letters, digits and '-' "
+                       "(the trainer's Service name is a DNS-1035 label: no dots)")
+
+
+def check_name(name: Any) -> None:
+    """The CRD's rules for metadata.name, as the API server applies them. Raises SpecError."""
+    if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
+        raise SpecError(f"{NAME_BAD_CHARACTERS}; got {name!r}")
+    if len(name) > MAX_NAME:
+        raise SpecError(f"{NAME_TOO_LONG}; got {len(name)}")
+
+
 def parse_spec(data: dict[str, Any]) -> LoRATrainingJobSpec:
-    """Validate a spec dict, or a whole CR manifest (apiVersion/kind/spec)."""
+    """Validate a spec dict, or a whole CR manifest (apiVersion/kind/metadata/spec), or a spec
+    under `spec:` alone (as the README shows for a workstation run)."""
     if not isinstance(data, dict):
         raise SpecError("the manifest must be a mapping with a 'spec' section (or the spec itself)")
+    if "spec" in data and not set(data) - {"spec", "metadata"}:
+        data = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, **data}
     if "kind" in data or "apiVersion" in data:
         unknown = sorted(set(data) - {"apiVersion", "kind", "metadata", "spec", "status"})
         if unknown:
@@ -609,8 +646,11 @@ def parse_spec(data: dict[str, Any]) -> LoRATrainingJobSpec:
             raise SpecError("spec: the manifest has no spec section")
         if data.get("kind") != KIND:
             raise SpecError(f"kind: expected {KIND}, got {data.get('kind')!r}")
-        if str(data.get("apiVersion", "")).split("/")[0] != GROUP:
+        if data.get("apiVersion") != f"{GROUP}/{VERSION}":
             raise SpecError(f"apiVersion: expected {GROUP}/{VERSION}, got {data.get('apiVersion')!r}")
+        name = (data.get("metadata") or {}).get("name") if isinstance(data.get("metadata"), dict) else None
+        if name is not None:
+            check_name(name)
         data = data.get("spec") or {}
     try:
         # strict, as the API server is: "1000" is not an integer and "true" not a boolean

@@ -570,7 +570,10 @@ def check_readable(uri: str, settings: S3Settings = S3Settings(), client=None) -
         path = Path(loc.key)
         if not path.exists():
             raise StorageError(f"reading {loc}: no such file or directory")
-        return 1 if path.is_file() else sum(1 for f in path.rglob("*") if f.is_file())
+        count = 1 if path.is_file() else sum(1 for f in path.rglob("*") if f.is_file())
+        if not count:
+            raise StorageError(f"reading {loc}: the folder holds no files")
+        return count
     return len(_list(client or make_client(settings), loc))
 
 

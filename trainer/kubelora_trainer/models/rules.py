@@ -28,6 +28,7 @@ class FamilyRules:
     size_multiple: int = 16                        # width and height must be multiples of this
     formats: tuple[str, ...] = ()                  # LoRA file formats; the first is the default
     trains_text_encoders: bool = False             # LoRA on the text encoders too (training.textEncoderLearningRate)
+    flow_matching: bool = True                     # rectified flow: training.timestepSampling applies
     sampling: Optional[SamplingRules] = None       # spec.samples; None: not yet available for the family
     # linears inside the blocks that, under transformerDtype float8, are stored in fp8 but multiply
     # in model.dtype (substrings of their lower-cased module paths): modulation and norm

@@ -12,6 +12,6 @@ ANY_SIZE_ENV = "KUBELORA_COSMOS_ALLOW_ANY_SIZE"
 # NVIDIA Open Model License ends the rights of whoever bypasses the model's guardrail.
 GUARDRAIL_ENV = "KUBELORA_COSMOS_GUARDRAIL"
 
-RULES = FamilyRules(sources=(("transformerPath", "vaePath", "textEncoderPath"),), video=True,
+RULES = FamilyRules(sources=(("transformerPath", "vaePath", "textEncoderPath"),), video=True, flow_matching=False,
                     sizes=SIZES, frames=FRAMES, default_frames=121, fps=24, formats=("comfyui", "diffusers"),
                     sampling=SamplingRules(guidance=7.0, steps=36, negative_prompt=True))

@@ -4,4 +4,5 @@ from ..rules import FamilyRules, SamplingRules
 
 RULES = FamilyRules(sources=(("diffusersPath",), ("checkpointPath",)), options=("vPred", "zeroTerminalSnr", "minSnrGamma"),
                     token_patch=(1, 1, 1), formats=("kohya", "diffusers"), trains_text_encoders=True,
+                    flow_matching=False,
                     sampling=SamplingRules(guidance=5.0, steps=25, negative_prompt=True))
