@@ -313,6 +313,10 @@ def test_spec_refuses_bad_cosmos_inputs(monkeypatch):
         _spec(model={"vaePath": None})
     with pytest.raises(SpecError, match=r"model.diffusersPath does not apply to model.type cosmos"):
         _spec(model={"diffusersPath": "s3://models/flux"})
+    # an object key stages that file alone, without the tokenizer the T5 folder holds
+    with pytest.raises(SpecError, match=r"model.textEncoderPath: model.type cosmos needs a folder here.*"
+                                        r"point it at s3://models/comfyui/text_encoders/$"):
+        _spec(model={"textEncoderPath": "s3://models/comfyui/text_encoders/oldt5_xxl_fp16.safetensors"})
     with pytest.raises(SpecError, match=r"output.formats: 'kohya' is not available for cosmos"):
         _spec(output={"formats": ["kohya"]})
     monkeypatch.setenv(COSMOS_ANY_SIZE_ENV, "1")                  # the test-only escape lifts sizes only

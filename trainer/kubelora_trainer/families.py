@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from typing import Optional
 
 from .models import FAMILIES
@@ -37,6 +38,11 @@ def check_family(model, dataset, output=None) -> Optional[str]:
         if v not in (None, False) and f not in r.options:
             allowed = ", ".join(f"model.{o}" for o in r.options) or "none"
             return f"model.{f} does not apply to model.type {model.type} (its options: {allowed})"
+    for f in r.folder_paths:  # an object key stages that one file, without what must lie beside it
+        uri = getattr(model, f) or ""
+        if uri.startswith("s3://") and re.search(r"\.(safetensors|pt|pth|bin|ckpt)$", uri):
+            return (f"model.{f}: model.type {model.type} needs a folder here, holding the weights and the files "
+                    f"beside them (see the field reference); point it at {uri.rsplit('/', 1)[0]}/")
     given = [src for src in r.sources if all(getattr(model, f) is not None for f in src)]
     if not given:
         partial = [f for src in r.sources for f in src if getattr(model, f) is not None]

@@ -58,7 +58,10 @@ class ModelSpec(_Model):
     vaePath: Optional[str] = _uri("VAE file: hunyuan-video (ComfyUI layout), cosmos", default=None)
     llmPath: Optional[str] = _uri("HunyuanVideo: folder with the llava-llama-3 text encoder and tokenizer", default=None)
     clipPath: Optional[str] = _uri("HunyuanVideo: CLIP-L text encoder folder", default=None)
-    textEncoderPath: Optional[str] = _uri("Cosmos: T5 text encoder .safetensors", default=None)
+    textEncoderPath: Optional[str] = _uri("Cosmos: a folder holding the T5 encoder (a .safetensors file such as ComfyUI's "
+                                          "oldt5_xxl_fp16.safetensors, or a transformers folder) and the google-t5/t5-11b "
+                                          "tokenizer (spiece.model or tokenizer.json, beside it or in tokenizer/)",
+                                          default=None)
     dtype: Literal["bfloat16", "float32"] = Field(
         default="bfloat16", description="Storage and compute dtype of the frozen base weights. float16 is not "
                                         "offered: it needs loss scaling, which kubelora does not do.")

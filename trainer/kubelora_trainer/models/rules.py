@@ -29,6 +29,7 @@ class FamilyRules:
     formats: tuple[str, ...] = ()                  # LoRA file formats; the first is the default
     trains_text_encoders: bool = False             # LoRA on the text encoders too (training.textEncoderLearningRate)
     flow_matching: bool = True                     # rectified flow: training.timestepSampling applies
+    folder_paths: tuple[str, ...] = ()             # path fields that name a folder (files beside the weights)
     sampling: Optional[SamplingRules] = None       # spec.samples; None: not yet available for the family
     # linears inside the blocks that, under transformerDtype float8, are stored in fp8 but multiply
     # in model.dtype (substrings of their lower-cased module paths): modulation and norm
