@@ -138,7 +138,7 @@ INVALID = [
     ("bad-scheme", {"dataset__uri": "gs://bucket/data"}, "apply", "spec.dataset.uri"),
     ("too-many-gpus", {"resources__gpusPerNode": 64}, "apply", "spec.resources.gpusPerNode"),
     ("cosmos-size", {"model": {"type": "cosmos", "transformerPath": "s3://models/c/t.pt", "vaePath": "s3://models/c/v.pt",
-                               "textEncoderPath": "s3://models/c/t5.safetensors"}, "dataset__resolution": 512},
+                               "textEncoderPath": "s3://models/c/t5/"}, "dataset__resolution": 512},
      "apply", "cosmos supports only the sizes 960x960"),
     ("ltx-frames", {"model": {"type": "ltx-video", "diffusersPath": "s3://models/ltx"}, "dataset__frames": 24},
      "apply", "ltx-video needs dataset.frames = 8k+1"),

@@ -76,7 +76,7 @@ def test_cross_field_rules():
 HY_FILES = {"transformerPath": "s3://models/hy/t.safetensors", "vaePath": "s3://models/hy/vae.safetensors",
             "llmPath": "s3://models/hy/llm", "clipPath": "s3://models/hy/clip"}
 COSMOS_FILES = {"transformerPath": "s3://models/cosmos/t.pt", "vaePath": "s3://models/cosmos/vae.pt",
-                "textEncoderPath": "s3://models/cosmos/t5.safetensors"}
+                "textEncoderPath": "s3://models/cosmos/t5/"}
 
 
 @pytest.mark.parametrize("model,dataset,expect", [
