@@ -391,3 +391,12 @@ def test_an_empty_local_folder_is_not_readable_input(tmp_path):
         check_readable(str(tmp_path / "empty"))
     (tmp_path / "empty" / "sub" / "a.png").write_bytes(b"x")
     assert check_readable(str(tmp_path / "empty")) == 1
+
+
+
+def test_the_write_check_of_validate_leaves_no_folder_behind(tmp_path):
+    from kubelora_trainer.storage import check_writable
+    check_writable(str(tmp_path / "runs" / "a"), create=False)
+    assert list(tmp_path.iterdir()) == []
+    check_writable(str(tmp_path / "runs" / "a"))  # the trainer's pre-flight makes the output folder
+    assert [p.name for p in (tmp_path / "runs" / "a").iterdir()] == []

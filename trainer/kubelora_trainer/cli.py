@@ -51,7 +51,7 @@ def check_storage(spec) -> int:
     outputs = {"output.uri": spec.output.uri, **({"dataset.cacheUri": spec.dataset.cacheUri} if spec.dataset.cacheUri else {})}
     for field, uri in outputs.items():
         try:
-            check_writable(uri, settings)
+            check_writable(uri, settings, create=False)
             print(f"ok: {field} {uri}: writable", file=sys.stderr)
         except StorageError as e:
             failed(field, e)

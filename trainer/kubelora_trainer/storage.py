@@ -541,16 +541,22 @@ def upload_tree(folder: str | Path, uri: str, settings: S3Settings = S3Settings(
 
 # ---------------------------------------------------------------- pre-flight
 
-def check_writable(uri: str, settings: S3Settings = S3Settings(), client=None) -> None:
+def check_writable(uri: str, settings: S3Settings = S3Settings(), client=None, create: bool = True) -> None:
     """Write and delete a small marker under uri, so a missing or read-only output is found before
-    any GPU time is spent rather than after the last step. Raises StorageError naming uri."""
+    any GPU time is spent rather than after the last step. Raises StorageError naming uri. A
+    local folder is made first; with create=False (a check that must leave nothing behind:
+    `kubelora validate --check-storage`) the marker goes to its nearest existing parent."""
     loc = parse_uri(uri)
     marker = f".kubelora-write-check-{os.getpid()}"
     if not loc.is_s3:
+        folder = Path(loc.key)
         try:
-            Path(loc.key).mkdir(parents=True, exist_ok=True)
-            (Path(loc.key) / marker).write_bytes(b"ok")
-            (Path(loc.key) / marker).unlink()
+            if create:
+                folder.mkdir(parents=True, exist_ok=True)
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            (folder / marker).write_bytes(b"ok")
+            (folder / marker).unlink()
         except OSError as e:
             raise StorageError(f"writing to {loc}: {e.strerror or e}; it must be writable") from None
         return
