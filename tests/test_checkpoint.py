@@ -39,8 +39,8 @@ def _job(path: Path, tiny_flux_dir, data, output, **training):
     return path
 
 
-def _run(job, env, interrupt_after: str | None = None):
-    p = subprocess.Popen([sys.executable, "-m", "kubelora_trainer.cli", "run", str(job), "--nproc", "2"],
+def _run(job, env, interrupt_after: str | None = None, nproc: int = 2):
+    p = subprocess.Popen([sys.executable, "-m", "kubelora_trainer.cli", "run", str(job), "--nproc", str(nproc)],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = []
     for line in p.stdout:
@@ -108,3 +108,33 @@ def _fail_on_existing(path: Path) -> Path:
     doc["output"]["onExisting"] = "fail"
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+def test_a_failed_export_is_retried_from_the_last_step_without_training_again(s3, s3_server, tmp_path, tiny_flux_dir):
+    """The last step of a LoRA run is always checkpointed, though the schedule would not write one
+    (every 30 minutes): the artifact's upload fails past its retries (503 from a fault proxy in
+    front of the real S3 server), the run exits 1 (the Job retries it), and the retry resumes at
+    the last step and only exports."""
+    from s3_fault_proxy import FaultProxy
+
+    from kubelora_trainer.synthetic import build_synthetic_dataset
+    data = build_synthetic_dataset(tmp_path / "data", n=4, size=32)
+    s3.create_bucket(Bucket="final-ckpt")
+    job = _job(tmp_path / "job.yaml", tiny_flux_dir, data, "s3://final-ckpt/run", steps=3, checkpointEverySteps=None)
+    proxy = FaultProxy(s3_server.endpoint).start()
+    try:
+        env = {**os.environ, **s3.env, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "2",
+               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KUBELORA_METRICS_PORT": "0"}
+        # every upload of the LoRA fails (its bytes go to a .part key first)
+        proxy.fail(ops=("PutObject", "CreateMultipartUpload"), key="run/.lora.safetensors.*")
+        rc, out = _run(job, env, nproc=1)
+        assert rc == 1, out[-3000:]
+        assert "[checkpoint] step 3 written" in out and "[train] step 3/3" in out, out[-3000:]
+        assert out.strip().splitlines()[-1].startswith("[error] rank 0: ") and "lora.safetensors" in out, out[-3000:]
+        proxy.clear()
+        rc, out = _run(job, env, nproc=1)
+    finally:
+        proxy.stop()
+    assert rc == 0, out[-3000:]
+    assert "[resume] from the checkpoint of step 3" in out and "[train] step" not in out, out[-3000:]
+    assert s3.head_object(Bucket="final-ckpt", Key="run/lora.safetensors")["ContentLength"] > 0

@@ -363,7 +363,8 @@ class TrainingSpec(_Model):
     checkpointEveryMinutes: Optional[float] = Field(
         default=30.0, gt=0, description="Also write one when this many minutes passed since the last (null: never by "
                                         "time). A checkpoint is always written when the run is told to stop (SIGTERM, "
-                                        "SIGINT).")
+                                        "SIGINT), and at the last step of a LoRA run (so a failed export or upload "
+                                        "is retried without training again).")
     checkpointKeep: int = Field(default=2, ge=1, le=100, description="Complete checkpoints kept; older ones are deleted.")
 
     @model_validator(mode="after")

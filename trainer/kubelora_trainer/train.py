@@ -319,7 +319,10 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                 tr.publish(prog)
             if tr.sampling is not None:
                 tr.sampling.maybe(step, tr, prog)
-            if save or stop:
+            # the last step of a LoRA run is always kept (a small write): a failed export or upload is
+            # then retried from it, not by training again since the last scheduled checkpoint
+            last = step == t.steps and tr.spec.adapter.type != "full"
+            if save or stop or last:
                 checkpoint.save(step, tr.modules, tr.opt, state.to_dict(step, env.world), tr.local_ckpt,
                                 tr.spec.output.uri, tr.settings, t.checkpointKeep, env)
                 schedule.written()
