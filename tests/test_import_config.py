@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kubelora_trainer.import_config import ConfigError, Source, convert, find_line
+from kubelora_trainer.import_config import ConfigError, Source, convert, find_line, parse_map
 from kubelora_trainer.import_rules import SECTIONS, area_side
 from kubelora_trainer.spec import parse_spec
 
@@ -33,7 +33,8 @@ KEYS = [
     ("main", "max_steps", 77, "mapped"),
     ("main", "micro_batch_size_per_gpu", 3, "mapped"),
     ("main", "micro_batch_size_per_gpu", [[512, 4], [1024, 1]], "refused"),
-    ("main", "image_micro_batch_size_per_gpu", 2, "noted"),
+    ("main", "image_micro_batch_size_per_gpu", 2, "mapped"),            # flux: every bucket is an image bucket
+    ("main", "image_micro_batch_size_per_gpu", 2, "noted", "ltx-video"),  # one size for images and videos
     ("main", "eval_micro_batch_size_per_gpu", 2, "noted"),
     ("main", "eval_image_micro_batch_size_per_gpu", 2, "noted"),
     ("main", "eval_gradient_accumulation_steps", 2, "noted"),
@@ -64,7 +65,7 @@ KEYS = [
     ("main", "save_every_n_steps", 100, "noted"),
     ("main", "save_every_n_examples", 1000, "noted"),
     ("main", "checkpoint_every_n_epochs", 1, "noted"),
-    ("main", "checkpoint_every_n_minutes", 30, "noted"),
+    ("main", "checkpoint_every_n_minutes", 120, "mapped"),
     ("main", "resume_from_checkpoint", True, "noted"),
     ("main", "save_dtype", "bfloat16", "noted"),
     ("main", "caching_batch_size", 8, "noted"),
@@ -89,6 +90,8 @@ KEYS = [
     ("model", "dtype", "float32", "mapped"),
     ("model", "dtype", "float16", "noted"),
     ("model", "transformer_dtype", "float8", "mapped"),
+    ("model", "transformer_dtype", "float8", "noted", "sdxl"),     # diffusion-pipe's sdxl.py never reads it
+    ("model", "transformer_dtype", "float8", "noted", "cosmos"),
     ("model", "transformer_dtype", "float8_e5m2", "refused"),
     ("model", "transformer_dtype", "float16", "refused"),
     ("model", "diffusion_model_dtype", "bfloat16", "noted"),
@@ -144,7 +147,8 @@ KEYS = [
     ("adapter", "init_from_existing", "/loras/old", "refused"),
     ("adapter", "fuse_adapters", [{"path": "/l.safetensors"}], "refused"),
     ("optimizer", "type", "adamw8bit", "noted"),
-    ("optimizer", "type", "adamw_optimi", "default"),
+    ("optimizer", "type", "adamw_optimi", "mapped"),  # optimi.AdamW's own defaults: betas (0.9, 0.99), eps 1e-6
+    ("optimizer", "type", "adamw", "default"),
     ("optimizer", "type", "Prodigy", "refused"),
     ("optimizer", "lr", 2e-5, "mapped"),
     ("optimizer", "betas", [0.8, 0.95], "mapped"),
@@ -162,10 +166,10 @@ KEYS = [
     ("dataset", "resolutions", [[1024, 768]], "mapped"),
     ("dataset", "resolutions", [512, 768], "mapped"),
     ("dataset", "enable_ar_bucket", True, "mapped"),
-    ("dataset", "min_ar", 0.25, "mapped"),
-    ("dataset", "max_ar", 4.0, "mapped"),
-    ("dataset", "num_ar_buckets", 9, "mapped"),
-    ("dataset", "ar_buckets", [1.0, 1.5], "mapped"),
+    ("dataset", "min_ar", 0.25, "noted"),             # no effect without enable_ar_bucket = true
+    ("dataset", "max_ar", 4.0, "noted"),
+    ("dataset", "num_ar_buckets", 9, "noted"),
+    ("dataset", "ar_buckets", [1.0, 1.5], "noted"),
     ("dataset", "frame_buckets", [1, 33], "noted"),  # flux is an image model
     ("dataset", "frame_buckets", [1, 33], "mapped", "ltx-video"),
     ("dataset", "size_buckets", [[512, 768, 1]], "mapped"),
@@ -186,10 +190,10 @@ KEYS = [
     ("directory", "control_path", "/data/control", "refused"),
     ("directory", "resolutions", [256], "mapped"),
     ("directory", "enable_ar_bucket", True, "mapped"),
-    ("directory", "min_ar", 0.25, "mapped"),
-    ("directory", "max_ar", 4.0, "mapped"),
-    ("directory", "num_ar_buckets", 9, "mapped"),
-    ("directory", "ar_buckets", [1.0], "mapped"),
+    ("directory", "min_ar", 0.25, "noted"),
+    ("directory", "max_ar", 4.0, "noted"),
+    ("directory", "num_ar_buckets", 9, "noted"),
+    ("directory", "ar_buckets", [1.0], "noted"),
     ("directory", "frame_buckets", [1, 33], "noted"),
     ("directory", "size_buckets", [[512, 768, 1]], "mapped"),
     ("directory", "caption_prefix", "ohwx ", "mapped"),
@@ -338,7 +342,8 @@ def test_several_directories_become_sources_with_their_own_repeats_and_overrides
     assert (a.uri, a.repeats, a.resolutions, a.shuffleTags) == (BASE_DATASET["directory"][0]["path"], 2, [512], None)
     assert (b.uri, b.repeats, b.resolutions, b.shuffleTags, b.tagDelimiter) == ("/data/more", 5, [256, 512], True, "|")
     ds["directory"][1]["enable_ar_bucket"] = False   # not a per-source setting in kubelora
-    with pytest.raises(ConfigError, match=r"'/data/more' sets dataset.enableArBucket differently"):
+    with pytest.raises(ConfigError, match=r"\[\[directory\]\] enable_ar_bucket: '/data/more' sets dataset.enableArBucket "
+                                          "differently"):
         convert(BASE_MAIN, ds)
 
 
@@ -382,7 +387,7 @@ def _cli(tmp_path, main_text, ds_text=None, *args):
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
     ok = ("output_dir = '/o'\ndataset = 'dataset.toml'\nmax_steps = 10\n[model]\ntype = 'flux'\n"
-          "diffusers_path = '/m'\ndtype = 'bfloat16'\n[adapter]\ntype = 'lora'\nrank = 4\n[optimizer]\nlr = 1e-4\n")
+          "diffusers_path = '/m'\ndtype = 'bfloat16'\n[adapter]\ntype = 'lora'\nrank = 4\n[optimizer]\ntype = 'adamw'\nlr = 1e-4\n")
     ds = "resolutions = [512]\n[[directory]]\npath = 'data'\ncontrol_path = 'control'\n"
     p = _cli(tmp_path, ok, ds)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
@@ -397,3 +402,181 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     p = _cli(tmp_path, ok, ds.replace("control_path = 'control'\n", "mask_path = 'masks'\n"))
     assert p.returncode == 0, p.stderr
     assert f"uri: {tmp_path / 'data'}" in p.stdout and f"maskUri: {tmp_path / 'masks'}" in p.stdout
+
+
+# a wrongly typed value: (section, key, value, what the message says is expected)
+BAD_VALUES = [
+    ("optimizer", "lr", "abc", "a number"),
+    ("adapter", "rank", "sixteen", "a whole number"),
+    ("optimizer", "betas", 0.9, "two numbers"),
+    ("optimizer", "eps", [1e-8], "a number"),
+    ("main", "micro_batch_size_per_gpu", "4", "a whole number"),
+    ("main", "max_steps", "100", "a whole number"),
+    ("main", "compile", "yes", "true or false"),
+    ("model", "guidance", "3.5", "a number"),
+    ("model", "unet_lr", "1e-4", "a number", "sdxl"),
+    ("dataset", "resolutions", 512, "a list of sides or \\[width, height\\] areas"),
+    ("dataset", "resolutions", [[512]], "a list of sides or \\[width, height\\] areas"),
+    ("dataset", "frame_buckets", 33, "a list of frame counts"),
+    ("dataset", "size_buckets", [[960, 960]], "a list of \\[width, height, frames\\] buckets"),
+    ("dataset", "num_repeats", "5", "a number"),
+    ("dataset", "ar_buckets", [[512, 0]], "a list of width/height ratios"),
+    ("dataset", "shuffle_tags", "false", "true or false"),
+    ("directory", "cache_shuffle_num", -1, "a whole number >= 0"),
+    ("directory", "path", 5, "a string"),
+]
+
+
+@pytest.mark.parametrize("section,key,value,expected,model_type", [(*b, "flux")[:5] for b in BAD_VALUES],
+                         ids=[f"{b[1]}={b[2]!r}" for b in BAD_VALUES])
+def test_wrongly_typed_values_are_refused_naming_the_key_and_the_type(section, key, value, expected, model_type):
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: {re.escape(repr(value))}: expected {expected}"):
+        convert(*_with(section, key, value, model_type))
+
+
+def test_cli_type_error_is_one_line_with_file_line_and_key(tmp_path):
+    main = ("output_dir = '/o'\ndataset = 'dataset.toml'\nmax_steps = 10\n[model]\ntype = 'flux'\n"
+            "diffusers_path = '/m'\n[adapter]\nrank = 4\n[optimizer]\ntype = 'adamw'\nlr = 1e-4\n")
+    p = _cli(tmp_path, main, "resolutions = [[512]]\n[[directory]]\npath = 'data'\n")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr
+    assert p.stderr.startswith(f"error: {tmp_path / 'dataset.toml'}:1: dataset resolutions: [[512]]: expected"), p.stderr
+
+
+@pytest.mark.parametrize("optimizer,betas,eps", [("adamw", [0.9, 0.999], 1e-8), ("adamw_optimi", [0.9, 0.99], 1e-6),
+                                                 ("stableadamw", [0.9, 0.99], 1e-6), ("adamw8bit", [0.9, 0.999], 1e-8)])
+def test_optimizer_keys_left_out_take_that_optimizers_defaults(optimizer, betas, eps):
+    main, ds = _with("optimizer", "type", optimizer)
+    t = convert(main, ds)[0]["spec"]["training"]
+    assert (t["betas"], t["epsilon"], t["weightDecay"]) == (betas, eps, 0.01)
+    main["optimizer"].update(betas=[0.8, 0.9], eps=1e-7, weight_decay=0.0)   # given: as given
+    t = convert(main, ds)[0]["spec"]["training"]
+    assert (t["betas"], t["epsilon"], t["weightDecay"]) == ([0.8, 0.9], 1e-7, 0.0)
+    del main["optimizer"]["type"]
+    with pytest.raises(ConfigError, match=r"\[optimizer\] type: no optimizer type"):
+        convert(main, ds)
+
+
+@pytest.mark.parametrize("settings,expected", [
+    ({"ar_buckets": [1.0, 1.5]}, (1.0, 1.5, 2)),
+    ({"ar_buckets": [[512, 512], [448, 576]]}, (0.778, 1.0, 2)),
+    ({"ar_buckets": [1.5]}, (1.0, 2.25, 1)),                          # kubelora's one bucket: sqrt(minAr * maxAr)
+    ({"min_ar": 0.5, "max_ar": 2.0, "num_ar_buckets": 1}, (0.25, 1.0, 1)),  # diffusion-pipe's one bucket is min_ar
+    ({"min_ar": 0.25, "max_ar": 4.0, "num_ar_buckets": 9}, (0.25, 4.0, 9)),
+    ({"ar_buckets": [1.5, 2.0]}, "aspect ratios 1.5, 2; kubelora's buckets are spaced evenly in log space"),
+    ({"min_ar": 1.2, "max_ar": 2.0}, "min_ar: diffusion-pipe trains the aspect ratios 1.2, "),
+])
+def test_aspect_ratio_buckets_are_the_ratios_diffusion_pipe_trains(settings, expected):
+    from kubelora_trainer.buckets import aspect_ratios
+    from kubelora_trainer.import_rules import geomspace, ratios_list
+    main, ds = _base()
+    ds.update(enable_ar_bucket=True, **settings)
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            convert(main, ds)
+        return
+    manifest, notes = convert(main, ds)
+    d = parse_spec(manifest).dataset
+    assert (d.minAr, d.maxAr, d.numArBuckets) == pytest.approx(expected)
+    trained = aspect_ratios(True, d.minAr, d.maxAr, d.numArBuckets)
+    wanted = ratios_list(settings["ar_buckets"]) if "ar_buckets" in settings else \
+        geomspace(settings["min_ar"], settings["max_ar"], settings["num_ar_buckets"])
+    assert trained == pytest.approx(wanted, abs=1e-3)
+    if "ar_buckets" in settings:   # the note states the real ratios
+        shown = ", ".join(f"{r:g}" for r in wanted)
+        assert any(n.startswith(f"dataset ar_buckets: diffusion-pipe trains the aspect ratios {shown}:") for n in notes)
+
+
+def test_aspect_ratio_settings_without_enable_ar_bucket_are_noted_not_applied():
+    main, ds = _base()
+    ds.update(ar_buckets=[1.0, 1.5], min_ar=0.25)
+    manifest, notes = convert(main, ds)
+    d = parse_spec(manifest).dataset   # a valid manifest
+    assert not d.enableArBucket and "minAr" not in manifest["spec"]["dataset"]
+    assert "dataset ar_buckets: no effect: enable_ar_bucket is not true (diffusion-pipe ignores it too)" in notes
+
+
+@pytest.mark.parametrize("top,directory", [
+    ({"cache_shuffle_num": 8, "shuffle_tags": False}, {}),
+    ({"shuffle_tags": False, "cache_shuffle_num": 8}, {}),
+    ({"cache_shuffle_num": 8}, {"shuffle_tags": False}),
+    ({"shuffle_tags": False}, {"cache_shuffle_num": 8}),
+])
+def test_cache_shuffle_num_shuffles_whatever_shuffle_tags_says_in_any_order(top, directory):
+    main, ds = _base()
+    ds.update(top)
+    ds["directory"][0].update(directory)
+    manifest, notes = convert(main, ds)
+    d = parse_spec(manifest).dataset
+    assert (d.shuffleTags, d.shuffleVariants) == (True, 8)
+    assert any("shuffle_tags: false, but cache_shuffle_num = 8 shuffles the tags anyway" in n for n in notes), notes
+
+
+def test_shuffle_tags_alone_caches_one_shuffled_caption_and_a_delimiter_alone_is_noted():
+    main, ds = _with("dataset", "shuffle_tags", True)
+    d = parse_spec(convert(main, ds)[0]).dataset
+    assert (d.shuffleTags, d.shuffleVariants) == (True, 1)
+    main, ds = _with("dataset", "cache_shuffle_delimiter", "|")
+    manifest, notes = convert(main, ds)
+    assert "tagDelimiter" not in manifest["spec"]["dataset"]
+    assert "dataset cache_shuffle_delimiter: no effect: no tags are shuffled" in notes
+
+
+@pytest.mark.parametrize("model_type,expected", [("flux", 4), ("sdxl", 4), ("ltx-video", 1), ("hunyuan-video", 1)])
+def test_image_families_train_at_image_micro_batch_size(model_type, expected):
+    """diffusion-pipe batches 1-frame buckets by image_micro_batch_size_per_gpu; an image family has no other."""
+    main, ds = _with("main", "image_micro_batch_size_per_gpu", 4, model_type)
+    main["micro_batch_size_per_gpu"] = 1
+    manifest, notes = convert(main, ds)
+    assert manifest["spec"]["training"]["microBatchSize"] == expected
+    assert any(n.startswith("image_micro_batch_size_per_gpu: one micro batch size") for n in notes) == (expected == 1)
+
+
+@pytest.mark.parametrize("model_type", ["sdxl", "cosmos"])
+def test_transformer_dtype_is_ignored_where_diffusion_pipe_ignores_it(model_type):
+    base = convert(*_base(model_type))[0]
+    main, ds = _with("model", "transformer_dtype", "float8", model_type)
+    if model_type == "cosmos":
+        ds = {"size_buckets": [[960, 960, 121]], "directory": [{"path": "/d"}]}
+        base = convert(main | {"model": MODELS["cosmos"]}, ds)[0]
+    manifest, notes = convert(main, ds)
+    assert manifest == base
+    assert f"[model] transformer_dtype: diffusion-pipe reads it for flux, ltx-video, hunyuan-video only; ignored for " \
+           f"{model_type}, as there" in notes
+
+
+def test_checkpoint_every_n_minutes_and_resume_notes():
+    main, ds = _with("main", "checkpoint_every_n_minutes", 120)
+    main["resume_from_checkpoint"] = True
+    manifest, notes = convert(main, ds)
+    assert parse_spec(manifest).training.checkpointEveryMinutes == 120
+    assert not [n for n in notes if "not supported yet" in n or "not written yet" in n], notes
+    assert any(n.startswith("resume_from_checkpoint: kubelora resumes by itself") for n in notes)
+
+
+def test_a_setting_that_differs_between_directories_points_at_the_differing_line():
+    text = "resolutions = [512]\n[[directory]]\npath = '/a'\n[[directory]]\npath = '/b'\nmin_ar = 0.5\n" \
+           "enable_ar_bucket = true\n"
+    ds = {"resolutions": [512], "directory": [{"path": "/a"}, {"path": "/b", "min_ar": 0.5, "enable_ar_bucket": True}]}
+    assert find_line(text, "directory", "path", 1) == 5 and find_line(text, "directory", "path") == 3
+    with pytest.raises(ConfigError, match=r"^ds.toml:7: \[\[directory\]\] enable_ar_bucket: '/b' sets "
+                                          r"dataset.enableArBucket differently"):
+        convert(BASE_MAIN, ds, sources={"main": Source("t.toml"), "dataset": Source("ds.toml", text)})
+
+
+def test_map_refuses_a_uri_the_manifest_cannot_hold_saying_why():
+    assert parse_map(["/data=s3://data", "/m=/mnt/m"]) == {"/data": "s3://data", "/m": "/mnt/m"}
+    with pytest.raises(ConfigError, match=r"'s3://d' is not a URI the manifest can hold: S3 bucket names are 3 to 63"):
+        parse_map(["/data=s3://d"])
+    with pytest.raises(ConfigError, match="expected LOCAL=URI"):
+        parse_map(["/data"])
+
+
+@pytest.mark.parametrize("model_type,layers", [("flux", "norm1.linear and norm1_context.linear"),
+                                                ("hunyuan-video", "img_mod.linear and txt_mod.linear"),
+                                                ("sdxl", None), ("ltx-video", None)])
+def test_lora_layers_diffusion_pipe_adapts_beyond_kubelora_defaults_are_noted(model_type, layers):
+    notes = [n for n in convert(*_base(model_type))[1] if n.startswith("[adapter] type: ")]
+    if layers:
+        assert len(notes) == 1 and layers in notes[0] and "adapter.targetModules" in notes[0], notes
+    else:
+        assert not notes, notes

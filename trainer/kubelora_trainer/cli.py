@@ -89,18 +89,13 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
 
 def import_config(args) -> int:
     import yaml
-    from .import_config import ConfigError, convert as to_manifest, load
+    from .import_config import ConfigError, convert as to_manifest, load, parse_map
     from .spec import SpecError, parse_spec
     cfg = Path(args.config)
     try:
         cwd = Path(args.cwd).resolve() if args.cwd else Path.cwd()
         main_cfg, dataset, sources = load(cfg, Path(args.dataset) if args.dataset else None, cwd)
-        path_map = {}
-        for m in args.map:
-            if "=" not in m:
-                raise ConfigError(f"--map {m!r}: expected LOCAL=URI, e.g. /data/models=s3://models")
-            local, remote = m.split("=", 1)
-            path_map[local] = remote
+        path_map = parse_map(args.map)
         manifest, notes = to_manifest(main_cfg, dataset, name=args.name or cfg.stem, data_uri=args.data_uri,
                                       output_uri=args.output_uri, steps=args.steps, path_map=path_map,
                                       cwd=str(cwd), sources=sources)

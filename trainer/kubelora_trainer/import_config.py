@@ -20,7 +20,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from .import_handlers import Ctx, Refused, label
-from .import_rules import MODEL_TYPES, OTHER_MODEL_TYPES, apply
+from .spec import URI_HELP, URI_PATTERN
+from .import_rules import (MODEL_TYPES, OTHER_MODEL_TYPES, apply, batch_size, family_module, finish_dataset,
+                           optimizer_defaults)
 
 
 class ConfigError(ValueError):
@@ -33,22 +35,23 @@ class Source:
     name: str
     text: str = ""
 
-    def where(self, section: str, key: str) -> str:
-        line = find_line(self.text, section, key)
+    def where(self, section: str, key: str, index: Optional[int] = None) -> str:
+        line = find_line(self.text, section, key, index)
         return f"{self.name}:{line}" if line else self.name
 
 
-def find_line(text: str, section: str, key: str) -> Optional[int]:
+def find_line(text: str, section: str, key: str, index: Optional[int] = None) -> Optional[int]:
     """1-based line of `key = ...` inside table `section` ("" for the top level, "directory" for
-    any [[directory]]), or None."""
-    current = ""
+    the index-th [[directory]] (0-based; any one when None)), or None."""
+    current, n = "", -1
     for i, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         m = re.fullmatch(r"\[\[?\s*([^\]]+?)\s*\]\]?(\s*#.*)?", line)
         if m:
             current = m[1]
+            n += current == "directory"
             continue
-        if current == section and re.match(rf"{re.escape(key)}\s*=", line):
+        if current == section and (index is None or n == index) and re.match(rf"{re.escape(key)}\s*=", line):
             return i
     return None
 
@@ -66,7 +69,7 @@ def convert(main: dict[str, Any], dataset: Optional[dict[str, Any]] = None, *, n
     except Refused as e:
         src = sources["dataset" if e.section in ("dataset", "directory") else "main"]
         table = "" if e.section == "dataset" else e.section
-        raise ConfigError(f"{src.where(table, e.key)}: {label(e.section)}{e.key}: {e}") from None
+        raise ConfigError(f"{src.where(table, e.key, e.index)}: {label(e.section)}{e.key}: {e}") from None
 
 
 def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) -> tuple[dict, list[str]]:
@@ -102,29 +105,32 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) ->
                             f"{'UNet' if ctx.model_type == 'sdxl' else 'transformer'} (adapter.type full)")
     else:
         apply(ctx, "adapter", main["adapter"])
+        if note := getattr(family_module(ctx.model_type), "LORA_TARGETS_NOTE", None):
+            ctx.note("type", note)
     apply(ctx, "optimizer", main.get("optimizer") or {})
+    optimizer_defaults(ctx)
     apply(ctx, "monitoring", main.get("monitoring") or {})
+    batch_size(ctx)
     _learning_rates(ctx)
     if full and "textEncoderLearningRate" in ctx.training:
         raise Refused("model", "text_encoder_1_lr", "kubelora's full fine-tune trains the UNet only, not the text "
                                                     "encoders: remove the text encoder learning rates")
     ds_uri = _dataset(ctx, dataset, local)
 
-    if "micro_batch_size_per_gpu" not in main:
-        ctx.training.setdefault("microBatchSize", 1)
     if "gradient_clipping" not in main:
         ctx.training["maxGradNorm"] = 1.0  # diffusion-pipe's default
-    out_uri = output_uri or (local(str(main["output_dir"])) if main.get("output_dir") else None)
+    out_uri = output_uri or (local(ctx.extra["output_dir"]) if ctx.extra.get("output_dir") else None)
     if not out_uri:
         raise Refused("", "output_dir", "the config has no output_dir; add it or pass --output-uri")
+    max_steps = ctx.extra.get("max_steps")
     if steps is None:
-        if not main.get("max_steps"):
+        if not max_steps:
             raise Refused("", "epochs", f"kubelora trains for a number of steps; diffusion-pipe counts epochs "
                                         f"({main.get('epochs', '?')}): pass --steps (steps = epochs x items x repeats "
                                         "/ (micro batch x accumulation x GPUs)) or set max_steps")
-        steps = int(main["max_steps"])
-    elif main.get("max_steps") and int(main["max_steps"]) != steps:
-        ctx.notes.append(f"max_steps: {main['max_steps']} replaced by --steps {steps}")
+        steps = max_steps
+    elif max_steps and max_steps != steps:
+        ctx.notes.append(f"max_steps: {max_steps} replaced by --steps {steps}")
     if "epochs" in main:
         ctx.notes.append(f"epochs: kubelora trains training.steps = {steps} steps, however many epochs that is "
                          f"(diffusion-pipe stops after {main['epochs']} epochs)")
@@ -141,7 +147,24 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) ->
             "training": ctx.training, "output": {"uri": out_uri}}
     manifest = {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
                 "metadata": {"name": _slug(name)}, "spec": spec}
-    return manifest, ctx.notes
+    return manifest, list(dict.fromkeys(ctx.notes))  # a top-level dataset key's note once, not per directory
+
+
+def parse_map(items: list[str]) -> dict[str, str]:
+    """--map LOCAL=URI values -> {local prefix: URI}; a URI the manifest could not hold is a
+    ConfigError saying why (an S3 bucket name's rules, most often its 3-character minimum)."""
+    path_map = {}
+    for m in items:
+        local, sep, remote = m.partition("=")
+        if not sep:
+            raise ConfigError(f"--map {m!r}: expected LOCAL=URI, e.g. /data/models=s3://models")
+        if not re.match(URI_PATTERN, remote.rstrip("/") + "/x"):
+            why = ("S3 bucket names are 3 to 63 characters: lowercase letters, digits, dots and hyphens, starting and "
+                   "ending with a letter or digit" if remote.startswith("s3://") else f"expected {URI_HELP}")
+            raise ConfigError(f"--map {m!r}: {remote!r} is not a URI the manifest can hold: {why}, "
+                              "e.g. /data/models=s3://models")
+        path_map[local] = remote
+    return path_map
 
 
 def _slug(name: str) -> str:
@@ -184,18 +207,18 @@ def _dataset(ctx: Ctx, dataset: Optional[dict[str, Any]], local) -> Optional[str
         raise Refused("dataset", "directory", "expected [[directory]] tables, each with a path")
     apply(ctx, "dataset", dataset)
     if not dirs:
+        finish_dataset(ctx)
         return None
-    top = dict(ctx.dataset)
-    per_dir = []
-    for d in dirs:
+    top, top_origin = dict(ctx.dataset), dict(ctx.origin)
+    per_dir, origins = [], []
+    for i, d in enumerate(dirs):
+        ctx.dataset, ctx.origin, ctx.directory = dict(top), dict(top_origin), i
         if "path" not in d:
-            raise Refused("directory", "path", "the [[directory]] has no path")
-        ctx.dataset = dict(top)
+            raise Refused("directory", "path", "the [[directory]] has no path", i)
         apply(ctx, "directory", d)
+        finish_dataset(ctx)
         per_dir.append(ctx.dataset)
-    for ds in per_dir:
-        if not ds.get("shuffleTags") and ds.pop("tagDelimiter", None) is not None:
-            ctx.note("cache_shuffle_delimiter", "no effect: no tags are shuffled")
+        origins.append(ctx.origin)
     if len(dirs) == 1:
         ctx.dataset = per_dir[0]
         return local(str(dirs[0]["path"]))
@@ -203,11 +226,13 @@ def _dataset(ctx: Ctx, dataset: Optional[dict[str, Any]], local) -> Optional[str
         if "resolution" in ds:
             ds["resolutions"] = [ds.pop("resolution")]
     shared = {k: v for k, v in per_dir[0].items() if all(ds.get(k) == v for ds in per_dir)}
-    for ds, d in list(zip(per_dir, dirs))[1:] + [(per_dir[0], dirs[0])]:  # name one that differs from the first
-        differing = sorted(k for k in ds if k not in shared and k not in SOURCE_FIELDS)
-        if differing:
-            raise Refused("directory", "path", f"[[directory]] {d['path']!r} sets dataset.{differing[0]} differently from "
-                                               "the others; kubelora sets it once per job: give every directory the same")
+    fields = {k for ds in per_dir for k in ds}
+    for k in sorted(fields - set(shared) - SOURCE_FIELDS):
+        # blame the directory that sets it itself (the others take the top level's, or the default)
+        i = next((i for i, o in enumerate(origins) if o.get(k, ("",))[0] == "directory"), 0)
+        section, index, key = origins[i].get(k, ("directory", i, "path"))
+        raise Refused(section, key, f"{dirs[i]['path']!r} sets dataset.{k} differently from the other directories; "
+                                    "kubelora sets it once per job: give every directory the same", index)
     sources = []
     for ds, d in zip(per_dir, dirs):
         src = {"uri": local(str(d["path"])), **{k: v for k, v in ds.items() if k in SOURCE_FIELDS and k not in shared}}

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Any
+from typing import Any, Optional
 
-from .import_handlers import Ctx, Handler, keep, noted, nothing, refused, to
+from .import_handlers import (BadValue, Ctx, Handler, Refused, flag, keep, kept, listed, noted, nothing, number,
+                              positive, refused, text, to, whole)
+from .buckets import aspect_ratios
 from .families import RULES
 from .models import FAMILIES
 
@@ -40,20 +42,31 @@ def lr_scheduler(ctx: Ctx, key: str, value: Any) -> None:
 
 
 def force_constant_lr(ctx: Ctx, key: str, value: Any) -> None:
-    ctx.extra["force_constant_lr"] = float(value)
+    ctx.extra["force_constant_lr"] = number(value)
     ctx.note(key, f"learning rate {value} for every parameter, constant, no warmup (overrides lr_scheduler, "
                   "warmup_steps and per-part learning rates, as in diffusion-pipe)")
 
 
 def micro_batch(ctx: Ctx, key: str, value: Any) -> None:
-    if not isinstance(value, int):
+    """micro_batch_size_per_gpu and image_micro_batch_size_per_gpu (read by batch_size)."""
+    if isinstance(value, list):
         ctx.refuse(key, "per-resolution batch sizes are not supported (one size per job); set one integer")
-    ctx.training["microBatchSize"] = value
+    ctx.extra[key] = whole(value)
 
 
-def image_micro_batch(ctx: Ctx, key: str, value: Any) -> None:
-    ctx.extra[key] = value
-    ctx.note(key, "one micro batch size for images and videos: training.microBatchSize")
+def batch_size(ctx: Ctx) -> None:
+    """training.microBatchSize: diffusion-pipe batches a 1-frame bucket by image_micro_batch_size_per_gpu
+    (default micro_batch_size_per_gpu) and a video bucket by micro_batch_size_per_gpu; an image
+    family has only 1-frame buckets."""
+    size = ctx.extra.get("micro_batch_size_per_gpu", 1)
+    image = ctx.extra.get("image_micro_batch_size_per_gpu", size)
+    ctx.section = ""
+    if ctx.model_type not in VIDEO_TYPES:
+        size = image
+    elif image != size:
+        ctx.note("image_micro_batch_size_per_gpu", f"one micro batch size per job in kubelora: images train "
+                                                   f"{size} at a time like videos (diffusion-pipe: {image})")
+    ctx.training["microBatchSize"] = size
 
 
 def activation_checkpointing(ctx: Ctx, key: str, value: Any) -> None:
@@ -76,8 +89,8 @@ def video_clip_mode(ctx: Ctx, key: str, value: Any) -> None:
 
 
 def uncond_fraction(ctx: Ctx, key: str, value: Any) -> None:
-    if value:
-        ctx.dataset["captionDropout"] = float(value)
+    if number(value):
+        ctx.dataset["captionDropout"] = number(value)
 
 
 def loss_change(ctx: Ctx, key: str, value: Any) -> None:
@@ -88,11 +101,11 @@ def loss_change(ctx: Ctx, key: str, value: Any) -> None:
 
 
 MAIN: dict[str, Handler] = {
-    "output_dir": keep, "dataset": keep, "epochs": keep, "max_steps": keep,
+    "output_dir": kept(text), "dataset": kept(text), "epochs": kept(number), "max_steps": kept(whole),
     "model": keep, "adapter": keep, "optimizer": keep, "monitoring": keep,
     "eval_datasets": noted("evaluation datasets are not run: kubelora reports the training loss"),
     "micro_batch_size_per_gpu": micro_batch,
-    "image_micro_batch_size_per_gpu": image_micro_batch,
+    "image_micro_batch_size_per_gpu": micro_batch,
     "eval_micro_batch_size_per_gpu": noted("no evaluation runs"),
     "eval_image_micro_batch_size_per_gpu": noted("no evaluation runs"),
     "eval_gradient_accumulation_steps": noted("no evaluation runs"),
@@ -100,11 +113,11 @@ MAIN: dict[str, Handler] = {
     "eval_every_n_epochs": noted("no evaluation runs"),
     "eval_every_n_examples": noted("no evaluation runs"),
     "eval_before_first_step": noted("no evaluation runs"),
-    "gradient_accumulation_steps": to("training", "gradientAccumulationSteps", int),
-    "gradient_clipping": to("training", "maxGradNorm", lambda v: float(v) if v else None),
+    "gradient_accumulation_steps": to("training", "gradientAccumulationSteps", whole),
+    "gradient_clipping": to("training", "maxGradNorm", lambda v: number(v) or None),
     "steps_per_print": noted("progress is printed every training.logEvery steps"),
-    "logging_steps": to("training", "logEvery", int),
-    "warmup_steps": to("training", "warmupSteps", int),
+    "logging_steps": to("training", "logEvery", whole),
+    "warmup_steps": to("training", "warmupSteps", whole),
     "lr_scheduler": lr_scheduler,
     "force_constant_lr": force_constant_lr,
     "pipeline_stages": noted("kubelora shards with FSDP2 over all GPUs instead of pipeline stages"),
@@ -115,13 +128,15 @@ MAIN: dict[str, Handler] = {
     "blocks_to_swap": noted("no partial block swapping: FSDP2 shards the model over GPUs, and training.cpuOffload: true "
                             "keeps every block in CPU memory (not N of them); set it if one GPU is short of memory"),
     "disable_block_swap_for_eval": noted("no block swapping and no evaluation runs"),
-    "compile": to("training", "compile", bool),
+    "compile": to("training", "compile", flag),
     "save_every_n_epochs": noted("the LoRA is written at the end of the run"),
     "save_every_n_steps": noted("the LoRA is written at the end of the run"),
     "save_every_n_examples": noted("the LoRA is written at the end of the run"),
-    "checkpoint_every_n_epochs": noted("training-state checkpoints are not written yet"),
-    "checkpoint_every_n_minutes": noted("training-state checkpoints are not written yet"),
-    "resume_from_checkpoint": noted("resuming is not supported yet"),
+    "checkpoint_every_n_epochs": noted("kubelora counts steps, not epochs: training-state checkpoints are written "
+                                       "every training.checkpointEveryMinutes (default 30) or checkpointEverySteps"),
+    "checkpoint_every_n_minutes": to("training", "checkpointEveryMinutes", positive),
+    "resume_from_checkpoint": noted("kubelora resumes by itself: running the manifest again continues from the "
+                                    "newest checkpoint under output.uri/checkpoints/"),
     "save_dtype": noted("kubelora writes LoRA tensors in float32"),
     "caching_batch_size": noted("latents are cached one item at a time on every rank; no effect on the result"),
     "map_num_proc": noted("no effect on the result"),
@@ -146,32 +161,23 @@ def model_dtype(ctx: Ctx, key: str, value: Any) -> None:
     ctx.model["dtype"] = value
 
 
-def transformer_dtype(ctx: Ctx, key: str, value: Any) -> None:
-    if value in ("float8", "float8_e4m3fn"):
-        # diffusion-pipe casts the weights to e4m3 and autocast upcasts them at each use: fp8
-        # storage, bf16 GEMMs; kubelora's float8Compute dequant is that (with a scale per row)
-        ctx.model.update(transformerDtype="float8", float8Compute="dequant")
-        ctx.note(key, "float8 weights that multiply in model.dtype, as diffusion-pipe does (kubelora keeps a scale "
-                      "per row); model.float8Compute: fp8 also runs the GEMMs in fp8, faster on Ada/Hopper GPUs")
-    elif str(value).startswith("float8"):
-        ctx.refuse(key, f"{value!r}: kubelora stores float8 weights as e4m3 (float8 / float8_e4m3fn)")
-    elif value != ctx.extra.get("dtype"):
-        ctx.refuse(key, f"{value!r}: the base weights are kept in model.dtype; remove the key or set it to dtype")
-
-
 # keys every family reads; each family's own keys are in models/<family>/importer.py
 MODEL_COMMON: dict[str, Handler] = {
     "type": nothing,  # read before the table
     "dtype": model_dtype,
-    "transformer_dtype": transformer_dtype,
     "diffusion_model_dtype": noted("only read by diffusion-pipe's ComfyUI-based models"),
     "cache_text_embeddings": noted("text embeddings are cached where the family allows (not for SDXL, whose text "
                                    "encoders are trained)"),
 }
 
 
+def family_module(model_type: str):
+    """models/<family>/importer.py: MODEL_KEYS, and LORA_TARGETS_NOTE where diffusion-pipe adapts other layers."""
+    return importlib.import_module(f"{__package__}.models.{FAMILIES[model_type]}.importer")
+
+
 def family_keys(model_type: str) -> dict[str, Handler]:
-    return importlib.import_module(f"{__package__}.models.{FAMILIES[model_type]}.importer").MODEL_KEYS
+    return family_module(model_type).MODEL_KEYS
 
 
 def model_table(model_type: str) -> dict[str, Handler]:
@@ -195,10 +201,10 @@ def adapter_type(ctx: Ctx, key: str, value: Any) -> None:
 
 ADAPTER: dict[str, Handler] = {
     "type": adapter_type,
-    "rank": to("adapter", "rank", int),
-    "alpha": to("adapter", "alpha", float),
+    "rank": to("adapter", "rank", whole),
+    "alpha": to("adapter", "alpha", number),
     "dtype": noted("LoRA master weights are float32 (computed in model.dtype)"),
-    "dropout": to("adapter", "dropout", float),
+    "dropout": to("adapter", "dropout", number),
     "decompose_factor": noted("a LoKr setting; no effect on LoRA"),
     "rank_dropout": noted("a LoKr setting; no effect on LoRA"),
     "exclude_modules": refused("excluding modules is not supported; list the modules to adapt in "
@@ -211,11 +217,20 @@ ADAPTER: dict[str, Handler] = {
 
 # ---------------------------------------------------------------- [optimizer]
 
-ADAMW_LIKE = {"adamw": None, "adamw_optimi": None, "adamw8bit": "8-bit optimizer states become float32 states "
-              "(more memory, the same updates within rounding)",
-              "adamw8bitkahan": "8-bit states with Kahan summation become float32 AdamW states",
-              "stableadamw": "becomes AdamW without StableAdamW's per-tensor update clipping",
-              "offload": "optimizer states stay on the GPU (sharded by FSDP2)"}
+# diffusion-pipe passes the [optimizer] keys to the optimizer class, so a key left out takes that
+# class's default: torch.optim.AdamW and bitsandbytes' AdamW8bit betas (0.9, 0.999), eps 1e-8;
+# optimi's AdamW and StableAdamW betas (0.9, 0.99), eps 1e-6; weight decay 0.01 in all four
+TORCH_ADAMW = {"betas": [0.9, 0.999], "epsilon": 1e-8, "weightDecay": 0.01}
+OPTIMI_ADAMW = {"betas": [0.9, 0.99], "epsilon": 1e-6, "weightDecay": 0.01}
+ADAMW_LIKE = {  # type -> (its class's defaults, what changes in kubelora)
+    "adamw": (TORCH_ADAMW, None),
+    "adamw_optimi": (OPTIMI_ADAMW, None),
+    "adamw8bit": (TORCH_ADAMW, "8-bit optimizer states become float32 states (more memory, the same updates within "
+                               "rounding)"),
+    "adamw8bitkahan": (TORCH_ADAMW, "8-bit states with Kahan summation become float32 AdamW states"),
+    "stableadamw": (OPTIMI_ADAMW, "becomes AdamW without StableAdamW's per-tensor update clipping"),
+    "offload": (TORCH_ADAMW, "optimizer states stay on the GPU (sharded by FSDP2)"),  # torchao offloading torch AdamW
+}
 
 
 def optimizer_type(ctx: Ctx, key: str, value: Any) -> None:
@@ -223,20 +238,31 @@ def optimizer_type(ctx: Ctx, key: str, value: Any) -> None:
     if name.lower() not in ADAMW_LIKE:
         ctx.refuse(key, f"{name!r}: kubelora trains with AdamW, and {name}'s lr means something else; use "
                         "type = 'adamw' with an AdamW learning rate")
-    if ADAMW_LIKE[name.lower()]:
-        ctx.note(key, f"{name}: {ADAMW_LIKE[name.lower()]}")
+    defaults, change = ADAMW_LIKE[name.lower()]
+    ctx.extra["optimizer_defaults"] = defaults
+    if change:
+        ctx.note(key, f"{name}: {change}")
 
 
 def betas(ctx: Ctx, key: str, value: Any) -> None:
-    ctx.training["betas"] = [float(b) for b in value]
+    ctx.training["betas"] = listed(value, number, "two numbers, e.g. [0.9, 0.99]", length=2)
+
+
+def optimizer_defaults(ctx: Ctx) -> None:
+    """The optimizer class's own defaults for the betas, eps and weight_decay the TOML leaves out."""
+    if "optimizer_defaults" not in ctx.extra:
+        raise Refused("optimizer", "type", "no optimizer type (diffusion-pipe needs one): set type = 'adamw_optimi' "
+                                           "or 'adamw'")
+    for name, default in ctx.extra["optimizer_defaults"].items():
+        ctx.training.setdefault(name, default)
 
 
 OPTIMIZER: dict[str, Handler] = {
     "type": optimizer_type,
-    "lr": keep,
+    "lr": kept(number),
     "betas": betas,
-    "weight_decay": to("training", "weightDecay", float),
-    "eps": to("training", "epsilon", float),
+    "weight_decay": to("training", "weightDecay", number),
+    "eps": to("training", "epsilon", number),
     "beta2_half_life": refused("betas[1] from a half-life in samples is not computed: set betas = [b1, b2] with "
                                "b2 = 0.5 ** (global batch size / half-life), and remove the key"),
     "gradient_release": noted("gradients are reduced and applied after each step (gradient release is a memory "
@@ -256,58 +282,122 @@ MONITORING: dict[str, Handler] = {
 
 # ---------------------------------------------------------------- dataset (top level and [[directory]])
 
+RESOLUTIONS = "a list of sides or [width, height] areas, e.g. [512] or [[1024, 768]]"
+AR_BUCKETS = "a list of width/height ratios or [width, height] pairs, e.g. [1.0, 1.5] or [[512, 512], [448, 576]]"
+SIZE_BUCKETS = "a list of [width, height, frames] buckets, e.g. [[960, 960, 121]]"
+AR_DIGITS = 3  # diffusion-pipe rounds bucket ratios to 3 decimals (ROUND_DECIMAL_DIGITS)
+
+
+def count(v: Any) -> int:
+    n = whole(v)
+    if n < 1:
+        raise BadValue("a whole number >= 1")
+    return n
+
+
 def area_side(value: Any, model_type: str) -> int:
     """diffusion-pipe's resolution entry as kubelora's square side: an entry is a side whose
     square is the area; a [w, h] pair means the area w*h (not a rectangle); rounded to the
     family's multiple as diffusion-pipe rounds bucket sides."""
-    side = math.sqrt(value[0] * value[1]) if isinstance(value, (list, tuple)) else float(value)
+    w, h = listed(value, positive, RESOLUTIONS, length=2) if isinstance(value, list) else (positive(value),) * 2
     m = RULES[model_type].size_multiple  # diffusion-pipe's pixels_round_to_multiple: 32 for LTX, else 16
-    return max(m, int(round(side / m)) * m)
+    return max(m, int(round(math.sqrt(w * h) / m)) * m)
 
 
 def resolutions(ctx: Ctx, key: str, value: Any) -> None:
+    sides = sorted(set(listed(value, lambda v: area_side(v, ctx.model_type), RESOLUTIONS)))
     if ctx.model_type == "cosmos":
         ctx.note(key, "cosmos trains at its size_buckets")
         return
-    sides = sorted(set(area_side(v, ctx.model_type) for v in value))
     ctx.dataset.pop("resolution", None), ctx.dataset.pop("resolutions", None)
     if len(sides) == 1:
         ctx.dataset["resolution"] = sides[0]
     else:
         ctx.dataset["resolutions"] = sides
-    pairs = [v for v in value if isinstance(v, (list, tuple))]
+    pairs = [v for v in value if isinstance(v, list)]
     if pairs:
         ctx.note(key, f"{pairs[0]} is an area in diffusion-pipe, not a rectangle: trained as the area "
                       f"{sides[-1]}x{sides[-1]} (square unless aspect-ratio buckets are on)")
 
 
-def ar_bucket(ctx: Ctx, key: str, value: Any) -> None:
-    if ctx.model_type == "cosmos":
-        ctx.note(key, "cosmos trains at its size_buckets")
-        return
-    ctx.dataset["enableArBucket"] = bool(value)
-
-
-def ar_setting(field: str, cast) -> Handler:
+def ar_setting(field: str, check) -> Handler:
+    """enable_ar_bucket, min_ar, max_ar, num_ar_buckets, ar_buckets: the values, read together by
+    ar_bucket_fields once the directory's keys are all read."""
     def handler(ctx: Ctx, key: str, value: Any) -> None:
+        value = check(value)
         if ctx.model_type == "cosmos":
             ctx.note(key, "cosmos trains at its size_buckets")
             return
-        ctx.dataset[field] = cast(value)
+        ctx.dataset[field] = value
     return handler
 
 
-def ar_buckets(ctx: Ctx, key: str, value: Any) -> None:
-    if ctx.model_type == "cosmos":
-        ctx.note(key, "cosmos trains at its size_buckets")
+def ratio(v: Any) -> float:
+    if isinstance(v, list):
+        w, h = listed(v, positive, AR_BUCKETS, length=2)
+        return w / h
+    return positive(v)
+
+
+def ratios_list(value: Any) -> list[float]:
+    ratios = listed(value, ratio, AR_BUCKETS)
+    if not ratios:
+        raise BadValue(AR_BUCKETS)
+    return sorted({round(r, AR_DIGITS) for r in ratios})
+
+
+def geomspace(lo: float, hi: float, n: int) -> list[float]:
+    """diffusion-pipe's ratios from min_ar, max_ar, num_ar_buckets (np.geomspace: one bucket is min_ar)."""
+    return sorted({round(lo * (hi / lo) ** (i / max(n - 1, 1)), AR_DIGITS) for i in range(n)})
+
+
+def ar_fields(ratios: list[float]) -> Optional[dict[str, Any]]:
+    """kubelora's minAr/maxAr/numArBuckets whose buckets (buckets.aspect_ratios: evenly spaced in log
+    space, minAr <= 1 <= maxAr; one bucket is their geometric mean) are these ratios, or None."""
+    if len(ratios) == 1:
+        r = ratios[0]
+        lo, hi = (r * r, 1.0) if r < 1 else (1.0, r * r)
+    else:
+        lo, hi = ratios[0], ratios[-1]
+    got = aspect_ratios(True, lo, hi, len(ratios))
+    if not (lo <= 1 <= hi and len(got) == len(ratios) and all(abs(a - b) < 6e-4 for a, b in zip(got, ratios))):
+        return None
+    return {"minAr": lo, "maxAr": hi, "numArBuckets": len(ratios)}
+
+
+def ar_bucket_fields(ctx: Ctx) -> None:
+    """The aspect-ratio buckets diffusion-pipe trains (utils/dataset.py: size_buckets win, then
+    enable_ar_bucket decides, then ar_buckets over min_ar/max_ar/num_ar_buckets) as kubelora's fields."""
+    ds = ctx.dataset
+    given = ds.pop("arBuckets", None)
+    settings = [f for f in ("minAr", "maxAr", "numArBuckets") if f in ds] + (["arBuckets"] if given else [])
+    if "width" in ds or not ds.get("enableArBucket"):
+        why = "size_buckets set the sizes" if "width" in ds else "enable_ar_bucket is not true"
+        for f in settings + (["enableArBucket"] if ds.get("enableArBucket") else []):
+            ds.pop(f, None)
+            ctx.note_field(f, f"no effect: {why} (diffusion-pipe ignores it too)")
         return
-    ars = sorted(v[0] / v[1] if isinstance(v, (list, tuple)) else float(v) for v in value)
-    ctx.dataset.update(enableArBucket=True, minAr=min(ars[0], 1.0), maxAr=max(ars[-1], 1.0), numArBuckets=len(ars))
-    ctx.note(key, f"kubelora spaces its ratios evenly in log space: {len(ars)} buckets from {ars[0]:.3g} to "
-                  f"{ars[-1]:.3g} (dataset.minAr/maxAr/numArBuckets) rather than exactly these")
+    current = {"minAr": ds.get("minAr", 0.5), "maxAr": ds.get("maxAr", 2.0), "numArBuckets": ds.get("numArBuckets", 7)}
+    ratios = given or geomspace(*current.values())
+    fields = ar_fields(ratios)
+    shown = ", ".join(f"{r:g}" for r in ratios)
+    culprit = "arBuckets" if given else ("minAr" if current["minAr"] > 1 else "maxAr")
+    if fields is None:
+        ctx.refuse_field(culprit, f"diffusion-pipe trains the aspect ratios {shown}; kubelora's buckets are spaced "
+                                  "evenly in log space from dataset.minAr <= 1 to maxAr >= 1, which cannot give these: "
+                                  "use ratios of such a range (e.g. min_ar = 0.5, max_ar = 2.0, num_ar_buckets = 7)")
+    if not given and all(math.isclose(fields[f], current[f]) for f in fields):
+        return
+    if given:
+        ctx.origin.update({f: ctx.origin["arBuckets"] for f in fields})
+    ds.update(fields)
+    ctx.note_field("arBuckets" if given else "numArBuckets",
+                   f"diffusion-pipe trains the aspect ratios {shown}: kubelora's dataset.minAr {fields['minAr']:g}, "
+                   f"maxAr {fields['maxAr']:g}, numArBuckets {fields['numArBuckets']} give the same")
 
 
 def frame_buckets(ctx: Ctx, key: str, value: Any) -> None:
+    frames = listed(value, count, "a list of frame counts, e.g. [1, 33]")
     if ctx.model_type not in VIDEO_TYPES:
         ctx.note(key, "an image model: frames are 1")
         return
@@ -315,11 +405,14 @@ def frame_buckets(ctx: Ctx, key: str, value: Any) -> None:
         ctx.note(key, "cosmos takes its frame count from size_buckets")
         return
     ctx.dataset.pop("frames", None)
-    ctx.dataset["frameBuckets"] = sorted({int(f) for f in value} | {1})
+    ctx.dataset["frameBuckets"] = sorted(set(frames) | {1})
 
 
 def size_buckets(ctx: Ctx, key: str, value: Any) -> None:
-    w, h, f = (int(x) for x in value[0])
+    buckets = listed(value, lambda b: listed(b, count, SIZE_BUCKETS, length=3), SIZE_BUCKETS)
+    if not buckets:
+        raise BadValue(SIZE_BUCKETS)
+    w, h, f = buckets[0]
     ctx.dataset.pop("resolution", None)
     ctx.dataset.update(width=w, height=h)
     if ctx.model_type in VIDEO_TYPES:
@@ -331,50 +424,64 @@ def size_buckets(ctx: Ctx, key: str, value: Any) -> None:
 
 
 def repeats(ctx: Ctx, key: str, value: Any) -> None:
-    if float(value) != int(value) or value < 1:
+    n = number(value)
+    if not n.is_integer() or n < 1:
         ctx.refuse(key, f"{value}: repeats are whole numbers >= 1 in kubelora")
-    ctx.dataset["repeats"] = int(value)
+    ctx.dataset["repeats"] = int(n)
 
 
-def shuffle_tags(ctx: Ctx, key: str, value: Any) -> None:
-    ctx.dataset["shuffleTags"] = bool(value)
-    if value and "shuffleVariants" not in ctx.dataset:
-        ctx.dataset["shuffleVariants"] = 1  # diffusion-pipe: shuffle_tags alone caches one shuffled caption
+def cache_shuffle_num(v: Any) -> int:
+    n = whole(v)
+    if n < 0:
+        raise BadValue("a whole number >= 0")
+    return n
 
 
-def cache_shuffle_num(ctx: Ctx, key: str, value: Any) -> None:
-    if value:
-        ctx.dataset.update(shuffleTags=True, shuffleVariants=int(value))
+def shuffle_fields(ctx: Ctx) -> None:
+    """diffusion-pipe (utils/dataset.py) caches cache_shuffle_num shuffled captions whenever it is
+    above 0, whatever shuffle_tags says; shuffle_tags with cache_shuffle_num 0 (or unset) caches one."""
+    ds = ctx.dataset
+    n, tags = ds.pop("shuffleVariants", 0), ds.pop("shuffleTags", None)
+    if tags is False and n:
+        ctx.note_field("shuffleTags", f"false, but cache_shuffle_num = {n} shuffles the tags anyway, as in "
+                                      "diffusion-pipe")
+    n = n or int(bool(tags))
+    if n:
+        ds.update(shuffleTags=True, shuffleVariants=n)
+    elif ds.pop("tagDelimiter", None) is not None:
+        ctx.note_field("tagDelimiter", "no effect: no tags are shuffled")
 
 
-def shuffle_delimiter(ctx: Ctx, key: str, value: Any) -> None:
-    ctx.dataset["tagDelimiter"] = str(value)  # dropped with a note when nothing is shuffled (import_config)
+def finish_dataset(ctx: Ctx) -> None:
+    """Keys that act together, read once a directory's keys (over the top level's) are all in."""
+    shuffle_fields(ctx)
+    ar_bucket_fields(ctx)
 
 
 def skip_empty_caption(ctx: Ctx, key: str, value: Any) -> None:
-    ctx.dataset["missingCaption"] = "skip" if value else "empty"
+    ctx.dataset["missingCaption"] = "skip" if flag(value) else "empty"
 
 
 def mask_path(ctx: Ctx, key: str, value: Any) -> None:
     """The directory's masks folder -> its maskUri (the same stem, the red channel weighing the loss)."""
-    ctx.dataset["maskUri"] = ctx.extra["map_path"](str(value))
+    ctx.dataset["maskUri"] = ctx.extra["map_path"](text(value))
 
 
 DATASET: dict[str, Handler] = {
     "directory": keep,
     "resolutions": resolutions,
-    "enable_ar_bucket": ar_bucket,
-    "min_ar": ar_setting("minAr", float),
-    "max_ar": ar_setting("maxAr", float),
-    "num_ar_buckets": ar_setting("numArBuckets", int),
-    "ar_buckets": ar_buckets,
+    "enable_ar_bucket": ar_setting("enableArBucket", flag),
+    "min_ar": ar_setting("minAr", positive),
+    "max_ar": ar_setting("maxAr", positive),
+    "num_ar_buckets": ar_setting("numArBuckets", count),
+    "ar_buckets": ar_setting("arBuckets", ratios_list),
     "frame_buckets": frame_buckets,
     "size_buckets": size_buckets,
     "num_repeats": repeats,
-    "shuffle_tags": shuffle_tags,
-    "cache_shuffle_num": cache_shuffle_num,
-    "cache_shuffle_delimiter": shuffle_delimiter,
-    "caption_prefix": to("dataset", "captionPrefix", str),
+    "shuffle_tags": to("dataset", "shuffleTags", flag),  # shuffle_fields reads the three together
+    "cache_shuffle_num": to("dataset", "shuffleVariants", cache_shuffle_num),
+    "cache_shuffle_delimiter": to("dataset", "tagDelimiter", text),
+    "caption_prefix": to("dataset", "captionPrefix", text),
     "skip_empty_caption": skip_empty_caption,
     "shuffle_metadata": noted("only the order of caching; no effect on the result"),
     "online_captions": noted("captions are read when caching; no effect on the result"),
@@ -383,7 +490,7 @@ DATASET: dict[str, Handler] = {
 
 DIRECTORY: dict[str, Handler] = {
     **{k: v for k, v in DATASET.items() if k not in ("directory", "subsample_ratio")},
-    "path": keep,
+    "path": kept(text),
     "mask_path": mask_path,
     "default_mask_file": refused("a mask for items without their own (diffusion-pipe: for testing) is not supported; "
                                  "items without a mask in mask_path train unmasked: remove the key"),
@@ -399,7 +506,9 @@ SECTIONS: dict[str, dict[str, Handler]] = {
 
 def apply(ctx: Ctx, section: str, table: dict[str, Any]) -> None:
     """Run every key of one TOML table through its section's handlers; a key no handler knows
-    is refused (diffusion-pipe passes unknown [optimizer] keys to the optimizer) or noted."""
+    is refused (diffusion-pipe passes unknown [optimizer] keys to the optimizer) or noted. A value
+    of the wrong type or shape is refused naming the key; ctx.origin records which key set each
+    dataset field."""
     handlers = model_table(ctx.model_type) if section == "model" else SECTIONS[section]
     ctx.section = "" if section == "main" else section
     for key, value in table.items():
@@ -410,4 +519,14 @@ def apply(ctx: Ctx, section: str, table: dict[str, Any]) -> None:
                                 "weight_decay and eps: remove the key")
             ctx.note(key, "not a key diffusion-pipe reads here (a typo?); ignored")
             continue
-        h(ctx, key, value)
+        before = dict(ctx.dataset)
+        try:
+            h(ctx, key, value)
+        except Refused:
+            raise
+        except BadValue as e:
+            ctx.refuse(key, f"{value!r}: expected {e}")
+        except (TypeError, ValueError, ArithmeticError, LookupError):
+            ctx.refuse(key, f"{value!r}: not a value of the type diffusion-pipe takes here (docs/import-config.md)")
+        ctx.origin.update({f: (ctx.section, ctx.directory, key) for f, v in ctx.dataset.items()
+                           if f not in before or before[f] is not v})

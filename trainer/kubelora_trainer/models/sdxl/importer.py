@@ -1,11 +1,11 @@
 """How `kubelora import-config` reads the [model] keys diffusion-pipe's SDXL reads (models/sdxl.py there)."""
 from typing import Any
 
-from ...import_handlers import Ctx, Handler, keep, path, refused, to
+from ...import_handlers import Ctx, Handler, flag, kept, number, path, refused, to
 
 
 def v_pred(ctx: Ctx, key: str, value: Any) -> None:
-    ctx.model["vPred"] = bool(value)
+    ctx.model["vPred"] = flag(value)
     if value:  # diffusion-pipe rescales the schedule to zero terminal SNR whenever v_pred is set
         ctx.model["zeroTerminalSnr"] = True
 
@@ -13,10 +13,10 @@ def v_pred(ctx: Ctx, key: str, value: Any) -> None:
 MODEL_KEYS: dict[str, Handler] = {
     "checkpoint_path": path("checkpointPath"),
     "v_pred": v_pred,
-    "min_snr_gamma": to("model", "minSnrGamma", float),
+    "min_snr_gamma": to("model", "minSnrGamma", number),
     "debiased_estimation_loss": refused("debiased estimation loss weighting is not supported (diffusion-pipe turns it "
                                         "on whenever the key is present, even = false): remove the key"),
-    "unet_lr": keep,             # kubelora's two learning rates are set from these and [optimizer] lr
-    "text_encoder_1_lr": keep,
-    "text_encoder_2_lr": keep,
+    "unet_lr": kept(number),     # kubelora's two learning rates are set from these and [optimizer] lr
+    "text_encoder_1_lr": kept(number),
+    "text_encoder_2_lr": kept(number),
 }
