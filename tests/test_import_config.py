@@ -580,3 +580,35 @@ def test_lora_layers_diffusion_pipe_adapts_beyond_kubelora_defaults_are_noted(mo
         assert len(notes) == 1 and layers in notes[0] and "adapter.targetModules" in notes[0], notes
     else:
         assert not notes, notes
+
+
+def test_the_manifest_name_is_one_the_crd_accepts():
+    from kubelora_trainer.import_config import _slug
+    from kubelora_trainer.spec import MAX_NAME, check_name
+    for stem, want in [("2024_flux.v2", "lora-2024-flux-v2"), ("My Style__LoRA", "my-style-lora"), ("___", "imported"),
+                       ("flux", "flux")]:
+        assert _slug(stem) == want
+        check_name(_slug(stem))
+    long = _slug("a" * 40 + "-" + "b" * 40)
+    assert len(long) <= MAX_NAME and not long.endswith("-")
+    check_name(long)
+
+
+def test_a_cosmos_text_encoder_file_becomes_its_folder_with_the_tokenizer_named():
+    """diffusion-pipe loads the T5 weights from the file and ships the tokenizer; kubelora reads both
+    from a folder (an S3 object key would stage the weights alone)."""
+    main, ds = _with("model", "text_encoder_path", "/models/cosmos/oldt5_xxl_fp16.safetensors", "cosmos")
+    manifest, notes = convert(main, ds)
+    assert manifest["spec"]["model"]["textEncoderPath"] == "/models/cosmos/"
+    assert any(n.startswith("[model] text_encoder_path: kubelora reads the T5 encoder and its tokenizer from a folder")
+               and "spiece.model" in n for n in notes), notes
+    main, ds = _with("model", "text_encoder_path", "/models/cosmos/t5", "cosmos")
+    assert convert(main, ds)[0]["spec"]["model"]["textEncoderPath"] == "/models/cosmos/t5"
+
+
+def test_a_config_without_a_dataset_is_refused_naming_the_key():
+    main, _ = _base("flux")
+    main.pop("dataset", None)
+    with pytest.raises(ConfigError, match=r"dataset: the config names no dataset file .*--dataset FILE or --data-uri URI"):
+        convert(main, None)
+    assert convert(main, None, data_uri="s3://data/set")[0]["spec"]["dataset"]["uri"] == "s3://data/set"

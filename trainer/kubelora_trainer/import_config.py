@@ -142,6 +142,9 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) ->
     if data_uri and "sources" in ctx.dataset:
         raise Refused("directory", "path", "--data-uri names one folder but the dataset has several [[directory]] "
                                            "entries: use --map LOCAL=URI for their paths")
+    if "sources" not in ctx.dataset and not (data_uri or ds_uri):
+        raise Refused("", "dataset", "the config names no dataset file (diffusion-pipe needs one): add "
+                                     "dataset = 'dataset.toml', or pass --dataset FILE or --data-uri URI")
     data = ctx.dataset if "sources" in ctx.dataset else {"uri": data_uri or ds_uri, **ctx.dataset}
     spec = {"model": ctx.model, "dataset": data, "adapter": ctx.adapter,
             "training": ctx.training, "output": {"uri": out_uri}}
@@ -168,7 +171,13 @@ def parse_map(items: list[str]) -> dict[str, str]:
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")[:52] or "imported"
+    """A metadata.name the CRD accepts (spec.check_name) from a file stem or --name: lowercase
+    letters, digits and single '-', a letter first ('lora-' put before a digit). Pure."""
+    from .spec import MAX_NAME
+    slug = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", name.lower())).strip("-")
+    if slug and not slug[0].isalpha():
+        slug = f"lora-{slug}"
+    return slug[:MAX_NAME].rstrip("-") or "imported"
 
 
 def _learning_rates(ctx: Ctx) -> None:
