@@ -49,6 +49,38 @@ def test_a_stopped_node_waits_until_node_0_s_store_has_closed():
     assert wait_until_closed("127.0.0.1", port, 30) is True            # closed: returns at once after
 
 
+def test_node_0s_address_is_the_one_it_had_during_the_run():
+    """After a preemption node 0's replacement is a new pod with a new address behind the same
+    name: a node > 0 waits for the old store at the address the name had during the run, and so
+    is not held back by the replacement answering at the name (real sockets on two loopback
+    addresses; the name's lookups are scripted: DNS cannot be changed here)."""
+    import socket
+    import threading
+    import time
+
+    from kubelora_trainer.launch import AddressWatch, wait_until_closed
+    answers = iter(["127.0.0.2", "127.0.0.2"])
+    looked_up = threading.Event()
+
+    def resolve(name):
+        assert name == "job-0.job-workers"
+        try:
+            return next(answers)
+        except StopIteration:
+            looked_up.set()
+            raise OSError("no such host: the old pod is gone") from None
+    watch = AddressWatch("job-0.job-workers", every=0.05, resolve=resolve)
+    assert looked_up.wait(30)
+    watch.stop()
+    assert watch.last == "127.0.0.2"   # the newest answer survives the name's disappearance
+    replacement = socket.create_server(("127.0.0.1", 0))   # node 0's new pod, at another address
+    port = replacement.getsockname()[1]
+    t0 = time.monotonic()
+    assert wait_until_closed(watch.last, port, 30) is True and time.monotonic() - t0 < 5
+    assert wait_until_closed("127.0.0.1", port, 0.3) is False  # the name's new address: still open
+    replacement.close()
+
+
 def test_the_trainer_and_the_operator_agree_on_the_exit_codes():
     from kubelora_operator import manifests
     from kubelora_trainer import exits

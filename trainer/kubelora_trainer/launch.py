@@ -72,24 +72,31 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
             pass
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    rdzv = rendezvous_of(torchrun_args)
+    master = AddressWatch(rdzv[1]) if rdzv and rdzv[0] > 0 else None
     try:
         rc = proc.wait()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         _reap(proc.pid)
+        if master:
+            master.stop()
     records = read_records(folder)
     shutil.rmtree(folder, ignore_errors=True)
     code = exit_code(rc, records)
-    rdzv = rendezvous_of(torchrun_args)
-    if (code > 128 or code == PEER_STOPPED) and rdzv and rdzv[0] > 0:
+    if (code > 128 or code == PEER_STOPPED) and master:
         # stopped with a checkpoint, and this pod will be replaced at once: its replacement must
         # not meet node 0's old store (still open while node 0 writes the checkpoint's marker) and
-        # wait there for a run that is over, so this pod ends only once that store has closed
+        # wait there for a run that is over, so this pod ends only once that store has closed. The
+        # store is watched at the address node 0's name had during the run: node 0's replacement
+        # (a new pod, a new address) answering at the name does not hold this pod back.
         import time
         t0, limit = time.monotonic(), float(os.environ.get(MASTER_WAIT_ENV, "60"))
-        closed = wait_until_closed(rdzv[1], rdzv[2], limit)
-        print(f"[launch] node 0's rendezvous {rdzv[1]}:{rdzv[2]} " + (f"closed after {time.monotonic() - t0:.1f} s"
+        addr = master.last or rdzv[1]
+        closed = wait_until_closed(addr, rdzv[2], limit)
+        where = rdzv[1] if addr == rdzv[1] else f"{rdzv[1]} ({addr})"
+        print(f"[launch] node 0's rendezvous {where}:{rdzv[2]} " + (f"closed after {time.monotonic() - t0:.1f} s"
               if closed else f"still open after {limit:.0f} s") + "; this node's pod ends now", file=sys.stderr,
               flush=True)
     if code != 0:  # the root cause, once, last
@@ -119,6 +126,33 @@ def rendezvous_of(torchrun_args: list[str]) -> tuple[int, str, int] | None:
         return int(found["--node-rank"]), found["--master-addr"], int(found["--master-port"])
     except (KeyError, ValueError):
         return None
+
+
+class AddressWatch:
+    """The address a host name resolves to, looked up every `every` seconds in a thread while the
+    run lasts; `last`: the newest answer (None before the first). resolve: injectable (tests)."""
+
+    def __init__(self, name: str, every: float = 10.0, resolve=None):
+        import socket
+        import threading
+        self.name, self.last = name, None
+        self._resolve = resolve or (lambda n: socket.getaddrinfo(n, None, type=socket.SOCK_STREAM)[0][4][0])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(every,), daemon=True, name="master-address")
+        self._thread.start()
+
+    def _loop(self, every: float) -> None:
+        while True:
+            try:
+                self.last = self._resolve(self.name)
+            except (OSError, IndexError):
+                pass  # not resolvable (yet, or any more): keep the newest answer
+            if self._stop.wait(every):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def wait_until_closed(addr: str, port: int, seconds: float) -> bool:
