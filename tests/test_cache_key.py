@@ -17,7 +17,7 @@ def _key(spec, files="f1", caption="a cat", media=b"bytes"):
 def test_key_changes_with_every_input():
     base = _key(_spec())
     assert base == _key(_spec())  # stable
-    others = [_key(_spec(frames=17)), _key(_spec(resolution=64)), _key(_spec(width=64, height=32)),
+    others = [_key(_spec(frames=17)), _key(_spec(resolution=64)), _key(_spec(resolution=512, width=64, height=32)),
               _key(_spec(), files="f2"), _key(_spec(), caption="a dog"), _key(_spec(), media=b"other")]
     assert len({base, *others}) == 1 + len(others)
 

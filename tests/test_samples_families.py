@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import run_trainer
 from kubelora_trainer import samples
-from kubelora_trainer.families import COSMOS_ANY_SIZE_ENV
+from kubelora_trainer.families import COSMOS_ANY_SIZE_ENV, RULES
 from kubelora_trainer.models.cosmos import GUARDRAIL_ENV
 from kubelora_trainer.spec import SpecError, parse_spec
 
@@ -41,7 +41,8 @@ def _train(tmp: Path, model: dict, dataset: dict, samples_spec: dict, env: dict 
     spec = {"model": {**model, "dtype": "float32"}, "dataset": {"uri": str(tmp / "data"), **dataset},
             "adapter": {"rank": 8, "alpha": 16},
             "training": {"steps": STEPS, "learningRate": 2e-2, "microBatchSize": 1, "logEvery": 3, "seed": 1,
-                         "timestepSampling": "uniform", **(training or {})},
+                         **({"timestepSampling": "uniform"} if RULES[model["type"]].flow_matching else {}),
+                         **(training or {})},
             "output": {"uri": str(tmp / "out"), **(output or {})},
             "samples": {"prompts": [{"prompt": PROMPT, "seed": SEED}], "steps": SAMPLE_STEPS, **samples_spec}}
     n = len(spec["samples"]["prompts"])
