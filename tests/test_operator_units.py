@@ -165,9 +165,13 @@ def test_local_paths_only_on_the_cache_volume_in_a_cluster():
         parse_spec({**base, "dataset": {"sources": [{"uri": "s3://data/set", "maskUri": "/masks"}]}}))
     assert "dataset.cacheUri: '/shared' is a path inside the trainer pod, where the shared cache would be lost" in \
         cluster_problem(parse_spec({**base, "dataset": {"uri": "s3://data/set", "cacheUri": "/shared"}}))
-    on_pvc = {**base, "output": {"uri": f"{CACHE_MOUNT}/out"}}
-    assert "output.uri" in cluster_problem(parse_spec(on_pvc))
+    on_pvc = {**base, "dataset": {"uri": f"{CACHE_MOUNT}/data"}}
+    assert "dataset.uri" in cluster_problem(parse_spec(on_pvc))
     assert cluster_problem(parse_spec({**on_pvc, "resources": {"cacheVolumeClaim": "shared"}})) is None
+    # the operator reads progress and manifest.json from output.uri: it must be S3, claim or not
+    out_on_pvc = {**base, "output": {"uri": f"{CACHE_MOUNT}/out"}, "resources": {"cacheVolumeClaim": "shared"}}
+    assert "output.uri: '/var/cache/kubelora/out' is on the cache volume claim, which the operator does not mount" \
+        in cluster_problem(parse_spec(out_on_pvc))
 
 
 def test_pods_waiting_for_gpus_are_pending_with_the_schedulers_message():

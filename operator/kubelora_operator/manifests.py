@@ -123,8 +123,9 @@ def _env(job: str, spec: LoRATrainingJobSpec, namespace: str) -> list[dict]:
 
 def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
     """A spec that validates but cannot work in pods: a local path is the pod's own disk, so an
-    output written there is lost with the pod and an input is simply not there. Local paths are
-    fine only on the cache volume claim (mounted at CACHE_MOUNT). Pure."""
+    output written there is lost with the pod and an input is simply not there. Local inputs are
+    fine only on the cache volume claim (mounted at CACHE_MOUNT); the output must be on S3, where
+    the operator reads the run's progress and manifest.json. Pure."""
     from kubelora_trainer.families import PATH_FIELDS
 
     def on_volume(uri: str) -> bool:
@@ -137,6 +138,10 @@ def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
               **{f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}}
     lost = {"output.uri": ", where the LoRA would be lost with the pod",
             "dataset.cacheUri": ", where the shared cache would be lost with the pod"}
+    if not spec.output.uri.startswith("s3://") and on_volume(spec.output.uri):
+        return (f"output.uri: {spec.output.uri!r} is on the cache volume claim, which the operator does not mount: "
+                "it reads the run's progress and manifest.json from output.uri, so the job would never leave "
+                "Exporting; use an s3:// URI (inputs may stay on the volume)")
     for field, uri in fields.items():
         if not uri.startswith("s3://") and not on_volume(uri):
             return (f"{field}: {uri!r} is a path inside the trainer pod" + lost.get(field, ", which it does not have")
