@@ -264,6 +264,31 @@ def test_credentials_from_mounted_secret_files(s3_endpoint, tmp_path, monkeypatc
     client.create_bucket(Bucket="secret-ok")
 
 
+def test_the_operator_reads_with_rotated_secret_files_without_a_restart(s3_endpoint, tmp_path, monkeypatch):
+    """The operator's own credentials are a mounted Secret: after a rotation its cached client must
+    not keep the old keys (every job without its own credentials would stall on them)."""
+    from kubelora_operator import artifacts
+    from kubelora_trainer.local_s3 import SECRET_FILE_KEYS
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    sec = tmp_path / "secret"
+    sec.mkdir()
+    monkeypatch.setenv(storage.CREDENTIALS_DIR_ENV, str(sec))
+
+    def mount(key: str, secret: str) -> None:
+        (sec / "AWS_ACCESS_KEY_ID").write_text(key)
+        (sec / "AWS_SECRET_ACCESS_KEY").write_text(secret)
+    settings = S3Settings(endpoint=s3_endpoint, max_attempts=1)
+    mount(SECRET_FILE_KEYS[0], "revoked")
+    got, error = artifacts.read_json("s3://rotated/run", "manifest.json", settings)
+    assert got is None and "access denied" in error, error
+    mount(*SECRET_FILE_KEYS)  # the Secret is rotated: the kubelet updates the files
+    got, error = artifacts.read_json("s3://rotated/run", "manifest.json", settings)
+    assert error is None or "access denied" not in error, error
+
+
 class _FlakyUpload:
     def __init__(self, client, failures):
         self._c, self.failures, self.calls = client, failures, 0

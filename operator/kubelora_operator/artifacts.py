@@ -11,11 +11,16 @@ from kubelora_trainer import storage
 from kubelora_trainer.progress import PROGRESS_KEY  # noqa: F401 - re-exported for the handlers
 
 MANIFEST_KEY = "manifest.json"
-_clients: dict[tuple, object] = {}   # one boto3 client per (endpoint, region, style, key id): ~45 ms each to make
+_clients: dict[tuple, object] = {}   # one boto3 client per (endpoint, region, style, keys): ~45 ms each to make
 
 
 def client_for(settings: storage.S3Settings):
-    key = (settings.endpoint, settings.region, settings.addressing_style, settings.access_key, settings.secret_key)
+    """The cached client for these settings. Without a job's own keys the client takes the
+    operator's mounted Secret files, read again on each call (three small files) so that a
+    rotated Secret makes a new client instead of failing every job with the old keys."""
+    own = (settings.access_key, settings.secret_key)
+    files = () if all(own) else tuple(sorted(storage.secret_file_credentials().items()))
+    key = (settings.endpoint, settings.region, settings.addressing_style, *own, files)
     if key not in _clients:
         _clients[key] = storage.make_client(settings)
     return _clients[key]

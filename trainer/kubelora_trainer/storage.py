@@ -143,7 +143,7 @@ def parse_uri(uri: str) -> Location:
 
 # ---------------------------------------------------------------- client and errors
 
-def _secret_file_credentials() -> dict[str, str]:
+def secret_file_credentials() -> dict[str, str]:
     d = Path(os.environ.get(CREDENTIALS_DIR_ENV, DEFAULT_CREDENTIALS_DIR))
     out = {}
     for name, arg in (("AWS_ACCESS_KEY_ID", "aws_access_key_id"), ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
@@ -167,7 +167,7 @@ def make_client(settings: S3Settings):
         s3={"addressing_style": style}, max_pool_connections=max(10, settings.concurrency * 2),
     )
     region = settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    kwargs = _secret_file_credentials()
+    kwargs = secret_file_credentials()
     if settings.access_key and settings.secret_key:
         kwargs = {"aws_access_key_id": settings.access_key, "aws_secret_access_key": settings.secret_key}
     client = boto3.client("s3", endpoint_url=settings.endpoint, region_name=region, config=cfg, **kwargs)
