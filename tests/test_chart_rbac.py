@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("KUBELORA_SYNC_INTERVAL", "0.5")
 os.environ.setdefault("KUBELORA_RETRY_DELAY", "0.5")
 os.environ.setdefault("KUBELORA_STORAGE_STALL_SECONDS", "1")
+os.environ.setdefault("KUBELORA_POD_CREATE_GRACE_SECONDS", "0")  # no kubelet: a job's FailedCreate Events are read
 
 import re  # noqa: E402
 from contextlib import contextmanager  # noqa: E402

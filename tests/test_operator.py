@@ -301,6 +301,32 @@ def test_a_gang_restart_after_a_lost_node_is_not_counted_against_the_backoff_lim
     assert "exited with code 1" in restart, restart
 
 
+def test_pods_refused_by_a_quota_are_reported_not_waited_for(cluster, kubectl, monkeypatch):
+    """No pod of the Job is ever made (a ResourceQuota on nvidia.com/gpu refuses them): the Job
+    controller says so only in FailedCreate Events on the Job, which the status then shows
+    (Stalled) instead of 'waiting for the trainer pods to be scheduled'. The Event is posted by
+    the test, as the Job controller would (none runs here)."""
+    from kubelora_operator import handlers
+    kube = cluster
+    monkeypatch.setattr(handlers, "POD_CREATE_GRACE_SECONDS", 0.0)
+    refusal = ('pods "quota-0-x" is forbidden: exceeded quota: gpu-quota, requested: nvidia.com/gpu=1, '
+               'used: nvidia.com/gpu=8, limited: nvidia.com/gpu=8')
+    with operator():
+        assert apply(kubectl, manifest("quota")).returncode == 0
+        job = wait_for(lambda: kube.get("batch/v1/jobs", "default", "quota"), timeout=30)
+        wait_for(lambda: (ltj(kube, "quota").get("status") or {}).get("reason") == "WaitingForPods", timeout=30)
+        for uid, name in ((job["metadata"]["uid"], "quota.1"), ("another-jobs-uid", "other.1")):
+            apply(kubectl, {"apiVersion": "v1", "kind": "Event", "metadata": {"name": name},
+                            "involvedObject": {"apiVersion": "batch/v1", "kind": "Job", "name": "quota",
+                                               "namespace": "default", "uid": uid},
+                            "reason": "FailedCreate", "type": "Warning", "message": refusal if uid != "another-jobs-uid"
+                            else "a predecessor's refusal", "source": {"component": "job-controller"}})
+        st = wait_for(lambda: (ltj(kube, "quota").get("status") or {}).get("reason") == "FailedCreate"
+                      and ltj(kube, "quota")["status"], timeout=30)
+    assert st["phase"] == "Pending" and refusal in st["message"] and "predecessor" not in st["message"], st
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Stalled"] == "True"
+
+
 def test_the_job_is_read_with_its_own_credentials(cluster, kubectl, s3, monkeypatch):
     """The operator's own keys are wrong here; the job's Secret holds keys the S3 server (SeaweedFS,
     which checks signatures) accepts: the finished job's manifest is read with those. With a wrong

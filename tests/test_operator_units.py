@@ -425,3 +425,18 @@ def test_a_finished_jobs_status_follows_a_new_generation():
     before = {c["type"]: c for c in done["conditions"]}
     for c in patch["conditions"]:  # nothing but the generation changes
         assert {**c, "observedGeneration": 1} == before[c["type"]]
+
+
+def test_a_job_without_pods_past_the_grace_reads_why_they_were_refused():
+    from datetime import datetime, timedelta, timezone
+    now = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
+    made = {"metadata": {"creationTimestamp": "2026-11-26T11:59:00Z"}, "spec": {}, "status": {}}
+    assert st.awaits_pods(made, now, 30) and not st.awaits_pods(made, now - timedelta(seconds=45), 30)
+    assert not st.awaits_pods({**made, "spec": {"suspend": True}}, now, 30)        # suspended, or queued in Kueue
+    assert not st.awaits_pods({**made, "status": {"active": 1}}, now, 30)          # pods exist (maybe unscheduled)
+    pending = st.Observed(st.PENDING, "WaitingForPods", "waiting for the trainer pods to be scheduled")
+    events = [{"message": "old refusal", "lastTimestamp": "2026-11-26T11:59:10Z"},
+              {"message": "exceeded quota: gpu-quota", "lastTimestamp": "2026-11-26T11:59:50Z"}]
+    got = st.pods_refused(pending, events)
+    assert (got.reason, got.stalled) == ("FailedCreate", True) and "exceeded quota: gpu-quota" in got.message
+    assert st.pods_refused(pending, []) is pending

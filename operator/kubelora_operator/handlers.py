@@ -41,6 +41,8 @@ SYNC_WORKERS = int(_env_float("KUBELORA_SYNC_WORKERS", 4))
 RETRY_DELAY = _env_float("KUBELORA_RETRY_DELAY", 10.0)
 NAME_WAIT_SECONDS = _env_float("KUBELORA_NAME_WAIT_SECONDS", 120.0)
 STORAGE_STALL_SECONDS = _env_float("KUBELORA_STORAGE_STALL_SECONDS", 300.0)
+# a Job without pods this long after it was made: its FailedCreate Events are read (quota, policy)
+POD_CREATE_GRACE_SECONDS = _env_float("KUBELORA_POD_CREATE_GRACE_SECONDS", 30.0)
 INSTANCE = os.environ.get("HOSTNAME") or socket.gethostname()  # Events' reportingInstance
 
 
@@ -285,6 +287,8 @@ def _sync(body: dict, changes: Changes) -> None:
     queue = manifests.kueue_queue((job.get("metadata") or {}).get("labels"))
     obs = st.observe(job, pods, progress, manifest, job_spec.runPolicy.suspend and not queue, queue)
     obs = st.name_missing_secret(obs, job_spec.storage.credentialsSecret)
+    if st.awaits_pods(job, datetime.now(timezone.utc), POD_CREATE_GRACE_SECONDS):
+        obs = st.pods_refused(obs, kube.failed_create_events(namespace, job))
     obs = _storage_stall(obs, error, previous, changes)
     new = st.status(previous, obs, meta.get("generation", 1), job, st.now_iso())
     if _differs(previous, new):

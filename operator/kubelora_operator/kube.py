@@ -131,6 +131,15 @@ def job_pods(namespace: str, job_name: str) -> list[dict]:
     return [api().sanitize_for_serialization(p) for p in pods.items]
 
 
+def failed_create_events(namespace: str, job: dict) -> list[dict]:
+    """The Job controller's FailedCreate Events for this Job (its pods refused by a ResourceQuota,
+    a LimitRange, Pod Security admission or a webhook), matched by the Job's uid."""
+    core, _ = _apis()
+    selector = (f"involvedObject.kind=Job,involvedObject.uid={job['metadata']['uid']},reason=FailedCreate")
+    events = core.list_namespaced_event(namespace, field_selector=selector)
+    return [api().sanitize_for_serialization(e) for e in events.items]
+
+
 class TTLCache:
     """Values loaded on a miss and kept `ttl` seconds; None (not found) is not kept, so a Secret
     applied after its job is used at the next sync. Thread-safe; the clock is injectable. Used for

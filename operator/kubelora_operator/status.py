@@ -212,6 +212,36 @@ def last_reported(previous_status: dict) -> Optional[dict]:
     return {"phase": phase} if phase in (TRAINING, EXPORTING) else None
 
 
+def awaits_pods(job: dict, now: datetime, grace_seconds: float) -> bool:
+    """A Job that should have pods by now and has none: not suspended, not finished, nothing
+    active, succeeded or failed, made more than grace_seconds ago. Its FailedCreate Events then
+    say why (pods_refused). Pure."""
+    s = job.get("status") or {}
+    if (job.get("spec") or {}).get("suspend") or _cond(job, "Complete") or _cond(job, "Failed"):
+        return False
+    if s.get("active") or s.get("succeeded") or s.get("failed") or s.get("ready"):
+        return False
+    made = (job.get("metadata") or {}).get("creationTimestamp")
+    if not made:
+        return False
+    return (now - datetime.fromisoformat(made.replace("Z", "+00:00"))).total_seconds() >= grace_seconds
+
+
+def pods_refused(obs: Observed, events: list[dict]) -> Observed:
+    """A Job whose pods the API server refuses (FailedCreate Events: a ResourceQuota, LimitRange,
+    Pod Security admission or a webhook) is not waiting to be scheduled: say so, with the newest
+    refusal, Stalled (the Job controller retries, but a person must change the quota, the policy
+    or the job). Pure."""
+    if not events or obs.phase != PENDING:
+        return obs
+    newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or
+                 (e.get("metadata") or {}).get("creationTimestamp") or "")
+    return Observed(PENDING, "FailedCreate", f"the trainer pods cannot be created: {newest.get('message')} (a "
+                    "ResourceQuota, LimitRange, Pod Security admission or an admission webhook refuses them; the "
+                    "Job controller retries, so the run starts once that is changed)", stalled=True,
+                    progress=obs.progress, artifacts=obs.artifacts)
+
+
 def name_missing_secret(obs: Observed, secret: Optional[str]) -> Observed:
     """A pod that cannot start because the job's credentials Secret is missing says so itself
     (CreateContainerConfigError, 'secret "x" not found'); add which field names it and what it

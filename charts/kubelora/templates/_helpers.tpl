@@ -68,9 +68,10 @@ operator against the emulated API server and compares). Namespaced resources go 
 - apiGroups: [""]
   resources: [persistentvolumeclaims, secrets]
   verbs: [get]
+# events: the job's own (create); the Job controller's FailedCreate for pods refused by a quota or policy (list)
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 {{- end -}}
 
 {{- define "kubelora.clusterRules" -}}
