@@ -135,12 +135,25 @@ def test_monitors_select_the_operator_and_the_trainer_pods():
     assert ns == {"matchNames": ["ml", "research"]}
 
 
-def test_the_pod_monitors_port_is_declared_by_the_trainer_pods():
+def test_the_pod_monitors_port_is_declared_by_the_trainer_pods(monkeypatch):
+    """trainer.metricsPort and trainer.metricsLingerSeconds reach the trainer pods: the chart tells
+    the operator, which sets the pods' port and environment from them."""
+    from kubelora_operator import handlers
     spec = parse_spec({"model": {"type": "flux", "diffusersPath": "s3://models/flux"}, "dataset": {"uri": "s3://data/set"},
                        "output": {"uri": "s3://out/run"}})
-    job = manifests.children("ft", "0b7e6c2c-0000-4000-8000-000000000000", "ml", spec, manifests.OperatorConfig())[-1]
-    ports = {p["name"]: p["containerPort"] for c in job["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
-    assert ports.get("metrics") == 9400
+
+    def trainer_pod(cfg):
+        job = manifests.children("ft", "0b7e6c2c-0000-4000-8000-000000000000", "ml", spec, cfg)[-1]
+        c = job["spec"]["template"]["spec"]["containers"][0]
+        return {p["name"]: p["containerPort"] for p in c.get("ports", [])}, env(c)
+    ports, e = trainer_pod(manifests.OperatorConfig())
+    assert ports["metrics"] == 9400 and e["KUBELORA_METRICS_PORT"] == "9400" and e["KUBELORA_METRICS_LINGER_SECONDS"] == "60"
+    op = env(one(objects({"trainer": {"metricsPort": 9500, "metricsLingerSeconds": 120}}),
+                 "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    for k in ("KUBELORA_TRAINER_METRICS_PORT", "KUBELORA_TRAINER_METRICS_LINGER_SECONDS"):
+        monkeypatch.setenv(k, op[k])
+    ports, e = trainer_pod(handlers.operator_config())
+    assert ports["metrics"] == 9500 and e["KUBELORA_METRICS_PORT"] == "9500" and e["KUBELORA_METRICS_LINGER_SECONDS"] == "120"
 
 
 def test_alerts_and_dashboard_come_from_the_charts_files(tmp_path):

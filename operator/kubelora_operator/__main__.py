@@ -4,7 +4,10 @@ Environment: KUBELORA_TRAINER_IMAGE (default trainer image), KUBELORA_SYNC_INTER
 between status syncs of active jobs, 10; Job changes are synced at once), KUBELORA_SECRET_CACHE_SECONDS
 (how long a job's credentials Secret is reused, 60), KUBELORA_STORAGE_STALL_SECONDS (how long an
 unreadable output bucket lasts before the job is Stalled, 300), KUBELORA_OPERATOR_METRICS_PORT (the
-Prometheus endpoint, /metrics on 9401; 0: off), AWS_* (how the operator reads
+Prometheus endpoint, /metrics on 9401; 0: off), KUBELORA_TRAINER_METRICS_PORT and
+KUBELORA_TRAINER_METRICS_LINGER_SECONDS (the trainer pods' endpoint, 9400, and how long a finished
+pod keeps serving it, 60), KUBELORA_POD_CREATE_GRACE_SECONDS (how long a Job may have no pods before
+its FailedCreate Events are read, 30), AWS_* (how the operator reads
 progress.json / manifest.json from the output bucket when a job names no credentialsSecret).
 """
 import argparse

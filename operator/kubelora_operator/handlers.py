@@ -50,6 +50,9 @@ def operator_config() -> manifests.OperatorConfig:
     return manifests.OperatorConfig(
         image=os.environ.get("KUBELORA_TRAINER_IMAGE", manifests.OperatorConfig.image),
         image_pull_policy=os.environ.get("KUBELORA_IMAGE_PULL_POLICY", manifests.OperatorConfig.image_pull_policy),
+        metrics_port=int(_env_float("KUBELORA_TRAINER_METRICS_PORT", manifests.OperatorConfig.metrics_port)),
+        metrics_linger_seconds=int(_env_float("KUBELORA_TRAINER_METRICS_LINGER_SECONDS",
+                                              manifests.OperatorConfig.metrics_linger_seconds)),
     )
 
 

@@ -17,7 +17,6 @@ from kubelora_trainer.spec import GROUP, KIND, VERSION, LoRATrainingJobSpec, dum
 SPEC_MOUNT = "/etc/kubelora"
 CACHE_MOUNT = "/var/cache/kubelora"
 MASTER_PORT = 29500
-METRICS_PORT = 9400  # the trainer's Prometheus endpoint (kubelora_trainer.metrics), on each pod
 CONTAINER = "trainer"
 CONFIG_ERROR_EXIT_CODE = 2  # the trainer's exit code for bad input: retrying cannot help
 # the trainer's exit code when its ranks stopped with a checkpoint because another pod's were told to
@@ -33,6 +32,10 @@ class OperatorConfig:
     shm_size: str = "16Gi"
     run_as_user: int = 1000
     progress_interval_seconds: int = 30
+    metrics_port: int = 9400             # the trainer's Prometheus endpoint (kubelora_trainer.metrics), on each pod
+    # a pod that ends right after its last step keeps serving until one scrape saw its final values
+    # (Succeeded, the last loss): at least two scrape intervals of the PodMonitor
+    metrics_linger_seconds: int = 60
 
 
 JOB_LABEL = f"{GROUP}/job"  # on every child and pod: the LoRATrainingJob's name
@@ -92,7 +95,7 @@ def service(job: str, uid: str, namespace: str) -> dict:
                      "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}]}}
 
 
-def _env(job: str, spec: LoRATrainingJobSpec, namespace: str) -> list[dict]:
+def _env(job: str, spec: LoRATrainingJobSpec, namespace: str, cfg: "OperatorConfig") -> list[dict]:
     r = spec.resources
     master = f"{job}-0.{child_names(job)['service']}.{namespace}.svc"
     env = [
@@ -104,10 +107,8 @@ def _env(job: str, spec: LoRATrainingJobSpec, namespace: str) -> list[dict]:
         {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": "KUBELORA_JOB_NAME", "value": job},
         {"name": "KUBELORA_NAMESPACE", "value": namespace},
-        {"name": "KUBELORA_METRICS_PORT", "value": str(METRICS_PORT)},
-        # a pod that ends right after its last step keeps serving until one scrape saw its final
-        # values (Succeeded, the last loss), up to two scrape intervals at the monitors' default
-        {"name": "KUBELORA_METRICS_LINGER_SECONDS", "value": "60"},
+        {"name": "KUBELORA_METRICS_PORT", "value": str(cfg.metrics_port)},
+        {"name": "KUBELORA_METRICS_LINGER_SECONDS", "value": str(cfg.metrics_linger_seconds)},
         {"name": "KUBELORA_CACHE_DIR", "value": CACHE_MOUNT},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
@@ -185,9 +186,9 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
     command, args = trainer_command()
     container = {
         "name": CONTAINER, "image": r.image or cfg.image, "imagePullPolicy": cfg.image_pull_policy,
-        "command": command, "args": args, "env": _env(name, spec, namespace),
+        "command": command, "args": args, "env": _env(name, spec, namespace, cfg),
         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT},
-                  {"name": "metrics", "containerPort": METRICS_PORT}],
+                  {"name": "metrics", "containerPort": cfg.metrics_port}],
         "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
         "volumeMounts": [{"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
                          {"name": "cache", "mountPath": CACHE_MOUNT},
