@@ -121,14 +121,21 @@ def test_operator_registry_counts_reconciles_errors_and_jobs_by_phase():
     jobs = [{"metadata": {"name": "a", "namespace": "n"}, "status": {"phase": "Training"}},
             {"metadata": {"name": "b", "namespace": "n"}, "status": {"phase": "Failed"}},
             {"metadata": {"name": "c", "namespace": "n", "deletionTimestamp": "x"}, "status": {"phase": "Failed"}},
-            {"metadata": {"name": "d", "namespace": "m"}}]
+            {"metadata": {"name": "d", "namespace": "m"}},
+            {"metadata": {"name": "e", "namespace": "m"}, "status": {"phase": "Pending", "conditions": [
+                {"type": "Stalled", "status": "True", "reason": "FailedCreate"}]}},
+            {"metadata": {"name": "f", "namespace": "m"}, "status": {"phase": "Failed", "conditions": [
+                {"type": "Stalled", "status": "True", "reason": "Error"}]}}]
     metrics.watch(lambda: jobs)
     try:
         fams = {f.name: f for f in metrics.registry.collect()}
         by_phase = {s.labels["phase"]: s.value for s in fams["kubelora_operator_jobs"].samples}
-        assert by_phase["Training"] == 1 and by_phase["Failed"] == 1 and by_phase["New"] == 1 and by_phase["Pending"] == 0
+        assert by_phase["Training"] == 1 and by_phase["Failed"] == 2 and by_phase["New"] == 1 and by_phase["Pending"] == 1
         each = {(s.labels["namespace"], s.labels["ltj"], s.labels["phase"]) for s in fams["kubelora_operator_job_phase"].samples}
-        assert each == {("n", "a", "Training"), ("n", "b", "Failed"), ("m", "d", "New")}
+        assert each == {("n", "a", "Training"), ("n", "b", "Failed"), ("m", "d", "New"), ("m", "e", "Pending"),
+                        ("m", "f", "Failed")}
+        stalled = {(s.labels["ltj"], s.labels["phase"], s.labels["reason"]) for s in fams["kubelora_operator_job_stalled"].samples}
+        assert stalled == {("e", "Pending", "FailedCreate")}   # a failed job has KubeloraJobFailed
     finally:
         metrics.watch(None)
 
