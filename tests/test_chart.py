@@ -156,6 +156,24 @@ def test_the_pod_monitors_port_is_declared_by_the_trainer_pods(monkeypatch):
     assert ports["metrics"] == 9500 and e["KUBELORA_METRICS_PORT"] == "9500" and e["KUBELORA_METRICS_LINGER_SECONDS"] == "120"
 
 
+def test_trainer_pods_pull_with_the_charts_secrets_and_mount_no_api_token(monkeypatch):
+    from kubelora_operator import handlers
+    spec = parse_spec({"model": {"type": "flux", "diffusersPath": "s3://models/flux"}, "dataset": {"uri": "s3://data/set"},
+                       "output": {"uri": "s3://out/run"}})
+
+    def pod(cfg):
+        return manifests.children("ft", "0b7e6c2c-0000-4000-8000-000000000000", "ml", spec, cfg)[-1]["spec"]["template"]["spec"]
+    assert "imagePullSecrets" not in pod(manifests.OperatorConfig())
+    assert pod(manifests.OperatorConfig())["automountServiceAccountToken"] is False
+    op = env(one(objects({"trainer": {"imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}]}}),
+                 "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    assert op["KUBELORA_TRAINER_IMAGE_PULL_SECRETS"] == "regcred,mirror"
+    monkeypatch.setenv("KUBELORA_TRAINER_IMAGE_PULL_SECRETS", op["KUBELORA_TRAINER_IMAGE_PULL_SECRETS"])
+    assert pod(handlers.operator_config())["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    assert "KUBELORA_TRAINER_IMAGE_PULL_SECRETS" not in env(one(objects({}), "Deployment")["spec"]["template"]["spec"]
+                                                             ["containers"][0])
+
+
 def test_alerts_and_dashboard_come_from_the_charts_files(tmp_path):
     if not (CHART / "files" / "alerts.yaml").exists() and not (CHART / "files" / "dashboard.json").exists():
         kinds = {o["kind"] for o in objects(MONITORS)}  # enabled, but nothing to ship yet: nothing rendered

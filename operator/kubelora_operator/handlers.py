@@ -53,6 +53,8 @@ def operator_config() -> manifests.OperatorConfig:
         metrics_port=int(_env_float("KUBELORA_TRAINER_METRICS_PORT", manifests.OperatorConfig.metrics_port)),
         metrics_linger_seconds=int(_env_float("KUBELORA_TRAINER_METRICS_LINGER_SECONDS",
                                               manifests.OperatorConfig.metrics_linger_seconds)),
+        image_pull_secrets=tuple(n.strip() for n in os.environ.get("KUBELORA_TRAINER_IMAGE_PULL_SECRETS", "").split(",")
+                                 if n.strip()),
     )
 
 

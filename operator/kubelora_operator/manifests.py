@@ -36,6 +36,7 @@ class OperatorConfig:
     # a pod that ends right after its last step keeps serving until one scrape saw its final values
     # (Succeeded, the last loss): at least two scrape intervals of the PodMonitor
     metrics_linger_seconds: int = 60
+    image_pull_secrets: tuple[str, ...] = ()  # Secrets in the job's namespace the trainer pods pull with
 
 
 JOB_LABEL = f"{GROUP}/job"  # on every child and pod: the LoRATrainingJob's name
@@ -203,6 +204,7 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
     pod_spec = {
         "subdomain": names["service"],
         "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # the trainer calls no Kubernetes API
         # SIGTERM -> the step finishes, the checkpoint is written: this long before SIGKILL
         "terminationGracePeriodSeconds": spec.runPolicy.terminationGracePeriodSeconds,
         "securityContext": {"runAsNonRoot": True, "runAsUser": cfg.run_as_user, "runAsGroup": cfg.run_as_user,
@@ -213,6 +215,8 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
                     {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}},
                     {"name": "tmp", "emptyDir": {}}],
     }
+    if cfg.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in cfg.image_pull_secrets]
     for key, value in (("nodeSelector", r.nodeSelector), ("tolerations", r.tolerations),
                        ("priorityClassName", r.priorityClassName), ("schedulerName", r.schedulerName)):
         if value:
