@@ -268,3 +268,9 @@ def test_two_replicas_are_refused():
     with pytest.raises(helm.HelmError):
         chart.render({"operator": {"replicas": 2}}, name="kl", namespace=NAMESPACE)
     assert "replicas" in (CHART / "values.yaml").read_text() and "peering" in (CHART / "values.yaml").read_text()
+
+
+def test_the_metrics_port_cannot_be_the_liveness_port():
+    chart = helm.Chart.load(str(CHART))
+    with pytest.raises(helm.HelmError, match="metricsPort and operator.livenessPort must differ"):
+        chart.render({"operator": {"metricsPort": 8080}}, name="kl", namespace=NAMESPACE)
