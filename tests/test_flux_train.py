@@ -260,3 +260,28 @@ def test_two_sources_aspect_ratio_buckets_on_two_ranks(tmp_path, tiny_flux_dir):
     proc = run_trainer(job, env, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[cache] 10 entries: 10 cached, 0 to encode; the VAE and text encoders are not loaded" in proc.stdout
+
+
+def test_the_guidance_bypass_ignores_guidance_in_training_and_when_sampling(tiny_flux_dir):
+    """model.bypassGuidanceEmbedding: training calls the embedding without guidance; diffusers'
+    FluxPipeline (the samples) still passes one when the config has guidance_embeds. Both must
+    work and give the same output (the guidance is dropped)."""
+    from diffusers import FluxTransformer2DModel
+
+    from kubelora_trainer.models.flux.family import _bypass_guidance
+    from kubelora_trainer.spec import SpecError, parse_spec
+    transformer = FluxTransformer2DModel.from_pretrained(str(tiny_flux_dir / "transformer")).eval()
+    assert transformer.config.guidance_embeds
+    _bypass_guidance(transformer)
+    with torch.no_grad():
+        inputs = _probe_inputs()
+        sampled = transformer(**inputs)[0]                                   # the pipeline's call
+        trained = transformer(**{**inputs, "guidance": None})[0]             # the loss's call
+        other = transformer(**{**inputs, "guidance": torch.tensor([7.0])})[0]
+    torch.testing.assert_close(sampled, trained)
+    torch.testing.assert_close(sampled, other)
+    base = {"model": {"type": "flux", "diffusersPath": "s3://mdl/flux", "bypassGuidanceEmbedding": True},
+            "dataset": {"uri": "s3://data/x"}, "output": {"uri": "s3://out/x"}}
+    parse_spec(base)
+    with pytest.raises(SpecError, match="model.guidance: model.bypassGuidanceEmbedding leaves the guidance embedding out"):
+        parse_spec({**base, "model": {**base["model"], "guidance": 3.5}})

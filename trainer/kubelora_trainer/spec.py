@@ -549,6 +549,9 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
             return "training.textEncoderLearningRate: a full fine-tune trains the denoiser only; remove it"
         if spec.output.formats:
             return "output.formats: LoRA file formats; a full fine-tune is exported as a diffusers folder (and a single file)"
+    if spec.model.bypassGuidanceEmbedding and spec.model.guidance is not None:
+        return ("model.guidance: model.bypassGuidanceEmbedding leaves the guidance embedding out, so no guidance "
+                "is fed while training; remove one of them")
     default_sampling = TrainingSpec.model_fields["timestepSampling"].default
     if spec.training.timestepSampling != default_sampling and not RULES[spec.model.type].flow_matching:
         return (f"training.timestepSampling: applies to the flow-matching families "

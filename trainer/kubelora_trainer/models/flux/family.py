@@ -71,10 +71,13 @@ def load_bfl_transformer(diffusers_root: Path, ckpt: Path, dtype):
 
 
 def _bypass_guidance(transformer) -> None:
-    """Make the time/text embedding ignore guidance (the forward is then called with guidance=None)."""
+    """Make the time/text embedding ignore guidance: training calls it without (guidance=None);
+    diffusers' FluxPipeline, used for samples, still passes a guidance whenever the config has
+    guidance_embeds, which is dropped here as in training."""
     emb = transformer.time_text_embed
 
-    def forward(self, timestep, pooled_projection):
+    def forward(self, timestep, *guidance_and_pooled):
+        pooled_projection = guidance_and_pooled[-1]
         t = self.timestep_embedder(self.time_proj(timestep).to(dtype=pooled_projection.dtype))
         return t + self.text_embedder(pooled_projection)
 
