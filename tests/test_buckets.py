@@ -1,6 +1,7 @@
 """Bucket math, clip modes, the bucket sampler and caption options: pure functions, table tests."""
 import math
 import random
+import re
 
 import pytest
 from PIL import Image
@@ -172,6 +173,12 @@ def test_caption_extension_and_maps(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"file": "a.png"}\n')
     with pytest.raises(ValueError, match="captions.jsonl: line 1"):
         read_caption_map(tmp_path)
+    (tmp_path / "captions.jsonl").unlink()
+    for bad in ("[]", "null", "5", '["ok", 3]'):  # crashed (IndexError), trained "None", trained "5"
+        (tmp_path / "captions.json").write_text(f'{{"a.png": "fine", "b.png": {bad}}}')
+        with pytest.raises(DatasetError, match=rf"captions.json: 'b.png': expected a caption \(a string\) or a "
+                                               rf"non-empty list of captions, got {re.escape(bad)}"):
+            scan(tmp_path)
 
 
 def test_probe_and_load_unit(tmp_path):

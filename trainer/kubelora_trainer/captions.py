@@ -82,9 +82,13 @@ def read_caption_map(root: Path) -> Optional[dict[str, list[str]]]:
                 raw = json.loads(text)
                 if not isinstance(raw, dict):
                     raise ValueError("expected an object {file name: caption}")
+            for k, v in raw.items():  # null, [] or a number would train "None", crash, or train "5"
+                if not (isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))):
+                    raise ValueError(f"{str(k)!r}: expected a caption (a string) or a non-empty list of captions, "
+                                     f"got {json.dumps(v)}; leave the file out for no caption (dataset.missingCaption)")
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}: not valid JSON: {e}") from None
         except ValueError as e:
             raise ValueError(f"{p}: {e}") from None
-        return {k: [str(x).strip() for x in (v if isinstance(v, list) else [v])] for k, v in raw.items()}
+        return {k: [x.strip() for x in (v if isinstance(v, list) else [v])] for k, v in raw.items()}
     return None
