@@ -156,3 +156,22 @@ def test_flux_diffusers_file_loads_in_the_pipeline(tiny_flux_dir):
     pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
     pipe.load_lora_weights(FAMILY.export({"transformer": mods}, 2.0, "diffusers"))
     assert sum(1 for k, _ in pipe.transformer.named_parameters() if "lora_A" in k) == len(mods)
+
+
+def test_the_files_metadata_names_every_trained_size():
+    """kubelora.resolution is what was trained: a fixed size, or every area of the dataset and its
+    sources (it said 512x512, the unused default, for any dataset.resolutions); kohya's single
+    ss_resolution is the largest."""
+    from kubelora_trainer.export import metadata
+    from kubelora_trainer.spec import parse_spec
+    base = {"model": {"type": "flux", "diffusersPath": "s3://mdl/flux"}, "output": {"uri": "s3://out/x"}}
+
+    def sizes(dataset, fmt="kohya"):
+        meta = metadata(parse_spec({**base, "dataset": dataset}), "j", fmt)
+        return meta["kubelora.resolution"], meta.get("ss_resolution")
+    assert sizes({"uri": "s3://data/x"}) == ("512x512", "(512, 512)")
+    assert sizes({"uri": "s3://data/x", "resolutions": [1024, 512], "enableArBucket": True}) == \
+        ("512x512,1024x1024", "(1024, 1024)")
+    assert sizes({"sources": [{"uri": "s3://data/a"}, {"uri": "s3://data/b", "resolutions": [768]}],
+                  "resolutions": [512]}, "diffusers") == ("512x512,768x768", None)
+    assert sizes({"uri": "s3://data/x", "width": 768, "height": 512}) == ("768x512", "(768, 512)")

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__, lora, storage
-from .families import PATH_FIELDS, RULES
+from .families import PATH_FIELDS, RULES, areas_of
 from .spec import dump_spec
 
 
@@ -30,7 +30,6 @@ SS_BASE_MODEL = {"sdxl": "sdxl_base_v1-0", "flux": "flux1", "ltx-video": "ltx_vi
 
 def metadata(spec, job_name: str, fmt: str) -> dict[str, str]:
     alpha = spec.adapter.alpha or spec.adapter.rank
-    w, h = spec.dataset.width or spec.dataset.resolution, spec.dataset.height or spec.dataset.resolution
     return file_metadata({
         "kubelora.version": __version__,
         "kubelora.model_type": spec.model.type,
@@ -38,9 +37,18 @@ def metadata(spec, job_name: str, fmt: str) -> dict[str, str]:
         "kubelora.rank": str(spec.adapter.rank),
         "kubelora.alpha": f"{alpha:g}",
         "kubelora.steps": str(spec.training.steps),
-        "kubelora.resolution": f"{w}x{h}",
+        "kubelora.resolution": trained_sizes(spec.dataset),
         "kubelora.job": job_name,
     }, fmt, folded=fmt not in ALPHA_FORMATS)
+
+
+def trained_sizes(dataset) -> str:
+    """'WxH' of a fixed size, else every trained area (of the dataset and its sources) as its
+    square, smallest first: '512x512,1024x1024'. Pure."""
+    if dataset.width is not None:
+        return f"{dataset.width}x{dataset.height}"
+    areas = sorted({a for src in (dataset.sources or [None]) for a in areas_of(dataset, src)})
+    return ",".join(f"{a}x{a}" for a in areas)
 
 
 def file_metadata(meta: dict[str, str], fmt: str, folded: bool) -> dict[str, str]:
@@ -53,7 +61,7 @@ def file_metadata(meta: dict[str, str], fmt: str, folded: bool) -> dict[str, str
     if fmt == "kohya" and "kubelora.rank" in out:
         rank = out["kubelora.rank"]
         alpha = rank if folded else out.get("kubelora.alpha", rank)
-        res = out.get("kubelora.resolution", "")
+        res = out.get("kubelora.resolution", "").split(",")[-1]  # kohya's one size: the largest area
         out.update({"ss_network_module": "networks.lora_flux" if out.get("kubelora.model_type") == "flux"
                     else "networks.lora",
                     "ss_network_dim": rank, "ss_network_alpha": alpha,
