@@ -175,3 +175,16 @@ def test_the_files_metadata_names_every_trained_size():
     assert sizes({"sources": [{"uri": "s3://data/a"}, {"uri": "s3://data/b", "resolutions": [768]}],
                   "resolutions": [512]}, "diffusers") == ("512x512,768x768", None)
     assert sizes({"uri": "s3://data/x", "width": 768, "height": 512}) == ("768x512", "(768, 512)")
+
+
+def test_the_base_model_is_the_trained_denoisers_weights():
+    from kubelora_trainer.export import base_model
+    from kubelora_trainer.spec import parse_spec
+
+    def base(model):
+        return base_model(parse_spec({"model": model, "dataset": {"uri": "s3://data/x"},
+                                      "output": {"uri": "s3://out/x"}}).model)
+    assert base({"type": "flux", "diffusersPath": "s3://mdl/flux-dev"}) == "s3://mdl/flux-dev"
+    # a fine-tuned transformer trained on the dev folder's encoders: the LoRA belongs to the fine-tune
+    assert base({"type": "flux", "diffusersPath": "s3://mdl/flux-dev",
+                 "transformerPath": "s3://mdl/my-finetune.safetensors"}) == "s3://mdl/my-finetune.safetensors"

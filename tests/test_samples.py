@@ -50,6 +50,8 @@ LTX = {"type": "ltx-video", "diffusersPath": "s3://models/ltx"}
      "samples.prompts[0]: ltx-video samples need width and height divisible by 32; got 48x32"),
     (FLUX, {"prompts": [{"prompt": "x", "width": 64}]}, "samples.prompts[0].width and samples.prompts[0].height go together"),
     (FLUX, {"prompts": [{"prompt": "x"}], "atStart": False, "atEnd": False}, "samples: no step would sample"),
+    (FLUX, {"prompts": [{"prompt": "x"}], "everySteps": STEPS + 1, "atStart": False, "atEnd": False},
+     f"samples.everySteps: {STEPS + 1} is more than training.steps ({STEPS})"),
 ])
 def test_spec_refuses_what_a_family_cannot_sample(model, samples_spec, expect):
     with pytest.raises(SpecError) as e:

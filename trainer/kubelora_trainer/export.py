@@ -7,12 +7,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__, lora, storage
-from .families import PATH_FIELDS, RULES, areas_of
+from .families import RULES, areas_of
 from .spec import dump_spec
 
 
+# where the trained denoiser's weights come from, most specific first: a transformerPath replaces
+# the one of a diffusersPath or ckptPath folder (a fine-tune trained on top of the base)
+DENOISER_FIELDS = ("transformerPath", "checkpointPath", "diffusersPath", "ckptPath")
+
+
 def base_model(model_spec) -> str:
-    return next((getattr(model_spec, f) for f in PATH_FIELDS if getattr(model_spec, f)), "")
+    """The weights the LoRA was trained on (kubelora.base_model, manifest.json's model.base). Pure."""
+    return next((getattr(model_spec, f) for f in DENOISER_FIELDS if getattr(model_spec, f)), "")
 
 
 def file_names(name: str, formats: list[str]) -> dict[str, str]:

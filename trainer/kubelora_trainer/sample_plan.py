@@ -25,6 +25,9 @@ def check_samples(spec) -> Optional[str]:
                 f"{', '.join(sampling_families())}); remove spec.samples")
     if not (s.everySteps or s.atStart or s.atEnd):
         return "samples: no step would sample; set samples.everySteps, samples.atStart or samples.atEnd"
+    if not sample_steps(s, spec.training.steps):  # the encoders would be loaded and kept for nothing
+        return (f"samples.everySteps: {s.everySteps} is more than training.steps ({spec.training.steps}) and "
+                "samples.atStart and atEnd are off, so no step would sample; lower it or set atEnd")
     places = [("samples", s)] + [(f"samples.prompts[{i}]", p) for i, p in enumerate(s.prompts)]
     for where, p in places:
         if (p.width is None) != (p.height is None):
