@@ -285,7 +285,8 @@ class SDXL:
         ids = [comps.encoders[t](captions, padding="max_length", truncation=True, return_tensors="pt",
                                  max_length=comps.encoders[t].model_max_length).input_ids
                for t in ("tokenizer", "tokenizer_2")]
-        # micro-conditioning: original size, crop top-left, target size (images are fitted, not cropped away)
+        # micro-conditioning: original size, crop top-left, target size, all as the bucket's size and no
+        # crop, as diffusion-pipe does (the centre crop of the fit is not described to the UNet)
         time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)
         return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "input_ids": ids[0][i], "input_ids_2": ids[1][i], "time_ids": time_ids}
                 for i in range(len(captions))]
