@@ -313,8 +313,10 @@ class TrainingSpec(_Model):
         default=None, gt=0, le=1.0,
         description="Learning rate for text-encoder LoRA in families that train the text encoders (SDXL); defaults to learningRate.")
     lrScheduler: Literal["constant", "linear", "cosine"] = Field(
-        default="constant", description="Schedule after warmup: constant, linear to 0 at the last step, or cosine to 0.")
-    warmupSteps: int = Field(default=0, ge=0, description="Linear warmup steps from 0 to learningRate.")
+        default="constant", description="Schedule after warmup: constant, linear or cosine down towards 0, which it reaches "
+                                      "just after the last step (as diffusers' schedules do).")
+    warmupSteps: int = Field(default=0, ge=0, description="Linear warmup to learningRate over this many steps "
+                                                          "(step k of N runs at k/N of it).")
     weightDecay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
     betas: list[float] = Field(default=[0.9, 0.99], min_length=2, max_length=2, description="AdamW betas.")
     epsilon: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
