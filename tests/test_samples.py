@@ -67,6 +67,9 @@ def test_resolved_prompts_schedule_and_rank_split():
     assert a == {"index": 0, "prompt": "a", "negativePrompt": "blur", "seed": 2, "width": 64, "height": 64,
                  "frames": 17, "guidance": 1.0, "steps": 8}
     assert (b["seed"], b["frames"], b["guidance"]) == (7, 9, 3.0)   # the dataset's frames, LTX's guidance
+    unset = _spec(LTX, {"prompts": [{"prompt": "a"}, {"prompt": "b", "negativePrompt": ""}]})
+    # unset: the family's default (cosmos: its pipeline's long one); "": an empty one, as written
+    assert [p["negativePrompt"] for p in sample_plan.resolve(unset)] == [None, ""]
     assert sample_plan.sample_steps(spec.samples, STEPS) == [0, 4, 8, 10]
     flux = _spec(FLUX, {"prompts": [{"prompt": "a"}], "atStart": False, "atEnd": False, "everySteps": 5})
     assert sample_plan.sample_steps(flux.samples, STEPS) == [5, 10]

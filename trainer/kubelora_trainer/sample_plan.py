@@ -79,7 +79,8 @@ def resolve(spec) -> list[dict]:
             shared = getattr(s, name)
             return default if shared is None else shared
         width, height = (p.width, p.height) if p.width is not None else (s.width or w, s.height or h)
-        out.append({"index": i, "prompt": p.prompt, "negativePrompt": pick("negativePrompt", "") or "",
+        # None: no negative prompt set (the family's own default); "" is an empty one, as in diffusers
+        out.append({"index": i, "prompt": p.prompt, "negativePrompt": pick("negativePrompt", None),
                     "seed": pick("seed", s.seed), "width": width, "height": height,
                     "frames": pick("frames", default_frames(spec.model.type, spec.dataset)) if r.video else 1,
                     "guidance": float(pick("guidance", r.sampling.guidance)),

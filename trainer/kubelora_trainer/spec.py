@@ -481,7 +481,7 @@ class SamplesSpec(_Model):
     atEnd: bool = Field(default=True, description="Sample after the last step.")
     negativePrompt: Optional[str] = Field(default=None, max_length=2000, description="Default negative prompt (families "
                                           "with classifier-free guidance: sdxl, ltx-video, cosmos; unset: none, cosmos "
-                                          "its pipeline's default).")
+                                          "its pipeline's default; \"\" an empty one, also for cosmos).")
     seed: int = Field(default=0, ge=0, description="Default noise seed.")
     width: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16, description="Default width.")
     height: Optional[int] = Field(default=None, ge=16, le=4096, multiple_of=16, description="Default height.")

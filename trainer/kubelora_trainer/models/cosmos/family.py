@@ -373,7 +373,7 @@ class Cosmos:
         for p in prompts:
             e = {"prompt_embeds": self.encode_prompts(comps, [p["prompt"]], device)}
             if p["guidance"] > 1.0:
-                neg = p["negativePrompt"] or DEFAULT_NEGATIVE_PROMPT
+                neg = DEFAULT_NEGATIVE_PROMPT if p["negativePrompt"] is None else p["negativePrompt"]
                 e["negative_prompt_embeds"] = self.encode_prompts(comps, [neg], device)
             embeds.append(e)
         return {"vae": comps.encoders["vae"], "embeds": embeds, "guardrail": rail}

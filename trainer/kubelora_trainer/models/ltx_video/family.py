@@ -161,7 +161,7 @@ class LTXVideo:
         embeds = []
         for p in prompts:
             cfg = p["guidance"] > 1.0
-            e, m, ne, nm = pipe.encode_prompt(prompt=[p["prompt"]], negative_prompt=[p["negativePrompt"]],
+            e, m, ne, nm = pipe.encode_prompt(prompt=[p["prompt"]], negative_prompt=[p["negativePrompt"] or ""],
                                               do_classifier_free_guidance=cfg, max_sequence_length=MAX_TOKENS,
                                               device=pipe.vae.device)
             embeds.append({"prompt_embeds": e, "prompt_attention_mask": m,

@@ -322,8 +322,10 @@ class SDXL:
         force_zeros_for_empty_prompt), no ids."""
         ids = []
         for p in prompts:
-            neg = p["guidance"] > 1.0 and not (p["negativePrompt"] == "" and comps.info["force_zeros"])
-            ids.append(self._ids(comps, [p["prompt"]] + ([p["negativePrompt"]] if neg else [])))
+            # no negative prompt at all: zeros where the model says so (force_zeros_for_empty_prompt), as
+            # diffusers does for negative_prompt=None; an explicit one, "" included, is encoded
+            neg = p["guidance"] > 1.0 and not (p["negativePrompt"] is None and comps.info["force_zeros"])
+            ids.append(self._ids(comps, [p["prompt"]] + ([p["negativePrompt"] or ""] if neg else [])))
         info = comps.info
         return {"vae": comps.encoders["vae"], "ids": ids,
                 "scheduler": sampling_scheduler(comps.encoders["scheduler"], info["v_pred"], info["ztsnr"]),
