@@ -248,16 +248,23 @@ def test_peers_stop_with_the_failing_ranks_exit_code(monkeypatch):
     assert dist.fail_together(None) is None
 
 
-def test_credentials_from_mounted_secret_files(s3_endpoint, tmp_path, monkeypatch):
+def _secret_dir_only(tmp_path, monkeypatch) -> Path:
+    """Credentials only from a mounted Secret's files (a folder the test fills): no keys in the
+    environment, no shared credentials or config file."""
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     sec = tmp_path / "secret"
     sec.mkdir()
+    monkeypatch.setenv(storage.CREDENTIALS_DIR_ENV, str(sec))
+    return sec
+
+
+def test_credentials_from_mounted_secret_files(s3_endpoint, tmp_path, monkeypatch):
+    sec = _secret_dir_only(tmp_path, monkeypatch)
     (sec / "AWS_ACCESS_KEY_ID").write_text("from-secret\n")
     (sec / "AWS_SECRET_ACCESS_KEY").write_text("s3cr3t\n")
-    monkeypatch.setenv(storage.CREDENTIALS_DIR_ENV, str(sec))
     client = storage.make_client(S3Settings(endpoint=s3_endpoint))
     assert client._request_signer._credentials.access_key == "from-secret"
     assert client.meta.config.s3["addressing_style"] == "path"
@@ -269,13 +276,7 @@ def test_the_operator_reads_with_rotated_secret_files_without_a_restart(s3_endpo
     not keep the old keys (every job without its own credentials would stall on them)."""
     from kubelora_operator import artifacts
     from kubelora_trainer.local_s3 import SECRET_FILE_KEYS
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    sec = tmp_path / "secret"
-    sec.mkdir()
-    monkeypatch.setenv(storage.CREDENTIALS_DIR_ENV, str(sec))
+    sec = _secret_dir_only(tmp_path, monkeypatch)
 
     def mount(key: str, secret: str) -> None:
         (sec / "AWS_ACCESS_KEY_ID").write_text(key)
