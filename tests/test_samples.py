@@ -109,6 +109,14 @@ def test_report_is_self_contained_and_escapes():
     assert "http://" not in html and "https://" not in html and "<script" not in html
     pts, (x0, x1, y0, y1) = report.polyline([(1, 1.0), (2, 0.5)], 100, 100, 10)
     assert pts == "10.0,10.0 90.0,90.0" and (x0, x1, y0, y1) == (1, 2, 0.5, 1.0)
+    buckets = {"items": 8, "samples": 9, "cropped": 1, "meanCrop": 0.05, "dropped": {"too_short": 1},
+               "buckets": {"32x32x1": {"samples": 9, "cropped": 1, "meanCrop": 0.05, "maxCrop": 0.25}},
+               "droppedItems": ["clip.mp4: too_short"]}
+    html = report.render(job="j", model_type="flux", status="Succeeded", step=4, total_steps=4, losses=[1.0],
+                         learning_rates=[1e-4], prompts=[], samples=[], dataset={"usable": 8, "buckets": buckets},
+                         spec={}, artifacts=[])
+    assert "<td>32x32x1</td><td>9</td><td>1</td><td>5.0%</td><td>25.0%</td>" in html  # a table, not a dict
+    assert "<li>clip.mp4: too_short</li>" in html and "{&#x27;items" not in html and "{'items" not in html
 
 
 def test_sampling_off_builds_and_keeps_nothing(tiny_flux_dir):
@@ -338,3 +346,12 @@ def test_samples_default_to_the_largest_training_area_and_clip():
     assert default_size(areas.dataset) == (512, 512) and default_frames("ltx-video", areas.dataset) == 33
     fixed = parse_spec({**base, "dataset": {"uri": "/d", "width": 640, "height": 384, "frames": 17}})
     assert default_size(fixed.dataset) == (640, 384) and default_frames("ltx-video", fixed.dataset) == 17
+
+
+def test_the_report_command_takes_a_relative_local_path(tmp_path, monkeypatch, capsys):
+    from kubelora_trainer.cli import main
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.html").write_text("<html></html>")
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "out", "--out", "rep"]) == 0   # as `validate` and `run` take relative paths
+    assert Path(capsys.readouterr().out.strip()) == (tmp_path / "rep" / "report.html").resolve()

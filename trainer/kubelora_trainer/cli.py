@@ -6,7 +6,7 @@
     kubelora import-config train.toml --steps 2000     diffusion-pipe config -> manifest
     kubelora convert in.safetensors out.safetensors --model-type sdxl --from kohya --to diffusers
     kubelora report s3://bucket/out/run1 [--out DIR]   a job's report.html and samples, to open locally
-    kubelora demo                                      tiny Flux + in-process S3 + run (make demo)
+    kubelora demo                                      tiny Flux + a local S3 server + run (make demo)
 """
 from __future__ import annotations
 
@@ -180,10 +180,11 @@ def fetch_report(uri: str, out: Path, settings=None) -> Path:
 
 def report_cmd(args) -> int:
     from .storage import StorageError
-    name = args.uri.rstrip("/").rsplit("/", 1)[-1] or "job"
+    uri = args.uri if args.uri.startswith(("s3://", "file://", "/")) else str(Path(args.uri).resolve())  # a relative path
+    name = uri.rstrip("/").rsplit("/", 1)[-1] or "job"
     out = Path(args.out or f"kubelora-report-{name}")
     try:
-        path = fetch_report(args.uri, out)
+        path = fetch_report(uri, out)
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if e.transient else 2
@@ -221,13 +222,15 @@ def main(argv=None) -> int:
     cv.add_argument("--model-type", required=True, help="model family of the LoRA (flux, sdxl, ...)")
     cv.add_argument("--from", dest="src", required=True,
                     help="format of the input file; 'peft' reads kubelora's checkpoint folder (checkpoints/step-N)")
-    cv.add_argument("--to", dest="dst", required=True, help="format to write")
+    cv.add_argument("--to", dest="dst", required=True, help="format to write: diffusers, kohya, comfyui or peft (a "
+                                                            "family offers those of its output.formats)")
     rp = sub.add_parser("report", help="download a job's report.html and samples, and print the path to open")
     rp.add_argument("uri", metavar="JOB_OUTPUT_URI", help="the job's output.uri (s3://bucket/key or a local path)")
     rp.add_argument("--out", help="local folder (default: ./kubelora-report-<last part of the URI>)")
-    d = sub.add_parser("demo", help="train a tiny Flux LoRA from an in-process S3 server")
-    d.add_argument("--workdir", default=".demo")
-    d.add_argument("--nproc", type=int, default=2)
+    d = sub.add_parser("demo", help="train a tiny Flux LoRA on 2 processes from a local S3 server (SeaweedFS)")
+    d.add_argument("--workdir", default=".demo", help="where the tiny model, the data, the server's files and the "
+                                                      "downloaded output go (default: .demo)")
+    d.add_argument("--nproc", type=int, default=2, help="training processes (default: 2, as two GPUs would run)")
     args = p.parse_args(argv)
 
     if args.cmd == "run":

@@ -64,6 +64,7 @@ def demo(workdir: Path, nproc: int = 2) -> int:
         out = download(f"s3://{BUCKET}/outputs/demo-flux/", workdir / "output", log=lambda m: None)
         lora = out / "lora.safetensors"
         print(f"\n[demo] LoRA: {lora}\n[demo] manifest: {out / 'manifest.json'}\n"
+              f"[demo] report (loss curve, buckets, settings): {out / 'report.html'}\n"
               "[demo] load it with diffusers:\n"
               "    from diffusers import FluxPipeline\n"
               f"    pipe = FluxPipeline.from_pretrained('{workdir / 'tiny-flux'}')\n"

@@ -136,4 +136,5 @@ def publish_manifest(spec, job_name, adapter: dict, artifacts: list[dict], stats
     mf = out_dir / "manifest.json"
     mf.write_text(json.dumps(manifest, indent=2))
     storage.upload(mf, str(out.child("manifest.json")), settings, client, content_type="application/json")
-    print(f"[upload] {', '.join(a['uri'] for a in artifacts)} and manifest.json", flush=True)
+    print(f"[{'upload' if out.is_s3 else 'output'}] {', '.join(a['uri'] for a in artifacts)} and manifest.json",
+          flush=True)

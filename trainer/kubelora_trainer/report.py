@@ -71,6 +71,22 @@ def table(rows: dict) -> str:
     return "<table>" + "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(str(v))}</td></tr>" for k, v in rows.items()) + "</table>"
 
 
+def dataset_tables(dataset: dict) -> str:
+    """The dataset's counts, then its buckets (buckets.summary) as a table of their own: one row
+    per bucket with its samples and how much of them the crop cut away."""
+    b = dataset.get("buckets") if isinstance(dataset.get("buckets"), dict) else None
+    counts = {k: v for k, v in dataset.items() if k != "buckets"}
+    if b is None:
+        return table(counts)
+    counts.update({f"buckets: {k}": v for k, v in b.items() if k not in ("buckets", "droppedItems") and v != {}})
+    rows = "".join(f"<tr><td>{escape(name)}</td><td>{x.get('samples', '')}</td><td>{x.get('cropped', '')}</td>"
+                   f"<td>{100 * x.get('meanCrop', 0):.1f}%</td><td>{100 * x.get('maxCrop', 0):.1f}%</td></tr>"
+                   for name, x in (b.get("buckets") or {}).items())
+    dropped = "".join(f"<li>{escape(str(d))}</li>" for d in b.get("droppedItems") or [])
+    return (table(counts) + "<table><tr><th>bucket (WxHxF)</th><th>samples</th><th>cropped</th><th>mean crop</th>"
+            f"<th>max crop</th></tr>{rows}</table>" + (f"<p>dropped:</p><ul>{dropped}</ul>" if dropped else ""))
+
+
 def artifacts_table(artifacts: list[dict]) -> str:
     if not artifacts:
         return '<p class="muted">none yet (the run is still training)</p>'
@@ -101,7 +117,7 @@ def render(*, job: str, model_type: str, status: str, step: int, total_steps: in
 <h2>Samples</h2>
 {sample_grid(prompts, samples)}
 <h2>Dataset</h2>
-{table(dataset)}
+{dataset_tables(dataset)}
 <h2>Artifacts</h2>
 {artifacts_table(artifacts)}
 <h2>Resolved spec</h2>
