@@ -1,6 +1,7 @@
 """`make demo`: a tiny random-weight Flux and a synthetic captioned dataset in a local S3 server
 (SeaweedFS; moto in-process if the `weed` binary is not installed), then `kubelora run
-examples/demo-flux.yaml` on 2 CPU processes, then the LoRA is fetched back and loaded with diffusers."""
+examples/demo-flux.yaml` (with two sample prompts added) on 2 CPU processes, then the LoRA and its
+report are fetched back."""
 from __future__ import annotations
 
 import os
@@ -44,6 +45,20 @@ def seed_bucket(workdir: Path) -> None:
     upload_tree(data, f"s3://{BUCKET}/datasets/shapes", client=client)
 
 
+def with_samples(manifest: Path, workdir: Path) -> Path:
+    """The demo manifest plus two sample prompts every 20 steps, so that the report shows the LoRA
+    learning (a tiny model: noise-like pictures that change). Written into workdir; the example
+    itself stays the plain base the operator's tests start from."""
+    import yaml
+    doc = yaml.safe_load(manifest.read_text())
+    doc["spec"]["samples"] = {"prompts": [{"prompt": "a red circle on a white background"},
+                                          {"prompt": "a blue square on a white background", "seed": 7}],
+                              "everySteps": 20}
+    out = workdir / manifest.name
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
 def demo(workdir: Path, nproc: int = 2) -> int:
     from .quiet import quiet_libraries
     quiet_libraries()
@@ -57,7 +72,7 @@ def demo(workdir: Path, nproc: int = 2) -> int:
         print(f"[demo] local S3 at {endpoint}; building a tiny Flux and 8 captioned images", flush=True)
         seed_bucket(workdir)
         shutil.rmtree(workdir / "cache", ignore_errors=True)
-        rc = launch(str(MANIFEST), nproc, env)
+        rc = launch(str(with_samples(MANIFEST, workdir)), nproc, env)
         if rc != 0:
             print(f"[demo] training failed (exit {rc})")
             return rc
