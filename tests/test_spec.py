@@ -247,3 +247,11 @@ def test_validate_applies_the_crds_name_and_version_rules_and_reads_a_spec_alone
     assert parse_spec({"spec": BASE}).output.uri == BASE["output"]["uri"]
     with pytest.raises(SpecError, match="spec.spec: unknown field"):
         parse_spec({"spec": BASE, "model": BASE["model"]})  # a spec's own field beside `spec:` is not a wrapper
+
+
+def test_the_demo_manifest_with_its_samples_validates(tmp_path):
+    """`make demo` runs the example with two sample prompts added (not part of CI's run: checked here)."""
+    from kubelora_trainer.demo import MANIFEST, with_samples
+    spec = load_spec(with_samples(MANIFEST, tmp_path))
+    assert len(spec.samples.prompts) == 2 and spec.samples.everySteps == 20
+    assert load_spec(MANIFEST).samples is None   # the example stays the operator tests' plain base
