@@ -255,3 +255,7 @@ def test_the_demo_manifest_with_its_samples_validates(tmp_path):
     spec = load_spec(with_samples(MANIFEST, tmp_path))
     assert len(spec.samples.prompts) == 2 and spec.samples.everySteps == 20
     assert load_spec(MANIFEST).samples is None   # the example stays the operator tests' plain base
+    from kubelora_trainer.demo import local_job
+    local = load_spec(local_job(with_samples(MANIFEST, tmp_path), tmp_path))   # printed for a run without S3
+    assert [local.model.diffusersPath, local.dataset.uri, local.output.uri] == [
+        str(tmp_path / "tiny-flux"), str(tmp_path / "dataset"), str(tmp_path / "local-output")]

@@ -59,6 +59,21 @@ def with_samples(manifest: Path, workdir: Path) -> Path:
     return out
 
 
+def local_job(manifest: Path, workdir: Path) -> Path:
+    """The demo job with every path on this machine (the tiny model and the images the demo left
+    in workdir, an output folder beside them): what `kubelora run` trains without any S3."""
+    import yaml
+    doc = yaml.safe_load(manifest.read_text())
+    spec = doc["spec"]
+    spec["model"]["diffusersPath"] = str(workdir / "tiny-flux")
+    spec["dataset"]["uri"] = str(workdir / "dataset")
+    spec["output"]["uri"] = str(workdir / "local-output")
+    doc["metadata"]["name"] = "demo-flux-local"
+    out = workdir / "local-job.yaml"
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
 def demo(workdir: Path, nproc: int = 2) -> int:
     from .quiet import quiet_libraries
     quiet_libraries()
@@ -84,7 +99,9 @@ def demo(workdir: Path, nproc: int = 2) -> int:
               "    from diffusers import FluxPipeline\n"
               f"    pipe = FluxPipeline.from_pretrained('{workdir / 'tiny-flux'}')\n"
               f"    pipe.load_lora_weights('{lora}')\n"
-              "[demo] or copy it to ComfyUI/models/loras/ and use the LoraLoader node.")
+              "[demo] or copy it to ComfyUI/models/loras/ and use the LoraLoader node.\n"
+              f"[demo] the same job without S3 (local paths only): .venv/bin/kubelora run "
+              f"{local_job(with_samples(MANIFEST, workdir), workdir)}")
         return 0
     finally:
         stop()
