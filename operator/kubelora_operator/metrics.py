@@ -4,6 +4,7 @@
     kubelora_operator_jobs{phase}                          LoRATrainingJobs the operator watches, by phase
     kubelora_operator_job_phase{namespace,ltj,phase}       1 per watched job, its phase as a label
     kubelora_operator_job_stalled{namespace,ltj,phase,reason}  1 per job Stalled but not Failed
+    kubelora_operator_job_queued{namespace,ltj,queue}      1 per job waiting for Kueue's admission
     kubelora_operator_reconcile_duration_seconds{handler}  create/sync handler durations (histogram)
     kubelora_operator_reconcile_errors_total{handler,reason}   handler runs that raised (reason: exception type)
     kubelora_operator_jobs_failed_total{reason}            jobs the operator failed (InvalidSpec, ...)
@@ -55,6 +56,8 @@ class _Jobs:
                                      labels=("phase",))
         each = GaugeMetricFamily("kubelora_operator_job_phase", "1 for each watched LoRATrainingJob, with its phase",
                                  labels=("namespace", "ltj", "phase"))
+        queued = GaugeMetricFamily("kubelora_operator_job_queued", "1 for each job waiting for Kueue to admit it, "
+                                   "with its LocalQueue", labels=("namespace", "ltj", "queue"))
         stalled = GaugeMetricFamily("kubelora_operator_job_stalled", "1 for each job that cannot go on without a "
                                     "person (condition Stalled) but has not failed, with the reason",
                                     labels=("namespace", "ltj", "phase", "reason"))
@@ -68,12 +71,15 @@ class _Jobs:
             counts[phase] = counts.get(phase, 0) + 1
             ns, name = meta.get("namespace") or "", meta.get("name") or ""
             each.add_metric([ns, name, phase], 1)
+            if status.get("reason") == "QueuedInKueue":
+                from .manifests import kueue_queue
+                queued.add_metric([ns, name, kueue_queue(meta.get("labels")) or ""], 1)
             stall = next((c for c in status.get("conditions") or [] if c.get("type") == "Stalled"), None)
             if stall and stall.get("status") == "True" and phase != "Failed":  # Failed has its own alert
                 stalled.add_metric([ns, name, phase, stall.get("reason") or ""], 1)
         for phase, n in counts.items():
             by_phase.add_metric([phase], n)
-        return [by_phase, each, stalled]
+        return [by_phase, each, queued, stalled]
 
     def describe(self):
         return []  # collected at scrape time only
