@@ -131,6 +131,7 @@ def test_a_failed_export_is_retried_from_the_last_step_without_training_again(s3
         assert rc == 1, out[-3000:]
         assert "[checkpoint] step 3 written" in out and "[train] step 3/3" in out, out[-3000:]
         assert out.strip().splitlines()[-1].startswith("[error] rank 0: ") and "lora.safetensors" in out, out[-3000:]
+        assert out.count("[error]") == 1, out[-3000:]   # the cause once, last
         proxy.clear()
         rc, out = _run(job, env, nproc=1)
     finally:

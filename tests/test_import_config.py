@@ -14,7 +14,7 @@ import pytest
 
 from kubelora_trainer.import_config import ConfigError, Source, convert, find_line, parse_map
 from kubelora_trainer.import_rules import SECTIONS, area_side
-from kubelora_trainer.spec import parse_spec
+from kubelora_trainer.spec import SpecError, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_MAIN = {"output_dir": "/runs/out", "max_steps": 100,
@@ -582,9 +582,11 @@ def test_lora_layers_diffusion_pipe_adapts_beyond_kubelora_defaults_are_noted(mo
         assert not notes, notes
 
 
-def test_the_manifest_name_is_one_the_crd_accepts():
-    from kubelora_trainer.import_config import _slug
-    from kubelora_trainer.spec import MAX_NAME, check_name
+def test_the_manifest_name_is_one_the_crd_accepts(tmp_path):
+    from kubelora_trainer.spec import MAX_NAME, check_name, name_from
+
+    def _slug(stem):
+        return name_from(stem, "imported")
     for stem, want in [("2024_flux.v2", "lora-2024-flux-v2"), ("My Style__LoRA", "my-style-lora"), ("___", "imported"),
                        ("flux", "flux")]:
         assert _slug(stem) == want
@@ -592,6 +594,12 @@ def test_the_manifest_name_is_one_the_crd_accepts():
     long = _slug("a" * 40 + "-" + "b" * 40)
     assert len(long) <= MAX_NAME and not long.endswith("-")
     check_name(long)
+    with pytest.raises(SpecError):
+        check_name("flux\n")   # the API server's pattern matches the whole name
+    from kubelora_trainer.spec import manifest_name
+    bare = tmp_path / "2024_style.v1.yaml"   # `kubelora run` names a bare spec's job the same way
+    bare.write_text("model: {type: flux}\n")
+    assert manifest_name(bare) == "lora-2024-style-v1"
 
 
 def test_a_cosmos_text_encoder_file_becomes_its_folder_with_the_tokenizer_named():

@@ -18,13 +18,22 @@ FULL = {"model": {"type": "flux", "diffusersPath": "s3://bkt/flux"}, "dataset": 
         "runPolicy": {"activeDeadlineSeconds": 3600, "suspend": True}}
 
 
-@pytest.mark.parametrize("spec", [FULL, {k: FULL[k] for k in ("model", "dataset", "output")}], ids=["full", "minimal"])
-def test_every_child_passes_strict_validation(spec):
-    objs = manifests.children("ft", "0b7e6c2c-0000-4000-8000-000000000000", "ml", parse_spec(spec),
-                              manifests.OperatorConfig())
+# every operator-wide option set (the chart's trainer.imagePullSecrets, metricsPort, metricsLingerSeconds)
+FULL_CONFIG = manifests.OperatorConfig(image_pull_secrets=("regcred", "mirror"), metrics_port=9500,
+                                       metrics_linger_seconds=120)
+
+
+@pytest.mark.parametrize("spec,cfg", [(FULL, FULL_CONFIG),
+                                      ({k: FULL[k] for k in ("model", "dataset", "output")}, manifests.OperatorConfig())],
+                         ids=["full", "minimal"])
+def test_every_child_passes_strict_validation(spec, cfg):
+    objs = manifests.children("ft", "0b7e6c2c-0000-4000-8000-000000000000", "ml", parse_spec(spec), cfg)
     assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]
     for obj in objs:
         kv.validate(obj, "1.33.0", strict=True)  # raises ValidationError naming the field
+    pod = objs[-1]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert ("imagePullSecrets" in pod) == bool(cfg.image_pull_secrets)
 
 
 def test_a_job_queued_in_kueue_passes_strict_validation():

@@ -153,8 +153,6 @@ def media_digest(path: Path, memo_root: Optional[Path] = None) -> str:
 
 # ---------------------------------------------------------------- files
 
-
-
 def entry_path(root: Path, key: str) -> Path:
     return root / "latents" / f"{key}.pt"
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from . import dist, storage
+from . import disk, dist, storage
 
 STATE = "state"
 MARKER = "COMPLETE"
@@ -106,8 +106,12 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
     buf = io.BytesIO()  # torch.save's file writer reports a full disk without the errno ("unexpected pos")
     torch.save(loop_state, buf)
-    (folder / f"rank-{env.rank}.pt").write_bytes(buf.getvalue())
-    dist.barrier()
+    try:
+        (folder / f"rank-{env.rank}.pt").write_bytes(buf.getvalue())
+        err = None
+    except OSError as e:  # one rank's disk: the others stop with its reason instead of waiting at a barrier
+        err = disk.no_room(e, "writing the checkpoint", path=folder / f"rank-{env.rank}.pt") or e
+    dist.fail_together(err, "writing the checkpoint's loop state")
     remote = f"{output_uri.rstrip('/')}/checkpoints/step-{step}/{STATE}"
     err = None
     if env.local_rank == 0:

@@ -87,7 +87,8 @@ def demo(workdir: Path, nproc: int = 2) -> int:
         print(f"[demo] local S3 at {endpoint}; building a tiny Flux and 8 captioned images", flush=True)
         seed_bucket(workdir)
         shutil.rmtree(workdir / "cache", ignore_errors=True)
-        rc = launch(str(with_samples(MANIFEST, workdir)), nproc, env)
+        job = with_samples(MANIFEST, workdir)
+        rc = launch(str(job), nproc, env)
         if rc != 0:
             print(f"[demo] training failed (exit {rc})")
             return rc
@@ -101,7 +102,7 @@ def demo(workdir: Path, nproc: int = 2) -> int:
               f"    pipe.load_lora_weights('{lora}')\n"
               "[demo] or copy it to ComfyUI/models/loras/ and use the LoraLoader node.\n"
               f"[demo] the same job without S3 (local paths only): .venv/bin/kubelora run "
-              f"{local_job(with_samples(MANIFEST, workdir), workdir)}")
+              f"{local_job(job, workdir)}")
         return 0
     finally:
         stop()

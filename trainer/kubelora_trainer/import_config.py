@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from .import_handlers import Ctx, Refused, label
-from .spec import URI_HELP, URI_PATTERN
+from .spec import URI_HELP, URI_PATTERN, name_from
 from .import_rules import (MODEL_TYPES, OTHER_MODEL_TYPES, apply, batch_size, family_module, finish_dataset,
                            optimizer_defaults)
 
@@ -149,7 +149,7 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) ->
     spec = {"model": ctx.model, "dataset": data, "adapter": ctx.adapter,
             "training": ctx.training, "output": {"uri": out_uri}}
     manifest = {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
-                "metadata": {"name": _slug(name)}, "spec": spec}
+                "metadata": {"name": name_from(name, "imported")}, "spec": spec}
     return manifest, list(dict.fromkeys(ctx.notes))  # a top-level dataset key's note once, not per directory
 
 
@@ -168,16 +168,6 @@ def parse_map(items: list[str]) -> dict[str, str]:
                               "e.g. /data/models=s3://models")
         path_map[local] = remote
     return path_map
-
-
-def _slug(name: str) -> str:
-    """A metadata.name the CRD accepts (spec.check_name) from a file stem or --name: lowercase
-    letters, digits and single '-', a letter first ('lora-' put before a digit). Pure."""
-    from .spec import MAX_NAME
-    slug = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", name.lower())).strip("-")
-    if slug and not slug[0].isalpha():
-        slug = f"lora-{slug}"
-    return slug[:MAX_NAME].rstrip("-") or "imported"
 
 
 def _learning_rates(ctx: Ctx) -> None:

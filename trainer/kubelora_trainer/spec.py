@@ -224,7 +224,8 @@ class DatasetSpec(_Model):
             raise ValueError("dataset.resolution and dataset.resolutions: set one (resolution: N is resolutions: [N])")
         if self.frameBuckets is not None and self.frames is not None:
             raise ValueError("dataset.frames and dataset.frameBuckets: set one (frames: N is frameBuckets: [N])")
-        if self.width is not None and (self.resolutions is not None or self.resolution != 512):
+        if self.width is not None and (self.resolutions is not None or
+                                       self.resolution != type(self).model_fields["resolution"].default):
             field = "resolutions" if self.resolutions is not None else "resolution"
             raise ValueError(f"dataset.{field}: dataset.width/height fix the one training size, so {field} would be "
                              "ignored; remove one of them")
@@ -632,7 +633,7 @@ NAME_BAD_CHARACTERS = ("metadata.name must start with a letter and hold only low
 
 def check_name(name: Any) -> None:
     """The CRD's rules for metadata.name, as the API server applies them. Raises SpecError."""
-    if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
         raise SpecError(f"{NAME_BAD_CHARACTERS}; got {name!r}")
     if len(name) > MAX_NAME:
         raise SpecError(f"{NAME_TOO_LONG}; got {len(name)}")
@@ -687,11 +688,20 @@ def load_spec(path: str | Path) -> LoRATrainingJobSpec:
     return parse_spec(docs[0])
 
 
+def name_from(text: str, default: str = "job") -> str:
+    """A metadata.name the CRD accepts (check_name) made from a file stem or a user's name:
+    lowercase letters, digits and single '-', a letter first ('lora-' put before a digit). Pure."""
+    slug = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
+    if slug and not slug[0].isalpha():
+        slug = f"lora-{slug}"
+    return slug[:MAX_NAME].rstrip("-") or default
+
+
 def manifest_name(path: str | Path) -> str:
-    """metadata.name of a CR manifest, or the file stem for a bare spec."""
+    """metadata.name of a CR manifest, or one made from the file stem for a bare spec."""
     doc = yaml.safe_load(Path(path).read_text()) or {}
     name = (doc.get("metadata") or {}).get("name") if isinstance(doc, dict) else None
-    return name or re.sub(r"[^a-z0-9-]", "-", Path(path).stem.lower())
+    return name or name_from(Path(path).stem)
 
 
 def dump_spec(spec: LoRATrainingJobSpec) -> dict[str, Any]:

@@ -607,10 +607,10 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
             err = e  # an artifact or manifest.json not uploaded: transient or bad input, as storage classified it
         except ValueError as e:
             err = RunError(str(e))
-        except OSError as e:  # a full disk is bad input (disk.NoRoom); a failing one: the Job retries
-            err = disk.no_room(e, "export") or RuntimeError(f"export: {type(e).__name__}: {e}")
-        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error
-            err = disk.no_room(e, "export")
+        except Exception as e:  # noqa: BLE001 - a full disk (also safetensors' own error) is bad input (disk.NoRoom);
+            # another local disk failure: the Job retries; anything else is a bug, raised as it is
+            err = disk.no_room(e, "export") or (RuntimeError(f"export: {type(e).__name__}: {e}")
+                                                if isinstance(e, OSError) else None)
             if err is None:
                 raise
     dist.fail_together(err, "export")
