@@ -113,7 +113,7 @@ def import_config(args) -> int:
 
 
 def convert(args) -> int:
-    from safetensors.torch import save_file
+    from . import safetensors_file
     from .export import ALPHA_FORMATS, file_metadata
     from .families import RULES
     from .lora_files import LoraFileError, read_lora
@@ -138,7 +138,7 @@ def convert(args) -> int:
     # the written lora_B carries alpha/rank unless both files keep the real alpha
     folded = args.dst not in ALPHA_FORMATS or args.src not in ALPHA_FORMATS or meta.get("kubelora.scale_folded") == "true"
     meta.setdefault("kubelora.model_type", args.model_type)
-    save_file(tensors, args.output, metadata=file_metadata(meta, args.dst, folded))
+    safetensors_file.save(tensors, args.output, metadata=file_metadata(meta, args.dst, folded))
     n = sum(len(v) for v in lora.values())
     print(f"wrote {args.output}: {n} LoRA modules, {args.src} -> {args.dst}")
     return 0

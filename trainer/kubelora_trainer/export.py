@@ -6,7 +6,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__, lora, storage
+from . import __version__, lora, safetensors_file, storage
 from .families import RULES, areas_of
 from .spec import dump_spec
 
@@ -83,14 +83,12 @@ def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats,
     """Rank 0 only. Returns the primary artifact {uri, sha256, size, format, file}. extra(artifacts),
     when given, runs after the LoRA files are uploaded and before manifest.json; its dict joins the
     manifest (report.html and the samples)."""
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
     formats = spec.output.formats or [RULES[spec.model.type].formats[0]]
     files, gaps = {}, {}
     for fmt, fname in file_names(spec.output.name, formats).items():
         files[fmt] = out_dir / fname
-        save_file(family.export(gathered, spec.adapter.scale, fmt), str(files[fmt]), metadata=metadata(spec, job_name, fmt))
+        safetensors_file.save(family.export(gathered, spec.adapter.scale, fmt), str(files[fmt]), metadata=metadata(spec, job_name, fmt))
         gaps[fmt] = family.export_gaps(gathered, fmt)
         for gap in gaps[fmt]:
             print(f"[export] warning: {fname}: {gap}", flush=True)

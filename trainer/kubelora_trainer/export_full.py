@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import storage
+from . import safetensors_file, storage
 from .export import base_model, publish_manifest
 
 SHARD = "5GB"
@@ -38,15 +38,13 @@ def export_and_upload(spec, job_name, family, comps, state_dict: dict, metrics, 
                       extra=None) -> dict:
     """Rank 0 only. Returns the primary artifact {uri, sha256, size, format, file}: the single file
     where the family has one, else the folder's config.json. extra: as export.export_and_upload's."""
-    from safetensors.torch import save_file
-
     component = next(iter(comps.trainable))
     folder_files = write_diffusers_folder(comps.denoiser, state_dict, out_dir / component)
     single = None
     native = getattr(family, "export_full", None)
     if native is not None:
         single = out_dir / f"{spec.output.name}.safetensors"
-        save_file({k: v.contiguous() for k, v in native(state_dict).items()}, str(single),
+        safetensors_file.save({k: v.contiguous() for k, v in native(state_dict).items()}, single,
                   metadata=file_metadata(spec, job_name))
         print(f"[export] {single.name}: {family.full_file}", flush=True)
     else:

@@ -72,14 +72,14 @@ def gather(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def save_checkpoint(lora: dict, cfg, folder: Path, metadata: dict[str, str]) -> list[Path]:
     """One component's peft-style adapter (unscaled weights + adapter_config.json with the real alpha)."""
-    from safetensors.torch import save_file
+    from . import safetensors_file
 
     folder.mkdir(parents=True, exist_ok=True)
     sd = {}
     for m, (wa, wb) in lora.items():
         sd[f"{m}.lora_A.weight"] = wa.contiguous()
         sd[f"{m}.lora_B.weight"] = wb.contiguous()
-    save_file(sd, str(folder / "adapter_model.safetensors"), metadata=metadata)
+    safetensors_file.save(sd, str(folder / "adapter_model.safetensors"), metadata=metadata)
     d = cfg.to_dict()
     d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
     (folder / "adapter_config.json").write_text(json.dumps(d, indent=1, default=str))
