@@ -21,19 +21,16 @@ from typing import Optional
 import torch
 
 from . import __version__, adapters, cache, checkpoint, disk, dist, exits, export, export_full, lora, metrics, samples, storage
-from . import cache_remote, throughput
+from . import cache_phase, cache_remote, throughput
 from . import buckets as bk
 from .captions import options_of
 from .data import DatasetError, ScanReport, scan
-from .cache import cache_inputs, model_fingerprint
 from .disk import cache_root
-from .dataset_phase import (drop_items, encode_missing, entry_keys, exchange, gather_present, largest_batch,
-                            layout_data, probe_items, probe_name, sample_entries, source_specs)
+from .dataset_phase import largest_batch, probe_items, source_specs
 from .dist import log
 from .families import PATH_FIELDS, RULES
 from .models import get_family
 from .models.base import ModelError
-from .quiet import quiet_progress_bars
 from .progress import Meter, Progress, Publisher, format_eta, line
 from .spec import LoRATrainingJobSpec
 
@@ -75,19 +72,6 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
             err = disk.no_room(e, "stage-in") or RunError(str(e))
     dist.fail_together(err, "stage-in")
     return json.loads(marker.read_text())
-
-
-def load_family(family, spec, paths: dict, device: torch.device, encoders: bool):
-    """family.load on the device; with training.cpuOffload into CPU memory, then the encoders (VAE,
-    text encoders) moved to the device: the trained model is never whole on the device (FSDP2 moves
-    it there one block at a time, dist.parallelize)."""
-    if not spec.training.cpuOffload:
-        return family.load(spec.model, paths, device, encoders=encoders)
-    comps = family.load(spec.model, paths, torch.device("cpu"), encoders=encoders)
-    for part in comps.encoders.values():
-        if isinstance(part, torch.nn.Module) or hasattr(part, "components"):  # a module or a diffusers pipeline
-            part.to(device)
-    return comps
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -393,13 +377,74 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     family = get_family(spec.model.type)
     log(env, f"[kubelora {__version__}] job {job_name}: {spec.model.type} LoRA r={spec.adapter.rank} "
              f"on {env.world} process(es), device {env.device.type}")
-
     publish = Publisher(spec.output.uri, settings) if env.is_main else (lambda p, force=False: None)
     t = spec.training
     publish(Progress(phase="Initializing", totalSteps=t.steps))
     m.start(spec.model.type, env.world, t.steps)
 
-    # ---- pre-flight: an output that cannot be written is found now, not after the last step
+    # ---- pre-flight: what cannot be written is found now, not after the last step
+    plan, latest = check_output(spec, settings, env)
+    if plan == "done":
+        log(env, f"[done] {spec.output.uri} already holds a finished run (manifest.json); nothing to train "
+                 f"(output.onExisting: overwrite trains again)")
+        m.phase("Succeeded")
+        return 0
+    remote = check_cache_uri(spec, settings, env)
+
+    # ---- stage-in
+    log(env, "[phase] stage-in")
+    m.phase("StagingIn")
+    paths = stage_in(spec, env, settings)
+
+    # ---- dataset (checked before any model is loaded), then the cache and the model
+    report = scan_sources(spec, paths)
+    layout = cache_phase.Layout(report, *probe_items(report, env, spec, remote)).make(spec, env, m)
+    ready = cache_phase.prepare(spec, family, paths, layout, remote, env, m)
+    if spec.dataset.cacheOnly:
+        return finish_cache_only(spec, job_name, env, m, publish, settings, layout.stats, ready.cache_stats)
+    # spec.samples: prompt embeddings now, while the encoders are loaded (None when off)
+    sampling = dist.agree(samples.setup, spec, family, ready.comps, job_name, settings, layout.stats,
+                          cache_root() / "outputs" / job_name)
+    ready.comps.encoders.clear()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # ---- adapters, parallelism, optimizer
+    tr = build_trainer(spec, family, ready, sampling, env, settings, publish, m, job_name)
+
+    # ---- train (from step 1, or from the newest checkpoint)
+    start = resume(tr, latest) + 1 if plan == "resume" else 1
+    log(env, "[phase] train")
+    m.phase("Training")
+    samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
+    meter = Meter(t.steps, samples_per_step)
+    prog = Progress(phase="Training", totalSteps=t.steps, resumedFrom=start - 1 if start > 1 else None)
+    try:
+        _train_steps(tr, start, meter, prog)
+    finally:
+        tr.loader.close()
+    summary = {"steps": t.steps, "samplesPerStep": samples_per_step, "worldSize": env.world,
+               "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(time.time() - t_start, 2)}
+
+    # ---- export (gather is a collective; the writing and upload happen on rank 0)
+    log(env, "[phase] export")
+    prog.phase = "Exporting"
+    m.phase("Exporting")
+    publish(prog)
+    result = export_run(tr, ready, job_name, summary)
+    if env.is_main:
+        prog.phase = "Succeeded"
+        m.phase("Succeeded")
+        publish(prog, force=True)
+        losses = tr.state.losses
+        final = f"  final loss {losses[-1]:.4f}" if losses else ""
+        log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…{final}")
+    return 0
+
+
+def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, Optional[int]]:
+    """output.uri writable, and what an earlier run of this manifest left there: ('train', 'resume'
+    or 'done', the newest checkpoint's step). The same answer on every rank."""
     err = None
     if env.is_main:
         try:
@@ -407,8 +452,6 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         except storage.StorageError as e:
             err = storage.StorageError(f"output.uri: {e}", transient=e.transient)
     dist.fail_together(err, "the output check")
-
-    # ---- an earlier run of this manifest: resume from its newest checkpoint, or stop if it finished
     finished, latest = existing_output(spec, settings, env)
     plan = resume_plan(spec.output.onExisting, finished, latest)
     if spec.dataset.cacheOnly:  # writes its own manifest.json: never over a finished run's
@@ -418,13 +461,12 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
                        ) if finished and spec.output.onExisting != "overwrite" and env.is_main else None
         dist.fail_together(err, "the output check")
         plan = "train"
-    if plan == "done":
-        log(env, f"[done] {spec.output.uri} already holds a finished run (manifest.json); nothing to train "
-                 f"(output.onExisting: overwrite trains again)")
-        m.phase("Succeeded")
-        return 0
+    return plan, latest
 
-    # ---- pre-flight of dataset.cacheUri: writable, listed once (a transient failure: a warning, not shared)
+
+def check_cache_uri(spec, settings, env: dist.DistEnv) -> Optional[cache_remote.Remote]:
+    """dataset.cacheUri writable and listed once, on rank 0, then shared (a transient failure is a
+    warning there, not an error)."""
     remote, err = None, None
     if env.is_main:
         try:
@@ -434,103 +476,38 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     dist.fail_together(err, "the dataset.cacheUri check")
     if spec.dataset.cacheUri and env.world > 1:
         remote = dist.broadcast(remote)
+    return remote
 
-    # ---- stage-in
-    log(env, "[phase] stage-in")
-    m.phase("StagingIn")
-    paths = stage_in(spec, env, settings)
 
-    # ---- dataset (checked before any model is loaded)
+def scan_sources(spec: LoRATrainingJobSpec, paths: dict) -> ScanReport:
+    """Every dataset source's staged folder scanned into one report (items, captions, skips)."""
     r = RULES[spec.model.type]
     report = ScanReport()
     for i, src in enumerate(source_specs(spec)):
         mask_root = paths.get(f"dataset.{i}.mask")
         report.merge(scan(Path(paths[f"dataset.{i}"]), video=r.video, opts=options_of(spec.dataset, src), source=i,
-                          seed=t.seed, uri=spec.dataset.uris[i], mask_root=Path(mask_root) if mask_root else None))
-    metas, digests = probe_items(report, env, spec, remote)
-    assignment, stats = layout_data(spec, report, metas, env, m)
+                          seed=spec.training.seed, uri=spec.dataset.uris[i],
+                          mask_root=Path(mask_root) if mask_root else None))
+    return report
 
-    # ---- cache: which samples are on disk is known before any model is loaded
-    log(env, "[phase] cache")
-    m.phase("Caching")
-    quiet_progress_bars()
-    inputs = cache_inputs(spec, model_fingerprint(paths))
-    entries = sample_entries(report, assignment.units)
-    keys = entry_keys(report, assignment.units, entries, digests, inputs)
-    distinct = list(dict.fromkeys(keys))  # shuffled captions may repeat: one entry for equal samples
-    missing = [distinct[i] for i in cache.missing_everywhere(gather_present(distinct, env))]
-    pulled, moved = set(), {}
-    if remote is not None:  # dataset.cacheUri: what no rank has but the prefix does is downloaded, not encoded
-        moved["probes pulled"] = cache_remote.gathered(remote.probes_pulled, env)
-        pulled, moved["pulled"] = cache_remote.pull_entries(remote, missing, cache_root(), env)
-        log(env, cache_remote.transfer_line("pulled", cache_remote.Moved.total([moved["probes pulled"], moved["pulled"]]),
-                                            remote.uri))
-    todo = cache.first_entries(keys, set(missing) - pulled)
-    # spec.samples needs the VAE (decoding) and the prompts' embeddings: encoders load with it on
-    encoders = bool(todo) or spec.samples is not None
-    log(env, f"[cache] {len(distinct)} entries: {len(distinct) - len(missing)} cached, "
-             + (f"{len(pulled)} pulled from dataset.cacheUri, " if remote is not None else "")
-             + f"{len(todo)} to encode; "
-             + ("loading the VAE and text encoders" if encoders else "the VAE and text encoders are not loaded"))
-    # a failure on one rank (a bad file, a missing weight) stops every rank with its reason
-    comps = dist.agree(load_family, family, spec, paths, env.device, encoders)
-    todo_keys = {keys[i] for i in todo}
-    rewritten = []
-    if todo:
-        mine = dist.agree(encode_missing, spec, family, comps, report.items, digests, assignment.units, entries, keys,
-                          todo, env)
-        bad = dict(b for part in dist.all_gather(mine) for b in part)
-        if remote is not None:  # probes rewritten as skips are pushed by the rank that found them
-            fps = r.fps if r.video else None
-            gone_probes = {probe_name(cache_root(), digests[i], fps) for i in bad}
-            remote.probes = [n for n in remote.probes if n not in gone_probes]
-            rewritten = [probe_name(cache_root(), digests[i], fps) for i, skip in mine if skip.lasting]
-        if bad:  # corrupt past the header: the same items dropped on every rank, the layout made again
-            gone = drop_items(report, bad)
-            for i in sorted(bad)[:10]:
-                log(env, f"[data] skipped {bad[i]}")
-            metas = [x for i, x in enumerate(metas) if i not in gone]
-            digests = [x for i, x in enumerate(digests) if i not in gone]
-            assignment, stats = layout_data(spec, report, metas, env, m)
-            entries = sample_entries(report, assignment.units)
-            keys = entry_keys(report, assignment.units, entries, digests, inputs)
-    distinct = list(dict.fromkeys(keys))
-    received = exchange(distinct, env)
-    got = sum(dist.all_gather(received)) if env.world > 1 else 0
-    encoded = len(todo_keys & set(distinct))
-    n_pulled = len(pulled & set(distinct))
-    cache_stats = {"entries": len(distinct), "encoded": encoded, "cached": len(distinct) - encoded - n_pulled,
-                   "copiedBetweenNodes": got}
-    if remote is not None:  # what the prefix lacks, shared under dataset.cacheUri (every rank has every entry now)
-        moved["pushed"] = cache_remote.push(remote, cache_remote.push_share(distinct, remote.listing, env.world, env.rank),
-                                            cache_root(), env)
-        moved["probes pushed"] = cache_remote.push(remote, remote.probes, cache_root(), env, force=tuple(rewritten))
-        log(env, cache_remote.transfer_line("pushed", cache_remote.Moved.total([moved["pushed"], moved["probes pushed"]]),
-                                            remote.uri))
-        cache_stats.update(cache_remote.stats(moved))
-    log(env, f"[cache] {len(distinct)} entries ready on every rank: {encoded} encoded, "
-             f"{cache_stats['cached']} were cached"
-             + (f", {n_pulled} pulled from dataset.cacheUri" if remote is not None else "")
-             + (f"; {got} copied between nodes" if got else ""))
-    if spec.dataset.cacheOnly:
-        return finish_cache_only(spec, job_name, env, m, publish, settings, stats, cache_stats)
-    # spec.samples: prompt embeddings now, while the encoders are loaded (None when off)
-    sampling = dist.agree(samples.setup, spec, family, comps, job_name, settings, stats, cache_root() / "outputs" / job_name)
-    comps.encoders.clear()
-    if env.device.type == "cuda":
-        torch.cuda.empty_cache()
-    units = assignment.units
+
+def build_trainer(spec, family, ready: cache_phase.Ready, sampling, env: dist.DistEnv, settings, publish, m,
+                  job_name: str) -> Trainer:
+    """Adapters injected, the memory plan and parallelism agreed by every rank, the optimizer and
+    schedule, the seeded data order and the cache loader."""
+    t, comps, layout = spec.training, ready.comps, ready.layout
+    units = layout.assignment.units
     src_repeats = [s.repeats if s is not None else spec.dataset.repeats for s in source_specs(spec)]
+    items = layout.report.items
     space = bk.SampleSpace(buckets=tuple(u.bucket for u in units),
                            repeats=tuple(src_repeats[u.source] for u in units),
-                           variants=tuple(len(report.items[u.item].variants) for u in units),
-                           dropout=tuple(report.items[u.item].dropout for u in units))
-    key_of = dict(zip(entries, keys))
+                           variants=tuple(len(items[u.item].variants) for u in units),
+                           dropout=tuple(items[u.item].dropout for u in units))
+    key_of = dict(zip(layout.entries, layout.keys))
     root = cache_root()
 
-    # ---- adapters + parallelism
     ad = dist.agree(adapters.prepare, comps, family, spec, env)
-    probe = lambda: largest_batch(report, units, entries, key_of, root, t.microBatchSize)  # noqa: E731
+    probe = lambda: largest_batch(layout.report, units, layout.entries, key_of, root, t.microBatchSize)  # noqa: E731
     lay = dist.agree(adapters.layout, ad, comps, family, spec, env, probe)
     lay = adapters.agreed(dist.all_gather(lay)) if env.world > 1 else lay
     dist.agree(adapters.parallelize, ad, comps, family, spec, env, lay)
@@ -542,67 +519,57 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         if spec.adapter.type == "full" else
         f"[model] LoRA on {', '.join(ad.configs)}: {ad.n_trainable:,} trainable parameters")
 
-    # ---- train (from step 1, or from the newest checkpoint)
     state = LoopState(gen=torch.Generator(device=env.device).manual_seed(t.seed * 1000 + env.rank),
                       sampler=bk.BucketSampler(space, t.seed, t.microBatchSize, env.world, env.rank))
     loader = cache.Loader(lambda s: cache.load_entry(root, key_of[s]), state.sampler,
                           depth=int(os.environ.get(cache.PREFETCH_ENV, "2")))
-    tr = Trainer(spec, family, comps, ad, opt, sched, loader, env, state,
-                 modules=torch.nn.ModuleDict(comps.trainable), local_ckpt=cache_root() / "checkpoints" / job_name,
-                 settings=settings, publish=publish, epoch_size=sum(space.repeats), metrics=m, sampling=sampling)
-    start = 1
-    if plan == "resume":
-        resumed = latest
-        loop = checkpoint.restore(resumed, tr.modules, opt, tr.local_ckpt, spec.output.uri, settings, env)
-        sched.last_epoch = resumed
-        sched._last_lr = [g["lr"] for g in opt.param_groups]
-        exact = loop is not None and state.load(loop)
-        start = resumed + 1
-        m.resumed(resumed)
-        log(env, f"[resume] from the checkpoint of step {resumed}" + ("" if exact else
-                 " (another number of ranks, or an older checkpoint: the data order starts again from the first "
-                 "epoch; the model, optimizer and schedule are restored)"))
-    log(env, "[phase] train")
-    m.phase("Training")
-    samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
-    meter = Meter(t.steps, samples_per_step)
-    prog = Progress(phase="Training", totalSteps=t.steps, resumedFrom=start - 1 if start > 1 else None)
-    try:
-        _train_steps(tr, start, meter, prog)
-    finally:
-        loader.close()
-    losses = state.losses
-    train_seconds = time.time() - t_start
+    return Trainer(spec, family, comps, ad, opt, sched, loader, env, state,
+                   modules=torch.nn.ModuleDict(comps.trainable), local_ckpt=cache_root() / "checkpoints" / job_name,
+                   settings=settings, publish=publish, epoch_size=sum(space.repeats), metrics=m, sampling=sampling)
 
 
-    # ---- export (gather is a collective; the writing and upload happen on rank 0)
-    log(env, "[phase] export")
-    prog.phase = "Exporting"
-    m.phase("Exporting")
-    publish(prog)
+def resume(tr: Trainer, step: int) -> int:
+    """Model, optimizer, schedule and (same number of ranks) the loop state restored from the
+    checkpoint of `step`; returns `step`."""
+    spec, env = tr.spec, tr.env
+    loop = checkpoint.restore(step, tr.modules, tr.opt, tr.local_ckpt, spec.output.uri, tr.settings, env)
+    tr.sched.last_epoch = step
+    tr.sched._last_lr = [g["lr"] for g in tr.opt.param_groups]
+    exact = loop is not None and tr.state.load(loop)
+    tr.metrics.resumed(step)
+    log(env, f"[resume] from the checkpoint of step {step}" + ("" if exact else
+             " (another number of ranks, or an older checkpoint: the data order starts again from the first "
+             "epoch; the model, optimizer and schedule are restored)"))
+    return step
+
+
+def export_run(tr: Trainer, ready: cache_phase.Ready, job_name: str, summary: dict) -> Optional[dict]:
+    """The trained weights gathered (a collective), then written, uploaded and described in
+    manifest.json by rank 0; a failure there stops every rank. Rank 0 gets the primary artifact."""
+    spec, env, comps, ad, sampling = tr.spec, tr.env, tr.comps, tr.adapters, tr.sampling
     full = spec.adapter.type == "full"
     gathered = adapters.gather_full(comps, getattr(torch, spec.model.dtype), keep=env.is_main) if full else adapters.gather(comps)
     err, result = None, None
     if env.is_main:
         try:
-            # no losses: resumed at the last step with another number of ranks (no loop state)
-            summary = {"steps": t.steps, "firstLoss": losses[0] if losses else None,
+            losses = tr.state.losses  # none: resumed at the last step with another number of ranks (no loop state)
+            summary = {**summary, "firstLoss": losses[0] if losses else None,
                        "finalLoss": losses[-1] if losses else None, "minLoss": min(losses) if losses else None,
-                       "samplesPerStep": samples_per_step, "worldSize": env.world,
-                       "samplesPerSecond": prog.samplesPerSecond, "wallSeconds": round(train_seconds, 2),
                        "lossHistory": downsample(losses, 200)}
             if ad.memory:
                 summary["memoryPlan"] = {k: v for k, v in ad.memory.items() if k != "text"}
             sampling_s = sampling.seconds if sampling else 0.0
-            summary.update(samplingSeconds=round(sampling_s, 2), trainingSeconds=round(train_seconds - sampling_s, 2),
+            summary.update(samplingSeconds=round(sampling_s, 2),
+                           trainingSeconds=round(summary["wallSeconds"] - sampling_s, 2),
                            dataWaitSeconds=round(tr.data_wait, 3))
             out_dir = cache_root() / "outputs" / job_name
-            report = lambda arts: {**samples.final_report(spec, job_name, settings, sampling, losses, stats,  # noqa: E731
-                                                          arts, out_dir), "cache": cache_stats}
-            result = (export_full.export_and_upload(spec, job_name, family, comps, gathered, summary, stats, settings,
-                                                    out_dir, extra=report) if full else
-                      export.export_and_upload(spec, job_name, family, ad.configs, gathered, summary, stats, settings,
-                                               out_dir, extra=report))
+            stats = ready.layout.stats
+            report = lambda arts: {**samples.final_report(spec, job_name, tr.settings, sampling, losses, stats,  # noqa: E731
+                                                          arts, out_dir), "cache": ready.cache_stats}
+            result = (export_full.export_and_upload(spec, job_name, tr.family, comps, gathered, summary, stats,
+                                                    tr.settings, out_dir, extra=report) if full else
+                      export.export_and_upload(spec, job_name, tr.family, ad.configs, gathered, summary, stats,
+                                               tr.settings, out_dir, extra=report))
         except storage.StorageError as e:
             err = e  # an artifact or manifest.json not uploaded: transient or bad input, as storage classified it
         except ValueError as e:
@@ -614,13 +581,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
             if err is None:
                 raise
     dist.fail_together(err, "export")
-    if env.is_main:
-        prog.phase = "Succeeded"
-        m.phase("Succeeded")
-        publish(prog, force=True)
-        final = f"  final loss {losses[-1]:.4f}" if losses else ""
-        log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…{final}")
-    return 0
+    return result
 
 
 def main_from_cli(spec_path: str) -> int:
