@@ -270,6 +270,16 @@ def test_two_replicas_are_refused():
     assert "replicas" in (CHART / "values.yaml").read_text() and "peering" in (CHART / "values.yaml").read_text()
 
 
+def test_rbac_without_a_named_service_account_is_refused():
+    """serviceAccount.create=false and no name would bind the operator's rights (create Jobs, read
+    Secrets) to the namespace's default ServiceAccount, and so to every pod there."""
+    chart = helm.Chart.load(str(CHART))
+    with pytest.raises(helm.HelmError, match="needs serviceAccount.name"):
+        chart.render({"serviceAccount": {"create": False}}, name="kl", namespace=NAMESPACE)
+    objs = objects({"serviceAccount": {"create": False, "name": "ops"}})
+    assert {s["name"] for o in objs if o["kind"].endswith("Binding") for s in o["subjects"]} == {"ops"}
+
+
 def test_the_metrics_port_cannot_be_the_liveness_port():
     chart = helm.Chart.load(str(CHART))
     with pytest.raises(helm.HelmError, match="metricsPort and operator.livenessPort must differ"):

@@ -118,8 +118,9 @@ def test_spec_is_immutable_but_suspend_flows_to_the_job(cluster, kubectl):
         wait_for(lambda: kube.get("batch/v1/jobs", "default", "imm"))
         p = apply(kubectl, manifest("imm", adapter__rank=32))
         assert p.returncode != 0 and "immutable after creation except spec.runPolicy.suspend" in p.stderr
-        p = apply(kubectl, manifest("imm", runPolicy__backoffLimit=9))
-        assert p.returncode != 0 and "only spec.runPolicy.suspend may change" in p.stderr
+        for field, value in (("backoffLimit", 9), ("terminationGracePeriodSeconds", 5)):
+            p = apply(kubectl, manifest("imm", **{f"runPolicy__{field}": value}))
+            assert p.returncode != 0 and "only spec.runPolicy.suspend may change" in p.stderr, field
         assert apply(kubectl, manifest("imm", runPolicy__suspend=True)).returncode == 0
         wait_for(lambda: kube.get("batch/v1/jobs", "default", "imm")["spec"]["suspend"] is True)
         wait_for(lambda: phase(kube, "imm") == "Suspended")

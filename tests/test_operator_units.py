@@ -440,3 +440,22 @@ def test_a_job_without_pods_past_the_grace_reads_why_they_were_refused():
     got = st.pods_refused(pending, events)
     assert (got.reason, got.stalled) == ("FailedCreate", True) and "exceeded quota: gpu-quota" in got.message
     assert st.pods_refused(pending, []) is pending
+
+
+def test_operator_settings_read_empty_as_unset_and_refuse_garbage(monkeypatch):
+    """helm upgrade --reuse-values over a chart that added a setting renders its variable empty:
+    the default, not a crash at start."""
+    import pytest
+    from kubelora_operator import env
+    monkeypatch.setenv("KUBELORA_X", "")
+    assert env.number("KUBELORA_X", 60) == 60.0 and env.flag("KUBELORA_X") is False
+    monkeypatch.setenv("KUBELORA_X", " 5 ")
+    assert env.number("KUBELORA_X", 60) == 5.0
+    monkeypatch.setenv("KUBELORA_X", "sixty")
+    with pytest.raises(env.SettingError, match="KUBELORA_X='sixty' is not a number"):
+        env.number("KUBELORA_X", 60)
+    monkeypatch.setenv("KUBELORA_X", "True")
+    assert env.flag("KUBELORA_X") is True
+    monkeypatch.setenv("KUBELORA_X", "maybe")
+    with pytest.raises(env.SettingError, match="not true or false"):
+        env.flag("KUBELORA_X")

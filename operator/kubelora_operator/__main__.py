@@ -23,7 +23,12 @@ def main(argv=None) -> int:
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint ('' to disable)")
     args = p.parse_args(argv)
     import kopf
-    from . import handlers, metrics
+    from .env import SettingError
+    try:
+        from . import handlers, metrics
+    except SettingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     metrics.serve()
     asyncio.run(kopf.operator(registry=handlers.registry, namespaces=args.namespace or None,
                               clusterwide=not args.namespace, liveness_endpoint=args.liveness or None,

@@ -23,7 +23,7 @@ from kubelora_trainer.models import UnsupportedModel, check_supported
 from kubelora_trainer.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 from kubelora_trainer.storage import S3Settings
 
-from . import artifacts, kube, manifests, metrics, syncer
+from . import artifacts, env, kube, manifests, metrics, syncer
 from . import status as st
 
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -32,17 +32,13 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 registry = kopf.OperatorRegistry()
 
 
-def _env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
-
-
-SYNC_INTERVAL = _env_float("KUBELORA_SYNC_INTERVAL", 10.0)
-SYNC_WORKERS = int(_env_float("KUBELORA_SYNC_WORKERS", 4))
-RETRY_DELAY = _env_float("KUBELORA_RETRY_DELAY", 10.0)
-NAME_WAIT_SECONDS = _env_float("KUBELORA_NAME_WAIT_SECONDS", 120.0)
-STORAGE_STALL_SECONDS = _env_float("KUBELORA_STORAGE_STALL_SECONDS", 300.0)
+SYNC_INTERVAL = env.number("KUBELORA_SYNC_INTERVAL", 10.0)
+SYNC_WORKERS = int(env.number("KUBELORA_SYNC_WORKERS", 4))
+RETRY_DELAY = env.number("KUBELORA_RETRY_DELAY", 10.0)
+NAME_WAIT_SECONDS = env.number("KUBELORA_NAME_WAIT_SECONDS", 120.0)
+STORAGE_STALL_SECONDS = env.number("KUBELORA_STORAGE_STALL_SECONDS", 300.0)
 # a Job without pods this long after it was made: its FailedCreate Events are read (quota, policy)
-POD_CREATE_GRACE_SECONDS = _env_float("KUBELORA_POD_CREATE_GRACE_SECONDS", 30.0)
+POD_CREATE_GRACE_SECONDS = env.number("KUBELORA_POD_CREATE_GRACE_SECONDS", 30.0)
 INSTANCE = os.environ.get("HOSTNAME") or socket.gethostname()  # Events' reportingInstance
 
 
@@ -50,8 +46,8 @@ def operator_config() -> manifests.OperatorConfig:
     return manifests.OperatorConfig(
         image=os.environ.get("KUBELORA_TRAINER_IMAGE", manifests.OperatorConfig.image),
         image_pull_policy=os.environ.get("KUBELORA_IMAGE_PULL_POLICY", manifests.OperatorConfig.image_pull_policy),
-        metrics_port=int(_env_float("KUBELORA_TRAINER_METRICS_PORT", manifests.OperatorConfig.metrics_port)),
-        metrics_linger_seconds=int(_env_float("KUBELORA_TRAINER_METRICS_LINGER_SECONDS",
+        metrics_port=int(env.number("KUBELORA_TRAINER_METRICS_PORT", manifests.OperatorConfig.metrics_port)),
+        metrics_linger_seconds=int(env.number("KUBELORA_TRAINER_METRICS_LINGER_SECONDS",
                                               manifests.OperatorConfig.metrics_linger_seconds)),
         image_pull_secrets=tuple(n.strip() for n in os.environ.get("KUBELORA_TRAINER_IMAGE_PULL_SECRETS", "").split(",")
                                  if n.strip()),

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Optional
 
 from kubelora_trainer.spec import GROUP, PLURAL, VERSION
+
+from . import env
 
 log = logging.getLogger("kubelora_operator.kube")
 _api_client = None
@@ -168,7 +169,7 @@ class TTLCache:
             self._entries.clear()
 
 
-SECRET_CACHE_SECONDS = float(os.environ.get("KUBELORA_SECRET_CACHE_SECONDS", 60.0))
+SECRET_CACHE_SECONDS = env.number("KUBELORA_SECRET_CACHE_SECONDS", 60.0)
 _secrets = TTLCache(SECRET_CACHE_SECONDS)
 
 

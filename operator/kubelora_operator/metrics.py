@@ -19,13 +19,14 @@ leave no series behind.
 """
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+
+from . import env
 
 PORT_ENV = "KUBELORA_OPERATOR_METRICS_PORT"
 DEFAULT_PORT = 9401
@@ -123,7 +124,7 @@ def restarted(reason: str) -> None:
 def serve(port: Optional[int] = None, addr: str = "0.0.0.0"):
     """Serve the registry (None when off or the port is taken: a warning, never a crash)."""
     from kubelora_trainer.metrics import serve as _serve
-    port = int(os.environ.get(PORT_ENV, DEFAULT_PORT)) if port is None else port
+    port = int(env.number(PORT_ENV, DEFAULT_PORT)) if port is None else port
     return _serve(registry, port, addr, log=lambda m: print(m, flush=True), who="the operator")
 
 

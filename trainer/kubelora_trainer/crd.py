@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from .spec import (GROUP, KIND, MAX_NAME, NAME_BAD_CHARACTERS, NAME_PATTERN, NAME_TOO_LONG, PLURAL, SHORT_NAME, VERSION,
-                   LoRATrainingJobSpec)
+                   LoRATrainingJobSpec, RunPolicySpec)
 
 _DROP = {"title"}
 
@@ -159,9 +159,10 @@ def cel_rules() -> dict[str, list[dict]]:
             spec_rules.append({"rule": f"self.model.type != '{t}' || !has(self.dataset.frames) || self.dataset.frames % {a} == {b}",
                                "message": f"{t} needs dataset.frames = {a}k+{b}"})
     run_policy_rules = [{
-        "rule": " && ".join(["self.backoffLimit == oldSelf.backoffLimit",
-                             f"{_opt('self.activeDeadlineSeconds')} == {_opt('oldSelf.activeDeadlineSeconds')}",
-                             f"{_opt('self.ttlSecondsAfterFinished')} == {_opt('oldSelf.ttlSecondsAfterFinished')}"]),
+        # every field but suspend (all integers): a new field is covered without a line here; the
+        # running Job's pod template could not follow an edit anyway
+        "rule": " && ".join(f"{_opt('self.' + f)} == {_opt('oldSelf.' + f)}"
+                            for f in RunPolicySpec.model_fields if f != "suspend"),
         "message": "only spec.runPolicy.suspend may change after creation",
     }]
     dataset_rules = [{"rule": "has(self.uri) != has(self.sources)",

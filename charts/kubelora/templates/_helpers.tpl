@@ -30,8 +30,12 @@ app.kubernetes.io/component: operator
 {{- define "kubelora.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "kubelora.fullname" .) .Values.serviceAccount.name -}}
+{{- else if .Values.serviceAccount.name -}}
+{{- .Values.serviceAccount.name -}}
+{{- else if .Values.rbac.create -}}
+{{- fail "serviceAccount.create=false with rbac.create=true needs serviceAccount.name: without it the operator's rights (create Jobs, read Secrets) would go to the namespace's default ServiceAccount, and with it to every pod there" -}}
 {{- else -}}
-{{- default "default" .Values.serviceAccount.name -}}
+default
 {{- end -}}
 {{- end -}}
 

@@ -1,0 +1,32 @@
+"""The operator's settings from its environment (the chart's `operator.settings` and friends)."""
+from __future__ import annotations
+
+import os
+
+
+class SettingError(ValueError):
+    pass
+
+
+def number(name: str, default: float) -> float:
+    """Unset or empty gives the default: `helm upgrade --reuse-values` over a chart that added a
+    setting renders its variable empty. Anything else must be a number, or the operator stops at
+    start with one line naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return float(default)
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingError(f"{name}={raw!r} is not a number (the chart's operator settings)") from None
+
+
+def flag(name: str, default: bool = False) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingError(f"{name}={raw!r} is not true or false (the chart's operator settings)")
