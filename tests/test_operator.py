@@ -303,10 +303,11 @@ def test_a_gang_restart_after_a_lost_node_is_not_counted_against_the_backoff_lim
 
 
 def test_pods_refused_by_a_quota_are_reported_not_waited_for(cluster, kubectl, monkeypatch):
-    """No pod of the Job is ever made (a ResourceQuota on nvidia.com/gpu refuses them): the Job
+    """No pod of the Job is made (a ResourceQuota on nvidia.com/gpu refuses them): the Job
     controller says so only in FailedCreate Events on the Job, which the status then shows
-    (Stalled) instead of 'waiting for the trainer pods to be scheduled'. The Event is posted by
-    the test, as the Job controller would (none runs here)."""
+    instead of 'waiting for the trainer pods to be scheduled': a quota full for now is a wait
+    (QuotaExceeded, not Stalled). The Event is posted by the test, as the Job controller would
+    (none runs here)."""
     from kubelora_operator import handlers
     kube = cluster
     monkeypatch.setattr(handlers, "POD_CREATE_GRACE_SECONDS", 0.0)
@@ -322,10 +323,34 @@ def test_pods_refused_by_a_quota_are_reported_not_waited_for(cluster, kubectl, m
                                                "namespace": "default", "uid": uid},
                             "reason": "FailedCreate", "type": "Warning", "message": refusal if uid != "another-jobs-uid"
                             else "a predecessor's refusal", "source": {"component": "job-controller"}})
-        st = wait_for(lambda: (ltj(kube, "quota").get("status") or {}).get("reason") == "FailedCreate"
+        st = wait_for(lambda: (ltj(kube, "quota").get("status") or {}).get("reason") == "QuotaExceeded"
                       and ltj(kube, "quota")["status"], timeout=30)
     assert st["phase"] == "Pending" and refusal in st["message"] and "predecessor" not in st["message"], st
-    assert {c["type"]: c["status"] for c in st["conditions"]}["Stalled"] == "True"
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Stalled"] == "False"
+
+
+def test_children_refused_by_an_object_count_quota_wait_for_room(cluster, kubectl):
+    """A namespace's ResourceQuota allows no more Services (the emulator enforces object counts
+    with the real admission's 403 'exceeded quota'): the job waits as Pending/CreateDeferred, not
+    Failed, and gets its children once the quota has room; no restart is counted."""
+    kube = cluster
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "svc", "namespace": "default"},
+             "spec": {"hard": {"count/services": "0"}}}
+    with operator():
+        assert apply(kubectl, quota).returncode == 0
+        assert apply(kubectl, manifest("deferred")).returncode == 0
+        st = wait_for(lambda: (ltj(kube, "deferred").get("status") or {}).get("reason") == "CreateDeferred"
+                      and ltj(kube, "deferred")["status"], timeout=30)
+        assert st["phase"] == "Pending" and "exceeded quota: svc" in st["message"] and st.get("createPending"), st
+        assert kube.get("batch/v1/jobs", "default", "deferred") is None
+        assert kubectl("delete", "resourcequota", "svc").returncode == 0
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "deferred"), timeout=60)
+        st = wait_for(lambda: "createPending" not in (ltj(kube, "deferred").get("status") or {"createPending": 1})
+                      and ltj(kube, "deferred")["status"], timeout=30)
+    assert not st.get("restarts") and st["phase"] == "Pending", st
+    reasons = [e["reason"] for e in kube.list("v1/events", "default")
+               if e["involvedObject"].get("name") == "deferred"]
+    assert "CreateDeferred" in reasons and "Created" in reasons and "Recreated" not in reasons, reasons
 
 
 def test_the_job_is_read_with_its_own_credentials(cluster, kubectl, s3, monkeypatch):

@@ -434,12 +434,33 @@ def test_a_job_without_pods_past_the_grace_reads_why_they_were_refused():
     assert st.awaits_pods(made, now, 30) and not st.awaits_pods(made, now - timedelta(seconds=45), 30)
     assert not st.awaits_pods({**made, "spec": {"suspend": True}}, now, 30)        # suspended, or queued in Kueue
     assert not st.awaits_pods({**made, "status": {"active": 1}}, now, 30)          # pods exist (maybe unscheduled)
+    gang = {**made, "spec": {"parallelism": 4}, "status": {"active": 3}}
+    assert st.awaits_pods(gang, now, 30)                                            # 3 of 4: one was refused
+    assert not st.awaits_pods({**gang, "status": {"active": 3, "failed": 1}}, now, 30)
     pending = st.Observed(st.PENDING, "WaitingForPods", "waiting for the trainer pods to be scheduled")
     events = [{"message": "old refusal", "lastTimestamp": "2026-11-26T11:59:10Z"},
-              {"message": "exceeded quota: gpu-quota", "lastTimestamp": "2026-11-26T11:59:50Z"}]
-    got = st.pods_refused(pending, events)
-    assert (got.reason, got.stalled) == ("FailedCreate", True) and "exceeded quota: gpu-quota" in got.message
-    assert st.pods_refused(pending, []) is pending
+              {"message": 'pods "x-0" is forbidden: violates PodSecurity "restricted:latest"',
+               "lastTimestamp": "2026-11-26T11:59:50Z"}]
+    got = st.pods_refused(pending, events, made)
+    assert (got.reason, got.stalled) == ("FailedCreate", True) and "violates PodSecurity" in got.message
+    assert st.pods_refused(pending, [], made) is pending
+
+
+def test_a_full_quota_is_a_wait_and_one_the_gang_never_fits_is_stalled():
+    refusal = ('Error creating: pods "q-3-x" is forbidden: exceeded quota: gpu, requested: requests.nvidia.com/gpu=8,'
+               'requests.memory=64Gi, used: requests.nvidia.com/gpu=24,requests.memory=1Ti, '
+               'limited: requests.nvidia.com/gpu={gpus},requests.memory=2Ti')
+    job = {"spec": {"parallelism": 4}, "status": {"active": 3}}
+    init = st.Observed(st.INITIALIZING, "PodsStarting", "3 pods running")
+    wait = st.pods_refused(init, [{"message": refusal.format(gpus=32)}], job)
+    assert (wait.phase, wait.reason, wait.stalled) == (st.PENDING, "QuotaExceeded", False)
+    assert wait.message.startswith("3 of 4 trainer pods were created") and "Kueue" in wait.message
+    never = st.pods_refused(init, [{"message": refusal.format(gpus=24)}], job)
+    assert (never.reason, never.stalled) == ("FailedCreate", True)
+    assert "the 4 pod(s) ask 32, the quota allows 24" in never.message and "resources.nodes" in never.message
+    assert st.quota_shortfall("exceeded quota: q, requested: cpu=500m, used: cpu=1, limited: cpu=2", 2) == []
+    assert st.quota_shortfall("admission webhook denied", 2) is None
+    assert [st.quantity(q) for q in ("8", "500m", "16Gi", "1e3")] == [8, 0.5, 16 * 2**30, 1000]
 
 
 def test_operator_settings_read_empty_as_unset_and_refuse_garbage(monkeypatch):

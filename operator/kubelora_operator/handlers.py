@@ -137,6 +137,21 @@ def _fail(body, changes: Changes, reason: str, message: str) -> None:
     metrics.failed(reason)
 
 
+def _defer(body, changes: Changes, message: str, first: bool = False) -> None:
+    """A child the API server refused for now (kube.deferrable: a full ResourceQuota, throttling):
+    the job waits as Pending (CreateDeferred), not Stalled, and each sync tries the create again
+    (_recreate; `first`: the job's first children, not counted as a restart). A quota that frees
+    up when other jobs finish is how a shared cluster makes jobs wait."""
+    reason = "CreateDeferred"
+    previous = body.get("status") or {}
+    if previous.get("reason") != reason:
+        changes.warn(reason, f"{message}; trying again every {SYNC_INTERVAL:g} s")
+    changes.status.update(st.status(previous, st.Observed(st.PENDING, reason, f"waiting: {message}"),
+                                    body["metadata"].get("generation", 1), None, st.now_iso()))
+    if first:
+        changes.status["createPending"] = True
+
+
 @kopf.on.resume(*RESOURCE, registry=registry)
 @kopf.on.create(*RESOURCE, registry=registry)
 def create_children(body, spec, name, namespace, uid, patch, runtime, **_):
@@ -191,6 +206,9 @@ def _ensure_children(body, changes: Changes, name, uid, namespace, job_spec, run
             if new:
                 created.append(f"{obj['kind']}/{obj['metadata']['name']}")
                 metrics.created(obj["kind"])
+    except kube.ChildDeferred as e:  # the sync makes the children once the API server takes them
+        _defer(body, changes, str(e), first=True)
+        return None
     except kube.ChildRefused as e:
         kube.delete_children(namespace, manifests.child_names(name), owner_uid=uid)
         _fail(body, changes, "ChildRefused", str(e))
@@ -289,7 +307,7 @@ def _sync(body: dict, changes: Changes) -> None:
     obs = st.observe(job, pods, progress, manifest, job_spec.runPolicy.suspend and not queue, queue)
     obs = st.name_missing_secret(obs, job_spec.storage.credentialsSecret)
     if st.awaits_pods(job, datetime.now(timezone.utc), POD_CREATE_GRACE_SECONDS):
-        obs = st.pods_refused(obs, kube.failed_create_events(namespace, job))
+        obs = st.pods_refused(obs, kube.failed_create_events(namespace, job), job)
     obs = _storage_stall(obs, error, previous, changes)
     new = st.status(previous, obs, meta.get("generation", 1), job, st.now_iso())
     if _differs(previous, new):
@@ -362,8 +380,15 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
             if kube.ensure(obj)[1]:
                 created.append(f"{obj['kind']}/{obj['metadata']['name']}")
                 metrics.created(obj["kind"])
+    except kube.ChildDeferred as e:  # the next sync tries again
+        _defer(now, changes, str(e))
+        return
     except (kube.ChildRefused, kube.NameTaken) as e:
         _fail(body, changes, "ChildRefused" if isinstance(e, kube.ChildRefused) else "NameConflict", str(e))
+        return
+    if previous.get("createPending"):
+        changes.status["createPending"] = None
+        changes.info("Created", f"created {', '.join(created) or 'nothing'}")
         return
     if previous.get("restartPending"):
         changes.status["restartPending"] = None

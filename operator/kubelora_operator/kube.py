@@ -43,6 +43,11 @@ class ChildRefused(Exception):
     """The API server refused to create a child (4xx other than 409): retrying cannot help."""
 
 
+class ChildDeferred(Exception):
+    """The API server refused a child for now (quota, throttling, timeout; `deferrable`): the same
+    create is tried again later, and the job waits as Pending."""
+
+
 class NameTaken(Exception):
     """A child's name is held by an object this job does not own; `stale` when it belongs to a
     deleted LoRATrainingJob of the same name whose garbage collection has not finished."""
@@ -82,7 +87,8 @@ def ensure(obj: dict) -> tuple[dict, bool]:
     except ApiException as e:
         if e.status != 409:
             if 400 <= (e.status or 0) < 500:
-                raise ChildRefused(f"the API server refused {kind} {name!r} ({e.status}): {_api_message(e)}") from None
+                msg = f"the API server refused {kind} {name!r} ({e.status}): {_api_message(e)}"
+                raise (ChildDeferred if deferrable(e.status, msg) else ChildRefused)(msg) from None
             raise
     existing = api().sanitize_for_serialization(read(name, ns))
     owner_uid = obj["metadata"]["ownerReferences"][0]["uid"]
@@ -92,6 +98,13 @@ def ensure(obj: dict) -> tuple[dict, bool]:
         raise NameTaken(f"{kind} {name!r} already exists and belongs to "
                         f"{holder or 'no LoRATrainingJob (created by someone else)'}", stale=who == "stale")
     return existing, False
+
+
+def deferrable(code: int, message: str) -> bool:
+    """A refused create that the same request can pass later: a timeout (408), API throttling
+    (429) or a namespace's ResourceQuota (403 "exceeded quota", until something else finishes).
+    Anything else (invalid, forbidden by RBAC or a policy) fails the job. Pure."""
+    return code in (408, 429) or (code == 403 and "exceeded quota" in message)
 
 
 def _api_message(e) -> str:

@@ -6,6 +6,7 @@ Stalled=True when it failed or cannot proceed without a person (bad image, missi
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
@@ -213,13 +214,13 @@ def last_reported(previous_status: dict) -> Optional[dict]:
 
 
 def awaits_pods(job: dict, now: datetime, grace_seconds: float) -> bool:
-    """A Job that should have pods by now and has none: not suspended, not finished, nothing
-    active, succeeded or failed, made more than grace_seconds ago. Its FailedCreate Events then
-    say why (pods_refused). Pure."""
+    """A Job that should have all its pods by now and lacks some: not suspended, not finished,
+    fewer pods active, succeeded or failed than its parallelism (one per node), made more than
+    grace_seconds ago. Its FailedCreate Events then say why (pods_refused). Pure."""
     s = job.get("status") or {}
     if (job.get("spec") or {}).get("suspend") or _cond(job, "Complete") or _cond(job, "Failed"):
         return False
-    if s.get("active") or s.get("succeeded") or s.get("failed") or s.get("ready"):
+    if pod_count(job) >= int((job.get("spec") or {}).get("parallelism") or 1):
         return False
     made = (job.get("metadata") or {}).get("creationTimestamp")
     if not made:
@@ -227,18 +228,68 @@ def awaits_pods(job: dict, now: datetime, grace_seconds: float) -> bool:
     return (now - datetime.fromisoformat(made.replace("Z", "+00:00"))).total_seconds() >= grace_seconds
 
 
-def pods_refused(obs: Observed, events: list[dict]) -> Observed:
+def pod_count(job: dict) -> int:
+    s = job.get("status") or {}
+    return sum(int(s.get(k) or 0) for k in ("active", "succeeded", "failed"))
+
+
+_SUFFIX = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes quantity ('8', '500m', '16Gi') as a number; ValueError when it is none. Pure."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:[eE][-+]?[0-9]+)?)\s*(Ki|Mi|Gi|Ti|Pi|[mkMGTP])?\s*", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * _SUFFIX.get(m.group(2) or "", 1)
+
+
+def quota_shortfall(message: str, nodes: int) -> Optional[list[str]]:
+    """From a quota admission's refusal ('exceeded quota: q, requested: nvidia.com/gpu=8, used:
+    nvidia.com/gpu=8, limited: nvidia.com/gpu=8'): the resources whose limit is below what the
+    whole gang asks (one pod's request x nodes), which no amount of waiting gives ([] when the job
+    fits once other workloads finish); None when the message is not a quota's or cannot be read.
+    Pure."""
+    m = re.search(r"exceeded quota: [^,]+, requested: (.*?), used: (.*?), limited: (.*)$", message.strip())
+    if not m:
+        return None
+    try:
+        requested, limited = ({k.strip(): quantity(v) for k, v in (x.split("=", 1) for x in part.split(","))}
+                              for part in (m.group(1), m.group(3)))
+    except ValueError:
+        return None
+    return [f"{k}: the {nodes} pod(s) ask {requested[k] * nodes:g}, the quota allows {limited[k]:g}"
+            for k in requested if k in limited and requested[k] * nodes > limited[k]]
+
+
+def pods_refused(obs: Observed, events: list[dict], job: dict) -> Observed:
     """A Job whose pods the API server refuses (FailedCreate Events: a ResourceQuota, LimitRange,
     Pod Security admission or a webhook) is not waiting to be scheduled: say so, with the newest
-    refusal, Stalled (the Job controller retries, but a person must change the quota, the policy
-    or the job). Pure."""
-    if not events or obs.phase != PENDING:
+    refusal. A ResourceQuota that is full for now is a wait (Pending, QuotaExceeded, not Stalled:
+    the Job controller creates the pods once other workloads free it); one the gang can never fit,
+    and any other refusal, is Stalled (a person must change the quota, the policy or the job).
+    Also when only some pods were made: the others hold their GPUs at the rendezvous meanwhile.
+    Pure."""
+    if not events or obs.phase not in (PENDING, INITIALIZING):
         return obs
     newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or
                  (e.get("metadata") or {}).get("creationTimestamp") or "")
-    return Observed(PENDING, "FailedCreate", f"the trainer pods cannot be created: {newest.get('message')} (a "
-                    "ResourceQuota, LimitRange, Pod Security admission or an admission webhook refuses them; the "
-                    "Job controller retries, so the run starts once that is changed)", stalled=True,
+    message = str(newest.get("message"))
+    nodes = int((job.get("spec") or {}).get("parallelism") or 1)
+    made = pod_count(job)
+    some = f"{made} of {nodes} trainer pods were created; the others cannot be: " if made else \
+        "the trainer pods cannot be created: "
+    short = quota_shortfall(message, nodes)
+    if short == []:
+        return Observed(PENDING, "QuotaExceeded", f"{some}{message} (waiting: the Job controller creates them once "
+                        "the namespace's ResourceQuota has room; queue jobs in Kueue to admit whole gangs)",
+                        progress=obs.progress, artifacts=obs.artifacts)
+    why = (f"the job can never fit this ResourceQuota ({'; '.join(short)}): raise the quota or use fewer "
+           "resources.nodes / resources.gpusPerNode" if short else
+           "a ResourceQuota, LimitRange, Pod Security admission or an admission webhook refuses them; the Job "
+           "controller retries, so the run starts once that is changed")
+    return Observed(PENDING, "FailedCreate", f"{some}{message} ({why})", stalled=True,
                     progress=obs.progress, artifacts=obs.artifacts)
 
 

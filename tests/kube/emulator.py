@@ -25,7 +25,9 @@ What the subclass adds or fixes over kmock as shipped:
   (see admission.py), with the real server's 422 `Invalid` Status;
 - object names, labels and ownerReferences checked for every kind as the real server does
   (e.g. Service names are DNS-1035 labels, Job names at most 63 characters, label values);
-- `meta.k8s.io/v1` Table responses, also on watch (`kubectl get [-w]` shows printer columns).
+- `meta.k8s.io/v1` Table responses, also on watch (`kubectl get [-w]` shows printer columns);
+- ResourceQuota object counts (`count/services`, `count/jobs.batch`, ...) refuse a create past the
+  limit with the quota admission's 403 `exceeded quota` message.
 
 Not emulated: pods never run, no controllers (a Job gets no status unless a test writes it), no
 defaulting or validation of built-in kinds beyond metadata, no OpenAPI (`kubectl apply
@@ -67,6 +69,7 @@ from . import admission
 NAMESPACES = resource("", "v1", "namespaces")
 CRDS = resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 JOBS = resource("batch", "v1", "jobs")
+QUOTAS = resource("", "v1", "resourcequotas")
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 ALL_VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
 
@@ -818,6 +821,7 @@ class KubeEmulator(KubernetesEmulator):
         if self.live(res, ns, meta["name"]) is not None:
             raise ApiError(409, "AlreadyExists", f'{_qualified(res)} "{meta["name"]}" already exists',
                            {"name": meta["name"], "group": res.group, "kind": res.plural})
+        self._check_quota(res, ns, meta["name"])
         obj["apiVersion"], obj["kind"] = _group_version(res), info.kind
         if "status" in info.subresources:
             obj.pop("status", None)  # the status of a new object is the server's (and controllers')
@@ -831,6 +835,24 @@ class KubeEmulator(KubernetesEmulator):
         self._store(res, obj, "ADDED")
         self._after_write(res, obj)
         return obj, warnings
+
+    def _check_quota(self, res: resource, ns: str | None, name: str) -> None:
+        """ResourceQuota object counts (`count/<resource>[.<group>]`): a create past a namespace's
+        limit is refused with the real quota admission's 403 and message. Compute resources
+        (cpu, nvidia.com/gpu, ...) are not emulated: pods never run here."""
+        if ns is None:
+            return
+        key = f"count/{res.plural}" + (f".{res.group}" if res.group else "")
+        for _, quota in self.live_objects(QUOTAS, ns):
+            hard = ((quota.get("spec") or {}).get("hard") or {}).get(key)
+            if hard is None:
+                continue
+            used = len(self.live_objects(res, ns))
+            if used + 1 > int(hard):
+                qname = quota["metadata"]["name"]
+                raise ApiError(403, "Forbidden", f'{res.plural} "{name}" is forbidden: exceeded quota: {qname}, '
+                               f"requested: {key}=1, used: {key}={used}, limited: {key}={hard}",
+                               {"name": name, "group": res.group, "kind": res.plural})
 
     def _replace(self, res: resource, info: ResourceInfo, ns: str | None, name: str, sub: str | None,
                  body: Any, params: dict) -> tuple[dict, list[str]]:

@@ -95,6 +95,8 @@ STATUS_SCHEMA = {
                                                                   "of the run's pods (its node lost, drained or "
                                                                   "preempted): not counted against "
                                                                   "runPolicy.backoffLimit."},
+        "createPending": {"type": "boolean", "description": "The API server deferred the job's first children "
+                          "(a full ResourceQuota, throttling); the operator makes them when it takes them."},
         "restartPending": {"type": "boolean", "description": "The Job was deleted for a gang restart and is made "
                                                               "again at the next sync."},
         "startTime": {"type": "string", "format": "date-time"},
