@@ -217,7 +217,6 @@ def awaits_pods(job: dict, now: datetime, grace_seconds: float) -> bool:
     """A Job that should have all its pods by now and lacks some: not suspended, not finished,
     fewer pods active, succeeded or failed than its parallelism (one per node), made more than
     grace_seconds ago. Its FailedCreate Events then say why (pods_refused). Pure."""
-    s = job.get("status") or {}
     if (job.get("spec") or {}).get("suspend") or _cond(job, "Complete") or _cond(job, "Failed"):
         return False
     if pod_count(job) >= int((job.get("spec") or {}).get("parallelism") or 1):
