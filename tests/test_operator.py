@@ -249,12 +249,13 @@ def test_a_job_deleted_by_hand_is_made_again_and_counted(cluster, kubectl):
     assert "Recreated" in reasons, reasons
 
 
-def _pod_of(kubectl, job: dict, index: int, status: dict) -> None:
+def _pod_of(kubectl, job: dict, index: int, status: dict, finalizers=()) -> None:
     """A pod of the trainer Job, made by hand with the status a kubelet and the cluster's
     controllers would give it (the emulator runs no kubelet here)."""
     name = f"{job['metadata']['name']}-{index}-{job['metadata']['uid'][:5]}"
     pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": name, "labels": {"batch.kubernetes.io/job-name": job["metadata"]["name"],
+           "metadata": {"name": name, **({"finalizers": list(finalizers)} if finalizers else {}),
+                        "labels": {"batch.kubernetes.io/job-name": job["metadata"]["name"],
                                                  "batch.kubernetes.io/job-completion-index": str(index)},
                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
                                              "uid": job["metadata"]["uid"], "controller": True}]},
@@ -262,6 +263,32 @@ def _pod_of(kubectl, job: dict, index: int, status: dict) -> None:
     kubectl("apply", "-f", "-", input=yaml.safe_dump(pod), check=True)
     kubectl("patch", "pod", name, "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}),
             check=True)
+
+
+def test_a_gang_restart_waits_for_the_old_pods_to_stop(cluster, kubectl):
+    """Node 0 crashed; node 1's pod is still terminating (writing its checkpoint; held here by a
+    finalizer, as the emulator has no kubelet) when the gang restart deletes the Job: the new Job
+    is made only once that pod is gone, so the new gang never meets the old one's rendezvous."""
+    kube = cluster
+    crashed = {"phase": "Failed", "containerStatuses": [
+        {"name": "trainer", "image": "kubelora/trainer", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}
+    with operator():
+        assert apply(kubectl, manifest("slow", resources__nodes=2)).returncode == 0
+        first = wait_for(lambda: kube.get("batch/v1/jobs", "default", "slow"), timeout=30)
+        wait_for(lambda: phase(kube, "slow") == "Pending", timeout=30)
+        _pod_of(kubectl, first, 1, {"phase": "Running"}, finalizers=["kubelora.test/hold"])
+        _pod_of(kubectl, first, 0, crashed)
+        kubectl("patch", "job", "slow", "--subresource=status", "--type=merge",
+                "-p", '{"status":{"active":1,"failed":1}}', check=True)
+        st = wait_for(lambda: (ltj(kube, "slow").get("status") or {}).get("reason") == "WaitingForOldPods"
+                      and ltj(kube, "slow")["status"], timeout=60)
+        assert st["restartPending"] and kube.get("batch/v1/jobs", "default", "slow") is None, st
+        held = f"slow-1-{first['metadata']['uid'][:5]}"
+        assert kube.get("v1/pods", "default", held)["metadata"].get("deletionTimestamp")
+        kubectl("patch", "pod", held, "--type=merge", "-p", '{"metadata":{"finalizers":null}}', check=True)
+        again = wait_for(lambda: kube.get("batch/v1/jobs", "default", "slow"), timeout=60)
+    assert again["metadata"]["uid"] != first["metadata"]["uid"]
 
 
 def test_a_gang_restart_after_a_lost_node_is_not_counted_against_the_backoff_limit(cluster, kubectl):

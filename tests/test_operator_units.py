@@ -480,3 +480,18 @@ def test_operator_settings_read_empty_as_unset_and_refuse_garbage(monkeypatch):
     monkeypatch.setenv("KUBELORA_X", "maybe")
     with pytest.raises(env.SettingError, match="not true or false"):
         env.flag("KUBELORA_X")
+
+
+def test_a_new_gang_waits_for_the_old_pods_but_not_for_a_lost_nodes():
+    from datetime import datetime, timezone
+    now = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+
+    def pod(name, phase="Running", deleted=None, grace=None):
+        meta = {"name": name, **({"deletionTimestamp": deleted} if deleted else {}),
+                **({"deletionGracePeriodSeconds": grace} if grace is not None else {})}
+        return {"metadata": meta, "spec": {"terminationGracePeriodSeconds": 120}, "status": {"phase": phase}}
+    pods = [pod("not-collected-yet"), pod("checkpointing", deleted="2026-11-27T11:59:00Z"),
+            pod("lost-node", deleted="2026-11-27T11:50:00Z", grace=120), pod("crashed", "Failed"),
+            pod("short-grace", deleted="2026-11-27T11:59:00Z", grace=30)]
+    assert st.lingering(pods, now) == ["not-collected-yet", "checkpointing"]
+    assert st.lingering([], now) == []

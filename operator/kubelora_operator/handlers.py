@@ -374,6 +374,16 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
     now = kube.get_owner(namespace, name)
     if now is None or now["metadata"].get("uid") != uid or now["metadata"].get("deletionTimestamp"):
         return
+    old_pods = st.lingering(kube.job_pods(namespace, name), datetime.now(timezone.utc))
+    if old_pods:  # the next sync looks again
+        reason = "WaitingForOldPods"
+        if previous.get("reason") != reason:
+            changes.info(reason, f"waiting for {', '.join(old_pods)} of the previous attempt to stop before "
+                                 "making the trainer Job again")
+        changes.status.update(st.status(previous, st.Observed(st.PENDING, reason, f"waiting for {len(old_pods)} pod(s) "
+                                                              "of the previous attempt to stop"),
+                                        now["metadata"].get("generation", 1), None, st.now_iso()))
+        return
     created = []
     try:
         for obj in manifests.children(name, uid, namespace, job_spec, operator_config(), now["metadata"].get("labels")):

@@ -227,6 +227,28 @@ def awaits_pods(job: dict, now: datetime, grace_seconds: float) -> bool:
     return (now - datetime.fromisoformat(made.replace("Z", "+00:00"))).total_seconds() >= grace_seconds
 
 
+def lingering(pods: list[dict], now: datetime, slack_seconds: float = 15.0) -> list[str]:
+    """The pods of a deleted trainer Job that may still be running: not deleted yet (the garbage
+    collector has not reached them) or terminating within their grace period (+ slack; the trainer
+    writes its checkpoint then). A new gang started beside them could reach the old node 0's
+    rendezvous under the same DNS name and restore a checkpoint being written. Not waited for: a
+    pod whose containers have ended, and one terminating past its grace, which sits on a node that
+    does not answer (a lost node's pods stay Terminating until the node is removed). Pure."""
+    out = []
+    for p in pods:
+        meta, spec = p.get("metadata") or {}, p.get("spec") or {}
+        if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        deleted = meta.get("deletionTimestamp")
+        if deleted:
+            grace = meta.get("deletionGracePeriodSeconds")
+            grace = spec.get("terminationGracePeriodSeconds", 30) if grace is None else grace
+            if (now - datetime.fromisoformat(deleted.replace("Z", "+00:00"))).total_seconds() >= grace + slack_seconds:
+                continue
+        out.append(meta.get("name", "?"))
+    return out
+
+
 def pod_count(job: dict) -> int:
     s = job.get("status") or {}
     return sum(int(s.get(k) or 0) for k in ("active", "succeeded", "failed"))
