@@ -284,3 +284,16 @@ def test_the_metrics_port_cannot_be_the_liveness_port():
     chart = helm.Chart.load(str(CHART))
     with pytest.raises(helm.HelmError, match="metricsPort and operator.livenessPort must differ"):
         chart.render({"operator": {"metricsPort": 8080}}, name="kl", namespace=NAMESPACE)
+
+
+def test_a_shared_cluster_can_narrow_secrets_and_buckets_the_operator_reads():
+    objs = objects({"rbac": {"secretNames": ["s3-creds", "team-b-s3"]},
+                    "operator": {"s3": {"jobCredentialsOnly": True, "allowedEndpoints": ["http://minio.minio:9000"]}}})
+    (secrets,) = [r for r in one(objs, "ClusterRole")["rules"] if "secrets" in r["resources"]]
+    assert secrets == {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+                       "resourceNames": ["s3-creds", "team-b-s3"]}
+    e = env(one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    assert e["KUBELORA_JOB_CREDENTIALS_ONLY"] == "true" and e["KUBELORA_S3_ALLOWED_ENDPOINTS"] == "http://minio.minio:9000"
+    (default,) = [r for r in one(objects({}), "ClusterRole")["rules"] if "secrets" in r["resources"]]
+    assert "resourceNames" not in default
+    assert "KUBELORA_JOB_CREDENTIALS_ONLY" not in env(one(objects({}), "Deployment")["spec"]["template"]["spec"]["containers"][0])

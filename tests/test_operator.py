@@ -356,6 +356,18 @@ def test_pods_refused_by_a_quota_are_reported_not_waited_for(cluster, kubectl, m
     assert {c["type"]: c["status"] for c in st["conditions"]}["Stalled"] == "False"
 
 
+def test_with_job_credentials_only_a_job_without_its_own_is_refused(cluster, kubectl, monkeypatch):
+    """operator.s3.jobCredentialsOnly: the operator never reads a bucket with its own keys for a job."""
+    from kubelora_operator import handlers
+    kube = cluster
+    monkeypatch.setattr(handlers, "JOB_CREDENTIALS_ONLY", True)
+    with operator():
+        assert apply(kubectl, manifest("borrow")).returncode == 0
+        st = wait_for(lambda: phase(kube, "borrow") == "Failed" and ltj(kube, "borrow")["status"], timeout=30)
+    assert st["reason"] == "InvalidSpec" and "spec.storage.credentialsSecret is required" in st["message"], st
+    assert kube.get("batch/v1/jobs", "default", "borrow") is None
+
+
 def test_children_refused_by_an_object_count_quota_wait_for_room(cluster, kubectl):
     """A namespace's ResourceQuota allows no more Services (the emulator enforces object counts
     with the real admission's 403 'exceeded quota'): the job waits as Pending/CreateDeferred, not

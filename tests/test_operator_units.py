@@ -495,3 +495,13 @@ def test_a_new_gang_waits_for_the_old_pods_but_not_for_a_lost_nodes():
             pod("short-grace", deleted="2026-11-27T11:59:00Z", grace=30)]
     assert st.lingering(pods, now) == ["not-collected-yet", "checkpointing"]
     assert st.lingering([], now) == []
+
+
+def test_a_shared_clusters_operator_settings_refuse_borrowed_credentials_and_other_endpoints():
+    own = parse_spec(SPEC)  # names its credentialsSecret and http://minio.minio:9000
+    bare = parse_spec({**SPEC, "storage": {"endpoint": "http://10.0.0.1:80"}})
+    assert manifests.tenancy_problem(own, True, ("http://minio.minio:9000/",)) is None
+    assert manifests.tenancy_problem(bare, False, ()) is None
+    assert "spec.storage.credentialsSecret is required" in manifests.tenancy_problem(bare, True, ())
+    msg = manifests.tenancy_problem(bare, False, ("http://minio.minio:9000",))
+    assert "spec.storage.endpoint: 'http://10.0.0.1:80' is not one this cluster allows" in msg

@@ -30,3 +30,8 @@ def flag(name: str, default: bool = False) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise SettingError(f"{name}={raw!r} is not true or false (the chart's operator settings)")
+
+
+def words(name: str) -> tuple[str, ...]:
+    """A comma-separated list; unset or empty: ()."""
+    return tuple(w.strip() for w in os.environ.get(name, "").split(",") if w.strip())

@@ -39,6 +39,9 @@ NAME_WAIT_SECONDS = env.number("KUBELORA_NAME_WAIT_SECONDS", 120.0)
 STORAGE_STALL_SECONDS = env.number("KUBELORA_STORAGE_STALL_SECONDS", 300.0)
 # a Job without pods this long after it was made: its FailedCreate Events are read (quota, policy)
 POD_CREATE_GRACE_SECONDS = env.number("KUBELORA_POD_CREATE_GRACE_SECONDS", 30.0)
+# shared clusters: buckets read only with a job's own credentials; the S3 endpoints jobs may name
+JOB_CREDENTIALS_ONLY = env.flag("KUBELORA_JOB_CREDENTIALS_ONLY")
+ALLOWED_ENDPOINTS = env.words("KUBELORA_S3_ALLOWED_ENDPOINTS")
 INSTANCE = os.environ.get("HOSTNAME") or socket.gethostname()  # Events' reportingInstance
 
 
@@ -177,7 +180,8 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
         return _fail(body, changes, "InvalidSpec", str(e))
     except UnsupportedModel as e:
         return _fail(body, changes, "UnsupportedModel", str(e))
-    problem = manifests.cluster_problem(job_spec)
+    problem = (manifests.cluster_problem(job_spec)
+               or manifests.tenancy_problem(job_spec, JOB_CREDENTIALS_ONLY, ALLOWED_ENDPOINTS))
     if problem:
         return _fail(body, changes, "InvalidSpec", problem)
     r = job_spec.resources
@@ -247,9 +251,16 @@ def _settings(spec, namespace: str) -> tuple[S3Settings, str | None]:
     (then the bucket is not read with the operator's own credentials instead)."""
     settings = S3Settings.from_spec(spec.storage)
     name = spec.storage.credentialsSecret
+    problem = manifests.tenancy_problem(spec, JOB_CREDENTIALS_ONLY, ALLOWED_ENDPOINTS)
+    if problem:  # a job made before the setting: its bucket is not read
+        return settings, problem
     if not name:
         return settings, None
-    data = kube.secret_data(namespace, name)  # cached: not one API read per sync
+    try:
+        data = kube.secret_data(namespace, name)  # cached: not one API read per sync
+    except kube.SecretForbidden:
+        return settings, (f"the operator may not read Secret {name!r} (spec.storage.credentialsSecret): the chart "
+                          "value rbac.secretNames lists the Secrets it may read; add it there, or name one of those")
     if data is None:
         return settings, (f"Secret {name!r} (spec.storage.credentialsSecret) not found in namespace {namespace}; "
                           "create it with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")

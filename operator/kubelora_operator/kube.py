@@ -48,6 +48,10 @@ class ChildDeferred(Exception):
     create is tried again later, and the job waits as Pending."""
 
 
+class SecretForbidden(Exception):
+    """RBAC does not let the operator read this Secret (the chart's rbac.secretNames)."""
+
+
 class NameTaken(Exception):
     """A child's name is held by an object this job does not own; `stale` when it belongs to a
     deleted LoRATrainingJob of the same name whose garbage collection has not finished."""
@@ -201,6 +205,8 @@ def _read_secret(namespace: str, name: str) -> Optional[dict[str, str]]:
     except ApiException as e:
         if e.status == 404:
             return None
+        if e.status == 403:
+            raise SecretForbidden(name) from None
         raise
     return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 

@@ -123,6 +123,24 @@ def _env(job: str, spec: LoRATrainingJobSpec, namespace: str, cfg: "OperatorConf
     return env
 
 
+def tenancy_problem(spec: LoRATrainingJobSpec, job_credentials_only: bool, allowed_endpoints: tuple[str, ...]
+                    ) -> str | None:
+    """What a shared cluster's operator settings refuse: a job without its own credentials when
+    the operator may read buckets only with those (else a tenant could read another's bucket
+    through the operator's keys), an S3 endpoint not on the allowed list (the operator sends
+    requests there). Pure."""
+    if job_credentials_only and not spec.storage.credentialsSecret:
+        return ("spec.storage.credentialsSecret is required on this cluster: the operator reads a job's output "
+                "bucket only with the job's own credentials (operator setting KUBELORA_JOB_CREDENTIALS_ONLY, "
+                "chart value operator.s3.jobCredentialsOnly); create a Secret with AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY and name it there")
+    endpoint = (spec.storage.endpoint or "").rstrip("/")
+    if allowed_endpoints and endpoint and endpoint not in {e.rstrip("/") for e in allowed_endpoints}:
+        return (f"spec.storage.endpoint: {spec.storage.endpoint!r} is not one this cluster allows "
+                f"({', '.join(allowed_endpoints)}; chart value operator.s3.allowedEndpoints)")
+    return None
+
+
 def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
     """A spec that validates but cannot work in pods: a local path is the pod's own disk, so an
     output written there is lost with the pod and an input is simply not there. Local inputs are

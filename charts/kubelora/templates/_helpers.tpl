@@ -70,8 +70,15 @@ operator against the emulated API server and compares). Namespaced resources go 
   resources: [pods]
   verbs: [list]
 - apiGroups: [""]
-  resources: [persistentvolumeclaims, secrets]
+  resources: [persistentvolumeclaims]
   verbs: [get]
+# the jobs' spec.storage.credentialsSecret (rbac.secretNames: only those)
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+  {{- with .Values.rbac.secretNames }}
+  resourceNames: {{ toJson . }}
+  {{- end }}
 # events: the job's own (create); the Job controller's FailedCreate for pods refused by a quota or policy (list)
 - apiGroups: [""]
   resources: [events]
