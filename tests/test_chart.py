@@ -297,3 +297,14 @@ def test_a_shared_cluster_can_narrow_secrets_and_buckets_the_operator_reads():
     (default,) = [r for r in one(objects({}), "ClusterRole")["rules"] if "secrets" in r["resources"]]
     assert "resourceNames" not in default
     assert "KUBELORA_JOB_CREDENTIALS_ONLY" not in env(one(objects({}), "Deployment")["spec"]["template"]["spec"]["containers"][0])
+
+
+def test_openshift_assigns_the_uids_when_run_as_user_is_null():
+    objs = objects({"runAsUser": None, "trainer": {"shmSize": "64Gi"}})
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    e = env(pod["containers"][0])
+    assert e["KUBELORA_TRAINER_RUN_AS_USER"] == "platform" and e["KUBELORA_TRAINER_SHM_SIZE"] == "64Gi"
+    default = one(objects({}), "Deployment")["spec"]["template"]["spec"]
+    assert default["securityContext"]["fsGroup"] == 1000
+    assert env(default["containers"][0])["KUBELORA_TRAINER_RUN_AS_USER"] == "1000"

@@ -505,3 +505,18 @@ def test_a_shared_clusters_operator_settings_refuse_borrowed_credentials_and_oth
     assert "spec.storage.credentialsSecret is required" in manifests.tenancy_problem(bare, True, ())
     msg = manifests.tenancy_problem(bare, False, ("http://minio.minio:9000",))
     assert "spec.storage.endpoint: 'http://10.0.0.1:80' is not one this cluster allows" in msg
+
+
+def test_trainer_pods_leave_the_uid_to_the_platform_when_told(monkeypatch):
+    from kubelora_operator import env, handlers
+    for value, want in (("platform", None), ("", 1000), ("2000", 2000)):
+        monkeypatch.setenv("KUBELORA_TRAINER_RUN_AS_USER", value)
+        assert env.user("KUBELORA_TRAINER_RUN_AS_USER", 1000) == want
+    monkeypatch.setenv("KUBELORA_TRAINER_RUN_AS_USER", "platform")
+    monkeypatch.setenv("KUBELORA_TRAINER_SHM_SIZE", "64Gi")
+    cfg = handlers.operator_config()
+    spec = parse_spec(SPEC)
+    job = manifests.children("ft", "uid-1", "ml", spec, cfg)[2]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]

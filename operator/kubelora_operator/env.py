@@ -35,3 +35,10 @@ def flag(name: str, default: bool = False) -> bool:
 def words(name: str) -> tuple[str, ...]:
     """A comma-separated list; unset or empty: ()."""
     return tuple(w.strip() for w in os.environ.get(name, "").split(",") if w.strip())
+
+
+def user(name: str, default: int | None) -> int | None:
+    """A UID: a number, or 'platform' (None: the platform assigns it, as OpenShift does)."""
+    if os.environ.get(name, "").strip().lower() == "platform":
+        return None
+    return int(number(name, default)) if default is not None or os.environ.get(name, "").strip() else None

@@ -30,7 +30,7 @@ class OperatorConfig:
     image: str = "ghcr.io/kubelora/trainer:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     shm_size: str = "16Gi"
-    run_as_user: int = 1000
+    run_as_user: int | None = 1000   # None: the platform assigns UID/GID/fsGroup (OpenShift restricted-v2)
     progress_interval_seconds: int = 30
     metrics_port: int = 9400             # the trainer's Prometheus endpoint (kubelora_trainer.metrics), on each pod
     # a pod that ends right after its last step keeps serving until one scrape saw its final values
@@ -225,8 +225,9 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
         "automountServiceAccountToken": False,  # the trainer calls no Kubernetes API
         # SIGTERM -> the step finishes, the checkpoint is written: this long before SIGKILL
         "terminationGracePeriodSeconds": spec.runPolicy.terminationGracePeriodSeconds,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": cfg.run_as_user, "runAsGroup": cfg.run_as_user,
-                            "fsGroup": cfg.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
+                            **({"runAsUser": cfg.run_as_user, "runAsGroup": cfg.run_as_user, "fsGroup": cfg.run_as_user}
+                               if cfg.run_as_user is not None else {})},
         "containers": [container],
         "volumes": [{"name": "spec", "configMap": {"name": names["configmap"]}},
                     {"name": "cache", **cache},
