@@ -42,13 +42,18 @@ def grants(rules: list[dict]) -> set[tuple[str, str, str]]:
     return out
 
 
+def aggregated(role: dict) -> bool:
+    """A ClusterRole for the cluster's users (aggregated into edit/admin/view), not the operator's."""
+    return any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in role["metadata"].get("labels") or {})
+
+
 def rbac(values: dict | None = None) -> tuple[set, dict[str, set]]:
     """(what the ClusterRole grants, {namespace: what its Role grants}), checking that each role is
     bound to the chart's ServiceAccount."""
     objs = objects(values)
     sa = next(o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount")
     roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o
-             for o in objs if o["kind"] in ("ClusterRole", "Role")}
+             for o in objs if o["kind"] in ("ClusterRole", "Role") and not aggregated(o)}
     cluster, per_ns = set(), {}
     for b in (o for o in objs if o["kind"] in ("ClusterRoleBinding", "RoleBinding")):
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}], b

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import helm_python as helm
-from chart_render import CHART, NAMESPACE, notes, objects
+from chart_render import CHART, NAMESPACE, aggregated, notes, objects
 from kubelora_operator import manifests
 from kubelora_trainer.crd import render as render_crd
 from kubelora_trainer.spec import parse_spec
@@ -42,6 +42,11 @@ def by_kind(objs, kind):
 def one(objs, kind):
     (obj,) = by_kind(objs, kind)
     return obj
+
+
+def operator_role(objs) -> dict:
+    (role,) = [o for o in by_kind(objs, "ClusterRole") if not aggregated(o)]
+    return role
 
 
 def env(container) -> dict:
@@ -76,8 +81,8 @@ def test_lints_clean(name):
 
 def test_defaults_one_locked_down_operator_cluster_wide():
     objs = objects()
-    assert sorted(o["kind"] for o in objs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
-                                               "ServiceAccount"]
+    assert sorted(o["kind"] for o in objs) == ["ClusterRole"] * 3 + ["ClusterRoleBinding", "Deployment", "Service",
+                                                                     "ServiceAccount"]
     dep = one(objs, "Deployment")
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
     pod = dep["spec"]["template"]["spec"]
@@ -116,7 +121,7 @@ def test_namespaced_mode_roles_per_namespace_and_the_operator_told():
     assert [a for a in c["args"] if a.startswith("--namespace")] == ["--namespace=ml", "--namespace=research"]
     assert sorted(r["metadata"]["namespace"] for r in by_kind(objs, "Role")) == ["ml", "research"]
     assert sorted(b["metadata"]["namespace"] for b in by_kind(objs, "RoleBinding")) == ["ml", "research"]
-    cluster = {r for rule in one(objs, "ClusterRole")["rules"] for r in rule["resources"]}
+    cluster = {r for rule in operator_role(objs)["rules"] for r in rule["resources"]}
     assert cluster == {"customresourcedefinitions", "namespaces"}  # cluster-scoped reads only
 
 
@@ -289,12 +294,12 @@ def test_the_metrics_port_cannot_be_the_liveness_port():
 def test_a_shared_cluster_can_narrow_secrets_and_buckets_the_operator_reads():
     objs = objects({"rbac": {"secretNames": ["s3-creds", "team-b-s3"]},
                     "operator": {"s3": {"jobCredentialsOnly": True, "allowedEndpoints": ["http://minio.minio:9000"]}}})
-    (secrets,) = [r for r in one(objs, "ClusterRole")["rules"] if "secrets" in r["resources"]]
+    (secrets,) = [r for r in operator_role(objs)["rules"] if "secrets" in r["resources"]]
     assert secrets == {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
                        "resourceNames": ["s3-creds", "team-b-s3"]}
     e = env(one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
     assert e["KUBELORA_JOB_CREDENTIALS_ONLY"] == "true" and e["KUBELORA_S3_ALLOWED_ENDPOINTS"] == "http://minio.minio:9000"
-    (default,) = [r for r in one(objects({}), "ClusterRole")["rules"] if "secrets" in r["resources"]]
+    (default,) = [r for r in operator_role(objects({}))["rules"] if "secrets" in r["resources"]]
     assert "resourceNames" not in default
     assert "KUBELORA_JOB_CREDENTIALS_ONLY" not in env(one(objects({}), "Deployment")["spec"]["template"]["spec"]["containers"][0])
 
@@ -308,3 +313,16 @@ def test_openshift_assigns_the_uids_when_run_as_user_is_null():
     default = one(objects({}), "Deployment")["spec"]["template"]["spec"]
     assert default["securityContext"]["fsGroup"] == 1000
     assert env(default["containers"][0])["KUBELORA_TRAINER_RUN_AS_USER"] == "1000"
+
+
+def test_namespace_users_get_loratrainingjobs_through_the_default_roles():
+    """edit/admin may create and delete jobs, view may read them; nothing else is granted, and the
+    aggregated roles can be left out."""
+    roles = {o["metadata"]["name"]: o for o in by_kind(objects({}), "ClusterRole") if aggregated(o)}
+    edit, view = roles["kl-kubelora-edit"], roles["kl-kubelora-view"]
+    assert {"rbac.authorization.k8s.io/aggregate-to-edit", "rbac.authorization.k8s.io/aggregate-to-admin"} <= set(
+        edit["metadata"]["labels"])
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert [r["resources"] for r in edit["rules"]] == [["loratrainingjobs"]] and "create" in edit["rules"][0]["verbs"]
+    assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
+    assert not [o for o in by_kind(objects({"rbac": {"aggregateToDefaultRoles": False}}), "ClusterRole") if aggregated(o)]

@@ -14,13 +14,13 @@ FULL = {"model": {"type": "flux", "diffusersPath": "s3://bkt/flux"}, "dataset": 
                       "limits": {"memory": "900Gi"}, "nodeSelector": {"gpu": "h100"},
                       "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                       "priorityClassName": "training", "schedulerName": "volcano", "cacheVolumeClaim": "cache",
-                      "image": "reg/trainer:1"},
+                      "image": "reg/trainer:1", "gpuResource": "nvidia.com/mig-3g.40gb", "serviceAccountName": "s3-reader"},
         "runPolicy": {"activeDeadlineSeconds": 3600, "suspend": True}}
 
 
 # every operator-wide option set (the chart's trainer.imagePullSecrets, metricsPort, metricsLingerSeconds)
 FULL_CONFIG = manifests.OperatorConfig(image_pull_secrets=("regcred", "mirror"), metrics_port=9500,
-                                       metrics_linger_seconds=120)
+                                       metrics_linger_seconds=120, run_as_user=None, shm_size="64Gi")
 
 
 @pytest.mark.parametrize("spec,cfg", [(FULL, FULL_CONFIG),

@@ -520,3 +520,17 @@ def test_trainer_pods_leave_the_uid_to_the_platform_when_told(monkeypatch):
     pod = job["spec"]["template"]["spec"]
     assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
+
+
+def test_a_mig_profile_and_a_workload_identity_service_account_reach_the_pods():
+    spec = parse_spec({**SPEC, "resources": {**SPEC["resources"], "gpuResource": "nvidia.com/mig-3g.40gb",
+                                             "serviceAccountName": "s3-reader"}})
+    pod = manifests.children("ft", "uid-1", "ml", spec, manifests.OperatorConfig())[2]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["nvidia.com/mig-3g.40gb"] == "8" and "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert pod["serviceAccountName"] == "s3-reader" and pod["automountServiceAccountToken"] is False
+    import pytest
+    from kubelora_trainer.spec import SpecError
+    with pytest.raises(SpecError, match="resources.limits\\['nvidia.com/mig-3g.40gb'\\] is set from resources.gpusPerNode"):
+        parse_spec({**SPEC, "resources": {"gpuResource": "nvidia.com/mig-3g.40gb",
+                                          "limits": {"nvidia.com/mig-3g.40gb": "1"}}})

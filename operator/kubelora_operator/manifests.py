@@ -200,8 +200,8 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
     names = child_names(name)
     requests, limits = dict(r.requests), dict(r.limits)
     if r.gpusPerNode:
-        limits["nvidia.com/gpu"] = str(r.gpusPerNode)
-        requests["nvidia.com/gpu"] = str(r.gpusPerNode)
+        limits[r.gpuResource] = str(r.gpusPerNode)
+        requests[r.gpuResource] = str(r.gpusPerNode)
     command, args = trainer_command()
     container = {
         "name": CONTAINER, "image": r.image or cfg.image, "imagePullPolicy": cfg.image_pull_policy,
@@ -237,7 +237,8 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
     if cfg.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": n} for n in cfg.image_pull_secrets]
     for key, value in (("nodeSelector", r.nodeSelector), ("tolerations", r.tolerations),
-                       ("priorityClassName", r.priorityClassName), ("schedulerName", r.schedulerName)):
+                       ("priorityClassName", r.priorityClassName), ("schedulerName", r.schedulerName),
+                       ("serviceAccountName", r.serviceAccountName)):
         if value:
             pod_spec[key] = value
     job_spec = {

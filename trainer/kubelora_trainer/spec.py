@@ -418,6 +418,15 @@ class StorageSpec(_Model):
 class ResourcesSpec(_Model):
     nodes: int = Field(default=1, ge=1, le=512, description="Number of nodes (pods), one torchrun agent each.")
     gpusPerNode: int = Field(default=1, ge=0, le=16, description="GPUs per node = training processes per node; 0 trains on CPU.")
+    gpuResource: str = Field(
+        default="nvidia.com/gpu", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="The extended resource each pod requests gpusPerNode of: nvidia.com/gpu, or a MIG profile such as "
+                    "nvidia.com/mig-3g.40gb (the NVIDIA device plugin's mixed strategy).")
+    serviceAccountName: Optional[str] = Field(
+        default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="The trainer pods' ServiceAccount, for IRSA or GKE/Azure workload identity to reach S3 instead of "
+                    "storage.credentialsSecret (the pods still mount no Kubernetes API token). Default: the "
+                    "namespace's default ServiceAccount.")
     image: Optional[str] = Field(default=None, description="Trainer image; defaults to the operator's configured image.")
     requests: dict[str, str] = Field(default_factory=dict, description="Extra container resource requests (cpu, memory, ...).")
     limits: dict[str, str] = Field(default_factory=dict, description="Extra container resource limits.")
@@ -563,8 +572,9 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
     if spec.model.float8Compute is not None and spec.model.transformerDtype != "float8":
         return "model.float8Compute: applies only with model.transformerDtype: float8; set that too or remove it"
     for kind in ("requests", "limits"):
-        if "nvidia.com/gpu" in getattr(spec.resources, kind):
-            return (f"resources.{kind}['nvidia.com/gpu'] is set from resources.gpusPerNode "
+        gpu = spec.resources.gpuResource
+        if gpu in getattr(spec.resources, kind):
+            return (f"resources.{kind}['{gpu}'] is set from resources.gpusPerNode "
                     f"({spec.resources.gpusPerNode}); remove it and set gpusPerNode")
     out = spec.output.uri.rstrip("/")
     for i, (uri, mask) in enumerate(zip(spec.dataset.uris, spec.dataset.mask_uris)):
