@@ -151,10 +151,18 @@ def _defer(body, changes: Changes, message: str, first: bool = False) -> None:
     previous = body.get("status") or {}
     if previous.get("reason") != reason:
         changes.warn(reason, f"{message}; trying again every {SYNC_INTERVAL:g} s")
-    changes.status.update(st.status(previous, st.Observed(st.PENDING, reason, f"waiting: {message}"),
-                                    body["metadata"].get("generation", 1), None, st.now_iso()))
+    _wait(body, changes, reason, f"waiting: {message}")
     if first:
         changes.status["createPending"] = True
+
+
+def _wait(body, changes: Changes, reason: str, message: str) -> None:
+    """The job is Pending for `reason` (patched only when that changes the status)."""
+    previous = body.get("status") or {}
+    new = st.status(previous, st.Observed(st.PENDING, reason, message), body["metadata"].get("generation", 1), None,
+                    st.now_iso())
+    if _differs(previous, new):
+        changes.status.update(new)
 
 
 @kopf.on.resume(*RESOURCE, registry=registry)
@@ -393,9 +401,7 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
         if previous.get("reason") != reason:
             changes.info(reason, f"waiting for {', '.join(old_pods)} of the previous attempt to stop before "
                                  "making the trainer Job again")
-        changes.status.update(st.status(previous, st.Observed(st.PENDING, reason, f"waiting for {len(old_pods)} pod(s) "
-                                                              "of the previous attempt to stop"),
-                                        now["metadata"].get("generation", 1), None, st.now_iso()))
+        _wait(now, changes, reason, f"waiting for {len(old_pods)} pod(s) of the previous attempt to stop")
         return
     created = []
     try:
