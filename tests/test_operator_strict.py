@@ -51,3 +51,18 @@ def test_events_pass_strict_validation():
             "metadata": {"name": "ft", "namespace": "ml", "uid": "0b7e6c2c-0000-4000-8000-000000000000"}}
     kv.validate(manifests.event(body, "Normal", "Training", "Pending -> Training: training", "2026-01-01T00:00:00Z",
                                 "kubelora-operator-7d9f"), "1.33.0", strict=True)
+
+
+def test_the_example_network_policy_is_valid_and_selects_the_trainer_pods():
+    import pathlib
+
+    import yaml
+    policy = yaml.safe_load((pathlib.Path(__file__).parent.parent / "examples" / "cluster" / "networkpolicy.yaml").read_text())
+    kv.validate(policy, "1.33.0", strict=True)
+    pod = manifests.children("ft", "0b7e6c2c-0000-4000-8000-000000000000", "ml", parse_spec(FULL),
+                             manifests.OperatorConfig())[-1]["spec"]["template"]
+    selected = policy["spec"]["podSelector"]["matchExpressions"][0]
+    assert selected == {"key": manifests.JOB_LABEL, "operator": "Exists"} and manifests.JOB_LABEL in pod["metadata"]["labels"]
+    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0] == selected
+    ports = {p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert policy["spec"]["ingress"][1]["ports"][0]["port"] == manifests.OperatorConfig.metrics_port in ports
