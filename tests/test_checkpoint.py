@@ -139,3 +139,58 @@ def test_a_failed_export_is_retried_from_the_last_step_without_training_again(s3
     assert rc == 0, out[-3000:]
     assert "[resume] from the checkpoint of step 3" in out and "[train] step" not in out, out[-3000:]
     assert s3.head_object(Bucket="final-ckpt", Key="run/lora.safetensors")["ContentLength"] > 0
+
+
+def _spec(**over):
+    from kubelora_trainer.spec import LoRATrainingJobSpec
+    doc = {"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d", "resolution": 32},
+           "adapter": {"rank": 4}, "training": {"steps": 8, "weightDecay": 0.01, "betas": [0.9, 0.99]},
+           "output": {"uri": "s3://bkt/run"}}
+    for path, v in over.items():
+        *parts, last = path.split("__")
+        cur = doc
+        for p in parts:
+            cur = cur.setdefault(p, {})
+        cur[last] = v
+    return LoRATrainingJobSpec.model_validate(doc)
+
+
+def test_a_changed_training_setting_is_named_and_refused_on_resume():
+    from kubelora_trainer.checkpoint import changed_fields, fingerprint, resume_refusal
+    old = fingerprint(_spec())
+    # what may change between attempts is not in the fingerprint
+    same = _spec(training__checkpointEverySteps=5, training__checkpointKeep=4, training__logEvery=10,
+                 training__gradientCheckpointing=True, training__sharding="shard", dataset__cacheUri="s3://bkt/cache",
+                 output__onExisting="resume", resources__nodes=3, samples={"prompts": [{"prompt": "x"}]},
+                 storage={"endpoint": "http://other:9000"})
+    assert changed_fields(old, fingerprint(same)) == []
+    assert resume_refusal(old, fingerprint(same), 6, 8, "s3://bkt/run") is None
+    new = fingerprint(_spec(training__weightDecay=0.1, training__betas=[0.9, 0.999], adapter__rank=8,
+                            dataset__uri="/small", model__dtype="float32"))
+    assert changed_fields(old, new) == [
+        ("model.dtype", "bfloat16", "float32"), ("adapter.rank", 4, 8), ("dataset.uri", "/d", "/small"),
+        ("training.weightDecay", 0.01, 0.1), ("training.betas", [0.9, 0.99], [0.9, 0.999])]
+    why = resume_refusal(old, new, 6, 8, "s3://bkt/run/")
+    assert why.startswith("output.uri holds checkpoints (newest: step 6) of a run with other settings "
+                          "(model.dtype: \"bfloat16\" -> \"float32\"; adapter.rank: 4 -> 8; "), why
+    assert "training.betas: [0.9, 0.99] -> [0.9, 0.999]" in why
+    assert "another output.uri, or set output.onExisting: overwrite" in why and "s3://bkt/run/checkpoints/" in why
+    # a field only one side knows (another trainer version) is not a change; sources compare item by item
+    assert changed_fields({"training": {"steps": 8, "gone": 1}}, {"training": {"steps": 8, "added": 2}}) == []
+    assert changed_fields({"dataset": {"sources": [{"uri": "/a", "repeats": 1}]}},
+                          {"dataset": {"sources": [{"uri": "/a", "repeats": 2}]}}) == [
+        ("dataset.sources.0.repeats", 1, 2)]
+    # a checkpoint beyond training.steps, with or without a fingerprint; none without one is resumed as before
+    assert "step 12, beyond training.steps (8): the run that wrote it had training.steps 12" in resume_refusal(
+        fingerprint(_spec(training__steps=12)), fingerprint(_spec()), 12, 8, "s3://bkt/run")
+    assert "beyond training.steps (8)" in resume_refusal(None, old, 9, 8, "s3://bkt/run")
+    assert resume_refusal(None, old, 8, 8, "s3://bkt/run") is None
+
+
+def test_another_number_of_ranks_keeps_the_loss_history():
+    from kubelora_trainer.checkpoint import loop_for_world
+    two = {"world": 2, "gen": "g", "sampler": {}, "losses": [1.0, 0.9]}
+    assert loop_for_world(two, None, 2) is two
+    assert loop_for_world(two, None, 4) == {"losses": [1.0, 0.9]}    # rank 1 of 4: its own file
+    assert loop_for_world(None, two, 4) == {"losses": [1.0, 0.9]}    # rank 3 of 4: rank 0's
+    assert loop_for_world(None, None, 4) is None
