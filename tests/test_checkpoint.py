@@ -227,6 +227,7 @@ def test_resume_refuses_changed_settings_skips_a_corrupt_checkpoint_and_overwrit
     assert rc == 0, log[-3000:]
     assert "[resume] warning: the checkpoint of step 4 cannot be loaded (rank 0: " in log, log[-3000:]
     assert "[resume] from the checkpoint of step 2\n" in log and staged() == [], (staged(), log[-3000:])
+    assert "[resume] deleting the unreadable checkpoint(s) of step 4" in log  # then written again
     again = load_file(str(out / "lora.safetensors"))
     for k in first:
         torch.testing.assert_close(again[k], first[k], rtol=1e-5, atol=1e-6, msg=k)

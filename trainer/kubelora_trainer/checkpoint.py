@@ -262,7 +262,9 @@ def _fetch(step: int, local_root: Path, output_uri: str, settings: storage.S3Set
     err = None
     if env.local_rank == 0:
         try:
-            shutil.rmtree(local_root, ignore_errors=True)
+            for old in local_root.glob("step-*"):  # left by an earlier attempt (not this step: a node sharing
+                if old.name != f"step-{step}":      # the volume may be fetching it now)
+                    shutil.rmtree(old, ignore_errors=True)
             storage.download(remote, folder, settings, log=lambda m: None)
         except storage.StorageError as e:
             err = e

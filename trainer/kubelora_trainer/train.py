@@ -595,6 +595,16 @@ def resume(tr: Trainer, steps: list[int]) -> int:
         raise RunError(f"no checkpoint under {spec.output.uri.rstrip('/')}/checkpoints/ can be loaded (steps "
                        f"{', '.join(map(str, steps))}, all unreadable: see the warnings above); delete them, or set "
                        f"output.onExisting: overwrite to train from step 1")
+    unreadable = [s for s in steps if s > step]
+    err = None
+    if unreadable and env.is_main:  # else their COMPLETE would stand while this run writes those steps again
+        log(env, f"[resume] deleting the unreadable checkpoint(s) of step {', '.join(map(str, unreadable))}")
+        try:
+            for s in unreadable:
+                storage.delete_prefix(f"{spec.output.uri.rstrip('/')}/checkpoints/step-{s}", tr.settings)
+        except storage.StorageError as e:
+            err = e
+    dist.fail_together(err, "deleting unreadable checkpoints")
     tr.sched.last_epoch = step
     tr.sched._last_lr = [g["lr"] for g in tr.opt.param_groups]
     exact = loop is not None and tr.state.load(loop)
