@@ -2,6 +2,7 @@
 checkpoint at the next step and leaves no worker behind; the same command again resumes from it
 and ends with the same adapter as an uninterrupted run (dropout on, so RNG states matter); a
 finished output is not trained again; old checkpoints are pruned."""
+import json
 import os
 import signal
 import subprocess
@@ -92,8 +93,9 @@ def test_ctrl_c_checkpoints_then_the_same_command_resumes_to_the_same_adapter(s3
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
-    # checkpointKeep (2): only the newest complete checkpoints stay
+    # checkpointKeep (2): only the newest complete checkpoints stay; no copy is left in the node's cache
     assert complete_steps(list_keys("s3://ckpt/run/checkpoints", client=s3)) == [6, 8]
+    assert list((Path(s3.env["KUBELORA_CACHE_DIR"]) / "checkpoints").glob("*/step-*")) == []
 
     # a finished output is not trained again; onExisting: fail refuses it
     rc, out = _run(job, env)
@@ -139,3 +141,101 @@ def test_a_failed_export_is_retried_from_the_last_step_without_training_again(s3
     assert rc == 0, out[-3000:]
     assert "[resume] from the checkpoint of step 3" in out and "[train] step" not in out, out[-3000:]
     assert s3.head_object(Bucket="final-ckpt", Key="run/lora.safetensors")["ContentLength"] > 0
+
+
+def _spec(**over):
+    from kubelora_trainer.spec import LoRATrainingJobSpec
+    doc = {"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d", "resolution": 32},
+           "adapter": {"rank": 4}, "training": {"steps": 8, "weightDecay": 0.01, "betas": [0.9, 0.99]},
+           "output": {"uri": "s3://bkt/run"}}
+    for path, v in over.items():
+        *parts, last = path.split("__")
+        cur = doc
+        for p in parts:
+            cur = cur.setdefault(p, {})
+        cur[last] = v
+    return LoRATrainingJobSpec.model_validate(doc)
+
+
+def test_a_changed_training_setting_is_named_and_refused_on_resume():
+    from kubelora_trainer.checkpoint import changed_fields, fingerprint, resume_refusal
+    old = fingerprint(_spec())
+    # what may change between attempts is not in the fingerprint
+    same = _spec(training__checkpointEverySteps=5, training__checkpointKeep=4, training__logEvery=10,
+                 training__gradientCheckpointing=True, training__sharding="shard", dataset__cacheUri="s3://bkt/cache",
+                 output__onExisting="resume", resources__nodes=3, samples={"prompts": [{"prompt": "x"}]},
+                 storage={"endpoint": "http://other:9000"})
+    assert changed_fields(old, fingerprint(same)) == []
+    assert resume_refusal(old, fingerprint(same), 6, 8, "s3://bkt/run") is None
+    new = fingerprint(_spec(training__weightDecay=0.1, training__betas=[0.9, 0.999], adapter__rank=8,
+                            dataset__uri="/small", model__dtype="float32"))
+    assert changed_fields(old, new) == [
+        ("model.dtype", "bfloat16", "float32"), ("adapter.rank", 4, 8), ("dataset.uri", "/d", "/small"),
+        ("training.weightDecay", 0.01, 0.1), ("training.betas", [0.9, 0.99], [0.9, 0.999])]
+    why = resume_refusal(old, new, 6, 8, "s3://bkt/run/")
+    assert why.startswith("output.uri holds checkpoints (newest: step 6) of a run with other settings "
+                          "(model.dtype: \"bfloat16\" -> \"float32\"; adapter.rank: 4 -> 8; "), why
+    assert "training.betas: [0.9, 0.99] -> [0.9, 0.999]" in why
+    assert "another output.uri, or set output.onExisting: overwrite" in why and "s3://bkt/run/checkpoints/" in why
+    # a field only one side knows (another trainer version) is not a change; sources compare item by item
+    assert changed_fields({"training": {"steps": 8, "gone": 1}}, {"training": {"steps": 8, "added": 2}}) == []
+    assert changed_fields({"dataset": {"sources": [{"uri": "/a", "repeats": 1}]}},
+                          {"dataset": {"sources": [{"uri": "/a", "repeats": 2}]}}) == [
+        ("dataset.sources.0.repeats", 1, 2)]
+    # a checkpoint beyond training.steps, with or without a fingerprint; none without one is resumed as before
+    assert "step 12, beyond training.steps (8): the run that wrote it had training.steps 12" in resume_refusal(
+        fingerprint(_spec(training__steps=12)), fingerprint(_spec()), 12, 8, "s3://bkt/run")
+    assert "beyond training.steps (8)" in resume_refusal(None, old, 9, 8, "s3://bkt/run")
+    assert resume_refusal(None, old, 8, 8, "s3://bkt/run") is None
+
+
+def test_another_number_of_ranks_keeps_the_loss_history():
+    from kubelora_trainer.checkpoint import loop_for_world
+    two = {"world": 2, "gen": "g", "sampler": {}, "losses": [1.0, 0.9]}
+    assert loop_for_world(two, None, 2) is two
+    assert loop_for_world(two, None, 4) == {"losses": [1.0, 0.9]}    # rank 1 of 4: its own file
+    assert loop_for_world(None, two, 4) == {"losses": [1.0, 0.9]}    # rank 3 of 4: rank 0's
+    assert loop_for_world(None, None, 4) is None
+
+
+def test_resume_refuses_changed_settings_skips_a_corrupt_checkpoint_and_overwrite_clears_old_ones(tmp_path, tiny_flux_dir):
+    """One process, a local output.uri: the staging copies in the cache are gone after each run; a
+    changed learningRate is refused before stage-in, naming the field; a truncated newest
+    checkpoint is skipped for the older one, which resumes to the same adapter as the run that
+    wrote them; onExisting: overwrite deletes the old run's checkpoints before training."""
+    from kubelora_trainer.synthetic import build_synthetic_dataset
+    from safetensors.torch import load_file
+    data = build_synthetic_dataset(tmp_path / "data", n=4, size=32)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    env = {**os.environ, "KUBELORA_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "KUBELORA_METRICS_PORT": "0"}
+    staged = lambda: sorted(str(p.relative_to(cache)) for p in (cache / "checkpoints").glob("*/step-*"))  # noqa: E731
+    job = _job(tmp_path / "job.yaml", tiny_flux_dir, data, str(out), steps=4)
+    rc, log = _run(job, env, nproc=1)
+    assert rc == 0 and staged() == [], (staged(), log[-3000:])
+    assert json.loads((out / "checkpoints/step-4/state/spec.json").read_text())["training"]["learningRate"] == 3e-3
+    first = load_file(str(out / "lora.safetensors"))
+    (out / "manifest.json").unlink()   # as if the run had died before its export
+
+    rc, log = _run(_job(tmp_path / "lr.yaml", tiny_flux_dir, data, str(out), steps=4, learningRate=1e-3), env, nproc=1)
+    assert rc == 2 and "(training.learningRate: 0.003 -> 0.001); resuming would mix them" in log, log[-3000:]
+    assert "output.onExisting: overwrite" in log and "[phase] stage-in" not in log, log[-3000:]
+
+    shard = out / "checkpoints/step-4/state/__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    rc, log = _run(job, env, nproc=1)
+    assert rc == 0, log[-3000:]
+    assert "[resume] warning: the checkpoint of step 4 cannot be loaded (rank 0: " in log, log[-3000:]
+    assert "[resume] from the checkpoint of step 2\n" in log and staged() == [], (staged(), log[-3000:])
+    assert "[resume] deleting the unreadable checkpoint(s) of step 4" in log  # then written again
+    again = load_file(str(out / "lora.safetensors"))
+    for k in first:
+        torch.testing.assert_close(again[k], first[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    # overwrite, 3 steps: without deleting the old ones first, pruning would keep the old step 4 over the new 2
+    doc = yaml.safe_load(job.read_text())
+    doc["training"]["steps"], doc["output"]["onExisting"] = 3, "overwrite"
+    job.write_text(yaml.safe_dump(doc))
+    rc, log = _run(job, env, nproc=1)
+    assert rc == 0 and "deleting the earlier run's checkpoints (steps 2, 4)" in log, log[-3000:]
+    assert complete_steps([str(p.relative_to(out / "checkpoints")) for p in out.rglob("COMPLETE")]) == [2, 3]

@@ -7,6 +7,8 @@ run of the same manifest.
                                                                      rank writes its own shard)
     <output.uri>/checkpoints/step-N/state/rank-R.pt                 rank R's loop state (step, RNG
                                                                      states, sampler position, losses)
+    <output.uri>/checkpoints/step-N/state/spec.json                 the training-relevant spec
+                                                                     (fingerprint), by rank 0
     <output.uri>/checkpoints/step-N/state/COMPLETE                  written last, by rank 0
 
 Only a step with COMPLETE counts; the newest `training.checkpointKeep` complete ones are kept.
@@ -16,6 +18,7 @@ Frozen base weights are never written (they come from the model files); a full f
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 import signal
@@ -30,6 +33,16 @@ from . import disk, dist, storage
 
 STATE = "state"
 MARKER = "COMPLETE"
+FINGERPRINT = "spec.json"
+# the parts of the spec a checkpoint's state depends on (a resume with others changed is refused) ...
+FINGERPRINTED = ("model", "adapter", "dataset", "training")
+# ... less what may change between attempts without changing the trained result: checkpoint cadence
+# and retention, logging, where the shared cache lives, and the memory/speed knobs an out-of-memory
+# failure asks for (the same maths)
+NOT_FINGERPRINTED = frozenset({
+    "training.checkpointEverySteps", "training.checkpointEveryMinutes", "training.checkpointKeep",
+    "training.logEvery", "training.gradientCheckpointing", "training.gradientCheckpointingEvery",
+    "training.compile", "training.sharding", "training.cpuOffload", "dataset.cacheUri", "dataset.cacheOnly"})
 STEP_DIR = re.compile(r"step-(\d+)/state/" + MARKER)
 
 
@@ -41,6 +54,65 @@ def _options(strict: bool):
 def complete_steps(names: list[str]) -> list[int]:
     """Steps with a complete checkpoint among object names under checkpoints/, newest last. Pure."""
     return sorted({int(m[1]) for n in names if (m := STEP_DIR.fullmatch(n))})
+
+
+def fingerprint(spec) -> dict:
+    """What a checkpoint records of the spec that wrote it (JSON-able). Pure."""
+    doc = spec.model_dump(mode="json")
+    out = {part: dict(doc[part]) for part in FINGERPRINTED}
+    for path in NOT_FINGERPRINTED:
+        part, _, name = path.partition(".")
+        out[part].pop(name, None)
+    return out
+
+
+def changed_fields(old, new, path: str = "") -> list[tuple[str, object, object]]:
+    """(dotted path, old, new) for every value that differs between two fingerprints, in order.
+    A key only one side has is not a change (a field added or removed by another trainer version
+    takes its default); lists of equal length are compared item by item. Pure."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for k in old:
+            sub = f"{path}.{k}" if path else k
+            if k in new and sub not in NOT_FINGERPRINTED:
+                found += changed_fields(old[k], new[k], sub)
+        return found
+    if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
+            and any(isinstance(x, (dict, list)) for x in old + new)):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in changed_fields(a, b, f"{path}.{i}")]
+    return [] if old == new else [(path, old, new)]
+
+
+def resume_refusal(recorded: Optional[dict], current: dict, latest: int, steps: int, uri: str) -> Optional[str]:
+    """Why the checkpoint of step `latest` (recorded: its fingerprint, None when written before
+    checkpoints had one) cannot be resumed by this spec; None when it can. Pure."""
+    fix = (f"train this spec into another output.uri, or set output.onExisting: overwrite to start again "
+           f"(deleting {uri.rstrip('/')}/checkpoints/)")
+    if latest > steps:
+        return (f"output.uri holds a checkpoint of step {latest}, beyond training.steps ({steps}): the run that "
+                f"wrote it had training.steps {(recorded or {}).get('training', {}).get('steps', 'higher')}; "
+                f"set training.steps back, or {fix}")
+    changes = changed_fields(recorded, current) if recorded is not None else []
+    if not changes:
+        return None
+    what = "; ".join(f"{p}: {json.dumps(a)} -> {json.dumps(b)}" for p, a, b in changes)
+    return (f"output.uri holds checkpoints (newest: step {latest}) of a run with other settings ({what}); resuming "
+            f"would mix them: set them back to resume, or {fix}")
+
+
+def read_fingerprint(output_uri: str, step: int, settings: storage.S3Settings) -> Optional[dict]:
+    """The fingerprint the checkpoint of `step` recorded; None when it has none (written before
+    checkpoints had one)."""
+    import tempfile
+    uri = f"{output_uri.rstrip('/')}/checkpoints/step-{step}/{STATE}/{FINGERPRINT}"
+    loc = storage.parse_uri(uri)
+    if not loc.is_s3:
+        p = Path(loc.key)
+        return json.loads(p.read_text()) if p.is_file() else None
+    with tempfile.TemporaryDirectory() as d:
+        if FINGERPRINT not in storage.list_keys(uri.rsplit("/", 1)[0], settings):
+            return None
+        return json.loads(Path(storage.download(uri, Path(d), settings, log=lambda m: None)).read_text())
 
 
 @dataclass
@@ -92,15 +164,17 @@ class Schedule:
 
 
 def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root: Path, output_uri: str,
-         settings: storage.S3Settings, keep: int, env: dist.DistEnv) -> None:
-    """Every rank writes its shard and its loop state; the node's files are uploaded; rank 0 writes
-    the marker last and drops checkpoints beyond `keep`. A collective: every rank calls it."""
+         settings: storage.S3Settings, keep: int, env: dist.DistEnv, fingerprint: Optional[dict] = None) -> None:
+    """Every rank writes its shard and its loop state into the node's staging folder (local_root);
+    the node's files are uploaded; rank 0 writes the spec's fingerprint and, last, the marker, and
+    drops checkpoints beyond `keep`; then each node deletes its staging copy (a full fine-tune's
+    checkpoint is the size of the model). A collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     folder = local_root / f"step-{step}" / STATE
     if env.local_rank == 0:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(local_root, ignore_errors=True)  # this step's, and any an earlier attempt left behind
     dist.barrier()
     model_sd, optim_sd = get_state_dict(modules, opt, options=_options(strict=True))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
@@ -108,6 +182,8 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
     torch.save(loop_state, buf)
     try:
         (folder / f"rank-{env.rank}.pt").write_bytes(buf.getvalue())
+        if env.is_main and fingerprint is not None:
+            (folder / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1) + "\n")
         err = None
     except OSError as e:  # one rank's disk: the others stop with its reason instead of waiting at a barrier
         err = disk.no_room(e, "writing the checkpoint", path=folder / f"rank-{env.rank}.pt") or e
@@ -135,6 +211,8 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
         except OSError as e:
             err = storage.StorageError(str(e))
     dist.fail_together(err, "writing the checkpoint")
+    if env.local_rank == 0:  # complete in output.uri: the staging copy is not read again (a resume fetches it)
+        shutil.rmtree(folder.parent, ignore_errors=True)
 
 
 def prune(output_uri: str, settings: storage.S3Settings, keep: int) -> None:
@@ -143,35 +221,88 @@ def prune(output_uri: str, settings: storage.S3Settings, keep: int) -> None:
         storage.delete_prefix(f"{base}/step-{old}/{STATE}", settings)
 
 
-def restore(step: int, modules: torch.nn.Module, opt, local_root: Path, output_uri: str,
-            settings: storage.S3Settings, env: dist.DistEnv) -> Optional[dict]:
-    """Load the adapters and optimizer of `step` into modules/opt (a collective) and return this
-    rank's loop state (None when the run had another number of ranks: the sampler restarts)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+def delete_all(output_uri: str, settings: storage.S3Settings) -> None:
+    """output.uri/checkpoints/ deleted (output.onExisting: overwrite, before training from step 1)."""
+    storage.delete_prefix(f"{output_uri.rstrip('/')}/checkpoints", settings)
 
-    folder = local_root / f"step-{step}" / STATE
+
+class Unreadable(RuntimeError):
+    """A checkpoint that could not be loaded on some rank (truncated or corrupt files): the same
+    on every rank, so all of them try an older one together."""
+
+
+def loop_for_world(own: Optional[dict], first: Optional[dict], world: int) -> Optional[dict]:
+    """The loop state a rank resumes with: its own file's when the checkpoint had this number of
+    ranks; else only the loss history (the all-rank mean, the same in every rank's file; taken from
+    rank 0's) — the sampler position, generator and RNG states belong to another layout. Pure."""
+    if own is not None and own.get("world") == world:
+        return own
+    src = own if own is not None else first
+    return {"losses": list(src["losses"])} if src is not None and "losses" in src else None
+
+
+def _reason(e: BaseException) -> str:
+    """One line for a failed load: the first failing rank's own error, not dcp's wrapper. Pure."""
+    failures = getattr(e, "failures", None)  # dcp.CheckpointException: {rank: (exception, traceback)}
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        e = inner[0] if isinstance(inner, tuple) else inner
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}"[:300] if text else type(e).__name__
+
+
+def _fetch(step: int, local_root: Path, output_uri: str, settings: storage.S3Settings, env: dist.DistEnv) -> Path:
+    """The folder to load the checkpoint of `step` from: output.uri's own when it is a local folder
+    (nothing copied), else the node's staging copy, downloaded by its local rank 0."""
     remote = f"{output_uri.rstrip('/')}/checkpoints/step-{step}/{STATE}"
+    loc = storage.parse_uri(remote)
+    if not loc.is_s3:
+        return Path(loc.key)
+    folder = local_root / f"step-{step}" / STATE
     err = None
     if env.local_rank == 0:
         try:
-            if storage.parse_uri(remote).is_s3:
-                storage.download(remote, folder, settings, log=lambda m: None)
-            else:
-                shutil.rmtree(folder, ignore_errors=True)
-                shutil.copytree(storage.parse_uri(remote).key, folder)
+            for old in local_root.glob("step-*"):  # left by an earlier attempt (not this step: a node sharing
+                if old.name != f"step-{step}":      # the volume may be fetching it now)
+                    shutil.rmtree(old, ignore_errors=True)
+            storage.download(remote, folder, settings, log=lambda m: None)
         except storage.StorageError as e:
             err = e
         except OSError as e:
             err = storage.StorageError(str(e))
     dist.fail_together(err, "fetching the checkpoint")
-    model_sd, optim_sd = get_state_dict(modules, opt, options=_options(strict=True))
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(modules, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_options(strict=False))
-    mine = folder / f"rank-{env.rank}.pt"
-    loop = torch.load(mine, weights_only=True) if mine.is_file() else None
-    if loop is not None and loop.get("world") != env.world:
-        loop = None
+    return folder
+
+
+def restore(step: int, modules: torch.nn.Module, opt, local_root: Path, output_uri: str,
+            settings: storage.S3Settings, env: dist.DistEnv) -> Optional[dict]:
+    """Load the adapters and optimizer of `step` into modules/opt (a collective) and return this
+    rank's loop state (only the losses when the run had another number of ranks: the sampler
+    restarts; None from a checkpoint without loop state). Raises Unreadable on every rank when a
+    file of the checkpoint could not be read on any; the staging copy is deleted either way."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = _fetch(step, local_root, output_uri, settings, env)
+    err, loop = None, None
+    try:
+        model_sd, optim_sd = get_state_dict(modules, opt, options=_options(strict=True))
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(folder))  # a collective: a rank's read failure is raised on every rank
+        set_state_dict(modules, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=_options(strict=False))
+        mine, first = folder / f"rank-{env.rank}.pt", folder / "rank-0.pt"
+        own = torch.load(mine, weights_only=True) if mine.is_file() else None
+        rank0 = torch.load(first, weights_only=True) if own is None or own.get("world") != env.world else None
+        loop = loop_for_world(own, rank0, env.world)
+    except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - truncated, corrupt, missing: try an older one
+        err = _reason(e)
+    errors = dist.all_gather(err) if env.world > 1 else [err]
+    if folder.is_relative_to(local_root):
+        dist.barrier()  # every rank of the node has read the copy
+        if env.local_rank == 0:
+            shutil.rmtree(local_root, ignore_errors=True)
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if bad:
+        raise Unreadable("; ".join(f"rank {r}: {e}" for r, e in bad[:3]))
     return loop

@@ -115,15 +115,16 @@ def agree_on_step(step_loss: torch.Tensor, step: int, env: dist.DistEnv, save: b
     return float(flags[0]) / env.world, bool(flags[2] > 0), bool(flags[3] > 0)
 
 
-def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, Optional[int]]:
-    """(a finished run is there, the newest complete checkpoint step), read by rank 0, told to all."""
-    found, err = (False, None), None
+def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int]]:
+    """(a finished run is there, the complete checkpoints' steps, oldest first), read by rank 0,
+    told to all."""
+    found, err = (False, []), None
     if env.is_main:
         try:
             names = storage.list_keys(spec.output.uri, settings)  # one listing answers both
             steps = checkpoint.complete_steps([n.removeprefix("checkpoints/") for n in names])
             finished = "manifest.json" in names and not cache_only_manifest(spec, settings)
-            found = (finished, steps[-1] if steps else None)
+            found = (finished, steps)
         except storage.StorageError as e:
             if e.transient:  # training from step 1 would waste the checkpoints: stop, the retried run resumes
                 err = storage.StorageError(f"output.uri: looking for checkpoints: {e}", transient=True)
@@ -195,7 +196,11 @@ class LoopState:
                 "sampler": self.sampler.state_dict(), "losses": list(self.losses)}
 
     def load(self, d: dict) -> bool:
-        """Restore; False when the checkpoint predates the bucket sampler (it then starts a new epoch)."""
+        """Restore; False when the checkpoint predates the bucket sampler or had another number of
+        ranks (only its losses then: checkpoint.loop_for_world): the data order starts a new epoch."""
+        if "gen" not in d:
+            self.losses = list(d["losses"])
+            return False
         self.gen.set_state(d["gen"])
         torch.set_rng_state(d["torch_rng"])
         if d.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -308,7 +313,8 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             last = step == t.steps and tr.spec.adapter.type != "full"
             if save or stop or last:
                 checkpoint.save(step, tr.modules, tr.opt, state.to_dict(step, env.world), tr.local_ckpt,
-                                tr.spec.output.uri, tr.settings, t.checkpointKeep, env)
+                                tr.spec.output.uri, tr.settings, t.checkpointKeep, env,
+                                fingerprint=checkpoint.fingerprint(tr.spec))
                 schedule.written()
                 tr.metrics.checkpoint(step)
             if stop:
@@ -383,7 +389,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     m.start(spec.model.type, env.world, t.steps)
 
     # ---- pre-flight: what cannot be written is found now, not after the last step
-    plan, latest = check_output(spec, settings, env)
+    plan, steps = check_output(spec, settings, env)
     if plan == "done":
         log(env, f"[done] {spec.output.uri} already holds a finished run (manifest.json); nothing to train "
                  f"(output.onExisting: overwrite trains again)")
@@ -413,7 +419,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     tr = build_trainer(spec, family, ready, sampling, env, settings, publish, m, job_name)
 
     # ---- train (from step 1, or from the newest checkpoint)
-    start = resume(tr, latest) + 1 if plan == "resume" else 1
+    start = resume(tr, steps) + 1 if plan == "resume" else 1
     log(env, "[phase] train")
     m.phase("Training")
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
@@ -442,9 +448,12 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     return 0
 
 
-def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, Optional[int]]:
+def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int]]:
     """output.uri writable, and what an earlier run of this manifest left there: ('train', 'resume'
-    or 'done', the newest checkpoint's step). The same answer on every rank."""
+    or 'done', the complete checkpoints' steps, oldest first). The same answer on every rank. A
+    resume is refused when the newest checkpoint was written with other training settings (or
+    beyond training.steps); training from step 1 over checkpoints (output.onExisting: overwrite)
+    deletes them first."""
     err = None
     if env.is_main:
         try:
@@ -452,16 +461,59 @@ def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, Optional[int]]
         except storage.StorageError as e:
             err = storage.StorageError(f"output.uri: {e}", transient=e.transient)
     dist.fail_together(err, "the output check")
-    finished, latest = existing_output(spec, settings, env)
+    finished, steps = existing_output(spec, settings, env)
+    latest = steps[-1] if steps else None
     plan = resume_plan(spec.output.onExisting, finished, latest)
+    if plan == "resume":
+        check_fingerprint(spec, settings, latest, env)
     if spec.dataset.cacheOnly:  # writes its own manifest.json: never over a finished run's
         err = RunError(f"dataset.cacheOnly: {spec.output.uri} holds a finished training run (manifest.json), which "
                        f"a cache-only job would replace with its own: give it another output.uri (or set "
                        f"output.onExisting: overwrite)"
                        ) if finished and spec.output.onExisting != "overwrite" and env.is_main else None
         dist.fail_together(err, "the output check")
-        plan = "train"
-    return plan, latest
+        return "train", steps
+    if plan == "train" and steps:
+        clear_checkpoints(spec, settings, steps, env)
+        steps = []
+    return plan, steps
+
+
+def check_fingerprint(spec, settings, latest: int, env: dist.DistEnv) -> None:
+    """The newest checkpoint was written with this spec's training settings (checkpoint.fingerprint)
+    and within training.steps, else RunError on every rank; read by rank 0 before anything is
+    loaded. A checkpoint without a fingerprint (an older trainer's) resumes, with a warning."""
+    err = None
+    if env.is_main:
+        try:
+            recorded = checkpoint.read_fingerprint(spec.output.uri, latest, settings)
+            if recorded is None:
+                log(env, f"[resume] warning: the checkpoint of step {latest} records no spec (an older trainer "
+                         f"wrote it): a change of the training settings since cannot be detected")
+            why = checkpoint.resume_refusal(recorded, checkpoint.fingerprint(spec), latest, spec.training.steps,
+                                            spec.output.uri)
+            err = RunError(why) if why else None
+        except storage.StorageError as e:
+            err = storage.StorageError(f"output.uri: reading the checkpoint's spec: {e}", transient=e.transient)
+        except (OSError, ValueError) as e:
+            err = RunError(f"output.uri: the checkpoint of step {latest} has an unreadable "
+                           f"{checkpoint.FINGERPRINT} ({e}); set output.onExisting: overwrite to start again")
+    dist.fail_together(err, "the checkpoint check")
+
+
+def clear_checkpoints(spec, settings, steps: list[int], env: dist.DistEnv) -> None:
+    """output.onExisting: overwrite over checkpoints: rank 0 deletes output.uri/checkpoints/ before
+    training from step 1 (else pruning, by step number, would keep the old run's higher steps and
+    drop the new run's, and a later resume would pick the old run's)."""
+    err = None
+    if env.is_main:
+        log(env, f"[output] output.onExisting: overwrite: deleting the earlier run's checkpoints (steps "
+                 f"{', '.join(map(str, steps))}) under {spec.output.uri.rstrip('/')}/checkpoints/")
+        try:
+            checkpoint.delete_all(spec.output.uri, settings)
+        except storage.StorageError as e:
+            err = storage.StorageError(f"output.uri: deleting the old checkpoints: {e}", transient=e.transient)
+    dist.fail_together(err, "deleting the old checkpoints")
 
 
 def check_cache_uri(spec, settings, env: dist.DistEnv) -> Optional[cache_remote.Remote]:
@@ -528,11 +580,31 @@ def build_trainer(spec, family, ready: cache_phase.Ready, sampling, env: dist.Di
                    settings=settings, publish=publish, epoch_size=sum(space.repeats), metrics=m, sampling=sampling)
 
 
-def resume(tr: Trainer, step: int) -> int:
+def resume(tr: Trainer, steps: list[int]) -> int:
     """Model, optimizer, schedule and (same number of ranks) the loop state restored from the
-    checkpoint of `step`; returns `step`."""
+    newest complete checkpoint that loads (a truncated or corrupt one is skipped with a warning,
+    on every rank alike); returns its step."""
     spec, env = tr.spec, tr.env
-    loop = checkpoint.restore(step, tr.modules, tr.opt, tr.local_ckpt, spec.output.uri, tr.settings, env)
+    for step in reversed(steps):
+        try:
+            loop = checkpoint.restore(step, tr.modules, tr.opt, tr.local_ckpt, spec.output.uri, tr.settings, env)
+            break
+        except checkpoint.Unreadable as e:
+            log(env, f"[resume] warning: the checkpoint of step {step} cannot be loaded ({e}); trying an older one")
+    else:
+        raise RunError(f"no checkpoint under {spec.output.uri.rstrip('/')}/checkpoints/ can be loaded (steps "
+                       f"{', '.join(map(str, steps))}, all unreadable: see the warnings above); delete them, or set "
+                       f"output.onExisting: overwrite to train from step 1")
+    unreadable = [s for s in steps if s > step]
+    err = None
+    if unreadable and env.is_main:  # else their COMPLETE would stand while this run writes those steps again
+        log(env, f"[resume] deleting the unreadable checkpoint(s) of step {', '.join(map(str, unreadable))}")
+        try:
+            for s in unreadable:
+                storage.delete_prefix(f"{spec.output.uri.rstrip('/')}/checkpoints/step-{s}", tr.settings)
+        except storage.StorageError as e:
+            err = e
+    dist.fail_together(err, "deleting unreadable checkpoints")
     tr.sched.last_epoch = step
     tr.sched._last_lr = [g["lr"] for g in tr.opt.param_groups]
     exact = loop is not None and tr.state.load(loop)
