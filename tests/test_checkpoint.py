@@ -187,6 +187,13 @@ def test_a_changed_training_setting_is_named_and_refused_on_resume():
         fingerprint(_spec(training__steps=12)), fingerprint(_spec()), 12, 8, "s3://bkt/run")
     assert "beyond training.steps (8)" in resume_refusal(None, old, 9, 8, "s3://bkt/run")
     assert resume_refusal(None, old, 8, 8, "s3://bkt/run") is None
+    # a smaller micro-batch with more accumulation (what an out-of-memory failure asks for) is the same step
+    micro2 = fingerprint(_spec(training__microBatchSize=2, training__gradientAccumulationSteps=2))
+    assert resume_refusal(micro2, fingerprint(_spec(training__microBatchSize=1, training__gradientAccumulationSteps=4)),
+                          6, 8, "s3://bkt/run") is None
+    why = resume_refusal(micro2, fingerprint(_spec(training__microBatchSize=1, training__gradientAccumulationSteps=2)),
+                         6, 8, "s3://bkt/run")
+    assert "training.microBatchSize x training.gradientAccumulationSteps (samples per step and rank): 4 -> 2" in why
 
 
 def test_another_number_of_ranks_keeps_the_loss_history():
@@ -196,6 +203,8 @@ def test_another_number_of_ranks_keeps_the_loss_history():
     assert loop_for_world(two, None, 4) == {"losses": [1.0, 0.9]}    # rank 1 of 4: its own file
     assert loop_for_world(None, two, 4) == {"losses": [1.0, 0.9]}    # rank 3 of 4: rank 0's
     assert loop_for_world(None, None, 4) is None
+    assert loop_for_world({**two, "micro": 2}, None, 2, 2)["sampler"] == {}      # same layout: all of it
+    assert loop_for_world({**two, "micro": 2}, None, 2, 1) == {"losses": [1.0, 0.9]}  # another micro-batch
 
 
 def test_resume_refuses_changed_settings_skips_a_corrupt_checkpoint_and_overwrite_clears_old_ones(tmp_path, tiny_flux_dir):

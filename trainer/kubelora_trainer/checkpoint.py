@@ -43,6 +43,9 @@ NOT_FINGERPRINTED = frozenset({
     "training.checkpointEverySteps", "training.checkpointEveryMinutes", "training.checkpointKeep",
     "training.logEvery", "training.gradientCheckpointing", "training.gradientCheckpointingEvery",
     "training.compile", "training.sharding", "training.cpuOffload", "dataset.cacheUri", "dataset.cacheOnly"})
+# recorded, but compared as their product (resume_refusal): a smaller micro-batch with more
+# accumulation is the same step, which an out-of-memory failure asks for; the data order restarts
+PER_STEP = frozenset({"training.microBatchSize", "training.gradientAccumulationSteps"})
 STEP_DIR = re.compile(r"step-(\d+)/state/" + MARKER)
 
 
@@ -74,13 +77,20 @@ def changed_fields(old, new, path: str = "") -> list[tuple[str, object, object]]
         found = []
         for k in old:
             sub = f"{path}.{k}" if path else k
-            if k in new and sub not in NOT_FINGERPRINTED:
+            if k in new and sub not in NOT_FINGERPRINTED | PER_STEP:
                 found += changed_fields(old[k], new[k], sub)
         return found
     if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
             and any(isinstance(x, (dict, list)) for x in old + new)):
         return [c for i, (a, b) in enumerate(zip(old, new)) for c in changed_fields(a, b, f"{path}.{i}")]
     return [] if old == new else [(path, old, new)]
+
+
+def step_batch(fp: dict) -> Optional[int]:
+    """Samples one rank trains per optimizer step, from a fingerprint (None where it lacks them). Pure."""
+    t = fp.get("training") or {}
+    micro, accum = t.get("microBatchSize"), t.get("gradientAccumulationSteps")
+    return micro * accum if micro is not None and accum is not None else None
 
 
 def resume_refusal(recorded: Optional[dict], current: dict, latest: int, steps: int, uri: str) -> Optional[str]:
@@ -93,6 +103,9 @@ def resume_refusal(recorded: Optional[dict], current: dict, latest: int, steps: 
                 f"wrote it had training.steps {(recorded or {}).get('training', {}).get('steps', 'higher')}; "
                 f"set training.steps back, or {fix}")
     changes = changed_fields(recorded, current) if recorded is not None else []
+    if recorded is not None and step_batch(recorded) is not None and step_batch(recorded) != step_batch(current):
+        changes.append(("training.microBatchSize x training.gradientAccumulationSteps (samples per step and rank)",
+                        step_batch(recorded), step_batch(current)))
     if not changes:
         return None
     what = "; ".join(f"{p}: {json.dumps(a)} -> {json.dumps(b)}" for p, a, b in changes)
@@ -231,11 +244,13 @@ class Unreadable(RuntimeError):
     on every rank, so all of them try an older one together."""
 
 
-def loop_for_world(own: Optional[dict], first: Optional[dict], world: int) -> Optional[dict]:
+def loop_for_world(own: Optional[dict], first: Optional[dict], world: int, micro: Optional[int] = None
+                   ) -> Optional[dict]:
     """The loop state a rank resumes with: its own file's when the checkpoint had this number of
-    ranks; else only the loss history (the all-rank mean, the same in every rank's file; taken from
-    rank 0's) — the sampler position, generator and RNG states belong to another layout. Pure."""
-    if own is not None and own.get("world") == world:
+    ranks and micro-batch; else only the loss history (the all-rank mean, the same in every rank's
+    file; taken from rank 0's) — the sampler position, generator and RNG states belong to another
+    layout. Pure."""
+    if own is not None and own.get("world") == world and (micro is None or own.get("micro", micro) == micro):
         return own
     src = own if own is not None else first
     return {"losses": list(src["losses"])} if src is not None and "losses" in src else None
@@ -275,7 +290,7 @@ def _fetch(step: int, local_root: Path, output_uri: str, settings: storage.S3Set
 
 
 def restore(step: int, modules: torch.nn.Module, opt, local_root: Path, output_uri: str,
-            settings: storage.S3Settings, env: dist.DistEnv) -> Optional[dict]:
+            settings: storage.S3Settings, env: dist.DistEnv, micro: Optional[int] = None) -> Optional[dict]:
     """Load the adapters and optimizer of `step` into modules/opt (a collective) and return this
     rank's loop state (only the losses when the run had another number of ranks: the sampler
     restarts; None from a checkpoint without loop state). Raises Unreadable on every rank when a
@@ -294,7 +309,7 @@ def restore(step: int, modules: torch.nn.Module, opt, local_root: Path, output_u
         mine, first = folder / f"rank-{env.rank}.pt", folder / "rank-0.pt"
         own = torch.load(mine, weights_only=True) if mine.is_file() else None
         rank0 = torch.load(first, weights_only=True) if own is None or own.get("world") != env.world else None
-        loop = loop_for_world(own, rank0, env.world)
+        loop = loop_for_world(own, rank0, env.world, micro)
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - truncated, corrupt, missing: try an older one
         err = _reason(e)
     errors = dist.all_gather(err) if env.world > 1 else [err]

@@ -399,8 +399,9 @@ class OutputSpec(_Model):
                     "hunyuan-video original, cosmos comfyui).")
     onExisting: Literal["resume", "fail", "overwrite"] = Field(
         default="resume", description="When output.uri already holds this run's checkpoints or a finished run: "
-                                      "resume from the newest checkpoint (and do nothing if the run finished), fail, "
-                                      "or overwrite (train from step 1).")
+                                      "resume from the newest checkpoint (and do nothing if the run finished; "
+                                      "refused when the checkpoints were trained with other settings), fail, or "
+                                      "overwrite (delete the old checkpoints, train from step 1).")
 
 
 class StorageSpec(_Model):

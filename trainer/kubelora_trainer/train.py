@@ -191,7 +191,8 @@ class LoopState:
     losses: list[float] = field(default_factory=list)
 
     def to_dict(self, step: int, world: int) -> dict:
-        return {"step": step, "world": world, "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+        return {"step": step, "world": world, "micro": self.sampler.micro, "gen": self.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                 "sampler": self.sampler.state_dict(), "losses": list(self.losses)}
 
@@ -587,7 +588,8 @@ def resume(tr: Trainer, steps: list[int]) -> int:
     spec, env = tr.spec, tr.env
     for step in reversed(steps):
         try:
-            loop = checkpoint.restore(step, tr.modules, tr.opt, tr.local_ckpt, spec.output.uri, tr.settings, env)
+            loop = checkpoint.restore(step, tr.modules, tr.opt, tr.local_ckpt, spec.output.uri, tr.settings, env,
+                                      spec.training.microBatchSize)
             break
         except checkpoint.Unreadable as e:
             log(env, f"[resume] warning: the checkpoint of step {step} cannot be loaded ({e}); trying an older one")
@@ -610,8 +612,8 @@ def resume(tr: Trainer, steps: list[int]) -> int:
     exact = loop is not None and tr.state.load(loop)
     tr.metrics.resumed(step)
     log(env, f"[resume] from the checkpoint of step {step}" + ("" if exact else
-             " (another number of ranks, or an older checkpoint: the data order starts again from the first "
-             "epoch; the model, optimizer and schedule are restored)"))
+             " (another number of ranks or micro-batch, or an older checkpoint: the data order starts again from "
+             "the first epoch; the model, optimizer and schedule are restored)"))
     return step
 
 
