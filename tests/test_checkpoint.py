@@ -187,6 +187,11 @@ def test_a_changed_training_setting_is_named_and_refused_on_resume():
         fingerprint(_spec(training__steps=12)), fingerprint(_spec()), 12, 8, "s3://bkt/run")
     assert "beyond training.steps (8)" in resume_refusal(None, old, 9, 8, "s3://bkt/run")
     assert resume_refusal(None, old, 8, 8, "s3://bkt/run") is None
+    # more steps with a constant learning rate trains the same run longer; a decaying schedule would change
+    assert resume_refusal(old, fingerprint(_spec(training__steps=20)), 6, 20, "s3://bkt/run") is None
+    cosine = fingerprint(_spec(training__lrScheduler="cosine"))
+    assert "training.steps (the cosine learning-rate schedule depends on it): 8 -> 20" in resume_refusal(
+        cosine, fingerprint(_spec(training__lrScheduler="cosine", training__steps=20)), 6, 20, "s3://bkt/run")
     # a smaller micro-batch with more accumulation (what an out-of-memory failure asks for) is the same step
     micro2 = fingerprint(_spec(training__microBatchSize=2, training__gradientAccumulationSteps=2))
     assert resume_refusal(micro2, fingerprint(_spec(training__microBatchSize=1, training__gradientAccumulationSteps=4)),

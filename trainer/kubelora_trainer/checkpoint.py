@@ -46,6 +46,9 @@ NOT_FINGERPRINTED = frozenset({
 # recorded, but compared as their product (resume_refusal): a smaller micro-batch with more
 # accumulation is the same step, which an out-of-memory failure asks for; the data order restarts
 PER_STEP = frozenset({"training.microBatchSize", "training.gradientAccumulationSteps"})
+# recorded, and a change refused only where the schedule depends on it: with a constant learning
+# rate, more steps trains the same run longer
+SCHEDULE = frozenset({"training.steps"})
 STEP_DIR = re.compile(r"step-(\d+)/state/" + MARKER)
 
 
@@ -77,7 +80,7 @@ def changed_fields(old, new, path: str = "") -> list[tuple[str, object, object]]
         found = []
         for k in old:
             sub = f"{path}.{k}" if path else k
-            if k in new and sub not in NOT_FINGERPRINTED | PER_STEP:
+            if k in new and sub not in NOT_FINGERPRINTED | PER_STEP | SCHEDULE:
                 found += changed_fields(old[k], new[k], sub)
         return found
     if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
@@ -103,6 +106,11 @@ def resume_refusal(recorded: Optional[dict], current: dict, latest: int, steps: 
                 f"wrote it had training.steps {(recorded or {}).get('training', {}).get('steps', 'higher')}; "
                 f"set training.steps back, or {fix}")
     changes = changed_fields(recorded, current) if recorded is not None else []
+    old_t, new_t = (recorded or {}).get("training") or {}, current.get("training") or {}
+    if (old_t.get("steps") not in (None, new_t.get("steps"))
+            and "constant" not in (old_t.get("lrScheduler", "constant"), new_t.get("lrScheduler"))):
+        changes.append((f"training.steps (the {new_t.get('lrScheduler')} learning-rate schedule depends on it)",
+                        old_t["steps"], new_t.get("steps")))
     if recorded is not None and step_batch(recorded) is not None and step_batch(recorded) != step_batch(current):
         changes.append(("training.microBatchSize x training.gradientAccumulationSteps (samples per step and rank)",
                         step_batch(recorded), step_batch(current)))
