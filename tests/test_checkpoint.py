@@ -201,6 +201,16 @@ def test_a_changed_training_setting_is_named_and_refused_on_resume():
     assert "training.microBatchSize x training.gradientAccumulationSteps (samples per step and rank): 4 -> 2" in why
 
 
+def test_a_finished_lora_run_given_more_steps_goes_on_from_its_last_step():
+    from kubelora_trainer.train import extends
+    done = {"metrics": {"steps": 8}}
+    assert extends(done, [4, 8], _spec(training__steps=12))
+    assert not extends(done, [4, 8], _spec(training__steps=8))                 # finished: nothing to do
+    assert not extends(done, [4], _spec(training__steps=12))                   # its last step is not there
+    assert not extends(done, [4, 8], _spec(training__steps=12, adapter={"type": "full"}))
+    assert not extends({}, [4, 8], _spec(training__steps=12))
+
+
 def test_another_number_of_ranks_keeps_the_loss_history():
     from kubelora_trainer.checkpoint import loop_for_world
     two = {"world": 2, "gen": "g", "sampler": {}, "losses": [1.0, 0.9]}
@@ -246,8 +256,16 @@ def test_resume_refuses_changed_settings_skips_a_corrupt_checkpoint_and_overwrit
     for k in first:
         torch.testing.assert_close(again[k], first[k], rtol=1e-5, atol=1e-6, msg=k)
 
-    # overwrite, 3 steps: without deleting the old ones first, pruning would keep the old step 4 over the new 2
+    # the finished run given more steps goes on from its last step, not "done", where its schedule allows:
+    # this one decays (cosine), so the new steps would follow another curve and are refused
     doc = yaml.safe_load(job.read_text())
+    assert doc["training"]["lrScheduler"] == "cosine"
+    doc["training"]["steps"] = 5
+    job.write_text(yaml.safe_dump(doc))
+    rc, log = _run(job, env, nproc=1)
+    assert rc == 2 and "training.steps (the cosine learning-rate schedule depends on it): 4 -> 5" in log, log[-3000:]
+
+    # overwrite, 3 steps: without deleting the old ones first, pruning would keep the old step 4 over the new 2
     doc["training"]["steps"], doc["output"]["onExisting"] = 3, "overwrite"
     job.write_text(yaml.safe_dump(doc))
     rc, log = _run(job, env, nproc=1)

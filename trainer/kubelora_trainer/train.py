@@ -123,7 +123,8 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int]]
         try:
             names = storage.list_keys(spec.output.uri, settings)  # one listing answers both
             steps = checkpoint.complete_steps([n.removeprefix("checkpoints/") for n in names])
-            finished = "manifest.json" in names and not cache_only_manifest(spec, settings)
+            manifest = read_manifest(spec, settings) if "manifest.json" in names else None
+            finished = manifest is not None and not manifest.get("cacheOnly") and not extends(manifest, steps, spec)
             found = (finished, steps)
         except storage.StorageError as e:
             if e.transient:  # training from step 1 would waste the checkpoints: stop, the retried run resumes
@@ -134,17 +135,33 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int]]
     return tuple(dist.broadcast(found))
 
 
-def cache_only_manifest(spec, settings, client=None) -> bool:
-    """Whether output.uri's manifest.json was written by a dataset.cacheOnly run (then it is
-    not a finished training run)."""
+def read_manifest(spec, settings, client=None) -> dict:
+    """output.uri's manifest.json ({} when it cannot be parsed)."""
     import tempfile
     loc = storage.parse_uri(spec.output.uri).child("manifest.json")
     with tempfile.TemporaryDirectory() as d:
         path = storage.download(str(loc), Path(d), settings, client=client, log=lambda msg: None)
         try:
-            return bool(json.loads(Path(path).read_text()).get("cacheOnly"))
+            doc = json.loads(Path(path).read_text())
+            return doc if isinstance(doc, dict) else {}
         except (OSError, ValueError):
-            return False
+            return {}
+
+
+def cache_only_manifest(spec, settings, client=None) -> bool:
+    """Whether output.uri's manifest.json was written by a dataset.cacheOnly run (then it is
+    not a finished training run)."""
+    return bool(read_manifest(spec, settings, client).get("cacheOnly"))
+
+
+def extends(manifest: dict, steps: list[int], spec) -> bool:
+    """A finished LoRA run that this spec trains further: more training.steps than it had, and its
+    last step's checkpoint is there (a LoRA run always writes it; a full fine-tune does not, so it
+    cannot go on). Then the run resumes from that step instead of stopping as done; the
+    checkpoint's fingerprint decides whether the new steps may follow it. Pure."""
+    done = (manifest.get("metrics") or {}).get("steps")
+    return (spec.adapter.type != "full" and isinstance(done, int) and done < spec.training.steps
+            and bool(steps) and steps[-1] == done)
 
 
 def finish_cache_only(spec, job_name: str, env, m, publish, settings, stats: dict, cache_stats: dict) -> int:
