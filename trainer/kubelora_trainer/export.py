@@ -57,12 +57,19 @@ def trained_sizes(dataset) -> str:
     return ",".join(f"{a}x{a}" for a in areas)
 
 
+# what a converted file keeps of its source's metadata: the rest (ss_*, diffusers'
+# lora_adapter_metadata, ...) describes the source's layout and alpha, not the new file's
+def kept_metadata(key: str) -> bool:
+    return key.startswith("kubelora.") or key == "format"
+
+
 def file_metadata(meta: dict[str, str], fmt: str, folded: bool) -> dict[str, str]:
-    """A LoRA file's metadata, true to the file: its format; kubelora.alpha is the alpha it was
-    trained with and kubelora.scale_folded says whether lora_B already carries alpha/rank (then
-    a loader applies it at scale 1). Kohya files also get the ss_* keys kohya-ecosystem tools
-    show, with ss_network_alpha as the file's .alpha tensors give it."""
-    out = {k: v for k, v in meta.items() if not k.startswith("ss_")}
+    """A LoRA file's metadata, true to the file (of meta only kubelora.* and format are kept): its
+    format; kubelora.alpha is the alpha it was trained with and kubelora.scale_folded says
+    whether lora_B already carries alpha/rank (then a loader applies it at scale 1). Kohya files
+    also get the ss_* keys kohya-ecosystem tools show, with ss_network_alpha as the file's .alpha
+    tensors give it."""
+    out = {k: v for k, v in meta.items() if kept_metadata(k)}
     out.update({"format": "pt", "kubelora.lora_format": fmt, "kubelora.scale_folded": str(folded).lower()})
     if fmt == "kohya" and "kubelora.rank" in out:
         rank = out["kubelora.rank"]
