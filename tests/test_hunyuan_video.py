@@ -360,9 +360,18 @@ def test_what_the_original_format_cannot_carry_is_skipped_and_named_at_export():
     assert not any("token_refiner" in k for k in out)
     assert "transformer.time_in.mlp.0.lora_A.weight" in out and "transformer.double_blocks.0.img_mlp.fc2.lora_A.weight" in out
     gaps = FAMILY.export_gaps({"transformer": lora}, "original")
-    assert len(gaps) == 2 and "not written" in gaps[0] and "refiner_blocks.0.attn.to_q" in gaps[0]
+    assert len(gaps) == 3 and "not written" in gaps[0] and "refiner_blocks.0.attn.to_q" in gaps[0]
     assert "ComfyUI skips" in gaps[1] and "time_text_embed.timestep_embedder.linear_1" in gaps[1]
+    # no img_attn_qkv key: diffusers' loader does not take the file for the original layout at all
+    assert "diffusers loads nothing" in gaps[2] and "double_blocks.N.img_attn_qkv" in gaps[2]
+    with_qkv = {**lora, "transformer_blocks.1.attn.to_k": (torch.ones(2, 8), torch.ones(8, 2))}
+    assert not any("loads nothing" in g for g in FAMILY.export_gaps({"transformer": with_qkv}, "original"))
     assert FAMILY.export_gaps({"transformer": lora}, "diffusers") == []
+    unknown = {**lora, "blocks.0.attn1.to_q": (torch.ones(2, 8), torch.ones(8, 2))}
+    with pytest.raises(ValueError, match=r"LoRA on blocks\.0\.attn1\.to_q: not a module of the HunyuanVideo"):
+        FAMILY.export({"transformer": unknown}, 1.0, "original")
+    with pytest.raises(ValueError, match=r"not modules of the HunyuanVideo transformer: blocks\.0\.attn1\.to_q"):
+        FAMILY.parse(FAMILY.export({"transformer": unknown}, 1.0, "diffusers"), "diffusers")
     with pytest.raises(ValueError, match="format 'comfyui' is not available for hunyuan-video"):
         FAMILY.export({"transformer": {}}, 1.0, "comfyui")
 

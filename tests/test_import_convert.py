@@ -215,3 +215,37 @@ def test_peft_config_scales_follow_peft():
     a, b = torch.ones(2, 3), torch.ones(5, 2)
     lora, scale = fold_scales({"t": {m: (a, b) for m in mods}}, {"t": {mods[0]: 2.0, mods[1]: 4.0, mods[2]: 4.0}})
     assert scale == 4.0 and torch.equal(lora["t"][mods[1]][1], b) and torch.equal(lora["t"][mods[0]][1], b * 0.5)
+
+
+def test_convert_counts_what_it_writes_prints_the_gaps_and_refuses_what_it_cannot(tmp_path, capsys):
+    """The count is of the modules the written file holds, the export gaps are printed; a file
+    kubelora wrote for another model type, a module the family does not have and an unwritable
+    output are one error line each, exit 2."""
+    from safetensors.torch import save_file
+    from kubelora_trainer.cli import main
+    from kubelora_trainer.models import get_family
+    def pair():
+        return torch.randn(2, 16), torch.randn(16, 2)
+    one = pair()
+    hy = {"context_embedder.token_refiner.refiner_blocks.0.attn.to_q": pair(),   # not writable to the original layout
+          "transformer_blocks.0.attn.to_q": pair(), "transformer_blocks.0.ff.net.2": pair()}
+    src = tmp_path / "hy.safetensors"
+    save_file(get_family("hunyuan-video").export({"transformer": hy}, 1.0, "diffusers"), str(src))
+    args = ["--model-type", "hunyuan-video", "--from", "diffusers", "--to", "original"]
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors"), *args]) == 0
+    out, err = capsys.readouterr()
+    assert "wrote" in out and ": 2 LoRA modules" in out and "1 of the 3 read not written" in out
+    assert "warning:" in err and "not written to the original-layout file" in err and "refiner_blocks.0.attn.to_q" in err
+
+    save_file(get_family("hunyuan-video").export({"transformer": {"transformer_blocks.0.attn.to_q": one}}, 1.0,
+                                                 "diffusers"), str(src), metadata={"kubelora.model_type": "flux"})
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors"), *args]) == 2
+    assert "kubelora trained it for flux" in capsys.readouterr().err
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": one[0], "transformer.blocks.0.attn1.to_q.lora_B.weight": one[1]},
+              str(src))
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors"), *args]) == 2
+    assert "not modules of the HunyuanVideo transformer: blocks.0.attn1.to_q" in capsys.readouterr().err
+    save_file(get_family("hunyuan-video").export({"transformer": hy}, 1.0, "diffusers"), str(src))
+    assert main(["convert", str(src), str(tmp_path / "no" / "o.safetensors"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {tmp_path / 'no' / 'o.safetensors'}") and len(err.splitlines()) == 1
