@@ -384,3 +384,7 @@ def test_parse_reads_other_trainers_files_and_folds_alpha():
         FAMILY.parse({f"{key}.lora_A.weight": a}, "comfyui")
     with pytest.raises(ValueError, match="is not a Cosmos comfyui LoRA key"):
         FAMILY.parse({"transformer.x.lora_A.weight": a}, "comfyui")
+    flux = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": a,   # a Flux diffusers file
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": b}
+    with pytest.raises(ValueError, match=r"not modules of the Cosmos transformer: transformer_blocks\.0\.attn\.to_q"):
+        FAMILY.parse(flux, "diffusers")

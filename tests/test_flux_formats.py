@@ -188,3 +188,25 @@ def test_the_base_model_is_the_trained_denoisers_weights():
     # a fine-tuned transformer trained on the dev folder's encoders: the LoRA belongs to the fine-tune
     assert base({"type": "flux", "diffusersPath": "s3://mdl/flux-dev",
                  "transformerPath": "s3://mdl/my-finetune.safetensors"}) == "s3://mdl/my-finetune.safetensors"
+
+
+def test_kohya_file_names_the_top_level_modules_diffusers_drops_and_diffusers_parse_refuses_others():
+    """diffusers' Kohya-Flux converter returns img_in/txt_in/time_in/final_layer LoRAs without the
+    transformer. prefix, so its loader drops them (measured on its converter): export names them.
+    A diffusers-format file of another family's modules is refused, naming them."""
+    from diffusers import FluxPipeline
+    g = torch.Generator().manual_seed(0)
+    h = 3072
+    mods = {"x_embedder": (torch.randn(2, 64, generator=g), torch.randn(h, 2, generator=g)),
+            "norm_out.linear": (torch.randn(2, h, generator=g), torch.randn(2 * h, 2, generator=g)),
+            "transformer_blocks.0.attn.to_out.0": (torch.randn(2, h, generator=g), torch.randn(h, 2, generator=g))}
+    sd = FluxPipeline.lora_state_dict(FAMILY.export({"transformer": mods}, 1.0, "kohya"))
+    dropped = {m for m in mods if f"transformer.{m}.lora_A.weight" not in sd}
+    assert dropped == {"x_embedder", "norm_out.linear"}
+    gaps = FAMILY.export_gaps({"transformer": mods}, "kohya")
+    assert len(gaps) == 1 and "diffusers skips" in gaps[0] and "norm_out.linear, x_embedder;" in gaps[0]
+    assert "to_out" not in gaps[0]
+    assert FAMILY.export_gaps({"transformer": mods}, "diffusers") == FAMILY.export_gaps({"transformer": mods}, "comfyui") == []
+    with pytest.raises(ValueError, match=r"not modules of the Flux transformer: transformer_blocks\.0\.attn1\.to_q"):
+        FAMILY.parse({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 8),
+                      "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(8, 2)}, "diffusers")

@@ -360,9 +360,18 @@ def test_what_the_original_format_cannot_carry_is_skipped_and_named_at_export():
     assert not any("token_refiner" in k for k in out)
     assert "transformer.time_in.mlp.0.lora_A.weight" in out and "transformer.double_blocks.0.img_mlp.fc2.lora_A.weight" in out
     gaps = FAMILY.export_gaps({"transformer": lora}, "original")
-    assert len(gaps) == 2 and "not written" in gaps[0] and "refiner_blocks.0.attn.to_q" in gaps[0]
+    assert len(gaps) == 3 and "not written" in gaps[0] and "refiner_blocks.0.attn.to_q" in gaps[0]
     assert "ComfyUI skips" in gaps[1] and "time_text_embed.timestep_embedder.linear_1" in gaps[1]
+    # no img_attn_qkv key: diffusers' loader does not take the file for the original layout at all
+    assert "diffusers loads nothing" in gaps[2] and "double_blocks.N.img_attn_qkv" in gaps[2]
+    with_qkv = {**lora, "transformer_blocks.1.attn.to_k": (torch.ones(2, 8), torch.ones(8, 2))}
+    assert not any("loads nothing" in g for g in FAMILY.export_gaps({"transformer": with_qkv}, "original"))
     assert FAMILY.export_gaps({"transformer": lora}, "diffusers") == []
+    unknown = {**lora, "blocks.0.attn1.to_q": (torch.ones(2, 8), torch.ones(8, 2))}
+    with pytest.raises(ValueError, match=r"LoRA on blocks\.0\.attn1\.to_q: not a module of the HunyuanVideo"):
+        FAMILY.export({"transformer": unknown}, 1.0, "original")
+    with pytest.raises(ValueError, match=r"not modules of the HunyuanVideo transformer: blocks\.0\.attn1\.to_q"):
+        FAMILY.parse(FAMILY.export({"transformer": unknown}, 1.0, "diffusers"), "diffusers")
     with pytest.raises(ValueError, match="format 'comfyui' is not available for hunyuan-video"):
         FAMILY.export({"transformer": {}}, 1.0, "comfyui")
 
@@ -581,3 +590,41 @@ def test_transformer_path_beside_ckpt_path_replaces_the_official_transformer(tmp
                             "transformerPath": str(tiny_hv["transformerPath"])})["transformer"][0] == "model.transformerPath"
     with pytest.raises(ModelError, match="model.transformerPath: .* does not exist"):
         resolve_sources({"ckptPath": str(official["ckptPath"]), "transformerPath": str(tmp_path / "nope.safetensors")})
+
+
+def test_targets_an_output_format_cannot_hold_are_refused_when_the_adapters_are_injected():
+    """Single-block to_q/to_k/to_v without proj_mlp cannot be fused into linear1 of the original
+    layout: adapters.prepare refuses it before training, naming both fields; the diffusers format
+    alone takes it."""
+    from kubelora_trainer import adapters, dist
+    from kubelora_trainer.lora import AdapterError
+    from kubelora_trainer.models.base import Components
+    from kubelora_trainer.spec import parse_spec
+
+    def spec(formats):
+        return parse_spec({"model": {"type": "hunyuan-video", "ckptPath": "/m", "dtype": "float32"},
+                           "dataset": {"uri": "/d", "resolution": 32, "frames": 5},
+                           "adapter": {"rank": 2, "targetModules": ["to_q", "to_k", "to_v"]},
+                           "training": {"steps": 1}, "output": {"uri": "/o", "formats": formats}})
+    env = dist.DistEnv(0, 1, 0, torch.device("cpu"))
+    with pytest.raises(AdapterError, match=r"adapter\.targetModules and output\.formats: the original file .*proj_mlp"):
+        adapters.prepare(Components(trainable={"transformer": _tiny_transformer()}), FAMILY, spec(["diffusers", "original"]), env)
+    ad = adapters.prepare(Components(trainable={"transformer": _tiny_transformer()}), FAMILY, spec(["diffusers"]), env)
+    assert ad.n_trainable > 0
+
+
+def test_the_peft_checkpoint_is_written_before_any_format_can_fail(tmp_path):
+    """Should a format's export fail after training anyway, the trained adapter is on disk first
+    (kubelora convert --from peft writes the formats from it)."""
+    from types import SimpleNamespace
+    from kubelora_trainer import export, lora
+    from kubelora_trainer.spec import parse_spec
+    spec = parse_spec({"model": {"type": "hunyuan-video", "ckptPath": "/m", "dtype": "float32"},
+                       "dataset": {"uri": "/d", "resolution": 32, "frames": 5}, "adapter": {"rank": 2},
+                       "training": {"steps": 7}, "output": {"uri": str(tmp_path / "o"), "formats": ["original"]}})
+    mods = {"single_transformer_blocks.0.attn.to_q": (torch.ones(2, 8), torch.ones(8, 2))}   # linear1 without proj_mlp
+    cfg = lora.lora_config(SimpleNamespace(rank=2, alpha=None, dropout=0.0), list(mods))
+    with pytest.raises(ValueError, match="proj_mlp"):
+        export.export_and_upload(spec, "hv", FAMILY, {"transformer": cfg}, {"transformer": mods}, {}, {}, None,
+                                 tmp_path / "work")
+    assert (tmp_path / "work" / "checkpoints" / "step-7" / "transformer" / "adapter_model.safetensors").is_file()

@@ -152,3 +152,100 @@ def test_convert_reads_the_peft_checkpoint_and_keeps_metadata_true(tmp_path):
     assert meta["kubelora.scale_folded"] == "true" and meta["ss_network_alpha"] == "4"
     back, _ = run(tmp_path / "k2.safetensors", tmp_path / "d2.safetensors", "kohya", "diffusers")
     assert back.keys() == diff.keys() and all(torch.equal(back[k], diff[k]) for k in diff)   # A -> B -> A exact
+
+
+def test_convert_applies_and_drops_diffusers_lora_adapter_metadata(tmp_path, capsys):
+    """A file from diffusers' own save_lora_weights keeps its LoraConfig (r, lora_alpha,
+    rank_pattern, alpha_pattern) in lora_adapter_metadata, which diffusers applies on load: convert
+    gives the same update (alpha/r folded per module), and the output does not carry the stale
+    config for diffusers to apply a second time."""
+    import json
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from kubelora_trainer.cli import main
+    from kubelora_trainer.models.flux.tiny import TINY_TRANSFORMER
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(**TINY_TRANSFORMER)
+    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "proj_mlp"], init_lora_weights=False,
+                     rank_pattern={"transformer_blocks.0.attn.to_k": 2}, alpha_pattern={"proj_mlp": 4})
+    tr.add_adapter(cfg)
+    want = {}
+    for name, mod in tr.named_modules():
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            want[name] = mod.lora_B["default"].weight @ mod.lora_A["default"].weight * mod.scaling["default"]
+    assert {round(s, 3) for s in (m.scaling["default"] for m in tr.modules() if hasattr(m, "scaling")
+                                  and "default" in getattr(m, "scaling", {}))} == {4.0, 8.0, 1.0}
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(tr),
+                                   transformer_lora_adapter_metadata=cfg.to_dict())
+    src = tmp_path / "pytorch_lora_weights.safetensors"
+    with safe_open(str(src), "pt") as f:
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["transformer.lora_alpha"] == 16
+    for to in ("diffusers", "kohya"):
+        out = tmp_path / f"{to}.safetensors"
+        assert main(["convert", str(src), str(out), "--model-type", "flux", "--from", "diffusers", "--to", to]) == 0
+        assert f"{len(want)} LoRA modules" in capsys.readouterr().out
+        with safe_open(str(out), "pt") as f:
+            meta = f.metadata()
+        assert "lora_adapter_metadata" not in meta and all(k == "format" or k.startswith(("kubelora.", "ss_"))
+                                                            for k in meta)
+        assert meta["kubelora.scale_folded"] == ("true" if to == "diffusers" else "false")
+    got = load_file(str(tmp_path / "diffusers.safetensors"))
+    for name, delta in want.items():
+        a, b = got[f"transformer.{name}.lora_A.weight"], got[f"transformer.{name}.lora_B.weight"]
+        torch.testing.assert_close(b @ a, delta.detach(), rtol=1e-5, atol=1e-6)
+    kohya = load_file(str(tmp_path / "kohya.safetensors"))   # the real alpha comes along: 16/4 = 4 per rank
+    q = kohya["lora_unet_single_blocks_0_linear1.alpha"] / kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape[0]
+    assert float(q) == 4.0
+
+
+def test_peft_config_scales_follow_peft():
+    """rank_pattern/alpha_pattern as peft matches them (regex at the end of the name, first match),
+    use_rslora, peft's defaults; fold_scales keeps one scale and folds the others' ratio. Pure."""
+    from kubelora_trainer.lora_files import LoraFileError, config_scales, fold_scales
+    mods = ["blocks.0.to_q", "blocks.1.to_q", "blocks.10.to_k"]
+    cfg = {"r": 4, "lora_alpha": 8, "rank_pattern": {"blocks.1.to_q": 2}, "alpha_pattern": {r"to_k": 16}}
+    assert config_scales(cfg, mods) == {"blocks.0.to_q": 2.0, "blocks.1.to_q": 4.0, "blocks.10.to_k": 4.0}
+    assert config_scales({"r": 16, "lora_alpha": 8, "use_rslora": True}, mods)["blocks.0.to_q"] == 2.0
+    assert config_scales({}, mods)["blocks.0.to_q"] == 1.0 and config_scales(None, mods)["blocks.0.to_q"] == 1.0
+    with pytest.raises(LoraFileError, match="DoRA"):
+        config_scales({"use_dora": True}, mods)
+    a, b = torch.ones(2, 3), torch.ones(5, 2)
+    lora, scale = fold_scales({"t": {m: (a, b) for m in mods}}, {"t": {mods[0]: 2.0, mods[1]: 4.0, mods[2]: 4.0}})
+    assert scale == 4.0 and torch.equal(lora["t"][mods[1]][1], b) and torch.equal(lora["t"][mods[0]][1], b * 0.5)
+
+
+def test_convert_counts_what_it_writes_prints_the_gaps_and_refuses_what_it_cannot(tmp_path, capsys):
+    """The count is of the modules the written file holds, the export gaps are printed; a file
+    kubelora wrote for another model type, a module the family does not have and an unwritable
+    output are one error line each, exit 2."""
+    from safetensors.torch import save_file
+    from kubelora_trainer.cli import main
+    from kubelora_trainer.models import get_family
+    def pair():
+        return torch.randn(2, 16), torch.randn(16, 2)
+    one = pair()
+    hy = {"context_embedder.token_refiner.refiner_blocks.0.attn.to_q": pair(),   # not writable to the original layout
+          "transformer_blocks.0.attn.to_q": pair(), "transformer_blocks.0.ff.net.2": pair()}
+    src = tmp_path / "hy.safetensors"
+    save_file(get_family("hunyuan-video").export({"transformer": hy}, 1.0, "diffusers"), str(src))
+    args = ["--model-type", "hunyuan-video", "--from", "diffusers", "--to", "original"]
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors"), *args]) == 0
+    out, err = capsys.readouterr()
+    assert "wrote" in out and ": 2 LoRA modules" in out and "1 of the 3 read not written" in out
+    assert "warning:" in err and "not written to the original-layout file" in err and "refiner_blocks.0.attn.to_q" in err
+
+    save_file(get_family("hunyuan-video").export({"transformer": {"transformer_blocks.0.attn.to_q": one}}, 1.0,
+                                                 "diffusers"), str(src), metadata={"kubelora.model_type": "flux"})
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors"), *args]) == 2
+    assert "kubelora trained it for flux" in capsys.readouterr().err
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": one[0], "transformer.blocks.0.attn1.to_q.lora_B.weight": one[1]},
+              str(src))
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors"), *args]) == 2
+    assert "not modules of the HunyuanVideo transformer: blocks.0.attn1.to_q" in capsys.readouterr().err
+    save_file(get_family("hunyuan-video").export({"transformer": hy}, 1.0, "diffusers"), str(src))
+    assert main(["convert", str(src), str(tmp_path / "no" / "o.safetensors"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {tmp_path / 'no' / 'o.safetensors'}") and len(err.splitlines()) == 1

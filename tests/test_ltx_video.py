@@ -334,3 +334,24 @@ def test_modules_diffusers_skips_in_the_comfyui_file_are_named_at_export():
     gaps = FAMILY.export_gaps(lora, "comfyui")
     assert len(gaps) == 1 and "diffusers skips" in gaps[0] and "proj_in" in gaps[0] and "to_q" not in gaps[0]
     assert FAMILY.export_gaps(lora, "diffusers") == []
+
+
+def test_parse_takes_every_linear_of_the_transformer_and_refuses_other_families_files():
+    """LINEARS names every nn.Linear of LTXVideoTransformer3DModel; a Flux or Cosmos ComfyUI LoRA
+    (same diffusion_model. prefix) is refused naming its modules instead of converting."""
+    from diffusers import LTXVideoTransformer3DModel
+    from kubelora_trainer.models import get_family
+    from kubelora_trainer.models.ltx_video.family import FAMILY
+    from kubelora_trainer.models.ltx_video.tiny import TINY_TRANSFORMER
+    with torch.device("meta"):
+        model = LTXVideoTransformer3DModel(**TINY_TRANSFORMER)
+    lora = {"transformer": {n: (torch.ones(2, m.in_features), torch.ones(m.out_features, 2))
+                            for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}}
+    for fmt in ("comfyui", "diffusers"):
+        back, _ = FAMILY.parse(FAMILY.export(lora, 1.0, fmt), fmt)
+        assert back["transformer"].keys() == lora["transformer"].keys()
+    one = (torch.ones(2, 16), torch.ones(16, 2))
+    for other, module in (("flux", "transformer_blocks.0.attn.to_q"), ("cosmos", "transformer_blocks.0.attn1.to_q")):
+        file = get_family(other).export({"transformer": {module: one}}, 1.0, "comfyui")
+        with pytest.raises(ValueError, match="not modules of the LTX-Video transformer: .*another model type"):
+            FAMILY.parse(file, "comfyui")

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import dist, lora, memory_plan
+from . import dist, export, lora, memory_plan
 from .models.base import Components, LoraTensors
 
 
@@ -57,6 +57,9 @@ def prepare(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
             cfg = lora.lora_config(spec.adapter, targets[name])
             out.n_trainable += lora.inject(module, cfg, spec.training.seed)
             out.configs[name] = cfg
+    if not full:  # a target set an output format cannot carry fails now, not after training
+        export.check_exportable(family, spec, export.zero_lora(comps.trainable))
+    for name, module in comps.trainable.items():
         offload = spec.training.cpuOffload
         if name == denoiser and spec.model.transformerDtype == "float8":
             _store_float8(module, family, name, spec, env, torch.device("cpu") if offload else env.device)

@@ -131,16 +131,31 @@ def convert(args) -> int:
             return 2
     try:
         lora, scale, meta = read_lora(Path(args.input), family, args.src)
+        written_by = meta.get("kubelora.model_type")
+        if written_by and written_by != args.model_type:
+            raise LoraFileError(f"its metadata says kubelora trained it for {written_by} (kubelora.model_type)")
         tensors = family.export(lora, scale, args.dst)
+        gaps = family.export_gaps(lora, args.dst)
+        n_out = sum(len(v) for v in family.parse(dict(tensors), args.dst)[0].values())   # what the file holds
     except (LoraFileError, ValueError, KeyError, OSError) as e:
         print(f"error: {args.input} is not a {args.model_type} LoRA in {args.src} format: {e}", file=sys.stderr)
         return 2
-    # the written lora_B carries alpha/rank unless both files keep the real alpha
-    folded = args.dst not in ALPHA_FORMATS or args.src not in ALPHA_FORMATS or meta.get("kubelora.scale_folded") == "true"
+    # the written lora_B carries alpha/rank unless the written format keeps the real alpha and the
+    # source's scale was the real alpha (kohya/peft .alpha, diffusers' lora_adapter_metadata)
+    src_folded = meta.get("kubelora.scale_folded", str(args.src not in ALPHA_FORMATS).lower()) == "true"
+    folded = args.dst not in ALPHA_FORMATS or src_folded
     meta.setdefault("kubelora.model_type", args.model_type)
-    safetensors_file.save(tensors, args.output, metadata=file_metadata(meta, args.dst, folded))
-    n = sum(len(v) for v in lora.values())
-    print(f"wrote {args.output}: {n} LoRA modules, {args.src} -> {args.dst}")
+    from safetensors import SafetensorError
+    try:
+        safetensors_file.save(tensors, args.output, metadata=file_metadata(meta, args.dst, folded))
+    except (OSError, SafetensorError) as e:  # safetensors raises its own error for an unwritable path
+        print(f"error: cannot write {args.output}: {e}", file=sys.stderr)
+        return 2
+    for gap in gaps:
+        print(f"warning: {args.output}: {gap}", file=sys.stderr)
+    n_in = sum(len(v) for v in lora.values())
+    msg = f"wrote {args.output}: {n_out} LoRA modules, {args.src} -> {args.dst}"
+    print(msg if n_out == n_in else f"{msg} ({n_in - n_out} of the {n_in} read not written: see the warnings)")
     return 0
 
 
@@ -222,8 +237,8 @@ def main(argv=None) -> int:
     cv.add_argument("--model-type", required=True, help="model family of the LoRA (flux, sdxl, ...)")
     cv.add_argument("--from", dest="src", required=True,
                     help="format of the input file; 'peft' reads kubelora's checkpoint folder (checkpoints/step-N)")
-    cv.add_argument("--to", dest="dst", required=True, help="format to write: diffusers, kohya, comfyui or peft (a "
-                                                            "family offers those of its output.formats)")
+    cv.add_argument("--to", dest="dst", required=True, help="format to write: one of the family's output.formats "
+                                                            "(diffusers, kohya, comfyui, original)")
     rp = sub.add_parser("report", help="download a job's report.html and samples, and print the path to open")
     rp.add_argument("uri", metavar="JOB_OUTPUT_URI", help="the job's output.uri (s3://bucket/key or a local path)")
     rp.add_argument("--out", help="local folder (default: ./kubelora-report-<last part of the URI>)")

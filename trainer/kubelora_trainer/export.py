@@ -57,12 +57,19 @@ def trained_sizes(dataset) -> str:
     return ",".join(f"{a}x{a}" for a in areas)
 
 
+# what a converted file keeps of its source's metadata: the rest (ss_*, diffusers'
+# lora_adapter_metadata, ...) describes the source's layout and alpha, not the new file's
+def kept_metadata(key: str) -> bool:
+    return key.startswith("kubelora.") or key == "format"
+
+
 def file_metadata(meta: dict[str, str], fmt: str, folded: bool) -> dict[str, str]:
-    """A LoRA file's metadata, true to the file: its format; kubelora.alpha is the alpha it was
-    trained with and kubelora.scale_folded says whether lora_B already carries alpha/rank (then
-    a loader applies it at scale 1). Kohya files also get the ss_* keys kohya-ecosystem tools
-    show, with ss_network_alpha as the file's .alpha tensors give it."""
-    out = {k: v for k, v in meta.items() if not k.startswith("ss_")}
+    """A LoRA file's metadata, true to the file (of meta only kubelora.* and format are kept): its
+    format; kubelora.alpha is the alpha it was trained with and kubelora.scale_folded says
+    whether lora_B already carries alpha/rank (then a loader applies it at scale 1). Kohya files
+    also get the ss_* keys kohya-ecosystem tools show, with ss_network_alpha as the file's .alpha
+    tensors give it."""
+    out = {k: v for k, v in meta.items() if kept_metadata(k)}
     out.update({"format": "pt", "kubelora.lora_format": fmt, "kubelora.scale_folded": str(folded).lower()})
     if fmt == "kohya" and "kubelora.rank" in out:
         rank = out["kubelora.rank"]
@@ -78,6 +85,34 @@ def file_metadata(meta: dict[str, str], fmt: str, folded: bool) -> dict[str, str
     return out
 
 
+def zero_lora(modules: dict) -> dict:
+    """{component: {module: (zero lora_A, zero lora_B)}} shaped as the LoRA layers peft injected
+    into each component (modules: {component: nn.Module}), on the CPU."""
+    import torch
+    out = {}
+    for component, module in modules.items():
+        out[component] = {}
+        for name, sub in module.named_modules():
+            a, b = getattr(sub, "lora_A", None), getattr(sub, "lora_B", None)
+            if a is not None and "default" in a:
+                out[component][name] = (torch.zeros(tuple(a["default"].weight.shape)),
+                                        torch.zeros(tuple(b["default"].weight.shape)))
+    return out
+
+
+def check_exportable(family, spec, tensors) -> None:
+    """Export tensors (zeros shaped as the injected LoRA, see zero_lora) to every output format, so
+    that a target set a format cannot carry fails before training, not after it. Raises
+    lora.AdapterError naming adapter.targetModules and output.formats."""
+    for fmt in spec.output.formats or [RULES[spec.model.type].formats[0]]:
+        try:
+            family.export(tensors, 1.0, fmt)
+        except (ValueError, KeyError) as e:
+            raise lora.AdapterError(
+                f"adapter.targetModules and output.formats: the {fmt} file cannot hold the LoRA these targets "
+                f"give: {e.args[0] if e.args else e}") from None
+
+
 def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats, settings, out_dir: Path,
                       extra=None) -> dict:
     """Rank 0 only. Returns the primary artifact {uri, sha256, size, format, file}. extra(artifacts),
@@ -85,6 +120,11 @@ def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats,
     manifest (report.html and the samples)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     formats = spec.output.formats or [RULES[spec.model.type].formats[0]]
+    # the peft checkpoint first: whatever a format's export does, the trained adapter is on disk
+    # (and `kubelora convert --from peft` can write the formats from it)
+    ckpt_dir = out_dir / "checkpoints" / f"step-{spec.training.steps}"
+    for component, cfg in configs.items():
+        lora.save_checkpoint(gathered[component], cfg, ckpt_dir / component, metadata(spec, job_name, "peft"))
     files, gaps = {}, {}
     for fmt, fname in file_names(spec.output.name, formats).items():
         files[fmt] = out_dir / fname
@@ -92,9 +132,6 @@ def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats,
         gaps[fmt] = family.export_gaps(gathered, fmt)
         for gap in gaps[fmt]:
             print(f"[export] warning: {fname}: {gap}", flush=True)
-    ckpt_dir = out_dir / "checkpoints" / f"step-{spec.training.steps}"
-    for component, cfg in configs.items():
-        lora.save_checkpoint(gathered[component], cfg, ckpt_dir / component, metadata(spec, job_name, "peft"))
 
     out = storage.parse_uri(spec.output.uri)
     client = storage.make_client(settings) if out.is_s3 else None

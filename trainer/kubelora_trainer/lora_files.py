@@ -1,11 +1,21 @@
 """Reading LoRA files for `kubelora convert`: a single .safetensors in one of a family's formats,
 or kubelora's own peft checkpoint (checkpoints/step-N/<component>/adapter_model.safetensors with
-adapter_config.json, unscaled weights and the real alpha)."""
+adapter_config.json, unscaled weights and the real alpha).
+
+A diffusers-format file written by diffusers' own save_lora_weights keeps its LoraConfig in the
+`lora_adapter_metadata` JSON (per component prefix: r, lora_alpha, rank_pattern, alpha_pattern,
+use_rslora), and diffusers applies it on load: its alpha/r goes into the scale here, as for the
+peft checkpoint's adapter_config.json."""
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections import Counter
 from pathlib import Path
+
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"   # diffusers.loaders.lora_base
+PEFT_DEFAULT_R, PEFT_DEFAULT_ALPHA = 8, 8             # peft.LoraConfig's defaults
 
 
 class LoraFileError(ValueError):
@@ -23,7 +33,65 @@ def read_lora(path: Path, family, fmt: str) -> tuple[dict, float, dict[str, str]
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
     lora, scale = family.parse(load_file(str(path)), fmt)
+    raw = meta.get(LORA_ADAPTER_METADATA_KEY)
+    if fmt == "diffusers" and raw:
+        try:
+            config = json.loads(raw)
+        except ValueError as e:
+            raise LoraFileError(f"metadata {LORA_ADAPTER_METADATA_KEY} is not JSON: {e}") from None
+        lora, factor = fold_scales(lora, {c: config_scales(component_config(config, c), mods)
+                                          for c, mods in lora.items()})
+        scale *= factor
+        meta["kubelora.scale_folded"] = "false"   # lora_B did not carry alpha/r; the scale now does
     return lora, scale, meta
+
+
+def component_config(config: dict, component: str) -> dict | None:
+    """One component's LoraConfig from lora_adapter_metadata ('transformer.r', 'unet.lora_alpha',
+    ...), None when it has none (diffusers then loads it at scale 1 as well). Pure."""
+    prefix = f"{component}."
+    own = {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
+    return own or None
+
+
+def config_scales(cfg: dict | None, modules) -> dict[str, float]:
+    """Each module's scale as peft's LoraConfig gives it: lora_alpha / r, or / sqrt(r) with
+    use_rslora; rank_pattern and alpha_pattern keys are regexes matched at the end of the module
+    name, the first that matches wins (peft.utils.other.get_pattern_key). Pure."""
+    if cfg is None:
+        return {m: 1.0 for m in modules}
+    if cfg.get("use_dora"):
+        raise LoraFileError("a DoRA adapter (use_dora in lora_adapter_metadata) has magnitude vectors no LoRA "
+                            "format here carries; it cannot be converted")
+    r0 = cfg.get("r") or PEFT_DEFAULT_R
+    alpha0 = cfg.get("lora_alpha") or PEFT_DEFAULT_ALPHA
+    ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+
+    def pick(patterns: dict, module: str, default):
+        # SDXL's CLIP-L may be loaded without the text_model. wrapper that diffusers' names keep
+        for name in (module, f"text_model.{module}"):
+            for key, value in patterns.items():
+                if re.match(rf"(.*\.)?({key})$", name):
+                    return value
+        return default
+
+    out = {}
+    for m in modules:
+        r, alpha = pick(ranks, m, r0), pick(alphas, m, alpha0)
+        out[m] = float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else float(r))
+    return out
+
+
+def fold_scales(lora: dict, scales: dict[str, dict[str, float]]) -> tuple[dict, float]:
+    """One scale for the whole LoRA: the most common of the per-module scales; a module with
+    another gets the ratio folded into its lora_B. Pure."""
+    counts = Counter(s for per in scales.values() for s in per.values())
+    if not counts:
+        return lora, 1.0
+    common = counts.most_common(1)[0][0]
+    out = {c: {m: (a, b if scales[c][m] == common else (b.float() * (scales[c][m] / common)).to(b.dtype))
+               for m, (a, b) in mods.items()} for c, mods in lora.items()}
+    return out, common
 
 
 def read_peft(path: Path) -> tuple[dict, float, dict[str, str]]:

@@ -82,3 +82,13 @@ def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.T
     used = mask.bool().any(dim=0).nonzero()
     n = int(used[-1]) + 1 if len(used) else 1
     return (embeds, mask) if n == mask.shape[1] else (embeds[:, :n], mask[:, :n])
+
+
+def refuse_unknown_modules(modules, known, family: str) -> None:
+    """Raise ValueError naming a few of the modules that known(module) says the family's
+    transformer does not have: a LoRA file of another model type parses under the same prefix."""
+    unknown = sorted(m for m in modules if not known(m))
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise ValueError(f"{len(unknown)} of its {len(modules)} LoRA modules are not modules of the {family} "
+                         f"transformer: {', '.join(unknown[:3])}{more}; is it a LoRA of another model type?")

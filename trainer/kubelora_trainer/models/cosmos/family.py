@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ...families import RULES
 from ...objectives import mask_weights, weighted_mse
 from . import keys as K
-from ..base import Components, ModelError
+from ..base import Components, ModelError, refuse_unknown_modules
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SIGMA_DATA = 0.5
@@ -433,7 +433,16 @@ class Cosmos:
             if "alpha" in p:
                 b = (b.float() * (float(p["alpha"]) / p["A"].shape[0])).to(b.dtype)
             out[module] = (p["A"], b)
+        refuse_unknown_modules(out, _has_original_name, "Cosmos")
         return {"transformer": out}, 1.0
+
+
+def _has_original_name(module: str) -> bool:
+    try:
+        K.original_module(module)
+    except K.UnknownModule:
+        return False
+    return True
 
 
 FAMILY = Cosmos()

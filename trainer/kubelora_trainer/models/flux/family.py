@@ -191,7 +191,7 @@ class Flux:
         return to_bfl(state_dict)
 
     def export_gaps(self, lora, fmt):
-        return []
+        return flux_lora.gaps(lora["transformer"], fmt)
 
     def parse(self, tensors, fmt):
         modules, scale = flux_lora.parse(tensors, fmt)

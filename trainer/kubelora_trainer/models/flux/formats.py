@@ -15,6 +15,7 @@ import re
 import torch
 
 from ...lora_fused import fuse, split
+from ..base import refuse_unknown_modules
 from .keys import DOUBLE, SINGLE, TOP, bfl_module, diffusers_parts
 
 FINAL_MOD = "final_layer.adaLN_modulation.1"   # BFL's [scale; shift] vs diffusers' [shift; scale]
@@ -108,6 +109,17 @@ def export(modules: dict, scale: float, fmt: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"format {fmt!r} is not available for flux (available: diffusers, kohya, comfyui)")
 
 
+def gaps(modules, fmt: str) -> list[str]:
+    """What a loader does not apply from the file, as sentences naming the modules: diffusers'
+    Kohya-Flux converter returns the top-level modules (embedders, final layer) without the
+    transformer. prefix, so its loader drops them. Pure."""
+    top = sorted(m for m in modules if m in TOP)
+    if fmt != "kohya" or not top:
+        return []
+    return [f"diffusers skips these in the kohya file (its Kohya converter drops the top-level modules): "
+            f"{', '.join(top)}; ComfyUI applies them; use the diffusers format for diffusers"]
+
+
 EXAMPLES = {"diffusers": "transformer.<module>.lora_A.weight / lora_B.weight",
             "comfyui": "diffusion_model.<BFL module>.lora_A.weight / lora_B.weight",
             "kohya": "lora_unet_<BFL module>.lora_down.weight / lora_up.weight / alpha"}
@@ -131,6 +143,7 @@ def parse(tensors: dict[str, torch.Tensor], fmt: str) -> tuple[dict, float]:
         if "A" not in g or "B" not in g:
             raise ValueError(f"lora_A/lora_B pair incomplete for {name}")
     if fmt == "diffusers":
+        refuse_unknown_modules(groups, lambda m: bfl_module(m) is not None, "Flux")
         return {m: (g["A"], g["B"]) for m, g in sorted(groups.items())}, 1.0
     if fmt == "comfyui":
         return from_bfl({n: (g["A"].float(), g["B"].float()) for n, g in groups.items()}), 1.0

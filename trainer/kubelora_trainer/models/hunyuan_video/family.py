@@ -47,7 +47,7 @@ import torch
 
 from ...objectives import flow_matching_pair, mask_weights, sample_timesteps, weighted_mse
 from . import keys
-from ..base import Components, ModelError, trim_text_padding
+from ..base import Components, ModelError, refuse_unknown_modules, trim_text_padding
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 FORMATS = ("original", "diffusers")
@@ -401,6 +401,10 @@ class HunyuanVideo:
             if not (k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight"))):
                 raise ValueError(f"{k}: not a diffusers HunyuanVideo LoRA key (transformer.<module>.lora_A.weight)")
             mods.setdefault(k[len("transformer."):-len(".lora_A.weight")], {})[k[-len("A.weight"):-len(".weight")]] = v
+        refuse_unknown_modules(mods, lambda m: keys.original_target(m) is not None, "HunyuanVideo")
+        for m, ab in mods.items():
+            if set(ab) != {"A", "B"}:
+                raise ValueError(f"{m}: needs both lora_A and lora_B")
         return {"transformer": {m: (ab["A"], ab["B"]) for m, ab in sorted(mods.items())}}, 1.0
 
 

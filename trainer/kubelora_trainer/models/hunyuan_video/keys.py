@@ -97,6 +97,9 @@ _BACKWARD = [(_pattern(o), d, o, parts) for d, o, parts in _RULES]
 SWAPPED_HALVES = "final_layer.adaLN_modulation.1"   # diffusers orders this output (scale, shift)
 # Diffusers' LoRA converter chunks lora_A of the refiner's qkv into three: no fused LoRA there loads.
 NOT_EXPORTABLE = re.compile(r"txt_in\.individual_token_refiner\.blocks\.\d+\.self_attn_qkv")
+# diffusers' HunyuanVideo loader takes a LoRA file for the original layout only when a key has
+# img_attn_qkv in it (lora_state_dict's is_original_hunyuan_video)
+DIFFUSERS_DETECTS = re.compile(r"double_blocks\.\d+\.img_attn_qkv")
 
 
 @dataclass(frozen=True)
@@ -258,12 +261,14 @@ COMFY_SKIPS = re.compile(r"(time_in|guidance_in|txt_in\.t_embedder)\.mlp\.\d+|tx
 def original_gaps(modules) -> list[str]:
     """What the original-layout file cannot carry for a loader, as sentences naming the modules:
     modules not written at all, and modules ComfyUI skips ("lora key not loaded")."""
-    dropped, comfy = [], []
+    dropped, comfy, written = [], [], set()
     for module in sorted(modules):
         tgt = original_target(module)
         if tgt is None or NOT_EXPORTABLE.fullmatch(tgt.module):
             dropped.append(module)
-        elif COMFY_SKIPS.fullmatch(tgt.module):
+            continue
+        written.add(tgt.module)
+        if COMFY_SKIPS.fullmatch(tgt.module):
             comfy.append(module)
     out = []
     if dropped:
@@ -272,6 +277,10 @@ def original_gaps(modules) -> list[str]:
     if comfy:
         out.append(f"ComfyUI skips these in the original-layout file (it names the embedder MLPs "
                    f"in_layer/out_layer): {', '.join(comfy)}; diffusers applies them")
+    if written and not any(DIFFUSERS_DETECTS.fullmatch(m) for m in written):
+        out.append("diffusers loads nothing from this original-layout file: it reads a file in this layout only "
+                   "when a double_blocks.N.img_attn_qkv LoRA is in it (transformer_blocks.N.attn.to_q/to_k/to_v "
+                   "trained); ComfyUI applies it, and the diffusers format carries it for diffusers")
     return out
 
 
@@ -282,7 +291,10 @@ def lora_to_original(lora: LoraModules, scale: float) -> dict[str, torch.Tensor]
     groups: dict[str, tuple[Target, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
     for module, (a, b) in lora.items():
         tgt = original_target(module)
-        if tgt is None or NOT_EXPORTABLE.fullmatch(tgt.module):
+        if tgt is None:
+            raise ValueError(f"LoRA on {module}: not a module of the HunyuanVideo transformer (no original-layout "
+                             f"name); is this a LoRA of another model type?")
+        if NOT_EXPORTABLE.fullmatch(tgt.module):
             continue  # not written; original_gaps() names it at export time
         b = b.float() * scale
         if tgt.parts:

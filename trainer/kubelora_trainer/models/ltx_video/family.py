@@ -16,13 +16,14 @@ diffusers loads but ComfyUI ignores for LTX. See docs/formats/ltx-video.md.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from ...families import RULES
 from ...objectives import flow_matching_pair, mask_weights, sample_timesteps, weighted_mse
-from ..base import Components, ModelError, trim_text_padding
+from ..base import Components, ModelError, refuse_unknown_modules, trim_text_padding
 
 # Attention (self and cross) and MLP linears of every block; peft matches with re.fullmatch.
 # Not proj_in / time_embed: ComfyUI names them patchify_proj / adaln_single, and diffusers'
@@ -37,6 +38,10 @@ FORMATS = ("comfyui", "diffusers")
 
 # diffusers module name -> the original LTX / ComfyUI name, where they differ (the inverse of
 # diffusers' single-file conversion). Everything else, the blocks included, is named alike.
+# every linear of LTXVideoTransformer3DModel (diffusers names): what a LoRA file may hold
+LINEARS = re.compile(r"proj_in|proj_out|time_embed\.(linear|emb\.timestep_embedder\.linear_[12])"
+                     r"|caption_projection\.linear_[12]"
+                     r"|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))")
 COMFY_RENAMES = {"proj_in": "patchify_proj", "time_embed": "adaln_single", "norm_q": "q_norm", "norm_k": "k_norm"}
 DIFFUSERS_RENAMES = {v: k for k, v in COMFY_RENAMES.items()}
 
@@ -228,6 +233,7 @@ class LTXVideo:
             if "alpha" in parts:
                 b = (b.float() * (float(parts["alpha"]) / a.shape[0])).to(b.dtype)
             out[diffusers_name(module) if fmt == "comfyui" else module] = (a, b)
+        refuse_unknown_modules(out, LINEARS.fullmatch, "LTX-Video")
         return {"transformer": dict(sorted(out.items()))}, 1.0
 
 
