@@ -210,3 +210,14 @@ def test_kohya_file_names_the_top_level_modules_diffusers_drops_and_diffusers_pa
     with pytest.raises(ValueError, match=r"not modules of the Flux transformer: transformer_blocks\.0\.attn1\.to_q"):
         FAMILY.parse({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 8),
                       "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(8, 2)}, "diffusers")
+
+
+def test_output_dtype_casts_the_lora_files_floats_only():
+    from kubelora_trainer.export import cast
+    tensors = {"a.lora_A.weight": torch.randn(4, 8), "a.alpha": torch.tensor(8.0), "ids": torch.arange(3)}
+    half = cast(tensors, "bfloat16")
+    assert half["a.lora_A.weight"].dtype == torch.bfloat16 and half["a.alpha"].item() == 8.0
+    assert half["ids"].dtype == torch.int64 and cast(tensors, "float32")["a.lora_A.weight"] is tensors["a.lora_A.weight"]
+    with pytest.raises(Exception, match="output.dtype: the dtype of LoRA files"):
+        parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},
+                    "adapter": {"type": "full"}, "output": {"uri": "s3://bkt/out", "dtype": "bfloat16"}})

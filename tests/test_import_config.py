@@ -67,7 +67,7 @@ KEYS = [
     ("main", "checkpoint_every_n_epochs", 1, "noted"),
     ("main", "checkpoint_every_n_minutes", 120, "mapped"),
     ("main", "resume_from_checkpoint", True, "noted"),
-    ("main", "save_dtype", "bfloat16", "noted"),
+    ("main", "save_dtype", "bfloat16", "mapped"),
     ("main", "caching_batch_size", 8, "noted"),
     ("main", "map_num_proc", 4, "noted"),
     ("main", "regenerate_cache", True, "noted"),

@@ -113,6 +113,13 @@ def check_exportable(family, spec, tensors) -> None:
                 f"give: {e.args[0] if e.args else e}") from None
 
 
+def cast(tensors: dict, dtype: str) -> dict:
+    """The floating tensors of a LoRA file in output.dtype (float32 as trained: unchanged). Pure."""
+    import torch
+    to = getattr(torch, dtype)
+    return {k: v.to(to) if v.is_floating_point() and v.dtype != to else v for k, v in tensors.items()}
+
+
 def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats, settings, out_dir: Path,
                       extra=None) -> dict:
     """Rank 0 only. Returns the primary artifact {uri, sha256, size, format, file}. extra(artifacts),
@@ -128,7 +135,8 @@ def export_and_upload(spec, job_name, family, configs, gathered, metrics, stats,
     files, gaps = {}, {}
     for fmt, fname in file_names(spec.output.name, formats).items():
         files[fmt] = out_dir / fname
-        safetensors_file.save(family.export(gathered, spec.adapter.scale, fmt), str(files[fmt]), metadata=metadata(spec, job_name, fmt))
+        safetensors_file.save(cast(family.export(gathered, spec.adapter.scale, fmt), spec.output.dtype), str(files[fmt]),
+                              metadata=metadata(spec, job_name, fmt))
         gaps[fmt] = family.export_gaps(gathered, fmt)
         for gap in gaps[fmt]:
             print(f"[export] warning: {fname}: {gap}", flush=True)

@@ -103,6 +103,8 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) ->
         ctx.section = ""
         ctx.note("adapter", "no [adapter] table: a full fine-tune of the "
                             f"{'UNet' if ctx.model_type == 'sdxl' else 'transformer'} (adapter.type full)")
+        if ctx.output.pop("dtype", None):
+            ctx.note("save_dtype", "a full fine-tune's files are written in model.dtype")
     else:
         apply(ctx, "adapter", main["adapter"])
         if note := getattr(family_module(ctx.model_type), "LORA_TARGETS_NOTE", None):
@@ -147,7 +149,7 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) ->
                                      "dataset = 'dataset.toml', or pass --dataset FILE or --data-uri URI")
     data = ctx.dataset if "sources" in ctx.dataset else {"uri": data_uri or ds_uri, **ctx.dataset}
     spec = {"model": ctx.model, "dataset": data, "adapter": ctx.adapter,
-            "training": ctx.training, "output": {"uri": out_uri}}
+            "training": ctx.training, "output": {"uri": out_uri, **ctx.output}}
     manifest = {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
                 "metadata": {"name": name_from(name, "imported")}, "spec": spec}
     return manifest, list(dict.fromkeys(ctx.notes))  # a top-level dataset key's note once, not per directory

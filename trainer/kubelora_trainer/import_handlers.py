@@ -34,6 +34,7 @@ class Ctx:
     training: dict[str, Any] = field(default_factory=dict)
     adapter: dict[str, Any] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
+    output: dict[str, Any] = field(default_factory=dict)  # besides output.uri
     notes: list[str] = field(default_factory=list)
     section: str = ""
     directory: Optional[int] = None  # which [[directory]] is being read (0-based), for error lines

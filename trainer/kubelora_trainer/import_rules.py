@@ -100,6 +100,12 @@ def loss_change(ctx: Ctx, key: str, value: Any) -> None:
     ctx.note(key, f"diffusion-pipe ignores it for {ctx.model_type} too (its own loss)")
 
 
+def save_dtype(ctx: Ctx, key: str, value: Any) -> None:
+    if value not in ("float32", "bfloat16", "float16"):
+        ctx.refuse(key, f"{value!r}: use float32, bfloat16 or float16")
+    ctx.output["dtype"] = value
+
+
 MAIN: dict[str, Handler] = {
     "output_dir": kept(text), "dataset": kept(text), "epochs": kept(number), "max_steps": kept(whole),
     "model": keep, "adapter": keep, "optimizer": keep, "monitoring": keep,
@@ -137,7 +143,7 @@ MAIN: dict[str, Handler] = {
     "checkpoint_every_n_minutes": to("training", "checkpointEveryMinutes", positive),
     "resume_from_checkpoint": noted("kubelora resumes by itself: running the manifest again continues from the "
                                     "newest checkpoint under output.uri/checkpoints/"),
-    "save_dtype": noted("kubelora writes LoRA tensors in float32"),
+    "save_dtype": save_dtype,
     "caching_batch_size": noted("latents are cached one item at a time on every rank; no effect on the result"),
     "map_num_proc": noted("no effect on the result"),
     "regenerate_cache": noted("kubelora's cache keys cover every input, so a stale cache is never reused"),

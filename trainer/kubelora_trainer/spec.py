@@ -397,6 +397,10 @@ class OutputSpec(_Model):
         description="LoRA files to write: the first is <name>.safetensors, others <name>.<format>.safetensors. "
                     "Default: the family's community format (sdxl kohya, flux diffusers, ltx-video comfyui, "
                     "hunyuan-video original, cosmos comfyui).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="dtype of the tensors in the LoRA files (diffusion-pipe's save_dtype; bfloat16 "
+                                       "or float16 halve the file, as most shared LoRAs are). The checkpoints keep "
+                                       "float32. Not for adapter.type full, whose files take model.dtype.")
     onExisting: Literal["resume", "fail", "overwrite"] = Field(
         default="resume", description="When output.uri already holds this run's checkpoints or a finished run: "
                                       "resume from the newest checkpoint (and do nothing if the run finished; "
@@ -562,6 +566,8 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
             return "training.textEncoderLearningRate: a full fine-tune trains the denoiser only; remove it"
         if spec.output.formats:
             return "output.formats: LoRA file formats; a full fine-tune is exported as a diffusers folder (and a single file)"
+        if spec.output.dtype != OutputSpec.model_fields["dtype"].default:
+            return "output.dtype: the dtype of LoRA files; a full fine-tune's files take model.dtype: remove it"
     if spec.model.bypassGuidanceEmbedding and spec.model.guidance is not None:
         return ("model.guidance: model.bypassGuidanceEmbedding leaves the guidance embedding out, so no guidance "
                 "is fed while training; remove one of them")
