@@ -39,7 +39,8 @@ from . import buckets as bk
 from . import disk
 from .families import PATH_FIELDS, RULES, frames_of, size_of
 
-CACHE_FORMAT = 5  # bump whenever what encode() writes for the same inputs changes (5: keyed by the encoders only)
+CACHE_FORMAT = 5  # bump whenever what encode() writes for the same inputs changes (5: keyed by the encoders only);
+# a change in one family's encode() bumps that family's FamilyRules.cache_format instead
 # model settings the encoders never see (the denoiser's storage, the loss, the guidance input): not in
 # the key, so changing one, or the model's URI, reuses the cache (dataset.cacheUri across clusters too)
 TRAINING_ONLY = {"transformerDtype", "float8Compute", "fluxShift", "bypassGuidanceEmbedding", "guidance", "vPred",
@@ -62,7 +63,8 @@ def cache_inputs(spec, model_fingerprint: str) -> dict:
     w, h = size_of(spec.dataset)
     r = RULES[spec.model.type]
     model = {k: v for k, v in spec.model.model_dump(mode="json").items() if k not in TRAINING_ONLY | set(PATH_FIELDS)}
-    return {"format": CACHE_FORMAT, "model": model, "files": model_fingerprint,
+    return {"format": CACHE_FORMAT, **({"family_format": r.cache_format} if r.cache_format else {}),
+            "model": model, "files": model_fingerprint,
             "size": [w, h], "fit": FIT, "frames": frames_of(spec.model.type, spec.dataset) if r.video else 1,
             "fps": r.fps if r.video else None}
 
