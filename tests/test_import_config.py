@@ -573,7 +573,8 @@ def test_map_refuses_a_uri_the_manifest_cannot_hold_saying_why():
 
 @pytest.mark.parametrize("model_type,layers", [("flux", "norm1.linear and norm1_context.linear"),
                                                 ("hunyuan-video", "img_mod.linear and txt_mod.linear"),
-                                                ("sdxl", None), ("ltx-video", None)])
+                                                ("cosmos", "adaLN_modulation.1 and adaLN_modulation.2"),
+                                                ("sdxl", "resnet's time_emb_proj"), ("ltx-video", None)])
 def test_lora_layers_diffusion_pipe_adapts_beyond_kubelora_defaults_are_noted(model_type, layers):
     notes = [n for n in convert(*_base(model_type))[1] if n.startswith("[adapter] type: ")]
     if layers:
