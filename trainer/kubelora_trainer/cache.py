@@ -336,8 +336,23 @@ Sample = bk.Sample
 
 def stack(samples: list[dict]) -> dict[str, torch.Tensor]:
     from .masks import fill_masks
-    samples = fill_masks(samples)  # a batch mixing masked and unmasked items: all ones for the latter
+    samples = pad_ragged(fill_masks(samples))  # a batch mixing masked and unmasked items: all ones for the latter
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def pad_ragged(samples: list[dict]) -> list[dict]:
+    """Tensors of one key whose first dimension differs between a batch's samples (SDXL's caption
+    windows, [n, 77] for a caption of n windows) padded with zeros to the longest; the family stores
+    each sample's own length beside them and masks the padding (SDXL: text_windows)."""
+    out = samples
+    for k in samples[0]:
+        shapes = {tuple(s[k].shape) for s in samples}
+        if len(shapes) < 2 or any(len(sh) == 0 for sh in shapes) or len({sh[1:] for sh in shapes}) > 1:
+            continue
+        n = max(sh[0] for sh in shapes)
+        out = [s if s[k].shape[0] == n else
+               {**s, k: torch.cat([s[k], s[k].new_zeros((n - s[k].shape[0], *s[k].shape[1:]))])} for s in out]
+    return out
 
 
 class Loader:
