@@ -28,6 +28,23 @@ def test_inputs_name_frame_rate_fit_and_format():
     assert inputs["fit"] and inputs["model"] == {"type": "ltx-video", "dtype": "bfloat16"}
 
 
+def test_a_family_cache_format_keys_only_that_family(monkeypatch):
+    """A family whose encode() changed bumps its FamilyRules.cache_format: its keys change, the
+    other families' keys do not."""
+    import dataclasses
+    from kubelora_trainer import cache
+    flux = parse_spec({"model": {"type": "flux", "diffusersPath": "s3://bkt/flux"}, "dataset": {"uri": "s3://bkt/data"},
+                       "output": {"uri": "s3://bkt/out"}})
+    assert cache.RULES["ltx-video"].cache_format >= 1 and not cache.RULES["flux"].cache_format
+    assert cache_inputs(_spec(), "f1")["family_format"] == cache.RULES["ltx-video"].cache_format
+    assert "family_format" not in cache_inputs(flux, "f1")
+    ltx_key, flux_key = _key(_spec()), _key(flux)
+    rules = dict(cache.RULES)
+    rules["ltx-video"] = dataclasses.replace(rules["ltx-video"], cache_format=rules["ltx-video"].cache_format + 1)
+    monkeypatch.setattr(cache, "RULES", rules)
+    assert _key(_spec()) != ltx_key and _key(flux) == flux_key
+
+
 def test_what_the_encoders_never_see_leaves_the_key_alone():
     """The model's URI (the files are fingerprinted instead) and the settings of the denoiser and the
     loss: another cluster's copy of the model, or fp8, or min-SNR, reuse the cache."""

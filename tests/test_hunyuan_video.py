@@ -471,6 +471,38 @@ def test_trimmed_unmasked_attention_gives_the_masked_result():
 
 # ---------------------------------------------------------------- checkpoint layouts
 
+def test_images_and_the_empty_caption_use_the_image_template_clips_the_video_one(tiny_hv):
+    """As HunyuanVideo's code and diffusion-pipe: one-frame items and the empty caption (caption
+    dropout) are encoded with the image template ("Describe the image ..."), clips with the video
+    one; samples alike, by their frames."""
+    import types
+    from kubelora_trainer.models.hunyuan_video.family import MAX_TOKENS
+    comps = FAMILY.load(types.SimpleNamespace(dtype="float32"), {k: str(v) for k, v in tiny_hv.items() if k != "root"},
+                        torch.device("cpu"))
+    pipe, info = comps.encoders["pipe"], comps.info
+    assert "Describe the image" in info["image_template"]["template"] and "video" in info["template"]["template"]
+    assert 0 < info["image_template"]["crop_start"] < info["template"]["crop_start"]
+
+    def want(caption, template):
+        e, p, m = pipe.encode_prompt(prompt=[caption], prompt_template=template, device="cpu", max_sequence_length=MAX_TOKENS)
+        return e[0], p[0]
+    caption = "a red square sliding right"
+    g = torch.Generator().manual_seed(0)
+    (image,) = FAMILY.encode(comps, torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, [caption])
+    clip, empty = FAMILY.encode(comps, torch.rand(1, 3, 5, 32, 32, generator=g) * 2 - 1, [caption, ""])
+    for enc, (caption_, template) in ((image, (caption, info["image_template"])), (clip, (caption, info["template"])),
+                                      (empty, ("", info["image_template"]))):
+        e, p = want(caption_, template)
+        n = int(enc["prompt_mask"].sum())
+        torch.testing.assert_close(enc["prompt_embeds"][:n], e[:n])
+        torch.testing.assert_close(enc["pooled"], p)
+    assert not torch.allclose(image["prompt_embeds"], clip["prompt_embeds"])
+    kit = FAMILY.sampling_kit(comps, [{"prompt": caption, "frames": 1}, {"prompt": caption, "frames": 5}])
+    assert [t["template"] for t in kit["templates"]] == [info["image_template"]["template"], info["template"]["template"]]
+    torch.testing.assert_close(kit["embeds"][0]["prompt_embeds"][0], image["prompt_embeds"])
+    torch.testing.assert_close(kit["embeds"][1]["prompt_embeds"][0], clip["prompt_embeds"])
+
+
 def test_official_layout_comfyui_files_and_fp8_load_the_same_network(tmp_path, tiny_hv):
     import types
     official = build_tiny_hunyuan_video(tmp_path / "ckpts", layout="official")

@@ -573,13 +573,30 @@ def test_map_refuses_a_uri_the_manifest_cannot_hold_saying_why():
 
 @pytest.mark.parametrize("model_type,layers", [("flux", "norm1.linear and norm1_context.linear"),
                                                 ("hunyuan-video", "img_mod.linear and txt_mod.linear"),
-                                                ("sdxl", None), ("ltx-video", None)])
+                                                ("cosmos", "adaLN_modulation.1 and adaLN_modulation.2"),
+                                                ("sdxl", "resnet's time_emb_proj"), ("ltx-video", None)])
 def test_lora_layers_diffusion_pipe_adapts_beyond_kubelora_defaults_are_noted(model_type, layers):
     notes = [n for n in convert(*_base(model_type))[1] if n.startswith("[adapter] type: ")]
     if layers:
         assert len(notes) == 1 and layers in notes[0] and "adapter.targetModules" in notes[0], notes
     else:
         assert not notes, notes
+
+
+@pytest.mark.parametrize("order", ["bypass first", "guidance first"])
+def test_flux_bypassed_guidance_embedding_drops_guidance_with_a_note(order):
+    """diffusion-pipe ignores guidance when bypass_guidance_embedding is true; the spec refuses the
+    pair, so the import leaves guidance out, whichever key comes first, and says so."""
+    main, ds = _base("flux")
+    pairs = [("bypass_guidance_embedding", True), ("guidance", 3.5)]
+    main["model"].update(pairs if order == "bypass first" else pairs[::-1])
+    manifest, notes = convert(main, ds)
+    model = manifest["spec"]["model"]
+    assert model["bypassGuidanceEmbedding"] is True and "guidance" not in model
+    assert any(n.startswith("[model] guidance: ignored: bypass_guidance_embedding") for n in notes), notes
+    main["model"]["bypass_guidance_embedding"] = False
+    model = convert(main, ds)[0]["spec"]["model"]
+    assert model["guidance"] == 3.5 and not model.get("bypassGuidanceEmbedding")
 
 
 def test_the_manifest_name_is_one_the_crd_accepts(tmp_path):

@@ -201,12 +201,33 @@ def test_images_train_as_one_frame_clips(tiny_ltx_dir, tmp_path):
     comps = fam.load(SimpleNamespace(dtype="float32"), {"diffusersPath": str(tiny_ltx_dir)}, torch.device("cpu"))
     clip = load_clip(tmp_path / "im.png", 32, 32, 1)
     (enc,) = fam.encode(comps, clip.unsqueeze(0), ["a blue square"])
-    assert enc["latents"].shape == (8, 1, 4, 4) and enc["prompt_embeds"].shape == (128, 32)
+    assert enc["latents"].shape == (8, 1, 4, 4) and enc["prompt_embeds"].shape == (256, 32)
     batch = {k: v.unsqueeze(0) for k, v in enc.items()}
     for method in ("logit_normal", "uniform"):
         g = torch.Generator().manual_seed(0)
         loss = fam.loss(comps, batch, None, SimpleNamespace(timestepSampling=method), g)
         assert torch.isfinite(loss) and loss > 0
+
+
+def test_captions_keep_256_t5_tokens(tiny_ltx_dir):
+    """T5 text is kept to 256 tokens (LTX-Video's encode_prompt default, as diffusion-pipe), not
+    LTXPipeline's 128: a caption of ~200 tokens keeps its tail in the mask and the embeddings."""
+    from types import SimpleNamespace
+    from kubelora_trainer.models import get_family
+    fam = get_family("ltx-video")
+    comps = fam.load(SimpleNamespace(dtype="float32"), {"diffusersPath": str(tiny_ltx_dir)}, torch.device("cpu"))
+    tok = comps.encoders["pipe"].tokenizer
+    long = " ".join(["a blue square"] * 20)
+    n = len(tok(long).input_ids)
+    assert 128 < n < 256
+    clip = torch.zeros(1, 3, 1, 32, 32)
+    (short_enc,) = fam.encode(comps, clip, ["a blue square"])
+    (enc,) = fam.encode(comps, clip, [long])
+    assert enc["prompt_embeds"].shape == (256, 32) and int(enc["prompt_mask"].sum()) == n
+    # the cut-off tail changes what the text encoder gives for the kept tokens' tail
+    (cut,) = fam.encode(comps, clip, [tok.decode(tok(long).input_ids[:127])])
+    assert int(cut["prompt_mask"].sum()) < n and not torch.allclose(enc["prompt_embeds"][:n], cut["prompt_embeds"][:n])
+    assert int(short_enc["prompt_mask"].sum()) == len(tok("a blue square").input_ids)
 
 
 def test_text_padding_is_trimmed_and_a_full_mask_dropped_with_the_same_loss(tiny_ltx_dir):

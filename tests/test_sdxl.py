@@ -286,11 +286,11 @@ def test_single_file_loads_like_the_diffusers_folder(tiny_sdxl_dir, tiny_sdxl_fi
     assert va.keys() == vb.keys() and all(torch.equal(va[k], vb[k]) for k in va)
     img = torch.rand(1, 3, 32, 32) * 2 - 1
     ea, eb = FAMILY.encode(a, img, ["a red circle"])[0], FAMILY.encode(b, img, ["a red circle"])[0]
-    assert ea.keys() == eb.keys() == {"latents", "input_ids", "input_ids_2", "time_ids"}
+    assert ea.keys() == eb.keys() == {"latents", "input_ids", "input_ids_2", "text_windows", "time_ids"}
     for k in ea:
         torch.testing.assert_close(ea[k], eb[k])
     assert ea["time_ids"].tolist() == [32, 32, 0, 0, 32, 32]
-    assert int(ea["input_ids_2"][-1]) == b.encoders["tokenizer_2"].convert_tokens_to_ids("!")  # SDXL pads te2 with "!"
+    assert int(ea["input_ids_2"][0, -1]) == b.encoders["tokenizer_2"].convert_tokens_to_ids("!")  # SDXL pads te2 with "!"
 
 
 def test_text_conditioning_matches_the_pipeline(tiny_sdxl_dir):
@@ -303,6 +303,51 @@ def test_text_conditioning_matches_the_pipeline(tiny_sdxl_dir):
         got, pooled = sdxl_mod.text_conditioning(pipe.text_encoder, pipe.text_encoder_2, *ids)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(pooled, want_pooled)
+
+
+def test_long_captions_go_in_75_token_windows_masked_in_mixed_batches(tiny_sdxl_dir):
+    """A caption past 77 CLIP tokens is not cut: its tokens go in windows of 75 with BOS/EOS (as
+    diffusion-pipe), a short one stays the pipeline's own 77 ids; in a batch with a longer caption the
+    short one's padding windows are masked, so the UNet sees it as alone; sample prompts are
+    windowed alike, the negative prompt padded to the prompt's windows."""
+    from kubelora_trainer import cache
+    comps = FAMILY.load(_spec(), {"diffusersPath": str(tiny_sdxl_dir)}, torch.device("cpu"))
+    tok, tok2 = comps.encoders["tokenizer"], comps.encoders["tokenizer_2"]
+    short, long = "a red circle", " ".join(["a red circle on a blue square"] * 8)
+    n_long = len(tok(long, add_special_tokens=False, verbose=False).input_ids)
+    assert 150 < n_long <= 225
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    es, el = FAMILY.encode(comps, img, [short, long])
+    want = [t([short], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids for t in (tok, tok2)]
+    assert torch.equal(es["input_ids"], want[0]) and torch.equal(es["input_ids_2"], want[1]) and int(es["text_windows"]) == 1
+    assert el["input_ids"].shape == el["input_ids_2"].shape == (3, 77) and int(el["text_windows"]) == 3
+    for ids, t in ((el["input_ids"], tok), (el["input_ids_2"], tok2)):
+        assert (ids[:, 0] == t.bos_token_id).all()
+        kept = [i for row in ids.tolist() for i in row[1:] if i not in (t.eos_token_id, t.pad_token_id)]
+        assert kept == t(long, add_special_tokens=False, verbose=False).input_ids  # nothing cut
+    batch = cache.stack([es, el])
+    assert batch["input_ids"].shape == (2, 3, 77) and batch["text_windows"].tolist() == [1, 3]
+    unet, te, te2 = (comps.trainable[c] for c in ("unet", "text_encoder", "text_encoder_2"))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([500, 500])
+    with torch.no_grad():
+        embeds, pooled = sdxl_mod.text_conditioning(te, te2, batch["input_ids"], batch["input_ids_2"])
+        assert embeds.shape[1] == 3 * 77
+        mask = sdxl_mod.window_mask(batch["text_windows"], 3, 77)
+        cond = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
+        mixed = unet(x, t, encoder_hidden_states=embeds, encoder_attention_mask=mask, added_cond_kwargs=cond).sample
+        unmasked = unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=cond).sample
+        e1, p1 = sdxl_mod.text_conditioning(te, te2, es["input_ids"][None], es["input_ids_2"][None])
+        alone = unet(x[:1], t[:1], encoder_hidden_states=e1,
+                     added_cond_kwargs={"text_embeds": p1, "time_ids": es["time_ids"][None]}).sample
+    torch.testing.assert_close(mixed[:1], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(unmasked[:1], alone, rtol=1e-4, atol=1e-5)
+    assert sdxl_mod.window_mask(torch.tensor([3, 3]), 3, 77) is None
+    loss = FAMILY.loss(comps, {**batch, "latents": batch["latents"]}, _spec(), None, torch.Generator().manual_seed(1))
+    assert torch.isfinite(loss)
+    kit = FAMILY.sampling_kit(comps, [{"prompt": long, "negativePrompt": "blurry", "guidance": 5.0}])
+    ids, ids2 = kit["ids"][0]
+    assert ids.shape == ids2.shape == (2, 3, 77) and torch.equal(ids[0], el["input_ids"])
 
 
 def test_single_file_checkpoint_from_s3_trains(s3, tmp_path, tiny_sdxl_file, overfit_data):

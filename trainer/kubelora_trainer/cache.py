@@ -39,7 +39,8 @@ from . import buckets as bk
 from . import disk
 from .families import PATH_FIELDS, RULES, frames_of, size_of
 
-CACHE_FORMAT = 5  # bump whenever what encode() writes for the same inputs changes (5: keyed by the encoders only)
+CACHE_FORMAT = 5  # bump whenever what encode() writes for the same inputs changes (5: keyed by the encoders only);
+# a change in one family's encode() bumps that family's FamilyRules.cache_format instead
 # model settings the encoders never see (the denoiser's storage, the loss, the guidance input): not in
 # the key, so changing one, or the model's URI, reuses the cache (dataset.cacheUri across clusters too)
 TRAINING_ONLY = {"transformerDtype", "float8Compute", "fluxShift", "bypassGuidanceEmbedding", "guidance", "vPred",
@@ -62,7 +63,8 @@ def cache_inputs(spec, model_fingerprint: str) -> dict:
     w, h = size_of(spec.dataset)
     r = RULES[spec.model.type]
     model = {k: v for k, v in spec.model.model_dump(mode="json").items() if k not in TRAINING_ONLY | set(PATH_FIELDS)}
-    return {"format": CACHE_FORMAT, "model": model, "files": model_fingerprint,
+    return {"format": CACHE_FORMAT, **({"family_format": r.cache_format} if r.cache_format else {}),
+            "model": model, "files": model_fingerprint,
             "size": [w, h], "fit": FIT, "frames": frames_of(spec.model.type, spec.dataset) if r.video else 1,
             "fps": r.fps if r.video else None}
 
@@ -334,8 +336,23 @@ Sample = bk.Sample
 
 def stack(samples: list[dict]) -> dict[str, torch.Tensor]:
     from .masks import fill_masks
-    samples = fill_masks(samples)  # a batch mixing masked and unmasked items: all ones for the latter
+    samples = pad_ragged(fill_masks(samples))  # a batch mixing masked and unmasked items: all ones for the latter
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def pad_ragged(samples: list[dict]) -> list[dict]:
+    """Tensors of one key whose first dimension differs between a batch's samples (SDXL's caption
+    windows, [n, 77] for a caption of n windows) padded with zeros to the longest; the family stores
+    each sample's own length beside them and masks the padding (SDXL: text_windows)."""
+    out = samples
+    for k in samples[0]:
+        shapes = {tuple(s[k].shape) for s in samples}
+        if len(shapes) < 2 or any(len(sh) == 0 for sh in shapes) or len({sh[1:] for sh in shapes}) > 1:
+            continue
+        n = max(sh[0] for sh in shapes)
+        out = [s if s[k].shape[0] == n else
+               {**s, k: torch.cat([s[k], s[k].new_zeros((n - s[k].shape[0], *s[k].shape[1:]))])} for s in out]
+    return out
 
 
 class Loader:

@@ -37,6 +37,10 @@ class FamilyRules:
     fp8_sensitive: tuple[str, ...] = ("norm", "adaln", "time_emb", "modulation")
     # latent (frames, height, width) per denoiser token, for tokens/s and MFU (throughput.py)
     token_patch: tuple[int, int, int] = (1, 2, 2)
+    # what this family's encode() writes, in the cache key when nonzero (cache.cache_inputs): bump it
+    # when that changes for the same inputs, so old entries of this family are not reused (and
+    # other families' entries still are)
+    cache_format: int = 0
 
     @property
     def paths(self) -> set[str]:

@@ -24,3 +24,10 @@ MODEL_KEYS: dict[str, Handler] = {
     "vae_path": path("vaePath"),
     "text_encoder_path": text_encoder,
 }
+
+# diffusion-pipe adapts every nn.Linear inside GeneralDITTransformerBlock (models/base.py
+# get_target_modules), the AdaLN modulation linears included
+LORA_TARGETS_NOTE = ("diffusion-pipe also puts LoRA on each block's AdaLN modulation linears (adaLN_modulation.1 and "
+                     "adaLN_modulation.2 of each sub-block in the original naming; norm1/norm2/norm3.linear_1 and "
+                     ".linear_2 in diffusers'); kubelora's default adapter.targetModules leave them out (the attention "
+                     "and MLP linears are the same): list them in adapter.targetModules to train them too")

@@ -1,13 +1,35 @@
 """How `kubelora import-config` reads the [model] keys diffusion-pipe's Flux reads (models/flux.py there)."""
-from ...import_handlers import SHIFT, SIGMOID_SCALE, Handler, flag, number, path, timestep_method, to, transformer_dtype
+from typing import Any
+
+from ...import_handlers import SHIFT, SIGMOID_SCALE, Ctx, Handler, flag, number, path, timestep_method, to, transformer_dtype
+
+# diffusion-pipe's Flux feeds no guidance embedding when bypassing it, so its guidance goes unused
+# there; kubelora's spec refuses the pair, so the importer drops guidance (in either key order)
+GUIDANCE_BYPASSED = ("ignored: bypass_guidance_embedding = true feeds no guidance embedding (diffusion-pipe ignores "
+                     "guidance then too); model.guidance is left out")
+
+
+def bypass_guidance(ctx: Ctx, key: str, value: Any) -> None:
+    ctx.model["bypassGuidanceEmbedding"] = flag(value)
+    if ctx.model["bypassGuidanceEmbedding"] and ctx.model.pop("guidance", None) is not None:
+        ctx.note("guidance", GUIDANCE_BYPASSED)
+
+
+def guidance(ctx: Ctx, key: str, value: Any) -> None:
+    value = number(value)
+    if ctx.model.get("bypassGuidanceEmbedding"):
+        ctx.note(key, GUIDANCE_BYPASSED)
+    else:
+        ctx.model["guidance"] = value
+
 
 MODEL_KEYS: dict[str, Handler] = {
     "diffusers_path": path("diffusersPath"),
     "transformer_path": path("transformerPath"),
     "transformer_dtype": transformer_dtype,
-    "bypass_guidance_embedding": to("model", "bypassGuidanceEmbedding", flag),
+    "bypass_guidance_embedding": bypass_guidance,
     "flux_shift": to("model", "fluxShift", flag),
-    "guidance": to("model", "guidance", number),
+    "guidance": guidance,
     "shift": SHIFT,
     "timestep_sample_method": timestep_method,
     "sigmoid_scale": SIGMOID_SCALE,

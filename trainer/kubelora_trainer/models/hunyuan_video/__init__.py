@@ -5,4 +5,5 @@ from ..rules import FamilyRules, SamplingRules
 RULES = FamilyRules(sources=(("ckptPath",), ("transformerPath", "vaePath", "llmPath", "clipPath")),
                     video=True, frame_rule=(4, 1), default_frames=1, fps=24, formats=("original", "diffusers"),
                     # guidance: the embedded (distilled) guidance, as HunyuanVideoPipeline's guidance_scale
-                    sampling=SamplingRules(guidance=6.0, steps=30))
+                    sampling=SamplingRules(guidance=6.0, steps=30),
+                    cache_format=1)  # 1: one-frame items and the empty caption with the image prompt template

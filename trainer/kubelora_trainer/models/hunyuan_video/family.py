@@ -12,7 +12,8 @@ An fp8 transformer file is upcast to model.dtype when loaded (keeping frozen wei
 later work).
 
 Text: the prompt goes through HunyuanVideoPipeline.encode_prompt: the video-description
-template, the Llama hidden states two layers before the last with the template's tokens cropped
+template for clips, the image-description one (HunyuanVideo's "dit-llm-encode") for one-frame
+items and the empty caption, as diffusion-pipe; the Llama hidden states two layers before the last with the template's tokens cropped
 off (256 tokens, masked), and CLIP's pooled output.
 
 Training objective: rectified flow on the scaled VAE latents [B, 16, F', H', W'] (F' = (F-1)/4+1):
@@ -218,15 +219,33 @@ def load_text_encoders(llm_dir: Path, clip_dir: Path, dtype: torch.dtype, llm_fi
     return llm, tok, clip, clip_tok
 
 
-def prompt_template(tokenizer) -> dict:
-    """diffusers' template; crop_start (the template's own tokens, BOS included) as released
-    for Llama-3's vocabulary, else counted with this tokenizer by diffusers' rule."""
+# HunyuanVideo's image template (hyvideo/constants.py PROMPT_TEMPLATE["dit-llm-encode"]), which
+# its code and diffusion-pipe use for images (one-frame items) and the empty caption
+IMAGE_PROMPT_TEMPLATE = {
+    "template": ("<|start_header_id|>system<|end_header_id|>\n\nDescribe the image by detailing the color, shape, size, "
+                 "texture, quantity, text, spatial relationships of the objects and background:<|eot_id|>"
+                 "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"),
+    "crop_start": 36,
+}
+
+
+def prompt_template(tokenizer, image: bool = False) -> dict:
+    """diffusers' (video) template, or with image=True the image one; crop_start (the template's own
+    tokens, BOS included) as released for Llama-3's vocabulary, else counted with this tokenizer
+    by diffusers' rule."""
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
+    template = IMAGE_PROMPT_TEMPLATE if image else DEFAULT_PROMPT_TEMPLATE
     if len(tokenizer) >= 128000:
-        return dict(DEFAULT_PROMPT_TEMPLATE)
-    n = len(tokenizer(DEFAULT_PROMPT_TEMPLATE["template"])["input_ids"]) - 2   # less "{}" and <|eot_id|>
-    return {"template": DEFAULT_PROMPT_TEMPLATE["template"], "crop_start": n}
+        return dict(template)
+    n = len(tokenizer(template["template"])["input_ids"]) - 2   # less "{}" and <|eot_id|>
+    return {"template": template["template"], "crop_start": n}
+
+
+def uses_image_template(frames: int, caption: str) -> bool:
+    """diffusion-pipe's choice: one-frame items, and the empty caption (it encodes one, as an
+    image, for every item's caption dropout), get the image template; clips the video one."""
+    return frames == 1 or not caption
 
 
 # ------------------------------------------------------------------ text mask and attention
@@ -302,7 +321,8 @@ class HunyuanVideo:
         transformer.to(device)
         return Components(trainable={"transformer": transformer}, encoders={"pipe": pipe},
                           info={"guidance_embeds": bool(transformer.config.guidance_embeds),
-                                "vae_scale": vae.config.scaling_factor, "template": prompt_template(tok)})
+                                "vae_scale": vae.config.scaling_factor, "template": prompt_template(tok),
+                                "image_template": prompt_template(tok, image=True)})
 
     def lora_targets(self):
         return {"transformer": DEFAULT_TARGETS}
@@ -317,10 +337,21 @@ class HunyuanVideo:
         if clips.dim() == 4:                       # [B, 3, H, W] -> one-frame clips
             clips = clips.unsqueeze(2)
         lat = pipe.vae.encode(clips).latent_dist.mode() * comps.info["vae_scale"]
-        embeds, pooled, mask = pipe.encode_prompt(prompt=captions, prompt_template=comps.info["template"],
-                                                  device=clips.device, max_sequence_length=MAX_TOKENS)
-        return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": embeds[i].cpu(), "prompt_mask": mask[i].cpu(),
-                 "pooled": pooled[i].cpu()} for i in range(len(captions))]
+        text = [None] * len(captions)
+        for image in (False, True):   # the captions of each template in one call
+            idx = [i for i, c in enumerate(captions) if uses_image_template(clips.shape[2], c) == image]
+            if idx:
+                embeds, pooled, mask = pipe.encode_prompt(prompt=[captions[i] for i in idx], device=clips.device,
+                                                          prompt_template=self._template(comps.info, image),
+                                                          max_sequence_length=MAX_TOKENS)
+                for j, i in enumerate(idx):
+                    text[i] = (embeds[j], mask[j], pooled[j])
+        return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": text[i][0].cpu(),
+                 "prompt_mask": text[i][1].cpu(), "pooled": text[i][2].cpu()} for i in range(len(captions))]
+
+    @staticmethod
+    def _template(info, image: bool) -> dict:
+        return info["image_template"] if image else info["template"]
 
     def loss(self, comps, batch, model_spec, training_spec, generator):
         tr = comps.trainable["transformer"]
@@ -348,11 +379,14 @@ class HunyuanVideo:
         their mask and CLIP's pooled output, and the VAE and scheduler kept for sampling."""
         pipe = comps.encoders["pipe"]
         embeds = []
-        for p in prompts:
-            e, pooled, mask = pipe.encode_prompt(prompt=[p["prompt"]], prompt_template=comps.info["template"],
+        templates = []
+        for p in prompts:   # as training encodes captions: the image template for one-frame samples
+            template = self._template(comps.info, uses_image_template(p["frames"], p["prompt"]))
+            e, pooled, mask = pipe.encode_prompt(prompt=[p["prompt"]], prompt_template=template,
                                                  device=pipe.vae.device, max_sequence_length=MAX_TOKENS)
             embeds.append({"prompt_embeds": e, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask})
-        return {"vae": pipe.vae, "scheduler": pipe.scheduler, "embeds": embeds, "template": comps.info["template"]}
+            templates.append(template)
+        return {"vae": pipe.vae, "scheduler": pipe.scheduler, "embeds": embeds, "templates": templates}
 
     @torch.no_grad()
     def sample(self, kit, comps, prompt, generator):
@@ -364,7 +398,7 @@ class HunyuanVideo:
         pipe.set_progress_bar_config(disable=True)
         return pipe(**kit["embeds"][prompt["index"]], height=prompt["height"], width=prompt["width"],
                     num_frames=prompt["frames"], num_inference_steps=prompt["steps"], guidance_scale=prompt["guidance"],
-                    prompt_template=kit["template"], max_sequence_length=MAX_TOKENS, generator=generator,
+                    prompt_template=kit["templates"][prompt["index"]], max_sequence_length=MAX_TOKENS, generator=generator,
                     output_type="np").frames[0]
 
     full_file = ("the transformer in the original HunyuanVideo layout (fused qkv and linear1, as "

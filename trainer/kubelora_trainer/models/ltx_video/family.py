@@ -32,7 +32,7 @@ DEFAULT_TARGETS = r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out
 
 TRANSFORMER_CLASS = "LTXVideoTransformer3DModel"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-MAX_TOKENS = 128     # LTXPipeline's max_sequence_length
+MAX_TOKENS = 256     # LTX-Video's encode_prompt default text_encoder_max_tokens, as diffusion-pipe (LTXPipeline: 128)
 FRAME_RATE = RULES["ltx-video"].fps  # LTXPipeline's default 25; clips are resampled to it; sets the RoPE time scale
 FORMATS = ("comfyui", "diffusers")
 

@@ -6,7 +6,12 @@ configs/sdxl/ (in this folder), so nothing is fetched).
 LoRA goes on the UNet's transformer linears and on both text encoders (CLIP-L `text_encoder`,
 OpenCLIP-bigG `text_encoder_2`), as Kohya sd-scripts does; so the text embeddings are computed in
 every step and only latents and token ids are cached (samples, spec.samples, likewise embed their
-prompts through the encoders being trained).
+prompts through the encoders being trained). Captions are not cut at CLIP's 77 positions: as
+diffusion-pipe (and long-prompt UIs) do, the tokens go in windows of 75, each with BOS, EOS and
+padding, each window is encoded on its own and the hidden states are concatenated along the
+sequence; the pooled embedding is the first window's. A batch mixing captions of different window
+counts is padded (cache.stack) and the padding windows are masked out of the UNet's cross-attention,
+so each caption conditions as it would alone.
 Objective: DDPM noise prediction (epsilon, or v with model.vPred), uniform integer timesteps over
 the scheduler's 1000, optional Min-SNR-gamma weighting (model.minSnrGamma). SDXL's
 micro-conditioning (original size, crop top-left, target size) goes in as add_time_ids.
@@ -173,12 +178,49 @@ def _penultimate(te, ids):
     return box["h"], out
 
 
+def chunk_ids(tokenizer, text: str) -> torch.Tensor:
+    """A caption's token ids as [n, 77] windows of up to 75 tokens, each with BOS, EOS and the
+    tokenizer's padding (diffusion-pipe's get_prompt_embeds; long-prompt UIs alike). A caption within
+    75 tokens gives one window, the pipeline's own tokenization; the empty caption one window too."""
+    step = tokenizer.model_max_length - 2
+    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    pieces = [ids[i:i + step] for i in range(0, len(ids), step)] or [[]]
+    return torch.tensor([[tokenizer.bos_token_id, *p, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * (step - len(p))
+                         for p in pieces], dtype=torch.long)
+
+
+def caption_ids(tokenizers, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tokenizers' windows of each text, [len(texts), n, 77] each: texts with fewer windows
+    (or a tokenizer that gives fewer) are padded with windows of the empty caption, as long-prompt
+    UIs pad a negative prompt, so the two encoders' hidden states and the texts line up."""
+    per = [[chunk_ids(t, x) for t in tokenizers] for x in texts]
+    n = max(len(w) for ws in per for w in ws)
+    empty = [chunk_ids(t, "") for t in tokenizers]
+    return tuple(torch.stack([torch.cat([ws[i], empty[i].expand(n - len(ws[i]), -1)]) for ws in per])
+                 for i in range(len(tokenizers)))
+
+
 def text_conditioning(te, te2, ids, ids2):
     """SDXL's prompt embeddings (penultimate hidden states of both encoders, concatenated) and the
-    pooled, projected bigG embedding — what StableDiffusionXLPipeline.encode_prompt computes."""
-    h, _ = _penultimate(te, ids)
-    h2, out2 = _penultimate(te2, ids2)
-    return torch.cat([h, h2], dim=-1), out2.text_embeds
+    pooled, projected bigG embedding — what StableDiffusionXLPipeline.encode_prompt computes — for
+    ids [B, n, 77]: each window encoded on its own, the hidden states concatenated along the
+    sequence ([B, n * 77, D]), the pooled embedding the first window's (diffusion-pipe). [B, 77]
+    ids are one window."""
+    if ids.dim() == 2:
+        ids, ids2 = ids.unsqueeze(1), ids2.unsqueeze(1)
+    b, n, length = ids.shape
+    h, _ = _penultimate(te, ids.reshape(b * n, length))
+    h2, out2 = _penultimate(te2, ids2.reshape(b * n, length))
+    return torch.cat([h, h2], dim=-1).reshape(b, n * length, -1), out2.text_embeds.reshape(b, n, -1)[:, 0]
+
+
+def window_mask(windows: torch.Tensor, n: int, length: int):
+    """The UNet's encoder_attention_mask [B, n * length] keeping each caption's own windows
+    (windows [B]: its count) and dropping the padding windows of a batch of mixed counts; None
+    when no caption has padding windows (the attention runs unmasked)."""
+    if bool((windows >= n).all()):
+        return None
+    return (torch.arange(n * length, device=windows.device)[None] < (windows[:, None] * length)).long()
 
 
 def ddpm_pair(x0, noise, alpha_bar, v_pred: bool):
@@ -282,13 +324,13 @@ class SDXL:
         vae = comps.encoders["vae"]
         lat = vae.encode(images.to(vae.device, torch.float32)).latent_dist.mode() * comps.info["vae_scale"]
         h, w = images.shape[-2:]
-        ids = [comps.encoders[t](captions, padding="max_length", truncation=True, return_tensors="pt",
-                                 max_length=comps.encoders[t].model_max_length).input_ids
-               for t in ("tokenizer", "tokenizer_2")]
+        # each caption's own windows [n, 77] (not padded to the batch's longest: the loader pads and masks)
+        ids = [caption_ids([comps.encoders[t] for t in ("tokenizer", "tokenizer_2")], [c]) for c in captions]
         # micro-conditioning: original size, crop top-left, target size, all as the bucket's size and no
         # crop, as diffusion-pipe does (the centre crop of the fit is not described to the UNet)
         time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)
-        return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "input_ids": ids[0][i], "input_ids_2": ids[1][i], "time_ids": time_ids}
+        return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "input_ids": ids[i][0][0], "input_ids_2": ids[i][1][0],
+                 "text_windows": torch.tensor(ids[i][0].shape[1]), "time_ids": time_ids}
                 for i in range(len(captions))]
 
     def loss(self, comps, batch, model_spec, training_spec, generator):
@@ -303,7 +345,10 @@ class SDXL:
         v_pred = comps.info["v_pred"]
         xt, target = ddpm_pair(x0, noise, alpha_bar, v_pred)
         prompt_embeds, pooled = text_conditioning(te, te2, batch["input_ids"], batch["input_ids_2"])
-        pred = unet(xt.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype),
+        ids = batch["input_ids"]
+        windows = batch.get("text_windows")
+        text_mask = None if windows is None or ids.dim() == 2 else window_mask(windows.to(x0.device), *ids.shape[1:])
+        pred = unet(xt.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype), encoder_attention_mask=text_mask,
                     added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": batch["time_ids"].to(dtype)},
                     return_dict=False)[0]
         mask = batch.get("mask")  # [B, h, w] on the latent grid
@@ -311,9 +356,9 @@ class SDXL:
         return (per_sample * min_snr_weights(alpha_bar, model_spec.minSnrGamma, v_pred)).mean()
 
     def _ids(self, comps, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(comps.encoders[t](texts, padding="max_length", truncation=True, return_tensors="pt",
-                                       max_length=comps.encoders[t].model_max_length).input_ids
-                     for t in ("tokenizer", "tokenizer_2"))
+        """The texts' windows as training encodes captions; a negative prompt with fewer windows than
+        the prompt is padded with empty-caption windows (the pipeline needs both the same length)."""
+        return caption_ids([comps.encoders[t] for t in ("tokenizer", "tokenizer_2")], texts)
 
     def sampling_kit(self, comps, prompts):
         """For spec.samples: the prompts' token ids (the text encoders are trained, so the

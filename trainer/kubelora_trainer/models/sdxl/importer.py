@@ -20,3 +20,10 @@ MODEL_KEYS: dict[str, Handler] = {
     "text_encoder_1_lr": kept(number),
     "text_encoder_2_lr": kept(number),
 }
+
+# diffusion-pipe adapts every nn.Linear inside the UNet's down, mid and up blocks and inside both
+# text encoders (models/sdxl.py configure_adapter)
+LORA_TARGETS_NOTE = ("diffusion-pipe also puts LoRA on each UNet resnet's time_emb_proj (down, mid and up blocks) and on "
+                     "text_encoder_2's text_projection; kubelora's default adapter.targetModules leave them out (the "
+                     "attention, projection and MLP linears of the transformer blocks and of both text encoders' layers "
+                     "are the same): list them in adapter.targetModules to train them too")
