@@ -21,7 +21,8 @@ def test_scan_pairs_captions_and_counts_missing(tmp_path):
     assert [i.image.name for i in r.items] == ["a.png"] and r.missing_caption == 1 and r.empty_caption_used == 0
     r = scan(tmp_path, "empty")
     assert [(i.image.name, i.caption) for i in r.items] == [("a.png", "a red thing"), ("b.jpg", "")]
-    assert r.summary() == {"usable": 2, "missingCaption": 1, "emptyCaptionUsed": 1, "unreadable": 0}  # no "skipped": none
+    assert r.summary() == {"usable": 2, "missingCaption": 1, "emptyCaptionUsed": 1, "unreadable": 0,  # no "skipped"
+                           "ignoredFiles": {".md": 1}}
 
 
 def test_load_image_crops_to_square_in_range(tmp_path):
@@ -168,3 +169,35 @@ def test_a_failure_of_the_machine_is_not_remembered_as_a_bad_file(tmp_path, monk
     assert skip.reason == "corrupt" and skip.lasting is False
     monkeypatch.setattr(data, "probe", lambda *a, **k: (_ for _ in ()).throw(OSError("image file is truncated")))
     assert data.check_item(item)[1].lasting is True
+
+
+def test_transparent_pixels_train_as_white_not_as_the_colour_they_hide(tmp_path):
+    """diffusion-pipe composites RGBA (and palette transparency) onto white; a plain RGB
+    conversion kept the black stored under a cut-out's transparent background."""
+    from PIL import Image
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    rgba.paste((200, 30, 30, 255), (8, 8, 24, 24))
+    rgba.save(tmp_path / "cutout.png")
+    pal = Image.new("P", (32, 32), 0)
+    pal.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    pal.paste(1, (8, 8, 24, 24))
+    pal.save(tmp_path / "palette.png", transparency=0)
+    for name in ("cutout.png", "palette.png"):
+        x = load_image(tmp_path / name, 32)
+        assert x[:, 0, 0].tolist() == [1.0, 1.0, 1.0], name             # the transparent corner: white
+        assert x[0, 16, 16] > 0.5 and x[1, 16, 16] < -0.5, name          # the opaque red stays red
+
+
+def test_files_that_are_not_media_or_captions_are_counted_not_dropped_silently(tmp_path):
+    from PIL import Image
+    for name in ("a.png", "b.tif", "c.jfif"):
+        Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / name, format="PNG" if name.endswith("png") else
+                                                   "TIFF" if name.endswith("tif") else "JPEG")
+        (tmp_path / name).with_suffix(".txt").write_text("a caption")
+    for name in ("d.psd", "e.mp4", ".DS_Store", "captions-notes.md"):
+        (tmp_path / name).write_bytes(b"x")
+    report = scan(tmp_path, video=False)
+    assert sorted(it.image.name for it in report.items) == ["a.png", "b.tif", "c.jfif"]
+    assert report.ignored == {".md": 1, ".psd": 1, "video": 1}
+    assert report.summary()["ignoredFiles"] == {".md": 1, ".psd": 1, "video": 1}
+    assert scan(tmp_path, video=True).ignored == {".md": 1, ".psd": 1}

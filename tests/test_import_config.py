@@ -637,3 +637,17 @@ def test_a_config_without_a_dataset_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"dataset: the config names no dataset file .*--dataset FILE or --data-uri URI"):
         convert(main, None)
     assert convert(main, None, data_uri="s3://data/set")[0]["spec"]["dataset"]["uri"] == "s3://data/set"
+
+
+def test_an_area_kubelora_rounds_is_said():
+    """diffusion-pipe keeps sqrt(w*h) and rounds only the bucket sides; kubelora's areas are
+    multiples of 16, so a value that moves says so (it was silent for a plain 500)."""
+    from kubelora_trainer.import_handlers import Ctx
+    from kubelora_trainer.import_rules import resolutions
+    ctx = Ctx("flux")
+    resolutions(ctx, "resolutions", [500, 512])
+    assert ctx.dataset["resolutions"] == [496, 512]
+    assert any("500 trains at the area 496x496" in n and "512" not in n.split("(")[0] for n in ctx.notes), ctx.notes
+    quiet = Ctx("flux")
+    resolutions(quiet, "resolutions", [512, 1024])
+    assert quiet.notes == []

@@ -30,13 +30,15 @@ def round_to(x: float, multiple: int) -> int:
 
 def aspect_ratios(enable: bool, min_ar: float = 0.5, max_ar: float = 2.0, num: int = 7) -> list[float]:
     """The bucket ratios (width / height): [1.0] when off, else num ratios evenly spaced in log
-    space from min_ar to max_ar (diffusion-pipe's np.geomspace), deduplicated and sorted."""
+    space from min_ar to max_ar (diffusion-pipe's np.geomspace), rounded to 3 decimals as
+    diffusion-pipe rounds them before sizing its buckets (else a side can land one multiple off),
+    deduplicated and sorted."""
     if not enable:
         return [1.0]
     if num == 1:
-        return [math.sqrt(min_ar * max_ar)]
+        return [round(math.sqrt(min_ar * max_ar), 3)]
     lo, hi = math.log(min_ar), math.log(max_ar)
-    return sorted({round(math.exp(lo + (hi - lo) * i / (num - 1)), 12) for i in range(num)})
+    return sorted({round(math.exp(lo + (hi - lo) * i / (num - 1)), 3) for i in range(num)})
 
 
 def bucket_size(ar: float, side: int, multiple: int) -> tuple[int, int]:

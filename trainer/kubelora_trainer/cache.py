@@ -53,7 +53,7 @@ PROBE_FORMAT = 2  # bump whenever data.check_item's answer for the same bytes ch
 EXCHANGE_MB_ENV = "KUBELORA_CACHE_EXCHANGE_MB"   # bytes per exchange round (default 256 MiB)
 PROGRESS_SECONDS_ENV = "KUBELORA_CACHE_PROGRESS_SECONDS"  # the encoding progress line's period (default 10)
 PREFETCH_ENV = "KUBELORA_PREFETCH_BATCHES"   # micro-batches read ahead during training (default 2; 0: none)
-FIT = "cover+center-crop"
+FIT = "cover+center-crop+alpha-on-white"
 
 
 # ---------------------------------------------------------------- keys (pure)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".avif")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".gif", ".mkv")
 
 # PIL's own DecompressionBombError threshold (2 x Image.MAX_IMAGE_PIXELS's default): ~13400 x 13400,
@@ -90,6 +90,7 @@ class ScanReport:
     beside: dict[str, int] = field(default_factory=dict)   # other file extensions next to them: how many
     unmasked: list[str] = field(default_factory=list)      # items of a masked source without a mask (trained unmasked)
     masked_sources: int = 0
+    ignored: dict[str, int] = field(default_factory=dict)  # files that are neither media nor captions: by extension
 
     def merge(self, other: "ScanReport") -> None:
         self.items += other.items
@@ -101,6 +102,8 @@ class ScanReport:
             self.beside[k] = self.beside.get(k, 0) + v
         self.unmasked += other.unmasked
         self.masked_sources += other.masked_sources
+        for k, v in other.ignored.items():
+            self.ignored[k] = self.ignored.get(k, 0) + v
 
     def skip(self, uri: str, reason: str, detail: str = "") -> None:
         assert reason in SKIP_REASONS, reason
@@ -119,6 +122,8 @@ class ScanReport:
                "emptyCaptionUsed": self.empty_caption_used, "unreadable": len(self.skipped)}
         if self.skipped:
             out["skipped"] = self.by_reason()
+        if self.ignored:
+            out["ignoredFiles"] = dict(sorted(self.ignored.items()))
         if self.masked_sources:
             out["masked"] = sum(1 for it in self.items if it.mask is not None)
             out["unmasked"] = sum(1 for it in self.items if it.mask is None)
@@ -135,7 +140,7 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
     source's staged mask folder (its files are not items, even inside root); each item's mask is
     the same-stem file in the same relative folder there (masks.find_mask). A caption file that is
     not UTF-8 skips its item (captionNotUtf8). Does not decode any media."""
-    from .captions import CaptionOptions, read_caption_map, variants
+    from .captions import CAPTION_MAPS, CaptionOptions, read_caption_map, variants
     from .masks import find_mask
     opts = opts or CaptionOptions(extension=caption_ext, prefix=caption_prefix, missing=missing_caption)
     root = Path(root)
@@ -146,6 +151,11 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
     files = sorted(p for p in root.rglob("*") if p.is_file()
                    and not (inside and p.resolve().is_relative_to(mask_root.resolve())))
     images = [p for p in files if p.suffix.lower() in exts]
+    for p in files:  # said, not silently dropped: a video in an image family, a .psd, a tar shard
+        if p.suffix.lower() not in exts and p.suffix != opts.extension and p.name not in CAPTION_MAPS \
+                and not p.name.startswith("."):
+            what = "video" if p.suffix.lower() in VIDEO_EXTENSIONS else p.suffix.lower() or p.name
+            report.ignored[what] = report.ignored.get(what, 0) + 1
     try:
         cmap = read_caption_map(root)
     except ValueError as e:  # a malformed or non-UTF-8 caption map: the whole source's captions
@@ -321,8 +331,22 @@ def load_image(path: Path, width: int, height: int | None = None):
 
     with Image.open(path) as im:
         im.load()
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        im = on_white(ImageOps.exif_transpose(im))
     return _to_tensor(_fit(im, width, height or width))
+
+
+def on_white(im):
+    """RGB, with transparent pixels composited onto white (as diffusion-pipe does): converting
+    straight to RGB would train on whatever colour a transparent area stores, often black."""
+    from PIL import Image
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode != "RGB" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        canvas.alpha_composite(im)
+        return canvas.convert("RGB")
+    return im.convert("RGB")
 
 
 def _fit(im, width: int, height: int):

@@ -278,6 +278,11 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
         log(env, f"[data] {stats['masked']} items with a loss mask, {stats['unmasked']} without"
                  + (f" (trained unmasked; warning: no mask for {', '.join(report.unmasked[:5])}"
                     + (" ..." if len(report.unmasked) > 5 else "") + ")" if report.unmasked else ""))
+    if report.ignored:
+        what = ", ".join(f"{k}: {n}" for k, n in sorted(report.ignored.items()))
+        log(env, f"[data] ignored {sum(report.ignored.values())} file(s) that are not "
+                 f"{'images or videos' if r.video else 'images'} or captions ({what})"
+                 + (f"; {spec.model.type} trains images only" if "video" in report.ignored and not r.video else ""))
     if report.missing_caption and report.beside:
         from .data import caption_hint
         log(env, "[data] warning:" + caption_hint(report))

@@ -128,7 +128,8 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) ->
     if steps is None:
         if not max_steps:
             raise Refused("", "epochs", f"kubelora trains for a number of steps; diffusion-pipe counts epochs "
-                                        f"({main.get('epochs', '?')}): pass --steps (steps = epochs x items x repeats "
+                                        f"({main.get('epochs', '?')}): pass --steps (a diffusion-pipe epoch is every "
+                                        "item x resolution x caption variant x num_repeats, so steps = epochs x that "
                                         "/ (micro batch x accumulation x GPUs)) or set max_steps")
         steps = max_steps
     elif max_steps and max_steps != steps:

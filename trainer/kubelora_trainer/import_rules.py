@@ -324,6 +324,13 @@ def resolutions(ctx: Ctx, key: str, value: Any) -> None:
     if pairs:
         ctx.note(key, f"{pairs[0]} is an area in diffusion-pipe, not a rectangle: trained as the area "
                       f"{sides[-1]}x{sides[-1]} (square unless aspect-ratio buckets are on)")
+    m = RULES[ctx.model_type].size_multiple
+    moved = [(v, area_side(v, ctx.model_type)) for v in value
+             if abs(math.sqrt(math.prod(v) if isinstance(v, list) else v * v) - area_side(v, ctx.model_type)) > 1e-9]
+    if moved:
+        ctx.note(key, ", ".join(f"{v} trains at the area {s}x{s}" for v, s in moved)
+                 + f" (kubelora's areas are multiples of {m}; diffusion-pipe keeps the exact area and rounds only "
+                   "the bucket sides, so a bucket may differ by one multiple per side)")
 
 
 def ar_setting(field: str, check) -> Handler:
