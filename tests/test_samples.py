@@ -302,7 +302,10 @@ def test_ltx_samples_in_the_bucket_change_and_match_diffusers(ltx_run, tmp_path)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(out / "lora.safetensors"))
     for i, p in enumerate(PROMPTS):
+        # max_sequence_length: the 256 T5 tokens kubelora trains and samples with (LTX-Video's own default;
+        # diffusers' LTXPipeline defaults to 128)
         got = pipe(p["prompt"], height=32, width=32, num_frames=9, frame_rate=25, num_inference_steps=4,
+                   max_sequence_length=256,
                    guidance_scale=3.0, generator=torch.Generator().manual_seed(p.get("seed", 0)), output_type="np").frames[0]
         # against the lossless WebP preview's frames: H.264 turns a float difference of one LSB
         # (CPU kernels may sum in another order in another process) into codec noise of dozens
