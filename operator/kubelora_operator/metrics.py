@@ -5,6 +5,7 @@
     kubelora_operator_job_phase{namespace,ltj,phase}       1 per watched job, its phase as a label
     kubelora_operator_job_stalled{namespace,ltj,phase,reason}  1 per job Stalled but not Failed
     kubelora_operator_job_queued{namespace,ltj,queue}      1 per job waiting for Kueue's admission
+    kubelora_operator_job_waiting{namespace,ltj,reason}    1 per job waiting for quota room or old pods
     kubelora_operator_reconcile_duration_seconds{handler}  create/sync handler durations (histogram)
     kubelora_operator_reconcile_errors_total{handler,reason}   handler runs that raised (reason: exception type)
     kubelora_operator_jobs_failed_total{reason}            jobs the operator failed (InvalidSpec, ...)
@@ -59,6 +60,9 @@ class _Jobs:
                                  labels=("namespace", "ltj", "phase"))
         queued = GaugeMetricFamily("kubelora_operator_job_queued", "1 for each job waiting for Kueue to admit it, "
                                    "with its LocalQueue", labels=("namespace", "ltj", "queue"))
+        waiting = GaugeMetricFamily("kubelora_operator_job_waiting", "1 for each Pending job that waits by design: "
+                                    "for room in a ResourceQuota, or for the previous attempt's pods to stop",
+                                    labels=("namespace", "ltj", "reason"))
         stalled = GaugeMetricFamily("kubelora_operator_job_stalled", "1 for each job that cannot go on without a "
                                     "person (condition Stalled) but has not failed, with the reason",
                                     labels=("namespace", "ltj", "phase", "reason"))
@@ -75,16 +79,21 @@ class _Jobs:
             if status.get("reason") == "QueuedInKueue":
                 from .manifests import kueue_queue
                 queued.add_metric([ns, name, kueue_queue(meta.get("labels")) or ""], 1)
+            if phase == "Pending" and status.get("reason") in WAITING_REASONS:
+                waiting.add_metric([ns, name, status["reason"]], 1)
             stall = next((c for c in status.get("conditions") or [] if c.get("type") == "Stalled"), None)
             if stall and stall.get("status") == "True" and phase != "Failed":  # Failed has its own alert
                 stalled.add_metric([ns, name, phase, stall.get("reason") or ""], 1)
         for phase, n in counts.items():
             by_phase.add_metric([phase], n)
-        return [by_phase, each, queued, stalled]
+        return [by_phase, each, queued, waiting, stalled]
 
     def describe(self):
         return []  # collected at scrape time only
 
+
+# Pending reasons that are a wait by design, not a stuck job (status.py, handlers._defer/_recreate)
+WAITING_REASONS = ("QuotaExceeded", "CreateDeferred", "WaitingForOldPods")
 
 JOBS = _Jobs()
 registry.register(JOBS)
