@@ -304,8 +304,8 @@ def test_a_shared_cluster_can_narrow_secrets_and_buckets_the_operator_reads():
     assert "KUBELORA_JOB_CREDENTIALS_ONLY" not in env(one(objects({}), "Deployment")["spec"]["template"]["spec"]["containers"][0])
 
 
-def test_openshift_assigns_the_uids_when_run_as_user_is_null():
-    objs = objects({"runAsUser": None, "trainer": {"shmSize": "64Gi"}})
+def test_openshift_assigns_the_uids_when_run_as_user_is_platform():
+    objs = objects({"runAsUser": "platform", "trainer": {"shmSize": "64Gi"}})
     pod = one(objs, "Deployment")["spec"]["template"]["spec"]
     assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     e = env(pod["containers"][0])
@@ -313,6 +313,10 @@ def test_openshift_assigns_the_uids_when_run_as_user_is_null():
     default = one(objects({}), "Deployment")["spec"]["template"]["spec"]
     assert default["securityContext"]["fsGroup"] == 1000
     assert env(default["containers"][0])["KUBELORA_TRAINER_RUN_AS_USER"] == "1000"
+    # a value missing from an older release's values (helm upgrade --reuse-values) is the default
+    reused = one(objects({"runAsUser": None}), "Deployment")["spec"]["template"]["spec"]
+    assert reused["securityContext"]["runAsUser"] == 1000
+    assert env(reused["containers"][0])["KUBELORA_TRAINER_RUN_AS_USER"] == "1000"
 
 
 def test_namespace_users_get_loratrainingjobs_through_the_default_roles():

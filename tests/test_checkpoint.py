@@ -205,6 +205,8 @@ def test_a_finished_lora_run_given_more_steps_goes_on_from_its_last_step():
     from kubelora_trainer.train import extends
     done = {"metrics": {"steps": 8}}
     assert extends(done, [4, 8], _spec(training__steps=12))
+    assert extends(done, [8, 10], _spec(training__steps=12))      # the extension checkpointed, then was stopped
+    assert extends(done, [8, 12], _spec(training__steps=12))      # ... or died before its manifest.json
     assert not extends(done, [4, 8], _spec(training__steps=8))                 # finished: nothing to do
     assert not extends(done, [4], _spec(training__steps=12))                   # its last step is not there
     assert not extends(done, [4, 8], _spec(training__steps=12, adapter={"type": "full"}))
@@ -271,3 +273,13 @@ def test_resume_refuses_changed_settings_skips_a_corrupt_checkpoint_and_overwrit
     rc, log = _run(job, env, nproc=1)
     assert rc == 0 and "deleting the earlier run's checkpoints (steps 2, 4)" in log, log[-3000:]
     assert complete_steps([str(p.relative_to(out / "checkpoints")) for p in out.rglob("COMPLETE")]) == [2, 3]
+
+
+def test_running_out_of_memory_while_restoring_is_not_a_corrupt_checkpoint():
+    """An older step would be tried and the newer ones deleted: only unreadable files do that."""
+    import errno
+    from kubelora_trainer.checkpoint import _not_the_files
+    assert isinstance(_not_the_files(torch.OutOfMemoryError("CUDA out of memory")), torch.OutOfMemoryError)
+    assert _not_the_files(OSError(errno.ENOSPC, "No space left on device")) is not None
+    assert _not_the_files(EOFError("Ran out of input")) is None
+    assert _not_the_files(RuntimeError("PytorchStreamReader failed reading zip archive")) is None

@@ -444,6 +444,8 @@ def test_a_job_without_pods_past_the_grace_reads_why_they_were_refused():
     got = st.pods_refused(pending, events, made)
     assert (got.reason, got.stalled) == ("FailedCreate", True) and "violates PodSecurity" in got.message
     assert st.pods_refused(pending, [], made) is pending
+    # a refusal the Job controller has not repeated for 10 minutes has passed
+    assert st.recent(events, now) == events and st.recent(events, now + timedelta(minutes=10, seconds=30)) == []
 
 
 def test_a_full_quota_is_a_wait_and_one_the_gang_never_fits_is_stalled():
@@ -490,10 +492,11 @@ def test_a_new_gang_waits_for_the_old_pods_but_not_for_a_lost_nodes():
         meta = {"name": name, **({"deletionTimestamp": deleted} if deleted else {}),
                 **({"deletionGracePeriodSeconds": grace} if grace is not None else {})}
         return {"metadata": meta, "spec": {"terminationGracePeriodSeconds": 120}, "status": {"phase": phase}}
-    pods = [pod("not-collected-yet"), pod("checkpointing", deleted="2026-11-27T11:59:00Z"),
-            pod("lost-node", deleted="2026-11-27T11:50:00Z", grace=120), pod("crashed", "Failed"),
-            pod("short-grace", deleted="2026-11-27T11:59:00Z", grace=30)]
-    assert st.lingering(pods, now) == ["not-collected-yet", "checkpointing"]
+    # deletionTimestamp is when the grace period ends (the API server's request time + grace)
+    pods = [pod("not-collected-yet"), pod("checkpointing", deleted="2026-11-27T12:01:00Z", grace=120),
+            pod("just-ended", deleted="2026-11-27T11:59:50Z", grace=120),
+            pod("lost-node", deleted="2026-11-27T11:50:00Z", grace=120), pod("crashed", "Failed")]
+    assert st.lingering(pods, now) == ["not-collected-yet", "checkpointing", "just-ended"]
     assert st.lingering([], now) == []
 
 

@@ -26,10 +26,10 @@ def main(argv=None) -> int:
     from .env import SettingError
     try:
         from . import handlers, metrics
+        metrics.serve()
     except SettingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    metrics.serve()
     asyncio.run(kopf.operator(registry=handlers.registry, namespaces=args.namespace or None,
                               clusterwide=not args.namespace, liveness_endpoint=args.liveness or None,
                               standalone=True))

@@ -46,6 +46,8 @@ INSTANCE = os.environ.get("HOSTNAME") or socket.gethostname()  # Events' reporti
 
 
 def operator_config() -> manifests.OperatorConfig:
+    """The trainer pods' settings from the environment (read at import too: a bad one stops the
+    operator at start, env.SettingError, instead of failing every handler)."""
     return manifests.OperatorConfig(
         image=os.environ.get("KUBELORA_TRAINER_IMAGE", manifests.OperatorConfig.image),
         image_pull_policy=os.environ.get("KUBELORA_IMAGE_PULL_POLICY", manifests.OperatorConfig.image_pull_policy),
@@ -57,6 +59,9 @@ def operator_config() -> manifests.OperatorConfig:
         image_pull_secrets=tuple(n.strip() for n in os.environ.get("KUBELORA_TRAINER_IMAGE_PULL_SECRETS", "").split(",")
                                  if n.strip()),
     )
+
+
+operator_config()  # at import: a bad setting stops the operator at start
 
 
 @kopf.on.login(registry=registry)
@@ -161,7 +166,7 @@ def _wait(body, changes: Changes, reason: str, message: str) -> None:
     previous = body.get("status") or {}
     new = st.status(previous, st.Observed(st.PENDING, reason, message), body["metadata"].get("generation", 1), None,
                     st.now_iso())
-    if _differs(previous, new):
+    if _differs({k: previous.get(k) for k in new if k in previous}, new):  # only what it writes
         changes.status.update(new)
 
 
@@ -183,6 +188,8 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
     phase = (body.get("status") or {}).get("phase")
     if phase in st.FINISHED:
         return  # never recreate children of a finished run (e.g. after TTL cleanup)
+    if phase:  # made before (kopf's resume after an operator restart): a missing child is the sync's to make
+        return  # again (_recreate), which waits for the old pods and clears restartPending / createPending
     try:
         job_spec = parse_spec(dict(spec))
         check_supported(job_spec.model.type)
@@ -205,9 +212,8 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
     if created:
         changes.info("Created", f"created {', '.join(created)} "
                                 f"({job_spec.resources.nodes} node(s) x {max(1, job_spec.resources.gpusPerNode)} process(es))")
-    if not phase:
-        changes.status.update(st.status({}, st.Observed(st.PENDING, "Created", "trainer Job created"),
-                                         body["metadata"].get("generation", 1), None, st.now_iso()))
+    changes.status.update(st.status({}, st.Observed(st.PENDING, "Created", "trainer Job created"),
+                                     body["metadata"].get("generation", 1), None, st.now_iso()))
 
 
 def _ensure_children(body, changes: Changes, name, uid, namespace, job_spec, runtime) -> list[str] | None:
@@ -327,8 +333,9 @@ def _sync(body: dict, changes: Changes) -> None:
     queue = manifests.kueue_queue((job.get("metadata") or {}).get("labels"))
     obs = st.observe(job, pods, progress, manifest, job_spec.runPolicy.suspend and not queue, queue)
     obs = st.name_missing_secret(obs, job_spec.storage.credentialsSecret)
-    if st.awaits_pods(job, datetime.now(timezone.utc), POD_CREATE_GRACE_SECONDS):
-        obs = st.pods_refused(obs, kube.failed_create_events(namespace, job), job)
+    now = datetime.now(timezone.utc)
+    if st.awaits_pods(job, now, POD_CREATE_GRACE_SECONDS):
+        obs = st.pods_refused(obs, st.recent(kube.failed_create_events(namespace, job), now), job)
     obs = _storage_stall(obs, error, previous, changes)
     new = st.status(previous, obs, meta.get("generation", 1), job, st.now_iso())
     if _differs(previous, new):

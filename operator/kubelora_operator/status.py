@@ -229,22 +229,20 @@ def awaits_pods(job: dict, now: datetime, grace_seconds: float) -> bool:
 
 def lingering(pods: list[dict], now: datetime, slack_seconds: float = 15.0) -> list[str]:
     """The pods of a deleted trainer Job that may still be running: not deleted yet (the garbage
-    collector has not reached them) or terminating within their grace period (+ slack; the trainer
-    writes its checkpoint then). A new gang started beside them could reach the old node 0's
-    rendezvous under the same DNS name and restore a checkpoint being written. Not waited for: a
-    pod whose containers have ended, and one terminating past its grace, which sits on a node that
-    does not answer (a lost node's pods stay Terminating until the node is removed). Pure."""
+    collector has not reached them) or terminating within their grace period (the trainer writes
+    its checkpoint then; a pod's deletionTimestamp is the end of that period, not the request).
+    A new gang started beside them could reach the old node 0's rendezvous under the same DNS name
+    and restore a checkpoint being written. Not waited for: a pod whose containers have ended, and
+    one still there slack_seconds past its deletionTimestamp, which sits on a node that does not
+    answer (a lost node's pods stay Terminating until the node is removed). Pure."""
     out = []
     for p in pods:
-        meta, spec = p.get("metadata") or {}, p.get("spec") or {}
+        meta = p.get("metadata") or {}
         if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             continue
         deleted = meta.get("deletionTimestamp")
-        if deleted:
-            grace = meta.get("deletionGracePeriodSeconds")
-            grace = spec.get("terminationGracePeriodSeconds", 30) if grace is None else grace
-            if (now - datetime.fromisoformat(deleted.replace("Z", "+00:00"))).total_seconds() >= grace + slack_seconds:
-                continue
+        if deleted and (now - datetime.fromisoformat(deleted.replace("Z", "+00:00"))).total_seconds() >= slack_seconds:
+            continue
         out.append(meta.get("name", "?"))
     return out
 
@@ -284,6 +282,20 @@ def quota_shortfall(message: str, nodes: int) -> Optional[list[str]]:
             for k in requested if k in limited and requested[k] * nodes > limited[k]]
 
 
+def _event_time(e: dict) -> str:
+    return e.get("lastTimestamp") or e.get("eventTime") or (e.get("metadata") or {}).get("creationTimestamp") or ""
+
+
+def recent(events: list[dict], now: datetime, max_age_seconds: float = 600) -> list[dict]:
+    """The events seen in the last max_age_seconds (the Job controller posts FailedCreate again at
+    each retry, so an older one is a refusal that has passed, e.g. before an evicted pod was
+    replaced). Pure."""
+    def age(e):
+        t = _event_time(e)
+        return (now - datetime.fromisoformat(t.replace("Z", "+00:00"))).total_seconds() if t else 0.0
+    return [e for e in events if age(e) <= max_age_seconds]
+
+
 def pods_refused(obs: Observed, events: list[dict], job: dict) -> Observed:
     """A Job whose pods the API server refuses (FailedCreate Events: a ResourceQuota, LimitRange,
     Pod Security admission or a webhook) is not waiting to be scheduled: say so, with the newest
@@ -294,8 +306,7 @@ def pods_refused(obs: Observed, events: list[dict], job: dict) -> Observed:
     Pure."""
     if not events or obs.phase not in (PENDING, INITIALIZING):
         return obs
-    newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or
-                 (e.get("metadata") or {}).get("creationTimestamp") or "")
+    newest = max(events, key=_event_time)
     message = str(newest.get("message"))
     nodes = int((job.get("spec") or {}).get("parallelism") or 1)
     made = pod_count(job)

@@ -70,6 +70,7 @@ NAMESPACES = resource("", "v1", "namespaces")
 CRDS = resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 JOBS = resource("batch", "v1", "jobs")
 QUOTAS = resource("", "v1", "resourcequotas")
+PODS = resource("", "v1", "pods")
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 ALL_VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
 
@@ -93,8 +94,9 @@ class ApiError(Exception):
                 "message": self.message, "reason": self.reason, "details": self.details, "code": self.code}
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _now(after_seconds: float = 0) -> str:
+    at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=after_seconds)
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _group_version(res: resource) -> str:
@@ -1103,7 +1105,10 @@ class KubeEmulator(KubernetesEmulator):
         if not finalizers:
             return self._remove(res, obj)
         old = copy.deepcopy(obj)
-        meta.update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0, finalizers=finalizers,
+        # a pod's deletionTimestamp is when it will be killed: now + its grace period (the kubelet
+        # sends SIGTERM at once); other objects go as soon as their finalizers do
+        grace = int((obj.get("spec") or {}).get("terminationGracePeriodSeconds", 30)) if res == PODS else 0
+        meta.update(deletionTimestamp=_now(grace), deletionGracePeriodSeconds=grace, finalizers=finalizers,
                     generation=int(meta.get("generation") or 0) + 1)
         self._store(res, obj, "MODIFIED", old)
         if "foregroundDeletion" in finalizers:

@@ -264,12 +264,27 @@ def loop_for_world(own: Optional[dict], first: Optional[dict], world: int, micro
     return {"losses": list(src["losses"])} if src is not None and "losses" in src else None
 
 
-def _reason(e: BaseException) -> str:
-    """One line for a failed load: the first failing rank's own error, not dcp's wrapper. Pure."""
+def _cause(e: BaseException) -> BaseException:
+    """The first failing rank's own error, not dcp's wrapper. Pure."""
     failures = getattr(e, "failures", None)  # dcp.CheckpointException: {rank: (exception, traceback)}
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))
-        e = inner[0] if isinstance(inner, tuple) else inner
+        return inner[0] if isinstance(inner, tuple) else inner
+    return e
+
+
+def _not_the_files(e: BaseException) -> Optional[BaseException]:
+    """A load failure that is this machine's, not the checkpoint's (out of memory, a full disk):
+    the error to stop with; None for one that means unreadable files."""
+    cause = _cause(e)
+    if isinstance(cause, (torch.OutOfMemoryError, MemoryError)):
+        return cause
+    return disk.no_room(cause, "restoring a checkpoint")
+
+
+def _reason(e: BaseException) -> str:
+    """One line for a failed load: the first failing rank's own error, not dcp's wrapper. Pure."""
+    e = _cause(e)
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}"[:300] if text else type(e).__name__
 
@@ -307,7 +322,7 @@ def restore(step: int, modules: torch.nn.Module, opt, local_root: Path, output_u
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     folder = _fetch(step, local_root, output_uri, settings, env)
-    err, loop = None, None
+    err, loop, fatal = None, None, None
     try:
         model_sd, optim_sd = get_state_dict(modules, opt, options=_options(strict=True))
         state = {"model": model_sd, "optim": optim_sd}
@@ -319,7 +334,12 @@ def restore(step: int, modules: torch.nn.Module, opt, local_root: Path, output_u
         rank0 = torch.load(first, weights_only=True) if own is None or own.get("world") != env.world else None
         loop = loop_for_world(own, rank0, env.world, micro)
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - truncated, corrupt, missing: try an older one
-        err = _reason(e)
+        fatal = _not_the_files(e)
+        if fatal is None:
+            err = _reason(e)
+    # out of memory or a full disk says nothing about the files: no older step is tried (which would
+    # delete this one), the run stops with that error (exits: out of memory and a full disk are bad input)
+    dist.fail_together(fatal, f"restoring the checkpoint of step {step}")
     errors = dist.all_gather(err) if env.world > 1 else [err]
     if folder.is_relative_to(local_root):
         dist.barrier()  # every rank of the node has read the copy

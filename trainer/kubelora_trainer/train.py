@@ -115,17 +115,18 @@ def agree_on_step(step_loss: torch.Tensor, step: int, env: dist.DistEnv, save: b
     return float(flags[0]) / env.world, bool(flags[2] > 0), bool(flags[3] > 0)
 
 
-def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int]]:
-    """(a finished run is there, the complete checkpoints' steps, oldest first), read by rank 0,
-    told to all."""
-    found, err = (False, []), None
+def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int], bool]:
+    """(a finished training run's manifest.json is there, the complete checkpoints' steps, oldest
+    first, whether this spec trains that finished run further: extends), read by rank 0, told to
+    all."""
+    found, err = (False, [], False), None
     if env.is_main:
         try:
             names = storage.list_keys(spec.output.uri, settings)  # one listing answers both
             steps = checkpoint.complete_steps([n.removeprefix("checkpoints/") for n in names])
             manifest = read_manifest(spec, settings) if "manifest.json" in names else None
-            finished = manifest is not None and not manifest.get("cacheOnly") and not extends(manifest, steps, spec)
-            found = (finished, steps)
+            finished = manifest is not None and not manifest.get("cacheOnly")
+            found = (finished, steps, finished and extends(manifest, steps, spec))
         except storage.StorageError as e:
             if e.transient:  # training from step 1 would waste the checkpoints: stop, the retried run resumes
                 err = storage.StorageError(f"output.uri: looking for checkpoints: {e}", transient=True)
@@ -161,7 +162,7 @@ def extends(manifest: dict, steps: list[int], spec) -> bool:
     checkpoint's fingerprint decides whether the new steps may follow it. Pure."""
     done = (manifest.get("metrics") or {}).get("steps")
     return (spec.adapter.type != "full" and isinstance(done, int) and done < spec.training.steps
-            and bool(steps) and steps[-1] == done)
+            and bool(steps) and steps[-1] >= done)  # >: the extension itself checkpointed, then stopped
 
 
 def finish_cache_only(spec, job_name: str, env, m, publish, settings, stats: dict, cache_stats: dict) -> int:
@@ -479,11 +480,9 @@ def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int]]:
         except storage.StorageError as e:
             err = storage.StorageError(f"output.uri: {e}", transient=e.transient)
     dist.fail_together(err, "the output check")
-    finished, steps = existing_output(spec, settings, env)
+    finished, steps, extending = existing_output(spec, settings, env)
     latest = steps[-1] if steps else None
-    plan = resume_plan(spec.output.onExisting, finished, latest)
-    if plan == "resume":
-        check_fingerprint(spec, settings, latest, env)
+    plan = resume_plan(spec.output.onExisting, finished and not extending, latest)
     if spec.dataset.cacheOnly:  # writes its own manifest.json: never over a finished run's
         err = RunError(f"dataset.cacheOnly: {spec.output.uri} holds a finished training run (manifest.json), which "
                        f"a cache-only job would replace with its own: give it another output.uri (or set "
@@ -491,6 +490,8 @@ def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int]]:
                        ) if finished and spec.output.onExisting != "overwrite" and env.is_main else None
         dist.fail_together(err, "the output check")
         return "train", steps
+    if plan == "resume":
+        check_fingerprint(spec, settings, latest, env)
     if plan == "train" and steps:
         clear_checkpoints(spec, settings, steps, env)
         steps = []

@@ -97,3 +97,12 @@ operator against the emulated API server and compares). Namespaced resources go 
   verbs: [list, watch]
 {{- end }}
 {{- end -}}
+
+{{/*
+The pods' UID: runAsUser, "platform" (OpenShift assigns it), or 1000 when the value is missing
+(helm upgrade --reuse-values over a release made before the value existed).
+*/}}
+{{- define "kubelora.runAsUser" -}}
+{{- $v := .Values.runAsUser -}}
+{{- if eq (toString $v) "platform" -}}platform{{- else -}}{{- int (default 1000 $v) -}}{{- end -}}
+{{- end -}}
