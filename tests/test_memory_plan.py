@@ -180,7 +180,8 @@ def test_a_gpu_out_of_memory_names_the_settings_that_lower_a_step_and_is_not_ret
                        "output": {"uri": "/o"}})
     msg = train.out_of_memory(err, lean)
     assert "gradientCheckpointing" not in msg and "transformerDtype" not in msg and "cpuOffload" not in msg
-    assert msg.endswith("Lower what a step needs: a smaller dataset.resolution")
+    assert msg.endswith("Lower what a step needs: a smaller dataset.resolution (another run: output.uri or "
+                        "output.onExisting: overwrite)")
 
 
 def test_an_out_of_memory_run_exits_2_with_the_message_once(monkeypatch, capsys):

@@ -383,13 +383,15 @@ def out_of_memory(error: BaseException, spec: LoRATrainingJobSpec) -> str:
                      + (", overriding the memory plan's choice in the log's [memory] line)"
                         if t.gradientCheckpointing is None else ")"))
     if spec.model.transformerDtype != "float8" and spec.adapter.type != "full":
-        fixes.append("model.transformerDtype: float8 (half the weight memory)")
+        fixes.append("model.transformerDtype: float8 (half the weight memory; other numerics, so the run starts "
+                     "again from step 1: another output.uri or output.onExisting: overwrite)")
     if not t.cpuOffload:
         fixes.append("training.cpuOffload: true")
     if t.microBatchSize > 1:
         fixes.append(f"a training.microBatchSize below {t.microBatchSize} (gradientAccumulationSteps keeps the "
                      "batch size)")
-    fixes.append("a smaller dataset.resolution" + (" or frame count" if RULES[spec.model.type].video else ""))
+    fixes.append("a smaller dataset.resolution" + (" or frame count" if RULES[spec.model.type].video else "")
+                 + " (another run: output.uri or output.onExisting: overwrite)")
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (f"the GPU ran out of memory ({first}); a retry would run out at the same step. Lower what a step "
             f"needs: " + "; ".join(fixes))
