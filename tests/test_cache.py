@@ -260,8 +260,8 @@ def test_second_run_builds_no_encoder_and_a_new_resolution_encodes_only_its_samp
     m = json.loads((tmp_path / "only" / "manifest.json").read_text())
     assert m["cacheOnly"] is True and m["artifacts"] == [] and m["cache"]["entries"] == 3
     from kubelora_trainer import storage, train
-    assert train.cache_only_manifest(only, storage.S3Settings()) is True
-    assert train.cache_only_manifest(one, storage.S3Settings()) is False
+    assert train.read_manifest(only, storage.S3Settings()).get("cacheOnly") is True   # not a finished run
+    assert train.read_manifest(one, storage.S3Settings()).get("cacheOnly") is None
     # ... and a cache-only job never replaces a finished run's manifest.json
     before = (tmp_path / "out" / "manifest.json").read_text()
     only_here = _spec(tiny_flux_dir, data, tmp_path / "out", resolutions=[32], cacheOnly=True)

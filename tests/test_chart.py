@@ -31,7 +31,9 @@ EXTRAS = {"cacheVolumeClaim": {"create": True, "storageClassName": "nfs", "size"
           "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/kl"}}}
 NO_SA = {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"create": False},
          "metrics": {"service": {"enabled": False}}}
-VARIATIONS = {"defaults": {}, "monitors": MONITORS, "namespaced": {**NAMESPACED, **MONITORS, "cacheVolumeClaim": {"create": True}},
+SHARED = {"rbac": {"secretNames": ["s3-creds"]}, "runAsUser": "platform", "trainer": {"shmSize": "64Gi"},
+          "operator": {"s3": {"jobCredentialsOnly": True, "allowedEndpoints": ["http://minio.minio:9000"]}}}
+VARIATIONS = {"defaults": {}, "monitors": MONITORS, "shared-cluster": {**SHARED, **NAMESPACED}, "namespaced": {**NAMESPACED, **MONITORS, "cacheVolumeClaim": {"create": True}},
               "extras": EXTRAS, "no-sa-no-rbac": NO_SA, "scaled-to-zero": {"operator": {"replicas": 0}}}
 
 

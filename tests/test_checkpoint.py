@@ -245,6 +245,7 @@ def test_resume_refuses_changed_settings_skips_a_corrupt_checkpoint_and_overwrit
 
     rc, log = _run(_job(tmp_path / "lr.yaml", tiny_flux_dir, data, str(out), steps=4, learningRate=1e-3), env, nproc=1)
     assert rc == 2 and "(training.learningRate: 0.003 -> 0.001); resuming would mix them" in log, log[-3000:]
+    assert log.count("[error]") == 1 and log.strip().splitlines()[-1].startswith("[error] "), log[-3000:]  # once, last
     assert "output.onExisting: overwrite" in log and "[phase] stage-in" not in log, log[-3000:]
 
     shard = out / "checkpoints/step-4/state/__0_0.distcp"
@@ -266,6 +267,7 @@ def test_resume_refuses_changed_settings_skips_a_corrupt_checkpoint_and_overwrit
     job.write_text(yaml.safe_dump(doc))
     rc, log = _run(job, env, nproc=1)
     assert rc == 2 and "training.steps (the cosine learning-rate schedule depends on it): 4 -> 5" in log, log[-3000:]
+    assert log.count("[error]") == 1 and log.strip().splitlines()[-1].startswith("[error] "), log[-3000:]
 
     # overwrite, 3 steps: without deleting the old ones first, pruning would keep the old step 4 over the new 2
     doc["training"]["steps"], doc["output"]["onExisting"] = 3, "overwrite"

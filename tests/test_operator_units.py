@@ -537,3 +537,23 @@ def test_a_mig_profile_and_a_workload_identity_service_account_reach_the_pods():
     with pytest.raises(SpecError, match="resources.limits\\['nvidia.com/mig-3g.40gb'\\] is set from resources.gpusPerNode"):
         parse_spec({**SPEC, "resources": {"gpuResource": "nvidia.com/mig-3g.40gb",
                                           "limits": {"nvidia.com/mig-3g.40gb": "1"}}})
+
+
+def test_which_refused_creates_are_waited_for():
+    from kubelora_operator.kube import deferrable
+    quota = 'services "x-workers" is forbidden: exceeded quota: svc, requested: count/services=1'
+    assert deferrable(403, quota) and deferrable(429, "Too Many Requests") and deferrable(408, "timeout")
+    assert not deferrable(403, 'jobs.batch is forbidden: User "system:serviceaccount:kl:kl" cannot create')
+    assert not deferrable(422, "Job.batch is invalid")
+
+
+def test_a_secret_rbac_does_not_let_the_operator_read_is_said_not_raised(monkeypatch):
+    """RBAC is not emulated (every request is allowed there): the 403 the real API server answers
+    for a Secret outside rbac.secretNames is stood in for at the kube.secret_data boundary."""
+    from kubelora_operator import handlers, kube
+
+    def forbidden(namespace, name):
+        raise kube.SecretForbidden(name)
+    monkeypatch.setattr(kube, "secret_data", forbidden)
+    settings, error = handlers._settings(parse_spec(SPEC), "ml")
+    assert "the operator may not read Secret 's3-creds'" in error and "rbac.secretNames" in error

@@ -39,6 +39,7 @@ def words(name: str) -> tuple[str, ...]:
 
 def user(name: str, default: int | None) -> int | None:
     """A UID: a number, or 'platform' (None: the platform assigns it, as OpenShift does)."""
-    if os.environ.get(name, "").strip().lower() == "platform":
+    raw = os.environ.get(name, "").strip()
+    if raw.lower() == "platform":
         return None
-    return int(number(name, default)) if default is not None or os.environ.get(name, "").strip() else None
+    return int(number(name, default)) if raw else default

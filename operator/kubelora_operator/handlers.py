@@ -56,8 +56,7 @@ def operator_config() -> manifests.OperatorConfig:
         metrics_port=int(env.number("KUBELORA_TRAINER_METRICS_PORT", manifests.OperatorConfig.metrics_port)),
         metrics_linger_seconds=int(env.number("KUBELORA_TRAINER_METRICS_LINGER_SECONDS",
                                               manifests.OperatorConfig.metrics_linger_seconds)),
-        image_pull_secrets=tuple(n.strip() for n in os.environ.get("KUBELORA_TRAINER_IMAGE_PULL_SECRETS", "").split(",")
-                                 if n.strip()),
+        image_pull_secrets=env.words("KUBELORA_TRAINER_IMAGE_PULL_SECRETS"),
     )
 
 

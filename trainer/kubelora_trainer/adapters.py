@@ -58,7 +58,7 @@ def prepare(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
             out.n_trainable += lora.inject(module, cfg, spec.training.seed)
             out.configs[name] = cfg
     if not full:  # a target set an output format cannot carry fails now, not after training
-        export.check_exportable(family, spec, export.zero_lora(comps.trainable))
+        export.check_exportable(family, spec, gather(comps))  # not sharded yet: no collective
     for name, module in comps.trainable.items():
         offload = spec.training.cpuOffload
         if name == denoiser and spec.model.transformerDtype == "float8":

@@ -85,23 +85,8 @@ def file_metadata(meta: dict[str, str], fmt: str, folded: bool) -> dict[str, str
     return out
 
 
-def zero_lora(modules: dict) -> dict:
-    """{component: {module: (zero lora_A, zero lora_B)}} shaped as the LoRA layers peft injected
-    into each component (modules: {component: nn.Module}), on the CPU."""
-    import torch
-    out = {}
-    for component, module in modules.items():
-        out[component] = {}
-        for name, sub in module.named_modules():
-            a, b = getattr(sub, "lora_A", None), getattr(sub, "lora_B", None)
-            if a is not None and "default" in a:
-                out[component][name] = (torch.zeros(tuple(a["default"].weight.shape)),
-                                        torch.zeros(tuple(b["default"].weight.shape)))
-    return out
-
-
 def check_exportable(family, spec, tensors) -> None:
-    """Export tensors (zeros shaped as the injected LoRA, see zero_lora) to every output format, so
+    """Export tensors (the freshly injected LoRA, adapters.gather) to every output format, so
     that a target set a format cannot carry fails before training, not after it. Raises
     lora.AdapterError naming adapter.targetModules and output.formats."""
     for fmt in spec.output.formats or [RULES[spec.model.type].formats[0]]:

@@ -149,12 +149,6 @@ def read_manifest(spec, settings, client=None) -> dict:
             return {}
 
 
-def cache_only_manifest(spec, settings, client=None) -> bool:
-    """Whether output.uri's manifest.json was written by a dataset.cacheOnly run (then it is
-    not a finished training run)."""
-    return bool(read_manifest(spec, settings, client).get("cacheOnly"))
-
-
 def extends(manifest: dict, steps: list[int], spec) -> bool:
     """A finished LoRA run that this spec trains further: more training.steps than it had, and its
     last step's checkpoint is there (a LoRA run always writes it; a full fine-tune does not, so it
