@@ -198,3 +198,46 @@ def test_gpus_without_fp8_tensor_cores_fall_back_with_a_warning(monkeypatch):
     assert adapters.float8_compute("dequant", CPU) == ("dequant", None)
     mode, warning = adapters.float8_compute("fp8_transposed", torch.device("cuda", 0))
     assert mode == "dequant" and "float8Compute fp8_transposed" in warning
+
+
+def test_blocks_with_fp8_gemms_are_compiled_inside_their_checkpoint():
+    """compile(checkpoint(block)) let inductor's partitioner keep the bf16 inputs of fp8 linears
+    for backward on CUDA (HunyuanVideo fp8 with checkpointing held 27 GiB for backward instead of
+    3.4 GiB; bench/gpu/fp8_ckpt.py, decisions.md 47), so blocks with fp8 GEMMs are compiled first
+    and then wrapped; others keep torchtitan's order. The CPU compiles both correctly, so this
+    checks the order and that a compiled, checkpointed fp8 block gives the eager gradient."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    def blocks(compute):
+        torch.manual_seed(0)
+        seq = nn.ModuleList(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)) for _ in range(2))
+        seq.requires_grad_(False)
+        for b in seq:
+            if compute:
+                b[0] = fp8.Float8Linear(b[0], torch.bfloat16, compute)
+        return seq
+
+    assert dist.compile_inside_checkpoint(blocks("fp8")[0])
+    assert not dist.compile_inside_checkpoint(blocks("dequant")[0])  # no fp8 GEMM: the usual order
+    assert not dist.compile_inside_checkpoint(blocks(None)[0])
+    x = torch.randn(2, 8, 32)
+    grads = []
+    for compile_blocks in (False, True):
+        lists = [blocks("fp8")]
+        model = nn.Sequential(*lists[0])
+        ctx = dist.parallelize(model, lists, sharding="none", compute_dtype=torch.bfloat16,
+                               recompute={(0, 0), (0, 1)}, compile_blocks=compile_blocks)
+        wrapped = lists[0][0]
+        assert isinstance(wrapped, CheckpointWrapper)
+        # compiled inside: the wrapper runs eagerly around a compiled block
+        assert (wrapped._compiled_call_impl is None) and ((wrapped._checkpoint_wrapped_module._compiled_call_impl
+                                                            is not None) == compile_blocks)
+        xi = x.clone().requires_grad_(True)
+        with ctx():
+            h = xi
+            for b in lists[0]:
+                h = b(h)
+        h.float().square().sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0.02, atol=0.02)
+    torch._dynamo.reset()

@@ -11,10 +11,10 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, peft, diffusers; print(torch.__version__, peft.__version__, diffusers.__version__)" | tee -a "$OUT/gpu.txt"
-# the next run's questions (docs/benchmarks.md): the memory plan on HunyuanVideo bf16 (partial
-# recompute against the stock stack's full one) and fp8 with checkpointing eager vs compiled
-# (the fp8 memory anomaly); about 2 minutes a case
-CASES=${CASES:-"kubelora:hunyuan:compile_auto kubelora:hunyuan:eager_gc_fp8 kubelora:hunyuan:compile_gc_fp8 kubelora:flux:compile_auto_fp8"}
+# the next run's questions (docs/benchmarks.md, fourth run): the memory plan with fp8 now that
+# checkpointing works around fp8 GEMMs, Flux fp8 with checkpointing, training.cpuOffload on a GPU,
+# and the stock Flux step for the ratio; about 2 minutes a case
+CASES=${CASES:-"kubelora:hunyuan:compile_auto_fp8 kubelora:flux:compile_gc_fp8 kubelora:hunyuan:compile_gc_off stock:flux:bf16_compile_nogc"}
 for c in $CASES; do
   IFS=: read -r runner model mode <<<"$c"
   log="/tmp/${runner}_${model}_${mode}.err"

@@ -131,9 +131,16 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for j, blocks in enumerate(block_lists):
         for i, block in enumerate(blocks):
+            # fp8 GEMMs: checkpoint around the compiled block, not compile around the checkpoint.
+            # Compiled around, inductor's partitioner saved the bf16 inputs of the fp8 linears
+            # anyway on CUDA (HunyuanVideo: 27 GiB kept for the backward instead of 3.4; a toy
+            # block 5x; bench/gpu/fp8_ckpt.py, decisions.md 47); CPU does not show it.
+            inside = compile_blocks and compile_inside_checkpoint(block)
+            if inside:
+                block.compile()
             if (j, i) in recompute:
                 block = checkpoint_wrapper(block)
-            if compile_blocks:
+            if compile_blocks and not inside:
                 block.compile()
             blocks[i] = block
     if sharding == "shard" or os.environ.get("KUBELORA_FSDP_SINGLE") == "1":
@@ -150,6 +157,13 @@ def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], 
         fully_shard(model, mp_policy=mp, offload_policy=off)
     device_type = device_type or next(model.parameters()).device.type  # offloaded weights sit on the CPU
     return compute_context(device_type, compute_dtype)
+
+
+def compile_inside_checkpoint(block: torch.nn.Module) -> bool:
+    """Whether a block is compiled inside its checkpoint wrapper: when it runs fp8 GEMMs."""
+    from .fp8 import Float8Linear
+
+    return any(isinstance(m, Float8Linear) and m.compute != "dequant" for m in block.modules())
 
 
 def compute_context(device_type: str, compute_dtype: torch.dtype):
