@@ -376,3 +376,53 @@ def test_parse_takes_every_linear_of_the_transformer_and_refuses_other_families_
         file = get_family(other).export({"transformer": {module: one}}, 1.0, "comfyui")
         with pytest.raises(ValueError, match="not modules of the LTX-Video transformer: .*another model type"):
             FAMILY.parse(file, "comfyui")
+
+
+def test_causal_temporal_positions_follow_diffusers_ltx_condition_pipeline(tiny_ltx_dir):
+    """video_coords: uniform positions give exactly the rotary embedding LTXPipeline's
+    rope_interpolation_scale gives; causal ones are LTXConditionPipeline's own video ids (8f-7,
+    clamped at 0, in seconds). Unset, the checkpoint decides by its VAE, as diffusers' loader does."""
+    from diffusers import LTXConditionPipeline, LTXVideoTransformer3DModel
+    from kubelora_trainer.models.ltx_video.family import causal_positions, video_coords
+
+    tr = LTXVideoTransformer3DModel.from_pretrained(tiny_ltx_dir, subfolder="transformer")
+    b, f, h, w, fps = 2, 3, 4, 5, 25
+    hidden = torch.zeros(b, f * h * w, 8)
+    uniform = video_coords(b, f, h, w, temporal=8, spatial=32, patch=1, patch_t=1, fps=fps, causal=False)
+    ref = tr.rope(hidden, f, h, w, (8 / fps, 32, 32), None)
+    for got, want in zip(tr.rope(hidden, f, h, w, None, uniform), ref):
+        torch.testing.assert_close(got, want)
+    causal = video_coords(b, f, h, w, temporal=8, spatial=32, patch=1, patch_t=1, fps=fps, causal=True)
+    ids = LTXConditionPipeline._scale_video_ids(LTXConditionPipeline._prepare_video_ids(b, f, h, w), 32, 8).float()
+    ids[:, 0] = ids[:, 0] / fps
+    torch.testing.assert_close(causal, ids)
+    assert sorted(set(causal[0, 0].tolist())) == pytest.approx([0, 1 / fps, 9 / fps])  # frames 0, 1, 9
+    # which checkpoint: the setting wins; unset, the 0.9.5+ VAE means causal
+    new_vae = {"down_block_types": ["LTXVideoDownBlock3D"] * 3 + ["LTXVideo095DownBlock3D"]}
+    assert causal_positions(None, new_vae)[0] and not causal_positions(None, {"down_block_types": ["LTXVideoDownBlock3D"]})[0]
+    assert causal_positions(False, new_vae) == (False, "model.causalTemporalPositioning")
+
+
+def test_causal_positions_change_video_training_not_images_and_samples_follow(tiny_ltx_dir):
+    """With causal positions a clip's loss differs (frames sit elsewhere in time), a one-frame
+    item's is identical (frame 0 is at 0 either way); samples then come from LTXConditionPipeline."""
+    from types import SimpleNamespace
+    from kubelora_trainer.models import get_family
+
+    fam = get_family("ltx-video")
+    comps = {c: fam.load(SimpleNamespace(dtype="float32", causalTemporalPositioning=c), {"diffusersPath": str(tiny_ltx_dir)},
+                         torch.device("cpu")) for c in (False, True)}
+    comps[True].trainable["transformer"].load_state_dict(comps[False].trainable["transformer"].state_dict())
+    assert comps[True].info["causal"] and not comps[False].info["causal"]
+    g = torch.Generator().manual_seed(0)
+    spec = SimpleNamespace(timestepSampling="uniform")
+    for frames, same in ((3, False), (1, True)):
+        batch = {"latents": torch.randn(1, 8, frames, 4, 4, generator=g), "prompt_embeds": torch.randn(1, 6, 32, generator=g),
+                 "prompt_mask": torch.ones(1, 6, dtype=torch.long)}
+        losses = [fam.loss(comps[c], batch, None, spec, torch.Generator().manual_seed(1)) for c in (False, True)]
+        assert bool(torch.equal(losses[0], losses[1])) == same, (frames, losses)
+    prompt = {"prompt": "a blue square", "negativePrompt": "", "guidance": 1.0, "index": 0, "height": 32, "width": 32,
+              "frames": 9, "steps": 2}
+    kit = fam.sampling_kit(comps[True], [prompt])
+    clip = fam.sample(kit, comps[True], prompt, torch.Generator().manual_seed(0))
+    assert clip.shape == (9, 32, 32, 3) and (0 <= clip).all() and (clip <= 1).all()

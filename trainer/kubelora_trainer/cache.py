@@ -44,7 +44,7 @@ CACHE_FORMAT = 5  # bump whenever what encode() writes for the same inputs chang
 # model settings the encoders never see (the denoiser's storage, the loss, the guidance input): not in
 # the key, so changing one, or the model's URI, reuses the cache (dataset.cacheUri across clusters too)
 TRAINING_ONLY = {"transformerDtype", "float8Compute", "fluxShift", "bypassGuidanceEmbedding", "guidance", "vPred",
-                 "zeroTerminalSnr", "minSnrGamma"}
+                 "zeroTerminalSnr", "minSnrGamma", "causalTemporalPositioning"}
 # files of the denoiser, which encoding does not use: a separate transformer file, or these folders
 DENOISER_FIELDS = {"transformerPath"}
 DENOISER_DIRS = {"transformer", "transformers", "unet"}

@@ -14,7 +14,8 @@ from .models.rules import FamilyRules
 
 PATH_FIELDS = ("diffusersPath", "checkpointPath", "ckptPath", "transformerPath", "vaePath", "llmPath", "clipPath",
                "textEncoderPath")
-OPTION_FIELDS = ("fluxShift", "bypassGuidanceEmbedding", "guidance", "vPred", "zeroTerminalSnr", "minSnrGamma")
+OPTION_FIELDS = ("fluxShift", "bypassGuidanceEmbedding", "guidance", "vPred", "zeroTerminalSnr", "minSnrGamma",
+                 "causalTemporalPositioning")
 
 RULES: dict[str, FamilyRules] = {t: importlib.import_module(f"{__package__}.models.{m}").RULES for t, m in FAMILIES.items()}
 COSMOS_ANY_SIZE_ENV = importlib.import_module(f"{__package__}.models.cosmos").ANY_SIZE_ENV

@@ -86,6 +86,13 @@ class ModelSpec(_Model):
     guidance: Optional[float] = Field(
         default=None, ge=0.0, le=30.0,
         description="Flux: guidance value fed to the guidance embedding while training (default 1.0).")
+    causalTemporalPositioning: Optional[bool] = Field(
+        default=None, description="LTX-Video: place latent frame f at max(0, 8f-7) frames in the rotary positions, as "
+                                  "the original pipeline (and diffusion-pipe, ComfyUI, diffusers' LTXConditionPipeline) "
+                                  "does for checkpoints whose config sets causal_temporal_positioning (0.9.5 and later); "
+                                  "false: at 8f (0.9.0, 0.9.1; diffusers' LTXPipeline). Unset: from the checkpoint, "
+                                  "true when its VAE is the 0.9.5+ one (LTXVideo095DownBlock3D, how diffusers tells the "
+                                  "versions apart). Images (one frame) are unaffected.")
     vPred: bool = Field(default=False, description="SDXL: the model is a v-prediction model (else epsilon).")
     zeroTerminalSnr: Optional[bool] = Field(
         default=None, description="SDXL: rescale the noise schedule to zero terminal SNR (as NoobAI v-pred and other "

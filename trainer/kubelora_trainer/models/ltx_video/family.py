@@ -69,6 +69,34 @@ def check_layout(root: Path) -> None:
         raise ModelError(f"{field}: {root} lacks {', '.join(missing)}; expected {expected}")
 
 
+def causal_positions(setting, vae_config: dict) -> tuple[bool, str]:
+    """(causal, why): model.causalTemporalPositioning, or unset, what the checkpoint is. LTX-Video
+    0.9.5 and later (whose original configs set causal_temporal_positioning) have a VAE whose
+    encoder ends in an LTXVideo095DownBlock3D, which is how diffusers' own loader tells them from
+    0.9.0/0.9.1; a diffusers folder keeps no other trace of the setting. Pure."""
+    if setting is not None:
+        return bool(setting), "model.causalTemporalPositioning"
+    new_vae = "LTXVideo095DownBlock3D" in (vae_config.get("down_block_types") or ())
+    return new_vae, ("the checkpoint's VAE is LTX-Video 0.9.5's or later" if new_vae
+                     else "the checkpoint's VAE is LTX-Video 0.9.0/0.9.1's")
+
+
+def video_coords(batch: int, frames: int, height: int, width: int, *, temporal: int, spatial: int,
+                 patch: int, patch_t: int, fps: float, causal: bool, device=None) -> torch.Tensor:
+    """[batch, 3, tokens] positions of the packed latent tokens in (seconds, pixels, pixels), as
+    the transformer's rotary embedding takes them (video_coords): latent frame f at
+    max(0, temporal*f + 1 - temporal) frames when causal (LTXConditionPipeline, the original
+    pipeline's causal_fix), at temporal*f otherwise (what LTXPipeline's rope_interpolation_scale
+    gives). frames/height/width count tokens; the grid steps by the patch sizes. Pure."""
+    f = torch.arange(frames, dtype=torch.float32, device=device) * patch_t * temporal
+    if causal:
+        f = (f + 1 - temporal).clamp(min=0)
+    h = torch.arange(height, dtype=torch.float32, device=device) * patch * spatial
+    w = torch.arange(width, dtype=torch.float32, device=device) * patch * spatial
+    grid = torch.stack(torch.meshgrid(f / fps, h, w, indexing="ij"), dim=0).reshape(3, -1)
+    return grid.unsqueeze(0).expand(batch, -1, -1)
+
+
 def comfy_name(module: str) -> str:
     """diffusers module path -> ComfyUI's (path components renamed one by one)."""
     return ".".join(COMFY_RENAMES.get(part, part) for part in module.split("."))
@@ -95,11 +123,15 @@ class LTXVideo:
         dtype = getattr(torch, model_spec.dtype)
         transformer = LTXVideoTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
         transformer.to(device)
-        info = {"patch": transformer.config.patch_size, "patch_t": transformer.config.patch_size_t}
+        vae_config = AutoencoderKLLTXVideo.load_config(root, subfolder="vae")
+        causal, why = causal_positions(getattr(model_spec, "causalTemporalPositioning", None), vae_config)
+        print(f"[model] ltx-video: latent frame f at {'max(0, 8f-7)' if causal else '8f'} frames in the rotary "
+              f"positions ({'causal' if causal else 'uniform'}, {why})", flush=True)
+        info = {"patch": transformer.config.patch_size, "patch_t": transformer.config.patch_size_t, "causal": causal}
         if not encoders:  # the VAE's compression ratios from its config, as its __init__ computes them
             import inspect
             defaults = {k: p.default for k, p in inspect.signature(AutoencoderKLLTXVideo.__init__).parameters.items()}
-            cfg = {**defaults, **AutoencoderKLLTXVideo.load_config(root, subfolder="vae")}
+            cfg = {**defaults, **vae_config}
             scaled = sum(cfg["spatio_temporal_scaling"])
             info.update(spatial=cfg["spatial_compression_ratio"] or cfg["patch_size"] * 2 ** scaled,
                         temporal=cfg["temporal_compression_ratio"] or cfg["patch_size_t"] * 2 ** scaled)
@@ -149,11 +181,16 @@ class LTXVideo:
         # (it only adds zeros to the scores, and keeps SDPA off flash attention)
         embeds, mask = trim_text_padding(batch["prompt_embeds"], batch["prompt_mask"])
         mask = None if bool(mask.bool().all()) else mask
+        if info.get("causal"):
+            positions = {"video_coords": video_coords(b, f // pt, h // p, w // p, temporal=info["temporal"],
+                                                      spatial=info["spatial"], patch=p, patch_t=pt, fps=FRAME_RATE,
+                                                      causal=True, device=x0.device)}
+        else:
+            positions = {"rope_interpolation_scale": (info["temporal"] / FRAME_RATE, info["spatial"], info["spatial"])}
         pred = tr(hidden_states=LTXPipeline._pack_latents(xt, p, pt).to(dtype),
                   encoder_hidden_states=embeds, timestep=t * 1000,
                   encoder_attention_mask=mask, num_frames=f // pt, height=h // p, width=w // p,
-                  rope_interpolation_scale=(info["temporal"] / FRAME_RATE, info["spatial"], info["spatial"]),
-                  return_dict=False)[0]
+                  **positions, return_dict=False)[0]
         lmask = batch.get("mask")  # [B, h, w] on the latent grid, every frame, packed like the latents
         weight = None if lmask is None else LTXPipeline._pack_latents(mask_weights(lmask, x0.shape), p, pt)
         return weighted_mse(pred, LTXPipeline._pack_latents(target, p, pt), weight)
@@ -175,10 +212,18 @@ class LTXVideo:
 
     @torch.no_grad()
     def sample(self, kit, comps, prompt, generator):
-        """One clip [F, H, W, 3] in [0, 1] from LTXPipeline around the transformer being trained."""
-        from diffusers import LTXPipeline
-        pipe = LTXPipeline(scheduler=kit["scheduler"], vae=kit["vae"], text_encoder=None, tokenizer=None,
-                           transformer=comps.trainable["transformer"])
+        """One clip [F, H, W, 3] in [0, 1] from LTXPipeline around the transformer being trained
+        (LTXConditionPipeline, without conditions, with causal temporal positions: it places frames
+        as the training did)."""
+        from diffusers import LTXConditionPipeline, LTXPipeline
+        scheduler, cls = kit["scheduler"], LTXPipeline
+        if comps.info.get("causal"):
+            # its own timesteps (linear-quadratic), which a dynamically shifting scheduler (the
+            # 0.9.0/0.9.1 pipelines' config) refuses without a shift
+            cls = LTXConditionPipeline
+            scheduler = type(scheduler).from_config(scheduler.config, use_dynamic_shifting=False)
+        pipe = cls(scheduler=scheduler, vae=kit["vae"], text_encoder=None, tokenizer=None,
+                   transformer=comps.trainable["transformer"])
         pipe.set_progress_bar_config(disable=True)
         return pipe(**kit["embeds"][prompt["index"]], height=prompt["height"], width=prompt["width"],
                     num_frames=prompt["frames"], frame_rate=FRAME_RATE, num_inference_steps=prompt["steps"],
