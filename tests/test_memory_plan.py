@@ -161,6 +161,7 @@ def test_a_run_with_too_little_memory_recomputes_every_block_and_says_so(tmp_pat
     log = capsys.readouterr().out
     assert "[memory] training.gradientCheckpointing unset: the forward keeps" in log
     assert "every block recomputed" in log and "[memory] warning: even with every block recomputed" in log
+    assert "[model] training.compile unset: blocks run eagerly (device cpu)" in log
     plan = json.loads((tmp_path / "out" / "manifest.json").read_text())["metrics"]["memoryPlan"]
     assert plan["recomputedBlocks"] == plan["blocks"] > 0 and plan["fits"] is False
 
@@ -243,3 +244,15 @@ def test_auto_sharding_replicates_whenever_the_plan_fits_and_shards_when_only_th
         ad = adapters.prepare(comps, FAMILY, spec, two)
         lay = adapters.layout(ad, comps, FAMILY, spec, two, probe=_batch)
         assert lay.sharding == want and lay.memory["fits"] == (want == "replicate"), (budget, lay)
+
+
+def test_compile_unset_is_on_for_ampere_and_newer_gpus_only():
+    """training.compile unset: compiled on CUDA GPUs of compute capability 8.0+, eager on CPU, older
+    GPUs and with cpuOffload; a set value always wins, and the reason names what decided."""
+    assert dist.choose_compile(None, "cuda", (9, 0)) == (True, "a CUDA GPU of compute capability 9.0")
+    assert dist.choose_compile(None, "cuda", (8, 0))[0]
+    assert not dist.choose_compile(None, "cuda", (7, 5))[0]
+    assert dist.choose_compile(None, "cpu", None) == (False, "device cpu")
+    assert dist.choose_compile(None, "cuda", (9, 0), offload=True) == (False, "training.cpuOffload")
+    assert dist.choose_compile(False, "cuda", (9, 0)) == (False, "training.compile")
+    assert dist.choose_compile(True, "cpu", None) == (True, "training.compile")

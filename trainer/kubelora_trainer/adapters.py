@@ -170,10 +170,15 @@ def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEn
     elif env.is_main and env.world > 1:
         print(f"[model] {lay.sharding}: " + ("a full copy of the model on every rank; only the adapters' gradients "
               "travel" if lay.sharding == "replicate" else "weights sharded across ranks with FSDP2"), flush=True)
+    cap = torch.cuda.get_device_capability(env.device) if env.device.type == "cuda" else None
+    compile_blocks, why = dist.choose_compile(t.compile, env.device.type, cap, t.cpuOffload)
+    if env.is_main and t.compile is None:
+        print(f"[model] training.compile unset: blocks {'compiled' if compile_blocks else 'run eagerly'} ({why})",
+              flush=True)
     for name, module in comps.trainable.items():
         out.compute = dist.parallelize(
             module, family.blocks(name, module), sharding=lay.sharding, compute_dtype=getattr(torch, spec.model.dtype),
-            recompute=lay.recompute.get(name, set()), compile_blocks=t.compile, offload=t.cpuOffload,
+            recompute=lay.recompute.get(name, set()), compile_blocks=compile_blocks, offload=t.cpuOffload,
             device_type=env.device.type)
         module.train()
         params = [p for p in module.parameters() if p.requires_grad]

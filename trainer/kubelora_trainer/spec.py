@@ -351,7 +351,11 @@ class TrainingSpec(_Model):
         description="With gradientCheckpointing, checkpoint one repeated block in N (selective by block, as "
                     "torchtitan's selective_ac_option): 1 checkpoints every block; 2 every other block, keeping "
                     "about half the activations for about half the recompute.")
-    compile: bool = Field(default=False, description="torch.compile each transformer block (regional compile).")
+    compile: Optional[bool] = Field(
+        default=None, description="torch.compile each transformer block (regional compile; the first steps take a "
+                                  "minute or more to compile). Unset: on for NVIDIA GPUs of compute capability 8.0 "
+                                  "(Ampere) and newer, where it measured 1.8x faster (docs/benchmarks.md) and is what "
+                                  "makes fp8 pay; off on CPU, and with training.cpuOffload (not measured on a GPU yet).")
     sharding: Literal["auto", "replicate", "shard"] = Field(
         default="auto", description="How several ranks hold the model. replicate: a full copy on every GPU, and only "
                                     "the adapters' gradients travel (one all-reduce per optimizer step); shard: FSDP2 "
