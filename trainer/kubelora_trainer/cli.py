@@ -4,7 +4,7 @@
     kubelora validate job.yaml                         check a manifest without running it
     kubelora crd                                       print the generated CRD
     kubelora import-config train.toml --steps 2000     diffusion-pipe config -> manifest
-    kubelora convert in.safetensors out.safetensors --model-type sdxl --from kohya --to diffusers
+    kubelora convert in.safetensors out.safetensors [--model-type sdxl] --from kohya --to diffusers
     kubelora report s3://bucket/out/run1 [--out DIR]   a job's report.html and samples, to open locally
     kubelora demo                                      tiny Flux + a local S3 server + run (make demo)
 """
@@ -116,35 +116,70 @@ def convert(args) -> int:
     from . import safetensors_file
     from .export import ALPHA_FORMATS, file_metadata
     from .families import RULES
-    from .lora_files import LoraFileError, read_lora
-    from .models import UnsupportedModel, get_family
+    from .lora_family import FamilyChoiceError, choose, readers
+    from .lora_files import LoraFileError, from_parsed, load_file, read_peft
+    from .models import UnsupportedModel, check_supported, get_family
+    named = args.model_type
     try:
-        family = get_family(args.model_type)
+        if named is not None:
+            check_supported(named)
     except UnsupportedModel as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    formats = RULES[args.model_type].formats
+    known = sorted({f for r in RULES.values() for f in r.formats})
+    formats = RULES[named].formats if named else known
     for f, readable in ((args.src, (*formats, "peft")), (args.dst, formats)):
         if f not in readable:
-            print(f"error: format {f!r} is not available for {args.model_type} (available: {', '.join(readable)})",
-                  file=sys.stderr)
+            where = f"for {named}" if named else "for any model type"
+            print(f"error: format {f!r} is not available {where} (available: {', '.join(readable)})", file=sys.stderr)
             return 2
+    model_type, notes, hint = named, [], ""
     try:
-        lora, scale, meta = read_lora(Path(args.input), family, args.src)
+        if args.src == "peft":
+            lora, scale, meta = read_peft(Path(args.input))
+        else:
+            tensors, meta = load_file(Path(args.input), args.src)
         written_by = meta.get("kubelora.model_type")
-        if written_by and written_by != args.model_type:
+        if written_by and named and written_by != named:
             raise LoraFileError(f"its metadata says kubelora trained it for {written_by} (kubelora.model_type)")
+        model_type = named or written_by
+        parsed = None
+        if args.src == "peft" and model_type is None:
+            raise LoraFileError("the checkpoint has no kubelora.model_type metadata: give --model-type")
+        if args.src != "peft" and not written_by:   # a file from elsewhere: which families read it
+            fits, why = readers(tensors, args.src)
+            if model_type is None and not fits:
+                raise LoraFileError("no model type reads it (" + "; ".join(f"{t}: {w}" for t, w in why.items()) + ")")
+            model_type, notes = choose({t: [m for mods in p[0].values() for m in mods] for t, p in fits.items()},
+                                       named)
+            parsed = fits.get(model_type)
+            if model_type not in fits and fits:
+                hint = f" (it reads as a {' or '.join(fits)} LoRA: --model-type {next(iter(fits))})"
+        check_supported(model_type)
+        family = get_family(model_type)
+        if args.dst not in RULES[model_type].formats:
+            by = "its kubelora.model_type" if written_by else "by its module names"
+            raise FamilyChoiceError(f"it is a {model_type} LoRA ({by}), and format {args.dst!r} is not available "
+                                    f"for {model_type} (available: {', '.join(RULES[model_type].formats)})")
+        if args.src != "peft":
+            lora, scale, meta = from_parsed(parsed or family.parse(tensors, args.src), meta, args.src)
         tensors = family.export(lora, scale, args.dst)
         gaps = family.export_gaps(lora, args.dst)
         n_out = sum(len(v) for v in family.parse(dict(tensors), args.dst)[0].values())   # what the file holds
-    except (LoraFileError, ValueError, KeyError, OSError) as e:
-        print(f"error: {args.input} is not a {args.model_type} LoRA in {args.src} format: {e}", file=sys.stderr)
+    except (FamilyChoiceError, UnsupportedModel) as e:
+        print(f"error: {args.input}: {e}", file=sys.stderr)
         return 2
+    except (LoraFileError, ValueError, KeyError, OSError) as e:
+        what = f"a {model_type} LoRA" if model_type else "a LoRA"
+        print(f"error: {args.input} is not {what} in {args.src} format: {e}{hint}", file=sys.stderr)
+        return 2
+    for n in notes:   # "note: ..." / "warning: ...": the file named after the label
+        print(n.replace(": ", f": {args.input}: ", 1), file=sys.stderr)
     # the written lora_B carries alpha/rank unless the written format keeps the real alpha and the
     # source's scale was the real alpha (kohya/peft .alpha, diffusers' lora_adapter_metadata)
     src_folded = meta.get("kubelora.scale_folded", str(args.src not in ALPHA_FORMATS).lower()) == "true"
     folded = args.dst not in ALPHA_FORMATS or src_folded
-    meta.setdefault("kubelora.model_type", args.model_type)
+    meta.setdefault("kubelora.model_type", model_type)
     from safetensors import SafetensorError
     try:
         safetensors_file.save(tensors, args.output, metadata=file_metadata(meta, args.dst, folded))
@@ -234,7 +269,10 @@ def main(argv=None) -> int:
     cv = sub.add_parser("convert", help="convert a LoRA file between formats")
     cv.add_argument("input")
     cv.add_argument("output")
-    cv.add_argument("--model-type", required=True, help="model family of the LoRA (flux, sdxl, ...)")
+    cv.add_argument("--model-type", help="model family of the LoRA (flux, sdxl, ...); default: the file's "
+                                         "kubelora.model_type metadata, else the one family its module names fit "
+                                         "(refused when several fit: Flux.1's and HunyuanVideo's diffusers names "
+                                         "coincide)")
     cv.add_argument("--from", dest="src", required=True,
                     help="format of the input file; 'peft' reads kubelora's checkpoint folder (checkpoints/step-N)")
     cv.add_argument("--to", dest="dst", required=True, help="format to write: one of the family's output.formats "

@@ -22,17 +22,21 @@ class LoraFileError(ValueError):
     pass
 
 
-def read_lora(path: Path, family, fmt: str) -> tuple[dict, float, dict[str, str]]:
-    """(LoraTensors, scale still to apply, file metadata)."""
-    if fmt == "peft":
-        return read_peft(path)
+def load_file(path: Path, fmt: str) -> tuple[dict, dict[str, str]]:
+    """A .safetensors LoRA file's (tensors, metadata)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file as load
     if not path.is_file():
         raise LoraFileError(f"no such file (for --from {fmt}, give the .safetensors file)")
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
-    lora, scale = family.parse(load_file(str(path)), fmt)
+    return load(str(path)), meta
+
+
+def from_parsed(parsed: tuple[dict, float], meta: dict[str, str], fmt: str) -> tuple[dict, float, dict[str, str]]:
+    """A family's parse of a file, with diffusers' lora_adapter_metadata applied to the scale:
+    (LoraTensors, scale still to apply, file metadata)."""
+    lora, scale = parsed
     raw = meta.get(LORA_ADAPTER_METADATA_KEY)
     if fmt == "diffusers" and raw:
         try:

@@ -41,6 +41,10 @@ class FamilyRules:
     # when that changes for the same inputs, so old entries of this family are not reused (and
     # other families' entries still are)
     cache_format: int = 0
+    # (diffusers block list, how many its largest released model has), from the shipped configs: a
+    # LoRA module on a block past these is not this family's, which tells apart families whose
+    # diffusers module names coincide (Flux.1 and HunyuanVideo) when a file has no kubelora metadata
+    released_blocks: tuple[tuple[str, int], ...] = ()
 
     @property
     def paths(self) -> set[str]:

@@ -15,4 +15,5 @@ GUARDRAIL_ENV = "KUBELORA_COSMOS_GUARDRAIL"
 RULES = FamilyRules(sources=(("transformerPath", "vaePath", "textEncoderPath"),), video=True, flow_matching=False,
                     folder_paths=("textEncoderPath",),  # the T5 weights and the t5-11b tokenizer
                     sizes=SIZES, frames=FRAMES, default_frames=121, fps=24, formats=("comfyui", "diffusers"),
-                    sampling=SamplingRules(guidance=7.0, steps=36, negative_prompt=True))
+                    sampling=SamplingRules(guidance=7.0, steps=36, negative_prompt=True),
+                    released_blocks=(("transformer_blocks", 36),))   # 14B; 7B: 28

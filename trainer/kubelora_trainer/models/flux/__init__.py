@@ -6,4 +6,5 @@ from ..rules import FamilyRules, SamplingRules
 RULES = FamilyRules(sources=(("diffusersPath",),), optional_paths=("transformerPath",),
                     options=("fluxShift", "bypassGuidanceEmbedding", "guidance"),
                     formats=("diffusers", "kohya", "comfyui"),
-                    sampling=SamplingRules(guidance=3.5, steps=20))
+                    sampling=SamplingRules(guidance=3.5, steps=20),
+                    released_blocks=(("transformer_blocks", 19), ("single_transformer_blocks", 38)))
