@@ -25,3 +25,11 @@ def test_operator_image_installs_no_torch():
     text = (REPO / "images" / "operator.Dockerfile").read_text()
     assert '".[operator]"' in text and "[trainer" not in text
     assert "USER 1000" in (REPO / "images" / "trainer.Dockerfile").read_text()  # matches the pod securityContext
+
+
+def test_trainer_image_can_compile():
+    """torch.compile on a GPU (training.compile's default there) needs Triton to build its launcher
+    with a C compiler and Python's headers; the runtime CUDA base image has neither."""
+    text = (REPO / "images" / "trainer.Dockerfile").read_text()
+    install = next(line for line in text.splitlines() if "apt-get install" in line).split()
+    assert {"gcc", "libc6-dev", "python3-dev"} <= set(install)

@@ -246,13 +246,38 @@ def test_auto_sharding_replicates_whenever_the_plan_fits_and_shards_when_only_th
         assert lay.sharding == want and lay.memory["fits"] == (want == "replicate"), (budget, lay)
 
 
-def test_compile_unset_is_on_for_ampere_and_newer_gpus_only():
+def test_compile_unset_is_on_for_ampere_and_newer_gpus_that_can_compile():
     """training.compile unset: compiled on CUDA GPUs of compute capability 8.0+, eager on CPU, older
-    GPUs and with cpuOffload; a set value always wins, and the reason names what decided."""
-    assert dist.choose_compile(None, "cuda", (9, 0)) == (True, "a CUDA GPU of compute capability 9.0")
-    assert dist.choose_compile(None, "cuda", (8, 0))[0]
-    assert not dist.choose_compile(None, "cuda", (7, 5))[0]
-    assert dist.choose_compile(None, "cpu", None) == (False, "device cpu")
-    assert dist.choose_compile(None, "cuda", (9, 0), offload=True) == (False, "training.cpuOffload")
-    assert dist.choose_compile(False, "cuda", (9, 0)) == (False, "training.compile")
-    assert dist.choose_compile(True, "cpu", None) == (True, "training.compile")
+    GPUs, with cpuOffload and where Triton could not build its launcher; a set value always wins,
+    and the reason names what decided."""
+    from kubelora_trainer.compiling import choose_compile, compiler_problem
+    assert choose_compile(None, "cuda", (9, 0)) == (True, "a CUDA GPU of compute capability 9.0")
+    assert choose_compile(None, "cuda", (8, 0))[0]
+    assert not choose_compile(None, "cuda", (7, 5))[0]
+    assert choose_compile(None, "cpu", None) == (False, "device cpu")
+    assert choose_compile(None, "cuda", (9, 0), offload=True) == (False, "training.cpuOffload")
+    assert choose_compile(False, "cuda", (9, 0)) == (False, "training.compile")
+    assert choose_compile(True, "cpu", None) == (True, "training.compile")
+    no_cc = compiler_problem("cuda", which=lambda _: None, env={})
+    assert "no C compiler" in no_cc
+    assert choose_compile(None, "cuda", (9, 0), problem=no_cc) == (False, f"cannot compile here: {no_cc}")
+    # a compiler but no Python.h (an image without python3-dev), and what this machine has
+    assert "python3-dev" in compiler_problem("cuda", which=lambda n: f"/usr/bin/{n}", include_dir="/nonexistent", env={})
+    assert compiler_problem("cuda", which=lambda n: f"/usr/bin/{n}", env={}) is None  # this venv's headers
+    assert "no C++ compiler" in compiler_problem("cpu", which=lambda _: None, env={})
+    assert compiler_problem("cpu", which=lambda _: None, env={"CXX": "g++"}) is None
+
+
+def test_compile_true_where_nothing_can_compile_stops_with_the_fix(monkeypatch):
+    """compile: true on a machine without the compiler torch.compile needs is refused before the
+    first step (exit 2: bad input, not retried), naming the field and the fix."""
+    from kubelora_trainer import compiling, exits
+    from kubelora_trainer.spec import SpecError
+    monkeypatch.setattr(compiling, "compiler_problem", lambda device_type: "inductor finds no C++ compiler")
+    spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},
+                       "training": {"compile": True}, "output": {"uri": "/o"}})
+    env = dist.DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(SpecError, match=r"training.compile: inductor finds no C\+\+ compiler; .*training.compile: false") as e:
+        adapters.parallelize(adapters.Adapters(), Components(trainable={}), None, spec, env,
+                             adapters.Layout("none", {}))
+    assert exits.code_of(e.value) == exits.BAD_INPUT

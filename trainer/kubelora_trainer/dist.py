@@ -74,21 +74,6 @@ def choose_sharding(requested: str, world: int, weight_bytes: int, device_memory
     return "replicate" if weight_bytes <= device_memory // 2 else "shard"
 
 
-def choose_compile(requested: bool | None, device_type: str, capability: tuple[int, int] | None,
-                   offload: bool = False) -> tuple[bool, str]:
-    """(compile, why): training.compile, or unset: on for CUDA GPUs of compute capability 8.0+
-    (bf16 Triton kernels; measured 0.39 vs 0.70 s a Flux step on an H100, and fp8 GEMMs run eager
-    quantize slowly), off on CPU (compiling costs more than it gains) and with cpuOffload (the step
-    waits on copies; never measured compiled on a GPU). Pure."""
-    if requested is not None:
-        return requested, "training.compile"
-    if offload:
-        return False, "training.cpuOffload"
-    if device_type == "cuda" and capability is not None and capability >= (8, 0):
-        return True, f"a CUDA GPU of compute capability {capability[0]}.{capability[1]}"
-    return False, ("a CUDA GPU older than compute capability 8.0" if device_type == "cuda" else f"device {device_type}")
-
-
 class GradSync:
     """Gradient exchange for one optimizer step of several micro-batches. Sharded: FSDP2
     reduce-scatters only on the last micro-batch's backward. Replicated: after the last backward,
