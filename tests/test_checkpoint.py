@@ -201,6 +201,26 @@ def test_a_changed_training_setting_is_named_and_refused_on_resume():
     assert "training.microBatchSize x training.gradientAccumulationSteps (samples per step and rank): 4 -> 2" in why
 
 
+def test_a_finished_run_with_other_settings_is_refused_not_reported_done():
+    """A finished run in output.uri answers this spec only when it was trained with the same
+    settings (its manifest.json's spec): else nothing would be trained and the old LoRA would pass
+    for this spec's. Knobs that do not change the result may differ."""
+    from kubelora_trainer.checkpoint import finished_refusal, fingerprint, fingerprint_of
+    from kubelora_trainer.spec import dump_spec
+    old = fingerprint_of(dump_spec(_spec()))
+    assert old == fingerprint(_spec())
+    assert finished_refusal(old, fingerprint(_spec(training__logEvery=3, training__compile=True)), "/o") is None
+    assert finished_refusal(None, fingerprint(_spec(adapter__rank=16)), "/o") is None  # a manifest without a spec
+    why = finished_refusal(old, fingerprint(_spec(adapter__rank=16, training__learningRate=5e-4)), "/o")
+    assert why.startswith("output.uri holds a finished run trained with other settings (adapter.rank: 4 -> 16; "
+                          "training.learningRate: "), why
+    assert "another output.uri, or set output.onExisting: overwrite" in why
+    # fewer steps (or more for a run that cannot go on: extends() said no) is not that run either
+    assert "training.steps: 8 -> 6" in finished_refusal(old, fingerprint(_spec(training__steps=6)), "/o")
+    assert "samples per step and rank): 1 -> 2" in finished_refusal(
+        old, fingerprint(_spec(training__microBatchSize=2)), "/o")
+
+
 def test_a_finished_lora_run_given_more_steps_goes_on_from_its_last_step():
     from kubelora_trainer.train import extends
     done = {"metrics": {"steps": 8}}
@@ -241,6 +261,11 @@ def test_resume_refuses_changed_settings_skips_a_corrupt_checkpoint_and_overwrit
     assert rc == 0 and staged() == [], (staged(), log[-3000:])
     assert json.loads((out / "checkpoints/step-4/state/spec.json").read_text())["training"]["learningRate"] == 3e-3
     first = load_file(str(out / "lora.safetensors"))
+    # the finished run is not this spec's result: refused (was: "[done] ... nothing to train", exit 0)
+    rc, log = _run(_job(tmp_path / "lr.yaml", tiny_flux_dir, data, str(out), steps=4, learningRate=1e-3), env, nproc=1)
+    assert rc == 2 and "holds a finished run trained with other settings (training.learningRate: 0.003 -> 0.001)" in log, \
+        log[-3000:]
+    assert log.count("[error]") == 1 and "[done]" not in log, log[-3000:]
     (out / "manifest.json").unlink()   # as if the run had died before its export
 
     rc, log = _run(_job(tmp_path / "lr.yaml", tiny_flux_dir, data, str(out), steps=4, learningRate=1e-3), env, nproc=1)

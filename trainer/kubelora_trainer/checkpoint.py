@@ -64,8 +64,12 @@ def complete_steps(names: list[str]) -> list[int]:
 
 def fingerprint(spec) -> dict:
     """What a checkpoint records of the spec that wrote it (JSON-able). Pure."""
-    doc = spec.model_dump(mode="json")
-    out = {part: dict(doc[part]) for part in FINGERPRINTED}
+    return fingerprint_of(spec.model_dump(mode="json"))
+
+
+def fingerprint_of(doc: dict) -> dict:
+    """fingerprint() of a spec dumped as JSON (manifest.json's spec). Pure."""
+    out = {part: dict(doc.get(part) or {}) for part in FINGERPRINTED}
     for path in NOT_FINGERPRINTED:
         part, _, name = path.partition(".")
         out[part].pop(name, None)
@@ -105,20 +109,47 @@ def resume_refusal(recorded: Optional[dict], current: dict, latest: int, steps: 
         return (f"output.uri holds a checkpoint of step {latest}, beyond training.steps ({steps}): the run that "
                 f"wrote it had training.steps {(recorded or {}).get('training', {}).get('steps', 'higher')}; "
                 f"set training.steps back, or {fix}")
-    changes = changed_fields(recorded, current) if recorded is not None else []
+    changes = _changes(recorded, current) if recorded is not None else []
     old_t, new_t = (recorded or {}).get("training") or {}, current.get("training") or {}
     if (old_t.get("steps") not in (None, new_t.get("steps"))
             and "constant" not in (old_t.get("lrScheduler", "constant"), new_t.get("lrScheduler"))):
         changes.append((f"training.steps (the {new_t.get('lrScheduler')} learning-rate schedule depends on it)",
                         old_t["steps"], new_t.get("steps")))
-    if recorded is not None and step_batch(recorded) is not None and step_batch(recorded) != step_batch(current):
-        changes.append(("training.microBatchSize x training.gradientAccumulationSteps (samples per step and rank)",
-                        step_batch(recorded), step_batch(current)))
     if not changes:
         return None
-    what = "; ".join(f"{p}: {json.dumps(a)} -> {json.dumps(b)}" for p, a, b in changes)
-    return (f"output.uri holds checkpoints (newest: step {latest}) of a run with other settings ({what}); resuming "
-            f"would mix them: set them back to resume, or {fix}")
+    return (f"output.uri holds checkpoints (newest: step {latest}) of a run with other settings ({_listed(changes)}); "
+            f"resuming would mix them: set them back to resume, or {fix}")
+
+
+def _changes(recorded: dict, current: dict) -> list[tuple[str, object, object]]:
+    """changed_fields, and the samples per step and rank compared as one number. Pure."""
+    changes = changed_fields(recorded, current)
+    if step_batch(recorded) is not None and step_batch(recorded) != step_batch(current):
+        changes.append(("training.microBatchSize x training.gradientAccumulationSteps (samples per step and rank)",
+                        step_batch(recorded), step_batch(current)))
+    return changes
+
+
+def _listed(changes) -> str:
+    return "; ".join(f"{p}: {json.dumps(a)} -> {json.dumps(b)}" for p, a, b in changes)
+
+
+def finished_refusal(recorded: Optional[dict], current: dict, uri: str) -> Optional[str]:
+    """Why a finished run in output.uri (recorded: the fingerprint of the spec in its manifest.json;
+    None for a manifest without one) is not this spec's result; None when it is. A run this spec
+    trains further (train.extends) is a resume and checked as one, so any step count differing
+    here is refused too: fewer steps, or more for a full fine-tune, which cannot go on. Pure."""
+    if recorded is None:
+        return None
+    changes = _changes(recorded, current)
+    old_steps, new_steps = (recorded.get("training") or {}).get("steps"), (current.get("training") or {}).get("steps")
+    if old_steps is not None and old_steps != new_steps:
+        changes.append(("training.steps", old_steps, new_steps))
+    if not changes:
+        return None
+    return (f"output.uri holds a finished run trained with other settings ({_listed(changes)}): nothing would be "
+            f"trained, and its LoRA is not this spec's; train this spec into another output.uri, or set "
+            f"output.onExisting: overwrite to replace that run")
 
 
 def read_fingerprint(output_uri: str, step: int, settings: storage.S3Settings) -> Optional[dict]:

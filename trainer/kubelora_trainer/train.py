@@ -126,7 +126,14 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int],
             steps = checkpoint.complete_steps([n.removeprefix("checkpoints/") for n in names])
             manifest = read_manifest(spec, settings) if "manifest.json" in names else None
             finished = manifest is not None and not manifest.get("cacheOnly")
-            found = (finished, steps, finished and extends(manifest, steps, spec))
+            extending = finished and extends(manifest, steps, spec)
+            if finished and not extending and spec.output.onExisting == "resume":
+                recorded = manifest.get("spec")
+                why = checkpoint.finished_refusal(checkpoint.fingerprint_of(recorded) if isinstance(recorded, dict)
+                                                  else None, checkpoint.fingerprint(spec), spec.output.uri)
+                if why:
+                    raise RunError(why)
+            found = (finished, steps, extending)
         except storage.StorageError as e:
             if e.transient:  # training from step 1 would waste the checkpoints: stop, the retried run resumes
                 err = storage.StorageError(f"output.uri: looking for checkpoints: {e}", transient=True)
