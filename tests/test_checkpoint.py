@@ -310,3 +310,23 @@ def test_running_out_of_memory_while_restoring_is_not_a_corrupt_checkpoint():
     assert _not_the_files(OSError(errno.ENOSPC, "No space left on device")) is not None
     assert _not_the_files(EOFError("Ran out of input")) is None
     assert _not_the_files(RuntimeError("PytorchStreamReader failed reading zip archive")) is None
+
+
+def test_a_setting_the_model_resolves_is_compared_once_the_model_has_loaded():
+    """model.causalTemporalPositioning unset is decided by the loaded LTX-Video checkpoint: before
+    loading it is not compared; after, the value the model uses is compared with the checkpoint's,
+    a checkpoint from before the setting existed counting as uniform (false), what it trained."""
+    from kubelora_trainer.checkpoint import changed_fields, fingerprint, resolved_refusal
+    ltx = lambda **kw: _spec(model={"type": "ltx-video", "diffusersPath": "/m", **kw})  # noqa: E731
+    causal = fingerprint(ltx(causalTemporalPositioning=True))
+    assert changed_fields(causal, fingerprint(ltx())) == []                       # unset: not yet known
+    assert changed_fields(causal, fingerprint(ltx(causalTemporalPositioning=False))) == [
+        ("model.causalTemporalPositioning", True, False)]                         # set: compared at once
+    now = {"model.causalTemporalPositioning": True}
+    assert resolved_refusal(causal, now, 6, "/o") is None
+    old = fingerprint(ltx())
+    del old["model"]["causalTemporalPositioning"]                                # an older trainer's checkpoint
+    why = resolved_refusal(old, now, 6, "/o")
+    assert "(model.causalTemporalPositioning: false -> true): set them to the checkpoint's values" in why, why
+    assert resolved_refusal(old, {"model.causalTemporalPositioning": False}, 6, "/o") is None
+    assert resolved_refusal(None, now, 6, "/o") is None

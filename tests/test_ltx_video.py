@@ -134,6 +134,9 @@ def test_train_two_ranks_videos_s3_to_s3_then_load_in_diffusers_and_comfyui(s3, 
     out = download("s3://ltx/out/run1", tmp_path / "result", client=s3, log=lambda m: None)
     m = json.loads((out / "manifest.json").read_text())
     assert m["dataset"] == {"usable": 1, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 0}
+    # unset, the temporal positions were decided by the tiny (0.9.1-style) VAE: recorded as resolved
+    spec_json = json.loads((out / "checkpoints" / f"step-{STEPS}" / "state" / "spec.json").read_text())
+    assert m["spec"]["model"]["causalTemporalPositioning"] is False is spec_json["model"]["causalTemporalPositioning"]
     assert m["buckets"]["dropped"] == {"tooShort": 1} and list(m["buckets"]["buckets"]) == ["32x32x9"]
     assert [(a["file"], a["format"]) for a in m["artifacts"]] == [("lora.safetensors", "comfyui"),
                                                                   ("lora.diffusers.safetensors", "diffusers")]

@@ -49,6 +49,10 @@ PER_STEP = frozenset({"training.microBatchSize", "training.gradientAccumulationS
 # recorded, and a change refused only where the schedule depends on it: with a constant learning
 # rate, more steps trains the same run longer
 SCHEDULE = frozenset({"training.steps"})
+# model settings that, unset, the model decides when it loads (the loaded value is what checkpoints
+# record), with the value trainers from before the setting existed used: unset, not compared before
+# the model is loaded; resolved_refusal compares them after
+RESOLVED = {"model.causalTemporalPositioning": False}
 STEP_DIR = re.compile(r"step-(\d+)/state/" + MARKER)
 
 
@@ -84,7 +88,7 @@ def changed_fields(old, new, path: str = "") -> list[tuple[str, object, object]]
         found = []
         for k in old:
             sub = f"{path}.{k}" if path else k
-            if k in new and sub not in NOT_FINGERPRINTED | PER_STEP | SCHEDULE:
+            if k in new and sub not in NOT_FINGERPRINTED | PER_STEP | SCHEDULE and not (sub in RESOLVED and new[k] is None):
                 found += changed_fields(old[k], new[k], sub)
         return found
     if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
@@ -150,6 +154,27 @@ def finished_refusal(recorded: Optional[dict], current: dict, uri: str) -> Optio
     return (f"output.uri holds a finished run trained with other settings ({_listed(changes)}): nothing would be "
             f"trained, and its LoRA is not this spec's; train this spec into another output.uri, or set "
             f"output.onExisting: overwrite to replace that run")
+
+
+def resolved_refusal(recorded: Optional[dict], resolved: dict, latest: int, uri: str) -> Optional[str]:
+    """Why the checkpoint of step `latest` cannot be resumed with the model settings the loaded
+    model resolved (resolved: "model.<field>" -> value); None when it can. A checkpoint without the
+    field was written before it existed, with RESOLVED's value. Pure."""
+    if recorded is None:
+        return None
+    changes = []
+    for path, new in resolved.items():
+        part, _, name = path.partition(".")
+        block = recorded.get(part) or {}
+        old = block.get(name, RESOLVED.get(path))
+        if old is not None and old != new:
+            changes.append((path, old, new))
+    if not changes:
+        return None
+    return (f"output.uri holds checkpoints (newest: step {latest}) trained with other model settings than this model "
+            f"resolves to ({_listed(changes)}): set them to the checkpoint's values to finish that run as it "
+            f"started, or train into another output.uri, or set output.onExisting: overwrite to start again "
+            f"(deleting {uri.rstrip('/')}/checkpoints/)")
 
 
 def read_fingerprint(output_uri: str, step: int, settings: storage.S3Settings) -> Optional[dict]:

@@ -16,6 +16,7 @@ diffusers loads but ComfyUI ignores for LTX. See docs/formats/ltx-video.md.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -125,8 +126,9 @@ class LTXVideo:
         transformer.to(device)
         vae_config = AutoencoderKLLTXVideo.load_config(root, subfolder="vae")
         causal, why = causal_positions(getattr(model_spec, "causalTemporalPositioning", None), vae_config)
-        print(f"[model] ltx-video: latent frame f at {'max(0, 8f-7)' if causal else '8f'} frames in the rotary "
-              f"positions ({'causal' if causal else 'uniform'}, {why})", flush=True)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[model] ltx-video: latent frame f at {'max(0, 8f-7)' if causal else '8f'} frames in the rotary "
+                  f"positions ({'causal' if causal else 'uniform'}, {why})", flush=True)
         info = {"patch": transformer.config.patch_size, "patch_t": transformer.config.patch_size_t, "causal": causal}
         if not encoders:  # the VAE's compression ratios from its config, as its __init__ computes them
             import inspect
@@ -141,6 +143,10 @@ class LTXVideo:
         return Components(trainable={"transformer": transformer}, encoders={"pipe": pipe},
                           info={**info, "spatial": vae.spatial_compression_ratio,
                                 "temporal": vae.temporal_compression_ratio})
+
+    def resolved(self, comps) -> dict:
+        """The model settings that, unset, this model decided when it loaded (checkpoints record these)."""
+        return {"causalTemporalPositioning": comps.info["causal"]}
 
     def lora_targets(self):
         return {"transformer": DEFAULT_TARGETS}
