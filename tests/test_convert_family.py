@@ -146,3 +146,16 @@ def test_convert_cli_refuses_an_ambiguous_file_and_notes_a_chosen_one(tmp_path, 
     save_file(diffusers_file(["context_embedder.token_refiner.refiner_blocks.0.attn.to_q"]), str(src))
     rc, _, err = run("--to", "kohya", "--model-type", "flux")
     assert rc == 2 and "not modules of the Flux transformer" in err and "(it reads as a hunyuan-video LoRA" in err
+
+
+def test_a_file_that_breaks_one_familys_parser_is_that_familys_no_not_a_crash():
+    """A kohya Flux single-block linear1 whose B has fewer rows than q, k and v need: the Flux
+    parser's fused split says why (it raised a RuntimeError from torch.split), and the families
+    that do not read the file are listed with their reasons."""
+    import torch
+    a, b = torch.zeros(4, 16), torch.zeros(20, 4)   # 20 rows < 3 x 16
+    tensors = {"lora_unet_single_blocks_0_linear1.lora_down.weight": a,
+               "lora_unet_single_blocks_0_linear1.lora_up.weight": b,
+               "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(4.0)}
+    fits, why = readers(tensors, "kohya")
+    assert "flux" not in fits and "fused LoRA B has 20 rows" in why["flux"], why

@@ -265,7 +265,10 @@ def test_compile_unset_is_on_for_ampere_and_newer_gpus_that_can_compile():
     assert "python3-dev" in compiler_problem("cuda", which=lambda n: f"/usr/bin/{n}", include_dir="/nonexistent", env={})
     assert compiler_problem("cuda", which=lambda n: f"/usr/bin/{n}", env={}) is None  # this venv's headers
     assert "no C++ compiler" in compiler_problem("cpu", which=lambda _: None, env={})
-    assert compiler_problem("cpu", which=lambda _: None, env={"CXX": "g++"}) is None
+    assert compiler_problem("cpu", which=lambda n: n if n == "g++" else None, env={"CXX": "g++"}) is None
+    assert "no C++ compiler" in compiler_problem("cpu", which=lambda _: None, env={"CXX": "g++"})  # $CXX not there
+    assert "$CC (/opt/cc) is not found" in compiler_problem("cuda", which=lambda n: None if n == "/opt/cc" else n,
+                                                            env={"CC": "/opt/cc"})
 
 
 def test_compile_true_where_nothing_can_compile_stops_with_the_fix(monkeypatch):
@@ -281,3 +284,19 @@ def test_compile_true_where_nothing_can_compile_stops_with_the_fix(monkeypatch):
         adapters.parallelize(adapters.Adapters(), Components(trainable={}), None, spec, env,
                              adapters.Layout("none", {}))
     assert exits.code_of(e.value) == exits.BAD_INPUT
+
+
+def test_compile_chosen_not_asked_for_falls_back_to_eager_where_a_block_cannot_compile(monkeypatch):
+    """Unset and chosen (a GPU), a compile failure of a block runs it eagerly (dynamo's
+    suppress_errors); compile: true keeps failures loud."""
+    import torch._dynamo
+    from kubelora_trainer import compiling
+    monkeypatch.setattr(compiling, "compiler_problem", lambda device_type: None)
+    monkeypatch.setattr(compiling, "choose_compile", lambda *a, **k: (True, "a CUDA GPU of compute capability 9.0"))
+    env = dist.DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    for asked, fallback in ((True, False), (None, True)):
+        monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+        spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},
+                           "training": {"compile": asked}, "output": {"uri": "/o"}})
+        adapters.parallelize(adapters.Adapters(), Components(trainable={}), None, spec, env, adapters.Layout("none", {}))
+        assert torch._dynamo.config.suppress_errors is fallback

@@ -86,7 +86,8 @@ def build(kind):
             lo.base.bias.requires_grad_(False)
             lo.base.to(torch.bfloat16)
             if kind.startswith("fp8"):
-                lo.base = (OpLinear if kind == "fp8op" else fp8.Float8Linear)(lo.base, torch.bfloat16, "fp8")
+                compute = "dequant" if kind == "fp8dq" else "fp8"
+                lo.base = (OpLinear if kind == "fp8op" else fp8.Float8Linear)(lo.base, torch.bfloat16, compute)
     return blocks.to(dev)
 
 
@@ -144,7 +145,7 @@ def run(kind, gc, comp):
 
 def main():
     ref = None
-    variants = os.environ.get("VARIANTS", "bf16:0:0 bf16:1:1 fp8:0:1 fp8:1:0 fp8:1:1 fp8:1:2 fp8op:0:1 fp8op:1:1").split()
+    variants = os.environ.get("VARIANTS", "bf16:0:0 bf16:1:1 fp8:1:1 fp8:1:2 fp8dq:0:1 fp8dq:1:1").split()
     for v in variants:
         kind, gc, comp = v.split(":")
         try:

@@ -177,9 +177,13 @@ def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEn
         raise SpecError(f"training.compile: {problem}; install it in the trainer image (gcc and python3-dev on "
                        f"Debian/Ubuntu; kubelora's image has them) or set training.compile: false")
     compile_blocks, why = compiling.choose_compile(t.compile, env.device.type, cap, t.cpuOffload, problem)
+    if compile_blocks and t.compile is None:
+        # chosen, not asked for: a block dynamo or inductor cannot compile (a family or a sampling
+        # path not yet run compiled on a GPU) runs eagerly with dynamo's warning instead of failing
+        torch._dynamo.config.suppress_errors = True
     if env.is_main and t.compile is None:
-        print(f"[model] training.compile unset: blocks {'compiled' if compile_blocks else 'run eagerly'} ({why})",
-              flush=True)
+        print(f"[model] training.compile unset: blocks {'compiled' if compile_blocks else 'run eagerly'} ({why}"
+              f"{'; a block that fails to compile runs eagerly' if compile_blocks else ''})", flush=True)
         if problem and cap is not None and cap >= (8, 0):
             print(f"[model] warning: this GPU steps about 1.8x faster compiled; {problem}: install it in the "
                   f"trainer image (gcc and python3-dev on Debian/Ubuntu)", flush=True)

@@ -19,14 +19,15 @@ def compiler_problem(device_type: str, which: Callable[[str], Optional[str]] = s
     (which, include_dir and env default to this machine's)."""
     env = os.environ if env is None else env
     if device_type == "cuda":
-        cc = env.get("CC") or which("gcc") or which("clang") or which("cc")
-        if not cc:
+        if env.get("CC") and not which(env["CC"]):
+            return f"Triton's C compiler $CC ({env['CC']}) is not found"
+        if not (env.get("CC") or which("gcc") or which("clang")):
             return "Triton finds no C compiler (gcc or clang, or $CC)"
         include_dir = include_dir if include_dir is not None else sysconfig.get_paths()["include"]
         if not os.path.isfile(os.path.join(include_dir, "Python.h")):
             return f"Triton needs Python's headers and {include_dir}/Python.h is missing (python3-dev)"
         return None
-    if not (env.get("CXX") or which("g++") or which("clang++")):
+    if not ((env.get("CXX") and which(env["CXX"])) or which("g++") or which("clang++")):
         return "inductor finds no C++ compiler (g++ or clang++, or $CXX)"
     return None
 

@@ -28,8 +28,8 @@ def readers(tensors: dict, fmt: str) -> tuple[dict[str, tuple[dict, float]], dic
             continue
         try:
             fits[t] = get_family(t).parse(dict(tensors), fmt)
-        except (ValueError, KeyError) as e:
-            why[t] = str(e)
+        except Exception as e:  # noqa: BLE001 -- any parser failure means "not this family's file"
+            why[t] = str(e) or type(e).__name__
     return fits, why
 
 

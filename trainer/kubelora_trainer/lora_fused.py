@@ -33,7 +33,7 @@ def fuse(parts: dict[int, Pair], sizes: list[int]) -> Pair:
 def split(a: torch.Tensor, b: torch.Tensor, sizes: list[int]) -> dict[int, Pair]:
     """Inverse of fuse: {slot: (A, B)} for every slot with a non-zero update (all slots when B is
     all zero, e.g. a LoRA straight from init)."""
-    if sum(sizes) != b.shape[0]:
+    if any(n < 0 for n in sizes) or sum(sizes) != b.shape[0]:
         raise ValueError(f"fused LoRA B has {b.shape[0]} rows; the parts need {sum(sizes)}")
     rows = list(torch.split(b, sizes, dim=0))
     trained = [i for i, rb in enumerate(rows) if torch.count_nonzero(rb)] or list(range(len(sizes)))

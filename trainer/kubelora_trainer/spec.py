@@ -355,7 +355,9 @@ class TrainingSpec(_Model):
         default=None, description="torch.compile each transformer block (regional compile; the first steps take a "
                                   "minute or more to compile). Unset: on for NVIDIA GPUs of compute capability 8.0 "
                                   "(Ampere) and newer, where it measured 1.8x faster (docs/benchmarks.md) and is what "
-                                  "makes fp8 pay; off on CPU, and with training.cpuOffload (not measured on a GPU yet).")
+                                  "makes fp8 pay, a block that fails to compile then running eagerly; off on CPU, on "
+                                  "older GPUs, with training.cpuOffload (not measured on a GPU yet) and where the "
+                                  "image lacks a C compiler or Python's headers (a warning says so).")
     sharding: Literal["auto", "replicate", "shard"] = Field(
         default="auto", description="How several ranks hold the model. replicate: a full copy on every GPU, and only "
                                     "the adapters' gradients travel (one all-reduce per optimizer step); shard: FSDP2 "
