@@ -119,3 +119,24 @@ def test_kubelora_run_exits_2_on_bad_input(tmp_path, bad_input_job):
                        env=_env(tmp_path), capture_output=True, text=True, timeout=240)
     assert p.returncode == 2, p.stderr[-3000:]
     assert p.stderr.strip().splitlines()[-1].startswith("[error] rank 0: dataset "), p.stderr[-2000:]
+
+
+def test_torchruns_own_failure_report_is_left_out_and_the_trainers_lines_pass():
+    """After torchrun's agent reports a failed worker, its traceback and ChildFailedError summary
+    are dropped (counted); the trainer's own [..] lines before and after pass; verbose passes all."""
+    from kubelora_trainer.launch import TorchrunFilter
+    lines = ["[phase] stage-in", "some worker output",
+             "E1127 04:51:15.951000 29387 torch/distributed/elastic/multiprocessing/api.py:1002] failed "
+             "(exitcode: 2) local_rank: 0 (pid: 29405) of binary: /usr/bin/python",
+             "Traceback (most recent call last):", "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+             "[0]:", "  rank      : 0 (local_rank: 0)", "[checkpoint] step 3 written", "====="]
+    keep = TorchrunFilter()
+    assert [ln for ln in lines if keep.passes(ln)] == ["[phase] stage-in", "some worker output",
+                                                        "[checkpoint] step 3 written"]
+    assert keep.dropped == 6
+    keep = TorchrunFilter()
+    sigint = ("W1127 04:51:15.951000 29387 torch/distributed/elastic/agent/server/api.py:753] Received "
+              "Signals.SIGINT death signal, shutting down workers")
+    assert not keep.passes(sigint) and not keep.passes("torch.distributed.elastic.multiprocessing.api.SignalException")
+    verbose = TorchrunFilter(verbose=True)
+    assert all(verbose.passes(ln) for ln in lines) and verbose.dropped == 0

@@ -92,9 +92,9 @@ def test_a_preempted_node_stops_its_peer_with_a_checkpoint_and_an_exit_code_the_
     assert procs[1].returncode == 128 + signal.SIGTERM, out1[-2000:] + err1[-3000:]
     # node 1 waited for node 0's store to close, then printed its cause once, last
     assert "[launch] node 0's rendezvous" in err1 and err1.count("stopped by SIGTERM after step") == 1, err1[-2000:]
-    assert err1.strip().splitlines()[-1].startswith("[error] rank 1: stopped by SIGTERM"), err1[-2000:]
+    assert err1.strip().splitlines()[-1].startswith("[stopped] rank 1: stopped by SIGTERM"), err1[-2000:]
     assert procs[0].returncode == 3, out0[-2000:] + err0[-3000:]
     last = err0.strip().splitlines()[-1]
-    assert last.startswith("[error] rank 0: stopped because a rank of another pod was told to stop"), err0[-2000:]
+    assert last.startswith("[stopped] rank 0: stopped because a rank of another pod was told to stop"), err0[-2000:]
     assert "the checkpoint of step" in last and "[train] step 2000/2000" not in out0
     assert any((tmp_path / "out" / "checkpoints").glob("step-*/state/COMPLETE")), list((tmp_path / "out").rglob("*"))[:20]

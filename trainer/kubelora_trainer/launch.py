@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,11 +60,50 @@ def root_cause(records: list[dict]) -> str | None:
     return f"rank {first['rank']}: {first['message']}" if first else None
 
 
+class TorchrunFilter:
+    """Which stderr lines reach the log. Once torchrun's agent reports a failed worker or a
+    received signal, what it prints next is its own traceback and ChildFailedError summary (about
+    30 lines that make every bad manifest look like a crash): from there only the trainer's own
+    lines ("[checkpoint] ...", "[error] ...") pass; the launcher prints the root cause last.
+    KUBELORA_LAUNCH_VERBOSE=1 passes everything."""
+    TRIGGER = re.compile(r"^[EW]\d{4} .*torch/distributed/elastic/.*(failed \(exitcode|death signal)")
+    OURS = re.compile(r"^\[[a-z][a-z0-9 -]*\]")
+
+    def __init__(self, verbose: bool = False):
+        self.verbose, self.tripped, self.dropped = verbose, False, 0
+
+    def passes(self, line: str) -> bool:
+        if self.verbose:
+            return True
+        if not self.tripped and self.TRIGGER.search(line):
+            self.tripped = True
+        if self.tripped and not self.OURS.match(line):
+            self.dropped += 1
+            return False
+        return True
+
+
+def _forward(stream, keep: TorchrunFilter) -> None:
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    for raw in iter(stream.readline, b""):
+        if keep.passes(raw.decode("utf-8", "replace")):
+            if out is not None:
+                out.write(raw)
+                out.flush()
+            else:
+                sys.stderr.write(raw.decode("utf-8", "replace"))
+    stream.close()
+
+
 def run(torchrun_args: list[str], env: dict | None = None) -> int:
+    import threading
     folder = Path(tempfile.mkdtemp(prefix="kubelora-exit-"))
     child_env = {**(env if env is not None else os.environ), EXIT_DIR_ENV: str(folder)}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *torchrun_args], env=child_env,
-                            start_new_session=True)
+                            start_new_session=True, stderr=subprocess.PIPE)
+    keep = TorchrunFilter(verbose=child_env.get(VERBOSE_ENV) == "1")
+    pump = threading.Thread(target=_forward, args=(proc.stderr, keep), daemon=True)
+    pump.start()
 
     def forward(signum, _frame):
         try:
@@ -80,6 +120,7 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
         _reap(proc.pid)
+        pump.join(timeout=30)  # the workers are gone: their and torchrun's last lines, then EOF
         if master:
             master.stop()
     records = read_records(folder)
@@ -100,13 +141,17 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
               if closed else f"still open after {limit:.0f} s") + "; this node's pod ends now", file=sys.stderr,
               flush=True)
     if code != 0:  # the root cause, once, last
+        if keep.dropped:
+            print(f"[launch] torchrun's own report of the stop left out ({keep.dropped} lines; "
+                  f"{VERBOSE_ENV}=1 shows it)", file=sys.stderr, flush=True)
         cause = root_cause(records) or f"torchrun exited with code {rc}"
-        print(f"[error] {cause}", file=sys.stderr, flush=True)
+        print(f"[{'stopped' if code > 128 or code == PEER_STOPPED else 'error'}] {cause}", file=sys.stderr, flush=True)
         _termination_message(cause)
     return code
 
 
 MASTER_WAIT_ENV = "KUBELORA_MASTER_CLOSE_WAIT_SECONDS"
+VERBOSE_ENV = "KUBELORA_LAUNCH_VERBOSE"
 
 
 def rendezvous_of(torchrun_args: list[str]) -> tuple[int, str, int] | None:
