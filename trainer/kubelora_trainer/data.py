@@ -210,19 +210,25 @@ def kohya_folders(rel_paths: list[Path], root_uri: str, source: int = 0) -> dict
     segment), else the outermost such folder of each item (kohya reads the folders directly
     in its train_data_dir), with their number and the source. Pure."""
     root_uri = root_uri.rstrip("/")
-    if rel_paths and (m := KOHYA_FOLDER.match(root_uri.rsplit("/", 1)[-1])):
-        return {root_uri: (int(m[1]), source)}
+    if rel_paths and (n := kohya_number(root_uri)) is not None:
+        return {root_uri: (n, source)}
     out = {}
     for rel in rel_paths:
         for depth, part in enumerate(rel.parent.parts):
-            if m := KOHYA_FOLDER.match(part):
-                out["/".join([root_uri, *rel.parent.parts[:depth + 1]])] = (int(m[1]), source)
+            if (n := kohya_number(part)) is not None:
+                out["/".join([root_uri, *rel.parent.parts[:depth + 1]])] = (n, source)
                 break
     return dict(sorted(out.items()))
 
 
+def kohya_number(path: str) -> Optional[int]:
+    """N when the path's last segment is kohya's `<N>_<name>`, else None. Pure."""
+    m = KOHYA_FOLDER.match(path.rstrip("/").rsplit("/", 1)[-1])
+    return int(m[1]) if m else None
+
+
 def kohya_note(folders: dict[str, tuple[int, int]], repeats: list[int]) -> list[str]:
-    """A warning (lines) for folders named like kohya's `<repeats>_<name>` whose number is not the
+    """A warning (its lines, the first without "warning:") for folders named like kohya's `<repeats>_<name>` whose number is not the
     repeats their source trains with (repeats: per source), with the dataset.sources YAML that
     would train each folder that many times; [] when there are none. Kept a warning: the number
     may be just part of a name. Pure."""
@@ -232,7 +238,7 @@ def kohya_note(folders: dict[str, tuple[int, int]], repeats: list[int]) -> list[
     shown = list(odd.items())[:8]
     named = ", ".join(f"{f} ({n})" for f, (n, _) in shown) + (f" and {len(odd) - len(shown)} more" if len(odd) > len(shown) else "")
     now = sorted({repeats[s] for _, s in odd.values()})
-    lines = [f"warning: folder names in kohya's <repeats>_<name> form: {named}. kubelora does not read repeats from "
+    lines = [f"folder names in kohya's <repeats>_<name> form: {named}. kubelora does not read repeats from "
              f"folder names: their items train with their source's repeats ({', '.join(map(str, now))}), read "
              f"recursively. If the numbers are repeat counts, list each folder as a source of its own with "
              f"that number as its repeats (dataset.sources[].repeats), and no source above them:",
