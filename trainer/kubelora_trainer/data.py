@@ -228,15 +228,16 @@ def kohya_number(path: str) -> Optional[int]:
 
 
 def kohya_note(folders: dict[str, tuple[int, int]], repeats: list[int]) -> list[str]:
-    """A warning (its lines, the first without "warning:") for folders named like kohya's `<repeats>_<name>` whose number is not the
-    repeats their source trains with (repeats: per source), with the dataset.sources YAML that
-    would train each folder that many times; [] when there are none. Kept a warning: the number
-    may be just part of a name. Pure."""
+    """A warning (its lines, the first without "warning:") for folders named like kohya's
+    `<repeats>_<name>` whose number is not the repeats their source trains with (repeats: per
+    source), with the dataset.sources YAML that would train each folder that many times; [] when
+    there are none. Kept a warning: the number may be just part of a name. Pure."""
     odd = {f: (n, s) for f, (n, s) in folders.items() if n != repeats[s]}
     if not odd:
         return []
     shown = list(odd.items())[:8]
-    named = ", ".join(f"{f} ({n})" for f, (n, _) in shown) + (f" and {len(odd) - len(shown)} more" if len(odd) > len(shown) else "")
+    named = ", ".join(f"{f} ({n})" for f, (n, _) in shown)
+    named += f" and {len(odd) - len(shown)} more" if len(odd) > len(shown) else ""
     now = sorted({repeats[s] for _, s in odd.values()})
     lines = [f"folder names in kohya's <repeats>_<name> form: {named}. kubelora does not read repeats from "
              f"folder names: their items train with their source's repeats ({', '.join(map(str, now))}), read "

@@ -79,7 +79,7 @@ def epoch_steps(spec, reports: list[ScanReport], dirs: Dirs, epochs: float) -> t
         raise Uncountable("video_clip_mode = 'multiple_overlapping' takes as many clips from a video as its length "
                           "allows, which is not known without decoding every video")
     parts, total = [], 0
-    for src, rep, repeats, (written, path, _) in zip(source_specs(spec), reports, source_repeats(spec), dirs):
+    for src, rep, repeats, (_, path, _) in zip(source_specs(spec), reports, source_repeats(spec), dirs):
         items = len(rep.items)
         if not items:
             s = rep.summary()
@@ -94,7 +94,7 @@ def epoch_steps(spec, reports: list[ScanReport], dirs: Dirs, epochs: float) -> t
             shown += f" x {variants / items:g} caption variants"
         shown += f" x {areas} resolution{'s' * (areas != 1)} x {repeats} repeat{'s' * (repeats != 1)}"
         uncaptioned = rep.missing_caption - rep.empty_caption_used
-        left = ", ".join(([f"{uncaptioned} without a caption"] if uncaptioned else []) + ([skipped_text(rep)] if rep.skipped else []))
+        left = ", ".join([f"{uncaptioned} without a caption"] * bool(uncaptioned) + [skipped_text(rep)] * bool(rep.skipped))
         deeper = sum(1 for it in rep.items if it.image.parent != Path(path))
         parts.append(f"{path}: {shown}" + (f" = {n}" if len(reports) > 1 else "")
                      + (f" (not counted, as a run skips them: {left})" if left else "")
@@ -106,5 +106,5 @@ def epoch_steps(spec, reports: list[ScanReport], dirs: Dirs, epochs: float) -> t
     note = (f"epochs: training.steps {steps} = {epochs:g} epochs x {total} samples / global batch {batch}, counted "
             f"in the dataset folders as diffusion-pipe counts an epoch ({'; '.join(parts)}); global batch = micro "
             f"batch {t.microBatchSize} x accumulation {t.gradientAccumulationSteps} x {gpus} GPU{'s' * (gpus != 1)} "
-            f"(assumed: the manifest's resources; on N GPUs an epoch is N times fewer steps). --steps N overrides")
+            f"(assumed: the manifest's default resources; on N GPUs an epoch is N times fewer steps). --steps N overrides")
     return steps, note
