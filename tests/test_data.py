@@ -201,3 +201,35 @@ def test_files_that_are_not_media_or_captions_are_counted_not_dropped_silently(t
     assert report.ignored == {".md": 1, ".psd": 1, "video": 1}
     assert report.summary()["ignoredFiles"] == {".md": 1, ".psd": 1, "video": 1}
     assert scan(tmp_path, video=True).ignored == {".md": 1, ".psd": 1}
+
+
+def test_kohya_repeat_folders_are_named_in_a_warning_with_the_sources_to_write(tmp_path, capsys):
+    """img/10_mystyle means 10 repeats in kohya's sd-scripts; kubelora reads it recursively with the
+    source's repeats, and says so in the run's log, with the YAML that would repeat it."""
+    from kubelora_trainer import dist, metrics
+    from kubelora_trainer.data import check_item, kohya_note
+    from kubelora_trainer.dataset_phase import layout_data
+    from kubelora_trainer.spec import parse_spec
+    img = tmp_path / "img"
+    for folder, n in (("10_mystyle", 2), ("3_other/deeper", 1), ("plain", 1), ("7_empty", 0)):
+        (img / folder).mkdir(parents=True)
+        for k in range(n):
+            _img(img / folder / f"{k}.png", (32, 32), caption="a red thing")
+    report = scan(img, uri="s3://bkt/img/")
+    assert report.kohya == {"s3://bkt/img/10_mystyle": (10, 0), "s3://bkt/img/3_other": (3, 0)}  # 7_empty holds nothing
+    spec = parse_spec({"model": {"type": "flux", "diffusersPath": "s3://models/flux"}, "dataset": {"uri": "s3://bkt/img"},
+                       "output": {"uri": "s3://out/run"}})
+    metas = [check_item(it, decode=False)[0] for it in report.items]
+    layout_data(spec, report, metas, dist.DistEnv(0, 1, 0, None), metrics.Off())
+    log = capsys.readouterr().out
+    assert "[data] 4 usable items" in log
+    assert ("warning: folder names in kohya's <repeats>_<name> form: s3://bkt/img/10_mystyle (10), "
+            "s3://bkt/img/3_other (3). kubelora does not read repeats from folder names: their items train with "
+            "their source's repeats (1)") in log
+    assert ("[data]   dataset:\n[data]     sources:\n[data]       - uri: s3://bkt/img/10_mystyle\n"
+            "[data]         repeats: 10\n[data]       - uri: s3://bkt/img/3_other\n[data]         repeats: 3\n") in log
+    # a source that already repeats as its name says is not warned about; nor a plain name
+    folder = scan(img / "10_mystyle", uri="s3://bkt/img/10_mystyle")
+    assert folder.kohya == {"s3://bkt/img/10_mystyle": (10, 0)}
+    assert kohya_note(folder.kohya, [10]) == [] and kohya_note(folder.kohya, [1])
+    assert scan(img / "plain").kohya == {}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kubelora_trainer.import_config import ConfigError, Source, convert, find_line, parse_map
+from kubelora_trainer.import_dataset import read_dirs
 from kubelora_trainer.import_rules import SECTIONS, area_side
 from kubelora_trainer.spec import SpecError, parse_spec
 
@@ -651,3 +652,114 @@ def test_an_area_kubelora_rounds_is_said():
     quiet = Ctx("flux")
     resolutions(quiet, "resolutions", [512, 1024])
     assert quiet.notes == []
+
+
+def _items(folder: Path, n: int, caption="a red thing", size=(64, 48)):
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        Image.new("RGB", size, (200, 10, 10)).save(folder / f"{k}.png")
+        (folder / f"{k}.txt").write_text(caption)
+
+
+def _epochs(main, ds, cwd="/", path_map=None, **keys):
+    """convert with the config's max_steps replaced by `keys` (epochs, ...), reading the folders."""
+    main = {**{k: v for k, v in main.items() if k != "max_steps"}, **keys}
+    return convert(main, ds, read_dirs=read_dirs, cwd=cwd, path_map=path_map)
+
+
+def test_epochs_become_steps_counted_from_the_local_dataset_folders(tmp_path):
+    """4 epochs x 8 items x 2 repeats / micro batch 2 = 32 steps; what a run would skip (no
+    caption, an empty file, an extreme aspect ratio) is not counted; --steps overrides."""
+    data = tmp_path / "data"
+    _items(data, 8)
+    (data / "nocap.png").write_bytes((data / "0.png").read_bytes())
+    (data / "empty.png").write_bytes(b"")
+    (data / "empty.txt").write_text("x")
+    _items(tmp_path / "strip", 1, size=(640, 8))
+    (data / "strip.png").write_bytes((tmp_path / "strip" / "0.png").read_bytes())
+    (data / "strip.txt").write_text("a strip")
+    main, ds = _base()
+    ds["directory"] = [{"path": str(data), "num_repeats": 2}]
+    manifest, notes = _epochs(main, ds, epochs=4, micro_batch_size_per_gpu=2)
+    assert manifest["spec"]["training"]["steps"] == 32
+    note = next(n for n in notes if n.startswith("epochs:"))
+    assert note.startswith("epochs: training.steps 32 = 4 epochs x 16 samples / global batch 2"), note
+    assert f"{data}: 8 items x 1 resolution x 2 repeats" in note and "1 without a caption" in note, note
+    assert "1 emptyFile" in note and "1 extremeAspectRatio" in note and "x 1 GPU (assumed" in note, note
+    assert "--steps N overrides" in note
+    manifest, notes = convert({**main, "epochs": 4}, ds, steps=7, read_dirs=read_dirs)
+    assert manifest["spec"]["training"]["steps"] == 7 and not any(n.startswith("epochs: training.steps") for n in notes)
+
+
+def test_each_directory_counts_its_resolutions_caption_variants_and_repeats(tmp_path):
+    """(3 items x 2 areas x 2 shuffled captions x 1) + (2 x 2 x 2 x 3) = 36 samples; 2 epochs
+    / (micro batch 1 x accumulation 4) = 18 steps."""
+    _items(tmp_path / "a", 3, caption="red, thing")
+    _items(tmp_path / "b", 2, caption="blue, thing")
+    main, ds = _base()
+    ds.update(resolutions=[512, 768], cache_shuffle_num=2,
+              directory=[{"path": "a"}, {"path": "b", "num_repeats": 3}])
+    manifest, notes = _epochs(main, ds, cwd=str(tmp_path), path_map={str(tmp_path): "s3://bucket/set"}, epochs=2,
+                              gradient_accumulation_steps=4)
+    assert manifest["spec"]["training"]["steps"] == 18
+    assert [s["uri"] for s in manifest["spec"]["dataset"]["sources"]] == ["s3://bucket/set/a", "s3://bucket/set/b"]
+    note = next(n for n in notes if n.startswith("epochs:"))
+    assert f"{tmp_path / 'a'}: 3 items x 2 caption variants x 2 resolutions x 1 repeat = 12" in note, note
+    assert f"{tmp_path / 'b'}: 2 items x 2 caption variants x 2 resolutions x 3 repeats = 24" in note, note
+
+
+@pytest.mark.parametrize("path,why", [
+    ("s3://bucket/data", "the items could not be counted: [[directory]] path s3://bucket/data is a URI, not a folder "
+                         "on this machine"),
+    ("missing", "the items could not be counted: {tmp}/missing ([[directory]] path 'missing', resolved against --cwd) "
+                "does not exist on this machine"),
+    ("empty", "the items could not be counted: {tmp}/empty holds no item kubelora would train (without a caption: 1,"),
+])
+def test_epochs_that_cannot_be_counted_say_why(tmp_path, path, why):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.png").write_bytes(b"")
+    main, ds = _base()
+    ds["directory"] = [{"path": path}]
+    with pytest.raises(ConfigError, match=re.escape(f"epochs (3); {why.format(tmp=tmp_path)}") + ".*pass --steps"):
+        _epochs(main, ds, cwd=str(tmp_path), epochs=3)
+
+
+def test_overlapping_video_clips_are_not_counted_without_decoding(tmp_path):
+    data = tmp_path / "clips"
+    _items(data, 1)
+    (data / "v.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    (data / "v.txt").write_text("a clip")
+    main, ds = _base("ltx-video")
+    main["video_clip_mode"] = "multiple_overlapping"
+    ds["directory"] = [{"path": str(data)}]
+    with pytest.raises(ConfigError, match=r"could not be counted: video_clip_mode = 'multiple_overlapping' takes"):
+        _epochs(main, ds, epochs=1)
+
+
+def test_kohya_repeat_folders_are_noted_with_the_sources_to_write(tmp_path):
+    """img/10_mystyle (kohya: 10 repeats) trains at num_repeats in kubelora: the import says so,
+    from the folders when they are here, else from the path's name."""
+    _items(tmp_path / "img" / "10_mystyle", 1)
+    _items(tmp_path / "img" / "plain", 1)
+    main, ds = _base()
+    ds["directory"] = [{"path": "img"}]
+    _, notes = convert(main, ds, cwd=str(tmp_path), path_map={str(tmp_path): "s3://bucket/set"}, read_dirs=read_dirs)
+    note = next(n for n in notes if "kohya" in n)
+    assert note.startswith("dataset: folder names in kohya's <repeats>_<name> form: s3://bucket/set/img/10_mystyle (10)")
+    assert "kubelora does not read repeats from folder names" in note
+    assert note.endswith("  dataset:\n    sources:\n      - uri: s3://bucket/set/img/10_mystyle\n        repeats: 10")
+    ds["directory"] = [{"path": "s3://bucket/img/5_other", "num_repeats": 2}]
+    _, notes = convert(main, ds, read_dirs=read_dirs)
+    assert any("s3://bucket/img/5_other (5)" in n and "repeats: 5" in n for n in notes), notes
+    ds["directory"] = [{"path": "s3://bucket/img/5_other", "num_repeats": 5}]
+    assert not any("kohya" in n for n in convert(main, ds, read_dirs=read_dirs)[1])  # already repeated so
+
+
+def test_cli_counts_epochs_in_a_local_dataset(tmp_path):
+    _items(tmp_path / "data", 8)
+    main = ("output_dir = '/o'\ndataset = 'dataset.toml'\nepochs = 4\nmicro_batch_size_per_gpu = 2\n[model]\n"
+            "type = 'flux'\ndiffusers_path = '/m'\n[adapter]\nrank = 4\n[optimizer]\ntype = 'adamw'\nlr = 1e-4\n")
+    p = _cli(tmp_path, main, "resolutions = [512]\n[[directory]]\npath = 'data'\nnum_repeats = 2\n")
+    assert p.returncode == 0, p.stderr
+    assert "steps: 32" in p.stdout and "note: epochs: training.steps 32 = 4 epochs x 16 samples" in p.stderr

@@ -90,6 +90,7 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
 def import_config(args) -> int:
     import yaml
     from .import_config import ConfigError, convert as to_manifest, load, parse_map
+    from .import_dataset import read_dirs
     from .spec import SpecError, parse_spec
     cfg = Path(args.config)
     try:
@@ -98,7 +99,7 @@ def import_config(args) -> int:
         path_map = parse_map(args.map)
         manifest, notes = to_manifest(main_cfg, dataset, name=args.name or cfg.stem, data_uri=args.data_uri,
                                       output_uri=args.output_uri, steps=args.steps, path_map=path_map,
-                                      cwd=str(cwd), sources=sources)
+                                      cwd=str(cwd), sources=sources, read_dirs=read_dirs)
         parse_spec(manifest)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -261,7 +262,8 @@ def main(argv=None) -> int:
     ic.add_argument("--name", help="metadata.name (default: the config file stem)")
     ic.add_argument("--data-uri", help="dataset URI to use instead of the TOML's local directory path")
     ic.add_argument("--output-uri", help="output URI to use instead of output_dir")
-    ic.add_argument("--steps", type=int, help="training steps (diffusion-pipe counts epochs)")
+    ic.add_argument("--steps", type=int, help="training steps (default: max_steps, else epochs counted as steps from "
+                                              "the items in the dataset folders when they are on this machine)")
     ic.add_argument("--map", action="append", default=[], metavar="LOCAL=URI",
                     help="rewrite a local path prefix, e.g. /data/models=s3://models (repeatable)")
     ic.add_argument("--cwd", help="the directory diffusion-pipe runs in: relative paths in the configs resolve "

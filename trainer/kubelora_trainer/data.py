@@ -13,6 +13,7 @@ aspect ratios. Masks (dataset.maskUri): masks.py.
 from __future__ import annotations
 
 import errno
+import re
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,8 @@ class ScanReport:
     unmasked: list[str] = field(default_factory=list)      # items of a masked source without a mask (trained unmasked)
     masked_sources: int = 0
     ignored: dict[str, int] = field(default_factory=dict)  # files that are neither media nor captions: by extension
+    # folders named like kohya's "<repeats>_<name>" holding items: folder (by source URI) -> (its number, source)
+    kohya: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def merge(self, other: "ScanReport") -> None:
         self.items += other.items
@@ -104,6 +107,7 @@ class ScanReport:
         self.masked_sources += other.masked_sources
         for k, v in other.ignored.items():
             self.ignored[k] = self.ignored.get(k, 0) + v
+        self.kohya.update(other.kohya)
 
     def skip(self, uri: str, reason: str, detail: str = "") -> None:
         assert reason in SKIP_REASONS, reason
@@ -193,7 +197,58 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
         if mask_root is not None and mask is None:
             report.unmasked.append(name)
         report.items.append(Item(img, caps[0], caps, source, opts.dropout, uri=name, mask=mask))
+    report.kohya = kohya_folders([it.image.relative_to(root) for it in report.items], uri or str(root), source)
     return report
+
+
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya sd-scripts: img/10_mystyle = mystyle's items, 10 times per epoch
+
+
+def kohya_folders(rel_paths: list[Path], root_uri: str, source: int = 0) -> dict[str, tuple[int, int]]:
+    """The folders, named by URI, whose name has kohya's `<repeats>_<name>` form and that hold some
+    of these items (paths relative to the source's root): the root itself (by its URI's last
+    segment), else the outermost such folder of each item (kohya reads the folders directly
+    in its train_data_dir), with their number and the source. Pure."""
+    root_uri = root_uri.rstrip("/")
+    if rel_paths and (n := kohya_number(root_uri)) is not None:
+        return {root_uri: (n, source)}
+    out = {}
+    for rel in rel_paths:
+        for depth, part in enumerate(rel.parent.parts):
+            if (n := kohya_number(part)) is not None:
+                out["/".join([root_uri, *rel.parent.parts[:depth + 1]])] = (n, source)
+                break
+    return dict(sorted(out.items()))
+
+
+def kohya_number(path: str) -> Optional[int]:
+    """N when the path's last segment is kohya's `<N>_<name>`, else None. Pure."""
+    m = KOHYA_FOLDER.match(path.rstrip("/").rsplit("/", 1)[-1])
+    return int(m[1]) if m else None
+
+
+def kohya_note(folders: dict[str, tuple[int, int]], repeats: list[int]) -> list[str]:
+    """A warning (its lines, the first without "warning:") for folders named like kohya's
+    `<repeats>_<name>` whose number is not the repeats their source trains with (repeats: per
+    source), with the dataset.sources YAML that would train each folder that many times; [] when
+    there are none. Kept a warning: the number may be just part of a name. Pure."""
+    odd = {f: (n, s) for f, (n, s) in folders.items() if n != repeats[s]}
+    if not odd:
+        return []
+    shown = list(odd.items())[:8]
+    named = ", ".join(f"{f} ({n})" for f, (n, _) in shown)
+    named += f" and {len(odd) - len(shown)} more" if len(odd) > len(shown) else ""
+    now = sorted({repeats[s] for _, s in odd.values()})
+    lines = [f"folder names in kohya's <repeats>_<name> form: {named}. kubelora does not read repeats from "
+             f"folder names: their items train with their source's repeats ({', '.join(map(str, now))}), read "
+             f"recursively. If the numbers are repeat counts, list each folder as a source of its own with "
+             f"that number as its repeats (dataset.sources[].repeats), and no source above them:",
+             "  dataset:", "    sources:"]
+    for f, (n, _) in shown:
+        lines += [f"      - uri: {f}", f"        repeats: {n}"]
+    if len(odd) > len(shown):
+        lines.append(f"      # ... and the other {len(odd) - len(shown)} folders")
+    return lines
 
 
 def read_caption(path: Path) -> str:

@@ -15,9 +15,10 @@ from . import cache, cache_remote, disk, dist, masks, metrics
 from . import buckets as bk
 from .cache import cache_key
 from .disk import cache_root
-from .data import ScanReport, Skip, check_item, check_usable, decode_skip, is_environmental, load_unit, skipped_text
+from .data import (ScanReport, Skip, check_item, check_usable, decode_skip, is_environmental, kohya_note, load_unit,
+                   skipped_text)
 from .dist import log
-from .families import RULES, areas_of, frame_buckets_of
+from .families import RULES, areas_of, frame_buckets_of, source_repeats, source_specs  # noqa: F401 (re-exported)
 
 
 def sample_entries(report: ScanReport, units: list[bk.Unit]) -> list[tuple[int, int]]:
@@ -140,11 +141,6 @@ def exchange(keys: list[str], env) -> int:
                     have[i] = True
     dist.fail_together(err, "the cache exchange")  # also: every node's writer is done before any rank reads
     return received
-
-
-def source_specs(spec) -> list:
-    """The dataset's sources: dataset.sources, or one made of dataset.uri and dataset.repeats."""
-    return list(spec.dataset.sources) if spec.dataset.sources is not None else [None]
 
 
 def bucket_configs(spec) -> list[bk.BucketConfig]:
@@ -286,6 +282,8 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
     if report.missing_caption and report.beside:
         from .data import caption_hint
         log(env, "[data] warning:" + caption_hint(report))
+    for n, line in enumerate(kohya_note(report.kohya, source_repeats(spec))):
+        log(env, "[data] " + ("warning: " if n == 0 else "") + line)
     for msg in bk.format_summary(bucket_stats):
         log(env, msg)
     m.buckets(bucket_stats)

@@ -132,6 +132,16 @@ def frame_buckets_of(model_type: str, dataset, source=None) -> list[int]:
     return sorted(set(fb) | {1})
 
 
+def source_specs(spec) -> list:
+    """The dataset's sources: dataset.sources, or one made of dataset.uri and dataset.repeats."""
+    return list(spec.dataset.sources) if spec.dataset.sources is not None else [None]
+
+
+def source_repeats(spec) -> list[int]:
+    """Each source's repeats (dataset.repeats for dataset.uri)."""
+    return [s.repeats if s is not None else spec.dataset.repeats for s in source_specs(spec)]
+
+
 def areas_of(dataset, source=None) -> list[int]:
     """The training areas as square sides (resolutions of the source, else of the dataset, else
     [resolution]); with width/height one area is unused (the size is fixed)."""

@@ -7,20 +7,26 @@ dataset TOML it names) -> a LoRATrainingJob manifest.
 Every key is mapped with diffusion-pipe's meaning, noted, or refused (import_rules.py has the
 tables; docs/import-config.md lists them). Relative paths resolve as diffusion-pipe resolves
 them: against the directory it was started from (--cwd, default the current one), not the
-TOML's folder. `convert` is pure (dicts in, manifest and notes out); `load` reads the files and
-turns TOML and key errors into `ConfigError`s that name the file, line and key.
+TOML's folder. `convert` is pure (dicts in, manifest and notes out) but for the dataset folders
+it is given a reader for (import_dataset.read_dirs, which the CLI passes): when they are on this
+machine, `epochs` without --steps or max_steps become training.steps counted from their items, and
+folders named like kohya's `<repeats>_<name>` are noted. `load` reads the files and turns TOML and
+key errors into `ConfigError`s that name the file, line and key.
 """
 from __future__ import annotations
 
+import copy
 import posixpath
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from .data import kohya_note, kohya_number
+from .import_dataset import Uncountable, epoch_steps
 from .import_handlers import Ctx, Refused, label
-from .spec import URI_HELP, URI_PATTERN, name_from
+from .spec import URI_HELP, URI_PATTERN, name_from, parse_spec
 from .import_rules import (MODEL_TYPES, OTHER_MODEL_TYPES, apply, batch_size, family_module, finish_dataset,
                            optimizer_defaults)
 
@@ -59,24 +65,31 @@ def find_line(text: str, section: str, key: str, index: Optional[int] = None) ->
 def convert(main: dict[str, Any], dataset: Optional[dict[str, Any]] = None, *, name: str = "imported",
             data_uri: Optional[str] = None, output_uri: Optional[str] = None, steps: Optional[int] = None,
             path_map: Optional[dict[str, str]] = None, cwd: str = "/",
-            sources: Optional[dict[str, Source]] = None) -> tuple[dict, list[str]]:
+            sources: Optional[dict[str, Source]] = None, read_dirs: Optional[Callable] = None
+            ) -> tuple[dict, list[str]]:
     """Returns (manifest, notes); raises ConfigError naming the file, line and key. path_map
     rewrites local path prefixes (e.g. {'/data/models': 's3://models'}) so a workstation config
-    points at the bucket the cluster reads."""
+    points at the bucket the cluster reads. read_dirs (import_dataset.read_dirs) reads the
+    [[directory]] folders where they are on this machine; without it they are not looked at."""
     sources = sources or {"main": Source("the config"), "dataset": Source("the dataset config")}
     try:
-        return _convert(main, dataset, name, data_uri, output_uri, steps, path_map or {}, cwd)
+        return _convert(main, dataset, name, data_uri, output_uri, steps, path_map or {}, cwd, read_dirs)
     except Refused as e:
         src = sources["dataset" if e.section in ("dataset", "directory") else "main"]
         table = "" if e.section == "dataset" else e.section
         raise ConfigError(f"{src.where(table, e.key, e.index)}: {label(e.section)}{e.key}: {e}") from None
 
 
-def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) -> tuple[dict, list[str]]:
-    def local(p: str) -> str:
-        """A path as diffusion-pipe opens it (relative to where it runs), then --map applied."""
+def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, read_dirs) -> tuple[dict, list[str]]:
+    def resolve(p: str) -> str:
+        """A path as diffusion-pipe opens it (relative to where it runs)."""
         if not re.match(r"^[a-z0-9]+://", p) and not p.startswith("/"):
             p = posixpath.normpath(str(PurePosixPath(cwd) / p))
+        return p
+
+    def local(p: str) -> str:
+        """A path as diffusion-pipe opens it, then --map applied."""
+        p = resolve(p)
         for prefix, remote in sorted(path_map.items(), key=lambda kv: -len(kv[0])):
             if p == prefix or p.startswith(prefix.rstrip("/") + "/"):
                 return remote.rstrip("/") + "/" + p[len(prefix):].lstrip("/")
@@ -118,30 +131,14 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) ->
         raise Refused("model", "text_encoder_1_lr", "kubelora's full fine-tune trains the UNet only, not the text "
                                                     "encoders: remove the text encoder learning rates")
     ds_uri = _dataset(ctx, dataset, local)
+    dirs = [(str(d["path"]), resolve(str(d["path"])), resolve(str(d["mask_path"])) if d.get("mask_path") else None)
+            for d in (dataset or {}).get("directory") or []]
 
     if "gradient_clipping" not in main:
         ctx.training["maxGradNorm"] = 1.0  # diffusion-pipe's default
     out_uri = output_uri or (local(ctx.extra["output_dir"]) if ctx.extra.get("output_dir") else None)
     if not out_uri:
         raise Refused("", "output_dir", "the config has no output_dir; add it or pass --output-uri")
-    max_steps = ctx.extra.get("max_steps")
-    if steps is None:
-        if not max_steps:
-            raise Refused("", "epochs", f"kubelora trains for a number of steps; diffusion-pipe counts epochs "
-                                        f"({main.get('epochs', '?')}): pass --steps (a diffusion-pipe epoch is every "
-                                        "item x resolution x caption variant x num_repeats, so steps = epochs x that "
-                                        "/ (micro batch x accumulation x GPUs)) or set max_steps")
-        steps = max_steps
-    elif max_steps and max_steps != steps:
-        ctx.notes.append(f"max_steps: {max_steps} replaced by --steps {steps}")
-    if "epochs" in main:
-        ctx.notes.append(f"epochs: kubelora trains training.steps = {steps} steps, however many epochs that is "
-                         f"(diffusion-pipe stops after {main['epochs']} epochs)")
-    ctx.training["steps"] = steps
-    if ctx.training.get("warmupSteps", 0) > steps:
-        ctx.notes.append(f"warmup_steps: {ctx.training['warmupSteps']} is more than the {steps} steps; capped")
-        ctx.training["warmupSteps"] = steps
-
     if data_uri and "sources" in ctx.dataset:
         raise Refused("directory", "path", "--data-uri names one folder but the dataset has several [[directory]] "
                                            "entries: use --map LOCAL=URI for their paths")
@@ -153,7 +150,58 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd) ->
             "training": ctx.training, "output": {"uri": out_uri, **ctx.output}}
     manifest = {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
                 "metadata": {"name": name_from(name, "imported")}, "spec": spec}
+    _steps(ctx, main, manifest, steps, dirs, read_dirs)
     return manifest, list(dict.fromkeys(ctx.notes))  # a top-level dataset key's note once, not per directory
+
+
+def _steps(ctx: Ctx, main: dict, manifest: dict, steps: Optional[int], dirs, read_dirs) -> None:
+    """training.steps: --steps, else max_steps, else diffusion-pipe's epochs counted in the
+    dataset folders (when read_dirs can read them all); and a note on folders named like kohya's
+    `<repeats>_<name>`, from the folders' contents when read, else from the paths' names."""
+    max_steps = ctx.extra.get("max_steps")
+    count = steps is None and not max_steps and "epochs" in main
+    reports, spec = None, None
+    if read_dirs and dirs:
+        draft = copy.deepcopy(manifest)
+        draft["spec"]["training"]["steps"] = steps or max_steps or 1
+        spec = parse_spec(draft)  # an invalid manifest stops here, as it would after the import
+        reports = read_dirs(spec, dirs, probe=count)
+    ds = manifest["spec"]["dataset"]
+    srcs = ds.get("sources") or [{"uri": ds["uri"], "repeats": ds.get("repeats", 1)}]
+    if isinstance(reports, list):
+        folders = {f: v for r in reports for f, v in r.kohya.items()}
+    else:  # not read: the paths' own names
+        folders = {s["uri"]: (n, i) for i, s in enumerate(srcs[:len(dirs)]) if (n := kohya_number(s["uri"])) is not None}
+    if lines := kohya_note(folders, [s.get("repeats", 1) for s in srcs]):
+        ctx.notes.append("dataset: " + "\n".join(lines))
+    why = None
+    if count:
+        if isinstance(reports, list):
+            try:
+                steps, note = epoch_steps(spec, reports, dirs, float(main["epochs"]))
+                ctx.notes.append(note)
+            except Uncountable as e:
+                why = str(e)
+        else:
+            why = (reports if isinstance(reports, str) else "the dataset folders were not read" if dirs else
+                   "the config names no [[directory]] folder to count the items of")
+    if steps is None:
+        if not max_steps:
+            counted = f"; the items could not be counted: {why}" if why else ""
+            raise Refused("", "epochs", f"kubelora trains for a number of steps; diffusion-pipe counts epochs "
+                                        f"({main.get('epochs', '?')}){counted}: pass --steps (a diffusion-pipe epoch "
+                                        "is every item x resolution x caption variant x num_repeats, so steps = "
+                                        "epochs x that / (micro batch x accumulation x GPUs)) or set max_steps")
+        steps = max_steps
+    elif max_steps and max_steps != steps:
+        ctx.notes.append(f"max_steps: {max_steps} replaced by --steps {steps}")
+    if "epochs" in main and not count:
+        ctx.notes.append(f"epochs: kubelora trains training.steps = {steps} steps, however many epochs that is "
+                         f"(diffusion-pipe stops after {main['epochs']} epochs)")
+    ctx.training["steps"] = steps
+    if ctx.training.get("warmupSteps", 0) > steps:
+        ctx.notes.append(f"warmup_steps: {ctx.training['warmupSteps']} is more than the {steps} steps; capped")
+        ctx.training["warmupSteps"] = steps
 
 
 def parse_map(items: list[str]) -> dict[str, str]:

@@ -26,7 +26,7 @@ from . import buckets as bk
 from .captions import options_of
 from .data import DatasetError, ScanReport, scan
 from .disk import cache_root
-from .dataset_phase import largest_batch, probe_items, source_specs
+from .dataset_phase import largest_batch, probe_items, source_repeats, source_specs
 from .dist import log
 from .families import PATH_FIELDS, RULES
 from .models import get_family
@@ -600,7 +600,7 @@ def build_trainer(spec, family, ready: cache_phase.Ready, sampling, env: dist.Di
     schedule, the seeded data order and the cache loader."""
     t, comps, layout = spec.training, ready.comps, ready.layout
     units = layout.assignment.units
-    src_repeats = [s.repeats if s is not None else spec.dataset.repeats for s in source_specs(spec)]
+    src_repeats = source_repeats(spec)
     items = layout.report.items
     space = bk.SampleSpace(buckets=tuple(u.bucket for u in units),
                            repeats=tuple(src_repeats[u.source] for u in units),

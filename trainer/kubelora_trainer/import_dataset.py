@@ -1,0 +1,110 @@
+"""What `kubelora import-config` learns from the dataset's [[directory]] folders when they are on
+this machine: the items kubelora would train (read_dirs: kubelora's own scan, and with probe its
+header checks and aspect-ratio screen; I/O), and the training.steps that diffusion-pipe's `epochs`
+are (epoch_steps: pure). A diffusion-pipe epoch is every item x resolution x caption variant x
+num_repeats; a step takes micro_batch_size_per_gpu x gradient_accumulation_steps x GPUs of them.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+from .data import IMAGE_EXTENSIONS, DatasetError, ScanReport, check_item, scan, skipped_text
+from .families import RULES, areas_of, source_repeats, source_specs
+
+Dirs = list[tuple[str, str, Optional[str]]]  # per [[directory]]: its path as written, resolved (--cwd), its mask folder
+
+
+class Uncountable(ValueError):
+    """Why the epochs cannot be counted as steps (the message says it, for the --steps error)."""
+
+
+def read_dirs(spec, dirs: Dirs, probe: bool) -> Union[list[ScanReport], str]:
+    """Each directory scanned as a run scans its source (data.scan with the source's caption
+    options; items named by the manifest's URIs), or why they cannot be read here. With probe,
+    each image's header is checked (data.check_item without decoding) and items of an extreme
+    aspect ratio for their buckets are screened out (dataset_phase.settle), as a run skips them;
+    videos are not decoded (a run decodes each once to probe it). I/O."""
+    from .captions import options_of
+    r = RULES[spec.model.type]
+    for written, path, _ in dirs:
+        if re.match(r"^[a-z0-9]+://", path):
+            return f"[[directory]] path {written} is a URI, not a folder on this machine"
+        where = path if written == path else f"{path} ([[directory]] path {written!r}, resolved against --cwd)"
+        if not Path(path).exists():
+            return f"{where} does not exist on this machine"
+        if not Path(path).is_dir():
+            return f"{where} is not a folder"
+    reports = []
+    for i, (src, (_, path, mask)) in enumerate(zip(source_specs(spec), dirs)):
+        try:
+            report = scan(Path(path), video=r.video, opts=options_of(spec.dataset, src), source=i,
+                          seed=spec.training.seed, uri=spec.dataset.uris[i],
+                          mask_root=Path(mask) if mask and Path(mask).is_dir() else None)
+        except DatasetError as e:
+            return str(e)
+        except OSError as e:
+            return f"{path}: {e.strerror or e}"
+        reports.append(report)
+    if probe:
+        for report in reports:
+            screen(spec, report)
+    return reports
+
+
+def screen(spec, report: ScanReport) -> None:
+    """Drop the images a run would skip from their header (empty, not an image, too large) or for
+    their aspect ratio; the skips are counted in report.skipped. I/O (image headers)."""
+    from .dataset_phase import bucket_configs, settle  # torch-heavy module: only when counting
+    metas, skips = {}, {}
+    for i, it in enumerate(report.items):
+        if it.image.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue  # a video: counted without decoding it
+        meta, skip = check_item(it, decode=False)
+        if skip is None:
+            metas[i] = meta
+        else:
+            skips[i] = skip
+    settle(report, metas, skips, bucket_configs(spec))  # the skipped leave report.items; videos stay
+
+
+def epoch_steps(spec, reports: list[ScanReport], dirs: Dirs, epochs: float) -> tuple[int, str]:
+    """training.steps for diffusion-pipe's `epochs` over these items, and the note that shows the
+    calculation. Raises Uncountable when no number fits. Pure."""
+    d = spec.dataset
+    if d.videoClipMode == "multiple_overlapping" and any(it.image.suffix.lower() not in IMAGE_EXTENSIONS
+                                                         for rep in reports for it in rep.items):
+        raise Uncountable("video_clip_mode = 'multiple_overlapping' takes as many clips from a video as its length "
+                          "allows, which is not known without decoding every video")
+    parts, total = [], 0
+    for src, rep, repeats, (_, path, _) in zip(source_specs(spec), reports, source_repeats(spec), dirs):
+        items = len(rep.items)
+        if not items:
+            s = rep.summary()
+            raise Uncountable(f"{path} holds no item kubelora would train (without a caption: {s['missingCaption']}, "
+                              f"unreadable: {s['unreadable']})")
+        variants = sum(len(it.variants) for it in rep.items)
+        areas = 1 if d.width is not None else len(areas_of(d, src))
+        n = variants * areas * repeats
+        total += n
+        shown = f"{items} item{'s' * (items != 1)}"
+        if variants != items:
+            shown += f" x {variants / items:g} caption variants"
+        shown += f" x {areas} resolution{'s' * (areas != 1)} x {repeats} repeat{'s' * (repeats != 1)}"
+        uncaptioned = rep.missing_caption - rep.empty_caption_used
+        left = ", ".join([f"{uncaptioned} without a caption"] * bool(uncaptioned) + [skipped_text(rep)] * bool(rep.skipped))
+        deeper = sum(1 for it in rep.items if it.image.parent != Path(path))
+        parts.append(f"{path}: {shown}" + (f" = {n}" if len(reports) > 1 else "")
+                     + (f" (not counted, as a run skips them: {left})" if left else "")
+                     + (f" ({deeper} of the items in subfolders, which diffusion-pipe does not read)" if deeper else ""))
+    t, res = spec.training, spec.resources
+    gpus = res.nodes * max(res.gpusPerNode, 1)
+    batch = t.microBatchSize * t.gradientAccumulationSteps * gpus
+    steps = max(1, math.ceil(epochs * total / batch))
+    note = (f"epochs: training.steps {steps} = {epochs:g} epochs x {total} samples / global batch {batch}, counted "
+            f"in the dataset folders as diffusion-pipe counts an epoch ({'; '.join(parts)}); global batch = micro "
+            f"batch {t.microBatchSize} x accumulation {t.gradientAccumulationSteps} x {gpus} GPU{'s' * (gpus != 1)} "
+            f"(assumed: the manifest's default resources; on N GPUs an epoch is N times fewer steps). --steps N overrides")
+    return steps, note
