@@ -565,7 +565,8 @@ def test_a_setting_that_differs_between_directories_points_at_the_differing_line
 
 def test_map_refuses_a_uri_the_manifest_cannot_hold_saying_why():
     assert parse_map(["/data=s3://data", "/m=/mnt/m"]) == {"/data": "s3://data", "/m": "/mnt/m"}
-    with pytest.raises(ConfigError, match=r"'s3://d' is not a URI the manifest can hold: S3 bucket names are 3 to 63"):
+    with pytest.raises(ConfigError, match=r"'s3://d' is not a URI the manifest can hold: bucket name 'd' has 1 "
+                                          r"character; S3 bucket names are 3 to 63"):
         parse_map(["/data=s3://d"])
     with pytest.raises(ConfigError, match="expected LOCAL=URI"):
         parse_map(["/data"])

@@ -50,6 +50,12 @@ def test_defaults_are_filled():
     ("adapter.rank", 0, "spec.adapter.rank: Input should be greater than or equal to 1"),
     ("training.learningRate", -1e-4, "spec.training.learningRate: Input should be greater than 0"),
     ("dataset.uri", "gs://bucket/data", "spec.dataset.uri: got 'gs://bucket/data'; expected an s3://bucket/key URI or an absolute local path"),
+    ("output.uri", "s3://b/o", "spec.output.uri: got 's3://b/o'; bucket name 'b' has 1 character; S3 bucket names "
+                               "are 3 to 63 characters: lowercase letters, digits, dots and hyphens, starting and "
+                               "ending with a letter or digit"),
+    ("output.uri", "s3://My_Bucket/o", "spec.output.uri: got 's3://My_Bucket/o'; bucket name 'My_Bucket' has "
+                                       "uppercase letters and holds '_'; S3 bucket names are 3 to 63"),
+    ("dataset.uri", "s3://-data/x", "spec.dataset.uri: got 's3://-data/x'; bucket name '-data' starts or ends with '-'"),
     ("dataset", ..., "spec.dataset: required field is missing"),
     ("resources.gpusPerNode", 64, "spec.resources.gpusPerNode: Input should be less than or equal to 16"),
     ("resources.nodes", 0, "spec.resources.nodes: Input should be greater than or equal to 1"),

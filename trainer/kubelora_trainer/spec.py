@@ -27,6 +27,32 @@ SHORT_NAME = "ltj"
 MODEL_TYPES = tuple(FAMILIES)
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|file://.*)$"
 URI_HELP = "an s3://bucket/key URI or an absolute local path"
+BUCKET_RULE = ("S3 bucket names are 3 to 63 characters: lowercase letters, digits, dots and hyphens, starting and "
+               "ending with a letter or digit")
+
+
+def uri_problem(uri: str) -> Optional[str]:
+    """What is wrong with a URI the spec cannot hold (None when URI_PATTERN accepts it): for an s3://
+    URI, what breaks the bucket-name rule ("bucket name 'b' has 1 character; S3 bucket names are 3
+    to 63 ..."); else what is expected. Pure; the spec's messages and import-config --map use it."""
+    if re.match(URI_PATTERN, uri):
+        return None
+    if not uri.startswith("s3://"):
+        return f"expected {URI_HELP}"
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    if not bucket:
+        return f"no bucket name; {BUCKET_RULE}"
+    wrong = []
+    if not 3 <= len(bucket) <= 63:
+        wrong.append(f"has {len(bucket)} character{'s' if len(bucket) != 1 else ''}")
+    if any("A" <= c <= "Z" for c in bucket):
+        wrong.append("has uppercase letters")
+    others = sorted({c for c in bucket if not ("a" <= c.lower() <= "z" or "0" <= c <= "9" or c in ".-")})
+    if others:
+        wrong.append("holds " + ", ".join(repr(c) for c in others))
+    if bucket[0] in ".-" or bucket[-1] in ".-":
+        wrong.append(f"starts or ends with {bucket[0] if bucket[0] in '.-' else bucket[-1]!r}")
+    return f"bucket name {bucket!r} {' and '.join(wrong) or 'is not allowed'}; {BUCKET_RULE}"
 
 
 class SpecError(ValueError):
@@ -638,7 +664,7 @@ def format_errors(err: ValidationError, prefix: str = "spec") -> str:
         elif e["type"] == "literal_error":
             msg = f"got {e['input']!r}; accepted values: {e['ctx']['expected']}" + LITERAL_HINTS.get((loc, e["input"]), "")
         elif e["type"] == "string_pattern_mismatch" and "s3://" in e["ctx"].get("pattern", ""):
-            msg = f"got {e['input']!r}; expected {URI_HELP}"
+            msg = f"got {e['input']!r}; {uri_problem(e['input'])}"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
             if not loc:
