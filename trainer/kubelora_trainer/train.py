@@ -427,7 +427,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     plan, steps = check_output(spec, settings, env)
     if plan == "done":
         log(env, f"[done] {spec.output.uri} already holds a finished run (manifest.json); nothing to train "
-                 f"(output.onExisting: overwrite trains again)")
+                 f"(output.onExisting: overwrite trains again); {samples.report_said(spec.output.uri)}")
         m.phase("Succeeded")
         return 0
     remote = check_cache_uri(spec, settings, env)
@@ -479,7 +479,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         publish(prog, force=True)
         losses = tr.state.losses
         final = f"  final loss {losses[-1]:.4f}" if losses else ""
-        log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…{final}")
+        log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…{final}; {samples.report_said(spec.output.uri)}")
     return 0
 
 
