@@ -71,6 +71,18 @@ def default_nproc(spec) -> int:
     return 1
 
 
+def local_env(environ: dict, nproc: int) -> dict:
+    """The environment of a `kubelora run` on this machine: what is set stays; threads split over
+    the processes, unbuffered output, and metrics bound to 127.0.0.1 (a workstation's, not its
+    network's; the operator's pods keep 0.0.0.0 for Prometheus). Pure."""
+    from .metrics import ADDR_ENV, LOCAL_ADDR
+    env = dict(environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault(ADDR_ENV, LOCAL_ADDR)
+    return env
+
+
 def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = None) -> int:
     """Run the trainer under torchrun on this machine; its output (rank 0 logs progress) streams
     through. Returns the exit status."""
@@ -78,9 +90,7 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
     if spec is None:
         return 2
     n = nproc or default_nproc(spec)
-    env = {**os.environ, **(extra_env or {})}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    env = local_env({**os.environ, **(extra_env or {})}, n)
     from .launch import run as run_torchrun
     print(f"[kubelora] {spec.model.type} LoRA from {manifest} on {n} local process(es)", flush=True)
     return run_torchrun(["--standalone", f"--nproc-per-node={n}", "-m", "kubelora_trainer", "run", "--spec",
