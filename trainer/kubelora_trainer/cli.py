@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+DEMO_WORKDIR = ".demo"  # `kubelora demo` builds the tiny model and data there (demo.py)
+
 
 def _validate(path: str):
     from .models import UnsupportedModel, check_supported
@@ -291,7 +293,7 @@ def main(argv=None) -> int:
     rp.add_argument("uri", metavar="JOB_OUTPUT_URI", help="the job's output.uri (s3://bucket/key or a local path)")
     rp.add_argument("--out", help="local folder (default: ./kubelora-report-<last part of the URI>)")
     d = sub.add_parser("demo", help="train a tiny Flux LoRA on 2 processes from a local S3 server (SeaweedFS)")
-    d.add_argument("--workdir", default=".demo", help="where the tiny model, the data, the server's files and the "
+    d.add_argument("--workdir", default=DEMO_WORKDIR, help="where the tiny model, the data, the server's files and the "
                                                       "downloaded output go (default: .demo)")
     d.add_argument("--nproc", type=int, default=2, help="training processes (default: 2, as two GPUs would run)")
     args = p.parse_args(argv)
