@@ -55,6 +55,15 @@ def uri_problem(uri: str) -> Optional[str]:
     return f"bucket name {bucket!r} {' and '.join(wrong) or 'is not allowed'}; {BUCKET_RULE}"
 
 
+PATTERN_CHARS = frozenset("\\()[]*+?|^${")
+
+
+def is_pattern(target: str) -> bool:
+    """An adapter.targetModules entry that is a regular expression (any of PATTERN_CHARS), not a
+    module name suffix. Pure."""
+    return any(c in PATTERN_CHARS for c in target)
+
+
 class SpecError(ValueError):
     """A manifest that cannot be used; the message names the field path and the fix."""
 
@@ -333,7 +342,20 @@ class AdapterSpec(_Model):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     targetModules: Optional[list[str]] = Field(
         default=None, min_length=1,
-        description="Module name suffixes to adapt; defaults to the family's attention and MLP linears.")
+        description="Module name suffixes to adapt (attn.to_q adapts every module whose name ends so); an entry holding "
+                    "any of \\ ( ) [ ] * + ? | ^ $ { is a regular expression matched against the whole module name "
+                    "(as peft's target_modules string). Defaults to the family's attention and MLP linears.")
+
+    @field_validator("targetModules")
+    @classmethod
+    def _targets_compile(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        for i, entry in enumerate(v or ()):
+            if is_pattern(entry):
+                try:
+                    re.compile(entry)
+                except re.error as e:
+                    raise ValueError(f"entry {i}, {entry!r}, is not a regular expression ({e})") from None
+        return v
 
     @property
     def scale(self) -> float:
