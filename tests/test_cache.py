@@ -242,7 +242,8 @@ def test_second_run_builds_no_encoder_and_a_new_resolution_encodes_only_its_samp
 
     again, log = _counted_run(one, monkeypatch, capsys)
     assert again == {}, again                # no VAE, no text encoder built or called, nothing decoded
-    assert "3 entries: 3 cached, 0 to encode; the VAE and text encoders are not loaded" in log
+    assert "3 entries: 3 cached, 0 to encode; the VAE and text encoders are not loaded; " \
+           f"cache folder {tmp_path / 'cache'} ($KUBELORA_CACHE_DIR)" in log
     assert "cut.png: corrupt (OSError" in log    # remembered with its probe
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["dataset"]["unreadable"] == 1
 

@@ -155,6 +155,8 @@ def test_the_pod_monitors_port_is_declared_by_the_trainer_pods(monkeypatch):
         return {p["name"]: p["containerPort"] for p in c.get("ports", [])}, env(c)
     ports, e = trainer_pod(manifests.OperatorConfig())
     assert ports["metrics"] == 9400 and e["KUBELORA_METRICS_PORT"] == "9400" and e["KUBELORA_METRICS_LINGER_SECONDS"] == "60"
+    # Prometheus scrapes the pod's IP: no address set (0.0.0.0), the port set (a taken one is a warning)
+    assert "KUBELORA_METRICS_ADDR" not in e
     op = env(one(objects({"trainer": {"metricsPort": 9500, "metricsLingerSeconds": 120}}),
                  "Deployment")["spec"]["template"]["spec"]["containers"][0])
     for k in ("KUBELORA_TRAINER_METRICS_PORT", "KUBELORA_TRAINER_METRICS_LINGER_SECONDS"):

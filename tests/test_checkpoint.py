@@ -85,6 +85,7 @@ def test_ctrl_c_checkpoints_then_the_same_command_resumes_to_the_same_adapter(s3
     rc, out = _run(job, env)
     assert rc == 0, out[-3000:]
     assert f"[resume] from the checkpoint of step {stopped_at}" in out and f"[train] step {stopped_at}/8" not in out
+    assert "[done] s3://ckpt/run/lora.safetensors" in out and "; report s3://ckpt/run/report.html (" in out, out[-2000:]
     import json
     progress = json.loads(s3.get_object(Bucket="ckpt", Key="run/status/progress.json")["Body"].read())
     assert progress["resumedFrom"] == stopped_at and progress["phase"] == "Succeeded", progress  # the operator shows it
@@ -101,6 +102,7 @@ def test_ctrl_c_checkpoints_then_the_same_command_resumes_to_the_same_adapter(s3
     # a finished output is not trained again; onExisting: fail refuses it
     rc, out = _run(job, env)
     assert rc == 0 and "already holds a finished run" in out and "[phase] train" not in out, out[-2000:]
+    assert "; report s3://ckpt/run/report.html (" in out
     rc, out = _run(_job(tmp_path / "job.yaml", tiny_flux_dir, data, "s3://ckpt/run") and
                    _fail_on_existing(tmp_path / "job.yaml"), env)
     assert rc == 2 and "output.uri already holds a finished run (manifest.json)" in out, out[-2000:]

@@ -58,6 +58,12 @@ def test_the_message_names_the_file_the_free_space_and_the_fix(tmp_path, monkeyp
     assert "cacheVolumeClaim" not in elsewhere
 
 
+def test_the_log_says_where_the_cache_is_and_what_chose_it():
+    home = Path.home() / ".cache" / "kubelora"
+    assert disk.cache_root_said({}) == f"{home} (the default; $KUBELORA_CACHE_DIR moves it)"
+    assert disk.cache_root_said({"KUBELORA_CACHE_DIR": "/big/cache"}) == "/big/cache ($KUBELORA_CACHE_DIR)"
+
+
 def test_a_full_disk_is_not_worth_another_transfer():
     assert storage._worth_another_transfer(NO_SPACE) is False
     assert storage._worth_another_transfer(ConnectionResetError(errno.ECONNRESET, "reset")) is True

@@ -566,7 +566,8 @@ def test_a_setting_that_differs_between_directories_points_at_the_differing_line
 
 def test_map_refuses_a_uri_the_manifest_cannot_hold_saying_why():
     assert parse_map(["/data=s3://data", "/m=/mnt/m"]) == {"/data": "s3://data", "/m": "/mnt/m"}
-    with pytest.raises(ConfigError, match=r"'s3://d' is not a URI the manifest can hold: S3 bucket names are 3 to 63"):
+    with pytest.raises(ConfigError, match=r"'s3://d' is not a URI the manifest can hold: bucket name 'd' has 1 "
+                                          r"character; S3 bucket names are 3 to 63"):
         parse_map(["/data=s3://d"])
     with pytest.raises(ConfigError, match="expected LOCAL=URI"):
         parse_map(["/data"])
@@ -582,6 +583,51 @@ def test_lora_layers_diffusion_pipe_adapts_beyond_kubelora_defaults_are_noted(mo
         assert len(notes) == 1 and layers in notes[0] and "adapter.targetModules" in notes[0], notes
     else:
         assert not notes, notes
+
+
+@pytest.mark.parametrize("model_type,blocks", [
+    ("flux", ("FluxTransformerBlock", "FluxSingleTransformerBlock")),
+    ("hunyuan-video", ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"))])
+def test_the_note_gives_the_target_modules_that_train_what_diffusion_pipe_trains(model_type, blocks):
+    """diffusion-pipe adapts every nn.Linear inside the transformer's block classes (models/base.py
+    get_target_modules; for HunyuanVideo its MMDoubleStreamBlock / MMSingleStreamBlock, diffusers'
+    two block classes here). The value the note prints, pasted into the manifest, adapts exactly
+    those linears of the tiny model, the modulation linears included, and nothing outside them."""
+    import torch
+    import yaml
+    from peft import LoraConfig, inject_adapter_in_model
+    from kubelora_trainer.lora import peft_targets
+    manifest, notes = convert(*_base(model_type))
+    note = next(n for n in notes if n.startswith("[adapter] type: "))
+    value = yaml.safe_load(note.split("set adapter.targetModules: ", 1)[1])
+    manifest["spec"]["adapter"]["targetModules"] = value
+    spec = parse_spec(manifest)
+    if model_type == "flux":
+        from diffusers import FluxTransformer2DModel as Model
+        from kubelora_trainer.models.flux.tiny import TINY_TRANSFORMER as config
+    else:
+        from diffusers import HunyuanVideoTransformer3DModel as Model
+        from kubelora_trainer.models.hunyuan_video.tiny import TRANSFORMER as config
+    model = Model(**config)
+    trained_by_diffusion_pipe = {n for name, block in model.named_modules() if type(block).__name__ in blocks
+                                 for n, m in block.named_modules(prefix=name) if isinstance(m, torch.nn.Linear)}
+    assert any(n.endswith("norm1.linear") for n in trained_by_diffusion_pipe)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=peft_targets(spec.adapter.targetModules)), model)
+    adapted = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == trained_by_diffusion_pipe
+
+
+def test_target_modules_suffixes_stay_suffixes_and_patterns_are_checked():
+    from kubelora_trainer.lora import peft_targets
+    assert peft_targets(["to_q", "attn.to_k"]) == ["to_q", "attn.to_k"]   # peft's own suffix matching
+    both = peft_targets(["attn.to_q", r"blocks\.\d+\.proj_out"])
+    assert re.fullmatch(both, "transformer_blocks.3.attn.to_q") and re.fullmatch(both, "blocks.1.proj_out")
+    assert not re.fullmatch(both, "proj_out") and not re.fullmatch(both, "transformer_blocks.3.attn.to_qx")
+    manifest = convert(*_base())[0]
+    manifest["spec"]["adapter"]["targetModules"] = ["to_q", "blocks.(1"]
+    with pytest.raises(SpecError, match=r"spec.adapter.targetModules: entry 1, 'blocks.\(1', is not a regular "
+                                        r"expression \(missing \)"):
+        parse_spec(manifest)
 
 
 @pytest.mark.parametrize("order", ["bypass first", "guidance first"])

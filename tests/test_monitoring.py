@@ -54,6 +54,13 @@ def scrape(port: int) -> dict:
 
 # ---------------------------------------------------------------- registries, no Prometheus
 
+def test_kubelora_run_serves_metrics_to_this_machine_only_unless_told_otherwise():
+    from kubelora_trainer.cli import local_env
+    assert local_env({}, 2)["KUBELORA_METRICS_ADDR"] == "127.0.0.1"
+    assert local_env({"KUBELORA_METRICS_ADDR": "0.0.0.0"}, 2)["KUBELORA_METRICS_ADDR"] == "0.0.0.0"
+    assert "KUBELORA_METRICS_PORT" not in local_env({}, 1)   # unset: the default port, a taken one only a note
+
+
 def test_trainer_endpoint_serves_lingers_and_never_breaks_on_a_taken_port():
     from kubelora_trainer import metrics, storage
     m = metrics.TrainerMetrics(LTJ, NAMESPACE)
@@ -70,6 +77,10 @@ def test_trainer_endpoint_serves_lingers_and_never_breaks_on_a_taken_port():
         said = []
         assert metrics.serve(m.registry, server.port, "127.0.0.1", log=said.append) is None
         assert "cannot serve metrics" in said[0] and "training goes on" in said[0]
+        # the default port, not set, taken (a second `kubelora run` on a workstation): one plain line
+        assert metrics.serve(m.registry, server.port, "127.0.0.1", log=said.append, port_set=False) is None
+        assert said[1] == (f"[metrics] off for this run: 127.0.0.1:{server.port} is in use (another kubelora "
+                           "run?); set KUBELORA_METRICS_PORT to another port to serve them")
         # after the run, serving lasts until one scrape has fetched the final state
         run = metrics.Run(m, server)
         storage.transfer_listeners.append(m.transferred)

@@ -119,6 +119,13 @@ def test_report_is_self_contained_and_escapes():
     assert "<li>clip.mp4: too_short</li>" in html and "{&#x27;items" not in html and "{'items" not in html
 
 
+def test_the_done_line_says_where_the_report_is_and_how_to_open_it():
+    assert samples.report_said("/runs/a") == "report /runs/a/report.html (open it in a browser)"
+    assert samples.report_said("file:///runs/a/") == "report /runs/a/report.html (open it in a browser)"
+    assert samples.report_said("s3://b/out/run1/") == ("report s3://b/out/run1/report.html (`kubelora report "
+                                                       "s3://b/out/run1` fetches it with the samples to open)")
+
+
 def test_sampling_off_builds_and_keeps_nothing(tiny_flux_dir):
     """Counted: with spec.samples unset no embedding is computed, no pipeline is built and the
     encoders (the VAE too) are freed with the cache's; with it set, the text encoders still go and

@@ -50,6 +50,12 @@ def test_defaults_are_filled():
     ("adapter.rank", 0, "spec.adapter.rank: Input should be greater than or equal to 1"),
     ("training.learningRate", -1e-4, "spec.training.learningRate: Input should be greater than 0"),
     ("dataset.uri", "gs://bucket/data", "spec.dataset.uri: got 'gs://bucket/data'; expected an s3://bucket/key URI or an absolute local path"),
+    ("output.uri", "s3://b/o", "spec.output.uri: got 's3://b/o'; bucket name 'b' has 1 character; S3 bucket names "
+                               "are 3 to 63 characters: lowercase letters, digits, dots and hyphens, starting and "
+                               "ending with a letter or digit"),
+    ("output.uri", "s3://My_Bucket/o", "spec.output.uri: got 's3://My_Bucket/o'; bucket name 'My_Bucket' has "
+                                       "uppercase letters and holds '_'; S3 bucket names are 3 to 63"),
+    ("dataset.uri", "s3://-data/x", "spec.dataset.uri: got 's3://-data/x'; bucket name '-data' starts or ends with '-'"),
     ("dataset", ..., "spec.dataset: required field is missing"),
     ("resources.gpusPerNode", 64, "spec.resources.gpusPerNode: Input should be less than or equal to 16"),
     ("resources.nodes", 0, "spec.resources.nodes: Input should be greater than or equal to 1"),
@@ -259,3 +265,22 @@ def test_the_demo_manifest_with_its_samples_validates(tmp_path):
     local = load_spec(local_job(with_samples(MANIFEST, tmp_path), tmp_path))   # printed for a run without S3
     assert [local.model.diffusersPath, local.dataset.uri, local.output.uri] == [
         str(tmp_path / "tiny-flux"), str(tmp_path / "dataset"), str(tmp_path / "local-output")]
+
+
+def test_the_operations_guide_puts_the_demo_in_a_bucket_of_ones_own(tmp_path):
+    """docs/operations.md's lines for the demo on a cluster: they sync the folders `make demo` writes
+    to the keys the example reads, and the manifest they make validates with the bucket, the
+    endpoint and the Secret."""
+    from kubelora_trainer import demo
+    text = (REPO / "docs" / "operations.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "aws s3 sync" in b)
+    syncs = dict(re.findall(r"aws s3 sync (\S+)\s+(\S+)", block))
+    assert syncs == {f"{demo.WORKDIR}/{demo.MODEL_DIR}": f"s3://$BUCKET/{demo.MODEL_KEY}",
+                     f"{demo.WORKDIR}/{demo.DATA_DIR}": f"s3://$BUCKET/{demo.DATA_KEY}"}
+    make = block[block.index("sed "):block.index("kubectl apply")]
+    make = make.replace("examples/demo-flux.yaml", str(demo.MANIFEST))
+    subprocess.run(["bash", "-euc", f"BUCKET=my-bucket\n{make}"], cwd=tmp_path, check=True)
+    spec = load_spec(tmp_path / "demo.yaml")
+    assert (spec.model.diffusersPath, spec.dataset.uri, spec.output.uri) == (
+        f"s3://my-bucket/{demo.MODEL_KEY}", f"s3://my-bucket/{demo.DATA_KEY}", "s3://my-bucket/outputs/demo-flux")
+    assert spec.storage.credentialsSecret == "demo-s3" and spec.storage.endpoint == "https://minio.example.com"

@@ -426,3 +426,31 @@ def test_the_write_check_of_validate_leaves_no_folder_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
     check_writable(str(tmp_path / "runs" / "a"))  # the trainer's pre-flight makes the output folder
     assert [p.name for p in (tmp_path / "runs" / "a").iterdir()] == []
+
+
+def test_a_missing_input_names_the_spec_field_at_stage_in(tmp_path, monkeypatch):
+    """As `validate --check-storage` does: the error of a missing model or dataset path names the
+    field it came from, not only the path."""
+    import torch
+    from kubelora_trainer import dist, train
+    from kubelora_trainer.spec import LoRATrainingJobSpec
+    monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
+    env = dist.DistEnv(0, 1, 0, torch.device("cpu"))
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "a" / "x.png").write_bytes(b"x")
+
+    def staged(model: dict, dataset: dict) -> str:
+        spec = LoRATrainingJobSpec.model_validate({"model": {"type": "flux", **model}, "dataset": dataset,
+                                                   "output": {"uri": str(tmp_path / "out")}})
+        with pytest.raises(StorageError) as e:
+            train.stage_in(spec, env, S3Settings())
+        return str(e.value)
+
+    assert staged({"diffusersPath": str(tmp_path / "no-flux")}, {"uri": str(tmp_path / "data")}) \
+        == f"model.diffusersPath: reading {tmp_path / 'no-flux'}: no such file or directory"
+    assert staged({"diffusersPath": str(tmp_path / "data")}, {"uri": str(tmp_path / "no-data")}) \
+        .startswith("dataset.uri: reading ")
+    assert staged({"diffusersPath": str(tmp_path / "data")},
+                  {"sources": [{"uri": str(tmp_path / "data" / "a")},
+                               {"uri": str(tmp_path / "data" / "a"), "maskUri": str(tmp_path / "no-masks")}]}) \
+        .startswith("dataset.sources[1].maskUri: reading ")

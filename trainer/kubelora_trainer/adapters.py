@@ -46,7 +46,7 @@ def prepare(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
     targets = dict(family.lora_targets())
     denoiser = next(iter(comps.trainable))
     if spec.adapter.targetModules:
-        targets[denoiser] = spec.adapter.targetModules
+        targets[denoiser] = lora.peft_targets(spec.adapter.targetModules)
     out = Adapters()
     full = spec.adapter.type == "full"
     for name, module in comps.trainable.items():

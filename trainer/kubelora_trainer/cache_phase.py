@@ -16,7 +16,7 @@ from .cache import cache_inputs, model_fingerprint
 from .data import ScanReport
 from .dataset_phase import (drop_items, encode_missing, entry_keys, exchange, gather_present, layout_data, probe_name,
                             sample_entries)
-from .disk import cache_root
+from .disk import cache_root, cache_root_said
 from .dist import log
 from .families import RULES
 from .quiet import quiet_progress_bars
@@ -95,7 +95,8 @@ def prepare(spec, family, paths: dict, layout: Layout, remote: Optional[cache_re
     log(env, f"[cache] {len(distinct)} entries: {len(distinct) - len(missing)} cached, "
              + (f"{len(pulled)} pulled from dataset.cacheUri, " if remote is not None else "")
              + f"{len(todo)} to encode; "
-             + ("loading the VAE and text encoders" if encoders else "the VAE and text encoders are not loaded"))
+             + ("loading the VAE and text encoders" if encoders else "the VAE and text encoders are not loaded")
+             + f"; cache folder {cache_root_said()}")
     # a failure on one rank (a bad file, a missing weight) stops every rank with its reason
     comps = dist.agree(load_family, family, spec, paths, env.device, encoders)
     todo_keys = {layout.keys[i] for i in todo}

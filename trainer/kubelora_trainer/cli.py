@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+DEMO_WORKDIR = ".demo"  # `kubelora demo` builds the tiny model and data there (demo.py)
+
 
 def _validate(path: str):
     from .models import UnsupportedModel, check_supported
@@ -71,6 +73,18 @@ def default_nproc(spec) -> int:
     return 1
 
 
+def local_env(environ: dict, nproc: int) -> dict:
+    """The environment of a `kubelora run` on this machine: what is set stays; threads split over
+    the processes, unbuffered output, and metrics bound to 127.0.0.1 (a workstation's, not its
+    network's; the operator's pods keep 0.0.0.0 for Prometheus). Pure."""
+    from .metrics import ADDR_ENV, LOCAL_ADDR
+    env = dict(environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault(ADDR_ENV, LOCAL_ADDR)
+    return env
+
+
 def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = None) -> int:
     """Run the trainer under torchrun on this machine; its output (rank 0 logs progress) streams
     through. Returns the exit status."""
@@ -78,9 +92,7 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
     if spec is None:
         return 2
     n = nproc or default_nproc(spec)
-    env = {**os.environ, **(extra_env or {})}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    env = local_env({**os.environ, **(extra_env or {})}, n)
     from .launch import run as run_torchrun
     print(f"[kubelora] {spec.model.type} LoRA from {manifest} on {n} local process(es)", flush=True)
     return run_torchrun(["--standalone", f"--nproc-per-node={n}", "-m", "kubelora_trainer", "run", "--spec",
@@ -283,7 +295,7 @@ def main(argv=None) -> int:
     rp.add_argument("uri", metavar="JOB_OUTPUT_URI", help="the job's output.uri (s3://bucket/key or a local path)")
     rp.add_argument("--out", help="local folder (default: ./kubelora-report-<last part of the URI>)")
     d = sub.add_parser("demo", help="train a tiny Flux LoRA on 2 processes from a local S3 server (SeaweedFS)")
-    d.add_argument("--workdir", default=".demo", help="where the tiny model, the data, the server's files and the "
+    d.add_argument("--workdir", default=DEMO_WORKDIR, help="where the tiny model, the data, the server's files and the "
                                                       "downloaded output go (default: .demo)")
     d.add_argument("--nproc", type=int, default=2, help="training processes (default: 2, as two GPUs would run)")
     args = p.parse_args(argv)

@@ -8,12 +8,14 @@ import os
 import shutil
 from pathlib import Path
 
-from .cli import launch
+from .cli import DEMO_WORKDIR as WORKDIR, launch  # noqa: F401 - WORKDIR: `kubelora demo`'s default
 from .storage import S3Settings, download, ensure_bucket, make_client, upload_tree
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "examples" / "demo-flux.yaml"
 BUCKET = "kubelora-demo"
+MODEL_DIR, DATA_DIR = "tiny-flux", "dataset"                   # what it builds there
+MODEL_KEY, DATA_KEY = "models/tiny-flux", "datasets/shapes"   # and uploads to (docs/operations.md syncs alike)
 
 
 def start_s3(workdir: Path):
@@ -34,15 +36,15 @@ def seed_bucket(workdir: Path) -> None:
     """Build the tiny model and dataset and upload them where the demo manifest points."""
     from .models.flux.tiny import build_tiny_flux
     from .synthetic import build_synthetic_dataset
-    model, data = workdir / "tiny-flux", workdir / "dataset"
+    model, data = workdir / MODEL_DIR, workdir / DATA_DIR
     shutil.rmtree(model, ignore_errors=True)
     shutil.rmtree(data, ignore_errors=True)
     build_tiny_flux(model)
     build_synthetic_dataset(data, n=8)
     client = make_client(S3Settings())
     ensure_bucket(client, BUCKET)
-    upload_tree(model, f"s3://{BUCKET}/models/tiny-flux", client=client)
-    upload_tree(data, f"s3://{BUCKET}/datasets/shapes", client=client)
+    upload_tree(model, f"s3://{BUCKET}/{MODEL_KEY}", client=client)
+    upload_tree(data, f"s3://{BUCKET}/{DATA_KEY}", client=client)
 
 
 def with_samples(manifest: Path, workdir: Path) -> Path:
@@ -65,8 +67,8 @@ def local_job(manifest: Path, workdir: Path) -> Path:
     import yaml
     doc = yaml.safe_load(manifest.read_text())
     spec = doc["spec"]
-    spec["model"]["diffusersPath"] = str(workdir / "tiny-flux")
-    spec["dataset"]["uri"] = str(workdir / "dataset")
+    spec["model"]["diffusersPath"] = str(workdir / MODEL_DIR)
+    spec["dataset"]["uri"] = str(workdir / DATA_DIR)
     spec["output"]["uri"] = str(workdir / "local-output")
     doc["metadata"]["name"] = "demo-flux-local"
     out = workdir / "local-job.yaml"
@@ -98,7 +100,7 @@ def demo(workdir: Path, nproc: int = 2) -> int:
               f"[demo] report (loss curve, buckets, settings): {out / 'report.html'}\n"
               "[demo] load it with diffusers:\n"
               "    from diffusers import FluxPipeline\n"
-              f"    pipe = FluxPipeline.from_pretrained('{workdir / 'tiny-flux'}')\n"
+              f"    pipe = FluxPipeline.from_pretrained('{workdir / MODEL_DIR}')\n"
               f"    pipe.load_lora_weights('{lora}')\n"
               "[demo] or copy it to ComfyUI/models/loras/ and use the LoraLoader node.\n"
               f"[demo] the same job without S3 (local paths only): .venv/bin/kubelora run "

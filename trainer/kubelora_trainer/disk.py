@@ -23,10 +23,18 @@ class NoRoom(StorageError):
     pass
 
 
-def cache_root() -> Path:
+def cache_root(environ=None) -> Path:
     """The node's cache folder: $KUBELORA_CACHE_DIR (the pod's cache volume), else ~/.cache/kubelora.
     The staged model and data, the latent cache, checkpoints and outputs live there."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kubelora")
+    return Path((os.environ if environ is None else environ).get(CACHE_ENV) or Path.home() / ".cache" / "kubelora")
+
+
+def cache_root_said(environ=None) -> str:
+    """Where the cache is and what chose it, for the log: '/home/u/.cache/kubelora (the default;
+    $KUBELORA_CACHE_DIR moves it)' or '/var/cache/kubelora ($KUBELORA_CACHE_DIR)'. Pure."""
+    environ = os.environ if environ is None else environ
+    why = f"${CACHE_ENV}" if environ.get(CACHE_ENV) else f"the default; ${CACHE_ENV} moves it"
+    return f"{cache_root(environ)} ({why})"
 
 
 def find(exc: BaseException) -> Optional[OSError]:

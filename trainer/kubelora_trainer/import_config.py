@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 from .data import kohya_note, kohya_number
 from .import_dataset import Uncountable, epoch_steps
 from .import_handlers import Ctx, Refused, label
-from .spec import URI_HELP, URI_PATTERN, name_from, parse_spec
+from .spec import name_from, parse_spec, uri_problem
 from .import_rules import (MODEL_TYPES, OTHER_MODEL_TYPES, apply, batch_size, family_module, finish_dataset,
                            optimizer_defaults)
 
@@ -212,9 +212,8 @@ def parse_map(items: list[str]) -> dict[str, str]:
         local, sep, remote = m.partition("=")
         if not sep:
             raise ConfigError(f"--map {m!r}: expected LOCAL=URI, e.g. /data/models=s3://models")
-        if not re.match(URI_PATTERN, remote.rstrip("/") + "/x"):
-            why = ("S3 bucket names are 3 to 63 characters: lowercase letters, digits, dots and hyphens, starting and "
-                   "ending with a letter or digit" if remote.startswith("s3://") else f"expected {URI_HELP}")
+        why = uri_problem(remote.rstrip("/") + "/x")
+        if why:
             raise ConfigError(f"--map {m!r}: {remote!r} is not a URI the manifest can hold: {why}, "
                               "e.g. /data/models=s3://models")
         path_map[local] = remote

@@ -12,6 +12,18 @@ class AdapterError(ValueError):
     pass
 
 
+def peft_targets(entries: list[str]):
+    """adapter.targetModules as peft's target_modules: the list itself when every entry is a module
+    name suffix; else one regular expression (peft full-matches a string against each module name)
+    of the pattern entries as given and the suffixes as (anything.)suffix. Pure."""
+    import re
+
+    from .spec import is_pattern
+    if not any(is_pattern(e) for e in entries):
+        return list(entries)
+    return "|".join(f"(?:{e})" if is_pattern(e) else rf"(?:.*\.)?{re.escape(e)}" for e in entries)
+
+
 def lora_config(adapter_spec, targets):
     from peft import LoraConfig
     return LoraConfig(r=adapter_spec.rank, lora_alpha=adapter_spec.alpha or adapter_spec.rank,

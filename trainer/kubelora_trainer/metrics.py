@@ -1,7 +1,8 @@
 """Prometheus metrics of a training run, served over HTTP by each node's local rank 0.
 
     KUBELORA_METRICS_PORT            port (default 9400; 0 turns metrics off)
-    KUBELORA_METRICS_ADDR            address to bind (default 0.0.0.0)
+    KUBELORA_METRICS_ADDR            address to bind (default 0.0.0.0; `kubelora run` on a
+                                     workstation sets 127.0.0.1 unless it is set: LOCAL_ADDR)
     KUBELORA_METRICS_LINGER_SECONDS  after the run ends, keep serving until the final values have
                                      been scraped once, at most this long (default 0)
     KUBELORA_JOB_NAME, KUBELORA_NAMESPACE   the `ltj` and `namespace` labels (the operator sets both)
@@ -9,12 +10,15 @@
 Rank 0 carries the job-level series (phase, step, loss, ...); every serving process carries its
 own node's series (bytes moved to and from storage, seconds waiting for data, GPU memory). The
 LoRATrainingJob is labelled `ltj`, never `job`: Prometheus owns `job` (the scrape job) and would
-rename ours to `exported_job`. Serving never breaks training: a port in use is a warning.
+rename ours to `exported_job`. Serving never breaks training: a port in use is a warning (a plain
+note that this run serves no metrics where the port is the default one, not set: a second
+`kubelora run` on one workstation).
 
 Torch-free at import (the operator imports `serve` from here); GPU memory reads torch lazily.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socketserver
@@ -33,6 +37,7 @@ ADDR_ENV = "KUBELORA_METRICS_ADDR"
 LINGER_ENV = "KUBELORA_METRICS_LINGER_SECONDS"
 NAMESPACE_ENV = "KUBELORA_NAMESPACE"
 DEFAULT_PORT = 9400
+LOCAL_ADDR = "127.0.0.1"  # `kubelora run` (cli.launch): a workstation's metrics are not served to its network
 PHASES = ("Initializing", "StagingIn", "Caching", "Training", "Exporting", "Succeeded", "Failed", "Stopped")
 LABELS = ("ltj", "namespace")
 
@@ -112,15 +117,26 @@ class Server:
 
 
 def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0", log=print,
-          who: str = "training") -> Optional[Server]:
-    """Serve registry on port (0: off); None, with a warning, when it cannot bind."""
+          who: str = "training", port_set: bool = True) -> Optional[Server]:
+    """Serve registry on port (0: off); None, with a warning, when it cannot bind. port_set: the
+    port was chosen (an environment setting); the default port taken is only a note."""
     if not port:
         return None
     try:
         return Server(registry, port, addr)
     except OSError as e:
-        log(f"[metrics] warning: cannot serve metrics on {addr}:{port} ({e}); {who} goes on without them")
+        log(unserved_line(addr, port, e, who, port_set))
         return None
+
+
+def unserved_line(addr: str, port: int, error: OSError, who: str = "training", port_set: bool = True) -> str:
+    """The one line that says metrics are not served. The default port in use (most often by another
+    local run) is said plainly, with the setting that serves them elsewhere; anything else (a port
+    that was set, an address that cannot be bound) is a warning. Pure."""
+    if not port_set and error.errno == errno.EADDRINUSE:
+        return (f"[metrics] off for this run: {addr}:{port} is in use (another kubelora run?); "
+                f"set {PORT_ENV} to another port to serve them")
+    return f"[metrics] warning: cannot serve metrics on {addr}:{port} ({error}); {who} goes on without them"
 
 
 def sample_names(registry: CollectorRegistry) -> set[str]:
@@ -358,8 +374,9 @@ def start(rank: int, local_rank: int, ltj: str, log=print):
         return Off(enabled=bool(port))
     from . import storage
     m = TrainerMetrics(ltj, os.environ.get(NAMESPACE_ENV, ""), main=rank == 0)
-    server = serve(m.registry, port, os.environ.get(ADDR_ENV, "0.0.0.0"), log=log)
+    addr = os.environ.get(ADDR_ENV, "0.0.0.0")
+    server = serve(m.registry, port, addr, log=log, port_set=bool(os.environ.get(PORT_ENV, "").strip()))
     storage.transfer_listeners.append(m.transferred)
     if server is not None:
-        log(f"[metrics] serving on :{server.port}/metrics")
+        log(f"[metrics] serving on {addr}:{server.port}/metrics")
     return Run(m, server)

@@ -28,6 +28,15 @@ from .spec import dump_spec
 REPORT_NAME = "report.html"
 
 
+def report_said(output_uri: str) -> str:
+    """Where a run's report.html is and how to open it, for the [done] line. Pure."""
+    loc = storage.parse_uri(output_uri)
+    where = loc.child(REPORT_NAME)
+    if not loc.is_s3:
+        return f"report {where} (open it in a browser)"
+    return f"report {where} (`kubelora report {output_uri.rstrip('/')}` fetches it with the samples to open)"
+
+
 def to_uint8(x) -> np.ndarray:
     """Pipeline output in [0, 1] -> uint8 (as diffusers' numpy_to_pil rounds)."""
     return (np.asarray(x, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8)

@@ -27,6 +27,41 @@ SHORT_NAME = "ltj"
 MODEL_TYPES = tuple(FAMILIES)
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|file://.*)$"
 URI_HELP = "an s3://bucket/key URI or an absolute local path"
+BUCKET_RULE = ("S3 bucket names are 3 to 63 characters: lowercase letters, digits, dots and hyphens, starting and "
+               "ending with a letter or digit")
+
+
+def uri_problem(uri: str) -> Optional[str]:
+    """What is wrong with a URI the spec cannot hold (None when URI_PATTERN accepts it): for an s3://
+    URI, what breaks the bucket-name rule ("bucket name 'b' has 1 character; S3 bucket names are 3
+    to 63 ..."); else what is expected. Pure; the spec's messages and import-config --map use it."""
+    if re.match(URI_PATTERN, uri):
+        return None
+    if not uri.startswith("s3://"):
+        return f"expected {URI_HELP}"
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    if not bucket:
+        return f"no bucket name; {BUCKET_RULE}"
+    wrong = []
+    if not 3 <= len(bucket) <= 63:
+        wrong.append(f"has {len(bucket)} character{'s' if len(bucket) != 1 else ''}")
+    if any("A" <= c <= "Z" for c in bucket):
+        wrong.append("has uppercase letters")
+    others = sorted({c for c in bucket if not ("a" <= c.lower() <= "z" or "0" <= c <= "9" or c in ".-")})
+    if others:
+        wrong.append("holds " + ", ".join(repr(c) for c in others))
+    if bucket[0] in ".-" or bucket[-1] in ".-":
+        wrong.append(f"starts or ends with {bucket[0] if bucket[0] in '.-' else bucket[-1]!r}")
+    return f"bucket name {bucket!r} {' and '.join(wrong) or 'is not allowed'}; {BUCKET_RULE}"
+
+
+PATTERN_CHARS = frozenset("\\()[]*+?|^${")
+
+
+def is_pattern(target: str) -> bool:
+    """An adapter.targetModules entry that is a regular expression (any of PATTERN_CHARS), not a
+    module name suffix. Pure."""
+    return any(c in PATTERN_CHARS for c in target)
 
 
 class SpecError(ValueError):
@@ -307,7 +342,20 @@ class AdapterSpec(_Model):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     targetModules: Optional[list[str]] = Field(
         default=None, min_length=1,
-        description="Module name suffixes to adapt; defaults to the family's attention and MLP linears.")
+        description="Module name suffixes to adapt (attn.to_q adapts every module whose name ends so); an entry holding "
+                    "any of \\ ( ) [ ] * + ? | ^ $ { is a regular expression matched against the whole module name "
+                    "(as peft's target_modules string). Defaults to the family's attention and MLP linears.")
+
+    @field_validator("targetModules")
+    @classmethod
+    def _targets_compile(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        for i, entry in enumerate(v or ()):
+            if is_pattern(entry):
+                try:
+                    re.compile(entry)
+                except re.error as e:
+                    raise ValueError(f"entry {i}, {entry!r}, is not a regular expression ({e})") from None
+        return v
 
     @property
     def scale(self) -> float:
@@ -640,7 +688,7 @@ def format_errors(err: ValidationError, prefix: str = "spec") -> str:
         elif e["type"] == "literal_error":
             msg = f"got {e['input']!r}; accepted values: {e['ctx']['expected']}" + LITERAL_HINTS.get((loc, e["input"]), "")
         elif e["type"] == "string_pattern_mismatch" and "s3://" in e["ctx"].get("pattern", ""):
-            msg = f"got {e['input']!r}; expected {URI_HELP}"
+            msg = f"got {e['input']!r}; {uri_problem(e['input'])}"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
             if not loc:

@@ -46,30 +46,50 @@ def _stage_dir(uri: str) -> Path:
     return cache_root() / "s3" / loc.bucket / loc.key.strip("/") if loc.is_s3 else Path(loc.key)
 
 
-def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3Settings) -> dict[str, str]:
-    """Node-local rank 0 downloads model parts and the dataset; the other ranks wait and read
-    the resolved paths it wrote. Returns {field: local path}."""
+def stage_uris(spec: LoRATrainingJobSpec) -> dict[str, str]:
+    """{stage key: URI} of everything stage-in fetches: model path fields by name, dataset sources
+    as "dataset.<i>" and their masks as "dataset.<i>.mask"."""
     uris = {**{f: getattr(spec.model, f) for f in PATH_FIELDS},
             **{f"dataset.{i}": u for i, u in enumerate(spec.dataset.uris)},
             **{f"dataset.{i}.mask": u for i, u in enumerate(spec.dataset.mask_uris)}}
-    uris = {k: v for k, v in uris.items() if v}
+    return {k: v for k, v in uris.items() if v}
+
+
+def spec_field(spec: LoRATrainingJobSpec, key: str) -> str:
+    """The spec field a stage key comes from, for messages: "model.diffusersPath", "dataset.uri",
+    "dataset.sources[1].maskUri"."""
+    if not key.startswith("dataset."):
+        return f"model.{key}"
+    i, mask = int(key.split(".")[1]), key.endswith(".mask")
+    name = "maskUri" if mask else "uri"
+    return f"dataset.{name}" if spec.dataset.uri is not None else f"dataset.sources[{i}].{name}"
+
+
+def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3Settings) -> dict[str, str]:
+    """Node-local rank 0 downloads model parts and the dataset; the other ranks wait and read
+    the resolved paths it wrote. Returns {stage key: local path}. A failure names the spec field
+    whose URI failed ("model.diffusersPath: reading ...")."""
+    uris = stage_uris(spec)
     marker = cache_root() / f"staged-{hashlib.sha1(json.dumps(uris, sort_keys=True).encode()).hexdigest()[:12]}.json"
     err = None
     if env.local_rank == 0:
         try:
             client = storage.make_client(settings) if any(u.startswith("s3://") for u in uris.values()) else None
-            paths = {}
-            for field, uri in uris.items():
+            paths, field = {}, None
+            for key, uri in uris.items():
+                field = spec_field(spec, key)
                 dest = _stage_dir(uri)
-                if storage.parse_uri(uri).is_s3 and field in SINGLE_FILE_FIELDS:
+                if storage.parse_uri(uri).is_s3 and key in SINGLE_FILE_FIELDS:
                     dest = dest.parent
-                paths[field] = str(storage.download(uri, dest, settings, client=client, log=print))
+                paths[key] = str(storage.download(uri, dest, settings, client=client, log=print))
+            field = None
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps(paths))
         except storage.StorageError as e:
-            err = e  # transient or bad input, as storage classified it (a full disk: disk.NoRoom)
+            # transient or bad input, as storage classified it (a full disk: disk.NoRoom, kept as one)
+            err = type(e)(f"{field}: {e}", transient=e.transient) if field else e
         except OSError as e:
-            err = disk.no_room(e, "stage-in") or RunError(str(e))
+            err = disk.no_room(e, "stage-in") or RunError(f"{field}: {e}" if field else str(e))
     dist.fail_together(err, "stage-in")
     return json.loads(marker.read_text())
 
@@ -414,7 +434,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     plan, steps = check_output(spec, settings, env)
     if plan == "done":
         log(env, f"[done] {spec.output.uri} already holds a finished run (manifest.json); nothing to train "
-                 f"(output.onExisting: overwrite trains again)")
+                 f"(output.onExisting: overwrite trains again); {samples.report_said(spec.output.uri)}")
         m.phase("Succeeded")
         return 0
     remote = check_cache_uri(spec, settings, env)
@@ -469,7 +489,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         publish(prog, force=True)
         losses = tr.state.losses
         final = f"  final loss {losses[-1]:.4f}" if losses else ""
-        log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…{final}")
+        log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…{final}; {samples.report_said(spec.output.uri)}")
     return 0
 
 

@@ -18,16 +18,11 @@ from ...objectives import (flow_matching_pair, mask_weights, resolution_shift_mu
                            weighted_mse)
 from ..base import Components, ModelError
 from . import formats as flux_lora
+from .targets import DEFAULT_TARGETS
 from .keys import from_bfl, to_bfl
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-# Attention and MLP linears of both block kinds (peft matches a string with re.fullmatch).
-DEFAULT_TARGETS = (
-    r".*(transformer_blocks|single_transformer_blocks)\.\d+\."
-    r"(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-    r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)"
-)
 
 
 def _single_file_config(diffusers_root: Path, ckpt: Path) -> tuple[str, str]:

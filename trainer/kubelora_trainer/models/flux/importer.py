@@ -2,6 +2,7 @@
 from typing import Any
 
 from ...import_handlers import SHIFT, SIGMOID_SCALE, Ctx, Handler, flag, number, path, timestep_method, to, transformer_dtype
+from .targets import DIFFUSION_PIPE_TARGETS
 
 # diffusion-pipe's Flux feeds no guidance embedding when bypassing it, so its guidance goes unused
 # there; kubelora's spec refuses the pair, so the importer drops guidance (in either key order)
@@ -39,5 +40,6 @@ MODEL_KEYS: dict[str, Handler] = {
 # (models/base.py get_target_modules), the AdaLN modulation linears included
 LORA_TARGETS_NOTE = ("diffusion-pipe also puts LoRA on each block's AdaLN modulation linear (norm1.linear and "
                      "norm1_context.linear in the double blocks, norm.linear in the single blocks); kubelora's default "
-                     "adapter.targetModules leave them out (the attention and MLP linears are the same): list them in "
-                     "adapter.targetModules to train them too")
+                     "adapter.targetModules leave them out (the attention and MLP linears are the same); to train "
+                     "what diffusion-pipe trains, set adapter.targetModules: "
+                     f"['{DIFFUSION_PIPE_TARGETS}']")

@@ -48,6 +48,7 @@ import torch
 
 from ...objectives import flow_matching_pair, mask_weights, sample_timesteps, weighted_mse
 from . import keys
+from .targets import DEFAULT_TARGETS
 from ..base import Components, ModelError, refuse_unknown_modules, trim_text_padding
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -62,13 +63,6 @@ OFFICIAL = {
 }
 COMFY_FIELDS = {"transformer": "transformerPath", "vae": "vaePath", "llm": "llmPath", "clip": "clipPath"}
 
-# Attention and MLP linears of both block kinds (peft matches with re.fullmatch). In the
-# original layout: img/txt_attn_qkv, img/txt_attn_proj, img/txt_mlp.fc1/fc2, linear1, linear2.
-DEFAULT_TARGETS = (
-    r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-    r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
-    r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))"
-)
 
 
 # ------------------------------------------------------------------ files

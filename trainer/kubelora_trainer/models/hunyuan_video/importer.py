@@ -2,6 +2,7 @@
 (models/hunyuan_video.py there). transformer_path (or any part) beside ckpt_path replaces that part
 of the official layout, in diffusion-pipe and in kubelora."""
 from ...import_handlers import SHIFT, SIGMOID_SCALE, Handler, nothing, path, timestep_method, transformer_dtype, when
+from .targets import DIFFUSION_PIPE_TARGETS
 
 MODEL_KEYS: dict[str, Handler] = {
     "ckpt_path": path("ckptPath"),
@@ -21,5 +22,6 @@ MODEL_KEYS: dict[str, Handler] = {
 LORA_TARGETS_NOTE = ("diffusion-pipe also puts LoRA on each block's modulation linear (img_mod.linear and "
                      "txt_mod.linear in the double blocks, modulation.linear in the single blocks; norm1.linear, "
                      "norm1_context.linear and norm.linear in diffusers naming); kubelora's default "
-                     "adapter.targetModules leave them out (the attention and MLP linears are the same): list them in "
-                     "adapter.targetModules to train them too")
+                     "adapter.targetModules leave them out (the attention and MLP linears are the same); to train "
+                     "what diffusion-pipe trains, set adapter.targetModules: "
+                     f"['{DIFFUSION_PIPE_TARGETS}']")
