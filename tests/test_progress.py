@@ -44,6 +44,7 @@ def test_validate_prints_the_resolved_spec():
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "textEncoderLearningRate" in p.stdout and "missingCaption: skip" in p.stdout  # defaults filled in
+    assert p.stderr.strip().splitlines()[-1].startswith(f"[valid] {REPO / 'examples' / 'sdxl.yaml'}: sdxl lora, ")
 
 
 def test_epochs_count_samples_over_all_ranks():

@@ -309,6 +309,9 @@ def main(argv=None) -> int:
         import yaml
         from .spec import dump_spec
         print(yaml.safe_dump(dump_spec(spec), sort_keys=False))
+        # stdout stays the resolved spec (to pipe); the verdict goes to stderr, last
+        print(f"[valid] {args.manifest}: {spec.model.type} {spec.adapter.type}, {spec.training.steps} steps, "
+              f"output {spec.output.uri}" + ("; checking storage" if args.check_storage else ""), file=sys.stderr)
         return check_storage(spec) if args.check_storage else 0
     if args.cmd == "crd":
         from .crd import render
