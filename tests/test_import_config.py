@@ -804,8 +804,11 @@ def test_kohya_repeat_folders_are_noted_with_the_sources_to_write(tmp_path):
 
 def test_cli_counts_epochs_in_a_local_dataset(tmp_path):
     _items(tmp_path / "data", 8)
-    main = ("output_dir = '/o'\ndataset = 'dataset.toml'\nepochs = 4\nmicro_batch_size_per_gpu = 2\n[model]\n"
+    # warmup_steps as diffusion-pipe's example has it, longer than the run: trimmed with a note, not refused
+    main = ("output_dir = '/o'\ndataset = 'dataset.toml'\nepochs = 4\nmicro_batch_size_per_gpu = 2\n"
+            "warmup_steps = 100\n[model]\n"
             "type = 'flux'\ndiffusers_path = '/m'\n[adapter]\nrank = 4\n[optimizer]\ntype = 'adamw'\nlr = 1e-4\n")
     p = _cli(tmp_path, main, "resolutions = [512]\n[[directory]]\npath = 'data'\nnum_repeats = 2\n")
     assert p.returncode == 0, p.stderr
     assert "steps: 32" in p.stdout and "note: epochs: training.steps 32 = 4 epochs x 16 samples" in p.stderr
+    assert "warmupSteps: 32" in p.stdout and "warmup_steps: 100 is more than the 32 steps; capped" in p.stderr, p.stderr

@@ -163,7 +163,10 @@ def _steps(ctx: Ctx, main: dict, manifest: dict, steps: Optional[int], dirs, rea
     reports, spec = None, None
     if read_dirs and dirs:
         draft = copy.deepcopy(manifest)
-        draft["spec"]["training"]["steps"] = steps or max_steps or 1
+        # the step count is not known yet: enough steps that the draft's warmup fits (the real
+        # count trims an overlong warmup later, with a note)
+        training = draft["spec"]["training"]
+        training["steps"] = max(steps or max_steps or 1, training.get("warmupSteps") or 0, 1)
         spec = parse_spec(draft)  # an invalid manifest stops here, as it would after the import
         reports = read_dirs(spec, dirs, probe=count)
     ds = manifest["spec"]["dataset"]
