@@ -628,6 +628,10 @@ def test_target_modules_suffixes_stay_suffixes_and_patterns_are_checked():
     with pytest.raises(SpecError, match=r"spec.adapter.targetModules: entry 1, 'blocks.\(1', is not a regular "
                                         r"expression \(missing \)"):
         parse_spec(manifest)
+    # compiles alone, not inside the group lora.peft_targets wraps it in: refused here, not mid-run
+    manifest["spec"]["adapter"]["targetModules"] = ["to_q", "(?i)blocks.*"]
+    with pytest.raises(SpecError, match=r"entry 1, '\(\?i\)blocks.\*', is not a regular expression \(global flags"):
+        parse_spec(manifest)
 
 
 @pytest.mark.parametrize("order", ["bypass first", "guidance first"])

@@ -352,7 +352,7 @@ class AdapterSpec(_Model):
         for i, entry in enumerate(v or ()):
             if is_pattern(entry):
                 try:
-                    re.compile(entry)
+                    re.compile(f"(?:{entry})")  # as lora.peft_targets joins it (a global flag must come first)
                 except re.error as e:
                     raise ValueError(f"entry {i}, {entry!r}, is not a regular expression ({e})") from None
         return v

@@ -151,8 +151,7 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int],
                 recorded = manifest.get("spec")
                 why = checkpoint.finished_refusal(checkpoint.fingerprint_of(recorded) if isinstance(recorded, dict)
                                                   else None, checkpoint.fingerprint(spec), spec.output.uri)
-                if why:
-                    raise RunError(why)
+                err = RunError(why) if why else None   # told to every rank by fail_together
             found = (finished, steps, extending)
         except storage.StorageError as e:
             if e.transient:  # training from step 1 would waste the checkpoints: stop, the retried run resumes
