@@ -2,6 +2,7 @@
 (exit 2) reaches the process's exit code, which torchrun alone turns into 1; the root cause is
 printed once, last."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -123,20 +124,50 @@ def test_kubelora_run_exits_2_on_bad_input(tmp_path, bad_input_job):
 
 def test_torchruns_own_failure_report_is_left_out_and_the_trainers_lines_pass():
     """After torchrun's agent reports a failed worker, its traceback and ChildFailedError summary
-    are dropped (counted); the trainer's own [..] lines before and after pass; verbose passes all."""
+    are dropped (counted); the trainer's own [..] lines before and after pass; the failure itself
+    becomes one line naming the worker and its exit code or signal; verbose passes all."""
     from kubelora_trainer.launch import TorchrunFilter
     lines = ["[phase] stage-in", "some worker output",
              "E1127 04:51:15.951000 29387 torch/distributed/elastic/multiprocessing/api.py:1002] failed "
-             "(exitcode: 2) local_rank: 0 (pid: 29405) of binary: /usr/bin/python",
+             "(exitcode: -9) local_rank: 0 (pid: 29405) of binary: /usr/bin/python",
              "Traceback (most recent call last):", "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
              "[0]:", "  rank      : 0 (local_rank: 0)", "[checkpoint] step 3 written", "====="]
     keep = TorchrunFilter()
-    assert [ln for ln in lines if keep.passes(ln)] == ["[phase] stage-in", "some worker output",
-                                                        "[checkpoint] step 3 written"]
-    assert keep.dropped == 6
+    assert [text for ln in lines for ok, text in [keep.passes(ln)] if ok] == [
+        "[phase] stage-in", "some worker output", "[launch] local rank 0 (pid 29405) exited with signal SIGKILL\n",
+        "[checkpoint] step 3 written"]
+    assert keep.dropped == 5 and keep.workers == ["local rank 0 (pid 29405) exited with signal SIGKILL"]
     keep = TorchrunFilter()
     sigint = ("W1127 04:51:15.951000 29387 torch/distributed/elastic/agent/server/api.py:753] Received "
               "Signals.SIGINT death signal, shutting down workers")
-    assert not keep.passes(sigint) and not keep.passes("torch.distributed.elastic.multiprocessing.api.SignalException")
+    assert not keep.passes(sigint)[0] and not keep.passes("torch.distributed.elastic.SignalException")[0]
     verbose = TorchrunFilter(verbose=True)
-    assert all(verbose.passes(ln) for ln in lines) and verbose.dropped == 0
+    assert all(verbose.passes(ln)[0] for ln in lines) and verbose.dropped == 0
+
+
+def test_a_worker_killed_without_a_record_is_named_and_ctrl_c_before_training_is_a_stop(tmp_path):
+    """Through the real launcher and torchrun: a worker the kernel kills (SIGKILL: no exit record)
+    ends with its rank and signal as the cause; SIGINT before the training loop (which writes the
+    records) ends as [stopped], not as an unexplained error; stderr piped into a reader that goes
+    away does not hang the launcher."""
+    script = tmp_path / "w.py"
+    script.write_text("import os, signal, sys, time\n"
+                      "mode = sys.argv[1]\n"
+                      "if mode == 'kill':\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "if mode == 'flood':\n"
+                      "    for i in range(20000):\n        print('x' * 100, file=sys.stderr)\n    sys.exit(3)\n"
+                      "print('[phase] waiting', file=sys.stderr, flush=True)\n"
+                      "time.sleep(120)\n")
+    base = [sys.executable, "-m", "kubelora_trainer", "launch", "--nproc-per-node=1", "--standalone", str(script)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run([*base, "kill"], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1] == (
+        "[error] local rank 0 (pid " + p.stderr.split("(pid ")[1].split(")")[0] + ") exited with signal SIGKILL"), p.stderr
+    proc = subprocess.Popen([*base, "wait"], stderr=subprocess.PIPE, text=True, env=env)
+    assert "[phase] waiting" in proc.stderr.readline()
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=300)[1]
+    assert err.strip().splitlines()[-1] == "[stopped] stopped by SIGINT before training began (no checkpoint written)", err
+    # a reader that stops reading after one line: the launcher still drains the workers' stderr and ends
+    flood = subprocess.Popen(f"{' '.join(base)} flood 2>&1 | head -1", shell=True, stdout=subprocess.PIPE, env=env)
+    flood.communicate(timeout=300)

@@ -64,34 +64,53 @@ class TorchrunFilter:
     """Which stderr lines reach the log. Once torchrun's agent reports a failed worker or a
     received signal, what it prints next is its own traceback and ChildFailedError summary (about
     30 lines that make every bad manifest look like a crash): from there only the trainer's own
-    lines ("[checkpoint] ...", "[error] ...") pass; the launcher prints the root cause last.
-    KUBELORA_LAUNCH_VERBOSE=1 passes everything."""
+    lines ("[checkpoint] ...", "[error] ...") pass; the launcher prints the root cause last. Each
+    worker failure torchrun reports becomes one line of its own ("[launch] local rank 0 (pid 12)
+    exited with SIGKILL"), kept in `workers` for a cause when no worker recorded one (killed by
+    the kernel, crashed in native code). KUBELORA_LAUNCH_VERBOSE=1 passes everything."""
     TRIGGER = re.compile(r"^[EW]\d{4} .*torch/distributed/elastic/.*(failed \(exitcode|death signal)")
+    FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
     OURS = re.compile(r"^\[[a-z][a-z0-9 -]*\]")
 
     def __init__(self, verbose: bool = False):
-        self.verbose, self.tripped, self.dropped = verbose, False, 0
+        self.verbose, self.tripped, self.dropped, self.workers = verbose, False, 0, []
 
-    def passes(self, line: str) -> bool:
+    def passes(self, line: str) -> tuple[bool, str]:
+        """(forward it, the text to forward)."""
         if self.verbose:
-            return True
-        if not self.tripped and self.TRIGGER.search(line):
+            return True, line
+        failed = self.FAILED.search(line) if self.TRIGGER.search(line) else None
+        if failed:
+            self.tripped = True
+            code, rank, pid = int(failed[1]), failed[2], failed[3]
+            how = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"code {code}"
+            self.workers.append(f"local rank {rank} (pid {pid}) exited with {how}")
+            return True, f"[launch] {self.workers[-1]}\n"
+        if self.TRIGGER.search(line):
             self.tripped = True
         if self.tripped and not self.OURS.match(line):
             self.dropped += 1
-            return False
-        return True
+            return False, line
+        return True, line
 
 
 def _forward(stream, keep: TorchrunFilter) -> None:
+    """Copy the workers' and torchrun's stderr through the filter until EOF. A write that fails
+    (stderr piped into `head`) does not stop the reading: a full pipe would block every worker."""
     out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    broken = False
     for raw in iter(stream.readline, b""):
-        if keep.passes(raw.decode("utf-8", "replace")):
+        ok, text = keep.passes(raw.decode("utf-8", "replace"))
+        if not ok or broken:
+            continue
+        try:
             if out is not None:
-                out.write(raw)
+                out.write(text.encode("utf-8", "replace"))
                 out.flush()
             else:
-                sys.stderr.write(raw.decode("utf-8", "replace"))
+                sys.stderr.write(text)
+        except (OSError, ValueError):
+            broken = True
     stream.close()
 
 
@@ -105,7 +124,10 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
     pump = threading.Thread(target=_forward, args=(proc.stderr, keep), daemon=True)
     pump.start()
 
+    forwarded = []
+
     def forward(signum, _frame):
+        forwarded.append(signum)
         try:
             os.killpg(proc.pid, signum)
         except ProcessLookupError:
@@ -144,8 +166,14 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
         if keep.dropped:
             print(f"[launch] torchrun's own report of the stop left out ({keep.dropped} lines; "
                   f"{VERBOSE_ENV}=1 shows it)", file=sys.stderr, flush=True)
-        cause = root_cause(records) or f"torchrun exited with code {rc}"
-        print(f"[{'stopped' if code > 128 or code == PEER_STOPPED else 'error'}] {cause}", file=sys.stderr, flush=True)
+        cause = root_cause(records)
+        stopped = code > 128 or code == PEER_STOPPED
+        if cause is None and forwarded:  # stopped before the training loop, which checkpoints on a signal
+            stopped = True
+            cause = f"stopped by {signal.Signals(forwarded[0]).name} before training began (no checkpoint written)"
+        elif cause is None:
+            cause = "; ".join(keep.workers) or f"torchrun exited with code {rc}"
+        print(f"[{'stopped' if stopped else 'error'}] {cause}", file=sys.stderr, flush=True)
         _termination_message(cause)
     return code
 
