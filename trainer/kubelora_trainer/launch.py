@@ -244,7 +244,9 @@ def wait_until_closed(addr: str, port: int, seconds: float) -> bool:
 
 
 def _reap(pgid: int) -> None:
-    """No worker outlives the launcher: kill what is left of torchrun's process group."""
+    """Kill what is left of torchrun's process group. torchrun starts each worker in a session of
+    its own, so this does not reach them: torchrun itself stops its workers when it ends (on a
+    signal the launcher forwards, or when a worker fails), which the Ctrl-C test checks."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
