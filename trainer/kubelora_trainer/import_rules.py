@@ -511,6 +511,10 @@ DIRECTORY: dict[str, Handler] = {
                             "without them would make a text-to-image LoRA: remove control_path only if that is wanted"),
 }
 
+# keys diffusion-pipe's own example configs still show but its code no longer reads
+OBSOLETE = {"pseudo_huber_c": "diffusion-pipe's examples/main_example.toml still lists it, but its code no longer "
+                              "reads it (its Huber loss is huber_delta now); ignored"}
+
 SECTIONS: dict[str, dict[str, Handler]] = {
     "main": MAIN, "model": {k: h for t in FAMILIES for k, h in model_table(t).items()}, "adapter": ADAPTER, "optimizer": OPTIMIZER, "monitoring": MONITORING,
     "dataset": DATASET, "directory": DIRECTORY,
@@ -530,7 +534,7 @@ def apply(ctx: Ctx, section: str, table: dict[str, Any]) -> None:
             if section == "optimizer":
                 ctx.refuse(key, "diffusion-pipe passes this to the optimizer; kubelora's AdamW takes lr, betas, "
                                 "weight_decay and eps: remove the key")
-            ctx.note(key, "not a key diffusion-pipe reads here (a typo?); ignored")
+            ctx.note(key, OBSOLETE.get(key, "not a key diffusion-pipe reads here (a typo?); ignored"))
             continue
         before = dict(ctx.dataset)
         try:
