@@ -365,3 +365,6 @@ def test_the_report_command_takes_a_relative_local_path(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     assert main(["report", "out", "--out", "rep"]) == 0   # as `validate` and `run` take relative paths
     assert Path(capsys.readouterr().out.strip()) == (tmp_path / "rep" / "report.html").resolve()
+    assert main(["report", "out"]) == 0                  # no --out: the local report where it is, not a copy
+    assert Path(capsys.readouterr().out.strip()) == (tmp_path / "out" / "report.html").resolve()
+    assert not (tmp_path / "kubelora-report-out").exists()

@@ -245,6 +245,12 @@ def report_cmd(args) -> int:
     from .storage import StorageError
     uri = args.uri if args.uri.startswith(("s3://", "file://", "/")) else str(Path(args.uri).resolve())  # a relative path
     name = uri.rstrip("/").rsplit("/", 1)[-1] or "job"
+    if args.out is None and not uri.startswith("s3://"):  # a local output: its report is already on this machine
+        from .samples import REPORT_NAME
+        local = Path(uri.removeprefix("file://")) / REPORT_NAME
+        if local.is_file():
+            print(local.resolve())
+            return 0
     out = Path(args.out or f"kubelora-report-{name}")
     try:
         path = fetch_report(uri, out)
@@ -293,7 +299,8 @@ def main(argv=None) -> int:
                                                             "(diffusers, kohya, comfyui, original)")
     rp = sub.add_parser("report", help="download a job's report.html and samples, and print the path to open")
     rp.add_argument("uri", metavar="JOB_OUTPUT_URI", help="the job's output.uri (s3://bucket/key or a local path)")
-    rp.add_argument("--out", help="local folder (default: ./kubelora-report-<last part of the URI>)")
+    rp.add_argument("--out", help="local folder to copy it to (default: ./kubelora-report-<last part of the URI>; a "
+                                  "local output's report is printed where it is, not copied)")
     d = sub.add_parser("demo", help="train a tiny Flux LoRA on 2 processes from a local S3 server (SeaweedFS)")
     d.add_argument("--workdir", default=DEMO_WORKDIR, help="where the tiny model, the data, the server's files and the "
                                                       "downloaded output go (default: .demo)")
