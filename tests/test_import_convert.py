@@ -186,9 +186,13 @@ def test_convert_applies_and_drops_diffusers_lora_adapter_metadata(tmp_path, cap
     for to in ("diffusers", "kohya"):
         out = tmp_path / f"{to}.safetensors"
         assert main(["convert", str(src), str(out), "--model-type", "flux", "--from", "diffusers", "--to", to]) == 0
-        assert f"{len(want)} LoRA modules" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert f"{len(want)} LoRA modules" in printed and "replacing" not in printed
         with safe_open(str(out), "pt") as f:
             meta = f.metadata()
+        if to == "kohya":  # written again over itself: said
+            assert main(["convert", str(src), str(out), "--model-type", "flux", "--from", "diffusers", "--to", to]) == 0
+            assert f"wrote {out} (replacing the file that was there)" in capsys.readouterr().out
         assert "lora_adapter_metadata" not in meta and all(k == "format" or k.startswith(("kubelora.", "ss_"))
                                                             for k in meta)
         assert meta["kubelora.scale_folded"] == ("true" if to == "diffusers" else "false")

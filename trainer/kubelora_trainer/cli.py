@@ -146,6 +146,7 @@ def convert(args) -> int:
             where = f"for {named}" if named else "for any model type"
             print(f"error: format {f!r} is not available {where} (available: {', '.join(readable)})", file=sys.stderr)
             return 2
+    replacing = Path(args.output).exists()
     model_type, notes, hint = named, [], ""
     try:
         if args.src == "peft":
@@ -202,7 +203,7 @@ def convert(args) -> int:
     for gap in gaps:
         print(f"warning: {args.output}: {gap}", file=sys.stderr)
     n_in = sum(len(v) for v in lora.values())
-    msg = f"wrote {args.output}: {n_out} LoRA modules, {args.src} -> {args.dst}"
+    msg = f"wrote {args.output}{' (replacing the file that was there)' if replacing else ''}: {n_out} LoRA modules, {args.src} -> {args.dst}"
     print(msg if n_out == n_in else f"{msg} ({n_in - n_out} of the {n_in} read not written: see the warnings)")
     return 0
 
