@@ -167,7 +167,7 @@ def test_a_run_with_too_little_memory_recomputes_every_block_and_says_so(tmp_pat
 
 
 def test_a_gpu_out_of_memory_names_the_settings_that_lower_a_step_and_is_not_retried():
-    from kubelora_trainer import exits, train
+    from kubelora_trainer import train
     err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
     spec = parse_spec({"model": {"type": "hunyuan-video", "ckptPath": "/m"}, "dataset": {"uri": "/d"},
                        "training": {"microBatchSize": 2}, "output": {"uri": "/o"}})
