@@ -205,7 +205,8 @@ def test_a_persistent_5xx_fails_the_run_once_naming_the_key(proxy, direct, s3, t
     proc = run_trainer(job, {**s3.env, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "3"})
     assert proc.returncode == exits.FAILED != exits.BAD_INPUT, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "[error]" in line]
-    assert errors == [f"[error] downloading {key}: SlowDown: Please reduce your request rate. (3 attempts)"], \
+    assert errors == [f"[error] model.diffusersPath: downloading {key}: SlowDown: Please reduce your request rate. "
+                      f"(3 attempts)"], \
         proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == errors[0]
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -229,7 +230,7 @@ def test_a_persistent_5xx_on_two_ranks_exits_retryable_through_the_launcher(prox
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == exits.FAILED, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "[error]" in line]
-    assert errors == [f"[error] rank 0: downloading {key}: SlowDown: Please reduce your request rate. "
+    assert errors == [f"[error] rank 0: model.diffusersPath: downloading {key}: SlowDown: Please reduce your request rate. "
                       f"(3 attempts)"], proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == errors[0]
     assert proxy.seen("GetObject", "*.safetensors") == ["status"] * 3  # one stage-in per node

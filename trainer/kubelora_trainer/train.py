@@ -147,7 +147,7 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int],
             manifest = read_manifest(spec, settings) if "manifest.json" in names else None
             finished = manifest is not None and not manifest.get("cacheOnly")
             extending = finished and extends(manifest, steps, spec)
-            if finished and not extending and spec.output.onExisting == "resume":
+            if finished and not extending and spec.output.onExisting == "resume" and not spec.dataset.cacheOnly:
                 recorded = manifest.get("spec")
                 why = checkpoint.finished_refusal(checkpoint.fingerprint_of(recorded) if isinstance(recorded, dict)
                                                   else None, checkpoint.fingerprint(spec), spec.output.uri)
