@@ -171,3 +171,31 @@ def test_a_worker_killed_without_a_record_is_named_and_ctrl_c_before_training_is
     # a reader that stops reading after one line: the launcher still drains the workers' stderr and ends
     flood = subprocess.Popen(f"{' '.join(base)} flood 2>&1 | head -1", shell=True, stdout=subprocess.PIPE, env=env)
     flood.communicate(timeout=300)
+
+
+def test_a_trial_run_trains_n_steps_into_its_own_folder_under_the_output(tmp_path, monkeypatch, capsys):
+    """kubelora run --steps N: the manifest (or a bare spec, named by its file) as N steps into
+    <output.uri>/trial-N, trained again each time, warmup capped; the worker gets that manifest."""
+    from kubelora_trainer import cli, launch
+    from kubelora_trainer.spec import load_spec
+    doc = {"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},
+           "training": {"steps": 2000, "warmupSteps": 100, "lrScheduler": "cosine"}, "output": {"uri": "s3://bkt/run/"}}
+    trial = cli.trial_manifest(doc, "my-job", 20)
+    assert trial["metadata"] == {"name": "my-job"} and trial["kind"] == "LoRATrainingJob"
+    assert trial["spec"]["training"] == {"steps": 20, "warmupSteps": 20, "lrScheduler": "cosine"}
+    assert trial["spec"]["output"] == {"uri": "s3://bkt/run/trial-20", "onExisting": "overwrite"}
+    assert doc["training"]["steps"] == 2000          # the original is not touched
+    job = tmp_path / "my-spec.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    seen = {}
+
+    def fake_run(args, env):  # torchrun itself is tested elsewhere: what it would be given
+        seen["spec"] = load_spec(args[args.index("--spec") + 1])
+        seen["name"] = yaml.safe_load(open(args[args.index("--spec") + 1]))["metadata"]["name"]
+        return 0
+    monkeypatch.setattr(launch, "run", fake_run)
+    assert cli.main(["run", str(job), "--steps", "5", "--nproc", "1"]) == 0
+    assert seen["spec"].training.steps == 5 and seen["spec"].output.uri == "s3://bkt/run/trial-5"
+    assert seen["name"] == "my-spec"                  # the bare spec's name, from its file, as without --steps
+    assert "a 5-step trial of" in capsys.readouterr().out
+    assert cli.main(["run", str(job), "--steps", "0"]) == 2

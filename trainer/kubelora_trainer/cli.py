@@ -85,18 +85,55 @@ def local_env(environ: dict, nproc: int) -> dict:
     return env
 
 
-def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = None) -> int:
+def trial_manifest(doc: dict, name: str, steps: int) -> dict:
+    """`kubelora run --steps N`: the manifest (or bare spec) as a short trial: N steps, a warmup no
+    longer than that, written to <output.uri>/trial-<N> (trained again each time) so the real
+    output stays untouched; the latent cache is shared, so the real run reuses what the trial
+    encoded. Always a whole manifest with the original metadata.name. Pure."""
+    import copy
+    doc = copy.deepcopy(doc)
+    spec = doc["spec"] if isinstance(doc.get("spec"), dict) else doc
+    training = spec.setdefault("training", {})
+    training["steps"] = steps
+    if (training.get("warmupSteps") or 0) > steps:
+        training["warmupSteps"] = steps
+    output = spec.setdefault("output", {})
+    output["uri"] = f"{str(output.get('uri', '')).rstrip('/')}/trial-{steps}"
+    output["onExisting"] = "overwrite"
+    return {"apiVersion": doc.get("apiVersion", "kubelora.dev/v1alpha1"), "kind": doc.get("kind", "LoRATrainingJob"),
+            "metadata": {**(doc.get("metadata") or {}), "name": name}, "spec": spec}
+
+
+def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = None, steps: int | None = None) -> int:
     """Run the trainer under torchrun on this machine; its output (rank 0 logs progress) streams
-    through. Returns the exit status."""
+    through. steps: a short trial (trial_manifest). Returns the exit status."""
+    import tempfile
     spec = _validate(manifest)
     if spec is None:
         return 2
+    trial_dir = None
+    if steps is not None:
+        import yaml
+        from .spec import manifest_name
+        trial_dir = tempfile.mkdtemp(prefix="kubelora-trial-")
+        trial = trial_manifest(yaml.safe_load(Path(manifest).read_text()), manifest_name(manifest), steps)
+        path = Path(trial_dir) / Path(manifest).name
+        path.write_text(yaml.safe_dump(trial, sort_keys=False))
+        print(f"[kubelora] a {steps}-step trial of {manifest}, written to {trial['spec']['output']['uri']}", flush=True)
+        manifest, spec = str(path), _validate(str(path))
+        if spec is None:
+            return 2
     n = nproc or default_nproc(spec)
     env = local_env({**os.environ, **(extra_env or {})}, n)
     from .launch import run as run_torchrun
     print(f"[kubelora] {spec.model.type} LoRA from {manifest} on {n} local process(es)", flush=True)
-    return run_torchrun(["--standalone", f"--nproc-per-node={n}", "-m", "kubelora_trainer", "run", "--spec",
-                         str(manifest)], env=env)
+    try:
+        return run_torchrun(["--standalone", f"--nproc-per-node={n}", "-m", "kubelora_trainer", "run", "--spec",
+                             str(manifest)], env=env)
+    finally:
+        if trial_dir:
+            import shutil
+            shutil.rmtree(trial_dir, ignore_errors=True)
 
 
 def import_config(args) -> int:
@@ -268,6 +305,9 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="train a LoRATrainingJob manifest on this machine (torchrun)")
     r.add_argument("manifest")
     r.add_argument("--nproc", type=int, default=None, help="processes (default: number of GPUs, or 1 on CPU)")
+    r.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="a short trial: N training steps written to <output.uri>/trial-N (trained again each time), "
+                        "the real output untouched; the cache it fills is the real run's")
     v = sub.add_parser("validate", help="check a manifest and print the resolved spec")
     v.add_argument("manifest")
     v.add_argument("--check-storage", action="store_true",
@@ -309,7 +349,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.cmd == "run":
-        return launch(args.manifest, args.nproc)
+        if args.steps is not None and args.steps < 1:
+            print("error: --steps must be at least 1", file=sys.stderr)
+            return 2
+        return launch(args.manifest, args.nproc, steps=args.steps)
     if args.cmd == "validate":
         spec = _validate(args.manifest)
         if spec is None:
