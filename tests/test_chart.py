@@ -124,7 +124,7 @@ def test_namespaced_mode_roles_per_namespace_and_the_operator_told():
     assert sorted(r["metadata"]["namespace"] for r in by_kind(objs, "Role")) == ["ml", "research"]
     assert sorted(b["metadata"]["namespace"] for b in by_kind(objs, "RoleBinding")) == ["ml", "research"]
     cluster = {r for rule in operator_role(objs)["rules"] for r in rule["resources"]}
-    assert cluster == {"customresourcedefinitions", "namespaces"}  # cluster-scoped reads only
+    assert cluster == {"customresourcedefinitions", "namespaces", "nodes"}  # cluster-scoped reads only
 
 
 def test_monitors_select_the_operator_and_the_trainer_pods():

@@ -94,7 +94,12 @@ def run_scenario(kube, kubectl, s3, scope: tuple[str, ...]) -> None:
         wait_for(lambda: phase(kube, "full") == "Pending", timeout=30)
         kubectl("patch", "ltj", "full", "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}', check=True)
         wait_for(lambda: (kube.get(JOBS, "default", "full") or {}).get("spec", {}).get("suspend"), timeout=30)
-        # a node fails: the gang restart deletes the Job and makes it again
+        # a node fails: the gang restart reads the pods' Nodes, deletes the Job and makes it again
+        apply(kubectl, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": "full-0-x", "labels": {"batch.kubernetes.io/job-name": "full"},
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "full",
+                                 "uid": first["metadata"]["uid"], "controller": True}]},
+            "spec": {"nodeName": "gpu-a", "containers": [{"name": "trainer", "image": "kubelora/trainer"}]}})
         kubectl("patch", "job", "full", "--subresource=status", "--type=merge",
                 "-p", '{"status":{"failed":1,"active":1}}', check=True)
         wait_for(lambda: (kube.get(JOBS, "default", "full") or first)["metadata"]["uid"] != first["metadata"]["uid"],
@@ -122,6 +127,8 @@ def static_calls() -> set[tuple[str, str, str]]:
                                        r"([a-z_]+?)(_status)?\b", path.read_text()):
             group, res = names[kind]
             found.add((group, res + ("/status" if sub else ""), verbs[v]))
+        for v in re.findall(r"\b(read|list)_node\b", path.read_text()):  # cluster-scoped
+            found.add(("", "nodes", verbs[v]))
     return found
 
 

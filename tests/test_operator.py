@@ -249,9 +249,9 @@ def test_a_job_deleted_by_hand_is_made_again_and_counted(cluster, kubectl):
     assert "Recreated" in reasons, reasons
 
 
-def _pod_of(kubectl, job: dict, index: int, status: dict, finalizers=()) -> None:
+def _pod_of(kubectl, job: dict, index: int, status: dict, finalizers=(), node=None) -> None:
     """A pod of the trainer Job, made by hand with the status a kubelet and the cluster's
-    controllers would give it (the emulator runs no kubelet here)."""
+    controllers would give it (the emulator runs no kubelet here); `node`: its spec.nodeName."""
     name = f"{job['metadata']['name']}-{index}-{job['metadata']['uid'][:5]}"
     pod = {"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, **({"finalizers": list(finalizers)} if finalizers else {}),
@@ -259,7 +259,8 @@ def _pod_of(kubectl, job: dict, index: int, status: dict, finalizers=()) -> None
                                                  "batch.kubernetes.io/job-completion-index": str(index)},
                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
                                              "uid": job["metadata"]["uid"], "controller": True}]},
-           "spec": {"containers": [{"name": "trainer", "image": "kubelora/trainer"}]}}
+           "spec": {**({"nodeName": node} if node else {}),
+                    "containers": [{"name": "trainer", "image": "kubelora/trainer"}]}}
     kubectl("apply", "-f", "-", input=yaml.safe_dump(pod), check=True)
     kubectl("patch", "pod", name, "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}),
             check=True)
@@ -327,6 +328,46 @@ def test_a_gang_restart_after_a_lost_node_is_not_counted_against_the_backoff_lim
     restart = next(e["message"] for e in events if e["reason"] == "GangRestart")
     assert "not counted against runPolicy.backoffLimit" in restart and "DeletionByTaintManager" in restart, restart
     assert "exited with code 1" in restart, restart
+
+
+def _node(kubectl, name: str, ready: str, reason: str) -> None:
+    """A Node with the Ready condition the kubelet, or the node lifecycle controller once the
+    kubelet stops posting (Unknown, about 40 s), gives it."""
+    kubectl("apply", "-f", "-", input=yaml.safe_dump({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}),
+            check=True)
+    kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(
+        {"status": {"conditions": [{"type": "Ready", "status": ready, "reason": reason}]}}), check=True)
+
+
+def test_a_gang_failure_while_a_pods_node_is_not_ready_is_not_counted(cluster, kubectl):
+    """A node is lost under a 2-node run and its peer fails in a collective (exit 1) before the
+    taint manager marks the lost pod DisruptionTarget (300 s): the lost pod's Node is Ready=Unknown
+    already, so the gang restart is not counted (runPolicy.backoffLimit 0 would fail the run) and
+    the Event and status name the pod and its node."""
+    kube = cluster
+    crashed = {"phase": "Failed", "containerStatuses": [
+        {"name": "trainer", "image": "kubelora/trainer", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}
+    _node(kubectl, "gpu-a", "True", "KubeletReady")
+    _node(kubectl, "gpu-b", "Unknown", "NodeStatusUnknown")
+    with operator():
+        assert apply(kubectl, manifest("unready", resources__nodes=2, runPolicy__backoffLimit=0)).returncode == 0
+        first = wait_for(lambda: kube.get("batch/v1/jobs", "default", "unready"), timeout=30)
+        wait_for(lambda: phase(kube, "unready") == "Pending", timeout=30)
+        _pod_of(kubectl, first, 1, {"phase": "Running"}, node="gpu-b")
+        _pod_of(kubectl, first, 0, crashed, node="gpu-a")
+        kubectl("patch", "job", "unready", "--subresource=status", "--type=merge",
+                "-p", '{"status":{"active":1,"failed":1}}', check=True)
+        wait_for(lambda: (kube.get("batch/v1/jobs", "default", "unready") or {}).get("metadata", {}).get("uid")
+                 not in (None, first["metadata"]["uid"]), timeout=60)
+        st = wait_for(lambda: not ltj(kube, "unready")["status"].get("restartPending") and ltj(kube, "unready")["status"],
+                      timeout=30)
+    assert st["restarts"] == 1 and st["disruptionRestarts"] == 1 and st["phase"] == "Pending", st
+    lost = f"pod unready-1-{first['metadata']['uid'][:5]} on node gpu-b: node Ready=Unknown (NodeStatusUnknown)"
+    assert st["lastDisruption"] == lost, st
+    events = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "unready"]
+    restart = next(e["message"] for e in events if e["reason"] == "GangRestart")
+    assert lost in restart and "not counted against runPolicy.backoffLimit" in restart, restart
 
 
 def test_pods_refused_by_a_quota_are_reported_not_waited_for(cluster, kubectl, monkeypatch):

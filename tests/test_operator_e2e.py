@@ -147,6 +147,7 @@ def test_a_failed_node_restarts_the_whole_gang(kube, kubectl, demo_bucket, job_r
         assert apply(kubectl, m).returncode == 0
         st = wait_for(lambda: phase(kube, "gang") == "Succeeded" and _status(kube, "gang"), timeout=600)
     assert st["restarts"] == 1 and not st.get("restartPending"), st
+    assert not st.get("disruptionRestarts"), st  # the runner's Node is Ready: a crash, counted
     started = job_runner.pods_started("gang")
     assert len(started) == 4, started  # 2 pods, then 2 again after the gang restart (no lone replacement)
     reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "gang"]

@@ -557,3 +557,54 @@ def test_a_secret_rbac_does_not_let_the_operator_read_is_said_not_raised(monkeyp
     monkeypatch.setattr(kube, "secret_data", forbidden)
     settings, error = handlers._settings(parse_spec(SPEC), "ml")
     assert "the operator may not read Secret 's3-creds'" in error and "rbac.secretNames" in error
+
+
+def _node(name, ready, reason=None):
+    conds = [{"type": "MemoryPressure", "status": "False"}]
+    if ready is not None:
+        conds.append({"type": "Ready", "status": ready, **({"reason": reason} if reason else {})})
+    return {"metadata": {"name": name}, "status": {"conditions": conds}}
+
+
+def test_a_gang_failure_while_a_pods_node_is_not_ready_is_a_disruption():
+    """The peers of a lost node's pod fail (exit 1) minutes before the taint manager marks that pod
+    DisruptionTarget; the node's Ready condition (Unknown within ~40 s) or its removal tells it."""
+    crashed = {"metadata": {"name": "ft-0-abc"}, "spec": {"nodeName": "gpu-a"}, "status": {"phase": "Failed"}}
+    stuck = {"metadata": {"name": "ft-1-abc"}, "spec": {"nodeName": "gpu-b"}, "status": {"phase": "Running"}}
+    pending = {"metadata": {"name": "ft-2-abc"}, "spec": {}, "status": {"phase": "Pending"}}
+    pods = [stuck, pending, crashed]
+    assert st.pod_nodes(pods) == ["gpu-a", "gpu-b"]
+    ready = {"gpu-a": _node("gpu-a", "True"), "gpu-b": _node("gpu-b", "True")}
+    assert st.node_lost(pods, ready) is None and st.disruption(pods, ready) is None
+    unknown = {**ready, "gpu-b": _node("gpu-b", "Unknown", "NodeStatusUnknown")}
+    assert st.node_lost(pods, unknown) == "pod ft-1-abc on node gpu-b: node Ready=Unknown (NodeStatusUnknown)"
+    assert st.node_lost(pods, {**ready, "gpu-a": _node("gpu-a", "False")}) == \
+        "pod ft-0-abc on node gpu-a: node Ready=False"
+    assert st.node_lost(pods, {**ready, "gpu-b": None}) == "pod ft-1-abc on node gpu-b: the node is gone"
+    assert st.node_lost(pods, {**ready, "gpu-b": _node("gpu-b", None)}) == \
+        "pod ft-1-abc on node gpu-b: the node reports no Ready condition"
+    assert st.node_lost(pods, None) is None  # Nodes not readable: the old behaviour
+    assert st.node_lost(pods, {}) is None    # nodes not read are not judged
+    # a pod marked DisruptionTarget is named first, as before
+    marked = {**stuck, "status": {"phase": "Running", "conditions": [
+        {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}]}}
+    assert st.disruption([crashed, marked], unknown) == "pod ft-1-abc: DeletionByTaintManager"
+    assert st.disruption([crashed, marked], None) == "pod ft-1-abc: DeletionByTaintManager"
+
+
+def test_nodes_rbac_does_not_let_the_operator_read_are_said_and_judged_as_before(monkeypatch):
+    """RBAC is not emulated: the 403 for Nodes is stood in for at the kube.nodes boundary."""
+    from kubelora_operator import handlers, kube
+    asked = []
+
+    def forbidden(names):
+        asked.append(names)
+        raise kube.NodesForbidden('nodes "gpu-b" is forbidden: User "system:serviceaccount:kl:kl" cannot get')
+    monkeypatch.setattr(kube, "nodes", forbidden)
+    pods = [{"metadata": {"name": "ft-1-abc"}, "spec": {"nodeName": "gpu-b"}, "status": {"phase": "Running"}}]
+    changes = handlers.Changes()
+    assert handlers._gang_nodes(pods, changes) is None and asked == [["gpu-b"]]
+    ((type_, reason, message),) = changes.events
+    assert type_ == "Warning" and reason == "NodeReadinessUnknown", changes.events
+    assert "node readiness cannot be checked" in message and "get on nodes" in message and "cannot get" in message
+    assert handlers._gang_nodes([{"metadata": {"name": "p"}, "spec": {}}], handlers.Changes()) == {}  # none scheduled

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 import socket
 from datetime import datetime, timezone
@@ -25,6 +26,8 @@ from kubelora_trainer.storage import S3Settings
 
 from . import artifacts, env, kube, manifests, metrics, syncer
 from . import status as st
+
+log = logging.getLogger("kubelora_operator.handlers")
 
 RESOURCE = (GROUP, VERSION, PLURAL)
 # Our own registry (not kopf's process-global default), so embedding or testing the operator
@@ -315,10 +318,15 @@ def _sync(body: dict, changes: Changes) -> None:
     if job is None:
         return _recreate(body, changes, name, namespace, job_spec, previous)
     pods = kube.job_pods(namespace, name) if st.needs_pods(job) else []
+    disruption = st.disrupted(pods)
     action = st.gang_action(job, job_spec.resources.nodes, st.counted_restarts(previous),
-                            job_spec.runPolicy.backoffLimit, st.disrupted(pods))
+                            job_spec.runPolicy.backoffLimit, disruption)
+    if action in ("restart", "fail"):  # the peers of a lost node's pod fail before the pod is marked
+        disruption = st.node_lost(pods, _gang_nodes(pods, changes))
+        if disruption:
+            action = "restart_uncounted"
     if action:
-        return _restart_gang(body, changes, name, namespace, job_spec, job, pods, previous, action)
+        return _restart_gang(body, changes, name, namespace, job_spec, job, pods, previous, action, disruption)
     complete = any(c.get("type") == "Complete" and c.get("status") == "True"
                    for c in (job.get("status") or {}).get("conditions") or [])
     settings, error = _settings(job_spec, namespace)
@@ -366,7 +374,33 @@ def _storage_stall(obs: st.Observed, error: str | None, previous: dict, changes:
                        progress=obs.progress, artifacts=obs.artifacts)
 
 
-def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, previous, action) -> None:
+NODES_RULE = "get on nodes (cluster-scoped; the chart's ClusterRole has it with rbac.create)"
+_nodes_forbidden_logged = False
+
+
+def _gang_nodes(pods: list[dict], changes: Changes) -> dict | None:
+    """The Nodes of the failed gang's pods, read at the failure (see st.node_lost); None when
+    RBAC does not let the operator read Nodes: then only a pod's DisruptionTarget condition tells a
+    disruption, said once in the log and in an Event on the job at each gang failure."""
+    global _nodes_forbidden_logged
+    names = st.pod_nodes(pods)
+    if not names:
+        return {}
+    try:
+        return kube.nodes(names)
+    except kube.NodesForbidden as e:
+        why = (f"node readiness cannot be checked: the operator may not read Nodes ({e}); grant it {NODES_RULE}. "
+               "Until then a gang failure counts against runPolicy.backoffLimit unless a pod is already marked "
+               "DisruptionTarget")
+        if not _nodes_forbidden_logged:
+            log.warning(why)
+            _nodes_forbidden_logged = True
+        changes.warn("NodeReadinessUnknown", why)
+        return None
+
+
+def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, previous, action,
+                  disruption: str | None = None) -> None:
     """A pod of a multi-node run failed: delete the whole Job (its pods go too) and make it again
     at the next sync, so every node starts together on a fresh rendezvous and resumes from the
     newest checkpoint; or fail the run once runPolicy.backoffLimit restarts are spent. A restart
@@ -384,8 +418,9 @@ def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, 
     nodes = job_spec.resources.nodes
     if action == "restart_uncounted":
         changes.status["disruptionRestarts"] = int(previous.get("disruptionRestarts") or 0) + 1
+        changes.status["lastDisruption"] = disruption
         metrics.restarted("disruption")
-        changes.warn("GangRestart", f"{why}, after a disruption ({st.disrupted(pods)}); restarting all {nodes} "
+        changes.warn("GangRestart", f"{why}, after a disruption ({disruption}); restarting all {nodes} "
                                     f"nodes together, not counted against runPolicy.backoffLimit ({counted} of {limit} spent)")
         return
     metrics.restarted("gang")

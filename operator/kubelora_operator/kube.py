@@ -149,6 +149,29 @@ def job_pods(namespace: str, job_name: str) -> list[dict]:
     return [api().sanitize_for_serialization(p) for p in pods.items]
 
 
+class NodesForbidden(Exception):
+    """RBAC does not let the operator read Nodes (the chart's ClusterRole grants `get` on nodes)."""
+
+
+def nodes(names: list[str]) -> dict[str, Optional[dict]]:
+    """The Nodes of these names (None for one that is gone), read one by one: a gang has a few,
+    and a list of every Node of a large cluster would cost far more. Raises NodesForbidden on a 403."""
+    from kubernetes.client.exceptions import ApiException
+    core, _ = _apis()
+    out: dict[str, Optional[dict]] = {}
+    for name in names:
+        try:
+            out[name] = api().sanitize_for_serialization(core.read_node(name))
+        except ApiException as e:
+            if e.status == 404:
+                out[name] = None
+            elif e.status == 403:
+                raise NodesForbidden(_api_message(e)) from None
+            else:
+                raise
+    return out
+
+
 def failed_create_events(namespace: str, job: dict) -> list[dict]:
     """The Job controller's FailedCreate Events for this Job (its pods refused by a ResourceQuota,
     a LimitRange, Pod Security admission or a webhook), matched by the Job's uid."""

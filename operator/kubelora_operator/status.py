@@ -117,6 +117,44 @@ def disrupted(pods: list[dict]) -> Optional[str]:
     return None
 
 
+def pod_nodes(pods: list[dict]) -> list[str]:
+    """The nodes the pods were scheduled to (spec.nodeName), sorted, each once. Pure."""
+    return sorted({n for p in pods if (n := (p.get("spec") or {}).get("nodeName"))})
+
+
+def node_lost(pods: list[dict], nodes: Optional[dict[str, Optional[dict]]]) -> Optional[str]:
+    """'pod NAME on node NODE: WHY' for the first pod whose node is lost now: its Node's Ready
+    condition False or Unknown (what the node lifecycle controller sets about 40 s after the
+    kubelet stops posting; missing counts as Unknown) or the Node gone (`nodes` maps it to None).
+    This comes long before the taint manager marks the pod DisruptionTarget (after the pods'
+    unreachable toleration, 300 s by default), while the peers of the lost pod fail in their
+    collectives within the process-group timeout. `nodes`: Node by name for every node in
+    `pod_nodes(pods)`; None when the operator cannot read Nodes (then nothing is lost). Pure."""
+    if nodes is None:
+        return None
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        node = (pod.get("spec") or {}).get("nodeName")
+        if not node or node not in nodes:
+            continue
+        where = f"pod {pod['metadata']['name']} on node {node}"
+        if nodes[node] is None:
+            return f"{where}: the node is gone"
+        ready = next((c for c in (nodes[node].get("status") or {}).get("conditions") or []
+                      if c.get("type") == "Ready"), None)
+        if ready is None:
+            return f"{where}: the node reports no Ready condition"
+        if ready.get("status") != "True":
+            detail = ": ".join(x for x in (ready.get("reason"), ready.get("message")) if x)
+            return f"{where}: node Ready={ready.get('status')}" + (f" ({detail})" if detail else "")
+    return None
+
+
+def disruption(pods: list[dict], nodes: Optional[dict[str, Optional[dict]]]) -> Optional[str]:
+    """Why a gang failure seen now follows a disruption: a pod marked DisruptionTarget
+    (`disrupted`), else a pod whose node is lost (`node_lost`); None when neither. Pure."""
+    return disrupted(pods) or node_lost(pods, nodes)
+
+
 def needs_pods(job: dict) -> bool:
     """Whether the pods must be read to explain the Job: some failed, some are not ready yet
     (image pull, missing Secret...) or it failed. A Job whose active pods are all ready needs no

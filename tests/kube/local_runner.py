@@ -62,7 +62,7 @@ The Job controller part, per Job (status written through jobs/status):
   chars>` (generateName, as the real controller), labels of the template plus job-name,
   controller-uid and completion-index labels, the completion-index annotation, a controller
   ownerReference to the Job, spec from the template with `hostname: <job>-<index>` and
-  nodeName `local-runner`;
+  nodeName `local-runner` (a Node of that name, Ready, registered at start, as a kubelet does);
 - status: startTime, active, ready, terminating, succeeded, failed, completedIndexes ("0-1,3"),
   uncountedTerminatedPods {}, completionTime, conditions with lastTransitionTime:
   SuccessCriteriaMet + Complete (reason CompletionsReached); FailureTarget + Failed (reason
@@ -419,9 +419,24 @@ class LocalJobRunner:
 
     def start(self) -> "LocalJobRunner":
         self._api = _Api(self.kubeconfig)
+        self._register_node()
         self._thread = threading.Thread(target=self._loop, name="local-job-runner", daemon=True)
         self._thread.start()
         return self
+
+    def _register_node(self) -> None:
+        """The Node the pods run on, Ready as its kubelet would post it (the operator reads it when
+        a multi-node run fails: a node not Ready makes the failure a disruption)."""
+        api = self._api
+        try:
+            api.call(api.core.create_node, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE_NAME}})
+        except api.kubernetes.client.ApiException as e:
+            if e.status != 409:
+                raise
+        now = _now()
+        api.call(api.core.patch_node_status, NODE_NAME, {"status": {"conditions": [
+            {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status",
+             "lastHeartbeatTime": now, "lastTransitionTime": now}]}}, _content_type="application/merge-patch+json")
 
     def stop(self) -> None:
         """Stop polling and kill every process (SIGTERM, SIGKILL after grace_seconds)."""

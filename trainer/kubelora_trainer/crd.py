@@ -95,6 +95,10 @@ STATUS_SCHEMA = {
                                                                   "of the run's pods (its node lost, drained or "
                                                                   "preempted): not counted against "
                                                                   "runPolicy.backoffLimit."},
+        "lastDisruption": {"type": "string", "description": "Why the newest restart after a disruption was not "
+                                                            "counted: the pod marked DisruptionTarget, or the pod "
+                                                            "and its node that was not Ready (or gone) when the "
+                                                            "gang failed."},
         "createPending": {"type": "boolean", "description": "The API server deferred the job's first children "
                           "(a full ResourceQuota, throttling); the operator makes them when it takes them."},
         "restartPending": {"type": "boolean", "description": "The Job was deleted for a gang restart and is made "

@@ -90,6 +90,11 @@ operator against the emulated API server and compares). Namespaced resources go 
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
+# a gang failure: is a pod's node Ready (a lost node's peers fail before its pod is marked
+# DisruptionTarget); read-only, one get per node of the failed gang
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [get]
 {{- if .Values.watchNamespaces }}
 # kopf: which of the watched namespaces exist (namespaced mode only)
 - apiGroups: [""]
