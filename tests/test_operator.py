@@ -342,8 +342,10 @@ def _node(kubectl, name: str, ready: str, reason: str) -> None:
 def test_a_gang_failure_while_a_pods_node_is_not_ready_is_not_counted(cluster, kubectl):
     """A node is lost under a 2-node run and its peer fails in a collective (exit 1) before the
     taint manager marks the lost pod DisruptionTarget (300 s): the lost pod's Node is Ready=Unknown
-    already, so the gang restart is not counted (runPolicy.backoffLimit 0 would fail the run) and
-    the Event and status name the pod and its node."""
+    already, so the gang restart is not counted (the operator's count, checked at
+    runPolicy.backoffLimit 0 where a counted restart would fail the run; on a real cluster the
+    Job's own backoffLimit would then be 0 too and the Job controller would fail the Job at the
+    peer's exit: decisions.md 21) and the Event and status name the pod and its node."""
     kube = cluster
     crashed = {"phase": "Failed", "containerStatuses": [
         {"name": "trainer", "image": "kubelora/trainer", "imageID": "", "ready": False, "restartCount": 0,

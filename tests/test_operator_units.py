@@ -575,21 +575,41 @@ def test_a_gang_failure_while_a_pods_node_is_not_ready_is_a_disruption():
     pods = [stuck, pending, crashed]
     assert st.pod_nodes(pods) == ["gpu-a", "gpu-b"]
     ready = {"gpu-a": _node("gpu-a", "True"), "gpu-b": _node("gpu-b", "True")}
-    assert st.node_lost(pods, ready) is None and st.disruption(pods, ready) is None
+    assert st.node_lost(pods, ready) is None
     unknown = {**ready, "gpu-b": _node("gpu-b", "Unknown", "NodeStatusUnknown")}
     assert st.node_lost(pods, unknown) == "pod ft-1-abc on node gpu-b: node Ready=Unknown (NodeStatusUnknown)"
-    assert st.node_lost(pods, {**ready, "gpu-a": _node("gpu-a", "False")}) == \
-        "pod ft-0-abc on node gpu-a: node Ready=False"
+    # the pod that failed was reported by its kubelet: its node's Ready=False (PLEG, a runtime
+    # restart) does not make its crash a lost node; a running pod's does
+    assert st.node_lost(pods, {**ready, "gpu-a": _node("gpu-a", "False")}) is None
+    assert st.node_lost(pods, {**ready, "gpu-b": _node("gpu-b", "False")}) == \
+        "pod ft-1-abc on node gpu-b: node Ready=False"
     assert st.node_lost(pods, {**ready, "gpu-b": None}) == "pod ft-1-abc on node gpu-b: the node is gone"
     assert st.node_lost(pods, {**ready, "gpu-b": _node("gpu-b", None)}) == \
         "pod ft-1-abc on node gpu-b: the node reports no Ready condition"
     assert st.node_lost(pods, None) is None  # Nodes not readable: the old behaviour
     assert st.node_lost(pods, {}) is None    # nodes not read are not judged
-    # a pod marked DisruptionTarget is named first, as before
+    # a pod marked DisruptionTarget is named, as before
     marked = {**stuck, "status": {"phase": "Running", "conditions": [
         {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}]}}
-    assert st.disruption([crashed, marked], unknown) == "pod ft-1-abc: DeletionByTaintManager"
-    assert st.disruption([crashed, marked], None) == "pod ft-1-abc: DeletionByTaintManager"
+    assert st.disrupted([crashed, marked]) == "pod ft-1-abc: DeletionByTaintManager"
+
+
+def test_the_previous_attempts_pod_on_a_lost_node_does_not_excuse_the_next_gangs_crashes():
+    """A gang restart makes a new Job of the same name; the old Job's pod on the lost node stays
+    Terminating while the Node exists. It is not the new Job's (controller-uid), so a genuine
+    crash of the new gang on Ready nodes is counted."""
+    job = {"metadata": {"name": "ft", "uid": "new-uid"}}
+    uid = lambda u: {"batch.kubernetes.io/controller-uid": u}  # noqa: E731
+    old = {"metadata": {"name": "ft-1-old00", "labels": uid("old-uid"), "deletionTimestamp": "2026-11-27T00:00:00Z"},
+           "spec": {"nodeName": "gpu-b"}, "status": {"phase": "Running"}}
+    new = [{"metadata": {"name": f"ft-{i}-new0{i}", "labels": uid("new-uid")}, "spec": {"nodeName": n},
+            "status": {"phase": "Failed"}} for i, n in ((0, "gpu-a"), (1, "gpu-c"))]
+    nodes = {"gpu-a": _node("gpu-a", "True"), "gpu-b": _node("gpu-b", "Unknown"), "gpu-c": _node("gpu-c", "True")}
+    assert st.node_lost([old, *new], nodes) is not None            # what counting every job-name pod did
+    mine = st.own_pods([old, *new], job)
+    assert mine == new and st.node_lost(mine, nodes) is None
+    unlabeled = {"metadata": {"name": "ft-0-x"}}
+    assert st.own_pods([unlabeled], job) == [unlabeled] and st.own_pods([old], {"metadata": {}}) == [old]
 
 
 def test_nodes_rbac_does_not_let_the_operator_read_are_said_and_judged_as_before(monkeypatch):
@@ -608,3 +628,13 @@ def test_nodes_rbac_does_not_let_the_operator_read_are_said_and_judged_as_before
     assert type_ == "Warning" and reason == "NodeReadinessUnknown", changes.events
     assert "node readiness cannot be checked" in message and "get on nodes" in message and "cannot get" in message
     assert handlers._gang_nodes([{"metadata": {"name": "p"}, "spec": {}}], handlers.Changes()) == {}  # none scheduled
+
+
+def test_a_gang_placed_on_the_same_lost_node_again_is_counted():
+    """Pods that tolerate every taint can be scheduled onto the NotReady node again: the second
+    failure there is counted, so such a run cannot restart uncounted forever."""
+    first = "pod ft-1-abc on node gpu-b: node Ready=Unknown (NodeStatusUnknown)"
+    assert st.same_lost_node("pod ft-1-xyz on node gpu-b: the node is gone", first)
+    assert not st.same_lost_node("pod ft-0-xyz on node gpu-a: node Ready=Unknown", first)
+    assert not st.same_lost_node(first, None) and not st.same_lost_node(None, first)
+    assert not st.same_lost_node(first, "pod ft-1-abc: DeletionByTaintManager")  # a DisruptionTarget reason

@@ -317,14 +317,16 @@ def _sync(body: dict, changes: Changes) -> None:
     job = kube.get_job(namespace, name)
     if job is None:
         return _recreate(body, changes, name, namespace, job_spec, previous)
-    pods = kube.job_pods(namespace, name) if st.needs_pods(job) else []
+    pods = st.own_pods(kube.job_pods(namespace, name), job) if st.needs_pods(job) else []
     disruption = st.disrupted(pods)
     action = st.gang_action(job, job_spec.resources.nodes, st.counted_restarts(previous),
                             job_spec.runPolicy.backoffLimit, disruption)
     if action in ("restart", "fail"):  # the peers of a lost node's pod fail before the pod is marked
         disruption = st.node_lost(pods, _gang_nodes(pods, changes))
-        if disruption:
+        if disruption and not st.same_lost_node(disruption, previous.get("lastDisruption")):
             action = "restart_uncounted"
+        else:
+            disruption = None
     if action:
         return _restart_gang(body, changes, name, namespace, job_spec, job, pods, previous, action, disruption)
     complete = any(c.get("type") == "Complete" and c.get("status") == "True"

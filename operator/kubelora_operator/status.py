@@ -117,6 +117,27 @@ def disrupted(pods: list[dict]) -> Optional[str]:
     return None
 
 
+def same_lost_node(reason: Optional[str], previous: Optional[str]) -> bool:
+    """Whether two node_lost reasons name the same node: the gang was placed on the lost node
+    again (pods that tolerate every taint schedule onto a NotReady node), so this failure is the
+    run's to count, not another disruption. Pure."""
+    node = lambda r: (m[1] if (m := re.search(r" on node (\S+): ", r or "")) else None)  # noqa: E731
+    return node(reason) is not None and node(reason) == node(previous)
+
+
+def own_pods(pods: list[dict], job: dict) -> list[dict]:
+    """The pods of this Job object: the job-name label also matches a gang restart's previous Job
+    (same name), whose pod on a lost node stays Terminating until the Node is removed, and would
+    otherwise pass every later failure off as a disruption. A pod is the Job's when its
+    controller-uid label (as the Job controller sets it) is the Job's uid; a pod without one is
+    kept. Pure."""
+    uid = (job.get("metadata") or {}).get("uid")
+    if not uid:
+        return pods
+    return [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(
+        "batch.kubernetes.io/controller-uid", uid) == uid]
+
+
 def pod_nodes(pods: list[dict]) -> list[str]:
     """The nodes the pods were scheduled to (spec.nodeName), sorted, each once. Pure."""
     return sorted({n for p in pods if (n := (p.get("spec") or {}).get("nodeName"))})
@@ -124,8 +145,8 @@ def pod_nodes(pods: list[dict]) -> list[str]:
 
 def node_lost(pods: list[dict], nodes: Optional[dict[str, Optional[dict]]]) -> Optional[str]:
     """'pod NAME on node NODE: WHY' for the first pod whose node is lost now: its Node's Ready
-    condition False or Unknown (what the node lifecycle controller sets about 40 s after the
-    kubelet stops posting; missing counts as Unknown) or the Node gone (`nodes` maps it to None).
+    condition False or Unknown (what the node lifecycle controller sets 40 s, from Kubernetes 1.32
+    50 s, after the kubelet stops posting; missing counts as Unknown) or the Node gone (`nodes` maps it to None).
     This comes long before the taint manager marks the pod DisruptionTarget (after the pods'
     unreachable toleration, 300 s by default), while the peers of the lost pod fail in their
     collectives within the process-group timeout. `nodes`: Node by name for every node in
@@ -136,6 +157,8 @@ def node_lost(pods: list[dict], nodes: Optional[dict[str, Optional[dict]]]) -> O
         node = (pod.get("spec") or {}).get("nodeName")
         if not node or node not in nodes:
             continue
+        if (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded"):
+            continue  # its kubelet reported how it ended: alive then, so a crash, not a lost node
         where = f"pod {pod['metadata']['name']} on node {node}"
         if nodes[node] is None:
             return f"{where}: the node is gone"
@@ -147,12 +170,6 @@ def node_lost(pods: list[dict], nodes: Optional[dict[str, Optional[dict]]]) -> O
             detail = ": ".join(x for x in (ready.get("reason"), ready.get("message")) if x)
             return f"{where}: node Ready={ready.get('status')}" + (f" ({detail})" if detail else "")
     return None
-
-
-def disruption(pods: list[dict], nodes: Optional[dict[str, Optional[dict]]]) -> Optional[str]:
-    """Why a gang failure seen now follows a disruption: a pod marked DisruptionTarget
-    (`disrupted`), else a pod whose node is lost (`node_lost`); None when neither. Pure."""
-    return disrupted(pods) or node_lost(pods, nodes)
 
 
 def needs_pods(job: dict) -> bool:
