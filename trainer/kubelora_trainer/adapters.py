@@ -182,11 +182,13 @@ def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEn
         # path not yet run compiled on a GPU) runs eagerly with dynamo's warning instead of failing
         torch._dynamo.config.suppress_errors = True
     if env.is_main and t.compile is None:
-        print(f"[model] training.compile unset: blocks {'compiled' if compile_blocks else 'run eagerly'} ({why}"
-              f"{'; a block that fails to compile runs eagerly' if compile_blocks else ''})", flush=True)
-        if problem and cap is not None and cap >= (8, 0):
-            print(f"[model] warning: this GPU steps about 1.8x faster compiled; {problem}: install it in the "
-                  f"trainer image (gcc and python3-dev on Debian/Ubuntu)", flush=True)
+        if problem and cap is not None and cap >= (8, 0):  # would have compiled: a warning, with the fix
+            print(f"[model] warning: training.compile unset: blocks run eagerly, though this GPU steps about 1.8x "
+                  f"faster compiled; {problem}: install it in the trainer image (gcc and python3-dev on "
+                  f"Debian/Ubuntu)", flush=True)
+        else:
+            print(f"[model] training.compile unset: blocks {'compiled' if compile_blocks else 'run eagerly'} ({why}"
+                  f"{'; a block that fails to compile runs eagerly' if compile_blocks else ''})", flush=True)
     for name, module in comps.trainable.items():
         out.compute = dist.parallelize(
             module, family.blocks(name, module), sharding=lay.sharding, compute_dtype=getattr(torch, spec.model.dtype),

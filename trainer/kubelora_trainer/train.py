@@ -447,9 +447,10 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     report = scan_sources(spec, paths)
     layout = cache_phase.Layout(report, *probe_items(report, env, spec, remote)).make(spec, env, m)
     ready = cache_phase.prepare(spec, family, paths, layout, remote, env, m)
-    spec = resolved_spec(spec, family, ready.comps)
-    if plan == "resume":
-        check_resolved(spec, family, ready.comps, settings, steps[-1], env)
+    decided = getattr(family, "resolved", lambda comps: {})(ready.comps)  # model settings the model decided
+    spec = resolved_spec(spec, decided)
+    if plan == "resume" and decided:
+        check_resolved(spec, decided, settings, steps[-1], env)
     if spec.dataset.cacheOnly:
         return finish_cache_only(spec, job_name, env, m, publish, settings, layout.stats, ready.cache_stats)
     # spec.samples: prompt embeddings now, while the encoders are loaded (None when off)
@@ -523,29 +524,26 @@ def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int]]:
     return plan, steps
 
 
-def resolved_spec(spec, family, comps):
-    """The spec with the model settings the loaded model decided where they were unset (what
-    checkpoints and manifest.json then record)."""
-    found = getattr(family, "resolved", lambda c: {})(comps)
-    unset = {k: v for k, v in found.items() if getattr(spec.model, k) is None}
+def resolved_spec(spec, decided: dict):
+    """The spec with the model settings the loaded model decided (family.resolved) where they were
+    unset: what checkpoints and manifest.json then record. Pure."""
+    unset = {k: v for k, v in decided.items() if getattr(spec.model, k) is None}
     return spec.model_copy(update={"model": spec.model.model_copy(update=unset)}) if unset else spec
 
 
-def check_resolved(spec, family, comps, settings, latest: int, env: dist.DistEnv) -> None:
+def check_resolved(spec, decided: dict, settings, latest: int, env: dist.DistEnv) -> None:
     """The checkpoint being resumed was trained with the model settings the loaded model uses
     (checkpoint.resolved_refusal), else RunError on every rank, before any step."""
     err = None
     if env.is_main:
-        found = {f"model.{k}": v for k, v in getattr(family, "resolved", lambda c: {})(comps).items()}
-        if found:
-            try:
-                why = checkpoint.resolved_refusal(checkpoint.read_fingerprint(spec.output.uri, latest, settings),
-                                                  found, latest, spec.output.uri)
-                err = RunError(why) if why else None
-            except storage.StorageError as e:
-                err = storage.StorageError(f"output.uri: reading the checkpoint's spec: {e}", transient=e.transient)
-            except (OSError, ValueError):
-                err = None  # check_fingerprint already refused an unreadable one
+        try:
+            why = checkpoint.resolved_refusal(checkpoint.read_fingerprint(spec.output.uri, latest, settings),
+                                              {f"model.{k}": v for k, v in decided.items()}, latest, spec.output.uri)
+            err = RunError(why) if why else None
+        except storage.StorageError as e:
+            err = storage.StorageError(f"output.uri: reading the checkpoint's spec: {e}", transient=e.transient)
+        except (OSError, ValueError):
+            err = None  # check_fingerprint already refused an unreadable one
     dist.fail_together(err, "the checkpoint check")
 
 
