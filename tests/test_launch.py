@@ -33,6 +33,40 @@ def test_the_rendezvous_is_read_from_torchrun_s_arguments():
     assert rendezvous_of(["--standalone", "--node-rank=2", "--master-addr=a", "--master-port=9"]) == (2, "a", 9)
 
 
+def test_a_rendezvous_that_gives_up_is_one_line_naming_the_missing_nodes():
+    """torch's static rendezvous waits 600 s by default, then node 0 exits 1 like a crash: the
+    wait is set explicitly (command.py, 30 min) and its end becomes a cause naming how many nodes
+    never joined (node 0) or that node 0 never answered (the others)."""
+    from kubelora_trainer.command import RENDEZVOUS_TIMEOUT_SECONDS, launcher_args
+    from kubelora_trainer.launch import rendezvous_timeout
+    assert f"--rdzv-conf=timeout={RENDEZVOUS_TIMEOUT_SECONDS}" in launcher_args(2, 8, 0, "j-0.w", 29500, "/s.yaml")
+    assert RENDEZVOUS_TIMEOUT_SECONDS >= 1800
+    server = rendezvous_timeout("torch.distributed.DistStoreError: Timed out after 1801 seconds waiting for clients. "
+                                "2/4 clients joined.")
+    assert server.startswith("the rendezvous timed out after 1801 s: 2 of the 4 nodes never joined"), server
+    client = rendezvous_timeout("torch.distributed.DistNetworkError: The client socket has timed out after 1800000ms "
+                                "while trying to connect to (ft-0.ft-workers.ml.svc, 29500).")
+    assert "after 1800 s: node 0's store at ft-0.ft-workers.ml.svc:29500 never answered" in client, client
+    assert rendezvous_timeout("[E1127 socket.cpp:1028] [c10d] The client socket has timed out after 2000ms while "
+                              "trying to connect to (h, 1).") is None      # torch's retry log, not the end
+    assert rendezvous_timeout("[checkpoint] step 3 written") is None
+
+
+def test_node_0_whose_peers_never_come_ends_with_the_rendezvous_line(tmp_path):
+    """Through real torchrun (rendezvous timeout 2 s here): node 0 of 2, its peer never started."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "kubelora_trainer", "launch", "--nnodes=2", "--nproc-per-node=1",
+                        "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={port}", "--rdzv-conf=timeout=2",
+                        "-m", "kubelora_trainer", "run", "--spec", str(tmp_path / "never-read.yaml")],
+                       env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("[error] the rendezvous timed out after ") and "1 of the 2 nodes never joined" in last, last
+
+
 def test_a_stopped_node_waits_until_node_0_s_store_has_closed():
     """A replacement pod must not meet the old run's store, so a node > 0 that stopped with a
     checkpoint ends only when node 0's port no longer answers (here a real listening socket)."""

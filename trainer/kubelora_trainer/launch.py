@@ -60,6 +60,32 @@ def root_cause(records: list[dict]) -> str | None:
     return f"rank {first['rank']}: {first['message']}" if first else None
 
 
+_STORE_WAIT = re.compile(r"Timed out after (\d+) seconds waiting for clients\. (\d+)/(\d+) clients joined")
+_STORE_REACH = re.compile(r"DistNetworkError: The client socket has timed out after (\d+)ms while trying to connect "
+                          r"to \((.+), (\d+)\)")
+
+
+def rendezvous_timeout(line: str) -> str | None:
+    """The cause to report when torchrun's static rendezvous gave up (command.py sets how long it
+    waits), from the exception line torchrun's agent prints: node 0's store saw only some nodes
+    join ("Timed out after 1801 seconds waiting for clients. 1/2 clients joined.": node 0 counts
+    itself), or another node never reached node 0's store. Either way pods of the gang never
+    started (not scheduled, no free GPUs, an image that does not pull): not a crash of the
+    training. None for any other line. Pure."""
+    m = _STORE_WAIT.search(line)
+    if m:
+        waited, joined, world = int(m[1]), int(m[2]), int(m[3])
+        return (f"the rendezvous timed out after {waited} s: {world - joined} of the {world} nodes never joined node "
+                f"0's store (only {joined} did); their pods were not scheduled or never started (see the job's "
+                "status; schedule the gang together, e.g. with Kueue)")
+    m = _STORE_REACH.search(line)
+    if m:
+        return (f"the rendezvous timed out after {int(m[1]) // 1000} s: node 0's store at {m[2]}:{m[3]} never "
+                "answered (1 node missing at least: node 0's pod was not scheduled or never started; see the job's "
+                "status; schedule the gang together, e.g. with Kueue)")
+    return None
+
+
 class TorchrunFilter:
     """Which stderr lines reach the log. Once torchrun's agent reports a failed worker or a
     received signal, what it prints next is its own traceback and ChildFailedError summary (about
@@ -74,9 +100,11 @@ class TorchrunFilter:
 
     def __init__(self, verbose: bool = False):
         self.verbose, self.tripped, self.dropped, self.workers = verbose, False, 0, []
+        self.rendezvous: str | None = None  # the rendezvous gave up: why (rendezvous_timeout)
 
     def passes(self, line: str) -> tuple[bool, str]:
         """(forward it, the text to forward)."""
+        self.rendezvous = rendezvous_timeout(line) or self.rendezvous
         if self.verbose:
             return True, line
         failed = self.FAILED.search(line) if self.TRIGGER.search(line) else None
@@ -172,7 +200,7 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
             stopped = True
             cause = f"stopped by {signal.Signals(forwarded[0]).name} before training began (no checkpoint written)"
         elif cause is None:
-            cause = "; ".join(keep.workers) or f"torchrun exited with code {rc}"
+            cause = keep.rendezvous or "; ".join(keep.workers) or f"torchrun exited with code {rc}"
         print(f"[{'stopped' if stopped else 'error'}] {cause}", file=sys.stderr, flush=True)
         _termination_message(cause)
     return code
