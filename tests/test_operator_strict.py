@@ -24,8 +24,10 @@ FULL_CONFIG = manifests.OperatorConfig(image_pull_secrets=("regcred", "mirror"),
 
 
 @pytest.mark.parametrize("spec,cfg", [(FULL, FULL_CONFIG),
-                                      ({k: FULL[k] for k in ("model", "dataset", "output")}, manifests.OperatorConfig())],
-                         ids=["full", "minimal"])
+                                      ({k: FULL[k] for k in ("model", "dataset", "output")}, manifests.OperatorConfig()),
+                                      ({**{k: FULL[k] for k in ("model", "dataset", "output")},
+                                        "resources": {"nodes": 2, "cacheSize": "200Gi"}}, manifests.OperatorConfig())],
+                         ids=["full", "minimal", "cache-size"])
 def test_every_child_passes_strict_validation(spec, cfg):
     objs = manifests.children("ft", "0b7e6c2c-0000-4000-8000-000000000000", "ml", parse_spec(spec), cfg)
     assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]
@@ -34,6 +36,8 @@ def test_every_child_passes_strict_validation(spec, cfg):
     pod = objs[-1]["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     assert ("imagePullSecrets" in pod) == bool(cfg.image_pull_secrets)
+    assert objs[1]["spec"]["selector"][manifests.UID_LABEL] == objs[-1]["spec"]["template"]["metadata"]["labels"][
+        manifests.UID_LABEL] == "0b7e6c2c-0000-4000-8000-000000000000"
 
 
 def test_a_job_queued_in_kueue_passes_strict_validation():

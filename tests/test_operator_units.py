@@ -638,3 +638,192 @@ def test_a_gang_placed_on_the_same_lost_node_again_is_counted():
     assert not st.same_lost_node("pod ft-0-xyz on node gpu-a: node Ready=Unknown", first)
     assert not st.same_lost_node(first, None) and not st.same_lost_node(None, first)
     assert not st.same_lost_node(first, "pod ft-1-abc: DeletionByTaintManager")  # a DisruptionTarget reason
+
+
+def _at(seconds_after_noon: float):
+    from datetime import datetime, timedelta, timezone
+    return datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc) + timedelta(seconds=seconds_after_noon)
+
+
+def _gang_pod(index, phase, waiting=None, terminated=None, scheduled=True, message=None, suffix="abc"):
+    """A pod of completion index `index` as the Job controller and the kubelet leave it."""
+    cond = {"type": "PodScheduled", "status": "True" if scheduled else "False",
+            "lastTransitionTime": "2026-11-27T12:00:00Z",
+            **({} if scheduled else {"reason": "Unschedulable", "message": message})}
+    statuses = []
+    if scheduled and (waiting or terminated):
+        statuses = [{"name": "trainer", "state": {"waiting": waiting} if waiting else {"terminated": terminated}}]
+    return {"metadata": {"name": f"ft-{index}-{suffix}", "uid": f"uid-{index}-{suffix}",
+                         "creationTimestamp": "2026-11-27T11:59:50Z",
+                         "labels": {"batch.kubernetes.io/job-completion-index": str(index)}},
+            "spec": {"nodeName": "gpu-a"} if scheduled else {},
+            "status": {"phase": phase, "conditions": [cond], "containerStatuses": statuses}}
+
+
+def test_a_gang_whose_peer_never_started_waits_instead_of_counting_node_0s_rendezvous_timeout():
+    """Node 0 exits 1 when torchrun's rendezvous gives up on a peer that was never scheduled (no
+    free GPUs, an autoscaler still adding a node) or never started (an image that does not pull):
+    that gang was never whole, not a failure of the run. A crashed pod's replacement, Pending as
+    well, is not such a peer: that crash is counted."""
+    rdzv = {"exitCode": 1, "reason": "Error", "message": "the rendezvous timed out after 1800 s: 1 of the 2 nodes ..."}
+    node0 = _gang_pod(0, "Failed", terminated=rdzv)
+    gpus = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu. preemption: 0/4 nodes are available."
+    unscheduled = _gang_pod(1, "Pending", scheduled=False, message=gpus)
+    assert st.gang_incomplete([node0, unscheduled], 2) == f"pod ft-1-abc is not scheduled ({gpus})"
+    pull = _gang_pod(1, "Pending", waiting={"reason": "ImagePullBackOff", "message": 'Back-off pulling image "r/t:1"'})
+    assert st.gang_incomplete([node0, pull], 2) == \
+        'pod ft-1-abc has not started its container (ImagePullBackOff: Back-off pulling image "r/t:1")'
+    creating = _gang_pod(1, "Pending", waiting={"reason": "ContainerCreating"})
+    assert st.gang_incomplete([node0, creating], 2) == "pod ft-1-abc has not started its container (ContainerCreating)"
+    assert st.gang_incomplete([node0], 2) == \
+        "the pod of node 1 was never created (see the Job's FailedCreate events)"            # FailedCreate
+    # node 1 crashed and its replacement is creating: a crash of the run, counted
+    crashed1 = _gang_pod(1, "Failed", terminated={"exitCode": 1, "reason": "Error"}, suffix="old")
+    assert st.gang_incomplete([node0, crashed1, creating], 2) is None
+    running = _gang_pod(1, "Running")
+    running["status"]["containerStatuses"] = [{"name": "trainer", "state": {"running": {}}}]
+    assert st.gang_incomplete([node0, running], 2) is None
+    # node 0's own replacement, still creating, is not the peer that was waited for
+    assert st.gang_incomplete([node0, _gang_pod(0, "Pending", waiting={"reason": "ContainerCreating"}, suffix="new"),
+                               running], 2) is None
+    assert st.counted_restarts({"restarts": 4, "disruptionRestarts": 1, "waitRestarts": 2}) == 1
+
+
+def _sync_with(monkeypatch, job, pods, previous, spec=None, events=()):
+    """handlers._sync through its kube boundary: the Job and pods as given, what it deletes kept."""
+    from kubelora_operator import handlers, kube
+    deleted = []
+    monkeypatch.setattr(kube, "get_job", lambda ns, n: job)
+    monkeypatch.setattr(kube, "job_pods", lambda ns, n: pods)
+    monkeypatch.setattr(kube, "nodes", lambda names: {n: _node(n, "True") for n in names})
+    monkeypatch.setattr(kube, "delete_job", lambda ns, n, owner_uid: deleted.append(n))
+    monkeypatch.setattr(kube, "pod_events", lambda ns, pod: list(events))
+    monkeypatch.setattr(kube, "failed_create_events", lambda ns, j: [])
+    monkeypatch.setattr(kube, "secret_data", lambda ns, n: {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    monkeypatch.setattr(handlers.artifacts, "read_json", lambda *a: (None, None))
+    body = {"metadata": {"name": "ft", "namespace": "ml", "uid": "uid-1", "generation": 1},
+            "spec": spec or {**SPEC, "resources": {"nodes": 2, "gpusPerNode": 8}}, "status": previous}
+    changes = handlers.Changes()
+    handlers._sync(body, changes)
+    return changes, deleted
+
+
+def test_a_gang_failure_with_a_peer_never_scheduled_restarts_without_counting(monkeypatch):
+    job = {"metadata": {"name": "ft", "uid": "job-1", "ownerReferences": [{"kind": "LoRATrainingJob", "uid": "uid-1"}]},
+           "spec": {"parallelism": 2}, "status": {"active": 1, "failed": 1}}
+    node0 = _gang_pod(0, "Failed", terminated={"exitCode": 1, "reason": "Error", "message": "the rendezvous timed out"})
+    gpus = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    changes, deleted = _sync_with(monkeypatch, job, [node0, _gang_pod(1, "Pending", scheduled=False, message=gpus)],
+                                  {"phase": "Pending", "restarts": 0}, spec={**SPEC, "resources": {"nodes": 2},
+                                                                            "runPolicy": {"backoffLimit": 0}})
+    assert deleted == ["ft"]                                                # restarted, not failed at backoffLimit 0
+    s = changes.status
+    assert (s["restarts"], s["waitRestarts"], s["reason"]) == (1, 1, "WaitingForGang"), s
+    assert s["message"].startswith(f"waiting for the whole gang: pod ft-1-abc is not scheduled ({gpus})"), s
+    (restart,) = [m for t, r, m in changes.events if r == "GangRestart"]
+    assert "waiting for the whole gang: pod ft-1-abc is not scheduled" in restart and "not counted" in restart
+
+
+def test_a_pod_that_does_not_start_is_pending_with_its_reason_then_its_newest_event(monkeypatch):
+    """A scheduled pod waiting in ContainerCreating (a Multi-Attach, a failed mount, a slow pull)
+    is not 'staging in the model': Pending with the kubelet's reason, and past the grace its own
+    newest Warning Event."""
+    creating = _gang_pod(1, "Pending", waiting={"reason": "ContainerCreating"})
+    running = _pod("ft-0-abc")
+    o = st.observe(_job(active=2), [running, creating], {"phase": "Training"}, None, False)
+    assert (o.phase, o.reason) == (st.PENDING, "ContainerCreating")
+    assert o.message == "pod ft-1-abc on node gpu-a has not started its container: ContainerCreating"
+    unstarted = {"metadata": {"name": "ft-1-x"}, "spec": {"nodeName": "n"}, "status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "True"}]}}                    # no containerStatuses yet
+    assert st.observe(_job(active=1), [unstarted], None, None, False).reason == "ContainerCreating"
+    assert st.slow_to_start([running, creating], _at(119)) is None
+    assert st.slow_to_start([running, creating], _at(120)) is creating   # 120 s since it was scheduled
+    attach = ("Multi-Attach error for volume \"pvc-1\" Volume is already used by pod(s) other-0-xyz")
+    events = [{"type": "Normal", "reason": "Scheduled", "message": "assigned", "lastTimestamp": "2026-11-27T12:00:00Z"},
+              {"type": "Warning", "reason": "FailedAttachVolume", "message": attach, "count": 4,
+               "lastTimestamp": "2026-11-27T12:01:50Z"},
+              {"type": "Warning", "reason": "FailedMount", "message": "old", "lastTimestamp": "2026-11-27T12:01:00Z"}]
+    told = st.pod_events(o, creating, events)
+    assert told.message == f"{o.message}; newest event of pod ft-1-abc: FailedAttachVolume (x4): {attach}"
+    assert st.pod_events(o, creating, events[:1]) is o
+    assert st.pod_events(st.Observed(st.TRAINING, "Training", "training"), creating, events).message == "training"
+    # through the sync: the events are read only for the pod past the grace
+    job = {"metadata": {"name": "ft", "uid": "job-1", "ownerReferences": [{"kind": "LoRATrainingJob", "uid": "uid-1"}]},
+           "spec": {"parallelism": 2}, "status": {"active": 2, "ready": 1}}
+    old = {**creating, "status": {**creating["status"], "conditions": [
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2020-01-01T00:00:00Z"}]}}
+    changes, _ = _sync_with(monkeypatch, job, [running, old], {"phase": "Initializing"}, events=events)
+    assert changes.status["reason"] == "ContainerCreating" and attach in changes.status["message"], changes.status
+
+
+def test_a_transient_pull_or_create_error_is_stalled_only_past_the_grace():
+    """A registry's 429 (ErrImagePull) passes at the next pull: not Stalled (Flux and Argo CD would
+    mark the job unhealthy) until it lasts; ImagePullBackOff is stalled at once, as before."""
+    err = _gang_pod(0, "Pending", waiting={"reason": "ErrImagePull", "message": "429 Too Many Requests"})
+    o = st.observe(_job(active=1), [err], None, None, False, now=_at(30))
+    assert (o.phase, o.reason, o.stalled) == (st.PENDING, "ErrImagePull", False), o
+    o = st.observe(_job(active=1), [err], None, None, False, now=_at(121))
+    assert (o.reason, o.stalled) == ("ErrImagePull", True) and "429" in o.message
+    create = _gang_pod(0, "Pending", waiting={"reason": "CreateContainerError", "message": "context deadline exceeded"})
+    assert not st.observe(_job(active=1), [create], None, None, False, now=_at(30)).stalled
+    assert st.observe(_job(active=1), [create], None, None, False, now=_at(300)).stalled
+    backoff = _gang_pod(0, "Pending", waiting={"reason": "ImagePullBackOff", "message": "Back-off"})
+    assert st.observe(_job(active=1), [backoff], None, None, False, now=_at(1)).stalled
+
+
+def _evicted(name, message, how="reason"):
+    status = {"phase": "Failed", "conditions": [
+        {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet", "message": message}]}
+    if how == "reason":
+        status.update(reason="Evicted", message=message)
+    return {"metadata": {"name": name}, "status": status}
+
+
+def test_evictions_by_the_kubelet_are_counted_said_and_fail_the_run_at_the_limit(monkeypatch):
+    disk = "The node was low on resource: ephemeral-storage. Threshold quantity: 10Gi, available: 2Gi."
+    shutdown = {"metadata": {"name": "ft-0-s"}, "status": {"phase": "Failed", "reason": "Terminated", "conditions": [
+        {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
+         "message": "Pod was terminated in response to imminent node shutdown."}]}}
+    pods = [_evicted("ft-0-a", disk), _evicted("ft-0-b", "The node was low on resource: memory.", how="cond"), shutdown]
+    assert st.evictions(pods) == [("ft-0-a", disk), ("ft-0-b", "The node was low on resource: memory.")]
+    assert "resources.cacheSize" in st.eviction_fix(disk) and "resources.requests.memory" in st.eviction_fix("memory")
+    job = {"metadata": {"name": "ft", "uid": "job-1", "ownerReferences": [{"kind": "LoRATrainingJob", "uid": "uid-1"}]},
+           "spec": {"parallelism": 1}, "status": {"active": 1, "ready": 0}}
+    spec = {**SPEC, "resources": {"nodes": 1}}
+    changes, deleted = _sync_with(monkeypatch, job, pods[:1], {"phase": "Training"}, spec=spec)
+    assert (changes.status["evictions"], changes.status["evictedPods"], deleted) == (1, ["ft-0-a"], [])
+    assert ("Warning", "Evicted", f"pod ft-0-a was evicted by its node's kubelet: {disk}") in changes.events
+    seen = {"phase": "Training", "evictions": 1, "evictedPods": ["ft-0-a"]}
+    changes, _ = _sync_with(monkeypatch, job, pods[:1], seen, spec=spec)
+    assert "evictions" not in changes.status and not [e for e in changes.events if e[1] == "Evicted"]  # once
+    third = [*pods[:2], _evicted("ft-0-c", disk)]
+    changes, deleted = _sync_with(monkeypatch, job, third, seen, spec=spec)
+    s = changes.status
+    assert (s["phase"], s["reason"], s["evictions"], deleted) == ("Failed", "Evicted", 3, ["ft"]), s
+    assert s["message"].startswith("3 of the run's pods were evicted by their node's kubelet (limit 3); newest: "
+                                   f"pod ft-0-c: {disk}; give the cache its disk: resources.cacheSize"), s
+
+
+def test_the_pods_and_service_carry_the_jobs_uid_and_a_cache_size_sizes_the_emptydir():
+    """A job made again under the same name has a new uid: its Service never lists the deleted
+    one's pods (still terminating under the same DNS names); resources.cacheSize bounds the
+    per-pod cache and requests that much ephemeral storage."""
+    cm, svc, job = build()
+    assert svc["spec"]["selector"] == {"kubelora.dev/job": "ft", "kubelora.dev/job-uid": "uid-1"}
+    assert job["spec"]["template"]["metadata"]["labels"]["kubelora.dev/job-uid"] == "uid-1"
+    job = build(resources={"nodes": 1, "cacheSize": "200Gi", "requests": {"memory": "64Gi"}})[2]
+    pod = job["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["cache"] == {"name": "cache", "emptyDir": {"sizeLimit": "200Gi"}}
+    assert pod["containers"][0]["resources"]["requests"] == {"memory": "64Gi", "ephemeral-storage": "200Gi",
+                                                             "nvidia.com/gpu": "1"}
+    import pytest
+    from kubelora_trainer.spec import SpecError
+    for bad, field in (({"cacheSize": "1Gi", "cacheVolumeClaim": "c"}, "resources.cacheSize"),
+                       ({"cacheSize": "1Gi", "requests": {"ephemeral-storage": "2Gi"}}, "ephemeral-storage"),
+                       ({"cacheSize": "lots"}, "cacheSize")):
+        with pytest.raises(SpecError, match=field):
+            parse_spec({**SPEC, "resources": bad})
+    pods = [{"metadata": {"name": "ft-0-old", "labels": {"kubelora.dev/job-uid": "old"}}},
+            {"metadata": {"name": "ft-0-older", "labels": {}}},
+            {"metadata": {"name": "ft-0-mine", "labels": {"kubelora.dev/job-uid": "uid-1"}}}]
+    assert [p["metadata"]["name"] for p in st.predecessors(pods, "uid-1", manifests.UID_LABEL)] == ["ft-0-old", "ft-0-older"]

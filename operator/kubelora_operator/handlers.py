@@ -42,6 +42,8 @@ NAME_WAIT_SECONDS = env.number("KUBELORA_NAME_WAIT_SECONDS", 120.0)
 STORAGE_STALL_SECONDS = env.number("KUBELORA_STORAGE_STALL_SECONDS", 300.0)
 # a Job without pods this long after it was made: its FailedCreate Events are read (quota, policy)
 POD_CREATE_GRACE_SECONDS = env.number("KUBELORA_POD_CREATE_GRACE_SECONDS", 30.0)
+# a pod not scheduled or not started this long after it began: its own Events are read (FailedMount...)
+POD_START_GRACE_SECONDS = env.number("KUBELORA_POD_START_GRACE_SECONDS", st.START_GRACE_SECONDS)
 # shared clusters: buckets read only with a job's own credentials; the S3 endpoints jobs may name
 JOB_CREDENTIALS_ONLY = env.flag("KUBELORA_JOB_CREDENTIALS_ONLY")
 ALLOWED_ENDPOINTS = env.words("KUBELORA_S3_ALLOWED_ENDPOINTS")
@@ -208,6 +210,8 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
         problem = manifests.volume_problem(job_spec, kube.claim_access_modes(namespace, r.cacheVolumeClaim))
         if problem:
             return _fail(body, changes, "VolumeNotShared", problem)
+    if _predecessor_lingers(body, changes, name, namespace, uid):
+        return
     created = _ensure_children(body, changes, name, uid, namespace, job_spec, runtime)
     if created is None:
         return
@@ -216,6 +220,26 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
                                 f"({job_spec.resources.nodes} node(s) x {max(1, job_spec.resources.gpusPerNode)} process(es))")
     changes.status.update(st.status({}, st.Observed(st.PENDING, "Created", "trainer Job created"),
                                      body["metadata"].get("generation", 1), None, st.now_iso()))
+
+
+def _predecessor_lingers(body, changes: Changes, name, namespace, uid) -> bool:
+    """A job deleted and made again under the same name (kubectl delete then apply, Argo CD's
+    Replace=true): the deleted one's pods may still be terminating, writing its checkpoint for up
+    to their grace period, under the same DNS names (<name>-0.<name>-workers) and at the same
+    output. Then the job waits as Pending (WaitingForOldPods) and the sync makes its children once
+    they are gone (_recreate waits for them, and createPending keeps that from counting as a
+    restart). Its Service selects only its own pods (manifests.UID_LABEL) in any case."""
+    old = st.lingering(st.predecessors(kube.job_pods(namespace, name), uid, manifests.UID_LABEL),
+                       datetime.now(timezone.utc))
+    if not old:
+        return False
+    reason = "WaitingForOldPods"
+    changes.info(reason, f"waiting for {', '.join(old)} of a deleted job of the same name to stop before making "
+                         "the trainer Job")
+    _wait(body, changes, reason, f"waiting for {len(old)} pod(s) of a deleted job of the same name to stop (they "
+                                 "may still be writing its checkpoint)")
+    changes.status["createPending"] = True
+    return True
 
 
 def _ensure_children(body, changes: Changes, name, uid, namespace, job_spec, runtime) -> list[str] | None:
@@ -315,9 +339,14 @@ def _sync(body: dict, changes: Changes) -> None:
     if phase is None:
         return  # create_children has not finished
     job = kube.get_job(namespace, name)
+    if job is not None and kube.ownership(job, meta["uid"]) == "stale":  # a deleted job's of the same name
+        return _wait(body, changes, "WaitingForOldPods", "waiting for the trainer Job of a deleted job of the same "
+                                                         "name to be deleted")
     if job is None:
         return _recreate(body, changes, name, namespace, job_spec, previous)
     pods = st.own_pods(kube.job_pods(namespace, name), job) if st.needs_pods(job) else []
+    if _evicted(body, changes, name, namespace, pods, previous):
+        return
     disruption = st.disrupted(pods)
     action = st.gang_action(job, job_spec.resources.nodes, st.counted_restarts(previous),
                             job_spec.runPolicy.backoffLimit, disruption)
@@ -327,6 +356,10 @@ def _sync(body: dict, changes: Changes) -> None:
             action = "restart_uncounted"
         else:
             disruption = None
+    if action in ("restart", "fail"):  # a node that never ran: the rendezvous waited for it in vain
+        incomplete = st.gang_incomplete(pods, job_spec.resources.nodes)
+        if incomplete:
+            action, disruption = "restart_waiting", incomplete
     if action:
         return _restart_gang(body, changes, name, namespace, job_spec, job, pods, previous, action, disruption)
     complete = any(c.get("type") == "Complete" and c.get("status") == "True"
@@ -340,9 +373,13 @@ def _sync(body: dict, changes: Changes) -> None:
     if error and progress is None:
         progress = st.last_reported(previous)
     queue = manifests.kueue_queue((job.get("metadata") or {}).get("labels"))
-    obs = st.observe(job, pods, progress, manifest, job_spec.runPolicy.suspend and not queue, queue)
-    obs = st.name_missing_secret(obs, job_spec.storage.credentialsSecret)
     now = datetime.now(timezone.utc)
+    obs = st.observe(job, pods, progress, manifest, job_spec.runPolicy.suspend and not queue, queue, now)
+    obs = st.name_missing_secret(obs, job_spec.storage.credentialsSecret)
+    if obs.phase == st.PENDING and obs.reason in ("Unschedulable", *st.NOT_STARTED_REASONS):
+        slow = st.slow_to_start(pods, now, POD_START_GRACE_SECONDS)
+        if slow is not None:  # its Events say why: FailedMount, FailedAttachVolume, NotTriggerScaleUp...
+            obs = st.pod_events(obs, slow, kube.pod_events(namespace, slow))
     if st.awaits_pods(job, now, POD_CREATE_GRACE_SECONDS):
         obs = st.pods_refused(obs, st.recent(kube.failed_create_events(namespace, job), now), job)
     obs = _storage_stall(obs, error, previous, changes)
@@ -401,6 +438,30 @@ def _gang_nodes(pods: list[dict], changes: Changes) -> dict | None:
         return None
 
 
+def _evicted(body, changes: Changes, name, namespace, pods, previous) -> bool:
+    """Pods evicted by their node's kubelet (node pressure: memory, disk): each is counted once in
+    status.evictions and said in a Warning Event with the kubelet's message. The Job's
+    podFailurePolicy ignores them (DisruptionTarget) and a gang restart after one is not counted,
+    so the run would be retried forever on nodes that evict it again: at st.EVICTION_LIMIT it fails
+    (reason Evicted) with what to change. True when it failed."""
+    counted = list(previous.get("evictedPods") or [])
+    new = [(pod, message) for pod, message in st.evictions(pods) if pod not in counted]
+    if not new:
+        return False
+    for pod, message in new:
+        changes.warn("Evicted", f"pod {pod} was evicted by its node's kubelet: {message}")
+    total = int(previous.get("evictions") or 0) + len(new)
+    changes.status["evictions"] = total
+    changes.status["evictedPods"] = (counted + [pod for pod, _ in new])[-2 * st.EVICTION_LIMIT:]
+    if total < st.EVICTION_LIMIT:
+        return False
+    pod, message = new[-1]
+    kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
+    _fail(body, changes, "Evicted", f"{total} of the run's pods were evicted by their node's kubelet (limit "
+                                    f"{st.EVICTION_LIMIT}); newest: pod {pod}: {message}; {st.eviction_fix(message)}")
+    return True
+
+
 def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, previous, action,
                   disruption: str | None = None) -> None:
     """A pod of a multi-node run failed: delete the whole Job (its pods go too) and make it again
@@ -418,6 +479,15 @@ def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, 
     changes.status["restarts"] = restarts + 1
     changes.status["restartPending"] = True
     nodes = job_spec.resources.nodes
+    if action == "restart_waiting":  # disruption: why the gang was never whole (st.gang_incomplete)
+        changes.status["waitRestarts"] = int(previous.get("waitRestarts") or 0) + 1
+        metrics.restarted("gang_incomplete")
+        waiting = f"waiting for the whole gang: {disruption}"
+        changes.warn("GangRestart", f"{why}; {waiting}; restarting all {nodes} nodes together, not counted against "
+                                    f"runPolicy.backoffLimit ({counted} of {limit} spent)")
+        _wait(body, changes, "WaitingForGang", f"{waiting} (the rendezvous of the others timed out; all {nodes} nodes "
+                                               "restarted together, not counted as a failure)")
+        return
     if action == "restart_uncounted":
         changes.status["disruptionRestarts"] = int(previous.get("disruptionRestarts") or 0) + 1
         changes.status["lastDisruption"] = disruption
@@ -455,8 +525,14 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
     except kube.ChildDeferred as e:  # the next sync tries again
         _defer(now, changes, str(e))
         return
-    except (kube.ChildRefused, kube.NameTaken) as e:
-        _fail(body, changes, "ChildRefused" if isinstance(e, kube.ChildRefused) else "NameConflict", str(e))
+    except kube.NameTaken as e:
+        if e.stale:  # a deleted job's of the same name, not garbage-collected yet: the next sync looks again
+            _wait(now, changes, "WaitingForName", f"{e}; waiting for its garbage collection")
+            return
+        _fail(body, changes, "NameConflict", str(e))
+        return
+    except kube.ChildRefused as e:
+        _fail(body, changes, "ChildRefused", str(e))
         return
     if previous.get("createPending"):
         changes.status["createPending"] = None

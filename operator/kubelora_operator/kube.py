@@ -181,6 +181,15 @@ def failed_create_events(namespace: str, job: dict) -> list[dict]:
     return [api().sanitize_for_serialization(e) for e in events.items]
 
 
+def pod_events(namespace: str, pod: dict) -> list[dict]:
+    """The Events about one pod (the scheduler's, the kubelet's, the attach/detach controller's,
+    the cluster autoscaler's), matched by its uid."""
+    core, _ = _apis()
+    selector = f"involvedObject.kind=Pod,involvedObject.uid={pod['metadata']['uid']}"
+    events = core.list_namespaced_event(namespace, field_selector=selector)
+    return [api().sanitize_for_serialization(e) for e in events.items]
+
+
 class TTLCache:
     """Values loaded on a miss and kept `ttl` seconds; None (not found) is not kept, so a Secret
     applied after its job is used at the next sync. Thread-safe; the clock is injectable. Used for

@@ -40,6 +40,10 @@ class OperatorConfig:
 
 
 JOB_LABEL = f"{GROUP}/job"  # on every child and pod: the LoRATrainingJob's name
+# on the pods and in the Service's selector: the LoRATrainingJob's uid (36 characters, a valid label
+# value). A job deleted and made again under the same name has a new uid, so the new Service never
+# lists the predecessor's pods still terminating (writing a checkpoint) under the same DNS names.
+UID_LABEL = f"{GROUP}/job-uid"
 
 
 def labels(name: str) -> dict[str, str]:
@@ -89,10 +93,11 @@ def configmap(job: str, uid: str, namespace: str, spec: LoRATrainingJobSpec) -> 
 
 
 def service(job: str, uid: str, namespace: str) -> dict:
-    """Headless: gives each pod the DNS name <job>-<index>.<service>."""
+    """Headless: gives each pod the DNS name <job>-<index>.<service>; only this job's pods (its uid),
+    not those of a deleted job of the same name."""
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": _meta(child_names(job)["service"], job, uid, namespace),
-            "spec": {"clusterIP": "None", "selector": {f"{GROUP}/job": job}, "publishNotReadyAddresses": True,
+            "spec": {"clusterIP": "None", "selector": {JOB_LABEL: job, UID_LABEL: uid}, "publishNotReadyAddresses": True,
                      "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}]}}
 
 
@@ -202,6 +207,8 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
     if r.gpusPerNode:
         limits[r.gpuResource] = str(r.gpusPerNode)
         requests[r.gpuResource] = str(r.gpusPerNode)
+    if r.cacheSize and not r.cacheVolumeClaim:  # the cache's disk: the scheduler finds a node with it
+        requests["ephemeral-storage"] = r.cacheSize
     command, args = trainer_command()
     container = {
         "name": CONTAINER, "image": r.image or cfg.image, "imagePullPolicy": cfg.image_pull_policy,
@@ -218,7 +225,8 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
     }
     if spec.storage.credentialsSecret:
         container["envFrom"] = [{"secretRef": {"name": spec.storage.credentialsSecret}}]
-    cache = ({"persistentVolumeClaim": {"claimName": r.cacheVolumeClaim}} if r.cacheVolumeClaim else {"emptyDir": {}})
+    cache = ({"persistentVolumeClaim": {"claimName": r.cacheVolumeClaim}} if r.cacheVolumeClaim else
+             {"emptyDir": {"sizeLimit": r.cacheSize} if r.cacheSize else {}})
     pod_spec = {
         "subdomain": names["service"],
         "restartPolicy": "Never",
@@ -257,7 +265,7 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
             {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                  "values": [PEER_STOPPED_EXIT_CODE]}},
         ]},
-        "template": {"metadata": {"labels": labels(name)}, "spec": pod_spec},
+        "template": {"metadata": {"labels": {**labels(name), UID_LABEL: uid}}, "spec": pod_spec},
     }
     if rp.activeDeadlineSeconds:
         job_spec["activeDeadlineSeconds"] = rp.activeDeadlineSeconds

@@ -17,8 +17,16 @@ ACTIVE = (PENDING, INITIALIZING, TRAINING, EXPORTING)
 FINISHED = (SUCCEEDED, FAILED)
 
 # container waiting reasons that will not fix themselves
-STUCK_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
-                 "CreateContainerError", "CrashLoopBackOff")
+STUCK_REASONS = ("ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CrashLoopBackOff")
+# ... and those that may (a registry's 429, a runtime's hiccup): stuck only once they outlast the grace
+TRANSIENT_REASONS = ("ErrImagePull", "CreateContainerError")
+# how long a scheduled pod may take to start its container (image pull, volume attach and mount)
+# before its own Events are read and said in the status, and a transient error counts as stuck
+START_GRACE_SECONDS = 120.0
+# a container that has not started: the reasons its pod is waiting for
+NOT_STARTED_REASONS = ("ContainerCreating", "PodInitializing", *STUCK_REASONS, *TRANSIENT_REASONS)
+# evictions by the kubelet (node pressure: memory, disk) a run survives; the next one fails it
+EVICTION_LIMIT = 3
 
 
 def now_iso() -> str:
@@ -43,9 +51,26 @@ def _cond(job: dict, type_: str) -> Optional[dict]:
     return None
 
 
-def pod_problem(pods: list[dict]) -> Optional[tuple[str, str, bool]]:
+def _age(text: Optional[str], now: datetime) -> float:
+    return (now - datetime.fromisoformat(text.replace("Z", "+00:00"))).total_seconds() if text else 0.0
+
+
+def starting_since(pod: dict) -> Optional[str]:
+    """When a pod began waiting to start: its PodScheduled condition's transition (scheduled), else
+    its creation. Pure."""
+    sched = next((c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") == "PodScheduled"), None)
+    if sched and sched.get("status") == "True" and sched.get("lastTransitionTime"):
+        return sched["lastTransitionTime"]
+    return (pod.get("metadata") or {}).get("creationTimestamp")
+
+
+def pod_problem(pods: list[dict], now: Optional[datetime] = None,
+                grace_seconds: float = START_GRACE_SECONDS) -> Optional[tuple[str, str, bool]]:
     """The most telling pod problem: (reason, message, stuck). OOMKilled and non-zero exits
-    name the pod and the exit code; image and config errors carry the kubelet's message."""
+    name the pod and the exit code; image and config errors carry the kubelet's message. An
+    ErrImagePull or CreateContainerError (a registry's 429, a runtime hiccup) is stuck only once
+    its pod has waited grace_seconds since it was scheduled (never without `now`); until then the
+    pod is starting (not_started)."""
     found = None
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         pname = pod["metadata"]["name"]
@@ -55,7 +80,9 @@ def pod_problem(pods: list[dict]) -> Optional[tuple[str, str, bool]]:
         for cs in st.get("containerStatuses") or []:
             state = cs.get("state") or {}
             waiting, term = state.get("waiting"), state.get("terminated") or (cs.get("lastState") or {}).get("terminated")
-            if waiting and waiting.get("reason") in STUCK_REASONS:
+            if waiting and (waiting.get("reason") in STUCK_REASONS or (
+                    waiting.get("reason") in TRANSIENT_REASONS and now is not None
+                    and _age(starting_since(pod), now) >= grace_seconds)):
                 return waiting["reason"], f"pod {pname}: {waiting.get('message') or waiting['reason']}", True
             if term and term.get("reason") == "OOMKilled":
                 return "OOMKilled", (f"pod {pname}: container {cs.get('name')} was killed for exceeding its memory "
@@ -81,6 +108,58 @@ def unscheduled(pods: list[dict]) -> Optional[tuple[str, str]]:
     return None
 
 
+def not_started(pod: dict) -> Optional[str]:
+    """Why a Pending pod has not started its container: 'not scheduled (<the scheduler's
+    message>)', or the container's waiting reason on its node ('ContainerCreating', or
+    'ImagePullBackOff: <message>'); None for a pod that started or ended. Pure."""
+    st = pod.get("status") or {}
+    if st.get("phase") != "Pending":
+        return None
+    sched = next((c for c in st.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
+    if sched and sched.get("status") == "False":
+        return f"not scheduled ({sched.get('message') or sched.get('reason') or 'Unschedulable'})"
+    statuses = st.get("containerStatuses") or []
+    if any("running" in (cs.get("state") or {}) or "terminated" in (cs.get("state") or {})
+           or (cs.get("lastState") or {}).get("terminated") for cs in statuses):
+        return None
+    waiting = next(((cs.get("state") or {}).get("waiting") or {} for cs in statuses), {})
+    reason = waiting.get("reason") or "ContainerCreating"
+    if reason not in NOT_STARTED_REASONS:
+        return None
+    return f"{reason}: {waiting['message']}" if waiting.get("message") else reason
+
+
+def _index(pod: dict) -> str:
+    meta = pod.get("metadata") or {}
+    key = "batch.kubernetes.io/job-completion-index"
+    return (meta.get("labels") or {}).get(key) or (meta.get("annotations") or {}).get(key) or meta.get("name", "?")
+
+
+def gang_incomplete(pods: list[dict], nodes: int) -> Optional[str]:
+    """At a gang failure: a node of the gang that never ran, as 'pod NAME is not scheduled
+    (<message>)', 'pod NAME has not started its container (<reason>)' or 'the pod of node I was
+    never created'. Node 0 (or the others) then failed only because torchrun's rendezvous waited
+    for that node in vain: the gang was never whole, which is a wait for GPUs, an image or a
+    volume, not a failure of the run. Only nodes (completion indexes) with no pod that ever ran
+    count: the Job controller's replacement of a crashed pod is Pending too, and that crash is the
+    run's. `pods`: this Job's own (own_pods). None when every node ran. Pure."""
+    by_index: dict[str, list[dict]] = {}
+    for pod in pods:
+        by_index.setdefault(_index(pod), []).append(pod)
+    for index in sorted(by_index, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i)):
+        group = sorted(by_index[index], key=lambda p: p["metadata"]["name"])
+        why = [not_started(p) for p in group]
+        if all(why):
+            name = group[-1]["metadata"]["name"]
+            return (f"pod {name} is {why[-1]}" if why[-1].startswith("not scheduled")
+                    else f"pod {name} has not started its container ({why[-1]})")
+    if pods and all(_index(p).isdigit() for p in pods):
+        missing = sorted(set(range(nodes)) - {int(_index(p)) for p in pods})
+        if missing:
+            return f"the pod of node {missing[0]} was never created (see the Job's FailedCreate events)"
+    return None
+
+
 def gang_action(job: dict, nodes: int, restarts: int, backoff_limit: int,
                 disruption: Optional[str] = None) -> Optional[str]:
     """What a pod failure of a multi-node run needs. The Job controller replaces only the failed
@@ -101,8 +180,10 @@ def gang_action(job: dict, nodes: int, restarts: int, backoff_limit: int,
 
 
 def counted_restarts(status: dict) -> int:
-    """Restarts spent from runPolicy.backoffLimit: all of them but those after a disruption. Pure."""
-    return int(status.get("restarts") or 0) - int(status.get("disruptionRestarts") or 0)
+    """Restarts spent from runPolicy.backoffLimit: all of them but those after a disruption and
+    those of a gang that was never whole (gang_incomplete). Pure."""
+    return (int(status.get("restarts") or 0) - int(status.get("disruptionRestarts") or 0)
+            - int(status.get("waitRestarts") or 0))
 
 
 def disrupted(pods: list[dict]) -> Optional[str]:
@@ -136,6 +217,13 @@ def own_pods(pods: list[dict], job: dict) -> list[dict]:
         return pods
     return [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(
         "batch.kubernetes.io/controller-uid", uid) == uid]
+
+
+def predecessors(pods: list[dict], uid: str, uid_label: str) -> list[dict]:
+    """The pods (of the trainer Job's name) that are not this LoRATrainingJob's: those of a
+    deleted job of the same name, whose uid label differs or is missing (made before the label).
+    Pure."""
+    return [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(uid_label) != uid]
 
 
 def pod_nodes(pods: list[dict]) -> list[str]:
@@ -172,6 +260,77 @@ def node_lost(pods: list[dict], nodes: Optional[dict[str, Optional[dict]]]) -> O
     return None
 
 
+def starting(pods: list[dict]) -> Optional[tuple[str, str]]:
+    """(reason, message) for the first scheduled pod that has not started its container yet:
+    pulling its image, attaching or mounting its volumes (a Multi-Attach of a claim another pod
+    holds, a CSI error: the pod status only says ContainerCreating; pod_events tells more). Pure."""
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        why = not_started(pod)
+        if why and not why.startswith("not scheduled"):
+            node = (pod.get("spec") or {}).get("nodeName")
+            return (why.split(":", 1)[0], f"pod {pod['metadata']['name']}" + (f" on node {node}" if node else "")
+                    + f" has not started its container: {why}")
+    return None
+
+
+def slow_to_start(pods: list[dict], now: datetime, grace_seconds: float = START_GRACE_SECONDS) -> Optional[dict]:
+    """The first pod still waiting to be scheduled or to start its container grace_seconds after
+    it began (starting_since): its own Events (FailedMount, FailedAttachVolume, FailedScheduling,
+    the cluster autoscaler's NotTriggerScaleUp) are worth a read. Pure."""
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        if not_started(pod) and _age(starting_since(pod), now) >= grace_seconds:
+            return pod
+    return None
+
+
+# the Events of a pod that say why it does not start: every Warning, and the autoscaler's scale-up
+TELLING_NORMAL_EVENTS = ("TriggeredScaleUp",)
+
+
+def pod_events(obs: Observed, pod: dict, events: list[dict]) -> Observed:
+    """A job waiting for a pod (Unschedulable or not started) with that pod's newest telling
+    Event added to its message ('...; newest event of pod X: FailedMount: MountVolume.SetUp
+    failed ...'). Unchanged without one, or when the job is not waiting for its pods. Pure."""
+    if obs.phase != PENDING or obs.reason not in ("Unschedulable", *NOT_STARTED_REASONS):
+        return obs
+    telling = [e for e in events if e.get("type") == "Warning" or e.get("reason") in TELLING_NORMAL_EVENTS]
+    if not telling:
+        return obs
+    newest = max(telling, key=_event_time)
+    count = f" (x{newest['count']})" if (newest.get("count") or 1) > 1 else ""
+    return Observed(obs.phase, obs.reason, f"{obs.message}; newest event of pod {pod['metadata']['name']}: "
+                    f"{newest.get('reason')}{count}: {str(newest.get('message') or '').strip()}",
+                    stalled=obs.stalled, progress=obs.progress, artifacts=obs.artifacts)
+
+
+def evictions(pods: list[dict]) -> list[tuple[str, str]]:
+    """(pod name, message) of each pod its node's kubelet evicted for pressure (memory, disk):
+    status.reason Evicted, or a DisruptionTarget condition of reason TerminationByKubelet that says
+    so (a node's graceful shutdown also sets that reason: not an eviction). The Job's
+    podFailurePolicy ignores these (DisruptionTarget) and retries forever, while the next pod on
+    such a node is evicted again for the same reason. Pure."""
+    out = []
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        st = pod.get("status") or {}
+        cond = next((c for c in st.get("conditions") or [] if c.get("type") == "DisruptionTarget"
+                     and c.get("status") == "True" and c.get("reason") == "TerminationByKubelet"), None)
+        if st.get("reason") == "Evicted" or (cond and "low on resource" in (cond.get("message") or "")):
+            out.append((pod["metadata"]["name"], st.get("message") or (cond or {}).get("message") or "evicted"))
+    return out
+
+
+def eviction_fix(message: str) -> str:
+    """What to change after an eviction with this message. Pure."""
+    if "ephemeral-storage" in message or "EmptyDir" in message or "nodefs" in message or "imagefs" in message:
+        return ("give the cache its disk: resources.cacheSize (the cache emptyDir's size, requested as "
+                "ephemeral-storage so the pod lands on a node with that much), or resources.cacheVolumeClaim")
+    if "memory" in message:
+        return ("set resources.requests.memory to what the run uses (a pod using more than it requests is evicted "
+                "first when the node runs low), or lower its use (training.microBatchSize, "
+                "training.gradientCheckpointing)")
+    return "set resources.requests for what the run uses, or run it on other nodes (resources.nodeSelector)"
+
+
 def needs_pods(job: dict) -> bool:
     """Whether the pods must be read to explain the Job: some failed, some are not ready yet
     (image pull, missing Secret...) or it failed. A Job whose active pods are all ready needs no
@@ -201,9 +360,10 @@ def queued(job: dict, queue: Optional[str], progress: Optional[dict]) -> Optiona
 
 
 def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], manifest: Optional[dict],
-            suspend_requested: bool, queue: Optional[str] = None) -> Observed:
+            suspend_requested: bool, queue: Optional[str] = None, now: Optional[datetime] = None) -> Observed:
     """queue: the Kueue queue the Job was submitted to (then suspend_requested is False: Kueue,
-    not runPolicy.suspend, decides when it runs)."""
+    not runPolicy.suspend, decides when it runs). now: for how long a pod has waited to start
+    (pod_problem); None: a transient pull or create error is never stuck."""
     if job is None:
         return Observed(PENDING, "Creating", "creating the trainer Job")
     failed = _cond(job, "Failed")
@@ -240,7 +400,7 @@ def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], man
         return held
     if suspend_requested or _cond(job, "Suspended"):
         return Observed(SUSPENDED, "Suspended", "suspended (runPolicy.suspend or a queue such as Kueue)", progress=progress)
-    problem = pod_problem(pods)
+    problem = pod_problem(pods, now)
     if problem and problem[2]:
         return Observed(PENDING, problem[0], problem[1], stalled=True, progress=progress)
     st = job.get("status") or {}
@@ -248,6 +408,9 @@ def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], man
         return Observed(PENDING, "WaitingForPods", "waiting for the trainer pods to be scheduled", progress=progress)
     waiting = unscheduled(pods)
     if waiting:  # Job.status.active counts Pending pods too: these have no node yet
+        return Observed(PENDING, *waiting, progress=progress)
+    waiting = starting(pods)
+    if waiting:  # ... and those on their node, not started yet: not "staging in" either
         return Observed(PENDING, *waiting, progress=progress)
     phase = (progress or {}).get("phase")
     if phase == "Training":

@@ -99,6 +99,15 @@ STATUS_SCHEMA = {
                                                             "counted: the pod marked DisruptionTarget, or the pod "
                                                             "and its node that was not Ready (or gone) when the "
                                                             "gang failed."},
+        "waitRestarts": {"type": "integer", "description": "Of the restarts, those after the rendezvous of a "
+                                                            "multi-node run timed out while a pod of its gang was "
+                                                            "not scheduled or never started (no free GPUs, an image "
+                                                            "that does not pull): not counted against "
+                                                            "runPolicy.backoffLimit."},
+        "evictions": {"type": "integer", "description": "Pods of the run its nodes' kubelets evicted for pressure "
+                                                         "(memory, disk); the run fails at 3."},
+        "evictedPods": {"type": "array", "items": {"type": "string"},
+                        "description": "The newest evicted pods counted in evictions (each counted once)."},
         "createPending": {"type": "boolean", "description": "The API server deferred the job's first children "
                           "(a full ResourceQuota, throttling); the operator makes them when it takes them."},
         "restartPending": {"type": "boolean", "description": "The Job was deleted for a gang restart and is made "

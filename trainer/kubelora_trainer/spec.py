@@ -502,6 +502,13 @@ class ResourcesSpec(_Model):
     schedulerName: Optional[str] = Field(default=None, description="Pod schedulerName (e.g. for gang scheduling).")
     cacheVolumeClaim: Optional[str] = Field(
         default=None, description="PVC for the model/data cache; an emptyDir when unset.")
+    cacheSize: Optional[str] = Field(
+        default=None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$",
+        description="Size of each pod's own cache (the emptyDir used without cacheVolumeClaim: the staged-in model "
+                    "and data and the latent cache), e.g. 200Gi: the emptyDir's sizeLimit and an ephemeral-storage "
+                    "request of that much, so the scheduler places the pod on a node with that much local disk "
+                    "instead of the kubelet evicting it when the disk fills (a cache over the size is evicted too, "
+                    "with a message naming it). Unset: no limit and no request.")
 
 
 class RunPolicySpec(_Model):
@@ -639,6 +646,12 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
                 "its noise levels its own way: remove it")
     if spec.model.float8Compute is not None and spec.model.transformerDtype != "float8":
         return "model.float8Compute: applies only with model.transformerDtype: float8; set that too or remove it"
+    if spec.resources.cacheSize and spec.resources.cacheVolumeClaim:
+        return ("resources.cacheSize sizes the per-pod cache (an emptyDir); with resources.cacheVolumeClaim the "
+                "claim's own size applies: remove one of them")
+    if spec.resources.cacheSize and "ephemeral-storage" in spec.resources.requests:
+        return ("resources.requests['ephemeral-storage'] is set from resources.cacheSize "
+                f"({spec.resources.cacheSize}); remove one of them")
     for kind in ("requests", "limits"):
         gpu = spec.resources.gpuResource
         if gpu in getattr(spec.resources, kind):
