@@ -44,6 +44,10 @@ def _pod(waiting=None, terminated=None):
             "status": {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": state}]}}
 
 
+def _pending(pod):
+    return {**pod, "spec": {"nodeName": "gpu-a"}, "status": {**pod["status"], "phase": "Pending"}}
+
+
 MANIFEST = {"artifacts": [{"uri": "s3://out/run/lora.safetensors", "format": "diffusers", "sha256": "ab", "size": 3}],
             "metrics": {"finalLoss": 0.25}}
 QUEUE = {"kueue.x-k8s.io/queue-name": "gpus"}
@@ -67,6 +71,10 @@ SAMPLES = [
     ("bad-image", lambda: st.observe(_job(active=1), [_pod(waiting={"reason": "ImagePullBackOff",
                                                                    "message": "Back-off pulling image"})],
                                      None, None, False), "Degraded", "Back-off pulling image"),
+    # a registry's 429 passes at the next pull: not Degraded at first sight (Stalled only past the grace)
+    ("registry-429", lambda: st.observe(_job(active=1), [_pending(_pod(waiting={"reason": "ErrImagePull",
+                                                                       "message": "429 Too Many Requests"}))],
+                                        None, None, False), "Progressing", "429 Too Many Requests"),
     ("suspended", lambda: st.observe(_job([("Suspended", {})], suspend=True), [], None, None, True),
      "Suspended", "Suspended"),
 ]

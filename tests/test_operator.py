@@ -292,6 +292,36 @@ def test_a_gang_restart_waits_for_the_old_pods_to_stop(cluster, kubectl):
     assert again["metadata"]["uid"] != first["metadata"]["uid"]
 
 
+def test_a_job_made_again_under_the_same_name_waits_for_its_predecessors_pods(cluster, kubectl):
+    """kubectl delete, then apply the same name (Argo CD's Replace=true): the deleted job's pod is
+    still terminating (writing its checkpoint; held here by a finalizer) under the same DNS name.
+    The new job waits (WaitingForOldPods) and makes its trainer Job once that pod is gone, not
+    counted as a restart; its Service selects only its own pods (its uid)."""
+    kube = cluster
+    with operator():
+        assert apply(kubectl, manifest("again")).returncode == 0
+        first = wait_for(lambda: kube.get("batch/v1/jobs", "default", "again"), timeout=30)
+        wait_for(lambda: phase(kube, "again") == "Pending", timeout=30)
+        _pod_of(kubectl, first, 0, {"phase": "Running"}, finalizers=["kubelora.test/hold"])
+        old = f"again-0-{first['metadata']['uid'][:5]}"
+        kubectl("delete", "loratrainingjob", "again", "--wait=false", check=True)
+        wait_for(lambda: (kube.get("v1/pods", "default", old) or {}).get("metadata", {}).get("deletionTimestamp")
+                 and kube.get("batch/v1/jobs", "default", "again") is None
+                 and kube.get("v1/services", "default", "again-workers") is None, timeout=30)
+        assert apply(kubectl, manifest("again")).returncode == 0
+        st = wait_for(lambda: (ltj(kube, "again").get("status") or {}).get("reason") == "WaitingForOldPods"
+                      and ltj(kube, "again")["status"], timeout=30)
+        assert st["phase"] == "Pending" and st["createPending"] and kube.get("batch/v1/jobs", "default", "again") is None
+        kubectl("patch", "pod", old, "--type=merge", "-p", '{"metadata":{"finalizers":null}}', check=True)
+        job = wait_for(lambda: kube.get("batch/v1/jobs", "default", "again"), timeout=30)
+        st = wait_for(lambda: not ltj(kube, "again")["status"].get("createPending") and ltj(kube, "again")["status"],
+                      timeout=30)
+    uid = ltj(kube, "again")["metadata"]["uid"]
+    assert job["metadata"]["ownerReferences"][0]["uid"] == uid != first["metadata"]["ownerReferences"][0]["uid"]
+    assert not st.get("restarts"), st
+    assert kube.get("v1/services", "default", "again-workers")["spec"]["selector"]["kubelora.dev/job-uid"] == uid
+
+
 def test_a_gang_restart_after_a_lost_node_is_not_counted_against_the_backoff_limit(cluster, kubectl):
     """A node is lost under a 2-node run: the cluster marks its pod DisruptionTarget (the taint
     manager, after the node's unreachable taint), which the Job's podFailurePolicy ignores, but the

@@ -675,8 +675,9 @@ def test_a_gang_whose_peer_never_started_waits_instead_of_counting_node_0s_rende
         'pod ft-1-abc has not started its container (ImagePullBackOff: Back-off pulling image "r/t:1")'
     creating = _gang_pod(1, "Pending", waiting={"reason": "ContainerCreating"})
     assert st.gang_incomplete([node0, creating], 2) == "pod ft-1-abc has not started its container (ContainerCreating)"
-    assert st.gang_incomplete([node0], 2) == \
+    assert st.gang_incomplete([node0], 2, counted=1) == \
         "the pod of node 1 was never created (see the Job's FailedCreate events)"            # FailedCreate
+    assert st.gang_incomplete([node0], 2, counted=2) is None   # the Job counts a pod not listed: no conclusion
     # node 1 crashed and its replacement is creating: a crash of the run, counted
     crashed1 = _gang_pod(1, "Failed", terminated={"exitCode": 1, "reason": "Error"}, suffix="old")
     assert st.gang_incomplete([node0, crashed1, creating], 2) is None

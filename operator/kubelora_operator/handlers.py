@@ -357,7 +357,7 @@ def _sync(body: dict, changes: Changes) -> None:
         else:
             disruption = None
     if action in ("restart", "fail"):  # a node that never ran: the rendezvous waited for it in vain
-        incomplete = st.gang_incomplete(pods, job_spec.resources.nodes)
+        incomplete = st.gang_incomplete(pods, job_spec.resources.nodes, st.pod_count(job))
         if incomplete:
             action, disruption = "restart_waiting", incomplete
     if action:
@@ -485,7 +485,7 @@ def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, 
         waiting = f"waiting for the whole gang: {disruption}"
         changes.warn("GangRestart", f"{why}; {waiting}; restarting all {nodes} nodes together, not counted against "
                                     f"runPolicy.backoffLimit ({counted} of {limit} spent)")
-        _wait(body, changes, "WaitingForGang", f"{waiting} (the rendezvous of the others timed out; all {nodes} nodes "
+        _wait(body, changes, "WaitingForGang", f"{waiting} (the other nodes cannot start without it; all {nodes} nodes "
                                                "restarted together, not counted as a failure)")
         return
     if action == "restart_uncounted":

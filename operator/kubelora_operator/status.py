@@ -135,14 +135,16 @@ def _index(pod: dict) -> str:
     return (meta.get("labels") or {}).get(key) or (meta.get("annotations") or {}).get(key) or meta.get("name", "?")
 
 
-def gang_incomplete(pods: list[dict], nodes: int) -> Optional[str]:
+def gang_incomplete(pods: list[dict], nodes: int, counted: Optional[int] = None) -> Optional[str]:
     """At a gang failure: a node of the gang that never ran, as 'pod NAME is not scheduled
     (<message>)', 'pod NAME has not started its container (<reason>)' or 'the pod of node I was
     never created'. Node 0 (or the others) then failed only because torchrun's rendezvous waited
     for that node in vain: the gang was never whole, which is a wait for GPUs, an image or a
     volume, not a failure of the run. Only nodes (completion indexes) with no pod that ever ran
     count: the Job controller's replacement of a crashed pod is Pending too, and that crash is the
-    run's. `pods`: this Job's own (own_pods). None when every node ran. Pure."""
+    run's. `pods`: this Job's own (own_pods). A node without any pod is concluded only when the
+    list holds every pod the Job counts (`counted`: pod_count(job)), not from a partial list. None
+    when every node ran. Pure."""
     by_index: dict[str, list[dict]] = {}
     for pod in pods:
         by_index.setdefault(_index(pod), []).append(pod)
@@ -153,7 +155,7 @@ def gang_incomplete(pods: list[dict], nodes: int) -> Optional[str]:
             name = group[-1]["metadata"]["name"]
             return (f"pod {name} is {why[-1]}" if why[-1].startswith("not scheduled")
                     else f"pod {name} has not started its container ({why[-1]})")
-    if pods and all(_index(p).isdigit() for p in pods):
+    if pods and all(_index(p).isdigit() for p in pods) and (counted is None or len(pods) >= counted):
         missing = sorted(set(range(nodes)) - {int(_index(p)) for p in pods})
         if missing:
             return f"the pod of node {missing[0]} was never created (see the Job's FailedCreate events)"
