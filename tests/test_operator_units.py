@@ -737,6 +737,8 @@ def test_a_pod_that_does_not_start_is_pending_with_its_reason_then_its_newest_ev
     unstarted = {"metadata": {"name": "ft-1-x"}, "spec": {"nodeName": "n"}, "status": {"phase": "Pending", "conditions": [
         {"type": "PodScheduled", "status": "True"}]}}                    # no containerStatuses yet
     assert st.observe(_job(active=1), [unstarted], None, None, False).reason == "ContainerCreating"
+    new = {"metadata": {"name": "ft-1-y"}, "spec": {}, "status": {"phase": "Pending"}}   # the scheduler has not looked
+    assert st.not_started(new) == "not scheduled (the scheduler has not placed it yet)" and st.starting([new]) is None
     assert st.slow_to_start([running, creating], _at(119)) is None
     assert st.slow_to_start([running, creating], _at(120)) is creating   # 120 s since it was scheduled
     attach = ("Multi-Attach error for volume \"pvc-1\" Volume is already used by pod(s) other-0-xyz")

@@ -118,6 +118,8 @@ def not_started(pod: dict) -> Optional[str]:
     sched = next((c for c in st.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
     if sched and sched.get("status") == "False":
         return f"not scheduled ({sched.get('message') or sched.get('reason') or 'Unschedulable'})"
+    if not (pod.get("spec") or {}).get("nodeName") and not (sched and sched.get("status") == "True"):
+        return "not scheduled (the scheduler has not placed it yet)"
     statuses = st.get("containerStatuses") or []
     if any("running" in (cs.get("state") or {}) or "terminated" in (cs.get("state") or {})
            or (cs.get("lastState") or {}).get("terminated") for cs in statuses):
