@@ -194,12 +194,14 @@ def test_invalid_manifests_are_refused_or_failed_and_the_operator_stays_healthy(
 
 def test_a_name_held_by_someone_else_is_never_adopted(cluster, kubectl):
     """A user's own ConfigMap named <job>-spec: the job fails with NameConflict, the ConfigMap is
-    untouched and nothing else is created."""
+    untouched and nothing else is created, also when the failed job's TTL cleanup runs (it deletes
+    only what the job owns)."""
     kube = cluster
     apply(kubectl, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "taken-spec"}, "data": {"mine": "yes"}})
     with operator():
-        assert apply(kubectl, manifest("taken")).returncode == 0
+        assert apply(kubectl, manifest("taken", runPolicy__ttlSecondsAfterFinished=0)).returncode == 0
         st = wait_for(lambda: phase(kube, "taken") == "Failed" and ltj(kube, "taken")["status"], timeout=30)
+        wait_for(lambda: ltj(kube, "taken")["status"].get("childrenDeleted"), timeout=60)
     assert st["reason"] == "NameConflict" and "ConfigMap 'taken-spec' already exists" in st["message"], st
     assert kube.get("v1/configmaps", "default", "taken-spec")["data"] == {"mine": "yes"}
     assert kube.get("batch/v1/jobs", "default", "taken") is None

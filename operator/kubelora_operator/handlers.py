@@ -487,7 +487,8 @@ def _ttl_cleanup(body, job_spec, name, namespace, previous, changes: Changes) ->
     done = datetime.fromisoformat(previous["completionTime"].replace("Z", "+00:00"))
     if (datetime.now(timezone.utc) - done).total_seconds() < ttl:
         return
-    kube.delete_children(namespace, manifests.child_names(name))
+    # only what this job owns: a job failed with NameConflict must not take the other object with it
+    kube.delete_children(namespace, manifests.child_names(name), owner_uid=body["metadata"]["uid"])
     changes.status["childrenDeleted"] = True
     changes.info("CleanedUp", f"deleted the Job, Service and ConfigMap {ttl}s after finishing; "
                               "the resource and its status stay")
