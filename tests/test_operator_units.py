@@ -523,6 +523,11 @@ def test_trainer_pods_leave_the_uid_to_the_platform_when_told(monkeypatch):
     pod = job["spec"]["template"]["spec"]
     assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
+    # with the uid set, a cache claim's files are chowned only when its root does not match (not at
+    # every pod start: minutes for a large latent cache)
+    monkeypatch.setenv("KUBELORA_TRAINER_RUN_AS_USER", "1000")
+    pod = manifests.children("ft", "uid-1", "ml", spec, handlers.operator_config())[2]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["fsGroup"] == 1000 and pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
 
 
 def test_a_mig_profile_and_a_workload_identity_service_account_reach_the_pods():

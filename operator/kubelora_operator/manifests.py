@@ -226,7 +226,10 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
         # SIGTERM -> the step finishes, the checkpoint is written: this long before SIGKILL
         "terminationGracePeriodSeconds": spec.runPolicy.terminationGracePeriodSeconds,
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
-                            **({"runAsUser": cfg.run_as_user, "runAsGroup": cfg.run_as_user, "fsGroup": cfg.run_as_user}
+                            # OnRootMismatch: the kubelet chowns a cache claim's files only when its root is not
+                            # the group's already, not at every pod start (minutes for a large latent cache)
+                            **({"runAsUser": cfg.run_as_user, "runAsGroup": cfg.run_as_user, "fsGroup": cfg.run_as_user,
+                                "fsGroupChangePolicy": "OnRootMismatch"}
                                if cfg.run_as_user is not None else {})},
         "containers": [container],
         "volumes": [{"name": "spec", "configMap": {"name": names["configmap"]}},
