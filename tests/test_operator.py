@@ -630,3 +630,23 @@ def test_a_missing_secret_is_reported_from_the_pod_and_the_job_starts_once_it_is
         st = wait_for(lambda: phase(kube, "late") == "Succeeded" and ltj(kube, "late")["status"], timeout=90)
     assert st["artifacts"][0]["uri"] == "s3://late-out/run/lora.safetensors"
     assert len(job_runner.pods_started("late")) == 1
+
+
+def test_a_job_deleted_while_the_watch_was_down_is_forgotten_not_made_again(cluster, kubectl):
+    """A LoRATrainingJob deleted in a watch gap (after 410 Gone kopf lists again and reports no
+    DELETED for it): a sync of the remembered body makes nothing and says the job is gone, and the
+    syncer then forgets it (no more ticks, no gauges for it)."""
+    from kubelora_operator import handlers
+    from kubelora_operator.syncer import Syncer
+    kube = cluster
+    with operator():
+        assert apply(kubectl, manifest("gap")).returncode == 0
+        wait_for(lambda: phase(kube, "gap") == "Pending")
+    body = ltj(kube, "gap")
+    kubectl("delete", "loratrainingjob", "gap", check=True)
+    wait_for(lambda: kube.get("batch/v1/jobs", "default", "gap") is None, timeout=30)
+    syncer = Syncer(handlers.sync, interval=60)
+    syncer.owners.remember(body)
+    syncer._run(("default", "gap"))
+    assert syncer.owners.get(("default", "gap")) is None
+    assert kube.get("batch/v1/jobs", "default", "gap") is None and kube.get(LTJ, "default", "gap") is None

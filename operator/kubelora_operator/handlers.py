@@ -117,6 +117,7 @@ class Changes:
     def __init__(self):
         self.status: dict = {}
         self.events: list[tuple[str, str, str]] = []
+        self.gone = False  # the job was found deleted (a 404): the syncer forgets it
 
     def info(self, reason: str, message: str) -> None:
         self.events.append(("Normal", reason, message))
@@ -138,6 +139,8 @@ def _apply(changes: Changes, body: dict, remember) -> None:
         patched = kube.patch_status(meta["namespace"], meta["name"], changes.status)
         if patched is not None:
             remember(patched)
+        else:
+            changes.gone = True
     for type_, reason, message in changes.events:
         kube.post_event(manifests.event(body, type_, reason, message, st.now_iso(), INSTANCE))
 
@@ -286,17 +289,19 @@ def _settings(spec, namespace: str) -> tuple[S3Settings, str | None]:
                                secret_key=data.get("AWS_SECRET_ACCESS_KEY")), None
 
 
-def sync(body: dict, remember) -> None:
+def sync(body: dict, remember) -> bool:
     """Recompute one job's status from its Job, its pods and what the trainer published; restart
     a failed gang, make a vanished Job again, clean up after ttlSecondsAfterFinished. Called by
     the syncer's workers (a thread) with the newest body the watch or our last patch gave;
-    `remember` takes the body our status patch returns."""
+    `remember` takes the body our status patch returns. Returns False when the job turned out to
+    be deleted (its DELETED event can be missed across a watch restart: the syncer forgets it)."""
     changes = Changes()
     try:
         with metrics.reconcile("sync"):
             _sync(body, changes)
     finally:
         _apply(changes, body, remember)
+    return not changes.gone
 
 
 def _sync(body: dict, changes: Changes) -> None:
@@ -437,6 +442,7 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
     uid = body["metadata"]["uid"]
     now = kube.get_owner(namespace, name)
     if now is None or now["metadata"].get("uid") != uid or now["metadata"].get("deletionTimestamp"):
+        changes.gone = now is None or now["metadata"].get("uid") != uid
         return
     old_pods = st.lingering(kube.job_pods(namespace, name), datetime.now(timezone.utc))
     if old_pods:  # the next sync looks again
