@@ -650,3 +650,43 @@ def test_a_job_deleted_while_the_watch_was_down_is_forgotten_not_made_again(clus
     syncer._run(("default", "gap"))
     assert syncer.owners.get(("default", "gap")) is None
     assert kube.get("batch/v1/jobs", "default", "gap") is None and kube.get(LTJ, "default", "gap") is None
+
+
+def test_a_job_made_again_keeps_its_trainer_image_and_only_what_is_left_of_its_deadline(cluster, kubectl, s3, monkeypatch):
+    """A Job made again (deleted by hand here; a gang restart likewise) runs the trainer image the
+    run started with, though the operator's changed (a helm upgrade), and gets only what is left of
+    runPolicy.activeDeadlineSeconds, counted from the run's first start; once it is spent the job
+    fails (DeadlineExceeded) instead of starting again."""
+    from datetime import datetime, timedelta, timezone
+    kube = cluster
+
+    def iso(ago):
+        return (datetime.now(timezone.utc) - ago).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def made_again(old_uid):
+        j = kube.get("batch/v1/jobs", "default", "keep")
+        return j if j and j["metadata"]["uid"] != old_uid else None
+
+    demo_output_bucket(s3)  # readable: no storage stall
+    monkeypatch.setenv("KUBELORA_TRAINER_IMAGE", "registry.example/trainer:1")
+    with operator():
+        assert apply(kubectl, manifest("keep", runPolicy__activeDeadlineSeconds=7200)).returncode == 0
+        first = wait_for(lambda: kube.get("batch/v1/jobs", "default", "keep"))
+        wait_for(lambda: phase(kube, "keep") == "Pending")
+        assert ltj(kube, "keep")["status"]["trainerImage"] == "registry.example/trainer:1"
+        started = iso(timedelta(hours=1))
+        kubectl("patch", "job", "keep", "--subresource=status", "--type=merge",
+                "-p", json.dumps({"status": {"startTime": started, "active": 1}}), check=True)
+        wait_for(lambda: ltj(kube, "keep")["status"].get("startTime"), timeout=60)  # the Job's, kept
+        monkeypatch.setenv("KUBELORA_TRAINER_IMAGE", "registry.example/trainer:2")  # the operator upgraded
+        kubectl("delete", "job", "keep", check=True)
+        again = wait_for(lambda: made_again(first["metadata"]["uid"]), timeout=60)
+        assert again["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/trainer:1"
+        assert 3500 <= again["spec"]["activeDeadlineSeconds"] <= 3600, again["spec"]["activeDeadlineSeconds"]
+        # the limit spent: not made again
+        kubectl("patch", "loratrainingjob", "keep", "--subresource=status", "--type=merge",
+                "-p", json.dumps({"status": {"startTime": iso(timedelta(hours=3))}}), check=True)
+        kubectl("delete", "job", "keep", check=True)
+        st = wait_for(lambda: phase(kube, "keep") == "Failed" and ltj(kube, "keep")["status"], timeout=60)
+    assert st["reason"] == "DeadlineExceeded" and "runPolicy.activeDeadlineSeconds (7200 s)" in st["message"], st
+    assert kube.get("batch/v1/jobs", "default", "keep") is None

@@ -643,3 +643,12 @@ def test_a_gang_placed_on_the_same_lost_node_again_is_counted():
     assert not st.same_lost_node("pod ft-0-xyz on node gpu-a: node Ready=Unknown", first)
     assert not st.same_lost_node(first, None) and not st.same_lost_node(None, first)
     assert not st.same_lost_node(first, "pod ft-1-abc: DeletionByTaintManager")  # a DisruptionTarget reason
+
+
+def test_the_deadline_counts_from_the_runs_first_start():
+    from datetime import datetime, timezone
+    now = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+    assert st.deadline_left(None, "2026-11-27T11:00:00Z", now) is None       # no limit
+    assert st.deadline_left(7200, None, now) is None                         # not started: the whole limit
+    assert st.deadline_left(7200, "2026-11-27T11:00:00Z", now) == 3600
+    assert st.deadline_left(3600, "2026-11-27T10:00:00Z", now) == 0          # spent

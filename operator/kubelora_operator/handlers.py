@@ -219,6 +219,9 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
                                 f"({job_spec.resources.nodes} node(s) x {max(1, job_spec.resources.gpusPerNode)} process(es))")
     changes.status.update(st.status({}, st.Observed(st.PENDING, "Created", "trainer Job created"),
                                      body["metadata"].get("generation", 1), None, st.now_iso()))
+    # the run keeps this trainer through gang restarts: an operator upgrade must not switch a
+    # running job to a trainer that may refuse its checkpoints
+    changes.status["trainerImage"] = job_spec.resources.image or operator_config().image
 
 
 def _ensure_children(body, changes: Changes, name, uid, namespace, job_spec, runtime) -> list[str] | None:
@@ -452,9 +455,19 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
                                  "making the trainer Job again")
         _wait(now, changes, reason, f"waiting for {len(old_pods)} pod(s) of the previous attempt to stop")
         return
+    left = st.deadline_left(job_spec.runPolicy.activeDeadlineSeconds, previous.get("startTime"), datetime.now(timezone.utc))
+    if left == 0:
+        _fail(body, changes, "DeadlineExceeded", f"runPolicy.activeDeadlineSeconds ({job_spec.runPolicy.activeDeadlineSeconds} s) "
+                                                 f"passed since the run started at {previous.get('startTime')}; not made again")
+        return
+    if left is not None:  # the Job's own timer starts again with every Job: it gets what is left
+        job_spec = job_spec.model_copy(update={"runPolicy": job_spec.runPolicy.model_copy(update={"activeDeadlineSeconds": left})})
+    cfg = operator_config()
+    if previous.get("trainerImage"):  # the image the run started with, whatever the operator's is now
+        cfg = dataclasses.replace(cfg, image=previous["trainerImage"])
     created = []
     try:
-        for obj in manifests.children(name, uid, namespace, job_spec, operator_config(), now["metadata"].get("labels")):
+        for obj in manifests.children(name, uid, namespace, job_spec, cfg, now["metadata"].get("labels")):
             if kube.ensure(obj)[1]:
                 created.append(f"{obj['kind']}/{obj['metadata']['name']}")
                 metrics.created(obj["kind"])

@@ -465,3 +465,16 @@ def follow_generation(previous: dict, generation: int) -> dict:
 def invalid(previous: dict, reason: str, message: str, generation: int, now: str) -> dict:
     """Status for a resource that cannot run (invalid spec, unsupported model, a refused child)."""
     return status(previous, Observed(FAILED, reason, message, stalled=True), generation, None, now)
+
+
+def deadline_left(limit: Optional[int], start: Optional[str], now: datetime) -> Optional[int]:
+    """Seconds of runPolicy.activeDeadlineSeconds left for a Job made again (a gang restart, a Job
+    deleted by hand): the limit counts from the run's first start (status.startTime), not from
+    each Job's, or every restart would grant it anew. None: no limit, or not started yet (the
+    whole limit applies); 0: spent. Pure."""
+    if not limit or not start:
+        return None
+    began = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    left = limit - int((now - began).total_seconds())
+    return max(0, left)
+

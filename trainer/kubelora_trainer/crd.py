@@ -103,6 +103,8 @@ STATUS_SCHEMA = {
                           "(a full ResourceQuota, throttling); the operator makes them when it takes them."},
         "restartPending": {"type": "boolean", "description": "The Job was deleted for a gang restart and is made "
                                                               "again at the next sync."},
+        "trainerImage": {"type": "string", "description": "The trainer image the run started with; a Job made "
+                                                          "again (gang restart) keeps it across operator upgrades."},
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
         "progress": {"type": "object", "description": "step, totalSteps, epoch, loss, samplesPerSecond, eta; samples (files written) and sampleStep with spec.samples; gpuPeakGiB on GPUs.",
