@@ -374,6 +374,72 @@ def test_a_gang_failure_while_a_pods_node_is_not_ready_is_not_counted(cluster, k
     assert lost in restart and "not counted against runPolicy.backoffLimit" in restart, restart
 
 
+def test_a_gang_failure_before_its_lost_node_reads_not_ready_is_decided_when_it_does(cluster, kubectl, monkeypatch):
+    """A node is lost and its peer fails at once (a NCCL transport error), while the lost node's
+    Node still reads Ready (the node lifecycle controller marks it Unknown 40-50 s later): the
+    failure is not charged yet (GangFailureDeciding, status.gangFailure), the Job is left alone,
+    the Job controller failing it for its own backoffLimit meanwhile does not fail the run, an
+    operator restart goes on with the same decision, and once the Node reads Unknown the gang
+    restarts uncounted. A second crash, on Ready nodes, is counted once the grace has passed."""
+    from datetime import datetime, timezone
+    from kubelora_operator import handlers
+    kube = cluster
+    crashed = {"phase": "Failed", "containerStatuses": [
+        {"name": "trainer", "image": "kubelora/trainer", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}
+
+    def crash(job):  # after its peer was made: a pod made after the failure cannot explain it
+        ended = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        crashed["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = ended
+        _pod_of(kubectl, job, 0, crashed, node="gpu-a")
+        return ended
+    _node(kubectl, "gpu-a", "True", "KubeletReady")
+    _node(kubectl, "gpu-c", "True", "KubeletReady")
+
+    def status():
+        return ltj(kube, "nccl").get("status") or {}
+    with operator():
+        assert apply(kubectl, manifest("nccl", resources__nodes=2, runPolicy__backoffLimit=1)).returncode == 0
+        first = wait_for(lambda: kube.get("batch/v1/jobs", "default", "nccl"), timeout=30)
+        wait_for(lambda: phase(kube, "nccl") == "Pending", timeout=30)
+        _pod_of(kubectl, first, 1, {"phase": "Running"}, node="gpu-c")
+        ended = crash(first)
+        kubectl("patch", "job", "nccl", "--subresource=status", "--type=merge",
+                "-p", '{"status":{"active":1,"failed":1}}', check=True)
+        st = wait_for(lambda: status().get("reason") == "GangFailureDeciding" and status(), timeout=30)
+        held = st["gangFailure"]
+        assert held["job"] == first["metadata"]["uid"] and held["since"] <= ended, st
+        assert "nccl-1-" in st["message"] and "not counted against runPolicy.backoffLimit" in st["message"], st
+        # the Job controller fails the Job for its own backoffLimit meanwhile
+        kubectl("patch", "job", "nccl", "--subresource=status", "--type=merge", "-p", json.dumps({"status": {
+            "active": 0, "failed": 3, "conditions": [{"type": "Failed", "status": "True",
+                                                       "reason": "BackoffLimitExceeded"}]}}), check=True)
+    with operator():  # restarted: the decision goes on from the status
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "nccl")["status"].get("failed") == 3, timeout=30)
+        assert status()["gangFailure"] == held and status()["phase"] == "Pending", status()
+        assert kube.get("batch/v1/jobs", "default", "nccl")["metadata"]["uid"] == first["metadata"]["uid"]
+        _node(kubectl, "gpu-c", "Unknown", "NodeStatusUnknown")
+        again = wait_for(lambda: (kube.get("batch/v1/jobs", "default", "nccl") or first)["metadata"]["uid"]
+                         != first["metadata"]["uid"] and kube.get("batch/v1/jobs", "default", "nccl"), timeout=30)
+        st = wait_for(lambda: not status().get("restartPending") and status(), timeout=30)
+        assert st["restarts"] == 1 and st["disruptionRestarts"] == 1 and "gangFailure" not in st, st
+        assert st["lastDisruption"].endswith("on node gpu-c: node Ready=Unknown (NodeStatusUnknown)"), st
+        # a crash of the new gang on Ready nodes: counted once the grace has passed
+        monkeypatch.setattr(handlers, "GANG_FAILURE_GRACE_SECONDS", 2.0)
+        _pod_of(kubectl, again, 1, {"phase": "Running"}, node="gpu-a")
+        crash(again)
+        kubectl("patch", "job", "nccl", "--subresource=status", "--type=merge",
+                "-p", '{"status":{"active":1,"failed":1}}', check=True)
+        st = wait_for(lambda: status().get("restarts") == 2 and status(), timeout=30)
+    assert st["disruptionRestarts"] == 1 and "gangFailure" not in st, st
+    events = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "nccl"]
+    deciding = [e["message"] for e in events if e["reason"] == "GangFailureDeciding"]
+    assert len(deciding) == 2 and "nccl-1-" in deciding[0] and "on node gpu-c" in deciding[0], deciding
+    restarts = [e["message"] for e in events if e["reason"] == "GangRestart"]
+    assert "not counted against runPolicy.backoffLimit" in restarts[0], restarts
+    assert "none read lost" in restarts[1] and "(restart 1 of 1)" in restarts[1], restarts
+
+
 def test_pods_refused_by_a_quota_are_reported_not_waited_for(cluster, kubectl, monkeypatch):
     """No pod of the Job is made (a ResourceQuota on nvidia.com/gpu refuses them): the Job
     controller says so only in FailedCreate Events on the Job, which the status then shows

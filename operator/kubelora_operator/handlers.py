@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import socket
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import kopf
 
@@ -42,6 +42,9 @@ NAME_WAIT_SECONDS = env.number("KUBELORA_NAME_WAIT_SECONDS", 120.0)
 STORAGE_STALL_SECONDS = env.number("KUBELORA_STORAGE_STALL_SECONDS", 300.0)
 # a Job without pods this long after it was made: its FailedCreate Events are read (quota, policy)
 POD_CREATE_GRACE_SECONDS = env.number("KUBELORA_POD_CREATE_GRACE_SECONDS", 30.0)
+# a gang failure no lost node explains yet is decided this long after its pods failed: a lost
+# node's peers can fail (NCCL) before its Node reads Unknown (40-50 s after the loss)
+GANG_FAILURE_GRACE_SECONDS = env.number("KUBELORA_GANG_FAILURE_GRACE_SECONDS", 60.0)
 # shared clusters: buckets read only with a job's own credentials; the S3 endpoints jobs may name
 JOB_CREDENTIALS_ONLY = env.flag("KUBELORA_JOB_CREDENTIALS_ONLY")
 ALLOWED_ENDPOINTS = env.words("KUBELORA_S3_ALLOWED_ENDPOINTS")
@@ -327,16 +330,26 @@ def _sync(body: dict, changes: Changes) -> None:
         return _recreate(body, changes, name, namespace, job_spec, previous)
     pods = st.own_pods(kube.job_pods(namespace, name), job) if st.needs_pods(job) else []
     disruption = st.disrupted(pods)
+    held = st.deciding(previous, job)
     action = st.gang_action(job, job_spec.resources.nodes, st.counted_restarts(previous),
-                            job_spec.runPolicy.backoffLimit, disruption)
+                            job_spec.runPolicy.backoffLimit, disruption, deciding=held is not None)
     if action in ("restart", "fail"):  # the peers of a lost node's pod fail before the pod is marked
-        disruption = st.node_lost(pods, _gang_nodes(pods, changes))
+        nodes = _gang_nodes(pods, changes)
+        disruption = st.node_lost(pods, nodes)
         if disruption and not st.same_lost_node(disruption, previous.get("lastDisruption")):
             action = "restart_uncounted"
         else:
             disruption = None
+            now = datetime.now(timezone.utc)
+            since = st.failed_since(pods, held, now)
+            waiting = st.gang_failure_wait(pods, nodes, since, now, GANG_FAILURE_GRACE_SECONDS)
+            if waiting:  # the next syncs read the Nodes again (the ticker: the job stays active)
+                return _decide_later(body, changes, job, pods, previous, since, waiting)
     if action:
-        return _restart_gang(body, changes, name, namespace, job_spec, job, pods, previous, action, disruption)
+        return _restart_gang(body, changes, name, namespace, job_spec, job, pods, previous, action, disruption,
+                             held)
+    if previous.get("gangFailure"):  # decided by the Job itself (it failed, or was made again)
+        changes.status["gangFailure"] = None
     complete = any(c.get("type") == "Complete" and c.get("status") == "True"
                    for c in (job.get("status") or {}).get("conditions") or [])
     settings, error = _settings(job_spec, namespace)
@@ -409,16 +422,44 @@ def _gang_nodes(pods: list[dict], changes: Changes) -> dict | None:
         return None
 
 
+def _decide_later(body, changes: Changes, job, pods, previous, since: datetime, waiting: list[str]) -> None:
+    """A gang failure that would be counted, while the Nodes of some of its pods may yet read lost
+    (st.gang_failure_wait): not charged yet. The Job is left as it is meanwhile (the Job controller
+    may replace the failed pods, which wait at the old rendezvous; the decision deletes the Job, and
+    them, once); status.gangFailure holds the decision's start, so an operator restart goes on
+    with it, and the status says what is waited for. Each sync reads the Nodes again."""
+    problem = st.pod_problem(pods)
+    why = problem[1] if problem else f"{(job.get('status') or {}).get('failed')} pod(s) failed"
+    until = st.iso(since + timedelta(seconds=GANG_FAILURE_GRACE_SECONDS))
+    held = {"job": job["metadata"]["uid"], "since": st.iso(since)}
+    if previous.get("gangFailure") != held:
+        changes.status["gangFailure"] = held
+        changes.info("GangFailureDeciding", f"{why}; waiting until {until} for the Nodes of {', '.join(waiting)} "
+                                            "before restarting the gang: a restart after a lost node is not counted "
+                                            "against runPolicy.backoffLimit")
+    phase = previous.get("phase") if previous.get("phase") in st.ACTIVE else st.PENDING  # active: the ticker syncs
+    obs = st.Observed(phase, "GangFailureDeciding", f"{why}; the gang restarts by {until}, not counted against "
+                      f"runPolicy.backoffLimit if the Node of {', '.join(waiting)} reads lost by then")
+    new = st.status(previous, obs, body["metadata"].get("generation", 1), job, st.now_iso())
+    if _differs({k: previous.get(k) for k in new if k in previous}, new):
+        changes.status.update(new)
+
+
 def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, previous, action,
-                  disruption: str | None = None) -> None:
+                  disruption: str | None = None, held: dict | None = None) -> None:
     """A pod of a multi-node run failed: delete the whole Job (its pods go too) and make it again
     at the next sync, so every node starts together on a fresh rendezvous and resumes from the
     newest checkpoint; or fail the run once runPolicy.backoffLimit restarts are spent. A restart
-    after a disruption (a node lost or drained under the run) is not counted against the limit."""
+    after a disruption (a node lost or drained under the run) is not counted against the limit.
+    `held`: the failure was being decided (status.gangFailure): decided now, once."""
     problem = st.pod_problem(pods)
     why = problem[1] if problem else f"{(job.get('status') or {}).get('failed')} pod(s) failed"
     restarts, counted, limit = int(previous.get("restarts") or 0), st.counted_restarts(previous), job_spec.runPolicy.backoffLimit
     kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
+    if previous.get("gangFailure"):
+        changes.status["gangFailure"] = None
+    if held and not disruption:
+        why += " (decided after waiting for the gang's Nodes: none read lost)"
     if action == "fail":
         _fail(body, changes, "BackoffLimitExceeded",
               f"the run failed after {counted} gang restart(s) (runPolicy.backoffLimit {limit}): {why}")

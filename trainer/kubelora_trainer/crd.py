@@ -99,6 +99,11 @@ STATUS_SCHEMA = {
                                                             "counted: the pod marked DisruptionTarget, or the pod "
                                                             "and its node that was not Ready (or gone) when the "
                                                             "gang failed."},
+        "gangFailure": {"type": "object", "description": "A gang failure being decided: job (the trainer Job's "
+                        "uid), since (when its pods failed). Present while the operator waits, at most "
+                        "KUBELORA_GANG_FAILURE_GRACE_SECONDS (60) after since, for a peer's Node to read lost "
+                        "(then the gang restart is not counted against runPolicy.backoffLimit).",
+                        "properties": {"job": {"type": "string"}, "since": {"type": "string", "format": "date-time"}}},
         "createPending": {"type": "boolean", "description": "The API server deferred the job's first children "
                           "(a full ResourceQuota, throttling); the operator makes them when it takes them."},
         "restartPending": {"type": "boolean", "description": "The Job was deleted for a gang restart and is made "
