@@ -357,6 +357,37 @@ def test_several_directories_become_sources_with_their_own_repeats_and_overrides
         convert(BASE_MAIN, ds)
 
 
+def test_frame_buckets_are_rounded_down_to_the_familys_rule_as_diffusion_pipe_aligns_them():
+    """diffusion-pipe's align_frames rounds a bucket down to 4k+1 (HunyuanVideo) or 8k+1 (LTX-Video);
+    the manifest gets those counts, valid, with a note naming the key."""
+    for model_type, given, want, moved in (("hunyuan-video", [1, 32, 33, 34], [1, 29, 33], "32 frames train as 29"),
+                                           ("ltx-video", [24, 33], [1, 17, 33], "24 frames train as 17")):
+        main, ds = _with("dataset", "frame_buckets", given, model_type)
+        manifest, notes = convert(main, ds)
+        assert parse_spec(manifest).dataset.frameBuckets == want
+        named = [n for n in notes if n.startswith("dataset frame_buckets: ")]
+        assert len(named) == 1 and moved in named[0], notes
+    main, ds = _with("directory", "frame_buckets", [1, 32], "hunyuan-video")
+    ds["directory"].append({"path": "/data/more"})
+    manifest, notes = convert(main, ds)
+    assert parse_spec(manifest).dataset.sources[0].frameBuckets == [1, 29]
+    assert any(n.startswith("[[directory]] frame_buckets: 32 frames train as 29") for n in notes), notes
+    main, ds = _base("ltx-video")
+    ds = {"size_buckets": [[512, 512, 40]], "directory": [{"path": "/d"}]}
+    manifest, notes = convert(main, ds)
+    assert parse_spec(manifest).dataset.frames == 33
+    assert any(n.startswith("dataset size_buckets: 40 frames train as 33") for n in notes), notes
+
+
+def test_adapter_alpha_is_mapped_saying_diffusion_pipe_would_refuse_it():
+    main, ds = _with("adapter", "alpha", 32)
+    manifest, notes = convert(main, ds)
+    assert parse_spec(manifest).adapter.alpha == 32
+    assert [n for n in notes if n.startswith("[adapter] alpha: ")] == [
+        "[adapter] alpha: mapped to adapter.alpha 32; diffusion-pipe would not have run this config (it refuses alpha "
+        "and trains with alpha = rank): remove the key from the manifest to train as it does"]
+
+
 def test_mask_path_becomes_mask_uri_of_its_directory():
     """One [[directory]]: dataset.maskUri; several: each source's own (a directory without one has none),
     and the same folder shared by all is written on each source (there is no dataset-wide form)."""
