@@ -315,6 +315,24 @@ def test_sdxl_learning_rates():
         convert(main, BASE_DATASET)
 
 
+def test_sdxl_text_encoder_rates_of_zero_train_the_unet_alone():
+    """diffusion-pipe's usual UNet-only setting, text_encoder_1_lr = text_encoder_2_lr = 0: a valid
+    manifest with training.textEncoderLearningRate 0 (no LoRA on the text encoders), said in a note;
+    one rate 0 and the other not is refused naming the key; a full fine-tune drops the 0."""
+    main = copy.deepcopy(BASE_MAIN)
+    main["model"] = {"type": "sdxl", "checkpoint_path": "/m/sdxl.safetensors", "dtype": "bfloat16",
+                     "unet_lr": 4e-5, "text_encoder_1_lr": 0, "text_encoder_2_lr": 0}
+    manifest, notes = convert(main, BASE_DATASET)
+    assert parse_spec(manifest).training.textEncoderLearningRate == 0
+    assert any(n.startswith("[model] text_encoder_1_lr: 0 for both text encoders") for n in notes), notes
+    del main["adapter"]
+    assert parse_spec(convert(main, BASE_DATASET)[0]).training.textEncoderLearningRate is None
+    main["adapter"] = {"type": "lora", "rank": 16}
+    main["model"]["text_encoder_2_lr"] = 1e-5
+    with pytest.raises(ConfigError, match=r"text_encoder_2_lr: .*give them the same value \(0 for both trains the UNet"):
+        convert(main, BASE_DATASET)
+
+
 def test_video_buckets_and_hunyuan_transformer_override():
     main = copy.deepcopy(BASE_MAIN)
     main["model"] = {"type": "hunyuan-video", "ckpt_path": "/m/hv", "transformer_path": "/m/hv-fp8.safetensors",
