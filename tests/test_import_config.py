@@ -315,6 +315,24 @@ def test_sdxl_learning_rates():
         convert(main, BASE_DATASET)
 
 
+def test_sdxl_text_encoder_rates_of_zero_train_the_unet_alone():
+    """diffusion-pipe's usual UNet-only setting, text_encoder_1_lr = text_encoder_2_lr = 0: a valid
+    manifest with training.textEncoderLearningRate 0 (no LoRA on the text encoders), said in a note;
+    one rate 0 and the other not is refused naming the key; a full fine-tune drops the 0."""
+    main = copy.deepcopy(BASE_MAIN)
+    main["model"] = {"type": "sdxl", "checkpoint_path": "/m/sdxl.safetensors", "dtype": "bfloat16",
+                     "unet_lr": 4e-5, "text_encoder_1_lr": 0, "text_encoder_2_lr": 0}
+    manifest, notes = convert(main, BASE_DATASET)
+    assert parse_spec(manifest).training.textEncoderLearningRate == 0
+    assert any(n.startswith("[model] text_encoder_1_lr: 0 for both text encoders") for n in notes), notes
+    del main["adapter"]
+    assert parse_spec(convert(main, BASE_DATASET)[0]).training.textEncoderLearningRate is None
+    main["adapter"] = {"type": "lora", "rank": 16}
+    main["model"]["text_encoder_2_lr"] = 1e-5
+    with pytest.raises(ConfigError, match=r"text_encoder_2_lr: .*give them the same value \(0 for both trains the UNet"):
+        convert(main, BASE_DATASET)
+
+
 def test_video_buckets_and_hunyuan_transformer_override():
     main = copy.deepcopy(BASE_MAIN)
     main["model"] = {"type": "hunyuan-video", "ckpt_path": "/m/hv", "transformer_path": "/m/hv-fp8.safetensors",
@@ -355,6 +373,37 @@ def test_several_directories_become_sources_with_their_own_repeats_and_overrides
     with pytest.raises(ConfigError, match=r"\[\[directory\]\] enable_ar_bucket: '/data/more' sets dataset.enableArBucket "
                                           "differently"):
         convert(BASE_MAIN, ds)
+
+
+def test_frame_buckets_are_rounded_down_to_the_familys_rule_as_diffusion_pipe_aligns_them():
+    """diffusion-pipe's align_frames rounds a bucket down to 4k+1 (HunyuanVideo) or 8k+1 (LTX-Video);
+    the manifest gets those counts, valid, with a note naming the key."""
+    for model_type, given, want, moved in (("hunyuan-video", [1, 32, 33, 34], [1, 29, 33], "32 frames train as 29"),
+                                           ("ltx-video", [24, 33], [1, 17, 33], "24 frames train as 17")):
+        main, ds = _with("dataset", "frame_buckets", given, model_type)
+        manifest, notes = convert(main, ds)
+        assert parse_spec(manifest).dataset.frameBuckets == want
+        named = [n for n in notes if n.startswith("dataset frame_buckets: ")]
+        assert len(named) == 1 and moved in named[0], notes
+    main, ds = _with("directory", "frame_buckets", [1, 32], "hunyuan-video")
+    ds["directory"].append({"path": "/data/more"})
+    manifest, notes = convert(main, ds)
+    assert parse_spec(manifest).dataset.sources[0].frameBuckets == [1, 29]
+    assert any(n.startswith("[[directory]] frame_buckets: 32 frames train as 29") for n in notes), notes
+    main, ds = _base("ltx-video")
+    ds = {"size_buckets": [[512, 512, 40]], "directory": [{"path": "/d"}]}
+    manifest, notes = convert(main, ds)
+    assert parse_spec(manifest).dataset.frames == 33
+    assert any(n.startswith("dataset size_buckets: 40 frames train as 33") for n in notes), notes
+
+
+def test_adapter_alpha_is_mapped_saying_diffusion_pipe_would_refuse_it():
+    main, ds = _with("adapter", "alpha", 32)
+    manifest, notes = convert(main, ds)
+    assert parse_spec(manifest).adapter.alpha == 32
+    assert [n for n in notes if n.startswith("[adapter] alpha: ")] == [
+        "[adapter] alpha: mapped to adapter.alpha 32; diffusion-pipe would not have run this config (it refuses alpha "
+        "and trains with alpha = rank): remove the key from the manifest to train as it does"]
 
 
 def test_mask_path_becomes_mask_uri_of_its_directory():

@@ -40,11 +40,15 @@ def largest_batch(report: ScanReport, units: list[bk.Unit], entries: list[tuple[
 
 
 def entry_keys(report: ScanReport, units: list[bk.Unit], entries, digests: list[str], inputs: dict) -> list[str]:
-    """The cache key of each entry (pure but for nothing: the digests are the media content)."""
+    """The cache key of each entry (pure but for nothing: the digests are the media content). A
+    family whose dropout entry is encoded apart from an empty caption (FamilyRules.dropout_text)
+    keys it apart too."""
+    apart = RULES[inputs["model"]["type"]].dropout_text
     out = []
     for u, v in entries:
         unit, it = units[u], report.items[units[u].item]
-        out.append(cache_key(inputs, "" if v < 0 else it.variants[v], bytes.fromhex(digests[unit.item]), unit))
+        out.append(cache_key(inputs, "" if v < 0 else it.variants[v], bytes.fromhex(digests[unit.item]), unit,
+                             dropout=apart and v < 0))
     return out
 
 
@@ -85,9 +89,10 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
                 progress.add(len(per_unit[u]))
                 continue
             captions = ["" if entries[i][1] < 0 else it.variants[entries[i][1]] for i in per_unit[u]]
+            kw = {"dropout": [entries[i][1] < 0 for i in per_unit[u]]} if r.dropout_text else {}
             mask = None
             # one call for all of the unit's caption variants: the VAE encodes its pixels once
-            for i, sample in zip(per_unit[u], family.encode(comps, x, captions)):
+            for i, sample in zip(per_unit[u], family.encode(comps, x, captions, **kw)):
                 out = {k: t.detach().cpu() for k, t in sample.items()}
                 if it.mask is not None:  # [h, w] on the latent grid (masks.py)
                     if mask is None:

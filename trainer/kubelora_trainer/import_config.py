@@ -127,6 +127,8 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
     apply(ctx, "monitoring", main.get("monitoring") or {})
     batch_size(ctx)
     _learning_rates(ctx)
+    if full and ctx.training.get("textEncoderLearningRate") == 0:
+        del ctx.training["textEncoderLearningRate"]  # a full fine-tune trains the UNet alone anyway
     if full and "textEncoderLearningRate" in ctx.training:
         raise Refused("model", "text_encoder_1_lr", "kubelora's full fine-tune trains the UNet only, not the text "
                                                     "encoders: remove the text encoder learning rates")
@@ -236,11 +238,17 @@ def _learning_rates(ctx: Ctx) -> None:
     ctx.training["learningRate"] = float(unet)
     if ctx.model_type == "sdxl":
         if len(te) > 1:
+            frozen = " (0 for both trains the UNet alone)" if 0 in te else ""
             raise Refused("model", "text_encoder_2_lr", "kubelora trains both SDXL text encoders at one rate "
-                                                        "(training.textEncoderLearningRate): give them the same value")
+                                                        f"(training.textEncoderLearningRate): give them the same value"
+                                                        f"{frozen}")
         (te_lr,) = te
         if te_lr is not None and float(te_lr) != float(unet):
             ctx.training["textEncoderLearningRate"] = float(te_lr)
+        if te_lr is not None and float(te_lr) == 0:
+            ctx.section = "model"
+            ctx.note("text_encoder_1_lr", "0 for both text encoders: training.textEncoderLearningRate 0, no LoRA on "
+                                          "them (the UNet alone is trained), as diffusion-pipe trains it")
 
 
 SOURCE_FIELDS = {"repeats", "resolutions", "frameBuckets", "missingCaption", "captionPrefix", "shuffleTags",

@@ -205,10 +205,18 @@ def adapter_type(ctx: Ctx, key: str, value: Any) -> None:
                         f"config has no [adapter] table (a full fine-tune)")
 
 
+def adapter_alpha(ctx: Ctx, key: str, value: Any) -> None:
+    """diffusion-pipe refuses any alpha (train.py: it forces alpha = rank); kubelora can train the one
+    given, so it is mapped, saying that this config would not have run there."""
+    ctx.adapter["alpha"] = number(value)
+    ctx.note(key, f"mapped to adapter.alpha {value:g}; diffusion-pipe would not have run this config (it refuses "
+                  "alpha and trains with alpha = rank): remove the key from the manifest to train as it does")
+
+
 ADAPTER: dict[str, Handler] = {
     "type": adapter_type,
     "rank": to("adapter", "rank", whole),
-    "alpha": to("adapter", "alpha", number),
+    "alpha": adapter_alpha,
     "dtype": noted("LoRA master weights are float32 (computed in model.dtype)"),
     "dropout": to("adapter", "dropout", number),
     "decompose_factor": noted("a LoKr setting; no effect on LoRA"),
@@ -409,6 +417,25 @@ def ar_bucket_fields(ctx: Ctx) -> None:
                    f"maxAr {fields['maxAr']:g}, numArBuckets {fields['numArBuckets']} give the same")
 
 
+def aligned_frames(model_type: str, frames: int) -> int:
+    """diffusion-pipe's align_frames (models/base.py): a bucket's frame count rounded down to the
+    family's a*k + b (4k+1 for HunyuanVideo, 8k+1 for LTX-Video), which its clips then have."""
+    rule = RULES[model_type].frame_rule
+    if rule is None:
+        return frames
+    a, b = rule
+    return max(b, (frames - b) // a * a + b)
+
+
+def note_aligned(ctx: Ctx, key: str, frames: list[int]) -> None:
+    moved = [(f, aligned_frames(ctx.model_type, f)) for f in frames if aligned_frames(ctx.model_type, f) != f]
+    if moved:
+        a, b = RULES[ctx.model_type].frame_rule
+        ctx.note(key, ", ".join(f"{f} frames train as {g}" for f, g in moved)
+                 + f" ({ctx.model_type} clips are {a}k+{b} frames; diffusion-pipe rounds a bucket down to that too, "
+                   "though it places only videos of at least the unrounded length in it)")
+
+
 def frame_buckets(ctx: Ctx, key: str, value: Any) -> None:
     frames = listed(value, count, "a list of frame counts, e.g. [1, 33]")
     if ctx.model_type not in VIDEO_TYPES:
@@ -418,7 +445,8 @@ def frame_buckets(ctx: Ctx, key: str, value: Any) -> None:
         ctx.note(key, "cosmos takes its frame count from size_buckets")
         return
     ctx.dataset.pop("frames", None)
-    ctx.dataset["frameBuckets"] = sorted(set(frames) | {1})
+    note_aligned(ctx, key, frames)
+    ctx.dataset["frameBuckets"] = sorted({aligned_frames(ctx.model_type, f) for f in frames} | {1})
 
 
 def size_buckets(ctx: Ctx, key: str, value: Any) -> None:
@@ -429,7 +457,8 @@ def size_buckets(ctx: Ctx, key: str, value: Any) -> None:
     ctx.dataset.pop("resolution", None)
     ctx.dataset.update(width=w, height=h)
     if ctx.model_type in VIDEO_TYPES:
-        ctx.dataset["frames"] = f
+        note_aligned(ctx, key, [f])
+        ctx.dataset["frames"] = aligned_frames(ctx.model_type, f)
     if len(value) > 1:
         ctx.note(key, f"one size per job for now: every item is resized to cover {w}x{h} and centre-cropped"
                       + (f", {f} frames" if ctx.model_type in VIDEO_TYPES else "")

@@ -366,8 +366,10 @@ class TrainingSpec(_Model):
     steps: int = Field(default=1000, ge=1, le=10_000_000, description="Optimizer steps to train.")
     learningRate: float = Field(default=1e-4, gt=0, le=1.0, description="Peak AdamW learning rate.")
     textEncoderLearningRate: Optional[float] = Field(
-        default=None, gt=0, le=1.0,
-        description="Learning rate for text-encoder LoRA in families that train the text encoders (SDXL); defaults to learningRate.")
+        default=None, ge=0, le=1.0,
+        description="Learning rate for text-encoder LoRA in families that train the text encoders (SDXL); defaults to "
+                    "learningRate. 0: no LoRA on the text encoders (the denoiser alone is trained), as diffusion-pipe's "
+                    "text_encoder_1_lr = text_encoder_2_lr = 0.")
     lrScheduler: Literal["constant", "linear", "cosine"] = Field(
         default="constant", description="Schedule after warmup: constant, linear or cosine down towards 0, which it reaches "
                                       "just after the last step (as diffusers' schedules do).")

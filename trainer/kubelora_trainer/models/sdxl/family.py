@@ -4,7 +4,8 @@ folder (model.diffusersPath) or one original-layout file like sd_xl_base_1.0.saf
 configs/sdxl/ (in this folder), so nothing is fetched).
 
 LoRA goes on the UNet's transformer linears and on both text encoders (CLIP-L `text_encoder`,
-OpenCLIP-bigG `text_encoder_2`), as Kohya sd-scripts does; so the text embeddings are computed in
+OpenCLIP-bigG `text_encoder_2`), as Kohya sd-scripts does (training.textEncoderLearningRate 0: on
+the UNet only, adapters.prepare leaves the encoders frozen); so the text embeddings are computed in
 every step and only latents and token ids are cached (samples, spec.samples, likewise embed their
 prompts through the encoders being trained). Captions are not cut at CLIP's 77 positions: as
 diffusion-pipe (and long-prompt UIs) do, the tokens go in windows of 75, each with BOS, EOS and
