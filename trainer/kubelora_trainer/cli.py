@@ -45,7 +45,8 @@ def check_storage(spec) -> int:
     def failed(field: str, e: StorageError) -> None:
         failures.append(e.transient)
         print(f"error: {field}: {e}" + (" (transient: try again)" if e.transient else ""), file=sys.stderr)
-    for field, uri in {**inputs, **spec.dataset.uri_fields()}.items():
+    evals = spec.evaluation.uri_fields() if spec.evaluation else {}
+    for field, uri in {**inputs, **spec.dataset.uri_fields(), **evals}.items():
         try:
             print(f"ok: {field} {uri}: {check_readable(uri, settings)} object(s) readable", file=sys.stderr)
         except StorageError as e:

@@ -15,10 +15,11 @@ from . import cache, cache_remote, disk, dist, masks, metrics
 from . import buckets as bk
 from .cache import cache_key
 from .disk import cache_root
-from .data import (ScanReport, Skip, check_item, check_usable, decode_skip, is_environmental, kohya_note, load_unit,
+from .data import (DatasetError, ScanReport, Skip, check_item, check_usable, decode_skip, is_environmental, kohya_note, load_unit,
                    skipped_text)
 from .dist import log
-from .families import RULES, areas_of, frame_buckets_of, source_repeats, source_specs  # noqa: F401 (re-exported)
+from .families import (RULES, all_source_specs, areas_of, eval_source_specs, frame_buckets_of,  # noqa: F401 (re-exported)
+                       source_repeats, source_specs)
 
 
 def sample_entries(report: ScanReport, units: list[bk.Unit]) -> list[tuple[int, int]]:
@@ -148,7 +149,7 @@ def bucket_configs(spec) -> list[bk.BucketConfig]:
     fixed = (d.width, d.height) if d.width is not None else None
     ars = tuple(bk.aspect_ratios(d.enableArBucket, d.minAr, d.maxAr, d.numArBuckets))
     return [bk.BucketConfig(ars=ars, sides=tuple(areas_of(d, s)), frame_buckets=tuple(frame_buckets_of(spec.model.type, d, s)),
-                            multiple=r.size_multiple, fixed=fixed, clip_mode=d.videoClipMode) for s in source_specs(spec)]
+                            multiple=r.size_multiple, fixed=fixed, clip_mode=d.videoClipMode) for s in all_source_specs(spec)]
 
 
 def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Remote] = None
@@ -261,10 +262,20 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
     assignment = bk.assign(metas, configs, [it.source for it in report.items])
     for i, why in assignment.dropped[:10]:
         log(env, "[data] skipped " + drop_reason(report.items[i], metas[i], why, configs[report.items[i].source], r.fps or 0))
-    used = {u.item for u in assignment.units}
-    bucket_stats = bk.summary(assignment, len(report.items), [str(it.image.name) for it in report.items])
-    n_dropped = len(report.items) - len(used)
+    n_train = len(source_specs(spec))
+    train, held_out = split_assignment(assignment, [it.source for it in report.items], n_train)
+    used = {u.item for u in train.units}
+    names = [str(it.image.name) for it in report.items]
+    n_train_items = sum(1 for it in report.items if it.source < n_train)
+    bucket_stats = bk.summary(train, n_train_items, names)
+    n_dropped = n_train_items - len(used)
     stats = {**report.summary(), "usable": len(used)}
+    if spec.evaluation is not None:
+        stats["evaluation"] = eval_stats(held_out, len(report.items) - n_train_items, names)
+        ev = stats["evaluation"]
+        log(env, f"[data] evaluation: {ev['usable']} held-out items in {len(ev['buckets']['buckets'])} bucket(s) "
+                 f"({ev['buckets']['samples']} samples), never trained on"
+                 + (f"; {ev['items'] - ev['usable']} without a bucket" if ev["items"] > ev["usable"] else ""))
     log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
              f"without caption, {stats['unreadable']} unreadable"
              + (f" ({skipped_text(report)})" if report.skipped else "")
@@ -282,7 +293,8 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
     if report.missing_caption and report.beside:
         from .data import caption_hint
         log(env, "[data] warning:" + caption_hint(report))
-    for n, line in enumerate(kohya_note(report.kohya, source_repeats(spec))):
+    kohya = {f: v for f, v in report.kohya.items() if v[1] < n_train}   # evaluation items have no repeats
+    for n, line in enumerate(kohya_note(kohya, source_repeats(spec))):
         log(env, "[data] " + ("warning: " if n == 0 else "") + line)
     for msg in bk.format_summary(bucket_stats):
         log(env, msg)
@@ -294,8 +306,31 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
         report.items = []
     check_usable(report, ", ".join(spec.dataset.uris),
                  dropped=f", without a frame bucket: {n_dropped}" if n_dropped else "")
+    if spec.evaluation is not None and not stats["evaluation"]["usable"]:
+        raise DatasetError(f"evaluation.sources ({', '.join(s.uri for s in spec.evaluation.sources)}): no usable "
+                           f"held-out items ({stats['evaluation']['items']} found with a caption, none of them "
+                           "usable: see the [data] lines above); add images with same-stem caption files, or remove "
+                           "the evaluation section")
     stats["buckets"] = bucket_stats
     return assignment, stats
+
+
+def split_assignment(assignment: bk.Assignment, sources: list[int], n_train: int
+                     ) -> tuple[bk.Assignment, bk.Assignment]:
+    """(the training sources' units and drops, evaluation.sources'), by each item's source. Pure."""
+    parts = (bk.Assignment(), bk.Assignment())
+    for u in assignment.units:
+        parts[u.source >= n_train].units.append(u)
+    for i, why in assignment.dropped:
+        parts[sources[i] >= n_train].dropped.append((i, why))
+    return parts
+
+
+def eval_stats(held_out: bk.Assignment, n_items: int, names: list[str]) -> dict:
+    """manifest.json's dataset.evaluation: the held-out items found (with a caption, readable),
+    those with a bucket (usable) and their buckets. Pure."""
+    return {"items": n_items, "usable": len({u.item for u in held_out.units}),
+            "buckets": bk.summary(held_out, n_items, names)}
 
 
 def drop_reason(item, meta, why: str, cfg: bk.BucketConfig, fps) -> str:
