@@ -205,6 +205,8 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
         log(env, f"[data] skipped {k}")
     if len(report.skipped) > 10:
         log(env, f"[data] ... and {len(report.skipped) - 10} more skipped ({skipped_text(report)})")
+    for k in report.held.skipped[:10] if report.held is not None else ():
+        log(env, f"[data] skipped (evaluation) {k}")
     return [found_all[i][0] for i in kept], [found_all[i][1] for i in kept]
 
 
@@ -234,7 +236,8 @@ def settle(report: ScanReport, metas: dict[int, tuple], skips: dict[int, Skip], 
 def drop_items(report: ScanReport, skips: dict[int, Skip]) -> set[int]:
     """Move the items skips names (by index into report.items) to report.skipped, in order; the
     same on every rank (skips are gathered). Returns the dropped indices. Pure."""
-    report.skipped += [skips[i] for i in sorted(skips)]
+    for i in sorted(skips):   # an evaluation item's skip is counted with the evaluation's (report.held)
+        (report.held.skipped if report.is_held(report.items[i]) else report.skipped).append(skips[i])
     report.items = [it for i, it in enumerate(report.items) if i not in skips]
     return set(skips)
 
@@ -271,7 +274,7 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
     n_dropped = n_train_items - len(used)
     stats = {**report.summary(), "usable": len(used)}
     if spec.evaluation is not None:
-        stats["evaluation"] = eval_stats(held_out, len(report.items) - n_train_items, names)
+        stats["evaluation"] = eval_stats(held_out, len(report.items) - n_train_items, names, report.held)
         ev = stats["evaluation"]
         log(env, f"[data] evaluation: {ev['usable']} held-out items in {len(ev['buckets']['buckets'])} bucket(s) "
                  f"({ev['buckets']['samples']} samples), never trained on"
@@ -293,8 +296,7 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
     if report.missing_caption and report.beside:
         from .data import caption_hint
         log(env, "[data] warning:" + caption_hint(report))
-    kohya = {f: v for f, v in report.kohya.items() if v[1] < n_train}   # evaluation items have no repeats
-    for n, line in enumerate(kohya_note(kohya, source_repeats(spec))):
+    for n, line in enumerate(kohya_note(report.kohya, source_repeats(spec))):
         log(env, "[data] " + ("warning: " if n == 0 else "") + line)
     for msg in bk.format_summary(bucket_stats):
         log(env, msg)
@@ -326,11 +328,17 @@ def split_assignment(assignment: bk.Assignment, sources: list[int], n_train: int
     return parts
 
 
-def eval_stats(held_out: bk.Assignment, n_items: int, names: list[str]) -> dict:
+def eval_stats(held_out: bk.Assignment, n_items: int, names: list[str], held: Optional[ScanReport]) -> dict:
     """manifest.json's dataset.evaluation: the held-out items found (with a caption, readable),
-    those with a bucket (usable) and their buckets. Pure."""
-    return {"items": n_items, "usable": len({u.item for u in held_out.units}),
-            "buckets": bk.summary(held_out, n_items, names)}
+    those with a bucket (usable), what was skipped (as the training data's counts) and their
+    buckets. Pure."""
+    held = held or ScanReport()
+    out = {"items": n_items, "usable": len({u.item for u in held_out.units}),
+           "missingCaption": held.missing_caption, "emptyCaptionUsed": held.empty_caption_used,
+           "unreadable": len(held.skipped)}
+    if held.skipped:
+        out["skipped"] = held.by_reason()
+    return {**out, "buckets": bk.summary(held_out, n_items, names)}
 
 
 def drop_reason(item, meta, why: str, cfg: bk.BucketConfig, fps) -> str:

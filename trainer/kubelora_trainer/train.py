@@ -645,6 +645,8 @@ def scan_sources(spec: LoRATrainingJobSpec, paths: dict) -> ScanReport:
     r = RULES[spec.model.type]
     report = ScanReport()
     n_train = len(source_specs(spec))
+    if eval_source_specs(spec):
+        report.held, report.first_held = ScanReport(), n_train
     for i, src in enumerate(all_source_specs(spec)):
         key = source_key(spec, i)
         mask_root = paths.get(f"{key}.mask")
@@ -654,9 +656,12 @@ def scan_sources(spec: LoRATrainingJobSpec, paths: dict) -> ScanReport:
         part = scan(Path(paths[key]), video=r.video, opts=opts, source=i, seed=spec.training.seed,
                     uri=spec.dataset.uris[i] if i < n_train else src.uri,
                     mask_root=Path(mask_root) if mask_root else None)
-        if i >= n_train:
-            part.items = [dataclasses.replace(it, captions=(it.caption,)) for it in part.items]
-        report.merge(part)
+        if i >= n_train:   # the items join the others (probed, bucketed, cached alike), the counts stay apart
+            report.items += [dataclasses.replace(it, captions=(it.caption,)) for it in part.items]
+            part.items = []
+            report.held.merge(part)
+        else:
+            report.merge(part)
     return report
 
 
@@ -760,7 +765,7 @@ def export_run(tr: Trainer, ready: cache_phase.Ready, job_name: str, summary: di
             out_dir = cache_root() / "outputs" / job_name
             stats = ready.layout.stats
             report = lambda arts: {**samples.final_report(spec, job_name, tr.settings, sampling, losses, stats,  # noqa: E731
-                                                          arts, out_dir), "cache": ready.cache_stats}
+                                                          arts, out_dir, tr.state.evals), "cache": ready.cache_stats}
             result = (export_full.export_and_upload(spec, job_name, tr.family, comps, gathered, summary, stats,
                                                     tr.settings, out_dir, extra=report) if full else
                       export.export_and_upload(spec, job_name, tr.family, ad.configs, gathered, summary, stats,
