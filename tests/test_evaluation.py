@@ -235,3 +235,16 @@ def test_the_runner_is_family_loss_at_fixed_timesteps_with_the_rng_untouched(tmp
     tr_model.train()
     again = evaluator.run(3, tr)                                # the same weights: the same numbers at any step
     assert again["quantiles"] == rec["quantiles"] and rec["sources"][0] != rec["sources"][1]
+
+
+def test_the_evaluation_history_is_checkpointed_and_summarized():
+    from kubelora_trainer.train import LoopState, eval_summary
+    space = bk.SampleSpace(((32, 32, 1),), (1,), (1,), (0.0,))
+    recs = [{"step": 0, "loss": 1.5}, {"step": 2, "loss": 1.2}, {"step": 4, "loss": 1.3}]
+    a = LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0), losses=[1.0], evals=list(recs))
+    b = LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0))
+    assert b.load(a.to_dict(4, 1)) and b.evals == recs
+    c = LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0))
+    assert not c.load({"losses": [1.0], "evals": recs}) and c.evals == recs   # another number of ranks
+    assert eval_summary(recs) == {"evalLoss": 1.3, "bestEvalLoss": 1.2, "bestEvalStep": 2, "evalHistory": recs}
+    assert eval_summary([]) == {}
