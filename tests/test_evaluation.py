@@ -2,6 +2,7 @@
 against closed forms, the batch plan and its split over ranks, the schedule, the spec's refusals,
 and the runner against a hand computation through family.loss on a tiny real Flux."""
 import math
+import re
 import statistics
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -248,3 +249,21 @@ def test_the_evaluation_history_is_checkpointed_and_summarized():
     assert not c.load({"losses": [1.0], "evals": recs}) and c.evals == recs   # another number of ranks
     assert eval_summary(recs) == {"evalLoss": 1.3, "bestEvalLoss": 1.2, "bestEvalStep": 2, "evalHistory": recs}
     assert eval_summary([]) == {}
+
+
+def test_report_draws_the_evaluation_beside_the_training_loss():
+    from kubelora_trainer import report
+    evals = [{"step": 0, "loss": 2.0}, {"step": 2, "loss": 1.0}, {"step": 4, "loss": float("nan")}]
+    html = report.render(job="j", model_type="flux", status="Succeeded", step=4, total_steps=4,
+                         losses=[1.5, 1.4, 1.3, 1.2], learning_rates=[1e-4] * 4, prompts=[], samples=[],
+                         dataset={"usable": 4, "evaluation": {"items": 3, "usable": 2,
+                                                              "buckets": {"samples": 2, "buckets": {"32x32x1": {}}}}},
+                         spec={}, artifacts=[], evals=evals)
+    second = re.search(r'<polyline class="second"[^>]* points="([^"]*)"', html)[1].split()
+    assert len(second) == 2 and html.count("<circle") == 2          # the NaN left out
+    assert float(second[0].split(",")[1]) < float(second[1].split(",")[1])   # 2.0 drawn above 1.0 (y grows down)
+    assert "held-out evaluation loss" in html and "last evaluation loss</th><td>nan (step 4)" in html
+    assert "2 usable items of 3, 2 samples in 1 bucket(s)" in html
+    assert 'class="second"' not in report.render(job="j", model_type="flux", status="Training", step=1, total_steps=4,
+                                                  losses=[1.0], learning_rates=[1e-4], prompts=[], samples=[],
+                                                  dataset={}, spec={}, artifacts=[])

@@ -18,7 +18,7 @@ from .disk import cache_root
 from .data import (DatasetError, ScanReport, Skip, check_item, check_usable, decode_skip, is_environmental, kohya_note, load_unit,
                    skipped_text)
 from .dist import log
-from .families import (RULES, all_source_specs, areas_of, eval_source_specs, frame_buckets_of,  # noqa: F401 (re-exported)
+from .families import (RULES, all_source_specs, areas_of, frame_buckets_of,  # noqa: F401 (re-exported)
                        source_repeats, source_specs)
 
 
