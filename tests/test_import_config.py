@@ -37,6 +37,7 @@ KEYS = [
     ("main", "image_micro_batch_size_per_gpu", 2, "mapped"),            # flux: every bucket is an image bucket
     ("main", "image_micro_batch_size_per_gpu", 2, "noted", "ltx-video"),  # one size for images and videos
     ("main", "eval_micro_batch_size_per_gpu", 2, "noted"),
+    ("main", "eval_micro_batch_size_per_gpu", [[512, 4]], "refused"),
     ("main", "eval_image_micro_batch_size_per_gpu", 2, "noted"),
     ("main", "eval_gradient_accumulation_steps", 2, "noted"),
     ("main", "eval_every_n_steps", 10, "noted"),
@@ -874,3 +875,34 @@ def test_cli_counts_epochs_in_a_local_dataset(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "steps: 32" in p.stdout and "note: epochs: training.steps 32 = 4 epochs x 16 samples" in p.stderr
     assert "warmupSteps: 32" in p.stdout and "warmup_steps: 100 is more than the 32 steps; capped" in p.stderr, p.stderr
+
+
+def test_eval_datasets_become_the_evaluation_section():
+    """diffusion-pipe's eval_datasets (each eval dataset TOML's [[directory]] folders) and eval_* keys ->
+    spec.evaluation; eval_every_n_examples as diffusion-pipe computes it, per GPU."""
+    main = {**copy.deepcopy(BASE_MAIN), "micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+            "eval_datasets": [{"name": "held", "config": "eval.toml"}, "more.toml"],
+            "eval_every_n_examples": 100, "eval_every_n_epochs": 2, "eval_before_first_step": False,
+            "eval_micro_batch_size_per_gpu": 1, "eval_gradient_accumulation_steps": 4}
+    tomls = [("eval.toml", {"resolutions": [512], "directory": [{"path": "held/a", "mask_path": "/m/a"},
+                                                              {"path": "/data/b", "num_repeats": 3}]}),
+             ("more.toml", None)]
+    manifest, notes = convert(main, copy.deepcopy(BASE_DATASET), cwd="/home/u/dp", path_map={"/data": "s3://bkt"},
+                              eval_tomls=tomls)
+    ev = parse_spec(manifest).evaluation
+    assert [(s.uri, s.maskUri) for s in ev.sources] == [("/home/u/dp/held/a", "/m/a"), ("s3://bkt/b", None)]
+    assert (ev.everySteps, ev.everyEpochs, ev.beforeFirstStep, ev.microBatchSize) == (25, 2, False, 1)
+    said = "\n".join(notes)
+    assert "eval_every_n_examples: 100 examples: evaluation.everySteps 25 (= 100 // 4" in said
+    assert "eval.toml: num_repeats, resolutions not read" in said and "more.toml not read" in said
+    assert "eval_gradient_accumulation_steps: batching only" in said
+    # without eval_datasets the eval keys say that nothing is evaluated
+    manifest, notes = convert({**copy.deepcopy(BASE_MAIN), "eval_every_n_steps": 5}, copy.deepcopy(BASE_DATASET))
+    assert "evaluation" not in manifest["spec"] and "eval_every_n_steps: no eval_datasets: no evaluation runs" in notes
+
+
+def test_cli_reads_the_eval_dataset_tomls(tmp_path):
+    from kubelora_trainer.import_config import load_eval_tomls
+    (tmp_path / "eval.toml").write_text("[[directory]]\npath = '/data/held'\n")
+    got = load_eval_tomls({"eval_datasets": [{"name": "e", "config": "eval.toml"}, "gone.toml"]}, tmp_path)
+    assert got == [("eval.toml", {"directory": [{"path": "/data/held"}]}), ("gone.toml", None)]

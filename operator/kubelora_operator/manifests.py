@@ -152,7 +152,7 @@ def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
         path = uri.removeprefix("file://")
         return bool(spec.resources.cacheVolumeClaim) and (path == CACHE_MOUNT or path.startswith(CACHE_MOUNT + "/"))
 
-    data = spec.dataset.uri_fields()
+    data = {**spec.dataset.uri_fields(), **(spec.evaluation.uri_fields() if spec.evaluation else {})}
     fields = {"output.uri": spec.output.uri, **data,
               **({"dataset.cacheUri": spec.dataset.cacheUri} if spec.dataset.cacheUri else {}),
               **{f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}}

@@ -482,7 +482,7 @@ def progress_summary(progress: Optional[dict]) -> Optional[dict]:
     if not progress:
         return None
     out = {k: progress[k] for k in ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "eta", "resumedFrom",
-                                                "samples", "sampleStep", "gpuPeakGiB")
+                                                "samples", "sampleStep", "gpuPeakGiB", "evalLoss", "evalStep")
            if progress.get(k) is not None}
     if progress.get("totalSteps"):
         out["summary"] = f"{progress.get('step', 0)}/{progress['totalSteps']}"

@@ -112,7 +112,7 @@ STATUS_SCHEMA = {
                                                           "again (gang restart) keeps it across operator upgrades."},
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
-        "progress": {"type": "object", "description": "step, totalSteps, epoch, loss, samplesPerSecond, eta; samples (files written) and sampleStep with spec.samples; gpuPeakGiB on GPUs.",
+        "progress": {"type": "object", "description": "step, totalSteps, epoch, loss, samplesPerSecond, eta; samples (files written) and sampleStep with spec.samples; evalLoss and evalStep (the last held-out evaluation) with spec.evaluation; gpuPeakGiB on GPUs.",
                      "x-kubernetes-preserve-unknown-fields": True},
         "artifacts": {"type": "array", "description": "Uploaded files: uri, format (report: report.html), sha256.",
                       "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
@@ -134,6 +134,7 @@ PRINTER_COLUMNS = [
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "Eval-Loss", "type": "number", "jsonPath": ".status.progress.evalLoss", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

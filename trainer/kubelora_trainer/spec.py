@@ -571,6 +571,85 @@ class SamplesSpec(_Model):
                                  f"family's ({_family_defaults('steps')}).")
 
 
+DEFAULT_EVAL_QUANTILES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]   # diffusion-pipe's
+EVAL_SOURCE_UNUSED = ("repeats", "shuffleTags", "shuffleVariants", "keepTags", "tagDelimiter", "captionDropout")
+
+
+class EvaluationSpec(_Model):
+    """A held-out loss at fixed timesteps (diffusion-pipe's eval_datasets): the training timestep
+    distribution's inverse CDF at each quantile, the same noise at every evaluation."""
+    sources: list[SourceSpec] = Field(
+        min_length=1, max_length=64,
+        description="Held-out folders, as dataset.sources (unset options taken from dataset). Never trained on; each "
+                    "item is evaluated once per quantile with its first caption, unshuffled and never dropped "
+                    "(repeats, shuffleTags and captionDropout do not apply).")
+    everySteps: Optional[int] = Field(default=None, ge=1, description="Evaluate every N training steps.")
+    everyEpochs: Optional[int] = Field(default=None, ge=1, description="Evaluate at the step that ends every N-th "
+                                                                     "epoch.")
+    beforeFirstStep: bool = Field(default=True, description="Evaluate the base model before the first step (not on "
+                                                            "a resume). The last step is always evaluated.")
+    quantiles: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_EVAL_QUANTILES), min_length=1, max_length=32,
+        description="Where in the family's training timestep distribution to evaluate: each item's loss at the "
+                    "distribution's inverse CDF at each quantile (sdxl: timestep int(q * 1000); cosmos: the "
+                    "log-normal sigma), in (0, 1). The evaluation loss is their mean.")
+    microBatchSize: Optional[int] = Field(default=None, ge=1, le=1024,
+                                          description="Samples per rank per evaluation forward. Unset: "
+                                                      "training.microBatchSize.")
+
+    @field_validator("quantiles")
+    @classmethod
+    def _quantiles(cls, v: list[float]) -> list[float]:
+        if not all(0.0 < q < 1.0 for q in v):
+            raise ValueError("each quantile is in (0, 1) exclusive, e.g. [0.1, 0.5, 0.9]")
+        if len(set(v)) != len(v):
+            raise ValueError("a quantile is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _sources(self) -> "EvaluationSpec":
+        for i, s in enumerate(self.sources):
+            for f in EVAL_SOURCE_UNUSED:
+                if getattr(s, f) != SourceSpec.model_fields[f].default:
+                    raise ValueError(f"evaluation.sources[{i}].{f}: evaluation items are each evaluated once, with "
+                                     "their first caption, unshuffled and never dropped; remove it")
+            if s.maskUri is not None and s.maskUri.rstrip("/") == s.uri.rstrip("/"):
+                raise ValueError(f"evaluation.sources[{i}].maskUri: the masks need a folder of their own: move them, "
+                                 f"e.g. to {s.uri.rstrip('/')}/masks")
+            if s.resolutions is not None and any(r < 16 or r > 4096 or r % 16 for r in s.resolutions):
+                raise ValueError(f"evaluation.sources[{i}].resolutions: each is a square side in pixels, 16..4096 and "
+                                 "a multiple of 16")
+        return self
+
+    def uri_fields(self) -> dict[str, str]:
+        """{field path: URI} of every evaluation folder, masks included."""
+        return {f"evaluation.sources[{i}].{f}": u for i, s in enumerate(self.sources)
+                for f, u in (("uri", s.uri), ("maskUri", s.maskUri)) if u}
+
+
+def check_evaluation(spec: "LoRATrainingJobSpec") -> Optional[str]:
+    """What the evaluation section cannot do with the rest of the spec, naming the field. Pure."""
+    ev, d = spec.evaluation, spec.dataset
+    if ev is None:
+        return None
+    from .families import check_eval_sources
+    problem = check_eval_sources(spec.model.type, ev.sources)
+    if problem:
+        return problem
+    for i, s in enumerate(ev.sources):
+        if s.resolutions is not None and d.width is not None:
+            return (f"evaluation.sources[{i}].resolutions: dataset.width/height fix one size for every source; "
+                    "remove one of them")
+    if d.cacheUri is not None:
+        cache = d.cacheUri.rstrip("/")
+        for field, u in ev.uri_fields().items():
+            data = u.rstrip("/")
+            if cache == data or cache.startswith(data + "/") or data.startswith(cache + "/"):
+                return (f"dataset.cacheUri ({d.cacheUri}) and {field} ({u}) overlap: the cache would be staged as "
+                        f"evaluation data, or the data pushed as cache; use a prefix of its own")
+    return None
+
+
 class LoRATrainingJobSpec(_Model):
     """Desired state of a LoRA training run."""
     model: ModelSpec = Field(description="Base model to adapt.")
@@ -584,6 +663,10 @@ class LoRATrainingJobSpec(_Model):
     samples: Optional[SamplesSpec] = Field(
         default=None, description="Sample images or videos during training (under output.uri/samples/step-N/, shown "
                                   "in report.html). Unset: no sampling, at no cost.")
+    evaluation: Optional[EvaluationSpec] = Field(
+        default=None, description="A held-out loss at fixed timesteps, for choosing a checkpoint (the training "
+                                  "loss of a diffusion model is too noisy to read): logged, in the metrics, "
+                                  "progress.json, manifest.json and report.html. Unset: none.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "LoRATrainingJobSpec":
@@ -601,6 +684,9 @@ class LoRATrainingJobSpec(_Model):
             raise ValueError("dataset.cacheOnly builds the cache and trains nothing, so spec.samples would never be made: "
                              "remove one of them")
         problem = ignored_settings(self)
+        if problem:
+            raise ValueError(problem)
+        problem = check_evaluation(self)
         if problem:
             raise ValueError(problem)
         from .sample_plan import check_samples
@@ -647,13 +733,13 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
             return (f"resources.{kind}['{gpu}'] is set from resources.gpusPerNode "
                     f"({spec.resources.gpusPerNode}); remove it and set gpusPerNode")
     out = spec.output.uri.rstrip("/")
-    for i, (uri, mask) in enumerate(zip(spec.dataset.uris, spec.dataset.mask_uris)):
-        for field, u in (("uri", uri), ("maskUri", mask)):
-            data = (u or "").rstrip("/")
-            if data and (out == data or out.startswith(data + "/")):
-                where = f"dataset.{field}" if spec.dataset.uri is not None else f"dataset.sources[{i}].{field}"
-                return (f"output.uri ({spec.output.uri}) is inside {where} ({u}): outputs would be "
-                        f"mixed with the training data; write them elsewhere")
+    data_fields = {**spec.dataset.uri_fields(), **(spec.evaluation.uri_fields() if spec.evaluation else {})}
+    for where, u in data_fields.items():
+        data = u.rstrip("/")
+        if out == data or out.startswith(data + "/"):
+            return (f"output.uri ({spec.output.uri}) is inside {where} ({u}): outputs would be "
+                    f"mixed with the {'evaluation' if where.startswith('evaluation') else 'training'} data; write "
+                    f"them elsewhere")
     return None
 
 

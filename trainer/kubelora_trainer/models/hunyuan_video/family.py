@@ -368,12 +368,12 @@ class HunyuanVideo:
     def _template(info, image: bool) -> dict:
         return info["image_template"] if image else info["template"]
 
-    def loss(self, comps, batch, model_spec, training_spec, generator):
+    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None):
         tr = comps.trainable["transformer"]
         x0 = batch["latents"].float()
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device)
+        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device, quantile)
         xt, target = flow_matching_pair(x0, noise, t)
         dtype = batch["prompt_embeds"].dtype
         guidance = None

@@ -182,7 +182,7 @@ class LTXVideo:
         return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": embeds[i].cpu(), "prompt_mask": mask[i].cpu()}
                 for i in range(len(captions))]
 
-    def loss(self, comps, batch, model_spec, training_spec, generator):
+    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None):
         from diffusers import LTXPipeline
 
         tr = comps.trainable["transformer"]
@@ -190,7 +190,7 @@ class LTXVideo:
         x0 = batch["latents"].float()
         b, _, f, h, w = x0.shape
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device)
+        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device, quantile)
         xt, target = flow_matching_pair(x0, noise, t)
         dtype = batch["prompt_embeds"].dtype
         p, pt = info["patch"], info["patch_t"]
