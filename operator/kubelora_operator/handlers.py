@@ -328,6 +328,10 @@ def _sync(body: dict, changes: Changes) -> None:
     job = kube.get_job(namespace, name)
     if job is None:
         return _recreate(body, changes, name, namespace, job_spec, previous)
+    if previous.get("restartedJob") and previous["restartedJob"] == (job.get("metadata") or {}).get("uid"):
+        # a gang restart recorded but its Job not deleted (the operator stopped in between): delete it now
+        kube.delete_job(namespace, name, owner_uid=meta["uid"])
+        return
     pods = st.own_pods(kube.job_pods(namespace, name), job) if st.needs_pods(job) else []
     disruption = st.disrupted(pods)
     held = st.deciding(previous, job)
@@ -454,18 +458,33 @@ def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, 
     `held`: the failure was being decided (status.gangFailure): decided now, once."""
     problem = st.pod_problem(pods)
     why = problem[1] if problem else f"{(job.get('status') or {}).get('failed')} pod(s) failed"
-    restarts, counted, limit = int(previous.get("restarts") or 0), st.counted_restarts(previous), job_spec.runPolicy.backoffLimit
+    if action != "fail":
+        _restart_gang_status(body, changes, job_spec, job, previous, action, disruption, why, held)
+        # the restart is recorded before the Job goes: an operator stopped between the two deletes
+        # the Job at its next sync (status.restartedJob) instead of counting the failure again
+        kube.patch_status(namespace, name, changes.status)
     kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
+    if action == "fail":
+        if previous.get("gangFailure"):
+            changes.status["gangFailure"] = None
+        counted, limit = st.counted_restarts(previous), job_spec.runPolicy.backoffLimit
+        _fail(body, changes, "BackoffLimitExceeded",
+              f"the run failed after {counted} gang restart(s) (runPolicy.backoffLimit {limit}): "
+              f"{why}{_after_wait(held, disruption)}")
+
+
+def _after_wait(held, disruption) -> str:
+    return " (decided after waiting for the gang's Nodes: none read lost)" if held and not disruption else ""
+
+
+def _restart_gang_status(body, changes: Changes, job_spec, job, previous, action, disruption, why, held) -> None:
+    restarts, counted, limit = int(previous.get("restarts") or 0), st.counted_restarts(previous), job_spec.runPolicy.backoffLimit
+    why += _after_wait(held, disruption)
     if previous.get("gangFailure"):
         changes.status["gangFailure"] = None
-    if held and not disruption:
-        why += " (decided after waiting for the gang's Nodes: none read lost)"
-    if action == "fail":
-        _fail(body, changes, "BackoffLimitExceeded",
-              f"the run failed after {counted} gang restart(s) (runPolicy.backoffLimit {limit}): {why}")
-        return
     changes.status["restarts"] = restarts + 1
     changes.status["restartPending"] = True
+    changes.status["restartedJob"] = (job.get("metadata") or {}).get("uid")
     nodes = job_spec.resources.nodes
     if action == "restart_uncounted":
         changes.status["disruptionRestarts"] = int(previous.get("disruptionRestarts") or 0) + 1
@@ -524,6 +543,7 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
         return
     if previous.get("restartPending"):
         changes.status["restartPending"] = None
+        changes.status["restartedJob"] = None
         changes.info("Recreated", f"created {', '.join(created) or 'nothing'} again for the gang restart")
         return
     restarts = int(previous.get("restarts") or 0) + 1

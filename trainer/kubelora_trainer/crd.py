@@ -110,6 +110,10 @@ STATUS_SCHEMA = {
                                                               "again at the next sync."},
         "trainerImage": {"type": "string", "description": "The trainer image the run started with; a Job made "
                                                           "again (gang restart) keeps it across operator upgrades."},
+        "restartedJob": {"type": "string", "description": "The uid of the Job a pending gang restart replaces: "
+                                                          "recorded before that Job is deleted, so an operator "
+                                                          "stopped in between deletes it at its next sync instead "
+                                                          "of counting the failure again."},
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
         "progress": {"type": "object", "description": "step, totalSteps, epoch, loss, samplesPerSecond, eta; samples (files written) and sampleStep with spec.samples; evalLoss and evalStep (the last held-out evaluation) with spec.evaluation; gpuPeakGiB on GPUs.",
