@@ -63,6 +63,8 @@ def test_defaults_are_filled():
     ("dataset.resolution", 500, "spec.dataset.resolution: Input should be a multiple of 16"),
     ("training.lrScheduler", "step", "spec.training.lrScheduler: got 'step'; accepted values: 'constant', 'linear' or 'cosine'"),
     ("storage.accessKey", "AKIA...", "spec.storage.accessKey: unknown field"),
+    ("resources.podAnnotations", {"karpenter.sh/do not disrupt": "true"},
+     "spec.resources.podAnnotations: 'karpenter.sh/do not disrupt' is not an annotation key"),
 ])
 def test_invalid_fields_are_named(path, value, expect):
     with pytest.raises(SpecError) as e:

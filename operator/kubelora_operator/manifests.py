@@ -260,7 +260,8 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
             {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                  "values": [PEER_STOPPED_EXIT_CODE]}},
         ]},
-        "template": {"metadata": {"labels": labels(name)}, "spec": pod_spec},
+        "template": {"metadata": {"labels": labels(name), **({"annotations": dict(r.podAnnotations)} if r.podAnnotations else {})},
+                     "spec": pod_spec},
     }
     if rp.activeDeadlineSeconds:
         job_spec["activeDeadlineSeconds"] = rp.activeDeadlineSeconds

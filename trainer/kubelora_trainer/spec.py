@@ -483,6 +483,10 @@ class StorageSpec(_Model):
         description="Name of a Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (mounted into the pods). Never put keys in the spec.")
 
 
+QUALIFIED_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
 class ResourcesSpec(_Model):
     nodes: int = Field(default=1, ge=1, le=512, description="Number of nodes (pods), one torchrun agent each.")
     gpusPerNode: int = Field(default=1, ge=0, le=16, description="GPUs per node = training processes per node; 0 trains on CPU.")
@@ -492,9 +496,10 @@ class ResourcesSpec(_Model):
                     "nvidia.com/mig-3g.40gb (the NVIDIA device plugin's mixed strategy).")
     serviceAccountName: Optional[str] = Field(
         default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-        description="The trainer pods' ServiceAccount, for IRSA or GKE/Azure workload identity to reach S3 instead of "
-                    "storage.credentialsSecret (the pods still mount no Kubernetes API token). Default: the "
-                    "namespace's default ServiceAccount.")
+        description="The trainer pods' ServiceAccount, for AWS IRSA or EKS Pod Identity to reach S3 instead of "
+                    "storage.credentialsSecret (boto3 finds those credentials itself; the pods still mount no "
+                    "Kubernetes API token). GKE and Azure workload identity give no S3 credentials: GCS's S3 "
+                    "interface needs HMAC keys in a credentialsSecret. Default: the namespace's default ServiceAccount.")
     image: Optional[str] = Field(default=None, description="Trainer image; defaults to the operator's configured image.")
     requests: dict[str, str] = Field(default_factory=dict, description="Extra container resource requests (cpu, memory, ...).")
     limits: dict[str, str] = Field(default_factory=dict, description="Extra container resource limits.")
@@ -504,6 +509,22 @@ class ResourcesSpec(_Model):
     schedulerName: Optional[str] = Field(default=None, description="Pod schedulerName (e.g. for gang scheduling).")
     cacheVolumeClaim: Optional[str] = Field(
         default=None, description="PVC for the model/data cache; an emptyDir when unset.")
+    podAnnotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Annotations on the trainer pods, e.g. karpenter.sh/do-not-disrupt: \"true\" (Karpenter's "
+                    "consolidation and drift then leave a running job's nodes alone) or "
+                    "cluster-autoscaler.kubernetes.io/safe-to-evict: \"false\".")
+
+    @field_validator("podAnnotations")
+    @classmethod
+    def _annotation_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            prefix, _, name = key.rpartition("/")
+            if not (QUALIFIED_NAME.fullmatch(name) and len(name) <= 63
+                    and (not prefix or (DNS_SUBDOMAIN.fullmatch(prefix) and len(prefix) <= 253))):
+                raise ValueError(f"{key!r} is not an annotation key: [prefix/]name, the name at most 63 letters, "
+                                 "digits, '-', '_' or '.' (alphanumeric at both ends), the prefix a DNS subdomain")
+        return v
 
 
 class RunPolicySpec(_Model):
