@@ -326,6 +326,10 @@ def test_a_gang_restart_after_a_lost_node_is_not_counted_against_the_backoff_lim
         st = wait_for(lambda: phase(kube, "lost") == "Failed" and ltj(kube, "lost")["status"], timeout=60)
     assert st["reason"] == "BackoffLimitExceeded" and "after 0 gang restart(s)" in st["message"], st
     assert "exited with code 1" in st["message"], st
+    # the failed run's Job stays, suspended (its peers stopped), with the crashed pod and its logs
+    job = kube.get("batch/v1/jobs", "default", "lost")
+    assert job["metadata"]["uid"] == again["metadata"]["uid"] and job["spec"]["suspend"] is True, job
+    assert kube.get("v1/pods", "default", f"lost-0-{again['metadata']['uid'][:5]}") is not None
     events = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "lost"]
     restart = next(e["message"] for e in events if e["reason"] == "GangRestart")
     assert "not counted against runPolicy.backoffLimit" in restart and "DeletionByTaintManager" in restart, restart

@@ -453,7 +453,8 @@ def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, 
                   disruption: str | None = None, held: dict | None = None) -> None:
     """A pod of a multi-node run failed: delete the whole Job (its pods go too) and make it again
     at the next sync, so every node starts together on a fresh rendezvous and resumes from the
-    newest checkpoint; or fail the run once runPolicy.backoffLimit restarts are spent. A restart
+    newest checkpoint; or fail the run once runPolicy.backoffLimit restarts are spent (the Job is
+    then suspended, not deleted: its failed pods keep their logs). A restart
     after a disruption (a node lost or drained under the run) is not counted against the limit.
     `held`: the failure was being decided (status.gangFailure): decided now, once."""
     problem = st.pod_problem(pods)
@@ -463,7 +464,13 @@ def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, 
         # the restart is recorded before the Job goes: an operator stopped between the two deletes
         # the Job at its next sync (status.restartedJob) instead of counting the failure again
         kube.patch_status(namespace, name, changes.status)
-    kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
+    if action == "fail" and not manifests.kueue_queue((job.get("metadata") or {}).get("labels")):
+        # the run is over: suspending the Job stops the peers still running and keeps the failed pods,
+        # so `kubectl logs` still shows why (ttlSecondsAfterFinished deletes them). Not a Job queued
+        # in Kueue: Kueue would take a suspended Job for preempted and queue it again
+        kube.set_job_suspend(namespace, name, True)
+    else:
+        kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
     if action == "fail":
         if previous.get("gangFailure"):
             changes.status["gangFailure"] = None
