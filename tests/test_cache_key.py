@@ -81,3 +81,21 @@ def test_model_fingerprint_sees_a_replaced_file(tmp_path):
     before = model_fingerprint(paths)
     (tmp_path / "m" / "vae.safetensors").write_bytes(b"x" * 11)
     assert model_fingerprint(paths) != before
+
+
+def test_the_dropout_entry_is_keyed_apart_from_an_empty_caption_only_where_encoded_apart():
+    """HunyuanVideo encodes caption dropout with the image template and a clip's own empty caption
+    with the video one (FamilyRules.dropout_text): the two entries of one unit get different keys.
+    Other families encode them alike and keep one key (their cached entries stay valid)."""
+    from types import SimpleNamespace
+    from kubelora_trainer import buckets as bk
+    from kubelora_trainer.dataset_phase import entry_keys
+    report = SimpleNamespace(items=[SimpleNamespace(variants=["", "a cat"])])
+    units = [bk.Unit(0, (32, 32, 5), 0, 0.0)]
+    entries = [(0, 0), (0, 1), (0, -1)]
+    hv = parse_spec({"model": {"type": "hunyuan-video", "ckptPath": "s3://bkt/hv"},
+                     "dataset": {"uri": "s3://bkt/data", "resolution": 32, "frames": 5}, "output": {"uri": "s3://bkt/out"}})
+    empty, cat, dropout = entry_keys(report, units, entries, ["00" * 8], cache_inputs(hv, "f1"))
+    assert len({empty, cat, dropout}) == 3
+    empty, cat, dropout = entry_keys(report, units, entries, ["00" * 8], cache_inputs(_spec(frames=None), "f1"))
+    assert empty == dropout != cat

@@ -245,6 +245,8 @@ def test_another_number_of_ranks_keeps_the_loss_history():
     assert loop_for_world(None, None, 4) is None
     assert loop_for_world({**two, "micro": 2}, None, 2, 2)["sampler"] == {}      # same layout: all of it
     assert loop_for_world({**two, "micro": 2}, None, 2, 1) == {"losses": [1.0, 0.9]}  # another micro-batch
+    evals = [{"step": 0, "loss": 1.2}]     # the held-out evaluations' records go along with the losses
+    assert loop_for_world(None, {**two, "evals": evals}, 4) == {"losses": [1.0, 0.9], "evals": evals}
 
 
 def test_resume_refuses_changed_settings_skips_a_corrupt_checkpoint_and_overwrite_clears_old_ones(tmp_path, tiny_flux_dir):

@@ -1,6 +1,8 @@
 """End to end: tiny Flux from S3 (SeaweedFS) to S3 on 2 torchrun processes with FSDP2 (gloo), and
 the uploaded LoRA reloaded through diffusers reproduces the trained adapter's output."""
 import json
+import math
+import re
 import socket
 import subprocess
 import sys
@@ -168,35 +170,81 @@ def _local_job(tmp_path, tiny_flux_dir, data, name, **training):
                     training={"steps": 3, "logEvery": 1, **training})
 
 
+def _held_out(d: Path) -> Path:
+    """Two captioned images unlike the training one, and one without a caption (skipped)."""
+    from PIL import Image
+    d.mkdir()
+    for i, colour in enumerate([(220, 40, 40), (40, 200, 60)]):
+        im = Image.new("RGB", (48, 48), (250, 250, 250))
+        im.paste(colour, (4 + 8 * i, 4, 36, 40))
+        im.save(d / f"e{i}.png")
+        (d / f"e{i}.txt").write_text(f"a {'red' if i == 0 else 'green'} square on a white background")
+    Image.new("RGB", (48, 48)).save(d / "nocap.png")
+    return d
+
+
 def test_parallelism_options_do_not_change_the_math(tmp_path, tiny_flux_dir, overfit_data):
     """Eager single process (autocast path), regional compile + activation checkpointing, and
     FSDP2 forced on one process with checkpointing: same losses, same exported keys. Local
-    paths (no S3) for model, data and output."""
+    paths (no S3) for model, data and output. The eager run again with a held-out evaluation
+    (spec.evaluation) trains bit-identically (the evaluation draws nothing the training draws, and
+    its items are never trained on), evaluates at steps 0, 2 and 3, and encodes only its own items."""
     env = {"KUBELORA_CACHE_DIR": str(tmp_path / "cache")}
+    held = _held_out(tmp_path / "held")
     runs = {
         "eager": ({}, {}),
         "compile_ckpt": ({"compile": True, "gradientCheckpointing": True}, {}),
         "fsdp_ckpt": ({"gradientCheckpointing": True}, {"KUBELORA_FSDP_SINGLE": "1"}),
+        "eager_eval": ({}, {}),
     }
-    hist, keys = {}, {}
+    hist, keys, tensors, out = {}, {}, {}, {}
     for name, (training, extra_env) in runs.items():
-        proc = run_trainer(_local_job(tmp_path, tiny_flux_dir, overfit_data, name, **training), {**env, **extra_env})
+        job = _local_job(tmp_path, tiny_flux_dir, overfit_data, name, **training)
+        if name == "eager_eval":
+            doc = yaml.safe_load(job.read_text())
+            doc["spec"]["evaluation"] = {"sources": [{"uri": str(held)}], "everySteps": 2, "microBatchSize": 1}
+            job.write_text(yaml.safe_dump(doc))
+        proc = run_trainer(job, {**env, **extra_env})
         assert proc.returncode == 0, name + proc.stderr[-3000:]
+        out[name] = proc.stdout
         m = json.loads((tmp_path / name / "manifest.json").read_text())
         hist[name] = [loss for _, loss in m["metrics"]["lossHistory"]]
-        from safetensors import safe_open
-        with safe_open(str(tmp_path / name / "lora.safetensors"), "pt") as f:
-            keys[name] = sorted(f.keys())
+        from safetensors.torch import load_file
+        tensors[name] = load_file(str(tmp_path / name / "lora.safetensors"))
+        keys[name] = sorted(tensors[name])
     for name in ("compile_ckpt", "fsdp_ckpt"):
         assert keys[name] == keys["eager"], name
         assert hist[name] == pytest.approx(hist["eager"], rel=1e-3), name
+    # with the evaluation: the same losses and weights, bit for bit
+    assert hist["eager_eval"] == hist["eager"]
+    assert all(torch.equal(tensors["eager_eval"][k], tensors["eager"][k]) for k in keys["eager"])
+    m = json.loads((tmp_path / "eager_eval" / "manifest.json").read_text())
+    evals = m["metrics"]["evalHistory"]
+    assert [r["step"] for r in evals] == [0, 2, 3] and all(r["items"] == 2 for r in evals)
+    assert all(len(r["quantiles"]) == 9 and math.isfinite(r["loss"]) for r in evals)
+    assert evals[0]["loss"] != evals[-1]["loss"] and m["metrics"]["evalLoss"] == evals[-1]["loss"]
+    assert m["dataset"]["evaluation"]["buckets"]["samples"] == 2
+    # the held-out folder's counts are its own: the training data's are the eager run's
+    assert m["dataset"] == {**json.loads((tmp_path / "eager" / "manifest.json").read_text())["dataset"],
+                            "evaluation": m["dataset"]["evaluation"]}
+    assert {k: v for k, v in m["dataset"]["evaluation"].items() if k != "buckets"} == {
+        "items": 2, "usable": 2, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 0}
+    lines = [ln for ln in out["eager_eval"].splitlines() if ln.startswith("[eval]")]
+    assert len(lines) == 3 and re.fullmatch(r"\[eval\] step 0: loss \d\.\d{4} \(q0\.1 \d\.\d{4}, .*, q0\.9 \d\.\d{4}\) "
+                                            r"over 2 items in \d+\.\d s", lines[0]), lines
+    # the training items' cache entries are the eager run's: only the held-out ones are encoded
+    assert "[cache] 3 entries: 1 cached, 2 to encode" in out["eager_eval"], out["eager_eval"]
+    assert "held-out evaluation loss" in (tmp_path / "eager_eval" / "report.html").read_text()
 
 
 def test_two_sources_aspect_ratio_buckets_on_two_ranks(tmp_path, tiny_flux_dir):
     """Two local sources (wide images x1 with loss masks for two of them, tall and square ones x2 with
     shuffled tags and caption dropout) and three bad files in aspect-ratio buckets on 2 processes:
     every micro-batch from one bucket, the bucket summary and the skips by reason in the log and
-    manifest.json, the masks in the cached samples, and the same run again encodes nothing (disk cache)."""
+    manifest.json, the masks in the cached samples, and the same run again encodes nothing (disk cache).
+    A held-out folder (spec.evaluation) of three items in two buckets, one per batch: three batches
+    over two ranks (one rank repeats one, uncounted); the base model's evaluation (step 0) is the
+    same on one rank."""
     from PIL import Image
     wide, tall, wide_masks = tmp_path / "wide", tmp_path / "tall", tmp_path / "wide-masks"
     wide.mkdir(), tall.mkdir(), wide_masks.mkdir()
@@ -217,6 +265,11 @@ def test_two_sources_aspect_ratio_buckets_on_two_ranks(tmp_path, tiny_flux_dir):
     (tall / "captions.json").write_text(json.dumps({"t0.png": "tall, red, thin", "t1.png": "tall, pink, thin",
                                                     "sq.png": "square, green", "empty.png": "x", "fake.jpg": "y"}))
     Image.new("RGB", (64, 64)).save(tall / "nocap.png")          # not in captions.json: skipped, counted
+    held = tmp_path / "held"
+    held.mkdir()
+    for i, size in enumerate([(96, 48), (96, 48), (64, 64)]):
+        Image.new("RGB", size, (40 * i, 120, 90)).save(held / f"h{i}.png")
+        (held / f"h{i}.txt").write_text(f"held out {i}")
     job = manifest(tmp_path / "job.yaml", "unused", model={"diffusersPath": str(tiny_flux_dir)},
                    dataset={"sources": [{"uri": str(wide), "maskUri": str(wide_masks)},
                                         {"uri": str(tall), "repeats": 2, "shuffleTags": True, "shuffleVariants": 2,
@@ -226,13 +279,16 @@ def test_two_sources_aspect_ratio_buckets_on_two_ranks(tmp_path, tiny_flux_dir):
                    output={"uri": str(tmp_path / "out")})
     doc = yaml.safe_load(job.read_text())
     del doc["spec"]["dataset"]["uri"], doc["spec"]["dataset"]["resolution"]
+    doc["spec"]["evaluation"] = {"sources": [{"uri": str(held)}], "everySteps": 3, "microBatchSize": 1,
+                                 "quantiles": [0.25, 0.75]}
     job.write_text(yaml.safe_dump(doc))
     env = {"KUBELORA_CACHE_DIR": str(tmp_path / "cache")}
     proc = run_trainer(job, env, nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[data] 6 usable items" in proc.stdout and "bucket 48x16x1: 3 samples" in proc.stdout, proc.stdout
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert m["dataset"] == {"usable": 6, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 3,
+    assert {k: v for k, v in m["dataset"].items() if k != "evaluation"} == {
+                            "usable": 6, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 3,
                             "skipped": {"captionNotUtf8": 1, "emptyFile": 1, "wrongExtension": 1},
                             "masked": 2, "unmasked": 4}
     assert f"[data] skipped {tall / 'fake.jpg'}: wrongExtension" in proc.stdout, proc.stdout
@@ -250,16 +306,22 @@ def test_two_sources_aspect_ratio_buckets_on_two_ranks(tmp_path, tiny_flux_dir):
     assert b["cropped"] == 5 and b["dropped"] == {}
     # 3 wide + 3 tall/square units x (2 shuffled variants + the empty caption), split over 2 ranks;
     # t0.png and sq.png get the same shuffled caption twice (seed 1): one entry each
-    assert "[cache] 10 entries: 0 cached, 10 to encode" in proc.stdout, proc.stdout
-    assert "[cache] 10 entries ready on every rank: 10 encoded, 0 were cached\n" in proc.stdout, [  # one folder
+    # + the 3 held-out items (one caption each)
+    assert "[cache] 13 entries: 0 cached, 13 to encode" in proc.stdout, proc.stdout
+    assert "[cache] 13 entries ready on every rank: 13 encoded, 0 were cached\n" in proc.stdout, [  # one folder
         ln for ln in proc.stdout.splitlines() if ln.startswith("[cache]")]
+    evals = m["metrics"]["evalHistory"]
+    assert [(r["step"], r["items"]) for r in evals] == [(0, 3), (3, 3), (6, 3)]
+    assert m["dataset"]["evaluation"]["buckets"]["buckets"].keys() == {"32x32x1", "48x16x1"}
 
-    # the same data again: every sample from the disk cache
+    # the same data again, on one rank: every sample from the disk cache, the same base-model evaluation
     import shutil
     shutil.rmtree(tmp_path / "out")
-    proc = run_trainer(job, env, nproc=2)
+    proc = run_trainer(job, env, nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[cache] 10 entries: 10 cached, 0 to encode; the VAE and text encoders are not loaded" in proc.stdout
+    assert "[cache] 13 entries: 13 cached, 0 to encode; the VAE and text encoders are not loaded" in proc.stdout
+    one = json.loads((tmp_path / "out" / "manifest.json").read_text())["metrics"]["evalHistory"][0]
+    assert one["step"] == 0 and one["quantiles"] == pytest.approx(evals[0]["quantiles"], rel=1e-6)
 
 
 def test_the_guidance_bypass_ignores_guidance_in_training_and_when_sampling(tiny_flux_dir):

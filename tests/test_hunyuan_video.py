@@ -471,10 +471,11 @@ def test_trimmed_unmasked_attention_gives_the_masked_result():
 
 # ---------------------------------------------------------------- checkpoint layouts
 
-def test_images_and_the_empty_caption_use_the_image_template_clips_the_video_one(tiny_hv):
-    """As HunyuanVideo's code and diffusion-pipe: one-frame items and the empty caption (caption
-    dropout) are encoded with the image template ("Describe the image ..."), clips with the video
-    one; samples alike, by their frames."""
+def test_one_frame_items_and_caption_dropout_use_the_image_template_clips_the_video_one(tiny_hv):
+    """As HunyuanVideo's code and diffusion-pipe: one-frame items and the caption-dropout entry are
+    encoded with the image template ("Describe the image ..."), clips with the video one, a clip whose
+    own caption is empty included (diffusion-pipe encodes it as a video; only its uncond embedding is
+    an image's); samples alike, by their frames."""
     import types
     from kubelora_trainer.models.hunyuan_video.family import MAX_TOKENS
     comps = FAMILY.load(types.SimpleNamespace(dtype="float32"), {k: str(v) for k, v in tiny_hv.items() if k != "root"},
@@ -489,18 +490,74 @@ def test_images_and_the_empty_caption_use_the_image_template_clips_the_video_one
     caption = "a red square sliding right"
     g = torch.Generator().manual_seed(0)
     (image,) = FAMILY.encode(comps, torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, [caption])
-    clip, empty = FAMILY.encode(comps, torch.rand(1, 3, 5, 32, 32, generator=g) * 2 - 1, [caption, ""])
+    clip, empty, dropout = FAMILY.encode(comps, torch.rand(1, 3, 5, 32, 32, generator=g) * 2 - 1, [caption, "", ""],
+                                         dropout=[False, False, True])
     for enc, (caption_, template) in ((image, (caption, info["image_template"])), (clip, (caption, info["template"])),
-                                      (empty, ("", info["image_template"]))):
+                                      (empty, ("", info["template"])), (dropout, ("", info["image_template"]))):
         e, p = want(caption_, template)
         n = int(enc["prompt_mask"].sum())
         torch.testing.assert_close(enc["prompt_embeds"][:n], e[:n])
         torch.testing.assert_close(enc["pooled"], p)
     assert not torch.allclose(image["prompt_embeds"], clip["prompt_embeds"])
-    kit = FAMILY.sampling_kit(comps, [{"prompt": caption, "frames": 1}, {"prompt": caption, "frames": 5}])
-    assert [t["template"] for t in kit["templates"]] == [info["image_template"]["template"], info["template"]["template"]]
+    assert not torch.allclose(empty["prompt_embeds"], dropout["prompt_embeds"])
+    kit = FAMILY.sampling_kit(comps, [{"prompt": caption, "frames": 1}, {"prompt": caption, "frames": 5},
+                                      {"prompt": "", "frames": 5}])
+    assert [t["template"] for t in kit["templates"]] == [info["image_template"]["template"],
+                                                         info["template"]["template"], info["template"]["template"]]
     torch.testing.assert_close(kit["embeds"][0]["prompt_embeds"][0], image["prompt_embeds"])
     torch.testing.assert_close(kit["embeds"][1]["prompt_embeds"][0], clip["prompt_embeds"])
+
+
+def test_the_cache_encodes_a_clips_dropout_entry_with_the_image_template_and_its_empty_caption_not(
+        tiny_hv, tmp_path, monkeypatch):
+    """dataset_phase.encode_missing tells the family which entry is the caption dropout: a clip with
+    an empty caption and dropout gets two entries, under two keys, with the two templates."""
+    import types
+    from kubelora_trainer import dist
+    from kubelora_trainer import buckets as bk
+    from kubelora_trainer.cache import cache_inputs, load_entry
+    from kubelora_trainer.data import Item, ScanReport
+    from kubelora_trainer.dataset_phase import encode_missing, entry_keys, sample_entries
+    from kubelora_trainer.spec import parse_spec
+    monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
+    write_video(tmp_path / "slide.mp4", sliding_square(5))
+    spec = parse_spec({"model": {"type": "hunyuan-video", "ckptPath": "/m", "dtype": "float32"},
+                       "dataset": {"uri": "/d", "resolution": 32, "frames": 5}, "output": {"uri": "/o"}})
+    report = ScanReport(items=[Item(tmp_path / "slide.mp4", "", ("",), dropout=0.5)])
+    units = [bk.Unit(0, (32, 32, 5), 0, 0.0)]
+    entries = sample_entries(report, units)
+    digests = ["ab" * 16]
+    keys = entry_keys(report, units, entries, digests, cache_inputs(spec, "f"))
+    assert entries == [(0, 0), (0, -1)] and keys[0] != keys[1]
+    comps = FAMILY.load(types.SimpleNamespace(dtype="float32"), {k: str(v) for k, v in tiny_hv.items() if k != "root"},
+                        torch.device("cpu"))
+    env = dist.DistEnv(0, 1, 0, torch.device("cpu"))
+    assert encode_missing(spec, FAMILY, comps, report.items, digests, units, entries, keys, [0, 1], env) == []
+    empty, dropout = (load_entry(tmp_path / "cache", k) for k in keys)
+    pipe = comps.encoders["pipe"]
+    for got, template in ((empty, comps.info["template"]), (dropout, comps.info["image_template"])):
+        want = pipe.encode_prompt(prompt=[""], prompt_template=template, device="cpu", max_sequence_length=256)[0][0]
+        n = int(got["prompt_mask"].sum())
+        torch.testing.assert_close(got["prompt_embeds"][:n], want[:n])
+
+
+def test_the_vae_encodes_with_the_original_tiling_as_diffusion_pipe(tiny_hv):
+    """diffusion-pipe calls enable_tiling() on HunyuanVideo's own VAE: 256 px tiles 192 apart, and
+    64-frame tiles 48 apart only past 64 frames. The loaded VAE tiles so; a 17-frame clip (past
+    diffusers' 16-frame framewise default) is encoded in one piece, as the original encodes it."""
+    import types
+    comps = FAMILY.load(types.SimpleNamespace(dtype="float32"), {k: str(v) for k, v in tiny_hv.items() if k != "root"},
+                        torch.device("cpu"))
+    vae = comps.encoders["pipe"].vae
+    assert vae.use_tiling
+    assert (vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_sample_stride_height,
+            vae.tile_sample_stride_width) == (256, 256, 192, 192)
+    assert (vae.tile_sample_min_num_frames, vae.tile_sample_stride_num_frames) == (64, 48)
+    x = torch.rand(1, 3, 17, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    (enc,) = FAMILY.encode(comps, x, ["a red square"])
+    with torch.no_grad():
+        whole = vae.quant_conv(vae.encoder(x))[:, :16] * comps.info["vae_scale"]   # the mean, untiled
+    torch.testing.assert_close(enc["latents"], whole[0])
 
 
 def test_official_layout_comfyui_files_and_fp8_load_the_same_network(tmp_path, tiny_hv):

@@ -37,6 +37,7 @@ KEYS = [
     ("main", "image_micro_batch_size_per_gpu", 2, "mapped"),            # flux: every bucket is an image bucket
     ("main", "image_micro_batch_size_per_gpu", 2, "noted", "ltx-video"),  # one size for images and videos
     ("main", "eval_micro_batch_size_per_gpu", 2, "noted"),
+    ("main", "eval_micro_batch_size_per_gpu", [[512, 4]], "refused"),
     ("main", "eval_image_micro_batch_size_per_gpu", 2, "noted"),
     ("main", "eval_gradient_accumulation_steps", 2, "noted"),
     ("main", "eval_every_n_steps", 10, "noted"),
@@ -315,6 +316,24 @@ def test_sdxl_learning_rates():
         convert(main, BASE_DATASET)
 
 
+def test_sdxl_text_encoder_rates_of_zero_train_the_unet_alone():
+    """diffusion-pipe's usual UNet-only setting, text_encoder_1_lr = text_encoder_2_lr = 0: a valid
+    manifest with training.textEncoderLearningRate 0 (no LoRA on the text encoders), said in a note;
+    one rate 0 and the other not is refused naming the key; a full fine-tune drops the 0."""
+    main = copy.deepcopy(BASE_MAIN)
+    main["model"] = {"type": "sdxl", "checkpoint_path": "/m/sdxl.safetensors", "dtype": "bfloat16",
+                     "unet_lr": 4e-5, "text_encoder_1_lr": 0, "text_encoder_2_lr": 0}
+    manifest, notes = convert(main, BASE_DATASET)
+    assert parse_spec(manifest).training.textEncoderLearningRate == 0
+    assert any(n.startswith("[model] text_encoder_1_lr: 0 for both text encoders") for n in notes), notes
+    del main["adapter"]
+    assert parse_spec(convert(main, BASE_DATASET)[0]).training.textEncoderLearningRate is None
+    main["adapter"] = {"type": "lora", "rank": 16}
+    main["model"]["text_encoder_2_lr"] = 1e-5
+    with pytest.raises(ConfigError, match=r"text_encoder_2_lr: .*give them the same value \(0 for both trains the UNet"):
+        convert(main, BASE_DATASET)
+
+
 def test_video_buckets_and_hunyuan_transformer_override():
     main = copy.deepcopy(BASE_MAIN)
     main["model"] = {"type": "hunyuan-video", "ckpt_path": "/m/hv", "transformer_path": "/m/hv-fp8.safetensors",
@@ -355,6 +374,37 @@ def test_several_directories_become_sources_with_their_own_repeats_and_overrides
     with pytest.raises(ConfigError, match=r"\[\[directory\]\] enable_ar_bucket: '/data/more' sets dataset.enableArBucket "
                                           "differently"):
         convert(BASE_MAIN, ds)
+
+
+def test_frame_buckets_are_rounded_down_to_the_familys_rule_as_diffusion_pipe_aligns_them():
+    """diffusion-pipe's align_frames rounds a bucket down to 4k+1 (HunyuanVideo) or 8k+1 (LTX-Video);
+    the manifest gets those counts, valid, with a note naming the key."""
+    for model_type, given, want, moved in (("hunyuan-video", [1, 32, 33, 34], [1, 29, 33], "32 frames train as 29"),
+                                           ("ltx-video", [24, 33], [1, 17, 33], "24 frames train as 17")):
+        main, ds = _with("dataset", "frame_buckets", given, model_type)
+        manifest, notes = convert(main, ds)
+        assert parse_spec(manifest).dataset.frameBuckets == want
+        named = [n for n in notes if n.startswith("dataset frame_buckets: ")]
+        assert len(named) == 1 and moved in named[0], notes
+    main, ds = _with("directory", "frame_buckets", [1, 32], "hunyuan-video")
+    ds["directory"].append({"path": "/data/more"})
+    manifest, notes = convert(main, ds)
+    assert parse_spec(manifest).dataset.sources[0].frameBuckets == [1, 29]
+    assert any(n.startswith("[[directory]] frame_buckets: 32 frames train as 29") for n in notes), notes
+    main, ds = _base("ltx-video")
+    ds = {"size_buckets": [[512, 512, 40]], "directory": [{"path": "/d"}]}
+    manifest, notes = convert(main, ds)
+    assert parse_spec(manifest).dataset.frames == 33
+    assert any(n.startswith("dataset size_buckets: 40 frames train as 33") for n in notes), notes
+
+
+def test_adapter_alpha_is_mapped_saying_diffusion_pipe_would_refuse_it():
+    main, ds = _with("adapter", "alpha", 32)
+    manifest, notes = convert(main, ds)
+    assert parse_spec(manifest).adapter.alpha == 32
+    assert [n for n in notes if n.startswith("[adapter] alpha: ")] == [
+        "[adapter] alpha: mapped to adapter.alpha 32; diffusion-pipe would not have run this config (it refuses alpha "
+        "and trains with alpha = rank): remove the key from the manifest to train as it does"]
 
 
 def test_mask_path_becomes_mask_uri_of_its_directory():
@@ -825,3 +875,34 @@ def test_cli_counts_epochs_in_a_local_dataset(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "steps: 32" in p.stdout and "note: epochs: training.steps 32 = 4 epochs x 16 samples" in p.stderr
     assert "warmupSteps: 32" in p.stdout and "warmup_steps: 100 is more than the 32 steps; capped" in p.stderr, p.stderr
+
+
+def test_eval_datasets_become_the_evaluation_section():
+    """diffusion-pipe's eval_datasets (each eval dataset TOML's [[directory]] folders) and eval_* keys ->
+    spec.evaluation; eval_every_n_examples as diffusion-pipe computes it, per GPU."""
+    main = {**copy.deepcopy(BASE_MAIN), "micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+            "eval_datasets": [{"name": "held", "config": "eval.toml"}, "more.toml"],
+            "eval_every_n_examples": 100, "eval_every_n_epochs": 2, "eval_before_first_step": False,
+            "eval_micro_batch_size_per_gpu": 1, "eval_gradient_accumulation_steps": 4}
+    tomls = [("eval.toml", {"resolutions": [512], "directory": [{"path": "held/a", "mask_path": "/m/a"},
+                                                              {"path": "/data/b", "num_repeats": 3}]}),
+             ("more.toml", None)]
+    manifest, notes = convert(main, copy.deepcopy(BASE_DATASET), cwd="/home/u/dp", path_map={"/data": "s3://bkt"},
+                              eval_tomls=tomls)
+    ev = parse_spec(manifest).evaluation
+    assert [(s.uri, s.maskUri) for s in ev.sources] == [("/home/u/dp/held/a", "/m/a"), ("s3://bkt/b", None)]
+    assert (ev.everySteps, ev.everyEpochs, ev.beforeFirstStep, ev.microBatchSize) == (25, 2, False, 1)
+    said = "\n".join(notes)
+    assert "eval_every_n_examples: 100 examples: evaluation.everySteps 25 (= 100 // 4" in said
+    assert "eval.toml: num_repeats, resolutions not read" in said and "more.toml not read" in said
+    assert "eval_gradient_accumulation_steps: batching only" in said
+    # without eval_datasets the eval keys say that nothing is evaluated
+    manifest, notes = convert({**copy.deepcopy(BASE_MAIN), "eval_every_n_steps": 5}, copy.deepcopy(BASE_DATASET))
+    assert "evaluation" not in manifest["spec"] and "eval_every_n_steps: no eval_datasets: no evaluation runs" in notes
+
+
+def test_cli_reads_the_eval_dataset_tomls(tmp_path):
+    from kubelora_trainer.import_config import load_eval_tomls
+    (tmp_path / "eval.toml").write_text("[[directory]]\npath = '/data/held'\n")
+    got = load_eval_tomls({"eval_datasets": [{"name": "e", "config": "eval.toml"}, "gone.toml"]}, tmp_path)
+    assert got == [("eval.toml", {"directory": [{"path": "/data/held"}]}), ("gone.toml", None)]

@@ -233,6 +233,37 @@ def test_captions_keep_256_t5_tokens(tiny_ltx_dir):
     assert int(short_enc["prompt_mask"].sum()) == len(tok("a blue square").input_ids)
 
 
+def test_t5_runs_with_the_caption_mask_in_training_and_samples(tiny_ltx_dir):
+    """As the original LTX pipeline diffusion-pipe calls (text_encoder(ids, attention_mask=mask)), not
+    diffusers' LTXPipeline.encode_prompt (T5 without the mask): the cached caption embeddings and the
+    sample prompts' (and negative prompts') are T5's with the mask over 256 max-length-padded tokens."""
+    from types import SimpleNamespace
+    from kubelora_trainer.models import get_family
+    fam = get_family("ltx-video")
+    comps = fam.load(SimpleNamespace(dtype="float32"), {"diffusersPath": str(tiny_ltx_dir)}, torch.device("cpu"))
+    pipe = comps.encoders["pipe"]
+
+    def reference(text):
+        t = pipe.tokenizer([text], padding="max_length", max_length=256, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            return pipe.text_encoder(t.input_ids, attention_mask=t.attention_mask)[0][0], t.attention_mask[0].bool()
+    caption = "a red square moving right"
+    (enc,) = fam.encode(comps, torch.zeros(1, 3, 1, 32, 32), [caption])
+    want, mask = reference(caption)
+    assert torch.equal(enc["prompt_mask"], mask)
+    n = int(mask.sum())
+    torch.testing.assert_close(enc["prompt_embeds"][:n], want[:n])
+    kit = fam.sampling_kit(comps, [{"prompt": caption, "negativePrompt": "blurry", "guidance": 3.0},
+                                   {"prompt": caption, "negativePrompt": None, "guidance": 1.0}])
+    cfg, plain = kit["embeds"]
+    torch.testing.assert_close(cfg["prompt_embeds"][0], enc["prompt_embeds"])
+    neg, neg_mask = reference("blurry")
+    assert torch.equal(cfg["negative_prompt_attention_mask"][0], neg_mask)
+    m = int(neg_mask.sum())
+    torch.testing.assert_close(cfg["negative_prompt_embeds"][0][:m], neg[:m])
+    assert "negative_prompt_embeds" not in plain and torch.equal(plain["prompt_attention_mask"][0], mask)
+
+
 def test_text_padding_is_trimmed_and_a_full_mask_dropped_with_the_same_loss(tiny_ltx_dir):
     """Padded text keys are masked out anyway: the loss with the trimmed, unmasked text equals the
     transformer's loss with the whole padded text and its mask; with every caption filling the

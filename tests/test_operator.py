@@ -194,12 +194,14 @@ def test_invalid_manifests_are_refused_or_failed_and_the_operator_stays_healthy(
 
 def test_a_name_held_by_someone_else_is_never_adopted(cluster, kubectl):
     """A user's own ConfigMap named <job>-spec: the job fails with NameConflict, the ConfigMap is
-    untouched and nothing else is created."""
+    untouched and nothing else is created, also when the failed job's TTL cleanup runs (it deletes
+    only what the job owns)."""
     kube = cluster
     apply(kubectl, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "taken-spec"}, "data": {"mine": "yes"}})
     with operator():
-        assert apply(kubectl, manifest("taken")).returncode == 0
+        assert apply(kubectl, manifest("taken", runPolicy__ttlSecondsAfterFinished=0)).returncode == 0
         st = wait_for(lambda: phase(kube, "taken") == "Failed" and ltj(kube, "taken")["status"], timeout=30)
+        wait_for(lambda: ltj(kube, "taken")["status"].get("childrenDeleted"), timeout=60)
     assert st["reason"] == "NameConflict" and "ConfigMap 'taken-spec' already exists" in st["message"], st
     assert kube.get("v1/configmaps", "default", "taken-spec")["data"] == {"mine": "yes"}
     assert kube.get("batch/v1/jobs", "default", "taken") is None
@@ -354,6 +356,10 @@ def test_a_gang_restart_after_a_lost_node_is_not_counted_against_the_backoff_lim
         st = wait_for(lambda: phase(kube, "lost") == "Failed" and ltj(kube, "lost")["status"], timeout=60)
     assert st["reason"] == "BackoffLimitExceeded" and "after 0 gang restart(s)" in st["message"], st
     assert "exited with code 1" in st["message"], st
+    # the failed run's Job stays, suspended (its peers stopped), with the crashed pod and its logs
+    job = kube.get("batch/v1/jobs", "default", "lost")
+    assert job["metadata"]["uid"] == again["metadata"]["uid"] and job["spec"]["suspend"] is True, job
+    assert kube.get("v1/pods", "default", f"lost-0-{again['metadata']['uid'][:5]}") is not None
     events = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "lost"]
     restart = next(e["message"] for e in events if e["reason"] == "GangRestart")
     assert "not counted against runPolicy.backoffLimit" in restart and "DeletionByTaintManager" in restart, restart
@@ -400,6 +406,72 @@ def test_a_gang_failure_while_a_pods_node_is_not_ready_is_not_counted(cluster, k
     events = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "unready"]
     restart = next(e["message"] for e in events if e["reason"] == "GangRestart")
     assert lost in restart and "not counted against runPolicy.backoffLimit" in restart, restart
+
+
+def test_a_gang_failure_before_its_lost_node_reads_not_ready_is_decided_when_it_does(cluster, kubectl, monkeypatch):
+    """A node is lost and its peer fails at once (a NCCL transport error), while the lost node's
+    Node still reads Ready (the node lifecycle controller marks it Unknown 40-50 s later): the
+    failure is not charged yet (GangFailureDeciding, status.gangFailure), the Job is left alone,
+    the Job controller failing it for its own backoffLimit meanwhile does not fail the run, an
+    operator restart goes on with the same decision, and once the Node reads Unknown the gang
+    restarts uncounted. A second crash, on Ready nodes, is counted once the grace has passed."""
+    from datetime import datetime, timezone
+    from kubelora_operator import handlers
+    kube = cluster
+    crashed = {"phase": "Failed", "containerStatuses": [
+        {"name": "trainer", "image": "kubelora/trainer", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}
+
+    def crash(job):  # after its peer was made: a pod made after the failure cannot explain it
+        ended = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        crashed["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = ended
+        _pod_of(kubectl, job, 0, crashed, node="gpu-a")
+        return ended
+    _node(kubectl, "gpu-a", "True", "KubeletReady")
+    _node(kubectl, "gpu-c", "True", "KubeletReady")
+
+    def status():
+        return ltj(kube, "nccl").get("status") or {}
+    with operator():
+        assert apply(kubectl, manifest("nccl", resources__nodes=2, runPolicy__backoffLimit=1)).returncode == 0
+        first = wait_for(lambda: kube.get("batch/v1/jobs", "default", "nccl"), timeout=30)
+        wait_for(lambda: phase(kube, "nccl") == "Pending", timeout=30)
+        _pod_of(kubectl, first, 1, {"phase": "Running"}, node="gpu-c")
+        ended = crash(first)
+        kubectl("patch", "job", "nccl", "--subresource=status", "--type=merge",
+                "-p", '{"status":{"active":1,"failed":1}}', check=True)
+        st = wait_for(lambda: status().get("reason") == "GangFailureDeciding" and status(), timeout=30)
+        held = st["gangFailure"]
+        assert held["job"] == first["metadata"]["uid"] and held["since"] <= ended, st
+        assert "nccl-1-" in st["message"] and "not counted against runPolicy.backoffLimit" in st["message"], st
+        # the Job controller fails the Job for its own backoffLimit meanwhile
+        kubectl("patch", "job", "nccl", "--subresource=status", "--type=merge", "-p", json.dumps({"status": {
+            "active": 0, "failed": 3, "conditions": [{"type": "Failed", "status": "True",
+                                                       "reason": "BackoffLimitExceeded"}]}}), check=True)
+    with operator():  # restarted: the decision goes on from the status
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "nccl")["status"].get("failed") == 3, timeout=30)
+        assert status()["gangFailure"] == held and status()["phase"] == "Pending", status()
+        assert kube.get("batch/v1/jobs", "default", "nccl")["metadata"]["uid"] == first["metadata"]["uid"]
+        _node(kubectl, "gpu-c", "Unknown", "NodeStatusUnknown")
+        again = wait_for(lambda: (kube.get("batch/v1/jobs", "default", "nccl") or first)["metadata"]["uid"]
+                         != first["metadata"]["uid"] and kube.get("batch/v1/jobs", "default", "nccl"), timeout=30)
+        st = wait_for(lambda: not status().get("restartPending") and status(), timeout=30)
+        assert st["restarts"] == 1 and st["disruptionRestarts"] == 1 and "gangFailure" not in st, st
+        assert st["lastDisruption"].endswith("on node gpu-c: node Ready=Unknown (NodeStatusUnknown)"), st
+        # a crash of the new gang on Ready nodes: counted once the grace has passed
+        monkeypatch.setattr(handlers, "GANG_FAILURE_GRACE_SECONDS", 10.0)  # its first sync comes well within it, even on a busy machine
+        _pod_of(kubectl, again, 1, {"phase": "Running"}, node="gpu-a")
+        crash(again)
+        kubectl("patch", "job", "nccl", "--subresource=status", "--type=merge",
+                "-p", '{"status":{"active":1,"failed":1}}', check=True)
+        st = wait_for(lambda: status().get("restarts") == 2 and status(), timeout=30)
+    assert st["disruptionRestarts"] == 1 and "gangFailure" not in st, st
+    events = [e for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "nccl"]
+    deciding = [e["message"] for e in events if e["reason"] == "GangFailureDeciding"]
+    assert len(deciding) == 2 and "nccl-1-" in deciding[0] and "on node gpu-c" in deciding[0], deciding
+    restarts = [e["message"] for e in events if e["reason"] == "GangRestart"]
+    assert "not counted against runPolicy.backoffLimit" in restarts[0], restarts
+    assert "none read lost" in restarts[1] and "(restart 1 of 1)" in restarts[1], restarts
 
 
 def test_pods_refused_by_a_quota_are_reported_not_waited_for(cluster, kubectl, monkeypatch):
@@ -658,3 +730,87 @@ def test_a_missing_secret_is_reported_from_the_pod_and_the_job_starts_once_it_is
         st = wait_for(lambda: phase(kube, "late") == "Succeeded" and ltj(kube, "late")["status"], timeout=90)
     assert st["artifacts"][0]["uri"] == "s3://late-out/run/lora.safetensors"
     assert len(job_runner.pods_started("late")) == 1
+
+
+def test_a_job_deleted_while_the_watch_was_down_is_forgotten_not_made_again(cluster, kubectl):
+    """A LoRATrainingJob deleted in a watch gap (after 410 Gone kopf lists again and reports no
+    DELETED for it): a sync of the remembered body makes nothing and says the job is gone, and the
+    syncer then forgets it (no more ticks, no gauges for it)."""
+    from kubelora_operator import handlers
+    from kubelora_operator.syncer import Syncer
+    kube = cluster
+    with operator():
+        assert apply(kubectl, manifest("gap")).returncode == 0
+        wait_for(lambda: phase(kube, "gap") == "Pending")
+    body = ltj(kube, "gap")
+    kubectl("delete", "loratrainingjob", "gap", check=True)
+    wait_for(lambda: kube.get("batch/v1/jobs", "default", "gap") is None, timeout=30)
+    syncer = Syncer(handlers.sync, interval=60)
+    syncer.owners.remember(body)
+    syncer._run(("default", "gap"))
+    assert syncer.owners.get(("default", "gap")) is None
+    assert kube.get("batch/v1/jobs", "default", "gap") is None and kube.get(LTJ, "default", "gap") is None
+
+
+def test_a_job_made_again_keeps_its_trainer_image_and_only_what_is_left_of_its_deadline(cluster, kubectl, s3, monkeypatch):
+    """A Job made again (deleted by hand here; a gang restart likewise) runs the trainer image the
+    run started with, though the operator's changed (a helm upgrade), and gets only what is left of
+    runPolicy.activeDeadlineSeconds, counted from the run's first start; once it is spent the job
+    fails (DeadlineExceeded) instead of starting again."""
+    from datetime import datetime, timedelta, timezone
+    kube = cluster
+
+    def iso(ago):
+        return (datetime.now(timezone.utc) - ago).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def made_again(old_uid):
+        j = kube.get("batch/v1/jobs", "default", "keep")
+        return j if j and j["metadata"]["uid"] != old_uid else None
+
+    demo_output_bucket(s3)  # readable: no storage stall
+    monkeypatch.setenv("KUBELORA_TRAINER_IMAGE", "registry.example/trainer:1")
+    with operator():
+        assert apply(kubectl, manifest("keep", runPolicy__activeDeadlineSeconds=7200)).returncode == 0
+        first = wait_for(lambda: kube.get("batch/v1/jobs", "default", "keep"))
+        wait_for(lambda: phase(kube, "keep") == "Pending")
+        assert ltj(kube, "keep")["status"]["trainerImage"] == "registry.example/trainer:1"
+        started = iso(timedelta(hours=1))
+        kubectl("patch", "job", "keep", "--subresource=status", "--type=merge",
+                "-p", json.dumps({"status": {"startTime": started, "active": 1}}), check=True)
+        wait_for(lambda: ltj(kube, "keep")["status"].get("startTime"), timeout=60)  # the Job's, kept
+        monkeypatch.setenv("KUBELORA_TRAINER_IMAGE", "registry.example/trainer:2")  # the operator upgraded
+        kubectl("delete", "job", "keep", check=True)
+        again = wait_for(lambda: made_again(first["metadata"]["uid"]), timeout=60)
+        assert again["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/trainer:1"
+        assert 3500 <= again["spec"]["activeDeadlineSeconds"] <= 3600, again["spec"]["activeDeadlineSeconds"]
+        # the limit spent: not made again
+        kubectl("patch", "loratrainingjob", "keep", "--subresource=status", "--type=merge",
+                "-p", json.dumps({"status": {"startTime": iso(timedelta(hours=3))}}), check=True)
+        kubectl("delete", "job", "keep", check=True)
+        st = wait_for(lambda: phase(kube, "keep") == "Failed" and ltj(kube, "keep")["status"], timeout=60)
+    assert st["reason"] == "DeadlineExceeded" and "runPolicy.activeDeadlineSeconds (7200 s)" in st["message"], st
+    assert kube.get("batch/v1/jobs", "default", "keep") is None
+
+
+def test_a_gang_restart_recorded_before_its_job_was_deleted_deletes_it_without_counting_again(cluster, kubectl, s3):
+    """The operator records a gang restart (status.restartedJob: the failed Job's uid) before it
+    deletes the Job; stopped in between, its next sync deletes that Job and makes the next one,
+    with the restart counted once."""
+    from kubelora_operator import handlers
+    kube = cluster
+    demo_output_bucket(s3)
+    with operator():
+        assert apply(kubectl, manifest("half")).returncode == 0
+        old = wait_for(lambda: kube.get("batch/v1/jobs", "default", "half"))
+        wait_for(lambda: phase(kube, "half") == "Pending")
+    # what the operator had written when it stopped: the restart, with the failed Job still there
+    kubectl("patch", "loratrainingjob", "half", "--subresource=status", "--type=merge", "-p",
+            json.dumps({"status": {"restarts": 1, "restartPending": True, "restartedJob": old["metadata"]["uid"]}}),
+            check=True)
+    handlers.sync(ltj(kube, "half"), lambda body: None)
+    assert kube.get("batch/v1/jobs", "default", "half") is None
+    handlers.sync(ltj(kube, "half"), lambda body: None)
+    new = kube.get("batch/v1/jobs", "default", "half")
+    assert new is not None and new["metadata"]["uid"] != old["metadata"]["uid"]
+    st = ltj(kube, "half")["status"]
+    assert st["restarts"] == 1 and "restartPending" not in st and "restartedJob" not in st, st

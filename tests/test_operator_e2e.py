@@ -135,10 +135,14 @@ def test_bad_input_fails_the_job_at_once_through_the_real_launcher(kube, kubectl
         assert "exited with code 2" in st["message"], st
 
 
-def test_a_failed_node_restarts_the_whole_gang(kube, kubectl, demo_bucket, job_runner):
+def test_a_failed_node_restarts_the_whole_gang(kube, kubectl, demo_bucket, job_runner, monkeypatch):
     """The runner behaves as the real Job controller here (only the failed index is replaced, after a
     back-off): the operator must restart both nodes together instead. Index 1's first pod is a test
-    shim that exits 1 (a crashed node: a stand-in, nothing crashes on demand here)."""
+    shim that exits 1 (a crashed node: a stand-in, nothing crashes on demand here). Index 0 waits at
+    the rendezvous on a Ready Node, so the failure is decided once the grace has passed (shortened
+    here from 60 s), counted."""
+    from kubelora_operator import handlers
+    monkeypatch.setattr(handlers, "GANG_FAILURE_GRACE_SECONDS", 3.0)
     job_runner.group_restart, job_runner.backoff_seconds = "never", 120.0
     kubectl("apply", "-f", CRD_FILE, check=True)
     job_runner.fail_next("gang", index=1, exit_code=1)
@@ -151,4 +155,4 @@ def test_a_failed_node_restarts_the_whole_gang(kube, kubectl, demo_bucket, job_r
     started = job_runner.pods_started("gang")
     assert len(started) == 4, started  # 2 pods, then 2 again after the gang restart (no lone replacement)
     reasons = [e["reason"] for e in kube.list("v1/events", "default") if e["involvedObject"]["name"] == "gang"]
-    assert "GangRestart" in reasons and "Succeeded" in reasons, reasons
+    assert "GangFailureDeciding" in reasons and "GangRestart" in reasons and "Succeeded" in reasons, reasons

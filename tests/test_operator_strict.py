@@ -14,7 +14,8 @@ FULL = {"model": {"type": "flux", "diffusersPath": "s3://bkt/flux"}, "dataset": 
                       "limits": {"memory": "900Gi"}, "nodeSelector": {"gpu": "h100"},
                       "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                       "priorityClassName": "training", "schedulerName": "volcano", "cacheVolumeClaim": "cache",
-                      "image": "reg/trainer:1", "gpuResource": "nvidia.com/mig-3g.40gb", "serviceAccountName": "s3-reader"},
+                      "image": "reg/trainer:1", "gpuResource": "nvidia.com/mig-3g.40gb", "serviceAccountName": "s3-reader",
+                      "podAnnotations": {"karpenter.sh/do-not-disrupt": "true"}},
         "runPolicy": {"activeDeadlineSeconds": 3600, "suspend": True}}
 
 
@@ -38,6 +39,7 @@ def test_every_child_passes_strict_validation(spec, cfg):
     assert ("imagePullSecrets" in pod) == bool(cfg.image_pull_secrets)
     assert objs[1]["spec"]["selector"][manifests.UID_LABEL] == objs[-1]["spec"]["template"]["metadata"]["labels"][
         manifests.UID_LABEL] == "0b7e6c2c-0000-4000-8000-000000000000"
+    assert objs[-1]["spec"]["template"]["metadata"].get("annotations") == spec.get("resources", {}).get("podAnnotations")
 
 
 def test_a_job_queued_in_kueue_passes_strict_validation():

@@ -523,6 +523,11 @@ def test_trainer_pods_leave_the_uid_to_the_platform_when_told(monkeypatch):
     pod = job["spec"]["template"]["spec"]
     assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
+    # with the uid set, a cache claim's files are chowned only when its root does not match (not at
+    # every pod start: minutes for a large latent cache)
+    monkeypatch.setenv("KUBELORA_TRAINER_RUN_AS_USER", "1000")
+    pod = manifests.children("ft", "uid-1", "ml", spec, handlers.operator_config())[2]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["fsGroup"] == 1000 and pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
 
 
 def test_a_mig_profile_and_a_workload_identity_service_account_reach_the_pods():
@@ -640,6 +645,70 @@ def test_a_gang_placed_on_the_same_lost_node_again_is_counted():
     assert not st.same_lost_node(first, "pod ft-1-abc: DeletionByTaintManager")  # a DisruptionTarget reason
 
 
+def test_the_deadline_counts_from_the_runs_first_start():
+    from datetime import datetime, timezone
+    now = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+    assert st.deadline_left(None, "2026-11-27T11:00:00Z", now) is None       # no limit
+    assert st.deadline_left(7200, None, now) is None                         # not started: the whole limit
+    assert st.deadline_left(7200, "2026-11-27T11:00:00Z", now) == 3600
+    assert st.deadline_left(3600, "2026-11-27T10:00:00Z", now) == 0          # spent
+
+
+def test_a_gang_failure_no_lost_node_explains_yet_waits_for_its_nodes_then_is_decided():
+    """A lost node's peers can fail (a NCCL transport error) before the node lifecycle controller
+    marks its Node Unknown (40-50 s after the loss): the failure is not charged while a pod of the
+    failed gang still runs on a Node that reads Ready, until the grace after the failure passes."""
+    from datetime import datetime, timedelta, timezone
+    t0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    crashed = {"metadata": {"name": "ft-0-abc", "creationTimestamp": "2026-01-01T11:00:00Z"},
+               "spec": {"nodeName": "gpu-a"}, "status": {"phase": "Failed", "containerStatuses": [
+                   {"name": "trainer", "state": {"terminated": {"exitCode": 1, "finishedAt": "2026-01-01T12:00:00Z"}}}]}}
+    stuck = {"metadata": {"name": "ft-1-abc", "creationTimestamp": "2026-01-01T11:00:00Z"},
+             "spec": {"nodeName": "gpu-b"}, "status": {"phase": "Running"}}
+    pods = [crashed, stuck]
+    ready = {"gpu-a": _node("gpu-a", "True"), "gpu-b": _node("gpu-b", "True")}
+    # the failure's time: the earliest container finish, never later than now
+    assert st.failed_since(pods, None, t0 + timedelta(seconds=5)) == t0
+    assert st.failed_since(pods, None, t0 - timedelta(seconds=5)) == t0 - timedelta(seconds=5)  # a kubelet clock ahead
+    assert st.failed_since([stuck], None, t0) == t0                                            # no finish: now
+    held = {"job": "uid-1", "since": "2026-01-01T11:59:50Z"}
+    assert st.failed_since(pods, held, t0) == t0 - timedelta(seconds=10)                      # the decision's own
+    # waited for: the peer still running on a Ready node, within the grace
+    assert st.gang_failure_wait(pods, ready, t0, t0 + timedelta(seconds=30), 60) == ["ft-1-abc on node gpu-b"]
+    assert st.gang_failure_wait(pods, ready, t0, t0 + timedelta(seconds=60), 60) == []         # grace passed: counted
+    assert st.gang_failure_wait(pods, None, t0, t0, 60) == []                                  # Nodes unreadable
+    ended = {**stuck, "status": {"phase": "Failed"}}                                           # its kubelet reported it
+    assert st.gang_failure_wait([crashed, ended], ready, t0, t0, 60) == []
+    replacement = {"metadata": {"name": "ft-0-new", "creationTimestamp": "2026-01-01T12:00:10Z"},
+                   "spec": {"nodeName": "gpu-a"}, "status": {"phase": "Running"}}              # the Job controller's
+    assert st.gang_failure_wait([crashed, ended, replacement], ready, t0, t0 + timedelta(seconds=20), 60) == []
+    unscheduled = {"metadata": {"name": "ft-2-abc"}, "spec": {}, "status": {"phase": "Pending"}}
+    assert st.gang_failure_wait([crashed, unscheduled], ready, t0, t0, 60) == []
+    # once the Node reads lost, node_lost decides it (uncounted) before any wait is asked
+    assert st.node_lost(pods, {**ready, "gpu-b": _node("gpu-b", "Unknown")}) is not None
+
+
+def test_a_gang_failure_being_decided_is_held_in_the_status_for_its_job_only():
+    """The decision survives an operator restart (status.gangFailure) and belongs to one Job: a Job
+    made again since (by hand, by a gang restart) starts afresh. While it is decided, the Job
+    controller failing the Job for its own backoffLimit does not fail the run; exit 2 (FailJob)
+    or the deadline still does."""
+    job = {"metadata": {"uid": "uid-1"}, "status": {"active": 1, "failed": 1}}
+    held = {"job": "uid-1", "since": "2026-01-01T12:00:00Z"}
+    assert st.deciding({"gangFailure": held}, job) == held
+    assert st.deciding({"gangFailure": held}, {"metadata": {"uid": "uid-2"}}) is None
+    assert st.deciding({"gangFailure": {"job": "uid-1", "since": "soon"}}, job) is None
+    assert st.deciding({}, job) is None
+    by_itself = {**job, "status": {"failed": 3, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}
+    assert st.gang_action(by_itself, nodes=2, restarts=0, backoff_limit=2) is None
+    assert st.gang_action(by_itself, nodes=2, restarts=0, backoff_limit=2, deciding=True) == "restart"
+    assert st.gang_action(by_itself, nodes=2, restarts=2, backoff_limit=2, deciding=True) == "fail"
+    bad_input = {**job, "status": {"failed": 1, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]}}
+    assert st.gang_action(bad_input, nodes=2, restarts=0, backoff_limit=2, deciding=True) is None
+
+
 def _at(seconds_after_noon: float):
     from datetime import datetime, timedelta, timezone
     return datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc) + timedelta(seconds=seconds_after_noon)
@@ -698,6 +767,8 @@ def _sync_with(monkeypatch, job, pods, previous, spec=None, events=()):
     monkeypatch.setattr(kube, "job_pods", lambda ns, n: pods)
     monkeypatch.setattr(kube, "nodes", lambda names: {n: _node(n, "True") for n in names})
     monkeypatch.setattr(kube, "delete_job", lambda ns, n, owner_uid: deleted.append(n))
+    monkeypatch.setattr(kube, "set_job_suspend", lambda ns, n, suspend: deleted.append(f"{n} suspended") or True)
+    monkeypatch.setattr(kube, "patch_status", lambda ns, n, status: None)
     monkeypatch.setattr(kube, "pod_events", lambda ns, pod: list(events))
     monkeypatch.setattr(kube, "failed_create_events", lambda ns, j: [])
     monkeypatch.setattr(kube, "secret_data", lambda ns, n: {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
@@ -802,7 +873,7 @@ def test_evictions_by_the_kubelet_are_counted_said_and_fail_the_run_at_the_limit
     third = [*pods[:2], _evicted("ft-0-c", disk)]
     changes, deleted = _sync_with(monkeypatch, job, third, seen, spec=spec)
     s = changes.status
-    assert (s["phase"], s["reason"], s["evictions"], deleted) == ("Failed", "Evicted", 3, ["ft"]), s
+    assert (s["phase"], s["reason"], s["evictions"], deleted) == ("Failed", "Evicted", 3, ["ft suspended"]), s
     assert s["message"].startswith("3 of the run's pods were evicted by their node's kubelet (limit 3); newest: "
                                    f"pod ft-0-c: {disk}; give the cache its disk: resources.cacheSize"), s
 

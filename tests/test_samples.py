@@ -308,11 +308,14 @@ def test_ltx_samples_in_the_bucket_change_and_match_diffusers(ltx_run, tmp_path)
     pipe = LTXPipeline.from_pretrained(ltx_run["model"])
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(out / "lora.safetensors"))
+    def t5(text):  # as the original LTX pipeline (and kubelora): 256 padded T5 tokens, T5 run with their mask
+        t = pipe.tokenizer([text], padding="max_length", max_length=256, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            return pipe.text_encoder(t.input_ids, attention_mask=t.attention_mask)[0], t.attention_mask.bool()
     for i, p in enumerate(PROMPTS):
-        # max_sequence_length: the 256 T5 tokens kubelora trains and samples with (LTX-Video's own default;
-        # diffusers' LTXPipeline defaults to 128)
-        got = pipe(p["prompt"], height=32, width=32, num_frames=9, frame_rate=25, num_inference_steps=4,
-                   max_sequence_length=256,
+        (e, m), (ne, nm) = t5(p["prompt"]), t5("")
+        got = pipe(prompt_embeds=e, prompt_attention_mask=m, negative_prompt_embeds=ne, negative_prompt_attention_mask=nm,
+                   height=32, width=32, num_frames=9, frame_rate=25, num_inference_steps=4,
                    guidance_scale=3.0, generator=torch.Generator().manual_seed(p.get("seed", 0)), output_type="np").frames[0]
         # against the lossless WebP preview's frames: H.264 turns a float difference of one LSB
         # (CPU kernels may sum in another order in another process) into codec noise of dozens

@@ -409,6 +409,24 @@ def test_wrong_single_files_fail_naming_what_was_expected(tmp_path):
         FAMILY.load(_spec(), {"diffusersPath": str(folder)}, torch.device("cpu"))
 
 
+def test_text_encoder_learning_rate_zero_leaves_the_text_encoders_without_lora(tiny_sdxl_dir):
+    """training.textEncoderLearningRate 0 (diffusion-pipe's text_encoder_1_lr = text_encoder_2_lr = 0):
+    a valid spec; LoRA on the UNet only, the text encoders frozen and in no optimizer group."""
+    from kubelora_trainer import adapters, dist
+    from kubelora_trainer.spec import parse_spec
+    spec = parse_spec({"model": {"type": "sdxl", "diffusersPath": "/m", "dtype": "float32"},
+                       "dataset": {"uri": "/d", "resolution": 32}, "adapter": {"rank": 2},
+                       "training": {"steps": 1, "textEncoderLearningRate": 0, "compile": False},
+                       "output": {"uri": "/o"}})
+    comps = FAMILY.load(_spec(), {"diffusersPath": str(tiny_sdxl_dir)}, torch.device("cpu"), encoders=False)
+    env = dist.DistEnv(0, 1, 0, torch.device("cpu"))
+    ad = adapters.attach(comps, FAMILY, spec, env)
+    assert list(ad.configs) == ["unet"] and [g["name"] for g in ad.groups] == ["unet"]
+    for name in sdxl_mod.TEXT_ENCODERS:
+        assert not any(p.requires_grad for p in comps.trainable[name].parameters()), name
+        assert adapters.gather(comps)[name] == {}, name
+
+
 def test_spec_rules_for_sdxl():
     from kubelora_trainer.spec import SpecError, parse_spec
     base = {"dataset": {"uri": "s3://bkt/d"}, "output": {"uri": "s3://bkt/o"}}

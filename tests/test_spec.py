@@ -63,6 +63,8 @@ def test_defaults_are_filled():
     ("dataset.resolution", 500, "spec.dataset.resolution: Input should be a multiple of 16"),
     ("training.lrScheduler", "step", "spec.training.lrScheduler: got 'step'; accepted values: 'constant', 'linear' or 'cosine'"),
     ("storage.accessKey", "AKIA...", "spec.storage.accessKey: unknown field"),
+    ("resources.podAnnotations", {"karpenter.sh/do not disrupt": "true"},
+     "spec.resources.podAnnotations: 'karpenter.sh/do not disrupt' is not an annotation key"),
 ])
 def test_invalid_fields_are_named(path, value, expect):
     with pytest.raises(SpecError) as e:
@@ -137,7 +139,9 @@ def test_crd_shape():
     crd = build_crd()
     v = crd["spec"]["versions"][0]
     assert crd["spec"]["names"]["shortNames"] == ["ltj"]
-    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Phase", "Model", "Nodes", "Progress", "Loss", "Age"]
+    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Phase", "Model", "Nodes", "Progress", "Loss", "Eval-Loss",
+                                                                  "Age"]
+    assert [c["name"] for c in v["additionalPrinterColumns"] if c.get("priority")] == ["Eval-Loss"]  # -o wide
     spec = v["schema"]["openAPIV3Schema"]["properties"]["spec"]
 
     def walk(node, path):

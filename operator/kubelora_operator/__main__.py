@@ -7,7 +7,9 @@ unreadable output bucket lasts before the job is Stalled, 300), KUBELORA_OPERATO
 Prometheus endpoint, /metrics on 9401; 0: off), KUBELORA_TRAINER_METRICS_PORT and
 KUBELORA_TRAINER_METRICS_LINGER_SECONDS (the trainer pods' endpoint, 9400, and how long a finished
 pod keeps serving it, 60), KUBELORA_POD_CREATE_GRACE_SECONDS (how long a Job may have no pods before
-its FailedCreate Events are read, 30), KUBELORA_TRAINER_IMAGE_PULL_SECRETS (the trainer pods'
+its FailedCreate Events are read, 30), KUBELORA_GANG_FAILURE_GRACE_SECONDS (how long after a multi-node
+run's pods failed the operator waits for a peer's Node to read lost before counting the restart, 60),
+KUBELORA_TRAINER_IMAGE_PULL_SECRETS (the trainer pods'
 imagePullSecrets, comma-separated), AWS_* (how the operator reads
 progress.json / manifest.json from the output bucket when a job names no credentialsSecret).
 """

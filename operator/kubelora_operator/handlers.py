@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import socket
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import kopf
 
@@ -44,6 +44,9 @@ STORAGE_STALL_SECONDS = env.number("KUBELORA_STORAGE_STALL_SECONDS", 300.0)
 POD_CREATE_GRACE_SECONDS = env.number("KUBELORA_POD_CREATE_GRACE_SECONDS", 30.0)
 # a pod not scheduled or not started this long after it began: its own Events are read (FailedMount...)
 POD_START_GRACE_SECONDS = env.number("KUBELORA_POD_START_GRACE_SECONDS", st.START_GRACE_SECONDS)
+# a gang failure no lost node explains yet is decided this long after its pods failed: a lost
+# node's peers can fail (NCCL) before its Node reads Unknown (40-50 s after the loss)
+GANG_FAILURE_GRACE_SECONDS = env.number("KUBELORA_GANG_FAILURE_GRACE_SECONDS", 60.0)
 # shared clusters: buckets read only with a job's own credentials; the S3 endpoints jobs may name
 JOB_CREDENTIALS_ONLY = env.flag("KUBELORA_JOB_CREDENTIALS_ONLY")
 ALLOWED_ENDPOINTS = env.words("KUBELORA_S3_ALLOWED_ENDPOINTS")
@@ -119,6 +122,7 @@ class Changes:
     def __init__(self):
         self.status: dict = {}
         self.events: list[tuple[str, str, str]] = []
+        self.gone = False  # the job was found deleted (a 404): the syncer forgets it
 
     def info(self, reason: str, message: str) -> None:
         self.events.append(("Normal", reason, message))
@@ -140,6 +144,8 @@ def _apply(changes: Changes, body: dict, remember) -> None:
         patched = kube.patch_status(meta["namespace"], meta["name"], changes.status)
         if patched is not None:
             remember(patched)
+        else:
+            changes.gone = True
     for type_, reason, message in changes.events:
         kube.post_event(manifests.event(body, type_, reason, message, st.now_iso(), INSTANCE))
 
@@ -220,6 +226,9 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
                                 f"({job_spec.resources.nodes} node(s) x {max(1, job_spec.resources.gpusPerNode)} process(es))")
     changes.status.update(st.status({}, st.Observed(st.PENDING, "Created", "trainer Job created"),
                                      body["metadata"].get("generation", 1), None, st.now_iso()))
+    # the run keeps this trainer through gang restarts: an operator upgrade must not switch a
+    # running job to a trainer that may refuse its checkpoints
+    changes.status["trainerImage"] = job_spec.resources.image or operator_config().image
 
 
 def _predecessor_lingers(body, changes: Changes, name, namespace, uid) -> bool:
@@ -310,17 +319,19 @@ def _settings(spec, namespace: str) -> tuple[S3Settings, str | None]:
                                secret_key=data.get("AWS_SECRET_ACCESS_KEY")), None
 
 
-def sync(body: dict, remember) -> None:
+def sync(body: dict, remember) -> bool:
     """Recompute one job's status from its Job, its pods and what the trainer published; restart
     a failed gang, make a vanished Job again, clean up after ttlSecondsAfterFinished. Called by
     the syncer's workers (a thread) with the newest body the watch or our last patch gave;
-    `remember` takes the body our status patch returns."""
+    `remember` takes the body our status patch returns. Returns False when the job turned out to
+    be deleted (its DELETED event can be missed across a watch restart: the syncer forgets it)."""
     changes = Changes()
     try:
         with metrics.reconcile("sync"):
             _sync(body, changes)
     finally:
         _apply(changes, body, remember)
+    return not changes.gone
 
 
 def _sync(body: dict, changes: Changes) -> None:
@@ -344,24 +355,38 @@ def _sync(body: dict, changes: Changes) -> None:
                                                          "name to be deleted")
     if job is None:
         return _recreate(body, changes, name, namespace, job_spec, previous)
+    if previous.get("restartedJob") and previous["restartedJob"] == (job.get("metadata") or {}).get("uid"):
+        # a gang restart recorded but its Job not deleted (the operator stopped in between): delete it now
+        kube.delete_job(namespace, name, owner_uid=meta["uid"])
+        return
     pods = st.own_pods(kube.job_pods(namespace, name), job) if st.needs_pods(job) else []
-    if _evicted(body, changes, name, namespace, pods, previous):
+    if _evicted(body, changes, name, namespace, job, pods, previous):
         return
     disruption = st.disrupted(pods)
+    held = st.deciding(previous, job)
     action = st.gang_action(job, job_spec.resources.nodes, st.counted_restarts(previous),
-                            job_spec.runPolicy.backoffLimit, disruption)
-    if action in ("restart", "fail"):  # the peers of a lost node's pod fail before the pod is marked
-        disruption = st.node_lost(pods, _gang_nodes(pods, changes))
-        if disruption and not st.same_lost_node(disruption, previous.get("lastDisruption")):
-            action = "restart_uncounted"
-        else:
-            disruption = None
+                            job_spec.runPolicy.backoffLimit, disruption, deciding=held is not None)
     if action in ("restart", "fail"):  # a node that never ran: the rendezvous waited for it in vain
         incomplete = st.gang_incomplete(pods, job_spec.resources.nodes, st.pod_count(job))
         if incomplete:
             action, disruption = "restart_waiting", incomplete
+    if action in ("restart", "fail"):  # the peers of a lost node's pod fail before the pod is marked
+        nodes = _gang_nodes(pods, changes)
+        disruption = st.node_lost(pods, nodes)
+        if disruption and not st.same_lost_node(disruption, previous.get("lastDisruption")):
+            action = "restart_uncounted"
+        else:
+            disruption = None
+            now = datetime.now(timezone.utc)
+            since = st.failed_since(pods, held, now)
+            waiting = st.gang_failure_wait(pods, nodes, since, now, GANG_FAILURE_GRACE_SECONDS)
+            if waiting:  # the next syncs read the Nodes again (the ticker: the job stays active)
+                return _decide_later(body, changes, job, pods, previous, since, waiting)
     if action:
-        return _restart_gang(body, changes, name, namespace, job_spec, job, pods, previous, action, disruption)
+        return _restart_gang(body, changes, name, namespace, job_spec, job, pods, previous, action, disruption,
+                             held)
+    if previous.get("gangFailure"):  # decided by the Job itself (it failed, or was made again)
+        changes.status["gangFailure"] = None
     complete = any(c.get("type") == "Complete" and c.get("status") == "True"
                    for c in (job.get("status") or {}).get("conditions") or [])
     settings, error = _settings(job_spec, namespace)
@@ -438,12 +463,13 @@ def _gang_nodes(pods: list[dict], changes: Changes) -> dict | None:
         return None
 
 
-def _evicted(body, changes: Changes, name, namespace, pods, previous) -> bool:
+def _evicted(body, changes: Changes, name, namespace, job, pods, previous) -> bool:
     """Pods evicted by their node's kubelet (node pressure: memory, disk): each is counted once in
     status.evictions and said in a Warning Event with the kubelet's message. The Job's
     podFailurePolicy ignores them (DisruptionTarget) and a gang restart after one is not counted,
     so the run would be retried forever on nodes that evict it again: at st.EVICTION_LIMIT it fails
-    (reason Evicted) with what to change. True when it failed."""
+    (reason Evicted) with what to change, its Job suspended as after the last gang restart. True
+    when it failed."""
     counted = list(previous.get("evictedPods") or [])
     new = [(pod, message) for pod, message in st.evictions(pods) if pod not in counted]
     if not new:
@@ -456,28 +482,81 @@ def _evicted(body, changes: Changes, name, namespace, pods, previous) -> bool:
     if total < st.EVICTION_LIMIT:
         return False
     pod, message = new[-1]
-    kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
+    if manifests.kueue_queue((job.get("metadata") or {}).get("labels")):  # as _restart_gang's "fail"
+        kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
+    else:  # the run is over: its pods stop, the evicted ones keep their status and logs until the TTL
+        kube.set_job_suspend(namespace, name, True)
     _fail(body, changes, "Evicted", f"{total} of the run's pods were evicted by their node's kubelet (limit "
                                     f"{st.EVICTION_LIMIT}); newest: pod {pod}: {message}; {st.eviction_fix(message)}")
     return True
 
 
-def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, previous, action,
-                  disruption: str | None = None) -> None:
-    """A pod of a multi-node run failed: delete the whole Job (its pods go too) and make it again
-    at the next sync, so every node starts together on a fresh rendezvous and resumes from the
-    newest checkpoint; or fail the run once runPolicy.backoffLimit restarts are spent. A restart
-    after a disruption (a node lost or drained under the run) is not counted against the limit."""
+def _decide_later(body, changes: Changes, job, pods, previous, since: datetime, waiting: list[str]) -> None:
+    """A gang failure that would be counted, while the Nodes of some of its pods may yet read lost
+    (st.gang_failure_wait): not charged yet. The Job is left as it is meanwhile (the Job controller
+    may replace the failed pods, which wait at the old rendezvous; the decision deletes the Job, and
+    them, once); status.gangFailure holds the decision's start, so an operator restart goes on
+    with it, and the status says what is waited for. Each sync reads the Nodes again."""
     problem = st.pod_problem(pods)
     why = problem[1] if problem else f"{(job.get('status') or {}).get('failed')} pod(s) failed"
-    restarts, counted, limit = int(previous.get("restarts") or 0), st.counted_restarts(previous), job_spec.runPolicy.backoffLimit
-    kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
+    until = st.iso(since + timedelta(seconds=GANG_FAILURE_GRACE_SECONDS))
+    held = {"job": job["metadata"]["uid"], "since": st.iso(since)}
+    if previous.get("gangFailure") != held:
+        changes.status["gangFailure"] = held
+        changes.info("GangFailureDeciding", f"{why}; waiting until {until} for the Nodes of {', '.join(waiting)} "
+                                            "before restarting the gang: a restart after a lost node is not counted "
+                                            "against runPolicy.backoffLimit")
+    phase = previous.get("phase") if previous.get("phase") in st.ACTIVE else st.PENDING  # active: the ticker syncs
+    obs = st.Observed(phase, "GangFailureDeciding", f"{why}; the gang restarts by {until}, not counted against "
+                      f"runPolicy.backoffLimit if the Node of {', '.join(waiting)} reads lost by then")
+    new = st.status(previous, obs, body["metadata"].get("generation", 1), job, st.now_iso())
+    if _differs({k: previous.get(k) for k in new if k in previous}, new):
+        changes.status.update(new)
+
+
+def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, previous, action,
+                  disruption: str | None = None, held: dict | None = None) -> None:
+    """A pod of a multi-node run failed: delete the whole Job (its pods go too) and make it again
+    at the next sync, so every node starts together on a fresh rendezvous and resumes from the
+    newest checkpoint; or fail the run once runPolicy.backoffLimit restarts are spent (the Job is
+    then suspended, not deleted: its failed pods keep their logs). A restart
+    after a disruption (a node lost or drained under the run) is not counted against the limit.
+    `held`: the failure was being decided (status.gangFailure): decided now, once."""
+    problem = st.pod_problem(pods)
+    why = problem[1] if problem else f"{(job.get('status') or {}).get('failed')} pod(s) failed"
+    if action != "fail":
+        _restart_gang_status(body, changes, job_spec, job, previous, action, disruption, why, held)
+        # the restart is recorded before the Job goes: an operator stopped between the two deletes
+        # the Job at its next sync (status.restartedJob) instead of counting the failure again
+        kube.patch_status(namespace, name, changes.status)
+    if action == "fail" and not manifests.kueue_queue((job.get("metadata") or {}).get("labels")):
+        # the run is over: suspending the Job stops the peers still running and keeps the failed pods,
+        # so `kubectl logs` still shows why (ttlSecondsAfterFinished deletes them). Not a Job queued
+        # in Kueue: Kueue would take a suspended Job for preempted and queue it again
+        kube.set_job_suspend(namespace, name, True)
+    else:
+        kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
     if action == "fail":
+        if previous.get("gangFailure"):
+            changes.status["gangFailure"] = None
+        counted, limit = st.counted_restarts(previous), job_spec.runPolicy.backoffLimit
         _fail(body, changes, "BackoffLimitExceeded",
-              f"the run failed after {counted} gang restart(s) (runPolicy.backoffLimit {limit}): {why}")
-        return
+              f"the run failed after {counted} gang restart(s) (runPolicy.backoffLimit {limit}): "
+              f"{why}{_after_wait(held, disruption)}")
+
+
+def _after_wait(held, disruption) -> str:
+    return " (decided after waiting for the gang's Nodes: none read lost)" if held and not disruption else ""
+
+
+def _restart_gang_status(body, changes: Changes, job_spec, job, previous, action, disruption, why, held) -> None:
+    restarts, counted, limit = int(previous.get("restarts") or 0), st.counted_restarts(previous), job_spec.runPolicy.backoffLimit
+    why += _after_wait(held, disruption)
+    if previous.get("gangFailure"):
+        changes.status["gangFailure"] = None
     changes.status["restarts"] = restarts + 1
     changes.status["restartPending"] = True
+    changes.status["restartedJob"] = (job.get("metadata") or {}).get("uid")
     nodes = job_spec.resources.nodes
     if action == "restart_waiting":  # disruption: why the gang was never whole (st.gang_incomplete)
         changes.status["waitRestarts"] = int(previous.get("waitRestarts") or 0) + 1
@@ -507,6 +586,7 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
     uid = body["metadata"]["uid"]
     now = kube.get_owner(namespace, name)
     if now is None or now["metadata"].get("uid") != uid or now["metadata"].get("deletionTimestamp"):
+        changes.gone = now is None or now["metadata"].get("uid") != uid
         return
     old_pods = st.lingering(kube.job_pods(namespace, name), datetime.now(timezone.utc))
     if old_pods:  # the next sync looks again
@@ -516,9 +596,19 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
                                  "making the trainer Job again")
         _wait(now, changes, reason, f"waiting for {len(old_pods)} pod(s) of the previous attempt to stop")
         return
+    left = st.deadline_left(job_spec.runPolicy.activeDeadlineSeconds, previous.get("startTime"), datetime.now(timezone.utc))
+    if left == 0:
+        _fail(body, changes, "DeadlineExceeded", f"runPolicy.activeDeadlineSeconds ({job_spec.runPolicy.activeDeadlineSeconds} s) "
+                                                 f"passed since the run started at {previous.get('startTime')}; not made again")
+        return
+    if left is not None:  # the Job's own timer starts again with every Job: it gets what is left
+        job_spec = job_spec.model_copy(update={"runPolicy": job_spec.runPolicy.model_copy(update={"activeDeadlineSeconds": left})})
+    cfg = operator_config()
+    if previous.get("trainerImage"):  # the image the run started with, whatever the operator's is now
+        cfg = dataclasses.replace(cfg, image=previous["trainerImage"])
     created = []
     try:
-        for obj in manifests.children(name, uid, namespace, job_spec, operator_config(), now["metadata"].get("labels")):
+        for obj in manifests.children(name, uid, namespace, job_spec, cfg, now["metadata"].get("labels")):
             if kube.ensure(obj)[1]:
                 created.append(f"{obj['kind']}/{obj['metadata']['name']}")
                 metrics.created(obj["kind"])
@@ -540,6 +630,7 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
         return
     if previous.get("restartPending"):
         changes.status["restartPending"] = None
+        changes.status["restartedJob"] = None
         changes.info("Recreated", f"created {', '.join(created) or 'nothing'} again for the gang restart")
         return
     restarts = int(previous.get("restarts") or 0) + 1
@@ -563,7 +654,8 @@ def _ttl_cleanup(body, job_spec, name, namespace, previous, changes: Changes) ->
     done = datetime.fromisoformat(previous["completionTime"].replace("Z", "+00:00"))
     if (datetime.now(timezone.utc) - done).total_seconds() < ttl:
         return
-    kube.delete_children(namespace, manifests.child_names(name))
+    # only what this job owns: a job failed with NameConflict must not take the other object with it
+    kube.delete_children(namespace, manifests.child_names(name), owner_uid=body["metadata"]["uid"])
     changes.status["childrenDeleted"] = True
     changes.info("CleanedUp", f"deleted the Job, Service and ConfigMap {ttl}s after finishing; "
                               "the resource and its status stay")

@@ -157,7 +157,7 @@ def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
         path = uri.removeprefix("file://")
         return bool(spec.resources.cacheVolumeClaim) and (path == CACHE_MOUNT or path.startswith(CACHE_MOUNT + "/"))
 
-    data = spec.dataset.uri_fields()
+    data = {**spec.dataset.uri_fields(), **(spec.evaluation.uri_fields() if spec.evaluation else {})}
     fields = {"output.uri": spec.output.uri, **data,
               **({"dataset.cacheUri": spec.dataset.cacheUri} if spec.dataset.cacheUri else {}),
               **{f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}}
@@ -234,7 +234,10 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
         # SIGTERM -> the step finishes, the checkpoint is written: this long before SIGKILL
         "terminationGracePeriodSeconds": spec.runPolicy.terminationGracePeriodSeconds,
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
-                            **({"runAsUser": cfg.run_as_user, "runAsGroup": cfg.run_as_user, "fsGroup": cfg.run_as_user}
+                            # OnRootMismatch: the kubelet chowns a cache claim's files only when its root is not
+                            # the group's already, not at every pod start (minutes for a large latent cache)
+                            **({"runAsUser": cfg.run_as_user, "runAsGroup": cfg.run_as_user, "fsGroup": cfg.run_as_user,
+                                "fsGroupChangePolicy": "OnRootMismatch"}
                                if cfg.run_as_user is not None else {})},
         "containers": [container],
         "volumes": [{"name": "spec", "configMap": {"name": names["configmap"]}},
@@ -265,7 +268,9 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
             {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                  "values": [PEER_STOPPED_EXIT_CODE]}},
         ]},
-        "template": {"metadata": {"labels": {**labels(name), UID_LABEL: uid}}, "spec": pod_spec},
+        "template": {"metadata": {"labels": {**labels(name), UID_LABEL: uid},
+                                  **({"annotations": dict(r.podAnnotations)} if r.podAnnotations else {})},
+                     "spec": pod_spec},
     }
     if rp.activeDeadlineSeconds:
         job_spec["activeDeadlineSeconds"] = rp.activeDeadlineSeconds

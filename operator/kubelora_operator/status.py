@@ -165,7 +165,7 @@ def gang_incomplete(pods: list[dict], nodes: int, counted: Optional[int] = None)
 
 
 def gang_action(job: dict, nodes: int, restarts: int, backoff_limit: int,
-                disruption: Optional[str] = None) -> Optional[str]:
+                disruption: Optional[str] = None, deciding: bool = False) -> Optional[str]:
     """What a pod failure of a multi-node run needs. The Job controller replaces only the failed
     index: its peers stay in their collectives (until the process-group timeout) and the new pod
     meets a stale rendezvous. So the whole gang is restarted ('restart': delete the Job, make it
@@ -174,9 +174,15 @@ def gang_action(job: dict, nodes: int, restarts: int, backoff_limit: int,
     drained or preempted, while a peer failed in a collective rather than stopping with a
     checkpoint) restarts without counting ('restart_uncounted'), as the Job's podFailurePolicy
     ignores the disrupted pod itself. None: nothing to do (one node, no failure, or the Job already
-    failed by itself). Pure."""
+    failed by itself). `deciding`: this Job's failure is being decided (see `gang_failure_wait`):
+    meanwhile the Job controller may have failed the Job for its own backoffLimit, which the
+    decision, not the Job controller, settles; a Job failed for another reason (exit 2 through its
+    podFailurePolicy, activeDeadlineSeconds) stays failed. Pure."""
     s = job.get("status") or {}
-    if nodes < 2 or not s.get("failed") or _cond(job, "Failed") or _cond(job, "Complete"):
+    failed = _cond(job, "Failed")
+    if deciding and failed and failed.get("reason") == "BackoffLimitExceeded":
+        failed = None
+    if nodes < 2 or not s.get("failed") or failed or _cond(job, "Complete"):
         return None
     if disruption:
         return "restart_uncounted"
@@ -333,6 +339,67 @@ def eviction_fix(message: str) -> str:
                 "first when the node runs low), or lower its use (training.microBatchSize, "
                 "training.gradientCheckpointing)")
     return "set resources.requests for what the run uses, or run it on other nodes (resources.nodeSelector)"
+
+
+def _time(text: Optional[str]) -> Optional[datetime]:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+    except ValueError:
+        return None
+
+
+def iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def deciding(previous_status: dict, job: dict) -> Optional[dict]:
+    """The gang failure of this Job being decided (status.gangFailure: {job: the Job's uid, since}),
+    None when there is none or it was another Job's (a Job made again since). Pure."""
+    held = (previous_status or {}).get("gangFailure")
+    uid = (job.get("metadata") or {}).get("uid")
+    return held if isinstance(held, dict) and uid and held.get("job") == uid and _time(held.get("since")) else None
+
+
+def failed_since(pods: list[dict], held: Optional[dict], now: datetime) -> datetime:
+    """When the gang failed: the decision's own time when one is held (status.gangFailure.since,
+    kept across syncs and operator restarts), else the earliest finish of a failed pod's container
+    (its kubelet's clock), never later than `now` (a clock ahead does not stretch the wait). Pure."""
+    if held and _time(held.get("since")):
+        return _time(held["since"])
+    ends = []
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Failed":
+            continue
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+            if _time(term.get("finishedAt")):
+                ends.append(_time(term["finishedAt"]))
+    return min([*ends, now])
+
+
+def gang_failure_wait(pods: list[dict], nodes: Optional[dict[str, Optional[dict]]], since: datetime,
+                      now: datetime, grace_seconds: float) -> list[str]:
+    """The pods whose Node may yet read lost, for a gang failure that no lost node explains now
+    (`node_lost` found none): the peers of a lost node's pod can fail in a NCCL error seconds after
+    the loss, while its Node reads Ready until the node lifecycle controller marks it Unknown (40 s,
+    from Kubernetes 1.32 50 s, after the kubelet's last post). The failure is decided once none is
+    left or `grace_seconds` after `since` (then counted); [] decides now. Waited for: a pod of the
+    failed gang (made by `since`: a replacement the Job controller made after the failure
+    cannot explain it) still running as far as the API knows (a pod its kubelet reported as ended
+    was not lost), on a Node that exists (a gone one is lost already). Nothing is waited for when
+    the Nodes cannot be read (`nodes` None): no answer would come. Pure."""
+    if nodes is None or (now - since).total_seconds() >= grace_seconds:
+        return []
+    out = []
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        node = (pod.get("spec") or {}).get("nodeName")
+        if not node or nodes.get(node) is None or (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded"):
+            continue
+        made = _time((pod.get("metadata") or {}).get("creationTimestamp"))
+        if made is not None and made > since:  # whole seconds, as the API server stamps them
+            continue
+        out.append(f"{pod['metadata']['name']} on node {node}")
+    return out
 
 
 def needs_pods(job: dict) -> bool:
@@ -582,7 +649,7 @@ def progress_summary(progress: Optional[dict]) -> Optional[dict]:
     if not progress:
         return None
     out = {k: progress[k] for k in ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "eta", "resumedFrom",
-                                                "samples", "sampleStep", "gpuPeakGiB")
+                                                "samples", "sampleStep", "gpuPeakGiB", "evalLoss", "evalStep")
            if progress.get(k) is not None}
     if progress.get("totalSteps"):
         out["summary"] = f"{progress.get('step', 0)}/{progress['totalSteps']}"
@@ -632,3 +699,16 @@ def follow_generation(previous: dict, generation: int) -> dict:
 def invalid(previous: dict, reason: str, message: str, generation: int, now: str) -> dict:
     """Status for a resource that cannot run (invalid spec, unsupported model, a refused child)."""
     return status(previous, Observed(FAILED, reason, message, stalled=True), generation, None, now)
+
+
+def deadline_left(limit: Optional[int], start: Optional[str], now: datetime) -> Optional[int]:
+    """Seconds of runPolicy.activeDeadlineSeconds left for a Job made again (a gang restart, a Job
+    deleted by hand): the limit counts from the run's first start (status.startTime), not from
+    each Job's, or every restart would grant it anew. None: no limit, or not started yet (the
+    whole limit applies); 0: spent. Pure."""
+    if not limit or not start:
+        return None
+    began = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    left = limit - int((now - began).total_seconds())
+    return max(0, left)
+

@@ -201,7 +201,8 @@ class WorkQueue:
 
 class Syncer:
     """The queue, the ticker and the memory of LoRATrainingJobs; `sync(body, remember)` does the
-    work for one job (blocking; `remember` takes the body of our own status patch response)."""
+    work for one job (blocking; `remember` takes the body of our own status patch response) and
+    returns False when it found the job deleted."""
 
     def __init__(self, sync: Callable[[dict, Callable[[dict], None]], None], interval: float, workers: int = 4):
         self.owners = Owners()
@@ -241,4 +242,7 @@ class Syncer:
         body = self.owners.get(key)
         if body is None or deleting(body):
             return
-        self._sync(body, self.owners.remember)
+        if self._sync(body, self.owners.remember) is False:
+            # deleted while the watch was down (a restart after 410 Gone lists what exists, it
+            # reports no DELETED for what went in the gap): no more syncs, gauges or ticks for it
+            self.owners.forget(body)

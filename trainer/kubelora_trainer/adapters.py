@@ -54,6 +54,8 @@ def prepare(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
             module.requires_grad_(False)
             if name == denoiser:
                 out.n_trainable += train_all(module)
+        elif name != denoiser and learning_rate(name, spec.training) == 0:
+            module.requires_grad_(False)  # textEncoderLearningRate 0: no LoRA there, the encoder stays frozen
         else:
             cfg = lora.lora_config(spec.adapter, targets[name])
             out.n_trainable += lora.inject(module, cfg, spec.training.seed)

@@ -69,10 +69,13 @@ def cache_inputs(spec, model_fingerprint: str) -> dict:
             "fps": r.fps if r.video else None}
 
 
-def cache_key(inputs: dict, caption: str, media: bytes, unit: Optional[bk.Unit] = None) -> str:
+def cache_key(inputs: dict, caption: str, media: bytes, unit: Optional[bk.Unit] = None, dropout: bool = False) -> str:
     """media: the media file's bytes or its content digest. With a unit, its bucket size,
     frames, clip start and fit are part of the key and the dataset-wide size and frames are not
-    (so adding a resolution re-encodes only the new bucket's samples)."""
+    (so adding a resolution re-encodes only the new bucket's samples). dropout: the caption-dropout
+    entry of a family that encodes it apart from an empty caption (FamilyRules.dropout_text)."""
+    if dropout:
+        inputs = {**inputs, "dropout": True}
     if unit is not None:
         inputs = {k: v for k, v in inputs.items() if k not in ("size", "frames")}
         inputs = {**inputs, "unit": {"size": list(unit.bucket[:2]), "frames": unit.bucket[2], "start": unit.start,

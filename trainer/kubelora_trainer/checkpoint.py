@@ -311,13 +311,15 @@ class Unreadable(RuntimeError):
 def loop_for_world(own: Optional[dict], first: Optional[dict], world: int, micro: Optional[int] = None
                    ) -> Optional[dict]:
     """The loop state a rank resumes with: its own file's when the checkpoint had this number of
-    ranks and micro-batch; else only the loss history (the all-rank mean, the same in every rank's
-    file; taken from rank 0's) — the sampler position, generator and RNG states belong to another
+    ranks and micro-batch; else only the loss and evaluation history (the all-rank means, the same
+    in every rank's file; taken from rank 0's) — the sampler position, generator and RNG states belong to another
     layout. Pure."""
     if own is not None and own.get("world") == world and (micro is None or own.get("micro", micro) == micro):
         return own
     src = own if own is not None else first
-    return {"losses": list(src["losses"])} if src is not None and "losses" in src else None
+    if src is None or "losses" not in src:
+        return None
+    return {"losses": list(src["losses"]), **({"evals": list(src["evals"])} if "evals" in src else {})}
 
 
 def _cause(e: BaseException) -> BaseException:

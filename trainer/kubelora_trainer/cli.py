@@ -45,7 +45,8 @@ def check_storage(spec) -> int:
     def failed(field: str, e: StorageError) -> None:
         failures.append(e.transient)
         print(f"error: {field}: {e}" + (" (transient: try again)" if e.transient else ""), file=sys.stderr)
-    for field, uri in {**inputs, **spec.dataset.uri_fields()}.items():
+    evals = spec.evaluation.uri_fields() if spec.evaluation else {}
+    for field, uri in {**inputs, **spec.dataset.uri_fields(), **evals}.items():
         try:
             print(f"ok: {field} {uri}: {check_readable(uri, settings)} object(s) readable", file=sys.stderr)
         except StorageError as e:
@@ -138,7 +139,7 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
 
 def import_config(args) -> int:
     import yaml
-    from .import_config import ConfigError, convert as to_manifest, load, parse_map
+    from .import_config import ConfigError, convert as to_manifest, load, load_eval_tomls, parse_map
     from .import_dataset import read_dirs
     from .spec import SpecError, parse_spec
     cfg = Path(args.config)
@@ -148,7 +149,8 @@ def import_config(args) -> int:
         path_map = parse_map(args.map)
         manifest, notes = to_manifest(main_cfg, dataset, name=args.name or cfg.stem, data_uri=args.data_uri,
                                       output_uri=args.output_uri, steps=args.steps, path_map=path_map,
-                                      cwd=str(cwd), sources=sources, read_dirs=read_dirs)
+                                      cwd=str(cwd), sources=sources, read_dirs=read_dirs,
+                                      eval_tomls=load_eval_tomls(main_cfg, cwd))
         parse_spec(manifest)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

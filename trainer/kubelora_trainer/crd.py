@@ -108,13 +108,24 @@ STATUS_SCHEMA = {
                                                          "(memory, disk); the run fails at 3."},
         "evictedPods": {"type": "array", "items": {"type": "string"},
                         "description": "The newest evicted pods counted in evictions (each counted once)."},
+        "gangFailure": {"type": "object", "description": "A gang failure being decided: job (the trainer Job's "
+                        "uid), since (when its pods failed). Present while the operator waits, at most "
+                        "KUBELORA_GANG_FAILURE_GRACE_SECONDS (60) after since, for a peer's Node to read lost "
+                        "(then the gang restart is not counted against runPolicy.backoffLimit).",
+                        "properties": {"job": {"type": "string"}, "since": {"type": "string", "format": "date-time"}}},
         "createPending": {"type": "boolean", "description": "The API server deferred the job's first children "
                           "(a full ResourceQuota, throttling); the operator makes them when it takes them."},
         "restartPending": {"type": "boolean", "description": "The Job was deleted for a gang restart and is made "
                                                               "again at the next sync."},
+        "trainerImage": {"type": "string", "description": "The trainer image the run started with; a Job made "
+                                                          "again (gang restart) keeps it across operator upgrades."},
+        "restartedJob": {"type": "string", "description": "The uid of the Job a pending gang restart replaces: "
+                                                          "recorded before that Job is deleted, so an operator "
+                                                          "stopped in between deletes it at its next sync instead "
+                                                          "of counting the failure again."},
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
-        "progress": {"type": "object", "description": "step, totalSteps, epoch, loss, samplesPerSecond, eta; samples (files written) and sampleStep with spec.samples; gpuPeakGiB on GPUs.",
+        "progress": {"type": "object", "description": "step, totalSteps, epoch, loss, samplesPerSecond, eta; samples (files written) and sampleStep with spec.samples; evalLoss and evalStep (the last held-out evaluation) with spec.evaluation; gpuPeakGiB on GPUs.",
                      "x-kubernetes-preserve-unknown-fields": True},
         "artifacts": {"type": "array", "description": "Uploaded files: uri, format (report: report.html), sha256.",
                       "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
@@ -136,6 +147,7 @@ PRINTER_COLUMNS = [
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "Eval-Loss", "type": "number", "jsonPath": ".status.progress.evalLoss", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

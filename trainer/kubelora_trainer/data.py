@@ -94,6 +94,13 @@ class ScanReport:
     ignored: dict[str, int] = field(default_factory=dict)  # files that are neither media nor captions: by extension
     # folders named like kohya's "<repeats>_<name>" holding items: folder (by source URI) -> (its number, source)
     kohya: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # evaluation.sources (train.scan_sources): their items are in `items` (source >= first_held), their
+    # counts and skips here, apart from the training data's
+    held: Optional["ScanReport"] = None
+    first_held: Optional[int] = None
+
+    def is_held(self, item: "Item") -> bool:
+        return self.first_held is not None and item.source >= self.first_held
 
     def merge(self, other: "ScanReport") -> None:
         self.items += other.items
@@ -129,8 +136,8 @@ class ScanReport:
         if self.ignored:
             out["ignoredFiles"] = dict(sorted(self.ignored.items()))
         if self.masked_sources:
-            out["masked"] = sum(1 for it in self.items if it.mask is not None)
-            out["unmasked"] = sum(1 for it in self.items if it.mask is None)
+            out["masked"] = sum(1 for it in self.items if it.mask is not None and not self.is_held(it))
+            out["unmasked"] = sum(1 for it in self.items if it.mask is None and not self.is_held(it))
         return out
 
 

@@ -15,10 +15,11 @@ from . import cache, cache_remote, disk, dist, masks, metrics
 from . import buckets as bk
 from .cache import cache_key
 from .disk import cache_root
-from .data import (ScanReport, Skip, check_item, check_usable, decode_skip, is_environmental, kohya_note, load_unit,
+from .data import (DatasetError, ScanReport, Skip, check_item, check_usable, decode_skip, is_environmental, kohya_note, load_unit,
                    skipped_text)
 from .dist import log
-from .families import RULES, areas_of, frame_buckets_of, source_repeats, source_specs  # noqa: F401 (re-exported)
+from .families import (RULES, all_source_specs, areas_of, frame_buckets_of,  # noqa: F401 (re-exported)
+                       source_repeats, source_specs)
 
 
 def sample_entries(report: ScanReport, units: list[bk.Unit]) -> list[tuple[int, int]]:
@@ -40,11 +41,15 @@ def largest_batch(report: ScanReport, units: list[bk.Unit], entries: list[tuple[
 
 
 def entry_keys(report: ScanReport, units: list[bk.Unit], entries, digests: list[str], inputs: dict) -> list[str]:
-    """The cache key of each entry (pure but for nothing: the digests are the media content)."""
+    """The cache key of each entry (pure but for nothing: the digests are the media content). A
+    family whose dropout entry is encoded apart from an empty caption (FamilyRules.dropout_text)
+    keys it apart too."""
+    apart = RULES[inputs["model"]["type"]].dropout_text
     out = []
     for u, v in entries:
         unit, it = units[u], report.items[units[u].item]
-        out.append(cache_key(inputs, "" if v < 0 else it.variants[v], bytes.fromhex(digests[unit.item]), unit))
+        out.append(cache_key(inputs, "" if v < 0 else it.variants[v], bytes.fromhex(digests[unit.item]), unit,
+                             dropout=apart and v < 0))
     return out
 
 
@@ -85,9 +90,10 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
                 progress.add(len(per_unit[u]))
                 continue
             captions = ["" if entries[i][1] < 0 else it.variants[entries[i][1]] for i in per_unit[u]]
+            kw = {"dropout": [entries[i][1] < 0 for i in per_unit[u]]} if r.dropout_text else {}
             mask = None
             # one call for all of the unit's caption variants: the VAE encodes its pixels once
-            for i, sample in zip(per_unit[u], family.encode(comps, x, captions)):
+            for i, sample in zip(per_unit[u], family.encode(comps, x, captions, **kw)):
                 out = {k: t.detach().cpu() for k, t in sample.items()}
                 if it.mask is not None:  # [h, w] on the latent grid (masks.py)
                     if mask is None:
@@ -148,7 +154,7 @@ def bucket_configs(spec) -> list[bk.BucketConfig]:
     fixed = (d.width, d.height) if d.width is not None else None
     ars = tuple(bk.aspect_ratios(d.enableArBucket, d.minAr, d.maxAr, d.numArBuckets))
     return [bk.BucketConfig(ars=ars, sides=tuple(areas_of(d, s)), frame_buckets=tuple(frame_buckets_of(spec.model.type, d, s)),
-                            multiple=r.size_multiple, fixed=fixed, clip_mode=d.videoClipMode) for s in source_specs(spec)]
+                            multiple=r.size_multiple, fixed=fixed, clip_mode=d.videoClipMode) for s in all_source_specs(spec)]
 
 
 def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Remote] = None
@@ -204,6 +210,8 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
         log(env, f"[data] skipped {k}")
     if len(report.skipped) > 10:
         log(env, f"[data] ... and {len(report.skipped) - 10} more skipped ({skipped_text(report)})")
+    for k in report.held.skipped[:10] if report.held is not None else ():
+        log(env, f"[data] skipped (evaluation) {k}")
     return [found_all[i][0] for i in kept], [found_all[i][1] for i in kept]
 
 
@@ -233,7 +241,8 @@ def settle(report: ScanReport, metas: dict[int, tuple], skips: dict[int, Skip], 
 def drop_items(report: ScanReport, skips: dict[int, Skip]) -> set[int]:
     """Move the items skips names (by index into report.items) to report.skipped, in order; the
     same on every rank (skips are gathered). Returns the dropped indices. Pure."""
-    report.skipped += [skips[i] for i in sorted(skips)]
+    for i in sorted(skips):   # an evaluation item's skip is counted with the evaluation's (report.held)
+        (report.held.skipped if report.is_held(report.items[i]) else report.skipped).append(skips[i])
     report.items = [it for i, it in enumerate(report.items) if i not in skips]
     return set(skips)
 
@@ -261,10 +270,20 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
     assignment = bk.assign(metas, configs, [it.source for it in report.items])
     for i, why in assignment.dropped[:10]:
         log(env, "[data] skipped " + drop_reason(report.items[i], metas[i], why, configs[report.items[i].source], r.fps or 0))
-    used = {u.item for u in assignment.units}
-    bucket_stats = bk.summary(assignment, len(report.items), [str(it.image.name) for it in report.items])
-    n_dropped = len(report.items) - len(used)
+    n_train = len(source_specs(spec))
+    train, held_out = split_assignment(assignment, [it.source for it in report.items], n_train)
+    used = {u.item for u in train.units}
+    names = [str(it.image.name) for it in report.items]
+    n_train_items = sum(1 for it in report.items if it.source < n_train)
+    bucket_stats = bk.summary(train, n_train_items, names)
+    n_dropped = n_train_items - len(used)
     stats = {**report.summary(), "usable": len(used)}
+    if spec.evaluation is not None:
+        stats["evaluation"] = eval_stats(held_out, len(report.items) - n_train_items, names, report.held)
+        ev = stats["evaluation"]
+        log(env, f"[data] evaluation: {ev['usable']} held-out items in {len(ev['buckets']['buckets'])} bucket(s) "
+                 f"({ev['buckets']['samples']} samples), never trained on"
+                 + (f"; {ev['items'] - ev['usable']} without a bucket" if ev["items"] > ev["usable"] else ""))
     log(env, f"[data] {stats['usable']} usable items; skipped: {stats['missingCaption'] - stats['emptyCaptionUsed']} "
              f"without caption, {stats['unreadable']} unreadable"
              + (f" ({skipped_text(report)})" if report.skipped else "")
@@ -294,8 +313,37 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
         report.items = []
     check_usable(report, ", ".join(spec.dataset.uris),
                  dropped=f", without a frame bucket: {n_dropped}" if n_dropped else "")
+    if spec.evaluation is not None and not stats["evaluation"]["usable"]:
+        raise DatasetError(f"evaluation.sources ({', '.join(s.uri for s in spec.evaluation.sources)}): no usable "
+                           f"held-out items ({stats['evaluation']['items']} found with a caption, none of them "
+                           "usable: see the [data] lines above); add images with same-stem caption files, or remove "
+                           "the evaluation section")
     stats["buckets"] = bucket_stats
     return assignment, stats
+
+
+def split_assignment(assignment: bk.Assignment, sources: list[int], n_train: int
+                     ) -> tuple[bk.Assignment, bk.Assignment]:
+    """(the training sources' units and drops, evaluation.sources'), by each item's source. Pure."""
+    parts = (bk.Assignment(), bk.Assignment())
+    for u in assignment.units:
+        parts[u.source >= n_train].units.append(u)
+    for i, why in assignment.dropped:
+        parts[sources[i] >= n_train].dropped.append((i, why))
+    return parts
+
+
+def eval_stats(held_out: bk.Assignment, n_items: int, names: list[str], held: Optional[ScanReport]) -> dict:
+    """manifest.json's dataset.evaluation: the held-out items found (with a caption, readable),
+    those with a bucket (usable), what was skipped (as the training data's counts) and their
+    buckets. Pure."""
+    held = held or ScanReport()
+    out = {"items": n_items, "usable": len({u.item for u in held_out.units}),
+           "missingCaption": held.missing_caption, "emptyCaptionUsed": held.empty_caption_used,
+           "unreadable": len(held.skipped)}
+    if held.skipped:
+        out["skipped"] = held.by_reason()
+    return {**out, "buckets": bk.summary(held_out, n_items, names)}
 
 
 def drop_reason(item, meta, why: str, cfg: bk.BucketConfig, fps) -> str:

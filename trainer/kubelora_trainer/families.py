@@ -96,6 +96,36 @@ def check_family(model, dataset, output=None) -> Optional[str]:
     return None
 
 
+def check_eval_sources(model_type: str, sources) -> Optional[str]:
+    """The first problem with evaluation.sources' size and frame overrides for the family (as
+    check_family does for dataset.sources); None when fine."""
+    r = RULES[model_type]
+    for i, s in enumerate(sources):
+        where = f"evaluation.sources[{i}]"
+        if r.sizes and s.resolutions:
+            return (f"{where}.resolutions: {model_type} trains only at its fixed sizes (dataset.width and "
+                    f"dataset.height); remove it")
+        bad = [x for x in s.resolutions or () if x % r.size_multiple]
+        if bad:
+            return f"{where}.resolutions: {model_type} needs sides divisible by {r.size_multiple}; got {bad[0]}"
+        for f in s.frameBuckets or ():
+            problem = _frame_problem(model_type, r, f, f"{where}.frameBuckets")
+            if problem:
+                return problem
+    return None
+
+
+def eval_source_specs(spec) -> list:
+    """evaluation.sources ([] without an evaluation section)."""
+    return list(spec.evaluation.sources) if getattr(spec, "evaluation", None) is not None else []
+
+
+def all_source_specs(spec) -> list:
+    """The sources a run scans, probes, buckets and caches, by source index: the training ones
+    (source_specs), then evaluation.sources (an eval item's source is >= len(source_specs))."""
+    return source_specs(spec) + eval_source_specs(spec)
+
+
 def _frame_problem(model_type: str, r: FamilyRules, frames: int, where: str) -> Optional[str]:
     if not r.video and frames != 1:
         return f"{where}: {model_type} is an image model; frames must be 1 (got {frames})"

@@ -27,8 +27,8 @@ from .data import kohya_note, kohya_number
 from .import_dataset import Uncountable, epoch_steps
 from .import_handlers import Ctx, Refused, label
 from .spec import name_from, parse_spec, uri_problem
-from .import_rules import (MODEL_TYPES, OTHER_MODEL_TYPES, apply, batch_size, family_module, finish_dataset,
-                           optimizer_defaults)
+from .import_rules import (MODEL_TYPES, OTHER_MODEL_TYPES, apply, batch_size, evaluation, family_module,
+                           finish_dataset, optimizer_defaults)
 
 
 class ConfigError(ValueError):
@@ -65,22 +65,24 @@ def find_line(text: str, section: str, key: str, index: Optional[int] = None) ->
 def convert(main: dict[str, Any], dataset: Optional[dict[str, Any]] = None, *, name: str = "imported",
             data_uri: Optional[str] = None, output_uri: Optional[str] = None, steps: Optional[int] = None,
             path_map: Optional[dict[str, str]] = None, cwd: str = "/",
-            sources: Optional[dict[str, Source]] = None, read_dirs: Optional[Callable] = None
-            ) -> tuple[dict, list[str]]:
+            sources: Optional[dict[str, Source]] = None, read_dirs: Optional[Callable] = None,
+            eval_tomls: Optional[list[tuple[str, Optional[dict]]]] = None) -> tuple[dict, list[str]]:
     """Returns (manifest, notes); raises ConfigError naming the file, line and key. path_map
     rewrites local path prefixes (e.g. {'/data/models': 's3://models'}) so a workstation config
     points at the bucket the cluster reads. read_dirs (import_dataset.read_dirs) reads the
-    [[directory]] folders where they are on this machine; without it they are not looked at."""
+    [[directory]] folders where they are on this machine; without it they are not looked at.
+    eval_tomls: eval_datasets' TOMLs as (config path, parsed or None), from load_eval_tomls."""
     sources = sources or {"main": Source("the config"), "dataset": Source("the dataset config")}
     try:
-        return _convert(main, dataset, name, data_uri, output_uri, steps, path_map or {}, cwd, read_dirs)
+        return _convert(main, dataset, name, data_uri, output_uri, steps, path_map or {}, cwd, read_dirs, eval_tomls)
     except Refused as e:
         src = sources["dataset" if e.section in ("dataset", "directory") else "main"]
         table = "" if e.section == "dataset" else e.section
         raise ConfigError(f"{src.where(table, e.key, e.index)}: {label(e.section)}{e.key}: {e}") from None
 
 
-def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, read_dirs) -> tuple[dict, list[str]]:
+def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, read_dirs,
+             eval_tomls=None) -> tuple[dict, list[str]]:
     def resolve(p: str) -> str:
         """A path as diffusion-pipe opens it (relative to where it runs)."""
         if not re.match(r"^[a-z0-9]+://", p) and not p.startswith("/"):
@@ -127,6 +129,8 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
     apply(ctx, "monitoring", main.get("monitoring") or {})
     batch_size(ctx)
     _learning_rates(ctx)
+    if full and ctx.training.get("textEncoderLearningRate") == 0:
+        del ctx.training["textEncoderLearningRate"]  # a full fine-tune trains the UNet alone anyway
     if full and "textEncoderLearningRate" in ctx.training:
         raise Refused("model", "text_encoder_1_lr", "kubelora's full fine-tune trains the UNet only, not the text "
                                                     "encoders: remove the text encoder learning rates")
@@ -148,6 +152,8 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
     data = ctx.dataset if "sources" in ctx.dataset else {"uri": data_uri or ds_uri, **ctx.dataset}
     spec = {"model": ctx.model, "dataset": data, "adapter": ctx.adapter,
             "training": ctx.training, "output": {"uri": out_uri, **ctx.output}}
+    if ev := evaluation(ctx, eval_tomls, local):
+        spec["evaluation"] = ev
     manifest = {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob",
                 "metadata": {"name": name_from(name, "imported")}, "spec": spec}
     _steps(ctx, main, manifest, steps, dirs, read_dirs)
@@ -236,11 +242,17 @@ def _learning_rates(ctx: Ctx) -> None:
     ctx.training["learningRate"] = float(unet)
     if ctx.model_type == "sdxl":
         if len(te) > 1:
+            frozen = " (0 for both trains the UNet alone)" if 0 in te else ""
             raise Refused("model", "text_encoder_2_lr", "kubelora trains both SDXL text encoders at one rate "
-                                                        "(training.textEncoderLearningRate): give them the same value")
+                                                        f"(training.textEncoderLearningRate): give them the same value"
+                                                        f"{frozen}")
         (te_lr,) = te
         if te_lr is not None and float(te_lr) != float(unet):
             ctx.training["textEncoderLearningRate"] = float(te_lr)
+        if te_lr is not None and float(te_lr) == 0:
+            ctx.section = "model"
+            ctx.note("text_encoder_1_lr", "0 for both text encoders: training.textEncoderLearningRate 0, no LoRA on "
+                                          "them (the UNet alone is trained), as diffusion-pipe trains it")
 
 
 SOURCE_FIELDS = {"repeats", "resolutions", "frameBuckets", "missingCaption", "captionPrefix", "shuffleTags",
@@ -318,6 +330,22 @@ def load(config: Path, dataset: Optional[Path] = None, cwd: Optional[Path] = Non
     else:
         sources["dataset"] = Source("the dataset config")
     return main, ds, sources
+
+
+def load_eval_tomls(main: dict, cwd: Optional[Path] = None) -> list[tuple[str, Optional[dict]]]:
+    """eval_datasets' TOMLs, each (its config path, parsed; None where it is not on this machine),
+    resolved against cwd as diffusion-pipe opens them. Raises ConfigError for one that is there
+    but not valid TOML."""
+    cwd = cwd or Path.cwd()
+    out = []
+    entries = main.get("eval_datasets")
+    for e in entries if isinstance(entries, list) else []:
+        path = e if isinstance(e, str) else e.get("config") if isinstance(e, dict) else None
+        if not isinstance(path, str):
+            continue   # refused with its line by the eval_datasets handler
+        p = Path(path) if Path(path).is_absolute() else cwd / path
+        out.append((path, _read(p, "eval dataset config")[0] if p.is_file() else None))
+    return out
 
 
 def _read(path: Path, what: str) -> tuple[dict, Source]:

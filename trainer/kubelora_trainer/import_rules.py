@@ -54,6 +54,90 @@ def micro_batch(ctx: Ctx, key: str, value: Any) -> None:
     ctx.extra[key] = whole(value)
 
 
+def eval_datasets(ctx: Ctx, key: str, value: Any) -> None:
+    """[{name, config}] or [config path]: read by evaluation() (the TOMLs, when the CLI read them)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) or (isinstance(v, dict) and "config" in v)
+                                              for v in value):
+        ctx.refuse(key, "expected a list of {name = '...', config = 'eval.toml'} (or of TOML paths)")
+    ctx.extra[key] = value
+
+
+def eval_setting(ctx: Ctx, key: str, value: Any) -> None:
+    """The eval_* keys, checked here and mapped by evaluation() (they need eval_datasets and the
+    batch size)."""
+    if key in ("eval_micro_batch_size_per_gpu", "eval_image_micro_batch_size_per_gpu") and isinstance(value, list):
+        ctx.refuse(key, "per-resolution batch sizes are not supported (one size per job); set one integer")
+    ctx.extra[key] = flag(value) if key == "eval_before_first_step" else whole(value)
+
+
+def evaluation(ctx: Ctx, eval_tomls: Optional[list[tuple[str, Optional[dict]]]], local) -> Optional[dict]:
+    """spec.evaluation from eval_datasets (diffusion-pipe's evaluation, train.py): each eval dataset
+    TOML's [[directory]] folders become evaluation.sources (eval_tomls: (config path, its parsed
+    TOML or None when it was not read)); eval_every_n_steps -> everySteps, eval_every_n_epochs ->
+    everyEpochs, eval_every_n_examples -> everySteps = n // the batch of one GPU (diffusion-pipe:
+    // the global batch), eval_before_first_step -> beforeFirstStep, the eval micro batch size ->
+    microBatchSize."""
+    ctx.section = ""
+    x = ctx.extra
+    keys = [k for k in ("eval_every_n_steps", "eval_every_n_epochs", "eval_every_n_examples", "eval_before_first_step",
+                        "eval_micro_batch_size_per_gpu", "eval_image_micro_batch_size_per_gpu",
+                        "eval_gradient_accumulation_steps") if k in x]
+    if not x.get("eval_datasets"):
+        for k in keys:
+            ctx.note(k, "no eval_datasets: no evaluation runs")
+        return None
+    sources, unread = [], []
+    for path, doc in eval_tomls or [(e if isinstance(e, str) else e["config"], None) for e in x["eval_datasets"]]:
+        if doc is None:
+            unread.append(path)
+            continue
+        dirs = doc.get("directory") or []
+        if not isinstance(dirs, list) or not dirs or not all(isinstance(d, dict) and "path" in d for d in dirs):
+            ctx.refuse("eval_datasets", f"{path}: expected [[directory]] tables, each with a path")
+        for d in dirs:
+            sources.append({"uri": local(str(d["path"])),
+                            **({"maskUri": local(str(d["mask_path"]))} if d.get("mask_path") else {})})
+        other = sorted({k for k in doc if k != "directory"} | {k for d in dirs for k in d if k not in ("path", "mask_path")})
+        if other:
+            ctx.note("eval_datasets", f"{path}: {', '.join(other)} not read: kubelora evaluates its held-out folders "
+                                      "with the training dataset's sizes, buckets and caption settings")
+    if unread:
+        ctx.note("eval_datasets", f"{', '.join(unread)} not read (import-config reads them when given the config "
+                                  "file): add its [[directory]] folders as evaluation.sources[].uri by hand")
+    if not sources:
+        return None
+    ev: dict = {"sources": sources}
+    per_gpu = ctx.training.get("microBatchSize", 1) * ctx.training.get("gradientAccumulationSteps", 1)
+    if "eval_every_n_steps" in x:
+        ev["everySteps"] = x["eval_every_n_steps"]
+    if "eval_every_n_examples" in x:
+        n = x["eval_every_n_examples"]
+        ev["everySteps"] = max(1, n // per_gpu)
+        ctx.note("eval_every_n_examples", f"{n} examples: evaluation.everySteps {ev['everySteps']} (= {n} // "
+                                          f"{per_gpu}, the samples one GPU trains per step; with several GPUs "
+                                          "divide it by their number, as diffusion-pipe divides by the global batch)")
+    if "eval_every_n_epochs" in x:
+        ev["everyEpochs"] = x["eval_every_n_epochs"]
+    if "eval_before_first_step" in x:
+        ev["beforeFirstStep"] = x["eval_before_first_step"]
+    size = x.get("eval_micro_batch_size_per_gpu")
+    image = x.get("eval_image_micro_batch_size_per_gpu", size)
+    if ctx.model_type not in VIDEO_TYPES:
+        size = image
+    elif image is not None and image != size:
+        ctx.note("eval_image_micro_batch_size_per_gpu", f"one evaluation micro batch size per job: images are "
+                                                        f"evaluated {size} at a time like videos")
+    if size is not None:
+        ev["microBatchSize"] = size
+    if "eval_gradient_accumulation_steps" in x:
+        ctx.note("eval_gradient_accumulation_steps", "batching only (the evaluation loss is the mean over every "
+                                                     "held-out item either way): not needed")
+    if "everySteps" not in ev and "everyEpochs" not in ev:
+        ctx.note("eval_datasets", "no eval_every_n_steps, eval_every_n_examples or eval_every_n_epochs: evaluated "
+                                  "before the first step (unless eval_before_first_step = false) and after the last")
+    return ev
+
+
 def batch_size(ctx: Ctx) -> None:
     """training.microBatchSize: diffusion-pipe batches a 1-frame bucket by image_micro_batch_size_per_gpu
     (default micro_batch_size_per_gpu) and a video bucket by micro_batch_size_per_gpu; an image
@@ -109,16 +193,16 @@ def save_dtype(ctx: Ctx, key: str, value: Any) -> None:
 MAIN: dict[str, Handler] = {
     "output_dir": kept(text), "dataset": kept(text), "epochs": kept(number), "max_steps": kept(whole),
     "model": keep, "adapter": keep, "optimizer": keep, "monitoring": keep,
-    "eval_datasets": noted("evaluation datasets are not run: kubelora reports the training loss"),
+    "eval_datasets": eval_datasets,
     "micro_batch_size_per_gpu": micro_batch,
     "image_micro_batch_size_per_gpu": micro_batch,
-    "eval_micro_batch_size_per_gpu": noted("no evaluation runs"),
-    "eval_image_micro_batch_size_per_gpu": noted("no evaluation runs"),
-    "eval_gradient_accumulation_steps": noted("no evaluation runs"),
-    "eval_every_n_steps": noted("no evaluation runs"),
-    "eval_every_n_epochs": noted("no evaluation runs"),
-    "eval_every_n_examples": noted("no evaluation runs"),
-    "eval_before_first_step": noted("no evaluation runs"),
+    "eval_micro_batch_size_per_gpu": eval_setting,
+    "eval_image_micro_batch_size_per_gpu": eval_setting,
+    "eval_gradient_accumulation_steps": eval_setting,
+    "eval_every_n_steps": eval_setting,
+    "eval_every_n_epochs": eval_setting,
+    "eval_every_n_examples": eval_setting,
+    "eval_before_first_step": eval_setting,
     "gradient_accumulation_steps": to("training", "gradientAccumulationSteps", whole),
     "gradient_clipping": to("training", "maxGradNorm", lambda v: number(v) or None),
     "steps_per_print": noted("progress is printed every training.logEvery steps"),
@@ -133,7 +217,7 @@ MAIN: dict[str, Handler] = {
     "reentrant_activation_checkpointing": noted("kubelora's checkpointing is non-reentrant; the math is the same"),
     "blocks_to_swap": noted("no partial block swapping: FSDP2 shards the model over GPUs, and training.cpuOffload: true "
                             "keeps every block in CPU memory (not N of them); set it if one GPU is short of memory"),
-    "disable_block_swap_for_eval": noted("no block swapping and no evaluation runs"),
+    "disable_block_swap_for_eval": noted("no block swapping (the evaluation runs like a training forward)"),
     "compile": to("training", "compile", flag),
     "save_every_n_epochs": noted("the LoRA is written at the end of the run"),
     "save_every_n_steps": noted("the LoRA is written at the end of the run"),
@@ -205,10 +289,18 @@ def adapter_type(ctx: Ctx, key: str, value: Any) -> None:
                         f"config has no [adapter] table (a full fine-tune)")
 
 
+def adapter_alpha(ctx: Ctx, key: str, value: Any) -> None:
+    """diffusion-pipe refuses any alpha (train.py: it forces alpha = rank); kubelora can train the one
+    given, so it is mapped, saying that this config would not have run there."""
+    ctx.adapter["alpha"] = number(value)
+    ctx.note(key, f"mapped to adapter.alpha {value:g}; diffusion-pipe would not have run this config (it refuses "
+                  "alpha and trains with alpha = rank): remove the key from the manifest to train as it does")
+
+
 ADAPTER: dict[str, Handler] = {
     "type": adapter_type,
     "rank": to("adapter", "rank", whole),
-    "alpha": to("adapter", "alpha", number),
+    "alpha": adapter_alpha,
     "dtype": noted("LoRA master weights are float32 (computed in model.dtype)"),
     "dropout": to("adapter", "dropout", number),
     "decompose_factor": noted("a LoKr setting; no effect on LoRA"),
@@ -409,6 +501,25 @@ def ar_bucket_fields(ctx: Ctx) -> None:
                    f"maxAr {fields['maxAr']:g}, numArBuckets {fields['numArBuckets']} give the same")
 
 
+def aligned_frames(model_type: str, frames: int) -> int:
+    """diffusion-pipe's align_frames (models/base.py): a bucket's frame count rounded down to the
+    family's a*k + b (4k+1 for HunyuanVideo, 8k+1 for LTX-Video), which its clips then have."""
+    rule = RULES[model_type].frame_rule
+    if rule is None:
+        return frames
+    a, b = rule
+    return max(b, (frames - b) // a * a + b)
+
+
+def note_aligned(ctx: Ctx, key: str, frames: list[int]) -> None:
+    moved = [(f, aligned_frames(ctx.model_type, f)) for f in frames if aligned_frames(ctx.model_type, f) != f]
+    if moved:
+        a, b = RULES[ctx.model_type].frame_rule
+        ctx.note(key, ", ".join(f"{f} frames train as {g}" for f, g in moved)
+                 + f" ({ctx.model_type} clips are {a}k+{b} frames; diffusion-pipe rounds a bucket down to that too, "
+                   "though it places only videos of at least the unrounded length in it)")
+
+
 def frame_buckets(ctx: Ctx, key: str, value: Any) -> None:
     frames = listed(value, count, "a list of frame counts, e.g. [1, 33]")
     if ctx.model_type not in VIDEO_TYPES:
@@ -418,7 +529,8 @@ def frame_buckets(ctx: Ctx, key: str, value: Any) -> None:
         ctx.note(key, "cosmos takes its frame count from size_buckets")
         return
     ctx.dataset.pop("frames", None)
-    ctx.dataset["frameBuckets"] = sorted(set(frames) | {1})
+    note_aligned(ctx, key, frames)
+    ctx.dataset["frameBuckets"] = sorted({aligned_frames(ctx.model_type, f) for f in frames} | {1})
 
 
 def size_buckets(ctx: Ctx, key: str, value: Any) -> None:
@@ -429,7 +541,8 @@ def size_buckets(ctx: Ctx, key: str, value: Any) -> None:
     ctx.dataset.pop("resolution", None)
     ctx.dataset.update(width=w, height=h)
     if ctx.model_type in VIDEO_TYPES:
-        ctx.dataset["frames"] = f
+        note_aligned(ctx, key, [f])
+        ctx.dataset["frames"] = aligned_frames(ctx.model_type, f)
     if len(value) > 1:
         ctx.note(key, f"one size per job for now: every item is resized to cover {w}x{h} and centre-cropped"
                       + (f", {f} frames" if ctx.model_type in VIDEO_TYPES else "")

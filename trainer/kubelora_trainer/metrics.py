@@ -191,6 +191,11 @@ class TrainerMetrics:
         self._total = gauge("kubelora_trainer_total_steps", "training.steps of the run")
         self._epoch = gauge("kubelora_trainer_epoch", "Epoch (from 1) of the last step")
         self._loss = gauge("kubelora_trainer_loss", "Loss of the last step, mean over all ranks")
+        self._eval = gauge("kubelora_trainer_eval_loss", "Held-out evaluation loss (spec.evaluation) of the last "
+                           "evaluation: quantile=\"mean\" is their mean, the others each timestep quantile's",
+                           ("quantile",))
+        self._eval_step = gauge("kubelora_trainer_eval_step", "Step of the last evaluation (0: the base model)")
+        self._eval_seconds = gauge("kubelora_trainer_eval_seconds", "Seconds the last evaluation took")
         self._lr = gauge("kubelora_trainer_learning_rate", "Learning rate the last step used (first parameter group)")
         self._grad = gauge("kubelora_trainer_grad_norm", "Total L2 norm of the adapters' gradients in the last step, before clipping")
         self._sps = gauge("kubelora_trainer_samples_per_second", "Training samples per second, over the last 50 steps")
@@ -292,6 +297,16 @@ class TrainerMetrics:
             self._tps.labels(*self.labels).set(tokens_per_second)
         if mfu is not None:
             self._mfu.labels(*self.labels).set(mfu)
+
+    def eval_loss(self, rec: dict) -> None:
+        """An evaluation's record (evaluation.summarize): the mean and each quantile's loss."""
+        if not self.main:
+            return
+        self._eval.labels(*self.labels, "mean").set(rec["loss"])
+        for q, v in rec["quantiles"].items():
+            self._eval.labels(*self.labels, q).set(v)
+        self._eval_step.labels(*self.labels).set(rec["step"])
+        self._eval_seconds.labels(*self.labels).set(rec["seconds"])
 
     def loss_not_finite(self) -> None:
         if self.main:

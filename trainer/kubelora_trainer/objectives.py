@@ -8,8 +8,31 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_timesteps(n: int, method: str, generator: torch.Generator, device) -> torch.Tensor:
-    """t in (0, 1): logit-normal (sigmoid of a standard normal) or uniform."""
+EVAL_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # diffusion-pipe's TIMESTEP_QUANTILES_FOR_EVAL
+
+
+def normal_icdf(n: int, quantile: float, device) -> torch.Tensor:
+    """[n] copies of the standard normal's inverse CDF at quantile (in float64, then float32)."""
+    return torch.special.ndtri(torch.full((n,), float(quantile), dtype=torch.float64)).float().to(device)
+
+
+def quantile_timestep(quantile: float, num_train_timesteps: int) -> int:
+    """A DDPM family's (SDXL's) discrete timestep at quantile of its uniform training draw:
+    int(q * num_train_timesteps), as diffusion-pipe. Pure."""
+    return min(int(quantile * num_train_timesteps), num_train_timesteps - 1)
+
+
+def sample_timesteps(n: int, method: str, generator: torch.Generator, device,
+                     quantile: float | None = None) -> torch.Tensor:
+    """t in (0, 1): logit-normal (sigmoid of a standard normal) or uniform. With quantile (the
+    held-out evaluation, evaluation.py): the distribution's inverse CDF at it for every sample,
+    drawing nothing from the generator (diffusion-pipe's timestep_quantile)."""
+    if quantile is not None:
+        if method == "logit_normal":
+            return torch.sigmoid(normal_icdf(n, quantile, device))
+        if method == "uniform":
+            return torch.full((n,), float(quantile), device=device)
+        raise ValueError(f"unknown timestep sampling method {method!r}")
     if method == "logit_normal":
         t = torch.sigmoid(torch.randn(n, generator=generator, device=generator.device))
     elif method == "uniform":

@@ -37,6 +37,8 @@ class Progress:
     gpuPeakGiB: Optional[float] = None  # the GPU memory peak so far (torch's allocator, rank 0)
     samples: Optional[int] = None       # sample files written so far (spec.samples)
     sampleStep: Optional[int] = None    # the last step that sampled
+    evalLoss: Optional[float] = None    # the last held-out evaluation loss (spec.evaluation)
+    evalStep: Optional[int] = None      # the step it was evaluated after (0: the base model)
 
 
 class Meter:

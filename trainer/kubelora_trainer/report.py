@@ -28,19 +28,31 @@ def polyline(points: list[tuple[float, float]], width: int = 640, height: int = 
     return pts, (x0, x1, y0, y1)
 
 
-def curve_svg(points: list[tuple[float, float]], label: str, css_id: str, color: str = "#1f6feb") -> str:
-    """A line chart with its axes' ranges written at the corners; an empty note without points."""
+def curve_svg(points: list[tuple[float, float]], label: str, css_id: str, color: str = "#1f6feb",
+              second: Optional[tuple[list[tuple[float, float]], str, str]] = None) -> str:
+    """A line chart with its axes' ranges written at the corners; an empty note without points.
+    second: (points, label, color) of another series drawn on the same axes, its points marked
+    (the held-out evaluation loss beside the training loss)."""
     if not points:
         return f'<p class="muted" id="{css_id}">no {escape(label)} yet</p>'
     w, h = 640, 220
-    pts, (x0, x1, y0, y1) = polyline(points, w, h)
+    other = [p for p in (second[0] if second else []) if p[1] == p[1]]   # NaN left out
+    pts, (x0, x1, y0, y1) = polyline(points + other, w, h)
+    mine = " ".join(pts.split()[:len(points)])
+    extra = ""
+    if other:
+        opts = pts.split()[len(points):]
+        extra = (f'<text x="{w // 2}" y="16" font-size="12" fill="{second[2]}">{escape(second[1])}</text>'
+                 f'<polyline class="second" fill="none" stroke="{second[2]}" stroke-width="1.5" points="{" ".join(opts)}"/>'
+                 + "".join(f'<circle cx="{p.split(",")[0]}" cy="{p.split(",")[1]}" r="2.5" fill="{second[2]}"/>'
+                           for p in opts))
     return (f'<svg id="{css_id}" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
             f'aria-label="{escape(label)}">'
             f'<text x="8" y="16" font-size="12">{escape(label)}</text>'
             f'<text x="8" y="40" font-size="10">{y1:.4g}</text><text x="8" y="{h - 40}" font-size="10">{y0:.4g}</text>'
             f'<text x="36" y="{h - 8}" font-size="10">step {x0:g}</text>'
             f'<text x="{w - 90}" y="{h - 8}" font-size="10">step {x1:g}</text>'
-            f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{pts}"/></svg>')
+            f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{mine}"/>{extra}</svg>')
 
 
 def sample_grid(prompts: list[dict], samples: list[dict]) -> str:
@@ -75,7 +87,12 @@ def dataset_tables(dataset: dict) -> str:
     """The dataset's counts, then its buckets (buckets.summary) as a table of their own: one row
     per bucket with its samples and how much of them the crop cut away."""
     b = dataset.get("buckets") if isinstance(dataset.get("buckets"), dict) else None
-    counts = {k: v for k, v in dataset.items() if k != "buckets"}
+    counts = {k: v for k, v in dataset.items() if k not in ("buckets", "evaluation")}
+    held = dataset.get("evaluation")
+    if isinstance(held, dict):   # evaluation.sources: counted apart, never trained on
+        hb = held.get("buckets") or {}
+        counts["evaluation (held out)"] = (f"{held.get('usable')} usable items of {held.get('items')}, "
+                                           f"{hb.get('samples')} samples in {len(hb.get('buckets') or {})} bucket(s)")
     if b is None:
         return table(counts)
     counts.update({f"buckets: {k}": v for k, v in b.items() if k not in ("buckets", "droppedItems") and v != {}})
@@ -97,13 +114,17 @@ def artifacts_table(artifacts: list[dict]) -> str:
 
 def render(*, job: str, model_type: str, status: str, step: int, total_steps: int, losses: list[float],
            learning_rates: list[float], prompts: list[dict], samples: list[dict], dataset: dict, spec: dict,
-           artifacts: list[dict], timings: Optional[dict] = None) -> str:
+           artifacts: list[dict], timings: Optional[dict] = None, evals: Optional[list[dict]] = None) -> str:
     """The page. losses[i] and learning_rates[i] belong to step i + 1; samples: {step, prompt
-    (index), file, preview?} with paths relative to the report."""
+    (index), file, preview?} with paths relative to the report; evals: the held-out evaluations'
+    records ({step, loss, ...}: evaluation.py), drawn beside the training loss."""
     loss_pts = [(i + 1, v) for i, v in enumerate(losses)]
+    eval_pts = [(float(r["step"]), r["loss"]) for r in evals or []]
     lr_pts = [(i + 1, v) for i, v in enumerate(learning_rates)]
     summary = {"job": job, "model": model_type, "status": status, "step": f"{step}/{total_steps}",
-               **({"last loss": f"{losses[-1]:.4f}"} if losses else {}), **(timings or {})}
+               **({"last loss": f"{losses[-1]:.4f}"} if losses else {}),
+               **({"last evaluation loss": f"{evals[-1]['loss']:.4f} (step {evals[-1]['step']})"} if evals else {}),
+               **(timings or {})}
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>kubelora report: {escape(job)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
@@ -111,7 +132,8 @@ def render(*, job: str, model_type: str, status: str, step: int, total_steps: in
 <h1>kubelora report: {escape(job)}</h1>
 {table(summary)}
 <h2>Loss</h2>
-{curve_svg(loss_pts, "training loss", "loss-curve")}
+{curve_svg(loss_pts, "training loss", "loss-curve",
+           second=(eval_pts, "held-out evaluation loss", "#cf222e") if eval_pts else None)}
 <h2>Learning rate</h2>
 {curve_svg(lr_pts, "learning rate", "lr-curve", color="#d29922")}
 <h2>Samples</h2>

@@ -145,17 +145,18 @@ class Sampler:
             print(f"[samples] step {step}: {len(recs)} sample(s) in {time.perf_counter() - t0:.1f} s "
                   f"(sampling so far {self.seconds:.1f} s)", flush=True)
             try:  # best effort mid-run (the others are already training on): refreshed at the next sample step
-                self.publish_report("Training", step, tr.state.losses, [])
+                self.publish_report("Training", step, tr.state.losses, [], tr.state.evals)
             except storage.StorageError as e:
                 print(f"[samples] warning: report.html not updated at step {step}: {e}", flush=True)
             if prog is not None and tr.publish is not None:
                 prog.samples, prog.sampleStep = len(self.records), step
                 tr.publish(prog, force=True)
 
-    def publish_report(self, status: str, step: int, losses: list[float], artifacts: list[dict]) -> dict:
+    def publish_report(self, status: str, step: int, losses: list[float], artifacts: list[dict],
+                       evals: Optional[list[dict]] = None) -> dict:
         """Rank 0: write and upload report.html; returns {uri, sha256, size}."""
         return upload_report(self.spec, self.job, status, step, losses, self.prompts, self.records, self.stats,
-                             artifacts, {"sampling seconds": f"{self.seconds:.1f}"}, self.local, self._upload)
+                             artifacts, {"sampling seconds": f"{self.seconds:.1f}"}, self.local, self._upload, evals)
 
     def summary(self) -> dict:
         return {"count": len(self.records), "seconds": round(self.seconds, 2), "prompts": self.prompts,
@@ -179,27 +180,29 @@ def learning_rates(spec, n: int) -> list[float]:
 
 
 def upload_report(spec, job, status, step, losses, prompts, records, stats, artifacts, timings, local: Path,
-                  upload) -> dict:
+                  upload, evals: Optional[list[dict]] = None) -> dict:
     html = report.render(job=job, model_type=spec.model.type, status=status, step=step,
                          total_steps=spec.training.steps, losses=list(losses),
                          learning_rates=learning_rates(spec, len(losses)), prompts=prompts, samples=records,
-                         dataset=stats, spec=dump_spec(spec), artifacts=artifacts, timings=timings)
+                         dataset=stats, spec=dump_spec(spec), artifacts=artifacts, timings=timings, evals=evals)
     path = local / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html)
     return upload(path, REPORT_NAME)
 
 
-def final_report(spec, job, settings, sampler: Optional[Sampler], losses, stats, artifacts, local: Path) -> dict:
+def final_report(spec, job, settings, sampler: Optional[Sampler], losses, stats, artifacts, local: Path,
+                 evals: Optional[list[dict]] = None) -> dict:
     """Rank 0, after the LoRA files are uploaded and before manifest.json: the finished report,
     and what manifest.json lists about samples and the report."""
     if sampler is not None:
-        rep = sampler.publish_report("Succeeded", spec.training.steps, losses, artifacts)
+        rep = sampler.publish_report("Succeeded", spec.training.steps, losses, artifacts, evals)
         return {"report": rep, "samples": sampler.summary()}
     out = storage.parse_uri(spec.output.uri)
     client = storage.make_client(settings) if out.is_s3 else None
 
     def up(path, key):
         return storage.upload(path, str(out.child(key)), settings, client, content_type="text/html")
-    rep = upload_report(spec, job, "Succeeded", spec.training.steps, losses, [], [], stats, artifacts, None, local, up)
+    rep = upload_report(spec, job, "Succeeded", spec.training.steps, losses, [], [], stats, artifacts, None, local, up,
+                        evals)
     return {"report": rep}

@@ -366,8 +366,10 @@ class TrainingSpec(_Model):
     steps: int = Field(default=1000, ge=1, le=10_000_000, description="Optimizer steps to train.")
     learningRate: float = Field(default=1e-4, gt=0, le=1.0, description="Peak AdamW learning rate.")
     textEncoderLearningRate: Optional[float] = Field(
-        default=None, gt=0, le=1.0,
-        description="Learning rate for text-encoder LoRA in families that train the text encoders (SDXL); defaults to learningRate.")
+        default=None, ge=0, le=1.0,
+        description="Learning rate for text-encoder LoRA in families that train the text encoders (SDXL); defaults to "
+                    "learningRate. 0: no LoRA on the text encoders (the denoiser alone is trained), as diffusion-pipe's "
+                    "text_encoder_1_lr = text_encoder_2_lr = 0.")
     lrScheduler: Literal["constant", "linear", "cosine"] = Field(
         default="constant", description="Schedule after warmup: constant, linear or cosine down towards 0, which it reaches "
                                       "just after the last step (as diffusers' schedules do).")
@@ -481,6 +483,10 @@ class StorageSpec(_Model):
         description="Name of a Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (mounted into the pods). Never put keys in the spec.")
 
 
+QUALIFIED_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
 class ResourcesSpec(_Model):
     nodes: int = Field(default=1, ge=1, le=512, description="Number of nodes (pods), one torchrun agent each.")
     gpusPerNode: int = Field(default=1, ge=0, le=16, description="GPUs per node = training processes per node; 0 trains on CPU.")
@@ -490,9 +496,10 @@ class ResourcesSpec(_Model):
                     "nvidia.com/mig-3g.40gb (the NVIDIA device plugin's mixed strategy).")
     serviceAccountName: Optional[str] = Field(
         default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-        description="The trainer pods' ServiceAccount, for IRSA or GKE/Azure workload identity to reach S3 instead of "
-                    "storage.credentialsSecret (the pods still mount no Kubernetes API token). Default: the "
-                    "namespace's default ServiceAccount.")
+        description="The trainer pods' ServiceAccount, for AWS IRSA or EKS Pod Identity to reach S3 instead of "
+                    "storage.credentialsSecret (boto3 finds those credentials itself; the pods still mount no "
+                    "Kubernetes API token). GKE and Azure workload identity give no S3 credentials: GCS's S3 "
+                    "interface needs HMAC keys in a credentialsSecret. Default: the namespace's default ServiceAccount.")
     image: Optional[str] = Field(default=None, description="Trainer image; defaults to the operator's configured image.")
     requests: dict[str, str] = Field(default_factory=dict, description="Extra container resource requests (cpu, memory, ...).")
     limits: dict[str, str] = Field(default_factory=dict, description="Extra container resource limits.")
@@ -509,11 +516,27 @@ class ResourcesSpec(_Model):
                     "request of that much, so the scheduler places the pod on a node with that much local disk "
                     "instead of the kubelet evicting it when the disk fills (a cache over the size is evicted too, "
                     "with a message naming it). Unset: no limit and no request.")
+    podAnnotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Annotations on the trainer pods, e.g. karpenter.sh/do-not-disrupt: \"true\" (Karpenter's "
+                    "consolidation and drift then leave a running job's nodes alone) or "
+                    "cluster-autoscaler.kubernetes.io/safe-to-evict: \"false\".")
+
+    @field_validator("podAnnotations")
+    @classmethod
+    def _annotation_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            prefix, _, name = key.rpartition("/")
+            if not (QUALIFIED_NAME.fullmatch(name) and len(name) <= 63
+                    and (not prefix or (DNS_SUBDOMAIN.fullmatch(prefix) and len(prefix) <= 253))):
+                raise ValueError(f"{key!r} is not an annotation key: [prefix/]name, the name at most 63 letters, "
+                                 "digits, '-', '_' or '.' (alphanumeric at both ends), the prefix a DNS subdomain")
+        return v
 
 
 class RunPolicySpec(_Model):
     backoffLimit: int = Field(default=3, ge=0, le=100, description="Retries of the whole run after a failure (all nodes restart together; disruptions such as preemption do not count).")
-    activeDeadlineSeconds: Optional[int] = Field(default=None, ge=1, description="Wall-clock limit for the whole job.")
+    activeDeadlineSeconds: Optional[int] = Field(default=None, ge=1, description="Wall-clock limit in seconds, counted from the run's first start: a Job made again (gang restart) gets only what is left, and once it is spent the job fails (DeadlineExceeded).")
     ttlSecondsAfterFinished: Optional[int] = Field(default=None, ge=0, description="Delete the job's children this long after it finished (the resource and its status stay).")
     terminationGracePeriodSeconds: int = Field(
         default=120, ge=1, le=3600,
@@ -576,6 +599,85 @@ class SamplesSpec(_Model):
                                  f"family's ({_family_defaults('steps')}).")
 
 
+DEFAULT_EVAL_QUANTILES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]   # diffusion-pipe's
+EVAL_SOURCE_UNUSED = ("repeats", "shuffleTags", "shuffleVariants", "keepTags", "tagDelimiter", "captionDropout")
+
+
+class EvaluationSpec(_Model):
+    """A held-out loss at fixed timesteps (diffusion-pipe's eval_datasets): the training timestep
+    distribution's inverse CDF at each quantile, the same noise at every evaluation."""
+    sources: list[SourceSpec] = Field(
+        min_length=1, max_length=64,
+        description="Held-out folders, as dataset.sources (unset options taken from dataset). Never trained on; each "
+                    "item is evaluated once per quantile with its first caption, unshuffled and never dropped "
+                    "(repeats, shuffleTags and captionDropout do not apply).")
+    everySteps: Optional[int] = Field(default=None, ge=1, description="Evaluate every N training steps.")
+    everyEpochs: Optional[int] = Field(default=None, ge=1, description="Evaluate at the step that ends every N-th "
+                                                                     "epoch.")
+    beforeFirstStep: bool = Field(default=True, description="Evaluate the base model before the first step (not on "
+                                                            "a resume). The last step is always evaluated.")
+    quantiles: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_EVAL_QUANTILES), min_length=1, max_length=32,
+        description="Where in the family's training timestep distribution to evaluate: each item's loss at the "
+                    "distribution's inverse CDF at each quantile (sdxl: timestep int(q * 1000); cosmos: the "
+                    "log-normal sigma), in (0, 1). The evaluation loss is their mean.")
+    microBatchSize: Optional[int] = Field(default=None, ge=1, le=1024,
+                                          description="Samples per rank per evaluation forward. Unset: "
+                                                      "training.microBatchSize.")
+
+    @field_validator("quantiles")
+    @classmethod
+    def _quantiles(cls, v: list[float]) -> list[float]:
+        if not all(0.0 < q < 1.0 for q in v):
+            raise ValueError("each quantile is in (0, 1) exclusive, e.g. [0.1, 0.5, 0.9]")
+        if len(set(v)) != len(v):
+            raise ValueError("a quantile is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _sources(self) -> "EvaluationSpec":
+        for i, s in enumerate(self.sources):
+            for f in EVAL_SOURCE_UNUSED:
+                if getattr(s, f) != SourceSpec.model_fields[f].default:
+                    raise ValueError(f"evaluation.sources[{i}].{f}: evaluation items are each evaluated once, with "
+                                     "their first caption, unshuffled and never dropped; remove it")
+            if s.maskUri is not None and s.maskUri.rstrip("/") == s.uri.rstrip("/"):
+                raise ValueError(f"evaluation.sources[{i}].maskUri: the masks need a folder of their own: move them, "
+                                 f"e.g. to {s.uri.rstrip('/')}/masks")
+            if s.resolutions is not None and any(r < 16 or r > 4096 or r % 16 for r in s.resolutions):
+                raise ValueError(f"evaluation.sources[{i}].resolutions: each is a square side in pixels, 16..4096 and "
+                                 "a multiple of 16")
+        return self
+
+    def uri_fields(self) -> dict[str, str]:
+        """{field path: URI} of every evaluation folder, masks included."""
+        return {f"evaluation.sources[{i}].{f}": u for i, s in enumerate(self.sources)
+                for f, u in (("uri", s.uri), ("maskUri", s.maskUri)) if u}
+
+
+def check_evaluation(spec: "LoRATrainingJobSpec") -> Optional[str]:
+    """What the evaluation section cannot do with the rest of the spec, naming the field. Pure."""
+    ev, d = spec.evaluation, spec.dataset
+    if ev is None:
+        return None
+    from .families import check_eval_sources
+    problem = check_eval_sources(spec.model.type, ev.sources)
+    if problem:
+        return problem
+    for i, s in enumerate(ev.sources):
+        if s.resolutions is not None and d.width is not None:
+            return (f"evaluation.sources[{i}].resolutions: dataset.width/height fix one size for every source; "
+                    "remove one of them")
+    if d.cacheUri is not None:
+        cache = d.cacheUri.rstrip("/")
+        for field, u in ev.uri_fields().items():
+            data = u.rstrip("/")
+            if cache == data or cache.startswith(data + "/") or data.startswith(cache + "/"):
+                return (f"dataset.cacheUri ({d.cacheUri}) and {field} ({u}) overlap: the cache would be staged as "
+                        f"evaluation data, or the data pushed as cache; use a prefix of its own")
+    return None
+
+
 class LoRATrainingJobSpec(_Model):
     """Desired state of a LoRA training run."""
     model: ModelSpec = Field(description="Base model to adapt.")
@@ -589,6 +691,10 @@ class LoRATrainingJobSpec(_Model):
     samples: Optional[SamplesSpec] = Field(
         default=None, description="Sample images or videos during training (under output.uri/samples/step-N/, shown "
                                   "in report.html). Unset: no sampling, at no cost.")
+    evaluation: Optional[EvaluationSpec] = Field(
+        default=None, description="A held-out loss at fixed timesteps, for choosing a checkpoint (the training "
+                                  "loss of a diffusion model is too noisy to read): logged, in the metrics, "
+                                  "progress.json, manifest.json and report.html. Unset: none.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "LoRATrainingJobSpec":
@@ -606,6 +712,9 @@ class LoRATrainingJobSpec(_Model):
             raise ValueError("dataset.cacheOnly builds the cache and trains nothing, so spec.samples would never be made: "
                              "remove one of them")
         problem = ignored_settings(self)
+        if problem:
+            raise ValueError(problem)
+        problem = check_evaluation(self)
         if problem:
             raise ValueError(problem)
         from .sample_plan import check_samples
@@ -658,13 +767,13 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
             return (f"resources.{kind}['{gpu}'] is set from resources.gpusPerNode "
                     f"({spec.resources.gpusPerNode}); remove it and set gpusPerNode")
     out = spec.output.uri.rstrip("/")
-    for i, (uri, mask) in enumerate(zip(spec.dataset.uris, spec.dataset.mask_uris)):
-        for field, u in (("uri", uri), ("maskUri", mask)):
-            data = (u or "").rstrip("/")
-            if data and (out == data or out.startswith(data + "/")):
-                where = f"dataset.{field}" if spec.dataset.uri is not None else f"dataset.sources[{i}].{field}"
-                return (f"output.uri ({spec.output.uri}) is inside {where} ({u}): outputs would be "
-                        f"mixed with the training data; write them elsewhere")
+    data_fields = {**spec.dataset.uri_fields(), **(spec.evaluation.uri_fields() if spec.evaluation else {})}
+    for where, u in data_fields.items():
+        data = u.rstrip("/")
+        if out == data or out.startswith(data + "/"):
+            return (f"output.uri ({spec.output.uri}) is inside {where} ({u}): outputs would be "
+                    f"mixed with the {'evaluation' if where.startswith('evaluation') else 'training'} data; write "
+                    f"them elsewhere")
     return None
 
 

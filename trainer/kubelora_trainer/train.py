@@ -9,6 +9,7 @@ fail with its message and exit code rather than leaving the others waiting.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -21,12 +22,13 @@ from typing import Optional
 import torch
 
 from . import __version__, adapters, cache, checkpoint, disk, dist, exits, export, export_full, lora, metrics, samples, storage
-from . import cache_phase, cache_remote, throughput
+from . import cache_phase, cache_remote, evaluation, throughput
 from . import buckets as bk
 from .captions import options_of
 from .data import DatasetError, ScanReport, scan
 from .disk import cache_root
 from .dataset_phase import largest_batch, probe_items, source_repeats, source_specs
+from .families import all_source_specs, eval_source_specs
 from .dist import log
 from .families import PATH_FIELDS, RULES
 from .models import get_family
@@ -46,22 +48,35 @@ def _stage_dir(uri: str) -> Path:
     return cache_root() / "s3" / loc.bucket / loc.key.strip("/") if loc.is_s3 else Path(loc.key)
 
 
+def source_key(spec: LoRATrainingJobSpec, i: int) -> str:
+    """The stage key of source i of all_source_specs: "dataset.<i>" for a training source,
+    "evaluation.<j>" for evaluation.sources[j]."""
+    n = len(source_specs(spec))
+    return f"dataset.{i}" if i < n else f"evaluation.{i - n}"
+
+
 def stage_uris(spec: LoRATrainingJobSpec) -> dict[str, str]:
     """{stage key: URI} of everything stage-in fetches: model path fields by name, dataset sources
-    as "dataset.<i>" and their masks as "dataset.<i>.mask"."""
+    as "dataset.<i>" and their masks as "dataset.<i>.mask", evaluation.sources as "evaluation.<j>"
+    and "evaluation.<j>.mask"."""
+    evals = eval_source_specs(spec)
     uris = {**{f: getattr(spec.model, f) for f in PATH_FIELDS},
             **{f"dataset.{i}": u for i, u in enumerate(spec.dataset.uris)},
-            **{f"dataset.{i}.mask": u for i, u in enumerate(spec.dataset.mask_uris)}}
+            **{f"dataset.{i}.mask": u for i, u in enumerate(spec.dataset.mask_uris)},
+            **{f"evaluation.{j}": s.uri for j, s in enumerate(evals)},
+            **{f"evaluation.{j}.mask": s.maskUri for j, s in enumerate(evals)}}
     return {k: v for k, v in uris.items() if v}
 
 
 def spec_field(spec: LoRATrainingJobSpec, key: str) -> str:
     """The spec field a stage key comes from, for messages: "model.diffusersPath", "dataset.uri",
-    "dataset.sources[1].maskUri"."""
-    if not key.startswith("dataset."):
+    "dataset.sources[1].maskUri", "evaluation.sources[0].uri"."""
+    if not key.startswith(("dataset.", "evaluation.")):
         return f"model.{key}"
     i, mask = int(key.split(".")[1]), key.endswith(".mask")
     name = "maskUri" if mask else "uri"
+    if key.startswith("evaluation."):
+        return f"evaluation.sources[{i}].{name}"
     return f"dataset.{name}" if spec.dataset.uri is not None else f"dataset.sources[{i}].{name}"
 
 
@@ -223,20 +238,23 @@ def resume_plan(on_existing: str, finished: bool, latest: Optional[int]) -> str:
 class LoopState:
     """Everything of the training loop that a checkpoint saves for one rank and a resume restores:
     its noise generator and (global, for LoRA dropout) torch RNG, the bucket sampler's position
-    (epoch, batch, samples carried over) and the loss history."""
+    (epoch, batch, samples carried over), the loss history and the evaluations' records
+    (evaluation.py)."""
     gen: torch.Generator
     sampler: bk.BucketSampler
     losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
 
     def to_dict(self, step: int, world: int) -> dict:
         return {"step": step, "world": world, "micro": self.sampler.micro, "gen": self.gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                "sampler": self.sampler.state_dict(), "losses": list(self.losses)}
+                "sampler": self.sampler.state_dict(), "losses": list(self.losses), "evals": list(self.evals)}
 
     def load(self, d: dict) -> bool:
         """Restore; False when the checkpoint predates the bucket sampler or had another number of
         ranks (only its losses then: checkpoint.loop_for_world): the data order starts a new epoch."""
+        self.evals = list(d.get("evals") or [])
         if "gen" not in d:
             self.losses = list(d["losses"])
             return False
@@ -270,6 +288,7 @@ class Trainer:
     epoch_size: int
     metrics: object = field(default_factory=metrics.Off)
     sampling: Optional[samples.Sampler] = None   # spec.samples (None: off); the data order is state.sampler
+    evaluation: Optional[evaluation.Evaluator] = None   # spec.evaluation (None: off)
     data_wait: float = 0.0                      # seconds this rank's steps waited for the cache loader
 
 
@@ -301,6 +320,8 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     try:
         if tr.sampling is not None and start == 1:
             tr.sampling.maybe(0, tr, prog)  # the base model, for comparison
+        if start == 1:
+            maybe_evaluate(tr, 0, samples_per_step, prog)  # the base model (not on a resume)
         for step in range(start, t.steps + 1):
             step_loss = torch.zeros((), device=env.device)
             data_wait, tokens = 0.0, 0
@@ -327,7 +348,8 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             tr.opt.step()
             tr.sched.step()
             tr.opt.zero_grad(set_to_none=True)
-            sps, eta = meter.update(step, now=time.perf_counter() - (tr.sampling.seconds if tr.sampling else 0.0))
+            sps, eta = meter.update(step, now=time.perf_counter() - (tr.sampling.seconds if tr.sampling else 0.0)
+                                    - (tr.evaluation.seconds if tr.evaluation else 0.0))
             epoch = epoch_of(step * samples_per_step, tr.epoch_size)
             tr.metrics.step(step, epoch, mean, lr_used, float(norm) if norm is not None and env.is_main else None,
                             samples_per_step, sps, eta, data_wait)
@@ -347,6 +369,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                 tr.publish(prog)
             if tr.sampling is not None:
                 tr.sampling.maybe(step, tr, prog)
+            maybe_evaluate(tr, step, samples_per_step, prog)  # before the checkpoint, which keeps its record
             # the last step of a LoRA run is always kept (a small write): a failed export or upload is
             # then retried from it, not by training again since the last scheduled checkpoint
             last = step == t.steps and tr.spec.adapter.type != "full"
@@ -360,6 +383,20 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                 raise checkpoint.Stopped(stop_request.signum, step)  # 0: a peer's signal
     finally:
         stop_request.uninstall()
+
+
+def maybe_evaluate(tr: Trainer, step: int, samples_per_step: int, prog: Progress) -> None:
+    """The held-out evaluation (spec.evaluation) when due after `step` (0: before the first):
+    logged, in the metrics and progress.json, kept in the loop state. Every rank calls it."""
+    if tr.evaluation is None or not evaluation.due(step, tr.spec.evaluation, tr.spec.training.steps,
+                                                    samples_per_step, tr.epoch_size):
+        return
+    rec = tr.evaluation.run(step, tr)
+    tr.metrics.eval_loss(rec)
+    if tr.env.is_main:
+        log(tr.env, evaluation.format_line(step, rec))
+        prog.evalLoss, prog.evalStep = rec["loss"], step
+        tr.publish(prog)
 
 
 def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
@@ -470,6 +507,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
     meter = Meter(t.steps, samples_per_step)
     prog = Progress(phase="Training", totalSteps=t.steps, resumedFrom=start - 1 if start > 1 else None)
+    if tr.state.evals:  # a resumed run shows the last evaluation until its next one
+        prog.evalLoss, prog.evalStep = tr.state.evals[-1]["loss"], tr.state.evals[-1]["step"]
     try:
         _train_steps(tr, start, meter, prog)
     finally:
@@ -600,14 +639,29 @@ def check_cache_uri(spec, settings, env: dist.DistEnv) -> Optional[cache_remote.
 
 
 def scan_sources(spec: LoRATrainingJobSpec, paths: dict) -> ScanReport:
-    """Every dataset source's staged folder scanned into one report (items, captions, skips)."""
+    """Every dataset source's staged folder scanned into one report (items, captions, skips), then
+    evaluation.sources' (source index len(dataset sources) + j): each evaluation item with its first
+    caption alone, unshuffled and never dropped."""
     r = RULES[spec.model.type]
     report = ScanReport()
-    for i, src in enumerate(source_specs(spec)):
-        mask_root = paths.get(f"dataset.{i}.mask")
-        report.merge(scan(Path(paths[f"dataset.{i}"]), video=r.video, opts=options_of(spec.dataset, src), source=i,
-                          seed=spec.training.seed, uri=spec.dataset.uris[i],
-                          mask_root=Path(mask_root) if mask_root else None))
+    n_train = len(source_specs(spec))
+    if eval_source_specs(spec):
+        report.held, report.first_held = ScanReport(), n_train
+    for i, src in enumerate(all_source_specs(spec)):
+        key = source_key(spec, i)
+        mask_root = paths.get(f"{key}.mask")
+        opts = options_of(spec.dataset, src)
+        if i >= n_train:
+            opts = dataclasses.replace(opts, shuffle=False, dropout=0.0)
+        part = scan(Path(paths[key]), video=r.video, opts=opts, source=i, seed=spec.training.seed,
+                    uri=spec.dataset.uris[i] if i < n_train else src.uri,
+                    mask_root=Path(mask_root) if mask_root else None)
+        if i >= n_train:   # the items join the others (probed, bucketed, cached alike), the counts stay apart
+            report.items += [dataclasses.replace(it, captions=(it.caption,)) for it in part.items]
+            part.items = []
+            report.held.merge(part)
+        else:
+            report.merge(part)
     return report
 
 
@@ -617,7 +671,8 @@ def build_trainer(spec, family, ready: cache_phase.Ready, sampling, env: dist.Di
     schedule, the seeded data order and the cache loader."""
     t, comps, layout = spec.training, ready.comps, ready.layout
     units = layout.assignment.units
-    src_repeats = source_repeats(spec)
+    # evaluation.sources' units have no repeats: the sampler never draws them, nor do they count in an epoch
+    src_repeats = source_repeats(spec) + [0] * len(eval_source_specs(spec))
     items = layout.report.items
     space = bk.SampleSpace(buckets=tuple(u.bucket for u in units),
                            repeats=tuple(src_repeats[u.source] for u in units),
@@ -627,7 +682,8 @@ def build_trainer(spec, family, ready: cache_phase.Ready, sampling, env: dist.Di
     root = cache_root()
 
     ad = dist.agree(adapters.prepare, comps, family, spec, env)
-    probe = lambda: largest_batch(layout.report, units, layout.entries, key_of, root, t.microBatchSize)  # noqa: E731
+    trained = [e for e in layout.entries if space.repeats[e[0]]]
+    probe = lambda: largest_batch(layout.report, units, trained, key_of, root, t.microBatchSize)  # noqa: E731
     lay = dist.agree(adapters.layout, ad, comps, family, spec, env, probe)
     lay = adapters.agreed(dist.all_gather(lay)) if env.world > 1 else lay
     dist.agree(adapters.parallelize, ad, comps, family, spec, env, lay)
@@ -639,13 +695,15 @@ def build_trainer(spec, family, ready: cache_phase.Ready, sampling, env: dist.Di
         if spec.adapter.type == "full" else
         f"[model] LoRA on {', '.join(ad.configs)}: {ad.n_trainable:,} trainable parameters")
 
+    evaluator = evaluation.make(spec, layout, len(source_specs(spec)))
     state = LoopState(gen=torch.Generator(device=env.device).manual_seed(t.seed * 1000 + env.rank),
                       sampler=bk.BucketSampler(space, t.seed, t.microBatchSize, env.world, env.rank))
     loader = cache.Loader(lambda s: cache.load_entry(root, key_of[s]), state.sampler,
                           depth=int(os.environ.get(cache.PREFETCH_ENV, "2")))
     return Trainer(spec, family, comps, ad, opt, sched, loader, env, state,
                    modules=torch.nn.ModuleDict(comps.trainable), local_ckpt=cache_root() / "checkpoints" / job_name,
-                   settings=settings, publish=publish, epoch_size=sum(space.repeats), metrics=m, sampling=sampling)
+                   settings=settings, publish=publish, epoch_size=sum(space.repeats), metrics=m, sampling=sampling,
+                   evaluation=evaluator)
 
 
 def resume(tr: Trainer, steps: list[int]) -> int:
@@ -696,17 +754,18 @@ def export_run(tr: Trainer, ready: cache_phase.Ready, job_name: str, summary: di
             losses = tr.state.losses  # none: resumed at the last step with another number of ranks (no loop state)
             summary = {**summary, "firstLoss": losses[0] if losses else None,
                        "finalLoss": losses[-1] if losses else None, "minLoss": min(losses) if losses else None,
-                       "lossHistory": downsample(losses, 200)}
+                       "lossHistory": downsample(losses, 200), **eval_summary(tr.state.evals)}
             if ad.memory:
                 summary["memoryPlan"] = {k: v for k, v in ad.memory.items() if k != "text"}
             sampling_s = sampling.seconds if sampling else 0.0
-            summary.update(samplingSeconds=round(sampling_s, 2),
-                           trainingSeconds=round(summary["wallSeconds"] - sampling_s, 2),
+            eval_s = tr.evaluation.seconds if tr.evaluation else 0.0
+            summary.update(samplingSeconds=round(sampling_s, 2), **({"evalSeconds": round(eval_s, 2)} if tr.evaluation else {}),
+                           trainingSeconds=round(summary["wallSeconds"] - sampling_s - eval_s, 2),
                            dataWaitSeconds=round(tr.data_wait, 3))
             out_dir = cache_root() / "outputs" / job_name
             stats = ready.layout.stats
             report = lambda arts: {**samples.final_report(spec, job_name, tr.settings, sampling, losses, stats,  # noqa: E731
-                                                          arts, out_dir), "cache": ready.cache_stats}
+                                                          arts, out_dir, tr.state.evals), "cache": ready.cache_stats}
             result = (export_full.export_and_upload(spec, job_name, tr.family, comps, gathered, summary, stats,
                                                     tr.settings, out_dir, extra=report) if full else
                       export.export_and_upload(spec, job_name, tr.family, ad.configs, gathered, summary, stats,
@@ -723,6 +782,16 @@ def export_run(tr: Trainer, ready: cache_phase.Ready, job_name: str, summary: di
                 raise
     dist.fail_together(err, "export")
     return result
+
+
+def eval_summary(evals: list[dict]) -> dict:
+    """manifest.json's evaluation fields: the last evaluation's loss, the best one and its step, and
+    every evaluation's record ({} without evaluations). Pure."""
+    if not evals:
+        return {}
+    best = min(evals, key=lambda r: r["loss"] if math.isfinite(r["loss"]) else math.inf)
+    return {"evalLoss": evals[-1]["loss"], "bestEvalLoss": best["loss"], "bestEvalStep": best["step"],
+            "evalHistory": evals}
 
 
 def main_from_cli(spec_path: str) -> int:

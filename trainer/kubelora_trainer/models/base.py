@@ -55,11 +55,16 @@ class ModelFamily(Protocol):
     def encode(self, comps: Components, images: torch.Tensor, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         """Per-sample cached tensors (latents, text embeddings or token ids) for images in [-1, 1]:
         one per caption. images holds one image per caption, or a single one that every caption
-        shares (a unit's caption variants: the VAE encodes it once)."""
+        shares (a unit's caption variants: the VAE encodes it once). A family whose
+        FamilyRules.dropout_text is set also takes dropout=[bool per caption]: which captions are
+        the caption-dropout entry (""), which it conditions apart from an item's empty caption."""
 
     def loss(self, comps: Components, batch: dict[str, torch.Tensor], model_spec, training_spec,
-             generator: torch.Generator) -> torch.Tensor:
-        """Training loss for one micro-batch of cached samples (stacked on the device)."""
+             generator: torch.Generator, quantile: float | None = None) -> torch.Tensor:
+        """Training loss for one micro-batch of cached samples (stacked on the device). With
+        quantile (the held-out evaluation, evaluation.py): every sample's timestep (noise level) is
+        the inverse CDF of the family's training distribution at it, drawn from nothing; the noise
+        still comes from the generator."""
 
     def export(self, lora: LoraTensors, scale: float, fmt: str) -> dict[str, torch.Tensor]:
         """The LoRA file's tensors in the given format (one of families.RULES[name].formats)."""

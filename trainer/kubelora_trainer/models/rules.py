@@ -41,6 +41,10 @@ class FamilyRules:
     # when that changes for the same inputs, so old entries of this family are not reused (and
     # other families' entries still are)
     cache_format: int = 0
+    # encode() conditions the caption-dropout entry apart from an item whose caption is empty
+    # (HunyuanVideo: the image template, as diffusion-pipe's uncond embedding): dataset_phase passes
+    # it encode(..., dropout=[...]) and keys the dropout entries apart
+    dropout_text: bool = False
     # (diffusers block list, how many its largest released model has), from the shipped configs: a
     # LoRA module on a block past these is not this family's, which tells apart families whose
     # diffusers module names coincide (Flux.1 and HunyuanVideo) when a file has no kubelora metadata

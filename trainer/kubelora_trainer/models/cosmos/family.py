@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ...families import RULES
-from ...objectives import mask_weights, weighted_mse
+from ...objectives import mask_weights, normal_icdf, weighted_mse
 from . import keys as K
 from ..base import Components, ModelError, refuse_unknown_modules
 
@@ -336,12 +336,15 @@ class Cosmos:
         emb = self.encode_prompts(comps, captions, images.device)
         return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": emb[i].cpu()} for i in range(len(captions))]
 
-    def loss(self, comps, batch, model_spec, training_spec, generator):
+    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None):
         tr = comps.trainable["transformer"]
         x0 = batch["latents"].float()
         b, _, frames, h, w = x0.shape
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        sigma = (P_MEAN + P_STD * torch.randn(b, generator=generator, device=generator.device)).exp().to(x0.device)
+        if quantile is None:
+            sigma = (P_MEAN + P_STD * torch.randn(b, generator=generator, device=generator.device)).exp().to(x0.device)
+        else:  # the held-out evaluation: log sigma at the lognormal's inverse CDF, as diffusion-pipe
+            sigma = (P_MEAN + P_STD * normal_icdf(b, quantile, x0.device)).exp()
         sb = sigma.view(-1, 1, 1, 1, 1)
         xt = x0 + sb * noise
         c_skip, c_out, c_in, c_noise = edm_scalings(sb)

@@ -125,14 +125,14 @@ class Flux:
         return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": prompt_embeds[i].cpu(), "pooled": pooled[i].cpu()}
                 for i in range(len(captions))]
 
-    def loss(self, comps, batch, model_spec, training_spec, generator):
+    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None):
         from diffusers import FluxPipeline
 
         tr = comps.trainable["transformer"]
         x0 = batch["latents"].float()
         b, c, h, w = x0.shape
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device)
+        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device, quantile)
         if model_spec.fluxShift:
             t = time_shift(resolution_shift_mu((h // 2) * (w // 2)), t)
         xt, target = flow_matching_pair(x0, noise, t)

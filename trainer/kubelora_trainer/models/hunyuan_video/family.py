@@ -13,7 +13,8 @@ later work).
 
 Text: the prompt goes through HunyuanVideoPipeline.encode_prompt: the video-description
 template for clips, the image-description one (HunyuanVideo's "dit-llm-encode") for one-frame
-items and the empty caption, as diffusion-pipe; the Llama hidden states two layers before the last with the template's tokens cropped
+items and the caption-dropout entry, as diffusion-pipe (a clip whose own caption is empty keeps
+the video one); the VAE encodes with the original's tiling (enable_vae_tiling), as diffusion-pipe; the Llama hidden states two layers before the last with the template's tokens cropped
 off (256 tokens, masked), and CLIP's pooled output.
 
 Training objective: rectified flow on the scaled VAE latents [B, 16, F', H', W'] (F' = (F-1)/4+1):
@@ -213,6 +214,21 @@ def load_text_encoders(llm_dir: Path, clip_dir: Path, dtype: torch.dtype, llm_fi
     return llm, tok, clip, clip_tok
 
 
+# the original VAE's tiles (hyvideo AutoencoderKLCausal3D: sample_size 256, sample_tsize 64, overlap 0.25)
+VAE_TILE = {"tile_sample_min_height": 256, "tile_sample_min_width": 256, "tile_sample_min_num_frames": 64,
+            "tile_sample_stride_height": 192, "tile_sample_stride_width": 192, "tile_sample_stride_num_frames": 48}
+
+
+def enable_vae_tiling(vae) -> None:
+    """As diffusion-pipe (vae.enable_tiling() on HunyuanVideo's own VAE, "enabled by default in
+    inference scripts"): clips wider or taller than 256 px are encoded in 256 px tiles 192 apart,
+    blended, and clips longer than 64 frames in 64-frame tiles 48 apart. diffusers' VAE without this
+    encodes in one piece spatially (more memory) but in 16-frame tiles in time (its framewise
+    default), neither of which the original does; its tiling code is the original's, ported, so
+    with the original's tile sizes it gives the original's latents."""
+    vae.enable_tiling(**VAE_TILE)
+
+
 # HunyuanVideo's image template (hyvideo/constants.py PROMPT_TEMPLATE["dit-llm-encode"]), which
 # its code and diffusion-pipe use for images (one-frame items) and the empty caption
 IMAGE_PROMPT_TEMPLATE = {
@@ -236,10 +252,12 @@ def prompt_template(tokenizer, image: bool = False) -> dict:
     return {"template": template["template"], "crop_start": n}
 
 
-def uses_image_template(frames: int, caption: str) -> bool:
-    """diffusion-pipe's choice: one-frame items, and the empty caption (it encodes one, as an
-    image, for every item's caption dropout), get the image template; clips the video one."""
-    return frames == 1 or not caption
+def uses_image_template(frames: int, dropout: bool = False) -> bool:
+    """diffusion-pipe's choice, by what the entry is, not by its text: one-frame items, and the
+    caption-dropout entry (diffusion-pipe encodes one empty caption, as an image, for every item's
+    dropout: utils/dataset.py cache_text_embeddings), get the image template; clips the video one,
+    an empty caption of a clip included."""
+    return frames == 1 or dropout
 
 
 # ------------------------------------------------------------------ text mask and attention
@@ -305,6 +323,7 @@ class HunyuanVideo:
             return Components(trainable={"transformer": transformer.to(device)},
                               info={"guidance_embeds": bool(transformer.config.guidance_embeds)})
         vae = load_vae(src["vae"][1], dtype, src["vae"][0])
+        enable_vae_tiling(vae)
         llm, tok, clip, clip_tok = load_text_encoders(src["llm"][1], src["clip"][1], dtype, src["llm"][0], src["clip"][0])
         if llm.config.hidden_size != transformer.config.text_embed_dim:
             raise ModelError(f"{src['llm'][0]}: the text encoder's width {llm.config.hidden_size} does not match the "
@@ -325,15 +344,17 @@ class HunyuanVideo:
         return [transformer.transformer_blocks, transformer.single_transformer_blocks]
 
     @torch.no_grad()
-    def encode(self, comps, images, captions):
+    def encode(self, comps, images, captions, dropout=None):
+        """dropout: per caption, whether it is the caption-dropout entry (the image template)."""
         pipe = comps.encoders["pipe"]
+        dropout = list(dropout) if dropout is not None else [False] * len(captions)
         clips = images.to(pipe.vae.device, pipe.vae.dtype)
         if clips.dim() == 4:                       # [B, 3, H, W] -> one-frame clips
             clips = clips.unsqueeze(2)
         lat = pipe.vae.encode(clips).latent_dist.mode() * comps.info["vae_scale"]
         text = [None] * len(captions)
         for image in (False, True):   # the captions of each template in one call
-            idx = [i for i, c in enumerate(captions) if uses_image_template(clips.shape[2], c) == image]
+            idx = [i for i in range(len(captions)) if uses_image_template(clips.shape[2], dropout[i]) == image]
             if idx:
                 embeds, pooled, mask = pipe.encode_prompt(prompt=[captions[i] for i in idx], device=clips.device,
                                                           prompt_template=self._template(comps.info, image),
@@ -347,12 +368,12 @@ class HunyuanVideo:
     def _template(info, image: bool) -> dict:
         return info["image_template"] if image else info["template"]
 
-    def loss(self, comps, batch, model_spec, training_spec, generator):
+    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None):
         tr = comps.trainable["transformer"]
         x0 = batch["latents"].float()
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device)
+        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device, quantile)
         xt, target = flow_matching_pair(x0, noise, t)
         dtype = batch["prompt_embeds"].dtype
         guidance = None
@@ -375,7 +396,7 @@ class HunyuanVideo:
         embeds = []
         templates = []
         for p in prompts:   # as training encodes captions: the image template for one-frame samples
-            template = self._template(comps.info, uses_image_template(p["frames"], p["prompt"]))
+            template = self._template(comps.info, uses_image_template(p["frames"]))
             e, pooled, mask = pipe.encode_prompt(prompt=[p["prompt"]], prompt_template=template,
                                                  device=pipe.vae.device, max_sequence_length=MAX_TOKENS)
             embeds.append({"prompt_embeds": e, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask})

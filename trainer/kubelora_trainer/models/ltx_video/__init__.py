@@ -5,4 +5,4 @@ RULES = FamilyRules(sources=(("diffusersPath",),), video=True, frame_rule=(8, 1)
                     size_multiple=32, token_patch=(1, 1, 1), formats=("comfyui", "diffusers"),
                     options=("causalTemporalPositioning",),
                     sampling=SamplingRules(guidance=3.0, steps=30, negative_prompt=True),
-                    cache_format=1)  # 1: T5 text kept to 256 tokens (was 128)
+                    cache_format=2)  # 1: T5 text kept to 256 tokens (was 128); 2: T5 run with the caption mask

@@ -98,6 +98,18 @@ def video_coords(batch: int, frames: int, height: int, width: int, *, temporal: 
     return grid.unsqueeze(0).expand(batch, -1, -1)
 
 
+def t5_embeds(tokenizer, text_encoder, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 embeddings [N, MAX_TOKENS, D] and their bool mask [N, MAX_TOKENS], as the original LTX-Video
+    pipeline's encode_prompt (which diffusion-pipe calls) computes them: stripped texts padded to
+    MAX_TOKENS and T5 run with the attention mask, so padding does not reach the caption tokens.
+    diffusers' LTXPipeline.encode_prompt runs T5 without the mask, which changes every embedding."""
+    t = tokenizer([x.strip() for x in texts], padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                  add_special_tokens=True, return_tensors="pt")
+    mask = t.attention_mask.to(device)
+    embeds = text_encoder(t.input_ids.to(device), attention_mask=mask)[0]
+    return embeds.to(text_encoder.dtype), mask.bool()
+
+
 def comfy_name(module: str) -> str:
     """diffusers module path -> ComfyUI's (path components renamed one by one)."""
     return ".".join(COMFY_RENAMES.get(part, part) for part in module.split("."))
@@ -157,7 +169,7 @@ class LTXVideo:
     @torch.no_grad()
     def encode(self, comps, clips, captions):
         """clips [B, 3, F, H, W] in [-1, 1] -> normalized latents [C, F', H', W'], T5 embeddings
-        [MAX_TOKENS, D] and their mask."""
+        [MAX_TOKENS, D] and their mask (t5_embeds: T5 run with the mask, as diffusion-pipe)."""
         from diffusers import LTXPipeline
 
         pipe = comps.encoders["pipe"]
@@ -166,12 +178,11 @@ class LTXVideo:
             clips = clips.unsqueeze(2)
         lat = vae.encode(clips.to(vae.device, vae.dtype)).latent_dist.mode()
         lat = LTXPipeline._normalize_latents(lat, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
-        embeds, mask = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False,
-                                          max_sequence_length=MAX_TOKENS, device=vae.device)[:2]
+        embeds, mask = t5_embeds(pipe.tokenizer, pipe.text_encoder, captions, vae.device)
         return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": embeds[i].cpu(), "prompt_mask": mask[i].cpu()}
                 for i in range(len(captions))]
 
-    def loss(self, comps, batch, model_spec, training_spec, generator):
+    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None):
         from diffusers import LTXPipeline
 
         tr = comps.trainable["transformer"]
@@ -179,7 +190,7 @@ class LTXVideo:
         x0 = batch["latents"].float()
         b, _, f, h, w = x0.shape
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device)
+        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device, quantile)
         xt, target = flow_matching_pair(x0, noise, t)
         dtype = batch["prompt_embeds"].dtype
         p, pt = info["patch"], info["patch_t"]
@@ -204,16 +215,15 @@ class LTXVideo:
     @torch.no_grad()
     def sampling_kit(self, comps, prompts):
         """For spec.samples, while the T5 encoder is loaded: the prompts' (and negative prompts')
-        embeddings, and the VAE and scheduler kept for sampling."""
+        embeddings (t5_embeds, as training encodes captions), and the VAE and scheduler kept for sampling."""
         pipe = comps.encoders["pipe"]
         embeds = []
         for p in prompts:
             cfg = p["guidance"] > 1.0
-            e, m, ne, nm = pipe.encode_prompt(prompt=[p["prompt"]], negative_prompt=[p["negativePrompt"] or ""],
-                                              do_classifier_free_guidance=cfg, max_sequence_length=MAX_TOKENS,
-                                              device=pipe.vae.device)
-            embeds.append({"prompt_embeds": e, "prompt_attention_mask": m,
-                           **({"negative_prompt_embeds": ne, "negative_prompt_attention_mask": nm} if cfg else {})})
+            texts = [p["prompt"]] + ([p["negativePrompt"] or ""] if cfg else [])
+            e, m = t5_embeds(pipe.tokenizer, pipe.text_encoder, texts, pipe.vae.device)
+            embeds.append({"prompt_embeds": e[:1], "prompt_attention_mask": m[:1],
+                           **({"negative_prompt_embeds": e[1:], "negative_prompt_attention_mask": m[1:]} if cfg else {})})
         return {"vae": pipe.vae, "scheduler": pipe.scheduler, "embeds": embeds}
 
     @torch.no_grad()

@@ -4,7 +4,8 @@ folder (model.diffusersPath) or one original-layout file like sd_xl_base_1.0.saf
 configs/sdxl/ (in this folder), so nothing is fetched).
 
 LoRA goes on the UNet's transformer linears and on both text encoders (CLIP-L `text_encoder`,
-OpenCLIP-bigG `text_encoder_2`), as Kohya sd-scripts does; so the text embeddings are computed in
+OpenCLIP-bigG `text_encoder_2`), as Kohya sd-scripts does (training.textEncoderLearningRate 0: on
+the UNet only, adapters.prepare leaves the encoders frozen); so the text embeddings are computed in
 every step and only latents and token ids are cached (samples, spec.samples, likewise embed their
 prompts through the encoders being trained). Captions are not cut at CLIP's 77 positions: as
 diffusion-pipe (and long-prompt UIs) do, the tokens go in windows of 75, each with BOS, EOS and
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ...objectives import mask_weights, weighted_mse
+from ...objectives import mask_weights, quantile_timestep, weighted_mse
 from ..base import Components, ModelError
 from .keys import LAYERS_PER_BLOCK, from_kohya_name, kohya_name, te_canonical
 
@@ -333,13 +334,16 @@ class SDXL:
                  "text_windows": torch.tensor(ids[i][0].shape[1]), "time_ids": time_ids}
                 for i in range(len(captions))]
 
-    def loss(self, comps, batch, model_spec, training_spec, generator):
+    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None):
         unet, te, te2 = (comps.trainable[c] for c in ("unet", *TEXT_ENCODERS))
         dtype = getattr(torch, model_spec.dtype)
         x0 = batch["latents"].float()
         b = x0.shape[0]
         alphas = comps.info["alphas_cumprod"]
-        t = torch.randint(0, len(alphas), (b,), generator=generator, device=generator.device).to(x0.device)
+        if quantile is None:
+            t = torch.randint(0, len(alphas), (b,), generator=generator, device=generator.device).to(x0.device)
+        else:  # the held-out evaluation: every sample at int(q * num_train_timesteps), as diffusion-pipe
+            t = torch.full((b,), quantile_timestep(quantile, len(alphas)), dtype=torch.long, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
         alpha_bar = alphas.to(x0.device)[t]
         v_pred = comps.info["v_pred"]

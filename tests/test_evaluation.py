@@ -1,0 +1,269 @@
+"""The held-out evaluation loss (spec.evaluation, evaluation.py): quantile timesteps per family
+against closed forms, the batch plan and its split over ranks, the schedule, the spec's refusals,
+and the runner against a hand computation through family.loss on a tiny real Flux."""
+import math
+import re
+import statistics
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kubelora_trainer import buckets as bk
+from kubelora_trainer import evaluation as ev
+from kubelora_trainer.objectives import quantile_timestep, sample_timesteps, time_shift
+
+
+# ---------------------------------------------------------------- timesteps at quantiles (pure)
+
+@pytest.mark.parametrize("q", [0.1, 0.25, 0.5, 0.9])
+def test_quantile_timesteps_are_the_inverse_cdf_and_draw_nothing(q):
+    g = torch.Generator().manual_seed(3)
+    before = g.get_state()
+    t = sample_timesteps(3, "logit_normal", g, "cpu", quantile=q)
+    z = statistics.NormalDist().inv_cdf(q)
+    assert t.shape == (3,) and t.tolist() == pytest.approx([1 / (1 + math.exp(-z))] * 3, abs=1e-6)
+    # diffusion-pipe's: torch.distributions' icdf, then the sigmoid
+    assert float(t[0]) == pytest.approx(float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(q)).sigmoid()),
+                                        abs=1e-6)
+    assert sample_timesteps(2, "uniform", g, "cpu", quantile=q).tolist() == pytest.approx([q, q])
+    assert torch.equal(g.get_state(), before)      # the generator is left for the noise alone
+    # the median of the logit-normal is 1/2; flux's shift moves it towards noise, as in training
+    assert sample_timesteps(1, "logit_normal", g, "cpu", quantile=0.5).item() == pytest.approx(0.5)
+    assert time_shift(1.0, torch.tensor([0.5])).item() == pytest.approx(math.e / (math.e + 1))
+
+
+def test_sdxl_quantile_timestep_is_diffusion_pipes_int_of_q_times_n():
+    assert [quantile_timestep(q, 1000) for q in ev_quantiles()] == [100, 200, 300, 400, 500, 600, 700, 800, 900]
+    assert quantile_timestep(0.9999, 1000) == 999 and quantile_timestep(0.29, 100) == int(0.29 * 100)
+
+
+def ev_quantiles():
+    from kubelora_trainer.spec import DEFAULT_EVAL_QUANTILES
+    return DEFAULT_EVAL_QUANTILES
+
+
+def _timestep_seen(name, tmp_path, q):
+    """The timestep (noise level) the family's denoiser gets for a batch at quantile q, by a hook
+    on the real tiny model."""
+    from test_masks import _tiny
+    from kubelora_trainer.models import get_family
+    from kubelora_trainer.spec import TrainingSpec
+    fam = get_family(name)
+    model_spec, paths = _tiny(name, tmp_path)
+    comps = fam.load(model_spec, paths, torch.device("cpu"))
+    video = name in ("ltx-video", "hunyuan-video", "cosmos")
+    x = torch.rand(1, 3, *((9,) if video else ()), 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        enc = {k: v.unsqueeze(0) for k, v in fam.encode(comps, x, ["a red circle"])[0].items()}
+    denoiser = comps.trainable["unet" if name == "sdxl" else "transformer"]
+    seen = []
+    denoiser.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("timestep", args[1] if len(args) > 1 else None)),
+        with_kwargs=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        a = fam.loss(comps, enc, model_spec, TrainingSpec(steps=1), g, quantile=q)
+        b = fam.loss(comps, enc, model_spec, TrainingSpec(steps=1), torch.Generator().manual_seed(1), quantile=q)
+    assert torch.isfinite(a) and torch.equal(a, b)     # fixed timestep, same seed: the same loss
+    return seen[0], enc["latents"].shape
+
+
+@pytest.mark.parametrize("name", ["flux", "sdxl", "ltx-video", "hunyuan-video", "cosmos"])
+def test_every_family_evaluates_at_its_training_distributions_quantile(name, tmp_path):
+    q = 0.3
+    t, shape = _timestep_seen(name, tmp_path, q)
+    sig = 1 / (1 + math.exp(-statistics.NormalDist().inv_cdf(q)))
+    if name == "flux":   # logit-normal, then the resolution shift (fluxShift off here: none)
+        assert t.float().tolist() == pytest.approx([sig], abs=1e-5)
+    elif name in ("ltx-video", "hunyuan-video"):   # timestep in 0..1000
+        assert t.float().tolist() == pytest.approx([sig * 1000], rel=1e-5)
+    elif name == "sdxl":
+        assert t.tolist() == [300]
+    else:   # cosmos: sigma = exp(icdf(q)) of its log-normal; the model gets c_noise = log(sigma) / 4
+        assert t.float().tolist() == pytest.approx([statistics.NormalDist().inv_cdf(q) / 4], abs=1e-5)
+
+
+# ---------------------------------------------------------------- plan, share, schedule (pure)
+
+def _units():
+    a, b = (32, 32, 1), (48, 16, 1)
+    # sources 0, 1 train; 2, 3 are evaluation.sources[0], [1]
+    return [bk.Unit(0, a, 0, 0.0, 0), bk.Unit(1, a, 0, 0.0, 2), bk.Unit(2, b, 0, 0.0, 2), bk.Unit(3, a, 0, 0.0, 2),
+            bk.Unit(4, a, 0, 0.0, 3), bk.Unit(5, a, 0, 0.0, 1), bk.Unit(6, a, 0, 0.0, 2)]
+
+
+def test_batches_come_from_one_source_and_bucket_whatever_the_world_size():
+    plan = ev.plan_batches(_units(), n_train=2, micro=2)
+    assert plan == [ev.EvalBatch(0, (1, 3)), ev.EvalBatch(0, (6,)), ev.EvalBatch(0, (2,)), ev.EvalBatch(1, (4,))]
+    assert all(u >= 1 and _units()[u].source >= 2 for b in plan for u in b.units)   # never a training unit
+
+
+@pytest.mark.parametrize("n,world", [(4, 1), (4, 2), (4, 3), (1, 4), (7, 3)])
+def test_every_batch_counted_once_and_every_rank_runs_as_many_forwards(n, world):
+    shares = [ev.rank_share(n, world, r) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == max(1, -(-n // world))
+    counted = sorted(b for s in shares for b, c in s if c)
+    assert counted == list(range(n))
+    assert all(0 <= b < n for s in shares for b, _ in s)    # padding repeats a real batch, uncounted
+
+
+def test_noise_seeds_differ_by_batch_and_quantile_and_not_by_run():
+    seeds = {ev.noise_seed(1, b, q) for b in range(5) for q in range(9)}
+    assert len(seeds) == 45 and ev.noise_seed(1, 2, 3) == ev.noise_seed(1, 2, 3) != ev.noise_seed(2, 2, 3)
+    assert all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def test_the_schedule():
+    spec = SimpleNamespace(beforeFirstStep=True, everySteps=4, everyEpochs=None)
+    assert [s for s in range(0, 11) if ev.due(s, spec, 10, 2, 5)] == [0, 4, 8, 10]
+    spec = SimpleNamespace(beforeFirstStep=False, everySteps=None, everyEpochs=2)
+    # 2 samples per step, 5 per epoch: epochs end at steps 3 (6 samples), 5 (10), 8 (16), 10 (20)
+    assert [s for s in range(0, 11) if ev.due(s, spec, 10, 2, 5)] == [5, 10]
+    assert not ev.due(0, None, 10, 2, 5)
+
+
+def test_summary_is_the_mean_over_items_per_quantile_then_over_quantiles():
+    sums = torch.tensor([[[3.0, 2], [1.0, 2]], [[6.0, 2], [0.0, 0]]], dtype=torch.float64)
+    rec = ev.summarize(sums, [0.1, 0.9])
+    assert rec["quantiles"] == {"0.1": 9 / 4, "0.9": 0.5} and rec["loss"] == pytest.approx((9 / 4 + 0.5) / 2)
+    assert rec["items"] == 4 and rec["sources"] == [pytest.approx((1.5 + 0.5) / 2), 3.0]
+    line = ev.format_line(5, {**rec, "seconds": 1.25})
+    assert line == "[eval] step 5: loss 1.3750 (q0.1 2.2500, q0.9 0.5000) over 4 items in 1.2 s"
+
+
+def test_evaluation_units_are_never_sampled_nor_change_the_training_order():
+    units = _units()
+    with_eval = bk.SampleSpace(tuple(u.bucket for u in units), tuple(0 if u.source >= 2 else 2 for u in units),
+                               (1,) * len(units), (0.1,) * len(units))
+    train = [u for u in units if u.source < 2]
+    alone = bk.SampleSpace(tuple(u.bucket for u in train), (2, 2), (1, 1), (0.1, 0.1))
+    for epoch in range(3):
+        got, _ = bk.plan_epoch(with_eval, 7, epoch, 2, [])
+        ref, _ = bk.plan_epoch(alone, 7, epoch, 2, [])
+        remap = {0: 0, 5: 1}
+        assert [[(remap[u], v) for u, v in b] for b in got] == ref
+
+
+# ---------------------------------------------------------------- the spec
+
+def _spec(**evaluation):
+    from kubelora_trainer.spec import parse_spec
+    return parse_spec({"model": {"type": "flux", "diffusersPath": "s3://bkt/m"}, "dataset": {"uri": "s3://bkt/d"},
+                       "output": {"uri": "s3://bkt/o"}, "evaluation": {"sources": [{"uri": "s3://bkt/e"}], **evaluation}})
+
+
+@pytest.mark.parametrize("evaluation,message", [
+    ({"quantiles": [0.0, 0.5]}, "spec.evaluation.quantiles: each quantile is in (0, 1)"),
+    ({"quantiles": [0.5, 0.5]}, "a quantile is listed twice"),
+    ({"everySteps": 0}, "spec.evaluation.everySteps"),
+    ({"sources": [{"uri": "s3://bkt/e", "captionDropout": 0.1}]}, "evaluation.sources[0].captionDropout: evaluation items"),
+    ({"sources": [{"uri": "s3://bkt/e", "frameBuckets": [9]}]}, "evaluation.sources[0].frameBuckets: flux is an image model"),
+    ({"sources": [{"uri": "s3://bkt"}]}, "output.uri (s3://bkt/o) is inside evaluation.sources[0].uri"),
+])
+def test_the_spec_refuses_what_cannot_apply_naming_the_field(evaluation, message):
+    from kubelora_trainer.spec import SpecError
+    with pytest.raises(SpecError) as e:
+        _spec(**evaluation)
+    assert message in str(e.value)
+
+
+def test_stage_keys_and_fields_of_evaluation_sources():
+    from kubelora_trainer.train import source_key, spec_field, stage_uris
+    spec = _spec()
+    assert stage_uris(spec)["evaluation.0"] == "s3://bkt/e" and stage_uris(spec)["dataset.0"] == "s3://bkt/d"
+    assert spec_field(spec, "evaluation.0") == "evaluation.sources[0].uri"
+    assert spec_field(spec, "evaluation.0.mask") == "evaluation.sources[0].maskUri"
+    assert source_key(spec, 0) == "dataset.0" and source_key(spec, 1) == "evaluation.0"
+    assert spec.evaluation.quantiles == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    from kubelora_trainer import checkpoint
+    assert "evaluation" not in checkpoint.fingerprint(spec)   # adding an evaluation does not block a resume
+
+
+# ---------------------------------------------------------------- the runner, against family.loss by hand
+
+def test_the_runner_is_family_loss_at_fixed_timesteps_with_the_rng_untouched(tmp_path, monkeypatch, tiny_flux_dir):
+    from kubelora_trainer import cache
+    from kubelora_trainer.dist import DistEnv
+    from kubelora_trainer.models import get_family
+    from kubelora_trainer.spec import ModelSpec, TrainingSpec
+    monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
+    fam = get_family("flux")
+    model_spec = ModelSpec(type="flux", diffusersPath="/x", dtype="float32", fluxShift=True)
+    comps = fam.load(model_spec, {"diffusersPath": str(tiny_flux_dir)}, torch.device("cpu"))
+    # LoRA with dropout on: in eval mode it must be off (else two runs would differ)
+    from peft import LoraConfig, inject_adapter_in_model
+    tr_model = comps.trainable["transformer"]
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, lora_dropout=0.5, target_modules=["to_q", "to_k"],
+                                       init_lora_weights=False), tr_model)
+    tr_model.train()
+    imgs = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    keys = []
+    with torch.no_grad():
+        for i in range(3):
+            enc = fam.encode(comps, imgs[i:i + 1], [f"caption {i}"])[0]
+            cache.save_entry(tmp_path / "cache", f"k{i}", {k: v.detach() for k, v in enc.items()})
+            keys.append(f"k{i}")
+    training = TrainingSpec(steps=5, seed=7)
+    quantiles = [0.2, 0.7]
+    spec = SimpleNamespace(model=model_spec, training=training, evaluation=SimpleNamespace(quantiles=quantiles))
+    batches = [ev.EvalBatch(0, (0, 1)), ev.EvalBatch(1, (2,))]
+    evaluator = ev.Evaluator(spec, batches, [["k0", "k1"], ["k2"]], n_sources=2)
+    tr = SimpleNamespace(env=DistEnv(0, 1, 0, torch.device("cpu")), modules=torch.nn.ModuleDict(comps.trainable),
+                         adapters=SimpleNamespace(compute=nullcontext), family=fam, comps=comps,
+                         state=SimpleNamespace(evals=[]))
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    rec = evaluator.run(0, tr)
+    assert torch.equal(torch.get_rng_state(), rng)             # the training's RNG is untouched
+    assert tr_model.training and all(m.training for m in tr_model.modules())   # back in train mode
+    assert tr.state.evals == [rec] and rec["items"] == 3 and rec["step"] == 0
+    # by hand: each batch at each quantile with its seeded generator, weighted by its size
+    tr_model.eval()
+    per_q = []
+    with torch.no_grad():
+        for qi, q in enumerate(quantiles):
+            total = 0.0
+            for b, ks in enumerate([["k0", "k1"], ["k2"]]):
+                batch = cache.stack([cache.load_entry(tmp_path / "cache", k) for k in ks])
+                loss = fam.loss(comps, batch, model_spec, training, torch.Generator().manual_seed(ev.noise_seed(7, b, qi)),
+                                quantile=q)
+                total += float(loss) * len(ks)
+            per_q.append(total / 3)
+    assert [rec["quantiles"]["0.2"], rec["quantiles"]["0.7"]] == pytest.approx(per_q, rel=1e-9, abs=1e-12)
+    assert rec["loss"] == pytest.approx(sum(per_q) / 2, rel=1e-9)
+    tr_model.train()
+    again = evaluator.run(3, tr)                                # the same weights: the same numbers at any step
+    assert again["quantiles"] == rec["quantiles"] and rec["sources"][0] != rec["sources"][1]
+
+
+def test_the_evaluation_history_is_checkpointed_and_summarized():
+    from kubelora_trainer.train import LoopState, eval_summary
+    space = bk.SampleSpace(((32, 32, 1),), (1,), (1,), (0.0,))
+    recs = [{"step": 0, "loss": 1.5}, {"step": 2, "loss": 1.2}, {"step": 4, "loss": 1.3}]
+    a = LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0), losses=[1.0], evals=list(recs))
+    b = LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0))
+    assert b.load(a.to_dict(4, 1)) and b.evals == recs
+    c = LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0))
+    assert not c.load({"losses": [1.0], "evals": recs}) and c.evals == recs   # another number of ranks
+    assert eval_summary(recs) == {"evalLoss": 1.3, "bestEvalLoss": 1.2, "bestEvalStep": 2, "evalHistory": recs}
+    assert eval_summary([]) == {}
+
+
+def test_report_draws_the_evaluation_beside_the_training_loss():
+    from kubelora_trainer import report
+    evals = [{"step": 0, "loss": 2.0}, {"step": 2, "loss": 1.0}, {"step": 4, "loss": float("nan")}]
+    html = report.render(job="j", model_type="flux", status="Succeeded", step=4, total_steps=4,
+                         losses=[1.5, 1.4, 1.3, 1.2], learning_rates=[1e-4] * 4, prompts=[], samples=[],
+                         dataset={"usable": 4, "evaluation": {"items": 3, "usable": 2,
+                                                              "buckets": {"samples": 2, "buckets": {"32x32x1": {}}}}},
+                         spec={}, artifacts=[], evals=evals)
+    second = re.search(r'<polyline class="second"[^>]* points="([^"]*)"', html)[1].split()
+    assert len(second) == 2 and html.count("<circle") == 2          # the NaN left out
+    assert float(second[0].split(",")[1]) < float(second[1].split(",")[1])   # 2.0 drawn above 1.0 (y grows down)
+    assert "held-out evaluation loss" in html and "last evaluation loss</th><td>nan (step 4)" in html
+    assert "2 usable items of 3, 2 samples in 1 bucket(s)" in html
+    assert 'class="second"' not in report.render(job="j", model_type="flux", status="Training", step=1, total_steps=4,
+                                                  losses=[1.0], learning_rates=[1e-4], prompts=[], samples=[],
+                                                  dataset={}, spec={}, artifacts=[])
