@@ -313,7 +313,7 @@ def test_a_job_made_again_under_the_same_name_waits_for_its_predecessors_pods(cl
         assert apply(kubectl, manifest("again")).returncode == 0
         st = wait_for(lambda: (ltj(kube, "again").get("status") or {}).get("reason") == "WaitingForOldPods"
                       and ltj(kube, "again")["status"], timeout=30)
-        assert st["phase"] == "Pending" and st["createPending"] and kube.get("batch/v1/jobs", "default", "again") is None
+        assert st["phase"] == "Pending" and st["createPending"] and kube.get("batch/v1/jobs", "default", "again") is None and st["trainerImage"]
         kubectl("patch", "pod", old, "--type=merge", "-p", '{"metadata":{"finalizers":null}}', check=True)
         job = wait_for(lambda: kube.get("batch/v1/jobs", "default", "again"), timeout=30)
         st = wait_for(lambda: not ltj(kube, "again")["status"].get("createPending") and ltj(kube, "again")["status"],

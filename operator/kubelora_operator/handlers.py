@@ -217,6 +217,7 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
         if problem:
             return _fail(body, changes, "VolumeNotShared", problem)
     if _predecessor_lingers(body, changes, name, namespace, uid):
+        changes.status["trainerImage"] = job_spec.resources.image or operator_config().image  # as below
         return
     created = _ensure_children(body, changes, name, uid, namespace, job_spec, runtime)
     if created is None:
