@@ -532,6 +532,7 @@ def test_children_refused_by_an_object_count_quota_wait_for_room(cluster, kubect
         st = wait_for(lambda: "createPending" not in (ltj(kube, "deferred").get("status") or {"createPending": 1})
                       and ltj(kube, "deferred")["status"], timeout=30)
     assert not st.get("restarts") and st["phase"] == "Pending", st
+    assert st["trainerImage"] == kube.get("batch/v1/jobs", "default", "deferred")["spec"]["template"]["spec"]["containers"][0]["image"]
     reasons = [e["reason"] for e in kube.list("v1/events", "default")
                if e["involvedObject"].get("name") == "deferred"]
     assert "CreateDeferred" in reasons and "Created" in reasons and "Recreated" not in reasons, reasons

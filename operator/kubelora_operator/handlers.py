@@ -625,6 +625,8 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
     except kube.ChildRefused as e:
         _fail(body, changes, "ChildRefused", str(e))
         return
+    if not previous.get("trainerImage"):  # first made here (the first create deferred): kept from now on
+        changes.status["trainerImage"] = cfg.image
     if previous.get("createPending"):
         changes.status["createPending"] = None
         changes.info("Created", f"created {', '.join(created) or 'nothing'}")
