@@ -756,8 +756,8 @@ def test_a_job_deleted_while_the_watch_was_down_is_forgotten_not_made_again(clus
 def test_a_job_made_again_keeps_its_trainer_image_and_only_what_is_left_of_its_deadline(cluster, kubectl, s3, monkeypatch):
     """A Job made again (deleted by hand here; a gang restart likewise) runs the trainer image the
     run started with, though the operator's changed (a helm upgrade), and gets only what is left of
-    runPolicy.activeDeadlineSeconds, counted from the run's first start; once it is spent the job
-    fails (DeadlineExceeded) instead of starting again."""
+    runPolicy.activeDeadlineSeconds, counted over the run's Jobs (the time each ran); once it is
+    spent the job fails (DeadlineExceeded) instead of starting again."""
     from datetime import datetime, timedelta, timezone
     kube = cluster
 
@@ -784,10 +784,10 @@ def test_a_job_made_again_keeps_its_trainer_image_and_only_what_is_left_of_its_d
         again = wait_for(lambda: made_again(first["metadata"]["uid"]), timeout=60)
         assert again["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/trainer:1"
         assert 3500 <= again["spec"]["activeDeadlineSeconds"] <= 3600, again["spec"]["activeDeadlineSeconds"]
-    # the limit spent: not made again (the status is edited while the operator is stopped, so no sync
-    # in flight writes its older startTime back)
+    # the limit spent by earlier Jobs: not made again (the status is edited while the operator is
+    # stopped, so no sync in flight writes its own value back)
     kubectl("patch", "loratrainingjob", "keep", "--subresource=status", "--type=merge",
-            "-p", json.dumps({"status": {"startTime": iso(timedelta(hours=3))}}), check=True)
+            "-p", json.dumps({"status": {"deadlineUsedSeconds": 7300}}), check=True)
     kubectl("delete", "job", "keep", check=True)
     with operator():
         st = wait_for(lambda: phase(kube, "keep") == "Failed" and ltj(kube, "keep")["status"], timeout=60)
@@ -817,3 +817,24 @@ def test_a_gang_restart_recorded_before_its_job_was_deleted_deletes_it_without_c
     assert new is not None and new["metadata"]["uid"] != old["metadata"]["uid"]
     st = ltj(kube, "half")["status"]
     assert st["restarts"] == 1 and "restartPending" not in st and "restartedJob" not in st, st
+
+
+def test_a_run_started_before_the_trainer_image_was_recorded_keeps_its_jobs_image(cluster, kubectl, s3, monkeypatch):
+    """A run an older operator started has no status.trainerImage: the upgraded operator records
+    the running Job's image (not its own), so a Job made again keeps the run's trainer."""
+    kube = cluster
+    demo_output_bucket(s3)
+    monkeypatch.setenv("KUBELORA_TRAINER_IMAGE", "registry.example/trainer:1")
+    with operator():
+        assert apply(kubectl, manifest("older")).returncode == 0
+        first = wait_for(lambda: kube.get("batch/v1/jobs", "default", "older"))
+        wait_for(lambda: phase(kube, "older") == "Pending")
+    kubectl("patch", "loratrainingjob", "older", "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": {"trainerImage": None}}), check=True)
+    monkeypatch.setenv("KUBELORA_TRAINER_IMAGE", "registry.example/trainer:2")   # the operator upgraded
+    with operator():
+        wait_for(lambda: ltj(kube, "older")["status"].get("trainerImage") == "registry.example/trainer:1", timeout=60)
+        kubectl("delete", "job", "older", check=True)
+        again = wait_for(lambda: (j := kube.get("batch/v1/jobs", "default", "older")) and
+                         j["metadata"]["uid"] != first["metadata"]["uid"] and j, timeout=60)
+    assert again["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/trainer:1"

@@ -645,13 +645,22 @@ def test_a_gang_placed_on_the_same_lost_node_again_is_counted():
     assert not st.same_lost_node(first, "pod ft-1-abc: DeletionByTaintManager")  # a DisruptionTarget reason
 
 
-def test_the_deadline_counts_from_the_runs_first_start():
+def test_the_deadline_counts_the_time_the_runs_jobs_ran_not_the_time_suspended():
     from datetime import datetime, timezone
-    now = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
-    assert st.deadline_left(None, "2026-11-27T11:00:00Z", now) is None       # no limit
-    assert st.deadline_left(7200, None, now) is None                         # not started: the whole limit
-    assert st.deadline_left(7200, "2026-11-27T11:00:00Z", now) == 3600
-    assert st.deadline_left(3600, "2026-11-27T10:00:00Z", now) == 0          # spent
+    t = lambda h, m=0: datetime(2026, 11, 27, h, m, tzinfo=timezone.utc)  # noqa: E731
+    # a Job started at 10:00 runs; a sync at 10:30 changes nothing
+    assert st.deadline_used(None, None, "2026-11-27T10:00:00Z", t(10, 30)) == (0.0, "2026-11-27T10:00:00Z")
+    # suspended (runPolicy.suspend, a Kueue preemption: the Job's startTime is cleared) at 11:00: one hour spent
+    used, started = st.deadline_used(0.0, "2026-11-27T10:00:00Z", None, t(11))
+    assert (used, started) == (3600.0, None)
+    # two hours suspended count nothing; resumed at 13:00 (the Job's new startTime), deleted at 13:30
+    assert st.deadline_used(used, None, "2026-11-27T13:00:00+00:00", t(13)) == (3600.0, "2026-11-27T13:00:00+00:00")
+    used, _ = st.deadline_used(used, "2026-11-27T13:00:00+00:00", None, t(13, 30))
+    assert used == 5400.0
+    assert st.deadline_left(None, used) is None                 # no limit
+    assert st.deadline_left(7200, used) == 1800                 # what a Job made now gets
+    assert st.deadline_left(3600, used) == 0                    # spent
+    assert st.deadline_left(7200, None) == 7200
 
 
 def test_a_gang_failure_no_lost_node_explains_yet_waits_for_its_nodes_then_is_decided():

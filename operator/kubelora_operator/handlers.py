@@ -356,6 +356,7 @@ def _sync(body: dict, changes: Changes) -> None:
                                                          "name to be deleted")
     if job is None:
         return _recreate(body, changes, name, namespace, job_spec, previous)
+    _account(changes, previous, job)
     if previous.get("restartedJob") and previous["restartedJob"] == (job.get("metadata") or {}).get("uid"):
         # a gang restart recorded but its Job not deleted (the operator stopped in between): delete it now
         kube.delete_job(namespace, name, owner_uid=meta["uid"])
@@ -579,6 +580,20 @@ def _restart_gang_status(body, changes: Changes, job_spec, job, previous, action
     changes.warn("GangRestart", f"{why}; restarting all {nodes} nodes together (restart {counted + 1} of {limit})")
 
 
+def _account(changes: Changes, previous: dict, job: dict) -> None:
+    """Keep what the run's Jobs spent of runPolicy.activeDeadlineSeconds (status.deadlineUsedSeconds,
+    status.jobStartTime: st.deadline_used), and the trainer image of a run started before the
+    operator recorded one (an upgrade from an older operator): the running Job's."""
+    used, started = st.deadline_used(previous.get("deadlineUsedSeconds"), previous.get("jobStartTime"),
+                                     (job.get("status") or {}).get("startTime"), datetime.now(timezone.utc))
+    if started != previous.get("jobStartTime"):
+        changes.status.update(jobStartTime=started, deadlineUsedSeconds=round(used, 1))
+    if not previous.get("trainerImage"):
+        containers = ((((job.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or [{}])
+        if containers[0].get("image"):
+            changes.status["trainerImage"] = containers[0]["image"]
+
+
 def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> None:
     """The trainer Job is gone before the run finished (deleted by hand, deleted for a gang
     restart, or by something else): make it again, as a controller does with its children, and
@@ -597,10 +612,14 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
                                  "making the trainer Job again")
         _wait(now, changes, reason, f"waiting for {len(old_pods)} pod(s) of the previous attempt to stop")
         return
-    left = st.deadline_left(job_spec.runPolicy.activeDeadlineSeconds, previous.get("startTime"), datetime.now(timezone.utc))
+    used, _ = st.deadline_used(previous.get("deadlineUsedSeconds"), previous.get("jobStartTime"), None,
+                               datetime.now(timezone.utc))
+    if used != float(previous.get("deadlineUsedSeconds") or 0.0) or previous.get("jobStartTime"):
+        changes.status.update(deadlineUsedSeconds=round(used, 1), jobStartTime=None)
+    left = st.deadline_left(job_spec.runPolicy.activeDeadlineSeconds, used)
     if left == 0:
         _fail(body, changes, "DeadlineExceeded", f"runPolicy.activeDeadlineSeconds ({job_spec.runPolicy.activeDeadlineSeconds} s) "
-                                                 f"passed since the run started at {previous.get('startTime')}; not made again")
+                                                 f"spent by the run's Jobs ({used:.0f} s); not made again")
         return
     if left is not None:  # the Job's own timer starts again with every Job: it gets what is left
         job_spec = job_spec.model_copy(update={"runPolicy": job_spec.runPolicy.model_copy(update={"activeDeadlineSeconds": left})})
@@ -626,7 +645,7 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
         _fail(body, changes, "ChildRefused", str(e))
         return
     if not previous.get("trainerImage"):  # first made here (the first create deferred): kept from now on
-        changes.status["trainerImage"] = cfg.image
+        changes.status["trainerImage"] = job_spec.resources.image or cfg.image
     if previous.get("createPending"):
         changes.status["createPending"] = None
         changes.info("Created", f"created {', '.join(created) or 'nothing'}")

@@ -701,14 +701,28 @@ def invalid(previous: dict, reason: str, message: str, generation: int, now: str
     return status(previous, Observed(FAILED, reason, message, stalled=True), generation, None, now)
 
 
-def deadline_left(limit: Optional[int], start: Optional[str], now: datetime) -> Optional[int]:
-    """Seconds of runPolicy.activeDeadlineSeconds left for a Job made again (a gang restart, a Job
-    deleted by hand): the limit counts from the run's first start (status.startTime), not from
-    each Job's, or every restart would grant it anew. None: no limit, or not started yet (the
-    whole limit applies); 0: spent. Pure."""
-    if not limit or not start:
-        return None
-    began = datetime.fromisoformat(start.replace("Z", "+00:00"))
-    left = limit - int((now - began).total_seconds())
-    return max(0, left)
+def _parse(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
 
+
+def deadline_used(used: Optional[float], started: Optional[str], job_start: Optional[str],
+                  now: datetime) -> tuple[float, Optional[str]]:
+    """(seconds of runPolicy.activeDeadlineSeconds spent, the running Job's start) after a sync
+    that saw the trainer Job started at job_start (its status.startTime; None: suspended, or no
+    Job). The time counts as the Job controller counts it (from each start, not while suspended):
+    a Job seen stopped (suspended, deleted) adds the time since its start. A start that changed
+    without the stop being seen (suspended and resumed between two syncs) adds nothing: the time
+    before that suspension is lost, in the run's favour. Pure."""
+    used = float(used or 0.0)
+    if started and job_start is None:
+        used += max(0.0, (now - _parse(started)).total_seconds())
+    return used, job_start
+
+
+def deadline_left(limit: Optional[int], used: Optional[float]) -> Optional[int]:
+    """Seconds of runPolicy.activeDeadlineSeconds left for a Job made again (a gang restart, a Job
+    deleted by hand): each Job's own timer starts afresh, so without this every restart would
+    grant the whole limit again. None: no limit; 0: spent. Pure."""
+    if not limit:
+        return None
+    return max(0, int(limit - (used or 0.0)))

@@ -123,6 +123,15 @@ STATUS_SCHEMA = {
                                                           "recorded before that Job is deleted, so an operator "
                                                           "stopped in between deletes it at its next sync instead "
                                                           "of counting the failure again."},
+        "deadlineUsedSeconds": {"type": "number", "description": "Of runPolicy.activeDeadlineSeconds, the seconds "
+                                                                 "the run's earlier Jobs ran (not while suspended); "
+                                                                 "a Job made again gets what is left."},
+        "jobStartTime": {"type": "string", "description": "The running trainer Job's own start (its status.startTime), "
+                                                          "for deadlineUsedSeconds."},
+        "childrenDeleted": {"type": "boolean", "description": "runPolicy.ttlSecondsAfterFinished deleted the Job, "
+                                                              "Service and ConfigMap."},
+        "storageErrorSince": {"type": "string", "description": "Since when output.uri could not be read (a lasting "
+                                                               "error makes the job Stalled)."},
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
         "progress": {"type": "object", "description": "step, totalSteps, epoch, loss, samplesPerSecond, eta; samples (files written) and sampleStep with spec.samples; evalLoss and evalStep (the last held-out evaluation) with spec.evaluation; gpuPeakGiB on GPUs.",

@@ -536,7 +536,7 @@ class ResourcesSpec(_Model):
 
 class RunPolicySpec(_Model):
     backoffLimit: int = Field(default=3, ge=0, le=100, description="Retries of the whole run after a failure (all nodes restart together; disruptions such as preemption do not count).")
-    activeDeadlineSeconds: Optional[int] = Field(default=None, ge=1, description="Wall-clock limit in seconds, counted from the run's first start: a Job made again (gang restart) gets only what is left, and once it is spent the job fails (DeadlineExceeded).")
+    activeDeadlineSeconds: Optional[int] = Field(default=None, ge=1, description="Limit in seconds on the time the run's trainer Jobs run (as the Job controller counts it: not while suspended or queued), summed over gang restarts: a Job made again gets only what is left, and once it is spent the job fails (DeadlineExceeded).")
     ttlSecondsAfterFinished: Optional[int] = Field(default=None, ge=0, description="Delete the job's children this long after it finished (the resource and its status stay).")
     terminationGracePeriodSeconds: int = Field(
         default=120, ge=1, le=3600,
