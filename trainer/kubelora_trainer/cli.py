@@ -252,7 +252,7 @@ def fetch_report(uri: str, out: Path, settings=None) -> Path:
     local report.html. Credentials as for training (AWS_* environment or the mounted Secret)."""
     import shutil
     from .samples import REPORT_NAME
-    from .storage import S3Settings, StorageError, download, make_client, parse_uri
+    from .storage import S3Settings, StorageError, download, list_keys, make_client, parse_uri
     uri = uri.rstrip("/")
     loc = parse_uri(uri)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,12 +272,10 @@ def fetch_report(uri: str, out: Path, settings=None) -> Path:
     except StorageError as e:
         raise StorageError(f"{uri}/{REPORT_NAME}: no report ({e}); has the job uploaded one yet?",
                            transient=e.transient) from None
-    try:
+    # a job without spec.samples has none; a sample's key that cannot be a file under out/samples
+    # (a doubled '/', '..') stops the fetch naming it: nothing is written outside out
+    if list_keys(f"{uri}/samples", settings, client):
         download(f"{uri}/samples", out / "samples", settings, client, log=quiet)
-    except StorageError as e:
-        if e.transient:
-            raise
-        # a job without spec.samples has none
     return out / REPORT_NAME
 
 

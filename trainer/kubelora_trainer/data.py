@@ -38,6 +38,8 @@ SKIP_REASONS = {   # why an item was skipped (manifest.json dataset.skipped, the
     "extremeAspectRatio": "aspect ratio more than 4x beyond the nearest bucket's (less than a quarter would be kept)",
     "maskUnreadable": "the item's mask does not decode",
     "maskSizeMismatch": "the item's mask is not the size of the item",
+    "unsafeKey": "the object's key cannot be a file under the staged folder ('..', '.', an empty segment, a doubled '/' "
+                 "or the stage index's name); never downloaded",
 }
 
 

@@ -340,8 +340,40 @@ def _transfer_config(settings: S3Settings):
 
 # ---------------------------------------------------------------- download
 
-def _list(client, loc: Location) -> list[dict]:
-    """Objects under loc.key: the key itself if it is an object, else everything below 'key/'."""
+def unsafe_name(rel: str) -> Optional[str]:
+    """Why rel (an object's key less the listed prefix) cannot be written as a file under the
+    download folder, or None when it can: empty, absolute (a key with a doubled '/'), a '.', '..'
+    or empty segment, a NUL, or the folder's own index (INDEX_NAME). S3 stores any such key; a
+    file written at dest/rel would land outside dest or overwrite the index. Pure."""
+    if not rel:
+        return "an empty name"
+    if "\0" in rel:
+        return "a NUL character"
+    if rel.startswith("/"):
+        return "a doubled '/' (an absolute name)"
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "a '.', '..' or empty path segment"
+    if parts[0] == INDEX_NAME or parts[0].startswith(INDEX_NAME + ".tmp"):
+        return f"the name of the download folder's own index ({INDEX_NAME})"
+    return None
+
+
+def _inside(dest: Path, rel: str) -> bool:
+    """Whether dest/rel, symbolic links resolved, stays inside dest."""
+    root = dest.resolve()
+    return (root / rel).resolve().is_relative_to(root)
+
+
+def unsafe_error(loc: Location, key: str, why: str) -> StorageError:
+    return StorageError(f"reading {loc}: object key {key!r} cannot be a file under the download folder: {why}; "
+                        f"rename or delete that object")
+
+
+def _list(client, loc: Location, unsafe: Optional[list[str]] = None) -> list[dict]:
+    """Objects under loc.key: the key itself if it is an object, else everything below 'key/'.
+    A key that cannot be a file under the download folder (unsafe_name) raises StorageError
+    naming it, or with a list for unsafe, is left out and appended there."""
     try:
         head = client.head_object(Bucket=loc.bucket, Key=loc.key) if loc.key and not loc.key.endswith("/") else None
     except Exception as exc:  # noqa: BLE001
@@ -351,17 +383,32 @@ def _list(client, loc: Location) -> list[dict]:
             raise describe_error(exc, loc, "reading") from None
         head = None
     if head is not None:
-        return [{"Key": loc.key, "Size": head["ContentLength"], "ETag": head["ETag"], "rel": Path(loc.key).name}]
+        name = loc.key.rsplit("/", 1)[-1]
+        why = unsafe_name(name)
+        if why:
+            raise unsafe_error(loc, loc.key, why)
+        return [{"Key": loc.key, "Size": head["ContentLength"], "ETag": head["ETag"], "rel": name}]
     prefix = loc.key.rstrip("/") + "/" if loc.key else ""
-    out = []
+    out, left_out = [], []
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 if not obj["Key"].endswith("/"):
-                    out.append({"Key": obj["Key"], "Size": obj["Size"], "ETag": obj["ETag"], "rel": obj["Key"][len(prefix):]})
+                    rel = obj["Key"][len(prefix):]
+                    why = unsafe_name(rel)
+                    if why and unsafe is None:
+                        raise unsafe_error(loc, obj["Key"], why)
+                    if why:
+                        left_out.append(obj["Key"])
+                    else:
+                        out.append({"Key": obj["Key"], "Size": obj["Size"], "ETag": obj["ETag"], "rel": rel})
+    except StorageError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise describe_error(exc, loc, "listing") from None
-    if not out:
+    if unsafe is not None:
+        unsafe += left_out
+    if not out and not left_out:
         raise StorageError(f"reading {loc}: no such key {loc.key!r} and no objects under {prefix!r} in bucket {loc.bucket!r}")
     return out
 
@@ -412,10 +459,13 @@ def _local_full(exc: BaseException, loc: Location, target: Path) -> Optional[Sto
 
 
 def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), client=None,
-             log: Callable[[str], None] = print) -> Path:
+             log: Callable[[str], None] = print, unsafe: Optional[list[str]] = None) -> Path:
     """Fetch an object or a whole prefix into dest (a folder). Returns the local path of the
     object (dest/<name>) or of the folder (dest). Complete files (size + ETag) are not fetched
-    again; a local URI is returned as it is."""
+    again; a local URI is returned as it is. Nothing is written outside dest: a key that cannot be
+    a file under it (unsafe_name: '..', a doubled '/', the index's name) raises StorageError
+    naming the key (bad input), or, given a list for unsafe (a dataset: a bad file is skipped), is
+    not fetched and its key appended there."""
     loc = parse_uri(uri)
     if not loc.is_s3:
         p = Path(loc.key)
@@ -425,7 +475,16 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     client = client or make_client(settings)
-    objs = _list(client, loc)
+    objs = _list(client, loc, unsafe)
+    kept = []
+    for obj in objs:  # the names were checked segment by segment; this catches a symbolic link within dest
+        if _inside(dest, obj["rel"]):
+            kept.append(obj)
+        elif unsafe is None:
+            raise unsafe_error(loc, obj["Key"], f"it leads outside {dest} through a symbolic link")
+        else:
+            unsafe.append(obj["Key"])
+    objs = kept
     index = _load_index(dest)
     todo = []
     for obj in objs:

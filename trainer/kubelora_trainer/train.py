@@ -80,33 +80,50 @@ def spec_field(spec: LoRATrainingJobSpec, key: str) -> str:
     return f"dataset.{name}" if spec.dataset.uri is not None else f"dataset.sources[{i}].{name}"
 
 
-def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3Settings) -> dict[str, str]:
+def unsafe_warning(field: str, uris: list[str]) -> str:
+    """The stage-in log line for a data source's objects whose keys cannot be files under its
+    staged folder (skipped, like any bad dataset file). Pure."""
+    shown = ", ".join(uris[:5]) + (f" and {len(uris) - 5} more" if len(uris) > 5 else "")
+    return (f"[stage-in] warning: {field}: skipped {len(uris)} object(s) whose keys cannot be files under the staged "
+            f"folder ('..', '.', an empty segment, a doubled '/' or {storage.INDEX_NAME}): {shown}")
+
+
+def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv,
+             settings: storage.S3Settings) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Node-local rank 0 downloads model parts and the dataset; the other ranks wait and read
-    the resolved paths it wrote. Returns {stage key: local path}. A failure names the spec field
-    whose URI failed ("model.diffusersPath: reading ...")."""
+    the resolved paths it wrote. Returns ({stage key: local path}, {stage key: URIs of the data
+    objects skipped as unsafeKey}). A failure names the spec field whose URI failed
+    ("model.diffusersPath: reading ..."); a model object whose key cannot be a file under its
+    folder is such a failure, a data object's is skipped and counted (scan_sources)."""
     uris = stage_uris(spec)
     marker = cache_root() / f"staged-{hashlib.sha1(json.dumps(uris, sort_keys=True).encode()).hexdigest()[:12]}.json"
     err = None
     if env.local_rank == 0:
         try:
             client = storage.make_client(settings) if any(u.startswith("s3://") for u in uris.values()) else None
-            paths, field = {}, None
+            paths, unsafe, field = {}, {}, None
             for key, uri in uris.items():
                 field = spec_field(spec, key)
+                loc = storage.parse_uri(uri)
                 dest = _stage_dir(uri)
-                if storage.parse_uri(uri).is_s3 and key in SINGLE_FILE_FIELDS:
+                if loc.is_s3 and key in SINGLE_FILE_FIELDS:
                     dest = dest.parent
-                paths[key] = str(storage.download(uri, dest, settings, client=client, log=print))
+                skipped = [] if key.startswith(("dataset.", "evaluation.")) else None
+                paths[key] = str(storage.download(uri, dest, settings, client=client, log=print, unsafe=skipped))
+                if skipped:
+                    unsafe[key] = [f"s3://{loc.bucket}/{k}" for k in skipped]
+                    print(unsafe_warning(field, unsafe[key]), flush=True)
             field = None
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps(paths))
+            marker.write_text(json.dumps({"paths": paths, "unsafe": unsafe}))
         except storage.StorageError as e:
             # transient or bad input, as storage classified it (a full disk: disk.NoRoom, kept as one)
             err = type(e)(f"{field}: {e}", transient=e.transient) if field else e
         except OSError as e:
             err = disk.no_room(e, "stage-in") or RunError(f"{field}: {e}" if field else str(e))
     dist.fail_together(err, "stage-in")
-    return json.loads(marker.read_text())
+    staged = json.loads(marker.read_text())
+    return staged["paths"], staged["unsafe"]
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -478,10 +495,10 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     # ---- stage-in
     log(env, "[phase] stage-in")
     m.phase("StagingIn")
-    paths = stage_in(spec, env, settings)
+    paths, unsafe = stage_in(spec, env, settings)
 
     # ---- dataset (checked before any model is loaded), then the cache and the model
-    report = scan_sources(spec, paths)
+    report = scan_sources(spec, paths, unsafe)
     layout = cache_phase.Layout(report, *probe_items(report, env, spec, remote)).make(spec, env, m)
     ready = cache_phase.prepare(spec, family, paths, layout, remote, env, m)
     decided = getattr(family, "resolved", lambda comps: {})(ready.comps)  # model settings the model decided
@@ -638,10 +655,11 @@ def check_cache_uri(spec, settings, env: dist.DistEnv) -> Optional[cache_remote.
     return remote
 
 
-def scan_sources(spec: LoRATrainingJobSpec, paths: dict) -> ScanReport:
+def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] = None) -> ScanReport:
     """Every dataset source's staged folder scanned into one report (items, captions, skips), then
     evaluation.sources' (source index len(dataset sources) + j): each evaluation item with its first
-    caption alone, unshuffled and never dropped."""
+    caption alone, unshuffled and never dropped. unsafe (stage_in's): the objects of a source or
+    its masks that stage-in left out, skipped as unsafeKey."""
     r = RULES[spec.model.type]
     report = ScanReport()
     n_train = len(source_specs(spec))
@@ -656,6 +674,8 @@ def scan_sources(spec: LoRATrainingJobSpec, paths: dict) -> ScanReport:
         part = scan(Path(paths[key]), video=r.video, opts=opts, source=i, seed=spec.training.seed,
                     uri=spec.dataset.uris[i] if i < n_train else src.uri,
                     mask_root=Path(mask_root) if mask_root else None)
+        for uri in (unsafe or {}).get(key, []) + (unsafe or {}).get(f"{key}.mask", []):
+            part.skip(uri, "unsafeKey")
         if i >= n_train:   # the items join the others (probed, bucketed, cached alike), the counts stay apart
             report.items += [dataclasses.replace(it, captions=(it.caption,)) for it in part.items]
             part.items = []

@@ -1,0 +1,133 @@
+"""Object keys that cannot be files under the download folder ('..', a doubled '/', the stage
+index's name): nothing is written outside it. A model prefix, a checkpoint or a report stops
+naming the key; a dataset skips it and counts it (unsafeKey).
+
+SeaweedFS (the real server of these tests) stores the index's name as a key, so those cases run
+on it alone. It cleans a doubled '/' and refuses '..', which AWS S3 stores and lists as they are:
+for those the real client is wrapped so that its listing also names such keys (ListsMore), the
+one thing the real server cannot produce; every other request reaches SeaweedFS."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubelora_trainer import checkpoint, cli, dist, storage, train
+from kubelora_trainer.spec import LoRATrainingJobSpec
+from kubelora_trainer.storage import INDEX_NAME, S3Settings, StorageError, download, unsafe_name
+
+
+class ListsMore:
+    """The real client, whose list_objects_v2 pages also name `extra` keys (as AWS S3 lists them)."""
+
+    def __init__(self, real, extra: list[str]):
+        self.real, self.extra = real, extra
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def get_paginator(self, name):
+        pages, extra = self.real.get_paginator(name), self.extra
+
+        class Pages:
+            def paginate(self, Bucket, Prefix):
+                yield from pages.paginate(Bucket=Bucket, Prefix=Prefix)
+                yield {"Contents": [{"Key": k, "Size": 1, "ETag": '"e"'} for k in extra if k.startswith(Prefix)]}
+        return Pages()
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_unsafe_name():
+    assert unsafe_name("a.png") is None and unsafe_name("sub/a.png") is None and unsafe_name("..a/b..") is None
+    assert unsafe_name("sub/.kubelora-stage.json") is None  # only the folder's own index is taken
+    for bad in ("", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "a/", "..", "a\0b",
+                INDEX_NAME, f"{INDEX_NAME}.tmp12"):
+        assert unsafe_name(bad), bad
+
+
+def test_a_model_prefix_with_an_escaping_key_stops_naming_it(s3, tmp_path):
+    s3.create_bucket(Bucket="unsafe-model")
+    s3.put_object(Bucket="unsafe-model", Key="m/model_index.json", Body=b"{}")
+    dest = tmp_path / "stage" / "m"
+    for key in ("m/../../../escaped.txt", f"m/{tmp_path}/abs.txt"):
+        with pytest.raises(StorageError) as e:
+            download("s3://unsafe-model/m", dest, client=ListsMore(s3, [key]), log=lambda m: None)
+        assert f"object key {key!r} cannot be a file under the download folder" in str(e.value)
+        assert not e.value.transient
+    assert _files(tmp_path) == set()  # nothing fetched, the good file neither: the whole prefix is refused
+
+
+def test_the_index_name_as_a_key_is_refused_on_the_real_server(s3, tmp_path):
+    s3.create_bucket(Bucket="unsafe-index")
+    s3.put_object(Bucket="unsafe-index", Key="m/a.json", Body=b"{}")
+    s3.put_object(Bucket="unsafe-index", Key=f"m/{INDEX_NAME}", Body=b'{"a.json": {"etag": "forged", "size": 2}}')
+    with pytest.raises(StorageError, match=f"'m/{INDEX_NAME}'.*index"):
+        download("s3://unsafe-index/m", tmp_path / "d", client=s3, log=lambda m: None)
+    skipped = []
+    got = download("s3://unsafe-index/m", tmp_path / "d", client=s3, log=lambda m: None, unsafe=skipped)
+    assert skipped == [f"m/{INDEX_NAME}"] and (got / "a.json").read_bytes() == b"{}"
+    assert "forged" not in (got / INDEX_NAME).read_text()
+
+
+def test_a_symbolic_link_inside_dest_does_not_lead_out(s3, tmp_path):
+    s3.create_bucket(Bucket="unsafe-link")
+    s3.put_object(Bucket="unsafe-link", Key="m/sub/x.txt", Body=b"x")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "d" / "sub").symlink_to(tmp_path / "outside")
+    with pytest.raises(StorageError, match="symbolic link"):
+        download("s3://unsafe-link/m", tmp_path / "d", client=s3, log=lambda m: None)
+    assert list((tmp_path / "outside").iterdir()) == []
+
+
+def test_a_dataset_skips_and_counts_unsafe_keys_at_stage_in(s3, tmp_path, monkeypatch, capsys):
+    s3.create_bucket(Bucket="unsafe-data")
+    s3.put_object(Bucket="unsafe-data", Key="d/a.png", Body=b"png")
+    s3.put_object(Bucket="unsafe-data", Key="d/a.txt", Body=b"a cat")
+    s3.put_object(Bucket="unsafe-data", Key=f"d/{INDEX_NAME}", Body=b"{}")
+    escaping = "d/../../../../escaped.txt"
+    real = storage.make_client
+    monkeypatch.setattr(storage, "make_client", lambda settings: ListsMore(real(settings), [escaping]))
+    (tmp_path / "model").mkdir()
+    spec = LoRATrainingJobSpec.model_validate({"model": {"type": "flux", "diffusersPath": str(tmp_path / "model")},
+                                               "dataset": {"uri": "s3://unsafe-data/d"},
+                                               "output": {"uri": str(tmp_path / "out")}})
+    paths, unsafe = train.stage_in(spec, dist.DistEnv(0, 1, 0, torch.device("cpu")), S3Settings())
+    assert sorted(unsafe["dataset.0"]) == sorted([f"s3://unsafe-data/{escaping}", f"s3://unsafe-data/d/{INDEX_NAME}"])
+    assert _files(Path(paths["dataset.0"])) == {"a.png", "a.txt", INDEX_NAME}
+    assert not list(tmp_path.parent.rglob("escaped.txt"))
+    out = capsys.readouterr().out
+    assert "[stage-in] warning: dataset.uri: skipped 2 object(s)" in out and escaping in out
+    report = train.scan_sources(spec, paths, unsafe)
+    assert report.by_reason() == {"unsafeKey": 2} and report.summary()["unreadable"] == 2
+    assert {s.uri for s in report.skipped} == set(unsafe["dataset.0"])
+
+
+def test_a_checkpoint_with_an_unsafe_key_fails_the_run(s3, tmp_path):
+    s3.create_bucket(Bucket="unsafe-ckpt")
+    base = "run/checkpoints/step-5/" + checkpoint.STATE
+    s3.put_object(Bucket="unsafe-ckpt", Key=f"{base}/rank-0.pt", Body=b"x")
+    s3.put_object(Bucket="unsafe-ckpt", Key=f"{base}/{INDEX_NAME}", Body=b"{}")
+    with pytest.raises(StorageError, match=f"{INDEX_NAME}'? cannot be a file under") as e:
+        checkpoint._fetch(5, tmp_path / "ckpt", "s3://unsafe-ckpt/run", S3Settings(),
+                          dist.DistEnv(0, 1, 0, torch.device("cpu")))
+    assert not e.value.transient
+
+
+def test_kubelora_report_writes_nothing_outside_its_folder(s3, tmp_path, monkeypatch):
+    s3.create_bucket(Bucket="unsafe-report")
+    s3.put_object(Bucket="unsafe-report", Key="runs/x/report.html", Body=b"<html></html>")
+    s3.put_object(Bucket="unsafe-report", Key="runs/x/samples/step-10/p0.png", Body=b"png")
+    home = tmp_path / "home"
+    home.mkdir()
+    evil = f"runs/x/samples/{home}/.bashrc"  # home is absolute: "samples//tmp/.../home/.bashrc"
+    real = storage.make_client
+    monkeypatch.setattr(storage, "make_client", lambda settings: ListsMore(real(settings), [evil]))
+    with pytest.raises(StorageError, match="cannot be a file under the download folder: a doubled '/'"):
+        cli.fetch_report("s3://unsafe-report/runs/x", tmp_path / "report")
+    assert list(home.iterdir()) == []
+    monkeypatch.setattr(storage, "make_client", real)  # a report without samples still fetches
+    s3.delete_object(Bucket="unsafe-report", Key="runs/x/samples/step-10/p0.png")
+    assert cli.fetch_report("s3://unsafe-report/runs/x", tmp_path / "r2").read_bytes() == b"<html></html>"
