@@ -1,47 +1,142 @@
 """Reading what the trainer publishes under spec.output.uri: status/progress.json while it runs,
 manifest.json when it is done, with the job's own credentials (its Secret) when it names one.
 An object that is not there yet is not an error; anything else (access denied, no bucket) is
-returned so the status can say it once it has lasted."""
+returned so the status can say it once it has lasted.
+
+The bucket and the endpoint are the tenant's, so a read must never cost the operator more than a
+bounded share of its memory and of its sync workers' time (docs/decisions.md): at most MAX_BYTES
+read of an object (its ContentLength checked first), a short timeout and few attempts per request
+(operator_settings, apart from the trainer's $KUBELORA_S3_READ_TIMEOUT and $AWS_MAX_ATTEMPTS),
+BODY_DEADLINE for a body however slowly it trickles, at most MAX_CLIENTS clients kept, and every
+failure (a botocore or urllib3 error included) an error string, never an exception. An error
+names S3's own error codes but never echoes an answer that is not S3's (storage.describe_error
+with echo=False): storage.endpoint may point at any service the operator can reach."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
+import time
+from collections import OrderedDict
 from typing import Optional
 
 from kubelora_trainer import storage
 from kubelora_trainer.progress import PROGRESS_KEY  # noqa: F401 - re-exported for the handlers
 
 MANIFEST_KEY = "manifest.json"
-_clients: dict[tuple, object] = {}   # one boto3 client per (endpoint, region, style, keys): ~45 ms each to make
+MAX_BYTES = 1024 * 1024      # progress.json is < 1 KiB, manifest.json a few KiB
+CONNECT_TIMEOUT = 5.0        # seconds, per attempt
+READ_TIMEOUT = 10.0          # seconds without a byte, per attempt
+MAX_ATTEMPTS = 2             # per request, in all: the next sync (seconds later) reads again anyway
+BODY_DEADLINE = 20.0         # seconds for a whole body, however slowly it comes
+MAX_CLIENTS = 64             # boto3 clients kept (~45 ms each to make, least recently used dropped)
+_CHUNK = 64 * 1024
+
+_clients: "OrderedDict[tuple, object]" = OrderedDict()   # one per (endpoint, region, style, timeouts, keys)
+_lock = threading.Lock()  # the syncer's workers are threads
+
+
+def operator_settings(settings: storage.S3Settings) -> storage.S3Settings:
+    """The job's settings with the operator's own short timeouts and attempts (the smaller of
+    those and the job's): a tenant's endpoint that never answers holds a sync worker for at most
+    MAX_ATTEMPTS x (CONNECT_TIMEOUT + READ_TIMEOUT) per request, not the trainer's 5 x 60 s. Pure."""
+    return dataclasses.replace(settings, connect_timeout=min(settings.connect_timeout, CONNECT_TIMEOUT),
+                               read_timeout=min(settings.read_timeout, READ_TIMEOUT),
+                               max_attempts=min(settings.max_attempts, MAX_ATTEMPTS))
 
 
 def client_for(settings: storage.S3Settings):
-    """The cached client for these settings. Without a job's own keys the client takes the
-    operator's mounted Secret files, read again on each call (three small files) so that a
-    rotated Secret makes a new client instead of failing every job with the old keys."""
+    """The cached client for these settings (the MAX_CLIENTS most recently used are kept). Without
+    a job's own keys the client takes the operator's mounted Secret files, read again on each call
+    (three small files) so that a rotated Secret makes a new client instead of failing every job
+    with the old keys."""
     own = (settings.access_key, settings.secret_key)
     files = () if all(own) else tuple(sorted(storage.secret_file_credentials().items()))
-    key = (settings.endpoint, settings.region, settings.addressing_style, *own, files)
-    if key not in _clients:
-        _clients[key] = storage.make_client(settings)
-    return _clients[key]
+    key = (settings.endpoint, settings.region, settings.addressing_style, settings.connect_timeout,
+           settings.read_timeout, settings.max_attempts, *own, files)
+    with _lock:
+        if key in _clients:
+            _clients.move_to_end(key)
+            return _clients[key]
+    client = storage.make_client(settings)  # outside the lock: ~45 ms
+    with _lock:
+        client = _clients.setdefault(key, client)
+        _clients.move_to_end(key)
+        while len(_clients) > MAX_CLIENTS:
+            _clients.popitem(last=False)
+    return client
+
+
+class TooLarge(ValueError):
+    pass
+
+
+def too_large(name: str, size: int) -> str:
+    return f"{name} is {size} bytes (limit {MAX_BYTES // (1024 * 1024)} MiB)"
+
+
+def read_capped(read, name: str, deadline: float, clock=time.monotonic) -> bytes:
+    """At most MAX_BYTES from read(n) (a file's or a response body's), until it returns b"";
+    TooLarge past MAX_BYTES or when the body takes beyond the monotonic deadline."""
+    parts, n = [], 0
+    while True:
+        chunk = read(_CHUNK)
+        if not chunk:
+            return b"".join(parts)
+        n += len(chunk)
+        if n > MAX_BYTES:
+            raise TooLarge(f"{name} is more than {MAX_BYTES} bytes (limit {MAX_BYTES // (1024 * 1024)} MiB)")
+        if clock() > deadline:
+            raise TooLarge(f"{name} took more than {BODY_DEADLINE:.0f} s to read ({n} bytes so far)")
+        parts.append(chunk)
+
+
+def _get(loc: storage.Location, key: str, settings: storage.S3Settings) -> bytes:
+    deadline = time.monotonic() + BODY_DEADLINE
+    if not loc.is_s3:
+        with open(loc.key, "rb") as f:
+            return read_capped(f.read, key, deadline)
+    answer = client_for(settings).get_object(Bucket=loc.bucket, Key=loc.key)
+    body = answer["Body"]
+    try:
+        size = answer.get("ContentLength")
+        if isinstance(size, int) and size > MAX_BYTES:
+            raise TooLarge(too_large(key, size))
+        return read_capped(body.read, key, deadline)
+    finally:
+        body.close()  # unread bytes: the connection is dropped rather than drained
+
+
+def _code(e: BaseException) -> str:
+    return str(((getattr(e, "response", None) or {}).get("Error") or {}).get("Code", ""))
 
 
 def read_json(output_uri: str, key: str, settings: storage.S3Settings) -> tuple[Optional[dict], Optional[str]]:
-    """(the object, None), (None, None) when it is not there yet, or (None, the error)."""
-    loc = storage.parse_uri(output_uri).child(key)
+    """(the object, None), (None, None) when it is not there yet, or (None, the error): never
+    raises for anything the store or the object holds."""
     try:
-        if loc.is_s3:
-            body = client_for(settings).get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
-        else:
-            with open(loc.key, "rb") as f:
-                body = f.read()
-        return json.loads(body), None
+        loc = storage.parse_uri(output_uri).child(key)
+    except storage.StorageError as e:
+        return None, str(e)
+    try:
+        body = _get(loc, key, operator_settings(settings))
     except FileNotFoundError:
         return None, None
-    except ValueError as e:
-        return None, f"reading {loc}: not JSON ({e})"
+    except TooLarge as e:
+        return None, f"reading {loc}: {e}"
     except Exception as e:  # noqa: BLE001 - classified: a missing key is "not yet", the rest is an error
-        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
-        if code in ("NoSuchKey", "404", "NotFound"):
+        if _code(e) in ("NoSuchKey", "404", "NotFound"):
             return None, None
-        return None, str(storage.describe_error(e, loc, "reading"))
+        try:
+            hint = (f"the operator waits {READ_TIMEOUT:.0f} s for an answer, {MAX_ATTEMPTS} attempts, "
+                    f"and reads again at its next sync")
+            return None, str(storage.describe_error(e, loc, "reading", echo=False, timeout_hint=hint))
+        except Exception:  # noqa: BLE001 - an error no one foresaw is still only this job's error
+            return None, f"reading {loc}: {type(e).__name__}"
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        return None, f"reading {loc}: not JSON ({str(e)[:100] or type(e).__name__})"
+    if not isinstance(obj, dict):
+        return None, f"reading {loc}: not a JSON object (a {type(obj).__name__})"
+    return obj, None

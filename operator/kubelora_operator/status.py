@@ -6,6 +6,7 @@ Stalled=True when it failed or cannot proceed without a person (bad image, missi
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -430,6 +431,27 @@ def queued(job: dict, queue: Optional[str], progress: Optional[dict]) -> Optiona
                     "trainer Job when it admits it)", progress=progress)
 
 
+def _obj(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def published(manifest: dict) -> list[dict]:
+    """status.artifacts from manifest.json: its artifacts and its report, each with a string uri
+    (and format); an entry of another shape (the file sits in the tenant's bucket) is left out. Pure."""
+    def text(v):
+        return v if isinstance(v, str) else None
+
+    def size(v):
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+    entries = manifest.get("artifacts")
+    arts = [{"uri": a["uri"], "format": text(a.get("format")), "sha256": text(a.get("sha256")), "size": size(a.get("size"))}
+            for a in (entries if isinstance(entries, list) else []) if isinstance(a, dict) and text(a.get("uri"))]
+    r = manifest.get("report")  # report.html: loss curve, samples, dataset, spec
+    if isinstance(r, dict) and text(r.get("uri")):
+        arts.append({"uri": r["uri"], "format": "report", "sha256": text(r.get("sha256")), "size": size(r.get("size"))})
+    return arts
+
+
 def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], manifest: Optional[dict],
             suspend_requested: bool, queue: Optional[str] = None, now: Optional[datetime] = None) -> Observed:
     """queue: the Kueue queue the Job was submitted to (then suspend_requested is False: Kueue,
@@ -450,19 +472,15 @@ def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], man
         if manifest is None:
             return Observed(EXPORTING, "ReadingManifest", "the trainer finished; reading manifest.json", progress=progress)
         if manifest.get("cacheOnly"):  # dataset.cacheOnly: the cache was built, nothing trained
-            c = manifest.get("cache") or {}
+            c = _obj(manifest.get("cache"))
             shared = (f", {c.get('pulled')} pulled from and {c.get('pushed')} pushed to dataset.cacheUri"
                       if "pushed" in c else "")
             return Observed(SUCCEEDED, "CacheBuilt",
                             f"latent cache built ({c.get('entries')} entries{shared}); dataset.cacheOnly: no training",
                             progress=progress, artifacts=[])
-        arts = [{"uri": a["uri"], "format": a["format"], "sha256": a["sha256"], "size": a.get("size")}
-                for a in manifest.get("artifacts", [])]
-        if manifest.get("report"):  # report.html: loss curve, samples, dataset, spec
-            r = manifest["report"]
-            arts.append({"uri": r["uri"], "format": "report", "sha256": r.get("sha256"), "size": r.get("size")})
-        loss = (manifest.get("metrics") or {}).get("finalLoss")
-        what = "fine-tuned model" if (manifest.get("adapter") or {}).get("type") == "full" else "LoRA"
+        arts = published(manifest)
+        loss = _obj(manifest.get("metrics")).get("finalLoss")
+        what = "fine-tuned model" if _obj(manifest.get("adapter")).get("type") == "full" else "LoRA"
         return Observed(SUCCEEDED, "Published", f"{what} published to {arts[0]['uri'] if arts else '?'}"
                         + (f" (final loss {loss:.4f})" if isinstance(loss, (int, float)) else ""),
                         progress=progress, artifacts=arts)
@@ -645,14 +663,38 @@ def conditions(previous: list[dict], obs: Observed, generation: int, now: str) -
     return out
 
 
-def progress_summary(progress: Optional[dict]) -> Optional[dict]:
-    if not progress:
+# status.progress: the fields of the trainer's progress.json kept, by kind. The file sits in the
+# tenant's bucket (or whatever storage.endpoint answers): any other field, a value of another type,
+# a NaN or an infinity, a string longer than PROGRESS_TEXT_MAX is left out.
+PROGRESS_COUNTS = ("step", "totalSteps", "epoch", "resumedFrom", "samples", "sampleStep", "evalStep")
+PROGRESS_NUMBERS = ("loss", "samplesPerSecond", "gpuPeakGiB", "evalLoss")
+PROGRESS_TEXTS = ("eta",)
+PROGRESS_TEXT_MAX = 32
+
+
+def _progress_value(key: str, value):
+    """value when it is of key's kind, else None. Pure."""
+    if isinstance(value, bool):
         return None
-    out = {k: progress[k] for k in ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "eta", "resumedFrom",
-                                                "samples", "sampleStep", "gpuPeakGiB", "evalLoss", "evalStep")
-           if progress.get(k) is not None}
-    if progress.get("totalSteps"):
-        out["summary"] = f"{progress.get('step', 0)}/{progress['totalSteps']}"
+    if key in PROGRESS_COUNTS:
+        return value if isinstance(value, int) else None
+    if key in PROGRESS_NUMBERS:
+        return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+    return value if isinstance(value, str) and len(value) <= PROGRESS_TEXT_MAX else None
+
+
+def progress_summary(progress: Optional[dict]) -> Optional[dict]:
+    """status.progress from progress.json: its known fields with values of their kind (counts,
+    finite numbers, short text), and summary "step/totalSteps". Pure."""
+    if not progress or not isinstance(progress, dict):
+        return None
+    out = {}
+    for k in (*PROGRESS_COUNTS, *PROGRESS_NUMBERS, *PROGRESS_TEXTS):
+        value = _progress_value(k, progress.get(k))
+        if value is not None:
+            out[k] = value
+    if out.get("totalSteps"):
+        out["summary"] = f"{out.get('step', 0)}/{out['totalSteps']}"
     return out
 
 

@@ -214,8 +214,42 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def describe_error(exc: BaseException, loc: Location, action: str) -> StorageError:
-    """Turn a boto/botocore exception into a message naming the object and the cause."""
+# S3's own error codes (AWS's list, and what S3-compatible stores answer): their messages are the
+# store's explanations. describe_error(echo=False) keeps the message of these alone.
+S3_ERROR_CODES = frozenset({
+    "AccessDenied", "AccountProblem", "AllAccessDisabled", "AuthorizationHeaderMalformed", "BadDigest",
+    "BucketAlreadyExists", "BucketAlreadyOwnedByYou", "BucketNotEmpty", "CredentialsNotSupported",
+    "EntityTooLarge", "EntityTooSmall", "ExpiredToken", "IllegalLocationConstraintException", "IncompleteBody",
+    "InvalidAccessKeyId", "InvalidArgument", "InvalidBucketName", "InvalidBucketState", "InvalidDigest",
+    "InvalidObjectState", "InvalidPart", "InvalidRange", "InvalidRequest", "InvalidSecurity", "InvalidToken",
+    "InvalidURI", "KeyTooLongError", "MalformedXML", "MethodNotAllowed", "MissingContentLength",
+    "MissingSecurityHeader", "NoSuchBucket", "NoSuchKey", "NoSuchUpload", "NotImplemented", "NotSignedUp",
+    "PermanentRedirect", "PreconditionFailed", "Redirect", "RequestTimeTooSkewed", "SignatureDoesNotMatch",
+    "TemporaryRedirect", "TokenRefreshRequired", "UnauthorizedAccess", "XAmzContentSHA256Mismatch",
+    "AuthorizationQueryParametersError", "InvalidEncryptionAlgorithmError", "KMS.DisabledException",
+    "NotFound", "Forbidden", "BadRequest",
+})  # and TRANSIENT_CODES
+
+
+def server_words(code: str, message: str, status, echo: bool) -> str:
+    """What an error answer says, for a message: its code and its message; with echo=False (the
+    operator reading a tenant's endpoint, which may be any service it can reach) an S3 error code's
+    message cut to 100 characters, and of anything else only the HTTP status. Pure."""
+    if echo:
+        return f"{code or status}: {message}"
+    if code in S3_ERROR_CODES or code in TRANSIENT_CODES:
+        return f"{code}: {message[:100]}" + ("..." if len(message) > 100 else "")
+    if code.isdigit():  # an answer without a body (HEAD): the code is the status
+        return f"HTTP {code}"
+    return (f"HTTP {status}, not an S3 error answer (not shown: is storage.endpoint an S3 store?)" if status
+            else "an answer that is not S3's (not shown: is storage.endpoint an S3 store?)")
+
+
+def describe_error(exc: BaseException, loc: Location, action: str, echo: bool = True,
+                   timeout_hint: str = f"the read timeout is ${READ_TIMEOUT_ENV}") -> StorageError:
+    """Turn a boto/botocore exception into a message naming the object and the cause. echo=False:
+    nothing the server wrote is repeated but S3's own error codes and their messages (server_words),
+    nor the text of an exception not recognised here. timeout_hint: what sets the read timeout."""
     from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
                                      IncompleteReadError, NoCredentialsError, ReadTimeoutError, ResponseStreamingError)
 
@@ -232,20 +266,23 @@ def describe_error(exc: BaseException, loc: Location, action: str) -> StorageErr
             cause = (f"access denied ({code}); check the credentials (the Secret named in spec.storage.credentialsSecret "
                      f"in a cluster, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY on a workstation) and the bucket policy")
         else:
-            cause = f"{code or status}: {exc.response.get('Error', {}).get('Message', exc)}"
+            message = str(exc.response.get("Error", {}).get("Message", "") or ("" if not echo else exc))
+            cause = server_words(code, message, status, echo)
             tries = exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
             cause += f" ({tries + 1} attempts)" if tries else ""
     elif isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
         cause = f"endpoint unreachable ({exc}); check storage.endpoint / AWS_ENDPOINT_URL and the network"
     elif isinstance(exc, ReadTimeoutError):
-        cause = f"the server did not answer in time ({exc}); the read timeout is ${READ_TIMEOUT_ENV}"
+        cause = f"the server did not answer in time ({exc}); {timeout_hint}"
     elif isinstance(exc, (IncompleteReadError, ResponseStreamingError, ConnectionClosedError)):
         cause = f"the connection ended early ({type(exc).__name__}: {exc})"
     elif isinstance(exc, NoCredentialsError):
         cause = (f"no credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or mount a Secret at "
                  f"${CREDENTIALS_DIR_ENV}")
-    else:
+    elif echo:
         cause = f"{type(exc).__name__}: {exc}"
+    else:  # e.g. a ResponseParserError quotes the body it could not parse
+        cause = type(exc).__name__
     return StorageError(f"{action} {where}: {cause}", transient=is_transient(exc))
 
 
