@@ -266,7 +266,7 @@ def describe_error(exc: BaseException, loc: Location, action: str, echo: bool = 
             cause = (f"access denied ({code}); check the credentials (the Secret named in spec.storage.credentialsSecret "
                      f"in a cluster, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY on a workstation) and the bucket policy")
         else:
-            message = str(exc.response.get("Error", {}).get("Message", "") or ("" if not echo else exc))
+            message = str(exc.response.get("Error", {}).get("Message", exc if echo else ""))
             cause = server_words(code, message, status, echo)
             tries = exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
             cause += f" ({tries + 1} attempts)" if tries else ""
