@@ -173,8 +173,12 @@ def test_progress_keeps_known_fields_of_their_kind():
            "resumedFrom": "6", "samples": 4.5, "sampleStep": [5], "evalStep": 0, "phase": "Training",
            "secret": "hunter2", "loss2": {"any": "object"}}
     assert st.progress_summary(raw) == {"step": 7, "totalSteps": 9, "gpuPeakGiB": 3.5, "evalStep": 0, "summary": "7/9"}
-    assert st.progress_summary({"step": 2, "totalSteps": 4, "loss": 0.25, "eta": "3m10s"}) == \
-        {"step": 2, "totalSteps": 4, "loss": 0.25, "eta": "3m10s", "summary": "2/4"}
+    assert st.progress_summary({"step": 2, "totalSteps": 4, "loss": 0.25, "eta": "3:10"}) == \
+        {"step": 2, "totalSteps": 4, "loss": 0.25, "eta": "3:10", "summary": "2/4"}
+    for eta in ("1:02:03", "?", "0:05"):
+        assert st.progress_summary({"eta": eta}) == {"eta": eta}
+    for eta in ("SECRET", "1:02:03x", "x1:02", "", "1:02\n"):
+        assert st.progress_summary({"eta": eta}) == {}
     assert st.progress_summary({"step": "x", "totalSteps": 4})["summary"] == "0/4"
     assert st.progress_summary({"totalSteps": "9"}) == {}
 

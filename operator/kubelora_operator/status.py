@@ -665,11 +665,11 @@ def conditions(previous: list[dict], obs: Observed, generation: int, now: str) -
 
 # status.progress: the fields of the trainer's progress.json kept, by kind. The file sits in the
 # tenant's bucket (or whatever storage.endpoint answers): any other field, a value of another type,
-# a NaN or an infinity, a string longer than PROGRESS_TEXT_MAX is left out.
+# a NaN or an infinity, an eta not of the trainer's form is left out.
 PROGRESS_COUNTS = ("step", "totalSteps", "epoch", "resumedFrom", "samples", "sampleStep", "evalStep")
 PROGRESS_NUMBERS = ("loss", "samplesPerSecond", "gpuPeakGiB", "evalLoss")
 PROGRESS_TEXTS = ("eta",)
-PROGRESS_TEXT_MAX = 32
+ETA = re.compile(r"(\d{1,6}:)?\d{1,2}:\d{2}|\?")  # progress.format_eta's h:mm:ss, m:ss or "?": no text echoed
 
 
 def _progress_value(key: str, value):
@@ -680,12 +680,12 @@ def _progress_value(key: str, value):
         return value if isinstance(value, int) else None
     if key in PROGRESS_NUMBERS:
         return value if isinstance(value, (int, float)) and math.isfinite(value) else None
-    return value if isinstance(value, str) and len(value) <= PROGRESS_TEXT_MAX else None
+    return value if isinstance(value, str) and ETA.fullmatch(value) else None
 
 
 def progress_summary(progress: Optional[dict]) -> Optional[dict]:
     """status.progress from progress.json: its known fields with values of their kind (counts,
-    finite numbers, short text), and summary "step/totalSteps". Pure."""
+    finite numbers, an eta of the trainer's form), and summary "step/totalSteps". Pure."""
     if not progress or not isinstance(progress, dict):
         return None
     out = {}
