@@ -6,7 +6,6 @@ Against the real S3 server (SeaweedFS) where it can hold the case (a large objec
 an object, S3's own errors). A server that never answers, hangs up, or is not S3 at all is what
 SeaweedFS cannot be: those run against a socket or a small HTTP server here."""
 import http.server
-import json
 import socket
 import threading
 import time

@@ -131,3 +131,17 @@ def test_kubelora_report_writes_nothing_outside_its_folder(s3, tmp_path, monkeyp
     monkeypatch.setattr(storage, "make_client", real)  # a report without samples still fetches
     s3.delete_object(Bucket="unsafe-report", Key="runs/x/samples/step-10/p0.png")
     assert cli.fetch_report("s3://unsafe-report/runs/x", tmp_path / "r2").read_bytes() == b"<html></html>"
+
+
+def test_validate_check_storage_says_what_stage_in_will_do(s3, capsys):
+    s3.create_bucket(Bucket="unsafe-validate")
+    for key in ("data/a.png", f"data/{INDEX_NAME}", "models/flux/model_index.json", f"models/flux/{INDEX_NAME}"):
+        s3.put_object(Bucket="unsafe-validate", Key=key, Body=b"{}")
+    spec = LoRATrainingJobSpec.model_validate({"model": {"type": "flux", "diffusersPath": "s3://unsafe-validate/models/flux"},
+                                               "dataset": {"uri": "s3://unsafe-validate/data"},
+                                               "output": {"uri": "s3://unsafe-validate/out"}})
+    assert cli.check_storage(spec) == 2
+    err = capsys.readouterr().err
+    assert f"error: model.diffusersPath: reading s3://unsafe-validate/models/flux: object key 'models/flux/{INDEX_NAME}'" in err
+    assert "ok: dataset.uri s3://unsafe-validate/data: 1 object(s) readable" in err
+    assert "warning: dataset.uri: 1 object(s) will be skipped (unsafeKey" in err and f"data/{INDEX_NAME}" in err

@@ -47,10 +47,14 @@ def check_storage(spec) -> int:
         print(f"error: {field}: {e}" + (" (transient: try again)" if e.transient else ""), file=sys.stderr)
     evals = spec.evaluation.uri_fields() if spec.evaluation else {}
     for field, uri in {**inputs, **spec.dataset.uri_fields(), **evals}.items():
+        unsafe = None if field.startswith("model.") else []  # data: skipped at stage-in, as here
         try:
-            print(f"ok: {field} {uri}: {check_readable(uri, settings)} object(s) readable", file=sys.stderr)
+            print(f"ok: {field} {uri}: {check_readable(uri, settings, unsafe=unsafe)} object(s) readable", file=sys.stderr)
         except StorageError as e:
             failed(field, e)
+        if unsafe:
+            print(f"warning: {field}: {len(unsafe)} object(s) will be skipped (unsafeKey: their keys cannot be files "
+                  f"under the staged folder): {', '.join(unsafe[:5])}", file=sys.stderr)
     outputs = {"output.uri": spec.output.uri, **({"dataset.cacheUri": spec.dataset.cacheUri} if spec.dataset.cacheUri else {})}
     for field, uri in outputs.items():
         try:

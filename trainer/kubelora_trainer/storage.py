@@ -665,8 +665,11 @@ def check_writable(uri: str, settings: S3Settings = S3Settings(), client=None, c
         raise describe_error(exc, loc, "writing to") from None
 
 
-def check_readable(uri: str, settings: S3Settings = S3Settings(), client=None) -> int:
-    """The number of objects (files) under uri; raises StorageError when it cannot be read or is empty."""
+def check_readable(uri: str, settings: S3Settings = S3Settings(), client=None,
+                   unsafe: Optional[list[str]] = None) -> int:
+    """The number of objects (files) under uri that download would fetch; raises StorageError when
+    it cannot be read or is empty, or names a key that cannot be a file (unsafe_name) unless given
+    a list for unsafe, which then gets those keys (as download)."""
     loc = parse_uri(uri)
     if not loc.is_s3:
         path = Path(loc.key)
@@ -676,7 +679,7 @@ def check_readable(uri: str, settings: S3Settings = S3Settings(), client=None) -
         if not count:
             raise StorageError(f"reading {loc}: the folder holds no files")
         return count
-    return len(_list(client or make_client(settings), loc))
+    return len(_list(client or make_client(settings), loc, unsafe))
 
 
 # ---------------------------------------------------------------- listing and deleting (checkpoints)
