@@ -396,9 +396,8 @@ def unsafe_name(rel: str) -> Optional[str]:
     return None
 
 
-def _inside(dest: Path, rel: str) -> bool:
-    """Whether dest/rel, symbolic links resolved, stays inside dest."""
-    root = dest.resolve()
+def _inside(root: Path, rel: str) -> bool:
+    """Whether root/rel, symbolic links resolved, stays inside root (a resolved path)."""
     return (root / rel).resolve().is_relative_to(root)
 
 
@@ -513,9 +512,9 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
     dest.mkdir(parents=True, exist_ok=True)
     client = client or make_client(settings)
     objs = _list(client, loc, unsafe)
-    kept = []
+    kept, root = [], dest.resolve()
     for obj in objs:  # the names were checked segment by segment; this catches a symbolic link within dest
-        if _inside(dest, obj["rel"]):
+        if _inside(root, obj["rel"]):
             kept.append(obj)
         elif unsafe is None:
             raise unsafe_error(loc, obj["Key"], f"it leads outside {dest} through a symbolic link")
