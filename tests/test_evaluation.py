@@ -169,6 +169,48 @@ def test_the_spec_refuses_what_cannot_apply_naming_the_field(evaluation, message
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("dataset,evaluation,field", [
+    ({"uri": "s3://bkt/d"}, "s3://bkt/d/", "dataset.uri"),                       # the same folder
+    ({"uri": "s3://bkt/d"}, "s3://bkt/d/held", "dataset.uri"),                   # inside: the scan is recursive
+    ({"uri": "s3://bkt/d/train"}, "s3://bkt/d", "dataset.uri"),                  # holding the training folder
+    ({"sources": [{"uri": "s3://bkt/a"}, {"uri": "s3://bkt/b"}]}, "s3://bkt/b/x", "dataset.sources[1].uri"),
+    ({"uri": "/data/d"}, "/data/d/./held/", "dataset.uri"),                      # local paths, normalized
+    ({"uri": "file:///data/d"}, "/data/x/../d", "dataset.uri"),
+])
+def test_an_evaluation_folder_overlapping_a_training_folder_is_refused(dataset, evaluation, field):
+    from kubelora_trainer.spec import SpecError, parse_spec
+    with pytest.raises(SpecError) as e:
+        parse_spec({"model": {"type": "flux", "diffusersPath": "s3://bkt/m"}, "dataset": dataset,
+                    "output": {"uri": "s3://bkt/o"}, "evaluation": {"sources": [{"uri": evaluation}]}})
+    assert f"evaluation.sources[0].uri ({evaluation}) and {field}" in str(e.value)
+    assert "held-out items would be trained on" in str(e.value)
+
+
+def test_evaluation_folders_beside_the_training_data_are_accepted():
+    from kubelora_trainer.spec import parse_spec, uris_overlap
+    for d, e in [("s3://bkt/d", "s3://bkt/d2"), ("s3://bkt/d", "s3://bkt2/d"), ("/data/d", "/data/dd/held")]:
+        assert not uris_overlap(d, e)
+        parse_spec({"model": {"type": "flux", "diffusersPath": "s3://bkt/m"}, "dataset": {"uri": d},
+                    "output": {"uri": "s3://bkt/o"}, "evaluation": {"sources": [{"uri": e}]}})
+
+
+def test_an_evaluation_item_copied_from_the_training_data_is_warned_about():
+    from pathlib import Path
+    from kubelora_trainer.data import Item, ScanReport
+    from kubelora_trainer.dataset_phase import held_out_copies, held_out_copies_line
+    report = ScanReport()
+    report.items = [Item(Path("a.png"), "a", source=0, uri="s3://b/d/a.png"), Item(Path("b.png"), "b", source=1, uri="s3://b/d2/b.png"),
+                    Item(Path("c.png"), "c", source=2, uri="s3://b/e/c.png"), Item(Path("d.png"), "d", source=2, uri="s3://b/e/d.png"),
+                    Item(Path("e.png"), "e", source=2, uri="s3://b/e/e.png")]
+    digests = ["aa", "bb", "bb", "cc", "aa"]          # c is b's content, e is a's; d is its own
+    names = held_out_copies(report, digests, n_train=2)
+    assert names == ["s3://b/e/c.png", "s3://b/e/e.png"]
+    assert held_out_copies_line(names) == ("[data] warning: 2 evaluation item(s) have the same content as a training item "
+                                           "(s3://b/e/c.png, s3://b/e/e.png): they are trained on, so the evaluation loss "
+                                           "is not held out for them; remove them from one of the folders")
+    assert held_out_copies(report, digests, n_train=3) == [] and held_out_copies_line([]) is None
+
+
 def test_stage_keys_and_fields_of_evaluation_sources():
     from kubelora_trainer.train import source_key, spec_field, stage_uris
     spec = _spec()
