@@ -133,6 +133,13 @@ def test_summary_is_the_mean_over_items_per_quantile_then_over_quantiles():
     assert line == "[eval] step 5: loss 1.3750 (q0.1 2.2500, q0.9 0.5000) over 4 items in 1.2 s"
 
 
+def test_a_non_finite_evaluation_loss_is_published_as_none_with_a_warning():
+    assert ev.published({"step": 3, "loss": 1.25, "quantiles": {"0.5": 1.25}}) == (1.25, None)
+    loss, warning = ev.published({"step": 3, "loss": math.nan, "quantiles": {"0.1": 1.0, "0.9": math.inf}})
+    assert loss is None and warning.startswith("[eval] warning: the evaluation loss is not finite (nan at step 3; "
+                                               "at quantile(s) 0.9)")
+
+
 def test_evaluation_units_are_never_sampled_nor_change_the_training_order():
     units = _units()
     with_eval = bk.SampleSpace(tuple(u.bucket for u in units), tuple(0 if u.source >= 2 else 2 for u in units),
@@ -295,14 +302,15 @@ def test_the_evaluation_history_is_checkpointed_and_summarized():
 
 def test_report_draws_the_evaluation_beside_the_training_loss():
     from kubelora_trainer import report
-    evals = [{"step": 0, "loss": 2.0}, {"step": 2, "loss": 1.0}, {"step": 4, "loss": float("nan")}]
+    evals = [{"step": 0, "loss": 2.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": float("inf")},
+             {"step": 4, "loss": float("nan")}]
     html = report.render(job="j", model_type="flux", status="Succeeded", step=4, total_steps=4,
                          losses=[1.5, 1.4, 1.3, 1.2], learning_rates=[1e-4] * 4, prompts=[], samples=[],
                          dataset={"usable": 4, "evaluation": {"items": 3, "usable": 2,
                                                               "buckets": {"samples": 2, "buckets": {"32x32x1": {}}}}},
                          spec={}, artifacts=[], evals=evals)
     second = re.search(r'<polyline class="second"[^>]* points="([^"]*)"', html)[1].split()
-    assert len(second) == 2 and html.count("<circle") == 2          # the NaN left out
+    assert len(second) == 2 and html.count("<circle") == 2          # the inf and NaN left out
     assert float(second[0].split(",")[1]) < float(second[1].split(",")[1])   # 2.0 drawn above 1.0 (y grows down)
     assert "held-out evaluation loss" in html and "last evaluation loss</th><td>nan (step 4)" in html
     assert "2 usable items of 3, 2 samples in 1 bucket(s)" in html

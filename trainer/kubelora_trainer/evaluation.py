@@ -92,6 +92,19 @@ def format_line(step: int, rec: dict) -> str:
             f"in {rec['seconds']:.1f} s")
 
 
+def published(rec: dict) -> tuple[Optional[float], Optional[str]]:
+    """progress.json's evalLoss for an evaluation's record, and the warning to log when its loss is
+    not finite (published as None: JSON has no NaN, and the API server would refuse the status
+    patch the operator copies it into). Pure."""
+    loss = rec["loss"]
+    if math.isfinite(loss):
+        return loss, None
+    bad = [q for q, v in rec["quantiles"].items() if not math.isfinite(v)]
+    return None, (f"[eval] warning: the evaluation loss is not finite ({loss} at step {rec['step']}; at quantile(s) "
+                  f"{', '.join(bad) or 'none alone'}): the model's predictions on the held-out items overflow; "
+                  "progress.json shows no evaluation loss until a finite one")
+
+
 @dataclass
 class Evaluator:
     """The evaluation of one run: its batches (of cache keys), planned once (build_trainer)."""

@@ -395,7 +395,10 @@ def maybe_evaluate(tr: Trainer, step: int, samples_per_step: int, prog: Progress
     tr.metrics.eval_loss(rec)
     if tr.env.is_main:
         log(tr.env, evaluation.format_line(step, rec))
-        prog.evalLoss, prog.evalStep = rec["loss"], step
+        prog.evalLoss, warning = evaluation.published(rec)
+        prog.evalStep = step
+        if warning:
+            log(tr.env, warning)
         tr.publish(prog)
 
 
@@ -508,7 +511,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     meter = Meter(t.steps, samples_per_step)
     prog = Progress(phase="Training", totalSteps=t.steps, resumedFrom=start - 1 if start > 1 else None)
     if tr.state.evals:  # a resumed run shows the last evaluation until its next one
-        prog.evalLoss, prog.evalStep = tr.state.evals[-1]["loss"], tr.state.evals[-1]["step"]
+        prog.evalLoss, prog.evalStep = evaluation.published(tr.state.evals[-1])[0], tr.state.evals[-1]["step"]
     try:
         _train_steps(tr, start, meter, prog)
     finally:
