@@ -323,6 +323,13 @@ def test_a_cache_entry_that_cannot_be_loaded_fails_before_any_forward(tmp_path, 
     assert calls == [] and tr.comps.trainable["transformer"].training
 
 
+def test_the_forwards_are_left_uncaught_only_when_peers_gather_weights_in_them():
+    from kubelora_trainer.dist import GradSync
+    shard, rep = SimpleNamespace(sync=GradSync("shard", [], [])), SimpleNamespace(sync=GradSync("replicate", [], []))
+    assert ev.weights_sharded(2, shard) and not ev.weights_sharded(1, shard) and not ev.weights_sharded(2, rep)
+    assert not ev.weights_sharded(2, SimpleNamespace(compute=nullcontext))
+
+
 def test_the_evaluation_runs_compiled_blocks_eagerly_so_training_compiles_static_shapes(tmp_path, monkeypatch,
                                                                                      tiny_flux_dir):
     """Under torch.compile, an evaluation of other shapes without grad before the first step made
