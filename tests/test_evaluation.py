@@ -408,6 +408,7 @@ def test_a_due_evaluation_waits_for_the_resume_when_stopping():
 def test_an_evaluation_batch_larger_than_the_measured_training_batch_is_warned_about():
     units = _units()     # training units of 32x32x1; evaluation units of 32x32x1 and 48x16x1
     assert ev.oversize_warning(units, ev.plan_batches(units, 2, 2), 2, train_micro=2) is None
+    assert ev.oversize_warning(units, ev.plan_batches(units, 2, 1), 2, train_micro=1) is None   # ties compare
     line = ev.oversize_warning(units, ev.plan_batches(units, 2, 3), 2, train_micro=2)
     assert line.startswith("[eval] warning: an evaluation batch (3 samples of 32x32x1) is larger than the largest "
                            "training micro-batch (2 samples of 1024 latent elements)")

@@ -108,10 +108,13 @@ def oversize_warning(units: list[bk.Unit], batches: list[EvalBatch], n_train: in
     trained = [math.prod(u.bucket) for u in units if u.source < n_train]
     if not trained or not batches:
         return None
-    size, b = max((len(b.units) * math.prod(units[b.units[0]].bucket), b) for b in batches)
-    if size <= max(trained) * train_micro:
+    def size(b: EvalBatch) -> int:
+        return len(b.units) * math.prod(units[b.units[0]].bucket)
+    b = max(batches, key=size)
+    if size(b) <= max(trained) * train_micro:
         return None
-    return (f"[eval] warning: an evaluation batch ({len(b.units)} samples of {'x'.join(map(str, units[b.units[0]].bucket))}) "
+    bucket = "x".join(map(str, units[b.units[0]].bucket))
+    return (f"[eval] warning: an evaluation batch ({len(b.units)} samples of {bucket}) "
             f"is larger than the largest training micro-batch ({train_micro} samples of {max(trained)} latent elements), "
             "the one the memory plan measures; it runs without gradients, so it needs less than a training step of its "
             "size, but if it runs out of memory lower evaluation.microBatchSize")

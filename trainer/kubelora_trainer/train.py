@@ -763,9 +763,10 @@ def export_run(tr: Trainer, ready: cache_phase.Ready, job_name: str, summary: di
     if env.is_main:
         try:
             losses = tr.state.losses  # none: resumed at the last step with another number of ranks (no loop state)
+            fingerprint = tr.evaluation.fingerprint if tr.evaluation else None
             summary = {**summary, "firstLoss": losses[0] if losses else None,
                        "finalLoss": losses[-1] if losses else None, "minLoss": min(losses) if losses else None,
-                       "lossHistory": downsample(losses, 200), **eval_summary(tr.state.evals, tr.evaluation.fingerprint if tr.evaluation else None)}
+                       "lossHistory": downsample(losses, 200), **eval_summary(tr.state.evals, fingerprint)}
             if ad.memory:
                 summary["memoryPlan"] = {k: v for k, v in ad.memory.items() if k != "text"}
             sampling_s = sampling.seconds if sampling else 0.0
