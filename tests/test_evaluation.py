@@ -67,6 +67,11 @@ def _timestep_seen(name, tmp_path, q):
         a = fam.loss(comps, enc, model_spec, TrainingSpec(steps=1), g, quantile=q)
         b = fam.loss(comps, enc, model_spec, TrainingSpec(steps=1), torch.Generator().manual_seed(1), quantile=q)
     assert torch.isfinite(a) and torch.equal(a, b)     # fixed timestep, same seed: the same loss
+    # the evaluation's noise given (drawn per sample), nothing drawn from a generator: the same loss
+    noise = torch.randn(enc["latents"].shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        c = fam.loss(comps, enc, model_spec, TrainingSpec(steps=1), None, quantile=q, noise=noise)
+    assert torch.equal(a, c)
     return seen[0], enc["latents"].shape
 
 
