@@ -6,6 +6,7 @@ Stalled=True when it failed or cannot proceed without a person (bad image, missi
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -648,9 +649,10 @@ def conditions(previous: list[dict], obs: Observed, generation: int, now: str) -
 def progress_summary(progress: Optional[dict]) -> Optional[dict]:
     if not progress:
         return None
+    # a non-finite number left out: JSON has none, and the API server would refuse the whole status patch
     out = {k: progress[k] for k in ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "eta", "resumedFrom",
                                                 "samples", "sampleStep", "gpuPeakGiB", "evalLoss", "evalStep")
-           if progress.get(k) is not None}
+           if progress.get(k) is not None and not (isinstance(progress[k], float) and not math.isfinite(progress[k]))}
     if progress.get("totalSteps"):
         out["summary"] = f"{progress.get('step', 0)}/{progress['totalSteps']}"
     return out
