@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kubelora_trainer import buckets as bk
+from kubelora_trainer import dist
 from kubelora_trainer import evaluation as ev
 from kubelora_trainer.objectives import quantile_timestep, sample_timesteps, time_shift
 
@@ -331,8 +332,8 @@ def test_a_cache_entry_that_cannot_be_loaded_fails_before_any_forward(tmp_path, 
 def test_the_forwards_are_left_uncaught_only_when_peers_gather_weights_in_them():
     from kubelora_trainer.dist import GradSync
     shard, rep = SimpleNamespace(sync=GradSync("shard", [], [])), SimpleNamespace(sync=GradSync("replicate", [], []))
-    assert ev.weights_sharded(2, shard) and not ev.weights_sharded(1, shard) and not ev.weights_sharded(2, rep)
-    assert not ev.weights_sharded(2, SimpleNamespace(compute=nullcontext))
+    assert dist.weights_sharded(2, shard) and not dist.weights_sharded(1, shard) and not dist.weights_sharded(2, rep)
+    assert not dist.weights_sharded(2, SimpleNamespace(compute=nullcontext))
 
 
 def test_the_evaluation_runs_compiled_blocks_eagerly_so_training_compiles_static_shapes(tmp_path, monkeypatch,
@@ -437,3 +438,46 @@ def test_report_draws_the_evaluation_beside_the_training_loss():
     assert 'class="second"' not in report.render(job="j", model_type="flux", status="Training", step=1, total_steps=4,
                                                   losses=[1.0], learning_rates=[1e-4], prompts=[], samples=[],
                                                   dataset={}, spec={}, artifacts=[])
+
+
+def test_samples_run_compiled_blocks_eagerly_too(tmp_path):
+    """Sampling (spec.samples, step 0 included) runs no-grad forwards of other shapes as the
+    evaluation does: eagerly, so the compiled blocks compile training's shapes, static."""
+    import yaml
+    from kubelora_trainer import samples
+    from kubelora_trainer.dist import DistEnv
+    from kubelora_trainer.spec import parse_spec
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(any(isinstance(d, torch.SymInt) for n in gm.graph.nodes if n.op == "placeholder"
+                          for v in [n.meta.get("example_value")] if isinstance(v, torch.Tensor) for d in v.shape))
+        return gm.forward
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(x).relu()
+    block = Block()
+    block.compile(backend=backend)
+    torch._dynamo.reset()
+    m = yaml.safe_load(open("examples/demo-flux.yaml"))["spec"]
+    m["output"] = {"uri": str(tmp_path / "out")}
+    m["samples"] = {"prompts": [{"prompt": "a red square"}], "atStart": True}
+    spec = parse_spec(m)
+    family = SimpleNamespace(sample=lambda kit, comps, p, gen: block(torch.randn(1, 5, 8)).detach()[0, :4, :3]
+                             .reshape(2, 2, 3).sigmoid())
+    sampler = samples.Sampler(spec, family, {}, [{"index": 0, "seed": 1, "prompt": "a red square"}], "job", None, {},
+                              tmp_path / "local")
+    sampler.publish_report = lambda *a, **k: {}
+    tr = SimpleNamespace(env=DistEnv(0, 1, 0, torch.device("cpu")),
+                         adapters=SimpleNamespace(compute=nullcontext, sync=SimpleNamespace(sharding="none")),
+                         comps=SimpleNamespace(trainable={"transformer": block}), state=SimpleNamespace(losses=[], evals=[]),
+                         publish=None)
+    sampler.maybe(0, tr)
+    assert len(sampler.records) == 1 and graphs == []        # sampled, nothing compiled for it
+    block(torch.randn(2, 3, 8, requires_grad=True)).sum().backward()
+    block(torch.randn(2, 3, 8, requires_grad=True)).sum().backward()
+    assert graphs == [False]

@@ -120,13 +120,6 @@ def oversize_warning(units: list[bk.Unit], batches: list[EvalBatch], n_train: in
             "size, but if it runs out of memory lower evaluation.microBatchSize")
 
 
-def weights_sharded(world: int, adapters) -> bool:
-    """Whether each forward gathers weights from peers (FSDP2 over several ranks: the layout's
-    sharding, which the adapters' gradient exchange holds), so a rank must not leave a forward
-    that its peers run. Pure."""
-    return world > 1 and getattr(getattr(adapters, "sync", None), "sharding", None) == "shard"
-
-
 def summarize(sums: torch.Tensor, quantiles: list[float]) -> dict:
     """The evaluation's record from the all-reduced [sources, quantiles, (loss sum, count)]: the
     mean over every item per quantile, their mean (the evaluation loss) and each source's. Pure."""
@@ -204,7 +197,7 @@ class Evaluator:
         except Exception as e:  # noqa: BLE001 - agreed on below, so no rank waits for a failed one
             err = RuntimeError(f"evaluation at step {step}: loading its cache entries: {type(e).__name__}: {e}")
         dist.fail_together(err, f"loading the evaluation of step {step}")
-        sharded = weights_sharded(env.world, tr.adapters)
+        sharded = dist.weights_sharded(env.world, tr.adapters)
 
         def forwards() -> None:
             for b, counted in share:
