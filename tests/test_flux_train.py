@@ -220,7 +220,7 @@ def test_parallelism_options_do_not_change_the_math(tmp_path, tiny_flux_dir, ove
     assert all(torch.equal(tensors["eager_eval"][k], tensors["eager"][k]) for k in keys["eager"])
     m = json.loads((tmp_path / "eager_eval" / "manifest.json").read_text())
     evals = m["metrics"]["evalHistory"]
-    assert [r["step"] for r in evals] == [0, 2, 3] and all(r["items"] == 2 for r in evals)
+    assert [r["step"] for r in evals] == [0, 2, 3] and all(r["samples"] == 2 for r in evals)
     assert all(len(r["quantiles"]) == 9 and math.isfinite(r["loss"]) for r in evals)
     assert evals[0]["loss"] != evals[-1]["loss"] and m["metrics"]["evalLoss"] == evals[-1]["loss"]
     assert m["dataset"]["evaluation"]["buckets"]["samples"] == 2
@@ -231,7 +231,7 @@ def test_parallelism_options_do_not_change_the_math(tmp_path, tiny_flux_dir, ove
         "items": 2, "usable": 2, "missingCaption": 1, "emptyCaptionUsed": 0, "unreadable": 0}
     lines = [ln for ln in out["eager_eval"].splitlines() if ln.startswith("[eval]")]
     assert len(lines) == 3 and re.fullmatch(r"\[eval\] step 0: loss \d\.\d{4} \(q0\.1 \d\.\d{4}, .*, q0\.9 \d\.\d{4}\) "
-                                            r"over 2 items in \d+\.\d s", lines[0]), lines
+                                            r"over 2 samples in \d+\.\d s", lines[0]), lines
     # the training items' cache entries are the eager run's: only the held-out ones are encoded
     assert "[cache] 3 entries: 1 cached, 2 to encode" in out["eager_eval"], out["eager_eval"]
     assert "held-out evaluation loss" in (tmp_path / "eager_eval" / "report.html").read_text()
@@ -311,7 +311,7 @@ def test_two_sources_aspect_ratio_buckets_on_two_ranks(tmp_path, tiny_flux_dir):
     assert "[cache] 13 entries ready on every rank: 13 encoded, 0 were cached\n" in proc.stdout, [  # one folder
         ln for ln in proc.stdout.splitlines() if ln.startswith("[cache]")]
     evals = m["metrics"]["evalHistory"]
-    assert [(r["step"], r["items"]) for r in evals] == [(0, 3), (3, 3), (6, 3)]
+    assert [(r["step"], r["samples"]) for r in evals] == [(0, 3), (3, 3), (6, 3)]
     assert m["dataset"]["evaluation"]["buckets"]["buckets"].keys() == {"32x32x1", "48x16x1"}
 
     # the same data again, on one rank: every sample from the disk cache, the same base-model evaluation

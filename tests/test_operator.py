@@ -838,3 +838,30 @@ def test_a_run_started_before_the_trainer_image_was_recorded_keeps_its_jobs_imag
         again = wait_for(lambda: (j := kube.get("batch/v1/jobs", "default", "older")) and
                          j["metadata"]["uid"] != first["metadata"]["uid"] and j, timeout=60)
     assert again["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/trainer:1"
+
+
+def test_a_secret_without_keys_is_never_read_with_the_operators_credentials(cluster, kubectl, monkeypatch):
+    """operator.s3.jobCredentialsOnly: a job naming a Secret that holds no AWS keys (any tenant can
+    make one) got the operator's own credentials for its bucket. Now it gets an error naming the
+    missing keys; without the setting such a job is read as one without a Secret. A Secret with
+    temporary credentials passes its session token on."""
+    import base64
+    from kubelora_operator import handlers
+    from kubelora_trainer.spec import parse_spec
+    b64 = lambda v: base64.b64encode(v.encode()).decode()  # noqa: E731
+    for name, data in (("no-keys", {"unrelated": "x"}), ("id-only", {"AWS_ACCESS_KEY_ID": "AKIA1"}),
+                       ("sts", {"AWS_ACCESS_KEY_ID": "ASIA1", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "tok"})):
+        apply(kubectl, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+                        "data": {k: b64(v) for k, v in data.items()}})
+    from kubelora_operator import kube as k
+    k.reset()
+    spec = lambda secret: parse_spec(manifest("x", storage__credentialsSecret=secret)["spec"])  # noqa: E731
+    monkeypatch.setattr(handlers, "JOB_CREDENTIALS_ONLY", True)
+    for name, missing in (("no-keys", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"), ("id-only", "AWS_SECRET_ACCESS_KEY")):
+        settings, error = handlers._settings(spec(name), "default")
+        assert error and f"has no {missing}" in error and settings.access_key is None, (name, error)
+    settings, error = handlers._settings(spec("sts"), "default")
+    assert error is None and (settings.access_key, settings.session_token) == ("ASIA1", "tok")
+    monkeypatch.setattr(handlers, "JOB_CREDENTIALS_ONLY", False)
+    settings, error = handlers._settings(spec("no-keys"), "default")
+    assert error is None and settings.access_key is None   # the operator's own access, as without a Secret

@@ -218,6 +218,14 @@ def test_status_progress_says_which_checkpoint_the_run_resumed_from():
     assert st.progress_summary({"step": 7, "totalSteps": 8, "resumedFrom": 6})["resumedFrom"] == 6
 
 
+def test_status_progress_leaves_out_numbers_json_cannot_hold():
+    import json
+    prog = st.progress_summary({"step": 7, "totalSteps": 8, "evalLoss": float("nan"), "evalStep": 6,
+                                "loss": float("inf"), "samplesPerSecond": float("-inf"), "gpuPeakGiB": 1.5})
+    json.dumps(prog, allow_nan=False)   # the API server refuses the whole status patch otherwise
+    assert prog == {"step": 7, "totalSteps": 8, "evalStep": 6, "gpuPeakGiB": 1.5, "summary": "7/8"}
+
+
 def _ltj(name="ft", ns="ml", uid="u1", rv="10", generation=1, status=None, spec=None, deleting=False):
     meta = {"name": name, "namespace": ns, "uid": uid, "resourceVersion": rv, "generation": generation}
     if deleting:

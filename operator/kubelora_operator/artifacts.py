@@ -50,8 +50,8 @@ def client_for(settings: storage.S3Settings):
     a job's own keys the client takes the operator's mounted Secret files, read again on each call
     (three small files) so that a rotated Secret makes a new client instead of failing every job
     with the old keys."""
-    own = (settings.access_key, settings.secret_key)
-    files = () if all(own) else tuple(sorted(storage.secret_file_credentials().items()))
+    own = (settings.access_key, settings.secret_key, settings.session_token)
+    files = () if all(own[:2]) else tuple(sorted(storage.secret_file_credentials().items()))
     key = (settings.endpoint, settings.region, settings.addressing_style, settings.connect_timeout,
            settings.read_timeout, settings.max_attempts, *own, files)
     with _lock:

@@ -316,8 +316,15 @@ def _settings(spec, namespace: str) -> tuple[S3Settings, str | None]:
     if data is None:
         return settings, (f"Secret {name!r} (spec.storage.credentialsSecret) not found in namespace {namespace}; "
                           "create it with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-    return dataclasses.replace(settings, access_key=data.get("AWS_ACCESS_KEY_ID"),
-                               secret_key=data.get("AWS_SECRET_ACCESS_KEY")), None
+    keys = {k: data.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    if not all(keys.values()):
+        if JOB_CREDENTIALS_ONLY:  # never the operator's own credentials instead (operator.s3.jobCredentialsOnly)
+            missing = " and ".join(k for k, v in keys.items() if not v)
+            return settings, (f"Secret {name!r} (spec.storage.credentialsSecret) has no {missing}; the operator reads "
+                              "a job's bucket only with the job's own keys (operator.s3.jobCredentialsOnly)")
+        return settings, None   # as a job without a Secret: the operator's own storage access
+    return dataclasses.replace(settings, access_key=keys["AWS_ACCESS_KEY_ID"], secret_key=keys["AWS_SECRET_ACCESS_KEY"],
+                               session_token=data.get("AWS_SESSION_TOKEN")), None
 
 
 def sync(body: dict, remember) -> bool:

@@ -665,7 +665,8 @@ def conditions(previous: list[dict], obs: Observed, generation: int, now: str) -
 
 # status.progress: the fields of the trainer's progress.json kept, by kind. The file sits in the
 # tenant's bucket (or whatever storage.endpoint answers): any other field, a value of another type,
-# a NaN or an infinity, an eta not of the trainer's form is left out.
+# a NaN or an infinity (JSON has none: the API server would refuse the whole status patch), an eta
+# not of the trainer's form is left out.
 PROGRESS_COUNTS = ("step", "totalSteps", "epoch", "resumedFrom", "samples", "sampleStep", "evalStep")
 PROGRESS_NUMBERS = ("loss", "samplesPerSecond", "gpuPeakGiB", "evalLoss")
 PROGRESS_TEXTS = ("eta",)

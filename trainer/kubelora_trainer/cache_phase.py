@@ -14,11 +14,11 @@ import torch
 from . import cache, cache_remote, dist
 from .cache import cache_inputs, model_fingerprint
 from .data import ScanReport
-from .dataset_phase import (drop_items, encode_missing, entry_keys, exchange, gather_present, layout_data, probe_name,
-                            sample_entries)
+from .dataset_phase import (drop_items, encode_missing, entry_keys, exchange, gather_present, held_out_copies,
+                            held_out_copies_line, layout_data, probe_name, sample_entries)
 from .disk import cache_root, cache_root_said
 from .dist import log
-from .families import RULES
+from .families import RULES, source_specs
 from .quiet import quiet_progress_bars
 
 
@@ -37,6 +37,9 @@ class Layout:
 
     def make(self, spec, env, m) -> "Layout":
         self.assignment, self.stats = layout_data(spec, self.report, self.metas, env, m)
+        copies = held_out_copies_line(held_out_copies(self.report, self.digests, len(source_specs(spec))))
+        if copies:
+            log(env, copies)
         self.entries = sample_entries(self.report, self.assignment.units)
         if self.inputs is not None:
             self.key(self.inputs)

@@ -322,6 +322,22 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
     return assignment, stats
 
 
+def held_out_copies(report: ScanReport, digests: list[str], n_train: int) -> list[str]:
+    """The names of evaluation items whose content (media and mask digest) is also a training
+    item's: the same file copied into both folders, so the held-out loss is not held out. Pure."""
+    trained = {d for it, d in zip(report.items, digests) if it.source < n_train}
+    return [str(it.name) for it, d in zip(report.items, digests) if it.source >= n_train and d in trained]
+
+
+def held_out_copies_line(names: list[str]) -> Optional[str]:
+    """The warning for held_out_copies (None when there are none). Pure."""
+    if not names:
+        return None
+    return (f"[data] warning: {len(names)} evaluation item(s) have the same content as a training item "
+            f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}): they are trained on, so the evaluation "
+            "loss is not held out for them; remove them from one of the folders")
+
+
 def split_assignment(assignment: bk.Assignment, sources: list[int], n_train: int
                      ) -> tuple[bk.Assignment, bk.Assignment]:
     """(the training sources' units and drops, evaluation.sources'), by each item's source. Pure."""

@@ -272,3 +272,10 @@ def barrier() -> None:
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def weights_sharded(world: int, adapters) -> bool:
+    """Whether each forward gathers weights from peers (FSDP2 over several ranks: the layout's
+    sharding, which the adapters' gradient exchange holds), so a rank must not leave a forward
+    that its peers run. Pure."""
+    return world > 1 and getattr(getattr(adapters, "sync", None), "sharding", None) == "shard"

@@ -16,6 +16,14 @@ def normal_icdf(n: int, quantile: float, device) -> torch.Tensor:
     return torch.special.ndtri(torch.full((n,), float(quantile), dtype=torch.float64)).float().to(device)
 
 
+def noise_for(x0: torch.Tensor, generator: torch.Generator | None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The standard normal noise added to x0 (float32, on x0's device): given (the held-out
+    evaluation's, drawn per sample: evaluation.sample_noise), else drawn from generator."""
+    if noise is not None:
+        return noise.to(x0.device, torch.float32)
+    return torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+
+
 def quantile_timestep(quantile: float, num_train_timesteps: int) -> int:
     """A DDPM family's (SDXL's) discrete timestep at quantile of its uniform training draw:
     int(q * num_train_timesteps), as diffusion-pipe. Pure."""

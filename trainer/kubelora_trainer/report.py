@@ -5,6 +5,7 @@ with their sha256. Pure: data in, HTML string out."""
 from __future__ import annotations
 
 import json
+import math
 from html import escape
 from typing import Optional
 
@@ -36,7 +37,7 @@ def curve_svg(points: list[tuple[float, float]], label: str, css_id: str, color:
     if not points:
         return f'<p class="muted" id="{css_id}">no {escape(label)} yet</p>'
     w, h = 640, 220
-    other = [p for p in (second[0] if second else []) if p[1] == p[1]]   # NaN left out
+    other = [p for p in (second[0] if second else []) if math.isfinite(p[1])]   # NaN and inf left out
     pts, (x0, x1, y0, y1) = polyline(points + other, w, h)
     mine = " ".join(pts.split()[:len(points)])
     extra = ""

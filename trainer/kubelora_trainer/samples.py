@@ -113,15 +113,24 @@ class Sampler:
         for m in modules:
             m.eval()  # no LoRA dropout
         err, recs, outs = None, [], []
-        try:
-            with tr.adapters.compute():
+
+        def forwards() -> None:
+            # eagerly under torch.compile: the compiled blocks never see sampling's shapes or no_grad, so
+            # they neither recompile for it nor mark a dimension dynamic for training's next step
+            with tr.adapters.compute(), torch.compiler.set_stance("force_eager"):
                 for i, keep in mine:
                     p = self.prompts[i]
                     out = self.family.sample(self.kit, tr.comps, p, torch.Generator().manual_seed(p["seed"]))
                     if keep:
                         outs.append((p, out))
-        except Exception as e:  # noqa: BLE001 - agreed on below, so no rank waits for a failed one
-            err = RuntimeError(f"sampling at step {step}: {type(e).__name__}: {e}")
+        try:
+            if dist.weights_sharded(env.world, tr.adapters):
+                forwards()  # an error ends the run: a rank that left would leave its peers in a weight all-gather
+            else:
+                try:
+                    forwards()
+                except Exception as e:  # noqa: BLE001 - agreed on below, so no rank waits for a failed one
+                    err = RuntimeError(f"sampling at step {step}: {type(e).__name__}: {e}")
         finally:
             for m in modules:
                 m.train()

@@ -8,6 +8,7 @@ answered with its camelCase name.
 from __future__ import annotations
 
 import difflib
+import posixpath
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -655,6 +656,21 @@ class EvaluationSpec(_Model):
                 for f, u in (("uri", s.uri), ("maskUri", s.maskUri)) if u}
 
 
+def normalized_uri(uri: str) -> str:
+    """A folder URI for comparing prefixes: file:// dropped, a local path normalized (., .., doubled
+    slashes), an s3:// key's doubled slashes kept (S3 keys are strings), ending in one '/'. Pure."""
+    if uri.startswith("s3://"):
+        return uri.rstrip("/") + "/"
+    path = posixpath.normpath(uri.removeprefix("file://"))
+    return path.rstrip("/") + "/"
+
+
+def uris_overlap(a: str, b: str) -> bool:
+    """Whether two folders are the same or one holds the other. Pure."""
+    na, nb = normalized_uri(a), normalized_uri(b)
+    return na.startswith(nb) or nb.startswith(na)
+
+
 def check_evaluation(spec: "LoRATrainingJobSpec") -> Optional[str]:
     """What the evaluation section cannot do with the rest of the spec, naming the field. Pure."""
     ev, d = spec.evaluation, spec.dataset
@@ -668,6 +684,13 @@ def check_evaluation(spec: "LoRATrainingJobSpec") -> Optional[str]:
         if s.resolutions is not None and d.width is not None:
             return (f"evaluation.sources[{i}].resolutions: dataset.width/height fix one size for every source; "
                     "remove one of them")
+    train = {f: u for f, u in d.uri_fields().items() if not f.endswith("maskUri")}
+    for i, s in enumerate(ev.sources):
+        for field, u in train.items():
+            if uris_overlap(s.uri, u):
+                return (f"evaluation.sources[{i}].uri ({s.uri}) and {field} ({u}) overlap (the same folder, or one "
+                        "inside the other): the training scan reads every subfolder, so held-out items would be "
+                        "trained on; give the evaluation a folder of its own, beside the training data")
     if d.cacheUri is not None:
         cache = d.cacheUri.rstrip("/")
         for field, u in ev.uri_fields().items():

@@ -102,6 +102,7 @@ class S3Settings:
     # explicit credentials (the operator reading with a job's Secret); else the environment
     access_key: Optional[str] = field(default=None, repr=False)
     secret_key: Optional[str] = field(default=None, repr=False)
+    session_token: Optional[str] = field(default=None, repr=False)   # temporary (STS) credentials
 
     @classmethod
     def from_spec(cls, storage) -> "S3Settings":
@@ -169,7 +170,8 @@ def make_client(settings: S3Settings):
     region = settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     kwargs = secret_file_credentials()
     if settings.access_key and settings.secret_key:
-        kwargs = {"aws_access_key_id": settings.access_key, "aws_secret_access_key": settings.secret_key}
+        kwargs = {"aws_access_key_id": settings.access_key, "aws_secret_access_key": settings.secret_key,
+                  **({"aws_session_token": settings.session_token} if settings.session_token else {})}
     client = boto3.client("s3", endpoint_url=settings.endpoint, region_name=region, config=cfg, **kwargs)
     client.meta.events.register("needs-retry.s3", _retry_logger(settings.max_attempts))
     return client

@@ -337,8 +337,9 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     try:
         if tr.sampling is not None and start == 1:
             tr.sampling.maybe(0, tr, prog)  # the base model, for comparison
-        if start == 1:
-            maybe_evaluate(tr, 0, samples_per_step, prog)  # the base model (not on a resume)
+        # the base model (not on a resume); on a resume, the evaluation of the step it resumed from
+        # when it was due but not run (the run was stopped there)
+        maybe_evaluate(tr, start - 1, samples_per_step, prog)
         for step in range(start, t.steps + 1):
             step_loss = torch.zeros((), device=env.device)
             data_wait, tokens = 0.0, 0
@@ -386,7 +387,8 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                 tr.publish(prog)
             if tr.sampling is not None:
                 tr.sampling.maybe(step, tr, prog)
-            maybe_evaluate(tr, step, samples_per_step, prog)  # before the checkpoint, which keeps its record
+            # before the checkpoint, which keeps its record; not when stopping (the resume runs it)
+            maybe_evaluate(tr, step, samples_per_step, prog, stopping=stop)
             # the last step of a LoRA run is always kept (a small write): a failed export or upload is
             # then retried from it, not by training again since the last scheduled checkpoint
             last = step == t.steps and tr.spec.adapter.type != "full"
@@ -402,17 +404,22 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
         stop_request.uninstall()
 
 
-def maybe_evaluate(tr: Trainer, step: int, samples_per_step: int, prog: Progress) -> None:
-    """The held-out evaluation (spec.evaluation) when due after `step` (0: before the first):
-    logged, in the metrics and progress.json, kept in the loop state. Every rank calls it."""
-    if tr.evaluation is None or not evaluation.due(step, tr.spec.evaluation, tr.spec.training.steps,
-                                                    samples_per_step, tr.epoch_size):
+def maybe_evaluate(tr: Trainer, step: int, samples_per_step: int, prog: Progress, stopping: bool = False) -> None:
+    """The held-out evaluation (spec.evaluation) when due after `step` (0: before the first), not
+    when stopping nor done already (evaluation.to_run): logged, in the metrics and progress.json,
+    kept in the loop state. Every rank calls it."""
+    if tr.evaluation is None or not evaluation.to_run(step, tr.spec.evaluation, tr.spec.training.steps,
+                                                       samples_per_step, tr.epoch_size, stopping=stopping,
+                                                       done=frozenset(r["step"] for r in tr.state.evals)):
         return
     rec = tr.evaluation.run(step, tr)
     tr.metrics.eval_loss(rec)
     if tr.env.is_main:
         log(tr.env, evaluation.format_line(step, rec))
-        prog.evalLoss, prog.evalStep = rec["loss"], step
+        prog.evalLoss, warning = evaluation.published(rec)
+        prog.evalStep = step
+        if warning:
+            log(tr.env, warning)
         tr.publish(prog)
 
 
@@ -525,7 +532,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     meter = Meter(t.steps, samples_per_step)
     prog = Progress(phase="Training", totalSteps=t.steps, resumedFrom=start - 1 if start > 1 else None)
     if tr.state.evals:  # a resumed run shows the last evaluation until its next one
-        prog.evalLoss, prog.evalStep = tr.state.evals[-1]["loss"], tr.state.evals[-1]["step"]
+        prog.evalLoss, prog.evalStep = evaluation.published(tr.state.evals[-1])[0], tr.state.evals[-1]["step"]
     try:
         _train_steps(tr, start, meter, prog)
     finally:
@@ -716,6 +723,10 @@ def build_trainer(spec, family, ready: cache_phase.Ready, sampling, env: dist.Di
         f"[model] LoRA on {', '.join(ad.configs)}: {ad.n_trainable:,} trainable parameters")
 
     evaluator = evaluation.make(spec, layout, len(source_specs(spec)))
+    oversize = evaluator and evaluation.oversize_warning(units, evaluator.batches, len(source_specs(spec)),
+                                                         t.microBatchSize)
+    if oversize:
+        log(env, oversize)
     state = LoopState(gen=torch.Generator(device=env.device).manual_seed(t.seed * 1000 + env.rank),
                       sampler=bk.BucketSampler(space, t.seed, t.microBatchSize, env.world, env.rank))
     loader = cache.Loader(lambda s: cache.load_entry(root, key_of[s]), state.sampler,
@@ -772,9 +783,10 @@ def export_run(tr: Trainer, ready: cache_phase.Ready, job_name: str, summary: di
     if env.is_main:
         try:
             losses = tr.state.losses  # none: resumed at the last step with another number of ranks (no loop state)
+            fingerprint = tr.evaluation.fingerprint if tr.evaluation else None
             summary = {**summary, "firstLoss": losses[0] if losses else None,
                        "finalLoss": losses[-1] if losses else None, "minLoss": min(losses) if losses else None,
-                       "lossHistory": downsample(losses, 200), **eval_summary(tr.state.evals)}
+                       "lossHistory": downsample(losses, 200), **eval_summary(tr.state.evals, fingerprint)}
             if ad.memory:
                 summary["memoryPlan"] = {k: v for k, v in ad.memory.items() if k != "text"}
             sampling_s = sampling.seconds if sampling else 0.0
@@ -804,14 +816,23 @@ def export_run(tr: Trainer, ready: cache_phase.Ready, job_name: str, summary: di
     return result
 
 
-def eval_summary(evals: list[dict]) -> dict:
-    """manifest.json's evaluation fields: the last evaluation's loss, the best one and its step, and
-    every evaluation's record ({} without evaluations). Pure."""
+def eval_summary(evals: list[dict], fingerprint: Optional[str] = None) -> dict:
+    """manifest.json's evaluation fields: the last evaluation's loss, the best trained one (not step
+    0, the base model, which has no checkpoint: baseEvalLoss) and its step, and every evaluation's
+    record ({} without evaluations). With fingerprint (evaluation.fingerprint), only the records of
+    it are compared: an evaluation changed across a resume gives numbers of another scale. Pure."""
     if not evals:
         return {}
-    best = min(evals, key=lambda r: r["loss"] if math.isfinite(r["loss"]) else math.inf)
-    return {"evalLoss": evals[-1]["loss"], "bestEvalLoss": best["loss"], "bestEvalStep": best["step"],
-            "evalHistory": evals}
+    same = [r for r in evals if fingerprint is None or r.get("fingerprint") == fingerprint]
+    out = {"evalLoss": evals[-1]["loss"]}
+    trained = [r for r in same if r["step"] > 0 and math.isfinite(r["loss"])]
+    if trained:
+        best = min(trained, key=lambda r: r["loss"])
+        out.update(bestEvalLoss=best["loss"], bestEvalStep=best["step"])
+    base = [r for r in same if r["step"] == 0]
+    if base:
+        out["baseEvalLoss"] = base[-1]["loss"]
+    return {**out, "evalHistory": evals}
 
 
 def main_from_cli(spec_path: str) -> int:

@@ -60,11 +60,13 @@ class ModelFamily(Protocol):
         the caption-dropout entry (""), which it conditions apart from an item's empty caption."""
 
     def loss(self, comps: Components, batch: dict[str, torch.Tensor], model_spec, training_spec,
-             generator: torch.Generator, quantile: float | None = None) -> torch.Tensor:
+             generator: torch.Generator, quantile: float | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss for one micro-batch of cached samples (stacked on the device). With
         quantile (the held-out evaluation, evaluation.py): every sample's timestep (noise level) is
-        the inverse CDF of the family's training distribution at it, drawn from nothing; the noise
-        still comes from the generator."""
+        the inverse CDF of the family's training distribution at it, drawn from nothing; with noise
+        (latents-shaped: the evaluation's, drawn per sample) nothing is drawn from the generator
+        (objectives.noise_for)."""
 
     def export(self, lora: LoraTensors, scale: float, fmt: str) -> dict[str, torch.Tensor]:
         """The LoRA file's tensors in the given format (one of families.RULES[name].formats)."""

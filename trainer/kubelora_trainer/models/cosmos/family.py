@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ...families import RULES
-from ...objectives import mask_weights, normal_icdf, weighted_mse
+from ...objectives import mask_weights, noise_for, normal_icdf, weighted_mse
 from . import keys as K
 from ..base import Components, ModelError, refuse_unknown_modules
 
@@ -336,11 +336,11 @@ class Cosmos:
         emb = self.encode_prompts(comps, captions, images.device)
         return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": emb[i].cpu()} for i in range(len(captions))]
 
-    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None):
+    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None, noise=None):
         tr = comps.trainable["transformer"]
         x0 = batch["latents"].float()
         b, _, frames, h, w = x0.shape
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        noise = noise_for(x0, generator, noise)
         if quantile is None:
             sigma = (P_MEAN + P_STD * torch.randn(b, generator=generator, device=generator.device)).exp().to(x0.device)
         else:  # the held-out evaluation: log sigma at the lognormal's inverse CDF, as diffusion-pipe

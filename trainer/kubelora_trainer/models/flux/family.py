@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ...objectives import (flow_matching_pair, mask_weights, resolution_shift_mu, sample_timesteps, time_shift,
-                           weighted_mse)
+from ...objectives import (flow_matching_pair, mask_weights, noise_for, resolution_shift_mu, sample_timesteps,
+                           time_shift, weighted_mse)
 from ..base import Components, ModelError
 from . import formats as flux_lora
 from .targets import DEFAULT_TARGETS
@@ -125,13 +125,13 @@ class Flux:
         return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": prompt_embeds[i].cpu(), "pooled": pooled[i].cpu()}
                 for i in range(len(captions))]
 
-    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None):
+    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None, noise=None):
         from diffusers import FluxPipeline
 
         tr = comps.trainable["transformer"]
         x0 = batch["latents"].float()
         b, c, h, w = x0.shape
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        noise = noise_for(x0, generator, noise)
         t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device, quantile)
         if model_spec.fluxShift:
             t = time_shift(resolution_shift_mu((h // 2) * (w // 2)), t)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from ...objectives import flow_matching_pair, mask_weights, sample_timesteps, weighted_mse
+from ...objectives import flow_matching_pair, mask_weights, noise_for, sample_timesteps, weighted_mse
 from . import keys
 from .targets import DEFAULT_TARGETS
 from ..base import Components, ModelError, refuse_unknown_modules, trim_text_padding
@@ -368,11 +368,11 @@ class HunyuanVideo:
     def _template(info, image: bool) -> dict:
         return info["image_template"] if image else info["template"]
 
-    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None):
+    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None, noise=None):
         tr = comps.trainable["transformer"]
         x0 = batch["latents"].float()
         b = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        noise = noise_for(x0, generator, noise)
         t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device, quantile)
         xt, target = flow_matching_pair(x0, noise, t)
         dtype = batch["prompt_embeds"].dtype

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ...families import RULES
-from ...objectives import flow_matching_pair, mask_weights, sample_timesteps, weighted_mse
+from ...objectives import flow_matching_pair, mask_weights, noise_for, sample_timesteps, weighted_mse
 from ..base import Components, ModelError, refuse_unknown_modules, trim_text_padding
 
 # Attention (self and cross) and MLP linears of every block; peft matches with re.fullmatch.
@@ -182,14 +182,14 @@ class LTXVideo:
         return [{"latents": lat[min(i, len(lat) - 1)].cpu(), "prompt_embeds": embeds[i].cpu(), "prompt_mask": mask[i].cpu()}
                 for i in range(len(captions))]
 
-    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None):
+    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None, noise=None):
         from diffusers import LTXPipeline
 
         tr = comps.trainable["transformer"]
         info = comps.info
         x0 = batch["latents"].float()
         b, _, f, h, w = x0.shape
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        noise = noise_for(x0, generator, noise)
         t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device, quantile)
         xt, target = flow_matching_pair(x0, noise, t)
         dtype = batch["prompt_embeds"].dtype

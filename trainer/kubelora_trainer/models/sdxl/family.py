@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ...objectives import mask_weights, quantile_timestep, weighted_mse
+from ...objectives import mask_weights, noise_for, quantile_timestep, weighted_mse
 from ..base import Components, ModelError
 from .keys import LAYERS_PER_BLOCK, from_kohya_name, kohya_name, te_canonical
 
@@ -334,7 +334,7 @@ class SDXL:
                  "text_windows": torch.tensor(ids[i][0].shape[1]), "time_ids": time_ids}
                 for i in range(len(captions))]
 
-    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None):
+    def loss(self, comps, batch, model_spec, training_spec, generator, quantile=None, noise=None):
         unet, te, te2 = (comps.trainable[c] for c in ("unet", *TEXT_ENCODERS))
         dtype = getattr(torch, model_spec.dtype)
         x0 = batch["latents"].float()
@@ -344,7 +344,7 @@ class SDXL:
             t = torch.randint(0, len(alphas), (b,), generator=generator, device=generator.device).to(x0.device)
         else:  # the held-out evaluation: every sample at int(q * num_train_timesteps), as diffusion-pipe
             t = torch.full((b,), quantile_timestep(quantile, len(alphas)), dtype=torch.long, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        noise = noise_for(x0, generator, noise)
         alpha_bar = alphas.to(x0.device)[t]
         v_pred = comps.info["v_pred"]
         xt, target = ddpm_pair(x0, noise, alpha_bar, v_pred)
