@@ -192,3 +192,41 @@ def test_a_manifest_of_another_shape_does_not_break_observe():
             "report": {"uri": "s3://b/o/report.html", "sha256": "r", "size": 1}}
     assert st.published(good) == [{"uri": "s3://b/o/a.safetensors", "format": "diffusers", "sha256": "s", "size": 2},
                                   {"uri": "s3://b/o/report.html", "format": "report", "sha256": "r", "size": 1}]
+
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """An endpoint that announces a small body and sends it a byte at a time (SeaweedFS cannot)."""
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        try:
+            for _ in range(100):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+
+def test_a_body_trickled_a_byte_at_a_time_is_cut_at_the_deadline(monkeypatch):
+    """Each byte came within the read timeout, so a read of 64 KiB waited for all of them: the
+    deadline was checked only between such reads (a sync held for 20 s here, for days at one byte
+    per 9 s). Reads now return after each receive."""
+    monkeypatch.setattr(artifacts, "BODY_DEADLINE", 2.0)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        settings = S3Settings(endpoint=f"http://127.0.0.1:{srv.server_port}", addressing_style="path",
+                              read_timeout=1.0, max_attempts=1, access_key="a", secret_key="b")
+        t0 = time.monotonic()
+        body, error = artifacts.read_json("s3://b/run", "status/progress.json", settings)
+        took = time.monotonic() - t0
+    finally:
+        srv.shutdown()
+    assert body is None and "took more than 2 s to read" in error, error
+    assert took < 12, took   # the deadline plus at most one read timeout, not the 20 s of the whole trickle

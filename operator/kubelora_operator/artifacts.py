@@ -75,9 +75,11 @@ def too_large(name: str, size: int) -> str:
     return f"{name} is {size} bytes (limit {MAX_BYTES // (1024 * 1024)} MiB)"
 
 
-def read_capped(read, name: str, deadline: float, clock=time.monotonic) -> bytes:
-    """At most MAX_BYTES from read(n) (a file's or a response body's), until it returns b"";
-    TooLarge past MAX_BYTES or when the body takes beyond the monotonic deadline."""
+def read_capped(read, name: str, deadline: float, clock=time.monotonic, size: Optional[int] = None) -> bytes:
+    """At most MAX_BYTES from read(n) (a file's or a response body's), until it returns b"" or the
+    `size` bytes announced have come; TooLarge past MAX_BYTES or when the body is still coming past
+    the monotonic deadline. read should return after one receive (_read_some): the deadline is then
+    checked at least once per read timeout, however slowly the bytes trickle in."""
     parts, n = [], 0
     while True:
         chunk = read(_CHUNK)
@@ -86,23 +88,39 @@ def read_capped(read, name: str, deadline: float, clock=time.monotonic) -> bytes
         n += len(chunk)
         if n > MAX_BYTES:
             raise TooLarge(f"{name} is more than {MAX_BYTES} bytes (limit {MAX_BYTES // (1024 * 1024)} MiB)")
+        parts.append(chunk)
+        if size is not None and n >= size:
+            return b"".join(parts)
         if clock() > deadline:
             raise TooLarge(f"{name} took more than {BODY_DEADLINE:.0f} s to read ({n} bytes so far)")
-        parts.append(chunk)
+
+
+def _read_some(body):
+    """body's read, returning after one receive from the socket where that can be reached
+    (http.client's read1 under botocore's urllib3 stream): its plain read(n) waits until n bytes have
+    come, each receive within the read timeout, so a body trickled a byte at a time would hold a
+    sync for days. The plain read for a content-encoded body (urllib3 decodes it) or another stream."""
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    headers = getattr(raw, "headers", None) or {}
+    if fp is not None and hasattr(fp, "read1") and not headers.get("content-encoding"):
+        return fp.read1
+    return body.read
 
 
 def _get(loc: storage.Location, key: str, settings: storage.S3Settings) -> bytes:
-    deadline = time.monotonic() + BODY_DEADLINE
     if not loc.is_s3:
         with open(loc.key, "rb") as f:
-            return read_capped(f.read, key, deadline)
+            return read_capped(f.read, key, time.monotonic() + BODY_DEADLINE)
     answer = client_for(settings).get_object(Bucket=loc.bucket, Key=loc.key)
     body = answer["Body"]
     try:
         size = answer.get("ContentLength")
         if isinstance(size, int) and size > MAX_BYTES:
             raise TooLarge(too_large(key, size))
-        return read_capped(body.read, key, deadline)
+        # the deadline runs from the body's start (the request had its own timeouts)
+        return read_capped(_read_some(body), key, time.monotonic() + BODY_DEADLINE,
+                           size=size if isinstance(size, int) else None)
     finally:
         body.close()  # unread bytes: the connection is dropped rather than drained
 
