@@ -658,9 +658,15 @@ def test_the_deadline_counts_the_time_the_runs_jobs_ran_not_the_time_suspended()
     t = lambda h, m=0: datetime(2026, 11, 27, h, m, tzinfo=timezone.utc)  # noqa: E731
     # a Job started at 10:00 runs; a sync at 10:30 changes nothing
     assert st.deadline_used(None, None, "2026-11-27T10:00:00Z", t(10, 30)) == (0.0, "2026-11-27T10:00:00Z")
-    # suspended (runPolicy.suspend, a Kueue preemption: the Job's startTime is cleared) at 11:00: one hour spent
-    used, started = st.deadline_used(0.0, "2026-11-27T10:00:00Z", None, t(11))
-    assert (used, started) == (3600.0, None)
+    # suspended at 11:00 (runPolicy.suspend, a Kueue preemption): the Job controller keeps its old
+    # startTime, so the Job reads as stopped by its spec and Suspended condition; seen at 11:20
+    job = {"spec": {"suspend": True}, "status": {"startTime": "2026-11-27T10:00:00Z", "conditions": [
+        {"type": "Suspended", "status": "True", "lastTransitionTime": "2026-11-27T11:00:00Z"}]}}
+    assert st.job_running_since(job) == (None, "2026-11-27T11:00:00Z")
+    running, stopped = st.job_running_since(job)
+    used, started = st.deadline_used(0.0, "2026-11-27T10:00:00Z", running, t(11, 20), stopped)
+    assert (used, started) == (3600.0, None)                   # to the suspension, not to the sync
+    assert st.job_running_since({"status": {"startTime": "2026-11-27T13:00:00Z"}}) == ("2026-11-27T13:00:00Z", None)
     # two hours suspended count nothing; resumed at 13:00 (the Job's new startTime), deleted at 13:30
     assert st.deadline_used(used, None, "2026-11-27T13:00:00+00:00", t(13)) == (3600.0, "2026-11-27T13:00:00+00:00")
     used, _ = st.deadline_used(used, "2026-11-27T13:00:00+00:00", None, t(13, 30))

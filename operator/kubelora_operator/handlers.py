@@ -591,8 +591,9 @@ def _account(changes: Changes, previous: dict, job: dict) -> None:
     """Keep what the run's Jobs spent of runPolicy.activeDeadlineSeconds (status.deadlineUsedSeconds,
     status.jobStartTime: st.deadline_used), and the trainer image of a run started before the
     operator recorded one (an upgrade from an older operator): the running Job's."""
-    used, started = st.deadline_used(previous.get("deadlineUsedSeconds"), previous.get("jobStartTime"),
-                                     (job.get("status") or {}).get("startTime"), datetime.now(timezone.utc))
+    running, stopped = st.job_running_since(job)
+    used, started = st.deadline_used(previous.get("deadlineUsedSeconds"), previous.get("jobStartTime"), running,
+                                     datetime.now(timezone.utc), stopped)
     if started != previous.get("jobStartTime"):
         changes.status.update(jobStartTime=started, deadlineUsedSeconds=round(used, 1))
     if not previous.get("trainerImage"):

@@ -748,17 +748,30 @@ def _parse(ts: str) -> datetime:
     return datetime.fromisoformat(ts.replace("Z", "+00:00"))
 
 
+def job_running_since(job: dict) -> tuple[Optional[str], Optional[str]]:
+    """(the trainer Job's start while it runs, when it stopped): its status.startTime, or (None,
+    the time it was suspended) while it is suspended (runPolicy.suspend, Kueue): the Job
+    controller keeps the old startTime then and sets it anew on resume. Pure."""
+    status = job.get("status") or {}
+    suspended = next((c for c in status.get("conditions") or []
+                      if c.get("type") == "Suspended" and c.get("status") == "True"), None)
+    if (job.get("spec") or {}).get("suspend") or suspended:
+        return None, (suspended or {}).get("lastTransitionTime")
+    return status.get("startTime"), None
+
+
 def deadline_used(used: Optional[float], started: Optional[str], job_start: Optional[str],
-                  now: datetime) -> tuple[float, Optional[str]]:
+                  now: datetime, stopped: Optional[str] = None) -> tuple[float, Optional[str]]:
     """(seconds of runPolicy.activeDeadlineSeconds spent, the running Job's start) after a sync
-    that saw the trainer Job started at job_start (its status.startTime; None: suspended, or no
-    Job). The time counts as the Job controller counts it (from each start, not while suspended):
-    a Job seen stopped (suspended, deleted) adds the time since its start. A start that changed
-    without the stop being seen (suspended and resumed between two syncs) adds nothing: the time
-    before that suspension is lost, in the run's favour. Pure."""
+    that saw the trainer Job running since job_start (None: suspended, or no Job; `stopped`: when
+    it was suspended, if known). The time counts as the Job controller counts it (from each start,
+    not while suspended): a Job seen stopped adds the time from its start to its stop (now when
+    not known). A start that changed without the stop being seen (suspended and resumed between
+    two syncs) adds nothing: that stretch is lost, in the run's favour. Pure."""
     used = float(used or 0.0)
     if started and job_start is None:
-        used += max(0.0, (now - _parse(started)).total_seconds())
+        end = _parse(stopped) if stopped else now
+        used += max(0.0, (min(end, now) - _parse(started)).total_seconds())
     return used, job_start
 
 
