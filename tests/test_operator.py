@@ -865,3 +865,18 @@ def test_a_secret_without_keys_is_never_read_with_the_operators_credentials(clus
     monkeypatch.setattr(handlers, "JOB_CREDENTIALS_ONLY", False)
     settings, error = handlers._settings(spec("no-keys"), "default")
     assert error is None and settings.access_key is None   # the operator's own access, as without a Secret
+
+
+def test_a_running_job_whose_spec_this_operator_refuses_says_so(cluster, kubectl):
+    """A run an older operator admitted, whose spec a check added since refuses (here an evaluation
+    folder inside the training folder): its status says so, Stalled, instead of freezing unsynced."""
+    from kubelora_operator import handlers
+    kube = cluster
+    m = manifest("older-spec", evaluation={"sources": [{"uri": DEMO["spec"]["dataset"]["uri"].rstrip("/") + "/held"}]})
+    assert apply(kubectl, m).returncode == 0   # the schema admits it: the overlap is the operator's check
+    kubectl("patch", "loratrainingjob", "older-spec", "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": {"phase": "Training", "reason": "Training", "message": "step 10"}}), check=True)
+    handlers.sync(ltj(kube, "older-spec"), lambda body: None)
+    st = ltj(kube, "older-spec")["status"]
+    assert st["reason"] == "InvalidSpec" and "evaluation.sources[0].uri" in st["message"], st
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Stalled"] == "True" and st["phase"] == "Training"

@@ -351,8 +351,16 @@ def _sync(body: dict, changes: Changes) -> None:
         changes.status.update(st.follow_generation(previous, meta.get("generation", 1)))
     try:
         job_spec = parse_spec(dict(body.get("spec") or {}))
-    except SpecError:
-        return  # reported by create_children
+    except SpecError as e:  # a new job's is reported by create_children
+        if phase and phase not in st.FINISHED and previous.get("reason") != "InvalidSpec":
+            # a run an older operator admitted whose spec this one refuses (a check added since): said,
+            # not left unsynced in silence
+            msg = (f"{e}; an older operator admitted this spec, this one refuses it and no longer follows the run "
+                   "(its trainer Job goes on): delete the job and create it again with the fix")
+            changes.status.update(st.status(previous, st.Observed(phase, "InvalidSpec", msg, stalled=True),
+                                            meta.get("generation", 1), None, st.now_iso()))
+            changes.warn("InvalidSpec", msg)
+        return
     if phase in st.FINISHED:
         return _ttl_cleanup(body, job_spec, name, namespace, previous, changes)
     if phase is None:
