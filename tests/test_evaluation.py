@@ -318,15 +318,19 @@ def test_the_runner_is_family_loss_at_fixed_timesteps_with_the_rng_untouched(tmp
     assert alone["quantiles"] == pytest.approx(rec["quantiles"], abs=1e-6)
 
 
-def test_a_cache_entry_that_cannot_be_loaded_fails_before_any_forward(tmp_path, monkeypatch, tiny_flux_dir):
+def test_a_cache_entry_that_cannot_be_loaded_fails_before_its_forward_one_batch_in_memory_at_a_time(
+        tmp_path, monkeypatch, tiny_flux_dir):
     tr, model_spec, training = _tiny_run(tmp_path, monkeypatch, tiny_flux_dir, n=1)
     spec = SimpleNamespace(model=model_spec, training=training, evaluation=SimpleNamespace(quantiles=[0.5]))
-    calls = []
-    tr.family = SimpleNamespace(loss=lambda *a, **k: calls.append(1))
+    calls, loaded = [], []
+    tr.family = SimpleNamespace(loss=lambda *a, **k: calls.append(list(loaded)) or torch.zeros(()))
     evaluator = ev.Evaluator(spec, [ev.EvalBatch(0, (0,)), ev.EvalBatch(0, (1,))], [["k0"], ["gone"]], n_sources=1)
+    load = evaluator.load
+    evaluator.load = lambda b: loaded.append(b) or load(b)
     with pytest.raises(RuntimeError, match="evaluation at step 2: loading its cache entries"):
         evaluator.run(2, tr)
-    assert calls == [] and tr.comps.trainable["transformer"].training
+    # batch 0's forward ran with batch 0 alone loaded; batch 1 failed to load before any forward of it
+    assert calls == [[0]] and loaded == [0, 1] and tr.comps.trainable["transformer"].training
 
 
 def test_the_forwards_are_left_uncaught_only_when_peers_gather_weights_in_them():

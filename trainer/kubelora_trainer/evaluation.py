@@ -163,22 +163,19 @@ class Evaluator:
     seconds: float = 0.0           # spent evaluating so far (left out of the training rates)
     fingerprint: str = ""          # fingerprint(spec), in every record
 
-    def load(self, share: list[tuple[int, bool]]) -> dict[int, dict]:
-        """This rank's batches, from the cache (in host memory for the evaluation)."""
+    def load(self, b: int) -> dict:
+        """Batch b from the cache (one batch in host memory at a time)."""
         from . import cache
         from .disk import cache_root
-        out = {}
-        for b, _ in share:
-            if b not in out:
-                out[b] = cache.stack([cache.load_entry(cache_root(), k) for k in self.keys[b]])
-        return out
+        return cache.stack([cache.load_entry(cache_root(), k) for k in self.keys[b]])
 
     def run(self, step: int, tr) -> Optional[dict]:
         """Evaluate after `step` (every rank calls it; forwards are collectives under FSDP2); the
         record (rank 0 logs it), also appended to tr.state.evals.
 
-        This rank's cache entries are loaded first: a failure there stops every rank together
-        (dist.fail_together), before any forward. With the weights sharded (FSDP2, several ranks)
+        Each batch is loaded before its forwards (one in host memory at a time) and every rank agrees
+        it loaded (dist.fail_together: a failure stops every rank together; every rank runs as many
+        batches). With the weights sharded (FSDP2, several ranks)
         the forwards then run as training's do, an error ending the run (a rank that left them
         would leave its peers waiting in a weight all-gather); replicated or alone, an error is
         agreed on after them. The forwards run eagerly under torch.compile
@@ -190,26 +187,39 @@ class Evaluator:
         quantiles = list(ev.quantiles)
         seed = self.spec.training.seed
         sums = torch.zeros(self.n_sources, len(quantiles), 2, dtype=torch.float64, device=env.device)
-        share = rank_share(len(self.batches), env.world, env.rank)
-        err, loaded = None, {}
-        try:
-            loaded = self.load(share)
-        except Exception as e:  # noqa: BLE001 - agreed on below, so no rank waits for a failed one
-            err = RuntimeError(f"evaluation at step {step}: loading its cache entries: {type(e).__name__}: {e}")
-        dist.fail_together(err, f"loading the evaluation of step {step}")
+        share = rank_share(len(self.batches), env.world, env.rank)   # the same length on every rank
         sharded = dist.weights_sharded(env.world, tr.adapters)
+        err = None
+
+        def forward(b: int, counted: bool, batch: dict) -> None:
+            batch = {k: v.to(env.device) for k, v in batch.items()}
+            n = len(self.keys[b])
+            for qi, q in enumerate(quantiles):
+                noise = sample_noise(tuple(batch["latents"].shape), self.keys[b], seed, q, env.device)
+                loss = tr.family.loss(tr.comps, batch, self.spec.model, self.spec.training, None,
+                                      quantile=q, noise=noise)
+                if counted:
+                    sums[self.batches[b].source, qi, 0] += loss.detach().double() * n
+                    sums[self.batches[b].source, qi, 1] += n
 
         def forwards() -> None:
+            nonlocal err
             for b, counted in share:
-                batch = {k: v.to(env.device) for k, v in loaded[b].items()}
-                n = len(self.keys[b])
-                for qi, q in enumerate(quantiles):
-                    noise = sample_noise(tuple(batch["latents"].shape), self.keys[b], seed, q, env.device)
-                    loss = tr.family.loss(tr.comps, batch, self.spec.model, self.spec.training, None,
-                                          quantile=q, noise=noise)
-                    if counted:
-                        sums[self.batches[b].source, qi, 0] += loss.detach().double() * n
-                        sums[self.batches[b].source, qi, 1] += n
+                # each batch loaded, and agreed on by every rank, before its forwards
+                loaded, load_err = None, None
+                try:
+                    loaded = self.load(b)
+                except Exception as e:  # noqa: BLE001 - agreed on now, so no rank waits for a failed one
+                    load_err = RuntimeError(f"evaluation at step {step}: loading its cache entries: "
+                                            f"{type(e).__name__}: {e}")
+                dist.fail_together(load_err, f"loading the evaluation of step {step}")
+                if sharded:
+                    forward(b, counted, loaded)
+                elif err is None:
+                    try:
+                        forward(b, counted, loaded)
+                    except Exception as e:  # noqa: BLE001 - no collective in them: agreed on below
+                        err = RuntimeError(f"evaluation at step {step}: {type(e).__name__}: {e}")
 
         modules = list(tr.modules.modules())
         modes = [m.training for m in modules]
@@ -220,13 +230,7 @@ class Evaluator:
             # the training draws nothing less or more: its generator is not used, the global RNG restored
             with torch.random.fork_rng(devices=cuda), torch.no_grad(), tr.adapters.compute(), \
                     torch.compiler.set_stance("force_eager"):
-                if sharded:
-                    forwards()
-                else:
-                    try:
-                        forwards()
-                    except Exception as e:  # noqa: BLE001 - no collective in them: agreed on below
-                        err = RuntimeError(f"evaluation at step {step}: {type(e).__name__}: {e}")
+                forwards()
         finally:
             for m, mode in zip(modules, modes):
                 m.train(mode)
