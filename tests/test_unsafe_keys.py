@@ -131,6 +131,9 @@ def test_kubelora_report_writes_nothing_outside_its_folder(s3, tmp_path, monkeyp
     monkeypatch.setattr(storage, "make_client", real)  # a report without samples still fetches
     s3.delete_object(Bucket="unsafe-report", Key="runs/x/samples/step-10/p0.png")
     assert cli.fetch_report("s3://unsafe-report/runs/x", tmp_path / "r2").read_bytes() == b"<html></html>"
+    # ... and so does one whose samples/ holds only a folder marker (the S3 console's "Create folder")
+    monkeypatch.setattr(storage, "make_client", lambda settings: ListsMore(real(settings), ["runs/x/samples/"]))
+    assert cli.fetch_report("s3://unsafe-report/runs/x", tmp_path / "r3").read_bytes() == b"<html></html>"
 
 
 def test_validate_check_storage_says_what_stage_in_will_do(s3, capsys):

@@ -278,7 +278,7 @@ def fetch_report(uri: str, out: Path, settings=None) -> Path:
                            transient=e.transient) from None
     # a job without spec.samples has none; a sample's key that cannot be a file under out/samples
     # (a doubled '/', '..') stops the fetch naming it: nothing is written outside out
-    if list_keys(f"{uri}/samples", settings, client):
+    if any(k and not k.endswith("/") for k in list_keys(f"{uri}/samples", settings, client)):  # not a folder marker
         download(f"{uri}/samples", out / "samples", settings, client, log=quiet)
     return out / REPORT_NAME
 

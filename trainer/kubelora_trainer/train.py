@@ -665,8 +665,8 @@ def check_cache_uri(spec, settings, env: dist.DistEnv) -> Optional[cache_remote.
 def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] = None) -> ScanReport:
     """Every dataset source's staged folder scanned into one report (items, captions, skips), then
     evaluation.sources' (source index len(dataset sources) + j): each evaluation item with its first
-    caption alone, unshuffled and never dropped. unsafe (stage_in's): the objects of a source or
-    its masks that stage-in left out, skipped as unsafeKey."""
+    caption alone, unshuffled and never dropped. unsafe (stage_in's): the objects of a source that
+    stage-in left out, skipped as unsafeKey."""
     r = RULES[spec.model.type]
     report = ScanReport()
     n_train = len(source_specs(spec))
@@ -681,7 +681,9 @@ def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] 
         part = scan(Path(paths[key]), video=r.video, opts=opts, source=i, seed=spec.training.seed,
                     uri=spec.dataset.uris[i] if i < n_train else src.uri,
                     mask_root=Path(mask_root) if mask_root else None)
-        for uri in (unsafe or {}).get(key, []) + (unsafe or {}).get(f"{key}.mask", []):
+        # a mask object left out is not an item skipped: its item trains unmasked (the stage-in warning
+        # named it, and the masked/unmasked counts show it)
+        for uri in (unsafe or {}).get(key, []):
             part.skip(uri, "unsafeKey")
         if i >= n_train:   # the items join the others (probed, bucketed, cached alike), the counts stay apart
             report.items += [dataclasses.replace(it, captions=(it.caption,)) for it in part.items]
