@@ -340,29 +340,37 @@ def test_the_forwards_are_left_uncaught_only_when_peers_gather_weights_in_them()
     assert not dist.weights_sharded(2, SimpleNamespace(compute=nullcontext))
 
 
-def test_the_evaluation_runs_compiled_blocks_eagerly_so_training_compiles_static_shapes(tmp_path, monkeypatch,
-                                                                                     tiny_flux_dir):
-    """Under torch.compile, an evaluation of other shapes without grad before the first step made
-    dynamo mark dimensions dynamic: the first training graph compiled with symbolic shapes."""
-    tr, model_spec, training = _tiny_run(tmp_path, monkeypatch, tiny_flux_dir, n=1)
+class _Block(torch.nn.Module):
+    """A module dynamo traces (torch.nn's own Linear alone it does not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x).relu()
+
+
+def _compiled_block() -> tuple[torch.nn.Module, list[bool]]:
+    """A compiled block and the graphs its backend gets: for each, whether it has symbolic shapes."""
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(any(isinstance(d, torch.SymInt) for n in gm.graph.nodes if n.op == "placeholder"
                           for v in [n.meta.get("example_value")] if isinstance(v, torch.Tensor) for d in v.shape))
         return gm.forward
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.lin(x).relu()
-
-    block = Block()
+    block = _Block()
     block.compile(backend=backend)
     torch._dynamo.reset()
+    return block, graphs
+
+
+def test_the_evaluation_runs_compiled_blocks_eagerly_so_training_compiles_static_shapes(tmp_path, monkeypatch,
+                                                                                     tiny_flux_dir):
+    """Under torch.compile, an evaluation of other shapes without grad before the first step made
+    dynamo mark dimensions dynamic: the first training graph compiled with symbolic shapes."""
+    tr, model_spec, training = _tiny_run(tmp_path, monkeypatch, tiny_flux_dir, n=1)
+    block, graphs = _compiled_block()
 
     def loss(comps, batch, model_spec, training_spec, generator, quantile=None, noise=None):
         return block(noise.reshape(noise.shape[0], -1, 8)[:, :3]).mean()   # 3 tokens: not training's 2
@@ -451,22 +459,7 @@ def test_samples_run_compiled_blocks_eagerly_too(tmp_path):
     from kubelora_trainer import samples
     from kubelora_trainer.dist import DistEnv
     from kubelora_trainer.spec import parse_spec
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(any(isinstance(d, torch.SymInt) for n in gm.graph.nodes if n.op == "placeholder"
-                          for v in [n.meta.get("example_value")] if isinstance(v, torch.Tensor) for d in v.shape))
-        return gm.forward
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.lin(x).relu()
-    block = Block()
-    block.compile(backend=backend)
-    torch._dynamo.reset()
+    block, graphs = _compiled_block()
     m = yaml.safe_load(open("examples/demo-flux.yaml"))["spec"]
     m["output"] = {"uri": str(tmp_path / "out")}
     m["samples"] = {"prompts": [{"prompt": "a red square"}], "atStart": True}
