@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 WORKER = Path(__file__).parent / "workers" / "fault_on_rank.py"
@@ -68,6 +69,9 @@ def test_a_preempted_node_stops_its_peer_with_a_checkpoint_and_an_exit_code_the_
     job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": str(tiny_flux_dir), "dtype": "float32"},
                                    "dataset": {"uri": str(overfit_data), "resolution": 32}, "adapter": {"rank": 4},
                                    "training": {"steps": 2000, "logEvery": 1},
+                                   # a sample due at every step: the one of the stopped step waits for the resume
+                                   "samples": {"prompts": [{"prompt": "a red square", "width": 32, "height": 32,
+                                                            "steps": 1}], "everySteps": 1, "atStart": False},
                                    "output": {"uri": str(tmp_path / "out")}}))
     from kubelora_trainer.dist import _free_port
     port = _free_port()
@@ -98,3 +102,8 @@ def test_a_preempted_node_stops_its_peer_with_a_checkpoint_and_an_exit_code_the_
     assert last.startswith("[stopped] rank 0: stopped because a rank of another pod was told to stop"), err0[-2000:]
     assert "the checkpoint of step" in last and "[train] step 2000/2000" not in out0
     assert any((tmp_path / "out" / "checkpoints").glob("step-*/state/COMPLETE")), list((tmp_path / "out").rglob("*"))[:20]
+    # the checkpoint came before the stopped step's samples, which its loop state leaves to the resume
+    (state,) = (tmp_path / "out" / "checkpoints").glob("step-*/state")
+    stopped = int(state.parent.name.removeprefix("step-"))
+    assert torch.load(state / "rank-0.pt", weights_only=True)["sample_pending"] == stopped
+    assert f"[samples] step {stopped - 1}:" in out0 and f"[samples] step {stopped}:" not in out0, out0[-2000:]

@@ -371,3 +371,20 @@ def test_the_report_command_takes_a_relative_local_path(tmp_path, monkeypatch, c
     assert main(["report", "out"]) == 0                  # no --out: the local report where it is, not a copy
     assert Path(capsys.readouterr().out.strip()) == (tmp_path / "out" / "report.html").resolve()
     assert not (tmp_path / "kubelora-report-out").exists()
+
+
+def test_samples_due_when_stopping_wait_for_the_resume():
+    """SIGTERM's grace is short and sampling every prompt of a large model can outlast it: the
+    checkpoint comes first, the loop state keeps the step, and the resumed run samples it."""
+    import torch
+    from kubelora_trainer import buckets as bk
+    from kubelora_trainer.train import LoopState, samples_deferred
+    flux = {"type": "flux", "diffusersPath": "s3://models/flux"}
+    spec = _spec(flux, {"prompts": [{"prompt": "x"}], "everySteps": 5})
+    assert samples_deferred(10, spec, stopping=True)
+    assert not samples_deferred(10, spec, stopping=False) and not samples_deferred(11, spec, stopping=True)
+    assert not samples_deferred(10, _spec(flux, None), stopping=True)     # no samples asked for
+    space = bk.SampleSpace(((32, 32, 1),), (1,), (1,), (0.0,))
+    a = LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0), sample_pending=10)
+    b = LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0))
+    assert b.load(a.to_dict(10, 1)) and b.sample_pending == 10

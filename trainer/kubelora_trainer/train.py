@@ -24,6 +24,7 @@ import torch
 from . import __version__, adapters, cache, checkpoint, disk, dist, exits, export, export_full, lora, metrics, samples, storage
 from . import cache_phase, cache_remote, evaluation, throughput
 from . import buckets as bk
+from .sample_plan import due as sample_due
 from .captions import options_of
 from .data import DatasetError, ScanReport, scan
 from .disk import cache_root
@@ -261,17 +262,20 @@ class LoopState:
     sampler: bk.BucketSampler
     losses: list[float] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
+    sample_pending: Optional[int] = None   # a sample step a stop left for the resume (samples_deferred)
 
     def to_dict(self, step: int, world: int) -> dict:
         return {"step": step, "world": world, "micro": self.sampler.micro, "gen": self.gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                "sampler": self.sampler.state_dict(), "losses": list(self.losses), "evals": list(self.evals)}
+                "sampler": self.sampler.state_dict(), "losses": list(self.losses), "evals": list(self.evals),
+                "sample_pending": self.sample_pending}
 
     def load(self, d: dict) -> bool:
         """Restore; False when the checkpoint predates the bucket sampler or had another number of
         ranks (only its losses then: checkpoint.loop_for_world): the data order starts a new epoch."""
         self.evals = list(d.get("evals") or [])
+        self.sample_pending = d.get("sample_pending")
         if "gen" not in d:
             self.losses = list(d["losses"])
             return False
@@ -337,6 +341,9 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     try:
         if tr.sampling is not None and start == 1:
             tr.sampling.maybe(0, tr, prog)  # the base model, for comparison
+        elif tr.sampling is not None and state.sample_pending == start - 1:
+            tr.sampling.maybe(start - 1, tr, prog)  # the samples a stop at that step left for the resume
+        state.sample_pending = None
         # the base model (not on a resume); on a resume, the evaluation of the step it resumed from
         # when it was due but not run (the run was stopped there)
         maybe_evaluate(tr, start - 1, samples_per_step, prog)
@@ -385,7 +392,9 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                     prog.gpuPeakGiB = round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2)
                 log(env, line(prog, lr_used))
                 tr.publish(prog)
-            if tr.sampling is not None:
+            if tr.sampling is not None and samples_deferred(step, tr.spec, stop):
+                state.sample_pending = step
+            elif tr.sampling is not None:
                 tr.sampling.maybe(step, tr, prog)
             # before the checkpoint, which keeps its record; not when stopping (the resume runs it)
             maybe_evaluate(tr, step, samples_per_step, prog, stopping=stop)
@@ -402,6 +411,13 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                 raise checkpoint.Stopped(stop_request.signum, step)  # 0: a peer's signal
     finally:
         stop_request.uninstall()
+
+
+def samples_deferred(step: int, spec, stopping: bool) -> bool:
+    """Whether the samples due at `step` wait for the resume: when stopping (SIGTERM's grace is
+    short, and sampling every prompt of a large model could outlast it: the checkpoint comes first;
+    the resumed run samples that step before its first). Pure."""
+    return stopping and spec.samples is not None and sample_due(step, spec.samples, spec.training.steps)
 
 
 def maybe_evaluate(tr: Trainer, step: int, samples_per_step: int, prog: Progress, stopping: bool = False) -> None:
