@@ -52,8 +52,18 @@ def _cond(job: dict, type_: str) -> Optional[dict]:
     return None
 
 
+def _time(text: Optional[str]) -> Optional[datetime]:
+    """An API timestamp ("...Z" or "+00:00") as a datetime; None when unset or not one."""
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+    except ValueError:
+        return None
+
+
 def _age(text: Optional[str], now: datetime) -> float:
-    return (now - datetime.fromisoformat(text.replace("Z", "+00:00"))).total_seconds() if text else 0.0
+    """Seconds since the timestamp text (0 when unset or not one)."""
+    t = _time(text)
+    return (now - t).total_seconds() if t else 0.0
 
 
 def starting_since(pod: dict) -> Optional[str]:
@@ -342,13 +352,6 @@ def eviction_fix(message: str) -> str:
     return "set resources.requests for what the run uses, or run it on other nodes (resources.nodeSelector)"
 
 
-def _time(text: Optional[str]) -> Optional[datetime]:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
-    except ValueError:
-        return None
-
-
 def iso(t: datetime) -> str:
     return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -531,7 +534,7 @@ def awaits_pods(job: dict, now: datetime, grace_seconds: float) -> bool:
     made = (job.get("metadata") or {}).get("creationTimestamp")
     if not made:
         return False
-    return (now - datetime.fromisoformat(made.replace("Z", "+00:00"))).total_seconds() >= grace_seconds
+    return _age(made, now) >= grace_seconds
 
 
 def lingering(pods: list[dict], now: datetime, slack_seconds: float = 15.0) -> list[str]:
@@ -548,7 +551,7 @@ def lingering(pods: list[dict], now: datetime, slack_seconds: float = 15.0) -> l
         if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             continue
         deleted = meta.get("deletionTimestamp")
-        if deleted and (now - datetime.fromisoformat(deleted.replace("Z", "+00:00"))).total_seconds() >= slack_seconds:
+        if deleted and _age(deleted, now) >= slack_seconds:
             continue
         out.append(meta.get("name", "?"))
     return out
@@ -597,10 +600,7 @@ def recent(events: list[dict], now: datetime, max_age_seconds: float = 600) -> l
     """The events seen in the last max_age_seconds (the Job controller posts FailedCreate again at
     each retry, so an older one is a refusal that has passed, e.g. before an evicted pod was
     replaced). Pure."""
-    def age(e):
-        t = _event_time(e)
-        return (now - datetime.fromisoformat(t.replace("Z", "+00:00"))).total_seconds() if t else 0.0
-    return [e for e in events if age(e) <= max_age_seconds]
+    return [e for e in events if _age(_event_time(e), now) <= max_age_seconds]
 
 
 def pods_refused(obs: Observed, events: list[dict], job: dict) -> Observed:
@@ -744,10 +744,6 @@ def invalid(previous: dict, reason: str, message: str, generation: int, now: str
     return status(previous, Observed(FAILED, reason, message, stalled=True), generation, None, now)
 
 
-def _parse(ts: str) -> datetime:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
-
-
 def job_running_since(job: dict) -> tuple[Optional[str], Optional[str]]:
     """(the trainer Job's start while it runs, when it stopped): its status.startTime, or (None,
     the time it was suspended) while it is suspended (runPolicy.suspend, Kueue): the Job
@@ -769,9 +765,9 @@ def deadline_used(used: Optional[float], started: Optional[str], job_start: Opti
     not known). A start that changed without the stop being seen (suspended and resumed between
     two syncs) adds nothing: that stretch is lost, in the run's favour. Pure."""
     used = float(used or 0.0)
-    if started and job_start is None:
-        end = _parse(stopped) if stopped else now
-        used += max(0.0, (min(end, now) - _parse(started)).total_seconds())
+    if _time(started) and job_start is None:
+        end = _time(stopped) or now
+        used += max(0.0, (min(end, now) - _time(started)).total_seconds())
     return used, job_start
 
 
