@@ -194,7 +194,7 @@ def main():
             step(); sync()
         out_dir = os.environ.get("OUT", "/tmp")
         with open(os.path.join(out_dir, f"profile_{MODEL}_{MODE}.txt"), "w") as f:
-            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45))
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     from kubelora_trainer.throughput import peak_flops
     peak = peak_flops(gpu)

@@ -31,6 +31,9 @@ from torch import nn
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 COMPUTES = ("fp8", "fp8_transposed", "dequant")
+# the forward GEMM with Hopper's fast accumulation (fp8 partial sums less often promoted to fp32),
+# as torchao's float8 training does for its output GEMM; the input gradient keeps full accumulation
+FORWARD_FAST_ACCUM = False
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,14 +48,15 @@ def dequantize(t8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
     return (t8.float() * scale).to(dtype)
 
 
-def _mm(a8, a_scale, b8_t, b_scale_row, out_dtype):
+def _mm(a8, a_scale, b8_t, b_scale_row, out_dtype, fast_accum=False):
     """a [M, K] (row-major) @ b_t [K, N] (column-major), per-row scales of a [M, 1] and of b's N
     columns [1, N]; the result in out_dtype (CUDA's row-wise kernel writes bf16 only)."""
     kernel_dtype = torch.bfloat16 if a8.is_cuda else out_dtype
     # the kernel needs a row-major; inductor may otherwise lay a fused quantization out transposed
     # ("mat_a must be row_major": compiled tiny HunyuanVideo on CPU, tests/test_bench_smoke.py)
     a8 = a8.contiguous()
-    y = torch._scaled_mm(a8, b8_t, scale_a=a_scale, scale_b=b_scale_row, out_dtype=kernel_dtype)
+    y = torch._scaled_mm(a8, b8_t, scale_a=a_scale, scale_b=b_scale_row, out_dtype=kernel_dtype,
+                         use_fast_accum=fast_accum and a8.is_cuda)
     return y if kernel_dtype == out_dtype else y.to(out_dtype)
 
 
@@ -68,7 +72,7 @@ class Float8Matmul(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         if compute != "dequant":
             x8, xs = quantize_rows(x2)
-            y = _mm(x8, xs, weight8.t(), scale.reshape(1, -1), out_dtype)
+            y = _mm(x8, xs, weight8.t(), scale.reshape(1, -1), out_dtype, FORWARD_FAST_ACCUM)
         else:
             y = x2.to(out_dtype) @ dequantize(weight8, scale.reshape(-1, 1), out_dtype).t()
         if bias is not None:
