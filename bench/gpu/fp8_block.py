@@ -4,8 +4,8 @@ residual; 4608 tokens), every linear frozen, each block compiled on its own (as 
 regional compile), forward + input gradient timed with CUDA events. One JSON line per variant:
 
   bf16        nn.Linear in bf16 (the stock stack's GEMMs)
-  fp8         fp8.Float8Linear compute fp8 (the product's default: the backward transposes weight8)
-  fp8_fast    the same with the forward GEMM's fast accumulation (fp8.FORWARD_FAST_ACCUM)
+  fp8         fp8.Float8Linear compute fp8 without fast accumulation (the backward transposes weight8)
+  fp8_fast    the same with the forward GEMM's fast accumulation (fp8.FORWARD_FAST_ACCUM, the default)
   fp8t        compute fp8_transposed (the backward's layout stored)
   fp8_bwdbf16 forward fp8, the input gradient in bf16 on the dequantized weight (no transpose, no
               quantization of the gradient); an experiment here, not a product mode

@@ -213,7 +213,8 @@ def main():
 
 
 if __name__ == "__main__":
-    tag = ("_fsdp" if os.environ.get("KUBELORA_FSDP_SINGLE") == "1" else "") + ("_varied" if VARIED else "")
+    tag = ("_fsdp" if os.environ.get("KUBELORA_FSDP_SINGLE") == "1" else "") + ("_varied" if VARIED else "") + \
+        ("_cudnn" if os.environ.get("KUBELORA_CUDNN_SDPA") == "1" else "")
     out = {"case": f"kubelora_{MODEL}_{MODE}{tag}", "torch": torch.__version__}
     try:
         out.update(main())
