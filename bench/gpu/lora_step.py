@@ -13,6 +13,7 @@ activation checkpointing and regional compile) and the family's own loss.
     PROFILE=1 python bench/gpu/lora_step.py flux compile_nogc_fp8t   # also $OUT/profile_<model>_<mode>.txt
     HY_CAPTIONS=varied python bench/gpu/lora_step.py hunyuan compile_gc   # captions of varying length
         (padded to 256, a different length each step, as in training); default: 256 caption tokens
+    ATTN=flash python bench/gpu/lora_step.py flux compile_nogc   # training.attentionBackend (default auto)
 
 Prints one line: RESULT {json} with case, s_per_step (median), peak_gib, mfu, gpu, torch.
 mfu = model FLOPs of the step (forward GEMMs and attention counted once by torch's FlopCounterMode
@@ -34,6 +35,7 @@ MODE = sys.argv[2] if len(sys.argv) > 2 else "compile_nogc"
 TINY = os.environ.get("TINY") == "1"
 OFFLOAD = "_off" in MODE   # training.cpuOffload
 VARIED = os.environ.get("HY_CAPTIONS") == "varied"
+ATTN = os.environ.get("ATTN", "auto")  # training.attentionBackend: auto (cuDNN compiled on Hopper), flash, cudnn
 if TINY:
     os.environ["KUBELORA_FORCE_CPU"] = "1"
 
@@ -131,7 +133,7 @@ def main():
         "adapter": {"rank": 32, "alpha": 32},
         # _auto: gradientCheckpointing unset, the trainer's memory plan decides (its prediction is reported)
         "training": {"gradientCheckpointing": True if "_gc" in MODE else None if "_auto" in MODE else False, "compile": MODE.startswith("compile"), "cpuOffload": OFFLOAD,
-                     "learningRate": 1e-4},
+                     "learningRate": 1e-4, "attentionBackend": ATTN},
         "output": {"uri": "/bench/out"},
     })
     nparams = sum(p.numel() for p in tr.parameters())
@@ -214,7 +216,7 @@ def main():
 
 if __name__ == "__main__":
     tag = ("_fsdp" if os.environ.get("KUBELORA_FSDP_SINGLE") == "1" else "") + ("_varied" if VARIED else "") + \
-        ("_cudnn" if os.environ.get("KUBELORA_CUDNN_SDPA") == "1" else "")
+        ("" if ATTN == "auto" else f"_{ATTN}")
     out = {"case": f"kubelora_{MODEL}_{MODE}{tag}", "torch": torch.__version__}
     try:
         out.update(main())

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import compiling, dist, export, lora, memory_plan
+from . import attention, compiling, dist, export, lora, memory_plan
 from .models.base import Components, LoraTensors
 from .spec import SpecError
 
@@ -191,6 +191,10 @@ def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEn
         else:
             print(f"[model] training.compile unset: blocks {'compiled' if compile_blocks else 'run eagerly'} ({why}"
                   f"{'; a block that fails to compile runs eagerly' if compile_blocks else ''})", flush=True)
+    backend, why = attention.choose(t.attentionBackend, env.device.type, cap, compile_blocks)
+    attention.apply(backend)
+    if env.is_main and backend != "default":
+        print(f"[model] attention: {'cuDNN' if backend == 'cudnn' else 'flash (cuDNN off)'} ({why})", flush=True)
     for name, module in comps.trainable.items():
         out.compute = dist.parallelize(
             module, family.blocks(name, module), sharding=lay.sharding, compute_dtype=getattr(torch, spec.model.dtype),

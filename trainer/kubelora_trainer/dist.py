@@ -40,10 +40,9 @@ def init() -> DistEnv:
     if torch.cuda.is_available() and os.environ.get("KUBELORA_FORCE_CPU") != "1":
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "cuda:nccl,cpu:gloo"
-        # torch 2.11 + H100: the cuDNN attention backward hit an illegal memory access on the
-        # eager Flux step; without it the compiled step is as fast (docs/benchmarks.md).
-        if os.environ.get("KUBELORA_CUDNN_SDPA") != "1":
-            torch.backends.cuda.enable_cudnn_sdp(False)
+        # cuDNN's attention off until training.attentionBackend decides (attention.py): the eager
+        # forwards before that (the memory probe) run the flash kernel
+        torch.backends.cuda.enable_cudnn_sdp(False)
     else:
         device, backend = torch.device("cpu"), "gloo"
     # Collectives time out after this, so a hung or vanished peer is noticed in minutes. The long

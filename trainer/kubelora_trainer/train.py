@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import __version__, adapters, cache, checkpoint, disk, dist, exits, export, export_full, lora, metrics, samples, storage
-from . import cache_phase, cache_remote, evaluation, throughput
+from . import attention, cache_phase, cache_remote, evaluation, throughput
 from . import buckets as bk
 from .sample_plan import due as sample_due
 from .captions import options_of
@@ -164,7 +164,7 @@ def agree_on_step(step_loss: torch.Tensor, step: int, env: dist.DistEnv, save: b
         bad = [(r, v) for r, v in enumerate(dist.all_gather(local)) if not math.isfinite(v)]
         where = ", ".join(f"rank {r}: {v}" for r, v in bad)
         raise RunError(f"loss is not finite at step {step} ({where}); lower training.learningRate "
-                       f"(or set training.maxGradNorm) and check the data")
+                       f"(or set training.maxGradNorm) and check the data{attention.nan_hint(env.device.type)}")
     return float(flags[0]) / env.world, bool(flags[2] > 0), bool(flags[3] > 0)
 
 
