@@ -192,11 +192,16 @@ def main():
         mem["saved_top"] = top_saved(saved, lambda b: round(b / 2**30, 6))
     if cuda and os.environ.get("PROFILE") == "1":  # where a step's GPU time goes, top kernels, to $OUT
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step(); sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter(); step(); sync(); wall = time.perf_counter() - t0
         out_dir = os.environ.get("OUT", "/tmp")
+        ka = prof.key_averages()
         with open(os.path.join(out_dir, f"profile_{MODEL}_{MODE}.txt"), "w") as f:
-            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45))
+            f.write(ka.table(sort_by="cuda_time_total", row_limit=45))
+            f.write("\n" + ka.table(sort_by="self_cpu_time_total", row_limit=25))
+        # the GPU's busy time against the profiled step's wall time: what launches and syncs leave idle
+        busy = sum(e.self_device_time_total for e in ka) / 1e6
+        mem["profiled_step_s"], mem["gpu_busy_s"] = round(wall, 4), round(busy, 4)
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     from kubelora_trainer.throughput import peak_flops
     peak = peak_flops(gpu)
