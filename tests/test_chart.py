@@ -32,6 +32,7 @@ EXTRAS = {"cacheVolumeClaim": {"create": True, "storageClassName": "nfs", "size"
 NO_SA = {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"create": False},
          "metrics": {"service": {"enabled": False}}}
 SHARED = {"rbac": {"secretNames": ["s3-creds"]}, "runAsUser": "platform", "trainer": {"shmSize": "64Gi"},
+          "networkPolicy": {"create": True, "metricsNamespaces": ["monitoring", "kps"]},
           "operator": {"s3": {"jobCredentialsOnly": True, "allowedEndpoints": ["http://minio.minio:9000"]}}}
 VARIATIONS = {"defaults": {}, "monitors": MONITORS, "shared-cluster": {**SHARED, **NAMESPACED}, "namespaced": {**NAMESPACED, **MONITORS, "cacheVolumeClaim": {"create": True}},
               "extras": EXTRAS, "no-sa-no-rbac": NO_SA, "scaled-to-zero": {"operator": {"replicas": 0}}}
@@ -217,6 +218,24 @@ def test_cache_claim_in_each_watched_namespace():
     (claim,) = by_kind(objects(EXTRAS), "PersistentVolumeClaim")
     assert claim["metadata"]["namespace"] == NAMESPACE and claim["spec"]["storageClassName"] == "nfs"
     assert claim["metadata"]["labels"]["team"] == "vision"
+
+
+def test_network_policy_in_each_watched_namespace_as_the_example_admits():
+    """networkPolicy.create: the policy of examples/cluster/networkpolicy.yaml (checked against the
+    operator's pod labels and ports in test_operator_strict.py) in every watched namespace."""
+    import pathlib
+    example = yaml.safe_load((pathlib.Path(__file__).parent.parent / "examples" / "cluster" / "networkpolicy.yaml").read_text())
+    assert not by_kind(objects({}), "NetworkPolicy")  # off by default
+    (policy,) = by_kind(objects({"networkPolicy": {"create": True}}), "NetworkPolicy")
+    assert policy["metadata"]["namespace"] == NAMESPACE and policy["spec"] == example["spec"]
+    policies = by_kind(objects({**NAMESPACED, "networkPolicy": {"create": True, "metricsNamespaces": ["a", "b"]},
+                                "trainer": {"metricsPort": 9555}}), "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["ml", "research"]
+    scrape = policies[0]["spec"]["ingress"][1]
+    assert [f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for f in scrape["from"]] == ["a", "b"]
+    assert scrape["ports"] == [{"port": 9555, "protocol": "TCP"}]
+    (closed,) = by_kind(objects({"networkPolicy": {"create": True, "metricsNamespaces": []}}), "NetworkPolicy")
+    assert len(closed["spec"]["ingress"]) == 1  # the job's own pods only
 
 
 def test_extras_reach_the_pod():
