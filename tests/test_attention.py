@@ -8,19 +8,54 @@ from kubelora_trainer import attention, checkpoint
 from kubelora_trainer.spec import SpecError, parse_spec
 
 
-@pytest.mark.parametrize("requested,device,cap,compiled,want", [
-    ("auto", "cuda", (9, 0), True, "cudnn"),      # measured: H100, compiled
-    ("auto", "cuda", (9, 0), False, "flash"),     # eager: the crash in cuDNN's backward
-    ("auto", "cuda", (8, 0), True, "flash"),      # not measured off Hopper
-    ("auto", "cuda", (10, 0), True, "flash"),
-    ("flash", "cuda", (9, 0), True, "flash"),
-    ("cudnn", "cuda", (8, 6), False, "cudnn"),    # asked for: as asked
-    ("cudnn", "cpu", None, False, "default"),     # no CUDA: torch's CPU kernels either way
-    ("auto", "cpu", None, True, "default"),
+@pytest.mark.parametrize("requested,device,cap,compiled,full,want", [
+    ("auto", "cuda", (9, 0), True, False, "cudnn"),     # measured: H100, compiled, LoRA
+    ("auto", "cuda", (9, 0), False, False, "flash"),    # eager: the crash in cuDNN's backward
+    ("auto", "cuda", (9, 0), True, True, "flash"),      # full fine-tune: trained attention runs eagerly
+    ("auto", "cuda", (8, 0), True, False, "flash"),     # not measured off Hopper
+    ("auto", "cuda", (10, 0), True, False, "flash"),
+    ("flash", "cuda", (9, 0), True, False, "flash"),
+    ("cudnn", "cuda", (8, 6), False, True, "cudnn"),    # asked for: as asked
+    ("cudnn", "cpu", None, False, False, "default"),    # no CUDA: torch's CPU kernels either way
+    ("auto", "cpu", None, True, False, "default"),
 ])
-def test_choose(requested, device, cap, compiled, want):
-    backend, why = attention.choose(requested, device, cap, compiled)
+def test_choose(requested, device, cap, compiled, full, want):
+    backend, why = attention.choose(requested, device, cap, compiled, full=full)
     assert backend == want and why
+    warned = attention.warning(requested, backend)
+    assert (warned is not None) == (backend == "default" and requested != "auto")
+
+
+def test_parallelize_applies_the_choice_and_says_it(monkeypatch, capsys):
+    """adapters.parallelize on a stood-in Hopper GPU (its capability; no block runs): compile unset
+    turns cuDNN's attention on and says why, compile off turns it off; on the CPU a set value is
+    warned about and torch's setting left alone."""
+    import torch._dynamo
+    from kubelora_trainer import adapters, compiling, dist
+    from kubelora_trainer.models.base import Components
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(compiling, "compiler_problem", lambda device_type: None)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    gpu = dist.DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cuda"))
+    cpu = dist.DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    try:
+        with torch._dynamo.config.patch(suppress_errors=False):
+            for compile_, env, want in ((None, gpu, True), (False, gpu, False), (None, cpu, False)):
+                spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},
+                                   "training": {"compile": compile_, "attentionBackend": "cudnn" if env is cpu else "auto"},
+                                   "output": {"uri": "/o"}})
+                adapters.parallelize(adapters.Adapters(), Components(trainable={}), None, spec, env,
+                                     adapters.Layout("none", {}))
+                assert torch.backends.cuda.cudnn_sdp_enabled() is want
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if "attention" in ln]
+        assert lines == ["[model] attention: cuDNN (compiled blocks on a Hopper GPU, where a Flux step ran 1.11x "
+                         "faster than with flash)",
+                         "[model] attention: flash (cuDNN off) (blocks run eagerly, where cuDNN's attention backward "
+                         "crashed on an H100 (torch 2.11))",
+                         "[model] warning: training.attentionBackend cudnn applies to NVIDIA GPUs only; torch's own "
+                         "attention kernel runs here"], lines
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def test_apply_switches_torchs_setting_and_the_nan_hint_follows_it():

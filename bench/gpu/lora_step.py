@@ -12,7 +12,8 @@ activation checkpointing and regional compile) and the family's own loss.
     TINY=1 python bench/gpu/lora_step.py hunyuan eager_gc_fp8   # CPU smoke test of this script
     PROFILE=1 python bench/gpu/lora_step.py flux compile_nogc_fp8t   # also $OUT/profile_<model>_<mode>.txt
     HY_CAPTIONS=varied python bench/gpu/lora_step.py hunyuan compile_gc   # captions of varying length
-        (padded to 256, a different length each step, as in training); default: 256 caption tokens
+        (two samples a micro-batch, padded to 256, different lengths each step: the attention gets a
+        mask, as in training with micro-batches above 1); default: one sample, 256 caption tokens
     ATTN=flash python bench/gpu/lora_step.py flux compile_nogc   # training.attentionBackend (default auto)
 
 Prints one line: RESULT {json} with case, s_per_step (median), peak_gib, mfu, gpu, torch.
@@ -71,11 +72,12 @@ def build(dev):
         batch = {"latents": torch.randn(1, *shape, device=dev, generator=g).to(bf),
                  "prompt_embeds": torch.randn(1, txt, tr.config.joint_attention_dim, device=dev, generator=g).to(bf),
                  "pooled": torch.randn(1, tr.config.pooled_projection_dim, device=dev, generator=g).to(bf)}
-    else:
-        batch = {"latents": torch.randn(1, *shape, device=dev, generator=g).to(bf),
-                 "prompt_embeds": torch.randn(1, txt, tr.config.text_embed_dim, device=dev, generator=g).to(bf),
-                 "prompt_mask": torch.ones(1, txt, device=dev, dtype=torch.bool),
-                 "pooled": torch.randn(1, tr.config.pooled_projection_dim, device=dev, generator=g).to(bf)}
+    else:  # varied captions: two samples a micro-batch, so the shorter caption's padding keeps a mask
+        b = 2 if VARIED else 1
+        batch = {"latents": torch.randn(b, *shape, device=dev, generator=g).to(bf),
+                 "prompt_embeds": torch.randn(b, txt, tr.config.text_embed_dim, device=dev, generator=g).to(bf),
+                 "prompt_mask": torch.ones(b, txt, device=dev, dtype=torch.bool),
+                 "pooled": torch.randn(b, tr.config.pooled_projection_dim, device=dev, generator=g).to(bf)}
     return tr, family, spec_model, batch, g
 
 
@@ -147,9 +149,10 @@ def main():
     lengths = itertools.cycle([max(1, int(f * text_len)) for f in (0.8, 0.55, 1.0, 0.35, 0.7)])
 
     def step():
-        if VARIED and "prompt_mask" in batch:
-            n = next(lengths)
-            batch["prompt_mask"] = (torch.arange(batch["prompt_mask"].shape[1], device=dev) < n)[None]
+        if VARIED and "prompt_mask" in batch:  # the two captions of different lengths, changing each step
+            n, n2 = next(lengths), next(lengths)
+            pos = torch.arange(batch["prompt_mask"].shape[1], device=dev)
+            batch["prompt_mask"] = torch.stack([pos < n, pos < n2])
         with compute():
             loss = fam.loss(comps, batch, spec.model, spec.training, g)
         loss.backward()
@@ -200,7 +203,10 @@ def main():
             f.write(ka.table(sort_by="cuda_time_total", row_limit=45))
             f.write("\n" + ka.table(sort_by="self_cpu_time_total", row_limit=25))
         # the GPU's busy time against the profiled step's wall time: what launches and syncs leave idle
-        busy = sum(e.self_device_time_total for e in ka) / 1e6
+        # (kernels only, as the table's "Self CUDA time total": CPU rows also carry their kernels' time)
+        from torch.autograd import DeviceType
+        busy = sum(e.self_device_time_total for e in ka
+                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
         mem["profiled_step_s"], mem["gpu_busy_s"] = round(wall, 4), round(busy, 4)
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     from kubelora_trainer.throughput import peak_flops
@@ -209,7 +215,9 @@ def main():
                peak_gib=round(peak_bytes / 2**30, 2) if cuda else None,
                mfu=round(flops / s / peak, 3) if peak and flops else None, tflop_per_step=round(flops / 1e12, 2),
                gpu=gpu, params_b=round(nparams / 1e9, 3), lora_m=round(n_lora / 1e6, 2), init_s=round(init_s, 1),
-               first_step_s=round(first_s, 1), loss=loss, **mem)
+               first_step_s=round(first_s, 1), loss=loss,
+               attention="cudnn" if cuda and torch.backends.cuda.cudnn_sdp_enabled() else "flash" if cuda else "cpu",
+               memory_budget_gib=os.environ.get("KUBELORA_MEMORY_BUDGET_GIB"), **mem)
     if ad.memory:  # _auto: the plan's prediction beside the measured peak
         res["memory_plan"] = {k: v for k, v in ad.memory.items() if k not in ("text", "predictedPeakBytes")}
     # 2x8 GPUs at 400 Gb/s each, LoRA gradients in fp32, replicated base (scaling.py; bench/projection.py)

@@ -191,10 +191,12 @@ def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEn
         else:
             print(f"[model] training.compile unset: blocks {'compiled' if compile_blocks else 'run eagerly'} ({why}"
                   f"{'; a block that fails to compile runs eagerly' if compile_blocks else ''})", flush=True)
-    backend, why = attention.choose(t.attentionBackend, env.device.type, cap, compile_blocks)
+    backend, why = attention.choose(t.attentionBackend, env.device.type, cap, compile_blocks,
+                                    full=spec.adapter.type == "full")
     attention.apply(backend)
-    if env.is_main and backend != "default":
-        print(f"[model] attention: {'cuDNN' if backend == 'cudnn' else 'flash (cuDNN off)'} ({why})", flush=True)
+    warn = attention.warning(t.attentionBackend, backend)
+    if env.is_main and (warn or backend != "default"):
+        print(warn or f"[model] attention: {'cuDNN' if backend == 'cudnn' else 'flash (cuDNN off)'} ({why})", flush=True)
     for name, module in comps.trainable.items():
         out.compute = dist.parallelize(
             module, family.blocks(name, module), sharding=lay.sharding, compute_dtype=getattr(torch, spec.model.dtype),

@@ -410,14 +410,15 @@ class TrainingSpec(_Model):
                                   "older GPUs, with training.cpuOffload (not measured on a GPU yet) and where the "
                                   "image lacks a C compiler or Python's headers (a warning says so).")
     attentionBackend: Literal["auto", "flash", "cudnn"] = Field(
-        default="auto", description="The attention kernel on NVIDIA GPUs (no effect on CPU). cudnn: cuDNN's fused "
-                                    "attention (on an H100 its backward took half the flash kernel's time: a "
-                                    "HunyuanVideo step 1.34x, a Flux step 1.11x faster; docs/benchmarks.md); flash: "
-                                    "cuDNN's kernel off, torch runs flash attention (its memory-efficient kernel "
-                                    "where a mask is passed). auto: cudnn for compiled blocks on Hopper GPUs "
-                                    "(compute capability 9.x), flash elsewhere (eager blocks: cuDNN's backward "
-                                    "crashed the eager Flux step on an H100). Set flash if a run's loss turns NaN "
-                                    "with cuDNN (known cuDNN backward bugs with attention masks).")
+        default="auto", description="The attention kernel on NVIDIA GPUs (no effect on CPU: a warning). cudnn: "
+                                    "cuDNN's fused attention (on an H100 about half the flash kernels' time; a Flux "
+                                    "fp8 step 1.11x faster, docs/benchmarks.md); flash: cuDNN's kernel off, torch "
+                                    "runs flash attention (its memory-efficient kernel where a mask is passed). auto: "
+                                    "cudnn for LoRA training with compiled blocks on Hopper GPUs (compute capability "
+                                    "9.x), flash elsewhere (eager blocks, a full fine-tune's eager attention outside "
+                                    "the blocks: cuDNN's backward crashed the eager Flux step on an H100). Set flash "
+                                    "if a run's loss turns NaN with cuDNN (known cuDNN backward bugs with attention "
+                                    "masks).")
     sharding: Literal["auto", "replicate", "shard"] = Field(
         default="auto", description="How several ranks hold the model. replicate: a full copy on every GPU, and only "
                                     "the adapters' gradients travel (one all-reduce per optimizer step); shard: FSDP2 "
