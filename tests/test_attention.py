@@ -89,3 +89,27 @@ def test_spec_field_default_values_and_refusal():
 def test_changing_the_backend_does_not_refuse_a_resume():
     old, new = checkpoint.fingerprint(_spec()), checkpoint.fingerprint(_spec(attentionBackend="flash"))
     assert checkpoint.changed_fields(old, new) == []
+
+
+def test_a_kept_text_mask_aligns_the_key_length_away_from_cudnns_nan_case():
+    """trim_text_padding: where captions of different lengths keep a mask, the text is kept up to a
+    length that makes video + text a multiple of 128 (cuDNN's backward returns NaN for masked keys
+    of length 64 mod 128, pytorch/pytorch#196678), padding past the padded length where needed (masked
+    out, zeros); a caption batch
+    whose trimmed mask is all true is trimmed exactly (the mask is then dropped)."""
+    from kubelora_trainer.models.base import trim_text_padding
+
+    def kept(lengths, others, total=256):
+        mask = torch.stack([torch.arange(total) < n for n in lengths])
+        emb, m = trim_text_padding(torch.ones(len(lengths), total, 4), mask, others=others)
+        assert emb.shape[1] == m.shape[1]
+        assert m[:, :total].equal(mask[:, :m.shape[1]]) and not m[:, total:].any() and not emb[:, total:].any()
+        return m.shape[1]
+
+    assert kept([100, 40], 9216) == 128           # 9216 video tokens + 128: 74 x 128
+    assert kept([129, 3], 9216) == 256
+    assert kept([100, 40], 9216 + 64) == 192      # 9280 + 192 = 9472
+    assert kept([100], 9216 + 64) == 100          # one caption: exact, its mask is all true and dropped
+    assert kept([100, 100], 9216) == 100
+    assert kept([250, 3], 9216 + 64) == 320       # past the padded length: more padding (256 would be 64 mod 128)
+    assert (9216 + 64 + kept([20, 10], 9216 + 64)) % 128 == 0

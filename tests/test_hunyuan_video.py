@@ -445,8 +445,8 @@ def test_blocks_attend_without_a_mask_when_every_text_position_is_a_caption_toke
 
 def test_trimmed_unmasked_attention_gives_the_masked_result():
     """Exactness: padded caption at batch 1 (trimmed, then no mask), and a batch of two captions of
-    different lengths (trimmed to the longer, mask kept) give the transformer's output on the
-    padded inputs with diffusers' masks."""
+    different lengths (trimmed to the longer, then rounded up to the alignment, mask kept) give the
+    transformer's output on the padded inputs with diffusers' masks."""
     from kubelora_trainer.models.hunyuan_video.family import trim_text_padding, unmask_full_captions
 
     ref, model = _tiny_transformer(), _tiny_transformer()
@@ -459,9 +459,12 @@ def test_trimmed_unmasked_attention_gives_the_masked_result():
                encoder_hidden_states=torch.cat([p["encoder_hidden_states"], p["encoder_hidden_states"].flip(1)]),
                encoder_attention_mask=mask2, pooled_projections=p["pooled_projections"].repeat(2, 1),
                timestep=torch.tensor([600.0, 300.0]), guidance=torch.tensor([1000.0, 1000.0]))
-    for inputs, full in ((p, True), (two, False)):
-        emb, mask = trim_text_padding(inputs["encoder_hidden_states"], inputs["encoder_attention_mask"])
-        assert emb.shape[1] == mask.shape[1] == 9
+    # align 2: the longer caption's 9 positions and one of padding (9 + 0 others is odd); 1 + 9 to a
+    # multiple of 8: 15 positions, 3 of them past the padded 12 (zeros, masked out)
+    for inputs, full, kept, align in ((p, True, 9, dict(align=2)), (two, False, 10, dict(align=2)),
+                                      (two, False, 15, dict(others=1, align=8))):
+        emb, mask = trim_text_padding(inputs["encoder_hidden_states"], inputs["encoder_attention_mask"], **align)
+        assert emb.shape[1] == mask.shape[1] == kept
         with torch.no_grad():
             want = ref(**inputs)[0]
             got = model(**dict(inputs, encoder_hidden_states=emb, encoder_attention_mask=mask))[0]

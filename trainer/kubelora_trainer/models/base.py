@@ -80,15 +80,29 @@ class ModelFamily(Protocol):
         `kubelora convert` is parse + export."""
 
 
-def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor, others: int = 0,
+                      align: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """The caption embeddings [B, L, D] and mask [B, L] without the trailing positions that are
     padding in every caption of the batch (at least one position is kept). Exact for a
     transformer that masks padded text keys out and gives text tokens no positional embedding
     (padded text queries, where text attends too, only produce padded text outputs). Shorter
-    sequences, and an all-true mask that can be dropped so SDPA may use flash attention."""
+    sequences, and an all-true mask that can be dropped so SDPA may use flash attention.
+
+    Where a mask stays (captions of different lengths in one batch), the kept length is rounded up
+    so that the attention's key length, `others` (e.g. the video tokens the text is joined to)
+    plus the text, is a multiple of `align`, past L with more padding where needed: cuDNN's
+    attention backward returns NaN query gradients for masked keys of length 64 mod 128
+    (pytorch/pytorch#196678), and aligned lengths also give the compiler fewer shapes. The added
+    positions are padding, masked out."""
     used = mask.bool().any(dim=0).nonzero()
     n = int(used[-1]) + 1 if len(used) else 1
-    return (embeds, mask) if n == mask.shape[1] else (embeds[:, :n], mask[:, :n])
+    length = mask.shape[1]
+    if not bool(mask[:, :n].bool().all()):
+        n += (-(others + n)) % align
+    if n > length:
+        more = n - length
+        return (torch.nn.functional.pad(embeds, (0, 0, 0, more)), torch.nn.functional.pad(mask, (0, more)))
+    return (embeds, mask) if n == length else (embeds[:, :n], mask[:, :n])
 
 
 def refuse_unknown_modules(modules, known, family: str) -> None:
