@@ -16,7 +16,7 @@ ROOT = Path(__file__).parent.parent
                                               ("flux", "eager_auto_fp8", {})])
 def test_the_gpu_step_benchmark_runs_on_the_tiny_models(model, mode, extra):
     env = {**os.environ, "TINY": "1", "PYTHONPATH": str(ROOT / "trainer"), "OMP_NUM_THREADS": "1",
-           "KUBELORA_MEMORY_BUDGET_GIB": "0.01", **extra}  # a budget, so _auto's memory plan runs on the CPU too
+           "BUDGET_GIB": "0.01", **extra}  # training.memoryBudgetGiB, so _auto's memory plan runs on the CPU too
     p = subprocess.run([sys.executable, str(ROOT / "bench/gpu/lora_step.py"), model, mode], env=env,
                        capture_output=True, text=True, timeout=600)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)

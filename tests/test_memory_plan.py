@@ -152,10 +152,11 @@ def test_a_run_with_too_little_memory_recomputes_every_block_and_says_so(tmp_pat
     one_rank_env(monkeypatch)
     monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("KUBELORA_METRICS_PORT", "0")
-    monkeypatch.setenv(memory_plan.BUDGET_ENV, "0.000001")
+    monkeypatch.delenv(memory_plan.BUDGET_ENV, raising=False)
     data = write_overfit_data(tmp_path / "data")
+    # training.memoryBudgetGiB: on a CPU (no device memory known) the plan runs with the budget asked
     spec = parse_spec({"model": {"type": "flux", "diffusersPath": str(tiny_flux_dir), "dtype": "float32"},
-                       "dataset": {"uri": str(data), "resolution": 32}, "training": {"steps": 2},
+                       "dataset": {"uri": str(data), "resolution": 32}, "training": {"steps": 2, "memoryBudgetGiB": 1e-6},
                        "output": {"uri": str(tmp_path / "out")}})
     assert train.run(spec, "tight") == 0, capsys.readouterr().err[-3000:]
     log = capsys.readouterr().out
@@ -173,7 +174,8 @@ def test_a_gpu_out_of_memory_names_the_settings_that_lower_a_step_and_is_not_ret
                        "training": {"microBatchSize": 2}, "output": {"uri": "/o"}})
     msg = train.out_of_memory(err, spec)
     assert msg.startswith("the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
-    for fix in ("training.gradientCheckpointing: true", "memory plan", "model.transformerDtype: float8",
+    for fix in ("training.gradientCheckpointing: true", "memory plan", "training.memoryBudgetGiB below",
+                "model.transformerDtype: float8",
                 "training.cpuOffload: true", "training.microBatchSize below 2", "frame count"):
         assert fix in msg, fix
     lean = parse_spec({"model": {"type": "flux", "diffusersPath": "/m", "transformerDtype": "float8"},
@@ -322,3 +324,29 @@ def test_a_gpu_that_cannot_compile_runs_eagerly_with_one_warning_naming_the_fix(
                      "faster compiled; Triton finds no C compiler (gcc or clang, or $CC): install it in the trainer "
                      "image (gcc and python3-dev on Debian/Ubuntu)"], lines
     assert torch._dynamo.config.suppress_errors is False
+
+
+def test_memory_budget_lowers_the_plans_budget_never_raises_it(monkeypatch):
+    """training.memoryBudgetGiB: the plan's budget when below the GPU's default (92% less 1 GiB),
+    the default when above it; on a CPU the asked budget (a plan runs); refused where no plan runs;
+    not a change that refuses a resume."""
+    from kubelora_trainer import checkpoint
+    from kubelora_trainer.spec import SpecError
+    monkeypatch.delenv(memory_plan.BUDGET_ENV, raising=False)
+    gpu = 80 * 2**30
+    default = int(gpu * 0.92) - 2**30
+    assert memory_plan.budget_bytes(gpu, 30) == 30 * 2**30
+    assert memory_plan.budget_bytes(gpu, 500) == default
+    assert memory_plan.budget_bytes(None, 2.5) == int(2.5 * 2**30)
+    assert memory_plan.budget_bytes(gpu, None) == default
+
+    def spec(**training):
+        return parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},
+                           "training": training, "output": {"uri": "/o"}})
+    assert spec(memoryBudgetGiB=30).training.memoryBudgetGiB == 30
+    for bad in ({"gradientCheckpointing": True}, {"gradientCheckpointing": False}, {"cpuOffload": True}):
+        with pytest.raises(SpecError, match="training.memoryBudgetGiB"):
+            spec(memoryBudgetGiB=30, **bad)
+    with pytest.raises(SpecError, match="memoryBudgetGiB"):
+        spec(memoryBudgetGiB=0)
+    assert checkpoint.changed_fields(checkpoint.fingerprint(spec()), checkpoint.fingerprint(spec(memoryBudgetGiB=20))) == []

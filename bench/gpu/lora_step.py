@@ -15,6 +15,7 @@ activation checkpointing and regional compile) and the family's own loss.
         (two samples a micro-batch, padded to 256, different lengths each step: the attention gets a
         mask, as in training with micro-batches above 1); default: one sample, 256 caption tokens
     ATTN=flash python bench/gpu/lora_step.py flux compile_nogc   # training.attentionBackend (default auto)
+    BUDGET_GIB=30 python bench/gpu/lora_step.py hunyuan compile_auto_fp8   # training.memoryBudgetGiB
 
 Prints one line: RESULT {json} with case, s_per_step (median), peak_gib, mfu, gpu, torch.
 mfu = model FLOPs of the step (forward GEMMs and attention counted once by torch's FlopCounterMode
@@ -37,6 +38,7 @@ TINY = os.environ.get("TINY") == "1"
 OFFLOAD = "_off" in MODE   # training.cpuOffload
 VARIED = os.environ.get("HY_CAPTIONS") == "varied"
 ATTN = os.environ.get("ATTN", "auto")  # training.attentionBackend: auto (cuDNN compiled on Hopper), flash, cudnn
+BUDGET = os.environ.get("BUDGET_GIB")  # training.memoryBudgetGiB for the _auto modes (the memory plan's budget)
 if TINY:
     os.environ["KUBELORA_FORCE_CPU"] = "1"
 
@@ -135,7 +137,8 @@ def main():
         "adapter": {"rank": 32, "alpha": 32},
         # _auto: gradientCheckpointing unset, the trainer's memory plan decides (its prediction is reported)
         "training": {"gradientCheckpointing": True if "_gc" in MODE else None if "_auto" in MODE else False, "compile": MODE.startswith("compile"), "cpuOffload": OFFLOAD,
-                     "learningRate": 1e-4, "attentionBackend": ATTN},
+                     "learningRate": 1e-4, "attentionBackend": ATTN,
+                     **({"memoryBudgetGiB": float(BUDGET)} if BUDGET and "_auto" in MODE else {})},
         "output": {"uri": "/bench/out"},
     })
     nparams = sum(p.numel() for p in tr.parameters())
@@ -217,7 +220,7 @@ def main():
                gpu=gpu, params_b=round(nparams / 1e9, 3), lora_m=round(n_lora / 1e6, 2), init_s=round(init_s, 1),
                first_step_s=round(first_s, 1), loss=loss,
                attention="cudnn" if cuda and torch.backends.cuda.cudnn_sdp_enabled() else "flash" if cuda else "cpu",
-               memory_budget_gib=os.environ.get("KUBELORA_MEMORY_BUDGET_GIB"), **mem)
+               memory_budget_gib=spec.training.memoryBudgetGiB, **mem)
     if ad.memory:  # _auto: the plan's prediction beside the measured peak
         res["memory_plan"] = {k: v for k, v in ad.memory.items() if k not in ("text", "predictedPeakBytes")}
     # 2x8 GPUs at 400 Gb/s each, LoRA gradients in fp32, replicated base (scaling.py; bench/projection.py)

@@ -18,7 +18,7 @@ python3 -c "import torch, peft, diffusers; print(torch.__version__, peft.__versi
 # <= 30 GiB target), and Flux fp8 with checkpointing and cuDNN (the <= 0.45 s at <= 26 GiB target);
 # about 2 minutes a case, 8 in all. Apart: kubelora:hunyuan:compile_gc_fp8:HY_CAPTIONS=varied,PER=170
 # (masks reach cuDNN's attention) and kubelora:flux:eager_nogc_fp8:ATTN=cudnn (decision 6's crash)
-CASES=${CASES:-"kubelora:hunyuan:compile_gc_fp8:ATTN=flash kubelora:hunyuan:compile_gc_fp8 kubelora:hunyuan:compile_auto_fp8:KUBELORA_MEMORY_BUDGET_GIB=30,PROFILE=1 kubelora:flux:compile_gc_fp8"}
+CASES=${CASES:-"kubelora:hunyuan:compile_gc_fp8:ATTN=flash kubelora:hunyuan:compile_gc_fp8 kubelora:hunyuan:compile_auto_fp8:BUDGET_GIB=30,PROFILE=1 kubelora:flux:compile_gc_fp8"}
 for c in $CASES; do
   IFS=: read -r runner model mode extra <<<"$c"
   log="/tmp/${runner}_${model}_${mode}_${extra//[^A-Za-z0-9]/_}.err"

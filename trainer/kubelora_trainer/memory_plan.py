@@ -52,14 +52,19 @@ class Plan:
     fits: bool
 
 
-def budget_bytes(total: Optional[int]) -> Optional[int]:
+def budget_bytes(total: Optional[int], requested_gib: Optional[float] = None) -> Optional[int]:
     """What a plan may use of a device with `total` bytes: 92% less 1 GiB (the CUDA context, cuBLAS
-    workspaces and the allocator's fragmentation live in the rest). $KUBELORA_MEMORY_BUDGET_GIB sets
-    it outright (a GPU shared with another process; tests on the CPU). None: no limit known (CPU)."""
+    workspaces and the allocator's fragmentation live in the rest). training.memoryBudgetGiB
+    (requested_gib) lowers it, never raises it; $KUBELORA_MEMORY_BUDGET_GIB sets it outright (tests
+    on the CPU). None: no limit known (a CPU, nothing requested)."""
     forced = os.environ.get(BUDGET_ENV)
     if forced:
         return int(float(forced) * GiB)
-    return None if total is None else int(total * 0.92) - GiB
+    usable = None if total is None else int(total * 0.92) - GiB
+    if requested_gib is None:
+        return usable
+    asked = int(requested_gib * GiB)
+    return asked if usable is None else min(asked, usable)
 
 
 def static_bytes(*, frozen: int, trainable: int, sharding: str, world: int, largest_block: int,

@@ -394,9 +394,16 @@ class TrainingSpec(_Model):
                     "recomputed. true: every block (or one in gradientCheckpointingEvery); false: none. Unset: chosen "
                     "per run on a GPU: one forward of the largest micro-batch measures what each block keeps for "
                     "backward, and the fewest blocks are recomputed that keep the predicted peak within 92% of the "
-                    "GPU's memory less 1 GiB ($KUBELORA_MEMORY_BUDGET_GIB overrides); with sharding auto, weights "
+                    "GPU's memory less 1 GiB (or training.memoryBudgetGiB); with sharding auto, weights "
                     "are sharded when even recomputing every block would not fit. None on a CPU; every block with "
                     "cpuOffload.")
+    memoryBudgetGiB: Optional[float] = Field(
+        default=None, gt=0, le=4096,
+        description="With gradientCheckpointing unset: the GPU memory (GiB per GPU) the memory plan may use, "
+                    "when less than the default 92% of the GPU's memory less 1 GiB (a GPU shared with another "
+                    "process, a MIG slice, or memory kept free): fewer activations kept, more blocks recomputed. "
+                    "A larger value than the default is lowered to it (a warning). Refused with "
+                    "gradientCheckpointing set or cpuOffload, which plan nothing.")
     gradientCheckpointingEvery: int = Field(
         default=1, ge=1, le=64,
         description="With gradientCheckpointing, checkpoint one repeated block in N (selective by block, as "
@@ -788,6 +795,12 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
                 "its noise levels its own way: remove it")
     if spec.model.float8Compute is not None and spec.model.transformerDtype != "float8":
         return "model.float8Compute: applies only with model.transformerDtype: float8; set that too or remove it"
+    if spec.training.memoryBudgetGiB is not None and (spec.training.gradientCheckpointing is not None
+                                                      or spec.training.cpuOffload):
+        what = ("training.cpuOffload recomputes every block" if spec.training.cpuOffload else
+                "training.gradientCheckpointing set says which blocks are recomputed")
+        return (f"training.memoryBudgetGiB: budgets the memory plan, which runs with gradientCheckpointing unset; "
+                f"{what}: remove one of them")
     if spec.resources.cacheSize and spec.resources.cacheVolumeClaim:
         return ("resources.cacheSize sizes the per-pod cache (an emptyDir); with resources.cacheVolumeClaim the "
                 "claim's own size applies: remove one of them")

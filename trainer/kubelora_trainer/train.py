@@ -479,6 +479,9 @@ def out_of_memory(error: BaseException, spec: LoRATrainingJobSpec) -> str:
         fixes.append("training.gradientCheckpointing: true (every block recomputed"
                      + (", overriding the memory plan's choice in the log's [memory] line)"
                         if t.gradientCheckpointing is None else ")"))
+    if t.gradientCheckpointing is None and not t.cpuOffload:
+        fixes.append("a training.memoryBudgetGiB below the budget in the log's [memory] line (the plan then "
+                     "recomputes more blocks)")
     if spec.model.transformerDtype != "float8" and spec.adapter.type != "full":
         fixes.append("model.transformerDtype: float8 (half the weight memory; other numerics, so the run starts "
                      "again from step 1: another output.uri or output.onExisting: overwrite)")
