@@ -91,25 +91,27 @@ def test_changing_the_backend_does_not_refuse_a_resume():
     assert checkpoint.changed_fields(old, new) == []
 
 
-def test_a_kept_text_mask_aligns_the_key_length_away_from_cudnns_nan_case():
-    """trim_text_padding: where captions of different lengths keep a mask, the text is kept up to a
-    length that makes video + text a multiple of 128 (cuDNN's backward returns NaN for masked keys
-    of length 64 mod 128, pytorch/pytorch#196678), padding past the padded length where needed (masked
-    out, zeros); a caption batch
-    whose trimmed mask is all true is trimmed exactly (the mask is then dropped)."""
+def test_a_kept_text_mask_keeps_every_key_length_off_cudnns_nan_case():
+    """trim_text_padding: where captions of different lengths keep a mask, one or two more padding
+    positions are kept where a masked attention's key length (video + text for HunyuanVideo's
+    blocks, the text alone for its token refiner and LTX-Video's cross-attention) would be 64 mod
+    128 (cuDNN's backward returns NaN there, pytorch/pytorch#196678), past the padded length too
+    (zeros, masked out); otherwise, and for a batch whose trimmed mask is all true, trimmed exactly."""
     from kubelora_trainer.models.base import trim_text_padding
 
-    def kept(lengths, others, total=256):
+    def kept(lengths, offsets, total=256):
         mask = torch.stack([torch.arange(total) < n for n in lengths])
-        emb, m = trim_text_padding(torch.ones(len(lengths), total, 4), mask, others=others)
+        emb, m = trim_text_padding(torch.ones(len(lengths), total, 4), mask, key_offsets=offsets)
         assert emb.shape[1] == m.shape[1]
         assert m[:, :total].equal(mask[:, :m.shape[1]]) and not m[:, total:].any() and not emb[:, total:].any()
         return m.shape[1]
 
-    assert kept([100, 40], 9216) == 128           # 9216 video tokens + 128: 74 x 128
-    assert kept([129, 3], 9216) == 256
-    assert kept([100, 40], 9216 + 64) == 192      # 9280 + 192 = 9472
-    assert kept([100], 9216 + 64) == 100          # one caption: exact, its mask is all true and dropped
-    assert kept([100, 100], 9216) == 100
-    assert kept([250, 3], 9216 + 64) == 320       # past the padded length: more padding (256 would be 64 mod 128)
-    assert (9216 + 64 + kept([20, 10], 9216 + 64)) % 128 == 0
+    assert kept([100, 40], (9216, 0)) == 100      # 9316 and 100: clean as they are
+    assert kept([64, 40], (9216, 0)) == 65        # 9280 = 64 mod 128, and 64: one more
+    assert kept([63, 40], (9216 + 1, 0)) == 65    # 9280 at 63, then 64 alone at 64: two more
+    assert kept([64], (9216, 0)) == 64            # one caption: exact, its mask is all true and dropped
+    assert kept([64, 64], (0,)) == 64
+    assert kept([256, 3], (9216 + 64,)) == 257    # past the padded length: 9536 = 64 mod 128
+    for n in range(1, 257):
+        k = kept([n, 1], (9216 + 64, 0))
+        assert k - n <= 2 and (9280 + k) % 128 != 64 and k % 128 != 64

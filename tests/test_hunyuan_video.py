@@ -445,8 +445,9 @@ def test_blocks_attend_without_a_mask_when_every_text_position_is_a_caption_toke
 
 def test_trimmed_unmasked_attention_gives_the_masked_result():
     """Exactness: padded caption at batch 1 (trimmed, then no mask), and a batch of two captions of
-    different lengths (trimmed to the longer, then rounded up to the alignment, mask kept) give the
-    transformer's output on the padded inputs with diffusers' masks."""
+    different lengths (trimmed to the longer, padding kept or added past the cached length where a
+    key length would be cuDNN's bad one, mask kept) give the transformer's output on the padded
+    inputs with diffusers' masks."""
     from kubelora_trainer.models.hunyuan_video.family import trim_text_padding, unmask_full_captions
 
     ref, model = _tiny_transformer(), _tiny_transformer()
@@ -459,11 +460,13 @@ def test_trimmed_unmasked_attention_gives_the_masked_result():
                encoder_hidden_states=torch.cat([p["encoder_hidden_states"], p["encoder_hidden_states"].flip(1)]),
                encoder_attention_mask=mask2, pooled_projections=p["pooled_projections"].repeat(2, 1),
                timestep=torch.tensor([600.0, 300.0]), guidance=torch.tensor([1000.0, 1000.0]))
-    # align 2: the longer caption's 9 positions and one of padding (9 + 0 others is odd); 1 + 9 to a
-    # multiple of 8: 15 positions, 3 of them past the padded 12 (zeros, masked out)
-    for inputs, full, kept, align in ((p, True, 9, dict(align=2)), (two, False, 10, dict(align=2)),
-                                      (two, False, 15, dict(others=1, align=8))):
-        emb, mask = trim_text_padding(inputs["encoder_hidden_states"], inputs["encoder_attention_mask"], **align)
+    # offset 55: 55 + 9 is 64 (cuDNN's bad key length), so one padding position more; offset 52 and
+    # the text kept whole (12): 52 + 12 is 64 again, so one position past the padded 12 (zeros, masked)
+    two_whole = dict(two, encoder_attention_mask=torch.ones(2, 12, dtype=torch.long))
+    two_whole["encoder_attention_mask"][1, 7:] = 0
+    for inputs, full, kept, offsets in ((p, True, 9, (55,)), (two, False, 10, (55,)), (two_whole, False, 13, (52,))):
+        emb, mask = trim_text_padding(inputs["encoder_hidden_states"], inputs["encoder_attention_mask"],
+                                      key_offsets=offsets)
         assert emb.shape[1] == mask.shape[1] == kept
         with torch.no_grad():
             want = ref(**inputs)[0]

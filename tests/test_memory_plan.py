@@ -1,8 +1,9 @@
 """training.gradientCheckpointing unset: the memory plan. Pure planning on made-up profiles; the
 measured profile of the tiny Flux against the saved tensors of real steps counted independently;
 the trainer wrapping exactly the planned blocks with the same gradients; and one run through the
-real trainer. A CPU has no memory limit, so the budget is set by $KUBELORA_MEMORY_BUDGET_GIB (what
-a user sets to keep part of a GPU for something else); a GPU's own memory is not tested here."""
+real trainer. A CPU has no memory limit, so the budget is set by training.memoryBudgetGiB (what a
+user sets to keep part of a GPU for something else) or $KUBELORA_MEMORY_BUDGET_GIB; a GPU's own
+memory is not tested here."""
 import json
 
 import pytest
@@ -339,6 +340,10 @@ def test_memory_budget_lowers_the_plans_budget_never_raises_it(monkeypatch):
     assert memory_plan.budget_bytes(gpu, 500) == default
     assert memory_plan.budget_bytes(None, 2.5) == int(2.5 * 2**30)
     assert memory_plan.budget_bytes(gpu, None) == default
+    for asked in (30, 30.1, 20.3, 0.7, 72.6):  # not lowered: no warning (rounding to bytes included)
+        assert memory_plan.budget_warning(asked, memory_plan.budget_bytes(gpu, asked)) is None
+    assert "memoryBudgetGiB 500 is more than" in memory_plan.budget_warning(500, memory_plan.budget_bytes(gpu, 500))
+    assert memory_plan.budget_warning(500, 2**30, forced=True) is None  # the variable set it outright
 
     def spec(**training):
         return parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},

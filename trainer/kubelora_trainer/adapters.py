@@ -2,6 +2,7 @@
 the one place where peft, checkpointing, compile, FSDP2 and optimizer groups meet."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -100,10 +101,9 @@ def layout(ad: Adapters, comps: Components, family, spec, env: dist.DistEnv,
         picked = {n for n, (_, _, i) in names.items() if on and i % every == 0}
         return Layout(sharding, _by_component(picked, names))
     budget = memory_plan.budget_bytes(total, t.memoryBudgetGiB)
-    if env.is_main and t.memoryBudgetGiB is not None and budget is not None and budget < t.memoryBudgetGiB * memory_plan.GiB:
-        print(f"[memory] warning: training.memoryBudgetGiB {t.memoryBudgetGiB:g} is more than this GPU leaves for "
-              f"training ({budget / memory_plan.GiB:.2f} GiB: 92% of its memory less 1 GiB); planning for that",
-              flush=True)
+    warn = memory_plan.budget_warning(t.memoryBudgetGiB, budget, forced=bool(os.environ.get(memory_plan.BUDGET_ENV)))
+    if env.is_main and warn:
+        print(warn, flush=True)
     if budget is None:  # a CPU: no limit known, nothing recomputed
         return Layout(sharding, {})
     modules = {n: family.blocks(c, comps.trainable[c])[j][i] for n, (c, j, i) in names.items()}

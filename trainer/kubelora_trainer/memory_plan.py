@@ -67,6 +67,15 @@ def budget_bytes(total: Optional[int], requested_gib: Optional[float] = None) ->
     return asked if usable is None else min(asked, usable)
 
 
+def budget_warning(requested_gib: Optional[float], budget: Optional[int], forced: bool = False) -> Optional[str]:
+    """The warning when budget_bytes lowered training.memoryBudgetGiB to what the GPU leaves (None
+    when it did not, or when $KUBELORA_MEMORY_BUDGET_GIB set the budget outright). Pure."""
+    if requested_gib is None or budget is None or forced or budget >= int(requested_gib * GiB):
+        return None
+    return (f"[memory] warning: training.memoryBudgetGiB {requested_gib:g} is more than this GPU leaves for "
+            f"training ({budget / GiB:.2f} GiB: 92% of its memory less 1 GiB); planning for that")
+
+
 def static_bytes(*, frozen: int, trainable: int, sharding: str, world: int, largest_block: int,
                  offload: bool = False) -> int:
     """One rank's weights and optimizer state. Trainable weights are fp32, each with an fp32

@@ -402,8 +402,9 @@ class TrainingSpec(_Model):
         description="With gradientCheckpointing unset: the GPU memory (GiB per GPU) the memory plan may use, "
                     "when less than the default 92% of the GPU's memory less 1 GiB (a GPU shared with another "
                     "process, a MIG slice, or memory kept free): fewer activations kept, more blocks recomputed. "
-                    "A larger value than the default is lowered to it (a warning). Refused with "
-                    "gradientCheckpointing set or cpuOffload, which plan nothing.")
+                    "A larger value than the default is lowered to it (a warning). On a CPU, which has no limit "
+                    "known, setting it makes the plan run with it. Refused with gradientCheckpointing set or "
+                    "cpuOffload, which plan nothing.")
     gradientCheckpointingEvery: int = Field(
         default=1, ge=1, le=64,
         description="With gradientCheckpointing, checkpoint one repeated block in N (selective by block, as "

@@ -80,25 +80,31 @@ class ModelFamily(Protocol):
         `kubelora convert` is parse + export."""
 
 
-def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor, others: int = 0,
-                      align: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+# cuDNN's attention backward returns NaN query gradients for masked keys of this length mod 128
+# (pytorch/pytorch#196678; clean at every other remainder tested there)
+CUDNN_BAD_KEYS = (64, 128)
+
+
+def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor,
+                      key_offsets: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, torch.Tensor]:
     """The caption embeddings [B, L, D] and mask [B, L] without the trailing positions that are
     padding in every caption of the batch (at least one position is kept). Exact for a
     transformer that masks padded text keys out and gives text tokens no positional embedding
     (padded text queries, where text attends too, only produce padded text outputs). Shorter
     sequences, and an all-true mask that can be dropped so SDPA may use flash attention.
 
-    Where a mask stays (captions of different lengths in one batch), the kept length is rounded up
-    so that the attention's key length, `others` (e.g. the video tokens the text is joined to)
-    plus the text, is a multiple of `align`, past L with more padding where needed: cuDNN's
-    attention backward returns NaN query gradients for masked keys of length 64 mod 128
-    (pytorch/pytorch#196678), and aligned lengths also give the compiler fewer shapes. The added
-    positions are padding, masked out."""
+    Where a mask stays (captions of different lengths in one batch), one or two more padding
+    positions are kept where needed (past L too: zeros, masked out) so that no masked attention's
+    key length, offset + text for each of key_offsets (e.g. the video tokens the text is joined
+    to, and 0 for attention over the text alone), is 64 mod 128: cuDNN's backward returns NaN
+    there (CUDNN_BAD_KEYS)."""
     used = mask.bool().any(dim=0).nonzero()
     n = int(used[-1]) + 1 if len(used) else 1
     length = mask.shape[1]
     if not bool(mask[:, :n].bool().all()):
-        n += (-(others + n)) % align
+        bad, mod = CUDNN_BAD_KEYS
+        while any((o + n) % mod == bad for o in key_offsets):
+            n += 1
     if n > length:
         more = n - length
         return (torch.nn.functional.pad(embeds, (0, 0, 0, more)), torch.nn.functional.pad(mask, (0, more)))

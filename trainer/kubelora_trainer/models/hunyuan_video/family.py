@@ -380,9 +380,11 @@ class HunyuanVideo:
         if comps.info["guidance_embeds"]:
             guidance = torch.full((b,), EMBEDDED_GUIDANCE * 1000.0, device=x0.device, dtype=dtype)
         unmask_full_captions(tr)
-        # the joint attention's keys: the video tokens (patch 1x2x2) and the text
-        video_tokens = x0.shape[2] * (x0.shape[3] // 2) * (x0.shape[4] // 2)
-        embeds, mask = trim_text_padding(batch["prompt_embeds"], batch["prompt_mask"], others=video_tokens)
+        # masked attention over the video tokens and the text (the blocks), and over the text alone
+        # (the token refiner)
+        p, pt = tr.config.patch_size, tr.config.patch_size_t
+        video_tokens = (x0.shape[2] // pt) * (x0.shape[3] // p) * (x0.shape[4] // p)
+        embeds, mask = trim_text_padding(batch["prompt_embeds"], batch["prompt_mask"], key_offsets=(video_tokens, 0))
         # as HunyuanVideoPipeline: latents in the model dtype, the timestep (0..1000) in float32
         pred = tr(hidden_states=xt.to(dtype), timestep=t * 1000.0,
                   encoder_hidden_states=embeds, encoder_attention_mask=mask,
