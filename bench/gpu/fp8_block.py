@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kubelora_trainer import fp8
+from timing import timed as _timed  # bench/gpu/timing.py (the script's folder is on sys.path)
 
 TINY = os.environ.get("TINY") == "1"
 DEV = "cpu" if TINY else "cuda"
@@ -113,20 +114,7 @@ def build(kind: str) -> nn.ModuleList:
 
 
 def timed(fn, n):
-    for _ in range(3):
-        fn()
-    if TINY:
-        import time
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t) / n * 1e3
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(); s.record()
-    for _ in range(n):
-        fn()
-    e.record(); torch.cuda.synchronize()
-    return s.elapsed_time(e) / n
+    return _timed(fn, n, warmup=3, cuda=not TINY)
 
 
 def run(kind: str) -> dict:

@@ -10,6 +10,7 @@ import os
 import torch
 
 from kubelora_trainer import fp8
+from timing import timed as _timed  # bench/gpu/timing.py (the script's folder is on sys.path)
 
 TINY = os.environ.get("TINY") == "1"
 dev = "cpu" if TINY else "cuda"
@@ -17,20 +18,7 @@ SHAPES = [(64, 64, 128)] if TINY else [(4608, 3072, 12288), (4608, 12288, 3072),
 
 
 def timed(fn, n=3 if TINY else 20):
-    for _ in range(2):
-        fn()
-    if TINY:
-        import time
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t) / n * 1e3
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(); s.record()
-    for _ in range(n):
-        fn()
-    e.record(); torch.cuda.synchronize()
-    return s.elapsed_time(e) / n
+    return _timed(fn, n, warmup=2, cuda=not TINY)
 
 
 for m, k, n in SHAPES:
