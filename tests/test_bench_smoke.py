@@ -12,11 +12,11 @@ ROOT = Path(__file__).parent.parent
 
 
 @pytest.mark.parametrize("model,mode,extra", [("flux", "eager_nogc_fp8t_off", {}),
-                                              ("hunyuan", "compile_gc_fp8", {"HY_CAPTIONS": "varied"}),
+                                              ("hunyuan", "compile_gc_fp8", {"HY_CAPTIONS": "varied", "PROFILE": "1"}),
                                               ("flux", "eager_auto_fp8", {})])
-def test_the_gpu_step_benchmark_runs_on_the_tiny_models(model, mode, extra):
+def test_the_gpu_step_benchmark_runs_on_the_tiny_models(model, mode, extra, tmp_path):
     env = {**os.environ, "TINY": "1", "PYTHONPATH": str(ROOT / "trainer"), "OMP_NUM_THREADS": "1",
-           "BUDGET_GIB": "0.01", **extra}  # training.memoryBudgetGiB, so _auto's memory plan runs on the CPU too
+           "BUDGET_GIB": "0.01", "OUT": str(tmp_path), **extra}  # training.memoryBudgetGiB, so _auto's memory plan runs on the CPU too
     p = subprocess.run([sys.executable, str(ROOT / "bench/gpu/lora_step.py"), model, mode], env=env,
                        capture_output=True, text=True, timeout=600)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -26,6 +26,10 @@ def test_the_gpu_step_benchmark_runs_on_the_tiny_models(model, mode, extra):
     assert res["case"] == f"kubelora_{model}_{mode}" + ("_varied" if extra else "") and res["s_per_step"] > 0 and res["loss"] > 0
     assert "[model] transformer:" in p.stdout and "run as fp8 GEMMs" in p.stdout
     assert ("memory_plan" in res) == ("_auto" in mode), res
+    if extra.get("PROFILE"):  # the profile's table, the step's trace for bench/gpu/idle.py, the summary
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f"profile_{model}_{mode}.txt",
+                                                              f"trace_{model}_{mode}.json.gz"]
+        assert res["gpu_busy_s"] == 0 and res["profiled_step_s"] > 0 and res["idle_top"] == {}, res
 
 
 def test_the_fp8_gemm_breakdown_runs():
@@ -46,3 +50,35 @@ def test_the_fp8_block_variants_run():
     assert all("error" not in r and r["ms_per_fwdbwd"] > 0 for r in rows), rows
     # the variants compute the same blocks: their outputs agree with bf16's within fp8's error
     assert all(abs(r["out_norm"] / rows[0]["out_norm"] - 1) < 0.02 for r in rows), rows
+
+
+def test_idle_gaps_of_a_trace_name_the_cpu_ops_the_gpu_waited_on(tmp_path):
+    """bench/gpu/idle.py on a made-up trace (a GPU's kernels cannot run here): the gaps between
+    merged kernel spans, each with the CPU ops overlapping it; then on a real CPU profiler trace
+    (no GPU activity: nothing busy, nothing idle), through the gzip the benchmark writes."""
+    import gzip
+    sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+    import idle
+    ev = [{"ph": "X", "cat": "kernel", "name": "a", "ts": 0, "dur": 100},
+          {"ph": "X", "cat": "kernel", "name": "b", "ts": 50, "dur": 60},       # overlaps a: one span 0..110
+          {"ph": "X", "cat": "kernel", "name": "c", "ts": 200, "dur": 100},     # 90 µs idle before it
+          {"ph": "X", "cat": "gpu_memcpy", "name": "d", "ts": 310, "dur": 10},  # 10 µs: under the minimum
+          {"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 100, "dur": 60},
+          {"ph": "X", "cat": "cpu_op", "name": "Optimizer.step", "ts": 150, "dur": 45},
+          {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 195, "dur": 5}]
+    assert idle.busy_spans(ev) == [(0, 110), (200, 300), (310, 320)]
+    (g,) = idle.gaps(ev, min_us=20)
+    assert g == {"at_us": 110, "idle_us": 90, "cpu": [["aten::item", 50], ["Optimizer.step", 45]]}
+    s = idle.summary(ev, min_us=20)
+    assert s["busy_us"] == 220 and s["idle_us"] == 100 and s["idle_by_cpu_op"] == {"aten::item": 90}
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        import torch
+        torch.ones(64, 64) @ torch.ones(64, 64)
+    raw = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(str(raw) + ".gz", "wb") as dst:
+        dst.write(src.read())
+    events = idle.load(str(raw) + ".gz")
+    assert any(e.get("cat") == "cpu_op" for e in events)
+    assert idle.summary(events)["busy_us"] == 0.0

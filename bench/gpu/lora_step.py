@@ -196,15 +196,27 @@ def main():
             fam.loss(comps, batch, spec.model, spec.training, g).backward()
         opt.zero_grad(set_to_none=True)
         mem["saved_top"] = top_saved(saved, lambda b: round(b / 2**30, 6))
-    if cuda and os.environ.get("PROFILE") == "1":  # where a step's GPU time goes, top kernels, to $OUT
+    if os.environ.get("PROFILE") == "1":  # where a step's GPU time goes, top kernels, to $OUT (CPU: TINY smoke)
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             t0 = time.perf_counter(); step(); sync(); wall = time.perf_counter() - t0
         out_dir = os.environ.get("OUT", "/tmp")
         ka = prof.key_averages()
         with open(os.path.join(out_dir, f"profile_{MODEL}_{MODE}.txt"), "w") as f:
-            f.write(ka.table(sort_by="cuda_time_total", row_limit=45))
+            f.write(ka.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=45))
             f.write("\n" + ka.table(sort_by="self_cpu_time_total", row_limit=25))
+        # the step's timeline, for bench/gpu/idle.py (where the GPU waits, and on which CPU op)
+        import gzip
+        import shutil
+        trace = os.path.join(out_dir, f"trace_{MODEL}_{MODE}.json")
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(trace)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from idle import load, summary
+        idle = summary(load(trace + ".gz"))
+        mem["idle_top"] = dict(list(idle["idle_by_cpu_op"].items())[:5])
         # the GPU's busy time against the profiled step's wall time: what launches and syncs leave idle
         # (kernels only, as the table's "Self CUDA time total": CPU rows also carry their kernels' time)
         from torch.autograd import DeviceType
