@@ -44,9 +44,11 @@ def test_parallelize_applies_the_choice_and_says_it(monkeypatch, capsys):
                 spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},
                                    "training": {"compile": compile_, "attentionBackend": "cudnn" if env is cpu else "auto"},
                                    "output": {"uri": "/o"}})
-                adapters.parallelize(adapters.Adapters(), Components(trainable={}), None, spec, env,
-                                     adapters.Layout("none", {}))
+                out = adapters.parallelize(adapters.Adapters(), Components(trainable={}), None, spec, env,
+                                           adapters.Layout("none", {}))
                 assert torch.backends.cuda.cudnn_sdp_enabled() is want
+                # recorded for manifest.json's metrics (a GPU only)
+                assert out.attention == ("default" if env is cpu else "cudnn" if want else "flash")
         lines = [ln for ln in capsys.readouterr().out.splitlines() if "attention" in ln]
         assert lines == ["[model] attention: cuDNN (compiled blocks on a Hopper GPU, where a Flux step ran 1.11x "
                          "faster than with flash)",

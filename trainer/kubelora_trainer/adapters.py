@@ -21,6 +21,7 @@ class Adapters:
     n_trainable: int = 0
     sync: dist.GradSync = None                         # gradient exchange between ranks
     memory: Optional[dict] = None                      # the memory plan, when training.gradientCheckpointing is unset
+    attention: str = "default"                         # the attention kernel chosen (attention.choose)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -198,6 +199,7 @@ def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEn
     backend, why = attention.choose(t.attentionBackend, env.device.type, cap, compile_blocks,
                                     full=spec.adapter.type == "full")
     attention.apply(backend)
+    out.attention = backend
     warn = attention.warning(t.attentionBackend, backend)
     if env.is_main and (warn or backend != "default"):
         print(warn or f"[model] attention: {'cuDNN' if backend == 'cudnn' else 'flash (cuDNN off)'} ({why})", flush=True)

@@ -810,6 +810,8 @@ def export_run(tr: Trainer, ready: cache_phase.Ready, job_name: str, summary: di
                        "lossHistory": downsample(losses, 200), **eval_summary(tr.state.evals, fingerprint)}
             if ad.memory:
                 summary["memoryPlan"] = {k: v for k, v in ad.memory.items() if k != "text"}
+            if ad.attention != "default":  # a GPU: which attention kernel trained (training.attentionBackend)
+                summary["attention"] = ad.attention
             sampling_s = sampling.seconds if sampling else 0.0
             eval_s = tr.evaluation.seconds if tr.evaluation else 0.0
             summary.update(samplingSeconds=round(sampling_s, 2), **({"evalSeconds": round(eval_s, 2)} if tr.evaluation else {}),
