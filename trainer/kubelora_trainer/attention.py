@@ -17,8 +17,6 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "flash", "cudnn")
-
 
 def choose(requested: str, device_type: str, capability: Optional[tuple[int, int]], compiled: bool,
            full: bool = False) -> tuple[str, str]:
