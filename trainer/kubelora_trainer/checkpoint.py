@@ -42,8 +42,8 @@ FINGERPRINTED = ("model", "adapter", "dataset", "training")
 NOT_FINGERPRINTED = frozenset({
     "training.checkpointEverySteps", "training.checkpointEveryMinutes", "training.checkpointKeep",
     "training.logEvery", "training.gradientCheckpointing", "training.gradientCheckpointingEvery",
-    "training.memoryBudgetGiB",
-    "training.compile", "training.attentionBackend", "training.sharding", "training.cpuOffload", "dataset.cacheUri", "dataset.cacheOnly"})
+    "training.memoryBudgetGiB", "training.compile", "training.attentionBackend", "training.sharding",
+    "training.cpuOffload", "dataset.cacheUri", "dataset.cacheOnly"})
 # recorded, but compared as their product (resume_refusal): a smaller micro-batch with more
 # accumulation is the same step, which an out-of-memory failure asks for; the data order restarts
 PER_STEP = frozenset({"training.microBatchSize", "training.gradientAccumulationSteps"})
