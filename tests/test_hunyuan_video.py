@@ -443,6 +443,36 @@ def test_blocks_attend_without_a_mask_when_every_text_position_is_a_caption_toke
         monkeypatch.undo()
 
 
+def test_no_masked_attention_gets_cudnns_bad_key_length_in_a_real_step(monkeypatch):
+    """The loss counts the video tokens the blocks' attention joins the text to (with the model's
+    own patch sizes) and keeps the masked key lengths off 64 mod 128 (cuDNN's NaN backward): two
+    captions of 8 and 5 tokens beside 2 x 4 x 7 = 56 video tokens would give 64 keys; they get 65,
+    checked on every SDPA call of a real forward of the tiny transformer."""
+    import types
+    from kubelora_trainer.models.base import Components
+
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, *args, **kwargs):
+        seen.append((key.shape[-2], attn_mask is not None))
+        return sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    p = probe(frames=2, side=4)
+    g = torch.Generator().manual_seed(3)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    mask[0, :8], mask[1, :5] = 1, 1
+    batch = {"latents": torch.randn(2, 16, 2, 8, 14, generator=g),
+             "prompt_embeds": p["encoder_hidden_states"].repeat(2, 1, 1), "prompt_mask": mask,
+             "pooled": p["pooled_projections"].repeat(2, 1)}
+    comps = Components(trainable={"transformer": _tiny_transformer()}, info={"guidance_embeds": True})
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        FAMILY.loss(comps, batch, None, types.SimpleNamespace(timestepSampling="uniform"),
+                    torch.Generator().manual_seed(1))
+    masked = {k for k, m in seen if m}
+    assert 56 + 9 in masked and all(k % 128 != 64 for k in masked), seen
+
+
 def test_trimmed_unmasked_attention_gives_the_masked_result():
     """Exactness: padded caption at batch 1 (trimmed, then no mask), and a batch of two captions of
     different lengths (trimmed to the longer, padding kept or added past the cached length where a
