@@ -26,11 +26,12 @@ Attention without a mask where it changes nothing: diffusers always hands the bl
 [B, 1, 1, video + text] mask built from the caption mask, even an all-true one, and SDPA's flash
 kernel takes no mask: with cuDNN attention off (training.attentionBackend flash) every block's
 attention ran on the slower memory-efficient kernel, ~1.9x the step time of the stock stack
-(whose torch picks cuDNN attention, which takes masks, on the H100). So the loss first drops the text positions that are
-padding in every caption of the batch (exact: padded keys are masked out, padded queries reach
-nothing the loss sees, text gets no RoPE), and the blocks' attention gets no mask whenever every
-remaining text position is a caption token (always at batch 1): flash attention, same result.
-A batch of captions of different lengths keeps the mask.
+(whose torch picks cuDNN attention, which takes masks, on the H100). So the loss first drops the
+text positions that are padding in every caption of the batch (exact: padded keys are masked out,
+padded queries reach nothing the loss sees, text gets no RoPE), and the blocks' attention gets no
+mask whenever every remaining text position is a caption token (always at batch 1): flash
+attention, same result. A batch of captions of different lengths keeps the mask, and one or two
+padding positions more where a masked key length would be 64 mod 128 (trim_text_padding).
 
 Export: "original" (default): ``transformer.<original module>.lora_A.weight`` / ``lora_B.weight``
 (e.g. ``transformer.double_blocks.0.img_attn_qkv.lora_A.weight``); the LoRAs trained on separate
