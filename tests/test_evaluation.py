@@ -339,6 +339,15 @@ def test_the_forwards_are_left_uncaught_only_when_peers_gather_weights_in_them()
     assert dist.weights_sharded(2, shard) and not dist.weights_sharded(1, shard) and not dist.weights_sharded(2, rep)
     assert not dist.weights_sharded(2, SimpleNamespace(compute=nullcontext))
 
+    def boom():
+        raise ValueError("bad shape")
+    # the evaluation's and the samples' forwards: an error returned to agree on, or raised when sharded
+    err = dist.caught(boom, False, "evaluation at step 3")
+    assert isinstance(err, RuntimeError) and str(err) == "evaluation at step 3: ValueError: bad shape"
+    assert dist.caught(lambda: None, False, "x") is None and dist.caught(lambda: None, True, "x") is None
+    with pytest.raises(ValueError, match="bad shape"):
+        dist.caught(boom, True, "evaluation at step 3")
+
 
 class _Block(torch.nn.Module):
     """A module dynamo traces (torch.nn's own Linear alone it does not)."""

@@ -748,12 +748,10 @@ def job_running_since(job: dict) -> tuple[Optional[str], Optional[str]]:
     """(the trainer Job's start while it runs, when it stopped): its status.startTime, or (None,
     the time it was suspended) while it is suspended (runPolicy.suspend, Kueue): the Job
     controller keeps the old startTime then and sets it anew on resume. Pure."""
-    status = job.get("status") or {}
-    suspended = next((c for c in status.get("conditions") or []
-                      if c.get("type") == "Suspended" and c.get("status") == "True"), None)
+    suspended = _cond(job, "Suspended")
     if (job.get("spec") or {}).get("suspend") or suspended:
         return None, (suspended or {}).get("lastTransitionTime")
-    return status.get("startTime"), None
+    return (job.get("status") or {}).get("startTime"), None
 
 
 def deadline_used(used: Optional[float], started: Optional[str], job_start: Optional[str],

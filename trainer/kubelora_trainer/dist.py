@@ -273,6 +273,21 @@ def close() -> None:
         dist.destroy_process_group()
 
 
+def caught(fn, sharded: bool, what: str) -> Exception | None:
+    """Run fn (forwards with no collective of their own: samples, the evaluation) and return its
+    error, as `what: Type: message`, for the ranks to agree on (fail_together) so none waits for a
+    failed one; with the weights sharded the error is raised instead, ending the run: a rank that
+    left would leave its peers in a weight all-gather."""
+    if sharded:
+        fn()
+        return None
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - agreed on by the caller
+        return RuntimeError(f"{what}: {type(e).__name__}: {e}")
+    return None
+
+
 def weights_sharded(world: int, adapters) -> bool:
     """Whether each forward gathers weights from peers (FSDP2 over several ranks: the layout's
     sharding, which the adapters' gradient exchange holds), so a rank must not leave a forward

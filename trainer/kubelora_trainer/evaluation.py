@@ -213,13 +213,8 @@ class Evaluator:
                     load_err = RuntimeError(f"evaluation at step {step}: loading its cache entries: "
                                             f"{type(e).__name__}: {e}")
                 dist.fail_together(load_err, f"loading the evaluation of step {step}")
-                if sharded:
-                    forward(b, counted, loaded)
-                elif err is None:
-                    try:
-                        forward(b, counted, loaded)
-                    except Exception as e:  # noqa: BLE001 - no collective in them: agreed on below
-                        err = RuntimeError(f"evaluation at step {step}: {type(e).__name__}: {e}")
+                if err is None:  # after an error (not sharded: agreed on below) the rest is skipped
+                    err = dist.caught(lambda: forward(b, counted, loaded), sharded, f"evaluation at step {step}")
 
         modules = list(tr.modules.modules())
         modes = [m.training for m in modules]

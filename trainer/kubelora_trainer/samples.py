@@ -124,13 +124,7 @@ class Sampler:
                     if keep:
                         outs.append((p, out))
         try:
-            if dist.weights_sharded(env.world, tr.adapters):
-                forwards()  # an error ends the run: a rank that left would leave its peers in a weight all-gather
-            else:
-                try:
-                    forwards()
-                except Exception as e:  # noqa: BLE001 - agreed on below, so no rank waits for a failed one
-                    err = RuntimeError(f"sampling at step {step}: {type(e).__name__}: {e}")
+            err = dist.caught(forwards, dist.weights_sharded(env.world, tr.adapters), f"sampling at step {step}")
         finally:
             for m in modules:
                 m.train()
