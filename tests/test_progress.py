@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kubelora_trainer.progress import Meter, Progress, Publisher, format_eta
-from kubelora_trainer.train import downsample, lr_lambda
+from kubelora_trainer.train import downsample, lr_lambda, optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,6 +17,27 @@ def test_lr_schedule_warmup_then_constant_or_cosine():
     cos = [lr_lambda(s, 0, 10, "cosine") for s in range(11)]
     assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5) and cos[10] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(cos, cos[1:]))
+
+
+def test_the_optimizer_is_fused_adamw_with_the_specs_settings():
+    """One fused launch per step; the same update as the multi-tensor AdamW with training's lr,
+    betas, epsilon and weight decay (a setting dropped on the way would move the weights apart)."""
+    import torch
+    from types import SimpleNamespace
+    t = SimpleNamespace(learningRate=3e-2, betas=(0.8, 0.95), epsilon=1e-4, weightDecay=0.3)
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(3))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    fused = optimizer([{"params": a}], t)
+    ref = torch.optim.AdamW(b, lr=3e-2, betas=(0.8, 0.95), eps=1e-4, weight_decay=0.3, foreach=True)
+    assert fused.param_groups[0]["fused"] is True
+    for _ in range(3):
+        for pa, pb in zip(a, b):
+            pa.grad = pb.grad = torch.linspace(-1, 1, pa.numel()).reshape(pa.shape) * (1 + pa.detach().sum().abs())
+        fused.step()
+        ref.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
 def test_eta_and_rates():

@@ -313,6 +313,15 @@ class Trainer:
     data_wait: float = 0.0                      # seconds this rank's steps waited for the cache loader
 
 
+def optimizer(groups: list[dict], t) -> torch.optim.AdamW:
+    """AdamW with its fused kernel (one launch per step for all tensors of a device, instead of
+    the multi-tensor default's dozen-odd per group: less CPU time between a step's backward and the
+    next forward). The same update up to rounding; supported for CUDA and CPU tensors, DTensors
+    (FSDP2) included."""
+    return torch.optim.AdamW(groups, lr=t.learningRate, betas=t.betas, eps=t.epsilon, weight_decay=t.weightDecay,
+                             fused=True)
+
+
 def grad_norm(params: list[torch.nn.Parameter], max_norm: Optional[float]) -> Optional[torch.Tensor]:
     """Clip to max_norm when set; the total norm before clipping either way (a collective for
     sharded gradients: every rank calls it)."""
@@ -737,7 +746,7 @@ def build_trainer(spec, family, ready: cache_phase.Ready, sampling, env: dist.Di
     dist.agree(adapters.parallelize, ad, comps, family, spec, env, lay)
     if ad.memory:
         m.memory_plan(ad.memory["predictedPeakBytes"])
-    opt = torch.optim.AdamW(ad.groups, lr=t.learningRate, betas=t.betas, eps=t.epsilon, weight_decay=t.weightDecay)
+    opt = optimizer(ad.groups, t)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, t.warmupSteps, t.steps, t.lrScheduler))
     log(env, f"[model] full fine-tune of {next(iter(comps.trainable))}: {ad.n_trainable:,} trainable parameters"
         if spec.adapter.type == "full" else
