@@ -103,8 +103,8 @@ def test_a_kept_text_mask_keeps_every_key_length_off_cudnns_nan_case():
 
     def kept(lengths, offsets, total=256):
         mask = torch.stack([torch.arange(total) < n for n in lengths])
-        emb, m = trim_text_padding(torch.ones(len(lengths), total, 4), mask, key_offsets=offsets)
-        assert emb.shape[1] == m.shape[1]
+        emb, m, full = trim_text_padding(torch.ones(len(lengths), total, 4), mask, key_offsets=offsets)
+        assert emb.shape[1] == m.shape[1] and full is bool(m.all())  # read once, with the length
         assert m[:, :total].equal(mask[:, :m.shape[1]]) and not m[:, total:].any() and not emb[:, total:].any()
         return m.shape[1]
 

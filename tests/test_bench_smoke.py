@@ -13,7 +13,7 @@ ROOT = Path(__file__).parent.parent
 
 @pytest.mark.parametrize("model,mode,extra", [("flux", "eager_nogc_fp8t_off", {}),
                                               ("hunyuan", "compile_gc_fp8", {"HY_CAPTIONS": "varied", "PROFILE": "1"}),
-                                              ("flux", "eager_auto_fp8", {})])
+                                              ("flux", "eager_auto_fp8", {"ASYNC": "1", "SYNCS": "1"})])
 def test_the_gpu_step_benchmark_runs_on_the_tiny_models(model, mode, extra, tmp_path):
     env = {**os.environ, "TINY": "1", "PYTHONPATH": str(ROOT / "trainer"), "OMP_NUM_THREADS": "1",
            "BUDGET_GIB": "0.01", "OUT": str(tmp_path), **extra}  # training.memoryBudgetGiB, so _auto's memory plan runs on the CPU too
@@ -23,9 +23,14 @@ def test_the_gpu_step_benchmark_runs_on_the_tiny_models(model, mode, extra, tmp_
     assert line, p.stdout[-2000:] + p.stderr[-3000:]
     res = json.loads(line[len("RESULT "):])
     assert "error" not in res, res["error"] + p.stderr[-3000:]
-    assert res["case"] == f"kubelora_{model}_{mode}" + ("_varied" if extra else "") and res["s_per_step"] > 0 and res["loss"] > 0
+    assert res["case"] == f"kubelora_{model}_{mode}" + ("_varied" if "HY_CAPTIONS" in extra else "") \
+        and res["s_per_step"] > 0 and res["loss"] > 0
     assert "[model] transformer:" in p.stdout and "run as fp8 GEMMs" in p.stdout
     assert ("memory_plan" in res) == ("_auto" in mode), res
+    if extra.get("ASYNC"):  # steps queued back to back, timed beside the ones each waited for
+        assert res["async_s_per_step"] > 0, res
+    if extra.get("SYNCS"):  # the Flux step reads nothing on the host (what a CPU run can see: syncs.py)
+        assert res["host_syncs"] == [], res["host_syncs"]
     if extra.get("PROFILE"):  # the profile's table, the step's trace for bench/gpu/idle.py, the summary
         assert sorted(p.name for p in tmp_path.iterdir()) == [f"profile_{model}_{mode}.txt",
                                                               f"trace_{model}_{mode}.json.gz"]
@@ -82,3 +87,30 @@ def test_idle_gaps_of_a_trace_name_the_cpu_ops_the_gpu_waited_on(tmp_path):
     events = idle.load(str(raw) + ".gz")
     assert any(e.get("cat") == "cpu_op" for e in events)
     assert idle.summary(events)["busy_us"] == 0.0
+
+
+def test_host_syncs_are_found_by_call_site():
+    """bench/gpu/syncs.py on CPU (the dispatch mode and the host reads; a GPU adds torch's sync
+    warnings): each kind it looks for, counted at the line that made it; nothing for code that
+    keeps its values on the device."""
+    sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+    import torch
+    from syncs import found
+
+    t = torch.arange(6.0)
+    with found() as none:
+        (t * 2).sum().sqrt()
+    with found() as some:
+        for _ in range(2):
+            float(t.sum())   # noqa: this line and the next three are the call sites
+        t.nonzero()
+        t.tolist()
+        if t[1]:
+            pass
+    assert none == []
+    first = min(int(s["where"].split(":")[1].split(" ")[0]) for s in some)
+    got = sorted((int(s["where"].split(":")[1].split(" ")[0]) - first, s["op"], s["count"]) for s in some)
+    assert got == [(0, "aten._local_scalar_dense.default", 2), (1, "aten.nonzero.default", 1), (2, "Tensor.tolist", 1),
+                   (3, "aten._local_scalar_dense.default", 1)], some
+    assert all(s["where"].startswith("test_bench_smoke.py:") for s in some), some
+    assert torch.Tensor.tolist is not None and t.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # put back

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kubelora_trainer import lora
-from kubelora_trainer.models.flux.family import FAMILY, _single_file_config
+from kubelora_trainer.models.flux.family import FAMILY, _single_file_config, image_ids
 from kubelora_trainer.models.flux.keys import bfl_module, to_bfl
 from kubelora_trainer.spec import parse_spec
 from kubelora_trainer.models.flux.tiny import write_bfl_transformer
@@ -221,3 +221,15 @@ def test_output_dtype_casts_the_lora_files_floats_only():
     with pytest.raises(Exception, match="output.dtype: the dtype of LoRA files"):
         parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},
                     "adapter": {"type": "full"}, "output": {"uri": "s3://bkt/out", "dtype": "bfloat16"}})
+
+
+def test_image_ids_are_diffusers_ids_made_on_the_device():
+    """flux.family.image_ids: the same position ids as FluxPipeline._prepare_latent_image_ids (which
+    builds them on the CPU and copies, a host sync per training forward on a GPU), any grid and dtype."""
+    from diffusers import FluxPipeline
+
+    for h, w in ((1, 1), (3, 5), (64, 48)):
+        for dtype in (torch.float32, torch.bfloat16):
+            want = FluxPipeline._prepare_latent_image_ids(2, h, w, torch.device("cpu"), dtype)
+            got = image_ids(h, w, torch.device("cpu"), dtype)
+            assert got.dtype == want.dtype and torch.equal(got, want), (h, w, dtype)

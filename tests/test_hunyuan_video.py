@@ -495,14 +495,16 @@ def test_trimmed_unmasked_attention_gives_the_masked_result():
     two_whole = dict(two, encoder_attention_mask=torch.ones(2, 12, dtype=torch.long))
     two_whole["encoder_attention_mask"][1, 7:] = 0
     for inputs, full, kept, offsets in ((p, True, 9, (55,)), (two, False, 10, (55,)), (two_whole, False, 13, (52,))):
-        emb, mask = trim_text_padding(inputs["encoder_hidden_states"], inputs["encoder_attention_mask"],
-                                      key_offsets=offsets)
-        assert emb.shape[1] == mask.shape[1] == kept
-        with torch.no_grad():
-            want = ref(**inputs)[0]
-            got = model(**dict(inputs, encoder_hidden_states=emb, encoder_attention_mask=mask))[0]
-        assert state.full is full
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        emb, mask, told = trim_text_padding(inputs["encoder_hidden_states"], inputs["encoder_attention_mask"],
+                                            key_offsets=offsets)
+        assert emb.shape[1] == mask.shape[1] == kept and told is full
+        for say in (None, (mask, told), (mask.clone(), not told)):  # read by the hook; told (the loss);
+            state.told = say                                      # told about another tensor: read
+            with torch.no_grad():
+                want = ref(**inputs)[0]
+                got = model(**dict(inputs, encoder_hidden_states=emb, encoder_attention_mask=mask))[0]
+            assert state.full is full and state.told is None
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- checkpoint layouts

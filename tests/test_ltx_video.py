@@ -292,7 +292,7 @@ def test_text_padding_is_trimmed_and_a_full_mask_dropped_with_the_same_loss(tiny
     assert masks and all(m is None for m in masks)
     # the reference: the same noise and timesteps, the whole padded text with its mask
     from kubelora_trainer.models.ltx_video import family as ltx
-    with mock.patch.object(ltx, "trim_text_padding", lambda e, m, **k: (e, m)):
+    with mock.patch.object(ltx, "trim_text_padding", lambda e, m, **k: (e, m, bool(m.bool().all()))):
         ref = fam.loss(comps, {"latents": latents, "prompt_embeds": embeds, "prompt_mask": mask}, None, spec,
                        torch.Generator().manual_seed(5))
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,9 @@ activation checkpointing and regional compile) and the family's own loss.
         mask, as in training with micro-batches above 1); default: one sample, 256 caption tokens
     ATTN=flash python bench/gpu/lora_step.py flux compile_nogc   # training.attentionBackend (default auto)
     BUDGET_GIB=30 python bench/gpu/lora_step.py hunyuan compile_auto_fp8   # training.memoryBudgetGiB
+    ASYNC=1 python bench/gpu/lora_step.py flux compile_nogc_fp8   # also async_s_per_step: steps queued back
+        to back with one wait (the CPU running ahead), beside s_per_step's wait for every step's loss
+    SYNCS=1 python bench/gpu/lora_step.py flux compile_nogc_fp8   # also host_syncs: where a step waits
 
 Prints one line: RESULT {json} with case, s_per_step (median), peak_gib, mfu, gpu, torch.
 mfu = model FLOPs of the step (forward GEMMs and attention counted once by torch's FlopCounterMode
@@ -39,6 +42,8 @@ OFFLOAD = "_off" in MODE   # training.cpuOffload
 VARIED = os.environ.get("HY_CAPTIONS") == "varied"
 ATTN = os.environ.get("ATTN", "auto")  # training.attentionBackend: auto (cuDNN compiled on Hopper), flash, cudnn
 BUDGET = os.environ.get("BUDGET_GIB")  # training.memoryBudgetGiB for the _auto modes (the memory plan's budget)
+ASYNC = os.environ.get("ASYNC") == "1"  # also time steps queued back to back (no wait for each step's loss)
+SYNCS = os.environ.get("SYNCS") == "1"  # list the host syncs of one step (bench/gpu/syncs.py)
 if TINY:
     os.environ["KUBELORA_FORCE_CPU"] = "1"
 
@@ -146,7 +151,8 @@ def main():
     flops = 0.0 if OFFLOAD else step_flops(fam, comps, batch, spec, g)  # offloaded: the model is not on the device
     ad = adapters.attach(comps, fam, spec, env, probe=lambda: batch)
     compute, params, n_lora = ad.compute, ad.params, ad.n_trainable
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    from kubelora_trainer.train import optimizer
+    opt = optimizer(ad.groups, spec.training)  # the trainer's (fused AdamW)
 
     text_len = batch["prompt_mask"].shape[1] if "prompt_mask" in batch else 0
     lengths = itertools.cycle([max(1, int(f * text_len)) for f in (0.8, 0.55, 1.0, 0.35, 0.7)])
@@ -162,7 +168,7 @@ def main():
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()
 
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -171,10 +177,21 @@ def main():
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     ts = []
-    for _ in range(2 if TINY else 5):
-        t0 = time.perf_counter(); loss = step(); sync(); ts.append(time.perf_counter() - t0)
+    n = 2 if TINY else 5
+    for _ in range(n):  # each step waited for, as the trainer does today (its loss read on the host)
+        t0 = time.perf_counter(); loss = float(step()); sync(); ts.append(time.perf_counter() - t0)
     ts.sort()
     s = ts[len(ts) // 2]
+    if ASYNC:  # n steps queued back to back, one wait at the end: a step with the CPU running ahead
+        t0 = time.perf_counter()
+        losses = [step() for _ in range(n)]
+        float(losses[-1]); sync(); async_s = (time.perf_counter() - t0) / n
+    if SYNCS:  # where a step makes the host wait (bench/gpu/syncs.py), by call site
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from syncs import found
+        with found() as host_syncs:
+            step()
+        sync()
     peak_bytes = torch.cuda.max_memory_allocated() if cuda else None
     mem = {}
     if cuda:  # where the peak comes from: weights, what the forward keeps for backward, the backward
@@ -233,6 +250,10 @@ def main():
                first_step_s=round(first_s, 1), loss=loss,
                attention="cudnn" if cuda and torch.backends.cuda.cudnn_sdp_enabled() else "flash" if cuda else "cpu",
                memory_budget_gib=spec.training.memoryBudgetGiB, **mem)
+    if ASYNC:
+        res["async_s_per_step"] = round(async_s, 4)
+    if SYNCS:
+        res["host_syncs"] = host_syncs[:12]
     if ad.memory:  # _auto: the plan's prediction beside the measured peak
         res["memory_plan"] = {k: v for k, v in ad.memory.items() if k not in ("text", "predictedPeakBytes")}
     # 2x8 GPUs at 400 Gb/s each, LoRA gradients in fp32, replicated base (scaling.py; bench/projection.py)

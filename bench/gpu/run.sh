@@ -5,7 +5,7 @@
 # own step (bench/gpu/lora_step.py) and the stock reference (../shared/bench, copied to .stock) on
 # the same card, one JSON line per case to $OUT/results.jsonl (written as each case ends).
 # CASES: "runner:model:mode[:VAR=VAL,...]" items; runner kubelora or stock; the optional fourth field sets
-# environment for that case alone (ATTN=flash|cudnn, HY_CAPTIONS=varied, PROFILE=1: bench/gpu/lora_step.py;
+# environment for that case alone (ATTN=flash|cudnn, HY_CAPTIONS=varied, PROFILE=1, ASYNC=1, SYNCS=1: bench/gpu/lora_step.py;
 # PER=seconds: that case's time limit, 150 by default). Stock cases take no fourth field.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/trainer OUT=${OUT:-/tmp/out}
@@ -13,12 +13,14 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, peft, diffusers; print(torch.__version__, peft.__version__, diffusers.__version__)" | tee -a "$OUT/gpu.txt"
-# the next run's questions (docs/benchmarks.md, fifth run): HunyuanVideo with flash and with cuDNN
-# attention in one run, the memory plan with fp8 and cuDNN held to 30 GiB (the issue's <= 1.2 s at
-# <= 30 GiB target), and Flux fp8 with checkpointing and cuDNN (the <= 0.45 s at <= 26 GiB target);
-# about 2 minutes a case, 8 in all. Apart: kubelora:hunyuan:compile_gc_fp8:HY_CAPTIONS=varied,PER=170
-# (masks reach cuDNN's attention) and kubelora:flux:eager_nogc_fp8:ATTN=cudnn (decision 6's crash)
-CASES=${CASES:-"kubelora:hunyuan:compile_gc_fp8:ATTN=flash kubelora:hunyuan:compile_gc_fp8 kubelora:hunyuan:compile_auto_fp8:BUDGET_GIB=30,PROFILE=1 kubelora:flux:compile_gc_fp8"}
+# the next run's questions (docs/benchmarks.md, fifth run and after): how much of the Flux fp8 step
+# is the host waiting for each step (s/step with every step waited for and with steps queued back to
+# back, and where a step syncs), HunyuanVideo fp8 with cuDNN, the memory plan held to 30 GiB (the
+# issue's <= 1.2 s at <= 30 GiB target), and Flux fp8 with checkpointing and cuDNN (the <= 0.45 s at
+# <= 26 GiB target); about 2 minutes a case, 8 in all. Apart: kubelora:hunyuan:compile_gc_fp8:ATTN=flash
+# (flash against cuDNN in one run), kubelora:hunyuan:compile_gc_fp8:HY_CAPTIONS=varied,PER=170 (masks
+# reach cuDNN's attention) and kubelora:flux:eager_nogc_fp8:ATTN=cudnn (decision 6's crash)
+CASES=${CASES:-"kubelora:flux:compile_nogc_fp8:ASYNC=1,SYNCS=1 kubelora:hunyuan:compile_gc_fp8 kubelora:hunyuan:compile_auto_fp8:BUDGET_GIB=30,PROFILE=1 kubelora:flux:compile_gc_fp8"}
 for c in $CASES; do
   IFS=: read -r runner model mode extra <<<"$c"
   log="/tmp/${runner}_${model}_${mode}_${extra//[^A-Za-z0-9]/_}.err"

@@ -86,29 +86,38 @@ CUDNN_BAD_KEYS = (64, 128)
 
 
 def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor,
-                      key_offsets: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, torch.Tensor]:
+                      key_offsets: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The caption embeddings [B, L, D] and mask [B, L] without the trailing positions that are
-    padding in every caption of the batch (at least one position is kept). Exact for a
-    transformer that masks padded text keys out and gives text tokens no positional embedding
-    (padded text queries, where text attends too, only produce padded text outputs). Shorter
-    sequences, and an all-true mask that can be dropped so SDPA may use flash attention.
+    padding in every caption of the batch (at least one position is kept), and whether the kept
+    mask is all true. Exact for a transformer that masks padded text keys out and gives text
+    tokens no positional embedding (padded text queries, where text attends too, only produce
+    padded text outputs). Shorter sequences, and an all-true mask that can be dropped so SDPA may
+    use flash attention.
 
     Where a mask stays (captions of different lengths in one batch), one or two more padding
     positions are kept where needed (past L too: zeros, masked out) so that no masked attention's
     key length, offset + text for each of key_offsets (e.g. the video tokens the text is joined
     to, and 0 for attention over the text alone), is 64 mod 128: cuDNN's backward returns NaN
-    there (CUDNN_BAD_KEYS)."""
-    used = mask.bool().any(dim=0).nonzero()
-    n = int(used[-1]) + 1 if len(used) else 1
-    length = mask.shape[1]
-    if not bool(mask[:, :n].bool().all()):
+    there (CUDNN_BAD_KEYS).
+
+    The mask is read on the host once (the length to keep and whether it is all true: one sync
+    per forward; each sync keeps the CPU from queueing the GPU's next kernels ahead)."""
+    m = mask.bool()
+    length = m.shape[1]
+    pos = torch.arange(1, length + 1, device=m.device)
+    last_used = (m.any(dim=0) * pos).max()                       # 0: no caption token at all
+    first_gap = torch.where(m.all(dim=0), length + 1, pos).min()  # 1-based; length + 1: none padded
+    last_used, first_gap = torch.stack([last_used, first_gap]).tolist()
+    n = max(int(last_used), 1)
+    full = first_gap > n
+    if not full:
         bad, mod = CUDNN_BAD_KEYS
         while any((o + n) % mod == bad for o in key_offsets):
             n += 1
     if n > length:
         more = n - length
-        return (torch.nn.functional.pad(embeds, (0, 0, 0, more)), torch.nn.functional.pad(mask, (0, more)))
-    return (embeds, mask) if n == length else (embeds[:, :n], mask[:, :n])
+        return (torch.nn.functional.pad(embeds, (0, 0, 0, more)), torch.nn.functional.pad(mask, (0, more)), full)
+    return ((embeds, mask) if n == length else (embeds[:, :n], mask[:, :n])) + (full,)
 
 
 def refuse_unknown_modules(modules, known, family: str) -> None:

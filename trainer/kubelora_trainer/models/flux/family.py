@@ -65,6 +65,16 @@ def load_bfl_transformer(diffusers_root: Path, ckpt: Path, dtype):
     return transformer.to(dtype)
 
 
+def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """The packed latents' position ids [height * width, 3]: (0, row, column), as diffusers'
+    FluxPipeline._prepare_latent_image_ids makes them, but made on the device: theirs is built on
+    the CPU and copied, and a copy from pageable memory waits for the GPU (a host sync in every
+    training forward, which keeps the CPU from queueing the next kernels ahead)."""
+    rows = torch.arange(height, device=device, dtype=torch.float32)[:, None].expand(height, width)
+    cols = torch.arange(width, device=device, dtype=torch.float32)[None, :].expand(height, width)
+    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(height * width, 3).to(dtype)
+
+
 def _bypass_guidance(transformer) -> None:
     """Make the time/text embedding ignore guidance: training calls it without (guidance=None);
     diffusers' FluxPipeline, used for samples, still passes a guidance whenever the config has
@@ -138,7 +148,7 @@ class Flux:
         xt, target = flow_matching_pair(x0, noise, t)
         dtype = batch["prompt_embeds"].dtype
         packed = FluxPipeline._pack_latents(xt, b, c, h, w).to(dtype)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x0.device, dtype)
+        img_ids = image_ids(h // 2, w // 2, x0.device, dtype)
         txt_ids = torch.zeros(batch["prompt_embeds"].shape[1], 3, device=x0.device, dtype=dtype)
         guidance = None
         if comps.info["guidance_embeds"] and not model_spec.bypassGuidanceEmbedding:

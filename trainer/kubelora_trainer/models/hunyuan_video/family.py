@@ -265,8 +265,11 @@ def uses_image_template(frames: int, dropout: bool = False) -> bool:
 
 class _TextMask:
     """Whether every text position of the transformer's latest forward is a caption token; set by
-    a forward pre-hook on the transformer from its encoder_attention_mask."""
+    a forward pre-hook on the transformer from its encoder_attention_mask, or from `told`: (the
+    mask, whether it is full) from a caller that read it already (trim_text_padding), for the next
+    forward with that very mask (no second read on the host)."""
     full = False
+    told = None
 
 
 class UnmaskedWhenFull:
@@ -302,7 +305,8 @@ def unmask_full_captions(transformer) -> _TextMask:
 
     def note(module, args, kwargs):
         mask = kwargs["encoder_attention_mask"] if "encoder_attention_mask" in kwargs else args[3]
-        state.full = bool(mask.bool().all())     # one host sync per forward
+        told, state.told = state.told, None
+        state.full = told[1] if told is not None and told[0] is mask else bool(mask.bool().all())  # else a host sync
 
     transformer.register_forward_pre_hook(note, with_kwargs=True)
     transformer._kubelora_text_mask = state
@@ -380,12 +384,14 @@ class HunyuanVideo:
         guidance = None
         if comps.info["guidance_embeds"]:
             guidance = torch.full((b,), EMBEDDED_GUIDANCE * 1000.0, device=x0.device, dtype=dtype)
-        unmask_full_captions(tr)
+        state = unmask_full_captions(tr)
         # masked attention over the video tokens and the text (the blocks), and over the text alone
         # (the token refiner)
         p, pt = tr.config.patch_size, tr.config.patch_size_t
         video_tokens = (x0.shape[2] // pt) * (x0.shape[3] // p) * (x0.shape[4] // p)
-        embeds, mask = trim_text_padding(batch["prompt_embeds"], batch["prompt_mask"], key_offsets=(video_tokens, 0))
+        embeds, mask, full = trim_text_padding(batch["prompt_embeds"], batch["prompt_mask"],
+                                               key_offsets=(video_tokens, 0))
+        state.told = (mask, full)
         # as HunyuanVideoPipeline: latents in the model dtype, the timestep (0..1000) in float32
         pred = tr(hidden_states=xt.to(dtype), timestep=t * 1000.0,
                   encoder_hidden_states=embeds, encoder_attention_mask=mask,

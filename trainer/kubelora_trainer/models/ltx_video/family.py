@@ -196,8 +196,8 @@ class LTXVideo:
         p, pt = info["patch"], info["patch_t"]
         # text positions that are padding in every caption go; a mask left all true is dropped
         # (it only adds zeros to the scores, and keeps SDPA off flash attention)
-        embeds, mask = trim_text_padding(batch["prompt_embeds"], batch["prompt_mask"])
-        mask = None if bool(mask.bool().all()) else mask
+        embeds, mask, full = trim_text_padding(batch["prompt_embeds"], batch["prompt_mask"])
+        mask = None if full else mask
         if info.get("causal"):
             positions = {"video_coords": video_coords(b, f // pt, h // p, w // p, temporal=info["temporal"],
                                                       spatial=info["spatial"], patch=p, patch_t=pt, fps=FRAME_RATE,
