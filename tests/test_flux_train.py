@@ -108,6 +108,18 @@ def test_train_two_ranks_s3_to_s3_and_reload_in_diffusers(s3, tmp_path, tiny_flu
     assert (ref_out - base_out).abs().max() > 1e-3, "the adapter should change the output"
     torch.testing.assert_close(got, ref_out, atol=2e-5, rtol=1e-4)
 
+    # a second run starts from the exported file (adapter.initFrom, staged from S3): its first
+    # steps' loss is where the first run ended, not where it began
+    job2 = manifest(tmp_path / "job2.yaml", "e2e", adapter={"initFrom": art["uri"]},
+                    training={"steps": 3, "logEvery": 1}, output={"uri": "s3://e2e/out/run2"})
+    proc = run_trainer(job2, s3.env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[model] adapter.initFrom: started from lora.safetensors (diffusers format" in proc.stdout, proc.stdout
+    m2 = json.loads(download("s3://e2e/out/run2", tmp_path / "result2", client=s3, log=lambda m: None)
+                    .joinpath("manifest.json").read_text())
+    hist2 = [loss for _, loss in m2["metrics"]["lossHistory"]]
+    assert sum(hist2) / len(hist2) < 0.85 * first, (first, last, hist2)
+
 
 def _closed_port():
     with socket.socket() as s:

@@ -146,7 +146,7 @@ KEYS = [
     ("adapter", "decompose_factor", 4, "noted"),
     ("adapter", "rank_dropout", 0.1, "noted"),
     ("adapter", "exclude_modules", ["proj_out"], "refused"),
-    ("adapter", "init_from_existing", "/loras/old", "refused"),
+    ("adapter", "init_from_existing", "/loras/old", "mapped"),
     ("adapter", "fuse_adapters", [{"path": "/l.safetensors"}], "refused"),
     ("optimizer", "type", "adamw8bit", "noted"),
     ("optimizer", "type", "adamw_optimi", "mapped"),  # optimi.AdamW's own defaults: betas (0.9, 0.99), eps 1e-6

@@ -151,8 +151,6 @@ def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
     output written there is lost with the pod and an input is simply not there. Local inputs are
     fine only on the cache volume claim (mounted at CACHE_MOUNT); the output must be on S3, where
     the operator reads the run's progress and manifest.json. Pure."""
-    from kubelora_trainer.families import PATH_FIELDS
-
     def on_volume(uri: str) -> bool:
         path = uri.removeprefix("file://")
         return bool(spec.resources.cacheVolumeClaim) and (path == CACHE_MOUNT or path.startswith(CACHE_MOUNT + "/"))
@@ -160,7 +158,7 @@ def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
     data = {**spec.dataset.uri_fields(), **(spec.evaluation.uri_fields() if spec.evaluation else {})}
     fields = {"output.uri": spec.output.uri, **data,
               **({"dataset.cacheUri": spec.dataset.cacheUri} if spec.dataset.cacheUri else {}),
-              **{f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}}
+              **spec.input_fields()}
     lost = {"output.uri": ", where the LoRA would be lost with the pod",
             "dataset.cacheUri": ", where the shared cache would be lost with the pod"}
     if not spec.output.uri.startswith("s3://") and on_volume(spec.output.uri):

@@ -42,9 +42,10 @@ def attach(comps: Components, family, spec, env: dist.DistEnv, probe: Optional[C
     return out
 
 
-def prepare(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
-    """LoRA injected (or every weight made trainable), the frozen base stored in float8 where asked,
-    and the trainable components moved to the device (not when offloaded)."""
+def prepare(comps: Components, family, spec, env: dist.DistEnv, init=None) -> Adapters:
+    """LoRA injected (or every weight made trainable) and started from init (adapter.initFrom,
+    lora_init.read) when given, the frozen base stored in float8 where asked, and the trainable
+    components moved to the device (not when offloaded)."""
     targets = dict(family.lora_targets())
     denoiser = next(iter(comps.trainable))
     if spec.adapter.targetModules:
@@ -62,6 +63,11 @@ def prepare(comps: Components, family, spec, env: dist.DistEnv) -> Adapters:
             cfg = lora.lora_config(spec.adapter, targets[name])
             out.n_trainable += lora.inject(module, cfg, spec.training.seed)
             out.configs[name] = cfg
+    if init is not None:
+        from . import lora_init
+        loaded, missing = lora_init.apply(init, comps.trainable, spec.adapter.rank, spec.adapter.scale)
+        if env.is_main:
+            print(lora_init.summary(init, loaded, missing), flush=True)
     if not full:  # a target set an output format cannot carry fails now, not after training
         export.check_exportable(family, spec, gather(comps))  # not sharded yet: no collective
     for name, module in comps.trainable.items():

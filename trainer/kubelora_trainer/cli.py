@@ -36,10 +36,9 @@ def check_storage(spec) -> int:
     each. Exit code as the trainer's (exits.py): 2 if any check failed for a reason that will not
     pass by itself (missing bucket or key, access denied), 1 if only transient ones failed (5xx,
     timeouts: try again)."""
-    from .families import PATH_FIELDS
     from .storage import S3Settings, StorageError, check_readable, check_writable
     settings = S3Settings.from_spec(spec.storage)
-    inputs = {f"model.{f}": getattr(spec.model, f) for f in PATH_FIELDS if getattr(spec.model, f)}
+    inputs = spec.input_fields()
     failures: list[bool] = []   # transient or not, per failed check
 
     def failed(field: str, e: StorageError) -> None:

@@ -297,6 +297,12 @@ def adapter_alpha(ctx: Ctx, key: str, value: Any) -> None:
                   "alpha and trains with alpha = rank): remove the key from the manifest to train as it does")
 
 
+def init_from_existing(ctx: Ctx, key: str, value: Any) -> None:
+    """diffusion-pipe loads the one .safetensors of that folder into the LoRA before training
+    (models/base.py load_adapter_weights); adapter.initFrom takes the folder (or a file) the same way."""
+    ctx.adapter["initFrom"] = ctx.extra["map_path"](text(value))
+
+
 ADAPTER: dict[str, Handler] = {
     "type": adapter_type,
     "rank": to("adapter", "rank", whole),
@@ -307,7 +313,7 @@ ADAPTER: dict[str, Handler] = {
     "rank_dropout": noted("a LoKr setting; no effect on LoRA"),
     "exclude_modules": refused("excluding modules is not supported; list the modules to adapt in "
                                "adapter.targetModules of the manifest instead, and remove the key"),
-    "init_from_existing": refused("starting from an existing LoRA is not supported yet: remove the key"),
+    "init_from_existing": init_from_existing,
     "fuse_adapters": refused("fusing LoRAs into the base before training is not supported: merge them into the "
                              "base checkpoint first, and remove the key"),
 }

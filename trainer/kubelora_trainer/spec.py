@@ -347,6 +347,14 @@ class AdapterSpec(_Model):
                     "any of \\ ( ) [ ] * + ? | ^ $ { is a regular expression matched against the whole module name "
                     "(as peft's target_modules string). Defaults to the family's attention and MLP linears.")
 
+    initFrom: Optional[str] = _uri(
+        "A LoRA to start from instead of zero (diffusion-pipe's init_from_existing; kohya's network_weights): a "
+        ".safetensors file, or a folder holding exactly one, in any LoRA format of model.type that `kubelora convert` "
+        "reads (e.g. a LoRA this or another trainer exported). Its rank must equal adapter.rank and each of its modules "
+        "must be a target; targets it lacks start from zero, with a warning. Its scale is kept: the update it makes "
+        "at step 0 is the file's, whatever adapter.alpha is. Read at the start only (a resume takes the checkpoint's)",
+        default=None)
+
     @field_validator("targetModules")
     @classmethod
     def _targets_compile(cls, v: Optional[list[str]]) -> Optional[list[str]]:
@@ -737,6 +745,12 @@ class LoRATrainingJobSpec(_Model):
                                   "loss of a diffusion model is too noisy to read): logged, in the metrics, "
                                   "progress.json, manifest.json and report.html. Unset: none.")
 
+    def input_fields(self) -> dict[str, str]:
+        """{spec field: URI} of the inputs that are not data: the model's paths and adapter.initFrom."""
+        from .families import PATH_FIELDS
+        out = {f"model.{f}": getattr(self.model, f) for f in PATH_FIELDS if getattr(self.model, f)}
+        return {**out, **({"adapter.initFrom": self.adapter.initFrom} if self.adapter.initFrom else {})}
+
     @model_validator(mode="after")
     def _cross_field(self) -> "LoRATrainingJobSpec":
         from .families import check_family
@@ -773,7 +787,7 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
                 f"(only {', '.join(t for t, r in RULES.items() if r.trains_text_encoders)} does); remove it")
     if spec.adapter.type == "full":
         # by value, not by what was written: the API server fills the defaults in
-        lora_only = sorted(f for f in ("rank", "alpha", "dropout", "targetModules")
+        lora_only = sorted(f for f in ("rank", "alpha", "dropout", "targetModules", "initFrom")
                            if getattr(spec.adapter, f) != AdapterSpec.model_fields[f].default)
         if lora_only:
             return f"adapter.{lora_only[0]}: applies to adapter.type lora only; remove it for a full fine-tune"

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import __version__, adapters, cache, checkpoint, disk, dist, exits, export, export_full, lora, metrics, samples, storage
-from . import attention, cache_phase, cache_remote, evaluation, throughput
+from . import attention, cache_phase, cache_remote, evaluation, lora_init, throughput
 from . import buckets as bk
 from .sample_plan import due as sample_due
 from .captions import options_of
@@ -59,19 +59,22 @@ def source_key(spec: LoRATrainingJobSpec, i: int) -> str:
 def stage_uris(spec: LoRATrainingJobSpec) -> dict[str, str]:
     """{stage key: URI} of everything stage-in fetches: model path fields by name, dataset sources
     as "dataset.<i>" and their masks as "dataset.<i>.mask", evaluation.sources as "evaluation.<j>"
-    and "evaluation.<j>.mask"."""
+    and "evaluation.<j>.mask", adapter.initFrom as itself."""
     evals = eval_source_specs(spec)
     uris = {**{f: getattr(spec.model, f) for f in PATH_FIELDS},
             **{f"dataset.{i}": u for i, u in enumerate(spec.dataset.uris)},
             **{f"dataset.{i}.mask": u for i, u in enumerate(spec.dataset.mask_uris)},
             **{f"evaluation.{j}": s.uri for j, s in enumerate(evals)},
-            **{f"evaluation.{j}.mask": s.maskUri for j, s in enumerate(evals)}}
+            **{f"evaluation.{j}.mask": s.maskUri for j, s in enumerate(evals)},
+            lora_init.FIELD: spec.adapter.initFrom}
     return {k: v for k, v in uris.items() if v}
 
 
 def spec_field(spec: LoRATrainingJobSpec, key: str) -> str:
     """The spec field a stage key comes from, for messages: "model.diffusersPath", "dataset.uri",
     "dataset.sources[1].maskUri", "evaluation.sources[0].uri"."""
+    if key == lora_init.FIELD:
+        return key
     if not key.startswith(("dataset.", "evaluation.")):
         return f"model.{key}"
     i, mask = int(key.split(".")[1]), key.endswith(".mask")
@@ -531,6 +534,10 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     log(env, "[phase] stage-in")
     m.phase("StagingIn")
     paths, unsafe = stage_in(spec, env, settings)
+    # adapter.initFrom read now, a bad file named before the dataset is cached (a resume takes the checkpoint's)
+    init = None
+    if spec.adapter.initFrom and plan != "resume":
+        init = dist.agree(lora_init.read, Path(paths[lora_init.FIELD]), spec.model.type)
 
     # ---- dataset (checked before any model is loaded), then the cache and the model
     report = scan_sources(spec, paths, unsafe)
@@ -550,7 +557,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         torch.cuda.empty_cache()
 
     # ---- adapters, parallelism, optimizer
-    tr = build_trainer(spec, family, ready, sampling, env, settings, publish, m, job_name)
+    tr = build_trainer(spec, family, ready, sampling, env, settings, publish, m, job_name, init)
 
     # ---- train (from step 1, or from the newest checkpoint)
     start = resume(tr, steps) + 1 if plan == "resume" else 1
@@ -723,9 +730,9 @@ def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] 
 
 
 def build_trainer(spec, family, ready: cache_phase.Ready, sampling, env: dist.DistEnv, settings, publish, m,
-                  job_name: str) -> Trainer:
-    """Adapters injected, the memory plan and parallelism agreed by every rank, the optimizer and
-    schedule, the seeded data order and the cache loader."""
+                  job_name: str, init: Optional[lora_init.InitLora] = None) -> Trainer:
+    """Adapters injected (started from init: adapter.initFrom), the memory plan and parallelism
+    agreed by every rank, the optimizer and schedule, the seeded data order and the cache loader."""
     t, comps, layout = spec.training, ready.comps, ready.layout
     units = layout.assignment.units
     # evaluation.sources' units have no repeats: the sampler never draws them, nor do they count in an epoch
@@ -738,7 +745,7 @@ def build_trainer(spec, family, ready: cache_phase.Ready, sampling, env: dist.Di
     key_of = dict(zip(layout.entries, layout.keys))
     root = cache_root()
 
-    ad = dist.agree(adapters.prepare, comps, family, spec, env)
+    ad = dist.agree(adapters.prepare, comps, family, spec, env, init)
     trained = [e for e in layout.entries if space.repeats[e[0]]]
     probe = lambda: largest_batch(layout.report, units, trained, key_of, root, t.microBatchSize)  # noqa: E731
     lay = dist.agree(adapters.layout, ad, comps, family, spec, env, probe)
