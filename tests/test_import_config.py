@@ -407,6 +407,24 @@ def test_adapter_alpha_is_mapped_saying_diffusion_pipe_would_refuse_it():
         "and trains with alpha = rank): remove the key from the manifest to train as it does"]
 
 
+def test_init_from_existing_becomes_init_from_with_the_layers_the_file_holds():
+    """diffusion-pipe's file holds its own targets (the modulation linears too): for Flux and
+    HunyuanVideo, whose importer knows them as one targetModules value, that value is set; for
+    the others the targets note says the run refuses the file until targetModules lists them."""
+    from kubelora_trainer.models.flux.targets import DIFFUSION_PIPE_TARGETS
+    main, ds = _with("adapter", "init_from_existing", "runs/old/epoch50")
+    manifest, notes = convert(main, ds, cwd="/home/u", path_map={"/home/u/runs": "s3://loras"})
+    spec = parse_spec(manifest)
+    assert spec.adapter.initFrom == "s3://loras/old/epoch50" and spec.adapter.targetModules == [DIFFUSION_PIPE_TARGETS]
+    assert any(n.startswith("[adapter] init_from_existing: adapter.targetModules set to the layers diffusion-pipe")
+               for n in notes), notes
+    main, ds = _with("adapter", "init_from_existing", "/runs/old", model_type="sdxl")
+    manifest, notes = convert(main, ds)
+    assert parse_spec(manifest).adapter.targetModules is None
+    assert any("with init_from_existing, a file holding those layers is refused at the run's start until "
+               "adapter.targetModules lists them" in n for n in notes), notes
+
+
 def test_mask_path_becomes_mask_uri_of_its_directory():
     """One [[directory]]: dataset.maskUri; several: each source's own (a directory without one has none),
     and the same folder shared by all is written on each source (there is no dataset-wide form)."""

@@ -107,6 +107,7 @@ def test_the_file_is_staged_and_checked_as_an_input(tmp_path):
     from kubelora_trainer.train import spec_field, stage_uris
     spec = _spec(initFrom="s3://loras/runs/a/lora.safetensors")
     assert stage_uris(spec)["adapter.initFrom"] == "s3://loras/runs/a/lora.safetensors"
+    assert "adapter.initFrom" not in stage_uris(spec, resume=True)  # a resume takes the checkpoint's, reads no file
     assert spec_field(spec, "adapter.initFrom") == "adapter.initFrom"
     assert spec.input_fields() == {"model.diffusersPath": "/m", "adapter.initFrom": "s3://loras/runs/a/lora.safetensors"}
     with pytest.raises(SpecError, match="adapter.initFrom"):

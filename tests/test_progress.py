@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kubelora_trainer.progress import Meter, Progress, Publisher, format_eta
-from kubelora_trainer.train import downsample, lr_lambda, optimizer
+from kubelora_trainer.train import downsample, fused, lr_lambda, optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,16 +28,28 @@ def test_the_optimizer_is_fused_adamw_with_the_specs_settings():
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(3))]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    fused = optimizer([{"params": a}], t)
+    fast = optimizer([{"params": a}], t)
     ref = torch.optim.AdamW(b, lr=3e-2, betas=(0.8, 0.95), eps=1e-4, weight_decay=0.3, foreach=True)
-    assert fused.param_groups[0]["fused"] is True
+    assert fast.param_groups[0]["fused"] is True
     for _ in range(3):
         for pa, pb in zip(a, b):
             pa.grad = pb.grad = torch.linspace(-1, 1, pa.numel()).reshape(pa.shape) * (1 + pa.detach().sum().abs())
-        fused.step()
+        fast.step()
         ref.step()
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    # a checkpoint of the multi-tensor optimizer, restored: torch takes its options (fused None);
+    # fused() puts the fused kernel back, and the run goes on as the multi-tensor one does
+    resumed = optimizer([{"params": a}], t)
+    resumed.load_state_dict(ref.state_dict())
+    assert resumed.param_groups[0]["fused"] is None
+    fused(resumed)
+    assert resumed.param_groups[0]["fused"] is True and resumed.param_groups[0]["foreach"] is None
+    assert all(st["step"].dtype == torch.float32 and st["step"].item() == 3 for st in resumed.state.values())
+    for opt in (resumed, ref):
+        opt.step()
+    for pa, pb in zip(a, b):  # a fourth step: the kernels' rounding apart, not the update
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
 
 
 def test_eta_and_rates():

@@ -46,7 +46,7 @@ def check_storage(spec) -> int:
         print(f"error: {field}: {e}" + (" (transient: try again)" if e.transient else ""), file=sys.stderr)
     evals = spec.evaluation.uri_fields() if spec.evaluation else {}
     for field, uri in {**inputs, **spec.dataset.uri_fields(), **evals}.items():
-        unsafe = None if field.startswith("model.") else []  # data: skipped at stage-in, as here
+        unsafe = [] if field.startswith(("dataset.", "evaluation.")) else None  # data: skipped at stage-in, as here
         try:
             print(f"ok: {field} {uri}: {check_readable(uri, settings, unsafe=unsafe)} object(s) readable", file=sys.stderr)
         except StorageError as e:

@@ -122,7 +122,17 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
             ctx.note("save_dtype", "a full fine-tune's files are written in model.dtype")
     else:
         apply(ctx, "adapter", main["adapter"])
-        if note := getattr(family_module(ctx.model_type), "LORA_TARGETS_NOTE", None):
+        importer = family_module(ctx.model_type)
+        same = getattr(importer, "DIFFUSION_PIPE_TARGETS", None)
+        if "initFrom" in ctx.adapter and same and "targetModules" not in ctx.adapter:
+            # the file holds diffusion-pipe's modules: started from only where the run adapts them all
+            ctx.adapter["targetModules"] = [same]
+            ctx.note("init_from_existing", "adapter.targetModules set to the layers diffusion-pipe adapts (the "
+                                           "modulation linears too), which the file it trained holds")
+        elif note := getattr(importer, "LORA_TARGETS_NOTE", None):
+            if "initFrom" in ctx.adapter:
+                note += ("; with init_from_existing, a file holding those layers is refused at the run's start "
+                         "until adapter.targetModules lists them")
             ctx.note("type", note)
     apply(ctx, "optimizer", main.get("optimizer") or {})
     optimizer_defaults(ctx)

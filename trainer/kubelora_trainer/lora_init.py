@@ -96,7 +96,9 @@ def apply(init: InitLora, trainable: dict[str, nn.Module], rank: int, run_scale:
     for component, mods in init.lora.items():
         model = trainable.get(component)
         if model is None or not targets(model):
-            raise InitError(f"{FIELD}: {init.path.name} holds a LoRA for {component}, on which this run trains none")
+            fix = ("set training.textEncoderLearningRate above 0, or start from a file without one"
+                   if component.startswith("text_encoder") else "start from a file without one")
+            raise InitError(f"{FIELD}: {init.path.name} holds a LoRA for {component}, on which this run trains none: {fix}")
         unknown = sorted(m for m in mods if lora_layer(model, m) is None)
         if unknown:
             more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""

@@ -56,17 +56,18 @@ def source_key(spec: LoRATrainingJobSpec, i: int) -> str:
     return f"dataset.{i}" if i < n else f"evaluation.{i - n}"
 
 
-def stage_uris(spec: LoRATrainingJobSpec) -> dict[str, str]:
+def stage_uris(spec: LoRATrainingJobSpec, resume: bool = False) -> dict[str, str]:
     """{stage key: URI} of everything stage-in fetches: model path fields by name, dataset sources
     as "dataset.<i>" and their masks as "dataset.<i>.mask", evaluation.sources as "evaluation.<j>"
-    and "evaluation.<j>.mask", adapter.initFrom as itself."""
+    and "evaluation.<j>.mask", adapter.initFrom as itself (not on a resume, which does not read it:
+    a file removed since the start must not stop a run that can resume)."""
     evals = eval_source_specs(spec)
     uris = {**{f: getattr(spec.model, f) for f in PATH_FIELDS},
             **{f"dataset.{i}": u for i, u in enumerate(spec.dataset.uris)},
             **{f"dataset.{i}.mask": u for i, u in enumerate(spec.dataset.mask_uris)},
             **{f"evaluation.{j}": s.uri for j, s in enumerate(evals)},
             **{f"evaluation.{j}.mask": s.maskUri for j, s in enumerate(evals)},
-            lora_init.FIELD: spec.adapter.initFrom}
+            lora_init.FIELD: None if resume else spec.adapter.initFrom}
     return {k: v for k, v in uris.items() if v}
 
 
@@ -92,14 +93,14 @@ def unsafe_warning(field: str, uris: list[str]) -> str:
             f"folder ('..', '.', an empty segment, a doubled '/' or {storage.INDEX_NAME}): {shown}")
 
 
-def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv,
-             settings: storage.S3Settings) -> tuple[dict[str, str], dict[str, list[str]]]:
+def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3Settings,
+             resume: bool = False) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Node-local rank 0 downloads model parts and the dataset; the other ranks wait and read
     the resolved paths it wrote. Returns ({stage key: local path}, {stage key: URIs of the data
     objects skipped as unsafeKey}). A failure names the spec field whose URI failed
     ("model.diffusersPath: reading ..."); a model object whose key cannot be a file under its
     folder is such a failure, a data object's is skipped and counted (scan_sources)."""
-    uris = stage_uris(spec)
+    uris = stage_uris(spec, resume)
     marker = cache_root() / f"staged-{hashlib.sha1(json.dumps(uris, sort_keys=True).encode()).hexdigest()[:12]}.json"
     err = None
     if env.local_rank == 0:
@@ -110,7 +111,7 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv,
                 field = spec_field(spec, key)
                 loc = storage.parse_uri(uri)
                 dest = _stage_dir(uri)
-                if loc.is_s3 and key in SINGLE_FILE_FIELDS:
+                if loc.is_s3 and (key in SINGLE_FILE_FIELDS or key == lora_init.FIELD and uri.endswith(".safetensors")):
                     dest = dest.parent
                 skipped = [] if key.startswith(("dataset.", "evaluation.")) else None
                 paths[key] = str(storage.download(uri, dest, settings, client=client, log=print, unsafe=skipped))
@@ -314,6 +315,19 @@ class Trainer:
     sampling: Optional[samples.Sampler] = None   # spec.samples (None: off); the data order is state.sampler
     evaluation: Optional[evaluation.Evaluator] = None   # spec.evaluation (None: off)
     data_wait: float = 0.0                      # seconds this rank's steps waited for the cache loader
+
+
+def fused(opt: torch.optim.AdamW) -> None:
+    """Back to the fused kernel after a restore: torch takes the saved groups' options, and a
+    checkpoint written by the multi-tensor optimizer would switch it back (then, its step counters
+    being on the GPU, reading each one on the host twice per step). The counters go where the
+    fused kernel wants them: float32 beside their parameter."""
+    for g in opt.param_groups:
+        g["fused"], g["foreach"] = True, None
+        for p in g["params"]:
+            st = opt.state.get(p)
+            if st and torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(device=getattr(p, "device", None), dtype=torch.float32)
 
 
 def optimizer(groups: list[dict], t) -> torch.optim.AdamW:
@@ -533,7 +547,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     # ---- stage-in
     log(env, "[phase] stage-in")
     m.phase("StagingIn")
-    paths, unsafe = stage_in(spec, env, settings)
+    paths, unsafe = stage_in(spec, env, settings, resume=plan == "resume")
     # adapter.initFrom read now, a bad file named before the dataset is cached (a resume takes the checkpoint's)
     init = None
     if spec.adapter.initFrom and plan != "resume":
@@ -802,6 +816,7 @@ def resume(tr: Trainer, steps: list[int]) -> int:
     dist.fail_together(err, "deleting unreadable checkpoints")
     tr.sched.last_epoch = step
     tr.sched._last_lr = [g["lr"] for g in tr.opt.param_groups]
+    fused(tr.opt)
     exact = loop is not None and tr.state.load(loop)
     tr.metrics.resumed(step)
     log(env, f"[resume] from the checkpoint of step {step}" + ("" if exact else
