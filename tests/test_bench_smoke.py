@@ -47,7 +47,7 @@ def test_the_fp8_gemm_breakdown_runs():
 
 def test_the_fp8_block_variants_run():
     env = {**os.environ, "TINY": "1", "PYTHONPATH": str(ROOT / "trainer"), "OMP_NUM_THREADS": "1"}
-    kinds = ["bf16", "fp8_fast", "fp8_bwdbf16", "fp8_noquant"]
+    kinds = ["bf16", "fp8_fast", "fp8_bwdbf16", "fp8_noquant", "fp8_fused"]
     p = subprocess.run([sys.executable, str(ROOT / "bench/gpu/fp8_block.py"), *kinds], env=env, capture_output=True,
                        text=True, timeout=600)
     rows = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]

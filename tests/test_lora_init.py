@@ -96,6 +96,9 @@ def test_a_file_it_cannot_start_from_is_refused_naming_the_fix(trained, tmp_path
     with pytest.raises(lora_init.InitError, match=r"holds 2 .safetensors files \(x.safetensors, y.safetensors\); "
                                                   "give one LoRA file"):
         lora_init.read(junk.parent, "flux")
+    (junk.parent / "manifest.json").write_text("{}")  # a run's output.uri holds its LoRA in several formats
+    with pytest.raises(lora_init.InitError, match="it is a run's output folder: give one of its LoRA files"):
+        lora_init.read(junk.parent, "flux")
     with pytest.raises(lora_init.InitError, match="holds no .safetensors file"):
         lora_init.read(tmp_path / "missing", "flux")
     with pytest.raises(SpecError, match="adapter.initFrom: applies to adapter.type lora only"):

@@ -11,6 +11,9 @@ regional compile), forward + input gradient timed with CUDA events. One JSON lin
               quantization of the gradient); an experiment here, not a product mode
   fp8_noquant forward and backward GEMMs in fp8 on inputs quantized with a constant scale (no
               amax reduction): the floor a fused or delayed quantization could reach; numerics off
+  fp8_fused   fp8_fast with the two linears that read the same input (proj and fc1, as a Flux single
+              block's q/k/v and MLP projections) stored as one: one GEMM and one quantization of the
+              input instead of two, one input-gradient GEMM; what fusing a block's base GEMMs would gain
 
     python bench/gpu/fp8_block.py            (TINY=1: CPU smoke test, tiny shapes)
 """
@@ -95,13 +98,30 @@ class Block(nn.Module):
 
     def forward(self, x):
         h = self.norm(x) * (1 + self.scale) + self.shift
+        if hasattr(self, "proj_fc1"):  # fp8_fused: both linears on h as one GEMM
+            p, f = self.proj_fc1(h).split([D, H], dim=-1)
+            return x + p + self.fc2(nn.functional.gelu(f, approximate="tanh"))
         return x + self.proj(h) + self.fc2(nn.functional.gelu(self.fc1(h), approximate="tanh"))
+
+
+def fused_linear(a: nn.Linear, b: nn.Linear) -> nn.Linear:
+    """One linear computing a's outputs then b's, on the same input."""
+    out = nn.Linear(a.in_features, a.out_features + b.out_features).to(a.weight.device, a.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([a.weight, b.weight]))
+        out.bias.copy_(torch.cat([a.bias, b.bias]))
+    return out.requires_grad_(False)
 
 
 def build(kind: str) -> nn.ModuleList:
     torch.manual_seed(0)
     blocks = nn.ModuleList(Block() for _ in range(N_BLOCKS)).to(DEV, BF).requires_grad_(False)
-    if kind != "bf16":
+    if kind == "fp8_fused":
+        for b in blocks:
+            b.proj_fc1 = fp8.Float8Linear(fused_linear(b.proj, b.fc1), BF, "fp8")
+            b.fc2 = fp8.Float8Linear(b.fc2, BF, "fp8")
+            del b.proj, b.fc1
+    elif kind != "bf16":
         for b in blocks:
             for name in ("proj", "fc1", "fc2"):
                 lin = getattr(b, name)
@@ -119,7 +139,7 @@ def timed(fn, n):
 
 def run(kind: str) -> dict:
     torch._dynamo.reset()
-    fp8.FORWARD_FAST_ACCUM = kind == "fp8_fast"
+    fp8.FORWARD_FAST_ACCUM = kind in ("fp8_fast", "fp8_fused")
     blocks = build(kind)
     fns = [torch.compile(b) for b in blocks]
     x = torch.randn(1, M, D, device=DEV, dtype=BF, requires_grad=True)
@@ -148,7 +168,7 @@ def run(kind: str) -> dict:
 
 
 if __name__ == "__main__":
-    kinds = sys.argv[1:] or ["bf16", "fp8", "fp8_fast", "fp8t", "fp8_bwdbf16", "fp8_noquant"]
+    kinds = sys.argv[1:] or ["bf16", "fp8", "fp8_fast", "fp8t", "fp8_bwdbf16", "fp8_noquant", "fp8_fused"]
     for k in kinds:
         try:
             print(json.dumps(run(k)), flush=True)

@@ -38,7 +38,10 @@ def locate(path: Path) -> Path:
     found = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if len(found) != 1:
         what = "no .safetensors file" if not found else f"{len(found)} .safetensors files ({', '.join(p.name for p in found[:3])})"
-        raise InitError(f"{FIELD}: {path} holds {what}; give one LoRA file, or a folder holding exactly one")
+        fix = "give one LoRA file, or a folder holding exactly one"
+        if (path / "manifest.json").is_file():  # a kubelora run's output.uri: its files in several formats
+            fix = "it is a run's output folder: give one of its LoRA files (e.g. .../lora.safetensors, the primary)"
+        raise InitError(f"{FIELD}: {path} holds {what}; {fix}")
     return found[0]
 
 
