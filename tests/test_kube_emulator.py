@@ -340,6 +340,9 @@ def test_status_subresource_and_generation(kube, kubectl):
     status, err = http(kube, "PATCH", f"{base}/demo-flux", {"spec": {"samples": {"prompts": [{"prompt": "a cat"}]}}},
                        merge)
     assert status == 422 and "immutable after creation" in err["message"], err
+    # and spec.evaluation (was: left out of the rule, an edit accepted that never reached the run)
+    status, err = http(kube, "PATCH", f"{base}/demo-flux", {"spec": {"evaluation": {"sources": [{"uri": "s3://demo/eval"}], "everySteps": 5}}}, merge)
+    assert status == 422 and "immutable after creation" in err["message"], err
     _, table = http(kube, "GET", base, accept="application/json;as=Table;v=v1;g=meta.k8s.io")
     assert table["kind"] == "Table" and table["rows"][0]["cells"][:3] == ["demo-flux", "Suspended", "flux"]
 

@@ -167,18 +167,29 @@ def _opt(path: str) -> str:
     return f"(has({obj}.{fld}) ? {path} : -1)"
 
 
+def immutability_rule(spec_cls) -> str:
+    """CEL: every section of the spec but runPolicy equal to its old value, taken from the spec's
+    own fields (a section added later is covered without a change here). A section with no default
+    (samples, evaluation: absent unless written) is compared with has() too. Pure."""
+    parts = []
+    for name, f in spec_cls.model_fields.items():
+        if name == "runPolicy":
+            continue
+        if f.is_required() or f.default_factory is not None:  # always present once the server defaulted it
+            parts.append(f"self.{name} == oldSelf.{name}")
+        else:
+            parts += [f"has(self.{name}) == has(oldSelf.{name})", f"(!has(self.{name}) || self.{name} == oldSelf.{name})"]
+    return " && ".join(parts)
+
+
 def cel_rules() -> dict[str, list[dict]]:
     """x-kubernetes-validations per schema node (the API server enforces them at apply time):
     immutability after creation, and the family data rules of families.py."""
     from .families import RULES
-    sections = ("model", "dataset", "adapter", "training", "output", "storage", "resources")
-    spec_rules = [{
-        # samples has no default (it is absent unless written), so it is compared with has() too
-        "rule": " && ".join([f"self.{s} == oldSelf.{s}" for s in sections]
-                            + ["has(self.samples) == has(oldSelf.samples)",
-                               "(!has(self.samples) || self.samples == oldSelf.samples)"]),
-        "message": "the spec is immutable after creation except spec.runPolicy.suspend; create a new LoRATrainingJob",
-    }]
+    from .spec import LoRATrainingJobSpec
+    spec_rules = [{"rule": immutability_rule(LoRATrainingJobSpec),
+                   "message": "the spec is immutable after creation except spec.runPolicy.suspend; create a new "
+                              "LoRATrainingJob"}]
     w = "(has(self.dataset.width) ? self.dataset.width : self.dataset.resolution)"
     h = "(has(self.dataset.height) ? self.dataset.height : self.dataset.resolution)"
     for t, r in RULES.items():
