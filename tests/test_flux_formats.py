@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kubelora_trainer import lora
-from kubelora_trainer.models.flux.family import FAMILY, _single_file_config, image_ids
+from kubelora_trainer.models.flux.family import FAMILY, _single_file_config, image_ids, no_embedding_warning
 from kubelora_trainer.models.flux.keys import bfl_module, to_bfl
 from kubelora_trainer.spec import parse_spec
 from kubelora_trainer.models.flux.tiny import write_bfl_transformer
@@ -233,3 +233,15 @@ def test_image_ids_are_diffusers_ids_made_on_the_device():
             want = FluxPipeline._prepare_latent_image_ids(2, h, w, torch.device("cpu"), dtype)
             got = image_ids(h, w, torch.device("cpu"), dtype)
             assert got.dtype == want.dtype and torch.equal(got, want), (h, w, dtype)
+
+
+def test_a_guidance_setting_on_a_transformer_without_the_embedding_is_warned_about():
+    """FLUX.1-schnell has no guidance embedding: model.guidance (or the bypass) would change nothing."""
+    def spec(**model):
+        return parse_spec({"model": {"type": "flux", "diffusersPath": "/m", **model}, "dataset": {"uri": "/d"},
+                           "output": {"uri": "/o"}}).model
+    assert no_embedding_warning(spec(guidance=3.5), True) is None
+    assert no_embedding_warning(spec(), False) is None
+    assert no_embedding_warning(spec(guidance=3.5), False).startswith(
+        "[model] warning: model.guidance: this transformer has no guidance embedding")
+    assert "model.bypassGuidanceEmbedding: this transformer" in no_embedding_warning(spec(bypassGuidanceEmbedding=True), False)

@@ -115,3 +115,17 @@ def test_the_file_is_staged_and_checked_as_an_input(tmp_path):
     assert spec.input_fields() == {"model.diffusersPath": "/m", "adapter.initFrom": "s3://loras/runs/a/lora.safetensors"}
     with pytest.raises(SpecError, match="adapter.initFrom"):
         _spec(initFrom="loras/a.safetensors")  # neither s3:// nor an absolute path
+
+
+def test_a_target_entry_that_adapts_nothing_is_refused_not_dropped():
+    """peft drops an adapter.targetModules entry that matches nothing as long as another entry
+    matches: a typo would train fewer layers than asked, without a word."""
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.proj_mlp"]
+    assert lora.unmatched(["attn.to_q", "to_k", r"single_.*\.proj_mlp"], names) == []
+    assert lora.unmatched(["attn.to_qq", "to_q", r"single_.*\.proj_mlpx", "attn"], names) == [
+        (0, "attn.to_qq"), (2, r"single_.*\.proj_mlpx"), (3, "attn")]   # a suffix is a whole name part
+    with pytest.raises(lora.AdapterError, match=r"adapter.targetModules\[1\] \('attn.to_qq'\) matches no linear layer "
+                                                r"of the transformer: remove or fix it"):
+        adapters.prepare(_comps(), FAMILY, _spec(targetModules=["attn.to_q", "attn.to_qq"]), CPU)
+    ad = adapters.prepare(_comps(), FAMILY, _spec(targetModules=["attn.to_q", r".*\.ff\.net\.2"]), CPU)
+    assert ad.n_trainable > 0

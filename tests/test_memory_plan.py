@@ -343,7 +343,9 @@ def test_memory_budget_lowers_the_plans_budget_never_raises_it(monkeypatch):
     for asked in (30, 30.1, 20.3, 0.7, 72.6):  # not lowered: no warning (rounding to bytes included)
         assert memory_plan.budget_warning(asked, memory_plan.budget_bytes(gpu, asked)) is None
     assert "memoryBudgetGiB 500 is more than" in memory_plan.budget_warning(500, memory_plan.budget_bytes(gpu, 500))
-    assert memory_plan.budget_warning(500, 2**30, forced=True) is None  # the variable set it outright
+    assert memory_plan.budget_warning(500, 2**30, forced=True) == (  # the variable set it outright: said so
+        "[memory] warning: $KUBELORA_MEMORY_BUDGET_GIB (1 GiB) replaces training.memoryBudgetGiB 500")
+    assert memory_plan.budget_warning(None, 2**30, forced=True) is None
 
     def spec(**training):
         return parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},

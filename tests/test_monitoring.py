@@ -63,6 +63,21 @@ def test_kubelora_run_serves_metrics_to_this_machine_only_unless_told_otherwise(
     assert "KUBELORA_METRICS_PORT" not in local_env({}, 1)   # unset: the default port, a taken one only a note
 
 
+def test_a_local_run_says_when_its_world_is_not_the_clusters_and_honours_a_cpu_spec():
+    from kubelora_trainer.cli import default_nproc, world_note
+    from kubelora_trainer.spec import parse_spec
+
+    def spec(**resources):
+        return parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},
+                           "output": {"uri": "/o"}, "training": {"microBatchSize": 2, "gradientAccumulationSteps": 3},
+                           "resources": resources})
+    assert world_note(spec(), 1) is None and world_note(spec(nodes=2, gpusPerNode=4), 8) is None
+    assert world_note(spec(nodes=2, gpusPerNode=4), 2) == (
+        "[kubelora] note: resources ask a cluster for 8 process(es) (2 node(s) x 4); this machine runs 2, so a "
+        "step trains 12 samples, not 48 (--nproc sets the count)")
+    assert default_nproc(spec(gpusPerNode=0)) == 1   # "0 trains on CPU": one process (the launch forces the CPU)
+
+
 def test_trainer_endpoint_serves_lingers_and_never_breaks_on_a_taken_port():
     from kubelora_trainer import metrics, storage
     m = metrics.TrainerMetrics(LTJ, NAMESPACE)

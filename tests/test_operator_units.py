@@ -172,6 +172,11 @@ def test_local_paths_only_on_the_cache_volume_in_a_cluster():
     out_on_pvc = {**base, "output": {"uri": f"{CACHE_MOUNT}/out"}, "resources": {"cacheVolumeClaim": "shared"}}
     assert "output.uri: '/var/cache/kubelora/out' is on the cache volume claim, which the operator does not mount" \
         in cluster_problem(parse_spec(out_on_pvc))
+    # a cache-only job whose cache would go with the pod (its emptyDir): refused; kept somewhere: fine
+    cache_only = {**base, "dataset": {"uri": "s3://data/set", "cacheOnly": True}}
+    assert "dataset.cacheOnly: the cache would be built in the pod's emptyDir" in cluster_problem(parse_spec(cache_only))
+    assert cluster_problem(parse_spec({**cache_only, "resources": {"cacheVolumeClaim": "shared"}})) is None
+    assert cluster_problem(parse_spec({**cache_only, "dataset": {**cache_only["dataset"], "cacheUri": "s3://cache/x"}})) is None
 
 
 def test_pods_waiting_for_gpus_are_pending_with_the_schedulers_message():

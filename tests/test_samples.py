@@ -52,6 +52,8 @@ LTX = {"type": "ltx-video", "diffusersPath": "s3://models/ltx"}
     (FLUX, {"prompts": [{"prompt": "x"}], "atStart": False, "atEnd": False}, "samples: no step would sample"),
     (FLUX, {"prompts": [{"prompt": "x"}], "everySteps": STEPS + 1, "atStart": False, "atEnd": False},
      f"samples.everySteps: {STEPS + 1} is more than training.steps ({STEPS})"),
+    ({**FLUX, "bypassGuidanceEmbedding": True}, {"prompts": [{"prompt": "x", "guidance": 3.5}]},
+     "samples.prompts[0].guidance: model.bypassGuidanceEmbedding leaves the guidance embedding out"),
 ])
 def test_spec_refuses_what_a_family_cannot_sample(model, samples_spec, expect):
     with pytest.raises(SpecError) as e:

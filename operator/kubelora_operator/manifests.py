@@ -165,6 +165,9 @@ def cluster_problem(spec: LoRATrainingJobSpec) -> str | None:
         return (f"output.uri: {spec.output.uri!r} is on the cache volume claim, which the operator does not mount: "
                 "it reads the run's progress and manifest.json from output.uri, so the job would never leave "
                 "Exporting; use an s3:// URI (inputs may stay on the volume)")
+    if spec.dataset.cacheOnly and not spec.resources.cacheVolumeClaim and not spec.dataset.cacheUri:
+        return ("dataset.cacheOnly: the cache would be built in the pod's emptyDir and deleted with the pod; set "
+                "dataset.cacheUri (an s3:// prefix runs read) or resources.cacheVolumeClaim to keep it")
     for field, uri in fields.items():
         if not uri.startswith("s3://") and not on_volume(uri):
             return (f"{field}: {uri!r} is a path inside the trainer pod" + lost.get(field, ", which it does not have")

@@ -63,6 +63,15 @@ def prepare(comps: Components, family, spec, env: dist.DistEnv, init=None) -> Ad
             cfg = lora.lora_config(spec.adapter, targets[name])
             out.n_trainable += lora.inject(module, cfg, spec.training.seed)
             out.configs[name] = cfg
+            if name == denoiser and spec.adapter.targetModules:
+                from .lora_init import targets as lora_layers
+                missed = lora.unmatched(spec.adapter.targetModules, lora_layers(module))
+                if missed:
+                    i, entry = missed[0]
+                    more = f" (and {len(missed) - 1} more entries)" if len(missed) > 1 else ""
+                    raise lora.AdapterError(f"adapter.targetModules[{i}] ({entry!r}) matches no linear layer of the "
+                                            f"{name}{more}: remove or fix it (a suffix such as attn.to_q, or a regular "
+                                            "expression matching whole module names)")
     if init is not None:
         from . import lora_init
         loaded, missing = lora_init.apply(init, comps.trainable, spec.adapter.rank, spec.adapter.scale)

@@ -67,7 +67,10 @@ def check_storage(spec) -> int:
 
 
 def default_nproc(spec) -> int:
-    """One process per GPU; on a machine without GPUs, one (or --nproc)."""
+    """One process per GPU; on a machine without GPUs, or with resources.gpusPerNode 0 (the CPU),
+    one (or --nproc)."""
+    if spec.resources.gpusPerNode == 0:
+        return 1
     try:
         import torch
         if torch.cuda.is_available():
@@ -75,6 +78,19 @@ def default_nproc(spec) -> int:
     except ImportError:
         pass
     return 1
+
+
+def world_note(spec, nproc: int) -> str | None:
+    """A note when this machine runs another number of processes than the spec's resources ask of
+    a cluster (nodes x gpusPerNode): the samples per optimizer step differ. Pure."""
+    r, t = spec.resources, spec.training
+    cluster = r.nodes * max(1, r.gpusPerNode)
+    if cluster == nproc:
+        return None
+    per = t.microBatchSize * t.gradientAccumulationSteps
+    return (f"[kubelora] note: resources ask a cluster for {cluster} process(es) ({r.nodes} node(s) x "
+            f"{max(1, r.gpusPerNode)}); this machine runs {nproc}, so a step trains {per * nproc} samples, not "
+            f"{per * cluster} (--nproc sets the count)")
 
 
 def local_env(environ: dict, nproc: int) -> dict:
@@ -129,6 +145,11 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
             return 2
     n = nproc or default_nproc(spec)
     env = local_env({**os.environ, **(extra_env or {})}, n)
+    if spec.resources.gpusPerNode == 0:  # "0 trains on CPU", here as in the cluster
+        env.setdefault("KUBELORA_FORCE_CPU", "1")
+    note = world_note(spec, n)
+    if note:
+        print(note, flush=True)
     from .launch import run as run_torchrun
     print(f"[kubelora] {spec.model.type} LoRA from {manifest} on {n} local process(es)", flush=True)
     try:

@@ -36,7 +36,8 @@ def check_family(model, dataset, output=None) -> Optional[str]:
             return f"model.{f} does not apply to model.type {model.type} (it takes {_fmt_sources(r.sources)})"
     for f in OPTION_FIELDS:
         v = getattr(model, f)
-        if v not in (None, False) and f not in r.options:
+        # against the field's default (which the API server fills in), not falsiness: guidance 0.0 is a setting
+        if v is not None and v != type(model).model_fields[f].default and f not in r.options:
             allowed = ", ".join(f"model.{o}" for o in r.options) or "none"
             return f"model.{f} does not apply to model.type {model.type} (its options: {allowed})"
     for f in r.folder_paths:  # an object key stages that one file, without what must lie beside it

@@ -24,6 +24,25 @@ def peft_targets(entries: list[str]):
     return "|".join(f"(?:{e})" if is_pattern(e) else rf"(?:.*\.)?{re.escape(e)}" for e in entries)
 
 
+def unmatched(entries: list[str], adapted: list[str]) -> list[tuple[int, str]]:
+    """The adapter.targetModules entries that adapted none of the modules named in adapted, as
+    (index, entry): peft drops them without a word as long as another entry matches. A suffix
+    matches a module of that name or ending in '.' + it, a pattern the whole name (peft's rules).
+    Pure."""
+    import re
+
+    from .spec import is_pattern
+    out = []
+    for i, e in enumerate(entries):
+        if is_pattern(e):
+            hit = any(re.fullmatch(f"(?:{e})", n) for n in adapted)
+        else:
+            hit = any(n == e or n.endswith("." + e) for n in adapted)
+        if not hit:
+            out.append((i, e))
+    return out
+
+
 def lora_config(adapter_spec, targets):
     from peft import LoraConfig
     return LoraConfig(r=adapter_spec.rank, lora_alpha=adapter_spec.alpha or adapter_spec.rank,

@@ -105,9 +105,11 @@ def apply(init: InitLora, trainable: dict[str, nn.Module], rank: int, run_scale:
         unknown = sorted(m for m in mods if lora_layer(model, m) is None)
         if unknown:
             more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            fix = ("a text encoder's LoRA targets are the family's own (adapter.targetModules applies to the "
+                   "denoiser): start from a file without them" if component.startswith("text_encoder") else
+                   "add them to adapter.targetModules (or start from another file)")
             raise InitError(f"{FIELD}: {len(unknown)} of its {len(mods)} {component} modules are not LoRA targets of this "
-                            f"run: {', '.join(unknown[:3])}{more}; add them to adapter.targetModules (or start from "
-                            "another file)")
+                            f"run: {', '.join(unknown[:3])}{more}; {fix}")
         ranks = sorted({a.shape[0] for a, _ in mods.values()})
         if ranks != [rank]:
             raise InitError(f"{FIELD}: {init.path.name} has rank {' and '.join(map(str, ranks))}; set adapter.rank to "

@@ -68,9 +68,12 @@ def budget_bytes(total: Optional[int], requested_gib: Optional[float] = None) ->
 
 
 def budget_warning(requested_gib: Optional[float], budget: Optional[int], forced: bool = False) -> Optional[str]:
-    """The warning when budget_bytes lowered training.memoryBudgetGiB to what the GPU leaves (None
-    when it did not, or when $KUBELORA_MEMORY_BUDGET_GIB set the budget outright). Pure."""
-    if requested_gib is None or budget is None or forced or budget >= int(requested_gib * GiB):
+    """The warning when budget_bytes lowered training.memoryBudgetGiB to what the GPU leaves, or when
+    $KUBELORA_MEMORY_BUDGET_GIB replaced it outright; None otherwise. Pure."""
+    if requested_gib is not None and budget is not None and forced:
+        return (f"[memory] warning: ${BUDGET_ENV} ({budget / GiB:g} GiB) replaces training.memoryBudgetGiB "
+                f"{requested_gib:g}")
+    if requested_gib is None or budget is None or budget >= int(requested_gib * GiB):
         return None
     return (f"[memory] warning: training.memoryBudgetGiB {requested_gib:g} is more than this GPU leaves for "
             f"training ({budget / GiB:.2f} GiB: 92% of its memory less 1 GiB); planning for that")

@@ -30,6 +30,9 @@ def check_samples(spec) -> Optional[str]:
                 "samples.atStart and atEnd are off, so no step would sample; lower it or set atEnd")
     places = [("samples", s)] + [(f"samples.prompts[{i}]", p) for i, p in enumerate(s.prompts)]
     for where, p in places:
+        if p.guidance is not None and spec.model.bypassGuidanceEmbedding:
+            return (f"{where}.guidance: model.bypassGuidanceEmbedding leaves the guidance embedding out, so samples get "
+                    "no guidance either; remove it")
         if (p.width is None) != (p.height is None):
             return f"{where}.width and {where}.height go together: set both, or neither"
         if p.width is not None and (p.width % r.size_multiple or p.height % r.size_multiple):

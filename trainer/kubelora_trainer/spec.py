@@ -129,7 +129,10 @@ class ModelSpec(_Model):
                                   "false: at 8f (0.9.0, 0.9.1; diffusers' LTXPipeline). Unset: from the checkpoint, "
                                   "true when its VAE is the 0.9.5+ one (LTXVideo095DownBlock3D, how diffusers tells the "
                                   "versions apart). Images (one frame) are unaffected.")
-    vPred: bool = Field(default=False, description="SDXL: the model is a v-prediction model (else epsilon).")
+    vPred: bool = Field(default=False, description="SDXL: true trains as v-prediction. False (the default): what the "
+                                                   "checkpoint says (its v_pred key, or the diffusers scheduler's "
+                                                   "prediction_type v_prediction), else epsilon; the log names the "
+                                                   "objective used.")
     zeroTerminalSnr: Optional[bool] = Field(
         default=None, description="SDXL: rescale the noise schedule to zero terminal SNR (as NoobAI v-pred and other "
                                   "v-prediction fine-tunes were trained). Default: what the checkpoint says (its "
@@ -345,7 +348,9 @@ class AdapterSpec(_Model):
         default=None, min_length=1,
         description="Module name suffixes to adapt (attn.to_q adapts every module whose name ends so); an entry holding "
                     "any of \\ ( ) [ ] * + ? | ^ $ { is a regular expression matched against the whole module name "
-                    "(as peft's target_modules string). Defaults to the family's attention and MLP linears.")
+                    "(as peft's target_modules string). Defaults to the family's attention and MLP linears. Applies to the "
+                    "denoiser (transformer or UNet); SDXL's text encoders keep their default targets. An entry that "
+                    "matches no linear layer is refused.")
 
     initFrom: Optional[str] = _uri(
         "A LoRA to start from instead of zero (diffusion-pipe's init_from_existing; kohya's network_weights): a "

@@ -75,6 +75,17 @@ def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(height * width, 3).to(dtype)
 
 
+def no_embedding_warning(model_spec, guidance_embeds: bool) -> str | None:
+    """A guidance setting on a transformer without a guidance embedding (guidance_embeds false,
+    e.g. FLUX.1-schnell), which feeds no guidance at all; None otherwise. Pure."""
+    if guidance_embeds:
+        return None
+    field = ("model.guidance" if model_spec.guidance is not None else
+             "model.bypassGuidanceEmbedding" if model_spec.bypassGuidanceEmbedding else None)
+    return field and (f"[model] warning: {field}: this transformer has no guidance embedding (guidance_embeds "
+                      "false, e.g. FLUX.1-schnell), so no guidance is fed; the setting changes nothing: remove it")
+
+
 def _bypass_guidance(transformer) -> None:
     """Make the time/text embedding ignore guidance: training calls it without (guidance=None);
     diffusers' FluxPipeline, used for samples, still passes a guidance whenever the config has
@@ -107,6 +118,9 @@ class Flux:
         else:
             transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
         transformer.to(device)
+        unused = no_embedding_warning(model_spec, bool(transformer.config.guidance_embeds))
+        if unused:
+            print(unused, flush=True)
         if model_spec.bypassGuidanceEmbedding:
             _bypass_guidance(transformer)
         if not encoders:

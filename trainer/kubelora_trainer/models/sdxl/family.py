@@ -294,6 +294,9 @@ class SDXL:
                              f"layers_per_block {LAYERS_PER_BLOCK})")
         sched_cfg = pipe.scheduler.config
         v_pred, ztsnr = objective(model_spec, sched_cfg, marks)
+        print(f"[model] sdxl: {'v-prediction' if v_pred else 'epsilon prediction'}"
+              f"{', zero terminal SNR' if ztsnr else ''}"
+              f"{'' if model_spec.vPred or not v_pred else ' (from the checkpoint)'}", flush=True)
         if ztsnr and not v_pred:
             print("[model] warning: model.zeroTerminalSnr with epsilon prediction: at the last timestep the input is "
                   "pure noise and the target equals it; zero terminal SNR is meant for v-prediction (model.vPred)",
