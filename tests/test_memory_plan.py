@@ -53,6 +53,16 @@ def test_the_budget_is_the_gpu_less_headroom_or_the_variable(monkeypatch):
     assert memory_plan.budget_bytes(None) == 2**29
 
 
+def test_sharding_asked_of_one_process_is_noted():
+    from kubelora_trainer import dist
+    assert dist.choose_sharding("shard", 1, 10, 100) == "none"
+    assert dist.sharding_note("shard", 1) == ("[model] note: training.sharding shard applies to several processes; "
+                                              "this run has one, which holds the whole model")
+    assert dist.sharding_note("replicate", 1) is not None
+    assert dist.sharding_note("auto", 1) is None and dist.sharding_note("shard", 2) is None
+    assert dist.sharding_note("shard", 1, offload=True) is None   # cpuOffload shards one process too
+
+
 def test_ranks_agree_on_the_union_and_on_sharding():
     a = adapters.Layout("replicate", {"transformer": {(0, 1)}}, {"fits": True})
     b = adapters.Layout("shard", {"transformer": {(0, 2)}, "text_encoder": {(0, 0)}})

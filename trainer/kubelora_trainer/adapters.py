@@ -109,6 +109,9 @@ def layout(ad: Adapters, comps: Components, family, spec, env: dist.DistEnv,
     t = spec.training
     total = device_memory(env.device)
     sharding = dist.choose_sharding(t.sharding, env.world, held_bytes(comps, spec), total, offload=t.cpuOffload)
+    note = dist.sharding_note(t.sharding, env.world, t.cpuOffload)
+    if note and env.is_main:
+        print(note, flush=True)
     names = block_names(comps, family)
     if t.gradientCheckpointing is not None or probe is None or t.cpuOffload:
         # offloaded (unset): every block, as the model is never whole on the device to measure it

@@ -73,6 +73,15 @@ def choose_sharding(requested: str, world: int, weight_bytes: int, device_memory
     return "replicate" if weight_bytes <= device_memory // 2 else "shard"
 
 
+def sharding_note(requested: str, world: int, offload: bool = False) -> str | None:
+    """The note when training.sharding asks for shard or replicate and one process runs (then
+    nothing is split or copied: choose_sharding gives 'none'). Pure."""
+    if world != 1 or offload or requested == "auto":
+        return None
+    return (f"[model] note: training.sharding {requested} applies to several processes; this run has one, which "
+            "holds the whole model")
+
+
 class GradSync:
     """Gradient exchange for one optimizer step of several micro-batches. Sharded: FSDP2
     reduce-scatters only on the last micro-batch's backward. Replicated: after the last backward,
