@@ -418,11 +418,15 @@ def test_init_from_existing_becomes_init_from_with_the_layers_the_file_holds():
     assert spec.adapter.initFrom == "s3://loras/old/epoch50" and spec.adapter.targetModules == [DIFFUSION_PIPE_TARGETS]
     assert any(n.startswith("[adapter] init_from_existing: adapter.targetModules set to the layers diffusion-pipe")
                for n in notes), notes
-    main, ds = _with("adapter", "init_from_existing", "/runs/old", model_type="sdxl")
+    main, ds = _with("adapter", "init_from_existing", "/runs/old", model_type="cosmos")
     manifest, notes = convert(main, ds)
-    assert parse_spec(manifest).adapter.targetModules is None
+    assert "targetModules" not in manifest["spec"]["adapter"]
     assert any("with init_from_existing, a file holding those layers is refused at the run's start until "
                "adapter.targetModules lists them" in n for n in notes), notes
+    main, ds = _with("adapter", "init_from_existing", "/runs/old", model_type="sdxl")   # targets: the UNet's only
+    notes = convert(main, ds)[1]
+    assert any("a file holding time_emb_proj LoRA is refused at the run's start until adapter.targetModules lists it, "
+               "and one holding text_projection LoRA is refused" in n for n in notes), notes
 
 
 def test_mask_path_becomes_mask_uri_of_its_directory():

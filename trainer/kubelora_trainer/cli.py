@@ -147,7 +147,7 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
     env = local_env({**os.environ, **(extra_env or {})}, n)
     if spec.resources.gpusPerNode == 0:  # "0 trains on CPU", here as in the cluster
         env.setdefault("KUBELORA_FORCE_CPU", "1")
-    note = world_note(spec, n)
+    note = None if nproc else world_note(spec, n)  # --nproc: the count was chosen
     if note:
         print(note, flush=True)
     from .launch import run as run_torchrun

@@ -131,8 +131,8 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
                                            "modulation linears too), which the file it trained holds")
         elif note := getattr(importer, "LORA_TARGETS_NOTE", None):
             if "initFrom" in ctx.adapter:
-                note += ("; with init_from_existing, a file holding those layers is refused at the run's start "
-                         "until adapter.targetModules lists them")
+                note += getattr(importer, "INIT_FROM_NOTE", "; with init_from_existing, a file holding those layers is "
+                                "refused at the run's start until adapter.targetModules lists them")
             ctx.note("type", note)
     apply(ctx, "optimizer", main.get("optimizer") or {})
     optimizer_defaults(ctx)

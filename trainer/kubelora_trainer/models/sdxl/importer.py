@@ -26,4 +26,9 @@ MODEL_KEYS: dict[str, Handler] = {
 LORA_TARGETS_NOTE = ("diffusion-pipe also puts LoRA on each UNet resnet's time_emb_proj (down, mid and up blocks) and on "
                      "text_encoder_2's text_projection; kubelora's default adapter.targetModules leave them out (the "
                      "attention, projection and MLP linears of the transformer blocks and of both text encoders' layers "
-                     "are the same): list them in adapter.targetModules to train them too")
+                     "are the same): list time_emb_proj in adapter.targetModules to train it too (targetModules "
+                     "applies to the UNet; text_encoder_2's text_projection cannot be targeted)")
+# what init_from_existing then means for a file diffusion-pipe trained (import_config appends it)
+INIT_FROM_NOTE = ("; with init_from_existing, a file holding time_emb_proj LoRA is refused at the run's start until "
+                  "adapter.targetModules lists it, and one holding text_projection LoRA is refused (start from a file "
+                  "without it)")
