@@ -64,8 +64,7 @@ def prepare(comps: Components, family, spec, env: dist.DistEnv, init=None) -> Ad
             out.n_trainable += lora.inject(module, cfg, spec.training.seed)
             out.configs[name] = cfg
             if name == denoiser and spec.adapter.targetModules:
-                from .lora_init import targets as lora_layers
-                missed = lora.unmatched(spec.adapter.targetModules, lora_layers(module))
+                missed = lora.unmatched(spec.adapter.targetModules, lora.adapted(module))
                 if missed:
                     i, entry = missed[0]
                     more = f" (and {len(missed) - 1} more entries)" if len(missed) > 1 else ""

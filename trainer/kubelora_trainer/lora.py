@@ -70,6 +70,21 @@ def inject(model: nn.Module, cfg, seed: int) -> int:
     return n
 
 
+def lora_layer(model: nn.Module, module: str):
+    """The peft LoRA layer at a module path of model, or None."""
+    try:
+        sub = model.get_submodule(module)
+    except AttributeError:
+        return None
+    a = getattr(sub, "lora_A", None)
+    return sub if isinstance(a, nn.ModuleDict) and "default" in a else None
+
+
+def adapted(model: nn.Module) -> list[str]:
+    """The module paths of model's LoRA layers."""
+    return sorted(n for n, m in model.named_modules() if lora_layer(m, "") is not None)
+
+
 def narrowest(modules) -> tuple[str, int] | None:
     """(name, min(in, out)) of the adapted layer with the fewest dimensions, over all modules."""
     best = None

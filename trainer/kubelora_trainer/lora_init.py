@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .lora import AdapterError
+from .lora import AdapterError, adapted as targets, lora_layer
 
 FIELD = "adapter.initFrom"
 
@@ -71,21 +71,6 @@ def read(path: Path, model_type: str) -> InitLora:
         why[fmt] = "no LoRA modules"
     raise InitError(f"{FIELD}: {file} is not a {model_type} LoRA in any of its formats ("
                     + "; ".join(f"{f}: {w[:200]}" for f, w in why.items()) + ")")
-
-
-def lora_layer(model: nn.Module, module: str):
-    """The peft LoRA layer at a module path of model, or None."""
-    try:
-        sub = model.get_submodule(module)
-    except AttributeError:
-        return None
-    a = getattr(sub, "lora_A", None)
-    return sub if isinstance(a, nn.ModuleDict) and "default" in a else None
-
-
-def targets(model: nn.Module) -> list[str]:
-    """The module paths of model's LoRA layers."""
-    return sorted(n for n, m in model.named_modules() if lora_layer(m, "") is not None)
 
 
 @torch.no_grad()
