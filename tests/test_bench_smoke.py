@@ -114,3 +114,15 @@ def test_host_syncs_are_found_by_call_site():
                    (3, "aten._local_scalar_dense.default", 1)], some
     assert all(s["where"].startswith("test_bench_smoke.py:") for s in some), some
     assert torch.Tensor.tolist is not None and t.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # put back
+
+
+def test_sync_debug_notice_is_not_a_sync():
+    """torch's notice on switching its sync debug mode on is not a sync (the sixth GPU run reported
+    it as one); the warnings it gives at synchronizing calls are. The messages are torch's own."""
+    sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+    from syncs import is_sync_warning
+
+    assert not is_sync_warning("Synchronization debug mode is a prototype feature and does not yet detect all "
+                               "synchronizing operations")
+    assert is_sync_warning("called a synchronizing CUDA operation")
+    assert not is_sync_warning("some other warning")

@@ -13,14 +13,14 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, peft, diffusers; print(torch.__version__, peft.__version__, diffusers.__version__)" | tee -a "$OUT/gpu.txt"
-# the next run's questions (docs/benchmarks.md, fifth run and after): how much of the Flux fp8 step
-# is the host waiting for each step (s/step with every step waited for and with steps queued back to
-# back, and where a step syncs), HunyuanVideo fp8 with cuDNN, the memory plan held to 30 GiB (the
-# issue's <= 1.2 s at <= 30 GiB target), and Flux fp8 with checkpointing and cuDNN (the <= 0.45 s at
-# <= 26 GiB target); about 2 minutes a case, 8 in all. Apart: kubelora:hunyuan:compile_gc_fp8:ATTN=flash
-# (flash against cuDNN in one run), kubelora:hunyuan:compile_gc_fp8:HY_CAPTIONS=varied,PER=170 (masks
-# reach cuDNN's attention) and kubelora:flux:eager_nogc_fp8:ATTN=cudnn (decision 6's crash)
-CASES=${CASES:-"kubelora:flux:compile_nogc_fp8:ASYNC=1,SYNCS=1 kubelora:hunyuan:compile_gc_fp8 kubelora:hunyuan:compile_auto_fp8:BUDGET_GIB=30,PROFILE=1 kubelora:flux:compile_gc_fp8"}
+# the next run's questions (docs/benchmarks.md, sixth run): the memory plan, now counting compiled
+# blocks at 88% of their eager saves (decisions.md 61), against the peaks it predicts, for Flux at
+# 26 GiB (the <= 0.45 s at <= 26 GiB target) and HunyuanVideo at 30 GiB (<= 1.2 s at <= 30 GiB), then
+# the stock Flux step and kubelora's fp8 one on the same machine; about 6 minutes. Apart:
+# kubelora:hunyuan:compile_gc_fp8:ATTN=flash (flash against cuDNN in one run),
+# kubelora:hunyuan:compile_gc_fp8:HY_CAPTIONS=varied,PER=170 (masks reach cuDNN's attention) and
+# kubelora:flux:eager_nogc_fp8:ATTN=cudnn (decision 6's crash)
+CASES=${CASES:-"kubelora:flux:compile_auto_fp8:BUDGET_GIB=26 kubelora:hunyuan:compile_auto_fp8:BUDGET_GIB=30 stock:flux:bf16_compile_nogc kubelora:flux:compile_nogc_fp8"}
 for c in $CASES; do
   IFS=: read -r runner model mode extra <<<"$c"
   log="/tmp/${runner}_${model}_${mode}_${extra//[^A-Za-z0-9]/_}.err"

@@ -129,6 +129,9 @@ def layout(ad: Adapters, comps: Components, family, spec, env: dist.DistEnv,
     for m in comps.trainable.values():
         m.train()  # as in training: dropout saves its masks
     profile = memory_plan.measure(lambda: _probe_forward(comps, family, spec, env, probe()), modules, params)
+    compiled_blocks = _compile_choice(t, env)[0]
+    if compiled_blocks:  # compiled blocks save less than the eager forward just measured
+        profile = memory_plan.compiled(profile)
     trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
     largest = max((sum(p.numel() * p.element_size() for p in m.parameters()) for m in modules.values()), default=0)
@@ -148,7 +151,7 @@ def layout(ad: Adapters, comps: Components, family, spec, env: dist.DistEnv,
     memory = {"recomputedBlocks": len(plan.recomputed), "blocks": len(names), "fits": plan.fits,
               "predictedPeakGiB": round(plan.peak / memory_plan.GiB, 2), "predictedPeakBytes": plan.peak,
               "budgetGiB": round(plan.budget / memory_plan.GiB, 2),
-              "text": memory_plan.describe(plan, profile, static(sharding))}
+              "text": memory_plan.describe(plan, profile, static(sharding), compiled_blocks)}
     return Layout(sharding, _by_component(set(plan.recomputed), names), memory)
 
 
@@ -179,6 +182,19 @@ def _probe_forward(comps: Components, family, spec, env: dist.DistEnv, batch: di
         family.loss(comps, batch, spec.model, spec.training, gen)
 
 
+def _compile_choice(t, env: dist.DistEnv) -> tuple[bool, str, Optional[tuple[int, int]], Optional[str]]:
+    """(compile the blocks, why, the GPU's compute capability, what this machine lacks to compile):
+    training.compile as compiling.choose_compile decides it here; compile: true where nothing can
+    compile stops with the fix."""
+    cap = torch.cuda.get_device_capability(env.device) if env.device.type == "cuda" else None
+    problem = compiling.compiler_problem(env.device.type) if t.compile is not False else None
+    if t.compile and problem:
+        raise SpecError(f"training.compile: {problem}; install it in the trainer image (gcc and python3-dev on "
+                       f"Debian/Ubuntu; kubelora's image has them) or set training.compile: false")
+    compile_blocks, why = compiling.choose_compile(t.compile, env.device.type, cap, t.cpuOffload, problem)
+    return compile_blocks, why, cap, problem
+
+
 def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEnv, lay: Layout) -> Adapters:
     """Checkpointing, compile and FSDP2 as the layout says; optimizer groups; gradient exchange."""
     t = spec.training
@@ -195,12 +211,7 @@ def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEn
     elif env.is_main and env.world > 1:
         print(f"[model] {lay.sharding}: " + ("a full copy of the model on every rank; only the adapters' gradients "
               "travel" if lay.sharding == "replicate" else "weights sharded across ranks with FSDP2"), flush=True)
-    cap = torch.cuda.get_device_capability(env.device) if env.device.type == "cuda" else None
-    problem = compiling.compiler_problem(env.device.type) if t.compile is not False else None
-    if t.compile and problem:
-        raise SpecError(f"training.compile: {problem}; install it in the trainer image (gcc and python3-dev on "
-                       f"Debian/Ubuntu; kubelora's image has them) or set training.compile: false")
-    compile_blocks, why = compiling.choose_compile(t.compile, env.device.type, cap, t.cpuOffload, problem)
+    compile_blocks, why, cap, problem = _compile_choice(t, env)
     if compile_blocks and t.compile is None:
         # chosen, not asked for: a block dynamo or inductor cannot compile (a family or a sampling
         # path not yet run compiled on a GPU) runs eagerly with dynamo's warning instead of failing

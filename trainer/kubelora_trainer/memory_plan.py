@@ -11,7 +11,9 @@ count once; the parameters themselves are not counted (they are in memory anyway
 plan() is pure: the device holds the static part (weights, trainable weights with their gradients
 and AdamW moments, as the sharding leaves them on one rank), what is saved outside the blocks, the
 inputs of every recomputed block, everything every other block saves, and a working margin of two
-of the largest blocks' saves (one block recomputed and its gradients in backward). Blocks are left
+of the largest blocks' saves (one block recomputed and its gradients in backward). Compiled blocks
+save less than the eager forward measure() runs: compiled() scales their saves by a share measured on
+GPUs (COMPILED_SAVES). Blocks are left
 un-recomputed cheapest first (the least memory for the same recompute saved) while the predicted
 peak stays within the budget; one that would not fit stops the walk.
 """
@@ -26,6 +28,12 @@ import torch
 
 GiB = 2 ** 30
 BUDGET_ENV = "KUBELORA_MEMORY_BUDGET_GIB"
+# What a compiled block saves for backward, as a share of what its eager forward saves (what
+# measure() counts): inductor's partitioner recomputes cheap pointwise results in backward instead of
+# saving them. Measured on an H100 (docs/benchmarks.md, sixth run; decisions.md 61): Flux 0.80-0.85,
+# HunyuanVideo 0.71-0.72 of the eager saves; the largest share with some to spare, so that no measured
+# case is predicted below what it used.
+COMPILED_SAVES = 0.88
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,14 @@ class Plan:
     peak: int     # predicted bytes at the peak
     budget: int
     fits: bool
+
+
+def compiled(profile: Profile, share: float = COMPILED_SAVES) -> Profile:
+    """The profile of the same blocks under torch.compile: each block's saves scaled by share (never
+    below the inputs it keeps when recomputed, which compile does not change), what is saved outside
+    the blocks as measured. Pure."""
+    return Profile(tuple(BlockCost(b.name, b.keep, max(b.keep, int(b.saved * share))) for b in profile.blocks),
+                   profile.fixed)
 
 
 def budget_bytes(total: Optional[int], requested_gib: Optional[float] = None) -> Optional[int]:
@@ -189,11 +205,12 @@ def measure(forward: Callable[[], object], blocks: dict[str, torch.nn.Module],
     return Profile(tuple(costs), fixed)
 
 
-def describe(p: Plan, profile: Profile, static: int) -> str:
+def describe(p: Plan, profile: Profile, static: int, compiled_blocks: bool = False) -> str:
     n = len(profile.blocks)
     none = profile.activations(set())
     what = ("no block recomputed" if not p.recomputed else
             "every block recomputed" if len(p.recomputed) == n else f"{len(p.recomputed)} of {n} blocks recomputed")
-    return (f"the forward keeps {none / GiB:.2f} GiB for backward at the largest micro-batch, with "
+    how = f" (compiled blocks: {COMPILED_SAVES:.0%} of the eager saves)" if compiled_blocks else ""
+    return (f"the forward keeps {none / GiB:.2f} GiB for backward at the largest micro-batch{how}, with "
             f"{static / GiB:.2f} GiB of weights and optimizer state; budget {p.budget / GiB:.2f} GiB: {what} "
             f"(predicted peak {p.peak / GiB:.2f} GiB)")
