@@ -47,7 +47,8 @@ def test_the_fp8_gemm_breakdown_runs():
 
 def test_the_fp8_block_variants_run():
     env = {**os.environ, "TINY": "1", "PYTHONPATH": str(ROOT / "trainer"), "OMP_NUM_THREADS": "1"}
-    kinds = ["bf16", "fp8_fast", "fp8_bwdbf16", "fp8_noquant", "fp8_fused"]
+    kinds = ["bf16", "fp8_fast", "fp8_bwdbf16", "fp8_noquant", "fp8_fused", "fp8_lora", "fp8_lora_plain",
+             "fp8_lora_fusedA"]
     p = subprocess.run([sys.executable, str(ROOT / "bench/gpu/fp8_block.py"), *kinds], env=env, capture_output=True,
                        text=True, timeout=600)
     rows = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -55,6 +56,10 @@ def test_the_fp8_block_variants_run():
     assert all("error" not in r and r["ms_per_fwdbwd"] > 0 for r in rows), rows
     # the variants compute the same blocks: their outputs agree with bf16's within fp8's error
     assert all(abs(r["out_norm"] / rows[0]["out_norm"] - 1) < 0.02 for r in rows), rows
+    # the three LoRA variants are one arithmetic (peft's, written out, fused; summed in another order in
+    # bf16) with the same weights, and the adapter path changes the output
+    lora = [r["out_norm"] for r in rows if "lora" in r["case"]]
+    assert max(lora) - min(lora) <= 0.01 * max(lora) and rows[1]["out_norm"] not in lora, rows
 
 
 def test_idle_gaps_of_a_trace_name_the_cpu_ops_the_gpu_waited_on(tmp_path):

@@ -86,9 +86,20 @@ class Experimental(nn.Module):
         return _NoQuant.apply(x, self.w8, self.w8t, self.scale)
 
 
+R = 4 if TINY else 32  # the LoRA variants' rank
+
+
+def lora_weights() -> dict:
+    """The LoRA variants' A and B for proj, fc1 and fc2 (B not zero, so that the path counts)."""
+    g = torch.Generator().manual_seed(1)
+    return {name: (torch.randn(R, i, generator=g) / i ** 0.5, torch.randn(o, R, generator=g) * 0.01)
+            for name, (i, o) in {"proj": (D, D), "fc1": (D, H), "fc2": (H, D)}.items()}
+
+
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
+        self.lora = None  # "plain" or "fusedA": the LoRA variants written out
         self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.shift = nn.Parameter(torch.randn(D) * 0.1, requires_grad=False)
         self.scale = nn.Parameter(torch.randn(D) * 0.1, requires_grad=False)
@@ -96,8 +107,24 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(D, H)
         self.fc2 = nn.Linear(H, D)
 
+    def add_lora(self, how: str):
+        """LoRA's A and B (fp32, trainable) for proj, fc1 and fc2, used as `how` says."""
+        self.lora = how
+        for name, (a, b) in lora_weights().items():
+            setattr(self, f"{name}_A", nn.Parameter(a))
+            setattr(self, f"{name}_B", nn.Parameter(b))
+
     def forward(self, x):
         h = self.norm(x) * (1 + self.scale) + self.shift
+        if self.lora:
+            lin = nn.functional.linear
+            if self.lora == "fusedA":  # both A's on h in one GEMM
+                a_p, a_f = lin(h, torch.cat([self.proj_A, self.fc1_A])).split([R, R], dim=-1)
+            else:
+                a_p, a_f = lin(h, self.proj_A), lin(h, self.fc1_A)
+            p = self.proj(h) + lin(a_p, self.proj_B)
+            f = nn.functional.gelu(self.fc1(h) + lin(a_f, self.fc1_B), approximate="tanh")
+            return x + p + self.fc2(f) + lin(lin(f, self.fc2_A), self.fc2_B)
         if hasattr(self, "proj_fc1"):  # fp8_fused: both linears on h as one GEMM
             p, f = self.proj_fc1(h).split([D, H], dim=-1)
             return x + p + self.fc2(nn.functional.gelu(f, approximate="tanh"))
@@ -121,11 +148,26 @@ def build(kind: str) -> nn.ModuleList:
             b.proj_fc1 = fp8.Float8Linear(fused_linear(b.proj, b.fc1), BF, "fp8")
             b.fc2 = fp8.Float8Linear(b.fc2, BF, "fp8")
             del b.proj, b.fc1
-    elif kind != "bf16":
+    elif kind == "fp8_lora":  # as the trainer: peft's layers, then their bases stored in fp8
+        from peft import LoraConfig
+
+        from kubelora_trainer import lora
+        lora.inject(blocks, LoraConfig(r=R, lora_alpha=R, target_modules=["proj", "fc1", "fc2"]), seed=0)
         for b in blocks:
             for name in ("proj", "fc1", "fc2"):
+                layer = getattr(b, name)
+                layer.base_layer = fp8.Float8Linear(layer.base_layer, BF, "fp8")
+                a, w = lora_weights()[name]  # the written-out variants' values
+                with torch.no_grad():
+                    layer.lora_A["default"].weight.copy_(a)
+                    layer.lora_B["default"].weight.copy_(w)
+    elif kind != "bf16":
+        for b in blocks:
+            if kind.startswith("fp8_lora_"):
+                b.add_lora(kind.removeprefix("fp8_lora_"))
+            for name in ("proj", "fc1", "fc2"):
                 lin = getattr(b, name)
-                if kind in ("fp8", "fp8_fast", "fp8t"):
+                if kind in ("fp8", "fp8_fast", "fp8t") or kind.startswith("fp8_lora_"):
                     new = fp8.Float8Linear(lin, BF, "fp8_transposed" if kind == "fp8t" else "fp8")
                 else:
                     new = Experimental(lin, kind)
@@ -139,23 +181,27 @@ def timed(fn, n):
 
 def run(kind: str) -> dict:
     torch._dynamo.reset()
-    fp8.FORWARD_FAST_ACCUM = kind in ("fp8_fast", "fp8_fused")
-    blocks = build(kind)
+    fp8.FORWARD_FAST_ACCUM = kind in ("fp8_fast", "fp8_fused") or kind.startswith("fp8_lora")
+    blocks = build(kind).to(DEV)
     fns = [torch.compile(b) for b in blocks]
+    params = [p for p in blocks.parameters() if p.requires_grad]  # the LoRA variants' weights
     x = torch.randn(1, M, D, device=DEV, dtype=BF, requires_grad=True)
     g = torch.randn(1, M, D, device=DEV, dtype=BF)
 
     def step():
-        h = x
-        for f in fns:
-            h = f(h)
+        with torch.autocast(DEV, dtype=BF):  # as the trainer's compute(): LoRA's fp32 weights used in bf16
+            h = x
+            for f in fns:
+                h = f(h)
         h.backward(g)
         x.grad = None
+        for p in params:
+            p.grad = None
 
     if not TINY:
         torch.cuda.reset_peak_memory_stats()
     ms = timed(step, 2 if TINY else 20)
-    with torch.no_grad():  # agreement with bf16 is read from the printed outputs' norms
+    with torch.no_grad(), torch.autocast(DEV, dtype=BF):  # agreement is read from the outputs' norms
         h = x
         for f in fns:
             h = f(h)
@@ -168,7 +214,8 @@ def run(kind: str) -> dict:
 
 
 if __name__ == "__main__":
-    kinds = sys.argv[1:] or ["bf16", "fp8", "fp8_fast", "fp8t", "fp8_bwdbf16", "fp8_noquant", "fp8_fused"]
+    kinds = sys.argv[1:] or ["bf16", "fp8", "fp8_fast", "fp8t", "fp8_bwdbf16", "fp8_noquant", "fp8_fused",
+                             "fp8_lora", "fp8_lora_plain", "fp8_lora_fusedA"]
     for k in kinds:
         try:
             print(json.dumps(run(k)), flush=True)
