@@ -335,3 +335,70 @@ def test_a_setting_the_model_resolves_is_compared_once_the_model_has_loaded():
     assert "(model.causalTemporalPositioning: false -> true): set them to the checkpoint's values" in why, why
     assert resolved_refusal(old, {"model.causalTemporalPositioning": False}, 6, "/o") is None
     assert resolved_refusal(None, now, 6, "/o") is None
+
+
+def test_a_layout_change_keeps_deferred_samples_and_goes_on_from_the_next_epoch():
+    """Another number of ranks or micro-batch (a common change: the out-of-memory message advises a
+    smaller micro-batch): the samples a stop deferred stay due, the data order goes on from the epoch
+    after the one under way (not from epoch 0 again), and the noise generator and dropout RNG get
+    a stream of their own for the step, not step 1's again. A rank file left by an earlier save of the
+    same step with more ranks is not taken for this checkpoint's (rank 0's file says 2 ranks)."""
+    from kubelora_trainer import buckets as bk
+    from kubelora_trainer.checkpoint import loop_for_world
+    from kubelora_trainer.train import LoopState
+    mid = {"world": 2, "micro": 1, "step": 6, "gen": "g", "losses": [1.0, 0.9], "sample_pending": 6,
+           "sampler": {"epoch": 3, "pos": 2, "carry_in": []}}
+    got = loop_for_world(None, mid, 4, 1)
+    assert got == {"losses": [1.0, 0.9], "sample_pending": 6, "step": 6, "epoch": 4}, got
+    assert loop_for_world(None, {**mid, "sampler": {"epoch": 3, "pos": 0, "carry_in": []}}, 4)["epoch"] == 3
+    stale = {**mid, "world": 4, "sampler": {"epoch": 9, "pos": 1, "carry_in": []}}
+    assert loop_for_world(stale, mid, 4, 1) == got          # rank 2 of 4 with a stale rank-2.pt: rank 0's history
+    assert loop_for_world(mid, mid, 2, 1) is mid            # the same layout: all of it
+
+    space = bk.SampleSpace(((32, 32, 1),), (1,), (1,), (0.0,))
+
+    def fresh():
+        torch.manual_seed(11)
+        return LoopState(torch.Generator().manual_seed(5), bk.BucketSampler(space, 1, 1, 4, 0))
+    before = fresh().gen.get_state()
+    state = fresh()
+    assert state.load(got) is False
+    assert state.sample_pending == 6 and state.losses == [1.0, 0.9] and state.sampler.epoch == 4
+    assert state.sampler.pos == 0 and not torch.equal(state.gen.get_state(), before)
+    assert torch.initial_seed() != 11
+    again = fresh()
+    again.load(got)  # the same on every attempt
+    assert torch.equal(again.gen.get_state(), state.gen.get_state())
+
+
+def test_prune_deletes_saves_that_never_completed_below_the_newest_complete_one():
+    from kubelora_trainer.checkpoint import to_prune
+    names = ["step-2/state/COMPLETE", "step-2/state/rank-0.pt", "step-3/state/rank-0.pt",
+             "step-4/state/COMPLETE", "step-6/state/COMPLETE", "step-7/state/__0_0.distcp"]
+    assert to_prune(names, keep=2) == [2, 3]    # 7 may be a save under way: left
+    assert to_prune(names, keep=5) == [3]
+    assert to_prune(["step-3/state/rank-0.pt"], keep=1) == []   # nothing complete: nothing pruned
+
+
+def test_a_run_resumed_after_its_last_step_reports_its_samples_and_step(tmp_path):
+    """Resumed after its last step (a LoRA run always checkpoints it, so a failed export or upload is
+    retried without training): no step runs, yet report.html and the manifest list the samples written
+    before, and progress.json says the last step with its loss, not 0."""
+    from pathlib import Path
+    from types import SimpleNamespace as NS
+
+    from kubelora_trainer import buckets as bk
+    from kubelora_trainer import samples, train
+    from kubelora_trainer.progress import Meter
+    spec = _spec(samples={"everySteps": 4, "prompts": [{"prompt": "a cat"}, {"prompt": "a dog"}]})
+    sampler = samples.Sampler(spec, None, {}, [{"index": 0}, {"index": 1}], "job", None, {}, Path(tmp_path))
+    space = bk.SampleSpace(((32, 32, 1),), (1,), (1,), (0.0,))
+    state = train.LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0), losses=[0.5] * 8)
+    tr = NS(spec=spec, env=NS(device=torch.device("cpu"), world=1, is_main=True, rank=0), state=state,
+            comps=NS(denoiser=torch.nn.Linear(2, 2)), sampling=sampler, evaluation=None)
+    prog = train.first_progress(8, 9, 1, 4, state.losses)
+    train._train_steps(tr, 9, Meter(8, 1), prog)
+    assert [(r["step"], r["prompt"]) for r in sampler.records] == [(s, p) for s in (0, 4, 8) for p in (0, 1)]
+    assert (prog.step, prog.loss, prog.epoch, prog.resumedFrom) == (8, 0.5, 2, 8)
+    assert (prog.samples, prog.sampleStep) == (6, 8)
+    assert train.first_progress(8, 1, 1, 4, []).step == 0

@@ -55,6 +55,7 @@ SCHEDULE = frozenset({"training.steps"})
 # the model is loaded; resolved_refusal compares them after
 RESOLVED = {"model.causalTemporalPositioning": False}
 STEP_DIR = re.compile(r"step-(\d+)/state/" + MARKER)
+STEP_FILE = re.compile(r"step-(\d+)/state/")
 
 
 def _options(strict: bool):
@@ -251,9 +252,16 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     folder = local_root / f"step-{step}" / STATE
+    remote = f"{output_uri.rstrip('/')}/checkpoints/step-{step}/{STATE}"
     if env.local_rank == 0:
         shutil.rmtree(local_root, ignore_errors=True)  # this step's, and any an earlier attempt left behind
-    dist.barrier()
+    err = None
+    if env.is_main:  # what an earlier save of this step that never completed left (with more ranks: rank
+        try:         # files this save would not overwrite, and a resume would take for its own)
+            storage.delete_prefix(remote, settings)
+        except storage.StorageError as e:
+            err = e
+    dist.fail_together(err, "clearing the checkpoint's folder")  # every rank waits for it
     model_sd, optim_sd = get_state_dict(modules, opt, options=_options(strict=True))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
     buf = io.BytesIO()  # torch.save's file writer reports a full disk without the errno ("unexpected pos")
@@ -266,7 +274,6 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
     except OSError as e:  # one rank's disk: the others stop with its reason instead of waiting at a barrier
         err = disk.no_room(e, "writing the checkpoint", path=folder / f"rank-{env.rank}.pt") or e
     dist.fail_together(err, "writing the checkpoint's loop state")
-    remote = f"{output_uri.rstrip('/')}/checkpoints/step-{step}/{STATE}"
     err = None
     if env.local_rank == 0:
         try:
@@ -294,9 +301,21 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
 
 
 def prune(output_uri: str, settings: storage.S3Settings, keep: int) -> None:
+    """Complete checkpoints beyond the newest `keep` deleted, and the files of saves that never
+    completed (a crash while writing) below the newest complete one."""
     base = f"{output_uri.rstrip('/')}/checkpoints"
-    for old in complete_steps(storage.list_keys(base, settings))[:-keep]:
+    for old in to_prune(storage.list_keys(base, settings), keep):
         storage.delete_prefix(f"{base}/step-{old}/{STATE}", settings)
+
+
+def to_prune(names: list[str], keep: int) -> list[int]:
+    """The steps prune() deletes among object names under checkpoints/. Pure."""
+    complete = complete_steps(names)
+    if not complete:
+        return []
+    started = {int(m[1]) for n in names if (m := STEP_FILE.match(n))}
+    unfinished = [s for s in started - set(complete) if s < complete[-1]]
+    return sorted(complete[:-keep] + unfinished)
 
 
 def delete_all(output_uri: str, settings: storage.S3Settings) -> None:
@@ -312,15 +331,27 @@ class Unreadable(RuntimeError):
 def loop_for_world(own: Optional[dict], first: Optional[dict], world: int, micro: Optional[int] = None
                    ) -> Optional[dict]:
     """The loop state a rank resumes with: its own file's when the checkpoint had this number of
-    ranks and micro-batch; else only the loss and evaluation history (the all-rank means, the same
-    in every rank's file; taken from rank 0's) — the sampler position, generator and RNG states belong to another
-    layout. Pure."""
-    if own is not None and own.get("world") == world and (micro is None or own.get("micro", micro) == micro):
+    ranks and micro-batch (rank 0's file saying so too: a rank file left by an earlier, crashed save
+    of the same step with more ranks is not this checkpoint's); else what does not belong to one layout
+    (taken from rank 0's file, the same on every rank): the loss and evaluation history (all-rank
+    means), the samples a stop left for the resume, the step, and the epoch the data order goes on
+    from (the next one, when the old layout's was under way: its plan belongs to that layout). Pure."""
+    def same_layout(d: Optional[dict]) -> bool:
+        return d is not None and d.get("world") == world and (micro is None or d.get("micro", micro) == micro)
+    if same_layout(own) and (first is None or same_layout(first)):
         return own
-    src = own if own is not None else first
+    src = first if first is not None else own
     if src is None or "losses" not in src:
         return None
-    return {"losses": list(src["losses"]), **({"evals": list(src["evals"])} if "evals" in src else {})}
+    out: dict = {"losses": list(src["losses"]), **({"evals": list(src["evals"])} if "evals" in src else {})}
+    if src.get("sample_pending") is not None:
+        out["sample_pending"] = src["sample_pending"]
+    if "step" in src:
+        out["step"] = src["step"]
+    sampler = src.get("sampler")
+    if sampler:
+        out["epoch"] = sampler["epoch"] + (1 if sampler["pos"] or sampler["carry_in"] else 0)
+    return out
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -390,7 +421,7 @@ def restore(step: int, modules: torch.nn.Module, opt, local_root: Path, output_u
                        options=_options(strict=False))
         mine, first = folder / f"rank-{env.rank}.pt", folder / "rank-0.pt"
         own = torch.load(mine, weights_only=True) if mine.is_file() else None
-        rank0 = torch.load(first, weights_only=True) if own is None or own.get("world") != env.world else None
+        rank0 = own if env.rank == 0 else torch.load(first, weights_only=True) if first.is_file() else None
         loop = loop_for_world(own, rank0, env.world, micro)
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - truncated, corrupt, missing: try an older one
         fatal = _not_the_files(e)

@@ -91,16 +91,21 @@ class Sampler:
             rec["preview"] = preview_path(key)
         return rec
 
-    def maybe(self, step: int, tr, prog=None) -> None:
-        """Sample if `step` is a sample step (0: before the first). Every rank calls it, at every
-        step from the first it trains (a resumed run lists the earlier steps' samples as written)."""
+    def listed(self, before: int) -> None:
+        """Once, on the first call: the records of the sample steps before `before`, as written (a
+        resumed run's, also one resumed after its last step to export again, which samples nothing)."""
         if self._first:
             self._first = False
             video = is_video(self.spec.model.type)
             self.records += [{"step": s, "prompt": p["index"], "file": sample_path(s, p["index"], video),
                               **({"preview": preview_path(sample_path(s, p["index"], video))} if video else {})}
-                             for s in range(step) if due(s, self.spec.samples, self.spec.training.steps)
+                             for s in range(before) if due(s, self.spec.samples, self.spec.training.steps)
                              for p in self.prompts]
+
+    def maybe(self, step: int, tr, prog=None) -> None:
+        """Sample if `step` is a sample step (0: before the first). Every rank calls it, at every
+        step from the first it trains (a resumed run lists the earlier steps' samples as written)."""
+        self.listed(step)
         if not due(step, self.spec.samples, self.spec.training.steps):
             return
         t0 = time.perf_counter()

@@ -277,11 +277,18 @@ class LoopState:
 
     def load(self, d: dict) -> bool:
         """Restore; False when the checkpoint predates the bucket sampler or had another number of
-        ranks (only its losses then: checkpoint.loop_for_world): the data order starts a new epoch."""
+        ranks or micro-batch (checkpoint.loop_for_world: no generator or sampler position then): the
+        data order goes on from the epoch after the one under way, the noise generator and dropout RNG
+        are seeded afresh from their seeds and the step (not replayed from step 1's)."""
         self.evals = list(d.get("evals") or [])
         self.sample_pending = d.get("sample_pending")
         if "gen" not in d:
             self.losses = list(d["losses"])
+            if "epoch" in d:
+                self.sampler.load_state_dict({"epoch": d["epoch"], "pos": 0, "carry_in": []})
+            if d.get("step"):
+                self.gen.manual_seed(reseeded(self.gen.initial_seed(), d["step"]))
+                torch.manual_seed(reseeded(torch.initial_seed(), d["step"]))
             return False
         self.gen.set_state(d["gen"])
         torch.set_rng_state(d["torch_rng"])
@@ -292,6 +299,12 @@ class LoopState:
             return False
         self.sampler.load_state_dict(d["sampler"])
         return True
+
+
+def reseeded(seed: int, step: int) -> int:
+    """A generator's seed for going on after `step` where its state was not kept: another stream
+    for every step. Pure."""
+    return (seed + 1_000_003 * step) % 2**63
 
 
 @dataclass
@@ -353,6 +366,15 @@ def grad_norm(params: list[torch.nn.Parameter], max_norm: Optional[float]) -> Op
     return full() if full is not None else norm
 
 
+def first_progress(steps: int, start: int, samples_per_step: int, epoch_size: int, losses: list[float]) -> Progress:
+    """progress.json's training phase before its first logged step: on a resume, where the
+    checkpoint left off (for good on one resumed after its last step, to export again). Pure."""
+    if start == 1:
+        return Progress(phase="Training", totalSteps=steps)
+    return Progress(phase="Training", totalSteps=steps, resumedFrom=start - 1, step=start - 1,
+                    epoch=epoch_of((start - 1) * samples_per_step, epoch_size), loss=losses[-1] if losses else None)
+
+
 def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     """Steps start..training.steps; checkpoints when due or when told to stop (then Stopped)."""
     t, env, state = tr.spec.training, tr.env, tr.state
@@ -369,6 +391,10 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             tr.sampling.maybe(0, tr, prog)  # the base model, for comparison
         elif tr.sampling is not None and state.sample_pending == start - 1:
             tr.sampling.maybe(start - 1, tr, prog)  # the samples a stop at that step left for the resume
+        elif tr.sampling is not None:  # resumed: the samples written before it, in progress and the report
+            tr.sampling.listed(start)
+            if tr.sampling.records and tr.env.is_main:
+                prog.samples, prog.sampleStep = len(tr.sampling.records), tr.sampling.records[-1]["step"]
         state.sample_pending = None
         # the base model (not on a resume); on a resume, the evaluation of the step it resumed from
         # when it was due but not run (the run was stopped there)
@@ -579,7 +605,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     m.phase("Training")
     samples_per_step = t.microBatchSize * t.gradientAccumulationSteps * env.world
     meter = Meter(t.steps, samples_per_step)
-    prog = Progress(phase="Training", totalSteps=t.steps, resumedFrom=start - 1 if start > 1 else None)
+    prog = first_progress(t.steps, start, samples_per_step, tr.epoch_size, tr.state.losses)
     if tr.state.evals:  # a resumed run shows the last evaluation until its next one
         prog.evalLoss, prog.evalStep = evaluation.published(tr.state.evals[-1])[0], tr.state.evals[-1]["step"]
     try:
@@ -820,8 +846,8 @@ def resume(tr: Trainer, steps: list[int]) -> int:
     exact = loop is not None and tr.state.load(loop)
     tr.metrics.resumed(step)
     log(env, f"[resume] from the checkpoint of step {step}" + ("" if exact else
-             " (another number of ranks or micro-batch, or an older checkpoint: the data order starts again from "
-             "the first epoch; the model, optimizer and schedule are restored)"))
+             " (another number of ranks or micro-batch, or an older checkpoint: the data order goes on with the next "
+             "epoch's shuffle; the model, optimizer and schedule are restored)"))
     return step
 
 
