@@ -929,3 +929,30 @@ def test_the_pods_and_service_carry_the_jobs_uid_and_a_cache_size_sizes_the_empt
             {"metadata": {"name": "ft-0-older", "labels": {}}},
             {"metadata": {"name": "ft-0-mine", "labels": {"kubelora.dev/job-uid": "uid-1"}}}]
     assert [p["metadata"]["name"] for p in st.predecessors(pods, "uid-1", manifests.UID_LABEL)] == ["ft-0-old", "ft-0-older"]
+
+
+def test_a_job_the_controller_has_decided_to_fail_is_failed_before_its_pods_are_gone():
+    """Kubernetes 1.31+: FailureTarget is set when the Job controller decides (exit 2 through the
+    podFailurePolicy, the deadline, its backoffLimit) and Failed only once every pod has terminated,
+    a grace period or more later. Meanwhile a multi-node run's bad input must not restart the gang on
+    GPUs (nor the deadline count a restart), and the job reads Failed with the controller's reason."""
+    from datetime import datetime, timezone
+    later = datetime(2030, 1, 1, tzinfo=timezone.utc)
+
+    def target(reason):
+        return {"metadata": {"uid": "uid-1"}, "spec": {"parallelism": 2}, "status": {
+            "active": 1, "failed": 1, "ready": 1, "conditions": [
+                {"type": "FailureTarget", "status": "True", "reason": reason, "message": f"the Job failed: {reason}"}]}}
+    for reason in ("PodFailurePolicy", "DeadlineExceeded"):
+        job = target(reason)
+        assert st.gang_action(job, nodes=2, restarts=0, backoff_limit=2) is None, reason
+        assert st.gang_action(job, nodes=2, restarts=0, backoff_limit=2, deciding=True) is None, reason
+        obs = st.observe(job, [], None, None, False)
+        assert obs.phase == st.FAILED and obs.stalled, reason
+        assert st.needs_pods(job) and not st.awaits_pods(job, later, 0)
+    assert st.observe(target("DeadlineExceeded"), [], None, None, False).reason == "DeadlineExceeded"
+    # the controller's own backoffLimit while the gang failure is being decided: the decision settles it
+    assert st.gang_action(target("BackoffLimitExceeded"), nodes=2, restarts=0, backoff_limit=2, deciding=True) == "restart"
+    assert st.gang_action(target("BackoffLimitExceeded"), nodes=2, restarts=0, backoff_limit=2) is None
+    not_yet = {"status": {"active": 1, "failed": 1, "conditions": [{"type": "FailureTarget", "status": "False"}]}}
+    assert st.gang_action(not_yet, nodes=2, restarts=0, backoff_limit=2) == "restart"

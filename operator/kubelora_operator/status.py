@@ -52,6 +52,15 @@ def _cond(job: dict, type_: str) -> Optional[dict]:
     return None
 
 
+def job_failure(job: dict) -> Optional[dict]:
+    """The Job's failure: its Failed condition, or FailureTarget, which the Job controller (1.31 and
+    later) sets as soon as it has decided (exit 2 through podFailurePolicy, activeDeadlineSeconds, its
+    backoffLimit) and keeps alone until every pod has terminated, which can take a grace period or
+    longer. Acting on Failed only would take a run that already failed for bad input for a pod
+    failure to restart the gang for. Pure."""
+    return _cond(job, "Failed") or _cond(job, "FailureTarget")
+
+
 def _time(text: Optional[str]) -> Optional[datetime]:
     """An API timestamp ("...Z" or "+00:00") as a datetime; None when unset or not one."""
     try:
@@ -190,7 +199,7 @@ def gang_action(job: dict, nodes: int, restarts: int, backoff_limit: int,
     decision, not the Job controller, settles; a Job failed for another reason (exit 2 through its
     podFailurePolicy, activeDeadlineSeconds) stays failed. Pure."""
     s = job.get("status") or {}
-    failed = _cond(job, "Failed")
+    failed = job_failure(job)
     if deciding and failed and failed.get("reason") == "BackoffLimitExceeded":
         failed = None
     if nodes < 2 or not s.get("failed") or failed or _cond(job, "Complete"):
@@ -411,7 +420,7 @@ def needs_pods(job: dict) -> bool:
     (image pull, missing Secret...) or it failed. A Job whose active pods are all ready needs no
     pod list, which saves one request per sync of every running job."""
     s = job.get("status") or {}
-    return bool(s.get("failed") or s.get("active", 0) > s.get("ready", 0) or _cond(job, "Failed"))
+    return bool(s.get("failed") or s.get("active", 0) > s.get("ready", 0) or job_failure(job))
 
 
 def kueue_suspend_note(queue: str) -> str:
@@ -462,7 +471,7 @@ def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], man
     (pod_problem); None: a transient pull or create error is never stuck."""
     if job is None:
         return Observed(PENDING, "Creating", "creating the trainer Job")
-    failed = _cond(job, "Failed")
+    failed = job_failure(job)
     if failed:
         reason = failed.get("reason") or "Failed"
         problem = pod_problem(pods)
@@ -527,7 +536,7 @@ def awaits_pods(job: dict, now: datetime, grace_seconds: float) -> bool:
     """A Job that should have all its pods by now and lacks some: not suspended, not finished,
     fewer pods active, succeeded or failed than its parallelism (one per node), made more than
     grace_seconds ago. Its FailedCreate Events then say why (pods_refused). Pure."""
-    if (job.get("spec") or {}).get("suspend") or _cond(job, "Complete") or _cond(job, "Failed"):
+    if (job.get("spec") or {}).get("suspend") or _cond(job, "Complete") or job_failure(job):
         return False
     if pod_count(job) >= int((job.get("spec") or {}).get("parallelism") or 1):
         return False
