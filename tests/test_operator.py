@@ -124,6 +124,10 @@ def test_spec_is_immutable_but_suspend_flows_to_the_job(cluster, kubectl):
         assert apply(kubectl, manifest("imm", runPolicy__suspend=True)).returncode == 0
         wait_for(lambda: kube.get("batch/v1/jobs", "default", "imm")["spec"]["suspend"] is True)
         wait_for(lambda: phase(kube, "imm") == "Suspended")
+        # the Job resumed by hand while the job asks for it suspended: suspended again, not reported
+        # Suspended while it runs
+        kubectl("patch", "job", "imm", "--type=merge", "-p", '{"spec":{"suspend":false}}', check=True)
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "imm")["spec"]["suspend"] is True)
         assert apply(kubectl, manifest("imm", runPolicy__suspend=False)).returncode == 0
         wait_for(lambda: kube.get("batch/v1/jobs", "default", "imm")["spec"]["suspend"] is False)
 

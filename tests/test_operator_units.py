@@ -956,3 +956,19 @@ def test_a_job_the_controller_has_decided_to_fail_is_failed_before_its_pods_are_
     assert st.gang_action(target("BackoffLimitExceeded"), nodes=2, restarts=0, backoff_limit=2) is None
     not_yet = {"status": {"active": 1, "failed": 1, "conditions": [{"type": "FailureTarget", "status": "False"}]}}
     assert st.gang_action(not_yet, nodes=2, restarts=0, backoff_limit=2) == "restart"
+
+
+def test_the_job_follows_run_policy_suspend_whenever_the_two_differ():
+    """An edit that found no Job (being made again for a gang restart) or a hand edit of the Job:
+    written at the next sync; never for a Job queued in Kueue, nor a finished or failed one (the
+    operator suspends a failed run's Job itself)."""
+    running = {"spec": {"suspend": False}, "status": {"active": 1}}
+    assert st.suspend_to_apply(running, True, None) is True
+    assert st.suspend_to_apply({"spec": {"suspend": True}}, False, None) is False
+    assert st.suspend_to_apply({"spec": {}}, False, None) is None
+    assert st.suspend_to_apply(running, False, None) is None
+    assert st.suspend_to_apply(running, True, "gpus") is None
+    failed = {"spec": {"suspend": True}, "status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    assert st.suspend_to_apply(failed, False, None) is None
+    done = {"spec": {"suspend": False}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    assert st.suspend_to_apply(done, True, None) is None

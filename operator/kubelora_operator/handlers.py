@@ -281,8 +281,9 @@ def _ensure_children(body, changes: Changes, name, uid, namespace, job_spec, run
 
 @kopf.on.field(*RESOURCE, field="spec.runPolicy.suspend", registry=registry)
 def suspend_changed(body, name, namespace, new, old, logger, **_):
-    """runPolicy.suspend -> the Job's spec.suspend; not for a Job queued in Kueue: Kueue owns its
-    spec.suspend (it unsuspends every admitted Job, so writing it would fight Kueue)."""
+    """runPolicy.suspend edited where it changes nothing, said: a finished run, a Job queued in Kueue
+    (Kueue owns its spec.suspend: it unsuspends every admitted Job, so writing it would fight Kueue).
+    Otherwise the sync writes it to the Job (st.suspend_to_apply), whenever the two differ."""
     if old is None and not new:
         return
     if (body.get("status") or {}).get("phase") in st.FINISHED:
@@ -291,10 +292,6 @@ def suspend_changed(body, name, namespace, new, old, logger, **_):
     queue = manifests.kueue_queue(((kube.get_job(namespace, name) or {}).get("metadata") or {}).get("labels"))
     if queue:
         kopf.warn(body, reason="SuspendNotApplied", message=st.kueue_suspend_note(queue))
-        return
-    if kube.set_job_suspend(namespace, name, bool(new)):
-        kopf.info(body, reason="Suspended" if new else "Resumed",
-                  message="trainer Job suspended" if new else "trainer Job resumed")
 
 
 def _settings(spec, namespace: str) -> tuple[S3Settings, str | None]:
@@ -376,6 +373,12 @@ def _sync(body: dict, changes: Changes) -> None:
         # a gang restart recorded but its Job not deleted (the operator stopped in between): delete it now
         kube.delete_job(namespace, name, owner_uid=meta["uid"])
         return
+    queue = manifests.kueue_queue((job.get("metadata") or {}).get("labels"))
+    suspend = st.suspend_to_apply(job, job_spec.runPolicy.suspend, queue)
+    if suspend is not None and kube.set_job_suspend(namespace, name, suspend):
+        job.setdefault("spec", {})["suspend"] = suspend
+        changes.info("Suspended" if suspend else "Resumed", "trainer Job suspended (runPolicy.suspend)" if suspend
+                     else "trainer Job resumed (runPolicy.suspend)")
     pods = st.own_pods(kube.job_pods(namespace, name), job) if st.needs_pods(job) else []
     if _evicted(body, changes, name, namespace, job, pods, previous):
         return
@@ -414,9 +417,9 @@ def _sync(body: dict, changes: Changes) -> None:
         manifest, error = artifacts.read_json(job_spec.output.uri, artifacts.MANIFEST_KEY, settings)
     if error and progress is None:
         progress = st.last_reported(previous)
-    queue = manifests.kueue_queue((job.get("metadata") or {}).get("labels"))
-    now = datetime.now(timezone.utc)
-    obs = st.observe(job, pods, progress, manifest, job_spec.runPolicy.suspend and not queue, queue, now)
+    now = datetime.now(timezone.utc)  # suspended as the Job is, not as asked (the patch above may have found none)
+    obs = st.observe(job, pods, progress, manifest, bool((job.get("spec") or {}).get("suspend")) and not queue,
+                     queue, now)
     obs = st.name_missing_secret(obs, job_spec.storage.credentialsSecret)
     if obs.phase == st.PENDING and obs.reason in ("Unschedulable", *st.NOT_STARTED_REASONS):
         slow = st.slow_to_start(pods, now, POD_START_GRACE_SECONDS)

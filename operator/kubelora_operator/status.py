@@ -415,6 +415,17 @@ def gang_failure_wait(pods: list[dict], nodes: Optional[dict[str, Optional[dict]
     return out
 
 
+def suspend_to_apply(job: dict, requested: bool, queue: Optional[str]) -> Optional[bool]:
+    """The spec.suspend to write to the Job when it is not runPolicy.suspend (`requested`): an edit
+    that reached the Job's field handler while the Job was being made again (a gang restart: the
+    patch found no Job), or the Job edited by hand. None: nothing to write; never for a Job queued in
+    Kueue (Kueue owns its spec.suspend) nor one finished or failed (the operator suspends a failed
+    run's Job itself, to stop its peers). Pure."""
+    if queue or _cond(job, "Complete") or job_failure(job):
+        return None
+    return bool(requested) if bool((job.get("spec") or {}).get("suspend")) != bool(requested) else None
+
+
 def needs_pods(job: dict) -> bool:
     """Whether the pods must be read to explain the Job: some failed, some are not ready yet
     (image pull, missing Secret...) or it failed. A Job whose active pods are all ready needs no
