@@ -323,7 +323,9 @@ def test_a_shared_cluster_can_narrow_secrets_and_buckets_the_operator_reads():
     e = env(one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
     assert e["KUBELORA_JOB_CREDENTIALS_ONLY"] == "true" and e["KUBELORA_S3_ALLOWED_ENDPOINTS"] == "http://minio.minio:9000"
     (default,) = [r for r in operator_role(objects({}))["rules"] if "secrets" in r["resources"]]
-    assert "resourceNames" not in default
+    assert default["resourceNames"] == ["ml-s3-credentials"]   # least privilege by default: the examples' name
+    (every,) = [r for r in operator_role(objects({"rbac": {"secretNames": []}}))["rules"] if "secrets" in r["resources"]]
+    assert "resourceNames" not in every                          # any Secret: asked for explicitly
     assert "KUBELORA_JOB_CREDENTIALS_ONLY" not in env(one(objects({}), "Deployment")["spec"]["template"]["spec"]["containers"][0])
 
 
