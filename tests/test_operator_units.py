@@ -511,6 +511,17 @@ def test_a_new_gang_waits_for_the_old_pods_but_not_for_a_lost_nodes():
             pod("lost-node", deleted="2026-11-27T11:50:00Z", grace=120), pod("crashed", "Failed")]
     assert st.lingering(pods, now) == ["not-collected-yet", "checkpointing", "just-ended"]
     assert st.lingering([], now) == []
+    # within a long grace period (up to an hour) on a Node that reads lost now: not waited for
+    on = lambda p, node: {**p, "spec": {**p["spec"], "nodeName": node}}  # noqa: E731
+    late = [on(pod("long-grace", deleted="2026-11-27T12:59:00Z", grace=3600), "gpu-7"),
+            on(pod("healthy", deleted="2026-11-27T12:01:00Z", grace=120), "gpu-1"),
+            on(pod("gone-node", deleted="2026-11-27T12:59:00Z", grace=3600), "gpu-9")]
+    ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    unknown = {"status": {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]}}
+    assert st.lingering(late, now) == ["long-grace", "healthy", "gone-node"]
+    assert st.lingering(late, now, nodes={"gpu-7": unknown, "gpu-1": ready, "gpu-9": None}) == ["healthy"]
+    assert st.lingering(late, now, nodes={"gpu-7": ready, "gpu-1": ready, "gpu-9": ready}) == [
+        "long-grace", "healthy", "gone-node"]
 
 
 def test_a_shared_clusters_operator_settings_refuse_borrowed_credentials_and_other_endpoints():

@@ -239,8 +239,7 @@ def _predecessor_lingers(body, changes: Changes, name, namespace, uid) -> bool:
     output. Then the job waits as Pending (WaitingForOldPods) and the sync makes its children once
     they are gone (_recreate waits for them, and createPending keeps that from counting as a
     restart). Its Service selects only its own pods (manifests.UID_LABEL) in any case."""
-    old = st.lingering(st.predecessors(kube.job_pods(namespace, name), uid, manifests.UID_LABEL),
-                       datetime.now(timezone.utc))
+    old = _lingering(st.predecessors(kube.job_pods(namespace, name), uid, manifests.UID_LABEL))
     if not old:
         return False
     reason = "WaitingForOldPods"
@@ -462,6 +461,20 @@ NODES_RULE = "get on nodes (cluster-scoped; the chart's ClusterRole has it with 
 _nodes_forbidden_logged = False
 
 
+def _lingering(pods: list[dict]) -> list[str]:
+    """st.lingering, with the Nodes of the pods it would wait for read (only then, and once per sync):
+    a pod on a lost node is not waited for. Nodes that cannot be read (RBAC) change nothing."""
+    now = datetime.now(timezone.utc)
+    old = st.lingering(pods, now)
+    if not old:
+        return old
+    try:
+        nodes = kube.nodes(st.pod_nodes([p for p in pods if p["metadata"].get("name") in old]))
+    except kube.NodesForbidden:
+        return old  # said where it matters, at a gang failure (_gang_nodes)
+    return st.lingering(pods, now, nodes=nodes)
+
+
 def _gang_nodes(pods: list[dict], changes: Changes) -> dict | None:
     """The Nodes of the failed gang's pods, read at the failure (see st.node_lost); None when
     RBAC does not let the operator read Nodes: then only a pod's DisruptionTarget condition tells a
@@ -623,7 +636,7 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
     if now is None or now["metadata"].get("uid") != uid or now["metadata"].get("deletionTimestamp"):
         changes.gone = now is None or now["metadata"].get("uid") != uid
         return
-    old_pods = st.lingering(kube.job_pods(namespace, name), datetime.now(timezone.utc))
+    old_pods = _lingering(kube.job_pods(namespace, name))
     if old_pods:  # the next sync looks again
         reason = "WaitingForOldPods"
         if previous.get("reason") != reason:

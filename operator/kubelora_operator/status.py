@@ -272,21 +272,29 @@ def node_lost(pods: list[dict], nodes: Optional[dict[str, Optional[dict]]]) -> O
     if nodes is None:
         return None
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
-        node = (pod.get("spec") or {}).get("nodeName")
-        if not node or node not in nodes:
-            continue
-        if (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded"):
-            continue  # its kubelet reported how it ended: alive then, so a crash, not a lost node
-        where = f"pod {pod['metadata']['name']} on node {node}"
-        if nodes[node] is None:
-            return f"{where}: the node is gone"
-        ready = next((c for c in (nodes[node].get("status") or {}).get("conditions") or []
-                      if c.get("type") == "Ready"), None)
-        if ready is None:
-            return f"{where}: the node reports no Ready condition"
-        if ready.get("status") != "True":
-            detail = ": ".join(x for x in (ready.get("reason"), ready.get("message")) if x)
-            return f"{where}: node Ready={ready.get('status')}" + (f" ({detail})" if detail else "")
+        why = _on_lost_node(pod, nodes)
+        if why:
+            return why
+    return None
+
+
+def _on_lost_node(pod: dict, nodes: dict[str, Optional[dict]]) -> Optional[str]:
+    """node_lost's test for one pod: why its node is lost now, or None. Pure."""
+    node = (pod.get("spec") or {}).get("nodeName")
+    if not node or node not in nodes:
+        return None
+    if (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded"):
+        return None  # its kubelet reported how it ended: alive then, so a crash, not a lost node
+    where = f"pod {pod['metadata']['name']} on node {node}"
+    if nodes[node] is None:
+        return f"{where}: the node is gone"
+    ready = next((c for c in (nodes[node].get("status") or {}).get("conditions") or []
+                  if c.get("type") == "Ready"), None)
+    if ready is None:
+        return f"{where}: the node reports no Ready condition"
+    if ready.get("status") != "True":
+        detail = ": ".join(x for x in (ready.get("reason"), ready.get("message")) if x)
+        return f"{where}: node Ready={ready.get('status')}" + (f" ({detail})" if detail else "")
     return None
 
 
@@ -557,14 +565,18 @@ def awaits_pods(job: dict, now: datetime, grace_seconds: float) -> bool:
     return _age(made, now) >= grace_seconds
 
 
-def lingering(pods: list[dict], now: datetime, slack_seconds: float = 15.0) -> list[str]:
+def lingering(pods: list[dict], now: datetime, slack_seconds: float = 15.0,
+              nodes: Optional[dict[str, Optional[dict]]] = None) -> list[str]:
     """The pods of a deleted trainer Job that may still be running: not deleted yet (the garbage
     collector has not reached them) or terminating within their grace period (the trainer writes
     its checkpoint then; a pod's deletionTimestamp is the end of that period, not the request).
     A new gang started beside them could reach the old node 0's rendezvous under the same DNS name
-    and restore a checkpoint being written. Not waited for: a pod whose containers have ended, and
-    one still there slack_seconds past its deletionTimestamp, which sits on a node that does not
-    answer (a lost node's pods stay Terminating until the node is removed). Pure."""
+    and restore a checkpoint being written. Not waited for: a pod whose containers have ended, one
+    still there slack_seconds past its deletionTimestamp, and one on a Node that reads lost now
+    (`nodes`, as node_lost reads them: gone, or not Ready): a lost node's pods stay Terminating until
+    the node is removed, and their grace period (terminationGracePeriodSeconds, up to an hour) would
+    otherwise hold the whole gang's restart that long; such a pod, its peers gone, can neither finish
+    a checkpoint (every rank must) nor meet the new gang's rendezvous. Pure."""
     out = []
     for p in pods:
         meta = p.get("metadata") or {}
@@ -572,6 +584,8 @@ def lingering(pods: list[dict], now: datetime, slack_seconds: float = 15.0) -> l
             continue
         deleted = meta.get("deletionTimestamp")
         if deleted and _age(deleted, now) >= slack_seconds:
+            continue
+        if nodes and _on_lost_node(p, nodes):
             continue
         out.append(meta.get("name", "?"))
     return out
