@@ -55,11 +55,12 @@ def test_the_fp8_block_variants_run():
     assert [r["case"] for r in rows] == [f"block_{k}" for k in kinds], p.stdout[-2000:] + p.stderr[-3000:]
     assert all("error" not in r and r["ms_per_fwdbwd"] > 0 for r in rows), rows
     # the variants compute the same blocks: their outputs agree with bf16's within fp8's error
-    assert all(abs(r["out_norm"] / rows[0]["out_norm"] - 1) < 0.02 for r in rows), rows
+    assert all(abs(r["out_norm"] / rows[0]["out_norm"] - 1) < 0.02 for r in rows if "lora" not in r["case"]), rows
     # the three LoRA variants are one arithmetic (peft's, written out, fused; summed in another order in
-    # bf16) with the same weights, and the adapter path changes the output
+    # bf16) with the same weights on the same input, and the adapter path changes the output by more
     lora = [r["out_norm"] for r in rows if "lora" in r["case"]]
-    assert max(lora) - min(lora) <= 0.01 * max(lora) and rows[1]["out_norm"] not in lora, rows
+    spread, effect = max(lora) - min(lora), abs(lora[0] - rows[1]["out_norm"])
+    assert spread <= 0.002 * max(lora) and effect > 3 * spread, rows
 
 
 def test_idle_gaps_of_a_trace_name_the_cpu_ops_the_gpu_waited_on(tmp_path):

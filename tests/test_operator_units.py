@@ -522,6 +522,10 @@ def test_a_new_gang_waits_for_the_old_pods_but_not_for_a_lost_nodes():
     assert st.lingering(late, now, nodes={"gpu-7": unknown, "gpu-1": ready, "gpu-9": None}) == ["healthy"]
     assert st.lingering(late, now, nodes={"gpu-7": ready, "gpu-1": ready, "gpu-9": ready}) == [
         "long-grace", "healthy", "gone-node"]
+    # the handlers read Nodes for a multi-node run only (a single node's pod cut off by a partition may
+    # still train and checkpoint): a predecessor's node count from its pods' completion indexes
+    idx = lambda name, i: {"metadata": {"name": name, "labels": {"batch.kubernetes.io/job-completion-index": i}}}  # noqa: E731
+    assert st.gang_size([idx("a-0-x", "0"), idx("a-0-y", "0")]) == 1 and st.gang_size([idx("a", "0"), idx("b", "1")]) == 2
 
 
 def test_a_shared_clusters_operator_settings_refuse_borrowed_credentials_and_other_endpoints():
@@ -820,8 +824,11 @@ def _sync_with(monkeypatch, job, pods, previous, spec=None, events=()):
 
 
 def test_a_gang_failure_with_a_peer_never_scheduled_restarts_without_counting(monkeypatch):
+    # backoffLimit 0: the Job's own limit is 0, so Kubernetes 1.31+ marks it FailureTarget
+    # (BackoffLimitExceeded) at the first pod failure; the operator's decision stands over it
     job = {"metadata": {"name": "ft", "uid": "job-1", "ownerReferences": [{"kind": "LoRATrainingJob", "uid": "uid-1"}]},
-           "spec": {"parallelism": 2}, "status": {"active": 1, "failed": 1}}
+           "spec": {"parallelism": 2}, "status": {"active": 1, "failed": 1, "conditions": [
+               {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded"}]}}
     node0 = _gang_pod(0, "Failed", terminated={"exitCode": 1, "reason": "Error", "message": "the rendezvous timed out"})
     gpus = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
     changes, deleted = _sync_with(monkeypatch, job, [node0, _gang_pod(1, "Pending", scheduled=False, message=gpus)],
@@ -962,9 +969,12 @@ def test_a_job_the_controller_has_decided_to_fail_is_failed_before_its_pods_are_
         assert obs.phase == st.FAILED and obs.stalled, reason
         assert st.needs_pods(job) and not st.awaits_pods(job, later, 0)
     assert st.observe(target("DeadlineExceeded"), [], None, None, False).reason == "DeadlineExceeded"
-    # the controller's own backoffLimit while the gang failure is being decided: the decision settles it
+    # the controller's own backoffLimit (runPolicy.backoffLimit x nodes: 0 fails the Job at the first pod
+    # failure) is not the run's failure: the operator decides, restarts not counted included
     assert st.gang_action(target("BackoffLimitExceeded"), nodes=2, restarts=0, backoff_limit=2, deciding=True) == "restart"
-    assert st.gang_action(target("BackoffLimitExceeded"), nodes=2, restarts=0, backoff_limit=2) is None
+    assert st.gang_action(target("BackoffLimitExceeded"), nodes=2, restarts=0, backoff_limit=2) == "restart"
+    assert st.gang_action(target("BackoffLimitExceeded"), nodes=2, restarts=0, backoff_limit=0,
+                          disruption="pod x: node lost") == "restart_uncounted"
     not_yet = {"status": {"active": 1, "failed": 1, "conditions": [{"type": "FailureTarget", "status": "False"}]}}
     assert st.gang_action(not_yet, nodes=2, restarts=0, backoff_limit=2) == "restart"
 

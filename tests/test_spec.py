@@ -287,4 +287,4 @@ def test_the_operations_guide_puts_the_demo_in_a_bucket_of_ones_own(tmp_path):
     spec = load_spec(tmp_path / "demo.yaml")
     assert (spec.model.diffusersPath, spec.dataset.uri, spec.output.uri) == (
         f"s3://my-bucket/{demo.MODEL_KEY}", f"s3://my-bucket/{demo.DATA_KEY}", "s3://my-bucket/outputs/demo-flux")
-    assert spec.storage.credentialsSecret == "demo-s3" and spec.storage.endpoint == "https://minio.example.com"
+    assert spec.storage.credentialsSecret == "ml-s3-credentials" and spec.storage.endpoint == "https://minio.example.com"

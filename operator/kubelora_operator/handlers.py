@@ -239,7 +239,8 @@ def _predecessor_lingers(body, changes: Changes, name, namespace, uid) -> bool:
     output. Then the job waits as Pending (WaitingForOldPods) and the sync makes its children once
     they are gone (_recreate waits for them, and createPending keeps that from counting as a
     restart). Its Service selects only its own pods (manifests.UID_LABEL) in any case."""
-    old = _lingering(st.predecessors(kube.job_pods(namespace, name), uid, manifests.UID_LABEL))
+    gone = st.predecessors(kube.job_pods(namespace, name), uid, manifests.UID_LABEL)
+    old = _lingering(gone, st.gang_size(gone) > 1)
     if not old:
         return False
     reason = "WaitingForOldPods"
@@ -372,12 +373,6 @@ def _sync(body: dict, changes: Changes) -> None:
         # a gang restart recorded but its Job not deleted (the operator stopped in between): delete it now
         kube.delete_job(namespace, name, owner_uid=meta["uid"])
         return
-    queue = manifests.kueue_queue((job.get("metadata") or {}).get("labels"))
-    suspend = st.suspend_to_apply(job, job_spec.runPolicy.suspend, queue)
-    if suspend is not None and kube.set_job_suspend(namespace, name, suspend):
-        job.setdefault("spec", {})["suspend"] = suspend
-        changes.info("Suspended" if suspend else "Resumed", "trainer Job suspended (runPolicy.suspend)" if suspend
-                     else "trainer Job resumed (runPolicy.suspend)")
     pods = st.own_pods(kube.job_pods(namespace, name), job) if st.needs_pods(job) else []
     if _evicted(body, changes, name, namespace, job, pods, previous):
         return
@@ -406,6 +401,14 @@ def _sync(body: dict, changes: Changes) -> None:
                              held)
     if previous.get("gangFailure"):  # decided by the Job itself (it failed, or was made again)
         changes.status["gangFailure"] = None
+    # after the failure paths, which suspend a failed run's Job themselves (a sync whose Failed status
+    # did not land must not resume it)
+    queue = manifests.kueue_queue((job.get("metadata") or {}).get("labels"))
+    suspend = st.suspend_to_apply(job, job_spec.runPolicy.suspend, queue)
+    if suspend is not None and kube.set_job_suspend(namespace, name, suspend):
+        job.setdefault("spec", {})["suspend"] = suspend
+        changes.info("Suspended" if suspend else "Resumed", "trainer Job suspended (runPolicy.suspend)" if suspend
+                     else "trainer Job resumed (runPolicy.suspend)")
     complete = any(c.get("type") == "Complete" and c.get("status") == "True"
                    for c in (job.get("status") or {}).get("conditions") or [])
     settings, error = _settings(job_spec, namespace)
@@ -461,12 +464,15 @@ NODES_RULE = "get on nodes (cluster-scoped; the chart's ClusterRole has it with 
 _nodes_forbidden_logged = False
 
 
-def _lingering(pods: list[dict]) -> list[str]:
-    """st.lingering, with the Nodes of the pods it would wait for read (only then, and once per sync):
-    a pod on a lost node is not waited for. Nodes that cannot be read (RBAC) change nothing."""
+def _lingering(pods: list[dict], multi_node: bool) -> list[str]:
+    """st.lingering; for a multi-node run with the Nodes of the pods it would wait for read (only
+    then, once per sync): a pod on a lost node is not waited for (its peers gone, it can neither
+    checkpoint nor meet the new gang). A single-node run's pod cut off by a partition may still be
+    training and checkpointing: waited for, its grace period bounding the wait. Nodes that cannot be
+    read (RBAC) change nothing."""
     now = datetime.now(timezone.utc)
     old = st.lingering(pods, now)
-    if not old:
+    if not old or not multi_node:
         return old
     try:
         nodes = kube.nodes(st.pod_nodes([p for p in pods if p["metadata"].get("name") in old]))
@@ -636,7 +642,7 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
     if now is None or now["metadata"].get("uid") != uid or now["metadata"].get("deletionTimestamp"):
         changes.gone = now is None or now["metadata"].get("uid") != uid
         return
-    old_pods = _lingering(kube.job_pods(namespace, name))
+    old_pods = _lingering(kube.job_pods(namespace, name), job_spec.resources.nodes > 1)
     if old_pods:  # the next sync looks again
         reason = "WaitingForOldPods"
         if previous.get("reason") != reason:

@@ -157,6 +157,12 @@ def _index(pod: dict) -> str:
     return (meta.get("labels") or {}).get(key) or (meta.get("annotations") or {}).get(key) or meta.get("name", "?")
 
 
+def gang_size(pods: list[dict]) -> int:
+    """How many nodes the run these pods belong to had, as far as its pods tell (their completion
+    indexes: a replaced pod keeps its index). Pure."""
+    return len({_index(p) for p in pods})
+
+
 def gang_incomplete(pods: list[dict], nodes: int, counted: Optional[int] = None) -> Optional[str]:
     """At a gang failure: a node of the gang that never ran, as 'pod NAME is not scheduled
     (<message>)', 'pod NAME has not started its container (<reason>)' or 'the pod of node I was
@@ -200,7 +206,10 @@ def gang_action(job: dict, nodes: int, restarts: int, backoff_limit: int,
     podFailurePolicy, activeDeadlineSeconds) stays failed. Pure."""
     s = job.get("status") or {}
     failed = job_failure(job)
-    if deciding and failed and failed.get("reason") == "BackoffLimitExceeded":
+    if failed and failed.get("reason") == "BackoffLimitExceeded" and (deciding or failed.get("type") == "FailureTarget"):
+        # the Job controller's own limit (runPolicy.backoffLimit x nodes, 0 with backoffLimit 0) while
+        # the gang's failure is the operator's to decide: being decided, or not yet final (its pods
+        # still terminating, as the operator saw every gang failure before Kubernetes 1.31)
         failed = None
     if nodes < 2 or not s.get("failed") or failed or _cond(job, "Complete"):
         return None
