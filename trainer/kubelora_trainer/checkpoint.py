@@ -405,8 +405,8 @@ def _fetch(step: int, local_root: Path, output_uri: str, settings: storage.S3Set
 def restore(step: int, modules: torch.nn.Module, opt, local_root: Path, output_uri: str,
             settings: storage.S3Settings, env: dist.DistEnv, micro: Optional[int] = None) -> Optional[dict]:
     """Load the adapters and optimizer of `step` into modules/opt (a collective) and return this
-    rank's loop state (only the losses when the run had another number of ranks: the sampler
-    restarts; None from a checkpoint without loop state). Raises Unreadable on every rank when a
+    rank's loop state (loop_for_world: what does not belong to one layout when the run had another
+    number of ranks or micro-batch; None from a checkpoint without loop state). Raises Unreadable on every rank when a
     file of the checkpoint could not be read on any; the staging copy is deleted either way."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

@@ -846,8 +846,9 @@ def resume(tr: Trainer, steps: list[int]) -> int:
     exact = loop is not None and tr.state.load(loop)
     tr.metrics.resumed(step)
     log(env, f"[resume] from the checkpoint of step {step}" + ("" if exact else
-             " (another number of ranks or micro-batch, or an older checkpoint: the data order goes on with the next "
-             "epoch's shuffle; the model, optimizer and schedule are restored)"))
+             " (another number of ranks or micro-batch, or an older checkpoint: the data order goes on from "
+             f"{'the start of' if tr.state.sampler.epoch == 0 else 'a new shuffle at'} epoch {tr.state.sampler.epoch + 1}"
+             "; the model, optimizer and schedule are restored)"))
     return step
 
 
