@@ -30,10 +30,12 @@ def notes(values: dict | None = None) -> str:
 
 
 def grants(rules: list[dict]) -> set[tuple[str, str, str]]:
-    """PolicyRules -> {(apiGroup, resource, verb)}; no wildcards or resourceNames allowed."""
+    """PolicyRules -> {(apiGroup, resource, verb)}; no wildcards, nor resourceNames but the Secrets'
+    (rbac.secretNames, a narrowing of what the verbs grant)."""
     out = set()
     for rule in rules:
-        assert not rule.get("resourceNames") and not rule.get("nonResourceURLs"), rule
+        assert not rule.get("nonResourceURLs"), rule
+        assert not rule.get("resourceNames") or rule["resources"] == ["secrets"], rule
         for group in rule["apiGroups"]:
             for res in rule["resources"]:
                 for verb in rule["verbs"]:

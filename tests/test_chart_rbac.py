@@ -147,11 +147,11 @@ def test_the_chart_grants_exactly_what_the_operator_calls(kube, kubectl, s3, sco
     missed = static_calls() - seen
     assert not missed, f"the scenario never ran these calls of the operator's code: {missed}"
     if scope == ("--all-namespaces",):
-        granted, roles = rbac({})
+        granted, roles = rbac({"rbac": {"secretNames": ["creds"]}})  # the scenario's credentialsSecret
         assert roles == {}
         assert granted == seen, f"missing: {seen - granted}; extra: {granted - seen}"
     else:
-        granted, roles = rbac({"watchNamespaces": ["default"]})
+        granted, roles = rbac({"watchNamespaces": ["default"], "rbac": {"secretNames": ["creds"]}})
         assert set(roles) == {"default"}
         assert granted == cluster_wide, f"missing: {cluster_wide - granted}; extra: {granted - cluster_wide}"
         assert roles["default"] == per_ns, f"missing: {per_ns - roles['default']}; extra: {roles['default'] - per_ns}"
