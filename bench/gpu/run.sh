@@ -19,9 +19,9 @@ python3 -c "import torch, peft, diffusers; print(torch.__version__, peft.__versi
 # the stock Flux step and kubelora's fp8 one on the same machine; about 6 minutes. Apart:
 # kubelora:hunyuan:compile_gc_fp8:ATTN=flash (flash against cuDNN in one run),
 # kubelora:hunyuan:compile_gc_fp8:HY_CAPTIONS=varied,PER=170 (masks reach cuDNN's attention) and
-# kubelora:flux:eager_nogc_fp8:ATTN=cudnn (decision 6's crash); and `python3 bench/gpu/fp8_block.py
-# fp8_fast fp8_lora fp8_lora_plain fp8_lora_fusedA` (about a minute: what LoRA's path costs in a block,
-# peft's share of it, and whether one GEMM for the A matrices on a shared input pays)
+# kubelora:flux:eager_nogc_fp8:ATTN=cudnn (decision 6's crash). After the cases, BLOCKS (the
+# bench/gpu/fp8_block.py variants; empty: none) runs: by default what LoRA's path costs in a compiled
+# block, peft's share of it, and whether one GEMM for the A matrices on a shared input pays (a minute)
 CASES=${CASES:-"kubelora:flux:compile_auto_fp8:BUDGET_GIB=26 kubelora:hunyuan:compile_auto_fp8:BUDGET_GIB=30 stock:flux:bf16_compile_nogc kubelora:flux:compile_nogc_fp8"}
 for c in $CASES; do
   IFS=: read -r runner model mode extra <<<"$c"
@@ -40,3 +40,9 @@ for c in $CASES; do
   { echo "== $c"; tail -n 40 "$log"; } >>"$OUT/logs.txt"
   tail -n 2 "$log"
 done
+BLOCKS=${BLOCKS-"fp8_fast fp8_lora fp8_lora_plain fp8_lora_fusedA"}
+if [ -n "$BLOCKS" ]; then
+  # shellcheck disable=SC2086
+  timeout 240 python3 bench/gpu/fp8_block.py $BLOCKS 2>/tmp/fp8_block.err | tee -a "$OUT/blocks.jsonl"  # ms a block
+  { echo "== fp8_block $BLOCKS"; tail -n 40 /tmp/fp8_block.err; } >>"$OUT/logs.txt"
+fi
