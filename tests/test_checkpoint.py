@@ -82,8 +82,15 @@ def test_ctrl_c_checkpoints_then_the_same_command_resumes_to_the_same_adapter(s3
     assert stopped_at >= 2 and out.strip().splitlines()[-1].startswith("[stopped] rank ")
     assert "ChildFailedError" not in out and "SignalException" not in out, out[-3000:]  # torchrun's report left out
     assert _workers_of(job) == [], "a worker outlived Ctrl-C"
+    # what crashed saves leave: a rank file of step 8 (which the resume writes again) from a run with more
+    # ranks, and an unfinished step below the newest complete checkpoint
+    stale = ["run/checkpoints/step-8/state/rank-7.pt", "run/checkpoints/step-5/state/rank-0.pt"]
+    for key in stale:
+        s3.put_object(Bucket="ckpt", Key=key, Body=b"left by a crashed save")
     rc, out = _run(job, env)
     assert rc == 0, out[-3000:]
+    keys = list_keys("s3://ckpt/run", client=s3)
+    assert not [k for k in keys if "run/" + k in stale], keys   # cleared by the save, pruned
     assert f"[resume] from the checkpoint of step {stopped_at}" in out and f"[train] step {stopped_at}/8" not in out
     assert "[done] s3://ckpt/run/lora.safetensors" in out and "; report s3://ckpt/run/report.html (" in out, out[-2000:]
     import json
@@ -144,6 +151,10 @@ def test_a_failed_export_is_retried_from_the_last_step_without_training_again(s3
     assert rc == 0, out[-3000:]
     assert "[resume] from the checkpoint of step 3" in out and "[train] step" not in out, out[-3000:]
     assert s3.head_object(Bucket="final-ckpt", Key="run/lora.safetensors")["ContentLength"] > 0
+    import json
+    progress = json.loads(s3.get_object(Bucket="final-ckpt", Key="run/status/progress.json")["Body"].read())
+    assert (progress["phase"], progress["step"], progress["resumedFrom"]) == ("Succeeded", 3, 3), progress  # was step 0
+    assert progress["loss"] is not None, progress
 
 
 def _spec(**over):
