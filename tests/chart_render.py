@@ -31,11 +31,11 @@ def notes(values: dict | None = None) -> str:
 
 def grants(rules: list[dict]) -> set[tuple[str, str, str]]:
     """PolicyRules -> {(apiGroup, resource, verb)}; no wildcards, nor resourceNames but the Secrets'
-    (rbac.secretNames, a narrowing of what the verbs grant)."""
+    (rbac.secretNames) and the leader Lease's (narrowings of what the verbs grant)."""
     out = set()
     for rule in rules:
         assert not rule.get("nonResourceURLs"), rule
-        assert not rule.get("resourceNames") or rule["resources"] == ["secrets"], rule
+        assert not rule.get("resourceNames") or rule["resources"] in (["secrets"], ["leases"]), rule
         for group in rule["apiGroups"]:
             for res in rule["resources"]:
                 for verb in rule["verbs"]:
@@ -65,6 +65,6 @@ def rbac(values: dict | None = None) -> tuple[set, dict[str, set]]:
             assert b["kind"] == "ClusterRoleBinding", "a RoleBinding of a ClusterRole grants only one namespace"
             cluster |= grants(role["rules"])
         else:
-            per_ns[ns] = grants(role["rules"])
+            per_ns[ns] = per_ns.get(ns, set()) | grants(role["rules"])
     assert not roles, f"roles bound to nothing: {list(roles)}"
     return cluster, per_ns

@@ -84,10 +84,12 @@ def test_lints_clean(name):
 
 def test_defaults_one_locked_down_operator_cluster_wide():
     objs = objects()
-    assert sorted(o["kind"] for o in objs) == ["ClusterRole"] * 3 + ["ClusterRoleBinding", "Deployment", "Service",
-                                                                     "ServiceAccount"]
+    assert sorted(o["kind"] for o in objs) == ["ClusterRole"] * 3 + ["ClusterRoleBinding", "Deployment", "Role",
+                                                                     "RoleBinding", "Service", "ServiceAccount"]
     dep = one(objs, "Deployment")
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    # leader election: an upgrade rolls; the new pod takes the Lease the old one releases
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -98,6 +100,12 @@ def test_defaults_one_locked_down_operator_cluster_wide():
     assert c["args"][:3] == ["python", "-m", "kubelora_operator"] and not any("--namespace" in a for a in c["args"])
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert f"--liveness=http://0.0.0.0:{ports['liveness']}/healthz" in c["args"]
+    assert {"--lease=kubelora/kl-kubelora", "--identity=$(POD_NAME)", "--log-format=full"} <= set(c["args"])
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in c["env"]
+    (lease_role,) = by_kind(objs, "Role")
+    assert lease_role["metadata"] == {**lease_role["metadata"], "namespace": NAMESPACE, "name": "kl-kubelora-leader"}
+    assert {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "update"],
+            "resourceNames": ["kl-kubelora"]} in lease_role["rules"]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
     e = env(c)
     assert e["KUBELORA_TRAINER_IMAGE"] == "ghcr.io/kubelora/trainer:0.1.0"
@@ -122,8 +130,9 @@ def test_namespaced_mode_roles_per_namespace_and_the_operator_told():
     objs = objects(NAMESPACED)
     c = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert [a for a in c["args"] if a.startswith("--namespace")] == ["--namespace=ml", "--namespace=research"]
-    assert sorted(r["metadata"]["namespace"] for r in by_kind(objs, "Role")) == ["ml", "research"]
-    assert sorted(b["metadata"]["namespace"] for b in by_kind(objs, "RoleBinding")) == ["ml", "research"]
+    # a Role in each watched namespace, and the leader Lease's in the release namespace
+    assert sorted(r["metadata"]["namespace"] for r in by_kind(objs, "Role")) == [NAMESPACE, "ml", "research"]
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(objs, "RoleBinding")) == [NAMESPACE, "ml", "research"]
     cluster = {r for rule in operator_role(objs)["rules"] for r in rule["resources"]}
     assert cluster == {"customresourcedefinitions", "namespaces", "nodes"}  # cluster-scoped reads only
 
@@ -288,14 +297,24 @@ def test_every_level_of_the_schema_is_closed():
     chart.validate_schema(yaml.safe_load((CHART / "values.yaml").read_text()))  # the defaults pass
 
 
-def test_two_replicas_are_refused():
-    """kopf without peering: two operators would both reconcile every job."""
+def test_replicas_need_leader_election_and_its_timings_are_checked():
+    """Two replicas: one acts, one stands by (the Lease); without leader election at most one, and
+    an upgrade stops the old pod first."""
     chart = helm.Chart.load(str(CHART))
-    with pytest.raises(helm.HelmValuesError, match="replicas"):
-        chart.validate_schema({"operator": {"replicas": 2}})
-    with pytest.raises(helm.HelmError):
-        chart.render({"operator": {"replicas": 2}}, name="kl", namespace=NAMESPACE)
-    assert "replicas" in (CHART / "values.yaml").read_text() and "peering" in (CHART / "values.yaml").read_text()
+    two = objects({"operator": {"replicas": 2}})
+    assert one(two, "Deployment")["spec"]["replicas"] == 2
+    without = {"operator": {"leaderElection": {"enabled": False}}}
+    with pytest.raises(helm.HelmError, match="replicas: at most 1 without"):
+        chart.render({"operator": {"replicas": 2, **without["operator"]}}, name="kl", namespace=NAMESPACE)
+    solo = objects(without)
+    dep = one(solo, "Deployment")
+    assert dep["spec"]["strategy"] == {"type": "Recreate"} and not by_kind(solo, "Role")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert not any(a.startswith(("--lease", "--identity")) for a in c["args"])
+    for bad, match in (({"renewDeadlineSeconds": 15}, "renewDeadlineSeconds must be below"),
+                       ({"retryPeriodSeconds": 10}, "retryPeriodSeconds must be below")):
+        with pytest.raises(helm.HelmError, match=match):
+            chart.render({"operator": {"leaderElection": bad}}, name="kl", namespace=NAMESPACE)
 
 
 def test_rbac_without_a_named_service_account_is_refused():

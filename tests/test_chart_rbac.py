@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from chart_render import rbac  # noqa: E402
+from chart_render import NAMESPACE, rbac  # noqa: E402
 from kube.fixtures import kube, kube_server, kubectl, wait_for  # noqa: E402,F401 - fixtures
 from test_operator import CRD_FILE, apply, demo_output_bucket, ltj, manifest, phase  # noqa: E402
 
@@ -86,6 +86,13 @@ def run_scenario(kube, kubectl, s3, scope: tuple[str, ...]) -> None:
     old = manifest("old")
     old["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]
     apply(kubectl, old)
+    # leader election (`--lease`; its processes are tested in test_operator_leader.py): take the
+    # Lease (made), renew it, release it
+    from kubelora_operator import kube as k, leader
+    k.reset()
+    elector = leader.Elector("default", "kl", "rbac")
+    assert elector.try_take()[0] and elector.try_take()[0]
+    elector.release()
     with operator(*scope):
         # a 2-node job with a Secret and a shared cache claim: made, synced, suspended
         assert apply(kubectl, manifest("full", resources__nodes=2, resources__cacheVolumeClaim="shared",
@@ -118,7 +125,7 @@ def static_calls() -> set[tuple[str, str, str]]:
     names = {"config_map": ("", "configmaps"), "service": ("", "services"), "job": ("batch", "jobs"),
              "pod": ("", "pods"), "persistent_volume_claim": ("", "persistentvolumeclaims"),
              "secret": ("", "secrets"), "event": ("", "events"),
-             "custom_object": ("kubelora.dev", "loratrainingjobs")}
+             "custom_object": ("kubelora.dev", "loratrainingjobs"), "lease": ("coordination.k8s.io", "leases")}
     verbs = {"create": "create", "read": "get", "get": "get", "list": "list", "patch": "patch",
              "delete": "delete", "replace": "update"}
     found = set()
@@ -141,17 +148,19 @@ def test_the_chart_grants_exactly_what_the_operator_calls(kube, kubectl, s3, sco
         for c in sorted(calls, key=lambda c: (c[0], c[1], c[2], c[3] or "")):
             print("  ", c)
     cluster_wide = {(g, r, v) for g, r, v, ns in calls if ns is None}
-    per_ns = {(g, r, v) for g, r, v, ns in calls if ns is not None}
+    leases = {(g, r, v) for g, r, v, ns in calls if r == "leases"}  # in the release namespace
+    per_ns = {(g, r, v) for g, r, v, ns in calls if ns is not None and r != "leases"}
     assert {ns for *_, ns in calls} <= {None, "default"}
-    seen = cluster_wide | per_ns
+    seen = cluster_wide | per_ns | leases
     missed = static_calls() - seen
     assert not missed, f"the scenario never ran these calls of the operator's code: {missed}"
     if scope == ("--all-namespaces",):
         granted, roles = rbac({"rbac": {"secretNames": ["creds"]}})  # the scenario's credentialsSecret
-        assert roles == {}
+        assert set(roles) == {NAMESPACE} and roles[NAMESPACE] == leases, roles
+        seen -= leases
         assert granted == seen, f"missing: {seen - granted}; extra: {granted - seen}"
     else:
         granted, roles = rbac({"watchNamespaces": ["default"], "rbac": {"secretNames": ["creds"]}})
-        assert set(roles) == {"default"}
+        assert set(roles) == {"default", NAMESPACE} and roles.pop(NAMESPACE) == leases, roles
         assert granted == cluster_wide, f"missing: {cluster_wide - granted}; extra: {granted - cluster_wide}"
         assert roles["default"] == per_ns, f"missing: {per_ns - roles['default']}; extra: {roles['default'] - per_ns}"

@@ -184,6 +184,13 @@ def test_trainer_pods_get_the_metrics_port_and_labels():
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["KUBELORA_JOB_NAME"] == "j" and env["KUBELORA_NAMESPACE"] == "ns1"
     assert env["KUBELORA_METRICS_PORT"] == "9400" and {"name": "metrics", "containerPort": 9400} in c["ports"]
+    # 0 turns the trainer's endpoint off: no port (the API server refuses containerPort 0)
+    off = manifests.job("j", "uid", "ns1", parse_spec(demo["spec"]), manifests.OperatorConfig(metrics_port=0))
+    c = off["spec"]["template"]["spec"]["containers"][0]
+    assert [p["name"] for p in c["ports"]] == ["rendezvous"]
+    assert {e["name"]: e.get("value") for e in c["env"]}["KUBELORA_METRICS_PORT"] == "0"
+    import kubernetes_validate
+    kubernetes_validate.validate(off, "1.33.0", strict=True)
 
 
 # ---------------------------------------------------------------- alerts

@@ -1,20 +1,38 @@
 """Run the operator:  python -m kubelora_operator [--namespace NS ...]  (all namespaces by default).
 
-Environment: KUBELORA_TRAINER_IMAGE (default trainer image), KUBELORA_SYNC_INTERVAL (seconds
-between status syncs of active jobs, 10; Job changes are synced at once), KUBELORA_SECRET_CACHE_SECONDS
-(how long a job's credentials Secret is reused, 60), KUBELORA_STORAGE_STALL_SECONDS (how long an
-unreadable output bucket lasts before the job is Stalled, 300), KUBELORA_OPERATOR_METRICS_PORT (the
-Prometheus endpoint, /metrics on 9401; 0: off), KUBELORA_TRAINER_METRICS_PORT and
-KUBELORA_TRAINER_METRICS_LINGER_SECONDS (the trainer pods' endpoint, 9400, and how long a finished
-pod keeps serving it, 60), KUBELORA_POD_CREATE_GRACE_SECONDS (how long a Job may have no pods before
-its FailedCreate Events are read, 30), KUBELORA_GANG_FAILURE_GRACE_SECONDS (how long after a multi-node
-run's pods failed the operator waits for a peer's Node to read lost before counting the restart, 60),
-KUBELORA_TRAINER_IMAGE_PULL_SECRETS (the trainer pods'
-imagePullSecrets, comma-separated), AWS_* (how the operator reads
-progress.json / manifest.json from the output bucket when a job names no credentialsSecret).
+Environment (the chart sets each from its values; charts/kubelora/values.yaml names them):
+  Trainer pods     KUBELORA_TRAINER_IMAGE, KUBELORA_IMAGE_PULL_POLICY (IfNotPresent),
+                   KUBELORA_TRAINER_IMAGE_PULL_SECRETS (comma-separated), KUBELORA_TRAINER_RUN_AS_USER
+                   (1000, or 'platform'), KUBELORA_TRAINER_SHM_SIZE, KUBELORA_TRAINER_METRICS_PORT
+                   (9400; 0: off) and KUBELORA_TRAINER_METRICS_LINGER_SECONDS (60: how long a finished
+                   pod keeps serving it)
+  Syncing          KUBELORA_SYNC_INTERVAL (10 s between status syncs of active jobs; Job changes are
+                   synced at once), KUBELORA_SYNC_WORKERS (4), KUBELORA_RETRY_DELAY (10 s),
+                   KUBELORA_NAME_WAIT_SECONDS (120: how long a job waits for a deleted predecessor's
+                   children), KUBELORA_POD_CREATE_GRACE_SECONDS (30: a Job without pods this long has its
+                   FailedCreate Events read), KUBELORA_POD_START_GRACE_SECONDS (120: a pod not started
+                   this long has its Events read), KUBELORA_GANG_FAILURE_GRACE_SECONDS (60: how long after
+                   a multi-node run's pods failed the operator waits for a peer's Node to read lost
+                   before counting the restart)
+  Storage          KUBELORA_STORAGE_STALL_SECONDS (300: an unreadable output bucket this long makes the
+                   job Stalled), KUBELORA_SECRET_CACHE_SECONDS (60: how long a job's credentials Secret
+                   is reused), KUBELORA_JOB_CREDENTIALS_ONLY (true: read a job's bucket only with its own
+                   credentialsSecret), KUBELORA_S3_ALLOWED_ENDPOINTS (comma-separated: the only S3
+                   endpoints jobs may name), KUBELORA_S3_CREDENTIALS_DIR and AWS_* (the operator's own
+                   credentials, for jobs that name no credentialsSecret)
+  Metrics          KUBELORA_OPERATOR_METRICS_PORT (/metrics on 9401; 0: off)
+
+Leader election (`--lease NAMESPACE/NAME`, the chart's default): of the operator pods running at
+once, the one holding that coordination.k8s.io Lease acts; the others stand by (their liveness
+endpoint answers) and take over when it stops or stops renewing. KUBELORA_LEASE_DURATION_SECONDS (15),
+KUBELORA_LEASE_RENEW_DEADLINE_SECONDS (10) and KUBELORA_LEASE_RETRY_SECONDS (2), as client-go's
+leaderelection; the identity is --identity, else $POD_NAME, else the host name. Without --lease the
+operator acts at once and nothing keeps a second one from acting too.
 """
 import argparse
 import asyncio
+import os
+import socket
 import sys
 
 
@@ -23,18 +41,79 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--namespace", "-n", action="append", help="watch only these namespaces")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint ('' to disable)")
+    p.add_argument("--lease", metavar="NAMESPACE/NAME", default="",
+                   help="elect a leader through this Lease (made when missing); '' (the default): act at once")
+    p.add_argument("--identity", default=os.environ.get("POD_NAME") or socket.gethostname(),
+                   help="this candidate's name in the Lease (default: $POD_NAME, else the host name)")
+    p.add_argument("--log-format", choices=("full", "plain", "json"), default="full",
+                   help="log lines on stdout: full (time, logger, level), plain, or json (one object a line)")
+    p.add_argument("--verbose", action="store_true", help="log at DEBUG level")
     args = p.parse_args(argv)
     import kopf
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
     from .env import SettingError
     try:
+        elector = _elector(args.lease, args.identity)
         from . import handlers, metrics
         metrics.serve()
     except SettingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    asyncio.run(kopf.operator(registry=handlers.registry, namespaces=args.namespace or None,
-                              clusterwide=not args.namespace, liveness_endpoint=args.liveness or None,
-                              standalone=True))
+    return asyncio.run(run(args, handlers.registry, elector))
+
+
+def _elector(lease: str, identity: str):
+    from . import env, leader
+    from .env import SettingError
+    if not lease:
+        return None
+    namespace, _, name = lease.partition("/")
+    if not namespace or not name or "/" in name:
+        raise SettingError(f"--lease {lease!r}: give it as NAMESPACE/NAME")
+    timing = leader.Timing(lease=env.number("KUBELORA_LEASE_DURATION_SECONDS", leader.Timing.lease),
+                           renew_deadline=env.number("KUBELORA_LEASE_RENEW_DEADLINE_SECONDS",
+                                                     leader.Timing.renew_deadline),
+                           retry=env.number("KUBELORA_LEASE_RETRY_SECONDS", leader.Timing.retry))
+    if problems := timing.problems():
+        raise SettingError("leader election: " + "; ".join(problems) + " (KUBELORA_LEASE_* settings)")
+    return leader.Elector(namespace, name, identity, timing)
+
+
+async def run(args, registry, elector) -> int:
+    import kopf
+    from . import leader, metrics
+    if elector is not None:
+        metrics.leading(False)
+        standby = await leader.standby_health(args.liveness)
+        try:
+            await elector.acquire()
+        finally:
+            if standby is not None:
+                await standby.cleanup()  # kopf's liveness endpoint takes the port over
+        leader.current = elector
+        metrics.leading(True)
+    operator = asyncio.create_task(kopf.operator(
+        registry=registry, namespaces=args.namespace or (), clusterwide=not args.namespace,
+        liveness_endpoint=args.liveness or None, standalone=True))
+    if elector is None:
+        metrics.leading(True)
+        await operator
+        return 0
+    keeper = asyncio.create_task(elector.keep())
+    await asyncio.wait({operator, keeper}, return_when=asyncio.FIRST_COMPLETED)
+    if keeper.done():
+        # exit now, from wherever kopf is: nothing more may be written (the fence refuses the
+        # operator's own writes meanwhile); the Deployment restarts this pod as a candidate
+        print(f"error: {elector}: lost leadership ({keeper.result()}); stopping so that only one "
+              f"operator acts", file=sys.stderr, flush=True)
+        os._exit(1)
+    keeper.cancel()
+    operator.result()  # kopf's own failure, if any, is raised here
+    try:
+        await asyncio.wait_for(asyncio.to_thread(elector.release), elector.timing.retry * 2)
+        print(f"{elector}: released", flush=True)
+    except Exception as e:  # the next candidate then waits out the lease duration
+        print(f"warning: {elector}: could not release it ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     return 0
 
 

@@ -24,7 +24,7 @@ from kubelora_trainer.models import UnsupportedModel, check_supported
 from kubelora_trainer.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 from kubelora_trainer.storage import S3Settings
 
-from . import artifacts, env, kube, manifests, metrics, syncer
+from . import artifacts, env, kube, leader, manifests, metrics, syncer
 from . import status as st
 
 log = logging.getLogger("kubelora_operator.handlers")
@@ -132,6 +132,7 @@ class Changes:
 
 
 def _apply_in_handler(changes: Changes, body, patch) -> None:
+    leader.fence()
     if changes.status:
         patch.status.update(changes.status)
     for type_, reason, message in changes.events:

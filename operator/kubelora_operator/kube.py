@@ -8,7 +8,7 @@ from typing import Optional
 
 from kubelora_trainer.spec import GROUP, PLURAL, VERSION
 
-from . import env
+from . import env, leader
 
 log = logging.getLogger("kubelora_operator.kube")
 _api_client = None
@@ -77,6 +77,7 @@ def ensure(obj: dict) -> tuple[dict, bool]:
     created). Idempotent: a handler that runs twice, or after an operator restart, never
     duplicates. An object of that name that another owner holds is never adopted (NameTaken);
     a refused create raises ChildRefused with the API server's message."""
+    leader.fence()
     from kubernetes.client.exceptions import ApiException
 
     core, batch = _apis()
@@ -258,6 +259,7 @@ def get_owner(namespace: str, name: str) -> Optional[dict]:
 def patch_status(namespace: str, name: str, status: dict) -> Optional[dict]:
     """Merge-patch the LoRATrainingJob's status subresource (None values delete fields); returns
     the patched object, or None when the job is gone."""
+    leader.fence()
     from kubernetes.client import CustomObjectsApi
     from kubernetes.client.exceptions import ApiException
     try:
@@ -272,6 +274,7 @@ def patch_status(namespace: str, name: str, status: dict) -> Optional[dict]:
 def post_event(event: dict) -> None:
     """Create a core/v1 Event (manifests.event); a failure is logged, never raised: events are
     auxiliary and must not fail a sync."""
+    leader.fence()
     from kubernetes.client.exceptions import ApiException
     core, _ = _apis()
     try:
@@ -281,6 +284,7 @@ def post_event(event: dict) -> None:
 
 
 def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
+    leader.fence()
     from kubernetes.client.exceptions import ApiException
     _, batch = _apis()
     try:
@@ -295,6 +299,7 @@ def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
 def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None = None) -> None:
     """Delete the Job (and its pods), the Service and the ConfigMap; missing ones are fine. With
     owner_uid, only objects that job owns (never someone else's object of the same name)."""
+    leader.fence()
     from kubernetes.client import V1DeleteOptions, V1Preconditions
     from kubernetes.client.exceptions import ApiException
 

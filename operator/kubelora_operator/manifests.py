@@ -214,8 +214,8 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
     container = {
         "name": CONTAINER, "image": r.image or cfg.image, "imagePullPolicy": cfg.image_pull_policy,
         "command": command, "args": args, "env": _env(name, spec, namespace, cfg),
-        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT},
-                  {"name": "metrics", "containerPort": cfg.metrics_port}],
+        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}]
+        + ([{"name": "metrics", "containerPort": cfg.metrics_port}] if cfg.metrics_port else []),  # 0: off
         "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
         "volumeMounts": [{"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
                          {"name": "cache", "mountPath": CACHE_MOUNT},

@@ -10,10 +10,13 @@
     kubelora_operator_reconcile_errors_total{handler,reason}   handler runs that raised (reason: exception type)
     kubelora_operator_jobs_failed_total{reason}            jobs the operator failed (InvalidSpec, ...)
     kubelora_operator_children_created_total{kind}         ConfigMaps, Services, Jobs created
+    kubelora_operator_leader                               1 while this operator acts (holds the Lease of
+                                                           --lease, or runs without one), 0 while it stands by
     kubelora_operator_gang_restarts_total{reason}          runs restarted: `gang` (a failed pod of a
                                                            multi-node run), `disruption` (the same after a
                                                            disruption, not counted against the backoff
-                                                           limit) or `job_missing` (the Job vanished)
+                                                           limit), `gang_incomplete` (a peer never started:
+                                                           not counted) or `job_missing` (the Job vanished)
 
 The job series are read at scrape time from the syncer's memory of the watch, so deleted jobs
 leave no series behind.
@@ -24,7 +27,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from . import env
@@ -45,6 +48,9 @@ CHILDREN_CREATED = Counter("kubelora_operator_children_created", "Child objects 
                            registry=registry)
 GANG_RESTARTS = Counter("kubelora_operator_gang_restarts", "Trainer Jobs made again for a restart, by reason",
                         ("reason",), registry=registry)
+
+LEADER = Gauge("kubelora_operator_leader", "1 while this operator holds the leader Lease and acts, 0 while it "
+               "stands by", registry=registry)
 
 
 class _Jobs:
@@ -116,6 +122,10 @@ def reconcile(handler: str):
         raise
     finally:
         RECONCILE_SECONDS.labels(handler).observe(time.perf_counter() - t0)
+
+
+def leading(yes: bool) -> None:
+    LEADER.set(1 if yes else 0)
 
 
 def created(kind: str) -> None:

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional
 
 from kubelora_trainer.spec import GROUP, KIND
 
+from . import leader
 from . import status as st
 
 Key = tuple[str, str]  # (namespace, name)
@@ -190,6 +191,8 @@ class WorkQueue:
             self._running.add(key)
             try:
                 await asyncio.to_thread(self._process, key)
+            except leader.NotLeader as e:
+                log.warning("syncing %s/%s: %s", *key, e)
             except Exception:  # noqa: BLE001 - one job's failure must not stop the others' syncs
                 log.exception("syncing %s/%s failed; retried at the next tick", *key)
             finally:

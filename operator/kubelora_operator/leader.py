@@ -1,0 +1,271 @@
+"""Leader election through a coordination.k8s.io/v1 Lease: of the operator pods that run at once
+(replicas, the pod an upgrade starts, the pod a lost node's eviction starts while the old one may
+still run), exactly one acts on jobs.
+
+Same rules as client-go's leaderelection (what kube-controller-manager and most operators use):
+
+- A candidate takes the Lease when none exists, when its holder is empty (released by a graceful
+  stop), when it already holds it (a restarted container of the same pod), or when the Lease's
+  record (holder, renewTime, transitions) has not changed for `leaseDurationSeconds` as measured
+  by the candidate's own monotonic clock since it first saw that record: machines' clocks are
+  never compared.
+- The leader renews every `retry` seconds. When no renewal has succeeded for `renew_deadline`
+  seconds (less than the lease duration), it stops: the process exits and its Deployment restarts
+  it as a candidate. A candidate waits at least the lease duration from the last renewal it saw,
+  so the old leader has stopped before the new one starts.
+- Every write the operator sends first checks that the last renewal is younger than
+  `renew_deadline` (`fence`): a leader frozen past its deadline (a stopped process, a long
+  partition) that wakes writes nothing before it exits. kopf's own bookkeeping writes (its
+  annotations on the job) are not fenced.
+- A graceful stop (SIGTERM: upgrade, scale-down, drain) releases the Lease, so the next candidate
+  takes it at once instead of after the lease duration.
+
+The pure functions decide; `Elector` does the API calls (the kubernetes client, in a thread, each
+with a timeout) and keeps the time of the last renewal.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import kopf
+
+log = logging.getLogger("kubelora_operator.leader")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """client-go's defaults (kube-controller-manager's too)."""
+    lease: float = 15.0           # leaseDurationSeconds: how long a candidate waits on an unchanged record
+    renew_deadline: float = 10.0  # how long the leader goes on without a successful renewal
+    retry: float = 2.0            # between tries to take or renew
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0 < self.retry < self.renew_deadline:
+            out.append(f"the retry period ({self.retry:g} s) must be above 0 and below the renew deadline "
+                       f"({self.renew_deadline:g} s)")
+        if not self.renew_deadline < self.lease:
+            out.append(f"the renew deadline ({self.renew_deadline:g} s) must be below the lease duration "
+                       f"({self.lease:g} s): the leader must stop before a candidate may take over")
+        if self.lease < 1 or self.lease != int(self.lease):
+            out.append(f"the lease duration ({self.lease:g} s) must be a whole number of seconds, at least 1")
+        return out
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A Lease record as a candidate saw it, and when (its monotonic clock) it first saw it."""
+    record: tuple
+    since: float
+
+
+def record(lease: Optional[dict]) -> tuple:
+    spec = (lease or {}).get("spec") or {}
+    return (spec.get("holderIdentity") or "", spec.get("renewTime"), spec.get("leaseTransitions") or 0)
+
+
+def holder(lease: Optional[dict]) -> str:
+    return record(lease)[0]
+
+
+def observe(seen: Optional[Seen], lease: Optional[dict], now: float) -> Seen:
+    """The record seen now; its time is kept while the record does not change."""
+    rec = record(lease)
+    return seen if seen is not None and seen.record == rec else Seen(rec, now)
+
+
+def may_take(lease: Optional[dict], me: str, seen: Seen, now: float, timing: Timing) -> bool:
+    if lease is None:
+        return True
+    who = holder(lease)
+    if who in ("", me):
+        return True
+    duration = ((lease.get("spec") or {}).get("leaseDurationSeconds")) or timing.lease
+    return now - seen.since >= duration
+
+
+def micro_time(at: datetime.datetime) -> str:
+    """metav1.MicroTime as the API server reads it (RFC 3339, six fraction digits, UTC)."""
+    return at.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def claimed(lease: Optional[dict], me: str, namespace: str, name: str, timing: Timing,
+            at: datetime.datetime) -> dict:
+    """The Lease body that takes (or renews) the lease for `me`; the resourceVersion of what was
+    read is kept, so the write fails (409) when another candidate wrote in between."""
+    now = micro_time(at)
+    meta = {"name": name, "namespace": namespace}
+    if lease is not None:
+        meta = {**meta, "resourceVersion": lease["metadata"]["resourceVersion"]}
+        for key in ("labels", "annotations"):
+            if lease["metadata"].get(key):
+                meta[key] = lease["metadata"][key]
+    spec = (lease or {}).get("spec") or {}
+    ours = (spec.get("holderIdentity") or "") == me
+    transitions = spec.get("leaseTransitions") or 0
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta,
+            "spec": {"holderIdentity": me, "leaseDurationSeconds": int(timing.lease),
+                     "acquireTime": spec.get("acquireTime") if ours and spec.get("acquireTime") else now,
+                     "renewTime": now,
+                     "leaseTransitions": transitions if ours or lease is None else transitions + 1}}
+
+
+def released(lease: dict, at: datetime.datetime) -> dict:
+    """The Lease body a graceful stop writes: no holder, so the next candidate takes it at once."""
+    spec = dict(lease.get("spec") or {})
+    spec.update(holderIdentity="", leaseDurationSeconds=1, renewTime=micro_time(at))
+    spec.pop("acquireTime", None)
+    return {**lease, "spec": spec}
+
+
+class NotLeader(kopf.TemporaryError):
+    """A write was about to be sent by an operator whose lease may have passed to another. kopf
+    retries the handler after one retry period: by then the lease is renewed, or the process
+    has stopped."""
+
+
+class Elector:
+    def __init__(self, namespace: str, name: str, identity: str, timing: Timing = Timing(), client=None):
+        self.namespace, self.name, self.identity, self.timing = namespace, name, identity, timing
+        self._client = client
+        self.renewed: Optional[float] = None   # monotonic time of the last successful take or renewal
+        self._seen: Optional[Seen] = None
+
+    def __str__(self) -> str:
+        return f"Lease {self.namespace}/{self.name}"
+
+    # -- API calls (blocking; run in a thread) ---------------------------------------------
+
+    def _api(self):
+        from kubernetes import client
+        if self._client is None:
+            from . import kube
+            self._client = kube.api()
+        return client.CoordinationV1Api(self._client)
+
+    def _read(self) -> Optional[dict]:
+        from kubernetes.client.exceptions import ApiException
+        try:
+            resp = self._api().read_namespaced_lease(self.name, self.namespace, _preload_content=False,
+                                                     _request_timeout=self.timing.retry * 2)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return json.loads(resp.data)
+
+    def _write(self, lease: Optional[dict], body: dict) -> None:
+        api = self._api()
+        if lease is None:
+            api.create_namespaced_lease(self.namespace, body, _request_timeout=self.timing.retry * 2)
+        else:
+            api.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=self.timing.retry * 2)
+
+    def try_take(self) -> tuple[bool, str]:
+        """One attempt to take or renew: (holding it now, the holder seen)."""
+        from kubernetes.client.exceptions import ApiException
+        started = time.monotonic()
+        lease = self._read()
+        self._seen = observe(self._seen, lease, started)
+        if not may_take(lease, self.identity, self._seen, started, self.timing):
+            return False, holder(lease)
+        body = claimed(lease, self.identity, self.namespace, self.name, self.timing,
+                       datetime.datetime.now(datetime.timezone.utc))
+        try:
+            self._write(lease, body)
+        except ApiException as e:
+            if e.status in (409, 422) or (e.status == 404 and lease is not None):
+                return False, holder(lease)  # another candidate wrote first: read again next time
+            raise
+        self.renewed = started  # the lease runs from before the read, never from after the write
+        return True, self.identity
+
+    def release(self) -> None:
+        lease = self._read()
+        if lease is not None and holder(lease) == self.identity:
+            self._api().replace_namespaced_lease(self.name, self.namespace,
+                                                 released(lease, datetime.datetime.now(datetime.timezone.utc)),
+                                                 _request_timeout=self.timing.retry * 2)
+
+    # -- loops -------------------------------------------------------------------------------
+
+    def leading(self, now: Optional[float] = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return self.renewed is not None and now - self.renewed < self.timing.renew_deadline
+
+    async def acquire(self) -> None:
+        """Wait until this candidate holds the lease."""
+        last_holder = None
+        while True:
+            try:
+                taken, who = await asyncio.wait_for(asyncio.to_thread(self.try_take), self.timing.retry * 3)
+            except Exception as e:  # the API server unreachable, RBAC: say so, try again
+                log.warning("%s: cannot read or take it (%s); trying again", self, _reason(e))
+                taken, who = False, last_holder
+            if taken:
+                log.info("%s: leading as %s", self, self.identity)
+                return
+            if who != last_holder:
+                log.info("%s is held by %s: standing by", self, who)
+                last_holder = who
+            await asyncio.sleep(self.timing.retry)
+
+    async def keep(self) -> str:
+        """Renew until a renewal is refused (another holds it) or none succeeded for the renew
+        deadline; returns why."""
+        while True:
+            await asyncio.sleep(self.timing.retry)
+            try:
+                held, who = await asyncio.wait_for(asyncio.to_thread(self.try_take), self.timing.retry * 2)
+                if not held:
+                    return f"the lease is held by {who}"
+            except Exception as e:
+                log.warning("%s: renewal failed (%s)", self, _reason(e))
+            if not self.leading():
+                return f"no renewal succeeded for {self.timing.renew_deadline:g} s"
+
+
+def _reason(e: BaseException) -> str:
+    status = getattr(e, "status", None)
+    return f"HTTP {status} {getattr(e, 'reason', '')}".strip() if status else (str(e) or type(e).__name__)
+
+
+async def standby_health(endpoint: str):
+    """While standing by, answer the liveness endpoint (kopf's, which is not running yet) so that
+    the kubelet does not restart a healthy candidate; returns the aiohttp runner to stop before
+    kopf binds the same port, or None when there is no endpoint."""
+    import urllib.parse
+
+    import aiohttp.web
+    if not endpoint:
+        return None
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme != "http":
+        raise ValueError(f"liveness endpoint {endpoint!r}: only http:// is served while standing by")
+
+    async def healthz(_request):
+        return aiohttp.web.json_response({"standby": True})
+
+    app = aiohttp.web.Application()
+    app.add_routes([aiohttp.web.get(parts.path or "/", healthz)])
+    runner = aiohttp.web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    await aiohttp.web.TCPSite(runner, parts.hostname or "localhost", parts.port or 80).start()
+    return runner
+
+
+current: Optional[Elector] = None
+
+
+def fence() -> None:
+    """Raise NotLeader when this operator elects a leader and its lease may have passed on."""
+    if current is not None and not current.leading():
+        raise NotLeader(f"{current}: this operator's last renewal is older than "
+                        f"{current.timing.renew_deadline:g} s: it writes nothing until it is renewed",
+                        delay=current.timing.retry)
