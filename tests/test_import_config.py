@@ -823,6 +823,24 @@ def test_epochs_become_steps_counted_from_the_local_dataset_folders(tmp_path):
     assert manifest["spec"]["training"]["steps"] == 7 and not any(n.startswith("epochs: training.steps") for n in notes)
 
 
+def test_max_steps_caps_the_epochs_as_in_diffusion_pipe(tmp_path):
+    """diffusion-pipe's loop stops at the end of its epochs or at max_steps, whichever comes first:
+    10 epochs x 2 items = 20 steps with max_steps 100 trains 20, with max_steps 5 trains 5; when
+    the items cannot be counted max_steps is the count, with a note saying so."""
+    _items(tmp_path / "d", 2)
+    main, ds = _base()
+    ds["directory"] = [{"path": str(tmp_path / "d")}]
+    for cap, want, says in ((100, 20, "is more than the 10 epochs' 20 steps: the run stops after the epochs"),
+                            (5, 5, "ends the run before the 10 epochs (20 steps) do")):
+        manifest, notes = convert({**main, "epochs": 10, "max_steps": cap}, ds, read_dirs=read_dirs)
+        assert manifest["spec"]["training"]["steps"] == want
+        assert any(n.startswith(f"max_steps: {cap} {says}, as diffusion-pipe stops at whichever") for n in notes), notes
+    ds["directory"] = [{"path": "s3://bucket/data"}]
+    manifest, notes = convert({**main, "epochs": 10, "max_steps": 100}, ds, read_dirs=read_dirs)
+    assert manifest["spec"]["training"]["steps"] == 100
+    assert any(n.startswith("epochs: the items could not be counted") and "pass --steps" in n for n in notes), notes
+
+
 def test_each_directory_counts_its_resolutions_caption_variants_and_repeats(tmp_path):
     """(3 items x 2 areas x 2 shuffled captions x 1) + (2 x 2 x 2 x 3) = 36 samples; 2 epochs
     / (micro batch 1 x accumulation 4) = 18 steps."""

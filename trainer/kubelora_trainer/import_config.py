@@ -171,11 +171,12 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
 
 
 def _steps(ctx: Ctx, main: dict, manifest: dict, steps: Optional[int], dirs, read_dirs) -> None:
-    """training.steps: --steps, else max_steps, else diffusion-pipe's epochs counted in the
-    dataset folders (when read_dirs can read them all); and a note on folders named like kohya's
-    `<repeats>_<name>`, from the folders' contents when read, else from the paths' names."""
+    """training.steps: --steps, else diffusion-pipe's epochs counted in the dataset folders (when
+    read_dirs can read them all) capped by max_steps (diffusion-pipe stops at whichever comes
+    first), else max_steps; and a note on folders named like kohya's `<repeats>_<name>`, from the
+    folders' contents when read, else from the paths' names."""
     max_steps = ctx.extra.get("max_steps")
-    count = steps is None and not max_steps and "epochs" in main
+    count = steps is None and "epochs" in main
     reports, spec = None, None
     if read_dirs and dirs:
         draft = copy.deepcopy(manifest)
@@ -193,11 +194,11 @@ def _steps(ctx: Ctx, main: dict, manifest: dict, steps: Optional[int], dirs, rea
         folders = {s["uri"]: (n, i) for i, s in enumerate(srcs[:len(dirs)]) if (n := kohya_number(s["uri"])) is not None}
     if lines := kohya_note(folders, [s.get("repeats", 1) for s in srcs]):
         ctx.notes.append("dataset: " + "\n".join(lines))
-    why = None
+    why, counted = None, None
     if count:
         if isinstance(reports, list):
             try:
-                steps, note = epoch_steps(spec, reports, dirs, float(main["epochs"]))
+                counted, note = epoch_steps(spec, reports, dirs, float(main["epochs"]))
                 ctx.notes.append(note)
             except Uncountable as e:
                 why = str(e)
@@ -205,13 +206,27 @@ def _steps(ctx: Ctx, main: dict, manifest: dict, steps: Optional[int], dirs, rea
             why = (reports if isinstance(reports, str) else "the dataset folders were not read" if dirs else
                    "the config names no [[directory]] folder to count the items of")
     if steps is None:
-        if not max_steps:
-            counted = f"; the items could not be counted: {why}" if why else ""
+        epochs = main.get("epochs", "?")
+        if counted is not None:
+            steps = min(counted, max_steps or counted)
+            if max_steps:
+                ctx.notes.append((
+                    f"max_steps: {max_steps} ends the run before the {epochs} epochs ({counted} steps) do"
+                    if max_steps < counted else
+                    f"max_steps: {max_steps} is more than the {epochs} epochs' {counted} steps: the run stops after "
+                    "the epochs") + ", as diffusion-pipe stops at whichever comes first")
+        elif max_steps:
+            steps = max_steps
+            if "epochs" in main:
+                ctx.notes.append(f"epochs: the items could not be counted ({why}), so training.steps is max_steps "
+                                 f"= {max_steps}; diffusion-pipe stops after {epochs} epochs when they end sooner: "
+                                 "pass --steps to match them")
+        else:
+            because = f"; the items could not be counted: {why}" if why else ""
             raise Refused("", "epochs", f"kubelora trains for a number of steps; diffusion-pipe counts epochs "
-                                        f"({main.get('epochs', '?')}){counted}: pass --steps (a diffusion-pipe epoch "
+                                        f"({epochs}){because}: pass --steps (a diffusion-pipe epoch "
                                         "is every item x resolution x caption variant x num_repeats, so steps = "
                                         "epochs x that / (micro batch x accumulation x GPUs)) or set max_steps")
-        steps = max_steps
     elif max_steps and max_steps != steps:
         ctx.notes.append(f"max_steps: {max_steps} replaced by --steps {steps}")
     if "epochs" in main and not count:
