@@ -535,6 +535,18 @@ def test_ztsnr_key_gives_a_zero_terminal_snr_v_pred_schedule(tmp_path, tiny_sdxl
     assert float(off.info["alphas_cumprod"][-1]) > 0.0
     plain = FAMILY.load(_spec(zeroTerminalSnr=True), {"checkpointPath": str(tiny_sdxl_file)}, torch.device("cpu"))
     assert float(plain.info["alphas_cumprod"][-1]) == 0.0 and plain.info["v_pred"] is False
+    # Min-SNR weights use the schedule before the rescale (sd-scripts' and diffusion-pipe's SNR
+    # table is made before the betas are fixed): the last timestep keeps a weight above 0
+    snr_alphas = comps.info["snr_alphas_cumprod"]
+    assert float(snr_alphas[-1]) > 0.0 and torch.equal(snr_alphas, off.info["alphas_cumprod"])
+    assert float(sdxl_mod.min_snr_weights(snr_alphas[-1:], 5.0, True)[0]) > 0.004
+    assert off.info["snr_alphas_cumprod"] is off.info["alphas_cumprod"]
+    batch = {"latents": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+             "input_ids": torch.ones(1, 77, dtype=torch.long), "input_ids_2": torch.ones(1, 77, dtype=torch.long),
+             "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    with torch.no_grad():  # the last timestep (quantile 0.9999 -> t 999): weighted, not zeroed
+        last = FAMILY.loss(comps, batch, _spec(minSnrGamma=5.0), None, torch.Generator().manual_seed(1), quantile=0.9999)
+    assert float(last) > 0.0
 
 
 def test_min_snr_weights_are_finite_at_zero_terminal_snr():

@@ -138,7 +138,8 @@ class ModelSpec(_Model):
                                   "v-prediction fine-tunes were trained). Default: what the checkpoint says (its "
                                   "ztsnr key, or the diffusers scheduler's rescale_betas_zero_snr).")
     minSnrGamma: Optional[float] = Field(
-        default=None, gt=0, description="SDXL: Min-SNR loss weighting gamma (e.g. 5); off when unset.")
+        default=None, gt=0, description="SDXL: Min-SNR loss weighting gamma (e.g. 5); off when unset. The SNR is "
+        "the checkpoint's schedule before any zero-terminal-SNR rescale, as in sd-scripts and diffusion-pipe.")
 
 
 CAPTION_FIELDS = ("captionExtension", "captionPrefix", "shuffleTags", "shuffleVariants", "keepTags", "tagDelimiter",

@@ -302,15 +302,21 @@ class SDXL:
                   "pure noise and the target equals it; zero terminal SNR is meant for v-prediction (model.vPred)",
                   flush=True)
         alphas = schedule(sched_cfg, ztsnr)
+        # Min-SNR weights come from the schedule before the zero-terminal rescale, as sd-scripts and
+        # diffusion-pipe compute them (their SNR table is made before the betas are fixed), so the
+        # high-noise end keeps a weight above 0
+        snr_alphas = schedule(sched_cfg, False) if ztsnr else alphas
         trainable = {"unet": unet.to(device), "text_encoder": pipe.text_encoder.to(device),
                      "text_encoder_2": pipe.text_encoder_2.to(device)}
         if not encoders:
-            return Components(trainable=trainable, info={"alphas_cumprod": alphas, "v_pred": v_pred})
+            return Components(trainable=trainable, info={"alphas_cumprod": alphas, "snr_alphas_cumprod": snr_alphas,
+                                                         "v_pred": v_pred})
         vae = pipe.vae.to(device, torch.float32)  # encoded once and cached; fp16/bf16 SDXL VAEs overflow
         return Components(trainable=trainable,
                           encoders={"vae": vae, "tokenizer": pipe.tokenizer, "tokenizer_2": pipe.tokenizer_2,
                                     "scheduler": pipe.scheduler},
-                          info={"alphas_cumprod": alphas, "v_pred": v_pred, "ztsnr": ztsnr,
+                          info={"alphas_cumprod": alphas, "snr_alphas_cumprod": snr_alphas, "v_pred": v_pred,
+                                "ztsnr": ztsnr,
                                 "vae_scale": vae.config.scaling_factor,
                                 "force_zeros": bool(pipe.config.get("force_zeros_for_empty_prompt", True))})
 
@@ -360,7 +366,8 @@ class SDXL:
                     return_dict=False)[0]
         mask = batch.get("mask")  # [B, h, w] on the latent grid
         per_sample = weighted_mse(pred, target, None if mask is None else mask_weights(mask, x0.shape), per_sample=True)
-        return (per_sample * min_snr_weights(alpha_bar, model_spec.minSnrGamma, v_pred)).mean()
+        snr_alpha_bar = comps.info.get("snr_alphas_cumprod", alphas).to(x0.device)[t]
+        return (per_sample * min_snr_weights(snr_alpha_bar, model_spec.minSnrGamma, v_pred)).mean()
 
     def _ids(self, comps, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The texts' windows as training encodes captions; a negative prompt with fewer windows than
