@@ -124,11 +124,10 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
         apply(ctx, "adapter", main["adapter"])
         importer = family_module(ctx.model_type)
         same = getattr(importer, "DIFFUSION_PIPE_TARGETS", None)
-        if "initFrom" in ctx.adapter and same and "targetModules" not in ctx.adapter:
-            # the file holds diffusion-pipe's modules: started from only where the run adapts them all
+        if same and "targetModules" not in ctx.adapter:
+            # train what diffusion-pipe trains (and, with init_from_existing, the layers its file holds)
             ctx.adapter["targetModules"] = [same]
-            ctx.note("init_from_existing", "adapter.targetModules set to the layers diffusion-pipe adapts (the "
-                                           "modulation linears too), which the file it trained holds")
+            ctx.note("type", importer.TARGETS_NOTE)
         elif note := getattr(importer, "LORA_TARGETS_NOTE", None):
             if "initFrom" in ctx.adapter:
                 note += getattr(importer, "INIT_FROM_NOTE", "; with init_from_existing, a file holding those layers is "

@@ -2,7 +2,7 @@
 from typing import Any
 
 from ...import_handlers import SHIFT, SIGMOID_SCALE, Ctx, Handler, flag, number, path, timestep_method, to, transformer_dtype
-from .targets import DIFFUSION_PIPE_TARGETS
+from .targets import DIFFUSION_PIPE_TARGETS  # noqa: F401 - import_config sets it as adapter.targetModules
 
 # diffusion-pipe's Flux feeds no guidance embedding when bypassing it, so its guidance goes unused
 # there; kubelora's spec refuses the pair, so the importer drops guidance (in either key order)
@@ -37,9 +37,8 @@ MODEL_KEYS: dict[str, Handler] = {
 }
 
 # diffusion-pipe adapts every nn.Linear inside FluxTransformerBlock / FluxSingleTransformerBlock
-# (models/base.py get_target_modules), the AdaLN modulation linears included
-LORA_TARGETS_NOTE = ("diffusion-pipe also puts LoRA on each block's AdaLN modulation linear (norm1.linear and "
-                     "norm1_context.linear in the double blocks, norm.linear in the single blocks); kubelora's default "
-                     "adapter.targetModules leave them out (the attention and MLP linears are the same); to train "
-                     "what diffusion-pipe trains, set adapter.targetModules: "
-                     f"['{DIFFUSION_PIPE_TARGETS}']")
+# (models/base.py get_target_modules), the AdaLN modulation linears included: the import sets that
+TARGETS_NOTE = ("adapter.targetModules set to the layers diffusion-pipe adapts: every linear of the transformer's "
+                "blocks, each block's AdaLN modulation linear included (norm1.linear and norm1_context.linear in the "
+                "double blocks, norm.linear in the single blocks); delete the field for kubelora's default, which "
+                "leaves the modulation linears out")

@@ -2,7 +2,7 @@
 (models/hunyuan_video.py there). transformer_path (or any part) beside ckpt_path replaces that part
 of the official layout, in diffusion-pipe and in kubelora."""
 from ...import_handlers import SHIFT, SIGMOID_SCALE, Handler, nothing, path, timestep_method, transformer_dtype, when
-from .targets import DIFFUSION_PIPE_TARGETS
+from .targets import DIFFUSION_PIPE_TARGETS  # noqa: F401 - import_config sets it as adapter.targetModules
 
 MODEL_KEYS: dict[str, Handler] = {
     "ckpt_path": path("ckptPath"),
@@ -18,10 +18,15 @@ MODEL_KEYS: dict[str, Handler] = {
 }
 
 # diffusion-pipe adapts every nn.Linear inside MMDoubleStreamBlock / MMSingleStreamBlock
-# (models/base.py get_target_modules), the modulation linears (ModulateDiT.linear) included
-LORA_TARGETS_NOTE = ("diffusion-pipe also puts LoRA on each block's modulation linear (img_mod.linear and "
-                     "txt_mod.linear in the double blocks, modulation.linear in the single blocks; norm1.linear, "
-                     "norm1_context.linear and norm.linear in diffusers naming); kubelora's default "
-                     "adapter.targetModules leave them out (the attention and MLP linears are the same); to train "
-                     "what diffusion-pipe trains, set adapter.targetModules: "
-                     f"['{DIFFUSION_PIPE_TARGETS}']")
+# (models/base.py get_target_modules), the modulation linears (ModulateDiT.linear) included: the
+# import sets that. Its model is the original, with fused linears (img_attn_qkv, txt_attn_qkv, the
+# single blocks' linear1 = q, k, v and the MLP input); diffusers' (kubelora's) has them apart, so each
+# part gets its own rank-r LoRA: at one rank, more LoRA parameters there than diffusion-pipe's.
+TARGETS_NOTE = ("adapter.targetModules set to the layers diffusion-pipe adapts: every linear of the transformer's "
+                "blocks, each block's modulation linear included (img_mod.linear and txt_mod.linear in the double "
+                "blocks, modulation.linear in the single blocks; norm1.linear, norm1_context.linear and norm.linear in "
+                "diffusers naming); delete the field for kubelora's default, which leaves the modulation linears out. "
+                "Not the same: diffusion-pipe's original model fuses q, k and v (img_attn_qkv, txt_attn_qkv) and the "
+                "single blocks' q, k, v and MLP input (linear1) into one linear with one rank-r LoRA; kubelora adapts "
+                "diffusers' separate linears, each with its own rank-r LoRA (up to 3x, 4x in linear1, the parameters "
+                "there at the same rank; the exported file stacks them into the fused layers, at rank 3r or 4r)")
