@@ -885,17 +885,25 @@ def test_overlapping_video_clips_are_not_counted_without_decoding(tmp_path):
 
 
 def test_kohya_repeat_folders_are_noted_with_the_sources_to_write(tmp_path):
-    """img/10_mystyle (kohya: 10 repeats) trains at num_repeats in kubelora: the import says so,
-    from the folders when they are here, else from the path's name."""
+    """img/10_mystyle (kohya: 10 repeats) trains at num_repeats in kubelora: the import says so
+    from the path's name. Inside a [[directory]] folder it is not trained at all, as diffusion-pipe
+    reads only the folder's own files (path.glob('*')): the import writes recursive: false and
+    says how many files that leaves out; the scan counts them."""
     _items(tmp_path / "img" / "10_mystyle", 1)
     _items(tmp_path / "img" / "plain", 1)
+    _items(tmp_path / "img", 1)
     main, ds = _base()
     ds["directory"] = [{"path": "img"}]
-    _, notes = convert(main, ds, cwd=str(tmp_path), path_map={str(tmp_path): "s3://bucket/set"}, read_dirs=read_dirs)
-    note = next(n for n in notes if "kohya" in n)
-    assert note.startswith("dataset: folder names in kohya's <repeats>_<name> form: s3://bucket/set/img/10_mystyle (10)")
-    assert "kubelora does not read repeats from folder names" in note
-    assert note.endswith("  dataset:\n    sources:\n      - uri: s3://bucket/set/img/10_mystyle\n        repeats: 10")
+    manifest, notes = convert(main, ds, cwd=str(tmp_path), path_map={str(tmp_path): "s3://bucket/set"},
+                              read_dirs=read_dirs)
+    assert manifest["spec"]["dataset"]["recursive"] is False and not any("kohya" in n for n in notes), notes
+    assert any(n.startswith("dataset: 2 media file(s) in subfolders of the [[directory]] folders are not trained")
+               for n in notes), notes
+    from kubelora_trainer.data import scan
+    shallow, deep = scan(tmp_path / "img", recursive=False), scan(tmp_path / "img")
+    assert (len(shallow.items), shallow.in_subfolders, shallow.summary()["inSubfolders"]) == (1, 2, 2)
+    assert (len(deep.items), deep.in_subfolders) == (3, 0) and "inSubfolders" not in deep.summary()
+    assert next(iter(deep.kohya)).endswith("10_mystyle")
     ds["directory"] = [{"path": "s3://bucket/img/5_other", "num_repeats": 2}]
     _, notes = convert(main, ds, read_dirs=read_dirs)
     assert any("s3://bucket/img/5_other (5)" in n and "repeats: 5" in n for n in notes), notes

@@ -38,6 +38,12 @@ def options_of(dataset, source=None) -> CaptionOptions:
                           pick("shuffleVariants"), pick("keepTags"), pick("tagDelimiter"), pick("captionDropout"))
 
 
+def recursive_of(dataset, source=None) -> bool:
+    """Whether a source's subfolders hold items too (the source's setting, else the dataset's)."""
+    v = getattr(source, "recursive", None) if source is not None else None
+    return getattr(dataset, "recursive", True) if v is None else v
+
+
 def shuffle_tags(caption: str, rng: random.Random, keep: int = 0, delimiter: str = ", ") -> str:
     """The caption's tags (split on delimiter) in a shuffled order, the first `keep` in place."""
     tags = caption.split(delimiter)

@@ -94,6 +94,7 @@ class ScanReport:
     unmasked: list[str] = field(default_factory=list)      # items of a masked source without a mask (trained unmasked)
     masked_sources: int = 0
     ignored: dict[str, int] = field(default_factory=dict)  # files that are neither media nor captions: by extension
+    in_subfolders: int = 0          # media files in a source's subfolders, left out (dataset.recursive: false)
     # folders named like kohya's "<repeats>_<name>" holding items: folder (by source URI) -> (its number, source)
     kohya: dict[str, tuple[int, int]] = field(default_factory=dict)
     # evaluation.sources (train.scan_sources): their items are in `items` (source >= first_held), their
@@ -116,6 +117,7 @@ class ScanReport:
         self.masked_sources += other.masked_sources
         for k, v in other.ignored.items():
             self.ignored[k] = self.ignored.get(k, 0) + v
+        self.in_subfolders += other.in_subfolders
         self.kohya.update(other.kohya)
 
     def skip(self, uri: str, reason: str, detail: str = "") -> None:
@@ -137,6 +139,8 @@ class ScanReport:
             out["skipped"] = self.by_reason()
         if self.ignored:
             out["ignoredFiles"] = dict(sorted(self.ignored.items()))
+        if self.in_subfolders:
+            out["inSubfolders"] = self.in_subfolders
         if self.masked_sources:
             out["masked"] = sum(1 for it in self.items if it.mask is not None and not self.is_held(it))
             out["unmasked"] = sum(1 for it in self.items if it.mask is None and not self.is_held(it))
@@ -145,13 +149,14 @@ class ScanReport:
 
 def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", video: bool = False,
          caption_prefix: str = "", opts=None, source: int = 0, seed: int = 0, uri: Optional[str] = None,
-         mask_root: Optional[Path] = None) -> ScanReport:
+         mask_root: Optional[Path] = None, recursive: bool = True) -> ScanReport:
     """Find media files under root (images; videos too for video families) and pair them with
     captions: a captions.json/.jsonl map in root, else same-stem files with caption_ext
     (caption_prefix put before each, verbatim). With opts (captions.CaptionOptions) its settings
     replace the loose arguments. uri: root's source URI, to name items by. mask_root: the
     source's staged mask folder (its files are not items, even inside root); each item's mask is
-    the same-stem file in the same relative folder there (masks.find_mask). A caption file that is
+    the same-stem file in the same relative folder there (masks.find_mask). recursive=False: only
+    root's own files are items (those in subfolders are counted in `in_subfolders`). A caption file that is
     not UTF-8 skips its item (captionNotUtf8). Does not decode any media."""
     from .captions import CAPTION_MAPS, CaptionOptions, read_caption_map, variants
     from .masks import find_mask
@@ -163,6 +168,9 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
     inside = mask_root is not None and mask_root.resolve().is_relative_to(root.resolve())
     files = sorted(p for p in root.rglob("*") if p.is_file()
                    and not (inside and p.resolve().is_relative_to(mask_root.resolve())))
+    if not recursive:  # the folder's own files; media below it counted, not silently dropped
+        report.in_subfolders = sum(1 for p in files if p.parent != root and p.suffix.lower() in exts)
+        files = [p for p in files if p.parent == root]
     images = [p for p in files if p.suffix.lower() in exts]
     for p in files:  # said, not silently dropped: a video in an image family, a .psd, a tar shard
         if p.suffix.lower() not in exts and p.suffix != opts.extension and p.name not in CAPTION_MAPS \

@@ -298,6 +298,9 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
         log(env, f"[data] ignored {sum(report.ignored.values())} file(s) that are not "
                  f"{'images or videos' if r.video else 'images'} or captions ({what})"
                  + (f"; {spec.model.type} trains images only" if "video" in report.ignored and not r.video else ""))
+    if report.in_subfolders:
+        log(env, f"[data] left out {report.in_subfolders} media file(s) in subfolders of the sources "
+                 "(dataset.recursive: false reads each folder's own files only)")
     if report.missing_caption and report.beside:
         from .data import caption_hint
         log(env, "[data] warning:" + caption_hint(report))

@@ -159,6 +159,7 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
         raise Refused("", "dataset", "the config names no dataset file (diffusion-pipe needs one): add "
                                      "dataset = 'dataset.toml', or pass --dataset FILE or --data-uri URI")
     data = ctx.dataset if "sources" in ctx.dataset else {"uri": data_uri or ds_uri, **ctx.dataset}
+    data["recursive"] = False  # diffusion-pipe reads each [[directory]]'s own files (path.glob('*'))
     spec = {"model": ctx.model, "dataset": data, "adapter": ctx.adapter,
             "training": ctx.training, "output": {"uri": out_uri, **ctx.output}}
     if ev := evaluation(ctx, eval_tomls, local):
@@ -193,6 +194,10 @@ def _steps(ctx: Ctx, main: dict, manifest: dict, steps: Optional[int], dirs, rea
         folders = {s["uri"]: (n, i) for i, s in enumerate(srcs[:len(dirs)]) if (n := kohya_number(s["uri"])) is not None}
     if lines := kohya_note(folders, [s.get("repeats", 1) for s in srcs]):
         ctx.notes.append("dataset: " + "\n".join(lines))
+    if isinstance(reports, list) and (below := sum(r.in_subfolders for r in reports)):
+        ctx.notes.append(f"dataset: {below} media file(s) in subfolders of the [[directory]] folders are not trained, "
+                         "as diffusion-pipe reads only each folder's own files (dataset.recursive: false); list a "
+                         "subfolder as its own source to train it, or set recursive: true to train them all")
     why, counted = None, None
     if count:
         if isinstance(reports, list):

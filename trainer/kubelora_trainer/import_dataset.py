@@ -27,7 +27,7 @@ def read_dirs(spec, dirs: Dirs, probe: bool) -> Union[list[ScanReport], str]:
     each image's header is checked (data.check_item without decoding) and items of an extreme
     aspect ratio for their buckets are screened out (dataset_phase.settle), as a run skips them;
     videos are not decoded (a run decodes each once to probe it). I/O."""
-    from .captions import options_of
+    from .captions import options_of, recursive_of
     r = RULES[spec.model.type]
     for written, path, _ in dirs:
         if re.match(r"^[a-z0-9]+://", path):
@@ -42,7 +42,8 @@ def read_dirs(spec, dirs: Dirs, probe: bool) -> Union[list[ScanReport], str]:
         try:
             report = scan(Path(path), video=r.video, opts=options_of(spec.dataset, src), source=i,
                           seed=spec.training.seed, uri=spec.dataset.uris[i],
-                          mask_root=Path(mask) if mask and Path(mask).is_dir() else None)
+                          mask_root=Path(mask) if mask and Path(mask).is_dir() else None,
+                          recursive=recursive_of(spec.dataset, src))
         except DatasetError as e:
             return str(e)
         except OSError as e:
@@ -95,10 +96,8 @@ def epoch_steps(spec, reports: list[ScanReport], dirs: Dirs, epochs: float) -> t
         shown += f" x {areas} resolution{'s' * (areas != 1)} x {repeats} repeat{'s' * (repeats != 1)}"
         uncaptioned = rep.missing_caption - rep.empty_caption_used
         left = ", ".join([f"{uncaptioned} without a caption"] * bool(uncaptioned) + [skipped_text(rep)] * bool(rep.skipped))
-        deeper = sum(1 for it in rep.items if it.image.parent != Path(path))
         parts.append(f"{path}: {shown}" + (f" = {n}" if len(reports) > 1 else "")
-                     + (f" (not counted, as a run skips them: {left})" if left else "")
-                     + (f" ({deeper} of the items in subfolders, which diffusion-pipe does not read)" if deeper else ""))
+                     + (f" (not counted, as a run skips them: {left})" if left else ""))
     t, res = spec.training, spec.resources
     gpus = res.nodes * max(res.gpusPerNode, 1)
     batch = t.microBatchSize * t.gradientAccumulationSteps * gpus

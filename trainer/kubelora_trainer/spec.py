@@ -170,6 +170,7 @@ class SourceSpec(_Model):
     keepTags: Optional[int] = Field(default=None, ge=0, le=1000, description="Override of dataset.keepTags.")
     tagDelimiter: Optional[str] = Field(default=None, min_length=1, max_length=8, description="Override of dataset.tagDelimiter.")
     captionDropout: Optional[float] = Field(default=None, ge=0.0, le=1.0, description="Override of dataset.captionDropout.")
+    recursive: Optional[bool] = Field(default=None, description="Override of dataset.recursive.")
 
 
 class DatasetSpec(_Model):
@@ -179,6 +180,9 @@ class DatasetSpec(_Model):
         default=None, min_length=1, max_length=64,
         description="Several folders, each with its own repeats and optional size, frame and caption overrides "
                     "(diffusion-pipe's [[directory]] entries). Set exactly one of dataset.uri and dataset.sources.")
+    recursive: bool = Field(
+        default=True, description="Read the items of each source's subfolders too. false: only the folder's own files, "
+                                  "as diffusion-pipe and kohya read a folder (import-config sets it).")
     resolution: int = Field(
         default=512, ge=16, le=4096, multiple_of=16,
         description="Training resolution in pixels: square side, unless width and height are set. Multiple of 16. "

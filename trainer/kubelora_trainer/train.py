@@ -25,7 +25,7 @@ from . import __version__, adapters, cache, checkpoint, disk, dist, exits, expor
 from . import attention, cache_phase, cache_remote, evaluation, lora_init, throughput
 from . import buckets as bk
 from .sample_plan import due as sample_due
-from .captions import options_of
+from .captions import options_of, recursive_of
 from .data import DatasetError, ScanReport, scan
 from .disk import cache_root
 from .dataset_phase import largest_batch, probe_items, source_repeats, source_specs
@@ -755,7 +755,7 @@ def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] 
             opts = dataclasses.replace(opts, shuffle=False, dropout=0.0)
         part = scan(Path(paths[key]), video=r.video, opts=opts, source=i, seed=spec.training.seed,
                     uri=spec.dataset.uris[i] if i < n_train else src.uri,
-                    mask_root=Path(mask_root) if mask_root else None)
+                    mask_root=Path(mask_root) if mask_root else None, recursive=recursive_of(spec.dataset, src))
         # a mask object left out is not an item skipped: its item trains unmasked (the stage-in warning
         # named it, and the masked/unmasked counts show it)
         for uri in (unsafe or {}).get(key, []):
