@@ -947,6 +947,24 @@ def test_eval_datasets_become_the_evaluation_section():
     assert "evaluation" not in manifest["spec"] and "eval_every_n_steps: no eval_datasets: no evaluation runs" in notes
 
 
+def test_eval_every_n_epochs_counts_diffusion_pipe_epochs_with_shuffled_captions():
+    """A diffusion-pipe epoch holds each of an item's cache_shuffle_num captions, a kubelora epoch
+    one drawn per sample: eval_every_n_epochs 2 with 3 variants is every 6 kubelora epochs."""
+    main = {**copy.deepcopy(BASE_MAIN), "eval_datasets": ["e.toml"], "eval_every_n_epochs": 2}
+    tomls = [("e.toml", {"directory": [{"path": "/data/held"}]})]
+    ds = {**copy.deepcopy(BASE_DATASET), "cache_shuffle_num": 3}
+    manifest, notes = convert(main, ds, eval_tomls=tomls)
+    assert manifest["spec"]["evaluation"]["everyEpochs"] == 6
+    assert any(n.startswith("eval_every_n_epochs: 2: evaluation.everyEpochs 6: a diffusion-pipe epoch holds each of "
+                            "the 3 shuffled captions") for n in notes), notes
+    ds["directory"] = [{"path": "/data/a"}, {"path": "/data/b", "cache_shuffle_num": 2}]
+    manifest, notes = convert(main, ds, eval_tomls=tomls)
+    assert manifest["spec"]["evaluation"]["everyEpochs"] == 2
+    assert any("(2/3 across the directories): evaluated more often; set evaluation.everySteps" in n for n in notes), notes
+    manifest, notes = convert(main, copy.deepcopy(BASE_DATASET), eval_tomls=tomls)
+    assert manifest["spec"]["evaluation"]["everyEpochs"] == 2 and not any("everyEpochs" in n for n in notes)
+
+
 def test_cli_reads_the_eval_dataset_tomls(tmp_path):
     from kubelora_trainer.import_config import load_eval_tomls
     (tmp_path / "eval.toml").write_text("[[directory]]\npath = '/data/held'\n")

@@ -70,6 +70,18 @@ def eval_setting(ctx: Ctx, key: str, value: Any) -> None:
     ctx.extra[key] = flag(value) if key == "eval_before_first_step" else whole(value)
 
 
+def caption_variants(dataset: dict) -> set[int]:
+    """The numbers of shuffled captions the sources of an imported dataset cache per item (1
+    without shuffleTags): a diffusion-pipe epoch holds each, a kubelora epoch one per sample."""
+    out = set()
+    for src in dataset.get("sources") or [{}]:
+        if src.get("shuffleTags", dataset.get("shuffleTags", False)):
+            out.add(src.get("shuffleVariants", dataset.get("shuffleVariants", 4)))
+        else:
+            out.add(1)
+    return out
+
+
 def evaluation(ctx: Ctx, eval_tomls: Optional[list[tuple[str, Optional[dict]]]], local) -> Optional[dict]:
     """spec.evaluation from eval_datasets (diffusion-pipe's evaluation, train.py): each eval dataset
     TOML's [[directory]] folders become evaluation.sources (eval_tomls: (config path, its parsed
@@ -117,7 +129,18 @@ def evaluation(ctx: Ctx, eval_tomls: Optional[list[tuple[str, Optional[dict]]]],
                                           f"{per_gpu}, the samples one GPU trains per step; with several GPUs "
                                           "divide it by their number, as diffusion-pipe divides by the global batch)")
     if "eval_every_n_epochs" in x:
-        ev["everyEpochs"] = x["eval_every_n_epochs"]
+        n, variants = x["eval_every_n_epochs"], caption_variants(ctx.dataset)
+        ev["everyEpochs"] = n
+        if len(variants) == 1 and (v := next(iter(variants))) > 1:
+            ev["everyEpochs"] = n * v
+            ctx.note("eval_every_n_epochs", f"{n}: evaluation.everyEpochs {n * v}: a diffusion-pipe epoch holds each "
+                                            f"of the {v} shuffled captions (cache_shuffle_num) of every item, a "
+                                            "kubelora epoch one of them, drawn per sample")
+        elif len(variants) > 1:
+            ctx.note("eval_every_n_epochs", f"{n}: evaluation.everyEpochs {n} counts kubelora epochs, which hold one "
+                                            "of an item's shuffled captions where a diffusion-pipe epoch holds each "
+                                            f"({'/'.join(map(str, sorted(variants)))} across the directories): "
+                                            "evaluated more often; set evaluation.everySteps to match")
     if "eval_before_first_step" in x:
         ev["beforeFirstStep"] = x["eval_before_first_step"]
     size = x.get("eval_micro_batch_size_per_gpu")
