@@ -112,6 +112,10 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
     ctx.extra.update(map_path=local, dtype=model.get("dtype"))
     apply(ctx, "main", main)
     apply(ctx, "model", model)
+    for key, note in getattr(family_module(ctx.model_type), "ABSENT_NOTES", {}).items():
+        if key not in model:  # what diffusion-pipe does without the key, where kubelora's default differs
+            ctx.section = "model"
+            ctx.note(key, note)
     full = "adapter" not in main  # diffusion-pipe's full fine-tune
     if full:
         ctx.adapter["type"] = "full"
