@@ -434,7 +434,7 @@ def test_blocks_attend_without_a_mask_when_every_text_position_is_a_caption_toke
                  "pooled": p["pooled_projections"]}
         comps = Components(trainable={"transformer": tr}, info={"guidance_embeds": True})
         calls = _spy_sdpa(monkeypatch)
-        loss = FAMILY.loss(comps, batch, None, types.SimpleNamespace(timestepSampling="uniform"),
+        loss = FAMILY.loss(comps, batch, None, types.SimpleNamespace(timestepSampling="uniform", sigmoidScale=1.0, timestepShift=None),
                            torch.Generator().manual_seed(1))
         loss.backward()
         blocks = [c for c in calls if c[0] == video + n_text]
@@ -467,7 +467,7 @@ def test_no_masked_attention_gets_cudnns_bad_key_length_in_a_real_step(monkeypat
     comps = Components(trainable={"transformer": _tiny_transformer()}, info={"guidance_embeds": True})
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     with torch.no_grad():
-        FAMILY.loss(comps, batch, None, types.SimpleNamespace(timestepSampling="uniform"),
+        FAMILY.loss(comps, batch, None, types.SimpleNamespace(timestepSampling="uniform", sigmoidScale=1.0, timestepShift=None),
                     torch.Generator().manual_seed(1))
     masked = {k for k, m in seen if m}
     assert 56 + 9 in masked and all(k % 128 != 64 for k in masked), seen

@@ -102,9 +102,10 @@ KEYS = [
     ("model", "guidance", 1.0, "default", "hunyuan-video"),
     ("model", "timestep_sample_method", "uniform", "mapped"),
     ("model", "timestep_sample_method", "uniform", "noted", "sdxl"),
-    ("model", "sigmoid_scale", 1.5, "refused"),
+    ("model", "sigmoid_scale", 1.5, "mapped"),
     ("model", "sigmoid_scale", 1.0, "default"),
-    ("model", "shift", 3.0, "refused"),
+    ("model", "shift", 3.0, "mapped"),
+    ("model", "shift", 0, "noted"),
     ("model", "flux_shift", True, "mapped"),
     ("model", "cache_text_embeddings", False, "noted"),
     ("model", "diffusers_path", "/models/other", "mapped"),
@@ -457,12 +458,37 @@ def test_unknown_model_types_are_refused():
         convert(main, BASE_DATASET)
 
 
+def test_shift_and_sigmoid_scale_train_as_in_diffusion_pipe():
+    """shift (a constant, over flux_shift when both are set) and sigmoid_scale become training
+    settings the flow-matching families apply after drawing t, in diffusion-pipe's order."""
+    import torch
+    from types import SimpleNamespace
+    from kubelora_trainer.objectives import flow_timesteps
+    main, ds = _base("flux")
+    main["model"].update(shift=3.0, flux_shift=True, sigmoid_scale=1.5)
+    manifest, notes = convert(main, ds)
+    spec = parse_spec(manifest)
+    assert (spec.training.timestepShift, spec.training.sigmoidScale, spec.model.fluxShift) == (3.0, 1.5, False)
+    assert any(n.startswith("[model] flux_shift: ignored: shift is set too") for n in notes), notes
+    t = flow_timesteps(4, spec.training, torch.Generator().manual_seed(0), "cpu", quantile=0.5)
+    assert torch.allclose(t, torch.full((4,), 0.75))  # sigmoid(0) = 0.5, shifted: 3 x 0.5 / (1 + 2 x 0.5)
+    n = torch.randn(3, generator=torch.Generator().manual_seed(1))
+    drawn = flow_timesteps(3, spec.training, torch.Generator().manual_seed(1), "cpu")
+    want = torch.sigmoid(1.5 * n)
+    assert torch.allclose(drawn, 3 * want / (1 + 2 * want))
+    plain = SimpleNamespace(timestepSampling="logit_normal", sigmoidScale=1.0, timestepShift=None)
+    assert torch.allclose(flow_timesteps(3, plain, torch.Generator().manual_seed(1), "cpu"), torch.sigmoid(n))
+    manifest["spec"]["model"]["fluxShift"] = True
+    with pytest.raises(SpecError, match="training.timestepShift: a constant shift, where model.fluxShift"):
+        parse_spec(manifest)
+
+
 def test_errors_name_file_line_and_key():
-    text = "output_dir = '/o'\n\n[model]\ntype = 'flux'\nshift = 3.0\n"
+    text = "output_dir = '/o'\n\n[model]\ntype = 'flux'\nshift = -3.0\n"
     assert find_line(text, "model", "shift") == 5 and find_line(text, "", "output_dir") == 1
-    main = {"output_dir": "/o", "max_steps": 1, "model": {"type": "flux", "diffusers_path": "/m", "shift": 3.0},
+    main = {"output_dir": "/o", "max_steps": 1, "model": {"type": "flux", "diffusers_path": "/m", "shift": -3.0},
             "adapter": {"rank": 4}, "optimizer": {"lr": 1e-4}}
-    with pytest.raises(ConfigError, match=r"^train.toml:5: \[model\] shift: a constant timestep shift"):
+    with pytest.raises(ConfigError, match=r"^train.toml:5: \[model\] shift: .*a number >= 0"):
         convert(main, None, sources={"main": Source("train.toml", text), "dataset": Source("ds.toml")})
 
 

@@ -208,7 +208,7 @@ def test_images_train_as_one_frame_clips(tiny_ltx_dir, tmp_path):
     batch = {k: v.unsqueeze(0) for k, v in enc.items()}
     for method in ("logit_normal", "uniform"):
         g = torch.Generator().manual_seed(0)
-        loss = fam.loss(comps, batch, None, SimpleNamespace(timestepSampling=method), g)
+        loss = fam.loss(comps, batch, None, SimpleNamespace(timestepSampling=method, sigmoidScale=1.0, timestepShift=None), g)
         assert torch.isfinite(loss) and loss > 0
 
 
@@ -279,7 +279,7 @@ def test_text_padding_is_trimmed_and_a_full_mask_dropped_with_the_same_loss(tiny
     embeds = torch.randn(2, 128, 32, generator=g)
     mask = torch.zeros(2, 128, dtype=torch.long)
     mask[0, :7], mask[1, :7] = 1, 1
-    spec = SimpleNamespace(timestepSampling="uniform")
+    spec = SimpleNamespace(timestepSampling="uniform", sigmoidScale=1.0, timestepShift=None)
     masks = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -449,7 +449,7 @@ def test_causal_positions_change_video_training_not_images_and_samples_follow(ti
     comps[True].trainable["transformer"].load_state_dict(comps[False].trainable["transformer"].state_dict())
     assert comps[True].info["causal"] and not comps[False].info["causal"]
     g = torch.Generator().manual_seed(0)
-    spec = SimpleNamespace(timestepSampling="uniform")
+    spec = SimpleNamespace(timestepSampling="uniform", sigmoidScale=1.0, timestepShift=None)
     for frames, same in ((3, False), (1, True)):
         batch = {"latents": torch.randn(1, 8, frames, 4, 4, generator=g), "prompt_embeds": torch.randn(1, 6, 32, generator=g),
                  "prompt_mask": torch.ones(1, 6, dtype=torch.long)}

@@ -116,6 +116,9 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
         if key not in model:  # what diffusion-pipe does without the key, where kubelora's default differs
             ctx.section = "model"
             ctx.note(key, note)
+    if ctx.training.get("timestepShift") and ctx.model.pop("fluxShift", None):
+        ctx.section = "model"
+        ctx.note("flux_shift", "ignored: shift is set too, and diffusion-pipe then shifts by the constant")
     full = "adapter" not in main  # diffusion-pipe's full fine-tune
     if full:
         ctx.adapter["type"] = "full"

@@ -178,6 +178,18 @@ def transformer_dtype(ctx: Ctx, key: str, value: Any) -> None:
         ctx.refuse(key, f"{value!r}: the base weights are kept in model.dtype; remove the key or set it to dtype")
 
 
-SIGMOID_SCALE = when(1.0, nothing, "scaled logit-normal timesteps are not supported; remove the key (scale 1)")
-SHIFT = refused("a constant timestep shift is not supported yet (flux: use flux_shift = true for the "
-                "resolution-dependent shift); remove the key")
+def SIGMOID_SCALE(ctx: Ctx, key: str, value: Any) -> None:
+    """training.sigmoidScale (1, diffusion-pipe's default, writes nothing)."""
+    if (v := positive(value)) != 1.0:
+        ctx.training["sigmoidScale"] = v
+
+
+def SHIFT(ctx: Ctx, key: str, value: Any) -> None:
+    """diffusion-pipe's constant shift (`if shift := model_config.get('shift')`: 0 shifts nothing)."""
+    v = number(value)
+    if v < 0:
+        raise BadValue("a number >= 0")
+    if v:
+        ctx.training["timestepShift"] = v
+    else:
+        ctx.note(key, "0: no shift, as in diffusion-pipe")

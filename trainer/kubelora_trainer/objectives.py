@@ -31,23 +31,37 @@ def quantile_timestep(quantile: float, num_train_timesteps: int) -> int:
 
 
 def sample_timesteps(n: int, method: str, generator: torch.Generator, device,
-                     quantile: float | None = None) -> torch.Tensor:
-    """t in (0, 1): logit-normal (sigmoid of a standard normal) or uniform. With quantile (the
-    held-out evaluation, evaluation.py): the distribution's inverse CDF at it for every sample,
-    drawing nothing from the generator (diffusion-pipe's timestep_quantile)."""
+                     quantile: float | None = None, sigmoid_scale: float = 1.0) -> torch.Tensor:
+    """t in (0, 1): logit-normal (sigmoid of sigmoid_scale x a standard normal) or uniform. With
+    quantile (the held-out evaluation, evaluation.py): the distribution's inverse CDF at it for
+    every sample, drawing nothing from the generator (diffusion-pipe's timestep_quantile)."""
     if quantile is not None:
         if method == "logit_normal":
-            return torch.sigmoid(normal_icdf(n, quantile, device))
+            return torch.sigmoid(sigmoid_scale * normal_icdf(n, quantile, device))
         if method == "uniform":
             return torch.full((n,), float(quantile), device=device)
         raise ValueError(f"unknown timestep sampling method {method!r}")
     if method == "logit_normal":
-        t = torch.sigmoid(torch.randn(n, generator=generator, device=generator.device))
+        t = torch.sigmoid(sigmoid_scale * torch.randn(n, generator=generator, device=generator.device))
     elif method == "uniform":
         t = torch.rand(n, generator=generator, device=generator.device)
     else:
         raise ValueError(f"unknown timestep sampling method {method!r}")
     return t.to(device)
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """A constant shift towards noise, shift t / (1 + (shift - 1) t) (diffusion-pipe's `shift`;
+    time_shift at mu = log(shift))."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def flow_timesteps(n: int, training_spec, generator: torch.Generator, device,
+                   quantile: float | None = None) -> torch.Tensor:
+    """A flow-matching family's t: training.timestepSampling scaled by training.sigmoidScale, then
+    shifted by training.timestepShift when set, in diffusion-pipe's order."""
+    t = sample_timesteps(n, training_spec.timestepSampling, generator, device, quantile, training_spec.sigmoidScale)
+    return shift_timesteps(t, training_spec.timestepShift) if training_spec.timestepShift else t
 
 
 def resolution_shift_mu(image_seq_len: int, base_len: int = 256, max_len: int = 4096,

@@ -406,6 +406,15 @@ class TrainingSpec(_Model):
         default="logit_normal", description="How flow-matching timesteps are drawn (flux, ltx-video, hunyuan-video; "
                                             "sdxl and cosmos draw their noise levels their own way and refuse "
                                             "another value).")
+    sigmoidScale: float = Field(
+        default=1.0, gt=0.0, le=100.0, description="With timestepSampling logit_normal: t = sigmoid(sigmoidScale x a "
+                                                   "standard normal draw); above 1 spreads t towards 0 and 1 "
+                                                   "(diffusion-pipe's sigmoid_scale).")
+    timestepShift: Optional[float] = Field(
+        default=None, gt=0.0, le=100.0,
+        description="Shift each sampled t towards noise by a constant: shift t / (1 + (shift - 1) t), the same at "
+                    "every resolution (diffusion-pipe's shift; flux, ltx-video, hunyuan-video). Flux: instead of "
+                    "model.fluxShift.")
     logEvery: int = Field(default=1, ge=1, description="Log progress every N steps.")
     gradientCheckpointing: Optional[bool] = Field(
         default=None,
@@ -814,11 +823,16 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
     if spec.model.bypassGuidanceEmbedding and spec.model.guidance is not None:
         return ("model.guidance: model.bypassGuidanceEmbedding leaves the guidance embedding out, so no guidance "
                 "is fed while training; remove one of them")
-    default_sampling = TrainingSpec.model_fields["timestepSampling"].default
-    if spec.training.timestepSampling != default_sampling and not RULES[spec.model.type].flow_matching:
-        return (f"training.timestepSampling: applies to the flow-matching families "
-                f"({', '.join(t for t, r in RULES.items() if r.flow_matching)}); model.type {spec.model.type} draws "
-                "its noise levels its own way: remove it")
+    for f in ("timestepSampling", "sigmoidScale", "timestepShift"):
+        if getattr(spec.training, f) != TrainingSpec.model_fields[f].default and not RULES[spec.model.type].flow_matching:
+            return (f"training.{f}: applies to the flow-matching families "
+                    f"({', '.join(t for t, r in RULES.items() if r.flow_matching)}); model.type {spec.model.type} "
+                    "draws its noise levels its own way: remove it")
+    if spec.training.sigmoidScale != 1.0 and spec.training.timestepSampling != "logit_normal":
+        return "training.sigmoidScale: scales the logit-normal draw; with timestepSampling uniform remove it"
+    if spec.training.timestepShift and spec.model.fluxShift:
+        return ("training.timestepShift: a constant shift, where model.fluxShift shifts by resolution; set one of "
+                "them (diffusion-pipe uses shift when both are set)")
     if spec.model.float8Compute is not None and spec.model.transformerDtype != "float8":
         return "model.float8Compute: applies only with model.transformerDtype: float8; set that too or remove it"
     if spec.training.memoryBudgetGiB is not None and (spec.training.gradientCheckpointing is not None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ...objectives import (flow_matching_pair, mask_weights, noise_for, resolution_shift_mu, sample_timesteps,
+from ...objectives import (flow_matching_pair, flow_timesteps, mask_weights, noise_for, resolution_shift_mu,
                            time_shift, weighted_mse)
 from ..base import Components, ModelError
 from . import formats as flux_lora
@@ -156,7 +156,7 @@ class Flux:
         x0 = batch["latents"].float()
         b, c, h, w = x0.shape
         noise = noise_for(x0, generator, noise)
-        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device, quantile)
+        t = flow_timesteps(b, training_spec, generator, x0.device, quantile)
         if model_spec.fluxShift:
             t = time_shift(resolution_shift_mu((h // 2) * (w // 2)), t)
         xt, target = flow_matching_pair(x0, noise, t)

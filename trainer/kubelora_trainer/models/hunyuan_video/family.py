@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from ...objectives import flow_matching_pair, mask_weights, noise_for, sample_timesteps, weighted_mse
+from ...objectives import flow_matching_pair, flow_timesteps, mask_weights, noise_for, weighted_mse
 from . import keys
 from .targets import DEFAULT_TARGETS
 from ..base import Components, ModelError, refuse_unknown_modules, trim_text_padding
@@ -378,7 +378,7 @@ class HunyuanVideo:
         x0 = batch["latents"].float()
         b = x0.shape[0]
         noise = noise_for(x0, generator, noise)
-        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device, quantile)
+        t = flow_timesteps(b, training_spec, generator, x0.device, quantile)
         xt, target = flow_matching_pair(x0, noise, t)
         dtype = batch["prompt_embeds"].dtype
         guidance = None

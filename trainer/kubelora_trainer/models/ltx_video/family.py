@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ...families import RULES
-from ...objectives import flow_matching_pair, mask_weights, noise_for, sample_timesteps, weighted_mse
+from ...objectives import flow_matching_pair, flow_timesteps, mask_weights, noise_for, weighted_mse
 from ..base import Components, ModelError, refuse_unknown_modules, trim_text_padding
 
 # Attention (self and cross) and MLP linears of every block; peft matches with re.fullmatch.
@@ -190,7 +190,7 @@ class LTXVideo:
         x0 = batch["latents"].float()
         b, _, f, h, w = x0.shape
         noise = noise_for(x0, generator, noise)
-        t = sample_timesteps(b, training_spec.timestepSampling, generator, x0.device, quantile)
+        t = flow_timesteps(b, training_spec, generator, x0.device, quantile)
         xt, target = flow_matching_pair(x0, noise, t)
         dtype = batch["prompt_embeds"].dtype
         p, pt = info["patch"], info["patch_t"]
