@@ -998,6 +998,15 @@ def test_eval_every_n_epochs_counts_diffusion_pipe_epochs_with_shuffled_captions
     assert manifest["spec"]["evaluation"]["everyEpochs"] == 2 and not any("everyEpochs" in n for n in notes)
 
 
+def test_eval_every_n_examples_divides_by_deepspeeds_micro_batch():
+    """diffusion-pipe: eval_every_n_examples // (micro_batch_size_per_gpu x accumulation x GPUs),
+    also for an image family that trains at image_micro_batch_size_per_gpu."""
+    main = {**copy.deepcopy(BASE_MAIN), "eval_datasets": ["e.toml"], "eval_every_n_examples": 100,
+            "micro_batch_size_per_gpu": 2, "image_micro_batch_size_per_gpu": 4}
+    manifest, _ = convert(main, copy.deepcopy(BASE_DATASET), eval_tomls=[("e.toml", {"directory": [{"path": "/h"}]})])
+    assert manifest["spec"]["training"]["microBatchSize"] == 4 and manifest["spec"]["evaluation"]["everySteps"] == 50
+
+
 def test_cli_reads_the_eval_dataset_tomls(tmp_path):
     from kubelora_trainer.import_config import load_eval_tomls
     (tmp_path / "eval.toml").write_text("[[directory]]\npath = '/data/held'\n")

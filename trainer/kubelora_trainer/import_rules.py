@@ -119,7 +119,9 @@ def evaluation(ctx: Ctx, eval_tomls: Optional[list[tuple[str, Optional[dict]]]],
     if not sources:
         return None
     ev: dict = {"sources": sources}
-    per_gpu = ctx.training.get("microBatchSize", 1) * ctx.training.get("gradientAccumulationSteps", 1)
+    # diffusion-pipe divides by DeepSpeed's micro batch, micro_batch_size_per_gpu (also for an image
+    # family trained at image_micro_batch_size_per_gpu)
+    per_gpu = x.get("micro_batch_size_per_gpu", 1) * ctx.training.get("gradientAccumulationSteps", 1)
     if "eval_every_n_steps" in x:
         ev["everySteps"] = x["eval_every_n_steps"]
     if "eval_every_n_examples" in x:
@@ -193,6 +195,10 @@ def video_clip_mode(ctx: Ctx, key: str, value: Any) -> None:
         ctx.note(key, "an image model: no clips to take")
         return
     ctx.dataset["videoClipMode"] = value
+    if value == "multiple_overlapping":
+        ctx.note(key, "diffusion-pipe's current code no longer implements it (its branch is commented out and the "
+                      "run stops with NotImplementedError); kubelora trains what that branch did: several clips spread "
+                      "evenly over each video, overlapping a little, none of it cut off")
 
 
 def uncond_fraction(ctx: Ctx, key: str, value: Any) -> None:
@@ -233,7 +239,9 @@ MAIN: dict[str, Handler] = {
     "warmup_steps": to("training", "warmupSteps", whole),
     "lr_scheduler": lr_scheduler,
     "force_constant_lr": force_constant_lr,
-    "pipeline_stages": noted("kubelora shards with FSDP2 over all GPUs instead of pipeline stages"),
+    "pipeline_stages": noted("kubelora shards with FSDP2 over all GPUs instead of pipeline stages, and every GPU "
+                             "is data parallel: the global batch is micro batch x accumulation x all GPUs (diffusion-"
+                             "pipe's: x GPUs / pipeline_stages), so the same GPU count trains larger batches"),
     "partition_method": noted("kubelora shards with FSDP2 over all GPUs instead of pipeline stages"),
     "partition_split": noted("kubelora shards with FSDP2 over all GPUs instead of pipeline stages"),
     "activation_checkpointing": activation_checkpointing,
