@@ -128,7 +128,7 @@ def evaluation(ctx: Ctx, eval_tomls: Optional[list[tuple[str, Optional[dict]]]],
         n = x["eval_every_n_examples"]
         ev["everySteps"] = max(1, n // per_gpu)
         ctx.note("eval_every_n_examples", f"{n} examples: evaluation.everySteps {ev['everySteps']} (= {n} // "
-                                          f"{per_gpu}, the samples one GPU trains per step; with several GPUs "
+                                          f"{per_gpu}, micro_batch_size_per_gpu x accumulation; with several GPUs "
                                           "divide it by their number, as diffusion-pipe divides by the global batch)")
     if "eval_every_n_epochs" in x:
         n, variants = x["eval_every_n_epochs"], caption_variants(ctx.dataset)
