@@ -310,13 +310,11 @@ def test_sdxl_learning_rates():
     spec = convert(main, BASE_DATASET)[0]["spec"]
     # diffusion-pipe forces zero-terminal SNR whenever v_pred is set
     assert spec["model"]["vPred"] is True and spec["model"]["zeroTerminalSnr"] is True
-    # v_pred = false: epsilon on the checkpoint's schedule, whatever the checkpoint's own marks say
-    off, notes = convert({**main, "model": {**main["model"], "v_pred": False}}, BASE_DATASET)
-    assert (off["spec"]["model"]["vPred"], off["spec"]["model"]["zeroTerminalSnr"]) == (False, False)
-    assert not any("v_pred: unset" in n for n in notes)
-    unset, notes = convert({**main, "model": {k: v for k, v in main["model"].items() if k != "v_pred"}}, BASE_DATASET)
-    assert "vPred" not in unset["spec"]["model"]
-    assert any(n.startswith("[model] v_pred: unset: diffusion-pipe trains epsilon") for n in notes), notes
+    # false or unset: diffusion-pipe trains epsilon; kubelora reads the checkpoint, and says so
+    for model in ({**main["model"], "v_pred": False}, {k: v for k, v in main["model"].items() if k != "v_pred"}):
+        off, notes = convert({**main, "model": model}, BASE_DATASET)
+        assert "vPred" not in off["spec"]["model"] and "zeroTerminalSnr" not in off["spec"]["model"]
+        assert any(n.startswith("[model] v_pred: ") and "diffusion-pipe then trains epsilon" in n for n in notes), notes
     t = spec["training"]
     assert (t["learningRate"], t["textEncoderLearningRate"]) == (4e-5, 2e-5)
     main["model"]["text_encoder_2_lr"] = 1e-5

@@ -129,10 +129,10 @@ class ModelSpec(_Model):
                                   "false: at 8f (0.9.0, 0.9.1; diffusers' LTXPipeline). Unset: from the checkpoint, "
                                   "true when its VAE is the 0.9.5+ one (LTXVideo095DownBlock3D, how diffusers tells the "
                                   "versions apart). Images (one frame) are unaffected.")
-    vPred: Optional[bool] = Field(
-        default=None, description="SDXL: true trains as v-prediction, false as epsilon prediction. Unset: what the "
-                                  "checkpoint says (its v_pred key, or the diffusers scheduler's prediction_type "
-                                  "v_prediction), else epsilon; the log names the objective used and where it came from.")
+    vPred: bool = Field(default=False, description="SDXL: true trains as v-prediction. False (the default): what the "
+                                                   "checkpoint says (its v_pred key, or the diffusers scheduler's "
+                                                   "prediction_type v_prediction), else epsilon; the log names the "
+                                                   "objective used.")
     zeroTerminalSnr: Optional[bool] = Field(
         default=None, description="SDXL: rescale the noise schedule to zero terminal SNR (as NoobAI v-pred and other "
                                   "v-prediction fine-tunes were trained). Default: what the checkpoint says (its "

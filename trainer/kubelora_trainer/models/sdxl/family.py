@@ -266,9 +266,7 @@ def sampling_scheduler(scheduler, v_pred: bool, ztsnr: bool):
 def objective(model_spec, sched_cfg, file_marks: dict) -> tuple[bool, bool]:
     """(v-prediction, zero terminal SNR): the spec where it says, else what the checkpoint says
     (single-file v_pred/ztsnr keys, or the diffusers scheduler config)."""
-    v_pred = model_spec.vPred
-    if v_pred is None:
-        v_pred = bool(file_marks.get("v_pred") or sched_cfg.get("prediction_type") == "v_prediction")
+    v_pred = bool(model_spec.vPred or file_marks.get("v_pred") or sched_cfg.get("prediction_type") == "v_prediction")
     ztsnr = model_spec.zeroTerminalSnr
     if ztsnr is None:
         ztsnr = bool(file_marks.get("ztsnr") or sched_cfg.get("rescale_betas_zero_snr"))
@@ -298,8 +296,7 @@ class SDXL:
         v_pred, ztsnr = objective(model_spec, sched_cfg, marks)
         print(f"[model] sdxl: {'v-prediction' if v_pred else 'epsilon prediction'}"
               f"{', zero terminal SNR' if ztsnr else ''}"
-              f"{' (model.vPred)' if model_spec.vPred is not None else ' (from the checkpoint)' if v_pred else ''}",
-              flush=True)
+              f"{'' if model_spec.vPred or not v_pred else ' (from the checkpoint)'}", flush=True)
         if ztsnr and not v_pred:
             print("[model] warning: model.zeroTerminalSnr with epsilon prediction: at the last timestep the input is "
                   "pure noise and the target equals it; zero terminal SNR is meant for v-prediction (model.vPred)",

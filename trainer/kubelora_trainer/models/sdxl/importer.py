@@ -4,17 +4,21 @@ from typing import Any
 from ...import_handlers import Ctx, Handler, flag, kept, number, path, refused, to
 
 
+EPSILON_NOTE = ("diffusion-pipe then trains epsilon prediction on the checkpoint's schedule; kubelora takes the "
+                "objective from the checkpoint (its v_pred/ztsnr keys, or the diffusers scheduler's config), the same "
+                "for an epsilon checkpoint (the run's log names the objective used)")
+
+
 def v_pred(ctx: Ctx, key: str, value: Any) -> None:
-    # diffusion-pipe trains v-prediction on the zero-terminal-SNR schedule when v_pred is set, else
-    # epsilon on the checkpoint's schedule: both written, so a checkpoint's own marks do not change it
-    ctx.model["vPred"] = ctx.model["zeroTerminalSnr"] = flag(value)
+    if not flag(value):
+        ctx.note(key, "false: " + EPSILON_NOTE)
+        return
+    ctx.model["vPred"] = True
+    ctx.model["zeroTerminalSnr"] = True  # diffusion-pipe rescales the schedule to zero terminal SNR with v_pred
 
 
 # keys whose absence means something in diffusion-pipe that kubelora's default does not
-ABSENT_NOTES = {"v_pred": "unset: diffusion-pipe trains epsilon prediction on the checkpoint's schedule; kubelora takes "
-                          "the objective from the checkpoint (its v_pred/ztsnr keys, or the diffusers scheduler's "
-                          "config), which is the same for an epsilon checkpoint: set model.vPred: false to train "
-                          "epsilon whatever the checkpoint says"}
+ABSENT_NOTES = {"v_pred": "unset: " + EPSILON_NOTE}
 
 MODEL_KEYS: dict[str, Handler] = {
     "checkpoint_path": path("checkpointPath"),
