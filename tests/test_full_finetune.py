@@ -97,23 +97,3 @@ def test_only_recognised_bad_input_fails_a_job_for_good():
     assert exits.code_of(transient) == exits.FAILED
     assert exits.code_of(RuntimeError("CUDA out of memory while sampling")) == exits.FAILED  # retried
 
-
-
-def test_full_fine_tune_leaves_biases_and_norms_without_weight_decay():
-    """diffusion-pipe's optimizer groups: parameters with one dimension get weight_decay 0."""
-    import torch
-    from kubelora_trainer.adapters import param_groups
-    from kubelora_trainer.train import optimizer
-    from types import SimpleNamespace
-    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    groups = param_groups("transformer", list(net.parameters()), 1e-2)
-    assert [(g["name"], len(g["params"]), g.get("weight_decay")) for g in groups] == [
-        ("transformer", 1, None), ("transformer (no weight decay)", 3, 0.0)]
-    before = [p.detach().clone() for p in net.parameters()]
-    opt = optimizer(groups, SimpleNamespace(learningRate=1e-2, betas=(0.9, 0.999), epsilon=1e-8, weightDecay=0.5))
-    for p in net.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()  # zero gradients: only weight decay moves a parameter
-    moved = [not torch.equal(a, b) for a, b in zip(before, net.parameters())]
-    assert moved == [True, False, False, False]  # the Linear's weight; not its bias, nor the norm's
-    assert param_groups("lora", [torch.nn.Parameter(torch.ones(2, 3))], 1e-4)[0]["name"] == "lora"

@@ -237,7 +237,9 @@ def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEn
             recompute=lay.recompute.get(name, set()), compile_blocks=compile_blocks, offload=t.cpuOffload,
             device_type=env.device.type)
         module.train()
-        out.groups += param_groups(name, [p for p in module.parameters() if p.requires_grad], learning_rate(name, t))
+        params = [p for p in module.parameters() if p.requires_grad]
+        if params:
+            out.groups.append({"params": params, "lr": learning_rate(name, t), "name": name})
     out.sync = dist.GradSync(lay.sharding, list(comps.trainable.values()), out.params)
     narrow = lora.narrowest(comps.trainable.values())
     if narrow and spec.adapter.rank > narrow[1] and env.is_main:
@@ -248,14 +250,6 @@ def parallelize(out: Adapters, comps: Components, family, spec, env: dist.DistEn
     # memory probe's forward drew from the same generator)
     torch.manual_seed(lora.rank_seed(spec.training.seed, env.rank))
     return out
-
-
-def param_groups(name: str, params: list, lr: float) -> list[dict]:
-    """One component's optimizer groups: biases, norm weights and other 1-D parameters without
-    weight decay, as diffusion-pipe groups them (a LoRA has none: its matrices are 2-D)."""
-    decayed, flat = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
-    return ([{"params": decayed, "lr": lr, "name": name}] * bool(decayed)
-            + [{"params": flat, "lr": lr, "name": f"{name} (no weight decay)", "weight_decay": 0.0}] * bool(flat))
 
 
 def train_all(module) -> int:

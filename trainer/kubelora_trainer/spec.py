@@ -394,8 +394,7 @@ class TrainingSpec(_Model):
                                       "just after the last step (as diffusers' schedules do).")
     warmupSteps: int = Field(default=0, ge=0, description="Linear warmup to learningRate over this many steps "
                                                           "(step k of N runs at k/N of it).")
-    weightDecay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay (a full fine-tune's 1-D parameters, biases and norms, get none, as in "
-                                         "diffusion-pipe).")
+    weightDecay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
     betas: list[float] = Field(default=[0.9, 0.99], min_length=2, max_length=2, description="AdamW betas.")
     epsilon: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
     maxGradNorm: Optional[float] = Field(default=1.0, gt=0, description="Clip the gradient norm to this; null disables clipping.")
