@@ -479,6 +479,10 @@ def test_shift_and_sigmoid_scale_train_as_in_diffusion_pipe():
     manifest["spec"]["model"]["fluxShift"] = True
     with pytest.raises(SpecError, match="training.timestepShift: a constant shift, where model.fluxShift"):
         parse_spec(manifest)
+    main["model"]["timestep_sample_method"] = "uniform"  # diffusion-pipe ignores sigmoid_scale then
+    manifest, notes = convert(main, ds)
+    assert "sigmoidScale" not in manifest["spec"]["training"]
+    assert any(n.startswith("[model] sigmoid_scale: ignored") for n in notes), notes
 
 
 def test_errors_name_file_line_and_key():

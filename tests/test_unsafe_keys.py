@@ -94,7 +94,7 @@ def test_a_dataset_skips_and_counts_unsafe_keys_at_stage_in(s3, tmp_path, monkey
     spec = LoRATrainingJobSpec.model_validate({"model": {"type": "flux", "diffusersPath": str(tmp_path / "model")},
                                                "dataset": {"uri": "s3://unsafe-data/d"},
                                                "output": {"uri": str(tmp_path / "out")}})
-    paths, unsafe = train.stage_in(spec, dist.DistEnv(0, 1, 0, torch.device("cpu")), S3Settings())
+    paths, unsafe, below = train.stage_in(spec, dist.DistEnv(0, 1, 0, torch.device("cpu")), S3Settings())
     assert sorted(unsafe["dataset.0"]) == sorted([f"s3://unsafe-data/{escaping}", f"s3://unsafe-data/d/{INDEX_NAME}"])
     assert _files(Path(paths["dataset.0"])) == {"a.png", "a.txt", INDEX_NAME}
     assert not list(tmp_path.parent.rglob("escaped.txt"))
@@ -103,6 +103,22 @@ def test_a_dataset_skips_and_counts_unsafe_keys_at_stage_in(s3, tmp_path, monkey
     report = train.scan_sources(spec, paths, unsafe)
     assert report.by_reason() == {"unsafeKey": 2} and report.summary()["unreadable"] == 2
     assert {s.uri for s in report.skipped} == set(unsafe["dataset.0"])
+
+
+def test_a_dataset_read_without_subfolders_does_not_fetch_them_and_counts_their_media(s3, tmp_path):
+    """dataset.recursive false (diffusion-pipe's and kohya's reading of a folder): stage-in fetches
+    the folder's own objects only; the media below it are counted as a local source's are."""
+    s3.create_bucket(Bucket="shallow-data")
+    for key in ("d/a.png", "d/a.txt", "d/raw/b.png", "d/raw/b.txt", "d/raw/deep/c.jpg", "d/raw/notes.psd"):
+        s3.put_object(Bucket="shallow-data", Key=key, Body=b"x")
+    (tmp_path / "model").mkdir()
+    spec = LoRATrainingJobSpec.model_validate({"model": {"type": "flux", "diffusersPath": str(tmp_path / "model")},
+                                               "dataset": {"uri": "s3://shallow-data/d", "recursive": False},
+                                               "output": {"uri": str(tmp_path / "out")}})
+    paths, unsafe, below = train.stage_in(spec, dist.DistEnv(0, 1, 0, torch.device("cpu")), S3Settings())
+    assert _files(Path(paths["dataset.0"])) - {INDEX_NAME} == {"a.png", "a.txt"} and below == {"dataset.0": 2}
+    report = train.scan_sources(spec, paths, unsafe, below)
+    assert report.in_subfolders == 2 and report.summary()["inSubfolders"] == 2
 
 
 def test_a_checkpoint_with_an_unsafe_key_fails_the_run(s3, tmp_path):

@@ -32,6 +32,7 @@ operator acts at once and nothing keeps a second one from acting too.
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import sys
 
@@ -82,39 +83,64 @@ def _elector(lease: str, identity: str):
 async def run(args, registry, elector) -> int:
     import kopf
     from . import leader, metrics
+    # SIGTERM/SIGINT from the start: the process is PID 1 in its container, where a signal without a
+    # handler is dropped, and kopf installs its own only once it runs. Set before kopf starts, the
+    # flag stops it at once; afterwards kopf's handlers take the signals and stop it gracefully.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     if elector is not None:
         metrics.leading(False)
         standby = await leader.standby_health(args.liveness)
         try:
-            await elector.acquire()
+            acquiring = asyncio.ensure_future(elector.acquire())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not acquiring.done():  # stopped while standing by: nothing held, nothing to release
+                acquiring.cancel()
+                await elector.settle()
+                await _release(elector)  # in case the attempt under way took it
+                return 0
+            stopping.cancel()
         finally:
             if standby is not None:
                 await standby.cleanup()  # kopf's liveness endpoint takes the port over
         leader.current = elector
-        metrics.leading(True)
+    metrics.leading(True)
     operator = asyncio.create_task(kopf.operator(
         registry=registry, namespaces=args.namespace or (), clusterwide=not args.namespace,
-        liveness_endpoint=args.liveness or None, standalone=True))
+        liveness_endpoint=args.liveness or None, standalone=True, stop_flag=stop))
     if elector is None:
-        metrics.leading(True)
         await operator
         return 0
     keeper = asyncio.create_task(elector.keep())
-    await asyncio.wait({operator, keeper}, return_when=asyncio.FIRST_COMPLETED)
-    if keeper.done():
-        # exit now, from wherever kopf is: nothing more may be written (the fence refuses the
-        # operator's own writes meanwhile); the Deployment restarts this pod as a candidate
-        print(f"error: {elector}: lost leadership ({keeper.result()}); stopping so that only one "
-              f"operator acts", file=sys.stderr, flush=True)
-        os._exit(1)
-    keeper.cancel()
-    operator.result()  # kopf's own failure, if any, is raised here
     try:
-        await asyncio.wait_for(asyncio.to_thread(elector.release), elector.timing.retry * 2)
-        print(f"{elector}: released", flush=True)
-    except Exception as e:  # the next candidate then waits out the lease duration
-        print(f"warning: {elector}: could not release it ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        await asyncio.wait({operator, keeper}, return_when=asyncio.FIRST_COMPLETED)
+        if keeper.done():
+            # exit now, from wherever kopf is: nothing more may be written (the fence refuses the
+            # operator's own writes meanwhile); the Deployment restarts this pod as a candidate
+            print(f"error: {elector}: lost leadership ({keeper.result()}); stopping so that only one "
+                  f"operator acts", file=sys.stderr, flush=True)
+            os._exit(1)
+        operator.result()  # kopf's own failure, if any, is raised here (after the release below)
+    finally:
+        keeper.cancel()
+        metrics.leading(False)
+        await _release(elector)
     return 0
+
+
+async def _release(elector) -> None:
+    """Close the fence (a handler thread kopf left running writes nothing more), let a renewal
+    under way finish, then give the Lease up so the next candidate takes it at once."""
+    elector.stop_leading()
+    await elector.settle()
+    try:
+        if await asyncio.wait_for(asyncio.to_thread(elector.release), elector.timing.retry * 2):
+            print(f"{elector}: released", flush=True)
+    except Exception as e:  # noqa: BLE001 - the next candidate then waits out the lease duration
+        print(f"warning: {elector}: could not release it ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ class Timing:
         if not self.renew_deadline < self.lease:
             out.append(f"the renew deadline ({self.renew_deadline:g} s) must be below the lease duration "
                        f"({self.lease:g} s): the leader must stop before a candidate may take over")
+        elif self.lease - self.renew_deadline < 2 * self.retry:
+            out.append(f"the lease duration ({self.lease:g} s) must exceed the renew deadline "
+                       f"({self.renew_deadline:g} s) by at least two retry periods ({2 * self.retry:g} s): the margin "
+                       "covers a slow read of the lease")
         if self.lease < 1 or self.lease != int(self.lease):
             out.append(f"the lease duration ({self.lease:g} s) must be a whole number of seconds, at least 1")
         return out
@@ -136,6 +140,7 @@ class Elector:
         self._client = client
         self.renewed: Optional[float] = None   # monotonic time of the last successful take or renewal
         self._seen: Optional[Seen] = None
+        self._pending: Optional[asyncio.Future] = None  # the attempt under way in its thread
 
     def __str__(self) -> str:
         return f"Lease {self.namespace}/{self.name}"
@@ -167,31 +172,36 @@ class Elector:
         else:
             api.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=self.timing.retry * 2)
 
-    def try_take(self) -> tuple[bool, str]:
-        """One attempt to take or renew: (holding it now, the holder seen)."""
+    def try_take(self) -> tuple[Optional[bool], str]:
+        """One attempt to take or renew: (True, me) when held now; (False, holder) when another
+        holds it; (None, holder) when the write met another's (409: read again next time)."""
         from kubernetes.client.exceptions import ApiException
         started = time.monotonic()
         lease = self._read()
-        self._seen = observe(self._seen, lease, started)
-        if not may_take(lease, self.identity, self._seen, started, self.timing):
+        seen_at = time.monotonic()  # the record was written no later than this (client-go: after the Get)
+        self._seen = observe(self._seen, lease, seen_at)
+        if not may_take(lease, self.identity, self._seen, seen_at, self.timing):
             return False, holder(lease)
         body = claimed(lease, self.identity, self.namespace, self.name, self.timing,
                        datetime.datetime.now(datetime.timezone.utc))
         try:
             self._write(lease, body)
         except ApiException as e:
-            if e.status in (409, 422) or (e.status == 404 and lease is not None):
-                return False, holder(lease)  # another candidate wrote first: read again next time
+            if e.status == 409 or (e.status == 404 and lease is not None):
+                return None, holder(lease)
             raise
         self.renewed = started  # the lease runs from before the read, never from after the write
         return True, self.identity
 
-    def release(self) -> None:
+    def release(self) -> bool:
+        """Give the lease up when this candidate holds it; returns whether it did."""
         lease = self._read()
-        if lease is not None and holder(lease) == self.identity:
-            self._api().replace_namespaced_lease(self.name, self.namespace,
-                                                 released(lease, datetime.datetime.now(datetime.timezone.utc)),
-                                                 _request_timeout=self.timing.retry * 2)
+        if lease is None or holder(lease) != self.identity:
+            return False
+        self._api().replace_namespaced_lease(self.name, self.namespace,
+                                             released(lease, datetime.datetime.now(datetime.timezone.utc)),
+                                             _request_timeout=self.timing.retry * 2)
+        return True
 
     # -- loops -------------------------------------------------------------------------------
 
@@ -199,12 +209,27 @@ class Elector:
         now = time.monotonic() if now is None else now
         return self.renewed is not None and now - self.renewed < self.timing.renew_deadline
 
+    async def _attempt(self, timeout: float) -> tuple[Optional[bool], str]:
+        """try_take in a thread, never two at once: an attempt that outlives `timeout` is awaited
+        by the next call instead of racing a new one (whose write it could make a 409)."""
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.ensure_future(asyncio.to_thread(self.try_take))
+        return await asyncio.wait_for(asyncio.shield(self._pending), timeout)
+
+    async def settle(self) -> None:
+        """Wait for an attempt still under way (before a release: it could take the lease back)."""
+        if self._pending is not None and not self._pending.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._pending), self.timing.retry * 4)
+            except Exception:  # noqa: BLE001 - its outcome no longer matters
+                pass
+
     async def acquire(self) -> None:
         """Wait until this candidate holds the lease."""
         last_holder = None
         while True:
             try:
-                taken, who = await asyncio.wait_for(asyncio.to_thread(self.try_take), self.timing.retry * 3)
+                taken, who = await self._attempt(self.timing.retry * 2)
             except Exception as e:  # the API server unreachable, RBAC: say so, try again
                 log.warning("%s: cannot read or take it (%s); trying again", self, _reason(e))
                 taken, who = False, last_holder
@@ -217,18 +242,24 @@ class Elector:
             await asyncio.sleep(self.timing.retry)
 
     async def keep(self) -> str:
-        """Renew until a renewal is refused (another holds it) or none succeeded for the renew
-        deadline; returns why."""
+        """Renew until another candidate is seen holding the lease, or no renewal has succeeded
+        for the renew deadline (a failed or conflicting renewal is retried until then); returns why."""
         while True:
             await asyncio.sleep(self.timing.retry)
             try:
-                held, who = await asyncio.wait_for(asyncio.to_thread(self.try_take), self.timing.retry * 2)
-                if not held:
+                held, who = await self._attempt(self.timing.retry)
+                if held is False:
                     return f"the lease is held by {who}"
-            except Exception as e:
+                if held is None:
+                    log.warning("%s: renewal met another write; trying again", self)
+            except Exception as e:  # noqa: BLE001 - a slow or failing API server: retried until the deadline
                 log.warning("%s: renewal failed (%s)", self, _reason(e))
             if not self.leading():
                 return f"no renewal succeeded for {self.timing.renew_deadline:g} s"
+
+    def stop_leading(self) -> None:
+        """Close the fence: nothing more is written (before a release)."""
+        self.renewed = None
 
 
 def _reason(e: BaseException) -> str:

@@ -119,6 +119,10 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
     if ctx.training.get("timestepShift") and ctx.model.pop("fluxShift", None):
         ctx.section = "model"
         ctx.note("flux_shift", "ignored: shift is set too, and diffusion-pipe then shifts by the constant")
+    if ctx.training.get("timestepSampling") == "uniform" and ctx.training.pop("sigmoidScale", None):
+        ctx.section = "model"
+        ctx.note("sigmoid_scale", "ignored: it scales the logit-normal draw, and timestep_sample_method is uniform "
+                                  "(diffusion-pipe ignores it too)")
     full = "adapter" not in main  # diffusion-pipe's full fine-tune
     if full:
         ctx.adapter["type"] = "full"

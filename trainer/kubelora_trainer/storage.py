@@ -497,13 +497,16 @@ def _local_full(exc: BaseException, loc: Location, target: Path) -> Optional[Sto
 
 
 def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), client=None,
-             log: Callable[[str], None] = print, unsafe: Optional[list[str]] = None) -> Path:
+             log: Callable[[str], None] = print, unsafe: Optional[list[str]] = None,
+             below: Optional[list[str]] = None) -> Path:
     """Fetch an object or a whole prefix into dest (a folder). Returns the local path of the
     object (dest/<name>) or of the folder (dest). Complete files (size + ETag) are not fetched
     again; a local URI is returned as it is. Nothing is written outside dest: a key that cannot be
     a file under it (unsafe_name: '..', a doubled '/', the index's name) raises StorageError
     naming the key (bad input), or, given a list for unsafe (a dataset: a bad file is skipped), is
-    not fetched and its key appended there."""
+    not fetched and its key appended there. Given a list for below (a dataset read without its
+    subfolders), the objects in subfolders of the prefix are not fetched and their relative names
+    are appended there."""
     loc = parse_uri(uri)
     if not loc.is_s3:
         p = Path(loc.key)
@@ -523,6 +526,9 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
         else:
             unsafe.append(obj["Key"])
     objs = kept
+    if below is not None:
+        below += [o["rel"] for o in objs if "/" in o["rel"]]
+        objs = [o for o in objs if "/" not in o["rel"]]
     index = _load_index(dest)
     todo = []
     for obj in objs:

@@ -26,7 +26,7 @@ from . import attention, cache_phase, cache_remote, evaluation, lora_init, throu
 from . import buckets as bk
 from .sample_plan import due as sample_due
 from .captions import options_of, recursive_of
-from .data import DatasetError, ScanReport, scan
+from .data import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, DatasetError, ScanReport, scan
 from .disk import cache_root
 from .dataset_phase import largest_batch, probe_items, source_repeats, source_specs
 from .families import all_source_specs, eval_source_specs
@@ -94,10 +94,11 @@ def unsafe_warning(field: str, uris: list[str]) -> str:
 
 
 def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3Settings,
-             resume: bool = False) -> tuple[dict[str, str], dict[str, list[str]]]:
+             resume: bool = False) -> tuple[dict[str, str], dict[str, list[str]], dict[str, int]]:
     """Node-local rank 0 downloads model parts and the dataset; the other ranks wait and read
     the resolved paths it wrote. Returns ({stage key: local path}, {stage key: URIs of the data
-    objects skipped as unsafeKey}). A failure names the spec field whose URI failed
+    objects skipped as unsafeKey}, {stage key: media files in subfolders of a source read without
+    them (dataset.recursive false), not fetched}). A failure names the spec field whose URI failed
     ("model.diffusersPath: reading ..."); a model object whose key cannot be a file under its
     folder is such a failure, a data object's is skipped and counted (scan_sources)."""
     uris = stage_uris(spec, resume)
@@ -106,7 +107,10 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
     if env.local_rank == 0:
         try:
             client = storage.make_client(settings) if any(u.startswith("s3://") for u in uris.values()) else None
-            paths, unsafe, field = {}, {}, None
+            paths, unsafe, below, field = {}, {}, {}, None
+            shallow = {source_key(spec, i) for i, src in enumerate(all_source_specs(spec))
+                       if not recursive_of(spec.dataset, src)}
+            exts = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if RULES[spec.model.type].video else ())
             for key, uri in uris.items():
                 field = spec_field(spec, key)
                 loc = storage.parse_uri(uri)
@@ -114,13 +118,17 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
                 if loc.is_s3 and (key in SINGLE_FILE_FIELDS or key == lora_init.FIELD and uri.endswith(".safetensors")):
                     dest = dest.parent
                 skipped = [] if key.startswith(("dataset.", "evaluation.")) else None
-                paths[key] = str(storage.download(uri, dest, settings, client=client, log=print, unsafe=skipped))
+                deeper = [] if key in shallow and loc.is_s3 else None
+                paths[key] = str(storage.download(uri, dest, settings, client=client, log=print, unsafe=skipped,
+                                                  below=deeper))
+                if deeper:  # counted by the scan as the subfolders of a local source are
+                    below[key] = sum(1 for rel in deeper if Path(rel).suffix.lower() in exts)
                 if skipped:
                     unsafe[key] = [f"s3://{loc.bucket}/{k}" for k in skipped]
                     print(unsafe_warning(field, unsafe[key]), flush=True)
             field = None
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"paths": paths, "unsafe": unsafe}))
+            marker.write_text(json.dumps({"paths": paths, "unsafe": unsafe, "below": below}))
         except storage.StorageError as e:
             # transient or bad input, as storage classified it (a full disk: disk.NoRoom, kept as one)
             err = type(e)(f"{field}: {e}", transient=e.transient) if field else e
@@ -128,7 +136,7 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
             err = disk.no_room(e, "stage-in") or RunError(f"{field}: {e}" if field else str(e))
     dist.fail_together(err, "stage-in")
     staged = json.loads(marker.read_text())
-    return staged["paths"], staged["unsafe"]
+    return staged["paths"], staged["unsafe"], staged["below"]
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -573,14 +581,14 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     # ---- stage-in
     log(env, "[phase] stage-in")
     m.phase("StagingIn")
-    paths, unsafe = stage_in(spec, env, settings, resume=plan == "resume")
+    paths, unsafe, below = stage_in(spec, env, settings, resume=plan == "resume")
     # adapter.initFrom read now, a bad file named before the dataset is cached (a resume takes the checkpoint's)
     init = None
     if spec.adapter.initFrom and plan != "resume":
         init = dist.agree(lora_init.read, Path(paths[lora_init.FIELD]), spec.model.type)
 
     # ---- dataset (checked before any model is loaded), then the cache and the model
-    report = scan_sources(spec, paths, unsafe)
+    report = scan_sources(spec, paths, unsafe, below)
     layout = cache_phase.Layout(report, *probe_items(report, env, spec, remote)).make(spec, env, m)
     ready = cache_phase.prepare(spec, family, paths, layout, remote, env, m)
     decided = getattr(family, "resolved", lambda comps: {})(ready.comps)  # model settings the model decided
@@ -737,11 +745,13 @@ def check_cache_uri(spec, settings, env: dist.DistEnv) -> Optional[cache_remote.
     return remote
 
 
-def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] = None) -> ScanReport:
+def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] = None,
+                 below: Optional[dict] = None) -> ScanReport:
     """Every dataset source's staged folder scanned into one report (items, captions, skips), then
     evaluation.sources' (source index len(dataset sources) + j): each evaluation item with its first
     caption alone, unshuffled and never dropped. unsafe (stage_in's): the objects of a source that
-    stage-in left out, skipped as unsafeKey."""
+    stage-in left out, skipped as unsafeKey; below (stage_in's): media it did not fetch from the
+    subfolders of a source read without them, counted as the scan counts a local source's."""
     r = RULES[spec.model.type]
     report = ScanReport()
     n_train = len(source_specs(spec))
@@ -760,6 +770,7 @@ def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] 
         # named it, and the masked/unmasked counts show it)
         for uri in (unsafe or {}).get(key, []):
             part.skip(uri, "unsafeKey")
+        part.in_subfolders += (below or {}).get(key, 0)
         if i >= n_train:   # the items join the others (probed, bucketed, cached alike), the counts stay apart
             report.items += [dataclasses.replace(it, captions=(it.caption,)) for it in part.items]
             part.items = []
