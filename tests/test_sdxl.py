@@ -457,6 +457,22 @@ def test_sgm_names_round_trip_and_known_kohya_keys():
         "text_encoder_2", "text_model.encoder.layers.31.self_attn.out_proj")
 
 
+def test_diffusion_pipes_kohya_files_with_diffusers_names_are_read():
+    """diffusion-pipe saves SDXL LoRAs with diffusers' convert_state_dict_to_kohya: Kohya spelling of
+    diffusers' module names (lora_unet_down_blocks_1_...), which ComfyUI and A1111 read too.
+    Every module of the tiny UNet and both text encoders comes back under its own name."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    unet, te, te2 = _meta_components(CONFIGS / "sdxl-tiny")
+    linears = {c: [n for n, m in mod.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+               for c, mod in (("unet", unet), ("text_encoder", te), ("text_encoder_2", te2))}
+    assert any(".time_emb_proj" in n for n in linears["unet"]) and any("conv_shortcut" in n for n in linears["unet"])
+    # diffusion-pipe's PEFT state dict: each component's parameters under its name (unet., text_encoder., ...)
+    peft = {f"{c}.{m}.lora_{ab}.weight": torch.ones(2, 2) for c, mods in linears.items() for m in mods for ab in "AB"}
+    back, _ = FAMILY.parse(convert_state_dict_to_kohya(peft), "kohya")
+    for c in linears:  # under the live modules' names
+        assert sorted(back[c]) == sorted(linears[c]), c
+
+
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_parse_inverts_export(fmt):
     unet, te, te2 = _meta_components(CONFIGS / "sdxl-tiny")

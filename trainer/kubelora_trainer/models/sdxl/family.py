@@ -442,7 +442,10 @@ class SDXL:
         return out
 
     def export_gaps(self, lora, fmt):
-        return []
+        if fmt != "diffusers" or not any(".to_" in m for m in lora.get("unet", {})):
+            return []
+        return ["ComfyUI does not map this file's UNet attention layers (to_q, to_k, to_v, to_out under diffusers' "
+                "names), so it would apply only part of it: load the kohya file in ComfyUI"]
 
     def parse(self, tensors, fmt):
         if fmt == "kohya":

@@ -98,7 +98,13 @@ KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder
 _COMPOUNDS = ("input_blocks", "output_blocks", "middle_block", "transformer_blocks", "to_q", "to_k", "to_v",
               "to_out", "proj_in", "proj_out", "in_layers", "out_layers", "emb_layers", "skip_connection",
               "time_embed", "label_emb", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
-              "final_layer_norm", "layer_norm1", "layer_norm2", "text_projection")
+              "final_layer_norm", "layer_norm1", "layer_norm2", "text_projection",
+              # diffusers' UNet names, which diffusion-pipe's SDXL files carry in Kohya spelling
+              # (diffusers' convert_state_dict_to_kohya: lora_unet_down_blocks_1_attentions_0_...)
+              "down_blocks", "up_blocks", "mid_block", "time_emb_proj", "conv_shortcut", "time_embedding",
+              "add_embedding", "linear_1", "linear_2", "conv_in", "conv_out", "conv_norm_out")
+_DIFFUSERS_UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "time_embedding.", "add_embedding.", "conv_in",
+                         "conv_out", "conv_norm_out")
 
 
 def te_canonical(name: str) -> str:
@@ -120,5 +126,9 @@ def from_kohya_name(key: str) -> tuple[str, str]:
             path = key[len(prefix):].replace("_", ".")
             for c in _COMPOUNDS:
                 path = path.replace(c.replace("_", "."), c)
-            return component, (diffusers_unet_name(path) if component == "unet" else path)
+            if component != "unet":  # a file written from flattened CLIP modules lacks text_model.
+                return component, te_canonical(path)
+            if path.startswith(_DIFFUSERS_UNET_ROOTS):
+                return component, path  # already diffusers' names
+            return component, diffusers_unet_name(path)
     raise KeyError(f"{key!r} is not a Kohya SDXL LoRA key (lora_unet_, lora_te1_ or lora_te2_)")
