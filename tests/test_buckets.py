@@ -209,6 +209,11 @@ BASE = {"model": {"type": "flux", "diffusersPath": "s3://bkt/flux"}, "output": {
     ({"uri": "s3://bkt/a", "resolution": 256, "resolutions": [512]}, "set one"),
     ({"uri": "s3://bkt/a", "enableArBucket": True, "width": 64, "height": 32}, "aspect-ratio buckets would ignore"),
     ({"uri": "s3://bkt/a", "keepTags": 1}, "dataset.keepTags applies only with shuffleTags"),
+    # a dataset-level value that no shuffling source inherits: every one overrides it, or turns shuffling off
+    ({"sources": [{"uri": "s3://bkt/a", "shuffleTags": True, "keepTags": 1}], "keepTags": 3},
+     r"dataset.keepTags applies to no source \(none that shuffles tags leaves keepTags unset\)"),
+    ({"sources": [{"uri": "s3://bkt/a", "shuffleTags": False}], "shuffleTags": True, "shuffleVariants": 2},
+     "dataset.shuffleVariants applies to no source"),
     ({"uri": "s3://bkt/a", "resolutions": [500]}, "multiple of 16"),
     ({"sources": [{"uri": "s3://bkt/a"}, {"uri": "s3://bkt"}]}, r"inside dataset.sources\[1\].uri"),
     ({"uri": "s3://bkt/a", "frameBuckets": [9]}, "flux is an image model"),

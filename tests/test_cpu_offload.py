@@ -24,6 +24,7 @@ def test_a_cpu_offloaded_run_trains_and_exports(tmp_path, tiny_flux_dir, monkeyp
     assert train.run(spec, "offload") == 0, capsys.readouterr().err[-3000:]
     log = capsys.readouterr().out
     assert "[model] cpuOffload:" in log and "kept in CPU memory (FSDP2 CPUOffloadPolicy)" in log
+    assert "[model] warning: training.cpuOffload on a CPU run saves no memory" in log  # said, still run
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["artifacts"] and (tmp_path / "out" / m["artifacts"][0]["file"]).stat().st_size > 0
     assert any((tmp_path / "out" / "checkpoints").iterdir())

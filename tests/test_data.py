@@ -233,3 +233,24 @@ def test_kohya_repeat_folders_are_named_in_a_warning_with_the_sources_to_write(t
     assert folder.kohya == {"s3://bkt/img/10_mystyle": (10, 0)}
     assert kohya_note(folder.kohya, [10]) == [] and kohya_note(folder.kohya, [1])
     assert scan(img / "plain").kohya == {}
+
+
+def test_a_caption_map_overriding_caption_files_and_maps_in_subfolders_are_said(tmp_path):
+    """A folder's captions.json names its captions (diffusion-pipe ignores .txt files beside one
+    too): an item it leaves out that has a same-stem .txt is counted and the hint says why its
+    caption is not read; a map in a subfolder is not read, and a warning names it."""
+    import json
+    from PIL import Image
+    from kubelora_trainer.data import caption_hint, nested_maps_warning, scan
+    for rel in ("a.png", "c.png", "sub/b.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / rel)
+    (tmp_path / "captions.json").write_text(json.dumps({"a.png": ["a red cube"]}))
+    (tmp_path / "c.txt").write_text("a blue cube")
+    (tmp_path / "sub" / "captions.json").write_text(json.dumps({"b.png": ["a green cube"]}))
+    r = scan(tmp_path)
+    assert [it.caption for it in r.items] == ["a red cube"] and r.missing_caption == 2
+    assert r.unread_captions == 1 and r.nested_maps == ["sub/captions.json"]
+    assert "1 of them have a same-stem caption file that is not read" in caption_hint(r)
+    assert "sub/captions.json" in nested_maps_warning(r)
+    assert nested_maps_warning(scan(tmp_path, recursive=False)) == ""

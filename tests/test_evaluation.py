@@ -207,15 +207,24 @@ def test_an_evaluation_folder_overlapping_a_training_folder_is_refused(dataset, 
         parse_spec({"model": {"type": "flux", "diffusersPath": "s3://bkt/m"}, "dataset": dataset,
                     "output": {"uri": "s3://bkt/o"}, "evaluation": {"sources": [{"uri": evaluation}]}})
     assert f"evaluation.sources[0].uri ({evaluation}) and {field}" in str(e.value)
-    assert "held-out items would be trained on" in str(e.value)
+    assert "held-out items would be trained on, or trained ones evaluated" in str(e.value)
 
 
 def test_evaluation_folders_beside_the_training_data_are_accepted():
-    from kubelora_trainer.spec import parse_spec, uris_overlap
+    from kubelora_trainer.spec import SpecError, parse_spec, uris_overlap
     for d, e in [("s3://bkt/d", "s3://bkt/d2"), ("s3://bkt/d", "s3://bkt2/d"), ("/data/d", "/data/dd/held")]:
         assert not uris_overlap(d, e)
         parse_spec({"model": {"type": "flux", "diffusersPath": "s3://bkt/m"}, "dataset": {"uri": d},
                     "output": {"uri": "s3://bkt/o"}, "evaluation": {"sources": [{"uri": e}]}})
+    # read without subfolders (dataset.recursive: false, as import-config writes it for diffusion-pipe's
+    # layout of an eval folder inside the training one), one folder inside the other is apart
+    for d, e in [("s3://bkt/d", "s3://bkt/d/held"), ("s3://bkt/d/train", "s3://bkt/d")]:
+        parse_spec({"model": {"type": "flux", "diffusersPath": "s3://bkt/m"}, "dataset": {"uri": d, "recursive": False},
+                    "output": {"uri": "s3://bkt/o"}, "evaluation": {"sources": [{"uri": e}]}})
+    with pytest.raises(SpecError, match="that reads its subfolders"):  # this evaluation source reads them
+        parse_spec({"model": {"type": "flux", "diffusersPath": "s3://bkt/m"},
+                    "dataset": {"uri": "s3://bkt/d/train", "recursive": False}, "output": {"uri": "s3://bkt/o"},
+                    "evaluation": {"sources": [{"uri": "s3://bkt/d", "recursive": True}]}})
 
 
 def test_an_evaluation_item_copied_from_the_training_data_is_warned_about():

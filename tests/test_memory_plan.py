@@ -196,6 +196,16 @@ def test_a_gpu_out_of_memory_names_the_settings_that_lower_a_step_and_is_not_ret
     assert "gradientCheckpointing" not in msg and "transformerDtype" not in msg and "cpuOffload" not in msg
     assert msg.endswith("Lower what a step needs: a smaller dataset.resolution (another run: output.uri or "
                         "output.onExisting: overwrite)")
+    # settings the spec refuses beside ones already there are advised with their removal
+    planned = parse_spec({"model": {"type": "flux", "diffusersPath": "/m"},
+                          "dataset": {"sources": [{"uri": "/d", "resolutions": [256]}], "resolutions": [512]},
+                          "training": {"memoryBudgetGiB": 20},
+                          "samples": {"prompts": [{"prompt": "x"}], "atEnd": True}, "output": {"uri": "/o"}})
+    msg = train.out_of_memory(err, planned)
+    assert "training.gradientCheckpointing: true (every block recomputed, overriding the memory plan's choice in " \
+           "the log's [memory] line) (in place of training.memoryBudgetGiB)" in msg
+    assert "training.cpuOffload: true (without training.memoryBudgetGiB and spec.samples, which it excludes)" in msg
+    assert "a smaller dataset.resolutions (and the sources' own resolutions)" in msg
 
 
 def test_an_out_of_memory_run_exits_2_with_the_message_once(monkeypatch, capsys):

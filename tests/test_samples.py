@@ -54,6 +54,11 @@ LTX = {"type": "ltx-video", "diffusersPath": "s3://models/ltx"}
      f"samples.everySteps: {STEPS + 1} is more than training.steps ({STEPS})"),
     ({**FLUX, "bypassGuidanceEmbedding": True}, {"prompts": [{"prompt": "x", "guidance": 3.5}]},
      "samples.prompts[0].guidance: model.bypassGuidanceEmbedding leaves the guidance embedding out"),
+    # classifier-free guidance runs only above 1: a negative prompt (its own or samples') would do nothing
+    (LTX, {"prompts": [{"prompt": "x"}, {"prompt": "y", "guidance": 1.0, "negativePrompt": "blur"}]},
+     "samples.prompts[1].negativePrompt: its guidance is 1 or less"),
+    (LTX, {"prompts": [{"prompt": "x"}], "guidance": 1.0, "negativePrompt": "blur"},
+     "samples.negativePrompt: no prompt that takes it samples with guidance above 1"),
 ])
 def test_spec_refuses_what_a_family_cannot_sample(model, samples_spec, expect):
     with pytest.raises(SpecError) as e:

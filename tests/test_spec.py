@@ -182,6 +182,8 @@ def test_float16_is_refused_with_the_reason():
      "training.textEncoderLearningRate: model.type flux trains no text encoder (only sdxl does); remove it"),
     ({"resources": {"gpusPerNode": 8, "limits": {"nvidia.com/gpu": "4"}}},
      "resources.limits['nvidia.com/gpu'] is set from resources.gpusPerNode (8)"),
+    ({"resources": {"gpusPerNode": 0, "gpuResource": "nvidia.com/mig-3g.40gb"}},
+     "resources.gpuResource (nvidia.com/mig-3g.40gb): with gpusPerNode 0 no GPU is requested"),
     ({"output": {"uri": "s3://bkt/data/out"}}, "output.uri (s3://bkt/data/out) is inside dataset.uri (s3://bkt/data)"),
     ({"dataset": {"uri": "s3://bkt/data", "cacheUri": "s3://bkt/data/cache"}},
      "dataset.cacheUri (s3://bkt/data/cache) and dataset.uri (s3://bkt/data) overlap"),

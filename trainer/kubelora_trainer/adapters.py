@@ -111,6 +111,10 @@ def layout(ad: Adapters, comps: Components, family, spec, env: dist.DistEnv,
     note = dist.sharding_note(t.sharding, env.world, t.cpuOffload)
     if note and env.is_main:
         print(note, flush=True)
+    if t.cpuOffload and env.device.type == "cpu" and env.is_main:
+        print("[model] warning: training.cpuOffload on a CPU run saves no memory (the weights are in CPU memory "
+              "already) and recomputes every block unless training.gradientCheckpointing says otherwise: remove it",
+              flush=True)
     names = block_names(comps, family)
     if t.gradientCheckpointing is not None or probe is None or t.cpuOffload:
         # offloaded (unset): every block, as the model is never whole on the device to measure it

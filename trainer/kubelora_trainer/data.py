@@ -95,6 +95,8 @@ class ScanReport:
     masked_sources: int = 0
     ignored: dict[str, int] = field(default_factory=dict)  # files that are neither media nor captions: by extension
     in_subfolders: int = 0          # media files in a source's subfolders, left out (dataset.recursive: false)
+    unread_captions: int = 0        # uncaptioned items whose same-stem caption file the source's caption map overrides
+    nested_maps: list[str] = field(default_factory=list)   # caption maps in subfolders (not read)
     # folders named like kohya's "<repeats>_<name>" holding items: folder (by source URI) -> (its number, source)
     kohya: dict[str, tuple[int, int]] = field(default_factory=dict)
     # evaluation.sources (train.scan_sources): their items are in `items` (source >= first_held), their
@@ -118,6 +120,8 @@ class ScanReport:
         for k, v in other.ignored.items():
             self.ignored[k] = self.ignored.get(k, 0) + v
         self.in_subfolders += other.in_subfolders
+        self.unread_captions += other.unread_captions
+        self.nested_maps += other.nested_maps
         self.kohya.update(other.kohya)
 
     def skip(self, uri: str, reason: str, detail: str = "") -> None:
@@ -181,6 +185,7 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
         cmap = read_caption_map(root)
     except ValueError as e:  # a malformed or non-UTF-8 caption map: the whole source's captions
         raise DatasetError(f"dataset {uri or root}: {e}") from None
+    report.nested_maps = [p.relative_to(root).as_posix() for p in files if p.name in CAPTION_MAPS and p.parent != root]
     stems: dict[tuple[Path, str], list[str]] = {}
     for p in files:
         stems.setdefault((p.parent, p.stem), []).append(p.suffix)
@@ -200,6 +205,8 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
                     continue
         if texts is None:
             report.missing_caption += 1
+            # a map names the source's captions (diffusion-pipe reads a folder with one the same way)
+            report.unread_captions += cmap is not None and img.with_suffix(opts.extension).is_file()
             if len(report.uncaptioned) < 5:
                 report.uncaptioned.append(str(img.relative_to(root)))
             for ext in stems.get((img.parent, img.stem), []):
@@ -523,7 +530,20 @@ def caption_hint(report: ScanReport) -> str:
         ext = max(report.beside, key=report.beside.get)
         hint += (f" {report.beside[ext]} of them have a same-stem {ext} file beside them: set "
                  f"dataset.captionExtension: \"{ext}\" if those are the captions.")
+    if report.unread_captions:
+        hint += (f" {report.unread_captions} of them have a same-stem caption file that is not read: their folder's "
+                 f"captions.json/.jsonl names the captions there (as in diffusion-pipe); add them to it, or remove it.")
     return hint
+
+
+def nested_maps_warning(report: ScanReport) -> str:
+    """Caption maps below a source's folder are not read (only the source folder's is): said."""
+    if not report.nested_maps:
+        return ""
+    shown = ", ".join(report.nested_maps[:5]) + (" ..." if len(report.nested_maps) > 5 else "")
+    return (f"caption maps in subfolders are not read, only the one in a source's own folder ({shown}): the "
+            "items they name are captioned by their same-stem caption files, else missing a caption; make each "
+            "such folder a source of its own")
 
 
 def skipped_text(report: ScanReport) -> str:

@@ -301,9 +301,12 @@ def layout_data(spec, report: ScanReport, metas, env, m) -> tuple[bk.Assignment,
     if report.in_subfolders:
         log(env, f"[data] left out {report.in_subfolders} media file(s) in subfolders of the sources "
                  "(dataset.recursive: false reads each folder's own files only)")
-    if report.missing_caption and report.beside:
+    if report.missing_caption and (report.beside or report.unread_captions):
         from .data import caption_hint
         log(env, "[data] warning:" + caption_hint(report))
+    if report.nested_maps:
+        from .data import nested_maps_warning
+        log(env, "[data] warning: " + nested_maps_warning(report))
     for n, line in enumerate(kohya_note(report.kohya, source_repeats(spec))):
         log(env, "[data] " + ("warning: " if n == 0 else "") + line)
     for msg in bk.format_summary(bucket_stats):

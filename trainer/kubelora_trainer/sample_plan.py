@@ -52,6 +52,16 @@ def check_samples(spec) -> Optional[str]:
         if p.negativePrompt is not None and not r.sampling.negative_prompt:
             return (f"{where}.negativePrompt: {kind} samples without classifier-free guidance (its guidance is "
                     f"distilled into the model), so a negative prompt has no effect; remove it")
+    if r.sampling.negative_prompt:  # classifier-free guidance, under which a negative prompt acts, runs above 1
+        guided = [next(g for g in (p.guidance, s.guidance, r.sampling.guidance) if g is not None) > 1.0
+                  for p in s.prompts]
+        for i, p in enumerate(s.prompts):
+            if p.negativePrompt is not None and not guided[i]:
+                return (f"samples.prompts[{i}].negativePrompt: its guidance is 1 or less, and classifier-free guidance "
+                        "runs only above 1, so the negative prompt would have no effect; raise guidance or remove it")
+        if s.negativePrompt is not None and not any(g for g, p in zip(guided, s.prompts) if p.negativePrompt is None):
+            return ("samples.negativePrompt: no prompt that takes it samples with guidance above 1 (classifier-free "
+                    "guidance runs only there), so it would have no effect; raise guidance or remove it")
     return None
 
 

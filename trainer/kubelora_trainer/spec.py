@@ -220,7 +220,8 @@ class DatasetSpec(_Model):
     maskUri: Optional[str] = _uri(MASK_HELP + ". With dataset.uri; with dataset.sources, set it per source",
                                   default=None)
     missingCaption: Literal["skip", "empty"] = Field(
-        default="skip", description="Image without a caption file: skip it, or train it with an empty caption. Counted either way.")
+        default="skip", description="Image without a caption file: skip it, or train it with an empty caption "
+                                    "(captionPrefix still put before it: the trigger word alone). Counted either way.")
     captionExtension: str = Field(default=".txt", pattern=r"^\.[A-Za-z0-9]+$",
                                   description="Caption file extension (same stem as the media file). A captions.json "
                                               "({file name: caption or [captions]}) or captions.jsonl ({\"file\": ..., "
@@ -289,8 +290,16 @@ class DatasetSpec(_Model):
             if not self.enableArBucket and getattr(self, f) != type(self).model_fields[f].default:
                 raise ValueError(f"dataset.{f} applies only with enableArBucket: true; set that too or remove it")
         for f in ("shuffleVariants", "keepTags", "tagDelimiter"):
-            if getattr(self, f) != type(self).model_fields[f].default and not self.shuffleTags and not any(s.shuffleTags for s in self.sources or ()):
-                raise ValueError(f"dataset.{f} applies only with shuffleTags: true; set that too or remove it")
+            # the dataset's value reaches the sources that shuffle tags and leave the field unset
+            own = [(s.shuffleTags, getattr(s, f)) for s in self.sources] if self.sources else [(None, None)]
+            reached = [1 for shuffles, value in own
+                       if (shuffles if shuffles is not None else self.shuffleTags) and value is None]
+            if getattr(self, f) != type(self).model_fields[f].default and not reached:
+                shuffled = self.shuffleTags or any(s.shuffleTags for s in self.sources or ())
+                raise ValueError(f"dataset.{f} applies only with shuffleTags: true; set that too or remove it"
+                                 if not shuffled else
+                                 f"dataset.{f} applies to no source (none that shuffles tags leaves {f} unset); "
+                                 "remove it")
         if self.cacheUri is not None:
             cache = self.cacheUri.rstrip("/")
             for field, u in self.uri_fields().items():
@@ -655,7 +664,8 @@ class EvaluationSpec(_Model):
     sources: list[SourceSpec] = Field(
         min_length=1, max_length=64,
         description="Held-out folders, as dataset.sources (unset options taken from dataset). Never trained on; each "
-                    "item is evaluated once per quantile with its first caption, unshuffled and never dropped "
+                    "item is evaluated once per quantile at each of its training areas (and, with videoClipMode "
+                    "multiple_overlapping, each clip), with its first caption, unshuffled and never dropped "
                     "(repeats, shuffleTags and captionDropout do not apply).")
     everySteps: Optional[int] = Field(default=None, ge=1, description="Evaluate every N training steps.")
     everyEpochs: Optional[int] = Field(default=None, ge=1, description="Evaluate at the step that ends every N-th "
@@ -729,13 +739,18 @@ def check_evaluation(spec: "LoRATrainingJobSpec") -> Optional[str]:
         if s.resolutions is not None and d.width is not None:
             return (f"evaluation.sources[{i}].resolutions: dataset.width/height fix one size for every source; "
                     "remove one of them")
-    train = {f: u for f, u in d.uri_fields().items() if not f.endswith("maskUri")}
+    from .captions import recursive_of
+    train = ([("dataset.uri", d.uri, d.recursive)] if d.uri is not None else
+             [(f"dataset.sources[{j}].uri", t.uri, recursive_of(d, t)) for j, t in enumerate(d.sources)])
     for i, s in enumerate(ev.sources):
-        for field, u in train.items():
-            if uris_overlap(s.uri, u):
+        for field, u, deep in train:
+            a, b = normalized_uri(s.uri), normalized_uri(u)
+            # a folder inside another is read by it only when that one reads its subfolders
+            if a == b or (a.startswith(b) and deep) or (b.startswith(a) and recursive_of(d, s)):
                 return (f"evaluation.sources[{i}].uri ({s.uri}) and {field} ({u}) overlap (the same folder, or one "
-                        "inside the other): the training scan reads every subfolder, so held-out items would be "
-                        "trained on; give the evaluation a folder of its own, beside the training data")
+                        "inside the other that reads its subfolders: dataset.recursive), so held-out items would be "
+                        "trained on, or trained ones evaluated; give the evaluation a folder of its own, beside the "
+                        "training data")
     if d.cacheUri is not None:
         cache = d.cacheUri.rstrip("/")
         for field, u in ev.uri_fields().items():
@@ -782,6 +797,9 @@ class LoRATrainingJobSpec(_Model):
             raise ValueError("spec.samples with training.cpuOffload: sampling through a model whose weights FSDP2 keeps "
                              "in CPU memory is not supported yet; remove one of them (or sample the exported LoRA "
                              "after training)")
+        if self.resources.gpusPerNode == 0 and self.resources.gpuResource != ResourcesSpec.model_fields["gpuResource"].default:
+            raise ValueError(f"resources.gpuResource ({self.resources.gpuResource}): with gpusPerNode 0 no GPU is "
+                             "requested, so it would be unused; remove it or request GPUs")
         if self.dataset.cacheOnly and self.samples is not None:
             raise ValueError("dataset.cacheOnly builds the cache and trains nothing, so spec.samples would never be made: "
                              "remove one of them")

@@ -249,7 +249,8 @@ def finish_cache_only(spec, job_name: str, env, m, publish, settings, stats: dic
     if env.is_main:
         publish(Progress(phase="Succeeded", totalSteps=spec.training.steps), force=True)
         log(env, f"[done] dataset.cacheOnly: the cache of {cache_stats['entries']} entries is complete "
-                 f"({cache_stats['encoded']} encoded); no training (manifest.json says cacheOnly: true)")
+                 f"({cache_stats['encoded']} encoded); no training (manifest.json says cacheOnly: true)"
+                 + ("; evaluation.sources are cached too, and no evaluation runs" if spec.evaluation else ""))
     return 0
 
 
@@ -535,10 +536,12 @@ def out_of_memory(error: BaseException, spec: LoRATrainingJobSpec) -> str:
     needs (those not already at their leanest). A retry would run out at the same step, so the
     failure counts as bad input. Pure."""
     t, fixes = spec.training, []
+    # what the spec refuses beside a setting already there is advised with its removal
+    budget = " (in place of training.memoryBudgetGiB)" if t.memoryBudgetGiB is not None else ""
     if t.gradientCheckpointing is not True or t.gradientCheckpointingEvery != 1:
         fixes.append("training.gradientCheckpointing: true (every block recomputed"
                      + (", overriding the memory plan's choice in the log's [memory] line)"
-                        if t.gradientCheckpointing is None else ")"))
+                        if t.gradientCheckpointing is None else ")") + budget)
     if t.gradientCheckpointing is None and not t.cpuOffload:
         fixes.append("a training.memoryBudgetGiB below the budget in the log's [memory] line (the plan then "
                      "recomputes more blocks)")
@@ -546,11 +549,18 @@ def out_of_memory(error: BaseException, spec: LoRATrainingJobSpec) -> str:
         fixes.append("model.transformerDtype: float8 (half the weight memory; other numerics, so the run starts "
                      "again from step 1: another output.uri or output.onExisting: overwrite)")
     if not t.cpuOffload:
-        fixes.append("training.cpuOffload: true")
+        without = [f for f, on in (("training.memoryBudgetGiB", t.memoryBudgetGiB is not None),
+                                   ("spec.samples", spec.samples is not None)) if on]
+        fixes.append("training.cpuOffload: true" + (f" (without {' and '.join(without)}, which it excludes)"
+                                                     if without else ""))
     if t.microBatchSize > 1:
         fixes.append(f"a training.microBatchSize below {t.microBatchSize} (gradientAccumulationSteps keeps the "
                      "batch size)")
-    fixes.append("a smaller dataset.resolution" + (" or frame count" if RULES[spec.model.type].video else "")
+    d = spec.dataset
+    sizes = ("a smaller dataset.width/height" if d.width is not None else
+             f"a smaller dataset.{'resolutions' if d.resolutions else 'resolution'}"
+             + (" (and the sources' own resolutions)" if any(s.resolutions for s in d.sources or ()) else ""))
+    fixes.append(sizes + (" or frame count" if RULES[spec.model.type].video else "")
                  + " (another run: output.uri or output.onExisting: overwrite)")
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (f"the GPU ran out of memory ({first}); a retry would run out at the same step. Lower what a step "
