@@ -102,6 +102,7 @@ def test_defaults_one_locked_down_operator_cluster_wide():
     assert f"--liveness=http://0.0.0.0:{ports['liveness']}/healthz" in c["args"]
     assert {"--lease=kubelora/kl-kubelora", "--identity=$(POD_NAME)", "--log-format=full"} <= set(c["args"])
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in c["env"]
+    assert pod["terminationGracePeriodSeconds"] == 90 and c["readinessProbe"]["httpGet"]["port"] == "liveness"
     (lease_role,) = by_kind(objs, "Role")
     assert lease_role["metadata"] == {**lease_role["metadata"], "namespace": NAMESPACE, "name": "kl-kubelora-leader"}
     assert {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "update"],

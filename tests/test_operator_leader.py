@@ -88,12 +88,13 @@ class Scripted(leader.Elector):
     def try_take(self):
         import time
         delay, result = self.script.pop(0)
+        started = time.monotonic()
         self.running += 1
         self.most = max(self.most, self.running)
         time.sleep(delay)
         self.running -= 1
         if result is True:
-            self.renewed = time.monotonic()
+            self._renewed(started)
         return result, "me" if result else "other"
 
 
@@ -267,3 +268,28 @@ def test_bad_lease_settings_stop_the_operator_with_one_line(tmp_path):
                            text=True, timeout=120, cwd=tmp_path)
         assert r.returncode == 2 and expect in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_a_release_closes_the_fence_for_good_even_when_a_renewal_lands_after():
+    """The release path closes the fence, waits for an attempt under way, then releases: that
+    attempt's success must not open the fence again (the next leader takes the released lease at
+    once, so this process writing on would make two writers)."""
+    import asyncio
+    import time
+    el = Scripted([(0.3, True)], Timing(lease=10, renew_deadline=3, retry=0.2))
+    el.renewed = time.monotonic()
+
+    async def release_during_a_renewal():
+        pending = asyncio.ensure_future(el._attempt(5))
+        await asyncio.sleep(0.1)  # the renewal is under way in its thread
+        el.stop_leading()
+        await el.settle()
+        await pending
+    asyncio.run(release_during_a_renewal())
+    assert el.renewed is None and not el.leading()
+    with pytest.raises(leader.NotLeader):
+        leader.current, saved = el, leader.current
+        try:
+            leader.fence()
+        finally:
+            leader.current = saved

@@ -35,6 +35,7 @@ import os
 import signal
 import socket
 import sys
+import uuid
 
 
 def main(argv=None) -> int:
@@ -44,8 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint ('' to disable)")
     p.add_argument("--lease", metavar="NAMESPACE/NAME", default="",
                    help="elect a leader through this Lease (made when missing); '' (the default): act at once")
-    p.add_argument("--identity", default=os.environ.get("POD_NAME") or socket.gethostname(),
-                   help="this candidate's name in the Lease (default: $POD_NAME, else the host name)")
+    p.add_argument("--identity", default=os.environ.get("POD_NAME") or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}",
+                   help="this candidate's name in the Lease (default: $POD_NAME, else the host name and a random "
+                        "suffix, so two processes on one host differ)")
     p.add_argument("--log-format", choices=("full", "plain", "json"), default="full",
                    help="log lines on stdout: full (time, logger, level), plain, or json (one object a line)")
     p.add_argument("--verbose", action="store_true", help="log at DEBUG level")
@@ -117,7 +119,7 @@ async def run(args, registry, elector) -> int:
     keeper = asyncio.create_task(elector.keep())
     try:
         await asyncio.wait({operator, keeper}, return_when=asyncio.FIRST_COMPLETED)
-        if keeper.done():
+        if keeper.done() and not keeper.cancelled():
             # exit now, from wherever kopf is: nothing more may be written (the fence refuses the
             # operator's own writes meanwhile); the Deployment restarts this pod as a candidate
             print(f"error: {elector}: lost leadership ({keeper.result()}); stopping so that only one "

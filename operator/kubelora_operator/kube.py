@@ -310,6 +310,7 @@ def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None
     for delete, read, name in calls:
         if not name:
             continue
+        leader.fence()  # before each: the calls of one job can take a while
         try:
             pre = None
             if owner_uid is not None:

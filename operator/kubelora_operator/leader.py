@@ -26,6 +26,7 @@ with a timeout) and keeps the time of the last renewal.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime
 import json
 import logging
@@ -140,7 +141,11 @@ class Elector:
         self._client = client
         self.renewed: Optional[float] = None   # monotonic time of the last successful take or renewal
         self._seen: Optional[Seen] = None
-        self._pending: Optional[asyncio.Future] = None  # the attempt under way in its thread
+        # the attempt under way, in a thread of the elector's own (not asyncio's default executor,
+        # which the syncer's workers share, and not an asyncio task, which kopf's shutdown cancels)
+        self._pending: Optional[concurrent.futures.Future] = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease")
+        self._closed = False  # stop_leading: for good, whatever an attempt under way then does
 
     def __str__(self) -> str:
         return f"Lease {self.namespace}/{self.name}"
@@ -190,8 +195,14 @@ class Elector:
             if e.status == 409 or (e.status == 404 and lease is not None):
                 return None, holder(lease)
             raise
-        self.renewed = started  # the lease runs from before the read, never from after the write
+        self._renewed(started)
         return True, self.identity
+
+    def _renewed(self, started: float) -> None:
+        """A take or renewal succeeded: the lease runs from before its read, never from after the
+        write; once a release has begun (stop_leading) the fence stays shut."""
+        if not self._closed:
+            self.renewed = started
 
     def release(self) -> bool:
         """Give the lease up when this candidate holds it; returns whether it did."""
@@ -207,20 +218,20 @@ class Elector:
 
     def leading(self, now: Optional[float] = None) -> bool:
         now = time.monotonic() if now is None else now
-        return self.renewed is not None and now - self.renewed < self.timing.renew_deadline
+        return not self._closed and self.renewed is not None and now - self.renewed < self.timing.renew_deadline
 
     async def _attempt(self, timeout: float) -> tuple[Optional[bool], str]:
         """try_take in a thread, never two at once: an attempt that outlives `timeout` is awaited
         by the next call instead of racing a new one (whose write it could make a 409)."""
         if self._pending is None or self._pending.done():
-            self._pending = asyncio.ensure_future(asyncio.to_thread(self.try_take))
-        return await asyncio.wait_for(asyncio.shield(self._pending), timeout)
+            self._pending = self._executor.submit(self.try_take)
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._pending)), timeout)
 
     async def settle(self) -> None:
         """Wait for an attempt still under way (before a release: it could take the lease back)."""
         if self._pending is not None and not self._pending.done():
             try:
-                await asyncio.wait_for(asyncio.shield(self._pending), self.timing.retry * 4)
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._pending)), self.timing.retry * 4)
             except Exception:  # noqa: BLE001 - its outcome no longer matters
                 pass
 
@@ -258,7 +269,9 @@ class Elector:
                 return f"no renewal succeeded for {self.timing.renew_deadline:g} s"
 
     def stop_leading(self) -> None:
-        """Close the fence: nothing more is written (before a release)."""
+        """Close the fence for good (before a release): nothing more is written, even when an
+        attempt under way renews the lease after this."""
+        self._closed = True
         self.renewed = None
 
 
