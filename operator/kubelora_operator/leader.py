@@ -156,7 +156,10 @@ class Elector:
         from kubernetes import client
         if self._client is None:
             from . import kube
-            self._client = kube.api()
+            kube.api()  # loads the cluster's configuration (in-cluster, else KUBECONFIG) as the default
+            cfg = client.Configuration.get_default_copy()
+            cfg.retries = False  # one try per request: an attempt is bounded by its request timeouts
+            self._client = client.ApiClient(cfg)
         return client.CoordinationV1Api(self._client)
 
     def _read(self) -> Optional[dict]:
