@@ -395,3 +395,14 @@ def test_samples_due_when_stopping_wait_for_the_resume():
     a = LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0), sample_pending=10)
     b = LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0))
     assert b.load(a.to_dict(10, 1)) and b.sample_pending == 10
+
+
+def test_a_guidance_a_flux_transformer_without_its_embedding_cannot_take_is_warned():
+    """FLUX.1-schnell (guidance_embeds false): FluxPipeline feeds its samples no guidance."""
+    from kubelora_trainer.samples import guidance_unused
+    spec = _spec(FLUX, {"prompts": [{"prompt": "a"}, {"prompt": "b", "guidance": 4.0}]})
+    warning = guidance_unused(spec.samples, False)
+    assert warning.startswith("[samples] warning: samples.prompts[1].guidance: this transformer has no guidance")
+    assert guidance_unused(spec.samples, True) is None and guidance_unused(spec.samples, None) is None
+    assert guidance_unused(_spec(FLUX, {"prompts": [{"prompt": "a"}]}).samples, False) is None  # the default: said nothing
+

@@ -171,11 +171,25 @@ class Sampler:
                 "files": self.records}
 
 
+def guidance_unused(samples, guidance_embeds: Optional[bool]) -> Optional[str]:
+    """The warning when samples set a guidance that a Flux transformer without a guidance
+    embedding (guidance_embeds false: FLUX.1-schnell) cannot take; None otherwise. Pure."""
+    places = [("samples", samples)] + [(f"samples.prompts[{i}]", p) for i, p in enumerate(samples.prompts)]
+    set_guidance = [w + ".guidance" for w, p in places if p.guidance is not None]
+    if not set_guidance or guidance_embeds is not False:
+        return None
+    return (f"[samples] warning: {', '.join(set_guidance)}: this transformer has no guidance embedding "
+            "(guidance_embeds false, e.g. FLUX.1-schnell), so its samples take no guidance; the setting changes "
+            "nothing: remove it")
+
+
 def setup(spec, family, comps, job: str, settings, stats: dict, local: Path) -> Optional[Sampler]:
     """Before the encoders are freed: the sample prompts' embeddings and what decoding needs.
     None when spec.samples is unset (nothing is computed or kept)."""
     if spec.samples is None:
         return None
+    if warning := guidance_unused(spec.samples, comps.info.get("guidance_embeds")):
+        print(warning, flush=True)
     prompts = resolve(spec)
     return Sampler(spec, family, family.sampling_kit(comps, prompts), prompts, job, settings, stats, local)
 
