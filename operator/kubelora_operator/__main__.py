@@ -26,7 +26,8 @@ Leader election (`--lease NAMESPACE/NAME`, the chart's default): of the operator
 once, the one holding that coordination.k8s.io Lease acts; the others stand by (their liveness
 endpoint answers) and take over when it stops or stops renewing. KUBELORA_LEASE_DURATION_SECONDS (15),
 KUBELORA_LEASE_RENEW_DEADLINE_SECONDS (10) and KUBELORA_LEASE_RETRY_SECONDS (2), as client-go's
-leaderelection; the identity is --identity, else $POD_NAME, else the host name. Without --lease the
+leaderelection; the identity is --identity, else $POD_NAME, else the host name with a random
+suffix. Without --lease the
 operator acts at once and nothing keeps a second one from acting too.
 """
 import argparse
@@ -125,7 +126,7 @@ async def run(args, registry, elector) -> int:
             print(f"error: {elector}: lost leadership ({keeper.result()}); stopping so that only one "
                   f"operator acts", file=sys.stderr, flush=True)
             os._exit(1)
-        operator.result()  # kopf's own failure, if any, is raised here (after the release below)
+        await operator  # kopf's own failure, if any, is raised here (after the release below)
     finally:
         keeper.cancel()
         metrics.leading(False)
