@@ -121,7 +121,7 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
                 deeper = [] if key in shallow and loc.is_s3 else None
                 paths[key] = str(storage.download(uri, dest, settings, client=client, log=print, unsafe=skipped,
                                                   below=deeper))
-                if deeper:  # counted by the scan as the subfolders of a local source are
+                if deeper is not None:  # counted as the scan counts a local source's subfolders
                     below[key] = sum(1 for rel in deeper if Path(rel).suffix.lower() in exts)
                 if skipped:
                     unsafe[key] = [f"s3://{loc.bucket}/{k}" for k in skipped]
@@ -136,7 +136,7 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
             err = disk.no_room(e, "stage-in") or RunError(f"{field}: {e}" if field else str(e))
     dist.fail_together(err, "stage-in")
     staged = json.loads(marker.read_text())
-    return staged["paths"], staged["unsafe"], staged["below"]
+    return staged["paths"], staged["unsafe"], staged.get("below", {})
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -780,7 +780,8 @@ def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] 
         # named it, and the masked/unmasked counts show it)
         for uri in (unsafe or {}).get(key, []):
             part.skip(uri, "unsafeKey")
-        part.in_subfolders += (below or {}).get(key, 0)
+        if key in (below or {}):  # the bucket's listing, not what an earlier staging may have left here
+            part.in_subfolders = below[key]
         if i >= n_train:   # the items join the others (probed, bucketed, cached alike), the counts stay apart
             report.items += [dataclasses.replace(it, captions=(it.caption,)) for it in part.items]
             part.items = []
