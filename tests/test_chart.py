@@ -362,6 +362,13 @@ def test_openshift_assigns_the_uids_when_run_as_user_is_platform():
     reused = one(objects({"runAsUser": None}), "Deployment")["spec"]["template"]["spec"]
     assert reused["securityContext"]["runAsUser"] == 1000
     assert env(reused["containers"][0])["KUBELORA_TRAINER_RUN_AS_USER"] == "1000"
+    # values added since (leader election, the log format): the chart's defaults, election on
+    old = objects({"operator": {"leaderElection": None, "logFormat": None}})
+    c = one(old, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert {"--lease=kubelora/kl-kubelora", "--log-format=full"} <= set(c["args"])
+    assert env(c)["KUBELORA_LEASE_DURATION_SECONDS"] == "15" and by_kind(old, "Role")
+    partial = one(objects({"operator": {"leaderElection": {"enabled": False}}}), "Deployment")
+    assert not any(a.startswith("--lease") for a in partial["spec"]["template"]["spec"]["containers"][0]["args"])
 
 
 def test_namespace_users_get_loratrainingjobs_through_the_default_roles():

@@ -111,3 +111,16 @@ The pods' UID: runAsUser, "platform" (OpenShift assigns it), or 1000 when the va
 {{- $v := .Values.runAsUser -}}
 {{- if eq (toString $v) "platform" -}}platform{{- else -}}{{- int (default 1000 $v) -}}{{- end -}}
 {{- end -}}
+
+{{/*
+operator.leaderElection with its defaults filled in: a release made before the value existed
+(helm upgrade --reuse-values) gets the chart's defaults, election on; an explicit enabled: false stays.
+*/}}
+{{- define "kubelora.leaderElection" -}}
+{{- $given := .Values.operator.leaderElection | default dict -}}
+{{- toYaml (dict "enabled" (ternary $given.enabled true (hasKey $given "enabled"))
+                 "leaseDurationSeconds" ($given.leaseDurationSeconds | default 15)
+                 "renewDeadlineSeconds" ($given.renewDeadlineSeconds | default 10)
+                 "retryPeriodSeconds" ($given.retryPeriodSeconds | default 2)) -}}
+{{- end -}}
+
