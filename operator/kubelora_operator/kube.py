@@ -299,7 +299,6 @@ def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
 def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None = None) -> None:
     """Delete the Job (and its pods), the Service and the ConfigMap; missing ones are fine. With
     owner_uid, only objects that job owns (never someone else's object of the same name)."""
-    leader.fence()
     from kubernetes.client import V1DeleteOptions, V1Preconditions
     from kubernetes.client.exceptions import ApiException
 

@@ -292,8 +292,8 @@ class DatasetSpec(_Model):
         for f in ("shuffleVariants", "keepTags", "tagDelimiter"):
             # the dataset's value reaches the sources that shuffle tags and leave the field unset
             own = [(s.shuffleTags, getattr(s, f)) for s in self.sources] if self.sources else [(None, None)]
-            reached = [1 for shuffles, value in own
-                       if (shuffles if shuffles is not None else self.shuffleTags) and value is None]
+            reached = any((shuffles if shuffles is not None else self.shuffleTags) and value is None
+                          for shuffles, value in own)
             if getattr(self, f) != type(self).model_fields[f].default and not reached:
                 shuffled = self.shuffleTags or any(s.shuffleTags for s in self.sources or ())
                 raise ValueError(f"dataset.{f} applies only with shuffleTags: true; set that too or remove it"
