@@ -378,6 +378,8 @@ def test_the_report_command_takes_a_relative_local_path(tmp_path, monkeypatch, c
     assert main(["report", "out"]) == 0                  # no --out: the local report where it is, not a copy
     assert Path(capsys.readouterr().out.strip()) == (tmp_path / "out" / "report.html").resolve()
     assert not (tmp_path / "kubelora-report-out").exists()
+    assert main(["report", "missing"]) == 2                # nothing there: an error, and no empty folder left
+    assert "no report" in capsys.readouterr().err and not (tmp_path / "kubelora-report-missing").exists()
 
 
 def test_samples_due_when_stopping_wait_for_the_resume():

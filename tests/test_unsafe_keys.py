@@ -150,6 +150,9 @@ def test_kubelora_report_writes_nothing_outside_its_folder(s3, tmp_path, monkeyp
     # ... and so does one whose samples/ holds only a folder marker (the S3 console's "Create folder")
     monkeypatch.setattr(storage, "make_client", lambda settings: ListsMore(real(settings), ["runs/x/samples/"]))
     assert cli.fetch_report("s3://unsafe-report/runs/x", tmp_path / "r3").read_bytes() == b"<html></html>"
+    with pytest.raises(StorageError, match="no report"):  # a job that has none yet: no empty folder left
+        cli.fetch_report("s3://unsafe-report/runs/none", tmp_path / "r4")
+    assert not (tmp_path / "r4").exists()
 
 
 def test_validate_check_storage_says_what_stage_in_will_do(s3, capsys):

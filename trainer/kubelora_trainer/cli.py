@@ -279,11 +279,11 @@ def fetch_report(uri: str, out: Path, settings=None) -> Path:
     from .storage import S3Settings, StorageError, download, list_keys, make_client, parse_uri
     uri = uri.rstrip("/")
     loc = parse_uri(uri)
-    out.mkdir(parents=True, exist_ok=True)
     if not loc.is_s3:
         src = Path(loc.key)
         if not (src / REPORT_NAME).is_file():
             raise StorageError(f"{src / REPORT_NAME}: no report (has the job uploaded one yet?)")
+        out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / REPORT_NAME, out / REPORT_NAME)
         if (src / "samples").is_dir():
             shutil.copytree(src / "samples", out / "samples", dirs_exist_ok=True)
@@ -291,9 +291,12 @@ def fetch_report(uri: str, out: Path, settings=None) -> Path:
     settings = settings or S3Settings()
     client = make_client(settings)
     quiet = lambda m: None  # noqa: E731
+    made = not out.exists()
     try:
         download(f"{uri}/{REPORT_NAME}", out, settings, client, log=quiet)
     except StorageError as e:
+        if made and out.is_dir() and not any(out.iterdir()):  # a failed fetch leaves no empty folder behind
+            out.rmdir()
         raise StorageError(f"{uri}/{REPORT_NAME}: no report ({e}); has the job uploaded one yet?",
                            transient=e.transient) from None
     # a job without spec.samples has none; a sample's key that cannot be a file under out/samples
