@@ -907,16 +907,27 @@ def test_epochs_that_cannot_be_counted_say_why(tmp_path, path, why):
         _epochs(main, ds, cwd=str(tmp_path), epochs=3)
 
 
-def test_overlapping_video_clips_are_not_counted_without_decoding(tmp_path):
+def test_videos_are_counted_by_the_clips_a_run_takes_from_them(tmp_path):
+    """Each video is decoded as a run probes it: one too short for every frame bucket and one that
+    does not decode are skipped (a run skips them), not counted; with multiple_overlapping a
+    20-frame video gives 3 clips of 9 frames, each a sample of diffusion-pipe's epoch."""
+    from kubelora_trainer.models.ltx_video.tiny import moving_square
+    from kubelora_trainer.synthetic import write_video
     data = tmp_path / "clips"
     _items(data, 1)
-    (data / "v.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
-    (data / "v.txt").write_text("a clip")
-    main, ds = _base("ltx-video")
-    main["video_clip_mode"] = "multiple_overlapping"
-    ds["directory"] = [{"path": str(data)}]
-    with pytest.raises(ConfigError, match=r"could not be counted: video_clip_mode = 'multiple_overlapping' takes"):
-        _epochs(main, ds, epochs=1)
+    write_video(data / "long.mp4", moving_square(20))
+    write_video(data / "short.mp4", moving_square(5))
+    (data / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    for stem in ("long", "short", "broken"):
+        (data / f"{stem}.txt").write_text("a clip")
+    main, ds = _base("hunyuan-video")
+    ds.update(frame_buckets=[1, 9], directory=[{"path": str(data)}])
+    for mode, samples in (("single_beginning", 2), ("multiple_overlapping", 4)):
+        manifest, notes = _epochs({**main, "video_clip_mode": mode}, ds, epochs=2)
+        assert manifest["spec"]["training"]["steps"] == 2 * samples, (mode, notes)
+        note = next(n for n in notes if n.startswith("epochs:"))
+        assert f"{samples} samples / global batch 1" in note and "1 corrupt, 1 tooShort" in note, note
+    assert f"{data}: 2 items (4 clips) x 1 resolution x 1 repeat = 4 (not counted" in note, note
 
 
 def test_kohya_repeat_folders_are_noted_with_the_sources_to_write(tmp_path):

@@ -99,6 +99,9 @@ class ScanReport:
     nested_maps: list[str] = field(default_factory=list)   # caption maps in subfolders (not read)
     # folders named like kohya's "<repeats>_<name>" holding items: folder (by source URI) -> (its number, source)
     kohya: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # import-config's epoch count (import_dataset.screen): training samples per item of `items`
+    # (its areas x its clips), once every item is probed
+    units: Optional[list[int]] = None
     # evaluation.sources (train.scan_sources): their items are in `items` (source >= first_held), their
     # counts and skips here, apart from the training data's
     held: Optional["ScanReport"] = None

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Optional, Union
 
-from .data import IMAGE_EXTENSIONS, DatasetError, ScanReport, check_item, scan, skipped_text
+from .data import DatasetError, ScanReport, Skip, check_item, scan, skipped_text
 from .families import RULES, areas_of, source_repeats, source_specs
 
 Dirs = list[tuple[str, str, Optional[str]]]  # per [[directory]]: its path as written, resolved (--cwd), its mask folder
@@ -24,9 +24,8 @@ class Uncountable(ValueError):
 def read_dirs(spec, dirs: Dirs, probe: bool) -> Union[list[ScanReport], str]:
     """Each directory scanned as a run scans its source (data.scan with the source's caption
     options; items named by the manifest's URIs), or why they cannot be read here. With probe,
-    each image's header is checked (data.check_item without decoding) and items of an extreme
-    aspect ratio for their buckets are screened out (dataset_phase.settle), as a run skips them;
-    videos are not decoded (a run decodes each once to probe it). I/O."""
+    every item is checked as a run checks it (screen): the samples each gives are counted and
+    what a run would skip is left out. I/O."""
     from .captions import options_of, recursive_of
     r = RULES[spec.model.type]
     for written, path, _ in dirs:
@@ -56,47 +55,63 @@ def read_dirs(spec, dirs: Dirs, probe: bool) -> Union[list[ScanReport], str]:
 
 
 def screen(spec, report: ScanReport) -> None:
-    """Drop the images a run would skip from their header (empty, not an image, too large) or for
-    their aspect ratio; the skips are counted in report.skipped. I/O (image headers)."""
-    from .dataset_phase import bucket_configs, settle  # torch-heavy module: only when counting
+    """Drop the items a run would skip, as it skips them: an image from its header (empty, not an
+    image, too large), a video once decoded at the model's frame rate (also too short for every
+    frame bucket), either for its aspect ratio; the skips are counted in report.skipped by the
+    run's reasons. report.units gets the samples each remaining item gives (its areas x its clips,
+    buckets.assign). I/O (image headers, videos decoded)."""
+    from . import buckets as bk
+    from .dataset_phase import bucket_configs, drop_items, drop_reason, settle  # torch-heavy module: only when counting
+    fps = RULES[spec.model.type].fps if RULES[spec.model.type].video else None
     metas, skips = {}, {}
     for i, it in enumerate(report.items):
-        if it.image.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue  # a video: counted without decoding it
-        meta, skip = check_item(it, decode=False)
+        meta, skip = check_item(it, fps, decode=False)  # decode=False: images from the header; videos decode
         if skip is None:
             metas[i] = meta
         else:
             skips[i] = skip
-    settle(report, metas, skips, bucket_configs(spec))  # the skipped leave report.items; videos stay
+    configs = bucket_configs(spec)
+    kept = settle(report, metas, skips, configs)  # the skipped leave report.items
+    probed = [metas[i] for i in kept]
+    assignment = bk.assign(probed, configs, [it.source for it in report.items])
+    short = {}
+    for i, why in assignment.dropped:
+        it = report.items[i]
+        detail = drop_reason(it, probed[i], why, configs[it.source], fps or 0).removeprefix(f"{it.image.name}: ")
+        short[i] = Skip(it.name, why, detail)
+    units = [0] * len(report.items)
+    for u in assignment.units:
+        units[u.item] += 1
+    report.units = [n for i, n in enumerate(units) if i not in short]
+    drop_items(report, short)
 
 
 def epoch_steps(spec, reports: list[ScanReport], dirs: Dirs, epochs: float) -> tuple[int, str]:
     """training.steps for diffusion-pipe's `epochs` over these items, and the note that shows the
     calculation. Raises Uncountable when no number fits. Pure."""
     d = spec.dataset
-    if d.videoClipMode == "multiple_overlapping" and any(it.image.suffix.lower() not in IMAGE_EXTENSIONS
-                                                         for rep in reports for it in rep.items):
-        raise Uncountable("video_clip_mode = 'multiple_overlapping' takes as many clips from a video as its length "
-                          "allows, which is not known without decoding every video")
     parts, total = [], 0
     for src, rep, repeats, (_, path, _) in zip(source_specs(spec), reports, source_repeats(spec), dirs):
         items = len(rep.items)
         if not items:
             s = rep.summary()
             raise Uncountable(f"{path} holds no item kubelora would train (without a caption: {s['missingCaption']}, "
-                              f"unreadable: {s['unreadable']})")
-        variants = sum(len(it.variants) for it in rep.items)
+                              f"skipped: {skipped_text(rep) or 0})")
         areas = 1 if d.width is not None else len(areas_of(d, src))
-        n = variants * areas * repeats
+        units = rep.units if rep.units is not None else [areas] * items  # not probed: one clip each
+        clips = sum(units) // areas  # samples per area: an item's clips (1 for an image or a single-clip mode)
+        variants = sum(len(it.variants) for it in rep.items)
+        n = sum(len(it.variants) * u for it, u in zip(rep.items, units)) * repeats
         total += n
         shown = f"{items} item{'s' * (items != 1)}"
+        if clips != items:
+            shown += f" ({clips} clips)"
         if variants != items:
             shown += f" x {variants / items:g} caption variants"
         shown += f" x {areas} resolution{'s' * (areas != 1)} x {repeats} repeat{'s' * (repeats != 1)}"
         uncaptioned = rep.missing_caption - rep.empty_caption_used
         left = ", ".join([f"{uncaptioned} without a caption"] * bool(uncaptioned) + [skipped_text(rep)] * bool(rep.skipped))
-        parts.append(f"{path}: {shown}" + (f" = {n}" if len(reports) > 1 else "")
+        parts.append(f"{path}: {shown}" + (f" = {n}" if len(reports) > 1 or clips != items else "")
                      + (f" (not counted, as a run skips them: {left})" if left else ""))
     t, res = spec.training, spec.resources
     gpus = res.nodes * max(res.gpusPerNode, 1)
