@@ -380,6 +380,11 @@ def test_the_report_command_takes_a_relative_local_path(tmp_path, monkeypatch, c
     assert not (tmp_path / "kubelora-report-out").exists()
     assert main(["report", "missing"]) == 2                # nothing there: an error, and no empty folder left
     assert "no report" in capsys.readouterr().err and not (tmp_path / "kubelora-report-missing").exists()
+    (tmp_path / "file").write_text("")  # a folder that cannot be made: one error line, no traceback
+    assert main(["report", "out", "--out", "file/rep"]) == 1
+    assert capsys.readouterr().err.startswith("error: cannot write the report to file/rep: ")
+    assert main(["crd", "--out", "file/crd.yaml"]) == 1
+    assert capsys.readouterr().err.startswith("error: cannot write file/crd.yaml: ")
 
 
 def test_samples_due_when_stopping_wait_for_the_resume():

@@ -322,6 +322,9 @@ def report_cmd(args) -> int:
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if e.transient else 2
+    except OSError as e:  # the local folder (--out) cannot be written
+        print(f"error: cannot write the report to {out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(path.resolve())
     return 0
 
@@ -395,7 +398,11 @@ def main(argv=None) -> int:
         from .crd import render
         text = render()
         if args.out:
-            Path(args.out).write_text(text)
+            try:
+                Path(args.out).write_text(text)
+            except OSError as e:
+                print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+                return 1
         else:
             sys.stdout.write(text)
         return 0
