@@ -233,3 +233,6 @@ def test_a_trial_run_trains_n_steps_into_its_own_folder_under_the_output(tmp_pat
     assert seen["name"] == "my-spec"                  # the bare spec's name, from its file, as without --steps
     assert "a 5-step trial of" in capsys.readouterr().out
     assert cli.main(["run", str(job), "--steps", "0"]) == 2
+    capsys.readouterr()
+    assert cli.main(["run", str(job), "--nproc", "0"]) == 2   # not "0 means the default"
+    assert capsys.readouterr().err == "error: --nproc must be at least 1 (got 0)\n"

@@ -378,6 +378,9 @@ def main(argv=None) -> int:
     d.add_argument("--nproc", type=int, default=2, help="training processes (default: 2, as two GPUs would run)")
     args = p.parse_args(argv)
 
+    if getattr(args, "nproc", None) is not None and args.nproc < 1:  # `run` and `demo`
+        print(f"error: --nproc must be at least 1 (got {args.nproc})", file=sys.stderr)
+        return 2
     if args.cmd == "run":
         if args.steps is not None and args.steps < 1:
             print("error: --steps must be at least 1", file=sys.stderr)
