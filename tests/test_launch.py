@@ -5,10 +5,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
+from kubelora_trainer import launch
 from kubelora_trainer.launch import exit_code, root_cause
 
 
@@ -22,6 +24,22 @@ def test_exit_code_and_root_cause_from_the_workers_records():
     assert exit_code(1, peers) == 3                                     # every rank stopped for a peer's signal
     assert exit_code(1, peers + [{"rank": 2, "code": 143, "message": "stopped by SIGTERM"}]) == 143
     assert exit_code(1, peers[:1] + [{"rank": 1, "code": 1, "message": "boom"}]) == 1   # a crash is a crash
+
+
+def test_torchrun_gives_the_workers_the_pods_grace_period_less_a_margin():
+    """torchrun's own default (30 s from the forwarded SIGTERM to SIGKILL) would cut a large
+    model's stop checkpoint short in a pod given 120 s or more."""
+    assert launch.shutdown_timeout({launch.GRACE_ENV: "120"}) == 110
+    assert launch.shutdown_timeout({launch.GRACE_ENV: "3600"}) == 3590
+    assert launch.shutdown_timeout({launch.GRACE_ENV: "20"}) == 15     # a short grace keeps three quarters
+    assert launch.shutdown_timeout({}) == launch.LOCAL_SHUTDOWN_SECONDS  # kubelora run, torchx: no pod
+    from kubelora_operator.manifests import OperatorConfig, job
+    from kubelora_trainer.spec import parse_spec
+    spec = parse_spec({"model": {"type": "flux", "diffusersPath": "s3://bkt/m"}, "dataset": {"uri": "s3://bkt/d"},
+                       "output": {"uri": "s3://bkt/o"}, "runPolicy": {"terminationGracePeriodSeconds": 900}})
+    pod = job("j", "u", "ns", spec, OperatorConfig())["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env[launch.GRACE_ENV] == str(pod["terminationGracePeriodSeconds"]) == "900"
 
 
 def test_the_rendezvous_is_read_from_torchrun_s_arguments():
@@ -190,6 +208,8 @@ def test_a_worker_killed_without_a_record_is_named_and_ctrl_c_before_training_is
                       "if mode == 'kill':\n    os.kill(os.getpid(), signal.SIGKILL)\n"
                       "if mode == 'flood':\n"
                       "    for i in range(20000):\n        print('x' * 100, file=sys.stderr)\n    sys.exit(3)\n"
+                      "if mode == 'slow-stop':  # a checkpoint that takes 20 s after SIGTERM\n"
+                      "    signal.signal(signal.SIGTERM, lambda *a: (time.sleep(20), sys.exit(143)))\n"
                       "print('[phase] waiting', file=sys.stderr, flush=True)\n"
                       "time.sleep(120)\n")
     base = [sys.executable, "-m", "kubelora_trainer", "launch", "--nproc-per-node=1", "--standalone", str(script)]
@@ -202,6 +222,17 @@ def test_a_worker_killed_without_a_record_is_named_and_ctrl_c_before_training_is
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=300)[1]
     assert err.strip().splitlines()[-1] == "[stopped] stopped by SIGINT before training began (no checkpoint written)", err
+    # the pod's grace period reaches torchrun: with 4 s (3 s less the margin) a worker still writing its
+    # checkpoint is killed after 3 s, not torchrun's default 30, and the last line says why
+    proc = subprocess.Popen([*base, "slow-stop"], stderr=subprocess.PIPE, text=True,
+                            env={**env, launch.GRACE_ENV: "4"})
+    assert "[phase] waiting" in proc.stderr.readline()
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    err = proc.communicate(timeout=300)[1]
+    assert err.strip().splitlines()[-1].startswith("[stopped] stopped by SIGTERM; the workers, still stopping after 3 s, "
+                                                   "were killed"), err
+    assert time.monotonic() - t0 < 15, "torchrun waited for the worker past the grace period"
     # a reader that stops reading after one line: the launcher still drains the workers' stderr and ends
     flood = subprocess.Popen(f"{' '.join(base)} flood 2>&1 | head -1", shell=True, stdout=subprocess.PIPE, env=env)
     flood.communicate(timeout=300)

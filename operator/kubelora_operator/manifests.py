@@ -116,6 +116,8 @@ def _env(job: str, spec: LoRATrainingJobSpec, namespace: str, cfg: "OperatorConf
         {"name": "KUBELORA_METRICS_PORT", "value": str(cfg.metrics_port)},
         {"name": "KUBELORA_METRICS_LINGER_SECONDS", "value": str(cfg.metrics_linger_seconds)},
         {"name": "KUBELORA_CACHE_DIR", "value": CACHE_MOUNT},
+        # the launcher gives the workers this long, less a margin, to write their checkpoint after a SIGTERM
+        {"name": "KUBELORA_STOP_GRACE_SECONDS", "value": str(spec.runPolicy.terminationGracePeriodSeconds)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
     ]

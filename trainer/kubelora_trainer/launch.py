@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .exits import BAD_INPUT, EXIT_DIR_ENV, PEER_STOPPED
@@ -146,6 +147,7 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
     import threading
     folder = Path(tempfile.mkdtemp(prefix="kubelora-exit-"))
     child_env = {**(env if env is not None else os.environ), EXIT_DIR_ENV: str(folder)}
+    child_env.setdefault(SHUTDOWN_TIMEOUT_ENV, str(shutdown_timeout(child_env)))
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *torchrun_args], env=child_env,
                             start_new_session=True, stderr=subprocess.PIPE)
     keep = TorchrunFilter(verbose=child_env.get(VERBOSE_ENV) == "1")
@@ -155,7 +157,7 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
     forwarded = []
 
     def forward(signum, _frame):
-        forwarded.append(signum)
+        forwarded.append((signum, time.monotonic()))
         try:
             os.killpg(proc.pid, signum)
         except ProcessLookupError:
@@ -182,7 +184,6 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
         # wait there for a run that is over, so this pod ends only once that store has closed. The
         # store is watched at the address node 0's name had during the run: node 0's replacement
         # (a new pod, a new address) answering at the name does not hold this pod back.
-        import time
         t0, limit = time.monotonic(), float(os.environ.get(MASTER_WAIT_ENV, "60"))
         addr = master.last or rdzv[1]
         closed = wait_until_closed(addr, rdzv[2], limit)
@@ -196,9 +197,14 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
                   f"{VERBOSE_ENV}=1 shows it)", file=sys.stderr, flush=True)
         cause = root_cause(records)
         stopped = code > 128 or code == PEER_STOPPED
-        if cause is None and forwarded:  # stopped before the training loop, which checkpoints on a signal
-            stopped = True
-            cause = f"stopped by {signal.Signals(forwarded[0]).name} before training began (no checkpoint written)"
+        if cause is None and forwarded:  # no worker recorded its stop: before the loop (which checkpoints
+            stopped = True            # on a signal), or killed by torchrun while still writing one
+            name, limit = signal.Signals(forwarded[0][0]).name, int(child_env[SHUTDOWN_TIMEOUT_ENV])
+            if time.monotonic() - forwarded[0][1] >= limit:
+                cause = (f"stopped by {name}; the workers, still stopping after {limit} s, were killed (no checkpoint "
+                         f"from this stop: {SHUTDOWN_TIMEOUT_ENV}, from the pod's grace period, is too short)")
+            else:
+                cause = f"stopped by {name} before training began (no checkpoint written)"
         elif cause is None:
             cause = keep.rendezvous or "; ".join(keep.workers) or f"torchrun exited with code {rc}"
         print(f"[{'stopped' if stopped else 'error'}] {cause}", file=sys.stderr, flush=True)
@@ -207,6 +213,23 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
 
 
 MASTER_WAIT_ENV = "KUBELORA_MASTER_CLOSE_WAIT_SECONDS"
+# torchrun kills the workers this long after forwarding them a SIGTERM (its own default: 30 s, too
+# short for a large model's checkpoint); set from the pod's grace period (GRACE_ENV, the operator
+# sets it to terminationGracePeriodSeconds) less STOP_MARGIN_SECONDS for the launcher's last lines,
+# else LOCAL_SHUTDOWN_SECONDS. A value set in the environment is kept.
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+GRACE_ENV = "KUBELORA_STOP_GRACE_SECONDS"
+STOP_MARGIN_SECONDS = 10
+LOCAL_SHUTDOWN_SECONDS = 600
+
+
+def shutdown_timeout(env: dict) -> int:
+    """Seconds torchrun gives the workers between the signal it forwards and SIGKILL. Pure."""
+    try:
+        grace = int(env[GRACE_ENV])
+    except (KeyError, ValueError):
+        return LOCAL_SHUTDOWN_SECONDS
+    return max(1, grace - min(STOP_MARGIN_SECONDS, grace // 4))
 VERBOSE_ENV = "KUBELORA_LAUNCH_VERBOSE"
 
 
@@ -259,7 +282,6 @@ class AddressWatch:
 def wait_until_closed(addr: str, port: int, seconds: float) -> bool:
     """Wait (at most seconds) until nothing accepts connections at addr:port; True once closed."""
     import socket
-    import time
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
