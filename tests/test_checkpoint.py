@@ -25,6 +25,11 @@ def test_complete_steps_and_resume_plan():
     assert resume_plan("resume", True, 6) == "done" and resume_plan("overwrite", True, 6) == "train"
     with pytest.raises(RunError, match="output.uri already holds checkpoints up to step 6; .*onExisting"):
         resume_plan("fail", False, 6)
+    # an earlier attempt of this run left them (own_output): resumed or kept whatever onExisting says
+    for mode in ("resume", "overwrite", "fail"):
+        assert resume_plan(mode, False, 6, own="checkpoint") == "resume"
+        assert resume_plan(mode, True, 6, own="finished") == "done"
+        assert resume_plan(mode, True, 6, own="checkpoint") == "resume"  # another run's result, our checkpoints
     s = Schedule(steps=3, minutes=None)
     assert [s.due(i) for i in range(1, 7)] == [False, False, True, False, False, True]
 
@@ -316,6 +321,26 @@ def test_resume_refuses_changed_settings_skips_a_corrupt_checkpoint_and_overwrit
     rc, log = _run(job, env, nproc=1)
     assert rc == 0 and "deleting the earlier run's checkpoints (steps 2, 4)" in log, log[-3000:]
     assert complete_steps([str(p.relative_to(out / "checkpoints")) for p in out.rglob("COMPLETE")]) == [2, 3]
+
+    # an attempt of the same run (the operator's KUBELORA_RUN_ID: the job's uid) after a preemption: its
+    # own output is kept or resumed whatever onExisting says (was: overwrite trained it all again, fail
+    # failed the Job for good); another run's is still overwritten
+    run = {**env, "KUBELORA_RUN_ID": "uid-1"}
+    rc, log = _run(job, run, nproc=1)
+    assert rc == 0 and "deleting the earlier run's checkpoints (steps 2, 3)" in log, log[-3000:]  # not its own
+    assert json.loads((out / "manifest.json").read_text())["runId"] == "uid-1"
+    assert json.loads((out / "checkpoints/step-3/state/spec.json").read_text())["runId"] == "uid-1"
+    rc, log = _run(job, run, nproc=1)   # the pod died after the export (in the metrics linger)
+    assert rc == 0 and "the finished result is this run's own (an earlier attempt of it), so it is kept" in log, \
+        log[-3000:]
+    assert "deleting" not in log and "[phase] stage-in" not in log, log[-3000:]
+    (out / "manifest.json").unlink()    # ... or before it
+    doc["output"]["onExisting"] = "fail"
+    job.write_text(yaml.safe_dump(doc))
+    rc, log = _run(job, run, nproc=1)
+    assert rc == 0 and "the checkpoint of step 3 is this run's own (an earlier attempt of it), so it is resumed" in log, \
+        log[-3000:]
+    assert "[resume] from the checkpoint of step 3" in log and "deleting" not in log, log[-3000:]
 
 
 def test_running_out_of_memory_while_restoring_is_not_a_corrupt_checkpoint():

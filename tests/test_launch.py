@@ -40,6 +40,7 @@ def test_torchrun_gives_the_workers_the_pods_grace_period_less_a_margin():
     pod = job("j", "u", "ns", spec, OperatorConfig())["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env[launch.GRACE_ENV] == str(pod["terminationGracePeriodSeconds"]) == "900"
+    assert env["KUBELORA_RUN_ID"] == "u"   # the job's uid: every attempt resumes its own checkpoints
 
 
 def test_the_rendezvous_is_read_from_torchrun_s_arguments():

@@ -101,7 +101,7 @@ def service(job: str, uid: str, namespace: str) -> dict:
                      "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}]}}
 
 
-def _env(job: str, spec: LoRATrainingJobSpec, namespace: str, cfg: "OperatorConfig") -> list[dict]:
+def _env(job: str, uid: str, spec: LoRATrainingJobSpec, namespace: str, cfg: "OperatorConfig") -> list[dict]:
     r = spec.resources
     master = f"{job}-0.{child_names(job)['service']}.{namespace}.svc"
     env = [
@@ -113,6 +113,9 @@ def _env(job: str, spec: LoRATrainingJobSpec, namespace: str, cfg: "OperatorConf
         {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": "KUBELORA_JOB_NAME", "value": job},
         {"name": "KUBELORA_NAMESPACE", "value": namespace},
+        # which run: the same for every attempt (preemptions, gang restarts), so each resumes its own
+        # checkpoints whatever output.onExisting says (kubelora_trainer.checkpoint.RUN_ID_ENV)
+        {"name": "KUBELORA_RUN_ID", "value": uid},
         {"name": "KUBELORA_METRICS_PORT", "value": str(cfg.metrics_port)},
         {"name": "KUBELORA_METRICS_LINGER_SECONDS", "value": str(cfg.metrics_linger_seconds)},
         {"name": "KUBELORA_CACHE_DIR", "value": CACHE_MOUNT},
@@ -215,7 +218,7 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
     command, args = trainer_command()
     container = {
         "name": CONTAINER, "image": r.image or cfg.image, "imagePullPolicy": cfg.image_pull_policy,
-        "command": command, "args": args, "env": _env(name, spec, namespace, cfg),
+        "command": command, "args": args, "env": _env(name, uid, spec, namespace, cfg),
         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}]
         + ([{"name": "metrics", "containerPort": cfg.metrics_port}] if cfg.metrics_port else []),  # 0: off
         "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},

@@ -6,7 +6,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__, lora, safetensors_file, storage
+from . import __version__, checkpoint, lora, safetensors_file, storage
 from .families import RULES, areas_of
 from .spec import dump_spec
 
@@ -150,6 +150,7 @@ def publish_manifest(spec, job_name, adapter: dict, artifacts: list[dict], stats
         "apiVersion": "kubelora.dev/v1alpha1",
         "kind": "LoRAArtifactManifest",
         "job": job_name,
+        **({checkpoint.RUN_KEY: run} if (run := checkpoint.run_id()) else {}),  # which run wrote it
         "createdAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trainerVersion": __version__,
         "model": {"type": spec.model.type, "base": base_model(spec.model)},

@@ -520,10 +520,13 @@ class OutputSpec(_Model):
                                        "or float16 halve the file, as most shared LoRAs are). The checkpoints keep "
                                        "float32. Not for adapter.type full, whose files take model.dtype.")
     onExisting: Literal["resume", "fail", "overwrite"] = Field(
-        default="resume", description="When output.uri already holds this run's checkpoints or a finished run: "
+        default="resume", description="When output.uri already holds checkpoints or a finished run: "
                                       "resume from the newest checkpoint (and do nothing if the run finished; "
                                       "refused when the checkpoints were trained with other settings), fail, or "
-                                      "overwrite (delete the old checkpoints, train from step 1).")
+                                      "overwrite (delete the old checkpoints, train from step 1). Under the "
+                                      "operator this is about another job's output: a retry of the same "
+                                      "LoRATrainingJob (after a preemption or a crash) always resumes its own "
+                                      "checkpoints and keeps its own finished result.")
 
 
 class StorageSpec(_Model):

@@ -180,11 +180,12 @@ def agree_on_step(step_loss: torch.Tensor, step: int, env: dist.DistEnv, save: b
     return float(flags[0]) / env.world, bool(flags[2] > 0), bool(flags[3] > 0)
 
 
-def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int], bool]:
+def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int], bool, Optional[str]]:
     """(a finished training run's manifest.json is there, the complete checkpoints' steps, oldest
-    first, whether this spec trains that finished run further: extends), read by rank 0, told to
+    first, whether this spec trains that finished run further: extends, and whether what is there
+    is this run's own: 'finished', 'checkpoint' or None, see own_output), read by rank 0, told to
     all."""
-    found, err = (False, [], False), None
+    found, err = (False, [], False, None), None
     if env.is_main:
         try:
             names = storage.list_keys(spec.output.uri, settings)  # one listing answers both
@@ -192,12 +193,13 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int],
             manifest = read_manifest(spec, settings) if "manifest.json" in names else None
             finished = manifest is not None and not manifest.get("cacheOnly")
             extending = finished and extends(manifest, steps, spec)
+            own = own_output(spec, settings, manifest if finished else None, steps)
             if finished and not extending and spec.output.onExisting == "resume" and not spec.dataset.cacheOnly:
                 recorded = manifest.get("spec")
                 why = checkpoint.finished_refusal(checkpoint.fingerprint_of(recorded) if isinstance(recorded, dict)
                                                   else None, checkpoint.fingerprint(spec), spec.output.uri)
                 err = RunError(why) if why else None   # told to every rank by fail_together
-            found = (finished, steps, extending)
+            found = (finished, steps, extending, own)
         except storage.StorageError as e:
             if e.transient:  # training from step 1 would waste the checkpoints: stop, the retried run resumes
                 err = storage.StorageError(f"output.uri: looking for checkpoints: {e}", transient=True)
@@ -205,6 +207,24 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int],
                 log(env, f"[resume] warning: cannot list {spec.output.uri}: {e}")
     dist.fail_together(err, "looking for checkpoints")
     return tuple(dist.broadcast(found))
+
+
+def own_output(spec, settings, manifest: Optional[dict], steps: list[int]) -> Optional[str]:
+    """'finished' when the finished run's manifest.json, 'checkpoint' when the newest checkpoint,
+    was written by an earlier attempt of this run (checkpoint.run_id), else None."""
+    run = checkpoint.run_id()
+    if run is None:
+        return None
+    if manifest is not None and manifest.get(checkpoint.RUN_KEY) == run:
+        return "finished"
+    if steps:
+        try:
+            recorded = checkpoint.read_fingerprint(spec.output.uri, steps[-1], settings) or {}
+        except (OSError, ValueError):  # unreadable: not known to be ours (check_fingerprint says why)
+            return None
+        if isinstance(recorded, dict) and recorded.get(checkpoint.RUN_KEY) == run:
+            return "checkpoint"
+    return None
 
 
 def read_manifest(spec, settings, client=None) -> dict:
@@ -254,8 +274,14 @@ def finish_cache_only(spec, job_name: str, env, m, publish, settings, stats: dic
     return 0
 
 
-def resume_plan(on_existing: str, finished: bool, latest: Optional[int]) -> str:
-    """'train', 'resume' or 'done'; raises RunError for onExisting: fail. Pure."""
+def resume_plan(on_existing: str, finished: bool, latest: Optional[int], own: Optional[str] = None) -> str:
+    """'train', 'resume' or 'done'; raises RunError for onExisting: fail. own (own_output): what is
+    there is this run's, left by an earlier attempt (a preemption, a crash): resumed or kept
+    whatever onExisting says, which is about another run's output. Pure."""
+    if own == "finished" and finished:
+        return "done"
+    if own == "checkpoint" and latest is not None:
+        return "resume"
     if on_existing == "overwrite" or (not finished and latest is None):
         return "train"
     if on_existing == "fail":
@@ -465,7 +491,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             if save or stop or last:
                 checkpoint.save(step, tr.modules, tr.opt, state.to_dict(step, env.world), tr.local_ckpt,
                                 tr.spec.output.uri, tr.settings, t.checkpointKeep, env,
-                                fingerprint=checkpoint.fingerprint(tr.spec))
+                                fingerprint=checkpoint.recorded(tr.spec, checkpoint.run_id()))
                 schedule.written()
                 tr.metrics.checkpoint(step)
             if stop:
@@ -662,9 +688,13 @@ def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int]]:
         except storage.StorageError as e:
             err = storage.StorageError(f"output.uri: {e}", transient=e.transient)
     dist.fail_together(err, "the output check")
-    finished, steps, extending = existing_output(spec, settings, env)
+    finished, steps, extending, own = existing_output(spec, settings, env)
     latest = steps[-1] if steps else None
-    plan = resume_plan(spec.output.onExisting, finished and not extending, latest)
+    plan = resume_plan(spec.output.onExisting, finished and not extending, latest, own)
+    if own and spec.output.onExisting != "resume":
+        log(env, f"[resume] output.onExisting: {spec.output.onExisting} is about another run's output; "
+                 f"{'the finished result' if plan == 'done' else f'the checkpoint of step {latest}'} is this "
+                 f"run's own (an earlier attempt of it), so it is {'kept' if plan == 'done' else 'resumed'}")
     if spec.dataset.cacheOnly:  # writes its own manifest.json: never over a finished run's
         err = RunError(f"dataset.cacheOnly: {spec.output.uri} holds a finished training run (manifest.json), which "
                        f"a cache-only job would replace with its own: give it another output.uri (or set "
