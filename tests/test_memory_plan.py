@@ -208,6 +208,27 @@ def test_a_gpu_out_of_memory_names_the_settings_that_lower_a_step_and_is_not_ret
     assert "a smaller dataset.resolutions (and the sources' own resolutions)" in msg
 
 
+
+def test_running_out_of_memory_while_sampling_or_evaluating_is_bad_input_with_their_settings():
+    """dist.caught keeps the error's type (it was a RuntimeError: exit 1, so the Job retried, trained
+    again from the last checkpoint and ran out at the same sample step until backoffLimit was spent);
+    the advice names the samples' or the evaluation's settings, not the training step's."""
+    from kubelora_trainer import dist, exits, train
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+    err = dist.caught(oom, False, "sampling at step 200")
+    assert isinstance(err, torch.OutOfMemoryError) and exits.code_of(err) == exits.BAD_INPUT  # peers too
+    assert exits.code_of(dist.caught(lambda: 1 / 0, False, "sampling at step 200")) == exits.FAILED
+    spec = parse_spec({"model": {"type": "ltx-video", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},
+                       "samples": {"prompts": [{"prompt": "x"}]}, "output": {"uri": "/o"}})
+    msg = train.out_of_memory(err, spec)
+    assert msg.startswith("the GPU ran out of memory (sampling at step 200: CUDA out of memory."), msg
+    assert "spec.samples width/height or frames" in msg and "gradientCheckpointing" not in msg, msg
+    msg = train.out_of_memory(dist.caught(oom, False, "evaluation at step 50"), spec)
+    assert "evaluation.microBatchSize" in msg and "spec.samples" not in msg, msg
+
+
 def test_an_out_of_memory_run_exits_2_with_the_message_once(monkeypatch, capsys):
     """train.run's handling, with the GPU's error raised where a step would raise it (no GPU here)."""
     from conftest import one_rank_env

@@ -293,6 +293,8 @@ def caught(fn, sharded: bool, what: str) -> Exception | None:
     try:
         fn()
     except Exception as e:  # noqa: BLE001 - agreed on by the caller
+        if type(e).__name__ == "OutOfMemoryError":  # keeps its type: bad input (a retry runs out again)
+            return type(e)(f"{what}: {e}")
         return RuntimeError(f"{what}: {type(e).__name__}: {e}")
     return None
 

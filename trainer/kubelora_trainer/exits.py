@@ -20,7 +20,8 @@ PEER_STOPPED = 3
 # the errors that mean bad input (a spec, data, model or storage problem a retry cannot fix), by
 # class name so this module imports nothing of the trainer
 BAD_INPUT_ERRORS = {"RunError", "DatasetError", "StorageError", "AdapterError", "ModelError", "SpecError",
-                    "FileNotFoundError"}
+                    "FileNotFoundError",
+                    "OutOfMemoryError"}  # torch's, on a GPU: the same step (or sample) would run out again
 
 
 def code_of(error: BaseException) -> int:

@@ -561,6 +561,15 @@ def out_of_memory(error: BaseException, spec: LoRATrainingJobSpec) -> str:
     """The root cause of a GPU out-of-memory failure, with the settings that lower what a step
     needs (those not already at their leanest). A retry would run out at the same step, so the
     failure counts as bad input. Pure."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if first.startswith(("sampling at step", "evaluation at step")):  # dist.caught's prefix
+        if first.startswith("sampling"):
+            fixes = ["a smaller spec.samples width/height" + (" or frames" if RULES[spec.model.type].video else "")
+                     + " (and the prompts' own)", "no spec.samples (the run trains without samples)"]
+        else:
+            fixes = ["a smaller evaluation.microBatchSize", "a smaller resolution for the evaluation.sources"]
+        return (f"the GPU ran out of memory ({first}); a retry would run out at the same step, so the run is not "
+                f"retried. Lower what it needs: " + "; ".join(fixes))
     t, fixes = spec.training, []
     # what the spec refuses beside a setting already there is advised with its removal
     budget = " (in place of training.memoryBudgetGiB)" if t.memoryBudgetGiB is not None else ""
@@ -588,7 +597,6 @@ def out_of_memory(error: BaseException, spec: LoRATrainingJobSpec) -> str:
              + (" (and the sources' own resolutions)" if any(s.resolutions for s in d.sources or ()) else ""))
     fixes.append(sizes + (" or frame count" if RULES[spec.model.type].video else "")
                  + " (another run: output.uri or output.onExisting: overwrite)")
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (f"the GPU ran out of memory ({first}); a retry would run out at the same step. Lower what a step "
             f"needs: " + "; ".join(fixes))
 
