@@ -454,3 +454,42 @@ def test_a_missing_input_names_the_spec_field_at_stage_in(tmp_path, monkeypatch)
                   {"sources": [{"uri": str(tmp_path / "data" / "a")},
                                {"uri": str(tmp_path / "data" / "a"), "maskUri": str(tmp_path / "no-masks")}]}) \
         .startswith("dataset.sources[1].maskUri: reading ")
+
+
+def test_a_delete_the_store_answers_in_part_is_an_error_and_markers_go_first(s3, tmp_path):
+    """S3's DeleteObjects answers 200 and lists the keys it could not delete in Errors (an object
+    lock, a permission on one key, an overloaded store): such a delete raised nothing, so pruning or
+    overwrite left a checkpoint's COMPLETE behind. SeaweedFS deletes everything asked, so its
+    answer is given Errors here for one key (a stand-in for the store's partial failure)."""
+    s3.create_bucket(Bucket="deletes")
+    for key in ("ck/step-2/state/COMPLETE", "ck/step-2/state/__0_0.distcp", "ck/step-2/state/rank-0.pt"):
+        s3.put_object(Bucket="deletes", Key=key, Body=b"x")
+    real, sent = storage.make_client(S3Settings()), []
+
+    class Refuses:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def delete_objects(self, Bucket, Delete):
+            keys = [o["Key"] for o in Delete["Objects"]]
+            sent.append(keys)
+            resp = real.delete_objects(Bucket=Bucket, Delete={"Objects": [{"Key": k} for k in keys
+                                                                           if not k.endswith("rank-0.pt")]})
+            if any(k.endswith("rank-0.pt") for k in keys):
+                resp["Errors"] = [{"Key": "ck/step-2/state/rank-0.pt", "Code": "SlowDown", "Message": "Reduce your rate"}]
+            return resp
+    with pytest.raises(StorageError, match=r"deleting s3://deletes/ck/step-2: 1 of 2 objects not deleted \(SlowDown; "
+                                           r"first ck/step-2/state/rank-0.pt: Reduce your rate\)") as e:
+        storage.delete_prefix("s3://deletes/ck/step-2", S3Settings(), client=Refuses(), first=("COMPLETE",))
+    assert e.value.transient  # SlowDown: the store's, retried
+    assert sent[0] == ["ck/step-2/state/COMPLETE"]  # the marker first, in a batch of its own
+    left = [o["Key"] for o in s3.list_objects_v2(Bucket="deletes").get("Contents", [])]
+    assert left == ["ck/step-2/state/rank-0.pt"]    # an incomplete step, never a marker beside missing files
+    storage.delete_prefix("s3://deletes/ck", S3Settings(), first=("COMPLETE",))
+    assert not s3.list_objects_v2(Bucket="deletes").get("Contents")
+    local = tmp_path / "ck" / "step-2" / "state"
+    local.mkdir(parents=True)
+    (local / "COMPLETE").write_text("2\n")
+    storage.delete_prefix(str(tmp_path / "ck"), first=("COMPLETE",))
+    assert not (tmp_path / "ck").exists()
+    storage.delete_prefix(str(tmp_path / "ck"))  # nothing there: fine

@@ -326,7 +326,7 @@ def prune(output_uri: str, settings: storage.S3Settings, keep: int) -> None:
     completed (a crash while writing) below the newest complete one."""
     base = f"{output_uri.rstrip('/')}/checkpoints"
     for old in to_prune(storage.list_keys(base, settings), keep):
-        storage.delete_prefix(f"{base}/step-{old}/{STATE}", settings)
+        storage.delete_prefix(f"{base}/step-{old}/{STATE}", settings, first=(MARKER,))
 
 
 def to_prune(names: list[str], keep: int) -> list[int]:
@@ -341,7 +341,7 @@ def to_prune(names: list[str], keep: int) -> list[int]:
 
 def delete_all(output_uri: str, settings: storage.S3Settings) -> None:
     """output.uri/checkpoints/ deleted (output.onExisting: overwrite, before training from step 1)."""
-    storage.delete_prefix(f"{output_uri.rstrip('/')}/checkpoints", settings)
+    storage.delete_prefix(f"{output_uri.rstrip('/')}/checkpoints", settings, first=(MARKER,))
 
 
 class Unreadable(RuntimeError):

@@ -23,6 +23,7 @@
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -733,17 +734,41 @@ def download_file(uri: str, target: str | Path, size: int, settings: S3Settings 
         tmp.unlink(missing_ok=True)
 
 
-def delete_prefix(uri: str, settings: S3Settings = S3Settings(), client=None) -> None:
-    """Delete every object under uri (a local folder: the folder)."""
+def delete_prefix(uri: str, settings: S3Settings = S3Settings(), client=None, first: tuple[str, ...] = ()) -> None:
+    """Delete every object under uri (a local folder: the folder); objects whose name is in first
+    (a completion marker) before any other, so a delete that fails part-way never leaves a marker
+    beside missing files. Raises StorageError when any object could not be deleted: S3's batch
+    delete answers 200 and lists its failures in Errors, which would otherwise pass unseen."""
     loc = parse_uri(uri)
     if not loc.is_s3:
-        shutil.rmtree(loc.key, ignore_errors=True)
+        root = Path(loc.key)
+        try:
+            for name in first:
+                for p in list(root.rglob(name)):
+                    p.unlink()
+            shutil.rmtree(root)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            transient = e.errno in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EBUSY, errno.EAGAIN)  # a flaky mount
+            raise StorageError(f"deleting {uri}: {e.strerror or e} ({e.filename})", transient=transient) from None
         return
     client = client or make_client(settings)
-    keys = [str(loc.child(k).key) for k in list_keys(uri, settings, client)]
+    names = sorted(list_keys(uri, settings, client), key=lambda k: k.rsplit("/", 1)[-1] not in first)
+    keys = [str(loc.child(k).key) for k in names]
     try:
-        for i in range(0, len(keys), 1000):
-            client.delete_objects(Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
+        batches = ([keys[:n]] if (n := sum(k.rsplit("/", 1)[-1] in first for k in names)) else []) + \
+                  [keys[i:i + 1000] for i in range(n, len(keys), 1000)]
+        for batch in batches:  # the markers in a batch of their own, answered before the rest is sent
+            resp = client.delete_objects(Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in batch]})
+            if failed := resp.get("Errors"):
+                codes = sorted({str(e.get("Code", "")) for e in failed})
+                raise StorageError(
+                    f"deleting s3://{loc.bucket}/{loc.key}: {len(failed)} of {len(batch)} objects not deleted "
+                    f"({', '.join(codes)}; first {failed[0].get('Key')}: {failed[0].get('Message', '')})",
+                    transient=any(c in TRANSIENT_CODES for c in codes))
+    except StorageError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise describe_error(exc, loc, "deleting") from None
 

@@ -896,7 +896,8 @@ def resume(tr: Trainer, steps: list[int]) -> int:
         log(env, f"[resume] deleting the unreadable checkpoint(s) of step {', '.join(map(str, unreadable))}")
         try:
             for s in unreadable:
-                storage.delete_prefix(f"{spec.output.uri.rstrip('/')}/checkpoints/step-{s}", tr.settings)
+                storage.delete_prefix(f"{spec.output.uri.rstrip('/')}/checkpoints/step-{s}", tr.settings,
+                                      first=(checkpoint.MARKER,))
         except storage.StorageError as e:
             err = e
     dist.fail_together(err, "deleting unreadable checkpoints")
