@@ -344,13 +344,20 @@ def test_resume_refuses_changed_settings_skips_a_corrupt_checkpoint_and_overwrit
 
 
 def test_running_out_of_memory_while_restoring_is_not_a_corrupt_checkpoint():
-    """An older step would be tried and the newer ones deleted: only unreadable files do that."""
+    """An older step would be tried and the newer ones deleted: only unreadable files do that; a
+    failure of the machine stops the run with its error instead (retried, the checkpoint kept)."""
     import errno
     from kubelora_trainer.checkpoint import _not_the_files
     assert isinstance(_not_the_files(torch.OutOfMemoryError("CUDA out of memory")), torch.OutOfMemoryError)
     assert _not_the_files(OSError(errno.ENOSPC, "No space left on device")) is not None
     assert _not_the_files(EOFError("Ran out of input")) is None
     assert _not_the_files(RuntimeError("PytorchStreamReader failed reading zip archive")) is None
+    # the disk or mount failing (an NFS output.uri read in place), a GPU or a peer: not the files
+    assert isinstance(_not_the_files(OSError(errno.EIO, "Input/output error")), OSError)
+    assert isinstance(_not_the_files(OSError(errno.ESTALE, "Stale file handle")), OSError)
+    assert _not_the_files(RuntimeError("CUDA error: an illegal memory access was encountered")) is not None
+    assert _not_the_files(torch.distributed.DistNetworkError("Connection reset by peer")) is not None
+    assert _not_the_files(FileNotFoundError(errno.ENOENT, "No such file", "__0_0.distcp")) is None  # the files
 
 
 def test_a_setting_the_model_resolves_is_compared_once_the_model_has_loaded():

@@ -17,6 +17,7 @@ Frozen base weights are never written (they come from the model files); a full f
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -384,13 +385,31 @@ def _cause(e: BaseException) -> BaseException:
     return e
 
 
+# errnos of a machine or a mount failing (an NFS/FUSE output.uri read in place, the staging disk),
+# not of the checkpoint's bytes
+MACHINE_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.ENOMEM,
+                            errno.EMFILE, errno.ENFILE, errno.ENOLCK, errno.ECONNRESET, errno.ENETUNREACH,
+                            errno.EHOSTUNREACH, errno.ENOTCONN})
+DEVICE_FAULTS = ("CUDA error", "NCCL", "CUBLAS_STATUS", "cuDNN error", "illegal memory access")
+
+
 def _not_the_files(e: BaseException) -> Optional[BaseException]:
-    """A load failure that is this machine's, not the checkpoint's (out of memory, a full disk):
-    the error to stop with; None for one that means unreadable files."""
+    """A load failure that is this machine's, not the checkpoint's: out of memory, a full disk, an
+    I/O error of the disk or mount, a GPU or collective fault. The error to stop with (an older
+    step is then not tried, which would delete this one); None for one that means unreadable files
+    (truncated, corrupt, missing). Pure."""
     cause = _cause(e)
     if isinstance(cause, (torch.OutOfMemoryError, MemoryError)):
         return cause
-    return disk.no_room(cause, "restoring a checkpoint")
+    room = disk.no_room(cause, "restoring a checkpoint")
+    if room is not None:
+        return room
+    if isinstance(cause, OSError) and cause.errno in MACHINE_ERRNOS:
+        return cause
+    if isinstance(cause, torch.distributed.DistError) or (
+            isinstance(cause, RuntimeError) and any(f in str(cause) for f in DEVICE_FAULTS)):
+        return cause
+    return None
 
 
 def _reason(e: BaseException) -> str:
