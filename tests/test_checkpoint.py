@@ -408,10 +408,37 @@ def test_a_layout_change_keeps_deferred_samples_and_goes_on_from_the_next_epoch(
     assert state.load(got) is False
     assert state.sample_pending == 6 and state.losses == [1.0, 0.9] and state.sampler.epoch == 4
     assert state.sampler.pos == 0 and not torch.equal(state.gen.get_state(), before)
+
+
     assert torch.initial_seed() != 11
     again = fresh()
     again.load(got)  # the same on every attempt
     assert torch.equal(again.gen.get_state(), state.gen.get_state())
+
+
+def test_a_position_taken_in_other_data_goes_on_from_the_next_epoch():
+    """Items added or removed under the same dataset URIs between attempts: the saved position's unit
+    indices are another plan's (carried samples could name units that no longer exist: an
+    IndexError at every retry), so the data order goes on from the next epoch; the same data resumes
+    exactly; a position saved before positions named their space is taken as before."""
+    from kubelora_trainer import buckets as bk
+    from kubelora_trainer.train import LoopState
+    big = bk.SampleSpace(((32, 32, 1),) * 5, (1,) * 5, (1,) * 5, (0.0,) * 5)
+    small = bk.SampleSpace(((32, 32, 1),) * 3, (1,) * 3, (1,) * 3, (0.0,) * 3)
+    ran = bk.BucketSampler(big, 1, 2, 1, 0)
+    for _ in range(3):   # 5 samples in batches of 2: a batch carried across epochs
+        ran.next_batch()
+    saved = {"gen": torch.Generator().get_state(), "torch_rng": torch.get_rng_state(), "losses": [1.0],
+             "sampler": ran.state_dict()}
+    assert saved["sampler"]["space"] == big.digest() != small.digest()
+    state = LoopState(torch.Generator(), bk.BucketSampler(small, 1, 2, 1, 0))
+    assert state.load(saved) is False
+    assert (state.sampler.epoch, state.sampler.pos, state.sampler.carry_in) == (ran.epoch + 1, 0, [])
+    assert all(u < 3 for _ in range(6) for u, _ in state.sampler.next_batch())
+    same = LoopState(torch.Generator(), bk.BucketSampler(big, 1, 2, 1, 0))
+    assert same.load(saved) is True and same.sampler.next_batch() == ran.next_batch()
+    older = {**saved, "sampler": {k: v for k, v in saved["sampler"].items() if k != "space"}}
+    assert LoopState(torch.Generator(), bk.BucketSampler(big, 1, 2, 1, 0)).load(older) is True
 
 
 def test_prune_deletes_saves_that_never_completed_below_the_newest_complete_one():

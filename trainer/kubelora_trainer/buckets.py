@@ -206,6 +206,12 @@ class SampleSpace:
     variants: tuple[int, ...]
     dropout: tuple[float, ...]
 
+    def digest(self) -> str:
+        """What a checkpoint's sampler position is valid for: another space (items added or removed
+        under the same dataset URI, other buckets) has other unit indices. Pure."""
+        import hashlib
+        return hashlib.sha256(repr((self.buckets, self.repeats, self.variants, self.dropout)).encode()).hexdigest()[:16]
+
 
 def plan_epoch(space: SampleSpace, seed: int, epoch: int, global_batch: int,
                carry_in: list[Sample]) -> tuple[list[list[Sample]], list[Sample]]:
@@ -239,6 +245,7 @@ class BucketSampler:
         self.space, self.seed, self.micro, self.world, self.rank = space, seed, micro_batch, world, rank
         self.epoch, self.pos, self.carry_in = 0, 0, []
         self._plan: Optional[tuple[list, list]] = None
+        self._space_digest: Optional[str] = None
 
     @property
     def global_batch(self) -> int:
@@ -259,8 +266,20 @@ class BucketSampler:
             self.epoch, self.pos, self.carry_in, self._plan = self.epoch + 1, 0, carry_out, None
         raise RuntimeError("the sampler found no batch in 10000 epochs (empty dataset?)")
 
+    @property
+    def space_digest(self) -> str:
+        if self._space_digest is None:
+            self._space_digest = self.space.digest()
+        return self._space_digest
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "carry_in": [list(s) for s in self.carry_in]}
+        return {"epoch": self.epoch, "pos": self.pos, "carry_in": [list(s) for s in self.carry_in],
+                "space": self.space_digest}
+
+    def fits(self, d: dict) -> bool:
+        """Whether a saved position (state_dict) was taken in this sampler's space (one saved before
+        positions named their space is taken as fitting, as before). Pure."""
+        return d.get("space") in (None, self.space_digest)
 
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.pos = int(d["epoch"]), int(d["pos"])

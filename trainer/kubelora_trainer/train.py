@@ -332,6 +332,11 @@ class LoopState:
         self.losses = list(d["losses"])
         if "sampler" not in d:
             return False
+        if not self.sampler.fits(d["sampler"]):  # the data changed under the same URI: its position (unit
+            old = d["sampler"]                   # indices) is another plan's; on from the next epoch
+            self.sampler.load_state_dict({"epoch": old["epoch"] + (1 if old["pos"] or old["carry_in"] else 0),
+                                          "pos": 0, "carry_in": []})
+            return False
         self.sampler.load_state_dict(d["sampler"])
         return True
 
@@ -907,7 +912,8 @@ def resume(tr: Trainer, steps: list[int]) -> int:
     exact = loop is not None and tr.state.load(loop)
     tr.metrics.resumed(step)
     log(env, f"[resume] from the checkpoint of step {step}" + ("" if exact else
-             " (another number of ranks or micro-batch, or an older checkpoint: the data order goes on from "
+             " (another number of ranks or micro-batch, other data under the dataset's URIs, or an older "
+             "checkpoint: the data order goes on from "
              f"{'the start of' if tr.state.sampler.epoch == 0 else 'a new shuffle at'} epoch {tr.state.sampler.epoch + 1}"
              "; the model, optimizer and schedule are restored)"))
     return step
