@@ -77,6 +77,26 @@ def test_kubernetes_dryrun_runs_the_node_command_in_each_pod(tmp_path):
         assert c.resources.limits["nvidia.com/gpu"] == "8"
 
 
+def test_the_documented_kubernetes_command_dry_runs_through_the_torchx_cli(tmp_path):
+    """docs/torchx.md's command, as written, through torchx's own CLI (the test above calls the
+    runner, which takes no workspace: without `--workspace ""` the CLI builds a Docker image)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    doc = (Path(__file__).parent.parent / "docs" / "torchx.md").read_text()
+    start = doc.index("torchx run -s kubernetes")
+    command = doc[start:doc.index("```", start)].replace("\\\n", " ")
+    argv = shlex.split(command)
+    assert argv[:2] == ["torchx", "run"] and "--workspace" in argv
+    _cluster_manifest(tmp_path)  # job.yaml, as the command names it
+    torchx = Path(sys.executable).parent / "torchx"
+    p = subprocess.run([str(torchx), "run", "--dryrun", *argv[2:]], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout + p.stderr
+    assert "claimName: jobs-pvc" in out and "kubelora_trainer launch" in out and "Docker" not in out, out[-2000:]
+
+
 def test_a_bad_manifest_is_refused_before_anything_is_launched(tmp_path):
     from kubelora_trainer.spec import SpecError
     from kubelora_trainer.torchx_components import train

@@ -4,7 +4,8 @@ the operator's pods (kubelora_trainer.command.node_command): kubelora's launcher
 with static rendezvous on node 0.
 
     torchx run -s local_cwd kubelora.train --manifest job.yaml            (entry point, installed)
-    torchx run -s slurm trainer/kubelora_trainer/torchx_components.py:train --manifest job.yaml --nnodes 2
+    torchx run -s slurm kubelora.train --manifest job.yaml --nnodes 2
+    torchx run -s kubernetes --workspace "" kubelora.train --manifest job.yaml --image ...   (docs/torchx.md)
 
 Needs the `torchx` extra (pip install 'kubelora[torchx]'); the operator image does not carry it.
 """
