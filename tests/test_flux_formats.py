@@ -214,9 +214,10 @@ def test_kohya_file_names_the_top_level_modules_diffusers_drops_and_diffusers_pa
 
 def test_output_dtype_casts_the_lora_files_floats_only():
     from kubelora_trainer.export import cast
-    tensors = {"a.lora_A.weight": torch.randn(4, 8), "a.alpha": torch.tensor(8.0), "ids": torch.arange(3)}
+    tensors = {"a.lora_A.weight": torch.randn(4, 8), "a.alpha": torch.tensor(381.0), "ids": torch.arange(3)}
     half = cast(tensors, "bfloat16")
-    assert half["a.lora_A.weight"].dtype == torch.bfloat16 and half["a.alpha"].item() == 8.0
+    # a fused layer's alpha (3 x 127) stays exact: bfloat16 would store 380
+    assert half["a.lora_A.weight"].dtype == torch.bfloat16 and half["a.alpha"].item() == 381.0
     assert half["ids"].dtype == torch.int64 and cast(tensors, "float32")["a.lora_A.weight"] is tensors["a.lora_A.weight"]
     with pytest.raises(Exception, match="output.dtype: the dtype of LoRA files"):
         parse_spec({"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"},

@@ -517,7 +517,8 @@ class OutputSpec(_Model):
                     "hunyuan-video original, cosmos comfyui).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="dtype of the tensors in the LoRA files (diffusion-pipe's save_dtype; bfloat16 "
-                                       "or float16 halve the file, as most shared LoRAs are). The checkpoints keep "
+                                       "or float16 halve the file, as most shared LoRAs are; the .alpha scalars stay "
+                                       "float32, exact). The checkpoints keep "
                                        "float32. Not for adapter.type full, whose files take model.dtype.")
     onExisting: Literal["resume", "fail", "overwrite"] = Field(
         default="resume", description="When output.uri already holds checkpoints or a finished run: "
