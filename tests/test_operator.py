@@ -81,6 +81,28 @@ def cluster(kube, kubectl, s3):
     return kube
 
 
+def test_a_status_worked_out_for_a_deleted_job_never_lands_on_its_successor(cluster, kubectl):
+    """A sync reads S3 for seconds before it patches: a job deleted and made again under the same
+    name meanwhile (Argo CD's Replace, kubectl replace --force) must not get its predecessor's
+    status (a Succeeded with another run's artifacts, so its own run is never followed). The patch
+    carries the resourceVersion the status was worked out from; a conflict with the same uid (kopf's
+    annotation writes) patches again at the current version."""
+    from kubelora_operator import kube as k
+    k.reset()
+    assert apply(kubectl, manifest("same")).returncode == 0
+    old = ltj(cluster, "same")["metadata"]
+    assert kubectl("delete", "loratrainingjob", "same").returncode == 0
+    assert apply(kubectl, manifest("same")).returncode == 0
+    new = ltj(cluster, "same")["metadata"]
+    assert new["uid"] != old["uid"]
+    assert k.patch_status("default", "same", {"phase": "Succeeded"}, uid=old["uid"],
+                          resource_version=old["resourceVersion"]) is None
+    assert "status" not in ltj(cluster, "same")
+    assert kubectl("annotate", "loratrainingjob", "same", "moved=on").returncode == 0  # a newer version, same uid
+    got = k.patch_status("default", "same", {"phase": "Pending"}, uid=new["uid"], resource_version=new["resourceVersion"])
+    assert got["status"]["phase"] == "Pending" and ltj(cluster, "same")["status"]["phase"] == "Pending"
+
+
 def test_children_created_once_owned_and_survive_operator_restart(cluster, kubectl, s3):
     kube = cluster
     demo_output_bucket(s3)  # readable: no storage stall

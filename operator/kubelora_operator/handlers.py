@@ -142,7 +142,8 @@ def _apply_in_handler(changes: Changes, body, patch) -> None:
 def _apply(changes: Changes, body: dict, remember) -> None:
     meta = body["metadata"]
     if changes.status:
-        patched = kube.patch_status(meta["namespace"], meta["name"], changes.status)
+        patched = kube.patch_status(meta["namespace"], meta["name"], changes.status, uid=meta.get("uid"),
+                                    resource_version=meta.get("resourceVersion"))
         if patched is not None:
             remember(patched)
         else:
@@ -177,7 +178,7 @@ def _wait(body, changes: Changes, reason: str, message: str) -> None:
     previous = body.get("status") or {}
     new = st.status(previous, st.Observed(st.PENDING, reason, message), body["metadata"].get("generation", 1), None,
                     st.now_iso())
-    if _differs({k: previous.get(k) for k in new if k in previous}, new):  # only what it writes
+    if _changes_status(previous, new):
         changes.status.update(new)
 
 
@@ -432,7 +433,7 @@ def _sync(body: dict, changes: Changes) -> None:
         obs = st.pods_refused(obs, st.recent(kube.failed_create_events(namespace, job), now), job)
     obs = _storage_stall(obs, error, previous, changes)
     new = st.status(previous, obs, meta.get("generation", 1), job, st.now_iso())
-    if _differs(previous, new):
+    if _changes_status(previous, new):
         changes.status.update(new)
     sampled = st.sample_event(previous.get("progress"), new.get("progress"), job_spec.output.uri)
     if sampled:
@@ -522,12 +523,17 @@ def _evicted(body, changes: Changes, name, namespace, job, pods, previous) -> bo
     if total < st.EVICTION_LIMIT:
         return False
     pod, message = new[-1]
-    if manifests.kueue_queue((job.get("metadata") or {}).get("labels")):  # as _restart_gang's "fail"
-        kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
-    else:  # the run is over: its pods stop, the evicted ones keep their status and logs until the TTL
-        kube.set_job_suspend(namespace, name, True)
     _fail(body, changes, "Evicted", f"{total} of the run's pods were evicted by their node's kubelet (limit "
                                     f"{st.EVICTION_LIMIT}); newest: pod {pod}: {message}; {st.eviction_fix(message)}")
+    meta = body["metadata"]  # Failed recorded first, as _restart_gang's "fail": a Job gone without it is made again
+    if kube.patch_status(namespace, name, changes.status, uid=meta.get("uid"),
+                         resource_version=meta.get("resourceVersion")) is None:
+        changes.gone = True
+        return True
+    if manifests.kueue_queue((job.get("metadata") or {}).get("labels")):  # as _restart_gang's "fail"
+        kube.delete_job(namespace, name, owner_uid=meta["uid"])
+    else:  # the run is over: its pods stop, the evicted ones keep their status and logs until the TTL
+        kube.set_job_suspend(namespace, name, True)
     return True
 
 
@@ -550,7 +556,7 @@ def _decide_later(body, changes: Changes, job, pods, previous, since: datetime, 
     obs = st.Observed(phase, "GangFailureDeciding", f"{why}; the gang restarts by {until}, not counted against "
                       f"runPolicy.backoffLimit if the Node of {', '.join(waiting)} reads lost by then")
     new = st.status(previous, obs, body["metadata"].get("generation", 1), job, st.now_iso())
-    if _differs({k: previous.get(k) for k in new if k in previous}, new):
+    if _changes_status(previous, new):
         changes.status.update(new)
 
 
@@ -566,9 +572,21 @@ def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, 
     why = problem[1] if problem else f"{(job.get('status') or {}).get('failed')} pod(s) failed"
     if action != "fail":
         _restart_gang_status(body, changes, job_spec, job, previous, action, disruption, why, held)
-        # the restart is recorded before the Job goes: an operator stopped between the two deletes
-        # the Job at its next sync (status.restartedJob) instead of counting the failure again
-        kube.patch_status(namespace, name, changes.status)
+    else:
+        if previous.get("gangFailure"):
+            changes.status["gangFailure"] = None
+        counted, limit = st.counted_restarts(previous), job_spec.runPolicy.backoffLimit
+        _fail(body, changes, "BackoffLimitExceeded",
+              f"the run failed after {counted} gang restart(s) (runPolicy.backoffLimit {limit}): "
+              f"{why}{_after_wait(held, disruption)}")
+    # the decision is recorded before the Job goes: an operator stopped between the two deletes the
+    # Job at its next sync (status.restartedJob) instead of counting the failure again, and a failed
+    # run is never made again (its Job gone, no Failed status yet: the next sync would recreate it)
+    meta = body["metadata"]
+    if kube.patch_status(namespace, name, changes.status, uid=meta.get("uid"),
+                         resource_version=meta.get("resourceVersion")) is None:
+        changes.gone = True  # deleted (perhaps made again) meanwhile: its Job is not ours to touch
+        return
     if action == "fail" and not manifests.kueue_queue((job.get("metadata") or {}).get("labels")):
         # the run is over: suspending the Job stops the peers still running and keeps the failed pods,
         # so `kubectl logs` still shows why (ttlSecondsAfterFinished deletes them). Not a Job queued
@@ -576,13 +594,6 @@ def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, 
         kube.set_job_suspend(namespace, name, True)
     else:
         kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
-    if action == "fail":
-        if previous.get("gangFailure"):
-            changes.status["gangFailure"] = None
-        counted, limit = st.counted_restarts(previous), job_spec.runPolicy.backoffLimit
-        _fail(body, changes, "BackoffLimitExceeded",
-              f"the run failed after {counted} gang restart(s) (runPolicy.backoffLimit {limit}): "
-              f"{why}{_after_wait(held, disruption)}")
 
 
 def _after_wait(held, disruption) -> str:
@@ -701,11 +712,15 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
                               f"{', '.join(created) or 'nothing'} again (restart {restarts})")
 
 
-def _differs(old: dict, new: dict) -> bool:
+def _changes_status(previous: dict, new: dict) -> bool:
+    """Whether merge-patching `new` onto the status `previous` changes it (a condition's
+    lastTransitionTime alone is not a change): only the keys new writes are compared, since the
+    status keeps others (trainerImage, restarts, ...) that a sync's new status never holds; a key
+    new deletes (None) that previous lacks is no change. Pure."""
     def strip(d):
         return {k: v for k, v in d.items() if k != "conditions"}, [
-            {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in d.get("conditions", [])]
-    return strip(old) != strip(new)
+            {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in d.get("conditions") or []]
+    return strip({k: previous.get(k) for k in new}) != strip(new)
 
 
 def _ttl_cleanup(body, job_spec, name, namespace, previous, changes: Changes) -> None:

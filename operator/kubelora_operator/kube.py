@@ -256,19 +256,36 @@ def get_owner(namespace: str, name: str) -> Optional[dict]:
         raise
 
 
-def patch_status(namespace: str, name: str, status: dict) -> Optional[dict]:
+def patch_status(namespace: str, name: str, status: dict, uid: Optional[str] = None,
+                 resource_version: Optional[str] = None) -> Optional[dict]:
     """Merge-patch the LoRATrainingJob's status subresource (None values delete fields); returns
-    the patched object, or None when the job is gone."""
+    the patched object, or None when the job is gone. With uid and resource_version (the body the
+    status was worked out from), the patch carries the resourceVersion as a precondition, so it
+    never lands on another object of the same name (a job deleted and made again while its sync
+    read S3: a new object has a new resourceVersion); on a conflict the object is read again and,
+    still this uid, patched at its current version (kopf's own annotation writes move it on)."""
     leader.fence()
     from kubernetes.client import CustomObjectsApi
     from kubernetes.client.exceptions import ApiException
-    try:
-        return CustomObjectsApi(api()).patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _content_type="application/merge-patch+json")
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
+    custom = CustomObjectsApi(api())
+    for attempt in range(4):
+        body = {"status": status}
+        if uid is not None and resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        try:
+            return custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, body, _content_type="application/merge-patch+json")
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            if e.status != 409 or uid is None or attempt == 3:
+                raise
+        current = get_owner(namespace, name)
+        if current is None or current["metadata"].get("uid") != uid:
+            return None  # deleted, perhaps made again: not this job's status to write
+        resource_version = current["metadata"].get("resourceVersion")
+        leader.fence()
+    return None
 
 
 def post_event(event: dict) -> None:
