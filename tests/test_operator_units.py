@@ -802,7 +802,7 @@ def test_a_gang_whose_peer_never_started_waits_instead_of_counting_node_0s_rende
     assert st.counted_restarts({"restarts": 4, "disruptionRestarts": 1, "waitRestarts": 2}) == 1
 
 
-def _sync_with(monkeypatch, job, pods, previous, spec=None, events=()):
+def _sync_with(monkeypatch, job, pods, previous, spec=None, events=(), progress=None):
     """handlers._sync through its kube boundary: the Job and pods as given, what it deletes kept."""
     from kubelora_operator import handlers, kube
     deleted = []
@@ -815,7 +815,8 @@ def _sync_with(monkeypatch, job, pods, previous, spec=None, events=()):
     monkeypatch.setattr(kube, "pod_events", lambda ns, pod: list(events))
     monkeypatch.setattr(kube, "failed_create_events", lambda ns, j: [])
     monkeypatch.setattr(kube, "secret_data", lambda ns, n: {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
-    monkeypatch.setattr(handlers.artifacts, "read_json", lambda *a: (None, None))
+    monkeypatch.setattr(handlers.artifacts, "read_json",
+                        lambda uri, key, settings: (progress if key == handlers.artifacts.PROGRESS_KEY else None, None))
     body = {"metadata": {"name": "ft", "namespace": "ml", "uid": "uid-1", "generation": 1},
             "spec": spec or {**SPEC, "resources": {"nodes": 2, "gpusPerNode": 8}}, "status": previous}
     changes = handlers.Changes()
@@ -1011,6 +1012,13 @@ def test_a_sync_that_changes_nothing_writes_no_status(monkeypatch):
               "restarts": 0}
     again, _ = _sync_with(monkeypatch, job, [pod], stored, spec=spec)
     assert again.status == {}, again.status
+    # a predecessor's progress.json under the same output.uri (another runId) is not this run's
+    theirs = {"phase": "Succeeded", "step": 500, "totalSteps": 500, "runId": "uid-0"}
+    other, _ = _sync_with(monkeypatch, job, [pod], stored, spec=spec, progress=theirs)
+    assert other.status == {}, other.status
+    ours, _ = _sync_with(monkeypatch, job, [pod], stored, spec=spec, progress={**theirs, "phase": "Training",
+                                                                                "step": 7, "runId": "uid-1"})
+    assert ours.status["phase"] == "Training" and ours.status["progress"]["step"] == 7, ours.status
     from kubelora_operator.handlers import _changes_status
     assert not _changes_status({"phase": "Training"}, {"phase": "Training", "gangFailure": None})  # deletes nothing
     assert _changes_status({"phase": "Training"}, {"phase": "Succeeded"})

@@ -70,6 +70,16 @@ def test_progress_file_for_a_local_reader(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBELORA_PROGRESS_FILE", str(tmp_path / "p.json"))
     Publisher()(Progress(phase="Training", step=3, totalSteps=9, loss=0.5))
     assert json.loads((tmp_path / "p.json").read_text())["step"] == 3
+    assert "runId" not in json.loads((tmp_path / "p.json").read_text())   # kubelora run: no identity
+    monkeypatch.setenv("KUBELORA_RUN_ID", "uid-1")                          # the operator's pods: the job's uid
+    Publisher()(Progress(phase="Training", step=4, totalSteps=9))
+    written = json.loads((tmp_path / "p.json").read_text())
+    assert written["runId"] == "uid-1"
+    # the operator reports only its own run's progress (a job made again under the same name reads
+    # its predecessor's file until its own trainer writes one)
+    from kubelora_operator.status import own_progress
+    assert own_progress(written, "uid-1") is written and own_progress(written, "uid-2") is None
+    assert own_progress({"phase": "Training"}, "uid-2") == {"phase": "Training"} and own_progress(None, "u") is None
 
 
 def test_validate_prints_the_resolved_spec():

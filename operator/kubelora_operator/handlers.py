@@ -417,6 +417,7 @@ def _sync(body: dict, changes: Changes) -> None:
     progress = manifest = None
     if error is None:
         progress, error = artifacts.read_json(job_spec.output.uri, artifacts.PROGRESS_KEY, settings)
+        progress = st.own_progress(progress, meta.get("uid"))
     if complete and error is None:
         manifest, error = artifacts.read_json(job_spec.output.uri, artifacts.MANIFEST_KEY, settings)
     if error and progress is None:

@@ -114,7 +114,7 @@ def _env(job: str, uid: str, spec: LoRATrainingJobSpec, namespace: str, cfg: "Op
         {"name": "KUBELORA_JOB_NAME", "value": job},
         {"name": "KUBELORA_NAMESPACE", "value": namespace},
         # which run: the same for every attempt (preemptions, gang restarts), so each resumes its own
-        # checkpoints whatever output.onExisting says (kubelora_trainer.checkpoint.RUN_ID_ENV)
+        # checkpoints whatever output.onExisting says (kubelora_trainer.progress.RUN_ID_ENV)
         {"name": "KUBELORA_RUN_ID", "value": uid},
         {"name": "KUBELORA_METRICS_PORT", "value": str(cfg.metrics_port)},
         {"name": "KUBELORA_METRICS_LINGER_SECONDS", "value": str(cfg.metrics_linger_seconds)},

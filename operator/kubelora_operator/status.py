@@ -552,6 +552,16 @@ def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], man
     return Observed(INITIALIZING, "Initializing", msg, progress=progress)
 
 
+def own_progress(progress: Optional[dict], uid: Optional[str]) -> Optional[dict]:
+    """progress.json unless another run wrote it (its runId, kubelora_trainer.progress.RUN_KEY, is
+    not this job's uid: a job made again under the same name, or another job sharing output.uri,
+    whose phase, step and total would be reported as this run's). A file without one (a trainer
+    from before runIds, kubelora run) is taken. Pure."""
+    if isinstance(progress, dict) and progress.get("runId") not in (None, uid):
+        return None
+    return progress
+
+
 def last_reported(previous_status: dict) -> Optional[dict]:
     """The trainer's phase as last reported, for a sync that cannot read progress.json (storage
     error, missing Secret): a running job stays Training instead of falling back to Initializing

@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import io
 import json
-import os
 import re
 import shutil
 import signal
@@ -32,6 +31,7 @@ from typing import Optional
 import torch
 
 from . import disk, dist, storage
+from .progress import RUN_KEY
 
 STATE = "state"
 MARKER = "COMPLETE"
@@ -75,24 +75,9 @@ def fingerprint(spec) -> dict:
     return fingerprint_of(spec.model_dump(mode="json"))
 
 
-# Which run wrote an output: the operator sets it to the LoRATrainingJob's uid, the same for every
-# attempt of that job (a preemption, a crash, a gang restart) and new for a job made again under
-# the same name. Checkpoints (RUN_KEY in their fingerprint file) and manifest.json record it, so an
-# attempt always resumes its own run's checkpoints and keeps its own finished result whatever
-# output.onExisting says: overwrite and fail are about another run's output. Unset (kubelora run,
-# torchx): every start is a new run.
-RUN_ID_ENV = "KUBELORA_RUN_ID"
-RUN_KEY = "runId"
-
-
-def run_id(environ=None) -> Optional[str]:
-    """This run's identity (RUN_ID_ENV), or None."""
-    return (os.environ if environ is None else environ).get(RUN_ID_ENV) or None
-
-
 def recorded(spec, run: Optional[str]) -> dict:
     """What a checkpoint's FINGERPRINT file holds: the fingerprint and the run that wrote it. Pure."""
-    return {**fingerprint(spec), **({RUN_KEY: run} if run else {})}
+    return {**fingerprint(spec), **({RUN_KEY: run} if run else {})}  # progress.RUN_KEY
 
 
 def fingerprint_of(doc: dict) -> dict:

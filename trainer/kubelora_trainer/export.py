@@ -6,8 +6,9 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__, checkpoint, lora, safetensors_file, storage
+from . import __version__, lora, safetensors_file, storage
 from .families import RULES, areas_of
+from .progress import RUN_KEY, run_id
 from .spec import dump_spec
 
 
@@ -152,7 +153,7 @@ def publish_manifest(spec, job_name, adapter: dict, artifacts: list[dict], stats
         "apiVersion": "kubelora.dev/v1alpha1",
         "kind": "LoRAArtifactManifest",
         "job": job_name,
-        **({checkpoint.RUN_KEY: run} if (run := checkpoint.run_id()) else {}),  # which run wrote it
+        **({RUN_KEY: run} if (run := run_id()) else {}),  # which run wrote it
         "createdAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trainerVersion": __version__,
         "model": {"type": spec.model.type, "base": base_model(spec.model)},

@@ -12,6 +12,21 @@ PROGRESS_FILE_ENV = "KUBELORA_PROGRESS_FILE"
 PROGRESS_INTERVAL_ENV = "KUBELORA_PROGRESS_INTERVAL"
 PROGRESS_KEY = "status/progress.json"   # under spec.output.uri; the operator reads it
 
+# Which run wrote an output: the operator sets it to the LoRATrainingJob's uid, the same for every
+# attempt of that job (a preemption, a crash, a gang restart) and new for a job made again under
+# the same name. Checkpoints (RUN_KEY in their fingerprint file), manifest.json and progress.json
+# record it, so an attempt always resumes its own run's checkpoints and keeps its own finished
+# result whatever output.onExisting says (overwrite and fail are about another run's output), and
+# the operator never reports another run's progress. Unset (kubelora run, torchx): every start is a
+# new run.
+RUN_ID_ENV = "KUBELORA_RUN_ID"
+RUN_KEY = "runId"
+
+
+def run_id(environ=None) -> Optional[str]:
+    """This run's identity (RUN_ID_ENV), or None."""
+    return (os.environ if environ is None else environ).get(RUN_ID_ENV) or None
+
 
 def format_eta(seconds: Optional[float]) -> str:
     if seconds is None or seconds != seconds or seconds < 0:
@@ -83,7 +98,7 @@ class Publisher:
         self.last_phase, self.last_upload, self.warned = None, 0.0, False
 
     def __call__(self, p: Progress, force: bool = False) -> None:
-        data = json.dumps(asdict(p))
+        data = json.dumps({**asdict(p), **({RUN_KEY: run} if (run := run_id()) else {})})
         path = os.environ.get(PROGRESS_FILE_ENV)
         if path:
             tmp = Path(f"{path}.tmp")

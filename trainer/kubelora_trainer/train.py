@@ -34,7 +34,7 @@ from .dist import log
 from .families import PATH_FIELDS, RULES
 from .models import get_family
 from .models.base import ModelError
-from .progress import Meter, Progress, Publisher, format_eta, line
+from .progress import RUN_KEY, Meter, Progress, Publisher, format_eta, line, run_id
 from .spec import LoRATrainingJobSpec
 
 SINGLE_FILE_FIELDS = ("transformerPath", "checkpointPath", "vaePath")  # staged beside their siblings
@@ -212,17 +212,17 @@ def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int],
 def own_output(spec, settings, manifest: Optional[dict], steps: list[int]) -> Optional[str]:
     """'finished' when the finished run's manifest.json, 'checkpoint' when the newest checkpoint,
     was written by an earlier attempt of this run (checkpoint.run_id), else None."""
-    run = checkpoint.run_id()
+    run = run_id()
     if run is None:
         return None
-    if manifest is not None and manifest.get(checkpoint.RUN_KEY) == run:
+    if manifest is not None and manifest.get(RUN_KEY) == run:
         return "finished"
     if steps:
         try:
             recorded = checkpoint.read_fingerprint(spec.output.uri, steps[-1], settings) or {}
         except (OSError, ValueError):  # unreadable: not known to be ours (check_fingerprint says why)
             return None
-        if isinstance(recorded, dict) and recorded.get(checkpoint.RUN_KEY) == run:
+        if isinstance(recorded, dict) and recorded.get(RUN_KEY) == run:
             return "checkpoint"
     return None
 
@@ -496,7 +496,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             if save or stop or last:
                 checkpoint.save(step, tr.modules, tr.opt, state.to_dict(step, env.world), tr.local_ckpt,
                                 tr.spec.output.uri, tr.settings, t.checkpointKeep, env,
-                                fingerprint=checkpoint.recorded(tr.spec, checkpoint.run_id()))
+                                fingerprint=checkpoint.recorded(tr.spec, run_id()))
                 schedule.written()
                 tr.metrics.checkpoint(step)
             if stop:
