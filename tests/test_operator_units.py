@@ -325,13 +325,14 @@ def test_the_work_queue_runs_a_key_once_at_a_time_and_again_when_it_changed_mean
         q.add(("ns", "after-bad"))      # the worker survived the failing sync
         while not q.idle() and loop.time() < deadline:
             await asyncio.sleep(0.01)
+        failed = set(q.failed)          # kept for the ticker to add again, whatever the job's phase
         await q.stop()
         q.add(("ns", "late"))           # stopped: ignored
-        return runs, overlap
+        return runs, overlap, failed
 
-    runs, overlap = asyncio.run(scenario())
+    runs, overlap, failed = asyncio.run(scenario())
     assert runs == [("ns", "slow"), ("ns", "bad"), ("ns", "slow"), ("ns", "after-bad")], runs
-    assert overlap == []
+    assert overlap == [] and failed == {("ns", "bad")}
 
 
 def test_the_credentials_secret_is_read_once_per_ttl_and_a_missing_one_every_time():
@@ -1022,3 +1023,33 @@ def test_a_sync_that_changes_nothing_writes_no_status(monkeypatch):
     from kubelora_operator.handlers import _changes_status
     assert not _changes_status({"phase": "Training"}, {"phase": "Training", "gangFailure": None})  # deletes nothing
     assert _changes_status({"phase": "Training"}, {"phase": "Succeeded"})
+
+
+def test_a_suspended_job_whose_sync_failed_is_synced_again_at_the_next_tick():
+    """The ticker polls only active and finishing jobs; a Suspended job changes through events. A
+    sync of it that failed (an API error while un-suspending) was never retried until the next
+    event or an operator restart: failed keys are ticked again until one succeeds."""
+    import asyncio
+    from kubelora_operator.syncer import Syncer
+    calls = []
+
+    def sync(body, remember):
+        calls.append(body["metadata"]["name"])
+        if len(calls) == 1:
+            raise RuntimeError("the API server answered 503")
+
+    async def scenario():
+        s = Syncer(sync, interval=0.05, workers=1)
+        s.start()
+        s.saw_owner("ADDED", {"metadata": {"name": "held", "namespace": "ns", "uid": "u", "generation": 2,
+                                            "resourceVersion": "5"}, "status": {"phase": "Suspended"}})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while len(calls) < 2 and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # several more ticks: a successful sync of a Suspended job is not polled
+        await s.stop()
+        return list(s.queue.failed)
+
+    failed = asyncio.run(scenario())
+    assert calls == ["held", "held"] and failed == [], calls

@@ -139,8 +139,9 @@ class Owners:
 class WorkQueue:
     """Keys to process, each by at most one worker at a time (client-go's workqueue semantics):
     adding a queued key does nothing, adding a key being processed runs it once more after.
-    `process(key)` is blocking and runs in a thread; its exceptions are logged, never raised.
-    Everything but `process` runs on the event loop."""
+    `process(key)` is blocking and runs in a thread; its exceptions are logged, never raised, and
+    the key is kept in `failed` until a run of it succeeds (the ticker adds those again, whatever
+    the job's phase). Everything but `process` runs on the event loop."""
 
     def __init__(self, process: Callable[[Key], None], workers: int = 4):
         self._process = process
@@ -149,6 +150,7 @@ class WorkQueue:
         self._queued: set[Key] = set()
         self._running: set[Key] = set()
         self._again: set[Key] = set()
+        self.failed: set[Key] = set()
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
 
@@ -191,9 +193,11 @@ class WorkQueue:
             self._running.add(key)
             try:
                 await asyncio.to_thread(self._process, key)
+                self.failed.discard(key)
             except leader.NotLeader as e:
                 log.warning("syncing %s/%s: %s", *key, e)
             except Exception:  # noqa: BLE001 - one job's failure must not stop the others' syncs
+                self.failed.add(key)
                 log.exception("syncing %s/%s failed; retried at the next tick", *key)
             finally:
                 self._running.discard(key)
@@ -239,7 +243,9 @@ class Syncer:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            self.queue.add_all(key for key, body in self.owners.items() if needs_polling(body))
+            # and every job whose last sync failed (an API error while un-suspending a Suspended job
+            # would otherwise wait for its next event, or the operator's restart)
+            self.queue.add_all(key for key, body in self.owners.items() if needs_polling(body) or key in self.queue.failed)
 
     def _run(self, key: Key) -> None:
         body = self.owners.get(key)
