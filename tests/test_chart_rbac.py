@@ -11,6 +11,8 @@ been seen, so a code path the scenario misses fails here instead of being silent
 import os
 
 os.environ.setdefault("KUBELORA_SYNC_INTERVAL", "0.5")
+os.environ.setdefault("KUBELORA_STORAGE_RETRY_SECONDS", "0.5")
+os.environ.setdefault("KUBELORA_STORAGE_RETRY_MAX_SECONDS", "1")
 os.environ.setdefault("KUBELORA_RETRY_DELAY", "0.5")
 os.environ.setdefault("KUBELORA_STORAGE_STALL_SECONDS", "1")
 os.environ.setdefault("KUBELORA_POD_CREATE_GRACE_SECONDS", "0")  # no kubelet: a job's FailedCreate Events are read

@@ -3,6 +3,8 @@ which admits LoRATrainingJobs like the real one (schema + CEL from the generated
 import os
 
 os.environ.setdefault("KUBELORA_SYNC_INTERVAL", "0.5")
+os.environ.setdefault("KUBELORA_STORAGE_RETRY_SECONDS", "0.5")
+os.environ.setdefault("KUBELORA_STORAGE_RETRY_MAX_SECONDS", "1")
 os.environ.setdefault("KUBELORA_RETRY_DELAY", "0.5")
 os.environ.setdefault("KUBELORA_STORAGE_STALL_SECONDS", "1")
 

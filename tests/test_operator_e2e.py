@@ -4,6 +4,8 @@ trainer on 2 "nodes" -> tiny Flux LoRA in the S3 server (SeaweedFS) -> status, k
 import os
 
 os.environ.setdefault("KUBELORA_SYNC_INTERVAL", "0.5")
+os.environ.setdefault("KUBELORA_STORAGE_RETRY_SECONDS", "0.5")
+os.environ.setdefault("KUBELORA_STORAGE_RETRY_MAX_SECONDS", "1")
 os.environ.setdefault("KUBELORA_RETRY_DELAY", "0.5")
 
 import hashlib  # noqa: E402

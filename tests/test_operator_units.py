@@ -816,6 +816,7 @@ def _sync_with(monkeypatch, job, pods, previous, spec=None, events=(), progress=
     monkeypatch.setattr(kube, "pod_events", lambda ns, pod: list(events))
     monkeypatch.setattr(kube, "failed_create_events", lambda ns, j: [])
     monkeypatch.setattr(kube, "secret_data", lambda ns, n: {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    monkeypatch.setattr(handlers, "READS", handlers.artifacts.ReadBackoff())  # no backoff left by another test
     monkeypatch.setattr(handlers.artifacts, "read_json",
                         lambda uri, key, settings: (progress if key == handlers.artifacts.PROGRESS_KEY else None, None))
     body = {"metadata": {"name": "ft", "namespace": "ml", "uid": "uid-1", "generation": 1},
@@ -1053,3 +1054,33 @@ def test_a_suspended_job_whose_sync_failed_is_synced_again_at_the_next_tick():
 
     failed = asyncio.run(scenario())
     assert calls == ["held", "held"] and failed == [], calls
+
+
+def test_a_bucket_that_does_not_answer_is_read_less_often_not_at_every_sync():
+    """A blackholed endpoint costs a read up to 2 x (5 + 10) s: at every 10 s sync, four such jobs
+    held the four sync workers and every other job's status waited. After a failure the job's next
+    read waits 10, 20, 40 ... 120 s (the last error answered meanwhile, so its status stays put);
+    a success forgets it."""
+    from kubelora_operator.artifacts import ReadBackoff
+    now, reads = [0.0], []
+    b = ReadBackoff(first=10, most=40, clock=lambda: now[0], size=2)
+
+    def read(answer):
+        def fn():
+            reads.append(now[0])
+            return answer
+        return fn
+    down = read((None, "reading s3://out/run/status/progress.json: timed out"))
+    assert b.read("a", down) == (None, "reading s3://out/run/status/progress.json: timed out")
+    for t in (5, 9.9, 10, 15, 29.9, 30, 69.9, 70, 109.9, 110):
+        now[0] = t
+        assert b.read("a", down)[1].endswith("timed out")
+    assert reads == [0, 10, 30, 70, 110]            # waits of 10, 20, 40, then the most: 40
+    assert b.read("b", read(({"step": 3}, None))) == ({"step": 3}, None)
+    now[0] = 150
+    assert b.read("a", read(({"step": 9}, None))) == ({"step": 9}, None)   # answered again: forgotten
+    now[0] = 151
+    assert b.read("a", read(({"step": 10}, None)))[0] == {"step": 10} and reads[-1] == 151
+    for k in ("c", "d", "e"):                        # bounded: the oldest failing jobs go
+        b.read(k, down)
+    assert len(b._entries) == 2

@@ -129,6 +129,38 @@ def _code(e: BaseException) -> str:
     return str(((getattr(e, "response", None) or {}).get("Error") or {}).get("Code", ""))
 
 
+class ReadBackoff:
+    """Per job and object: after a failed read the next is tried only once a delay has passed that
+    doubles from `first` up to `most` seconds; meanwhile the last error is answered at once. A job
+    whose endpoint does not answer costs up to MAX_ATTEMPTS x (CONNECT_TIMEOUT + READ_TIMEOUT)
+    seconds a read: at every sync, a few of them held the sync workers and every other job's status
+    waited. A success forgets the job; at most `size` jobs are remembered (the oldest go)."""
+
+    def __init__(self, first: float = 10.0, most: float = 120.0, clock=time.monotonic, size: int = 4096):
+        self.first, self.most, self.clock, self.size = first, most, clock, size
+        self._entries: OrderedDict = OrderedDict()   # key -> (failures, next try, last error)
+        self._lock = threading.Lock()
+
+    def read(self, key, fn) -> tuple[Optional[dict], Optional[str]]:
+        """fn() -> (object, error), as read_json answers, unless key is backing off."""
+        now = self.clock()
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and now < entry[1]:
+            return None, entry[2]
+        obj, error = fn()
+        with self._lock:
+            if error is None:
+                self._entries.pop(key, None)
+            else:
+                failures = (entry[0] if entry else 0) + 1
+                self._entries[key] = (failures, now + min(self.most, self.first * 2 ** (failures - 1)), error)
+                self._entries.move_to_end(key)
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+        return obj, error
+
+
 def read_json(output_uri: str, key: str, settings: storage.S3Settings) -> tuple[Optional[dict], Optional[str]]:
     """(the object, None), (None, None) when it is not there yet, or (None, the error): never
     raises for anything the store or the object holds."""

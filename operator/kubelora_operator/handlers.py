@@ -51,6 +51,11 @@ GANG_FAILURE_GRACE_SECONDS = env.number("KUBELORA_GANG_FAILURE_GRACE_SECONDS", 6
 JOB_CREDENTIALS_ONLY = env.flag("KUBELORA_JOB_CREDENTIALS_ONLY")
 ALLOWED_ENDPOINTS = env.words("KUBELORA_S3_ALLOWED_ENDPOINTS")
 INSTANCE = os.environ.get("HOSTNAME") or socket.gethostname()  # Events' reportingInstance
+# a job whose bucket does not answer is read less often, not at every sync: after a failure the next
+# read waits this long, doubling up to the maximum
+STORAGE_RETRY_SECONDS = env.number("KUBELORA_STORAGE_RETRY_SECONDS", 10.0)
+STORAGE_RETRY_MAX_SECONDS = env.number("KUBELORA_STORAGE_RETRY_MAX_SECONDS", 120.0)
+READS = artifacts.ReadBackoff(STORAGE_RETRY_SECONDS, STORAGE_RETRY_MAX_SECONDS)
 
 
 def operator_config() -> manifests.OperatorConfig:
@@ -416,10 +421,12 @@ def _sync(body: dict, changes: Changes) -> None:
     settings, error = _settings(job_spec, namespace)
     progress = manifest = None
     if error is None:
-        progress, error = artifacts.read_json(job_spec.output.uri, artifacts.PROGRESS_KEY, settings)
+        progress, error = READS.read((meta.get("uid"), "progress"), lambda: artifacts.read_json(
+            job_spec.output.uri, artifacts.PROGRESS_KEY, settings))
         progress = st.own_progress(progress, meta.get("uid"))
     if complete and error is None:
-        manifest, error = artifacts.read_json(job_spec.output.uri, artifacts.MANIFEST_KEY, settings)
+        manifest, error = READS.read((meta.get("uid"), "manifest"), lambda: artifacts.read_json(
+            job_spec.output.uri, artifacts.MANIFEST_KEY, settings))
     if error and progress is None:
         progress = st.last_reported(previous)
     now = datetime.now(timezone.utc)  # suspended as the Job is, not as asked (the patch above may have found none)
