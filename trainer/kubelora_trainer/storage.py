@@ -754,12 +754,12 @@ def delete_prefix(uri: str, settings: S3Settings = S3Settings(), client=None, fi
             raise StorageError(f"deleting {uri}: {e.strerror or e} ({e.filename})", transient=transient) from None
         return
     client = client or make_client(settings)
-    names = sorted(list_keys(uri, settings, client), key=lambda k: k.rsplit("/", 1)[-1] not in first)
-    keys = [str(loc.child(k).key) for k in names]
-    try:
-        batches = ([keys[:n]] if (n := sum(k.rsplit("/", 1)[-1] in first for k in names)) else []) + \
-                  [keys[i:i + 1000] for i in range(n, len(keys), 1000)]
-        for batch in batches:  # the markers in a batch of their own, answered before the rest is sent
+    keys = [str(loc.child(k).key) for k in list_keys(uri, settings, client)]
+    markers = [k for k in keys if k.rsplit("/", 1)[-1] in first]
+    rest = [k for k in keys if k.rsplit("/", 1)[-1] not in first]
+    try:  # the markers in batches of their own (at most 1000 keys each), answered before the rest is sent
+        batches = [part[i:i + 1000] for part in (markers, rest) for i in range(0, len(part), 1000)]
+        for batch in batches:
             resp = client.delete_objects(Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in batch]})
             if failed := resp.get("Errors"):
                 codes = sorted({str(e.get("Code", "")) for e in failed})
