@@ -74,6 +74,33 @@ def test_model_fingerprint_covers_the_encoders_bytes_not_the_denoiser_nor_the_pa
     assert model_fingerprint({**model(tmp_path / "d"), "transformerPath": str(tmp_path / "x.safetensors")}) == a
 
 
+def test_model_fingerprint_sees_every_byte_of_a_large_file_and_not_the_stage_index(tmp_path):
+    """A VAE baked into a single SDXL checkpoint is 160 MB of a 7 GB file: blocks sampled over the
+    file could miss it, and two checkpoints differing only there shared keys (latents of the wrong
+    VAE). Every byte is hashed (once per node: remembered by path, size, mtime and inode). The
+    stage-in index (ETags: another bucket's copy of the same files has others) and other hidden
+    files are not the model's."""
+    root = tmp_path / "m"
+    root.mkdir()
+    ckpt = bytearray(b"w" * (3 << 20))
+    (root / "sdxl.safetensors").write_bytes(bytes(ckpt))
+    paths = {"checkpointPath": str(root / "sdxl.safetensors")}
+    memo = tmp_path / "memo"
+    a = model_fingerprint(paths, memo)
+    ckpt[(3 << 20) // 2 + 12345] = ord("v")   # between any 16 blocks of 64 KiB spread over the file
+    (tmp_path / "other.safetensors").write_bytes(bytes(ckpt))
+    assert model_fingerprint({"checkpointPath": str(tmp_path / "other.safetensors")}, memo) != a
+    assert model_fingerprint(paths, memo) == a and list((memo / "digests").iterdir())  # remembered
+    folder = {"diffusersPath": str(tmp_path / "f")}
+    (tmp_path / "f" / "vae").mkdir(parents=True)
+    (tmp_path / "f" / "vae" / "w.safetensors").write_bytes(b"x")
+    before = model_fingerprint(folder)
+    (tmp_path / "f" / ".kubelora-stage.json").write_text('{"vae/w.safetensors": "etag-1"}')
+    (tmp_path / "f" / ".cache" / "huggingface").mkdir(parents=True)
+    (tmp_path / "f" / ".cache" / "huggingface" / "x.metadata").write_text("hub")
+    assert model_fingerprint(folder) == before
+
+
 def test_model_fingerprint_sees_a_replaced_file(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "vae.safetensors").write_bytes(b"x" * 10)

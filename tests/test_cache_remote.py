@@ -58,20 +58,64 @@ def test_stats_and_log_lines():
 
 # ---------------------------------------------------------------- transfers (a local prefix)
 
+def _entry_bytes() -> bytes:
+    import io
+
+    import torch
+    buf = io.BytesIO()
+    torch.save({"latents": torch.zeros(2)}, buf)
+    return buf.getvalue()
+
+
 def test_a_failed_download_stops_the_rank_s_pulls_and_is_counted(tmp_path):
-    prefix = tmp_path / "shared"
+    prefix, data = tmp_path / "shared", _entry_bytes()
     for k in K[:3]:
         (prefix / "latents").mkdir(parents=True, exist_ok=True)
-        (prefix / "latents" / f"{k}.pt").write_bytes(b"x" * 10)
+        (prefix / "latents" / f"{k}.pt").write_bytes(data)
     remote = cr.Remote(str(prefix), storage.S3Settings(concurrency=1), storage.list_sizes(str(prefix)))
     (prefix / "latents" / f"{K[1]}.pt").unlink()     # listed, then gone
     got = remote.pull([cr.entry_name(k) for k in K[:3]], tmp_path / "node")
-    assert (got.files, got.bytes, got.failed) == (1, 10, 2)   # K[2] is not tried after K[1] failed
+    assert (got.files, got.bytes, got.failed) == (1, len(data), 2)   # K[2] is not tried after K[1] failed
     assert "no such file" in got.error.lower() or "errno" in got.error.lower()
     assert got.names == [cr.entry_name(K[0])]
     assert [p.name for p in (tmp_path / "node").rglob("*") if p.is_file()] == [f"{K[0]}.pt"]  # no partial file
     up = remote.push([cr.entry_name(K[0])], tmp_path / "node")
-    assert (up.files, up.failed) == (1, 0) and (prefix / "latents" / f"{K[0]}.pt").read_bytes() == b"x" * 10
+    assert (up.files, up.failed) == (1, 0) and (prefix / "latents" / f"{K[0]}.pt").read_bytes() == data
+
+
+def test_a_damaged_shared_entry_is_dropped_there_and_encoded_again(tmp_path):
+    """An object in dataset.cacheUri that is not an entry (cut short, overwritten): kept, it was
+    pulled by every later run, which failed on it at every retry; now it is dropped from the node and
+    the prefix, counted as failed (so encoded) and pushed again after encoding."""
+    prefix, data = tmp_path / "shared", _entry_bytes()
+    (prefix / "latents").mkdir(parents=True)
+    (prefix / "latents" / f"{K[0]}.pt").write_bytes(data[: len(data) // 2])
+    remote = cr.Remote(str(prefix), storage.S3Settings(concurrency=1), storage.list_sizes(str(prefix)))
+    got = remote.pull([cr.entry_name(K[0])], tmp_path / "node")
+    assert (got.files, got.failed) == (0, 1) and "not a cache entry" in got.error, got.error
+    assert not (tmp_path / "node" / "latents" / f"{K[0]}.pt").exists()
+    assert not (prefix / "latents" / f"{K[0]}.pt").exists() and cr.entry_name(K[0]) not in remote.listing
+    assert cr.push_list([cr.entry_name(K[0])], remote.listing) == [cr.entry_name(K[0])]  # pushed once encoded
+
+
+def test_an_entry_that_does_not_load_is_deleted_and_an_empty_one_is_not_present(tmp_path):
+    """An entry emptied or cut short by a crash (or a damaged disk) counted as cached for good: every
+    retry failed loading it. Empty files are not present (encoded again); one that does not load is
+    deleted with an error naming it, so the retried run encodes it."""
+    import torch
+
+    from kubelora_trainer import cache
+    cache.save_entry(tmp_path, "good", {"latents": torch.ones(3)})
+    cache.entry_path(tmp_path, "empty").write_bytes(b"")
+    cut = cache.entry_path(tmp_path, "good").read_bytes()
+    cache.entry_path(tmp_path, "cut").write_bytes(cut[: len(cut) // 2])
+    assert cache.present(tmp_path, ["good", "empty", "cut", "none"]) == [True, False, True, False]
+    assert torch.equal(cache.load_entry(tmp_path, "good")["latents"], torch.ones(3))
+    with pytest.raises(cache.CorruptEntry, match=r"does not load .*it is deleted, and the retried run encodes it again"):
+        cache.load_entry(tmp_path, "cut")
+    assert cache.present(tmp_path, ["cut"]) == [False]
+    with pytest.raises(FileNotFoundError):
+        cache.load_entry(tmp_path, "none")
 
 
 def test_preflight_names_the_field_for_a_missing_bucket_and_warns_for_an_unreachable_store(s3, tmp_path):

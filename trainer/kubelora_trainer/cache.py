@@ -48,7 +48,6 @@ TRAINING_ONLY = {"transformerDtype", "float8Compute", "fluxShift", "bypassGuidan
 # files of the denoiser, which encoding does not use: a separate transformer file, or these folders
 DENOISER_FIELDS = {"transformerPath"}
 DENOISER_DIRS = {"transformer", "transformers", "unet"}
-SAMPLE_BLOCKS, SAMPLE_BLOCK = 16, 1 << 16
 PROBE_FORMAT = 2  # bump whenever data.check_item's answer for the same bytes changes (2: skips with reasons)
 EXCHANGE_MB_ENV = "KUBELORA_CACHE_EXCHANGE_MB"   # bytes per exchange round (default 256 MiB)
 PROGRESS_SECONDS_ENV = "KUBELORA_CACHE_PROGRESS_SECONDS"  # the encoding progress line's period (default 10)
@@ -85,35 +84,23 @@ def cache_key(inputs: dict, caption: str, media: bytes, unit: Optional[bk.Unit] 
     return h.hexdigest()[:32]
 
 
-def model_fingerprint(paths: dict[str, str]) -> str:
+def model_fingerprint(paths: dict[str, str], memo_root: Optional[Path] = None) -> str:
     """The staged encoder files (VAE, text encoders, tokenizers; not the denoiser's, not the
-    dataset), by relative name, size and a sample of their bytes (file_sample): the same files under
-    another URI give the same keys, a model replaced at the same URI (a fine-tuned VAE of the same
-    size included) other keys. Equal on every node: nothing local (paths, mtimes) goes in."""
+    dataset), by relative name and the sha256 of their whole bytes (media_digest, remembered under
+    memo_root so a node hashes a file once): the same files under another URI give the same keys, a
+    model replaced at the same URI other keys, a fine-tuned VAE baked into a single SDXL checkpoint
+    of the same size included (a sample of blocks spread over a 7 GB file could miss a 160 MB VAE).
+    Hidden files (the stage-in index with its ETags, a hub's .cache) are not the model's and are left
+    out. Nothing local (paths, mtimes) goes in."""
     h = hashlib.sha256()
     for field in sorted(f for f in paths if f in PATH_FIELDS and f not in DENOISER_FIELDS):
         root = Path(paths[field])
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         for p in files:
             rel = p.relative_to(root) if root.is_dir() else Path(p.name)
-            if DENOISER_DIRS & set(rel.parts[:-1]):
+            if DENOISER_DIRS & set(rel.parts[:-1]) or any(part.startswith(".") for part in rel.parts):
                 continue
-            h.update(f"{field}|{rel.as_posix()}|{p.stat().st_size}|{file_sample(p)}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def file_sample(path: Path) -> str:
-    """sha256 of SAMPLE_BLOCKS blocks spread evenly over a file (its whole bytes when smaller): a
-    changed weight file changes everywhere, so this sees it without reading gigabytes."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= SAMPLE_BLOCKS * SAMPLE_BLOCK:
-            h.update(f.read())
-        else:
-            for k in range(SAMPLE_BLOCKS):
-                f.seek((size - SAMPLE_BLOCK) * k // (SAMPLE_BLOCKS - 1))
-                h.update(f.read(SAMPLE_BLOCK))
+            h.update(f"{field}|{rel.as_posix()}|{media_digest(p, memo_root)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -179,8 +166,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = _tmp(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes reach the disk before the name: a node that crashes right
+        os.replace(tmp, path)     # after never leaves an empty or partial file under the final name
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise disk.no_room(e, path=path) or e from None
@@ -194,8 +184,29 @@ def save_entry(root: Path, key: str, tensors: dict[str, torch.Tensor]) -> None:
     write_bytes_atomic(entry_path(root, key), buf.getvalue())
 
 
+class CorruptEntry(RuntimeError):
+    """A cache entry that does not load (truncated, emptied by a crash, damaged on its disk): it is
+    deleted, so the retried run (exit 1) encodes it again instead of failing on it at every retry."""
+
+
 def load_entry(root: Path, key: str) -> dict[str, torch.Tensor]:
-    return torch.load(entry_path(root, key), weights_only=True)
+    path = entry_path(root, key)
+    try:
+        return check_entry(path)
+    except Exception as e:  # noqa: BLE001 - any failure to load the bytes; a missing file says so itself
+        if isinstance(e, FileNotFoundError):
+            raise
+        path.unlink(missing_ok=True)
+        raise CorruptEntry(f"the cache entry {path} does not load ({type(e).__name__}: {str(e)[:200]}); it is "
+                           f"deleted, and the retried run encodes it again") from None
+
+
+def check_entry(path: Path) -> dict[str, torch.Tensor]:
+    """An entry's tensors, or the error of a file that is not one (never unpickles code)."""
+    got = torch.load(path, weights_only=True)
+    if not isinstance(got, dict):
+        raise ValueError(f"not a dict of tensors (a {type(got).__name__})")
+    return got
 
 
 def read_probe(root: Path, digest: str, fps: Optional[float]):
@@ -220,7 +231,13 @@ def write_probe(root: Path, digest: str, fps: Optional[float], meta) -> None:
 
 
 def present(root: Path, keys: list[str]) -> list[bool]:
-    return [entry_path(root, k).is_file() for k in keys]
+    """Which entries this node has: an empty file (left by a crash) is none, as exchange counts it."""
+    def has(k: str) -> bool:
+        try:
+            return entry_path(root, k).stat().st_size > 0
+        except OSError:
+            return False
+    return [has(k) for k in keys]
 
 
 # ---------------------------------------------------------------- planning (pure)

@@ -152,9 +152,25 @@ class Remote:
         return out
 
     def pull(self, names: list[str], root: Path) -> Moved:
-        """Download these listed names into the cache folder root."""
+        """Download these listed names into the cache folder root. An entry that does not load (a
+        damaged object in the shared prefix) is dropped here and there, counted as failed: it is
+        encoded again and pushed in its place, not trained from or fetched by every later run."""
         def one(name: str) -> int:
-            storage.download_file(self._loc(name), root / name, self.listing[name], self.settings, self.client())
+            path = root / name
+            storage.download_file(self._loc(name), path, self.listing[name], self.settings, self.client())
+            if name.startswith("latents/"):
+                from .cache import check_entry
+                try:
+                    check_entry(path)
+                except Exception as e:  # noqa: BLE001 - any bytes that are not an entry
+                    path.unlink(missing_ok=True)
+                    try:
+                        storage.delete_object(self._loc(name), self.settings, self.client())
+                    except storage.StorageError:
+                        pass  # still listed: the next run drops it too
+                    self.listing.pop(name, None)  # so the push after encoding replaces it
+                    raise storage.StorageError(f"{self._loc(name)}: not a cache entry ({type(e).__name__}); "
+                                               "dropped, encoded again") from None
             return self.listing[name]
         return self._each(names, one)
 

@@ -599,9 +599,17 @@ def upload(path: str | Path, uri: str, settings: S3Settings = S3Settings(), clie
     if not loc.is_s3:
         target = Path(loc.key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
+        # a temporary name of its own: two jobs (or ranks) publishing the same name at once into a
+        # shared folder (a cacheUri on a shared volume) never write into one file
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            if os.path.getsize(tmp) != size:
+                raise StorageError(f"writing {target}: {os.path.getsize(tmp)} of {size} bytes written")
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         return {"uri": str(target), "sha256": digest, "size": size}
     client = client or make_client(settings)
     config = _transfer_config(settings)
@@ -769,6 +777,18 @@ def delete_prefix(uri: str, settings: S3Settings = S3Settings(), client=None, fi
                     transient=any(c in TRANSIENT_CODES for c in codes))
     except StorageError:
         raise
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(exc, loc, "deleting") from None
+
+
+def delete_object(uri: str, settings: S3Settings = S3Settings(), client=None) -> None:
+    """Delete one object (a local file); one that is not there is fine."""
+    loc = parse_uri(uri)
+    try:
+        if not loc.is_s3:
+            Path(loc.key).unlink(missing_ok=True)
+        else:
+            (client or make_client(settings)).delete_object(Bucket=loc.bucket, Key=loc.key)
     except Exception as exc:  # noqa: BLE001
         raise describe_error(exc, loc, "deleting") from None
 
