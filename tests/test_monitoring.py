@@ -364,3 +364,27 @@ def test_dashboard_queries_return_data_from_the_run(monitored_run):
         if not data["result"] and not metric_names(q) <= CPU_ONLY_EMPTY | RUN_WITHOUT_EVALUATION:
             empty.append(q)
     assert not empty, f"dashboard queries without data: {empty}"
+
+
+def test_a_failed_runs_last_state_is_served_through_torchruns_sigterm():
+    """On a failure the node's other processes exit at once and torchrun SIGTERMs the one serving
+    the metrics: it died within a second, so the Failed phase and a NaN loss were scraped almost
+    never. It lingers through the SIGTERM (torchrun's SIGKILL comes after its shutdown timeout).
+    Run in its own process: without the fix the SIGTERM ends it."""
+    script = (
+        "import os, signal, time\n"
+        "from kubelora_trainer.metrics import Run, TrainerMetrics\n"
+        "class Server:\n"
+        "    def wait_for_a_new_scrape(self, timeout):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)  # as torchrun sends it\n"
+        "        time.sleep(0.5)\n"
+        "        print('served after SIGTERM', flush=True)\n"
+        "        return True\n"
+        "    def stop(self):\n"
+        "        print('stopped', flush=True)\n"
+        "Run(TrainerMetrics('j'), Server()).finish(linger=30)\n"
+        "print('default handler back:', signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, flush=True)\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.splitlines() == ["served after SIGTERM", "stopped", "default handler back: True"], p.stdout

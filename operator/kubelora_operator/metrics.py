@@ -39,7 +39,7 @@ PHASES = ("Pending", "Initializing", "Training", "Exporting", "Succeeded", "Fail
 registry = CollectorRegistry()
 RECONCILE_SECONDS = Histogram("kubelora_operator_reconcile_duration_seconds",
                               "Duration of the operator's handlers for one LoRATrainingJob", ("handler",),
-                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=registry)
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=registry)
 RECONCILE_ERRORS = Counter("kubelora_operator_reconcile_errors", "Handler runs that raised, by exception type",
                            ("handler", "reason"), registry=registry)
 JOBS_FAILED = Counter("kubelora_operator_jobs_failed", "LoRATrainingJobs the operator set to Failed, by reason",

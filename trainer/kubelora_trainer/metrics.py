@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import contextmanager
 import re
 import socketserver
 import threading
@@ -39,6 +40,7 @@ NAMESPACE_ENV = "KUBELORA_NAMESPACE"
 DEFAULT_PORT = 9400
 LOCAL_ADDR = "127.0.0.1"  # `kubelora run` (cli.launch): a workstation's metrics are not served to its network
 PHASES = ("Initializing", "StagingIn", "Caching", "Training", "Exporting", "Succeeded", "Failed", "Stopped")
+BUSY = ("sampling", "evaluation", "checkpoint")  # kubelora_trainer_busy{what}
 LABELS = ("ltj", "namespace")
 
 disable_created_metrics()  # no *_created series beside each counter: they only double what is scraped
@@ -206,6 +208,8 @@ class TrainerMetrics:
         self._samples = counter("kubelora_trainer_samples", "Training samples processed, over all ranks")
         self._eta = gauge("kubelora_trainer_eta_seconds", "Estimated seconds until the last step")
         self._last_step_time = gauge("kubelora_trainer_last_step_timestamp_seconds", "Unix time the last step finished")
+        self._busy = gauge("kubelora_trainer_busy", "1 while the trainer is between steps in this work "
+                                                    "(sampling, evaluation, checkpoint)", ("what",))
         self._resumed = gauge("kubelora_trainer_resumed_from_step", "Checkpoint step this run resumed from (0: started fresh)")
         self._restarts = gauge("kubelora_trainer_restarts", "torchrun restarts of this process group (TORCHELASTIC_RESTART_COUNT)")
         self._ckpt_step = gauge("kubelora_trainer_last_checkpoint_step", "Step of the newest checkpoint this run wrote")
@@ -234,6 +238,7 @@ class TrainerMetrics:
             self._samples.labels(*self.labels)
             self._restarts.labels(*self.labels).set(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
             self._resumed.labels(*self.labels).set(0)
+            self.busy(None)
 
     # -- job-level (rank 0)
     def start(self, model_type: str, world: int, total_steps: int) -> None:
@@ -246,6 +251,15 @@ class TrainerMetrics:
         if self.main:
             for p in PHASES:
                 self._phase.labels(*self.labels, p).set(1 if p == name else 0)
+            if name == "Training":  # no step yet counts from here (a hang before the first step alerts)
+                self._last_step_time.labels(*self.labels).set(time.time())
+
+    def busy(self, what: Optional[str]) -> None:
+        """Between steps, in `what` (sampling, evaluation, checkpoint: minutes on a large model), or
+        back to steps (None): KubeloraTrainingNoProgress leaves those pauses out."""
+        if self.main:
+            for w in BUSY:
+                self._busy.labels(*self.labels, w).set(1 if w == what else 0)
 
     def dataset(self, usable: int, skipped: dict[str, int]) -> None:
         if self.main:
@@ -376,8 +390,30 @@ class Run:
             return
         linger = float(os.environ.get(LINGER_ENV, "0") or 0) if linger is None else linger
         if linger > 0:
-            self.server.wait_for_a_new_scrape(linger)
+            # a failed run's other ranks exit at once and torchrun then SIGTERMs this one: it goes on
+            # serving (the Failed phase, a NaN loss) until scraped; torchrun's SIGKILL comes only
+            # after its shutdown timeout, the pod's grace period less a margin (launch.py)
+            import signal
+            try:
+                previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            except ValueError:  # not the main thread
+                previous = None
+            try:
+                self.server.wait_for_a_new_scrape(linger)
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
         self.server.stop()
+
+
+@contextmanager
+def busy_in(m, what: str):
+    """m.busy(what) for the block (m: a Run or an Off)."""
+    m.busy(what)
+    try:
+        yield
+    finally:
+        m.busy(None)
 
 
 def start(rank: int, local_rank: int, ltj: str, log=print):

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import dist, report, storage
+from . import dist, metrics, report, storage
 from .families import RULES
 from .sample_plan import assign, due, is_video, preview_path, resolve, sample_path
 from .spec import dump_spec
@@ -108,6 +108,10 @@ class Sampler:
         self.listed(step)
         if not due(step, self.spec.samples, self.spec.training.steps):
             return
+        with metrics.busy_in(tr.metrics, "sampling"):
+            self._sample(step, tr, prog)
+
+    def _sample(self, step: int, tr, prog) -> None:
         t0 = time.perf_counter()
         env = tr.env
         sharded = tr.adapters.sync.sharding == "shard"

@@ -494,9 +494,10 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             # then retried from it, not by training again since the last scheduled checkpoint
             last = step == t.steps and tr.spec.adapter.type != "full"
             if save or stop or last:
-                checkpoint.save(step, tr.modules, tr.opt, state.to_dict(step, env.world), tr.local_ckpt,
-                                tr.spec.output.uri, tr.settings, t.checkpointKeep, env,
-                                fingerprint=checkpoint.recorded(tr.spec, run_id()))
+                with metrics.busy_in(tr.metrics, "checkpoint"):
+                    checkpoint.save(step, tr.modules, tr.opt, state.to_dict(step, env.world), tr.local_ckpt,
+                                    tr.spec.output.uri, tr.settings, t.checkpointKeep, env,
+                                    fingerprint=checkpoint.recorded(tr.spec, run_id()))
                 schedule.written()
                 tr.metrics.checkpoint(step)
             if stop:
@@ -520,7 +521,8 @@ def maybe_evaluate(tr: Trainer, step: int, samples_per_step: int, prog: Progress
                                                        samples_per_step, tr.epoch_size, stopping=stopping,
                                                        done=frozenset(r["step"] for r in tr.state.evals)):
         return
-    rec = tr.evaluation.run(step, tr)
+    with metrics.busy_in(tr.metrics, "evaluation"):
+        rec = tr.evaluation.run(step, tr)
     tr.metrics.eval_loss(rec)
     if tr.env.is_main:
         log(tr.env, evaluation.format_line(step, rec))
