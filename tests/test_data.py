@@ -254,3 +254,54 @@ def test_a_caption_map_overriding_caption_files_and_maps_in_subfolders_are_said(
     assert "1 of them have a same-stem caption file that is not read" in caption_hint(r)
     assert "sub/captions.json" in nested_maps_warning(r)
     assert nested_maps_warning(scan(tmp_path, recursive=False)) == ""
+
+
+def _png_with_late_exif(src, dst, orientation: int):
+    """src's PNG with an eXIf chunk (orientation) put after its pixels, before IEND."""
+    import struct
+    import zlib
+    from PIL import Image
+    ex = Image.Exif()
+    ex[0x0112] = orientation
+    body = ex.tobytes()
+    body = body[6:] if body.startswith(b"Exif\x00\x00") else body
+    data = src.read_bytes()
+    end = data.rindex(b"IEND") - 4
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    dst.write_bytes(data[:end] + chunk + data[end:])
+
+
+def test_the_checked_size_is_the_trained_orientation_from_xmp_and_late_png_exif(tmp_path):
+    """The check reads the header only; the loader turns the picture as ImageOps.exif_transpose
+    does, which also reads XMP's tiff:Orientation and a PNG's eXIf after its pixels. A 300x100
+    image turned by either was bucketed landscape and trained portrait (83% cropped away)."""
+    from PIL import Image, ImageOps
+    from kubelora_trainer.data import probe
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    Image.new("RGB", (300, 100), (9, 9, 9)).save(tmp_path / "xmp.jpg", xmp=xmp.encode())
+    Image.new("RGB", (300, 100), (9, 9, 9)).save(tmp_path / "plain.png")
+    _png_with_late_exif(tmp_path / "plain.png", tmp_path / "late.png", 6)
+    for name in ("xmp.jpg", "late.png", "plain.png"):
+        with Image.open(tmp_path / name) as im:
+            im.load()
+            trained = ImageOps.exif_transpose(im).size
+        assert probe(tmp_path / name, decode=False)[:2] == trained == probe(tmp_path / name)[:2], name
+    assert probe(tmp_path / "xmp.jpg", decode=False)[:2] == (100, 300)
+    assert probe(tmp_path / "late.png", decode=False)[:2] == (100, 300)
+
+
+def test_16_bit_grey_images_and_masks_keep_their_levels(tmp_path):
+    """Pillow's convert("RGB") clips a 16-bit grey image at 255: a gradient trained as white, a
+    mid-grey mask weighed 1 instead of 0.5."""
+    import numpy as np
+    from PIL import Image
+    from kubelora_trainer.masks import load_mask
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    with Image.open(tmp_path / "ramp.png") as im:
+        assert im.mode.startswith("I")
+    x = load_image(tmp_path / "ramp.png", 32)
+    assert abs(float(x.mean())) < 0.05 and x[0, 0, 0] < -0.95 and x[0, 0, -1] > 0.95   # black to white, not all white
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / "mask.png")
+    assert abs(float(load_mask(tmp_path / "mask.png", 16, 16).mean()) - 0.5) < 0.01

@@ -39,7 +39,7 @@ from . import buckets as bk
 from . import disk
 from .families import PATH_FIELDS, RULES, frames_of, size_of
 
-CACHE_FORMAT = 5  # bump whenever what encode() writes for the same inputs changes (5: keyed by the encoders only);
+CACHE_FORMAT = 6  # bump whenever what encode() writes for the same inputs changes (5: keyed by the encoders only; 6: 16-bit grey scaled, not clipped);
 # a change in one family's encode() bumps that family's FamilyRules.cache_format instead
 # model settings the encoders never see (the denoiser's storage, the loss, the guidance input): not in
 # the key, so changing one, or the model's URI, reuses the cache (dataset.cacheUri across clusters too)
@@ -48,7 +48,8 @@ TRAINING_ONLY = {"transformerDtype", "float8Compute", "fluxShift", "bypassGuidan
 # files of the denoiser, which encoding does not use: a separate transformer file, or these folders
 DENOISER_FIELDS = {"transformerPath"}
 DENOISER_DIRS = {"transformer", "transformers", "unet"}
-PROBE_FORMAT = 2  # bump whenever data.check_item's answer for the same bytes changes (2: skips with reasons)
+PROBE_FORMAT = 3  # bump whenever data.check_item's answer for the same bytes changes (2: skips with reasons;
+                  # 3: XMP and late PNG orientation)
 EXCHANGE_MB_ENV = "KUBELORA_CACHE_EXCHANGE_MB"   # bytes per exchange round (default 256 MiB)
 PROGRESS_SECONDS_ENV = "KUBELORA_CACHE_PROGRESS_SECONDS"  # the encoding progress line's period (default 10)
 PREFETCH_ENV = "KUBELORA_PREFETCH_BATCHES"   # micro-batches read ahead during training (default 2; 0: none)

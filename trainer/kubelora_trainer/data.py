@@ -370,14 +370,11 @@ def probe(path: Path, fps: float | None = None, decode: bool = True) -> tuple[in
         from PIL import Image, ImageOps
         with Image.open(path) as im:
             check_pixels(*im.size)
-            if decode:
-                im.load()
+            if decode or (im.format == "PNG" and png_metadata_after_pixels(path)):
+                im.load()  # a PNG's eXIf or XMP after its pixels is read only by decoding it
                 w, h = ImageOps.exif_transpose(im).size
-            else:  # EXIF from the header (getexif() would decode a PNG); orientations 5-8 turn by 90 degrees
-                exif = Image.Exif()
-                if im.info.get("exif"):
-                    exif.load(im.info["exif"])
-                w, h = im.size[::-1] if exif.get(0x0112) in (5, 6, 7, 8) else im.size
+            else:  # orientations 5-8 turn by 90 degrees
+                w, h = im.size[::-1] if header_orientation(im) in (5, 6, 7, 8) else im.size
         if min(w, h) < 1:
             raise ValueError("image has no pixels")
         return w, h, 1, False
@@ -395,6 +392,60 @@ def probe(path: Path, fps: float | None = None, decode: bool = True) -> tuple[in
         raise ValueError("video has no frames")
     n = sum(1 for _ in pick_frames(iter(timed), 10 ** 9, fps)) if fps else len(timed)
     return w, h, n, True
+
+
+def header_orientation(im) -> Optional[int]:
+    """The orientation ImageOps.exif_transpose will apply to an opened image (EXIF's, else XMP's
+    tiff:Orientation, as Pillow's getexif reads them), without decoding it: a PNG's getexif()
+    decodes the whole picture, so its header chunks are read here as Pillow reads them."""
+    if im.format != "PNG":
+        return im.getexif().get(0x0112)
+    import re
+    from PIL import Image
+    exif = Image.Exif()
+    if im.info.get("exif"):
+        exif.load(im.info["exif"])
+    if exif.get(0x0112) is not None:
+        return exif.get(0x0112)
+    xmp = im.info.get("XML:com.adobe.xmp")
+    found = re.search(r'tiff:Orientation(="|>)([0-9])', xmp) if isinstance(xmp, str) else None
+    return int(found[2]) if found else None
+
+
+def png_metadata_after_pixels(path: Path) -> bool:
+    """Whether a PNG has an eXIf or text chunk (XMP is an iTXt) after its first IDAT: Pillow reads
+    those, and ImageOps.exif_transpose turns the picture by them, only once it is decoded. Reads
+    the chunk headers only. I/O."""
+    import struct
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return False
+        seen_pixels = False
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IDAT":
+                seen_pixels = True
+            elif seen_pixels and kind in (b"eXIf", b"iTXt", b"tEXt", b"zTXt"):
+                return True
+            elif kind == b"IEND":
+                return False
+            f.seek(length + 4, 1)  # the data and its CRC
+
+
+def to_8bit(im):
+    """A 16-bit or 32-bit single-channel image (PNG's I;16, I, F) scaled to 8 bits: convert("RGB")
+    would clip it at 255 (a 16-bit grey gradient trains as white, a mid-grey mask weighs 1). Other
+    modes as they are. Pure."""
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    import numpy as np
+    from PIL import Image
+    a = np.asarray(im, dtype=np.float64)
+    top = 1.0 if im.mode == "F" and a.size and a.max() <= 1.0 else 65535.0 if a.size and a.max() <= 65535 else float(a.max())
+    return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
 
 
 def check_pixels(width: int, height: int, frames: int = 1) -> None:
@@ -419,8 +470,10 @@ def load_image(path: Path, width: int, height: int | None = None):
 
 def on_white(im):
     """RGB, with transparent pixels composited onto white (as diffusion-pipe does): converting
-    straight to RGB would train on whatever colour a transparent area stores, often black."""
+    straight to RGB would train on whatever colour a transparent area stores, often black. A 16-bit
+    grey image is scaled to 8 bits first (to_8bit), not clipped."""
     from PIL import Image
+    im = to_8bit(im)
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode != "RGB" and "transparency" in im.info):

@@ -59,10 +59,10 @@ def load_mask(path: Path, width: int, height: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image, ImageOps
 
-    from .data import _fit
+    from .data import _fit, to_8bit
     with Image.open(path) as im:
         im.load()
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        im = to_8bit(ImageOps.exif_transpose(im)).convert("RGB")  # a 16-bit grey mask's levels kept
     fitted = _fit(im, width, height)
     return torch.from_numpy(np.asarray(fitted, dtype=np.float32)[:, :, 0].copy()) / 255.0
 
