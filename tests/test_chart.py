@@ -246,6 +246,12 @@ def test_network_policy_in_each_watched_namespace_as_the_example_admits():
     assert scrape["ports"] == [{"port": 9555, "protocol": "TCP"}]
     (closed,) = by_kind(objects({"networkPolicy": {"create": True, "metricsNamespaces": []}}), "NetworkPolicy")
     assert len(closed["spec"]["ingress"]) == 1  # the job's own pods only
+    # cluster-wide: the namespaces the jobs run in are named, else only the release's is covered, said
+    listed = by_kind(objects({"networkPolicy": {"create": True, "namespaces": ["team-a", "team-b"]}}), "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in listed) == ["team-a", "team-b"]
+    assert "WARNING: networkPolicy.create in a cluster-wide install covers only" in notes({"networkPolicy": {"create": True}})
+    assert "WARNING" not in notes({"networkPolicy": {"create": True, "namespaces": ["team-a"]}})
+    assert "WARNING" not in notes({**NAMESPACED, "networkPolicy": {"create": True}})
 
 
 def test_extras_reach_the_pod():

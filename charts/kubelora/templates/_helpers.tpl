@@ -124,3 +124,12 @@ operator.leaderElection with its defaults filled in: a release made before the v
                  "retryPeriodSeconds" ($given.retryPeriodSeconds | default 2)) -}}
 {{- end -}}
 
+
+{{/*
+The namespaces that get the trainers' NetworkPolicy (JSON list): networkPolicy.namespaces, else the
+watched namespaces, else the release namespace only (a cluster-wide install: NOTES.txt warns that
+the namespaces the jobs run in are not covered).
+*/}}
+{{- define "kubelora.networkPolicyNamespaces" -}}
+{{- .Values.networkPolicy.namespaces | default .Values.watchNamespaces | default (list .Release.Namespace) | toJson -}}
+{{- end }}
