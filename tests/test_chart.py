@@ -151,6 +151,11 @@ def test_monitors_select_the_operator_and_the_trainer_pods():
     assert all(x["key"] in pod_labels for x in pm["spec"]["selector"]["matchExpressions"])
     ns = one(objects({**NAMESPACED, **MONITORS}), "PodMonitor")["spec"]["namespaceSelector"]
     assert ns == {"matchNames": ["ml", "research"]}
+    # only the trainer's own series are kept from a trainer pod (its image may be a tenant's)
+    import re
+    (keep,) = pm["spec"]["podMetricsEndpoints"][0]["metricRelabelings"]
+    assert keep["action"] == "keep" and keep["sourceLabels"] == ["__name__"]
+    assert re.fullmatch(keep["regex"], "kubelora_trainer_loss") and not re.fullmatch(keep["regex"], "kubelora_operator_leader")
 
 
 def test_the_pod_monitors_port_is_declared_by_the_trainer_pods(monkeypatch):
