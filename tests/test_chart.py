@@ -358,6 +358,10 @@ def test_a_shared_cluster_can_narrow_secrets_and_buckets_the_operator_reads():
     (every,) = [r for r in operator_role(objects({"rbac": {"secretNames": []}}))["rules"] if "secrets" in r["resources"]]
     assert "resourceNames" not in every                          # any Secret: asked for explicitly
     assert "KUBELORA_JOB_CREDENTIALS_ONLY" not in env(one(objects({}), "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    pods = {"allowedImages": ["registry.corp/ml/", "ghcr.io/kubelora/trainer:0.1.0"], "allowedServiceAccounts": ["trainer"]}
+    e = env(one(objects({"operator": {"pods": pods}}), "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    assert e["KUBELORA_ALLOWED_IMAGES"] == "registry.corp/ml/,ghcr.io/kubelora/trainer:0.1.0"
+    assert e["KUBELORA_ALLOWED_SERVICE_ACCOUNTS"] == "trainer"
 
 
 def test_openshift_assigns_the_uids_when_run_as_user_is_platform():

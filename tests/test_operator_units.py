@@ -537,6 +537,19 @@ def test_a_shared_clusters_operator_settings_refuse_borrowed_credentials_and_oth
     assert "spec.storage.credentialsSecret is required" in manifests.tenancy_problem(bare, True, ())
     msg = manifests.tenancy_problem(bare, False, ("http://minio.minio:9000",))
     assert "spec.storage.endpoint: 'http://10.0.0.1:80' is not one this cluster allows" in msg
+    # the trainer image and the ServiceAccount a tenant names: the operator and the Job controller make
+    # the pods, so admission policies keyed on who asked never see the tenant
+    images, accounts = ("registry.corp/ml/", "ghcr.io/kubelora/trainer:0.1.0"), ("trainer",)
+    res = lambda **r: parse_spec({**SPEC, "resources": r})  # noqa: E731
+    for ok in (res(), res(image="registry.corp/ml/trainer:2"), res(image="ghcr.io/kubelora/trainer:0.1.0"),
+               res(serviceAccountName="trainer")):
+        assert manifests.tenancy_problem(ok, False, (), images, accounts) is None
+    for image in ("registry.corp/ml-evil/x:1", "ghcr.io/kubelora/trainer:0.1.0-evil", "docker.io/me/miner"):
+        msg = manifests.tenancy_problem(res(image=image), False, (), images, accounts)
+        assert msg.startswith(f"spec.resources.image: {image!r} is not from a registry this cluster allows"), msg
+    msg = manifests.tenancy_problem(res(serviceAccountName="admin"), False, (), images, accounts)
+    assert msg.startswith("spec.resources.serviceAccountName: 'admin' is not one this cluster lets jobs run as"), msg
+    assert manifests.tenancy_problem(res(image="docker.io/me/miner", serviceAccountName="admin"), False, ()) is None
 
 
 def test_trainer_pods_leave_the_uid_to_the_platform_when_told(monkeypatch):

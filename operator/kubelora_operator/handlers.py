@@ -50,6 +50,8 @@ GANG_FAILURE_GRACE_SECONDS = env.number("KUBELORA_GANG_FAILURE_GRACE_SECONDS", 6
 # shared clusters: buckets read only with a job's own credentials; the S3 endpoints jobs may name
 JOB_CREDENTIALS_ONLY = env.flag("KUBELORA_JOB_CREDENTIALS_ONLY")
 ALLOWED_ENDPOINTS = env.words("KUBELORA_S3_ALLOWED_ENDPOINTS")
+ALLOWED_IMAGES = env.words("KUBELORA_ALLOWED_IMAGES")            # prefixes ending in '/', ':' or '@', or exact
+ALLOWED_SERVICE_ACCOUNTS = env.words("KUBELORA_ALLOWED_SERVICE_ACCOUNTS")
 INSTANCE = os.environ.get("HOSTNAME") or socket.gethostname()  # Events' reportingInstance
 # a job whose bucket does not answer is read less often, not at every sync: after a failure the next
 # read waits this long, doubling up to the maximum
@@ -215,7 +217,8 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
     except UnsupportedModel as e:
         return _fail(body, changes, "UnsupportedModel", str(e))
     problem = (manifests.cluster_problem(job_spec)
-               or manifests.tenancy_problem(job_spec, JOB_CREDENTIALS_ONLY, ALLOWED_ENDPOINTS))
+               or manifests.tenancy_problem(job_spec, JOB_CREDENTIALS_ONLY, ALLOWED_ENDPOINTS, ALLOWED_IMAGES,
+                                             ALLOWED_SERVICE_ACCOUNTS))
     if problem:
         return _fail(body, changes, "InvalidSpec", problem)
     r = job_spec.resources

@@ -133,12 +133,27 @@ def _env(job: str, uid: str, spec: LoRATrainingJobSpec, namespace: str, cfg: "Op
     return env
 
 
-def tenancy_problem(spec: LoRATrainingJobSpec, job_credentials_only: bool, allowed_endpoints: tuple[str, ...]
+def tenancy_problem(spec: LoRATrainingJobSpec, job_credentials_only: bool, allowed_endpoints: tuple[str, ...],
+                    allowed_images: tuple[str, ...] = (), allowed_service_accounts: tuple[str, ...] = ()
                     ) -> str | None:
     """What a shared cluster's operator settings refuse: a job without its own credentials when
     the operator may read buckets only with those (else a tenant could read another's bucket
     through the operator's keys), an S3 endpoint not on the allowed list (the operator sends
-    requests there). Pure."""
+    requests there), a trainer image outside the allowed prefixes and a ServiceAccount not on the
+    allowed list (the operator and the Job controller create the pods, so admission policies that
+    look at who asked see them, not the tenant; a ServiceAccount can carry a cloud role through
+    IRSA or Workload Identity). Pure."""
+    image = spec.resources.image
+    if allowed_images and image and not any(image == p or (p.endswith(("/", ":", "@")) and image.startswith(p))
+                                            for p in allowed_images):
+        return (f"spec.resources.image: {image!r} is not from a registry this cluster allows ({', '.join(allowed_images)};"
+                " a prefix ending in '/' allows what is under it; chart value operator.pods.allowedImages), or leave "
+                "it unset for the operator's trainer image")
+    account = spec.resources.serviceAccountName
+    if allowed_service_accounts and account and account not in allowed_service_accounts:
+        return (f"spec.resources.serviceAccountName: {account!r} is not one this cluster lets jobs run as "
+                f"({', '.join(allowed_service_accounts)}; chart value operator.pods.allowedServiceAccounts), or leave "
+                "it unset for the namespace's default")
     if job_credentials_only and not spec.storage.credentialsSecret:
         return ("spec.storage.credentialsSecret is required on this cluster: the operator reads a job's output "
                 "bucket only with the job's own credentials (operator setting KUBELORA_JOB_CREDENTIALS_ONLY, "
