@@ -251,6 +251,14 @@ def test_network_policy_in_each_watched_namespace_as_the_example_admits():
     assert scrape["ports"] == [{"port": 9555, "protocol": "TCP"}]
     (closed,) = by_kind(objects({"networkPolicy": {"create": True, "metricsNamespaces": []}}), "NetworkPolicy")
     assert len(closed["spec"]["ingress"]) == 1  # the job's own pods only
+    # perJob: the operator makes each job's policy (its pods only, wherever the job runs), with the rights
+    # to do it and the scrapers' namespaces; off by default, and then no such rights
+    per_job = objects({"networkPolicy": {"perJob": True, "metricsNamespaces": ["monitoring", "kps"]}})
+    e = env(one(per_job, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    assert e["KUBELORA_JOB_NETWORK_POLICY"] == "true" and e["KUBELORA_METRICS_NAMESPACES"] == "monitoring,kps"
+    rule = {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "get"]}
+    assert rule in operator_role(per_job)["rules"] and rule not in operator_role(objects({}))["rules"]
+    assert "KUBELORA_JOB_NETWORK_POLICY" not in env(one(objects({}), "Deployment")["spec"]["template"]["spec"]["containers"][0])
     # cluster-wide: the namespaces the jobs run in are named, else only the release's is covered, said
     listed = by_kind(objects({"networkPolicy": {"create": True, "namespaces": ["team-a", "team-b"]}}), "NetworkPolicy")
     assert sorted(p["metadata"]["namespace"] for p in listed) == ["team-a", "team-b"]

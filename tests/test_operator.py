@@ -105,6 +105,26 @@ def test_a_status_worked_out_for_a_deleted_job_never_lands_on_its_successor(clus
     assert got["status"]["phase"] == "Pending" and ltj(cluster, "same")["status"]["phase"] == "Pending"
 
 
+def test_each_job_gets_its_own_network_policy_when_asked_and_it_goes_with_the_job(cluster, kubectl, monkeypatch):
+    """networkPolicy.perJob (KUBELORA_JOB_NETWORK_POLICY): the policy is made with the other children,
+    owned by the job, through the real client (the emulator takes networking.k8s.io/v1 like the API
+    server; it does not enforce policies: no network here), and goes with the job."""
+    monkeypatch.setenv("KUBELORA_JOB_NETWORK_POLICY", "true")
+    monkeypatch.setenv("KUBELORA_METRICS_NAMESPACES", "monitoring")
+    kube = cluster
+    with operator():
+        assert apply(kubectl, manifest("fenced")).returncode == 0
+        policy = wait_for(lambda: kube.get("networking.k8s.io/v1/networkpolicies", "default", "fenced-peers"), timeout=30)
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "fenced"), timeout=30)
+    uid = ltj(kube, "fenced")["metadata"]["uid"]
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"kubelora.dev/job": "fenced", "kubelora.dev/job-uid": uid}
+    pods = kube.get("batch/v1/jobs", "default", "fenced")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods.items()
+    assert kubectl("delete", "ltj", "fenced", "--timeout=60s", timeout=90).returncode == 0
+    assert kube.get("networking.k8s.io/v1/networkpolicies", "default", "fenced-peers") is None
+
+
 def test_children_created_once_owned_and_survive_operator_restart(cluster, kubectl, s3):
     kube = cluster
     demo_output_bucket(s3)  # readable: no storage stall

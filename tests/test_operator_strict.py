@@ -72,3 +72,30 @@ def test_the_example_network_policy_is_valid_and_selects_the_trainer_pods():
     assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0] == selected
     ports = {p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
     assert policy["spec"]["ingress"][1]["ports"][0]["port"] == manifests.OperatorConfig.metrics_port in ports
+
+
+@pytest.mark.parametrize("namespaces", [None, ("monitoring", "kps"), ()], ids=["any-scraper", "named", "no-scraper"])
+def test_a_jobs_own_network_policy_is_valid_and_admits_only_its_pods_and_scrapers(namespaces):
+    """networkPolicy.perJob: one policy per job, made before its Job, selecting this run's pods (job
+    name and uid), which admit only each other (the rendezvous store takes any client) and, to the
+    metrics port, the monitoring namespaces' pods."""
+    uid = "0b7e6c2c-0000-4000-8000-000000000000"
+    cfg = manifests.OperatorConfig(job_network_policy=True, metrics_namespaces=namespaces)
+    objs = manifests.children("ft", uid, "ml", parse_spec(FULL), cfg)
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "NetworkPolicy", "Job"]
+    policy, pod = objs[2], objs[-1]["spec"]["template"]
+    kv.validate(policy, "1.33.0", strict=True)
+    assert policy["metadata"]["name"] == "ft-peers" and policy["metadata"]["ownerReferences"][0]["uid"] == uid
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items() and selector[manifests.UID_LABEL] == uid
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    peers, *scrape = policy["spec"]["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": selector}}]}
+    if namespaces == ():
+        assert scrape == []
+    else:
+        (rule,) = scrape
+        assert rule["ports"] == [{"port": cfg.metrics_port, "protocol": "TCP"}]
+        assert ("from" in rule) == bool(namespaces)
+    assert [o["kind"] for o in manifests.children("ft", uid, "ml", parse_spec(FULL), manifests.OperatorConfig())] == [
+        "ConfigMap", "Service", "Job"]   # off by default

@@ -72,6 +72,9 @@ def operator_config() -> manifests.OperatorConfig:
         metrics_linger_seconds=int(env.number("KUBELORA_TRAINER_METRICS_LINGER_SECONDS",
                                               manifests.OperatorConfig.metrics_linger_seconds)),
         image_pull_secrets=env.words("KUBELORA_TRAINER_IMAGE_PULL_SECRETS"),
+        job_network_policy=env.flag("KUBELORA_JOB_NETWORK_POLICY"),
+        metrics_namespaces=(None if os.environ.get("KUBELORA_METRICS_NAMESPACES") is None
+                            else env.words("KUBELORA_METRICS_NAMESPACES")),  # unset: any pod; empty: none
     )
 
 

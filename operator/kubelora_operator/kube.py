@@ -82,11 +82,16 @@ def ensure(obj: dict) -> tuple[dict, bool]:
 
     core, batch = _apis()
     kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
-    create, read = {
-        "ConfigMap": (core.create_namespaced_config_map, core.read_namespaced_config_map),
-        "Service": (core.create_namespaced_service, core.read_namespaced_service),
-        "Job": (batch.create_namespaced_job, batch.read_namespaced_job),
-    }[kind]
+    if kind == "NetworkPolicy":
+        from kubernetes import client
+        net = client.NetworkingV1Api(api())
+        create, read = net.create_namespaced_network_policy, net.read_namespaced_network_policy
+    else:
+        create, read = {
+            "ConfigMap": (core.create_namespaced_config_map, core.read_namespaced_config_map),
+            "Service": (core.create_namespaced_service, core.read_namespaced_service),
+            "Job": (batch.create_namespaced_job, batch.read_namespaced_job),
+        }[kind]
     try:
         return api().sanitize_for_serialization(create(ns, obj)), True
     except ApiException as e:

@@ -37,6 +37,10 @@ class OperatorConfig:
     # (Succeeded, the last loss): at least two scrape intervals of the PodMonitor
     metrics_linger_seconds: int = 60
     image_pull_secrets: tuple[str, ...] = ()  # Secrets in the job's namespace the trainer pods pull with
+    # a NetworkPolicy per job: its pods admit only each other and, to the metrics port, the pods of
+    # metrics_namespaces (None: any pod; (): none, as the chart's networkPolicy.metricsNamespaces: [])
+    job_network_policy: bool = False
+    metrics_namespaces: tuple[str, ...] | None = None
 
 
 JOB_LABEL = f"{GROUP}/job"  # on every child and pod: the LoRATrainingJob's name
@@ -82,6 +86,28 @@ def _meta(name: str, job: str, uid: str, namespace: str) -> dict:
 
 def child_names(job: str) -> dict[str, str]:
     return {"configmap": f"{job}-spec", "service": f"{job}-workers", "job": job}
+
+
+def network_policy_name(job: str) -> str:
+    return f"{job}-peers"
+
+
+def network_policy(job: str, uid: str, namespace: str, cfg: "OperatorConfig") -> dict:
+    """The job's pods (this run's: its uid) admit connections only from each other (torchrun's
+    rendezvous store, which takes any client without authentication, then gloo/NCCL on ephemeral
+    ports) and, to the metrics port, from the pods of cfg.metrics_namespaces (any pod when none are
+    named, none when the list is empty). Egress is left alone (S3, DNS, the image registry). Pure."""
+    mine = {"matchLabels": {JOB_LABEL: job, UID_LABEL: uid}}
+    ingress: list[dict] = [{"from": [{"podSelector": mine}]}]
+    if cfg.metrics_port and cfg.metrics_namespaces != ():
+        scrape: dict = {"ports": [{"port": cfg.metrics_port, "protocol": "TCP"}]}
+        if cfg.metrics_namespaces:
+            scrape["from"] = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
+                              for ns in cfg.metrics_namespaces]
+        ingress.append(scrape)
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _meta(network_policy_name(job), job, uid, namespace),
+            "spec": {"podSelector": mine, "policyTypes": ["Ingress"], "ingress": ingress}}
 
 
 def configmap(job: str, uid: str, namespace: str, spec: LoRATrainingJobSpec) -> dict:
@@ -302,8 +328,10 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
 
 def children(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: OperatorConfig,
              owner_labels: dict | None = None) -> list[dict]:
-    """In creation order: the Job last, so its pods find their ConfigMap and Service."""
-    return [configmap(name, uid, namespace, spec), service(name, uid, namespace),
+    """In creation order: the Job last, so its pods find their ConfigMap and Service (and, with
+    cfg.job_network_policy, start behind their NetworkPolicy)."""
+    policy = [network_policy(name, uid, namespace, cfg)] if cfg.job_network_policy else []
+    return [configmap(name, uid, namespace, spec), service(name, uid, namespace), *policy,
             job(name, uid, namespace, spec, cfg, owner_labels)]
 
 

@@ -83,6 +83,12 @@ operator against the emulated API server and compares). Namespaced resources go 
 - apiGroups: [""]
   resources: [events]
   verbs: [create, list]
+{{- if .Values.networkPolicy.perJob }}
+# networkPolicy.perJob: each job's NetworkPolicy (owned by the job: garbage-collected with it)
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [create, get]
+{{- end }}
 {{- end -}}
 
 {{- define "kubelora.clusterRules" -}}
