@@ -127,7 +127,8 @@ def static_calls() -> set[tuple[str, str, str]]:
     names = {"config_map": ("", "configmaps"), "service": ("", "services"), "job": ("batch", "jobs"),
              "pod": ("", "pods"), "persistent_volume_claim": ("", "persistentvolumeclaims"),
              "secret": ("", "secrets"), "event": ("", "events"),
-             "custom_object": ("kubelora.dev", "loratrainingjobs"), "lease": ("coordination.k8s.io", "leases")}
+             "custom_object": ("kubelora.dev", "loratrainingjobs"), "lease": ("coordination.k8s.io", "leases"),
+             "network_policy": ("networking.k8s.io", "networkpolicies")}
     verbs = {"create": "create", "read": "get", "get": "get", "list": "list", "patch": "patch",
              "delete": "delete", "replace": "update"}
     found = set()
@@ -142,7 +143,9 @@ def static_calls() -> set[tuple[str, str, str]]:
 
 
 @pytest.mark.parametrize("scope", [("--all-namespaces",), ("--namespace=default",)], ids=["cluster", "namespaced"])
-def test_the_chart_grants_exactly_what_the_operator_calls(kube, kubectl, s3, scope, capsys):
+def test_the_chart_grants_exactly_what_the_operator_calls(kube, kubectl, s3, scope, capsys, monkeypatch):
+    # every optional call on: the per-job NetworkPolicy (the chart's networkPolicy.perJob)
+    monkeypatch.setenv("KUBELORA_JOB_NETWORK_POLICY", "true")
     run_scenario(kube, kubectl, s3, scope)
     calls, agents = recorded_calls(kube)
     with capsys.disabled():
@@ -157,12 +160,14 @@ def test_the_chart_grants_exactly_what_the_operator_calls(kube, kubectl, s3, sco
     missed = static_calls() - seen
     assert not missed, f"the scenario never ran these calls of the operator's code: {missed}"
     if scope == ("--all-namespaces",):
-        granted, roles = rbac({"rbac": {"secretNames": ["creds"]}})  # the scenario's credentialsSecret
+        granted, roles = rbac({"rbac": {"secretNames": ["creds"]},  # the scenario's credentialsSecret
+                               "networkPolicy": {"perJob": True}})
         assert set(roles) == {NAMESPACE} and roles[NAMESPACE] == leases, roles
         seen -= leases
         assert granted == seen, f"missing: {seen - granted}; extra: {granted - seen}"
     else:
-        granted, roles = rbac({"watchNamespaces": ["default"], "rbac": {"secretNames": ["creds"]}})
+        granted, roles = rbac({"watchNamespaces": ["default"], "rbac": {"secretNames": ["creds"]},
+                               "networkPolicy": {"perJob": True}})
         assert set(roles) == {"default", NAMESPACE} and roles.pop(NAMESPACE) == leases, roles
         assert granted == cluster_wide, f"missing: {cluster_wide - granted}; extra: {granted - cluster_wide}"
         assert roles["default"] == per_ns, f"missing: {per_ns - roles['default']}; extra: {roles['default'] - per_ns}"
