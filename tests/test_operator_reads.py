@@ -192,6 +192,12 @@ def test_a_manifest_of_another_shape_does_not_break_observe():
             "report": {"uri": "s3://b/o/report.html", "sha256": "r", "size": 1}}
     assert st.published(good) == [{"uri": "s3://b/o/a.safetensors", "format": "diffusers", "sha256": "s", "size": 2},
                                   {"uri": "s3://b/o/report.html", "format": "report", "sha256": "r", "size": 1}]
+    # a manifest that lists thousands (or huge texts) would make a status the API server refuses
+    flood = {"artifacts": [{"uri": f"s3://b/o/{i}.safetensors", "format": "x" * 5000} for i in range(5000)]
+             + [{"uri": "s3://b/" + "k" * 5000}], "report": good["report"]}
+    arts = st.published(flood)
+    assert len(arts) == st.MAX_ARTIFACTS and arts[-1]["format"] == "report" and arts[0]["format"] is None
+    assert len(str(arts)) < 10_000
 
 
 class _Trickle(http.server.BaseHTTPRequestHandler):

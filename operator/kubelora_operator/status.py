@@ -475,11 +475,18 @@ def _obj(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+MAX_ARTIFACTS = 32        # a trainer writes one file per output format and the report: a handful
+MAX_ARTIFACT_TEXT = 2048  # characters of a uri, format or digest
+
+
 def published(manifest: dict) -> list[dict]:
     """status.artifacts from manifest.json: its artifacts and its report, each with a string uri
-    (and format); an entry of another shape (the file sits in the tenant's bucket) is left out. Pure."""
+    (and format); an entry of another shape (the file sits in the tenant's bucket) is left out, and
+    at most MAX_ARTIFACTS are taken, each text at most MAX_ARTIFACT_TEXT long: a manifest near the
+    1 MiB read limit, spread out as status fields, would pass the API server's request limit, and
+    the job would stay Exporting with every patch refused. Pure."""
     def text(v):
-        return v if isinstance(v, str) else None
+        return v if isinstance(v, str) and len(v) <= MAX_ARTIFACT_TEXT else None
 
     def size(v):
         return v if isinstance(v, int) and not isinstance(v, bool) else None
@@ -488,8 +495,9 @@ def published(manifest: dict) -> list[dict]:
             for a in (entries if isinstance(entries, list) else []) if isinstance(a, dict) and text(a.get("uri"))]
     r = manifest.get("report")  # report.html: loss curve, samples, dataset, spec
     if isinstance(r, dict) and text(r.get("uri")):
-        arts.append({"uri": r["uri"], "format": "report", "sha256": text(r.get("sha256")), "size": size(r.get("size"))})
-    return arts
+        arts = arts[:MAX_ARTIFACTS - 1] + [{"uri": r["uri"], "format": "report", "sha256": text(r.get("sha256")),
+                                            "size": size(r.get("size"))}]
+    return arts[:MAX_ARTIFACTS]
 
 
 def observe(job: Optional[dict], pods: list[dict], progress: Optional[dict], manifest: Optional[dict],
