@@ -354,6 +354,9 @@ def test_the_credentials_secret_is_read_once_per_ttl_and_a_missing_one_every_tim
     assert cache.get(("ml", "s3"), load({"k": "2"})) == {"k": "2"} and len(reads) == 2   # rotated: within a TTL
     assert cache.get(("ml", "gone"), load(None)) is None
     assert cache.get(("ml", "gone"), load({"k": "3"})) == {"k": "3"}                      # applied later: next sync
+    now[0] = 200                                   # a load drops what has expired: no old credentials kept
+    cache.get(("ml", "other"), load({"k": "4"}))
+    assert set(cache._entries) == {("ml", "other")}
 
 
 def test_a_missing_secret_is_named_from_the_pods_own_message():

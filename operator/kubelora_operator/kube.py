@@ -216,6 +216,9 @@ class TTLCache:
         value = load()  # outside the lock: one slow read does not hold up the other jobs' syncs
         if value is not None:
             with self._lock:
+                # expired entries go at each load: credentials of Secrets no job names any more are
+                # not kept in memory for the operator's lifetime
+                self._entries = {k: v for k, v in self._entries.items() if now - v[0] < self.ttl}
                 self._entries[key] = (now, value)
         return value
 
