@@ -224,6 +224,14 @@ def test_alerts_and_dashboard_come_from_the_charts_files(tmp_path):
     assert one(objects({**MONITORS, "dashboard": {"enabled": True, "label": "dash", "labelValue": "yes"}}, chart),
                "ConfigMap")["metadata"]["labels"]["dash"] == "yes"
 
+    # the chart's own rules: KubeloraOperatorAbsent only where its ServiceMonitor has the operator scraped
+    def alerts(values):
+        return {r["alert"] for g in one(objects(values), "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    shipped = {r["alert"] for g in yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"] for r in g["rules"]}
+    assert alerts(MONITORS) == shipped
+    no_sm = {**MONITORS, "metrics": {**MONITORS["metrics"], "serviceMonitor": {"enabled": False}}}
+    assert alerts(no_sm) == shipped - {"KubeloraOperatorAbsent"}
+
 
 def test_cache_claim_in_each_watched_namespace():
     claims = by_kind(objects({**NAMESPACED, "cacheVolumeClaim": {"create": True}}), "PersistentVolumeClaim")
@@ -392,6 +400,14 @@ def test_openshift_assigns_the_uids_when_run_as_user_is_platform():
     assert env(c)["KUBELORA_LEASE_DURATION_SECONDS"] == "15" and by_kind(old, "Role")
     partial = one(objects({"operator": {"leaderElection": {"enabled": False}}}), "Deployment")
     assert not any(a.startswith("--lease") for a in partial["spec"]["template"]["spec"]["containers"][0]["args"])
+    # ... and this session's: the network policy map, the pods' allow-lists, the storage retry settings
+    gone = {"networkPolicy": None, "operator": {"pods": None, "settings": {"storageRetrySeconds": None,
+                                                                         "storageRetryMaxSeconds": None}}}
+    old = objects(gone)
+    c = one(old, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert not by_kind(old, "NetworkPolicy") and "KUBELORA_JOB_NETWORK_POLICY" not in env(c)
+    assert env(c)["KUBELORA_STORAGE_RETRY_SECONDS"] in ("", None) and "KUBELORA_ALLOWED_IMAGES" not in env(c)  # the default
+    assert "WARNING: networkPolicy" not in notes(gone)
 
 
 def test_namespace_users_get_loratrainingjobs_through_the_default_roles():

@@ -1100,3 +1100,38 @@ def test_a_bucket_that_does_not_answer_is_read_less_often_not_at_every_sync():
     for k in ("c", "d", "e"):                        # bounded: the oldest failing jobs go
         b.read(k, down)
     assert len(b._entries) == 2
+
+
+def test_a_running_job_gets_its_network_policy_once_and_a_refusal_only_warns(monkeypatch):
+    """networkPolicy.perJob turned on under running jobs: each gets its policy at its next sync (not
+    at its next gang restart, days away); no rights on NetworkPolicies warns once and the run goes on
+    (it predates the setting), where a new job's first create fails it."""
+    from collections import OrderedDict
+
+    from kubelora_operator import handlers, kube
+    monkeypatch.setenv("KUBELORA_JOB_NETWORK_POLICY", "true")
+    monkeypatch.setattr(handlers, "_FENCED", OrderedDict())
+    made = []
+    job = {"metadata": {"name": "ft", "uid": "job-1", "ownerReferences": [{"kind": "LoRATrainingJob", "uid": "uid-1"}]},
+           "spec": {"parallelism": 1}, "status": {"active": 1}}
+    pod = _gang_pod(0, "Running")
+    spec = {**SPEC, "resources": {"nodes": 1}}
+
+    def ensure(obj):
+        made.append(obj["kind"])
+        return obj, True
+    monkeypatch.setattr(kube, "ensure", ensure)
+    first, _ = _sync_with(monkeypatch, job, [pod], {"phase": "Training"}, spec=spec)
+    monkeypatch.setattr(kube, "ensure", ensure)  # _sync_with set the rest of the boundary again
+    again, _ = _sync_with(monkeypatch, job, [pod], {"phase": "Training"}, spec=spec)
+    assert made == ["NetworkPolicy"]                                          # once per run
+    assert [r for _, r, _ in first.events if r == "NetworkPolicy"] and not [r for _, r, _ in again.events if r == "NetworkPolicy"]
+
+    def refused(obj):
+        raise kube.ChildRefused("the API server refused NetworkPolicy 'ft-peers' (403): forbidden")
+    monkeypatch.setattr(handlers, "_FENCED", OrderedDict())
+    monkeypatch.setattr(kube, "ensure", refused)
+    changes, _ = _sync_with(monkeypatch, job, [pod], {"phase": "Training"}, spec=spec)
+    (warning,) = [(t, m) for t, r, m in changes.events if r == "NetworkPolicyRefused"]
+    assert warning[0] == "Warning" and "(403)" in warning[1] and "networkpolicies" in warning[1]
+    assert changes.status.get("phase") != "Failed", changes.status

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import socket
+from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 
 import kopf
@@ -381,6 +382,7 @@ def _sync(body: dict, changes: Changes) -> None:
                                                          "name to be deleted")
     if job is None:
         return _recreate(body, changes, name, namespace, job_spec, previous)
+    _fence(meta, changes)
     _account(changes, previous, job)
     if previous.get("restartedJob") and previous["restartedJob"] == (job.get("metadata") or {}).get("uid"):
         # a gang restart recorded but its Job not deleted (the operator stopped in between): delete it now
@@ -690,6 +692,8 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
     cfg = operator_config()
     if previous.get("trainerImage"):  # the image the run started with, whatever the operator's is now
         cfg = dataclasses.replace(cfg, image=previous["trainerImage"])
+    _fence(now["metadata"], changes)  # before the Job: its pods start fenced (a refusal warns, not fails)
+    cfg = dataclasses.replace(cfg, job_network_policy=False)
     created = []
     try:
         for obj in manifests.children(name, uid, namespace, job_spec, cfg, now["metadata"].get("labels")):
@@ -724,6 +728,31 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
     metrics.restarted("job_missing")
     changes.warn("Recreated", f"the trainer Job was gone before the run finished; created "
                               f"{', '.join(created) or 'nothing'} again (restart {restarts})")
+
+
+_FENCED: "OrderedDict[str, None]" = OrderedDict()  # uids whose NetworkPolicy was ensured (or refused, said)
+
+
+def _fence(meta: dict, changes: Changes) -> None:
+    """networkPolicy.perJob for a run made without it (before the setting, or by an operator that
+    had it off): its NetworkPolicy is made once per operator process, at its next sync, not only at
+    a gang restart. A refusal (no rights on NetworkPolicies) is a Warning, not the run's failure:
+    the run predates the setting. Its first create fails a new job instead (_ensure_children)."""
+    cfg, uid = operator_config(), meta["uid"]
+    if not cfg.job_network_policy or uid in _FENCED:
+        return
+    try:
+        _, made = kube.ensure(manifests.network_policy(meta["name"], uid, meta["namespace"], cfg))
+    except (kube.ChildRefused, kube.ChildDeferred, kube.NameTaken) as e:
+        changes.warn("NetworkPolicyRefused", f"{e}; this run's pods stay without their NetworkPolicy "
+                                             "(networkPolicy.perJob needs create/get on networkpolicies)")
+        made = False
+    _FENCED[uid] = None
+    while len(_FENCED) > 65536:
+        _FENCED.popitem(last=False)
+    if made:
+        changes.info("NetworkPolicy", f"NetworkPolicy {manifests.network_policy_name(meta['name'])} made for the "
+                                      "running job: its pods admit only each other and the scrapers")
 
 
 def _changes_status(previous: dict, new: dict) -> bool:

@@ -83,7 +83,7 @@ operator against the emulated API server and compares). Namespaced resources go 
 - apiGroups: [""]
   resources: [events]
   verbs: [create, list]
-{{- if .Values.networkPolicy.perJob }}
+{{- if (.Values.networkPolicy | default dict).perJob }}
 # networkPolicy.perJob: each job's NetworkPolicy (owned by the job: garbage-collected with it)
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
@@ -137,5 +137,5 @@ watched namespaces, else the release namespace only (a cluster-wide install: NOT
 the namespaces the jobs run in are not covered).
 */}}
 {{- define "kubelora.networkPolicyNamespaces" -}}
-{{- .Values.networkPolicy.namespaces | default .Values.watchNamespaces | default (list .Release.Namespace) | toJson -}}
+{{- (.Values.networkPolicy | default dict).namespaces | default .Values.watchNamespaces | default (list .Release.Namespace) | toJson -}}
 {{- end }}
