@@ -468,6 +468,14 @@ def test_report_draws_the_evaluation_beside_the_training_loss():
     assert 'class="second"' not in report.render(job="j", model_type="flux", status="Training", step=1, total_steps=4,
                                                   losses=[1.0], learning_rates=[1e-4], prompts=[], samples=[],
                                                   dataset={}, spec={}, artifacts=[])
+    # evaluations of another setup (changed across a resume: another scale) are not joined to the line
+    mixed = [{"step": 0, "loss": 2.0, "fingerprint": "a"}, {"step": 2, "loss": 1.9, "fingerprint": "a"},
+             {"step": 3, "loss": 0.4, "fingerprint": "b"}, {"step": 4, "loss": 0.3, "fingerprint": "b"}]
+    html = report.render(job="j", model_type="flux", status="Training", step=4, total_steps=8,
+                         losses=[1.5, 1.4, 1.3, 1.2], learning_rates=[1e-4] * 4, prompts=[], samples=[],
+                         dataset={}, spec={}, artifacts=[], evals=mixed)
+    second = re.search(r'<polyline class="second"[^>]* points="([^"]*)"', html)[1].split()
+    assert len(second) == 2 and "2 earlier, of other evaluation settings, not drawn" in html
 
 
 def test_samples_run_compiled_blocks_eagerly_too(tmp_path):

@@ -120,7 +120,13 @@ def render(*, job: str, model_type: str, status: str, step: int, total_steps: in
     (index), file, preview?} with paths relative to the report; evals: the held-out evaluations'
     records ({step, loss, ...}: evaluation.py), drawn beside the training loss."""
     loss_pts = [(i + 1, v) for i, v in enumerate(losses)]
-    eval_pts = [(float(r["step"]), r["loss"]) for r in evals or []]
+    # one series: the newest evaluation's setup (its fingerprint); records of another setup (changed
+    # across a resume) are of another scale, and joined to it they would draw a jump that is not there
+    current = (evals or [{}])[-1].get("fingerprint")
+    drawn = [r for r in evals or [] if r.get("fingerprint") == current]
+    eval_pts = [(float(r["step"]), r["loss"]) for r in drawn]
+    eval_label = "held-out evaluation loss" + (f" ({len(evals) - len(drawn)} earlier, of other evaluation settings, "
+                                               f"not drawn)" if evals and len(drawn) < len(evals) else "")
     lr_pts = [(i + 1, v) for i, v in enumerate(learning_rates)]
     summary = {"job": job, "model": model_type, "status": status, "step": f"{step}/{total_steps}",
                **({"last loss": f"{losses[-1]:.4f}"} if losses else {}),
@@ -134,7 +140,7 @@ def render(*, job: str, model_type: str, status: str, step: int, total_steps: in
 {table(summary)}
 <h2>Loss</h2>
 {curve_svg(loss_pts, "training loss", "loss-curve",
-           second=(eval_pts, "held-out evaluation loss", "#cf222e") if eval_pts else None)}
+           second=(eval_pts, eval_label, "#cf222e") if eval_pts else None)}
 <h2>Learning rate</h2>
 {curve_svg(lr_pts, "learning rate", "lr-curve", color="#d29922")}
 <h2>Samples</h2>

@@ -642,7 +642,8 @@ class SamplesSpec(_Model):
     prompts: list[SamplePromptSpec] = Field(min_length=1, max_length=64, description="The samples to make at each "
                                             "sample step (the per-prompt settings override the defaults below).")
     everySteps: Optional[int] = Field(default=None, ge=1, description="Sample every N training steps.")
-    atStart: bool = Field(default=True, description="Sample before the first step (the base model, for comparison).")
+    atStart: bool = Field(default=True, description="Sample before the first step (the base model, for comparison; with "
+                                                    "adapter.initFrom, the starting adapter).")
     atEnd: bool = Field(default=True, description="Sample after the last step.")
     negativePrompt: Optional[str] = Field(default=None, max_length=2000, description="Default negative prompt (families "
                                           "with classifier-free guidance: sdxl, ltx-video, cosmos; unset: none, cosmos "
@@ -674,7 +675,8 @@ class EvaluationSpec(_Model):
     everySteps: Optional[int] = Field(default=None, ge=1, description="Evaluate every N training steps.")
     everyEpochs: Optional[int] = Field(default=None, ge=1, description="Evaluate at the step that ends every N-th "
                                                                      "epoch.")
-    beforeFirstStep: bool = Field(default=True, description="Evaluate the base model before the first step (not on "
+    beforeFirstStep: bool = Field(default=True, description="Evaluate the base model (with adapter.initFrom: the "
+                                                            "starting adapter) before the first step (not on "
                                                             "a resume). The last step is always evaluated.")
     quantiles: list[float] = Field(
         default_factory=lambda: list(DEFAULT_EVAL_QUANTILES), min_length=1, max_length=32,
