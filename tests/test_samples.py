@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import weakref
 from pathlib import Path
 from unittest import mock
@@ -413,3 +414,37 @@ def test_a_guidance_a_flux_transformer_without_its_embedding_cannot_take_is_warn
     assert guidance_unused(spec.samples, True) is None and guidance_unused(spec.samples, None) is None
     assert guidance_unused(_spec(FLUX, {"prompts": [{"prompt": "a"}]}).samples, False) is None  # the default: said nothing
 
+
+
+def test_a_resume_lists_the_samples_made_with_the_settings_they_were_made_with():
+    """spec.samples may change across a resume (it is not fingerprinted; the out-of-memory advice
+    asks for smaller samples): the earlier samples come from the checkpoint's records, each labelled
+    with its own settings, not re-derived from the new spec (old images under the new prompt, links
+    to samples never made, the earlier last step dropped when training.steps grew)."""
+    import torch
+    from kubelora_trainer import buckets as bk
+    from kubelora_trainer import report
+    from kubelora_trainer.checkpoint import loop_for_world
+    from kubelora_trainer.samples import Sampler
+    from kubelora_trainer.train import LoopState
+    old = {"prompt": "a red square", "negativePrompt": None, "seed": 1, "width": 64, "height": 64, "frames": 1,
+           "guidance": 3.5, "steps": 8}
+    made = [{"step": s, "prompt": 0, "file": f"samples/step-{s}/prompt-0.png", "settings": old} for s in (0, 500)]
+    space = bk.SampleSpace(((32, 32, 1),), (1,), (1,), (0.0,))
+    state = LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0))
+    saved = state.to_dict(500, 1, samples=made)
+    assert saved["samples"] == made and loop_for_world(None, saved, 2)["samples"] == made   # also on another layout
+    resumed = LoopState(torch.Generator(), bk.BucketSampler(space, 1, 1, 1, 0))
+    resumed.load(saved)
+    assert resumed.samples == made
+    new = {**old, "index": 0, "prompt": "a blue circle", "width": 32, "height": 32}
+    sampler = Sampler(None, None, {}, [new], "j", None, {}, None, restored=resumed.samples)
+    sampler.listed(501)                 # training.steps raised to 1000: step 500's sample is still listed
+    assert sampler.records == made
+    later = {"step": 1000, "prompt": 0, "file": "samples/step-1000/prompt-0.png",
+             "settings": {k: new[k] for k in old}}
+    grid = report.sample_grid([new], sampler.records + [later])
+    rows = re.findall(r"<tr><th>(.*?)</th>(.*?)</tr>", grid)[1:]
+    assert [r[0].split("<br>")[0] for r in rows] == ["a red square", "a blue circle"]
+    assert "64x64" in rows[0][0] and "step-500/prompt-0.png" in rows[0][1] and "step-1000" not in rows[0][1]
+    assert "32x32" in rows[1][0] and "step-1000/prompt-0.png" in rows[1][1] and "step-0/" not in rows[1][1]

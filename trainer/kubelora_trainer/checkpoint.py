@@ -353,6 +353,8 @@ def loop_for_world(own: Optional[dict], first: Optional[dict], world: int, micro
     out: dict = {"losses": list(src["losses"]), **({"evals": list(src["evals"])} if "evals" in src else {})}
     if src.get("sample_pending") is not None:
         out["sample_pending"] = src["sample_pending"]
+    if isinstance(src.get("samples"), list):
+        out["samples"] = list(src["samples"])
     if "step" in src:
         out["step"] = src["step"]
     sampler = src.get("sampler")

@@ -57,27 +57,41 @@ def curve_svg(points: list[tuple[float, float]], label: str, css_id: str, color:
 
 
 def sample_grid(prompts: list[dict], samples: list[dict]) -> str:
-    """Rows: prompts; columns: sample steps. Each cell an <img> (a video's preview links to its mp4)."""
+    """Rows: prompts; columns: sample steps. Each cell an <img> (a video's preview links to its mp4).
+    A sample is labelled with the settings it was made with (its record's, samples.SETTINGS): one
+    made before spec.samples changed across a resume gets a row of its own, not the new prompt's."""
     if not samples:
         return '<p class="muted">no samples (spec.samples unset, or none made yet)</p>'
     steps = sorted({s["step"] for s in samples})
-    by = {(s["step"], s["prompt"]): s for s in samples}
     head = "".join(f"<th>step {st}</th>" for st in steps)
-    rows = []
+    current = {p["index"]: p for p in prompts}
+
+    def label(p: dict) -> tuple:
+        return tuple(p.get(k) for k in ("prompt", "seed", "width", "height", "frames", "guidance", "steps"))
+    rows: dict[tuple, tuple[dict, dict]] = {}
     for p in prompts:
+        rows[(p["index"], label(p))] = (p, {})
+    for s in samples:
+        p = s.get("settings") or current.get(s["prompt"]) or {"prompt": f"prompt {s['prompt']} (no longer listed)"}
+        rows.setdefault((s["prompt"], label(p)), (p, {}))[1][s["step"]] = s
+    out = []
+    # by prompt, then by when each setting was first sampled (a prompt not sampled yet last)
+    for (_, _), (p, by_step) in sorted(rows.items(), key=lambda kv: (kv[0][0], min(kv[1][1], default=math.inf))):
         cells = []
         for st in steps:
-            s = by.get((st, p["index"]))
+            s = by_step.get(st)
             if s is None:
                 cells.append('<td class="muted">-</td>')
                 continue
-            img = f'<img src="{escape(s.get("preview") or s["file"])}" alt="step {st}: {escape(p["prompt"])}">'
+            img = f'<img src="{escape(s.get("preview") or s["file"])}" alt="step {st}: {escape(str(p["prompt"]))}">'
             cells.append(f'<td><a href="{escape(s["file"])}">{img}</a></td>')
-        what = escape(p["prompt"]) + (f'<br><span class="muted">seed {p["seed"]}, {p["width"]}x{p["height"]}'
-                                      f'{", " + str(p["frames"]) + " frames" if p.get("frames", 1) > 1 else ""}, '
-                                      f'guidance {p["guidance"]:g}, {p["steps"]} steps</span>')
-        rows.append(f"<tr><th>{what}</th>{''.join(cells)}</tr>")
-    return f'<table class="grid"><tr><th>prompt</th>{head}</tr>{"".join(rows)}</table>'
+        what = escape(str(p["prompt"]))
+        if p.get("seed") is not None:
+            what += (f'<br><span class="muted">seed {p["seed"]}, {p["width"]}x{p["height"]}'
+                     f'{", " + str(p["frames"]) + " frames" if (p.get("frames") or 1) > 1 else ""}, '
+                     f'guidance {p["guidance"]:g}, {p["steps"]} steps</span>')
+        out.append(f"<tr><th>{what}</th>{''.join(cells)}</tr>")
+    return f'<table class="grid"><tr><th>prompt</th>{head}</tr>{"".join(out)}</table>'
 
 
 def table(rows: dict) -> str:

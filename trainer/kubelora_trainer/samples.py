@@ -70,6 +70,7 @@ class Sampler:
     local: Path
     seconds: float = 0.0
     records: list[dict] = field(default_factory=list)
+    restored: Optional[list[dict]] = None   # earlier attempts' records (the checkpoint's loop state)
     _client: object = None
     _first: bool = True
 
@@ -85,7 +86,8 @@ class Sampler:
         video = is_video(self.spec.model.type)
         key = sample_path(step, prompt["index"], video)
         files = write_sample(to_uint8(out), self.local / key, RULES[self.spec.model.type].fps)
-        rec = {"step": step, "prompt": prompt["index"], "file": key, **self._upload(files[0], key)}
+        rec = {"step": step, "prompt": prompt["index"], "file": key, **self._upload(files[0], key),
+               "settings": {k: prompt[k] for k in SETTINGS if k in prompt}}  # what it was made with
         if video:
             self._upload(files[1], preview_path(key))
             rec["preview"] = preview_path(key)
@@ -93,9 +95,14 @@ class Sampler:
 
     def listed(self, before: int) -> None:
         """Once, on the first call: the records of the sample steps before `before`, as written (a
-        resumed run's, also one resumed after its last step to export again, which samples nothing)."""
+        resumed run's, also one resumed after its last step to export again, which samples nothing):
+        the checkpoint's own records where it kept them (the samples made, with the settings they
+        were made with, whatever spec.samples says now), else those the spec would have made."""
         if self._first:
             self._first = False
+            if self.restored is not None:
+                self.records += [r for r in self.restored if r.get("step", before) < before]
+                return
             video = is_video(self.spec.model.type)
             self.records += [{"step": s, "prompt": p["index"], "file": sample_path(s, p["index"], video),
                               **({"preview": preview_path(sample_path(s, p["index"], video))} if video else {})}
@@ -175,6 +182,10 @@ class Sampler:
                 "files": self.records}
 
 
+# a sample's settings, kept in its record (report.sample_grid labels it with them)
+SETTINGS = ("prompt", "negativePrompt", "seed", "width", "height", "frames", "guidance", "steps")
+
+
 def guidance_unused(samples, guidance_embeds: Optional[bool]) -> Optional[str]:
     """The warning when samples set a guidance that a Flux transformer without a guidance
     embedding (guidance_embeds false: FLUX.1-schnell) cannot take; None otherwise. Pure."""
@@ -218,9 +229,10 @@ def upload_report(spec, job, status, step, losses, prompts, records, stats, arti
 
 
 def final_report(spec, job, settings, sampler: Optional[Sampler], losses, stats, artifacts, local: Path,
-                 evals: Optional[list[dict]] = None) -> dict:
+                 evals: Optional[list[dict]] = None, earlier: Optional[list[dict]] = None) -> dict:
     """Rank 0, after the LoRA files are uploaded and before manifest.json: the finished report,
-    and what manifest.json lists about samples and the report."""
+    and what manifest.json lists about samples and the report. earlier: the samples earlier
+    attempts made (the checkpoint's records), shown when spec.samples has been removed since."""
     if sampler is not None:
         rep = sampler.publish_report("Succeeded", spec.training.steps, losses, artifacts, evals)
         return {"report": rep, "samples": sampler.summary()}
@@ -229,6 +241,6 @@ def final_report(spec, job, settings, sampler: Optional[Sampler], losses, stats,
 
     def up(path, key):
         return storage.upload(path, str(out.child(key)), settings, client, content_type="text/html")
-    rep = upload_report(spec, job, "Succeeded", spec.training.steps, losses, [], [], stats, artifacts, None, local, up,
-                        evals)
+    rep = upload_report(spec, job, "Succeeded", spec.training.steps, losses, [], list(earlier or []), stats, artifacts,
+                        None, local, up, evals)
     return {"report": rep}

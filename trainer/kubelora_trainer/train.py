@@ -302,13 +302,18 @@ class LoopState:
     losses: list[float] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     sample_pending: Optional[int] = None   # a sample step a stop left for the resume (samples_deferred)
+    # the samples written before this attempt (samples.Sampler.records, from the checkpoint): a resume
+    # lists what was made, with the settings it was made with, not what the spec now would make
+    # (None: a checkpoint from before they were kept)
+    samples: Optional[list[dict]] = None
 
-    def to_dict(self, step: int, world: int) -> dict:
+    def to_dict(self, step: int, world: int, samples: Optional[list[dict]] = None) -> dict:
         return {"step": step, "world": world, "micro": self.sampler.micro, "gen": self.gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                 "sampler": self.sampler.state_dict(), "losses": list(self.losses), "evals": list(self.evals),
-                "sample_pending": self.sample_pending}
+                "sample_pending": self.sample_pending,
+                "samples": list(samples if samples is not None else self.samples or [])}
 
     def load(self, d: dict) -> bool:
         """Restore; False when the checkpoint predates the bucket sampler or had another number of
@@ -317,6 +322,7 @@ class LoopState:
         are seeded afresh from their seeds and the step (not replayed from step 1's)."""
         self.evals = list(d.get("evals") or [])
         self.sample_pending = d.get("sample_pending")
+        self.samples = list(d["samples"]) if isinstance(d.get("samples"), list) else None
         if "gen" not in d:
             self.losses = list(d["losses"])
             if "epoch" in d:
@@ -427,6 +433,8 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
     stop_request = checkpoint.StopRequest().install()
     try:
+        if tr.sampling is not None:
+            tr.sampling.restored = state.samples  # what earlier attempts sampled (listed on the first call)
         if tr.sampling is not None and start == 1:
             tr.sampling.maybe(0, tr, prog)  # the base model, for comparison
         elif tr.sampling is not None and state.sample_pending == start - 1:
@@ -495,7 +503,9 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             last = step == t.steps and tr.spec.adapter.type != "full"
             if save or stop or last:
                 with metrics.busy_in(tr.metrics, "checkpoint"):
-                    checkpoint.save(step, tr.modules, tr.opt, state.to_dict(step, env.world), tr.local_ckpt,
+                    checkpoint.save(step, tr.modules, tr.opt,
+                                    state.to_dict(step, env.world, tr.sampling.records if tr.sampling else None),
+                                    tr.local_ckpt,
                                     tr.spec.output.uri, tr.settings, t.checkpointKeep, env,
                                     fingerprint=checkpoint.recorded(tr.spec, run_id()))
                 schedule.written()
@@ -947,7 +957,8 @@ def export_run(tr: Trainer, ready: cache_phase.Ready, job_name: str, summary: di
             out_dir = cache_root() / "outputs" / job_name
             stats = ready.layout.stats
             report = lambda arts: {**samples.final_report(spec, job_name, tr.settings, sampling, losses, stats,  # noqa: E731
-                                                          arts, out_dir, tr.state.evals), "cache": ready.cache_stats}
+                                                          arts, out_dir, tr.state.evals, tr.state.samples),
+                                   "cache": ready.cache_stats}
             result = (export_full.export_and_upload(spec, job_name, tr.family, comps, gathered, summary, stats,
                                                     tr.settings, out_dir, extra=report) if full else
                       export.export_and_upload(spec, job_name, tr.family, ad.configs, gathered, summary, stats,
