@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kubelora_trainer import buckets as bk
-from kubelora_trainer import dist
+from kubelora_trainer import dist, metrics
 from kubelora_trainer import evaluation as ev
 from kubelora_trainer.objectives import quantile_timestep, sample_timesteps, time_shift
 
@@ -130,6 +130,9 @@ def test_the_fingerprint_changes_with_the_sources_quantiles_and_seed_only():
     assert ev.fingerprint(a) == ev.fingerprint(_spec(quantiles=list(reversed(a.evaluation.quantiles))))
     assert ev.fingerprint(a) != ev.fingerprint(_spec(quantiles=[0.5]))
     assert ev.fingerprint(a) != ev.fingerprint(_spec(sources=[{"uri": "s3://bkt/e2"}]))
+    # the items themselves (their cache keys): files changed under the same URIs are another evaluation
+    assert ev.fingerprint(a, ["k1", "k2"]) == ev.fingerprint(a, ["k2", "k1", "k1"])
+    assert ev.fingerprint(a, ["k1", "k2"]) != ev.fingerprint(a, ["k1", "k3"]) != ev.fingerprint(a)
 
 
 def test_the_schedule():
@@ -498,7 +501,7 @@ def test_samples_run_compiled_blocks_eagerly_too(tmp_path):
     tr = SimpleNamespace(env=DistEnv(0, 1, 0, torch.device("cpu")),
                          adapters=SimpleNamespace(compute=nullcontext, sync=SimpleNamespace(sharding="none")),
                          comps=SimpleNamespace(trainable={"transformer": block}), state=SimpleNamespace(losses=[], evals=[]),
-                         publish=None)
+                         publish=None, metrics=metrics.Off())
     sampler.maybe(0, tr)
     assert len(sampler.records) == 1 and graphs == []        # sampled, nothing compiled for it
     block(torch.randn(2, 3, 8, requires_grad=True)).sum().backward()

@@ -66,13 +66,16 @@ def sample_noise(shape: tuple, keys: list[str], seed: int, quantile: float, devi
         noise_seed(seed, k, quantile)), device=device) for k in keys])
 
 
-def fingerprint(spec) -> str:
+def fingerprint(spec, keys: Optional[list[str]] = None) -> str:
     """What an evaluation's numbers depend on besides the weights: the held-out sources, the
-    quantiles and the noise's seed. Records of another fingerprint (changed across a resume) are
-    not compared for the best evaluation. Pure."""
+    quantiles and the noise's seed, and with keys the items' cache keys (their content and
+    encoding: files changed under the same URIs between attempts are another evaluation). Records
+    of another fingerprint (changed across a resume) are not compared for the best evaluation. Pure."""
     ev = spec.evaluation
     what = {"sources": [s.model_dump(mode="json") for s in ev.sources], "quantiles": sorted(ev.quantiles),
             "seed": spec.training.seed, "noise": "per-sample"}
+    if keys is not None:
+        what["items"] = hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -249,5 +252,6 @@ def make(spec, layout, n_train: int) -> Optional[Evaluator]:
     units = layout.assignment.units
     batches = plan_batches(units, n_train, micro)
     key_of = dict(zip(layout.entries, layout.keys))
-    return Evaluator(spec, batches, [[key_of[(u, 0)] for u in b.units] for b in batches],
-                     n_sources=len(spec.evaluation.sources), fingerprint=fingerprint(spec))
+    keys = [[key_of[(u, 0)] for u in b.units] for b in batches]
+    return Evaluator(spec, batches, keys, n_sources=len(spec.evaluation.sources),
+                     fingerprint=fingerprint(spec, [k for b in keys for k in b]))
