@@ -305,3 +305,28 @@ def test_16_bit_grey_images_and_masks_keep_their_levels(tmp_path):
     assert abs(float(x.mean())) < 0.05 and x[0, 0, 0] < -0.95 and x[0, 0, -1] > 0.95   # black to white, not all white
     Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / "mask.png")
     assert abs(float(load_mask(tmp_path / "mask.png", 16, 16).mean()) - 0.5) < 0.01
+
+
+def test_a_video_with_a_display_rotation_is_bucketed_and_trained_upright(tmp_path):
+    """A phone's portrait video is stored landscape with a rotation in its display matrix: it was
+    bucketed landscape and trained sideways. Checked and loaded as it is displayed."""
+    import av
+    import numpy as np
+    from kubelora_trainer.data import load_clip, probe
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=24)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        s.set_display_rotation(90)   # shown turned 90 degrees counterclockwise
+        for _ in range(5):
+            a = np.zeros((32, 64, 3), np.uint8)
+            a[:, :16] = 255          # the stored picture's left quarter white
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    assert probe(path)[:3] == (32, 64, 5)
+    clip = load_clip(path, 32, 64, 5)
+    assert tuple(clip.shape) == (3, 5, 64, 32)
+    # turned counterclockwise, the stored left edge is the bottom: white below, black above
+    assert clip[:, 0, -8:, :].mean() > 0.8 and clip[:, 0, :8, :].mean() < -0.8

@@ -49,7 +49,7 @@ TRAINING_ONLY = {"transformerDtype", "float8Compute", "fluxShift", "bypassGuidan
 DENOISER_FIELDS = {"transformerPath"}
 DENOISER_DIRS = {"transformer", "transformers", "unet"}
 PROBE_FORMAT = 3  # bump whenever data.check_item's answer for the same bytes changes (2: skips with reasons;
-                  # 3: XMP and late PNG orientation)
+                  # 3: XMP and late PNG orientation, video display rotation)
 EXCHANGE_MB_ENV = "KUBELORA_CACHE_EXCHANGE_MB"   # bytes per exchange round (default 256 MiB)
 PROGRESS_SECONDS_ENV = "KUBELORA_CACHE_PROGRESS_SECONDS"  # the encoding progress line's period (default 10)
 PREFETCH_ENV = "KUBELORA_PREFETCH_BATCHES"   # micro-batches read ahead during training (default 2; 0: none)

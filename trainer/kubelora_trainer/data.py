@@ -385,7 +385,7 @@ def probe(path: Path, fps: float | None = None, decode: bool = True) -> tuple[in
         w = h = 0
         timed = []
         for frame in container.decode(stream):
-            w, h = frame.width, frame.height
+            w, h = (frame.height, frame.width) if upright_quarter_turns(frame) % 2 else (frame.width, frame.height)
             check_pixels(w, h, len(timed) + 1)
             timed.append((frame.time, None))
     if not timed:
@@ -410,6 +410,23 @@ def header_orientation(im) -> Optional[int]:
     xmp = im.info.get("XML:com.adobe.xmp")
     found = re.search(r'tiff:Orientation(="|>)([0-9])', xmp) if isinstance(xmp, str) else None
     return int(found[2]) if found else None
+
+
+def upright_quarter_turns(frame) -> int:
+    """Quarter turns counterclockwise that show a decoded video frame as its container says it is
+    displayed (the display matrix a phone writes for a portrait video; frame.rotation, in degrees
+    counterclockwise); 0 without one."""
+    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+
+
+def upright(frame):
+    """The frame as a PIL image, turned as it is displayed (upright_quarter_turns): a portrait phone
+    video is stored landscape with a rotation, and trained sideways without it."""
+    from PIL import Image
+    turns = upright_quarter_turns(frame)
+    im = frame.to_image()
+    return im.transpose((None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
+                         Image.Transpose.ROTATE_270)[turns]) if turns else im
 
 
 def png_metadata_after_pixels(path: Path) -> bool:
@@ -533,7 +550,7 @@ def load_clip(path: Path, width: int, height: int, frames: int, fps: float | Non
     out = []
     for frame in picked:  # a repeated source frame is converted once
         if id(frame) not in cache:
-            cache[id(frame)] = _to_tensor(_fit(frame.to_image(), width, height))
+            cache[id(frame)] = _to_tensor(_fit(upright(frame), width, height))
         out.append(cache[id(frame)])
     return torch.stack(out, dim=1)
 
