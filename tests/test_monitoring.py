@@ -156,21 +156,26 @@ def test_operator_registry_counts_reconciles_errors_and_jobs_by_phase():
                 {"type": "Stalled", "status": "True", "reason": "Error"}]}},
             {"metadata": {"name": "g", "namespace": "m", "labels": {"kueue.x-k8s.io/queue-name": "gpu"}},
              "status": {"phase": "Pending", "reason": "QueuedInKueue"}},
-            {"metadata": {"name": "h", "namespace": "m"}, "status": {"phase": "Pending", "reason": "QuotaExceeded"}}]
+            {"metadata": {"name": "h", "namespace": "m"}, "status": {"phase": "Pending", "reason": "QuotaExceeded"}},
+            {"metadata": {"name": "i", "namespace": "m"}, "status": {"phase": "Training", "restarts": 5,
+                                                                       "disruptionRestarts": 2, "waitRestarts": 1}}]
     metrics.watch(lambda: jobs)
     try:
         fams = {f.name: f for f in metrics.registry.collect()}
         by_phase = {s.labels["phase"]: s.value for s in fams["kubelora_operator_jobs"].samples}
-        assert by_phase["Training"] == 1 and by_phase["Failed"] == 2 and by_phase["New"] == 1 and by_phase["Pending"] == 3
+        assert by_phase["Training"] == 2 and by_phase["Failed"] == 2 and by_phase["New"] == 1 and by_phase["Pending"] == 3
         each = {(s.labels["namespace"], s.labels["ltj"], s.labels["phase"]) for s in fams["kubelora_operator_job_phase"].samples}
         assert each == {("n", "a", "Training"), ("n", "b", "Failed"), ("m", "d", "New"), ("m", "e", "Pending"),
-                        ("m", "f", "Failed"), ("m", "g", "Pending"), ("m", "h", "Pending")}
+                        ("m", "f", "Failed"), ("m", "g", "Pending"), ("m", "h", "Pending"), ("m", "i", "Training")}
         stalled = {(s.labels["ltj"], s.labels["phase"], s.labels["reason"]) for s in fams["kubelora_operator_job_stalled"].samples}
         assert stalled == {("e", "Pending", "FailedCreate")}   # a failed job has KubeloraJobFailed
         queued = {(s.labels["ltj"], s.labels["queue"]) for s in fams["kubelora_operator_job_queued"].samples}
         assert queued == {("g", "gpu")}
         waiting = {(s.labels["ltj"], s.labels["reason"]) for s in fams["kubelora_operator_job_waiting"].samples}
         assert waiting == {("h", "QuotaExceeded")}
+        restarts = {(s.labels["ltj"], s.labels["kind"]): s.value for s in fams["kubelora_operator_job_restarts"].samples
+                    if s.name.endswith("_total")}
+        assert restarts == {("i", "failure"): 2, ("i", "disruption"): 2, ("i", "incomplete"): 1}  # KubeloraJobRestarting
     finally:
         metrics.watch(None)
 

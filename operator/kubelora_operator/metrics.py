@@ -6,6 +6,9 @@
     kubelora_operator_job_stalled{namespace,ltj,phase,reason}  1 per job Stalled but not Failed
     kubelora_operator_job_queued{namespace,ltj,queue}      1 per job waiting for Kueue's admission
     kubelora_operator_job_waiting{namespace,ltj,reason}    1 per job waiting for quota room or old pods
+    kubelora_operator_job_restarts_total{namespace,ltj,kind}   a job's restarts: `failure` (spent from its
+                                                           backoffLimit), `disruption`, `incomplete` (a gang
+                                                           that was never whole)
     kubelora_operator_reconcile_duration_seconds{handler}  create/sync handler durations (histogram)
     kubelora_operator_reconcile_errors_total{handler,reason}   handler runs that raised (reason: exception type)
     kubelora_operator_jobs_failed_total{reason}            jobs the operator failed (InvalidSpec, ...)
@@ -28,7 +31,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import env
 
@@ -72,6 +75,9 @@ class _Jobs:
         stalled = GaugeMetricFamily("kubelora_operator_job_stalled", "1 for each job that cannot go on without a "
                                     "person (condition Stalled) but has not failed, with the reason",
                                     labels=("namespace", "ltj", "phase", "reason"))
+        restarts = CounterMetricFamily("kubelora_operator_job_restarts", "Restarts of each job's trainer (its "
+                                       "status): failure (spent from runPolicy.backoffLimit), disruption, incomplete",
+                                       labels=("namespace", "ltj", "kind"))
         counts = dict.fromkeys(PHASES, 0)
         for body in (self.source() if self.source else []):
             meta = body.get("metadata") or {}
@@ -87,12 +93,18 @@ class _Jobs:
                 queued.add_metric([ns, name, kueue_queue(meta.get("labels")) or ""], 1)
             if phase == "Pending" and status.get("reason") in WAITING_REASONS:
                 waiting.add_metric([ns, name, status["reason"]], 1)
+            if status.get("restarts"):
+                from .status import counted_restarts
+                for kind, n in (("failure", counted_restarts(status)),
+                                ("disruption", int(status.get("disruptionRestarts") or 0)),
+                                ("incomplete", int(status.get("waitRestarts") or 0))):
+                    restarts.add_metric([ns, name, kind], n)
             stall = next((c for c in status.get("conditions") or [] if c.get("type") == "Stalled"), None)
             if stall and stall.get("status") == "True" and phase != "Failed":  # Failed has its own alert
                 stalled.add_metric([ns, name, phase, stall.get("reason") or ""], 1)
         for phase, n in counts.items():
             by_phase.add_metric([phase], n)
-        return [by_phase, each, queued, waiting, stalled]
+        return [by_phase, each, queued, waiting, stalled, restarts]
 
     def describe(self):
         return []  # collected at scrape time only
