@@ -90,12 +90,20 @@ def test_a_damaged_shared_entry_is_dropped_there_and_encoded_again(tmp_path):
     prefix, data = tmp_path / "shared", _entry_bytes()
     (prefix / "latents").mkdir(parents=True)
     (prefix / "latents" / f"{K[0]}.pt").write_bytes(data[: len(data) // 2])
+    (prefix / "latents" / f"{K[1]}.pt").write_bytes(data)
     remote = cr.Remote(str(prefix), storage.S3Settings(concurrency=1), storage.list_sizes(str(prefix)))
-    got = remote.pull([cr.entry_name(K[0])], tmp_path / "node")
-    assert (got.files, got.failed) == (0, 1) and "not a cache entry" in got.error, got.error
+    got = remote.pull([cr.entry_name(K[0]), cr.entry_name(K[1])], tmp_path / "node")
+    assert (got.files, got.failed) == (1, 1) and "not a cache entry" in got.error, got.error   # the next pull went on
+    assert got.damaged == [cr.entry_name(K[0])] and got.names == [cr.entry_name(K[1])]
     assert not (tmp_path / "node" / "latents" / f"{K[0]}.pt").exists()
-    assert not (prefix / "latents" / f"{K[0]}.pt").exists() and cr.entry_name(K[0]) not in remote.listing
-    assert cr.push_list([cr.entry_name(K[0])], remote.listing) == [cr.entry_name(K[0])]  # pushed once encoded
+    assert not (prefix / "latents" / f"{K[0]}.pt").exists()
+    # pull_entries takes it off the listing (of every rank alike): pushed once encoded
+    from types import SimpleNamespace
+    (prefix / "latents" / f"{K[2]}.pt").write_bytes(b"not torch")
+    remote = cr.Remote(str(prefix), storage.S3Settings(concurrency=1), storage.list_sizes(str(prefix)))
+    pulled, moved = cr.pull_entries(remote, [K[2]], tmp_path / "node2", SimpleNamespace(world=1, rank=0))
+    assert pulled == set() and moved.damaged == [cr.entry_name(K[2])] and cr.entry_name(K[2]) not in remote.listing
+    assert cr.push_list([cr.entry_name(K[2])], remote.listing) == [cr.entry_name(K[2])]
 
 
 def test_an_entry_that_does_not_load_is_deleted_and_an_empty_one_is_not_present(tmp_path):
@@ -114,7 +122,7 @@ def test_an_entry_that_does_not_load_is_deleted_and_an_empty_one_is_not_present(
     with pytest.raises(cache.CorruptEntry, match=r"does not load .*it is deleted, and the retried run encodes it again"):
         cache.load_entry(tmp_path, "cut")
     assert cache.present(tmp_path, ["cut"]) == [False]
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(cache.CorruptEntry, match="is gone"):   # deleted by another process of the node: retried
         cache.load_entry(tmp_path, "none")
 
 

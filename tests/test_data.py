@@ -330,3 +330,22 @@ def test_a_video_with_a_display_rotation_is_bucketed_and_trained_upright(tmp_pat
     assert tuple(clip.shape) == (3, 5, 64, 32)
     # turned counterclockwise, the stored left edge is the bottom: white below, black above
     assert clip[:, 0, -8:, :].mean() > 0.8 and clip[:, 0, :8, :].mean() < -0.8
+
+
+def test_a_png_turned_by_a_raw_exif_profile_is_checked_as_it_is_trained(tmp_path):
+    """ImageMagick writes a PNG's EXIF as a "Raw profile type exif" text chunk: Pillow's getexif
+    reads it, so exif_transpose turns the picture by it; the header check reads it too."""
+    from PIL import Image, ImageOps, PngImagePlugin
+    from kubelora_trainer.data import probe
+    ex = Image.Exif()
+    ex[0x0112] = 6
+    raw = ex.tobytes()
+    raw = raw[6:] if raw.startswith(b"Exif\x00\x00") else raw
+    hexed = (b"Exif\x00\x00" + raw).hex()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(hexed) // 2:8d}\n{hexed}\n", zip=True)
+    Image.new("RGB", (40, 20)).save(tmp_path / "raw.png", pnginfo=info)
+    with Image.open(tmp_path / "raw.png") as im:
+        im.load()
+        trained = ImageOps.exif_transpose(im).size
+    assert trained == (20, 40) and probe(tmp_path / "raw.png", decode=False)[:2] == trained

@@ -1,4 +1,5 @@
 """Operator logic without a cluster: the manifest builders and the status derivation."""
+import pytest
 import yaml
 
 from kubelora_operator import manifests
@@ -941,6 +942,29 @@ def test_evictions_by_the_kubelet_are_counted_said_and_fail_the_run_at_the_limit
     assert (s["phase"], s["reason"], s["evictions"], deleted) == ("Failed", "Evicted", 3, ["ft suspended"]), s
     assert s["message"].startswith("3 of the run's pods were evicted by their node's kubelet (limit 3); newest: "
                                    f"pod ft-0-c: {disk}; give the cache its disk: resources.cacheSize"), s
+    assert s["stopJob"] is None   # recorded with the Failed patch, cleared once the Job was suspended
+    # the suspend fails (the API server throttles): the run is Failed, its Job still to stop; the next
+    # sync of the finished job stops it (was: left running for good, the Job controller making pods)
+    from kubelora_operator import kube
+
+    def throttled(ns, n, suspend):
+        raise RuntimeError("429 Too Many Requests")
+    changes, _ = _sync_with(monkeypatch, job, third, seen, spec=spec)  # the boundary set afresh
+    monkeypatch.setattr(kube, "set_job_suspend", throttled)
+    from kubelora_operator import handlers
+    body = {"metadata": {"name": "ft", "namespace": "ml", "uid": "uid-1", "generation": 1},
+            "spec": spec, "status": seen}
+    patched = []
+    monkeypatch.setattr(kube, "patch_status", lambda ns, n, status, **kw: patched.append(dict(status)) or {"status": status})
+    failing = handlers.Changes()
+    with pytest.raises(RuntimeError, match="429"):
+        handlers._sync(body, failing)
+    assert patched[-1]["phase"] == "Failed" and patched[-1]["stopJob"] == "job-1"
+    stopped = []
+    monkeypatch.setattr(kube, "set_job_suspend", lambda ns, n, suspend: stopped.append(suspend) or True)
+    later = handlers.Changes()
+    handlers._sync({**body, "status": {**seen, **patched[-1]}}, later)
+    assert stopped == [True] and later.status["stopJob"] is None
 
 
 def test_the_pods_and_service_carry_the_jobs_uid_and_a_cache_size_sizes_the_emptydir():
@@ -1100,6 +1124,15 @@ def test_a_bucket_that_does_not_answer_is_read_less_often_not_at_every_sync():
     for k in ("c", "d", "e"):                        # bounded: the oldest failing jobs go
         b.read(k, down)
     assert len(b._entries) == 2
+    slow = ReadBackoff(first=10, most=40, clock=lambda: now[0])
+    now[0] = 0
+
+    def hangs():                                   # a blackholed read: 30 s until it gives up
+        now[0] += 30
+        return None, "timed out"
+    slow.read("x", hangs)
+    now[0] = 35                                    # 5 s after it ended: the 10 s wait is not used up by the read
+    assert slow.read("x", lambda: ({"step": 1}, None)) == (None, "timed out")
 
 
 def test_a_running_job_gets_its_network_policy_once_and_a_refusal_only_warns(monkeypatch):
@@ -1135,3 +1168,15 @@ def test_a_running_job_gets_its_network_policy_once_and_a_refusal_only_warns(mon
     (warning,) = [(t, m) for t, r, m in changes.events if r == "NetworkPolicyRefused"]
     assert warning[0] == "Warning" and "(403)" in warning[1] and "networkpolicies" in warning[1]
     assert changes.status.get("phase") != "Failed", changes.status
+    # deferred (throttled, a quota): tried again at the next sync, nothing said yet
+    monkeypatch.setattr(handlers, "_FENCED", OrderedDict())
+    tries = []
+
+    def deferred(obj):
+        tries.append(1)
+        raise kube.ChildDeferred("the API server refused NetworkPolicy 'ft-peers' (429): throttled")
+    for _ in range(2):
+        monkeypatch.setattr(kube, "ensure", deferred)
+        changes, _ = _sync_with(monkeypatch, job, [pod], {"phase": "Training"}, spec=spec)
+        assert not [r for _, r, _ in changes.events if r.startswith("NetworkPolicy")]
+    assert len(tries) == 2

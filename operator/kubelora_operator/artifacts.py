@@ -149,6 +149,7 @@ class ReadBackoff:
         if entry is not None and now < entry[1]:
             return None, entry[2]
         obj, error = fn()
+        now = self.clock()  # the wait counts from the read's end: a read that hung for 30 s used no wait up
         with self._lock:
             if error is None:
                 self._entries.pop(key, None)

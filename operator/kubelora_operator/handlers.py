@@ -373,6 +373,12 @@ def _sync(body: dict, changes: Changes) -> None:
             changes.warn("InvalidSpec", msg)
         return
     if phase in st.FINISHED:
+        if previous.get("stopJob"):  # failed, its Job not stopped yet (the call failed, or the operator stopped)
+            job = kube.get_job(namespace, name)
+            if job is not None and (job.get("metadata") or {}).get("uid") == previous["stopJob"]:
+                _stop_failed_job(namespace, name, job, meta["uid"], changes)
+            else:
+                changes.status["stopJob"] = None  # gone, or another Job: nothing of this run to stop
         return _ttl_cleanup(body, job_spec, name, namespace, previous, changes)
     if phase is None:
         return  # create_children has not finished
@@ -542,15 +548,25 @@ def _evicted(body, changes: Changes, name, namespace, job, pods, previous) -> bo
     _fail(body, changes, "Evicted", f"{total} of the run's pods were evicted by their node's kubelet (limit "
                                     f"{st.EVICTION_LIMIT}); newest: pod {pod}: {message}; {st.eviction_fix(message)}")
     meta = body["metadata"]  # Failed recorded first, as _restart_gang's "fail": a Job gone without it is made again
+    changes.status["stopJob"] = (job.get("metadata") or {}).get("uid")
     if kube.patch_status(namespace, name, changes.status, uid=meta.get("uid"),
                          resource_version=meta.get("resourceVersion")) is None:
         changes.gone = True
         return True
-    if manifests.kueue_queue((job.get("metadata") or {}).get("labels")):  # as _restart_gang's "fail"
-        kube.delete_job(namespace, name, owner_uid=meta["uid"])
-    else:  # the run is over: its pods stop, the evicted ones keep their status and logs until the TTL
-        kube.set_job_suspend(namespace, name, True)
+    _stop_failed_job(namespace, name, job, meta["uid"], changes)
     return True
+
+
+def _stop_failed_job(namespace: str, name: str, job: dict, owner_uid: str, changes: Changes) -> None:
+    """A failed run's trainer Job (status.stopJob: its uid) stopped: suspended, so its peers stop and
+    the failed pods keep their logs until ttlSecondsAfterFinished; deleted when queued in Kueue
+    (Kueue would take a suspended Job for preempted and queue it again). status.stopJob is cleared
+    once done; a call that raises leaves it for the next sync (_sync's finished branch)."""
+    if manifests.kueue_queue((job.get("metadata") or {}).get("labels")):
+        kube.delete_job(namespace, name, owner_uid=owner_uid)
+    else:
+        kube.set_job_suspend(namespace, name, True)
+    changes.status["stopJob"] = None
 
 
 def _decide_later(body, changes: Changes, job, pods, previous, since: datetime, waiting: list[str]) -> None:
@@ -597,17 +613,17 @@ def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, 
               f"{why}{_after_wait(held, disruption)}")
     # the decision is recorded before the Job goes: an operator stopped between the two deletes the
     # Job at its next sync (status.restartedJob) instead of counting the failure again, and a failed
-    # run is never made again (its Job gone, no Failed status yet: the next sync would recreate it)
+    # run is never made again (its Job gone, no Failed status yet: the next sync would recreate it);
+    # a failed run's Job still to stop is status.stopJob until it is (_stop_failed_job)
     meta = body["metadata"]
+    if action == "fail":
+        changes.status["stopJob"] = (job.get("metadata") or {}).get("uid")
     if kube.patch_status(namespace, name, changes.status, uid=meta.get("uid"),
                          resource_version=meta.get("resourceVersion")) is None:
         changes.gone = True  # deleted (perhaps made again) meanwhile: its Job is not ours to touch
         return
-    if action == "fail" and not manifests.kueue_queue((job.get("metadata") or {}).get("labels")):
-        # the run is over: suspending the Job stops the peers still running and keeps the failed pods,
-        # so `kubectl logs` still shows why (ttlSecondsAfterFinished deletes them). Not a Job queued
-        # in Kueue: Kueue would take a suspended Job for preempted and queue it again
-        kube.set_job_suspend(namespace, name, True)
+    if action == "fail":
+        _stop_failed_job(namespace, name, job, meta["uid"], changes)
     else:
         kube.delete_job(namespace, name, owner_uid=body["metadata"]["uid"])
 
@@ -692,8 +708,15 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
     cfg = operator_config()
     if previous.get("trainerImage"):  # the image the run started with, whatever the operator's is now
         cfg = dataclasses.replace(cfg, image=previous["trainerImage"])
-    _fence(now["metadata"], changes)  # before the Job: its pods start fenced (a refusal warns, not fails)
-    cfg = dataclasses.replace(cfg, job_network_policy=False)
+    fenced, why = _fence(now["metadata"], changes)  # before the Job: its pods start fenced
+    if fenced == "later":  # the next sync tries again; no Job without its policy meanwhile
+        _wait(now, changes, "CreateDeferred", f"waiting to make NetworkPolicy {manifests.network_policy_name(name)}: "
+                                              f"{why}")
+        return
+    if fenced == "refused" and previous.get("createPending"):  # a new job: refused as its first create would be
+        _fail(body, changes, "ChildRefused", f"{why} (networkPolicy.perJob)")
+        return
+    cfg = dataclasses.replace(cfg, job_network_policy=False)  # made above, or said why not
     created = []
     try:
         for obj in manifests.children(name, uid, namespace, job_spec, cfg, now["metadata"].get("labels")):
@@ -733,26 +756,37 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
 _FENCED: "OrderedDict[str, None]" = OrderedDict()  # uids whose NetworkPolicy was ensured (or refused, said)
 
 
-def _fence(meta: dict, changes: Changes) -> None:
+def _fence(meta: dict, changes: Changes) -> tuple[str, str]:
     """networkPolicy.perJob for a run made without it (before the setting, or by an operator that
-    had it off): its NetworkPolicy is made once per operator process, at its next sync, not only at
-    a gang restart. A refusal (no rights on NetworkPolicies) is a Warning, not the run's failure:
-    the run predates the setting. Its first create fails a new job instead (_ensure_children)."""
+    had it off) or made again: its NetworkPolicy, once per run and operator process. 'ok' (made or
+    there, or the setting is off), 'later' (the API server deferred it, or a deleted predecessor's
+    policy of that name is not collected yet: tried again at the next sync) or 'refused' (no rights
+    on NetworkPolicies, or a name someone else holds: said once in a Warning), with why."""
     cfg, uid = operator_config(), meta["uid"]
     if not cfg.job_network_policy or uid in _FENCED:
-        return
+        return "ok", ""
     try:
         _, made = kube.ensure(manifests.network_policy(meta["name"], uid, meta["namespace"], cfg))
-    except (kube.ChildRefused, kube.ChildDeferred, kube.NameTaken) as e:
-        changes.warn("NetworkPolicyRefused", f"{e}; this run's pods stay without their NetworkPolicy "
+    except kube.ChildDeferred as e:
+        return "later", str(e)
+    except kube.NameTaken as e:
+        if e.stale:
+            return "later", str(e)
+        answer, why = "refused", str(e)
+    except kube.ChildRefused as e:
+        answer, why = "refused", str(e)
+    else:
+        answer, why = "ok", ""
+        if made:
+            changes.info("NetworkPolicy", f"NetworkPolicy {manifests.network_policy_name(meta['name'])} made: the "
+                                          "run's pods admit only each other and the scrapers")
+    if answer == "refused":
+        changes.warn("NetworkPolicyRefused", f"{why}; this run's pods stay without their NetworkPolicy "
                                              "(networkPolicy.perJob needs create/get on networkpolicies)")
-        made = False
     _FENCED[uid] = None
     while len(_FENCED) > 65536:
         _FENCED.popitem(last=False)
-    if made:
-        changes.info("NetworkPolicy", f"NetworkPolicy {manifests.network_policy_name(meta['name'])} made for the "
-                                      "running job: its pods admit only each other and the scrapers")
+    return answer, why
 
 
 def _changes_status(previous: dict, new: dict) -> bool:

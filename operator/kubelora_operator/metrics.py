@@ -93,12 +93,11 @@ class _Jobs:
                 queued.add_metric([ns, name, kueue_queue(meta.get("labels")) or ""], 1)
             if phase == "Pending" and status.get("reason") in WAITING_REASONS:
                 waiting.add_metric([ns, name, status["reason"]], 1)
-            if status.get("restarts"):
-                from .status import counted_restarts
-                for kind, n in (("failure", counted_restarts(status)),
-                                ("disruption", int(status.get("disruptionRestarts") or 0)),
-                                ("incomplete", int(status.get("waitRestarts") or 0))):
-                    restarts.add_metric([ns, name, kind], n)
+            from .status import counted_restarts  # every job's, from 0: increase() sees the first restart
+            for kind, n in (("failure", counted_restarts(status)),
+                            ("disruption", int(status.get("disruptionRestarts") or 0)),
+                            ("incomplete", int(status.get("waitRestarts") or 0))):
+                restarts.add_metric([ns, name, kind], n)
             stall = next((c for c in status.get("conditions") or [] if c.get("type") == "Stalled"), None)
             if stall and stall.get("status") == "True" and phase != "Failed":  # Failed has its own alert
                 stalled.add_metric([ns, name, phase, stall.get("reason") or ""], 1)

@@ -194,9 +194,11 @@ def load_entry(root: Path, key: str) -> dict[str, torch.Tensor]:
     path = entry_path(root, key)
     try:
         return check_entry(path)
-    except Exception as e:  # noqa: BLE001 - any failure to load the bytes; a missing file says so itself
-        if isinstance(e, FileNotFoundError):
-            raise
+    except FileNotFoundError:  # after the exchange every entry is on every node: gone means a rank of this
+        # node found it corrupt and deleted it (or the disk lost it), not bad input: the retry encodes it
+        raise CorruptEntry(f"the cache entry {path} is gone (deleted as unreadable by another process of this "
+                           "node, or lost); the retried run encodes it again") from None
+    except Exception as e:  # noqa: BLE001 - any failure to load the bytes
         path.unlink(missing_ok=True)
         raise CorruptEntry(f"the cache entry {path} does not load ({type(e).__name__}: {str(e)[:200]}); it is "
                            f"deleted, and the retried run encodes it again") from None

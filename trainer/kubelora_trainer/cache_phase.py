@@ -83,8 +83,12 @@ def prepare(spec, family, paths: dict, layout: Layout, remote: Optional[cache_re
     log(env, "[phase] cache")
     m.phase("Caching")
     quiet_progress_bars()
-    # hashed once, by rank 0 (remembered in its node's cache folder), for every rank alike
-    files = model_fingerprint(paths, cache_root()) if env.is_main else None
+    # hashed once, by rank 0 (remembered in its node's cache folder), for every rank alike; the others
+    # wait at dist.agree's phase barrier (not a collective's timeout: a first hash of large encoders
+    # takes minutes), and an error there reaches every rank
+    def hashing_the_encoders():
+        return model_fingerprint(paths, cache_root()) if env.is_main else None
+    files = dist.agree(hashing_the_encoders)
     layout.key(cache_inputs(spec, dist.broadcast(files) if env.world > 1 else files))
     distinct = list(dict.fromkeys(layout.keys))  # shuffled captions may repeat: one entry for equal samples
     missing = [distinct[i] for i in cache.missing_everywhere(gather_present(distinct, env))]

@@ -90,12 +90,14 @@ class Moved:
     failed: int = 0
     error: Optional[str] = None
     names: list[str] = field(default_factory=list)   # the names moved
+    damaged: list[str] = field(default_factory=list)  # pulled objects that were not cache entries (dropped)
 
     @staticmethod
     def total(parts: list["Moved"]) -> "Moved":
         """Summed over ranks; the first error kept."""
         return Moved(sum(p.files for p in parts), sum(p.bytes for p in parts), sum(p.failed for p in parts),
-                     next((p.error for p in parts if p.error), None), [n for p in parts for n in p.names])
+                     next((p.error for p in parts if p.error), None), [n for p in parts for n in p.names],
+                     [n for p in parts for n in p.damaged])
 
 
 def transfer_line(verb: str, m: Moved, uri: str) -> str:
@@ -108,6 +110,10 @@ def transfer_line(verb: str, m: Moved, uri: str) -> str:
 
 
 # ---------------------------------------------------------------- transfers
+
+class Damaged(str):
+    """Remote.pull's answer for an object that is not a cache entry (dropped here and there)."""
+
 
 class Remote:
     """The prefix and what the pre-flight listing found under it ({name: size})."""
@@ -137,6 +143,12 @@ class Remote:
                 return
             try:
                 n = one(name)
+                if isinstance(n, Damaged):  # counted as not pulled (so encoded), the other pulls go on
+                    with lock:
+                        out.failed += 1
+                        out.error = out.error or str(n)
+                        out.damaged.append(name)
+                    return
             except (storage.StorageError, OSError) as e:
                 stop.set()
                 with lock:
@@ -168,9 +180,7 @@ class Remote:
                         storage.delete_object(self._loc(name), self.settings, self.client())
                     except storage.StorageError:
                         pass  # still listed: the next run drops it too
-                    self.listing.pop(name, None)  # so the push after encoding replaces it
-                    raise storage.StorageError(f"{self._loc(name)}: not a cache entry ({type(e).__name__}); "
-                                               "dropped, encoded again") from None
+                    return Damaged(f"{self._loc(name)}: not a cache entry ({type(e).__name__}); dropped, encoded again")
             return self.listing[name]
         return self._each(names, one)
 
@@ -219,6 +229,8 @@ def pull_entries(remote: Remote, missing: list[str], root: Path, env) -> tuple[s
     from . import dist
     mine = dist.agree(remote.pull, pull_share(missing, remote.listing, env.world, env.rank), root)
     total = gathered(mine, env)
+    for name in total.damaged:  # off every rank's listing alike: push_share's split stays the same everywhere,
+        remote.listing.pop(name, None)  # and the entry encoded here replaces the damaged object
     return {n[len("latents/"):-len(".pt")] for n in total.names}, total
 
 

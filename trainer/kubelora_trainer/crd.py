@@ -119,6 +119,8 @@ STATUS_SCHEMA = {
                                                               "again at the next sync."},
         "trainerImage": {"type": "string", "description": "The trainer image the run started with; a Job made "
                                                           "again (gang restart) keeps it across operator upgrades."},
+        "stopJob": {"type": "string", "description": "The uid of a failed run's trainer Job still to stop "
+                                                     "(suspend, or delete when queued in Kueue); cleared once it is."},
         "restartedJob": {"type": "string", "description": "The uid of the Job a pending gang restart replaces: "
                                                           "recorded before that Job is deleted, so an operator "
                                                           "stopped in between deletes it at its next sync instead "

@@ -395,21 +395,12 @@ def probe(path: Path, fps: float | None = None, decode: bool = True) -> tuple[in
 
 
 def header_orientation(im) -> Optional[int]:
-    """The orientation ImageOps.exif_transpose will apply to an opened image (EXIF's, else XMP's
-    tiff:Orientation, as Pillow's getexif reads them), without decoding it: a PNG's getexif()
-    decodes the whole picture, so its header chunks are read here as Pillow reads them."""
-    if im.format != "PNG":
-        return im.getexif().get(0x0112)
-    import re
+    """The orientation ImageOps.exif_transpose will apply to an opened image (EXIF's, a PNG's
+    "Raw profile type exif" text, else XMP's tiff:Orientation, as Pillow's getexif reads them),
+    without decoding it: PngImageFile.getexif() decodes the whole picture first, the base class's
+    reads what the header gave (a PNG's chunks after its pixels: png_metadata_after_pixels)."""
     from PIL import Image
-    exif = Image.Exif()
-    if im.info.get("exif"):
-        exif.load(im.info["exif"])
-    if exif.get(0x0112) is not None:
-        return exif.get(0x0112)
-    xmp = im.info.get("XML:com.adobe.xmp")
-    found = re.search(r'tiff:Orientation(="|>)([0-9])', xmp) if isinstance(xmp, str) else None
-    return int(found[2]) if found else None
+    return Image.Image.getexif(im).get(0x0112)
 
 
 def upright_quarter_turns(frame) -> int:

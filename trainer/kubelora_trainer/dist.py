@@ -197,7 +197,10 @@ class PeerFailed(RuntimeError):
 def agree(fn, *args, **kwargs):
     """fn(*args, **kwargs) on every rank, then one collective: if fn raised on any rank, the
     failing rank re-raises its own error and every other rank raises PeerFailed with that rank's
-    reason and exit code (as fail_together), so no rank waits for a peer that has stopped. fn must not itself run collectives."""
+    reason and exit code (as fail_together), so no rank waits for a peer that has stopped. fn must not itself run collectives.
+    One process (or none started): fn's own answer or error."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn(*args, **kwargs)
     error = None
     try:
         result = fn(*args, **kwargs)

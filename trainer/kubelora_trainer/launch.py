@@ -168,6 +168,7 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
     master = AddressWatch(rdzv[1]) if rdzv and rdzv[0] > 0 else None
     try:
         rc = proc.wait()
+        ended = time.monotonic()  # before the master-close wait and the pump's join
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -200,7 +201,7 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
         if cause is None and forwarded:  # no worker recorded its stop: before the loop (which checkpoints
             stopped = True            # on a signal), or killed by torchrun while still writing one
             name, limit = signal.Signals(forwarded[0][0]).name, int(child_env[SHUTDOWN_TIMEOUT_ENV])
-            if time.monotonic() - forwarded[0][1] >= limit:
+            if ended - forwarded[0][1] >= limit:
                 cause = (f"stopped by {name}; the workers, still stopping after {limit} s, were killed (no checkpoint "
                          f"from this stop: {SHUTDOWN_TIMEOUT_ENV}, from the pod's grace period, is too short)")
             else:

@@ -587,6 +587,10 @@ def etag_matches(stored: str, expected: str) -> bool:
     return stored == expected or not looks_md5
 
 
+UMASK = os.umask(0o022)  # the process's umask (read by setting it, then put back): a published file's mode
+os.umask(UMASK)
+
+
 def upload(path: str | Path, uri: str, settings: S3Settings = S3Settings(), client=None,
            content_type: str = "application/octet-stream") -> dict:
     """Publish one file; returns {uri, sha256, size}. The bytes go to a temporary key first and
@@ -604,6 +608,7 @@ def upload(path: str | Path, uri: str, settings: S3Settings = S3Settings(), clie
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         os.close(fd)
         try:
+            os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would keep other users (jobs, readers) out
             shutil.copyfile(path, tmp)
             if os.path.getsize(tmp) != size:
                 raise StorageError(f"writing {target}: {os.path.getsize(tmp)} of {size} bytes written")

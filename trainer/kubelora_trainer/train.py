@@ -220,6 +220,10 @@ def own_output(spec, settings, manifest: Optional[dict], steps: list[int]) -> Op
     if steps:
         try:
             recorded = checkpoint.read_fingerprint(spec.output.uri, steps[-1], settings) or {}
+        except storage.StorageError as e:
+            if e.transient:
+                raise  # the store failed: existing_output stops the run, and the retry looks again
+            return None  # (a prune racing the read, no read right): not known to be ours; check_fingerprint says why
         except (OSError, ValueError):  # unreadable: not known to be ours (check_fingerprint says why)
             return None
         if isinstance(recorded, dict) and recorded.get(RUN_KEY) == run:
