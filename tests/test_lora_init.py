@@ -129,3 +129,17 @@ def test_a_target_entry_that_adapts_nothing_is_refused_not_dropped():
         adapters.prepare(_comps(), FAMILY, _spec(targetModules=["attn.to_q", "attn.to_qq"]), CPU)
     ad = adapters.prepare(_comps(), FAMILY, _spec(targetModules=["attn.to_q", r".*\.ff\.net\.2"]), CPU)
     assert ad.n_trainable > 0
+
+
+def test_a_suffix_that_also_adapts_modules_outside_the_blocks_is_said(capsys):
+    """A suffix matches any module ending so (peft's rule, as diffusers'): `linear` also takes the
+    final layer's norm_out.linear. Trained as asked, but said (it was only counted)."""
+    comps = _comps()
+    adapters.prepare(comps, FAMILY, _spec(targetModules=["attn.to_q", "linear"]), CPU)
+    out = capsys.readouterr().out
+    assert "[model] adapter.targetModules also adapts" in out and "norm_out.linear" in out, out
+    adapted = lora.adapted(comps.trainable["transformer"])
+    outside = adapters.outside_blocks(adapted, FAMILY, "transformer", comps.trainable["transformer"])
+    assert "norm_out.linear" in outside and not any(".attn.to_q" in n for n in outside)
+    adapters.prepare(_comps(), FAMILY, _spec(targetModules=["attn.to_q"]), CPU)
+    assert "also adapts" not in capsys.readouterr().out

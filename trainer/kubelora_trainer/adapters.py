@@ -71,6 +71,11 @@ def prepare(comps: Components, family, spec, env: dist.DistEnv, init=None) -> Ad
                     raise lora.AdapterError(f"adapter.targetModules[{i}] ({entry!r}) matches no linear layer of the "
                                             f"{name}{more}: remove or fix it (a suffix such as attn.to_q, or a regular "
                                             "expression matching whole module names)")
+                outside = outside_blocks(lora.adapted(module), family, name, module)
+                if outside and env.is_main:  # a suffix matches any module ending so: said, not only counted
+                    print(f"[model] adapter.targetModules also adapts {len(outside)} module(s) of the {name} outside "
+                          f"its repeated blocks: {', '.join(outside[:8])}{' ...' if len(outside) > 8 else ''} (a "
+                          "regular expression naming the blocks' modules keeps to them)", flush=True)
     if init is not None:
         from . import lora_init
         loaded, missing = lora_init.apply(init, comps.trainable, spec.adapter.rank, spec.adapter.scale)
@@ -85,6 +90,14 @@ def prepare(comps: Components, family, spec, env: dist.DistEnv, init=None) -> Ad
         if not offload:  # offloaded: FSDP2 brings one block at a time to the device (dist.parallelize)
             module.to(env.device)
     return out
+
+
+def outside_blocks(adapted: list[str], family, name: str, module) -> list[str]:
+    """Of adapted module paths, those not inside one of the family's repeated blocks of this
+    component (embedders, the final layer, a top-level projection). Pure but for the walk."""
+    ids = {id(b) for blocks in family.blocks(name, module) for b in blocks}
+    inside = [n for n, m in module.named_modules() if id(m) in ids]
+    return [a for a in adapted if not any(a == b or a.startswith(b + ".") for b in inside)]
 
 
 @dataclass(frozen=True)
