@@ -487,6 +487,10 @@ def test_a_delete_the_store_answers_in_part_is_an_error_and_markers_go_first(s3,
     assert left == ["ck/step-2/state/rank-0.pt"]    # an incomplete step, never a marker beside missing files
     storage.delete_prefix("s3://deletes/ck", S3Settings(), first=("COMPLETE",))
     assert not s3.list_objects_v2(Bucket="deletes").get("Contents")
+    s3.put_object(Bucket="deletes", Key="latents/ab.pt", Body=b"x")   # one object (a damaged cache entry)
+    storage.delete_object("s3://deletes/latents/ab.pt", S3Settings())
+    storage.delete_object("s3://deletes/latents/ab.pt", S3Settings())   # not there: fine
+    assert not s3.list_objects_v2(Bucket="deletes").get("Contents")
     local = tmp_path / "ck" / "step-2" / "state"
     local.mkdir(parents=True)
     (local / "COMPLETE").write_text("2\n")
