@@ -380,7 +380,7 @@ class Run:
     def __getattr__(self, name):
         return getattr(self.metrics, name)
 
-    def finish(self, linger: Optional[float] = None) -> None:
+    def finish(self, linger: Optional[float] = None, hold: bool = True) -> None:
         """The run ended (the phase is final): serve until the end state has been scraped once, at
         most $KUBELORA_METRICS_LINGER_SECONDS, then stop serving."""
         from . import storage
@@ -389,7 +389,9 @@ class Run:
         if self.server is None:
             return
         linger = float(os.environ.get(LINGER_ENV, "0") or 0) if linger is None else linger
-        if linger > 0:
+        if linger > 0 and not hold:
+            self.server.wait_for_a_new_scrape(linger)  # stopped by a signal: a second one still ends it
+        elif linger > 0:
             # a failed run's other ranks exit at once and torchrun then SIGTERMs this one: it goes on
             # serving (the Failed phase, a NaN loss) until scraped; torchrun's SIGKILL comes only
             # after its shutdown timeout, the pod's grace period less a margin (launch.py)

@@ -553,9 +553,11 @@ def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
     since torchrun stops the other ranks as soon as one exits."""
     env = dist.init()
     m = metrics.start(env.rank, env.local_rank, job_name, log=lambda msg: print(msg, flush=True))
+    stopped = False
     try:
         return _run(spec, job_name, env, m)
     except checkpoint.Stopped as e:
+        stopped = True  # its linger ends at the next SIGTERM (the pod's own stop): exit 143, as the Job expects
         m.phase("Stopped")
         return exits.fail(e.code, str(e))
     except (RunError, DatasetError, storage.StorageError, lora.AdapterError, ModelError, FileNotFoundError) as e:
@@ -575,7 +577,7 @@ def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
         return exits.fail(exits.BAD_INPUT, str(room))
     finally:
         dist.close()
-        m.finish()  # serves the final state until it has been scraped ($KUBELORA_METRICS_LINGER_SECONDS)
+        m.finish(hold=not stopped)  # serves the final state until scraped ($KUBELORA_METRICS_LINGER_SECONDS)
 
 
 def out_of_memory(error: BaseException, spec: LoRATrainingJobSpec) -> str:
