@@ -264,7 +264,7 @@ def test_network_policy_in_each_watched_namespace_as_the_example_admits():
     per_job = objects({"networkPolicy": {"perJob": True, "metricsNamespaces": ["monitoring", "kps"]}})
     e = env(one(per_job, "Deployment")["spec"]["template"]["spec"]["containers"][0])
     assert e["KUBELORA_JOB_NETWORK_POLICY"] == "true" and e["KUBELORA_METRICS_NAMESPACES"] == "monitoring,kps"
-    rule = {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "get"]}
+    rule = {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "get", "delete"]}
     assert rule in operator_role(per_job)["rules"] and rule not in operator_role(objects({}))["rules"]
     assert "KUBELORA_JOB_NETWORK_POLICY" not in env(one(objects({}), "Deployment")["spec"]["template"]["spec"]["containers"][0])
     # cluster-wide: the namespaces the jobs run in are named, else only the release's is covered, said

@@ -51,6 +51,13 @@ def test_replicated_ranks_send_only_the_adapters_gradients(results):
     assert shard["step_gathers"] == 2 * shard["blocks"], shard
 
 
+def test_replicated_ranks_leave_a_parameter_no_rank_reached_without_a_gradient(results):
+    """As one process and FSDP2 do: AdamW then skips it (a zero gradient would still decay it, so
+    the same spec would train differently on one process and on replicated ranks)."""
+    r0, r1 = results["replicate"]["synced"]
+    assert r0 == r1 == [[1.0] * 3, None, [1.5] * 3]  # rank 0's 2.0 averaged over two; none; (1 + 2) / 2
+
+
 def test_lora_dropout_masks_differ_per_rank(results):
     two = results["replicate"]
     r0, r1 = (torch.tensor(x) for x in two["dropout_outs"])

@@ -202,7 +202,7 @@ def test_kubectl_applies_the_crd_and_a_valid_job(kube, kubectl):
     r = kubectl("get", "ltj")
     assert r.returncode == 0, r.stderr
     header, row = r.stdout.splitlines()[:2]
-    assert header.split() == ["NAME", "PHASE", "MODEL", "NODES", "PROGRESS", "LOSS", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "REASON", "MODEL", "NODES", "PROGRESS", "LOSS", "AGE"]
     assert row.split()[:3] == ["demo-flux", "flux", "1"] and "Warning" not in r.stderr
     stored = kube.get(LTJ, "default", "demo-flux")
     assert stored["spec"]["adapter"]["rank"] == 8 and stored["spec"]["training"]["seed"] == 42  # defaulted
@@ -344,7 +344,7 @@ def test_status_subresource_and_generation(kube, kubectl):
     status, err = http(kube, "PATCH", f"{base}/demo-flux", {"spec": {"evaluation": {"sources": [{"uri": "s3://demo/eval"}], "everySteps": 5}}}, merge)
     assert status == 422 and "immutable after creation" in err["message"], err
     _, table = http(kube, "GET", base, accept="application/json;as=Table;v=v1;g=meta.k8s.io")
-    assert table["kind"] == "Table" and table["rows"][0]["cells"][:3] == ["demo-flux", "Suspended", "flux"]
+    assert table["kind"] == "Table" and table["rows"][0]["cells"][:4] == ["demo-flux", "Suspended", None, "flux"]
 
 
 # --------------------------------------------------------------------------------------------

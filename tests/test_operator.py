@@ -116,6 +116,17 @@ def test_each_job_gets_its_own_network_policy_when_asked_and_it_goes_with_the_jo
         assert apply(kubectl, manifest("fenced")).returncode == 0
         policy = wait_for(lambda: kube.get("networking.k8s.io/v1/networkpolicies", "default", "fenced-peers"), timeout=30)
         wait_for(lambda: kube.get("batch/v1/jobs", "default", "fenced"), timeout=30)
+        # a Job the API server refuses (made last): the children already made go, its policy too,
+        # and so at the failed job's TTL cleanup
+        assert apply(kubectl, manifest("refused", resources__limits={"cpu": "64 cores"},
+                                       runPolicy__ttlSecondsAfterFinished=0)).returncode == 0
+        wait_for(lambda: ltj(kube, "refused").get("status", {}).get("childrenDeleted"), timeout=60)
+    assert kube.history("networking.k8s.io/v1/networkpolicies", "default", "refused-peers")  # it was made
+    assert kube.get("networking.k8s.io/v1/networkpolicies", "default", "refused-peers") is None
+    assert kube.get("v1/services", "default", "refused-workers") is None
+    cleaned = [e["message"] for e in kube.list("v1/events", "default")
+               if e["involvedObject"]["name"] == "refused" and e["reason"] == "CleanedUp"]
+    assert cleaned and "Job, Service, ConfigMap and NetworkPolicy" in cleaned[0], cleaned
     uid = ltj(kube, "fenced")["metadata"]["uid"]
     assert policy["metadata"]["ownerReferences"][0]["uid"] == uid
     assert policy["spec"]["podSelector"]["matchLabels"] == {"kubelora.dev/job": "fenced", "kubelora.dev/job-uid": uid}

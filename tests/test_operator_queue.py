@@ -4,6 +4,7 @@ import json
 
 from kube.fixtures import kube, kube_server, kubectl, wait_for  # noqa: F401 - fixtures
 from kube.local_runner import job_runner  # noqa: F401 - fixture
+from test_gitops_health import kstatus
 from test_operator import apply, cluster, ltj, manifest, operator, phase  # noqa: F401 - fixture
 
 QUEUE = "kueue.x-k8s.io/queue-name"
@@ -12,17 +13,6 @@ QUEUE = "kueue.x-k8s.io/queue-name"
 def _events(kube, name, reason):
     return [e["message"] for e in kube.list("v1/events", "default")
             if e["involvedObject"]["name"] == name and e["reason"] == reason]
-
-
-def kstatus(obj):
-    """kstatus's reading of a resource with the standard conditions (sigs.k8s.io/cli-utils
-    pkg/kstatus/status, generic rules): a status that has not observed the newest generation is
-    InProgress; then Reconciling=True is InProgress, Stalled=True is Failed, else Current."""
-    st = obj.get("status") or {}
-    if st.get("observedGeneration") != obj["metadata"]["generation"]:
-        return "InProgress"
-    conds = {c["type"]: c["status"] for c in st.get("conditions") or []}
-    return "InProgress" if conds.get("Reconciling") == "True" else "Failed" if conds.get("Stalled") == "True" else "Current"
 
 
 def test_kueue_admits_the_job_the_operator_never_resuspends_it_and_the_status_follows_each_generation(

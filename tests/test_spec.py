@@ -139,8 +139,8 @@ def test_crd_shape():
     crd = build_crd()
     v = crd["spec"]["versions"][0]
     assert crd["spec"]["names"]["shortNames"] == ["ltj"]
-    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Phase", "Model", "Nodes", "Progress", "Loss", "Eval-Loss",
-                                                                  "Age"]
+    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Phase", "Reason", "Model", "Nodes", "Progress", "Loss",
+                                                                  "Eval-Loss", "Age"]
     assert [c["name"] for c in v["additionalPrinterColumns"] if c.get("priority")] == ["Eval-Loss"]  # -o wide
     spec = v["schema"]["openAPIV3Schema"]["properties"]["spec"]
 

@@ -280,7 +280,7 @@ def _ensure_children(body, changes: Changes, name, uid, namespace, job_spec, run
         _defer(body, changes, str(e), first=True)
         return None
     except kube.ChildRefused as e:
-        kube.delete_children(namespace, manifests.child_names(name), owner_uid=uid)
+        kube.delete_children(namespace, _children(name), owner_uid=uid)
         _fail(body, changes, "ChildRefused", str(e))
         return None
     except kube.NameTaken as e:
@@ -782,7 +782,7 @@ def _fence(meta: dict, changes: Changes) -> tuple[str, str]:
                                           "run's pods admit only each other and the scrapers")
     if answer == "refused":
         changes.warn("NetworkPolicyRefused", f"{why}; this run's pods stay without their NetworkPolicy "
-                                             "(networkPolicy.perJob needs create/get on networkpolicies)")
+                                             "(networkPolicy.perJob needs create/get/delete on networkpolicies)")
     _FENCED[uid] = None
     while len(_FENCED) > 65536:
         _FENCED.popitem(last=False)
@@ -808,7 +808,16 @@ def _ttl_cleanup(body, job_spec, name, namespace, previous, changes: Changes) ->
     if (datetime.now(timezone.utc) - done).total_seconds() < ttl:
         return
     # only what this job owns: a job failed with NameConflict must not take the other object with it
-    kube.delete_children(namespace, manifests.child_names(name), owner_uid=body["metadata"]["uid"])
+    names = _children(name)
+    kube.delete_children(namespace, names, owner_uid=body["metadata"]["uid"])
     changes.status["childrenDeleted"] = True
-    changes.info("CleanedUp", f"deleted the Job, Service and ConfigMap {ttl}s after finishing; "
-                              "the resource and its status stay")
+    what = "Job, Service, ConfigMap and NetworkPolicy" if "networkpolicy" in names else "Job, Service and ConfigMap"
+    changes.info("CleanedUp", f"deleted the {what} {ttl}s after finishing; the resource and its status stay")
+
+
+def _children(name: str) -> dict[str, str]:
+    """The names of a job's children to delete: its NetworkPolicy too with networkPolicy.perJob."""
+    names = manifests.child_names(name)
+    if operator_config().job_network_policy:
+        names["networkpolicy"] = manifests.network_policy_name(name)
+    return names

@@ -95,10 +95,19 @@ def main(out_path: str, sharding: str, float8: bool = False, offload: bool = Fal
     with torch.no_grad(), ad.compute():
         drop_out = model(**inputs())[0].float()
     gathered = dist.all_gather(drop_out.flatten()[:256].tolist())
+    synced = None
+    if sharding == "replicate":  # parameters only one rank, or no rank, got a gradient for
+        ps = [torch.nn.Parameter(torch.ones(3)) for _ in range(3)]
+        if env.rank == 0:
+            ps[0].grad = torch.full((3,), 2.0)
+        ps[2].grad = torch.full((3,), float(env.rank + 1))
+        dist.GradSync("replicate", [], ps).after_backward()
+        synced = dist.all_gather([None if p.grad is None else p.grad.tolist() for p in ps])
     if env.is_main:
         with open(out_path, "w") as f:
             json.dump({"out": out.flatten().tolist(), "dropout_outs": gathered, "step_bytes": step_bytes,
-                       "grad_bytes": grad_bytes, "step_gathers": step_gathers, "blocks": blocks}, f)
+                       "grad_bytes": grad_bytes, "step_gathers": step_gathers, "blocks": blocks,
+                       "synced": synced}, f)
     dist.close()
 
 

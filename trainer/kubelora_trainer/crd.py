@@ -87,6 +87,11 @@ STATUS_SCHEMA = {
     "x-kubernetes-preserve-unknown-fields": True,
     "properties": {
         "phase": {"type": "string", "description": "Pending, Initializing, Training, Exporting, Succeeded, Failed or Suspended."},
+        "reason": {"type": "string", "description": "Why the job is in its phase, one word (QueuedInKueue, "
+                                                    "WaitingForPods, ImagePullBackOff, Training, Published, ...); "
+                                                    "the same as the Ready condition's reason."},
+        "message": {"type": "string", "description": "What the job is doing or waiting for, and for a stalled or "
+                                                     "failed job the cause and what to change."},
         "observedGeneration": {"type": "integer", "format": "int64"},
         "restarts": {"type": "integer", "description": "Times the trainer Job was made again: after a pod of a "
                                                         "multi-node run failed (the whole gang restarts) or after it "
@@ -131,7 +136,8 @@ STATUS_SCHEMA = {
         "jobStartTime": {"type": "string", "description": "The running trainer Job's own start (its status.startTime), "
                                                           "for deadlineUsedSeconds."},
         "childrenDeleted": {"type": "boolean", "description": "runPolicy.ttlSecondsAfterFinished deleted the Job, "
-                                                              "Service and ConfigMap."},
+                                                              "Service and ConfigMap (and the job's NetworkPolicy "
+                                                              "with the operator's networkPolicy.perJob)."},
         "storageErrorSince": {"type": "string", "description": "Since when output.uri could not be read (a lasting "
                                                                "error makes the job Stalled)."},
         "startTime": {"type": "string", "format": "date-time"},
@@ -154,6 +160,9 @@ STATUS_SCHEMA = {
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    # a stalled job (ImagePullBackOff, a missing Secret, an unreadable bucket) reads Pending or
+    # Training in Phase: the reason tells it from a queued or progressing one
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.type"},
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},

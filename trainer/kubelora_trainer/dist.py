@@ -96,15 +96,24 @@ class GradSync:
                 m.set_requires_gradient_sync(last)
 
     def after_backward(self) -> None:
-        if self.sharding != "replicate":
+        if self.sharding != "replicate" or not self.params:
             return
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = _flatten_dense_tensors(grads)
+        missing = [p.grad is None for p in self.params]
+        grads = [torch.zeros_like(p) if gone else p.grad for p, gone in zip(self.params, missing)]
+        # which ranks had each gradient rides in the same all-reduce: a parameter no rank reached
+        # keeps grad None, as with one process or FSDP2, so AdamW leaves it alone (a zero gradient
+        # would still decay it). Only a rank that lacks one reads the counts back (a host sync):
+        # where every gradient is here, every parameter was reached.
+        reached = torch.tensor([0.0 if gone else 1.0 for gone in missing], dtype=grads[0].dtype,
+                               device=grads[0].device)
+        flat = _flatten_dense_tensors([*grads, reached])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
-        for p, g in zip(self.params, _unflatten_dense_tensors(flat, grads)):
-            p.grad = g
+        *averaged, reached = _unflatten_dense_tensors(flat, [*grads, reached])
+        keep = (reached > 0).tolist() if any(missing) else [True] * len(grads)
+        for p, g, k in zip(self.params, averaged, keep):
+            p.grad = g if k else None
 
 
 def parallelize(model: torch.nn.Module, block_lists: list[torch.nn.ModuleList], *, sharding: str,

@@ -84,10 +84,11 @@ operator against the emulated API server and compares). Namespaced resources go 
   resources: [events]
   verbs: [create, list]
 {{- if (.Values.networkPolicy | default dict).perJob }}
-# networkPolicy.perJob: each job's NetworkPolicy (owned by the job: garbage-collected with it)
+# networkPolicy.perJob: each job's NetworkPolicy (owned by the job: garbage-collected with it;
+# deleted with the Job by runPolicy.ttlSecondsAfterFinished)
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [create, get]
+  verbs: [create, get, delete]
 {{- end }}
 {{- end -}}
 
