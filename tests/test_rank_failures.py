@@ -107,3 +107,24 @@ def test_a_preempted_node_stops_its_peer_with_a_checkpoint_and_an_exit_code_the_
     stopped = int(state.parent.name.removeprefix("step-"))
     assert torch.load(state / "rank-0.pt", weights_only=True)["sample_pending"] == stopped
     assert f"[samples] step {stopped - 1}:" in out0 and f"[samples] step {stopped}:" not in out0, out0[-2000:]
+
+
+def test_a_rank_working_alone_keeps_its_peers_waiting_while_it_says_it_gets_on(tmp_path):
+    """Stage-in: local rank 0 fetches the node's data while its peers wait at the phase barrier. A
+    download that goes on for longer than $KUBELORA_PHASE_TIMEOUT_MINUTES but says it is getting on
+    (storage.download calls dist.heartbeat after each object) is waited for; one that says nothing
+    for that long ends the wait with the reason (it was: 2 hours from the start, whatever the
+    progress, so a large dataset failed every retry)."""
+    worker = Path(__file__).parent / "workers" / "phase_barrier.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KUBELORA_PHASE_TIMEOUT_MINUTES": "0.05"}
+
+    def run(mode):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               str(worker), mode], env=env, capture_output=True, text=True, timeout=240)
+    beats = run("beats")
+    assert beats.returncode == 0 and "[met] rank 0" in beats.stdout and "[met] rank 1" in beats.stdout, \
+        beats.stdout[-2000:] + beats.stderr[-2000:]
+    silent = run("silent")
+    assert silent.returncode != 0 and "[met] rank 1" not in silent.stdout, silent.stdout[-2000:]
+    assert ("[timeout] rank 1: not every rank finished stage-in: the ranks still in it said nothing of their "
+            "progress for 0.05 minutes ($KUBELORA_PHASE_TIMEOUT_MINUTES)") in silent.stdout, silent.stdout[-2000:]

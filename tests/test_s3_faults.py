@@ -235,3 +235,25 @@ def test_a_persistent_5xx_on_two_ranks_exits_retryable_through_the_launcher(prox
     assert proc.stderr.strip().splitlines()[-1] == errors[0]
     assert proxy.seen("GetObject", "*.safetensors") == ["status"] * 3  # one stage-in per node
     assert "[phase] cache" not in proc.stdout
+
+
+def test_a_failed_prune_of_old_checkpoints_is_a_warning_and_the_next_one_deletes_them(proxy, direct, capsys):
+    """After a checkpoint is written, deleting the older ones can fail (the store throttles deletes,
+    a bucket policy without DeleteObject): said in a warning, the run goes on (it stopped every rank
+    right after a good checkpoint), and the next checkpoint's prune deletes them."""
+    from kubelora_trainer import checkpoint
+    b = _bucket(direct, "fault-prune")
+    for step in (10, 20, 30):
+        for name in ("rank-0.pt", checkpoint.MARKER):
+            direct.put_object(Bucket=b, Key=f"run/checkpoints/step-{step}/{checkpoint.STATE}/{name}", Body=b"x")
+    settings = _settings(proxy, max_attempts=1)
+    proxy.fail(ops=("DeleteObjects", "DeleteObject"))
+    checkpoint.prune_or_warn(f"s3://{b}/run", settings, keep=1)
+    assert (f"[warning] deleting the checkpoints older than the newest 1 under s3://{b}/run/checkpoints failed ("
+            in capsys.readouterr().out)
+    steps = {k["Key"].split("/")[2] for k in direct.list_objects_v2(Bucket=b, Prefix="run/")["Contents"]}
+    assert steps == {"step-10", "step-20", "step-30"}
+    proxy.clear()
+    checkpoint.prune_or_warn(f"s3://{b}/run", settings, keep=1)
+    steps = {k["Key"].split("/")[2] for k in direct.list_objects_v2(Bucket=b, Prefix="run/")["Contents"]}
+    assert steps == {"step-30"} and "[warning]" not in capsys.readouterr().out

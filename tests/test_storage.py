@@ -1,5 +1,6 @@
 """Storage against a real S3 server (SeaweedFS): prefixes, caching by size+ETag, atomic
 files, retries and errors that name the object."""
+import json
 import os
 import socket
 from pathlib import Path
@@ -72,8 +73,9 @@ def test_truncated_file_is_not_trusted(s3, tmp_path):
 
 
 class _Interrupting:
-    """Real client whose transfer breaks after writing half the bytes (a dropped connection is
-    the one thing a real server cannot be asked to do); every other call goes to the real server."""
+    """Real client whose GETs break after half the body (a dropped connection is the one thing a
+    real server cannot be asked to do; tests/test_s3_faults.py cuts real answers through a proxy);
+    every other call goes to the real server."""
 
     def __init__(self, client, failures):
         self._c, self.failures, self.calls = client, failures, 0
@@ -81,28 +83,71 @@ class _Interrupting:
     def __getattr__(self, name):
         return getattr(self._c, name)
 
-    def download_file(self, bucket, key, filename, Config=None):
+    def get_object(self, **kw):
         self.calls += 1
+        answer = self._c.get_object(**kw)
         if self.calls <= self.failures:
-            body = self._c.get_object(Bucket=bucket, Key=key)["Body"].read()
-            Path(filename).write_bytes(body[: len(body) // 2])
-            raise ConnectionResetError("connection reset by peer (simulated)")
-        return self._c.download_file(bucket, key, filename, Config=Config)
+            answer["Body"] = _HalfBody(answer["Body"].read())
+        return answer
+
+
+class _HalfBody:
+    def __init__(self, data):
+        self.data = data
+
+    def iter_chunks(self, size):
+        yield self.data[: len(self.data) // 2]
+        raise ConnectionResetError("connection reset by peer (simulated)")
+
+    def close(self):
+        pass
 
 
 def test_interrupted_download_retries_and_never_leaves_partial_file(s3, tmp_path):
     b = _bucket(s3, "intr")
     s3.put_object(Bucket=b, Key="m/w.bin", Body=b"z" * 5000)
     dest = tmp_path / "d"
-    flaky = _Interrupting(s3, failures=10)
+    flaky = _Interrupting(s3, failures=1000)
     with pytest.raises(StorageError, match=r"downloading s3://intr/m/w.bin: ConnectionResetError"):
         download(f"s3://{b}/m", dest, client=flaky, log=lambda m: None)
     assert not (dest / "w.bin").exists()
     assert not list(dest.glob("*.part")), "temporary files must be cleaned up"
+    assert flaky.calls == 4 * S3Settings().max_attempts  # s3transfer's re-GETs within each of our attempts
     # transient: succeeds on retry, file complete
     flaky = _Interrupting(s3, failures=2)
     download(f"s3://{b}/m", dest, client=flaky, log=lambda m: None)
     assert flaky.calls == 3 and (dest / "w.bin").read_bytes() == b"z" * 5000
+
+
+def test_a_failed_object_stops_the_download_and_what_was_fetched_is_kept(s3, tmp_path):
+    """One object that cannot be read (gone between the listing and its GET): the objects not
+    started are not fetched, and those fetched are in the index, so the next download skips them."""
+    b = _bucket(s3, "partial")
+    for i in range(40):
+        s3.put_object(Bucket=b, Key=f"d/{i:02d}.txt", Body=b"x" * 100)
+    dest = tmp_path / "d"
+
+    class Vanishing:  # the listing has d/05.txt; its GET finds it gone
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(s3, name)
+
+        def get_object(self, **kw):
+            Vanishing.calls += 1
+            if kw["Key"] == "d/05.txt":
+                s3.delete_object(Bucket=b, Key="d/05.txt")
+            return s3.get_object(**kw)
+
+    with pytest.raises(StorageError, match=r"s3://partial/d/05.txt"):
+        download(f"s3://{b}/d", dest, S3Settings(concurrency=1), client=Vanishing(), log=lambda m: None)
+    assert Vanishing.calls <= 7  # 00..05 in order, one at a time, and the one begun as 05 failed: no others
+    kept = json.loads((dest / ".kubelora-stage.json").read_text())
+    assert sorted(kept) == [f"{i:02d}.txt" for i in range(5)]
+    s3.put_object(Bucket=b, Key="d/05.txt", Body=b"x" * 100)
+    lines = []
+    download(f"s3://{b}/d", dest, client=s3, log=lines.append)
+    assert "5 already cached, fetching 35" in lines[0], lines
 
 
 def test_errors_name_bucket_key_and_cause(s3, tmp_path):

@@ -297,7 +297,7 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
             marker.write_text(f"{step}\n")
             storage.upload(marker, f"{remote}/{MARKER}", settings)
             print(f"[checkpoint] step {step} written to {remote}", flush=True)
-            prune(output_uri, settings, keep)
+            prune_or_warn(output_uri, settings, keep)
         except storage.StorageError as e:
             err = e
         except OSError as e:
@@ -313,6 +313,17 @@ def prune(output_uri: str, settings: storage.S3Settings, keep: int) -> None:
     base = f"{output_uri.rstrip('/')}/checkpoints"
     for old in to_prune(storage.list_keys(base, settings), keep):
         storage.delete_prefix(f"{base}/step-{old}/{STATE}", settings, first=(MARKER,))
+
+
+def prune_or_warn(output_uri: str, settings: storage.S3Settings, keep: int) -> None:
+    """prune() after a checkpoint was written: a failure (the store throttling deletes, a bucket
+    policy without DeleteObject) is a warning, not the end of the run (every rank would stop
+    right after a good checkpoint); the next checkpoint's prune tries again."""
+    try:
+        prune(output_uri, settings, keep)
+    except (storage.StorageError, OSError) as e:
+        print(f"[warning] deleting the checkpoints older than the newest {keep} under {output_uri.rstrip('/')}"
+              f"/checkpoints failed ({e}); the run goes on and the next checkpoint tries again", flush=True)
 
 
 def to_prune(names: list[str], keep: int) -> list[int]:

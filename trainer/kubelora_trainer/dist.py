@@ -233,19 +233,44 @@ _phases = [0]
 
 def phase_barrier(what: str) -> None:
     """Every rank reaches the end of a long phase: counted on the rendezvous store (no collective,
-    so the collectives' short timeout does not apply), waiting up to $KUBELORA_PHASE_TIMEOUT_MINUTES
-    (120) for the slowest rank, e.g. one node still downloading the model."""
+    so the collectives' short timeout does not apply), waiting for the slowest rank, e.g. one node
+    still downloading the dataset, for as long as it gets on: the wait ends in an error once no
+    rank has said it is getting on (heartbeat) for $KUBELORA_PHASE_TIMEOUT_MINUTES (120)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     _phases[0] += 1
     key = f"kubelora/phase/{_phases[0]}"
     store = dist.distributed_c10d._get_default_store()
     store.add(key, 1)
-    deadline = time.monotonic() + 60 * float(os.environ.get(PHASE_TIMEOUT_ENV, "120"))
+    minutes = float(os.environ.get(PHASE_TIMEOUT_ENV, "120"))
+    beats, deadline, looked = -1, 0.0, 0.0
     while store.add(key, 0) < dist.get_world_size():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"not every rank finished {what} within ${PHASE_TIMEOUT_ENV} minutes")
+        now = time.monotonic()
+        if now - looked >= min(5.0, 15 * minutes):  # a quarter of the timeout when that is shorter
+            looked = now
+            if (latest := store.add(f"{key}/alive", 0)) != beats:
+                beats, deadline = latest, now + 60 * minutes
+        if now > deadline:
+            raise RuntimeError(f"not every rank finished {what}: the ranks still in it said nothing of their "
+                               f"progress for {minutes:g} minutes (${PHASE_TIMEOUT_ENV})")
         time.sleep(0.1)
+
+
+HEARTBEAT_SECONDS = 10.0
+_beat = [float("-inf")]
+
+
+def heartbeat() -> None:
+    """A rank working alone on a long phase (stage-in: local rank 0 fetches the node's data while
+    its peers wait) says it is getting on: the waiting ranks' phase_barrier counts its timeout
+    from the newest heartbeat. At most once every HEARTBEAT_SECONDS; nothing without peers."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    now = time.monotonic()
+    if now - _beat[0] < HEARTBEAT_SECONDS:
+        return
+    _beat[0] = now
+    dist.distributed_c10d._get_default_store().add(f"kubelora/phase/{_phases[0] + 1}/alive", 1)
 
 
 def fail_together(error: BaseException | None, what: str = "a phase") -> None:

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -473,7 +473,10 @@ def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: 
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         os.close(fd)
         try:
-            client.download_file(bucket, obj["Key"], tmp, Config=_transfer_config(settings))
+            if obj["Size"] < settings.multipart_threshold:
+                _get_small(client, bucket, obj["Key"], tmp, settings.max_attempts)
+            else:  # ranged GETs in parallel (one HEAD first: nothing next to a multi-GB file)
+                client.download_file(bucket, obj["Key"], tmp, Config=_transfer_config(settings))
             if os.path.getsize(tmp) != obj["Size"]:
                 raise Mismatch(f"size mismatch: got {os.path.getsize(tmp)} bytes, expected {obj['Size']}")
             os.replace(tmp, target)
@@ -490,6 +493,27 @@ def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: 
         raise _local_full(exc, loc, target) or describe_error(exc, loc, "downloading") from None
 
 
+def _get_small(client, bucket: str, key: str, path: str, attempts: int) -> None:
+    """One GET into path: the listing gave the size, so no HEAD first (boto3's download_file makes
+    one for every object: twice the requests for a dataset of small images). As s3transfer does,
+    a GET whose answer timed out or whose body was cut short is made again, attempts in all
+    (botocore retries a request, not the reading of its body); the last such error is raised."""
+    from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
+    for attempt in range(attempts):
+        try:
+            body = client.get_object(Bucket=bucket, Key=key)["Body"]
+            try:
+                with open(path, "wb") as f:
+                    for chunk in body.iter_chunks(1 << 20):
+                        f.write(chunk)
+            finally:
+                body.close()
+            return
+        except S3_RETRYABLE_DOWNLOAD_ERRORS:
+            if attempt == attempts - 1:
+                raise
+
+
 def _local_full(exc: BaseException, loc: Location, target: Path) -> Optional[StorageError]:
     """disk.NoRoom when fetching loc to target failed because the local disk is full (bad input:
     the message names the volume and the fix), None otherwise."""
@@ -497,9 +521,12 @@ def _local_full(exc: BaseException, loc: Location, target: Path) -> Optional[Sto
     return disk.no_room(exc, f"downloading {loc}", path=target)
 
 
+PROGRESS_SECONDS = 30.0  # a long download's progress line and index save, at most this often
+
+
 def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), client=None,
              log: Callable[[str], None] = print, unsafe: Optional[list[str]] = None,
-             below: Optional[list[str]] = None) -> Path:
+             below: Optional[list[str]] = None, progress: Optional[Callable[[], None]] = None) -> Path:
     """Fetch an object or a whole prefix into dest (a folder). Returns the local path of the
     object (dest/<name>) or of the folder (dest). Complete files (size + ETag) are not fetched
     again; a local URI is returned as it is. Nothing is written outside dest: a key that cannot be
@@ -507,7 +534,9 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
     naming the key (bad input), or, given a list for unsafe (a dataset: a bad file is skipped), is
     not fetched and its key appended there. Given a list for below (a dataset read without its
     subfolders), the objects in subfolders of the prefix are not fetched and their relative names
-    are appended there."""
+    are appended there. A long download says how far it is every PROGRESS_SECONDS and saves its
+    index as often, so what was fetched is kept when it stops (a failed object stops the others:
+    those not started are not fetched); progress() is called after each object."""
     loc = parse_uri(uri)
     if not loc.is_s3:
         p = Path(loc.key)
@@ -541,14 +570,33 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
     total = sum(o["Size"] for o in todo)
     log(f"[stage-in] {loc}: {len(objs)} objects, {len(objs) - len(todo)} already cached, "
         f"fetching {len(todo)} ({total / MB:.1f} MiB)")
-    t0 = time.time()
-    with ThreadPoolExecutor(max_workers=min(settings.concurrency, max(1, len(todo)))) as pool:
+    t0 = last = time.time()
+    done = fetched = 0
+    finished = False
+    pool = ThreadPoolExecutor(max_workers=min(settings.concurrency, max(1, len(todo))))
+    try:
         futures = {pool.submit(_download_one, client, settings, loc.bucket, o, dest / o["rel"]): o for o in todo}
-        for fut in futures:
+        for fut in as_completed(futures):
             fut.result()  # re-raises the first StorageError
             o = futures[fut]
             index[o["rel"]] = {"etag": o["ETag"], "size": o["Size"]}
-    _save_index(dest, index)
+            done, fetched = done + 1, fetched + o["Size"]
+            if progress is not None:
+                progress()
+            if time.time() - last >= PROGRESS_SECONDS:
+                last = time.time()
+                _save_index(dest, index)
+                log(f"[stage-in] {loc}: {done}/{len(todo)} fetched ({fetched / MB:.1f} of {total / MB:.1f} MiB, "
+                    f"{fetched / MB / max(last - t0, 1e-6):.1f} MiB/s)")
+        finished = True
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after a failure: the objects not started are not
+        try:
+            if finished or done:  # what was fetched before a failure is kept
+                _save_index(dest, index)
+        except OSError:
+            if finished:  # else the download's own error is the one to say
+                raise
     if todo:
         dt = max(time.time() - t0, 1e-6)
         log(f"[stage-in] {loc}: done in {dt:.1f}s ({total / MB / dt:.1f} MiB/s)")

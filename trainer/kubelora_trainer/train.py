@@ -120,7 +120,7 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
                 skipped = [] if key.startswith(("dataset.", "evaluation.")) else None
                 deeper = [] if key in shallow and loc.is_s3 else None
                 paths[key] = str(storage.download(uri, dest, settings, client=client, log=print, unsafe=skipped,
-                                                  below=deeper))
+                                                  below=deeper, progress=dist.heartbeat))
                 if deeper is not None:  # counted as the scan counts a local source's subfolders
                     below[key] = sum(1 for rel in deeper if Path(rel).suffix.lower() in exts)
                 if skipped:
