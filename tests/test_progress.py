@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from kubelora_trainer.progress import Meter, Progress, Publisher, format_eta
-from kubelora_trainer.train import downsample, fused, lr_lambda, optimizer
+from kubelora_trainer.report import downsample
+from kubelora_trainer.train import fused, lr_lambda, optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -127,6 +127,19 @@ def test_report_is_self_contained_and_escapes():
     assert "<li>clip.mp4: too_short</li>" in html and "{&#x27;items" not in html and "{'items" not in html
 
 
+def test_a_long_runs_report_draws_bounded_curves():
+    """A 3-day run's 260k steps: the curves are window means, the page stays small (it drew every
+    step: 5.9 MB, rendered again at every sample step)."""
+    n = 260_000
+    html = report.render(job="j", model_type="flux", status="Training", step=n, total_steps=n,
+                         losses=[1.0 + (i % 2) for i in range(n)], learning_rates=[1e-4] * n, prompts=[], samples=[],
+                         dataset={"usable": 1}, spec={}, artifacts=[])
+    assert len(html) < 400_000, len(html)
+    curve = re.search(r'id="loss-curve".*?<polyline[^>]*points="([^"]+)"', html, re.S)[1].split()
+    assert len(curve) <= report.CURVE_POINTS
+    assert report.downsample([1.0] * 7, 3) == [[3, 1.0], [6, 1.0], [7, 1.0]]  # the last window ends at step 7
+
+
 def test_the_done_line_says_where_the_report_is_and_how_to_open_it():
     assert samples.report_said("/runs/a") == "report /runs/a/report.html (open it in a browser)"
     assert samples.report_said("file:///runs/a/") == "report /runs/a/report.html (open it in a browser)"

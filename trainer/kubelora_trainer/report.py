@@ -127,13 +127,23 @@ def artifacts_table(artifacts: list[dict]) -> str:
     return f"<table><tr><th>file</th><th>format</th><th>bytes</th><th>sha256</th></tr>{rows}</table>"
 
 
+CURVE_POINTS = 2000  # per curve: a 3-day run's 260k steps drew 5.9 MB of points at every sample step
+
+
+def downsample(values: list[float], n: int) -> list[list[float]]:
+    """At most n [step, mean] points (values[i] belongs to step i + 1), each the mean over its
+    window of steps, placed at the window's last step. Pure."""
+    w = max(1, -(-len(values) // n))
+    return [[i + len(values[i:i + w]), sum(values[i:i + w]) / len(values[i:i + w])] for i in range(0, len(values), w)]
+
+
 def render(*, job: str, model_type: str, status: str, step: int, total_steps: int, losses: list[float],
            learning_rates: list[float], prompts: list[dict], samples: list[dict], dataset: dict, spec: dict,
            artifacts: list[dict], timings: Optional[dict] = None, evals: Optional[list[dict]] = None) -> str:
     """The page. losses[i] and learning_rates[i] belong to step i + 1; samples: {step, prompt
     (index), file, preview?} with paths relative to the report; evals: the held-out evaluations'
     records ({step, loss, ...}: evaluation.py), drawn beside the training loss."""
-    loss_pts = [(i + 1, v) for i, v in enumerate(losses)]
+    loss_pts = [(x, v) for x, v in downsample(losses, CURVE_POINTS)]
     # one series: the newest evaluation's setup (its fingerprint); records of another setup (changed
     # across a resume) are of another scale, and joined to it they would draw a jump that is not there
     current = (evals or [{}])[-1].get("fingerprint")
@@ -141,7 +151,7 @@ def render(*, job: str, model_type: str, status: str, step: int, total_steps: in
     eval_pts = [(float(r["step"]), r["loss"]) for r in drawn]
     eval_label = "held-out evaluation loss" + (f" ({len(evals) - len(drawn)} earlier, of other evaluation settings, "
                                                f"not drawn)" if evals and len(drawn) < len(evals) else "")
-    lr_pts = [(i + 1, v) for i, v in enumerate(learning_rates)]
+    lr_pts = [(x, v) for x, v in downsample(learning_rates, CURVE_POINTS)]
     summary = {"job": job, "model": model_type, "status": status, "step": f"{step}/{total_steps}",
                **({"last loss": f"{losses[-1]:.4f}"} if losses else {}),
                **({"last evaluation loss": f"{evals[-1]['loss']:.4f} (step {evals[-1]['step']})"} if evals else {}),

@@ -31,6 +31,7 @@ from .disk import cache_root
 from .dataset_phase import largest_batch, probe_items, source_repeats, source_specs
 from .families import all_source_specs, eval_source_specs
 from .dist import log
+from .report import downsample
 from .families import PATH_FIELDS, RULES
 from .models import get_family
 from .models.base import ModelError
@@ -148,12 +149,6 @@ def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
     if kind == "linear":
         return 1.0 - progress
     return 1.0
-
-
-def downsample(values: list[float], n: int) -> list[list[float]]:
-    """At most n [step, mean loss] points, each the mean over its window of steps."""
-    w = max(1, -(-len(values) // n))
-    return [[i + w, sum(values[i:i + w]) / len(values[i:i + w])] for i in range(0, len(values), w)]
 
 
 def epoch_of(samples_seen: int, epoch_size: int) -> int:
