@@ -2,6 +2,7 @@
 the real S3 server (SeaweedFS): 5xx bursts, slow answers, dropped connections, cut bodies. Every
 transfer goes through the functions training uses (storage.download for stage-in and checkpoint
 restore, storage.upload for artifacts and checkpoints); one test runs the real trainer."""
+import json
 import os
 import time
 
@@ -257,3 +258,27 @@ def test_a_failed_prune_of_old_checkpoints_is_a_warning_and_the_next_one_deletes
     checkpoint.prune_or_warn(f"s3://{b}/run", settings, keep=1)
     steps = {k["Key"].split("/")[2] for k in direct.list_objects_v2(Bucket=b, Prefix="run/")["Contents"]}
     assert steps == {"step-30"} and "[warning]" not in capsys.readouterr().out
+
+
+def test_progress_is_published_without_holding_the_step_loop_and_the_last_word_waits(proxy, direct, monkeypatch):
+    """progress.json goes up in a thread of its own: a store that takes seconds to answer does not
+    hold rank 0's step (and with it every rank's next collective); the newest progress replaces one
+    not sent yet; the run's last word (force) waits until it is stored."""
+    from kubelora_trainer.progress import Progress, Publisher
+    b = _bucket(direct, "fault-progress")
+    monkeypatch.setenv("KUBELORA_PROGRESS_INTERVAL", "0")
+    publish = Publisher(f"s3://{b}/run", _settings(proxy))
+    slow = proxy.delay(3, ops=("PutObject",))
+    publish(Progress(phase="Training", step=1, totalSteps=9))
+    deadline = time.monotonic() + 60
+    while not proxy.seen("PutObject"):  # step 1's upload is under way, its answer 3 s late
+        assert time.monotonic() < deadline, "the first progress was never sent"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    for step in range(2, 6):
+        publish(Progress(phase="Training", step=step, totalSteps=9))
+    assert time.monotonic() - t0 < 1.5  # four calls, none of them waiting for the store
+    publish(Progress(phase="Succeeded", step=9, totalSteps=9), force=True)
+    stored = json.loads(direct.get_object(Bucket=b, Key="run/status/progress.json")["Body"].read())
+    assert (stored["phase"], stored["step"]) == ("Succeeded", 9)
+    assert slow.injected == 2, proxy.requests  # step 1, then the newest: steps 2-5 replaced by the last word

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -87,15 +89,31 @@ def line(p: Progress, lr: float) -> str:
     return "[train] " + " | ".join(parts)
 
 
+_PUBLISHERS: "weakref.WeakSet[Publisher]" = weakref.WeakSet()
+
+
+def flush_all(timeout: float = 30.0) -> None:
+    """Every Publisher's last progress sent before the process ends (its upload thread is a daemon)."""
+    for publisher in list(_PUBLISHERS):
+        publisher.flush(timeout)
+
+
 class Publisher:
     """Rank 0's progress, best effort: to a local file ($KUBELORA_PROGRESS_FILE) on every call,
     and to <output>/status/progress.json (where the operator reads it) when the phase changes or
-    every $KUBELORA_PROGRESS_INTERVAL seconds (default 30). A failed upload is logged, never fatal."""
+    every $KUBELORA_PROGRESS_INTERVAL seconds (default 30). The upload runs in a thread of its own,
+    the newest progress only, so a slow or hanging store never holds the step loop (and with it
+    every other rank in its next collective); force=True (the run's last word) waits for it. A
+    failed upload is logged, never fatal."""
 
     def __init__(self, output_uri: Optional[str] = None, settings=None):
         self.output_uri, self.settings = output_uri, settings
         self.interval = float(os.environ.get(PROGRESS_INTERVAL_ENV, "30"))
         self.last_phase, self.last_upload, self.warned = None, 0.0, False
+        self._lock = threading.Lock()
+        self._pending: Optional[str] = None
+        self._thread: Optional[threading.Thread] = None
+        _PUBLISHERS.add(self)
 
     def __call__(self, p: Progress, force: bool = False) -> None:
         data = json.dumps({**asdict(p), **({RUN_KEY: run} if (run := run_id()) else {})})
@@ -107,6 +125,32 @@ class Publisher:
         due = force or p.phase != self.last_phase or time.monotonic() - self.last_upload >= self.interval
         if self.output_uri and due:
             self.last_phase, self.last_upload = p.phase, time.monotonic()
+            self._submit(data, wait=force)
+
+    def _submit(self, data: str, wait: bool) -> None:
+        with self._lock:
+            self._pending = data  # a newer progress replaces one not sent yet
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name="kubelora-progress", daemon=True)
+                self._thread.start()
+            thread = self._thread
+        if wait:
+            thread.join()
+
+    def flush(self, timeout: float) -> None:
+        """Wait up to timeout seconds for the upload under way or pending (the run ends)."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                data, self._pending = self._pending, None
+                if data is None:
+                    self._thread = None
+                    return
             self._upload(data)
 
     def _upload(self, data: str) -> None:

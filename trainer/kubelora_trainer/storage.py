@@ -156,6 +156,9 @@ def secret_file_credentials() -> dict[str, str]:
     return out
 
 
+_CLIENT_LOCK = threading.Lock()
+
+
 def make_client(settings: S3Settings):
     import boto3
     from botocore.config import Config
@@ -173,7 +176,8 @@ def make_client(settings: S3Settings):
     if settings.access_key and settings.secret_key:
         kwargs = {"aws_access_key_id": settings.access_key, "aws_secret_access_key": settings.secret_key,
                   **({"aws_session_token": settings.session_token} if settings.session_token else {})}
-    client = boto3.client("s3", endpoint_url=settings.endpoint, region_name=region, config=cfg, **kwargs)
+    with _CLIENT_LOCK:  # boto3's default session is not thread-safe while it makes a client
+        client = boto3.client("s3", endpoint_url=settings.endpoint, region_name=region, config=cfg, **kwargs)
     client.meta.events.register("needs-retry.s3", _retry_logger(settings.max_attempts))
     return client
 

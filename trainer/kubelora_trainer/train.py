@@ -35,7 +35,7 @@ from .report import downsample
 from .families import PATH_FIELDS, RULES
 from .models import get_family
 from .models.base import ModelError
-from .progress import RUN_KEY, Meter, Progress, Publisher, format_eta, line, run_id
+from .progress import RUN_KEY, Meter, Progress, Publisher, flush_all, format_eta, line, run_id
 from .spec import LoRATrainingJobSpec
 
 SINGLE_FILE_FIELDS = ("transformerPath", "checkpointPath", "vaePath")  # staged beside their siblings
@@ -571,6 +571,7 @@ def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
             raise
         return exits.fail(exits.BAD_INPUT, str(room))
     finally:
+        flush_all()  # the newest progress.json, whatever ended the run
         dist.close()
         m.finish(hold=not stopped)  # serves the final state until scraped ($KUBELORA_METRICS_LINGER_SECONDS)
 
