@@ -979,6 +979,9 @@ def test_the_pods_and_service_carry_the_jobs_uid_and_a_cache_size_sizes_the_empt
     assert {v["name"]: v for v in pod["volumes"]}["cache"] == {"name": "cache", "emptyDir": {"sizeLimit": "200Gi"}}
     assert pod["containers"][0]["resources"]["requests"] == {"memory": "64Gi", "ephemeral-storage": "200Gi",
                                                              "nvidia.com/gpu": "1"}
+    # the trainer's stage-in checks its downloads against it (the emptyDir's free space is the node's disk's)
+    assert {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}["KUBELORA_CACHE_LIMIT_BYTES"] == str(200 * 2**30)
+    assert "KUBELORA_CACHE_LIMIT_BYTES" not in {e["name"] for e in build()[2]["spec"]["template"]["spec"]["containers"][0]["env"]}
     import pytest
     from kubelora_trainer.spec import SpecError
     for bad, field in (({"cacheSize": "1Gi", "cacheVolumeClaim": "c"}, "resources.cacheSize"),

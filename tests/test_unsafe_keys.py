@@ -167,3 +167,33 @@ def test_validate_check_storage_says_what_stage_in_will_do(s3, capsys):
     assert f"error: model.diffusersPath: reading s3://unsafe-validate/models/flux: object key 'models/flux/{INDEX_NAME}'" in err
     assert "ok: dataset.uri s3://unsafe-validate/data: 1 object(s) readable" in err
     assert "warning: dataset.uri: 1 object(s) will be skipped (unsafeKey" in err and f"data/{INDEX_NAME}" in err
+
+
+def test_stage_in_refuses_a_download_that_does_not_fit_the_pods_cache_before_fetching_it(s3, tmp_path, monkeypatch):
+    """resources.cacheSize (the emptyDir's sizeLimit, which the volume's free space does not show:
+    past it the kubelet evicts the pod, hours of downloading later, at every retry): the operator
+    passes it as $KUBELORA_CACHE_LIMIT_BYTES and stage-in refuses what does not fit, as bad input
+    naming the field, before fetching anything."""
+    from kubelora_trainer import disk
+    s3.create_bucket(Bucket="roomy-data")
+    for i in range(3):
+        s3.put_object(Bucket="roomy-data", Key=f"d/{i}.png", Body=b"x" * 4000)
+    monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "already.bin").write_bytes(b"y" * 3000)  # what the pod's cache holds counts too
+    (tmp_path / "model").mkdir()
+    spec = LoRATrainingJobSpec.model_validate({"model": {"type": "flux", "diffusersPath": str(tmp_path / "model")},
+                                               "dataset": {"uri": "s3://roomy-data/d"},
+                                               "output": {"uri": str(tmp_path / "out")}})
+    env = dist.DistEnv(0, 1, 0, torch.device("cpu"))
+    monkeypatch.setenv(disk.CACHE_LIMIT_ENV, "14000")  # 12000 to fetch, 11000 left
+    with pytest.raises(disk.NoRoom) as e:
+        train.stage_in(spec, env, S3Settings())
+    assert str(e.value).startswith("dataset.uri: stage-in: no room to fetch into ") and "resources.cacheSize" in str(e.value)
+    assert not e.value.transient and not list((tmp_path / "cache").rglob("*.png"))
+    monkeypatch.setenv(disk.CACHE_LIMIT_ENV, "15000")
+    paths, _, _ = train.stage_in(spec, env, S3Settings())
+    assert len(list(Path(paths["dataset.0"]).glob("*.png"))) == 3
+    # the volume's own free space, without a limit
+    assert disk.room_problem(10, free=5, limit_left=None).startswith("0.0 GiB to fetch, 0.0 GiB free on its volume")
+    assert disk.room_problem(10, free=50, limit_left=None) is None

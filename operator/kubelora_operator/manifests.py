@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import yaml
 
 from kubelora_trainer.command import LAUNCHER, launcher_args
-from kubelora_trainer.spec import GROUP, KIND, VERSION, LoRATrainingJobSpec, dump_spec
+from kubelora_trainer.disk import CACHE_LIMIT_ENV
+from kubelora_trainer.spec import GROUP, KIND, VERSION, LoRATrainingJobSpec, dump_spec, quantity
 
 SPEC_MOUNT = "/etc/kubelora"
 CACHE_MOUNT = "/var/cache/kubelora"
@@ -152,6 +153,8 @@ def _env(job: str, uid: str, spec: LoRATrainingJobSpec, namespace: str, cfg: "Op
     ]
     if r.gpusPerNode == 0:
         env.append({"name": "KUBELORA_FORCE_CPU", "value": "1"})
+    if r.cacheSize and not r.cacheVolumeClaim:  # the emptyDir's sizeLimit, which statvfs in it does not show
+        env.append({"name": CACHE_LIMIT_ENV, "value": str(int(quantity(r.cacheSize)))})
     if spec.storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
     if spec.storage.region:

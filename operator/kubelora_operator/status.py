@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
 
+from kubelora_trainer.spec import quantity  # noqa: F401 - re-exported: the quota and test code read it here
+
 PENDING, INITIALIZING, TRAINING, EXPORTING = "Pending", "Initializing", "Training", "Exporting"
 SUCCEEDED, FAILED, SUSPENDED = "Succeeded", "Failed", "Suspended"
 ACTIVE = (PENDING, INITIALIZING, TRAINING, EXPORTING)
@@ -621,18 +623,6 @@ def lingering(pods: list[dict], now: datetime, slack_seconds: float = 15.0,
 def pod_count(job: dict) -> int:
     s = job.get("status") or {}
     return sum(int(s.get(k) or 0) for k in ("active", "succeeded", "failed"))
-
-
-_SUFFIX = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
-
-
-def quantity(text: str) -> float:
-    """A Kubernetes quantity ('8', '500m', '16Gi') as a number; ValueError when it is none. Pure."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:[eE][-+]?[0-9]+)?)\s*(Ki|Mi|Gi|Ti|Pi|[mkMGTP])?\s*", text)
-    if not m:
-        raise ValueError(text)
-    return float(m.group(1)) * _SUFFIX.get(m.group(2) or "", 1)
 
 
 def quota_shortfall(message: str, nodes: int) -> Optional[list[str]]:

@@ -14,6 +14,9 @@ from typing import Optional
 from .storage import StorageError
 
 CACHE_ENV = "KUBELORA_CACHE_DIR"
+# bytes the pod's cache may hold (resources.cacheSize: its emptyDir's sizeLimit, past which the
+# kubelet evicts the pod; the volume's free space, what statvfs shows, is the node's whole disk)
+CACHE_LIMIT_ENV = "KUBELORA_CACHE_LIMIT_BYTES"
 
 # no space left, a quota reached, a file larger than the process or filesystem allows
 NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -79,6 +82,45 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def cache_limit_left(environ=None) -> Optional[int]:
+    """Of $KUBELORA_CACHE_LIMIT_BYTES (the operator sets it from resources.cacheSize), what the
+    cache folder does not hold yet; None without a limit."""
+    limit = (os.environ if environ is None else environ).get(CACHE_LIMIT_ENV)
+    if not limit:
+        return None
+    used = 0
+    for folder, _, files in os.walk(cache_root(environ)):
+        for name in files:
+            try:
+                used += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return int(limit) - used
+
+
+def room_problem(need: int, free: int, limit_left: Optional[int]) -> Optional[str]:
+    """Why need bytes cannot be written where free bytes are free and, with a cache limit,
+    limit_left bytes of it are left; None when they can. Pure."""
+    if limit_left is not None and need > limit_left:
+        return (f"{need / 2**30:.1f} GiB to fetch, {max(limit_left, 0) / 2**30:.1f} GiB left of the pod's cache "
+                f"(resources.cacheSize; past it the kubelet evicts the pod): a larger resources.cacheSize, or a "
+                f"resources.cacheVolumeClaim")
+    if need > free:
+        return (f"{need / 2**30:.1f} GiB to fetch, {free / 2**30:.1f} GiB free on its volume: give the cache volume "
+                f"more room (a larger resources.cacheSize or resources.cacheVolumeClaim; on a workstation, "
+                f"${CACHE_ENV} on a larger disk)")
+    return None
+
+
+def check_room(need: int, path: Path, limit_left: Optional[int], what: str) -> None:
+    """NoRoom (bad input: a retry fills the same disk) before fetching need bytes into path, when
+    they do not fit (room_problem), instead of hours of downloading and an eviction or a full disk
+    at the end."""
+    problem = room_problem(need, shutil.disk_usage(path).free, limit_left)
+    if problem:
+        raise NoRoom(f"{what}: no room to fetch into {path}: {problem}")
 
 
 def no_room(exc: BaseException, what: str = "", path: Optional[Path] = None) -> Optional[NoRoom]:

@@ -19,6 +19,18 @@ from pydantic.alias_generators import to_camel
 
 from .models import FAMILIES
 
+_SUFFIX = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes quantity ('8', '500m', '16Gi') as a number; ValueError when it is none. Pure."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:[eE][-+]?[0-9]+)?)\s*(Ki|Mi|Gi|Ti|Pi|[mkMGTP])?\s*", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * _SUFFIX.get(m.group(2) or "", 1)
+
+
 GROUP = "kubelora.dev"
 VERSION = "v1alpha1"
 KIND = "LoRATrainingJob"
@@ -574,7 +586,8 @@ class ResourcesSpec(_Model):
                     "and data and the latent cache), e.g. 200Gi: the emptyDir's sizeLimit and an ephemeral-storage "
                     "request of that much, so the scheduler places the pod on a node with that much local disk "
                     "instead of the kubelet evicting it when the disk fills (a cache over the size is evicted too, "
-                    "with a message naming it). Unset: no limit and no request.")
+                    "with a message naming it; stage-in refuses a model or dataset larger than what is left of it "
+                    "before fetching it). Unset: no limit and no request.")
     podAnnotations: dict[str, str] = Field(
         default_factory=dict,
         description="Annotations on the trainer pods, e.g. karpenter.sh/do-not-disrupt: \"true\" (Karpenter's "

@@ -530,7 +530,8 @@ PROGRESS_SECONDS = 30.0  # a long download's progress line and index save, at mo
 
 def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), client=None,
              log: Callable[[str], None] = print, unsafe: Optional[list[str]] = None,
-             below: Optional[list[str]] = None, progress: Optional[Callable[[], None]] = None) -> Path:
+             below: Optional[list[str]] = None, progress: Optional[Callable[[], None]] = None,
+             room: Optional[Callable[[int, Path], None]] = None) -> Path:
     """Fetch an object or a whole prefix into dest (a folder). Returns the local path of the
     object (dest/<name>) or of the folder (dest). Complete files (size + ETag) are not fetched
     again; a local URI is returned as it is. Nothing is written outside dest: a key that cannot be
@@ -540,7 +541,8 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
     subfolders), the objects in subfolders of the prefix are not fetched and their relative names
     are appended there. A long download says how far it is every PROGRESS_SECONDS and saves its
     index as often, so what was fetched is kept when it stops (a failed object stops the others:
-    those not started are not fetched); progress() is called after each object."""
+    those not started are not fetched); progress() is called after each object. room(bytes, dest)
+    is asked before anything is fetched (it raises when they do not fit)."""
     loc = parse_uri(uri)
     if not loc.is_s3:
         p = Path(loc.key)
@@ -572,6 +574,8 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
             continue
         todo.append(obj)
     total = sum(o["Size"] for o in todo)
+    if room is not None and total:
+        room(total, dest)
     log(f"[stage-in] {loc}: {len(objs)} objects, {len(objs) - len(todo)} already cached, "
         f"fetching {len(todo)} ({total / MB:.1f} MiB)")
     t0 = last = time.time()

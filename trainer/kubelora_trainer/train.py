@@ -112,6 +112,11 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
             shallow = {source_key(spec, i) for i, src in enumerate(all_source_specs(spec))
                        if not recursive_of(spec.dataset, src)}
             exts = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if RULES[spec.model.type].video else ())
+            left = [disk.cache_limit_left()]
+
+            def room(need: int, dest: Path) -> None:  # each download's bytes, before it fetches them
+                disk.check_room(need, dest, left[0], "stage-in")
+                left[0] = None if left[0] is None else left[0] - need
             for key, uri in uris.items():
                 field = spec_field(spec, key)
                 loc = storage.parse_uri(uri)
@@ -121,7 +126,7 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
                 skipped = [] if key.startswith(("dataset.", "evaluation.")) else None
                 deeper = [] if key in shallow and loc.is_s3 else None
                 paths[key] = str(storage.download(uri, dest, settings, client=client, log=print, unsafe=skipped,
-                                                  below=deeper, progress=dist.heartbeat))
+                                                  below=deeper, progress=dist.heartbeat, room=room))
                 if deeper is not None:  # counted as the scan counts a local source's subfolders
                     below[key] = sum(1 for rel in deeper if Path(rel).suffix.lower() in exts)
                 if skipped:
