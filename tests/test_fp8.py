@@ -241,3 +241,27 @@ def test_blocks_with_fp8_gemms_are_compiled_inside_their_checkpoint():
         grads.append(xi.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=0.02, atol=0.02)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("model,offload,on_device", [({}, False, True), ({"transformerDtype": "float8"}, False, False),
+                                                     ({}, True, False)], ids=["bf16", "float8", "offload"])
+def test_a_float8_transformer_is_loaded_into_cpu_memory_and_quantized_onto_the_device(model, offload, on_device):
+    """A float8 transformer is loaded in CPU memory and quantized onto the device one layer at a
+    time (adapters.prepare): loaded on the GPU first, a 12B Flux needed its 24 GB of bf16 weights
+    there beside the text encoders, so float8 did not let it fit a 24 GB card. The encoders go to
+    the device either way. (No GPU here: the meta device stands in for it.)"""
+    from kubelora_trainer import cache_phase
+    asked = []
+
+    class Family:
+        def load(self, model_spec, paths, device, encoders=True):
+            asked.append(device)
+            return Components(trainable={"transformer": nn.Linear(4, 4).to(device)},
+                              encoders={"vae": nn.Linear(4, 4).to(device)})
+    spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/m", "dtype": "bfloat16", **model},
+                       "dataset": {"uri": "/d"}, "output": {"uri": "/o"},
+                       "training": {"cpuOffload": offload, **({"sharding": "shard"} if offload else {})}})
+    comps = cache_phase.load_family(Family(), spec, {}, torch.device("meta"), encoders=True)
+    assert asked == [torch.device("meta") if on_device else torch.device("cpu")]
+    assert comps.encoders["vae"].weight.device.type == "meta"
+    assert comps.trainable["transformer"].weight.device.type == ("meta" if on_device else "cpu")

@@ -67,10 +67,12 @@ class Ready:
 
 
 def load_family(family, spec, paths: dict, device: torch.device, encoders: bool):
-    """family.load on the device; with training.cpuOffload into CPU memory, then the encoders (VAE,
-    text encoders) moved to the device: the trained model is never whole on the device (FSDP2 moves
-    it there one block at a time, dist.parallelize)."""
-    if not spec.training.cpuOffload:
+    """family.load on the device; with training.cpuOffload or a float8 transformer into CPU memory,
+    then the encoders (VAE, text encoders) moved to the device: the trained model is never whole on
+    the device in full precision (offloaded, FSDP2 moves it there one block at a time,
+    dist.parallelize; float8, adapters.prepare quantizes it there one layer at a time — a 12B Flux
+    loaded on the GPU first needed its 24 GB of bf16 weights there, beside the text encoders)."""
+    if not spec.training.cpuOffload and spec.model.transformerDtype != "float8":
         return family.load(spec.model, paths, device, encoders=encoders)
     comps = family.load(spec.model, paths, torch.device("cpu"), encoders=encoders)
     for part in comps.encoders.values():

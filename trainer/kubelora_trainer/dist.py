@@ -31,13 +31,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class TooFewDevices(RuntimeError):
+    """More processes on this node than GPUs its processes can see."""
+
+    def __init__(self, local_rank: int, count: int):
+        super().__init__(f"process {local_rank} of this node has no GPU of its own: CUDA shows {count} device(s) "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) and "
+                         f"{os.environ.get('LOCAL_WORLD_SIZE', '?')} processes were started")
+        self.local_rank, self.count = local_rank, count
+
+
 def init() -> DistEnv:
-    """Join the torchrun group (or make a group of one when started without torchrun)."""
+    """Join the torchrun group (or make a group of one when started without torchrun). Raises
+    TooFewDevices when this process's local rank has no GPU (CUDA's 'invalid device ordinal')."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available() and os.environ.get("KUBELORA_FORCE_CPU") != "1":
+        if local_rank >= torch.cuda.device_count():
+            raise TooFewDevices(local_rank, torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "cuda:nccl,cpu:gloo"
         # cuDNN's attention off until training.attentionBackend decides (attention.py): the eager
@@ -105,8 +118,11 @@ class GradSync:
         # keeps grad None, as with one process or FSDP2, so AdamW leaves it alone (a zero gradient
         # would still decay it). Only a rank that lacks one reads the counts back (a host sync):
         # where every gradient is here, every parameter was reached.
-        reached = torch.tensor([0.0 if gone else 1.0 for gone in missing], dtype=grads[0].dtype,
-                               device=grads[0].device)
+        if any(missing):
+            reached = torch.tensor([0.0 if gone else 1.0 for gone in missing], dtype=grads[0].dtype,
+                                   device=grads[0].device)
+        else:  # made on the device, not copied from the host (a copy from pageable memory waits for the GPU)
+            reached = torch.ones(len(grads), dtype=grads[0].dtype, device=grads[0].device)
         flat = _flatten_dense_tensors([*grads, reached])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()

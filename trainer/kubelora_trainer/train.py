@@ -172,12 +172,13 @@ def agree_on_step(step_loss: torch.Tensor, step: int, env: dist.DistEnv, save: b
     flags = torch.tensor([local if finite else 0.0, 0.0 if finite else 1.0, float(save), float(stop)],
                          dtype=torch.float64, device=env.device)
     torch.distributed.all_reduce(flags)  # SUM: gloo has no AVG
-    if flags[1] > 0:
+    total, bad_ranks, saves, stops = flags.tolist()  # one read back from the device, not four
+    if bad_ranks > 0:
         bad = [(r, v) for r, v in enumerate(dist.all_gather(local)) if not math.isfinite(v)]
         where = ", ".join(f"rank {r}: {v}" for r, v in bad)
         raise RunError(f"loss is not finite at step {step} ({where}); lower training.learningRate "
                        f"(or set training.maxGradNorm) and check the data{attention.nan_hint(env.device.type)}")
-    return float(flags[0]) / env.world, bool(flags[2] > 0), bool(flags[3] > 0)
+    return total / env.world, saves > 0, stops > 0
 
 
 def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int], bool, Optional[str]]:
@@ -551,7 +552,10 @@ def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
     """Train; the exit code. A failure is reported (printed, and recorded for the launcher) before
     anything slow happens on the way out (closing the process group, the metrics' last scrape),
     since torchrun stops the other ranks as soon as one exits."""
-    env = dist.init()
+    try:
+        env = dist.init()
+    except dist.TooFewDevices as e:
+        return exits.fail(*too_few_devices(e, spec))
     m = metrics.start(env.rank, env.local_rank, job_name, log=lambda msg: print(msg, flush=True))
     stopped = False
     try:
@@ -579,6 +583,25 @@ def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
         flush_all()  # the newest progress.json, whatever ended the run
         dist.close()
         m.finish(hold=not stopped)  # serves the final state until scraped ($KUBELORA_METRICS_LINGER_SECONDS)
+
+
+def too_few_devices(error: dist.TooFewDevices, spec: LoRATrainingJobSpec, in_cluster: Optional[bool] = None
+                    ) -> tuple[int, str]:
+    """(exit code, message) for a process without a GPU of its own. A MIG slice per process (CUDA
+    shows one MIG device to a process, whatever the pod was given) or `kubelora run --nproc` above
+    the machine's GPUs: bad input, a retry sees the same; in a pod given resources.gpusPerNode
+    whole GPUs, fewer visible is the node's fault (a GPU fallen off the bus): retried. Pure but for
+    the environment."""
+    in_cluster = bool(run_id()) if in_cluster is None else in_cluster
+    r = spec.resources
+    if r.gpuResource.startswith("nvidia.com/mig-"):
+        return exits.BAD_INPUT, (f"{error}: a process sees a single MIG device, so with resources.gpuResource "
+                                 f"{r.gpuResource} set resources.gpusPerNode: 1 (and more resources.nodes) instead "
+                                 f"of {r.gpusPerNode}")
+    if not in_cluster:
+        return exits.BAD_INPUT, f"{error}: run with --nproc {error.count} or fewer"
+    return exits.FAILED, (f"{error}, not the {r.gpusPerNode} of resources.gpusPerNode: the node lost a GPU or its "
+                          f"device plugin gave fewer; the run is retried (on another node if this one is cordoned)")
 
 
 def out_of_memory(error: BaseException, spec: LoRATrainingJobSpec) -> str:
@@ -684,6 +707,8 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     prog = first_progress(t.steps, start, samples_per_step, tr.epoch_size, tr.state.losses)
     if tr.state.evals:  # a resumed run shows the last evaluation until its next one
         prog.evalLoss, prog.evalStep = evaluation.published(tr.state.evals[-1])[0], tr.state.evals[-1]["step"]
+    if env.device.type == "cuda":  # gpuPeakGiB and the peak gauge: training's, not loading's or caching's
+        torch.cuda.reset_peak_memory_stats(env.device)
     try:
         _train_steps(tr, start, meter, prog)
     finally:

@@ -273,6 +273,14 @@ def objective(model_spec, sched_cfg, file_marks: dict) -> tuple[bool, bool]:
     return v_pred, ztsnr
 
 
+def _on_device(info: dict, key: str, device: torch.device) -> torch.Tensor:
+    """info[key] moved to device once and kept there: a copy from host memory at every micro-batch
+    waits for the GPU to finish what was queued (twice a step: before and after the UNet's forward)."""
+    if info[key].device != device:
+        info[key] = info[key].to(device)
+    return info[key]
+
+
 class SDXL:
     name = "sdxl"
 
@@ -348,13 +356,13 @@ class SDXL:
         dtype = getattr(torch, model_spec.dtype)
         x0 = batch["latents"].float()
         b = x0.shape[0]
-        alphas = comps.info["alphas_cumprod"]
+        alphas = _on_device(comps.info, "alphas_cumprod", x0.device)
         if quantile is None:
             t = torch.randint(0, len(alphas), (b,), generator=generator, device=generator.device).to(x0.device)
         else:  # the held-out evaluation: every sample at int(q * num_train_timesteps), as diffusion-pipe
             t = torch.full((b,), quantile_timestep(quantile, len(alphas)), dtype=torch.long, device=x0.device)
         noise = noise_for(x0, generator, noise)
-        alpha_bar = alphas.to(x0.device)[t]
+        alpha_bar = alphas[t]
         v_pred = comps.info["v_pred"]
         xt, target = ddpm_pair(x0, noise, alpha_bar, v_pred)
         prompt_embeds, pooled = text_conditioning(te, te2, batch["input_ids"], batch["input_ids_2"])
@@ -366,7 +374,8 @@ class SDXL:
                     return_dict=False)[0]
         mask = batch.get("mask")  # [B, h, w] on the latent grid
         per_sample = weighted_mse(pred, target, None if mask is None else mask_weights(mask, x0.shape), per_sample=True)
-        snr_alpha_bar = comps.info.get("snr_alphas_cumprod", alphas).to(x0.device)[t]
+        snr_alpha_bar = (_on_device(comps.info, "snr_alphas_cumprod", x0.device) if "snr_alphas_cumprod" in comps.info
+                         else alphas)[t]
         return (per_sample * min_snr_weights(snr_alpha_bar, model_spec.minSnrGamma, v_pred)).mean()
 
     def _ids(self, comps, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
