@@ -441,6 +441,23 @@ def test_a_position_taken_in_other_data_goes_on_from_the_next_epoch():
     assert LoopState(torch.Generator(), bk.BucketSampler(big, 1, 2, 1, 0)).load(older) is True
 
 
+def test_a_generator_state_saved_on_another_kind_of_device_is_reseeded_not_crashed_on():
+    """A GPU run's checkpoint resumed on a CPU (or back): the noise generator's state is another
+    device's (16 bytes for CUDA's, 5056 for the CPU's; set_state raised at every retry), so it is
+    seeded afresh from its seed and the step; the data order resumes exactly."""
+    from kubelora_trainer import buckets as bk
+    from kubelora_trainer.train import LoopState, reseeded
+    space = bk.SampleSpace(((32, 32, 1),) * 4, (1,) * 4, (1,) * 4, (0.0,) * 4)
+    ran = bk.BucketSampler(space, 1, 2, 1, 0)
+    ran.next_batch()
+    cuda_state = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's get_state() gives
+    saved = {"step": 7, "gen": cuda_state, "torch_rng": torch.get_rng_state(), "losses": [1.0],
+             "sampler": ran.state_dict()}
+    state = LoopState(torch.Generator().manual_seed(5), bk.BucketSampler(space, 1, 2, 1, 0))
+    assert state.load(saved) is True and state.sampler.next_batch() == ran.next_batch()
+    assert torch.equal(state.gen.get_state(), torch.Generator().manual_seed(reseeded(5, 7)).get_state())
+
+
 def test_prune_deletes_saves_that_never_completed_below_the_newest_complete_one():
     from kubelora_trainer.checkpoint import to_prune
     names = ["step-2/state/COMPLETE", "step-2/state/rank-0.pt", "step-3/state/rank-0.pt",

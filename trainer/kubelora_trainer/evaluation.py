@@ -61,9 +61,12 @@ def noise_seed(seed: int, key: str, quantile: float) -> int:
 
 def sample_noise(shape: tuple, keys: list[str], seed: int, quantile: float, device) -> torch.Tensor:
     """The noise of a batch of len(keys) samples of one shape ([B, ...]): each sample's from its own
-    generator (noise_seed), so a sample's loss does not depend on the batch it is in."""
-    return torch.stack([torch.randn(shape[1:], generator=torch.Generator(device=device).manual_seed(
-        noise_seed(seed, k, quantile)), device=device) for k in keys])
+    generator (noise_seed), so a sample's loss does not depend on the batch it is in. Drawn on the
+    CPU and moved to device: the same on any device (a CUDA generator's draws depend on the GPU's
+    SM count above a few hundred thousand elements: a 1024² Flux latent, so evaluations after a
+    resume on another GPU model were made with other noise)."""
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(
+        noise_seed(seed, k, quantile))) for k in keys]).to(device)
 
 
 def fingerprint(spec, keys: Optional[list[str]] = None) -> str:
@@ -73,7 +76,7 @@ def fingerprint(spec, keys: Optional[list[str]] = None) -> str:
     of another fingerprint (changed across a resume) are not compared for the best evaluation. Pure."""
     ev = spec.evaluation
     what = {"sources": [s.model_dump(mode="json") for s in ev.sources], "quantiles": sorted(ev.quantiles),
-            "seed": spec.training.seed, "noise": "per-sample"}
+            "seed": spec.training.seed, "noise": "per-sample, drawn on the CPU"}
     if keys is not None:
         what["items"] = hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]

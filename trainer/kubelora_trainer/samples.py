@@ -124,7 +124,7 @@ class Sampler:
         sharded = tr.adapters.sync.sharding == "shard"
         mine = assign(self.prompts, env.world, env.rank, sharded)
         rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        cuda_rng = torch.cuda.get_rng_state() if env.device.type == "cuda" else None
         modules = list(tr.comps.trainable.values())
         for m in modules:
             m.eval()  # no LoRA dropout

@@ -315,7 +315,7 @@ class LoopState:
     def to_dict(self, step: int, world: int, samples: Optional[list[dict]] = None) -> dict:
         return {"step": step, "world": world, "micro": self.sampler.micro, "gen": self.gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                "cuda_rng": torch.cuda.get_rng_state() if self.gen.device.type == "cuda" else None,
                 "sampler": self.sampler.state_dict(), "losses": list(self.losses), "evals": list(self.evals),
                 "sample_pending": self.sample_pending,
                 "samples": list(samples if samples is not None else self.samples or [])}
@@ -336,9 +336,12 @@ class LoopState:
                 self.gen.manual_seed(reseeded(self.gen.initial_seed(), d["step"]))
                 torch.manual_seed(reseeded(torch.initial_seed(), d["step"]))
             return False
-        self.gen.set_state(d["gen"])
+        if d["gen"].numel() == self.gen.get_state().numel():
+            self.gen.set_state(d["gen"])
+        else:  # saved on another kind of device (a GPU run resumed on a CPU, or back): another stream
+            self.gen.manual_seed(reseeded(self.gen.initial_seed(), d.get("step") or 0))
         torch.set_rng_state(d["torch_rng"])
-        if d.get("cuda_rng") is not None and torch.cuda.is_available():
+        if d.get("cuda_rng") is not None and self.gen.device.type == "cuda":
             torch.cuda.set_rng_state(d["cuda_rng"])  # dropout on a GPU draws from the device's RNG
         self.losses = list(d["losses"])
         if "sampler" not in d:
