@@ -101,3 +101,24 @@ def test_epochs_count_samples_over_all_ranks():
 def test_linear_schedule_reaches_zero_at_the_last_step():
     lin = [lr_lambda(s, 2, 12, "linear") for s in (0, 1, 2, 7, 12)]
     assert lin == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_a_progress_upload_that_fails_leaves_the_next_one_its_own_thread(tmp_path, monkeypatch, capsys):
+    """/tmp full for a moment (the temporary file cannot be made): said once, and the next progress
+    is still published (the upload thread died with the error and no thread was started again)."""
+    import errno
+    import tempfile
+    real = tempfile.NamedTemporaryFile
+    full = [True]
+
+    def made(*a, **kw):
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **kw)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", made)
+    publish = Publisher(str(tmp_path / "out"))
+    publish(Progress(phase="Training", step=1, totalSteps=9), force=True, wait=True)
+    assert "[progress] could not publish progress to" in capsys.readouterr().out
+    full[0] = False
+    publish(Progress(phase="Succeeded", step=9, totalSteps=9), force=True, wait=True)
+    assert json.loads((tmp_path / "out" / "status" / "progress.json").read_text())["phase"] == "Succeeded"

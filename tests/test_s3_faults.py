@@ -278,7 +278,7 @@ def test_progress_is_published_without_holding_the_step_loop_and_the_last_word_w
     for step in range(2, 6):
         publish(Progress(phase="Training", step=step, totalSteps=9))
     assert time.monotonic() - t0 < 1.5  # four calls, none of them waiting for the store
-    publish(Progress(phase="Succeeded", step=9, totalSteps=9), force=True)
+    publish(Progress(phase="Succeeded", step=9, totalSteps=9), force=True, wait=True)
     stored = json.loads(direct.get_object(Bucket=b, Key="run/status/progress.json")["Body"].read())
     assert (stored["phase"], stored["step"]) == ("Succeeded", 9)
     assert slow.injected == 2, proxy.requests  # step 1, then the newest: steps 2-5 replaced by the last word

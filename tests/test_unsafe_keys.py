@@ -194,6 +194,14 @@ def test_stage_in_refuses_a_download_that_does_not_fit_the_pods_cache_before_fet
     monkeypatch.setenv(disk.CACHE_LIMIT_ENV, "15000")
     paths, _, _ = train.stage_in(spec, env, S3Settings())
     assert len(list(Path(paths["dataset.0"]).glob("*.png"))) == 3
+    # changed in the bucket (other ETags), fetched again: each file replaces its old copy, so only
+    # what it adds counts, not its whole size (the cache already holds the old copies)
+    for i in range(3):
+        s3.put_object(Bucket="roomy-data", Key=f"d/{i}.png", Body=b"z" * 4000)
+    for marker in (tmp_path / "cache").rglob("staged-*.json"):
+        marker.unlink()
+    paths, _, _ = train.stage_in(spec, env, S3Settings())  # 0 left of 15000, 0 to add
+    assert all(p.read_bytes() == b"z" * 4000 for p in Path(paths["dataset.0"]).glob("*.png"))
     # the volume's own free space, without a limit
     assert disk.room_problem(10, free=5, limit_left=None).startswith("0.0 GiB to fetch, 0.0 GiB free on its volume")
     assert disk.room_problem(10, free=50, limit_left=None) is None

@@ -809,9 +809,10 @@ def _ttl_cleanup(body, job_spec, name, namespace, previous, changes: Changes) ->
         return
     # only what this job owns: a job failed with NameConflict must not take the other object with it
     names = _children(name)
-    kube.delete_children(namespace, names, owner_uid=body["metadata"]["uid"])
+    left = kube.delete_children(namespace, names, owner_uid=body["metadata"]["uid"])
     changes.status["childrenDeleted"] = True
-    what = "Job, Service, ConfigMap and NetworkPolicy" if "networkpolicy" in names else "Job, Service and ConfigMap"
+    what = ("Job, Service, ConfigMap and NetworkPolicy" if "networkpolicy" in names and not left else
+            "Job, Service and ConfigMap")
     changes.info("CleanedUp", f"deleted the {what} {ttl}s after finishing; the resource and its status stay")
 
 

@@ -321,11 +321,12 @@ def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
         raise
 
 
-def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None = None) -> None:
+def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None = None) -> list[str]:
     """Delete the Job (and its pods), the Service, the ConfigMap and (names["networkpolicy"]) the
     job's NetworkPolicy; missing ones are fine. With owner_uid, only objects that job owns (never
     someone else's object of the same name). A NetworkPolicy the operator may not delete (a role
-    made before networkPolicy.perJob could delete) is left to the garbage collector, said in the log."""
+    made before networkPolicy.perJob could delete) is left to the garbage collector, said in the log;
+    returns the names so left."""
     from kubernetes import client
     from kubernetes.client import V1DeleteOptions, V1Preconditions
     from kubernetes.client.exceptions import ApiException
@@ -337,6 +338,7 @@ def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None
     if names.get("networkpolicy"):
         net = client.NetworkingV1Api(api())
         calls.append((net.delete_namespaced_network_policy, net.read_namespaced_network_policy, names["networkpolicy"]))
+    left = []
     for delete, read, name in calls:
         if not name:
             continue
@@ -353,8 +355,10 @@ def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None
             if e.status == 403 and name == names.get("networkpolicy"):
                 log.warning("NetworkPolicy %s/%s left to the garbage collector (deleted with its job): the operator "
                             "may not delete NetworkPolicies (%s)", namespace, name, _api_message(e))
+                left.append(name)
             elif e.status != 404:
                 raise
+    return left
 
 
 def delete_job(namespace: str, name: str, owner_uid: str) -> None:

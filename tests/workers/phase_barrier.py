@@ -3,7 +3,7 @@ rank 0 fetches the data in stage-in) for longer than $KUBELORA_PHASE_TIMEOUT_MIN
 getting on (argv[1] "beats") or not ("silent"); every rank then meets at the phase's barrier. A
 rank whose wait ended prints "[timeout] <why>" and exits 3.
 
-    KUBELORA_PHASE_TIMEOUT_MINUTES=0.05 torchrun --nproc-per-node 2 tests/workers/phase_barrier.py beats
+    KUBELORA_PHASE_TIMEOUT_MINUTES=0.1 torchrun --nproc-per-node 2 tests/workers/phase_barrier.py beats
 """
 import os
 import sys
@@ -16,7 +16,7 @@ def main(mode: str) -> None:
     env = dist.init()
     dist.HEARTBEAT_SECONDS = 0.5
     if env.rank == 0:
-        for _ in range(14):  # 7 s, more than twice the 3 s timeout
+        for _ in range(24):  # 12 s, twice the 6 s timeout
             time.sleep(0.5)
             if mode == "beats":
                 dist.heartbeat()

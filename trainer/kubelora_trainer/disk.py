@@ -103,6 +103,8 @@ def cache_limit_left(environ=None) -> Optional[int]:
 def room_problem(need: int, free: int, limit_left: Optional[int]) -> Optional[str]:
     """Why need bytes cannot be written where free bytes are free and, with a cache limit,
     limit_left bytes of it are left; None when they can. Pure."""
+    if need <= 0:
+        return None
     if limit_left is not None and need > limit_left:
         return (f"{need / 2**30:.1f} GiB to fetch, {max(limit_left, 0) / 2**30:.1f} GiB left of the pod's cache "
                 f"(resources.cacheSize; past it the kubelet evicts the pod): a larger resources.cacheSize, or a "

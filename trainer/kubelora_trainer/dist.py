@@ -267,8 +267,8 @@ def phase_barrier(what: str) -> None:
             if (latest := store.add(f"{key}/alive", 0)) != beats:
                 beats, deadline = latest, now + 60 * minutes
         if now > deadline:
-            raise RuntimeError(f"not every rank finished {what}: the ranks still in it said nothing of their "
-                               f"progress for {minutes:g} minutes (${PHASE_TIMEOUT_ENV})")
+            raise RuntimeError(f"not every rank finished {what}: for {minutes:g} minutes (${PHASE_TIMEOUT_ENV}) none "
+                               f"of those still in it finished or said it was getting on")
         time.sleep(0.1)
 
 

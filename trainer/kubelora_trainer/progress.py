@@ -103,7 +103,7 @@ class Publisher:
     and to <output>/status/progress.json (where the operator reads it) when the phase changes or
     every $KUBELORA_PROGRESS_INTERVAL seconds (default 30). The upload runs in a thread of its own,
     the newest progress only, so a slow or hanging store never holds the step loop (and with it
-    every other rank in its next collective); force=True (the run's last word) waits for it. A
+    every other rank in its next collective); wait=True (the run's last word) waits for it. A
     failed upload is logged, never fatal."""
 
     def __init__(self, output_uri: Optional[str] = None, settings=None):
@@ -115,7 +115,9 @@ class Publisher:
         self._thread: Optional[threading.Thread] = None
         _PUBLISHERS.add(self)
 
-    def __call__(self, p: Progress, force: bool = False) -> None:
+    def __call__(self, p: Progress, force: bool = False, wait: bool = False) -> None:
+        """force: sent now, whatever the interval; wait: and this call returns once it is stored
+        (the run's last word: the process may end right after)."""
         data = json.dumps({**asdict(p), **({RUN_KEY: run} if (run := run_id()) else {})})
         path = os.environ.get(PROGRESS_FILE_ENV)
         if path:
@@ -125,7 +127,7 @@ class Publisher:
         due = force or p.phase != self.last_phase or time.monotonic() - self.last_upload >= self.interval
         if self.output_uri and due:
             self.last_phase, self.last_upload = p.phase, time.monotonic()
-            self._submit(data, wait=force)
+            self._submit(data, wait=wait)
 
     def _submit(self, data: str, wait: bool) -> None:
         with self._lock:
@@ -149,13 +151,19 @@ class Publisher:
             with self._lock:
                 data, self._pending = self._pending, None
                 if data is None:
-                    self._thread = None
+                    self._thread = None  # in the same hold as the look: a newer one starts its own thread
                     return
-            self._upload(data)
+            try:
+                self._upload(data)
+            except BaseException:  # what _upload does not catch: the next call starts a thread
+                with self._lock:
+                    self._thread = None
+                raise
 
     def _upload(self, data: str) -> None:
         import tempfile
         from . import storage
+        f = None
         try:
             with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
                 f.write(data)
@@ -166,4 +174,5 @@ class Publisher:
                 print(f"[progress] could not publish progress to {self.output_uri}: {e}", flush=True)
                 self.warned = True
         finally:
-            os.unlink(f.name)
+            if f is not None:
+                os.unlink(f.name)

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -349,7 +349,10 @@ def _worth_another_transfer(exc: BaseException) -> bool:
     the attempts would multiply."""
     from boto3.exceptions import RetriesExceededError
     from botocore.exceptions import BotoCoreError, ClientError
+    from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
     from . import disk
+    if isinstance(exc, (RetriesExceededError, TransferRetriesExceededError)):  # re-read to its limit already
+        return False
     exc = _unwrap(exc)
     if disk.find(exc):  # a full local disk stays full
         return False
@@ -463,13 +466,18 @@ def _load_index(dest: Path) -> dict:
         return {}
 
 
-def _save_index(dest: Path, index: dict) -> None:
+def _save_index(dest: Path, index: dict) -> float:
+    """Write the index (json's C encoder: no indent, 1M entries in about 2 s); the seconds it took."""
+    t0 = time.monotonic()
     tmp = dest / f"{INDEX_NAME}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(index, sort_keys=True))
     os.replace(tmp, dest / INDEX_NAME)
+    return time.monotonic() - t0
 
 
-def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: Path) -> None:
+def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: Path,
+                  moved: Optional[Callable[[int], None]] = None) -> None:
+    """moved(n): n more bytes arrived (from the transfer's threads)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     loc = Location(bucket, obj["Key"])
 
@@ -478,9 +486,9 @@ def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: 
         os.close(fd)
         try:
             if obj["Size"] < settings.multipart_threshold:
-                _get_small(client, bucket, obj["Key"], tmp, settings.max_attempts)
+                _get_small(client, bucket, obj["Key"], tmp, settings.max_attempts, moved)
             else:  # ranged GETs in parallel (one HEAD first: nothing next to a multi-GB file)
-                client.download_file(bucket, obj["Key"], tmp, Config=_transfer_config(settings))
+                client.download_file(bucket, obj["Key"], tmp, Config=_transfer_config(settings), Callback=moved)
             if os.path.getsize(tmp) != obj["Size"]:
                 raise Mismatch(f"size mismatch: got {os.path.getsize(tmp)} bytes, expected {obj['Size']}")
             os.replace(tmp, target)
@@ -497,11 +505,14 @@ def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: 
         raise _local_full(exc, loc, target) or describe_error(exc, loc, "downloading") from None
 
 
-def _get_small(client, bucket: str, key: str, path: str, attempts: int) -> None:
+def _get_small(client, bucket: str, key: str, path: str, attempts: int,
+               moved: Optional[Callable[[int], None]] = None) -> None:
     """One GET into path: the listing gave the size, so no HEAD first (boto3's download_file makes
     one for every object: twice the requests for a dataset of small images). As s3transfer does,
     a GET whose answer timed out or whose body was cut short is made again, attempts in all
-    (botocore retries a request, not the reading of its body); the last such error is raised."""
+    (botocore retries a request, not the reading of its body); then the last such error is raised
+    inside a RetriesExceededError, as s3transfer's, so no layer above retries it again."""
+    from boto3.exceptions import RetriesExceededError
     from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
     for attempt in range(attempts):
         try:
@@ -510,12 +521,14 @@ def _get_small(client, bucket: str, key: str, path: str, attempts: int) -> None:
                 with open(path, "wb") as f:
                     for chunk in body.iter_chunks(1 << 20):
                         f.write(chunk)
+                        if moved is not None:
+                            moved(len(chunk))
             finally:
                 body.close()
             return
-        except S3_RETRYABLE_DOWNLOAD_ERRORS:
+        except S3_RETRYABLE_DOWNLOAD_ERRORS as e:
             if attempt == attempts - 1:
-                raise
+                raise RetriesExceededError(e) from e
 
 
 def _local_full(exc: BaseException, loc: Location, target: Path) -> Optional[StorageError]:
@@ -526,6 +539,14 @@ def _local_full(exc: BaseException, loc: Location, target: Path) -> Optional[Sto
 
 
 PROGRESS_SECONDS = 30.0  # a long download's progress line and index save, at most this often
+HEARTBEAT_POLL_SECONDS = 5.0  # how often a download with nothing finished looks whether bytes came in
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), client=None,
@@ -574,31 +595,54 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
             continue
         todo.append(obj)
     total = sum(o["Size"] for o in todo)
-    if room is not None and total:
-        room(total, dest)
+    if room is not None and total:  # a file fetched again replaces its old copy: only what it adds
+        room(sum(max(0, o["Size"] - _size_of(dest / o["rel"])) for o in todo), dest)
     log(f"[stage-in] {loc}: {len(objs)} objects, {len(objs) - len(todo)} already cached, "
         f"fetching {len(todo)} ({total / MB:.1f} MiB)")
     t0 = last = time.time()
     done = fetched = 0
-    finished = False
-    pool = ThreadPoolExecutor(max_workers=min(settings.concurrency, max(1, len(todo))))
+    arrived, arrived_lock, beat_at = [0], threading.Lock(), [0]
+
+    def moved(n: int) -> None:  # from the transfers' threads
+        with arrived_lock:
+            arrived[0] += n
+
+    def record(o: dict) -> None:
+        nonlocal done, fetched
+        index[o["rel"]] = {"etag": o["ETag"], "size": o["Size"]}
+        done, fetched = done + 1, fetched + o["Size"]
+
+    finished, save_every = False, PROGRESS_SECONDS
+    workers = min(settings.concurrency, max(1, len(todo)))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    queue, running = iter(todo), {}  # a few objects per thread at a time, not a future per object of millions
+
+    def top_up() -> None:
+        while len(running) < 4 * workers and (o := next(queue, None)) is not None:
+            running[pool.submit(_download_one, client, settings, loc.bucket, o, dest / o["rel"], moved)] = o
     try:
-        futures = {pool.submit(_download_one, client, settings, loc.bucket, o, dest / o["rel"]): o for o in todo}
-        for fut in as_completed(futures):
-            fut.result()  # re-raises the first StorageError
-            o = futures[fut]
-            index[o["rel"]] = {"etag": o["ETag"], "size": o["Size"]}
-            done, fetched = done + 1, fetched + o["Size"]
-            if progress is not None:
+        top_up()
+        while running:
+            ready, _ = wait(running, timeout=HEARTBEAT_POLL_SECONDS, return_when=FIRST_COMPLETED)
+            for fut in ready:
+                o = running.pop(fut)
+                fut.result()  # re-raises the first StorageError: nothing more is started
+                record(o)
+            top_up()
+            if progress is not None and arrived[0] != beat_at[0]:  # bytes came in: one large object is
+                beat_at[0] = arrived[0]                           # progress too
                 progress()
-            if time.time() - last >= PROGRESS_SECONDS:
+            if time.time() - last >= save_every:
+                save_every = max(PROGRESS_SECONDS, 20 * _save_index(dest, index))  # a large index: less often
                 last = time.time()
-                _save_index(dest, index)
                 log(f"[stage-in] {loc}: {done}/{len(todo)} fetched ({fetched / MB:.1f} of {total / MB:.1f} MiB, "
                     f"{fetched / MB / max(last - t0, 1e-6):.1f} MiB/s)")
         finished = True
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # after a failure: the objects not started are not
+        for fut, o in running.items():  # fetched before the failure was seen, or while it was: kept too
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                record(o)
         try:
             if finished or done:  # what was fetched before a failure is kept
                 _save_index(dest, index)

@@ -272,7 +272,7 @@ def finish_cache_only(spec, job_name: str, env, m, publish, settings, stats: dic
     dist.fail_together(err, "writing manifest.json")
     m.phase("Succeeded")
     if env.is_main:
-        publish(Progress(phase="Succeeded", totalSteps=spec.training.steps), force=True)
+        publish(Progress(phase="Succeeded", totalSteps=spec.training.steps), force=True, wait=True)
         log(env, f"[done] dataset.cacheOnly: the cache of {cache_stats['entries']} entries is complete "
                  f"({cache_stats['encoded']} encoded); no training (manifest.json says cacheOnly: true)"
                  + ("; evaluation.sources are cached too, and no evaluation runs" if spec.evaluation else ""))
@@ -658,7 +658,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     family = get_family(spec.model.type)
     log(env, f"[kubelora {__version__}] job {job_name}: {spec.model.type} LoRA r={spec.adapter.rank} "
              f"on {env.world} process(es), device {env.device.type}")
-    publish = Publisher(spec.output.uri, settings) if env.is_main else (lambda p, force=False: None)
+    publish = Publisher(spec.output.uri, settings) if env.is_main else (lambda p, force=False, wait=False: None)
     t = spec.training
     publish(Progress(phase="Initializing", totalSteps=t.steps))
     m.start(spec.model.type, env.world, t.steps)
@@ -728,7 +728,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     if env.is_main:
         prog.phase = "Succeeded"
         m.phase("Succeeded")
-        publish(prog, force=True)
+        publish(prog, force=True, wait=True)
         losses = tr.state.losses
         final = f"  final loss {losses[-1]:.4f}" if losses else ""
         log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…{final}; {samples.report_said(spec.output.uri)}")
