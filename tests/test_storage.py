@@ -390,16 +390,22 @@ def test_validate_check_storage_reads_inputs_and_writes_the_output(s3, tmp_path)
     s3.put_object(Bucket="cs-in", Key="models/flux/model_index.json", Body=b"{}")
     job = tmp_path / "job.yaml"
 
-    def check(output):
+    def check(output, **resources):
         job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": "s3://cs-in/models/flux"},
-                                       "dataset": {"uri": "s3://cs-in/data"}, "output": {"uri": output}}))
+                                       "dataset": {"uri": "s3://cs-in/data"}, "output": {"uri": output},
+                                       **({"resources": resources} if resources else {})}))
         return subprocess.run([sys.executable, "-m", "kubelora_trainer.cli", "validate", str(job), "--check-storage"],
                               capture_output=True, text=True, env={**__import__("os").environ, **s3.env})
 
     ok = check("s3://cs-in/out")
     assert ok.returncode == 0, ok.stderr
-    assert "ok: model.diffusersPath s3://cs-in/models/flux: 1 object(s) readable" in ok.stderr
+    assert "ok: model.diffusersPath s3://cs-in/models/flux: 1 object(s) readable (0.00 GiB)" in ok.stderr
     assert "ok: output.uri s3://cs-in/out: writable" in ok.stderr
+    # the inputs against the pod's cache they are fetched into (stage-in would refuse them)
+    small = check("s3://cs-in/out", cacheSize="2")
+    assert small.returncode == 2 and ("error: resources.cacheSize (2) is smaller than the inputs stage-in fetches "
+                                      "into it (0.00 GiB, before any latent is cached)") in small.stderr, small.stderr
+    assert check("s3://cs-in/out", cacheSize="1Ki").returncode == 0
     assert not s3.list_objects_v2(Bucket="cs-in", Prefix="out/").get("Contents")  # the marker is gone
     bad = check("s3://cs-missing/out")
     assert bad.returncode == 2 and "error: output.uri: writing to s3://cs-missing/out: bucket 'cs-missing' does not exist" in bad.stderr
@@ -462,7 +468,7 @@ def test_an_empty_local_folder_is_not_readable_input(tmp_path):
     with pytest.raises(StorageError, match="the folder holds no files"):
         check_readable(str(tmp_path / "empty"))
     (tmp_path / "empty" / "sub" / "a.png").write_bytes(b"x")
-    assert check_readable(str(tmp_path / "empty")) == 1
+    assert check_readable(str(tmp_path / "empty"))[0] == 1
 
 
 

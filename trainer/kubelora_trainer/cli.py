@@ -45,10 +45,13 @@ def check_storage(spec) -> int:
         failures.append(e.transient)
         print(f"error: {field}: {e}" + (" (transient: try again)" if e.transient else ""), file=sys.stderr)
     evals = spec.evaluation.uri_fields() if spec.evaluation else {}
+    staged = 0  # bytes stage-in fetches into the node's cache
     for field, uri in {**inputs, **spec.dataset.uri_fields(), **evals}.items():
         unsafe = [] if field.startswith(("dataset.", "evaluation.")) else None  # data: skipped at stage-in, as here
         try:
-            print(f"ok: {field} {uri}: {check_readable(uri, settings, unsafe=unsafe)} object(s) readable", file=sys.stderr)
+            count, size = check_readable(uri, settings, unsafe=unsafe)
+            print(f"ok: {field} {uri}: {count} object(s) readable ({size / 2**30:.2f} GiB)", file=sys.stderr)
+            staged += size if uri.startswith("s3://") else 0
         except StorageError as e:
             failed(field, e)
         if unsafe:
@@ -61,9 +64,25 @@ def check_storage(spec) -> int:
             print(f"ok: {field} {uri}: writable", file=sys.stderr)
         except StorageError as e:
             failed(field, e)
+    problem = cache_size_problem(spec, staged)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        failures.append(False)
     if not failures:
         return 0
     return 1 if all(failures) else 2
+
+
+def cache_size_problem(spec, staged: int) -> str | None:
+    """What stage-in would refuse in a cluster: the s3:// inputs larger than resources.cacheSize
+    (the pod's cache, where they are fetched; the latent cache needs room there too). Pure."""
+    from .spec import quantity
+    r = spec.resources
+    if not r.cacheSize or r.cacheVolumeClaim or staged <= quantity(r.cacheSize):
+        return None
+    return (f"resources.cacheSize ({r.cacheSize}) is smaller than the inputs stage-in fetches into it "
+            f"({staged / 2**30:.2f} GiB, before any latent is cached): stage-in would refuse them; a larger "
+            f"resources.cacheSize, or a resources.cacheVolumeClaim")
 
 
 def default_nproc(spec) -> int:

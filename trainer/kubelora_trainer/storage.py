@@ -787,20 +787,21 @@ def check_writable(uri: str, settings: S3Settings = S3Settings(), client=None, c
 
 
 def check_readable(uri: str, settings: S3Settings = S3Settings(), client=None,
-                   unsafe: Optional[list[str]] = None) -> int:
-    """The number of objects (files) under uri that download would fetch; raises StorageError when
-    it cannot be read or is empty, or names a key that cannot be a file (unsafe_name) unless given
-    a list for unsafe, which then gets those keys (as download)."""
+                   unsafe: Optional[list[str]] = None) -> tuple[int, int]:
+    """(objects, bytes) under uri that download would fetch; raises StorageError when it cannot be
+    read or is empty, or names a key that cannot be a file (unsafe_name) unless given a list for
+    unsafe, which then gets those keys (as download)."""
     loc = parse_uri(uri)
     if not loc.is_s3:
         path = Path(loc.key)
         if not path.exists():
             raise StorageError(f"reading {loc}: no such file or directory")
-        count = 1 if path.is_file() else sum(1 for f in path.rglob("*") if f.is_file())
-        if not count:
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        if not files:
             raise StorageError(f"reading {loc}: the folder holds no files")
-        return count
-    return len(_list(client or make_client(settings), loc, unsafe))
+        return len(files), sum(f.stat().st_size for f in files)
+    objs = _list(client or make_client(settings), loc, unsafe)
+    return len(objs), sum(o["Size"] for o in objs)
 
 
 # ---------------------------------------------------------------- listing and deleting (checkpoints)
