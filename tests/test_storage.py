@@ -140,7 +140,7 @@ def test_a_failed_object_stops_the_download_and_what_was_fetched_is_kept(s3, tmp
             return s3.get_object(**kw)
 
     with pytest.raises(StorageError, match=r"s3://partial/d/05.txt"):
-        download(f"s3://{b}/d", dest, S3Settings(concurrency=1), client=Vanishing(), log=lambda m: None)
+        download(f"s3://{b}/d", dest, S3Settings(small_concurrency=1), client=Vanishing(), log=lambda m: None)
     assert Vanishing.calls <= 7  # 00..05 in order, one at a time, and the one begun as 05 failed: no others
     kept = json.loads((dest / ".kubelora-stage.json").read_text())
     first = {f"{i:02d}.txt" for i in range(5)}
