@@ -143,11 +143,12 @@ def test_a_full_cache_volume_fails_once_clearly_leaves_no_partial_file_and_a_rer
         assert "Traceback" not in read(f"{n}.err"), read(f"{n}.err")[-3000:]
         return errors[0]
 
-    # (1) stage-in: bad input at once, the object named, not retried
+    # (1) stage-in: bad input at once, before anything is fetched (the model is larger than the
+    # volume's free space), the field and the folder named, not retried
     assert read("1.rc").strip() == "2", read("1.err")[-3000:]
     first = last_error(1)
-    assert "downloading s3://disk-full/model/" in first and f"no room left to write {cache}/s3/disk-full/model/" in first, first
-    assert "free of 64.0 KiB" in first and "resources.cacheVolumeClaim" in first, first
+    assert first.startswith(f"[error] model.diffusersPath: stage-in: no room to fetch into {cache}/s3/disk-full/model: "), first
+    assert " to fetch, " in first and " free on its volume" in first and "resources.cacheVolumeClaim" in first, first
     assert "dataset.resolutions" not in first, first  # caching less does not help a model that does not fit
     assert "retrying" not in read("1.out") + read("1.err")
     assert read("1.partial") == "", read("1.partial")

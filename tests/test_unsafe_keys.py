@@ -203,5 +203,5 @@ def test_stage_in_refuses_a_download_that_does_not_fit_the_pods_cache_before_fet
     paths, _, _ = train.stage_in(spec, env, S3Settings())  # 0 left of 15000, 0 to add
     assert all(p.read_bytes() == b"z" * 4000 for p in Path(paths["dataset.0"]).glob("*.png"))
     # the volume's own free space, without a limit
-    assert disk.room_problem(10, free=5, limit_left=None).startswith("0.0 GiB to fetch, 0.0 GiB free on its volume")
+    assert disk.room_problem(10, free=5, limit_left=None).startswith("10 B to fetch, 5 B free on its volume")
     assert disk.room_problem(10, free=50, limit_left=None) is None

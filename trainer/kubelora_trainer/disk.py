@@ -106,11 +106,11 @@ def room_problem(need: int, free: int, limit_left: Optional[int]) -> Optional[st
     if need <= 0:
         return None
     if limit_left is not None and need > limit_left:
-        return (f"{need / 2**30:.1f} GiB to fetch, {max(limit_left, 0) / 2**30:.1f} GiB left of the pod's cache "
+        return (f"{_size(need)} to fetch, {_size(max(limit_left, 0))} left of the pod's cache "
                 f"(resources.cacheSize; past it the kubelet evicts the pod): a larger resources.cacheSize, or a "
                 f"resources.cacheVolumeClaim")
     if need > free:
-        return (f"{need / 2**30:.1f} GiB to fetch, {free / 2**30:.1f} GiB free on its volume: give the cache volume "
+        return (f"{_size(need)} to fetch, {_size(free)} free on its volume: give the cache volume "
                 f"more room (a larger resources.cacheSize or resources.cacheVolumeClaim; on a workstation, "
                 f"${CACHE_ENV} on a larger disk)")
     return None
