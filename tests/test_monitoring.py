@@ -395,3 +395,17 @@ def test_a_failed_runs_last_state_is_served_through_torchruns_sigterm():
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
     assert p.stdout.splitlines() == ["served after SIGTERM", "stopped", "default handler back: True"], p.stdout
+
+
+def test_a_run_stopped_by_a_signal_lingers_only_while_its_pods_grace_lasts():
+    """A preempted pod's worker checkpoints, then serves its final metrics until scraped: no longer
+    than what is left of torchrun's shutdown timeout since the signal (the pod's grace less the
+    launcher's margin), less a few seconds to exit, so it ends 143 rather than SIGKILLed (137) after
+    a slow checkpoint."""
+    from kubelora_trainer.train import stop_linger
+    env = {"KUBELORA_METRICS_LINGER_SECONDS": "60", "KUBELORA_STOP_GRACE_SECONDS": "120"}  # shutdown at 110 s
+    assert stop_linger(env, signaled_at=100.0, now=110.0) == 60.0       # a quick checkpoint: the whole linger
+    assert stop_linger(env, signaled_at=100.0, now=170.0) == 35.0       # 60 s spent: 110 - 60 - 5 left
+    assert stop_linger(env, signaled_at=100.0, now=300.0) == 0.0        # past it: exit at once
+    assert stop_linger({"KUBELORA_METRICS_LINGER_SECONDS": "60"}, 100.0, 170.0) is None  # a local run
+    assert stop_linger(env, signaled_at=None, now=170.0) is None        # stopped for a peer: not signaled

@@ -201,6 +201,9 @@ def read_fingerprint(output_uri: str, step: int, settings: storage.S3Settings) -
         return json.loads(Path(storage.download(uri, Path(d), settings, log=lambda m: None)).read_text())
 
 
+SIGNALED_AT: list = [None]  # when this process was first told to stop (time.monotonic()), for its exit
+
+
 @dataclass
 class StopRequest:
     """Set by SIGTERM/SIGINT during training: checkpoint at the next step boundary, then stop."""
@@ -214,6 +217,8 @@ class StopRequest:
 
     def _handle(self, signum, _frame) -> None:
         self.signum = signum
+        if SIGNALED_AT[0] is None:
+            SIGNALED_AT[0] = time.monotonic()
 
     def uninstall(self) -> None:
         for s, h in self._previous.items():

@@ -585,7 +585,23 @@ def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
     finally:
         flush_all()  # the newest progress.json, whatever ended the run
         dist.close()
-        m.finish(hold=not stopped)  # serves the final state until scraped ($KUBELORA_METRICS_LINGER_SECONDS)
+        # serves the final state until scraped ($KUBELORA_METRICS_LINGER_SECONDS); a run stopped by
+        # a signal only while its pod's grace lasts
+        m.finish(hold=not stopped, linger=stop_linger(os.environ, checkpoint.SIGNALED_AT[0], time.monotonic())
+                 if stopped else None)
+
+
+def stop_linger(environ, signaled_at: Optional[float], now: float) -> Optional[float]:
+    """How long a run stopped by a signal may still serve its metrics: the configured linger, cut to
+    what is left of torchrun's shutdown timeout (the pod's grace, launch.shutdown_timeout) since the
+    signal, less a few seconds to exit, so the worker ends with its own exit code (143) rather than
+    torchrun's SIGKILL (137) after a slow checkpoint. None: the configured linger (not signaled, or
+    no grace set: a local run). Pure."""
+    from . import launch
+    if signaled_at is None or launch.GRACE_ENV not in environ:
+        return None
+    configured = float(environ.get(metrics.LINGER_ENV, "0") or 0)
+    return max(0.0, min(configured, launch.shutdown_timeout(environ) - (now - signaled_at) - 5))
 
 
 def too_few_devices(error: dist.TooFewDevices, spec: LoRATrainingJobSpec, in_cluster: Optional[bool] = None
