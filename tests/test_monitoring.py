@@ -409,3 +409,17 @@ def test_a_run_stopped_by_a_signal_lingers_only_while_its_pods_grace_lasts():
     assert stop_linger(env, signaled_at=100.0, now=300.0) == 0.0        # past it: exit at once
     assert stop_linger({"KUBELORA_METRICS_LINGER_SECONDS": "60"}, 100.0, 170.0) is None  # a local run
     assert stop_linger(env, signaled_at=None, now=170.0) is None        # stopped for a peer: not signaled
+
+
+def test_a_stopped_node_waits_for_node_0s_old_store_only_while_its_grace_lasts():
+    """After its worker's linger a preempted node's launcher waits for node 0's old rendezvous store
+    to close (its replacement must not meet it): no longer than the pod's grace leaves, less 3 s,
+    else the kubelet's SIGKILL ends it 137 (the e2e preemption test's failure: the local pods share
+    one address, so node 0's replacement kept the 'old' store open for the whole wait)."""
+    from kubelora_trainer.launch import master_wait
+    env = {"KUBELORA_STOP_GRACE_SECONDS": "120"}
+    assert master_wait(60.0, env, signaled_at=100.0, now=130.0) == 60.0   # early: the whole wait
+    assert master_wait(60.0, env, signaled_at=100.0, now=170.0) == 47.0   # 120 - 70 - 3
+    assert master_wait(60.0, env, signaled_at=100.0, now=230.0) == 0.0
+    assert master_wait(60.0, env, signaled_at=None, now=230.0) == 60.0     # not signaled (stopped for a peer)
+    assert master_wait(60.0, {}, signaled_at=100.0, now=230.0) == 60.0     # a local run

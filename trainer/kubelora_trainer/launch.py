@@ -185,7 +185,9 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
         # wait there for a run that is over, so this pod ends only once that store has closed. The
         # store is watched at the address node 0's name had during the run: node 0's replacement
         # (a new pod, a new address) answering at the name does not hold this pod back.
-        t0, limit = time.monotonic(), float(os.environ.get(MASTER_WAIT_ENV, "60"))
+        t0 = time.monotonic()
+        limit = master_wait(float(os.environ.get(MASTER_WAIT_ENV, "60")), child_env,
+                            forwarded[0][1] if forwarded else None, t0)
         addr = master.last or rdzv[1]
         closed = wait_until_closed(addr, rdzv[2], limit)
         where = rdzv[1] if addr == rdzv[1] else f"{rdzv[1]} ({addr})"
@@ -222,6 +224,19 @@ SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 GRACE_ENV = "KUBELORA_STOP_GRACE_SECONDS"
 STOP_MARGIN_SECONDS = 10
 LOCAL_SHUTDOWN_SECONDS = 600
+
+
+def master_wait(limit: float, env: dict, signaled_at: float | None, now: float) -> float:
+    """How long a stopped node waits for node 0's old store to close: limit, and for a pod told to
+    stop (signaled_at), no longer than its grace period leaves (less 3 s to exit), so it ends with
+    its own exit code rather than the kubelet's SIGKILL (137) after its worker's linger. Pure."""
+    try:
+        grace = float(env[GRACE_ENV])
+    except (KeyError, ValueError):
+        return limit
+    if signaled_at is None:
+        return limit
+    return max(0.0, min(limit, grace - (now - signaled_at) - 3))
 
 
 def shutdown_timeout(env: dict) -> int:
