@@ -42,6 +42,17 @@ def test_exchange_rounds_send_each_missing_entry_once_in_bounded_rounds():
     assert cache.first_entries(["a", "b", "a", "c", "b"], {"a", "b"}) == [0, 1]
 
 
+def test_units_are_encoded_by_the_rank_that_probed_their_item():
+    """Item.seq (its index when probed, split i % world): that rank fetched the media (media_later),
+    so it encodes all the item's units; without a probe order, round robin by unit."""
+    owners = [0, 0, 1, 1, 2, 2, 3, 3]   # two units per item
+    assert cache.split_units(list(range(8)), 2, 0, owners) == [0, 1, 4, 5]
+    assert cache.split_units(list(range(8)), 2, 1, owners) == [2, 3, 6, 7]
+    assert cache.split_units([2, 3, 4], 2, 1, owners) == [2, 3]   # what is left to encode
+    assert cache.split_units(list(range(8)), 2, 0, [-1] * 8) == [0, 2, 4, 6]
+    assert cache.split_units(list(range(8)), 2, 0) == [0, 2, 4, 6]
+
+
 def test_key_of_a_unit_ignores_the_dataset_wide_size():
     """Adding a resolution keeps the keys of the samples at the old one."""
     from kubelora_trainer.spec import parse_spec
@@ -274,23 +285,27 @@ def test_second_run_builds_no_encoder_and_a_new_resolution_encodes_only_its_samp
 
 # ---------------------------------------------------------------- two nodes, each with its own cache folder
 
-def test_two_nodes_with_their_own_cache_folders_end_with_every_entry(tmp_path, tiny_flux_dir):
+def test_two_nodes_with_their_own_cache_folders_end_with_every_entry(s3, tmp_path, tiny_flux_dir):
     """Two torchrun launchers (--nnodes 2), two processes each, as two pods with an emptyDir each
     shared by their ranks: the encoding is split over the four, each node receives the other's
     entries once (its local rank 0 writes them, so each copy is counted once), every rank trains on
-    any sample; a file corrupt past its header is dropped on all."""
+    any sample; a file corrupt past its header is dropped on all. The dataset is in a bucket: each
+    media file is fetched once in all, by the node whose rank probes and encodes it."""
     data = _images(tmp_path / "data", 5, bad=True)
+    s3.create_bucket(Bucket="two-nodes")
+    for f in data.iterdir():
+        s3.upload_file(str(f), "two-nodes", f"d/{f.name}")
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRATrainingJob", "spec": {
         "model": {"type": "flux", "diffusersPath": str(tiny_flux_dir), "dtype": "float32"},
-        "dataset": {"uri": str(data), "resolutions": [32], "enableArBucket": True, "numArBuckets": 3},
+        "dataset": {"uri": "s3://two-nodes/d", "resolutions": [32, 48], "enableArBucket": True, "numArBuckets": 3},
         "training": {"steps": 2, "microBatchSize": 1, "logEvery": 1},
         "output": {"uri": str(tmp_path / "out")}}}))
     from kubelora_trainer.dist import _free_port
     port = _free_port()
     procs = []
     for node in range(2):
-        env = {**os.environ, "KUBELORA_CACHE_DIR": str(tmp_path / f"node{node}"), "KUBELORA_METRICS_PORT": "0",
+        env = {**os.environ, **s3.env, "KUBELORA_CACHE_DIR": str(tmp_path / f"node{node}"), "KUBELORA_METRICS_PORT": "0",
                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KUBELORA_CACHE_EXCHANGE_MB": "0.001"}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=2",
@@ -300,14 +315,18 @@ def test_two_nodes_with_their_own_cache_folders_end_with_every_entry(tmp_path, t
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out[-3000:] + err[-3000:]
     log = outs[0][0]
-    assert "6 entries: 0 cached, 6 to encode" in log and "[train] step 2/2" in log, log
+    assert "12 entries: 0 cached, 12 to encode" in log and "[train] step 2/2" in log, log
     assert "cut.png: corrupt (OSError" in log
     files = [sorted(f.name for f in (tmp_path / f"node{n}" / "latents").glob("*.pt")) for n in range(2)]
-    assert len(files[0]) == 5 and files[0] == files[1]
-    assert "5 entries ready on every rank: 5 encoded, 0 were cached; 5 copied between nodes" in log, log
+    assert len(files[0]) == 10 and files[0] == files[1]
+    assert "10 entries ready on every rank: 10 encoded, 0 were cached; 10 copied between nodes" in log, log
     assert not list(tmp_path.rglob("*.tmp"))
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["dataset"]["usable"] == 5 and m["dataset"]["unreadable"] == 1
+    media = [{f.name for f in (tmp_path / f"node{n}" / "s3" / "two-nodes" / "d").glob("*.png")} for n in range(2)]
+    # items in order cut, img0..img4: ranks 0, 1 (node 0) probe and encode items 0, 1, 4, 5, ranks 2, 3 the others
+    # (two units per item: split round robin by unit, node 0 would encode items 0, 2, 4 and fetch img1 too)
+    assert media == [{"cut.png", "img0.png", "img3.png", "img4.png"}, {"img1.png", "img2.png"}], media
 
 
 def test_operator_reports_a_cache_only_run_as_cache_built():

@@ -193,9 +193,11 @@ def test_two_nodes_pull_the_shared_cache_once_between_them_and_encode_nothing(s3
                         monkeypatch, capsys)
     assert a["encode"] == 4
 
+    for f in data.iterdir():  # job B reads the same files from the bucket
+        s3.upload_file(str(f), "shared-two", f"data/{f.name}")
     job = tmp_path / "b.yaml"
-    job.write_text(yaml.safe_dump(_spec(tiny_flux_dir, data, tmp_path / "out-b", resolutions=[32], cacheUri=uri)
-                                  .model_dump(mode="json", exclude_none=True)))
+    job.write_text(yaml.safe_dump(_spec(tiny_flux_dir, "s3://shared-two/data", tmp_path / "out-b", resolutions=[32],
+                                        cacheUri=uri).model_dump(mode="json", exclude_none=True)))
     port = _free_port()
     procs = []
     for node in range(2):
@@ -217,3 +219,8 @@ def test_two_nodes_pull_the_shared_cache_once_between_them_and_encode_nothing(s3
     assert m["copiedBetweenNodes"] == 4, m     # each node pulled its half and received the other's
     held = [sorted(f.name for f in (tmp_path / f"b-node{n}" / "latents").glob("*.pt")) for n in range(2)]
     assert len(held[0]) == 4 and held[0] == held[1]
+    # each node fetched the captions and only the media its rank hashed (media_later), not the whole dataset
+    staged = [sorted(f.name for f in (tmp_path / f"b-node{n}" / "s3" / "shared-two" / "data").iterdir()
+                     if not f.name.startswith(".")) for n in range(2)]
+    assert staged == [["img0.png", "img0.txt", "img1.txt", "img2.png", "img2.txt", "img3.txt"],
+                      ["img0.txt", "img1.png", "img1.txt", "img2.txt", "img3.png", "img3.txt"]], staged

@@ -94,15 +94,20 @@ def test_a_dataset_skips_and_counts_unsafe_keys_at_stage_in(s3, tmp_path, monkey
     spec = LoRATrainingJobSpec.model_validate({"model": {"type": "flux", "diffusersPath": str(tmp_path / "model")},
                                                "dataset": {"uri": "s3://unsafe-data/d"},
                                                "output": {"uri": str(tmp_path / "out")}})
-    paths, unsafe, below = train.stage_in(spec, dist.DistEnv(0, 1, 0, torch.device("cpu")), S3Settings())
+    paths, unsafe, below, later = train.stage_in(spec, dist.DistEnv(0, 1, 0, torch.device("cpu")), S3Settings())
     assert sorted(unsafe["dataset.0"]) == sorted([f"s3://unsafe-data/{escaping}", f"s3://unsafe-data/d/{INDEX_NAME}"])
-    assert _files(Path(paths["dataset.0"])) == {"a.png", "a.txt", INDEX_NAME}
+    # the media are left for the rank that reads them (media_later): listed, scanned, not fetched
+    assert _files(Path(paths["dataset.0"])) == {"a.txt", INDEX_NAME} and later.absent("dataset.0") == ["a.png"]
     assert not list(tmp_path.parent.rglob("escaped.txt"))
     out = capsys.readouterr().out
     assert "[stage-in] warning: dataset.uri: skipped 2 object(s)" in out and escaping in out
-    report = train.scan_sources(spec, paths, unsafe)
+    assert "fetching 1 (0.0 MiB); 1 media files (0.0 MiB) are fetched by the ranks that read them" in out
+    report = train.scan_sources(spec, paths, unsafe, later=later)
     assert report.by_reason() == {"unsafeKey": 2} and report.summary()["unreadable"] == 2
     assert {s.uri for s in report.skipped} == set(unsafe["dataset.0"])
+    assert [it.image.name for it in report.items] == ["a.png"] and not report.items[0].image.exists()
+    assert later.fetch([it.image for it in report.items]) == 1 and report.items[0].image.read_bytes() == b"png"
+    assert not later and later.fetch([it.image for it in report.items]) == 0
 
 
 def test_a_dataset_read_without_subfolders_does_not_fetch_them_and_counts_their_media(s3, tmp_path):
@@ -115,9 +120,10 @@ def test_a_dataset_read_without_subfolders_does_not_fetch_them_and_counts_their_
     spec = LoRATrainingJobSpec.model_validate({"model": {"type": "flux", "diffusersPath": str(tmp_path / "model")},
                                                "dataset": {"uri": "s3://shallow-data/d", "recursive": False},
                                                "output": {"uri": str(tmp_path / "out")}})
-    paths, unsafe, below = train.stage_in(spec, dist.DistEnv(0, 1, 0, torch.device("cpu")), S3Settings())
-    assert _files(Path(paths["dataset.0"])) - {INDEX_NAME} == {"a.png", "a.txt"} and below == {"dataset.0": 2}
-    report = train.scan_sources(spec, paths, unsafe, below)
+    paths, unsafe, below, later = train.stage_in(spec, dist.DistEnv(0, 1, 0, torch.device("cpu")), S3Settings())
+    assert _files(Path(paths["dataset.0"])) - {INDEX_NAME} == {"a.txt"} and below == {"dataset.0": 2}
+    assert later.absent("dataset.0") == ["a.png"]   # fetched by the rank that reads it
+    report = train.scan_sources(spec, paths, unsafe, below, later)
     assert report.in_subfolders == 2 and report.summary()["inSubfolders"] == 2
 
 
@@ -192,7 +198,8 @@ def test_stage_in_refuses_a_download_that_does_not_fit_the_pods_cache_before_fet
     assert str(e.value).startswith("dataset.uri: stage-in: no room to fetch into ") and "resources.cacheSize" in str(e.value)
     assert not e.value.transient and not list((tmp_path / "cache").rglob("*.png"))
     monkeypatch.setenv(disk.CACHE_LIMIT_ENV, "15000")
-    paths, _, _ = train.stage_in(spec, env, S3Settings())
+    paths, _, _, later = train.stage_in(spec, env, S3Settings())  # the media counted, left for the ranks
+    assert later.fetch(Path(paths["dataset.0"]) / f"{i}.png" for i in range(3)) == 3
     assert len(list(Path(paths["dataset.0"]).glob("*.png"))) == 3
     # changed in the bucket (other ETags), fetched again: each file replaces its old copy, so only
     # what it adds counts, not its whole size (the cache already holds the old copies)
@@ -200,8 +207,14 @@ def test_stage_in_refuses_a_download_that_does_not_fit_the_pods_cache_before_fet
         s3.put_object(Bucket="roomy-data", Key=f"d/{i}.png", Body=b"z" * 4000)
     for marker in (tmp_path / "cache").rglob("staged-*.json"):
         marker.unlink()
-    paths, _, _ = train.stage_in(spec, env, S3Settings())  # 0 left of 15000, 0 to add
+    paths, _, _, later = train.stage_in(spec, env, S3Settings())  # 0 left of 15000, 0 to add
+    assert not list(Path(paths["dataset.0"]).glob("*.png"))  # the stale copies are gone
+    later.fetch(Path(paths["dataset.0"]) / f"{i}.png" for i in range(3))
     assert all(p.read_bytes() == b"z" * 4000 for p in Path(paths["dataset.0"]).glob("*.png"))
+    for marker in (tmp_path / "cache").rglob("staged-*.json"):
+        marker.unlink()
+    paths, _, _, later = train.stage_in(spec, env, S3Settings())  # what a rank fetched is in the index now
+    assert not later and len(list(Path(paths["dataset.0"]).glob("*.png"))) == 3
     # the volume's own free space, without a limit
     assert disk.room_problem(10, free=5, limit_left=None).startswith("10 B to fetch, 5 B free on its volume")
     assert disk.room_problem(10, free=50, limit_left=None) is None

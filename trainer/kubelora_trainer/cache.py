@@ -261,10 +261,14 @@ def first_entries(keys: list[str], wanted: set[str]) -> list[int]:
     return out
 
 
-def split_units(todo_units: list[int], world: int, rank: int) -> list[int]:
-    """This rank's share of the units to encode (round robin in unit order: every rank gets a
-    mix of buckets and sizes)."""
-    return todo_units[rank::world]
+def split_units(todo_units: list[int], world: int, rank: int, owners: Optional[list[int]] = None) -> list[int]:
+    """This rank's share of the units to encode: with owners (per unit, its item's probe order,
+    Item.seq) the units of the items this rank probed, whose media it has fetched
+    (media_later); else round robin in unit order. Either way every rank gets a mix of buckets and
+    sizes. Pure."""
+    if owners is None or any(owners[u] < 0 for u in todo_units):
+        return todo_units[rank::world]
+    return [u for u in todo_units if owners[u] % world == rank]
 
 
 def exchange_rounds(haves: list[list[bool]], sizes: list[list[int]], chunk_bytes: int) -> list[list[tuple[int, int]]]:

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import cache, cache_remote, dist
+from . import cache, cache_remote, dist, media_later
 from .cache import cache_inputs, model_fingerprint
 from .data import ScanReport
 from .dataset_phase import (drop_items, encode_missing, entry_keys, exchange, gather_present, held_out_copies,
@@ -81,7 +81,8 @@ def load_family(family, spec, paths: dict, device: torch.device, encoders: bool)
     return comps
 
 
-def prepare(spec, family, paths: dict, layout: Layout, remote: Optional[cache_remote.Remote], env, m) -> Ready:
+def prepare(spec, family, paths: dict, layout: Layout, remote: Optional[cache_remote.Remote], env, m,
+            later: media_later.Later = media_later.NONE) -> Ready:
     log(env, "[phase] cache")
     m.phase("Caching")
     quiet_progress_bars()
@@ -111,7 +112,7 @@ def prepare(spec, family, paths: dict, layout: Layout, remote: Optional[cache_re
     # a failure on one rank (a bad file, a missing weight) stops every rank with its reason
     comps = dist.agree(load_family, family, spec, paths, env.device, encoders)
     todo_keys = {layout.keys[i] for i in todo}
-    rewritten = _encode(spec, family, comps, layout, todo, remote, env, m) if todo else []
+    rewritten = _encode(spec, family, comps, layout, todo, remote, env, m, later) if todo else []
 
     distinct = list(dict.fromkeys(layout.keys))
     received = exchange(distinct, env)
@@ -134,11 +135,11 @@ def prepare(spec, family, paths: dict, layout: Layout, remote: Optional[cache_re
     return Ready(comps, layout, cache_stats)
 
 
-def _encode(spec, family, comps, layout: Layout, todo: list[int], remote, env, m) -> list[str]:
+def _encode(spec, family, comps, layout: Layout, todo: list[int], remote, env, m, later) -> list[str]:
     """Each rank encodes its share of `todo`; items corrupt past their header are dropped on every
     rank. Returns the probe names rewritten as lasting skips (pushed to dataset.cacheUri)."""
     mine = dist.agree(encode_missing, spec, family, comps, layout.report.items, layout.digests,
-                      layout.assignment.units, layout.entries, layout.keys, todo, env)
+                      layout.assignment.units, layout.entries, layout.keys, todo, env, later)
     bad = dict(b for part in dist.all_gather(mine) for b in part)
     rewritten = []
     if remote is not None:  # probes rewritten as skips are pushed by the rank that found them

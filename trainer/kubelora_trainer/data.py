@@ -17,7 +17,7 @@ import re
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".avif")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".gif", ".mkv")
@@ -60,6 +60,7 @@ class Item:
     dropout: float = 0.0
     uri: str = ""                    # where it came from (the source URI + its relative path), for messages
     mask: Optional[Path] = None      # its mask (masks.py), when its source has a mask folder holding one
+    seq: int = -1                    # its index when probed: the rank that probes it (seq % world) encodes it
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -156,7 +157,7 @@ class ScanReport:
 
 def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", video: bool = False,
          caption_prefix: str = "", opts=None, source: int = 0, seed: int = 0, uri: Optional[str] = None,
-         mask_root: Optional[Path] = None, recursive: bool = True) -> ScanReport:
+         mask_root: Optional[Path] = None, recursive: bool = True, absent: Iterable[str] = ()) -> ScanReport:
     """Find media files under root (images; videos too for video families) and pair them with
     captions: a captions.json/.jsonl map in root, else same-stem files with caption_ext
     (caption_prefix put before each, verbatim). With opts (captions.CaptionOptions) its settings
@@ -164,7 +165,8 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
     source's staged mask folder (its files are not items, even inside root); each item's mask is
     the same-stem file in the same relative folder there (masks.find_mask). recursive=False: only
     root's own files are items (those in subfolders are counted in `in_subfolders`). A caption file that is
-    not UTF-8 skips its item (captionNotUtf8). Does not decode any media."""
+    not UTF-8 skips its item (captionNotUtf8). absent: the relative names of media files listed in
+    the source but not fetched yet (media_later), scanned as present. Does not read any media."""
     from .captions import CAPTION_MAPS, CaptionOptions, read_caption_map, variants
     from .masks import find_mask
     opts = opts or CaptionOptions(extension=caption_ext, prefix=caption_prefix, missing=missing_caption)
@@ -173,8 +175,8 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
     exts = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if video else ())
     mask_root = Path(mask_root) if mask_root is not None else None
     inside = mask_root is not None and mask_root.resolve().is_relative_to(root.resolve())
-    files = sorted(p for p in root.rglob("*") if p.is_file()
-                   and not (inside and p.resolve().is_relative_to(mask_root.resolve())))
+    files = sorted(p for p in {*(p for p in root.rglob("*") if p.is_file()), *(root / rel for rel in absent)}
+                   if not (inside and p.resolve().is_relative_to(mask_root.resolve())))
     if not recursive:  # the folder's own files; media below it counted, not silently dropped
         report.in_subfolders = sum(1 for p in files if p.parent != root and p.suffix.lower() in exts)
         files = [p for p in files if p.parent == root]

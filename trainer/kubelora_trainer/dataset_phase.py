@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from . import cache, cache_remote, disk, dist, masks, metrics
+from . import cache, cache_remote, disk, dist, masks, media_later, metrics
 from . import buckets as bk
 from .cache import cache_key
 from .disk import cache_root
@@ -62,9 +62,10 @@ def gather_present(keys: list[str], env) -> list[list[bool]]:
 
 
 def encode_missing(spec, family, comps, items, digests, units, entries, keys, todo: list[int],
-                   env) -> list[tuple[int, Skip]]:
+                   env, later: media_later.Later = media_later.NONE) -> list[tuple[int, Skip]]:
     """Encode the entries no rank has, split over ranks by unit (each unit's media is decoded
-    once for all its caption variants) and write them to this node's cache. Returns the items
+    once for all its caption variants; a unit goes to the rank that probed its item, which has
+    fetched its media) and write them to this node's cache. Returns the items
     whose media could not be decoded, with the reason: skipped and counted, like unreadable
     files found while probing (and remembered with their probe, so a later run skips them
     without decoding)."""
@@ -73,7 +74,9 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
     per_unit: dict[int, list[int]] = {}
     for i in todo:
         per_unit.setdefault(entries[i][0], []).append(i)
-    mine = cache.split_units(sorted(per_unit), env.world, env.rank)
+    mine = cache.split_units(sorted(per_unit), env.world, env.rank, [items[u.item].seq for u in units])
+    if later:  # fetched when this rank probed them (nothing to do then), unless another rank had them
+        later.fetch([items[units[u].item].image for u in mine], print, dist.heartbeat)
     progress = cache.EncodeProgress(len(todo), sum(len(per_unit[u]) for u in mine), env, lambda msg: log(env, msg))
     bad = []
     try:
@@ -157,8 +160,8 @@ def bucket_configs(spec) -> list[bk.BucketConfig]:
                             multiple=r.size_multiple, fixed=fixed, clip_mode=d.videoClipMode) for s in all_source_specs(spec)]
 
 
-def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Remote] = None
-                ) -> tuple[list[tuple[int, int, int, bool]], list[str]]:
+def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Remote] = None,
+                later: media_later.Later = media_later.NONE) -> tuple[list[tuple[int, int, int, bool]], list[str]]:
     """Check every item once, split over ranks (data.check_item: not empty, decodes, within the
     pixel limits, its mask decodes and has its size), and hash its content (media and mask). The
     answer for a content hash is kept in the cache (cache.read_probe), so a later run decodes
@@ -168,14 +171,20 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
     every rank); every skip so far is logged by source URI (the first ten). Returns the probes and
     digests of the remaining items, in order. With dataset.cacheUri (remote), the probes of this
     rank's items that its node lacks are downloaded first when listed there (remote.probes_pulled),
-    and their names are kept for the push after encoding (remote.probes)."""
+    and their names are kept for the push after encoding (remote.probes). A rank fetches the media
+    of its share that stage-in left for later (media_later) first; each item keeps its index here
+    (Item.seq), so the same rank encodes it."""
     r = RULES[spec.model.type]
     fps = r.fps if r.video else None
     root = cache_root()
-    items = report.items
+    items = report.items = [dataclasses.replace(it, seq=i) for i, it in enumerate(report.items)]
 
     def checking_the_dataset():  # this rank's share; run through dist.agree, so no rank waits for a failed one
         found, bad, hashed = [], [], []
+        if later:
+            n = later.fetch([items[i].image for i in range(env.rank, len(items), env.world)], print, dist.heartbeat)
+            if n:
+                print(f"[data] rank {env.rank}: fetched {n} media file(s) of its share", flush=True)
         for i in range(env.rank, len(items), env.world):
             it = items[i]
             try:

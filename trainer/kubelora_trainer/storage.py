@@ -405,7 +405,7 @@ def unsafe_name(rel: str) -> Optional[str]:
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
         return "a '.', '..' or empty path segment"
-    if parts[0] == INDEX_NAME or parts[0].startswith(INDEX_NAME + ".tmp"):
+    if parts[0].startswith(INDEX_NAME):  # the index, its temporary copies and the ranks' own (RANK_INDEX)
         return f"the name of the download folder's own index ({INDEX_NAME})"
     return None
 
@@ -463,19 +463,31 @@ def _list(client, loc: Location, unsafe: Optional[list[str]] = None) -> list[dic
     return out
 
 
-def _load_index(dest: Path) -> dict:
+RANK_INDEX = INDEX_NAME + ".r{rank}"  # what one rank fetched later (fetch_later), merged in at the next download
+
+
+def _read_index(path: Path) -> dict:
     try:
-        return json.loads((dest / INDEX_NAME).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _save_index(dest: Path, index: dict) -> float:
+def _load_index(dest: Path, name: str = INDEX_NAME) -> dict:
+    """The folder's index ({rel: {etag, size}}); the folder's own with the ranks' (newer) merged in."""
+    index = _read_index(dest / name)
+    if name == INDEX_NAME:
+        for side in sorted(dest.glob(RANK_INDEX.format(rank="*"))):
+            index.update(_read_index(side))
+    return index
+
+
+def _save_index(dest: Path, index: dict, name: str = INDEX_NAME) -> float:
     """Write the index (json's C encoder: no indent, 1M entries in about 2 s); the seconds it took."""
     t0 = time.monotonic()
     tmp = dest / f"{INDEX_NAME}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(index, sort_keys=True))
-    os.replace(tmp, dest / INDEX_NAME)
+    os.replace(tmp, dest / name)
     return time.monotonic() - t0
 
 
@@ -556,7 +568,8 @@ def _size_of(path: Path) -> int:
 def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), client=None,
              log: Callable[[str], None] = print, unsafe: Optional[list[str]] = None,
              below: Optional[list[str]] = None, progress: Optional[Callable[[], None]] = None,
-             room: Optional[Callable[[int, Path], None]] = None) -> Path:
+             room: Optional[Callable[[int, Path], None]] = None,
+             later: Optional[Callable[[str], bool]] = None, deferred: Optional[list[dict]] = None) -> Path:
     """Fetch an object or a whole prefix into dest (a folder). Returns the local path of the
     object (dest/<name>) or of the folder (dest). Complete files (size + ETag) are not fetched
     again; a local URI is returned as it is. Nothing is written outside dest: a key that cannot be
@@ -564,10 +577,13 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
     naming the key (bad input), or, given a list for unsafe (a dataset: a bad file is skipped), is
     not fetched and its key appended there. Given a list for below (a dataset read without its
     subfolders), the objects in subfolders of the prefix are not fetched and their relative names
-    are appended there. A long download says how far it is every PROGRESS_SECONDS and saves its
+    are appended there. Given later(rel) and a list for deferred, the objects to fetch whose
+    relative name later() accepts (a dataset's media) are not fetched but appended to deferred
+    (listed objects, with "rel"), their stale copies removed: fetch_later fetches them where they are
+    read. A long download says how far it is every PROGRESS_SECONDS and saves its
     index as often, so what was fetched is kept when it stops (a failed object stops the others:
     those not started are not fetched); progress() is called after each object. room(bytes, dest)
-    is asked before anything is fetched (it raises when they do not fit)."""
+    is asked before anything is fetched (it raises when they do not fit), deferred objects counted."""
     loc = parse_uri(uri)
     if not loc.is_s3:
         p = Path(loc.key)
@@ -598,11 +614,47 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
         if rec and rec.get("etag") == obj["ETag"] and target.is_file() and target.stat().st_size == obj["Size"]:
             continue
         todo.append(obj)
-    total = sum(o["Size"] for o in todo)
-    if room is not None and total:  # a file fetched again replaces its old copy: only what it adds
+    put_off = [o for o in todo if later is not None and deferred is not None and later(o["rel"])]
+    total, total_later = sum(o["Size"] for o in todo) - sum(o["Size"] for o in put_off), sum(o["Size"] for o in put_off)
+    if room is not None and todo:  # a file fetched again replaces its old copy: only what it adds
         room(sum(max(0, o["Size"] - _size_of(dest / o["rel"])) for o in todo), dest)
-    log(f"[stage-in] {loc}: {len(objs)} objects, {len(objs) - len(todo)} already cached, "
-        f"fetching {len(todo)} ({total / MB:.1f} MiB)")
+    if put_off:
+        for o in put_off:  # a stale copy: a file present later is one a rank fetched in this run (fetch_later)
+            (dest / o["rel"]).unlink(missing_ok=True)
+            index.pop(o["rel"], None)
+        deferred += put_off
+        todo = [o for o in todo if not later(o["rel"])]
+    log(f"[stage-in] {loc}: {len(objs)} objects, {len(objs) - len(todo) - len(put_off)} already cached, "
+        f"fetching {len(todo)} ({total / MB:.1f} MiB)"
+        + (f"; {len(put_off)} media files ({total_later / MB:.1f} MiB) are fetched by the ranks that read them"
+           if put_off else ""))
+    _fetch(client, settings, loc, todo, dest, index, log, progress)
+    for side in dest.glob(RANK_INDEX.format(rank="*")):  # merged into the folder's own index, saved by _fetch
+        side.unlink(missing_ok=True)
+    single = len(objs) == 1 and objs[0]["Key"] == loc.key
+    return dest / objs[0]["rel"] if single else dest
+
+
+def fetch_later(uri: str, objs: list[dict], dest: Path, settings: S3Settings, rank: int, client=None,
+                log: Callable[[str], None] = print, progress: Optional[Callable[[], None]] = None) -> int:
+    """Fetch objects that download(uri, dest) deferred (listed objects with "rel") into dest, on any
+    rank; those another rank of the node has fetched since (present, of their size: download removed
+    the stale copies) are left alone. Each is recorded in this rank's own index (RANK_INDEX), which
+    the next download merges into the folder's. Returns how many were fetched."""
+    todo = [o for o in objs if _size_of(dest / o["rel"]) != o["Size"]]
+    if todo:
+        name = RANK_INDEX.format(rank=rank)
+        _fetch(client or make_client(settings), settings, parse_uri(uri), todo, dest, _load_index(dest, name), log,
+               progress, name, "[data]")
+    return len(todo)
+
+
+def _fetch(client, settings: S3Settings, loc: Location, todo: list[dict], dest: Path, index: dict,
+           log: Callable[[str], None], progress: Optional[Callable[[], None]], index_name: str = INDEX_NAME,
+           tag: str = "[stage-in]") -> None:
+    """Fetch the listed objects todo into dest, in parallel, recording each in index (saved as
+    index_name every PROGRESS_SECONDS and at the end, also after a failure)."""
+    total = sum(o["Size"] for o in todo)
     t0 = last = time.time()
     done = fetched = 0
     arrived, arrived_lock, beat_at = [0], threading.Lock(), [0]
@@ -638,9 +690,9 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
                 beat_at[0] = arrived[0]                           # progress too
                 progress()
             if time.time() - last >= save_every:
-                save_every = max(PROGRESS_SECONDS, 20 * _save_index(dest, index))  # a large index: less often
+                save_every = max(PROGRESS_SECONDS, 20 * _save_index(dest, index, index_name))  # a large index: less often
                 last = time.time()
-                log(f"[stage-in] {loc}: {done}/{len(todo)} fetched ({fetched / MB:.1f} of {total / MB:.1f} MiB, "
+                log(f"{tag} {loc}: {done}/{len(todo)} fetched ({fetched / MB:.1f} of {total / MB:.1f} MiB, "
                     f"{fetched / MB / max(last - t0, 1e-6):.1f} MiB/s)")
         finished = True
     finally:
@@ -650,15 +702,13 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
                 record(o)
         try:
             if finished or done:  # what was fetched before a failure is kept
-                _save_index(dest, index)
+                _save_index(dest, index, index_name)
         except OSError:
             if finished:  # else the download's own error is the one to say
                 raise
     if todo:
         dt = max(time.time() - t0, 1e-6)
-        log(f"[stage-in] {loc}: done in {dt:.1f}s ({total / MB / dt:.1f} MiB/s)")
-    single = len(objs) == 1 and objs[0]["Key"] == loc.key
-    return dest / objs[0]["rel"] if single else dest
+        log(f"{tag} {loc}: {len(todo)} fetched in {dt:.1f}s ({total / MB / dt:.1f} MiB/s)")
 
 
 # ---------------------------------------------------------------- upload

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import __version__, adapters, cache, checkpoint, disk, dist, exits, export, export_full, lora, metrics, samples, storage
-from . import attention, cache_phase, cache_remote, evaluation, lora_init, throughput
+from . import attention, cache_phase, cache_remote, evaluation, lora_init, media_later, throughput
 from . import buckets as bk
 from .sample_plan import due as sample_due
 from .captions import options_of, recursive_of
@@ -95,11 +95,12 @@ def unsafe_warning(field: str, uris: list[str]) -> str:
 
 
 def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3Settings,
-             resume: bool = False) -> tuple[dict[str, str], dict[str, list[str]], dict[str, int]]:
-    """Node-local rank 0 downloads model parts and the dataset; the other ranks wait and read
-    the resolved paths it wrote. Returns ({stage key: local path}, {stage key: URIs of the data
-    objects skipped as unsafeKey}, {stage key: media files in subfolders of a source read without
-    them (dataset.recursive false), not fetched}). A failure names the spec field whose URI failed
+             resume: bool = False) -> tuple[dict[str, str], dict[str, list[str]], dict[str, int], media_later.Later]:
+    """Node-local rank 0 downloads model parts and the dataset but its media, which it lists for
+    the ranks that read them (media_later); the other ranks wait and read the resolved paths it
+    wrote. Returns ({stage key: local path}, {stage key: URIs of the data objects skipped as
+    unsafeKey}, {stage key: media files in subfolders of a source read without them
+    (dataset.recursive false), not fetched}, the media left for later). A failure names the spec field whose URI failed
     ("model.diffusersPath: reading ..."); a model object whose key cannot be a file under its
     folder is such a failure, a data object's is skipped and counted (scan_sources)."""
     uris = stage_uris(spec, resume)
@@ -108,10 +109,13 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
     if env.local_rank == 0:
         try:
             client = storage.make_client(settings) if any(u.startswith("s3://") for u in uris.values()) else None
-            paths, unsafe, below, field = {}, {}, {}, None
+            paths, unsafe, below, later, field = {}, {}, {}, {}, None
             shallow = {source_key(spec, i) for i, src in enumerate(all_source_specs(spec))
                        if not recursive_of(spec.dataset, src)}
             exts = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if RULES[spec.model.type].video else ())
+
+            def is_media(rel: str) -> bool:  # a video in an image family too: counted as ignored, never read
+                return Path(rel).suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
             left = [disk.cache_limit_left()]
 
             def room(need: int, dest: Path) -> None:  # each download's bytes, before it fetches them
@@ -125,8 +129,12 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
                     dest = dest.parent
                 skipped = [] if key.startswith(("dataset.", "evaluation.")) else None
                 deeper = [] if key in shallow and loc.is_s3 else None
+                deferred = [] if skipped is not None and not key.endswith(".mask") else None  # a source's media
                 paths[key] = str(storage.download(uri, dest, settings, client=client, log=print, unsafe=skipped,
-                                                  below=deeper, progress=dist.heartbeat, room=room))
+                                                  below=deeper, progress=dist.heartbeat, room=room,
+                                                  later=is_media, deferred=deferred))
+                if deferred:
+                    later[key] = media_later.Later.record(uri, deferred)
                 if deeper is not None:  # counted as the scan counts a local source's subfolders
                     below[key] = sum(1 for rel in deeper if Path(rel).suffix.lower() in exts)
                 if skipped:
@@ -134,7 +142,7 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
                     print(unsafe_warning(field, unsafe[key]), flush=True)
             field = None
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"paths": paths, "unsafe": unsafe, "below": below}))
+            marker.write_text(json.dumps({"paths": paths, "unsafe": unsafe, "below": below, "later": later}))
         except storage.StorageError as e:
             # transient or bad input, as storage classified it (a full disk: disk.NoRoom, kept as one)
             err = type(e)(f"{field}: {e}", transient=e.transient) if field else e
@@ -142,7 +150,8 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
             err = disk.no_room(e, "stage-in") or RunError(f"{field}: {e}" if field else str(e))
     dist.fail_together(err, "stage-in")
     staged = json.loads(marker.read_text())
-    return staged["paths"], staged["unsafe"], staged.get("below", {})
+    return (staged["paths"], staged["unsafe"], staged.get("below", {}),
+            media_later.Later.from_staged(staged.get("later", {}), staged["paths"], settings, env.rank))
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -691,16 +700,16 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     # ---- stage-in
     log(env, "[phase] stage-in")
     m.phase("StagingIn")
-    paths, unsafe, below = stage_in(spec, env, settings, resume=plan == "resume")
+    paths, unsafe, below, later = stage_in(spec, env, settings, resume=plan == "resume")
     # adapter.initFrom read now, a bad file named before the dataset is cached (a resume takes the checkpoint's)
     init = None
     if spec.adapter.initFrom and plan != "resume":
         init = dist.agree(lora_init.read, Path(paths[lora_init.FIELD]), spec.model.type)
 
     # ---- dataset (checked before any model is loaded), then the cache and the model
-    report = scan_sources(spec, paths, unsafe, below)
-    layout = cache_phase.Layout(report, *probe_items(report, env, spec, remote)).make(spec, env, m)
-    ready = cache_phase.prepare(spec, family, paths, layout, remote, env, m)
+    report = scan_sources(spec, paths, unsafe, below, later)
+    layout = cache_phase.Layout(report, *probe_items(report, env, spec, remote, later)).make(spec, env, m)
+    ready = cache_phase.prepare(spec, family, paths, layout, remote, env, m, later)
     decided = getattr(family, "resolved", lambda comps: {})(ready.comps)  # model settings the model decided
     spec = resolved_spec(spec, decided)
     if plan == "resume" and decided:
@@ -862,12 +871,13 @@ def check_cache_uri(spec, settings, env: dist.DistEnv) -> Optional[cache_remote.
 
 
 def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] = None,
-                 below: Optional[dict] = None) -> ScanReport:
+                 below: Optional[dict] = None, later: media_later.Later = media_later.NONE) -> ScanReport:
     """Every dataset source's staged folder scanned into one report (items, captions, skips), then
     evaluation.sources' (source index len(dataset sources) + j): each evaluation item with its first
     caption alone, unshuffled and never dropped. unsafe (stage_in's): the objects of a source that
     stage-in left out, skipped as unsafeKey; below (stage_in's): media it did not fetch from the
-    subfolders of a source read without them, counted as the scan counts a local source's."""
+    subfolders of a source read without them, counted as the scan counts a local source's; later
+    (stage_in's): the media listed but not fetched yet, scanned as present."""
     r = RULES[spec.model.type]
     report = ScanReport()
     n_train = len(source_specs(spec))
@@ -881,7 +891,8 @@ def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] 
             opts = dataclasses.replace(opts, shuffle=False, dropout=0.0)
         part = scan(Path(paths[key]), video=r.video, opts=opts, source=i, seed=spec.training.seed,
                     uri=spec.dataset.uris[i] if i < n_train else src.uri,
-                    mask_root=Path(mask_root) if mask_root else None, recursive=recursive_of(spec.dataset, src))
+                    mask_root=Path(mask_root) if mask_root else None, recursive=recursive_of(spec.dataset, src),
+                    absent=later.absent(key))
         # a mask object left out is not an item skipped: its item trains unmasked (the stage-in warning
         # named it, and the masked/unmasked counts show it)
         for uri in (unsafe or {}).get(key, []):
