@@ -6,6 +6,8 @@ folder in a mount namespace of its own (`unshare -m`, which needs root or user n
 kernel itself answers ENOSPC to the trainer's writes. The classification is tested through pure
 functions with the errors real writers raise."""
 import errno
+import io
+import json
 import os
 import shutil
 import subprocess
@@ -91,21 +93,30 @@ def _namespace_prefix(probe_dir: Path) -> list[str]:
 
 def test_a_full_cache_volume_fails_once_clearly_leaves_no_partial_file_and_a_rerun_goes_on(
         s3, tmp_path, tiny_flux_dir):
-    """Three real runs of the trainer on one tmpfs cache folder: (1) 64 KiB, the model staged from
-    S3 does not fit: exit 2, `downloading s3://...: no room left ...` (not retried), no `.part`
-    file left; (2) 1 MiB, a local model: the latent cache fills up while encoding: exit 2 naming
-    the entry, no temporary file left, the entries written are whole; (3) the same volume grown
-    to 32 MiB: the rerun uses the entries already written and trains."""
+    """Four real runs of the trainer on one tmpfs cache folder: (1) 64 KiB, the model staged from
+    S3 does not fit: exit 2 before anything is fetched (not retried), no `.part` file left;
+    (2) 1 MiB, a local model: the latent cache fills up while encoding: exit 2 naming the entry, no
+    temporary file left, the entries written are whole; (3) the same volume grown to 32 MiB: the
+    rerun uses the entries already written and trains; (4) 256 KiB, a dataset in S3 of 96 tiny
+    images, whose bytes fit but whose files do not (a tmpfs file takes a 4 KiB page): the volume
+    fills while a rank fetches its media (media_later), exit 2 naming the file, no `.part` left."""
     from test_cache import _images
 
     prefix = _namespace_prefix(tmp_path / "probe")
     storage.ensure_bucket(s3, "disk-full")
     storage.upload_tree(tiny_flux_dir, "s3://disk-full/model", client=s3)
     data = _images(tmp_path / "data", 12)
+    from PIL import Image
+    for i in range(96):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(buf, format="PNG")
+        s3.put_object(Bucket="disk-full", Key=f"many/{i:02d}.png", Body=buf.getvalue())
+    s3.put_object(Bucket="disk-full", Key="many/captions.json",
+                  Body=json.dumps({f"{i:02d}.png": "a dot" for i in range(96)}).encode())
 
-    def job(name: str, model: str) -> Path:
+    def job(name: str, model: str, dataset: str = str(data)) -> Path:
         spec = {"model": {"type": "flux", "diffusersPath": model, "dtype": "float32"},
-                "dataset": {"uri": str(data), "resolutions": [32, 48]},
+                "dataset": {"uri": dataset, "resolutions": [32, 48]},
                 "training": {"steps": 2, "microBatchSize": 1, "logEvery": 1},
                 "output": {"uri": str(tmp_path / f"out-{name}"), "onExisting": "overwrite"}}
         path = tmp_path / f"{name}.yaml"
@@ -128,6 +139,9 @@ def test_a_full_cache_volume_fails_once_clearly_leaves_no_partial_file_and_a_rer
             pathlib.Path('{cache}/latents').glob('*.pt')]" 2> {logs}/2.load; echo $? > {logs}/2.loadrc
         mount -o remount,size=32m {cache}
         {run} {tmp_path / "local.yaml"} > {logs}/3.out 2> {logs}/3.err; echo $? > {logs}/3.rc; survey 3
+        umount {cache}; mount -t tmpfs -o size=256k tmpfs {cache}
+        {run} {job("many", str(tiny_flux_dir), "s3://disk-full/many")} > {logs}/4.out 2> {logs}/4.err; \
+            echo $? > {logs}/4.rc; survey 4
         """)
     env = {**os.environ, **s3.env, "KUBELORA_CACHE_DIR": str(cache), "KUBELORA_METRICS_PORT": "0",
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -167,6 +181,15 @@ def test_a_full_cache_volume_fails_once_clearly_leaves_no_partial_file_and_a_rer
     assert read("3.rc").strip() == "0", read("3.err")[-3000:]
     assert f"{written} cached" in read("3.out"), read("3.out")[-3000:]
     assert read("3.partial") == ""
+
+    # (4) a rank fetching its media: the file that did not fit named, bad input, nothing partial left
+    assert "96 media files (0.0 MiB) are fetched by the ranks that read them" in read("4.out"), read("4.out")[-3000:]
+    assert read("4.rc").strip() == "2", read("4.err")[-3000:]
+    fourth = last_error(4)
+    assert "downloading s3://disk-full/many/" in fourth and f"no room left to write {cache}/s3/disk-full/many/" in fourth, \
+        fourth
+    assert "retrying" not in read("4.out") + read("4.err")
+    assert read("4.partial") == "", read("4.partial")
 
 
 def test_a_node_whose_cache_fills_in_the_exchange_stops_both_nodes_as_bad_input(tmp_path, tiny_flux_dir):

@@ -112,34 +112,48 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
 
 
 def exchange(keys: list[str], env) -> int:
-    """After encoding: every node's folder receives the entries it lacks from a rank that has them
-    (cache.exchange_rounds: rounds of at most $KUBELORA_CACHE_EXCHANGE_MB), each sender's share of
-    a round broadcast from it, so a rank holds one sender's payload at a time (an all-gather would
-    pad every rank's part to the largest and hold world x that). The ranks of a node share its
-    folder: local rank 0 writes (atomically) and counts. Returns how many entries this rank wrote."""
+    """After encoding: every node's folder receives the entries it lacks from a node that has them
+    (cache.exchange_rounds: rounds of at most $KUBELORA_CACHE_EXCHANGE_MB), between the nodes'
+    writers only (local rank 0 of each, in a process group of their own): a node's ranks share its
+    folder, so the others have nothing to send or receive and wait at the end (dist.fail_together,
+    which the writers' heartbeats keep open); broadcasting to every rank moved each payload to
+    every process of every node. Each sender's share of a round is broadcast from it, so a writer
+    holds one sender's payload at a time (an all-gather would pad every part to the largest and
+    hold nodes x that). Returns how many entries this rank wrote (atomically)."""
     if env.world == 1:
         return 0
+    writers = [r for r, local in enumerate(dist.all_gather(env.local_rank)) if local == 0]
+    group = dist.subgroup(writers) if len(writers) > 1 else None  # every rank takes part in making it
+    received, err = 0, None
+    if group is not None and env.local_rank == 0:
+        received, err = _exchange_between(keys, writers, group, env.rank)
+    dist.fail_together(err, "the cache exchange")  # also: every node's writer is done before any rank reads
+    return received
+
+
+def _exchange_between(keys: list[str], writers: list[int], group, rank: int) -> tuple[int, Optional[BaseException]]:
+    """exchange's part on a node's writer: (entries written, the first error). A writer that
+    failed still takes part in every collective of the group, so no other writer waits for it."""
     import numpy as np
     root = cache_root()
     mine = np.array([p.stat().st_size if p.is_file() else 0 for p in (cache.entry_path(root, k) for k in keys)],
                     dtype=np.int64)  # 0: absent (a saved entry is never empty)
-    sizes = [part.tolist() for part in dist.all_gather(mine)]
+    sizes = [part.tolist() for part in dist.all_gather(mine, group)]
     haves = [[n > 0 for n in part] for part in sizes]
-    have = haves[env.rank]
-    writer = env.local_rank == 0
+    have = haves[writers.index(rank)]
     chunk = int(float(os.environ.get(cache.EXCHANGE_MB_ENV, "256")) * 2 ** 20)
     received, err = 0, None
     for rnd in cache.exchange_rounds(haves, sizes, chunk):
         for sender in sorted({s for _, s in rnd}):
             payload = None
-            if env.rank == sender:
+            if writers[sender] == rank:
                 try:
                     payload = {i: cache.entry_path(root, keys[i]).read_bytes() for i, s in rnd if s == sender}
                 except OSError as e:  # still takes part in every collective; fails with the others below
                     err, payload = err or RuntimeError(f"cache exchange: reading an entry: {e}"), {}
-            for i, data in dist.broadcast(payload, src=sender).items():
+            for i, data in dist.broadcast(payload, src=writers[sender], group=group).items():
                 if not have[i]:
-                    if writer and err is None:
+                    if err is None:
                         try:
                             cache.write_bytes_atomic(cache.entry_path(root, keys[i]), data)
                             received += 1
@@ -148,8 +162,8 @@ def exchange(keys: list[str], env) -> int:
                         except OSError as e:
                             err = RuntimeError(f"cache exchange: writing an entry to {root}: {e}")
                     have[i] = True
-    dist.fail_together(err, "the cache exchange")  # also: every node's writer is done before any rank reads
-    return received
+        dist.heartbeat()  # the node's other ranks wait at fail_together
+    return received, err
 
 
 def bucket_configs(spec) -> list[bk.BucketConfig]:

@@ -308,10 +308,16 @@ def fail_together(error: BaseException | None, what: str = "a phase") -> None:
         raise PeerFailed(f"rank {rank} failed: {why}", code)
 
 
-def broadcast(obj, src: int = 0):
+def broadcast(obj, src: int = 0, group=None):
+    """obj from global rank src to every rank of group (the world by default)."""
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def subgroup(ranks: list[int]):
+    """A process group of these global ranks. Every rank calls it, members or not, in the same order."""
+    return dist.new_group(ranks=ranks)
 
 
 def log(env: DistEnv | None, msg: str) -> None:
@@ -320,9 +326,10 @@ def log(env: DistEnv | None, msg: str) -> None:
         print(msg, flush=True)
 
 
-def all_gather(obj) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+def all_gather(obj, group=None) -> list:
+    """Every rank's obj, in rank order, on every rank of group (the world by default)."""
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
