@@ -142,8 +142,9 @@ def test_a_failed_export_is_retried_from_the_last_step_without_training_again(s3
     try:
         env = {**os.environ, **s3.env, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "2",
                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KUBELORA_METRICS_PORT": "0"}
-        # every upload of the LoRA fails (its bytes go to a .part key first)
-        proxy.fail(ops=("PutObject", "CreateMultipartUpload"), key="run/.lora.safetensors.*")
+        # every upload of the LoRA fails (one PUT, or for a large file a .part key first)
+        for key in ("run/lora.safetensors", "run/.lora.safetensors.*"):
+            proxy.fail(ops=("PutObject", "CreateMultipartUpload"), key=key)
         rc, out = _run(job, env, nproc=1)
         assert rc == 1, out[-3000:]
         assert "[checkpoint] step 3 written" in out and "[train] step 3/3" in out, out[-3000:]

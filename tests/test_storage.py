@@ -447,17 +447,46 @@ class _CorruptingUpload:
         return self._c.upload_file(str(bad), bucket, key, Config=Config, ExtraArgs=ExtraArgs)
 
 
+class _CorruptingPut(_CorruptingUpload):
+    """Real client whose single PUT sends other bytes of the same size, with the file's Content-MD5."""
+
+    def put_object(self, Body, **kw):
+        return self._c.put_object(Body=bytes([Body[0] ^ 0xFF]) + Body[1:], **kw)
+
+
 def test_a_corrupted_upload_is_never_published(s3, tmp_path):
+    """A large file (temporary key, multipart): our check of the stored ETag refuses it; a small
+    one (one PUT with its Content-MD5): the server itself refuses the body (BadDigest)."""
     b = _bucket(s3, "publish")
     f = tmp_path / "lora.safetensors"
     f.write_bytes(os.urandom(4096))
+    large = S3Settings(multipart_threshold=1024, multipart_chunksize=5 * 1024 * 1024)
     with pytest.raises(StorageError, match="stored object differs"):
-        upload(f, f"s3://{b}/out/lora.safetensors", client=_CorruptingUpload(s3))
+        upload(f, f"s3://{b}/out/lora.safetensors", large, client=_CorruptingUpload(s3))
+    with pytest.raises(StorageError, match="BadDigest"):
+        upload(f, f"s3://{b}/out/lora.safetensors", client=_CorruptingPut(s3))
     assert "Contents" not in s3.list_objects_v2(Bucket=b, Prefix="out/")  # neither the file nor a .part
-    art = upload(f, f"s3://{b}/out/lora.safetensors", client=s3)
-    assert [o["Key"] for o in s3.list_objects_v2(Bucket=b, Prefix="out/")["Contents"]] == ["out/lora.safetensors"]
-    body = s3.get_object(Bucket=b, Key="out/lora.safetensors")["Body"].read()
-    assert body == f.read_bytes() and art["sha256"] == __import__("hashlib").sha256(body).hexdigest()
+    for settings in (large, S3Settings()):
+        art = upload(f, f"s3://{b}/out/lora.safetensors", settings, client=s3)
+        assert [o["Key"] for o in s3.list_objects_v2(Bucket=b, Prefix="out/")["Contents"]] == ["out/lora.safetensors"]
+        body = s3.get_object(Bucket=b, Key="out/lora.safetensors")["Body"].read()
+        assert body == f.read_bytes() and art["sha256"] == __import__("hashlib").sha256(body).hexdigest()
+        assert s3.head_object(Bucket=b, Key="out/lora.safetensors")["Metadata"]["sha256"] == art["sha256"]
+
+
+def test_a_small_file_is_published_in_one_request(s3, tmp_path):
+    """A shared cache (dataset.cacheUri) pushes a small file per entry and probe: one PUT each, not
+    a temporary key, two HEADs, a copy and a delete."""
+    from kubelora_trainer import storage
+    b = _bucket(s3, "one-put")
+    client = storage.make_client(S3Settings())
+    calls = []
+    client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    f = tmp_path / "entry.pt"
+    f.write_bytes(os.urandom(30_000))
+    upload(f, f"s3://{b}/latents/entry.pt", client=client)
+    assert calls == ["PutObject"], calls
+    assert s3.get_object(Bucket=b, Key="latents/entry.pt")["Body"].read() == f.read_bytes()
 
 
 def test_an_empty_local_folder_is_not_readable_input(tmp_path):

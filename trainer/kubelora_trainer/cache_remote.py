@@ -14,8 +14,8 @@ Layout under the prefix: the cache folder's own, `latents/<key>.pt` and `probes/
   them to the other nodes (each entry crosses the store once, however many nodes there are).
 - After encoding and the exchange (every node then holds every entry), the entries the listing
   lacks are split round robin over ranks and uploaded, each once; each rank uploads the probes of
-  its own items that the listing lacks (storage.upload: a temporary key, the size and ETag
-  checked, then the final name). So a node's older cache is shared too, not only what this run
+  its own items that the listing lacks (storage.upload: one PUT with its Content-MD5, which the
+  server checks; a file past the multipart threshold through a temporary key). So a node's older cache is shared too, not only what this run
   encoded.
 - A failed download or upload is a warning, never a failed run: what was not downloaded is
   encoded here, what was not uploaded is not shared. After a rank's first failure it tries no

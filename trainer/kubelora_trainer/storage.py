@@ -23,6 +23,7 @@
 """
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import json
@@ -485,9 +486,12 @@ def _load_index(dest: Path, name: str = INDEX_NAME) -> dict:
 def _save_index(dest: Path, index: dict, name: str = INDEX_NAME) -> float:
     """Write the index (json's C encoder: no indent, 1M entries in about 2 s); the seconds it took."""
     t0 = time.monotonic()
-    tmp = dest / f"{INDEX_NAME}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(index, sort_keys=True))
-    os.replace(tmp, dest / name)
+    tmp = dest / f"{INDEX_NAME}.tmp{os.getpid()}.{threading.get_ident()}"
+    try:
+        tmp.write_text(json.dumps(index, sort_keys=True))
+        os.replace(tmp, dest / name)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk: no partial copy left behind
     return time.monotonic() - t0
 
 
@@ -748,10 +752,11 @@ os.umask(UMASK)
 
 def upload(path: str | Path, uri: str, settings: S3Settings = S3Settings(), client=None,
            content_type: str = "application/octet-stream") -> dict:
-    """Publish one file; returns {uri, sha256, size}. The bytes go to a temporary key first and
-    reach the final key (a server-side copy) only after the stored size and content checksum
-    (ETag) match the file: a failed or corrupted upload never appears under its final name, and a
-    retried job publishes the same bytes again rather than a partial file."""
+    """Publish one file; returns {uri, sha256, size}. A failed or corrupted upload never appears
+    under its final name, and a retried job publishes the same bytes again rather than a partial
+    file: a file under the multipart threshold goes up in one PUT carrying its MD5 (_put_small);
+    a larger one goes to a temporary key first and reaches the final key (a server-side copy) only
+    after the stored size and content checksum (ETag) match the file."""
     path = Path(path)
     digest, size = sha256_file(path), path.stat().st_size
     loc = parse_uri(uri)
@@ -773,6 +778,13 @@ def upload(path: str | Path, uri: str, settings: S3Settings = S3Settings(), clie
         return {"uri": str(target), "sha256": digest, "size": size}
     client = client or make_client(settings)
     config = _transfer_config(settings)
+    if size < config.multipart_threshold:
+        try:
+            with_retries(lambda: _put_small(client, path, loc, digest, content_type), f"uploading {loc}")
+        except Exception as exc:  # noqa: BLE001
+            raise describe_error(exc, loc, "uploading") from None
+        _transferred("upload", size)
+        return {"uri": str(loc), "sha256": digest, "size": size}
     etag = expected_etag(path, size, config.multipart_threshold, config.multipart_chunksize)
     parent, _, name = loc.key.rpartition("/")
     tmp_key = f"{parent + '/' if parent else ''}.{name}.{os.getpid()}-{int(time.time() * 1000)}.part"
@@ -801,6 +813,26 @@ def upload(path: str | Path, uri: str, settings: S3Settings = S3Settings(), clie
             pass
     _transferred("upload", size)
     return {"uri": str(loc), "sha256": digest, "size": size}
+
+
+def _put_small(client, path: Path, loc: Location, digest: str, content_type: str) -> None:
+    """One PutObject with the file's MD5 as Content-MD5: S3 stores a PUT's body whole or not at
+    all and refuses one whose MD5 is not the one sent (BadDigest), so no temporary key is needed
+    (with one, a file took five requests: a shared cache pushes a file per entry). The answer's
+    ETag is checked too, for a store that ignores Content-MD5: a mismatch removes what it stored.
+    The file must still be the one hashed (sha256, kept in the object's metadata)."""
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise Mismatch(f"{path} changed while it was being uploaded")
+    md5 = hashlib.md5(data)
+    answer = client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, ContentType=content_type,
+                               ContentMD5=base64.b64encode(md5.digest()).decode(), Metadata={"sha256": digest})
+    if not etag_matches(answer.get("ETag", ""), md5.hexdigest()):
+        try:
+            client.delete_object(Bucket=loc.bucket, Key=loc.key)
+        except Exception:  # noqa: BLE001 - the error below is the one to say
+            pass
+        raise Mismatch(f"stored object differs from {path} (ETag {answer.get('ETag')} vs {md5.hexdigest()})")
 
 
 def upload_tree(folder: str | Path, uri: str, settings: S3Settings = S3Settings(), client=None) -> list[dict]:
