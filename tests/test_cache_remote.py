@@ -9,7 +9,7 @@ import json
 import pytest
 
 from kubelora_trainer import cache_remote as cr
-from kubelora_trainer import storage
+from kubelora_trainer import media_later, storage
 
 from test_cache import _counted_run, _images, _spec
 
@@ -176,7 +176,8 @@ def test_two_nodes_pull_the_shared_cache_once_between_them_and_encode_nothing(s3
                                                                              monkeypatch, capsys):
     """Job A (one process) pushes; job B runs on two fresh nodes (two torchrun launchers, each with
     its own cache folder): the ranks split the pulls, the exchange gives each node the other's
-    share, nothing is encoded and no encoder is loaded on either node."""
+    share, nothing is encoded and no encoder is loaded on either node. The dataset is in a bucket:
+    job A pushed its media's digests too (media_later's memo), so job B's nodes fetch no media."""
     import os
     import subprocess
     import sys
@@ -187,14 +188,16 @@ def test_two_nodes_pull_the_shared_cache_once_between_them_and_encode_nothing(s3
     storage.ensure_bucket(s3, "shared-two")
     monkeypatch.setenv("KUBELORA_METRICS_PORT", "0")
     data = _images(tmp_path / "data", 4)
+    for f in data.iterdir():
+        s3.upload_file(str(f), "shared-two", f"data/{f.name}")
     uri = "s3://shared-two/flux"
     monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "pool-a"))
-    a, _ = _counted_run(_spec(tiny_flux_dir, data, tmp_path / "out-a", resolutions=[32], cacheUri=uri),
-                        monkeypatch, capsys)
+    a, _ = _counted_run(_spec(tiny_flux_dir, "s3://shared-two/data", tmp_path / "out-a", resolutions=[32],
+                              cacheUri=uri), monkeypatch, capsys)
     assert a["encode"] == 4
+    assert [k["Key"] for k in s3.list_objects_v2(Bucket="shared-two", Prefix="flux/media/")["Contents"]] == \
+        ["flux/" + media_later.memo_name("s3://shared-two/data")]
 
-    for f in data.iterdir():  # job B reads the same files from the bucket
-        s3.upload_file(str(f), "shared-two", f"data/{f.name}")
     job = tmp_path / "b.yaml"
     job.write_text(yaml.safe_dump(_spec(tiny_flux_dir, "s3://shared-two/data", tmp_path / "out-b", resolutions=[32],
                                         cacheUri=uri).model_dump(mode="json", exclude_none=True)))
@@ -219,8 +222,9 @@ def test_two_nodes_pull_the_shared_cache_once_between_them_and_encode_nothing(s3
     assert m["copiedBetweenNodes"] == 4, m     # each node pulled its half and received the other's
     held = [sorted(f.name for f in (tmp_path / f"b-node{n}" / "latents").glob("*.pt")) for n in range(2)]
     assert len(held[0]) == 4 and held[0] == held[1]
-    # each node fetched the captions and only the media its rank hashed (media_later), not the whole dataset
+    # each node fetched the captions only: the digests, probes and entries came from dataset.cacheUri
     staged = [sorted(f.name for f in (tmp_path / f"b-node{n}" / "s3" / "shared-two" / "data").iterdir()
                      if not f.name.startswith(".")) for n in range(2)]
-    assert staged == [["img0.png", "img0.txt", "img1.txt", "img2.png", "img2.txt", "img3.txt"],
-                      ["img0.txt", "img1.png", "img1.txt", "img2.txt", "img3.png", "img3.txt"]], staged
+    assert staged == [["img0.txt", "img1.txt", "img2.txt", "img3.txt"]] * 2, staged
+    assert "[cache] s3://shared-two/data: the digests of 4 of 4 media files are known from dataset.cacheUri" in log
+    assert "media file(s) of its share" not in outs[0][0] + outs[1][0]

@@ -208,7 +208,7 @@ def test_stage_in_refuses_a_download_that_does_not_fit_the_pods_cache_before_fet
     for marker in (tmp_path / "cache").rglob("staged-*.json"):
         marker.unlink()
     paths, _, _, later = train.stage_in(spec, env, S3Settings())  # 0 left of 15000, 0 to add
-    assert not list(Path(paths["dataset.0"]).glob("*.png"))  # the stale copies are gone
+    assert later.absent("dataset.0") == ["0.png", "1.png", "2.png"]  # the stale copies stay until fetched
     later.fetch(Path(paths["dataset.0"]) / f"{i}.png" for i in range(3))
     assert all(p.read_bytes() == b"z" * 4000 for p in Path(paths["dataset.0"]).glob("*.png"))
     for marker in (tmp_path / "cache").rglob("staged-*.json"):

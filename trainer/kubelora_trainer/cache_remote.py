@@ -1,7 +1,8 @@
 """dataset.cacheUri: the latent cache shared through an S3 prefix (or a shared local path), so that
 a job on another node pool or cluster skips encoding.
 
-Layout under the prefix: the cache folder's own, `latents/<key>.pt` and `probes/<name>.json`.
+Layout under the prefix: the cache folder's own, `latents/<key>.pt` and `probes/<name>.json`, and
+a digest memo per dataset source, `media/<hash of its URI>.json.gz` (media_later).
 
 - Pre-flight (rank 0, before stage-in): the prefix must be writable (a marker put and deleted, as
   for output.uri) and is listed once (one paginated LIST, no HEAD per key). A bad-input failure
@@ -36,7 +37,7 @@ from typing import Callable, Optional
 from . import storage
 
 FIELD = "dataset.cacheUri"
-NAME = re.compile(r"^(latents/[0-9a-f]{32}\.pt|probes/[0-9a-f]{32}\.json)$")
+NAME = re.compile(r"^(latents/[0-9a-f]{32}\.pt|probes/[0-9a-f]{32}\.json|media/[0-9a-f]{32}\.json\.gz)$")
 
 
 # ---------------------------------------------------------------- planning (pure)
@@ -210,7 +211,8 @@ def preflight(uri: Optional[str], settings: storage.S3Settings, log: Callable[[s
         raise storage.StorageError(f"{FIELD}: {e}", transient=False) from None
     remote = Remote(uri, settings, listing)
     n = sum(1 for k in remote.listing if k.startswith("latents/"))
-    log(f"[cache] {FIELD} {uri}: {n} entries and {len(remote.listing) - n} probes listed")
+    probes = sum(1 for k in remote.listing if k.startswith("probes/"))
+    log(f"[cache] {FIELD} {uri}: {n} entries and {probes} probes listed")
     return remote
 
 

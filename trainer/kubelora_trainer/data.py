@@ -40,6 +40,7 @@ SKIP_REASONS = {   # why an item was skipped (manifest.json dataset.skipped, the
     "maskSizeMismatch": "the item's mask is not the size of the item",
     "unsafeKey": "the object's key cannot be a file under the staged folder ('..', '.', an empty segment, a doubled '/' "
                  "or the stage index's name); never downloaded",
+    "vanished": "the object was deleted from the bucket after stage-in listed it",
 }
 
 

@@ -15,7 +15,7 @@ from . import cache, cache_remote, disk, dist, masks, media_later, metrics
 from . import buckets as bk
 from .cache import cache_key
 from .disk import cache_root
-from .data import (DatasetError, ScanReport, Skip, check_item, check_usable, decode_skip, is_environmental, kohya_note, load_unit,
+from .data import (SKIP_REASONS, DatasetError, ScanReport, Skip, check_item, check_usable, decode_skip, is_environmental, kohya_note, load_unit,
                    skipped_text)
 from .dist import log
 from .families import (RULES, all_source_specs, areas_of, frame_buckets_of,  # noqa: F401 (re-exported)
@@ -75,7 +75,7 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
     for i in todo:
         per_unit.setdefault(entries[i][0], []).append(i)
     mine = cache.split_units(sorted(per_unit), env.world, env.rank, [items[u.item].seq for u in units])
-    if later:  # fetched when this rank probed them (nothing to do then), unless another rank had them
+    if later:  # those keyed and probed from dataset.cacheUri's memo, not fetched when probed
         later.fetch([items[units[u].item].image for u in mine], print, dist.heartbeat)
     progress = cache.EncodeProgress(len(todo), sum(len(per_unit[u]) for u in mine), env, lambda msg: log(env, msg))
     bad = []
@@ -83,6 +83,10 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
         for u in mine:
             unit, it = units[u], items[units[u].item]
             w, h, frames = unit.bucket
+            if it.image in later.vanished:  # deleted from the bucket since it was listed: never its stale copy
+                bad.append((unit.item, Skip(it.name, "vanished", SKIP_REASONS["vanished"], lasting=False)))
+                progress.add(len(per_unit[u]))
+                continue
             try:
                 x = load_unit(it.image, w, h, frames, unit.start, fps=r.fps if r.video else None, clip=r.video).unsqueeze(0)
             except Exception as e:  # noqa: BLE001 - any decoder failure means skip and count
@@ -186,23 +190,27 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
     digests of the remaining items, in order. With dataset.cacheUri (remote), the probes of this
     rank's items that its node lacks are downloaded first when listed there (remote.probes_pulled),
     and their names are kept for the push after encoding (remote.probes). A rank fetches the media
-    of its share that stage-in left for later (media_later) first; each item keeps its index here
-    (Item.seq), so the same rank encodes it."""
+    of its share that stage-in left for later (media_later) first, but those whose digest the
+    cacheUri memo knows and whose probe it finds; rank 0 pushes the memo with what this run learnt.
+    Each item keeps its index here (Item.seq), so the same rank encodes it."""
     r = RULES[spec.model.type]
     fps = r.fps if r.video else None
     root = cache_root()
     items = report.items = [dataclasses.replace(it, seq=i) for i, it in enumerate(report.items)]
 
     def checking_the_dataset():  # this rank's share; run through dist.agree, so no rank waits for a failed one
-        found, bad, hashed = [], [], []
-        if later:
-            n = later.fetch([items[i].image for i in range(env.rank, len(items), env.world)], print, dist.heartbeat)
-            if n:
-                print(f"[data] rank {env.rank}: fetched {n} media file(s) of its share", flush=True)
-        for i in range(env.rank, len(items), env.world):
+        found, bad, hashed, media = [], [], [], {}
+        share = range(env.rank, len(items), env.world)
+        known = {i: later.digest_of(items[i].image) for i in share}  # from dataset.cacheUri's memo
+        fetched = later.fetch([items[i].image for i in share if known[i] is None], print, dist.heartbeat)
+        for i in share:
             it = items[i]
+            if it.image in later.vanished:  # not remembered: it may be back, with other bytes
+                bad.append((i, Skip(it.name, "vanished", SKIP_REASONS["vanished"], lasting=False)))
+                continue
             try:
-                hashed.append((i, item_digest(it)))
+                media[i] = known[i] or cache.media_digest(it.image, memo_root=root)
+                hashed.append((i, item_digest(it, media[i])))
             except OSError as e:  # the media file, or its mask (named by the error's filename)
                 reason = "maskUnreadable" if it.mask is not None and e.filename == str(it.mask) else "corrupt"
                 bad.append((i, Skip(it.name, reason, f"{type(e).__name__}: {e}"[:300], lasting=not is_environmental(e))))
@@ -210,8 +218,16 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
             remote.probes = list(dict.fromkeys(probe_name(root, d, fps) for _, d in hashed))
             remote.probes_pulled = remote.pull([n for n in remote.probes if n in remote.listing and not (root / n).is_file()],
                                                root)
+        # keyed from the memo, but no probe to be had: the media are checked here after all
+        fetched += later.fetch([items[i].image for i, d in hashed if not (root / probe_name(root, d, fps)).is_file()],
+                               print, dist.heartbeat)
+        if fetched:
+            print(f"[data] rank {env.rank}: fetched {fetched} media file(s) of its share", flush=True)
         for i, digest in hashed:
             it = items[i]
+            if it.image in later.vanished:  # keyed from the memo; deleted when it was to be checked
+                bad.append((i, Skip(it.name, "vanished", SKIP_REASONS["vanished"], lasting=False)))
+                continue
             got = cache.read_probe(root, digest, fps)
             if got is None:
                 meta, skip = check_item(it, fps, decode=False)
@@ -223,11 +239,18 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
                 found.append((i, (meta, digest)))
             else:
                 bad.append((i, skip))
-        return found, bad
-    found, bad = dist.agree(checking_the_dataset)
-    gathered = dist.all_gather((found, bad))
-    found_all = dict(m for part, _ in gathered for m in part)
-    skips = dict(b for _, part in gathered for b in part)
+        # for dataset.cacheUri's memo, the media digests that are not the item's (masked or skipped items)
+        plain = {i for i, _ in found if items[i].mask is None}
+        return found, bad, ({i: d for i, d in media.items() if i not in plain} if sharing else {})
+    sharing = remote is not None and bool(later.sources)
+    found, bad, media = dist.agree(checking_the_dataset)
+    gathered = dist.all_gather((found, bad, media)) if env.world > 1 else [(found, bad, media)]
+    found_all = dict(m for part, _, _ in gathered for m in part)
+    skips = dict(b for _, part, _ in gathered for b in part)
+    if sharing and env.is_main:  # best effort: a warning at worst
+        digests = {i: d for i, (_, d) in found_all.items() if items[i].mask is None}
+        digests.update((i, d) for _, _, part in gathered for i, d in part.items())
+        push_memos(remote, later, {items[i].image: d for i, d in digests.items()}, env)
     kept = settle(report, {i: m for i, (m, _) in found_all.items()}, skips, bucket_configs(spec))
     for k in report.skipped[:10]:
         log(env, f"[data] skipped {k}")
@@ -243,10 +266,31 @@ def probe_name(root: Path, digest: str, fps) -> str:
     return cache.probe_path(root, digest, fps).relative_to(root).as_posix()
 
 
-def item_digest(item) -> str:
-    """What an item's cache entries and probe are keyed by: its media's content hash, combined with
-    its mask's for a masked item (a changed mask is checked and encoded again)."""
-    digest = cache.media_digest(item.image, memo_root=cache_root())
+def push_memos(remote: cache_remote.Remote, later: media_later.Later, digests: dict, env) -> None:
+    """Rank 0: each source's digest memo, where this run learnt digests its copy under
+    dataset.cacheUri lacks, written to the cache folder and pushed (media_later)."""
+    root = cache_root()
+    known = later.memos({})  # what the pulled memo knew of the listed objects
+    for key, memo in later.memos(digests).items():
+        uri = later.sources[key].uri
+        name = media_later.memo_name(uri)
+        if not memo or (name in remote.listing and memo == known[key]):  # nothing learnt
+            continue
+        try:
+            media_later.write_memo(root / name, uri, memo)
+        except (OSError, disk.NoRoom) as e:
+            log(env, f"[cache] warning: the media digests of {uri} were not written ({e}); not shared")
+            continue
+        moved = remote.push([name], root)
+        if moved.failed:
+            (root / name).unlink(missing_ok=True)  # pushed again next run
+            log(env, f"[cache] warning: the media digests of {uri} were not pushed to {remote.uri} ({moved.error})")
+
+
+def item_digest(item, media: Optional[str] = None) -> str:
+    """What an item's cache entries and probe are keyed by: its media's content hash (media, when
+    known), combined with its mask's for a masked item (a changed mask is checked and encoded again)."""
+    digest = media or cache.media_digest(item.image, memo_root=cache_root())
     if item.mask is None:
         return digest
     return hashlib.sha256(masks.media_key(bytes.fromhex(digest), item.mask.read_bytes())).hexdigest()

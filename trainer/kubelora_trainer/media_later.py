@@ -8,80 +8,150 @@ rank i % world) fetches its media first, and the same rank encodes its units
 in all, by the node that reads it, instead of once per node. A node with a warm cache folder (a
 cache claim) fetches nothing it holds: its stage index says what is current.
 
+With dataset.cacheUri the media's content hashes are shared too: a digest memo per source
+(`media/<hash of the source URI>.json.gz` under the prefix: {relative name: [ETag, size,
+SHA-256]}) that stage-in pulls, so an item whose object is unchanged (same ETag and size) is keyed
+without its bytes; its media are fetched only when its probe or its cache entries are not to be
+had otherwise. A node with a warm shared cache fetches no media at all.
+
 What was fetched is recorded in the rank's own index file in the source's folder
 (storage.RANK_INDEX), merged into the folder's index at the next stage-in. A failed fetch fails
 the phase on every rank with its reason (dist.agree), as a failed stage-in does."""
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from . import storage
 
+MEMO_DIR = "media"
+
+
+def memo_name(uri: str) -> str:
+    """A source's digest memo, relative to the cache folder and to dataset.cacheUri."""
+    return f"{MEMO_DIR}/{hashlib.sha256(uri.rstrip('/').encode()).hexdigest()[:32]}.json.gz"
+
+
+def read_memo(path: Path) -> dict[str, list]:
+    """{rel: [etag, size, sha256]} of a memo file; {} when it cannot be read (best effort)."""
+    try:
+        got = json.loads(gzip.decompress(path.read_bytes()))["media"]
+        return {k: v for k, v in got.items() if isinstance(v, list) and len(v) == 3}
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        return {}
+
+
+def write_memo(path: Path, uri: str, memo: dict[str, list]) -> None:
+    from .cache import write_bytes_atomic
+    write_bytes_atomic(path, gzip.compress(json.dumps({"uri": uri, "media": memo}, sort_keys=True).encode(), 6))
+
 
 @dataclass
 class Source:
-    """One source's media left for later: its URI, staged folder and {rel: listed object}."""
+    """One source's media: its URI, staged folder, every listed media object ({rel: [key, etag,
+    size, sha256 known from the memo or ""]}) and those not fetched yet (pending)."""
     uri: str
     folder: Path
-    objs: dict[str, dict] = field(default_factory=dict)
+    listed: dict[str, list] = field(default_factory=dict)
+    pending: set[str] = field(default_factory=set)
+
+    def obj(self, rel: str) -> dict:
+        key, etag, size, _ = self.listed[rel]
+        return {"Key": key, "ETag": etag, "Size": size, "rel": rel}
 
 
 class Later:
-    """The media of every source that stage-in left for the ranks that read them."""
+    """The media of every source that stage-in listed, and those it left for the ranks that read them."""
 
     def __init__(self, sources: dict[str, Source], settings: storage.S3Settings = storage.S3Settings(), rank: int = 0):
         self.sources, self.settings, self.rank = sources, settings, rank
+        self.vanished: set[Path] = set()  # deleted from the bucket since stage-in listed them
         self._client = None
 
     @classmethod
     def from_staged(cls, later: dict[str, dict], paths: dict[str, str], settings: storage.S3Settings,
                     rank: int) -> "Later":
-        """From stage_in's record ({stage key: {"uri", "objs": [[rel, key, etag, size], ...]}})."""
-        return cls({k: Source(v["uri"], Path(paths[k]), {rel: {"Key": key, "ETag": etag, "Size": size, "rel": rel}
-                                                          for rel, key, etag, size in v["objs"]})
-                    for k, v in later.items()}, settings, rank)
+        """From stage_in's records ({stage key: record()})."""
+        sources = {}
+        for k, v in later.items():
+            src = sources[k] = Source(v["uri"], Path(paths[k]))
+            for rel, key, etag, size, put_off, sha in v["objs"]:
+                src.listed[rel] = [key, etag, size, sha]
+                if put_off:
+                    src.pending.add(rel)
+        return cls(sources, settings, rank)
 
     @staticmethod
-    def record(uri: str, objs: list[dict]) -> dict:
-        """stage_in's record of one source's deferred objects (compact: a million of them are read
-        by every rank of the node)."""
-        return {"uri": uri, "objs": [[o["rel"], o["Key"], o["ETag"], o["Size"]] for o in objs]}
+    def record(uri: str, media: list[dict], deferred: list[dict], memo: dict[str, list]) -> dict:
+        """stage_in's record of a source's listed media objects, which were deferred, and the
+        SHA-256 of those the memo knows at their current ETag and size (compact: a million of them
+        are read by every rank of the node). Pure."""
+        put_off = {o["rel"] for o in deferred}
+
+        def sha(o: dict) -> str:
+            m = memo.get(o["rel"])
+            return m[2] if m is not None and [m[0], m[1]] == [o["ETag"], o["Size"]] else ""
+        return {"uri": uri, "objs": [[o["rel"], o["Key"], o["ETag"], o["Size"], int(o["rel"] in put_off), sha(o)]
+                                     for o in media]}
 
     def absent(self, key: str) -> list[str]:
         """The relative names of source `key`'s media not fetched yet (for the scan)."""
         src = self.sources.get(key)
-        return list(src.objs) if src is not None else []
+        return sorted(src.pending) if src is not None else []
 
-    def pending(self, paths: Iterable[Path]) -> dict[str, list[dict]]:
-        """{stage key: listed objects} of the paths still to fetch (by this rank). Pure."""
-        out: dict[str, list[dict]] = {}
-        for p in paths:
-            for key, src in self.sources.items():
-                if p.parent == src.folder or p.is_relative_to(src.folder):
-                    o = src.objs.get(p.relative_to(src.folder).as_posix())
-                    if o is not None:
-                        out.setdefault(key, []).append(o)
-                        break
-        return out
+    def _where(self, p: Path) -> Optional[tuple[str, str]]:
+        """(stage key, relative name) of a listed media path; None for another file. Pure."""
+        for key, src in self.sources.items():
+            if p.is_relative_to(src.folder):
+                rel = p.relative_to(src.folder).as_posix()
+                if rel in src.listed:
+                    return key, rel
+        return None
+
+    def digest_of(self, p: Path) -> Optional[str]:
+        """The media's SHA-256 when the memo knows its object unchanged, else None."""
+        where = self._where(p)
+        return (self.sources[where[0]].listed[where[1]][3] or None) if where else None
 
     def fetch(self, paths: Iterable[Path], log: Callable[[str], None] = print,
               progress: Optional[Callable[[], None]] = None) -> int:
         """Fetch the media among paths that stage-in left for later (once: then they are local).
-        Returns how many files this rank fetched."""
+        Returns how many files this rank fetched; those deleted from the bucket since they were
+        listed are added to `vanished` (their items are skipped), the others fetched."""
+        todo: dict[str, list[dict]] = {}
+        for p in paths:
+            where = self._where(p)
+            if where is not None and where[1] in self.sources[where[0]].pending:
+                todo.setdefault(where[0], []).append(self.sources[where[0]].obj(where[1]))
         n = 0
-        for key, objs in self.pending(paths).items():
-            src = self.sources[key]
+        for key, objs in todo.items():
+            src, gone = self.sources[key], []
             if self._client is None:
                 self._client = storage.make_client(self.settings)
-            n += storage.fetch_later(src.uri, objs, src.folder, self.settings, self.rank, self._client, log, progress)
-            for o in objs:
-                src.objs.pop(o["rel"], None)
+            n += storage.fetch_later(src.uri, objs, src.folder, self.settings, self.rank, self._client, log, progress,
+                                     gone)
+            src.pending -= {o["rel"] for o in objs}
+            self.vanished |= {src.folder / o["rel"] for o in gone}
         return n
 
+    def memos(self, digests: dict[Path, str]) -> dict[str, dict[str, list]]:
+        """{stage key: memo} of every source: the media digests the memo knew, with digests (media
+        path: SHA-256, this run's) added, for the listed objects only. Pure."""
+        out: dict[str, dict[str, list]] = {k: {rel: [etag, size, sha] for rel, (_, etag, size, sha) in src.listed.items()
+                                               if sha} for k, src in self.sources.items()}
+        for p, sha in digests.items():
+            where = self._where(p)
+            if where is not None:
+                _, etag, size, _ = self.sources[where[0]].listed[where[1]]
+                out[where[0]][where[1]] = [etag, size, sha]
+        return out
+
     def __bool__(self) -> bool:
-        return any(src.objs for src in self.sources.values())
+        return any(src.pending for src in self.sources.values())
 
 
 NONE = Later({})

@@ -58,6 +58,10 @@ class StorageError(RuntimeError):
         return type(self), (str(self), self.transient)
 
 
+class NoSuchObject(StorageError):
+    """The key is not in the bucket (deleted since it was listed, or never there)."""
+
+
 class Mismatch(OSError):
     """What was stored or fetched differs from what was sent or listed (size, ETag): worth
     another whole transfer."""
@@ -295,7 +299,9 @@ def describe_error(exc: BaseException, loc: Location, action: str, echo: bool = 
         cause = f"{type(exc).__name__}: {exc}"
     else:  # e.g. a ResponseParserError quotes the body it could not parse
         cause = type(exc).__name__
-    return StorageError(f"{action} {where}: {cause}", transient=is_transient(exc))
+    missing = isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code", "")) in (
+        "NoSuchKey", "404", "NotFound")
+    return (NoSuchObject if missing else StorageError)(f"{action} {where}: {cause}", transient=is_transient(exc))
 
 
 # Error codes S3 (and S3-compatible stores) answer when they are overloaded or briefly failing,
@@ -475,23 +481,28 @@ def _read_index(path: Path) -> dict:
 
 
 def _load_index(dest: Path, name: str = INDEX_NAME) -> dict:
-    """The folder's index ({rel: {etag, size}}); the folder's own with the ranks' (newer) merged in."""
+    """The folder's index ({rel: {etag, size, at}}); the folder's own with the ranks' merged in,
+    the newest record of each name winning (`at`: when its bytes arrived)."""
     index = _read_index(dest / name)
     if name == INDEX_NAME:
         for side in sorted(dest.glob(RANK_INDEX.format(rank="*"))):
-            index.update(_read_index(side))
+            for rel, rec in _read_index(side).items():
+                if rec.get("at", 0) >= index.get(rel, {}).get("at", 0):
+                    index[rel] = rec
     return index
 
 
 def _save_index(dest: Path, index: dict, name: str = INDEX_NAME) -> float:
-    """Write the index (json's C encoder: no indent, 1M entries in about 2 s); the seconds it took."""
+    """Write the index (json's C encoder: no indent, 1M entries in about 2 s) through a temporary
+    file of its own (ranks and jobs may share the folder); the seconds it took."""
     t0 = time.monotonic()
-    tmp = dest / f"{INDEX_NAME}.tmp{os.getpid()}.{threading.get_ident()}"
+    fd, tmp = tempfile.mkstemp(prefix=f"{INDEX_NAME}.tmp", dir=dest)
     try:
-        tmp.write_text(json.dumps(index, sort_keys=True))
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(index, sort_keys=True))
         os.replace(tmp, dest / name)
     finally:
-        tmp.unlink(missing_ok=True)  # a full disk: no partial copy left behind
+        Path(tmp).unlink(missing_ok=True)  # a full disk: no partial copy left behind
     return time.monotonic() - t0
 
 
@@ -573,7 +584,8 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
              log: Callable[[str], None] = print, unsafe: Optional[list[str]] = None,
              below: Optional[list[str]] = None, progress: Optional[Callable[[], None]] = None,
              room: Optional[Callable[[int, Path], None]] = None,
-             later: Optional[Callable[[str], bool]] = None, deferred: Optional[list[dict]] = None) -> Path:
+             later: Optional[Callable[[str], bool]] = None, deferred: Optional[list[dict]] = None,
+             listing: Optional[list[dict]] = None) -> Path:
     """Fetch an object or a whole prefix into dest (a folder). Returns the local path of the
     object (dest/<name>) or of the folder (dest). Complete files (size + ETag) are not fetched
     again; a local URI is returned as it is. Nothing is written outside dest: a key that cannot be
@@ -583,8 +595,10 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
     subfolders), the objects in subfolders of the prefix are not fetched and their relative names
     are appended there. Given later(rel) and a list for deferred, the objects to fetch whose
     relative name later() accepts (a dataset's media) are not fetched but appended to deferred
-    (listed objects, with "rel"), their stale copies removed: fetch_later fetches them where they are
-    read. A long download says how far it is every PROGRESS_SECONDS and saves its
+    (listed objects, with "rel"): fetch_later fetches them where they are read (a stale copy is
+    left in place until then: the folder may be shared with other nodes and jobs, whose ranks may
+    be reading their current copy). Given a list for listing, every object kept is appended there.
+    A long download says how far it is every PROGRESS_SECONDS and saves its
     index as often, so what was fetched is kept when it stops (a failed object stops the others:
     those not started are not fetched); progress() is called after each object. room(bytes, dest)
     is asked before anything is fetched (it raises when they do not fit), deferred objects counted."""
@@ -610,6 +624,8 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
     if below is not None:
         below += [o["rel"] for o in objs if "/" in o["rel"]]
         objs = [o for o in objs if "/" not in o["rel"]]
+    if listing is not None:
+        listing += objs
     index = _load_index(dest)
     todo = []
     for obj in objs:
@@ -623,9 +639,6 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
     if room is not None and todo:  # a file fetched again replaces its old copy: only what it adds
         room(sum(max(0, o["Size"] - _size_of(dest / o["rel"])) for o in todo), dest)
     if put_off:
-        for o in put_off:  # a stale copy: a file present later is one a rank fetched in this run (fetch_later)
-            (dest / o["rel"]).unlink(missing_ok=True)
-            index.pop(o["rel"], None)
         deferred += put_off
         todo = [o for o in todo if not later(o["rel"])]
     log(f"[stage-in] {loc}: {len(objs)} objects, {len(objs) - len(todo) - len(put_off)} already cached, "
@@ -633,31 +646,39 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
         + (f"; {len(put_off)} media files ({total_later / MB:.1f} MiB) are fetched by the ranks that read them"
            if put_off else ""))
     _fetch(client, settings, loc, todo, dest, index, log, progress)
-    for side in dest.glob(RANK_INDEX.format(rank="*")):  # merged into the folder's own index, saved by _fetch
-        side.unlink(missing_ok=True)
     single = len(objs) == 1 and objs[0]["Key"] == loc.key
     return dest / objs[0]["rel"] if single else dest
 
 
 def fetch_later(uri: str, objs: list[dict], dest: Path, settings: S3Settings, rank: int, client=None,
-                log: Callable[[str], None] = print, progress: Optional[Callable[[], None]] = None) -> int:
+                log: Callable[[str], None] = print, progress: Optional[Callable[[], None]] = None,
+                gone: Optional[list[dict]] = None) -> int:
     """Fetch objects that download(uri, dest) deferred (listed objects with "rel") into dest, on any
-    rank; those another rank of the node has fetched since (present, of their size: download removed
-    the stale copies) are left alone. Each is recorded in this rank's own index (RANK_INDEX), which
-    the next download merges into the folder's. Returns how many were fetched."""
-    todo = [o for o in objs if _size_of(dest / o["rel"]) != o["Size"]]
+    rank; those that another rank (or job) sharing the folder has fetched since, as its index
+    records at their listed ETag and size, are left alone. Each is recorded in this rank's own
+    index (RANK_INDEX), which the next download merges into the folder's. An object deleted from the
+    bucket since it was listed is appended to gone, when given, and the others are fetched. Returns
+    how many were fetched."""
+    index = _load_index(dest)
+
+    def current(o: dict) -> bool:
+        rec = index.get(o["rel"], {})
+        return rec.get("etag") == o["ETag"] and rec.get("size") == o["Size"] and (dest / o["rel"]).is_file() \
+            and _size_of(dest / o["rel"]) == o["Size"]
+    todo = [o for o in objs if not current(o)]
     if todo:
         name = RANK_INDEX.format(rank=rank)
         _fetch(client or make_client(settings), settings, parse_uri(uri), todo, dest, _load_index(dest, name), log,
-               progress, name, "[data]")
-    return len(todo)
+               progress, name, "[data]", gone)
+    return len(todo) - len(gone or ())
 
 
 def _fetch(client, settings: S3Settings, loc: Location, todo: list[dict], dest: Path, index: dict,
            log: Callable[[str], None], progress: Optional[Callable[[], None]], index_name: str = INDEX_NAME,
-           tag: str = "[stage-in]") -> None:
+           tag: str = "[stage-in]", gone: Optional[list[dict]] = None) -> None:
     """Fetch the listed objects todo into dest, in parallel, recording each in index (saved as
-    index_name every PROGRESS_SECONDS and at the end, also after a failure)."""
+    index_name every PROGRESS_SECONDS and at the end, also after a failure). With a list for
+    gone, an object no longer in the bucket is appended there instead of failing the download."""
     total = sum(o["Size"] for o in todo)
     t0 = last = time.time()
     done = fetched = 0
@@ -669,7 +690,7 @@ def _fetch(client, settings: S3Settings, loc: Location, todo: list[dict], dest: 
 
     def record(o: dict) -> None:
         nonlocal done, fetched
-        index[o["rel"]] = {"etag": o["ETag"], "size": o["Size"]}
+        index[o["rel"]] = {"etag": o["ETag"], "size": o["Size"], "at": time.time()}
         done, fetched = done + 1, fetched + o["Size"]
 
     finished, save_every = False, PROGRESS_SECONDS
@@ -687,7 +708,13 @@ def _fetch(client, settings: S3Settings, loc: Location, todo: list[dict], dest: 
             ready, _ = wait(running, timeout=HEARTBEAT_POLL_SECONDS, return_when=FIRST_COMPLETED)
             for fut in ready:
                 o = running.pop(fut)
-                fut.result()  # re-raises the first StorageError: nothing more is started
+                try:
+                    fut.result()  # re-raises the first StorageError: nothing more is started
+                except NoSuchObject:
+                    if gone is None:
+                        raise
+                    gone.append(o)
+                    continue
                 record(o)
             top_up()
             if progress is not None and arrived[0] != beat_at[0]:  # bytes came in: one large object is

@@ -14,10 +14,11 @@ import hashlib
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -95,16 +96,20 @@ def unsafe_warning(field: str, uris: list[str]) -> str:
 
 
 def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3Settings,
-             resume: bool = False) -> tuple[dict[str, str], dict[str, list[str]], dict[str, int], media_later.Later]:
+             resume: bool = False, remote: Optional[cache_remote.Remote] = None
+             ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, int], media_later.Later]:
     """Node-local rank 0 downloads model parts and the dataset but its media, which it lists for
     the ranks that read them (media_later); the other ranks wait and read the resolved paths it
     wrote. Returns ({stage key: local path}, {stage key: URIs of the data objects skipped as
     unsafeKey}, {stage key: media files in subfolders of a source read without them
-    (dataset.recursive false), not fetched}, the media left for later). A failure names the spec field whose URI failed
+    (dataset.recursive false), not fetched}, the media listed and left for later, with the digests
+    dataset.cacheUri's memo knows (remote)). A failure names the spec field whose URI failed
     ("model.diffusersPath: reading ..."); a model object whose key cannot be a file under its
     folder is such a failure, a data object's is skipped and counted (scan_sources)."""
     uris = stage_uris(spec, resume)
-    marker = cache_root() / f"staged-{hashlib.sha1(json.dumps(uris, sort_keys=True).encode()).hexdigest()[:12]}.json"
+    # one per node (a cache claim may be shared by nodes and jobs), written whole
+    marker = cache_root() / (f"staged-{hashlib.sha1(json.dumps(uris, sort_keys=True).encode()).hexdigest()[:12]}-"
+                             f"{socket.gethostname()}.json")
     err = None
     if env.local_rank == 0:
         try:
@@ -116,6 +121,11 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
 
             def is_media(rel: str) -> bool:  # a video in an image family too: counted as ignored, never read
                 return Path(rel).suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
+
+            def media_of(dest: Path) -> Callable[[str], bool]:  # not the files of a mask folder inside dest,
+                inner = [d.relative_to(dest).as_posix() + "/" for d in map(_stage_dir, uris.values())  # which its
+                         if d != dest and d.is_relative_to(dest)]                             # own download fetches
+                return lambda rel: is_media(rel) and not rel.startswith(tuple(inner))
             left = [disk.cache_limit_left()]
 
             def room(need: int, dest: Path) -> None:  # each download's bytes, before it fetches them
@@ -130,11 +140,13 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
                 skipped = [] if key.startswith(("dataset.", "evaluation.")) else None
                 deeper = [] if key in shallow and loc.is_s3 else None
                 deferred = [] if skipped is not None and not key.endswith(".mask") else None  # a source's media
+                listing: list[dict] = []
                 paths[key] = str(storage.download(uri, dest, settings, client=client, log=print, unsafe=skipped,
                                                   below=deeper, progress=dist.heartbeat, room=room,
-                                                  later=is_media, deferred=deferred))
-                if deferred:
-                    later[key] = media_later.Later.record(uri, deferred)
+                                                  later=media_of(dest), deferred=deferred, listing=listing))
+                if deferred is not None and loc.is_s3:
+                    media = [o for o in listing if media_of(dest)(o["rel"])]
+                    later[key] = media_later.Later.record(uri, media, deferred, pull_memo(remote, uri, media))
                 if deeper is not None:  # counted as the scan counts a local source's subfolders
                     below[key] = sum(1 for rel in deeper if Path(rel).suffix.lower() in exts)
                 if skipped:
@@ -142,7 +154,8 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
                     print(unsafe_warning(field, unsafe[key]), flush=True)
             field = None
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"paths": paths, "unsafe": unsafe, "below": below, "later": later}))
+            cache.write_bytes_atomic(marker, json.dumps({"paths": paths, "unsafe": unsafe, "below": below,
+                                                         "later": later}).encode())
         except storage.StorageError as e:
             # transient or bad input, as storage classified it (a full disk: disk.NoRoom, kept as one)
             err = type(e)(f"{field}: {e}", transient=e.transient) if field else e
@@ -152,6 +165,24 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
     staged = json.loads(marker.read_text())
     return (staged["paths"], staged["unsafe"], staged.get("below", {}),
             media_later.Later.from_staged(staged.get("later", {}), staged["paths"], settings, env.rank))
+
+
+def pull_memo(remote: Optional[cache_remote.Remote], uri: str, media: list[dict]) -> dict[str, list]:
+    """The digest memo of a source's media that dataset.cacheUri holds ({} without one; a failed
+    pull is a warning: the media are fetched and hashed)."""
+    name = media_later.memo_name(uri)
+    if remote is None or not media or name not in remote.listing:
+        return {}
+    moved = remote.pull([name], cache_root())
+    if moved.failed:
+        print(f"[cache] warning: the media digests of {uri} were not pulled from {cache_remote.FIELD} ({moved.error}); "
+              "its media are fetched and hashed", flush=True)
+        return {}
+    memo = media_later.read_memo(cache_root() / name)
+    known = sum(1 for o in media if (m := memo.get(o["rel"])) and [m[0], m[1]] == [o["ETag"], o["Size"]])
+    print(f"[cache] {uri}: the digests of {known} of {len(media)} media files are known from {cache_remote.FIELD}",
+          flush=True)
+    return memo
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -700,7 +731,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     # ---- stage-in
     log(env, "[phase] stage-in")
     m.phase("StagingIn")
-    paths, unsafe, below, later = stage_in(spec, env, settings, resume=plan == "resume")
+    paths, unsafe, below, later = stage_in(spec, env, settings, resume=plan == "resume", remote=remote)
     # adapter.initFrom read now, a bad file named before the dataset is cached (a resume takes the checkpoint's)
     init = None
     if spec.adapter.initFrom and plan != "resume":

@@ -1,0 +1,80 @@
+"""A dataset's media fetched by the ranks that read them (media_later): what stage-in defers, how a
+rank decides a file is current, objects deleted after the listing, a mask folder inside the
+dataset's folder, the digest memo. Against the real S3 server; the whole runs on two nodes are
+in test_cache.py and test_cache_remote.py."""
+import time
+from pathlib import Path
+
+import torch
+
+from kubelora_trainer import dist, media_later, storage, train
+from kubelora_trainer.spec import LoRATrainingJobSpec
+from kubelora_trainer.storage import S3Settings
+
+
+def _stage(s3, tmp_path, monkeypatch, bucket: str, files: dict, **dataset):
+    storage.ensure_bucket(s3, bucket)
+    for key, body in files.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "model").mkdir(exist_ok=True)
+    spec = LoRATrainingJobSpec.model_validate({"model": {"type": "flux", "diffusersPath": str(tmp_path / "model")},
+                                               "dataset": {"uri": f"s3://{bucket}/d", **dataset},
+                                               "output": {"uri": str(tmp_path / "out")}})
+    paths, _, _, later = train.stage_in(spec, dist.DistEnv(0, 1, 0, torch.device("cpu")), S3Settings())
+    return spec, paths, later
+
+
+def test_an_empty_object_is_fetched_and_a_deleted_one_is_said_not_fatal(s3, tmp_path, monkeypatch):
+    spec, paths, later = _stage(s3, tmp_path, monkeypatch, "ml-gone",
+                                {"d/empty.png": b"", "d/a.png": b"png", "d/b.png": b"png2", "d/a.txt": b"x"})
+    root = Path(paths["dataset.0"])
+    assert later.absent("dataset.0") == ["a.png", "b.png", "empty.png"]
+    s3.delete_object(Bucket="ml-gone", Key="d/b.png")   # deleted after the listing
+    assert later.fetch([root / "empty.png", root / "a.png", root / "b.png"]) == 2
+    assert (root / "empty.png").read_bytes() == b"" and (root / "a.png").read_bytes() == b"png"
+    assert later.vanished == {root / "b.png"} and not (root / "b.png").exists() and not later
+    report = train.scan_sources(spec, paths, later=later)
+    assert sorted(it.image.name for it in report.items) == ["a.png"]  # the others have no caption
+
+
+def test_a_changed_object_is_fetched_again_by_etag_not_by_its_size(s3, tmp_path, monkeypatch):
+    """The folder may be shared (a cache claim): stage-in leaves a stale copy in place, and the
+    rank that reads it fetches the object again unless an index of the folder records its listed
+    ETag; records merge newest first."""
+    spec, paths, later = _stage(s3, tmp_path, monkeypatch, "ml-etag", {"d/a.png": b"old!", "d/a.txt": b"x"})
+    root = Path(paths["dataset.0"])
+    assert later.fetch([root / "a.png"]) == 1
+    s3.put_object(Bucket="ml-etag", Key="d/a.png", Body=b"new!")  # same size, other bytes
+    _, paths, later = _stage(s3, tmp_path, monkeypatch, "ml-etag", {})
+    assert later.absent("dataset.0") == ["a.png"] and (root / "a.png").read_bytes() == b"old!"  # left in place
+    again = media_later.Later.from_staged(  # another rank of the node, after this one fetched it
+        {"dataset.0": media_later.Later.record("s3://ml-etag/d", *([later.sources["dataset.0"].obj("a.png")],) * 2, {})},
+        paths, S3Settings(), 1)
+    assert later.fetch([root / "a.png"]) == 1 and (root / "a.png").read_bytes() == b"new!"
+    assert again.fetch([root / "a.png"]) == 0   # recorded at this ETag by rank 0's own index
+    index = storage._load_index(root)
+    assert index["a.png"]["etag"] == s3.head_object(Bucket="ml-etag", Key="d/a.png")["ETag"]
+    # an older record in the folder's own index never hides a newer one of a rank
+    storage._save_index(root, {"a.png": {"etag": "stale", "size": 4, "at": time.time() - 60}})
+    assert storage._load_index(root)["a.png"]["etag"] == index["a.png"]["etag"]
+
+
+def test_a_mask_folder_inside_the_dataset_folder_is_fetched_by_its_own_download(s3, tmp_path, monkeypatch):
+    _, paths, later = _stage(s3, tmp_path, monkeypatch, "ml-masks",
+                             {"d/a.png": b"png", "d/a.txt": b"x", "d/masks/a.png": b"mask"}, maskUri="s3://ml-masks/d/masks")
+    assert later.absent("dataset.0") == ["a.png"]   # not masks/a.png, which is fetched now, once
+    assert (Path(paths["dataset.0.mask"]) / "a.png").read_bytes() == b"mask"
+
+
+def test_the_digest_memo_knows_unchanged_objects_only():
+    objs = [{"rel": "a.png", "Key": "d/a.png", "ETag": '"e1"', "Size": 3},
+            {"rel": "b.png", "Key": "d/b.png", "ETag": '"e2"', "Size": 4}]
+    memo = {"a.png": ['"e1"', 3, "aa" * 32], "b.png": ['"old"', 4, "bb" * 32]}
+    later = media_later.Later.from_staged({"dataset.0": media_later.Later.record("s3://b/d", objs, objs[1:], memo)},
+                                          {"dataset.0": "/c/s3/b/d"}, S3Settings(), 0)
+    assert later.digest_of(Path("/c/s3/b/d/a.png")) == "aa" * 32 and later.digest_of(Path("/c/s3/b/d/b.png")) is None
+    assert later.absent("dataset.0") == ["b.png"] and later.digest_of(Path("/c/other.png")) is None
+    assert later.memos({}) == {"dataset.0": {"a.png": ['"e1"', 3, "aa" * 32]}}  # what is still true of the listing
+    assert later.memos({Path("/c/s3/b/d/b.png"): "cc" * 32})["dataset.0"]["b.png"] == ['"e2"', 4, "cc" * 32]
+    assert media_later.memo_name("s3://b/d/") == media_later.memo_name("s3://b/d")
