@@ -31,11 +31,25 @@ def test_an_empty_object_is_fetched_and_a_deleted_one_is_said_not_fatal(s3, tmp_
     root = Path(paths["dataset.0"])
     assert later.absent("dataset.0") == ["a.png", "b.png", "empty.png"]
     s3.delete_object(Bucket="ml-gone", Key="d/b.png")   # deleted after the listing
-    assert later.fetch([root / "empty.png", root / "a.png", root / "b.png"]) == 2
-    assert (root / "empty.png").read_bytes() == b"" and (root / "a.png").read_bytes() == b"png"
-    assert later.vanished == {root / "b.png"} and not (root / "b.png").exists() and not later
+    s3.put_object(Bucket="ml-gone", Key="d/a.png", Body=b"PNG")   # rewritten after it: another ETag
+    assert later.fetch([root / "empty.png", root / "a.png", root / "b.png"]) == 1
+    assert (root / "empty.png").read_bytes() == b""
+    assert later.vanished == {root / "a.png", root / "b.png"} and not later   # neither read, nor recorded
+    assert not (root / "a.png").exists() and "a.png" not in storage._load_index(root)
+
+
+def test_files_deleted_from_the_bucket_are_not_read_from_an_earlier_run_s_copy(s3, tmp_path, monkeypatch):
+    """A warm cache folder (a claim) holds files of earlier runs: an s3:// source is what its listing
+    holds now, not what the folder holds."""
+    files = {"d/a.png": b"a", "d/a.txt": b"cap a", "d/b.png": b"b", "d/b.txt": b"cap b"}
+    spec, paths, later = _stage(s3, tmp_path, monkeypatch, "ml-deleted", files)
+    root = Path(paths["dataset.0"])
+    later.fetch([root / "a.png", root / "b.png"])
+    s3.delete_objects(Bucket="ml-deleted", Delete={"Objects": [{"Key": "d/a.png"}, {"Key": "d/b.txt"}]})
+    spec, paths, later = _stage(s3, tmp_path, monkeypatch, "ml-deleted", {})
+    assert (root / "a.png").exists() and (root / "b.txt").exists()   # left in place
     report = train.scan_sources(spec, paths, later=later)
-    assert sorted(it.image.name for it in report.items) == ["a.png"]  # the others have no caption
+    assert [it.image.name for it in report.items] == [] and report.missing_caption == 1 and report.uncaptioned == ["b.png"]
 
 
 def test_a_changed_object_is_fetched_again_by_etag_not_by_its_size(s3, tmp_path, monkeypatch):
@@ -78,3 +92,11 @@ def test_the_digest_memo_knows_unchanged_objects_only():
     assert later.memos({}) == {"dataset.0": {"a.png": ['"e1"', 3, "aa" * 32]}}  # what is still true of the listing
     assert later.memos({Path("/c/s3/b/d/b.png"): "cc" * 32})["dataset.0"]["b.png"] == ['"e2"', 4, "cc" * 32]
     assert media_later.memo_name("s3://b/d/") == media_later.memo_name("s3://b/d")
+
+
+def test_a_store_s_etag_is_an_md5_unless_the_object_is_encrypted_with_kms_or_a_customer_key():
+    assert storage.etag_is_md5({"ETag": '"ab"'}) and storage.etag_is_md5({"ServerSideEncryption": "AES256"})
+    assert not storage.etag_is_md5({"ServerSideEncryption": "aws:kms"})
+    assert not storage.etag_is_md5({"SSECustomerAlgorithm": "AES256"})
+    assert storage.etag_matches('"' + "1" * 32 + '"', "1" * 32) and not storage.etag_matches("2" * 32, "1" * 32)
+    assert storage.etag_matches('"x"', "x", strict=True) and not storage.etag_matches("opaque", "x", strict=True)

@@ -463,8 +463,9 @@ def test_a_corrupted_upload_is_never_published(s3, tmp_path):
     large = S3Settings(multipart_threshold=1024, multipart_chunksize=5 * 1024 * 1024)
     with pytest.raises(StorageError, match="stored object differs"):
         upload(f, f"s3://{b}/out/lora.safetensors", large, client=_CorruptingUpload(s3))
-    with pytest.raises(StorageError, match="BadDigest"):
+    with pytest.raises(StorageError, match="BadDigest") as e:
         upload(f, f"s3://{b}/out/lora.safetensors", client=_CorruptingPut(s3))
+    assert e.value.transient and "refused the body as corrupt" in str(e.value)   # retried, then the Job retries
     assert "Contents" not in s3.list_objects_v2(Bucket=b, Prefix="out/")  # neither the file nor a .part
     for settings in (large, S3Settings()):
         art = upload(f, f"s3://{b}/out/lora.safetensors", settings, client=s3)

@@ -12,7 +12,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 CAPTION_MAPS = ("captions.json", "captions.jsonl")
 
@@ -64,13 +64,14 @@ def variants(captions: list[str], opts: CaptionOptions, seed: int) -> list[str]:
     return out
 
 
-def read_caption_map(root: Path) -> Optional[dict[str, list[str]]]:
+def read_caption_map(root: Path, present: Callable[[Path], bool] = Path.is_file) -> Optional[dict[str, list[str]]]:
     """captions.json ({file name: caption or [captions]}) or captions.jsonl (one {"file": name,
-    "caption": text or [texts]} per line) in root, as {file name: [captions]}; None when neither is there.
-    Raises ValueError naming the file and line for a malformed map."""
+    "caption": text or [texts]} per line) in root, as {file name: [captions]}; None when neither is there
+    (present: whether a file is part of the source). Raises ValueError naming the file and line for
+    a malformed map."""
     for name in CAPTION_MAPS:
         p = root / name
-        if not p.is_file():
+        if not present(p):
             continue
         try:
             text = p.read_bytes().decode("utf-8-sig")

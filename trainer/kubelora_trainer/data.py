@@ -40,7 +40,7 @@ SKIP_REASONS = {   # why an item was skipped (manifest.json dataset.skipped, the
     "maskSizeMismatch": "the item's mask is not the size of the item",
     "unsafeKey": "the object's key cannot be a file under the staged folder ('..', '.', an empty segment, a doubled '/' "
                  "or the stage index's name); never downloaded",
-    "vanished": "the object was deleted from the bucket after stage-in listed it",
+    "vanished": "the object was deleted from the bucket, or rewritten, after stage-in listed it",
 }
 
 
@@ -158,7 +158,8 @@ class ScanReport:
 
 def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", video: bool = False,
          caption_prefix: str = "", opts=None, source: int = 0, seed: int = 0, uri: Optional[str] = None,
-         mask_root: Optional[Path] = None, recursive: bool = True, absent: Iterable[str] = ()) -> ScanReport:
+         mask_root: Optional[Path] = None, recursive: bool = True, absent: Iterable[str] = (),
+         listed: Optional[set[str]] = None) -> ScanReport:
     """Find media files under root (images; videos too for video families) and pair them with
     captions: a captions.json/.jsonl map in root, else same-stem files with caption_ext
     (caption_prefix put before each, verbatim). With opts (captions.CaptionOptions) its settings
@@ -167,7 +168,9 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
     the same-stem file in the same relative folder there (masks.find_mask). recursive=False: only
     root's own files are items (those in subfolders are counted in `in_subfolders`). A caption file that is
     not UTF-8 skips its item (captionNotUtf8). absent: the relative names of media files listed in
-    the source but not fetched yet (media_later), scanned as present. Does not read any media."""
+    the source but not fetched yet (media_later), scanned as present. listed: for a source staged
+    from a bucket, every name its listing holds; other files in root (left by an earlier run, since
+    deleted from the bucket) are not part of it. Does not read any media."""
     from .captions import CAPTION_MAPS, CaptionOptions, read_caption_map, variants
     from .masks import find_mask
     opts = opts or CaptionOptions(extension=caption_ext, prefix=caption_prefix, missing=missing_caption)
@@ -177,7 +180,9 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
     mask_root = Path(mask_root) if mask_root is not None else None
     inside = mask_root is not None and mask_root.resolve().is_relative_to(root.resolve())
     files = sorted(p for p in {*(p for p in root.rglob("*") if p.is_file()), *(root / rel for rel in absent)}
-                   if not (inside and p.resolve().is_relative_to(mask_root.resolve())))
+                   if not (inside and p.resolve().is_relative_to(mask_root.resolve()))
+                   and (listed is None or p.relative_to(root).as_posix() in listed))
+    present = Path.is_file if listed is None else (lambda p, _in=frozenset(files): p in _in)
     if not recursive:  # the folder's own files; media below it counted, not silently dropped
         report.in_subfolders = sum(1 for p in files if p.parent != root and p.suffix.lower() in exts)
         files = [p for p in files if p.parent == root]
@@ -188,7 +193,7 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
             what = "video" if p.suffix.lower() in VIDEO_EXTENSIONS else p.suffix.lower() or p.name
             report.ignored[what] = report.ignored.get(what, 0) + 1
     try:
-        cmap = read_caption_map(root)
+        cmap = read_caption_map(root, present)
     except ValueError as e:  # a malformed or non-UTF-8 caption map: the whole source's captions
         raise DatasetError(f"dataset {uri or root}: {e}") from None
     report.nested_maps = [p.relative_to(root).as_posix() for p in files if p.name in CAPTION_MAPS and p.parent != root]
@@ -203,7 +208,7 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
             texts = cmap.get(rel) or cmap.get(img.name)
         else:
             cap = img.with_suffix(opts.extension)
-            if cap.is_file():
+            if present(cap):
                 try:
                     texts = [read_caption(cap)]
                 except UnicodeDecodeError as e:
@@ -212,7 +217,7 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
         if texts is None:
             report.missing_caption += 1
             # a map names the source's captions (diffusion-pipe reads a folder with one the same way)
-            report.unread_captions += cmap is not None and img.with_suffix(opts.extension).is_file()
+            report.unread_captions += cmap is not None and present(img.with_suffix(opts.extension))
             if len(report.uncaptioned) < 5:
                 report.uncaptioned.append(str(img.relative_to(root)))
             for ext in stems.get((img.parent, img.stem), []):

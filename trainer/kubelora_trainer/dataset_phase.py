@@ -219,7 +219,7 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
             remote.probes_pulled = remote.pull([n for n in remote.probes if n in remote.listing and not (root / n).is_file()],
                                                root)
         # keyed from the memo, but no probe to be had: the media are checked here after all
-        fetched += later.fetch([items[i].image for i, d in hashed if not (root / probe_name(root, d, fps)).is_file()],
+        fetched += later.fetch([items[i].image for i, d in hashed if cache.read_probe(root, d, fps) is None],
                                print, dist.heartbeat)
         if fetched:
             print(f"[data] rank {env.rank}: fetched {fetched} media file(s) of its share", flush=True)

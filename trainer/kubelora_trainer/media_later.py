@@ -58,6 +58,7 @@ class Source:
     folder: Path
     listed: dict[str, list] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)
+    others: list[str] = field(default_factory=list)  # the other names listed (captions, maps, masks)
 
     def obj(self, rel: str) -> dict:
         key, etag, size, _ = self.listed[rel]
@@ -78,7 +79,7 @@ class Later:
         """From stage_in's records ({stage key: record()})."""
         sources = {}
         for k, v in later.items():
-            src = sources[k] = Source(v["uri"], Path(paths[k]))
+            src = sources[k] = Source(v["uri"], Path(paths[k]), others=v.get("others", []))
             for rel, key, etag, size, put_off, sha in v["objs"]:
                 src.listed[rel] = [key, etag, size, sha]
                 if put_off:
@@ -86,22 +87,28 @@ class Later:
         return cls(sources, settings, rank)
 
     @staticmethod
-    def record(uri: str, media: list[dict], deferred: list[dict], memo: dict[str, list]) -> dict:
+    def record(uri: str, media: list[dict], deferred: list[dict], memo: dict[str, list],
+               others: tuple[str, ...] = ()) -> dict:
         """stage_in's record of a source's listed media objects, which were deferred, and the
         SHA-256 of those the memo knows at their current ETag and size (compact: a million of them
-        are read by every rank of the node). Pure."""
+        are read by every rank of the node), and the other names listed. Pure."""
         put_off = {o["rel"] for o in deferred}
 
         def sha(o: dict) -> str:
             m = memo.get(o["rel"])
             return m[2] if m is not None and [m[0], m[1]] == [o["ETag"], o["Size"]] else ""
         return {"uri": uri, "objs": [[o["rel"], o["Key"], o["ETag"], o["Size"], int(o["rel"] in put_off), sha(o)]
-                                     for o in media]}
+                                     for o in media], "others": list(others)}
 
     def absent(self, key: str) -> list[str]:
         """The relative names of source `key`'s media not fetched yet (for the scan)."""
         src = self.sources.get(key)
         return sorted(src.pending) if src is not None else []
+
+    def listed(self, key: str) -> Optional[set[str]]:
+        """Every name source `key`'s listing held (None: not a source staged from a bucket)."""
+        src = self.sources.get(key)
+        return None if src is None else {*src.listed, *src.others}
 
     def _where(self, p: Path) -> Optional[tuple[str, str]]:
         """(stage key, relative name) of a listed media path; None for another file. Pure."""

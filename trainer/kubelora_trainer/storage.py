@@ -59,7 +59,8 @@ class StorageError(RuntimeError):
 
 
 class NoSuchObject(StorageError):
-    """The key is not in the bucket (deleted since it was listed, or never there)."""
+    """The key is not in the bucket (deleted since it was listed, or never there), or no longer
+    holds the bytes it was listed with (another ETag)."""
 
 
 class Mismatch(OSError):
@@ -299,9 +300,12 @@ def describe_error(exc: BaseException, loc: Location, action: str, echo: bool = 
         cause = f"{type(exc).__name__}: {exc}"
     else:  # e.g. a ResponseParserError quotes the body it could not parse
         cause = type(exc).__name__
-    missing = isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code", "")) in (
-        "NoSuchKey", "404", "NotFound")
-    return (NoSuchObject if missing else StorageError)(f"{action} {where}: {cause}", transient=is_transient(exc))
+    code = str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
+    if code in ("PreconditionFailed", "412"):  # a GET pinned to the listed ETag (_get_small)
+        return NoSuchObject(f"{action} {where}: it changed in the bucket after it was listed", transient=True)
+    # a HEAD's 404 has no body: it may be a missing bucket, not a missing key
+    return (NoSuchObject if code == "NoSuchKey" else StorageError)(f"{action} {where}: {cause}",
+                                                                   transient=is_transient(exc))
 
 
 # Error codes S3 (and S3-compatible stores) answer when they are overloaded or briefly failing,
@@ -516,9 +520,10 @@ def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: 
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         os.close(fd)
         try:
-            if obj["Size"] < settings.multipart_threshold:
-                _get_small(client, bucket, obj["Key"], tmp, settings.max_attempts, moved)
+            if obj["Size"] < settings.multipart_threshold:  # the listed bytes, or 412: the index records
+                _get_small(client, bucket, obj["Key"], tmp, settings.max_attempts, moved, obj.get("ETag"))
             else:  # ranged GETs in parallel (one HEAD first: nothing next to a multi-GB file)
+                _same_etag(client, bucket, obj)
                 client.download_file(bucket, obj["Key"], tmp, Config=_transfer_config(settings), Callback=moved)
             if os.path.getsize(tmp) != obj["Size"]:
                 raise Mismatch(f"size mismatch: got {os.path.getsize(tmp)} bytes, expected {obj['Size']}")
@@ -536,10 +541,21 @@ def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: 
         raise _local_full(exc, loc, target) or describe_error(exc, loc, "downloading") from None
 
 
+def _same_etag(client, bucket: str, obj: dict) -> None:
+    """Before a large download (s3transfer takes no If-Match): the object still has its listed ETag."""
+    if obj.get("ETag") and not etag_matches(client.head_object(Bucket=bucket, Key=obj["Key"])["ETag"], obj["ETag"],
+                                            strict=True):
+        from botocore.exceptions import ClientError
+        raise ClientError({"Error": {"Code": "PreconditionFailed", "Message": "another ETag than listed"},
+                           "ResponseMetadata": {"HTTPStatusCode": 412}}, "HeadObject")
+
+
 def _get_small(client, bucket: str, key: str, path: str, attempts: int,
-               moved: Optional[Callable[[int], None]] = None) -> None:
+               moved: Optional[Callable[[int], None]] = None, etag: Optional[str] = None) -> None:
     """One GET into path: the listing gave the size, so no HEAD first (boto3's download_file makes
-    one for every object: twice the requests for a dataset of small images). As s3transfer does,
+    one for every object: twice the requests for a dataset of small images). With etag (the
+    listed one) the GET is conditional: an object rewritten since is refused (412), never recorded
+    in the index under the ETag it was listed with. As s3transfer does,
     a GET whose answer timed out or whose body was cut short is made again, attempts in all
     (botocore retries a request, not the reading of its body); then the last such error is raised
     inside a RetriesExceededError, as s3transfer's, so no layer above retries it again."""
@@ -547,7 +563,7 @@ def _get_small(client, bucket: str, key: str, path: str, attempts: int,
     from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
     for attempt in range(attempts):
         try:
-            body = client.get_object(Bucket=bucket, Key=key)["Body"]
+            body = client.get_object(Bucket=bucket, Key=key, **({"IfMatch": etag} if etag else {}))["Body"]
             try:
                 with open(path, "wb") as f:
                     for chunk in body.iter_chunks(1 << 20):
@@ -765,12 +781,21 @@ def expected_etag(path: str | Path, size: int, threshold: int, chunk: int) -> st
     return hashlib.md5(b"".join(digests)).hexdigest() + f"-{len(digests)}"
 
 
-def etag_matches(stored: str, expected: str) -> bool:
+def etag_matches(stored: str, expected: str, strict: bool = False) -> bool:
     """False only when the store gives an MD5-style ETag that differs (some stores give other
-    ETags, e.g. with SSE-KMS: those cannot be checked this way)."""
-    stored = stored.strip('"')
+    ETags, e.g. with SSE-KMS: those cannot be checked this way). strict: two ETags as the store
+    gives them (a listed one and a HEAD's), equal or not."""
+    stored, expected = stored.strip('"'), expected.strip('"')
+    if strict:
+        return stored == expected
     looks_md5 = len(stored.split("-")[0]) == 32 and stored.count("-") == expected.count("-")
     return stored == expected or not looks_md5
+
+
+def etag_is_md5(answer: dict) -> bool:
+    """Whether a PUT's or HEAD's answer has an ETag that is the content's MD5: not under SSE-KMS
+    or SSE-C, whose ETags look like an MD5 and are not one."""
+    return answer.get("ServerSideEncryption") not in ("aws:kms", "aws:kms:dsse") and not answer.get("SSECustomerAlgorithm")
 
 
 UMASK = os.umask(0o022)  # the process's umask (read by setting it, then put back): a published file's mode
@@ -820,7 +845,7 @@ def upload(path: str | Path, uri: str, settings: S3Settings = S3Settings(), clie
     def attempt():
         client.upload_file(str(path), loc.bucket, tmp_key, Config=config, ExtraArgs=extra)
         head = client.head_object(Bucket=loc.bucket, Key=tmp_key)
-        if head["ContentLength"] != size or not etag_matches(head.get("ETag", ""), etag):
+        if head["ContentLength"] != size or (etag_is_md5(head) and not etag_matches(head.get("ETag", ""), etag)):
             raise Mismatch(f"stored object differs from {path} (size {head['ContentLength']} vs {size}, "
                            f"ETag {head.get('ETag')} vs {etag})")
         client.copy({"Bucket": loc.bucket, "Key": tmp_key}, loc.bucket, loc.key, Config=config,
@@ -846,19 +871,25 @@ def _put_small(client, path: Path, loc: Location, digest: str, content_type: str
     """One PutObject with the file's MD5 as Content-MD5: S3 stores a PUT's body whole or not at
     all and refuses one whose MD5 is not the one sent (BadDigest), so no temporary key is needed
     (with one, a file took five requests: a shared cache pushes a file per entry). The answer's
-    ETag is checked too, for a store that ignores Content-MD5: a mismatch removes what it stored.
+    ETag is checked too (where it is an MD5), for a store that ignores Content-MD5: a mismatch fails
+    the upload (retried).
     The file must still be the one hashed (sha256, kept in the object's metadata)."""
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != digest:
         raise Mismatch(f"{path} changed while it was being uploaded")
     md5 = hashlib.md5(data)
-    answer = client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, ContentType=content_type,
-                               ContentMD5=base64.b64encode(md5.digest()).decode(), Metadata={"sha256": digest})
-    if not etag_matches(answer.get("ETag", ""), md5.hexdigest()):
-        try:
-            client.delete_object(Bucket=loc.bucket, Key=loc.key)
-        except Exception:  # noqa: BLE001 - the error below is the one to say
-            pass
+    from botocore.exceptions import ClientError
+    try:
+        answer = client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, ContentType=content_type,
+                                   ContentMD5=base64.b64encode(md5.digest()).decode(), Metadata={"sha256": digest})
+    except ClientError as e:  # the server refused the body: other bytes arrived than were sent (a retry may do)
+        if e.response.get("Error", {}).get("Code") != "BadDigest":
+            raise
+        raise Mismatch(f"stored object differs from {path}: the server refused the body as corrupt (BadDigest)") from None
+    # a store that ignores Content-MD5 (the final name then holds what it stored, and the upload fails:
+    # never reported as success; a retry puts the file again). Not deleted: it may have been a good
+    # object that this upload was to replace
+    if etag_is_md5(answer) and not etag_matches(answer.get("ETag", ""), md5.hexdigest()):
         raise Mismatch(f"stored object differs from {path} (ETag {answer.get('ETag')} vs {md5.hexdigest()})")
 
 

@@ -141,12 +141,14 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
                 deeper = [] if key in shallow and loc.is_s3 else None
                 deferred = [] if skipped is not None and not key.endswith(".mask") else None  # a source's media
                 listing: list[dict] = []
+                is_item_media = media_of(dest)
                 paths[key] = str(storage.download(uri, dest, settings, client=client, log=print, unsafe=skipped,
                                                   below=deeper, progress=dist.heartbeat, room=room,
-                                                  later=media_of(dest), deferred=deferred, listing=listing))
+                                                  later=is_item_media, deferred=deferred, listing=listing))
                 if deferred is not None and loc.is_s3:
-                    media = [o for o in listing if media_of(dest)(o["rel"])]
-                    later[key] = media_later.Later.record(uri, media, deferred, pull_memo(remote, uri, media))
+                    media = [o for o in listing if is_item_media(o["rel"])]
+                    later[key] = media_later.Later.record(uri, media, deferred, pull_memo(remote, uri, media),
+                                                          [o["rel"] for o in listing if not is_item_media(o["rel"])])
                 if deeper is not None:  # counted as the scan counts a local source's subfolders
                     below[key] = sum(1 for rel in deeper if Path(rel).suffix.lower() in exts)
                 if skipped:
@@ -923,7 +925,7 @@ def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] 
         part = scan(Path(paths[key]), video=r.video, opts=opts, source=i, seed=spec.training.seed,
                     uri=spec.dataset.uris[i] if i < n_train else src.uri,
                     mask_root=Path(mask_root) if mask_root else None, recursive=recursive_of(spec.dataset, src),
-                    absent=later.absent(key))
+                    absent=later.absent(key), listed=later.listed(key))
         # a mask object left out is not an item skipped: its item trains unmasked (the stage-in warning
         # named it, and the masked/unmasked counts show it)
         for uri in (unsafe or {}).get(key, []):
