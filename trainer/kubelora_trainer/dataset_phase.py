@@ -76,7 +76,7 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
         per_unit.setdefault(entries[i][0], []).append(i)
     mine = cache.split_units(sorted(per_unit), env.world, env.rank, [items[u.item].seq for u in units])
     if later:  # those keyed and probed from dataset.cacheUri's memo, not fetched when probed
-        later.fetch([items[units[u].item].image for u in mine], print, dist.heartbeat)
+        later.fetch([items[units[u].item].image for u in mine], _fetch_log(env), dist.heartbeat)
     progress = cache.EncodeProgress(len(todo), sum(len(per_unit[u]) for u in mine), env, lambda msg: log(env, msg))
     bad = []
     try:
@@ -113,6 +113,12 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
     if env.rank == 0:
         progress.wait()
     return bad
+
+
+def _fetch_log(env):
+    """Where a rank's media fetch says how far it is: rank 0's lines stand for all (each rank
+    says its total once, in probe_items)."""
+    return print if env.is_main else (lambda msg: None)
 
 
 def exchange(keys: list[str], env) -> int:
@@ -202,7 +208,7 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
         found, bad, hashed, media = [], [], [], {}
         share = range(env.rank, len(items), env.world)
         known = {i: later.digest_of(items[i].image) for i in share}  # from dataset.cacheUri's memo
-        fetched = later.fetch([items[i].image for i in share if known[i] is None], print, dist.heartbeat)
+        fetched = later.fetch([items[i].image for i in share if known[i] is None], _fetch_log(env), dist.heartbeat)
         for i in share:
             it = items[i]
             if it.image in later.vanished:  # not remembered: it may be back, with other bytes
@@ -220,7 +226,7 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
                                                root)
         # keyed from the memo, but no probe to be had: the media are checked here after all
         fetched += later.fetch([items[i].image for i, d in hashed if cache.read_probe(root, d, fps) is None],
-                               print, dist.heartbeat)
+                               _fetch_log(env), dist.heartbeat)
         if fetched:
             print(f"[data] rank {env.rank}: fetched {fetched} media file(s) of its share", flush=True)
         for i, digest in hashed:
