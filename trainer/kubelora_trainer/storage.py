@@ -673,8 +673,8 @@ def fetch_later(uri: str, objs: list[dict], dest: Path, settings: S3Settings, ra
     rank; those that another rank (or job) sharing the folder has fetched since, as its index
     records at their listed ETag and size, are left alone. Each is recorded in this rank's own
     index (RANK_INDEX), which the next download merges into the folder's. An object deleted from the
-    bucket since it was listed is appended to gone, when given, and the others are fetched. Returns
-    how many were fetched."""
+    bucket or rewritten since it was listed is appended to gone, when given, and the others are
+    fetched. Returns how many were fetched."""
     index = _load_index(dest)
 
     def current(o: dict) -> bool:
@@ -694,7 +694,8 @@ def _fetch(client, settings: S3Settings, loc: Location, todo: list[dict], dest: 
            tag: str = "[stage-in]", gone: Optional[list[dict]] = None) -> None:
     """Fetch the listed objects todo into dest, in parallel, recording each in index (saved as
     index_name every PROGRESS_SECONDS and at the end, also after a failure). With a list for
-    gone, an object no longer in the bucket is appended there instead of failing the download."""
+    gone, an object no longer in the bucket as listed is appended there instead of failing the
+    download; without, that fails it as transient (a retry lists the bucket again)."""
     total = sum(o["Size"] for o in todo)
     t0 = last = time.time()
     done = fetched = 0
@@ -726,9 +727,9 @@ def _fetch(client, settings: S3Settings, loc: Location, todo: list[dict], dest: 
                 o = running.pop(fut)
                 try:
                     fut.result()  # re-raises the first StorageError: nothing more is started
-                except NoSuchObject:
-                    if gone is None:
-                        raise
+                except NoSuchObject as e:
+                    if gone is None:  # it was listed: deleted or rewritten since, which a retry lists anew
+                        raise NoSuchObject(str(e), transient=True) from None
                     gone.append(o)
                     continue
                 record(o)
