@@ -92,6 +92,9 @@ def test_the_digest_memo_knows_unchanged_objects_only():
     assert later.memos({}) == {"dataset.0": {"a.png": ['"e1"', 3, "aa" * 32]}}  # what is still true of the listing
     assert later.memos({Path("/c/s3/b/d/b.png"): "cc" * 32})["dataset.0"]["b.png"] == ['"e2"', 4, "cc" * 32]
     assert media_later.memo_name("s3://b/d/") == media_later.memo_name("s3://b/d")
+    # the 8 ranks of a node fetch at once: together as many transfers in flight as one stage-in
+    eight = media_later.Later.from_staged({}, {}, S3Settings(), 3, node_ranks=8).settings
+    assert (eight.small_concurrency, eight.concurrency) == (4, 2) and later.settings.small_concurrency == 32
 
 
 def test_a_store_s_etag_is_an_md5_unless_the_object_is_encrypted_with_kms_or_a_customer_key():

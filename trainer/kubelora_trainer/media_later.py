@@ -19,6 +19,7 @@ What was fetched is recorded in the rank's own index file in the source's folder
 the phase on every rank with its reason (dist.agree), as a failed stage-in does."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -75,8 +76,11 @@ class Later:
 
     @classmethod
     def from_staged(cls, later: dict[str, dict], paths: dict[str, str], settings: storage.S3Settings,
-                    rank: int) -> "Later":
-        """From stage_in's records ({stage key: record()})."""
+                    rank: int, node_ranks: int = 1) -> "Later":
+        """From stage_in's records ({stage key: record()}). The node's node_ranks ranks fetch at
+        once, so each keeps its share of the transfers in flight that one stage-in would."""
+        settings = dataclasses.replace(settings, small_concurrency=max(4, settings.small_concurrency // node_ranks),
+                                       concurrency=max(2, settings.concurrency // node_ranks))
         sources = {}
         for k, v in later.items():
             src = sources[k] = Source(v["uri"], Path(paths[k]), others=v.get("others", []))

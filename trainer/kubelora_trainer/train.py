@@ -166,7 +166,8 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
     dist.fail_together(err, "stage-in")
     staged = json.loads(marker.read_text())
     return (staged["paths"], staged["unsafe"], staged.get("below", {}),
-            media_later.Later.from_staged(staged.get("later", {}), staged["paths"], settings, env.rank))
+            media_later.Later.from_staged(staged.get("later", {}), staged["paths"], settings, env.rank,
+                                          int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def pull_memo(remote: Optional[cache_remote.Remote], uri: str, media: list[dict]) -> dict[str, list]:
