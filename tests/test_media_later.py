@@ -40,16 +40,23 @@ def test_an_empty_object_is_fetched_and_a_deleted_one_is_said_not_fatal(s3, tmp_
 
 def test_files_deleted_from_the_bucket_are_not_read_from_an_earlier_run_s_copy(s3, tmp_path, monkeypatch):
     """A warm cache folder (a claim) holds files of earlier runs: an s3:// source is what its listing
-    holds now, not what the folder holds."""
-    files = {"d/a.png": b"a", "d/a.txt": b"cap a", "d/b.png": b"b", "d/b.txt": b"cap b"}
-    spec, paths, later = _stage(s3, tmp_path, monkeypatch, "ml-deleted", files)
+    holds now, not what the folder holds (media, captions, masks)."""
+    files = {"d/a.png": b"a", "d/a.txt": b"cap a", "d/b.png": b"b", "d/b.txt": b"cap b", "d/c.png": b"c",
+             "d/c.txt": b"cap c", "m/c.png": b"mask", "m/other.png": b"mask"}
+    spec, paths, later = _stage(s3, tmp_path, monkeypatch, "ml-deleted", files, maskUri="s3://ml-deleted/m")
     root = Path(paths["dataset.0"])
-    later.fetch([root / "a.png", root / "b.png"])
-    s3.delete_objects(Bucket="ml-deleted", Delete={"Objects": [{"Key": "d/a.png"}, {"Key": "d/b.txt"}]})
-    spec, paths, later = _stage(s3, tmp_path, monkeypatch, "ml-deleted", {})
-    assert (root / "a.png").exists() and (root / "b.txt").exists()   # left in place
     report = train.scan_sources(spec, paths, later=later)
-    assert [it.image.name for it in report.items] == [] and report.missing_caption == 1 and report.uncaptioned == ["b.png"]
+    assert [(it.image.name, it.mask is not None) for it in report.items] == [("a.png", False), ("b.png", False),
+                                                                            ("c.png", True)]
+    later.fetch([root / "a.png", root / "b.png"])
+    s3.delete_objects(Bucket="ml-deleted", Delete={"Objects": [{"Key": "d/a.png"}, {"Key": "d/b.txt"},
+                                                               {"Key": "m/c.png"}]})
+    spec, paths, later = _stage(s3, tmp_path, monkeypatch, "ml-deleted", {}, maskUri="s3://ml-deleted/m")
+    assert (root / "a.png").exists() and (root / "b.txt").exists()   # left in place
+    assert (Path(paths["dataset.0.mask"]) / "c.png").exists()
+    report = train.scan_sources(spec, paths, later=later)
+    assert [(it.image.name, it.mask) for it in report.items] == [("c.png", None)]
+    assert report.missing_caption == 1 and report.uncaptioned == ["b.png"]
 
 
 def test_a_changed_object_is_fetched_again_by_etag_not_by_its_size(s3, tmp_path, monkeypatch):

@@ -159,7 +159,7 @@ class ScanReport:
 def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", video: bool = False,
          caption_prefix: str = "", opts=None, source: int = 0, seed: int = 0, uri: Optional[str] = None,
          mask_root: Optional[Path] = None, recursive: bool = True, absent: Iterable[str] = (),
-         listed: Optional[set[str]] = None) -> ScanReport:
+         listed: Optional[set[str]] = None, mask_listed: Optional[set[str]] = None) -> ScanReport:
     """Find media files under root (images; videos too for video families) and pair them with
     captions: a captions.json/.jsonl map in root, else same-stem files with caption_ext
     (caption_prefix put before each, verbatim). With opts (captions.CaptionOptions) its settings
@@ -170,7 +170,8 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
     not UTF-8 skips its item (captionNotUtf8). absent: the relative names of media files listed in
     the source but not fetched yet (media_later), scanned as present. listed: for a source staged
     from a bucket, every name its listing holds; other files in root (left by an earlier run, since
-    deleted from the bucket) are not part of it. Does not read any media."""
+    deleted from the bucket) are not part of it; mask_listed: the same of mask_root. Does not read
+    any media."""
     from .captions import CAPTION_MAPS, CaptionOptions, read_caption_map, variants
     from .masks import find_mask
     opts = opts or CaptionOptions(extension=caption_ext, prefix=caption_prefix, missing=missing_caption)
@@ -228,7 +229,7 @@ def scan(root: Path, missing_caption: str = "skip", caption_ext: str = ".txt", v
             report.empty_caption_used += 1
             texts = [""]
         caps = tuple(variants(texts, opts, seed))
-        mask = find_mask(mask_root, img.relative_to(root)) if mask_root is not None else None
+        mask = find_mask(mask_root, img.relative_to(root), mask_listed) if mask_root is not None else None
         if mask_root is not None and mask is None:
             report.unmasked.append(name)
         report.items.append(Item(img, caps[0], caps, source, opts.dropout, uri=name, mask=mask))

@@ -29,15 +29,18 @@ import torch
 MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def find_mask(mask_root: Path, rel: Path) -> Optional[Path]:
+def find_mask(mask_root: Path, rel: Path, listed: Optional[set[str]] = None) -> Optional[Path]:
     """The mask of the item at relative path rel: a file with its stem (any image extension) in the
-    same relative folder under mask_root; the first in name order when several match."""
+    same relative folder under mask_root; the first in name order when several match. listed: for
+    a mask folder staged from a bucket, the names its listing holds (a file an earlier run left
+    there, since deleted from the bucket, is not a mask)."""
     folder = Path(mask_root) / Path(rel).parent
     stem = Path(rel).stem
     if not folder.is_dir():
         return None
     hits = sorted(p for p in folder.glob(f"{glob.escape(stem)}.*")
-                  if p.is_file() and p.stem == stem and p.suffix.lower() in MASK_EXTENSIONS)
+                  if p.is_file() and p.stem == stem and p.suffix.lower() in MASK_EXTENSIONS
+                  and (listed is None or p.relative_to(mask_root).as_posix() in listed))
     return hits[0] if hits else None
 
 

@@ -149,6 +149,8 @@ def stage_in(spec: LoRATrainingJobSpec, env: dist.DistEnv, settings: storage.S3S
                     media = [o for o in listing if is_item_media(o["rel"])]
                     later[key] = media_later.Later.record(uri, media, deferred, pull_memo(remote, uri, media),
                                                           [o["rel"] for o in listing if not is_item_media(o["rel"])])
+                elif skipped is not None and loc.is_s3:  # a mask folder: what its listing holds (Later.listed)
+                    later[key] = media_later.Later.record(uri, [], [], {}, [o["rel"] for o in listing])
                 if deeper is not None:  # counted as the scan counts a local source's subfolders
                     below[key] = sum(1 for rel in deeper if Path(rel).suffix.lower() in exts)
                 if skipped:
@@ -926,7 +928,7 @@ def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] 
         part = scan(Path(paths[key]), video=r.video, opts=opts, source=i, seed=spec.training.seed,
                     uri=spec.dataset.uris[i] if i < n_train else src.uri,
                     mask_root=Path(mask_root) if mask_root else None, recursive=recursive_of(spec.dataset, src),
-                    absent=later.absent(key), listed=later.listed(key))
+                    absent=later.absent(key), listed=later.listed(key), mask_listed=later.listed(f"{key}.mask"))
         # a mask object left out is not an item skipped: its item trains unmasked (the stage-in warning
         # named it, and the masked/unmasked counts show it)
         for uri in (unsafe or {}).get(key, []):
