@@ -110,3 +110,5 @@ def test_a_store_s_etag_is_an_md5_unless_the_object_is_encrypted_with_kms_or_a_c
     assert not storage.etag_is_md5({"SSECustomerAlgorithm": "AES256"})
     assert storage.etag_matches('"' + "1" * 32 + '"', "1" * 32) and not storage.etag_matches("2" * 32, "1" * 32)
     assert storage.etag_matches('"x"', "x", strict=True) and not storage.etag_matches("opaque", "x", strict=True)
+    assert storage.quoted("abc") == '"abc"' and storage.quoted('"abc"') == '"abc"'   # If-Match takes quotes
+

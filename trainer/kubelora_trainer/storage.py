@@ -541,6 +541,12 @@ def _download_one(client, settings: S3Settings, bucket: str, obj: dict, target: 
         raise _local_full(exc, loc, target) or describe_error(exc, loc, "downloading") from None
 
 
+def quoted(etag: str) -> str:
+    """An entity tag as If-Match takes it (RFC 9110: in double quotes), however a listing gave it
+    (some S3-compatible stores list ETags without their quotes). Pure."""
+    return etag if etag.startswith('"') else f'"{etag}"'
+
+
 def _same_etag(client, bucket: str, obj: dict) -> None:
     """Before a large download (s3transfer takes no If-Match): the object still has its listed ETag."""
     if obj.get("ETag") and not etag_matches(client.head_object(Bucket=bucket, Key=obj["Key"])["ETag"], obj["ETag"],
@@ -563,7 +569,7 @@ def _get_small(client, bucket: str, key: str, path: str, attempts: int,
     from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
     for attempt in range(attempts):
         try:
-            body = client.get_object(Bucket=bucket, Key=key, **({"IfMatch": etag} if etag else {}))["Body"]
+            body = client.get_object(Bucket=bucket, Key=key, **({"IfMatch": quoted(etag)} if etag else {}))["Body"]
             try:
                 with open(path, "wb") as f:
                     for chunk in body.iter_chunks(1 << 20):
