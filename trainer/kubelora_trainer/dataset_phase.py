@@ -224,9 +224,10 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
             remote.probes = list(dict.fromkeys(probe_name(root, d, fps) for _, d in hashed))
             remote.probes_pulled = remote.pull([n for n in remote.probes if n in remote.listing and not (root / n).is_file()],
                                                root)
+        probes = {i: cache.read_probe(root, d, fps) for i, d in hashed}  # each read once
         # keyed from the memo, but no probe to be had: the media are checked here after all
-        fetched += later.fetch([items[i].image for i, d in hashed if cache.read_probe(root, d, fps) is None],
-                               _fetch_log(env), dist.heartbeat)
+        fetched += later.fetch([items[i].image for i, _ in hashed if probes[i] is None], _fetch_log(env),
+                               dist.heartbeat)
         if fetched:
             print(f"[data] rank {env.rank}: fetched {fetched} media file(s) of its share", flush=True)
         for i, digest in hashed:
@@ -234,7 +235,7 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
             if it.image in later.vanished:  # keyed from the memo; deleted when it was to be checked
                 bad.append((i, Skip(it.name, "vanished", SKIP_REASONS["vanished"], lasting=False)))
                 continue
-            got = cache.read_probe(root, digest, fps)
+            got = probes[i]
             if got is None:
                 meta, skip = check_item(it, fps, decode=False)
                 if skip is None or skip.lasting:
