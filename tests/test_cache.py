@@ -327,6 +327,12 @@ def test_two_nodes_with_their_own_cache_folders_end_with_every_entry(s3, tmp_pat
     # items in order cut, img0..img4: ranks 0, 1 (node 0) probe and encode items 0, 1, 4, 5, ranks 2, 3 the others
     # (two units per item: split round robin by unit, node 0 would encode items 0, 2, 4 and fetch img1 too)
     assert media == [{"cut.png", "img0.png", "img3.png", "img4.png"}, {"img1.png", "img2.png"}], media
+    # each node checked the room for its own share (its two ranks write into its folder), not the dataset's
+    from kubelora_trainer.disk import size_text
+    for n in range(2):
+        need = size_text(sum((data / name).stat().st_size for name in media[n]))
+        assert f"[data] {need} of media to fetch into {tmp_path / f'node{n}'} (the media its 2 ranks read; " in outs[n][0], \
+            outs[n][0][-3000:]
 
 
 def test_operator_reports_a_cache_only_run_as_cache_built():

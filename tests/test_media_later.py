@@ -2,6 +2,7 @@
 rank decides a file is current, objects deleted after the listing, a mask folder inside the
 dataset's folder, the digest memo. Against the real S3 server; the whole runs on two nodes are
 in test_cache.py and test_cache_remote.py."""
+import socket
 import time
 from pathlib import Path
 
@@ -112,3 +113,17 @@ def test_a_store_s_etag_is_an_md5_unless_the_object_is_encrypted_with_kms_or_a_c
     assert storage.etag_matches('"x"', "x", strict=True) and not storage.etag_matches("opaque", "x", strict=True)
     assert storage.quoted("abc") == '"abc"' and storage.quoted('"abc"') == '"abc"'   # If-Match takes quotes
 
+
+
+def test_ranks_that_share_a_cache_volume_are_checked_together(tmp_path):
+    """A node's ranks (or the nodes sharing a cache claim) read one volume id from the folder, so
+    its room is checked once for the sum of their shares; other folders are other volumes."""
+    from kubelora_trainer import disk
+    a, b = tmp_path / "a", tmp_path / "b"
+    ids = [disk.volume_id(a), disk.volume_id(a), disk.volume_id(b)]
+    assert ids[0] == ids[1] != ids[2] and len(ids[0]) == 32
+    parts = [(ids[0], 100), (ids[0], 50), (ids[2], 70), (ids[2], -1)]
+    assert disk.shares_by_volume(parts) == {ids[0]: (0, 150), ids[2]: (2, 70)}
+    # a folder where the id cannot be written: the host and the device stand in (the same for its ranks)
+    (tmp_path / "file").write_bytes(b"")
+    assert disk.volume_id(tmp_path / "file" / "cache") == f"{socket.gethostname()}:0"

@@ -386,7 +386,9 @@ def test_validate_check_storage_reads_inputs_and_writes_the_output(s3, tmp_path)
     import sys
     import yaml
     s3.create_bucket(Bucket="cs-in")
-    s3.put_object(Bucket="cs-in", Key="data/a.png", Body=b"x")
+    for name in ("a.png", "b.png"):
+        s3.put_object(Bucket="cs-in", Key=f"data/{name}", Body=b"x" * 2000)
+    s3.put_object(Bucket="cs-in", Key="data/a.txt", Body=b"c" * 100)
     s3.put_object(Bucket="cs-in", Key="models/flux/model_index.json", Body=b"{}")
     job = tmp_path / "job.yaml"
 
@@ -403,9 +405,14 @@ def test_validate_check_storage_reads_inputs_and_writes_the_output(s3, tmp_path)
     assert "ok: output.uri s3://cs-in/out: writable" in ok.stderr
     # the inputs against the pod's cache they are fetched into (stage-in would refuse them)
     small = check("s3://cs-in/out", cacheSize="2")
-    assert small.returncode == 2 and ("error: resources.cacheSize (2) is smaller than the inputs stage-in fetches "
-                                      "into it (0.00 GiB, before any latent is cached)") in small.stderr, small.stderr
-    assert check("s3://cs-in/out", cacheSize="1Ki").returncode == 0
+    assert small.returncode == 2 and ("error: resources.cacheSize (2) is smaller than the inputs a node fetches "
+                                      "into it (0.00 GiB: the model, the captions and about 1/1 of the media, before "
+                                      "any latent is cached)") in small.stderr, small.stderr
+    assert check("s3://cs-in/out", cacheSize="4102").returncode == 0
+    # on two nodes each fetches about half of the media (its ranks' share), the model and the captions whole
+    assert check("s3://cs-in/out", cacheSize="2200", nodes=1).returncode == 2
+    assert check("s3://cs-in/out", cacheSize="2200", nodes=2).returncode == 0
+    assert check("s3://cs-in/out", cacheSize="2101", nodes=2).returncode == 2
     assert not s3.list_objects_v2(Bucket="cs-in", Prefix="out/").get("Contents")  # the marker is gone
     bad = check("s3://cs-missing/out")
     assert bad.returncode == 2 and "error: output.uri: writing to s3://cs-missing/out: bucket 'cs-missing' does not exist" in bad.stderr

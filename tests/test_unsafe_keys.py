@@ -178,12 +178,15 @@ def test_validate_check_storage_says_what_stage_in_will_do(s3, capsys):
 def test_stage_in_refuses_a_download_that_does_not_fit_the_pods_cache_before_fetching_it(s3, tmp_path, monkeypatch):
     """resources.cacheSize (the emptyDir's sizeLimit, which the volume's free space does not show:
     past it the kubelet evicts the pod, hours of downloading later, at every retry): the operator
-    passes it as $KUBELORA_CACHE_LIMIT_BYTES and stage-in refuses what does not fit, as bad input
-    naming the field, before fetching anything."""
-    from kubelora_trainer import disk
+    passes it as $KUBELORA_CACHE_LIMIT_BYTES and stage-in refuses what it fetches that does not fit,
+    as bad input naming the field, before fetching anything. The media, which the ranks that read
+    them fetch, are checked by those ranks before any of them fetches (a node needs room for its
+    share, not for the whole dataset: dataset_phase.check_media_room)."""
+    from kubelora_trainer import dataset_phase, disk
     s3.create_bucket(Bucket="roomy-data")
     for i in range(3):
         s3.put_object(Bucket="roomy-data", Key=f"d/{i}.png", Body=b"x" * 4000)
+    s3.put_object(Bucket="roomy-data", Key="d/0.txt", Body=b"c" * 2000)  # a caption: stage-in fetches it
     monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "already.bin").write_bytes(b"y" * 3000)  # what the pod's cache holds counts too
@@ -192,25 +195,36 @@ def test_stage_in_refuses_a_download_that_does_not_fit_the_pods_cache_before_fet
                                                "dataset": {"uri": "s3://roomy-data/d"},
                                                "output": {"uri": str(tmp_path / "out")}})
     env = dist.DistEnv(0, 1, 0, torch.device("cpu"))
-    monkeypatch.setenv(disk.CACHE_LIMIT_ENV, "14000")  # 12000 to fetch, 11000 left
+    monkeypatch.setenv(disk.CACHE_LIMIT_ENV, "4000")  # 2000 to fetch, 1000 left
     with pytest.raises(disk.NoRoom) as e:
         train.stage_in(spec, env, S3Settings())
     assert str(e.value).startswith("dataset.uri: stage-in: no room to fetch into ") and "resources.cacheSize" in str(e.value)
+    assert "2.0 KiB to fetch" in str(e.value) and not e.value.transient and not list((tmp_path / "cache").rglob("*.txt"))
+    monkeypatch.setenv(disk.CACHE_LIMIT_ENV, "14000")  # the caption fits; the media (12000) do not
+    paths, _, _, later = train.stage_in(spec, env, S3Settings())
+    media = [Path(paths["dataset.0"]) / f"{i}.png" for i in range(3)]
+    assert later.to_fetch(media) == 12000 and later.to_fetch(media[:1]) == 4000
+    with pytest.raises(disk.NoRoom) as e:
+        dataset_phase.check_media_room(env, later.to_fetch(media))
+    assert str(e.value).startswith(f"dataset: the media this rank reads: no room to fetch into {tmp_path / 'cache'}: "
+                                   "11.7 KiB to fetch, ") and "resources.cacheSize" in str(e.value), e.value
     assert not e.value.transient and not list((tmp_path / "cache").rglob("*.png"))
-    monkeypatch.setenv(disk.CACHE_LIMIT_ENV, "15000")
-    paths, _, _, later = train.stage_in(spec, env, S3Settings())  # the media counted, left for the ranks
-    assert later.fetch(Path(paths["dataset.0"]) / f"{i}.png" for i in range(3)) == 3
-    assert len(list(Path(paths["dataset.0"]).glob("*.png"))) == 3
+    monkeypatch.setenv(disk.CACHE_LIMIT_ENV, "19000")
+    dataset_phase.check_media_room(env, later.to_fetch(media))
+    assert later.fetch(media) == 3 and len(list(Path(paths["dataset.0"]).glob("*.png"))) == 3
+    assert later.to_fetch(media) == 0  # fetched: nothing pending
     # changed in the bucket (other ETags), fetched again: each file replaces its old copy, so only
     # what it adds counts, not its whole size (the cache already holds the old copies)
     for i in range(3):
-        s3.put_object(Bucket="roomy-data", Key=f"d/{i}.png", Body=b"z" * 4000)
+        s3.put_object(Bucket="roomy-data", Key=f"d/{i}.png", Body=b"z" * 4100)
     for marker in (tmp_path / "cache").rglob("staged-*.json"):
         marker.unlink()
-    paths, _, _, later = train.stage_in(spec, env, S3Settings())  # 0 left of 15000, 0 to add
+    paths, _, _, later = train.stage_in(spec, env, S3Settings())
     assert later.absent("dataset.0") == ["0.png", "1.png", "2.png"]  # the stale copies stay until fetched
-    later.fetch(Path(paths["dataset.0"]) / f"{i}.png" for i in range(3))
-    assert all(p.read_bytes() == b"z" * 4000 for p in Path(paths["dataset.0"]).glob("*.png"))
+    assert later.to_fetch(media) == 300
+    dataset_phase.check_media_room(env, later.to_fetch(media))
+    later.fetch(media)
+    assert all(p.read_bytes() == b"z" * 4100 for p in Path(paths["dataset.0"]).glob("*.png"))
     for marker in (tmp_path / "cache").rglob("staged-*.json"):
         marker.unlink()
     paths, _, _, later = train.stage_in(spec, env, S3Settings())  # what a rank fetched is in the index now

@@ -45,13 +45,16 @@ def check_storage(spec) -> int:
         failures.append(e.transient)
         print(f"error: {field}: {e}" + (" (transient: try again)" if e.transient else ""), file=sys.stderr)
     evals = spec.evaluation.uri_fields() if spec.evaluation else {}
-    staged = 0  # bytes stage-in fetches into the node's cache
+    staged, media = 0, 0  # bytes stage-in fetches into the node's cache; media bytes, which the ranks fetch
     for field, uri in {**inputs, **spec.dataset.uri_fields(), **evals}.items():
         unsafe = [] if field.startswith(("dataset.", "evaluation.")) else None  # data: skipped at stage-in, as here
+        sizes: dict[str, int] = {}
         try:
-            count, size = check_readable(uri, settings, unsafe=unsafe)
+            count, size = check_readable(uri, settings, unsafe=unsafe, sizes=sizes)
             print(f"ok: {field} {uri}: {count} object(s) readable ({size / 2**30:.2f} GiB)", file=sys.stderr)
-            staged += size if uri.startswith("s3://") else 0
+            if uri.startswith("s3://"):  # a local folder is read where it is
+                later = media_bytes(sizes) if unsafe is not None and not field.endswith(".maskUri") else 0
+                staged, media = staged + size - later, media + later
         except StorageError as e:
             failed(field, e)
         if unsafe:
@@ -64,13 +67,20 @@ def check_storage(spec) -> int:
             print(f"ok: {field} {uri}: writable", file=sys.stderr)
         except StorageError as e:
             failed(field, e)
-    problem = cache_size_problem(spec, staged)
+    problem = cache_size_problem(spec, staged + -(-media // max(1, spec.resources.nodes)))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         failures.append(False)
     if not failures:
         return 0
     return 1 if all(failures) else 2
+
+
+def media_bytes(sizes: dict[str, int]) -> int:
+    """The bytes of a dataset folder's images and videos ({name: bytes}), which the ranks that read
+    them fetch, each node its share (media_later), not stage-in. Pure."""
+    from .data import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+    return sum(n for rel, n in sizes.items() if Path(rel).suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
 
 
 def cache_size_problem(spec, staged: int) -> str | None:
@@ -80,9 +90,10 @@ def cache_size_problem(spec, staged: int) -> str | None:
     r = spec.resources
     if not r.cacheSize or r.cacheVolumeClaim or staged <= quantity(r.cacheSize):
         return None
-    return (f"resources.cacheSize ({r.cacheSize}) is smaller than the inputs stage-in fetches into it "
-            f"({staged / 2**30:.2f} GiB, before any latent is cached): stage-in would refuse them; a larger "
-            f"resources.cacheSize, or a resources.cacheVolumeClaim")
+    return (f"resources.cacheSize ({r.cacheSize}) is smaller than the inputs a node fetches into it "
+            f"({staged / 2**30:.2f} GiB: the model, the captions and about 1/{r.nodes} of the media, before any "
+            f"latent is cached): the trainer would refuse them; a larger resources.cacheSize, or a "
+            f"resources.cacheVolumeClaim")
 
 
 def default_nproc(spec) -> int:

@@ -204,10 +204,13 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
     root = cache_root()
     items = report.items = [dataclasses.replace(it, seq=i) for i, it in enumerate(report.items)]
 
+    share = range(env.rank, len(items), env.world)
+    known = {i: later.digest_of(items[i].image) for i in share}  # from dataset.cacheUri's memo
+    if later.sources:
+        check_media_room(env, later.to_fetch(items[i].image for i in share if known[i] is None))
+
     def checking_the_dataset():  # this rank's share; run through dist.agree, so no rank waits for a failed one
         found, bad, hashed, media = [], [], [], {}
-        share = range(env.rank, len(items), env.world)
-        known = {i: later.digest_of(items[i].image) for i in share}  # from dataset.cacheUri's memo
         fetched = later.fetch([items[i].image for i in share if known[i] is None], _fetch_log(env), dist.heartbeat)
         for i in share:
             it = items[i]
@@ -266,6 +269,31 @@ def probe_items(report: ScanReport, env, spec, remote: Optional[cache_remote.Rem
     for k in report.held.skipped[:10] if report.held is not None else ():
         log(env, f"[data] skipped (evaluation) {k}")
     return [found_all[i][0] for i in kept], [found_all[i][1] for i in kept]
+
+
+def check_media_room(env, need: int) -> None:
+    """Before any rank fetches its share of the media (need: this rank's bytes): every cache
+    volume has room for what the ranks writing into it fetch (disk.shares_by_volume: a node's
+    ranks, or the nodes sharing a cache claim), within resources.cacheSize; else every rank stops
+    with disk.NoRoom (bad input), which names the bytes, the room and the fix. Stage-in counted
+    the other inputs."""
+    root = cache_root()
+    vol = disk.volume_id(root)
+    parts = dist.all_gather((vol, need)) if env.world > 1 else [(vol, need)]
+    first, total = disk.shares_by_volume(parts)[vol]
+    ranks = sum(1 for v, _ in parts if v == vol)
+    what = f"dataset: the media its {ranks} ranks read" if ranks > 1 else "dataset: the media this rank reads"
+    err = None
+    if env.rank == first and total:  # one rank per volume (the limit's walk of the folder is not free)
+        try:
+            disk.check_room(total, root, disk.cache_limit_left(), what)
+            print(f"[data] {disk.size_text(total)} of media to fetch into {root} ({what[9:]}; {disk.usage(root)})",
+                  flush=True)
+        except disk.NoRoom as e:
+            err = e
+        except OSError as e:
+            err = disk.no_room(e, "dataset") or RuntimeError(f"dataset: checking the room in {root}: {e}")
+    dist.fail_together(err, "the media's room check")
 
 
 def probe_name(root: Path, digest: str, fps) -> str:

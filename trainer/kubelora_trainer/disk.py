@@ -8,6 +8,9 @@ import errno
 import os
 import re
 import shutil
+import socket
+import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -73,10 +76,10 @@ def usage(path: Path) -> str:
         u = shutil.disk_usage(p)
     except OSError:
         return "its free space unknown"
-    return f"{_size(u.free)} free of {_size(u.total)}"
+    return f"{size_text(u.free)} free of {size_text(u.total)}"
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -106,11 +109,11 @@ def room_problem(need: int, free: int, limit_left: Optional[int]) -> Optional[st
     if need <= 0:
         return None
     if limit_left is not None and need > limit_left:
-        return (f"{_size(need)} to fetch, {_size(max(limit_left, 0))} left of the pod's cache "
+        return (f"{size_text(need)} to fetch, {size_text(max(limit_left, 0))} left of the pod's cache "
                 f"(resources.cacheSize; past it the kubelet evicts the pod): a larger resources.cacheSize, or a "
                 f"resources.cacheVolumeClaim")
     if need > free:
-        return (f"{_size(need)} to fetch, {_size(free)} free on its volume: give the cache volume "
+        return (f"{size_text(need)} to fetch, {size_text(free)} free on its volume: give the cache volume "
                 f"more room (a larger resources.cacheSize or resources.cacheVolumeClaim; on a workstation, "
                 f"${CACHE_ENV} on a larger disk)")
     return None
@@ -123,6 +126,54 @@ def check_room(need: int, path: Path, limit_left: Optional[int], what: str) -> N
     problem = room_problem(need, shutil.disk_usage(path).free, limit_left)
     if problem:
         raise NoRoom(f"{what}: no room to fetch into {path}: {problem}")
+
+
+VOLUME_ID_NAME = ".volume-id"
+
+
+def volume_id(root: Optional[Path] = None) -> str:
+    """Who shares this cache folder: an id written once into it (the first process to look
+    creates it), so processes that read the same id write into one volume: a node's ranks, and
+    with a cache claim shared by nodes (ReadWriteMany), those nodes too. Where it cannot be
+    written (a read-only or full volume), the host's name and the folder's device stand in."""
+    root = Path(root or cache_root())
+    path = root / VOLUME_ID_NAME
+    for _ in range(50):
+        try:
+            got = path.read_text().strip()
+            if got:
+                return got
+        except OSError:
+            pass
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            break
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            time.sleep(0.02)  # another process made it and is writing it: read it again
+            continue
+        except OSError:
+            break
+        with os.fdopen(fd, "w") as f:
+            f.write(uuid.uuid4().hex)
+    try:
+        dev = os.stat(root).st_dev
+    except OSError:
+        dev = 0
+    return f"{socket.gethostname()}:{dev}"
+
+
+def shares_by_volume(parts: list[tuple[str, int]]) -> dict[str, tuple[int, int]]:
+    """[(volume id, bytes to fetch)] per rank -> {volume id: (its first rank, the bytes of all its
+    ranks)}: the ranks that write into one volume fetch into it together, so it needs room for
+    their sum, and one of them checks that. Pure."""
+    out: dict[str, tuple[int, int]] = {}
+    for rank, (vol, need) in enumerate(parts):
+        first, total = out.get(vol, (rank, 0))
+        out[vol] = (first, total + max(0, int(need)))
+    return out
 
 
 def no_room(exc: BaseException, what: str = "", path: Optional[Path] = None) -> Optional[NoRoom]:

@@ -128,6 +128,20 @@ class Later:
         where = self._where(p)
         return (self.sources[where[0]].listed[where[1]][3] or None) if where else None
 
+    def to_fetch(self, paths: Iterable[Path]) -> int:
+        """The bytes fetching the media among paths would add to the disk (a fetched file replaces
+        its stale copy, so only what it adds counts, as at stage-in)."""
+        need = 0
+        for p in paths:
+            where = self._where(p)
+            if where is not None and where[1] in self.sources[where[0]].pending:
+                try:
+                    held = p.stat().st_size
+                except OSError:
+                    held = 0
+                need += max(0, self.sources[where[0]].listed[where[1]][2] - held)
+        return need
+
     def fetch(self, paths: Iterable[Path], log: Callable[[str], None] = print,
               progress: Optional[Callable[[], None]] = None) -> int:
         """Fetch the media among paths that stage-in left for later (once: then they are local).

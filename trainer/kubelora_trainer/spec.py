@@ -582,12 +582,12 @@ class ResourcesSpec(_Model):
         default=None, description="PVC for the model/data cache; an emptyDir when unset.")
     cacheSize: Optional[str] = Field(
         default=None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$",
-        description="Size of each pod's own cache (the emptyDir used without cacheVolumeClaim: the staged-in model "
-                    "and data and the latent cache), e.g. 200Gi: the emptyDir's sizeLimit and an ephemeral-storage "
-                    "request of that much, so the scheduler places the pod on a node with that much local disk "
-                    "instead of the kubelet evicting it when the disk fills (a cache over the size is evicted too, "
-                    "with a message naming it; stage-in refuses a model or dataset larger than what is left of it "
-                    "before fetching it). Unset: no limit and no request.")
+        description="Size of each pod's own cache (the emptyDir used without cacheVolumeClaim: the staged-in model, "
+                    "the captions, the node's share of the media (about 1/nodes) and the latent cache), e.g. 200Gi: "
+                    "the emptyDir's sizeLimit and an ephemeral-storage request of that much, so the scheduler places "
+                    "the pod on a node with that much local disk instead of the kubelet evicting it when the disk "
+                    "fills (a cache over the size is evicted too, with a message naming it; the trainer refuses inputs "
+                    "larger than what is left of it before fetching them). Unset: no limit and no request.")
     podAnnotations: dict[str, str] = Field(
         default_factory=dict,
         description="Annotations on the trainer pods, e.g. karpenter.sh/do-not-disrupt: \"true\" (Karpenter's "

@@ -623,7 +623,8 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
     A long download says how far it is every PROGRESS_SECONDS and saves its
     index as often, so what was fetched is kept when it stops (a failed object stops the others:
     those not started are not fetched); progress() is called after each object. room(bytes, dest)
-    is asked before anything is fetched (it raises when they do not fit), deferred objects counted."""
+    is asked before anything is fetched (it raises when they do not fit); deferred objects are not
+    counted there (the ranks that fetch them check their room together: media_later.Later.to_fetch)."""
     loc = parse_uri(uri)
     if not loc.is_s3:
         p = Path(loc.key)
@@ -656,13 +657,14 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
         if rec and rec.get("etag") == obj["ETag"] and target.is_file() and target.stat().st_size == obj["Size"]:
             continue
         todo.append(obj)
-    put_off = [o for o in todo if later is not None and deferred is not None and later(o["rel"])]
-    total, total_later = sum(o["Size"] for o in todo) - sum(o["Size"] for o in put_off), sum(o["Size"] for o in put_off)
+    put_off, now = [], []
+    for o in todo:
+        (put_off if later is not None and deferred is not None and later(o["rel"]) else now).append(o)
+    todo, total, total_later = now, sum(o["Size"] for o in now), sum(o["Size"] for o in put_off)
     if room is not None and todo:  # a file fetched again replaces its old copy: only what it adds
         room(sum(max(0, o["Size"] - _size_of(dest / o["rel"])) for o in todo), dest)
-    if put_off:
+    if deferred is not None:
         deferred += put_off
-        todo = [o for o in todo if not later(o["rel"])]
     log(f"[stage-in] {loc}: {len(objs)} objects, {len(objs) - len(todo) - len(put_off)} already cached, "
         f"fetching {len(todo)} ({total / MB:.1f} MiB)"
         + (f"; {len(put_off)} media files ({total_later / MB:.1f} MiB) are fetched by the ranks that read them"
@@ -939,10 +941,11 @@ def check_writable(uri: str, settings: S3Settings = S3Settings(), client=None, c
 
 
 def check_readable(uri: str, settings: S3Settings = S3Settings(), client=None,
-                   unsafe: Optional[list[str]] = None) -> tuple[int, int]:
+                   unsafe: Optional[list[str]] = None, sizes: Optional[dict[str, int]] = None) -> tuple[int, int]:
     """(objects, bytes) under uri that download would fetch; raises StorageError when it cannot be
     read or is empty, or names a key that cannot be a file (unsafe_name) unless given a list for
-    unsafe, which then gets those keys (as download)."""
+    unsafe, which then gets those keys (as download). Given a dict for sizes, an s3 URI's objects
+    go there ({relative name: bytes})."""
     loc = parse_uri(uri)
     if not loc.is_s3:
         path = Path(loc.key)
@@ -953,6 +956,8 @@ def check_readable(uri: str, settings: S3Settings = S3Settings(), client=None,
             raise StorageError(f"reading {loc}: the folder holds no files")
         return len(files), sum(f.stat().st_size for f in files)
     objs = _list(client or make_client(settings), loc, unsafe)
+    if sizes is not None:
+        sizes.update((o["rel"], o["Size"]) for o in objs)
     return len(objs), sum(o["Size"] for o in objs)
 
 
