@@ -461,3 +461,84 @@ def test_a_resume_lists_the_samples_made_with_the_settings_they_were_made_with()
     assert [r[0].split("<br>")[0] for r in rows] == ["a red square", "a blue circle"]
     assert "64x64" in rows[0][0] and "step-500/prompt-0.png" in rows[0][1] and "step-1000" not in rows[0][1]
     assert "32x32" in rows[1][0] and "step-1000/prompt-0.png" in rows[1][1] and "step-0/" not in rows[1][1]
+
+
+def test_jobs_in_the_background_run_in_order_and_only_the_newest_waiting_one_runs():
+    """samples.Newest (the mid-run report's upload): one job at a time, in order; a job submitted
+    while another runs replaces the one waiting; wait(drop=True) drops the waiting one and returns
+    once the running one is done."""
+    import threading
+    gate, started, ran = threading.Event(), threading.Event(), []
+
+    def job(n, block=False):
+        def run():
+            if block:
+                started.set()
+                assert gate.wait(60)
+            ran.append(n)
+        return run
+    q = samples.Newest("test")
+    q.submit(job(1, block=True))
+    assert started.wait(60)   # under way: what comes now waits
+    q.submit(job(2))
+    q.submit(job(3))   # replaces 2
+    gate.set()
+    q.wait(drop=False)
+    assert ran == [1, 3]
+    gate.clear()
+    started.clear()
+    q.submit(job(4, block=True))
+    assert started.wait(60)
+    q.submit(job(5))
+    threading.Timer(0.2, gate.set).start()
+    q.wait(drop=True)  # 5 never runs
+    assert ran == [1, 3, 4]
+    q.submit(lambda: 1 / 0)  # a bug in a job: a warning, the worker goes on
+    q.submit(job(6))
+    q.wait(drop=False)
+    assert ran[-1] == 6
+
+
+def test_a_slow_store_does_not_hold_rank_0_at_a_sample_step_and_the_final_report_lands_last(tmp_path, capsys):
+    """The mid-run report is uploaded in the background (the store is slow: rank 0 trains on
+    instead of keeping every rank waiting in the next collective); its failure is a warning; the
+    final report waits for the upload under way and is the one that stays."""
+    import threading
+    import time
+    from types import SimpleNamespace
+    from kubelora_trainer import storage
+    spec = _spec(FLUX, {"prompts": [{"prompt": "a"}]})
+    sampler = samples.Sampler(spec, None, {}, [{"index": 0, "seed": 1, "prompt": "a"}], "job", None, {}, tmp_path / "local")
+    store, gate, calls = tmp_path / "store", threading.Event(), []
+    store.mkdir()
+
+    def upload(path, key):  # a store that answers once the gate opens, and fails the second mid-run upload
+        calls.append(SimpleNamespace(status=re.search(r"Training|Succeeded", path.read_text()).group(0)))
+        if len(calls) == 1:
+            assert gate.wait(60)
+        if len(calls) == 2:
+            raise storage.StorageError("uploading s3://b/report.html: SlowDown", transient=True)
+        (store / key).write_text(path.read_text())
+        return {"uri": str(store / key)}
+    sampler._upload = upload
+    def under_way(n):
+        deadline = time.monotonic() + 60
+        while len(calls) < n:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    sampler.report_soon(1, [0.5])              # returns at once, although the store does not answer
+    under_way(1)
+    sampler.report_soon(2, [0.5, 0.4])         # waits; replaced by the next
+    sampler.report_soon(3, [0.5, 0.4, 0.3])
+    assert len(calls) == 1 and not (store / samples.REPORT_NAME).exists()
+    gate.set()
+    sampler._reports.wait(drop=False)
+    assert [c.status for c in calls] == ["Training", "Training"]
+    assert "report.html not updated at step 3: uploading s3://b/report.html: SlowDown" in capsys.readouterr().out
+    gate.clear()
+    sampler.report_soon(4, [0.5] * 4)          # under way (blocked) when the run ends
+    under_way(3)
+    threading.Timer(0.3, gate.set).start()
+    sampler.publish_report("Succeeded", 4, [0.5] * 4, [])
+    assert [c.status for c in calls] == ["Training", "Training", "Training", "Succeeded"]
+    assert "Succeeded" in (store / samples.REPORT_NAME).read_text()

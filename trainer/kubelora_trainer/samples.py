@@ -8,10 +8,12 @@ are split over ranks (sample_plan.assign; under FSDP2 so that every rank runs th
 With spec.samples unset, setup() returns None: no embeddings, no VAE kept, no pipeline built.
 
 Files: output.uri/samples/step-N/prompt-I.png (images) or .mp4 plus an animated .webp preview
-(videos); report.html beside the LoRA, refreshed at every sample step and at the end.
+(videos); report.html beside the LoRA, refreshed at every sample step (uploaded in the background:
+the other ranks train on meanwhile) and at the end.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,45 @@ from .sample_plan import assign, due, is_video, preview_path, resolve, sample_pa
 from .spec import dump_spec
 
 REPORT_NAME = "report.html"
+
+
+class Newest:
+    """Runs jobs one at a time, in order, in a background thread, keeping only the newest job not
+    started yet: a job submitted while another runs replaces the one waiting (a report uploaded
+    mid-run is superseded by the next one, and an older one must never land after a newer one)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._cond = threading.Condition()
+        self._next = None
+        self._running = False
+
+    def submit(self, job) -> None:
+        with self._cond:
+            self._next = job
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._work, daemon=True, name=self.name).start()
+
+    def wait(self, drop: bool = True) -> None:
+        """Until no job runs; drop: the job waiting is not run (a newer one follows)."""
+        with self._cond:
+            if drop:
+                self._next = None
+            self._cond.wait_for(lambda: not self._running)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                job, self._next = self._next, None
+                if job is None:
+                    self._running = False
+                    self._cond.notify_all()
+                    return
+            try:
+                job()
+            except Exception as e:  # noqa: BLE001 - a job reports its own failures; this is a bug's last word
+                print(f"[samples] warning: {self.name}: {type(e).__name__}: {e}", flush=True)
 
 
 def report_said(output_uri: str) -> str:
@@ -73,6 +114,7 @@ class Sampler:
     restored: Optional[list[dict]] = None   # earlier attempts' records (the checkpoint's loop state)
     _client: object = None
     _first: bool = True
+    _reports: Newest = field(default_factory=lambda: Newest("report-upload"))
 
     def _upload(self, path: Path, key: str) -> dict:
         out = storage.parse_uri(self.spec.output.uri)
@@ -163,19 +205,36 @@ class Sampler:
         if env.is_main:
             print(f"[samples] step {step}: {len(recs)} sample(s) in {time.perf_counter() - t0:.1f} s "
                   f"(sampling so far {self.seconds:.1f} s)", flush=True)
-            try:  # best effort mid-run (the others are already training on): refreshed at the next sample step
-                self.publish_report("Training", step, tr.state.losses, [], tr.state.evals)
-            except storage.StorageError as e:
-                print(f"[samples] warning: report.html not updated at step {step}: {e}", flush=True)
+            self.report_soon(step, tr.state.losses, tr.state.evals)
             if prog is not None and tr.publish is not None:
                 prog.samples, prog.sampleStep = len(self.records), step
                 tr.publish(prog, force=True)
 
+    def report_soon(self, step: int, losses: list[float], evals: Optional[list[dict]] = None) -> None:
+        """Rank 0, mid-run: report.html as it stands now, uploaded in the background, so rank 0
+        trains on at once instead of keeping every rank waiting at the next collective while the
+        store is slow (each request is retried for minutes). Best effort: a failure is a warning,
+        and the next sample step, and the end, write it again."""
+        html = self._render("Training", step, losses, [], evals)
+
+        def upload() -> None:
+            try:
+                write_and_upload(html, self.local, self._upload)
+            except (storage.StorageError, OSError) as e:
+                print(f"[samples] warning: report.html not updated at step {step}: {e}", flush=True)
+        self._reports.submit(upload)
+
     def publish_report(self, status: str, step: int, losses: list[float], artifacts: list[dict],
                        evals: Optional[list[dict]] = None) -> dict:
-        """Rank 0: write and upload report.html; returns {uri, sha256, size}."""
-        return upload_report(self.spec, self.job, status, step, losses, self.prompts, self.records, self.stats,
-                             artifacts, {"sampling seconds": f"{self.seconds:.1f}"}, self.local, self._upload, evals)
+        """Rank 0: write and upload report.html now, after any mid-run upload still under way (the
+        waiting one is dropped: this one is newer); returns {uri, sha256, size}."""
+        self._reports.wait(drop=True)
+        return write_and_upload(self._render(status, step, losses, artifacts, evals), self.local, self._upload)
+
+    def _render(self, status: str, step: int, losses: list[float], artifacts: list[dict],
+                evals: Optional[list[dict]]) -> str:
+        return render_report(self.spec, self.job, status, step, losses, self.prompts, self.records, self.stats,
+                             artifacts, {"sampling seconds": f"{self.seconds:.1f}"}, evals)
 
     def summary(self) -> dict:
         return {"count": len(self.records), "seconds": round(self.seconds, 2), "prompts": self.prompts,
@@ -216,12 +275,16 @@ def learning_rates(spec, n: int) -> list[float]:
     return [t.learningRate * lr_lambda(s, t.warmupSteps, t.steps, t.lrScheduler) for s in range(n)]
 
 
-def upload_report(spec, job, status, step, losses, prompts, records, stats, artifacts, timings, local: Path,
-                  upload, evals: Optional[list[dict]] = None) -> dict:
-    html = report.render(job=job, model_type=spec.model.type, status=status, step=step,
+def render_report(spec, job, status, step, losses, prompts, records, stats, artifacts, timings,
+                  evals: Optional[list[dict]] = None) -> str:
+    return report.render(job=job, model_type=spec.model.type, status=status, step=step,
                          total_steps=spec.training.steps, losses=list(losses),
-                         learning_rates=learning_rates(spec, len(losses)), prompts=prompts, samples=records,
+                         learning_rates=learning_rates(spec, len(losses)), prompts=prompts, samples=list(records),
                          dataset=stats, spec=dump_spec(spec), artifacts=artifacts, timings=timings, evals=evals)
+
+
+def write_and_upload(html: str, local: Path, upload) -> dict:
+    """report.html written under local and uploaded (upload(path, name)); {uri, sha256, size}."""
     path = local / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html)
@@ -241,6 +304,6 @@ def final_report(spec, job, settings, sampler: Optional[Sampler], losses, stats,
 
     def up(path, key):
         return storage.upload(path, str(out.child(key)), settings, client, content_type="text/html")
-    rep = upload_report(spec, job, "Succeeded", spec.training.steps, losses, [], list(earlier or []), stats, artifacts,
-                        None, local, up, evals)
+    rep = write_and_upload(render_report(spec, job, "Succeeded", spec.training.steps, losses, [], list(earlier or []),
+                                         stats, artifacts, None, evals), local, up)
     return {"report": rep}
