@@ -166,6 +166,60 @@ def test_children_created_once_owned_and_survive_operator_restart(cluster, kubec
     assert "ft" in out and "Initializing" in out and "flux" in out
 
 
+def test_a_job_that_carries_a_copied_kopf_annotation_is_made_all_the_same(cluster, kubectl, s3, monkeypatch, caplog):
+    """A manifest copied from a live job (`kubectl get -o yaml` edited and applied, exported into
+    git, a restore without status) carries kopf's kubelora.dev/last-handled-configuration: kopf
+    takes the new job for one already handled and never calls create_children. The sync makes it
+    once it has had no status for CREATE_TAKEOVER_SECONDS (was: no children and no status, until
+    the operator restarted)."""
+    from kubelora_operator import handlers
+    kube = cluster
+    demo_output_bucket(s3)
+    monkeypatch.setattr(handlers, "CREATE_TAKEOVER_SECONDS", 3.0)
+    key = "kubelora.dev/last-handled-configuration"
+    with operator():
+        assert apply(kubectl, manifest("orig")).returncode == 0
+        wait_for(lambda: phase(kube, "orig") == "Pending", timeout=30)
+        copied = wait_for(lambda: (ltj(kube, "orig")["metadata"].get("annotations") or {}).get(key), timeout=30)
+        clone = manifest("clone")
+        clone["metadata"]["annotations"] = {key: copied}
+        assert apply(kubectl, clone).returncode == 0
+        made = wait_for(lambda: kube.get("batch/v1/jobs", "default", "clone"), timeout=60)
+        wait_for(lambda: phase(kube, "clone") == "Pending", timeout=30)
+    assert made["metadata"]["ownerReferences"][0]["uid"] == ltj(kube, "clone")["metadata"]["uid"]
+    assert kube.get("v1/services", "default", "clone-workers") and kube.get("v1/configmaps", "default", "clone-spec")
+    assert [j["metadata"]["name"] for j in kube.list("batch/v1/jobs", "default")].count("clone") == 1
+    assert "default/clone has no status" in caplog.text and "default/orig has no status" not in caplog.text
+
+
+def test_a_service_or_configmap_deleted_while_the_job_runs_is_made_again(cluster, kubectl, s3):
+    """`kubectl delete svc x-workers` (or a cleanup script) during a run: the pods the Job
+    controller makes next (a replacement after a preemption) could not find their peers, and a
+    deleted ConfigMap leaves them in ContainerCreating. The sync makes both again while pods are
+    being made or replaced (was: only when the Job itself was gone)."""
+    kube = cluster
+    demo_output_bucket(s3)
+    with operator():
+        assert apply(kubectl, manifest("sup")).returncode == 0
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "sup"), timeout=30)
+        wait_for(lambda: phase(kube, "sup") == "Pending", timeout=30)
+        uid = ltj(kube, "sup")["metadata"]["uid"]
+        kubectl("delete", "service", "sup-workers", check=True)
+        kubectl("delete", "configmap", "sup-spec", check=True)
+        # a pod being replaced: one active, none ready (the Job controller's count; no kubelet here)
+        kubectl("patch", "job", "sup", "--subresource=status", "--type=merge", "-p", '{"status":{"active":1,"ready":0}}',
+                check=True)
+        svc = wait_for(lambda: kube.get("v1/services", "default", "sup-workers"), timeout=30)
+        cm = wait_for(lambda: kube.get("v1/configmaps", "default", "sup-spec"), timeout=30)
+        events = wait_for(lambda: [e for e in kube.list("v1/events", "default")
+                                   if e.get("reason") == "ChildRecreated" and e["involvedObject"]["name"] == "sup"],
+                          timeout=30)
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == uid == cm["metadata"]["ownerReferences"][0]["uid"]
+    assert svc["spec"]["clusterIP"] == "None"
+    assert {e["type"] for e in events} == {"Warning"} and any("Service/sup-workers" in e["message"] for e in events)
+    assert [j["metadata"]["name"] for j in kube.list("batch/v1/jobs", "default")].count("sup") == 1
+
+
 def test_spec_is_immutable_but_suspend_flows_to_the_job(cluster, kubectl):
     kube = cluster
     with operator():

@@ -278,7 +278,7 @@ def test_which_events_and_ticks_sync_a_job():
     for phase in ("Pending", "Initializing", "Training", "Exporting"):
         assert needs_polling(_ltj(status={"phase": phase}))
     assert not needs_polling(_ltj(status={"phase": "Training"}, deleting=True))
-    assert not needs_polling(_ltj(status={}))                           # create_children not done
+    assert needs_polling(_ltj(status={}))       # not made yet: made by the sync if kopf does not (a copied annotation)
     assert not needs_polling(_ltj(status={"phase": "Suspended"}))       # resumes through events
     done = {"phase": "Succeeded", "completionTime": "2026-01-01T00:00:00Z"}
     assert not needs_polling(_ltj(status=done))
@@ -832,6 +832,7 @@ def _sync_with(monkeypatch, job, pods, previous, spec=None, events=(), progress=
     monkeypatch.setattr(kube, "patch_status", lambda ns, n, status, **precondition: {"status": status})
     monkeypatch.setattr(kube, "pod_events", lambda ns, pod: list(events))
     monkeypatch.setattr(kube, "failed_create_events", lambda ns, j: [])
+    monkeypatch.setattr(kube, "exists", lambda kind, ns, n: True)  # the ConfigMap and Service are there
     monkeypatch.setattr(kube, "secret_data", lambda ns, n: {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
     monkeypatch.setattr(handlers, "READS", handlers.artifacts.ReadBackoff())  # no backoff left by another test
     monkeypatch.setattr(handlers.artifacts, "read_json",
@@ -1025,10 +1026,11 @@ def test_a_job_the_controller_has_decided_to_fail_is_failed_before_its_pods_are_
     assert st.gang_action(not_yet, nodes=2, restarts=0, backoff_limit=2) == "restart"
 
 
-def test_the_job_follows_run_policy_suspend_whenever_the_two_differ():
-    """An edit that found no Job (being made again for a gang restart) or a hand edit of the Job:
-    written at the next sync; never for a Job queued in Kueue, nor a finished or failed one (the
-    operator suspends a failed run's Job itself)."""
+def test_the_job_follows_run_policy_suspend_when_it_changes():
+    """An edit of runPolicy.suspend is written to the Job at the next sync (also one that found no
+    Job, being made again for a gang restart), and a Job resumed by hand is suspended again; never
+    for a Job queued in Kueue, nor a finished or failed one (the operator suspends a failed run's
+    Job itself)."""
     running = {"spec": {"suspend": False}, "status": {"active": 1}}
     assert st.suspend_to_apply(running, True, None) is True
     assert st.suspend_to_apply({"spec": {"suspend": True}}, False, None) is False
@@ -1039,6 +1041,15 @@ def test_the_job_follows_run_policy_suspend_whenever_the_two_differ():
     assert st.suspend_to_apply(failed, False, None) is None
     done = {"spec": {"suspend": False}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
     assert st.suspend_to_apply(done, True, None) is None
+    # with the value last applied recorded (status.appliedSuspend), a Job is resumed only for the
+    # user's edit: one that another controller suspends (Kueue's manageJobsWithoutQueueName, no queue
+    # label) is not resumed at every sync, fighting it; stopping is always applied
+    held = {"spec": {"suspend": True}, "status": {}}
+    assert st.suspend_to_apply(held, False, None, applied=False) is None
+    assert st.suspend_to_apply(held, True, None, applied=False) is None     # held already: recorded, not written
+    assert st.suspend_to_apply(running, True, None, applied=False) is True  # the user's edit
+    assert st.suspend_to_apply(held, False, None, applied=True) is False    # and back
+    assert st.suspend_to_apply(running, True, None, applied=True) is True   # resumed by someone else: stopped
 
 
 def test_a_sync_that_changes_nothing_writes_no_status(monkeypatch):
@@ -1183,3 +1194,64 @@ def test_a_running_job_gets_its_network_policy_once_and_a_refusal_only_warns(mon
         changes, _ = _sync_with(monkeypatch, job, [pod], {"phase": "Training"}, spec=spec)
         assert not [r for _, r, _ in changes.events if r.startswith("NetworkPolicy")]
     assert len(tries) == 2
+
+
+def test_an_api_server_that_never_answers_does_not_hold_a_call_for_ever(tmp_path, monkeypatch):
+    """The kubernetes client waits for ever by default: a connection dropped in silence would hold
+    a sync worker (and, with all four, every job's status) while the Lease renews. Every request
+    of kube.api() has a timeout unless the call gives one, and TCP keepalive. Against a real
+    socket that accepts and never answers."""
+    import socket
+    import threading
+    import time
+    import yaml
+    from kubelora_operator import kube
+    assert kube.request_timeout(None, 60.0) == (10.0, 60.0) and kube.request_timeout(5, 60.0) == 5
+    assert kube.request_timeout((1, 2), 60.0) == (1, 2)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])  # never answered
+            except OSError:
+                pass
+    threading.Thread(target=accept, daemon=True).start()
+    config = tmp_path / "kubeconfig"
+    config.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.getsockname()[1]}"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}], "users": [{"name": "u", "user": {}}]}))
+    from kubernetes.config import kube_config
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(config))  # read when imported
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(kube, "API_TIMEOUT_SECONDS", 1.0)
+    kube.reset()
+    try:
+        got = []
+
+        def call():  # in a thread: without the timeout it would never return
+            try:
+                kube.get_job("default", "x")
+            except Exception as e:  # noqa: BLE001
+                got.append(e)
+        t0 = time.monotonic()
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(60)
+        assert not caller.is_alive(), "the call still waits after 60 s"
+        assert time.monotonic() - t0 < 30 and got and "timed out" in str(got[0]).lower(), got
+        assert held  # the request reached the server, which never answered
+        opts = kube.api().configuration.socket_options
+        assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in opts
+    finally:
+        stop.set()
+        kube.reset()
+        server.close()
+        for c in held:
+            c.close()

@@ -48,6 +48,9 @@ POD_START_GRACE_SECONDS = env.number("KUBELORA_POD_START_GRACE_SECONDS", st.STAR
 # a gang failure no lost node explains yet is decided this long after its pods failed: a lost
 # node's peers can fail (NCCL) before its Node reads Unknown (40-50 s after the loss)
 GANG_FAILURE_GRACE_SECONDS = env.number("KUBELORA_GANG_FAILURE_GRACE_SECONDS", 60.0)
+# a job still without a status this long after it was made is created by the sync: kopf skips the
+# create handler of an object that carries a copied last-handled-configuration annotation
+CREATE_TAKEOVER_SECONDS = env.number("KUBELORA_CREATE_TAKEOVER_SECONDS", 60.0)
 # shared clusters: buckets read only with a job's own credentials; the S3 endpoints jobs may name
 JOB_CREDENTIALS_ONLY = env.flag("KUBELORA_JOB_CREDENTIALS_ONLY")
 ALLOWED_ENDPOINTS = env.words("KUBELORA_S3_ALLOWED_ENDPOINTS")
@@ -244,6 +247,41 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
     # the run keeps this trainer through gang restarts: an operator upgrade must not switch a
     # running job to a trainer that may refuse its checkpoints
     changes.status["trainerImage"] = job_spec.resources.image or operator_config().image
+    changes.status["appliedSuspend"] = job_spec.runPolicy.suspend  # the Job is made with it
+
+
+def _take_over_creation(body, changes: Changes) -> None:
+    """A job without any status CREATE_TAKEOVER_SECONDS after it was made is created here. kopf
+    runs create_children for a new object only when it carries no last-handled-configuration
+    annotation of ours (kopf's diff base): one copied with the manifest (`kubectl get -o yaml`
+    edited and applied, manifests exported from a cluster into git, a backup restored without its
+    status) makes kopf take the job for one already handled, and it would never be made nor get a
+    status. The creation is the same, idempotent one (each child only if missing). The ticker
+    syncs a job without a status (syncer.needs_polling)."""
+    meta = body["metadata"]
+    made = st.parse_time(meta.get("creationTimestamp"))
+    if made is None:
+        return
+    age = datetime.now(timezone.utc) - made
+    # kopf's own handler may be retrying (a name held by a deleted job's children, NAME_WAIT_SECONDS);
+    # progress annotations copied with the manifest do not hold the job back for longer than that
+    wait = CREATE_TAKEOVER_SECONDS + (NAME_WAIT_SECONDS if kopf_is_handling(meta) else 0.0)
+    if age.total_seconds() < wait:
+        return
+    log.warning("%s/%s has no status %.0f s after it was made: creating its children (kopf took it for handled: a "
+                "copied %s/last-handled-configuration annotation?)", meta["namespace"], meta["name"],
+                age.total_seconds(), GROUP)
+    try:
+        _create_children(body, body.get("spec") or {}, meta["name"], meta["namespace"], meta["uid"], age, changes)
+    except kopf.TemporaryError:
+        pass  # waiting for a name (the Warning says so): the ticker comes back
+
+
+def kopf_is_handling(meta: dict) -> bool:
+    """Whether kopf has a handler of this object under way (its progress annotations, which kopf
+    removes once the handlers are done). Pure."""
+    return any(k.startswith(f"{GROUP}/") and k != f"{GROUP}/last-handled-configuration"
+               for k in (meta.get("annotations") or {}))
 
 
 def _predecessor_lingers(body, changes: Changes, name, namespace, uid) -> bool:
@@ -380,8 +418,8 @@ def _sync(body: dict, changes: Changes) -> None:
             else:
                 changes.status["stopJob"] = None  # gone, or another Job: nothing of this run to stop
         return _ttl_cleanup(body, job_spec, name, namespace, previous, changes)
-    if phase is None:
-        return  # create_children has not finished
+    if phase is None:  # kopf's create_children makes it; or, where kopf takes it for handled, this
+        return _take_over_creation(body, changes)
     job = kube.get_job(namespace, name)
     if job is not None and kube.ownership(job, meta["uid"]) == "stale":  # a deleted job's of the same name
         return _wait(body, changes, "WaitingForOldPods", "waiting for the trainer Job of a deleted job of the same "
@@ -395,6 +433,8 @@ def _sync(body: dict, changes: Changes) -> None:
         kube.delete_job(namespace, name, owner_uid=meta["uid"])
         return
     pods = st.own_pods(kube.job_pods(namespace, name), job) if st.needs_pods(job) else []
+    if st.needs_pods(job):  # pods are being made or replaced: they need the Service's names and the spec
+        _ensure_support(meta, namespace, name, job_spec, changes)
     if _evicted(body, changes, name, namespace, job, pods, previous):
         return
     disruption = st.disrupted(pods)
@@ -425,11 +465,14 @@ def _sync(body: dict, changes: Changes) -> None:
     # after the failure paths, which suspend a failed run's Job themselves (a sync whose Failed status
     # did not land must not resume it)
     queue = manifests.kueue_queue((job.get("metadata") or {}).get("labels"))
-    suspend = st.suspend_to_apply(job, job_spec.runPolicy.suspend, queue)
+    requested = job_spec.runPolicy.suspend
+    suspend = st.suspend_to_apply(job, requested, queue, previous.get("appliedSuspend"))
     if suspend is not None and kube.set_job_suspend(namespace, name, suspend):
         job.setdefault("spec", {})["suspend"] = suspend
         changes.info("Suspended" if suspend else "Resumed", "trainer Job suspended (runPolicy.suspend)" if suspend
                      else "trainer Job resumed (runPolicy.suspend)")
+    if not queue and previous.get("appliedSuspend") != requested and bool((job.get("spec") or {}).get("suspend")) == requested:
+        changes.status["appliedSuspend"] = requested  # applied (or held already): only a change is written
     complete = any(c.get("type") == "Complete" and c.get("status") == "True"
                    for c in (job.get("status") or {}).get("conditions") or [])
     settings, error = _settings(job_spec, namespace)
@@ -486,6 +529,27 @@ def _storage_stall(obs: st.Observed, error: str | None, previous: dict, changes:
 
 NODES_RULE = "get on nodes (cluster-scoped; the chart's ClusterRole has it with rbac.create)"
 _nodes_forbidden_logged = False
+
+
+def _ensure_support(meta: dict, namespace: str, name: str, job_spec, changes: Changes) -> None:
+    """The ConfigMap (the spec the pods mount) and the headless Service (the names the ranks meet
+    at) made again when deleted while the Job runs: a pod the Job controller makes (a replacement
+    after a preemption, or the first ones) would otherwise wait in ContainerCreating or fail to
+    find its peers, each failure charged to the backoff limit. Read only while pods are being made
+    or replaced (st.needs_pods): one read of each."""
+    for obj in manifests.children(name, meta["uid"], namespace, job_spec, operator_config(), meta.get("labels")):
+        kind = obj["kind"]
+        if kind not in ("ConfigMap", "Service") or kube.exists(kind, namespace, obj["metadata"]["name"]):
+            continue
+        try:
+            kube.ensure(obj)
+        except (kube.ChildDeferred, kube.ChildRefused, kube.NameTaken) as e:  # said; the next sync tries again
+            changes.warn("ChildMissing", f"{kind}/{obj['metadata']['name']} was deleted while the trainer Job runs "
+                                         f"and could not be made again: {e}")
+            continue
+        metrics.created(kind)
+        changes.warn("ChildRecreated", f"{kind}/{obj['metadata']['name']} was deleted while the trainer Job runs; "
+                                       "made again (its pods need it)")
 
 
 def _lingering(pods: list[dict], multi_node: bool) -> list[str]:
@@ -737,6 +801,7 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
         return
     if not previous.get("trainerImage"):  # first made here (the first create deferred): kept from now on
         changes.status["trainerImage"] = job_spec.resources.image or cfg.image
+    changes.status["appliedSuspend"] = job_spec.runPolicy.suspend  # the Job is made with it
     if previous.get("createPending"):
         changes.status["createPending"] = None
         changes.info("Created", f"created {', '.join(created) or 'nothing'}")

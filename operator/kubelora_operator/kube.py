@@ -12,10 +12,31 @@ from . import env, leader
 
 log = logging.getLogger("kubelora_operator.kube")
 _api_client = None
+# every API request's (connect, read) timeout: the kubernetes client waits for ever by default, and
+# a connection a load balancer or NAT dropped in silence (a control-plane upgrade) would hold a
+# sync worker, and with four of them every job's status, while the Lease (its own client) renews
+API_TIMEOUT_SECONDS = env.number("KUBELORA_API_TIMEOUT_SECONDS", 60.0)
+
+
+def request_timeout(given, default: float):
+    """A request's timeout: the one the call gives, else (connect, read) from default. Pure."""
+    return given if given else (min(10.0, default), default)
+
+
+def keepalive_options() -> list[tuple[int, int, int]]:
+    """Socket options for the API connections: urllib3's own (no Nagle) and TCP keepalive, so a
+    pooled connection whose peer vanished is found dead within about a minute, not reused."""
+    import socket
+    opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux; macOS lacks some
+            opts.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return opts
 
 
 def api():
-    """A kubernetes ApiClient (in-cluster config, else KUBECONFIG), made once."""
+    """A kubernetes ApiClient (in-cluster config, else KUBECONFIG), made once; every request it
+    sends has a timeout (API_TIMEOUT_SECONDS, unless the call gives one) and keepalive."""
     global _api_client
     if _api_client is None:
         from kubernetes import client, config
@@ -23,7 +44,14 @@ def api():
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        _api_client = client.ApiClient()
+
+        class TimedApiClient(client.ApiClient):
+            def request(self, method, url, *args, _request_timeout=None, **kwargs):
+                return super().request(method, url, *args, **kwargs,
+                                       _request_timeout=request_timeout(_request_timeout, API_TIMEOUT_SECONDS))
+        cfg = client.Configuration.get_default_copy()
+        cfg.socket_options = keepalive_options()
+        _api_client = TimedApiClient(cfg)
     return _api_client
 
 
@@ -108,6 +136,20 @@ def ensure(obj: dict) -> tuple[dict, bool]:
         raise NameTaken(f"{kind} {name!r} already exists and belongs to "
                         f"{holder or 'no LoRATrainingJob (created by someone else)'}", stale=who == "stale")
     return existing, False
+
+
+def exists(kind: str, namespace: str, name: str) -> bool:
+    """Whether a ConfigMap or Service of that name exists (one read; whoever owns it)."""
+    from kubernetes.client.exceptions import ApiException
+    core, _ = _apis()
+    read = {"ConfigMap": core.read_namespaced_config_map, "Service": core.read_namespaced_service}[kind]
+    try:
+        read(name, namespace, _preload_content=False)
+        return True
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
 
 
 def deferrable(code: int, message: str) -> bool:

@@ -71,6 +71,9 @@ def _time(text: Optional[str]) -> Optional[datetime]:
         return None
 
 
+parse_time = _time
+
+
 def _age(text: Optional[str], now: datetime) -> float:
     """Seconds since the timestamp text (0 when unset or not one)."""
     t = _time(text)
@@ -434,15 +437,26 @@ def gang_failure_wait(pods: list[dict], nodes: Optional[dict[str, Optional[dict]
     return out
 
 
-def suspend_to_apply(job: dict, requested: bool, queue: Optional[str]) -> Optional[bool]:
-    """The spec.suspend to write to the Job when it is not runPolicy.suspend (`requested`): an edit
-    that reached the Job's field handler while the Job was being made again (a gang restart: the
-    patch found no Job), or the Job edited by hand. None: nothing to write; never for a Job queued in
-    Kueue (Kueue owns its spec.suspend) nor one finished or failed (the operator suspends a failed
-    run's Job itself, to stop its peers). Pure."""
+def suspend_to_apply(job: dict, requested: bool, queue: Optional[str], applied: Optional[bool] = None
+                     ) -> Optional[bool]:
+    """The spec.suspend to write to the Job for runPolicy.suspend (`requested`). Stopping is always
+    applied: a Job that runs while the job asks for it suspended (resumed by hand, or an edit that
+    found no Job while it was being made again) is suspended. Starting is applied only as a change:
+    when runPolicy.suspend went from true to false since it was last applied (`applied`,
+    status.appliedSuspend, set when the Job is made and when written), so a Job that another
+    controller holds suspended (Kueue with manageJobsWithoutQueueName suspends Jobs without a queue
+    label until it admits them) is not resumed at every sync, starting GPU pods it did not admit.
+    Without a record (a Job an older operator made) a suspended Job is resumed, as before. None:
+    nothing to write; never for a Job queued in Kueue (Kueue owns its spec.suspend) nor one finished
+    or failed (the operator suspends a failed run's Job itself, to stop its peers). Pure."""
     if queue or _cond(job, "Complete") or job_failure(job):
         return None
-    return bool(requested) if bool((job.get("spec") or {}).get("suspend")) != bool(requested) else None
+    current = bool((job.get("spec") or {}).get("suspend"))
+    if requested and not current:
+        return True
+    if not requested and current and applied is not False:
+        return False
+    return None
 
 
 def needs_pods(job: dict) -> bool:

@@ -87,14 +87,14 @@ def wants_sync(old: Optional[dict], new: dict) -> bool:
 
 def needs_polling(body: dict) -> bool:
     """Whether the ticker must sync this job: an active run (progress comes from the bucket, not
-    from any watch event; pods are read only then), or a finished one whose
+    from any watch event; pods are read only then), one without a status yet, or a finished one whose
     ttlSecondsAfterFinished has not yet deleted the children. Suspended, failed-for-good and
     cleaned-up jobs change only through events. Pure."""
     if deleting(body):
         return False
     status = body.get("status") or {}
     phase = status.get("phase")
-    if phase in st.ACTIVE:
+    if phase in st.ACTIVE or phase is None:  # None: not made yet (handlers._take_over_creation)
         return True
     if phase in st.FINISHED:
         ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
