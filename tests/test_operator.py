@@ -463,6 +463,13 @@ def test_a_gang_restart_after_a_lost_node_is_not_counted_against_the_backoff_lim
         st = wait_for(lambda: not ltj(kube, "lost")["status"].get("restartPending") and ltj(kube, "lost")["status"],
                       timeout=30)
         assert st["restarts"] == 1 and st["disruptionRestarts"] == 1 and st["phase"] == "Pending", st
+        # the ranks meet at lost-0.lost-workers: the Service selects the new Job's pods only, not the
+        # lost node's (Terminating for ever there, and published: publishNotReadyAddresses)
+        selector = kube.get("v1/services", "default", "lost-workers")["spec"]["selector"]
+        assert selector["batch.kubernetes.io/controller-uid"] == again["metadata"]["uid"], selector
+        assert selector["kubelora.dev/job-uid"] == ltj(kube, "lost")["metadata"]["uid"]
+        assert again["spec"]["template"]["metadata"]["labels"].items() >= {
+            k: v for k, v in selector.items() if k != "batch.kubernetes.io/controller-uid"}.items()
         _pod_of(kubectl, again, 0, crashed)
         kubectl("patch", "job", "lost", "--subresource=status", "--type=merge",
                 "-p", '{"status":{"active":1,"failed":1}}', check=True)

@@ -820,13 +820,14 @@ def test_a_gang_whose_peer_never_started_waits_instead_of_counting_node_0s_rende
     assert st.counted_restarts({"restarts": 4, "disruptionRestarts": 1, "waitRestarts": 2}) == 1
 
 
-def _sync_with(monkeypatch, job, pods, previous, spec=None, events=(), progress=None):
-    """handlers._sync through its kube boundary: the Job and pods as given, what it deletes kept."""
+def _sync_with(monkeypatch, job, pods, previous, spec=None, events=(), progress=None, ready="True"):
+    """handlers._sync through its kube boundary: the Job and pods as given (their Nodes' Ready
+    condition `ready`), what it deletes kept."""
     from kubelora_operator import handlers, kube
     deleted = []
     monkeypatch.setattr(kube, "get_job", lambda ns, n: job)
     monkeypatch.setattr(kube, "job_pods", lambda ns, n: pods)
-    monkeypatch.setattr(kube, "nodes", lambda names: {n: _node(n, "True") for n in names})
+    monkeypatch.setattr(kube, "nodes", lambda names: {n: _node(n, ready) for n in names})
     monkeypatch.setattr(kube, "delete_job", lambda ns, n, owner_uid: deleted.append(n))
     monkeypatch.setattr(kube, "set_job_suspend", lambda ns, n, suspend: deleted.append(f"{n} suspended") or True)
     monkeypatch.setattr(kube, "patch_status", lambda ns, n, status, **precondition: {"status": status})
@@ -1255,3 +1256,37 @@ def test_an_api_server_that_never_answers_does_not_hold_a_call_for_ever(tmp_path
         server.close()
         for c in held:
             c.close()
+
+
+def test_a_one_node_runs_pod_stuck_terminating_on_a_lost_node_restarts_the_run(monkeypatch):
+    """One node: no peer fails to tell the loss, and the Job (with its podFailurePolicy) makes a
+    replacement only once the pod is gone, which a lost node's pod never is (Terminating until the
+    Node is removed). Past the pod's grace period on a Node that reads lost, the run is restarted
+    (not counted); on a Ready node it is left to finish; lost twice on the same node, counted."""
+    from datetime import datetime, timedelta, timezone
+    from kubelora_operator import status as st
+    now = datetime.now(timezone.utc)
+    job = {"metadata": {"name": "ft", "uid": "job-1", "ownerReferences": [{"kind": "LoRATrainingJob", "uid": "uid-1"}]},
+           "spec": {"parallelism": 1}, "status": {"active": 0, "ready": 0, "terminating": 1}}
+    pod = _gang_pod(0, "Running")
+    pod["metadata"]["deletionTimestamp"] = st.iso(now - timedelta(minutes=5))
+    fresh = {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": st.iso(now + timedelta(minutes=5))}}
+    assert st.needs_pods(job)
+    assert st.stranded([pod, fresh, _gang_pod(1, "Running")], now) == ["ft-0-abc"]
+    spec = {**SPEC, "resources": {"nodes": 1}}
+    changes, deleted = _sync_with(monkeypatch, job, [pod], {"phase": "Training"}, spec=spec, ready="Unknown")
+    assert deleted == ["ft"], (deleted, changes.status)
+    s = changes.status
+    assert s["restarts"] == 1 and s["disruptionRestarts"] == 1 and s["restartPending"], s
+    assert s["lastDisruption"].startswith("pod ft-0-abc on node gpu-a: node Ready=Unknown"), s
+    (restart,) = [m for t, r, m in changes.events if r == "GangRestart"]
+    assert "stayed Terminating past its grace period" in restart and "not counted" in restart, restart
+    # within its grace period, or on a Ready node: left alone
+    for pods, ready in (([fresh], "Unknown"), ([pod], "True")):
+        changes, deleted = _sync_with(monkeypatch, job, pods, {"phase": "Training"}, spec=spec, ready=ready)
+        assert deleted == [] and "restarts" not in changes.status, changes.status
+    # the same node lost again (pods that tolerate every taint land there again): counted
+    changes, deleted = _sync_with(monkeypatch, job, [pod], {"phase": "Training", "restarts": 1, "disruptionRestarts": 1,
+                                                            "lastDisruption": s["lastDisruption"]},
+                                  spec={**spec, "runPolicy": {"backoffLimit": 3}}, ready="Unknown")
+    assert deleted == ["ft"] and changes.status["restarts"] == 2 and "disruptionRestarts" not in changes.status

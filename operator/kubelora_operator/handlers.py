@@ -434,7 +434,7 @@ def _sync(body: dict, changes: Changes) -> None:
         return
     pods = st.own_pods(kube.job_pods(namespace, name), job) if st.needs_pods(job) else []
     if st.needs_pods(job):  # pods are being made or replaced: they need the Service's names and the spec
-        _ensure_support(meta, namespace, name, job_spec, changes)
+        _ensure_support(meta, namespace, name, job_spec, job, changes)
     if _evicted(body, changes, name, namespace, job, pods, previous):
         return
     disruption = st.disrupted(pods)
@@ -457,6 +457,15 @@ def _sync(body: dict, changes: Changes) -> None:
             waiting = st.gang_failure_wait(pods, nodes, since, now, GANG_FAILURE_GRACE_SECONDS)
             if waiting:  # the next syncs read the Nodes again (the ticker: the job stays active)
                 return _decide_later(body, changes, job, pods, previous, since, waiting)
+    if not action and job_spec.resources.nodes < 2 and (why := _stranded(pods, changes)):
+        # one node: no peer fails to tell the loss, and the Job replaces the pod only once it is
+        # gone, which a lost node's pod never is (Terminating until the Node is removed)
+        counted = st.same_lost_node(why, previous.get("lastDisruption"))
+        action = ("fail" if st.counted_restarts(previous) >= job_spec.runPolicy.backoffLimit else "restart") \
+            if counted else "restart_uncounted"
+        disruption = None if counted else why
+        return _restart_gang(body, changes, name, namespace, job_spec, job, pods, previous, action, disruption, held,
+                             why=f"{why}; its pod stayed Terminating past its grace period")
     if action:
         return _restart_gang(body, changes, name, namespace, job_spec, job, pods, previous, action, disruption,
                              held)
@@ -531,7 +540,7 @@ NODES_RULE = "get on nodes (cluster-scoped; the chart's ClusterRole has it with 
 _nodes_forbidden_logged = False
 
 
-def _ensure_support(meta: dict, namespace: str, name: str, job_spec, changes: Changes) -> None:
+def _ensure_support(meta: dict, namespace: str, name: str, job_spec, job: dict, changes: Changes) -> None:
     """The ConfigMap (the spec the pods mount) and the headless Service (the names the ranks meet
     at) made again when deleted while the Job runs: a pod the Job controller makes (a replacement
     after a preemption, or the first ones) would otherwise wait in ContainerCreating or fail to
@@ -548,6 +557,8 @@ def _ensure_support(meta: dict, namespace: str, name: str, job_spec, changes: Ch
                                          f"and could not be made again: {e}")
             continue
         metrics.created(kind)
+        if kind == "Service" and (job.get("metadata") or {}).get("uid"):
+            kube.select_pods_of(namespace, obj["metadata"]["name"], manifests.attempt_selector(job))
         changes.warn("ChildRecreated", f"{kind}/{obj['metadata']['name']} was deleted while the trainer Job runs; "
                                        "made again (its pods need it)")
 
@@ -656,16 +667,28 @@ def _decide_later(body, changes: Changes, job, pods, previous, since: datetime, 
         changes.status.update(new)
 
 
+def _stranded(pods: list[dict], changes: Changes) -> str | None:
+    """'pod NAME on node NODE: WHY' when a pod of the Job is still Terminating past its grace
+    period on a Node that reads lost (st.stranded, st.node_lost); None otherwise, or when Nodes
+    cannot be read."""
+    gone = st.stranded(pods, datetime.now(timezone.utc))
+    if not gone:
+        return None
+    stuck = [p for p in pods if p["metadata"].get("name") in gone]
+    return st.node_lost(stuck, _gang_nodes(stuck, changes))
+
+
 def _restart_gang(body, changes: Changes, name, namespace, job_spec, job, pods, previous, action,
-                  disruption: str | None = None, held: dict | None = None) -> None:
+                  disruption: str | None = None, held: dict | None = None, why: str | None = None) -> None:
     """A pod of a multi-node run failed: delete the whole Job (its pods go too) and make it again
     at the next sync, so every node starts together on a fresh rendezvous and resumes from the
     newest checkpoint; or fail the run once runPolicy.backoffLimit restarts are spent (the Job is
     then suspended, not deleted: its failed pods keep their logs). A restart
     after a disruption (a node lost or drained under the run) is not counted against the limit.
-    `held`: the failure was being decided (status.gangFailure): decided now, once."""
+    `held`: the failure was being decided (status.gangFailure): decided now, once. `why`: what
+    happened, where it is not a failed pod."""
     problem = st.pod_problem(pods)
-    why = problem[1] if problem else f"{(job.get('status') or {}).get('failed')} pod(s) failed"
+    why = why or (problem[1] if problem else f"{(job.get('status') or {}).get('failed')} pod(s) failed")
     if action != "fail":
         _restart_gang_status(body, changes, job_spec, job, previous, action, disruption, why, held)
     else:
@@ -781,10 +804,13 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
         _fail(body, changes, "ChildRefused", f"{why} (networkPolicy.perJob)")
         return
     cfg = dataclasses.replace(cfg, job_network_policy=False)  # made above, or said why not
-    created = []
+    created, trainer_job = [], None
     try:
         for obj in manifests.children(name, uid, namespace, job_spec, cfg, now["metadata"].get("labels")):
-            if kube.ensure(obj)[1]:
+            made, new = kube.ensure(obj)
+            if obj["kind"] == "Job":
+                trainer_job = made
+            if new:
                 created.append(f"{obj['kind']}/{obj['metadata']['name']}")
                 metrics.created(obj["kind"])
     except kube.ChildDeferred as e:  # the next sync tries again
@@ -799,6 +825,10 @@ def _recreate(body, changes: Changes, name, namespace, job_spec, previous) -> No
     except kube.ChildRefused as e:
         _fail(body, changes, "ChildRefused", str(e))
         return
+    if trainer_job is not None and (trainer_job.get("metadata") or {}).get("uid"):
+        # the ranks meet at <name>-0.<name>-workers: the new pods only, not the previous attempt's
+        # (Terminating for ever on a lost node, and published: publishNotReadyAddresses)
+        kube.select_pods_of(namespace, manifests.child_names(name)["service"], manifests.attempt_selector(trainer_job))
     if not previous.get("trainerImage"):  # first made here (the first create deferred): kept from now on
         changes.status["trainerImage"] = job_spec.resources.image or cfg.image
     changes.status["appliedSuspend"] = job_spec.runPolicy.suspend  # the Job is made with it

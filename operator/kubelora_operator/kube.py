@@ -363,6 +363,21 @@ def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
         raise
 
 
+def select_pods_of(namespace: str, service: str, selector: dict[str, str]) -> bool:
+    """Merge these keys into a Service's selector (the pods of one trainer Job); False when the
+    Service is gone."""
+    leader.fence()
+    from kubernetes.client.exceptions import ApiException
+    core, _ = _apis()
+    try:
+        core.patch_namespaced_service(service, namespace, {"spec": {"selector": selector}})
+        return True
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+
+
 def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None = None) -> list[str]:
     """Delete the Job (and its pods), the Service, the ConfigMap and (names["networkpolicy"]) the
     job's NetworkPolicy; missing ones are fine. With owner_uid, only objects that job owns (never

@@ -49,6 +49,7 @@ JOB_LABEL = f"{GROUP}/job"  # on every child and pod: the LoRATrainingJob's name
 # value). A job deleted and made again under the same name has a new uid, so the new Service never
 # lists the predecessor's pods still terminating (writing a checkpoint) under the same DNS names.
 UID_LABEL = f"{GROUP}/job-uid"
+CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"  # the Job controller puts its Job's uid on each pod
 
 
 def labels(name: str) -> dict[str, str]:
@@ -121,11 +122,19 @@ def configmap(job: str, uid: str, namespace: str, spec: LoRATrainingJobSpec) -> 
 
 def service(job: str, uid: str, namespace: str) -> dict:
     """Headless: gives each pod the DNS name <job>-<index>.<service>; only this job's pods (its uid),
-    not those of a deleted job of the same name."""
+    not those of a deleted job of the same name. A trainer Job made again (a gang restart) points
+    it at its own pods (attempt_selector), not the previous attempt's, which can stay Terminating
+    for ever on a lost node and, with publishNotReadyAddresses, keep their DNS records."""
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": _meta(child_names(job)["service"], job, uid, namespace),
             "spec": {"clusterIP": "None", "selector": {JOB_LABEL: job, UID_LABEL: uid}, "publishNotReadyAddresses": True,
                      "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}]}}
+
+
+def attempt_selector(trainer_job: dict) -> dict[str, str]:
+    """What the Service's selector adds to select only the pods of this trainer Job (the Job
+    controller labels each pod with its Job's uid). Pure."""
+    return {CONTROLLER_UID_LABEL: trainer_job["metadata"]["uid"]}
 
 
 def _env(job: str, uid: str, spec: LoRATrainingJobSpec, namespace: str, cfg: "OperatorConfig") -> list[dict]:

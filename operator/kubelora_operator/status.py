@@ -461,10 +461,11 @@ def suspend_to_apply(job: dict, requested: bool, queue: Optional[str], applied: 
 
 def needs_pods(job: dict) -> bool:
     """Whether the pods must be read to explain the Job: some failed, some are not ready yet
-    (image pull, missing Secret...) or it failed. A Job whose active pods are all ready needs no
+    (image pull, missing Secret...), some are terminating (on a lost node for ever: st.stranded) or
+    it failed. A Job whose active pods are all ready needs no
     pod list, which saves one request per sync of every running job."""
     s = job.get("status") or {}
-    return bool(s.get("failed") or s.get("active", 0) > s.get("ready", 0) or job_failure(job))
+    return bool(s.get("failed") or s.get("active", 0) > s.get("ready", 0) or s.get("terminating") or job_failure(job))
 
 
 def kueue_suspend_note(queue: str) -> str:
@@ -606,6 +607,21 @@ def awaits_pods(job: dict, now: datetime, grace_seconds: float) -> bool:
     if not made:
         return False
     return _age(made, now) >= grace_seconds
+
+
+def stranded(pods: list[dict], now: datetime, slack_seconds: float = 15.0) -> list[str]:
+    """The pods still there slack_seconds past their deletionTimestamp (the end of their grace
+    period) whose containers have not ended: on a lost node (the caller reads the Nodes) they stay
+    Terminating until the Node is removed, and a Job with a podFailurePolicy makes a replacement
+    only once the pod is gone. Pure."""
+    out = []
+    for p in pods:
+        meta = p.get("metadata") or {}
+        deleted = meta.get("deletionTimestamp")
+        if deleted and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") \
+                and _age(deleted, now) >= slack_seconds:
+            out.append(meta.get("name", "?"))
+    return out
 
 
 def lingering(pods: list[dict], now: datetime, slack_seconds: float = 15.0,

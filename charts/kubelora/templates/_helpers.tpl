@@ -64,8 +64,12 @@ operator against the emulated API server and compares). Namespaced resources go 
   resources: [jobs]
   verbs: [create, get, list, watch, patch, delete]
 - apiGroups: [""]
-  resources: [configmaps, services]
+  resources: [configmaps]
   verbs: [create, get, delete]
+# a gang restart points the headless Service at the new Job's pods (patch)
+- apiGroups: [""]
+  resources: [services]
+  verbs: [create, get, patch, delete]
 - apiGroups: [""]
   resources: [pods]
   verbs: [list]
