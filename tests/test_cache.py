@@ -327,6 +327,10 @@ def test_two_nodes_with_their_own_cache_folders_end_with_every_entry(s3, tmp_pat
     # items in order cut, img0..img4: ranks 0, 1 (node 0) probe and encode items 0, 1, 4, 5, ranks 2, 3 the others
     # (two units per item: split round robin by unit, node 0 would encode items 0, 2, 4 and fetch img1 too)
     assert media == [{"cut.png", "img0.png", "img3.png", "img4.png"}, {"img1.png", "img2.png"}], media
+    # each node's local rank 0 scanned the dataset for both of its ranks
+    assert [ln.split(":")[0] for ln in (outs[0][0] + outs[1][0]).splitlines() if " scanned the dataset " in ln] == [
+        "[data] rank 0 scanned the dataset for its node's 2 ranks", "[data] rank 2 scanned the dataset for its node's 2 ranks"]
+    assert not list(tmp_path.rglob(".scan-*"))
     # each node checked the room for its own share (its two ranks write into its folder), not the dataset's
     from kubelora_trainer.disk import size_text
     for n in range(2):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import socket
 import time
 from dataclasses import dataclass, field
@@ -743,7 +744,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         init = dist.agree(lora_init.read, Path(paths[lora_init.FIELD]), spec.model.type)
 
     # ---- dataset (checked before any model is loaded), then the cache and the model
-    report = scan_sources(spec, paths, unsafe, below, later)
+    report = scan_on_node(spec, env, paths, unsafe, below, later)
     layout = cache_phase.Layout(report, *probe_items(report, env, spec, remote, later)).make(spec, env, m)
     ready = cache_phase.prepare(spec, family, paths, layout, remote, env, m, later)
     decided = getattr(family, "resolved", lambda comps: {})(ready.comps)  # model settings the model decided
@@ -904,6 +905,41 @@ def check_cache_uri(spec, settings, env: dist.DistEnv) -> Optional[cache_remote.
     if spec.dataset.cacheUri and env.world > 1:
         remote = dist.broadcast(remote)
     return remote
+
+
+def scan_on_node(spec: LoRATrainingJobSpec, env: dist.DistEnv, paths: dict, unsafe: Optional[dict] = None,
+                 below: Optional[dict] = None, later: media_later.Later = media_later.NONE) -> ScanReport:
+    """scan_sources once per node: its local rank 0 scans (a million files: as many stats and
+    caption reads, on a network volume too) and the node's other ranks read its report from the
+    cache folder, instead of every rank walking the same folders. A failed scan stops every rank
+    with its reason (dist.fail_together)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if env.world == 1 or local_world == 1:
+        return scan_sources(spec, paths, unsafe, below, later)
+    # one per node and attempt: the launcher (the ranks' parent) is the node's
+    shared = cache_root() / f".scan-{socket.gethostname()}-{os.getppid()}.pkl"
+    report, err = None, None
+    if env.local_rank == 0:
+        t0 = time.perf_counter()
+        for old in shared.parent.glob(f".scan-{socket.gethostname()}-*.pkl"):  # an earlier attempt's, cut short
+            old.unlink(missing_ok=True)
+        try:
+            report = scan_sources(spec, paths, unsafe, below, later)
+            cache.write_bytes_atomic(shared, pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL))
+            print(f"[data] rank {env.rank} scanned the dataset for its node's {local_world} ranks: "
+                  f"{len(report.items)} items in {time.perf_counter() - t0:.1f} s", flush=True)
+        except (DatasetError, OSError, disk.NoRoom) as e:
+            err = e
+    dist.fail_together(err, "scanning the dataset")
+    if env.local_rank != 0:
+        try:
+            report = pickle.loads(shared.read_bytes())
+        except OSError as e:
+            err = RuntimeError(f"reading the dataset scan of rank {env.rank - env.local_rank} ({shared}): {e}")
+    dist.fail_together(err, "reading the dataset scan")
+    if env.local_rank == 0:
+        shared.unlink(missing_ok=True)
+    return report
 
 
 def scan_sources(spec: LoRATrainingJobSpec, paths: dict, unsafe: Optional[dict] = None,
