@@ -36,7 +36,7 @@ def test_an_empty_object_is_fetched_and_a_deleted_one_is_said_not_fatal(s3, tmp_
     assert later.fetch([root / "empty.png", root / "a.png", root / "b.png"]) == 1
     assert (root / "empty.png").read_bytes() == b""
     assert later.vanished == {root / "a.png", root / "b.png"} and not later   # neither read, nor recorded
-    assert not (root / "a.png").exists() and "a.png" not in storage._load_index(root)
+    assert not (root / "a.png").exists() and "a.png" not in storage.load_index(root)
 
 
 def test_files_deleted_from_the_bucket_are_not_read_from_an_earlier_run_s_copy(s3, tmp_path, monkeypatch):
@@ -75,11 +75,11 @@ def test_a_changed_object_is_fetched_again_by_etag_not_by_its_size(s3, tmp_path,
         paths, S3Settings(), 1)
     assert later.fetch([root / "a.png"]) == 1 and (root / "a.png").read_bytes() == b"new!"
     assert again.fetch([root / "a.png"]) == 0   # recorded at this ETag by rank 0's own index
-    index = storage._load_index(root)
+    index = storage.load_index(root)
     assert index["a.png"]["etag"] == s3.head_object(Bucket="ml-etag", Key="d/a.png")["ETag"]
     # an older record in the folder's own index never hides a newer one of a rank
     storage._save_index(root, {"a.png": {"etag": "stale", "size": 4, "at": time.time() - 60}})
-    assert storage._load_index(root)["a.png"]["etag"] == index["a.png"]["etag"]
+    assert storage.load_index(root)["a.png"]["etag"] == index["a.png"]["etag"]
 
 
 def test_a_mask_folder_inside_the_dataset_folder_is_fetched_by_its_own_download(s3, tmp_path, monkeypatch):

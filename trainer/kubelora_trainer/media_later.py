@@ -73,6 +73,7 @@ class Later:
         self.sources, self.settings, self.rank = sources, settings, rank
         self.vanished: set[Path] = set()  # deleted from the bucket since stage-in listed them
         self._client = None
+        self._indexes: dict[str, dict] = {}  # each source folder's merged stage index, read once
 
     @classmethod
     def from_staged(cls, later: dict[str, dict], paths: dict[str, str], settings: storage.S3Settings,
@@ -157,8 +158,10 @@ class Later:
             src, gone = self.sources[key], []
             if self._client is None:
                 self._client = storage.make_client(self.settings)
+            if key not in self._indexes:
+                self._indexes[key] = storage.load_index(src.folder)
             n += storage.fetch_later(src.uri, objs, src.folder, self.settings, self.rank, self._client, log, progress,
-                                     gone)
+                                     gone, self._indexes[key])
             src.pending -= {o["rel"] for o in objs}
             self.vanished |= {src.folder / o["rel"] for o in gone}
         return n

@@ -484,7 +484,7 @@ def _read_index(path: Path) -> dict:
         return {}
 
 
-def _load_index(dest: Path, name: str = INDEX_NAME) -> dict:
+def load_index(dest: Path, name: str = INDEX_NAME) -> dict:
     """The folder's index ({rel: {etag, size, at}}); the folder's own with the ranks' merged in,
     the newest record of each name winning (`at`: when its bytes arrived)."""
     index = _read_index(dest / name)
@@ -649,7 +649,7 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
         objs = [o for o in objs if "/" not in o["rel"]]
     if listing is not None:
         listing += objs
-    index = _load_index(dest)
+    index = load_index(dest)
     todo = []
     for obj in objs:
         target = dest / obj["rel"]
@@ -676,14 +676,15 @@ def download(uri: str, dest: str | Path, settings: S3Settings = S3Settings(), cl
 
 def fetch_later(uri: str, objs: list[dict], dest: Path, settings: S3Settings, rank: int, client=None,
                 log: Callable[[str], None] = print, progress: Optional[Callable[[], None]] = None,
-                gone: Optional[list[dict]] = None) -> int:
+                gone: Optional[list[dict]] = None, index: Optional[dict] = None) -> int:
     """Fetch objects that download(uri, dest) deferred (listed objects with "rel") into dest, on any
     rank; those that another rank (or job) sharing the folder has fetched since, as its index
     records at their listed ETag and size, are left alone. Each is recorded in this rank's own
     index (RANK_INDEX), which the next download merges into the folder's. An object deleted from the
     bucket or rewritten since it was listed is appended to gone, when given, and the others are
-    fetched. Returns how many were fetched."""
-    index = _load_index(dest)
+    fetched. Returns how many were fetched. index: the folder's merged index, when the caller
+    loaded it already (a million records take seconds to read)."""
+    index = load_index(dest) if index is None else index
 
     def current(o: dict) -> bool:
         rec = index.get(o["rel"], {})
@@ -692,7 +693,7 @@ def fetch_later(uri: str, objs: list[dict], dest: Path, settings: S3Settings, ra
     todo = [o for o in objs if not current(o)]
     if todo:
         name = RANK_INDEX.format(rank=rank)
-        _fetch(client or make_client(settings), settings, parse_uri(uri), todo, dest, _load_index(dest, name), log,
+        _fetch(client or make_client(settings), settings, parse_uri(uri), todo, dest, load_index(dest, name), log,
                progress, name, "[data]", gone)
     return len(todo) - len(gone or ())
 
