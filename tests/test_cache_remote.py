@@ -228,3 +228,13 @@ def test_two_nodes_pull_the_shared_cache_once_between_them_and_encode_nothing(s3
     assert staged == [["img0.txt", "img1.txt", "img2.txt", "img3.txt"]] * 2, staged
     assert "[cache] s3://shared-two/data: the digests of 4 of 4 media files are known from dataset.cacheUri" in log
     assert "media file(s) of its share" not in outs[0][0] + outs[1][0]
+    # job C, a new resolution on a fresh node: every probe comes from dataset.cacheUri (keyed by the
+    # media's digest), no entry does, so the media are fetched to encode them; their room is checked
+    # first (they were not counted when the items were probed)
+    from kubelora_trainer.disk import size_text
+    monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "pool-c"))
+    c, out = _counted_run(_spec(tiny_flux_dir, "s3://shared-two/data", tmp_path / "out-c", resolutions=[48],
+                                cacheUri=uri), monkeypatch, capsys)
+    need = size_text(sum(f.stat().st_size for f in data.glob("*.png")))
+    assert f"[data] {need} of media to fetch into {tmp_path / 'pool-c'} (the media this rank reads; " in out, out[-3000:]
+    assert c["encode"] == 4 and not c.get("probe"), c

@@ -124,6 +124,13 @@ def test_ranks_that_share_a_cache_volume_are_checked_together(tmp_path):
     assert ids[0] == ids[1] != ids[2] and len(ids[0]) == 32
     parts = [(ids[0], 100), (ids[0], 50), (ids[2], 70), (ids[2], -1)]
     assert disk.shares_by_volume(parts) == {ids[0]: (0, 150), ids[2]: (2, 70)}
+    # an empty id (a writer of an older trainer cut short) is made again, not left to split the volume
+    c = tmp_path / "c"
+    c.mkdir()
+    (c / disk.VOLUME_ID_NAME).write_text("")
+    repaired = disk.volume_id(c)
+    assert len(repaired) == 32 and (c / disk.VOLUME_ID_NAME).read_text() == repaired == disk.volume_id(c)
+    assert [p.name for p in c.iterdir()] == [disk.VOLUME_ID_NAME]  # no temporary file left
     # a folder where the id cannot be written: the host and the device stand in (the same for its ranks)
     (tmp_path / "file").write_bytes(b"")
     assert disk.volume_id(tmp_path / "file" / "cache") == f"{socket.gethostname()}:0"

@@ -833,7 +833,9 @@ def _sync_with(monkeypatch, job, pods, previous, spec=None, events=(), progress=
     monkeypatch.setattr(kube, "patch_status", lambda ns, n, status, **precondition: {"status": status})
     monkeypatch.setattr(kube, "pod_events", lambda ns, pod: list(events))
     monkeypatch.setattr(kube, "failed_create_events", lambda ns, j: [])
-    monkeypatch.setattr(kube, "exists", lambda kind, ns, n: True)  # the ConfigMap and Service are there
+    # the ConfigMap and Service are there, the Service pointed at this Job's pods
+    monkeypatch.setattr(kube, "read_child", lambda kind, ns, n: {"spec": {"selector": {
+        "batch.kubernetes.io/controller-uid": (job.get("metadata") or {}).get("uid")}}})
     monkeypatch.setattr(kube, "secret_data", lambda ns, n: {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
     monkeypatch.setattr(handlers, "READS", handlers.artifacts.ReadBackoff())  # no backoff left by another test
     monkeypatch.setattr(handlers.artifacts, "read_json",
@@ -1047,7 +1049,7 @@ def test_the_job_follows_run_policy_suspend_when_it_changes():
     # label) is not resumed at every sync, fighting it; stopping is always applied
     held = {"spec": {"suspend": True}, "status": {}}
     assert st.suspend_to_apply(held, False, None, applied=False) is None
-    assert st.suspend_to_apply(held, True, None, applied=False) is None     # held already: recorded, not written
+    assert st.suspend_to_apply(held, True, None, applied=False) is None     # held already: nothing to write
     assert st.suspend_to_apply(running, True, None, applied=False) is True  # the user's edit
     assert st.suspend_to_apply(held, False, None, applied=True) is False    # and back
     assert st.suspend_to_apply(running, True, None, applied=True) is True   # resumed by someone else: stopped

@@ -104,8 +104,12 @@ def configure(settings: kopf.OperatorSettings, **_):
     settings.watching.label_selectors["batch", "v1", "jobs"] = manifests.JOB_LABEL
 
 
+STARTED = [datetime.now(timezone.utc)]  # when this operator started (set again at kopf's startup)
+
+
 @kopf.on.startup(registry=registry)
 async def start_sync(memo: kopf.Memo, **_):
+    STARTED[0] = datetime.now(timezone.utc)
     memo.syncer = syncer.Syncer(sync, interval=SYNC_INTERVAL, workers=SYNC_WORKERS)
     memo.syncer.start()
     metrics.watch(lambda: [body for _, body in memo.syncer.owners.items()])
@@ -262,7 +266,8 @@ def _take_over_creation(body, changes: Changes) -> None:
     made = st.parse_time(meta.get("creationTimestamp"))
     if made is None:
         return
-    age = datetime.now(timezone.utc) - made
+    # counted from the operator's start too: after a restart kopf's own handler gets its turn first
+    age = datetime.now(timezone.utc) - max(made, STARTED[0])
     # kopf's own handler may be retrying (a name held by a deleted job's children, NAME_WAIT_SECONDS);
     # progress annotations copied with the manifest do not hold the job back for longer than that
     wait = CREATE_TAKEOVER_SECONDS + (NAME_WAIT_SECONDS if kopf_is_handling(meta) else 0.0)
@@ -271,10 +276,12 @@ def _take_over_creation(body, changes: Changes) -> None:
     log.warning("%s/%s has no status %.0f s after it was made: creating its children (kopf took it for handled: a "
                 "copied %s/last-handled-configuration annotation?)", meta["namespace"], meta["name"],
                 age.total_seconds(), GROUP)
-    try:
-        _create_children(body, body.get("spec") or {}, meta["name"], meta["namespace"], meta["uid"], age, changes)
-    except kopf.TemporaryError:
-        pass  # waiting for a name (the Warning says so): the ticker comes back
+    try:  # no deadline of its own for a name still held by a deleted job's children (runtime 0)
+        _create_children(body, body.get("spec") or {}, meta["name"], meta["namespace"], meta["uid"], timedelta(0),
+                         changes)
+    except kopf.TemporaryError as e:  # then the job waits, and the sync makes it (_recreate), not counted
+        _wait(body, changes, "WaitingForName", str(e))
+        changes.status["createPending"] = True
 
 
 def kopf_is_handling(meta: dict) -> bool:
@@ -396,6 +403,8 @@ def _sync(body: dict, changes: Changes) -> None:
     name, namespace = meta["name"], meta["namespace"]
     previous = dict(body.get("status") or {})
     phase = previous.get("phase")
+    if phase is None:  # kopf's create_children makes it; or, where kopf takes it for handled, this
+        return _take_over_creation(body, changes)
     if phase in st.FINISHED:  # not run again, but an edit (runPolicy.suspend) is still observed (kstatus)
         changes.status.update(st.follow_generation(previous, meta.get("generation", 1)))
     try:
@@ -418,8 +427,6 @@ def _sync(body: dict, changes: Changes) -> None:
             else:
                 changes.status["stopJob"] = None  # gone, or another Job: nothing of this run to stop
         return _ttl_cleanup(body, job_spec, name, namespace, previous, changes)
-    if phase is None:  # kopf's create_children makes it; or, where kopf takes it for handled, this
-        return _take_over_creation(body, changes)
     job = kube.get_job(namespace, name)
     if job is not None and kube.ownership(job, meta["uid"]) == "stale":  # a deleted job's of the same name
         return _wait(body, changes, "WaitingForOldPods", "waiting for the trainer Job of a deleted job of the same "
@@ -478,10 +485,9 @@ def _sync(body: dict, changes: Changes) -> None:
     suspend = st.suspend_to_apply(job, requested, queue, previous.get("appliedSuspend"))
     if suspend is not None and kube.set_job_suspend(namespace, name, suspend):
         job.setdefault("spec", {})["suspend"] = suspend
+        changes.status["appliedSuspend"] = suspend  # what the operator wrote (not what another controller holds)
         changes.info("Suspended" if suspend else "Resumed", "trainer Job suspended (runPolicy.suspend)" if suspend
                      else "trainer Job resumed (runPolicy.suspend)")
-    if not queue and previous.get("appliedSuspend") != requested and bool((job.get("spec") or {}).get("suspend")) == requested:
-        changes.status["appliedSuspend"] = requested  # applied (or held already): only a change is written
     complete = any(c.get("type") == "Complete" and c.get("status") == "True"
                    for c in (job.get("status") or {}).get("conditions") or [])
     settings, error = _settings(job_spec, namespace)
@@ -544,11 +550,22 @@ def _ensure_support(meta: dict, namespace: str, name: str, job_spec, job: dict, 
     """The ConfigMap (the spec the pods mount) and the headless Service (the names the ranks meet
     at) made again when deleted while the Job runs: a pod the Job controller makes (a replacement
     after a preemption, or the first ones) would otherwise wait in ContainerCreating or fail to
-    find its peers, each failure charged to the backoff limit. Read only while pods are being made
-    or replaced (st.needs_pods): one read of each."""
+    find its peers, each failure charged to the backoff limit. A Service that selects another
+    attempt's pods (its patch at the gang restart failed) is pointed at this Job's. Read only while
+    pods are being made or replaced (st.needs_pods): one read of each."""
+    wanted = manifests.attempt_selector(job) if (job.get("metadata") or {}).get("uid") else {}
     for obj in manifests.children(name, meta["uid"], namespace, job_spec, operator_config(), meta.get("labels")):
         kind = obj["kind"]
-        if kind not in ("ConfigMap", "Service") or kube.exists(kind, namespace, obj["metadata"]["name"]):
+        if kind not in ("ConfigMap", "Service"):
+            continue
+        there = kube.read_child(kind, namespace, obj["metadata"]["name"])
+        if there is not None:
+            selector = (there.get("spec") or {}).get("selector") or {}
+            if kind == "Service" and wanted and wanted.items() - selector.items() \
+                    and kube.ownership(there, meta["uid"]) == "ours":
+                # pointed at an earlier attempt's pods (the patch at the gang restart failed, or an
+                # older operator made it): the ranks meet at this Job's pods only
+                kube.select_pods_of(namespace, obj["metadata"]["name"], wanted)
             continue
         try:
             kube.ensure(obj)
@@ -557,8 +574,8 @@ def _ensure_support(meta: dict, namespace: str, name: str, job_spec, job: dict, 
                                          f"and could not be made again: {e}")
             continue
         metrics.created(kind)
-        if kind == "Service" and (job.get("metadata") or {}).get("uid"):
-            kube.select_pods_of(namespace, obj["metadata"]["name"], manifests.attempt_selector(job))
+        if kind == "Service" and wanted:
+            kube.select_pods_of(namespace, obj["metadata"]["name"], wanted)
         changes.warn("ChildRecreated", f"{kind}/{obj['metadata']['name']} was deleted while the trainer Job runs; "
                                        "made again (its pods need it)")
 

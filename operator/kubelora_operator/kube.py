@@ -138,17 +138,16 @@ def ensure(obj: dict) -> tuple[dict, bool]:
     return existing, False
 
 
-def exists(kind: str, namespace: str, name: str) -> bool:
-    """Whether a ConfigMap or Service of that name exists (one read; whoever owns it)."""
+def read_child(kind: str, namespace: str, name: str) -> Optional[dict]:
+    """A ConfigMap or Service of that name (whoever owns it); None when there is none."""
     from kubernetes.client.exceptions import ApiException
     core, _ = _apis()
     read = {"ConfigMap": core.read_namespaced_config_map, "Service": core.read_namespaced_service}[kind]
     try:
-        read(name, namespace, _preload_content=False)
-        return True
+        return api().sanitize_for_serialization(read(name, namespace))
     except ApiException as e:
         if e.status == 404:
-            return False
+            return None
         raise
 
 

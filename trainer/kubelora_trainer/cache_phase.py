@@ -15,7 +15,7 @@ from . import cache, cache_remote, dist, media_later
 from .cache import cache_inputs, model_fingerprint
 from .data import ScanReport
 from .dataset_phase import (drop_items, encode_missing, entry_keys, exchange, gather_present, held_out_copies,
-                            held_out_copies_line, layout_data, probe_name, sample_entries)
+                            held_out_copies_line, layout_data, media_room_to_encode, probe_name, sample_entries)
 from .disk import cache_root, cache_root_said
 from .dist import log
 from .families import RULES, source_specs
@@ -102,6 +102,8 @@ def prepare(spec, family, paths: dict, layout: Layout, remote: Optional[cache_re
         log(env, cache_remote.transfer_line("pulled", cache_remote.Moved.total([moved["probes pulled"], moved["pulled"]]),
                                             remote.uri))
     todo = cache.first_entries(layout.keys, set(missing) - pulled)
+    if todo and later.sources:  # the same on every rank
+        media_room_to_encode(layout.report.items, layout.assignment.units, layout.entries, todo, env, later)
     # spec.samples needs the VAE (decoding) and the prompts' embeddings: encoders load with it on
     encoders = bool(todo) or spec.samples is not None
     log(env, f"[cache] {len(distinct)} entries: {len(distinct) - len(missing)} cached, "

@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import socket
-import time
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -133,31 +133,33 @@ VOLUME_ID_NAME = ".volume-id"
 
 def volume_id(root: Optional[Path] = None) -> str:
     """Who shares this cache folder: an id written once into it (the first process to look
-    creates it), so processes that read the same id write into one volume: a node's ranks, and
-    with a cache claim shared by nodes (ReadWriteMany), those nodes too. Where it cannot be
-    written (a read-only or full volume), the host's name and the folder's device stand in."""
+    creates it, whole: a temporary file linked into place), so processes that read the same id
+    write into one volume: a node's ranks, and with a cache claim shared by nodes (ReadWriteMany),
+    those nodes too. Where it cannot be written (a read-only or full volume, a filesystem without
+    hard links), the host's name and the folder's device stand in. Never raises."""
     root = Path(root or cache_root())
     path = root / VOLUME_ID_NAME
-    for _ in range(50):
-        try:
-            got = path.read_text().strip()
-            if got:
-                return got
-        except OSError:
-            pass
-        try:
+    try:
+        for _ in range(3):
+            try:
+                got = path.read_text().strip()
+                if got:
+                    return got
+                path.unlink(missing_ok=True)  # empty: left by an older writer cut short; made again
+            except FileNotFoundError:
+                pass
             root.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            break
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            time.sleep(0.02)  # another process made it and is writing it: read it again
-            continue
-        except OSError:
-            break
-        with os.fdopen(fd, "w") as f:
-            f.write(uuid.uuid4().hex)
+            fd, tmp = tempfile.mkstemp(prefix=f"{VOLUME_ID_NAME}.", dir=root)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(uuid.uuid4().hex)
+                os.link(tmp, path)  # fails if another process made it first: then its id is read
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+    except OSError:
+        pass
     try:
         dev = os.stat(root).st_dev
     except OSError:
