@@ -1292,3 +1292,35 @@ def test_a_one_node_runs_pod_stuck_terminating_on_a_lost_node_restarts_the_run(m
                                                             "lastDisruption": s["lastDisruption"]},
                                   spec={**spec, "runPolicy": {"backoffLimit": 3}}, ready="Unknown")
     assert deleted == ["ft"] and changes.status["restarts"] == 2 and "disruptionRestarts" not in changes.status
+
+
+def test_a_job_kopf_took_for_handled_is_made_by_the_sync_after_a_while_an_invalid_one_failed(monkeypatch):
+    """handlers._take_over_creation: a job without a status (kopf skipped its create handler: a
+    copied last-handled-configuration annotation) is left to kopf for CREATE_TAKEOVER_SECONDS after
+    it was made or the operator started, then created by the sync; one whose spec is invalid gets
+    its Failed / InvalidSpec status the same way, not silence."""
+    from datetime import datetime, timedelta, timezone
+    from kubelora_operator import handlers
+    from kubelora_operator import status as st
+    now = datetime.now(timezone.utc)
+    monkeypatch.setattr(handlers, "STARTED", [now - timedelta(hours=1)])
+    made = []
+    monkeypatch.setattr(handlers, "_create_children", lambda body, spec, name, ns, uid, runtime, changes: made.append(name))
+    body = {"metadata": {"name": "ft", "namespace": "ml", "uid": "u1", "generation": 1,
+                         "creationTimestamp": st.iso(now - timedelta(seconds=10))}, "spec": SPEC}
+    handlers._sync(body, handlers.Changes())
+    assert made == []                                  # kopf's turn still
+    body["metadata"]["creationTimestamp"] = st.iso(now - timedelta(minutes=5))
+    monkeypatch.setattr(handlers, "STARTED", [now - timedelta(seconds=10)])
+    handlers._sync(body, handlers.Changes())
+    assert made == []                                  # the operator just started: kopf's turn first
+    monkeypatch.setattr(handlers, "STARTED", [now - timedelta(hours=1)])
+    handlers._sync(body, handlers.Changes())
+    assert made == ["ft"]
+    monkeypatch.undo()
+    monkeypatch.setattr(handlers, "STARTED", [now - timedelta(hours=1)])
+    bad = {**body, "spec": {**SPEC, "training": {"steps": 10, "warmupSteps": 50}}}
+    changes = handlers.Changes()
+    handlers._sync(bad, changes)
+    assert (changes.status["phase"], changes.status["reason"]) == ("Failed", "InvalidSpec"), changes.status
+    assert "training.warmupSteps" in changes.status["message"]
