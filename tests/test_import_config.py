@@ -296,6 +296,11 @@ def test_no_adapter_table_means_a_full_fine_tune(model_type):
     main["model"] = {**MODELS[model_type], "dtype": "bfloat16"}
     del main["adapter"]
     ds = {"size_buckets": [[960, 960, 121]], "directory": [{"path": "/d"}]} if model_type == "cosmos" else BASE_DATASET
+    if model_type == "sdxl":  # diffusion-pipe trains SDXL's text encoders too unless their rates are 0
+        with pytest.raises(ConfigError, match=r"\[model\] text_encoder_1_lr: diffusion-pipe's SDXL full fine-tune "
+                                              r"trains both text encoders too"):
+            convert(main, ds)
+        main["model"].update(text_encoder_1_lr=0, text_encoder_2_lr=0)
     manifest, notes = convert(main, ds)
     assert manifest["spec"]["adapter"] == {"type": "full"}
     what = "UNet" if model_type == "sdxl" else "transformer"
@@ -943,6 +948,11 @@ def test_kohya_repeat_folders_are_noted_with_the_sources_to_write(tmp_path):
     manifest, notes = convert(main, ds, cwd=str(tmp_path), path_map={str(tmp_path): "s3://bucket/set"},
                               read_dirs=read_dirs)
     assert manifest["spec"]["dataset"]["recursive"] is False and not any("kohya" in n for n in notes), notes
+    # a .tar shard in the folder: diffusion-pipe trains its members, kubelora does not (said)
+    (tmp_path / "img" / "shard-0.tar").write_bytes(b"")
+    _, notes = convert(main, ds, cwd=str(tmp_path), path_map={str(tmp_path): "s3://bucket/set"}, read_dirs=read_dirs)
+    assert any(n.startswith("dataset: 1 .tar archive(s) in the [[directory]] folders are not trained") for n in notes), notes
+    (tmp_path / "img" / "shard-0.tar").unlink()
     assert any(n.startswith("dataset: 2 media file(s) in subfolders of the [[directory]] folders are not trained")
                for n in notes), notes
     from kubelora_trainer.data import scan
@@ -966,7 +976,10 @@ def test_cli_counts_epochs_in_a_local_dataset(tmp_path):
     p = _cli(tmp_path, main, "resolutions = [512]\n[[directory]]\npath = 'data'\nnum_repeats = 2\n")
     assert p.returncode == 0, p.stderr
     assert "steps: 32" in p.stdout and "note: epochs: training.steps 32 = 4 epochs x 16 samples" in p.stderr
-    assert "warmupSteps: 32" in p.stdout and "warmup_steps: 100 is more than the 32 steps; capped" in p.stderr, p.stderr
+    # diffusion-pipe's run ends inside its warmup (LinearLR over 100 steps, uncapped): the same ramp
+    assert "warmupSteps: 32" in p.stdout and "learningRate: 3.2e-05" in p.stdout, p.stdout
+    assert ("warmup_steps: 100 is more than the 32 steps: diffusion-pipe's run ends inside its warmup, at 0.32 of the "
+            "learning rate") in p.stderr, p.stderr
 
 
 def test_eval_datasets_become_the_evaluation_section():
@@ -1025,3 +1038,24 @@ def test_cli_reads_the_eval_dataset_tomls(tmp_path):
     (tmp_path / "eval.toml").write_text("[[directory]]\npath = '/data/held'\n")
     got = load_eval_tomls({"eval_datasets": [{"name": "e", "config": "eval.toml"}, "gone.toml"]}, tmp_path)
     assert got == [("eval.toml", {"directory": [{"path": "/data/held"}]}), ("gone.toml", None)]
+
+
+def test_settings_that_act_together_mean_what_they_do_in_diffusion_pipe():
+    """Read against diffusion-pipe's train.py and utils/dataset.py: gradient_release steps the
+    optimizer after each micro-batch with clipping forced off (an ordinary unclipped step with one
+    micro-batch; another optimizer with accumulation: refused); size_buckets win over resolutions."""
+    main, ds = copy.deepcopy(BASE_MAIN), copy.deepcopy(BASE_DATASET)
+    main["optimizer"]["gradient_release"] = True
+    manifest, notes = convert(main, ds)
+    assert manifest["spec"]["training"]["maxGradNorm"] is None and parse_spec(manifest).training.maxGradNorm is None
+    assert any(n.startswith("[optimizer] gradient_release: an ordinary step per micro-batch") for n in notes), notes
+    main["gradient_accumulation_steps"] = 4
+    with pytest.raises(ConfigError, match=r"gradient_release: with gradient_accumulation_steps = 4 diffusion-pipe makes 4 "
+                                          r"optimizer updates per step"):
+        convert(main, ds)
+    main, ds = copy.deepcopy(BASE_MAIN), copy.deepcopy(BASE_DATASET)
+    ds["size_buckets"] = [[512, 768, 1]]
+    manifest, notes = convert(main, ds)
+    d = manifest["spec"]["dataset"]
+    assert (d["width"], d["height"]) == (512, 768) and "resolution" not in d and "resolutions" not in d, d
+    assert any("resolutions: ignored: size_buckets set the sizes" in n for n in notes), notes

@@ -149,16 +149,21 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
     apply(ctx, "monitoring", main.get("monitoring") or {})
     batch_size(ctx)
     _learning_rates(ctx)
-    if full and ctx.training.get("textEncoderLearningRate") == 0:
-        del ctx.training["textEncoderLearningRate"]  # a full fine-tune trains the UNet alone anyway
-    if full and "textEncoderLearningRate" in ctx.training:
-        raise Refused("model", "text_encoder_1_lr", "kubelora's full fine-tune trains the UNet only, not the text "
-                                                    "encoders: remove the text encoder learning rates")
+    if full and ctx.model_type == "sdxl":
+        te = [ctx.extra.get(k, ctx.extra.get("lr")) for k in ("text_encoder_1_lr", "text_encoder_2_lr")]
+        if any(v is None or float(v) != 0 for v in te):
+            raise Refused("model", "text_encoder_1_lr", "diffusion-pipe's SDXL full fine-tune trains both text "
+                                                        "encoders too (text_encoder_1_lr and text_encoder_2_lr "
+                                                        "default to [optimizer] lr); kubelora's trains the UNet only: "
+                                                        "set both to 0 to import it as a fine-tune of the UNet")
+        ctx.training.pop("textEncoderLearningRate", None)  # 0: the UNet alone, as kubelora's full fine-tune
+    if ctx.extra.get("gradient_release"):
+        gradient_release(ctx, main)
     ds_uri = _dataset(ctx, dataset, local)
     dirs = [(str(d["path"]), resolve(str(d["path"])), resolve(str(d["mask_path"])) if d.get("mask_path") else None)
             for d in (dataset or {}).get("directory") or []]
 
-    if "gradient_clipping" not in main:
+    if "gradient_clipping" not in main and not ctx.extra.get("gradient_release"):
         ctx.training["maxGradNorm"] = 1.0  # diffusion-pipe's default
     out_uri = output_uri or (local(ctx.extra["output_dir"]) if ctx.extra.get("output_dir") else None)
     if not out_uri:
@@ -209,6 +214,9 @@ def _steps(ctx: Ctx, main: dict, manifest: dict, steps: Optional[int], dirs, rea
         ctx.notes.append(f"dataset: {below} media file(s) in subfolders of the [[directory]] folders are not trained, "
                          "as diffusion-pipe reads only each folder's own files (dataset.recursive: false); list a "
                          "subfolder as its own source to train it, or set recursive: true to train them all")
+    if isinstance(reports, list) and (tars := sum(r.ignored.get(".tar", 0) for r in reports)):
+        ctx.notes.append(f"dataset: {tars} .tar archive(s) in the [[directory]] folders are not trained: diffusion-pipe "
+                         "trains their members, kubelora reads plain files only; unpack them into the folder")
     why, counted = None, None
     if count:
         if isinstance(reports, list):
@@ -248,9 +256,16 @@ def _steps(ctx: Ctx, main: dict, manifest: dict, steps: Optional[int], dirs, rea
         ctx.notes.append(f"epochs: kubelora trains training.steps = {steps} steps, however many epochs that is "
                          f"(diffusion-pipe stops after {main['epochs']} epochs)")
     ctx.training["steps"] = steps
-    if ctx.training.get("warmupSteps", 0) > steps:
-        ctx.notes.append(f"warmup_steps: {ctx.training['warmupSteps']} is more than the {steps} steps; capped")
+    warmup = ctx.training.get("warmupSteps", 0)
+    if warmup > steps:  # diffusion-pipe's run ends inside its warmup, at lr x steps / warmup_steps
+        part = steps / warmup
         ctx.training["warmupSteps"] = steps
+        for rate in ("learningRate", "textEncoderLearningRate"):
+            if ctx.training.get(rate):
+                ctx.training[rate] = float(f"{ctx.training[rate] * part:.6g}")
+        ctx.notes.append(f"warmup_steps: {warmup} is more than the {steps} steps: diffusion-pipe's run ends inside "
+                         f"its warmup, at {part:.3g} of the learning rate; the same ramp is warmupSteps {steps} up to "
+                         f"learningRate {ctx.training['learningRate']:.3g}")
 
 
 def parse_map(items: list[str]) -> dict[str, str]:
@@ -267,6 +282,23 @@ def parse_map(items: list[str]) -> dict[str, str]:
                               "e.g. /data/models=s3://models")
         path_map[local] = remote
     return path_map
+
+
+def gradient_release(ctx: Ctx, main: dict) -> None:
+    """[optimizer] gradient_release: diffusion-pipe steps the optimizer after each micro-batch's
+    backward, with no clipping (train.py forces gradient_clipping 0). With one micro-batch per step
+    that is an ordinary step, unclipped; with accumulation it is another optimizer altogether
+    (gradient_accumulation_steps updates per step, betas raised to 1/gas): refused."""
+    gas = ctx.training.get("gradientAccumulationSteps", 1)
+    if gas > 1:
+        raise Refused("optimizer", "gradient_release", f"with gradient_accumulation_steps = {gas} diffusion-pipe "
+                                                       f"makes {gas} optimizer updates per step (betas raised to "
+                                                       f"1/{gas}); kubelora accumulates: remove gradient_release, or "
+                                                       f"set gradient_accumulation_steps = 1 and {gas} times the steps")
+    ctx.training["maxGradNorm"] = None
+    ctx.section = "optimizer"
+    ctx.note("gradient_release", "an ordinary step per micro-batch (a memory optimisation in diffusion-pipe), "
+                                 "without gradient clipping, as diffusion-pipe disables it (training.maxGradNorm null)")
 
 
 def _learning_rates(ctx: Ctx) -> None:

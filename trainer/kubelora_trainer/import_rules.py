@@ -400,8 +400,7 @@ OPTIMIZER: dict[str, Handler] = {
     "eps": to("training", "epsilon", number),
     "beta2_half_life": refused("betas[1] from a half-life in samples is not computed: set betas = [b1, b2] with "
                                "b2 = 0.5 ** (global batch size / half-life), and remove the key"),
-    "gradient_release": noted("gradients are reduced and applied after each step (gradient release is a memory "
-                              "optimisation; note that it disables gradient clipping in diffusion-pipe)"),
+    "gradient_release": kept(flag),
 }
 
 
@@ -575,8 +574,8 @@ def size_buckets(ctx: Ctx, key: str, value: Any) -> None:
     if not buckets:
         raise BadValue(SIZE_BUCKETS)
     w, h, f = buckets[0]
-    ctx.dataset.pop("resolution", None)
     ctx.dataset.update(width=w, height=h)
+    sizes_from_buckets(ctx)
     if ctx.model_type in VIDEO_TYPES:
         note_aligned(ctx, key, [f])
         ctx.dataset["frames"] = aligned_frames(ctx.model_type, f)
@@ -619,6 +618,14 @@ def finish_dataset(ctx: Ctx) -> None:
     """Keys that act together, read once a directory's keys (over the top level's) are all in."""
     shuffle_fields(ctx)
     ar_bucket_fields(ctx)
+    sizes_from_buckets(ctx)
+
+
+def sizes_from_buckets(ctx: Ctx) -> None:
+    """size_buckets set the sizes: resolutions (read before or after them) are dropped, said once,
+    as diffusion-pipe ignores them then (utils/dataset.py)."""
+    if "width" in ctx.dataset and {ctx.dataset.pop(k, None) for k in ("resolution", "resolutions")} != {None}:
+        ctx.note_field("resolutions", "ignored: size_buckets set the sizes (diffusion-pipe ignores resolutions then too)")
 
 
 def skip_empty_caption(ctx: Ctx, key: str, value: Any) -> None:
