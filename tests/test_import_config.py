@@ -853,7 +853,7 @@ def test_epochs_become_steps_counted_from_the_local_dataset_folders(tmp_path):
     manifest, notes = _epochs(main, ds, epochs=4, micro_batch_size_per_gpu=2)
     assert manifest["spec"]["training"]["steps"] == 32
     note = next(n for n in notes if n.startswith("epochs:"))
-    assert note.startswith("epochs: training.steps 32 = 4 epochs x 16 samples / global batch 2"), note
+    assert note.startswith("epochs: training.steps 32 = 4 epochs x 8 steps (16 samples / global batch 2"), note
     assert f"{data}: 8 items x 1 resolution x 2 repeats" in note and "1 without a caption" in note, note
     assert "1 emptyFile" in note and "1 extremeAspectRatio" in note and "x 1 GPU (assumed" in note, note
     assert "--steps N overrides" in note
@@ -880,8 +880,10 @@ def test_max_steps_caps_the_epochs_as_in_diffusion_pipe(tmp_path):
 
 
 def test_each_directory_counts_its_resolutions_caption_variants_and_repeats(tmp_path):
-    """(3 items x 2 areas x 2 shuffled captions x 1) + (2 x 2 x 2 x 3) = 36 samples; 2 epochs
-    / (micro batch 1 x accumulation 4) = 18 steps."""
+    """(3 items x 2 areas x 2 shuffled captions x 1) + (2 x 2 x 2 x 3) = 36 samples, 18 in each of
+    the two size buckets (one per area); diffusion-pipe cuts each bucket to a multiple of the
+    global batch (micro batch 1 x accumulation 4): 4 steps each, 8 an epoch, 16 for 2 epochs; the
+    2 x 2 samples left over are never trained there (said)."""
     _items(tmp_path / "a", 3, caption="red, thing")
     _items(tmp_path / "b", 2, caption="blue, thing")
     main, ds = _base()
@@ -889,11 +891,17 @@ def test_each_directory_counts_its_resolutions_caption_variants_and_repeats(tmp_
               directory=[{"path": "a"}, {"path": "b", "num_repeats": 3}])
     manifest, notes = _epochs(main, ds, cwd=str(tmp_path), path_map={str(tmp_path): "s3://bucket/set"}, epochs=2,
                               gradient_accumulation_steps=4)
-    assert manifest["spec"]["training"]["steps"] == 18
+    assert manifest["spec"]["training"]["steps"] == 16
     assert [s["uri"] for s in manifest["spec"]["dataset"]["sources"]] == ["s3://bucket/set/a", "s3://bucket/set/b"]
     note = next(n for n in notes if n.startswith("epochs:"))
     assert f"{tmp_path / 'a'}: 3 items x 2 caption variants x 2 resolutions x 1 repeat = 12" in note, note
     assert f"{tmp_path / 'b'}: 2 items x 2 caption variants x 2 resolutions x 3 repeats = 24" in note, note
+    assert "so 4 of the samples are never trained there, the same ones each epoch" in note, note
+    # 2.5 epochs are 2 in diffusion-pipe (it runs whole epochs)
+    manifest, notes = _epochs(main, ds, cwd=str(tmp_path), path_map={str(tmp_path): "s3://bucket/set"}, epochs=2.5,
+                              gradient_accumulation_steps=4)
+    assert manifest["spec"]["training"]["steps"] == 16
+    assert any("2.5 epochs are 2 in diffusion-pipe, which runs whole epochs" in n for n in notes), notes
 
 
 @pytest.mark.parametrize("path,why", [
@@ -931,7 +939,7 @@ def test_videos_are_counted_by_the_clips_a_run_takes_from_them(tmp_path):
         manifest, notes = _epochs({**main, "video_clip_mode": mode}, ds, epochs=2)
         assert manifest["spec"]["training"]["steps"] == 2 * samples, (mode, notes)
         note = next(n for n in notes if n.startswith("epochs:"))
-        assert f"{samples} samples / global batch 1" in note and "1 corrupt, 1 tooShort" in note, note
+        assert f"({samples} samples / global batch 1" in note and "1 corrupt, 1 tooShort" in note, note
     assert f"{data}: 2 items (4 clips) x 1 resolution x 1 repeat = 4 (not counted" in note, note
 
 
@@ -975,7 +983,7 @@ def test_cli_counts_epochs_in_a_local_dataset(tmp_path):
             "type = 'flux'\ndiffusers_path = '/m'\n[adapter]\nrank = 4\n[optimizer]\ntype = 'adamw'\nlr = 1e-4\n")
     p = _cli(tmp_path, main, "resolutions = [512]\n[[directory]]\npath = 'data'\nnum_repeats = 2\n")
     assert p.returncode == 0, p.stderr
-    assert "steps: 32" in p.stdout and "note: epochs: training.steps 32 = 4 epochs x 16 samples" in p.stderr
+    assert "steps: 32" in p.stdout and "note: epochs: training.steps 32 = 4 epochs x 8 steps (16 samples" in p.stderr
     # diffusion-pipe's run ends inside its warmup (LinearLR over 100 steps, uncapped): the same ramp
     assert "warmupSteps: 32" in p.stdout and "learningRate: 3.2e-05" in p.stdout, p.stdout
     assert ("warmup_steps: 100 is more than the 32 steps: diffusion-pipe's run ends inside its warmup, at 0.32 of the "

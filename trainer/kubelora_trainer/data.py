@@ -104,6 +104,7 @@ class ScanReport:
     # import-config's epoch count (import_dataset.screen): training samples per item of `items`
     # (its areas x its clips), once every item is probed
     units: Optional[list[int]] = None
+    unit_buckets: Optional[list[list[tuple]]] = None  # import-config's screen: each item's units' buckets
     # evaluation.sources (train.scan_sources): their items are in `items` (source >= first_held), their
     # counts and skips here, apart from the training data's
     held: Optional["ScanReport"] = None

@@ -79,11 +79,31 @@ def screen(spec, report: ScanReport) -> None:
         it = report.items[i]
         detail = drop_reason(it, probed[i], why, configs[it.source], fps or 0).removeprefix(f"{it.image.name}: ")
         short[i] = Skip(it.name, why, detail)
-    units = [0] * len(report.items)
+    buckets: list[list[tuple]] = [[] for _ in report.items]
     for u in assignment.units:
-        units[u.item] += 1
-    report.units = [n for i, n in enumerate(units) if i not in short]
+        buckets[u.item].append(tuple(u.bucket))
+    report.units = [len(b) for i, b in enumerate(buckets) if i not in short]
+    report.unit_buckets = [b for i, b in enumerate(buckets) if i not in short]
     drop_items(report, short)
+
+
+def steps_per_epoch(reports: list[ScanReport], repeats: list[float], batch: int) -> tuple[int, int, int]:
+    """diffusion-pipe's steps in one epoch (utils/dataset.py): the samples of each size bucket (an
+    item's units there x its caption variants, x its directory's num_repeats, rounded down per
+    directory), merged across directories, cut to a multiple of the global batch every epoch, the
+    same samples each time (its order is shuffled once, with a fixed seed). Returns (steps,
+    samples, samples dropped each epoch). Pure."""
+    per_bucket: dict[tuple, int] = {}
+    for rep, r in zip(reports, repeats):
+        mine: dict[tuple, int] = {}
+        for it, units in zip(rep.items, rep.unit_buckets or ()):
+            for b in units:
+                mine[b] = mine.get(b, 0) + len(it.variants)
+        for b, n in mine.items():
+            per_bucket[b] = per_bucket.get(b, 0) + int(n * r)
+    steps = sum(n // batch for n in per_bucket.values())
+    total = sum(per_bucket.values())
+    return steps, total, total - steps * batch
 
 
 def epoch_steps(spec, reports: list[ScanReport], dirs: Dirs, epochs: float) -> tuple[int, str]:
@@ -116,9 +136,25 @@ def epoch_steps(spec, reports: list[ScanReport], dirs: Dirs, epochs: float) -> t
     t, res = spec.training, spec.resources
     gpus = res.nodes * max(res.gpusPerNode, 1)
     batch = t.microBatchSize * t.gradientAccumulationSteps * gpus
-    steps = max(1, math.ceil(epochs * total / batch))
-    note = (f"epochs: training.steps {steps} = {epochs:g} epochs x {total} samples / global batch {batch}, counted "
-            f"in the dataset folders as diffusion-pipe counts an epoch ({'; '.join(parts)}); global batch = micro "
-            f"batch {t.microBatchSize} x accumulation {t.gradientAccumulationSteps} x {gpus} GPU{'s' * (gpus != 1)} "
-            f"(assumed: the manifest's default resources; on N GPUs an epoch is N times fewer steps). --steps N overrides")
+    whole = max(1, math.floor(epochs))  # diffusion-pipe stops once an epoch past `epochs` would begin
+    how = f"counted in the dataset folders as diffusion-pipe counts an epoch ({'; '.join(parts)})"
+    if all(rep.unit_buckets is not None for rep in reports):
+        per_epoch, _, dropped = steps_per_epoch(reports, source_repeats(spec), batch)
+        if not per_epoch:
+            raise Uncountable(f"no size bucket holds a global batch ({batch}) of samples: diffusion-pipe drops them all")
+        steps = whole * per_epoch
+        note = (f"epochs: training.steps {steps} = {whole} epoch{'s' * (whole != 1)} x {per_epoch} steps ({total} "
+                f"samples / global batch {batch}, {how})")
+        if dropped:
+            note += (f"; diffusion-pipe cuts each size bucket to a multiple of the global batch, so {dropped} of the "
+                     f"samples are never trained there, the same ones each epoch: kubelora trains them in the next "
+                     f"epoch instead")
+    else:  # not probed: no buckets
+        steps = max(1, math.ceil(whole * total / batch))
+        note = f"epochs: training.steps {steps} = {whole} epochs x {total} samples / global batch {batch}, {how}"
+    if whole != epochs:
+        note += f"; {epochs:g} epochs are {whole} in diffusion-pipe, which runs whole epochs"
+    note += (f"; global batch = micro batch {t.microBatchSize} x accumulation {t.gradientAccumulationSteps} x {gpus} "
+             f"GPU{'s' * (gpus != 1)} (assumed: the manifest's default resources; on N GPUs an epoch is N times fewer "
+             f"steps). --steps N overrides")
     return steps, note
