@@ -1067,3 +1067,44 @@ def test_settings_that_act_together_mean_what_they_do_in_diffusion_pipe():
     d = manifest["spec"]["dataset"]
     assert (d["width"], d["height"]) == (512, 768) and "resolution" not in d and "resolutions" not in d, d
     assert any("resolutions: ignored: size_buckets set the sizes" in n for n in notes), notes
+
+
+def test_init_from_existing_trains_exactly_the_files_layers_for_flux_and_sdxl(tmp_path):
+    """diffusion-pipe's flux and sdxl build the LoRA from the init_from_existing file (diffusers'
+    load_lora_weights; configure_adapter is skipped): its layers at its rank, the text encoders
+    only where the file has them. Read here: adapter.targetModules is one exact pattern of the
+    file's layers, adapter.rank the file's; an SDXL file without text-encoder layers trains the UNet
+    alone. Not here: a note."""
+    import torch
+    from safetensors.torch import save_file
+    from kubelora_trainer.import_rules import exact_pattern
+
+    def lora(folder, component, modules, rank=4):
+        folder.mkdir(parents=True)
+        save_file({f"{component}.{m}.lora_{ab}.weight": torch.zeros((rank, 8) if ab == "A" else (8, rank))
+                   for m in modules for ab in "AB"}, folder / "adapter.safetensors")
+    flux_mods = ["transformer_blocks.0.attn.to_q", "transformer_blocks.10.attn.to_k", "single_transformer_blocks.1.proj_mlp"]
+    lora(tmp_path / "old", "transformer", flux_mods)
+    main, ds = _with("adapter", "init_from_existing", "old")
+    manifest, notes = convert(main, ds, cwd=str(tmp_path), read_dirs=read_dirs)
+    a = manifest["spec"]["adapter"]
+    assert a["targetModules"] == [exact_pattern(flux_mods)] and a["rank"] == 4, a
+    pattern = re.compile(a["targetModules"][0])
+    assert all(pattern.fullmatch(m) for m in flux_mods)
+    assert not any(pattern.fullmatch(m) for m in ("transformer_blocks.1.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                                  "single_transformer_blocks.1.proj_mlp.x"))
+    assert any(n.startswith("[adapter] init_from_existing: adapter.targetModules: the 3 transformer layers of "
+                            "adapter.safetensors") for n in notes), notes
+    assert any(n.startswith("[adapter] rank: 16 replaced by 4") for n in notes), notes
+    assert parse_spec(manifest).adapter.targetModules == a["targetModules"]
+    # an SDXL file of UNet layers only: the text encoders are not trained
+    lora(tmp_path / "unet-only", "unet", ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"])
+    main, ds = _with("adapter", "init_from_existing", "unet-only", model_type="sdxl")
+    manifest, notes = convert(main, ds, cwd=str(tmp_path), read_dirs=read_dirs)
+    assert manifest["spec"]["training"]["textEncoderLearningRate"] == 0, manifest["spec"]["training"]
+    assert any("it has no text-encoder layers, so the text encoders are not trained" in n for n in notes), notes
+    # not on this machine: a note, diffusion-pipe's default set
+    main, ds = _with("adapter", "init_from_existing", "/elsewhere/old")
+    manifest, notes = convert(main, ds, read_dirs=read_dirs)
+    assert any(n.startswith("[adapter] init_from_existing: diffusion-pipe trains exactly the layers of /elsewhere/old")
+               for n in notes), notes

@@ -27,7 +27,7 @@ from .data import kohya_note, kohya_number
 from .import_dataset import Uncountable, epoch_steps
 from .import_handlers import Ctx, Refused, label
 from .spec import name_from, parse_spec, uri_problem
-from .import_rules import (MODEL_TYPES, OTHER_MODEL_TYPES, apply, batch_size, evaluation, family_module,
+from .import_rules import (MODEL_TYPES, OTHER_MODEL_TYPES, apply, batch_size, evaluation, exact_pattern, family_module,
                            finish_dataset, optimizer_defaults)
 
 
@@ -159,6 +159,8 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
         ctx.training.pop("textEncoderLearningRate", None)  # 0: the UNet alone, as kubelora's full fine-tune
     if ctx.extra.get("gradient_release"):
         gradient_release(ctx, main)
+    if not full and "init_from_existing" in ctx.extra:  # after the rates: it may set the text encoders' to 0
+        init_targets(ctx, resolve(ctx.extra["init_from_existing"]), may_read=read_dirs is not None)
     ds_uri = _dataset(ctx, dataset, local)
     dirs = [(str(d["path"]), resolve(str(d["path"])), resolve(str(d["mask_path"])) if d.get("mask_path") else None)
             for d in (dataset or {}).get("directory") or []]
@@ -282,6 +284,52 @@ def parse_map(items: list[str]) -> dict[str, str]:
                               "e.g. /data/models=s3://models")
         path_map[local] = remote
     return path_map
+
+
+INIT_BUILDS_THE_LORA = {"flux": "transformer", "sdxl": "unet"}  # their denoiser's component
+
+
+def init_targets(ctx: Ctx, path: str, may_read: bool) -> None:
+    """init_from_existing for flux and sdxl: diffusion-pipe then builds the LoRA from the file
+    (diffusers' load_lora_weights; models/flux.py, sdxl.py skip configure_adapter), so it trains
+    exactly the file's layers at the file's rank, text encoders only where the file has them.
+    Read where it is on this machine: adapter.targetModules is the file's layers (one exact
+    pattern), adapter.rank the file's, and an SDXL file without text-encoder layers trains the UNet
+    alone. Otherwise a note says what to set."""
+    from pathlib import Path
+    from .lora_init import InitError, read
+    component = INIT_BUILDS_THE_LORA.get(ctx.model_type)
+    if component is None:
+        return
+    ctx.section = "adapter"
+    if not may_read or re.match(r"^[a-z0-9]+://", path) or not Path(path).exists():
+        ctx.note("init_from_existing", f"diffusion-pipe trains exactly the layers of {path} (at its rank); it is "
+                                       "not on this machine, so adapter.targetModules is diffusion-pipe's default "
+                                       "set: the file's missing layers start from zero; list the file's layers there "
+                                       "to train as diffusion-pipe does")
+        return
+    try:
+        init = read(Path(path), ctx.model_type)
+    except InitError as e:
+        raise Refused("adapter", "init_from_existing", str(e).removeprefix("adapter.initFrom: ")) from None
+    mods = init.lora.get(component) or {}
+    if not mods:
+        raise Refused("adapter", "init_from_existing", f"{init.path} holds no {component} LoRA layers")
+    ctx.adapter["targetModules"] = [exact_pattern(sorted(mods))]
+    ranks = {a.shape[0] for a, _ in mods.values()}
+    if len(ranks) == 1 and (rank := ranks.pop()) != ctx.adapter.get("rank", 16):
+        ctx.note("rank", f"{ctx.adapter.get('rank', 16)} replaced by {rank}, the rank of {init.path.name}: "
+                         "diffusion-pipe builds the LoRA from the file")
+        ctx.adapter["rank"] = rank
+    said = f"adapter.targetModules: the {len(mods)} {component} layers of {init.path.name}, as diffusion-pipe builds the " \
+           "LoRA from the file (one exact pattern)"
+    if ctx.model_type == "sdxl":
+        if any(init.lora.get(c) for c in ("text_encoder", "text_encoder_2")):
+            said += "; its text-encoder layers train kubelora's default text-encoder targets"
+        else:
+            ctx.training["textEncoderLearningRate"] = 0
+            said += "; it has no text-encoder layers, so the text encoders are not trained (textEncoderLearningRate 0)"
+    ctx.note("init_from_existing", said)
 
 
 def gradient_release(ctx: Ctx, main: dict) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from typing import Any, Optional
 
 from .import_handlers import (BadValue, Ctx, Handler, Refused, flag, keep, kept, listed, noted, nothing, number,
@@ -332,6 +333,30 @@ def init_from_existing(ctx: Ctx, key: str, value: Any) -> None:
     """diffusion-pipe loads the one .safetensors of that folder into the LoRA before training
     (models/base.py load_adapter_weights); adapter.initFrom takes the folder (or a file) the same way."""
     ctx.adapter["initFrom"] = ctx.extra["map_path"](text(value))
+    ctx.extra["init_from_existing"] = text(value)
+
+
+def exact_pattern(names: list[str]) -> str:
+    """One regular expression matching exactly these module names (an adapter.targetModules entry
+    matches the whole name), kept short by sharing prefixes (a trie): the hundreds of layers of a
+    LoRA file in a few kilobytes. Pure."""
+    trie: dict = {}
+    for n in sorted(set(names)):
+        node = trie
+        for ch in n:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        end = "" in node
+        branches = [re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch != ""]
+        if not branches:
+            return ""
+        if len(branches) == 1 and not end:
+            return branches[0]
+        body = "(?:" + "|".join(branches) + ")"
+        return body + "?" if end else body
+    return "^" + emit(trie) + "$"
 
 
 ADAPTER: dict[str, Handler] = {
