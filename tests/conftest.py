@@ -56,15 +56,26 @@ def one_rank_env(monkeypatch) -> None:
         monkeypatch.setenv(k, v)
 
 
-def run_trainer(manifest: Path, env: dict, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """The real trainer program: under torchrun for nproc > 1, else one plain process."""
+def run_trainer(manifest: Path, env: dict, nproc: int = 1, timeout: int = 300,
+                launcher: bool = False) -> subprocess.CompletedProcess:
+    """The real trainer program: under torchrun for nproc > 1 (launcher: through the pods' own
+    launcher, `kubelora_trainer launch`, which prints a failure's cause once, last), else one
+    plain process."""
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        run = ["kubelora_trainer", "launch"] if launcher else ["torch.distributed.run"]
+        cmd = [sys.executable, "-m", *run, "--standalone", f"--nproc-per-node={nproc}",
                "-m", "kubelora_trainer", "run", "--spec", str(manifest)]
     else:
         cmd = [sys.executable, "-m", "kubelora_trainer", "run", "--spec", str(manifest)]
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def the_one_error(proc: subprocess.CompletedProcess) -> str:
+    """The run's only `[error]` line, which must be its last line of stderr."""
+    errors = [line for line in proc.stderr.splitlines() if "[error]" in line]
+    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-3000:]
+    return errors[0]
 
 
 def write_overfit_data(d: Path) -> Path:

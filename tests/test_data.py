@@ -356,10 +356,8 @@ def test_a_nodes_ranks_share_one_scan_and_a_bad_caption_map_stops_them_once(tmp_
     rank used to walk the same folders and read every caption file). A malformed caption map fails
     that scan: through the pods' launcher both ranks stop as bad input (exit 2), the cause printed
     once, last, naming the file; nothing of the scan is left in the cache folder."""
-    import os
-    import subprocess
-    import sys
     import yaml
+    from conftest import run_trainer, the_one_error
     from kubelora_trainer import exits
     data = tmp_path / "data"
     data.mkdir()
@@ -369,13 +367,9 @@ def test_a_nodes_ranks_share_one_scan_and_a_bad_caption_map_stops_them_once(tmp_
     job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": str(tiny_flux_dir)},
                                    "dataset": {"uri": str(data), "resolution": 32},
                                    "output": {"uri": str(tmp_path / "out")}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KUBELORA_CACHE_DIR": str(tmp_path / "cache"),
-           "KUBELORA_METRICS_PORT": "0"}
-    proc = subprocess.run([sys.executable, "-m", "kubelora_trainer", "launch", "--standalone", "--nproc-per-node=2",
-                           "-m", "kubelora_trainer", "run", "--spec", str(job)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_trainer(job, {"KUBELORA_CACHE_DIR": str(tmp_path / "cache"), "KUBELORA_METRICS_PORT": "0"}, nproc=2,
+                       launcher=True)
     assert proc.returncode == exits.BAD_INPUT, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if "[error]" in line]
-    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-3000:]
-    assert errors[0].startswith(f"[error] rank 0: dataset {data}: ") and "captions.json" in errors[0], errors
+    error = the_one_error(proc)
+    assert error.startswith(f"[error] rank 0: dataset {data}: ") and "captions.json" in error, error
     assert not list((tmp_path / "cache").rglob(".scan-*"))

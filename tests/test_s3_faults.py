@@ -289,8 +289,7 @@ def test_a_media_fetch_that_fails_on_one_rank_stops_both_once_through_the_launch
     one image answers 503. Through the pods' launcher on 2 ranks, rank 0 (whose share holds it) fails
     with a retryable code, rank 1 stops as its peer, the cause is printed once, last, naming the
     object; the image was asked for by that rank only ($AWS_MAX_ATTEMPTS GETs), not at stage-in."""
-    import subprocess
-    import sys
+    from conftest import run_trainer, the_one_error
     from kubelora_trainer import exits
     b = _bucket(direct, "fault-media")
     direct.put_object(Bucket=b, Key="models/flux/model_index.json", Body=b"{}")
@@ -301,15 +300,10 @@ def test_a_media_fetch_that_fails_on_one_rank_stops_both_once_through_the_launch
     job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": f"s3://{b}/models/flux"},
                                    "dataset": {"uri": f"s3://{b}/data", "resolution": 32},
                                    "output": {"uri": f"s3://{b}/out"}}))
-    env = {**os.environ, **s3.env, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "3",
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "kubelora_trainer", "launch", "--standalone", "--nproc-per-node=2",
-                           "-m", "kubelora_trainer", "run", "--spec", str(job)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_trainer(job, {**s3.env, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "3"}, nproc=2,
+                       launcher=True)
     assert proc.returncode == exits.FAILED, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if "[error]" in line]
-    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-3000:]
-    assert errors[0].startswith(f"[error] rank 0: downloading s3://{b}/data/a.png: SlowDown"), errors
+    assert the_one_error(proc).startswith(f"[error] rank 0: downloading s3://{b}/data/a.png: SlowDown"), proc.stderr
     assert "1 media files (0.0 MiB) are fetched by the ranks that read them" in proc.stdout, proc.stdout[-3000:]
     assert proxy.seen("GetObject", "*.png") == ["status"] * 3
     assert "[phase] cache" not in proc.stdout

@@ -349,32 +349,27 @@ def post_event(event: dict) -> None:
         log.warning("could not post event %s %s: %s %s", event.get("reason"), event.get("message"), e.status, e.reason)
 
 
-def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
+def _patched(patch, *args) -> bool:
+    """patch(*args) as the leader; False when the object is gone (404)."""
     leader.fence()
     from kubernetes.client.exceptions import ApiException
-    _, batch = _apis()
     try:
-        batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+        patch(*args)
         return True
     except ApiException as e:
         if e.status == 404:
             return False
         raise
+
+
+def set_job_suspend(namespace: str, name: str, suspend: bool) -> bool:
+    return _patched(_apis()[1].patch_namespaced_job, name, namespace, {"spec": {"suspend": suspend}})
 
 
 def select_pods_of(namespace: str, service: str, selector: dict[str, str]) -> bool:
     """Merge these keys into a Service's selector (the pods of one trainer Job); False when the
     Service is gone."""
-    leader.fence()
-    from kubernetes.client.exceptions import ApiException
-    core, _ = _apis()
-    try:
-        core.patch_namespaced_service(service, namespace, {"spec": {"selector": selector}})
-        return True
-    except ApiException as e:
-        if e.status == 404:
-            return False
-        raise
+    return _patched(_apis()[0].patch_namespaced_service, service, namespace, {"spec": {"selector": selector}})
 
 
 def delete_children(namespace: str, names: dict[str, str], owner_uid: str | None = None) -> list[str]:
