@@ -44,13 +44,23 @@ def test_exchange_rounds_send_each_missing_entry_once_in_bounded_rounds():
 
 def test_units_are_encoded_by_the_rank_that_probed_their_item():
     """Item.seq (its index when probed, split i % world): that rank fetched the media (media_later),
-    so it encodes all the item's units; without a probe order, round robin by unit."""
+    so it encodes all the item's units; units whose media every rank reads where they are (owner
+    -1: a local folder) are balanced over the ranks, so one long video's many clips are not all on
+    one rank; without owners, round robin by unit."""
     owners = [0, 0, 1, 1, 2, 2, 3, 3]   # two units per item
     assert cache.split_units(list(range(8)), 2, 0, owners) == [0, 1, 4, 5]
     assert cache.split_units(list(range(8)), 2, 1, owners) == [2, 3, 6, 7]
     assert cache.split_units([2, 3, 4], 2, 1, owners) == [2, 3]   # what is left to encode
     assert cache.split_units(list(range(8)), 2, 0, [-1] * 8) == [0, 2, 4, 6]
     assert cache.split_units(list(range(8)), 2, 0) == [0, 2, 4, 6]
+    # a video of 6 clips (units 0-5, fetched by rank 0) and a local one of 6 clips: rank 1 gets the local clips
+    mixed = [0] * 6 + [-1] * 6
+    shares = [cache.split_units(list(range(12)), 2, r, mixed) for r in range(2)]
+    assert shares == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]
+    assert sorted(shares[0] + shares[1]) == list(range(12))
+    # local media only, an uneven mix: every rank within one unit of the others
+    shares = [cache.split_units(list(range(7)), 3, r, [-1] * 7) for r in range(3)]
+    assert sorted(len(s) for s in shares) == [2, 2, 3] and sorted(sum(shares, [])) == list(range(7))
 
 
 def test_key_of_a_unit_ignores_the_dataset_wide_size():

@@ -263,12 +263,23 @@ def first_entries(keys: list[str], wanted: set[str]) -> list[int]:
 
 def split_units(todo_units: list[int], world: int, rank: int, owners: Optional[list[int]] = None) -> list[int]:
     """This rank's share of the units to encode: with owners (per unit, its item's probe order,
-    Item.seq) the units of the items this rank probed, whose media it has fetched
-    (media_later); else round robin in unit order. Either way every rank gets a mix of buckets and
-    sizes. Pure."""
-    if owners is None or any(owners[u] < 0 for u in todo_units):
+    Item.seq, or -1) a unit whose owner is set goes to the rank that probed its item, which alone
+    has fetched its media (media_later); the others (media every rank reads where they are: a
+    local folder or a volume) go to the least loaded rank, so a few long videos of many clips do
+    not all land on one rank; without owners round robin in unit order. Pure: every rank computes
+    the same plan."""
+    if owners is None:
         return todo_units[rank::world]
-    return [u for u in todo_units if owners[u] % world == rank]
+    load, plan = [0] * world, {}
+    for u in todo_units:
+        if owners[u] >= 0:
+            plan[u] = owners[u] % world
+            load[plan[u]] += 1
+    for u in todo_units:
+        if u not in plan:
+            plan[u] = min(range(world), key=lambda r: (load[r], r))
+            load[plan[u]] += 1
+    return [u for u in todo_units if plan[u] == rank]
 
 
 def exchange_rounds(haves: list[list[bool]], sizes: list[list[int]], chunk_bytes: int) -> list[list[tuple[int, int]]]:

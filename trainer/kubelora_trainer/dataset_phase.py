@@ -61,19 +61,23 @@ def gather_present(keys: list[str], env) -> list[list[bool]]:
     return [np.unpackbits(p, count=len(keys)).astype(bool).tolist() for p in parts]
 
 
-def units_to_encode(items, units, entries, todo: list[int], env) -> tuple[dict[int, list[int]], list[int]]:
-    """({unit: its entries in todo}, the units this rank encodes: those of the items it probed). Pure."""
+def units_to_encode(items, units, entries, todo: list[int], env,
+                    later: media_later.Later = media_later.NONE) -> tuple[dict[int, list[int]], list[int]]:
+    """({unit: its entries in todo}, the units this rank encodes: those of the items it probed
+    whose media it fetched (a source listed from a bucket, media_later), and a balanced share of
+    the others (cache.split_units)). Pure but for nothing."""
     per_unit: dict[int, list[int]] = {}
     for i in todo:
         per_unit.setdefault(entries[i][0], []).append(i)
-    return per_unit, cache.split_units(sorted(per_unit), env.world, env.rank, [items[u.item].seq for u in units])
+    owners = [items[u.item].seq if later.listed_media(items[u.item].image) else -1 for u in units]
+    return per_unit, cache.split_units(sorted(per_unit), env.world, env.rank, owners)
 
 
 def media_room_to_encode(items, units, entries, todo: list[int], env, later: media_later.Later) -> None:
     """Before encoding: room for the media this rank fetches to encode (items keyed and probed from
     dataset.cacheUri's memo were not fetched when probed; a new resolution or model needs them
     all), checked with the other ranks of its volume (check_media_room). Every rank calls it."""
-    _, mine = units_to_encode(items, units, entries, todo, env)
+    _, mine = units_to_encode(items, units, entries, todo, env, later)
     check_media_room(env, later.to_fetch(items[units[u].item].image for u in mine))
 
 
@@ -87,7 +91,7 @@ def encode_missing(spec, family, comps, items, digests, units, entries, keys, to
     without decoding)."""
     root = cache_root()
     r = RULES[spec.model.type]
-    per_unit, mine = units_to_encode(items, units, entries, todo, env)
+    per_unit, mine = units_to_encode(items, units, entries, todo, env, later)
     if later:  # those keyed and probed from dataset.cacheUri's memo, not fetched when probed
         later.fetch([items[units[u].item].image for u in mine], _fetch_log(env), dist.heartbeat)
     progress = cache.EncodeProgress(len(todo), sum(len(per_unit[u]) for u in mine), env, lambda msg: log(env, msg))

@@ -124,6 +124,11 @@ class Later:
                     return key, rel
         return None
 
+    def listed_media(self, p: Path) -> bool:
+        """Whether p is a media file of a source listed from a bucket (fetched by the rank that
+        reads it, so on that rank's node alone)."""
+        return self._where(p) is not None
+
     def digest_of(self, p: Path) -> Optional[str]:
         """The media's SHA-256 when the memo knows its object unchanged, else None."""
         where = self._where(p)
