@@ -301,6 +301,8 @@ def test_no_adapter_table_means_a_full_fine_tune(model_type):
                                               r"trains both text encoders too"):
             convert(main, ds)
         main["model"].update(text_encoder_1_lr=0, text_encoder_2_lr=0)
+        with pytest.raises(ConfigError, match=r"force_constant_lr: it sets every parameter group's rate"):
+            convert({**main, "force_constant_lr": 2e-5}, ds)
     manifest, notes = convert(main, ds)
     assert manifest["spec"]["adapter"] == {"type": "full"}
     what = "UNet" if model_type == "sdxl" else "transformer"
@@ -1103,6 +1105,10 @@ def test_init_from_existing_trains_exactly_the_files_layers_for_flux_and_sdxl(tm
     manifest, notes = convert(main, ds, cwd=str(tmp_path), read_dirs=read_dirs)
     assert manifest["spec"]["training"]["textEncoderLearningRate"] == 0, manifest["spec"]["training"]
     assert any("it has no text-encoder layers, so the text encoders are not trained" in n for n in notes), notes
+    # its text-encoder rates do nothing there (no text-encoder LoRA is built): not refused for differing
+    main["model"].update(text_encoder_1_lr=1e-5, text_encoder_2_lr=2e-5)
+    manifest, _ = convert(main, ds, cwd=str(tmp_path), read_dirs=read_dirs)
+    assert manifest["spec"]["training"]["textEncoderLearningRate"] == 0
     # not on this machine: a note, diffusion-pipe's default set
     main, ds = _with("adapter", "init_from_existing", "/elsewhere/old")
     manifest, notes = convert(main, ds, read_dirs=read_dirs)

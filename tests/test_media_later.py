@@ -2,6 +2,7 @@
 rank decides a file is current, objects deleted after the listing, a mask folder inside the
 dataset's folder, the digest memo. Against the real S3 server; the whole runs on two nodes are
 in test_cache.py and test_cache_remote.py."""
+import os
 import socket
 import time
 from pathlib import Path
@@ -128,6 +129,7 @@ def test_ranks_that_share_a_cache_volume_are_checked_together(tmp_path):
     c = tmp_path / "c"
     c.mkdir()
     (c / disk.VOLUME_ID_NAME).write_text("")
+    os.utime(c / disk.VOLUME_ID_NAME, (time.time() - 60, time.time() - 60))  # empty for a minute, not being written
     repaired = disk.volume_id(c)
     assert len(repaired) == 32 and (c / disk.VOLUME_ID_NAME).read_text() == repaired == disk.volume_id(c)
     assert [p.name for p in c.iterdir()] == [disk.VOLUME_ID_NAME]  # no temporary file left

@@ -115,6 +115,7 @@ def prepare(spec, family, paths: dict, layout: Layout, remote: Optional[cache_re
     comps = dist.agree(load_family, family, spec, paths, env.device, encoders)
     todo_keys = {layout.keys[i] for i in todo}
     rewritten = _encode(spec, family, comps, layout, todo, remote, env, m, later) if todo else []
+    later.release()  # every fetch of the dataset phase is done
 
     distinct = list(dict.fromkeys(layout.keys))
     received = exchange(distinct, env)

@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -140,22 +141,32 @@ def volume_id(root: Optional[Path] = None) -> str:
     root = Path(root or cache_root())
     path = root / VOLUME_ID_NAME
     try:
-        for _ in range(3):
+        for _ in range(40):
             try:
                 got = path.read_text().strip()
                 if got:
                     return got
-                path.unlink(missing_ok=True)  # empty: left by an older writer cut short; made again
+                if time.time() - path.stat().st_mtime < 5:  # being written (an exclusive create): read again
+                    time.sleep(0.05)
+                    continue
+                path.unlink(missing_ok=True)  # empty for a while: a writer cut short; made again
             except FileNotFoundError:
                 pass
             root.mkdir(parents=True, exist_ok=True)
+            new_id = uuid.uuid4().hex
             fd, tmp = tempfile.mkstemp(prefix=f"{VOLUME_ID_NAME}.", dir=root)
             try:
                 with os.fdopen(fd, "w") as f:
-                    f.write(uuid.uuid4().hex)
+                    f.write(new_id)
                 os.link(tmp, path)  # fails if another process made it first: then its id is read
             except FileExistsError:
                 pass
+            except OSError:  # no hard links (some FUSE filesystems): an exclusive create, written at once
+                try:
+                    with open(path, "x") as f:
+                        f.write(new_id)
+                except FileExistsError:
+                    pass
             finally:
                 os.unlink(tmp)
     except OSError:

@@ -148,9 +148,15 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
     optimizer_defaults(ctx)
     apply(ctx, "monitoring", main.get("monitoring") or {})
     batch_size(ctx)
+    if not full and "init_from_existing" in ctx.extra:  # before the rates: a file may leave the text encoders out
+        init_targets(ctx, resolve(ctx.extra["init_from_existing"]), may_read=read_dirs is not None)
     _learning_rates(ctx)
     if full and ctx.model_type == "sdxl":
         te = [ctx.extra.get(k, ctx.extra.get("lr")) for k in ("text_encoder_1_lr", "text_encoder_2_lr")]
+        if float(ctx.extra.get("force_constant_lr") or 0):
+            raise Refused("", "force_constant_lr", "it sets every parameter group's rate, and diffusion-pipe's SDXL "
+                                                   "full fine-tune trains both text encoders too; kubelora's trains "
+                                                   "the UNet only: remove it to import a fine-tune of the UNet")
         if any(v is None or float(v) != 0 for v in te):
             raise Refused("model", "text_encoder_1_lr", "diffusion-pipe's SDXL full fine-tune trains both text "
                                                         "encoders too (text_encoder_1_lr and text_encoder_2_lr "
@@ -159,8 +165,6 @@ def _convert(main, dataset, name, data_uri, output_uri, steps, path_map, cwd, re
         ctx.training.pop("textEncoderLearningRate", None)  # 0: the UNet alone, as kubelora's full fine-tune
     if ctx.extra.get("gradient_release"):
         gradient_release(ctx, main)
-    if not full and "init_from_existing" in ctx.extra:  # after the rates: it may set the text encoders' to 0
-        init_targets(ctx, resolve(ctx.extra["init_from_existing"]), may_read=read_dirs is not None)
     ds_uri = _dataset(ctx, dataset, local)
     dirs = [(str(d["path"]), resolve(str(d["path"])), resolve(str(d["mask_path"])) if d.get("mask_path") else None)
             for d in (dataset or {}).get("directory") or []]
@@ -327,7 +331,7 @@ def init_targets(ctx: Ctx, path: str, may_read: bool) -> None:
         if any(init.lora.get(c) for c in ("text_encoder", "text_encoder_2")):
             said += "; its text-encoder layers train kubelora's default text-encoder targets"
         else:
-            ctx.training["textEncoderLearningRate"] = 0
+            ctx.extra["init_without_text_encoders"] = True  # _learning_rates: 0, whatever their rates say
             said += "; it has no text-encoder layers, so the text encoders are not trained (textEncoderLearningRate 0)"
     ctx.note("init_from_existing", said)
 
@@ -354,12 +358,17 @@ def _learning_rates(ctx: Ctx) -> None:
     lr = ctx.extra.get("lr")
     if "force_constant_lr" in ctx.extra:
         ctx.training.update(learningRate=ctx.extra["force_constant_lr"], lrScheduler="constant", warmupSteps=0)
+        if ctx.extra.get("init_without_text_encoders"):
+            ctx.training["textEncoderLearningRate"] = 0
         return
     unet = ctx.extra.get("unet_lr", lr)
     te = {ctx.extra.get(k, lr) for k in ("text_encoder_1_lr", "text_encoder_2_lr")}
     if unet is None:
         raise Refused("optimizer", "lr", "no learning rate: set [optimizer] lr")
     ctx.training["learningRate"] = float(unet)
+    if ctx.extra.get("init_without_text_encoders"):  # diffusion-pipe builds no text-encoder LoRA: their rates do nothing
+        ctx.training["textEncoderLearningRate"] = 0
+        return
     if ctx.model_type == "sdxl":
         if len(te) > 1:
             frozen = " (0 for both trains the UNet alone)" if 0 in te else ""

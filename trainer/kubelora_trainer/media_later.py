@@ -169,7 +169,14 @@ class Later:
                                      gone, self._indexes[key])
             src.pending -= {o["rel"] for o in objs}
             self.vanished |= {src.folder / o["rel"] for o in gone}
+            if not src.pending:  # nothing left to fetch: the index (hundreds of bytes a record) goes
+                self._indexes.pop(key, None)
         return n
+
+    def release(self) -> None:
+        """Forget the stage indexes read for fetching (the dataset phase is over; the object lives
+        on through training)."""
+        self._indexes.clear()
 
     def memos(self, digests: dict[Path, str]) -> dict[str, dict[str, list]]:
         """{stage key: memo} of every source: the media digests the memo knew, with digests (media

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pickle
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -744,7 +745,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         init = dist.agree(lora_init.read, Path(paths[lora_init.FIELD]), spec.model.type)
 
     # ---- dataset (checked before any model is loaded), then the cache and the model
-    report = scan_on_node(spec, env, paths, unsafe, below, later)
+    report = scan_on_node(spec, env, paths, unsafe, below, later, job_name)
     layout = cache_phase.Layout(report, *probe_items(report, env, spec, remote, later)).make(spec, env, m)
     ready = cache_phase.prepare(spec, family, paths, layout, remote, env, m, later)
     decided = getattr(family, "resolved", lambda comps: {})(ready.comps)  # model settings the model decided
@@ -908,34 +909,46 @@ def check_cache_uri(spec, settings, env: dist.DistEnv) -> Optional[cache_remote.
 
 
 def scan_on_node(spec: LoRATrainingJobSpec, env: dist.DistEnv, paths: dict, unsafe: Optional[dict] = None,
-                 below: Optional[dict] = None, later: media_later.Later = media_later.NONE) -> ScanReport:
+                 below: Optional[dict] = None, later: media_later.Later = media_later.NONE,
+                 job_name: str = "job") -> ScanReport:
     """scan_sources once per node: its local rank 0 scans (a million files: as many stats and
     caption reads, on a network volume too) and the node's other ranks read its report from the
     cache folder, instead of every rank walking the same folders. A failed scan stops every rank
-    with its reason (dist.fail_together)."""
+    with its reason (dist.fail_together); where the report cannot be written (a full or read-only
+    cache volume) each rank scans for itself, as before."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if env.world == 1 or local_world == 1:
         return scan_sources(spec, paths, unsafe, below, later)
-    # one per node and attempt: the launcher (the ranks' parent) is the node's
-    shared = cache_root() / f".scan-{socket.gethostname()}-{os.getppid()}.pkl"
+    # one per job, node and attempt (the launcher, the ranks' parent, is the node's)
+    stem = f".scan-{job_name}-{socket.gethostname()}-"
+    shared = cache_root() / f"{stem}{os.getppid()}.pkl"
     report, err = None, None
     if env.local_rank == 0:
         t0 = time.perf_counter()
-        for old in shared.parent.glob(f".scan-{socket.gethostname()}-*.pkl"):  # an earlier attempt's, cut short
-            old.unlink(missing_ok=True)
+        for old in shared.parent.glob(f"{stem}*.pkl"):  # this job's earlier attempt's on this node, cut short
+            if re.fullmatch(rf"{re.escape(stem)}\d+\.pkl", old.name):
+                old.unlink(missing_ok=True)
         try:
             report = scan_sources(spec, paths, unsafe, below, later)
-            cache.write_bytes_atomic(shared, pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL))
-            print(f"[data] rank {env.rank} scanned the dataset for its node's {local_world} ranks: "
-                  f"{len(report.items)} items in {time.perf_counter() - t0:.1f} s", flush=True)
-        except (DatasetError, OSError, disk.NoRoom) as e:
+        except Exception as e:  # noqa: BLE001 - every rank stops with its reason (as dist.agree)
             err = e
+        if report is not None:
+            try:
+                cache.write_bytes_atomic(shared, pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL))
+                print(f"[data] rank {env.rank} scanned the dataset for its node's {local_world} ranks: "
+                      f"{len(report.items)} items in {time.perf_counter() - t0:.1f} s", flush=True)
+            except (OSError, disk.NoRoom) as e:
+                print(f"[data] warning: the dataset scan could not be shared through {shared} ({e}); each rank "
+                      "scans for itself", flush=True)
     dist.fail_together(err, "scanning the dataset")
     if env.local_rank != 0:
         try:
-            report = pickle.loads(shared.read_bytes())
-        except OSError as e:
-            err = RuntimeError(f"reading the dataset scan of rank {env.rank - env.local_rank} ({shared}): {e}")
+            report = pickle.loads(shared.read_bytes()) if shared.is_file() else None
+            if report is None:
+                report = scan_sources(spec, paths, unsafe, below, later)
+        except Exception as e:  # noqa: BLE001
+            err = RuntimeError(f"reading the dataset scan of rank {env.rank - env.local_rank} ({shared}): "
+                               f"{type(e).__name__}: {e}")
     dist.fail_together(err, "reading the dataset scan")
     if env.local_rank == 0:
         shared.unlink(missing_ok=True)
