@@ -490,3 +490,19 @@ def test_a_run_resumed_after_its_last_step_reports_its_samples_and_step(tmp_path
     assert (prog.step, prog.loss, prog.epoch, prog.resumedFrom) == (8, 0.5, 2, 8)
     assert (prog.samples, prog.sampleStep) == (6, 8)
     assert train.first_progress(8, 1, 1, 4, []).step == 0
+
+
+def test_a_local_io_error_while_checkpointing_is_classified_not_failed_for_good():
+    """checkpoint.os_error: an I/O error of the machine (EIO, ESTALE, a network filesystem's
+    timeout) while a checkpoint is written, uploaded to a local output.uri or fetched is transient
+    (the run is retried from the previous checkpoint); a full disk is bad input naming the fix; a
+    permission error is bad input (was: every OSError bad input, exit 2: the Job failed for good)."""
+    import errno
+    from kubelora_trainer import checkpoint, disk, exits
+    for code in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT):
+        e = checkpoint.os_error(OSError(code, os.strerror(code), "/out/checkpoints/step-4/state/x"))
+        assert e.transient and exits.code_of(e) == exits.FAILED, code
+    full = checkpoint.os_error(OSError(errno.ENOSPC, "No space left on device", "/out/x"))
+    assert isinstance(full, disk.NoRoom) and exits.code_of(full) == exits.BAD_INPUT
+    denied = checkpoint.os_error(OSError(errno.EACCES, "Permission denied", "/out/x"))
+    assert not denied.transient and exits.code_of(denied) == exits.BAD_INPUT and "Permission denied" in str(denied)

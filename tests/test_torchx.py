@@ -75,6 +75,9 @@ def test_kubernetes_dryrun_runs_the_node_command_in_each_pod(tmp_path):
         cmd = shlex.split(c.command[2])
         assert cmd == node_command(2, 8, rank, _master(cmd), 29500, "/etc/kubelora/spec.yaml")
         assert c.resources.limits["nvidia.com/gpu"] == "8"
+        # the run's identity, the same in every retry of the app: a retry resumes its checkpoints
+        run = {e.name: e.value for e in c.env}["KUBELORA_RUN_ID"]
+        assert run and "$" not in run and "{" not in run, run
 
 
 def test_the_documented_kubernetes_command_dry_runs_through_the_torchx_cli(tmp_path):
@@ -130,3 +133,4 @@ def test_torchx_run_local_cwd_trains_a_tiny_flux(tmp_path, tiny_flux_dir, overfi
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["artifacts"] and (out / "lora.safetensors").exists()
+    assert json.loads((out / "status" / "progress.json").read_text()).get("runId"), "no run id: a retry would not resume"

@@ -294,7 +294,7 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
         except storage.StorageError as e:
             err = e  # transient (the run is retried and resumes from the previous checkpoint) or bad input
         except OSError as e:
-            err = storage.StorageError(str(e))
+            err = os_error(e)
     dist.fail_together(err, "uploading the checkpoint")
     if env.is_main:
         try:
@@ -306,7 +306,7 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
         except storage.StorageError as e:
             err = e
         except OSError as e:
-            err = storage.StorageError(str(e))
+            err = os_error(e)
     dist.fail_together(err, "writing the checkpoint")
     if env.local_rank == 0:  # complete in output.uri: the staging copy is not read again (a resume fetches it)
         shutil.rmtree(folder.parent, ignore_errors=True)
@@ -396,6 +396,17 @@ MACHINE_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGA
 DEVICE_FAULTS = ("CUDA error", "NCCL", "CUBLAS_STATUS", "cuDNN error", "illegal memory access")
 
 
+def os_error(e: OSError) -> storage.StorageError:
+    """A local I/O error while writing, uploading or fetching a checkpoint: a full disk is bad
+    input (disk.NoRoom: the retry fills it again), the machine's own failures (EIO, ESTALE, a
+    timeout of a network filesystem) are transient: retried from the previous checkpoint, not a
+    failed Job. Pure."""
+    room = disk.no_room(e)
+    if room is not None:
+        return room
+    return storage.StorageError(f"{e}", transient=e.errno in MACHINE_ERRNOS)
+
+
 def _not_the_files(e: BaseException) -> Optional[BaseException]:
     """A load failure that is this machine's, not the checkpoint's: out of memory, a full disk, an
     I/O error of the disk or mount, a GPU or collective fault. The error to stop with (an older
@@ -440,7 +451,7 @@ def _fetch(step: int, local_root: Path, output_uri: str, settings: storage.S3Set
         except storage.StorageError as e:
             err = e
         except OSError as e:
-            err = storage.StorageError(str(e))
+            err = os_error(e)
     dist.fail_together(err, "fetching the checkpoint")
     return folder
 

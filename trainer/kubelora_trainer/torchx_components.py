@@ -67,7 +67,10 @@ def train(
     master = "localhost" if nodes == 1 else f"$${{{specs.macros.rank0_env}:=localhost}}"
     argv = node_command(nodes, nproc, specs.macros.replica_id, master, master_port, container_manifest or manifest)
     raw = tuple(a for a in argv if "$" in a)
-    role_env = {"PYTHONUNBUFFERED": "1", **({"KUBELORA_FORCE_CPU": "1"} if gpus == 0 else {}), **(env or {})}
+    # the run's identity across the scheduler's retries (max_retries): a retry resumes this run's
+    # checkpoints; without it output.onExisting would take them for another run's (overwrite: deleted)
+    role_env = {"PYTHONUNBUFFERED": "1", "KUBELORA_RUN_ID": specs.macros.app_id,
+                **({"KUBELORA_FORCE_CPU": "1"} if gpus == 0 else {}), **(env or {})}
     return specs.AppDef(
         name=manifest_name(manifest),
         roles=[specs.Role(
