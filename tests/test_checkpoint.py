@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -506,3 +507,65 @@ def test_a_local_io_error_while_checkpointing_is_classified_not_failed_for_good(
     assert isinstance(full, disk.NoRoom) and exits.code_of(full) == exits.BAD_INPUT
     denied = checkpoint.os_error(OSError(errno.EACCES, "Permission denied", "/out/x"))
     assert not denied.transient and exits.code_of(denied) == exits.BAD_INPUT and "Permission denied" in str(denied)
+
+
+def test_claims_on_a_runs_checkpoints_in_the_bucket(s3, tmp_path):
+    """checkpoint.claim_attempt / check_attempt against the real S3 server and a local folder: the
+    newest claim wins; an older attempt is Superseded (bad input: not retried), naming the newer
+    one's host; a run with no claim of its own, or no claim there yet, goes on."""
+    from kubelora_trainer import checkpoint, exits, storage
+    s3.create_bucket(Bucket="claims")
+    settings = storage.S3Settings()
+    for out in ("s3://claims/run", str(tmp_path / "run")):
+        checkpoint.check_attempt(out, settings, "mine")        # nothing claimed yet
+        old = checkpoint.claim_attempt(out, settings)
+        checkpoint.check_attempt(out, settings, old)
+        new = checkpoint.claim_attempt(out, settings)
+        assert new != old
+        checkpoint.check_attempt(out, settings, new)
+        checkpoint.check_attempt(out, settings, None)
+        with pytest.raises(checkpoint.Superseded, match=r"a newer attempt of this run \(on .+, since .+\) writes the "
+                                                        r"checkpoints under .+/checkpoints: this one stops") as e:
+            checkpoint.check_attempt(out, settings, old)
+        assert exits.code_of(e.value) == exits.BAD_INPUT
+        assert checkpoint.complete_steps(storage.list_keys(f"{out}/checkpoints", settings)) == []  # not a step
+
+
+def test_an_older_attempt_still_running_stops_before_it_writes_beside_the_newer_one(tmp_path, tiny_flux_dir):
+    """A pod cut off from the API server but not from the store keeps training after the operator
+    made a new attempt (or the same manifest runs twice on one machine): the new attempt claims the
+    run's checkpoints when it starts training, and the old one stops at its next checkpoint, before
+    its marker or prune, with one error naming the newer attempt (exit 2: not retried); the new one
+    trains on from the old one's newest complete checkpoint. Two real trainer processes."""
+    from kubelora_trainer.synthetic import build_synthetic_dataset
+    data = build_synthetic_dataset(tmp_path / "data", n=2, size=32)
+    out = tmp_path / "out"
+    job = _job(tmp_path / "job.yaml", tiny_flux_dir, data, str(out), steps=100000, checkpointEverySteps=10,
+               lrScheduler="constant", warmupSteps=0, checkpointKeep=100)
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KUBELORA_METRICS_PORT": "0"}
+    cmd = [sys.executable, "-m", "kubelora_trainer", "run", "--spec", str(job)]
+    old = subprocess.Popen(cmd, env={**base, "KUBELORA_CACHE_DIR": str(tmp_path / "cache-old")},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    new = None
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("checkpoints/step-*/state/COMPLETE")):
+            assert old.poll() is None and time.monotonic() < deadline, old.communicate()[1][-3000:]
+            time.sleep(0.5)
+        new = subprocess.Popen(cmd, env={**base, "KUBELORA_CACHE_DIR": str(tmp_path / "cache-new")},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            rc = old.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            new.kill()
+            raise AssertionError("the old attempt went on: " + new.communicate()[1][-3000:]) from None
+        err = old.communicate()[1]
+        assert rc == 2, err[-3000:]
+        errors = [ln for ln in err.splitlines() if "[error]" in ln]
+        assert len(errors) == 1 and "a newer attempt of this run" in errors[0], err[-3000:]
+        assert new.poll() is None  # the new attempt trains on
+    finally:
+        for p in (old, new):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(timeout=60)

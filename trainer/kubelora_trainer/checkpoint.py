@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import re
 import shutil
 import signal
@@ -255,7 +256,8 @@ class Schedule:
 
 
 def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root: Path, output_uri: str,
-         settings: storage.S3Settings, keep: int, env: dist.DistEnv, fingerprint: Optional[dict] = None) -> None:
+         settings: storage.S3Settings, keep: int, env: dist.DistEnv, fingerprint: Optional[dict] = None,
+         attempt: Optional[str] = None) -> None:
     """Every rank writes its shard and its loop state into the node's staging folder (local_root);
     the node's files are uploaded; rank 0 writes the spec's fingerprint and, last, the marker, and
     drops checkpoints beyond `keep`; then each node deletes its staging copy (a full fine-tune's
@@ -270,6 +272,7 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
     err = None
     if env.is_main:  # what an earlier save of this step that never completed left (with more ranks: rank
         try:         # files this save would not overwrite, and a resume would take for its own)
+            check_attempt(output_uri, settings, attempt)  # not a newer attempt's files
             storage.delete_prefix(remote, settings)
         except storage.StorageError as e:
             err = e
@@ -300,6 +303,7 @@ def save(step: int, modules: torch.nn.Module, opt, loop_state: dict, local_root:
         try:
             marker = folder / MARKER
             marker.write_text(f"{step}\n")
+            check_attempt(output_uri, settings, attempt)  # no marker, nor prune, beside a newer attempt's
             storage.upload(marker, f"{remote}/{MARKER}", settings)
             print(f"[checkpoint] step {step} written to {remote}", flush=True)
             prune_or_warn(output_uri, settings, keep)
@@ -339,6 +343,49 @@ def to_prune(names: list[str], keep: int) -> list[int]:
     started = {int(m[1]) for n in names if (m := STEP_FILE.match(n))}
     unfinished = [s for s in started - set(complete) if s < complete[-1]]
     return sorted(complete[:-keep] + unfinished)
+
+
+ATTEMPT = "ATTEMPT"  # under checkpoints/: the attempt that writes this run's checkpoints now
+
+
+class Superseded(storage.StorageError):
+    """A newer attempt of this run writes its checkpoints: this one (a pod cut off from the API
+    server but not from the store, which the operator has replaced; or the same manifest run twice
+    on one machine) stops without writing. Not retried (bad input)."""
+
+
+def claim_attempt(output_uri: str, settings: storage.S3Settings, now: Optional[float] = None) -> str:
+    """Rank 0 before training: this attempt's id written to checkpoints/ATTEMPT, so an older
+    attempt still running (check_attempt) stops before its next checkpoint's marker, prune or
+    export instead of writing beside this one. Returns the id."""
+    import socket
+    import tempfile
+    import uuid
+    me = uuid.uuid4().hex
+    doc = {"attempt": me, "host": socket.gethostname(), "pid": os.getpid(),
+           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / ATTEMPT
+        path.write_text(json.dumps(doc) + "\n")
+        storage.upload(path, f"{output_uri.rstrip('/')}/checkpoints/{ATTEMPT}", settings,
+                       content_type="application/json")
+    return me
+
+
+def check_attempt(output_uri: str, settings: storage.S3Settings, me: Optional[str]) -> None:
+    """Superseded when another attempt has claimed this run's checkpoints since this one did.
+    Nothing without an id of its own (a run that claimed none)."""
+    if me is None:
+        return
+    got = storage.read_object(f"{output_uri.rstrip('/')}/checkpoints/{ATTEMPT}", settings)
+    try:
+        doc = json.loads(got) if got is not None else None
+    except ValueError:
+        doc = None
+    if doc is not None and doc.get("attempt") != me:
+        raise Superseded(f"a newer attempt of this run (on {doc.get('host', '?')}, since {doc.get('at', '?')}) writes "
+                         f"the checkpoints under {output_uri.rstrip('/')}/checkpoints: this one stops without "
+                         "writing (a pod the operator replaced, or the same manifest run twice)")
 
 
 def delete_all(output_uri: str, settings: storage.S3Settings) -> None:

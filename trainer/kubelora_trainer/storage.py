@@ -1045,6 +1045,26 @@ def delete_prefix(uri: str, settings: S3Settings = S3Settings(), client=None, fi
         raise describe_error(exc, loc, "deleting") from None
 
 
+def read_object(uri: str, settings: S3Settings = S3Settings(), client=None) -> Optional[bytes]:
+    """A small object's (a local file's) bytes; None when there is none."""
+    loc = parse_uri(uri)
+    try:
+        if not loc.is_s3:
+            p = Path(loc.key)
+            return p.read_bytes() if p.is_file() else None
+        from botocore.exceptions import ClientError
+        try:
+            body = (client or make_client(settings)).get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        with body:
+            return body.read()
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(exc, loc, "reading") from None
+
+
 def delete_object(uri: str, settings: S3Settings = S3Settings(), client=None) -> None:
     """Delete one object (a local file); one that is not there is fine."""
     loc = parse_uri(uri)

@@ -429,6 +429,7 @@ class Trainer:
     sampling: Optional[samples.Sampler] = None   # spec.samples (None: off); the data order is state.sampler
     evaluation: Optional[evaluation.Evaluator] = None   # spec.evaluation (None: off)
     data_wait: float = 0.0                      # seconds this rank's steps waited for the cache loader
+    attempt: Optional[str] = None               # rank 0: this attempt's claim on the run's checkpoints
 
 
 def fused(opt: torch.optim.AdamW) -> None:
@@ -562,7 +563,7 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
                                     state.to_dict(step, env.world, tr.sampling.records if tr.sampling else None),
                                     tr.local_ckpt,
                                     tr.spec.output.uri, tr.settings, t.checkpointKeep, env,
-                                    fingerprint=checkpoint.recorded(tr.spec, run_id()))
+                                    fingerprint=checkpoint.recorded(tr.spec, run_id()), attempt=tr.attempt)
                 schedule.written()
                 tr.metrics.checkpoint(step)
             if stop:
@@ -733,6 +734,9 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
                  f"(output.onExisting: overwrite trains again); {samples.report_said(spec.output.uri)}")
         m.phase("Succeeded")
         return 0
+    # this attempt's claim on the run's checkpoints, before it reads them: an older attempt still
+    # running stops before it writes, prunes or exports again
+    attempt = claim(spec, settings, env)
     remote = check_cache_uri(spec, settings, env)
 
     # ---- stage-in
@@ -765,6 +769,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     tr = build_trainer(spec, family, ready, sampling, env, settings, publish, m, job_name, init)
 
     # ---- train (from step 1, or from the newest checkpoint)
+    tr.attempt = attempt
     start = resume(tr, steps) + 1 if plan == "resume" else 1
     log(env, "[phase] train")
     m.phase("Training")
@@ -796,6 +801,20 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
         final = f"  final loss {losses[-1]:.4f}" if losses else ""
         log(env, f"[done] {result['uri']}  sha256 {result['sha256'][:16]}…{final}; {samples.report_said(spec.output.uri)}")
     return 0
+
+
+def claim(spec, settings, env: dist.DistEnv) -> Optional[str]:
+    """Rank 0 claims the run's checkpoints for this attempt (checkpoint.claim_attempt) and returns
+    the id (None on the other ranks): an older attempt still running stops before it writes a
+    marker, prunes or exports beside this one."""
+    err, attempt = None, None
+    if env.is_main:
+        try:
+            attempt = checkpoint.claim_attempt(spec.output.uri, settings)
+        except storage.StorageError as e:
+            err = e
+    dist.fail_together(err, "claiming the run's checkpoints")
+    return attempt
 
 
 def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int]]:
@@ -1101,6 +1120,7 @@ def export_run(tr: Trainer, ready: cache_phase.Ready, job_name: str, summary: di
             summary.update(samplingSeconds=round(sampling_s, 2), **({"evalSeconds": round(eval_s, 2)} if tr.evaluation else {}),
                            trainingSeconds=round(summary["wallSeconds"] - sampling_s - eval_s, 2),
                            dataWaitSeconds=round(tr.data_wait, 3))
+            checkpoint.check_attempt(spec.output.uri, tr.settings, tr.attempt)  # not over a newer attempt's output
             out_dir = cache_root() / "outputs" / job_name
             stats = ready.layout.stats
             report = lambda arts: {**samples.final_report(spec, job_name, tr.settings, sampling, losses, stats,  # noqa: E731
