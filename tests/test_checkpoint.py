@@ -569,3 +569,70 @@ def test_an_older_attempt_still_running_stops_before_it_writes_beside_the_newer_
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait(timeout=60)
+
+
+def test_a_signal_during_a_checkpoint_makes_it_the_stop_checkpoint(tmp_path, tiny_flux_dir, monkeypatch, capsys):
+    """SIGTERM while a scheduled checkpoint is being written (a large one takes a while): the run
+    stops right after it, with that checkpoint as the stop checkpoint (was: one more step and a
+    second checkpoint, which could outlast the grace period). In this process, one rank; the signal
+    is sent from inside the save, as it would arrive then."""
+    from conftest import one_rank_env
+    from kubelora_trainer import checkpoint, train
+    from kubelora_trainer.spec import LoRATrainingJobSpec
+    from kubelora_trainer.synthetic import build_synthetic_dataset
+    data = build_synthetic_dataset(tmp_path / "data", n=2, size=32)
+    job = _job(tmp_path / "job.yaml", tiny_flux_dir, data, str(tmp_path / "out"), steps=8, checkpointEverySteps=2)
+    spec = LoRATrainingJobSpec.model_validate(yaml.safe_load(job.read_text()))
+    one_rank_env(monkeypatch)
+    monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KUBELORA_METRICS_PORT", "0")
+    save = checkpoint.save
+
+    def slow_save(step, *a, **k):
+        save(step, *a, **k)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)   # arrives while step 4's checkpoint is being written
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    rc = train.run(spec, "stop-in-save")
+    out = capsys.readouterr()
+    assert rc == 128 + signal.SIGTERM, out.err[-3000:]
+    assert "[train] step 4/8" in out.out and "[train] step 5/8" not in out.out, out.out[-3000:]
+    assert complete_steps_in(tmp_path / "out") == [2, 4]
+    assert "stopped by SIGTERM after step 4" in out.err
+
+
+def complete_steps_in(out: Path) -> list[int]:
+    return complete_steps([p.relative_to(out / "checkpoints").as_posix() for p in (out / "checkpoints").rglob("*")
+                           if p.is_file()])
+
+
+def test_a_signal_during_the_last_steps_evaluation_of_a_full_fine_tune_stops_with_its_checkpoint(
+        tmp_path, tiny_flux_dir, monkeypatch, capsys):
+    """SIGTERM after the last step's own check, while its evaluation runs: a full fine-tune keeps no
+    last-step checkpoint otherwise, and its export would race the grace period with no state to
+    resume; now it writes the last step's checkpoint and stops (the next attempt exports)."""
+    from conftest import one_rank_env
+    from kubelora_trainer import train
+    from kubelora_trainer.spec import LoRATrainingJobSpec
+    from kubelora_trainer.synthetic import build_synthetic_dataset
+    data = build_synthetic_dataset(tmp_path / "data", n=2, size=32)
+    spec = LoRATrainingJobSpec.model_validate({
+        "model": {"type": "flux", "diffusersPath": str(tiny_flux_dir), "dtype": "float32"},
+        "dataset": {"uri": str(data), "resolution": 32}, "adapter": {"type": "full"},
+        "training": {"steps": 3, "logEvery": 1, "learningRate": 1e-4, "checkpointEverySteps": 100},
+        "output": {"uri": str(tmp_path / "out")}})
+    one_rank_env(monkeypatch)
+    monkeypatch.setenv("KUBELORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KUBELORA_METRICS_PORT", "0")
+    evaluate = train.maybe_evaluate
+
+    def signalled(tr, step, *a, **k):
+        evaluate(tr, step, *a, **k)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(train, "maybe_evaluate", signalled)
+    rc = train.run(spec, "stop-at-end")
+    out = capsys.readouterr()
+    assert rc == 128 + signal.SIGTERM, out.err[-3000:]
+    assert "[train] step 3/3" in out.out and "[phase] export" not in out.out, out.out[-3000:]
+    assert complete_steps_in(tmp_path / "out") == [3] and "stopped by SIGTERM after step 3" in out.err

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -24,6 +25,13 @@ def test_exit_code_and_root_cause_from_the_workers_records():
     assert exit_code(1, peers) == 3                                     # every rank stopped for a peer's signal
     assert exit_code(1, peers + [{"rank": 2, "code": 143, "message": "stopped by SIGTERM"}]) == 143
     assert exit_code(1, peers[:1] + [{"rank": 1, "code": 1, "message": "boom"}]) == 1   # a crash is a crash
+    # every worker of the node finished (a signal reached torchrun after their last check): success
+    done = [{"rank": r, "code": 0, "message": "finished"} for r in range(2)]
+    assert exit_code(1, done, workers=2) == 0 and exit_code(1, done[:1], workers=2) == 1
+    assert exit_code(1, done[:1] + [{"rank": 1, "code": 2, "message": "bad"}], workers=2) == 2
+    assert root_cause(done[:1] + [{"rank": 1, "code": 1, "message": "boom", "peer": True}]) == "rank 1: boom"
+    assert launch.nproc_of(["--nproc-per-node=8", "-m", "x"]) == 8 and launch.nproc_of(["--nproc_per_node", "2"]) == 2
+    assert launch.nproc_of(["--nproc-per-node=gpu"]) is None and launch.nproc_of(["-m", "x", "--nproc-per-node=3"]) is None
 
 
 def test_torchrun_gives_the_workers_the_pods_grace_period_less_a_margin():
@@ -234,6 +242,26 @@ def test_a_worker_killed_without_a_record_is_named_and_ctrl_c_before_training_is
     assert err.strip().splitlines()[-1].startswith("[stopped] stopped by SIGTERM; the workers, still stopping after 3 s, "
                                                    "were killed"), err
     assert time.monotonic() - t0 < 15, "torchrun waited for the worker past the grace period"
+    # a second signal (a second Ctrl-C, kill twice) while a worker writes its stop checkpoint: killed at once, torchrun
+    # and the worker (which torchrun starts in a session of its own: it would outlive torchrun's own exit)
+    proc = subprocess.Popen([*base, "slow-stop"], stderr=subprocess.PIPE, text=True, env=env)
+    assert "[phase] waiting" in proc.stderr.readline()
+    workers = [pid for pid in launch.children_of(launch.children_of(proc.pid)[0])]
+    assert workers, "no worker found under torchrun"
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1)  # the first signal reaches the worker, which starts its 20 s stop
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert time.monotonic() - t0 < 10, err
+    assert "[launch] SIGTERM again: the workers are killed now, without a stop checkpoint" in err, err
+    assert err.strip().splitlines()[-1] == "[stopped] stopped by SIGTERM, then killed by a second SIGTERM (no checkpoint " \
+                                           "from this stop)", err
+    for pid in workers:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]:
+            assert time.monotonic() < deadline, f"worker {pid} outlived the launcher"
+            time.sleep(0.1)
     # a reader that stops reading after one line: the launcher still drains the workers' stderr and ends
     flood = subprocess.Popen(f"{' '.join(base)} flood 2>&1 | head -1", shell=True, stdout=subprocess.PIPE, env=env)
     flood.communicate(timeout=300)

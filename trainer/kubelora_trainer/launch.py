@@ -37,13 +37,18 @@ def read_records(folder: Path) -> list[dict]:
     return out
 
 
-def exit_code(torchrun_rc: int, records: list[dict]) -> int:
-    """The pod's exit code: 0 on success; 2 when a worker found bad input (so the Job fails at
-    once instead of retrying); 128 + signal when a worker stopped on one (checkpoint written);
+def exit_code(torchrun_rc: int, records: list[dict], workers: int | None = None) -> int:
+    """The pod's exit code: 0 on success, also when every one of this node's `workers` recorded
+    that it finished (a signal that reached torchrun after the workers' last check makes torchrun
+    exit 1 although the run is done); 2 when a worker found bad input (so the Job fails at once
+    instead of retrying); 128 + signal when a worker stopped on one (checkpoint written);
     PEER_STOPPED when the workers stopped only because a rank of another pod did (the Job's
     podFailurePolicy ignores it); else torchrun's code."""
     if torchrun_rc == 0:
         return 0
+    if workers and len(records) == workers and all(r.get("code") == 0 for r in records):
+        return 0
+    records = [r for r in records if r.get("code") != 0]
     if any(r.get("code") == BAD_INPUT for r in records):
         return BAD_INPUT
     stopped = [r["code"] for r in records if (r.get("code") or 0) > 128]  # stopped on a signal, checkpoint written
@@ -56,6 +61,7 @@ def exit_code(torchrun_rc: int, records: list[dict]) -> int:
 
 def root_cause(records: list[dict]) -> str | None:
     """The reason to print last: a rank's own failure before a peer's report of it."""
+    records = [r for r in records if r.get("code") != 0]  # a worker that finished says nothing of the failure
     own = [r for r in records if not r.get("peer")]
     first = (own or records or [None])[0]
     return f"rank {first['rank']}: {first['message']}" if first else None
@@ -158,7 +164,16 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
 
     def forward(signum, _frame):
         forwarded.append((signum, time.monotonic()))
-        try:
+        if len(forwarded) > 1:  # a second signal (Ctrl-C again): the workers are killed now, not stopped
+            print(f"[launch] {signal.Signals(signum).name} again: the workers are killed now, without a stop "
+                  "checkpoint", file=sys.stderr, flush=True)
+            for pid in [*children_of(proc.pid), proc.pid]:  # torchrun starts each worker in a session of its own
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            return
+        try:  # the first: torchrun stops the workers, which write their stop checkpoint
             os.killpg(proc.pid, signum)
         except ProcessLookupError:
             pass
@@ -178,7 +193,7 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
             master.stop()
     records = read_records(folder)
     shutil.rmtree(folder, ignore_errors=True)
-    code = exit_code(rc, records)
+    code = exit_code(rc, records, nproc_of(torchrun_args))
     if (code > 128 or code == PEER_STOPPED) and master:
         # stopped with a checkpoint, and this pod will be replaced at once: its replacement must
         # not meet node 0's old store (still open while node 0 writes the checkpoint's marker) and
@@ -203,7 +218,10 @@ def run(torchrun_args: list[str], env: dict | None = None) -> int:
         if cause is None and forwarded:  # no worker recorded its stop: before the loop (which checkpoints
             stopped = True            # on a signal), or killed by torchrun while still writing one
             name, limit = signal.Signals(forwarded[0][0]).name, int(child_env[SHUTDOWN_TIMEOUT_ENV])
-            if ended - forwarded[0][1] >= limit:
+            if len(forwarded) > 1:
+                cause = (f"stopped by {name}, then killed by a second {signal.Signals(forwarded[1][0]).name} "
+                         "(no checkpoint from this stop)")
+            elif ended - forwarded[0][1] >= limit:
                 cause = (f"stopped by {name}; the workers, still stopping after {limit} s, were killed (no checkpoint "
                          f"from this stop: {SHUTDOWN_TIMEOUT_ENV}, from the pod's grace period, is too short)")
             else:
@@ -247,6 +265,18 @@ def shutdown_timeout(env: dict) -> int:
         return LOCAL_SHUTDOWN_SECONDS
     return max(1, grace - min(STOP_MARGIN_SECONDS, grace // 4))
 VERBOSE_ENV = "KUBELORA_LAUNCH_VERBOSE"
+
+
+def nproc_of(torchrun_args: list[str]) -> int | None:
+    """--nproc-per-node (--nproc_per_node) as a number, when given so. Pure."""
+    for i, a in enumerate(torchrun_args):
+        if a in ("-m", "--module") or not a.startswith("--"):
+            break
+        key, eq, value = a.partition("=")
+        if key.replace("_", "-") == "--nproc-per-node":
+            value = value if eq else (torchrun_args[i + 1] if i + 1 < len(torchrun_args) else "")
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def rendezvous_of(torchrun_args: list[str]) -> tuple[int, str, int] | None:
@@ -307,6 +337,20 @@ def wait_until_closed(addr: str, port: int, seconds: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux /proc; none elsewhere)."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after the command name, which may hold spaces
+        if len(fields) > 1 and fields[1] == str(pid):
+            out.append(int(d.name))
+    return out
 
 
 def _reap(pgid: int) -> None:

@@ -228,6 +228,15 @@ def agree_on_step(step_loss: torch.Tensor, step: int, env: dist.DistEnv, save: b
     return total / env.world, saves > 0, stops > 0
 
 
+def stop_agreed(stop_request: checkpoint.StopRequest, env: dist.DistEnv) -> bool:
+    """Whether any rank has been told to stop (a collective: every rank calls it at the same point)."""
+    if env.world == 1:
+        return bool(stop_request.signum)
+    flag = torch.tensor([float(bool(stop_request.signum))], dtype=torch.float64, device=env.device)
+    torch.distributed.all_reduce(flag)
+    return flag.item() > 0
+
+
 def existing_output(spec, settings, env: dist.DistEnv) -> tuple[bool, list[int], bool, Optional[str]]:
     """(a finished training run's manifest.json is there, the complete checkpoints' steps, oldest
     first, whether this spec trains that finished run further: extends, and whether what is there
@@ -503,6 +512,16 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
         # the base model (not on a resume); on a resume, the evaluation of the step it resumed from
         # when it was due but not run (the run was stopped there)
         maybe_evaluate(tr, start - 1, samples_per_step, prog)
+        saved = None
+
+        def save_now(step: int) -> None:
+            with metrics.busy_in(tr.metrics, "checkpoint"):
+                checkpoint.save(step, tr.modules, tr.opt,
+                                state.to_dict(step, env.world, tr.sampling.records if tr.sampling else None),
+                                tr.local_ckpt, tr.spec.output.uri, tr.settings, t.checkpointKeep, env,
+                                fingerprint=checkpoint.recorded(tr.spec, run_id()), attempt=tr.attempt)
+            schedule.written()
+            tr.metrics.checkpoint(step)
         for step in range(start, t.steps + 1):
             step_loss = torch.zeros((), device=env.device)
             data_wait, tokens = 0.0, 0
@@ -558,16 +577,19 @@ def _train_steps(tr: Trainer, start: int, meter: Meter, prog: Progress) -> None:
             # then retried from it, not by training again since the last scheduled checkpoint
             last = step == t.steps and tr.spec.adapter.type != "full"
             if save or stop or last:
-                with metrics.busy_in(tr.metrics, "checkpoint"):
-                    checkpoint.save(step, tr.modules, tr.opt,
-                                    state.to_dict(step, env.world, tr.sampling.records if tr.sampling else None),
-                                    tr.local_ckpt,
-                                    tr.spec.output.uri, tr.settings, t.checkpointKeep, env,
-                                    fingerprint=checkpoint.recorded(tr.spec, run_id()), attempt=tr.attempt)
-                schedule.written()
-                tr.metrics.checkpoint(step)
+                save_now(step)
+                saved = step
+                # a signal during the save (a large checkpoint takes a while): this one is the stop
+                # checkpoint, not one more step and another save that may outlast the grace period
+                stop = stop or stop_agreed(stop_request, env)
             if stop:
                 raise checkpoint.Stopped(stop_request.signum, step)  # 0: a peer's signal
+        # a signal during the last step's samples, evaluation or save: a stop like any other, with the
+        # last step's checkpoint (a full fine-tune keeps none otherwise); the next attempt exports
+        if start <= t.steps and stop_agreed(stop_request, env):
+            if saved != t.steps:
+                save_now(t.steps)
+            raise checkpoint.Stopped(stop_request.signum, t.steps)
     finally:
         stop_request.uninstall()
 
@@ -610,7 +632,10 @@ def run(spec: LoRATrainingJobSpec, job_name: str) -> int:
     m = metrics.start(env.rank, env.local_rank, job_name, log=lambda msg: print(msg, flush=True))
     stopped = False
     try:
-        return _run(spec, job_name, env, m)
+        rc = _run(spec, job_name, env, m)
+        if rc == 0:  # for the launcher: this worker finished (torchrun exits 1 when a signal reached it meanwhile)
+            exits.record(0, "finished")
+        return rc
     except checkpoint.Stopped as e:
         stopped = True  # its linger ends at the next SIGTERM (the pod's own stop): exit 143, as the Job expects
         m.phase("Stopped")
