@@ -517,7 +517,8 @@ def test_claims_on_a_runs_checkpoints_in_the_bucket(s3, tmp_path):
     s3.create_bucket(Bucket="claims")
     settings = storage.S3Settings()
     for out in ("s3://claims/run", str(tmp_path / "run")):
-        checkpoint.check_attempt(out, settings, "mine")        # nothing claimed yet
+        with pytest.raises(checkpoint.Superseded, match="the claim of this run's checkpoints .* is gone"):
+            checkpoint.check_attempt(out, settings, "mine")    # cleared by a newer attempt (overwrite)
         old = checkpoint.claim_attempt(out, settings)
         checkpoint.check_attempt(out, settings, old)
         new = checkpoint.claim_attempt(out, settings)
@@ -529,6 +530,22 @@ def test_claims_on_a_runs_checkpoints_in_the_bucket(s3, tmp_path):
             checkpoint.check_attempt(out, settings, old)
         assert exits.code_of(e.value) == exits.BAD_INPUT
         assert checkpoint.complete_steps(storage.list_keys(f"{out}/checkpoints", settings)) == []  # not a step
+        # a claim that is not this trainer's JSON object: another's, not a crash outside the barrier
+        storage.upload(_write(tmp_path / "odd", b"[1]"), f"{out}/checkpoints/{checkpoint.ATTEMPT}", settings)
+        with pytest.raises(checkpoint.Superseded):
+            checkpoint.check_attempt(out, settings, new)
+    # a local read error of the machine is transient (ESTALE on a network filesystem), not a failed Job
+    import errno
+    from unittest import mock
+    with mock.patch.object(Path, "read_bytes", side_effect=OSError(errno.ESTALE, "Stale file handle")):
+        with pytest.raises(storage.StorageError) as e:
+            storage.read_object(str(tmp_path / "run" / "checkpoints" / checkpoint.ATTEMPT), settings)
+    assert e.value.transient and exits.code_of(e.value) == exits.FAILED
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def test_an_older_attempt_still_running_stops_before_it_writes_beside_the_newer_one(tmp_path, tiny_flux_dir):

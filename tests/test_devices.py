@@ -28,8 +28,14 @@ def test_a_local_rank_beyond_the_visible_gpus_is_said_not_crashed_on(monkeypatch
                             "(CUDA_VISIBLE_DEVICES=MIG-a,MIG-b) and 2 processes were started")
 
 
-def test_too_few_gpus_is_bad_input_for_mig_and_local_runs_and_retried_on_a_cluster_node():
+def test_too_few_gpus_is_bad_input_for_mig_and_local_runs_and_retried_on_a_cluster_node(monkeypatch):
     err = dist.TooFewDevices(1, 1)
+    # the operator's pods are the cluster (torchx gives its retries a run id on a workstation too)
+    monkeypatch.delenv("KUBELORA_NAMESPACE", raising=False)
+    monkeypatch.setenv("KUBELORA_RUN_ID", "torchx-app-1")
+    assert train.too_few_devices(err, _spec(gpusPerNode=2))[0] == exits.BAD_INPUT
+    monkeypatch.setenv("KUBELORA_NAMESPACE", "ml")
+    assert train.too_few_devices(err, _spec(gpusPerNode=2))[0] == exits.FAILED
     code, msg = train.too_few_devices(err, _spec(gpusPerNode=2, gpuResource="nvidia.com/mig-3g.40gb"), in_cluster=True)
     assert code == exits.BAD_INPUT and "set resources.gpusPerNode: 1 (and more resources.nodes) instead of 2" in msg
     code, msg = train.too_few_devices(err, _spec(gpusPerNode=2), in_cluster=False)

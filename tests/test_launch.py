@@ -31,6 +31,7 @@ def test_exit_code_and_root_cause_from_the_workers_records():
     assert exit_code(1, done[:1] + [{"rank": 1, "code": 2, "message": "bad"}], workers=2) == 2
     assert root_cause(done[:1] + [{"rank": 1, "code": 1, "message": "boom", "peer": True}]) == "rank 1: boom"
     assert launch.nproc_of(["--nproc-per-node=8", "-m", "x"]) == 8 and launch.nproc_of(["--nproc_per_node", "2"]) == 2
+    assert launch.nproc_of(["--nnodes", "2", "--nproc-per-node=8", "-m", "x"]) == 8
     assert launch.nproc_of(["--nproc-per-node=gpu"]) is None and launch.nproc_of(["-m", "x", "--nproc-per-node=3"]) is None
 
 

@@ -17,7 +17,6 @@ Frozen base weights are never written (they come from the model files); a full f
 """
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -378,11 +377,16 @@ def check_attempt(output_uri: str, settings: storage.S3Settings, me: Optional[st
     if me is None:
         return
     got = storage.read_object(f"{output_uri.rstrip('/')}/checkpoints/{ATTEMPT}", settings)
+    if got is None:  # this attempt wrote it: gone means a newer one cleared checkpoints/ (output.onExisting: overwrite)
+        raise Superseded(f"the claim of this run's checkpoints under {output_uri.rstrip('/')}/checkpoints is gone (a "
+                         "newer attempt cleared them): this one stops without writing")
     try:
-        doc = json.loads(got) if got is not None else None
+        doc = json.loads(got)
     except ValueError:
         doc = None
-    if doc is not None and doc.get("attempt") != me:
+    if not isinstance(doc, dict):
+        doc = {}
+    if doc.get("attempt") != me:
         raise Superseded(f"a newer attempt of this run (on {doc.get('host', '?')}, since {doc.get('at', '?')}) writes "
                          f"the checkpoints under {output_uri.rstrip('/')}/checkpoints: this one stops without "
                          "writing (a pod the operator replaced, or the same manifest run twice)")
@@ -437,9 +441,7 @@ def _cause(e: BaseException) -> BaseException:
 
 # errnos of a machine or a mount failing (an NFS/FUSE output.uri read in place, the staging disk),
 # not of the checkpoint's bytes
-MACHINE_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.ENOMEM,
-                            errno.EMFILE, errno.ENFILE, errno.ENOLCK, errno.ECONNRESET, errno.ENETUNREACH,
-                            errno.EHOSTUNREACH, errno.ENOTCONN})
+MACHINE_ERRNOS = storage.MACHINE_ERRNOS
 DEVICE_FAULTS = ("CUDA error", "NCCL", "CUBLAS_STATUS", "cuDNN error", "illegal memory access")
 
 

@@ -269,19 +269,13 @@ VERBOSE_ENV = "KUBELORA_LAUNCH_VERBOSE"
 
 def nproc_of(torchrun_args: list[str]) -> int | None:
     """--nproc-per-node (--nproc_per_node) as a number, when given so. Pure."""
-    for i, a in enumerate(torchrun_args):
-        if a in ("-m", "--module") or not a.startswith("--"):
-            break
-        key, eq, value = a.partition("=")
-        if key.replace("_", "-") == "--nproc-per-node":
-            value = value if eq else (torchrun_args[i + 1] if i + 1 < len(torchrun_args) else "")
-            return int(value) if value.isdigit() else None
-    return None
+    value = _options(torchrun_args).get("--nproc-per-node", "")
+    return int(value) if value.isdigit() else None
 
 
-def rendezvous_of(torchrun_args: list[str]) -> tuple[int, str, int] | None:
-    """(node rank, master address, master port) from torchrun's arguments (--k=v or --k v), when
-    all three are there. Pure."""
+def _options(torchrun_args: list[str]) -> dict[str, str]:
+    """torchrun's own options ({--k: v}; --k=v or --k v; a flag alone: ""), up to the worker's
+    arguments. Pure."""
     found, i = {}, 0
     while i < len(torchrun_args):
         a = torchrun_args[i]
@@ -292,6 +286,13 @@ def rendezvous_of(torchrun_args: list[str]) -> tuple[int, str, int] | None:
             value, i = torchrun_args[i + 1], i + 1  # "--k v"; a flag alone ("--standalone") takes none
         found[key.replace("_", "-")] = value
         i += 1
+    return found
+
+
+def rendezvous_of(torchrun_args: list[str]) -> tuple[int, str, int] | None:
+    """(node rank, master address, master port) from torchrun's arguments (--k=v or --k v), when
+    all three are there. Pure."""
+    found = _options(torchrun_args)
     try:
         return int(found["--node-rank"]), found["--master-addr"], int(found["--master-port"])
     except (KeyError, ValueError):

@@ -1045,22 +1045,36 @@ def delete_prefix(uri: str, settings: S3Settings = S3Settings(), client=None, fi
         raise describe_error(exc, loc, "deleting") from None
 
 
+# a machine's own I/O failures (a network filesystem's, a flaky disk's): worth another attempt
+MACHINE_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.ENOMEM,
+                            errno.EMFILE, errno.ENFILE, errno.ENOLCK, errno.ECONNRESET, errno.ENETUNREACH,
+                            errno.EHOSTUNREACH, errno.ENOTCONN})
+
+
 def read_object(uri: str, settings: S3Settings = S3Settings(), client=None) -> Optional[bytes]:
-    """A small object's (a local file's) bytes; None when there is none."""
+    """A small object's (a local file's) bytes; None when there is none. A failure is transient
+    where another attempt may pass (a network filesystem's EIO or ESTALE, the store's 5xx)."""
     loc = parse_uri(uri)
-    try:
-        if not loc.is_s3:
-            p = Path(loc.key)
-            return p.read_bytes() if p.is_file() else None
-        from botocore.exceptions import ClientError
+    if not loc.is_s3:
+        p = Path(loc.key)
         try:
-            body = (client or make_client(settings)).get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+            return p.read_bytes() if p.is_file() else None
+        except OSError as e:
+            raise StorageError(f"reading {p}: {e.strerror or e}", transient=e.errno in MACHINE_ERRNOS) from None
+    from botocore.exceptions import ClientError
+    client = client or make_client(settings)
+
+    def get() -> Optional[bytes]:
+        try:
+            body = client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise
         with body:
             return body.read()
+    try:
+        return with_retries(get, f"reading {loc}")
     except Exception as exc:  # noqa: BLE001
         raise describe_error(exc, loc, "reading") from None
 

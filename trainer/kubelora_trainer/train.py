@@ -684,7 +684,8 @@ def too_few_devices(error: dist.TooFewDevices, spec: LoRATrainingJobSpec, in_clu
     the machine's GPUs: bad input, a retry sees the same; in a pod given resources.gpusPerNode
     whole GPUs, fewer visible is the node's fault (a GPU fallen off the bus): retried. Pure but for
     the environment."""
-    in_cluster = bool(run_id()) if in_cluster is None else in_cluster
+    # the operator's pods (torchx gives its retries a run id too, also on a workstation)
+    in_cluster = bool(os.environ.get("KUBELORA_NAMESPACE")) if in_cluster is None else in_cluster
     r = spec.resources
     if r.gpuResource.startswith("nvidia.com/mig-"):
         return exits.BAD_INPUT, (f"{error}: a process sees a single MIG device, so with resources.gpuResource "
@@ -753,15 +754,12 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     m.start(spec.model.type, env.world, t.steps)
 
     # ---- pre-flight: what cannot be written is found now, not after the last step
-    plan, steps = check_output(spec, settings, env)
+    plan, steps, attempt = check_output(spec, settings, env)
     if plan == "done":
         log(env, f"[done] {spec.output.uri} already holds a finished run (manifest.json); nothing to train "
                  f"(output.onExisting: overwrite trains again); {samples.report_said(spec.output.uri)}")
         m.phase("Succeeded")
         return 0
-    # this attempt's claim on the run's checkpoints, before it reads them: an older attempt still
-    # running stops before it writes, prunes or exports again
-    attempt = claim(spec, settings, env)
     remote = check_cache_uri(spec, settings, env)
 
     # ---- stage-in
@@ -842,9 +840,10 @@ def claim(spec, settings, env: dist.DistEnv) -> Optional[str]:
     return attempt
 
 
-def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int]]:
+def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int], Optional[str]]:
     """output.uri writable, and what an earlier run of this manifest left there: ('train', 'resume'
-    or 'done', the complete checkpoints' steps, oldest first). The same answer on every rank. A
+    or 'done', the complete checkpoints' steps, oldest first, and rank 0's claim on them: claim).
+    The same answer on every rank but the claim. A
     resume is refused when the newest checkpoint was written with other training settings (or
     beyond training.steps); training from step 1 over checkpoints (output.onExisting: overwrite)
     deletes them first."""
@@ -855,6 +854,9 @@ def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int]]:
         except storage.StorageError as e:
             err = storage.StorageError(f"output.uri: {e}", transient=e.transient)
     dist.fail_together(err, "the output check")
+    # this attempt's claim on the run's checkpoints, before it reads them: an older attempt still
+    # running stops before it writes, prunes or exports again (a cache-only job writes none)
+    attempt = None if spec.dataset.cacheOnly else claim(spec, settings, env)
     finished, steps, extending, own = existing_output(spec, settings, env)
     latest = steps[-1] if steps else None
     plan = resume_plan(spec.output.onExisting, finished and not extending, latest, own)
@@ -868,13 +870,13 @@ def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int]]:
                        f"output.onExisting: overwrite)"
                        ) if finished and spec.output.onExisting != "overwrite" and env.is_main else None
         dist.fail_together(err, "the output check")
-        return "train", steps
+        return "train", steps, None
     if plan == "resume":
         check_fingerprint(spec, settings, latest, env)
     if plan == "train" and steps:
-        clear_checkpoints(spec, settings, steps, env)
-        steps = []
-    return plan, steps
+        clear_checkpoints(spec, settings, steps, env)  # checkpoints/ with the claim in it: made again
+        steps, attempt = [], claim(spec, settings, env)
+    return plan, steps, attempt
 
 
 def resolved_spec(spec, decided: dict):
