@@ -854,9 +854,6 @@ def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int], Opt
         except storage.StorageError as e:
             err = storage.StorageError(f"output.uri: {e}", transient=e.transient)
     dist.fail_together(err, "the output check")
-    # this attempt's claim on the run's checkpoints, before it reads them: an older attempt still
-    # running stops before it writes, prunes or exports again (a cache-only job writes none)
-    attempt = None if spec.dataset.cacheOnly else claim(spec, settings, env)
     finished, steps, extending, own = existing_output(spec, settings, env)
     latest = steps[-1] if steps else None
     plan = resume_plan(spec.output.onExisting, finished and not extending, latest, own)
@@ -874,8 +871,19 @@ def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int], Opt
     if plan == "resume":
         check_fingerprint(spec, settings, latest, env)
     if plan == "train" and steps:
-        clear_checkpoints(spec, settings, steps, env)  # checkpoints/ with the claim in it: made again
-        steps, attempt = [], claim(spec, settings, env)
+        clear_checkpoints(spec, settings, steps, env)
+        steps = []
+    # this attempt's claim on the run's checkpoints, once they are known to be this run's to write
+    # (never on another run's output: it would stop that run): an older attempt still running stops
+    # before it writes, prunes or exports again; what it completed before the claim is listed again
+    attempt = claim(spec, settings, env) if plan != "done" else None
+    if plan == "resume":
+        newest = existing_output(spec, settings, env)[1]
+        if newest and newest[-1] != latest:
+            log(env, f"[resume] step {newest[-1]} was completed meanwhile (an older attempt of this run, stopped now); "
+                     "resuming from it")
+            check_fingerprint(spec, settings, newest[-1], env)
+            steps = newest
     return plan, steps, attempt
 
 
