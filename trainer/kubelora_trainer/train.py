@@ -754,7 +754,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     m.start(spec.model.type, env.world, t.steps)
 
     # ---- pre-flight: what cannot be written is found now, not after the last step
-    plan, steps, attempt = check_output(spec, settings, env)
+    plan, steps = check_output(spec, settings, env)
     if plan == "done":
         log(env, f"[done] {spec.output.uri} already holds a finished run (manifest.json); nothing to train "
                  f"(output.onExisting: overwrite trains again); {samples.report_said(spec.output.uri)}")
@@ -792,7 +792,7 @@ def _run(spec: LoRATrainingJobSpec, job_name: str, env: dist.DistEnv, m=None) ->
     tr = build_trainer(spec, family, ready, sampling, env, settings, publish, m, job_name, init)
 
     # ---- train (from step 1, or from the newest checkpoint)
-    tr.attempt = attempt
+    tr.attempt, steps = claim_checkpoints(spec, settings, env, plan, steps)
     start = resume(tr, steps) + 1 if plan == "resume" else 1
     log(env, "[phase] train")
     m.phase("Training")
@@ -840,10 +840,9 @@ def claim(spec, settings, env: dist.DistEnv) -> Optional[str]:
     return attempt
 
 
-def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int], Optional[str]]:
+def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int]]:
     """output.uri writable, and what an earlier run of this manifest left there: ('train', 'resume'
-    or 'done', the complete checkpoints' steps, oldest first, and rank 0's claim on them: claim).
-    The same answer on every rank but the claim. A
+    or 'done', the complete checkpoints' steps, oldest first). The same answer on every rank. A
     resume is refused when the newest checkpoint was written with other training settings (or
     beyond training.steps); training from step 1 over checkpoints (output.onExisting: overwrite)
     deletes them first."""
@@ -867,24 +866,29 @@ def check_output(spec, settings, env: dist.DistEnv) -> tuple[str, list[int], Opt
                        f"output.onExisting: overwrite)"
                        ) if finished and spec.output.onExisting != "overwrite" and env.is_main else None
         dist.fail_together(err, "the output check")
-        return "train", steps, None
+        return "train", steps
     if plan == "resume":
         check_fingerprint(spec, settings, latest, env)
     if plan == "train" and steps:
         clear_checkpoints(spec, settings, steps, env)
         steps = []
-    # this attempt's claim on the run's checkpoints, once they are known to be this run's to write
-    # (never on another run's output: it would stop that run): an older attempt still running stops
-    # before it writes, prunes or exports again; what it completed before the claim is listed again
-    attempt = claim(spec, settings, env) if plan != "done" else None
+    return plan, steps
+
+
+def claim_checkpoints(spec, settings, env: dist.DistEnv, plan: str, steps: list[int]) -> tuple[Optional[str], list[int]]:
+    """Before training, once the checkpoints are known to be this run's to write (check_output;
+    never on another run's output, which it would stop): this attempt's claim on them (rank 0's
+    id), so an older attempt still running stops before it writes, prunes or exports again; what
+    it completed since check_output listed them is listed again, and resumed from."""
+    attempt = claim(spec, settings, env)
     if plan == "resume":
         newest = existing_output(spec, settings, env)[1]
-        if newest and newest[-1] != latest:
-            log(env, f"[resume] step {newest[-1]} was completed meanwhile (an older attempt of this run, stopped now); "
-                     "resuming from it")
+        if newest and newest[-1] != steps[-1]:
+            log(env, f"[resume] step {newest[-1]} was completed since the start (an older attempt of this run, which "
+                     "stops now); resuming from it")
             check_fingerprint(spec, settings, newest[-1], env)
             steps = newest
-    return plan, steps, attempt
+    return attempt, steps
 
 
 def resolved_spec(spec, decided: dict):
