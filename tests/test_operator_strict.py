@@ -99,3 +99,16 @@ def test_a_jobs_own_network_policy_is_valid_and_admits_only_its_pods_and_scraper
         assert ("from" in rule) == bool(namespaces)
     assert [o["kind"] for o in manifests.children("ft", uid, "ml", parse_spec(FULL), manifests.OperatorConfig())] == [
         "ConfigMap", "Service", "Job"]   # off by default
+
+
+def test_the_service_pointed_at_a_gang_restarts_new_job_passes_strict_validation():
+    """A gang restart merges the new Job's controller-uid into the headless Service's selector
+    (kube.select_pods_of, a merge patch): the Service it leaves passes the schema too (the emulator
+    validates no built-in kind)."""
+    cfg_objs = manifests.children("ft", "0b7e6c2c-0000-4000-8000-000000000000", "ml", parse_spec(FULL), FULL_CONFIG)
+    service = cfg_objs[1]
+    job = {"metadata": {"uid": "5f1d2a9e-1111-4000-8000-000000000000"}}
+    patched = {**service, "spec": {**service["spec"], "selector": {**service["spec"]["selector"],
+                                                                    **manifests.attempt_selector(job)}}}
+    kv.validate(patched, "1.33.0", strict=True)
+    assert patched["spec"]["selector"][manifests.CONTROLLER_UID_LABEL] == job["metadata"]["uid"]

@@ -180,18 +180,27 @@ def test_a_slow_answer_beyond_the_read_timeout_is_retried_then_fails_clearly(pro
     assert _files(tmp_path / "b") == []
 
 
-def _run_with_unreadable_weights(proxy, direct, tmp_path, bucket):
-    """A job whose model weights answer 503 SlowDown to every GET (a store that stays overloaded)."""
+def _job_with_failing_gets(proxy, direct, tmp_path, bucket, failing: str, weights: bool = True):
+    """A tiny job in its own bucket (a model folder, one captioned image) whose GETs of the keys
+    matching `failing` answer 503 SlowDown every time (a store that stays overloaded). Returns (the
+    manifest, the bucket)."""
     b = _bucket(direct, bucket)
     direct.put_object(Bucket=b, Key="models/flux/model_index.json", Body=b"{}")
-    direct.put_object(Bucket=b, Key="models/flux/transformer/diffusion_pytorch_model.safetensors", Body=b"x" * 1000)
+    if weights:
+        direct.put_object(Bucket=b, Key="models/flux/transformer/diffusion_pytorch_model.safetensors", Body=b"x" * 1000)
     direct.put_object(Bucket=b, Key="data/a.png", Body=b"x")
     direct.put_object(Bucket=b, Key="data/a.txt", Body=b"a square")
-    proxy.fail(ops=("GetObject",), key="*.safetensors")
+    proxy.fail(ops=("GetObject",), key=failing)
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": f"s3://{b}/models/flux"},
                                    "dataset": {"uri": f"s3://{b}/data", "resolution": 32},
                                    "output": {"uri": f"s3://{b}/out"}}))
+    return job, b
+
+
+def _run_with_unreadable_weights(proxy, direct, tmp_path, bucket):
+    """A job whose model weights answer 503 SlowDown to every GET."""
+    job, b = _job_with_failing_gets(proxy, direct, tmp_path, bucket, "*.safetensors")
     return job, f"s3://{b}/models/flux/transformer/diffusion_pytorch_model.safetensors"
 
 
@@ -291,15 +300,7 @@ def test_a_media_fetch_that_fails_on_one_rank_stops_both_once_through_the_launch
     object; the image was asked for by that rank only ($AWS_MAX_ATTEMPTS GETs), not at stage-in."""
     from conftest import run_trainer, the_one_error
     from kubelora_trainer import exits
-    b = _bucket(direct, "fault-media")
-    direct.put_object(Bucket=b, Key="models/flux/model_index.json", Body=b"{}")
-    direct.put_object(Bucket=b, Key="data/a.png", Body=b"x")
-    direct.put_object(Bucket=b, Key="data/a.txt", Body=b"a square")
-    proxy.fail(ops=("GetObject",), key="*.png")
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"model": {"type": "flux", "diffusersPath": f"s3://{b}/models/flux"},
-                                   "dataset": {"uri": f"s3://{b}/data", "resolution": 32},
-                                   "output": {"uri": f"s3://{b}/out"}}))
+    job, b = _job_with_failing_gets(proxy, direct, tmp_path, "fault-media", "*.png", weights=False)
     proc = run_trainer(job, {**s3.env, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "3"}, nproc=2,
                        launcher=True)
     assert proc.returncode == exits.FAILED, proc.stderr[-3000:]

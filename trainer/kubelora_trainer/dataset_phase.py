@@ -299,12 +299,12 @@ def check_media_room(env, need: int) -> None:
     parts = dist.all_gather((vol, need)) if env.world > 1 else [(vol, need)]
     first, total = disk.shares_by_volume(parts)[vol]
     ranks = sum(1 for v, _ in parts if v == vol)
-    what = f"dataset: the media its {ranks} ranks read" if ranks > 1 else "dataset: the media this rank reads"
+    who = f"the media its {ranks} ranks read" if ranks > 1 else "the media this rank reads"
     err = None
     if env.rank == first and total:  # one rank per volume (the limit's walk of the folder is not free)
         try:
-            disk.check_room(total, root, disk.cache_limit_left(), what)
-            print(f"[data] {disk.size_text(total)} of media to fetch into {root} ({what[9:]}; {disk.usage(root)})",
+            disk.check_room(total, root, disk.cache_limit_left(), f"dataset: {who}")
+            print(f"[data] {disk.size_text(total)} of media to fetch into {root} ({who}; {disk.usage(root)})",
                   flush=True)
         except disk.NoRoom as e:
             err = e
