@@ -1324,3 +1324,22 @@ def test_a_job_kopf_took_for_handled_is_made_by_the_sync_after_a_while_an_invali
     handlers._sync(bad, changes)
     assert (changes.status["phase"], changes.status["reason"]) == ("Failed", "InvalidSpec"), changes.status
     assert "training.warmupSteps" in changes.status["message"]
+
+
+def test_a_service_left_on_an_earlier_attempts_pods_is_pointed_at_this_jobs(monkeypatch):
+    """handlers._ensure_support: the Service selects an earlier Job's pods (the patch at the gang
+    restart failed, or an older operator made it): while this Job's pods are being made it is
+    patched to select them; one another owner holds is left alone."""
+    from kubelora_operator import handlers, kube, manifests
+    job = {"metadata": {"name": "ft", "uid": "job-2", "ownerReferences": [{"kind": "LoRATrainingJob", "uid": "uid-1"}]},
+           "spec": {"parallelism": 1}, "status": {"active": 1, "ready": 0}}
+    patched = []
+    for owner, want in (("uid-1", [{manifests.CONTROLLER_UID_LABEL: "job-2"}]), ("someone-else", [])):
+        patched.clear()
+        monkeypatch.setattr(kube, "read_child", lambda kind, ns, n, owner=owner: {
+            "metadata": {"ownerReferences": [{"kind": "LoRATrainingJob", "uid": owner, "controller": True}]},
+            "spec": {"selector": {manifests.CONTROLLER_UID_LABEL: "job-1"}}})
+        monkeypatch.setattr(kube, "select_pods_of", lambda ns, name, selector: patched.append(selector) or True)
+        handlers._ensure_support({"name": "ft", "uid": "uid-1"}, "ml", "ft", handlers.parse_spec(
+            {**SPEC, "resources": {"nodes": 1}}), job, handlers.Changes())
+        assert patched == want, owner
