@@ -136,3 +136,30 @@ def test_ranks_that_share_a_cache_volume_are_checked_together(tmp_path):
     # a folder where the id cannot be written: the host and the device stand in (the same for its ranks)
     (tmp_path / "file").write_bytes(b"")
     assert disk.volume_id(tmp_path / "file" / "cache") == f"{socket.gethostname()}:0"
+
+
+_NO_HARD_LINKS = """
+import os, sys
+def no_link(src, dst, **kw):
+    raise PermissionError(1, "Operation not permitted")   # what a FUSE mount without hard links answers
+os.link = no_link
+from kubelora_trainer import disk
+sys.stdout.write(disk.volume_id(sys.argv[1]))
+"""
+
+
+def test_without_hard_links_the_ranks_still_read_one_volume_id(tmp_path):
+    """Where the cache folder has no hard links (some FUSE filesystems: os.link fails; none of this
+    machine's filesystems lack them, so os.link is replaced in each process), the id is made by an
+    exclusive create: four processes started together all read one id, and no temporary file is left."""
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", _NO_HARD_LINKS, str(tmp_path / "cache")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    ids = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), ids
+    got = {out for out, _ in ids}
+    assert len(got) == 1 and len(got.pop()) == 32, ids
+    from kubelora_trainer import disk
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [disk.VOLUME_ID_NAME]

@@ -308,3 +308,28 @@ def test_a_media_fetch_that_fails_on_one_rank_stops_both_once_through_the_launch
     assert "1 media files (0.0 MiB) are fetched by the ranks that read them" in proc.stdout, proc.stdout[-3000:]
     assert proxy.seen("GetObject", "*.png") == ["status"] * 3
     assert "[phase] cache" not in proc.stdout
+
+
+def test_a_small_object_read_is_retried_and_fails_clearly_when_it_never_comes_whole(proxy, direct, capsys):
+    """storage.read_object (the checkpoint claim, the stage indexes): 503s and a body cut short are
+    retried and the bytes are whole; a missing key is None; a body cut every time fails once, a
+    transient StorageError naming the key, after a bounded number of GETs."""
+    b = _bucket(direct, "fault-read-object")
+    body = os.urandom(40_000)
+    direct.put_object(Bucket=b, Key="run/checkpoints/ATTEMPT", Body=body)
+    uri = f"s3://{b}/run/checkpoints/ATTEMPT"
+    settings = _settings(proxy, max_attempts=2)
+    busy = proxy.fail(times=1, ops=("GetObject",))
+    cut = proxy.truncate(keep=0.5, times=1, ops=("GetObject",))
+    assert storage.read_object(uri, settings) == body
+    assert (busy.injected, cut.injected) == (1, 1)
+    assert "retrying" in capsys.readouterr().out
+    assert storage.read_object(f"s3://{b}/run/checkpoints/NOTHING", settings) is None
+
+    proxy.clear()
+    proxy.truncate(keep=0.5, ops=("GetObject",))
+    with pytest.raises(StorageError) as e:
+        storage.read_object(uri, settings)
+    assert e.value.transient and str(e.value).startswith(f"reading {uri}: "), e.value
+    # read again max_attempts times in all (botocore retries a request, not its body), not once more per layer
+    assert proxy.seen("GetObject", "*/ATTEMPT")[3:] == ["truncate"] * 2

@@ -561,24 +561,30 @@ def _get_small(client, bucket: str, key: str, path: str, attempts: int,
     """One GET into path: the listing gave the size, so no HEAD first (boto3's download_file makes
     one for every object: twice the requests for a dataset of small images). With etag (the
     listed one) the GET is conditional: an object rewritten since is refused (412), never recorded
-    in the index under the ETag it was listed with. As s3transfer does,
-    a GET whose answer timed out or whose body was cut short is made again, attempts in all
-    (botocore retries a request, not the reading of its body); then the last such error is raised
-    inside a RetriesExceededError, as s3transfer's, so no layer above retries it again."""
+    in the index under the ETag it was listed with. A body cut short is read again (_read_again)."""
+    def get() -> None:
+        body = client.get_object(Bucket=bucket, Key=key, **({"IfMatch": quoted(etag)} if etag else {}))["Body"]
+        try:
+            with open(path, "wb") as f:
+                for chunk in body.iter_chunks(1 << 20):
+                    f.write(chunk)
+                    if moved is not None:
+                        moved(len(chunk))
+        finally:
+            body.close()
+    _read_again(get, attempts)
+
+
+def _read_again(get: Callable[[], object], attempts: int):
+    """get() (a GET and the reading of its body) made again where the answer timed out or the body
+    was cut short, attempts in all, as s3transfer does: botocore retries a request, not the reading
+    of its body. The last such error is raised inside a RetriesExceededError, as s3transfer's, so no
+    layer above (with_retries) retries it again."""
     from boto3.exceptions import RetriesExceededError
     from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
     for attempt in range(attempts):
         try:
-            body = client.get_object(Bucket=bucket, Key=key, **({"IfMatch": quoted(etag)} if etag else {}))["Body"]
-            try:
-                with open(path, "wb") as f:
-                    for chunk in body.iter_chunks(1 << 20):
-                        f.write(chunk)
-                        if moved is not None:
-                            moved(len(chunk))
-            finally:
-                body.close()
-            return
+            return get()
         except S3_RETRYABLE_DOWNLOAD_ERRORS as e:
             if attempt == attempts - 1:
                 raise RetriesExceededError(e) from e
@@ -1074,7 +1080,7 @@ def read_object(uri: str, settings: S3Settings = S3Settings(), client=None) -> O
         with body:
             return body.read()
     try:
-        return with_retries(get, f"reading {loc}")
+        return with_retries(lambda: _read_again(get, settings.max_attempts), f"reading {loc}")
     except Exception as exc:  # noqa: BLE001
         raise describe_error(exc, loc, "reading") from None
 
