@@ -373,3 +373,50 @@ def test_a_nodes_ranks_share_one_scan_and_a_bad_caption_map_stops_them_once(tmp_
     error = the_one_error(proc)
     assert error.startswith(f"[error] rank 0: dataset {data}: ") and "captions.json" in error, error
     assert not list((tmp_path / "cache").rglob(".scan-*"))
+
+
+_SCAN_WITHOUT_SHARING = """
+import errno, os, sys
+from pathlib import Path
+from kubelora_trainer import cache, dist, train
+from kubelora_trainer.spec import parse_spec
+env = dist.init()
+if env.local_rank == 0:   # the cache volume is full: the report cannot be written
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    cache.write_bytes_atomic = full
+data = sys.argv[1]
+spec = parse_spec({"model": {"type": "flux", "diffusersPath": "/nowhere"}, "dataset": {"uri": data, "resolution": 32},
+                   "output": {"uri": sys.argv[2]}})
+report = train.scan_on_node(spec, env, {"dataset.0": data}, job_name="nospace")
+print(f"items {len(report.items)}", flush=True)
+dist.close()
+"""
+
+
+def test_where_the_scan_cannot_be_shared_each_rank_of_the_node_scans_for_itself(tmp_path):
+    """train.scan_on_node's fallback: local rank 0 cannot write its report into the cache folder (a
+    full volume; the write is made to fail in that process, as this machine's disks have room). It
+    warns once, naming the file and the cause, and the node's other rank scans the dataset itself:
+    both ranks go on with every item (two processes in one gloo group, as torchrun starts them)."""
+    import os
+    import subprocess
+    import sys
+    from kubelora_trainer.dist import _free_port
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b", "c"):
+        _img(data / f"{name}.png", caption=f"a red {name}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "KUBELORA_CACHE_DIR": str(tmp_path / "cache"),
+           "KUBELORA_FORCE_CPU": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", _SCAN_WITHOUT_SHARING, str(data), str(tmp_path / "out")],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o.splitlines()[-1] for o in outs] == ["items 3", "items 3"], outs
+    warned = [ln for ln in outs[0].splitlines() if "could not be shared" in ln]
+    assert len(warned) == 1 and "No space left on device" in warned[0] and "each rank scans for itself" in warned[0]
+    assert "scanned the dataset for its node" not in outs[0] + outs[1]
+    assert not list((tmp_path / "cache").rglob(".scan-*"))

@@ -1002,11 +1002,14 @@ def scan_on_node(spec: LoRATrainingJobSpec, env: dist.DistEnv, paths: dict, unsa
     if env.local_rank != 0:
         try:
             report = pickle.loads(shared.read_bytes()) if shared.is_file() else None
-            if report is None:
-                report = scan_sources(spec, paths, unsafe, below, later)
         except Exception as e:  # noqa: BLE001
             err = RuntimeError(f"reading the dataset scan of rank {env.rank - env.local_rank} ({shared}): "
                                f"{type(e).__name__}: {e}")
+        if report is None and err is None:  # not shared: this rank scans for itself, its own error its own
+            try:
+                report = scan_sources(spec, paths, unsafe, below, later)
+            except Exception as e:  # noqa: BLE001
+                err = e
     dist.fail_together(err, "reading the dataset scan")
     if env.local_rank == 0:
         shared.unlink(missing_ok=True)
