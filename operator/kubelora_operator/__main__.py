@@ -13,7 +13,9 @@ Environment (the chart sets each from its values; charts/kubelora/values.yaml na
                    FailedCreate Events read), KUBELORA_POD_START_GRACE_SECONDS (120: a pod not started
                    this long has its Events read), KUBELORA_GANG_FAILURE_GRACE_SECONDS (60: how long after
                    a multi-node run's pods failed the operator waits for a peer's Node to read lost
-                   before counting the restart)
+                   before counting the restart), KUBELORA_SYNC_STUCK_SECONDS (900: a sync running this
+                   long is stuck; the liveness endpoint then answers 500 and the kubelet restarts the pod),
+                   KUBELORA_API_TIMEOUT_SECONDS (60: each API request's read timeout)
   Storage          KUBELORA_STORAGE_STALL_SECONDS (300: an unreadable output bucket this long makes the
                    job Stalled), KUBELORA_SECRET_CACHE_SECONDS (60: how long a job's credentials Secret
                    is reused), KUBELORA_JOB_CREDENTIALS_ONLY (true: read a job's bucket only with its own

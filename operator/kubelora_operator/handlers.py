@@ -38,6 +38,9 @@ registry = kopf.OperatorRegistry()
 
 SYNC_INTERVAL = env.number("KUBELORA_SYNC_INTERVAL", 10.0)
 SYNC_WORKERS = int(env.number("KUBELORA_SYNC_WORKERS", 4))
+# a status sync running longer than this is stuck (every API request times out long before): the
+# liveness probe fails and the kubelet restarts the operator (syncer.unhealthy)
+SYNC_STUCK_SECONDS = env.number("KUBELORA_SYNC_STUCK_SECONDS", 900.0)
 RETRY_DELAY = env.number("KUBELORA_RETRY_DELAY", 10.0)
 NAME_WAIT_SECONDS = env.number("KUBELORA_NAME_WAIT_SECONDS", 120.0)
 STORAGE_STALL_SECONDS = env.number("KUBELORA_STORAGE_STALL_SECONDS", 300.0)
@@ -113,6 +116,20 @@ async def start_sync(memo: kopf.Memo, **_):
     memo.syncer = syncer.Syncer(sync, interval=SYNC_INTERVAL, workers=SYNC_WORKERS)
     memo.syncer.start()
     metrics.watch(lambda: [body for _, body in memo.syncer.owners.items()])
+
+
+@kopf.on.probe(id="syncs", registry=registry)
+def syncs_live(memo: kopf.Memo, **_):
+    """The liveness endpoint's answer (kopf's --liveness): the syncs in progress and queued, or a
+    failure (HTTP 500, the kubelet restarts the pod) when they have stopped (syncer.unhealthy)."""
+    sync = getattr(memo, "syncer", None)
+    if sync is None:
+        return {"running": 0}
+    problem = sync.health(SYNC_STUCK_SECONDS)
+    if problem:
+        log.error("not live: %s; the liveness probe fails so that the kubelet restarts the operator", problem)
+        raise kopf.PermanentError(problem)
+    return {"running": len(sync.queue.running_since()), "failed": len(sync.queue.failed)}
 
 
 @kopf.on.cleanup(registry=registry)

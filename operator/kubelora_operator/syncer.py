@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Callable, Iterable, Optional
 
 from kubelora_trainer.spec import GROUP, KIND
@@ -102,6 +103,26 @@ def needs_polling(body: dict) -> bool:
     return False
 
 
+def unhealthy(running: dict[Key, float], now: float, stuck_after: float, workers_gone: int = 0,
+               ticker_gone: bool = False) -> Optional[str]:
+    """Why the syncs have stopped, or None. Every API request has a timeout (kube.TimedApiClient),
+    so a sync that has run stuck_after seconds is stuck in something that has none (a deadlock, a
+    hung call outside the client), and a thread cannot be cancelled: only a restart frees its
+    worker. With every worker stuck no job's status moves while the Lease, renewed on its own
+    client, keeps this operator the leader. A ticker or a worker that ended stops syncs too. Pure."""
+    stuck = sorted(((now - began, key) for key, began in running.items() if now - began >= stuck_after), reverse=True)
+    why = []
+    if stuck:
+        (age, (ns, name)) = stuck[0]
+        why.append(f"{len(stuck)} status sync(s) running for more than {stuck_after:g} s "
+                   f"(KUBELORA_SYNC_STUCK_SECONDS), the longest {ns}/{name} for {age:.0f} s")
+    if workers_gone:
+        why.append(f"{workers_gone} sync worker(s) ended")
+    if ticker_gone:
+        why.append("the sync ticker ended")
+    return "; ".join(why) or None
+
+
 class Owners:
     """The newest body of each LoRATrainingJob, from the watch and from our own patch responses
     (thread-safe: workers remember their patch responses from threads)."""
@@ -149,6 +170,7 @@ class WorkQueue:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._queued: set[Key] = set()
         self._running: set[Key] = set()
+        self._since: dict[Key, float] = {}  # when each running sync began (time.monotonic)
         self._again: set[Key] = set()
         self.failed: set[Key] = set()
         self._tasks: list[asyncio.Task] = []
@@ -169,6 +191,14 @@ class WorkQueue:
 
     def idle(self) -> bool:
         return not (self._queued or self._running or self._again)
+
+    def running_since(self) -> dict[Key, float]:
+        """Each sync in progress and when it began (time.monotonic)."""
+        return dict(self._since)
+
+    def workers_gone(self) -> int:
+        """Workers that ended while the queue was not stopping (a bug: none should)."""
+        return 0 if self._stopping else sum(1 for t in self._tasks if t.done())
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._worker(), name=f"kubelora-sync-{i}") for i in range(self._workers)]
@@ -191,6 +221,7 @@ class WorkQueue:
                 return
             self._queued.discard(key)
             self._running.add(key)
+            self._since[key] = time.monotonic()
             try:
                 await asyncio.to_thread(self._process, key)
                 self.failed.discard(key)
@@ -201,6 +232,7 @@ class WorkQueue:
                 log.exception("syncing %s/%s failed; retried at the next tick", *key)
             finally:
                 self._running.discard(key)
+                self._since.pop(key, None)
                 if key in self._again:
                     self._again.discard(key)
                     self.add(key)
@@ -226,6 +258,13 @@ class Syncer:
         if self._ticker:
             self._ticker.cancel()
         await self.queue.stop()
+
+    def health(self, stuck_after: float, now: Optional[float] = None) -> Optional[str]:
+        """Why this operator is not live (its liveness probe fails, and the kubelet restarts it), or
+        None: see unhealthy."""
+        ticker_gone = self._ticker is not None and self._ticker.done() and not self.queue._stopping
+        return unhealthy(self.queue.running_since(), time.monotonic() if now is None else now, stuck_after,
+                         self.queue.workers_gone(), ticker_gone)
 
     def saw_owner(self, event_type: Optional[str], body: dict) -> None:
         if event_type == "DELETED":
