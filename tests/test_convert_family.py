@@ -159,3 +159,35 @@ def test_a_file_that_breaks_one_familys_parser_is_that_familys_no_not_a_crash():
                "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(4.0)}
     fits, why = readers(tensors, "kohya")
     assert "flux" not in fits and "fused LoRA B has 20 rows" in why["flux"], why
+
+
+@pytest.mark.parametrize("family,src_format,module", [
+    ("flux", "kohya", "lora_unet_double_blocks_0_img_attn_qkv"),                # sd-scripts' Flux files
+    ("hunyuan-video", "original", "transformer.double_blocks.0.img_attn_qkv"),  # diffusion-pipe's, ComfyUI's
+])
+def test_a_fused_lora_with_one_shared_a_converts_to_diffusers(tmp_path, capsys, family, src_format, module):
+    """Other trainers fuse q, k and v into one LoRA with one A and a dense B (not kubelora's
+    block-diagonal layout). Split for diffusers, q, k and v each take that A: the file is written
+    (safetensors refused three keys sharing one tensor, and the CLI crashed), and each part's
+    update B @ A is its rows of the fused update."""
+    from safetensors.torch import load_file
+    from kubelora_trainer.cli import main
+    g = torch.Generator().manual_seed(1)
+    width, rank = 8, 2
+    a, b = torch.randn(rank, width, generator=g), torch.randn(3 * width, rank, generator=g)
+    down, up = ((".lora_down.weight", ".lora_up.weight") if src_format == "kohya" else (".lora_A.weight", ".lora_B.weight"))
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file({module + down: a, module + up: b, **({module + ".alpha": torch.tensor(float(rank))}
+                                                     if src_format == "kohya" else {})}, str(src))
+    rc = main(["convert", str(src), str(out), "--model-type", family, "--from", src_format, "--to", "diffusers"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0 and "3 LoRA modules" in stdout, (stdout, err)
+    got = load_file(str(out))
+    parts = sorted(k[:-len(".lora_A.weight")] for k in got if k.endswith(".lora_A.weight"))
+    assert len(parts) == 3, sorted(got)
+    fused = b @ a
+    deltas = [got[p + ".lora_B.weight"].float() @ got[p + ".lora_A.weight"].float() for p in parts]
+    # each part is one third of the fused rows, in some order of the parts' names
+    thirds = [fused[i * width:(i + 1) * width] for i in range(3)]
+    for d in deltas:
+        assert any(torch.allclose(d, t, atol=1e-5) for t in thirds)

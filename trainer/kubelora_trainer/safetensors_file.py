@@ -14,9 +14,22 @@ from pathlib import Path
 def save(tensors: dict, path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(unshared(tensors), str(path), metadata=metadata)
     if metadata and len(metadata) > 1:
         sort_metadata(Path(path))
+
+
+def unshared(tensors: dict) -> dict:
+    """tensors with every one that shares its storage with an earlier one copied: save_file refuses
+    shared memory, and one tensor under several keys is what splitting a fused LoRA with a shared A
+    (sd-scripts' Flux qkv, ComfyUI's HunyuanVideo files) into q, k and v gives."""
+    seen, out = set(), {}
+    for k, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        out[k] = t.clone() if ptr is not None and ptr in seen else t
+        if ptr is not None:
+            seen.add(ptr)
+    return out
 
 
 def sorted_header(raw: bytes) -> bytes:
