@@ -155,3 +155,29 @@ def test_gathered_weights_own_their_storage(tmp_path):
     save_file(sd, str(tmp_path / "single.safetensors"))
     back = load_file(str(tmp_path / "single.safetensors"))
     assert torch.equal(back["q.weight"], fused[:4]) and torch.equal(back["k.weight"], fused[4:])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ltx_video_single_file_says_how_its_frames_are_positioned(tmp_path, causal):
+    """ComfyUI builds LTXVModel from the file's `config` header (model_detection: the "transformer"
+    entry of json.loads(metadata["config"])), and without it positions frames uniformly: a 0.9.5+
+    model trained causal would run unlike its training. The file export_full writes (to a local
+    output) carries it beside kubelora's own keys."""
+    import json
+    from types import SimpleNamespace
+    from diffusers import LTXVideoTransformer3DModel
+    from safetensors import safe_open
+    from kubelora_trainer import export_full
+    from kubelora_trainer.models.ltx_video.tiny import TINY_TRANSFORMER
+    from kubelora_trainer.spec import parse_spec
+    from kubelora_trainer.storage import S3Settings
+    tr = LTXVideoTransformer3DModel(**TINY_TRANSFORMER)
+    spec = parse_spec({"model": {"type": "ltx-video", "diffusersPath": "/m"}, "adapter": {"type": "full"},
+                       "dataset": {"uri": "/d", "resolution": 64, "frames": 9}, "output": {"uri": str(tmp_path / "out")}})
+    comps = SimpleNamespace(trainable={"transformer": tr}, denoiser=tr, info={"causal": causal})
+    art = export_full.export_and_upload(spec, "job", get_family("ltx-video"), comps, tr.state_dict(), {}, {},
+                                        S3Settings(), tmp_path / "work")
+    with safe_open(str(tmp_path / "out" / art["file"]), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["config"]).get("transformer", {}) == {"causal_temporal_positioning": causal}
+    assert meta["kubelora.adapter_type"] == "full"

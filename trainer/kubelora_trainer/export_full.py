@@ -44,8 +44,9 @@ def export_and_upload(spec, job_name, family, comps, state_dict: dict, metrics, 
     native = getattr(family, "export_full", None)
     if native is not None:
         single = out_dir / f"{spec.output.name}.safetensors"
+        extra_meta = getattr(family, "full_metadata", lambda comps: {})(comps)  # what loaders read (LTX: config)
         safetensors_file.save({k: v.contiguous() for k, v in native(state_dict).items()}, single,
-                  metadata=file_metadata(spec, job_name))
+                              metadata={**file_metadata(spec, job_name), **extra_meta})
         print(f"[export] {single.name}: {family.full_file}", flush=True)
     else:
         print(f"[export] note: {spec.model.type} has no native single-file export yet; the diffusers folder "

@@ -255,6 +255,12 @@ class LTXVideo:
         adaln_single, q_norm, k_norm): the inverse of diffusers' convert_ltx_transformer_checkpoint_to_diffusers."""
         return {f"model.diffusion_model.{comfy_name(k)}": v for k, v in state_dict.items()}
 
+    def full_metadata(self, comps) -> dict[str, str]:
+        """The single file's `config` header entry, as the official checkpoints carry it: ComfyUI
+        reads the transformer's settings from it (model_detection: metadata["config"]["transformer"]),
+        and without it runs LTXVModel with uniform frame positions, unlike a 0.9.5+ model trained causal."""
+        return {"config": json.dumps({"transformer": {"causal_temporal_positioning": bool(comps.info["causal"])}})}
+
     def export(self, lora, scale, fmt):
         prefix = _prefix(fmt)
         out = {}
