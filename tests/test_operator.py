@@ -1000,3 +1000,30 @@ def test_a_running_job_whose_spec_this_operator_refuses_says_so(cluster, kubectl
     st = ltj(kube, "older-spec")["status"]
     assert st["reason"] == "InvalidSpec" and "evaluation.sources[0].uri" in st["message"], st
     assert {c["type"]: c["status"] for c in st["conditions"]}["Stalled"] == "True" and st["phase"] == "Training"
+
+
+def test_a_stale_crd_is_said_at_start_and_on_each_job_it_may_have_cut(kube, kubectl, s3, monkeypatch, caplog):
+    """Helm never upgrades a CRD in crds/: after `helm upgrade` alone the API server serves the older
+    schema and prunes the fields it lacks, silently for clients that do not ask for strict field
+    validation (here kubectl --validate=false stands in for the Python and Go clients). The operator
+    compares the installed schema with its own: a warning in its log at start, and a Warning Event
+    (CRDOutdated) naming the missing field on the job, which is still made."""
+    from kubelora_operator import crd_drift, handlers
+    from kubelora_operator import kube as k
+    from kubelora_trainer.crd import build_crd, spec_schema
+    stale = build_crd()
+    del stale["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["dataset"][
+        "properties"]["captionPrefix"]
+    assert kubectl("apply", "-f", "-", input=yaml.safe_dump(stale)).returncode == 0
+    demo_output_bucket(s3)
+    monkeypatch.setattr(handlers, "CRD", crd_drift.Checker(lambda: k.read_crd(crd_drift.CRD_NAME), spec_schema))
+    with operator():
+        job = manifest("trimmed", dataset__captionPrefix="sks, ")
+        assert kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(job)).returncode == 0
+        assert "captionPrefix" not in ltj(kube, "trimmed")["spec"]["dataset"]   # pruned on the way in
+        said = wait_for(lambda: [e["message"] for e in kube.list("v1/events", "default")
+                                 if e["involvedObject"]["name"] == "trimmed" and e["reason"] == "CRDOutdated"], timeout=60)
+        wait_for(lambda: kube.get("batch/v1/jobs", "default", "trimmed"), timeout=60)
+    assert "lacks spec.dataset.captionPrefix" in said[0] and "kubectl apply -f charts/kubelora/crds/" in said[0], said
+    logged = [r.getMessage() for r in caplog.records if "is older than this operator" in r.getMessage()]
+    assert logged and "spec.dataset.captionPrefix" in logged[0]

@@ -1343,3 +1343,22 @@ def test_a_service_left_on_an_earlier_attempts_pods_is_pointed_at_this_jobs(monk
         handlers._ensure_support({"name": "ft", "uid": "uid-1"}, "ml", "ft", handlers.parse_spec(
             {**SPEC, "resources": {"nodes": 1}}), job, handlers.Changes())
         assert patched == want, owner
+
+
+def test_crd_drift_names_missing_and_unknown_fields_and_a_missing_version():
+    from kubelora_operator import crd_drift
+    wanted = {"properties": {"dataset": {"properties": {"uri": {}, "sources": {"items": {"properties": {"uri": {}}}}}}}}
+    assert crd_drift.fields(wanted) == {"spec.dataset", "spec.dataset.uri", "spec.dataset.sources",
+                                        "spec.dataset.sources[].uri"}
+    assert crd_drift.drift(wanted, wanted) is None
+    old = {"properties": {"dataset": {"properties": {"uri": {}, "sources": {"items": {"properties": {}}}}}}}
+    said = crd_drift.drift(old, wanted)
+    assert "is older than this operator: it lacks spec.dataset.sources[].uri, which" in said and "newer" not in said
+    said = crd_drift.drift(wanted, old)
+    assert "is newer than this operator: it declares spec.dataset.sources[].uri" in said and "older" not in said
+    assert "does not serve v1alpha1" in crd_drift.drift(None, wanted)
+    reads = []
+    checker = crd_drift.Checker(lambda: reads.append(1) or {"spec": {"versions": [
+        {"name": "v1alpha1", "schema": {"openAPIV3Schema": {"properties": {"spec": old}}}}]}}, lambda: wanted)
+    assert "lacks" in checker.problem(now=0) and "lacks" in checker.problem(now=30) and len(reads) == 1
+    assert "lacks" in checker.problem(now=61) and len(reads) == 2   # read again while it differs

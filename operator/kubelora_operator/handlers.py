@@ -11,6 +11,7 @@ which would make `kubectl delete` of a job wait for the operator (docs/decisions
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import logging
@@ -25,7 +26,9 @@ from kubelora_trainer.models import UnsupportedModel, check_supported
 from kubelora_trainer.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 from kubelora_trainer.storage import S3Settings
 
-from . import artifacts, env, kube, leader, manifests, metrics, syncer
+from kubelora_trainer.crd import spec_schema
+
+from . import artifacts, crd_drift, env, kube, leader, manifests, metrics, syncer
 from . import status as st
 
 log = logging.getLogger("kubelora_operator.handlers")
@@ -108,11 +111,14 @@ def configure(settings: kopf.OperatorSettings, **_):
 
 
 STARTED = [datetime.now(timezone.utc)]  # when this operator started (set again at kopf's startup)
+# does the installed CRD declare every spec field this operator reads (a stale one prunes them)
+CRD = crd_drift.Checker(lambda: kube.read_crd(crd_drift.CRD_NAME), spec_schema)
 
 
 @kopf.on.startup(registry=registry)
 async def start_sync(memo: kopf.Memo, **_):
     STARTED[0] = datetime.now(timezone.utc)
+    await asyncio.to_thread(CRD.problem)  # said in the log at once
     memo.syncer = syncer.Syncer(sync, interval=SYNC_INTERVAL, workers=SYNC_WORKERS)
     memo.syncer.start()
     metrics.watch(lambda: [body for _, body in memo.syncer.owners.items()])
@@ -244,6 +250,9 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
         return _fail(body, changes, "InvalidSpec", str(e))
     except UnsupportedModel as e:
         return _fail(body, changes, "UnsupportedModel", str(e))
+    stale = CRD.problem()
+    if stale:  # the job may have lost a field on its way in: said where its user looks (kubectl describe)
+        changes.warn("CRDOutdated", stale)
     problem = (manifests.cluster_problem(job_spec)
                or manifests.tenancy_problem(job_spec, JOB_CREDENTIALS_ONLY, ALLOWED_ENDPOINTS, ALLOWED_IMAGES,
                                              ALLOWED_SERVICE_ACCOUNTS))

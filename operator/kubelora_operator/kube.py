@@ -190,6 +190,14 @@ def claim_access_modes(namespace: str, name: str) -> Optional[list[str]]:
         raise
 
 
+def read_crd(name: str) -> Optional[dict]:
+    """The CustomResourceDefinition `name` as a dict, None when there is none. A list narrowed to
+    the name (kopf lists and watches CRDs already: no other permission)."""
+    from kubernetes import client
+    found = client.ApiextensionsV1Api(api()).list_custom_resource_definition(field_selector=f"metadata.name={name}")
+    return api().sanitize_for_serialization(found.items[0]) if found.items else None
+
+
 def job_pods(namespace: str, job_name: str) -> list[dict]:
     core, _ = _apis()
     pods = core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
