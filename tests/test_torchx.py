@@ -80,6 +80,28 @@ def test_kubernetes_dryrun_runs_the_node_command_in_each_pod(tmp_path):
         assert run and "$" not in run and "{" not in run, run
 
 
+def test_the_manifests_image_retries_and_cache_size_are_applied_and_the_rest_is_said(tmp_path, capsys):
+    """Without --image and --max_retries the component takes resources.image and
+    runPolicy.backoffLimit (before: the default image and no retries, whatever the manifest said);
+    resources.cacheSize reaches the nodes as the operator's pods get it; the cluster-only settings
+    torchx does not apply are named in one note."""
+    from kubelora_trainer.disk import CACHE_LIMIT_ENV
+    from kubelora_trainer.torchx_components import DEFAULT_IMAGE, train
+    job = _manifest(tmp_path / "job.yaml", model={"type": "flux", "diffusersPath": "s3://models/flux-dev"},
+                    dataset={"uri": "s3://data/shapes"}, output={"uri": "s3://out/run1"},
+                    resources={"image": "reg/trainer:2", "cacheSize": "2Gi", "tolerations": [{"key": "gpu"}]},
+                    runPolicy={"backoffLimit": 5, "suspend": True})
+    role = train(str(job)).roles[0]
+    assert (role.image, role.max_retries, role.env[CACHE_LIMIT_ENV]) == ("reg/trainer:2", 5, str(2 << 30))
+    assert capsys.readouterr().out.splitlines() == [
+        "[kubelora] note: runPolicy.suspend, resources.tolerations are for a cluster and not applied on torchx "
+        "(the operator's pods apply them)"]
+    role = train(str(job), image="reg/other:1", max_retries=0).roles[0]   # what the command line says wins
+    assert (role.image, role.max_retries) == ("reg/other:1", 0)
+    assert train(str(_cluster_manifest(tmp_path))).roles[0].image == DEFAULT_IMAGE
+    assert capsys.readouterr().out.count("note:") == 1   # the second call's; the plain manifest sets nothing of a cluster's
+
+
 def test_the_documented_kubernetes_command_dry_runs_through_the_torchx_cli(tmp_path):
     """docs/torchx.md's command, as written, through torchx's own CLI (the test above calls the
     runner, which takes no workspace: without `--workspace ""` the CLI builds a Docker image)."""

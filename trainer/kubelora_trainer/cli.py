@@ -174,12 +174,13 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
         if spec is None:
             return 2
     n = nproc or default_nproc(spec)
-    env = local_env({**os.environ, **(extra_env or {})}, n)
+    from . import command
+    env = local_env({**command.local_settings_env(spec), **os.environ, **(extra_env or {})}, n)
     if spec.resources.gpusPerNode == 0:  # "0 trains on CPU", here as in the cluster
         env.setdefault("KUBELORA_FORCE_CPU", "1")
-    note = None if nproc else world_note(spec, n)  # --nproc: the count was chosen
-    if note:
-        print(note, flush=True)
+    for note in (None if nproc else world_note(spec, n), command.cluster_only_note(spec)):  # --nproc: chosen
+        if note:
+            print(note, flush=True)
     from .launch import run as run_torchrun
     print(f"[kubelora] {spec.model.type} LoRA from {manifest} on {n} local process(es)", flush=True)
     try:
