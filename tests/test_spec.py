@@ -290,3 +290,30 @@ def test_the_operations_guide_puts_the_demo_in_a_bucket_of_ones_own(tmp_path):
     assert (spec.model.diffusersPath, spec.dataset.uri, spec.output.uri) == (
         f"s3://my-bucket/{demo.MODEL_KEY}", f"s3://my-bucket/{demo.DATA_KEY}", "s3://my-bucket/outputs/demo-flux")
     assert spec.storage.credentialsSecret == "ml-s3-credentials" and spec.storage.endpoint == "https://minio.example.com"
+
+
+@pytest.mark.parametrize("field,value,own", [
+    ("captionPrefix", "sks, ", "a photo of "),
+    ("captionExtension", ".caption", ".txt"),
+    ("missingCaption", "empty", "skip"),
+    ("captionDropout", 0.1, 0.0),
+    ("recursive", False, True),
+    ("resolutions", [512, 768], [256]),
+])
+def test_a_dataset_value_every_source_overrides_is_refused_and_one_a_source_reads_is_kept(field, value, own):
+    """dataset.<field> is each source's default: where every source (training, and evaluation but
+    for captionDropout, which evaluation never applies) sets its own, the dataset's value reaches
+    none, and the user's trigger word or areas would go unused without a word."""
+    data = {"sources": [{"uri": "s3://data/a", field: own}, {"uri": "s3://data/b", field: own}], field: value}
+    with pytest.raises(SpecError, match=rf"dataset\.{field}: every source sets its own {field}, so the dataset's"):
+        parse_spec({**BASE, "dataset": data})
+    data["sources"][1].pop(field)   # source b takes it
+    assert getattr(parse_spec({**BASE, "dataset": data}).dataset, field) == value
+    # an evaluation source that leaves it unset reads it too (captionDropout: never applied there)
+    data["sources"][1][field] = own
+    evaluation = {"sources": [{"uri": "s3://data/held"}], "everySteps": 10}
+    if field == "captionDropout":
+        with pytest.raises(SpecError, match="every source sets its own captionDropout"):
+            parse_spec({**BASE, "dataset": data, "evaluation": evaluation})
+    else:
+        assert getattr(parse_spec({**BASE, "dataset": data, "evaluation": evaluation}).dataset, field) == value

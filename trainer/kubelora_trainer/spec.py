@@ -835,6 +835,29 @@ class LoRATrainingJobSpec(_Model):
         return self
 
 
+# dataset fields every source (and evaluation source) may override; read only through them
+SOURCE_OVERRIDES = ("captionPrefix", "captionExtension", "missingCaption", "captionDropout", "recursive",
+                    "resolutions", "frameBuckets")
+
+
+def overridden_dataset_field(spec: "LoRATrainingJobSpec") -> Optional[str]:
+    """A dataset-wide value (not its default) that no source reads, because every one of
+    dataset.sources (and evaluation.sources) sets its own: the user's trigger word or areas would be
+    silently unused. An evaluation source never drops captions, so it reads no captionDropout."""
+    d = spec.dataset
+    if d.sources is None:
+        return None
+    evals = list(spec.evaluation.sources) if spec.evaluation is not None else []
+    for f in SOURCE_OVERRIDES:
+        if getattr(d, f) == type(d).model_fields[f].get_default(call_default_factory=True):
+            continue
+        readers = list(d.sources) + ([] if f == "captionDropout" else evals)
+        if all(getattr(s, f) is not None for s in readers):
+            return (f"dataset.{f}: every source sets its own {f}, so the dataset's ({getattr(d, f)!r}) applies to "
+                    f"none; remove it, or remove {f} from the sources that should take it")
+    return None
+
+
 def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
     """A setting that would be silently ignored or overwritten, as a message naming the field."""
     from .families import RULES
@@ -877,6 +900,9 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
                 "training.gradientCheckpointing set says which blocks are recomputed")
         return (f"training.memoryBudgetGiB: budgets the memory plan, which runs with gradientCheckpointing unset; "
                 f"{what}: remove one of them")
+    overridden = overridden_dataset_field(spec)
+    if overridden:
+        return overridden
     if spec.resources.cacheSize and spec.resources.cacheVolumeClaim:
         return ("resources.cacheSize sizes the per-pod cache (an emptyDir); with resources.cacheVolumeClaim the "
                 "claim's own size applies: remove one of them")
