@@ -598,7 +598,7 @@ def test_the_vae_encodes_with_the_original_tiling_as_diffusion_pipe(tiny_hv):
     torch.testing.assert_close(enc["latents"], whole[0])
 
 
-def test_official_layout_comfyui_files_and_fp8_load_the_same_network(tmp_path, tiny_hv):
+def test_official_layout_comfyui_files_and_fp8_load_the_same_network(tmp_path, tiny_hv, capsys):
     import types
     official = build_tiny_hunyuan_video(tmp_path / "ckpts", layout="official")
     fp8 = build_tiny_hunyuan_video(tmp_path / "fp8", transformer_dtype="float8_e4m3fn")
@@ -609,8 +609,11 @@ def test_official_layout_comfyui_files_and_fp8_load_the_same_network(tmp_path, t
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a.info["template"]["crop_start"] == b.info["template"]["crop_start"] > 0
 
-    # the fp8 file: upcast on load to the fp8-rounded weights
+    assert "fp8 tensors" not in capsys.readouterr().out
+    # the fp8 file: upcast on load to the fp8-rounded weights, and said (twice the file's memory)
     tr8 = load_transformer(Path(fp8["transformerPath"]), torch.float32)
+    note = capsys.readouterr().out
+    assert "fp8 tensors: they are upcast to float32 and held so" in note and "model.transformerDtype: float8" in note
     original, _ = tiny_weights(0)
     want = K.original_to_diffusers({k: v.to(torch.float8_e4m3fn).float() for k, v in original.items()})
     got = tr8.state_dict()

@@ -374,7 +374,8 @@ def suspend_changed(body, name, namespace, new, old, logger, **_):
     if (body.get("status") or {}).get("phase") in st.FINISHED:
         kopf.info(body, reason="SuspendNotApplied", message="the run has finished; runPolicy.suspend changes nothing")
         return
-    queue = manifests.kueue_queue(((kube.get_job(namespace, name) or {}).get("metadata") or {}).get("labels"))
+    # the job's own labels, which its Job copies: said also while the Job is not made yet (a retried create)
+    queue = manifests.kueue_queue((body.get("metadata") or {}).get("labels"))
     if queue:
         kopf.warn(body, reason="SuspendNotApplied", message=st.kueue_suspend_note(queue))
 

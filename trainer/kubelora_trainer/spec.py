@@ -102,7 +102,8 @@ class ModelSpec(_Model):
         default=None)
     transformerPath: Optional[str] = _uri(
         "Single-file transformer: Flux BFL .safetensors (overrides the diffusers one), HunyuanVideo ComfyUI file "
-        "(bf16 or fp8 e4m3fn), Cosmos .pt", default=None)
+        "(bf16, or fp8 e4m3fn: upcast to model.dtype when loaded, unless model.transformerDtype: float8 keeps the "
+        "frozen weights in fp8), Cosmos .pt", default=None)
     vaePath: Optional[str] = _uri("VAE file: hunyuan-video (ComfyUI layout), cosmos", default=None)
     llmPath: Optional[str] = _uri("HunyuanVideo: folder with the llava-llama-3 text encoder and tokenizer", default=None)
     clipPath: Optional[str] = _uri("HunyuanVideo: CLIP-L text encoder folder", default=None)

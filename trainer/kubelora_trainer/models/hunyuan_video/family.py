@@ -8,8 +8,8 @@ model.vaePath; model.llmPath: Llama folder with its tokenizer; model.clipPath: C
 The transformer is diffusers' HunyuanVideoTransformer3DModel, its weights converted by
 diffusers' converter (keys.py) and its config the shipped full-size one
 (configs/) with sizes and depths read from the tensors: nothing is fetched.
-An fp8 transformer file is upcast to model.dtype when loaded (keeping frozen weights in fp8 is
-later work).
+An fp8 transformer file is upcast to model.dtype when loaded, and said (fp8_note); with
+model.transformerDtype: float8 the frozen weights are then quantized again per row (fp8.py).
 
 Text: the prompt goes through HunyuanVideoPipeline.encode_prompt: the video-description
 template for clips, the image-description one (HunyuanVideo's "dit-llm-encode") for one-frame
@@ -44,7 +44,9 @@ See docs/formats/hunyuan-video.md.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -143,11 +145,28 @@ def _build(cls, cfg: dict, sd: dict, field: str, path: Path, what: str):
     return model
 
 
-def load_transformer(path: Path, dtype: torch.dtype, field: str = "model.transformerPath"):
+def fp8_note(sd: dict, dtype: torch.dtype, field: str, path: Path, float8: bool) -> Optional[str]:
+    """What loading a file of fp8 weights does, said once (None for a file without any). Pure."""
+    n = sum(1 for v in sd.values() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
+    if not n:
+        return None
+    held = str(dtype).replace("torch.", "")
+    if float8:
+        return (f"[model] note: {field} {path.name} holds {n} fp8 tensors: they are upcast to {held}, then the frozen "
+                "linear weights quantized again per row (model.transformerDtype: float8), a second rounding: not "
+                "bit-for-bit the file's")
+    return (f"[model] note: {field} {path.name} holds {n} fp8 tensors: they are upcast to {held} and held so, about "
+            f"twice the file's weight memory; model.transformerDtype: float8 keeps the frozen weights in fp8")
+
+
+def load_transformer(path: Path, dtype: torch.dtype, field: str = "model.transformerPath", float8: bool = False):
     """HunyuanVideoTransformer3DModel from an original-layout (or diffusers-layout) file."""
     from diffusers import HunyuanVideoTransformer3DModel
 
     sd = keys.strip_prefix(read_state_dict(path))
+    note = fp8_note(sd, dtype, field, path, float8)
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, flush=True)
     kind = keys.identify(sd)
     if kind == "diffusers":
         sd = keys.to_original(sd)
@@ -323,7 +342,8 @@ class HunyuanVideo:
 
         dtype = getattr(torch, model_spec.dtype)
         src = resolve_sources(paths)
-        transformer = load_transformer(src["transformer"][1], dtype, src["transformer"][0])
+        transformer = load_transformer(src["transformer"][1], dtype, src["transformer"][0],
+                                       float8=getattr(model_spec, "transformerDtype", None) == "float8")
         if not encoders:
             return Components(trainable={"transformer": transformer.to(device)},
                               info={"guidance_embeds": bool(transformer.config.guidance_embeds)})
