@@ -481,9 +481,10 @@ class TrainingSpec(_Model):
                                     "the adapters' gradients travel (one all-reduce per optimizer step); shard: FSDP2 "
                                     "splits every weight across ranks and gathers each block's weights in every "
                                     "forward and backward (for bases that do not fit one GPU). auto: replicate when "
-                                    "the weights take at most half of one GPU's memory, else shard; with "
-                                    "training.gradientCheckpointing unset, replicate whenever the memory plan fits "
-                                    "it, else shard.")
+                                    "what is held takes at most half of one GPU's memory (the weights; for a full "
+                                    "fine-tune 4x: weights, gradients and AdamW's two moments), else shard; with "
+                                    "training.gradientCheckpointing unset, by the memory plan: replicate whenever it "
+                                    "fits, else whichever of the two has the lower predicted peak.")
     cpuOffload: bool = Field(
         default=False,
         description="Keep the trained model's weights (and their gradients and optimizer state) in CPU memory and "
@@ -657,7 +658,8 @@ class SamplesSpec(_Model):
                                             "sample step (the per-prompt settings override the defaults below).")
     everySteps: Optional[int] = Field(default=None, ge=1, description="Sample every N training steps.")
     atStart: bool = Field(default=True, description="Sample before the first step (the base model, for comparison; with "
-                                                    "adapter.initFrom, the starting adapter).")
+                                                    "adapter.initFrom, the starting adapter); not on a resume, which lists the samples "
+                                                    "the earlier attempt made.")
     atEnd: bool = Field(default=True, description="Sample after the last step.")
     negativePrompt: Optional[str] = Field(default=None, max_length=2000, description="Default negative prompt (families "
                                           "with classifier-free guidance: sdxl, ltx-video, cosmos; unset: none, cosmos "
