@@ -198,7 +198,8 @@ def test_a_gpu_out_of_memory_names_the_settings_that_lower_a_step_and_is_not_ret
                         "output.onExisting: overwrite)")
     # settings the spec refuses beside ones already there are advised with their removal
     planned = parse_spec({"model": {"type": "flux", "diffusersPath": "/m"},
-                          "dataset": {"sources": [{"uri": "/d", "resolutions": [256]}], "resolutions": [512]},
+                          "dataset": {"sources": [{"uri": "/d", "resolutions": [256]}, {"uri": "/e"}],
+                                      "resolutions": [512]},
                           "training": {"memoryBudgetGiB": 20},
                           "samples": {"prompts": [{"prompt": "x"}], "atEnd": True}, "output": {"uri": "/o"}})
     msg = train.out_of_memory(err, planned)

@@ -78,6 +78,24 @@ def test_a_local_run_says_when_its_world_is_not_the_clusters_and_honours_a_cpu_s
     assert default_nproc(spec(gpusPerNode=0)) == 1   # "0 trains on CPU": one process (the launch forces the CPU)
 
 
+def test_a_local_run_names_the_cluster_settings_it_does_not_apply():
+    """kubelora run (cli.launch) prints command.cluster_only_note: the pods' settings a workstation
+    has no use for, and resources.cacheSize, which limits a pod's fresh emptyDir and would here count
+    every earlier run's files in the shared cache folder. Defaults (filled in by the API server) are
+    not named."""
+    from kubelora_trainer.command import cluster_only_note
+    from kubelora_trainer.spec import parse_spec
+    base = {"model": {"type": "flux", "diffusersPath": "/m"}, "dataset": {"uri": "/d"}, "output": {"uri": "/o"}}
+    assert cluster_only_note(parse_spec({**base, "resources": {"nodes": 1, "gpusPerNode": 0}})) is None
+    spec = parse_spec({**base, "runPolicy": {"suspend": True, "backoffLimit": 3, "activeDeadlineSeconds": 60},
+                       "resources": {"cacheSize": "1Gi", "nodeSelector": {"gpu": "h100"}},
+                       "storage": {"credentialsSecret": "s3-creds"}})
+    assert cluster_only_note(spec) == (
+        "[kubelora] note: runPolicy.activeDeadlineSeconds, runPolicy.suspend, resources.nodeSelector, "
+        "resources.cacheSize, storage.credentialsSecret are for a cluster and not applied on this machine "
+        "(the operator's pods apply them)")
+
+
 def test_trainer_endpoint_serves_lingers_and_never_breaks_on_a_taken_port():
     from kubelora_trainer import metrics, storage
     m = metrics.TrainerMetrics(LTJ, NAMESPACE)

@@ -75,3 +75,19 @@ def test_a_stuck_sync_fails_the_liveness_endpoint_and_a_finished_one_clears_it(m
     assert asyncio.run(main()) == (200, 500, 200)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("not live: ")]
     assert said and "the longest ns/hung for " in said[0], said
+
+
+def test_an_ended_worker_or_ticker_makes_the_syncer_unhealthy_and_a_stop_does_not():
+    async def main():
+        s = syncer.Syncer(lambda body, remember: None, interval=0.2, workers=2)
+        s.start()
+        assert s.health(stuck_after=60) is None
+        s.queue._tasks[0].cancel()   # a worker that ended (a bug: they run for the operator's life)
+        s._ticker.cancel()
+        await asyncio.sleep(0.1)
+        ended = s.health(stuck_after=60)
+        await s.stop()
+        return ended, s.health(stuck_after=60)
+    ended, stopped = asyncio.run(main())
+    assert ended == "1 sync worker(s) ended; the sync ticker ended"
+    assert stopped is None   # stopping on purpose (the operator's cleanup) is not a failure

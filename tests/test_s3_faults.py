@@ -333,3 +333,13 @@ def test_a_small_object_read_is_retried_and_fails_clearly_when_it_never_comes_wh
     assert e.value.transient and str(e.value).startswith(f"reading {uri}: "), e.value
     # read again max_attempts times in all (botocore retries a request, not its body), not once more per layer
     assert proxy.seen("GetObject", "*/ATTEMPT")[3:] == ["truncate"] * 2
+
+    # a server that stopped answering: botocore's max_attempts requests, each cut at the read timeout,
+    # not as many again for each (the claim is read on rank 0 while its peers wait in a collective)
+    proxy.clear()
+    proxy.delay(60, ops=("GetObject",))
+    before = len(proxy.seen("GetObject"))
+    with pytest.raises(StorageError, match="the server did not answer in time") as e:
+        storage.read_object(uri, _settings(proxy, max_attempts=2, read_timeout=1.0))
+    assert e.value.transient
+    assert proxy.seen("GetObject")[before:] == ["delay"] * 2

@@ -31,3 +31,19 @@ def test_sorted_header_keeps_length_and_leaves_a_header_without_metadata():
     assert len(out) == len(raw) and out.index(b'"a"') < out.index(b'"z"')
     bare = b'{"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
     assert safetensors_file.sorted_header(bare) == bare
+
+
+def test_tensors_sharing_storage_are_saved_each_whole(tmp_path):
+    """safetensors refuses keys that share memory; save copies every tensor whose storage an earlier
+    key holds (one A under q, k and v; a transposed view of another key), contiguous, and keeps
+    zero-size tensors and the first holder as they are."""
+    import torch
+    from safetensors.torch import load_file
+    from kubelora_trainer import safetensors_file
+    a = torch.randn(4, 6)
+    tensors = {"q": a, "k": a, "t": a.t(), "rows": a[1:3], "empty": torch.zeros(0), "empty2": torch.zeros(0, 3)}
+    safetensors_file.save(tensors, tmp_path / "x.safetensors", metadata={"b": "2", "a": "1"})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(tensors)
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    assert safetensors_file.unshared(tensors)["q"] is a   # the first holder is not copied

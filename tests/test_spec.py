@@ -307,6 +307,8 @@ def test_a_dataset_value_every_source_overrides_is_refused_and_one_a_source_read
     data = {"sources": [{"uri": "s3://data/a", field: own}, {"uri": "s3://data/b", field: own}], field: value}
     with pytest.raises(SpecError, match=rf"dataset\.{field}: every source sets its own {field}, so the dataset's"):
         parse_spec({**BASE, "dataset": data})
+    # a check added since older operators admitted such jobs: not refused again on their sync
+    assert getattr(parse_spec({**BASE, "dataset": data}, admitted=True).dataset, field) == value
     data["sources"][1].pop(field)   # source b takes it
     assert getattr(parse_spec({**BASE, "dataset": data}).dataset, field) == value
     # an evaluation source that leaves it unset reads it too (captionDropout: never applied there)

@@ -83,8 +83,8 @@ def test_kubernetes_dryrun_runs_the_node_command_in_each_pod(tmp_path):
 def test_the_manifests_image_retries_and_cache_size_are_applied_and_the_rest_is_said(tmp_path, capsys):
     """Without --image and --max_retries the component takes resources.image and
     runPolicy.backoffLimit (before: the default image and no retries, whatever the manifest said);
-    resources.cacheSize reaches the nodes as the operator's pods get it; the cluster-only settings
-    torchx does not apply are named in one note."""
+    the cluster-only settings torchx does not apply are named in one note on stderr (cacheSize
+    among them: it sizes a pod's fresh emptyDir, and a node's cache folder here may hold earlier runs)."""
     from kubelora_trainer.disk import CACHE_LIMIT_ENV
     from kubelora_trainer.torchx_components import DEFAULT_IMAGE, train
     job = _manifest(tmp_path / "job.yaml", model={"type": "flux", "diffusersPath": "s3://models/flux-dev"},
@@ -92,14 +92,14 @@ def test_the_manifests_image_retries_and_cache_size_are_applied_and_the_rest_is_
                     resources={"image": "reg/trainer:2", "cacheSize": "2Gi", "tolerations": [{"key": "gpu"}]},
                     runPolicy={"backoffLimit": 5, "suspend": True})
     role = train(str(job)).roles[0]
-    assert (role.image, role.max_retries, role.env[CACHE_LIMIT_ENV]) == ("reg/trainer:2", 5, str(2 << 30))
-    assert capsys.readouterr().out.splitlines() == [
-        "[kubelora] note: runPolicy.suspend, resources.tolerations are for a cluster and not applied on torchx "
-        "(the operator's pods apply them)"]
+    assert (role.image, role.max_retries) == ("reg/trainer:2", 5) and CACHE_LIMIT_ENV not in role.env
+    assert capsys.readouterr().err.splitlines() == [
+        "[kubelora] note: runPolicy.suspend, resources.tolerations, resources.cacheSize are for a cluster and not "
+        "applied on torchx (the operator's pods apply them)"]
     role = train(str(job), image="reg/other:1", max_retries=0).roles[0]   # what the command line says wins
     assert (role.image, role.max_retries) == ("reg/other:1", 0)
     assert train(str(_cluster_manifest(tmp_path))).roles[0].image == DEFAULT_IMAGE
-    assert capsys.readouterr().out.count("note:") == 1   # the second call's; the plain manifest sets nothing of a cluster's
+    assert capsys.readouterr().err.count("note:") == 1   # the second call's; the plain manifest sets nothing of a cluster's
 
 
 def test_the_documented_kubernetes_command_dry_runs_through_the_torchx_cli(tmp_path):

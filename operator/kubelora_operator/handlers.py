@@ -125,7 +125,7 @@ async def start_sync(memo: kopf.Memo, **_):
 
 
 @kopf.on.probe(id="syncs", registry=registry)
-def syncs_live(memo: kopf.Memo, **_):
+async def syncs_live(memo: kopf.Memo, **_):  # on the event loop: never queued behind handlers in kopf's threads
     """The liveness endpoint's answer (kopf's --liveness): the syncs in progress and queued, or a
     failure (HTTP 500, the kubelet restarts the pod) when they have stopped (syncer.unhealthy)."""
     sync = getattr(memo, "syncer", None)
@@ -243,6 +243,9 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
         return  # never recreate children of a finished run (e.g. after TTL cleanup)
     if phase:  # made before (kopf's resume after an operator restart): a missing child is the sync's to make
         return  # again (_recreate), which waits for the old pods and clears restartPending / createPending
+    stale = CRD.problem()
+    if stale:  # the job may have lost a field on its way in (or set one this operator does not know):
+        changes.warn("CRDOutdated", stale)  # said where its user looks (kubectl describe)
     try:
         job_spec = parse_spec(dict(spec))
         check_supported(job_spec.model.type)
@@ -250,9 +253,6 @@ def _create_children(body, spec, name, namespace, uid, runtime, changes: Changes
         return _fail(body, changes, "InvalidSpec", str(e))
     except UnsupportedModel as e:
         return _fail(body, changes, "UnsupportedModel", str(e))
-    stale = CRD.problem()
-    if stale:  # the job may have lost a field on its way in: said where its user looks (kubectl describe)
-        changes.warn("CRDOutdated", stale)
     problem = (manifests.cluster_problem(job_spec)
                or manifests.tenancy_problem(job_spec, JOB_CREDENTIALS_ONLY, ALLOWED_ENDPOINTS, ALLOWED_IMAGES,
                                              ALLOWED_SERVICE_ACCOUNTS))
@@ -374,8 +374,10 @@ def suspend_changed(body, name, namespace, new, old, logger, **_):
     if (body.get("status") or {}).get("phase") in st.FINISHED:
         kopf.info(body, reason="SuspendNotApplied", message="the run has finished; runPolicy.suspend changes nothing")
         return
-    # the job's own labels, which its Job copies: said also while the Job is not made yet (a retried create)
-    queue = manifests.kueue_queue((body.get("metadata") or {}).get("labels"))
+    # the job's own labels, which its Job copies: said also while the Job is not made yet (a retried
+    # create); else the Job's, where Kueue's default-LocalQueue webhook labelled the Job alone
+    queue = (manifests.kueue_queue((body.get("metadata") or {}).get("labels"))
+             or manifests.kueue_queue(((kube.get_job(namespace, name) or {}).get("metadata") or {}).get("labels")))
     if queue:
         kopf.warn(body, reason="SuspendNotApplied", message=st.kueue_suspend_note(queue))
 
@@ -435,7 +437,7 @@ def _sync(body: dict, changes: Changes) -> None:
     if phase in st.FINISHED:  # not run again, but an edit (runPolicy.suspend) is still observed (kstatus)
         changes.status.update(st.follow_generation(previous, meta.get("generation", 1)))
     try:
-        job_spec = parse_spec(dict(body.get("spec") or {}))
+        job_spec = parse_spec(dict(body.get("spec") or {}), admitted=True)  # checks added since: not again
     except SpecError as e:  # a new job's is reported by create_children
         if phase and phase not in st.FINISHED and previous.get("reason") != "InvalidSpec":
             # a run an older operator admitted whose spec this one refuses (a check added since): said,

@@ -175,7 +175,7 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
             return 2
     n = nproc or default_nproc(spec)
     from . import command
-    env = local_env({**command.local_settings_env(spec), **os.environ, **(extra_env or {})}, n)
+    env = local_env({**os.environ, **(extra_env or {})}, n)
     if spec.resources.gpusPerNode == 0:  # "0 trains on CPU", here as in the cluster
         env.setdefault("KUBELORA_FORCE_CPU", "1")
     for note in (None if nproc else world_note(spec, n), command.cluster_only_note(spec)):  # --nproc: chosen

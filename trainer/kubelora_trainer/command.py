@@ -35,14 +35,16 @@ def node_command(nnodes: object, nproc_per_node: object, node_rank: object, mast
     return [*LAUNCHER, *launcher_args(nnodes, nproc_per_node, node_rank, master_addr, master_port, spec)]
 
 
-# what only a cluster applies: these sections' fields, but for those a workstation applies too
-CLUSTER_ONLY = {"runPolicy": (), "resources": ("nodes", "gpusPerNode", "cacheSize"), "storage": None}
+# what only a cluster applies: these sections' fields, but for those a workstation applies too.
+# resources.cacheSize too: it sizes a pod's fresh emptyDir, and the limit counts everything in the
+# cache folder, which on a workstation (or a shared home under slurm) holds every earlier run's files
+CLUSTER_ONLY = {"runPolicy": (), "resources": ("nodes", "gpusPerNode"), "storage": None}
 
 
 def cluster_only_settings(spec, applied: tuple[str, ...] = ()) -> list[str]:
     """The settings a manifest sets (not left at their defaults) that only the operator's pods
     apply, less `applied` (what the caller applies its own way): runPolicy (suspend, deadlines,
-    retries), the pods' resources (image, requests, tolerations, ...) and
+    retries), the pods' resources (image, requests, tolerations, cacheSize, ...) and
     storage.credentialsSecret (here the environment's credentials are used). Pure."""
     out = []
     for section, kept in CLUSTER_ONLY.items():
@@ -62,11 +64,3 @@ def cluster_only_note(spec, applied: tuple[str, ...] = (), where: str = "this ma
     return (f"[kubelora] note: {', '.join(names)} {'is' if len(names) == 1 else 'are'} for a cluster and not applied "
             f"on {where} (the operator's pods apply them)")
 
-
-def local_settings_env(spec) -> dict[str, str]:
-    """The environment that applies a manifest's node settings outside the operator, as its pods
-    get them (kubelora_operator.manifests): resources.cacheSize as the cache's limit. Pure."""
-    from .disk import CACHE_LIMIT_ENV
-    from .spec import quantity
-    r = spec.resources
-    return {CACHE_LIMIT_ENV: str(int(quantity(r.cacheSize)))} if r.cacheSize else {}

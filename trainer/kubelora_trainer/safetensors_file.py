@@ -20,13 +20,15 @@ def save(tensors: dict, path, metadata: dict[str, str] | None = None) -> None:
 
 
 def unshared(tensors: dict) -> dict:
+    import torch
+
     """tensors with every one that shares its storage with an earlier one copied: save_file refuses
     shared memory, and one tensor under several keys is what splitting a fused LoRA with a shared A
     (sd-scripts' Flux qkv, ComfyUI's HunyuanVideo files) into q, k and v gives."""
     seen, out = set(), {}
     for k, t in tensors.items():
         ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        out[k] = t.clone() if ptr is not None and ptr in seen else t
+        out[k] = t.clone(memory_format=torch.contiguous_format) if ptr is not None and ptr in seen else t
         if ptr is not None:
             seen.add(ptr)
     return out

@@ -903,9 +903,6 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
                 "training.gradientCheckpointing set says which blocks are recomputed")
         return (f"training.memoryBudgetGiB: budgets the memory plan, which runs with gradientCheckpointing unset; "
                 f"{what}: remove one of them")
-    overridden = overridden_dataset_field(spec)
-    if overridden:
-        return overridden
     if spec.resources.cacheSize and spec.resources.cacheVolumeClaim:
         return ("resources.cacheSize sizes the per-pod cache (an emptyDir); with resources.cacheVolumeClaim the "
                 "claim's own size applies: remove one of them")
@@ -990,9 +987,16 @@ def check_name(name: Any) -> None:
         raise SpecError(f"{NAME_TOO_LONG}; got {len(name)}")
 
 
-def parse_spec(data: dict[str, Any]) -> LoRATrainingJobSpec:
+# Checks added after jobs were admitted without them run only when a job is admitted (a new job,
+# `kubelora validate`, `kubelora run`), never on the spec of a job the operator already follows:
+# refused there, a running job would no longer be followed and a finished one never cleaned up.
+ADMISSION_CHECKS = (overridden_dataset_field,)
+
+
+def parse_spec(data: dict[str, Any], admitted: bool = False) -> LoRATrainingJobSpec:
     """Validate a spec dict, or a whole CR manifest (apiVersion/kind/metadata/spec), or a spec
-    under `spec:` alone (as the README shows for a workstation run)."""
+    under `spec:` alone (as the README shows for a workstation run). admitted: the spec of a job
+    already admitted (the operator's sync), which ADMISSION_CHECKS do not refuse again."""
     if not isinstance(data, dict):
         raise SpecError("the manifest must be a mapping with a 'spec' section (or the spec itself)")
     if "spec" in data and not set(data) - {"spec", "metadata"}:
@@ -1015,9 +1019,14 @@ def parse_spec(data: dict[str, Any]) -> LoRATrainingJobSpec:
         data = data.get("spec") or {}
     try:
         # strict, as the API server is: "1000" is not an integer and "true" not a boolean
-        return LoRATrainingJobSpec.model_validate(data, strict=True)
+        spec = LoRATrainingJobSpec.model_validate(data, strict=True)
     except ValidationError as e:
         raise SpecError(format_errors(e)) from None
+    for check in () if admitted else ADMISSION_CHECKS:
+        problem = check(spec)
+        if problem:
+            raise SpecError(f"invalid LoRATrainingJob spec:\n  {problem}")
+    return spec
 
 
 class KubeYamlLoader(yaml.SafeLoader):

@@ -561,30 +561,24 @@ def _get_small(client, bucket: str, key: str, path: str, attempts: int,
     """One GET into path: the listing gave the size, so no HEAD first (boto3's download_file makes
     one for every object: twice the requests for a dataset of small images). With etag (the
     listed one) the GET is conditional: an object rewritten since is refused (412), never recorded
-    in the index under the ETag it was listed with. A body cut short is read again (_read_again)."""
-    def get() -> None:
-        body = client.get_object(Bucket=bucket, Key=key, **({"IfMatch": quoted(etag)} if etag else {}))["Body"]
-        try:
-            with open(path, "wb") as f:
-                for chunk in body.iter_chunks(1 << 20):
-                    f.write(chunk)
-                    if moved is not None:
-                        moved(len(chunk))
-        finally:
-            body.close()
-    _read_again(get, attempts)
-
-
-def _read_again(get: Callable[[], object], attempts: int):
-    """get() (a GET and the reading of its body) made again where the answer timed out or the body
-    was cut short, attempts in all, as s3transfer does: botocore retries a request, not the reading
-    of its body. The last such error is raised inside a RetriesExceededError, as s3transfer's, so no
-    layer above (with_retries) retries it again."""
+    in the index under the ETag it was listed with. As s3transfer does,
+    a GET whose answer timed out or whose body was cut short is made again, attempts in all
+    (botocore retries a request, not the reading of its body); then the last such error is raised
+    inside a RetriesExceededError, as s3transfer's, so no layer above retries it again."""
     from boto3.exceptions import RetriesExceededError
     from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
     for attempt in range(attempts):
         try:
-            return get()
+            body = client.get_object(Bucket=bucket, Key=key, **({"IfMatch": quoted(etag)} if etag else {}))["Body"]
+            try:
+                with open(path, "wb") as f:
+                    for chunk in body.iter_chunks(1 << 20):
+                        f.write(chunk)
+                        if moved is not None:
+                            moved(len(chunk))
+            finally:
+                body.close()
+            return
         except S3_RETRYABLE_DOWNLOAD_ERRORS as e:
             if attempt == attempts - 1:
                 raise RetriesExceededError(e) from e
@@ -1071,16 +1065,23 @@ def read_object(uri: str, settings: S3Settings = S3Settings(), client=None) -> O
     client = client or make_client(settings)
 
     def get() -> Optional[bytes]:
-        try:
-            body = client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise
-        with body:
-            return body.read()
+        from boto3.exceptions import RetriesExceededError
+        from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
+        for attempt in range(settings.max_attempts):
+            try:  # the request: botocore retries it (a 5xx, a timeout), not again here
+                body = client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            try:  # its body: botocore does not read it again when it is cut short, so this does
+                with body:
+                    return body.read()
+            except S3_RETRYABLE_DOWNLOAD_ERRORS as e:
+                if attempt == settings.max_attempts - 1:
+                    raise RetriesExceededError(e) from e
     try:
-        return with_retries(lambda: _read_again(get, settings.max_attempts), f"reading {loc}")
+        return with_retries(get, f"reading {loc}")
     except Exception as exc:  # noqa: BLE001
         raise describe_error(exc, loc, "reading") from None
 

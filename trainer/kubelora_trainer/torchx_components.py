@@ -10,12 +10,13 @@ with static rendezvous on node 0.
 Needs the `torchx` extra (pip install 'kubelora[torchx]'); the operator image does not carry it.
 """
 import shlex
+import sys
 from typing import Dict, List, Optional
 
 import torchx.specs as specs
 
 # absolute imports: torchx also loads this file by path (`torchx run path/to/torchx_components.py:train`)
-from kubelora_trainer.command import cluster_only_note, local_settings_env, node_command
+from kubelora_trainer.command import cluster_only_note, node_command
 from kubelora_trainer.spec import load_spec, manifest_name
 
 DEFAULT_IMAGE = "ghcr.io/kubelora/trainer:0.1.0"
@@ -70,11 +71,11 @@ def train(
     raw = tuple(a for a in argv if "$" in a)
     # the run's identity across the scheduler's retries (max_retries): a retry resumes this run's
     # checkpoints; without it output.onExisting would take them for another run's (overwrite: deleted)
-    role_env = {"PYTHONUNBUFFERED": "1", "KUBELORA_RUN_ID": specs.macros.app_id, **local_settings_env(spec),
+    role_env = {"PYTHONUNBUFFERED": "1", "KUBELORA_RUN_ID": specs.macros.app_id,
                 **({"KUBELORA_FORCE_CPU": "1"} if gpus == 0 else {}), **(env or {})}
     note = cluster_only_note(spec, applied=("resources.image", "runPolicy.backoffLimit"), where="torchx")
     if note:
-        print(note, flush=True)
+        print(note, file=sys.stderr, flush=True)
     return specs.AppDef(
         name=manifest_name(manifest),
         roles=[specs.Role(
