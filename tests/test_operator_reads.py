@@ -236,3 +236,23 @@ def test_a_body_trickled_a_byte_at_a_time_is_cut_at_the_deadline(monkeypatch):
         srv.shutdown()
     assert body is None and "took more than 2 s to read" in error, error
     assert took < 12, took   # the deadline plus at most one read timeout, not the 20 s of the whole trickle
+
+
+def test_a_silent_endpoint_holds_one_read_not_one_per_job():
+    """Through the real client against a socket that accepts and never answers: the first job's read
+    fails after its two short attempts, marked as the store not answering; the other jobs of that
+    store get that error at once instead of each holding a sync worker for as long."""
+    silent, accepted = _listener(lambda conn: None)
+    settings = S3Settings(endpoint=f"http://127.0.0.1:{silent}", addressing_style="path", read_timeout=0.5,
+                          access_key="a", secret_key="b")
+    backoff = artifacts.ReadBackoff(first=60)
+    store = artifacts.store_of("s3://shared/run", settings)
+    got, error = backoff.read(("job-0", "progress"), lambda: artifacts.read_json(
+        "s3://shared/job-0", "status/progress.json", settings), store)
+    assert got is None and error.unreachable and len(accepted) == 2, error
+    t = time.monotonic()
+    for i in range(1, 9):
+        got, error = backoff.read((f"job-{i}", "progress"), lambda: artifacts.read_json(
+            f"s3://shared/job-{i}", "status/progress.json", settings), store)
+        assert got is None and "did not answer in time" in error
+    assert time.monotonic() - t < 1 and len(accepted) == 2   # no connection more, no wait

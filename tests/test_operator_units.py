@@ -1362,3 +1362,59 @@ def test_crd_drift_names_missing_and_unknown_fields_and_a_missing_version():
         {"name": "v1alpha1", "schema": {"openAPIV3Schema": {"properties": {"spec": old}}}}]}}, lambda: wanted)
     assert "lacks" in checker.problem(now=0) and "lacks" in checker.problem(now=30) and len(reads) == 1
     assert "lacks" in checker.problem(now=61) and len(reads) == 2   # read again while it differs
+
+
+def test_a_store_that_does_not_answer_backs_off_every_job_reading_it_and_one_read_probes_it():
+    """One tenant's endpoint down under many jobs: each job's first read used to hang up to 30 s, so
+    eight of them held the four sync workers and every other tenant's status froze. The store's
+    failure now answers the other jobs of that store at once; once the wait is over one read probes
+    it (the others keep the error meanwhile) and an answer opens it for all. A job's own error (a
+    missing credential, a refused key) is not the store's."""
+    import threading
+    from kubelora_operator.artifacts import ReadBackoff, _error
+    now, reads = [0.0], []
+    b = ReadBackoff(first=10, most=40, clock=lambda: now[0])
+    store, other = ("http://minio:9000", "out"), ("http://minio:9000", "elsewhere")
+    down = _error("reading s3://out/a/status/progress.json: the server did not answer in time", unreachable=True)
+
+    def read(job, answer):
+        def fn():
+            reads.append(job)
+            return answer
+        return fn
+    assert b.read(("a", "progress"), read("a", (None, down)), store) == (None, down)
+    got = b.read(("b", "progress"), read("b", (None, None)), store)
+    assert got[0] is None and got[1].startswith(str(down)) and reads == ["a"]   # b did not wait on the store
+    assert b.read(("c", "progress"), read("c", ({"step": 1}, None)), other) == ({"step": 1}, None)  # another bucket
+    now[0] = 10.5
+    release, started = threading.Event(), threading.Event()
+
+    def probe():
+        started.set()
+        release.wait(30)
+        return {"step": 4}, None
+    t = threading.Thread(target=lambda: b.read(("b", "progress"), probe, store))
+    t.start()
+    assert started.wait(30)
+    got = b.read(("d", "progress"), read("d", (None, None)), store)   # while b probes: d keeps the error
+    assert got[1] is not None and "d" not in reads
+    release.set()
+    t.join(30)
+    assert b.read(("d", "progress"), read("d", ({"step": 2}, None)), store) == ({"step": 2}, None)  # open again
+    # a job's own error says nothing of the store: the next job reads
+    denied = _error("reading s3://out/e/status/progress.json: AccessDenied")
+    assert b.read(("e", "progress"), read("e", (None, denied)), store) == (None, denied)
+    assert b.read(("f", "progress"), read("f", ({"step": 5}, None)), store) == ({"step": 5}, None)
+
+
+def test_read_errors_say_whether_the_store_answered():
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+    from kubelora_operator.artifacts import unreachable
+
+    def client_error(status, code):
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    assert unreachable(EndpointConnectionError(endpoint_url="http://x"))
+    assert unreachable(ReadTimeoutError(endpoint_url="http://x"))
+    assert unreachable(client_error(503, "SlowDown")) and unreachable(client_error(429, "TooManyRequests"))
+    assert not unreachable(client_error(403, "AccessDenied")) and not unreachable(client_error(404, "NoSuchKey"))
+    assert not unreachable(ValueError("not JSON"))

@@ -129,37 +129,98 @@ def _code(e: BaseException) -> str:
     return str(((getattr(e, "response", None) or {}).get("Error") or {}).get("Code", ""))
 
 
+class ReadError(str):
+    """read_json's error text; unreachable: the store itself did not answer (a timeout, a refused or
+    dropped connection, a 5xx), so every job reading it would fail alike, unlike a missing key or a
+    refused credential, which are one job's."""
+    unreachable: bool = False
+
+
+def _error(text: str, unreachable: bool = False) -> ReadError:
+    e = ReadError(text)
+    e.unreachable = unreachable
+    return e
+
+
+def store_of(output_uri: str, settings: storage.S3Settings) -> Optional[tuple]:
+    """Which store a job's reads go to (endpoint, bucket); None for a local path. Pure."""
+    try:
+        loc = storage.parse_uri(output_uri)
+    except storage.StorageError:
+        return None
+    return (settings.endpoint or "", loc.bucket) if loc.is_s3 else None
+
+
 class ReadBackoff:
     """Per job and object: after a failed read the next is tried only once a delay has passed that
     doubles from `first` up to `most` seconds; meanwhile the last error is answered at once. A job
     whose endpoint does not answer costs up to MAX_ATTEMPTS x (CONNECT_TIMEOUT + READ_TIMEOUT)
     seconds a read: at every sync, a few of them held the sync workers and every other job's status
-    waited. A success forgets the job; at most `size` jobs are remembered (the oldest go)."""
+    waited. A success forgets the job; at most `size` jobs are remembered (the oldest go).
+
+    Per store too (`store`: store_of): a read that found the store unreachable backs off every job
+    reading that store, and once the wait is over one read probes it while the others keep the
+    error; so one tenant's dead endpoint, under any number of jobs, holds at most one sync worker at
+    a time instead of all of them (eight jobs behind it took the four)."""
 
     def __init__(self, first: float = 10.0, most: float = 120.0, clock=time.monotonic, size: int = 4096):
         self.first, self.most, self.clock, self.size = first, most, clock, size
         self._entries: OrderedDict = OrderedDict()   # key -> (failures, next try, last error)
+        self._probing: set = set()                   # stores one read is trying now
         self._lock = threading.Lock()
 
-    def read(self, key, fn) -> tuple[Optional[dict], Optional[str]]:
-        """fn() -> (object, error), as read_json answers, unless key is backing off."""
+    def _failed(self, key, entry, error, now) -> None:
+        failures = (entry[0] if entry else 0) + 1
+        self._entries[key] = (failures, now + min(self.most, self.first * 2 ** (failures - 1)), error)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def read(self, key, fn, store: Optional[tuple] = None) -> tuple[Optional[dict], Optional[str]]:
+        """fn() -> (object, error), as read_json answers, unless key or its store is backing off."""
         now = self.clock()
+        skey = ("store", store) if store is not None else None
         with self._lock:
             entry = self._entries.get(key)
-        if entry is not None and now < entry[1]:
-            return None, entry[2]
-        obj, error = fn()
+            shared = self._entries.get(skey) if skey else None
+            if entry is not None and now < entry[1]:
+                return None, entry[2]
+            if shared is not None:
+                if now < shared[1] or skey in self._probing:   # another job's read found it down
+                    return None, f"{shared[2]} (the store is read again for every job once one read answers)"
+                self._probing.add(skey)
+        try:
+            obj, error = fn()
+        finally:
+            with self._lock:
+                self._probing.discard(skey)
         now = self.clock()  # the wait counts from the read's end: a read that hung for 30 s used no wait up
         with self._lock:
             if error is None:
                 self._entries.pop(key, None)
+                if skey:
+                    self._entries.pop(skey, None)
             else:
-                failures = (entry[0] if entry else 0) + 1
-                self._entries[key] = (failures, now + min(self.most, self.first * 2 ** (failures - 1)), error)
-                self._entries.move_to_end(key)
-                while len(self._entries) > self.size:
-                    self._entries.popitem(last=False)
+                self._failed(key, entry, error, now)
+                if skey and getattr(error, "unreachable", False):
+                    self._failed(skey, self._entries.get(skey), error, now)
+                elif skey:
+                    self._entries.pop(skey, None)   # it answered (a job's own error): the store is up
         return obj, error
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether an error of a read says the store itself did not answer (no connection, a timeout,
+    a 5xx or throttling): not a missing key, a refused credential or a bad answer. Pure."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+    from botocore.exceptions import ConnectionClosedError, ClientError
+    if isinstance(e, (ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError, ConnectionClosedError,
+                      ConnectionError, TimeoutError)):
+        return True
+    if isinstance(e, ClientError):
+        status = ((e.response or {}).get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429
+    return False
 
 
 def read_json(output_uri: str, key: str, settings: storage.S3Settings) -> tuple[Optional[dict], Optional[str]]:
@@ -168,22 +229,23 @@ def read_json(output_uri: str, key: str, settings: storage.S3Settings) -> tuple[
     try:
         loc = storage.parse_uri(output_uri).child(key)
     except storage.StorageError as e:
-        return None, str(e)
+        return None, _error(str(e))
     try:
         body = _get(loc, key, operator_settings(settings))
     except FileNotFoundError:
         return None, None
     except TooLarge as e:
-        return None, f"reading {loc}: {e}"
+        return None, _error(f"reading {loc}: {e}")
     except Exception as e:  # noqa: BLE001 - classified: a missing key is "not yet", the rest is an error
         if _code(e) in ("NoSuchKey", "404", "NotFound"):
             return None, None
         try:
             hint = (f"the operator waits {READ_TIMEOUT:.0f} s for an answer, {MAX_ATTEMPTS} attempts, "
                     f"and reads again at its next sync")
-            return None, str(storage.describe_error(e, loc, "reading", echo=False, timeout_hint=hint))
+            described = storage.describe_error(e, loc, "reading", echo=False, timeout_hint=hint)
+            return None, _error(str(described), unreachable=unreachable(e))
         except Exception:  # noqa: BLE001 - an error no one foresaw is still only this job's error
-            return None, f"reading {loc}: {type(e).__name__}"
+            return None, _error(f"reading {loc}: {type(e).__name__}")
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deep

@@ -223,7 +223,14 @@ def _wait(body, changes: Changes, reason: str, message: str) -> None:
         changes.status.update(new)
 
 
-@kopf.on.resume(*RESOURCE, registry=registry)
+def _not_made(status, **_) -> bool:
+    return not (status or {}).get("phase")
+
+
+# on a restart (or a leader's change) only the jobs not made yet: the others have nothing to make here
+# (the sync follows them), and each would cost kopf's "Resuming" and "succeeded" Events, a thousand
+# POSTs at every start of an operator with 500 jobs
+@kopf.on.resume(*RESOURCE, registry=registry, when=_not_made)
 @kopf.on.create(*RESOURCE, registry=registry)
 def create_children(body, spec, name, namespace, uid, patch, runtime, **_):
     """Validate, then create the ConfigMap, Service and Indexed Job (each only if missing). A
@@ -521,13 +528,14 @@ def _sync(body: dict, changes: Changes) -> None:
                    for c in (job.get("status") or {}).get("conditions") or [])
     settings, error = _settings(job_spec, namespace)
     progress = manifest = None
+    store = artifacts.store_of(job_spec.output.uri, settings)  # one dead store holds one worker, not all
     if error is None:
         progress, error = READS.read((meta.get("uid"), "progress"), lambda: artifacts.read_json(
-            job_spec.output.uri, artifacts.PROGRESS_KEY, settings))
+            job_spec.output.uri, artifacts.PROGRESS_KEY, settings), store)
         progress = st.own_progress(progress, meta.get("uid"))
     if complete and error is None:
         manifest, error = READS.read((meta.get("uid"), "manifest"), lambda: artifacts.read_json(
-            job_spec.output.uri, artifacts.MANIFEST_KEY, settings))
+            job_spec.output.uri, artifacts.MANIFEST_KEY, settings), store)
     if error and progress is None:
         progress = st.last_reported(previous)
     now = datetime.now(timezone.utc)  # suspended as the Job is, not as asked (the patch above may have found none)
