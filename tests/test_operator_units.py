@@ -336,6 +336,42 @@ def test_the_work_queue_runs_a_key_once_at_a_time_and_again_when_it_changed_mean
     assert overlap == [] and failed == {("ns", "bad")}
 
 
+def test_a_watch_events_key_goes_before_the_tickers_polls_and_runs_once():
+    """With hundreds of active jobs the ticker queues them all every interval; an event (a job made,
+    a gang's pod failed) used to wait behind that whole round. Urgent keys go first; a key polled
+    and then urgent runs once, at its urgent place; one queued urgent is not moved back by a poll."""
+    import asyncio
+    import threading
+    from kubelora_operator.syncer import WorkQueue
+
+    async def scenario():
+        started, release, runs = threading.Event(), threading.Event(), []
+
+        def process(key):
+            runs.append(key[1])
+            if key[1] == "busy":
+                started.set()
+                release.wait(30)
+        q = WorkQueue(process, workers=1)
+        q.start()
+        q.add(("ns", "busy"))
+        await asyncio.to_thread(started.wait, 30)
+        for name in ("p1", "p2", "p3"):
+            q.add(("ns", name))                  # the ticker's round
+        q.add(("ns", "p3"), urgent=True)         # p3's Job failed: ahead of the round, once
+        q.add(("ns", "event"), urgent=True)
+        q.add(("ns", "event"))                   # a poll of it meanwhile: it stays ahead
+        release.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not q.idle() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await q.stop()
+        return runs
+
+    assert asyncio.run(scenario()) == ["busy", "p3", "event", "p1", "p2"]
+
+
 def test_the_credentials_secret_is_read_once_per_ttl_and_a_missing_one_every_time():
     from kubelora_operator.kube import TTLCache
     now = [0.0]

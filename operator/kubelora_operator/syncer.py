@@ -157,33 +157,45 @@ class Owners:
             return list(self._bodies.items())
 
 
+URGENT, POLL = 0, 1   # a watch event's key goes before the ticker's
+
+
 class WorkQueue:
     """Keys to process, each by at most one worker at a time (client-go's workqueue semantics):
-    adding a queued key does nothing, adding a key being processed runs it once more after.
-    `process(key)` is blocking and runs in a thread; its exceptions are logged, never raised, and
-    the key is kept in `failed` until a run of it succeeds (the ticker adds those again, whatever
-    the job's phase). Everything but `process` runs on the event loop."""
+    adding a queued key does nothing (but move it ahead when the new add is urgent), adding a key
+    being processed runs it once more after. Urgent keys (a watch event: a job made, a Job's pods
+    failed or done) are taken before the ticker's polls, so with hundreds of active jobs an event
+    waits for a free worker, not for a whole round of polls. `process(key)` is blocking and runs in
+    a thread; its exceptions are logged, never raised, and the key is kept in `failed` until a run
+    of it succeeds (the ticker adds those again, whatever the job's phase). Everything but
+    `process` runs on the event loop."""
 
     def __init__(self, process: Callable[[Key], None], workers: int = 4):
         self._process = process
         self._workers = workers
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._queued: set[Key] = set()
+        self._queue: asyncio.PriorityQueue = asyncio.PriorityQueue()   # (priority, order, key)
+        self._order = 0
+        self._queued: dict[Key, int] = {}   # key -> the priority it is queued at
         self._running: set[Key] = set()
         self._since: dict[Key, float] = {}  # when each running sync began (time.monotonic)
-        self._again: set[Key] = set()
+        self._again: dict[Key, int] = {}    # key -> priority, to run once more after its sync
         self.failed: set[Key] = set()
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
 
-    def add(self, key: Key) -> None:
+    def _put(self, priority: int, key: Optional[Key]) -> None:
+        self._order += 1
+        self._queue.put_nowait((priority, self._order, key))
+
+    def add(self, key: Key, urgent: bool = False) -> None:
         if self._stopping:
             return
+        priority = URGENT if urgent else POLL
         if key in self._running:
-            self._again.add(key)
-        elif key not in self._queued:
-            self._queued.add(key)
-            self._queue.put_nowait(key)
+            self._again[key] = min(priority, self._again.get(key, POLL))
+        elif key not in self._queued or priority < self._queued[key]:
+            self._queued[key] = priority   # an entry queued at a lower priority is skipped when taken
+            self._put(priority, key)
 
     def add_all(self, keys: Iterable[Key]) -> None:
         for key in keys:
@@ -208,7 +220,7 @@ class WorkQueue:
         the operator stopped would still write), drop what is queued."""
         self._stopping = True
         for _ in self._tasks:
-            self._queue.put_nowait(None)
+            self._put(URGENT - 1, None)
         if self._tasks:
             done, pending = await asyncio.wait(self._tasks, timeout=timeout)
             for task in pending:
@@ -216,10 +228,12 @@ class WorkQueue:
 
     async def _worker(self) -> None:
         while True:
-            key = await self._queue.get()
+            priority, _, key = await self._queue.get()
             if key is None or self._stopping:
                 return
-            self._queued.discard(key)
+            if self._queued.get(key) != priority:   # taken already at a higher priority, or running
+                continue
+            del self._queued[key]
             self._running.add(key)
             self._since[key] = time.monotonic()
             try:
@@ -234,8 +248,7 @@ class WorkQueue:
                 self._running.discard(key)
                 self._since.pop(key, None)
                 if key in self._again:
-                    self._again.discard(key)
-                    self.add(key)
+                    self.add(key, urgent=self._again.pop(key) == URGENT)
 
 
 class Syncer:
@@ -272,12 +285,12 @@ class Syncer:
             return
         old = self.owners.remember(body)
         if wants_sync(old, body):
-            self.queue.add(key_of(body))
+            self.queue.add(key_of(body), urgent=True)
 
     def saw_child(self, child: dict) -> None:
         key = owner_key(child)
         if key is not None:
-            self.queue.add(key)
+            self.queue.add(key, urgent=True)
 
     async def _tick(self) -> None:
         while True:
