@@ -851,10 +851,14 @@ def test_a_missing_secret_is_reported_from_the_pod_and_the_job_starts_once_it_is
         b64 = lambda v: base64.b64encode(v.encode()).decode()  # noqa: E731
         apply(kubectl, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late-creds"},
                         "data": {"AWS_ACCESS_KEY_ID": b64(SECRET_FILE_KEYS[0]),
-                                 "AWS_SECRET_ACCESS_KEY": b64(SECRET_FILE_KEYS[1])}})
+                                 "AWS_SECRET_ACCESS_KEY": b64(SECRET_FILE_KEYS[1]),
+                                 "PYTHONPATH": b64("/var/cache/kubelora/mine")}})   # not for the trainer
         st = wait_for(lambda: phase(kube, "late") == "Succeeded" and ltj(kube, "late")["status"], timeout=90)
     assert st["artifacts"][0]["uri"] == "s3://late-out/run/lora.safetensors"
     assert len(job_runner.pods_started("late")) == 1
+    ignored = [e["message"] for e in kube.list("v1/events", "default")
+               if e["involvedObject"]["name"] == "late" and e["reason"] == "SecretKeysIgnored"]
+    assert len(ignored) == 1 and "holds PYTHONPATH, which the trainer does not get" in ignored[0], ignored
 
 
 def test_a_job_deleted_while_the_watch_was_down_is_forgotten_not_made_again(cluster, kubectl):

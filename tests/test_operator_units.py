@@ -61,7 +61,11 @@ def test_indexed_job_shape():
     assert env["PET_MASTER_ADDR"]["value"] == "ft-0.ft-workers.ml.svc"
     assert "job-completion-index" in env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.minio:9000"
-    assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert "envFrom" not in c   # every key of the Secret (PYTHONPATH, LD_PRELOAD...) would reach the trainer
+    assert {k: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"].get("optional", False))
+            for k, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})} == {
+        "AWS_ACCESS_KEY_ID": ("s3-creds", False), "AWS_SECRET_ACCESS_KEY": ("s3-creds", False),
+        "AWS_SESSION_TOKEN": ("s3-creds", True)}
     assert "--node-rank=$(PET_NODE_RANK)" in c["args"] and c["args"][-2:] == ["--spec", "/etc/kubelora/spec.yaml"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]

@@ -389,7 +389,22 @@ def suspend_changed(body, name, namespace, new, old, logger, **_):
         kopf.warn(body, reason="SuspendNotApplied", message=st.kueue_suspend_note(queue))
 
 
-def _settings(spec, namespace: str) -> tuple[S3Settings, str | None]:
+_SECRET_NOTED: set = set()   # (namespace, Secret, its ignored keys) said once per operator process
+
+
+def _secret_keys_note(namespace: str, name: str, data: dict, changes: "Changes | None") -> None:
+    """A credentials Secret with keys the trainer does not get (manifests.secret_env) is said once:
+    before, envFrom passed every key, so a Secret holding AWS_ENDPOINT_URL or AWS_REGION worked."""
+    extra = manifests.ignored_secret_keys(data)
+    if not extra or changes is None or (namespace, name, tuple(extra)) in _SECRET_NOTED:
+        return
+    _SECRET_NOTED.add((namespace, name, tuple(extra)))
+    changes.warn("SecretKeysIgnored", f"Secret {name!r} (spec.storage.credentialsSecret) holds {', '.join(extra)}, "
+                 "which the trainer does not get: it gets AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and "
+                 "AWS_SESSION_TOKEN only; set the endpoint and region in spec.storage")
+
+
+def _settings(spec, namespace: str, changes: "Changes | None" = None) -> tuple[S3Settings, str | None]:
     """The job's S3 settings, with the credentials of its Secret when it names one (the operator's
     own credentials may not reach the job's bucket); or the error when that Secret is missing
     (then the bucket is not read with the operator's own credentials instead)."""
@@ -408,6 +423,7 @@ def _settings(spec, namespace: str) -> tuple[S3Settings, str | None]:
     if data is None:
         return settings, (f"Secret {name!r} (spec.storage.credentialsSecret) not found in namespace {namespace}; "
                           "create it with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    _secret_keys_note(namespace, name, data, changes)
     keys = {k: data.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     if not all(keys.values()):
         if JOB_CREDENTIALS_ONLY:  # never the operator's own credentials instead (operator.s3.jobCredentialsOnly)
@@ -526,7 +542,7 @@ def _sync(body: dict, changes: Changes) -> None:
                      else "trainer Job resumed (runPolicy.suspend)")
     complete = any(c.get("type") == "Complete" and c.get("status") == "True"
                    for c in (job.get("status") or {}).get("conditions") or [])
-    settings, error = _settings(job_spec, namespace)
+    settings, error = _settings(job_spec, namespace, changes)
     progress = manifest = None
     store = artifacts.store_of(job_spec.output.uri, settings)  # one dead store holds one worker, not all
     if error is None:

@@ -171,6 +171,26 @@ def _env(job: str, uid: str, spec: LoRATrainingJobSpec, namespace: str, cfg: "Op
     return env
 
 
+# the keys of spec.storage.credentialsSecret the trainer gets (the operator reads the same ones)
+SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
+
+
+def secret_env(secret: str) -> list[dict]:
+    """The credentials Secret's keys as env entries, each named: not envFrom, which imports every
+    key of the Secret, so a tenant who may write the Secret could set PYTHONPATH, LD_PRELOAD or
+    HTTPS_PROXY in a trainer image operator.pods.allowedImages approved. A missing Secret or key
+    (the session token may be absent) keeps the pod waiting with CreateContainerConfigError, as
+    envFrom did for a missing Secret. Pure."""
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key,
+                                                         **({"optional": True} if optional else {})}}}
+            for key, optional in SECRET_KEYS]
+
+
+def ignored_secret_keys(data: dict) -> list[str]:
+    """Keys of a credentials Secret the trainer does not get (secret_env). Pure."""
+    return sorted(set(data) - {k for k, _ in SECRET_KEYS})
+
+
 def tenancy_problem(spec: LoRATrainingJobSpec, job_credentials_only: bool, allowed_endpoints: tuple[str, ...],
                     allowed_images: tuple[str, ...] = (), allowed_service_accounts: tuple[str, ...] = ()
                     ) -> str | None:
@@ -283,7 +303,7 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
                             "readOnlyRootFilesystem": True},
     }
     if spec.storage.credentialsSecret:
-        container["envFrom"] = [{"secretRef": {"name": spec.storage.credentialsSecret}}]
+        container["env"] += secret_env(spec.storage.credentialsSecret)
     cache = ({"persistentVolumeClaim": {"claimName": r.cacheVolumeClaim}} if r.cacheVolumeClaim else
              {"emptyDir": {"sizeLimit": r.cacheSize} if r.cacheSize else {}})
     pod_spec = {

@@ -553,7 +553,9 @@ class StorageSpec(_Model):
         default="auto", description="S3 addressing; auto means path-style when an endpoint is set (MinIO), virtual otherwise.")
     credentialsSecret: Optional[str] = Field(
         default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-        description="Name of a Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (mounted into the pods). Never put keys in the spec.")
+        description="Name of a Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN), "
+                    "in the job's namespace: the trainer pods get these three keys, each by name (no other key of the "
+                    "Secret reaches them; endpoint and region go in storage.endpoint/region). Never put keys in the spec.")
 
 
 QUALIFIED_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
