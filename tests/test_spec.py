@@ -319,3 +319,26 @@ def test_a_dataset_value_every_source_overrides_is_refused_and_one_a_source_read
             parse_spec({**BASE, "dataset": data, "evaluation": evaluation})
     else:
         assert getattr(parse_spec({**BASE, "dataset": data, "evaluation": evaluation}).dataset, field) == value
+
+
+def test_a_misspelt_toleration_is_refused_not_dropped_on_the_way_to_the_job():
+    """resources.tolerations were free dicts: `operater: Exists` reached the Job, whose API server
+    dropped the unknown field with a warning the operator never showed, and the pods stayed Pending
+    on the taint. Typed as core/v1 Toleration, with the API server's rules."""
+    ok = parse_spec(with_("resources.tolerations", [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                     "effect": "NoSchedule"}, {"operator": "Exists"}]))
+    assert [t.model_dump(exclude_none=True) for t in ok.resources.tolerations] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, {"operator": "Exists"}]
+    for bad, said in (({"key": "gpu", "operater": "Exists"}, "operater: unknown field; did you mean 'operator'"),
+                      ({"key": "gpu", "operator": "exists"}, "operator"),
+                      ({"key": "gpu", "effect": "NoSchedul"}, "effect"),
+                      ({"value": "x"}, "a toleration without a key needs operator: Exists"),
+                      ({"key": "gpu", "operator": "Exists", "value": "x"}, "operator Exists takes no value"),
+                      ({"key": "gpu", "tolerationSeconds": 30}, "tolerationSeconds applies to effect NoExecute")):
+        with pytest.raises(SpecError, match=re.escape(said)):
+            parse_spec(with_("resources.tolerations", [bad]))
+    # the CRD types it too: kubectl apply refuses an unknown field there
+    items = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "resources"]["properties"]["tolerations"]["items"]
+    assert set(items["properties"]) == {"key", "operator", "value", "effect", "tolerationSeconds"}
+    assert "x-kubernetes-preserve-unknown-fields" not in items

@@ -326,7 +326,8 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
     }
     if cfg.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": n} for n in cfg.image_pull_secrets]
-    for key, value in (("nodeSelector", r.nodeSelector), ("tolerations", r.tolerations),
+    tolerations = [t.model_dump(exclude_none=True) for t in r.tolerations]
+    for key, value in (("nodeSelector", r.nodeSelector), ("tolerations", tolerations),
                        ("priorityClassName", r.priorityClassName), ("schedulerName", r.schedulerName),
                        ("serviceAccountName", r.serviceAccountName)):
         if value:

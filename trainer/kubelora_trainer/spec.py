@@ -562,6 +562,31 @@ QUALIFIED_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
+# typed (not a free dict) so that a misspelt field or value is refused at apply (against the CRD) or
+# by parse_spec, rather than dropped by the API server when the operator makes the Job, which would
+# leave the pods Pending on a taint they were meant to take
+class Toleration(_Model):
+    """A pod toleration (core/v1 Toleration)."""
+    key: Optional[str] = Field(default=None, max_length=316, pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+                               description="The taint key; empty with operator Exists: every taint.")
+    operator: Optional[Literal["Exists", "Equal"]] = Field(default=None, description="Exists or Equal (the default).")
+    value: Optional[str] = Field(default=None, max_length=63, description="The taint value, with operator Equal.")
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = Field(
+        default=None, description="The taint effect to tolerate; empty: all effects.")
+    tolerationSeconds: Optional[int] = Field(default=None, description="With effect NoExecute: how long the pod "
+                                                                        "stays bound after the taint is added.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> "Toleration":   # the API server's ValidateTolerations
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key needs operator: Exists (it tolerates every taint)")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists takes no value")
+        if self.tolerationSeconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds applies to effect NoExecute only")
+        return self
+
+
 class ResourcesSpec(_Model):
     nodes: int = Field(default=1, ge=1, le=512, description="Number of nodes (pods), one torchrun agent each.")
     gpusPerNode: int = Field(default=1, ge=0, le=16, description="GPUs per node = training processes per node; 0 trains on CPU.")
@@ -579,7 +604,7 @@ class ResourcesSpec(_Model):
     requests: dict[str, str] = Field(default_factory=dict, description="Extra container resource requests (cpu, memory, ...).")
     limits: dict[str, str] = Field(default_factory=dict, description="Extra container resource limits.")
     nodeSelector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Pod tolerations.")
     priorityClassName: Optional[str] = Field(default=None, description="Pod priorityClassName.")
     schedulerName: Optional[str] = Field(default=None, description="Pod schedulerName (e.g. for gang scheduling).")
     cacheVolumeClaim: Optional[str] = Field(
@@ -931,14 +956,26 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
 
 def _camel_hint(loc: tuple, model: type[BaseModel]) -> str:
     """For an unknown field, suggest the known field it most resembles."""
+    import types
+    import typing
+
+    def unwrap(t):  # Optional[X] -> X
+        while typing.get_origin(t) in (typing.Union, types.UnionType):
+            t = next(a for a in typing.get_args(t) if a is not type(None))
+        return t
     name = str(loc[-1])
     cur: Any = model
     for part in loc[:-1]:
+        cur = unwrap(cur)
+        if isinstance(part, int):  # an item of a list: its type
+            args = typing.get_args(cur)
+            cur = args[0] if args else None
+            continue
         f = getattr(cur, "model_fields", {}).get(str(part))
         if f is None:
             return ""
         cur = f.annotation
-    known = list(getattr(cur, "model_fields", {}))
+    known = list(getattr(unwrap(cur), "model_fields", {}))
     guess = difflib.get_close_matches(to_camel(name), known, n=1, cutoff=0.6)
     return f"; did you mean {guess[0]!r}?" if guess else f"; known fields: {', '.join(known)}"
 
