@@ -71,6 +71,8 @@ def test_indexed_job_shape():
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["dshm"]["emptyDir"]["medium"] == "Memory" and vols["cache"] == {"name": "cache", "emptyDir": {}}
+    # /tmp bounded: a runaway write evicts this pod, not the node's other tenants (DiskPressure)
+    assert vols["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "20Gi"}}
     assert vols["spec"]["configMap"]["name"] == "ft-spec"
 
 

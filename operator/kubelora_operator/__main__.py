@@ -3,7 +3,8 @@
 Environment (the chart sets each from its values; charts/kubelora/values.yaml names them):
   Trainer pods     KUBELORA_TRAINER_IMAGE, KUBELORA_IMAGE_PULL_POLICY (IfNotPresent),
                    KUBELORA_TRAINER_IMAGE_PULL_SECRETS (comma-separated), KUBELORA_TRAINER_RUN_AS_USER
-                   (1000, or 'platform'), KUBELORA_TRAINER_SHM_SIZE, KUBELORA_TRAINER_METRICS_PORT
+                   (1000, or 'platform'), KUBELORA_TRAINER_SHM_SIZE, KUBELORA_TRAINER_TMP_SIZE (20Gi:
+                   /tmp's sizeLimit; empty: none), KUBELORA_TRAINER_METRICS_PORT
                    (9400; 0: off) and KUBELORA_TRAINER_METRICS_LINGER_SECONDS (60: how long a finished
                    pod keeps serving it)
   Syncing          KUBELORA_SYNC_INTERVAL (10 s between status syncs of active jobs; Job changes are

@@ -78,6 +78,7 @@ def operator_config() -> manifests.OperatorConfig:
         image_pull_policy=os.environ.get("KUBELORA_IMAGE_PULL_POLICY", manifests.OperatorConfig.image_pull_policy),
         run_as_user=env.user("KUBELORA_TRAINER_RUN_AS_USER", manifests.OperatorConfig.run_as_user),
         shm_size=os.environ.get("KUBELORA_TRAINER_SHM_SIZE") or manifests.OperatorConfig.shm_size,
+        tmp_size=os.environ.get("KUBELORA_TRAINER_TMP_SIZE", manifests.OperatorConfig.tmp_size),
         metrics_port=int(env.number("KUBELORA_TRAINER_METRICS_PORT", manifests.OperatorConfig.metrics_port)),
         metrics_linger_seconds=int(env.number("KUBELORA_TRAINER_METRICS_LINGER_SECONDS",
                                               manifests.OperatorConfig.metrics_linger_seconds)),

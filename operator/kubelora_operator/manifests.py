@@ -31,6 +31,9 @@ class OperatorConfig:
     image: str = "ghcr.io/kubelora/trainer:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     shm_size: str = "16Gi"
+    # /tmp (HOME: torch's, Triton's and inductor's caches, temporary files) is an emptyDir of at most
+    # this much: a runaway write evicts this pod, not the node's other tenants (DiskPressure); "": none
+    tmp_size: str = "20Gi"
     run_as_user: int | None = 1000   # None: the platform assigns UID/GID/fsGroup (OpenShift restricted-v2)
     progress_interval_seconds: int = 30
     metrics_port: int = 9400             # the trainer's Prometheus endpoint (kubelora_trainer.metrics), on each pod
@@ -322,7 +325,7 @@ def job(name: str, uid: str, namespace: str, spec: LoRATrainingJobSpec, cfg: Ope
         "volumes": [{"name": "spec", "configMap": {"name": names["configmap"]}},
                     {"name": "cache", **cache},
                     {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}},
-                    {"name": "tmp", "emptyDir": {}}],
+                    {"name": "tmp", "emptyDir": {"sizeLimit": cfg.tmp_size} if cfg.tmp_size else {}}],
     }
     if cfg.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": n} for n in cfg.image_pull_secrets]
