@@ -114,7 +114,7 @@ def run_scenario(kube, kubectl, s3, scope: tuple[str, ...]) -> None:
         wait_for(lambda: (kube.get(JOBS, "default", "full") or first)["metadata"]["uid"] != first["metadata"]["uid"],
                  timeout=30)
         # refused by the API server: the children already made are deleted
-        apply(kubectl, manifest("refused", resources__limits={"cpu": "64 cores"}))
+        apply(kubectl, manifest("refused", resources__nodeSelector={"pool": "gpu a100"}))
         wait_for(lambda: phase(kube, "refused") == "Failed", timeout=30)
         # an earlier operator's finalizer is removed on sight
         wait_for(lambda: not ltj(kube, "old")["metadata"].get("finalizers"), timeout=30)

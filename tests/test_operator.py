@@ -118,7 +118,7 @@ def test_each_job_gets_its_own_network_policy_when_asked_and_it_goes_with_the_jo
         wait_for(lambda: kube.get("batch/v1/jobs", "default", "fenced"), timeout=30)
         # a Job the API server refuses (made last): the children already made go, its policy too,
         # and so at the failed job's TTL cleanup
-        assert apply(kubectl, manifest("refused", resources__limits={"cpu": "64 cores"},
+        assert apply(kubectl, manifest("refused", resources__nodeSelector={"pool": "gpu a100"},
                                        runPolicy__ttlSecondsAfterFinished=0)).returncode == 0
         wait_for(lambda: ltj(kube, "refused").get("status", {}).get("childrenDeleted"), timeout=60)
     assert kube.history("networking.k8s.io/v1/networkpolicies", "default", "refused-peers")  # it was made
@@ -274,10 +274,13 @@ INVALID = [
     ("9lives", {}, "apply", "metadata.name must start with a letter"),
     ("dotted.name", {}, "apply", "metadata.name must start with a letter and hold only lowercase letters"),
     ("n" * 56, {}, "apply", "metadata.name must be at most 55 characters"),
-    # the API server refuses the Job (an unparsable quantity): Failed with its message, nothing left behind
-    ("bad-quantity", {"resources__limits": {"cpu": "64 cores"}}, "Failed",
-     "the API server refused Job 'bad-quantity' (422): Job.batch \"bad-quantity\" is invalid: "
-     "spec.template.spec.containers[0].resources.limits[cpu]: Invalid value: \"64 cores\": quantities must match"),
+    # a quantity that is none: refused at apply (the CRD's pattern), not when the Job is made
+    ("bad-quantity", {"resources__limits": {"cpu": "64 cores"}}, "apply", "spec.resources.limits.cpu"),
+    # the API server refuses the Job (a nodeSelector value that is no label value, which the spec does not
+    # check): Failed with its message, nothing left behind
+    ("bad-selector", {"resources__nodeSelector": {"pool": "gpu a100"}}, "Failed",
+     "the API server refused Job 'bad-selector' (422): Job.batch \"bad-selector\" is invalid: "
+     "spec.template.spec.nodeSelector: Invalid value: \"gpu a100\": a valid label must be"),
 ]
 
 

@@ -342,3 +342,23 @@ def test_a_misspelt_toleration_is_refused_not_dropped_on_the_way_to_the_job():
         "resources"]["properties"]["tolerations"]["items"]
     assert set(items["properties"]) == {"key", "operator", "value", "effect", "tolerationSeconds"}
     assert "x-kubernetes-preserve-unknown-fields" not in items
+
+
+def test_pod_resources_are_checked_as_the_api_server_would_before_the_job_is_made():
+    """A request that is no quantity, or above its limit, was refused only when the operator made
+    the Job (ChildRefused), after a GitOps tool had applied the job; now at apply / validate."""
+    def resources(r):
+        return parse_spec(with_("resources", r)).resources
+    assert resources({"requests": {"memory": "64Gi", "cpu": "500m"}, "limits": {"memory": "64Gi"}}).requests["cpu"] == "500m"
+    with pytest.raises(SpecError, match=re.escape("spec.resources.requests.memory: got '64 GB'; not a Kubernetes "
+                                                  "quantity (e.g. 8, 500m, 64Gi")):
+        resources({"requests": {"memory": "64 GB"}})
+    with pytest.raises(SpecError, match=re.escape("resources.requests['memory'] (64Gi) exceeds "
+                                                  "resources.limits['memory'] (32Gi)")):
+        resources({"requests": {"memory": "64Gi"}, "limits": {"memory": "32Gi"}})
+    with pytest.raises(SpecError, match="priorityClassName"):
+        resources({"priorityClassName": "High_Priority"})
+    # the CRD carries the same pattern: kubectl apply refuses it
+    props = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "resources"]["properties"]
+    assert "pattern" in props["requests"]["additionalProperties"] and "pattern" in props["priorityClassName"]

@@ -687,12 +687,19 @@ QUANTITY_MSG = "quantities must match the regular expression '^([+-]?[0-9.]+)([e
 
 
 def validate_pod_resources(obj: dict, group: str, plural: str) -> list[FieldError]:
-    """The API server parses every container resource quantity of a Job's pod template (the one
-    built-in check beyond ObjectMeta that the operator's children need here)."""
+    """The API server parses every container resource quantity of a Job's pod template and checks
+    its nodeSelector as labels (the built-in checks beyond ObjectMeta that the operator's children
+    need here)."""
     if (group, plural) != ("batch", "jobs"):
         return []
     errors = []
-    containers = (((obj.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
+    pod = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
+    for key, value in (pod.get("nodeSelector") or {}).items():
+        if not isinstance(value, str) or len(value) > 63 or not re.fullmatch(_LABEL_VALUE, value):
+            errors.append(invalid("spec.template.spec.nodeSelector", value,
+                                  "a valid label must be an empty string or consist of alphanumeric characters, "
+                                  "'-', '_' or '.', and must start and end with an alphanumeric character"))
+    containers = pod.get("containers") or []
     for i, c in enumerate(containers):
         for kind in ("requests", "limits"):
             for key, value in ((c.get("resources") or {}).get(kind) or {}).items():

@@ -11,7 +11,7 @@ import difflib
 import posixpath
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,6 +30,10 @@ def quantity(text: str) -> float:
         raise ValueError(text)
     return float(m.group(1)) * _SUFFIX.get(m.group(2) or "", 1)
 
+
+# a Kubernetes quantity as the API server parses one (resource.Quantity): digits, a decimal or
+# binary suffix or an exponent
+QUANTITY_PATTERN = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
 
 GROUP = "kubelora.dev"
 VERSION = "v1alpha1"
@@ -601,11 +605,16 @@ class ResourcesSpec(_Model):
                     "Kubernetes API token). GKE and Azure workload identity give no S3 credentials: GCS's S3 "
                     "interface needs HMAC keys in a credentialsSecret. Default: the namespace's default ServiceAccount.")
     image: Optional[str] = Field(default=None, description="Trainer image; defaults to the operator's configured image.")
-    requests: dict[str, str] = Field(default_factory=dict, description="Extra container resource requests (cpu, memory, ...).")
-    limits: dict[str, str] = Field(default_factory=dict, description="Extra container resource limits.")
+    requests: dict[str, Annotated[str, Field(pattern=QUANTITY_PATTERN)]] = Field(
+        default_factory=dict, description="Extra container resource requests (cpu, memory, ...), as Kubernetes "
+                                          "quantities (8, 500m, 64Gi).")
+    limits: dict[str, Annotated[str, Field(pattern=QUANTITY_PATTERN)]] = Field(
+        default_factory=dict, description="Extra container resource limits, as Kubernetes quantities; each at least "
+                                          "its request.")
     nodeSelector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Pod tolerations.")
-    priorityClassName: Optional[str] = Field(default=None, description="Pod priorityClassName.")
+    priorityClassName: Optional[str] = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253,
+                                             description="Pod priorityClassName.")
     schedulerName: Optional[str] = Field(default=None, description="Pod schedulerName (e.g. for gang scheduling).")
     cacheVolumeClaim: Optional[str] = Field(
         default=None, description="PVC for the model/data cache; an emptyDir when unset.")
@@ -936,6 +945,15 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
     if spec.resources.cacheSize and "ephemeral-storage" in spec.resources.requests:
         return ("resources.requests['ephemeral-storage'] is set from resources.cacheSize "
                 f"({spec.resources.cacheSize}); remove one of them")
+    for res, request in spec.resources.requests.items():
+        limit = spec.resources.limits.get(res)
+        try:
+            over = limit is not None and quantity(request) > quantity(limit)
+        except ValueError:
+            over = False   # a form quantity() does not read (an exponent suffix): the API server checks it
+        if over:
+            return (f"resources.requests['{res}'] ({request}) exceeds resources.limits['{res}'] ({limit}): the API "
+                    "server refuses such a pod; raise the limit or lower the request")
     for kind in ("requests", "limits"):
         gpu = spec.resources.gpuResource
         if gpu in getattr(spec.resources, kind):
@@ -998,6 +1016,8 @@ def format_errors(err: ValidationError, prefix: str = "spec") -> str:
             msg = f"got {e['input']!r}; accepted values: {e['ctx']['expected']}" + LITERAL_HINTS.get((loc, e["input"]), "")
         elif e["type"] == "string_pattern_mismatch" and "s3://" in e["ctx"].get("pattern", ""):
             msg = f"got {e['input']!r}; {uri_problem(e['input'])}"
+        elif e["type"] == "string_pattern_mismatch" and e["ctx"].get("pattern") == QUANTITY_PATTERN:
+            msg = f"got {e['input']!r}; not a Kubernetes quantity (e.g. 8, 500m, 64Gi; binary suffixes Ki Mi Gi Ti)"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
             if not loc:
