@@ -337,6 +337,11 @@ def test_a_misspelt_toleration_is_refused_not_dropped_on_the_way_to_the_job():
                       ({"key": "gpu", "tolerationSeconds": 30}, "tolerationSeconds applies to effect NoExecute")):
         with pytest.raises(SpecError, match=re.escape(said)):
             parse_spec(with_("resources.tolerations", [bad]))
+    # a job an older operator admitted with such a field (its pods never had it: the API server dropped it)
+    # is still followed: the sync parses it as its pods got it
+    old = parse_spec(with_("resources.tolerations", [{"key": "gpu", "operater": "Exists", "effect": "NoSchedule"}]),
+                     admitted=True)
+    assert [t.model_dump(exclude_none=True) for t in old.resources.tolerations] == [{"key": "gpu", "effect": "NoSchedule"}]
     # the CRD types it too: kubectl apply refuses an unknown field there
     items = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
         "resources"]["properties"]["tolerations"]["items"]

@@ -1052,6 +1052,19 @@ def check_name(name: Any) -> None:
 ADMISSION_CHECKS = (overridden_dataset_field,)
 
 
+def _as_admitted(data: dict) -> dict:
+    """An admitted job's spec as its pods got it: tolerations were free maps before they were typed,
+    and the API server dropped a field that is none of a Toleration's when it made the Job; so does
+    this, rather than refusing a job that runs (decision 78)."""
+    resources = data.get("resources") if isinstance(data, dict) else None
+    tolerations = resources.get("tolerations") if isinstance(resources, dict) else None
+    if not isinstance(tolerations, list):
+        return data
+    known = set(Toleration.model_fields)
+    kept = [{k: v for k, v in t.items() if k in known} if isinstance(t, dict) else t for t in tolerations]
+    return {**data, "resources": {**resources, "tolerations": kept}}
+
+
 def parse_spec(data: dict[str, Any], admitted: bool = False) -> LoRATrainingJobSpec:
     """Validate a spec dict, or a whole CR manifest (apiVersion/kind/metadata/spec), or a spec
     under `spec:` alone (as the README shows for a workstation run). admitted: the spec of a job
@@ -1076,6 +1089,8 @@ def parse_spec(data: dict[str, Any], admitted: bool = False) -> LoRATrainingJobS
         if name is not None:
             check_name(name)
         data = data.get("spec") or {}
+    if admitted:
+        data = _as_admitted(data)
     try:
         # strict, as the API server is: "1000" is not an integer and "true" not a boolean
         spec = LoRATrainingJobSpec.model_validate(data, strict=True)
