@@ -411,6 +411,14 @@ def test_a_missing_secret_is_named_from_the_pods_own_message():
     assert named.message.startswith('pod ft-0-abc: secret "s3-creds" not found (spec.storage.credentialsSecret')
     assert "AWS_ACCESS_KEY_ID" in named.message and named.stalled
     assert st.name_missing_secret(o, "other") is o and st.name_missing_secret(o, None) is o
+    # the Secret is there but lacks a key the pods take by name (secretKeyRef)
+    keyless = _pod(phase="Pending", waiting={"reason": "CreateContainerConfigError",
+                                             "message": "couldn't find key AWS_ACCESS_KEY_ID in Secret ml/s3-creds"})
+    o = st.observe(_job(active=1), [keyless], None, None, False)
+    named = st.name_missing_secret(o, "s3-creds")
+    assert "couldn't find key AWS_ACCESS_KEY_ID in Secret ml/s3-creds (spec.storage.credentialsSecret: the trainer " \
+           "pods take its keys" in named.message and named.stalled
+    assert st.name_missing_secret(o, "other") is o
 
 
 def test_an_unreadable_bucket_keeps_the_last_reported_phase():
@@ -1416,8 +1424,9 @@ def test_a_store_that_does_not_answer_backs_off_every_job_reading_it_and_one_rea
     from kubelora_operator.artifacts import ReadBackoff, _error
     now, reads = [0.0], []
     b = ReadBackoff(first=10, most=40, clock=lambda: now[0])
-    store, other = ("http://minio:9000", "out"), ("http://minio:9000", "elsewhere")
-    down = _error("reading s3://out/a/status/progress.json: the server did not answer in time", unreachable=True)
+    store, other = ("http://minio:9000", "path", "", "out"), ("http://minio:9000", "path", "", "elsewhere")
+    down = _error("reading s3://out/a/status/progress.json: the server did not answer in time", unreachable=True,
+                  cause="ReadTimeoutError")
 
     def read(job, answer):
         def fn():
@@ -1426,7 +1435,9 @@ def test_a_store_that_does_not_answer_backs_off_every_job_reading_it_and_one_rea
         return fn
     assert b.read(("a", "progress"), read("a", (None, down)), store) == (None, down)
     got = b.read(("b", "progress"), read("b", (None, None)), store)
-    assert got[0] is None and got[1].startswith(str(down)) and reads == ["a"]   # b did not wait on the store
+    assert got == (None, "bucket out at http://minio:9000 did not answer the operator's last read (ReadTimeoutError); "
+                         "it is read again for every job once one read answers")   # not a's object
+    assert reads == ["a"]   # b did not wait on the store
     assert b.read(("c", "progress"), read("c", ({"step": 1}, None)), other) == ({"step": 1}, None)  # another bucket
     now[0] = 10.5
     release, started = threading.Event(), threading.Event()
@@ -1450,13 +1461,17 @@ def test_a_store_that_does_not_answer_backs_off_every_job_reading_it_and_one_rea
 
 
 def test_read_errors_say_whether_the_store_answered():
-    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
-    from kubelora_operator.artifacts import unreachable
+    from botocore.exceptions import ClientError, EndpointConnectionError, ProxyConnectionError, ReadTimeoutError
+    from kubelora_operator.artifacts import SlowBody, unreachable
 
     def client_error(status, code):
         return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
     assert unreachable(EndpointConnectionError(endpoint_url="http://x"))
     assert unreachable(ReadTimeoutError(endpoint_url="http://x"))
-    assert unreachable(client_error(503, "SlowDown")) and unreachable(client_error(429, "TooManyRequests"))
+    assert unreachable(ProxyConnectionError(proxy_url="http://proxy:3128", error="refused"))   # a dead proxy
+    assert unreachable(client_error(502, "BadGateway")) and unreachable(client_error(500, "InternalError"))
+    assert unreachable(SlowBody("progress.json took more than 20 s to read"))
+    # throttling is per prefix: one job's hot prefix does not close the bucket for the others
+    assert not unreachable(client_error(503, "SlowDown")) and not unreachable(client_error(429, "TooManyRequests"))
     assert not unreachable(client_error(403, "AccessDenied")) and not unreachable(client_error(404, "NoSuchKey"))
     assert not unreachable(ValueError("not JSON"))

@@ -326,15 +326,20 @@ def test_a_misspelt_toleration_is_refused_not_dropped_on_the_way_to_the_job():
     dropped the unknown field with a warning the operator never showed, and the pods stayed Pending
     on the taint. Typed as core/v1 Toleration, with the API server's rules."""
     ok = parse_spec(with_("resources.tolerations", [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                                     "effect": "NoSchedule"}, {"operator": "Exists"}]))
+                                                     "effect": "NoSchedule"}, {"operator": "Exists"},
+                                                    # as Helm and `kubectl get -o yaml` write them: "" is unset
+                                                    {"key": "", "operator": "Exists", "effect": ""},
+                                                    {"key": "pool", "operator": "", "value": "a100"}]))
     assert [t.model_dump(exclude_none=True) for t in ok.resources.tolerations] == [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, {"operator": "Exists"}]
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, {"operator": "Exists"},
+        {"key": "", "operator": "Exists", "effect": ""}, {"key": "pool", "operator": "", "value": "a100"}]
     for bad, said in (({"key": "gpu", "operater": "Exists"}, "operater: unknown field; did you mean 'operator'"),
                       ({"key": "gpu", "operator": "exists"}, "operator"),
                       ({"key": "gpu", "effect": "NoSchedul"}, "effect"),
                       ({"value": "x"}, "a toleration without a key needs operator: Exists"),
                       ({"key": "gpu", "operator": "Exists", "value": "x"}, "operator Exists takes no value"),
-                      ({"key": "gpu", "tolerationSeconds": 30}, "tolerationSeconds applies to effect NoExecute")):
+                      ({"key": "gpu", "tolerationSeconds": 30}, "tolerationSeconds applies to effect NoExecute"),
+                      ({"key": "gpu", "value": "a b"}, "value")):
         with pytest.raises(SpecError, match=re.escape(said)):
             parse_spec(with_("resources.tolerations", [bad]))
     # a job an older operator admitted with such a field (its pods never had it: the API server dropped it)
@@ -363,6 +368,12 @@ def test_pod_resources_are_checked_as_the_api_server_would_before_the_job_is_mad
         resources({"requests": {"memory": "64Gi"}, "limits": {"memory": "32Gi"}})
     with pytest.raises(SpecError, match="priorityClassName"):
         resources({"priorityClassName": "High_Priority"})
+    with pytest.raises(SpecError, match="not a Kubernetes quantity"):
+        resources({"requests": {"cpu": "-1"}})   # the API server refuses negative resources
+    # the pods request cacheSize of ephemeral storage themselves: above its limit the Job would be refused
+    with pytest.raises(SpecError, match=re.escape("resources.cacheSize (the pods' ephemeral-storage request) (200Gi) "
+                                                  "exceeds resources.limits['ephemeral-storage'] (100Gi)")):
+        resources({"cacheSize": "200Gi", "limits": {"ephemeral-storage": "100Gi"}})
     # the CRD carries the same pattern: kubectl apply refuses it
     props = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
         "resources"]["properties"]

@@ -71,6 +71,10 @@ class TooLarge(ValueError):
     pass
 
 
+class SlowBody(TooLarge):
+    """A body still coming past BODY_DEADLINE (the store answers a byte at a time)."""
+
+
 def too_large(name: str, size: int) -> str:
     return f"{name} is {size} bytes (limit {MAX_BYTES // (1024 * 1024)} MiB)"
 
@@ -92,7 +96,7 @@ def read_capped(read, name: str, deadline: float, clock=time.monotonic, size: Op
         if size is not None and n >= size:
             return b"".join(parts)
         if clock() > deadline:
-            raise TooLarge(f"{name} took more than {BODY_DEADLINE:.0f} s to read ({n} bytes so far)")
+            raise SlowBody(f"{name} took more than {BODY_DEADLINE:.0f} s to read ({n} bytes so far)")
 
 
 def _read_some(body):
@@ -131,24 +135,34 @@ def _code(e: BaseException) -> str:
 
 class ReadError(str):
     """read_json's error text; unreachable: the store itself did not answer (a timeout, a refused or
-    dropped connection, a 5xx), so every job reading it would fail alike, unlike a missing key or a
-    refused credential, which are one job's."""
+    dropped connection, a gateway's 5xx, a body that did not come), so every job reading it would
+    fail alike, unlike a missing key or a refused credential, which are one job's; cause: the
+    error's kind in a few words, naming no object."""
     unreachable: bool = False
+    cause: str = ""
 
 
-def _error(text: str, unreachable: bool = False) -> ReadError:
+def _error(text: str, unreachable: bool = False, cause: str = "") -> ReadError:
     e = ReadError(text)
-    e.unreachable = unreachable
+    e.unreachable, e.cause = unreachable, cause
     return e
 
 
 def store_of(output_uri: str, settings: storage.S3Settings) -> Optional[tuple]:
-    """Which store a job's reads go to (endpoint, bucket); None for a local path. Pure."""
+    """Which store a job's reads go to (endpoint, addressing style, region, bucket): jobs that reach
+    one host alike; None for a local path. Pure."""
     try:
         loc = storage.parse_uri(output_uri)
     except storage.StorageError:
         return None
-    return (settings.endpoint or "", loc.bucket) if loc.is_s3 else None
+    return ((settings.endpoint or "", settings.addressing_style, settings.region or "", loc.bucket)
+            if loc.is_s3 else None)
+
+
+def store_said(store: tuple) -> str:
+    """A store in words, naming no job's object (the store's error is shown on every job reading it). Pure."""
+    endpoint, _, _, bucket = store
+    return f"bucket {bucket}" + (f" at {endpoint}" if endpoint else "")
 
 
 class ReadBackoff:
@@ -180,6 +194,7 @@ class ReadBackoff:
         """fn() -> (object, error), as read_json answers, unless key or its store is backing off."""
         now = self.clock()
         skey = ("store", store) if store is not None else None
+        probe = False
         with self._lock:
             entry = self._entries.get(key)
             shared = self._entries.get(skey) if skey else None
@@ -187,39 +202,45 @@ class ReadBackoff:
                 return None, entry[2]
             if shared is not None:
                 if now < shared[1] or skey in self._probing:   # another job's read found it down
-                    return None, f"{shared[2]} (the store is read again for every job once one read answers)"
+                    return None, shared[2]
                 self._probing.add(skey)
+                probe = True
+        obj, error = None, None
         try:
             obj, error = fn()
         finally:
+            now = self.clock()  # the wait counts from the read's end: a read that hung 30 s used no wait up
             with self._lock:
-                self._probing.discard(skey)
-        now = self.clock()  # the wait counts from the read's end: a read that hung for 30 s used no wait up
-        with self._lock:
-            if error is None:
-                self._entries.pop(key, None)
-                if skey:
-                    self._entries.pop(skey, None)
-            else:
-                self._failed(key, entry, error, now)
-                if skey and getattr(error, "unreachable", False):
-                    self._failed(skey, self._entries.get(skey), error, now)
-                elif skey:
-                    self._entries.pop(skey, None)   # it answered (a job's own error): the store is up
+                if probe:
+                    self._probing.discard(skey)
+                if error is None:
+                    self._entries.pop(key, None)
+                    if skey:
+                        self._entries.pop(skey, None)
+                else:
+                    self._failed(key, entry, error, now)
+                    if skey and getattr(error, "unreachable", False):
+                        # counted once per probe (or at the first failure), not once per read under way
+                        if probe or skey not in self._entries:
+                            said = _error(f"{store_said(store)} did not answer the operator's last read "
+                                          f"({error.cause or 'no answer'}); it is read again for every job once "
+                                          "one read answers", unreachable=True)
+                            self._failed(skey, self._entries.get(skey), said, now)
+                    elif skey:
+                        self._entries.pop(skey, None)   # it answered (a job's own error): the store is up
         return obj, error
 
 
 def unreachable(e: BaseException) -> bool:
     """Whether an error of a read says the store itself did not answer (no connection, a timeout,
     a 5xx or throttling): not a missing key, a refused credential or a bad answer. Pure."""
-    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
-    from botocore.exceptions import ConnectionClosedError, ClientError
-    if isinstance(e, (ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError, ConnectionClosedError,
-                      ConnectionError, TimeoutError)):
-        return True
-    if isinstance(e, ClientError):
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    if isinstance(e, (SlowBody, BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
+        return True   # botocore's: endpoint, proxy, TLS, timeouts, cut answers; the builtins from read1
+    if isinstance(e, ClientError):   # a gateway's 5xx; not throttling (503 SlowDown, 429), which is per prefix
         status = ((e.response or {}).get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0
-        return status >= 500 or status == 429
+        return status >= 500 and status != 503
     return False
 
 
@@ -235,7 +256,8 @@ def read_json(output_uri: str, key: str, settings: storage.S3Settings) -> tuple[
     except FileNotFoundError:
         return None, None
     except TooLarge as e:
-        return None, _error(f"reading {loc}: {e}")
+        slow = isinstance(e, SlowBody)
+        return None, _error(f"reading {loc}: {e}", unreachable=slow, cause="a body that came too slowly" if slow else "")
     except Exception as e:  # noqa: BLE001 - classified: a missing key is "not yet", the rest is an error
         if _code(e) in ("NoSuchKey", "404", "NotFound"):
             return None, None
@@ -243,7 +265,7 @@ def read_json(output_uri: str, key: str, settings: storage.S3Settings) -> tuple[
             hint = (f"the operator waits {READ_TIMEOUT:.0f} s for an answer, {MAX_ATTEMPTS} attempts, "
                     f"and reads again at its next sync")
             described = storage.describe_error(e, loc, "reading", echo=False, timeout_hint=hint)
-            return None, _error(str(described), unreachable=unreachable(e))
+            return None, _error(str(described), unreachable=unreachable(e), cause=type(e).__name__)
         except Exception:  # noqa: BLE001 - an error no one foresaw is still only this job's error
             return None, _error(f"reading {loc}: {type(e).__name__}")
     try:

@@ -721,6 +721,12 @@ def name_missing_secret(obs: Observed, secret: Optional[str]) -> Observed:
         return Observed(obs.phase, obs.reason, f"{obs.message} (spec.storage.credentialsSecret: create it in the "
                         "job's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; the pods start "
                         "once it exists)", stalled=obs.stalled, progress=obs.progress, artifacts=obs.artifacts)
+    if (secret and obs.reason == "CreateContainerConfigError" and "couldn't find key" in obs.message
+            and obs.message.rstrip().endswith(f"/{secret}")):   # the Secret is there, a key is not
+        return Observed(obs.phase, obs.reason, f"{obs.message} (spec.storage.credentialsSecret: the trainer pods take "
+                        "its keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and AWS_SESSION_TOKEN if present; add "
+                        "the missing one and the pods start)", stalled=obs.stalled, progress=obs.progress,
+                        artifacts=obs.artifacts)
     return obs
 
 

@@ -33,7 +33,7 @@ def quantity(text: str) -> float:
 
 # a Kubernetes quantity as the API server parses one (resource.Quantity): digits, a decimal or
 # binary suffix or an exponent
-QUANTITY_PATTERN = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$"  # no negatives
 
 GROUP = "kubelora.dev"
 VERSION = "v1alpha1"
@@ -571,11 +571,15 @@ DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*
 # leave the pods Pending on a taint they were meant to take
 class Toleration(_Model):
     """A pod toleration (core/v1 Toleration)."""
-    key: Optional[str] = Field(default=None, max_length=316, pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+    # "" as Kubernetes reads it (and Helm and `kubectl get -o yaml` write it): unset
+    key: Optional[str] = Field(default=None, max_length=316,
+                               pattern=r"^(([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$",
                                description="The taint key; empty with operator Exists: every taint.")
-    operator: Optional[Literal["Exists", "Equal"]] = Field(default=None, description="Exists or Equal (the default).")
-    value: Optional[str] = Field(default=None, max_length=63, description="The taint value, with operator Equal.")
-    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = Field(
+    operator: Optional[Literal["Exists", "Equal", ""]] = Field(default=None,
+                                                               description="Exists or Equal (the default).")
+    value: Optional[str] = Field(default=None, max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+                                 description="The taint value, with operator Equal (a label value).")
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute", ""]] = Field(
         default=None, description="The taint effect to tolerate; empty: all effects.")
     tolerationSeconds: Optional[int] = Field(default=None, description="With effect NoExecute: how long the pod "
                                                                         "stays bound after the taint is added.")
@@ -945,15 +949,20 @@ def ignored_settings(spec: "LoRATrainingJobSpec") -> Optional[str]:
     if spec.resources.cacheSize and "ephemeral-storage" in spec.resources.requests:
         return ("resources.requests['ephemeral-storage'] is set from resources.cacheSize "
                 f"({spec.resources.cacheSize}); remove one of them")
-    for res, request in spec.resources.requests.items():
+    asked = dict(spec.resources.requests)
+    if spec.resources.cacheSize and not spec.resources.cacheVolumeClaim:  # the pods request it (manifests.job)
+        asked.setdefault("ephemeral-storage", spec.resources.cacheSize)
+    for res, request in asked.items():
         limit = spec.resources.limits.get(res)
         try:
             over = limit is not None and quantity(request) > quantity(limit)
         except ValueError:
             over = False   # a form quantity() does not read (an exponent suffix): the API server checks it
         if over:
-            return (f"resources.requests['{res}'] ({request}) exceeds resources.limits['{res}'] ({limit}): the API "
-                    "server refuses such a pod; raise the limit or lower the request")
+            what = (f"resources.requests['{res}']" if res in spec.resources.requests else
+                    "resources.cacheSize (the pods' ephemeral-storage request)")
+            return (f"{what} ({request}) exceeds resources.limits['{res}'] ({limit}): the API server refuses such a "
+                    "pod; raise the limit or lower the request")
     for kind in ("requests", "limits"):
         gpu = spec.resources.gpuResource
         if gpu in getattr(spec.resources, kind):
