@@ -342,6 +342,15 @@ def test_the_work_queue_runs_a_key_once_at_a_time_and_again_when_it_changed_mean
     assert overlap == [] and failed == {("ns", "bad")}
 
 
+async def _until_idle(q, seconds: float = 30) -> None:
+    import asyncio
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not q.idle() and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert q.idle()
+
+
 def test_a_watch_events_key_goes_before_the_tickers_polls_and_runs_once():
     """With hundreds of active jobs the ticker queues them all every interval; an event (a job made,
     a gang's pod failed) used to wait behind that whole round. Urgent keys go first; a key polled
@@ -368,10 +377,7 @@ def test_a_watch_events_key_goes_before_the_tickers_polls_and_runs_once():
         q.add(("ns", "event"), urgent=True)
         q.add(("ns", "event"))                   # a poll of it meanwhile: it stays ahead
         release.set()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while not q.idle() and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        await _until_idle(q)
         await q.stop()
         return runs
 
