@@ -421,3 +421,34 @@ def test_namespace_users_get_loratrainingjobs_through_the_default_roles():
     assert [r["resources"] for r in edit["rules"]] == [["loratrainingjobs"]] and "create" in edit["rules"][0]["verbs"]
     assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
     assert not [o for o in by_kind(objects({"rbac": {"aggregateToDefaultRoles": False}}), "ClusterRole") if aggregated(o)]
+
+
+def test_an_ipv6_only_cluster_gets_servers_that_listen_on_ipv6():
+    """operator.listenAddress '::': kopf's liveness endpoint, the operator's metrics and the trainer
+    pods' metrics bind IPv6 (the kubelet and Prometheus reach a pod by its IPv6 address there; they
+    bound 0.0.0.0 only, so the pod never became Ready). The default stays IPv4."""
+    def container(values):
+        return one(objects(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    c = container({"operator": {"listenAddress": "::"}})
+    assert "--liveness=http://[::]:8080/healthz" in c["args"]
+    assert env(c)["KUBELORA_OPERATOR_METRICS_ADDR"] == "::" and env(c)["KUBELORA_TRAINER_METRICS_ADDR"] == "::"
+    c = container({})
+    assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"] and env(c)["KUBELORA_OPERATOR_METRICS_ADDR"] == "0.0.0.0"
+    with pytest.raises(helm.HelmError, match="listenAddress"):
+        helm.Chart.load(str(CHART)).render({"operator": {"listenAddress": "localhost"}}, name="kl", namespace=NAMESPACE)
+
+
+def test_the_metrics_servers_bind_an_ipv6_address():
+    """What the chart's '::' asks of the code: the trainer's (and the operator's) metrics server on an
+    IPv6 address answers there (wsgiref's server binds IPv4 only by itself)."""
+    import urllib.request
+    from prometheus_client import CollectorRegistry, Gauge
+    from kubelora_trainer import metrics
+    registry = CollectorRegistry()
+    Gauge("kubelora_probe", "a probe", registry=registry).set(7)
+    server = metrics.Server(registry, 0, "::1")
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.port}/metrics", timeout=30) as r:
+            assert b"kubelora_probe 7.0" in r.read()
+    finally:
+        server.stop()

@@ -1481,3 +1481,17 @@ def test_read_errors_say_whether_the_store_answered():
     assert not unreachable(client_error(503, "SlowDown")) and not unreachable(client_error(429, "TooManyRequests"))
     assert not unreachable(client_error(403, "AccessDenied")) and not unreachable(client_error(404, "NoSuchKey"))
     assert not unreachable(ValueError("not JSON"))
+
+
+def test_the_trainers_metrics_address_reaches_the_pods_when_set(monkeypatch):
+    """KUBELORA_TRAINER_METRICS_ADDR (chart operator.listenAddress, '::' on IPv6-only clusters) is
+    the trainer's KUBELORA_METRICS_ADDR; unset, the pods get none and the trainer binds 0.0.0.0."""
+    from kubelora_operator import handlers
+    spec = parse_spec(SPEC)
+
+    def env_of(cfg):
+        pod = manifests.children("ft", "uid-1", "ml", spec, cfg)[2]["spec"]["template"]["spec"]
+        return {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert "KUBELORA_METRICS_ADDR" not in env_of(manifests.OperatorConfig())
+    monkeypatch.setenv("KUBELORA_TRAINER_METRICS_ADDR", "::")
+    assert env_of(handlers.operator_config())["KUBELORA_METRICS_ADDR"] == "::"

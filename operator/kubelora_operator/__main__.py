@@ -23,7 +23,8 @@ Environment (the chart sets each from its values; charts/kubelora/values.yaml na
                    credentialsSecret), KUBELORA_S3_ALLOWED_ENDPOINTS (comma-separated: the only S3
                    endpoints jobs may name), KUBELORA_S3_CREDENTIALS_DIR and AWS_* (the operator's own
                    credentials, for jobs that name no credentialsSecret)
-  Metrics          KUBELORA_OPERATOR_METRICS_PORT (/metrics on 9401; 0: off)
+  Metrics          KUBELORA_OPERATOR_METRICS_PORT (/metrics on 9401; 0: off), KUBELORA_OPERATOR_METRICS_ADDR
+                   (0.0.0.0; '::' on an IPv6-only cluster) and KUBELORA_TRAINER_METRICS_ADDR (the trainer pods')
 
 Leader election (`--lease NAMESPACE/NAME`, the chart's default): of the operator pods running at
 once, the one holding that coordination.k8s.io Lease acts; the others stand by (their liveness

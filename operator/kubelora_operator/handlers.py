@@ -80,6 +80,7 @@ def operator_config() -> manifests.OperatorConfig:
         shm_size=os.environ.get("KUBELORA_TRAINER_SHM_SIZE") or manifests.OperatorConfig.shm_size,
         tmp_size=os.environ.get("KUBELORA_TRAINER_TMP_SIZE", manifests.OperatorConfig.tmp_size),
         metrics_port=int(env.number("KUBELORA_TRAINER_METRICS_PORT", manifests.OperatorConfig.metrics_port)),
+        metrics_addr=os.environ.get("KUBELORA_TRAINER_METRICS_ADDR", manifests.OperatorConfig.metrics_addr),
         metrics_linger_seconds=int(env.number("KUBELORA_TRAINER_METRICS_LINGER_SECONDS",
                                               manifests.OperatorConfig.metrics_linger_seconds)),
         image_pull_secrets=env.words("KUBELORA_TRAINER_IMAGE_PULL_SECRETS"),

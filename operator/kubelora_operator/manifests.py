@@ -37,6 +37,7 @@ class OperatorConfig:
     run_as_user: int | None = 1000   # None: the platform assigns UID/GID/fsGroup (OpenShift restricted-v2)
     progress_interval_seconds: int = 30
     metrics_port: int = 9400             # the trainer's Prometheus endpoint (kubelora_trainer.metrics), on each pod
+    metrics_addr: str = ""               # the address it binds ("": the trainer's 0.0.0.0; "::" on IPv6-only clusters)
     # a pod that ends right after its last step keeps serving until one scrape saw its final values
     # (Succeeded, the last loss): at least two scrape intervals of the PodMonitor
     metrics_linger_seconds: int = 60
@@ -156,6 +157,7 @@ def _env(job: str, uid: str, spec: LoRATrainingJobSpec, namespace: str, cfg: "Op
         # checkpoints whatever output.onExisting says (kubelora_trainer.progress.RUN_ID_ENV)
         {"name": "KUBELORA_RUN_ID", "value": uid},
         {"name": "KUBELORA_METRICS_PORT", "value": str(cfg.metrics_port)},
+        *([{"name": "KUBELORA_METRICS_ADDR", "value": cfg.metrics_addr}] if cfg.metrics_addr else []),
         {"name": "KUBELORA_METRICS_LINGER_SECONDS", "value": str(cfg.metrics_linger_seconds)},
         {"name": "KUBELORA_CACHE_DIR", "value": CACHE_MOUNT},
         # the launcher gives the workers this long, less a margin, to write their checkpoint after a SIGTERM

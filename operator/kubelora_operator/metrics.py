@@ -26,6 +26,7 @@ leave no series behind.
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterable, Optional
@@ -151,10 +152,14 @@ def restarted(reason: str) -> None:
     GANG_RESTARTS.labels(reason).inc()
 
 
-def serve(port: Optional[int] = None, addr: str = "0.0.0.0"):
+ADDR_ENV = "KUBELORA_OPERATOR_METRICS_ADDR"   # '::' on an IPv6-only cluster (chart operator.listenAddress)
+
+
+def serve(port: Optional[int] = None, addr: Optional[str] = None):
     """Serve the registry (None when off or the port is taken: a warning, never a crash)."""
     from kubelora_trainer.metrics import serve as _serve
     port = int(env.number(PORT_ENV, DEFAULT_PORT)) if port is None else port
+    addr = addr or os.environ.get(ADDR_ENV) or "0.0.0.0"
     return _serve(registry, port, addr, log=lambda m: print(m, flush=True), who="the operator")
 
 

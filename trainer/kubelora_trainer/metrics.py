@@ -22,6 +22,7 @@ import errno
 import os
 from contextlib import contextmanager
 import re
+import socket
 import socketserver
 import threading
 import time
@@ -51,6 +52,12 @@ disable_created_metrics()  # no *_created series beside each counter: they only 
 class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+
+
+class _ThreadingServer6(_ThreadingServer):
+    """For an IPv6 address (`::` on an IPv6-only cluster, where the kubelet and Prometheus reach the
+    pod by its IPv6 address): wsgiref's server binds IPv4 only."""
+    address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -87,7 +94,8 @@ class Server:
                 seq = self.started
             return _Served(app(environ, start_response), lambda: self._answered(seq))
 
-        self.httpd = make_server(addr, port, counting, server_class=_ThreadingServer, handler_class=_QuietHandler)
+        server_class = _ThreadingServer6 if ":" in addr else _ThreadingServer
+        self.httpd = make_server(addr, port, counting, server_class=server_class, handler_class=_QuietHandler)
         self.port = self.httpd.server_address[1]
         # a short poll, so stop() returns at once: a failed rank must exit before torchrun, seeing
         # a peer gone, sends it SIGTERM
