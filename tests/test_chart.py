@@ -34,7 +34,10 @@ NO_SA = {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"crea
 SHARED = {"rbac": {"secretNames": ["s3-creds"]}, "runAsUser": "platform", "trainer": {"shmSize": "64Gi"},
           "networkPolicy": {"create": True, "metricsNamespaces": ["monitoring", "kps"]},
           "operator": {"s3": {"jobCredentialsOnly": True, "allowedEndpoints": ["http://minio.minio:9000"]}}}
-VARIATIONS = {"defaults": {}, "monitors": MONITORS, "shared-cluster": {**SHARED, **NAMESPACED}, "namespaced": {**NAMESPACED, **MONITORS, "cacheVolumeClaim": {"create": True}},
+HA = {"operator": {"replicas": 2, "podDisruptionBudget": {"enabled": True},
+                   "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                                  "whenUnsatisfiable": "ScheduleAnyway"}]}}
+VARIATIONS = {"defaults": {}, "monitors": MONITORS, "ha": HA, "shared-cluster": {**SHARED, **NAMESPACED}, "namespaced": {**NAMESPACED, **MONITORS, "cacheVolumeClaim": {"create": True}},
               "extras": EXTRAS, "no-sa-no-rbac": NO_SA, "scaled-to-zero": {"operator": {"replicas": 0}}}
 
 
@@ -316,7 +319,7 @@ def test_every_level_of_the_schema_is_closed():
                 if k not in passthrough:
                     walk(v, f"{path}.{k}")
         elif node.get("type") == "object" and path.split(".")[-1] not in (  # Kubernetes types, checked by the API server
-                "valueFrom", "tolerations[]", "claims[]", "nodeAffinity", "podAffinity", "podAntiAffinity"):
+                "valueFrom", "tolerations[]", "claims[]", "nodeAffinity", "podAffinity", "podAntiAffinity", "labelSelector"):
             assert isinstance(node.get("additionalProperties"), dict), f"{path}: a map needs a value type"
         if node.get("type") == "array":
             walk(node["items"], f"{path}[]")
@@ -452,3 +455,19 @@ def test_the_metrics_servers_bind_an_ipv6_address():
             assert b"kubelora_probe 7.0" in r.read()
     finally:
         server.stop()
+
+
+def test_two_replicas_spread_over_nodes_and_a_drain_keeps_one():
+    """High availability: with leader election, two replicas spread by the operator's own labels
+    (the chart adds the selector), and a PodDisruptionBudget so that a node drain never evicts both."""
+    objs = objects(HA)
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    (spread,) = pod["topologySpreadConstraints"]
+    selector = one(objs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["labelSelector"] == {"matchLabels": selector}
+    pdb = one(objs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}
+    assert not by_kind(objects({}), "PodDisruptionBudget")   # opt-in
+    with pytest.raises(helm.HelmError, match="minAvailable must be below operator.replicas"):
+        helm.Chart.load(str(CHART)).render({"operator": {"podDisruptionBudget": {"enabled": True}}}, name="kl",
+                                           namespace=NAMESPACE)
