@@ -1495,3 +1495,22 @@ def test_the_trainers_metrics_address_reaches_the_pods_when_set(monkeypatch):
     assert "KUBELORA_METRICS_ADDR" not in env_of(manifests.OperatorConfig())
     monkeypatch.setenv("KUBELORA_TRAINER_METRICS_ADDR", "::")
     assert env_of(handlers.operator_config())["KUBELORA_METRICS_ADDR"] == "::"
+
+
+def test_a_read_that_raises_frees_the_probe_and_changes_no_backoff():
+    import pytest
+    from kubelora_operator.artifacts import ReadBackoff, _error
+    now = [0.0]
+    b = ReadBackoff(first=10, most=40, clock=lambda: now[0])
+    store = ("http://minio:9000", "path", "", "out")
+    down = _error("reading s3://out/a/status/progress.json: timed out", unreachable=True, cause="ReadTimeoutError")
+    b.read(("a", "progress"), lambda: (None, down), store)
+    now[0] = 11
+
+    def boom():
+        raise RuntimeError("a bug in the read")
+    with pytest.raises(RuntimeError):
+        b.read(("b", "progress"), boom, store)          # the probe raised
+    assert ("store", store) in b._entries and not b._probing   # nothing learnt of the store; the flag freed
+    got = b.read(("c", "progress"), lambda: ({"step": 1}, None), store)
+    assert got == ({"step": 1}, None)                   # c probed and opened it

@@ -205,15 +205,18 @@ class ReadBackoff:
                     return None, shared[2]
                 self._probing.add(skey)
                 probe = True
-        obj, error = None, None
+        answered = False
         try:
             obj, error = fn()
+            answered = True
         finally:
             now = self.clock()  # the wait counts from the read's end: a read that hung 30 s used no wait up
             with self._lock:
                 if probe:
                     self._probing.discard(skey)
-                if error is None:
+                if not answered:   # fn raised (a bug, not the store's answer): nothing learnt
+                    pass
+                elif error is None:
                     self._entries.pop(key, None)
                     if skey:
                         self._entries.pop(skey, None)
