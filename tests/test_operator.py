@@ -882,6 +882,15 @@ def test_a_job_deleted_while_the_watch_was_down_is_forgotten_not_made_again(clus
     syncer._run(("default", "gap"))
     assert syncer.owners.get(("default", "gap")) is None
     assert kube.get("batch/v1/jobs", "default", "gap") is None and kube.get(LTJ, "default", "gap") is None
+    # a finished one is never synced again: the audit looks it up through the real client
+    assert apply(kubectl, manifest("done")).returncode == 0
+    done = ltj(kube, "done")
+    finished = {**done, "status": {"phase": "Succeeded"}}
+    audited = Syncer(handlers.sync, interval=60, exists=handlers._exists)
+    audited.owners.remember(finished)
+    assert audited.audit() == 0 and audited.owners.get(("default", "done")) is not None   # still there
+    kubectl("delete", "loratrainingjob", "done", check=True)
+    assert audited.audit() == 1 and audited.owners.get(("default", "done")) is None
 
 
 def test_a_job_made_again_keeps_its_trainer_image_and_only_what_is_left_of_its_deadline(cluster, kubectl, s3, monkeypatch):

@@ -1514,3 +1514,27 @@ def test_a_read_that_raises_frees_the_probe_and_changes_no_backoff():
     assert ("store", store) in b._entries and not b._probing   # nothing learnt of the store; the flag freed
     got = b.read(("c", "progress"), lambda: ({"step": 1}, None), store)
     assert got == ({"step": 1}, None)                   # c probed and opened it
+
+
+def test_finished_jobs_deleted_while_the_watch_was_down_are_forgotten_by_the_audit():
+    """A re-list after 410 Gone reports no DELETED; an active job's sync finds it gone, but a
+    finished one is never synced again, so it stayed in memory and in the operator's metrics until
+    a restart. The audit looks up the jobs the ticker does not sync: gone (or another object of the
+    name) is forgotten; an API error forgets nothing."""
+    from kubelora_operator import syncer
+
+    def body(name, phase, uid):
+        return {"metadata": {"namespace": "ns", "name": name, "uid": uid, "resourceVersion": "1"},
+                "status": {"phase": phase}}
+    answers = {("ns", "gone"): False, ("ns", "kept"): True, ("ns", "unknown"): None}
+    asked = []
+
+    def exists(key, uid):
+        asked.append(key)
+        return answers[key]
+    s = syncer.Syncer(lambda b, r: None, interval=10, exists=exists)
+    for name, phase in (("gone", "Succeeded"), ("kept", "Failed"), ("unknown", "Succeeded"), ("running", "Training")):
+        s.owners.remember(body(name, phase, f"uid-{name}"))
+    assert s.audit() == 1
+    assert sorted(k[1] for k, _ in s.owners.items()) == ["kept", "running", "unknown"]
+    assert ("ns", "running") not in asked   # an active job is synced, and its sync finds it gone

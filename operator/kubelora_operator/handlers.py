@@ -121,7 +121,7 @@ CRD = crd_drift.Checker(lambda: kube.read_crd(crd_drift.CRD_NAME), spec_schema)
 async def start_sync(memo: kopf.Memo, **_):
     STARTED[0] = datetime.now(timezone.utc)
     await asyncio.to_thread(CRD.problem)  # said in the log at once
-    memo.syncer = syncer.Syncer(sync, interval=SYNC_INTERVAL, workers=SYNC_WORKERS)
+    memo.syncer = syncer.Syncer(sync, interval=SYNC_INTERVAL, workers=SYNC_WORKERS, exists=_exists)
     memo.syncer.start()
     metrics.watch(lambda: [body for _, body in memo.syncer.owners.items()])
 
@@ -223,6 +223,16 @@ def _wait(body, changes: Changes, reason: str, message: str) -> None:
                     st.now_iso())
     if _changes_status(previous, new):
         changes.status.update(new)
+
+
+def _exists(key: syncer.Key, uid: "str | None") -> "bool | None":
+    """Whether the API server still has this LoRATrainingJob (the same object: its uid); None when
+    it cannot be told (an API error)."""
+    try:
+        body = kube.get_owner(*key)
+    except Exception:  # noqa: BLE001 - unknown, not gone
+        return None
+    return body is not None and (uid is None or (body.get("metadata") or {}).get("uid") == uid)
 
 
 def _not_made(status, **_) -> bool:

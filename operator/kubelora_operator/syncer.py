@@ -256,12 +256,18 @@ class Syncer:
     work for one job (blocking; `remember` takes the body of our own status patch response) and
     returns False when it found the job deleted."""
 
-    def __init__(self, sync: Callable[[dict, Callable[[dict], None]], None], interval: float, workers: int = 4):
+    def __init__(self, sync: Callable[[dict, Callable[[dict], None]], None], interval: float, workers: int = 4,
+                 exists: Optional[Callable[[Key, Optional[str]], Optional[bool]]] = None, audit_every: int = 30):
         self.owners = Owners()
         self.queue = WorkQueue(self._run, workers)
         self._sync = sync
         self._interval = interval
         self._ticker: Optional[asyncio.Task] = None
+        # every audit_every ticks, the remembered jobs the ticker no longer syncs (finished ones) are
+        # looked up (exists: True, False when gone or another object, None when unknown): one deleted
+        # while the watch was down (a re-list after 410 Gone reports no DELETED) is forgotten, not
+        # kept in memory and in the operator's metrics until a restart
+        self._exists, self._audit_every, self._ticks = exists, audit_every, 0
 
     def start(self) -> None:
         self.queue.start()
@@ -298,6 +304,24 @@ class Syncer:
             # and every job whose last sync failed (an API error while un-suspending a Suspended job
             # would otherwise wait for its next event, or the operator's restart)
             self.queue.add_all(key for key, body in self.owners.items() if needs_polling(body) or key in self.queue.failed)
+            self._ticks += 1
+            if self._exists is not None and self._ticks % self._audit_every == 0:
+                try:
+                    await asyncio.to_thread(self.audit)
+                except Exception:  # noqa: BLE001 - an audit that fails is tried at the next one
+                    log.exception("looking up the finished jobs failed; tried again later")
+
+    def audit(self) -> int:
+        """Forget the remembered jobs not synced by the ticker that the API server no longer has;
+        returns how many (blocking: run in a thread)."""
+        gone = 0
+        for key, body in self.owners.items():
+            if needs_polling(body) or deleting(body):
+                continue
+            if self._exists(key, (body.get("metadata") or {}).get("uid")) is False:
+                self.owners.forget(body)
+                gone += 1
+        return gone
 
     def _run(self, key: Key) -> None:
         body = self.owners.get(key)
