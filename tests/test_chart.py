@@ -471,3 +471,10 @@ def test_two_replicas_spread_over_nodes_and_a_drain_keeps_one():
     with pytest.raises(helm.HelmError, match="minAvailable must be below operator.replicas"):
         helm.Chart.load(str(CHART)).render({"operator": {"podDisruptionBudget": {"enabled": True}}}, name="kl",
                                            namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize("values", [{"operator": {"podLabels": {"app.kubernetes.io/component": "x"}}},
+                                    {"commonLabels": {"app.kubernetes.io/instance": "y"}}])
+def test_labels_that_would_break_the_deployments_selector_are_refused(values):
+    with pytest.raises(helm.HelmError, match="may not set app.kubernetes.io/"):
+        helm.Chart.load(str(CHART)).render(values, name="kl", namespace=NAMESPACE)
