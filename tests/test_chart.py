@@ -478,3 +478,9 @@ def test_two_replicas_spread_over_nodes_and_a_drain_keeps_one():
 def test_labels_that_would_break_the_deployments_selector_are_refused(values):
     with pytest.raises(helm.HelmError, match="may not set app.kubernetes.io/"):
         helm.Chart.load(str(CHART)).render(values, name="kl", namespace=NAMESPACE)
+
+
+def test_the_trainers_metrics_port_cannot_be_its_rendezvous_port():
+    from kubelora_operator.manifests import MASTER_PORT
+    with pytest.raises(helm.HelmError, match="29500 is the trainer pods' rendezvous port"):
+        helm.Chart.load(str(CHART)).render({"trainer": {"metricsPort": MASTER_PORT}}, name="kl", namespace=NAMESPACE)
