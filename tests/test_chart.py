@@ -471,6 +471,16 @@ def test_two_replicas_spread_over_nodes_and_a_drain_keeps_one():
     with pytest.raises(helm.HelmError, match="minAvailable must be below operator.replicas"):
         helm.Chart.load(str(CHART)).render({"operator": {"podDisruptionBudget": {"enabled": True}}}, name="kl",
                                            namespace=NAMESPACE)
+    zero = objects({"operator": {"replicas": 2, "podDisruptionBudget": {"enabled": True, "minAvailable": 0}}})
+    assert one(zero, "PodDisruptionBudget")["spec"]["minAvailable"] == 0   # 0 is 0, not the default 1
+    assert not by_kind(objects({"operator": {"replicas": 0, "podDisruptionBudget": {"enabled": True}}}),
+                       "PodDisruptionBudget")   # scaled to zero: nothing to keep
+    # a constraint with its own selector keeps it as written
+    own = {"matchLabels": {"app.kubernetes.io/name": "kubelora"}}
+    pod = one(objects({"operator": {"replicas": 2, "topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule", "labelSelector": own}]}}),
+        "Deployment")["spec"]["template"]["spec"]
+    assert pod["topologySpreadConstraints"][0]["labelSelector"] == own
 
 
 @pytest.mark.parametrize("values", [{"operator": {"podLabels": {"app.kubernetes.io/component": "x"}}},

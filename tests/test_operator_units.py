@@ -1497,6 +1497,41 @@ def test_the_trainers_metrics_address_reaches_the_pods_when_set(monkeypatch):
     assert env_of(handlers.operator_config())["KUBELORA_METRICS_ADDR"] == "::"
 
 
+def test_the_ticker_does_not_wait_for_the_audit():
+    """The audit's GETs (one per finished job, each up to the API timeout when the server hangs) run
+    in a task of their own: the ticker keeps polling the active jobs meanwhile, and a second audit
+    does not start while one runs."""
+    import asyncio
+    import threading
+    from kubelora_operator import syncer
+    release, audits = threading.Event(), []
+
+    def exists(key, uid):
+        audits.append(key)
+        release.wait(30)
+        return True
+
+    async def main():
+        synced = []
+        s = syncer.Syncer(lambda b, r: synced.append(b["metadata"]["name"]), interval=0.05, exists=exists,
+                          audit_every=1)
+        s.owners.remember({"metadata": {"namespace": "ns", "name": "done", "uid": "u1", "resourceVersion": "1"},
+                           "status": {"phase": "Succeeded"}})
+        s.owners.remember({"metadata": {"namespace": "ns", "name": "active", "uid": "u2", "resourceVersion": "1"},
+                           "status": {"phase": "Training"}})
+        s.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while synced.count("active") < 5 and loop.time() < deadline:   # polled while the audit hangs
+            await asyncio.sleep(0.02)
+        hung = list(audits)
+        release.set()
+        await s.stop()
+        return synced.count("active"), hung
+    polled, hung = asyncio.run(main())
+    assert polled >= 5 and hung == [("ns", "done")]   # one audit at a time, the ticker went on
+
+
 def test_a_read_that_raises_frees_the_probe_and_changes_no_backoff():
     import pytest
     from kubelora_operator.artifacts import ReadBackoff, _error
@@ -1526,15 +1561,20 @@ def test_finished_jobs_deleted_while_the_watch_was_down_are_forgotten_by_the_aud
     def body(name, phase, uid):
         return {"metadata": {"namespace": "ns", "name": name, "uid": uid, "resourceVersion": "1"},
                 "status": {"phase": phase}}
-    answers = {("ns", "gone"): False, ("ns", "kept"): True, ("ns", "unknown"): None}
+    answers = {("ns", "gone"): False, ("ns", "kept"): True, ("ns", "deleted"): False, ("ns", "unknown"): None,
+               ("ns", "after"): False}
     asked = []
 
     def exists(key, uid):
         asked.append(key)
         return answers[key]
     s = syncer.Syncer(lambda b, r: None, interval=10, exists=exists)
-    for name, phase in (("gone", "Succeeded"), ("kept", "Failed"), ("unknown", "Succeeded"), ("running", "Training")):
-        s.owners.remember(body(name, phase, f"uid-{name}"))
-    assert s.audit() == 1
-    assert sorted(k[1] for k, _ in s.owners.items()) == ["kept", "running", "unknown"]
-    assert ("ns", "running") not in asked   # an active job is synced, and its sync finds it gone
+    for name, phase in (("gone", "Succeeded"), ("kept", "Failed"), ("deleted", "Training"), ("unknown", "Succeeded"),
+                        ("after", "Succeeded"), ("running", "Training")):
+        b = body(name, phase, f"uid-{name}")
+        if name == "deleted":   # last seen being deleted (a foreground cascade), its DELETED lost
+            b["metadata"]["deletionTimestamp"] = "2026-11-28T12:00:00Z"
+        s.owners.remember(b)
+    assert s.audit() == 2   # gone and deleted; the API error at "unknown" ends the pass before "after"
+    assert sorted(k[1] for k, _ in s.owners.items()) == ["after", "kept", "running", "unknown"]
+    assert ("ns", "running") not in asked and ("ns", "after") not in asked   # an active job's sync finds it gone

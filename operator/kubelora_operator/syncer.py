@@ -268,6 +268,7 @@ class Syncer:
         # while the watch was down (a re-list after 410 Gone reports no DELETED) is forgotten, not
         # kept in memory and in the operator's metrics until a restart
         self._exists, self._audit_every, self._ticks = exists, audit_every, 0
+        self._audit: Optional[asyncio.Task] = None   # a task of its own: the ticker never waits for it
 
     def start(self) -> None:
         self.queue.start()
@@ -276,6 +277,8 @@ class Syncer:
     async def stop(self) -> None:
         if self._ticker:
             self._ticker.cancel()
+        if self._audit:
+            self._audit.cancel()
         await self.queue.stop()
 
     def health(self, stuck_after: float, now: Optional[float] = None) -> Optional[str]:
@@ -305,20 +308,27 @@ class Syncer:
             # would otherwise wait for its next event, or the operator's restart)
             self.queue.add_all(key for key, body in self.owners.items() if needs_polling(body) or key in self.queue.failed)
             self._ticks += 1
-            if self._exists is not None and self._ticks % self._audit_every == 0:
-                try:
-                    await asyncio.to_thread(self.audit)
-                except Exception:  # noqa: BLE001 - an audit that fails is tried at the next one
-                    log.exception("looking up the finished jobs failed; tried again later")
+            if (self._exists is not None and self._ticks % self._audit_every == 0
+                    and (self._audit is None or self._audit.done())):   # one at a time, skipped while one runs
+                self._audit = asyncio.create_task(self._audit_once(), name="kubelora-sync-audit")
+
+    async def _audit_once(self) -> None:
+        try:
+            await asyncio.to_thread(self.audit)
+        except Exception:  # noqa: BLE001 - an audit that fails is tried at the next one
+            log.exception("looking up the finished jobs failed; tried again later")
 
     def audit(self) -> int:
         """Forget the remembered jobs not synced by the ticker that the API server no longer has;
         returns how many (blocking: run in a thread)."""
         gone = 0
         for key, body in self.owners.items():
-            if needs_polling(body) or deleting(body):
+            if needs_polling(body):   # synced: the sync finds it gone (a job being deleted is not: looked up)
                 continue
-            if self._exists(key, (body.get("metadata") or {}).get("uid")) is False:
+            answer = self._exists(key, (body.get("metadata") or {}).get("uid"))
+            if answer is None:   # the API server did not answer: the rest waits for the next audit
+                break
+            if answer is False:
                 self.owners.forget(body)
                 gone += 1
         return gone
