@@ -214,29 +214,33 @@ class ReadBackoff:
             with self._lock:
                 if probe:
                     self._probing.discard(skey)
-                if not answered:   # fn raised (a bug, not the store's answer): nothing learnt
-                    pass
-                elif error is None:
-                    self._entries.pop(key, None)
-                    if skey:
-                        self._entries.pop(skey, None)
-                else:
-                    self._failed(key, entry, error, now)
-                    if skey and getattr(error, "unreachable", False):
-                        # counted once per probe (or at the first failure), not once per read under way
-                        if probe or skey not in self._entries:
-                            said = _error(f"{store_said(store)} did not answer the operator's last read "
-                                          f"({error.cause or 'no answer'}); it is read again for every job once "
-                                          "one read answers", unreachable=True)
-                            self._failed(skey, self._entries.get(skey), said, now)
-                    elif skey:
-                        self._entries.pop(skey, None)   # it answered (a job's own error): the store is up
+                if answered:   # fn raised: a bug, not the store's answer; nothing learnt
+                    self._learn(key, entry, skey, store, probe, error, now)
         return obj, error
+
+    def _learn(self, key, entry, skey, store, probe: bool, error, now: float) -> None:
+        """What a read's answer says of its job and its store (under the lock)."""
+        if error is None:
+            self._entries.pop(key, None)
+            if skey:
+                self._entries.pop(skey, None)
+            return
+        self._failed(key, entry, error, now)
+        if skey and getattr(error, "unreachable", False):
+            # counted once per probe (or at the first failure), not once per read under way
+            if probe or skey not in self._entries:
+                said = _error(f"{store_said(store)} did not answer the operator's last read "
+                              f"({error.cause or 'no answer'}); it is read again for every job once one read "
+                              "answers", unreachable=True)
+                self._failed(skey, self._entries.get(skey), said, now)
+        elif skey:
+            self._entries.pop(skey, None)   # it answered (a job's own error): the store is up
 
 
 def unreachable(e: BaseException) -> bool:
-    """Whether an error of a read says the store itself did not answer (no connection, a timeout,
-    a 5xx or throttling): not a missing key, a refused credential or a bad answer. Pure."""
+    """Whether an error of a read says the store itself did not answer (no connection or proxy, TLS,
+    a timeout, a cut answer, a body that did not come, a gateway's 5xx): not throttling (503
+    SlowDown, 429: S3 applies it per prefix), a missing key, a refused credential or a bad answer. Pure."""
     from botocore.exceptions import ClientError, HTTPClientError
     from botocore.exceptions import ConnectionError as BotoConnectionError
     if isinstance(e, (SlowBody, BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):

@@ -240,8 +240,7 @@ def _not_made(status, **_) -> bool:
 
 
 # on a restart (or a leader's change) only the jobs not made yet: the others have nothing to make here
-# (the sync follows them), and each would cost kopf's "Resuming" and "succeeded" Events, a thousand
-# POSTs at every start of an operator with 500 jobs
+# (the sync follows them), and each would take a turn in kopf's handler threads at every start
 @kopf.on.resume(*RESOURCE, registry=registry, when=_not_made)
 @kopf.on.create(*RESOURCE, registry=registry)
 def create_children(body, spec, name, namespace, uid, patch, runtime, **_):
@@ -436,7 +435,7 @@ def _settings(spec, namespace: str, changes: "Changes | None" = None) -> tuple[S
         return settings, (f"Secret {name!r} (spec.storage.credentialsSecret) not found in namespace {namespace}; "
                           "create it with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     _secret_keys_note(namespace, name, data, changes)
-    keys = {k: data.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    keys = {k: data.get(k) for k, optional in manifests.SECRET_KEYS if not optional}
     if not all(keys.values()):
         if JOB_CREDENTIALS_ONLY:  # never the operator's own credentials instead (operator.s3.jobCredentialsOnly)
             missing = " and ".join(k for k, v in keys.items() if not v)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -717,17 +717,17 @@ def name_missing_secret(obs: Observed, secret: Optional[str]) -> Observed:
     """A pod that cannot start because the job's credentials Secret is missing says so itself
     (CreateContainerConfigError, 'secret "x" not found'); add which field names it and what it
     must hold. Pure."""
-    if secret and obs.reason == "CreateContainerConfigError" and f'secret "{secret}" not found' in obs.message:
-        return Observed(obs.phase, obs.reason, f"{obs.message} (spec.storage.credentialsSecret: create it in the "
-                        "job's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; the pods start "
-                        "once it exists)", stalled=obs.stalled, progress=obs.progress, artifacts=obs.artifacts)
-    if (secret and obs.reason == "CreateContainerConfigError" and "couldn't find key" in obs.message
-            and obs.message.rstrip().endswith(f"/{secret}")):   # the Secret is there, a key is not
-        return Observed(obs.phase, obs.reason, f"{obs.message} (spec.storage.credentialsSecret: the trainer pods take "
-                        "its keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and AWS_SESSION_TOKEN if present; add "
-                        "the missing one and the pods start)", stalled=obs.stalled, progress=obs.progress,
-                        artifacts=obs.artifacts)
-    return obs
+    if not secret or obs.reason != "CreateContainerConfigError":
+        return obs
+    if f'secret "{secret}" not found' in obs.message:
+        hint = ("create it in the job's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; the pods "
+                "start once it exists")
+    elif "couldn't find key" in obs.message and obs.message.rstrip().endswith(f"/{secret}"):  # there, a key is not
+        hint = ("the trainer pods take its keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and AWS_SESSION_TOKEN "
+                "if present; add the missing one and the pods start")
+    else:
+        return obs
+    return replace(obs, message=f"{obs.message} (spec.storage.credentialsSecret: {hint})")
 
 
 def conditions(previous: list[dict], obs: Observed, generation: int, now: str) -> list[dict]:

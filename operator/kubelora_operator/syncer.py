@@ -176,8 +176,7 @@ class WorkQueue:
         self._queue: asyncio.PriorityQueue = asyncio.PriorityQueue()   # (priority, order, key)
         self._order = 0
         self._queued: dict[Key, int] = {}   # key -> the priority it is queued at
-        self._running: set[Key] = set()
-        self._since: dict[Key, float] = {}  # when each running sync began (time.monotonic)
+        self._since: dict[Key, float] = {}  # the keys being synced, and when each sync began (time.monotonic)
         self._again: dict[Key, int] = {}    # key -> priority, to run once more after its sync
         self.failed: set[Key] = set()
         self._tasks: list[asyncio.Task] = []
@@ -191,7 +190,7 @@ class WorkQueue:
         if self._stopping:
             return
         priority = URGENT if urgent else POLL
-        if key in self._running:
+        if key in self._since:
             self._again[key] = min(priority, self._again.get(key, POLL))
         elif key not in self._queued or priority < self._queued[key]:
             self._queued[key] = priority   # an entry queued at a lower priority is skipped when taken
@@ -202,7 +201,11 @@ class WorkQueue:
             self.add(key)
 
     def idle(self) -> bool:
-        return not (self._queued or self._running or self._again)
+        return not (self._queued or self._since or self._again)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def running_since(self) -> dict[Key, float]:
         """Each sync in progress and when it began (time.monotonic)."""
@@ -234,7 +237,6 @@ class WorkQueue:
             if self._queued.get(key) != priority:   # taken already at a higher priority, or running
                 continue
             del self._queued[key]
-            self._running.add(key)
             self._since[key] = time.monotonic()
             try:
                 await asyncio.to_thread(self._process, key)
@@ -245,7 +247,6 @@ class WorkQueue:
                 self.failed.add(key)
                 log.exception("syncing %s/%s failed; retried at the next tick", *key)
             finally:
-                self._running.discard(key)
                 self._since.pop(key, None)
                 if key in self._again:
                     self.add(key, urgent=self._again.pop(key) == URGENT)
@@ -284,7 +285,7 @@ class Syncer:
     def health(self, stuck_after: float, now: Optional[float] = None) -> Optional[str]:
         """Why this operator is not live (its liveness probe fails, and the kubelet restarts it), or
         None: see unhealthy."""
-        ticker_gone = self._ticker is not None and self._ticker.done() and not self.queue._stopping
+        ticker_gone = self._ticker is not None and self._ticker.done() and not self.queue.stopping
         return unhealthy(self.queue.running_since(), time.monotonic() if now is None else now, stuck_after,
                          self.queue.workers_gone(), ticker_gone)
 

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from .command import cluster_only_note  # pure, no torch
+
 DEMO_WORKDIR = ".demo"  # `kubelora demo` builds the tiny model and data there (demo.py)
 
 
@@ -174,11 +176,10 @@ def launch(manifest: str, nproc: int | None = None, extra_env: dict | None = Non
         if spec is None:
             return 2
     n = nproc or default_nproc(spec)
-    from . import command
     env = local_env({**os.environ, **(extra_env or {})}, n)
     if spec.resources.gpusPerNode == 0:  # "0 trains on CPU", here as in the cluster
         env.setdefault("KUBELORA_FORCE_CPU", "1")
-    for note in (None if nproc else world_note(spec, n), command.cluster_only_note(spec)):  # --nproc: chosen
+    for note in (None if nproc else world_note(spec, n), cluster_only_note(spec)):  # --nproc: chosen
         if note:
             print(note, flush=True)
     from .launch import run as run_torchrun

@@ -63,4 +63,3 @@ def cluster_only_note(spec, applied: tuple[str, ...] = (), where: str = "this ma
         return None
     return (f"[kubelora] note: {', '.join(names)} {'is' if len(names) == 1 else 'are'} for a cluster and not applied "
             f"on {where} (the operator's pods apply them)")
-

@@ -20,11 +20,11 @@ def save(tensors: dict, path, metadata: dict[str, str] | None = None) -> None:
 
 
 def unshared(tensors: dict) -> dict:
-    import torch
-
     """tensors with every one that shares its storage with an earlier one copied: save_file refuses
     shared memory, and one tensor under several keys is what splitting a fused LoRA with a shared A
     (sd-scripts' Flux qkv, ComfyUI's HunyuanVideo files) into q, k and v gives."""
+    import torch
+
     seen, out = set(), {}
     for k, t in tensors.items():
         ptr = t.untyped_storage().data_ptr() if t.numel() else None
