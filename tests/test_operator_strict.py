@@ -19,9 +19,11 @@ FULL = {"model": {"type": "flux", "diffusersPath": "s3://bkt/flux"}, "dataset": 
         "runPolicy": {"activeDeadlineSeconds": 3600, "suspend": True}}
 
 
-# every operator-wide option set (the chart's trainer.imagePullSecrets, metricsPort, metricsLingerSeconds)
+# every operator-wide option set (the chart's trainer.imagePullSecrets, metricsPort, metricsLingerSeconds,
+# tmpSize, operator.listenAddress)
 FULL_CONFIG = manifests.OperatorConfig(image_pull_secrets=("regcred", "mirror"), metrics_port=9500,
-                                       metrics_linger_seconds=120, run_as_user=None, shm_size="64Gi")
+                                       metrics_linger_seconds=120, run_as_user=None, shm_size="64Gi",
+                                       tmp_size="50Gi", metrics_addr="::")
 
 
 @pytest.mark.parametrize("spec,cfg", [(FULL, FULL_CONFIG),
